@@ -1,0 +1,1 @@
+"""fieldsync cdc package."""

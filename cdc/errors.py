@@ -1,0 +1,85 @@
+"""Exceptions raised by the cdc package.
+
+Every error carries the context needed to act on it (LSN, relation, setting
+name).  Library exceptions (psycopg, kafka-python, fastavro) are converted at
+the boundary with ``raise ... from exc``.
+
+::
+
+    CdcError
+    ├── ConfigError              bad or unknown setting, wrong type (names the key)
+    ├── DecodeError              malformed or unknown pgoutput message (names byte + LSN)
+    ├── SchemaError              a relation/type cannot be mapped to Avro
+    ├── SourceError              PostgreSQL side
+    │   ├── PreflightError       wal_level, privileges, missing tables (names the fix)
+    │   └── ReplicationLost      connection dropped mid-stream (retryable)
+    ├── SinkError                Kafka side
+    │   └── SinkUnavailable      broker unreachable / timed out (retryable)
+    └── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
+"""
+
+from __future__ import annotations
+
+
+def format_lsn(lsn: int) -> str:
+    """Format an LSN the way PostgreSQL prints it (``16/B374D848``)."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    """Parse ``16/B374D848`` into an integer LSN."""
+    try:
+        hi, lo = text.split("/")
+        return (int(hi, 16) << 32) | int(lo, 16)
+    except ValueError as exc:
+        raise ValueError(f"not an LSN: {text!r} (expected e.g. '16/B374D848')") from exc
+
+
+class CdcError(Exception):
+    """Base class of every error raised by the cdc package."""
+
+
+class ConfigError(CdcError):
+    """A configuration file or setting is invalid; the message names the key."""
+
+
+class DecodeError(CdcError):
+    """A pgoutput message could not be decoded."""
+
+    def __init__(self, message: str, *, lsn: int | None = None, byte: int | None = None) -> None:
+        self.lsn = lsn
+        self.byte = byte
+        parts = [message]
+        if byte is not None:
+            parts.append(f"message byte {byte!r} ({chr(byte)!r})" if 32 <= byte < 127 else f"message byte {byte!r}")
+        if lsn is not None:
+            parts.append(f"at LSN {format_lsn(lsn)}")
+        super().__init__(", ".join(parts))
+
+
+class SchemaError(CdcError):
+    """A relation or type could not be mapped to an Avro schema."""
+
+
+class SourceError(CdcError):
+    """An error on the PostgreSQL side."""
+
+
+class PreflightError(SourceError):
+    """The database is not ready for logical replication; the message names the fix."""
+
+
+class ReplicationLost(SourceError):
+    """The replication connection was lost; the caller may reconnect."""
+
+
+class SinkError(CdcError):
+    """An error on the Kafka side."""
+
+
+class SinkUnavailable(SinkError):
+    """The broker is unreachable or did not acknowledge in time; retryable."""
+
+
+class ServiceError(CdcError):
+    """A local service (embedded PostgreSQL, broker) failed to start."""

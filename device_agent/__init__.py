@@ -1,0 +1,1 @@
+"""fieldsync device_agent package."""

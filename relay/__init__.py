@@ -1,0 +1,1 @@
+"""fieldsync relay package."""
