@@ -1,0 +1,83 @@
+"""pytest plugin: a PostgreSQL server with wal_level=logical, once per test session.
+
+``FIELDSYNC_TEST_PG_DSN`` points the tests at an external server (a superuser
+DSN to its maintenance database); otherwise a throw-away cluster is started from
+the system's binaries (or the pgserver wheel).  A server that fails to start
+fails the run with its log; it is never a skip.
+
+Fixtures:
+- ``pg_server``: object with ``dsn``, ``dsn_for(db)``, ``restart()`` (embedded only)
+- ``pg_dsn``: a fresh, empty database per test (dropped afterwards, with its slots)
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc.local_services import EmbeddedPostgres
+
+
+class ExternalPostgres:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.info = psycopg.conninfo.conninfo_to_dict(dsn)
+
+    def dsn_for(self, dbname: str) -> str:
+        return psycopg.conninfo.make_conninfo(self.dsn, dbname=dbname)
+
+    def restart(self, mode: str = "fast") -> None:
+        pytest.fail("restarting an external PostgreSQL (FIELDSYNC_TEST_PG_DSN) is not supported by this test")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    external = os.environ.get("FIELDSYNC_TEST_PG_DSN")
+    if external:
+        yield ExternalPostgres(external)
+        return
+    server = EmbeddedPostgres(base_dir=tmp_path_factory.mktemp("pg"))
+    server.start()  # raises ServiceError with the log tail: the run fails
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        for (slot,) in conn.execute(
+            "select slot_name from pg_replication_slots where database = %s", (name,)
+        ).fetchall():
+            conn.execute(
+                "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = %s and active_pid is not null",
+                (slot,),
+            )
+            try:
+                conn.execute("select pg_drop_replication_slot(%s)", (slot,))
+            except psycopg.Error:
+                pass
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def pg_dsn(pg_server: Any) -> Iterator[str]:
+    """DSN of a fresh database for this test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield pg_server.dsn_for(name)
+    finally:
+        _drop_database(pg_server.dsn, name)
+
+
+@pytest.fixture
+def pg_conn(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
