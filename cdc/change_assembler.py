@@ -1,0 +1,316 @@
+"""Turn decoded pgoutput messages into positioned change events (pure, no I/O).
+
+State machine
+-------------
+``feed(message)`` is called for every decoded message in stream order and
+returns what to write, in order:
+
+- :class:`OutSchema` before the first event that uses a new Avro schema;
+- :class:`OutEvent` per row change (and per relation of a TRUNCATE), carrying its
+  position ``(commit_lsn, seq)`` where ``seq`` counts the transaction's events;
+- :class:`TxnEnd` when a transaction's last event has been returned, with the
+  LSN the slot may confirm once Kafka holds everything up to it.
+
+A non-streamed transaction knows its commit LSN from Begin (``final_lsn``), so
+its events flow straight through.  A streamed (in-progress) transaction learns
+it only at Stream Commit: its messages go to a :class:`SpillStore` (on disk),
+are dropped on Stream Abort (whole transaction, or a subtransaction: the store
+truncates back to where that subtransaction began), and are replayed through
+the same path at Stream Commit.  Outputs are generators, so replaying a
+million-row transaction never holds it in memory.
+
+Resuming: ``resume`` is the last position Kafka is known to hold.  Events at or
+before it are skipped (a transaction that Kafka holds completely is skipped as
+a whole; a partly written one resumes after its last written ``seq``), so a
+restart after a crash writes nothing twice.
+
+Relations: a Relation message (re)defines a table; when its columns change a
+new codec, hence a new schema and fingerprint, is made, so ALTER TABLE
+mid-stream changes the schema of the events that follow and old events stay
+readable.  The Kafka key is the primary key (looked up through the catalog, not
+the replica-identity flags, which under REPLICA IDENTITY FULL mark every column).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cdc import pgoutput_decoder as m
+from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from cdc.errors import DecodeError
+from cdc.kafka_sink import ResumePosition
+from cdc.pg_types import ColumnSpec, TypeCatalog
+
+ORIGIN_MESSAGE_PREFIX = "fieldsync.origin"
+HEARTBEAT_MESSAGE_PREFIX = "fieldsync.heartbeat"
+
+
+@dataclass(slots=True)
+class OutEvent:
+    topic: str
+    key: bytes | None
+    value: bytes
+    commit_lsn: int
+    seq: int
+    headers: list[tuple[str, bytes]]
+    commit_ts_us: int
+
+
+@dataclass(slots=True)
+class OutSchema:
+    fingerprint: bytes
+    schema_json: str
+
+
+@dataclass(slots=True)
+class TxnEnd:
+    commit_lsn: int
+    end_lsn: int
+    events: int
+    commit_ts_us: int
+
+
+Out = OutEvent | OutSchema | TxnEnd
+
+
+class RelationCatalog(TypeCatalog, Protocol):
+    """Type lookups plus the primary key of a relation (I/O lives in the implementation)."""
+
+    def primary_key(self, relation_oid: int) -> tuple[str, ...] | None: ...
+
+
+class SpillStore(Protocol):
+    """Disk store for the messages of streamed, not yet committed transactions."""
+
+    def append(self, xid: int, message: m.Message) -> None: ...
+    def abort(self, xid: int, subxid: int) -> None: ...
+    def replay(self, xid: int) -> Iterator[m.Message]: ...
+    def discard(self, xid: int) -> None: ...
+    def open_xids(self) -> Sequence[int]: ...
+
+
+@dataclass(slots=True)
+class TableState:
+    relation: m.Relation
+    codec: TableCodec
+    topic: str
+    pending_schemas: list[OutSchema] = field(default_factory=list)
+
+
+def topic_for(prefix: str, schema: str, table: str) -> str:
+    return f"{prefix}.{schema}.{table}"
+
+
+@dataclass(slots=True)
+class _Txn:
+    xid: int
+    commit_lsn: int
+    commit_ts_us: int
+    origin: str | None = None
+    seq: int = 0
+    skip_through: int = -1  # skip events with seq <= this (resume inside a partly written txn)
+
+
+class ChangeAssembler:
+    def __init__(
+        self,
+        *,
+        db: str,
+        topic_prefix: str,
+        catalog: RelationCatalog,
+        spill: SpillStore,
+        resume: ResumePosition | None = None,
+        warn: Callable[[str], None] = lambda _msg: None,
+        clock_us: Callable[[], int] = lambda: int(time.time() * 1_000_000),
+    ) -> None:
+        self.db = db
+        self.prefix = topic_prefix
+        self.catalog = catalog
+        self.spill = spill
+        self.resume = resume
+        self.warn = warn
+        self.clock_us = clock_us
+        self.tables: dict[int, TableState] = {}
+        self.txn: _Txn | None = None
+        self.stream_xid: int | None = None
+        self.skipped_txns = 0
+
+    # ------------------------------------------------------------------ relations
+
+    def _define(self, rel: m.Relation) -> None:
+        old = self.tables.get(rel.oid)
+        if old is not None and old.relation.columns == rel.columns and old.relation.namespace == rel.namespace and old.relation.name == rel.name:
+            self.tables[rel.oid] = TableState(rel, old.codec, old.topic, old.pending_schemas)
+            return
+        forget = getattr(self.catalog, "forget_relation", None)
+        if forget is not None:
+            forget(rel.oid)
+        pk = self.catalog.primary_key(rel.oid)
+        if pk is None:
+            # no primary key: fall back to the replica identity index, never to FULL's every-column flags
+            keys = {c.name for c in rel.columns if c.is_key} if rel.replica_identity == m.ReplicaIdentity.INDEX else set()
+        else:
+            keys = set(pk)
+        specs = [ColumnSpec(c.name, c.type_oid, c.type_modifier, c.name in keys) for c in rel.columns]
+        codec = TableCodec(
+            db=self.db,
+            schema=rel.namespace,
+            table=rel.name,
+            columns=specs,
+            catalog=self.catalog,
+            unchanged_sentinel=m.UNCHANGED_TOAST,
+            warn=self.warn,
+            namespace_prefix=self.prefix,
+        )
+        pending = [OutSchema(codec.value_fingerprint, codec.value_schema_json)]
+        if codec.key_schema is not None:
+            pending.insert(0, OutSchema(codec.key_fingerprint, codec.key_schema_json))
+        self.tables[rel.oid] = TableState(rel, codec, topic_for(self.prefix, rel.namespace, rel.name), pending)
+
+    def table(self, oid: int, lsn: int) -> TableState:
+        try:
+            return self.tables[oid]
+        except KeyError:
+            raise DecodeError(f"change for relation oid {oid} before its Relation message", lsn=lsn) from None
+
+    # ------------------------------------------------------------------ feeding
+
+    def feed(self, msg: m.Message, lsn: int) -> Iterable[Out]:
+        if self.stream_xid is not None and not isinstance(msg, m.StreamStart | m.StreamStop | m.StreamCommit | m.StreamAbort):
+            self.spill.append(self.stream_xid, msg)
+            return ()
+        match msg:
+            case m.Begin():
+                self.txn = self._new_txn(msg.xid, msg.final_lsn, msg.commit_ts_us)
+                return ()
+            case m.Commit():
+                return self._end_txn(msg.commit_lsn, msg.end_lsn, lsn)
+            case m.StreamStart():
+                self.stream_xid = msg.xid
+                return ()
+            case m.StreamStop():
+                self.stream_xid = None
+                return ()
+            case m.StreamAbort():
+                self.spill.abort(msg.xid, msg.subxid)
+                return ()
+            case m.StreamCommit():
+                self.stream_xid = None
+                return self._replay_stream(msg)
+            case _:
+                return self._in_txn(msg, lsn)
+
+    def _new_txn(self, xid: int, commit_lsn: int, ts: int) -> _Txn:
+        txn = _Txn(xid, commit_lsn, ts)
+        r = self.resume
+        if r is not None:
+            if commit_lsn < r.commit_lsn or (commit_lsn == r.commit_lsn and r.complete):
+                txn.skip_through = 1 << 62
+            elif commit_lsn == r.commit_lsn:
+                txn.skip_through = r.seq
+        return txn
+
+    def _end_txn(self, commit_lsn: int, end_lsn: int, lsn: int) -> Iterable[Out]:
+        txn = self.txn
+        if txn is None:
+            raise DecodeError("Commit without Begin", lsn=lsn)
+        if txn.commit_lsn != commit_lsn:
+            raise DecodeError(f"Commit LSN {commit_lsn} differs from Begin's final LSN {txn.commit_lsn}", lsn=lsn)
+        self.txn = None
+        if txn.skip_through >= (1 << 62):
+            self.skipped_txns += 1
+        return (TxnEnd(commit_lsn, end_lsn, txn.seq, txn.commit_ts_us),)
+
+    def _replay_stream(self, sc: m.StreamCommit) -> Iterator[Out]:
+        self.txn = self._new_txn(sc.xid, sc.commit_lsn, sc.commit_ts_us)
+        try:
+            for msg in self.spill.replay(sc.xid):
+                yield from self._in_txn(msg, sc.commit_lsn)
+            yield from self._end_txn(sc.commit_lsn, sc.end_lsn, sc.commit_lsn)
+        finally:
+            self.spill.discard(sc.xid)
+
+    def _in_txn(self, msg: m.Message, lsn: int) -> Iterable[Out]:
+        match msg:
+            case m.Relation():
+                self._define(msg)
+                return ()
+            case m.Type():
+                return ()
+            case m.Origin():
+                if self.txn is not None:
+                    self.txn.origin = f"pg-origin:{msg.name}"
+                return ()
+            case m.LogicalMessage():
+                if msg.transactional and self.txn is not None and msg.prefix == ORIGIN_MESSAGE_PREFIX:
+                    self.txn.origin = msg.content.decode("utf-8", errors="replace")
+                return ()
+            case m.Insert():
+                return self._change("c", msg.relation_oid, None, msg.new, lsn)
+            case m.Update():
+                return self._change("u", msg.relation_oid, msg.old, msg.new, lsn)
+            case m.Delete():
+                return self._change("d", msg.relation_oid, msg.old, None, lsn)
+            case m.Truncate():
+                return self._truncate(msg, lsn)
+            case m.BeginPrepare() | m.Prepare() | m.CommitPrepared() | m.RollbackPrepared() | m.StreamPrepare():
+                raise DecodeError(f"two-phase message {type(msg).__name__} received but two_phase is never enabled", lsn=lsn)
+            case _:
+                raise DecodeError(f"unexpected {type(msg).__name__} inside a transaction", lsn=lsn)
+
+    def _next_seq(self, lsn: int) -> tuple[_Txn, int, bool]:
+        txn = self.txn
+        if txn is None:
+            raise DecodeError("row change outside a transaction", lsn=lsn)
+        seq = txn.seq
+        txn.seq += 1
+        return txn, seq, seq <= txn.skip_through
+
+    def _source(self, st: TableState, txn: _Txn, seq: int, lsn: int) -> Source:
+        return Source(
+            db=self.db,
+            schema=st.relation.namespace,
+            table=st.relation.name,
+            lsn=lsn,
+            commit_lsn=txn.commit_lsn,
+            txid=txn.xid,
+            seq=seq,
+            commit_ts_us=txn.commit_ts_us,
+            snapshot="false",
+            origin=txn.origin,
+        )
+
+    def _change(self, op: str, oid: int, before: m.TupleData | None, after: m.TupleData | None, lsn: int) -> list[Out]:
+        st = self.table(oid, lsn)
+        txn, seq, skip = self._next_seq(lsn)
+        if skip:
+            return []
+        key, value = st.codec.encode_change(op, before, after, self._source(st, txn, seq, lsn), self.clock_us())
+        out: list[Out] = []
+        if st.pending_schemas:
+            out.extend(st.pending_schemas)
+            st.pending_schemas = []
+        out.append(OutEvent(st.topic, key, value, txn.commit_lsn, seq, [(POSITION_HEADER, position_header(txn.commit_lsn, seq))], txn.commit_ts_us))
+        return out
+
+    def _truncate(self, msg: m.Truncate, lsn: int) -> list[Out]:
+        out: list[Out] = []
+        for oid in msg.relation_oids:
+            st = self.table(oid, lsn)
+            txn, seq, skip = self._next_seq(lsn)
+            if skip:
+                continue
+            value = st.codec.encode_truncate(self._source(st, txn, seq, lsn), self.clock_us())
+            if st.pending_schemas:
+                out.extend(st.pending_schemas)
+                st.pending_schemas = []
+            out.append(OutEvent(st.topic, None, value, txn.commit_lsn, seq, [(POSITION_HEADER, position_header(txn.commit_lsn, seq))], txn.commit_ts_us))
+        return out
+
+    @property
+    def idle(self) -> bool:
+        """No transaction is open (streamed ones may be pending in the spill store)."""
+        return self.txn is None and self.stream_xid is None

@@ -1,0 +1,150 @@
+"""The ``fieldsync`` command: thin typer CLI over the cdc library (and, mounted, the relay's).
+
+Commands parse arguments, call the library, and turn domain errors into exit
+codes and one-line messages:
+
+- 0 success; 1 runtime failure; 2 configuration or preflight error (names the fix).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cdc.errors import CdcError, ConfigError, PreflightError
+
+app = typer.Typer(name="fieldsync", help="fieldsync server side: cdc, relay, replay, and a local demo.", no_args_is_help=True, add_completion=False)
+cdc_app = typer.Typer(help="PostgreSQL logical replication (pgoutput) into Kafka.", no_args_is_help=True)
+app.add_typer(cdc_app, name="cdc")
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see config/cdc.example.toml); FIELDSYNC_<SECTION>_<KEY> env vars override it.")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+def _fail(exc: Exception, code: int) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None) -> Any:
+    from cdc.settings import load_cdc_settings
+
+    if config is not None and not config.exists():
+        raise ConfigError(f"config file {config} does not exist")
+    return load_cdc_settings(config)
+
+
+@cdc_app.command("run")
+def cdc_run(config: ConfigOpt = None) -> None:
+    """Run the CDC daemon until SIGTERM (systemd Type=notify aware)."""
+    from cdc.pipeline import CdcDaemon
+    from cdc.systemd_notify import Notifier
+
+    try:
+        settings = _load(config)
+    except ConfigError as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    _setup_logging(settings.cdc.log_level)
+    logging.getLogger("fieldsync.cdc").info("settings: %s", json.dumps(settings.redacted()))
+    daemon = CdcDaemon(settings, notifier=Notifier.from_env(unset_environment=True))
+    daemon.install_signal_handlers()
+    try:
+        code = daemon.run()
+    except (PreflightError, ConfigError) as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    except CdcError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+    raise typer.Exit(code)
+
+
+@cdc_app.command("status")
+def cdc_status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Show the slot, its confirmed position, lag in bytes and the last event time."""
+    from cdc.kafka_sink import read_resume_position
+    from cdc.pg_source import connect, slot_state
+    from cdc.pipeline import kafka_options
+
+    try:
+        settings = _load(config)
+    except ConfigError as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    _setup_logging("WARNING")
+    pg = settings.postgres
+    try:
+        with connect(pg.dsn, pg.password) as conn:
+            state = slot_state(conn, pg.slot)
+    except CdcError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+    out: dict[str, Any] = {"slot": pg.slot, "exists": state is not None}
+    if state:
+        out.update(state)
+    try:
+        resume = read_resume_position(kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s))
+    except CdcError as exc:
+        out["kafka_error"] = str(exc)
+        resume = None
+    if resume is not None:
+        from cdc.errors import format_lsn
+
+        out["kafka_position"] = {"commit_lsn": format_lsn(resume.commit_lsn), "seq": resume.seq, "complete": resume.complete, "snapshot_done": resume.snapshot_done}
+        if resume.commit_ts_us:
+            out["last_event_time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(resume.commit_ts_us / 1e6)) + f".{resume.commit_ts_us % 1_000_000:06d}Z"
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, default=str))
+    else:
+        for k, v in out.items():
+            typer.echo(f"{k:22} {v}")
+    if state is None:
+        raise typer.Exit(EXIT_RUNTIME)
+
+
+@app.command("demo")
+def demo(
+    seconds: Annotated[float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")] = 0.0,
+    rate: Annotated[float, typer.Option(help="demo writes per second")] = 2.0,
+) -> None:
+    """Run cdc against an embedded PostgreSQL and broker, writing demo rows and printing events as Kafka acknowledges them."""
+    from cdc.demo import run_demo
+
+    _setup_logging("WARNING")
+    try:
+        run_demo(seconds=seconds, rate=rate)
+    except CdcError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+
+
+def _mount_optional() -> None:
+    """Mount sub-commands of other packages when they exist."""
+    for module, attr, name in (("relay.cli", "app", "relay"), ("relay.cli", "token_app", "token"), ("cdc.replay_cli", "app", "replay")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ImportError:
+            continue
+        sub = getattr(mod, attr, None)
+        if sub is not None:
+            app.add_typer(sub, name=name)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,327 @@
+"""Kafka side of cdc: a transactional sink and the resume position.
+
+Protocol
+--------
+Events are written inside Kafka transactions (``transactional_id`` derived from
+the slot, so a restarted daemon fences its predecessor and Kafka aborts whatever
+that one left open).  Each Kafka transaction ends with one record in the
+compacted state topic ``{prefix}._cdc_state``, keyed by the slot name, holding
+the last position written: ``{"commit_lsn", "seq", "complete"}``.  Because that
+record commits atomically with the events, reading it back at start-up tells
+exactly which events Kafka already holds, so nothing is written twice even when
+the replication slot (which is confirmed only after the Kafka commit) replays
+transactions Kafka already has.
+
+Schemas go to the compacted ``{prefix}._schemas`` topic keyed by fingerprint,
+inside the same transaction as the first event that uses them.
+
+Concurrency: one thread (the pipeline's) calls the sink; kafka-python's sender
+thread does the network I/O.  ``commit()`` blocks until the broker has
+acknowledged every record and the transaction marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cdc.errors import SinkError, SinkUnavailable
+
+log = logging.getLogger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePosition:
+    """The last event position Kafka holds for a slot."""
+
+    commit_lsn: int
+    seq: int
+    complete: bool  # the whole transaction at commit_lsn is in Kafka
+    snapshot_done: bool = True
+    commit_ts_us: int = 0  # commit time of the transaction at commit_lsn (0 = snapshot)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "commit_lsn": self.commit_lsn,
+                "seq": self.seq,
+                "complete": self.complete,
+                "snapshot_done": self.snapshot_done,
+                "commit_ts_us": self.commit_ts_us,
+                "written_at_us": int(time.time() * 1_000_000),
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ResumePosition:
+        d = json.loads(data)
+        return cls(
+            int(d["commit_lsn"]),
+            int(d["seq"]),
+            bool(d["complete"]),
+            bool(d.get("snapshot_done", True)),
+            int(d.get("commit_ts_us", 0)),
+        )
+
+
+class Sink(Protocol):
+    """Where events go.  Calls come from one thread."""
+
+    def begin(self) -> None: ...
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None: ...
+    def publish_schema(self, fingerprint: bytes, schema_json: str) -> None: ...
+    def commit(self, position: ResumePosition) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def state_topic(prefix: str) -> str:
+    return f"{prefix}._cdc_state"
+
+
+def schemas_topic(prefix: str) -> str:
+    return f"{prefix}._schemas"
+
+
+def _kafka_errors() -> tuple[type[BaseException], ...]:
+    from kafka.errors import KafkaError
+
+    return (KafkaError,)
+
+
+@dataclass
+class KafkaOptions:
+    bootstrap_servers: str
+    topic_prefix: str
+    transactional_id: str
+    compression: str = "gzip"
+    timeout_s: float = 30.0
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    topic_partitions: int = 1
+
+    def client_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": int(self.timeout_s * 1000),
+        }
+        if self.security_protocol.startswith("SASL"):
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password)
+        if self.ssl_cafile:
+            kw["ssl_cafile"] = self.ssl_cafile
+        return kw
+
+
+class TopicManager:
+    """Creates topics before first use (Apache Kafka may have auto-creation off)."""
+
+    def __init__(self, opts: KafkaOptions) -> None:
+        self.opts = opts
+        self._known: set[str] = set()
+        self._admin: Any = None
+
+    def _client(self) -> Any:
+        if self._admin is None:
+            from kafka import KafkaAdminClient
+
+            self._admin = KafkaAdminClient(**self.opts.client_kwargs())
+        return self._admin
+
+    def ensure(self, topics: Sequence[str], compacted: bool = False) -> None:
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        missing = [t for t in topics if t not in self._known]
+        if not missing:
+            return
+        try:
+            admin = self._client()
+            existing = set(admin.list_topics())
+            to_create = [t for t in missing if t not in existing]
+            if to_create:
+                configs = {"cleanup.policy": "compact"} if compacted else {}
+                try:
+                    admin.create_topics(
+                        [NewTopic(t, 1 if compacted else self.opts.topic_partitions, 1, topic_configs=configs) for t in to_create]
+                    )
+                except TopicAlreadyExistsError:
+                    pass
+        except _kafka_errors() as exc:
+            self.close()
+            raise SinkUnavailable(f"cannot create topics {missing} on {self.opts.bootstrap_servers}: {exc}") from exc
+        self._known.update(missing)
+
+    def close(self) -> None:
+        if self._admin is not None:
+            try:
+                self._admin.close()
+            except Exception:
+                pass
+            self._admin = None
+
+
+class KafkaTransactionalSink:
+    """A :class:`Sink` over kafka-python's transactional, idempotent producer."""
+
+    def __init__(self, opts: KafkaOptions, slot: str) -> None:
+        from kafka import KafkaProducer
+
+        self.opts = opts
+        self.slot = slot
+        self.topics = TopicManager(opts)
+        self.topics.ensure([state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)], compacted=True)
+        self._published: set[bytes] = set()
+        self._pending_schemas: set[bytes] = set()
+        self._in_txn = False
+        self._futures: list[Any] = []
+        try:
+            self.producer = KafkaProducer(
+                **opts.client_kwargs(),
+                transactional_id=opts.transactional_id,
+                enable_idempotence=True,
+                acks="all",
+                compression_type=None if opts.compression == "none" else opts.compression,
+                linger_ms=5,
+                batch_size=256 * 1024,
+                max_request_size=8 * 1024 * 1024,
+                max_block_ms=int(opts.timeout_s * 1000),
+                transaction_timeout_ms=max(60000, int(opts.timeout_s * 2000)),
+            )
+            self.producer.init_transactions()
+        except _kafka_errors() as exc:
+            raise SinkUnavailable(f"cannot start a transactional producer on {opts.bootstrap_servers}: {exc}") from exc
+
+    def begin(self) -> None:
+        if self._in_txn:
+            return
+        try:
+            self.producer.begin_transaction()
+        except _kafka_errors() as exc:
+            raise SinkUnavailable(f"begin transaction failed: {exc}") from exc
+        self._in_txn = True
+        self._pending_schemas = set()
+
+    def ensure_topic(self, topic: str) -> None:
+        self.topics.ensure([topic])
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        if not self._in_txn:
+            self.begin()
+        self.ensure_topic(topic)
+        try:
+            self.producer.send(topic, key=key, value=value, headers=list(headers))
+        except _kafka_errors() as exc:
+            raise SinkUnavailable(f"send to {topic} failed: {exc}") from exc
+
+    def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
+        if fingerprint in self._published or fingerprint in self._pending_schemas:
+            return
+        if not self._in_txn:
+            self.begin()
+        try:
+            self.producer.send(schemas_topic(self.opts.topic_prefix), key=fingerprint.hex().encode(), value=schema_json.encode())
+        except _kafka_errors() as exc:
+            raise SinkUnavailable(f"publishing schema {fingerprint.hex()} failed: {exc}") from exc
+        self._pending_schemas.add(fingerprint)
+
+    def commit(self, position: ResumePosition) -> None:
+        if not self._in_txn:
+            self.begin()
+        try:
+            self.producer.send(state_topic(self.opts.topic_prefix), key=self.slot.encode(), value=position.to_json())
+            self.producer.commit_transaction()
+        except _kafka_errors() as exc:
+            raise SinkUnavailable(f"commit of the Kafka transaction failed (position {position}): {exc}") from exc
+        self._in_txn = False
+        self._published |= self._pending_schemas
+        self._pending_schemas = set()
+
+    def abort(self) -> None:
+        if not self._in_txn:
+            return
+        self._in_txn = False
+        try:
+            self.producer.abort_transaction()
+        except Exception as exc:
+            log.warning("abort of the Kafka transaction failed (it will be aborted at the next start): %s", exc)
+
+    def close(self) -> None:
+        try:
+            self.producer.close(timeout=5)
+        except Exception as exc:
+            log.debug("producer close: %s", exc)
+        self.topics.close()
+
+
+def read_resume_position(opts: KafkaOptions, slot: str, timeout_s: float = 30.0) -> ResumePosition | None:
+    """Read the last committed state record for ``slot`` (None if there is none)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    topic = state_topic(opts.topic_prefix)
+    TopicManager(opts).ensure([topic], compacted=True)
+    try:
+        consumer = KafkaConsumer(
+            **opts.client_kwargs(),
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            group_id=None,
+            consumer_timeout_ms=1000,
+        )
+    except _kafka_errors() as exc:
+        raise SinkUnavailable(f"cannot read {topic} from {opts.bootstrap_servers}: {exc}") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = consumer.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise SinkUnavailable(f"no partitions for {topic} on {opts.bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        last: ResumePosition | None = None
+        key = slot.encode()
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise SinkUnavailable(f"timed out reading {topic} (at {[consumer.position(tp) for tp in tps]} of {ends})")
+            for _tp, records in consumer.poll(timeout_ms=500).items():
+                for r in records:
+                    if r.key == key and r.value:
+                        last = ResumePosition.from_json(r.value)
+        return last
+    except _kafka_errors() as exc:
+        raise SinkUnavailable(f"reading {topic} failed: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def new_transactional_id(slot: str) -> str:
+    return f"fieldsync-cdc.{slot}"
+
+
+
+__all__ = [
+    "KafkaOptions",
+    "KafkaTransactionalSink",
+    "ResumePosition",
+    "Sink",
+    "SinkError",
+    "TopicManager",
+    "new_transactional_id",
+    "read_resume_position",
+    "schemas_topic",
+    "state_topic",
+]

@@ -1,0 +1,291 @@
+"""PostgreSQL side of cdc: preflight checks, publication and slot, the replication stream.
+
+Protocol
+--------
+A connection opened with ``replication="database"`` speaks the streaming
+replication protocol.  ``CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT
+'export')`` returns the slot's consistent point and an exported snapshot that
+stays valid until the next command on that connection (the initial snapshot is
+read through it on a second connection).  ``START_REPLICATION`` switches the
+connection into COPY_BOTH mode; from then on it carries CopyData messages:
+
+- ``w`` XLogData: walStart u64, walEnd u64, sendTime i64, then one pgoutput message;
+- ``k`` primary keepalive: walEnd u64, sendTime i64, replyRequested u8.
+
+We answer with ``r`` standby status updates (write, flush, apply LSNs, clock,
+reply flag).  The flush LSN is the position the slot is allowed to confirm; the
+pipeline raises it only past transactions Kafka has acknowledged.
+
+Concurrency: one thread owns a :class:`ReplicationStream`; reads never block
+longer than the timeout given to :meth:`ReplicationStream.read`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import select
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc.errors import PreflightError, ReplicationLost, SourceError, format_lsn, parse_lsn
+
+log = logging.getLogger(__name__)
+
+PG_EPOCH_US = 946_684_800_000_000
+_XLOGDATA = struct.Struct("!QQq")
+_KEEPALIVE = struct.Struct("!Qq?")
+_STATUS = struct.Struct("!cQQQq?")
+
+
+def now_pg_us() -> int:
+    return int(time.time() * 1_000_000) - PG_EPOCH_US
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    name: str
+    consistent_point: int
+    snapshot_name: str | None
+    created: bool
+
+
+def connect(dsn: str, password: str | None = None, replication: bool = False, **kw: Any) -> psycopg.Connection[Any]:
+    extra: dict[str, Any] = {"autocommit": True, "connect_timeout": 10, **kw}
+    if password:
+        extra["password"] = password
+    if replication:
+        extra["replication"] = "database"
+        extra.setdefault("client_encoding", "UTF8")
+    try:
+        return psycopg.connect(dsn, **extra)
+    except psycopg.OperationalError as exc:
+        msg = str(exc).strip()
+        if replication and "replication" in msg and ("permission" in msg or "must be superuser" in msg or "no pg_hba.conf entry" in msg):
+            raise PreflightError(
+                f"the database refused a replication connection: {msg}. Fix: grant REPLICATION to the role "
+                "(ALTER ROLE <role> REPLICATION) and allow it in pg_hba.conf"
+            ) from exc
+        raise ReplicationLost(f"cannot connect to PostgreSQL: {msg}") from exc
+
+
+def _split_table(name: str) -> tuple[str, str]:
+    if "." in name:
+        schema, table = name.split(".", 1)
+        return schema, table
+    return "public", name
+
+
+def preflight(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str, Any]:
+    """Check the server is ready for logical replication; raise PreflightError naming the fix."""
+    info: dict[str, Any] = {}
+    wal_level = conn.execute("show wal_level").fetchone()
+    if not wal_level or wal_level[0] != "logical":
+        raise PreflightError(
+            f"wal_level is {wal_level[0] if wal_level else '?'!r}, logical decoding needs 'logical'. Fix: "
+            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
+        )
+    row = conn.execute("select rolreplication or rolsuper, current_user from pg_roles where rolname = current_user").fetchone()
+    if not row or not row[0]:
+        user = row[1] if row else "?"
+        raise PreflightError(f"role {user!r} lacks the REPLICATION privilege. Fix: ALTER ROLE {user} REPLICATION;")
+    info["server_version"] = conn.info.server_version
+    missing = []
+    for name in tables:
+        schema, table = _split_table(name)
+        found = conn.execute(
+            "select c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s",
+            (schema, table),
+        ).fetchone()
+        if found is None:
+            missing.append(f"{schema}.{table}")
+        elif found[0] not in ("r", "p"):
+            raise PreflightError(f"{schema}.{table} is not a table (relkind {found[0]!r}); only tables can be published")
+    if missing:
+        raise PreflightError(f"table(s) listed in postgres.tables do not exist: {', '.join(missing)}. Fix: create them or remove them from the config")
+    for schema, table, ident in conn.execute(
+        """select n.nspname, c.relname, c.relreplident from pg_class c join pg_namespace n on n.oid = c.relnamespace
+           where c.relkind in ('r','p') and n.nspname not in ('pg_catalog','information_schema')
+           and (c.relreplident = 'n' or (c.relreplident = 'd' and not exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary)))"""
+    ).fetchall():
+        if not tables or f"{schema}.{table}" in {".".join(_split_table(t)) for t in tables}:
+            log.warning(
+                "table %s.%s has %s: its updates and deletes carry no before image (set REPLICA IDENTITY FULL or add a primary key)",
+                schema,
+                table,
+                "REPLICA IDENTITY NOTHING" if ident == "n" else "no primary key",
+            )
+    return info
+
+
+def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequence[str]) -> None:
+    """Create the publication if missing; add listed tables it lacks."""
+    row = conn.execute("select puballtables from pg_publication where pubname = %s", (name,)).fetchone()
+    idents = [sql.Identifier(*_split_table(t)) for t in tables]
+    if row is None:
+        if tables:
+            conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(name), sql.SQL(", ").join(idents)))
+        else:
+            conn.execute(sql.SQL("create publication {} for all tables").format(sql.Identifier(name)))
+        log.info("created publication %s (%s)", name, ", ".join(tables) or "all tables")
+        return
+    if row[0] or not tables:
+        if not row[0] and not tables:
+            log.warning("publication %s exists and does not cover all tables; using it as it is", name)
+        return
+    have = {f"{s}.{t}" for s, t in conn.execute("select schemaname, tablename from pg_publication_tables where pubname = %s", (name,)).fetchall()}
+    add = [sql.Identifier(*_split_table(t)) for t in tables if ".".join(_split_table(t)) not in have]
+    if add:
+        conn.execute(sql.SQL("alter publication {} add table {}").format(sql.Identifier(name), sql.SQL(", ").join(add)))
+        log.info("added %d table(s) to publication %s", len(add), name)
+
+
+def slot_state(conn: psycopg.Connection[Any], slot: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        """select plugin, database, confirmed_flush_lsn::text, restart_lsn::text, active, active_pid,
+                  pg_current_wal_lsn()::text,
+                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+           from pg_replication_slots where slot_name = %s""",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {
+        "plugin": row[0],
+        "database": row[1],
+        "confirmed_flush_lsn": row[2],
+        "restart_lsn": row[3],
+        "active": row[4],
+        "active_pid": row[5],
+        "current_wal_lsn": row[6],
+        "lag_bytes": row[7],
+    }
+
+
+def create_slot(rconn: psycopg.Connection[Any], slot: str, export_snapshot: bool) -> SlotInfo:
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", slot):
+        raise PreflightError(f"invalid slot name {slot!r}: use lower-case letters, digits and _")
+    mode = "'export'" if export_snapshot else "'nothing'"
+    try:
+        row = rconn.execute(f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT {mode})").fetchone()
+    except psycopg.Error as exc:
+        raise SourceError(f"cannot create replication slot {slot!r}: {str(exc).strip()}") from exc
+    assert row is not None
+    return SlotInfo(slot, parse_lsn(row[1]), row[2], True)
+
+
+def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
+    conn.execute("select pg_drop_replication_slot(%s) from pg_replication_slots where slot_name = %s", (slot, slot))
+
+
+def highest_proto_version(server_version: int) -> int:
+    if server_version >= 160000:
+        return 4
+    if server_version >= 150000:
+        return 3
+    if server_version >= 140000:
+        return 2
+    return 1
+
+
+@dataclass(slots=True)
+class XLogData:
+    wal_start: int
+    wal_end: int
+    payload: memoryview
+
+
+@dataclass(slots=True)
+class Keepalive:
+    wal_end: int
+    reply_requested: bool
+
+
+class ReplicationStream:
+    """A started logical replication stream on a ``replication=database`` connection."""
+
+    def __init__(self, rconn: psycopg.Connection[Any], slot: str, publication: str, start_lsn: int, proto_version: int, streaming: bool, messages: bool = True) -> None:
+        self.conn = rconn
+        self.pgconn = rconn.pgconn
+        self.proto_version = proto_version
+        opts = [f"proto_version '{proto_version}'", f"publication_names '{publication}'"]
+        if messages:
+            opts.append("messages 'true'")
+        if streaming and proto_version >= 2:
+            opts.append("streaming 'on'")
+        self.streaming = streaming and proto_version >= 2
+        cmd = f"START_REPLICATION SLOT {slot} LOGICAL {format_lsn(start_lsn)} ({', '.join(opts)})"
+        log.info("%s", cmd)
+        self.pgconn.send_query(cmd.encode())
+        res = self.pgconn.get_result()
+        if res is None or res.status != psycopg.pq.ExecStatus.COPY_BOTH:
+            msg = res.error_message.decode(errors="replace").strip() if res is not None else "no result"
+            raise SourceError(f"START_REPLICATION failed for slot {slot!r}: {msg}")
+        self.last_status_sent = 0.0
+
+    def fileno(self) -> int:
+        return int(self.pgconn.socket)
+
+    def read(self, timeout: float) -> XLogData | Keepalive | None:
+        """Return the next message, or None when nothing arrived within ``timeout`` seconds."""
+        deadline = None
+        while True:
+            try:
+                n, data = self.pgconn.get_copy_data(1)
+            except psycopg.Error as exc:
+                raise ReplicationLost(f"replication stream failed: {exc}") from exc
+            if n > 0:
+                assert data is not None
+                mv = memoryview(data)
+                kind = mv[0]
+                if kind == 0x77:  # 'w'
+                    start, end, _ts = _XLOGDATA.unpack_from(mv, 1)
+                    return XLogData(start, end, mv[25:])
+                if kind == 0x6B:  # 'k'
+                    end, _ts, reply = _KEEPALIVE.unpack_from(mv, 1)
+                    return Keepalive(end, reply)
+                raise ReplicationLost(f"unexpected replication message type {bytes(mv[:1])!r}")
+            if n == -1:
+                res = self.pgconn.get_result()
+                msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
+                raise ReplicationLost(f"replication stream ended by the server {msg}".strip())
+            if n < -1:
+                raise ReplicationLost(f"replication stream error: {self.pgconn.error_message.decode(errors='replace').strip()}")
+            # n == 0: nothing buffered
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                r, _, _ = select.select([self.fileno()], [], [], remaining)
+            except (OSError, ValueError) as exc:
+                raise ReplicationLost(f"replication socket failed: {exc}") from exc
+            if not r:
+                return None
+            try:
+                self.pgconn.consume_input()
+            except psycopg.Error as exc:
+                raise ReplicationLost(f"replication connection lost: {str(exc).strip()}") from exc
+
+    def send_status(self, flush_lsn: int, write_lsn: int | None = None, reply: bool = False) -> None:
+        w = max(write_lsn or 0, flush_lsn)
+        msg = _STATUS.pack(b"r", w, flush_lsn, flush_lsn, now_pg_us(), reply)
+        try:
+            self.pgconn.put_copy_data(msg)
+            self.pgconn.flush()
+        except psycopg.Error as exc:
+            raise ReplicationLost(f"sending standby status failed: {exc}") from exc
+        self.last_status_sent = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            pass

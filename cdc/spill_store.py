@@ -1,0 +1,105 @@
+"""On-disk store for streamed (in-progress) transactions.
+
+PostgreSQL streams a large transaction before it commits (``streaming 'on'``),
+in blocks between Stream Start and Stream Stop, interleaved with other
+transactions.  Its commit position is known only at Stream Commit, so its
+messages are appended here, one file per top-level xid, and replayed at Stream
+Commit; Stream Abort of the top-level xid deletes the file, Stream Abort of a
+subtransaction truncates the file back to where that subtransaction's first
+change was written (later changes in the file belong to it or its children;
+PostgreSQL sends a subtransaction's abort before any later sibling starts).
+
+Records are length-prefixed pickles of the decoder's message dataclasses.
+Memory use is bounded by one message.  The files are scratch space: after a
+crash, PostgreSQL re-sends every unconfirmed transaction, so :meth:`clear`
+deletes whatever an earlier process left behind.  One thread uses a store.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from cdc import pgoutput_decoder as m
+
+_LEN = struct.Struct("!I")
+
+
+class FileSpillStore:
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="fieldsync-spill-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._files: dict[int, BinaryIO] = {}
+        self._sub_offsets: dict[int, dict[int, int]] = {}
+        self.bytes_written = 0
+
+    def _path(self, xid: int) -> Path:
+        return self.dir / f"xid-{xid}.spill"
+
+    def clear(self) -> None:
+        for f in list(self._files):
+            self.discard(f)
+        for p in self.dir.glob("xid-*.spill"):
+            p.unlink(missing_ok=True)
+
+    def append(self, xid: int, message: m.Message) -> None:
+        f = self._files.get(xid)
+        if f is None:
+            f = open(self._path(xid), "w+b")
+            self._files[xid] = f
+            self._sub_offsets[xid] = {}
+        sub = getattr(message, "xid", None)
+        if sub is not None and sub != xid:
+            self._sub_offsets[xid].setdefault(sub, f.tell())
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        f.write(_LEN.pack(len(data)))
+        f.write(data)
+        self.bytes_written += len(data) + 4
+
+    def abort(self, xid: int, subxid: int) -> None:
+        if subxid == xid:
+            self.discard(xid)
+            return
+        f = self._files.get(xid)
+        offsets = self._sub_offsets.get(xid, {})
+        if f is None or subxid not in offsets:
+            return  # the subtransaction wrote nothing we kept
+        cut = offsets[subxid]
+        f.truncate(cut)
+        f.seek(cut)
+        for s in [s for s, off in offsets.items() if off >= cut]:
+            del offsets[s]
+
+    def replay(self, xid: int) -> Iterator[m.Message]:
+        f = self._files.get(xid)
+        if f is None:
+            return
+        f.flush()
+        f.seek(0)
+        while True:
+            head = f.read(4)
+            if not head:
+                break
+            (n,) = _LEN.unpack(head)
+            yield pickle.loads(f.read(n))
+
+    def discard(self, xid: int) -> None:
+        f = self._files.pop(xid, None)
+        self._sub_offsets.pop(xid, None)
+        if f is not None:
+            f.close()
+        try:
+            os.unlink(self._path(xid))
+        except FileNotFoundError:
+            pass
+
+    def open_xids(self) -> Sequence[int]:
+        return list(self._files)
+
+    def close(self) -> None:
+        self.clear()
