@@ -47,6 +47,8 @@ def read_schemas(bootstrap: str, prefix: str) -> Any:
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
+        if not tps:
+            return registry
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         ends = consumer.end_offsets(tps)

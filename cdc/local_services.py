@@ -188,7 +188,7 @@ class EmbeddedPostgres:
         cmd = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
         for k, v in conf.items():
             cmd += ["-c", f"{k}={v}"]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         self._chown(self.log_path)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True, **self._run_kwargs())  # type: ignore[call-overload]
         log.close()
@@ -270,7 +270,7 @@ class EmbeddedBroker:
     def start(self, timeout: float = 30.0) -> None:
         url = f"tcp://{self.host}:{self.port}"
         cmd = [str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True)
         log.close()
         if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(timeout):

@@ -262,6 +262,7 @@ class CdcDaemon:
         pg = self.s.postgres
         sconn = connect(pg.dsn, pg.password)
         batch = 0
+        collected: list[OutEvent] = []
         last = ResumePosition(consistent_point, -1, False, snapshot_done=False)
         self.notifier.status("initial snapshot")
         try:
@@ -278,8 +279,13 @@ class CdcDaemon:
                 last = ResumePosition(consistent_point, out.seq, False, snapshot_done=False)
                 batch += 1
                 self.stats.snapshot_rows += 1
+                if self.on_commit is not None:
+                    collected.append(out)
                 if batch >= self.s.kafka.batch_max_events:
                     sink.commit(last)
+                    if self.on_commit is not None:
+                        self.on_commit(collected)
+                        collected = []
                     sink.begin()
                     batch = 0
                     self._tick()
@@ -287,6 +293,8 @@ class CdcDaemon:
                     raise ReplicationLost("stopped during the initial snapshot; it restarts from scratch next time")
             done = ResumePosition(consistent_point, last.seq, True, snapshot_done=True)
             sink.commit(done)
+            if self.on_commit is not None and collected:
+                self.on_commit(collected)
             log.info("initial snapshot done: %d rows", self.stats.snapshot_rows)
             return done
         finally:

@@ -37,7 +37,7 @@ def running_daemon(settings: CdcSettings, **kw: Any) -> Iterator[CdcDaemon]:
     def target() -> None:
         try:
             result.append(daemon.run())
-        except BaseException as exc:  # noqa: BLE001 - surfaced to the test below
+        except BaseException as exc:
             result.append(exc)
 
     t = threading.Thread(target=target, daemon=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from tests.cdc_support import make_settings, running_daemon, table_events, wait_for
+from tests.cdc_support import make_settings, running_daemon, table_events
 
 
 def test_snapshot_then_stream_no_gap_no_overlap(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
