@@ -1,0 +1,157 @@
+"""Exceptions raised by the relay package.
+
+Every error names the thing at fault (file, rule, key path, key id, device).
+Library exceptions (PyJWT, cryptography, tomllib) are converted at the boundary
+with ``raise ... from exc``.
+
+Authentication errors carry the HTTP status and a stable machine code; the HTTP
+layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
+``{"error": {"code": ..., "message": ..., "status": ...}}``.
+
+::
+
+    RelayError
+    ├── ConfigError                a relay configuration file or option is invalid
+    │   ├── RulesError             rules file invalid: every problem names file, rule, key path
+    │   └── KeyStoreError          keys/revocation file invalid, key unusable for what is asked
+    ├── RowError                   a row lacks a column the rules need (caller must send full rows)
+    └── AuthError        (401)     request not authenticated; .status, .code, to_dict()
+        ├── TokenMissing           token_missing        no Authorization header
+        ├── TokenMalformed         token_malformed      not "Bearer <jwt>", undecodable, claim missing
+        ├── TokenAlgorithmRefused  token_alg_refused    alg "none", or alg differs from the key's
+        ├── TokenUnknownKey        token_unknown_key    no kid, or kid not in the key store
+        ├── TokenBadSignature      token_bad_signature  signature does not verify
+        ├── TokenExpired           token_expired        exp passed (beyond the leeway)
+        ├── TokenNotYetValid       token_not_yet_valid  nbf / iat in the future
+        ├── TokenWrongAudience     token_wrong_audience aud does not name this relay
+        ├── TokenWrongIssuer       token_wrong_issuer   iss is not the expected issuer
+        └── ForbiddenError (403)   forbidden            authenticated, but not allowed
+            ├── DeviceRevoked      token_revoked        the device (or this token's age) is revoked
+            └── NotOwnDevice       forbidden_device     acting on another device's resources
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class RelayError(Exception):
+    """Base class of every error raised by the relay package."""
+
+
+class ConfigError(RelayError):
+    """A relay configuration file or option is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RulesProblem:
+    """One problem found in a rules file.
+
+    ``rule`` is ``"bucket 'name'"`` (or ``"bucket #3"`` when the name itself is
+    missing) followed by the table when the problem is inside one; empty for
+    top-level problems.  ``key`` is the key path inside that scope
+    (``filters[0].op``).
+    """
+
+    file: str
+    rule: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        scope = f"{self.file}: {self.rule}: " if self.rule else f"{self.file}: "
+        return f"{scope}{self.key} {self.message}" if self.key else f"{scope}{self.message}"
+
+
+class RulesError(ConfigError):
+    """The rules file is invalid.  ``problems`` lists every problem found, in file order."""
+
+    def __init__(self, problems: Sequence[RulesProblem]) -> None:
+        if not problems:
+            raise ValueError("RulesError needs at least one problem")
+        self.problems: tuple[RulesProblem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class KeyStoreError(ConfigError):
+    """A keys or revocation file is invalid, or a key cannot do what is asked (e.g. sign)."""
+
+
+class RowError(RelayError):
+    """A row handed to the rules lacks a column that a rule needs to place it."""
+
+
+class AuthError(RelayError):
+    """Authentication failed: HTTP 401.  Subclasses fix ``code`` (stable, machine-readable)."""
+
+    status: ClassVar[int] = 401
+    code: ClassVar[str] = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, dict[str, str | int]]:
+        """The relay's one JSON error shape."""
+        return {"error": {"code": self.code, "message": self.message, "status": self.status}}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers to send with the error (RFC 6750 ``WWW-Authenticate`` on 401)."""
+        if self.status != 401:
+            return {}
+        if self.code == TokenMissing.code:
+            return {"WWW-Authenticate": 'Bearer realm="fieldsync"'}
+        return {"WWW-Authenticate": 'Bearer realm="fieldsync", error="invalid_token"'}
+
+
+class TokenMissing(AuthError):
+    code = "token_missing"
+
+
+class TokenMalformed(AuthError):
+    code = "token_malformed"
+
+
+class TokenAlgorithmRefused(AuthError):
+    code = "token_alg_refused"
+
+
+class TokenUnknownKey(AuthError):
+    code = "token_unknown_key"
+
+
+class TokenBadSignature(AuthError):
+    code = "token_bad_signature"
+
+
+class TokenExpired(AuthError):
+    code = "token_expired"
+
+
+class TokenNotYetValid(AuthError):
+    code = "token_not_yet_valid"
+
+
+class TokenWrongAudience(AuthError):
+    code = "token_wrong_audience"
+
+
+class TokenWrongIssuer(AuthError):
+    code = "token_wrong_issuer"
+
+
+class ForbiddenError(AuthError):
+    """The caller is authenticated but not allowed: HTTP 403."""
+
+    status = 403
+    code = "forbidden"
+
+
+class DeviceRevoked(ForbiddenError):
+    code = "token_revoked"
+
+
+class NotOwnDevice(ForbiddenError):
+    code = "forbidden_device"
