@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from tests.cdc_support import make_settings, running_daemon, table_events
+from tests.cdc_support import make_settings, running_daemon, table_events, wait_for
 
 
 def test_snapshot_then_stream_no_gap_no_overlap(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
@@ -53,3 +53,43 @@ def test_transaction_positions_and_truncate(pg_dsn: str, kafka_bootstrap: str, t
 def raise_rollback(conn: Any) -> None:
     conn.execute("select 1")
     raise psycopg.Rollback()
+
+
+def test_origin_marker_names_the_device(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table o (id int primary key)")
+        settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
+        with running_daemon(settings):
+            with conn.transaction():
+                conn.execute("select pg_logical_emit_message(true, 'fieldsync.origin', 'device:d1')")
+                conn.execute("insert into o values (1)")
+            conn.execute("insert into o values (2)")
+            events = table_events(kafka_bootstrap, topic_prefix, "o", expect=2)
+    assert [(e["after"]["id"], e["source"]["origin"]) for e in events] == [(1, "device:d1"), (2, None)]
+    src = events[0]["source"]
+    assert src["table"] == "o" and src["schema"] == "public" and src["txid"] > 0 and src["commit_ts_us"] > 0
+    assert (src["commit_lsn"], src["seq"]) == events[0]["_pos"]
+
+
+def test_events_are_ordered_and_waited_for(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+    """Many small transactions: every one arrives, positions strictly increase."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table many (id int primary key)")
+        settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
+        with running_daemon(settings):
+            for i in range(300):
+                conn.execute("insert into many values (%s)", (i,))
+            events = table_events(kafka_bootstrap, topic_prefix, "many", expect=300)
+            wait_for(lambda: _confirmed(conn, settings.postgres.slot) >= _current(conn) - 10_000, what="slot confirmation")
+    assert [e["after"]["id"] for e in events] == list(range(300))
+    positions = [e["_pos"] for e in events]
+    assert all(a < b for a, b in zip(positions, positions[1:], strict=False))
+
+
+def _confirmed(conn: Any, slot: str) -> int:
+    row = conn.execute("select confirmed_flush_lsn - '0/0'::pg_lsn from pg_replication_slots where slot_name = %s", (slot,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _current(conn: Any) -> int:
+    return int(conn.execute("select pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])
