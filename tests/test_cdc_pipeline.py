@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import psycopg
@@ -83,7 +84,7 @@ def test_events_are_ordered_and_waited_for(pg_dsn: str, kafka_bootstrap: str, to
             wait_for(lambda: _confirmed(conn, settings.postgres.slot) >= _current(conn) - 10_000, what="slot confirmation")
     assert [e["after"]["id"] for e in events] == list(range(300))
     positions = [e["_pos"] for e in events]
-    assert all(a < b for a, b in zip(positions, positions[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(positions))
 
 
 def _confirmed(conn: Any, slot: str) -> int:
