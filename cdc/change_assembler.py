@@ -142,7 +142,12 @@ class ChangeAssembler:
 
     def _define(self, rel: m.Relation) -> None:
         old = self.tables.get(rel.oid)
-        if old is not None and old.relation.columns == rel.columns and old.relation.namespace == rel.namespace and old.relation.name == rel.name:
+        if (
+            old is not None
+            and old.relation.columns == rel.columns
+            and old.relation.namespace == rel.namespace
+            and old.relation.name == rel.name
+        ):
             self.tables[rel.oid] = TableState(rel, old.codec, old.topic, old.pending_schemas)
             return
         forget = getattr(self.catalog, "forget_relation", None)
@@ -151,10 +156,16 @@ class ChangeAssembler:
         pk = self.catalog.primary_key(rel.oid)
         if pk is None:
             # no primary key: fall back to the replica identity index, never to FULL's every-column flags
-            keys = {c.name for c in rel.columns if c.is_key} if rel.replica_identity == m.ReplicaIdentity.INDEX else set()
+            keys = (
+                {c.name for c in rel.columns if c.is_key}
+                if rel.replica_identity == m.ReplicaIdentity.INDEX
+                else set()
+            )
         else:
             keys = set(pk)
-        specs = [ColumnSpec(c.name, c.type_oid, c.type_modifier, c.name in keys) for c in rel.columns]
+        specs = [
+            ColumnSpec(c.name, c.type_oid, c.type_modifier, c.name in keys) for c in rel.columns
+        ]
         codec = TableCodec(
             db=self.db,
             schema=rel.namespace,
@@ -166,20 +177,26 @@ class ChangeAssembler:
             namespace_prefix=self.prefix,
         )
         pending = [OutSchema(codec.value_fingerprint, codec.value_schema_json)]
-        if codec.key_schema is not None:
+        if codec.key_fingerprint is not None and codec.key_schema_json is not None:
             pending.insert(0, OutSchema(codec.key_fingerprint, codec.key_schema_json))
-        self.tables[rel.oid] = TableState(rel, codec, topic_for(self.prefix, rel.namespace, rel.name), pending)
+        self.tables[rel.oid] = TableState(
+            rel, codec, topic_for(self.prefix, rel.namespace, rel.name), pending
+        )
 
     def table(self, oid: int, lsn: int) -> TableState:
         try:
             return self.tables[oid]
         except KeyError:
-            raise DecodeError(f"change for relation oid {oid} before its Relation message", lsn=lsn) from None
+            raise DecodeError(
+                f"change for relation oid {oid} before its Relation message", lsn=lsn
+            ) from None
 
     # ------------------------------------------------------------------ feeding
 
     def feed(self, msg: m.Message, lsn: int) -> Iterable[Out]:
-        if self.stream_xid is not None and not isinstance(msg, m.StreamStart | m.StreamStop | m.StreamCommit | m.StreamAbort):
+        if self.stream_xid is not None and not isinstance(
+            msg, m.StreamStart | m.StreamStop | m.StreamCommit | m.StreamAbort
+        ):
             self.spill.append(self.stream_xid, msg)
             return ()
         match msg:
@@ -218,7 +235,9 @@ class ChangeAssembler:
         if txn is None:
             raise DecodeError("Commit without Begin", lsn=lsn)
         if txn.commit_lsn != commit_lsn:
-            raise DecodeError(f"Commit LSN {commit_lsn} differs from Begin's final LSN {txn.commit_lsn}", lsn=lsn)
+            raise DecodeError(
+                f"Commit LSN {commit_lsn} differs from Begin's final LSN {txn.commit_lsn}", lsn=lsn
+            )
         self.txn = None
         if txn.skip_through >= (1 << 62):
             self.skipped_txns += 1
@@ -245,7 +264,11 @@ class ChangeAssembler:
                     self.txn.origin = f"pg-origin:{msg.name}"
                 return ()
             case m.LogicalMessage():
-                if msg.transactional and self.txn is not None and msg.prefix == ORIGIN_MESSAGE_PREFIX:
+                if (
+                    msg.transactional
+                    and self.txn is not None
+                    and msg.prefix == ORIGIN_MESSAGE_PREFIX
+                ):
                     self.txn.origin = msg.content.decode("utf-8", errors="replace")
                 return ()
             case m.Insert():
@@ -256,8 +279,17 @@ class ChangeAssembler:
                 return self._change("d", msg.relation_oid, msg.old, None, lsn)
             case m.Truncate():
                 return self._truncate(msg, lsn)
-            case m.BeginPrepare() | m.Prepare() | m.CommitPrepared() | m.RollbackPrepared() | m.StreamPrepare():
-                raise DecodeError(f"two-phase message {type(msg).__name__} received but two_phase is never enabled", lsn=lsn)
+            case (
+                m.BeginPrepare()
+                | m.Prepare()
+                | m.CommitPrepared()
+                | m.RollbackPrepared()
+                | m.StreamPrepare()
+            ):
+                raise DecodeError(
+                    f"two-phase message {type(msg).__name__} received but two_phase is never enabled",
+                    lsn=lsn,
+                )
             case _:
                 raise DecodeError(f"unexpected {type(msg).__name__} inside a transaction", lsn=lsn)
 
@@ -283,17 +315,31 @@ class ChangeAssembler:
             origin=txn.origin,
         )
 
-    def _change(self, op: str, oid: int, before: m.TupleData | None, after: m.TupleData | None, lsn: int) -> list[Out]:
+    def _change(
+        self, op: str, oid: int, before: m.TupleData | None, after: m.TupleData | None, lsn: int
+    ) -> list[Out]:
         st = self.table(oid, lsn)
         txn, seq, skip = self._next_seq(lsn)
         if skip:
             return []
-        key, value = st.codec.encode_change(op, before, after, self._source(st, txn, seq, lsn), self.clock_us())
+        key, value = st.codec.encode_change(
+            op, before, after, self._source(st, txn, seq, lsn), self.clock_us()
+        )
         out: list[Out] = []
         if st.pending_schemas:
             out.extend(st.pending_schemas)
             st.pending_schemas = []
-        out.append(OutEvent(st.topic, key, value, txn.commit_lsn, seq, [(POSITION_HEADER, position_header(txn.commit_lsn, seq))], txn.commit_ts_us))
+        out.append(
+            OutEvent(
+                st.topic,
+                key,
+                value,
+                txn.commit_lsn,
+                seq,
+                [(POSITION_HEADER, position_header(txn.commit_lsn, seq))],
+                txn.commit_ts_us,
+            )
+        )
         return out
 
     def _truncate(self, msg: m.Truncate, lsn: int) -> list[Out]:
@@ -307,7 +353,17 @@ class ChangeAssembler:
             if st.pending_schemas:
                 out.extend(st.pending_schemas)
                 st.pending_schemas = []
-            out.append(OutEvent(st.topic, None, value, txn.commit_lsn, seq, [(POSITION_HEADER, position_header(txn.commit_lsn, seq))], txn.commit_ts_us))
+            out.append(
+                OutEvent(
+                    st.topic,
+                    None,
+                    value,
+                    txn.commit_lsn,
+                    seq,
+                    [(POSITION_HEADER, position_header(txn.commit_lsn, seq))],
+                    txn.commit_ts_us,
+                )
+            )
         return out
 
     @property

@@ -61,14 +61,14 @@ class PgCatalog:
                 break
             seen.update(batch)
             rows = self._connection().execute(CATALOG_QUERY, {"oids": batch}).fetchall()
-            found = {}
+            found: dict[int, TypeInfo] = {}
             for row in rows:
-                info = TypeInfo.from_catalog_row(row)
-                found[info.oid] = info
+                parsed = TypeInfo.from_catalog_row(row)
+                found[parsed.oid] = parsed
             todo = []
             for o in batch:
-                self._types[o] = found.get(o)
                 info = found.get(o)
+                self._types[o] = info
                 if info is not None:
                     for dep in (info.base_oid, info.elem_oid):
                         if dep and dep not in self._types and dep not in BUILTIN_TYPES:

@@ -59,11 +59,16 @@ class SnapshotTable:
     columns: tuple[ColumnSpec, ...]
 
 
-def published_tables(conn: psycopg.Connection[Any], publication: str, catalog: RelationCatalog) -> list[SnapshotTable]:
+def published_tables(
+    conn: psycopg.Connection[Any], publication: str, catalog: RelationCatalog
+) -> list[SnapshotTable]:
     out = []
     for oid, schema, table in conn.execute(PUBLISHED_TABLES, (publication,)).fetchall():
         pk = set(catalog.primary_key(oid) or ())
-        cols = tuple(ColumnSpec(name, typ, mod, name in pk) for name, typ, mod in conn.execute(COLUMNS_QUERY, (oid,)).fetchall())
+        cols = tuple(
+            ColumnSpec(name, typ, mod, name in pk)
+            for name, typ, mod in conn.execute(COLUMNS_QUERY, (oid,)).fetchall()
+        )
         out.append(SnapshotTable(oid, schema, table, cols))
     return out
 
@@ -91,17 +96,25 @@ def read_snapshot(
         seq = 0
         for t in tables:
             codec = TableCodec(
-                db=db, schema=t.schema, table=t.table, columns=t.columns, catalog=catalog,
-                unchanged_sentinel=unchanged_sentinel, warn=warn, namespace_prefix=topic_prefix,
+                db=db,
+                schema=t.schema,
+                table=t.table,
+                columns=t.columns,
+                catalog=catalog,
+                unchanged_sentinel=unchanged_sentinel,
+                warn=warn,
+                namespace_prefix=topic_prefix,
             )
-            if codec.key_schema is not None:
+            if codec.key_fingerprint is not None and codec.key_schema_json is not None:
                 yield OutSchema(codec.key_fingerprint, codec.key_schema_json)
             yield OutSchema(codec.value_fingerprint, codec.value_schema_json)
             topic = topic_for(topic_prefix, t.schema, t.table)
             if not t.columns:
                 continue
             query = sql.SQL("select {} from {}").format(
-                sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns),
+                sql.SQL(", ").join(
+                    sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns
+                ),
                 sql.Identifier(t.schema, t.table),
             )
             n = 0
@@ -110,11 +123,27 @@ def read_snapshot(
                 cur.execute(query)
                 for row in cur:
                     src = Source(
-                        db=db, schema=t.schema, table=t.table, lsn=consistent_point, commit_lsn=consistent_point,
-                        txid=0, seq=seq, commit_ts_us=0, snapshot="true", origin=None,
+                        db=db,
+                        schema=t.schema,
+                        table=t.table,
+                        lsn=consistent_point,
+                        commit_lsn=consistent_point,
+                        txid=0,
+                        seq=seq,
+                        commit_ts_us=0,
+                        snapshot="true",
+                        origin=None,
                     )
                     key, value = codec.encode_change("r", None, row, src, clock_us())
-                    yield OutEvent(topic, key, value, consistent_point, seq, [(POSITION_HEADER, position_header(consistent_point, seq))], 0)
+                    yield OutEvent(
+                        topic,
+                        key,
+                        value,
+                        consistent_point,
+                        seq,
+                        [(POSITION_HEADER, position_header(consistent_point, seq))],
+                        0,
+                    )
                     seq += 1
                     n += 1
             log.info("snapshot of %s.%s: %d rows", t.schema, t.table, n)
