@@ -53,7 +53,7 @@ import fastavro
 import fastavro.schema
 
 from cdc.errors import DecodeError, SchemaError
-from cdc.pg_types import ColumnCodec, ColumnSpec, TypeCatalog, column_codec
+from cdc.pg_types import ColumnCodec, ColumnSpec, TypeCatalog, column_codec, dedupe_named
 
 __all__ = [
     "MAGIC",
@@ -208,35 +208,6 @@ def table_namespace(prefix: str, schema: str, table: str) -> str:
 # --------------------------------------------------------------------------------------
 # Schema helpers
 # --------------------------------------------------------------------------------------
-
-_NAMED_TYPES = frozenset({"record", "enum", "fixed", "error"})
-
-
-def _dedupe_named(schema: Any, seen: dict[str, Any]) -> Any:
-    """Keep the first definition of each named type; turn repeats into name references."""
-    if isinstance(schema, list):
-        return [_dedupe_named(s, seen) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    kind = schema.get("type")
-    if kind in _NAMED_TYPES:
-        name = schema["name"]
-        if name in seen:
-            if seen[name] != schema:
-                raise SchemaError(f"two different Avro types are both named {name!r}")
-            return name
-        seen[name] = schema
-        out = dict(schema)
-        if "fields" in schema:
-            out["fields"] = [
-                {**f, "type": _dedupe_named(f["type"], seen)} for f in schema["fields"]
-            ]
-        return out
-    if kind == "array":
-        return {**schema, "items": _dedupe_named(schema["items"], seen)}
-    if kind == "map":
-        return {**schema, "values": _dedupe_named(schema["values"], seen)}
-    return schema
 
 
 def _strip_logical(schema: Any, keep: frozenset[str]) -> Any:
@@ -557,8 +528,8 @@ class TableCodec:
             for codec, name in zip(self.column_codecs, self.field_names, strict=True)
         ]
         row_name = f"{ns}.Row"
-        row = _dedupe_named({"type": "record", "name": row_name, "fields": fields}, {})
-        value_json_schema = _dedupe_named(
+        row = dedupe_named({"type": "record", "name": row_name, "fields": fields}, {})
+        value_json_schema = dedupe_named(
             {
                 "type": "record",
                 "name": f"{ns}.Envelope",
@@ -593,7 +564,7 @@ class TableCodec:
         self._key_header = b""
         self._key_encoders: list[_Encoder] = []
         if self._key_index:
-            key_json_schema = _dedupe_named(
+            key_json_schema = dedupe_named(
                 {
                     "type": "record",
                     "name": f"{ns}.Key",

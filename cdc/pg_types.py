@@ -60,6 +60,7 @@ __all__ = [
     "TypeInfo",
     "TypeKind",
     "column_codec",
+    "dedupe_named",
     "parse_array",
 ]
 
@@ -262,9 +263,9 @@ class ColumnSpec:
 class ColumnCodec:
     """How one column is represented in Avro.
 
-    ``avro_schema`` is the field type (JSON-able, always a union with ``"null"`` first;
-    shared named types are written out in full, :mod:`cdc.avro_envelope` turns repeats into
-    references).  ``convert(text)`` turns PostgreSQL's text form into the Avro datum
+    ``avro_schema`` is the field type (JSON-able, always a union with ``"null"`` first; a
+    named type is defined at its first use and referenced by full name after that, see
+    :func:`dedupe_named` for combining several columns).  ``convert(text)`` turns PostgreSQL's text form into the Avro datum
     (raising ValueError on text it cannot read); it is never called with None.
     """
 
@@ -515,7 +516,9 @@ def _decimal_size(precision: int) -> int:
     return size
 
 
-def _numeric_parser(scale: int, size: int) -> Callable[[str], bytes | str]:
+def _numeric_parser(precision: int, scale: int, size: int) -> Callable[[str], bytes | str]:
+    limit = 10**precision
+
     def parse(text: str) -> bytes | str:
         if text[-1] > "9":  # NaN, Infinity, -Infinity
             try:
@@ -531,10 +534,9 @@ def _numeric_parser(scale: int, size: int) -> Callable[[str], bytes | str]:
             else:
                 frac = frac[:scale]
         unscaled = int(whole + frac)
-        try:
+        if -limit < unscaled < limit:
             return unscaled.to_bytes(size, "big", signed=True)
-        except OverflowError:
-            raise ValueError(f"{text!r} does not fit the declared precision") from None
+        raise ValueError(f"{text!r} does not fit the declared precision {precision}")
 
     return parse
 
@@ -553,7 +555,7 @@ def parse_array(text: str) -> list[Any]:
     """
     if not text.startswith("{") or not text.endswith("}"):
         raise ValueError(f"not an array literal: {text[:60]!r}")
-    if '"' not in text and "\\" not in text and text.count("{") == 1:
+    if '"' not in text and "\\" not in text and text.count("{") == 1 and text.count("}") == 1:
         inner = text[1:-1]
         if not inner:
             return []
@@ -719,7 +721,7 @@ def _map_numeric(typmod: int) -> _Mapped:
         "scale": scale,
     }
     special = _special_enum("NumericSpecial", ["NAN", *_INFINITIES])
-    return _Mapped([fixed, special], _numeric_parser(scale, size), label)
+    return _Mapped([fixed, special], _numeric_parser(precision, scale, size), label)
 
 
 def _map_builtin_base(oid: int, typmod: int) -> _Mapped | None:
@@ -847,6 +849,41 @@ def _nested_items(elem_branches: list[Any], levels_below: int) -> list[Any]:
     return items
 
 
+_NAMED_TYPES = frozenset({"record", "enum", "fixed", "error"})
+
+
+def dedupe_named(schema: Any, seen: dict[str, Any] | None = None) -> Any:
+    """Copy of a JSON-form schema where each named type is defined once (at its first use)
+    and referenced by its full name afterwards.  ``seen`` carries definitions across calls.
+
+    Names must be full names (this module never uses ``namespace``).  Two different
+    definitions under one name raise SchemaError.
+    """
+    if seen is None:
+        seen = {}
+    if isinstance(schema, list):
+        return [dedupe_named(s, seen) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    kind = schema.get("type")
+    if kind in _NAMED_TYPES:
+        name = schema["name"]
+        if name in seen:
+            if seen[name] != schema:
+                raise SchemaError(f"two different Avro types are both named {name!r}")
+            return name
+        seen[name] = schema
+        out = dict(schema)
+        if "fields" in schema:
+            out["fields"] = [{**f, "type": dedupe_named(f["type"], seen)} for f in schema["fields"]]
+        return out
+    if kind == "array":
+        return {**schema, "items": dedupe_named(schema["items"], seen)}
+    if kind == "map":
+        return {**schema, "values": dedupe_named(schema["values"], seen)}
+    return schema
+
+
 def column_codec(
     spec: ColumnSpec, catalog: TypeCatalog, warn: Callable[[str], None]
 ) -> ColumnCodec:
@@ -863,7 +900,7 @@ def column_codec(
     return ColumnCodec(
         spec=spec,
         pg_type=mapped.label,
-        avro_schema=["null", *mapped.branches],
+        avro_schema=dedupe_named(["null", *mapped.branches]),
         convert=mapped.convert,
         props=dict(mapped.props),
     )
