@@ -39,6 +39,7 @@ be shared between threads; SchemaRegistry.add is not synchronized.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -50,7 +51,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import fastavro
-import fastavro.schema
 
 from cdc.errors import DecodeError, SchemaError
 from cdc.pg_types import ColumnCodec, ColumnSpec, TypeCatalog, column_codec, dedupe_named
@@ -106,20 +106,80 @@ _CRC64_TABLE = _crc64_table()
 
 
 def _load_schema(schema: Any) -> Any:
-    if isinstance(schema, str):
+    """JSON text → object; a bare name such as ``int`` (not JSON) is returned as is."""
+    if isinstance(schema, str) and schema.lstrip()[:1] in ("{", "[", '"'):
         try:
             return json.loads(schema)
-        except json.JSONDecodeError:
-            return schema  # a bare type name such as int
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"schema is not valid JSON: {exc}") from exc
     return schema
 
 
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+
 def parsing_canonical_form(schema: Any) -> str:
-    """The Parsing Canonical Form of a schema (JSON text, dict/list, or parsed fastavro schema)."""
+    """The Parsing Canonical Form (Avro specification) of a schema given as JSON text, a
+    JSON-like object, or a parsed fastavro schema."""
+    out: list[str] = []
     try:
-        return str(fastavro.schema.to_parsing_canonical_form(_load_schema(schema)))
-    except Exception as exc:
-        raise SchemaError(f"not a valid Avro schema: {exc}") from exc
+        _pcf(_load_schema(schema), "", out)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SchemaError(f"not a valid Avro schema: {exc!r}") from exc
+    return "".join(out)
+
+
+def _fullname(name: str, namespace: str) -> str:
+    if "." in name or not namespace:
+        return name
+    return f"{namespace}.{name}"
+
+
+def _pcf(schema: Any, namespace: str, out: list[str]) -> None:
+    dump = functools.partial(json.dumps, ensure_ascii=False)
+    if isinstance(schema, str):
+        out.append(dump(schema if schema in _PRIMITIVES else _fullname(schema, namespace)))
+        return
+    if isinstance(schema, list):
+        out.append("[")
+        for i, branch in enumerate(schema):
+            if i:
+                out.append(",")
+            _pcf(branch, namespace, out)
+        out.append("]")
+        return
+    if not isinstance(schema, Mapping):
+        raise TypeError(f"schema must be a string, list or object, not {type(schema).__name__}")
+    kind = schema["type"]
+    if not isinstance(kind, str):
+        _pcf(kind, namespace, out)
+    elif kind in _PRIMITIVES:
+        out.append(dump(kind))
+    elif kind == "array":
+        out.append('{"type":"array","items":')
+        _pcf(schema["items"], namespace, out)
+        out.append("}")
+    elif kind == "map":
+        out.append('{"type":"map","values":')
+        _pcf(schema["values"], namespace, out)
+        out.append("}")
+    elif kind in ("record", "error", "enum", "fixed"):
+        name = _fullname(schema["name"], schema.get("namespace") or namespace)
+        out.append(f'{{"name":{dump(name)},"type":')
+        if kind == "enum":
+            out.append('"enum","symbols":[' + ",".join(dump(s) for s in schema["symbols"]) + "]}")
+        elif kind == "fixed":
+            out.append(f'"fixed","size":{int(schema["size"])}}}')
+        else:
+            inner = name.rpartition(".")[0]
+            out.append('"record","fields":[')
+            for i, field in enumerate(schema["fields"]):
+                out.append(("," if i else "") + f'{{"name":{dump(field["name"])},"type":')
+                _pcf(field["type"], inner, out)
+                out.append("}")
+            out.append("]}")
+    else:  # {"type": "some.Named"}: a reference
+        out.append(dump(_fullname(kind, namespace)))
 
 
 def fingerprint(schema: Any) -> bytes:
