@@ -1,0 +1,361 @@
+"""The bucket store contract: per-bucket op logs, checkpoints with checksums, change wake-ups.
+
+The bucket engine (:mod:`relay.bucket_engine`) writes into a store; the device API reads
+from it.  :class:`BucketStore` is the protocol both sides program against; the PostgreSQL
+implementation is :class:`relay.pg_bucket_store.PgBucketStore`.  Everything in this module
+is pure (no I/O): the protocol, its value types, and the functions both the relay and the
+device agent must compute identically (:func:`row_key_text`, :func:`canonical_json`,
+:func:`row_checksum`).
+
+Model
+-----
+- A *bucket* (id ``rule["v1",...]``, see :mod:`relay.rules`) holds rows of one or more
+  tables.  A row inside a bucket is identified by ``(table, row_key)``; ``row_key`` is the
+  canonical JSON text of the primary-key values (:func:`row_key_text`), e.g. ``[42]``.
+- Every change to a bucket is an :class:`Op` with an ``op_id`` from one store-wide
+  sequence: ``PUT`` (the row, projected for that bucket's rule, is now this) or
+  ``REMOVE`` (the row left the bucket).  Within one bucket ops are ordered by ``op_id``.
+- A device keeps one cursor per bucket: the highest ``op_id`` it has applied.  Reading the
+  ops of a bucket with ``op_id > cursor`` and applying them in order brings it up to date.
+  Op ids become visible in increasing order (the store guarantees that no op with a lower
+  id commits after a reader has seen a higher one), so a cursor never skips anything.
+- Compaction keeps only the latest op per ``(bucket, table, row_key)`` — REMOVEs
+  included — which is correct for every cursor.  Dropping old REMOVEs as well (to reclaim
+  space) raises the bucket's ``compacted_below``: a device whose cursor is ``> 0`` and
+  ``< compacted_below`` may have missed a REMOVE and must re-sync that bucket from cursor 0
+  (:attr:`OpsPage.resync`).
+- Each bucket has a checkpoint (:class:`BucketCheckpoint`): its last op id, the number of
+  rows currently in it and a checksum, the sum modulo 2**64 of :func:`row_checksum` over
+  those rows.  A device that has applied every op up to ``last_op_id`` holds exactly the
+  bucket iff its own sum over the rows it holds for that bucket equals ``checksum``.
+
+Row data is stored and served as canonical JSON text (:func:`canonical_json` of
+:func:`json_value` of the projected row): the bytes a device receives are the bytes the
+checksum was computed from, and a device re-serializing what it parsed with
+:func:`canonical_json` gets them back.
+
+Concurrency: a store object may be shared between threads; read methods may run in
+several threads at once, and the async methods may be awaited from one event loop.
+Several relay processes may open stores on the same database: readers see the same ops
+and checkpoints; writers serialize their transactions (see the implementation).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Final, Protocol, runtime_checkable
+
+from relay.buckets import OpKind
+from relay.rules import Rules
+
+__all__ = [
+    "CHECKSUM_MODULUS",
+    "ApplyResult",
+    "BucketCheckpoint",
+    "BucketStore",
+    "ChangeKind",
+    "CompactResult",
+    "Op",
+    "OpKind",
+    "OpsPage",
+    "Position",
+    "RowChange",
+    "canonical_json",
+    "checksum_add",
+    "json_value",
+    "row_checksum",
+    "row_key_text",
+]
+
+CHECKSUM_MODULUS: Final = 1 << 64
+
+Position = tuple[int, int]
+"""An event's position ``(commit_lsn, seq)``; positions are unique and totally ordered."""
+
+
+# --------------------------------------------------------------------------- canonical values
+
+
+def json_value(value: Any) -> Any:
+    """A decoded Avro datum as a JSON-compatible value (the form rows are stored and served in).
+
+    ``None``, booleans, integers and strings stay as they are; a finite float stays a float
+    (``NaN``/``Infinity``/``-Infinity`` become those strings); :class:`~decimal.Decimal`
+    becomes its exact text (``"12.50"``); bytes become base64 text; UUIDs their hyphenated
+    text; dates and times ISO 8601 text; lists and mappings are converted element-wise.
+    Dates, times and timestamps decoded from the change events are already integers (days
+    / microseconds, see docs/events.md) and stay integers.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    raise TypeError(f"cannot represent a {type(value).__name__} value as JSON: {value!r:.80}")
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON text of a JSON-compatible value: sorted keys, no spaces, UTF-8 kept."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def row_key_text(key: Sequence[Any]) -> str:
+    """The canonical text of a row's primary-key values: ``canonical_json([json_value(v)...])``."""
+    return canonical_json([json_value(v) for v in key])
+
+
+def row_checksum(table: str, row_key: str, data: Mapping[str, Any]) -> int:
+    """A row's contribution to its bucket's checksum, an unsigned 64-bit integer.
+
+    The first 8 bytes (big-endian) of SHA-256 over the UTF-8 of
+    ``canonical_json([table, row_key, data])``; ``row_key`` is :func:`row_key_text` and
+    ``data`` the row exactly as served (parsed JSON).  Devices compute the same.
+    """
+    text = canonical_json([table, row_key, data])
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def checksum_add(checksum: int, delta: int) -> int:
+    """``(checksum + delta) mod 2**64``; ``delta`` may be negative (a row's removal)."""
+    return (checksum + delta) % CHECKSUM_MODULUS
+
+
+# --------------------------------------------------------------------------- value types
+
+
+class ChangeKind(enum.StrEnum):
+    """What happened to a row (from the envelope's ``op``)."""
+
+    UPSERT = "upsert"  # c insert, u update, r snapshot read: the row now is ``row``
+    DELETE = "delete"  # d
+    TRUNCATE = "truncate"  # t: every row of the table is gone
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RowChange:
+    """One decoded change event, as the engine hands it to the store.
+
+    - UPSERT: ``key`` is the row's (new) key, ``row`` the full new row (decoded Avro
+      values), ``old_key`` the key before the change when an update changed it (else
+      ``None``), ``unchanged`` the columns PostgreSQL did not send (unchanged TOAST; their
+      value in ``row`` is meaningless), ``before`` the old row when the event carried all of
+      it (REPLICA IDENTITY FULL), used to fill ``unchanged`` columns.
+    - DELETE: ``key`` is the deleted row's key; ``row`` is ``None``.
+    - TRUNCATE: ``key`` and ``row`` are ``None``.
+
+    ``origin`` is the envelope's ``source.origin`` (kept for the op log; not interpreted).
+    """
+
+    table: str
+    kind: ChangeKind
+    position: Position
+    key: tuple[Any, ...] | None = None
+    row: Mapping[str, Any] | None = None
+    old_key: tuple[Any, ...] | None = None
+    unchanged: tuple[str, ...] = ()
+    before: Mapping[str, Any] | None = None
+    origin: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Op:
+    """One entry of a bucket's op log.
+
+    ``data_json`` is the projected row as canonical JSON text for ``PUT`` (``None`` for
+    ``REMOVE``); the HTTP layer may embed it verbatim.  ``position`` is the position of the
+    change event that produced the op.
+    """
+
+    op_id: int
+    bucket: str
+    table: str
+    row_key: str
+    kind: OpKind
+    data_json: str | None
+    position: Position
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """The projected row, parsed (``None`` for REMOVE)."""
+        if self.data_json is None:
+            return None
+        parsed: dict[str, Any] = json.loads(self.data_json)
+        return parsed
+
+    @property
+    def key(self) -> list[Any]:
+        """The primary-key values, parsed from ``row_key``."""
+        parsed: list[Any] = json.loads(self.row_key)
+        return parsed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BucketCheckpoint:
+    """A bucket's state: its last op id, row count and checksum (see the module docstring).
+
+    A bucket that never had an op has ``last_op_id == 0``, ``count == 0``, ``checksum == 0``.
+    ``compacted_below``: REMOVE ops with lower ids may have been dropped; a cursor ``c``
+    with ``0 < c < compacted_below`` must re-sync the bucket from 0.
+    """
+
+    bucket: str
+    last_op_id: int
+    count: int
+    checksum: int
+    compacted_below: int = 0
+
+    def needs_resync(self, cursor: int) -> bool:
+        return 0 < cursor < self.compacted_below
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpsPage:
+    """The answer to :meth:`BucketStore.read_ops`, read from one consistent snapshot.
+
+    ``ops``: ops of the requested buckets with ``op_id`` above the bucket's cursor, in
+    ``op_id`` order, at most ``limit``.  ``checkpoints``: every requested bucket's
+    checkpoint.  ``cursors``: each requested bucket's cursor after applying ``ops`` (for a
+    bucket in ``resync``, 0 — the device drops its rows of that bucket and reads again).
+    A bucket is complete in this page when ``cursors[b] == checkpoints[b].last_op_id``;
+    only then may its checksum be compared.  ``has_more``: some bucket is not complete
+    because of ``limit``.  ``head_op_id``: the highest op id (of any bucket) visible in
+    the snapshot; pass it to :meth:`BucketStore.wait_for_change` as ``since_op_id``.
+    """
+
+    ops: tuple[Op, ...]
+    checkpoints: Mapping[str, BucketCheckpoint]
+    cursors: Mapping[str, int]
+    resync: frozenset[str]
+    has_more: bool
+    head_op_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one :meth:`BucketStore.apply` did.
+
+    ``changes``: changes handed in; ``skipped_duplicates``: changes at or below the row's
+    (or table's) last applied position, which changed nothing; ``skipped_errors``: changes
+    that could not be placed (logged with table, key and position); ``ops``: ops written;
+    ``first_op_id``/``last_op_id``: their ids (0 when none); ``buckets``: buckets touched.
+    """
+
+    changes: int
+    skipped_duplicates: int
+    skipped_errors: int
+    ops: int
+    first_op_id: int
+    last_op_id: int
+    buckets: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompactResult:
+    """What one :meth:`BucketStore.compact` did: ops deleted, tombstones dropped, buckets."""
+
+    ops_deleted: int
+    removes_dropped: int
+    buckets: int
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class BucketStore(Protocol):
+    """Per-bucket op logs with checkpoints.  See the module docstring for the model.
+
+    Reading side (device API): :meth:`read_ops`, :meth:`bucket_state`,
+    :meth:`wait_for_change` and their async variants.  Writing side (bucket engine):
+    :meth:`migrate`, :meth:`apply`, :meth:`compact`, offsets.
+    """
+
+    def migrate(self) -> int:
+        """Create or upgrade the store's schema (idempotent); returns the schema version."""
+        ...
+
+    # ---- reading
+
+    def read_ops(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
+        """Ops of the given buckets after their cursors, ordered by op id, at most ``limit``."""
+        ...
+
+    async def read_ops_async(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
+        """:meth:`read_ops` without blocking the event loop."""
+        ...
+
+    def bucket_state(self, buckets: Sequence[str]) -> dict[str, BucketCheckpoint]:
+        """The checkpoint of each bucket (a bucket never written: zeros)."""
+        ...
+
+    async def bucket_state_async(self, buckets: Sequence[str]) -> dict[str, BucketCheckpoint]:
+        """:meth:`bucket_state` without blocking the event loop."""
+        ...
+
+    def wait_for_change(
+        self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
+    ) -> int:
+        """Block until an op with id > ``since_op_id`` in one of ``buckets`` (``None``: any
+        bucket) may have committed, or ``timeout`` seconds passed.  Returns the highest op id
+        known to be committed.  Wake-ups may be spurious; re-read to find out.  Works across
+        relay processes (PostgreSQL LISTEN/NOTIFY)."""
+        ...
+
+    async def wait_for_change_async(
+        self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
+    ) -> int:
+        """:meth:`wait_for_change` for asyncio; many waiters share one listening connection."""
+        ...
+
+    # ---- writing
+
+    def apply(
+        self,
+        rules: Rules,
+        changes: Sequence[RowChange],
+        offsets: Mapping[tuple[str, int], int] | None = None,
+    ) -> ApplyResult:
+        """Place ``changes`` into buckets with ``rules`` and write the ops, in order, in one
+        transaction, together with the consumer ``offsets`` ((topic, partition) → next
+        offset to read).  Changes at or below a row's last applied position change nothing."""
+        ...
+
+    def load_offsets(self) -> dict[tuple[str, int], int]:
+        """The consumer offsets committed with :meth:`apply`: (topic, partition) → next offset."""
+        ...
+
+    def compact(
+        self, bucket: str | None = None, drop_removes_below: int | None = None
+    ) -> CompactResult:
+        """Keep only the latest op per row in ``bucket`` (``None``: every bucket); with
+        ``drop_removes_below``, also drop REMOVE ops with lower ids and raise the buckets'
+        ``compacted_below``.  Checksums and counts do not change."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and listeners."""
+        ...
