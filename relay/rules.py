@@ -211,7 +211,7 @@ class Rules:
                     keep[rule.name, name] = tuple(c for c in info.columns if c in wanted)
         self._by_table = {t: tuple(v) for t, v in by_table.items()}
         self._keep = keep
-        self._schema = {t: schema[t] for t in self._by_table}
+        self._schema = dict(schema)
 
     @property
     def tables(self) -> frozenset[str]:
@@ -222,7 +222,9 @@ class Rules:
         try:
             return self._schema[table]
         except KeyError:
-            raise KeyError(f"{table!r} is in no bucket rule of {self.source}") from None
+            raise KeyError(
+                f"{table!r} is not in the schema the rules of {self.source} were loaded with"
+            ) from None
 
     def key_of(self, table: str, row: Mapping[str, Any]) -> RowKey:
         """The row's primary-key values (:data:`RowKey`)."""
