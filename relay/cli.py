@@ -1,0 +1,200 @@
+"""Relay commands: ``fieldsync token …`` (``token_app``) and ``fieldsync relay …`` (``app``).
+
+Thin typer layer over relay.auth and relay.rules: parse arguments, call the
+library, turn domain errors into exit codes and one-line messages on stderr:
+
+- 0 success; 1 runtime failure (database unreachable); 2 invalid configuration
+  or arguments (the message names the file, key or option at fault).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from relay.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeyStore, issue_token
+from relay.errors import ConfigError, RelayError, RulesError
+from relay.rules import TableInfo, check_rules_file, load_rules
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+token_app = typer.Typer(
+    help="Device tokens (JWT) for the relay's device API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app = typer.Typer(
+    help="relay: per-device buckets, device API, journal intake.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@token_app.callback()
+def _token_group() -> None:
+    """Device tokens (JWT) for the relay's device API."""
+
+
+@app.callback()
+def _relay_group() -> None:
+    """relay: per-device buckets, device API, journal intake."""
+
+
+def _fail(message: object, code: int = EXIT_CONFIG) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+_DURATION = re.compile(r"(\d+)([smhdw]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``24h``, ``7d``, ``2w`` or combinations (``1h30m``) in seconds."""
+    compact = text.strip().lower()
+    pos, total = 0, 0
+    while pos < len(compact):
+        m = _DURATION.match(compact, pos)
+        if m is None:
+            break
+        total += int(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    if not compact or pos != len(compact) or total <= 0:
+        raise ConfigError(f"--ttl {text!r} is not a positive duration (e.g. 3600, 90m, 24h, 7d)")
+    return total
+
+
+def parse_claims(items: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs; a value with commas is a list (``sites=a,b``; ``sites=a,`` is ``["a"]``).
+
+    A name given twice collects its values into a list.  Values are strings.
+    """
+    claims: dict[str, Any] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ConfigError(
+                f"--claim {item!r} is not name=value (e.g. --claim sites=plant-1,plant-3)"
+            )
+        parsed: str | list[str] = (
+            [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+        )
+        if name in claims:
+            before = claims[name]
+            claims[name] = (before if isinstance(before, list) else [before]) + (
+                parsed if isinstance(parsed, list) else [parsed]
+            )
+        else:
+            claims[name] = parsed
+    return claims
+
+
+@token_app.command("issue")
+def token_issue(
+    keys: Annotated[
+        Path, typer.Option("--keys", help="keys file (see config/relay-keys.example.toml)")
+    ],
+    device: Annotated[str, typer.Option("--device", help="device id; becomes the token's sub")],
+    kid: Annotated[
+        str | None, typer.Option("--kid", help="key to sign with (default: the file's current key)")
+    ] = None,
+    claim: Annotated[
+        list[str] | None,
+        typer.Option("--claim", help="claim name=value; a,b makes a list; repeatable"),
+    ] = None,
+    ttl: Annotated[
+        str, typer.Option("--ttl", help="lifetime: seconds or 90m, 24h, 7d, 1h30m")
+    ] = "24h",
+    audience: Annotated[
+        str, typer.Option("--audience", help="aud claim: the relay's configured audience")
+    ] = DEFAULT_AUDIENCE,
+    issuer: Annotated[
+        str, typer.Option("--issuer", help="iss claim: the relay's configured issuer")
+    ] = DEFAULT_ISSUER,
+) -> None:
+    """Issue a signed token for a device and print it on stdout."""
+    try:
+        ttl_s = parse_duration(ttl)
+        claims = parse_claims(claim or [])
+        store = KeyStore.from_file(keys)
+        token = issue_token(store, kid, device, claims, ttl_s, audience=audience, issuer=issuer)
+    except RelayError as exc:
+        raise _fail(exc) from None
+    typer.echo(token)
+
+
+@app.command("check-rules")
+def relay_check_rules(
+    rules: Annotated[
+        Path, typer.Option("--rules", help="rules file (see config/rules.example.toml)")
+    ],
+    schema_from_dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--schema-from-dsn",
+            help="PostgreSQL DSN whose catalog the tables and columns are checked against",
+        ),
+    ] = None,
+) -> None:
+    """Validate a rules file: structure only, or against a database's tables and columns."""
+    try:
+        if schema_from_dsn is None:
+            buckets = check_rules_file(rules)
+            note = " (structure only; pass --schema-from-dsn to check tables and columns)"
+        else:
+            buckets = tuple(
+                load_rules(rules, schema_from_catalog(schema_from_dsn)).buckets.values()
+            )
+            note = ""
+    except RulesError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except RelayError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+    typer.echo(f"ok: {rules}: {len(buckets)} bucket rule(s){note}")
+    for b in buckets:
+        params = (
+            ", ".join(f"{p} <- {c}" for p, c in zip(b.parameters, b.claims, strict=True))
+            or "global"
+        )
+        typer.echo(f"  {b.name} [{params}]: {', '.join(b.tables)}")
+
+
+_CATALOG_QUERY = """
+select n.nspname || '.' || c.relname, a.attname,
+       array_position(i.indkey::int2[], a.attnum) as key_pos
+from pg_class c
+join pg_namespace n on n.oid = c.relnamespace
+join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+left join pg_index i on i.indrelid = c.oid and i.indisprimary
+where c.relkind in ('r', 'p')
+  and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg\\_%'
+order by 1, a.attnum
+"""
+
+
+def schema_from_catalog(dsn: str) -> dict[str, TableInfo]:
+    """Columns and primary keys of every user table, keyed ``schema.table``."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            rows = conn.execute(_CATALOG_QUERY).fetchall()
+    except psycopg.Error as exc:
+        raise RelayError(f"cannot read the catalog: {exc}".strip()) from exc
+    columns: dict[str, list[str]] = {}
+    keys: dict[str, list[tuple[int, str]]] = {}
+    for table, column, key_pos in rows:
+        columns.setdefault(table, []).append(column)
+        if key_pos is not None:
+            keys.setdefault(table, []).append((key_pos, column))
+    return {
+        t: TableInfo(tuple(cols), tuple(c for _, c in sorted(keys.get(t, []))))
+        for t, cols in columns.items()
+    }
