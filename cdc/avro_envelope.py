@@ -33,8 +33,13 @@ everything that changes how a value is read into names: decimal precision/scale 
 special-value enum, so e.g. altering a column from timestamp to timestamptz or from
 numeric(10,2) to numeric(12,4) yields a new fingerprint.
 
-Concurrency: a TableCodec and a SchemaRegistry are not mutated by encoding/decoding and may
-be shared between threads; SchemaRegistry.add is not synchronized.
+Encoding does not use fastavro's writer (its per-datum union resolution cost twice as much
+as everything else): each schema is compiled once into small encoder functions, and tests
+check the bytes against fastavro's.  Decoding uses fastavro.
+
+Concurrency: encoding and decoding change no shared state except a small cache of encoded
+source names (a dict insert, safe under the GIL), so a TableCodec and a SchemaRegistry may be
+shared between threads; SchemaRegistry.add is not synchronized.
 """
 
 from __future__ import annotations
