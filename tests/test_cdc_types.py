@@ -98,3 +98,14 @@ def test_unchanged_toast_is_not_null(pg_dsn: str, kafka_bootstrap: str, topic_pr
     assert ins["after"]["body"] == big
     assert upd["unchanged"] == ["body"] and upd["after"]["n"] == 1
     assert upd_null["unchanged"] == [] and upd_null["after"]["body"] is None
+
+
+def test_unknown_type_falls_back_to_text(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table odd (id int primary key, p point, addr inet, r int4range, tv tsvector)")
+        settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
+        with caplog.at_level("WARNING"), running_daemon(settings):
+            conn.execute("insert into odd values (1, '(1,2)', '10.0.0.1/8', '[1,5)', 'a fat cat')")
+            events = table_events(kafka_bootstrap, topic_prefix, "odd", expect=1)
+    assert events[0]["after"] == {"id": 1, "p": "(1,2)", "addr": "10.0.0.1/8", "r": "[1,5)", "tv": "'a' 'cat' 'fat'"}
+    assert any("point" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"), "a warning names the unmapped type"
