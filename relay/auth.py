@@ -480,7 +480,10 @@ class Authenticator:
         if revocation is not None:
             reason = f": {revocation.reason}" if revocation.reason else ""
             raise DeviceRevoked(f"device {device_id!r} is revoked{reason}")
-        expires = dt.datetime.fromtimestamp(float(payload["exp"]), dt.UTC)
+        try:
+            expires = dt.datetime.fromtimestamp(float(payload["exp"]), dt.UTC)
+        except (OverflowError, ValueError, OSError) as exc:
+            raise TokenMalformed("token exp is not a representable time") from exc
         return DeviceIdentity(device_id, MappingProxyType(payload), key.kid, expires)
 
     def _key_for(self, token: str) -> Key:

@@ -298,6 +298,11 @@ def test_required_claims(auth: Authenticator, claim: str) -> None:
     assert f"'{claim}'" in refused(auth, f"Bearer {t}", TokenMalformed).message
 
 
+def test_absurd_expiry_is_malformed(auth: Authenticator) -> None:
+    t = jwt.encode(valid_payload(exp=10**20), SECRET, algorithm="HS256", headers={"kid": "hs"})
+    refused(auth, f"Bearer {t}", TokenMalformed)
+
+
 @pytest.mark.parametrize("sub", [123, "", "has space", "x" * 129])
 def test_sub_must_be_a_device_id(auth: Authenticator, sub: Any) -> None:
     t = jwt.encode(valid_payload(sub=sub), SECRET, algorithm="HS256", headers={"kid": "hs"})
