@@ -54,7 +54,8 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
-from relay.buckets import OpKind
+from relay.buckets import BucketOp, OpKind, bucket_ops
+from relay.errors import RowError
 from relay.rules import Rules
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "Op",
     "OpKind",
     "OpsPage",
+    "PartitionProgress",
     "Position",
     "RowChange",
     "canonical_json",
@@ -167,7 +169,10 @@ class RowChange:
     - DELETE: ``key`` is the deleted row's key; ``row`` is ``None``.
     - TRUNCATE: ``key`` and ``row`` are ``None``.
 
-    ``origin`` is the envelope's ``source.origin`` (kept for the op log; not interpreted).
+    ``insert`` is true for an insert (op ``c``): a store need not look up the remembered
+    state of an inserted row that lands in no bucket (a live row with that key cannot be
+    remembered, and a re-delivered insert changes nothing either way).  ``origin`` is the
+    envelope's ``source.origin`` (not interpreted).
     """
 
     table: str
@@ -178,7 +183,17 @@ class RowChange:
     old_key: tuple[Any, ...] | None = None
     unchanged: tuple[str, ...] = ()
     before: Mapping[str, Any] | None = None
+    insert: bool = False
     origin: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PartitionProgress:
+    """How far the engine got in one Kafka partition: the next offset to read and the
+    highest position applied from it (events at or below it are duplicates)."""
+
+    next_offset: int
+    position: Position = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,6 +297,227 @@ class CompactResult:
     buckets: int
 
 
+# --------------------------------------------------------------------------- planning (pure)
+
+RowRef = tuple[str, str]
+"""A row's identity in the store: ``(table, row_key)`` with :func:`row_key_text`."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BucketEntry:
+    """A row's membership of one bucket: the id of its latest PUT and its checksum term."""
+
+    bucket: str
+    op_id: int
+    checksum: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RowState:
+    """What the store remembers of a row: the buckets it is in and the last applied position.
+
+    A state with no entries is a *tombstone*: the row was deleted, moved to another key or
+    left every bucket at ``position``; it keeps older events of that key from coming back.
+    """
+
+    entries: tuple[BucketEntry, ...]
+    position: Position
+
+    @property
+    def buckets(self) -> frozenset[str]:
+        return frozenset(e.bucket for e in self.entries)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedOp:
+    """An op to write.  ``op_id`` is ``first_op_id + index`` once ids are allocated."""
+
+    bucket: str
+    table: str
+    row_key: str
+    kind: OpKind
+    data_json: str | None
+    checksum: int  # the row's checksum term for PUT; for REMOVE the term removed
+    position: Position
+
+
+@dataclasses.dataclass
+class BucketDelta:
+    """The net effect of a plan on one bucket."""
+
+    count: int = 0
+    checksum: int = 0  # to add, modulo 2**64
+    last_index: int = -1  # index of the bucket's last op in the plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """The outcome of :func:`plan_changes`: ops in order, new row states, bucket deltas.
+
+    Row states refer to ops by plan index (``BucketEntry.op_id`` is ``-1 - index`` for ops of
+    this plan) until the store knows the first op id: :meth:`resolve` fixes them.
+    """
+
+    ops: list[PlannedOp] = dataclasses.field(default_factory=list)
+    states: dict[RowRef, RowState] = dataclasses.field(default_factory=dict)
+    deltas: dict[str, BucketDelta] = dataclasses.field(default_factory=dict)
+    duplicates: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def resolve(self, first_op_id: int) -> dict[RowRef, RowState]:
+        """The row states with real op ids, given the id of the plan's first op."""
+        out: dict[RowRef, RowState] = {}
+        for ref, state in self.states.items():
+            entries = tuple(
+                dataclasses.replace(e, op_id=first_op_id - 1 - e.op_id) if e.op_id < 0 else e
+                for e in state.entries
+            )
+            out[ref] = RowState(entries, state.position)
+        return out
+
+
+def _checksum_of_json(table: str, row_key: str, data_json: str) -> int:
+    """:func:`row_checksum` of a row whose data is already canonical JSON text."""
+    text = "[" + canonical_json(table) + "," + canonical_json(row_key) + "," + data_json + "]"
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def lookup_refs(rules: Rules, changes: Sequence[RowChange]) -> set[RowRef]:
+    """The rows whose remembered state :func:`plan_changes` needs for ``changes``.
+
+    Every row touched, except inserted rows that land in no bucket (see
+    :attr:`RowChange.insert`) and changes of tables no rule places.
+    """
+    refs: set[RowRef] = set()
+    ruled = rules.tables
+    for c in changes:
+        if c.table not in ruled or c.key is None:
+            continue
+        if c.insert and c.row is not None and not c.unchanged and c.old_key is None:
+            try:
+                if not rules.buckets_for_row(c.table, c.row):
+                    continue
+            except RowError:
+                pass
+        refs.add((c.table, row_key_text(c.key)))
+        if c.old_key is not None:
+            refs.add((c.table, row_key_text(c.old_key)))
+    return refs
+
+
+def plan_changes(
+    rules: Rules,
+    changes: Sequence[RowChange],
+    states: Mapping[RowRef, RowState],
+    truncated: Mapping[str, Position],
+    stored_data: Mapping[RowRef, Mapping[str, Any]] | None = None,
+) -> Plan:
+    """Turn changes (no truncates among them) into bucket ops, in order.  Pure.
+
+    ``states``: the remembered state of (at least) the rows :func:`lookup_refs` names;
+    ``truncated``: per table, the position of its last truncate (events at or below it are
+    stale); ``stored_data``: the last known data of rows whose change carries unchanged
+    (TOAST) columns, to fill those in.  A change at or below the row's remembered position
+    is a duplicate and changes nothing.  A change whose row cannot be placed (a column a
+    rule needs is missing) is skipped and described in :attr:`Plan.errors`.
+    """
+    plan = Plan()
+    current: dict[RowRef, RowState] = dict(states)
+    known = dict(stored_data or {})
+    ruled = rules.tables
+    for c in changes:
+        if c.kind is ChangeKind.TRUNCATE:
+            raise ValueError("plan_changes: truncates are applied by the store, not planned")
+        if c.table not in ruled or c.key is None:
+            continue
+        if c.position <= truncated.get(c.table, (-1, -1)):
+            plan.duplicates += 1
+            continue
+        ref = (c.table, row_key_text(c.key))
+        old_ref = (c.table, row_key_text(c.old_key)) if c.old_key is not None else ref
+        refs = {ref, old_ref}
+        if any((s := current.get(r)) is not None and c.position <= s.position for r in refs):
+            plan.duplicates += 1
+            continue
+        row = _filled_row(c, known.get(old_ref), known.get(ref)) if c.row is not None else None
+        state = current.get(ref)
+        try:
+            ops = bucket_ops(rules, c.table, c.key, state.buckets if state else frozenset(), row)
+        except RowError as exc:
+            plan.errors.append(f"{c.table} key {ref[1]} at position {c.position}: {exc}")
+            continue
+        if c.old_key is not None and old_ref != ref:
+            old = current.get(old_ref)
+            if old is not None:
+                _write(
+                    plan, c, old_ref, old, bucket_ops(rules, c.table, c.old_key, old.buckets, None)
+                )
+                current[old_ref] = plan.states[old_ref] = RowState((), c.position)
+            known.pop(old_ref, None)
+        if state is None and not ops:
+            continue  # never in a bucket and still in none: nothing to remember
+        entries = _write(plan, c, ref, state, ops)
+        current[ref] = plan.states[ref] = RowState(entries, c.position)
+        if row is not None and entries:
+            known[ref] = row
+        else:
+            known.pop(ref, None)
+    return plan
+
+
+def _filled_row(
+    c: RowChange, old_data: Mapping[str, Any] | None, data: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    row = dict(c.row or {})
+    for column in c.unchanged:
+        row.pop(column, None)
+        for source in (c.before, old_data, data):
+            if source is not None and column in source:
+                row[column] = source[column]
+                break
+    return row
+
+
+def _add_op(plan: Plan, op: PlannedOp) -> int:
+    index = len(plan.ops)
+    plan.ops.append(op)
+    delta = plan.deltas.setdefault(op.bucket, BucketDelta())
+    delta.last_index = index
+    if op.kind is OpKind.PUT:
+        delta.count += 1
+        delta.checksum = checksum_add(delta.checksum, op.checksum)
+    else:
+        delta.count -= 1
+        delta.checksum = checksum_add(delta.checksum, -op.checksum)
+    return index
+
+
+def _write(
+    plan: Plan, c: RowChange, ref: RowRef, state: RowState | None, ops: Sequence[BucketOp]
+) -> tuple[BucketEntry, ...]:
+    """Add ``ops`` (from :mod:`relay.buckets`) to the plan; the row's entries afterwards."""
+    old = {e.bucket: e for e in state.entries} if state else {}
+    entries: list[BucketEntry] = []
+    for op in ops:
+        previous = old.get(op.bucket)
+        if op.kind is OpKind.REMOVE:
+            if previous is not None:  # a REMOVE of a row not in the bucket changes nothing
+                _add_op(
+                    plan,
+                    PlannedOp(op.bucket, *ref, OpKind.REMOVE, None, previous.checksum, c.position),
+                )
+            continue
+        data_json = canonical_json(json_value(op.row))
+        term = _checksum_of_json(ref[0], ref[1], data_json)
+        if previous is not None:  # replace: the old term leaves, the row count stays
+            delta = plan.deltas.setdefault(op.bucket, BucketDelta())
+            delta.count -= 1
+            delta.checksum = checksum_add(delta.checksum, -previous.checksum)
+        index = _add_op(plan, PlannedOp(op.bucket, *ref, OpKind.PUT, data_json, term, c.position))
+        entries.append(BucketEntry(op.bucket, -1 - index, term))
+    return tuple(entries)
+
+
 # --------------------------------------------------------------------------- protocol
 
 
@@ -337,15 +573,14 @@ class BucketStore(Protocol):
         self,
         rules: Rules,
         changes: Sequence[RowChange],
-        offsets: Mapping[tuple[str, int], int] | None = None,
+        offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
     ) -> ApplyResult:
         """Place ``changes`` into buckets with ``rules`` and write the ops, in order, in one
-        transaction, together with the consumer ``offsets`` ((topic, partition) → next
-        offset to read).  Changes at or below a row's last applied position change nothing."""
+        transaction, together with the consumer ``offsets`` ((topic, partition) → progress).  Changes at or below a row's last applied position change nothing."""
         ...
 
-    def load_offsets(self) -> dict[tuple[str, int], int]:
-        """The consumer offsets committed with :meth:`apply`: (topic, partition) → next offset."""
+    def load_offsets(self) -> dict[tuple[str, int], PartitionProgress]:
+        """The consumer progress committed with :meth:`apply`: (topic, partition) → progress."""
         ...
 
     def compact(
