@@ -1,0 +1,871 @@
+"""The device API: an ASGI app (FastAPI) serving each device its own buckets.
+
+Endpoints (all under ``/v1`` except the last two; every ``/v1`` call needs
+``Authorization: Bearer <JWT>``, checked by :class:`relay.auth.Authenticator`)::
+
+    GET /v1/schema                           tables and columns this token may see
+    GET /v1/changes?cursor=&limit=&wait=     ops after the cursor (long-poll up to ``wait`` s)
+    GET /v1/checkpoint                       current checkpoint (checksums) of the device's buckets
+    WS  /v1/stream?cursor=                   the same change messages, pushed
+    GET /openapi.json                        OpenAPI description (also /docs)
+    GET /healthz                             liveness and store reachability (no auth)
+
+Protocol (docs/relay.md, "Device API", is the reference for clients):
+
+- A device syncs the buckets its token's claims grant
+  (:meth:`relay.rules.Rules.buckets_for_claims`); no parameter of any request
+  can name another bucket.
+- A *changes message* carries ``ops`` (each ``op_id``, ``bucket``, ``op``
+  ``PUT``/``REMOVE``, ``table``, ``key``, ``data``), the next ``cursor``, a
+  ``checkpoint`` (per bucket ``last_op_id``, ``count``, ``checksum`` as a
+  decimal string, ``complete``; and ``complete`` overall), ``resync`` (buckets
+  the device must empty and read again), ``dropped`` (buckets in the cursor the
+  token no longer grants) and ``has_more``.  A device buffers ops until a
+  message whose ``checkpoint.complete`` is true, then applies them in one
+  transaction and checks every bucket's checksum (relay.bucket_store).
+- The cursor is opaque to clients: :func:`encode_cursor` of the per-bucket
+  op ids (zlib-compressed JSON, base64url, prefixed ``c1.``).  Tampering with
+  it can only make the device re-read or skip its own buckets' ops (then its
+  checksums fail and it re-syncs); it never widens what it may read.
+
+Errors all have the shape of :mod:`relay.api_errors`.  Limits: request body size
+(413, also after gzip request decompression), concurrent connections (503),
+per-device request rate (429 + ``Retry-After``; a WebSocket connection counts
+as one request, and so does each message a client sends on it).
+
+Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker
+threads (``read_ops_async``); long-polls and WebSocket streams wait on the
+store's shared change listener (``wait_for_change_async``), so an idle
+connection holds no thread and no database connection.  :class:`RateLimiter`
+and the connection counter are only touched from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any, Final, Literal
+
+import orjson
+from fastapi import FastAPI, Query, Request, Security, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from relay.api_errors import (
+    ApiError,
+    InvalidCursor,
+    RateLimited,
+    RequestTooLarge,
+    Unavailable,
+    error_response,
+    install_error_handlers,
+    ws_close_code,
+)
+from relay.auth import Authenticator, DeviceIdentity
+from relay.bucket_store import BucketCheckpoint, BucketStore, OpsPage
+from relay.errors import AuthError, DeviceRevoked, RelayError, TokenExpired
+from relay.rules import Rules
+
+log = logging.getLogger("relay.api")
+
+API_VERSION: Final = "v1"
+CURSOR_PREFIX: Final = "c1."
+MAX_CURSOR_CHARS: Final = 65536
+MAX_CURSOR_JSON_BYTES: Final = 1 << 20
+WS_AUTH_TIMEOUT_S: Final = 10.0
+WS_RECHECK_S: Final = 30.0
+"""A WebSocket stream re-checks revocation at least this often while idle."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    """Limits and tuning of the device API (from ``[http]``, see relay/settings.py)."""
+
+    max_body_bytes: int = 1_048_576
+    max_page_ops: int = 5000
+    default_page_ops: int = 1000
+    long_poll_s: float = 30.0
+    rate_per_s: float = 20.0
+    rate_burst: int = 40
+    max_connections: int = 10000
+    gzip_min_bytes: int = 1024
+    gzip_level: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_page_ops", "default_page_ops", "rate_burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ApiConfig.{name} must be >= 1")
+        if self.long_poll_s < 0 or self.rate_per_s < 0:
+            raise ValueError("ApiConfig.long_poll_s and rate_per_s must be >= 0")
+        if not 1 <= self.gzip_level <= 9:
+            raise ValueError("ApiConfig.gzip_level must be 1..9")
+
+    @property
+    def page_default(self) -> int:
+        return min(self.default_page_ops, self.max_page_ops)
+
+
+# --------------------------------------------------------------------------- cursor
+
+
+def encode_cursor(cursors: Mapping[str, int]) -> str:
+    """The opaque cursor for per-bucket op ids (buckets at 0 are left out)."""
+    items = sorted((b, int(n)) for b, n in cursors.items() if n > 0)
+    raw = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode()
+    packed = base64.urlsafe_b64encode(zlib.compress(raw, 6)).rstrip(b"=")
+    return CURSOR_PREFIX + packed.decode("ascii")
+
+
+def decode_cursor(text: str | None) -> dict[str, int]:
+    """Per-bucket op ids from a cursor; ``{}`` for none.  Raises :class:`InvalidCursor`."""
+    if text is None or text == "":
+        return {}
+    if len(text) > MAX_CURSOR_CHARS:
+        raise InvalidCursor(f"cursor is longer than {MAX_CURSOR_CHARS} characters")
+    if not text.startswith(CURSOR_PREFIX):
+        raise InvalidCursor("cursor was not issued by this relay (unknown format)")
+    body = text[len(CURSOR_PREFIX) :]
+    try:
+        packed = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(packed, MAX_CURSOR_JSON_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise InvalidCursor("cursor is truncated or too large")
+        items = json.loads(raw)
+    except (binascii.Error, ValueError, zlib.error) as exc:
+        raise InvalidCursor(f"cursor is corrupt ({type(exc).__name__})") from exc
+    out: dict[str, int] = {}
+    if not isinstance(items, list):
+        raise InvalidCursor("cursor is corrupt (not a list)")
+    for item in items:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], int)
+            or isinstance(item[1], bool)
+            or item[1] < 0
+        ):
+            raise InvalidCursor("cursor is corrupt (bad entry)")
+        out[item[0]] = item[1]
+    return out
+
+
+# --------------------------------------------------------------------------- rate limiting
+
+
+class RateLimiter:
+    """Per-device token buckets: ``rate`` requests/s refill, ``burst`` capacity.
+
+    ``rate == 0`` disables limiting.  Entries of devices idle long enough to be
+    full again are dropped when the table grows, so memory stays bounded by the
+    number of recently active devices.  Not thread-safe: call from one event loop.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._state: dict[str, tuple[float, float]] = {}
+        self._sweep_at = 1024
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def check(self, device_id: str) -> float:
+        """Take one token; returns 0.0 if allowed, else the seconds until one is available."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        tokens, last = self._state.get(device_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._state[device_id] = (tokens - 1.0, now)
+            if len(self._state) > self._sweep_at:
+                self._sweep(now)
+            return 0.0
+        self._state[device_id] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def _sweep(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        self._state = {d: s for d, s in self._state.items() if now - s[1] < full_after}
+        self._sweep_at = max(1024, 2 * len(self._state))
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def visible_schema(rules: Rules, buckets: Sequence[str]) -> dict[str, Any]:
+    """The tables and columns a device syncing ``buckets`` receives (schema endpoint body).
+
+    Per table: its columns in table order (the union over the device's bucket
+    rules of each rule's projection; key columns always), its primary key, and
+    the rules through which the device gets rows of it.
+    """
+    rule_names = sorted({rules.rule_of_bucket(b).name for b in buckets})
+    columns: dict[str, set[str]] = {}
+    via: dict[str, list[str]] = {}
+    for name in rule_names:
+        for table in rules.buckets[name].tables:
+            info = rules.table_info(table)
+            probe = dict.fromkeys(info.columns)
+            columns.setdefault(table, set()).update(rules.project(table, name, probe))
+            via.setdefault(table, []).append(name)
+    tables = []
+    for table in sorted(columns):
+        info = rules.table_info(table)
+        tables.append(
+            {
+                "name": table,
+                "columns": [c for c in info.columns if c in columns[table]],
+                "key": list(info.key),
+                "rules": via[table],
+            }
+        )
+    return {"tables": tables, "buckets": sorted(buckets)}
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def checkpoint_json(checkpoints: Mapping[str, BucketCheckpoint]) -> dict[str, Any]:
+    return {
+        "buckets": {
+            b: {"last_op_id": cp.last_op_id, "count": cp.count, "checksum": str(cp.checksum)}
+            for b, cp in sorted(checkpoints.items())
+        }
+    }
+
+
+def changes_message(page: OpsPage, dropped: Sequence[str]) -> dict[str, Any]:
+    """The changes message for a page read from the store (ops embedded as JSON fragments)."""
+    ops = [
+        {
+            "op_id": op.op_id,
+            "bucket": op.bucket,
+            "op": op.kind.value,
+            "table": op.table,
+            "key": orjson.Fragment(op.row_key),
+            "data": orjson.Fragment(op.data_json) if op.data_json is not None else None,
+        }
+        for op in page.ops
+    ]
+    buckets: dict[str, Any] = {}
+    complete = True
+    for b, cp in sorted(page.checkpoints.items()):
+        done = b not in page.resync and page.cursors.get(b, 0) >= cp.last_op_id
+        complete = complete and done
+        buckets[b] = {
+            "last_op_id": cp.last_op_id,
+            "count": cp.count,
+            "checksum": str(cp.checksum),
+            "complete": done,
+        }
+    return {
+        "type": "changes",
+        "ops": ops,
+        "cursor": encode_cursor(page.cursors),
+        "checkpoint": {"complete": complete and not page.has_more, "buckets": buckets},
+        "resync": sorted(page.resync),
+        "dropped": list(dropped),
+        "has_more": page.has_more,
+    }
+
+
+def dumps(message: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+class OrjsonResponse(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+# ---- OpenAPI models (documentation of the shapes above; responses are built by hand)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. token_expired")
+    message: str = Field(description="for people; never contains the token")
+    status: int = Field(description="the HTTP status")
+
+
+class ErrorMessage(BaseModel):
+    error: ErrorDetail
+
+
+class OpModel(BaseModel):
+    op_id: int = Field(description="store-wide op id; ordered within a bucket")
+    bucket: str
+    op: Literal["PUT", "REMOVE"]
+    table: str = Field(description="schema.table")
+    key: list[Any] = Field(description="primary-key values in key-column order")
+    data: dict[str, Any] | None = Field(
+        description="PUT: the row as the bucket's rule projects it (canonical JSON); REMOVE: null"
+    )
+
+
+class BucketCheckpointModel(BaseModel):
+    last_op_id: int
+    count: int = Field(description="rows in the bucket")
+    checksum: str = Field(
+        description="sum mod 2**64 of row_checksum over the bucket's rows, decimal text"
+    )
+    complete: bool = Field(
+        default=True, description="the message's ops bring the bucket up to last_op_id"
+    )
+
+
+class CheckpointModel(BaseModel):
+    complete: bool = Field(
+        default=True, description="every bucket is complete: apply the buffered ops now"
+    )
+    buckets: dict[str, BucketCheckpointModel]
+
+
+class ChangesMessage(BaseModel):
+    type: Literal["changes"] = "changes"
+    ops: list[OpModel]
+    cursor: str = Field(description="opaque; send it back as ?cursor= to continue")
+    checkpoint: CheckpointModel
+    resync: list[str] = Field(description="buckets to empty and read again from scratch")
+    dropped: list[str] = Field(description="buckets the token no longer grants: delete their rows")
+    has_more: bool = Field(description="more ops are waiting: ask again at once")
+
+
+class TableModel(BaseModel):
+    name: str
+    columns: list[str]
+    key: list[str]
+    rules: list[str]
+
+
+class SchemaMessage(BaseModel):
+    tables: list[TableModel]
+    buckets: list[str]
+
+
+class HealthMessage(BaseModel):
+    status: Literal["ok", "degraded"]
+    store: Literal["ok", "unreachable"]
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorMessage} for s in (400, 401, 403, 413, 422, 429, 500, 503)
+}
+
+
+# --------------------------------------------------------------------------- limits middleware
+
+
+class LimitsMiddleware:
+    """Connection count (503) and request body size (413) limits; gzip request bodies.
+
+    A request with ``Content-Encoding: gzip`` is decompressed here, and the
+    limit applies to the decompressed size.  Errors use the one error shape.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_connections: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.max_connections = max_connections
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_connections:
+            await self._refuse(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            if scope["type"] == "http":
+                await self._http(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            503,
+            "unavailable",
+            f"the relay holds its maximum of {self.max_connections} connections; retry later",
+            {"Retry-After": "5"},
+        )
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await receive()  # websocket.connect
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 503,
+                    "headers": response.raw_headers,
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": response.body})
+        else:
+            await receive()
+            await send({"type": "websocket.close", "code": 1013})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.lower(): v for k, v in scope.get("headers", ())}
+        length = headers.get(b"content-length")
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await error_response(400, "bad_request", "Content-Length is not a number")(
+                    scope, receive, send
+                )
+                return
+            if encoding == b"identity" and declared > self.max_body:
+                await self._too_large(scope, receive, send)
+                return
+        if encoding not in (b"identity", b"gzip"):
+            await error_response(
+                400,
+                "bad_request",
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip)",
+            )(scope, receive, send)
+            return
+        body_reader = _BodyReader(receive, self.max_body, gzip=encoding == b"gzip")
+        if encoding == b"gzip":
+            scope = dict(scope)
+            scope["headers"] = [
+                (k, v)
+                for k, v in scope["headers"]
+                if k.lower() not in (b"content-encoding", b"content-length")
+            ]
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, body_reader.receive, send_wrapper)
+        except _BodyLimitExceeded as exc:
+            if started:
+                raise
+            if exc.status == 413:
+                await self._too_large(scope, receive, send)
+            else:
+                await error_response(400, "bad_request", exc.message)(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = RequestTooLarge(self.max_body)
+        await JSONResponse(err.to_dict(), status_code=413, headers={"Connection": "close"})(
+            scope, receive, send
+        )
+
+
+class _BodyLimitExceeded(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _BodyReader:
+    """Wraps ``receive``: counts (decompressed) body bytes, stops past the limit."""
+
+    def __init__(self, receive: Receive, limit: int, gzip: bool) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._seen = 0
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request":
+            return message
+        body: bytes = message.get("body", b"")
+        if self._inflate is not None:
+            try:
+                body = self._inflate.decompress(body, self._limit - self._seen + 1)
+                if self._inflate.unconsumed_tail:
+                    raise _BodyLimitExceeded(413, "too large")
+                if not message.get("more_body", False) and not self._inflate.eof:
+                    raise _BodyLimitExceeded(400, "gzip request body is truncated")
+            except zlib.error as exc:
+                raise _BodyLimitExceeded(400, f"gzip request body is corrupt: {exc}") from exc
+        self._seen += len(body)
+        if self._seen > self._limit:
+            raise _BodyLimitExceeded(413, "too large")
+        return {**message, "body": body}
+
+
+# --------------------------------------------------------------------------- the app
+
+
+@dataclasses.dataclass
+class ApiState:
+    """What the endpoints share: set once in :func:`create_app`."""
+
+    store: BucketStore
+    rules: Rules
+    authenticator: Authenticator
+    config: ApiConfig
+    limiter: RateLimiter
+
+
+def _granted(state: ApiState, identity: DeviceIdentity) -> list[str]:
+    return sorted(state.rules.buckets_for_claims(identity.claims))
+
+
+async def _read_page(state: ApiState, cursors: Mapping[str, int], limit: int) -> OpsPage:
+    try:
+        return await state.store.read_ops_async(cursors, limit)
+    except RelayError as exc:
+        log.warning("bucket store read failed: %s", exc)
+        raise Unavailable("the bucket store cannot be read right now; retry shortly") from exc
+
+
+async def next_changes(
+    state: ApiState,
+    buckets: Sequence[str],
+    cursors: Mapping[str, int],
+    limit: int,
+    wait_s: float,
+    wait_always: bool,
+) -> OpsPage:
+    """Read the next page for ``buckets``; if there is nothing new, wait up to ``wait_s``.
+
+    "Nothing new": no ops, no resync and no cursor moved.  Unless ``wait_always``,
+    a first read (empty ``cursors``) returns at once so the device gets a checkpoint.
+    """
+    wanted = {b: cursors.get(b, 0) for b in buckets}
+    deadline = time.monotonic() + wait_s
+    while True:
+        page = await _read_page(state, wanted, limit)
+        nothing_new = not page.ops and not page.resync and dict(page.cursors) == wanted
+        if not nothing_new or (not cursors and not wait_always):
+            return page
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not buckets:
+            return page
+        try:
+            await state.store.wait_for_change_async(list(buckets), page.head_op_id, remaining)
+        except RelayError as exc:
+            log.warning("bucket store change wait failed: %s", exc)
+            return page
+
+
+def create_app(
+    store: BucketStore,
+    rules: Rules,
+    authenticator: Authenticator,
+    config: ApiConfig | None = None,
+) -> FastAPI:
+    """The device API app.  ``store`` is read-only here; the caller owns and closes it."""
+    cfg = config or ApiConfig()
+    state = ApiState(store, rules, authenticator, cfg, RateLimiter(cfg.rate_per_s, cfg.rate_burst))
+    app = FastAPI(
+        title="fieldsync relay: device API",
+        version=API_VERSION,
+        description=(
+            "Each device reads the buckets its bearer token grants. "
+            'Every error has the shape {"error": {"code", "message", "status"}}. '
+            "See docs/relay.md, section Device API."
+        ),
+        default_response_class=OrjsonResponse,
+    )
+    app.state.api = state
+    install_error_handlers(app)
+    bearer = HTTPBearer(auto_error=False, description="a device token (JWT)")
+
+    async def identity(
+        request: Request, _: Annotated[Any, Security(bearer)] = None
+    ) -> DeviceIdentity:
+        who = authenticator.authenticate(request.headers.get("authorization"))
+        wait = state.limiter.check(who.device_id)
+        if wait > 0:
+            raise RateLimited(who.device_id, wait)
+        return who
+
+    Device = Annotated[DeviceIdentity, Security(identity)]
+
+    @app.get("/healthz", response_model=HealthMessage, tags=["ops"])
+    async def healthz() -> Response:
+        """Liveness; ``store`` tells whether the bucket store answered a trivial read."""
+        try:
+            await asyncio.wait_for(store.bucket_state_async([]), 5.0)
+            return OrjsonResponse({"status": "ok", "store": "ok"})
+        except (RelayError, TimeoutError):
+            return OrjsonResponse({"status": "degraded", "store": "unreachable"}, 503)
+
+    @app.get(
+        f"/{API_VERSION}/schema", response_model=SchemaMessage, responses=_ERRORS, tags=["device"]
+    )
+    async def schema(device: Device) -> Response:
+        """Tables and columns this token may see, with primary keys, and the granted buckets."""
+        return OrjsonResponse(visible_schema(rules, _granted(state, device)))
+
+    @app.get(
+        f"/{API_VERSION}/changes", response_model=ChangesMessage, responses=_ERRORS, tags=["device"]
+    )
+    async def changes(
+        device: Device,
+        cursor: Annotated[
+            str | None,
+            Query(
+                max_length=MAX_CURSOR_CHARS, description="from the previous message; omit to start"
+            ),
+        ] = None,
+        limit: Annotated[
+            int | None, Query(ge=1, description=f"most ops (at most {cfg.max_page_ops})")
+        ] = None,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0, description=f"seconds to wait when nothing is new (at most {cfg.long_poll_s})"
+            ),
+        ] = 0.0,
+    ) -> Response:
+        """Ops of the device's buckets after ``cursor``, with the checkpoint they lead to."""
+        have = decode_cursor(cursor)
+        buckets = _granted(state, device)
+        page = await next_changes(
+            state,
+            buckets,
+            have,
+            min(limit or cfg.page_default, cfg.max_page_ops),
+            min(wait, cfg.long_poll_s),
+            wait_always=cursor is not None,
+        )
+        dropped = sorted(set(have) - set(buckets))
+        return Response(dumps(changes_message(page, dropped)), media_type="application/json")
+
+    @app.get(
+        f"/{API_VERSION}/checkpoint",
+        response_model=CheckpointModel,
+        responses=_ERRORS,
+        tags=["device"],
+    )
+    async def checkpoint(device: Device) -> Response:
+        """The current checkpoint of every bucket the token grants (to verify what a device holds)."""
+        buckets = _granted(state, device)
+        try:
+            cps = await store.bucket_state_async(buckets)
+        except RelayError as exc:
+            raise Unavailable("the bucket store cannot be read right now; retry shortly") from exc
+        body = checkpoint_json(cps)
+        body["complete"] = True
+        return OrjsonResponse(body)
+
+    @app.websocket(f"/{API_VERSION}/stream")
+    async def stream(websocket: WebSocket) -> None:
+        await _stream(state, websocket)
+
+    _document_stream(app)
+    app.add_middleware(
+        GZipMiddleware, minimum_size=cfg.gzip_min_bytes, compresslevel=cfg.gzip_level
+    )
+    app.add_middleware(
+        LimitsMiddleware, max_body_bytes=cfg.max_body_bytes, max_connections=cfg.max_connections
+    )
+    return app
+
+
+def _document_stream(app: FastAPI) -> None:
+    """OpenAPI has no WebSocket operations: describe ``/v1/stream`` as a GET upgrade."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = original()
+        spec.setdefault("paths", {})[f"/{API_VERSION}/stream"] = {
+            "get": {
+                "tags": ["device"],
+                "summary": "WebSocket push of changes messages",
+                "description": (
+                    "Upgrade to a WebSocket. Authenticate with the Authorization header, a "
+                    '`token` query parameter, or a first message {"token": "...", '
+                    '"cursor": "..."} within 10 s. The server then sends changes messages '
+                    "(the /v1/changes body) whenever the device's buckets change; errors are "
+                    "sent as the error shape and the socket is closed with 4000+status "
+                    "(4401, 4403, 4429, ...)."
+                ),
+                "parameters": [
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {"101": {"description": "switching to the WebSocket protocol"}},
+            }
+        }
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+async def _ws_error(websocket: WebSocket, exc: AuthError | ApiError) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.send_bytes(dumps(exc.to_dict()))
+    with contextlib.suppress(Exception):
+        await websocket.close(ws_close_code(exc.status), exc.code[:120])
+
+
+async def _ws_hello(state: ApiState, websocket: WebSocket) -> tuple[DeviceIdentity, str | None]:
+    """Authenticate: header, ``token`` query parameter, or a first message ``{token, cursor}``."""
+    cursor = websocket.query_params.get("cursor")
+    header = websocket.headers.get("authorization")
+    if header is not None:
+        return state.authenticator.authenticate(header), cursor
+    token = websocket.query_params.get("token")
+    if token:
+        return state.authenticator.verify(token), cursor
+    try:
+        first = await asyncio.wait_for(websocket.receive(), WS_AUTH_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(401, "token_missing", "no token within 10 s of connecting") from None
+    if first["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(first.get("code", 1000))
+    text = first.get("text") or (first.get("bytes") or b"").decode("utf-8", "replace")
+    try:
+        hello = json.loads(text)
+    except ValueError:
+        hello = None
+    if not isinstance(hello, dict) or not isinstance(hello.get("token"), str):
+        raise ApiError(
+            401, "token_missing", 'first message must be {"token": "<jwt>", "cursor": "..."}'
+        )
+    given = hello.get("cursor", cursor)
+    if given is not None and not isinstance(given, str):
+        raise InvalidCursor("cursor must be a string")
+    return state.authenticator.verify(hello["token"]), given
+
+
+async def _stream(state: ApiState, websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        who, cursor_text = await _ws_hello(state, websocket)
+        wait = state.limiter.check(who.device_id)
+        if wait > 0:
+            raise RateLimited(who.device_id, wait)
+        have = decode_cursor(cursor_text)
+    except (AuthError, ApiError) as exc:
+        await _ws_error(websocket, exc)
+        return
+    except WebSocketDisconnect:
+        return
+    reader = asyncio.create_task(_ws_reader(state, websocket, who))
+    try:
+        await _ws_pump(state, websocket, who, have, reader)
+    except (AuthError, ApiError) as exc:
+        await _ws_error(websocket, exc)
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("WebSocket stream of device %r failed", who.device_id)
+        await _ws_error(websocket, ApiError(500, "internal_error", "internal error"))
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+
+
+async def _ws_reader(state: ApiState, websocket: WebSocket, who: DeviceIdentity) -> None:
+    """Drain client messages (rate-limited); returns when the client disconnects."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        wait = state.limiter.check(who.device_id)
+        if wait > 0:
+            raise RateLimited(who.device_id, wait)
+
+
+async def _ws_pump(
+    state: ApiState,
+    websocket: WebSocket,
+    who: DeviceIdentity,
+    have: dict[str, int],
+    reader: asyncio.Task[None],
+) -> None:
+    buckets = _granted(state, who)
+    cfg = state.config
+    dropped = sorted(set(have) - set(buckets))
+    cursors = {b: have.get(b, 0) for b in buckets}
+    first = True
+    iat = float(who.claims.get("iat", 0))
+    while True:
+        if reader.done():
+            reader.result()  # re-raises RateLimited
+            return
+        left = who.expires_at.timestamp() + state.authenticator.leeway_s - time.time()
+        if left <= 0:
+            raise TokenExpired("token has expired; reconnect with a fresh token")
+        revocation = state.authenticator.revoked.revocation_for(who.device_id, iat)
+        if revocation is not None:
+            reason = f": {revocation.reason}" if revocation.reason else ""
+            raise DeviceRevoked(f"device {who.device_id!r} is revoked{reason}")
+        page = await _await_or_reader(
+            next_changes(
+                state,
+                buckets,
+                cursors if not first else have,
+                cfg.max_page_ops,
+                0.0 if first else min(left, WS_RECHECK_S),
+                wait_always=not first,
+            ),
+            reader,
+        )
+        if page is None:
+            continue
+        if first or page.ops or page.resync or dict(page.cursors) != cursors:
+            await websocket.send_bytes(dumps(changes_message(page, dropped)))
+            dropped = []
+        cursors = dict(page.cursors)
+        first = False
+
+
+async def _await_or_reader(work: Awaitable[OpsPage], reader: asyncio.Task[None]) -> OpsPage | None:
+    """``work``'s result, or ``None`` if the reader task ended first (disconnect, rate limit)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
