@@ -40,8 +40,6 @@ connection holds no thread and no database connection.  :class:`RateLimiter`
 and the connection counter are only touched from the event loop.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
@@ -740,7 +738,7 @@ def _document_stream(app: FastAPI) -> None:
 
 async def _ws_error(websocket: WebSocket, exc: AuthError | ApiError) -> None:
     with contextlib.suppress(Exception):
-        await websocket.send_bytes(dumps(exc.to_dict()))
+        await websocket.send_text(dumps(exc.to_dict()).decode())
     with contextlib.suppress(Exception):
         await websocket.close(ws_close_code(exc.status), exc.code[:120])
 
@@ -853,7 +851,7 @@ async def _ws_pump(
         if page is None:
             continue
         if first or page.ops or page.resync or dict(page.cursors) != cursors:
-            await websocket.send_bytes(dumps(changes_message(page, dropped)))
+            await websocket.send_text(dumps(changes_message(page, dropped)).decode())
             dropped = []
         cursors = dict(page.cursors)
         first = False
