@@ -274,9 +274,9 @@ class ChangeAssembler:
             case m.Insert():
                 return self._change("c", msg.relation_oid, None, msg.new, lsn)
             case m.Update():
-                return self._change("u", msg.relation_oid, msg.old, msg.new, lsn)
+                return self._change("u", msg.relation_oid, msg.old, msg.new, lsn, msg.old_kind)
             case m.Delete():
-                return self._change("d", msg.relation_oid, msg.old, None, lsn)
+                return self._change("d", msg.relation_oid, msg.old, None, lsn, msg.old_kind)
             case m.Truncate():
                 return self._truncate(msg, lsn)
             case (
@@ -316,14 +316,25 @@ class ChangeAssembler:
         )
 
     def _change(
-        self, op: str, oid: int, before: m.TupleData | None, after: m.TupleData | None, lsn: int
+        self,
+        op: str,
+        oid: int,
+        before: m.TupleData | None,
+        after: m.TupleData | None,
+        lsn: int,
+        old_kind: m.OldTupleKind | None = None,
     ) -> list[Out]:
         st = self.table(oid, lsn)
         txn, seq, skip = self._next_seq(lsn)
         if skip:
             return []
         key, value = st.codec.encode_change(
-            op, before, after, self._source(st, txn, seq, lsn), self.clock_us()
+            op,
+            before,
+            after,
+            self._source(st, txn, seq, lsn),
+            self.clock_us(),
+            before_kind="full" if old_kind == m.OldTupleKind.FULL else "key",
         )
         out: list[Out] = []
         if st.pending_schemas:

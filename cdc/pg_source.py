@@ -35,6 +35,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.errors import PreflightError, ReplicationLost, SourceError, format_lsn, parse_lsn
+from cdc.pg_types import SESSION_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,19 @@ class SlotInfo:
     created: bool
 
 
+def session_options(dsn: str) -> str:
+    """libpq ``options`` for the session settings the text parsers rely on, after the DSN's own."""
+    try:
+        existing = psycopg.conninfo.conninfo_to_dict(dsn).get("options") or ""
+    except psycopg.ProgrammingError:
+        existing = ""
+    ours = " ".join(f"-c {k}={v.replace(' ', '')}" for k, v in SESSION_SETTINGS.items())
+    return f"{existing} {ours}".strip()
+
+
 def connect(dsn: str, password: str | None = None, replication: bool = False, **kw: Any) -> psycopg.Connection[Any]:
     extra: dict[str, Any] = {"autocommit": True, "connect_timeout": 10, **kw}
+    extra["options"] = session_options(dsn)
     if password:
         extra["password"] = password
     if replication:

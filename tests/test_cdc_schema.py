@@ -45,7 +45,8 @@ def test_replica_identities(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
     assert d[2]["before"]["id"] == 1 and d[2]["after"]["id"] == 10 and d[2]["_key"] == {"id": 10}
     assert d[3]["before"]["id"] == 10 and d[3]["before"]["v"] is None and d[3]["_key"] == {"id": 10}
     # FULL: whole before images, key is still the primary key only
-    assert f[1]["before"] == {"id": 1, "v": "a", "w": 1}
+    assert f[1]["before"] == {"id": 1, "v": "a", "w": 1} and f[1]["before_kind"] == "full"
+    assert d[3]["before_kind"] == "key"
     assert f[3]["before"] == {"id": 10, "v": "a", "w": 2}
     assert all(e["_key"] in ({"id": 1}, {"id": 10}) for e in f)
     # USING INDEX: key = the identity index columns (no primary key)
