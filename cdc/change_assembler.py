@@ -337,21 +337,17 @@ class ChangeAssembler:
             before_kind="full" if old_kind == m.OldTupleKind.FULL else "key",
         )
         out: list[Out] = []
+        self._emit(out, st, txn, seq, key, value)
+        return out
+
+    @staticmethod
+    def _emit(out: list[Out], st: TableState, txn: _Txn, seq: int, key: bytes | None, value: bytes) -> None:
+        """Append the table's not yet published schemas, then the event at (commit_lsn, seq)."""
         if st.pending_schemas:
             out.extend(st.pending_schemas)
             st.pending_schemas = []
-        out.append(
-            OutEvent(
-                st.topic,
-                key,
-                value,
-                txn.commit_lsn,
-                seq,
-                [(POSITION_HEADER, position_header(txn.commit_lsn, seq))],
-                txn.commit_ts_us,
-            )
-        )
-        return out
+        header = [(POSITION_HEADER, position_header(txn.commit_lsn, seq))]
+        out.append(OutEvent(st.topic, key, value, txn.commit_lsn, seq, header, txn.commit_ts_us))
 
     def _truncate(self, msg: m.Truncate, lsn: int) -> list[Out]:
         out: list[Out] = []
@@ -361,20 +357,7 @@ class ChangeAssembler:
             if skip:
                 continue
             value = st.codec.encode_truncate(self._source(st, txn, seq, lsn), self.clock_us())
-            if st.pending_schemas:
-                out.extend(st.pending_schemas)
-                st.pending_schemas = []
-            out.append(
-                OutEvent(
-                    st.topic,
-                    None,
-                    value,
-                    txn.commit_lsn,
-                    seq,
-                    [(POSITION_HEADER, position_header(txn.commit_lsn, seq))],
-                    txn.commit_ts_us,
-                )
-            )
+            self._emit(out, st, txn, seq, None, value)
         return out
 
     @property
