@@ -166,6 +166,28 @@ def relay_check_rules(
         typer.echo(f"  {b.name} [{params}]: {', '.join(b.tables)}")
 
 
+@app.command("run")
+def relay_run(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="relay settings file (TOML; see docs/relay.md)"),
+    ] = None,
+    engine: Annotated[
+        bool,
+        typer.Option("--engine/--no-engine", help="also run the bucket engine (leader-elected)"),
+    ] = True,
+) -> None:
+    """Run the relay: the device API (HTTP + WebSocket) and the bucket engine."""
+    from relay import server
+
+    try:
+        server.run(config, run_engine=engine)
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    except RelayError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+
+
 _CATALOG_QUERY = """
 select n.nspname || '.' || c.relname, a.attname,
        array_position(i.indkey::int2[], a.attnum) as key_pos

@@ -6,6 +6,10 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -525,3 +530,76 @@ def test_ws_closes_when_token_expires(env: Env, client: TestClient) -> None:
             with pytest.raises(WebSocketDisconnect) as info:
                 ws.receive_text()
             assert info.value.code == 4401
+
+
+# --------------------------------------------------------------------------- fieldsync relay run
+
+
+def test_relay_run_serves_and_stops_cleanly(pg_dsn: str, tmp_path: Path) -> None:
+    """`fieldsync relay run --no-engine`: serves the API, masks tokens in logs, exits 0 on SIGTERM."""
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "create table work_orders (id bigint primary key, site text, technician text, "
+            "status text, due date, cost numeric, notes text, updated_at timestamptz)"
+        )
+        conn.execute(
+            "create table parts (id text primary key, name text, unit text, discontinued bool)"
+        )
+        conn.execute(
+            "create table site_stock (site text, part_id text, qty int, primary key (site, part_id))"
+        )
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"s" * 40}"\n')
+    keys.chmod(0o600)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[relay]\nstore_dsn = "{pg_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{EXAMPLE_RULES}"\n'
+        f'[http]\nport = 0\n[auth]\nkeys_file = "{keys}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cdc.cli", "relay", "run", "--config", str(config), "--no-engine"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        port = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not port:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"device API listening on http://[^:]+:(\d+)", line)
+            port = int(m.group(1)) if m else 0
+        assert port, "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        token = issue_token(KeyStore.from_file(keys), None, "tab-1", {"technician": "t1"}, 600)
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+        r = httpx.get(f"{base}/v1/changes", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["checkpoint"]["complete"]
+        r = httpx.get(f"{base}/v1/changes", params={"token": token})
+        assert r.status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        lines.append(out)
+    log_text = "".join(lines)
+    assert proc.returncode == 0, log_text
+    assert token not in log_text and "token=***" in log_text
+
+
+def test_relay_run_config_error_exit_code(tmp_path: Path) -> None:
+
+    config = tmp_path / "relay.toml"
+    config.write_text('[http]\nport = "x"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "cdc.cli", "relay", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "http.port" in r.stderr
