@@ -50,7 +50,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import orjson
 from fastapi import FastAPI, Query, Request, Security, WebSocket, WebSocketDisconnect
@@ -76,6 +76,7 @@ from relay.errors import AuthError, DeviceRevoked, RelayError, TokenExpired
 from relay.rules import Rules
 
 log = logging.getLogger("relay.api")
+_T = TypeVar("_T")
 
 API_VERSION: Final = "v1"
 CURSOR_PREFIX: Final = "c1."
@@ -820,44 +821,66 @@ async def _ws_pump(
     have: dict[str, int],
     reader: asyncio.Task[None],
 ) -> None:
+    """Send the first page at once, then a message whenever the device's buckets change.
+
+    While up to date the stream only waits on the store's change listener: no
+    read happens until a wake-up, so idle connections cost no database work.
+    The token's expiry and the revocation list are re-checked at least every
+    :data:`WS_RECHECK_S` seconds.
+    """
     buckets = _granted(state, who)
-    cfg = state.config
+    limit = state.config.max_page_ops
     dropped = sorted(set(have) - set(buckets))
     cursors = {b: have.get(b, 0) for b in buckets}
-    first = True
-    iat = float(who.claims.get("iat", 0))
+    page = await _read_page(state, cursors, limit)
+    await websocket.send_text(dumps(changes_message(page, dropped)).decode())
     while True:
-        if reader.done():
-            reader.result()  # re-raises RateLimited
-            return
-        left = who.expires_at.timestamp() + state.authenticator.leeway_s - time.time()
-        if left <= 0:
-            raise TokenExpired("token has expired; reconnect with a fresh token")
-        revocation = state.authenticator.revoked.revocation_for(who.device_id, iat)
-        if revocation is not None:
-            reason = f": {revocation.reason}" if revocation.reason else ""
-            raise DeviceRevoked(f"device {who.device_id!r} is revoked{reason}")
-        page = await _await_or_reader(
-            next_changes(
-                state,
-                buckets,
-                cursors if not first else have,
-                cfg.max_page_ops,
-                0.0 if first else min(left, WS_RECHECK_S),
-                wait_always=not first,
-            ),
-            reader,
-        )
-        if page is None:
-            continue
-        if first or page.ops or page.resync or dict(page.cursors) != cursors:
-            await websocket.send_text(dumps(changes_message(page, dropped)).decode())
-            dropped = []
         cursors = dict(page.cursors)
-        first = False
+        if not page.has_more:
+            left = _check_token(state, who)
+            woke = await _await_or_reader(
+                _woken(state, buckets, page.head_op_id, min(left, WS_RECHECK_S)), reader
+            )
+            if woke is None:
+                reader.result()  # re-raises RateLimited; returns on disconnect
+                return
+            if not woke:
+                continue
+        elif reader.done():
+            reader.result()
+            return
+        page = await _read_page(state, cursors, limit)
+        if page.ops or page.resync or dict(page.cursors) != cursors:
+            await websocket.send_text(dumps(changes_message(page, [])).decode())
 
 
-async def _await_or_reader(work: Awaitable[OpsPage], reader: asyncio.Task[None]) -> OpsPage | None:
+def _check_token(state: ApiState, who: DeviceIdentity) -> float:
+    """Seconds the token stays valid; raises if it expired or the device was revoked."""
+    left = who.expires_at.timestamp() + state.authenticator.leeway_s - time.time()
+    if left <= 0:
+        raise TokenExpired("token has expired; reconnect with a fresh token")
+    revocation = state.authenticator.revoked.revocation_for(
+        who.device_id, float(who.claims.get("iat", 0))
+    )
+    if revocation is not None:
+        reason = f": {revocation.reason}" if revocation.reason else ""
+        raise DeviceRevoked(f"device {who.device_id!r} is revoked{reason}")
+    return left
+
+
+async def _woken(state: ApiState, buckets: Sequence[str], since: int, timeout: float) -> bool:
+    """Wait for a change of ``buckets`` after op ``since``; False when ``timeout`` passed."""
+    start = time.monotonic()
+    try:
+        await state.store.wait_for_change_async(list(buckets), since, timeout)
+    except RelayError as exc:
+        log.warning("bucket store change wait failed: %s", exc)
+        await asyncio.sleep(min(timeout, 1.0))
+        return True
+    return time.monotonic() - start < timeout
+
+
+async def _await_or_reader(work: Awaitable[_T], reader: asyncio.Task[None]) -> _T | None:
     """``work``'s result, or ``None`` if the reader task ended first (disconnect, rate limit)."""
     task = asyncio.ensure_future(work)
     done, _ = await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
