@@ -96,6 +96,42 @@ def _kafka_errors() -> tuple[type[BaseException], ...]:
     return (KafkaError,)
 
 
+def _has_bootstrap_timeout() -> bool:
+    """kafka-python >= 3 has ``bootstrap_timeout_ms``; 2.x rejects unknown settings."""
+    from kafka import KafkaProducer
+
+    return "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG
+
+
+def _build(cls: Any, **config: Any) -> Any:
+    """``cls(**config)`` for a kafka-python client, without leaking its network thread.
+
+    kafka-python starts a network thread before it connects to the first broker
+    and, when that fails, raises from the constructor leaving the thread running
+    (seen with 3.0.x): one leaked thread and socket per failed attempt while the
+    broker is down.  Keep hold of the network client it makes and close it.
+    """
+    made: list[Any] = []
+    base = cls.DEFAULT_CONFIG.get("kafka_client")
+    if base is None or "kafka_client" in config:
+        return cls(**config)
+
+    def factory(**kw: Any) -> Any:
+        client = base(**kw)
+        made.append(client)
+        return client
+
+    try:
+        return cls(kafka_client=factory, **config)
+    except BaseException:
+        for client in made:
+            try:
+                client.close()
+            except Exception as exc:
+                log.debug("closing the network client of a failed %s: %s", cls.__name__, exc)
+        raise
+
+
 @dataclass
 class KafkaOptions:
     bootstrap_servers: str
@@ -116,6 +152,9 @@ class KafkaOptions:
             "security_protocol": self.security_protocol,
             "request_timeout_ms": int(self.timeout_s * 1000),
         }
+        if _has_bootstrap_timeout():
+            # kafka-python 3 waits 30 s by default for a first broker connection, whatever request_timeout_ms says
+            kw["bootstrap_timeout_ms"] = int(self.timeout_s * 1000)
         if self.security_protocol.startswith("SASL"):
             kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password)
         if self.ssl_cafile:
@@ -135,7 +174,7 @@ class TopicManager:
         if self._admin is None:
             from kafka import KafkaAdminClient
 
-            self._admin = KafkaAdminClient(**self.opts.client_kwargs())
+            self._admin = _build(KafkaAdminClient, **self.opts.client_kwargs())
         return self._admin
 
     def ensure(self, topics: Sequence[str], compacted: bool = False) -> None:
@@ -184,9 +223,12 @@ class KafkaTransactionalSink:
         self._published: set[bytes] = set()
         self._pending_schemas: set[bytes] = set()
         self._in_txn = False
+        self._broken = False  # a Kafka call failed: the broker is gone or the producer unusable
         self._futures: list[Any] = []
+        self.producer: Any = None
         try:
-            self.producer = KafkaProducer(
+            self.producer = _build(
+                KafkaProducer,
                 **opts.client_kwargs(),
                 transactional_id=opts.transactional_id,
                 enable_idempotence=True,
@@ -200,6 +242,8 @@ class KafkaTransactionalSink:
             )
             self.producer.init_transactions()
         except _kafka_errors() as exc:
+            self._broken = True
+            self.close()
             raise SinkUnavailable(f"cannot start a transactional producer on {opts.bootstrap_servers}: {exc}") from exc
 
     def begin(self) -> None:
@@ -208,12 +252,20 @@ class KafkaTransactionalSink:
         try:
             self.producer.begin_transaction()
         except _kafka_errors() as exc:
-            raise SinkUnavailable(f"begin transaction failed: {exc}") from exc
+            raise self._unavailable(f"begin transaction failed: {exc}") from exc
         self._in_txn = True
         self._pending_schemas = set()
 
+    def _unavailable(self, message: str) -> SinkUnavailable:
+        self._broken = True
+        return SinkUnavailable(message)
+
     def ensure_topic(self, topic: str) -> None:
-        self.topics.ensure([topic])
+        try:
+            self.topics.ensure([topic])
+        except SinkUnavailable:
+            self._broken = True
+            raise
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
         if not self._in_txn:
@@ -222,7 +274,7 @@ class KafkaTransactionalSink:
         try:
             self.producer.send(topic, key=key, value=value, headers=list(headers))
         except _kafka_errors() as exc:
-            raise SinkUnavailable(f"send to {topic} failed: {exc}") from exc
+            raise self._unavailable(f"send to {topic} failed: {exc}") from exc
 
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
         if fingerprint in self._published or fingerprint in self._pending_schemas:
@@ -232,7 +284,7 @@ class KafkaTransactionalSink:
         try:
             self.producer.send(schemas_topic(self.opts.topic_prefix), key=fingerprint.hex().encode(), value=schema_json.encode())
         except _kafka_errors() as exc:
-            raise SinkUnavailable(f"publishing schema {fingerprint.hex()} failed: {exc}") from exc
+            raise self._unavailable(f"publishing schema {fingerprint.hex()} failed: {exc}") from exc
         self._pending_schemas.add(fingerprint)
 
     def commit(self, position: ResumePosition) -> None:
@@ -240,27 +292,62 @@ class KafkaTransactionalSink:
             self.begin()
         try:
             self.producer.send(state_topic(self.opts.topic_prefix), key=self.slot.encode(), value=position.to_json())
-            self.producer.commit_transaction()
+            self.producer.flush(timeout=self.opts.timeout_s)
+            self._end_transaction(commit=True)
         except _kafka_errors() as exc:
-            raise SinkUnavailable(f"commit of the Kafka transaction failed (position {position}): {exc}") from exc
+            raise self._unavailable(f"commit of the Kafka transaction failed (position {position}): {exc}") from exc
         self._in_txn = False
         self._published |= self._pending_schemas
         self._pending_schemas = set()
+
+    def _end_transaction(self, commit: bool) -> None:
+        """Commit or abort, waiting at most ``timeout_s`` for the broker.
+
+        kafka-python's ``commit_transaction()``/``abort_transaction()`` wait
+        without a timeout: with the broker gone they block forever (seen with
+        3.0.x).  Its transaction manager returns a result that can be waited on
+        with a timeout, so use that when it is there.
+        """
+        from kafka.errors import KafkaTimeoutError
+
+        manager = getattr(self.producer, "_transaction_manager", None)
+        sender = getattr(self.producer, "_sender", None)
+        if manager is None or sender is None or not hasattr(manager, "begin_commit"):
+            (self.producer.commit_transaction if commit else self.producer.abort_transaction)()
+            return
+        result = manager.begin_commit() if commit else manager.begin_abort()
+        sender.wakeup()
+        if not result.wait(timeout_ms=int(self.opts.timeout_s * 1000)):
+            what = "commit" if commit else "abort"
+            raise KafkaTimeoutError(f"the broker did not complete the transaction {what} within {self.opts.timeout_s:g}s")
 
     def abort(self) -> None:
         if not self._in_txn:
             return
         self._in_txn = False
+        if self._broken:
+            # the broker is unreachable: waiting for it helps nobody.  The next
+            # producer with this transactional id aborts the transaction when it starts.
+            log.info("Kafka transaction left open (broker unavailable); the next start aborts it")
+            return
         try:
-            self.producer.abort_transaction()
+            self._end_transaction(commit=False)
         except Exception as exc:
             log.warning("abort of the Kafka transaction failed (it will be aborted at the next start): %s", exc)
 
     def close(self) -> None:
-        try:
-            self.producer.close(timeout=5)
-        except Exception as exc:
-            log.debug("producer close: %s", exc)
+        if self.producer is not None:
+            if self._broken:
+                # kafka-python's close() first flushes and, when that times out, raises
+                # before stopping its network thread, which then retries forever: stop it first.
+                sender = getattr(self.producer, "_sender", None)
+                if sender is not None:
+                    sender.force_close()
+                    sender.join(1.0)
+            try:
+                self.producer.close(timeout=0 if self._broken else 5)
+            except Exception as exc:
+                log.debug("producer close: %s", exc)
         self.topics.close()
 
 
@@ -269,9 +356,14 @@ def read_resume_position(opts: KafkaOptions, slot: str, timeout_s: float = 30.0)
     from kafka import KafkaConsumer, TopicPartition
 
     topic = state_topic(opts.topic_prefix)
-    TopicManager(opts).ensure([topic], compacted=True)
+    topics = TopicManager(opts)
     try:
-        consumer = KafkaConsumer(
+        topics.ensure([topic], compacted=True)
+    finally:
+        topics.close()
+    try:
+        consumer = _build(
+            KafkaConsumer,
             **opts.client_kwargs(),
             isolation_level="read_committed",
             enable_auto_commit=False,

@@ -210,6 +210,10 @@ class CdcDaemon:
             info = preflight(conn, pg.tables)
             self.db = conn.info.dbname
             ensure_publication(conn, pg.publication, pg.tables)
+            # The producer first: its init_transactions() fences a predecessor with the same
+            # transactional id and settles that one's open transaction (aborted, or committed
+            # if its commit had begun), so the resume position read next is final.
+            sink = self._make_sink()
             resume = read_resume_position(kafka_options(self.s), pg.slot, timeout_s=self.s.kafka.timeout_s)
             state = slot_state(conn, pg.slot)
             need_snapshot = pg.snapshot == "initial" and (resume is None or not resume.snapshot_done)
@@ -220,7 +224,6 @@ class CdcDaemon:
             if state is not None and state["active_pid"] is not None:
                 raise ReplicationLost(f"slot {pg.slot} is in use by PID {state['active_pid']} (another cdc daemon?)")
             rconn = connect(pg.dsn, pg.password, replication=True)
-            sink = self._make_sink()
             if state is None:
                 slot = create_slot(rconn, pg.slot, export_snapshot=need_snapshot)
                 log.info("created slot %s at %s", pg.slot, format_lsn(slot.consistent_point))
