@@ -46,17 +46,21 @@ import base64
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
 import math
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
-from relay.buckets import BucketOp, OpKind, bucket_ops
+import orjson
+
+from relay.buckets import OpKind
 from relay.errors import RowError
-from relay.rules import Rules
+from relay.rules import Rules, parse_bucket_id
 
 __all__ = [
     "CHECKSUM_MODULUS",
@@ -97,6 +101,13 @@ def json_value(value: Any) -> Any:
     Dates, times and timestamps decoded from the change events are already integers (days
     / microseconds, see docs/events.md) and stay integers.
     """
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict:
+        if all(type(v) in _PLAIN for v in value.values()):
+            return value
+        return {str(k): json_value(v) for k, v in value.items()}
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -118,15 +129,25 @@ def json_value(value: Any) -> Any:
     raise TypeError(f"cannot represent a {type(value).__name__} value as JSON: {value!r:.80}")
 
 
+_PLAIN: Final = frozenset({str, int, bool, type(None)})
+
+
 def canonical_json(value: Any) -> str:
-    """Canonical JSON text of a JSON-compatible value: sorted keys, no spaces, UTF-8 kept."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    """Canonical JSON text of a JSON-compatible value: object keys sorted, no whitespace,
+    non-ASCII kept as UTF-8, floats in shortest round-trip form (``orjson`` with
+    ``OPT_SORT_KEYS``; equal to ``json.dumps(value, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` except for exponents, e.g. ``1e-7`` where json writes ``1e-07``).
+    Re-serializing parsed canonical JSON with this function gives the same text."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise TypeError(f"not canonical-JSON-able: {exc}: {value!r:.80}") from exc
 
 
 def row_key_text(key: Sequence[Any]) -> str:
     """The canonical text of a row's primary-key values: ``canonical_json([json_value(v)...])``."""
+    if len(key) == 1 and type(key[0]) is int:
+        return f"[{key[0]}]"
     return canonical_json([json_value(v) for v in key])
 
 
@@ -369,17 +390,60 @@ class Plan:
         out: dict[RowRef, RowState] = {}
         for ref, state in self.states.items():
             entries = tuple(
-                dataclasses.replace(e, op_id=first_op_id - 1 - e.op_id) if e.op_id < 0 else e
+                BucketEntry(e.bucket, first_op_id - 1 - e.op_id, e.checksum) if e.op_id < 0 else e
                 for e in state.entries
             )
             out[ref] = RowState(entries, state.position)
         return out
 
 
-def _checksum_of_json(table: str, row_key: str, data_json: str) -> int:
-    """:func:`row_checksum` of a row whose data is already canonical JSON text."""
-    text = "[" + canonical_json(table) + "," + canonical_json(row_key) + "," + data_json + "]"
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+class _Placer:
+    """``rules.buckets_for_row`` memoized on the columns the rules read (match and filter
+    columns): a row's buckets depend on nothing else.  Bounded; rows with unhashable values
+    in those columns are not cached."""
+
+    _MISSING: Final = object()
+    _LIMIT: Final = 1 << 17
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        columns: dict[str, set[str]] = {}
+        for rule in rules.buckets.values():
+            for table, entry in rule.tables.items():
+                wanted = columns.setdefault(table, set())
+                wanted.update(column for column, _ in entry.match)
+                wanted.update(f.column for f in entry.filters)
+        self.columns = {t: tuple(sorted(c)) for t, c in columns.items()}
+        self.cache: dict[tuple[Any, ...], frozenset[str]] = {}
+
+    def buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str]:
+        missing = self._MISSING
+        key = (table, *(row.get(c, missing) for c in self.columns.get(table, ())))
+        try:
+            found = self.cache.get(key)
+        except TypeError:  # an unhashable value
+            return self.rules.buckets_for_row(table, row)
+        if found is None:
+            found = self.rules.buckets_for_row(table, row)
+            if len(self.cache) >= self._LIMIT:
+                self.cache.clear()
+            self.cache[key] = found
+        return found
+
+
+_PLACERS: weakref.WeakKeyDictionary[Rules, _Placer] = weakref.WeakKeyDictionary()
+
+
+def _placer(rules: Rules) -> _Placer:
+    placer = _PLACERS.get(rules)
+    if placer is None:
+        placer = _PLACERS[rules] = _Placer(rules)
+    return placer
+
+
+def buckets_for_row(rules: Rules, table: str, row: Mapping[str, Any]) -> frozenset[str]:
+    """``rules.buckets_for_row(table, row)``, memoized per rule set (see :class:`_Placer`)."""
+    return _placer(rules).buckets(table, row)
 
 
 def lookup_refs(rules: Rules, changes: Sequence[RowChange]) -> set[RowRef]:
@@ -390,12 +454,13 @@ def lookup_refs(rules: Rules, changes: Sequence[RowChange]) -> set[RowRef]:
     """
     refs: set[RowRef] = set()
     ruled = rules.tables
+    placer = _placer(rules)
     for c in changes:
         if c.table not in ruled or c.key is None:
             continue
         if c.insert and c.row is not None and not c.unchanged and c.old_key is None:
             try:
-                if not rules.buckets_for_row(c.table, c.row):
+                if not placer.buckets(c.table, c.row):
                     continue
             except RowError:
                 pass
@@ -425,6 +490,7 @@ def plan_changes(
     current: dict[RowRef, RowState] = dict(states)
     known = dict(stored_data or {})
     ruled = rules.tables
+    placer = _placer(rules)
     for c in changes:
         if c.kind is ChangeKind.TRUNCATE:
             raise ValueError("plan_changes: truncates are applied by the store, not planned")
@@ -442,21 +508,19 @@ def plan_changes(
         row = _filled_row(c, known.get(old_ref), known.get(ref)) if c.row is not None else None
         state = current.get(ref)
         try:
-            ops = bucket_ops(rules, c.table, c.key, state.buckets if state else frozenset(), row)
+            new_buckets = placer.buckets(c.table, row) if row is not None else frozenset()
         except RowError as exc:
             plan.errors.append(f"{c.table} key {ref[1]} at position {c.position}: {exc}")
             continue
         if c.old_key is not None and old_ref != ref:
             old = current.get(old_ref)
             if old is not None:
-                _write(
-                    plan, c, old_ref, old, bucket_ops(rules, c.table, c.old_key, old.buckets, None)
-                )
+                _place(plan, rules, c, old_ref, old, None, frozenset())
                 current[old_ref] = plan.states[old_ref] = RowState((), c.position)
             known.pop(old_ref, None)
-        if state is None and not ops:
+        if state is None and not new_buckets:
             continue  # never in a bucket and still in none: nothing to remember
-        entries = _write(plan, c, ref, state, ops)
+        entries = _place(plan, rules, c, ref, state, row, new_buckets)
         current[ref] = plan.states[ref] = RowState(entries, c.position)
         if row is not None and entries:
             known[ref] = row
@@ -492,29 +556,54 @@ def _add_op(plan: Plan, op: PlannedOp) -> int:
     return index
 
 
-def _write(
-    plan: Plan, c: RowChange, ref: RowRef, state: RowState | None, ops: Sequence[BucketOp]
+@functools.lru_cache(maxsize=1 << 16)
+def _rule_name(bucket: str) -> str:
+    return parse_bucket_id(bucket)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _table_json(table: str) -> str:
+    return canonical_json(table)
+
+
+def _place(
+    plan: Plan,
+    rules: Rules,
+    c: RowChange,
+    ref: RowRef,
+    state: RowState | None,
+    row: Mapping[str, Any] | None,
+    new_buckets: frozenset[str],
 ) -> tuple[BucketEntry, ...]:
-    """Add ``ops`` (from :mod:`relay.buckets`) to the plan; the row's entries afterwards."""
+    """Add the row's ops to the plan; its entries afterwards.
+
+    The same operations as :func:`relay.buckets.bucket_ops` (REMOVE from each remembered
+    bucket the row left, then PUT of the projected row into each bucket it is in, each in
+    bucket order), computed directly for speed; a test pins the equality.
+    """
+    table, key = ref
     old = {e.bucket: e for e in state.entries} if state else {}
+    for bucket in sorted(old.keys() - new_buckets):
+        e = old[bucket]
+        _add_op(plan, PlannedOp(bucket, table, key, OpKind.REMOVE, None, e.checksum, c.position))
+    if not new_buckets:
+        return ()
+    assert row is not None
+    prefix = "[" + _table_json(table) + "," + canonical_json(key) + ","
     entries: list[BucketEntry] = []
-    for op in ops:
-        previous = old.get(op.bucket)
-        if op.kind is OpKind.REMOVE:
-            if previous is not None:  # a REMOVE of a row not in the bucket changes nothing
-                _add_op(
-                    plan,
-                    PlannedOp(op.bucket, *ref, OpKind.REMOVE, None, previous.checksum, c.position),
-                )
-            continue
-        data_json = canonical_json(json_value(op.row))
-        term = _checksum_of_json(ref[0], ref[1], data_json)
+    for bucket in sorted(new_buckets):
+        data_json = canonical_json(json_value(rules.project(table, _rule_name(bucket), row)))
+        digest = hashlib.sha256((prefix + data_json + "]").encode("utf-8")).digest()
+        term = int.from_bytes(digest[:8], "big")
+        previous = old.get(bucket)
         if previous is not None:  # replace: the old term leaves, the row count stays
-            delta = plan.deltas.setdefault(op.bucket, BucketDelta())
+            delta = plan.deltas.setdefault(bucket, BucketDelta())
             delta.count -= 1
             delta.checksum = checksum_add(delta.checksum, -previous.checksum)
-        index = _add_op(plan, PlannedOp(op.bucket, *ref, OpKind.PUT, data_json, term, c.position))
-        entries.append(BucketEntry(op.bucket, -1 - index, term))
+        index = _add_op(
+            plan, PlannedOp(bucket, table, key, OpKind.PUT, data_json, term, c.position)
+        )
+        entries.append(BucketEntry(bucket, -1 - index, term))
     return tuple(entries)
 
 

@@ -84,6 +84,7 @@ from relay.bucket_store import (
     RowChange,
     RowRef,
     RowState,
+    canonical_json,
     checksum_add,
     lookup_refs,
     plan_changes,
@@ -187,6 +188,27 @@ def _i64(u: int) -> int:
 
 def _u64(i: int) -> int:
     return i % CHECKSUM_MODULUS
+
+
+_SEP: Final = "\x1f"  # never in canonical JSON text (control characters are escaped)
+
+
+def _texts(values: Sequence[str]) -> str:
+    """One text parameter for ``string_to_array(%s, E'\\x1f')``: much cheaper than a list
+    parameter (psycopg dumps lists element by element in Python)."""
+    joined = _SEP.join(values)
+    if joined.count(_SEP) != max(0, len(values) - 1):
+        raise StoreError(f"a value contains the separator character U+001F: {values!r:.200}")
+    return joined
+
+
+def _ints(values: Sequence[int]) -> str:
+    """One text parameter for ``string_to_array(%s, ',')::bigint[]``."""
+    return ",".join(map(str, values))
+
+
+_T = "string_to_array(%s, E'\\x1f')"
+_I = "string_to_array(%s, ',')::bigint[]"
 
 
 def _group_lock(group: str) -> tuple[int, int]:
@@ -595,9 +617,9 @@ class PgBucketStore:
         tables, keys = zip(*refs, strict=True)
         rows = conn.execute(
             f"select s.tbl, s.row_key, s.entries, s.commit_lsn, s.seq "
-            f"from unnest(%s::text[], %s::text[]) as r(tbl, row_key) "
+            f"from unnest({_T}, {_T}) as r(tbl, row_key) "
             f"join {SCHEMA}.row_state s on s.tbl = r.tbl and s.row_key = r.row_key",
-            (list(tables), list(keys)),
+            (_texts(tables), _texts(keys)),
         ).fetchall()
         return {
             (t, k): RowState(
@@ -629,10 +651,10 @@ class PgBucketStore:
         if not wanted:
             return {}
         rows = conn.execute(
-            f"select o.bucket, o.op_id, o.data from unnest(%s::text[], %s::bigint[]) "
+            f"select o.bucket, o.op_id, o.data from unnest({_T}, {_I}) "
             f"as w(bucket, op_id) join {SCHEMA}.ops o using (bucket, op_id) "
             f"where o.data is not null",
-            ([w[0] for w in wanted], [w[1] for w in wanted]),
+            (_texts([w[0] for w in wanted]), _ints([w[1] for w in wanted])),
         ).fetchall()
         by_op = {(b, int(i)): d for b, i, d in rows}
         out: dict[RowRef, dict[str, Any]] = {}
@@ -696,8 +718,8 @@ class PgBucketStore:
             str(b): (int(c), int(s), int(lc))
             for b, c, s, lc in conn.execute(
                 f"select bucket, row_count, checksum, log_count from {SCHEMA}.buckets "
-                "where bucket = any(%s)",
-                (names,),
+                f"where bucket = any({_T})",
+                (_texts(names),),
             ).fetchall()
         }
         last, counts, sums, logs = [], [], [], []
@@ -711,11 +733,11 @@ class PgBucketStore:
         conn.execute(
             f"insert into {SCHEMA}.buckets as b "
             "(bucket, last_op_id, row_count, checksum, log_count) "
-            "select * from unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], "
-            "%s::bigint[]) on conflict (bucket) do update set last_op_id = excluded.last_op_id, "
+            f"select * from unnest({_T}, {_I}, {_I}, {_I}, {_I}) "
+            "on conflict (bucket) do update set last_op_id = excluded.last_op_id, "
             "row_count = excluded.row_count, checksum = excluded.checksum, "
             "log_count = excluded.log_count",
-            (names, last, counts, sums, logs),
+            (_texts(names), _ints(last), _ints(counts), _ints(sums), _ints(logs)),
         )
 
     def _write_states(
@@ -725,15 +747,15 @@ class PgBucketStore:
         for (t, k), s in states.items():
             tables.append(t)
             keys.append(k)
-            entries.append(json.dumps([[e.bucket, e.op_id, e.checksum] for e in s.entries]))
+            entries.append(canonical_json([[e.bucket, e.op_id, e.checksum] for e in s.entries]))
             lsns.append(s.position[0])
             seqs.append(s.position[1])
         conn.execute(
             f"insert into {SCHEMA}.row_state as s (tbl, row_key, entries, commit_lsn, seq) "
-            "select * from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[]) "
+            f"select * from unnest({_T}, {_T}, {_T}, {_I}, {_I}) "
             "on conflict (tbl, row_key) do update set entries = excluded.entries, "
             "commit_lsn = excluded.commit_lsn, seq = excluded.seq",
-            (tables, keys, entries, lsns, seqs),
+            (_texts(tables), _texts(keys), _texts(entries), _ints(lsns), _ints(seqs)),
         )
 
     def _truncate(

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Benchmark of the relay's bucket engine: change events/s from Kafka into the bucket store.
+
+    .venv/bin/python bench/relay_engine_bench.py            # full sizes
+    .venv/bin/python bench/relay_engine_bench.py --quick    # smoke run (seconds)
+
+Issue 3 §6, first bullet: engine changes/s when each change lands in 1 of 10,000 buckets
+(target ≥ 20,000/s) and when it lands in none (target ≥ 100,000/s).
+
+The events are produced into Kafka *before* the engine starts, encoded exactly as the cdc
+daemon encodes them (``cdc.avro_envelope.TableCodec``, schemas in ``{prefix}._schemas``,
+position header), so only the engine is measured: Kafka fetch, header dedup check, Avro
+decode, rules, planning, and the PostgreSQL transaction per batch (ops, row states,
+checkpoints, consumer progress, NOTIFY).  The store is in its own database on the same
+PostgreSQL server.  Phases, each timed from the engine's first poll until it has applied
+the phase's last event:
+
+1. ``insert -> 1 bucket``: ``--rows`` inserts; row i goes to bucket ``tech["t{i % 10000}"]``.
+2. ``update -> 1 bucket``: every row updated once (a PUT replacing the row in its bucket).
+3. ``reassign -> 2 buckets``: every row moved to another technician (REMOVE + PUT).
+4. ``insert -> none``: ``--rows`` inserts of rows no rule places (status 'archived').
+5. ``update -> none``: every one of those updated (still in no bucket; needs a lookup).
+
+PostgreSQL and the broker are started by the script (embedded, like the tests) unless
+``--pg-dsn`` / ``--kafka-bootstrap`` are given.  The result table is Markdown, ready for
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+
+from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
+from cdc.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from cdc.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
+from relay.bucket_engine import BucketEngine  # noqa: E402
+from relay.pg_bucket_store import PgBucketStore  # noqa: E402
+from relay.rules import TableInfo, rules_from_mapping  # noqa: E402
+
+BUCKETS = 10_000
+TABLE = "public.work_orders"
+COLUMNS = [
+    ColumnSpec("id", 20, -1, True),  # int8
+    ColumnSpec("technician", 25, -1, False),  # text
+    ColumnSpec("status", 25, -1, False),
+    ColumnSpec("site", 25, -1, False),
+    ColumnSpec("notes", 25, -1, False),
+    ColumnSpec("cost", 1700, (10 << 16 | 2) + 4, False),  # numeric(10,2)
+]
+RULES = {
+    "token_claims": ["technician"],
+    "bucket": [
+        {
+            "name": "tech",
+            "parameters": ["t"],
+            "claims": {"t": "technician"},
+            "table": [
+                {
+                    "table": TABLE,
+                    "match": {"technician": "t"},
+                    "filters": [{"column": "status", "op": "!=", "value": "archived"}],
+                    "exclude": ["cost"],
+                }
+            ],
+        }
+    ],
+}
+
+
+class Producer:
+    """Encodes change events like the cdc daemon and produces them (positions ascending)."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        from kafka import KafkaProducer
+
+        self.codec = TableCodec(
+            db="app",
+            schema="public",
+            table="work_orders",
+            columns=COLUMNS,
+            catalog=MappingCatalog(),
+            unchanged_sentinel=object(),
+            warn=lambda _m: None,
+            namespace_prefix=prefix,
+        )
+        self.topic = f"{prefix}.{TABLE}"
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            linger_ms=20,
+            batch_size=1 << 20,
+            max_request_size=16 << 20,
+            acks="all",
+        )
+        for schema in (self.codec.value_schema_json, self.codec.key_schema_json):
+            assert schema is not None
+            from cdc.avro_envelope import fingerprint
+
+            self.producer.send(
+                f"{prefix}._schemas", key=fingerprint(schema).hex().encode(), value=schema.encode()
+            )
+        self.lsn = 0x1000000
+
+    def send(self, op: str, rows: Iterator[list[str | None]], per_txn: int = 100) -> int:
+        n = 0
+        for row in rows:
+            if n % per_txn == 0:
+                self.lsn += 0x1000
+            seq = n % per_txn
+            source = Source("app", "public", "work_orders", self.lsn + seq, self.lsn, 1, seq, 0)
+            key, value = self.codec.encode_change(op, None, row, source, 0)
+            self.producer.send(
+                self.topic,
+                key=key,
+                value=value,
+                headers=[(POSITION_HEADER, position_header(self.lsn, seq))],
+            )
+            n += 1
+        self.producer.flush()
+        return n
+
+
+def rows(
+    n: int, start: int, status: str, tech_shift: int = 0, note: str = "n"
+) -> Iterator[list[str | None]]:
+    for i in range(start, start + n):
+        tech = f"t{(i + tech_shift) % BUCKETS}"
+        yield [str(i), tech, status, f"site-{i % 50}", f"{note} {i}", f"{i % 1000}.50"]
+
+
+def run_phase(engine: BucketEngine, target_records: int) -> tuple[float, int]:
+    """Step the engine until it has read ``target_records`` records in total; seconds, ops."""
+    ops0 = engine.stats.ops
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + 3600
+    while engine.stats.records < target_records and time.monotonic() < deadline:
+        engine.step()
+    return time.perf_counter() - t0, engine.stats.ops - ops0
+
+
+@contextlib.contextmanager
+def services(pg_dsn: str | None, bootstrap: str | None) -> Iterator[tuple[str, Any, str]]:
+    with contextlib.ExitStack() as stack:
+        if pg_dsn is None:
+            pg = EmbeddedPostgres(base_dir=Path(tempfile.mkdtemp(prefix="relay-bench-pg-")))
+            pg.start()
+            stack.callback(pg.stop)
+            pg_dsn = pg.dsn
+        if bootstrap is None:
+            broker = EmbeddedBroker(base_dir=Path(tempfile.mkdtemp(prefix="relay-bench-kafka-")))
+            broker.start()
+            stack.callback(broker.stop)
+            bootstrap = broker.bootstrap
+        yield pg_dsn, psycopg.conninfo, bootstrap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=200_000, help="rows per phase")
+    ap.add_argument("--batch", type=int, default=5000, help="engine batch_max_events")
+    ap.add_argument("--pg-dsn", help="superuser DSN of an existing PostgreSQL (else embedded)")
+    ap.add_argument("--kafka-bootstrap", help="existing broker (else embedded tansu)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    args = ap.parse_args(argv)
+    n = 3000 if args.quick else args.rows
+
+    with services(args.pg_dsn, args.kafka_bootstrap) as (admin_dsn, conninfo, bootstrap):
+        db = "relay_bench_" + uuid.uuid4().hex[:8]
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'create database "{db}"')
+            version = conn.execute("show server_version").fetchone()
+        store_dsn = conninfo.make_conninfo(admin_dsn, dbname=db)
+        prefix = "bench" + uuid.uuid4().hex[:8]
+        schema = {TABLE: TableInfo(tuple(c.name for c in COLUMNS), ("id",))}
+        rules = rules_from_mapping(RULES, schema)
+        store = PgBucketStore(store_dsn, group="bench")
+        store.migrate()
+        assert store.acquire_leadership()
+        engine = BucketEngine(
+            store,
+            rules,
+            kafka={"bootstrap_servers": bootstrap},
+            prefix=prefix,
+            batch_max_events=args.batch,
+            topic_refresh_s=0.5,
+        )
+        producer = Producer(bootstrap, prefix)
+        phases = [
+            ("insert -> 1 of 10,000 buckets", "c", rows(n, 0, "open"), 1),
+            ("update -> same bucket (PUT replaces)", "u", rows(n, 0, "open", note="m"), 1),
+            ("reassign -> REMOVE + PUT", "u", rows(n, 0, "open", tech_shift=1), 2),
+            ("insert -> no bucket", "c", rows(n, n, "archived"), 0),
+            ("update -> no bucket (lookup)", "u", rows(n, n, "archived", note="m"), 0),
+        ]
+        results = []
+        total = 0
+        try:
+            for name, op, data, ops_per in phases:
+                t0 = time.perf_counter()
+                total += producer.send(op, data)
+                produced_s = time.perf_counter() - t0
+                d0, a0 = engine.stats.decode_s, engine.stats.apply_s
+                seconds, ops = run_phase(engine, total)
+                assert ops == n * ops_per, f"{name}: {ops} ops, expected {n * ops_per}"
+                results.append(
+                    (
+                        name,
+                        n,
+                        seconds,
+                        ops,
+                        engine.stats.decode_s - d0,
+                        engine.stats.apply_s - a0,
+                        produced_s,
+                    )
+                )
+                print(f"{name}: {n / seconds:,.0f} changes/s", file=sys.stderr)
+            stats = store.stats()
+        finally:
+            engine.close()
+            store.close()
+            with psycopg.connect(admin_dsn, autocommit=True) as conn:
+                conn.execute(f'drop database if exists "{db}" with (force)')
+
+    print(
+        f"\nrelay bucket engine, {n:,} changes per phase, batch {args.batch}; "
+        f"PostgreSQL {version[0] if version else '?'}, Python {platform.python_version()}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs\n"
+    )
+    print("| phase | changes | seconds | changes/s | ops | decode+rules s | store s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, count, seconds, ops, dec, app, _prod in results:
+        print(
+            f"| {name} | {count:,} | {seconds:.2f} | {count / seconds:,.0f} | {ops:,} "
+            f"| {dec:.2f} | {app:.2f} |"
+        )
+    print(f"\nstore afterwards: {stats}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
