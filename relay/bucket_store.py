@@ -21,9 +21,9 @@ Model
   id commits after a reader has seen a higher one), so a cursor never skips anything.
 - Compaction keeps only the latest op per ``(bucket, table, row_key)`` — REMOVEs
   included — which is correct for every cursor.  Dropping old REMOVEs as well (to reclaim
-  space) raises the bucket's ``compacted_below``: a device whose cursor is ``> 0`` and
-  ``< compacted_below`` may have missed a REMOVE and must re-sync that bucket from cursor 0
-  (:attr:`OpsPage.resync`).
+  space) raises the bucket's ``compacted_below`` and ``epoch``: a device whose cursor
+  ``> 0`` predates the drop may have missed a REMOVE and must re-sync that bucket from
+  cursor 0 (:attr:`OpsPage.resync`; see :class:`BucketCheckpoint`).
 - Each bucket has a checkpoint (:class:`BucketCheckpoint`): its last op id, the number of
   rows currently in it and a checksum, the sum modulo 2**64 of :func:`row_checksum` over
   those rows.  A device that has applied every op up to ``last_op_id`` holds exactly the
@@ -254,8 +254,12 @@ class BucketCheckpoint:
     """A bucket's state: its last op id, row count and checksum (see the module docstring).
 
     A bucket that never had an op has ``last_op_id == 0``, ``count == 0``, ``checksum == 0``.
-    ``compacted_below``: REMOVE ops with lower ids may have been dropped; a cursor ``c``
-    with ``0 < c < compacted_below`` must re-sync the bucket from 0.
+    ``compacted_below``: REMOVE ops with lower ids may have been dropped.  ``epoch``
+    counts those drops.  A reader holding cursor ``c > 0`` obtained under epoch ``e``
+    must re-sync the bucket from 0 when ``e != epoch`` (it may have missed a REMOVE); a
+    reader that does not know its epoch must when ``c < compacted_below`` (safe, but it
+    flags a reader that started from 0 *after* the drop and is paging through the bucket,
+    so readers that page should pass their epochs back: :meth:`BucketStore.read_ops`).
     """
 
     bucket: str
@@ -263,9 +267,16 @@ class BucketCheckpoint:
     count: int
     checksum: int
     compacted_below: int = 0
+    epoch: int = 0
 
-    def needs_resync(self, cursor: int) -> bool:
-        return 0 < cursor < self.compacted_below
+    def needs_resync(self, cursor: int, epoch: int | None = None) -> bool:
+        if cursor > self.last_op_id:
+            return True  # a cursor from another store (rebuilt from scratch)
+        if cursor <= 0:
+            return False
+        if epoch is None:
+            return cursor < self.compacted_below
+        return epoch != self.epoch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -280,6 +291,7 @@ class OpsPage:
     only then may its checksum be compared.  ``has_more``: some bucket is not complete
     because of ``limit``.  ``head_op_id``: the highest op id (of any bucket) visible in
     the snapshot; pass it to :meth:`BucketStore.wait_for_change` as ``since_op_id``.
+    ``epochs``: each bucket's compaction epoch, to keep with ``cursors`` and pass back.
     """
 
     ops: tuple[Op, ...]
@@ -288,6 +300,7 @@ class OpsPage:
     resync: frozenset[str]
     has_more: bool
     head_op_id: int
+    epochs: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -625,11 +638,25 @@ class BucketStore(Protocol):
 
     # ---- reading
 
-    def read_ops(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
-        """Ops of the given buckets after their cursors, ordered by op id, at most ``limit``."""
+    def read_ops(
+        self,
+        bucket_cursors: Mapping[str, int],
+        limit: int,
+        epochs: Mapping[str, int] | None = None,
+    ) -> OpsPage:
+        """Ops of the given buckets after their cursors, ordered by op id, at most ``limit``.
+
+        ``epochs``: the :attr:`OpsPage.epochs` the cursors came with (see
+        :class:`BucketCheckpoint`); a bucket missing from it is judged by its cursor alone.
+        """
         ...
 
-    async def read_ops_async(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
+    async def read_ops_async(
+        self,
+        bucket_cursors: Mapping[str, int],
+        limit: int,
+        epochs: Mapping[str, int] | None = None,
+    ) -> OpsPage:
         """:meth:`read_ops` without blocking the event loop."""
         ...
 

@@ -153,6 +153,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
             row_count bigint not null default 0,
             checksum bigint not null default 0,
             compacted_below bigint not null default 0,
+            epoch bigint not null default 0,
             log_count bigint not null default 0
         );
         create table {SCHEMA}.row_state (
@@ -865,17 +866,23 @@ class PgBucketStore:
     ) -> dict[str, BucketCheckpoint]:
         names = list(dict.fromkeys(buckets))
         rows = conn.execute(
-            f"select bucket, last_op_id, row_count, checksum, compacted_below from {SCHEMA}.buckets "
+            f"select bucket, last_op_id, row_count, checksum, compacted_below, epoch "
+            f"from {SCHEMA}.buckets "
             "where bucket = any(%s)",
             (names,),
         ).fetchall()
         found = {
-            str(b): BucketCheckpoint(str(b), int(last), int(n), _u64(int(c)), int(cb))
-            for b, last, n, c, cb in rows
+            str(b): BucketCheckpoint(str(b), int(last), int(n), _u64(int(c)), int(cb), int(e))
+            for b, last, n, c, cb, e in rows
         }
         return {b: found.get(b) or BucketCheckpoint(b, 0, 0, 0, 0) for b in names}
 
-    def read_ops(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
+    def read_ops(
+        self,
+        bucket_cursors: Mapping[str, int],
+        limit: int,
+        epochs: Mapping[str, int] | None = None,
+    ) -> OpsPage:
         if limit < 1:
             raise ValueError(f"read_ops: limit must be >= 1, got {limit}")
         with self._read_txn() as conn:
@@ -885,7 +892,7 @@ class PgBucketStore:
             resync = frozenset(
                 b
                 for b, cp in checkpoints.items()
-                if cp.needs_resync(bucket_cursors[b]) or bucket_cursors[b] > cp.last_op_id
+                if cp.needs_resync(bucket_cursors[b], (epochs or {}).get(b))
             )
             todo = [
                 (b, bucket_cursors[b])
@@ -919,10 +926,16 @@ class PgBucketStore:
         has_more = any(
             cursors[b] < cp.last_op_id for b, cp in checkpoints.items() if b not in resync
         )
-        return OpsPage(ops, checkpoints, cursors, resync, has_more, head)
+        page_epochs = {b: cp.epoch for b, cp in checkpoints.items()}
+        return OpsPage(ops, checkpoints, cursors, resync, has_more, head, page_epochs)
 
-    async def read_ops_async(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
-        return await asyncio.to_thread(self.read_ops, bucket_cursors, limit)
+    async def read_ops_async(
+        self,
+        bucket_cursors: Mapping[str, int],
+        limit: int,
+        epochs: Mapping[str, int] | None = None,
+    ) -> OpsPage:
+        return await asyncio.to_thread(self.read_ops, bucket_cursors, limit, epochs)
 
     # ---- waiting
 
@@ -1001,8 +1014,9 @@ class PgBucketStore:
             dropped = [int(i) for is_remove, i in rows if is_remove]
             conn.execute(
                 f"update {SCHEMA}.buckets set log_count = log_count - %s, "
-                "compacted_below = greatest(compacted_below, %s) where bucket = %s",
-                (len(rows), max(dropped, default=0), bucket),
+                "compacted_below = greatest(compacted_below, %s), "
+                "epoch = epoch + (case when %s then 1 else 0 end) where bucket = %s",
+                (len(rows), max(dropped, default=0), bool(dropped), bucket),
             )
         return len(rows) - len(dropped), len(dropped)
 
@@ -1033,6 +1047,7 @@ class PgBucketStore:
     def close(self) -> None:
         self._listener.stop()
         self._pool.close()
+        self.release_leadership()
         with self._wlock:
             if self._writer is not None:
                 self._writer.close()
