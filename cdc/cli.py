@@ -76,6 +76,7 @@ def cdc_status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("
     from cdc.kafka_sink import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
+    from cdc.settings import redact_dsn
 
     try:
         settings = _load(config)
@@ -108,6 +109,11 @@ def cdc_status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("
         for k, v in out.items():
             typer.echo(f"{k:22} {v}")
     if state is None:
+        typer.echo(
+            f"error: replication slot {pg.slot!r} does not exist in {redact_dsn(pg.dsn)}; "
+            "`fieldsync cdc run` creates it when it first starts (check postgres.slot and postgres.dsn)",
+            err=True,
+        )
         raise typer.Exit(EXIT_RUNTIME)
 
 
