@@ -143,13 +143,14 @@ def rows(
         yield [str(i), tech, status, f"site-{i % 50}", f"{note} {i}", f"{i % 1000}.50"]
 
 
-def run_phase(engine: BucketEngine, target_records: int) -> tuple[float, int]:
-    """Step the engine until it has read ``target_records`` records in total; seconds, ops."""
+def run_phase(engine: BucketEngine, records: int) -> tuple[float, int]:
+    """Step the engine until it has applied ``records`` more records; seconds, ops."""
     ops0 = engine.stats.ops
     t0 = time.perf_counter()
     deadline = time.monotonic() + 3600
-    while engine.stats.records < target_records and time.monotonic() < deadline:
-        engine.step()
+    applied = 0
+    while applied < records and time.monotonic() < deadline:
+        applied += engine.step()
     return time.perf_counter() - t0, engine.stats.ops - ops0
 
 
@@ -214,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 total += producer.send(op, data)
                 produced_s = time.perf_counter() - t0
+                engine.open()  # reader thread starts only now: nothing is read while producing
                 d0, a0 = engine.stats.decode_s, engine.stats.apply_s
-                seconds, ops = run_phase(engine, total)
+                seconds, ops = run_phase(engine, n)
+                engine.close()
                 assert ops == n * ops_per, f"{name}: {ops} ops, expected {n * ops_per}"
                 results.append(
                     (

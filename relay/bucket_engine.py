@@ -31,15 +31,21 @@ Choices:
   the first event using it).  Avro field names are mapped back to column names
   (``pg.name``), so rules always see PostgreSQL column names.
 
-Threading: :meth:`BucketEngine.run` runs in one thread; :meth:`BucketEngine.request_stop`
-may be called from any thread.
+Threading: :meth:`BucketEngine.run` runs in one thread and starts one reader thread, the
+only user of the Kafka consumers, which polls, dedups by header, decodes and hands batches
+over a queue of two; the calling thread applies them to the store.  So reading and
+decoding batch *n+1* overlaps with the store's transaction for batch *n* (the GIL is
+released while PostgreSQL works).  :meth:`BucketEngine.request_stop` may be called from
+any thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -331,6 +337,11 @@ class BucketEngine:
         self._last_topic_check = 0.0
         self._caught_up: Position | None = None
         self._max_position: Position = (0, 0)
+        self._seen: dict[tuple[str, int], PartitionProgress] = {}
+        self._batches: queue.Queue[_Batch | _Idle | BaseException] = queue.Queue(maxsize=2)
+        self._reader: threading.Thread | None = None
+        self._reader_stop = threading.Event()
+        self._idle_at_end = False
 
     # ---- lifecycle
 
@@ -378,6 +389,11 @@ class BucketEngine:
                 self.maintain()
                 last_compact = time.monotonic()
 
+    def open(self) -> None:
+        """Connect to Kafka, load the offsets from the store and start the reader thread
+        (done by :meth:`step` when needed)."""
+        self._open()
+
     def _open(self) -> None:
         from kafka import KafkaConsumer
 
@@ -397,9 +413,23 @@ class BucketEngine:
         )
         self._assigned_topics = set()
         self._last_topic_check = 0.0
+        self._seen = dict(self._progress)
         self._assign()
+        self._batches = queue.Queue(maxsize=2)
+        self._reader_stop = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read_loop, name="bucket-engine-reader", daemon=True
+        )
+        self._reader.start()
 
     def _close_consumers(self) -> None:
+        if self._reader is not None:
+            self._reader_stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._batches.get_nowait()
+            self._reader.join(30)
+            self._reader = None
         if self._consumer is not None:
             try:
                 self._consumer.close()
@@ -445,28 +475,62 @@ class BucketEngine:
 
     # ---- work
 
-    def step(self) -> int:
-        """Read one batch (up to ``batch_max_events`` or ``batch_max_ms``) and apply it;
-        returns the number of records read."""
+    def step(self, timeout: float = 1.0) -> int:
+        """Apply the next batch the reader thread has prepared (waiting up to ``timeout``
+        seconds); returns the number of records it covered (0 when the reader found nothing
+        new).  Reading, decoding and the next batch's preparation overlap with the store's
+        transaction."""
         if self._consumer is None:
             self._open()
-        if time.monotonic() - self._last_topic_check > self.topic_refresh_s:
-            self._assign()
-        records = self._poll_batch()
-        if not records:
-            self._note_idle()
+        try:
+            item = self._batches.get(timeout=timeout)
+        except queue.Empty:
             return 0
-        changes, progress = self._changes(records)
+        if isinstance(item, BaseException):
+            self._reader = None  # it has exited
+            raise item
+        if isinstance(item, _Idle):
+            self._idle_at_end = item.at_end
+            if item.at_end:
+                self._caught_up = item.position
+            return 0
+        self._idle_at_end = False
         t0 = time.perf_counter()
-        result = self.store.apply(self.rules, changes, progress)
+        result = self.store.apply(self.rules, item.changes, item.progress)
         self.stats.apply_s += time.perf_counter() - t0
-        self._progress.update(progress)
+        self._progress.update(item.progress)
         self.stats.batches += 1
-        self.stats.changes += len(changes)
+        self.stats.changes += len(item.changes)
         self.stats.duplicates += result.skipped_duplicates
         self.stats.errors += result.skipped_errors
         self.stats.ops += result.ops
-        return len(records)
+        return item.records
+
+    # ---- the reader thread: the only user of the Kafka consumers once started
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._reader_stop.is_set():
+                missing = len(self._assigned_topics) < len(self._topics)
+                since = time.monotonic() - self._last_topic_check
+                if since > (0.5 if missing else self.topic_refresh_s):
+                    self._assign()
+                records = self._poll_batch()
+                item: _Batch | _Idle
+                if records:
+                    changes, progress = self._changes(records)
+                    item = _Batch(changes, progress, len(records))
+                else:
+                    item = _Idle(self._at_end(), self._max_position)
+                while not self._reader_stop.is_set():
+                    try:
+                        self._batches.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the applying thread, which raises it
+            with contextlib.suppress(queue.Full):
+                self._batches.put(exc, timeout=5)
 
     def _poll_batch(self) -> list[Any]:
         out: list[Any] = []
@@ -492,7 +556,7 @@ class BucketEngine:
         changes: list[RowChange] = []
         for r in records:
             tp = (r.topic, r.partition)
-            seen = progress.get(tp) or self._progress.get(tp) or PartitionProgress(0)
+            seen = progress.get(tp) or self._seen.get(tp) or PartitionProgress(0)
             position = _header_position(r)
             self.stats.records += 1
             if r.value is not None and position is None:
@@ -506,6 +570,7 @@ class BucketEngine:
                 self._max_position = position
             changes.append(self._decode(r.value, position))
         changes.sort(key=lambda c: c.position)
+        self._seen.update(progress)
         self.stats.decode_s += time.perf_counter() - t0
         return changes, progress
 
@@ -532,15 +597,14 @@ class BucketEngine:
             f"{self._schemas.topic} within {self.schema_wait_s}s"
         )
 
-    def _note_idle(self) -> None:
-        """After an empty poll: if every partition is at its end, remember the highest
-        position applied (no event still to come can precede it)."""
+    def _at_end(self) -> bool:
+        """Every assigned partition is at its end offset (and every ruled topic that
+        exists is assigned)."""
         tps = list(self._consumer.assignment())
         if not tps:
-            return
+            return True
         ends = self._consumer.end_offsets(tps)
-        if all(self._consumer.position(tp) >= ends[tp] for tp in tps):
-            self._caught_up = self._max_position
+        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
 
     def maintain(self) -> None:
         """Compact the bucket logs and purge old tombstones (run by the leader)."""
@@ -558,7 +622,7 @@ class BucketEngine:
         )
 
     def run_until_idle(self, timeout: float = 60.0, idle_polls: int = 2) -> EngineStats:
-        """Lead (without waiting) and consume until every partition is at its end (checked
+        """Lead (without waiting) and consume until every partition is at its end (seen
         ``idle_polls`` times in a row) or ``timeout``; for tests, benchmarks and batch runs."""
         self.store.migrate()
         if not self.store.acquire_leadership():
@@ -568,19 +632,24 @@ class BucketEngine:
         deadline = time.monotonic() + timeout
         quiet = 0
         while time.monotonic() < deadline and quiet < idle_polls:
-            self._assign()
-            if self.step():
+            if self.step(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
                 quiet = 0
-            elif self._caught_up == self._max_position and self._at_end():
+            elif self._idle_at_end:
                 quiet += 1
         return self.stats
 
-    def _at_end(self) -> bool:
-        tps = list(self._consumer.assignment())
-        if len(self._assigned_topics) < len(self._topics) and not tps:
-            return True
-        ends = self._consumer.end_offsets(tps) if tps else {}
-        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Batch:
+    changes: list[RowChange]
+    progress: dict[tuple[str, int], PartitionProgress]
+    records: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Idle:
+    at_end: bool
+    position: Position
 
 
 def _header_position(record: Any) -> Position | None:
