@@ -15,6 +15,10 @@ commit does the slot's flush position move, and only up to the end of the last
 empty batch), keepalives and heartbeat messages move the flush position too,
 so an idle publication on a busy server does not pin WAL.
 
+Stop: the daemon reads on to the end of the transaction it is in (at most
+``STOP_GRACE_S``), commits the batch and confirms it, so the slot ends exactly
+where Kafka does.
+
 Faults: a lost PostgreSQL connection or an unreachable broker tears the session
 down (the open Kafka transaction is aborted, the slot is not advanced) and a new
 session starts after an exponential backoff with jitter.  The new session reads
@@ -69,6 +73,7 @@ from cdc.systemd_notify import Notifier
 log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
+STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 RETRYABLE: tuple[type[BaseException], ...] = (ReplicationLost, SinkUnavailable, psycopg.OperationalError)
 
 
@@ -365,7 +370,15 @@ class CdcDaemon:
                         if time.monotonic() - batch.started >= max_age:
                             flush()
 
-        while not self.stopping:
+        stop_by: float | None = None
+        while True:
+            if self.stopping:
+                # finish the transaction being read (its rest is on the wire), so the slot
+                # can be confirmed exactly up to what Kafka holds; give up after a grace period
+                if stop_by is None:
+                    stop_by = time.monotonic() + STOP_GRACE_S
+                if asm.idle or time.monotonic() >= stop_by:
+                    break
             self._tick()
             msg = stream.read(0.0 if not batch.empty else POLL_S)
             if msg is None:
@@ -392,7 +405,8 @@ class CdcDaemon:
                 self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
             if not batch.empty and time.monotonic() - batch.started >= max_age and asm.idle:
                 flush()
-        # stopping: write what we have (also a partly written transaction), confirm, leave
+        # stopping: write what we have (a partly read transaction only if the grace period
+        # ran out: the resume position covers it), confirm, leave
         with contextlib.suppress(CdcError):
             flush()
             stream.send_status(self.stats.flushed_lsn)
