@@ -55,10 +55,11 @@ def pending_in_slot(conn: psycopg.Connection[Any], slot: str) -> list[tuple[int,
 
 
 class InsertWriter:
-    """Inserts ids 0, 1, 2 ... into ``t`` (one transaction each) from a thread."""
+    """Inserts ids 0, 1, 2 ... into ``t`` from a thread, ``rows_per_txn`` rows per transaction."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, rows_per_txn: int = 1) -> None:
         self.dsn = dsn
+        self.rows_per_txn = rows_per_txn
         self.acked: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -67,9 +68,13 @@ class InsertWriter:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             i = 0
             while not self._stop.is_set():
-                conn.execute("insert into t (id, v) values (%s, %s)", (i, f"row {i}"))
-                self.acked.append(i)
-                i += 1
+                ids = list(range(i, i + self.rows_per_txn))
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "insert into t (id, v) values (%s, %s)", [(j, f"row {j}") for j in ids]
+                    )
+                self.acked.extend(ids)
+                i += self.rows_per_txn
                 time.sleep(0.003)
 
     def __enter__(self) -> InsertWriter:
@@ -84,8 +89,14 @@ class InsertWriter:
 # --------------------------------------------------------------------------- SIGTERM
 
 
+@pytest.mark.parametrize("rows_per_txn", [1, 40])
 def test_sigterm_flushes_and_confirms_exactly_what_kafka_holds(
-    tmp_path: Path, pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, daemon_process: Any
+    rows_per_txn: int,
+    tmp_path: Path,
+    pg_dsn: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    daemon_process: Any,
 ) -> None:
     """SIGTERM while rows stream in: exit 0 within 5 s; afterwards the slot's
     confirmed position is exactly the end of what Kafka holds: every row is
@@ -99,7 +110,7 @@ def test_sigterm_flushes_and_confirms_exactly_what_kafka_holds(
         oid = conn.execute("select 't'::regclass::oid").fetchone()[0]  # type: ignore[index]
         d = daemon_process(config).start()
         d.wait_streaming()
-        with InsertWriter(pg_dsn) as writer:
+        with InsertWriter(pg_dsn, rows_per_txn=rows_per_txn) as writer:
             wait_for(
                 lambda: len(table_events(kafka_bootstrap, topic_prefix, "t", timeout=2)) >= 30,
                 what="events in Kafka",

@@ -19,9 +19,10 @@ import psycopg
 import pytest
 
 from cdc.errors import parse_lsn
-from cdc.local_services import EmbeddedBroker, _log_tail, free_port, wait_for_port
+from cdc.local_services import EmbeddedBroker, EmbeddedPostgres, _log_tail, free_port, wait_for_port
 from tests.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_proxy import TcpProxy
+from tests.test_cdc_cli import daemon_config, run_cli
 
 # --------------------------------------------------------------------------- helpers
 
@@ -309,3 +310,95 @@ def test_busy_unpublished_tables_do_not_pin_wal(
                 )
             assert confirmed_lsn(conn, slot) - start > 3_000_000
             assert daemon.stats.events == 0, "writes to an unpublished table produced events"
+
+
+# --------------------------------------------------------------------------- start-up errors that name the fix
+
+
+def run_daemon_cli(config: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("cdc", "run", "--config", str(config), timeout=60)
+
+
+def assert_config_error(res: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert res.returncode == 2, f"exit {res.returncode}, expected 2; stderr:\n{res.stderr[-3000:]}"
+    line = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+    assert line.startswith("error: "), f"last stderr line is not the error: {line!r}"
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert "Traceback" not in res.stderr
+
+
+def test_wal_level_not_logical(tmp_path: Path, kafka_bootstrap: str, topic_prefix: str) -> None:
+    """A server with wal_level=replica (a second, throw-away cluster: the shared
+    one cannot be changed) is refused with the setting and the fix named."""
+    with EmbeddedPostgres(
+        base_dir=tmp_path / "pg-replica", extra_conf={"wal_level": "replica"}
+    ) as pg:
+        config = daemon_config(
+            tmp_path / "cdc.toml",
+            dsn=pg.dsn,
+            bootstrap=kafka_bootstrap,
+            prefix=topic_prefix,
+            slot=slot_name(),
+        )
+        res = run_daemon_cli(config)
+    assert_config_error(res, "wal_level", "'replica'", "ALTER SYSTEM SET wal_level = logical")
+
+
+def test_role_without_replication_privilege(
+    tmp_path: Path, pg_server: Any, pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    role = "r_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+        admin.execute(f"create role {role} login password 'pw-{role}'")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role, password=f"pw-{role}")
+        config = daemon_config(
+            tmp_path / "cdc.toml",
+            dsn=dsn,
+            bootstrap=kafka_bootstrap,
+            prefix=topic_prefix,
+            slot=slot_name(),
+        )
+        res = run_daemon_cli(config)
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+            admin.execute(f"drop role if exists {role}")
+    assert_config_error(res, role, "REPLICATION", f"ALTER ROLE {role} REPLICATION")
+
+
+BAD_CONFIGS: dict[str, tuple[dict[str, dict[str, object]], list[str]]] = {
+    "missing table": (
+        {"postgres": {"tables": ["public.t", "public.nope"]}},
+        ["public.nope", "do not exist", "Fix"],
+    ),
+    "unknown key": (
+        {"postgres": {"slott": "x"}},
+        ["unknown setting postgres.slott", "postgres.slot"],
+    ),
+    "unknown section": ({"kafak": {"timeout_s": 1.0}}, ["unknown section [kafak]", "[kafka]"]),
+    "wrong type": ({"kafka": {"batch_max_events": "many"}}, ["kafka.batch_max_events", "expected"]),
+    "bad value": ({"kafka": {"timeout_s": -1.0}}, ["kafka.timeout_s", "must be > 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configuration_exits_2_naming_it(
+    case: str, tmp_path: Path, pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    overrides, fragments = BAD_CONFIGS[case]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table t (id int primary key)")
+    config = daemon_config(
+        tmp_path / "cdc.toml",
+        dsn=pg_dsn,
+        bootstrap=kafka_bootstrap,
+        prefix=topic_prefix,
+        slot=slot_name(),
+        **overrides,
+    )
+    assert_config_error(run_daemon_cli(config), *fragments)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_config_error(run_daemon_cli(tmp_path / "nope.toml"), "nope.toml", "does not exist")
