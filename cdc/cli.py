@@ -19,18 +19,36 @@ import typer
 
 from cdc.errors import CdcError, ConfigError, PreflightError
 
-app = typer.Typer(name="fieldsync", help="fieldsync server side: cdc, relay, replay, and a local demo.", no_args_is_help=True, add_completion=False)
-cdc_app = typer.Typer(help="PostgreSQL logical replication (pgoutput) into Kafka.", no_args_is_help=True)
+app = typer.Typer(
+    name="fieldsync",
+    help="fieldsync server side: cdc, relay, replay, and a local demo.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+cdc_app = typer.Typer(
+    help="PostgreSQL logical replication (pgoutput) into Kafka.", no_args_is_help=True
+)
 app.add_typer(cdc_app, name="cdc")
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see config/cdc.example.toml); FIELDSYNC_<SECTION>_<KEY> env vars override it.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (see config/cdc.example.toml); FIELDSYNC_<SECTION>_<KEY> env vars override it.",
+    ),
+]
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
@@ -71,7 +89,10 @@ def cdc_run(config: ConfigOpt = None) -> None:
 
 
 @cdc_app.command("status")
-def cdc_status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def cdc_status(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """Show the slot, its confirmed position, lag in bytes and the last event time."""
     from cdc.kafka_sink import read_resume_position
     from cdc.pg_source import connect, slot_state
@@ -93,16 +114,26 @@ def cdc_status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("
     if state:
         out.update(state)
     try:
-        resume = read_resume_position(kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s))
+        resume = read_resume_position(
+            kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s)
+        )
     except CdcError as exc:
         out["kafka_error"] = str(exc)
         resume = None
     if resume is not None:
         from cdc.errors import format_lsn
 
-        out["kafka_position"] = {"commit_lsn": format_lsn(resume.commit_lsn), "seq": resume.seq, "complete": resume.complete, "snapshot_done": resume.snapshot_done}
+        out["kafka_position"] = {
+            "commit_lsn": format_lsn(resume.commit_lsn),
+            "seq": resume.seq,
+            "complete": resume.complete,
+            "snapshot_done": resume.snapshot_done,
+        }
         if resume.commit_ts_us:
-            out["last_event_time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(resume.commit_ts_us / 1e6)) + f".{resume.commit_ts_us % 1_000_000:06d}Z"
+            out["last_event_time"] = (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(resume.commit_ts_us / 1e6))
+                + f".{resume.commit_ts_us % 1_000_000:06d}Z"
+            )
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
     else:
@@ -119,7 +150,9 @@ def cdc_status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("
 
 @app.command("demo")
 def demo(
-    seconds: Annotated[float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")] = 0.0,
+    seconds: Annotated[
+        float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")
+    ] = 0.0,
     rate: Annotated[float, typer.Option(help="demo writes per second")] = 2.0,
 ) -> None:
     """Run cdc against an embedded PostgreSQL and broker, writing demo rows and printing events as Kafka acknowledges them."""
@@ -134,7 +167,11 @@ def demo(
 
 def _mount_optional() -> None:
     """Mount sub-commands of other packages when they exist."""
-    for module, attr, name in (("relay.cli", "app", "relay"), ("relay.cli", "token_app", "token"), ("cdc.replay_cli", "app", "replay")):
+    for module, attr, name in (
+        ("relay.cli", "app", "relay"),
+        ("relay.cli", "token_app", "token"),
+        ("cdc.replay_cli", "app", "replay"),
+    ):
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError:
@@ -153,4 +190,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -75,7 +75,9 @@ class Sink(Protocol):
     """Where events go.  Calls come from one thread."""
 
     def begin(self) -> None: ...
-    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None: ...
+    def send(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> None: ...
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None: ...
     def commit(self, position: ResumePosition) -> None: ...
     def abort(self) -> None: ...
@@ -156,7 +158,11 @@ class KafkaOptions:
             # kafka-python 3 waits 30 s by default for a first broker connection, whatever request_timeout_ms says
             kw["bootstrap_timeout_ms"] = int(self.timeout_s * 1000)
         if self.security_protocol.startswith("SASL"):
-            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password)
+            kw.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
         if self.ssl_cafile:
             kw["ssl_cafile"] = self.ssl_cafile
         return kw
@@ -192,13 +198,23 @@ class TopicManager:
                 configs = {"cleanup.policy": "compact"} if compacted else {}
                 try:
                     admin.create_topics(
-                        [NewTopic(t, 1 if compacted else self.opts.topic_partitions, 1, topic_configs=configs) for t in to_create]
+                        [
+                            NewTopic(
+                                t,
+                                1 if compacted else self.opts.topic_partitions,
+                                1,
+                                topic_configs=configs,
+                            )
+                            for t in to_create
+                        ]
                     )
                 except TopicAlreadyExistsError:
                     pass
         except _kafka_errors() as exc:
             self.close()
-            raise SinkUnavailable(f"cannot create topics {missing} on {self.opts.bootstrap_servers}: {exc}") from exc
+            raise SinkUnavailable(
+                f"cannot create topics {missing} on {self.opts.bootstrap_servers}: {exc}"
+            ) from exc
         self._known.update(missing)
 
     def close(self) -> None:
@@ -219,7 +235,9 @@ class KafkaTransactionalSink:
         self.opts = opts
         self.slot = slot
         self.topics = TopicManager(opts)
-        self.topics.ensure([state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)], compacted=True)
+        self.topics.ensure(
+            [state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)], compacted=True
+        )
         self._published: set[bytes] = set()
         self._pending_schemas: set[bytes] = set()
         self._in_txn = False
@@ -244,7 +262,9 @@ class KafkaTransactionalSink:
         except _kafka_errors() as exc:
             self._broken = True
             self.close()
-            raise SinkUnavailable(f"cannot start a transactional producer on {opts.bootstrap_servers}: {exc}") from exc
+            raise SinkUnavailable(
+                f"cannot start a transactional producer on {opts.bootstrap_servers}: {exc}"
+            ) from exc
 
     def begin(self) -> None:
         if self._in_txn:
@@ -282,7 +302,11 @@ class KafkaTransactionalSink:
         if not self._in_txn:
             self.begin()
         try:
-            self.producer.send(schemas_topic(self.opts.topic_prefix), key=fingerprint.hex().encode(), value=schema_json.encode())
+            self.producer.send(
+                schemas_topic(self.opts.topic_prefix),
+                key=fingerprint.hex().encode(),
+                value=schema_json.encode(),
+            )
         except _kafka_errors() as exc:
             raise self._unavailable(f"publishing schema {fingerprint.hex()} failed: {exc}") from exc
         self._pending_schemas.add(fingerprint)
@@ -291,11 +315,17 @@ class KafkaTransactionalSink:
         if not self._in_txn:
             self.begin()
         try:
-            self.producer.send(state_topic(self.opts.topic_prefix), key=self.slot.encode(), value=position.to_json())
+            self.producer.send(
+                state_topic(self.opts.topic_prefix),
+                key=self.slot.encode(),
+                value=position.to_json(),
+            )
             self.producer.flush(timeout=self.opts.timeout_s)
             self._end_transaction(commit=True)
         except _kafka_errors() as exc:
-            raise self._unavailable(f"commit of the Kafka transaction failed (position {position}): {exc}") from exc
+            raise self._unavailable(
+                f"commit of the Kafka transaction failed (position {position}): {exc}"
+            ) from exc
         self._in_txn = False
         self._published |= self._pending_schemas
         self._pending_schemas = set()
@@ -319,7 +349,9 @@ class KafkaTransactionalSink:
         sender.wakeup()
         if not result.wait(timeout_ms=int(self.opts.timeout_s * 1000)):
             what = "commit" if commit else "abort"
-            raise KafkaTimeoutError(f"the broker did not complete the transaction {what} within {self.opts.timeout_s:g}s")
+            raise KafkaTimeoutError(
+                f"the broker did not complete the transaction {what} within {self.opts.timeout_s:g}s"
+            )
 
     def abort(self) -> None:
         if not self._in_txn:
@@ -333,7 +365,10 @@ class KafkaTransactionalSink:
         try:
             self._end_transaction(commit=False)
         except Exception as exc:
-            log.warning("abort of the Kafka transaction failed (it will be aborted at the next start): %s", exc)
+            log.warning(
+                "abort of the Kafka transaction failed (it will be aborted at the next start): %s",
+                exc,
+            )
 
     def close(self) -> None:
         if self.producer is not None:
@@ -351,7 +386,9 @@ class KafkaTransactionalSink:
         self.topics.close()
 
 
-def read_resume_position(opts: KafkaOptions, slot: str, timeout_s: float = 30.0) -> ResumePosition | None:
+def read_resume_position(
+    opts: KafkaOptions, slot: str, timeout_s: float = 30.0
+) -> ResumePosition | None:
     """Read the last committed state record for ``slot`` (None if there is none)."""
     from kafka import KafkaConsumer, TopicPartition
 
@@ -388,7 +425,9 @@ def read_resume_position(opts: KafkaOptions, slot: str, timeout_s: float = 30.0)
         key = slot.encode()
         while any(consumer.position(tp) < ends[tp] for tp in tps):
             if time.monotonic() > deadline:
-                raise SinkUnavailable(f"timed out reading {topic} (at {[consumer.position(tp) for tp in tps]} of {ends})")
+                raise SinkUnavailable(
+                    f"timed out reading {topic} (at {[consumer.position(tp) for tp in tps]} of {ends})"
+                )
             for _tp, records in consumer.poll(timeout_ms=500).items():
                 for r in records:
                     if r.key == key and r.value:
@@ -402,7 +441,6 @@ def read_resume_position(opts: KafkaOptions, slot: str, timeout_s: float = 30.0)
 
 def new_transactional_id(slot: str) -> str:
     return f"fieldsync-cdc.{slot}"
-
 
 
 __all__ = [

@@ -74,7 +74,11 @@ log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
-RETRYABLE: tuple[type[BaseException], ...] = (ReplicationLost, SinkUnavailable, psycopg.OperationalError)
+RETRYABLE: tuple[type[BaseException], ...] = (
+    ReplicationLost,
+    SinkUnavailable,
+    psycopg.OperationalError,
+)
 
 
 def kafka_options(s: CdcSettings) -> KafkaOptions:
@@ -188,7 +192,11 @@ class CdcDaemon:
                 self._sleep(delay)
                 backoff = min(backoff * 2, self.s.cdc.retry_backoff_max_s)
         self.notifier.stopping("stopped")
-        log.info("stopped; slot %s confirmed at %s", self.s.postgres.slot, format_lsn(self.stats.flushed_lsn))
+        log.info(
+            "stopped; slot %s confirmed at %s",
+            self.s.postgres.slot,
+            format_lsn(self.stats.flushed_lsn),
+        )
         return 0
 
     def _sleep(self, seconds: float) -> None:
@@ -219,35 +227,60 @@ class CdcDaemon:
             # transactional id and settles that one's open transaction (aborted, or committed
             # if its commit had begun), so the resume position read next is final.
             sink = self._make_sink()
-            resume = read_resume_position(kafka_options(self.s), pg.slot, timeout_s=self.s.kafka.timeout_s)
+            resume = read_resume_position(
+                kafka_options(self.s), pg.slot, timeout_s=self.s.kafka.timeout_s
+            )
             state = slot_state(conn, pg.slot)
-            need_snapshot = pg.snapshot == "initial" and (resume is None or not resume.snapshot_done)
+            need_snapshot = pg.snapshot == "initial" and (
+                resume is None or not resume.snapshot_done
+            )
             if state is not None and need_snapshot:
-                log.warning("slot %s exists but no finished snapshot is recorded in Kafka: dropping it and starting over", pg.slot)
+                log.warning(
+                    "slot %s exists but no finished snapshot is recorded in Kafka: dropping it and starting over",
+                    pg.slot,
+                )
                 drop_slot(conn, pg.slot)
                 state = None
             if state is not None and state["active_pid"] is not None:
-                raise ReplicationLost(f"slot {pg.slot} is in use by PID {state['active_pid']} (another cdc daemon?)")
+                raise ReplicationLost(
+                    f"slot {pg.slot} is in use by PID {state['active_pid']} (another cdc daemon?)"
+                )
             rconn = connect(pg.dsn, pg.password, replication=True)
             if state is None:
                 slot = create_slot(rconn, pg.slot, export_snapshot=need_snapshot)
                 log.info("created slot %s at %s", pg.slot, format_lsn(slot.consistent_point))
                 if need_snapshot and slot.snapshot_name:
-                    resume = self._snapshot(slot.snapshot_name, slot.consistent_point, catalog, sink)
+                    resume = self._snapshot(
+                        slot.snapshot_name, slot.consistent_point, catalog, sink
+                    )
                 start_lsn = slot.consistent_point
             else:
                 start_lsn = 0  # the slot's confirmed_flush_lsn
-                self.stats.flushed_lsn = max(self.stats.flushed_lsn, _lsn(state["confirmed_flush_lsn"]))
+                self.stats.flushed_lsn = max(
+                    self.stats.flushed_lsn, _lsn(state["confirmed_flush_lsn"])
+                )
             proto = pg.proto_version or highest_proto_version(info["server_version"])
-            stream = ReplicationStream(rconn, pg.slot, pg.publication, start_lsn, proto, pg.streaming)
+            stream = ReplicationStream(
+                rconn, pg.slot, pg.publication, start_lsn, proto, pg.streaming
+            )
             assembler = ChangeAssembler(
-                db=self.db, topic_prefix=self.s.kafka.topic_prefix, catalog=catalog, spill=spill,
-                resume=resume, warn=lambda msg: log.warning("%s", msg),
+                db=self.db,
+                topic_prefix=self.s.kafka.topic_prefix,
+                catalog=catalog,
+                spill=spill,
+                resume=resume,
+                warn=lambda msg: log.warning("%s", msg),
             )
             decoder = m.PgOutputDecoder(proto)
             self.ready.set()
             self.notifier.ready(f"streaming slot {pg.slot} from {format_lsn(start_lsn)}")
-            log.info("streaming slot %s (protocol %d%s) resume=%s", pg.slot, proto, ", streaming" if stream.streaming else "", resume)
+            log.info(
+                "streaming slot %s (protocol %d%s) resume=%s",
+                pg.slot,
+                proto,
+                ", streaming" if stream.streaming else "",
+                resume,
+            )
             self._stream(stream, decoder, assembler, sink, conn)
         except BaseException:
             if sink is not None:
@@ -266,7 +299,9 @@ class CdcDaemon:
 
     # ------------------------------------------------------------------ snapshot
 
-    def _snapshot(self, snapshot_name: str, consistent_point: int, catalog: PgCatalog, sink: Sink) -> ResumePosition:
+    def _snapshot(
+        self, snapshot_name: str, consistent_point: int, catalog: PgCatalog, sink: Sink
+    ) -> ResumePosition:
         pg = self.s.postgres
         sconn = connect(pg.dsn, pg.password)
         batch = 0
@@ -276,9 +311,16 @@ class CdcDaemon:
         try:
             sink.begin()
             for out in read_snapshot(
-                sconn, snapshot_name, pg.publication, db=self.db, topic_prefix=self.s.kafka.topic_prefix,
-                consistent_point=consistent_point, catalog=catalog, unchanged_sentinel=m.UNCHANGED_TOAST,
-                warn=lambda msg: log.warning("%s", msg), clock_us=lambda: int(time.time() * 1_000_000),
+                sconn,
+                snapshot_name,
+                pg.publication,
+                db=self.db,
+                topic_prefix=self.s.kafka.topic_prefix,
+                consistent_point=consistent_point,
+                catalog=catalog,
+                unchanged_sentinel=m.UNCHANGED_TOAST,
+                warn=lambda msg: log.warning("%s", msg),
+                clock_us=lambda: int(time.time() * 1_000_000),
             ):
                 if isinstance(out, OutSchema):
                     sink.publish_schema(out.fingerprint, out.schema_json)
@@ -298,7 +340,9 @@ class CdcDaemon:
                     batch = 0
                     self._tick()
                 if self.stopping:
-                    raise ReplicationLost("stopped during the initial snapshot; it restarts from scratch next time")
+                    raise ReplicationLost(
+                        "stopped during the initial snapshot; it restarts from scratch next time"
+                    )
             done = ResumePosition(consistent_point, last.seq, True, snapshot_done=True)
             sink.commit(done)
             if self.on_commit is not None and collected:
@@ -310,7 +354,14 @@ class CdcDaemon:
 
     # ------------------------------------------------------------------ streaming
 
-    def _stream(self, stream: ReplicationStream, decoder: m.PgOutputDecoder, asm: ChangeAssembler, sink: Sink, conn: psycopg.Connection[Any]) -> None:
+    def _stream(
+        self,
+        stream: ReplicationStream,
+        decoder: m.PgOutputDecoder,
+        asm: ChangeAssembler,
+        sink: Sink,
+        conn: psycopg.Connection[Any],
+    ) -> None:
         pg, k = self.s.postgres, self.s.kafka
         batch = _Batch()
         max_age = k.batch_max_ms / 1000.0
@@ -328,13 +379,20 @@ class CdcDaemon:
             self.stats.kafka_commits += 1
             self.stats.last_commit_wall = now
             if self.record_latency:
-                self.stats.commit_latencies_ms.extend((now * 1e6 - ts) / 1000.0 for ts in batch.txn_commit_ts)
+                self.stats.commit_latencies_ms.extend(
+                    (now * 1e6 - ts) / 1000.0 for ts in batch.txn_commit_ts
+                )
             if batch.confirm_lsn is not None and batch.confirm_lsn > self.stats.flushed_lsn:
                 self.stats.flushed_lsn = batch.confirm_lsn
                 stream.send_status(self.stats.flushed_lsn)
             if self.on_commit is not None and batch.collected:
                 self.on_commit(batch.collected)
-            log.debug("kafka commit: %d events in %.1f ms, confirmed %s", batch.events, (time.monotonic() - t0) * 1000, format_lsn(self.stats.flushed_lsn))
+            log.debug(
+                "kafka commit: %d events in %.1f ms, confirmed %s",
+                batch.events,
+                (time.monotonic() - t0) * 1000,
+                format_lsn(self.stats.flushed_lsn),
+            )
             batch = _Batch()
 
         def handle(outs: Iterable[OutEvent | OutSchema | TxnEnd]) -> None:
@@ -345,7 +403,9 @@ class CdcDaemon:
                         batch.started = time.monotonic()
                     sink.send(out.topic, out.key, out.value, out.headers)
                     batch.events += 1
-                    batch.position = ResumePosition(out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us)
+                    batch.position = ResumePosition(
+                        out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us
+                    )
                     self.stats.events += 1
                     self.stats.last_event_commit_ts_us = out.commit_ts_us
                     if self.on_commit is not None:
@@ -364,7 +424,12 @@ class CdcDaemon:
                         if out.end_lsn > self.stats.flushed_lsn:
                             self.stats.flushed_lsn = out.end_lsn
                     else:
-                        batch.position = ResumePosition(out.commit_lsn, max(out.events - 1, 0), True, commit_ts_us=out.commit_ts_us)
+                        batch.position = ResumePosition(
+                            out.commit_lsn,
+                            max(out.events - 1, 0),
+                            True,
+                            commit_ts_us=out.commit_ts_us,
+                        )
                         batch.confirm_lsn = out.end_lsn
                         batch.txn_commit_ts.append(out.commit_ts_us)
                         if time.monotonic() - batch.started >= max_age:
@@ -388,20 +453,32 @@ class CdcDaemon:
                 now = time.monotonic()
                 if now - stream.last_status_sent >= pg.status_interval_s:
                     stream.send_status(self.stats.flushed_lsn)
-                if pg.heartbeat_interval_s and now - last_heartbeat >= pg.heartbeat_interval_s and asm.idle:
+                if (
+                    pg.heartbeat_interval_s
+                    and now - last_heartbeat >= pg.heartbeat_interval_s
+                    and asm.idle
+                ):
                     last_heartbeat = now
                     conn.execute("select pg_logical_emit_message(false, 'fieldsync.heartbeat', '')")
                 continue
             if isinstance(msg, Keepalive):
                 if asm.idle and batch.empty and msg.wal_end > self.stats.flushed_lsn:
                     self.stats.flushed_lsn = msg.wal_end
-                if msg.reply_requested or time.monotonic() - stream.last_status_sent >= pg.status_interval_s:
+                if (
+                    msg.reply_requested
+                    or time.monotonic() - stream.last_status_sent >= pg.status_interval_s
+                ):
                     stream.send_status(self.stats.flushed_lsn)
                 continue
             assert isinstance(msg, XLogData)
             decoded = decoder.decode(msg.payload, msg.wal_start)
             handle(asm.feed(decoded, msg.wal_start))
-            if isinstance(decoded, m.LogicalMessage) and not decoded.transactional and asm.idle and batch.empty:
+            if (
+                isinstance(decoded, m.LogicalMessage)
+                and not decoded.transactional
+                and asm.idle
+                and batch.empty
+            ):
                 self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
             if not batch.empty and time.monotonic() - batch.started >= max_age and asm.idle:
                 flush()
