@@ -402,3 +402,29 @@ def test_bad_configuration_exits_2_naming_it(
 
 def test_missing_config_file(tmp_path: Path) -> None:
     assert_config_error(run_daemon_cli(tmp_path / "nope.toml"), "nope.toml", "does not exist")
+
+
+def test_kafka_connections_cut_repeatedly(
+    pg_dsn: str, proxied_broker: ProxiedBroker, topic_prefix: str
+) -> None:
+    """Every Kafka connection is cut several times while rows stream (the broker
+    stays up): whatever the producer makes of it (reconnect, or a failed
+    transaction and a new session), every row arrives exactly once."""
+    bootstrap = proxied_broker.bootstrap
+    settings = make_settings(
+        pg_dsn, bootstrap, topic_prefix,
+        postgres_slot=slot_name(), kafka_timeout_s="3", cdc_retry_backoff_max_s="0.5", kafka_batch_max_events="5",
+    )  # fmt: skip
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table t (id int primary key, v text)")
+    with running_daemon(settings), Writer(pg_dsn, start=0, pause_s=0.01) as writer:
+        for _ in range(5):
+            time.sleep(0.5)
+            proxied_broker.proxy.cut()
+        time.sleep(0.5)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        in_table = {r[0] for r in conn.execute("select id from t").fetchall()}
+    assert set(writer.acked) == in_table
+    with running_daemon(settings):
+        events = table_events(bootstrap, topic_prefix, "t", expect=len(in_table), timeout=60)
+    assert_exactly_once(events, in_table)
