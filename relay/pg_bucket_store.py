@@ -344,7 +344,7 @@ class _Listener:
                     while not self._stop.is_set():
                         for n in conn.notifies(timeout=0.5):
                             self._deliver(*_parse_payload(n.payload))
-            except psycopg.Error as exc:
+            except (psycopg.Error, StoreError) as exc:
                 log.warning("bucket store listener: %s; reconnecting in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
