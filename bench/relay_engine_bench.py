@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kafka-bootstrap", help="existing broker (else embedded tansu)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = ap.parse_args(argv)
-    n = 3000 if args.quick else args.rows
+    n = min(args.rows, 3000) if args.quick else args.rows
 
     with services(args.pg_dsn, args.kafka_bootstrap) as (admin_dsn, conninfo, bootstrap):
         db = "relay_bench_" + uuid.uuid4().hex[:8]
