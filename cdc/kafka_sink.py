@@ -134,6 +134,11 @@ def _build(cls: Any, **config: Any) -> Any:
         raise
 
 
+def _remaining(deadline: float, floor_s: float = 0.5) -> float:
+    """Seconds left until ``deadline`` (monotonic), but at least ``floor_s``."""
+    return max(floor_s, deadline - time.monotonic())
+
+
 @dataclass
 class KafkaOptions:
     bootstrap_servers: str
@@ -314,6 +319,9 @@ class KafkaTransactionalSink:
     def commit(self, position: ResumePosition) -> None:
         if not self._in_txn:
             self.begin()
+        # one deadline for the whole commit (records, then the transaction marker), so a
+        # dead broker is given up after timeout_s, not after one timeout per step
+        deadline = time.monotonic() + self.opts.timeout_s
         try:
             self.producer.send(
                 state_topic(self.opts.topic_prefix),
@@ -321,7 +329,7 @@ class KafkaTransactionalSink:
                 value=position.to_json(),
             )
             self.producer.flush(timeout=self.opts.timeout_s)
-            self._end_transaction(commit=True)
+            self._end_transaction(commit=True, timeout_s=_remaining(deadline))
         except _kafka_errors() as exc:
             raise self._unavailable(
                 f"commit of the Kafka transaction failed (position {position}): {exc}"
@@ -330,8 +338,8 @@ class KafkaTransactionalSink:
         self._published |= self._pending_schemas
         self._pending_schemas = set()
 
-    def _end_transaction(self, commit: bool) -> None:
-        """Commit or abort, waiting at most ``timeout_s`` for the broker.
+    def _end_transaction(self, commit: bool, timeout_s: float | None = None) -> None:
+        """Commit or abort, waiting at most ``timeout_s`` (default kafka.timeout_s) for the broker.
 
         kafka-python's ``commit_transaction()``/``abort_transaction()`` wait
         without a timeout: with the broker gone they block forever (seen with
@@ -347,10 +355,11 @@ class KafkaTransactionalSink:
             return
         result = manager.begin_commit() if commit else manager.begin_abort()
         sender.wakeup()
-        if not result.wait(timeout_ms=int(self.opts.timeout_s * 1000)):
+        timeout_s = self.opts.timeout_s if timeout_s is None else timeout_s
+        if not result.wait(timeout_ms=int(timeout_s * 1000)):
             what = "commit" if commit else "abort"
             raise KafkaTimeoutError(
-                f"the broker did not complete the transaction {what} within {self.opts.timeout_s:g}s"
+                f"the broker did not complete the transaction {what} within {timeout_s:g}s"
             )
 
     def abort(self) -> None:
