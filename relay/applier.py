@@ -1,0 +1,1654 @@
+"""The upstream applier: device journal entries from Kafka into the captured PostgreSQL.
+
+Data path::
+
+    {prefix}._journal ──poll──▶ JournalRecord ──▶ runs (one device, one partition)
+        ──▶ ONE PostgreSQL transaction per run:
+              pg_logical_emit_message(true, 'fieldsync.origin', 'device:<id>')
+              idempotency check (fieldsync_applier.applied)
+              validate (relay.journal) ── read rows SELECT … FOR UPDATE ── merge (relay.merge)
+              write rows, applied records, kept conflicts, outbox, Kafka offsets
+        ──commit──▶ outbox ──▶ {prefix}._outcomes (keyed by device) ──▶ delete from outbox
+
+Choices (docs/journal.md is the reference):
+
+- **Exactly once.**  Each entry's data write and its idempotency record
+  ``fieldsync_applier.applied(device_id, seq, …)`` commit in the same transaction, and so
+  do the consumer offsets (``fieldsync_applier.offsets``), which are the only offsets used
+  (manual partition assignment; the applier seeks to them at start).  A crash between the
+  PostgreSQL commit and anything after it re-reads nothing already applied; a record
+  delivered twice (a device re-uploading, a relay retrying) finds its ``(device, seq)``
+  in ``applied`` and is skipped.  Offsets only move forward (``greatest``).
+- **Runs.**  Consecutive records of one device in one partition (at most
+  ``batch_max_entries``) share a transaction: its origin message names that device, so cdc
+  puts ``device:<id>`` into ``source.origin`` of every change it made.  Runs of a
+  partition are applied in offset order.  Rows of a run are read with one ``SELECT …
+  ORDER BY key FOR UPDATE`` per table (lock order = key order); updates and deletes are
+  sent with ``executemany`` (pipelined); an entry touching a row an earlier entry of the
+  run wrote re-reads it first.  Inserts run in a savepoint with ``RETURNING`` so the
+  inserted row (defaults, triggers) is checked against the device's buckets before it is
+  kept.  If a statement of the run fails (constraint, bad value, trigger), the run is
+  rolled back and retried one entry per transaction; the entry that fails alone is
+  rejected as ``db_error`` with PostgreSQL's message.  Deadlocks and serialization
+  failures retry the run.
+- **Server changes since the base** are found per column by comparing the server's row
+  (read as text and converted exactly as cdc converts it, so it compares equal to what
+  the device received) with the entry's ``old`` values.
+- **The server version's time** (for ``lww``/``fww``): if the row's current version was
+  written by the applier (its ``xmin`` equals the transaction id recorded in
+  ``fieldsync_applier.row_clock`` for that row), the device HLC of that write; else the
+  commit time of ``xmin`` (``pg_xact_commit_timestamp``, when ``track_commit_timestamp``
+  is on); else the table's ``time_column`` from the conflicts file; else unknown (older
+  than any edit).  Tables whose policies need a time but have neither commit timestamps
+  nor a ``time_column`` are refused at start.  A missing row's deletion time is the
+  HLC of the applier's delete, else *now*.  ``row_clock`` is kept only for such tables.
+- **Outcomes** are recorded in ``applied`` (audit: device, seq, decision, time) and put
+  in ``fieldsync_applier.outbox`` in the same transaction; after the commit the leader
+  publishes the outbox to ``{prefix}._outcomes`` (idempotent producer, in id order) and
+  deletes what Kafka acknowledged.  A crash in between publishes those outcomes again:
+  consumers keep the latest outcome per ``(device_id, seq)``.
+- **ask** conflicts are kept in ``fieldsync_applier.conflicts`` with both versions until
+  :meth:`ApplierDb.resolve` settles them: the resolution is a new edit (its transaction's
+  origin is ``resolve:<conflict id>``) and a ``resolved`` outcome for the device;
+  resolving again returns the first resolution and changes nothing.
+- **One applier per database and consumer name**: a session advisory lock on the
+  connection that writes; others stand by.
+
+The applier's session uses cdc's text formats (:data:`cdc.pg_types.SESSION_SETTINGS`,
+TimeZone UTC included) so values read back parse exactly.
+
+Threading: :meth:`Applier.run` in one thread; :meth:`Applier.request_stop` from any.
+:class:`ApplierDb` is not thread-safe (one connection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from cdc.avro_envelope import TableCodec
+from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
+from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
+from relay.bucket_store import json_value, row_key_text
+from relay.errors import ConfigError, RelayError
+from relay.hlc import Hlc, HybridClock, wall_clock_ms
+from relay.journal import (
+    ColumnType,
+    JournalEntry,
+    JournalFormatError,
+    JournalRecord,
+    Kind,
+    Outcome,
+    OutcomeKind,
+    Reason,
+    Rejection,
+    WriteScope,
+    blocked_by,
+    check_write,
+    coerce_value,
+    column_types_from_value_schema,
+    same_value,
+    to_pg_text,
+    validate_entry,
+)
+from relay.merge import (
+    Action,
+    ConflictPolicies,
+    EditTimes,
+    MergeResult,
+    TablePolicy,
+    load_conflicts,
+    merge,
+)
+from relay.rules import Rules, TableInfo, canonical_text, load_rules
+
+__all__ = [
+    "Applier",
+    "ApplierDb",
+    "ApplierError",
+    "ApplyStats",
+    "ConflictNotFound",
+    "Delivery",
+    "ResolveError",
+    "TableMeta",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA: Final = "fieldsync_applier"
+SERVER_NODE: Final = "fieldsync-applier"
+_LOCK_CLASS: Final = 0x66730002  # advisory lock namespace ("fs" + 2)
+_MIGRATE_LOCK: Final = (_LOCK_CLASS, 0)
+_EMIT: Final = "select pg_logical_emit_message(true, %s, %s)"
+_XID32: Final = "select pg_current_xact_id()::text::bigint % 4294967296"
+_ENTRY_ERRORS: Final = (
+    psycopg.errors.DataError,
+    psycopg.errors.IntegrityError,
+    psycopg.errors.RaiseException,
+)
+_RETRY_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+
+class ApplierError(RelayError):
+    """The applier cannot go on (database unreachable, schema changed, Kafka down)."""
+
+
+class ConflictNotFound(ApplierError):
+    """No kept conflict has this id."""
+
+
+class ResolveError(ApplierError):
+    """A resolution is invalid (unknown choice, values for columns not in conflict)."""
+
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    f"""
+    create table {SCHEMA}.applied (
+        device_id text not null,
+        seq bigint not null,
+        outcome text not null,
+        reason text,
+        message text not null default '',
+        tbl text,
+        row_key text,
+        op text,
+        hlc text,
+        base_lsn bigint,
+        base_seq bigint,
+        detail jsonb,
+        received_at timestamptz,
+        applied_at timestamptz not null default now(),
+        primary key (device_id, seq)
+    );
+    create index applied_at_idx on {SCHEMA}.applied (applied_at);
+    create table {SCHEMA}.conflicts (
+        id text primary key,
+        device_id text not null,
+        seq bigint not null,
+        tbl text not null,
+        row_key text not null,
+        key jsonb not null,
+        kind text not null check (kind in ('columns', 'row')),
+        held jsonb not null,
+        claims jsonb not null,
+        status text not null default 'open' check (status in ('open', 'resolved')),
+        resolution jsonb,
+        created_at timestamptz not null default now(),
+        resolved_at timestamptz,
+        resolved_by text
+    );
+    create index conflicts_open_idx on {SCHEMA}.conflicts (device_id, created_at)
+        where status = 'open';
+    create table {SCHEMA}.offsets (
+        consumer text not null,
+        topic text not null,
+        partition int not null,
+        next_offset bigint not null,
+        primary key (consumer, topic, partition)
+    );
+    create table {SCHEMA}.row_clock (
+        tbl text not null,
+        row_key text not null,
+        hlc text not null,
+        xid bigint not null,
+        deleted boolean not null default false,
+        primary key (tbl, row_key)
+    );
+    create table {SCHEMA}.outbox (
+        id bigserial primary key,
+        device_id text not null,
+        payload bytea not null
+    );
+    create table {SCHEMA}.bad_records (
+        topic text not null,
+        partition int not null,
+        "offset" bigint not null,
+        error text not null,
+        raw bytea,
+        at timestamptz not null default now(),
+        primary key (topic, partition, "offset")
+    );
+    """,
+)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+_TABLES_QUERY = """
+select n.nspname::text, c.relname::text, a.attname::text, a.atttypid::int8, a.atttypmod,
+       format_type(a.atttypid, a.atttypmod),
+       coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0)
+from pg_class c
+join pg_namespace n on n.oid = c.relnamespace
+join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+left join pg_index i on i.indrelid = c.oid and i.indisprimary
+where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema')
+  and n.nspname not like 'pg_toast%%' and n.nspname <> 'fieldsync_applier'
+order by n.nspname, c.relname, a.attnum
+"""
+
+
+def _decoded(ct: ColumnType | None, datum: Any) -> Any:
+    """cdc's converter output → what an Avro reader decodes (fixed decimals → Decimal)."""
+    if ct is None or datum is None:
+        return datum
+    if ct.kind is Kind.DECIMAL and isinstance(datum, bytes):
+        return Decimal(int.from_bytes(datum, "big", signed=True)).scaleb(-(ct.scale or 0))
+    if ct.kind is Kind.ARRAY and isinstance(datum, list):
+        return [_decoded(ct.element if not isinstance(d, list) else ct, d) for d in datum]
+    return datum
+
+
+class TableMeta:
+    """One captured table: columns, key, wire types, text readers, and its SQL."""
+
+    def __init__(
+        self,
+        name: str,
+        columns: Sequence[tuple[str, int, int, str, int]],
+        catalog: MappingCatalog,
+        db: str,
+    ) -> None:
+        self.name = name
+        self.schema, _, self.table = name.partition(".")
+        ordered = sorted((c for c in columns if c[4] > 0), key=lambda c: c[4])
+        self.columns: tuple[str, ...] = tuple(c[0] for c in columns)
+        self.key: tuple[str, ...] = tuple(c[0] for c in ordered)
+        self.info = TableInfo(self.columns, self.key)
+        self.casts: dict[str, sql.Composable] = {c[0]: sql.SQL(c[3]) for c in columns}
+        codec = TableCodec(
+            db=db,
+            schema=self.schema,
+            table=self.table,
+            columns=[ColumnSpec(c[0], c[1], c[2], c[4] > 0) for c in columns],
+            catalog=catalog,
+            unchanged_sentinel=object(),
+            warn=lambda m: log.debug("%s: %s", name, m),
+        )
+        found = column_types_from_value_schema(json.loads(codec.value_schema_json))
+        assert found is not None
+        self.types: dict[str, ColumnType] = found[1]
+        self._convert = {
+            spec.name: c.convert for spec, c in zip(codec.columns, codec.column_codecs, strict=True)
+        }
+        self.ident = sql.Identifier(self.schema, self.table)
+        self._sql: dict[Any, sql.Composed] = {}
+
+    def read(self, texts: Sequence[str | None]) -> dict[str, Any]:
+        """A row from its columns' text forms (table order) → wire form."""
+        out: dict[str, Any] = {}
+        for column, text in zip(self.columns, texts, strict=True):
+            if text is None:
+                out[column] = None
+            else:
+                ct = self.types.get(column)
+                out[column] = json_value(_decoded(ct, self._convert[column](text)))
+        return out
+
+    def pg_text(self, column: str, value: Any) -> str | None:
+        return to_pg_text(self.types[column], value)
+
+    def key_id(self, key: Sequence[Any]) -> tuple[str, ...]:
+        """A lookup id of key values (normal wire form) that equal values share
+        (decimals by number: ``"1.0"`` and ``"1"`` are one key)."""
+        out: list[str] = []
+        for column, value in zip(self.key, key, strict=True):
+            if isinstance(value, str) and self.types[column].kind in (Kind.DECIMAL, Kind.NUMERIC):
+                try:
+                    value = canonical_text(Decimal(value)) or value
+                except ArithmeticError:
+                    pass
+            out.append(json.dumps(value, sort_keys=True))
+        return tuple(out)
+
+    def _placeholder(self, column: str) -> sql.Composable:
+        return sql.SQL("%s::") + self.casts[column]
+
+    def _key_match(self) -> sql.Composable:
+        return sql.SQL(" and ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), self._placeholder(k)) for k in self.key
+        )
+
+    def select_sql(self, n_keys: int, commit_ts: bool) -> sql.Composed:
+        cache_key = ("select", n_keys, commit_ts)
+        found = self._sql.get(cache_key)
+        if found is None:
+            keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
+            one = sql.SQL("({})").format(sql.SQL(", ").join(self._placeholder(k) for k in self.key))
+            found = sql.SQL(
+                "select xmin::text::bigint, {ts}, {cols} from {t} where ({keys}) in (values {vals})"
+                " order by {keys} for update"
+            ).format(
+                ts=sql.SQL("pg_xact_commit_timestamp(xmin)" if commit_ts else "null::timestamptz"),
+                cols=self._text_columns(),
+                t=self.ident,
+                keys=keys,
+                vals=sql.SQL(", ").join([one] * n_keys),
+            )
+            self._sql[cache_key] = found
+        return found
+
+    def _text_columns(self) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.columns
+        )
+
+    def update_sql(self, columns: Sequence[str]) -> sql.Composed:
+        cache_key = ("update", tuple(columns))
+        found = self._sql.get(cache_key)
+        if found is None:
+            found = sql.SQL("update {t} set {sets} where {match}").format(
+                t=self.ident,
+                sets=sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(c), self._placeholder(c))
+                    for c in columns
+                ),
+                match=self._key_match(),
+            )
+            self._sql[cache_key] = found
+        return found
+
+    def delete_sql(self) -> sql.Composed:
+        found = self._sql.get("delete")
+        if found is None:
+            found = sql.SQL("delete from {t} where {match}").format(
+                t=self.ident, match=self._key_match()
+            )
+            self._sql["delete"] = found
+        return found
+
+    def insert_sql(self, columns: Sequence[str]) -> sql.Composed:
+        cache_key = ("insert", tuple(columns))
+        found = self._sql.get(cache_key)
+        if found is None:
+            found = sql.SQL(
+                "insert into {t} ({cols}) values ({vals}) returning xmin::text::bigint, {texts}"
+            ).format(
+                t=self.ident,
+                cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+                vals=sql.SQL(", ").join(self._placeholder(c) for c in columns),
+                texts=self._text_columns(),
+            )
+            self._sql[cache_key] = found
+        return found
+
+    def key_params(self, key: Sequence[Any]) -> list[str | None]:
+        return [self.pg_text(c, v) for c, v in zip(self.key, key, strict=True)]
+
+
+def read_tables(
+    conn: psycopg.Connection[Any], names: Iterable[str] | None = None
+) -> dict[str, TableMeta]:
+    """:class:`TableMeta` of the captured tables (all user tables, or ``names``)."""
+    wanted = set(names) if names is not None else None
+    rows = conn.execute(_TABLES_QUERY).fetchall()
+    by_table: dict[str, list[tuple[str, int, int, str, int]]] = {}
+    for nsp, rel, col, oid, typmod, fmt, keypos in rows:
+        name = f"{nsp}.{rel}"
+        if wanted is None or name in wanted:
+            by_table.setdefault(name, []).append(
+                (col, int(oid), int(typmod), str(fmt), int(keypos))
+            )
+    oids = sorted({c[1] for cols in by_table.values() for c in cols})
+    catalog = MappingCatalog(
+        [
+            TypeInfo.from_catalog_row(r)
+            for r in conn.execute(CATALOG_QUERY, {"oids": oids}).fetchall()
+        ]
+    )
+    db = str(conn.info.dbname)
+    return {name: TableMeta(name, cols, catalog, db) for name, cols in by_table.items()}
+
+
+def table_infos(conn: psycopg.Connection[Any]) -> dict[str, TableInfo]:
+    """Columns and primary keys of every user table (for loading the rules)."""
+    infos: dict[str, tuple[list[str], list[tuple[int, str]]]] = {}
+    for nsp, rel, col, _oid, _mod, _fmt, keypos in conn.execute(_TABLES_QUERY).fetchall():
+        cols, key = infos.setdefault(f"{nsp}.{rel}", ([], []))
+        cols.append(col)
+        if keypos:
+            key.append((keypos, col))
+    return {
+        t: TableInfo(tuple(c), tuple(k for _, k in sorted(key))) for t, (c, key) in infos.items()
+    }
+
+
+# --------------------------------------------------------------------------- the database side
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """Where a journal record came from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclasses.dataclass
+class ApplyStats:
+    """Counters since start."""
+
+    records: int = 0
+    applied: int = 0
+    merged: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    bad_records: int = 0
+    runs: int = 0
+    run_retries: int = 0
+    apply_s: float = 0.0
+    published: int = 0
+
+
+@dataclasses.dataclass
+class _Item:
+    where: Delivery
+    record: JournalRecord | None
+    raw: bytes = b""
+    error: str = ""
+    entry: JournalEntry | None = None
+    rejection: Rejection | None = None
+    scope: WriteScope | None = None
+    show_key: tuple[Any, ...] | None = None  # normal key of a rejected entry (to show the row)
+
+
+@dataclasses.dataclass
+class _Row:
+    row: dict[str, Any] | None
+    xmin: int | None = None
+    commit_ms: int | None = None
+
+
+@dataclasses.dataclass
+class _Clock:
+    hlc: Hlc
+    xid: int
+    deleted: bool
+
+
+class _Undo(Exception):
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.message)
+        self.rejection = rejection
+
+
+class ApplierDb:
+    """The applier's PostgreSQL side: catalog, rules, policies, runs, outbox, resolutions.
+
+    ``rules_path``/``conflicts_path`` are read at :meth:`connect` against the captured
+    database's catalog (``conflicts_path`` None: every table ``server_wins``).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        rules_path: str | Path,
+        conflicts_path: str | Path | None = None,
+        *,
+        password: str | None = None,
+        consumer: str = "fieldsync-applier",
+        max_skew_ms: int = 60_000,
+        wall_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.dsn = dsn
+        self.password = password
+        self.rules_path = rules_path
+        self.conflicts_path = conflicts_path
+        self.consumer = consumer
+        self.max_skew_ms = max_skew_ms
+        self.wall_ms = wall_ms
+        self.clock = HybridClock(SERVER_NODE, wall_ms=wall_ms)
+        self.stats = ApplyStats()
+        self.conn: psycopg.Connection[Any] | None = None
+        self.rules: Rules | None = None
+        self.policies = ConflictPolicies()
+        self.tables: dict[str, TableMeta] = {}
+        self.commit_timestamps = False
+        self._scopes: dict[str, WriteScope] = {}
+        self._lock_id = 0
+
+    # ---- connection, catalog, configuration
+
+    def connect(self) -> None:
+        """(Re)connect, read the catalog, load rules and policies; raises ConfigError for
+        invalid rules/policies, ApplierError when the database is unreachable."""
+        self.close()
+        kw: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
+        if self.password:
+            kw["password"] = self.password
+        try:
+            conn = psycopg.connect(self.dsn, **kw)
+        except psycopg.Error as exc:
+            raise ApplierError(f"cannot connect to the captured database: {exc}") from exc
+        try:
+            for name, value in SESSION_SETTINGS.items():
+                conn.execute("select set_config(%s, %s, false)", (name, value))
+            self.commit_timestamps = conn.execute(
+                "select current_setting('track_commit_timestamp')"
+            ).fetchone() == ("on",)
+            infos = table_infos(conn)
+            rules = load_rules(self.rules_path, infos)
+            tables = read_tables(conn, rules.tables)
+            types = {t: m.types for t, m in tables.items()}
+            policies = (
+                load_conflicts(self.conflicts_path, types)
+                if self.conflicts_path is not None
+                else ConflictPolicies()
+            )
+            self._check_times(rules, policies)
+            self._lock_id = int(
+                conn.execute("select hashtext(%s)", (self.consumer,)).fetchone()[0]  # type: ignore[index]
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self.conn, self.rules, self.tables, self.policies = conn, rules, tables, policies
+        self._scopes.clear()
+
+    def _check_times(self, rules: Rules, policies: ConflictPolicies) -> None:
+        if self.commit_timestamps:
+            return
+        lacking = sorted(
+            t
+            for t in rules.tables
+            if policies.table(t).timed and policies.table(t).time_column is None
+        )
+        if lacking:
+            raise ConfigError(
+                f"{policies.source}: table(s) {', '.join(lacking)} use lww/fww, which needs the time "
+                "of the server's row version: turn on track_commit_timestamp in PostgreSQL, or set "
+                "time_column for the table in the conflicts file"
+            )
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+            self.conn = None
+
+    def _c(self) -> psycopg.Connection[Any]:
+        if self.conn is None or self.conn.closed:
+            raise ApplierError("the applier's database connection is closed (connect() first)")
+        return self.conn
+
+    def migrate(self) -> int:
+        """Create ``fieldsync_applier`` and apply pending migrations (safe concurrently)."""
+        conn = self._c()
+        try:
+            with conn.transaction():
+                conn.execute("select pg_advisory_xact_lock(%s, %s)", _MIGRATE_LOCK)
+                conn.execute(f"create schema if not exists {SCHEMA}")
+                conn.execute(
+                    f"create table if not exists {SCHEMA}.schema_migrations "
+                    "(version int primary key, applied_at timestamptz not null default now())"
+                )
+                row = conn.execute(
+                    f"select coalesce(max(version), 0) from {SCHEMA}.schema_migrations"
+                ).fetchone()
+                version = int(row[0]) if row else 0
+                if version > len(MIGRATIONS):
+                    raise ApplierError(
+                        f"schema {SCHEMA} is at version {version}, newer than this code "
+                        f"({len(MIGRATIONS)})"
+                    )
+                for v in range(version + 1, len(MIGRATIONS) + 1):
+                    conn.execute(MIGRATIONS[v - 1])
+                    conn.execute(
+                        f"insert into {SCHEMA}.schema_migrations (version) values (%s)", (v,)
+                    )
+                return len(MIGRATIONS)
+        except psycopg.Error as exc:
+            raise ApplierError(f"migrating schema {SCHEMA} failed: {exc}") from exc
+
+    def acquire_leadership(self) -> bool:
+        """Try the session advisory lock of this consumer name (held until disconnect)."""
+        row = (
+            self._c()
+            .execute("select pg_try_advisory_lock(%s, %s)", (_LOCK_CLASS, self._lock_id))
+            .fetchone()
+        )
+        return bool(row and row[0])
+
+    def release_leadership(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.execute("select pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, self._lock_id))
+            except psycopg.Error:
+                pass
+
+    def load_offsets(self, topic: str) -> dict[int, int]:
+        """Next offset per partition of ``topic`` recorded by this consumer."""
+        rows = (
+            self._c()
+            .execute(
+                f"select partition, next_offset from {SCHEMA}.offsets where consumer = %s and topic = %s",
+                (self.consumer, topic),
+            )
+            .fetchall()
+        )
+        return {int(p): int(o) for p, o in rows}
+
+    def _scope(self, claims: Mapping[str, Any]) -> WriteScope:
+        assert self.rules is not None
+        cache_key = json.dumps(claims, sort_keys=True, default=str)
+        found = self._scopes.get(cache_key)
+        if found is None:
+            if len(self._scopes) > 10_000:
+                self._scopes.clear()
+            found = WriteScope.for_claims(
+                self.rules, claims, {t: m.types for t, m in self.tables.items()}
+            )
+            self._scopes[cache_key] = found
+        return found
+
+    # ---- applying
+
+    def apply(self, deliveries: Sequence[tuple[Delivery, bytes | None]]) -> list[Outcome]:
+        """Apply journal records (in partition/offset order); returns their outcomes
+        (duplicates produce none)."""
+        items: list[_Item] = []
+        for where, value in deliveries:
+            self.stats.records += 1
+            try:
+                items.append(_Item(where, JournalRecord.from_bytes(value or b"")))
+            except JournalFormatError as exc:
+                items.append(_Item(where, None, value or b"", str(exc)))
+        outcomes: list[Outcome] = []
+        t0 = time.perf_counter()
+        for run in _runs(items):
+            outcomes.extend(self._apply_run(run))
+        self.stats.apply_s += time.perf_counter() - t0
+        return outcomes
+
+    def _apply_run(self, run: list[_Item]) -> list[Outcome]:
+        attempt = 0
+        while True:
+            try:
+                self.stats.runs += 1
+                return self._run_txn(run, None)
+            except _RETRY_ERRORS as exc:
+                attempt += 1
+                self.stats.run_retries += 1
+                if attempt > 5:
+                    raise ApplierError(f"a run kept failing ({exc}); giving up for now") from exc
+                time.sleep(0.05 * attempt)
+            except _ENTRY_ERRORS as exc:
+                if len(run) > 1:
+                    self.stats.run_retries += 1
+                    return [o for item in run for o in self._apply_run([item])]
+                return self._run_txn(run, _pg_message(exc))
+            except psycopg.Error as exc:
+                raise ApplierError(f"applying journal entries failed: {exc}") from exc
+
+    def _run_txn(self, run: list[_Item], db_error: str | None) -> list[Outcome]:
+        conn = self._c()
+        outcomes: list[Outcome] = []
+        with conn.transaction(), conn.cursor() as cur:
+            first = run[0]
+            if first.record is None:
+                self._record_bad(cur, run)
+                _save_offsets(cur, self.consumer, run)
+                return []
+            device = first.record.device_id
+            cur.execute(_EMIT, (ORIGIN_MESSAGE_PREFIX, f"device:{device}"))
+            todo, known = self._fresh(cur, device, run)
+            for item in todo:
+                self._prepare(item, db_error)
+            state = _RunState(self, cur, known)
+            state.prefetch([i for i in todo if i.entry is not None])
+            for item in todo:
+                outcome = self._one(state, item)
+                assert item.record is not None
+                known[item.record.seq] = (outcome.kind.value, outcome.reason)
+                outcomes.append(outcome)
+            state.flush()
+            state.write_bookkeeping(outcomes, todo)
+            _save_offsets(cur, self.consumer, run)
+        for o in outcomes:
+            self._count(o)
+        return outcomes
+
+    def _count(self, o: Outcome) -> None:
+        if o.kind is OutcomeKind.APPLIED:
+            self.stats.applied += 1
+        elif o.kind is OutcomeKind.MERGED:
+            self.stats.merged += 1
+        elif o.kind is OutcomeKind.CONFLICT:
+            self.stats.conflicts += 1
+        else:
+            self.stats.rejected += 1
+
+    def _fresh(
+        self, cur: psycopg.Cursor[Any], device: str, run: list[_Item]
+    ) -> tuple[list[_Item], dict[int, tuple[str, str | None]]]:
+        """The items not applied before (idempotency), and the known outcomes of the
+        run's seqs and of the entries they depend on (prev_seq)."""
+        seqs: set[int] = set()
+        for item in run:
+            assert item.record is not None
+            seqs.add(item.record.seq)
+            if item.record.entry is not None and item.record.entry.prev_seq is not None:
+                seqs.add(item.record.entry.prev_seq)
+        rows = cur.execute(
+            f"select seq, outcome, reason from {SCHEMA}.applied where device_id = %s and seq = any(%s)",
+            (device, sorted(seqs)),
+        ).fetchall()
+        known: dict[int, tuple[str, str | None]] = {int(s): (o, r) for s, o, r in rows}
+        todo: list[_Item] = []
+        taken: set[int] = set()
+        for item in run:
+            assert item.record is not None
+            seq = item.record.seq
+            if seq in known or seq in taken:
+                self.stats.duplicates += 1
+                continue
+            taken.add(seq)
+            todo.append(item)
+        return todo, known
+
+    def _prepare(self, item: _Item, db_error: str | None) -> None:
+        record = item.record
+        assert record is not None
+        if record.rejection is not None or record.entry is None:
+            item.rejection = record.rejection
+            return
+        item.scope = self._scope(record.claims)
+        if record.entry.table not in self.tables:
+            item.rejection = Rejection(
+                Reason.UNKNOWN_TABLE,
+                f"entry {record.seq}: {record.entry.table!r} is not a table this device syncs",
+            )
+            return
+        item.entry, item.rejection = validate_entry(record.entry, item.scope)
+        if item.rejection is not None:
+            item.entry = None
+            meta = self.tables[record.entry.table]
+            if len(record.entry.key) == len(meta.key):
+                try:
+                    item.show_key = tuple(
+                        coerce_value(meta.types[c], v)
+                        for c, v in zip(meta.key, record.entry.key, strict=True)
+                    )
+                except ValueError:
+                    pass
+        elif db_error is not None:
+            item.rejection = Rejection(
+                Reason.DB_ERROR, f"entry {record.seq}: PostgreSQL refused the write: {db_error}"
+            )
+
+    def _one(self, state: _RunState, item: _Item) -> Outcome:
+        record = item.record
+        assert record is not None
+        entry, scope = item.entry, item.scope
+        rejection = item.rejection
+        if record.entry is not None and record.rejection is None:
+            # made on top of a rejected entry: that is the reason, whatever else is wrong
+            rejection = blocked_by(record.entry, state.known_outcome) or rejection
+        if rejection is not None or entry is None or scope is None:
+            return self._rejected(state, item, rejection)
+        meta = self.tables[entry.table]
+        policy = self.policies.table(entry.table)
+        current = state.row(meta, entry.key)
+        times = EditTimes(
+            entry.hlc,
+            state.server_time(meta, policy, entry.key, current),
+            state.now_ms,
+            self.max_skew_ms,
+        )
+        result = merge(
+            entry.op, policy, meta.types, meta.key, entry.old, current.row, entry.new, times
+        )
+        if result.action is Action.INSERT:
+            try:
+                inserted = state.insert(meta, result.values, scope, entry)
+            except _Undo as undo:
+                return self._rejected(state, item, undo.rejection)
+            if inserted is None:  # the key appeared meanwhile: merge again with that row
+                current = state.row(meta, entry.key, reread=True)
+                result = merge(
+                    entry.op, policy, meta.types, meta.key, entry.old, current.row, entry.new, times
+                )
+                if result.action is Action.INSERT:
+                    raise ApplierError(f"{meta.name}: a row appeared and vanished during an insert")
+            else:
+                result = dataclasses.replace(result, row=inserted[0])
+                if policy.timed:
+                    state.clock_written(meta, entry.key, entry.hlc, inserted[1], deleted=False)
+        if result.action is not Action.INSERT:
+            problem = _permission(scope, meta.name, current.row, result)
+            if problem is not None:
+                return self._rejected(
+                    state, item, Rejection(problem.reason, f"entry {record.seq}: {problem.message}")
+                )
+            state.write(meta, entry, result, policy)
+        return self._outcome(state, item, meta, result)
+
+    def _outcome(
+        self, state: _RunState, item: _Item, meta: TableMeta, result: MergeResult
+    ) -> Outcome:
+        record, entry, scope = item.record, item.entry, item.scope
+        assert record is not None and entry is not None and scope is not None
+        conflict: dict[str, Any] | None = None
+        if result.held or result.held_row is not None:
+            conflict_id = str(uuid.uuid4())
+            state.conflict(conflict_id, record, meta, entry, result)
+            if result.held:
+                conflict = {"id": conflict_id, "columns": dict(result.held)}
+            else:
+                held = result.held_row or {}
+                conflict = {
+                    "id": conflict_id,
+                    "row": {
+                        "server": _visible(scope, meta.name, held.get("server")),
+                        "device": held.get("device"),
+                    },
+                }
+        return Outcome(
+            device_id=record.device_id,
+            seq=record.seq,
+            kind=result.outcome,
+            table=meta.name,
+            key=tuple(entry.key),
+            message=result.message,
+            row=_visible(scope, meta.name, result.row),
+            columns=dict(result.columns),
+            conflict=conflict,
+            hlc=entry.hlc.encode(),
+            at_us=state.now_ms * 1000,
+        )
+
+    def _rejected(self, state: _RunState, item: _Item, rejection: Rejection | None) -> Outcome:
+        record = item.record
+        assert record is not None
+        if rejection is None:
+            rejection = Rejection(Reason.MALFORMED, f"entry {record.seq}: not a readable entry")
+        raw_entry = record.entry
+        key = item.entry.key if item.entry is not None else item.show_key
+        row = None
+        if raw_entry is not None and key is not None and item.scope is not None:
+            meta = self.tables[raw_entry.table]
+            row = _visible(item.scope, meta.name, state.row(meta, key).row)
+        return Outcome(
+            device_id=record.device_id,
+            seq=record.seq,
+            kind=OutcomeKind.REJECTED,
+            table=raw_entry.table if raw_entry is not None else None,
+            key=tuple(raw_entry.key) if raw_entry is not None else None,
+            reason=rejection.reason.value,
+            message=rejection.message,
+            row=row,
+            hlc=raw_entry.hlc.encode() if raw_entry is not None else None,
+            at_us=state.now_ms * 1000,
+        )
+
+    def _record_bad(self, cur: psycopg.Cursor[Any], run: list[_Item]) -> None:
+        for item in run:
+            log.error(
+                "journal record %s/%d@%d cannot be read: %s",
+                item.where.topic,
+                item.where.partition,
+                item.where.offset,
+                item.error,
+            )
+            self.stats.bad_records += 1
+            cur.execute(
+                f'insert into {SCHEMA}.bad_records (topic, partition, "offset", error, raw) '
+                "values (%s, %s, %s, %s, %s) on conflict do nothing",
+                (
+                    item.where.topic,
+                    item.where.partition,
+                    item.where.offset,
+                    item.error,
+                    item.raw[:65536],
+                ),
+            )
+
+    # ---- outbox
+
+    def pending_outbox(self, limit: int = 5000) -> list[tuple[int, str, bytes]]:
+        rows = (
+            self._c()
+            .execute(
+                f"select id, device_id, payload from {SCHEMA}.outbox order by id limit %s", (limit,)
+            )
+            .fetchall()
+        )
+        return [(int(i), str(d), bytes(p)) for i, d, p in rows]
+
+    def delete_outbox(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._c().execute(f"delete from {SCHEMA}.outbox where id = any(%s)", (list(ids),))
+
+    # ---- conflicts
+
+    def open_conflicts(
+        self, device_id: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Kept conflicts not yet resolved (oldest first), with both versions."""
+        rows = (
+            self._c()
+            .execute(
+                f"select id, device_id, seq, tbl, key, kind, held, created_at from {SCHEMA}.conflicts "
+                "where status = 'open' and (%s::text is null or device_id = %s) order by created_at, id limit %s",
+                (device_id, device_id, limit),
+            )
+            .fetchall()
+        )
+        names = ("id", "device_id", "seq", "table", "key", "kind", "held", "created_at")
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    def resolve(
+        self,
+        conflict_id: str,
+        choice: str,
+        values: Mapping[str, Any] | None = None,
+        by: str = "",
+    ) -> Outcome:
+        """Settle a kept conflict: ``server`` (keep the server's current values),
+        ``device`` (write the device's values), or ``values`` (write ``values``, wire
+        form).  The write is a new edit; resolving a resolved conflict returns its first
+        resolution and changes nothing."""
+        if choice not in ("server", "device", "values"):
+            raise ResolveError(f"choice must be server, device or values, not {choice!r}")
+        if (choice == "values") != (values is not None):
+            raise ResolveError("give values exactly when choice is 'values'")
+        conn = self._c()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                found = cur.execute(
+                    f"select device_id, seq, tbl, key, kind, held, claims, status, resolution "
+                    f"from {SCHEMA}.conflicts where id = %s for update",
+                    (conflict_id,),
+                ).fetchone()
+                if found is None:
+                    raise ConflictNotFound(f"no kept conflict has id {conflict_id!r}")
+                device, seq, table, key, kind, held, claims, status, resolution = found
+                if status == "resolved":
+                    return Outcome.from_json(resolution["outcome"])
+                meta = self.tables.get(table)
+                if meta is None:
+                    raise ResolveError(
+                        f"conflict {conflict_id}: table {table} is not synced any more"
+                    )
+                cur.execute(_EMIT, (ORIGIN_MESSAGE_PREFIX, f"resolve:{conflict_id}"))
+                state = _RunState(self, cur)
+                key = tuple(key)
+                current = state.row(meta, key)
+                writes, decisions = _resolution(meta, kind, held, choice, values, current.row, key)
+                policy = self.policies.table(table)
+                hlc = self.clock.now()
+                after = state.apply_resolution(meta, key, current.row, writes, policy, hlc)
+                scope = self._scope(claims)
+                outcome = Outcome(
+                    device_id=device,
+                    seq=int(seq),
+                    kind=OutcomeKind.RESOLVED,
+                    table=table,
+                    key=key,
+                    message=f"conflict {conflict_id} resolved: {choice}"
+                    + (
+                        ""
+                        if current.row is not None or writes.get("insert")
+                        else " (the row is gone)"
+                    ),
+                    row=_visible(scope, table, after),
+                    columns=decisions,
+                    conflict={"id": conflict_id, "choice": choice, "by": by},
+                    hlc=hlc.encode(),
+                    at_us=state.now_ms * 1000,
+                )
+                state.flush()
+                cur.execute(
+                    f"update {SCHEMA}.conflicts set status = 'resolved', resolved_at = now(), "
+                    "resolved_by = %s, resolution = %s where id = %s",
+                    (
+                        by,
+                        Jsonb({"choice": choice, "values": values, "outcome": outcome.to_json()}),
+                        conflict_id,
+                    ),
+                )
+                cur.execute(
+                    f"insert into {SCHEMA}.outbox (device_id, payload) values (%s, %s)",
+                    (device, outcome.to_bytes()),
+                )
+                return outcome
+        except _ENTRY_ERRORS as exc:
+            raise ResolveError(
+                f"conflict {conflict_id}: PostgreSQL refused the resolution: {_pg_message(exc)}"
+            ) from exc
+
+
+def _pg_message(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    text = diag.message_primary or str(exc).splitlines()[0]
+    if diag.sqlstate:
+        text = f"{text} (SQLSTATE {diag.sqlstate})"
+    return text
+
+
+def _runs(items: Sequence[_Item], limit: int = 1 << 30) -> list[list[_Item]]:
+    """Consecutive items of one partition and one device (unreadable records alone)."""
+    runs: list[list[_Item]] = []
+    current: list[_Item] = []
+    for item in items:
+        if current:
+            last = current[-1]
+            same = (
+                item.record is not None
+                and last.record is not None
+                and item.where.topic == last.where.topic
+                and item.where.partition == last.where.partition
+                and item.record.device_id == last.record.device_id
+                and len(current) < limit
+            )
+            if not same:
+                runs.append(current)
+                current = []
+        current.append(item)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _save_offsets(cur: psycopg.Cursor[Any], consumer: str, run: Sequence[_Item]) -> None:
+    top: dict[tuple[str, int], int] = {}
+    for item in run:
+        tp = (item.where.topic, item.where.partition)
+        top[tp] = max(top.get(tp, 0), item.where.offset + 1)
+    cur.executemany(
+        f"insert into {SCHEMA}.offsets (consumer, topic, partition, next_offset) values (%s, %s, %s, %s) "
+        "on conflict (consumer, topic, partition) do update "
+        "set next_offset = greatest(offsets.next_offset, excluded.next_offset)",
+        [(consumer, t, p, o) for (t, p), o in top.items()],
+    )
+
+
+def _visible(scope: WriteScope, table: str, row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The row as the device may see it (its buckets' columns), None if it may not."""
+    if row is None:
+        return None
+    buckets = scope.row_buckets(table, scope.datum_row(table, row))
+    if not buckets:
+        return None
+    return dict(scope.project(table, row, buckets))
+
+
+def _permission(
+    scope: WriteScope, table: str, before: Mapping[str, Any] | None, result: MergeResult
+) -> Rejection | None:
+    if result.action is Action.UPDATE:
+        return check_write(scope, table, before, result.row, list(result.values))
+    if result.action is Action.DELETE:
+        return check_write(scope, table, before, None, [])
+    if before is not None:  # nothing written, but the outcome shows the row
+        return check_write(scope, table, before, before, [])
+    return None
+
+
+def _resolution(
+    meta: TableMeta,
+    kind: str,
+    held: Mapping[str, Any],
+    choice: str,
+    values: Mapping[str, Any] | None,
+    current: Mapping[str, Any] | None,
+    key: Sequence[Any],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """What a resolution writes: ``{"update": {...}}``, ``{"insert": row}``,
+    ``{"delete": True}`` or ``{}``; and the per-column decisions."""
+    if choice == "server":
+        cols = held.keys() if kind == "columns" else (held.get("device") or {}).keys()
+        return {}, {c: "server" for c in cols}
+    if kind == "columns":
+        chosen = (
+            {c: h["device"] for c, h in held.items()} if choice == "device" else dict(values or {})
+        )
+        extra = sorted(set(chosen) - set(held))
+        if extra:
+            raise ResolveError(f"values for column(s) not in conflict: {', '.join(extra)}")
+        decisions = {c: choice for c in chosen}
+        if current is None:
+            return {}, decisions
+    else:
+        chosen_row = held.get("device") if choice == "device" else dict(values or {})
+        if chosen_row is None:
+            return ({"delete": True} if current is not None else {}), {}
+        chosen = {**dict(zip(meta.key, key, strict=True)), **chosen_row}
+        decisions = {c: choice for c in chosen if c not in meta.key}
+    try:
+        normal = {c: coerce_value(meta.types[c], v) for c, v in chosen.items()}
+    except (KeyError, ValueError) as exc:
+        raise ResolveError(f"{meta.name}: invalid value in the resolution: {exc}") from exc
+    if current is None:
+        return {"insert": normal}, decisions
+    sets = {c: v for c, v in normal.items() if not same_value(meta.types[c], current.get(c), v)}
+    return ({"update": sets} if sets else {}), decisions
+
+
+class _RunState:
+    """Rows, row clocks and queued writes of one transaction."""
+
+    def __init__(
+        self,
+        db: ApplierDb,
+        cur: psycopg.Cursor[Any],
+        known: dict[int, tuple[str, str | None]] | None = None,
+    ) -> None:
+        self.db = db
+        self.cur = cur
+        self.outcome_of = known if known is not None else {}
+        self.now_ms = db.wall_ms()
+        self.rows: dict[tuple[str, tuple[str, ...]], _Row] = {}
+        self.clocks: dict[tuple[str, str], _Clock | None] = {}
+        self.dirty: set[tuple[str, tuple[str, ...]]] = set()
+        self.queue: dict[Any, tuple[sql.Composed, list[list[Any]]]] = {}
+        self.clock_writes: dict[tuple[str, str], tuple[str, str, str, int, bool]] = {}
+        self.conflicts: list[tuple[Any, ...]] = []
+        self._xid: int | None = None
+
+    def known_outcome(self, seq: int) -> tuple[str, str | None] | None:
+        """Outcome of an earlier entry of the run's device (loaded for every prev_seq)."""
+        return self.outcome_of.get(seq)
+
+    # ---- reading
+
+    def prefetch(self, items: Sequence[_Item]) -> None:
+        by_table: dict[str, dict[tuple[str, ...], tuple[Any, ...]]] = {}
+        for item in items:
+            assert item.entry is not None
+            meta = self.db.tables[item.entry.table]
+            by_table.setdefault(meta.name, {})[meta.key_id(item.entry.key)] = tuple(item.entry.key)
+        for name in sorted(by_table):
+            meta = self.db.tables[name]
+            keys = list(by_table[name].items())
+            for start in range(0, len(keys), 1000):
+                chunk = keys[start : start + 1000]
+                self._select(meta, [k for _, k in chunk])
+                for kid, _ in chunk:
+                    self.rows.setdefault((name, kid), _Row(None))
+            if self.db.policies.table(name).timed:
+                self._load_clocks(meta, [k for _, k in keys])
+
+    def _select(self, meta: TableMeta, keys: Sequence[Sequence[Any]]) -> None:
+        params = [p for key in keys for p in meta.key_params(key)]
+        rows = self.cur.execute(
+            meta.select_sql(len(keys), self.db.commit_timestamps), params
+        ).fetchall()
+        for xmin, committed, *texts in rows:
+            row = meta.read(texts)
+            kid = meta.key_id([row[k] for k in meta.key])
+            commit_ms = int(committed.timestamp() * 1000) if committed is not None else None
+            self.rows[(meta.name, kid)] = _Row(row, int(xmin), commit_ms)
+
+    def _load_clocks(self, meta: TableMeta, keys: Sequence[Sequence[Any]]) -> None:
+        texts = [row_key_text(list(k)) for k in keys]
+        for t in texts:
+            self.clocks.setdefault((meta.name, t), None)
+        for row_key, hlc, xid, deleted in self.cur.execute(
+            f"select row_key, hlc, xid, deleted from {SCHEMA}.row_clock where tbl = %s and row_key = any(%s)",
+            (meta.name, texts),
+        ).fetchall():
+            self.clocks[(meta.name, row_key)] = _Clock(Hlc.decode(hlc), int(xid), bool(deleted))
+
+    def row(self, meta: TableMeta, key: Sequence[Any], reread: bool = False) -> _Row:
+        ident = (meta.name, meta.key_id(key))
+        if reread or ident in self.dirty or ident not in self.rows:
+            self.flush()
+            self.rows[ident] = _Row(None)
+            self._select(meta, [key])
+            self.dirty.discard(ident)
+        return self.rows[ident]
+
+    def server_time(
+        self, meta: TableMeta, policy: TablePolicy, key: Sequence[Any], current: _Row
+    ) -> Hlc | int | None:
+        if not policy.timed:
+            return None
+        row_key = row_key_text(list(key))
+        if (meta.name, row_key) not in self.clocks:
+            self._load_clocks(meta, [key])
+        clock = self.clocks.get((meta.name, row_key))
+        if current.row is None:
+            return clock.hlc if clock is not None and clock.deleted else self.now_ms
+        if clock is not None and not clock.deleted and clock.xid == current.xmin:
+            return clock.hlc
+        if current.commit_ms is not None:
+            return current.commit_ms
+        if policy.time_column is not None:
+            value = current.row.get(policy.time_column)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value // 1000
+        return None
+
+    # ---- writing
+
+    def xid(self) -> int:
+        if self._xid is None:
+            row = self.cur.execute(_XID32).fetchone()
+            assert row is not None
+            self._xid = int(row[0])
+        return self._xid
+
+    def insert(
+        self, meta: TableMeta, values: Mapping[str, Any], scope: WriteScope, entry: JournalEntry
+    ) -> tuple[dict[str, Any], int] | None:
+        """Insert in a savepoint, check the stored row; None if the key exists by now.
+        Raises :class:`_Undo` (rolled back) when the device may not have that row."""
+        self.flush()
+        columns = list(values)
+        params = [meta.pg_text(c, values[c]) for c in columns]
+        written = [c for c in columns if c not in meta.key or c in (entry.new or {})]
+        conn = self.cur.connection
+        try:
+            with conn.transaction():
+                got = self.cur.execute(meta.insert_sql(columns), params).fetchone()
+                assert got is not None
+                row = meta.read(got[1:])
+                problem = check_write(scope, meta.name, None, row, written)
+                if problem is not None:
+                    raise _Undo(Rejection(problem.reason, f"entry {entry.seq}: {problem.message}"))
+        except psycopg.errors.UniqueViolation:
+            return None
+        ident = (meta.name, meta.key_id([row[k] for k in meta.key]))
+        self.rows[ident] = _Row(row, int(got[0]), None)
+        return row, int(got[0])
+
+    def write(
+        self, meta: TableMeta, entry: JournalEntry, result: MergeResult, policy: TablePolicy
+    ) -> None:
+        ident = (meta.name, meta.key_id(entry.key))
+        if result.action is Action.UPDATE:
+            columns = sorted(result.values)
+            params = [meta.pg_text(c, result.values[c]) for c in columns] + meta.key_params(
+                entry.key
+            )
+            self._enqueue(("u", meta.name, tuple(columns)), meta.update_sql(columns), params)
+            self.dirty.add(ident)
+        elif result.action is Action.DELETE:
+            self._enqueue(("d", meta.name), meta.delete_sql(), meta.key_params(entry.key))
+            self.dirty.add(ident)
+        else:
+            return
+        if policy.timed:
+            self.clock_written(
+                meta, entry.key, entry.hlc, self.xid(), deleted=result.action is Action.DELETE
+            )
+
+    def clock_written(
+        self, meta: TableMeta, key: Sequence[Any], hlc: Hlc, xid: int, *, deleted: bool
+    ) -> None:
+        """Remember the time of the row version just written (``xid``: its xmin)."""
+        row_key = row_key_text(list(key))
+        self.clocks[(meta.name, row_key)] = _Clock(hlc, xid, deleted)
+        self.clock_writes[(meta.name, row_key)] = (meta.name, row_key, hlc.encode(), xid, deleted)
+
+    def _enqueue(self, key: Any, statement: sql.Composed, params: list[Any]) -> None:
+        found = self.queue.get(key)
+        if found is None:
+            self.queue[key] = (statement, [params])
+        else:
+            found[1].append(params)
+
+    def flush(self) -> None:
+        queued, self.queue = self.queue, {}
+        for statement, params in queued.values():
+            self.cur.executemany(statement, params)
+
+    def conflict(
+        self,
+        conflict_id: str,
+        record: JournalRecord,
+        meta: TableMeta,
+        entry: JournalEntry,
+        result: MergeResult,
+    ) -> None:
+        if result.held:
+            kind, held = "columns", dict(result.held)
+        else:
+            kind, held = "row", dict(result.held_row or {})
+        self.conflicts.append(
+            (
+                conflict_id,
+                record.device_id,
+                record.seq,
+                meta.name,
+                row_key_text(list(entry.key)),
+                Jsonb(list(entry.key)),
+                kind,
+                Jsonb(held),
+                Jsonb(dict(record.claims)),
+            )
+        )
+
+    def apply_resolution(
+        self,
+        meta: TableMeta,
+        key: Sequence[Any],
+        current: Mapping[str, Any] | None,
+        writes: Mapping[str, Any],
+        policy: TablePolicy,
+        hlc: Hlc,
+    ) -> dict[str, Any] | None:
+        after = dict(current) if current is not None else None
+        if "update" in writes:
+            sets = writes["update"]
+            columns = sorted(sets)
+            self.cur.execute(
+                meta.update_sql(columns),
+                [meta.pg_text(c, sets[c]) for c in columns] + meta.key_params(key),
+            )
+            after = {**(after or {}), **sets}
+        elif "insert" in writes:
+            row = writes["insert"]
+            columns = list(row)
+            got = self.cur.execute(
+                meta.insert_sql(columns), [meta.pg_text(c, row[c]) for c in columns]
+            ).fetchone()
+            assert got is not None
+            after = meta.read(got[1:])
+        elif writes.get("delete"):
+            self.cur.execute(meta.delete_sql(), meta.key_params(key))
+            after = None
+        if writes and policy.timed:
+            self.clock_writes[(meta.name, row_key_text(list(key)))] = (
+                meta.name,
+                row_key_text(list(key)),
+                hlc.encode(),
+                self.xid(),
+                after is None,
+            )
+        return after
+
+    def write_bookkeeping(self, outcomes: Sequence[Outcome], items: Sequence[_Item]) -> None:
+        cur = self.cur
+        entries = {i.record.seq: i.record for i in items if i.record is not None}
+        applied = []
+        for o in outcomes:
+            record = entries[o.seq]
+            entry = record.entry
+            detail: dict[str, Any] = {}
+            if o.columns:
+                detail["columns"] = dict(o.columns)
+            if o.conflict:
+                detail["conflict"] = o.conflict.get("id")
+            applied.append(
+                (
+                    o.device_id,
+                    o.seq,
+                    o.kind.value,
+                    o.reason,
+                    o.message,
+                    o.table,
+                    row_key_text(list(o.key)) if o.key is not None else None,
+                    entry.op.value if entry is not None else None,
+                    o.hlc,
+                    entry.base.commit_lsn if entry is not None and entry.base is not None else None,
+                    entry.base.seq if entry is not None and entry.base is not None else None,
+                    Jsonb(detail) if detail else None,
+                    record.received_at_us / 1e6 if record.received_at_us else None,
+                )
+            )
+        if applied:
+            cur.executemany(
+                f"insert into {SCHEMA}.applied (device_id, seq, outcome, reason, message, tbl, row_key, "
+                "op, hlc, base_lsn, base_seq, detail, received_at) values "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s::float8))",
+                applied,
+            )
+            cur.executemany(
+                f"insert into {SCHEMA}.outbox (device_id, payload) values (%s, %s)",
+                [(o.device_id, o.to_bytes()) for o in outcomes],
+            )
+        if self.conflicts:
+            cur.executemany(
+                f"insert into {SCHEMA}.conflicts (id, device_id, seq, tbl, row_key, key, kind, held, claims) "
+                "values (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                self.conflicts,
+            )
+        if self.clock_writes:
+            cur.executemany(
+                f"insert into {SCHEMA}.row_clock (tbl, row_key, hlc, xid, deleted) values (%s, %s, %s, %s, %s) "
+                "on conflict (tbl, row_key) do update set hlc = excluded.hlc, xid = excluded.xid, "
+                "deleted = excluded.deleted",
+                list(self.clock_writes.values()),
+            )
+
+
+# --------------------------------------------------------------------------- the Kafka side
+
+
+class Applier:
+    """Consumes ``{prefix}._journal`` into ``db`` and publishes outcomes to
+    ``{prefix}._outcomes``.  ``kafka``: kafka-python client arguments (e.g.
+    :meth:`relay.settings.RelaySettings.kafka_client_kwargs`)."""
+
+    def __init__(
+        self,
+        db: ApplierDb,
+        *,
+        kafka: Mapping[str, Any],
+        prefix: str,
+        batch_max_entries: int = 500,
+        batch_max_ms: int = 50,
+        topic_partitions: int = 4,
+        standby_retry_s: float = 2.0,
+        topic_refresh_s: float = 10.0,
+    ) -> None:
+        self.db = db
+        self.kafka = dict(kafka)
+        self.journal_topic = f"{prefix}._journal"
+        self.outcomes_topic = f"{prefix}._outcomes"
+        self.batch_max_entries = batch_max_entries
+        self.batch_max_ms = batch_max_ms
+        self.topic_partitions = topic_partitions
+        self.standby_retry_s = standby_retry_s
+        self.topic_refresh_s = topic_refresh_s
+        self.leading = threading.Event()
+        self._stop = threading.Event()
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._partitions: set[int] = set()
+        self._last_refresh = 0.0
+
+    @property
+    def stats(self) -> ApplyStats:
+        return self.db.stats
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Lead (consume, apply, publish) or stand by, until :meth:`request_stop`."""
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self._start()
+                if not self.db.acquire_leadership():
+                    self.db.close()
+                    self._stop.wait(self.standby_retry_s)
+                    continue
+                log.info("applier: leading (consumer %s)", self.db.consumer)
+                self.leading.set()
+                self._open()
+                while not self._stop.is_set():
+                    self.step()
+                backoff = 0.5
+            except ConfigError:
+                raise
+            except (ApplierError, psycopg.Error) as exc:
+                log.error("applier: %s; retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except Exception as exc:
+                if not _is_kafka_error(exc):
+                    raise
+                log.error("applier: Kafka: %s; retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            finally:
+                self.leading.clear()
+                self._close_clients()
+                if self._stop.is_set():
+                    self.db.release_leadership()
+                self.db.close()
+
+    def _start(self) -> None:
+        self.db.connect()
+        self.db.migrate()
+
+    def ensure_topics(self) -> None:
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(**self.kafka)
+        try:
+            existing = set(admin.list_topics())
+            missing = [t for t in (self.journal_topic, self.outcomes_topic) if t not in existing]
+            if missing:
+                try:
+                    admin.create_topics([NewTopic(t, self.topic_partitions, 1) for t in missing])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            admin.close()
+
+    def _open(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        self._close_clients()
+        self.ensure_topics()
+        self._consumer = KafkaConsumer(
+            **self.kafka,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_max_entries,
+        )
+        self._producer = KafkaProducer(**self.kafka, acks="all", linger_ms=5)
+        self._partitions = set()
+        self._assign()
+        self.publish_outbox()
+
+    def _assign(self) -> None:
+        from kafka import TopicPartition
+
+        self._last_refresh = time.monotonic()
+        parts = self._consumer.partitions_for_topic(self.journal_topic) or set()
+        new = sorted(set(parts) - self._partitions)
+        if not new:
+            return
+        offsets = self.db.load_offsets(self.journal_topic)
+        tps = [TopicPartition(self.journal_topic, p) for p in sorted(self._partitions | set(new))]
+        self._consumer.assign(tps)
+        for p in new:
+            tp = TopicPartition(self.journal_topic, p)
+            if p in offsets:
+                self._consumer.seek(tp, offsets[p])
+            else:
+                self._consumer.seek_to_beginning(tp)
+        self._partitions.update(new)
+
+    def _close_clients(self) -> None:
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception as exc:  # closing must not hide the original problem
+                    log.debug("closing a Kafka client: %s", exc)
+        self._consumer = self._producer = None
+
+    def step(self) -> int:
+        """Read up to ``batch_max_entries`` records (or ``batch_max_ms``), apply them,
+        publish the outbox; returns the number of records read."""
+        if time.monotonic() - self._last_refresh > self.topic_refresh_s:
+            self._assign()
+        records = self._poll()
+        if records:
+            deliveries = [(Delivery(r.topic, r.partition, r.offset), r.value) for r in records]
+            self.db.apply(deliveries)
+        self.publish_outbox()
+        return len(records)
+
+    def _poll(self) -> list[Any]:
+        out: list[Any] = []
+        deadline = time.monotonic() + self.batch_max_ms / 1000
+        timeout_ms = max(self.batch_max_ms, 100)
+        while len(out) < self.batch_max_entries:
+            batch = self._consumer.poll(
+                timeout_ms=timeout_ms, max_records=self.batch_max_entries - len(out)
+            )
+            got = [r for tp in sorted(batch, key=lambda t: t.partition) for r in batch[tp]]
+            out.extend(got)
+            if not got or time.monotonic() >= deadline:
+                break
+            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        return out
+
+    def publish_outbox(self) -> int:
+        """Send the outbox to ``_outcomes`` in id order; delete what Kafka acknowledged."""
+        total = 0
+        while True:
+            rows = self.db.pending_outbox()
+            if not rows:
+                return total
+            for _id, device, payload in rows:
+                self._producer.send(self.outcomes_topic, key=device.encode("utf-8"), value=payload)
+            self._producer.flush(timeout=60)
+            self.db.delete_outbox([i for i, _, _ in rows])
+            total += len(rows)
+            self.db.stats.published += len(rows)
+
+    def run_until_idle(self, timeout: float = 60.0, idle_polls: int = 2) -> ApplyStats:
+        """Lead and consume until every partition is at its end ``idle_polls`` times in a
+        row, or ``timeout``; for tests, benchmarks and batch runs."""
+        if self.db.conn is None:
+            self._start()
+        if not self.db.acquire_leadership():
+            raise ApplierError(f"another applier of consumer {self.db.consumer!r} is running")
+        if self._consumer is None:
+            self._open()
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline and quiet < idle_polls:
+            if self.step():
+                quiet = 0
+            elif self._at_end():
+                quiet += 1
+        return self.stats
+
+    def _at_end(self) -> bool:
+        self._assign()
+        tps = list(self._consumer.assignment())
+        if not tps:
+            return True
+        ends = self._consumer.end_offsets(tps)
+        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
+
+    def close(self) -> None:
+        self._close_clients()
+        self.db.release_leadership()
+        self.db.close()
+
+
+def _is_kafka_error(exc: BaseException) -> bool:
+    from kafka.errors import KafkaError
+
+    return isinstance(exc, KafkaError)
