@@ -19,10 +19,12 @@ Choices (docs/journal.md is the reference):
   PostgreSQL commit and anything after it re-reads nothing already applied; a record
   delivered twice (a device re-uploading, a relay retrying) finds its ``(device, seq)``
   in ``applied`` and is skipped.  Offsets only move forward (``greatest``).
-- **Runs.**  Consecutive records of one device in one partition (at most
-  ``batch_max_entries``) share a transaction: its origin message names that device, so cdc
-  puts ``device:<id>`` into ``source.origin`` of every change it made.  Runs of a
-  partition are applied in offset order.  Rows of a run are read with one ``SELECT …
+- **Runs.**  The records of one poll are grouped by device (each device's in offset
+  order; edits of different devices are independent), and each group (at most
+  ``batch_max_entries``) is one transaction: its origin message names that device, so cdc
+  puts ``device:<id>`` into ``source.origin`` of every change it made.  Each transaction
+  stores, per partition, the lowest offset of the poll not applied yet, so after a crash
+  the rest is read again and what was applied is skipped by the idempotency check.  Rows of a run are read with one ``SELECT …
   ORDER BY key FOR UPDATE`` per table (lock order = key order); updates and deletes are
   sent with ``executemany`` (pipelined); an entry touching a row an earlier entry of the
   run wrote re-reads it first.  Inserts run in a savepoint with ``RETURNING`` so the
@@ -660,9 +662,17 @@ class ApplierDb:
 
     # ---- applying
 
-    def apply(self, deliveries: Sequence[tuple[Delivery, bytes | None]]) -> list[Outcome]:
-        """Apply journal records (in partition/offset order); returns their outcomes
-        (duplicates produce none)."""
+    def apply(
+        self, deliveries: Sequence[tuple[Delivery, bytes | None]], run_max: int = 500
+    ) -> list[Outcome]:
+        """Apply journal records (each partition's in offset order); returns their outcomes
+        (duplicates produce none).
+
+        The records are grouped by device (each device's in order; devices are
+        independent), at most ``run_max`` per transaction.  Each transaction stores, per
+        partition, the lowest offset of this batch not applied yet (a watermark): after a
+        crash the records from there on are read again, and those already applied are
+        found in ``applied`` and skipped."""
         items: list[_Item] = []
         for where, value in deliveries:
             self.stats.records += 1
@@ -670,19 +680,22 @@ class ApplierDb:
                 items.append(_Item(where, JournalRecord.from_bytes(value or b"")))
             except JournalFormatError as exc:
                 items.append(_Item(where, None, value or b"", str(exc)))
+        marks = _Watermarks(items)
         outcomes: list[Outcome] = []
         t0 = time.perf_counter()
-        for run in _runs(items):
-            outcomes.extend(self._apply_run(run))
+        for run in _runs(items, run_max):
+            outcomes.extend(self._apply_run(run, marks))
         self.stats.apply_s += time.perf_counter() - t0
         return outcomes
 
-    def _apply_run(self, run: list[_Item]) -> list[Outcome]:
+    def _apply_run(self, run: list[_Item], marks: _Watermarks) -> list[Outcome]:
         attempt = 0
         while True:
             try:
                 self.stats.runs += 1
-                return self._run_txn(run, None)
+                outcomes = self._run_txn(run, None, marks)
+                marks.done(run)
+                return outcomes
             except _RETRY_ERRORS as exc:
                 attempt += 1
                 self.stats.run_retries += 1
@@ -692,19 +705,21 @@ class ApplierDb:
             except _ENTRY_ERRORS as exc:
                 if len(run) > 1:
                     self.stats.run_retries += 1
-                    return [o for item in run for o in self._apply_run([item])]
-                return self._run_txn(run, _pg_message(exc))
+                    return [o for item in run for o in self._apply_run([item], marks)]
+                outcomes = self._run_txn(run, _pg_message(exc), marks)
+                marks.done(run)
+                return outcomes
             except psycopg.Error as exc:
                 raise ApplierError(f"applying journal entries failed: {exc}") from exc
 
-    def _run_txn(self, run: list[_Item], db_error: str | None) -> list[Outcome]:
+    def _run_txn(self, run: list[_Item], db_error: str | None, marks: _Watermarks) -> list[Outcome]:
         conn = self._c()
         outcomes: list[Outcome] = []
         with conn.transaction(), conn.cursor() as cur:
+            _save_offsets(cur, self.consumer, marks.after(run))
             first = run[0]
             if first.record is None:
                 self._record_bad(cur, run)
-                _save_offsets(cur, self.consumer, run)
                 return []
             device = first.record.device_id
             cur.execute(_EMIT, (ORIGIN_MESSAGE_PREFIX, f"device:{device}"))
@@ -720,7 +735,6 @@ class ApplierDb:
                 outcomes.append(outcome)
             state.flush()
             state.write_bookkeeping(outcomes, todo)
-            _save_offsets(cur, self.consumer, run)
         for o in outcomes:
             self._count(o)
         return outcomes
@@ -1043,35 +1057,52 @@ def _pg_message(exc: psycopg.Error) -> str:
     return text
 
 
-def _runs(items: Sequence[_Item], limit: int = 1 << 30) -> list[list[_Item]]:
-    """Consecutive items of one partition and one device (unreadable records alone)."""
-    runs: list[list[_Item]] = []
-    current: list[_Item] = []
+def _runs(items: Sequence[_Item], limit: int) -> list[list[_Item]]:
+    """The items grouped by device, each device's in their order, groups in the order of
+    their first item, at most ``limit`` per group; unreadable records alone."""
+    groups: dict[str, list[list[_Item]]] = {}
+    order: list[list[_Item]] = []
     for item in items:
-        if current:
-            last = current[-1]
-            same = (
-                item.record is not None
-                and last.record is not None
-                and item.where.topic == last.where.topic
-                and item.where.partition == last.where.partition
-                and item.record.device_id == last.record.device_id
-                and len(current) < limit
-            )
-            if not same:
-                runs.append(current)
-                current = []
-        current.append(item)
-    if current:
-        runs.append(current)
-    return runs
+        if item.record is None:
+            order.append([item])
+            continue
+        runs = groups.setdefault(item.record.device_id, [])
+        if not runs or len(runs[-1]) >= limit:
+            runs.append([])
+            order.append(runs[-1])
+        runs[-1].append(item)
+    return order
 
 
-def _save_offsets(cur: psycopg.Cursor[Any], consumer: str, run: Sequence[_Item]) -> None:
-    top: dict[tuple[str, int], int] = {}
-    for item in run:
-        tp = (item.where.topic, item.where.partition)
-        top[tp] = max(top.get(tp, 0), item.where.offset + 1)
+class _Watermarks:
+    """Per partition, the offsets of a batch not applied yet."""
+
+    def __init__(self, items: Sequence[_Item]) -> None:
+        self.pending: dict[tuple[str, int], set[int]] = {}
+        self.end: dict[tuple[str, int], int] = {}
+        for item in items:
+            tp = (item.where.topic, item.where.partition)
+            self.pending.setdefault(tp, set()).add(item.where.offset)
+            self.end[tp] = max(self.end.get(tp, 0), item.where.offset + 1)
+
+    def after(self, run: Sequence[_Item]) -> dict[tuple[str, int], int]:
+        """The next offset to store per partition of ``run`` once ``run`` is applied."""
+        out: dict[tuple[str, int], int] = {}
+        for tp in {(i.where.topic, i.where.partition) for i in run}:
+            left = self.pending[tp] - {
+                i.where.offset for i in run if (i.where.topic, i.where.partition) == tp
+            }
+            out[tp] = min(left) if left else self.end[tp]
+        return out
+
+    def done(self, run: Sequence[_Item]) -> None:
+        for item in run:
+            self.pending[(item.where.topic, item.where.partition)].discard(item.where.offset)
+
+
+def _save_offsets(
+    cur: psycopg.Cursor[Any], consumer: str, top: Mapping[tuple[str, int], int]
+) -> None:
     cur.executemany(
         f"insert into {SCHEMA}.offsets (consumer, topic, partition, next_offset) values (%s, %s, %s, %s) "
         "on conflict (consumer, topic, partition) do update "
@@ -1456,6 +1487,7 @@ class Applier:
         self.journal_topic = f"{prefix}._journal"
         self.outcomes_topic = f"{prefix}._outcomes"
         self.batch_max_entries = batch_max_entries
+        self.poll_max = 4 * batch_max_entries  # several devices' runs per poll
         self.batch_max_ms = batch_max_ms
         self.topic_partitions = topic_partitions
         self.standby_retry_s = standby_retry_s
@@ -1540,7 +1572,7 @@ class Applier:
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
-            max_poll_records=self.batch_max_entries,
+            max_poll_records=self.poll_max,
         )
         self._producer = KafkaProducer(**self.kafka, acks="all", linger_ms=5)
         self._partitions = set()
@@ -1576,14 +1608,14 @@ class Applier:
         self._consumer = self._producer = None
 
     def step(self) -> int:
-        """Read up to ``batch_max_entries`` records (or ``batch_max_ms``), apply them,
+        """Read up to ``4 * batch_max_entries`` records (or ``batch_max_ms``), apply them,
         publish the outbox; returns the number of records read."""
         if time.monotonic() - self._last_refresh > self.topic_refresh_s:
             self._assign()
         records = self._poll()
         if records:
             deliveries = [(Delivery(r.topic, r.partition, r.offset), r.value) for r in records]
-            self.db.apply(deliveries)
+            self.db.apply(deliveries, self.batch_max_entries)
         self.publish_outbox()
         return len(records)
 
@@ -1591,10 +1623,8 @@ class Applier:
         out: list[Any] = []
         deadline = time.monotonic() + self.batch_max_ms / 1000
         timeout_ms = max(self.batch_max_ms, 100)
-        while len(out) < self.batch_max_entries:
-            batch = self._consumer.poll(
-                timeout_ms=timeout_ms, max_records=self.batch_max_entries - len(out)
-            )
+        while len(out) < self.poll_max:
+            batch = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.poll_max - len(out))
             got = [r for tp in sorted(batch, key=lambda t: t.partition) for r in batch[tp]]
             out.extend(got)
             if not got or time.monotonic() >= deadline:
