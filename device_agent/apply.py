@@ -1,0 +1,648 @@
+"""Applying downloaded changes messages to the device database, atomically per checkpoint.
+
+Input: the changes messages (relay/api.py, docs/relay.md "Device API") read since the last
+applied cursor, up to and including one whose ``checkpoint.complete`` is true.  Output: one
+SQLite transaction that
+
+1. empties the buckets marked for re-download (a checksum mismatch found earlier, a
+   ``resync`` or ``dropped`` bucket of a message): their rows leave ``_fieldsync_rows``
+   and, unless another bucket still holds them, the synced table;
+2. applies every op in order: ``PUT`` writes the row into its table and records the
+   bucket's hold on it in ``_fieldsync_rows`` (with its checksum term); ``REMOVE`` drops
+   that hold and deletes the row when no bucket of the device holds it any more;
+3. keeps local edits on top: a row with journal entries still ``pending`` or ``sent`` (a
+   *held* row) keeps the columns those edits wrote; the server's version is kept in
+   ``_fieldsync_rows.data`` until the server state that includes the edits arrives (the
+   written columns have the edited values), and then the entries become ``synced`` and
+   the row shows the server's version — the user never sees an edit flicker away;
+4. checks each complete bucket's row count and checksum (the sum mod 2**64 of
+   :func:`relay.bucket_store.row_checksum` over the rows it holds, computed from the
+   bytes received) against the checkpoint; a bucket that differs is marked
+   ``reset_pending`` and its cursor is set back to 0, so it is downloaded again and
+   replaced atomically with the next checkpoint;
+5. stores the new cursor.
+
+The agent's own writes are not journaled (:mod:`device_agent.triggers`: the flag row, or
+for large batches the triggers are dropped and recreated inside the transaction).
+
+Rows of tables served by one rule of the device take a fast path (batched
+``executemany``); rows of tables several rules serve (different column projections) and
+held rows take the general path, which merges the bucket versions (latest op last) and
+overlays the local edits.
+
+Everything happens on the caller's connection in the caller's thread; no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Final
+
+import orjson
+
+from device_agent import triggers
+from device_agent.errors import StateError
+from device_agent.local_db import (
+    PREFIX,
+    LocalTable,
+    bucket_ids,
+    from_sql,
+    key_k,
+    kind_of,
+    load_tables,
+    q,
+    save_kinds,
+    set_meta,
+    to_sql,
+    transaction,
+)
+from relay.bucket_store import CHECKSUM_MODULUS, row_key_text
+
+BULK_OPS: Final = 2000
+"""From this many ops in one apply, triggers are dropped and recreated instead of flagged."""
+
+_SIGNED: Final = 1 << 63
+_U64 = struct.Struct(">Q").unpack_from
+_SORT = orjson.OPT_SORT_KEYS
+_CHUNK: Final = 400
+
+Message = Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def term_of(table_json: bytes, row_key: str, data: Mapping[str, Any]) -> int:
+    """``row_checksum(table, row_key, data)`` with the table's JSON text precomputed."""
+    text = (
+        b"[" + table_json + b"," + orjson.dumps(row_key) + b"," + orjson.dumps(data, option=_SORT)
+    )
+    return int(_U64(hashlib.sha256(text + b"]").digest())[0])
+
+
+def signed(term: int) -> int:
+    return term - (1 << 64) if term >= _SIGNED else term
+
+
+def unsigned(term: int) -> int:
+    return term + (1 << 64) if term < 0 else term
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    messages: int = 0
+    ops: int = 0
+    puts: int = 0
+    removes: int = 0
+    reset: list[str] = dataclasses.field(default_factory=list)
+    verified: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[str] = dataclasses.field(default_factory=list)
+    released: int = 0
+    held_rows: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class _Bucket:
+    id: int
+    name: str
+    count: int
+    checksum: int
+    fresh: bool  # holds no row: no old term to look up
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+class _Batch:
+    """State of one apply transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, tables: dict[str, LocalTable]) -> None:
+        self.conn = conn
+        self.tables = tables
+        self.by_id = {t.id: t for t in tables.values()}
+        self.table_json = {t.name: orjson.dumps(t.name) for t in tables.values()}
+        self.buckets: dict[str, _Bucket] = {}
+        self.terms: dict[tuple[int, int, Any], int | None] = {}
+        self.held: set[tuple[int, Any]] = {
+            (tid, k)
+            for tid, k in conn.execute(
+                f"""select tbl, k from {PREFIX}journal where status in ('pending', 'sent')
+                    union select tbl, k from {PREFIX}journal where expect is not null"""
+            )
+        }
+        self.dirty: set[tuple[int, Any]] = set()
+        self.kinds_changed: set[int] = set()
+        self.result = ApplyResult()
+        self.unknown_kinds = {
+            t.id: [c for c in t.columns if c not in t.kinds] for t in tables.values()
+        }
+
+    # ---- buckets
+
+    def bucket(self, name: str) -> _Bucket:
+        b = self.buckets.get(name)
+        if b is None:
+            bid = bucket_ids(self.conn, [name])[name]
+            row = self.conn.execute(
+                f"select count, checksum from {PREFIX}buckets where id = ?", (bid,)
+            ).fetchone()
+            # count 0: no row to look up (a wrong count shows as a checksum mismatch)
+            b = _Bucket(bid, name, int(row[0]), int(row[1]), int(row[0]) == 0)
+            self.buckets[name] = b
+        return b
+
+    def reset_bucket(self, name: str) -> None:
+        """Empty a bucket: its holds go; rows no other bucket holds leave their tables."""
+        b = self.bucket(name)
+        rows = self.conn.execute(
+            f"select tbl, k from {PREFIX}rows where bucket = ?", (b.id,)
+        ).fetchall()
+        self.conn.execute(f"delete from {PREFIX}rows where bucket = ?", (b.id,))
+        for tid, k in rows:
+            self.dirty.add((tid, k))
+        for key in [key for key in self.terms if key[0] == b.id]:
+            del self.terms[key]
+        b.count, b.checksum, b.fresh = 0, 0, True
+        self.result.reset.append(name)
+
+    # ---- ops
+
+    def apply_message(self, msg: Message) -> None:
+        for name in list(msg.get("resync") or ()) + list(msg.get("dropped") or ()):
+            self.flush_dirty()
+            self.reset_bucket(name)
+        ops: Sequence[Mapping[str, Any]] = msg.get("ops") or ()
+        self.result.messages += 1
+        if not ops:
+            return
+        self.prefetch_terms(ops)
+        fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {}
+        fast_gone: dict[int, set[Any]] = {}
+        final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
+        tables, buckets, terms = self.tables, self.buckets, self.terms
+        held, dirty = self.held, self.dirty
+        getters: dict[int, Callable[[Mapping[str, Any]], Any]] = {}
+        for op in ops:
+            table = tables.get(op["table"])
+            if table is None:
+                raise StateError(
+                    f"the relay sent rows of {op['table']}, which the local schema lacks; "
+                    "the schema is refreshed on the next sync"
+                )
+            b = buckets.get(op["bucket"]) or self.bucket(op["bucket"])
+            key = op["key"]
+            k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
+            tid = table.id
+            ref = (b.id, tid, k)
+            old = terms[ref] if ref in terms else None
+            slow = table.multi or (tid, k) in held
+            if op["op"] == "PUT":
+                data = op["data"]
+                rk = f"[{k}]" if type(k) is int else row_key_text(key)
+                term = term_of(self.table_json[table.name], rk, data)
+                if old is None:
+                    b.count += 1
+                    b.checksum += term
+                else:
+                    b.checksum += term - old
+                terms[ref] = term
+                self.result.puts += 1
+                if self.unknown_kinds[tid]:
+                    self.learn_kinds(table, data)
+                if slow:
+                    final[(tid, k, b.id)] = (
+                        tid,
+                        k,
+                        b.id,
+                        op["op_id"],
+                        signed(term),
+                        _data_text(data),
+                        _pos(op),
+                    )
+                    dirty.add((tid, k))
+                    fast_gone.get(tid, set()).discard(k)
+                    fast_put.get(tid, {}).pop(k, None)
+                else:
+                    final[(tid, k, b.id)] = (
+                        tid,
+                        k,
+                        b.id,
+                        op["op_id"],
+                        signed(term),
+                        None,
+                        _pos(op),
+                    )
+                    getter = getters.get(tid)
+                    if getter is None:
+                        getter = getters[tid] = itemgetter(*table.columns)
+                    try:
+                        values = getter(data)
+                    except KeyError:
+                        values = tuple(data.get(c) for c in table.columns)
+                    if len(table.columns) == 1:
+                        values = (values,)
+                    fast_put.setdefault(tid, {})[k] = values
+                    gone = fast_gone.get(tid)
+                    if gone is not None:
+                        gone.discard(k)
+            else:
+                self.result.removes += 1
+                if old is not None:
+                    b.count -= 1
+                    b.checksum -= old
+                    terms[ref] = None
+                final[(tid, k, b.id)] = None
+                if slow:
+                    dirty.add((tid, k))
+                else:
+                    fast_put.get(tid, {}).pop(k, None)
+                    fast_gone.setdefault(tid, set()).add(k)
+        self.result.ops += len(ops)
+        self.write_rows(final)
+        self.write_fast(fast_put, fast_gone)
+        for b in buckets.values():
+            b.checksum %= CHECKSUM_MODULUS
+            if b.count > 0:
+                b.fresh = False
+
+    def learn_kinds(self, table: LocalTable, data: Mapping[str, Any]) -> None:
+        unknown = self.unknown_kinds[table.id]
+        for c in list(unknown):
+            kind = kind_of(data.get(c))
+            if kind is not None:
+                table.kinds[c] = kind
+                unknown.remove(c)
+                self.kinds_changed.add(table.id)
+
+    def prefetch_terms(self, ops: Sequence[Mapping[str, Any]]) -> None:
+        """Load the current terms of rows of non-fresh buckets this message touches."""
+        wanted: dict[tuple[int, int], list[Any]] = {}
+        for op in ops:
+            b = self.buckets.get(op["bucket"]) or self.bucket(op["bucket"])
+            if b.fresh:
+                continue
+            table = self.tables.get(op["table"])
+            if table is None:
+                continue
+            key = op["key"]
+            k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
+            if (b.id, table.id, k) not in self.terms:
+                wanted.setdefault((b.id, table.id), []).append(k)
+        for (bid, tid), ks in wanted.items():
+            for ref_k in ks:
+                self.terms[(bid, tid, ref_k)] = None
+            for i in range(0, len(ks), _CHUNK):
+                chunk = ks[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for k, term in self.conn.execute(
+                    f"""select k, term from {PREFIX}rows
+                        where tbl = ? and bucket = ? and k in ({marks})""",
+                    (tid, bid, *chunk),
+                ):
+                    self.terms[(bid, tid, k)] = unsigned(int(term))
+
+    def write_rows(self, final: dict[tuple[int, Any, int], tuple[Any, ...] | None]) -> None:
+        """Write the holds' final states of one message (None: removed)."""
+        gone = [ref for ref, row in final.items() if row is None]
+        if gone:
+            self.conn.executemany(
+                f"delete from {PREFIX}rows where tbl = ? and k = ? and bucket = ?", gone
+            )
+        put = [row for row in final.values() if row is not None]
+        if put:
+            self.conn.executemany(
+                f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, data, pos) "
+                "values (?, ?, ?, ?, ?, ?, ?)",
+                put,
+            )
+
+    def write_fast(
+        self, fast_put: dict[int, dict[Any, tuple[Any, ...]]], fast_gone: dict[int, set[Any]]
+    ) -> None:
+        for tid, gone in fast_gone.items():
+            table = self.by_id[tid]
+            if not gone:
+                continue
+            where = _key_where(table)
+            self.conn.executemany(
+                f"""delete from {q(table.local)} where {where} and not exists
+                    (select 1 from {PREFIX}rows where tbl = {tid} and k = ?)""",
+                [(*_key_values(table, k), k) for k in gone],
+            )
+        for tid, rows in fast_put.items():
+            table = self.by_id[tid]
+            if not rows:
+                continue
+            cols = ", ".join(q(c) for c in table.columns)
+            marks = ", ".join("?" * len(table.columns))
+            sql = f"insert or replace into {q(table.local)} ({cols}) values ({marks})"
+            values = list(rows.values())
+            json_cols = [i for i, c in enumerate(table.columns) if table.kinds.get(c) == "json"]
+            if json_cols:
+                values = [_convert(v) for v in values]
+            try:
+                self.conn.executemany(sql, values)
+            except (sqlite3.ProgrammingError, sqlite3.InterfaceError, TypeError):
+                self.conn.executemany(sql, [_convert(v) for v in values])
+
+    # ---- the general path
+
+    def flush_dirty(self) -> None:
+        for tid, k in sorted(self.dirty, key=lambda r: (r[0], str(r[1]))):
+            self.refresh_row(self.by_id[tid], k)
+        self.dirty.clear()
+
+    def refresh_row(self, table: LocalTable, k: Any) -> None:
+        """Rewrite one row from the buckets' versions and the local edits on top."""
+        conn = self.conn
+        versions = conn.execute(
+            f"""select data from {PREFIX}rows where tbl = ? and k = ? order by op_id""",
+            (table.id, k),
+        ).fetchall()
+        holds = conn.execute(
+            f"""select seq, op, old, new, status, expect from {PREFIX}journal
+                where tbl = ? and k = ? and (status in ('pending', 'sent') or expect is not null)
+                order by seq""",
+            (table.id, k),
+        ).fetchall()
+        server: dict[str, Any] | None = None
+        if versions:
+            server = {}
+            known = False  # False: only fast-path versions (data kept in the table row)
+            for (data,) in versions:
+                if data is not None:
+                    server.update(orjson.loads(data))
+                    known = True
+            if not known:
+                server = self.reconstruct(table, k, holds)
+        if holds and _includes(table, server, holds):
+            self.settle(table, k, holds)
+            holds = []
+        if holds:
+            self.result.held_rows += 1
+            if versions and server is not None and not any(v[0] for v in versions):
+                # keep the server's version for when the edits settle
+                conn.execute(
+                    f"""update {PREFIX}rows set data = ? where tbl = ? and k = ? and op_id =
+                        (select max(op_id) from {PREFIX}rows where tbl = ? and k = ?)""",
+                    (_data_text(server), table.id, k, table.id, k),
+                )
+        row = _overlay(table, server, holds)
+        where = _key_where(table)
+        if row is None:
+            conn.execute(f"delete from {q(table.local)} where {where}", _key_values(table, k))
+            return
+        cols = ", ".join(q(c) for c in table.columns)
+        marks = ", ".join("?" * len(table.columns))
+        conn.execute(
+            f"insert or replace into {q(table.local)} ({cols}) values ({marks})",
+            [row.get(c) for c in table.columns],
+        )
+
+    def reconstruct(
+        self, table: LocalTable, k: Any, holds: Sequence[tuple[Any, ...]]
+    ) -> dict[str, Any] | None:
+        """The server version of a fast-path row now held: the table row with the held
+        columns put back to the first edit's ``old`` values (wire form)."""
+        cur = self.conn.execute(
+            f"select {', '.join(q(c) for c in table.columns)} from {q(table.local)} where "
+            + _key_where(table),
+            _key_values(table, k),
+        ).fetchone()
+        row: dict[str, Any] = {}
+        if cur is not None:
+            row = dict(zip(table.columns, cur, strict=True))
+        for _seq, op, old, _new, _status, _expect in holds:
+            if op != "insert" and old is not None:
+                for c, v in orjson.loads(old).items():
+                    row[c] = v
+                break
+        if not row:
+            return None
+        return {c: from_sql(v, table.kinds.get(c)) for c, v in row.items()}
+
+    def settle(self, table: LocalTable, k: Any, holds: Sequence[tuple[Any, ...]]) -> None:
+        seqs = [h[0] for h in holds]
+        marks = ",".join("?" * len(seqs))
+        self.conn.execute(
+            f"""update {PREFIX}journal set
+                    status = case when status in ('pending', 'sent') then 'synced' else status end,
+                    expect = null, settled_at = julianday('now'),
+                    message = coalesce(message, 'the server state includes this edit')
+                where seq in ({marks})""",
+            seqs,
+        )
+        self.result.released += len(seqs)
+
+    # ---- end
+
+    def verify(self, checkpoint: Mapping[str, Any]) -> None:
+        now = time.time()
+        for name, cp in (checkpoint.get("buckets") or {}).items():
+            b = self.bucket(name)
+            done = bool(cp.get("complete", True))
+            server_sum = int(cp.get("checksum", "0"))
+            server_count = int(cp.get("count", 0))
+            ok = (b.count, b.checksum) == (server_count, server_sum)
+            if done and not ok:
+                self.result.mismatched.append(name)
+            elif done:
+                self.result.verified.append(name)
+            self.conn.execute(
+                f"""update {PREFIX}buckets set count = ?, checksum = ?, last_op_id = ?,
+                        server_count = ?, server_checksum = ?,
+                        state = ?, reset_pending = ?, mismatches = mismatches + ?,
+                        verified_at = case when ? then ? else verified_at end
+                    where id = ?""",
+                (
+                    b.count,
+                    str(b.checksum),
+                    int(cp.get("last_op_id", 0)),
+                    server_count,
+                    str(server_sum),
+                    "ok" if ok or not done else "mismatch",
+                    1 if done and not ok else 0,
+                    1 if done and not ok else 0,
+                    1 if done and ok else 0,
+                    now,
+                    b.id,
+                ),
+            )
+
+    def save_buckets(self) -> None:
+        for b in self.buckets.values():
+            self.conn.execute(
+                f"update {PREFIX}buckets set count = ?, checksum = ? where id = ?",
+                (b.count, str(b.checksum % CHECKSUM_MODULUS), b.id),
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _data_text(data: Mapping[str, Any]) -> str:
+    return orjson.dumps(data, option=_SORT).decode()
+
+
+def _pos(op: Mapping[str, Any]) -> str | None:
+    pos = op.get("position")
+    if pos is None:
+        return None
+    if isinstance(pos, list | tuple) and len(pos) == 2:
+        return orjson.dumps({"commit_lsn": int(pos[0]), "seq": int(pos[1])}).decode()
+    if isinstance(pos, dict):
+        return orjson.dumps({"commit_lsn": int(pos["commit_lsn"]), "seq": int(pos["seq"])}).decode()
+    return None
+
+
+def _convert(values: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(to_sql(v) for v in values)
+
+
+def _key_where(table: LocalTable) -> str:
+    return " and ".join(f"{q(c)} is ?" for c in table.key)
+
+
+def _key_values(table: LocalTable, k: Any) -> list[Any]:
+    if len(table.key) == 1:
+        return [k]
+    return [to_sql(v) for v in orjson.loads(k)]
+
+
+def _written(
+    op: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    if new is None:
+        return {}
+    if op == "insert" or old is None:
+        return dict(new)
+    return {c: v for c, v in new.items() if c not in old or not _same(old[c], v)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b and type(a) is type(b):
+        return True
+    if isinstance(a, bool | int | float) and isinstance(b, bool | int | float):
+        return bool(a == b)
+    if isinstance(a, str) and isinstance(b, str) and a[:1] in "[{" and b[:1] in "[{":
+        try:
+            return bool(orjson.loads(a) == orjson.loads(b))
+        except orjson.JSONDecodeError:
+            return False
+    return False
+
+
+def _includes(
+    table: LocalTable, server: Mapping[str, Any] | None, holds: Sequence[tuple[Any, ...]]
+) -> bool:
+    """Whether the server state includes the latest held edit (then it includes them all)."""
+    _seq, op, old, new, _status, expect = holds[-1]
+    if expect is not None:
+        wanted = orjson.loads(expect)
+        if wanted is None:
+            return server is None
+        return server is not None and all(
+            _same(to_sql(server.get(c)), to_sql(v)) for c, v in wanted.items() if c in server
+        )
+    if op == "delete":
+        return server is None
+    if server is None:
+        return False
+    written = _written(op, orjson.loads(old) if old else None, orjson.loads(new) if new else None)
+    if op == "insert":  # NULL columns of an insert may be the server's defaults
+        written = {c: v for c, v in written.items() if v is not None}
+    return all(_same(to_sql(server.get(c)), v) for c, v in written.items())
+
+
+def _overlay(
+    table: LocalTable, server: Mapping[str, Any] | None, holds: Sequence[tuple[Any, ...]]
+) -> dict[str, Any] | None:
+    """The row to show (SQLite values): the server's, with the held edits on top."""
+    row = {c: to_sql(v) for c, v in server.items()} if server is not None else None
+    for _seq, op, old, new, _status, _expect in holds:
+        if op == "delete":
+            row = None
+        elif op == "insert":
+            row = dict(orjson.loads(new))
+        else:
+            values = orjson.loads(new) if new else {}
+            written = _written(op, orjson.loads(old) if old else None, values)
+            row = {**(row or {}), **written}
+    return row
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def apply_messages(
+    conn: sqlite3.Connection,
+    messages: Iterable[Message],
+    cursor: str | None,
+    reset_cursor: Callable[[str | None, Sequence[str]], str | None] | None = None,
+    bulk_ops: int = BULK_OPS,
+    total_ops: int | None = None,
+) -> ApplyResult:
+    """Apply ``messages`` (ending with a complete checkpoint) in one transaction and store
+    ``cursor``; buckets whose checksum differs get their cursor set back to 0 with
+    ``reset_cursor(cursor, buckets)`` and are re-downloaded.  ``total_ops`` (when known)
+    decides between flagging and suspending the triggers (:data:`BULK_OPS`)."""
+    started = time.perf_counter()
+    with transaction(conn):
+        tables = load_tables(conn)
+        batch = _Batch(conn, tables)
+        pending = [
+            r[0] for r in conn.execute(f"select name from {PREFIX}buckets where reset_pending = 1")
+        ]
+        bulk = total_ops is not None and total_ops >= bulk_ops
+        guard = triggers.suspended(conn, tables.values()) if bulk else triggers.applying(conn)
+        last: Message | None = None
+        dropped: set[str] = set()
+        with guard:
+            for name in pending:
+                batch.reset_bucket(name)
+            for msg in messages:
+                batch.apply_message(msg)
+                dropped.update(msg.get("dropped") or ())
+                last = msg
+            batch.flush_dirty()
+        batch.save_buckets()
+        if last is not None and (last.get("checkpoint") or {}).get("complete"):
+            batch.verify(last["checkpoint"])
+        for tid in batch.kinds_changed:
+            save_kinds(conn, batch.by_id[tid])
+        for name in dropped:
+            conn.execute(f"delete from {PREFIX}buckets where name = ?", (name,))
+        if batch.result.mismatched:
+            if reset_cursor is None:
+                cursor = None
+            else:
+                cursor = reset_cursor(cursor, batch.result.mismatched)
+            if cursor is None:  # cannot reset one bucket: re-download all of them
+                conn.execute(f"update {PREFIX}buckets set reset_pending = 1")
+        set_meta(conn, "cursor", cursor)
+        set_meta(conn, "last_applied_at", str(time.time()))
+    batch.result.seconds = time.perf_counter() - started
+    return batch.result
+
+
+def local_checksums(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """Per bucket ``(count, checksum)`` recomputed from the terms in ``_fieldsync_rows``
+    (summed as 32-bit halves so SQLite's 64-bit sums cannot overflow)."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, count, high, low in conn.execute(
+        f"""select b.name, count(r.term), coalesce(sum(r.term >> 32), 0),
+                coalesce(sum(r.term & 4294967295), 0)
+            from {PREFIX}buckets b left join {PREFIX}rows r on r.bucket = b.id group by b.id"""
+    ):
+        out[name] = (int(count), (int(high) * 4294967296 + int(low)) % CHECKSUM_MODULUS)
+    return out

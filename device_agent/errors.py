@@ -1,0 +1,62 @@
+"""Errors of the device agent, each with the CLI exit code it maps to (docs/device-agent.md).
+
+::
+
+    DeviceAgentError (1)
+    ├── StateError (2)            the database is not initialized / is not usable as is
+    ├── RelayUnreachable (3)      network down, relay not answering: the agent works offline
+    ├── AuthFailed (4)            the relay refused the token
+    │   ├── TokenExpired (4)      get a new token
+    │   └── TokenRevoked (4)      this device was revoked: get a new token
+    ├── SchemaBlocked (5)         the server's schema changed and cannot be followed
+    ├── VerifyFailed (6)          checksums differ from the relay's
+    ├── EncryptionError (7)       key missing or wrong, SQLCipher not available
+    └── RelayRefused (1)          any other error answer of the relay (code, message)
+"""
+
+from __future__ import annotations
+
+
+class DeviceAgentError(Exception):
+    exit_code = 1
+
+
+class StateError(DeviceAgentError):
+    exit_code = 2
+
+
+class RelayUnreachable(DeviceAgentError):
+    exit_code = 3
+
+
+class AuthFailed(DeviceAgentError):
+    exit_code = 4
+
+
+class TokenExpired(AuthFailed):
+    pass
+
+
+class TokenRevoked(AuthFailed):
+    pass
+
+
+class SchemaBlocked(DeviceAgentError):
+    exit_code = 5
+
+
+class VerifyFailed(DeviceAgentError):
+    exit_code = 6
+
+
+class EncryptionError(DeviceAgentError):
+    exit_code = 7
+
+
+class RelayRefused(DeviceAgentError):
+    """The relay answered with an error (``code``, ``status``)."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
