@@ -189,13 +189,13 @@ def test_schema_change_adds_and_drops_columns_and_blocks_with_reason(
     app = app_conn(db)
     app.execute("create index app_name_idx on parts (name)")
     changed["tables"][1]["columns"] = ["id", "price"]
-    with pytest.raises(SchemaBlocked, match="column name .* index app_name_idx"):
+    with pytest.raises(SchemaBlocked, match=r"column name .* index app_name_idx"):
         apply_schema(db, parse_schema(changed))
     # a key change with pending local edits blocks too
     app.execute("insert into work_orders (id, status) values (77, 'open')")
     rekeyed = orjson.loads(orjson.dumps(SCHEMA))
     rekeyed["tables"][0]["key"] = ["id", "site"]
-    with pytest.raises(SchemaBlocked, match="primary key changed .* 1 local edit"):
+    with pytest.raises(SchemaBlocked, match=r"primary key changed .* 1 local edit"):
         apply_schema(db, parse_schema(rekeyed))
 
 
