@@ -90,6 +90,7 @@ begin
     end loop;
 end $$
 """
+WALSENDER_TIMEOUT = "terminating walsender process due to replication timeout"
 PGBENCH_SCRIPT = "insert into t (h, n, ts, note) values (md5(random()::text), 1, now(), 'paced');\n"
 PYTHON_WRITER = """
 import sys, time, psycopg
@@ -154,9 +155,11 @@ class Results:
         return "\n".join(lines)
 
 
-def _fmt(v: float | None) -> str:
+def _fmt(v: float | int | None) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
     if abs(v) >= 100:
         return f"{v:,.0f}"
     if abs(v) >= 10:
@@ -184,12 +187,20 @@ class Services:
     bootstrap: str
     bindir: Path
     description: str
+    pg_log: Path | None = None  # the embedded server's log (None for an external one)
+
+    def walsender_timeouts(self) -> int | None:
+        """How often PostgreSQL has ended a walsender because its client stopped replying."""
+        if self.pg_log is None:
+            return None
+        return self.pg_log.read_text(errors="replace").count(WALSENDER_TIMEOUT)
 
 
 @contextlib.contextmanager
 def services(args: argparse.Namespace) -> Iterator[Services]:
     """PostgreSQL and broker: external when given, else embedded ones started here."""
     with contextlib.ExitStack() as stack:
+        pg_log = None
         if args.pg_dsn:
             admin_dsn, pg_desc = args.pg_dsn, "external PostgreSQL"
         else:
@@ -198,7 +209,7 @@ def services(args: argparse.Namespace) -> Iterator[Services]:
             stack.callback(shutil.rmtree, pg.base_dir, True)
             pg.start()
             stack.callback(pg.stop)
-            admin_dsn, pg_desc = pg.dsn, "embedded PostgreSQL (fsync=off)"
+            admin_dsn, pg_desc, pg_log = pg.dsn, "embedded PostgreSQL (fsync=off)", pg.log_path
         if args.kafka_bootstrap:
             bootstrap, k_desc = args.kafka_bootstrap, "external broker"
         else:
@@ -210,12 +221,8 @@ def services(args: argparse.Namespace) -> Iterator[Services]:
         bindir = Path(args.pg_bindir) if args.pg_bindir else find_pg_bindir()
         with psycopg.connect(admin_dsn) as conn:
             version = conn.execute("show server_version").fetchone()
-        yield Services(
-            admin_dsn,
-            bootstrap,
-            bindir,
-            f"PostgreSQL {version[0] if version else '?'}, {pg_desc}; {k_desc}",
-        )
+        desc = f"PostgreSQL {version[0] if version else '?'}, {pg_desc}; {k_desc}"
+        yield Services(admin_dsn, bootstrap, bindir, desc, pg_log)
 
 
 @dataclass
@@ -807,7 +814,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(machine)
         for name in args.cases.split(","):
             load_before = os.getloadavg()[0]
+            timeouts_before = svc.walsender_timeouts()
             CASES[name](res, svc, args)
+            timeouts_after = svc.walsender_timeouts()
+            if timeouts_before is not None and timeouts_after is not None:
+                res.add(
+                    res.rows[-1].case if res.rows else name,
+                    "PostgreSQL: walsender ended for replication timeout",
+                    timeouts_after - timeouts_before,
+                    "",
+                )
             res.notes.append(
                 f"{name}: 1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
                 f"({os.cpu_count()} cores; above ~1.5 means other work competed for the CPUs)"
