@@ -78,6 +78,7 @@ from typing import Any, Final
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Buffer, Loader
 from psycopg.types.json import Jsonb
 
 from cdc.avro_envelope import TableCodec
@@ -331,11 +332,15 @@ class TableMeta:
             keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
             one = sql.SQL("({})").format(sql.SQL(", ").join(self._placeholder(k) for k in self.key))
             found = sql.SQL(
-                "select xmin::text::bigint, {ts}, {cols} from {t} where ({keys}) in (values {vals})"
+                "select xmin::text, {ts}, {cols} from {t} where ({keys}) in (values {vals})"
                 " order by {keys} for update"
             ).format(
-                ts=sql.SQL("pg_xact_commit_timestamp(xmin)" if commit_ts else "null::timestamptz"),
-                cols=self._text_columns(),
+                ts=sql.SQL(
+                    "(extract(epoch from pg_xact_commit_timestamp(xmin)) * 1000)::bigint::text"
+                    if commit_ts
+                    else "null::text"
+                ),
+                cols=self._columns(),
                 t=self.ident,
                 keys=keys,
                 vals=sql.SQL(", ").join([one] * n_keys),
@@ -343,10 +348,10 @@ class TableMeta:
             self._sql[cache_key] = found
         return found
 
-    def _text_columns(self) -> sql.Composable:
-        return sql.SQL(", ").join(
-            sql.SQL("{}::text").format(sql.Identifier(c)) for c in self.columns
-        )
+    def _columns(self) -> sql.Composable:
+        # no ::text casts: some differ from the output function pgoutput uses
+        # (bool::text is 'true', not 't'; inet::text adds the mask; char(n)::text trims)
+        return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
 
     def update_sql(self, columns: Sequence[str]) -> sql.Composed:
         cache_key = ("update", tuple(columns))
@@ -377,12 +382,12 @@ class TableMeta:
         found = self._sql.get(cache_key)
         if found is None:
             found = sql.SQL(
-                "insert into {t} ({cols}) values ({vals}) returning xmin::text::bigint, {texts}"
+                "insert into {t} ({cols}) values ({vals}) returning xmin::text, {texts}"
             ).format(
                 t=self.ident,
                 cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
                 vals=sql.SQL(", ").join(self._placeholder(c) for c in columns),
-                texts=self._text_columns(),
+                texts=self._columns(),
             )
             self._sql[cache_key] = found
         return found
@@ -483,6 +488,13 @@ class _Clock:
     deleted: bool
 
 
+class _RawText(Loader):
+    """Loads any column as its text form, unparsed."""
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode("utf-8")
+
+
 class _Undo(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.message)
@@ -523,6 +535,7 @@ class ApplierDb:
         self.commit_timestamps = False
         self._scopes: dict[str, WriteScope] = {}
         self._lock_id = 0
+        self._raw: psycopg.Cursor[Any] | None = None
 
     # ---- connection, catalog, configuration
 
@@ -538,7 +551,7 @@ class ApplierDb:
         except psycopg.Error as exc:
             raise ApplierError(f"cannot connect to the captured database: {exc}") from exc
         try:
-            for name, value in SESSION_SETTINGS.items():
+            for name, value in {**SESSION_SETTINGS, "client_encoding": "UTF8"}.items():
                 conn.execute("select set_config(%s, %s, false)", (name, value))
             self.commit_timestamps = conn.execute(
                 "select current_setting('track_commit_timestamp')"
@@ -578,12 +591,25 @@ class ApplierDb:
             )
 
     def close(self) -> None:
+        self._raw = None
         if self.conn is not None:
             try:
                 self.conn.close()
             except psycopg.Error:
                 pass
             self.conn = None
+
+    def raw_cursor(self) -> psycopg.Cursor[Any]:
+        """A cursor of the connection that returns every column as the text PostgreSQL's
+        output function prints (what pgoutput sends), whatever its type."""
+        if self._raw is None or self._raw.closed:
+            cur = self._c().cursor()
+            for t in psycopg.postgres.types:
+                for oid in (t.oid, t.array_oid):
+                    if oid:
+                        cur.adapters.register_loader(oid, _RawText)
+            self._raw = cur
+        return self._raw
 
     def _c(self) -> psycopg.Connection[Any]:
         if self.conn is None or self.conn.closed:
@@ -1184,6 +1210,7 @@ class _RunState:
     ) -> None:
         self.db = db
         self.cur = cur
+        self.raw = db.raw_cursor()
         self.outcome_of = known if known is not None else {}
         self.now_ms = db.wall_ms()
         self.rows: dict[tuple[str, tuple[str, ...]], _Row] = {}
@@ -1219,13 +1246,13 @@ class _RunState:
 
     def _select(self, meta: TableMeta, keys: Sequence[Sequence[Any]]) -> None:
         params = [p for key in keys for p in meta.key_params(key)]
-        rows = self.cur.execute(
+        rows = self.raw.execute(
             meta.select_sql(len(keys), self.db.commit_timestamps), params
         ).fetchall()
         for xmin, committed, *texts in rows:
             row = meta.read(texts)
             kid = meta.key_id([row[k] for k in meta.key])
-            commit_ms = int(committed.timestamp() * 1000) if committed is not None else None
+            commit_ms = int(committed) if committed is not None else None
             self.rows[(meta.name, kid)] = _Row(row, int(xmin), commit_ms)
 
     def _load_clocks(self, meta: TableMeta, keys: Sequence[Sequence[Any]]) -> None:
@@ -1289,7 +1316,7 @@ class _RunState:
         conn = self.cur.connection
         try:
             with conn.transaction():
-                got = self.cur.execute(meta.insert_sql(columns), params).fetchone()
+                got = self.raw.execute(meta.insert_sql(columns), params).fetchone()
                 assert got is not None
                 row = meta.read(got[1:])
                 problem = check_write(scope, meta.name, None, row, written)
@@ -1389,7 +1416,7 @@ class _RunState:
         elif "insert" in writes:
             row = writes["insert"]
             columns = list(row)
-            got = self.cur.execute(
+            got = self.raw.execute(
                 meta.insert_sql(columns), [meta.pg_text(c, row[c]) for c in columns]
             ).fetchone()
             assert got is not None
