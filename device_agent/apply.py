@@ -591,6 +591,7 @@ def apply_messages(
     reset_cursor: Callable[[str | None, Sequence[str]], str | None] | None = None,
     bulk_ops: int = BULK_OPS,
     total_ops: int | None = None,
+    finish: Callable[[sqlite3.Connection], None] | None = None,
 ) -> ApplyResult:
     """Apply ``messages`` (ending with a complete checkpoint) in one transaction and store
     ``cursor``; buckets whose checksum differs get their cursor set back to 0 with
@@ -631,8 +632,21 @@ def apply_messages(
                 conn.execute(f"update {PREFIX}buckets set reset_pending = 1")
         set_meta(conn, "cursor", cursor)
         set_meta(conn, "last_applied_at", str(time.time()))
+        if finish is not None:
+            finish(conn)
     batch.result.seconds = time.perf_counter() - started
     return batch.result
+
+
+def refresh_rows(conn: sqlite3.Connection, refs: Iterable[tuple[int, Any]]) -> int:
+    """Rewrite rows whose journal entries settled (outcomes, rejections): the server's
+    version, with the edits still held on top.  Returns how many entries were released."""
+    with transaction(conn):
+        batch = _Batch(conn, load_tables(conn))
+        with triggers.applying(conn):
+            batch.dirty.update(refs)
+            batch.flush_dirty()
+    return batch.result.released
 
 
 def local_checksums(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:

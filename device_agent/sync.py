@@ -1,0 +1,509 @@
+"""Synchronisation: journal upload, schema follow-up, downloads, ``--once`` and ``--watch``.
+
+One sync round (:meth:`Agent.sync_once`):
+
+1. upload the journal's ``pending`` entries (oldest first, at most
+   :data:`UPLOAD_BATCH` per request; each becomes ``sent``, or ``failed`` with the
+   relay's reason); a relay without the journal endpoint leaves them pending;
+2. read ``/v1/schema`` and migrate the local tables (local_db.apply_schema);
+3. download changes messages from the stored cursor until one carries a complete
+   checkpoint, then apply them in one transaction (device_agent/apply.py).  Messages
+   before the complete one are *staged* in ``_fieldsync_staging`` (each with the cursor
+   it leads to, committed per message), so a connection cut at any byte resumes from the
+   last whole message: nothing is downloaded twice more than one message, nothing is
+   applied twice (apply and cursor commit together), nothing is lost;
+4. if a bucket's checksum differed, its cursor went back to 0: download again (at most
+   :data:`MAX_REPAIRS` times per round).
+
+``--watch`` (:meth:`Agent.watch`) keeps a WebSocket (``/v1/stream``) open and handles its
+messages the same way; if the WebSocket cannot be opened it long-polls ``/v1/changes``
+(``wait``) and tries the WebSocket again later.  When the relay is unreachable it keeps
+trying with exponential backoff and jitter while the app goes on reading and writing
+the local database (edits wait in the journal).  Local edits are uploaded as they
+appear (checked every second).
+
+Threads: an :class:`Agent` belongs to one thread (its SQLite connection and HTTP
+client); :meth:`Agent.watch` stops when the given event is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
+
+import orjson
+
+from device_agent import local_db
+from device_agent.apply import ApplyResult, apply_messages, refresh_rows
+from device_agent.client import (
+    JournalUnsupported,
+    RelayClient,
+    RetryPolicy,
+    reset_cursor,
+    token_subject,
+)
+from device_agent.errors import AuthFailed, DeviceAgentError, RelayUnreachable, StateError
+from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
+from relay.hlc import Hlc
+
+UPLOAD_BATCH: Final = 500
+MAX_REPAIRS: Final = 3
+PAGE_OPS: Final = 5000
+WATCH_POLL_S: Final = 25.0
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclasses.dataclass
+class SyncReport:
+    uploaded: int = 0
+    rejected: int = 0
+    journal_note: str = ""
+    schema_notes: list[str] = dataclasses.field(default_factory=list)
+    applied: list[ApplyResult] = dataclasses.field(default_factory=list)
+    messages: int = 0
+    ops: int = 0
+    bytes: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uploaded": self.uploaded,
+            "rejected": self.rejected,
+            "journal_note": self.journal_note,
+            "schema_notes": self.schema_notes,
+            "messages": self.messages,
+            "ops": self.ops,
+            "bytes": self.bytes,
+            "retries": self.retries,
+            "seconds": round(self.seconds, 3),
+            "verified": sorted({b for a in self.applied for b in a.verified}),
+            "mismatched": sorted({b for a in self.applied for b in a.mismatched}),
+            "released": sum(a.released for a in self.applied),
+        }
+
+
+# --------------------------------------------------------------------------- journal → wire
+
+
+def wire_entries(
+    conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
+) -> list[dict[str, Any]]:
+    """Journal rows as upload entries (relay/journal.py's JSON form)."""
+    tables = {t.id: t for t in local_db.load_tables(conn).values()}
+    marks = ",".join("?" * len(statuses))
+    rows = conn.execute(
+        f"""select seq, tbl, k, op, old, new, base, hlc_l, hlc_c, prev_seq
+            from {PREFIX}journal where status in ({marks}) order by seq limit ?""",
+        (*statuses, limit),
+    ).fetchall()
+    out = []
+    for seq, tid, k, op, old, new, base, hlc_l, hlc_c, prev in rows:
+        table = tables.get(tid)
+        if table is None:
+            continue
+        kinds = table.kinds
+        old_v = _wire_row(orjson.loads(old), kinds) if old else None
+        new_v = _wire_row(orjson.loads(new), kinds) if new else None
+        if op == "update" and old_v is not None and new_v is not None:
+            new_v = {
+                c: v
+                for c, v in new_v.items()
+                if c not in old_v or old_v[c] != v or type(old_v[c]) is not type(v)
+            }
+        if op == "insert" and new_v is not None:
+            new_v = {c: v for c, v in new_v.items() if v is not None or c in table.key}
+        out.append(
+            {
+                "seq": seq,
+                "table": table.name,
+                "op": op,
+                "key": local_db.k_key(k, table.key_kinds()),
+                "old": old_v,
+                "new": new_v,
+                "base": orjson.loads(base) if base else None,
+                "hlc": Hlc(int(hlc_l), int(hlc_c), device_id).encode(),
+                "prev_seq": prev,
+            }
+        )
+    return out
+
+
+def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
+    return {c: local_db.from_sql(v, kinds.get(c)) for c, v in row.items()}
+
+
+def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
+    """Record outcomes (relay/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
+    whose edits settled are rewritten.  Returns how many entries changed."""
+    refs: set[tuple[int, Any]] = set()
+    changed = 0
+    with transaction(conn):
+        for o in outcomes:
+            seq = int(o["seq"])
+            kind = str(o.get("outcome") or o.get("kind") or "")
+            row = conn.execute(
+                f"select tbl, k, status from {PREFIX}journal where seq = ?", (seq,)
+            ).fetchone()
+            if row is None:
+                continue
+            tid, k, _status = row
+            status = {
+                "applied": "synced",
+                "merged": "synced",
+                "resolved": "synced",
+                "rejected": "failed",
+                "conflict": "conflict",
+            }.get(kind)
+            if status is None:
+                continue
+            expect = None
+            if status == "synced" and "row" in o:
+                expect = orjson.dumps(o.get("row")).decode()
+            conn.execute(
+                f"""update {PREFIX}journal set status = ?, outcome = ?, reason = ?, message = ?,
+                        expect = ?, settled_at = julianday('now') where seq = ?""",
+                (status, orjson.dumps(o).decode(), o.get("reason"), o.get("message"), expect, seq),
+            )
+            if status == "conflict" and o.get("conflict") is not None:
+                conn.execute(
+                    f"""insert into {PREFIX}conflicts (seq, tbl, k, detail) values (?, ?, ?, ?)""",
+                    (seq, tid, k, orjson.dumps(o["conflict"]).decode()),
+                )
+            refs.add((tid, k))
+            changed += 1
+    if refs:
+        refresh_rows(conn, refs)
+    return changed
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    """The device agent on one database (see the module docstring)."""
+
+    def __init__(
+        self,
+        db_path: str,
+        *,
+        key: str | None = None,
+        retry: RetryPolicy | None = None,
+        page_ops: int | None = PAGE_OPS,
+        progress: Progress | None = None,
+        on_event: Callable[[str], None] | None = None,
+        client_factory: Callable[[str, str], RelayClient] | None = None,
+    ) -> None:
+        self.db_path = db_path
+        self.conn = local_db.connect(db_path, key)
+        local_db.require_initialized(self.conn, db_path)
+        self.retry = retry
+        self.page_ops = page_ops
+        self.progress = progress
+        self.on_event = on_event or (lambda _m: None)
+        self._client_factory = client_factory
+        self._client: RelayClient | None = None
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self.conn.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def relay_url(self) -> str:
+        return get_meta(self.conn, "relay_url") or ""
+
+    @property
+    def device_id(self) -> str:
+        return get_meta(self.conn, "device_id") or ""
+
+    @property
+    def client(self) -> RelayClient:
+        if self._client is None:
+            token = get_meta(self.conn, "token") or ""
+            if self._client_factory is not None:
+                self._client = self._client_factory(self.relay_url, token)
+            else:
+                self._client = RelayClient(self.relay_url, token, retry=self.retry)
+        return self._client
+
+    # ---- pieces
+
+    def upload(self, report: SyncReport) -> None:
+        while True:
+            entries = wire_entries(self.conn, self.device_id)
+            if not entries:
+                return
+            try:
+                result = self.client.upload_journal(entries)
+            except JournalUnsupported as exc:
+                report.journal_note = str(exc)
+                return
+            with transaction(self.conn):
+                for seq in result.accepted:
+                    self.conn.execute(
+                        f"""update {PREFIX}journal set status = 'sent', sent_at = julianday('now')
+                            where seq = ? and status = 'pending'""",
+                        (seq,),
+                    )
+                for seq, (reason, message) in result.rejected.items():
+                    self.conn.execute(
+                        f"""update {PREFIX}journal set status = 'failed', reason = ?, message = ?,
+                                settled_at = julianday('now') where seq = ?""",
+                        (reason, message, seq),
+                    )
+            report.uploaded += len(result.accepted)
+            report.rejected += len(result.rejected)
+            if result.rejected:
+                refs = {
+                    (r[0], r[1])
+                    for r in self.conn.execute(
+                        f"select tbl, k from {PREFIX}journal where seq in ({','.join('?' * len(result.rejected))})",
+                        list(result.rejected),
+                    )
+                }
+                refresh_rows(self.conn, refs)
+            if not result.accepted and not result.rejected:
+                return
+
+    def fetch_outcomes(self) -> int:
+        try:
+            items, cursor = self.client.outcomes(get_meta(self.conn, "outcomes_cursor"))
+        except JournalUnsupported:
+            return 0
+        n = apply_outcomes(self.conn, items) if items else 0
+        if cursor is not None:
+            with transaction(self.conn):
+                set_meta(self.conn, "outcomes_cursor", cursor)
+        return n
+
+    def refresh_schema(self, report: SyncReport) -> None:
+        schema = local_db.parse_schema(self.client.schema())
+        plan = local_db.apply_schema(self.conn, schema)
+        report.schema_notes += plan.notes
+
+    def cursor(self) -> str | None:
+        return get_meta(self.conn, "staging_cursor") or get_meta(self.conn, "cursor")
+
+    def handle(self, msg: Mapping[str, Any], report: SyncReport) -> ApplyResult | None:
+        """Stage or apply one changes message; the apply result when a checkpoint was applied."""
+        report.messages += 1
+        report.ops += len(msg.get("ops") or ())
+        complete = bool((msg.get("checkpoint") or {}).get("complete"))
+        n_staged = int(self.conn.execute(f"select count(*) from {PREFIX}staging").fetchone()[0])
+        if not complete:
+            with transaction(self.conn):
+                self.conn.execute(
+                    f"insert into {PREFIX}staging (message) values (?)", (orjson.dumps(msg),)
+                )
+                set_meta(self.conn, "staging_cursor", str(msg["cursor"]))
+                set_meta(
+                    self.conn,
+                    "staging_ops",
+                    str(int(get_meta(self.conn, "staging_ops") or 0) + len(msg.get("ops") or ())),
+                )
+            return None
+        total = int(get_meta(self.conn, "staging_ops") or 0) + len(msg.get("ops") or ())
+
+        def messages() -> Iterator[Mapping[str, Any]]:
+            if n_staged:
+                for (blob,) in self.conn.execute(
+                    f"select message from {PREFIX}staging order by seq"
+                ).fetchall():
+                    yield orjson.loads(blob)
+            yield msg
+
+        def finish(conn: Any) -> None:
+            conn.execute(f"delete from {PREFIX}staging")
+            set_meta(conn, "staging_cursor", None)
+            set_meta(conn, "staging_ops", None)
+            set_meta(conn, "last_sync_at", str(time.time()))
+
+        result = apply_messages(
+            self.conn, messages(), str(msg["cursor"]), reset_cursor, total_ops=total, finish=finish
+        )
+        report.applied.append(result)
+        if result.mismatched:
+            self.on_event(
+                "checksum mismatch in " + ", ".join(result.mismatched) + ": downloading again"
+            )
+        return result
+
+    def download(self, report: SyncReport, wait_s: float = 0.0) -> ApplyResult | None:
+        """Download until a complete checkpoint is applied (and nothing more is waiting)."""
+        last: ApplyResult | None = None
+        expected: int | None = None
+        received = 0
+        while True:
+            msg = self.client.changes(self.cursor(), self.page_ops, wait_s)
+            if expected is None:
+                expected = _expected_ops(msg)
+            received += len(msg.get("ops") or ())
+            if self.progress is not None:
+                self.progress(received, expected)
+            result = self.handle(msg, report)
+            if result is not None:
+                last = result
+                if not msg.get("has_more"):
+                    return last
+            wait_s = 0.0
+
+    def sync_once(self, wait_s: float = 0.0) -> SyncReport:
+        """One round: upload, schema, download and apply (repairing mismatched buckets)."""
+        started = time.perf_counter()
+        report = SyncReport()
+        set_meta(self.conn, "last_attempt_at", str(time.time()))
+        try:
+            self.upload(report)
+            self.refresh_schema(report)
+            for _ in range(MAX_REPAIRS + 1):
+                result = self.download(report, wait_s)
+                if result is None or not result.mismatched:
+                    break
+            else:
+                raise StateError(
+                    "buckets still differ from the relay's checksums after "
+                    f"{MAX_REPAIRS} downloads; run device-agent verify and report it"
+                )
+            self.fetch_outcomes()
+            with transaction(self.conn):
+                set_meta(self.conn, "last_error", None)
+        except DeviceAgentError as exc:
+            with transaction(self.conn):
+                set_meta(self.conn, "last_error", str(exc))
+            raise
+        finally:
+            report.seconds = time.perf_counter() - started
+            if self._client is not None:
+                report.bytes = self._client.bytes_received
+                report.retries = self._client.retries
+        return report
+
+    # ---- watch
+
+    def watch(
+        self,
+        stop: threading.Event,
+        use_ws: bool = True,
+        poll_s: float = WATCH_POLL_S,
+        ws_retry_s: float = 60.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        """Follow the relay until ``stop`` is set (see the module docstring)."""
+        failures = 0
+        ws_broken_until = 0.0
+        while not stop.is_set():
+            report = SyncReport()
+            try:
+                self.sync_once()
+                if failures:
+                    self.on_event("relay reachable again: caught up")
+                failures = 0
+                if use_ws and time.monotonic() >= ws_broken_until:
+                    try:
+                        self._watch_ws(stop, report)
+                    except RelayUnreachable as exc:
+                        self.on_event(f"WebSocket unavailable ({exc}); long-polling")
+                        ws_broken_until = time.monotonic() + ws_retry_s
+                    continue
+                self._watch_poll(stop, report, poll_s, ws_broken_until if use_ws else None)
+            except AuthFailed:
+                raise
+            except RelayUnreachable as exc:
+                failures += 1
+                delay = self._rng.uniform(0, min(max_backoff_s, 0.5 * 2**failures))
+                self.on_event(f"offline ({exc}); retrying in {delay:.1f} s")
+                stop.wait(delay)
+
+    def _journal_head(self) -> int:
+        row = self.conn.execute(f"select coalesce(max(seq), 0) from {PREFIX}journal").fetchone()
+        return int(row[0])
+
+    def _watch_ws(self, stop: threading.Event, report: SyncReport) -> None:
+        head = self._journal_head()
+        with self.client.stream(self.cursor()) as messages:
+            for msg in messages:
+                if stop.is_set():
+                    return
+                if msg is not None:
+                    self.handle(msg, report)
+                now_head = self._journal_head()
+                if now_head != head:
+                    head = now_head
+                    self.upload(report)
+
+    def _watch_poll(
+        self, stop: threading.Event, report: SyncReport, poll_s: float, until: float | None
+    ) -> None:
+        while not stop.is_set():
+            if until is not None and time.monotonic() >= until:
+                return
+            self.upload(report)
+            msg = self.client.changes(self.cursor(), self.page_ops, poll_s)
+            self.handle(msg, report)
+
+
+def _expected_ops(msg: Mapping[str, Any]) -> int | None:
+    """Rough number of ops a download from this message's cursor will bring (progress)."""
+    buckets = (msg.get("checkpoint") or {}).get("buckets") or {}
+    if not buckets:
+        return None
+    return sum(int(b.get("count", 0)) for b in buckets.values()) or None
+
+
+# --------------------------------------------------------------------------- init
+
+
+def init_database(
+    db_path: str,
+    relay_url: str,
+    token: str,
+    *,
+    key: str | None = None,
+    client: RelayClient | None = None,
+) -> dict[str, Any]:
+    """Create (or re-point) the device database: metadata, relay URL, token, schema."""
+    device_id = token_subject(token)
+    conn = local_db.connect(db_path, key)
+    try:
+        local_db.ensure_metadata(conn)
+        previous = get_meta(conn, "device_id")
+        if previous is not None and previous != device_id:
+            raise StateError(
+                f"{db_path} belongs to device {previous!r}, the token is for {device_id!r}; "
+                "use another database file or device-agent reset"
+            )
+        own = client is None
+        api = client or RelayClient(relay_url, token)
+        try:
+            schema = local_db.parse_schema(api.schema())
+        finally:
+            if own:
+                api.close()
+        with transaction(conn):
+            set_meta(conn, "relay_url", relay_url.rstrip("/"))
+            set_meta(conn, "token", token)
+            set_meta(conn, "device_id", device_id)
+        plan = local_db.apply_schema(conn, schema)
+        return {
+            "db": db_path,
+            "relay": relay_url,
+            "device_id": device_id,
+            "tables": [t.local for t in schema.tables],
+            "buckets": list(schema.buckets),
+            "notes": plan.notes,
+        }
+    finally:
+        conn.close()
