@@ -71,7 +71,7 @@ from relay.api_errors import (
     ws_close_code,
 )
 from relay.auth import Authenticator, DeviceIdentity
-from relay.bucket_store import BucketCheckpoint, BucketStore, OpsPage
+from relay.bucket_store import BucketCheckpoint, BucketStore, Op, OpsPage
 from relay.errors import AuthError, DeviceRevoked, RelayError, TokenExpired
 from relay.rules import Rules
 
@@ -253,19 +253,29 @@ def checkpoint_json(checkpoints: Mapping[str, BucketCheckpoint]) -> dict[str, An
     }
 
 
+def ops_json(ops: Sequence[Op]) -> str:
+    """The ``ops`` array as JSON text; the store's canonical ``row_key`` and ``data_json``
+    texts are embedded verbatim (no parse and re-serialize per row)."""
+    names: dict[str, str] = {}
+    parts = []
+    for op in ops:
+        bucket = names.get(op.bucket)
+        if bucket is None:
+            bucket = names[op.bucket] = orjson.dumps(op.bucket).decode()
+        table = names.get(op.table)
+        if table is None:
+            table = names[op.table] = orjson.dumps(op.table).decode()
+        data = op.data_json if op.data_json is not None else "null"
+        parts.append(
+            f'{{"op_id":{op.op_id:d},"bucket":{bucket},"op":"{op.kind.value}",'
+            f'"table":{table},"key":{op.row_key},"data":{data}}}'
+        )
+    return "[" + ",".join(parts) + "]"
+
+
 def changes_message(page: OpsPage, dropped: Sequence[str]) -> dict[str, Any]:
-    """The changes message for a page read from the store (ops embedded as JSON fragments)."""
-    ops = [
-        {
-            "op_id": op.op_id,
-            "bucket": op.bucket,
-            "op": op.kind.value,
-            "table": op.table,
-            "key": orjson.Fragment(op.row_key),
-            "data": orjson.Fragment(op.data_json) if op.data_json is not None else None,
-        }
-        for op in page.ops
-    ]
+    """The changes message for a page read from the store (serialize with :func:`dumps`)."""
+    ops = orjson.Fragment(ops_json(page.ops))
     buckets: dict[str, Any] = {}
     complete = True
     for b, cp in sorted(page.checkpoints.items()):
