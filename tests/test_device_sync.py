@@ -1,0 +1,444 @@
+"""Device agent against a running relay: PostgreSQL → cdc daemon → broker → bucket engine →
+bucket store (PostgreSQL) → device API (uvicorn on loopback, behind a TCP proxy that can cut
+connections) → device agent → SQLite.
+
+Covers: init, sync, app writes journaled, server changes arriving, REMOVE on reassignment,
+checksum mismatch → re-download, connection cuts at random moments of downloads (nothing
+lost, nothing applied twice), offline operation then catch-up, WebSocket watch, token
+errors, the CLI's --json output and exit codes, encryption at rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from device_agent import cli, crypto, local_db
+from device_agent.client import RelayClient, RetryPolicy
+from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
+from device_agent.local_db import PREFIX
+from device_agent.sync import Agent, init_database
+from relay.api import ApiConfig, create_app
+from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
+from relay.bucket_engine import BucketEngine, table_infos_from_catalog
+from relay.pg_bucket_store import PgBucketStore
+from relay.rules import load_rules
+from tests.cdc_support import make_settings, running_daemon, wait_for
+
+EXAMPLE_RULES = Path(__file__).resolve().parent.parent / "config" / "rules.example.toml"
+DDL = [
+    """create table work_orders (id bigserial primary key, site text not null, technician text,
+        status text not null default 'open', due date, cost numeric(10,2), notes text,
+        updated_at timestamptz not null default now())""",
+    """create table parts (id text primary key, name text not null, unit text not null,
+        discontinued boolean not null default false)""",
+    """create table site_stock (site text, part_id text, qty integer not null,
+        primary key (site, part_id))""",
+]
+SECRET = b"d" * 40
+FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
+
+
+class Stack:
+    """The server side, running; ``proxy`` sits between the device and the relay."""
+
+    def __init__(self, pg: psycopg.Connection[Any], url: str, proxy: Any, auth: Authenticator,
+                 keys: KeyStore) -> None:
+        self.pg = pg
+        self.url = url
+        self.proxy = proxy
+        self.auth = auth
+        self.keys = keys
+
+    def token(self, device: str = "tab-1", ttl: float = 3600, now: float | None = None,
+              **claims: Any) -> str:
+        claims = claims or {"technician": "t1"}
+        return issue_token(self.keys, None, device, claims, ttl, now=now)
+
+    def order(self, oid: int, technician: str | None = "t1", **extra: Any) -> None:
+        cols = {"id": oid, "site": "plant-1", "technician": technician, "status": "open",
+                "notes": f"order {oid}"}
+        cols.update(extra)
+        names = ", ".join(cols)
+        marks = ", ".join(["%s"] * len(cols))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+        self.pg.execute(
+            f"insert into work_orders ({names}) values ({marks}) "
+            f"on conflict (id) do update set {updates}",
+            list(cols.values()),
+        )
+
+
+@pytest.fixture
+def store_dsn(pg_server: Any) -> Iterator[str]:
+    name = "dstore_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield pg_server.dsn_for(name)
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[int]:
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                            ws_ping_interval=None, timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=20, what="uvicorn started")
+    port = int(server.servers[0].sockets[0].getsockname()[1])
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def stack(pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str,
+          tcp_proxy: Any) -> Iterator[Stack]:
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        for ddl in DDL:
+            pg.execute(ddl)
+        rules = load_rules(EXAMPLE_RULES, table_infos_from_catalog(pg_dsn))
+        store = PgBucketStore(store_dsn)
+        store.migrate()
+        engine = BucketEngine(store, rules, kafka={"bootstrap_servers": kafka_bootstrap},
+                              prefix=topic_prefix, batch_max_ms=20, topic_refresh_s=1.0)
+        keys = KeyStore([Key.hmac("k1", SECRET)], current="k1")
+        auth = Authenticator(keys)
+        app = create_app(store, rules, auth, ApiConfig(rate_per_s=0, long_poll_s=5,
+                                                       max_page_ops=5000))
+        with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
+            # inserted after the snapshot: cdc's snapshot path rejects PostgreSQL's 'false'
+            # text form of booleans (noticed, left to cdc)
+            pg.execute("insert into parts values ('p1', 'bolt', 'pc', false), ('p2', 'nut', 'pc', true)")
+            runner = threading.Thread(target=engine.run, daemon=True)
+            runner.start()
+            try:
+                with serve(app) as port:
+                    proxy = tcp_proxy("127.0.0.1", port)
+                    yield Stack(pg, f"http://{proxy.address}", proxy, auth, keys)
+            finally:
+                engine.request_stop()
+                runner.join(30)
+                engine.close()
+                store.close()
+
+
+def new_agent(stack: Stack, path: Path, token: str | None = None, **kw: Any) -> Agent:
+    init_database(str(path), stack.url, token or stack.token(),
+                  client=RelayClient(stack.url, token or stack.token(), retry=FAST))
+    kw.setdefault("retry", FAST)
+    return Agent(str(path), **kw)
+
+
+def rows(agent: Agent, table: str = "work_orders", cols: str = "id, technician, status, notes"
+         ) -> list[tuple[Any, ...]]:
+    return agent.conn.execute(f"select {cols} from {table} order by 1").fetchall()
+
+
+def sync_until(agent: Agent, predicate: Any, what: str, timeout: float = 30.0) -> None:
+    def done() -> bool:
+        agent.sync_once()
+        return bool(predicate())
+
+    wait_for(done, timeout=timeout, interval=0.2, what=what)
+
+
+def expected_orders(stack: Stack, technician: str = "t1") -> list[tuple[Any, ...]]:
+    return stack.pg.execute(
+        "select id, technician, status, notes from work_orders where technician = %s and "
+        "status not in ('cancelled', 'closed') order by id",
+        (technician,),
+    ).fetchall()
+
+
+def journal_rows(agent: Agent) -> list[tuple[Any, ...]]:
+    return agent.conn.execute(f"select seq, op, status from {PREFIX}journal order by seq").fetchall()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_path: Path) -> None:
+    for i in range(1, 6):
+        stack.order(i)
+    stack.order(6, technician="t2")
+    agent = new_agent(stack, tmp_path / "d.db")
+    tables = {r[0] for r in agent.conn.execute("select name from sqlite_master where type='table'")}
+    assert {"work_orders", "parts"} <= tables
+    sync_until(agent, lambda: len(rows(agent)) == 5, "the five orders of t1")
+    assert rows(agent) == [(i, "t1", "open", f"order {i}") for i in range(1, 6)]
+    assert agent.conn.execute("select id, name, unit from parts").fetchall() == [("p1", "bolt", "pc")]
+    assert journal_rows(agent) == []  # the agent's writes are not journaled
+    states = dict(agent.conn.execute(f"select name, state from {PREFIX}buckets"))
+    assert states == {"catalog[]": "ok", 'tech_orders["t1"]': "ok"}
+
+    # an app writes with plain sqlite3: journaled, kept on top of server changes
+    app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'in_progress' where id = 1")
+    app.execute("insert into work_orders (id, site, technician, status) values (100, 'plant-1', 't1', 'open')")
+    app.execute("delete from work_orders where id = 2")
+    assert [r[1:] for r in journal_rows(agent)] == [("update", "pending"), ("insert", "pending"),
+                                                      ("delete", "pending")]
+    report = agent.sync_once()
+    assert "journal endpoint" in report.journal_note or report.uploaded == 3
+
+    # server changes arrive; reassignment removes the row from this device
+    stack.order(3, notes="server edit")
+    stack.order(4, technician="t2")
+    stack.pg.execute("update work_orders set notes = 'server note' where id = 1")
+    sync_until(agent, lambda: rows(agent)[1][3] == "server edit" if len(rows(agent)) > 1 else False,
+               "server edits")
+    got = {r[0]: r for r in rows(agent)}
+    assert 4 not in got  # REMOVE on reassignment
+    assert got[1] == (1, "t1", "in_progress", "server note")  # local edit on top, no flicker
+    assert 2 not in got and 100 in got  # local delete and insert held
+    # the server catches up with the device's update (as the applier would): released
+    stack.pg.execute("update work_orders set status = 'in_progress' where id = 1")
+    sync_until(agent, lambda: journal_rows(agent)[0][2] == "synced", "the update synced")
+    assert rows(agent)[0] == (1, "t1", "in_progress", "server note")
+    agent.close()
+
+
+def test_checksum_mismatch_downloads_the_bucket_again(stack: Stack, tmp_path: Path) -> None:
+    for i in range(1, 8):
+        stack.order(i)
+    agent = new_agent(stack, tmp_path / "d.db")
+    sync_until(agent, lambda: len(rows(agent)) == 7, "seven orders")
+    bucket = 'tech_orders["t1"]'
+    # lose a row behind the agent's back, as if an op had been lost in transit
+    from device_agent import triggers
+
+    tables = local_db.load_tables(agent.conn)
+    with local_db.transaction(agent.conn), triggers.suspended(agent.conn, tables.values()):
+        agent.conn.execute("delete from work_orders where id = 4")
+        agent.conn.execute(f"delete from {PREFIX}rows where k = 4")
+        agent.conn.execute(f"update {PREFIX}buckets set count = count - 1 where name = ?", (bucket,))
+    stack.order(8)  # something new arrives with a checkpoint the device checks against
+    sync_until(agent, lambda: len(rows(agent)) == 8, "the repaired bucket")
+    assert rows(agent) == expected_orders(stack)
+    mism = agent.conn.execute(f"select mismatches, state from {PREFIX}buckets where name = ?",
+                              (bucket,)).fetchone()
+    assert mism == (1, "ok")
+    assert journal_rows(agent) == []
+    agent.close()
+
+
+def test_connection_cuts_during_downloads_lose_nothing_and_apply_nothing_twice(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.pg.execute(
+        "insert into work_orders (id, site, technician, status, notes) "
+        "select g, 'plant-1', 't1', 'open', repeat('x', 200) || g from generate_series(1, 3000) g"
+    )
+    stack.pg.execute("update work_orders set notes = 'changed ' || id where id % 7 = 0")
+    expected = expected_orders(stack)
+    agent = new_agent(stack, tmp_path / "d.db", page_ops=150)
+    stop = threading.Event()
+    cuts = 0
+
+    def cutter() -> None:
+        nonlocal cuts
+        rng = random.Random(7)
+        while not stop.wait(rng.uniform(0.01, 0.15)):
+            stack.proxy.cut()
+            cuts += 1
+
+    thread = threading.Thread(target=cutter, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                agent.sync_once()
+            except RelayUnreachable:
+                continue
+            if rows(agent) == expected:
+                break
+    finally:
+        stop.set()
+        thread.join()
+    assert cuts > 3
+    assert rows(agent) == expected
+    assert agent.client.retries > 0
+    assert journal_rows(agent) == []  # nothing applied was journaled (nor applied twice)
+    assert agent.conn.execute(f"select count(*) from {PREFIX}staging").fetchone() == (0,)
+    counts = dict(agent.conn.execute(f"select name, count from {PREFIX}buckets"))
+    assert counts['tech_orders["t1"]'] == 3000
+    assert agent.conn.execute(f"select sum(mismatches) from {PREFIX}buckets").fetchone() == (0,)
+    agent.close()
+
+
+def test_offline_for_a_while_then_catch_up(stack: Stack, tmp_path: Path) -> None:
+    stack.order(1)
+    agent = new_agent(stack, tmp_path / "d.db")
+    sync_until(agent, lambda: len(rows(agent)) == 1, "first order")
+    stack.proxy.refuse()
+    app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+    app.execute("update work_orders set notes = 'offline edit' where id = 1")
+    app.execute("insert into work_orders (id, site, technician, status) values (50, 'plant-1', 't1', 'open')")
+    with pytest.raises(RelayUnreachable, match="working offline"):
+        agent.sync_once()
+    assert app.execute("select notes from work_orders where id = 1").fetchone() == ("offline edit",)
+    stack.order(2)
+    stack.order(3)
+    stack.proxy.allow()
+    sync_until(agent, lambda: {2, 3} <= {r[0] for r in rows(agent)}, "catch-up")
+    got = {r[0]: r for r in rows(agent)}
+    assert got[1][3] == "offline edit" and 50 in got
+    assert [r[2] for r in journal_rows(agent)] == ["pending", "pending"] or all(
+        r[2] == "sent" for r in journal_rows(agent))
+    agent.close()
+
+
+def test_watch_over_websocket_follows_changes_and_survives_cuts(stack: Stack, tmp_path: Path) -> None:
+    stack.order(1)
+    agent = new_agent(stack, tmp_path / "d.db")
+    events: list[str] = []
+    agent.on_event = events.append
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            agent.watch(stop, max_backoff_s=0.5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        reader = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+
+        def ids() -> set[int]:
+            return {r[0] for r in reader.execute("select id from work_orders")}
+
+        wait_for(lambda: ids() == {1}, timeout=30, what="initial sync by watch")
+        stack.order(2)
+        wait_for(lambda: ids() == {1, 2}, timeout=30, what="pushed change")
+        stack.proxy.cut()
+        stack.order(3)
+        wait_for(lambda: ids() == {1, 2, 3}, timeout=30, what="change after a cut")
+        stack.order(2, technician="t9")
+        wait_for(lambda: ids() == {1, 3}, timeout=30, what="REMOVE pushed")
+    finally:
+        stop.set()
+        stack.proxy.cut()
+        thread.join(30)
+    assert not errors
+    agent.close()
+
+
+def test_token_errors_say_to_get_a_new_token(stack: Stack, tmp_path: Path) -> None:
+    expired = stack.token(now=time.time() - 7200, ttl=60)
+    with pytest.raises(TokenExpired, match="get a new device token"):
+        init_database(str(tmp_path / "a.db"), stack.url, expired)
+    agent = new_agent(stack, tmp_path / "b.db", token=stack.token("tab-9"))
+    stack.auth.revoked = RevocationList([Revocation("tab-9", None, "lost")])
+    with pytest.raises(TokenRevoked, match="revoked"):
+        agent.sync_once()
+    agent.close()
+    result = CliRunner().invoke(cli.app, ["sync", "--once", "--db", str(tmp_path / "b.db")])
+    assert result.exit_code == 4, result.output
+    assert "new device token" in result.output
+
+
+def test_cli_json_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    stack.order(1)
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["init", "--relay", stack.url, "--token", stack.token(), "--db", db,
+                                "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["device_id"] == "tab-1"
+
+    def synced() -> bool:
+        r = runner.invoke(cli.app, ["sync", "--once", "--db", db, "--json"])
+        assert r.exit_code == 0, r.output
+        return bool(json.loads(r.stdout)["ops"])
+
+    wait_for(synced, timeout=30, what="cli sync")
+    r = runner.invoke(cli.app, ["status", "--db", db, "--json"])
+    status = json.loads(r.stdout)
+    assert status["device_id"] == "tab-1" and status["pending_edits"] == 0
+    assert {b["bucket"] for b in status["buckets"]} == {"catalog[]", 'tech_orders["t1"]'}
+    r = runner.invoke(cli.app, ["verify", "--db", db, "--json"])
+    assert r.exit_code == 0, r.output
+    assert all(b["state"] == "ok" for b in json.loads(r.stdout)["buckets"])
+    # a row changed behind the agent's back: verify names it (exit 6)
+    with sqlite3.connect(db) as raw:
+        raw.execute(f"insert into {PREFIX}applying values (1)")
+        raw.execute("update work_orders set notes = 'tampered' where id = 1")
+        raw.execute(f"delete from {PREFIX}applying")
+    r = runner.invoke(cli.app, ["verify", "--no-sync", "--db", db, "--json"])
+    assert r.exit_code == 6
+    assert json.loads(r.stdout.splitlines()[0])["rows_differing_from_received"] == [
+        {"table": "public.work_orders", "key": [1]}]
+    sqlite3.connect(db, isolation_level=None).execute(
+        "update work_orders set notes = 'x' where id = 1")
+    r = runner.invoke(cli.app, ["journal", "--db", db, "--json"])
+    assert [e["op"] for e in json.loads(r.stdout)] == ["update"]
+    r = runner.invoke(cli.app, ["reset", "--db", db])
+    assert r.exit_code == 2 and "--discard-edits" in r.output
+    stack.proxy.refuse()
+    r = runner.invoke(cli.app, ["sync", "--once", "--db", db])
+    assert r.exit_code == 3 and "working offline" in r.output
+    r = runner.invoke(cli.app, ["status", "--db", str(tmp_path / "nope.db")])
+    assert r.exit_code == 2
+
+
+def test_encrypted_database_keeps_no_plaintext_on_disk(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = "PLAINTEXT-" + uuid.uuid4().hex
+    stack.order(1, notes=marker)
+    db = str(tmp_path / "enc.db")
+    monkeypatch.setenv(crypto.KEY_ENV, "correct horse battery staple")
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["init", "--relay", stack.url, "--token", stack.token(), "--db", db,
+                                "--encrypt"])
+    assert r.exit_code == 0, r.output
+
+    def synced() -> bool:
+        r = runner.invoke(cli.app, ["sync", "--once", "--db", db, "--json"])
+        assert r.exit_code == 0, r.output
+        return bool(json.loads(r.stdout)["ops"])
+
+    wait_for(synced, timeout=30, what="encrypted sync")
+    # an app opens it with SQLCipher and the key: reads and journaled writes work
+    import sqlcipher3  # type: ignore[import-untyped]
+
+    app = sqlcipher3.connect(db, isolation_level=None)
+    app.execute(crypto.key_pragma("correct horse battery staple"))
+    assert app.execute("select notes from work_orders").fetchone() == (marker,)
+    app.execute("update work_orders set notes = ? where id = 1", (marker + "-edited",))
+    app.close()
+    assert crypto.is_encrypted(db)
+    for path in tmp_path.iterdir():
+        data = path.read_bytes()
+        assert marker.encode() not in data, path.name
+        assert b"plant-1" not in data, path.name
+    monkeypatch.setenv(crypto.KEY_ENV, "wrong key")
+    r = runner.invoke(cli.app, ["status", "--db", db])
+    assert r.exit_code == 7 and "key is wrong" in r.output
+    monkeypatch.delenv(crypto.KEY_ENV)
+    r = runner.invoke(cli.app, ["journal", "--db", db])
+    assert r.exit_code in (0, 7)  # 0 only if an OS keyring happens to hold the key
