@@ -316,13 +316,16 @@ class RelayClient:
         from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
         from websockets.sync.client import connect
 
+        exits = contextlib.ExitStack()
         try:
-            ws = connect(
-                self.stream_url(cursor),
-                additional_headers={"Authorization": f"Bearer {self.token}"},
-                open_timeout=open_timeout_s,
-                max_size=64 * 1024 * 1024,
-                compression="deflate",
+            ws = exits.enter_context(
+                connect(
+                    self.stream_url(cursor),
+                    additional_headers={"Authorization": f"Bearer {self.token}"},
+                    open_timeout=open_timeout_s,
+                    max_size=64 * 1024 * 1024,
+                    compression="deflate",
+                )
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -354,10 +357,8 @@ class RelayClient:
                     )
                 yield msg
 
-        try:
+        with exits:
             yield messages()
-        finally:
-            ws.close()
 
 
 def parse_upload_answer(answer: Any, sent: Sequence[int]) -> UploadResult:

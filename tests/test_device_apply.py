@@ -408,7 +408,9 @@ def test_json_values_and_unicode_round_trip(db: sqlite3.Connection) -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     table=st.sampled_from(["public.t", "s.ü"]),
-    key=st.lists(st.one_of(st.integers(), st.text(max_size=5)), min_size=1, max_size=2),
+    key=st.lists(
+        st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=5)), min_size=1, max_size=2
+    ),
     data=st.dictionaries(
         st.text(max_size=4),
         st.one_of(

@@ -55,22 +55,29 @@ FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 class Stack:
     """The server side, running; ``proxy`` sits between the device and the relay."""
 
-    def __init__(self, pg: psycopg.Connection[Any], url: str, proxy: Any, auth: Authenticator,
-                 keys: KeyStore) -> None:
+    def __init__(
+        self, pg: psycopg.Connection[Any], url: str, proxy: Any, auth: Authenticator, keys: KeyStore
+    ) -> None:
         self.pg = pg
         self.url = url
         self.proxy = proxy
         self.auth = auth
         self.keys = keys
 
-    def token(self, device: str = "tab-1", ttl: float = 3600, now: float | None = None,
-              **claims: Any) -> str:
+    def token(
+        self, device: str = "tab-1", ttl: float = 3600, now: float | None = None, **claims: Any
+    ) -> str:
         claims = claims or {"technician": "t1"}
         return issue_token(self.keys, None, device, claims, ttl, now=now)
 
     def order(self, oid: int, technician: str | None = "t1", **extra: Any) -> None:
-        cols = {"id": oid, "site": "plant-1", "technician": technician, "status": "open",
-                "notes": f"order {oid}"}
+        cols = {
+            "id": oid,
+            "site": "plant-1",
+            "technician": technician,
+            "status": "open",
+            "notes": f"order {oid}",
+        }
         cols.update(extra)
         names = ", ".join(cols)
         marks = ", ".join(["%s"] * len(cols))
@@ -96,8 +103,14 @@ def store_dsn(pg_server: Any) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve(app: Any) -> Iterator[int]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                            ws_ping_interval=None, timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        ws_ping_interval=None,
+        timeout_graceful_shutdown=1,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -111,24 +124,34 @@ def serve(app: Any) -> Iterator[int]:
 
 
 @pytest.fixture
-def stack(pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str,
-          tcp_proxy: Any) -> Iterator[Stack]:
+def stack(
+    pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str, tcp_proxy: Any
+) -> Iterator[Stack]:
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
         for ddl in DDL:
             pg.execute(ddl)
         rules = load_rules(EXAMPLE_RULES, table_infos_from_catalog(pg_dsn))
         store = PgBucketStore(store_dsn)
         store.migrate()
-        engine = BucketEngine(store, rules, kafka={"bootstrap_servers": kafka_bootstrap},
-                              prefix=topic_prefix, batch_max_ms=20, topic_refresh_s=1.0)
+        engine = BucketEngine(
+            store,
+            rules,
+            kafka={"bootstrap_servers": kafka_bootstrap},
+            prefix=topic_prefix,
+            batch_max_ms=20,
+            topic_refresh_s=1.0,
+        )
         keys = KeyStore([Key.hmac("k1", SECRET)], current="k1")
         auth = Authenticator(keys)
-        app = create_app(store, rules, auth, ApiConfig(rate_per_s=0, long_poll_s=5,
-                                                       max_page_ops=5000))
+        app = create_app(
+            store, rules, auth, ApiConfig(rate_per_s=0, long_poll_s=5, max_page_ops=5000)
+        )
         with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
             # inserted after the snapshot: cdc's snapshot path rejects PostgreSQL's 'false'
             # text form of booleans (noticed, left to cdc)
-            pg.execute("insert into parts values ('p1', 'bolt', 'pc', false), ('p2', 'nut', 'pc', true)")
+            pg.execute(
+                "insert into parts values ('p1', 'bolt', 'pc', false), ('p2', 'nut', 'pc', true)"
+            )
             runner = threading.Thread(target=engine.run, daemon=True)
             runner.start()
             try:
@@ -143,14 +166,19 @@ def stack(pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str,
 
 
 def new_agent(stack: Stack, path: Path, token: str | None = None, **kw: Any) -> Agent:
-    init_database(str(path), stack.url, token or stack.token(),
-                  client=RelayClient(stack.url, token or stack.token(), retry=FAST))
+    init_database(
+        str(path),
+        stack.url,
+        token or stack.token(),
+        client=RelayClient(stack.url, token or stack.token(), retry=FAST),
+    )
     kw.setdefault("retry", FAST)
     return Agent(str(path), **kw)
 
 
-def rows(agent: Agent, table: str = "work_orders", cols: str = "id, technician, status, notes"
-         ) -> list[tuple[Any, ...]]:
+def rows(
+    agent: Agent, table: str = "work_orders", cols: str = "id, technician, status, notes"
+) -> list[tuple[Any, ...]]:
     return agent.conn.execute(f"select {cols} from {table} order by 1").fetchall()
 
 
@@ -171,7 +199,9 @@ def expected_orders(stack: Stack, technician: str = "t1") -> list[tuple[Any, ...
 
 
 def journal_rows(agent: Agent) -> list[tuple[Any, ...]]:
-    return agent.conn.execute(f"select seq, op, status from {PREFIX}journal order by seq").fetchall()
+    return agent.conn.execute(
+        f"select seq, op, status from {PREFIX}journal order by seq"
+    ).fetchall()
 
 
 # --------------------------------------------------------------------------- tests
@@ -186,7 +216,9 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     assert {"work_orders", "parts"} <= tables
     sync_until(agent, lambda: len(rows(agent)) == 5, "the five orders of t1")
     assert rows(agent) == [(i, "t1", "open", f"order {i}") for i in range(1, 6)]
-    assert agent.conn.execute("select id, name, unit from parts").fetchall() == [("p1", "bolt", "pc")]
+    assert agent.conn.execute("select id, name, unit from parts").fetchall() == [
+        ("p1", "bolt", "pc")
+    ]
     assert journal_rows(agent) == []  # the agent's writes are not journaled
     states = dict(agent.conn.execute(f"select name, state from {PREFIX}buckets"))
     assert states == {"catalog[]": "ok", 'tech_orders["t1"]': "ok"}
@@ -194,10 +226,15 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     # an app writes with plain sqlite3: journaled, kept on top of server changes
     app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
     app.execute("update work_orders set status = 'in_progress' where id = 1")
-    app.execute("insert into work_orders (id, site, technician, status) values (100, 'plant-1', 't1', 'open')")
+    app.execute(
+        "insert into work_orders (id, site, technician, status) values (100, 'plant-1', 't1', 'open')"
+    )
     app.execute("delete from work_orders where id = 2")
-    assert [r[1:] for r in journal_rows(agent)] == [("update", "pending"), ("insert", "pending"),
-                                                      ("delete", "pending")]
+    assert [r[1:] for r in journal_rows(agent)] == [
+        ("update", "pending"),
+        ("insert", "pending"),
+        ("delete", "pending"),
+    ]
     report = agent.sync_once()
     assert "journal endpoint" in report.journal_note or report.uploaded == 3
 
@@ -205,8 +242,11 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     stack.order(3, notes="server edit")
     stack.order(4, technician="t2")
     stack.pg.execute("update work_orders set notes = 'server note' where id = 1")
-    sync_until(agent, lambda: rows(agent)[1][3] == "server edit" if len(rows(agent)) > 1 else False,
-               "server edits")
+    sync_until(
+        agent,
+        lambda: rows(agent)[1][3] == "server edit" if len(rows(agent)) > 1 else False,
+        "server edits",
+    )
     got = {r[0]: r for r in rows(agent)}
     assert 4 not in got  # REMOVE on reassignment
     assert got[1] == (1, "t1", "in_progress", "server note")  # local edit on top, no flicker
@@ -231,12 +271,15 @@ def test_checksum_mismatch_downloads_the_bucket_again(stack: Stack, tmp_path: Pa
     with local_db.transaction(agent.conn), triggers.suspended(agent.conn, tables.values()):
         agent.conn.execute("delete from work_orders where id = 4")
         agent.conn.execute(f"delete from {PREFIX}rows where k = 4")
-        agent.conn.execute(f"update {PREFIX}buckets set count = count - 1 where name = ?", (bucket,))
+        agent.conn.execute(
+            f"update {PREFIX}buckets set count = count - 1 where name = ?", (bucket,)
+        )
     stack.order(8)  # something new arrives with a checkpoint the device checks against
     sync_until(agent, lambda: len(rows(agent)) == 8, "the repaired bucket")
     assert rows(agent) == expected_orders(stack)
-    mism = agent.conn.execute(f"select mismatches, state from {PREFIX}buckets where name = ?",
-                              (bucket,)).fetchone()
+    mism = agent.conn.execute(
+        f"select mismatches, state from {PREFIX}buckets where name = ?", (bucket,)
+    ).fetchone()
     assert mism == (1, "ok")
     assert journal_rows(agent) == []
     agent.close()
@@ -294,7 +337,9 @@ def test_offline_for_a_while_then_catch_up(stack: Stack, tmp_path: Path) -> None
     stack.proxy.refuse()
     app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
     app.execute("update work_orders set notes = 'offline edit' where id = 1")
-    app.execute("insert into work_orders (id, site, technician, status) values (50, 'plant-1', 't1', 'open')")
+    app.execute(
+        "insert into work_orders (id, site, technician, status) values (50, 'plant-1', 't1', 'open')"
+    )
     with pytest.raises(RelayUnreachable, match="working offline"):
         agent.sync_once()
     assert app.execute("select notes from work_orders where id = 1").fetchone() == ("offline edit",)
@@ -305,11 +350,14 @@ def test_offline_for_a_while_then_catch_up(stack: Stack, tmp_path: Path) -> None
     got = {r[0]: r for r in rows(agent)}
     assert got[1][3] == "offline edit" and 50 in got
     assert [r[2] for r in journal_rows(agent)] == ["pending", "pending"] or all(
-        r[2] == "sent" for r in journal_rows(agent))
+        r[2] == "sent" for r in journal_rows(agent)
+    )
     agent.close()
 
 
-def test_watch_over_websocket_follows_changes_and_survives_cuts(stack: Stack, tmp_path: Path) -> None:
+def test_watch_over_websocket_follows_changes_and_survives_cuts(
+    stack: Stack, tmp_path: Path
+) -> None:
     stack.order(1)
     agent = new_agent(stack, tmp_path / "d.db")
     events: list[str] = []
@@ -365,8 +413,9 @@ def test_cli_json_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
     db = str(tmp_path / "c.db")
     stack.order(1)
     runner = CliRunner()
-    r = runner.invoke(cli.app, ["init", "--relay", stack.url, "--token", stack.token(), "--db", db,
-                                "--json"])
+    r = runner.invoke(
+        cli.app, ["init", "--relay", stack.url, "--token", stack.token(), "--db", db, "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["device_id"] == "tab-1"
 
@@ -391,9 +440,11 @@ def test_cli_json_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
     r = runner.invoke(cli.app, ["verify", "--no-sync", "--db", db, "--json"])
     assert r.exit_code == 6
     assert json.loads(r.stdout.splitlines()[0])["rows_differing_from_received"] == [
-        {"table": "public.work_orders", "key": [1]}]
+        {"table": "public.work_orders", "key": [1]}
+    ]
     sqlite3.connect(db, isolation_level=None).execute(
-        "update work_orders set notes = 'x' where id = 1")
+        "update work_orders set notes = 'x' where id = 1"
+    )
     r = runner.invoke(cli.app, ["journal", "--db", db, "--json"])
     assert [e["op"] for e in json.loads(r.stdout)] == ["update"]
     r = runner.invoke(cli.app, ["reset", "--db", db])
@@ -413,8 +464,9 @@ def test_encrypted_database_keeps_no_plaintext_on_disk(
     db = str(tmp_path / "enc.db")
     monkeypatch.setenv(crypto.KEY_ENV, "correct horse battery staple")
     runner = CliRunner()
-    r = runner.invoke(cli.app, ["init", "--relay", stack.url, "--token", stack.token(), "--db", db,
-                                "--encrypt"])
+    r = runner.invoke(
+        cli.app, ["init", "--relay", stack.url, "--token", stack.token(), "--db", db, "--encrypt"]
+    )
     assert r.exit_code == 0, r.output
 
     def synced() -> bool:
