@@ -322,8 +322,8 @@ def journal(
         tables = {t.id: t for t in local_db.load_tables(conn).values()}
         where, args = ("where status = ?", [status_filter]) if status_filter else ("", [])
         rows = []
-        for seq, tid, k, op, st, reason, message, hlc_l in conn.execute(
-            f"""select seq, tbl, k, op, status, reason, message, hlc_l from {PREFIX}journal
+        for seq, tid, k, op, st, reason, message, at_ms in conn.execute(
+            f"""select seq, tbl, k, op, status, reason, message, at_ms from {PREFIX}journal
                 {where} order by seq desc limit ?""",
             [*args, limit],
         ):
@@ -337,7 +337,7 @@ def journal(
                     "status": st,
                     "reason": reason,
                     "message": message,
-                    "at": dt.datetime.fromtimestamp(hlc_l / 1000, dt.UTC).isoformat(
+                    "at": dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).isoformat(
                         timespec="seconds"
                     ),
                 }
@@ -503,8 +503,12 @@ def reset(
                 conn.execute(f"delete from {local_db.q(t.local)}")
             for name in ("rows", "buckets", "staging", "conflicts"):
                 conn.execute(f"delete from {PREFIX}{name}")
-            if discard_edits:
-                conn.execute(f"delete from {PREFIX}journal")
+            if discard_edits:  # kept (seqs must never be reused), marked failed
+                conn.execute(
+                    f"""update {PREFIX}journal set status = 'failed', reason = 'discarded',
+                            message = 'discarded by device-agent reset'
+                        where status in ('pending', 'sent')"""
+                )
             for key in (
                 "cursor",
                 "staging_cursor",

@@ -64,15 +64,12 @@ METADATA_DDL: Final = (
         term integer not null, data text, pos text,
         primary key (tbl, k, bucket)) without rowid""",
     f"""create table if not exists {PREFIX}journal (
-        seq integer primary key autoincrement, tbl integer not null, k not null,
+        seq integer primary key, tbl integer not null, k not null,
         op text not null, old text, new text, base text,
-        hlc_l integer not null, hlc_c integer not null, prev_seq integer,
+        hlc_l integer, hlc_c integer, prev_seq integer,
+        at_ms integer not null default (cast((julianday('now') - 2440587.5) * 86400000.0 as integer)),
         status text not null default 'pending', created_at real not null default (julianday('now')),
         sent_at real, settled_at real, outcome text, reason text, message text, expect text)""",
-    f"""create index if not exists {PREFIX}journal_open on {PREFIX}journal (tbl, k)
-        where status in ('pending', 'sent')""",
-    f"""create index if not exists {PREFIX}journal_expect on {PREFIX}journal (tbl, k)
-        where expect is not null""",
     f"""create table if not exists {PREFIX}clock (
         id integer primary key check (id = 1), l integer not null, c integer not null)""",
     f"insert or ignore into {PREFIX}clock values (1, 0, 0)",

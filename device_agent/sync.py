@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import orjson
 
-from device_agent import local_db
+from device_agent import local_db, triggers
 from device_agent.apply import ApplyResult, apply_messages, refresh_rows
 from device_agent.client import (
     JournalUnsupported,
@@ -95,6 +95,7 @@ def wire_entries(
     conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
 ) -> list[dict[str, Any]]:
     """Journal rows as upload entries (relay/journal.py's JSON form)."""
+    triggers.assign_clocks(conn)
     tables = {t.id: t for t in local_db.load_tables(conn).values()}
     marks = ",".join("?" * len(statuses))
     rows = conn.execute(

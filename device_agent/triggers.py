@@ -10,11 +10,14 @@ For each synced table three kinds of ``AFTER`` triggers (names start with
   changes, journal.md);
 - delete: ``op='delete'``, ``old`` = the row before.
 
-Each entry also gets the hybrid logical clock of the edit (``hlc_l`` ms, ``hlc_c``
-counter: the ``_fieldsync_clock`` row is advanced by the HLC send rule, relay/hlc.py,
-in SQL), ``prev_seq`` (the latest entry of the same row still pending or sent) and
-``base`` (the position of the server version the row came from, when the relay sends
-positions).  Values are stored as the app wrote them; the agent converts them into wire
+Each entry records the time of the edit (``at_ms``, SQLite's clock) and ``base`` (the
+position of the server version the row came from, when the relay sends positions).
+Work that need not slow the app's writes down is done later by the agent, in seq order,
+before entries are uploaded or listed (:func:`assign_clocks`): the hybrid logical clock
+(``hlc_l`` ms, ``hlc_c`` counter; the HLC send rule of relay/hlc.py with the edit's
+``at_ms`` as wall clock and the persisted ``_fieldsync_clock``, so clocks strictly
+increase in seq order, also across restarts) and ``prev_seq`` (the latest earlier entry
+of the same row that had not settled when this edit was made).  Values are stored as the app wrote them; the agent converts them into wire
 form when it uploads (device_agent/sync.py).
 
 Writes the agent makes while applying server changes are not journaled: every trigger
@@ -34,14 +37,7 @@ from collections.abc import Iterable, Iterator
 
 from device_agent.local_db import PREFIX, LocalTable, q
 
-# HLC physical time in ms from SQLite's clock.
-_NOW_MS = "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)"
 _NOT_APPLYING = f"not exists (select 1 from {PREFIX}applying)"
-
-_TICK = f"""update {PREFIX}clock set
-        c = case when {_NOW_MS} > l then 0 when c >= 65535 then 0 else c + 1 end,
-        l = case when {_NOW_MS} > l then {_NOW_MS} when c >= 65535 then l + 1 else l end
-    where id = 1;"""
 
 
 def trigger_names(table: LocalTable) -> list[str]:
@@ -61,14 +57,10 @@ def _row_json(table: LocalTable, ref: str) -> str:
 
 def _entry(table: LocalTable, op: str, ref: str, old: str, new: str) -> str:
     k = _k(table, ref)
-    return f"""insert into {PREFIX}journal (tbl, k, op, old, new, base, hlc_l, hlc_c, prev_seq)
-        select {table.id}, {k}, '{op}', {old}, {new},
+    return f"""insert into {PREFIX}journal (tbl, k, op, old, new, base)
+        values ({table.id}, {k}, '{op}', {old}, {new},
             (select pos from {PREFIX}rows where tbl = {table.id} and k = {k}
-                order by op_id desc limit 1),
-            l, c,
-            (select max(seq) from {PREFIX}journal where tbl = {table.id} and k = {k}
-                and status in ('pending', 'sent'))
-        from {PREFIX}clock where id = 1;"""
+                order by op_id desc limit 1));"""
 
 
 def create_sql(table: LocalTable) -> list[str]:
@@ -80,16 +72,16 @@ def create_sql(table: LocalTable) -> list[str]:
     old_row, new_row = _row_json(table, "old"), _row_json(table, "new")
     return [
         f"""create trigger if not exists {ins} after insert on {t} when {_NOT_APPLYING}
-        begin {_TICK} {_entry(table, "insert", "new", "null", new_row)} end""",
+        begin {_entry(table, "insert", "new", "null", new_row)} end""",
         f"""create trigger if not exists {upd} after update on {t}
         when {_NOT_APPLYING} and ({same_key}) and ({changed})
-        begin {_TICK} {_entry(table, "update", "new", old_row, new_row)} end""",
+        begin {_entry(table, "update", "new", old_row, new_row)} end""",
         f"""create trigger if not exists {updkey} after update on {t}
         when {_NOT_APPLYING} and not ({same_key})
-        begin {_TICK} {_entry(table, "delete", "old", old_row, "null")}
-              {_TICK} {_entry(table, "insert", "new", "null", new_row)} end""",
+        begin {_entry(table, "delete", "old", old_row, "null")}
+              {_entry(table, "insert", "new", "null", new_row)} end""",
         f"""create trigger if not exists {dele} after delete on {t} when {_NOT_APPLYING}
-        begin {_TICK} {_entry(table, "delete", "old", old_row, "null")} end""",
+        begin {_entry(table, "delete", "old", old_row, "null")} end""",
     ]
 
 
@@ -139,3 +131,38 @@ def suspended(conn: sqlite3.Connection, tables: Iterable[LocalTable]) -> Iterato
     for t in chosen:
         for stmt in create_sql(t):
             conn.execute(stmt)
+
+
+def assign_clocks(conn: sqlite3.Connection) -> int:
+    """Give new journal entries their HLC and ``prev_seq`` (see the module docstring);
+    returns how many entries were completed.  Runs in its own transaction."""
+    from device_agent.local_db import transaction
+
+    done = 0
+    with transaction(conn):
+        todo = conn.execute(
+            f"""select seq, tbl, k, at_ms, created_at from {PREFIX}journal
+                where hlc_l is null order by seq"""
+        ).fetchall()
+        if not todo:
+            return 0
+        phys, c = conn.execute(f"select l, c from {PREFIX}clock where id = 1").fetchone()
+        for seq, tbl, k, at_ms, created in todo:
+            if at_ms > phys:
+                phys, c = at_ms, 0
+            elif c >= 0xFFFF:
+                phys, c = phys + 1, 0
+            else:
+                c += 1
+            prev = conn.execute(
+                f"""select max(seq) from {PREFIX}journal where tbl = ? and k = ? and seq < ?
+                        and (settled_at is null or settled_at > ?)""",
+                (tbl, k, seq, created),
+            ).fetchone()[0]
+            conn.execute(
+                f"update {PREFIX}journal set hlc_l = ?, hlc_c = ?, prev_seq = ? where seq = ?",
+                (phys, c, prev, seq),
+            )
+            done += 1
+        conn.execute(f"update {PREFIX}clock set l = ?, c = ? where id = 1", (phys, c))
+    return done

@@ -146,6 +146,7 @@ def app_conn(conn: sqlite3.Connection) -> sqlite3.Connection:
 
 
 def journal(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    triggers.assign_clocks(conn)
     return conn.execute(
         f"select seq, k, op, old, new, status, prev_seq from {PREFIX}journal order by seq"
     ).fetchall()

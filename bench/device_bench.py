@@ -1,0 +1,386 @@
+#!/usr/bin/env python3
+"""Benchmarks of the device agent (issue 5 §4); figures go to docs/performance.md.
+
+    .venv/bin/python bench/device_bench.py                 # all three, full sizes
+    .venv/bin/python bench/device_bench.py --quick         # smoke run (seconds)
+    .venv/bin/python bench/device_bench.py --only apply,triggers --rows 200000
+
+1. ``apply``: applying downloaded ops (PUTs of new rows, as parsed from the relay's
+   changes messages) into SQLite with :func:`device_agent.apply.apply_messages` — checksum
+   terms, bucket holds, the checkpoint check, the trigger guard, the cursor — against a
+   raw ``executemany`` of the same rows (tuples already built) into the same table in one
+   transaction, the limit.  Target: ≥ 0.5 of the limit.  Both sides on a fresh database
+   file (WAL, synchronous=NORMAL); best of ``--repeat`` runs.
+2. ``initial``: initial sync of a bucket of ``--initial-rows`` rows (1,000,000) from relay
+   to device, end to end: the relay's device API (uvicorn, loopback) over the PostgreSQL
+   bucket store, ``Agent.sync_once`` from an empty database (HTTP pages of 5,000 ops,
+   gzip, staging, one apply).  The store is filled beforehand with ``store.apply`` (not
+   timed).  Target: ≤ 120 s.
+3. ``triggers``: an app's writes (inserts, then updates, then deletes of ``--rows`` rows,
+   each kind in one transaction with ``executemany``) with the journal triggers against
+   the same writes without triggers.  Target: ≤ 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from device_agent import local_db  # noqa: E402
+from device_agent.apply import apply_messages  # noqa: E402
+from relay.bucket_store import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
+
+TABLE = "public.work_orders"
+COLUMNS = ["id", "site", "technician", "status", "due", "notes", "updated_at"]
+BUCKET = 'tech["t1"]'
+SCHEMA = {
+    "tables": [{"name": TABLE, "columns": COLUMNS, "key": ["id"], "rules": ["tech"]}],
+    "buckets": [BUCKET],
+}
+
+
+def make_row(i: int) -> dict[str, Any]:
+    return {
+        "id": i,
+        "site": f"plant-{i % 7}",
+        "technician": "t1",
+        "status": "open",
+        "due": 19000 + i % 365,
+        "notes": f"order {i}: replace the filter and check the pressure",
+        "updated_at": 1_700_000_000_000_000 + i,
+    }
+
+
+def fresh_db(directory: Path) -> tuple[str, sqlite3.Connection]:
+    path = str(directory / f"bench-{uuid.uuid4().hex[:8]}.db")
+    conn = local_db.connect(path)
+    local_db.ensure_metadata(conn)
+    local_db.set_meta(conn, "relay_url", "http://bench.invalid")
+    local_db.apply_schema(conn, local_db.parse_schema(SCHEMA))
+    return path, conn
+
+
+def drop(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+
+
+# --------------------------------------------------------------------------- 1. apply
+
+
+def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
+    data = [make_row(i) for i in range(1, rows + 1)]
+    total = sum(row_checksum(TABLE, row_key_text([r["id"]]), r) for r in data) % CHECKSUM_MODULUS
+    page = 5000
+    messages = []
+    for start in range(0, rows, page):
+        chunk = data[start : start + page]
+        last = start + page >= rows
+        messages.append(
+            {
+                "ops": [
+                    {
+                        "op_id": r["id"],
+                        "bucket": BUCKET,
+                        "op": "PUT",
+                        "table": TABLE,
+                        "key": [r["id"]],
+                        "data": r,
+                    }
+                    for r in chunk
+                ],
+                "cursor": "c",
+                "checkpoint": {
+                    "complete": last,
+                    "buckets": {
+                        BUCKET: {
+                            "last_op_id": rows,
+                            "count": rows,
+                            "checksum": str(total),
+                            "complete": last,
+                        }
+                    }
+                    if last
+                    else {},
+                },
+                "resync": [],
+                "dropped": [],
+                "has_more": not last,
+            }
+        )
+    raw_best = apply_best = float("inf")
+    getter = itemgetter(*COLUMNS)
+    tuples = [getter(r) for r in data]
+    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    for _ in range(repeat):
+        path, conn = fresh_db(directory)
+        started = time.perf_counter()
+        conn.execute("begin immediate")
+        conn.executemany(
+            f"insert or replace into work_orders ({cols}) values ({', '.join('?' * len(COLUMNS))})",
+            tuples,
+        )
+        conn.execute("commit")
+        raw_best = min(raw_best, time.perf_counter() - started)
+        conn.close()
+        drop(path)
+        path, conn = fresh_db(directory)
+        started = time.perf_counter()
+        result = apply_messages(conn, messages, "c", total_ops=rows)
+        apply_best = min(apply_best, time.perf_counter() - started)
+        assert result.verified == [BUCKET], result
+        assert conn.execute("select count(*) from work_orders").fetchone() == (rows,)
+        conn.close()
+        drop(path)
+    return {
+        "rows": rows,
+        "raw_s": raw_best,
+        "apply_s": apply_best,
+        "raw_rows_s": rows / raw_best,
+        "apply_rows_s": rows / apply_best,
+        "ratio": raw_best / apply_best,
+    }
+
+
+# --------------------------------------------------------------------------- 3. triggers
+
+
+def bench_triggers(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
+    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    marks = ", ".join("?" * len(COLUMNS))
+    getter = itemgetter(*COLUMNS)
+    inserts = [getter(make_row(i)) for i in range(1, rows + 1)]
+    updates = [("done", i) for i in range(1, rows + 1)]
+    deletes = [(i,) for i in range(1, rows + 1)]
+    small = min(rows, 5000)
+
+    def run(with_triggers: bool, per_statement: bool = False) -> float:
+        path, conn = fresh_db(directory)
+        if not with_triggers:
+            for t in local_db.load_tables(conn).values():
+                from device_agent import triggers
+
+                triggers.drop(conn, t)
+        conn.close()
+        app = sqlite3.connect(path, isolation_level=None)
+        app.execute("pragma journal_mode = wal")
+        app.execute("pragma synchronous = normal")
+        started = time.perf_counter()
+        for sql, args in (
+            (f"insert into work_orders ({cols}) values ({marks})", inserts),
+            ("update work_orders set status = ? where id = ?", updates),
+            ("delete from work_orders where id = ?", deletes),
+        ):
+            if per_statement:  # an app's usual way: one statement per transaction
+                for a in args[:small]:
+                    app.execute(sql, a)
+                continue
+            app.execute("begin")
+            app.executemany(sql, args)
+            app.execute("commit")
+        elapsed = time.perf_counter() - started
+        journaled = app.execute(f"select count(*) from {local_db.PREFIX}journal").fetchone()[0]
+        n = small if per_statement else rows
+        assert journaled == (3 * n if with_triggers else 0), journaled
+        app.close()
+        drop(path)
+        return elapsed
+
+    plain = min(run(False) for _ in range(repeat))
+    with_t = min(run(True) for _ in range(repeat))
+    plain_1 = min(run(False, True) for _ in range(repeat))
+    with_1 = min(run(True, True) for _ in range(repeat))
+    return {
+        "rows": rows,
+        "writes": 3 * rows,
+        "plain_s": plain,
+        "triggers_s": with_t,
+        "overhead": with_t / plain,
+        "single_writes": 3 * small,
+        "single_plain_s": plain_1,
+        "single_triggers_s": with_1,
+        "single_overhead": with_1 / plain_1,
+    }
+
+
+# --------------------------------------------------------------------------- 2. initial sync
+
+
+@contextlib.contextmanager
+def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple[str, str]]:
+    """A relay (uvicorn thread) whose store holds one bucket of ``rows`` rows; yields
+    (url, token)."""
+    import psycopg
+    import uvicorn
+
+    from cdc.local_services import EmbeddedPostgres
+    from relay.api import ApiConfig, create_app
+    from relay.auth import Authenticator, Key, KeyStore, issue_token
+    from relay.bucket_store import ChangeKind, RowChange
+    from relay.pg_bucket_store import PgBucketStore
+    from relay.rules import TableInfo, rules_from_mapping
+
+    server = None
+    if pg_dsn is None:
+        server = EmbeddedPostgres(base_dir=base / "pg")
+        server.start()
+        pg_dsn = server.dsn
+    name = "devbench_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    store_dsn = psycopg.conninfo.make_conninfo(pg_dsn, dbname=name)
+    rules = rules_from_mapping(
+        {
+            "token_claims": ["technician"],
+            "bucket": [
+                {
+                    "name": "tech",
+                    "parameters": ["t"],
+                    "claims": {"t": "technician"},
+                    "table": [{"table": TABLE, "match": {"technician": "t"}}],
+                }
+            ],
+        },
+        {TABLE: TableInfo(tuple(COLUMNS), ("id",))},
+    )
+    store = PgBucketStore(store_dsn)
+    store.migrate()
+    try:
+        started = time.perf_counter()
+        batch = 20_000
+        for start in range(1, rows + 1, batch):
+            changes = [
+                RowChange(TABLE, ChangeKind.UPSERT, (10_000 + i, 0), (i,), make_row(i), insert=True)
+                for i in range(start, min(rows, start + batch - 1) + 1)
+            ]
+            store.apply(rules, changes)
+        print(
+            f"[bench] store filled with {rows} rows in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
+        keys = KeyStore([Key.hmac("k1", b"b" * 40)], current="k1")
+        app = create_app(store, rules, Authenticator(keys), ApiConfig(rate_per_s=0))
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        srv = uvicorn.Server(config)
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        while not srv.started:
+            time.sleep(0.05)
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        token = issue_token(keys, None, "bench-1", {"technician": "t1"}, 3600)
+        try:
+            yield f"http://127.0.0.1:{port}", token
+        finally:
+            srv.should_exit = True
+            thread.join(10)
+    finally:
+        store.close()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+        if server is not None:
+            server.stop()
+
+
+def bench_initial(rows: int, base: Path, pg_dsn: str | None) -> dict[str, Any]:
+    from device_agent.sync import Agent, init_database
+
+    with relay_with_rows(rows, base, pg_dsn) as (url, token):
+        path = str(base / "initial.db")
+        init_database(path, url, token)
+        agent = Agent(path)
+        started = time.perf_counter()
+        report = agent.sync_once()
+        elapsed = time.perf_counter() - started
+        held = agent.conn.execute("select count(*) from work_orders").fetchone()[0]
+        agent.close()
+    assert held == rows, held
+    assert report.to_json()["verified"] == [BUCKET], report.to_json()
+    apply_s = sum(a.seconds for a in report.applied)
+    return {
+        "rows": rows,
+        "seconds": elapsed,
+        "rows_s": rows / elapsed,
+        "apply_s": apply_s,
+        "bytes": report.bytes,
+        "messages": report.messages,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="rows for apply/triggers")
+    parser.add_argument("--initial-rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="apply,triggers,initial")
+    parser.add_argument("--pg-dsn", default=None, help="PostgreSQL for the relay's store")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.initial_rows, args.repeat = 5_000, 5_000, 1
+    wanted = set(args.only.split(","))
+    print(
+        f"# device agent benchmark ({platform.node()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version})"
+    )
+    with tempfile.TemporaryDirectory(prefix="device-bench-") as tmp:
+        base = Path(tmp)
+        if "apply" in wanted:
+            r = bench_apply(args.rows, args.repeat, base)
+            print(
+                "\n| apply | rows | raw executemany s | apply s | raw rows/s | apply rows/s | ratio (target ≥ 0.5) |"
+            )
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            print(
+                f"| PUT new rows | {r['rows']:,} | {r['raw_s']:.2f} | {r['apply_s']:.2f} | "
+                f"{r['raw_rows_s']:,.0f} | {r['apply_rows_s']:,.0f} | {r['ratio']:.2f} |"
+            )
+        if "triggers" in wanted:
+            r = bench_triggers(args.rows, args.repeat, base)
+            print(
+                "\n| app writes (insert, update, delete of each row) | writes "
+                "| without triggers s | with triggers s | overhead (target ≤ 2x) |"
+            )
+            print("| --- | --- | --- | --- | --- |")
+            print(
+                f"| one statement per transaction (autocommit) | {r['single_writes']:,} | "
+                f"{r['single_plain_s']:.2f} | {r['single_triggers_s']:.2f} | "
+                f"{r['single_overhead']:.2f}x |"
+            )
+            print(
+                f"| bulk: executemany, one transaction per kind | {r['writes']:,} | "
+                f"{r['plain_s']:.2f} | {r['triggers_s']:.2f} | {r['overhead']:.2f}x |"
+            )
+        if "initial" in wanted:
+            r = bench_initial(args.initial_rows, base, args.pg_dsn)
+            print(
+                "\n| initial sync | rows | seconds (target ≤ 120) | rows/s | of which apply s | bytes received | messages |"
+            )
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            print(
+                f"| relay → device | {r['rows']:,} | {r['seconds']:.1f} | {r['rows_s']:,.0f} | "
+                f"{r['apply_s']:.1f} | {r['bytes']:,} | {r['messages']} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
