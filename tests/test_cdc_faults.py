@@ -3,6 +3,12 @@
 Every test runs against the real PostgreSQL and broker of the test session (or
 its own throw-away one, where the fault needs it); a service that cannot start
 fails the test.
+
+The Kafka fault tests always start their own tansu broker (also when
+FIELDSYNC_TEST_KAFKA_BOOTSTRAP names an external one): to cut clients off, the
+broker must advertise the fault proxy's address, which only a broker started
+here can be told to do.  The PostgreSQL restart test needs the embedded server
+(an external one cannot be restarted from here: the test fails, as fix_pg says).
 """
 
 from __future__ import annotations
