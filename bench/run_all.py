@@ -5,9 +5,9 @@
     python3 dev.py bench --quick              # smoke sizes
     python3 dev.py bench --only cdc           # just bench/cdc_bench.py
 
-Every benchmark script accepts ``--quick``, ``--pg-dsn`` and
-``--kafka-bootstrap`` (see bench/README.md); those are passed on to each, the
-scripts' own size flags are not (run a script directly for those).  The
+``--quick``, ``--pg-dsn`` and ``--kafka-bootstrap`` are passed on to each
+script that has the flag (see bench/README.md); the scripts' own size flags
+are not (run a script directly for those).  The
 benchmarks run sequentially, never in parallel, so they do not compete for the
 machine.  Each prints its own Markdown result table; a summary of exit codes
 and durations follows.  The exit code is non-zero when any benchmark failed.
@@ -28,6 +28,16 @@ def discover() -> list[Path]:
     return sorted(BENCH_DIR.glob("*_bench.py"))
 
 
+def flags_for(script: Path, common: list[tuple[str, str | None]]) -> list[str]:
+    """The common flags *script* knows (a benchmark without a broker has no --kafka-bootstrap)."""
+    source = script.read_text(errors="replace")
+    out: list[str] = []
+    for flag, value in common:
+        if f'"{flag}"' in source:
+            out += [flag] if value is None else [flag, value]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     names = [p.name.removesuffix("_bench.py") for p in discover()]
     ap = argparse.ArgumentParser(description="Run every benchmark in bench/.")
@@ -38,18 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=names, help="run only this benchmark (repeatable)"
     )
     args = ap.parse_args(argv)
-    passed: list[str] = []
+    common: list[tuple[str, str | None]] = []
     if args.quick:
-        passed.append("--quick")
+        common.append(("--quick", None))
     if args.pg_dsn:
-        passed += ["--pg-dsn", args.pg_dsn]
+        common.append(("--pg-dsn", args.pg_dsn))
     if args.kafka_bootstrap:
-        passed += ["--kafka-bootstrap", args.kafka_bootstrap]
+        common.append(("--kafka-bootstrap", args.kafka_bootstrap))
     summary: list[tuple[str, int, float]] = []
     for script in discover():
         name = script.name.removesuffix("_bench.py")
         if args.only and name not in args.only:
             continue
+        passed = flags_for(script, common)
         print(f"\n=== {script.name} {' '.join(passed)}", flush=True)
         t0 = time.perf_counter()
         code = subprocess.call([sys.executable, str(script), *passed], cwd=BENCH_DIR.parent)
