@@ -66,6 +66,7 @@ Threading: :meth:`Applier.run` in one thread; :meth:`Applier.request_stop` from 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import threading
@@ -102,6 +103,7 @@ from relay.journal import (
     check_write,
     coerce_value,
     column_types_from_value_schema,
+    encode_outcomes,
     same_value,
     to_pg_text,
     validate_entry,
@@ -288,7 +290,7 @@ class TableMeta:
             spec.name: c.convert for spec, c in zip(codec.columns, codec.column_codecs, strict=True)
         }
         self.ident = sql.Identifier(self.schema, self.table)
-        self._sql: dict[Any, sql.Composed] = {}
+        self._sql: dict[Any, bytes] = {}
 
     def read(self, texts: Sequence[str | None]) -> dict[str, Any]:
         """A row from its columns' text forms (table order) → wire form."""
@@ -304,17 +306,19 @@ class TableMeta:
     def pg_text(self, column: str, value: Any) -> str | None:
         return to_pg_text(self.types[column], value)
 
-    def key_id(self, key: Sequence[Any]) -> tuple[str, ...]:
+    def key_id(self, key: Sequence[Any]) -> tuple[Any, ...]:
         """A lookup id of key values (normal wire form) that equal values share
         (decimals by number: ``"1.0"`` and ``"1"`` are one key)."""
-        out: list[str] = []
+        out: list[Any] = []
         for column, value in zip(self.key, key, strict=True):
             if isinstance(value, str) and self.types[column].kind in (Kind.DECIMAL, Kind.NUMERIC):
                 try:
                     value = canonical_text(Decimal(value)) or value
                 except ArithmeticError:
                     pass
-            out.append(json.dumps(value, sort_keys=True))
+            elif isinstance(value, list | dict):
+                value = json.dumps(value, sort_keys=True)
+            out.append(value)
         return tuple(out)
 
     def _placeholder(self, column: str) -> sql.Composable:
@@ -325,39 +329,48 @@ class TableMeta:
             sql.SQL("{} = {}").format(sql.Identifier(k), self._placeholder(k)) for k in self.key
         )
 
-    def select_sql(self, n_keys: int, commit_ts: bool) -> sql.Composed:
-        cache_key = ("select", n_keys, commit_ts)
+    def select_sql(self, commit_ts: bool) -> bytes:
+        """Lock and read the rows of many keys: ``unnest(text[] per key column)``."""
+        cache_key = ("select", commit_ts)
         found = self._sql.get(cache_key)
         if found is None:
-            keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
-            one = sql.SQL("({})").format(sql.SQL(", ").join(self._placeholder(k) for k in self.key))
-            found = sql.SQL(
-                "select xmin::text, {ts}, {cols} from {t} where ({keys}) in (values {vals})"
-                " order by {keys} for update"
-            ).format(
-                ts=sql.SQL(
-                    "(extract(epoch from pg_xact_commit_timestamp(xmin)) * 1000)::bigint::text"
-                    if commit_ts
-                    else "null::text"
+            aliases = [sql.Identifier(f"k{i}") for i in range(len(self.key))]
+            found = self._cache(
+                cache_key,
+                sql.SQL(
+                    "select t.xmin::text, {ts}, {cols} from {t} as t join unnest({arrays}) as u({aliases})"
+                    " on {match} order by {keys} for update of t"
+                ).format(
+                    ts=sql.SQL(
+                        "(extract(epoch from pg_xact_commit_timestamp(t.xmin)) * 1000)::bigint::text"
+                        if commit_ts
+                        else "null::text"
+                    ),
+                    cols=sql.SQL(", ").join(sql.Identifier("t", c) for c in self.columns),
+                    t=self.ident,
+                    arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * len(aliases)),
+                    aliases=sql.SQL(", ").join(aliases),
+                    match=self._many_key_match(aliases),
+                    keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in self.key),
                 ),
-                cols=self._columns(),
-                t=self.ident,
-                keys=keys,
-                vals=sql.SQL(", ").join([one] * n_keys),
             )
-            self._sql[cache_key] = found
         return found
+
+    def _cache(self, key: Any, composed: sql.Composable) -> bytes:
+        rendered = composed.as_bytes(None)
+        self._sql[key] = rendered
+        return rendered
 
     def _columns(self) -> sql.Composable:
         # no ::text casts: some differ from the output function pgoutput uses
         # (bool::text is 'true', not 't'; inet::text adds the mask; char(n)::text trims)
         return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
 
-    def update_sql(self, columns: Sequence[str]) -> sql.Composed:
+    def update_sql(self, columns: Sequence[str]) -> bytes:
         cache_key = ("update", tuple(columns))
         found = self._sql.get(cache_key)
         if found is None:
-            found = sql.SQL("update {t} set {sets} where {match}").format(
+            query = sql.SQL("update {t} set {sets} where {match}").format(
                 t=self.ident,
                 sets=sql.SQL(", ").join(
                     sql.SQL("{} = {}").format(sql.Identifier(c), self._placeholder(c))
@@ -365,23 +378,67 @@ class TableMeta:
                 ),
                 match=self._key_match(),
             )
-            self._sql[cache_key] = found
+            found = self._cache(cache_key, query)
         return found
 
-    def delete_sql(self) -> sql.Composed:
+    def update_many_sql(self, columns: Sequence[str]) -> bytes:
+        """One UPDATE for many rows: ``from unnest(text[] per column, text[] per key column)``
+        (the keys must be distinct)."""
+        cache_key = ("update_many", tuple(columns))
+        found = self._sql.get(cache_key)
+        if found is None:
+            values = [sql.Identifier(f"v{i}") for i in range(len(columns))]
+            keys = [sql.Identifier(f"k{i}") for i in range(len(self.key))]
+            query = sql.SQL(
+                "update {t} as t set {sets} from unnest({arrays}) as u({aliases}) where {match}"
+            ).format(
+                t=self.ident,
+                sets=sql.SQL(", ").join(
+                    sql.SQL("{} = u.{}::{}").format(sql.Identifier(c), v, self.casts[c])
+                    for c, v in zip(columns, values, strict=True)
+                ),
+                arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * (len(values) + len(keys))),
+                aliases=sql.SQL(", ").join(values + keys),
+                match=self._many_key_match(keys),
+            )
+            found = self._cache(cache_key, query)
+        return found
+
+    def delete_many_sql(self) -> bytes:
+        found = self._sql.get("delete_many")
+        if found is None:
+            keys = [sql.Identifier(f"k{i}") for i in range(len(self.key))]
+            query = sql.SQL(
+                "delete from {t} as t using unnest({arrays}) as u({aliases}) where {match}"
+            ).format(
+                t=self.ident,
+                arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * len(keys)),
+                aliases=sql.SQL(", ").join(keys),
+                match=self._many_key_match(keys),
+            )
+            found = self._cache("delete_many", query)
+        return found
+
+    def _many_key_match(self, aliases: Sequence[sql.Identifier]) -> sql.Composable:
+        return sql.SQL(" and ").join(
+            sql.SQL("t.{} = u.{}::{}").format(sql.Identifier(k), a, self.casts[k])
+            for k, a in zip(self.key, aliases, strict=True)
+        )
+
+    def delete_sql(self) -> bytes:
         found = self._sql.get("delete")
         if found is None:
-            found = sql.SQL("delete from {t} where {match}").format(
+            query = sql.SQL("delete from {t} where {match}").format(
                 t=self.ident, match=self._key_match()
             )
-            self._sql["delete"] = found
+            found = self._cache("delete", query)
         return found
 
-    def insert_sql(self, columns: Sequence[str]) -> sql.Composed:
+    def insert_sql(self, columns: Sequence[str]) -> bytes:
         cache_key = ("insert", tuple(columns))
         found = self._sql.get(cache_key)
         if found is None:
-            found = sql.SQL(
+            query = sql.SQL(
                 "insert into {t} ({cols}) values ({vals}) returning xmin::text, {texts}"
             ).format(
                 t=self.ident,
@@ -389,7 +446,7 @@ class TableMeta:
                 vals=sql.SQL(", ").join(self._placeholder(c) for c in columns),
                 texts=self._columns(),
             )
-            self._sql[cache_key] = found
+            found = self._cache(cache_key, query)
         return found
 
     def key_params(self, key: Sequence[Any]) -> list[str | None]:
@@ -536,6 +593,7 @@ class ApplierDb:
         self._scopes: dict[str, WriteScope] = {}
         self._lock_id = 0
         self._raw: psycopg.Cursor[Any] | None = None
+        self._last_scope: tuple[dict[str, Any], WriteScope] | None = None
 
     # ---- connection, catalog, configuration
 
@@ -574,6 +632,7 @@ class ApplierDb:
             raise
         self.conn, self.rules, self.tables, self.policies = conn, rules, tables, policies
         self._scopes.clear()
+        self._last_scope = None
 
     def _check_times(self, rules: Rules, policies: ConflictPolicies) -> None:
         if self.commit_timestamps:
@@ -675,6 +734,8 @@ class ApplierDb:
 
     def _scope(self, claims: Mapping[str, Any]) -> WriteScope:
         assert self.rules is not None
+        if self._last_scope is not None and claims == self._last_scope[0]:
+            return self._last_scope[1]
         cache_key = json.dumps(claims, sort_keys=True, default=str)
         found = self._scopes.get(cache_key)
         if found is None:
@@ -684,6 +745,7 @@ class ApplierDb:
                 self.rules, claims, {t: m.types for t, m in self.tables.items()}
             )
             self._scopes[cache_key] = found
+        self._last_scope = (dict(claims), found)
         return found
 
     # ---- applying
@@ -816,7 +878,7 @@ class ApplierDb:
                 f"entry {record.seq}: {record.entry.table!r} is not a table this device syncs",
             )
             return
-        item.entry, item.rejection = validate_entry(record.entry, item.scope)
+        item.entry, item.rejection = validate_entry(record.entry, item.scope, check_rows=False)
         if item.rejection is not None:
             item.entry = None
             meta = self.tables[record.entry.table]
@@ -1066,13 +1128,17 @@ class ApplierDb:
                 )
                 cur.execute(
                     f"insert into {SCHEMA}.outbox (device_id, payload) values (%s, %s)",
-                    (device, outcome.to_bytes()),
+                    (device, encode_outcomes([outcome])),
                 )
                 return outcome
         except _ENTRY_ERRORS as exc:
             raise ResolveError(
                 f"conflict {conflict_id}: PostgreSQL refused the resolution: {_pg_message(exc)}"
             ) from exc
+
+
+def _utc(micros: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.UTC)
 
 
 def _pg_message(exc: psycopg.Error) -> str:
@@ -1141,7 +1207,7 @@ def _visible(scope: WriteScope, table: str, row: Mapping[str, Any] | None) -> di
     """The row as the device may see it (its buckets' columns), None if it may not."""
     if row is None:
         return None
-    buckets = scope.row_buckets(table, scope.datum_row(table, row))
+    buckets = scope.row_buckets(table, row)
     if not buckets:
         return None
     return dict(scope.project(table, row, buckets))
@@ -1213,10 +1279,10 @@ class _RunState:
         self.raw = db.raw_cursor()
         self.outcome_of = known if known is not None else {}
         self.now_ms = db.wall_ms()
-        self.rows: dict[tuple[str, tuple[str, ...]], _Row] = {}
+        self.rows: dict[tuple[str, tuple[Any, ...]], _Row] = {}
         self.clocks: dict[tuple[str, str], _Clock | None] = {}
-        self.dirty: set[tuple[str, tuple[str, ...]]] = set()
-        self.queue: dict[Any, tuple[sql.Composed, list[list[Any]]]] = {}
+        self.dirty: set[tuple[str, tuple[Any, ...]]] = set()
+        self.queue: dict[Any, tuple[TableMeta, list[list[Any]]]] = {}
         self.clock_writes: dict[tuple[str, str], tuple[str, str, str, int, bool]] = {}
         self.conflicts: list[tuple[Any, ...]] = []
         self._xid: int | None = None
@@ -1228,7 +1294,7 @@ class _RunState:
     # ---- reading
 
     def prefetch(self, items: Sequence[_Item]) -> None:
-        by_table: dict[str, dict[tuple[str, ...], tuple[Any, ...]]] = {}
+        by_table: dict[str, dict[tuple[Any, ...], tuple[Any, ...]]] = {}
         for item in items:
             assert item.entry is not None
             meta = self.db.tables[item.entry.table]
@@ -1245,10 +1311,8 @@ class _RunState:
                 self._load_clocks(meta, [k for _, k in keys])
 
     def _select(self, meta: TableMeta, keys: Sequence[Sequence[Any]]) -> None:
-        params = [p for key in keys for p in meta.key_params(key)]
-        rows = self.raw.execute(
-            meta.select_sql(len(keys), self.db.commit_timestamps), params
-        ).fetchall()
+        params = [list(c) for c in zip(*(meta.key_params(k) for k in keys), strict=True)]
+        rows = self.raw.execute(meta.select_sql(self.db.commit_timestamps), params).fetchall()
         for xmin, committed, *texts in rows:
             row = meta.read(texts)
             kid = meta.key_id([row[k] for k in meta.key])
@@ -1333,14 +1397,12 @@ class _RunState:
     ) -> None:
         ident = (meta.name, meta.key_id(entry.key))
         if result.action is Action.UPDATE:
-            columns = sorted(result.values)
-            params = [meta.pg_text(c, result.values[c]) for c in columns] + meta.key_params(
-                entry.key
-            )
-            self._enqueue(("u", meta.name, tuple(columns)), meta.update_sql(columns), params)
+            columns = tuple(sorted(result.values))
+            params = [meta.pg_text(c, result.values[c]) for c in columns]
+            self._enqueue(("u", meta.name, columns), meta, params + meta.key_params(entry.key))
             self.dirty.add(ident)
         elif result.action is Action.DELETE:
-            self._enqueue(("d", meta.name), meta.delete_sql(), meta.key_params(entry.key))
+            self._enqueue(("d", meta.name), meta, meta.key_params(entry.key))
             self.dirty.add(ident)
         else:
             return
@@ -1357,17 +1419,23 @@ class _RunState:
         self.clocks[(meta.name, row_key)] = _Clock(hlc, xid, deleted)
         self.clock_writes[(meta.name, row_key)] = (meta.name, row_key, hlc.encode(), xid, deleted)
 
-    def _enqueue(self, key: Any, statement: sql.Composed, params: list[Any]) -> None:
+    def _enqueue(self, key: Any, meta: TableMeta, params: list[Any]) -> None:
         found = self.queue.get(key)
         if found is None:
-            self.queue[key] = (statement, [params])
+            self.queue[key] = (meta, [params])
         else:
             found[1].append(params)
 
     def flush(self) -> None:
+        """Send the queued writes: one statement per table and shape (a row is queued at
+        most once between flushes: touching it again flushes and re-reads it first)."""
         queued, self.queue = self.queue, {}
-        for statement, params in queued.values():
-            self.cur.executemany(statement, params)
+        for key, (meta, rows) in queued.items():
+            columns = [list(c) for c in zip(*rows, strict=True)]
+            if key[0] == "u":
+                self.cur.execute(meta.update_many_sql(key[2]), columns)
+            else:
+                self.cur.execute(meta.delete_many_sql(), columns)
 
     def conflict(
         self,
@@ -1460,19 +1528,19 @@ class _RunState:
                     entry.base.commit_lsn if entry is not None and entry.base is not None else None,
                     entry.base.seq if entry is not None and entry.base is not None else None,
                     Jsonb(detail) if detail else None,
-                    record.received_at_us / 1e6 if record.received_at_us else None,
+                    _utc(record.received_at_us) if record.received_at_us else None,
                 )
             )
         if applied:
-            cur.executemany(
-                f"insert into {SCHEMA}.applied (device_id, seq, outcome, reason, message, tbl, row_key, "
-                "op, hlc, base_lsn, base_seq, detail, received_at) values "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s::float8))",
-                applied,
-            )
-            cur.executemany(
+            with cur.copy(
+                f"copy {SCHEMA}.applied (device_id, seq, outcome, reason, message, tbl, row_key, "
+                "op, hlc, base_lsn, base_seq, detail, received_at) from stdin"
+            ) as copy:
+                for row in applied:
+                    copy.write_row(row)
+            cur.execute(
                 f"insert into {SCHEMA}.outbox (device_id, payload) values (%s, %s)",
-                [(o.device_id, o.to_bytes()) for o in outcomes],
+                (outcomes[0].device_id, encode_outcomes(outcomes)),
             )
         if self.conflicts:
             cur.executemany(
@@ -1481,11 +1549,13 @@ class _RunState:
                 self.conflicts,
             )
         if self.clock_writes:
-            cur.executemany(
-                f"insert into {SCHEMA}.row_clock (tbl, row_key, hlc, xid, deleted) values (%s, %s, %s, %s, %s) "
+            columns = [list(c) for c in zip(*self.clock_writes.values(), strict=True)]
+            cur.execute(
+                f"insert into {SCHEMA}.row_clock (tbl, row_key, hlc, xid, deleted) "
+                "select * from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bool[]) "
                 "on conflict (tbl, row_key) do update set hlc = excluded.hlc, xid = excluded.xid, "
                 "deleted = excluded.deleted",
-                list(self.clock_writes.values()),
+                columns,
             )
 
 

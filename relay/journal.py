@@ -64,9 +64,11 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from types import MappingProxyType
 from typing import Any, Final, TypeGuard
 
+import orjson
+
 from relay.errors import RelayError, RowError
 from relay.hlc import Hlc
-from relay.rules import Rules, TableInfo, parse_bucket_id
+from relay.rules import Rules, TableInfo, canonical_text, parse_bucket_id
 
 __all__ = [
     "RECORD_VERSION",
@@ -90,6 +92,9 @@ __all__ = [
     "coerce_value",
     "column_types_from_schemas",
     "column_types_from_value_schema",
+    "decode_outcomes",
+    "dump_json",
+    "encode_outcomes",
     "parse_upload",
     "same_value",
     "to_datum",
@@ -854,6 +859,10 @@ class WriteScope:
         self.granted = frozenset(granted)
         self.types: Mapping[str, Mapping[str, ColumnType]] = types or {}
         self._rule_columns: dict[tuple[str, str], frozenset[str]] = {}
+        self._placing: dict[str, tuple[str, ...]] = {}
+        self._placed: dict[tuple[str, tuple[tuple[bool, str | None], ...]], frozenset[str]] = {}
+        self._seen: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
+        self._rule_of: dict[str, str] = {}
         visible: dict[str, set[str]] = {}
         for bucket in self.granted:
             try:
@@ -887,22 +896,58 @@ class WriteScope:
     def table_info(self, table: str) -> TableInfo:
         return self.rules.table_info(table)
 
+    def _placement_columns(self, table: str) -> tuple[str, ...]:
+        """The columns the rules read to place a row of ``table`` (match and filters)."""
+        found = self._placing.get(table)
+        if found is None:
+            cols: set[str] = set()
+            for rule in self.rules.buckets.values():
+                entry = rule.tables.get(table)
+                if entry is not None:
+                    cols.update(c for c, _ in entry.match)
+                    cols.update(f.column for f in entry.filters)
+            found = self._placing[table] = tuple(sorted(cols))
+        return found
+
     def row_buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str] | None:
-        """The granted buckets the row (datum form) is in; None if the row lacks a column
-        the rules need to place it."""
-        try:
-            return self.rules.buckets_for_row(table, row) & self.granted
-        except RowError:
-            return None
+        """The granted buckets the row (wire form) is in; None if the row lacks a column
+        the rules need to place it.
 
-    def columns_in(self, table: str, buckets: Iterable[str]) -> frozenset[str]:
+        Memoized by the placing columns' values as the rules compare them (NULL or not,
+        canonical text), so rows differing elsewhere share one computation."""
+        columns = self._placement_columns(table)
+        types = self.types.get(table, {})
+        probe: dict[str, Any] = {}
+        for c in columns:
+            if c not in row:
+                return None
+            probe[c] = to_datum(types.get(c), row[c])
+        key = (table, tuple((v is None, canonical_text(v)) for v in probe.values()))
+        found = self._placed.get(key)
+        if found is None:
+            try:
+                found = self.rules.buckets_for_row(table, probe) & self.granted
+            except RowError:
+                return None
+            if len(self._placed) > 100_000:
+                self._placed.clear()
+            self._placed[key] = found
+        return found
+
+    def columns_in(self, table: str, buckets: frozenset[str]) -> frozenset[str]:
         """The columns the device sees of a row that is in ``buckets`` (granted ones)."""
-        cols: set[str] = set()
-        for b in buckets:
-            cols |= self._columns_of(parse_bucket_id(b)[0], table)
-        return frozenset(cols)
+        found = self._seen.get((table, buckets))
+        if found is None:
+            cols: set[str] = set()
+            for b in buckets:
+                rule = self._rule_of.get(b)
+                if rule is None:
+                    rule = self._rule_of[b] = parse_bucket_id(b)[0]
+                cols |= self._columns_of(rule, table)
+            found = self._seen[(table, buckets)] = frozenset(cols)
+        return found
 
-    def project(self, table: str, row: Mapping[str, Any] | None, buckets: Iterable[str]) -> Any:
+    def project(self, table: str, row: Mapping[str, Any] | None, buckets: frozenset[str]) -> Any:
         """``row`` cut to the columns the device sees in ``buckets``."""
         if row is None:
             return None
@@ -926,7 +971,7 @@ def check_write(
     judged (only full rows are: the applier's)."""
     before_buckets: frozenset[str] | None = frozenset()
     if before is not None:
-        before_buckets = scope.row_buckets(table, scope.datum_row(table, before))
+        before_buckets = scope.row_buckets(table, before)
         if before_buckets is not None and not before_buckets:
             return _reject(
                 Reason.FORBIDDEN_ROW,
@@ -934,7 +979,7 @@ def check_write(
             )
     after_buckets: frozenset[str] | None = frozenset()
     if after is not None:
-        after_buckets = scope.row_buckets(table, scope.datum_row(table, after))
+        after_buckets = scope.row_buckets(table, after)
         if after_buckets is not None and not after_buckets:
             what = "moves the row out of" if before is not None else "puts the row into none of"
             return _reject(
@@ -953,13 +998,15 @@ def check_write(
     return None
 
 
-def validate_entry(entry: JournalEntry, scope: WriteScope) -> tuple[JournalEntry, Rejection | None]:
+def validate_entry(
+    entry: JournalEntry, scope: WriteScope, *, check_rows: bool = True
+) -> tuple[JournalEntry, Rejection | None]:
     """Check an entry against the schema, the column types and the device's rules.
 
     Returns the entry with normalized values (:func:`coerce_value`) and None, or the
-    entry unchanged and the :class:`Rejection`.  The permission check uses the device's
-    ``old`` values as the row before the write; the applier repeats it with the
-    server's row.
+    entry unchanged and the :class:`Rejection`.  With ``check_rows`` the permission
+    check uses the device's ``old`` values as the row before the write (the intake); the
+    applier passes False and checks with the server's row instead.
     """
     table = entry.table
     if table not in scope.visible_tables:
@@ -1021,6 +1068,8 @@ def validate_entry(entry: JournalEntry, scope: WriteScope) -> tuple[JournalEntry
             Reason.FORBIDDEN_COLUMN,
             f"{where}: this device may not write column(s) {', '.join(hidden)}",
         )
+    if not check_rows:
+        return normalized, None
     before = dict(old) if old is not None else None
     after = None if entry.op is Op.DELETE else {**(old or {}), **(new or {})}
     problem = check_write(scope, table, before, after, written)
@@ -1109,7 +1158,7 @@ class JournalRecord:
         return self.device_id.encode("utf-8")
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
+        return dump_json(
             {
                 "v": RECORD_VERSION,
                 "device_id": self.device_id,
@@ -1118,19 +1167,16 @@ class JournalRecord:
                 "claims": dict(self.claims),
                 "entry": self.entry.to_json() if self.entry is not None else None,
                 "rejection": self.rejection.to_json() if self.rejection is not None else None,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-            default=str,
-        ).encode("utf-8")
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> JournalRecord:
         """Parse a record; :class:`JournalFormatError` names what is wrong.  An entry
         that no longer parses becomes ``entry=None`` with a ``malformed`` rejection."""
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
             raise JournalFormatError(f"journal record is not JSON: {exc}") from exc
         if not isinstance(obj, dict) or obj.get("v") != RECORD_VERSION:
             raise JournalFormatError(
@@ -1169,8 +1215,8 @@ class OutcomeKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one entry: the value of a ``{prefix}._outcomes`` record (Kafka key:
-    the device id).  ``row`` is the row afterwards as the device sees it (its columns
+    """What became of one entry.  ``{prefix}._outcomes`` records (Kafka key: the device
+    id) carry the outcomes of one device, several at a time (:func:`encode_outcomes`).  ``row`` is the row afterwards as the device sees it (its columns
     only; None when the row does not exist), ``columns`` the per-column decisions of a
     merge (``device``, ``server``, ``equal``, ``combined``, ``held``), ``conflict`` the
     kept conflict (``id``, ``columns`` with ``base``/``server``/``device`` values, or
@@ -1208,11 +1254,6 @@ class Outcome:
             "at_us": self.at_us,
         }
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(
-            self.to_json(), separators=(",", ":"), ensure_ascii=False, default=str
-        ).encode("utf-8")
-
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
         try:
@@ -1234,12 +1275,58 @@ class Outcome:
         except (KeyError, ValueError, TypeError) as exc:
             raise JournalFormatError(f"not an outcome record: {str(obj)[:200]}") from exc
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Outcome:
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise JournalFormatError(f"outcome record is not JSON: {exc}") from exc
-        if not isinstance(obj, dict):
-            raise JournalFormatError("outcome record is not a JSON object")
-        return cls.from_json(obj)
+
+def encode_outcomes(outcomes: Sequence[Outcome]) -> bytes:
+    """The value of one ``{prefix}._outcomes`` record: outcomes of one device, in order::
+
+    {"v": 1, "device_id": …, "outcomes": [outcome, …]}
+    """
+    if not outcomes or len({o.device_id for o in outcomes}) != 1:
+        raise ValueError("an outcomes record holds the outcomes of exactly one device")
+    return dump_json(
+        {
+            "v": RECORD_VERSION,
+            "device_id": outcomes[0].device_id,
+            "outcomes": [o.to_json() for o in outcomes],
+        }
+    )
+
+
+def decode_outcomes(data: bytes) -> list[Outcome]:
+    """The outcomes of one ``{prefix}._outcomes`` record."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise JournalFormatError(f"outcomes record is not JSON: {exc}") from exc
+    if (
+        not isinstance(obj, dict)
+        or obj.get("v") != RECORD_VERSION
+        or not isinstance(obj.get("outcomes"), list)
+    ):
+        raise JournalFormatError(
+            f"not an outcomes record (version {RECORD_VERSION}): {str(data)[:120]}"
+        )
+    return [Outcome.from_json(o) for o in obj["outcomes"]]
+
+
+def dump_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON (orjson).  Integers beyond 64 bits, which orjson refuses (and
+    would read back as floats), are written as decimal strings."""
+    try:
+        return orjson.dumps(value, default=str)
+    except TypeError:
+        return orjson.dumps(_big_ints_as_text(value), default=str)
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not -(1 << 63) <= value < (1 << 64)
+    ):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _big_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_big_ints_as_text(v) for v in value]
+    return value

@@ -33,6 +33,9 @@ from relay.journal import (
     civil_from_days,
     coerce_value,
     column_types_from_schemas,
+    decode_outcomes,
+    dump_json,
+    encode_outcomes,
     parse_upload,
     same_value,
     to_datum,
@@ -512,4 +515,14 @@ def test_outcome_round_trip() -> None:
         HLC,
         9,
     )
-    assert Outcome.from_bytes(o.to_bytes()) == o
+    other = Outcome(DEVICE, 4, OutcomeKind.REJECTED, reason="blocked", message="entry 4 …")
+    assert decode_outcomes(encode_outcomes([o, other])) == [o, other]
+    with pytest.raises(ValueError, match="one device"):
+        encode_outcomes([o, Outcome("other", 1, OutcomeKind.APPLIED)])
+
+
+def test_records_keep_integers_beyond_64_bits_exact() -> None:
+    e = entry(new={"notes": "b"})
+    record = JournalRecord(DEVICE, e.seq, e, {"sub": DEVICE, "n": 2**70}, None, 1)
+    assert JournalRecord.from_bytes(record.to_bytes()).claims["n"] == str(2**70)
+    assert dump_json({"a": [1, -(2**80)]}) == b'{"a":[1,"-1208925819614629174706176"]}'
