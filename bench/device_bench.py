@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from device_agent import local_db  # noqa: E402
+from device_agent import local_db, triggers  # noqa: E402
 from device_agent.apply import apply_messages  # noqa: E402
 from relay.bucket_store import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
 
@@ -131,6 +131,8 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
     cols = ", ".join(f'"{c}"' for c in COLUMNS)
     for _ in range(repeat):
         path, conn = fresh_db(directory)
+        for t in local_db.load_tables(conn).values():  # the limit: a plain table
+            triggers.drop(conn, t)
         started = time.perf_counter()
         conn.execute("begin immediate")
         conn.executemany(
@@ -175,8 +177,6 @@ def bench_triggers(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
         path, conn = fresh_db(directory)
         if not with_triggers:
             for t in local_db.load_tables(conn).values():
-                from device_agent import triggers
-
                 triggers.drop(conn, t)
         conn.close()
         app = sqlite3.connect(path, isolation_level=None)

@@ -68,6 +68,7 @@ BULK_OPS: Final = 2000
 """From this many ops in one apply, triggers are dropped and recreated instead of flagged."""
 
 _SIGNED: Final = 1 << 63
+_WRAP: Final = 1 << 64
 _U64 = struct.Struct(">Q").unpack_from
 _SORT = orjson.OPT_SORT_KEYS
 _CHUNK: Final = 400
@@ -238,9 +239,9 @@ class _Batch:
                         k,
                         b.id,
                         op["op_id"],
-                        signed(term),
+                        term - _WRAP if term >= _SIGNED else term,
                         None,
-                        _pos(op),
+                        _pos(op) if "position" in op else None,
                     )
                     getter = getters.get(tid)
                     if getter is None:
@@ -270,10 +271,8 @@ class _Batch:
         self.result.ops += len(ops)
         self.write_rows(final)
         self.write_fast(fast_put, fast_gone)
-        for b in buckets.values():
+        for b in buckets.values():  # fresh stays: rows put in this batch are in terms
             b.checksum %= CHECKSUM_MODULUS
-            if b.count > 0:
-                b.fresh = False
 
     def learn_kinds(self, table: LocalTable, data: Mapping[str, Any]) -> None:
         unknown = self.unknown_kinds[table.id]
