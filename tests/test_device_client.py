@@ -1,0 +1,161 @@
+"""Device agent client and journal upload, without a relay: cursor reset against the relay's
+codec, retries with backoff (httpx MockTransport), error mapping, upload answers, and
+journal entries as relay/journal.py parses them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from device_agent import local_db
+from device_agent.client import (
+    JournalUnsupported,
+    RelayClient,
+    RetryPolicy,
+    parse_upload_answer,
+    reset_cursor,
+)
+from device_agent.errors import AuthFailed, RelayUnreachable, TokenExpired, TokenRevoked
+from device_agent.sync import wire_entries
+from relay.api import decode_cursor, encode_cursor
+from relay.journal import JournalEntry, parse_upload
+from tests.test_device_apply import SCHEMA, T1, WO, FakeServer, order, sync
+
+
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=12), st.integers(0, 10**12), max_size=6),
+    st.data(),
+)
+def test_reset_cursor_sets_buckets_back_to_zero_in_the_relays_format(
+    cursors: dict[str, int], data: st.DataObject
+) -> None:
+    chosen = data.draw(st.lists(st.sampled_from(sorted(cursors) or ["x"]), max_size=3))
+    out = reset_cursor(encode_cursor(cursors), chosen)
+    assert out is not None
+    expected = {b: n for b, n in cursors.items() if b not in chosen and n > 0}
+    assert decode_cursor(out) == expected
+
+
+def test_reset_cursor_unknown_format_means_full_download() -> None:
+    assert reset_cursor("v9.something", ["b"]) is None
+    assert reset_cursor(None, ["b"]) is None
+
+
+def client_with(handler: Any, attempts: int = 4) -> tuple[RelayClient, list[float]]:
+    sleeps: list[float] = []
+    c = RelayClient(
+        "http://relay.test",
+        "tok",
+        retry=RetryPolicy(attempts=attempts, initial_s=0.1, max_s=1.0),
+        transport=httpx.MockTransport(handler),
+        sleep=sleeps.append,
+    )
+    return c, sleeps
+
+
+def test_retries_with_backoff_and_jitter_then_succeeds() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        assert request.headers["authorization"] == "Bearer tok"
+        if calls == 1:
+            raise httpx.ReadError("connection cut mid-body")
+        if calls == 2:
+            return httpx.Response(503, json={"error": {"code": "unavailable", "message": "x"}})
+        if calls == 3:
+            return httpx.Response(429, headers={"Retry-After": "0.25"}, json={})
+        return httpx.Response(200, json={"tables": [], "buckets": []})
+
+    c, sleeps = client_with(handler)
+    assert c.schema() == {"tables": [], "buckets": []}
+    assert calls == 4 and c.retries == 3
+    assert 0 <= sleeps[0] <= 0.1 and 0 <= sleeps[1] <= 0.2 and sleeps[2] == 0.25
+
+
+def test_unreachable_after_retries_says_offline() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    c, sleeps = client_with(handler, attempts=3)
+    with pytest.raises(RelayUnreachable, match="working offline"):
+        c.changes(None)
+    assert len(sleeps) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (401, "token_expired", TokenExpired),
+        (403, "token_revoked", TokenRevoked),
+        (401, "token_bad_signature", AuthFailed),
+    ],
+)
+def test_token_errors_map_and_say_to_get_a_new_token(
+    status: int, code: str, error: type[Exception]
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            status, json={"error": {"code": code, "message": "m", "status": status}}
+        )
+
+    c, _ = client_with(handler)
+    with pytest.raises(error, match="new device token"):
+        c.checkpoint()
+
+
+def test_upload_without_endpoint_and_answer_shapes() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}})
+
+    c, _ = client_with(handler)
+    with pytest.raises(JournalUnsupported):
+        c.upload_journal([{"seq": 1}])
+    got = parse_upload_answer(
+        {
+            "results": [
+                {"seq": 1, "status": "accepted"},
+                {"seq": 2, "status": "rejected", "reason": "wrong_type", "message": "m"},
+            ]
+        },
+        [1, 2],
+    )
+    assert got.accepted == [1] and got.rejected == {2: ("wrong_type", "m")}
+    assert parse_upload_answer({}, [3, 4]).accepted == [3, 4]
+
+
+def test_journal_entries_are_what_the_relay_accepts(tmp_path: Path) -> None:
+    conn = local_db.connect(str(tmp_path / "d.db"))
+    local_db.ensure_metadata(conn)
+    local_db.set_meta(conn, "relay_url", "http://x")
+    local_db.apply_schema(conn, local_db.parse_schema(SCHEMA))
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(conn, server)
+    app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'done', done = 1 where id = 1")
+    app.execute("insert into work_orders (id, status, done) values (2, 'new', 0)")
+    app.execute("update work_orders set notes = 'n' where id = 2")
+    app.execute("delete from work_orders where id = 1")
+    entries = wire_entries(conn, "tab-7")
+    parsed = parse_upload(orjson.loads(orjson.dumps({"entries": entries})), "tab-7")
+    assert all(isinstance(e, JournalEntry) for e in parsed), parsed
+    first = parsed[0]
+    assert isinstance(first, JournalEntry)
+    assert first.op.value == "update" and first.key == (1,)
+    assert dict(first.new or {}) == {"status": "done", "done": True}  # bool in wire form
+    assert (first.old or {})["done"] is False
+    hlcs = [e.hlc for e in parsed if isinstance(e, JournalEntry)]
+    assert hlcs == sorted(hlcs) and all(h.node == "tab-7" for h in hlcs)
+    third = parsed[2]
+    assert isinstance(third, JournalEntry) and third.prev_seq == parsed[1].seq
+    insert = parsed[1]
+    assert isinstance(insert, JournalEntry) and "notes" not in (insert.new or {})
