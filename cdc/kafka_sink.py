@@ -415,6 +415,8 @@ def read_resume_position(
             enable_auto_commit=False,
             group_id=None,
             consumer_timeout_ms=1000,
+            # kafka-python insists on request_timeout_ms > fetch_max_wait_ms (default 500)
+            fetch_max_wait_ms=min(500, int(opts.timeout_s * 500)),
         )
     except _kafka_errors() as exc:
         raise SinkUnavailable(f"cannot read {topic} from {opts.bootstrap_servers}: {exc}") from exc

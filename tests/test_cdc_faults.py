@@ -434,3 +434,20 @@ def test_kafka_connections_cut_repeatedly(
     with running_daemon(settings):
         events = table_events(bootstrap, topic_prefix, "t", expect=len(in_table), timeout=60)
     assert_exactly_once(events, in_table)
+
+
+def test_small_kafka_timeout_is_usable(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """kafka.timeout_s = 0.5 is valid (> 0) and must not turn into a Kafka client
+    configuration error retried forever."""
+    settings = make_settings(
+        pg_dsn, kafka_bootstrap, topic_prefix, postgres_slot=slot_name(), kafka_timeout_s="0.5"
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table t (id int primary key, v text)")
+        with running_daemon(settings) as daemon:
+            write_rows(conn, range(3))
+            events = table_events(kafka_bootstrap, topic_prefix, "t", expect=3)
+    assert daemon.stats.sessions == 1
+    assert_exactly_once(events, {0, 1, 2})
