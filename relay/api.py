@@ -102,7 +102,7 @@ class ApiConfig:
     rate_burst: int = 40
     max_connections: int = 10000
     gzip_min_bytes: int = 1024
-    gzip_level: int = 5
+    gzip_level: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_page_ops", "default_page_ops", "rate_burst"):
@@ -532,6 +532,52 @@ class _BodyReader:
 # --------------------------------------------------------------------------- the app
 
 
+PrefetchKey = tuple[str, tuple[str, ...], str, int]
+"""(device id, its buckets, cursor text, limit) of a page read ahead."""
+
+
+class Prefetcher:
+    """Pages read ahead for devices that are catching up (``has_more``).
+
+    While a device parses page N, the relay already reads page N+1 from the
+    store; the device's next request (same device, buckets, cursor and limit)
+    takes it.  At most ``size`` pages are held, each for at most ``ttl_s``
+    seconds; older ones are dropped.  A page read ahead comes from a slightly
+    earlier store snapshot, which is exactly what the device would have got by
+    asking a moment sooner.  Event-loop only.
+    """
+
+    def __init__(self, size: int = 16, ttl_s: float = 30.0) -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self._pages: dict[PrefetchKey, tuple[float, asyncio.Task[OpsPage]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def start(self, key: PrefetchKey, read: Awaitable[OpsPage]) -> None:
+        now = time.monotonic()
+        for k, (at, task) in list(self._pages.items()):
+            if now - at > self.ttl_s or len(self._pages) >= self.size:
+                del self._pages[k]
+                task.cancel()
+        task = asyncio.ensure_future(read)
+        task.add_done_callback(_retrieve)
+        self._pages[key] = (now, task)
+
+    def take(self, key: PrefetchKey) -> asyncio.Task[OpsPage] | None:
+        entry = self._pages.pop(key, None)
+        if entry is None or time.monotonic() - entry[0] > self.ttl_s:
+            return None
+        return entry[1]
+
+
+def _retrieve(task: asyncio.Task[OpsPage]) -> None:
+    """Mark a read-ahead's exception as seen (it resurfaces when the page is taken)."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclasses.dataclass
 class ApiState:
     """What the endpoints share: set once in :func:`create_app`."""
@@ -541,6 +587,7 @@ class ApiState:
     authenticator: Authenticator
     config: ApiConfig
     limiter: RateLimiter
+    prefetch: Prefetcher = dataclasses.field(default_factory=Prefetcher)
 
 
 def _granted(state: ApiState, identity: DeviceIdentity) -> list[str]:
@@ -659,16 +706,26 @@ def create_app(
         """Ops of the device's buckets after ``cursor``, with the checkpoint they lead to."""
         have = decode_cursor(cursor)
         buckets = _granted(state, device)
-        page = await next_changes(
-            state,
-            buckets,
-            have,
-            min(limit or cfg.page_default, cfg.max_page_ops),
-            min(wait, cfg.long_poll_s),
-            wait_always=cursor is not None,
-        )
-        dropped = sorted(set(have) - set(buckets))
-        return Response(dumps(changes_message(page, dropped)), media_type="application/json")
+        size = min(limit or cfg.page_default, cfg.max_page_ops)
+        ahead = state.prefetch.take((device.device_id, tuple(buckets), cursor or "", size))
+        if ahead is not None:
+            page = await ahead
+        else:
+            page = await next_changes(
+                state,
+                buckets,
+                have,
+                size,
+                min(wait, cfg.long_poll_s),
+                wait_always=cursor is not None,
+            )
+        message = changes_message(page, sorted(set(have) - set(buckets)))
+        if page.has_more:
+            state.prefetch.start(
+                (device.device_id, tuple(buckets), message["cursor"], size),
+                _read_page(state, dict(page.cursors), size),
+            )
+        return Response(dumps(message), media_type="application/json")
 
     @app.get(
         f"/{API_VERSION}/checkpoint",
@@ -843,25 +900,49 @@ async def _ws_pump(
     dropped = sorted(set(have) - set(buckets))
     cursors = {b: have.get(b, 0) for b in buckets}
     page = await _read_page(state, cursors, limit)
-    await websocket.send_text(dumps(changes_message(page, dropped)).decode())
-    while True:
-        cursors = dict(page.cursors)
-        if not page.has_more:
-            left = _check_token(state, who)
-            woke = await _await_or_reader(
-                _woken(state, buckets, page.head_op_id, min(left, WS_RECHECK_S)), reader
-            )
-            if woke is None:
-                reader.result()  # re-raises RateLimited; returns on disconnect
-                return
-            if not woke:
+    ahead: asyncio.Task[OpsPage] | None = None
+    first = True
+    try:
+        while True:
+            if page.has_more:  # catching up: read the next page while this one is sent
+                ahead = asyncio.ensure_future(_read_page(state, dict(page.cursors), limit))
+            if first or page.ops or page.resync or dict(page.cursors) != cursors:
+                await websocket.send_text(dumps(changes_message(page, dropped)).decode())
+                dropped = []
+            first = False
+            cursors = dict(page.cursors)
+            if ahead is not None:
+                if reader.done():
+                    reader.result()  # re-raises RateLimited; returns on disconnect
+                    return
+                page, ahead = await ahead, None
                 continue
-        elif reader.done():
-            reader.result()
-            return
-        page = await _read_page(state, cursors, limit)
-        if page.ops or page.resync or dict(page.cursors) != cursors:
-            await websocket.send_text(dumps(changes_message(page, [])).decode())
+            woken = await _page_after_change(state, who, buckets, cursors, page.head_op_id, reader)
+            if woken is None:
+                reader.result()
+                return
+            page = woken
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+
+
+async def _page_after_change(
+    state: ApiState,
+    who: DeviceIdentity,
+    buckets: Sequence[str],
+    cursors: Mapping[str, int],
+    head: int,
+    reader: asyncio.Task[None],
+) -> OpsPage | None:
+    """Wait for a change of ``buckets`` and read it; ``None`` if the reader ended first."""
+    while True:
+        left = _check_token(state, who)
+        woke = await _await_or_reader(_woken(state, buckets, head, min(left, WS_RECHECK_S)), reader)
+        if woke is None:
+            return None
+        if woke:
+            return await _read_page(state, cursors, state.config.max_page_ops)
 
 
 def _check_token(state: ApiState, who: DeviceIdentity) -> float:

@@ -214,6 +214,7 @@ def test_cursor_resume_in_small_pages_and_incremental(env: Env, client: TestClie
     headers = env.headers("tab-1", technician="t1")
     r = client.get("/v1/changes", params={"limit": 3}, headers=headers).json()
     assert len(r["ops"]) == 3 and r["has_more"] and not r["checkpoint"]["complete"]
+    assert len(env.app.state.api.prefetch) == 1  # the next page is read ahead
     assert not r["checkpoint"]["buckets"]['tech_orders["t1"]']["complete"]
     ops, msg = sync_all(client, headers, cursor=r["cursor"], limit=3)
     all_ops = r["ops"] + ops
@@ -603,3 +604,30 @@ def test_relay_run_config_error_exit_code(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "http.port" in r.stderr
+
+
+def test_ws_initial_sync_in_pages(pg_dsn: str) -> None:
+    """A stream from scratch sends pages back to back (read ahead) up to a complete checkpoint."""
+    e = Env(pg_dsn, ApiConfig(rate_per_s=0, max_page_ops=3))
+    try:
+        for i in range(1, 9):
+            e.order(i, "t1")
+        with (
+            TestClient(e.app) as c,
+            c.websocket_connect("/v1/stream", headers=e.headers("tab-1", technician="t1")) as ws,
+        ):
+            ops: list[dict[str, Any]] = []
+            messages = 0
+            while True:
+                msg = ws_next(ws)
+                messages += 1
+                ops += msg["ops"]
+                if msg["checkpoint"]["complete"]:
+                    break
+                assert msg["has_more"]
+            assert messages == 3 and [o["key"][0] for o in ops] == list(range(1, 9))
+            verify(holdings(ops), msg["checkpoint"])
+            e.order(9, "t1")
+            assert [o["key"] for o in ws_next(ws)["ops"]] == [[9]]
+    finally:
+        e.store.close()
