@@ -403,6 +403,28 @@ def case_pull(env: Env, args: argparse.Namespace, results: Results) -> None:
             )
             if not verified:
                 results.notes.append("pull: checkpoint count did not match the rows pulled")
+        got, pages, elapsed, cpu = asyncio.run(ws_pull_all(r.ws, token, r.pid))
+        assert got == rows, f"pulled {got} of {rows} rows over the stream"
+        rate = rows / elapsed
+        results.add(
+            "pull",
+            f"device pull from scratch over the WebSocket stream ({pages} messages, "
+            "permessage-deflate)",
+            rate,
+            "rows/s",
+        )
+        results.add(
+            "pull",
+            "ratio to COPY, WebSocket",
+            rate / copy_rate,
+            "x",
+            ">= 0.3",
+            rate / copy_rate >= 0.3,
+        )
+        results.notes.append(
+            f"pull: relay process CPU for the WebSocket pull: {cpu:.1f} s "
+            f"({rows / cpu:,.0f} rows per relay CPU-second)"
+        )
     results.notes.append(
         f"pull: COPY moved {copy_bytes / 1e6:.0f} MB (text format); the store was filled "
         f"through PgBucketStore.apply at {filled / fill_s:,.0f} rows/s (not part of the figure)"
@@ -444,6 +466,33 @@ def pull_all(base: str, token: str, encoding: str, limit: int) -> tuple[int, int
     gc.enable()
     counts = [b["count"] for b in msg["checkpoint"]["buckets"].values()]
     return len(held), pages, wire, elapsed, sum(counts) == len(held)
+
+
+async def ws_pull_all(ws_base: str, token: str, pid: int) -> tuple[int, int, float, float]:
+    """Pull from scratch over ``/v1/stream``: (rows, messages, seconds, relay CPU seconds)."""
+    held: dict[Any, Any] = {}
+    messages = 0
+    gc.disable()
+    c0 = cpu_s(pid)
+    t0 = time.perf_counter()
+    async with ws_connect(
+        f"{ws_base}/v1/stream",
+        additional_headers={"Authorization": f"Bearer {token}"},
+        max_size=None,
+    ) as ws:
+        while True:
+            msg = orjson.loads(await ws.recv())
+            messages += 1
+            for op in msg["ops"]:
+                if op["op"] == "PUT":
+                    held[op["key"][0]] = op["data"]
+                else:
+                    held.pop(op["key"][0], None)
+            if msg["checkpoint"]["complete"]:
+                break
+    elapsed = time.perf_counter() - t0
+    gc.enable()
+    return len(held), messages, elapsed, cpu_s(pid) - c0
 
 
 def resp_decode(raw: bytes) -> bytes:
