@@ -36,8 +36,13 @@ as one request, and so does each message a client sends on it).
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker
 threads (``read_ops_async``); long-polls and WebSocket streams wait on the
 store's shared change listener (``wait_for_change_async``), so an idle
-connection holds no thread and no database connection.  :class:`RateLimiter`
-and the connection counter are only touched from the event loop.
+connection holds no thread and no database connection.  A device catching up
+(``has_more``) gets its next page read ahead while it processes the current one
+(:class:`Prefetcher` for HTTP, a read-ahead task in the stream).
+:class:`RateLimiter`, :class:`Prefetcher` and the connection counter are only
+touched from the event loop.  (No ``from __future__ import annotations`` here:
+FastAPI reads the endpoint annotations at runtime, and some close over
+configuration values.)
 """
 
 import asyncio
