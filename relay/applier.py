@@ -24,10 +24,14 @@ Choices (docs/journal.md is the reference):
   ``batch_max_entries``) is one transaction: its origin message names that device, so cdc
   puts ``device:<id>`` into ``source.origin`` of every change it made.  Each transaction
   stores, per partition, the lowest offset of the poll not applied yet, so after a crash
-  the rest is read again and what was applied is skipped by the idempotency check.  Rows of a run are read with one ``SELECT …
-  ORDER BY key FOR UPDATE`` per table (lock order = key order); updates and deletes are
-  sent with ``executemany`` (pipelined); an entry touching a row an earlier entry of the
-  run wrote re-reads it first.  Inserts run in a savepoint with ``RETURNING`` so the
+  the rest is read again and what was applied is skipped by the idempotency check.
+- **Reading and writing rows.**  The rows of a run are read with one ``SELECT`` per
+  table, without locks; updates and deletes go out as one ``UPDATE … FROM unnest(…)`` /
+  ``DELETE … USING unnest(…)`` per table and column set, each row guarded by the
+  ``xmin`` the merge saw (optimistic concurrency: a row another transaction changed in
+  between is not written, the row count shows it, and the run is rolled back and
+  retried, then with ``SELECT … ORDER BY key FOR UPDATE``).  An entry touching a row an
+  earlier entry of the run wrote re-reads it first.  Inserts run in a savepoint with ``RETURNING`` so the
   inserted row (defaults, triggers) is checked against the device's buckets before it is
   kept.  If a statement of the run fails (constraint, bad value, trigger), the run is
   rolled back and retried one entry per transaction; the entry that fails alone is
@@ -329,9 +333,9 @@ class TableMeta:
             sql.SQL("{} = {}").format(sql.Identifier(k), self._placeholder(k)) for k in self.key
         )
 
-    def select_sql(self, commit_ts: bool) -> bytes:
-        """Lock and read the rows of many keys: ``unnest(text[] per key column)``."""
-        cache_key = ("select", commit_ts)
+    def select_sql(self, commit_ts: bool, lock: bool = False) -> bytes:
+        """Read (``lock``: and lock) the rows of many keys: ``unnest(text[] per key column)``."""
+        cache_key = ("select", commit_ts, lock)
         found = self._sql.get(cache_key)
         if found is None:
             aliases = [sql.Identifier(f"k{i}") for i in range(len(self.key))]
@@ -339,8 +343,9 @@ class TableMeta:
                 cache_key,
                 sql.SQL(
                     "select t.xmin::text, {ts}, {cols} from {t} as t join unnest({arrays}) as u({aliases})"
-                    " on {match} order by {keys} for update of t"
+                    " on {match} order by {keys}{lock}"
                 ).format(
+                    lock=sql.SQL(" for update of t" if lock else ""),
                     ts=sql.SQL(
                         "(extract(epoch from pg_xact_commit_timestamp(t.xmin)) * 1000)::bigint::text"
                         if commit_ts
@@ -390,15 +395,16 @@ class TableMeta:
             values = [sql.Identifier(f"v{i}") for i in range(len(columns))]
             keys = [sql.Identifier(f"k{i}") for i in range(len(self.key))]
             query = sql.SQL(
-                "update {t} as t set {sets} from unnest({arrays}) as u({aliases}) where {match}"
+                "update {t} as t set {sets} from unnest({arrays}) as u({aliases})"
+                " where {match} and t.xmin = u.x::xid"
             ).format(
                 t=self.ident,
                 sets=sql.SQL(", ").join(
                     sql.SQL("{} = u.{}::{}").format(sql.Identifier(c), v, self.casts[c])
                     for c, v in zip(columns, values, strict=True)
                 ),
-                arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * (len(values) + len(keys))),
-                aliases=sql.SQL(", ").join(values + keys),
+                arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * (len(values) + len(keys) + 1)),
+                aliases=sql.SQL(", ").join([*values, *keys, sql.Identifier("x")]),
                 match=self._many_key_match(keys),
             )
             found = self._cache(cache_key, query)
@@ -409,11 +415,12 @@ class TableMeta:
         if found is None:
             keys = [sql.Identifier(f"k{i}") for i in range(len(self.key))]
             query = sql.SQL(
-                "delete from {t} as t using unnest({arrays}) as u({aliases}) where {match}"
+                "delete from {t} as t using unnest({arrays}) as u({aliases})"
+                " where {match} and t.xmin = u.x::xid"
             ).format(
                 t=self.ident,
-                arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * len(keys)),
-                aliases=sql.SQL(", ").join(keys),
+                arrays=sql.SQL(", ").join([sql.SQL("%s::text[]")] * (len(keys) + 1)),
+                aliases=sql.SQL(", ").join([*keys, sql.Identifier("x")]),
                 match=self._many_key_match(keys),
             )
             found = self._cache("delete_many", query)
@@ -550,6 +557,10 @@ class _RawText(Loader):
 
     def load(self, data: Buffer) -> str:
         return bytes(data).decode("utf-8")
+
+
+class _Concurrent(Exception):
+    """A row changed between reading it and writing it: the run is retried."""
 
 
 class _Undo(Exception):
@@ -781,10 +792,11 @@ class ApplierDb:
         while True:
             try:
                 self.stats.runs += 1
-                outcomes = self._run_txn(run, None, marks)
+                # optimistic first (no row locks; writes check xmin), locking after a retry
+                outcomes = self._run_txn(run, None, marks, lock=attempt > 0)
                 marks.done(run)
                 return outcomes
-            except _RETRY_ERRORS as exc:
+            except (*_RETRY_ERRORS, _Concurrent) as exc:
                 attempt += 1
                 self.stats.run_retries += 1
                 if attempt > 5:
@@ -800,7 +812,9 @@ class ApplierDb:
             except psycopg.Error as exc:
                 raise ApplierError(f"applying journal entries failed: {exc}") from exc
 
-    def _run_txn(self, run: list[_Item], db_error: str | None, marks: _Watermarks) -> list[Outcome]:
+    def _run_txn(
+        self, run: list[_Item], db_error: str | None, marks: _Watermarks, *, lock: bool = False
+    ) -> list[Outcome]:
         conn = self._c()
         outcomes: list[Outcome] = []
         with conn.transaction(), conn.cursor() as cur:
@@ -814,7 +828,7 @@ class ApplierDb:
             todo, known = self._fresh(cur, device, run)
             for item in todo:
                 self._prepare(item, db_error)
-            state = _RunState(self, cur, known)
+            state = _RunState(self, cur, known, lock_rows=lock)
             state.prefetch([i for i in todo if i.entry is not None])
             for item in todo:
                 outcome = self._one(state, item)
@@ -1090,7 +1104,7 @@ class ApplierDb:
                         f"conflict {conflict_id}: table {table} is not synced any more"
                     )
                 cur.execute(_EMIT, (ORIGIN_MESSAGE_PREFIX, f"resolve:{conflict_id}"))
-                state = _RunState(self, cur)
+                state = _RunState(self, cur, lock_rows=True)
                 key = tuple(key)
                 current = state.row(meta, key)
                 writes, decisions = _resolution(meta, kind, held, choice, values, current.row, key)
@@ -1273,9 +1287,12 @@ class _RunState:
         db: ApplierDb,
         cur: psycopg.Cursor[Any],
         known: dict[int, tuple[str, str | None]] | None = None,
+        *,
+        lock_rows: bool = False,
     ) -> None:
         self.db = db
         self.cur = cur
+        self.lock_rows = lock_rows
         self.raw = db.raw_cursor()
         self.outcome_of = known if known is not None else {}
         self.now_ms = db.wall_ms()
@@ -1312,7 +1329,9 @@ class _RunState:
 
     def _select(self, meta: TableMeta, keys: Sequence[Sequence[Any]]) -> None:
         params = [list(c) for c in zip(*(meta.key_params(k) for k in keys), strict=True)]
-        rows = self.raw.execute(meta.select_sql(self.db.commit_timestamps), params).fetchall()
+        rows = self.raw.execute(
+            meta.select_sql(self.db.commit_timestamps, self.lock_rows), params
+        ).fetchall()
         for xmin, committed, *texts in rows:
             row = meta.read(texts)
             kid = meta.key_id([row[k] for k in meta.key])
@@ -1396,13 +1415,16 @@ class _RunState:
         self, meta: TableMeta, entry: JournalEntry, result: MergeResult, policy: TablePolicy
     ) -> None:
         ident = (meta.name, meta.key_id(entry.key))
+        xmin = [str(self.rows[ident].xmin)]  # the version the merge saw
         if result.action is Action.UPDATE:
             columns = tuple(sorted(result.values))
             params = [meta.pg_text(c, result.values[c]) for c in columns]
-            self._enqueue(("u", meta.name, columns), meta, params + meta.key_params(entry.key))
+            self._enqueue(
+                ("u", meta.name, columns), meta, params + meta.key_params(entry.key) + xmin
+            )
             self.dirty.add(ident)
         elif result.action is Action.DELETE:
-            self._enqueue(("d", meta.name), meta, meta.key_params(entry.key))
+            self._enqueue(("d", meta.name), meta, meta.key_params(entry.key) + xmin)
             self.dirty.add(ident)
         else:
             return
@@ -1436,6 +1458,11 @@ class _RunState:
                 self.cur.execute(meta.update_many_sql(key[2]), columns)
             else:
                 self.cur.execute(meta.delete_many_sql(), columns)
+            if self.cur.rowcount != len(rows):
+                raise _Concurrent(
+                    f"{meta.name}: {len(rows) - self.cur.rowcount} row(s) changed by another "
+                    "transaction after they were read"
+                )
 
     def conflict(
         self,

@@ -621,6 +621,31 @@ def test_redelivery_and_restart_apply_nothing_twice(env: Env) -> None:
     assert env.sql("select count(*) from fieldsync_applier.applied") == [(30,)]
 
 
+def test_a_row_changed_between_read_and_write_is_merged_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are read without locks and written only if unchanged (xmin); a concurrent
+    change makes the run roll back and merge again, so no server change is lost."""
+    from relay import applier as applier_module
+
+    base = insert_base(env)
+    original = applier_module._RunState.flush
+    fired: list[bool] = []
+
+    def flush_after_a_concurrent_update(self: Any) -> None:
+        if self.queue and not fired:
+            fired.append(True)
+            with psycopg.connect(env.dsn, autocommit=True) as other:
+                other.execute("update work_orders set qty = 10 where id = 1")
+        original(self)
+
+    monkeypatch.setattr(applier_module._RunState, "flush", flush_after_a_concurrent_update)
+    env.produce(env.record("d1", "update", [1], seen(base), {"qty": 6}))
+    applier = env.run()
+    assert fired and applier.stats.run_retries >= 1
+    assert env.sql("select qty from work_orders") == [(11,)]  # 10 + (6 - 5), not 6
+
+
 def test_lww_without_a_time_source_is_refused_at_start(env: Env, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[table]]\ntable = "public.parts"\npolicy = "lww"\n')
