@@ -133,7 +133,7 @@ class DaemonProcess:
             f"daemon did not log {needle!r} within {timeout}s (exit {self.proc and self.proc.poll()}); log:\n{self.log()[-4000:]}"
         )
 
-    def wait_streaming(self, timeout: float = 30) -> None:
+    def wait_streaming(self, timeout: float = 60) -> None:
         self.wait_log("streaming slot", timeout)
 
     def signal(self, sig: int) -> None:

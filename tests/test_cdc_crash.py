@@ -337,7 +337,7 @@ def test_kill_9_under_load_loses_nothing(
         end = conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
         wait_for(
             lambda: confirmed_lsn(conn, slot) >= parse_lsn(end),
-            timeout=40,
+            timeout=60,
             what="the daemon to catch up",
         )
         tables = {
