@@ -24,7 +24,8 @@ Protocol (docs/relay.md, "Device API", is the reference for clients):
   message whose ``checkpoint.complete`` is true, then applies them in one
   transaction and checks every bucket's checksum (relay.bucket_store).
 - The cursor is opaque to clients: :func:`encode_cursor` of the per-bucket
-  op ids (zlib-compressed JSON, base64url, prefixed ``c1.``).  Tampering with
+  op ids and compaction epochs (zlib-compressed JSON, base64url, prefixed
+  ``c1.``).  Tampering with
   it can only make the device re-read or skip its own buckets' ops (then its
   checksums fail and it re-syncs); it never widens what it may read.
 
@@ -126,18 +127,33 @@ class ApiConfig:
 # --------------------------------------------------------------------------- cursor
 
 
-def encode_cursor(cursors: Mapping[str, int]) -> str:
-    """The opaque cursor for per-bucket op ids (buckets at 0 are left out)."""
-    items = sorted((b, int(n)) for b, n in cursors.items() if n > 0)
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """What a device has applied: per bucket the last op id and the compaction epoch it was
+    read under (relay.bucket_store.BucketCheckpoint); buckets at op 0 are left out."""
+
+    ops: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    epochs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def for_buckets(self, buckets: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+        """The op ids of ``buckets`` (0 when absent) and the epochs known for them."""
+        ops = {b: self.ops.get(b, 0) for b in buckets}
+        return ops, {b: self.epochs[b] for b in buckets if b in self.epochs and ops[b] > 0}
+
+
+def encode_cursor(cursors: Mapping[str, int], epochs: Mapping[str, int] | None = None) -> str:
+    """The opaque cursor: ``[bucket, op_id, epoch]`` entries (op 0 left out), zlib, base64url."""
+    known = epochs or {}
+    items = sorted((b, int(n), int(known.get(b, 0))) for b, n in cursors.items() if n > 0)
     raw = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode()
     packed = base64.urlsafe_b64encode(zlib.compress(raw, 6)).rstrip(b"=")
     return CURSOR_PREFIX + packed.decode("ascii")
 
 
-def decode_cursor(text: str | None) -> dict[str, int]:
-    """Per-bucket op ids from a cursor; ``{}`` for none.  Raises :class:`InvalidCursor`."""
+def decode_cursor(text: str | None) -> Cursor:
+    """The :class:`Cursor` in ``text``; empty for none.  Raises :class:`InvalidCursor`."""
     if text is None or text == "":
-        return {}
+        return Cursor()
     if len(text) > MAX_CURSOR_CHARS:
         raise InvalidCursor(f"cursor is longer than {MAX_CURSOR_CHARS} characters")
     if not text.startswith(CURSOR_PREFIX):
@@ -152,21 +168,20 @@ def decode_cursor(text: str | None) -> dict[str, int]:
         items = json.loads(raw)
     except (binascii.Error, ValueError, zlib.error) as exc:
         raise InvalidCursor(f"cursor is corrupt ({type(exc).__name__})") from exc
-    out: dict[str, int] = {}
     if not isinstance(items, list):
         raise InvalidCursor("cursor is corrupt (not a list)")
+    ops: dict[str, int] = {}
+    epochs: dict[str, int] = {}
     for item in items:
         if (
             not isinstance(item, list)
-            or len(item) != 2
+            or len(item) != 3
             or not isinstance(item[0], str)
-            or not isinstance(item[1], int)
-            or isinstance(item[1], bool)
-            or item[1] < 0
+            or not all(type(v) is int and v >= 0 for v in item[1:])
         ):
             raise InvalidCursor("cursor is corrupt (bad entry)")
-        out[item[0]] = item[1]
-    return out
+        ops[item[0]], epochs[item[0]] = item[1], item[2]
+    return Cursor(ops, epochs)
 
 
 # --------------------------------------------------------------------------- rate limiting
@@ -295,7 +310,7 @@ def changes_message(page: OpsPage, dropped: Sequence[str]) -> dict[str, Any]:
     return {
         "type": "changes",
         "ops": ops,
-        "cursor": encode_cursor(page.cursors),
+        "cursor": encode_cursor(page.cursors, page.epochs),
         "checkpoint": {"complete": complete and not page.has_more, "buckets": buckets},
         "resync": sorted(page.resync),
         "dropped": list(dropped),
@@ -599,9 +614,11 @@ def _granted(state: ApiState, identity: DeviceIdentity) -> list[str]:
     return sorted(state.rules.buckets_for_claims(identity.claims))
 
 
-async def _read_page(state: ApiState, cursors: Mapping[str, int], limit: int) -> OpsPage:
+async def _read_page(
+    state: ApiState, cursors: Mapping[str, int], limit: int, epochs: Mapping[str, int]
+) -> OpsPage:
     try:
-        return await state.store.read_ops_async(cursors, limit)
+        return await state.store.read_ops_async(cursors, limit, epochs)
     except RelayError as exc:
         log.warning("bucket store read failed: %s", exc)
         raise Unavailable("the bucket store cannot be read right now; retry shortly") from exc
@@ -610,7 +627,7 @@ async def _read_page(state: ApiState, cursors: Mapping[str, int], limit: int) ->
 async def next_changes(
     state: ApiState,
     buckets: Sequence[str],
-    cursors: Mapping[str, int],
+    have: Cursor,
     limit: int,
     wait_s: float,
     wait_always: bool,
@@ -618,14 +635,14 @@ async def next_changes(
     """Read the next page for ``buckets``; if there is nothing new, wait up to ``wait_s``.
 
     "Nothing new": no ops, no resync and no cursor moved.  Unless ``wait_always``,
-    a first read (empty ``cursors``) returns at once so the device gets a checkpoint.
+    a first read (empty cursor) returns at once so the device gets a checkpoint.
     """
-    wanted = {b: cursors.get(b, 0) for b in buckets}
+    wanted, epochs = have.for_buckets(buckets)
     deadline = time.monotonic() + wait_s
     while True:
-        page = await _read_page(state, wanted, limit)
+        page = await _read_page(state, wanted, limit, epochs)
         nothing_new = not page.ops and not page.resync and dict(page.cursors) == wanted
-        if not nothing_new or (not cursors and not wait_always):
+        if not nothing_new or (not have.ops and not wait_always):
             return page
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not buckets:
@@ -724,11 +741,11 @@ def create_app(
                 min(wait, cfg.long_poll_s),
                 wait_always=cursor is not None,
             )
-        message = changes_message(page, sorted(set(have) - set(buckets)))
+        message = changes_message(page, sorted(set(have.ops) - set(buckets)))
         if page.has_more:
             state.prefetch.start(
                 (device.device_id, tuple(buckets), message["cursor"], size),
-                _read_page(state, dict(page.cursors), size),
+                _read_page(state, dict(page.cursors), size, dict(page.epochs)),
             )
         return Response(dumps(message), media_type="application/json")
 
@@ -890,7 +907,7 @@ async def _ws_pump(
     state: ApiState,
     websocket: WebSocket,
     who: DeviceIdentity,
-    have: dict[str, int],
+    have: Cursor,
     reader: asyncio.Task[None],
 ) -> None:
     """Send the first page at once, then a message whenever the device's buckets change.
@@ -902,15 +919,17 @@ async def _ws_pump(
     """
     buckets = _granted(state, who)
     limit = state.config.max_page_ops
-    dropped = sorted(set(have) - set(buckets))
-    cursors = {b: have.get(b, 0) for b in buckets}
-    page = await _read_page(state, cursors, limit)
+    dropped = sorted(set(have.ops) - set(buckets))
+    cursors, epochs = have.for_buckets(buckets)
+    page = await _read_page(state, cursors, limit, epochs)
     ahead: asyncio.Task[OpsPage] | None = None
     first = True
     try:
         while True:
             if page.has_more:  # catching up: read the next page while this one is sent
-                ahead = asyncio.ensure_future(_read_page(state, dict(page.cursors), limit))
+                ahead = asyncio.ensure_future(
+                    _read_page(state, dict(page.cursors), limit, dict(page.epochs))
+                )
             if first or page.ops or page.resync or dict(page.cursors) != cursors:
                 await websocket.send_text(dumps(changes_message(page, dropped)).decode())
                 dropped = []
@@ -922,7 +941,7 @@ async def _ws_pump(
                     return
                 page, ahead = await ahead, None
                 continue
-            woken = await _page_after_change(state, who, buckets, cursors, page.head_op_id, reader)
+            woken = await _page_after_change(state, who, buckets, page, reader)
             if woken is None:
                 reader.result()
                 return
@@ -936,18 +955,22 @@ async def _page_after_change(
     state: ApiState,
     who: DeviceIdentity,
     buckets: Sequence[str],
-    cursors: Mapping[str, int],
-    head: int,
+    last: OpsPage,
     reader: asyncio.Task[None],
 ) -> OpsPage | None:
-    """Wait for a change of ``buckets`` and read it; ``None`` if the reader ended first."""
+    """Wait for a change of ``buckets`` after page ``last`` and read it; ``None`` if the
+    reader task ended first."""
     while True:
         left = _check_token(state, who)
-        woke = await _await_or_reader(_woken(state, buckets, head, min(left, WS_RECHECK_S)), reader)
+        woke = await _await_or_reader(
+            _woken(state, buckets, last.head_op_id, min(left, WS_RECHECK_S)), reader
+        )
         if woke is None:
             return None
         if woke:
-            return await _read_page(state, cursors, state.config.max_page_ops)
+            return await _read_page(
+                state, dict(last.cursors), state.config.max_page_ops, dict(last.epochs)
+            )
 
 
 def _check_token(state: ApiState, who: DeviceIdentity) -> float:

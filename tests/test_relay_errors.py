@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from relay.api import (
     ApiConfig,
+    Cursor,
     LimitsMiddleware,
     RateLimiter,
     create_app,
@@ -57,7 +58,12 @@ def assert_error_shape(status: int, body: Any, code: str | None = None) -> None:
 class BrokenStore(PgBucketStore):
     """The real store, except that reading ops fails with a bug (for the 500 path)."""
 
-    async def read_ops_async(self, bucket_cursors: Mapping[str, int], limit: int) -> OpsPage:
+    async def read_ops_async(
+        self,
+        bucket_cursors: Mapping[str, int],
+        limit: int,
+        epochs: Mapping[str, int] | None = None,
+    ) -> OpsPage:
         raise RuntimeError("secret internals: boom")
 
 
@@ -218,11 +224,20 @@ def test_error_body_and_codes() -> None:
 bucket_ids = st.text(min_size=1, max_size=40)
 
 
-@given(st.dictionaries(bucket_ids, st.integers(0, 2**63 - 1), max_size=30))
-def test_cursor_round_trip(cursors: dict[str, int]) -> None:
-    text = encode_cursor(cursors)
+@given(
+    st.dictionaries(
+        bucket_ids, st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 1000)), max_size=30
+    )
+)
+def test_cursor_round_trip(entries: dict[str, tuple[int, int]]) -> None:
+    ops = {b: n for b, (n, _) in entries.items()}
+    epochs = {b: e for b, (_, e) in entries.items()}
+    text = encode_cursor(ops, epochs)
     assert text.startswith("c1.") and text.isascii()
-    assert decode_cursor(text) == {b: n for b, n in cursors.items() if n > 0}
+    cursor = decode_cursor(text)
+    assert cursor.ops == {b: n for b, n in ops.items() if n > 0}
+    assert cursor.epochs == {b: epochs[b] for b in cursor.ops}
+    assert decode_cursor(encode_cursor(ops)).epochs == dict.fromkeys(cursor.ops, 0)
 
 
 @given(st.text(max_size=200))
@@ -232,20 +247,22 @@ def test_cursor_decode_never_fails_otherwise(text: str) -> None:
     except InvalidCursor as exc:
         assert exc.status == 400 and exc.code == "invalid_cursor"
     else:
-        assert isinstance(result, dict)
+        assert isinstance(result, Cursor)
 
 
 def test_cursor_rejects_bombs_and_bad_entries() -> None:
     def pack(raw: bytes) -> str:
         return "c1." + base64.urlsafe_b64encode(zlib.compress(raw)).decode().rstrip("=")
 
-    assert decode_cursor(None) == {} and decode_cursor("") == {}
+    assert decode_cursor(None) == Cursor() and decode_cursor("") == Cursor()
     for raw in (
         b"[" + b" " * (2 << 20) + b"]",
         b'{"a":1}',
-        b'[["a",-1]]',
-        b'[["a",true]]',
-        b"[[1,2]]",
+        b'[["a",-1,0]]',
+        b'[["a",1,-1]]',
+        b'[["a",true,0]]',
+        b'[["a",1]]',
+        b"[[1,2,0]]",
     ):
         with pytest.raises(InvalidCursor):
             decode_cursor(pack(raw))
