@@ -41,12 +41,14 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if external:
         yield ExternalPostgres(external)
         return
-    server = EmbeddedPostgres(base_dir=tmp_path_factory.mktemp("pg"))
+    # The data directory lives outside pytest's temp tree: pytest resets /tmp/pytest-of-<user> to
+    # mode 0700 at every start, which would lock the (non-root) server user out of a running cluster.
+    server = EmbeddedPostgres()
     server.start()  # raises ServiceError with the log tail: the run fails
     try:
         yield server
     finally:
-        server.stop()
+        server.cleanup()
 
 
 def _drop_database(admin_dsn: str, name: str) -> None:

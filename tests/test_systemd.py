@@ -209,13 +209,13 @@ def test_unit_has_the_required_directives() -> None:
     expected = {
         "Type": "notify",
         "NotifyAccess": "main",
-        "WatchdogSec": "30",
+        "WatchdogSec": "90",
         "Restart": "on-failure",
         "RestartSec": "5",
         "ExecStart": f"{UNIT_EXEC} cdc run --config /etc/fieldsync/cdc.toml",
         "User": "fieldsync",
         "EnvironmentFile": "-/etc/fieldsync/cdc.env",
-        "TimeoutStopSec": "30",
+        "TimeoutStopSec": "60",
         "KillSignal": "SIGTERM",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
@@ -307,7 +307,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     [
         ("Type=notify", "Type=notifyy", "notifyy"),
         ("ProtectSystem=strict", "ProtectSytem=strict", "ProtectSytem"),
-        ("WatchdogSec=30", "WatchdogSec=thirty", "thirty"),
+        ("WatchdogSec=90", "WatchdogSec=thirty", "thirty"),
     ],
 )
 def test_systemd_analyze_check_catches_broken_units(
