@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -146,6 +147,32 @@ def cdc_status(
             err=True,
         )
         raise typer.Exit(EXIT_RUNTIME)
+
+
+@app.command("up")
+def up(
+    seconds: Annotated[float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")] = 0.0,
+) -> None:
+    """Start an embedded PostgreSQL (wal_level=logical) and broker for development; print how to reach them."""
+    import signal
+
+    from cdc.local_services import EmbeddedBroker, EmbeddedPostgres
+
+    _setup_logging("WARNING")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with EmbeddedPostgres() as pg, EmbeddedBroker() as broker:
+            typer.echo(f"postgres  {pg.dsn}")
+            typer.echo(f"kafka     {broker.bootstrap}")
+            typer.echo("env       " + f"FIELDSYNC_POSTGRES_DSN={pg.dsn} FIELDSYNC_KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}")
+            typer.echo("running; Ctrl-C to stop (data is thrown away)")
+            try:
+                stop.wait(seconds or None)
+            except KeyboardInterrupt:
+                pass
+    except CdcError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
 
 
 @app.command("demo")
