@@ -194,18 +194,21 @@ def demo(
 
 def _mount_optional() -> None:
     """Mount sub-commands of other packages when they exist."""
-    for module, attr, name in (
-        ("relay.cli", "app", "relay"),
-        ("relay.cli", "token_app", "token"),
-        ("cdc.replay_cli", "app", "replay"),
+    mounted: dict[str, typer.Typer] = {"": app}
+    for module, attr, parent, name in (
+        ("relay.cli", "app", "", "relay"),
+        ("relay.cli", "token_app", "", "token"),
+        ("relay.applier_cli", "app", "relay", "applier"),
+        ("cdc.replay_cli", "app", "", "replay"),
     ):
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError:
             continue
         sub = getattr(mod, attr, None)
-        if sub is not None:
-            app.add_typer(sub, name=name)
+        if sub is not None and parent in mounted:
+            mounted[parent].add_typer(sub, name=name)
+            mounted[name] = sub
 
 
 _mount_optional()
