@@ -79,7 +79,8 @@ class UploadResult:
 
 
 def reset_cursor(cursor: str | None, buckets: Sequence[str]) -> str | None:
-    """``cursor`` with ``buckets`` set back to 0; None if the cursor's format is unknown."""
+    """``cursor`` with ``buckets`` set back to 0 (their entries left out, others kept as
+    they are); None if the cursor's format is unknown."""
     if not cursor:
         return cursor
     if not cursor.startswith(CURSOR_PREFIX):
@@ -89,10 +90,14 @@ def reset_cursor(cursor: str | None, buckets: Sequence[str]) -> str | None:
         items = json.loads(zlib.decompress(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))))
     except (ValueError, zlib.error):
         return None
-    if not isinstance(items, list):
+    if not isinstance(items, list) or not all(
+        isinstance(i, list) and i and isinstance(i[0], str) for i in items
+    ):
         return None
     drop = set(buckets)
-    kept = sorted((b, n) for b, n in items if b not in drop and n > 0)
+    # entries are [bucket, op_id, ...] (the relay may add fields, e.g. the epoch): a
+    # bucket left out is at op 0
+    kept = [item for item in items if item[0] not in drop]
     raw = json.dumps(kept, separators=(",", ":"), ensure_ascii=False).encode()
     return CURSOR_PREFIX + base64.urlsafe_b64encode(zlib.compress(raw, 6)).rstrip(b"=").decode()
 

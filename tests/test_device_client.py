@@ -37,10 +37,15 @@ def test_reset_cursor_sets_buckets_back_to_zero_in_the_relays_format(
     cursors: dict[str, int], data: st.DataObject
 ) -> None:
     chosen = data.draw(st.lists(st.sampled_from(sorted(cursors) or ["x"]), max_size=3))
-    out = reset_cursor(encode_cursor(cursors), chosen)
+    epochs = {b: n % 3 for b, n in cursors.items()}
+    out = reset_cursor(encode_cursor(cursors, epochs), chosen)
     assert out is not None
+    got = decode_cursor(out)
     expected = {b: n for b, n in cursors.items() if b not in chosen and n > 0}
-    assert decode_cursor(out) == expected
+    assert dict(got.ops) == expected
+    assert {b: e for b, e in got.epochs.items() if e} == {
+        b: epochs[b] for b in expected if epochs[b]
+    }
 
 
 def test_reset_cursor_unknown_format_means_full_download() -> None:
