@@ -70,7 +70,6 @@ Threading: :meth:`Applier.run` in one thread; :meth:`Applier.request_stop` from 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import threading
@@ -83,8 +82,8 @@ from typing import Any, Final
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import Buffer, Loader
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_dumps
+from psycopg.types.string import TextLoader
 
 from cdc.avro_envelope import TableCodec
 from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
@@ -107,6 +106,7 @@ from relay.journal import (
     check_write,
     coerce_value,
     column_types_from_value_schema,
+    dump_json,
     encode_outcomes,
     same_value,
     to_pg_text,
@@ -177,7 +177,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         base_lsn bigint,
         base_seq bigint,
         detail jsonb,
-        received_at timestamptz,
+        received_us bigint,
         applied_at timestamptz not null default now(),
         primary key (device_id, seq)
     );
@@ -294,6 +294,10 @@ class TableMeta:
             spec.name: c.convert for spec, c in zip(codec.columns, codec.column_codecs, strict=True)
         }
         self.ident = sql.Identifier(self.schema, self.table)
+        self._plain_key = all(
+            self.types[k].kind not in (Kind.DECIMAL, Kind.NUMERIC, Kind.ARRAY, Kind.INTERVAL)
+            for k in self.key
+        )
         self._sql: dict[Any, bytes] = {}
 
     def read(self, texts: Sequence[str | None]) -> dict[str, Any]:
@@ -313,6 +317,8 @@ class TableMeta:
     def key_id(self, key: Sequence[Any]) -> tuple[Any, ...]:
         """A lookup id of key values (normal wire form) that equal values share
         (decimals by number: ``"1.0"`` and ``"1"`` are one key)."""
+        if self._plain_key:
+            return tuple(key)
         out: list[Any] = []
         for column, value in zip(self.key, key, strict=True):
             if isinstance(value, str) and self.types[column].kind in (Kind.DECIMAL, Kind.NUMERIC):
@@ -552,13 +558,6 @@ class _Clock:
     deleted: bool
 
 
-class _RawText(Loader):
-    """Loads any column as its text form, unparsed."""
-
-    def load(self, data: Buffer) -> str:
-        return bytes(data).decode("utf-8")
-
-
 class _Concurrent(Exception):
     """A row changed between reading it and writing it: the run is retried."""
 
@@ -622,6 +621,7 @@ class ApplierDb:
         try:
             for name, value in {**SESSION_SETTINGS, "client_encoding": "UTF8"}.items():
                 conn.execute("select set_config(%s, %s, false)", (name, value))
+            set_json_dumps(_orjson_text, conn)
             self.commit_timestamps = conn.execute(
                 "select current_setting('track_commit_timestamp')"
             ).fetchone() == ("on",)
@@ -677,7 +677,7 @@ class ApplierDb:
             for t in psycopg.postgres.types:
                 for oid in (t.oid, t.array_oid):
                     if oid:
-                        cur.adapters.register_loader(oid, _RawText)
+                        cur.adapters.register_loader(oid, TextLoader)  # str, unparsed (C)
             self._raw = cur
         return self._raw
 
@@ -1151,8 +1151,8 @@ class ApplierDb:
             ) from exc
 
 
-def _utc(micros: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.UTC)
+def _orjson_text(value: Any) -> str:
+    return dump_json(value).decode("utf-8")
 
 
 def _pg_message(exc: psycopg.Error) -> str:
@@ -1554,14 +1554,14 @@ class _RunState:
                     o.hlc,
                     entry.base.commit_lsn if entry is not None and entry.base is not None else None,
                     entry.base.seq if entry is not None and entry.base is not None else None,
-                    Jsonb(detail) if detail else None,
-                    _utc(record.received_at_us) if record.received_at_us else None,
+                    dump_json(detail).decode("utf-8") if detail else None,
+                    record.received_at_us or None,
                 )
             )
         if applied:
             with cur.copy(
                 f"copy {SCHEMA}.applied (device_id, seq, outcome, reason, message, tbl, row_key, "
-                "op, hlc, base_lsn, base_seq, detail, received_at) from stdin"
+                "op, hlc, base_lsn, base_seq, detail, received_us) from stdin"
             ) as copy:
                 for row in applied:
                     copy.write_row(row)

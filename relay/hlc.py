@@ -54,6 +54,7 @@ MAX_PHYSICAL_MS: Final = 0xFFFF_FFFF_FFFF
 """12 hex digits of milliseconds: up to the year 10889."""
 MAX_NODE_CHARS: Final = 128
 
+_SPACE = re.compile(r"\s")
 _ENCODED = re.compile(r"([0-9a-f]{12})\.([0-9a-f]{4})\.(.+)\Z", re.DOTALL)
 
 
@@ -66,7 +67,8 @@ def valid_node(node: object) -> bool:
     return (
         isinstance(node, str)
         and 0 < len(node) <= MAX_NODE_CHARS
-        and all(ch.isprintable() and not ch.isspace() for ch in node)
+        and node.isprintable()
+        and _SPACE.search(node) is None
     )
 
 

@@ -773,6 +773,7 @@ class _EntryProblem(Exception):
         self.rejection = Rejection(reason, message)
 
 
+_OPS: Final = {op.value: op for op in Op}
 _ENTRY_KEYS: Final = frozenset(
     {"seq", "table", "op", "key", "old", "new", "base", "hlc", "prev_seq"}
 )
@@ -786,18 +787,17 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
     if not _is_int(seq) or seq < 1:
         raise _EntryProblem(Reason.MALFORMED, "seq must be a positive integer")
     where = f"entry {seq}"
-    unknown = sorted(set(raw) - _ENTRY_KEYS)
-    if unknown:
-        raise _EntryProblem(Reason.MALFORMED, f"{where}: unknown field(s) {', '.join(unknown)}")
+    if not _ENTRY_KEYS.issuperset(raw):
+        unknown = ", ".join(sorted(set(raw) - _ENTRY_KEYS))
+        raise _EntryProblem(Reason.MALFORMED, f"{where}: unknown field(s) {unknown}")
     table = raw.get("table")
     if not isinstance(table, str) or not table:
         raise _EntryProblem(Reason.MALFORMED, f'{where}: table must be "schema.table"')
-    try:
-        op = Op(str(raw.get("op")))
-    except ValueError:
+    op = _OPS.get(raw.get("op"))  # type: ignore[arg-type]
+    if op is None:
         raise _EntryProblem(
             Reason.MALFORMED, f"{where}: op must be insert, update or delete, not {raw.get('op')!r}"
-        ) from None
+        )
     key = raw.get("key")
     if not isinstance(key, list) or not key:
         raise _EntryProblem(Reason.MALFORMED, f"{where}: key must be a non-empty array")
@@ -863,6 +863,8 @@ class WriteScope:
         self._placed: dict[tuple[str, tuple[tuple[bool, str | None], ...]], frozenset[str]] = {}
         self._seen: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
         self._rule_of: dict[str, str] = {}
+        # the last row placed (the same row object is often asked again at once)
+        self._last: tuple[Mapping[str, Any], str, frozenset[str] | None] | None = None
         visible: dict[str, set[str]] = {}
         for bucket in self.granted:
             try:
@@ -915,6 +917,14 @@ class WriteScope:
 
         Memoized by the placing columns' values as the rules compare them (NULL or not,
         canonical text), so rows differing elsewhere share one computation."""
+        last = self._last
+        if last is not None and last[0] is row and last[1] == table:
+            return last[2]
+        found = self._row_buckets(table, row)
+        self._last = (row, table, found)
+        return found
+
+    def _row_buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str] | None:
         columns = self._placement_columns(table)
         types = self.types.get(table, {})
         probe: dict[str, Any] = {}
@@ -1025,8 +1035,11 @@ def validate_entry(
         key = [
             _coerce(types, c, v, where + " key") for c, v in zip(info.key, entry.key, strict=True)
         ]
-        old = _coerce_row(types, info, entry.old, where + " old")
         new = _coerce_row(types, info, entry.new, where + " new")
+        # the applier needs the old values of the written columns only (and all of them
+        # for a delete: a server change to any of them is a delete-vs-update conflict)
+        needed = None if check_rows or new is None else set(new) | set(info.key)
+        old = _coerce_row(types, info, entry.old, where + " old", needed)
     except _EntryProblem as exc:
         return entry, exc.rejection
     for name, values in (("old", old), ("new", new)):
@@ -1096,15 +1109,19 @@ def _coerce_row(
     info: TableInfo,
     row: Mapping[str, Any] | None,
     where: str,
+    only: set[str] | None = None,
 ) -> dict[str, Any] | None:
+    """The row with its values normalized (``only``: just those columns, the others as
+    they are); unknown columns are refused."""
     if row is None:
         return None
-    unknown = sorted(c for c in row if c not in info.columns)
-    if unknown:
-        raise _EntryProblem(
-            Reason.UNKNOWN_COLUMN, f"{where}: no column(s) {', '.join(repr(c) for c in unknown)}"
-        )
-    return {c: _coerce(types, c, v, where) for c, v in row.items()}
+    columns = info.columns
+    if not all(c in columns for c in row):
+        unknown = ", ".join(repr(c) for c in sorted(c for c in row if c not in columns))
+        raise _EntryProblem(Reason.UNKNOWN_COLUMN, f"{where}: no column(s) {unknown}")
+    if only is None:
+        return {c: _coerce(types, c, v, where) for c, v in row.items()}
+    return {c: _coerce(types, c, v, where) if c in only else v for c, v in row.items()}
 
 
 # --------------------------------------------------------------------------- ordering

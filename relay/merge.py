@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -132,6 +133,9 @@ class ColumnPolicy:
         return self.policy in TIMED or (self.policy is Policy.PRECEDENCE and self.fallback in TIMED)
 
 
+_PLAIN: Final = {p: ColumnPolicy(p) for p in Policy}
+
+
 @dataclass(frozen=True)
 class TablePolicy:
     """A table's policy (row-level decisions, and columns without their own), column
@@ -144,9 +148,9 @@ class TablePolicy:
 
     def column(self, name: str) -> ColumnPolicy:
         found = self.columns.get(name)
-        return found if found is not None else ColumnPolicy(self.policy)
+        return found if found is not None else _PLAIN[self.policy]
 
-    @property
+    @functools.cached_property
     def timed(self) -> bool:
         """Whether any decision of this table needs the server version's time."""
         return self.policy in TIMED or any(c.timed for c in self.columns.values())
@@ -164,10 +168,15 @@ class ConflictPolicies:
         self.default = default
         self.source = source
         self.tables: Mapping[str, TablePolicy] = MappingProxyType({t.table: t for t in tables})
+        self._defaults: dict[str, TablePolicy] = {}  # unlisted tables (a cache)
 
     def table(self, name: str) -> TablePolicy:
         found = self.tables.get(name)
-        return found if found is not None else TablePolicy(name, self.default)
+        if found is None:
+            found = self._defaults.get(name)
+            if found is None:
+                found = self._defaults[name] = TablePolicy(name, self.default)
+        return found
 
     def check_schema(self, types: Mapping[str, Mapping[str, ColumnType]]) -> None:
         """Check tables, columns and counter/time-column types against the schema;
