@@ -638,3 +638,93 @@ def test_ws_initial_sync_in_pages(pg_dsn: str) -> None:
             assert [o["key"] for o in ws_next(ws)["ops"]] == [[9]]
     finally:
         e.store.close()
+
+
+def test_relay_run_full_path_cdc_kafka_engine_api(
+    pg_dsn: str, pg_server: Any, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """`fieldsync relay run` with its engine: a row committed in PostgreSQL reaches a device
+    through cdc, Kafka, the bucket engine, the store and a long-poll."""
+    from tests.cdc_support import make_settings, running_daemon
+
+    store_db = "store_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{store_db}"')
+    store_dsn = pg_server.dsn_for(store_db)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        'token_claims = ["technician"]\n[[bucket]]\nname = "tech"\nparameters = ["t"]\n'
+        'claims = { t = "technician" }\n[[bucket.table]]\ntable = "public.work_orders"\n'
+        'match = { technician = "t" }\nexclude = ["cost"]\n'
+    )
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"s" * 40}"\n')
+    keys.chmod(0o600)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{rules}"\n'
+        f'topic_prefix = "{topic_prefix}"\nkafka_bootstrap_servers = "{kafka_bootstrap}"\n'
+        f'batch_max_ms = 10\n[http]\nport = 0\n[auth]\nkeys_file = "{keys}"\n'
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "create table work_orders (id int primary key, technician text, notes text, cost int)"
+        )
+        conn.execute("insert into work_orders values (1, 't1', 'first', 5), (2, 't2', 'x', 6)")
+    token = issue_token(KeyStore.from_file(keys), None, "tab-1", {"technician": "t1"}, 600)
+    headers = {"Authorization": f"Bearer {token}"}
+    proc = None
+    try:
+        with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cdc.cli", "relay", "run", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            assert proc.stdout is not None
+            port = 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not port:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                m = re.search(r"device API listening on http://[^:]+:(\d+)", line)
+                port = int(m.group(1)) if m else 0
+            assert port, "relay did not start"
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            base = f"http://127.0.0.1:{port}"
+            cursor = None
+            rows: dict[int, dict[str, Any]] = {}
+            deadline = time.monotonic() + 60
+            while 1 not in rows and time.monotonic() < deadline:  # the snapshot row
+                params = {"wait": 5, **({"cursor": cursor} if cursor else {})}
+                msg = httpx.get(
+                    f"{base}/v1/changes", params=params, headers=headers, timeout=30
+                ).json()
+                rows.update({o["key"][0]: o["data"] for o in msg["ops"] if o["op"] == "PUT"})
+                cursor = msg["cursor"]
+            assert rows == {1: {"id": 1, "technician": "t1", "notes": "first"}}
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                conn.execute("update work_orders set notes = 'edited' where id = 1")
+                conn.execute("update work_orders set technician = 't1' where id = 2")
+            got: dict[int, Any] = {}
+            deadline = time.monotonic() + 60
+            while len(got) < 2 and time.monotonic() < deadline:
+                msg = httpx.get(
+                    f"{base}/v1/changes",
+                    params={"cursor": cursor, "wait": 10},
+                    headers=headers,
+                    timeout=30,
+                ).json()
+                got.update({o["key"][0]: o["data"] for o in msg["ops"]})
+                cursor = msg["cursor"]
+            assert got[1]["notes"] == "edited" and got[2]["technician"] == "t1"
+            assert msg["checkpoint"]["buckets"]['tech["t1"]']["count"] == 2
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{store_db}" with (force)')
+    assert proc.returncode == 0
