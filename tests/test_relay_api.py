@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -728,3 +729,22 @@ def test_relay_run_full_path_cdc_kafka_engine_api(
         with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{store_db}" with (force)')
     assert proc.returncode == 0
+
+
+def test_revocation_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
+    from relay.server import revocation_watcher
+
+    path = tmp_path / "revoked.toml"
+    path.write_text('[[revoked]]\ndevice = "tab-1"\n')
+    auth = Authenticator(KeyStore([Key.hmac("k1", SECRET)], current="k1"))
+    with revocation_watcher(auth, str(path), poll_s=0.05):
+        path.write_text('[[revoked]]\ndevice = "tab-2"\nreason = "stolen"\n')
+        os.utime(path, (time.time() + 5, time.time() + 5))  # a new mtime even on coarse clocks
+        deadline = time.monotonic() + 5
+        while auth.revoked.revocation_for("tab-2", time.time()) is None:
+            assert time.monotonic() < deadline, "revocation list not reloaded"
+            time.sleep(0.05)
+        path.write_text("not toml [")  # a broken file keeps the last good list
+        os.utime(path, (time.time() + 10, time.time() + 10))
+        time.sleep(0.3)
+        assert auth.revoked.revocation_for("tab-2", time.time()) is not None
