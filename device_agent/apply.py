@@ -393,12 +393,15 @@ class _Batch:
             f"""select data from {PREFIX}rows where tbl = ? and k = ? order by op_id""",
             (table.id, k),
         ).fetchall()
-        holds = conn.execute(
-            f"""select seq, op, old, new, status, expect from {PREFIX}journal
-                where tbl = ? and k = ? and (status in ('pending', 'sent') or expect is not null)
-                order by seq""",
-            (table.id, k),
-        ).fetchall()
+        holds: list[tuple[Any, ...]] = []
+        if (table.id, k) in self.held:  # the journal is only read for rows with edits
+            holds = conn.execute(
+                f"""select seq, op, old, new, status, expect from {PREFIX}journal
+                    where tbl = ? and k = ?
+                        and (status in ('pending', 'sent') or expect is not null)
+                    order by seq""",
+                (table.id, k),
+            ).fetchall()
         server: dict[str, Any] | None = None
         if versions:
             server = {}

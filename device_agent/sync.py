@@ -319,11 +319,16 @@ class Agent:
         total = int(get_meta(self.conn, "staging_ops") or 0) + len(msg.get("ops") or ())
 
         def messages() -> Iterator[Mapping[str, Any]]:
-            if n_staged:
-                for (blob,) in self.conn.execute(
-                    f"select message from {PREFIX}staging order by seq"
-                ).fetchall():
-                    yield orjson.loads(blob)
+            seq = 0
+            while n_staged:  # one staged message in memory at a time
+                row = self.conn.execute(
+                    f"select seq, message from {PREFIX}staging where seq > ? order by seq limit 1",
+                    (seq,),
+                ).fetchone()
+                if row is None:
+                    break
+                seq = int(row[0])
+                yield orjson.loads(row[1])
             yield msg
 
         def finish(conn: Any) -> None:
