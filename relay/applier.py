@@ -57,8 +57,12 @@ Choices (docs/journal.md is the reference):
   :meth:`ApplierDb.resolve` settles them: the resolution is a new edit (its transaction's
   origin is ``resolve:<conflict id>``) and a ``resolved`` outcome for the device;
   resolving again returns the first resolution and changes nothing.
-- **One applier per database and consumer name**: a session advisory lock on the
-  connection that writes; others stand by.
+- **One applier per database, consumer name and shard**: a session advisory lock on the
+  connection that writes; others stand by.  With ``shards`` = K, shard *i* consumes the
+  partitions *p* with *p* mod K = *i* (devices are independent, so K processes apply in
+  parallel); offsets are kept per partition, so K may change between restarts.  Shards
+  that overlap by mistake stay correct: an entry's ``applied`` record can be inserted
+  only once, and the loser of that race skips the entry as a duplicate.
 
 The applier's session uses cdc's text formats (:data:`cdc.pg_types.SESSION_SETTINGS`,
 TimeZone UTC included) so values read back parse exactly.
@@ -178,7 +182,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         base_seq bigint,
         detail jsonb,
         received_us bigint,
-        applied_at timestamptz not null default now(),
+        applied_at timestamptz not null default clock_timestamp(),
         primary key (device_id, seq)
     );
     create index applied_at_idx on {SCHEMA}.applied (applied_at);
@@ -583,6 +587,8 @@ class ApplierDb:
         *,
         password: str | None = None,
         consumer: str = "fieldsync-applier",
+        shard: int = 0,
+        shards: int = 1,
         max_skew_ms: int = 60_000,
         wall_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
@@ -591,6 +597,9 @@ class ApplierDb:
         self.rules_path = rules_path
         self.conflicts_path = conflicts_path
         self.consumer = consumer
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} is not one of 0..{shards - 1}")
+        self.shard, self.shards = shard, shards
         self.max_skew_ms = max_skew_ms
         self.wall_ms = wall_ms
         self.clock = HybridClock(SERVER_NODE, wall_ms=wall_ms)
@@ -636,7 +645,9 @@ class ApplierDb:
             )
             self._check_times(rules, policies)
             self._lock_id = int(
-                conn.execute("select hashtext(%s)", (self.consumer,)).fetchone()[0]  # type: ignore[index]
+                conn.execute(  # type: ignore[index]
+                    "select hashtext(%s)", (f"{self.consumer}/{self.shard}of{self.shards}",)
+                ).fetchone()[0]
             )
         except BaseException:
             conn.close()
@@ -863,8 +874,10 @@ class ApplierDb:
             if item.record.entry is not None and item.record.entry.prev_seq is not None:
                 seqs.add(item.record.entry.prev_seq)
         rows = cur.execute(
-            f"select seq, outcome, reason from {SCHEMA}.applied where device_id = %s and seq = any(%s)",
-            (device, sorted(seqs)),
+            # a join, not "seq = any(...)": that filters every applied row of the device
+            f"select a.seq, a.outcome, a.reason from unnest(%s::bigint[]) as u(seq) "
+            f"join {SCHEMA}.applied as a on a.device_id = %s and a.seq = u.seq",
+            (sorted(seqs), device),
         ).fetchall()
         known: dict[int, tuple[str, str | None]] = {int(s): (o, r) for s, o, r in rows}
         todo: list[_Item] = []
@@ -1343,8 +1356,9 @@ class _RunState:
         for t in texts:
             self.clocks.setdefault((meta.name, t), None)
         for row_key, hlc, xid, deleted in self.cur.execute(
-            f"select row_key, hlc, xid, deleted from {SCHEMA}.row_clock where tbl = %s and row_key = any(%s)",
-            (meta.name, texts),
+            f"select c.row_key, c.hlc, c.xid, c.deleted from unnest(%s::text[]) as u(k) "
+            f"join {SCHEMA}.row_clock as c on c.tbl = %s and c.row_key = u.k",
+            (texts, meta.name),
         ).fetchall():
             self.clocks[(meta.name, row_key)] = _Clock(Hlc.decode(hlc), int(xid), bool(deleted))
 
@@ -1707,7 +1721,12 @@ class Applier:
         from kafka import TopicPartition
 
         self._last_refresh = time.monotonic()
-        parts = self._consumer.partitions_for_topic(self.journal_topic) or set()
+        db = self.db
+        parts = {
+            p
+            for p in self._consumer.partitions_for_topic(self.journal_topic) or ()
+            if p % db.shards == db.shard
+        }
         new = sorted(set(parts) - self._partitions)
         if not new:
             return

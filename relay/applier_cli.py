@@ -41,6 +41,10 @@ def applier(
             help="relay TOML config ([relay] and [journal]); FIELDSYNC_<SECTION>_<KEY> env vars override it.",
         ),
     ] = None,
+    shard: Annotated[
+        int,
+        typer.Option("--shard", help="which shard this process applies (0..journal.shards-1)."),
+    ] = 0,
 ) -> None:
     """Consume {prefix}._journal into the captured database; publish {prefix}._outcomes."""
     try:
@@ -54,12 +58,19 @@ def applier(
         stream=sys.stderr,
     )
     j = settings.journal
+    if not 0 <= shard < j.shards:
+        typer.echo(
+            f"error: --shard {shard} is not one of 0..{j.shards - 1} (journal.shards)", err=True
+        )
+        raise typer.Exit(EXIT_CONFIG)
     db = ApplierDb(
         settings.applier_dsn(),
         settings.relay.rules,
         j.conflicts,
         password=settings.applier_password(),
         consumer=j.consumer,
+        shard=shard,
+        shards=j.shards,
         max_skew_ms=int(j.max_clock_skew_s * 1000),
     )
     runner = Applier(

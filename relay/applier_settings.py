@@ -62,6 +62,7 @@ class JournalSettings:
     password: str | None
     conflicts: str | None
     consumer: str
+    shards: int
     batch_max_entries: int
     batch_max_ms: int
     max_clock_skew_s: float
@@ -108,6 +109,15 @@ JOURNAL = Section(
             "database, and of all processes sharing a database and this name exactly one "
             "applies at a time (the others stand by).",
             check=_name,
+        ),
+        Setting(
+            "shards",
+            int,
+            1,
+            "Number of applier processes sharing the work: run one per shard (`fieldsync relay "
+            "applier --shard N`, N = 0..shards-1); shard N applies the devices of the journal "
+            "partitions p with p mod shards = N. At most the number of partitions.",
+            check=_positive,
         ),
         Setting(
             "batch_max_entries",

@@ -646,6 +646,49 @@ def test_a_row_changed_between_read_and_write_is_merged_again(
     assert env.sql("select qty from work_orders") == [(11,)]  # 10 + (6 - 5), not 6
 
 
+def test_shards_split_the_partitions_and_overlapping_shards_apply_nothing_twice(env: Env) -> None:
+    import threading
+
+    for i in range(1, 9):
+        insert_base(env, id=i, qty=0)
+    records = [
+        env.record(
+            f"s{n % 8}",
+            "update",
+            [1 + n % 8],
+            seen({**BASE_ROW, "id": 1 + n % 8, "qty": 0}),
+            {"qty": 1},
+        )
+        for n in range(160)
+    ]
+    env.produce(*records)
+    env.appliers[0].close()
+    # shard 0 and 1 of 2, plus a misconfigured "shard 0 of 1" reading every partition
+    appliers = [
+        env.applier(consumer="c", shard=0, shards=2),
+        env.applier(consumer="c", shard=1, shards=2),
+    ]
+    rogue = env.applier(consumer="c", shard=0, shards=1)
+    errors: list[BaseException] = []
+
+    def run(a: Applier) -> None:
+        try:
+            a.run_until_idle(timeout=60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in (*appliers, rogue)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors
+    assert {p for a in appliers for p in a._partitions} == set(range(4))
+    assert not set(appliers[0]._partitions) & set(appliers[1]._partitions)
+    assert env.sql("select sum(qty) from work_orders") == [(160,)]
+    assert env.sql("select count(*) from fieldsync_applier.applied") == [(160,)]
+
+
 def test_lww_without_a_time_source_is_refused_at_start(env: Env, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[table]]\ntable = "public.parts"\npolicy = "lww"\n')
