@@ -49,10 +49,11 @@ Choices (docs/journal.md is the reference):
   nor a ``time_column`` are refused at start.  A missing row's deletion time is the
   HLC of the applier's delete, else *now*.  ``row_clock`` is kept only for such tables.
 - **Outcomes** are recorded in ``applied`` (audit: device, seq, decision, time) and put
-  in ``fieldsync_applier.outbox`` in the same transaction; after the commit the leader
-  publishes the outbox to ``{prefix}._outcomes`` (idempotent producer, in id order) and
-  deletes what Kafka acknowledged.  A crash in between publishes those outcomes again:
-  consumers keep the latest outcome per ``(device_id, seq)``.
+  in ``fieldsync_applier.outbox`` in the same transaction (one row per run: the run's
+  outcomes, :func:`relay.journal.encode_outcomes`); after the commit the leader publishes
+  the outbox to ``{prefix}._outcomes`` (keyed by device; idempotent producer, in id
+  order) and deletes what Kafka acknowledged.  A crash in between publishes those
+  outcomes again: consumers keep the latest outcome per ``(device_id, seq)``.
 - **ask** conflicts are kept in ``fieldsync_applier.conflicts`` with both versions until
   :meth:`ApplierDb.resolve` settles them: the resolution is a new edit (its transaction's
   origin is ``resolve:<conflict id>``) and a ``resolved`` outcome for the device;

@@ -46,7 +46,8 @@ whose ``prev_seq`` names an entry that was rejected (or itself blocked) is rejec
 Entries of other rows, and entries of the same row without that dependency, are
 applied normally.
 
-Everything here is pure and immutable; values can be shared between threads.
+Everything here is pure; values are immutable and can be shared between threads.
+:class:`WriteScope` memoizes placements (plain dict writes, safe under the GIL).
 """
 
 from __future__ import annotations
