@@ -770,6 +770,87 @@ async def diagnose(
     )
 
 
+FANOUT_RULES = (
+    WO_RULES
+    + """
+[[bucket]]
+name = "bulletin"
+
+[[bucket.table]]
+table = "public.bulletins"
+"""
+)
+
+
+def case_fanout(env: Env, args: argparse.Namespace, results: Results) -> None:
+    """One commit to a global bucket that every connected device syncs (store path)."""
+    devices = args.devices
+    source = env.new_db("src")
+    store_dsn = env.new_db("store")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(WO_DDL)
+        conn.execute("create table bulletins (id int primary key, notes text)")
+    rules_path = write_rules(env, FANOUT_RULES)
+    rules = load_rules(rules_path, table_infos_from_catalog(source))
+    store = PgBucketStore(store_dsn)
+    store.migrate()
+    with relay(env, store_dsn=store_dsn, source_dsn=source, rules_path=rules_path) as r:
+        lat, last, commits = asyncio.run(fanout_run(env, r, store, rules, devices, args))
+    store.close()
+    label = f"store commit to a global bucket -> all {devices} devices"
+    results.add("fanout", f"{label}: commits", commits, "")
+    results.add("fanout", f"{label}: p50 of deliveries", percentile(lat, 50), "ms")
+    results.add("fanout", f"{label}: p99 of deliveries", percentile(lat, 99), "ms")
+    results.add("fanout", f"{label}: last device, median over commits", percentile(last, 50), "ms")
+
+
+async def fanout_run(
+    env: Env, r: Relay, store: PgBucketStore, rules: Rules, devices: int, args: argparse.Namespace
+) -> tuple[list[float], list[float], int]:
+    names = [f"d{i:05d}" for i in range(1, devices + 1)]
+    streams = await open_streams(r.ws, [env.token(f"dev-{n}", technician=n) for n in names])
+    arrivals: dict[str, list[float]] = {}
+
+    async def listen(ws: Any) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in ws:
+                now = time.time()
+                for op in orjson.loads(raw)["ops"]:
+                    notes = (op.get("data") or {}).get("notes", "")
+                    if notes.startswith("b"):
+                        arrivals.setdefault(notes, []).append(now)
+
+    tasks = [asyncio.create_task(listen(ws)) for ws in streams]
+    committed: dict[str, float] = {}
+    commits = max(3, int(args.seconds / 2))
+    for i in range(commits + 1):
+        mark = f"b{i}"
+        await asyncio.to_thread(
+            store.apply,
+            rules,
+            [
+                RowChange(
+                    "public.bulletins", ChangeKind.UPSERT, (5, i), (1,), {"id": 1, "notes": mark}
+                )
+            ],
+        )
+        if i > 0:  # the first one warms up
+            committed[mark] = time.time()
+        deadline = time.monotonic() + 30
+        while len(arrivals.get(mark, [])) < devices and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*(ws.close() for ws in streams), return_exceptions=True)
+    lat = [(a - c) * 1000 for m, c in committed.items() for a in arrivals.get(m, [])]
+    last = [(max(arrivals[m]) - c) * 1000 for m, c in committed.items() if m in arrivals]
+    missing = sum(devices - len(arrivals.get(m, [])) for m in committed)
+    if missing:
+        log(f"fanout: {missing} deliveries missing")
+    return lat, last, len(committed)
+
+
 # --------------------------------------------------------------------------- case 3: idle
 
 
@@ -873,7 +954,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("cases", nargs="*", choices=["pull", "latency", "idle", []], default=[])
+    p.add_argument(
+        "cases", nargs="*", choices=["pull", "latency", "fanout", "idle", []], default=[]
+    )
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--page-ops", type=int, default=0, help="http.max_page_ops (0: default)")
     p.add_argument("--devices", type=int, default=1000)
@@ -894,9 +977,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with services(need_broker="latency" in cases and args.path == "full") as env:
         for case in cases:
             log(f"--- {case}")
-            {"pull": case_pull, "latency": case_latency, "idle": case_idle}[case](
-                env, args, results
-            )
+            {
+                "pull": case_pull,
+                "latency": case_latency,
+                "fanout": case_fanout,
+                "idle": case_idle,
+            }[case](env, args, results)
     print()
     print(results.table())
     for note in results.notes:
