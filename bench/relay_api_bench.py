@@ -24,7 +24,10 @@ noted).  Clients run in this process.
    UPDATE in the captured database -> cdc -> Kafka -> bucket engine -> store ->
    API.  ``--path store``: the writer applies the change to the bucket store
    directly (store commit -> device).  Target p99 <= 250 ms.
-3. **idle**: ``--connections`` (5,000) WebSocket streams opened and left idle;
+3. **fanout** (not an issue target): ``--devices`` streams all sync one global
+   bucket; each commit to it must reach every device (store path): p50/p99 of
+   the deliveries and when the last device got it.
+4. **idle**: ``--connections`` (5,000) WebSocket streams opened and left idle;
    relay RSS before and after gives memory per connection; afterwards one
    change is pushed to a sample of them to show they are alive, and the
    relay's CPU while idle is reported.  ``RLIMIT_NOFILE`` is raised first.
