@@ -142,6 +142,9 @@ class _Batch:
             )
         }
         self.dirty: set[tuple[int, Any]] = set()
+        # entries that just settled (rejected, conflict, ...) whose rows are rewritten: their
+        # ``old`` values tell the server's version of a row the agent kept no copy of
+        self.settled: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}
         self.kinds_changed: set[int] = set()
         self.result = ApplyResult()
         self.unknown_kinds = {
@@ -411,7 +414,10 @@ class _Batch:
                     server.update(orjson.loads(data))
                     known = True
             if not known:
-                server = self.reconstruct(table, k, holds)
+                earlier = self.settled.get((table.id, k), [])
+                server = self.reconstruct(
+                    table, k, sorted([*holds, *earlier], key=lambda e: int(e[0]))
+                )
         if holds and _includes(table, server, holds):
             self.settle(table, k, holds)
             holds = []
@@ -665,13 +671,23 @@ def apply_messages(
     return batch.result
 
 
-def refresh_rows(conn: sqlite3.Connection, refs: Iterable[tuple[int, Any]]) -> int:
-    """Rewrite rows whose journal entries settled (outcomes, rejections): the server's
-    version, with the edits still held on top.  Returns how many entries were released."""
+def refresh_rows(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
+    """Rewrite the rows of journal entries that settled (``seqs``: outcomes, rejections):
+    the server's version, with the edits still held on top.  Returns how many entries
+    were released."""
     with transaction(conn):
         batch = _Batch(conn, load_tables(conn))
+        wanted = sorted(set(seqs))
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
+            for tid, k, *entry in conn.execute(
+                f"""select tbl, k, seq, op, old, new, status, expect from {PREFIX}journal
+                    where seq in ({",".join("?" * len(chunk))})""",
+                chunk,
+            ):
+                batch.settled.setdefault((tid, k), []).append(tuple(entry))
+                batch.dirty.add((tid, k))
         with triggers.applying(conn):
-            batch.dirty.update(refs)
             batch.flush_dirty()
     return batch.result.released
 

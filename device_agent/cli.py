@@ -636,8 +636,8 @@ def conflicts_resolve(
                         resolved_at = julianday('now') where id = ?""",
                 (resolution, cid),
             )
-        if theirs:
-            refresh_rows(conn, {(t.id, local_db.key_k(c["key"]))})
+        if theirs and c["seq"] is not None:
+            refresh_rows(conn, [int(c["seq"])])
         new_entries = len(wire_entries(conn, get_meta(conn, "device_id") or "x"))
         conn.close()
         _emit(

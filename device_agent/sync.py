@@ -142,7 +142,7 @@ def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any
 def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
     """Record outcomes (relay/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
     whose edits settled are rewritten.  Returns how many entries changed."""
-    refs: set[tuple[int, Any]] = set()
+    settled: list[int] = []
     changed = 0
     with transaction(conn):
         for o in outcomes:
@@ -176,10 +176,10 @@ def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
                     f"""insert into {PREFIX}conflicts (seq, tbl, k, detail) values (?, ?, ?, ?)""",
                     (seq, tid, k, orjson.dumps(o["conflict"]).decode()),
                 )
-            refs.add((tid, k))
+            settled.append(seq)
             changed += 1
-    if refs:
-        refresh_rows(conn, refs)
+    if settled:
+        refresh_rows(conn, settled)
     return changed
 
 
@@ -268,14 +268,7 @@ class Agent:
             report.uploaded += len(result.accepted)
             report.rejected += len(result.rejected)
             if result.rejected:
-                refs = {
-                    (r[0], r[1])
-                    for r in self.conn.execute(
-                        f"select tbl, k from {PREFIX}journal where seq in ({','.join('?' * len(result.rejected))})",
-                        list(result.rejected),
-                    )
-                }
-                refresh_rows(self.conn, refs)
+                refresh_rows(self.conn, result.rejected)
             if not result.accepted and not result.rejected:
                 return
 

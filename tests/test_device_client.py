@@ -4,6 +4,7 @@ journal entries as relay/journal.py parses them."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agent import local_db
@@ -23,12 +24,14 @@ from device_agent.client import (
     reset_cursor,
 )
 from device_agent.errors import AuthFailed, RelayUnreachable, TokenExpired, TokenRevoked
+from device_agent.local_db import PREFIX
 from device_agent.sync import wire_entries
 from relay.api import decode_cursor, encode_cursor
 from relay.journal import JournalEntry, parse_upload
 from tests.test_device_apply import SCHEMA, T1, WO, FakeServer, order, sync
 
 
+@settings(deadline=None)
 @given(
     st.dictionaries(st.text(min_size=1, max_size=12), st.integers(0, 10**12), max_size=6),
     st.data(),
@@ -164,3 +167,185 @@ def test_journal_entries_are_what_the_relay_accepts(tmp_path: Path) -> None:
     assert isinstance(third, JournalEntry) and third.prev_seq == parsed[1].seq
     insert = parsed[1]
     assert isinstance(insert, JournalEntry) and "notes" not in (insert.new or {})
+
+
+# --------------------------------------------------------------------------- the agent, mocked relay
+
+
+class MockRelay:
+    """A relay answering from a FakeServer, with journal and outcomes endpoints."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.uploads: list[list[dict[str, Any]]] = []
+        self.reject: set[int] = set()
+        self.outcomes: list[dict[str, Any]] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/schema":
+            return httpx.Response(200, json=SCHEMA)
+        if path == "/v1/changes":
+            cursor = request.url.params.get("cursor")
+            since = int(cursor[1:]) if cursor else 0
+            msgs = self.server.messages(since)
+            return httpx.Response(
+                200, content=orjson.dumps(msgs[-1] if len(msgs) == 1 else msgs[0])
+            )
+        if path == "/v1/journal":
+            import gzip
+
+            body = request.content
+            if request.headers.get("content-encoding") == "gzip":
+                body = gzip.decompress(body)
+            entries = orjson.loads(body)["entries"]
+            parse_upload({"entries": entries}, "tab-7")  # the relay's own validation
+            self.uploads.append(entries)
+            return httpx.Response(
+                200,
+                json={
+                    "results": [
+                        {
+                            "seq": e["seq"],
+                            "status": "rejected",
+                            "reason": "wrong_type",
+                            "message": "no",
+                        }
+                        if e["seq"] in self.reject
+                        else {"seq": e["seq"], "status": "accepted"}
+                        for e in entries
+                    ]
+                },
+            )
+        if path == "/v1/outcomes":
+            return httpx.Response(200, json={"outcomes": self.outcomes, "cursor": "o1"})
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
+
+
+def mocked_agent(tmp_path: Path, relay: MockRelay) -> Any:
+    from device_agent.sync import Agent, init_database
+
+    token = (
+        "x."
+        + __import__("base64").urlsafe_b64encode(b'{"sub":"tab-7"}').decode().rstrip("=")
+        + ".y"
+    )
+
+    def factory(url: str, tok: str) -> RelayClient:
+        return RelayClient(
+            url,
+            tok,
+            transport=httpx.MockTransport(relay.handler),
+            retry=RetryPolicy(attempts=2, initial_s=0.0),
+        )
+
+    db = str(tmp_path / "m.db")
+    init_database(db, "http://relay.test", token, client=factory("http://relay.test", token))
+    return Agent(db, client_factory=factory)
+
+
+def test_agent_uploads_rejections_release_and_outcomes_settle(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    server.put(T1, WO, [2], order(2))
+    relay = MockRelay(server)
+    agent = mocked_agent(tmp_path, relay)
+    agent.sync_once()
+    app = sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'done' where id = 1")
+    app.execute("update work_orders set status = 'bad' where id = 2")
+    relay.reject = {2}
+    report = agent.sync_once()
+    assert (report.uploaded, report.rejected) == (1, 1)
+    statuses = agent.conn.execute(f"select seq, status, reason from {PREFIX}journal order by seq")
+    assert [r[1:] for r in statuses] == [("sent", None), ("failed", "wrong_type")]
+    # the rejected edit is undone at once (the server's version comes back); the sent one holds
+    assert app.execute("select id, status from work_orders order by id").fetchall() == [
+        (1, "done"),
+        (2, "open"),
+    ]
+    # an outcome: merged, with the row the server ended up with; held until it arrives
+    relay.outcomes = [
+        {"device_id": "tab-7", "seq": 1, "outcome": "merged", "row": order(1, status="closed")}
+    ]
+    agent.sync_once()
+    assert app.execute("select status from work_orders where id = 1").fetchone() == ("done",)
+    assert agent.conn.execute(f"select status from {PREFIX}journal where seq = 1").fetchone() == (
+        "synced",
+    )
+    relay.outcomes = []
+    server.put(T1, WO, [1], order(1, status="closed"))
+    agent.sync_once()
+    assert app.execute("select status from work_orders where id = 1").fetchone() == ("closed",)
+    agent.close()
+
+
+def test_conflicts_listed_and_resolved_with_a_new_edit(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from device_agent import cli
+
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    relay = MockRelay(server)
+    agent = mocked_agent(tmp_path, relay)
+    agent.sync_once()
+    app = sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'done' where id = 1")
+    agent.sync_once()
+    relay.outcomes = [
+        {
+            "device_id": "tab-7",
+            "seq": 1,
+            "outcome": "conflict",
+            "conflict": {
+                "id": 7,
+                "columns": {"status": {"base": "open", "server": "cancelled", "device": "done"}},
+            },
+        }
+    ]
+    agent.sync_once()
+    agent.close()
+    db = str(tmp_path / "m.db")
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(cli.app, ["conflicts", "list", "--db", db, "--json"]).stdout)
+    assert [(c["id"], c["table"], c["key"], c["status"]) for c in listed] == [(1, WO, [1], "open")]
+    shown = runner.invoke(cli.app, ["conflicts", "show", "1", "--db", db, "--json"])
+    assert json.loads(shown.stdout)["detail"]["columns"]["status"]["server"] == "cancelled"
+    r = runner.invoke(cli.app, ["conflicts", "resolve", "1", "--mine", "--db", db, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["pending_entries"] == 1
+    conn = sqlite3.connect(db)
+    assert conn.execute(f"select status, resolution from {PREFIX}conflicts").fetchone() == (
+        "resolved",
+        "mine",
+    )
+    assert conn.execute(f"select op, status from {PREFIX}journal order by seq").fetchall() == [
+        ("update", "conflict"),
+        ("update", "pending"),
+    ]
+    r = runner.invoke(cli.app, ["conflicts", "resolve", "1", "--db", db])
+    assert r.exit_code == 2
+
+
+def test_reset_discards_edits_only_when_asked(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from device_agent import cli
+
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    agent = mocked_agent(tmp_path, MockRelay(server))
+    agent.sync_once()
+    sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None).execute(
+        "delete from work_orders where id = 1"
+    )
+    db = str(tmp_path / "m.db")
+    assert CliRunner().invoke(cli.app, ["reset", "--db", db]).exit_code == 2
+    assert CliRunner().invoke(cli.app, ["reset", "--discard-edits", "--db", db]).exit_code == 0
+    assert agent.conn.execute(f"select status, reason from {PREFIX}journal").fetchall() == [
+        ("failed", "discarded")
+    ]
+    agent.sync_once()  # everything downloaded again
+    assert agent.conn.execute("select id from work_orders").fetchall() == [(1,)]
+    agent.close()
