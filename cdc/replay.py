@@ -1,0 +1,2320 @@
+"""Audit replay: read the change log cdc wrote to Kafka and answer "who changed what, when".
+
+What it reads
+-------------
+- ``{prefix}._schemas`` (every schema, keyed by fingerprint) into a :class:`LogCatalog`:
+  the :class:`~cdc.avro_envelope.SchemaRegistry` that decodes events, and per value
+  schema a :class:`TableVersion` (Avro field names, PostgreSQL column names, key
+  columns, column types).  A table's schema versions are its value schemas in the order
+  they were published; every event is decoded with the schema it names, so topics that
+  hold several versions (ALTER TABLE) read correctly.
+- ``{prefix}.{schema}.{table}``: the change events (docs/events.md).
+- ``{prefix}._journal`` and ``{prefix}._outcomes``: device edits and what became of
+  them (relay.journal), for row histories.
+
+Order and duplicates
+--------------------
+Every event's position ``(commit_lsn, seq)`` is in its Kafka header ``fieldsync.pos``,
+so ordering and deduplication need no decoding.  :class:`LogReader` reads every
+partition of the topics it is given with one consumer (``read_committed``: aborted
+Kafka transactions of a crashed cdc are never seen) and merges the partitions by
+position (a k-way merge over per-partition buffers; partitions whose buffer is full are
+paused, so memory stays bounded).  cdc writes a partition in position order, and a
+re-delivered duplicate carries the position of its original, so a record whose position
+is not above the last one emitted is a duplicate: dropped and counted.  Records with a
+null value (tombstones; cdc writes none, compaction tools may) are skipped and counted.
+
+Bounds
+------
+A bound is a position (``LSN[:seq]``) or a time (ISO 8601).  An event's time is its
+commit time; snapshot reads (op ``r``) have none and count as older than any time.
+Start by position: the reader binary-searches each partition for the first offset at or
+after it (positions grow with offsets).  Start by time: ``offsets_for_times`` (Kafka
+record timestamps, which are never before the commit time unless clocks disagree, so
+the seek goes ``TIME_SLACK_S`` earlier) and events before the time are then skipped.
+Stop by position: the merge stops at the first event beyond it (it stays unread).  Stop
+by time: events committed after it are skipped, and the read ends at the first event
+committed more than ``TIME_SLACK_S`` after it (commit times follow positions except for
+clock steps).
+
+State
+-----
+:class:`LogState` applies events in position order: ``c``/``r`` put the row, ``u`` puts
+the new row (removing the old key when the key changed; columns PostgreSQL did not send,
+``unchanged``, are taken from the previous version, or marked unknown when the log does
+not hold it), ``d`` removes, ``t`` empties the table.  Tables without key columns are
+multisets of whole rows.  A restarted initial snapshot (a second generation of ``r``
+events at a later consistent point) removes rows the new snapshot did not read once that
+snapshot is over (a later event, or the end of the log).
+
+Verify
+------
+:func:`verify` opens a REPEATABLE READ snapshot of PostgreSQL, notes the WAL insert
+position ``L``, waits until the cdc slot has confirmed ``L`` (so Kafka holds every
+transaction committed before it), rebuilds the captured tables from the log up to ``L``,
+and compares them with the snapshot's rows, converted exactly as cdc converts them (same
+codec).  Rows that differ are checked again against a newer snapshot (a transaction
+that committed at the very moment of the first snapshot can be on one side only); what
+still differs is reported.
+
+Concurrency: nothing here is shared between threads; one reader owns one consumer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import heapq
+import io
+import json
+import logging
+import math
+import sqlite3
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any, Final, Literal
+
+import orjson
+
+from cdc.avro_envelope import POSITION_HEADER, SchemaRegistry, decode
+from cdc.errors import CdcError, DecodeError, format_lsn, parse_lsn
+
+__all__ = [
+    "MAX_SEQ",
+    "TIME_SLACK_S",
+    "Bound",
+    "ChangeEvent",
+    "DatabaseUnavailable",
+    "HistoryReport",
+    "KeySpec",
+    "LogBehind",
+    "LogCatalog",
+    "LogReader",
+    "LogSource",
+    "LogState",
+    "LogUnavailable",
+    "NoEvents",
+    "ReadStats",
+    "ReplayError",
+    "RowDiff",
+    "RowVersion",
+    "TableVersion",
+    "UnknownTable",
+    "VerifyReport",
+    "export_events",
+    "format_position",
+    "format_time",
+    "parse_bound",
+    "parse_position",
+    "parse_time",
+    "row_history",
+    "state_as_of",
+    "verify",
+    "write_state",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest ``seq``: ``LSN`` alone as an upper bound means "every event of that transaction".
+MAX_SEQ: Final = (1 << 64) - 1
+#: How far Kafka record times and commit times may disagree (clocks of two hosts).
+TIME_SLACK_S: Final = 60.0
+_POS = struct.Struct(">QQ")
+_BUFFER_HIGH: Final = 20_000  # records buffered per partition before it is paused
+_POLL_MS: Final = 200
+Pos = tuple[int, int]
+Format = Literal["jsonl", "csv", "sqlite"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ReplayError(CdcError):
+    """Base of replay errors (the CLI maps each to an exit code)."""
+
+
+class UnknownTable(ReplayError):
+    """A table that the log does not hold (names it and lists the tables it does hold)."""
+
+
+class NoEvents(ReplayError):
+    """An empty range: the bounds hold no event, or the key has no history."""
+
+
+class LogUnavailable(ReplayError):
+    """The broker cannot be reached or stopped answering in the middle of a read."""
+
+
+class DatabaseUnavailable(ReplayError):
+    """PostgreSQL cannot be reached (verify)."""
+
+
+class LogBehind(ReplayError):
+    """cdc has not written up to PostgreSQL's current position within the wait (verify)."""
+
+
+# --------------------------------------------------------------------------- positions, times
+
+
+def format_position(pos: Pos) -> str:
+    """``16/B374D848:3`` (commit LSN as PostgreSQL prints it, then ``seq``)."""
+    return f"{format_lsn(pos[0])}:{pos[1]}"
+
+
+def parse_position(text: str, *, end: bool = False) -> Pos:
+    """``LSN:seq`` or ``LSN``; a bare LSN means its first event (``end``: its last)."""
+    lsn_text, sep, seq_text = text.strip().partition(":")
+    try:
+        lsn = parse_lsn(lsn_text)
+        seq = int(seq_text) if sep else (MAX_SEQ if end else 0)
+    except ValueError as exc:
+        raise ValueError(
+            f"not a position: {text!r} (expected LSN or LSN:seq, e.g. 0/16B3F28 or 0/16B3F28:3)"
+        ) from exc
+    if not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"not a position: {text!r} (seq out of range)")
+    return lsn, seq
+
+
+def parse_time(text: str) -> int:
+    """ISO 8601 (``2024-05-01T10:00:00Z``, ``2024-05-01 12:00+02:00``; no zone: UTC) → µs."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise ValueError(
+            f"not a time: {text!r} (expected ISO 8601, e.g. 2024-05-01T10:00:00Z)"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def format_time(us: int | None) -> str | None:
+    """µs since 1970 → ``2024-05-01T10:00:00.123456Z`` (None for None/0: no commit time)."""
+    if not us:
+        return None
+    when = datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=us)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """One end of a range: a position or a time (µs), as the user wrote it (``text``)."""
+
+    position: Pos | None = None
+    time_us: int | None = None
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or (
+            format_position(self.position)
+            if self.position is not None
+            else str(format_time(self.time_us))
+        )
+
+
+def parse_bound(text: str, *, end: bool = False) -> Bound:
+    """A position if ``text`` holds an LSN (``/``), else a time."""
+    if "/" in text:
+        return Bound(position=parse_position(text, end=end), text=text)
+    return Bound(time_us=parse_time(text), text=text)
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+@dataclasses.dataclass(frozen=True)
+class TableVersion:
+    """One value schema of a table: Avro field names and PostgreSQL names, row order."""
+
+    fingerprint: bytes
+    table: str  # schema.table
+    fields: tuple[str, ...]
+    columns: tuple[str, ...]
+    key_fields: tuple[str, ...]
+    types: Mapping[str, Any]  # PostgreSQL column name -> relay.journal.ColumnType
+
+    def column_of(self) -> dict[str, str]:
+        return dict(zip(self.fields, self.columns, strict=True))
+
+
+class LogCatalog:
+    """Schemas and tables of a log (from ``{prefix}._schemas``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.registry = SchemaRegistry()
+        self.versions: dict[bytes, TableVersion] = {}
+        self.tables: dict[str, list[TableVersion]] = {}
+        self._key_names: dict[bytes, dict[str, str]] = {}
+
+    def add(self, schema_json: str) -> None:
+        from relay.journal import column_types_from_value_schema
+
+        fp = self.registry.add(schema_json)
+        if fp in self.versions:
+            return
+        parsed = json.loads(schema_json)
+        if not isinstance(parsed, dict) or "pg.table" not in parsed:
+            return
+        name = str(parsed.get("name", ""))
+        if name.endswith(".Key"):
+            self._key_names[fp] = {
+                f["name"]: str(f.get("pg.name", f["name"])) for f in parsed.get("fields", ())
+            }
+            return
+        found = column_types_from_value_schema(parsed)
+        row = _row_record(parsed)
+        if found is None or row is None:
+            return
+        fields = tuple(f["name"] for f in row["fields"])
+        version = TableVersion(
+            fingerprint=fp,
+            table=found[0],
+            fields=fields,
+            columns=tuple(str(f.get("pg.name", f["name"])) for f in row["fields"]),
+            key_fields=tuple(f["name"] for f in row["fields"] if f.get("pg.key")),
+            types=found[1],
+        )
+        self.versions[fp] = version
+        self.tables.setdefault(version.table, []).append(version)
+
+    def key_names(self, fp: bytes) -> dict[str, str]:
+        """Avro field name → PostgreSQL name of a key schema."""
+        return self._key_names.get(fp, {})
+
+    def topic(self, table: str) -> str:
+        schema, _, name = table.partition(".")
+        return f"{self.prefix}.{schema}.{name}"
+
+    def resolve(self, name: str) -> str:
+        """``schema.table`` of a table the log holds (``table`` alone: schema public)."""
+        table = name if "." in name else f"public.{name}"
+        if table not in self.tables:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise UnknownTable(
+                f"table {name!r} is not in the log with prefix {self.prefix!r} "
+                f"(tables in the log: {known})"
+            )
+        return table
+
+    def latest(self, table: str) -> TableVersion:
+        return self.tables[table][-1]
+
+
+def _row_record(schema: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for f in schema.get("fields", ()):
+        if f.get("name") == "before":
+            for branch in f.get("type", ()):
+                if isinstance(branch, dict) and branch.get("type") == "record":
+                    return branch
+    return None
+
+
+# --------------------------------------------------------------------------- Kafka access
+
+
+class LogSource:
+    """Where the log is: Kafka client settings (kafka-python keywords) and topic prefix."""
+
+    def __init__(self, kafka: Mapping[str, Any], prefix: str, *, timeout_s: float = 30.0) -> None:
+        self.kafka = dict(kafka)
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self._catalog: LogCatalog | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LogSource:
+        """From :class:`cdc.settings.CdcSettings` (``[kafka]``: bootstrap, prefix, security)."""
+        from cdc.pipeline import kafka_options
+
+        opts = kafka_options(settings)
+        return cls(opts.client_kwargs(), opts.topic_prefix, timeout_s=opts.timeout_s)
+
+    @property
+    def where(self) -> str:
+        servers = self.kafka.get("bootstrap_servers", "?")
+        return ",".join(servers) if isinstance(servers, list | tuple) else str(servers)
+
+    def consumer(self, **overrides: Any) -> Any:
+        """A consumer without group (manual assignment), read_committed."""
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        from cdc.kafka_sink import _build
+
+        config: dict[str, Any] = {
+            **self.kafka,
+            "group_id": None,
+            "enable_auto_commit": False,
+            "isolation_level": "read_committed",
+            "max_poll_records": 10_000,
+            "fetch_max_bytes": 64 << 20,
+            "max_partition_fetch_bytes": 16 << 20,
+            "fetch_max_wait_ms": 100,
+            "allow_auto_create_topics": False,
+            **overrides,
+        }
+        try:
+            return _build(KafkaConsumer, **config)
+        except KafkaError as exc:
+            raise LogUnavailable(f"cannot reach the Kafka broker at {self.where}: {exc}") from exc
+
+    def catalog(self, *, refresh: bool = False) -> LogCatalog:
+        """The log's schemas (``{prefix}._schemas`` read from the beginning)."""
+        if self._catalog is None or refresh:
+            catalog = self._catalog or LogCatalog(self.prefix)
+            for record in self.read_all(f"{self.prefix}._schemas"):
+                if record.value:
+                    catalog.add(record.value.decode("utf-8"))
+            self._catalog = catalog
+        return self._catalog
+
+    def topics(self) -> set[str]:
+        from kafka.errors import KafkaError
+
+        consumer = self.consumer()
+        try:
+            return set(consumer.topics())
+        except KafkaError as exc:
+            raise LogUnavailable(f"cannot list topics on {self.where}: {exc}") from exc
+        finally:
+            consumer.close()
+
+    def read_all(self, topic: str) -> Iterator[Any]:
+        """Every committed record of a small topic, partition by partition (no merge)."""
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+
+        consumer = self.consumer()
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                return
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            ends = _end_offsets(consumer, tps, self)
+            records: dict[Any, list[Any]] = {tp: [] for tp in tps}
+            stall = _Stall(self, f"reading {topic}")
+            while any(consumer.position(tp) < ends[tp] for tp in tps):
+                batch = consumer.poll(timeout_ms=_POLL_MS)
+                stall.check(bool(batch), consumer, tps)
+                for tp, recs in batch.items():
+                    records[tp].extend(recs)
+            for tp in tps:
+                yield from records[tp]
+        except KafkaError as exc:
+            raise LogUnavailable(f"reading {topic} from {self.where} failed: {exc}") from exc
+        finally:
+            consumer.close()
+
+
+def _end_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[Any, int]:
+    from kafka.errors import KafkaError
+
+    try:
+        found: dict[Any, int] = consumer.end_offsets(
+            list(tps), timeout_ms=int(source.timeout_s * 1000)
+        )
+        return found
+    except KafkaError as exc:
+        raise LogUnavailable(
+            f"the Kafka broker at {source.where} does not answer ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+class _Stall:
+    """Turns "poll returns nothing while data is still due" into LogUnavailable."""
+
+    def __init__(self, source: LogSource, what: str) -> None:
+        self.source = source
+        self.what = what
+        self.since = time.monotonic()
+
+    def check(self, progressed: bool, consumer: Any, tps: Sequence[Any]) -> None:
+        now = time.monotonic()
+        if progressed:
+            self.since = now
+            return
+        if now - self.since < self.source.timeout_s:
+            return
+        _end_offsets(consumer, tps, self.source)  # raises when the broker is gone
+        raise LogUnavailable(
+            f"{self.what}: no records from {self.source.where} for "
+            f"{self.source.timeout_s:.0f} s although the log holds more"
+        )
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclasses.dataclass(slots=True)
+class ChangeEvent:
+    """A decoded change event with where it was read."""
+
+    table: str
+    position: Pos
+    op: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    before_kind: str | None
+    unchanged: list[str]
+    source: dict[str, Any]
+    fingerprint: bytes
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def time_us(self) -> int:
+        """Commit time (µs); 0 for snapshot reads."""
+        return int(self.source.get("commit_ts_us") or 0)
+
+    @property
+    def origin(self) -> str | None:
+        origin = self.source.get("origin")
+        return str(origin) if origin is not None else None
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What a read saw."""
+
+    records: int = 0  # Kafka records fetched (table topics)
+    events: int = 0  # events handed out (in range, decoded)
+    duplicates: int = 0  # dropped: position not above the last one
+    tombstones: int = 0  # null values skipped
+    skipped: int = 0  # outside the range or filtered before decoding
+    total: int = 0  # records the read expects to fetch (for progress), 0 if unknown
+    first_position: Pos | None = None
+    last_position: Pos | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("first_position", "last_position"):
+            pos = getattr(self, name)
+            out[name] = format_position(pos) if pos is not None else None
+        return out
+
+
+Progress = Callable[[int, int], None]  # (records fetched, records expected or 0)
+Prefilter = Callable[[Any], bool]  # raw Kafka record -> decode it?
+
+
+class LogReader:
+    """Events of some tables in position order, deduplicated (see the module docstring).
+
+    :meth:`events` may be called again to continue after a stop bound (verify does);
+    the record beyond the bound stays buffered.
+    """
+
+    def __init__(
+        self,
+        source: LogSource,
+        tables: Sequence[str],
+        *,
+        start: Bound | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        from kafka import TopicPartition
+
+        self.source = source
+        self.catalog = source.catalog()
+        self.stats = ReadStats()
+        self._progress = progress
+        self._start = start
+        self._last: Pos = (-1, -1)
+        self._consumer = source.consumer()
+        self._topic_table: dict[str, str] = {}
+        tps: list[Any] = []
+        try:
+            for table in tables:
+                topic = self.catalog.topic(table)
+                self._topic_table[topic] = table
+                parts = self._consumer.partitions_for_topic(topic) or set()
+                tps.extend(TopicPartition(topic, p) for p in sorted(parts))
+            self._tps = tps
+            self._bufs: dict[Any, deque[tuple[Pos, Any]]] = {tp: deque() for tp in tps}
+            self._heap: list[tuple[Pos, int, Any]] = []
+            self._tick = 0
+            self._paused: set[Any] = set()
+            self._ends: dict[Any, int] = {}
+            self._waiting: set[Any] = set()
+            if tps:
+                self._consumer.assign(tps)
+                self._seek_start(start)
+                self.refresh_ends()
+        except BaseException:
+            self._consumer.close()
+            raise
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _seek_start(self, start: Bound | None) -> None:
+        consumer = self._consumer
+        consumer.seek_to_beginning(*self._tps)
+        if start is None:
+            return
+        if start.time_us is not None:
+            from kafka.errors import KafkaError
+
+            at_ms = max(0, int(start.time_us / 1000 - TIME_SLACK_S * 1000))
+            try:
+                found = consumer.offsets_for_times(dict.fromkeys(self._tps, at_ms))
+            except KafkaError as exc:
+                raise LogUnavailable(
+                    f"offsets_for_times on {self.source.where} failed: {exc}"
+                ) from exc
+            ends = _end_offsets(consumer, self._tps, self.source)
+            for tp in self._tps:
+                hit = found.get(tp)
+                consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+        elif start.position is not None:
+            for tp in self._tps:
+                consumer.seek(tp, self._offset_of_position(tp, start.position))
+
+    def _offset_of_position(self, tp: Any, position: Pos) -> int:
+        """The first offset whose record is at or after ``position`` (binary search on
+        single-record probes; positions grow with offsets).  Conservative: a few
+        thousand records before it, so a stray duplicate cannot make it skip events."""
+        begin = self._consumer.beginning_offsets([tp])[tp]
+        end = _end_offsets(self._consumer, [tp], self.source)[tp]
+        probe = self.source.consumer(max_poll_records=1, max_partition_fetch_bytes=1 << 20)
+        try:
+            probe.assign([tp])
+            low, high = begin, end
+            while high - low > 1000:
+                mid = (low + high) // 2
+                found = _probe(probe, tp, mid, end, self.source)
+                if found is None or found >= position:
+                    high = mid
+                else:
+                    low = mid
+            return int(max(begin, low - 1000))
+        finally:
+            probe.close()
+
+    def refresh_ends(self) -> None:
+        """Take the partitions' current end offsets as the end of the read."""
+        self._ends = _end_offsets(self._consumer, self._tps, self.source)
+        consumer = self._consumer
+        self._waiting = {
+            tp for tp in self._tps if not self._bufs[tp] and consumer.position(tp) < self._ends[tp]
+        }
+        total = sum(max(0, self._ends[tp] - consumer.position(tp)) for tp in self._tps)
+        self.stats.total = self.stats.records + total + sum(len(b) for b in self._bufs.values())
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- merge -------------------------------------------------------------------------
+
+    def _poll(self) -> int:
+        consumer = self._consumer
+        for tp, buf in self._bufs.items():
+            full = len(buf) >= _BUFFER_HIGH
+            if full and tp not in self._paused:
+                consumer.pause(tp)
+                self._paused.add(tp)
+            elif not full and tp in self._paused:
+                consumer.resume(tp)
+                self._paused.discard(tp)
+        batch = consumer.poll(timeout_ms=_POLL_MS)
+        n = 0
+        stats = self.stats
+        for tp, recs in batch.items():
+            buf = self._bufs[tp]
+            was_empty = not buf
+            for r in recs:
+                value = r.value
+                if value is None:
+                    stats.tombstones += 1
+                    continue
+                buf.append((self._position_of(r), r))
+            n += len(recs)
+            if was_empty and buf:
+                self._tick += 1
+                heapq.heappush(self._heap, (buf[0][0], self._tick, tp))
+        if n:
+            stats.records += n
+            if self._progress is not None:
+                self._progress(stats.records, stats.total)
+        return n
+
+    def _position_of(self, record: Any) -> Pos:
+        for name, value in record.headers:
+            if name == POSITION_HEADER:
+                hi, lo = _POS.unpack(value)
+                return hi, lo
+        event = self._decode(record)  # a record without header: the position is in source
+        return int(event["source"]["commit_lsn"]), int(event["source"]["seq"])
+
+    def _fill(self, follow: bool) -> None:
+        """Poll until every partition that still has records due has one buffered."""
+        consumer = self._consumer
+        stall = _Stall(self.source, "reading the change log")
+        while self._waiting:
+            got = self._poll()
+            for tp in list(self._waiting):
+                if self._bufs[tp] or consumer.position(tp) >= self._ends[tp]:
+                    self._waiting.discard(tp)
+            if self._waiting:
+                stall.check(got > 0, consumer, self._tps)
+        if follow and self._heap:
+            # a partition that looked caught up may have records of the same Kafka
+            # transaction as those buffered elsewhere (visible together): look again
+            idle = [tp for tp in self._tps if not self._bufs[tp]]
+            if idle:
+                ends = _end_offsets(consumer, idle, self.source)
+                self._ends.update(ends)
+                fresh = {tp for tp in idle if consumer.position(tp) < ends[tp]}
+                if fresh:
+                    self._waiting |= fresh
+                    self._fill(False)
+
+    def _next(self, follow: bool, stop: Pos | None) -> tuple[Pos, Any] | None:
+        """The next record in position order (None: the end, or the head is past stop)."""
+        while True:
+            if self._waiting:
+                self._fill(follow)
+            heap = self._heap
+            if not heap:
+                if not follow:
+                    return None
+                self._wait_for_more()
+                continue
+            pos, _, tp = heap[0]
+            if stop is not None and pos > stop:
+                return None
+            buf = self._bufs[tp]
+            item = buf.popleft()
+            if buf:
+                self._tick += 1
+                heapq.heapreplace(heap, (buf[0][0], self._tick, tp))
+            else:
+                heapq.heappop(heap)
+                if self._consumer.position(tp) < self._ends[tp]:
+                    self._waiting.add(tp)
+            return item
+
+    def _wait_for_more(self) -> None:
+        """Follow mode with nothing buffered: wait for new records (checks the broker)."""
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if self._poll():
+                break
+        else:
+            self._ends = _end_offsets(self._consumer, self._tps, self.source)
+        self._waiting = {
+            tp
+            for tp in self._tps
+            if not self._bufs[tp] and self._consumer.position(tp) < self._ends.get(tp, 0)
+        }
+
+    def at_end(self) -> bool:
+        """Nothing buffered and every partition read to the end offsets of the read."""
+        return not self._heap and not self._waiting
+
+    # -- events ------------------------------------------------------------------------
+
+    def _decode(self, record: Any) -> dict[str, Any]:
+        try:
+            return decode(record.value, self.catalog.registry)
+        except DecodeError as exc:
+            if "unknown Avro schema fingerprint" in str(exc):
+                self.catalog = self.source.catalog(refresh=True)  # published after we started
+                try:
+                    return decode(record.value, self.catalog.registry)
+                except DecodeError as again:
+                    exc = again
+            raise ReplayError(
+                f"cannot decode {record.topic}[{record.partition}]@{record.offset}: {exc}"
+            ) from exc
+
+    def events(
+        self,
+        *,
+        stop: Bound | None = None,
+        follow: bool = False,
+        prefilter: Prefilter | None = None,
+    ) -> Iterator[ChangeEvent]:
+        """Events in position order within the start bound (given at construction) and
+        ``stop``; ``follow``: keep waiting for new events at the end of the log."""
+        stats = self.stats
+        start = self._start
+        start_pos = start.position if start is not None else None
+        start_time = start.time_us if start is not None else None
+        stop_pos = stop.position if stop is not None else None
+        stop_time = stop.time_us if stop is not None else None
+        slack_us = int(TIME_SLACK_S * 1_000_000)
+        topic_table = self._topic_table
+        while True:
+            item = self._next(follow, stop_pos)
+            if item is None:
+                return
+            pos, record = item
+            if pos <= self._last:
+                stats.duplicates += 1
+                continue
+            self._last = pos
+            if start_pos is not None and pos < start_pos:
+                stats.skipped += 1
+                continue
+            if prefilter is not None and not prefilter(record):
+                stats.skipped += 1
+                continue
+            d = self._decode(record)
+            source = d["source"]
+            if start_time is not None or stop_time is not None:
+                at = source.get("commit_ts_us") or 0
+                if start_time is not None and at < start_time:
+                    stats.skipped += 1
+                    continue
+                if stop_time is not None and at > stop_time:
+                    stats.skipped += 1
+                    if at > stop_time + slack_us:
+                        return
+                    continue
+            stats.events += 1
+            if stats.first_position is None:
+                stats.first_position = pos
+            stats.last_position = pos
+            yield ChangeEvent(
+                topic_table[record.topic],
+                pos,
+                d["op"],
+                d["before"],
+                d["after"],
+                d["before_kind"],
+                d["unchanged"],
+                source,
+                bytes(record.value[2:10]),
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+
+
+def _probe(consumer: Any, tp: Any, offset: int, end: int, source: LogSource) -> Pos | None:
+    """The position of the first record at or after ``offset`` (None: none before end)."""
+    consumer.seek(tp, offset)
+    stall = _Stall(source, f"probing {tp.topic}[{tp.partition}]")
+    while consumer.position(tp) < end:
+        batch = consumer.poll(timeout_ms=_POLL_MS, max_records=1)
+        stall.check(bool(batch), consumer, [tp])
+        for recs in batch.values():
+            for r in recs:
+                for name, value in r.headers:
+                    if name == POSITION_HEADER:
+                        hi, lo = _POS.unpack(value)
+                        return hi, lo
+    return None
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _key_id(row: Mapping[str, Any], key_fields: Sequence[str]) -> tuple[Any, ...]:
+    if key_fields:
+        return tuple(_hashable(row.get(f)) for f in key_fields)
+    return ("\x00row", *sorted((k, _hashable(v)) for k, v in row.items()))
+
+
+@dataclasses.dataclass(slots=True)
+class RowVersion:
+    """A row as the log last wrote it."""
+
+    values: dict[str, Any]  # Avro field name -> decoded datum
+    fingerprint: bytes  # value schema of the event that wrote it
+    position: Pos
+    time_us: int
+    origin: str | None
+    txid: int | None
+    op: str
+    unknown: frozenset[str] | None = None  # unchanged TOAST values the log does not hold
+    count: int = 1  # tables without key columns: how many identical rows
+
+
+class TableState:
+    """The rows of one table after the events applied so far."""
+
+    def __init__(self, table: str, catalog: LogCatalog) -> None:
+        self.table = table
+        self.catalog = catalog
+        self.rows: dict[tuple[Any, ...], RowVersion] = {}
+        self.events = 0
+        self.truncated_at: Pos | None = None
+        self._snapshot_point: int | None = None
+        self._prune_below: int | None = None
+
+    def apply(self, ev: ChangeEvent) -> None:
+        version = self.catalog.versions.get(ev.fingerprint)
+        if version is None:  # registered after the catalog was built: refresh by decoding
+            raise ReplayError(f"{ev.table}: no table schema for fingerprint {ev.fingerprint.hex()}")
+        self.events += 1
+        op = ev.op
+        pos = ev.position
+        if self._prune_below is not None and pos[0] > self._prune_below and op != "r":
+            self.prune()
+        if op == "t":
+            self.rows.clear()
+            self.truncated_at = pos
+            return
+        key_fields = version.key_fields
+        if op == "d":
+            if ev.before is not None:
+                self._remove(_key_id(ev.before, key_fields), bool(key_fields))
+            return
+        after = ev.after
+        if after is None:
+            return
+        if op == "r":
+            point = pos[0]
+            if self._snapshot_point is not None and point > self._snapshot_point:
+                self._prune_below = point
+            self._snapshot_point = (
+                point if self._snapshot_point is None else max(point, self._snapshot_point)
+            )
+        kid = _key_id(after, key_fields)
+        prev: RowVersion | None = None
+        if op == "u":
+            if ev.before is not None:
+                old = _key_id(ev.before, key_fields)
+                prev = self._remove(old, bool(key_fields)) if old != kid else self.rows.get(kid)
+            else:
+                prev = self.rows.get(kid)
+        values = after
+        unknown: frozenset[str] | None = None
+        if ev.unchanged:
+            values = dict(after)
+            source_row = prev.values if prev is not None else None
+            if source_row is None and ev.before_kind == "full" and ev.before is not None:
+                source_row = ev.before
+            missing = []
+            for f in ev.unchanged:
+                if (
+                    source_row is not None
+                    and f in source_row
+                    and not (prev is not None and prev.unknown and f in prev.unknown)
+                ):
+                    values[f] = source_row[f]
+                else:
+                    missing.append(f)
+            unknown = frozenset(missing) or None
+            kid = _key_id(values, key_fields) if not key_fields else kid
+        row = RowVersion(
+            values,
+            ev.fingerprint,
+            pos,
+            ev.time_us,
+            ev.origin,
+            ev.source.get("txid"),
+            op,
+            unknown,
+        )
+        if key_fields:
+            self.rows[kid] = row
+        else:
+            have = self.rows.get(kid)
+            row.count = (have.count if have is not None else 0) + 1
+            self.rows[kid] = row
+
+    def _remove(self, kid: tuple[Any, ...], keyed: bool) -> RowVersion | None:
+        if keyed:
+            return self.rows.pop(kid, None)
+        have = self.rows.get(kid)
+        if have is not None:
+            have.count -= 1
+            if have.count <= 0:
+                del self.rows[kid]
+        return have
+
+    def prune(self) -> None:
+        """End of a restarted snapshot: drop rows it did not read (deleted before it)."""
+        below = self._prune_below
+        if below is None:
+            return
+        self._prune_below = None
+        stale = [k for k, r in self.rows.items() if r.position < (below, 0)]
+        for k in stale:
+            del self.rows[k]
+        if stale:
+            log.info(
+                "%s: %d rows not in the restarted snapshot at %s removed",
+                self.table,
+                len(stale),
+                format_lsn(below),
+            )
+
+
+class LogState:
+    """Per table state (:class:`TableState`) of the events applied so far."""
+
+    def __init__(self, catalog: LogCatalog, tables: Iterable[str]) -> None:
+        self.catalog = catalog
+        self.tables: dict[str, TableState] = {t: TableState(t, catalog) for t in tables}
+        self.position: Pos | None = None
+        self.time_us = 0
+
+    def apply(self, ev: ChangeEvent) -> None:
+        state = self.tables.get(ev.table)
+        if state is None:
+            state = self.tables[ev.table] = TableState(ev.table, self.catalog)
+        if ev.fingerprint not in self.catalog.versions:
+            raise ReplayError(
+                f"{ev.topic}[{ev.partition}]@{ev.offset}: schema {ev.fingerprint.hex()} "
+                "is not a change-event schema of this log"
+            )
+        state.apply(ev)
+        self.position = ev.position
+        self.time_us = max(self.time_us, ev.time_us)
+
+    def finish(self) -> None:
+        """The log was read to its end: finish restarted snapshots."""
+        for state in self.tables.values():
+            state.prune()
+
+    @property
+    def events(self) -> int:
+        return sum(t.events for t in self.tables.values())
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _json_value(value: Any) -> Any:
+    from relay.bucket_store import json_value
+
+    return json_value(value)
+
+
+def _named(catalog: LogCatalog, fp: bytes, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with PostgreSQL column names, values in the JSON form of docs/events.md."""
+    version = catalog.versions.get(fp)
+    names = version.column_of() if version is not None else {}
+    return {names.get(f, f): _json_value(v) for f, v in values.items()}
+
+
+def _text(catalog: LogCatalog, fp: bytes, column: str, value: Any) -> str | None:
+    """A JSON-form value as PostgreSQL prints it (``2024-05-01``, ``12.50``)."""
+    from relay.journal import to_pg_text
+
+    if value is None:
+        return None
+    version = catalog.versions.get(fp)
+    ct = version.types.get(column) if version is not None else None
+    if ct is None:
+        return value if isinstance(value, str) else json.dumps(value)
+    try:
+        return to_pg_text(ct, value)
+    except (ValueError, TypeError, KeyError, ArithmeticError, binascii.Error):
+        return json.dumps(value)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def describe_origin(origin: str | None, txid: int | None = None) -> dict[str, Any]:
+    """Who made a change: ``{"kind": device|resolve|replication_origin|session|other, …}``."""
+    if origin is None:
+        return {"kind": "session", "txid": txid, "text": f"database session (txid {txid})"}
+    kind, _, name = origin.partition(":")
+    if kind == "device" and name:
+        return {"kind": "device", "device_id": name, "txid": txid, "text": f"device {name}"}
+    if kind == "resolve" and name:
+        return {
+            "kind": "resolve",
+            "conflict_id": name,
+            "txid": txid,
+            "text": f"resolution of conflict {name}",
+        }
+    if kind == "pg-origin" and name:
+        return {
+            "kind": "replication_origin",
+            "name": name,
+            "txid": txid,
+            "text": f"replication origin {name}",
+        }
+    return {"kind": "other", "origin": origin, "txid": txid, "text": origin}
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+    """A row key as the user gave it: values in key-column order, or by column name."""
+
+    values: tuple[Any, ...] | None = None
+    by_name: Mapping[str, Any] | None = None
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> KeySpec:
+        """``42``, ``abc``, ``[1, "x"]`` (key columns in table order) or ``{"id": 42}``."""
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        if isinstance(parsed, dict):
+            return cls(by_name=parsed, text=text)
+        if isinstance(parsed, list):
+            return cls(values=tuple(parsed), text=text)
+        return cls(values=(parsed,), text=text)
+
+    def matches(self, key: Mapping[str, Any], types: Mapping[str, Any] | None = None) -> bool:
+        """``key``: PostgreSQL column name -> JSON-form value, key columns in table order."""
+        if self.by_name is not None:
+            if set(self.by_name) != set(key):
+                return False
+            return all(
+                _same_key_value(self.by_name[c], v, (types or {}).get(c)) for c, v in key.items()
+            )
+        assert self.values is not None
+        if len(self.values) != len(key):
+            return False
+        return all(
+            _same_key_value(want, have, (types or {}).get(col))
+            for want, (col, have) in zip(self.values, key.items(), strict=True)
+        )
+
+
+def _same_key_value(want: Any, have: Any, ct: Any) -> bool:
+    if want == have and type(want) is type(have):
+        return True
+    if str(want) == str(have):
+        return True
+    if isinstance(have, str) and isinstance(want, int | float) and not isinstance(want, bool):
+        try:
+            return Decimal(have) == Decimal(str(want))
+        except ArithmeticError:
+            return False
+    if ct is not None:
+        from relay.journal import to_pg_text
+
+        try:
+            return to_pg_text(ct, have) == str(want)
+        except (ValueError, TypeError, KeyError, ArithmeticError):
+            return False
+    return False
+
+
+def _key_of(version: TableVersion, row: Mapping[str, Any]) -> dict[str, Any]:
+    names = version.column_of()
+    return {names[f]: _json_value(row.get(f)) for f in version.key_fields}
+
+
+# --------------------------------------------------------------------------- history
+
+
+@dataclasses.dataclass
+class HistoryReport:
+    """Every version of one row, with device edits matched to journal entries."""
+
+    table: str
+    key: KeySpec
+    versions: list[dict[str, Any]]
+    unmatched_edits: list[dict[str, Any]]
+    stats: ReadStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "key": self.key.text,
+            "versions": self.versions,
+            "edits_without_version": self.unmatched_edits,
+            "read": self.stats.to_json(),
+        }
+
+
+def row_history(
+    source: LogSource,
+    table: str,
+    key: KeySpec,
+    *,
+    start: Bound | None = None,
+    stop: Bound | None = None,
+    journal: bool = True,
+    progress: Progress | None = None,
+) -> HistoryReport:
+    """Every version of the row with ``key`` in ``table`` (position order).
+
+    Each version: position, commit time, op, origin (:func:`describe_origin`), the row
+    after it (None when deleted), the columns changed from the previous version, and for
+    device edits the journal entry and its latest outcome (``journal``).  Only events whose
+    Kafka key matches (or updates that carry a ``before`` row, and truncates) are decoded.
+    """
+    catalog = source.catalog()
+    table = catalog.resolve(table)
+    if not catalog.latest(table).key_fields:
+        raise ReplayError(
+            f"{table} has no key columns: its rows cannot be told apart, so they have no "
+            "history of their own (use export)"
+        )
+    key_cache: dict[bytes, tuple[bool, tuple[Any, ...]]] = {}
+    tracked: set[tuple[Any, ...]] = set()
+    registry = catalog.registry
+    types = catalog.latest(table).types
+
+    def prefilter(record: Any) -> bool:
+        op_bytes = bytes(record.value[10:13])
+        if op_bytes[:2] == b"\x02t" or op_bytes == b"\x02u\x02":
+            return True  # truncate; update with a before row (key change, FULL)
+        raw = record.key
+        if raw is None:
+            return False
+        found = key_cache.get(raw)
+        if found is None:
+            try:
+                decoded = decode(raw, registry)
+            except DecodeError:
+                return True  # let the value decode say what is wrong
+            names = catalog.key_names(bytes(raw[2:10]))
+            named = {names.get(f, f): _json_value(v) for f, v in decoded.items()}
+            found = (key.matches(named, types), tuple(_hashable(v) for v in decoded.values()))
+            key_cache[raw] = found
+        return found[0] or found[1] in tracked
+
+    versions: list[dict[str, Any]] = []
+    current: RowVersion | None = None
+    with LogReader(source, [table], start=start, progress=progress) as reader:
+        for ev in reader.events(stop=stop, prefilter=prefilter):
+            version = catalog.versions.get(ev.fingerprint)
+            if version is None:
+                continue
+            step = _history_step(catalog, version, ev, key, tracked, current)
+            if step is None:
+                continue
+            current, item = step
+            versions.append(item)
+        stats = reader.stats
+    unmatched: list[dict[str, Any]] = []
+    if journal and versions:
+        unmatched = _attach_journal(source, table, key, versions)
+    if not versions:
+        raise NoEvents(
+            f"no version of {table} key {key.text} in the log"
+            + (f" between {start or 'the start'} and {stop or 'the end'}" if start or stop else "")
+            + f" ({stats.records} records read)"
+        )
+    return HistoryReport(table, key, versions, unmatched, stats)
+
+
+def _history_step(
+    catalog: LogCatalog,
+    version: TableVersion,
+    ev: ChangeEvent,
+    key: KeySpec,
+    tracked: set[tuple[Any, ...]],
+    current: RowVersion | None,
+) -> tuple[RowVersion | None, dict[str, Any]] | None:
+    """If ``ev`` concerns the row followed: the row after it and its history item.
+
+    The row is followed through key changes: an update that moves it to another key
+    adds that key to ``tracked``; an update that moves another row *onto* the key
+    continues the history with that row (the item names the key it came from).
+    """
+    kf = version.key_fields
+    op = ev.op
+    if op == "t":
+        if current is None:
+            return None
+        return None, _item(catalog, ev, None, current, "truncate")
+    before_id = _key_id(ev.before, kf) if ev.before is not None else None
+    after_id = _key_id(ev.after, kf) if ev.after is not None else None
+
+    def is_target(row: Mapping[str, Any] | None, kid: tuple[Any, ...] | None) -> bool:
+        if row is None or kid is None:
+            return False
+        return kid in tracked or key.matches(_key_of(version, row), version.types)
+
+    moved_from: dict[str, Any] | None = None
+    if op == "d":
+        if not is_target(ev.before, before_id):
+            return None
+        return None, _item(catalog, ev, None, current, "delete")
+    if op == "u" and before_id is not None and before_id != after_id:
+        if is_target(ev.before, before_id) or is_target(ev.after, after_id):
+            assert ev.before is not None
+            moved_from = _key_of(version, ev.before)
+        else:
+            return None
+    elif not is_target(ev.after, after_id):
+        return None
+    assert after_id is not None
+    tracked.add(after_id)
+    values = ev.after or {}
+    unknown: frozenset[str] | None = None
+    if ev.unchanged:
+        values = dict(values)
+        missing = []
+        for f in ev.unchanged:
+            if current is not None and f in current.values:
+                values[f] = current.values[f]
+            else:
+                missing.append(f)
+        unknown = frozenset(missing) or None
+    row = RowVersion(
+        values,
+        ev.fingerprint,
+        ev.position,
+        ev.time_us,
+        ev.origin,
+        ev.source.get("txid"),
+        op,
+        unknown,
+    )
+    kind = {"c": "insert", "u": "update", "r": "snapshot read"}.get(op, op)
+    item = _item(catalog, ev, row, current, kind)
+    item["key_changed_from"] = moved_from
+    return row, item
+
+
+def _item(
+    catalog: LogCatalog,
+    ev: ChangeEvent,
+    row: RowVersion | None,
+    prev: RowVersion | None,
+    kind: str,
+) -> dict[str, Any]:
+    after = _named(catalog, row.fingerprint, row.values) if row is not None else None
+    before = _named(catalog, prev.fingerprint, prev.values) if prev is not None else None
+    changed: list[str] = []
+    if after is not None:
+        changed = [c for c, v in after.items() if before is None or before.get(c) != v]
+    elif before is not None:
+        changed = list(before)
+    txid = ev.source.get("txid")
+    unknown = []
+    if row is not None and row.unknown:
+        names = catalog.versions[row.fingerprint].column_of()
+        unknown = sorted(names.get(f, f) for f in row.unknown)
+    return {
+        "position": format_position(ev.position),
+        "commit_time": format_time(ev.time_us),
+        "op": ev.op,
+        "change": kind,
+        "origin": describe_origin(ev.origin, txid),
+        "row": after,
+        "previous": before,
+        "changed": changed,
+        "unknown_columns": unknown,
+        "key_changed_from": None,
+    }
+
+
+def _attach_journal(
+    source: LogSource, table: str, key: KeySpec, versions: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Match device versions to journal entries; returns the entries without a version.
+
+    Candidates are the ``_journal`` entries for this table and key; each has its latest
+    ``_outcomes`` record.  A version whose origin is ``device:<id>`` gets the earliest
+    unmatched entry of that device whose outcome wrote the row (``applied``/``merged``)
+    with a compatible op, preferring one whose outcome row equals the version's row; a
+    version whose origin is ``resolve:<conflict>`` gets the entry that conflict was kept
+    for.  Entries left over (rejected, kept as conflicts, merged without a change) are
+    returned, so an auditor also sees edits that did not change the row.
+    """
+    from relay.journal import JournalFormatError, JournalRecord, decode_outcomes
+
+    needle = _dumps({"table": table})[1:-1].encode()  # "table":"public.x"
+    entries: dict[tuple[str, int], Any] = {}
+    for record in source.read_all(f"{source.prefix}._journal"):
+        if not record.value or needle not in record.value:
+            continue
+        try:
+            jr = JournalRecord.from_bytes(record.value)
+        except JournalFormatError:
+            continue
+        if jr.entry is None or jr.entry.table != table or not _entry_key_matches(jr.entry, key):
+            continue
+        entries[(jr.device_id, jr.seq)] = jr
+    outcomes: dict[tuple[str, int], Any] = {}
+    by_conflict: dict[str, tuple[str, int]] = {}
+    for record in source.read_all(f"{source.prefix}._outcomes"):
+        if not record.value:
+            continue
+        try:
+            found = decode_outcomes(record.value)
+        except JournalFormatError:
+            continue
+        for o in found:
+            ident = (o.device_id, o.seq)
+            if ident in entries:
+                outcomes[ident] = o
+                if o.conflict and o.conflict.get("id"):
+                    by_conflict[str(o.conflict["id"])] = ident
+    used: set[tuple[str, int]] = set()
+    ordered = sorted(entries)
+    for item in versions:
+        origin = item["origin"]
+        match: tuple[str, int] | None = None
+        if origin["kind"] == "device":
+            match = _pick_entry(origin["device_id"], item, ordered, entries, outcomes, used)
+        elif origin["kind"] == "resolve":
+            match = by_conflict.get(origin["conflict_id"])
+        if match is None:
+            continue
+        used.add(match)
+        item["journal"] = _journal_json(entries[match])
+        item["outcome"] = outcomes[match].to_json() if match in outcomes else None
+    return [
+        {
+            "journal": _journal_json(entries[i]),
+            "outcome": outcomes[i].to_json() if i in outcomes else None,
+        }
+        for i in ordered
+        if i not in used
+    ]
+
+
+_OP_OF_ENTRY = {"insert": ("c", "u"), "update": ("u",), "delete": ("d",)}
+
+
+def _pick_entry(
+    device: str,
+    item: Mapping[str, Any],
+    ordered: Sequence[tuple[str, int]],
+    entries: Mapping[tuple[str, int], Any],
+    outcomes: Mapping[tuple[str, int], Any],
+    used: set[tuple[str, int]],
+) -> tuple[str, int] | None:
+    fallback: tuple[str, int] | None = None
+    for ident in ordered:
+        if ident[0] != device or ident in used:
+            continue
+        entry = entries[ident].entry
+        if item["op"] not in _OP_OF_ENTRY.get(entry.op.value, ()):
+            continue
+        outcome = outcomes.get(ident)
+        if outcome is not None and outcome.kind.value not in ("applied", "merged", "resolved"):
+            continue
+        if outcome is not None and _outcome_row_matches(outcome.row, item["row"]):
+            return ident
+        if fallback is None:
+            fallback = ident
+    return fallback
+
+
+def _outcome_row_matches(seen: Mapping[str, Any] | None, row: Mapping[str, Any] | None) -> bool:
+    if seen is None or row is None:
+        return seen is None and row is None
+    return all(c in row and _same_key_value(v, row[c], None) for c, v in seen.items())
+
+
+def _entry_key_matches(entry: Any, key: KeySpec) -> bool:
+    if key.by_name is not None:
+        values = {**(entry.old or {}), **(entry.new or {})}
+        if all(c in values for c in key.by_name):
+            return all(_same_key_value(w, values[c], None) for c, w in key.by_name.items())
+        return sorted(map(str, key.by_name.values())) == sorted(map(str, entry.key))
+    assert key.values is not None
+    if len(key.values) != len(entry.key):
+        return False
+    if len(key.values) == 1:
+        return _same_key_value(key.values[0], entry.key[0], None)
+    return sorted(map(str, key.values)) == sorted(map(str, entry.key))
+
+
+def _journal_json(record: Any) -> dict[str, Any]:
+    entry = record.entry
+    out: dict[str, Any] = {
+        "device_id": record.device_id,
+        "seq": record.seq,
+        "received_at": format_time(record.received_at_us),
+    }
+    if entry is not None:
+        out.update(entry.to_json())
+        if entry.base is not None:
+            out["base"] = format_position((entry.base.commit_lsn, entry.base.seq))
+    if record.rejection is not None:
+        out["rejection"] = record.rejection.to_json()
+    return out
+
+
+# --------------------------------------------------------------------------- as-of
+
+
+def _all_tables(catalog: LogCatalog, names: Sequence[str] | None) -> list[str]:
+    if names:
+        return [catalog.resolve(n) for n in names]
+    if not catalog.tables:
+        raise NoEvents(f"the log with prefix {catalog.prefix!r} holds no table (no schemas)")
+    return sorted(catalog.tables)
+
+
+def state_as_of(
+    source: LogSource,
+    tables: Sequence[str] | None,
+    bound: Bound | None,
+    *,
+    progress: Progress | None = None,
+) -> tuple[LogState, ReadStats]:
+    """The tables' rows after every event up to ``bound`` (None: the whole log)."""
+    catalog = source.catalog()
+    names = _all_tables(catalog, tables)
+    state = LogState(catalog, names)
+    with LogReader(source, names, progress=progress) as reader:
+        for ev in reader.events(stop=bound):
+            state.apply(ev)
+        if reader.at_end():
+            state.finish()
+        stats = reader.stats
+    if stats.events == 0:
+        where = f"at or before {bound}" if bound is not None else "in the log"
+        raise NoEvents(
+            f"no event of {', '.join(names)} {where} ({stats.records} records read; "
+            "the log starts later, or the tables have no events)"
+        )
+    return state, stats
+
+
+def _columns(state: TableState) -> list[tuple[str, bytes]]:
+    """Output columns of a table: (PostgreSQL name, fingerprint of a version that has it),
+    the newest schema version's columns first, then older ones some row still holds."""
+    catalog = state.catalog
+    versions = catalog.tables.get(state.table, [])
+    used = {r.fingerprint for r in state.rows.values()}
+    out: dict[str, bytes] = {}
+    for v in reversed(versions):
+        if v is versions[-1] or v.fingerprint in used:
+            for c in v.columns:
+                out.setdefault(c, v.fingerprint)
+    return list(out.items())
+
+
+def _row_cells(state: TableState, row: RowVersion) -> dict[str, Any]:
+    """PostgreSQL name -> JSON-form value of a row (its own schema version)."""
+    return _named(state.catalog, row.fingerprint, row.values)
+
+
+def write_state(
+    state: LogState,
+    out: Path | IO[str],
+    fmt: Format,
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> int:
+    """Write the state: ``jsonl`` (one row per line, every table), ``csv`` (one table per
+    file: ``out`` is a file for one table, a directory for several), ``sqlite`` (one SQLite
+    table per table, named ``schema.table``, plus ``_replay`` with ``meta``).  Returns the
+    number of rows written."""
+    tables = [state.tables[t] for t in sorted(state.tables)]
+    if fmt == "jsonl":
+        with _open_text(out) as fh:
+            return sum(_jsonl_rows(t, fh) for t in tables)
+    if fmt == "csv":
+        if len(tables) == 1:
+            with _open_text(out) as fh:
+                return _csv_rows(tables[0], fh)
+        if not isinstance(out, Path):
+            raise ValueError("csv with several tables needs a directory for --out")
+        out.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for t in tables:
+            with (out / f"{t.table}.csv").open("w", encoding="utf-8", newline="") as fh:
+                n += _csv_rows(t, fh)
+        return n
+    if fmt == "sqlite":
+        if not isinstance(out, Path):
+            raise ValueError("sqlite needs a file for --out")
+        return _sqlite_state(tables, out, meta or {})
+    raise ValueError(f"unknown format {fmt!r} (jsonl, csv, sqlite)")
+
+
+class _open_text:
+    def __init__(self, out: Path | IO[str]) -> None:
+        self.out = out
+        self.fh: IO[str] | None = None
+
+    def __enter__(self) -> IO[str]:
+        if isinstance(self.out, Path):
+            self.fh = self.out.open("w", encoding="utf-8", newline="")
+            return self.fh
+        return self.out
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _meta_of(row: RowVersion) -> dict[str, Any]:
+    return {
+        "position": format_position(row.position),
+        "commit_time": format_time(row.time_us),
+        "origin": row.origin,
+    }
+
+
+def _jsonl_rows(state: TableState, fh: IO[str]) -> int:
+    n = 0
+    for row in state.rows.values():
+        version = state.catalog.versions[row.fingerprint]
+        line: dict[str, Any] = {
+            "table": state.table,
+            "key": _key_of(version, row.values) if version.key_fields else None,
+            "row": _row_cells(state, row),
+            **_meta_of(row),
+        }
+        if row.unknown:
+            names = version.column_of()
+            line["unknown_columns"] = sorted(names.get(f, f) for f in row.unknown)
+        for _ in range(row.count):
+            fh.write(_dumps(line))
+            fh.write("\n")
+            n += 1
+    return n
+
+
+def _csv_field(value: str | None) -> str:
+    """PostgreSQL ``COPY … CSV FORCE QUOTE *`` style: NULL is an empty unquoted field."""
+    if value is None:
+        return ""
+    return '"' + value.replace('"', '""') + '"'
+
+
+def _csv_line(values: Sequence[str | None]) -> str:
+    return ",".join(_csv_field(v) for v in values) + "\r\n"
+
+
+def _csv_rows(state: TableState, fh: IO[str]) -> int:
+    columns = _columns(state)
+    fh.write(_csv_line([c for c, _ in columns] + ["_position", "_commit_time", "_origin"]))
+    n = 0
+    for row in state.rows.values():
+        cells = _row_cells(state, row)
+        values = [_text(state.catalog, row.fingerprint, c, cells.get(c)) for c, _ in columns]
+        meta = _meta_of(row)
+        line = _csv_line([*values, meta["position"], meta["commit_time"], meta["origin"]])
+        for _ in range(row.count):
+            fh.write(line)
+            n += 1
+    return n
+
+
+_SQLITE_TYPES: Final = {"int": "INTEGER", "bool": "INTEGER", "float": "REAL", "bytes": "BLOB"}
+
+
+def _sqlite_value(catalog: LogCatalog, fp: bytes, column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    version = catalog.versions.get(fp)
+    ct = version.types.get(column) if version is not None else None
+    kind = ct.kind.value if ct is not None else ""
+    if kind == "int" and isinstance(value, int):
+        return value
+    if kind == "bool":
+        return 1 if value else 0
+    if kind == "float" and isinstance(value, float):
+        return value
+    if kind == "bytes" and isinstance(value, str):
+        return base64.b64decode(value)
+    return _text(catalog, fp, column, value)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sqlite_state(tables: Sequence[TableState], path: Path, meta: Mapping[str, Any]) -> int:
+    if path.exists():
+        path.unlink()
+    db = sqlite3.connect(path)
+    n = 0
+    try:
+        with db:
+            db.execute("create table _replay (name text primary key, value text)")
+            db.executemany(
+                "insert into _replay values (?, ?)",
+                [(k, v if isinstance(v, str) else _dumps(v)) for k, v in meta.items()],
+            )
+            for state in tables:
+                columns = _columns(state)
+                decl = []
+                for column, fp in columns:
+                    ct = state.catalog.versions[fp].types.get(column)
+                    decl.append(
+                        f"{_quote(column)} {_SQLITE_TYPES.get(ct.kind.value if ct else '', 'TEXT')}"
+                    )
+                decl += ["_position TEXT", "_commit_time TEXT", "_origin TEXT"]
+                db.execute(f"create table {_quote(state.table)} ({', '.join(decl)})")
+                marks = ", ".join("?" * (len(columns) + 3))
+                insert = f"insert into {_quote(state.table)} values ({marks})"
+                batch = []
+                for row in state.rows.values():
+                    cells = _row_cells(state, row)
+                    values = [
+                        _sqlite_value(state.catalog, row.fingerprint, c, cells.get(c))
+                        for c, _ in columns
+                    ]
+                    meta_row = _meta_of(row)
+                    record = (
+                        *values,
+                        meta_row["position"],
+                        meta_row["commit_time"],
+                        meta_row["origin"],
+                    )
+                    batch.extend([record] * row.count)
+                    if len(batch) >= 5000:
+                        db.executemany(insert, batch)
+                        n += len(batch)
+                        batch = []
+                db.executemany(insert, batch)
+                n += len(batch)
+    finally:
+        db.close()
+    return n
+
+
+# --------------------------------------------------------------------------- export
+
+
+_EVENT_COLUMNS: Final = (
+    "position",
+    "commit_lsn",
+    "seq",
+    "commit_time",
+    "table",
+    "op",
+    "origin",
+    "txid",
+    "key",
+    "before",
+    "after",
+    "unchanged",
+)
+
+
+def event_json(catalog: LogCatalog, ev: ChangeEvent) -> dict[str, Any]:
+    """An event as plain JSON (PostgreSQL column names, JSON-form values)."""
+    version = catalog.versions.get(ev.fingerprint)
+    row = ev.after if ev.after is not None else ev.before
+    names = version.column_of() if version is not None else {}
+    return {
+        "position": format_position(ev.position),
+        "commit_lsn": format_lsn(ev.position[0]),
+        "seq": ev.position[1],
+        "commit_time": format_time(ev.time_us),
+        "table": ev.table,
+        "op": ev.op,
+        "origin": ev.origin,
+        "txid": ev.source.get("txid"),
+        "key": _key_of(version, row)
+        if version is not None and version.key_fields and row
+        else None,
+        "before": _named(catalog, ev.fingerprint, ev.before) if ev.before is not None else None,
+        "before_kind": ev.before_kind,
+        "after": _named(catalog, ev.fingerprint, ev.after) if ev.after is not None else None,
+        "unchanged": [names.get(f, f) for f in ev.unchanged],
+        "snapshot": ev.source.get("snapshot"),
+    }
+
+
+class _EventSink:
+    def __init__(self, out: Path | IO[str], fmt: Format) -> None:
+        self.fmt = fmt
+        self.n = 0
+        self._fh: IO[str] | None = None
+        self._own = False
+        self._db: sqlite3.Connection | None = None
+        self._batch: list[tuple[Any, ...]] = []
+        self._flushed = time.monotonic()
+        if fmt == "sqlite":
+            if not isinstance(out, Path):
+                raise ValueError("sqlite needs a file for --out")
+            if out.exists():
+                out.unlink()
+            self._db = sqlite3.connect(out)
+            cols = ", ".join(
+                f"{c} {'INTEGER' if c in ('seq', 'txid') else 'TEXT'}" for c in _EVENT_COLUMNS
+            )
+            self._db.execute(f"create table events ({cols})")
+            self._db.commit()
+        elif isinstance(out, Path):
+            self._fh = out.open("w", encoding="utf-8", newline="")
+            self._own = True
+        else:
+            self._fh = out
+        if fmt == "csv":
+            assert self._fh is not None
+            self._fh.write(_csv_line(list(_EVENT_COLUMNS)))
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self.n += 1
+        if self.fmt == "jsonl":
+            assert self._fh is not None
+            self._fh.write(_dumps(obj))
+            self._fh.write("\n")
+        else:
+            row = tuple(
+                obj[c]
+                if c
+                in ("position", "commit_lsn", "seq", "commit_time", "table", "op", "origin", "txid")
+                else (None if obj[c] is None else _dumps(obj[c]))
+                for c in _EVENT_COLUMNS
+            )
+            if self.fmt == "csv":
+                assert self._fh is not None
+                self._fh.write(_csv_line([None if v is None else str(v) for v in row]))
+            else:
+                self._batch.append(row)
+                if len(self._batch) >= 5000:
+                    self.flush()
+        if time.monotonic() - self._flushed > 1.0:
+            self.flush()
+
+    def flush(self) -> None:
+        self._flushed = time.monotonic()
+        if self._db is not None:
+            if self._batch:
+                marks = ", ".join("?" * len(_EVENT_COLUMNS))
+                self._db.executemany(f"insert into events values ({marks})", self._batch)
+                self._batch = []
+            self._db.commit()
+        elif self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._db is not None:
+            self._db.close()
+        if self._own and self._fh is not None:
+            self._fh.close()
+
+
+def export_events(
+    source: LogSource,
+    tables: Sequence[str] | None,
+    start: Bound | None,
+    stop: Bound | None,
+    out: Path | IO[str],
+    fmt: Format,
+    *,
+    follow: bool = False,
+    progress: Progress | None = None,
+) -> ReadStats:
+    """Write every event of ``tables`` between ``start`` and ``stop`` (both inclusive) in
+    position order; ``follow``: then keep writing new events until interrupted (or until
+    ``stop``).  Raises :class:`NoEvents` when a bounded range holds nothing."""
+    catalog = source.catalog()
+    names = _all_tables(catalog, tables)
+    _check_range(start, stop)
+    sink = _EventSink(out, fmt)
+    try:
+        with LogReader(source, names, start=start, progress=progress) as reader:
+            for ev in reader.events(stop=stop, follow=follow):
+                sink.write(event_json(catalog, ev))
+            stats = reader.stats
+    finally:
+        sink.close()
+    if stats.events == 0 and not follow:
+        raise NoEvents(
+            f"no event of {', '.join(names)} between {start or 'the start'} and "
+            f"{stop or 'the end'} ({stats.records} records read)"
+        )
+    return stats
+
+
+def _check_range(start: Bound | None, stop: Bound | None) -> None:
+    if start is None or stop is None:
+        return
+    if start.position is not None and stop.position is not None and start.position > stop.position:
+        raise NoEvents(f"empty range: {start} is after {stop}")
+    if start.time_us is not None and stop.time_us is not None and start.time_us > stop.time_us:
+        raise NoEvents(f"empty range: {start} is after {stop}")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclasses.dataclass
+class RowDiff:
+    """One row on which the log and PostgreSQL disagree."""
+
+    table: str
+    kind: Literal["missing", "extra", "differs"]  # missing: in PostgreSQL, not in the log
+    key: dict[str, Any]
+    columns: list[tuple[str, str | None, str | None]]  # (column, log text, PostgreSQL text)
+    log_position: str | None = None
+    count: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "kind": self.kind,
+            "key": self.key,
+            "columns": [{"column": c, "log": a, "postgres": b} for c, a, b in self.columns],
+            "log_position": self.log_position,
+            "count": self.count,
+        }
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    tables: list[str]
+    rows_compared: int
+    lsn: int
+    diffs: list[RowDiff]
+    stats: ReadStats
+    rechecked: int = 0
+    unknown_values: int = 0  # values the log does not hold (unchanged TOAST without history)
+    not_in_log: list[str] = dataclasses.field(default_factory=list)  # published, no schema yet
+
+    @property
+    def ok(self) -> bool:
+        return not self.diffs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "tables": self.tables,
+            "rows_compared": self.rows_compared,
+            "up_to_lsn": format_lsn(self.lsn),
+            "rechecked": self.rechecked,
+            "unknown_values": self.unknown_values,
+            "differences": [d.to_json() for d in self.diffs],
+            "read": self.stats.to_json(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PgTarget:
+    """The captured database (``[postgres]`` of the cdc settings)."""
+
+    dsn: str
+    password: str | None
+    slot: str
+    publication: str
+    db_label: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PgTarget:
+        from cdc.settings import redact_dsn
+
+        pg = settings.postgres
+        return cls(pg.dsn, pg.password, pg.slot, pg.publication, redact_dsn(pg.dsn))
+
+
+def _pg_connect(pg: PgTarget) -> Any:
+    from cdc.pg_source import connect
+
+    try:
+        return connect(pg.dsn, pg.password)
+    except CdcError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL ({pg.db_label}): {exc}") from exc
+
+
+def _pg_tables(conn: Any, pg: PgTarget, names: Sequence[str] | None) -> list[Any]:
+    """Published tables (cdc.snapshot.published_tables), as SnapshotTable."""
+    from cdc.errors import ConfigError
+    from cdc.pg_catalog import PgCatalog
+    from cdc.snapshot import published_tables
+
+    row = conn.execute(
+        "select 1 from pg_publication where pubname = %s", (pg.publication,)
+    ).fetchone()
+    if row is None:
+        raise ConfigError(
+            f"publication {pg.publication!r} does not exist in {pg.db_label}: "
+            "is this the database cdc captures (postgres.dsn, postgres.publication)?"
+        )
+    catalog = PgCatalog(pg.dsn, pg.password)
+    try:
+        found = published_tables(conn, pg.publication, catalog)
+    finally:
+        catalog.close()
+    by_name = {f"{t.schema}.{t.table}": t for t in found}
+    if not names:
+        return [by_name[n] for n in sorted(by_name)]
+    out = []
+    for n in names:
+        full = n if "." in n else f"public.{n}"
+        if full not in by_name:
+            raise UnknownTable(
+                f"table {n!r} is not in publication {pg.publication!r} "
+                f"(published: {', '.join(sorted(by_name)) or 'none'})"
+            )
+        out.append(by_name[full])
+    return out
+
+
+def _wait_for_slot(conn: Any, pg: PgTarget, lsn: int, wait_s: float) -> None:
+    """Until the cdc slot has confirmed ``lsn`` (then Kafka holds every transaction that
+    committed before it).  A non-transactional logical message moves the WAL past it, so
+    an idle database does not keep the slot short of ``lsn``."""
+    import psycopg
+
+    try:
+        conn.execute("select pg_logical_emit_message(false, 'fieldsync.verify', '')")
+    except psycopg.Error as exc:
+        log.debug("pg_logical_emit_message refused: %s", exc)
+    deadline = time.monotonic() + wait_s
+    confirmed: int | None = None
+    while True:
+        row = conn.execute(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = %s",
+            (pg.slot,),
+        ).fetchone()
+        if row is None:
+            raise LogBehind(
+                f"replication slot {pg.slot!r} does not exist in {pg.db_label}: without it "
+                "there is no telling how far the log goes (is cdc running? postgres.slot?)"
+            )
+        confirmed = parse_lsn(row[0]) if row[0] else 0
+        if confirmed >= lsn:
+            return
+        if time.monotonic() > deadline:
+            raise LogBehind(
+                f"cdc has confirmed {format_lsn(confirmed)} but PostgreSQL is at "
+                f"{format_lsn(lsn)} after waiting {wait_s:.0f} s: is `fieldsync cdc run` "
+                "running? (raise --wait for a busy database)"
+            )
+        time.sleep(0.2)
+
+
+class _PgSide:
+    """Rows of the published tables in one REPEATABLE READ snapshot, as cdc encodes them."""
+
+    def __init__(self, pg: PgTarget, prefix: str, tables: Sequence[Any]) -> None:
+        self.pg = pg
+        self.prefix = prefix
+        self.tables = {f"{t.schema}.{t.table}": t for t in tables}
+        self.conn = _pg_connect(pg)
+        self.db = self.conn.info.dbname
+
+    def snapshot(self) -> int:
+        """Begin a snapshot; the WAL insert position after it (every visible commit is before)."""
+        self.conn.autocommit = False
+        self.conn.execute("set transaction isolation level repeatable read, read only")
+        row = self.conn.execute("select pg_current_wal_insert_lsn()::text").fetchone()
+        return parse_lsn(row[0])
+
+    def end(self) -> None:
+        self.conn.rollback()
+        self.conn.autocommit = True
+
+    def rows(self, name: str) -> tuple[Any, Iterator[tuple[tuple[Any, ...], dict[str, Any]]]]:
+        """(codec, iterator of (key id, {PostgreSQL column: datum})) of a table."""
+        from psycopg import sql
+
+        from cdc.avro_envelope import Source, TableCodec
+        from cdc.pg_catalog import PgCatalog
+
+        t = self.tables[name]
+        catalog = PgCatalog(self.pg.dsn, self.pg.password)
+        codec = TableCodec(
+            db=self.db,
+            schema=t.schema,
+            table=t.table,
+            columns=t.columns,
+            catalog=catalog,
+            unchanged_sentinel=object(),
+            warn=lambda _m: None,
+            namespace_prefix=self.prefix,
+        )
+        catalog.close()
+        registry = SchemaRegistry([codec.value_schema_json])
+        key_fields = codec.key_field_names
+        names = dict(zip(codec.field_names, [c.name for c in t.columns], strict=True))
+        query = sql.SQL("select {} from {}").format(
+            sql.SQL(", ").join(
+                sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns
+            )
+            if t.columns
+            else sql.SQL("null"),
+            sql.Identifier(t.schema, t.table),
+        )
+        src = Source(self.db, t.schema, t.table, 0, 0, 0, 0, 0, "true")
+
+        def gen() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+            with self.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
+                cur.itersize = 5000
+                cur.execute(query)
+                for raw in cur:
+                    _, value = codec.encode_change(
+                        "r", None, list(raw) if t.columns else [], src, 0
+                    )
+                    after = decode(value, registry)["after"]
+                    named = {names[f]: v for f, v in after.items()}
+                    yield _key_id(after, key_fields), named
+
+        return codec, gen()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isnan(a) and math.isnan(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return False
+
+
+def _compare_table(
+    catalog: LogCatalog,
+    state: TableState | None,
+    name: str,
+    pg_rows: Iterator[tuple[tuple[Any, ...], dict[str, Any]]],
+    codec: Any,
+    counters: dict[str, int],
+) -> list[RowDiff]:
+    from relay.journal import column_types_from_value_schema
+
+    found = column_types_from_value_schema(json.loads(codec.value_schema_json))
+    pg_types = found[1] if found is not None else {}
+    pg_names = [c.name for c in codec.columns]
+    key_names = [c.name for c in codec.columns if c.is_key]
+    log_rows = dict(state.rows) if state is not None else {}
+    left = {k: r.count for k, r in log_rows.items()}  # rows of keyless tables not matched yet
+    keyed = bool(codec.key_field_names)
+    diffs: list[RowDiff] = []
+
+    def pg_text(column: str, value: Any) -> str | None:
+        from relay.journal import to_pg_text
+
+        if value is None:
+            return None
+        ct = pg_types.get(column)
+        j = _json_value(value)
+        return to_pg_text(ct, j) if ct is not None else _dumps(j)
+
+    for kid, pg_row in pg_rows:
+        counters["rows"] += 1
+        key = {c: _json_value(pg_row[c]) for c in key_names}
+        have = log_rows.get(kid)
+        if have is not None and not keyed:
+            left[kid] -= 1
+            if left[kid] <= 0:
+                del log_rows[kid]
+            continue
+        if have is None:
+            diffs.append(
+                RowDiff(
+                    name,
+                    "missing",
+                    key or _short(pg_row),
+                    [(c, None, pg_text(c, pg_row[c])) for c in pg_names],
+                )
+            )
+            continue
+        del log_rows[kid]
+        version = catalog.versions[have.fingerprint]
+        log_named = {
+            col: have.values[f]
+            for f, col in version.column_of().items()
+            if not (have.unknown and f in have.unknown)
+        }
+        counters["unknown"] += len(have.unknown or ())
+        delta = [
+            (
+                c,
+                _text(catalog, have.fingerprint, c, _json_value(log_named[c])),
+                pg_text(c, pg_row[c]),
+            )
+            for c in pg_names
+            if c in log_named and not _same(log_named[c], pg_row[c])
+        ]
+        if delta:
+            diffs.append(RowDiff(name, "differs", key, delta, format_position(have.position)))
+    for kid, row in log_rows.items():
+        version = catalog.versions[row.fingerprint]
+        cells = _named(catalog, row.fingerprint, row.values)
+        key = _key_of(version, row.values) if version.key_fields else _short(cells)
+        diffs.append(
+            RowDiff(
+                name,
+                "extra",
+                key,
+                [(c, _text(catalog, row.fingerprint, c, v), None) for c, v in cells.items()],
+                format_position(row.position),
+                left[kid],
+            )
+        )
+    return diffs
+
+
+def _short(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {c: _json_value(v) for c, v in list(row.items())[:4]}
+
+
+def verify(
+    source: LogSource,
+    pg: PgTarget,
+    tables: Sequence[str] | None = None,
+    *,
+    wait_s: float = 60.0,
+    rechecks: int = 2,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Rebuild the captured tables from the log and compare them with PostgreSQL."""
+    side: _PgSide | None = None
+    probe = _pg_connect(pg)
+    try:
+        pg_tables = _pg_tables(probe, pg, tables)
+        names = [f"{t.schema}.{t.table}" for t in pg_tables]
+        catalog = source.catalog()
+        in_log = [n for n in names if n in catalog.tables]
+        side = _PgSide(pg, source.prefix, pg_tables)
+        state = LogState(catalog, in_log)
+        reader = LogReader(source, in_log, progress=progress)
+        todo = names
+        diffs: list[RowDiff] = []
+        counters = {"rows": 0, "unknown": 0}
+        rows_compared = 0
+        attempt = 0
+        lsn = 0
+        try:
+            while True:
+                lsn = side.snapshot()
+                try:
+                    _wait_for_slot(probe, pg, lsn, wait_s)
+                    reader.refresh_ends()
+                    for ev in reader.events(stop=Bound(position=(lsn - 1, MAX_SEQ))):
+                        state.apply(ev)
+                    if reader.at_end():
+                        state.finish()
+                    counters["rows"] = 0
+                    found: list[RowDiff] = []
+                    for name in todo:
+                        codec, rows = side.rows(name)
+                        found += _compare_table(
+                            catalog, state.tables.get(name), name, rows, codec, counters
+                        )
+                finally:
+                    side.end()
+                if attempt == 0:
+                    rows_compared = counters["rows"]
+                diffs = [d for d in diffs if d.table not in todo] + found
+                if not found or attempt >= rechecks:
+                    break
+                attempt += 1
+                todo = sorted({d.table for d in found})
+                log.info("verify: %d differences in %s; checking them again", len(found), todo)
+            stats = reader.stats
+        finally:
+            reader.close()
+        return VerifyReport(
+            names,
+            rows_compared,
+            lsn,
+            diffs,
+            stats,
+            attempt,
+            counters["unknown"],
+            [n for n in names if n not in catalog.tables],
+        )
+    finally:
+        if side is not None:
+            side.close()
+        probe.close()
+
+
+def render_diff(report: VerifyReport, max_rows: int = 20) -> str:
+    """The differences, readable: per table a count line, then up to ``max_rows`` rows."""
+    out = io.StringIO()
+    by_table: dict[str, list[RowDiff]] = {}
+    for d in report.diffs:
+        by_table.setdefault(d.table, []).append(d)
+    for table, diffs in sorted(by_table.items()):
+        counts = {
+            k: sum(d.count for d in diffs if d.kind == k) for k in ("missing", "extra", "differs")
+        }
+        out.write(
+            f"{table}: {counts['missing']} missing from the log, {counts['extra']} only in the log, "
+            f"{counts['differs']} different\n"
+        )
+        for d in diffs[:max_rows]:
+            key = ", ".join(f"{k}={_short_text(v)}" for k, v in d.key.items())
+            if d.kind == "missing":
+                out.write(f"  missing  {key}: in PostgreSQL, not in the log\n")
+            elif d.kind == "extra":
+                times = f" ({d.count} rows)" if d.count > 1 else ""
+                out.write(
+                    f"  extra    {key}: in the log (last written at {d.log_position}), "
+                    f"not in PostgreSQL{times}\n"
+                )
+            else:
+                out.write(f"  differs  {key} (log as of {d.log_position}):\n")
+                for column, a, b in d.columns:
+                    out.write(
+                        f"             {column}: log {_short_text(a)}, PostgreSQL {_short_text(b)}\n"
+                    )
+        if len(diffs) > max_rows:
+            out.write(f"  … {len(diffs) - max_rows} more\n")
+    return out.getvalue()
+
+
+def _short_text(value: Any, limit: int = 60) -> str:
+    if value is None:
+        return "NULL"
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = repr(text) if isinstance(value, str) else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def read_csv(path: Path) -> list[dict[str, str | None]]:
+    """Rows of a CSV file written here; an empty unquoted field is NULL (None)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        text = fh.read()
+    records: list[list[str | None]] = []
+    fields: list[str | None] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == '"':
+            j, parts = i + 1, []
+            while True:
+                k = text.index('"', j)
+                parts.append(text[j:k])
+                if text.startswith('"', k + 1):
+                    parts.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            fields.append("".join(parts))
+        else:
+            k = i
+            while k < n and text[k] not in ",\r\n":
+                k += 1
+            fields.append(text[i:k] or None)
+            i = k
+        if text.startswith(",", i):
+            i += 1
+            continue
+        records.append(fields)
+        fields = []
+        i += 2 if text.startswith("\r\n", i) else 1
+    if not records:
+        return []
+    header = [h or "" for h in records[0]]
+    return [dict(zip(header, r, strict=True)) for r in records[1:]]
