@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -1633,10 +1634,9 @@ class Applier:
         self.topic_refresh_s = topic_refresh_s
         self.leading = threading.Event()
         self._stop = threading.Event()
-        self._consumer: Any = None
+        self._reader: _Reader | None = None
         self._producer: Any = None
-        self._partitions: set[int] = set()
-        self._last_refresh = 0.0
+        self._last_take = 0.0
 
     @property
     def stats(self) -> ApplyStats:
@@ -1702,79 +1702,51 @@ class Applier:
             admin.close()
 
     def _open(self) -> None:
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaProducer
 
         self._close_clients()
         self.ensure_topics()
-        self._consumer = KafkaConsumer(
-            **self.kafka,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-            max_poll_records=self.poll_max,
-        )
         self._producer = KafkaProducer(**self.kafka, acks="all", linger_ms=5)
-        self._partitions = set()
-        self._assign()
+        self._reader = _Reader(
+            self.kafka,
+            self.journal_topic,
+            self.db.shard,
+            self.db.shards,
+            self.db.load_offsets(self.journal_topic),
+            self.poll_max,
+            self.topic_refresh_s,
+        )
+        self._reader.start()
+        self._last_take = time.monotonic()
         self.publish_outbox()
 
-    def _assign(self) -> None:
-        from kafka import TopicPartition
-
-        self._last_refresh = time.monotonic()
-        db = self.db
-        parts = {
-            p
-            for p in self._consumer.partitions_for_topic(self.journal_topic) or ()
-            if p % db.shards == db.shard
-        }
-        new = sorted(set(parts) - self._partitions)
-        if not new:
-            return
-        offsets = self.db.load_offsets(self.journal_topic)
-        tps = [TopicPartition(self.journal_topic, p) for p in sorted(self._partitions | set(new))]
-        self._consumer.assign(tps)
-        for p in new:
-            tp = TopicPartition(self.journal_topic, p)
-            if p in offsets:
-                self._consumer.seek(tp, offsets[p])
-            else:
-                self._consumer.seek_to_beginning(tp)
-        self._partitions.update(new)
+    @property
+    def partitions(self) -> frozenset[int]:
+        """The ``_journal`` partitions this applier consumes (its shard's)."""
+        return frozenset(self._reader.partitions) if self._reader is not None else frozenset()
 
     def _close_clients(self) -> None:
-        for client in (self._consumer, self._producer):
-            if client is not None:
-                try:
-                    client.close()
-                except Exception as exc:  # closing must not hide the original problem
-                    log.debug("closing a Kafka client: %s", exc)
-        self._consumer = self._producer = None
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+        if self._producer is not None:
+            try:
+                self._producer.close()
+            except Exception as exc:  # closing must not hide the original problem
+                log.debug("closing the Kafka producer: %s", exc)
+            self._producer = None
 
     def step(self) -> int:
-        """Read up to ``4 * batch_max_entries`` records (or ``batch_max_ms``), apply them,
-        publish the outbox; returns the number of records read."""
-        if time.monotonic() - self._last_refresh > self.topic_refresh_s:
-            self._assign()
-        records = self._poll()
-        if records:
-            deliveries = [(Delivery(r.topic, r.partition, r.offset), r.value) for r in records]
+        """Apply what the reader fetched (up to ``4 * batch_max_entries`` records, waiting
+        at most ``batch_max_ms`` for the first), publish the outbox; returns the number of
+        records applied."""
+        assert self._reader is not None
+        deliveries = self._reader.take(max(self.batch_max_ms, 1) / 1000)
+        if deliveries:
+            self._last_take = time.monotonic()
             self.db.apply(deliveries, self.batch_max_entries)
         self.publish_outbox()
-        return len(records)
-
-    def _poll(self) -> list[Any]:
-        out: list[Any] = []
-        deadline = time.monotonic() + self.batch_max_ms / 1000
-        timeout_ms = max(self.batch_max_ms, 100)
-        while len(out) < self.poll_max:
-            batch = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.poll_max - len(out))
-            got = [r for tp in sorted(batch, key=lambda t: t.partition) for r in batch[tp]]
-            out.extend(got)
-            if not got or time.monotonic() >= deadline:
-                break
-            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
-        return out
+        return len(deliveries)
 
     def publish_outbox(self) -> int:
         """Send the outbox to ``_outcomes`` in id order; delete what Kafka acknowledged."""
@@ -1797,8 +1769,9 @@ class Applier:
             self._start()
         if not self.db.acquire_leadership():
             raise ApplierError(f"another applier of consumer {self.db.consumer!r} is running")
-        if self._consumer is None:
+        if self._reader is None:
             self._open()
+        self._last_take = time.monotonic()  # only an end seen from now on counts
         deadline = time.monotonic() + timeout
         quiet = 0
         while time.monotonic() < deadline and quiet < idle_polls:
@@ -1809,17 +1782,147 @@ class Applier:
         return self.stats
 
     def _at_end(self) -> bool:
-        self._assign()
-        tps = list(self._consumer.assignment())
-        if not tps:
-            return True
-        ends = self._consumer.end_offsets(tps)
-        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
+        """Nothing queued, and the reader found every partition at its end after the
+        last batch was taken."""
+        reader = self._reader
+        return reader is not None and reader.empty() and reader.idle_since > self._last_take
 
     def close(self) -> None:
         self._close_clients()
         self.db.release_leadership()
         self.db.close()
+
+
+class _Reader(threading.Thread):
+    """Owns the Kafka consumer of ``_journal`` and polls ahead into a bounded queue, so
+    fetching overlaps with the applier's database work.
+
+    Partitions of the shard are assigned as they appear (checked every ``refresh_s``)
+    and start at ``offsets`` (the stored ones; else at the beginning).  An error ends
+    the thread and is raised by the next :meth:`take`.  ``idle_since`` is the time of
+    the latest poll that found nothing and every partition at its end.
+    """
+
+    def __init__(
+        self,
+        kafka: Mapping[str, Any],
+        topic: str,
+        shard: int,
+        shards: int,
+        offsets: Mapping[int, int],
+        poll_max: int,
+        refresh_s: float,
+    ) -> None:
+        super().__init__(name=f"applier-reader-{topic}", daemon=True)
+        self.kafka = dict(kafka)
+        self.topic = topic
+        self.shard, self.shards = shard, shards
+        self.offsets = dict(offsets)
+        self.poll_max = poll_max
+        self.refresh_s = refresh_s
+        self.partitions: set[int] = set()
+        self.idle_since = 0.0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[list[tuple[Delivery, bytes | None]]] = queue.Queue(maxsize=4)
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(10)
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def take(self, wait_s: float) -> list[tuple[Delivery, bytes | None]]:
+        """Queued records, oldest first, at most about ``poll_max`` (waiting up to
+        ``wait_s`` for the first batch)."""
+        try:
+            out = self._queue.get(timeout=wait_s)
+        except queue.Empty:
+            out = []
+        if not out:
+            if self.error is not None:
+                raise self.error
+            if not self.is_alive() and not self._stopping.is_set():
+                raise ApplierError("the Kafka reader thread stopped")
+            return out
+        while len(out) < self.poll_max:
+            try:
+                out.extend(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # handed to the applier thread
+            self.error = exc
+
+    def _loop(self) -> None:
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(
+            **self.kafka,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            max_poll_records=self.poll_max,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        try:
+            refreshed = 0.0
+            while not self._stopping.is_set():
+                if time.monotonic() - refreshed > self.refresh_s or not self.partitions:
+                    self._assign(consumer)
+                    refreshed = time.monotonic()
+                polled = consumer.poll(timeout_ms=100, max_records=self.poll_max)
+                batch = [
+                    (Delivery(r.topic, r.partition, r.offset), r.value)
+                    for tp in sorted(polled, key=lambda t: t.partition)
+                    for r in polled[tp]
+                ]
+                if batch:
+                    self._put(batch)
+                elif self._at_end(consumer):
+                    self.idle_since = time.monotonic()
+        finally:
+            consumer.close()
+
+    def _put(self, batch: list[tuple[Delivery, bytes | None]]) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _assign(self, consumer: Any) -> None:
+        from kafka import TopicPartition
+
+        parts = {
+            p
+            for p in consumer.partitions_for_topic(self.topic) or ()
+            if p % self.shards == self.shard
+        }
+        new = sorted(parts - self.partitions)
+        if not new:
+            return
+        consumer.assign([TopicPartition(self.topic, p) for p in sorted(self.partitions | set(new))])
+        for p in new:
+            tp = TopicPartition(self.topic, p)
+            if p in self.offsets:
+                consumer.seek(tp, self.offsets[p])
+            else:
+                consumer.seek_to_beginning(tp)
+        self.partitions.update(new)
+
+    def _at_end(self, consumer: Any) -> bool:
+        tps = list(consumer.assignment())
+        if not tps:
+            return True
+        ends = consumer.end_offsets(tps)
+        return all(consumer.position(tp) >= ends[tp] for tp in tps)
 
 
 def _is_kafka_error(exc: BaseException) -> bool:
