@@ -422,7 +422,8 @@ def test_cli_json_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
     def synced() -> bool:
         r = runner.invoke(cli.app, ["sync", "--once", "--db", db, "--json"])
         assert r.exit_code == 0, r.output
-        return bool(json.loads(r.stdout)["ops"])
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from work_orders").fetchone() == (1,)
 
     wait_for(synced, timeout=30, what="cli sync")
     r = runner.invoke(cli.app, ["status", "--db", db, "--json"])
@@ -469,10 +470,14 @@ def test_encrypted_database_keeps_no_plaintext_on_disk(
     )
     assert r.exit_code == 0, r.output
 
-    def synced() -> bool:
+    seen = 0
+
+    def synced() -> bool:  # the part and the order
+        nonlocal seen
         r = runner.invoke(cli.app, ["sync", "--once", "--db", db, "--json"])
         assert r.exit_code == 0, r.output
-        return bool(json.loads(r.stdout)["ops"])
+        seen += json.loads(r.stdout)["ops"]
+        return seen >= 2
 
     wait_for(synced, timeout=30, what="encrypted sync")
     # an app opens it with SQLCipher and the key: reads and journaled writes work
