@@ -255,6 +255,7 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     stack.pg.execute("update work_orders set status = 'in_progress' where id = 1")
     sync_until(agent, lambda: journal_rows(agent)[0][2] == "synced", "the update synced")
     assert rows(agent)[0] == (1, "t1", "in_progress", "server note")
+    assert agent.conn.execute(f"select sum(mismatches) from {PREFIX}buckets").fetchone() == (0,)
     agent.close()
 
 
