@@ -373,7 +373,7 @@ def main() -> None:
         if "initial" in wanted:
             r = bench_initial(args.initial_rows, base, args.pg_dsn)
             print(
-                "\n| initial sync | rows | seconds (target ≤ 120) | rows/s | of which apply s | bytes received | messages |"
+                "\n| initial sync | rows | seconds (target ≤ 120) | rows/s | of which apply s | JSON bytes (inflated) | messages |"
             )
             print("| --- | --- | --- | --- | --- | --- | --- |")
             print(
