@@ -413,28 +413,36 @@ class DaemonThread:
 def run_daemon_drain(
     svc: Services, db: Db, events: int, confirm_at: int, timeout: float, profile: Path | None
 ) -> tuple[float, float, int]:
-    """Run the daemon from the slot's position until Kafka holds *events* events and
-    the daemon may confirm the slot past *confirm_at* (an LSN inside the last transaction).
+    """Run the daemon from the slot's position until Kafka holds all *events* events and
+    the daemon may confirm the slot past *confirm_at* (an LSN inside the last transaction,
+    before its commit record).
 
-    Returns (seconds from start until both hold, seconds until it was streaming,
-    sessions it needed: more than 1 means it lost a connection and started over).
+    Kafka holds them all when the daemon has counted *events* events in its Kafka commits,
+    or, after a lost session, when its flush position is past *confirm_at*: a commit that
+    timed out on the client may still have landed, and the next session then skips those
+    events instead of committing them again, so they are never counted.
+
+    Returns (seconds from start until then, seconds until it was streaming, sessions it
+    needed: more than 1 means it lost a connection or a Kafka commit and started over).
     """
     d = DaemonThread(daemon_settings(svc, db), profile=profile)
-    d.expect(events)
     t0 = d.start()
     try:
         d.wait_ready(timeout)
         ready = time.perf_counter() - t0
-        d.wait(timeout)
-        done = d.reached_at
         deadline = time.monotonic() + timeout
-        while d.daemon.stats.flushed_lsn < confirm_at:
-            if time.monotonic() > deadline:
+        while True:
+            stats = d.daemon.stats
+            if stats.flushed_lsn > confirm_at and (d.committed >= events or stats.sessions > 1):
+                done = time.perf_counter()
+                break
+            if d.error is not None or not d.thread.is_alive() or time.monotonic() > deadline:
                 raise SystemExit(
-                    f"cdc daemon committed every event but did not move its flush position past {format_lsn(confirm_at)}"
+                    f"cdc daemon did not write {events} events and confirm past {format_lsn(confirm_at)} "
+                    f"within {timeout:.0f}s (counted {d.committed}, flush position "
+                    f"{format_lsn(stats.flushed_lsn)}, sessions {stats.sessions}, error {d.error!r})"
                 )
             time.sleep(0.002)
-            done = time.perf_counter()
         return done - t0, ready, d.daemon.stats.sessions
     finally:
         d.stop()
@@ -696,8 +704,17 @@ def case_latency(res: Results, svc: Services, args: argparse.Namespace) -> None:
             if m_n is None or m_tps is None:
                 raise SystemExit(f"cannot read the writer's output: {out.stdout}")
             written, tps = int(m_n.group(1)), float(m_tps.group(1))
-            d.expect(1 + written)
-            d.wait(60)
+            end = current_lsn(db.dsn)
+            deadline = time.monotonic() + 120
+            while d.committed < 1 + written and not (
+                d.daemon.stats.sessions > 1 and d.daemon.stats.flushed_lsn >= end
+            ):
+                if d.error is not None or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"cdc daemon did not write the {written} paced transactions in time "
+                        f"(counted {d.committed - 1}, error {d.error!r})"
+                    )
+                time.sleep(0.01)
             lat = list(d.daemon.stats.commit_latencies_ms)
         finally:
             d.stop()
