@@ -38,7 +38,7 @@ def applier(
         typer.Option(
             "--config",
             "-c",
-            help="relay TOML config ([relay] and [journal]); FIELDSYNC_<SECTION>_<KEY> env vars override it.",
+            help="relay TOML config (sections relay and journal); FIELDSYNC_<SECTION>_<KEY> env vars override it.",
         ),
     ] = None,
     shard: Annotated[

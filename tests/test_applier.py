@@ -879,3 +879,20 @@ def test_benchmark_smoke(pg_server: Any, kafka_bootstrap: str) -> None:
     for line in rows:
         rate = line.split("|")[4].strip().replace(",", "")
         assert float(rate) > 0, line
+
+
+def test_cli_refuses_bad_configuration(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from relay.applier_cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["--config", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+    config = tmp_path / "relay.toml"
+    config.write_text("[journal]\nshards = 2\n")
+    no_dsn = runner.invoke(app, ["--config", str(config)])
+    assert no_dsn.exit_code == 2 and "journal.dsn" in no_dsn.output
+    config.write_text('[journal]\ndsn = "postgresql://x@127.0.0.1:1/db"\nshards = 2\n')
+    bad_shard = runner.invoke(app, ["--config", str(config), "--shard", "2"])
+    assert bad_shard.exit_code == 2 and "--shard 2" in bad_shard.output
