@@ -472,11 +472,18 @@ class ChangeEvent:
     topic: str
     partition: int
     offset: int
+    ts_us: int = 0  # when cdc encoded it
+
+    @property
+    def commit_ts_us(self) -> int:
+        """Commit time (µs); 0 for snapshot reads."""
+        return int(self.source.get("commit_ts_us") or 0)
 
     @property
     def time_us(self) -> int:
-        """Commit time (µs); 0 for snapshot reads."""
-        return int(self.source.get("commit_ts_us") or 0)
+        """The event's time for time bounds: its commit time, or for a snapshot read
+        (which has none) the time cdc read it."""
+        return int(self.source.get("commit_ts_us") or self.ts_us)
 
     @property
     def origin(self) -> str | None:
@@ -780,7 +787,7 @@ class LogReader:
             d = self._decode(record)
             source = d["source"]
             if start_time is not None or stop_time is not None:
-                at = source.get("commit_ts_us") or 0
+                at = source.get("commit_ts_us") or d["ts_us"]
                 if start_time is not None and at < start_time:
                     stats.skipped += 1
                     continue
@@ -806,6 +813,7 @@ class LogReader:
                 record.topic,
                 record.partition,
                 record.offset,
+                d["ts_us"],
             )
 
 
@@ -849,7 +857,7 @@ class RowVersion:
     values: dict[str, Any]  # Avro field name -> decoded datum
     fingerprint: bytes  # value schema of the event that wrote it
     position: Pos
-    time_us: int
+    time_us: int  # commit time (0: snapshot read)
     origin: str | None
     txid: int | None
     op: str
@@ -928,7 +936,7 @@ class TableState:
             values,
             ev.fingerprint,
             pos,
-            ev.time_us,
+            ev.commit_ts_us,
             ev.origin,
             ev.source.get("txid"),
             op,
@@ -1281,7 +1289,7 @@ def _history_step(
         values,
         ev.fingerprint,
         ev.position,
-        ev.time_us,
+        ev.commit_ts_us,
         ev.origin,
         ev.source.get("txid"),
         op,
@@ -1314,7 +1322,7 @@ def _item(
         unknown = sorted(names.get(f, f) for f in row.unknown)
     return {
         "position": format_position(ev.position),
-        "commit_time": format_time(ev.time_us),
+        "commit_time": format_time(ev.commit_ts_us),
         "op": ev.op,
         "change": kind,
         "origin": describe_origin(ev.origin, txid),
@@ -1718,7 +1726,7 @@ def event_json(catalog: LogCatalog, ev: ChangeEvent) -> dict[str, Any]:
         "position": format_position(ev.position),
         "commit_lsn": format_lsn(ev.position[0]),
         "seq": ev.position[1],
-        "commit_time": format_time(ev.time_us),
+        "commit_time": format_time(ev.commit_ts_us),
         "table": ev.table,
         "op": ev.op,
         "origin": ev.origin,
@@ -1750,7 +1758,8 @@ class _EventSink:
                 out.unlink()
             self._db = sqlite3.connect(out)
             cols = ", ".join(
-                f"{c} {'INTEGER' if c in ('seq', 'txid') else 'TEXT'}" for c in _EVENT_COLUMNS
+                f"{_quote(c)} {'INTEGER' if c in ('seq', 'txid') else 'TEXT'}"
+                for c in _EVENT_COLUMNS
             )
             self._db.execute(f"create table events ({cols})")
             self._db.commit()
@@ -1861,6 +1870,7 @@ class RowDiff:
     columns: list[tuple[str, str | None, str | None]]  # (column, log text, PostgreSQL text)
     log_position: str | None = None
     count: int = 1
+    bare: frozenset[str] = frozenset()  # columns printed without quotes (numbers, booleans)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -2040,10 +2050,10 @@ class _PgSide:
         registry = SchemaRegistry([codec.value_schema_json])
         key_fields = codec.key_field_names
         names = dict(zip(codec.field_names, [c.name for c in t.columns], strict=True))
+        # no ::text casts: the output function's text is what pgoutput sends (bool::text
+        # is 'true' where the output function prints 't'; inet::text adds the mask)
         query = sql.SQL("select {} from {}").format(
-            sql.SQL(", ").join(
-                sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns
-            )
+            sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
             if t.columns
             else sql.SQL("null"),
             sql.Identifier(t.schema, t.table),
@@ -2052,6 +2062,7 @@ class _PgSide:
 
         def gen() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
             with self.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
+                _raw_text(cur)
                 cur.itersize = 5000
                 cur.execute(query)
                 for raw in cur:
@@ -2066,6 +2077,17 @@ class _PgSide:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _raw_text(cur: Any) -> None:
+    """Make ``cur`` return every column as the text of its type's output function."""
+    import psycopg
+    from psycopg.types.string import TextLoader
+
+    for t in psycopg.postgres.types:
+        for oid in (t.oid, t.array_oid):
+            if oid:
+                cur.adapters.register_loader(oid, TextLoader)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -2093,6 +2115,7 @@ def _compare_table(
     found = column_types_from_value_schema(json.loads(codec.value_schema_json))
     pg_types = found[1] if found is not None else {}
     pg_names = [c.name for c in codec.columns]
+    bare = frozenset(c for c, ct in pg_types.items() if ct.kind.value in _BARE_KINDS)
     key_names = [c.name for c in codec.columns if c.is_key]
     log_rows = dict(state.rows) if state is not None else {}
     left = {k: r.count for k, r in log_rows.items()}  # rows of keyless tables not matched yet
@@ -2145,7 +2168,9 @@ def _compare_table(
             if c in log_named and not _same(log_named[c], pg_row[c])
         ]
         if delta:
-            diffs.append(RowDiff(name, "differs", key, delta, format_position(have.position)))
+            diffs.append(
+                RowDiff(name, "differs", key, delta, format_position(have.position), 1, bare)
+            )
     for kid, row in log_rows.items():
         version = catalog.versions[row.fingerprint]
         cells = _named(catalog, row.fingerprint, row.values)
@@ -2266,19 +2291,24 @@ def render_diff(report: VerifyReport, max_rows: int = 20) -> str:
             else:
                 out.write(f"  differs  {key} (log as of {d.log_position}):\n")
                 for column, a, b in d.columns:
+                    q = column not in d.bare
                     out.write(
-                        f"             {column}: log {_short_text(a)}, PostgreSQL {_short_text(b)}\n"
+                        f"             {column}: log {_short_text(a, q)}, "
+                        f"PostgreSQL {_short_text(b, q)}\n"
                     )
         if len(diffs) > max_rows:
             out.write(f"  … {len(diffs) - max_rows} more\n")
     return out.getvalue()
 
 
-def _short_text(value: Any, limit: int = 60) -> str:
+_BARE_KINDS: Final = frozenset({"bool", "int", "float", "decimal", "numeric"})
+
+
+def _short_text(value: Any, quote: bool = True, limit: int = 60) -> str:
     if value is None:
         return "NULL"
     text = value if isinstance(value, str) else json.dumps(value)
-    text = repr(text) if isinstance(value, str) else text
+    text = repr(text) if isinstance(value, str) and quote else text
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

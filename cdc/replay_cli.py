@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,6 +112,8 @@ def _errors() -> Iterator[None]:
     except (LogUnavailable, DatabaseUnavailable, LogBehind) as exc:
         _fail(exc, EXIT_UNAVAILABLE)
     except CdcError as exc:
+        _fail(exc, EXIT_RUNTIME)
+    except (OSError, sqlite3.Error) as exc:
         _fail(exc, EXIT_RUNTIME)
 
 
