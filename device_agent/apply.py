@@ -119,6 +119,7 @@ class _Bucket:
     count: int
     checksum: int
     fresh: bool  # holds no row: no old term to look up
+    recount: bool = False  # fresh in a bulk apply: count and checksum summed at the end
 
 
 # --------------------------------------------------------------------------- the batch
@@ -127,8 +128,11 @@ class _Bucket:
 class _Batch:
     """State of one apply transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, tables: dict[str, LocalTable]) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, tables: dict[str, LocalTable], bulk: bool = False
+    ) -> None:
         self.conn = conn
+        self.bulk = bulk
         self.tables = tables
         self.by_id = {t.id: t for t in tables.values()}
         self.table_json = {t.name: orjson.dumps(t.name) for t in tables.values()}
@@ -161,7 +165,8 @@ class _Batch:
                 f"select count, checksum from {PREFIX}buckets where id = ?", (bid,)
             ).fetchone()
             # count 0: no row to look up (a wrong count shows as a checksum mismatch)
-            b = _Bucket(bid, name, int(row[0]), int(row[1]), int(row[0]) == 0)
+            fresh = int(row[0]) == 0
+            b = _Bucket(bid, name, int(row[0]), int(row[1]), fresh, fresh and self.bulk)
             self.buckets[name] = b
         return b
 
@@ -176,7 +181,7 @@ class _Batch:
             self.dirty.add((tid, k))
         for key in [key for key in self.terms if key[0] == b.id]:
             del self.terms[key]
-        b.count, b.checksum, b.fresh = 0, 0, True
+        b.count, b.checksum, b.fresh, b.recount = 0, 0, True, self.bulk
         self.result.reset.append(name)
 
     # ---- ops
@@ -209,8 +214,9 @@ class _Batch:
             key = op["key"]
             k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
             tid = table.id
+            recount = b.recount
             ref = (b.id, tid, k)
-            old = terms[ref] if ref in terms else None
+            old = terms[ref] if not recount and ref in terms else None
             slow = table.multi or (tid, k) in held
             if op["op"] == "PUT":
                 data = op["data"]
@@ -218,12 +224,15 @@ class _Batch:
                 rk = f'"[{k}]",'.encode() if type(k) is int else dumps(row_key_text(key)) + b","
                 digest = sha256(heads[tid] + rk + dumps(data, option=_SORT) + b"]").digest()
                 term = u64(digest)[0]
-                if old is None:
+                if recount:  # summed from _fieldsync_rows at the end (no per-row state)
+                    pass
+                elif old is None:
                     b.count += 1
                     b.checksum += term
+                    terms[ref] = term
                 else:
                     b.checksum += term - old
-                terms[ref] = term
+                    terms[ref] = term
                 self.result.puts += 1
                 if self.unknown_kinds[tid]:
                     self.learn_kinds(table, data)
@@ -268,6 +277,7 @@ class _Batch:
                 if old is not None:
                     b.count -= 1
                     b.checksum -= old
+                if not recount:
                     terms[ref] = None
                 final[(tid, k, b.id)] = None
                 if slow:
@@ -512,6 +522,24 @@ class _Batch:
                 ),
             )
 
+    def recount_buckets(self) -> None:
+        """Count and checksum of the buckets filled from empty in this bulk apply, summed
+        from their terms in one scan (32-bit halves: SQLite's sums cannot overflow)."""
+        chosen = {b.id: b for b in self.buckets.values() if b.recount}
+        if not chosen:
+            return
+        for b in chosen.values():
+            b.count, b.checksum = 0, 0
+        marks = ",".join("?" * len(chosen))
+        for bid, count, high, low in self.conn.execute(
+            f"""select bucket, count(*), sum(term >> 32), sum(term & 4294967295)
+                from {PREFIX}rows where bucket in ({marks}) group by bucket""",
+            list(chosen),
+        ):
+            b = chosen[int(bid)]
+            b.count = int(count)
+            b.checksum = (int(high) * 4294967296 + int(low)) % CHECKSUM_MODULUS
+
     def save_buckets(self) -> None:
         for b in self.buckets.values():
             self.conn.execute(
@@ -633,11 +661,11 @@ def apply_messages(
     started = time.perf_counter()
     with transaction(conn):
         tables = load_tables(conn)
-        batch = _Batch(conn, tables)
+        bulk = total_ops is not None and total_ops >= bulk_ops
+        batch = _Batch(conn, tables, bulk)
         pending = [
             r[0] for r in conn.execute(f"select name from {PREFIX}buckets where reset_pending = 1")
         ]
-        bulk = total_ops is not None and total_ops >= bulk_ops
         guard = triggers.suspended(conn, tables.values()) if bulk else triggers.applying(conn)
         last: Message | None = None
         dropped: set[str] = set()
@@ -649,6 +677,7 @@ def apply_messages(
                 dropped.update(msg.get("dropped") or ())
                 last = msg
             batch.flush_dirty()
+        batch.recount_buckets()
         batch.save_buckets()
         if last is not None and (last.get("checkpoint") or {}).get("complete"):
             batch.verify(last["checkpoint"])
