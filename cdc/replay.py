@@ -543,7 +543,8 @@ class LogReader:
         self._topic_table: dict[str, str] = {}
         tps: list[Any] = []
         try:
-            for table in tables:
+            for name in tables:
+                table = self.catalog.resolve(name)
                 topic = self.catalog.topic(table)
                 self._topic_table[topic] = table
                 parts = self._consumer.partitions_for_topic(topic) or set()
@@ -555,6 +556,7 @@ class LogReader:
             self._paused: set[Any] = set()
             self._ends: dict[Any, int] = {}
             self._waiting: set[Any] = set()
+            self._on_idle: Callable[[], None] | None = None
             if tps:
                 self._consumer.assign(tps)
                 self._seek_start(start)
@@ -702,6 +704,8 @@ class LogReader:
             if not heap:
                 if not follow:
                     return None
+                if self._on_idle is not None:
+                    self._on_idle()
                 self._wait_for_more()
                 continue
             pos, _, tp = heap[0]
@@ -758,9 +762,12 @@ class LogReader:
         stop: Bound | None = None,
         follow: bool = False,
         prefilter: Prefilter | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> Iterator[ChangeEvent]:
         """Events in position order within the start bound (given at construction) and
-        ``stop``; ``follow``: keep waiting for new events at the end of the log."""
+        ``stop``; ``follow``: keep waiting for new events at the end of the log
+        (``on_idle`` is called before each wait, e.g. to flush output)."""
+        self._on_idle = on_idle
         stats = self.stats
         start = self._start
         start_pos = start.position if start is not None else None
@@ -1835,7 +1842,7 @@ def export_events(
     sink = _EventSink(out, fmt)
     try:
         with LogReader(source, names, start=start, progress=progress) as reader:
-            for ev in reader.events(stop=stop, follow=follow):
+            for ev in reader.events(stop=stop, follow=follow, on_idle=sink.flush):
                 sink.write(event_json(catalog, ev))
             stats = reader.stats
     finally:

@@ -7,7 +7,10 @@ multi-partition merge, and the errors (unknown table, empty range, broker down).
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,23 +22,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cdc.avro_envelope import Source, TableCodec
+from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from cdc.pg_types import ColumnSpec, MappingCatalog
 from cdc.replay import (
     MAX_SEQ,
+    Bound,
     KeySpec,
     LogCatalog,
+    LogReader,
     LogSource,
     LogState,
+    NoEvents,
     format_position,
     parse_bound,
     parse_position,
     parse_time,
     read_csv,
+    state_as_of,
 )
 from cdc.replay_cli import (
     EXIT_DIFFERENCES,
     EXIT_EMPTY,
+    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     app,
 )
@@ -48,7 +56,8 @@ from relay.journal import (
     encode_outcomes,
     entry_from_json,
 )
-from tests.cdc_support import make_settings, running_daemon, table_events
+from tests.cdc_support import make_settings, running_daemon, table_events, wait_for
+from tests.fix_kafka import read_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -608,3 +617,214 @@ def test_verify_reports_rows_postgresql_never_sent(env: Env) -> None:
     kinds = {(d["kind"], d["key"]["id"]) for d in as_json["differences"]}
     assert kinds == {("missing", 99), ("extra", 3), ("differs", 7)}
     assert as_json["ok"] is False and as_json["rows_compared"] == 10
+
+
+# --------------------------------------------------------------------------- log shapes
+
+
+def test_schema_versions_truncate_snapshot_duplicates_and_tombstones(env: Env) -> None:
+    from kafka import KafkaProducer
+
+    env.sql("create table s (id int primary key, a text, gone int)")
+    env.sql("insert into s values (1, 'snap', 7), (2, 'snap', 8)")  # read by the snapshot
+    with running_daemon(env.settings):
+        env.sql("insert into s values (3, 'v1', 9)")
+        env.sql("alter table s add column b numeric(6,2) default 1.5")
+        env.sql("insert into s values (4, 'v2', 10, 2.25)")
+        env.sql("alter table s drop column gone")
+        env.sql("update s set a = 'v3' where id = 1")
+        env.sql("alter table s alter column b type numeric(8,3)")
+        env.sql("insert into s values (5, 'v4', 3.125)")
+        cut = env.events("s", 6)[-1]
+        env.sql("truncate s")
+        env.sql("insert into s values (6, 'after truncate', null)")
+        events = env.events("s", 8)
+        assert [e["op"] for e in events] == ["r", "r", "c", "c", "u", "c", "t", "c"]
+        catalog = env.source.catalog()
+        assert len(catalog.tables["public.s"]) >= 4  # a schema version per shape
+
+        # re-deliver some records (same position header), and add a tombstone
+        records = read_topic(env.bootstrap, f"{env.prefix}.public.s")
+        producer = KafkaProducer(bootstrap_servers=env.bootstrap, acks="all")
+        try:
+            for r in records[2:5] + records[-2:]:
+                producer.send(
+                    r.topic,
+                    key=r.key,
+                    value=r.value,
+                    headers=list(r.headers),
+                    partition=r.partition,
+                )
+            producer.send(
+                records[0].topic, key=records[0].key, value=None, partition=records[0].partition
+            )
+            producer.flush()
+        finally:
+            producer.close()
+
+        state, stats = state_as_of(env.source, ["s"], None)
+        assert stats.duplicates == 5 and stats.tombstones == 1 and stats.events == 8
+        rows = {r.values["id"]: r.values for r in state.tables["public.s"].rows.values()}
+        assert list(rows) == [6] and rows[6]["a"] == "after truncate"
+
+        out = env.tmp / "before-truncate.csv"
+        env.cli("as-of", "--position", pos_text(cut), "-t", "s", "--out", str(out), "-q")
+        got = {r["id"]: r for r in read_csv(out)}
+        assert list(next(iter(got.values())))[:4] == [
+            "id",
+            "a",
+            "b",
+            "gone",
+        ]  # newest columns first
+        assert got["1"]["a"] == "v3" and got["1"]["gone"] is None and got["1"]["b"] == "1.50"
+        assert (
+            got["2"]["a"] == "snap" and got["2"]["gone"] == "8" and got["2"]["_commit_time"] is None
+        )
+        assert got["4"]["b"] == "2.25" and got["4"]["gone"] == "10"
+        assert got["5"]["b"] == "3.125" and got["5"]["gone"] is None
+
+        exported = env.tmp / "all.jsonl"
+        env.cli("export", "-t", "s", "--out", str(exported), "-q")
+        lines = jsonl(exported)
+        assert [x["position"] for x in lines] == [pos_text(e) for e in events]  # no duplicates
+        assert lines[0]["snapshot"] == "true" and lines[0]["commit_time"] is None
+        assert lines[6]["op"] == "t" and lines[6]["key"] is None
+
+        history = json.loads(env.cli("history", "-t", "s", "-k", "1", "-f", "json", "-q").stdout)
+        assert [v["change"] for v in history["versions"]] == ["snapshot read", "update", "truncate"]
+        assert history["versions"][1]["changed"] == ["a", "b"]  # b appeared in the new version
+        assert history["versions"][2]["row"] is None
+
+        result = env.cli("verify", "-q")
+        assert "agree" in result.stderr and "5 duplicates dropped" in result.stderr
+
+
+def test_partitions_are_merged_by_position(env: Env) -> None:
+    """A topic with several partitions (an operator may create them): the reader merges
+    them by position and drops a duplicate re-sent to another partition."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+
+    codec = _codec(env.prefix)
+    topic = f"{env.prefix}.public.t"
+    admin = KafkaAdminClient(bootstrap_servers=env.bootstrap)
+    admin.create_topics([NewTopic(topic, 3, 1), NewTopic(f"{env.prefix}._schemas", 1, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=env.bootstrap, acks="all")
+    try:
+        for schema in (codec.value_schema_json, codec.key_schema_json):
+            assert schema is not None
+            producer.send(f"{env.prefix}._schemas", value=schema.encode())
+        sent = []
+        for n in range(60):
+            lsn, seq = 0x1000 + n // 3, n % 3
+            k = n % 7
+            op = "c" if n < 7 else "u"
+            source = Source("app", "public", "t", lsn, lsn, 1, seq, 1_700_000_000_000_000 + n)
+            key, value = codec.encode_change(op, None, [str(k), f"v{n}"], source, 0)
+            header = [(POSITION_HEADER, position_header(lsn, seq))]
+            producer.send(topic, key=key, value=value, headers=header, partition=k % 3)
+            if n == 40:  # the same event again, on another partition
+                producer.send(topic, key=key, value=value, headers=header, partition=(k + 1) % 3)
+            sent.append(((lsn, seq), k, f"v{n}"))
+        producer.flush()
+    finally:
+        producer.close()
+    with LogReader(env.source, ["public.t"]) as reader:
+        got = [(ev.position, ev.after["id"], ev.after["v"]) for ev in reader.events() if ev.after]
+        assert reader.stats.duplicates == 1
+    assert got == sent
+    state, _ = state_as_of(env.source, ["t"], Bound(position=sent[29][0]))
+    expect = {k: v for _, k, v in sent[:30]}
+    assert {r.values["id"]: r.values["v"] for r in state.tables["public.t"].rows.values()} == expect
+    # a start position is found by binary search inside each partition
+    with LogReader(env.source, ["t"], start=Bound(position=sent[45][0])) as reader:
+        assert [ev.position for ev in reader.events()] == [p for p, _, _ in sent[45:]]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_table_empty_range_and_broker_down(env: Env, tmp_path: Path) -> None:
+    env.sql("create table t (id int primary key)")
+    with running_daemon(env.settings):
+        env.sql("insert into t values (1)")
+        (event,) = env.events("t", 1)
+    out = str(tmp_path / "x.jsonl")
+    result = env.cli(
+        "as-of", "--position", pos_text(event), "-t", "nope", "--out", out, "-q", code=EXIT_USAGE
+    )
+    assert "'nope' is not in the log" in result.stderr and "public.t" in result.stderr
+    result = env.cli("export", "-t", "t", "--to", "0/1", "--out", out, "-q", code=EXIT_EMPTY)
+    assert "no event of public.t" in result.stderr
+    result = env.cli(
+        "as-of", "--time", "2024-01-01", "--position", "0/1", "--out", out, code=EXIT_USAGE
+    )
+    assert "exactly one of --time and --position" in result.stderr
+    result = env.cli("as-of", "--position", "nonsense", "--out", out, code=EXIT_USAGE)
+    assert "not a position" in result.stderr
+    with pytest.raises(NoEvents, match="empty range"):
+        from cdc.replay import export_events
+
+        export_events(
+            env.source, None, parse_bound("0/20"), parse_bound("0/10"), tmp_path / "y", "jsonl"
+        )
+
+    from cdc.local_services import free_port
+
+    down = tmp_path / "down.toml"
+    down.write_text(
+        f"[postgres]\ndsn = {json.dumps(env.dsn)}\n"
+        f"[kafka]\nbootstrap_servers = '127.0.0.1:{free_port()}'\ntopic_prefix = {json.dumps(env.prefix)}\ntimeout_s = 2\n"
+    )
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["history", "-t", "t", "-k", "1", "--config", str(down)])
+    assert result.exit_code == EXIT_UNAVAILABLE, result.stderr
+    assert "cannot reach the Kafka broker" in result.stderr and "127.0.0.1" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
+    env.sql("create table t (id int primary key, v text)")
+    out = env.tmp / "follow.jsonl"
+    with running_daemon(env.settings):
+        env.sql("insert into t values (1, 'a')")
+        env.events("t", 1)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cdc.cli",
+                "replay",
+                "export",
+                "--follow",
+                "-t",
+                "t",
+                "--out",
+                str(out),
+                "--config",
+                str(env.config),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(
+                lambda: out.exists() and len(jsonl(out)) == 1, timeout=60, what="the first event"
+            )
+            env.sql("insert into t values (2, 'b')")
+            env.sql("update t set v = 'c' where id = 1")
+            lines = wait_for(
+                lambda: len(jsonl(out)) == 3 and jsonl(out), timeout=60, what="followed events"
+            )
+            assert [(x["op"], (x["after"] or {}).get("v")) for x in lines] == [
+                ("c", "a"),
+                ("c", "b"),
+                ("u", "c"),
+            ]
+            assert proc.poll() is None  # still following
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
