@@ -187,15 +187,19 @@ class Env:
             self._producer.send(f"{self.prefix}._journal", key=r.kafka_key, value=r.to_bytes())
         self._producer.flush()
 
-    def outcomes(self, expect: int | None = None) -> dict[tuple[str, int], Outcome]:
-        """The latest outcome per (device, seq) in ``_outcomes``."""
-        records = read_topic(self.bootstrap, f"{self.prefix}._outcomes", timeout=15, expect=expect)
-        latest: dict[tuple[str, int], Outcome] = {}
-        for r in records:
-            for o in decode_outcomes(r.value):
-                assert r.key == o.device_id.encode()
-                latest[(o.device_id, o.seq)] = o
-        return latest
+    def outcomes(self, expect: int = 0) -> dict[tuple[str, int], Outcome]:
+        """The latest outcome per (device, seq) in ``_outcomes`` (waiting for ``expect``)."""
+        deadline = time.monotonic() + 20
+        while True:
+            records = read_topic(self.bootstrap, f"{self.prefix}._outcomes", timeout=5)
+            latest: dict[tuple[str, int], Outcome] = {}
+            for r in records:
+                for o in decode_outcomes(r.value):
+                    assert r.key == o.device_id.encode()
+                    latest[(o.device_id, o.seq)] = o
+            if len(latest) >= expect or time.monotonic() > deadline:
+                return latest
+            time.sleep(0.2)
 
     def close(self) -> None:
         for a in self.appliers:
@@ -415,7 +419,10 @@ def test_ask_keeps_the_conflict_until_resolved_and_resolving_twice_is_harmless(e
     assert env.sql("select notes from work_orders where id = 1") == [("later",)]
     assert applier.db.open_conflicts() == []
     applier.step()  # publishes the outbox
-    assert env.outcomes(expect=2)[("d1", 1)].kind.value == "resolved"
+    wait_for(
+        lambda: env.outcomes()[("d1", 1)].kind.value == "resolved",
+        what="the resolved outcome in _outcomes",
+    )
     status = env.sql("select status, resolved_by from fieldsync_applier.conflicts")
     assert status == [("resolved", "dispatcher")]
 
