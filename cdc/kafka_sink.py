@@ -179,6 +179,7 @@ class TopicManager:
     def __init__(self, opts: KafkaOptions) -> None:
         self.opts = opts
         self._known: set[str] = set()
+        self.known = self._known  # read-only view for the per-event fast path
         self._admin: Any = None
 
     def _client(self) -> Any:
@@ -286,6 +287,8 @@ class KafkaTransactionalSink:
         return SinkUnavailable(message)
 
     def ensure_topic(self, topic: str) -> None:
+        if topic in self.topics.known:
+            return
         try:
             self.topics.ensure([topic])
         except SinkUnavailable:

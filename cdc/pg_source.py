@@ -272,9 +272,8 @@ class ReplicationStream:
             # n == 0: nothing buffered
             if deadline is None:
                 deadline = time.monotonic() + timeout
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
+            # even with no time left, look at the socket once: data may be waiting in the kernel
+            remaining = max(0.0, deadline - time.monotonic())
             try:
                 r, _, _ = select.select([self.fileno()], [], [], remaining)
             except (OSError, ValueError) as exc:

@@ -385,6 +385,8 @@ class CdcDaemon:
             if batch.confirm_lsn is not None and batch.confirm_lsn > self.stats.flushed_lsn:
                 self.stats.flushed_lsn = batch.confirm_lsn
                 stream.send_status(self.stats.flushed_lsn)
+            elif time.monotonic() - stream.last_status_sent >= pg.status_interval_s:
+                stream.send_status(self.stats.flushed_lsn)
             if self.on_commit is not None and batch.collected:
                 self.on_commit(batch.collected)
             log.debug(
@@ -412,6 +414,11 @@ class CdcDaemon:
                         batch.collected.append(out)
                     if batch.events >= k.batch_max_events:
                         flush()
+                    elif self.stats.events & 1023 == 0:
+                        # a long replay must not starve the walsender (wal_sender_timeout) nor the watchdog
+                        self._tick()
+                        if time.monotonic() - stream.last_status_sent >= pg.status_interval_s:
+                            stream.send_status(self.stats.flushed_lsn)
                 elif isinstance(out, OutSchema):
                     if batch.empty:
                         sink.begin()

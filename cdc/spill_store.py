@@ -28,6 +28,7 @@ from typing import BinaryIO
 from cdc import pgoutput_decoder as m
 
 _LEN = struct.Struct("!I")
+SPILL_BUFFER = 4 * 1024 * 1024
 
 
 class FileSpillStore:
@@ -50,7 +51,9 @@ class FileSpillStore:
     def append(self, xid: int, message: m.Message) -> None:
         f = self._files.get(xid)
         if f is None:
-            f = open(self._path(xid), "w+b")
+            # a large buffer: every refill of a small one releases the GIL for a read() and may
+            # wait up to the switch interval to get it back from kafka-python's network thread
+            f = open(self._path(xid), "w+b", buffering=SPILL_BUFFER)
             self._files[xid] = f
             self._sub_offsets[xid] = {}
         sub = getattr(message, "xid", None)
