@@ -388,7 +388,14 @@ def load_relay_settings(
 
     *environ* defaults to ``os.environ``.  Raises :class:`cdc.errors.ConfigError`.
     """
-    return RELAY_REGISTRY.load(path, environ)
+    if path is None:
+        return RELAY_REGISTRY.load(None, environ)
+    # One file serves `relay run` and `relay applier`: the applier's [journal] section is
+    # validated by relay.applier_settings, so it is set aside here (everything else is checked).
+    from cdc.settings_registry import _read_toml
+
+    data = {k: v for k, v in _read_toml(Path(path)).items() if k != "journal"}
+    return RELAY_REGISTRY.load_data(data, source=str(path), environ=environ)
 
 
 def render_docs_block() -> str:
