@@ -349,9 +349,6 @@ class DaemonThread:
         from cdc.pipeline import CdcDaemon
 
         self.committed = 0
-        self.target = -1
-        self.reached = threading.Event()
-        self.reached_at = 0.0
         self.daemon = CdcDaemon(settings, on_commit=self._on_commit, record_latency=record_latency)
         self.profile = profile
         self.error: BaseException | None = None
@@ -359,9 +356,6 @@ class DaemonThread:
 
     def _on_commit(self, events: Sequence[object]) -> None:
         self.committed += len(events)
-        if self.target >= 0 and self.committed >= self.target and not self.reached.is_set():
-            self.reached_at = time.perf_counter()
-            self.reached.set()
 
     def _run(self) -> None:
         prof = cProfile.Profile() if self.profile else None
@@ -371,18 +365,10 @@ class DaemonThread:
             self.daemon.run()
         except BaseException as exc:
             self.error = exc
-            self.reached.set()
         finally:
             if prof is not None and self.profile is not None:
                 prof.disable()
                 prof.dump_stats(str(self.profile))
-
-    def expect(self, total: int) -> None:
-        """Set ``reached`` once *total* events are committed in Kafka."""
-        self.target = total
-        if self.committed >= total:
-            self.reached_at = time.perf_counter()
-            self.reached.set()
 
     def start(self) -> float:
         t0 = time.perf_counter()
@@ -397,11 +383,27 @@ class DaemonThread:
                     f"cdc daemon did not start streaming within {timeout:.0f}s (error {self.error!r})"
                 )
 
-    def wait(self, timeout: float) -> None:
-        if not self.reached.wait(timeout) or self.error is not None:
-            raise SystemExit(
-                f"cdc daemon did not commit {self.target} events within {timeout:.0f}s (committed {self.committed}; error {self.error!r})"
-            )
+    def wait_written(self, events: int, past_lsn: int, timeout: float) -> float:
+        """Wait until Kafka holds *events* events (counted from the start) and the daemon's
+        flush position is past *past_lsn*; return the ``perf_counter`` time it saw both.
+
+        Kafka holds them when the daemon has counted that many in its Kafka commits or,
+        after a lost session, when its flush position is past *past_lsn* alone: a commit
+        that timed out on the client may still have landed, and the next session skips
+        those events instead of committing them again, so they are never counted.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.daemon.stats
+            if stats.flushed_lsn > past_lsn and (self.committed >= events or stats.sessions > 1):
+                return time.perf_counter()
+            if self.error is not None or not self.thread.is_alive() or time.monotonic() > deadline:
+                raise SystemExit(
+                    f"cdc daemon did not write {events} events and confirm past {format_lsn(past_lsn)} "
+                    f"within {timeout:.0f}s (counted {self.committed}, flush position "
+                    f"{format_lsn(stats.flushed_lsn)}, sessions {stats.sessions}, error {self.error!r})"
+                )
+            time.sleep(0.002)
 
     def stop(self) -> None:
         self.daemon.request_stop()
@@ -417,11 +419,6 @@ def run_daemon_drain(
     the daemon may confirm the slot past *confirm_at* (an LSN inside the last transaction,
     before its commit record).
 
-    Kafka holds them all when the daemon has counted *events* events in its Kafka commits,
-    or, after a lost session, when its flush position is past *confirm_at*: a commit that
-    timed out on the client may still have landed, and the next session then skips those
-    events instead of committing them again, so they are never counted.
-
     Returns (seconds from start until then, seconds until it was streaming, sessions it
     needed: more than 1 means it lost a connection or a Kafka commit and started over).
     """
@@ -430,19 +427,7 @@ def run_daemon_drain(
     try:
         d.wait_ready(timeout)
         ready = time.perf_counter() - t0
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = d.daemon.stats
-            if stats.flushed_lsn > confirm_at and (d.committed >= events or stats.sessions > 1):
-                done = time.perf_counter()
-                break
-            if d.error is not None or not d.thread.is_alive() or time.monotonic() > deadline:
-                raise SystemExit(
-                    f"cdc daemon did not write {events} events and confirm past {format_lsn(confirm_at)} "
-                    f"within {timeout:.0f}s (counted {d.committed}, flush position "
-                    f"{format_lsn(stats.flushed_lsn)}, sessions {stats.sessions}, error {d.error!r})"
-                )
-            time.sleep(0.002)
+        done = d.wait_written(events, confirm_at, timeout)
         return done - t0, ready, d.daemon.stats.sessions
     finally:
         d.stop()
@@ -686,10 +671,9 @@ def case_latency(res: Results, svc: Services, args: argparse.Namespace) -> None:
             # warm-up: topic creation and the first schema are not part of the figure
             with psycopg.connect(db.dsn, autocommit=True) as conn:
                 conn.execute("insert into t (h, n, ts) values ('warm-up', 0, now())")
-            d.expect(1)
-            d.wait(60)
-            d.reached.clear()
+            d.wait_written(1, current_lsn(db.dsn) - 1, 120)
             d.daemon.stats.commit_latencies_ms.clear()
+            counted = d.committed
             writer = _paced_writer(svc, db, args.rate, args.seconds, Path(tmp))
             log(f"{case}: {Path(writer[0]).name} writing")
             out = subprocess.run(
@@ -704,17 +688,7 @@ def case_latency(res: Results, svc: Services, args: argparse.Namespace) -> None:
             if m_n is None or m_tps is None:
                 raise SystemExit(f"cannot read the writer's output: {out.stdout}")
             written, tps = int(m_n.group(1)), float(m_tps.group(1))
-            end = current_lsn(db.dsn)
-            deadline = time.monotonic() + 120
-            while d.committed < 1 + written and not (
-                d.daemon.stats.sessions > 1 and d.daemon.stats.flushed_lsn >= end
-            ):
-                if d.error is not None or time.monotonic() > deadline:
-                    raise SystemExit(
-                        f"cdc daemon did not write the {written} paced transactions in time "
-                        f"(counted {d.committed - 1}, error {d.error!r})"
-                    )
-                time.sleep(0.01)
+            d.wait_written(counted + written, current_lsn(db.dsn) - 1, 120)
             lat = list(d.daemon.stats.commit_latencies_ms)
         finally:
             d.stop()
