@@ -6,6 +6,8 @@ Endpoints (all under ``/v1`` except the last two; every ``/v1`` call needs
     GET /v1/schema                           tables and columns this token may see
     GET /v1/changes?cursor=&limit=&wait=     ops after the cursor (long-poll up to ``wait`` s)
     GET /v1/checkpoint                       current checkpoint (checksums) of the device's buckets
+    POST /v1/journal, GET /v1/outcomes, GET /v1/conflicts, POST /v1/conflicts/{id}/resolve
+                                             device edits (relay/journal_api.py), when mounted
     WS  /v1/stream?cursor=                   the same change messages, pushed
     GET /openapi.json                        OpenAPI description (also /docs)
     GET /healthz                             liveness and store reachability (no auth)
@@ -56,7 +58,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 
 import orjson
 from fastapi import FastAPI, Query, Request, Security, WebSocket, WebSocketDisconnect
@@ -80,6 +82,9 @@ from relay.auth import Authenticator, DeviceIdentity
 from relay.bucket_store import BucketCheckpoint, BucketStore, Op, OpsPage
 from relay.errors import AuthError, DeviceRevoked, RelayError, TokenExpired
 from relay.rules import Rules
+
+if TYPE_CHECKING:
+    from relay.journal_api import JournalApi
 
 log = logging.getLogger("relay.api")
 _T = TypeVar("_T")
@@ -659,8 +664,10 @@ def create_app(
     rules: Rules,
     authenticator: Authenticator,
     config: ApiConfig | None = None,
+    journal: "JournalApi | None" = None,
 ) -> FastAPI:
-    """The device API app.  ``store`` is read-only here; the caller owns and closes it."""
+    """The device API app.  ``store`` is read-only here; the caller owns and closes it (and
+    ``journal``: with it, the journal endpoints of :mod:`relay.journal_api` are mounted)."""
     cfg = config or ApiConfig()
     state = ApiState(store, rules, authenticator, cfg, RateLimiter(cfg.rate_per_s, cfg.rate_burst))
     app = FastAPI(
@@ -765,6 +772,9 @@ def create_app(
         body = checkpoint_json(cps)
         body["complete"] = True
         return OrjsonResponse(body)
+
+    if journal is not None:
+        app.include_router(journal.router(identity))
 
     @app.websocket(f"/{API_VERSION}/stream")
     async def stream(websocket: WebSocket) -> None:

@@ -1,9 +1,12 @@
 """Running the relay: ``fieldsync relay run --config FILE``.
 
-One process serves the device API (:mod:`relay.api`, under uvicorn) and runs
-the bucket engine (:mod:`relay.bucket_engine`) in a thread; of several relay
-processes sharing a store, one engine leads and the others stand by, while all
-of them serve devices.  ``--no-engine`` serves the API only.
+One process serves the device API (:mod:`relay.api`, under uvicorn, with the
+journal endpoints of :mod:`relay.journal_api`) and runs the bucket engine
+(:mod:`relay.bucket_engine`) and the outcome feed (``{prefix}._outcomes`` into the
+store) in threads; of several relay processes sharing a store, one engine and one
+feed lead and the others stand by, while all of them serve devices.
+``--no-engine`` serves the API only.  The settings file may carry ``[journal]``
+(upload limits, the captured database for conflict resolutions).
 
 Start-up, in order: settings (relay/settings.py), the key store and revocation
 list, the bucket store (migrated), the tables the rules are checked against
@@ -33,6 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ import uvicorn
 from cdc.errors import ConfigError as CdcConfigError
 from cdc.systemd_notify import Notifier
 from relay.api import ApiConfig, create_app
+from relay.applier_settings import JournalSettings
 from relay.auth import Authenticator, KeyStore, RevocationList
 from relay.bucket_engine import (
     BucketEngine,
@@ -50,9 +55,10 @@ from relay.bucket_engine import (
     table_infos_from_registry,
 )
 from relay.errors import ConfigError, RelayError
+from relay.journal_api import RELAY_FILE_REGISTRY, JournalApi, RelayFileSettings, load_relay_file
 from relay.pg_bucket_store import PgBucketStore
 from relay.rules import Rules, TableInfo, check_rules_file, load_rules
-from relay.settings import RelaySettings, load_relay_settings
+from relay.settings import RelaySettings
 
 log = logging.getLogger("relay.server")
 
@@ -89,9 +95,10 @@ def api_config(settings: RelaySettings) -> ApiConfig:
     )
 
 
-def load_settings(path: str | Path | None) -> RelaySettings:
+def load_settings(path: str | Path | None) -> RelayFileSettings:
+    """The relay's settings file: ``[relay]``, ``[http]``, ``[auth]`` and ``[journal]``."""
     try:
-        return load_relay_settings(path)
+        return load_relay_file(path)
     except CdcConfigError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -187,20 +194,32 @@ class RelayServer:
 
     settings: RelaySettings
     run_engine: bool = True
+    journal: JournalSettings | None = None
 
     def run(self, on_ready: Callable[[str, int], None] | None = None) -> None:
         s = self.settings
+        journal_settings = self.journal or RELAY_FILE_REGISTRY.defaults().journal
         authenticator = build_authenticator(s)
         store = PgBucketStore(
             s.relay.store_dsn, group=s.relay.consumer_group, password=s.relay.store_password
         )
+        journal: JournalApi | None = None
         try:
             store.migrate()
             rules = load_bound_rules(s)
-            app = create_app(store, rules, authenticator, api_config(s))
-            with self._engine(store, rules), revocation_watcher(authenticator, s.auth.revoked_file):
+            journal = JournalApi.from_settings(
+                RelayFileSettings(s.relay, s.http, s.auth, journal_settings), rules
+            )
+            app = create_app(store, rules, authenticator, api_config(s), journal)
+            with (
+                self._engine(store, rules),
+                journal.feed.running() if journal.feed and self.run_engine else nullcontext(),
+                revocation_watcher(authenticator, s.auth.revoked_file),
+            ):
                 self._serve(app, on_ready)
         finally:
+            if journal is not None:
+                journal.close()
             store.close()
 
     @contextlib.contextmanager
@@ -289,10 +308,11 @@ class _Server(uvicorn.Server):
 
 def run(config_path: str | Path | None, run_engine: bool = True) -> None:
     """Load settings and run the relay until SIGINT/SIGTERM."""
-    settings = load_settings(config_path)
+    loaded = load_settings(config_path)
+    settings = loaded.relay_settings()
     logging.basicConfig(
         level=settings.relay.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    log.info("relay settings: %s", settings.redacted())
-    RelayServer(settings, run_engine).run()
+    log.info("relay settings: %s", RELAY_FILE_REGISTRY.redact(loaded))
+    RelayServer(settings, run_engine, loaded.journal).run()
