@@ -1334,7 +1334,7 @@ class JournalApi:
                 request.values,
             )
         except ConflictNotFound as exc:
-            raise ApiError(404, "not_found", str(exc)) from exc
+            raise ApiError(404, "conflict_not_found", str(exc)) from exc
         except ResolveError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from exc
         try:

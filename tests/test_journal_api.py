@@ -424,7 +424,7 @@ def test_upload_errors_have_the_one_shape(env: Env, client: TestClient) -> None:
         ),
         (
             404,
-            "not_found",
+            "conflict_not_found",
             client.post("/v1/conflicts/nope/resolve", json={"choice": "mine"}, headers=h),
         ),
         (405, "method_not_allowed", client.delete("/v1/journal", headers=h)),
