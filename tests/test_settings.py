@@ -545,10 +545,19 @@ def test_not_utf8(tmp_path: Path) -> None:
         load_cdc_settings(path, {})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(tmp_path: Path) -> None:
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "")
     path.chmod(0)
+    if os.geteuid() == 0:
+        # root reads any file: make the open itself fail as it does for other users
+        real_open = Path.open
+
+        def denied(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(ConfigError, match="permission denied"):
         load_cdc_settings(path, {})
 
