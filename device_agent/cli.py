@@ -45,7 +45,14 @@ from rich.table import Table
 
 from device_agent import crypto, local_db
 from device_agent.apply import local_checksums, refresh_rows
-from device_agent.errors import DeviceAgentError, EncryptionError, StateError, VerifyFailed
+from device_agent.client import JournalUnsupported
+from device_agent.errors import (
+    DeviceAgentError,
+    EncryptionError,
+    RelayUnreachable,
+    StateError,
+    VerifyFailed,
+)
 from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
 from device_agent.sync import Agent, init_database, wire_entries
 
@@ -621,8 +628,21 @@ def conflicts_resolve(
         unknown = [col for col in chosen if col not in t.columns]
         if unknown:
             raise StateError(f"{t.name} has no column(s) {', '.join(unknown)}")
+        resolution = "mine" if mine else "theirs" if theirs else "values"
+        server_id = (c["detail"] or {}).get("id")
+        on_server = False
+        if server_id is not None:  # the relay settles it (a new edit made there)
+            with contextlib.suppress(JournalUnsupported, RelayUnreachable):
+                agent = Agent(db, key=_key(db, key_file))
+                try:
+                    agent.client.resolve_conflict(
+                        str(server_id), resolution, chosen if values else None
+                    )
+                    on_server = True
+                finally:
+                    agent.close()
         with transaction(conn):
-            if chosen:  # a new edit, journaled by the triggers like an app's
+            if chosen and not on_server:  # a new edit, journaled by the triggers
                 sets = ", ".join(f"{local_db.q(col)} = ?" for col in chosen)
                 where = " and ".join(f"{local_db.q(col)} is ?" for col in t.key)
                 conn.execute(
@@ -630,7 +650,6 @@ def conflicts_resolve(
                     [local_db.to_sql(v) for v in chosen.values()]
                     + [local_db.to_sql(v) for v in c["key"]],
                 )
-            resolution = "mine" if mine else "theirs" if theirs else "values"
             conn.execute(
                 f"""update {PREFIX}conflicts set status = 'resolved', resolution = ?,
                         resolved_at = julianday('now') where id = ?""",
@@ -642,8 +661,14 @@ def conflicts_resolve(
         conn.close()
         _emit(
             as_json,
-            {"id": cid, "resolution": resolution, "pending_entries": new_entries},
-            f"conflict #{cid} resolved ({resolution}); the next sync uploads it",
+            {
+                "id": cid,
+                "resolution": resolution,
+                "on_server": on_server,
+                "pending_entries": new_entries,
+            },
+            f"conflict #{cid} resolved ({resolution}) "
+            + ("on the relay" if on_server else "locally; the next sync uploads it"),
         )
 
 

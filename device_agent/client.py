@@ -16,10 +16,11 @@
   again after a checksum mismatch) for cursors of the relay's ``c1.`` format and returns
   None for any other format (the caller then downloads everything again).
 
-Journal upload (``POST /v1/journal``, body ``{"entries": [...]}``, relay/journal.py) and
-outcomes (``GET /v1/outcomes``) are coded against the journal entry model; a relay
-without those endpoints answers 404, which :meth:`RelayClient.upload_journal` reports as
-:class:`JournalUnsupported` so the entries simply stay pending.
+Journal upload (``POST /v1/journal``, body ``{"entries": [...]}``, answer ``{"results":
+[{"seq", "status": "accepted"|"rejected", "reason", "message"}]}``, relay/journal.py and
+relay/journal_api.py), outcomes (``GET /v1/outcomes?after=``) and conflict resolution
+(``POST /v1/conflicts/{id}/resolve``); a relay without those endpoints answers 404, which
+is reported as :class:`JournalUnsupported`, so the entries simply stay pending.
 
 One :class:`RelayClient` per thread (httpx.Client is not shared across threads here).
 """
@@ -290,18 +291,47 @@ class RelayClient:
             raise
         return parse_upload_answer(answer, [int(e["seq"]) for e in entries])
 
-    def outcomes(self, since: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    def outcomes(self, after: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """Outcomes after the cursor ``after`` (``GET /v1/outcomes?after=``), every page;
+        :class:`JournalUnsupported` if the relay has no such endpoint."""
+        items: list[dict[str, Any]] = []
+        cursor = after
+        for _ in range(1000):
+            try:
+                answer = self.request("GET", "/v1/outcomes", {"after": cursor or 0})
+            except RelayRefused as exc:
+                if exc.status in (404, 405):
+                    raise JournalUnsupported(
+                        "the relay has no outcomes endpoint yet", exc.code, exc.status
+                    ) from exc
+                raise
+            if not isinstance(answer, dict):
+                break
+            items += [o for o in answer.get("outcomes") or () if isinstance(o, dict)]
+            if answer.get("cursor") is not None:
+                cursor = str(answer["cursor"])
+            if not answer.get("has_more"):
+                break
+        return items, cursor
+
+    def resolve_conflict(
+        self, conflict_id: str, choice: str, values: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Settle a kept conflict on the server (``POST /v1/conflicts/{id}/resolve``)."""
+        body: dict[str, Any] = {"choice": choice}
+        if values is not None:
+            body["values"] = dict(values)
         try:
-            answer = self.request("GET", "/v1/outcomes", {"since": since} if since else None)
+            answer: dict[str, Any] = self.request(
+                "POST", f"/v1/conflicts/{conflict_id}/resolve", body=body
+            )
         except RelayRefused as exc:
-            if exc.status in (404, 405):
+            if exc.status in (404, 405) and exc.code in ("not_found", "method_not_allowed", ""):
                 raise JournalUnsupported(
-                    "the relay has no outcomes endpoint yet", exc.code, exc.status
+                    "the relay cannot resolve conflicts (no endpoint)", exc.code, exc.status
                 ) from exc
             raise
-        items = answer.get("outcomes") if isinstance(answer, dict) else answer
-        cursor = answer.get("cursor") if isinstance(answer, dict) else None
-        return [o for o in items or () if isinstance(o, dict)], cursor
+        return answer
 
     # ---- WebSocket
 

@@ -41,6 +41,8 @@ from device_agent.errors import SchemaBlocked, StateError
 PREFIX: Final = "_fieldsync_"
 DB_VERSION: Final = 1
 BUSY_TIMEOUT_MS: Final = 30_000
+CACHE_KIB: Final = 262_144
+"""Page cache of the agent's connection (KiB; SQLite allocates it as pages are used)."""
 
 KINDS: Final = ("bool", "int", "float", "text", "json")
 
@@ -238,7 +240,7 @@ def connect(path: str, key: str | None = None) -> sqlite3.Connection:
     conn.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("pragma journal_mode = wal")
     conn.execute("pragma synchronous = normal")
-    conn.execute("pragma cache_size = -65536")
+    conn.execute(f"pragma cache_size = -{CACHE_KIB}")
     conn.execute("pragma temp_store = memory")
     return conn
 

@@ -171,10 +171,21 @@ def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
                         expect = ?, settled_at = julianday('now') where seq = ?""",
                 (status, orjson.dumps(o).decode(), o.get("reason"), o.get("message"), expect, seq),
             )
-            if status == "conflict" and o.get("conflict") is not None:
+            known = conn.execute(
+                f"select id from {PREFIX}conflicts where seq = ?", (seq,)
+            ).fetchone()
+            if status == "conflict" and o.get("conflict") is not None and known is None:
                 conn.execute(
                     f"""insert into {PREFIX}conflicts (seq, tbl, k, detail) values (?, ?, ?, ?)""",
                     (seq, tid, k, orjson.dumps(o["conflict"]).decode()),
+                )
+            if kind == "resolved" and known is not None:
+                conn.execute(
+                    f"""update {PREFIX}conflicts set status = 'resolved',
+                            resolution = coalesce(resolution, 'on the server'),
+                            resolved_at = coalesce(resolved_at, julianday('now'))
+                        where seq = ?""",
+                    (seq,),
                 )
             settled.append(seq)
             changed += 1
@@ -275,6 +286,7 @@ class Agent:
     def fetch_outcomes(self) -> int:
         try:
             items, cursor = self.client.outcomes(get_meta(self.conn, "outcomes_cursor"))
+            items = _latest_per_seq(items)
         except JournalUnsupported:
             return 0
         n = apply_outcomes(self.conn, items) if items else 0
@@ -452,6 +464,16 @@ class Agent:
             self.upload(report)
             msg = self.client.changes(self.cursor(), self.page_ops, poll_s)
             self.handle(msg, report)
+
+
+def _latest_per_seq(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest outcome of each seq, in order (a page may hold conflict then resolved)."""
+    latest: dict[int, dict[str, Any]] = {}
+    for o in outcomes:
+        if "seq" in o:
+            latest.pop(int(o["seq"]), None)
+            latest[int(o["seq"])] = o
+    return list(latest.values())
 
 
 def _expected_ops(msg: Mapping[str, Any]) -> int | None:

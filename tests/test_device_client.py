@@ -218,7 +218,9 @@ class MockRelay:
                 },
             )
         if path == "/v1/outcomes":
-            return httpx.Response(200, json={"outcomes": self.outcomes, "cursor": "o1"})
+            return httpx.Response(
+                200, json={"outcomes": self.outcomes, "cursor": 1, "has_more": False}
+            )
         return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
 
 
@@ -349,3 +351,34 @@ def test_reset_discards_edits_only_when_asked(tmp_path: Path) -> None:
     agent.sync_once()  # everything downloaded again
     assert agent.conn.execute("select id from work_orders").fetchall() == [(1,)]
     agent.close()
+
+
+def test_encryption_key_sources_in_order_and_key_file_permissions(tmp_path: Path) -> None:
+    from device_agent import crypto
+    from device_agent.errors import EncryptionError
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    key_file.chmod(0o644)
+    with pytest.raises(EncryptionError, match="readable by other users"):
+        crypto.find_key(tmp_path / "d.db", key_file, env={})
+    key_file.chmod(0o600)
+    assert crypto.find_key(tmp_path / "d.db", key_file, env={}) == "from-file"
+    assert crypto.find_key(tmp_path / "d.db", None, env={crypto.KEY_FILE_ENV: str(key_file)}) == (
+        "from-file"
+    )
+    env = {crypto.KEY_ENV: "from-env", crypto.KEY_FILE_ENV: str(key_file)}
+    assert crypto.find_key(tmp_path / "d.db", key_file, env=env) == "from-env"
+    with pytest.raises(EncryptionError, match="cannot read the key file"):
+        crypto.find_key(tmp_path / "d.db", tmp_path / "missing", env={})
+    plain = tmp_path / "plain.db"
+    sqlite3.connect(plain).execute("create table t (x)")
+    assert not crypto.is_encrypted(plain) and not crypto.is_encrypted(tmp_path / "none.db")
+    if crypto.available():
+        enc = str(tmp_path / "enc.db")
+        conn = crypto.connect_encrypted(enc, "k1")
+        conn.execute("create table t (x)")
+        conn.close()
+        assert crypto.is_encrypted(enc)
+        with pytest.raises(EncryptionError, match="key is wrong"):
+            crypto.connect_encrypted(enc, "k2")
