@@ -557,6 +557,7 @@ class LogReader:
             self._ends: dict[Any, int] = {}
             self._waiting: set[Any] = set()
             self._on_idle: Callable[[], None] | None = None
+            self._run: deque[tuple[Pos, Any]] = deque()  # taken from the buffers, not read yet
             if tps:
                 self._consumer.assign(tps)
                 self._seek_start(start)
@@ -695,8 +696,10 @@ class LogReader:
                     self._waiting |= fresh
                     self._fill(False)
 
-    def _next(self, follow: bool, stop: Pos | None) -> tuple[Pos, Any] | None:
-        """The next record in position order (None: the end, or the head is past stop)."""
+    def _next_run(self, follow: bool, stop: Pos | None) -> list[tuple[Pos, Any]] | None:
+        """The next records in position order: a run from the partition with the lowest
+        head, up to the next-lowest head of another partition (with one partition: all it
+        has buffered) and ``stop``.  None: the end of the read, or the head is past stop."""
         while True:
             if self._waiting:
                 self._fill(follow)
@@ -711,8 +714,18 @@ class LogReader:
             pos, _, tp = heap[0]
             if stop is not None and pos > stop:
                 return None
+            limit = stop
+            for i in (1, 2):  # the smallest head of the other partitions is a child of the root
+                if i < len(heap) and (limit is None or heap[i][0] < limit):
+                    limit = heap[i][0]
             buf = self._bufs[tp]
-            item = buf.popleft()
+            if limit is None or buf[-1][0] <= limit:
+                run = list(buf)
+                buf.clear()
+            else:
+                run = []
+                while buf and buf[0][0] <= limit:
+                    run.append(buf.popleft())
             if buf:
                 self._tick += 1
                 heapq.heapreplace(heap, (buf[0][0], self._tick, tp))
@@ -720,7 +733,7 @@ class LogReader:
                 heapq.heappop(heap)
                 if self._consumer.position(tp) < self._ends[tp]:
                     self._waiting.add(tp)
-            return item
+            return run
 
     def _wait_for_more(self) -> None:
         """Follow mode with nothing buffered: wait for new records (checks the broker)."""
@@ -738,7 +751,7 @@ class LogReader:
 
     def at_end(self) -> bool:
         """Nothing buffered and every partition read to the end offsets of the read."""
-        return not self._heap and not self._waiting
+        return not self._run and not self._heap and not self._waiting
 
     # -- events ------------------------------------------------------------------------
 
@@ -776,31 +789,44 @@ class LogReader:
         stop_time = stop.time_us if stop is not None else None
         slack_us = int(TIME_SLACK_S * 1_000_000)
         topic_table = self._topic_table
+        registry = self.catalog.registry
+        run = self._run
         while True:
-            item = self._next(follow, stop_pos)
-            if item is None:
-                return
-            pos, record = item
+            if not run:
+                got = self._next_run(follow, stop_pos)
+                if not got:
+                    if got is None:
+                        return
+                    continue
+                run.extend(got)
+            pos, record = run.popleft()
             if pos <= self._last:
                 stats.duplicates += 1
                 continue
-            self._last = pos
+            last, self._last = self._last, pos
             if start_pos is not None and pos < start_pos:
                 stats.skipped += 1
                 continue
             if prefilter is not None and not prefilter(record):
                 stats.skipped += 1
                 continue
-            d = self._decode(record)
+            value = record.value
+            try:
+                d = decode(value, registry)
+            except DecodeError:
+                d = self._decode(record)  # an unknown schema: read _schemas again
+                registry = self.catalog.registry
             source = d["source"]
             if start_time is not None or stop_time is not None:
-                at = source.get("commit_ts_us") or d["ts_us"]
+                at = source["commit_ts_us"] or d["ts_us"]
                 if start_time is not None and at < start_time:
                     stats.skipped += 1
                     continue
                 if stop_time is not None and at > stop_time:
                     stats.skipped += 1
                     if at > stop_time + slack_us:
+                        run.appendleft((pos, record))  # unread: a later call starts here
+                        self._last = last
                         return
                     continue
             stats.events += 1
@@ -816,7 +842,7 @@ class LogReader:
                 d["before_kind"],
                 d["unchanged"],
                 source,
-                bytes(record.value[2:10]),
+                value[2:10],
                 record.topic,
                 record.partition,
                 record.offset,
