@@ -737,7 +737,8 @@ class JournalProducer:
         from kafka.admin import NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(**self.kafka)
+        t_ms = int(self.config.kafka_timeout_s * 1000)
+        admin = KafkaAdminClient(**{**self.kafka, "bootstrap_timeout_ms": t_ms})
         try:
             topics = (self.config.journal_topic, self.config.outcomes_topic)
             missing = [t for t in topics if t not in set(admin.list_topics())]

@@ -580,7 +580,16 @@ def test_kafka_down_is_503_and_nothing_is_acknowledged(
     h = e.headers("tab-1")
     try:
         with TestClient(e.app, raise_server_exceptions=False) as c:
-            assert upload(c, h, entry("tab-1", 1, new={"qty": 6}))[0]["status"] == "accepted"
+            # unreachable from the start (no producer could be made yet)
+            proxied.proxy.refuse()
+            first = [entry("tab-1", 1, new={"qty": 6})]
+            r = c.post("/v1/journal", json={"entries": first}, headers=h)
+            assert r.status_code == 503, r.text
+            assert_error_shape(503, r.json(), "unavailable")
+            assert e.store.intake_lookup("tab-1", [1]) == {}
+            proxied.proxy.allow()
+            assert upload(c, h, *first)[0]["status"] == "accepted"
+            # unreachable while the producer is up: the records expire unacknowledged
             proxied.proxy.refuse()
             started = time.monotonic()
             r = c.post(
