@@ -410,6 +410,13 @@ def test_export_ranges_in_every_format(env: Env) -> None:
     assert json.loads(rows[-1]["after"] or "null") == {"id": 2, "v": "x"}
     assert rows[-1]["op"] == "u" and rows[-1]["origin"] is None
 
+    state_dir = env.tmp / "state"
+    env.cli(
+        "as-of", "--position", pos_text(every[-1]), "--format", "csv", "--out", str(state_dir), "-q"
+    )
+    assert sorted(p.name for p in state_dir.iterdir()) == ["public.t.csv", "public.u.csv"]
+    assert [r["w"] for r in read_csv(state_dir / "public.u.csv")] == ["10", "20", "30", "40", "50"]
+
     out_db = env.tmp / "all.sqlite"
     env.cli("export", "--out", str(out_db), "-q")
     with sqlite3.connect(out_db) as db:
@@ -783,6 +790,15 @@ def test_unknown_table_empty_range_and_broker_down(env: Env, tmp_path: Path) -> 
     assert "cannot reach the Kafka broker" in result.stderr and "127.0.0.1" in result.stderr
     assert time.monotonic() - started < 30
 
+    pg_down = tmp_path / "pg-down.toml"
+    pg_down.write_text(
+        f"[postgres]\ndsn = 'postgresql://nobody@127.0.0.1:{free_port()}/x'\n"
+        f"[kafka]\nbootstrap_servers = {json.dumps(env.bootstrap)}\ntopic_prefix = {json.dumps(env.prefix)}\n"
+    )
+    result = CliRunner().invoke(app, ["verify", "-q", "--config", str(pg_down)])
+    assert result.exit_code == EXIT_UNAVAILABLE, result.stderr
+    assert "cannot connect to PostgreSQL" in result.stderr
+
 
 def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
     env.sql("create table t (id int primary key, v text)")
@@ -828,3 +844,120 @@ def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
+
+
+APPLIER_RULES = """
+token_claims = ["technician"]
+
+[[bucket]]
+name = "tech"
+parameters = ["technician"]
+claims = { technician = "technician" }
+
+[[bucket.table]]
+table = "public.jobs"
+match = { technician = "technician" }
+"""
+APPLIER_CONFLICTS = """
+[[table]]
+table = "public.jobs"
+policy = "server_wins"
+"""
+
+
+def test_history_of_edits_applied_by_the_real_applier(env: Env) -> None:
+    """Device edits go through relay.applier (origin message, _outcomes): history shows
+    the device, the journal entry and the applier's outcome, and a refused edit."""
+    from relay.applier import Applier, ApplierDb
+
+    env.sql(
+        "create table jobs (id bigint primary key, technician text not null, status text not null, notes text)"
+    )
+    env.sql("insert into jobs values (5, 't1', 'open', 'n0')")
+    rules, conflicts = env.tmp / "rules.toml", env.tmp / "conflicts.toml"
+    rules.write_text(APPLIER_RULES)
+    conflicts.write_text(APPLIER_CONFLICTS)
+    applier = Applier(
+        ApplierDb(env.dsn, rules, conflicts),
+        kafka={"bootstrap_servers": env.bootstrap},
+        prefix=env.prefix,
+        batch_max_ms=20,
+    )
+    try:
+        with running_daemon(env.settings):
+            applier._start()
+            applier.ensure_topics()
+            base = {"id": 5, "technician": "t1", "status": "open", "notes": "n0"}
+
+            def record(device: str, seq: int, tech: str, new: dict[str, Any]) -> JournalRecord:
+                raw = {
+                    "seq": seq,
+                    "table": "public.jobs",
+                    "op": "update",
+                    "key": [5],
+                    "old": base,
+                    "new": new,
+                    "base": None,
+                    "hlc": Hlc(int(time.time() * 1000), 0, device).encode(),
+                    "prev_seq": None,
+                }
+                return JournalRecord(
+                    device,
+                    seq,
+                    entry_from_json(raw, device),
+                    {"sub": device, "technician": tech},
+                    None,
+                    int(time.time() * 1e6),
+                )
+
+            producer = env.producer()
+            for r in (
+                record("tab-1", 1, "t1", {"status": "done"}),
+                record("tab-2", 1, "t9", {"notes": "not mine"}),
+            ):
+                producer.send(f"{env.prefix}._journal", key=r.kafka_key, value=r.to_bytes())
+            producer.flush()
+            applier.run_until_idle(timeout=60)
+            wait_for(lambda: len(env.events("jobs", 2)) >= 2, what="the applied edit in the log")
+            wait_for(
+                lambda: len(read_topic(env.bootstrap, f"{env.prefix}._outcomes")) >= 2,
+                timeout=30,
+                what="outcomes",
+            )
+    finally:
+        applier.close()
+    report = json.loads(env.cli("history", "-t", "jobs", "-k", "5", "-f", "json", "-q").stdout)
+    snap, edit = report["versions"]
+    assert snap["change"] == "snapshot read" and snap["commit_time"] is None
+    assert edit["origin"]["kind"] == "device" and edit["origin"]["device_id"] == "tab-1"
+    assert edit["changed"] == ["status"] and edit["journal"]["seq"] == 1
+    assert edit["outcome"]["outcome"] in ("applied", "merged")
+    (refused,) = report["edits_without_version"]
+    assert (
+        refused["journal"]["device_id"] == "tab-2" and refused["outcome"]["outcome"] == "rejected"
+    )
+
+
+def test_benchmark_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
+    """bench/replay_bench.py end to end with tiny sizes (speed is never asserted)."""
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "replay_bench.py"), "--quick",
+        "--events", "3000", "--rows", "300", "--kafka-bootstrap", kafka_bootstrap,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert "## replay benchmark results" in out.stdout
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in out.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| case", "| ---"))
+    ]
+    cases = [r[0].split(" (")[0] for r in rows]
+    assert cases == [
+        "raw read", "replay decode", "as-of, end of log", "as-of, middle position",
+        "as-of state → sqlite file", "history of one row",
+    ]  # fmt: skip
+    for r in rows:
+        assert float(r[2]) >= 0, r  # seconds
+    assert float(rows[1][4]) > 0  # the ratio to the raw read
+    assert "target: replay decode >= 0.3" in out.stdout
