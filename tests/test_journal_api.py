@@ -559,6 +559,71 @@ def test_paging_outcomes(env: Env, client: TestClient) -> None:
     assert sorted(seen) == list(range(1, 8)) and len(seen) == 7
 
 
+def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
+    store_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    from kafka import KafkaProducer
+
+    from relay.journal import encode_outcomes
+
+    store = JournalStore(store_dsn)
+    store.migrate()
+    kafka = {"bootstrap_servers": kafka_bootstrap}
+    producer = KafkaProducer(**kafka, acks="all")
+    topic = f"{topic_prefix}._outcomes"
+
+    def publish(*outcomes: Outcome) -> None:
+        producer.send(topic, key=b"d", value=encode_outcomes(list(outcomes)))
+        producer.flush()
+
+    def feed_until(feed: OutcomeFeed, stored: int) -> None:
+        deadline = time.monotonic() + 30
+        while feed.stored < stored:
+            assert time.monotonic() < deadline, f"feed stored {feed.stored}, wanted {stored}"
+            feed.step()
+
+    first = OutcomeFeed(store, kafka, topic_prefix, refresh_s=0.2)
+    second = OutcomeFeed(store, kafka, topic_prefix, refresh_s=0.2)
+    try:
+        publish(_outcome(1, "applied", 0), _outcome(2, "conflict", 1))
+        publish(_outcome(2, "resolved", 2))
+        first._conn = store.lead(first.topic)
+        assert first._conn is not None
+        assert store.lead(first.topic) is None  # the second process stands by
+        feed_until(first, 2)
+        page = store.read_outcomes("d", 0, 10)
+        kinds = [(o["seq"], o["outcome"]) for o in map(orjson_loads, page.payloads)]
+        assert kinds == [(1, "applied"), (2, "resolved")]
+        first.close()  # releases the lock
+        publish(_outcome(2, "conflict", 1))  # a late re-publication: resolved stays
+        publish(_outcome(3, "rejected", 3))
+        second._conn = store.lead(second.topic)
+        assert second._conn is not None
+        read = 0
+        deadline = time.monotonic() + 30
+        while read < 2:
+            assert time.monotonic() < deadline
+            read += second.step()
+        for _ in range(5):
+            read += second.step()
+        assert read == 2  # from the stored offsets: the first feed's records not read again
+        assert second.stored == 1
+        later = store.read_outcomes("d", page.cursor, 10)
+        assert [orjson_loads(p)["seq"] for p in later.payloads] == [3]
+        assert store.open_conflicts("d", 10) == ([], False)
+    finally:
+        first.close()
+        second.close()
+        producer.close()
+        store.close()
+
+
+def orjson_loads(text: str) -> Any:
+    import orjson
+
+    return orjson.loads(text)
+
+
 # --------------------------------------------------------------------------- Kafka down
 
 
