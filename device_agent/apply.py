@@ -36,6 +36,7 @@ Everything happens on the caller's connection in the caller's thread; no network
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import sqlite3
 import struct
@@ -659,6 +660,27 @@ def apply_messages(
     ``reset_cursor(cursor, buckets)`` and are re-downloaded.  ``total_ops`` (when known)
     decides between flagging and suspending the triggers (:data:`BULK_OPS`)."""
     started = time.perf_counter()
+    collecting = gc.isenabled()
+    gc.disable()  # the ops are short-lived and acyclic: no cyclic GC passes over them
+    try:
+        return _apply_messages(
+            conn, messages, cursor, reset_cursor, bulk_ops, total_ops, finish, started
+        )
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _apply_messages(
+    conn: sqlite3.Connection,
+    messages: Iterable[Message],
+    cursor: str | None,
+    reset_cursor: Callable[[str | None, Sequence[str]], str | None] | None,
+    bulk_ops: int,
+    total_ops: int | None,
+    finish: Callable[[sqlite3.Connection], None] | None,
+    started: float,
+) -> ApplyResult:
     with transaction(conn):
         tables = load_tables(conn)
         bulk = total_ops is not None and total_ops >= bulk_ops
