@@ -500,3 +500,146 @@ def test_encrypted_database_keeps_no_plaintext_on_disk(
     monkeypatch.delenv(crypto.KEY_ENV)
     r = runner.invoke(cli.app, ["journal", "--db", db])
     assert r.exit_code in (0, 7)  # 0 only if an OS keyring happens to hold the key
+
+
+# --------------------------------------------------------------------------- with the journal
+
+
+CONFLICTS = """
+[[table]]
+table = "public.work_orders"
+policy = "server_wins"
+
+[table.columns]
+notes = "ask"
+"""
+
+
+@pytest.fixture
+def journal_stack(
+    pg_dsn: str,
+    store_dsn: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    tcp_proxy: Any,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    """The stack plus journal intake, the upstream applier and the outcome feed."""
+    from relay.applier import Applier, ApplierDb
+    from relay.journal_api import (
+        ConflictDesk,
+        JournalApi,
+        JournalApiConfig,
+        JournalProducer,
+        JournalStore,
+        OutcomeFeed,
+    )
+
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        for ddl in DDL:
+            pg.execute(ddl)
+        rules_path = tmp_path / "rules.toml"
+        rules_path.write_text(EXAMPLE_RULES.read_text())
+        conflicts_path = tmp_path / "conflicts.toml"
+        conflicts_path.write_text(CONFLICTS)
+        rules = load_rules(rules_path, table_infos_from_catalog(pg_dsn))
+        store = PgBucketStore(store_dsn)
+        store.migrate()
+        jstore = JournalStore(store_dsn)
+        jstore.migrate()
+        kafka = {"bootstrap_servers": kafka_bootstrap}
+        config = JournalApiConfig(prefix=topic_prefix, long_poll_s=5, kafka_timeout_s=10)
+        feed = OutcomeFeed(jstore, kafka, topic_prefix, refresh_s=0.5)
+        journal = JournalApi(
+            rules,
+            jstore,
+            JournalProducer(kafka, config),
+            config,
+            desk=ConflictDesk(ApplierDb(pg_dsn, rules_path, conflicts_path)),
+            feed=feed,
+        )
+        applier = Applier(
+            ApplierDb(pg_dsn, rules_path, conflicts_path),
+            kafka=kafka,
+            prefix=topic_prefix,
+            batch_max_ms=20,
+            topic_refresh_s=0.5,
+        )
+        engine = BucketEngine(
+            store, rules, kafka=kafka, prefix=topic_prefix, batch_max_ms=20, topic_refresh_s=1.0
+        )
+        keys = KeyStore([Key.hmac("k1", SECRET)], current="k1")
+        auth = Authenticator(keys)
+        app = create_app(store, rules, auth, ApiConfig(rate_per_s=0, long_poll_s=5), journal)
+        with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
+            threads = [threading.Thread(target=t, daemon=True) for t in (engine.run, applier.run)]
+            for t in threads:
+                t.start()
+            try:
+                with feed.running(), serve(app) as port:
+                    proxy = tcp_proxy("127.0.0.1", port)
+                    yield Stack(pg, f"http://{proxy.address}", proxy, auth, keys)
+            finally:
+                engine.request_stop()
+                applier.request_stop()
+                for t in threads:
+                    t.join(30)
+                engine.close()
+                applier.close()
+                journal.close()
+                store.close()
+
+
+def test_edits_go_upstream_and_come_back_with_outcomes(
+    journal_stack: Stack, tmp_path: Path
+) -> None:
+    stack = journal_stack
+    stack.order(1)
+    stack.order(2)
+    agent = new_agent(stack, tmp_path / "d.db")
+    sync_until(agent, lambda: len(rows(agent)) == 2, "two orders")
+    app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'in_progress' where id = 1")
+    report = agent.sync_once()
+    assert report.uploaded == 1 and not report.journal_note
+    assert journal_rows(agent)[0][2] in ("sent", "synced")
+    # the applier writes it to PostgreSQL; it comes back through cdc, the engine and the relay
+    wait_for(
+        lambda: (
+            stack.pg.execute("select status from work_orders where id = 1").fetchone()
+            == ("in_progress",)
+        ),
+        timeout=30,
+        what="the edit applied upstream",
+    )
+    sync_until(agent, lambda: journal_rows(agent)[0][2] == "synced", "the edit synced")
+    assert rows(agent)[0][2] == "in_progress"
+
+    # both sides change the notes of order 2 (policy ask): a kept conflict
+    app.execute("update work_orders set notes = 'device notes' where id = 2")
+    stack.pg.execute("update work_orders set notes = 'office notes' where id = 2")
+    agent.sync_once()
+    sync_until(
+        agent,
+        lambda: agent.conn.execute(f"select count(*) from {PREFIX}conflicts").fetchone() == (1,),
+        "the conflict outcome",
+    )
+    assert journal_rows(agent)[1][2] == "conflict"
+    sync_until(agent, lambda: rows(agent)[1][3] == "office notes", "the server's value shown")
+    agent.close()
+    db = str(tmp_path / "d.db")
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["conflicts", "resolve", "1", "--mine", "--db", db, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["on_server"] is True
+    agent = Agent(db, retry=FAST)
+    wait_for(
+        lambda: (
+            stack.pg.execute("select notes from work_orders where id = 2").fetchone()
+            == ("device notes",)
+        ),
+        timeout=30,
+        what="the resolution applied upstream",
+    )
+    sync_until(agent, lambda: rows(agent)[1][3] == "device notes", "the resolution back")
+    agent.close()
