@@ -6,7 +6,7 @@ what it reads is exactly the database as of the slot's consistent point: every
 later commit arrives through the stream, none twice, none missing.
 
 Rows are read with a server-side cursor in chunks (bounded memory), each column
-cast to text, which is the same text form pgoutput sends, so snapshot and stream
+as the text of its type's output function (what pgoutput sends; not ``::text``), so snapshot and stream
 events go through the same codec.  Positions are ``(consistent_point, seq)``
 with ``seq`` counting across all tables; every commit lands before the first
 streamed transaction (whose commit LSN is after the consistent point).
@@ -57,6 +57,21 @@ class SnapshotTable:
     schema: str
     table: str
     columns: tuple[ColumnSpec, ...]
+
+
+def output_function_text(cur: Any) -> None:
+    """Make ``cur`` return every column as its type's output-function text, unparsed.
+
+    That is exactly what pgoutput sends; ``::text`` casts are not (``bool::text`` is
+    ``true`` where the output function prints ``t``; ``inet::text`` adds the mask).
+    Types psycopg does not know (enums, domains' own oids) come back as text already.
+    """
+    from psycopg.types.string import TextLoader
+
+    for t in psycopg.postgres.types:
+        for oid in (t.oid, t.array_oid):
+            if oid:
+                cur.adapters.register_loader(oid, TextLoader)
 
 
 def published_tables(
@@ -113,12 +128,13 @@ def read_snapshot(
                 continue
             query = sql.SQL("select {} from {}").format(
                 sql.SQL(", ").join(
-                    sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns
+                    sql.Identifier(c.name) for c in t.columns
                 ),
                 sql.Identifier(t.schema, t.table),
             )
             n = 0
             with conn.cursor(name=f"fieldsync_snapshot_{t.oid}") as cur:
+                output_function_text(cur)
                 cur.itersize = chunk
                 cur.execute(query)
                 for row in cur:
