@@ -62,7 +62,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import queue
@@ -754,8 +753,15 @@ class JournalProducer:
     def _send_sync(self, records: Sequence[JournalRecord]) -> tuple[Any, list[Any]]:
         with self._lock:
             if self._producer is None:
-                self._ensure_topics()
-                self._producer = self._make()
+                # the producer first: a KafkaAdminClient that cannot bootstrap leaves its IO
+                # thread running (kafka-python 3.0.12), a producer does not
+                producer = self._make()
+                try:
+                    self._ensure_topics()
+                except BaseException:
+                    producer.close(timeout=0)
+                    raise
+                self._producer = producer
             producer = self._producer
         topic = self.config.journal_topic
         futures = [producer.send(topic, key=r.kafka_key, value=r.to_bytes()) for r in records]
@@ -1145,6 +1151,13 @@ class ResolveAnswer(BaseModel):
 _CHOICES: Final = {"mine": "device", "theirs": "server", "values": "values"}
 
 
+_NO_TYPES: Final[Mapping[str, Mapping[str, ColumnType]]] = {}
+
+
+def _no_types() -> Mapping[str, Mapping[str, ColumnType]]:
+    return _NO_TYPES
+
+
 def _error_docs() -> dict[int | str, dict[str, Any]]:
     from relay.api import ErrorMessage
 
@@ -1176,8 +1189,8 @@ class JournalApi:
         self.config = config
         self.desk = desk
         self.feed = feed
-        self.types: TypesSource = types or (desk.types if desk is not None else dict)
-        self._scopes: dict[tuple[str, int], WriteScope] = {}
+        self.types: TypesSource = types or (desk.types if desk is not None else _no_types)
+        self._scopes: dict[tuple[frozenset[str], int], WriteScope] = {}
 
     @classmethod
     def from_settings(cls, settings: RelayFileSettings, rules: Rules) -> "JournalApi":
@@ -1235,13 +1248,16 @@ class JournalApi:
     # ---- upload
 
     def _scope(self, claims: Mapping[str, Any]) -> WriteScope:
+        """The write scope of the buckets ``claims`` grant (shared by devices granted the
+        same buckets, remade when the column types change)."""
         types = self.types()
-        key = (json.dumps(claims, sort_keys=True, default=str), id(types))
+        granted = frozenset(self.rules.buckets_for_claims(claims))
+        key = (granted, id(types))
         found = self._scopes.get(key)
         if found is None:
             if len(self._scopes) > 10_000:
                 self._scopes.clear()
-            found = self._scopes[key] = WriteScope.for_claims(self.rules, claims, types)
+            found = self._scopes[key] = WriteScope(self.rules, granted, types)
         return found
 
     def _judge(
