@@ -71,11 +71,12 @@ import io
 import json
 import logging
 import math
+import os
 import sqlite3
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, Final, Literal
@@ -91,6 +92,7 @@ __all__ = [
     "Bound",
     "ChangeEvent",
     "DatabaseUnavailable",
+    "Format",
     "HistoryReport",
     "KeySpec",
     "LogBehind",
@@ -100,6 +102,7 @@ __all__ = [
     "LogState",
     "LogUnavailable",
     "NoEvents",
+    "PgTarget",
     "ReadStats",
     "ReplayError",
     "RowDiff",
@@ -107,12 +110,16 @@ __all__ = [
     "TableVersion",
     "UnknownTable",
     "VerifyReport",
+    "describe_origin",
+    "event_json",
     "export_events",
     "format_position",
     "format_time",
     "parse_bound",
     "parse_position",
     "parse_time",
+    "read_csv",
+    "render_diff",
     "row_history",
     "state_as_of",
     "verify",
@@ -254,11 +261,15 @@ class LogCatalog:
         self.versions: dict[bytes, TableVersion] = {}
         self.tables: dict[str, list[TableVersion]] = {}
         self._key_names: dict[bytes, dict[str, str]] = {}
+        self.schema_texts: list[str] = []  # as read, for decode workers
 
     def add(self, schema_json: str) -> None:
         from relay.journal import column_types_from_value_schema
 
+        known = len(self.registry)
         fp = self.registry.add(schema_json)
+        if len(self.registry) > known:
+            self.schema_texts.append(schema_json)
         if fp in self.versions:
             return
         parsed = json.loads(schema_json)
@@ -530,10 +541,15 @@ class LogReader:
         *,
         start: Bound | None = None,
         progress: Progress | None = None,
+        workers: int | None = None,
     ) -> None:
         from kafka import TopicPartition
 
         self.source = source
+        # decode worker processes for large reads (None: one when there are cores to spare;
+        # on two cores shared with other work it was no faster than decoding here)
+        self._workers = workers if workers is not None else (1 if (os.cpu_count() or 1) >= 4 else 0)
+        self._executor: Any = None
         self.catalog = source.catalog()
         self.stats = ReadStats()
         self._progress = progress
@@ -623,6 +639,9 @@ class LogReader:
         self.stats.total = self.stats.records + total + sum(len(b) for b in self._bufs.values())
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         self._consumer.close()
 
     def __enter__(self) -> LogReader:
@@ -779,7 +798,10 @@ class LogReader:
     ) -> Iterator[ChangeEvent]:
         """Events in position order within the start bound (given at construction) and
         ``stop``; ``follow``: keep waiting for new events at the end of the log
-        (``on_idle`` is called before each wait, e.g. to flush output)."""
+        (``on_idle`` is called before each wait, e.g. to flush output).
+
+        Records are selected (dedup, start position, ``prefilter``) here; their values are
+        decoded here or, for large reads, by a worker process while this one reads on."""
         self._on_idle = on_idle
         stats = self.stats
         start = self._start
@@ -789,11 +811,62 @@ class LogReader:
         stop_time = stop.time_us if stop is not None else None
         slack_us = int(TIME_SLACK_S * 1_000_000)
         topic_table = self._topic_table
-        registry = self.catalog.registry
+        selected = self._select(follow, stop_pos, start_pos, prefilter)
+        parallel = (
+            not follow and self._workers > 0 and stats.total - stats.records >= PARALLEL_MIN_RECORDS
+        )
+        decoded = self._decoded_parallel(selected) if parallel else self._decoded(selected)
+        after_stop: list[_Item] = []
+        try:
+            for pos, record, last, d in decoded:
+                source = d["source"]
+                if start_time is not None or stop_time is not None:
+                    at = source["commit_ts_us"] or d["ts_us"]
+                    if start_time is not None and at < start_time:
+                        stats.skipped += 1
+                        continue
+                    if stop_time is not None and at > stop_time:
+                        # after the bound: kept unread, so a later call starts with it
+                        after_stop.append((pos, record, last))
+                        if at > stop_time + slack_us:
+                            return
+                        continue
+                stats.events += 1
+                if stats.first_position is None:
+                    stats.first_position = pos
+                stats.last_position = pos
+                value = record.value
+                yield ChangeEvent(
+                    topic_table[record.topic],
+                    pos,
+                    d["op"],
+                    d["before"],
+                    d["after"],
+                    d["before_kind"],
+                    d["unchanged"],
+                    source,
+                    value[2:10],
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    d["ts_us"],
+                )
+        finally:
+            decoded.close()  # what it holds goes back to the run
+            if after_stop:
+                self._run.extendleft((p, r) for p, r, _ in reversed(after_stop))
+                self._last = after_stop[0][2]
+
+    def _select(
+        self, follow: bool, stop: Pos | None, start: Pos | None, prefilter: Prefilter | None
+    ) -> Iterator[_Item]:
+        """Records in position order that are no duplicates, not before ``start`` and
+        wanted by ``prefilter``: (position, record, the dedup position before it)."""
+        stats = self.stats
         run = self._run
         while True:
             if not run:
-                got = self._next_run(follow, stop_pos)
+                got = self._next_run(follow, stop)
                 if not got:
                     if got is None:
                         return
@@ -804,50 +877,121 @@ class LogReader:
                 stats.duplicates += 1
                 continue
             last, self._last = self._last, pos
-            if start_pos is not None and pos < start_pos:
+            if start is not None and pos < start:
                 stats.skipped += 1
                 continue
             if prefilter is not None and not prefilter(record):
                 stats.skipped += 1
                 continue
-            value = record.value
+            yield pos, record, last
+
+    def _decoded(self, items: Iterator[_Item]) -> Generator[_Decoded, None, None]:
+        registry = self.catalog.registry
+        for pos, record, last in items:
             try:
-                d = decode(value, registry)
+                d = decode(record.value, registry)
             except DecodeError:
                 d = self._decode(record)  # an unknown schema: read _schemas again
                 registry = self.catalog.registry
-            source = d["source"]
-            if start_time is not None or stop_time is not None:
-                at = source["commit_ts_us"] or d["ts_us"]
-                if start_time is not None and at < start_time:
-                    stats.skipped += 1
-                    continue
-                if stop_time is not None and at > stop_time:
-                    stats.skipped += 1
-                    if at > stop_time + slack_us:
-                        run.appendleft((pos, record))  # unread: a later call starts here
-                        self._last = last
-                        return
-                    continue
-            stats.events += 1
-            if stats.first_position is None:
-                stats.first_position = pos
-            stats.last_position = pos
-            yield ChangeEvent(
-                topic_table[record.topic],
-                pos,
-                d["op"],
-                d["before"],
-                d["after"],
-                d["before_kind"],
-                d["unchanged"],
-                source,
-                value[2:10],
-                record.topic,
-                record.partition,
-                record.offset,
-                d["ts_us"],
+            yield pos, record, last, d
+
+    def _decoded_parallel(self, items: Iterator[_Item]) -> Generator[_Decoded, None, None]:
+        """Like :meth:`_decoded`, values decoded by worker processes in batches, in order.
+        A worker that cannot start or dies leaves the decoding to this process.  Closed
+        early (a time bound was passed), it puts the records it holds back into the run,
+        so a later read starts with them."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        unusable = (BrokenProcessPool, RuntimeError, OSError)
+        pool: Any = self._pool()
+        depth = 2 * self._workers
+        pending: deque[tuple[list[_Item], Any]] = deque()  # (items, future or None: here)
+        batch: list[_Item] = []
+        current: list[_Item] = []
+        index = 0
+        try:
+            while True:
+                item = next(items, None)
+                if item is not None:
+                    batch.append(item)
+                if batch and (item is None or len(batch) >= _DECODE_BATCH):
+                    future = None
+                    if pool is not None:
+                        try:
+                            future = pool.submit(_decode_values, [i[1].value for i in batch])
+                        except unusable as exc:
+                            log.warning("replay decode worker unusable (%s); decoding here", exc)
+                            pool = None
+                    pending.append((batch, future))
+                    batch = []
+                while pending and (item is None or len(pending) > depth):
+                    current, future = pending.popleft()
+                    index = 0
+                    results: list[dict[str, Any] | None] = [None] * len(current)
+                    if future is not None:
+                        try:
+                            results = future.result()
+                        except unusable as exc:
+                            log.warning("replay decode worker died (%s); decoding here", exc)
+                            pool = None
+                    while index < len(current):
+                        pos, record, last = current[index]
+                        d = results[index]
+                        index += 1
+                        if d is None:
+                            d = self._decode(record)
+                        yield pos, record, last, d
+                    current = []
+                if item is None:
+                    return
+        finally:
+            leftover = current[index:]
+            for held, waiting in pending:
+                if waiting is not None:
+                    waiting.cancel()
+                leftover += held
+            leftover += batch
+            self._run.extendleft((pos, record) for pos, record, _ in reversed(leftover))
+
+    def _pool(self) -> Any:
+        if self._executor is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._executor = ProcessPoolExecutor(
+                max_workers=self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(list(self.catalog.schema_texts),),
             )
+        return self._executor
+
+
+_Item = tuple[Pos, Any, Pos]  # (position, Kafka record, dedup position before it)
+_Decoded = tuple[Pos, Any, Pos, dict[str, Any]]  # _Item and the decoded value
+#: Reads expecting at least this many records decode in a worker process.
+PARALLEL_MIN_RECORDS = 50_000
+_DECODE_BATCH: Final = 2_000
+_worker_registry: SchemaRegistry | None = None
+
+
+def _init_worker(schemas: list[str]) -> None:
+    global _worker_registry
+    _worker_registry = SchemaRegistry(schemas)
+
+
+def _decode_values(values: list[bytes]) -> list[dict[str, Any] | None]:
+    """Decode in a worker process; None where the schema is unknown there (the parent
+    decodes those itself, after reading ``_schemas`` again)."""
+    registry = _worker_registry
+    assert registry is not None
+    out: list[dict[str, Any] | None] = []
+    for value in values:
+        try:
+            out.append(decode(value, registry))
+        except DecodeError:
+            out.append(None)
+    return out
 
 
 def _probe(consumer: Any, tp: Any, offset: int, end: int, source: LogSource) -> Pos | None:

@@ -961,3 +961,50 @@ def test_benchmark_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
         assert float(r[2]) >= 0, r  # seconds
     assert float(rows[1][4]) > 0  # the ratio to the raw read
     assert "target: replay decode >= 0.3" in out.stdout
+
+
+def test_decode_worker_gives_the_same_events_and_resumes_after_a_time_bound(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker-process decoding (large reads) hands out exactly what decoding in the
+    reader does; a read ended by a time bound continues where it stopped."""
+    from kafka import KafkaProducer
+
+    import cdc.replay
+
+    codec = _codec(env.prefix)
+    producer = KafkaProducer(bootstrap_servers=env.bootstrap, acks="all")
+    t0 = 1_700_000_000_000_000
+    try:
+        for schema in (codec.value_schema_json, codec.key_schema_json):
+            assert schema is not None
+            producer.send(f"{env.prefix}._schemas", value=schema.encode())
+        for n in range(5000):
+            lsn = 0x10000 + n
+            source = Source("app", "public", "t", lsn, lsn, 1, 0, t0 + n * 1_000_000)
+            key, value = codec.encode_change(
+                "c" if n < 100 else "u", None, [str(n % 100), f"v{n}"], source, 0
+            )
+            producer.send(f"{env.prefix}.public.t", key=key, value=value,
+                          headers=[(POSITION_HEADER, position_header(lsn, 0))])  # fmt: skip
+        producer.flush()
+    finally:
+        producer.close()
+    monkeypatch.setattr(cdc.replay, "PARALLEL_MIN_RECORDS", 0)
+
+    def read(workers: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        with LogReader(env.source, ["t"], workers=workers) as reader:
+            stop = Bound(time_us=t0 + 3000 * 1_000_000)  # stops 60 s (the slack) later
+            first = [(e.position, e.after) for e in reader.events(stop=stop)]
+            rest = [(e.position, e.after) for e in reader.events()]
+            assert reader.stats.events == 5000
+        return first, rest
+
+    inline = read(0)
+    parallel = read(1)
+    assert parallel == inline
+    first, rest = inline
+    assert len(first) == 3001 and [p for p, _ in first + rest] == sorted(
+        {p for p, _ in first + rest}
+    )
+    assert len(first) + len(rest) == 5000
