@@ -20,7 +20,9 @@ Cases, each reading the whole topic from the beginning with the same consumer se
 
 1. ``raw read``: kafka-python records, touching each value's bytes (the limit);
 2. ``replay decode``: :class:`cdc.replay.LogReader` (position header, dedup check,
-   ``cdc.avro_envelope.decode`` of every value, one :class:`ChangeEvent` each);
+   ``cdc.avro_envelope.decode`` of every value, one :class:`ChangeEvent` each), decoding
+   in the reading process (the default below 4 CPUs); once more (one run, against a raw
+   run just before it) with one decode worker process (the default from 4 CPUs);
 3. ``as-of, end of log``: :func:`cdc.replay.state_as_of` (decode and apply every event:
    the tables' rows at the end);
 4. ``as-of, middle``: the same, stopping at the position of the middle event;
@@ -55,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import cdc.replay  # noqa: E402
 from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
 from cdc.local_services import EmbeddedBroker  # noqa: E402
 from cdc.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
@@ -229,10 +232,11 @@ def raw_read(source: LogSource, prefix: str) -> tuple[int, float]:
         consumer.close()
 
 
-def replay_read(source: LogSource) -> tuple[int, float]:
+def replay_read(source: LogSource, workers: int = 0) -> tuple[int, float]:
+    cdc.replay.PARALLEL_MIN_RECORDS = 0  # the worker decodes whatever the size
     started = time.perf_counter()
     n = 0
-    with LogReader(source, [TABLE]) as reader:
+    with LogReader(source, [TABLE], workers=workers) as reader:
         for _ev in reader.events():
             n += 1
     return n, time.perf_counter() - started
@@ -263,6 +267,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["replay_s"] = min(s for _, s in rep)
         # each replay run against the raw run just before it (similar load on the machine)
         results["ratios"] = sorted(r_s / p_s for (_, r_s), (_, p_s) in zip(raw, rep, strict=True))
+        raw_w = raw_read(source, prefix)
+        n_w, results["worker_s"] = replay_read(source, workers=1)
+        assert n_w == args.events
+        results["worker_ratio"] = raw_w[1] / results["worker_s"]
 
         started = time.perf_counter()
         state, _stats = state_as_of(source, [TABLE], None)
@@ -309,6 +317,8 @@ def table(r: dict[str, Any]) -> str:
         f"| raw read (kafka-python, the limit) | {n:,} | {r['raw_s']:.1f} | {raw_rate:,.0f} | 1.00 |",
         f"| replay decode (LogReader) | {n:,} | {r['replay_s']:.1f} | {rep_rate:,.0f} | "
         f"{ratio:.2f} |",
+        f"| replay decode, 1 worker process | {n:,} | {r['worker_s']:.1f} | "
+        f"{n / r['worker_s']:,.0f} | {r['worker_ratio']:.2f} |",
         f"| as-of, end of log ({r['asof_rows']:,} rows) | {n:,} | {r['asof_end_s']:.1f} | "
         f"{n / r['asof_end_s']:,.0f} | {n / r['asof_end_s'] / raw_rate:.2f} |",
         f"| as-of, middle position ({r['asof_mid_rows']:,} rows) | {r['asof_mid_events']:,} | "

@@ -1344,6 +1344,7 @@ def row_history(
     stop: Bound | None = None,
     journal: bool = True,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> HistoryReport:
     """Every version of the row with ``key`` in ``table`` (position order).
 
@@ -1385,7 +1386,7 @@ def row_history(
 
     versions: list[dict[str, Any]] = []
     current: RowVersion | None = None
-    with LogReader(source, [table], start=start, progress=progress) as reader:
+    with LogReader(source, [table], start=start, progress=progress, workers=workers) as reader:
         for ev in reader.events(stop=stop, prefilter=prefilter):
             version = catalog.versions.get(ev.fingerprint)
             if version is None:
@@ -1658,12 +1659,13 @@ def state_as_of(
     bound: Bound | None,
     *,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> tuple[LogState, ReadStats]:
     """The tables' rows after every event up to ``bound`` (None: the whole log)."""
     catalog = source.catalog()
     names = _all_tables(catalog, tables)
     state = LogState(catalog, names)
-    with LogReader(source, names, progress=progress) as reader:
+    with LogReader(source, names, progress=progress, workers=workers) as reader:
         for ev in reader.events(stop=bound):
             state.apply(ev)
         if reader.at_end():
@@ -2002,6 +2004,7 @@ def export_events(
     *,
     follow: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> ReadStats:
     """Write every event of ``tables`` between ``start`` and ``stop`` (both inclusive) in
     position order; ``follow``: then keep writing new events until interrupted (or until
@@ -2011,7 +2014,7 @@ def export_events(
     _check_range(start, stop)
     sink = _EventSink(out, fmt)
     try:
-        with LogReader(source, names, start=start, progress=progress) as reader:
+        with LogReader(source, names, start=start, progress=progress, workers=workers) as reader:
             for ev in reader.events(stop=stop, follow=follow, on_idle=sink.flush):
                 sink.write(event_json(catalog, ev))
             stats = reader.stats
@@ -2377,6 +2380,7 @@ def verify(
     wait_s: float = 60.0,
     rechecks: int = 2,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
     """Rebuild the captured tables from the log and compare them with PostgreSQL."""
     side: _PgSide | None = None
@@ -2388,7 +2392,7 @@ def verify(
         in_log = [n for n in names if n in catalog.tables]
         side = _PgSide(pg, source.prefix, pg_tables)
         state = LogState(catalog, in_log)
-        reader = LogReader(source, in_log, progress=progress)
+        reader = LogReader(source, in_log, progress=progress, workers=workers)
         todo = names
         diffs: list[RowDiff] = []
         counters = {"rows": 0, "unknown": 0}

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, format_lsn
 from cdc.replay import (
     Bound,
     DatabaseUnavailable,
@@ -79,6 +79,13 @@ ConfigOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="decode worker processes for large reads (default: 1 from 4 CPUs, else 0)",
+    ),
+]
 TablesOpt = Annotated[
     list[str] | None,
     typer.Option("--table", "-t", help="schema.table (or table: public); repeat for more"),
@@ -204,6 +211,7 @@ def history(
     ] = False,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """Every version of a row: position, commit time, op, origin, and for device edits
     the journal entry and its outcome."""
@@ -221,6 +229,7 @@ def history(
                 stop=_bound(stop, end=True),
                 journal=not no_journal,
                 progress=progress,
+                workers=workers,
             )
         if fmt == "json":
             typer.echo(json.dumps(report.to_json(), indent=2, default=str))
@@ -331,6 +340,7 @@ def as_of(
     ] = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """The state of tables at a time or position, rebuilt from the log."""
     with _errors():
@@ -347,7 +357,7 @@ def as_of(
             raise ValueError("--format sqlite needs a file for --out")
         source = _source(config)
         with _progress(quiet, "reading the log") as progress:
-            state, stats = state_as_of(source, tables, bound, progress=progress)
+            state, stats = state_as_of(source, tables, bound, progress=progress, workers=workers)
         meta = {
             "as_of": str(bound),
             "position": format_position(state.position) if state.position else None,
@@ -384,6 +394,7 @@ def export(
     ] = False,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """The change events in a range, in position order (one event per line/row)."""
     with _errors():
@@ -403,6 +414,7 @@ def export(
                     form,
                     follow=follow,
                     progress=progress,
+                    workers=workers,
                 )
         except KeyboardInterrupt:
             typer.echo("stopped", err=True)
@@ -426,6 +438,7 @@ def verify_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """Rebuild the captured tables from the log and diff them with PostgreSQL."""
     with _errors():
@@ -440,6 +453,7 @@ def verify_cmd(
                 wait_s=wait,
                 rechecks=rechecks,
                 progress=progress,
+                workers=workers,
             )
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=2, default=str))
@@ -447,7 +461,7 @@ def verify_cmd(
             typer.echo(render_diff(report, max_rows))
         summary = (
             f"verify: {len(report.tables)} tables, {report.rows_compared} rows, log read up to "
-            f"{format_position((report.lsn, 0)).split(':')[0]} ({_read_summary(report.stats)})"
+            f"{format_lsn(report.lsn)} ({_read_summary(report.stats)})"
         )
         if report.not_in_log:
             summary += f"; no events yet for {', '.join(report.not_in_log)}"

@@ -954,7 +954,7 @@ def test_benchmark_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
     ]
     cases = [r[0].split(" (")[0] for r in rows]
     assert cases == [
-        "raw read", "replay decode", "as-of, end of log", "as-of, middle position",
+        "raw read", "replay decode", "replay decode, 1 worker process", "as-of, end of log", "as-of, middle position",
         "as-of state → sqlite file", "history of one row",
     ]  # fmt: skip
     for r in rows:
