@@ -58,6 +58,11 @@ that committed at the very moment of the first snapshot can be on one side only)
 still differs is reported.
 
 Concurrency: nothing here is shared between threads; one reader owns one consumer.
+A large read (``PARALLEL_MIN_RECORDS``) may decode in worker processes
+(``ProcessPoolExecutor``, spawn; ``workers``): each gets the schemas when it starts and
+batches of value bytes, and the reader takes the results in submission order, so the
+order of events does not change; a value a worker cannot decode (a schema published
+later) is decoded by the reader itself.
 """
 
 from __future__ import annotations
