@@ -1092,7 +1092,8 @@ class ConflictDesk:
                 log.warning("conflict %s not resolved: %s", conflict_id, exc)
                 self.db.close()
                 raise Unavailable(
-                    "the captured database cannot be reached to resolve the conflict; retry"
+                    "the captured database cannot be used to resolve the conflict now (the "
+                    "relay's log says why); retry later"
                 ) from exc
 
     def close(self) -> None:
