@@ -143,6 +143,15 @@ def test_kafka_outage_holds_slot_then_delivers_exactly_once(
         postgres_heartbeat_interval_s="1",
         cdc_retry_backoff_max_s="1",
     )
+    def kafka_thread_names() -> list[str]:
+        return [
+            t.name
+            for t in threading.enumerate()
+            if t.name.startswith(("kafka-io", "kafka-python-producer"))
+        ]
+
+    # threads other tests of this process left behind are not this daemon's
+    baseline = len(kafka_thread_names())
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table t (id int primary key, v text)")
         with running_daemon(settings) as daemon:
@@ -178,12 +187,8 @@ def test_kafka_outage_holds_slot_then_delivers_exactly_once(
                 what="slot to advance after the outage",
             )
             # clients of the failed sessions are closed, not left retrying in the background
-            kafka_threads = [
-                t.name
-                for t in threading.enumerate()
-                if t.name.startswith(("kafka-io", "kafka-python-producer"))
-            ]
-            assert len(kafka_threads) <= 3, (
+            kafka_threads = kafka_thread_names()
+            assert len(kafka_threads) <= baseline + 3, (
                 f"Kafka client threads of failed sessions were left running: {kafka_threads}"
             )
     assert_exactly_once(events, set(range(61)))
