@@ -160,14 +160,19 @@ def revocation_watcher(
         return
     stop = threading.Event()
 
-    def mtime() -> float | None:
+    def mtime() -> tuple[int, int] | None:
         try:
-            return os.stat(path).st_mtime
+            st = os.stat(path)
         except OSError:
             return None
+        return (st.st_mtime_ns, st.st_size)
+
+    # read the starting state before the thread starts: a change made right after start-up
+    # must be seen as a change, not taken as the starting state
+    seen = mtime()
 
     def run() -> None:
-        seen = mtime()
+        nonlocal seen
         while not stop.wait(poll_s):
             now = mtime()
             if now == seen:
