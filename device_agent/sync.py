@@ -46,7 +46,13 @@ from device_agent.client import (
     reset_cursor,
     token_subject,
 )
-from device_agent.errors import AuthFailed, DeviceAgentError, RelayUnreachable, StateError
+from device_agent.errors import (
+    AuthFailed,
+    DeviceAgentError,
+    RelayRefused,
+    RelayUnreachable,
+    StateError,
+)
 from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
 from relay.hlc import Hlc
 
@@ -254,8 +260,9 @@ class Agent:
     # ---- pieces
 
     def upload(self, report: SyncReport) -> None:
+        limit = UPLOAD_BATCH
         while True:
-            entries = wire_entries(self.conn, self.device_id)
+            entries = wire_entries(self.conn, self.device_id, limit=limit)
             if not entries:
                 return
             try:
@@ -263,6 +270,13 @@ class Agent:
             except JournalUnsupported as exc:
                 report.journal_note = str(exc)
                 return
+            except RelayRefused as exc:
+                # 413: the batch (entries or bytes) is over the relay's limit: halve and retry;
+                # a single entry that is still too large is a real error
+                if exc.status == 413 and limit > 1:
+                    limit = max(1, limit // 2)
+                    continue
+                raise
             with transaction(self.conn):
                 for seq in result.accepted:
                     self.conn.execute(

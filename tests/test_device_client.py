@@ -4,6 +4,7 @@ journal entries as relay/journal.py parses them."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import sqlite3
 from pathlib import Path
@@ -382,3 +383,36 @@ def test_encryption_key_sources_in_order_and_key_file_permissions(tmp_path: Path
         assert crypto.is_encrypted(enc)
         with pytest.raises(EncryptionError, match="key is wrong"):
             crypto.connect_encrypted(enc, "k2")
+
+
+class SmallBatchRelay(MockRelay):
+    """Answers 413 (in the relay's error shape) to uploads of more than ``max_entries``."""
+
+    max_entries = 3
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/journal":
+            body = request.content
+            if request.headers.get("content-encoding") == "gzip":
+                body = gzip.decompress(body)
+            if len(orjson.loads(body)["entries"]) > self.max_entries:
+                error = {"code": "batch_too_large", "message": "too many entries", "status": 413}
+                return httpx.Response(413, json={"error": error})
+        return super().handler(request)
+
+
+def test_upload_halves_its_batch_on_413_and_loses_nothing(tmp_path: Path) -> None:
+    server = FakeServer()
+    for i in range(1, 11):
+        server.put(T1, WO, [i], order(i))
+    relay = SmallBatchRelay(server)
+    agent = mocked_agent(tmp_path, relay)
+    agent.sync_once()
+    app = sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None)
+    for i in range(1, 11):
+        app.execute("update work_orders set status = 'done' where id = ?", (i,))
+    report = agent.sync_once()
+    assert report.uploaded == 10
+    assert all(len(batch) <= SmallBatchRelay.max_entries for batch in relay.uploads)
+    assert sorted(e["seq"] for batch in relay.uploads for e in batch) == list(range(1, 11))
+    agent.close()
