@@ -2218,6 +2218,7 @@ class _PgSide:
 
         from cdc.avro_envelope import Source, TableCodec
         from cdc.pg_catalog import PgCatalog
+        from cdc.snapshot import output_function_text
 
         t = self.tables[name]
         catalog = PgCatalog(self.pg.dsn, self.pg.password)
@@ -2247,7 +2248,7 @@ class _PgSide:
 
         def gen() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
             with self.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
-                _raw_text(cur)
+                output_function_text(cur)  # the text pgoutput sends
                 cur.itersize = 5000
                 cur.execute(query)
                 for raw in cur:
@@ -2262,17 +2263,6 @@ class _PgSide:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def _raw_text(cur: Any) -> None:
-    """Make ``cur`` return every column as the text of its type's output function."""
-    import psycopg
-    from psycopg.types.string import TextLoader
-
-    for t in psycopg.postgres.types:
-        for oid in (t.oid, t.array_oid):
-            if oid:
-                cur.adapters.register_loader(oid, TextLoader)
 
 
 def _same(a: Any, b: Any) -> bool:
