@@ -74,8 +74,8 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="cdc settings file (TOML); [kafka] locates the log, [postgres] the database "
-        "(verify). FIELDSYNC_<SECTION>_<KEY> env vars override it.",
+        help="cdc settings file (TOML); its kafka section locates the log, its postgres "
+        "section the database (verify). FIELDSYNC_<SECTION>_<KEY> env vars override it.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
