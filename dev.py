@@ -33,7 +33,7 @@ def _have_pg_binaries() -> bool:
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older system python
         sys.exit(f"fieldsync needs Python 3.11 or newer (this is {sys.version.split()[0]})")
     if not (BIN / "python").exists():
         print(f"[dev] creating {VENV}", flush=True)
