@@ -89,11 +89,11 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb, set_json_dumps
-from psycopg.types.string import TextLoader
 
 from cdc.avro_envelope import TableCodec
 from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
 from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
+from cdc.snapshot import output_function_text
 from relay.bucket_store import json_value, row_key_text
 from relay.errors import ConfigError, RelayError
 from relay.hlc import Hlc, HybridClock, wall_clock_ms
@@ -127,6 +127,7 @@ from relay.merge import (
     load_conflicts,
     merge,
 )
+from relay.pg_migrations import run_migrations
 from relay.rules import Rules, TableInfo, canonical_text, load_rules
 
 __all__ = [
@@ -687,10 +688,7 @@ class ApplierDb:
         output function prints (what pgoutput sends), whatever its type."""
         if self._raw is None or self._raw.closed:
             cur = self._c().cursor()
-            for t in psycopg.postgres.types:
-                for oid in (t.oid, t.array_oid):
-                    if oid:
-                        cur.adapters.register_loader(oid, TextLoader)  # str, unparsed (C)
+            output_function_text(cur)
             self._raw = cur
         return self._raw
 
@@ -701,30 +699,8 @@ class ApplierDb:
 
     def migrate(self) -> int:
         """Create ``fieldsync_applier`` and apply pending migrations (safe concurrently)."""
-        conn = self._c()
         try:
-            with conn.transaction():
-                conn.execute("select pg_advisory_xact_lock(%s, %s)", _MIGRATE_LOCK)
-                conn.execute(f"create schema if not exists {SCHEMA}")
-                conn.execute(
-                    f"create table if not exists {SCHEMA}.schema_migrations "
-                    "(version int primary key, applied_at timestamptz not null default now())"
-                )
-                row = conn.execute(
-                    f"select coalesce(max(version), 0) from {SCHEMA}.schema_migrations"
-                ).fetchone()
-                version = int(row[0]) if row else 0
-                if version > len(MIGRATIONS):
-                    raise ApplierError(
-                        f"schema {SCHEMA} is at version {version}, newer than this code "
-                        f"({len(MIGRATIONS)})"
-                    )
-                for v in range(version + 1, len(MIGRATIONS) + 1):
-                    conn.execute(MIGRATIONS[v - 1])
-                    conn.execute(
-                        f"insert into {SCHEMA}.schema_migrations (version) values (%s)", (v,)
-                    )
-                return len(MIGRATIONS)
+            return run_migrations(self._c(), SCHEMA, MIGRATIONS, _MIGRATE_LOCK, ApplierError)
         except psycopg.Error as exc:
             raise ApplierError(f"migrating schema {SCHEMA} failed: {exc}") from exc
 

@@ -103,6 +103,7 @@ from relay.journal import (
     parse_upload,
     validate_entry,
 )
+from relay.pg_migrations import run_migrations
 from relay.rules import Rules
 from relay.settings import (
     AUTH,
@@ -486,25 +487,8 @@ class JournalStore:
 
     def migrate(self) -> None:
         """Create the schema and apply pending migrations (safe concurrently)."""
-        with self._conn("migrating the journal tables") as conn, conn.transaction():
-            conn.execute("select pg_advisory_xact_lock(%s, %s)", _MIGRATE_LOCK)
-            conn.execute(f"create schema if not exists {SCHEMA}")
-            conn.execute(
-                f"create table if not exists {SCHEMA}.schema_migrations "
-                "(version int primary key, applied_at timestamptz not null default now())"
-            )
-            row = conn.execute(
-                f"select coalesce(max(version), 0) from {SCHEMA}.schema_migrations"
-            ).fetchone()
-            version = int(row[0]) if row else 0
-            if version > len(MIGRATIONS):
-                raise JournalStoreError(
-                    f"schema {SCHEMA} is at version {version}, newer than this code "
-                    f"({len(MIGRATIONS)})"
-                )
-            for v in range(version + 1, len(MIGRATIONS) + 1):
-                conn.execute(MIGRATIONS[v - 1])
-                conn.execute(f"insert into {SCHEMA}.schema_migrations (version) values (%s)", (v,))
+        with self._conn("migrating the journal tables") as conn:
+            run_migrations(conn, SCHEMA, MIGRATIONS, _MIGRATE_LOCK, JournalStoreError)
 
     # ---- intake records
 
