@@ -214,7 +214,11 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     agent = new_agent(stack, tmp_path / "d.db")
     tables = {r[0] for r in agent.conn.execute("select name from sqlite_master where type='table'")}
     assert {"work_orders", "parts"} <= tables
-    sync_until(agent, lambda: len(rows(agent)) == 5, "the five orders of t1")
+    sync_until(
+        agent,
+        lambda: len(rows(agent)) == 5 and len(rows(agent, "parts", "id")) == 1,
+        "the five orders of t1 and the catalog",
+    )
     assert rows(agent) == [(i, "t1", "open", f"order {i}") for i in range(1, 6)]
     assert agent.conn.execute("select id, name, unit from parts").fetchall() == [
         ("p1", "bolt", "pc")
@@ -242,11 +246,16 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     stack.order(3, notes="server edit")
     stack.order(4, technician="t2")
     stack.pg.execute("update work_orders set notes = 'server note' where id = 1")
-    sync_until(
-        agent,
-        lambda: rows(agent)[1][3] == "server edit" if len(rows(agent)) > 1 else False,
-        "server edits",
-    )
+    def server_edits_arrived() -> bool:
+        # three transactions; the device may get checkpoints between them, so wait for all
+        got = {r[0]: r for r in rows(agent)}
+        return (
+            got.get(3, (None,) * 4)[3] == "server edit"
+            and got.get(1, (None,) * 4)[3] == "server note"
+            and 4 not in got
+        )
+
+    sync_until(agent, server_edits_arrived, "server edits and the reassignment")
     got = {r[0]: r for r in rows(agent)}
     assert 4 not in got  # REMOVE on reassignment
     assert got[1] == (1, "t1", "in_progress", "server note")  # local edit on top, no flicker
