@@ -245,7 +245,7 @@ class _Batch:
                         op["op_id"],
                         signed(term),
                         _data_text(data),
-                        _pos(op),
+                        op.get("position"),
                     )
                     dirty.add((tid, k))
                     fast_gone.get(tid, set()).discard(k)
@@ -258,7 +258,7 @@ class _Batch:
                         op["op_id"],
                         term - _WRAP if term >= _SIGNED else term,
                         None,
-                        _pos(op) if "position" in op else None,
+                        op.get("position"),
                     )
                     getter = getters.get(tid)
                     if getter is None:
@@ -335,31 +335,33 @@ class _Batch:
             self.conn.executemany(
                 f"delete from {PREFIX}rows where tbl = ? and k = ? and bucket = ?", gone
             )
+        # row: (tbl, k, bucket, op_id, term, data text or None, position [lsn, seq] or None)
         put = [row for row in final.values() if row is not None]
-        plain = [row[:5] for row in put if row[5] is None and row[6] is None]
+        plain = [row for row in put if row[5] is None]
         if len(plain) != len(put):
             self.conn.executemany(
                 f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, data, pos) "
                 "values (?, ?, ?, ?, ?, ?, ?)",
-                [row for row in put if row[5] is not None or row[6] is not None],
+                [(*row[:6], _pos_text(row[6])) for row in put if row[5] is not None],
             )
         if plain:
             # one statement per message: SQLite reads the holds from one JSON array (C),
-            # cheaper than binding five parameters per row
+            # cheaper than binding parameters per row; json_extract of the position array
+            # gives its compact JSON text ('[lsn,seq]'), the form pos is stored in
             try:
                 packed = orjson.dumps(plain)
             except TypeError:  # a key orjson cannot write (e.g. bytes): bind per row
                 self.conn.executemany(
-                    f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term) "
-                    "values (?, ?, ?, ?, ?)",
-                    plain,
+                    f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, pos) "
+                    "values (?, ?, ?, ?, ?, ?)",
+                    [(*row[:5], _pos_text(row[6])) for row in plain],
                 )
                 return
             self.conn.execute(
-                f"""insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term)
+                f"""insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, pos)
                     select json_extract(value, '$[0]'), json_extract(value, '$[1]'),
                         json_extract(value, '$[2]'), json_extract(value, '$[3]'),
-                        json_extract(value, '$[4]')
+                        json_extract(value, '$[4]'), json_extract(value, '$[6]')
                     from json_each(?)""",
                 (packed,),
             )
@@ -556,14 +558,12 @@ def _data_text(data: Mapping[str, Any]) -> str:
     return orjson.dumps(data, option=_SORT).decode()
 
 
-def _pos(op: Mapping[str, Any]) -> str | None:
-    pos = op.get("position")
-    if pos is None:
-        return None
+def _pos_text(pos: Any) -> str | None:
+    """A wire position (``[commit_lsn, seq]``; older relays sent none) as stored in
+    ``_fieldsync_rows.pos``: compact JSON ``[lsn,seq]``, what the triggers copy into a
+    journal entry's ``base``."""
     if isinstance(pos, list | tuple) and len(pos) == 2:
-        return orjson.dumps({"commit_lsn": int(pos[0]), "seq": int(pos[1])}).decode()
-    if isinstance(pos, dict):
-        return orjson.dumps({"commit_lsn": int(pos["commit_lsn"]), "seq": int(pos["seq"])}).decode()
+        return f"[{int(pos[0])},{int(pos[1])}]"
     return None
 
 

@@ -97,6 +97,20 @@ class SyncReport:
 # --------------------------------------------------------------------------- journal → wire
 
 
+def base_position(stored: str | None) -> dict[str, int] | None:
+    """A journal entry's stored ``base`` (the row version's ``[commit_lsn, seq]``, or the
+    object form) as the upload's ``{"commit_lsn", "seq"}``; None when the row never came
+    from the server (an insert) or the relay sent no position."""
+    if not stored:
+        return None
+    value = orjson.loads(stored)
+    if isinstance(value, list) and len(value) == 2:
+        return {"commit_lsn": int(value[0]), "seq": int(value[1])}
+    if isinstance(value, dict) and {"commit_lsn", "seq"} <= set(value):
+        return {"commit_lsn": int(value["commit_lsn"]), "seq": int(value["seq"])}
+    return None
+
+
 def wire_entries(
     conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
 ) -> list[dict[str, Any]]:
@@ -133,7 +147,7 @@ def wire_entries(
                 "key": local_db.k_key(k, table.key_kinds()),
                 "old": old_v,
                 "new": new_v,
-                "base": orjson.loads(base) if base else None,
+                "base": base_position(base),
                 "hlc": Hlc(int(hlc_l), int(hlc_c), device_id).encode(),
                 "prev_seq": prev,
             }

@@ -18,7 +18,8 @@ Protocol (docs/relay.md, "Device API", is the reference for clients):
   (:meth:`relay.rules.Rules.buckets_for_claims`); no parameter of any request
   can name another bucket.
 - A *changes message* carries ``ops`` (each ``op_id``, ``bucket``, ``op``
-  ``PUT``/``REMOVE``, ``table``, ``key``, ``data``), the next ``cursor``, a
+  ``PUT``/``REMOVE``, ``table``, ``key``, ``data``, ``position`` ``[commit_lsn, seq]``
+  of the change event behind the op), the next ``cursor``, a
   ``checkpoint`` (per bucket ``last_op_id``, ``count``, ``checksum`` as a
   decimal string, ``complete``; and ``complete`` overall), ``resync`` (buckets
   the device must empty and read again), ``dropped`` (buckets in the cursor the
@@ -293,7 +294,8 @@ def ops_json(ops: Sequence[Op]) -> str:
         data = op.data_json if op.data_json is not None else "null"
         parts.append(
             f'{{"op_id":{op.op_id:d},"bucket":{bucket},"op":"{op.kind.value}",'
-            f'"table":{table},"key":{op.row_key},"data":{data}}}'
+            f'"table":{table},"key":{op.row_key},"data":{data},'
+            f'"position":[{op.position[0]:d},{op.position[1]:d}]}}'
         )
     return "[" + ",".join(parts) + "]"
 
@@ -355,6 +357,10 @@ class OpModel(BaseModel):
     key: list[Any] = Field(description="primary-key values in key-column order")
     data: dict[str, Any] | None = Field(
         description="PUT: the row as the bucket's rule projects it (canonical JSON); REMOVE: null"
+    )
+    position: list[int] = Field(
+        description="[commit_lsn, seq] of the change event behind the op; a device edit "
+        "of this row version sends it as the journal entry's base"
     )
 
 

@@ -30,7 +30,7 @@ from device_agent import cli, crypto, local_db
 from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
 from device_agent.local_db import PREFIX
-from device_agent.sync import Agent, init_database
+from device_agent.sync import Agent, init_database, wire_entries
 from relay.api import ApiConfig, create_app
 from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
 from relay.bucket_engine import BucketEngine, table_infos_from_catalog
@@ -56,9 +56,16 @@ class Stack:
     """The server side, running; ``proxy`` sits between the device and the relay."""
 
     def __init__(
-        self, pg: psycopg.Connection[Any], url: str, proxy: Any, auth: Authenticator, keys: KeyStore
+        self,
+        pg: psycopg.Connection[Any],
+        url: str,
+        proxy: Any,
+        auth: Authenticator,
+        keys: KeyStore,
+        store_dsn: str = "",
     ) -> None:
         self.pg = pg
+        self.store_dsn = store_dsn
         self.url = url
         self.proxy = proxy
         self.auth = auth
@@ -239,6 +246,10 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
         ("insert", "pending"),
         ("delete", "pending"),
     ]
+    bases = [(e["op"], e["base"]) for e in wire_entries(agent.conn, "tab-1")]
+    assert bases[1] == ("insert", None)  # a new row has no server version
+    for op, base in (bases[0], bases[2]):  # edits of received rows name the version they saw
+        assert base is not None and base["commit_lsn"] > 0, (op, base)
     report = agent.sync_once()
     assert "journal endpoint" in report.journal_note or report.uploaded == 3
 
@@ -587,7 +598,7 @@ def journal_stack(
             try:
                 with feed.running(), serve(app) as port:
                     proxy = tcp_proxy("127.0.0.1", port)
-                    yield Stack(pg, f"http://{proxy.address}", proxy, auth, keys)
+                    yield Stack(pg, f"http://{proxy.address}", proxy, auth, keys, store_dsn)
             finally:
                 engine.request_stop()
                 applier.request_stop()
@@ -609,6 +620,18 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
     sync_until(agent, lambda: len(rows(agent)) == 2, "two orders")
     app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
     app.execute("update work_orders set status = 'in_progress' where id = 1")
+    # the entry's base is the position of the row version the device held: the position of
+    # the relay op that brought order 1 (the change event's (commit_lsn, seq))
+    with psycopg.connect(stack.store_dsn) as store_conn:
+        held = store_conn.execute(
+            "select commit_lsn, seq from fieldsync_relay.ops where row_key = '[1]' "
+            "and kind = 'PUT' order by op_id desc limit 1"
+        ).fetchone()
+    assert held is not None and held[0] > 0
+    entries = wire_entries(agent.conn, "tab-1")
+    assert [(e["op"], e["base"]) for e in entries] == [
+        ("update", {"commit_lsn": held[0], "seq": held[1]})
+    ]
     report = agent.sync_once()
     assert report.uploaded == 1 and not report.journal_note
     assert journal_rows(agent)[0][2] in ("sent", "synced")
@@ -623,6 +646,10 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
     )
     sync_until(agent, lambda: journal_rows(agent)[0][2] == "synced", "the edit synced")
     assert rows(agent)[0][2] == "in_progress"
+    # the applier's audit record keeps the base the device sent
+    assert stack.pg.execute(
+        "select base_lsn, base_seq from fieldsync_applier.applied where seq = 1"
+    ).fetchone() == tuple(held)
 
     # both sides change the notes of order 2 (policy ask): a kept conflict
     app.execute("update work_orders set notes = 'device notes' where id = 2")

@@ -203,6 +203,10 @@ def test_changes_from_scratch_complete_and_verifiable(env: Env, client: TestClie
     ]
     order = next(o for o in ops if o["table"] == WO)
     assert "cost" not in order["data"] and order["data"]["notes"] == "order 1"
+    # each op names the change event behind it (the device's journal base)
+    part = next(o for o in ops if o["table"] == "public.parts")
+    assert part["position"][1] == 0 and order["position"][1] == 0
+    assert order["position"][0] > part["position"][0] > 0  # order 1 was written after p1
     assert msg["checkpoint"]["complete"] and not msg["has_more"]
     assert set(msg["checkpoint"]["buckets"]) == {"catalog[]", 'tech_orders["t1"]'}
     verify(holdings(ops), msg["checkpoint"])
