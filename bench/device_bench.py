@@ -103,6 +103,7 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
                         "table": TABLE,
                         "key": [r["id"]],
                         "data": r,
+                        "position": [1_000_000 + r["id"], 0],
                     }
                     for r in chunk
                 ],
