@@ -44,8 +44,12 @@ def ensure_venv() -> None:
     if STAMP.exists() and STAMP.read_text() == want:
         return
     print(f"[dev] installing fieldsync[{extras}] into {VENV}", flush=True)
-    subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[{extras}]"], check=True)
+    subprocess.run(
+        [str(BIN / "python"), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True
+    )
+    subprocess.run(
+        [str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[{extras}]"], check=True
+    )
     STAMP.write_text(want)
 
 

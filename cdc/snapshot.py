@@ -127,9 +127,7 @@ def read_snapshot(
             if not t.columns:
                 continue
             query = sql.SQL("select {} from {}").format(
-                sql.SQL(", ").join(
-                    sql.Identifier(c.name) for c in t.columns
-                ),
+                sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns),
                 sql.Identifier(t.schema, t.table),
             )
             n = 0

@@ -33,7 +33,9 @@ SPILL_BUFFER = 4 * 1024 * 1024
 
 class FileSpillStore:
     def __init__(self, directory: str | Path | None = None) -> None:
-        self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="fieldsync-spill-"))
+        self.dir = (
+            Path(directory) if directory else Path(tempfile.mkdtemp(prefix="fieldsync-spill-"))
+        )
         self.dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[int, BinaryIO] = {}
         self._sub_offsets: dict[int, dict[int, int]] = {}

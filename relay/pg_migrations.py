@@ -29,7 +29,9 @@ def run_migrations(
             f"create table if not exists {schema}.schema_migrations "
             "(version int primary key, applied_at timestamptz not null default now())"
         )
-        row = conn.execute(f"select coalesce(max(version), 0) from {schema}.schema_migrations").fetchone()
+        row = conn.execute(
+            f"select coalesce(max(version), 0) from {schema}.schema_migrations"
+        ).fetchone()
         version = int(row[0]) if row else 0
         if version > len(migrations):
             raise error(

@@ -53,7 +53,14 @@ def running_daemon(settings: CdcSettings, **kw: Any) -> Iterator[CdcDaemon]:
             raise result[0]
 
 
-def table_events(bootstrap: str, prefix: str, table: str, expect: int | None = None, timeout: float = 20.0, schema: str = "public") -> list[dict[str, Any]]:
+def table_events(
+    bootstrap: str,
+    prefix: str,
+    table: str,
+    expect: int | None = None,
+    timeout: float = 20.0,
+    schema: str = "public",
+) -> list[dict[str, Any]]:
     """Decoded events of a table topic, each with ``_pos`` (commit_lsn, seq) from the header."""
     topic = f"{prefix}.{schema}.{table}"
     deadline = time.monotonic() + timeout
@@ -74,7 +81,9 @@ def table_events(bootstrap: str, prefix: str, table: str, expect: int | None = N
     return out
 
 
-def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.2, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, timeout: float = 20.0, interval: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

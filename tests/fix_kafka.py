@@ -47,7 +47,9 @@ def topic_prefix() -> str:
     return "fs" + uuid.uuid4().hex[:10]
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 10.0, expect: int | None = None) -> list[Any]:
+def read_topic(
+    bootstrap: str, topic: str, timeout: float = 10.0, expect: int | None = None
+) -> list[Any]:
     """Every committed record of ``topic`` (all partitions), in partition/offset order.
 
     Polls until the end offsets are reached (or ``expect`` records are seen) or timeout.

@@ -32,7 +32,9 @@ class ExternalPostgres:
         return psycopg.conninfo.make_conninfo(self.dsn, dbname=dbname)
 
     def restart(self, mode: str = "fast") -> None:
-        pytest.fail("restarting an external PostgreSQL (FIELDSYNC_TEST_PG_DSN) is not supported by this test")
+        pytest.fail(
+            "restarting an external PostgreSQL (FIELDSYNC_TEST_PG_DSN) is not supported by this test"
+        )
 
 
 @pytest.fixture(scope="session")

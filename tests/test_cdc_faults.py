@@ -143,6 +143,7 @@ def test_kafka_outage_holds_slot_then_delivers_exactly_once(
         postgres_heartbeat_interval_s="1",
         cdc_retry_backoff_max_s="1",
     )
+
     def kafka_thread_names() -> list[str]:
         return [
             t.name

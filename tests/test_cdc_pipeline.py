@@ -10,7 +10,9 @@ import psycopg
 from tests.cdc_support import make_settings, running_daemon, table_events, wait_for
 
 
-def test_snapshot_then_stream_no_gap_no_overlap(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_snapshot_then_stream_no_gap_no_overlap(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table items (id int primary key, name text, qty int)")
         conn.execute("insert into items select g, 'item ' || g, g from generate_series(1, 50) g")
@@ -32,7 +34,9 @@ def test_snapshot_then_stream_no_gap_no_overlap(pg_dsn: str, kafka_bootstrap: st
     assert events[50]["_key"] == {"id": 51}
 
 
-def test_transaction_positions_and_truncate(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_transaction_positions_and_truncate(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table a (id int primary key, v text)")
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
@@ -56,23 +60,37 @@ def raise_rollback(conn: Any) -> None:
     raise psycopg.Rollback()
 
 
-def test_origin_marker_names_the_device(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_origin_marker_names_the_device(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table o (id int primary key)")
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
         with running_daemon(settings):
             with conn.transaction():
-                conn.execute("select pg_logical_emit_message(true, 'fieldsync.origin', 'device:d1')")
+                conn.execute(
+                    "select pg_logical_emit_message(true, 'fieldsync.origin', 'device:d1')"
+                )
                 conn.execute("insert into o values (1)")
             conn.execute("insert into o values (2)")
             events = table_events(kafka_bootstrap, topic_prefix, "o", expect=2)
-    assert [(e["after"]["id"], e["source"]["origin"]) for e in events] == [(1, "device:d1"), (2, None)]
+    assert [(e["after"]["id"], e["source"]["origin"]) for e in events] == [
+        (1, "device:d1"),
+        (2, None),
+    ]
     src = events[0]["source"]
-    assert src["table"] == "o" and src["schema"] == "public" and src["txid"] > 0 and src["commit_ts_us"] > 0
+    assert (
+        src["table"] == "o"
+        and src["schema"] == "public"
+        and src["txid"] > 0
+        and src["commit_ts_us"] > 0
+    )
     assert (src["commit_lsn"], src["seq"]) == events[0]["_pos"]
 
 
-def test_events_are_ordered_and_waited_for(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_events_are_ordered_and_waited_for(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
     """Many small transactions: every one arrives, positions strictly increase."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table many (id int primary key)")
@@ -81,14 +99,20 @@ def test_events_are_ordered_and_waited_for(pg_dsn: str, kafka_bootstrap: str, to
             for i in range(300):
                 conn.execute("insert into many values (%s)", (i,))
             events = table_events(kafka_bootstrap, topic_prefix, "many", expect=300)
-            wait_for(lambda: _confirmed(conn, settings.postgres.slot) >= _current(conn) - 10_000, what="slot confirmation")
+            wait_for(
+                lambda: _confirmed(conn, settings.postgres.slot) >= _current(conn) - 10_000,
+                what="slot confirmation",
+            )
     assert [e["after"]["id"] for e in events] == list(range(300))
     positions = [e["_pos"] for e in events]
     assert all(a < b for a, b in itertools.pairwise(positions))
 
 
 def _confirmed(conn: Any, slot: str) -> int:
-    row = conn.execute("select confirmed_flush_lsn - '0/0'::pg_lsn from pg_replication_slots where slot_name = %s", (slot,)).fetchone()
+    row = conn.execute(
+        "select confirmed_flush_lsn - '0/0'::pg_lsn from pg_replication_slots where slot_name = %s",
+        (slot,),
+    ).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
@@ -96,12 +120,16 @@ def _current(conn: Any) -> int:
     return int(conn.execute("select pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])
 
 
-def test_restart_during_snapshot_starts_over(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_restart_during_snapshot_starts_over(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
     """A daemon stopped mid-snapshot leaves snapshot_done=false; the next one redoes it with a new slot."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table snap (id int primary key, pad text)")
         conn.execute("insert into snap select g, repeat('p', 50) from generate_series(1, 8000) g")
-        settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix, kafka_batch_max_events="200")
+        settings = make_settings(
+            pg_dsn, kafka_bootstrap, topic_prefix, kafka_batch_max_events="200"
+        )
         from cdc.pipeline import CdcDaemon
 
         first = CdcDaemon(settings)
@@ -116,11 +144,19 @@ def test_restart_during_snapshot_starts_over(pg_dsn: str, kafka_bootstrap: str, 
         assert first.stats.snapshot_rows < 8000, "the first daemon must have stopped mid-snapshot"
         with running_daemon(settings) as second:
             conn.execute("insert into snap values (0, 'after snapshot')")
-            events = table_events(kafka_bootstrap, topic_prefix, "snap", expect=first.stats.snapshot_rows + 8001, timeout=60)
+            events = table_events(
+                kafka_bootstrap,
+                topic_prefix,
+                "snap",
+                expect=first.stats.snapshot_rows + 8001,
+                timeout=60,
+            )
         assert second.stats.snapshot_rows == 8000
     snapshot_ids = [e["after"]["id"] for e in events if e["op"] == "r"]
     # every row is there; rows of the aborted first attempt may appear again (with other positions)
     assert set(snapshot_ids) == set(range(1, 8001))
     assert events[-1]["op"] == "c" and events[-1]["after"]["id"] == 0
     positions = [e["_pos"] for e in events]
-    assert len(set(positions)) == len(positions), "re-written snapshot rows get new positions, never a duplicate position"
+    assert len(set(positions)) == len(positions), (
+        "re-written snapshot rows get new positions, never a duplicate position"
+    )

@@ -65,7 +65,9 @@ def test_alter_table_mid_stream(pg_dsn: str, kafka_bootstrap: str, topic_prefix:
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
         with running_daemon(settings):
             conn.execute("insert into evo values (1, 'one', 1)")
-            conn.execute("alter table evo add column c timestamptz default '2024-01-01 00:00:00+00'")
+            conn.execute(
+                "alter table evo add column c timestamptz default '2024-01-01 00:00:00+00'"
+            )
             conn.execute("insert into evo values (2, 'two', 2)")
             conn.execute("alter table evo drop column b")
             conn.execute("insert into evo values (3, 'three')")

@@ -51,11 +51,18 @@ def test_types_round_trip(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) 
             events = table_events(kafka_bootstrap, topic_prefix, "typed", expect=3)
     assert [e["op"] for e in events] == ["c", "c", "c"]
     r = _after(events, 1)
-    assert r["b"] is True and r["i2"] == -32768 and r["i4"] == 2147483647 and r["i8"] == -9223372036854775808
+    assert (
+        r["b"] is True
+        and r["i2"] == -32768
+        and r["i4"] == 2147483647
+        and r["i8"] == -9223372036854775808
+    )
     assert r["f4"] == 1.5 and r["f8"] == -2.25e300
     assert r["t"] == "héllo ☃" and r["vc"] == "var" and r["ch"] == "ab "
     assert r["by"] == b"\xde\xad\xbe\xef"
-    assert str(r["u"]) == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" or r["u"] == uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+    assert str(r["u"]) == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" or r["u"] == uuid.UUID(
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    )
     assert r["e"] == "happy" and r["dm"] == 7
     assert r["ai"] == [1, None, 3]
     assert r["at"] == ['with "quote"', "back\\slash", None, "x,y"]
@@ -100,18 +107,32 @@ def test_unchanged_toast_is_not_null(pg_dsn: str, kafka_bootstrap: str, topic_pr
     assert upd_null["unchanged"] == [] and upd_null["after"]["body"] is None
 
 
-def test_unknown_type_falls_back_to_text(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_type_falls_back_to_text(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, caplog
+) -> None:  # type: ignore[no-untyped-def]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("create table odd (id int primary key, p point, addr inet, r int4range, tv tsvector)")
+        conn.execute(
+            "create table odd (id int primary key, p point, addr inet, r int4range, tv tsvector)"
+        )
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
         with caplog.at_level("WARNING"), running_daemon(settings):
             conn.execute("insert into odd values (1, '(1,2)', '10.0.0.1/8', '[1,5)', 'a fat cat')")
             events = table_events(kafka_bootstrap, topic_prefix, "odd", expect=1)
-    assert events[0]["after"] == {"id": 1, "p": "(1,2)", "addr": "10.0.0.1/8", "r": "[1,5)", "tv": "'a' 'cat' 'fat'"}
-    assert any("point" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"), "a warning names the unmapped type"
+    assert events[0]["after"] == {
+        "id": 1,
+        "p": "(1,2)",
+        "addr": "10.0.0.1/8",
+        "r": "[1,5)",
+        "tv": "'a' 'cat' 'fat'",
+    }
+    assert any("point" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"), (
+        "a warning names the unmapped type"
+    )
 
 
-def test_snapshot_reads_equal_stream_events_for_every_type(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_snapshot_reads_equal_stream_events_for_every_type(
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
     """The same row read by the initial snapshot and sent by pgoutput decodes to the same values."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(DDL)
@@ -121,7 +142,9 @@ def test_snapshot_reads_equal_stream_events_for_every_type(pg_dsn: str, kafka_bo
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
         with running_daemon(settings):
             # the same rows again, through the stream, under new keys
-            conn.execute("insert into typed select id + 100, b, i2, i4, i8, f4, f8, n, nu, t, vc, ch, by, d, tm, ts, tz, iv, u, j, jb, e, dm, ai, at, an, aj, ae, ad, ip, flag from typed")
+            conn.execute(
+                "insert into typed select id + 100, b, i2, i4, i8, f4, f8, n, nu, t, vc, ch, by, d, tm, ts, tz, iv, u, j, jb, e, dm, ai, at, an, aj, ae, ad, ip, flag from typed"
+            )
             events = table_events(kafka_bootstrap, topic_prefix, "typed", expect=6)
     snap = {e["after"]["id"]: e["after"] for e in events if e["op"] == "r"}
     stream = {e["after"]["id"] - 100: e["after"] for e in events if e["op"] == "c"}

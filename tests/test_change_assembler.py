@@ -61,11 +61,25 @@ class MemorySpill:
         return list(self.data)
 
 
-REL = m.Relation(None, 16384, "public", "t", m.ReplicaIdentity.DEFAULT, (m.RelationColumn("id", INT4, -1, True), m.RelationColumn("v", TEXT, -1, False)))
+REL = m.Relation(
+    None,
+    16384,
+    "public",
+    "t",
+    m.ReplicaIdentity.DEFAULT,
+    (m.RelationColumn("id", INT4, -1, True), m.RelationColumn("v", TEXT, -1, False)),
+)
 
 
 def make(resume: ResumePosition | None = None, spill: Any = None) -> ChangeAssembler:
-    return ChangeAssembler(db="db", topic_prefix="fs", catalog=FakeCatalog({16384: ("id",)}), spill=spill or MemorySpill(), resume=resume, clock_us=lambda: 1)
+    return ChangeAssembler(
+        db="db",
+        topic_prefix="fs",
+        catalog=FakeCatalog({16384: ("id",)}),
+        spill=spill or MemorySpill(),
+        resume=resume,
+        clock_us=lambda: 1,
+    )
 
 
 def run(asm: ChangeAssembler, msgs: list[m.Message]) -> list[Any]:
@@ -96,20 +110,44 @@ def decoded(out: list[Any]) -> list[dict[str, Any]]:
 
 
 def test_positions_topics_and_schemas_first() -> None:
-    out = run(make(), [REL, *txn(7, 100, ins(1), ins(2)), *txn(8, 200, m.Delete(None, 16384, ("1", None), m.OldTupleKind.KEY))])
+    out = run(
+        make(),
+        [
+            REL,
+            *txn(7, 100, ins(1), ins(2)),
+            *txn(8, 200, m.Delete(None, 16384, ("1", None), m.OldTupleKind.KEY)),
+        ],
+    )
     assert isinstance(out[0], OutSchema) and isinstance(out[1], OutSchema)
     ev = events(out)
-    assert [(e.topic, e.commit_lsn, e.seq) for e in ev] == [("fs.public.t", 100, 0), ("fs.public.t", 100, 1), ("fs.public.t", 200, 0)]
-    assert [parse_position_header(dict(e.headers)["fieldsync.pos"]) for e in ev] == [(100, 0), (100, 1), (200, 0)]
+    assert [(e.topic, e.commit_lsn, e.seq) for e in ev] == [
+        ("fs.public.t", 100, 0),
+        ("fs.public.t", 100, 1),
+        ("fs.public.t", 200, 0),
+    ]
+    assert [parse_position_header(dict(e.headers)["fieldsync.pos"]) for e in ev] == [
+        (100, 0),
+        (100, 1),
+        (200, 0),
+    ]
     ends = [o for o in out if isinstance(o, TxnEnd)]
     assert [(t.commit_lsn, t.end_lsn, t.events) for t in ends] == [(100, 108, 2), (200, 208, 1)]
     vals = decoded(out)
     assert [v["op"] for v in vals] == ["c", "c", "d"]
-    assert vals[2]["before"]["id"] == 1 and vals[0]["source"]["txid"] == 7 and vals[0]["source"]["commit_ts_us"] == 5_000_000
+    assert (
+        vals[2]["before"]["id"] == 1
+        and vals[0]["source"]["txid"] == 7
+        and vals[0]["source"]["commit_ts_us"] == 5_000_000
+    )
 
 
 def test_resume_skips_complete_and_partial_transactions() -> None:
-    msgs = [REL, *txn(7, 100, ins(1), ins(2)), *txn(8, 200, ins(3), ins(4), ins(5)), *txn(9, 300, ins(6))]
+    msgs = [
+        REL,
+        *txn(7, 100, ins(1), ins(2)),
+        *txn(8, 200, ins(3), ins(4), ins(5)),
+        *txn(9, 300, ins(6)),
+    ]
     # Kafka holds all of txn 100 and seq 0..1 of txn 200
     out = run(make(ResumePosition(200, 1, False)), msgs)
     assert [(e.commit_lsn, e.seq) for e in events(out)] == [(200, 2), (300, 0)]
@@ -120,7 +158,17 @@ def test_resume_skips_complete_and_partial_transactions() -> None:
 
 
 def test_origin_from_message_and_replication_origin() -> None:
-    out = run(make(), [REL, *txn(7, 100, m.LogicalMessage(None, True, 90, "fieldsync.origin", b"device:d9"), ins(1)), *txn(8, 200, m.Origin(5, "node-b"), ins(2)), *txn(9, 300, ins(3))])
+    out = run(
+        make(),
+        [
+            REL,
+            *txn(
+                7, 100, m.LogicalMessage(None, True, 90, "fieldsync.origin", b"device:d9"), ins(1)
+            ),
+            *txn(8, 200, m.Origin(5, "node-b"), ins(2)),
+            *txn(9, 300, ins(3)),
+        ],
+    )
     assert [v["source"]["origin"] for v in decoded(out)] == ["device:d9", "pg-origin:node-b", None]
 
 
@@ -129,13 +177,25 @@ def test_streamed_transaction_with_subtransaction_abort() -> None:
     asm = make(spill=spill)
     msgs: list[m.Message] = [
         REL,
-        m.StreamStart(50, True), ins(1, 50), ins(2, 51), m.StreamStop(),
+        m.StreamStart(50, True),
+        ins(1, 50),
+        ins(2, 51),
+        m.StreamStop(),
         *txn(60, 150, ins(100)),  # interleaved small transaction commits first
-        m.StreamStart(50, False), ins(3, 52), m.StreamStop(),
-        m.StreamAbort(50, 51, None, None),  # savepoint 51 rolled back: drops 2 and everything after it
-        m.StreamStart(50, False), ins(4, 50), m.StreamStop(),
+        m.StreamStart(50, False),
+        ins(3, 52),
+        m.StreamStop(),
+        m.StreamAbort(
+            50, 51, None, None
+        ),  # savepoint 51 rolled back: drops 2 and everything after it
+        m.StreamStart(50, False),
+        ins(4, 50),
+        m.StreamStop(),
         m.StreamCommit(50, 0, 400, 408, 9),
-        m.StreamStart(70, True), ins(9, 70), m.StreamStop(), m.StreamAbort(70, 70, None, None),
+        m.StreamStart(70, True),
+        ins(9, 70),
+        m.StreamStop(),
+        m.StreamAbort(70, 70, None, None),
     ]
     out = run(asm, msgs)
     ev = events(out)
@@ -152,8 +212,18 @@ def test_unknown_relation_and_orphan_commit_raise_with_lsn() -> None:
 
 
 def test_relation_change_makes_a_new_schema() -> None:
-    rel2 = m.Relation(None, 16384, "public", "t", m.ReplicaIdentity.DEFAULT, (*REL.columns, m.RelationColumn("w", INT4, -1, False)))
-    out = run(make(), [REL, *txn(1, 100, ins(1)), rel2, *txn(2, 200, m.Insert(None, 16384, ("2", "x", "3")))])
+    rel2 = m.Relation(
+        None,
+        16384,
+        "public",
+        "t",
+        m.ReplicaIdentity.DEFAULT,
+        (*REL.columns, m.RelationColumn("w", INT4, -1, False)),
+    )
+    out = run(
+        make(),
+        [REL, *txn(1, 100, ins(1)), rel2, *txn(2, 200, m.Insert(None, 16384, ("2", "x", "3")))],
+    )
     schemas = [o for o in out if isinstance(o, OutSchema)]
     assert len({s.fingerprint for s in schemas}) == 3  # key + two value versions (key unchanged)
     assert decoded(out)[1]["after"] == {"id": 2, "v": "x", "w": 3}

@@ -257,6 +257,7 @@ def test_init_sync_app_writes_server_changes_and_reassignment(stack: Stack, tmp_
     stack.order(3, notes="server edit")
     stack.order(4, technician="t2")
     stack.pg.execute("update work_orders set notes = 'server note' where id = 1")
+
     def server_edits_arrived() -> bool:
         # three transactions; the device may get checkpoints between them, so wait for all
         got = {r[0]: r for r in rows(agent)}

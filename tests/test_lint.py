@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_ruff_check_is_clean() -> None:
@@ -20,4 +22,9 @@ def test_ruff_check_is_clean() -> None:
 
 def test_mypy_strict_is_clean() -> None:
     res = _run("mypy")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    res = _run("ruff", "format", "--check", ".")
     assert res.returncode == 0, res.stdout + res.stderr

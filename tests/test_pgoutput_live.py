@@ -11,7 +11,9 @@ from cdc import pgoutput_decoder as m
 from cdc.pg_source import Keepalive, ReplicationStream, connect, highest_proto_version
 
 
-def _drain(stream: ReplicationStream, decoder: m.PgOutputDecoder, until: Any, timeout: float = 15.0) -> list[m.Message]:
+def _drain(
+    stream: ReplicationStream, decoder: m.PgOutputDecoder, until: Any, timeout: float = 15.0
+) -> list[m.Message]:
     out: list[m.Message] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -40,7 +42,9 @@ def test_live_messages(pg_dsn: str) -> None:
             with conn.transaction():
                 conn.execute("select pg_replication_origin_session_setup('edge-7')")
                 conn.execute("select pg_replication_origin_xact_setup('0/42', now())")
-                conn.execute("select pg_logical_emit_message(true, 'fieldsync.origin', 'device:d1')")
+                conn.execute(
+                    "select pg_logical_emit_message(true, 'fieldsync.origin', 'device:d1')"
+                )
                 conn.execute("insert into live values (1, 'red', 'a')")
                 conn.execute("update live set t = 'b' where id = 1")
                 conn.execute("update live set id = 2 where id = 1")
@@ -48,11 +52,28 @@ def test_live_messages(pg_dsn: str) -> None:
             conn.execute("select pg_replication_origin_session_reset()")
             conn.execute("truncate live")
             conn.execute("select pg_logical_emit_message(false, 'fieldsync.heartbeat', 'hb')")
-            msgs = _drain(stream, decoder, lambda out: any(isinstance(x, m.LogicalMessage) and not x.transactional for x in out))
+            msgs = _drain(
+                stream,
+                decoder,
+                lambda out: any(
+                    isinstance(x, m.LogicalMessage) and not x.transactional for x in out
+                ),
+            )
         finally:
             stream.close()
     kinds = [type(x).__name__ for x in msgs]
-    assert kinds[:10] == ["Begin", "Origin", "LogicalMessage", "Type", "Relation", "Insert", "Update", "Update", "Delete", "Commit"], kinds
+    assert kinds[:10] == [
+        "Begin",
+        "Origin",
+        "LogicalMessage",
+        "Type",
+        "Relation",
+        "Insert",
+        "Update",
+        "Update",
+        "Delete",
+        "Commit",
+    ], kinds
     # pgoutput may send Type/Relation again before the next transaction's first change
     rest = [k for k in kinds[10:] if k not in ("Type", "Relation")]
     assert rest == ["Begin", "Truncate", "Commit", "LogicalMessage"], kinds
@@ -60,7 +81,11 @@ def test_live_messages(pg_dsn: str) -> None:
     by = {k: x for k, x in zip(kinds[:10], msgs[:10], strict=True)}
     origin = msgs[1]
     assert isinstance(origin, m.Origin) and origin.name == "edge-7" and origin.origin_lsn == 0x42
-    assert isinstance(msgs[2], m.LogicalMessage) and msgs[2].content == b"device:d1" and msgs[2].prefix == "fieldsync.origin"
+    assert (
+        isinstance(msgs[2], m.LogicalMessage)
+        and msgs[2].content == b"device:d1"
+        and msgs[2].prefix == "fieldsync.origin"
+    )
     typ = by["Type"]
     assert isinstance(typ, m.Type) and typ.name == "color"
     rel = by["Relation"]
@@ -69,12 +94,23 @@ def test_live_messages(pg_dsn: str) -> None:
     ins = msgs[5]
     assert isinstance(ins, m.Insert) and ins.new == ("1", "red", "a")
     key_change = msgs[7]
-    assert isinstance(key_change, m.Update) and key_change.old_kind == m.OldTupleKind.KEY and key_change.old is not None and key_change.old[0] == "1"
+    assert (
+        isinstance(key_change, m.Update)
+        and key_change.old_kind == m.OldTupleKind.KEY
+        and key_change.old is not None
+        and key_change.old[0] == "1"
+    )
     dele = msgs[8]
     assert isinstance(dele, m.Delete) and dele.old[0] == "2"
     begin, commit = msgs[0], msgs[9]
-    assert isinstance(begin, m.Begin) and isinstance(commit, m.Commit) and begin.final_lsn == commit.commit_lsn
-    assert abs(commit.commit_ts_us / 1e6 - time.time()) < 60, "commit timestamp is in Unix microseconds"
+    assert (
+        isinstance(begin, m.Begin)
+        and isinstance(commit, m.Commit)
+        and begin.final_lsn == commit.commit_lsn
+    )
+    assert abs(commit.commit_ts_us / 1e6 - time.time()) < 60, (
+        "commit timestamp is in Unix microseconds"
+    )
     trunc = msgs[11]
     assert isinstance(trunc, m.Truncate) and trunc.relation_oids == (rel.oid,)
     hb = msgs[13]
@@ -93,11 +129,17 @@ def test_live_stream_messages(pg_dsn: str) -> None:
         decoder = m.PgOutputDecoder(proto)
         try:
             with conn.transaction():
-                conn.execute("insert into s select g, repeat('x', 300) from generate_series(1, 3000) g")
+                conn.execute(
+                    "insert into s select g, repeat('x', 300) from generate_series(1, 3000) g"
+                )
             with conn.transaction():
-                conn.execute("insert into s select g, repeat('x', 300) from generate_series(10001, 13000) g")
+                conn.execute(
+                    "insert into s select g, repeat('x', 300) from generate_series(10001, 13000) g"
+                )
                 raise psycopg.Rollback()
-            msgs = _drain(stream, decoder, lambda out: any(isinstance(x, m.StreamAbort) for x in out))
+            msgs = _drain(
+                stream, decoder, lambda out: any(isinstance(x, m.StreamAbort) for x in out)
+            )
         finally:
             stream.close()
     starts = [x for x in msgs if isinstance(x, m.StreamStart)]

@@ -13,7 +13,9 @@ from relay.settings import load_relay_settings
 
 def test_journal_section_is_accepted_by_relay_run_and_read_by_the_applier(tmp_path: Path) -> None:
     cfg = tmp_path / "relay.toml"
-    cfg.write_text('[relay]\ntopic_prefix = "fsx"\n[journal]\ndsn = "postgresql://u@127.0.0.1/app"\n')
+    cfg.write_text(
+        '[relay]\ntopic_prefix = "fsx"\n[journal]\ndsn = "postgresql://u@127.0.0.1/app"\n'
+    )
     assert load_relay_settings(cfg, {}).relay.topic_prefix == "fsx"
     assert load_applier_settings(cfg, {}).journal.dsn == "postgresql://u@127.0.0.1/app"
 
