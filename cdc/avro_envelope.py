@@ -69,6 +69,7 @@ __all__ = [
     "avro_field_names",
     "avro_name",
     "decode",
+    "encode_long",
     "fingerprint",
     "parse_position_header",
     "parsing_canonical_form",
@@ -379,6 +380,10 @@ def _encode_long(n: int) -> bytes:
     if z < 16384:
         return _SMALL_VARINTS[z]
     return _varint_slow(z)
+
+
+encode_long = _encode_long
+"""Zigzag varint of a 64-bit signed int (an Avro long; also Kafka's record varints)."""
 
 
 def _encode_int(n: int) -> bytes:

@@ -15,6 +15,17 @@ transactions Kafka already has.
 Schemas go to the compacted ``{prefix}._schemas`` topic keyed by fingerprint,
 inside the same transaction as the first event that uses them.
 
+Records: change events are not given to ``KafkaProducer.send`` one by one
+(tens of microseconds each); the sink appends them to one
+:class:`cdc.kafka_records.RecordBuffer` per partition (kafka's default
+partitioner: murmur2 of the key) and hands each buffer to kafka-python's
+accumulator as one finished batch when it reaches ``BATCH_BYTES`` and at
+commit.  kafka-python's sender still stamps producer id, epoch and sequence,
+compresses, checksums, adds the partition to the transaction and retries.  This
+uses kafka-python internals, checked once at start-up
+(:func:`_bulk_path_available`); where they differ, every record goes through
+``send()`` as before.  Schemas and the resume position always use ``send()``.
+
 Concurrency: one thread (the pipeline's) calls the sink; kafka-python's sender
 thread does the network I/O.  ``commit()`` blocks until the broker has
 acknowledged every record and the transaction marker.
@@ -27,9 +38,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+from kafka import TopicPartition
+from kafka.partitioner.default import murmur2
 
 from cdc.errors import SinkError, SinkUnavailable
+from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +97,42 @@ class Sink(Protocol):
     def commit(self, position: ResumePosition) -> None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
+
+
+MAX_REQUEST_SIZE: Final = 8 * 1024 * 1024
+BATCH_BYTES: Final = 256 * 1024
+"""Size at which a partition's records are handed to kafka-python as one batch."""
+
+
+def _bulk_path_available(producer: Any) -> bool:
+    """Whether this kafka-python has the internals :meth:`KafkaTransactionalSink._hand_over`
+    uses (checked once; without them every record goes through ``KafkaProducer.send``)."""
+    try:
+        from kafka.producer.producer_batch import ProducerBatch  # noqa: F401
+        from kafka.record.memory_records import MemoryRecordsBuilder
+
+        acc = producer._accumulator
+        probe = MemoryRecordsBuilder(
+            acc.config["message_version"], acc.config["compression_attrs"], 1024
+        )
+        needed = ("_buffer", "_num_records", "_last_offset", "_first_timestamp", "_max_timestamp")
+        ok = (
+            acc.config["message_version"] == 2
+            and all(hasattr(probe._builder, a) for a in needed)
+            and hasattr(probe, "_next_offset")
+            and hasattr(acc, "_tp_lock")
+            and hasattr(acc, "_batches")
+            and hasattr(acc, "_incomplete")
+            and hasattr(producer._transaction_manager, "maybe_add_partition_to_transaction")
+            and hasattr(producer._sender, "wakeup")
+            and len(probe._builder._buffer) == HEADER_SIZE
+        )
+    except (ImportError, AttributeError, KeyError, TypeError) as exc:
+        log.warning("kafka-python internals differ (%s): records go through send()", exc)
+        return False
+    if not ok:
+        log.warning("kafka-python internals differ: records go through KafkaProducer.send()")
+    return ok
 
 
 def state_topic(prefix: str) -> str:
@@ -152,6 +203,7 @@ class KafkaOptions:
     sasl_password: str | None = None
     ssl_cafile: str | None = None
     topic_partitions: int = 1
+    bulk_records: bool = True  # build record batches ourselves (cdc.kafka_records)
 
     def client_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
@@ -248,7 +300,11 @@ class KafkaTransactionalSink:
         self._pending_schemas: set[bytes] = set()
         self._in_txn = False
         self._broken = False  # a Kafka call failed: the broker is gone or the producer unusable
-        self._futures: list[Any] = []
+        self._fast = False
+        self._buffers: dict[Any, RecordBuffer] = {}
+        self._partition_counts: dict[str, int] = {}
+        self._tps: dict[tuple[str, int], Any] = {}
+        self._max_record = MAX_REQUEST_SIZE
         self.producer: Any = None
         try:
             self.producer = _build(
@@ -260,11 +316,12 @@ class KafkaTransactionalSink:
                 compression_type=None if opts.compression == "none" else opts.compression,
                 linger_ms=5,
                 batch_size=256 * 1024,
-                max_request_size=8 * 1024 * 1024,
+                max_request_size=MAX_REQUEST_SIZE,
                 max_block_ms=int(opts.timeout_s * 1000),
                 transaction_timeout_ms=max(60000, int(opts.timeout_s * 2000)),
             )
             self.producer.init_transactions()
+            self._fast = opts.bulk_records and _bulk_path_available(self.producer)
         except _kafka_errors() as exc:
             self._broken = True
             self.close()
@@ -299,10 +356,88 @@ class KafkaTransactionalSink:
         if not self._in_txn:
             self.begin()
         self.ensure_topic(topic)
+        if self._fast:
+            self._append(topic, key, value, headers)
+            return
         try:
             self.producer.send(topic, key=key, value=value, headers=list(headers))
         except _kafka_errors() as exc:
             raise self._unavailable(f"send to {topic} failed: {exc}") from exc
+
+    # -- the bulk path: records appended to our own batches, handed over whole ----------
+
+    def _append(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        tp = self._partition(topic, key)
+        buffer = self._buffers.get(tp)
+        if buffer is None:
+            buffer = self._buffers[tp] = RecordBuffer()
+        size = buffer.append(int(time.time() * 1000), key, value, encode_headers(headers))
+        if size > self._max_record:
+            del self._buffers[tp]  # the transaction is aborted by the caller: nothing is lost
+            raise SinkError(
+                f"a record for {topic} (key {key!r:.80}) is {size} bytes, more than the "
+                f"producer's max_request_size ({self._max_record}); raise the broker's "
+                "message.max.bytes and the topic's max.message.bytes, or leave the column out "
+                "of the publication"
+            )
+        if len(buffer) >= BATCH_BYTES:
+            del self._buffers[tp]
+            self._hand_over(tp, buffer)
+
+    def _partition(self, topic: str, key: bytes | None) -> Any:
+        """The record's TopicPartition: kafka's default partitioner (murmur2 of the key),
+        partition 0 for records without a key (tables without a primary key)."""
+        count = self._partition_counts.get(topic)
+        if count is None:
+            try:
+                count = len(self.producer.partitions_for(topic) or ())
+            except _kafka_errors() as exc:
+                raise self._unavailable(f"no metadata for topic {topic}: {exc}") from exc
+            if count == 0:
+                raise self._unavailable(f"the broker reports no partitions for topic {topic}")
+            self._partition_counts[topic] = count
+        partition = 0 if key is None or count == 1 else (murmur2(key) & 0x7FFFFFFF) % count
+        tp = self._tps.get((topic, partition))
+        if tp is None:
+            tp = self._tps[(topic, partition)] = TopicPartition(topic, partition)
+        return tp
+
+    def _hand_over(self, tp: Any, buffer: RecordBuffer) -> None:
+        """Give kafka-python's accumulator one finished batch for ``tp`` (see
+        :mod:`cdc.kafka_records`); its sender fills the header (producer id, epoch,
+        sequence, CRC), compresses and sends it within the open transaction."""
+        from kafka.producer.producer_batch import ProducerBatch
+        from kafka.record.memory_records import MemoryRecordsBuilder
+
+        producer = self.producer
+        acc = producer._accumulator
+        try:
+            producer._transaction_manager.maybe_add_partition_to_transaction(tp)
+        except _kafka_errors() as exc:
+            raise self._unavailable(
+                f"adding {tp.topic} to the Kafka transaction failed: {exc}"
+            ) from exc
+        records = MemoryRecordsBuilder(
+            acc.config["message_version"], acc.config["compression_attrs"], len(buffer)
+        )
+        inner = records._builder
+        inner._buffer = buffer.buf
+        inner._num_records = buffer.count
+        inner._last_offset = buffer.count - 1
+        inner._first_timestamp = buffer.first_ts
+        inner._max_timestamp = buffer.max_ts
+        records._next_offset = buffer.count
+        batch = ProducerBatch(tp, records)
+        batch.max_record_size = buffer.max_record
+        with acc._tp_lock(tp):
+            acc._batches[tp].append(batch)
+        acc._incomplete.add(batch)
+        producer._sender.wakeup()
+
+    def _hand_over_all(self) -> None:
+        buffers, self._buffers = self._buffers, {}
+        for tp, buffer in buffers.items():
+            self._hand_over(tp, buffer)
 
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
         if fingerprint in self._published or fingerprint in self._pending_schemas:
@@ -326,6 +461,7 @@ class KafkaTransactionalSink:
         # dead broker is given up after timeout_s, not after one timeout per step
         deadline = time.monotonic() + self.opts.timeout_s
         try:
+            self._hand_over_all()
             self.producer.send(
                 state_topic(self.opts.topic_prefix),
                 key=self.slot.encode(),
@@ -366,6 +502,7 @@ class KafkaTransactionalSink:
             )
 
     def abort(self) -> None:
+        self._buffers = {}
         if not self._in_txn:
             return
         self._in_txn = False
