@@ -15,7 +15,13 @@ the boundary with ``raise ... from exc``.
     │   └── ReplicationLost      connection dropped mid-stream (retryable)
     ├── SinkError                Kafka side
     │   └── SinkUnavailable      broker unreachable / timed out (retryable)
-    └── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
+    ├── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
+    └── ReplayError              replay (the CLI maps each to an exit code)
+        ├── UnknownTable         the log holds no such table (lists those it holds)
+        ├── NoEvents             empty range, or a key without history
+        ├── LogUnavailable       broker unreachable, or it stopped answering mid-read
+        ├── DatabaseUnavailable  PostgreSQL unreachable (verify)
+        └── LogBehind            cdc has not reached PostgreSQL's position within the wait
 """
 
 from __future__ import annotations
@@ -87,3 +93,27 @@ class SinkUnavailable(SinkError):
 
 class ServiceError(CdcError):
     """A local service (embedded PostgreSQL, broker) failed to start."""
+
+
+class ReplayError(CdcError):
+    """Base of replay errors (the CLI maps each to an exit code)."""
+
+
+class UnknownTable(ReplayError):
+    """A table that the log does not hold (names it and lists the tables it does hold)."""
+
+
+class NoEvents(ReplayError):
+    """An empty range: the bounds hold no event, or the key has no history."""
+
+
+class LogUnavailable(ReplayError):
+    """The broker cannot be reached or stopped answering in the middle of a read."""
+
+
+class DatabaseUnavailable(ReplayError):
+    """PostgreSQL cannot be reached (verify)."""
+
+
+class LogBehind(ReplayError):
+    """cdc has not written up to PostgreSQL's current position within the wait (verify)."""

@@ -89,7 +89,18 @@ from typing import IO, Any, Final, Literal
 import orjson
 
 from cdc.avro_envelope import POSITION_HEADER, SchemaRegistry, decode
-from cdc.errors import CdcError, DecodeError, format_lsn, parse_lsn
+from cdc.errors import (
+    CdcError,
+    DatabaseUnavailable,
+    DecodeError,
+    LogBehind,
+    LogUnavailable,
+    NoEvents,
+    ReplayError,
+    UnknownTable,
+    format_lsn,
+    parse_lsn,
+)
 
 __all__ = [
     "MAX_SEQ",
@@ -145,30 +156,6 @@ Format = Literal["jsonl", "csv", "sqlite"]
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class ReplayError(CdcError):
-    """Base of replay errors (the CLI maps each to an exit code)."""
-
-
-class UnknownTable(ReplayError):
-    """A table that the log does not hold (names it and lists the tables it does hold)."""
-
-
-class NoEvents(ReplayError):
-    """An empty range: the bounds hold no event, or the key has no history."""
-
-
-class LogUnavailable(ReplayError):
-    """The broker cannot be reached or stopped answering in the middle of a read."""
-
-
-class DatabaseUnavailable(ReplayError):
-    """PostgreSQL cannot be reached (verify)."""
-
-
-class LogBehind(ReplayError):
-    """cdc has not written up to PostgreSQL's current position within the wait (verify)."""
 
 
 # --------------------------------------------------------------------------- positions, times

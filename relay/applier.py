@@ -94,8 +94,9 @@ from cdc.avro_envelope import TableCodec
 from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
 from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
 from cdc.snapshot import output_function_text
+from relay.bucket_engine import FETCH_MAX_WAIT_MS
 from relay.bucket_store import json_value, row_key_text
-from relay.errors import ConfigError, RelayError
+from relay.errors import ApplierError, ConfigError, ConflictNotFound, RelayError, ResolveError  # noqa: F401 (re-exported)
 from relay.hlc import Hlc, HybridClock, wall_clock_ms
 from relay.journal import (
     ColumnType,
@@ -155,18 +156,6 @@ _ENTRY_ERRORS: Final = (
     psycopg.errors.RaiseException,
 )
 _RETRY_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-
-
-class ApplierError(RelayError):
-    """The applier cannot go on (database unreachable, schema changed, Kafka down)."""
-
-
-class ConflictNotFound(ApplierError):
-    """No kept conflict has this id."""
-
-
-class ResolveError(ApplierError):
-    """A resolution is invalid (unknown choice, values for columns not in conflict)."""
 
 
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -1845,6 +1834,7 @@ class _Reader(threading.Thread):
             auto_offset_reset="earliest",
             max_poll_records=self.poll_max,
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,  # an idle journal is seen within 50 ms
         )
         try:
             refreshed = 0.0

@@ -54,7 +54,7 @@ from typing import Any
 from cdc.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
 from cdc.errors import DecodeError
 from relay.bucket_store import ChangeKind, PartitionProgress, Position, RowChange
-from relay.errors import RelayError
+from relay.errors import EngineError
 from relay.pg_bucket_store import LeadershipLost, PgBucketStore, StoreError
 from relay.rules import Rules, TableInfo
 
@@ -72,10 +72,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _UNCHANGED = "unchanged"
-
-
-class EngineError(RelayError):
-    """The bucket engine cannot go on (an event it cannot decode, a schema that never came)."""
+FETCH_MAX_WAIT_MS = 50
+"""How long the broker may hold an empty fetch (engine, applier, outcome feed)."""
 
 
 # --------------------------------------------------------------------------- schemas
@@ -410,6 +408,9 @@ class BucketEngine:
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             max_poll_records=self.batch_max_events,
+            # the broker answers an empty fetch after this long: it bounds how late a change
+            # that arrives on an idle topic is seen (kafka-python's default is 500 ms)
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._assigned_topics = set()
         self._last_topic_check = 0.0

@@ -13,8 +13,19 @@ layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
     RelayError
     ├── ConfigError                a relay configuration file or option is invalid
     │   ├── RulesError             rules file invalid: every problem names file, rule, key path
-    │   └── KeyStoreError          keys/revocation file invalid, key unusable for what is asked
+    │   ├── KeyStoreError          keys/revocation file invalid, key unusable for what is asked
+    │   └── ConflictsError         conflicts (merge policies) file invalid: file, table, key
     ├── RowError                   a row lacks a column the rules need (caller must send full rows)
+    ├── StoreError                 bucket store failed (connection, schema newer than the code)
+    │   └── LeadershipLost         the writer connection, and with it the engine's lock, was lost
+    ├── EngineError                bucket engine cannot go on (undecodable event, missing schema)
+    ├── JournalFormatError         a _journal / _outcomes Kafka record cannot be read
+    ├── UploadError      (400)     bad_upload: a journal upload as a whole is unusable
+    │   └── BatchTooLarge (413)    batch_too_large: more entries or bytes than allowed
+    ├── JournalStoreError          the store database cannot hold the journal tables right now
+    ├── ApplierError               the applier cannot go on (database, schema, Kafka)
+    │   ├── ConflictNotFound       no kept conflict has this id
+    │   └── ResolveError           a resolution is invalid (unknown choice, foreign columns)
     └── AuthError        (401)     request not authenticated; .status, .code, to_dict()
         ├── TokenMissing           token_missing        no Authorization header
         ├── TokenMalformed         token_malformed      not "Bearer <jwt>", undecodable, claim missing
@@ -155,3 +166,60 @@ class DeviceRevoked(ForbiddenError):
 
 class NotOwnDevice(ForbiddenError):
     code = "forbidden_device"
+
+
+class StoreError(RelayError):
+    """The bucket store failed (connection lost, schema newer than this code, bad input)."""
+
+
+class LeadershipLost(StoreError):
+    """The writer connection (and with it the engine's leadership lock) was lost."""
+
+
+class EngineError(RelayError):
+    """The bucket engine cannot go on (an event it cannot decode, a schema that never came)."""
+
+
+class JournalFormatError(RelayError):
+    """A journal or outcome record (Kafka value) cannot be read; names what is wrong."""
+
+
+class UploadError(RelayError):
+    """A journal upload as a whole is unusable (HTTP 400): not a list of entries, a
+    seq missing or out of order.  ``code`` is stable."""
+
+    code = "bad_upload"
+    status = 400
+
+
+class BatchTooLarge(UploadError):
+    """An upload holds more entries than allowed (HTTP 413): split it."""
+
+    code = "batch_too_large"
+    status = 413
+
+
+class JournalStoreError(RelayError):
+    """The relay's store database cannot be used for the journal tables right now."""
+
+
+class ApplierError(RelayError):
+    """The applier cannot go on (database unreachable, schema changed, Kafka down)."""
+
+
+class ConflictNotFound(ApplierError):
+    """No kept conflict has this id."""
+
+
+class ResolveError(ApplierError):
+    """A resolution is invalid (unknown choice, values for columns not in conflict)."""
+
+
+class ConflictsError(ConfigError):
+    """The conflicts file is invalid; ``problems`` lists every problem (file, table, key)."""
+
+    def __init__(self, problems: Sequence[RulesProblem]) -> None:
+        if not problems:
+            raise ValueError("ConflictsError needs at least one problem")
+        self.problems: tuple[RulesProblem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

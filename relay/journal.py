@@ -67,7 +67,7 @@ from typing import Any, Final, TypeGuard
 
 import orjson
 
-from relay.errors import RelayError, RowError
+from relay.errors import BatchTooLarge, JournalFormatError, RelayError, RowError, UploadError  # noqa: F401 (re-exported)
 from relay.hlc import Hlc
 from relay.rules import Rules, TableInfo, canonical_text, parse_bucket_id
 
@@ -121,25 +121,6 @@ _MICROS_PER_DAY: Final = 86_400_000_000
 _DATE_MIN_DAYS: Final = -2_440_588  # 4714-11-24 BC, PostgreSQL's first date
 _DATE_MAX_DAYS: Final = 2_145_031_948  # 5874897-12-31
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
-
-
-class JournalFormatError(RelayError):
-    """A journal or outcome record (Kafka value) cannot be read; names what is wrong."""
-
-
-class UploadError(RelayError):
-    """A journal upload as a whole is unusable (HTTP 400): not a list of entries, a
-    seq missing or out of order.  ``code`` is stable."""
-
-    code = "bad_upload"
-    status = 400
-
-
-class BatchTooLarge(UploadError):
-    """An upload holds more entries than allowed (HTTP 413): split it."""
-
-    code = "batch_too_large"
-    status = 413
 
 
 # --------------------------------------------------------------------------- column types

@@ -84,7 +84,8 @@ from relay.applier import SCHEMA as APPLIER_SCHEMA
 from relay.applier import ApplierDb, ApplierError, ConflictNotFound, ResolveError
 from relay.applier_settings import JOURNAL, JournalSettings
 from relay.auth import DeviceIdentity
-from relay.errors import ConfigError, NotOwnDevice, RelayError
+from relay.bucket_engine import FETCH_MAX_WAIT_MS
+from relay.errors import ConfigError, JournalStoreError, NotOwnDevice, RelayError
 from relay.journal import (
     ColumnType,
     JournalEntry,
@@ -179,10 +180,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
 TypesSource = Callable[[], Mapping[str, Mapping[str, ColumnType]]]
 """Column types per table for intake validation (may block; called in a worker thread)."""
-
-
-class JournalStoreError(RelayError):
-    """The relay's store database cannot be used for the journal tables right now."""
 
 
 # --------------------------------------------------------------------------- settings
@@ -874,6 +871,7 @@ class OutcomeFeed:
                 enable_auto_commit=False,
                 isolation_level="read_committed",
                 auto_offset_reset="earliest",
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,  # outcomes reach devices within 50 ms
             )
             self._partitions = set()
         parts = set(self._consumer.partitions_for_topic(self.topic) or ())

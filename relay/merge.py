@@ -66,7 +66,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from relay.errors import ConfigError, RulesProblem
+from relay.errors import ConflictsError, RulesProblem
 from relay.hlc import Hlc
 from relay.journal import ColumnType, Kind, Op, OutcomeKind, coerce_value, same_value
 from relay.rules import canonical_text
@@ -105,16 +105,6 @@ ROW_POLICIES: Final = frozenset(
 TIMED: Final = frozenset({Policy.LWW, Policy.FWW})
 NUMERIC_KINDS: Final = frozenset({Kind.INT, Kind.FLOAT, Kind.DECIMAL, Kind.NUMERIC})
 DEFAULT_POLICY: Final = Policy.SERVER_WINS
-
-
-class ConflictsError(ConfigError):
-    """The conflicts file is invalid; ``problems`` lists every problem (file, table, key)."""
-
-    def __init__(self, problems: Sequence[RulesProblem]) -> None:
-        if not problems:
-            raise ValueError("ConflictsError needs at least one problem")
-        self.problems: tuple[RulesProblem, ...] = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 # --------------------------------------------------------------------------- policies

@@ -90,7 +90,7 @@ from relay.bucket_store import (
     plan_changes,
     row_key_text,
 )
-from relay.errors import RelayError
+from relay.errors import LeadershipLost, RelayError, StoreError  # noqa: F401 (re-exported)
 from relay.rules import Rules
 
 __all__ = [
@@ -111,14 +111,6 @@ WRITE_LOCK: Final = (_LOCK_CLASS, 1)
 MIGRATE_LOCK: Final = (_LOCK_CLASS, 2)
 _NOTIFY_MAX: Final = 7900  # NOTIFY payloads must stay below 8000 bytes
 _HISTORY: Final = 2048  # notifications remembered for waiters that register late
-
-
-class StoreError(RelayError):
-    """The bucket store failed (connection lost, schema newer than this code, bad input)."""
-
-
-class LeadershipLost(StoreError):
-    """The writer connection (and with it the engine's leadership lock) was lost."""
 
 
 # --------------------------------------------------------------------------- migrations
