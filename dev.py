@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bootstrap and run fieldsync on a fresh machine that has only Python 3.11+.
 
-    python3 dev.py demo     # cdc on embedded PostgreSQL + broker, printing events as Kafka acknowledges them
+    python3 dev.py demo     # the whole pipeline on embedded PostgreSQL + broker (cdc, relay, applier, a device)
     python3 dev.py test     # the whole test suite (real PostgreSQL and broker, started by the harness)
     python3 dev.py bench    # the benchmarks (figures go to docs/performance.md by hand)
     python3 dev.py run -- fieldsync --help   # any command inside the virtual environment

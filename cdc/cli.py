@@ -185,15 +185,31 @@ def demo(
     seconds: Annotated[
         float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")
     ] = 0.0,
-    rate: Annotated[float, typer.Option(help="demo writes per second")] = 2.0,
+    rate: Annotated[float, typer.Option(help="--cdc-only: demo writes per second")] = 2.0,
+    cdc_only: Annotated[
+        bool,
+        typer.Option("--cdc-only", help="only cdc, printing events as Kafka acknowledges them"),
+    ] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="stop once every step is checked (exit 0) or failed")
+    ] = False,
 ) -> None:
-    """Run cdc against an embedded PostgreSQL and broker, writing demo rows and printing events as Kafka acknowledges them."""
-    from cdc.demo import run_demo
-
+    """The whole pipeline on an embedded PostgreSQL and broker: cdc, relay and applier as
+    processes, a device synced with device-agent, each step checked (see relay/demo.py)."""
     _setup_logging("WARNING")
+    if cdc_only:
+        from cdc.demo import run_demo
+
+        try:
+            run_demo(seconds=seconds, rate=rate)
+        except CdcError as exc:
+            raise _fail(exc, EXIT_RUNTIME) from None
+        return
+    from relay.demo import DemoError, run_full_demo
+
     try:
-        run_demo(seconds=seconds, rate=rate)
-    except CdcError as exc:
+        run_full_demo(None if check else seconds)
+    except (CdcError, DemoError) as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
 
 
