@@ -239,13 +239,14 @@ _OTHER_UNIT = re.compile(
 )
 
 
-def _verify(unit_text: str, directory: Path) -> tuple[list[str], list[str]]:
-    """Run systemd-analyze verify on a copy; return (lines about our unit, lines about others)."""
+def _verify(unit_text: str, directory: Path, name: str = UNIT.name) -> tuple[list[str], list[str]]:
+    """Run systemd-analyze verify on a copy named ``name``; return (lines about our unit,
+    lines about others)."""
     assert SYSTEMD_ANALYZE is not None
     assert unit_text.count(f"ExecStart={UNIT_EXEC} ") == 1
     # verify rejects a missing binary; point ExecStart at one that exists, keep the rest.
     text = unit_text.replace(f"ExecStart={UNIT_EXEC} ", f"ExecStart={sys.executable} ")
-    path = directory / UNIT.name
+    path = directory / name
     path.write_text(text)
     proc = subprocess.run(
         [SYSTEMD_ANALYZE, "verify", str(path)],
@@ -255,13 +256,15 @@ def _verify(unit_text: str, directory: Path) -> tuple[list[str], list[str]]:
         env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": "cat"},
         check=False,
     )
-    ours, others = _classify((proc.stdout + proc.stderr).splitlines(), directory)
+    ours, others = _classify((proc.stdout + proc.stderr).splitlines(), directory, name)
     if proc.returncode != 0 and not ours:
         ours.append(f"systemd-analyze exited with {proc.returncode}")
     return ours, others
 
 
-def _classify(lines: list[str], directory: Path) -> tuple[list[str], list[str]]:
+def _classify(
+    lines: list[str], directory: Path, name: str = UNIT.name
+) -> tuple[list[str], list[str]]:
     """Split output lines into those about our unit (or unclear) and those about other units."""
     ours: list[str] = []
     others: list[str] = []
@@ -271,9 +274,9 @@ def _classify(lines: list[str], directory: Path) -> tuple[list[str], list[str]]:
         match = _OTHER_UNIT.match(line)
         about_other = (
             match is not None
-            and match.group("unit") != UNIT.name
+            and match.group("unit") != name
             and str(directory) not in line
-            and UNIT.stem not in line
+            and name.rsplit(".", 1)[0] not in line
         )
         (others if about_other else ours).append(line)
     return ours, others
@@ -317,3 +320,42 @@ def test_systemd_analyze_check_catches_broken_units(
     assert f"\n{original}\n" in text
     ours, _ = _verify(text.replace(f"\n{original}\n", f"\n{broken}\n"), tmp_path)
     assert any(reported in line for line in ours), ours
+
+
+# The relay and the applier (a template: one instance per shard), checked the same way.
+OTHER_UNITS = {
+    "fieldsync-relay.service": (
+        "fieldsync-relay.service",
+        f"{UNIT_EXEC} relay run --config /etc/fieldsync/relay.toml",
+        "notify",
+    ),
+    "fieldsync-applier@.service": (
+        "fieldsync-applier@0.service",
+        f"{UNIT_EXEC} relay applier --config /etc/fieldsync/relay.toml --shard %i",
+        "simple",
+    ),
+}
+
+
+@pytest.mark.parametrize("file", sorted(OTHER_UNITS))
+def test_relay_and_applier_units_have_the_required_directives(file: str) -> None:
+    _, exec_start, kind = OTHER_UNITS[file]
+    unit = _directives((UNIT.parent / file).read_text())
+    service = {k: v[0] for k, v in unit["Service"].items()}
+    assert service["ExecStart"] == exec_start
+    assert service["Type"] == kind
+    assert service["RestartPreventExitStatus"] == "2"  # configuration errors are not retried
+    assert service["User"] == "fieldsync" and service["KillSignal"] == "SIGTERM"
+    assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("file", sorted(OTHER_UNITS))
+def test_relay_and_applier_units_verify_clean(tmp_path: Path, file: str) -> None:
+    name = OTHER_UNITS[file][0]
+    ours, others = _verify((UNIT.parent / file).read_text(), tmp_path, name)
+    assert ours == [], f"systemd-analyze verify complains: {ours}\n(other units: {others})"
+    broken = (UNIT.parent / file).read_text().replace("Restart=on-failure", "Restart=sometimes")
+    ours, _ = _verify(broken, tmp_path, name)
+    assert any("sometimes" in line for line in ours), ours
