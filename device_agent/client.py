@@ -49,6 +49,7 @@ from device_agent.errors import (
     RelayUnreachable,
     TokenExpired,
     TokenRevoked,
+    WebSocketUnavailable,
 )
 
 CURSOR_PREFIX: Final = "c1."
@@ -364,7 +365,14 @@ class RelayClient:
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            raise error_from_body(status, bytes(exc.response.body or b""), self.base_url) from exc
+            error = error_from_body(status, bytes(exc.response.body or b""), self.base_url)
+            if isinstance(error, AuthFailed):
+                raise error from exc  # 401, or the relay's 403 about the token
+            # anything else (a proxy refusing the upgrade, a relay without /v1/stream):
+            # the stream is unavailable, not the relay; the caller long-polls instead
+            raise WebSocketUnavailable(
+                f"the WebSocket upgrade to {self.base_url} was answered {status}: {error}"
+            ) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise RelayUnreachable(f"no WebSocket to {self.base_url}: {exc}") from exc
 

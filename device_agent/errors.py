@@ -5,6 +5,8 @@
     DeviceAgentError (1)
     ├── StateError (2)            the database is not initialized / is not usable as is
     ├── RelayUnreachable (3)      network down, relay not answering: the agent works offline
+    │   └── WebSocketUnavailable (3)  the upgrade was refused (a proxy without WebSockets):
+    │                                 ``sync --watch`` long-polls instead
     ├── AuthFailed (4)            the relay refused the token
     │   ├── TokenExpired (4)      get a new token
     │   └── TokenRevoked (4)      this device was revoked: get a new token
@@ -27,6 +29,11 @@ class StateError(DeviceAgentError):
 
 class RelayUnreachable(DeviceAgentError):
     exit_code = 3
+
+
+class WebSocketUnavailable(RelayUnreachable):
+    """The WebSocket upgrade got an HTTP answer that is not the relay's authentication error
+    (e.g. 403/404/426 from a proxy that does not pass WebSockets)."""
 
 
 class AuthFailed(DeviceAgentError):

@@ -52,6 +52,21 @@ SECRET = b"d" * 40
 FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 
 
+class WsSwitch:
+    """ASGI wrapper: while ``refuse`` is set, WebSocket upgrades are answered HTTP 403 with
+    no body, as by a proxy in front of the relay that does not pass WebSockets."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.refuse = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and self.refuse:
+            await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            return
+        await self.app(scope, receive, send)
+
+
 class Stack:
     """The server side, running; ``proxy`` sits between the device and the relay."""
 
@@ -63,9 +78,11 @@ class Stack:
         auth: Authenticator,
         keys: KeyStore,
         store_dsn: str = "",
+        ws: WsSwitch | None = None,
     ) -> None:
         self.pg = pg
         self.store_dsn = store_dsn
+        self.ws = ws
         self.url = url
         self.proxy = proxy
         self.auth = auth
@@ -150,8 +167,10 @@ def stack(
         )
         keys = KeyStore([Key.hmac("k1", SECRET)], current="k1")
         auth = Authenticator(keys)
-        app = create_app(
-            store, rules, auth, ApiConfig(rate_per_s=0, long_poll_s=5, max_page_ops=5000)
+        app = WsSwitch(
+            create_app(
+                store, rules, auth, ApiConfig(rate_per_s=0, long_poll_s=5, max_page_ops=5000)
+            )
         )
         with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
             # inserted after the snapshot: cdc's snapshot path rejects PostgreSQL's 'false'
@@ -164,7 +183,7 @@ def stack(
             try:
                 with serve(app) as port:
                     proxy = tcp_proxy("127.0.0.1", port)
-                    yield Stack(pg, f"http://{proxy.address}", proxy, auth, keys)
+                    yield Stack(pg, f"http://{proxy.address}", proxy, auth, keys, ws=app)
             finally:
                 engine.request_stop()
                 runner.join(30)
@@ -414,6 +433,46 @@ def test_watch_over_websocket_follows_changes_and_survives_cuts(
         stack.proxy.cut()
         thread.join(30)
     assert not errors
+    agent.close()
+
+
+def test_watch_long_polls_when_websockets_are_refused(stack: Stack, tmp_path: Path) -> None:
+    """A proxy that does not pass WebSocket upgrades (403): --watch follows the relay by
+    long-polling /v1/changes instead, with the same results."""
+    assert stack.ws is not None
+    stack.ws.refuse = True
+    stack.order(1)
+    agent = new_agent(stack, tmp_path / "d.db")
+    events: list[str] = []
+    agent.on_event = events.append
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            agent.watch(stop, poll_s=2.0, max_backoff_s=0.5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        reader = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+
+        def ids() -> set[int]:
+            return {r[0] for r in reader.execute("select id from work_orders")}
+
+        wait_for(lambda: ids() == {1}, timeout=30, what="initial sync")
+        wait_for(lambda: any("long-polling" in e for e in events), timeout=30, what="fallback")
+        stack.order(2)
+        wait_for(lambda: ids() == {1, 2}, timeout=30, what="a change by long-poll")
+        stack.order(1, technician="t9")
+        wait_for(lambda: ids() == {2}, timeout=30, what="REMOVE by long-poll")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors
+    assert any("answered 403" in e for e in events), events
     agent.close()
 
 
