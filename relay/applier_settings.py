@@ -69,6 +69,7 @@ class JournalSettings:
     max_upload_entries: int
     max_entry_bytes: int
     topic_partitions: int
+    retention_days: float
 
     def limits(self) -> JournalLimits:
         """Upload limits for the intake endpoint."""
@@ -164,6 +165,17 @@ JOURNAL = Section(
             "Partitions of `{prefix}._journal` and `{prefix}._outcomes` when the applier "
             "creates them.",
             check=_positive,
+        ),
+        Setting(
+            "retention_days",
+            float,
+            90.0,
+            "The relay deletes intake records and settled outcomes older than this from its "
+            "store (hourly; open conflicts are kept). Must exceed the longest time a device "
+            "stays offline: a device away longer misses the outcomes of its entries. The "
+            "applier's audit table in the captured database is never pruned. 0 keeps "
+            "everything.",
+            check=_non_negative,
         ),
     ),
 )

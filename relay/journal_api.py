@@ -535,6 +535,31 @@ class JournalStore:
             ).fetchall()
         return {int(s): (_decision(st, r, m), int(s) in inserted) for s, st, r, m in rows}
 
+    # ---- retention
+
+    def prune(self, older_than_days: float, batch: int = 10_000) -> tuple[int, int]:
+        """Delete intake records and outcomes (except open conflicts) last changed more than
+        ``older_than_days`` ago, ``batch`` rows per transaction; returns (intake, outcomes)
+        deleted.  Safe: a device re-sending a pruned seq is validated and produced again, and
+        the applier's idempotency record (never pruned) skips it."""
+        counts = [0, 0]
+        statements = (
+            f"delete from {SCHEMA}.intake where ctid = any(array(select ctid from "
+            f"{SCHEMA}.intake where received_at < now() - make_interval(secs => %s) limit %s))",
+            f"delete from {SCHEMA}.outcomes where ctid = any(array(select ctid from "
+            f"{SCHEMA}.outcomes where updated_at < now() - make_interval(secs => %s) "
+            "and outcome <> 'conflict' limit %s))",
+        )
+        with self._conn("pruning the journal tables") as conn:
+            for i, statement in enumerate(statements):
+                while True:
+                    with conn.transaction():
+                        deleted = conn.execute(statement, (older_than_days * 86400, batch)).rowcount
+                    counts[i] += deleted
+                    if deleted < batch:
+                        break
+        return counts[0], counts[1]
+
     # ---- outcomes
 
     def read_outcomes(self, device_id: str, after: int, limit: int) -> OutcomePage:
@@ -820,8 +845,13 @@ class OutcomeFeed:
         refresh_s: float = 5.0,
         standby_s: float = 2.0,
         poll_max: int = 2000,
+        retention_days: float = 0.0,
+        prune_interval_s: float = 3600.0,
     ) -> None:
         self.store = store
+        self.retention_days = retention_days
+        self.prune_interval_s = prune_interval_s
+        self._pruned = -math.inf
         self.kafka = dict(kafka)
         self.topic = f"{prefix}._outcomes"
         self.refresh_s = refresh_s
@@ -851,6 +881,7 @@ class OutcomeFeed:
                     self.leading.set()
                 while not self._stop.is_set():
                     self.step()
+                    self._maybe_prune()
                 backoff = 0.5
             except Exception as exc:
                 if not isinstance(exc, psycopg.Error | RelayError) and not _is_kafka_error(exc):
@@ -860,6 +891,20 @@ class OutcomeFeed:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
         self.close()
+
+    def _maybe_prune(self) -> None:
+        """The leader applies ``journal.retention_days`` every ``prune_interval_s``."""
+        if not self.retention_days or time.monotonic() - self._pruned < self.prune_interval_s:
+            return
+        self._pruned = time.monotonic()
+        intake, outcomes = self.store.prune(self.retention_days)
+        if intake or outcomes:
+            log.info(
+                "journal retention (%g days): deleted %d intake records and %d outcomes",
+                self.retention_days,
+                intake,
+                outcomes,
+            )
 
     def _assign(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
@@ -1207,7 +1252,7 @@ class JournalApi:
         else:
             bootstrap = {"bootstrap_timeout_ms": int(r.kafka_timeout_s * 1000)}
             types = SchemaTypes({**kafka, **bootstrap}, r.topic_prefix)
-        feed = OutcomeFeed(store, kafka, r.topic_prefix)
+        feed = OutcomeFeed(store, kafka, r.topic_prefix, retention_days=j.retention_days)
         return cls(
             rules,
             store,

@@ -28,6 +28,7 @@ from relay.hlc import Hlc
 from relay.journal import JournalRecord, Outcome, OutcomeKind
 from relay.journal_api import (
     ConflictDesk,
+    IntakeDecision,
     JournalApi,
     JournalApiConfig,
     JournalProducer,
@@ -682,6 +683,43 @@ def test_kafka_down_is_503_and_nothing_is_acknowledged(
             assert e.sql("select qty from work_orders") == [(7,)]
     finally:
         e.close()
+
+
+def test_retention_prunes_old_intake_records_and_settled_outcomes(
+    store_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    store = JournalStore(store_dsn)
+    store.migrate()
+    try:
+        store.record_intake("d", [(s, IntakeDecision("accepted")) for s in (1, 2, 3, 4)])
+        store.put_outcomes(
+            [
+                _outcome(1, "applied", 0),
+                _outcome(2, "conflict", 1),
+                _outcome(3, "rejected", 2),
+                _outcome(4, "applied", 3),
+            ]
+        )
+        with psycopg.connect(store_dsn, autocommit=True) as conn:
+            for table, column in (("intake", "received_at"), ("outcomes", "updated_at")):
+                conn.execute(
+                    f"update fieldsync_relay_journal.{table} "
+                    f"set {column} = now() - interval '100 days' where seq < 4"
+                )
+        # retention 0 keeps everything, whatever the age
+        keeper = OutcomeFeed(store, {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+        keeper._maybe_prune()
+        assert sorted(store.intake_lookup("d", [1, 2, 3, 4])) == [1, 2, 3, 4]
+        # 90 days, one row per transaction: the old ones go, the open conflict stays
+        assert store.prune(90, batch=1) == (3, 2)
+        assert sorted(store.intake_lookup("d", [1, 2, 3, 4])) == [4]
+        left = [orjson_loads(p) for p in store.read_outcomes("d", 0, 10).payloads]
+        assert [(o["seq"], o["outcome"]) for o in left] == [(2, "conflict"), (4, "applied")]
+        assert store.prune(90) == (0, 0)
+        # a pruned seq sent again is a new intake record (the applier's own record skips it)
+        assert store.record_intake("d", [(1, IntakeDecision("accepted"))])[1][1] is True
+    finally:
+        store.close()
 
 
 # --------------------------------------------------------------------------- pure parts
