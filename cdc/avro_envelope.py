@@ -359,6 +359,18 @@ _GROUPS_14 = [bytes(((g & 0x7F) | 0x80, ((g >> 7) & 0x7F) | 0x80)) for g in rang
 
 
 def _varint_slow(z: int) -> bytes:
+    # Unrolled for LSNs (< 2**42) and µs timestamps (< 2**56): no loop, one concatenation.
+    if z < 1 << 28:
+        return _GROUPS_14[z & 0x3FFF] + _SMALL_VARINTS[z >> 14]
+    if z < 1 << 42:
+        return _GROUPS_14[z & 0x3FFF] + _GROUPS_14[(z >> 14) & 0x3FFF] + _SMALL_VARINTS[z >> 28]
+    if z < 1 << 56:
+        return (
+            _GROUPS_14[z & 0x3FFF]
+            + _GROUPS_14[(z >> 14) & 0x3FFF]
+            + _GROUPS_14[(z >> 28) & 0x3FFF]
+            + _SMALL_VARINTS[z >> 42]
+        )
     out = b""
     while z >= 16384:
         out += _GROUPS_14[z & 0x3FFF]
@@ -383,6 +395,8 @@ def _encode_long(n: int) -> bytes:
 
 
 encode_long = _encode_long
+SMALL_VARINTS: Sequence[bytes] = _SMALL_VARINTS
+"""Varints of 0..2**14-1 (index by the zigzag value: ``SMALL_VARINTS[n << 1]`` for n >= 0)."""
 """Zigzag varint of a 64-bit signed int (an Avro long; also Kafka's record varints)."""
 
 
@@ -632,7 +646,6 @@ class TableCodec:
         self.key_schema_json: str | None = None
         self.key_fingerprint: bytes | None = None
         self._key_header = b""
-        self._key_encoders: list[_Encoder] = []
         if self._key_index:
             key_json_schema = dedupe_named(
                 {
@@ -649,8 +662,11 @@ class TableCodec:
             self.key_schema = _parse(key_json_schema)
             self.key_fingerprint = fingerprint(key_json_schema)
             self._key_header = MAGIC + self.key_fingerprint
-            self._key_encoders = _Compiler().fields(key_json_schema)
         self._source_prefixes: dict[tuple[str, str, str], bytes] = {}
+        # The source fields that stay the same for a whole transaction, encoded once: the
+        # fields (commit_lsn, txid) and (commit_ts_us, snapshot, origin); see _source_bytes.
+        self._txn_fields: tuple[object, ...] = ()
+        self._txn_parts: tuple[bytes, bytes] = (b"", b"")
 
     # -- rows -------------------------------------------------------------------------
 
@@ -695,23 +711,24 @@ class TableCodec:
             f"cannot encode {which} value {shown}: {exc}"
         )
 
-    def _encode_fields(
-        self, encoders: Sequence[_Encoder], datums: Sequence[Any], which: str
-    ) -> bytes:
+    def _encode_fields(self, datums: Sequence[Any], which: str) -> list[bytes]:
+        """The encoding of each field of a row (datums from :meth:`_convert_row`)."""
+        encoders = self._row_encoders
         try:
-            return b"".join([enc(d) for enc, d in zip(encoders, datums)])  # noqa: B905
+            return [enc(d) for enc, d in zip(encoders, datums)]  # noqa: B905
         except Exception:
             for index, (enc, d) in enumerate(zip(encoders, datums)):  # noqa: B905
                 try:
                     enc(d)
                 except Exception as exc:
-                    col = self._key_index[index] if encoders is self._key_encoders else index
-                    raise self._value_error(col, which, d, exc) from exc
+                    raise self._value_error(index, which, d, exc) from exc
             raise
 
     def _key_bytes(
-        self, after: list[Any] | None, unchanged: list[str], before: list[Any] | None
+        self, after: list[bytes] | None, unchanged: list[str], before: list[bytes] | None
     ) -> bytes:
+        """The Kafka key from the encoded row fields (``after``, else ``before``): the Key
+        record's fields are the key columns' Row fields, same types, so the same bytes."""
         primary = after if after is not None else before
         assert primary is not None
         key = [primary[i] for i in self._key_index]
@@ -724,7 +741,7 @@ class TableCodec:
                             "(unchanged TOAST) and the event has no old key"
                         )
                     key[pos] = before[i]
-        return self._key_header + self._encode_fields(self._key_encoders, key, "key")
+        return self._key_header + b"".join(key)
 
     # -- events -----------------------------------------------------------------------
 
@@ -735,6 +752,25 @@ class TableCodec:
             prefix = b"".join(_encode_string(n) for n in names)
             if len(self._source_prefixes) < 16:
                 self._source_prefixes[names] = prefix
+        # Only lsn and seq change from one event of a transaction to the next.
+        fields = (
+            source.commit_lsn,
+            source.txid,
+            source.commit_ts_us,
+            source.snapshot,
+            source.origin,
+        )
+        if fields != self._txn_fields:
+            self._txn_parts = self._txn_source_parts(source)
+            self._txn_fields = fields
+        after_lsn, after_seq = self._txn_parts
+        return b"".join(
+            [prefix, _encode_long(source.lsn), after_lsn, _encode_long(source.seq), after_seq]
+        )
+
+    @staticmethod
+    def _txn_source_parts(source: Source) -> tuple[bytes, bytes]:
+        """The encoded source fields between lsn and seq, and those after seq."""
         snapshot = _SNAPSHOT_BYTES.get(source.snapshot)
         if snapshot is None:
             raise ValueError(
@@ -742,18 +778,17 @@ class TableCodec:
                 f"got {source.snapshot!r}"
             )
         txid, ts, origin = source.txid, source.commit_ts_us, source.origin
-        return b"".join(
+        after_lsn = _encode_long(source.commit_lsn) + (
+            b"\x00" if txid is None else b"\x02" + _encode_long(txid)
+        )
+        after_seq = b"".join(
             [
-                prefix,
-                _encode_long(source.lsn),
-                _encode_long(source.commit_lsn),
-                b"\x00" if txid is None else b"\x02" + _encode_long(txid),
-                _encode_long(source.seq),
                 b"\x00" if ts is None else b"\x02" + _encode_long(ts),
                 snapshot,
                 b"\x00" if origin is None else b"\x02" + _encode_string(origin),
             ]
         )
+        return after_lsn, after_seq
 
     def encode_change(
         self,
@@ -782,13 +817,14 @@ class TableCodec:
         elif after is None:
             raise ValueError(f"{self._where}: op {op!r} needs an after row")
 
-        after_datums: list[Any] | None = None
+        after_fields: list[bytes] | None = None
         unchanged: list[str] = []
         after_part = b"\x00"
         if after is not None:
             after_datums, unchanged = self._convert_row(after, "after")
-            after_part = b"\x02" + self._encode_fields(self._row_encoders, after_datums, "after")
-        before_datums: list[Any] | None = None
+            after_fields = self._encode_fields(after_datums, "after")
+            after_part = b"".join([b"\x02", *after_fields])
+        before_fields: list[bytes] | None = None
         before_part = kind_part = b"\x00"
         if before is not None:
             kind_part = _BEFORE_KIND_BYTES.get(before_kind, b"")
@@ -802,7 +838,8 @@ class TableCodec:
                     f"{self._where}: old tuple marks {before_unchanged} as unchanged TOAST, "
                     "which PostgreSQL never sends for old tuples"
                 )
-            before_part = b"\x02" + self._encode_fields(self._row_encoders, before_datums, "before")
+            before_fields = self._encode_fields(before_datums, "before")
+            before_part = b"".join([b"\x02", *before_fields])
         value = b"".join(
             [
                 self._value_header,
@@ -817,7 +854,7 @@ class TableCodec:
         )
         if not self._key_index:
             return None, value
-        return self._key_bytes(after_datums, unchanged, before_datums), value
+        return self._key_bytes(after_fields, unchanged, before_fields), value
 
     def encode_truncate(self, source: Source, ts_us: int) -> bytes:
         """Value bytes of a truncate event (op ``t``; the Kafka key is None)."""

@@ -34,16 +34,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from cdc.avro_envelope import encode_long
+from cdc.avro_envelope import SMALL_VARINTS, encode_long
 
 HEADER_SIZE: Final = 61
 """Size of a RecordBatch v2 header (baseOffset … recordCount)."""
 
 _NULL: Final = encode_long(-1)
 
+# Change events carry one header (the position), always under the same name: the count
+# and the name's length and bytes are encoded once per name.
+_ONE_HEADER_HEADS: dict[str, bytes] = {}
+_MAX_HEADS = 64
+
+
+def _one_header_head(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    head = encode_long(1) + encode_long(len(raw)) + raw
+    if len(_ONE_HEADER_HEADS) < _MAX_HEADS:
+        _ONE_HEADER_HEADS[name] = head
+    return head
+
+
+def _length(n: int) -> bytes:
+    """Varint of a length (n >= 0): zigzag is n << 1, the table covers n < 8192."""
+    z = n << 1
+    return SMALL_VARINTS[z] if z < 16384 else encode_long(n)
+
 
 def encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
     """The headers part of a record: count, then each key and value."""
+    if len(headers) == 1:
+        name, value = headers[0]
+        head = _ONE_HEADER_HEADS.get(name) or _one_header_head(name)
+        return head + _length(len(value)) + value
     parts = [encode_long(len(headers))]
     for name, value in headers:
         raw = name.encode("utf-8")
@@ -79,13 +102,13 @@ class RecordBuffer:
             (
                 b"\x00",
                 encode_long(timestamp_ms - self.first_ts),
-                encode_long(self.count),
-                _NULL if key is None else encode_long(len(key)) + key,
-                _NULL if value is None else encode_long(len(value)) + value,
+                _length(self.count),
+                _NULL if key is None else _length(len(key)) + key,
+                _NULL if value is None else _length(len(value)) + value,
                 headers,
             )
         )
-        prefix = encode_long(len(body))
+        prefix = _length(len(body))
         self.buf += prefix
         self.buf += body
         self.count += 1

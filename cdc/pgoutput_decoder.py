@@ -468,19 +468,21 @@ def _read_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
     values: list[ColumnValue] = []
     append = values.append
     end = pos
+    # module constants bound to locals: the loop runs once per column of every change
+    text, null, unchanged, u32 = _KIND_TEXT, _KIND_NULL, _KIND_UNCHANGED, _U32
     try:
         for _ in range(count):
             kind = buf[pos]
-            if kind == _KIND_TEXT:
-                (size,) = _U32(buf, pos + 1)
+            if kind == text:
+                (size,) = u32(buf, pos + 1)
                 pos += 5
                 end = pos + size
                 append(buf[pos:end].decode())
                 pos = end
-            elif kind == _KIND_NULL:
+            elif kind == null:
                 append(None)
                 pos += 1
-            elif kind == _KIND_UNCHANGED:
+            elif kind == unchanged:
                 append(UNCHANGED_TOAST)
                 pos += 1
             elif kind == _KIND_BINARY:

@@ -113,17 +113,45 @@ class Stats:
 class _Batch:
     """The open Kafka transaction and what it will confirm."""
 
+    __slots__ = (
+        "_last_event",
+        "_position",
+        "collected",
+        "confirm_lsn",
+        "events",
+        "started",
+        "txn_commit_ts",
+    )
+
     def __init__(self) -> None:
         self.events = 0
         self.started = 0.0
-        self.position: ResumePosition | None = None
+        # The resume position is that of the last event sent, or of the last transaction
+        # ended; an event's ResumePosition is only built when the batch is committed.
+        self._last_event: OutEvent | None = None
+        self._position: ResumePosition | None = None
         self.confirm_lsn: int | None = None
         self.txn_commit_ts: list[int] = []
         self.collected: list[OutEvent] = []
 
     @property
     def empty(self) -> bool:
-        return self.position is None
+        return self._last_event is None and self._position is None
+
+    def event_sent(self, out: OutEvent) -> None:
+        self._last_event = out
+        self._position = None
+
+    def txn_ended(self, position: ResumePosition) -> None:
+        self._last_event = None
+        self._position = position
+
+    @property
+    def position(self) -> ResumePosition | None:
+        out = self._last_event
+        if out is not None:
+            return ResumePosition(out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us)
+        return self._position
 
 
 class CdcDaemon:
@@ -372,9 +400,10 @@ class CdcDaemon:
             nonlocal batch
             if batch.empty:
                 return
-            assert batch.position is not None
+            position = batch.position
+            assert position is not None
             t0 = time.monotonic()
-            sink.commit(batch.position)
+            sink.commit(position)
             now = time.time()
             self.stats.kafka_commits += 1
             self.stats.last_commit_wall = now
@@ -405,9 +434,7 @@ class CdcDaemon:
                         batch.started = time.monotonic()
                     sink.send(out.topic, out.key, out.value, out.headers)
                     batch.events += 1
-                    batch.position = ResumePosition(
-                        out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us
-                    )
+                    batch.event_sent(out)
                     self.stats.events += 1
                     self.stats.last_event_commit_ts_us = out.commit_ts_us
                     if self.on_commit is not None:
@@ -431,11 +458,13 @@ class CdcDaemon:
                         if out.end_lsn > self.stats.flushed_lsn:
                             self.stats.flushed_lsn = out.end_lsn
                     else:
-                        batch.position = ResumePosition(
-                            out.commit_lsn,
-                            max(out.events - 1, 0),
-                            True,
-                            commit_ts_us=out.commit_ts_us,
+                        batch.txn_ended(
+                            ResumePosition(
+                                out.commit_lsn,
+                                max(out.events - 1, 0),
+                                True,
+                                commit_ts_us=out.commit_ts_us,
+                            )
                         )
                         batch.confirm_lsn = out.end_lsn
                         batch.txn_commit_ts.append(out.commit_ts_us)
