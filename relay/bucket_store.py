@@ -52,9 +52,9 @@ import json
 import math
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 import orjson
 
@@ -337,17 +337,19 @@ RowRef = tuple[str, str]
 """A row's identity in the store: ``(table, row_key)`` with :func:`row_key_text`."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class BucketEntry:
-    """A row's membership of one bucket: the id of its latest PUT and its checksum term."""
+class BucketEntry(NamedTuple):
+    """A row's membership of one bucket: the id of its latest PUT and its checksum term.
+
+    (This and :class:`RowState` and :class:`PlannedOp` are named tuples, not frozen
+    dataclasses: the store builds one per row and op, and tuples are several times cheaper
+    to make.)"""
 
     bucket: str
     op_id: int
     checksum: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RowState:
+class RowState(NamedTuple):
     """What the store remembers of a row: the buckets it is in and the last applied position.
 
     A state with no entries is a *tombstone*: the row was deleted, moved to another key or
@@ -362,8 +364,7 @@ class RowState:
         return frozenset(e.bucket for e in self.entries)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PlannedOp:
+class PlannedOp(NamedTuple):
     """An op to write.  ``op_id`` is ``first_op_id + index`` once ids are allocated."""
 
     bucket: str
@@ -428,10 +429,12 @@ class _Placer:
                 wanted.update(f.column for f in entry.filters)
         self.columns = {t: tuple(sorted(c)) for t, c in columns.items()}
         self.cache: dict[tuple[Any, ...], frozenset[str]] = {}
+        self.projectors: dict[tuple[str, str], Callable[[Mapping[str, Any]], dict[str, Any]]] = {}
 
     def buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str]:
         missing = self._MISSING
-        key = (table, *(row.get(c, missing) for c in self.columns.get(table, ())))
+        get = row.get
+        key = (table, *[get(c, missing) for c in self.columns.get(table, ())])
         try:
             found = self.cache.get(key)
         except TypeError:  # an unhashable value
@@ -442,6 +445,23 @@ class _Placer:
                 self.cache.clear()
             self.cache[key] = found
         return found
+
+    def data_json(self, table: str, rule: str, row: Mapping[str, Any]) -> str:
+        """``canonical_json(json_value(rules.project(table, rule, row)))``."""
+        project = self.projectors.get((table, rule))
+        if project is None:
+            project = self.projectors[table, rule] = self.rules.projector(table, rule)
+        return canonical_json(_json_row(project(row)))
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """:func:`json_value` of a projected row (a fresh dict, converted in place)."""
+    for column, value in row.items():
+        kind = type(value)
+        if kind in _PLAIN:
+            continue
+        row[column] = str(value) if kind is Decimal else json_value(value)
+    return row
 
 
 _PLACERS: weakref.WeakKeyDictionary[Rules, _Placer] = weakref.WeakKeyDictionary()
@@ -504,42 +524,59 @@ def plan_changes(
     known = dict(stored_data or {})
     ruled = rules.tables
     placer = _placer(rules)
+    place = placer.buckets
+    truncated_at = truncated.get
+    upsert = ChangeKind.UPSERT
     for c in changes:
-        if c.kind is ChangeKind.TRUNCATE:
+        kind = c.kind
+        if kind is ChangeKind.TRUNCATE:
             raise ValueError("plan_changes: truncates are applied by the store, not planned")
-        if c.table not in ruled or c.key is None:
+        table = c.table
+        if table not in ruled or c.key is None:
             continue
-        if c.position <= truncated.get(c.table, (-1, -1)):
+        position = c.position
+        cut = truncated_at(table)
+        if cut is not None and position <= cut:
             plan.duplicates += 1
             continue
-        ref = (c.table, row_key_text(c.key))
-        old_ref = (c.table, row_key_text(c.old_key)) if c.old_key is not None else ref
-        refs = {ref, old_ref}
-        if any((s := current.get(r)) is not None and c.position <= s.position for r in refs):
-            plan.duplicates += 1
-            continue
-        row = _filled_row(c, known.get(old_ref), known.get(ref)) if c.row is not None else None
+        ref = (table, row_key_text(c.key))
         state = current.get(ref)
-        try:
-            new_buckets = placer.buckets(c.table, row) if row is not None else frozenset()
-        except RowError as exc:
-            plan.errors.append(f"{c.table} key {ref[1]} at position {c.position}: {exc}")
+        if state is not None and position <= state.position:
+            plan.duplicates += 1
             continue
-        if c.old_key is not None and old_ref != ref:
+        old_ref = ref
+        if c.old_key is not None:
+            old_ref = (table, row_key_text(c.old_key))
+            old = current.get(old_ref)
+            if old is not None and position <= old.position:
+                plan.duplicates += 1
+                continue
+        row = c.row
+        if row is not None and c.unchanged:
+            row = _filled_row(c, known.get(old_ref), known.get(ref))
+        try:
+            new_buckets = place(table, row) if row is not None else _NONE
+        except RowError as exc:
+            plan.errors.append(f"{table} key {ref[1]} at position {position}: {exc}")
+            continue
+        if old_ref is not ref and old_ref != ref:
             old = current.get(old_ref)
             if old is not None:
-                _place(plan, rules, c, old_ref, old, None, frozenset())
-                current[old_ref] = plan.states[old_ref] = RowState((), c.position)
+                _place(plan, placer, c, old_ref, old, None, _NONE)
+                current[old_ref] = plan.states[old_ref] = RowState((), position)
             known.pop(old_ref, None)
         if state is None and not new_buckets:
             continue  # never in a bucket and still in none: nothing to remember
-        entries = _place(plan, rules, c, ref, state, row, new_buckets)
-        current[ref] = plan.states[ref] = RowState(entries, c.position)
-        if row is not None and entries:
+        entries = _place(plan, placer, c, ref, state, row, new_buckets)
+        current[ref] = plan.states[ref] = RowState(entries, position)
+        if row is not None and entries and kind is upsert:
             known[ref] = row
         else:
             known.pop(ref, None)
     return plan
+
+
+_NONE: Final[frozenset[str]] = frozenset()
 
 
 def _filled_row(
@@ -558,14 +595,16 @@ def _filled_row(
 def _add_op(plan: Plan, op: PlannedOp) -> int:
     index = len(plan.ops)
     plan.ops.append(op)
-    delta = plan.deltas.setdefault(op.bucket, BucketDelta())
+    delta = plan.deltas.get(op.bucket)
+    if delta is None:
+        delta = plan.deltas[op.bucket] = BucketDelta()
     delta.last_index = index
     if op.kind is OpKind.PUT:
         delta.count += 1
-        delta.checksum = checksum_add(delta.checksum, op.checksum)
+        delta.checksum = (delta.checksum + op.checksum) % CHECKSUM_MODULUS
     else:
         delta.count -= 1
-        delta.checksum = checksum_add(delta.checksum, -op.checksum)
+        delta.checksum = (delta.checksum - op.checksum) % CHECKSUM_MODULUS
     return index
 
 
@@ -581,7 +620,7 @@ def _table_json(table: str) -> str:
 
 def _place(
     plan: Plan,
-    rules: Rules,
+    placer: _Placer,
     c: RowChange,
     ref: RowRef,
     state: RowState | None,
@@ -595,27 +634,37 @@ def _place(
     bucket order), computed directly for speed; a test pins the equality.
     """
     table, key = ref
-    old = {e.bucket: e for e in state.entries} if state else {}
-    for bucket in sorted(old.keys() - new_buckets):
-        e = old[bucket]
-        _add_op(plan, PlannedOp(bucket, table, key, OpKind.REMOVE, None, e.checksum, c.position))
+    position = c.position
+    old: dict[str, BucketEntry] = {}
+    if state is not None and state.entries:
+        old = {e.bucket: e for e in state.entries}
+        gone = old.keys() - new_buckets
+        for bucket in sorted(gone) if len(gone) > 1 else gone:
+            e = old[bucket]
+            _add_op(plan, PlannedOp(bucket, table, key, OpKind.REMOVE, None, e.checksum, position))
     if not new_buckets:
         return ()
     assert row is not None
     prefix = "[" + _table_json(table) + "," + canonical_json(key) + ","
     entries: list[BucketEntry] = []
-    for bucket in sorted(new_buckets):
-        data_json = canonical_json(json_value(rules.project(table, _rule_name(bucket), row)))
+    projected: dict[str, str] = {}  # per rule
+    put = OpKind.PUT
+    deltas = plan.deltas
+    for bucket in sorted(new_buckets) if len(new_buckets) > 1 else new_buckets:
+        rule = _rule_name(bucket)
+        data_json = projected.get(rule)
+        if data_json is None:
+            data_json = projected[rule] = placer.data_json(table, rule, row)
         digest = hashlib.sha256((prefix + data_json + "]").encode("utf-8")).digest()
         term = int.from_bytes(digest[:8], "big")
         previous = old.get(bucket)
         if previous is not None:  # replace: the old term leaves, the row count stays
-            delta = plan.deltas.setdefault(bucket, BucketDelta())
+            delta = deltas.get(bucket)
+            if delta is None:
+                delta = deltas[bucket] = BucketDelta()
             delta.count -= 1
-            delta.checksum = checksum_add(delta.checksum, -previous.checksum)
-        index = _add_op(
-            plan, PlannedOp(bucket, table, key, OpKind.PUT, data_json, term, c.position)
-        )
+            delta.checksum = (delta.checksum - previous.checksum) % CHECKSUM_MODULUS
+        index = _add_op(plan, PlannedOp(bucket, table, key, put, data_json, term, position))
         entries.append(BucketEntry(bucket, -1 - index, term))
     return tuple(entries)
 

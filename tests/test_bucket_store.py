@@ -37,7 +37,7 @@ from relay.bucket_store import (
     row_key_text,
 )
 from relay.buckets import bucket_ops
-from relay.pg_bucket_store import SCHEMA, PgBucketStore, StoreError
+from relay.pg_bucket_store import MIGRATIONS, SCHEMA, PgBucketStore, StoreError
 from relay.rules import TableInfo, parse_bucket_id, rules_from_mapping
 
 T = "public.orders"
@@ -341,10 +341,13 @@ def test_migrations_are_idempotent_and_concurrent(pg_dsn: str) -> None:
         t.start()
     for t in threads:
         t.join(30)
-    assert versions == [1, 1, 1]
+    latest = MIGRATIONS[-1][0]
+    assert versions == [latest] * 3
     with psycopg.connect(pg_dsn) as conn:
-        rows = conn.execute(f"select version from {SCHEMA}.schema_migrations").fetchall()
-        assert rows == [(1,)]
+        rows = conn.execute(
+            f"select version from {SCHEMA}.schema_migrations order by version"
+        ).fetchall()
+        assert rows == [(v,) for v, _, _ in MIGRATIONS]
         conn.execute(f"insert into {SCHEMA}.schema_migrations values (99, 'future')")
         conn.commit()
     with pytest.raises(StoreError, match="version 99, newer than this relay knows"):
