@@ -205,6 +205,27 @@ class EventDecoder:
         self.registry = registry
         self.rules = rules
         self._renames: dict[bytes, dict[str, str] | None] = {}
+        self._tables: dict[tuple[str, str], str] = {}
+        self._keys: dict[str, tuple[str, ...] | None] = {}
+
+    def _table(self, source: Mapping[str, Any]) -> str:
+        names = (source["schema"], source["table"])
+        table = self._tables.get(names)
+        if table is None:
+            table = self._tables[names] = f"{names[0]}.{names[1]}"
+        return table
+
+    def _key_of(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        """``rules.key_of``, without its lookups for a one-column key present in the row."""
+        columns = self._keys.get(table, ())
+        if columns == ():
+            try:
+                columns = self._keys[table] = self.rules.table_info(table).key
+            except KeyError:
+                columns = self._keys[table] = None
+        if columns is not None and len(columns) == 1 and columns[0] in row:
+            return (row[columns[0]],)
+        return self.rules.key_of(table, row)
 
     def _rename(self, fp: bytes) -> dict[str, str] | None:
         if fp not in self._renames:
@@ -225,11 +246,12 @@ class EventDecoder:
         """Decode one event; raises DecodeError (unknown fingerprint included).  Without
         ``position`` (no header), the event's ``source`` gives it."""
         event = decode(value, self.registry)
-        rename = self._rename(bytes(value[2:10]))
+        fp = bytes(value[2:10])
+        rename = self._renames[fp] if fp in self._renames else self._rename(fp)
         source = event["source"]
         if position is None:
             position = (int(source["commit_lsn"]), int(source["seq"]))
-        table = f"{source['schema']}.{source['table']}"
+        table = self._table(source)
         op = event["op"]
         origin = source.get("origin")
         if op == "t":
@@ -239,15 +261,16 @@ class EventDecoder:
         if op == "d":
             if before is None:
                 raise DecodeError(f"{table}: delete at {position} carries no old key")
-            key = self.rules.key_of(table, before)
+            key = self._key_of(table, before)
             return RowChange(table, ChangeKind.DELETE, position, key, origin=origin)
         if after is None:
             raise DecodeError(f"{table}: op {op!r} at {position} carries no row")
-        key = self.rules.key_of(table, after)
-        unchanged = tuple(rename.get(c, c) if rename else c for c in event.get(_UNCHANGED) or ())
+        key = self._key_of(table, after)
+        listed = event.get(_UNCHANGED)
+        unchanged = tuple(rename.get(c, c) if rename else c for c in listed) if listed else ()
         old_key = None
         if before is not None:
-            previous = self.rules.key_of(table, before)
+            previous = self._key_of(table, before)
             old_key = previous if previous != key else None
         full_before = before if event.get("before_kind") == "full" else None
         return RowChange(
@@ -268,7 +291,7 @@ def _renamed(row: Any, rename: Mapping[str, str] | None) -> dict[str, Any] | Non
     if row is None:
         return None
     if rename is None:
-        return dict(row)
+        return row if type(row) is dict else dict(row)  # decoded afresh: no copy needed
     return {rename.get(k, k): v for k, v in row.items()}
 
 
@@ -553,24 +576,32 @@ class BucketEngine:
     ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress]]:
         assert self._decoder is not None
         t0 = time.perf_counter()
-        progress: dict[tuple[str, int], PartitionProgress] = {}
+        # per partition: [next offset, highest position]; PartitionProgress made at the end
+        reached: dict[tuple[str, int], list[Any]] = {}
         changes: list[RowChange] = []
+        skipped = 0
         for r in records:
             tp = (r.topic, r.partition)
-            seen = progress.get(tp) or self._seen.get(tp) or PartitionProgress(0)
+            at = reached.get(tp)
+            if at is None:
+                seen = self._seen.get(tp) or PartitionProgress(0)
+                at = reached[tp] = [seen.next_offset, seen.position]
             position = _header_position(r)
-            self.stats.records += 1
             if r.value is not None and position is None:
                 position = self._decode(r.value, None).position
-            if position is None or position <= seen.position or r.value is None:
-                self.stats.skipped_by_position += 1
-                progress[tp] = PartitionProgress(r.offset + 1, seen.position)
+            at[0] = r.offset + 1
+            if position is None or position <= at[1] or r.value is None:
+                skipped += 1
                 continue
-            progress[tp] = PartitionProgress(r.offset + 1, position)
-            if position > self._max_position:
-                self._max_position = position
+            at[1] = position
             changes.append(self._decode(r.value, position))
-        changes.sort(key=lambda c: c.position)
+        self.stats.records += len(records)
+        self.stats.skipped_by_position += skipped
+        progress = {tp: PartitionProgress(o, p) for tp, (o, p) in reached.items()}
+        if changes:
+            changes.sort(key=_position_of)
+            if changes[-1].position > self._max_position:
+                self._max_position = changes[-1].position
         self._seen.update(progress)
         self.stats.decode_s += time.perf_counter() - t0
         return changes, progress
@@ -658,6 +689,10 @@ def _header_position(record: Any) -> Position | None:
         if name == POSITION_HEADER:
             return parse_position_header(value)
     return None
+
+
+def _position_of(change: RowChange) -> Position:
+    return change.position
 
 
 def _is_kafka_error(exc: BaseException) -> bool:
