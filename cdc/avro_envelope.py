@@ -441,6 +441,10 @@ _PRIMITIVE_ENCODERS: dict[str, tuple[_Encoder, tuple[type, ...]]] = {
 }
 
 
+class _NoBranch:
+    """Stands for the first non-null branch's class of a union that has none."""
+
+
 class _Compiler:
     """Compiles (deduplicated, JSON-form) schemas into encoders; knows named types."""
 
@@ -492,8 +496,13 @@ class _Compiler:
             by_class[int] = by_class[float]
         null = by_class.pop(type(None), None)
         null_bytes = null[0] if null is not None else None
+        # The first non-null branch (a column's own type) is tried first, by class identity.
+        first_class: type = next(iter(by_class), _NoBranch)
+        first_prefix, first_encoder = by_class.get(first_class, (b"", _encode_null))
 
         def encode(value: Any) -> bytes:
+            if value.__class__ is first_class:
+                return first_prefix + first_encoder(value)
             if value is None and null_bytes is not None:
                 return null_bytes
             try:
@@ -847,7 +856,7 @@ class TableCodec:
                 before_part,
                 kind_part,
                 after_part,
-                _encode_string_array(unchanged),
+                _encode_string_array(unchanged) if unchanged else b"\x00",
                 self._source_bytes(source),
                 _encode_long(ts_us),
             ]

@@ -100,6 +100,9 @@ class TableState:
     pending_schemas: list[OutSchema] = field(default_factory=list)
 
 
+_FULL = m.OldTupleKind.FULL  # (an enum member looked up once, not per change)
+
+
 def topic_for(prefix: str, schema: str, table: str) -> str:
     return f"{prefix}.{schema}.{table}"
 
@@ -324,7 +327,9 @@ class ChangeAssembler:
         lsn: int,
         old_kind: m.OldTupleKind | None = None,
     ) -> list[Out]:
-        st = self.table(oid, lsn)
+        st = self.tables.get(oid)
+        if st is None:
+            st = self.table(oid, lsn)  # raises, naming the relation
         txn, seq, skip = self._next_seq(lsn)
         if skip:
             return []
@@ -334,7 +339,7 @@ class ChangeAssembler:
             after,
             self._source(st, txn, seq, lsn),
             self.clock_us(),
-            before_kind="full" if old_kind == m.OldTupleKind.FULL else "key",
+            before_kind="full" if old_kind == _FULL else "key",
         )
         out: list[Out] = []
         self._emit(out, st, txn, seq, key, value)
