@@ -154,7 +154,8 @@ def load_bound_rules(settings: RelaySettings) -> Rules:
 def revocation_watcher(
     authenticator: Authenticator, path: str | None, poll_s: float = REVOKED_POLL_S
 ) -> Iterator[None]:
-    """Re-read the revocation file when its modification time changes."""
+    """Re-read the revocation file when its modification time or size changes and then
+    stays the same for one poll interval (so a file caught half written is not loaded)."""
     if not path:
         yield
         return
@@ -173,11 +174,19 @@ def revocation_watcher(
 
     def run() -> None:
         nonlocal seen
+        settling: tuple[int, int] | None = None
         while not stop.wait(poll_s):
             now = mtime()
             if now == seen:
+                settling = None
                 continue
-            seen = now
+            if now != settling:
+                # changed since the last poll: it may be half written (an editor or a
+                # shell redirect truncates first, and an empty file would revoke nobody);
+                # reload once it stays the same for a whole poll interval
+                settling = now
+                continue
+            seen, settling = now, None
             try:
                 authenticator.revoked = RevocationList.from_file(path)
                 log.info("revocation list reloaded: %d device(s)", len(authenticator.revoked))
