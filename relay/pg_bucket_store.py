@@ -86,7 +86,6 @@ from relay.bucket_store import (
     RowChange,
     RowRef,
     RowState,
-    checksum_add,
     lookup_refs,
     plan_changes,
     row_key_text,
@@ -214,6 +213,14 @@ def _ints(values: Sequence[int]) -> str:
 
 _T = "string_to_array(%s, E'\\x1f')"
 _I = "string_to_array(%s, ',')::bigint[]"
+
+
+_WRAP_SUM: Final = (
+    "((({}::numeric + {}::numeric + 9223372036854775808) %% 18446744073709551616 "
+    "+ 18446744073709551616) %% 18446744073709551616 - 9223372036854775808)::bigint"
+)
+"""SQL of ``a + b`` wrapping around in two's-complement 64 bits (u64 addition modulo 2**64
+on the bigint representation)."""
 
 
 def _group_lock(group: str) -> tuple[int, int]:
@@ -716,31 +723,26 @@ class PgBucketStore:
         op_counts: Mapping[str, int],
         first: int,
     ) -> None:
-        """Add a plan's net effect to its buckets' checkpoints (caller holds WRITE_LOCK)."""
+        """Add a plan's net effect to its buckets' checkpoints (caller holds WRITE_LOCK).
+
+        One statement: the deltas are added in SQL (the checksum as a wrapping 64-bit sum,
+        both terms being u64 values stored as two's-complement bigints)."""
         names = sorted(deltas)
-        current = {
-            str(b): (int(c), int(s), int(lc))
-            for b, c, s, lc in conn.execute(
-                f"select bucket, row_count, checksum, log_count from {SCHEMA}.buckets "
-                f"where bucket = any({_T})",
-                (_texts(names),),
-            ).fetchall()
-        }
         last, counts, sums, logs = [], [], [], []
         for b in names:
             d = deltas[b]
-            count, checksum, log_count = current.get(b, (0, 0, 0))
             last.append(first + d.last_index)
-            counts.append(count + d.count)
-            sums.append(_i64(checksum_add(_u64(checksum), d.checksum)))
-            logs.append(log_count + op_counts.get(b, 0))
+            counts.append(d.count)
+            sums.append(_i64(d.checksum))
+            logs.append(op_counts.get(b, 0))
         conn.execute(
             f"insert into {SCHEMA}.buckets as b "
             "(bucket, last_op_id, row_count, checksum, log_count) "
             f"select * from unnest({_T}, {_I}, {_I}, {_I}, {_I}) "
             "on conflict (bucket) do update set last_op_id = excluded.last_op_id, "
-            "row_count = excluded.row_count, checksum = excluded.checksum, "
-            "log_count = excluded.log_count",
+            "row_count = b.row_count + excluded.row_count, "
+            f"checksum = {_WRAP_SUM.format('b.checksum', 'excluded.checksum')}, "
+            "log_count = b.log_count + excluded.log_count",
             (_texts(names), _ints(last), _ints(counts), _ints(sums), _ints(logs)),
         )
 

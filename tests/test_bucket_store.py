@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import random
 import threading
 import time
 import uuid
@@ -37,7 +38,7 @@ from relay.bucket_store import (
     row_key_text,
 )
 from relay.buckets import bucket_ops
-from relay.pg_bucket_store import MIGRATIONS, SCHEMA, PgBucketStore, StoreError
+from relay.pg_bucket_store import _WRAP_SUM, MIGRATIONS, SCHEMA, PgBucketStore, StoreError
 from relay.rules import TableInfo, parse_bucket_id, rules_from_mapping
 
 T = "public.orders"
@@ -565,3 +566,25 @@ def test_one_leader_per_group(pg_dsn: str) -> None:
     finally:
         for s in (a, b, c):
             s.close()
+
+
+def test_checkpoint_checksums_wrap_in_sql_as_u64_sums(pg_dsn: str) -> None:
+    """The store adds checksum deltas in SQL on the two's-complement bigint form: the
+    result must be the u64 sum modulo 2**64 (edges and random values)."""
+    m = 1 << 64
+    edges = [0, 1, (1 << 63) - 1, 1 << 63, (1 << 63) + 1, m - 1, m - 2]
+    rng = random.Random(7)
+    pairs = [(a, b) for a in edges for b in edges]
+    pairs += [(rng.randrange(m), rng.randrange(m)) for _ in range(200)]
+
+    def i64(u: int) -> int:
+        return u - m if u >= 1 << 63 else u
+
+    with psycopg.connect(pg_dsn) as conn:
+        got = conn.execute(
+            "select " + _WRAP_SUM.format("a", "b") + " from unnest("
+            "%s::bigint[], %s::bigint[]) as t(a, b)",
+            ([i64(a) for a, _ in pairs], [i64(b) for _, b in pairs]),
+        ).fetchall()
+    assert [int(r[0]) % m for r in got] == [(a + b) % m for a, b in pairs]
+    assert all(-(1 << 63) <= int(r[0]) < 1 << 63 for r in got)
