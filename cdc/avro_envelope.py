@@ -58,11 +58,19 @@ from typing import Any
 import fastavro
 
 from cdc.errors import DecodeError, SchemaError
-from cdc.pg_types import ColumnCodec, ColumnSpec, TypeCatalog, column_codec, dedupe_named
+from cdc.pg_types import (
+    ColumnCodec,
+    ColumnSpec,
+    TypeCatalog,
+    column_codec,
+    dedupe_named,
+    returns_text_unchanged,
+)
 
 __all__ = [
     "MAGIC",
     "POSITION_HEADER",
+    "SMALL_VARINTS",
     "SchemaRegistry",
     "Source",
     "TableCodec",
@@ -610,7 +618,10 @@ class TableCodec:
         )
         self.field_names: tuple[str, ...] = tuple(avro_field_names([c.name for c in self.columns]))
         self._unchanged = unchanged_sentinel
-        self._convs = tuple(c.convert for c in self.column_codecs)
+        # None for columns whose text is their datum (text, varchar, json...): no call
+        self._convs: tuple[Callable[[str], Any] | None, ...] = tuple(
+            None if returns_text_unchanged(c.convert) else c.convert for c in self.column_codecs
+        )
         self._where = f"{schema}.{table}"
         self._key_index = tuple(i for i, c in enumerate(self.columns) if c.is_key)
         self.key_field_names: tuple[str, ...] = tuple(self.field_names[i] for i in self._key_index)
@@ -696,14 +707,15 @@ class TableCodec:
             for conv, value in zip(self._convs, values):  # noqa: B905 (length checked)
                 index += 1
                 if value.__class__ is str:
-                    append(conv(value))
+                    append(value if conv is None else conv(value))
                 elif value is None:
                     append(None)
                 elif value is sentinel:
                     append(None)
                     unchanged.append(self.field_names[index])
                 elif isinstance(value, bytes | bytearray | memoryview):
-                    append(conv(bytes(value).decode("utf-8")))
+                    text = bytes(value).decode("utf-8")
+                    append(text if conv is None else conv(text))
                 else:
                     raise TypeError(f"unexpected value type {type(value).__name__}")
         except Exception as exc:

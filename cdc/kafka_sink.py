@@ -380,7 +380,7 @@ class KafkaTransactionalSink:
                 "message.max.bytes and the topic's max.message.bytes, or leave the column out "
                 "of the publication"
             )
-        if len(buffer) >= BATCH_BYTES:
+        if len(buffer.buf) >= BATCH_BYTES:
             del self._buffers[tp]
             self._hand_over(tp, buffer)
 

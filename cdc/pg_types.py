@@ -62,6 +62,7 @@ __all__ = [
     "column_codec",
     "dedupe_named",
     "parse_array",
+    "returns_text_unchanged",
 ]
 
 #: Avro namespace of the shared helper types (special-value enums, decimals, interval).
@@ -299,6 +300,11 @@ class ColumnCodec:
 
 def _identity(text: str) -> str:
     return text
+
+
+def returns_text_unchanged(convert: Callable[[str], Any]) -> bool:
+    """Whether ``convert`` gives back PostgreSQL's text as is (a caller may skip the call)."""
+    return convert is _identity
 
 
 def _parse_bool(text: str) -> bool:

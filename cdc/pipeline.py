@@ -516,7 +516,7 @@ class CdcDaemon:
                 and batch.empty
             ):
                 self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
-            if not batch.empty and time.monotonic() - batch.started >= max_age and asm.idle:
+            if asm.idle and not batch.empty and time.monotonic() - batch.started >= max_age:
                 flush()
         # stopping: write what we have (a partly read transaction only if the grace period
         # ran out: the resume position covers it), confirm, leave

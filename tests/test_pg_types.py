@@ -30,6 +30,7 @@ from cdc.pg_types import (
     TypeKind,
     column_codec,
     parse_array,
+    returns_text_unchanged,
 )
 
 EMPTY = MappingCatalog()
@@ -728,3 +729,12 @@ def test_one_dimensional_text_array_roundtrip(items: list[str | None]) -> None:
 def test_two_dimensional_text_array_roundtrip(rows: int, cols: int, data: st.DataObject) -> None:
     items = [data.draw(st.lists(TEXT_ELEMENTS, min_size=cols, max_size=cols)) for _ in range(rows)]
     assert convert(1009, pg_array_literal(items)) == items
+
+
+def test_returns_text_unchanged_only_for_text_like_types() -> None:
+    """TableCodec skips the conversion call for these columns: only text-as-is may say yes."""
+    for oid, unchanged in [(25, True), (1043, True), (20, False), (1184, False), (16, False)]:
+        codec = column_codec(ColumnSpec("c", oid, -1, False), EMPTY, lambda _m: None)
+        assert returns_text_unchanged(codec.convert) is unchanged, oid
+        if unchanged:
+            assert codec.convert("x y") == "x y"
