@@ -92,6 +92,7 @@ from psycopg.types.json import Jsonb, set_json_dumps
 
 from cdc.avro_envelope import TableCodec
 from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
+from cdc.kafka_sink import _build as build_client  # closes the network client on failure
 from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
 from cdc.snapshot import output_function_text
 from relay.bucket_engine import FETCH_MAX_WAIT_MS
@@ -1654,7 +1655,7 @@ class Applier:
         from kafka.admin import NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(**self.kafka)
+        admin = build_client(KafkaAdminClient, **self.kafka)
         try:
             existing = set(admin.list_topics())
             missing = [t for t in (self.journal_topic, self.outcomes_topic) if t not in existing]
@@ -1671,7 +1672,7 @@ class Applier:
 
         self._close_clients()
         self.ensure_topics()
-        self._producer = KafkaProducer(**self.kafka, acks="all", linger_ms=5)
+        self._producer = build_client(KafkaProducer, **self.kafka, acks="all", linger_ms=5)
         self._reader = _Reader(
             self.kafka,
             self.journal_topic,
@@ -1827,7 +1828,8 @@ class _Reader(threading.Thread):
     def _loop(self) -> None:
         from kafka import KafkaConsumer
 
-        consumer = KafkaConsumer(
+        consumer = build_client(
+            KafkaConsumer,
             **self.kafka,
             enable_auto_commit=False,
             isolation_level="read_committed",

@@ -78,6 +78,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from cdc.kafka_sink import _build as build_client  # closes the network client on failure
 from cdc.settings_registry import Registry
 from relay.api_errors import ApiError, Unavailable
 from relay.applier import SCHEMA as APPLIER_SCHEMA
@@ -732,7 +733,9 @@ class JournalProducer:
             "bootstrap_timeout_ms": t_ms,
             "delivery_timeout_ms": t_ms + 1000,
         }
-        return (self._factory or KafkaProducer)(**kw)
+        if self._factory is not None:
+            return self._factory(**kw)
+        return build_client(KafkaProducer, **kw)
 
     def _ensure_topics(self) -> None:
         """Create ``_journal`` and ``_outcomes`` if missing (as the applier does), once."""
@@ -743,7 +746,7 @@ class JournalProducer:
         from kafka.errors import TopicAlreadyExistsError
 
         t_ms = int(self.config.kafka_timeout_s * 1000)
-        admin = KafkaAdminClient(**{**self.kafka, "bootstrap_timeout_ms": t_ms})
+        admin = build_client(KafkaAdminClient, **{**self.kafka, "bootstrap_timeout_ms": t_ms})
         try:
             topics = (self.config.journal_topic, self.config.outcomes_topic)
             missing = [t for t in topics if t not in set(admin.list_topics())]
@@ -911,7 +914,8 @@ class OutcomeFeed:
 
         self._refreshed = time.monotonic()
         if self._consumer is None:
-            self._consumer = KafkaConsumer(
+            self._consumer = build_client(
+                KafkaConsumer,
                 **self.kafka,
                 enable_auto_commit=False,
                 isolation_level="read_committed",
