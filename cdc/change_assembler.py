@@ -305,17 +305,20 @@ class ChangeAssembler:
         return txn, seq, seq <= txn.skip_through
 
     def _source(self, st: TableState, txn: _Txn, seq: int, lsn: int) -> Source:
+        # positional (once per change; keywords cost about twice as much): db, schema,
+        # table, lsn, commit_lsn, txid, seq, commit_ts_us, snapshot, origin
+        rel = st.relation
         return Source(
-            db=self.db,
-            schema=st.relation.namespace,
-            table=st.relation.name,
-            lsn=lsn,
-            commit_lsn=txn.commit_lsn,
-            txid=txn.xid,
-            seq=seq,
-            commit_ts_us=txn.commit_ts_us,
-            snapshot="false",
-            origin=txn.origin,
+            self.db,
+            rel.namespace,
+            rel.name,
+            lsn,
+            txn.commit_lsn,
+            txn.xid,
+            seq,
+            txn.commit_ts_us,
+            "false",
+            txn.origin,
         )
 
     def _change(
