@@ -402,10 +402,17 @@ class KafkaTransactionalSink:
             tp = self._tps[(topic, partition)] = TopicPartition(topic, partition)
         return tp
 
-    def _hand_over(self, tp: Any, buffer: RecordBuffer) -> None:
+    def _hand_over(self, tp: Any, buffer: RecordBuffer, at_commit: bool = False) -> None:
         """Give kafka-python's accumulator one finished batch for ``tp`` (see
         :mod:`cdc.kafka_records`); its sender fills the header (producer id, epoch,
-        sequence, CRC), compresses and sends it within the open transaction."""
+        sequence, CRC), compresses and sends it within the open transaction.
+
+        A batch handed over mid-transaction (it filled up) is sent at once.  At commit
+        the batches wait (not "full", sender not woken) for the resume-position record,
+        so ``flush()`` sends the transaction's last events and its resume position in
+        one produce request: a daemon killed in between leaves either both or neither,
+        which matters with brokers that show aborted records to read_committed readers
+        (tansu; docs/cdc.md, "Delivery")."""
         from kafka.producer.producer_batch import ProducerBatch
         from kafka.record.memory_records import MemoryRecordsBuilder
 
@@ -418,7 +425,9 @@ class KafkaTransactionalSink:
                 f"adding {tp.topic} to the Kafka transaction failed: {exc}"
             ) from exc
         records = MemoryRecordsBuilder(
-            acc.config["message_version"], acc.config["compression_attrs"], len(buffer)
+            acc.config["message_version"],
+            acc.config["compression_attrs"],
+            len(buffer.buf) + 1 if at_commit else len(buffer.buf),  # full: ready to send
         )
         inner = records._builder
         inner._buffer = buffer.buf
@@ -432,12 +441,13 @@ class KafkaTransactionalSink:
         with acc._tp_lock(tp):
             acc._batches[tp].append(batch)
         acc._incomplete.add(batch)
-        producer._sender.wakeup()
+        if not at_commit:
+            producer._sender.wakeup()
 
     def _hand_over_all(self) -> None:
         buffers, self._buffers = self._buffers, {}
         for tp, buffer in buffers.items():
-            self._hand_over(tp, buffer)
+            self._hand_over(tp, buffer, at_commit=True)
 
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
         if fingerprint in self._published or fingerprint in self._pending_schemas:
@@ -571,7 +581,7 @@ def read_resume_position(
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
+        ends = _settled_end_offsets(consumer, opts, tps, deadline)
         last: ResumePosition | None = None
         key = slot.encode()
         while any(consumer.position(tp) < ends[tp] for tp in tps):
@@ -588,6 +598,47 @@ def read_resume_position(
         raise SinkUnavailable(f"reading {topic} failed: {exc}") from exc
     finally:
         consumer.close()
+
+
+def _settled_end_offsets(
+    consumer: Any, opts: KafkaOptions, tps: list[Any], deadline: float
+) -> dict[Any, int]:
+    """The state topic's end offsets once no transaction that was open when we looked is
+    still open: its last stable offset (what a read_committed reader can reach) has reached
+    the high watermark seen at the start.  A predecessor killed in the middle of committing
+    is settled by our producer's init_transactions(); should the broker write its commit
+    markers a moment later, reading before them would miss its last resume position and
+    replay events Kafka already holds.  Waits until ``deadline`` at most, then goes on
+    with what is stable (a warning says so)."""
+    from kafka import KafkaConsumer
+
+    try:
+        probe = _build(
+            KafkaConsumer,
+            **opts.client_kwargs(),
+            isolation_level="read_uncommitted",
+            fetch_max_wait_ms=min(500, int(opts.timeout_s * 500)),  # < request_timeout_ms
+        )
+    except _kafka_errors() as exc:
+        raise SinkUnavailable(f"cannot read {tps[0].topic}: {exc}") from exc
+    try:
+        high = probe.end_offsets(tps)
+        stable = consumer.end_offsets(tps)
+        while any(stable[tp] < high[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%s: a transaction is still open (stable offsets %s, written %s); "
+                    "reading what is stable",
+                    tps[0].topic,
+                    stable,
+                    high,
+                )
+                break
+            time.sleep(0.05)
+            stable = consumer.end_offsets(tps)
+        return dict(stable)
+    finally:
+        probe.close()
 
 
 def new_transactional_id(slot: str) -> str:

@@ -77,6 +77,7 @@ def table_events(
         headers = dict(r.headers)
         value["_pos"] = parse_position_header(headers[POSITION_HEADER])
         value["_key"] = decode(r.key, registry) if r.key else None
+        value["_offset"], value["_ts_ms"] = r.offset, r.timestamp
         out.append(value)
     return out
 

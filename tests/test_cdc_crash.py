@@ -354,6 +354,7 @@ def test_kill_9_under_load_loses_nothing(
     for c in work.committed:
         expected[c.table].append(c)
     duplicates = 0
+    twice: list[str] = []
     for table in ("a", "b"):
         events = table_events(kafka_bootstrap, topic_prefix, table)
         by_pos: dict[tuple[int, int], dict[str, Any]] = {}
@@ -363,6 +364,10 @@ def test_kill_9_under_load_loses_nothing(
                 by_pos[e["_pos"]] = e
                 continue
             duplicates += 1
+            twice.append(
+                f"{table} {e['_pos']}: offsets {seen['_offset']}/{e['_offset']}, "
+                f"written at {seen['_ts_ms']}/{e['_ts_ms']} ms"
+            )
             assert (seen["op"], seen["before"], seen["after"]) == (
                 e["op"],
                 e["before"],
@@ -389,6 +394,8 @@ def test_kill_9_under_load_loses_nothing(
         f"kill -9 test: seed {seed}, kills {kills}, {work.txns} transactions, {len(work.committed)} changes, "
         f"{restarts} sessions streamed, {duplicates} duplicate record(s) in Kafka"
     )
+    sessions = [line for line in d.log().splitlines() if "streaming slot" in line]
     assert duplicates == 0, (
-        f"{duplicates} records were written twice (same position, same content): at-least-once, not exactly-once"
+        f"{duplicates} records were written twice (same position, same content): at-least-once, "
+        f"not exactly-once: {twice}; kills {kills}; sessions: {sessions}"
     )
