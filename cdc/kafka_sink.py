@@ -102,6 +102,8 @@ class Sink(Protocol):
 MAX_REQUEST_SIZE: Final = 8 * 1024 * 1024
 BATCH_BYTES: Final = 256 * 1024
 """Size at which a partition's records are handed to kafka-python as one batch."""
+MAX_IN_FLIGHT_BATCHES: Final = 64
+"""At most this many handed-over batches (~16 MB) wait for the broker at a time."""
 
 
 def _bulk_path_available(producer: Any) -> bool:
@@ -122,7 +124,7 @@ def _bulk_path_available(producer: Any) -> bool:
             and hasattr(probe, "_next_offset")
             and hasattr(acc, "_tp_lock")
             and hasattr(acc, "_batches")
-            and hasattr(acc, "_incomplete")
+            and hasattr(getattr(acc, "_incomplete", None), "all")
             and hasattr(producer._transaction_manager, "maybe_add_partition_to_transaction")
             and hasattr(producer._sender, "wakeup")
             and len(probe._builder._buffer) == HEADER_SIZE
@@ -383,6 +385,18 @@ class KafkaTransactionalSink:
         if len(buffer.buf) >= BATCH_BYTES:
             del self._buffers[tp]
             self._hand_over(tp, buffer)
+            self._bound_in_flight()
+
+    def _bound_in_flight(self) -> None:
+        """Handed-over batches bypass kafka-python's buffer_memory limit: when more than
+        ``MAX_IN_FLIGHT_BATCHES`` wait for the broker, wait for them (memory stays bounded
+        in a huge transaction against a slow broker)."""
+        if len(self.producer._accumulator._incomplete.all()) <= MAX_IN_FLIGHT_BATCHES:
+            return
+        try:
+            self.producer.flush(timeout=self.opts.timeout_s)
+        except _kafka_errors() as exc:
+            raise self._unavailable(f"the broker did not take the records in time: {exc}") from exc
 
     def _partition(self, topic: str, key: bytes | None) -> Any:
         """The record's TopicPartition: kafka's default partitioner (murmur2 of the key),
