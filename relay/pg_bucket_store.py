@@ -314,10 +314,12 @@ class _Listener:
     def _missed(self, waiter: _Waiter, since: int) -> bool:
         for head, buckets in reversed(self._history):
             if head <= since:
-                break
+                return False
             if buckets is None or waiter.buckets is None or buckets & waiter.buckets:
                 return True
-        return False
+        # every remembered notification is newer than ``since``: if the history is full,
+        # older ones were dropped and may have named the waiter's buckets, so wake it
+        return len(self._history) == self._history.maxlen
 
     def _deliver(self, head: int, buckets: frozenset[str] | None) -> None:
         with self._lock:

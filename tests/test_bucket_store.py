@@ -588,3 +588,28 @@ def test_checkpoint_checksums_wrap_in_sql_as_u64_sums(pg_dsn: str) -> None:
         ).fetchall()
     assert [int(r[0]) % m for r in got] == [(a + b) % m for a, b in pairs]
     assert all(-(1 << 63) <= int(r[0]) < 1 << 63 for r in got)
+
+
+def test_listener_wakes_late_waiters_from_its_history() -> None:
+    """A waiter that registers after a notification it should have seen is woken at once;
+    when the history has overflowed past its position, it is woken too (conservatively)."""
+    from relay.pg_bucket_store import _HISTORY, _Listener, _Waiter
+
+    listener = _Listener(lambda: None)  # type: ignore[arg-type,return-value]
+
+    def woken(buckets: set[str], since: int) -> bool:
+        waiter = _Waiter(frozenset(buckets))
+        listener.register(waiter, since)
+        listener.unregister(waiter)
+        assert waiter.event is not None
+        return waiter.event.is_set()
+
+    listener._deliver(10, frozenset({"a"}))
+    listener._deliver(11, frozenset({"b"}))
+    assert woken({"a"}, 9) and woken({"b"}, 10)
+    assert not woken({"a"}, 10)  # its change is at or below what it has read
+    assert not woken({"c"}, 9)  # nothing of its buckets since
+    for head in range(12, 12 + _HISTORY):
+        listener._deliver(head, frozenset({"z"}))
+    assert not woken({"c"}, 12)  # the history still reaches back past 12
+    assert woken({"c"}, 9)  # entries after 9 were dropped: they may have named "c"
