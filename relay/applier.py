@@ -95,7 +95,7 @@ from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
 from cdc.kafka_sink import _build as build_client  # closes the network client on failure
 from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
 from cdc.snapshot import output_function_text
-from relay.bucket_engine import FETCH_MAX_WAIT_MS
+from relay.bucket_engine import FETCH_MAX_WAIT_MS, table_infos_from_conn
 from relay.bucket_store import json_value, row_key_text
 from relay.errors import ApplierError, ConfigError, ConflictNotFound, RelayError, ResolveError  # noqa: F401 (re-exported)
 from relay.hlc import Hlc, HybridClock, wall_clock_ms
@@ -488,16 +488,9 @@ def read_tables(
 
 
 def table_infos(conn: psycopg.Connection[Any]) -> dict[str, TableInfo]:
-    """Columns and primary keys of every user table (for loading the rules)."""
-    infos: dict[str, tuple[list[str], list[tuple[int, str]]]] = {}
-    for nsp, rel, col, _oid, _mod, _fmt, keypos in conn.execute(_TABLES_QUERY).fetchall():
-        cols, key = infos.setdefault(f"{nsp}.{rel}", ([], []))
-        cols.append(col)
-        if keypos:
-            key.append((keypos, col))
-    return {
-        t: TableInfo(tuple(c), tuple(k for _, k in sorted(key))) for t, (c, key) in infos.items()
-    }
+    """Columns, primary keys and date/time columns of every user table (for loading the
+    rules: the same view the bucket engine has, so both read filters alike)."""
+    return table_infos_from_conn(conn)
 
 
 # --------------------------------------------------------------------------- the database side

@@ -49,7 +49,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from cdc.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
 from cdc.errors import DecodeError
@@ -95,7 +95,31 @@ def _value_schema_tables(schema: Mapping[str, Any]) -> tuple[str, TableInfo] | N
         return None
     columns = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"])
     key = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"] if f.get("pg.key"))
-    return f"{schema['pg.schema']}.{schema['pg.table']}", TableInfo(columns, key)
+    temporal = tuple(
+        (str(f.get("pg.name", f["name"])), kind)
+        for f in row["fields"]
+        if (kind := _temporal_kind(f.get("type"))) is not None
+    )
+    return f"{schema['pg.schema']}.{schema['pg.table']}", TableInfo(columns, key, temporal)
+
+
+_LOGICAL_KINDS: Final = {
+    "date": "date",
+    "time-micros": "time",
+    "local-timestamp-micros": "timestamp",
+    "timestamp-micros": "timestamptz",
+}
+
+
+def _temporal_kind(avro_type: Any) -> str | None:
+    """``date``/``time``/``timestamp``/``timestamptz`` for a field whose (union) type has
+    that Avro logical type (domains over them included), else None."""
+    for branch in avro_type if isinstance(avro_type, list) else [avro_type]:
+        if isinstance(branch, Mapping):
+            kind = _LOGICAL_KINDS.get(str(branch.get("logicalType")))
+            if kind is not None:
+                return str(kind)
+    return None
 
 
 def table_infos_from_schemas(schemas: Iterable[str | Mapping[str, Any]]) -> dict[str, TableInfo]:
@@ -127,7 +151,14 @@ select n.nspname || '.' || c.relname,
        array(select a.attname::text from pg_index i
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
              where i.indrelid = c.oid and i.indisprimary
-             order by array_position(i.indkey::int2[], a.attnum))
+             order by array_position(i.indkey::int2[], a.attnum)),
+       array(select a.attname::text || ':' || bt.typname from pg_attribute a
+             join pg_type t on t.oid = a.atttypid
+             join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype
+                                             else t.oid end
+             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+               and bt.typname in ('date', 'time', 'timestamp', 'timestamptz')
+             order by a.attnum)
 from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema')
   and n.nspname not like 'pg_toast%%'
@@ -143,10 +174,20 @@ def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str,
         kw["password"] = password
     try:
         with psycopg.connect(dsn, autocommit=True, **kw) as conn:
-            rows = conn.execute(_CATALOG_QUERY).fetchall()
+            return table_infos_from_conn(conn)
     except psycopg.Error as exc:
         raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
-    return {str(name): TableInfo(tuple(cols), tuple(key)) for name, cols, key in rows}
+
+
+def table_infos_from_conn(conn: Any) -> dict[str, TableInfo]:
+    """:func:`table_infos_from_catalog` on an open connection (psycopg errors propagate)."""
+    rows = conn.execute(_CATALOG_QUERY).fetchall()
+    return {
+        str(name): TableInfo(
+            tuple(cols), tuple(key), tuple(tuple(t.split(":", 1)) for t in temporal)
+        )
+        for name, cols, key, temporal in rows
+    }
 
 
 class SchemaLog:

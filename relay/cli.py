@@ -188,35 +188,9 @@ def relay_run(
         raise _fail(exc, EXIT_RUNTIME) from None
 
 
-_CATALOG_QUERY = """
-select n.nspname || '.' || c.relname, a.attname,
-       array_position(i.indkey::int2[], a.attnum) as key_pos
-from pg_class c
-join pg_namespace n on n.oid = c.relnamespace
-join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
-left join pg_index i on i.indrelid = c.oid and i.indisprimary
-where c.relkind in ('r', 'p')
-  and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg\\_%'
-order by 1, a.attnum
-"""
-
-
 def schema_from_catalog(dsn: str) -> dict[str, TableInfo]:
-    """Columns and primary keys of every user table, keyed ``schema.table``."""
-    import psycopg
+    """Columns, primary keys and date/time columns of every user table, keyed
+    ``schema.table`` (as the relay reads them)."""
+    from relay.bucket_engine import table_infos_from_catalog
 
-    try:
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
-            rows = conn.execute(_CATALOG_QUERY).fetchall()
-    except psycopg.Error as exc:
-        raise RelayError(f"cannot read the catalog: {exc}".strip()) from exc
-    columns: dict[str, list[str]] = {}
-    keys: dict[str, list[tuple[int, str]]] = {}
-    for table, column, key_pos in rows:
-        columns.setdefault(table, []).append(column)
-        if key_pos is not None:
-            keys.setdefault(table, []).append((key_pos, column))
-    return {
-        t: TableInfo(tuple(cols), tuple(c for _, c in sorted(keys.get(t, []))))
-        for t, cols in columns.items()
-    }
+    return table_infos_from_catalog(dsn)

@@ -65,10 +65,45 @@ RowKey = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class TableInfo:
-    """What the rules need to know about a table: its columns and primary-key columns."""
+    """What the rules need to know about a table: its columns and primary-key columns,
+    and which columns hold dates or times (``temporal``: column → ``date``, ``time``,
+    ``timestamp`` or ``timestamptz``), whose filter values are written as ISO text but
+    compared as the change events' integers."""
 
     columns: tuple[str, ...]
     key: tuple[str, ...]
+    temporal: tuple[tuple[str, str], ...] = ()
+
+
+TEMPORAL_KINDS: Final = ("date", "time", "timestamp", "timestamptz")
+_TEMPORAL_EXAMPLES: Final = {
+    "date": '"2024-05-01"',
+    "time": '"08:30:00"',
+    "timestamp": '"2024-05-01T08:30:00"',
+    "timestamptz": '"2024-05-01T08:30:00Z"',
+}
+_EPOCH_DATE: Final = dt.date(1970, 1, 1)
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def temporal_value(kind: str, text: str) -> int:
+    """ISO text as the integer a change event carries for a ``kind`` column (docs/events.md):
+    days since 1970-01-01 (date), µs after midnight (time), µs since the epoch, wall clock
+    as if UTC (timestamp) or in UTC (timestamptz, which needs a UTC offset).  ValueError
+    says what is wrong."""
+    if kind == "date":
+        return (dt.date.fromisoformat(text) - _EPOCH_DATE).days
+    if kind == "time":
+        t = dt.time.fromisoformat(text)
+        return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
+    moment = dt.datetime.fromisoformat(text)
+    if kind == "timestamptz":
+        if moment.tzinfo is None:
+            raise ValueError("needs a UTC offset, e.g. 2024-05-01T08:00:00Z or +02:00")
+    elif moment.tzinfo is not None:
+        raise ValueError("is a timestamp without time zone: leave the offset out")
+    delta = moment.replace(tzinfo=moment.tzinfo or dt.UTC) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 # --------------------------------------------------------------------------- values and ids
@@ -664,13 +699,23 @@ class _Parser:
             self.problem(
                 scope, f"{key}.op", f"{op!r} is not an operator (use one of {', '.join(OPERATORS)})"
             )
-        values = self.filter_values(scope, f"{key}.value", raw, norm)
+        kind = (
+            dict(info.temporal).get(column)
+            if info is not None and isinstance(column, str)
+            else None
+        )
+        values = self.filter_values(scope, f"{key}.value", raw, norm, kind)
         if len(self.problems) > before or not isinstance(column, str) or norm is None:
             return None
         return Filter(column, norm, values)
 
     def filter_values(
-        self, scope: str, key: str, raw: Mapping[str, Any], op: str | None
+        self,
+        scope: str,
+        key: str,
+        raw: Mapping[str, Any],
+        op: str | None,
+        temporal: str | None = None,
     ) -> frozenset[str]:
         if op is None or op not in OPERATORS:
             return frozenset()
@@ -707,6 +752,17 @@ class _Parser:
                     f"must be a string, integer or boolean, not a {_kind(item)} ({item!r})",
                 )
                 continue
+            if temporal is not None and isinstance(item, str):
+                try:
+                    item = temporal_value(temporal, item)
+                except ValueError as exc:
+                    self.problem(
+                        scope,
+                        where,
+                        f"{item!r} is not a {temporal} in ISO 8601 ({exc}); the column is a "
+                        f"{temporal}, e.g. {_TEMPORAL_EXAMPLES[temporal]}",
+                    )
+                    continue
             text = canonical_text(item)
             assert text is not None
             texts.add(text)

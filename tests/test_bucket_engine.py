@@ -281,6 +281,12 @@ def test_schema_helpers_and_decoder(
         conn.execute('create table "odd" ("Weird Col" text, "id" int primary key)')
         conn.execute("insert into work_orders values (1, 't1', 'open', 'a', 10)")
         conn.execute("""insert into odd values ('v', 1)""")
+        conn.execute("create domain day as date")
+        conn.execute(
+            "create table dated (id int primary key, d date, ts timestamp, tz timestamptz, "
+            "t time, dd day, n text)"
+        )
+        conn.execute("insert into dated (id) values (1)")
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
         with running_daemon(settings):
             log = SchemaLog({"bootstrap_servers": kafka_bootstrap}, topic_prefix)
@@ -290,6 +296,22 @@ def test_schema_helpers_and_decoder(
                 catalog = table_infos_from_catalog(pg_dsn)
                 assert infos["public.work_orders"] == catalog["public.work_orders"]
                 assert infos["public.odd"] == catalog["public.odd"]
+                wait_for(
+                    lambda: (
+                        log.refresh() >= 0
+                        and "public.dated" in table_infos_from_registry(log.registry)
+                    ),
+                    what="the dated table's schema",
+                )
+                dated = table_infos_from_registry(log.registry)["public.dated"]
+                assert dated == catalog["public.dated"]
+                assert dated.temporal == (
+                    ("d", "date"),
+                    ("ts", "timestamp"),
+                    ("tz", "timestamptz"),
+                    ("t", "time"),
+                    ("dd", "date"),
+                )
                 rules = make_rules(tmp_path, pg_dsn)
                 from tests.cdc_support import table_events  # noqa: F401  (schema sanity)
                 from tests.fix_kafka import read_topic

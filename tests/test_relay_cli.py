@@ -218,4 +218,4 @@ def test_check_rules_with_an_unreachable_database() -> None:
         ],
     )
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: cannot read the catalog")
+    assert result.stderr.startswith("error: cannot read the captured database's catalog")

@@ -545,3 +545,56 @@ def test_rules_from_mapping_matches_the_file_form() -> None:
     )
     assert rules.buckets_for_claims({}) == {"g[]"}
     assert rules.source == "inline"
+
+
+# --------------------------------------------------------------------------- dates and times
+
+
+def test_temporal_values_are_the_event_integers() -> None:
+    from relay.rules import temporal_value
+
+    assert temporal_value("date", "2024-05-01") == 19844
+    assert temporal_value("date", "1969-12-31") == -1
+    assert temporal_value("time", "08:30:00.5") == (8 * 3600 + 30 * 60) * 1_000_000 + 500_000
+    assert temporal_value("timestamp", "1970-01-02T00:00:01") == 86_401_000_000
+    assert temporal_value("timestamptz", "1970-01-01T01:00:00+01:00") == 0
+    assert temporal_value("timestamptz", "2024-05-01T00:00:00Z") == 19844 * 86_400_000_000
+    with pytest.raises(ValueError, match="UTC offset"):
+        temporal_value("timestamptz", "2024-05-01T00:00:00")
+    with pytest.raises(ValueError, match="without time zone"):
+        temporal_value("timestamp", "2024-05-01T00:00:00Z")
+
+
+DATED = """
+[[bucket]]
+name = "due_soon"
+[[bucket.table]]
+table = "public.work_orders"
+filters = [
+    { column = "due", op = "in", value = ["2024-05-01", 19845] },
+    { column = "updated_at", op = "!=", value = "2024-05-01T00:00:00Z" },
+]
+"""
+
+
+def test_filters_on_date_columns_take_iso_text(tmp_path: Path) -> None:
+    schema = dict(SCHEMA)
+    wo = SCHEMA["public.work_orders"]
+    schema["public.work_orders"] = TableInfo(
+        wo.columns, wo.key, (("due", "date"), ("updated_at", "timestamptz"))
+    )
+    rules = rules_of(DATED, tmp_path, schema)
+    # rows as the engine gets them from the events: integers
+    assert rules.buckets_for_row("public.work_orders", order(due=19844, updated_at=0))
+    assert rules.buckets_for_row("public.work_orders", order(due=19845, updated_at=0))
+    assert not rules.buckets_for_row("public.work_orders", order(due=19846, updated_at=0))
+    assert not rules.buckets_for_row(
+        "public.work_orders", order(due=19844, updated_at=19844 * 86_400_000_000)
+    )
+    bad = DATED.replace('"2024-05-01", 19845', '"2024-13-01"')
+    path = tmp_path / "bad.toml"
+    path.write_text(bad)
+    with pytest.raises(RulesError) as info:
+        load_rules(path, schema)
+    text = str(info.value)
+    assert "filters[0].value[0]" in text and "'2024-13-01' is not a date" in text
