@@ -158,7 +158,7 @@ def _has_bootstrap_timeout() -> bool:
     return "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG
 
 
-def _build(cls: Any, **config: Any) -> Any:
+def build_client(cls: Any, **config: Any) -> Any:
     """``cls(**config)`` for a kafka-python client, without leaking its network thread.
 
     kafka-python starts a network thread before it connects to the first broker
@@ -240,7 +240,7 @@ class TopicManager:
         if self._admin is None:
             from kafka import KafkaAdminClient
 
-            self._admin = _build(KafkaAdminClient, **self.opts.client_kwargs())
+            self._admin = build_client(KafkaAdminClient, **self.opts.client_kwargs())
         return self._admin
 
     def ensure(self, topics: Sequence[str], compacted: bool = False) -> None:
@@ -309,7 +309,7 @@ class KafkaTransactionalSink:
         self._max_record = MAX_REQUEST_SIZE
         self.producer: Any = None
         try:
-            self.producer = _build(
+            self.producer = build_client(
                 KafkaProducer,
                 **opts.client_kwargs(),
                 transactional_id=opts.transactional_id,
@@ -572,7 +572,7 @@ def read_resume_position(
     finally:
         topics.close()
     try:
-        consumer = _build(
+        consumer = build_client(
             KafkaConsumer,
             **opts.client_kwargs(),
             isolation_level="read_committed",
@@ -627,7 +627,7 @@ def _settled_end_offsets(
     from kafka import KafkaConsumer
 
     try:
-        probe = _build(
+        probe = build_client(
             KafkaConsumer,
             **opts.client_kwargs(),
             isolation_level="read_uncommitted",
@@ -666,6 +666,7 @@ __all__ = [
     "Sink",
     "SinkError",
     "TopicManager",
+    "build_client",
     "new_transactional_id",
     "read_resume_position",
     "schemas_topic",

@@ -351,7 +351,7 @@ class LogSource:
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
 
-        from cdc.kafka_sink import _build
+        from cdc.kafka_sink import build_client
 
         config: dict[str, Any] = {
             **self.kafka,
@@ -366,7 +366,7 @@ class LogSource:
             **overrides,
         }
         try:
-            return _build(KafkaConsumer, **config)
+            return build_client(KafkaConsumer, **config)
         except KafkaError as exc:
             raise LogUnavailable(f"cannot reach the Kafka broker at {self.where}: {exc}") from exc
 

@@ -74,6 +74,7 @@ Threading: :meth:`Applier.run` in one thread; :meth:`Applier.request_stop` from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -92,7 +93,7 @@ from psycopg.types.json import Jsonb, set_json_dumps
 
 from cdc.avro_envelope import TableCodec
 from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
-from cdc.kafka_sink import _build as build_client  # closes the network client on failure
+from cdc.kafka_sink import build_client
 from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
 from cdc.snapshot import output_function_text
 from relay.bucket_engine import FETCH_MAX_WAIT_MS, table_infos_from_conn
@@ -487,12 +488,6 @@ def read_tables(
     return {name: TableMeta(name, cols, catalog, db) for name, cols in by_table.items()}
 
 
-def table_infos(conn: psycopg.Connection[Any]) -> dict[str, TableInfo]:
-    """Columns, primary keys and date/time columns of every user table (for loading the
-    rules: the same view the bucket engine has, so both read filters alike)."""
-    return table_infos_from_conn(conn)
-
-
 # --------------------------------------------------------------------------- the database side
 
 
@@ -620,7 +615,7 @@ class ApplierDb:
             self.commit_timestamps = conn.execute(
                 "select current_setting('track_commit_timestamp')"
             ).fetchone() == ("on",)
-            infos = table_infos(conn)
+            infos = table_infos_from_conn(conn)  # as the engine reads them
             rules = load_rules(self.rules_path, infos)
             tables = read_tables(conn, rules.tables)
             types = {t: m.types for t, m in tables.items()}
@@ -1564,6 +1559,23 @@ class _RunState:
 # --------------------------------------------------------------------------- the Kafka side
 
 
+def ensure_journal_topics(kafka: Mapping[str, Any], topics: Sequence[str], partitions: int) -> None:
+    """Create ``topics`` (``_journal`` and ``_outcomes``) with ``partitions`` partitions if
+    missing; another process creating them at the same moment is fine."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = build_client(KafkaAdminClient, **kafka)
+    try:
+        missing = [t for t in topics if t not in set(admin.list_topics())]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+    finally:
+        admin.close()
+
+
 class Applier:
     """Consumes ``{prefix}._journal`` into ``db`` and publishes outcomes to
     ``{prefix}._outcomes``.  ``kafka``: kafka-python client arguments (e.g.
@@ -1644,21 +1656,9 @@ class Applier:
         self.db.migrate()
 
     def ensure_topics(self) -> None:
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
-        admin = build_client(KafkaAdminClient, **self.kafka)
-        try:
-            existing = set(admin.list_topics())
-            missing = [t for t in (self.journal_topic, self.outcomes_topic) if t not in existing]
-            if missing:
-                try:
-                    admin.create_topics([NewTopic(t, self.topic_partitions, 1) for t in missing])
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
+        ensure_journal_topics(
+            self.kafka, (self.journal_topic, self.outcomes_topic), self.topic_partitions
+        )
 
     def _open(self) -> None:
         from kafka import KafkaProducer

@@ -78,11 +78,17 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from cdc.kafka_sink import _build as build_client  # closes the network client on failure
+from cdc.kafka_sink import build_client
 from cdc.settings_registry import Registry
 from relay.api_errors import ApiError, Unavailable
 from relay.applier import SCHEMA as APPLIER_SCHEMA
-from relay.applier import ApplierDb, ApplierError, ConflictNotFound, ResolveError
+from relay.applier import (
+    ApplierDb,
+    ApplierError,
+    ConflictNotFound,
+    ResolveError,
+    ensure_journal_topics,
+)
 from relay.applier_settings import JOURNAL, JournalSettings
 from relay.auth import DeviceIdentity
 from relay.bucket_engine import FETCH_MAX_WAIT_MS
@@ -741,23 +747,13 @@ class JournalProducer:
         """Create ``_journal`` and ``_outcomes`` if missing (as the applier does), once."""
         if self._topics_ok or self._factory is not None:
             return
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
         t_ms = int(self.config.kafka_timeout_s * 1000)
-        admin = build_client(KafkaAdminClient, **{**self.kafka, "bootstrap_timeout_ms": t_ms})
-        try:
-            topics = (self.config.journal_topic, self.config.outcomes_topic)
-            missing = [t for t in topics if t not in set(admin.list_topics())]
-            if missing:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    admin.create_topics(
-                        [NewTopic(t, self.config.topic_partitions, 1) for t in missing]
-                    )
-            self._topics_ok = True
-        finally:
-            admin.close()
+        ensure_journal_topics(
+            {**self.kafka, "bootstrap_timeout_ms": t_ms},
+            (self.config.journal_topic, self.config.outcomes_topic),
+            self.config.topic_partitions,
+        )
+        self._topics_ok = True
 
     def _send_sync(self, records: Sequence[JournalRecord]) -> tuple[Any, list[Any]]:
         with self._lock:

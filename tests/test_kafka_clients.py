@@ -1,6 +1,6 @@
 """kafka-python clients made while the broker is down leak no network thread (kafka-python
 3.0 starts one before connecting and leaves it running when the constructor raises; the
-relay and cdc build their clients through cdc.kafka_sink._build, which closes it)."""
+relay and cdc build their clients through cdc.kafka_sink.build_client, which closes it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-from cdc.kafka_sink import _build
+from cdc.kafka_sink import build_client
 from cdc.local_services import free_port
 
 
@@ -19,7 +19,7 @@ def test_failed_clients_leave_no_thread(cls: type) -> None:
     before = {t.ident for t in threading.enumerate()}
     for _ in range(3):
         try:
-            client = _build(
+            client = build_client(
                 cls,
                 bootstrap_servers=dead,
                 request_timeout_ms=600,
