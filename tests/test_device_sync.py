@@ -396,11 +396,13 @@ def test_offline_for_a_while_then_catch_up(stack: Stack, tmp_path: Path) -> None
     agent.close()
 
 
-def test_watch_over_websocket_follows_changes_and_survives_cuts(
-    stack: Stack, tmp_path: Path
-) -> None:
-    stack.order(1)
-    agent = new_agent(stack, tmp_path / "d.db")
+@contextlib.contextmanager
+def watching(
+    stack: Stack, agent: Agent, path: Path, **watch: Any
+) -> Iterator[tuple[Any, list[str]]]:
+    """``agent.watch`` in a thread; yields a function giving the ids of the local work
+    orders and the agent's event messages.  Leaving stops the watch (cutting its
+    connections) and checks it raised nothing."""
     events: list[str] = []
     agent.on_event = events.append
     stop = threading.Event()
@@ -408,18 +410,29 @@ def test_watch_over_websocket_follows_changes_and_survives_cuts(
 
     def run() -> None:
         try:
-            agent.watch(stop, max_backoff_s=0.5)
+            agent.watch(stop, max_backoff_s=0.5, **watch)
         except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    reader = sqlite3.connect(str(path), isolation_level=None)
     try:
-        reader = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+        yield (lambda: {r[0] for r in reader.execute("select id from work_orders")}), events
+    finally:
+        stop.set()
+        stack.proxy.cut()
+        thread.join(30)
+        reader.close()
+    assert not errors, errors
 
-        def ids() -> set[int]:
-            return {r[0] for r in reader.execute("select id from work_orders")}
 
+def test_watch_over_websocket_follows_changes_and_survives_cuts(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.order(1)
+    agent = new_agent(stack, tmp_path / "d.db")
+    with watching(stack, agent, tmp_path / "d.db") as (ids, _):
         wait_for(lambda: ids() == {1}, timeout=30, what="initial sync by watch")
         stack.order(2)
         wait_for(lambda: ids() == {1, 2}, timeout=30, what="pushed change")
@@ -428,11 +441,6 @@ def test_watch_over_websocket_follows_changes_and_survives_cuts(
         wait_for(lambda: ids() == {1, 2, 3}, timeout=30, what="change after a cut")
         stack.order(2, technician="t9")
         wait_for(lambda: ids() == {1, 3}, timeout=30, what="REMOVE pushed")
-    finally:
-        stop.set()
-        stack.proxy.cut()
-        thread.join(30)
-    assert not errors
     agent.close()
 
 
@@ -443,35 +451,13 @@ def test_watch_long_polls_when_websockets_are_refused(stack: Stack, tmp_path: Pa
     stack.ws.refuse = True
     stack.order(1)
     agent = new_agent(stack, tmp_path / "d.db")
-    events: list[str] = []
-    agent.on_event = events.append
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            agent.watch(stop, poll_s=2.0, max_backoff_s=0.5)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        reader = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
-
-        def ids() -> set[int]:
-            return {r[0] for r in reader.execute("select id from work_orders")}
-
+    with watching(stack, agent, tmp_path / "d.db", poll_s=2.0) as (ids, events):
         wait_for(lambda: ids() == {1}, timeout=30, what="initial sync")
         wait_for(lambda: any("long-polling" in e for e in events), timeout=30, what="fallback")
         stack.order(2)
         wait_for(lambda: ids() == {1, 2}, timeout=30, what="a change by long-poll")
         stack.order(1, technician="t9")
         wait_for(lambda: ids() == {2}, timeout=30, what="REMOVE by long-poll")
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not errors, errors
     assert any("answered 403" in e for e in events), events
     agent.close()
 
