@@ -64,7 +64,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -111,6 +110,7 @@ from relay.journal import (
     parse_upload,
     validate_entry,
 )
+from relay.pg_bucket_store import ConnectionPool
 from relay.pg_migrations import run_migrations
 from relay.rules import Rules
 from relay.settings import (
@@ -451,9 +451,7 @@ class JournalStore:
         self._kw: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout))}
         if password:
             self._kw["password"] = password
-        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
-        self._pool_size = pool_size
-        self._closed = False
+        self._pool = ConnectionPool(self.connect, pool_size)
         self.listener = _Listener(lambda: self.connect(autocommit=True))
 
     def connect(self, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -464,30 +462,16 @@ class JournalStore:
 
     @contextlib.contextmanager
     def _conn(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; psycopg errors become :class:`JournalStoreError`."""
         try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = self.connect()
-        ok = False
-        try:
-            yield conn
-            ok = True
+            with self._pool.connection() as conn:
+                yield conn
         except psycopg.Error as exc:
             raise JournalStoreError(f"{what} failed in the relay's store database: {exc}") from exc
-        finally:
-            if ok and not self._closed and not conn.closed and self._idle.qsize() < self._pool_size:
-                self._idle.put(conn)
-            else:
-                conn.close()
 
     def close(self) -> None:
-        self._closed = True
+        self._pool.close()
         self.listener.stop()
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
 
     def migrate(self) -> None:
         """Create the schema and apply pending migrations (safe concurrently)."""

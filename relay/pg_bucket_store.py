@@ -379,8 +379,9 @@ def _parse_payload(payload: str) -> tuple[int, frozenset[str] | None]:
 
 
 @dataclasses.dataclass
-class _Pool:
-    """A small pool of read connections (thread-safe)."""
+class ConnectionPool:
+    """A small pool of connections (thread-safe): the bucket store's reads and the journal
+    tables (relay.journal_api) use it."""
 
     connect: Callable[[], psycopg.Connection[Any]]
     size: int
@@ -441,7 +442,7 @@ class PgBucketStore:
         self._wlock = threading.RLock()
         self._writer: psycopg.Connection[Any] | None = None
         self._leader = False
-        self._pool = _Pool(lambda: self._connect(autocommit=False), read_pool_size)
+        self._pool = ConnectionPool(lambda: self._connect(autocommit=False), read_pool_size)
         self._listener = _Listener(lambda: self._connect(autocommit=True))
 
     # ---- connections
