@@ -704,14 +704,45 @@ def test_lww_without_a_time_source_is_refused_at_start(env: Env, tmp_path: Path)
         db.connect()
 
 
+GATE_LOCK = 4242  # advisory lock the test holds to stop the applier inside a transaction
+
+GATE = f"""
+create function gate() returns trigger language plpgsql as $$
+begin
+    perform pg_advisory_xact_lock_shared({GATE_LOCK});
+    return new;
+end $$;
+create trigger gate before update on work_orders for each row execute function gate();
+"""
+
+
+def _applied(env: Env) -> int:
+    return int(env.sql("select count(*) from fieldsync_applier.applied")[0][0])
+
+
+def _applier_waits_on_gate(env: Env) -> bool:
+    """An applier backend is blocked on the gate lock, inside its open transaction."""
+    rows = env.sql(
+        "select count(*) from pg_locks where locktype = 'advisory' and not granted and objid = %s",
+        GATE_LOCK,
+    )
+    return int(rows[0][0]) > 0
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_applies_each_entry_exactly_once(
     env: Env, tmp_path: Path
 ) -> None:
+    """Each kill lands while the applier is working, whatever the machine's speed: the
+    applier runs until it has applied a random number of further entries, then the test
+    closes a gate (an advisory lock a row trigger waits on) so the applier stops inside an
+    open transaction, and kills it there (entries of that batch in flight), or a random
+    number of entries later while it runs freely."""
     rows = 5
     total = 2000
     for i in range(1, rows + 1):
         insert_base(env, id=i, qty=0)
+    env.sql(GATE)
     records = []
     for n in range(total):
         device = f"dev{n % 4}"
@@ -740,16 +771,37 @@ batch_max_ms = 5
     cmd = [sys.executable, "-m", "relay.applier_cli", "--config", str(config)]
     rng = random.Random(4)
     kills = 0
-    for _ in range(5):
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.8, 2.0))
-        if proc.poll() is not None:
-            pytest.fail(
-                f"applier exited early: {proc.stderr.read().decode() if proc.stderr else ''}"
+    gate = psycopg.connect(env.dsn, autocommit=True)
+    try:
+        for cycle in range(5):
+            start = _applied(env)
+            target = start + rng.randint(1, 150)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
+
+            def progressed(proc: subprocess.Popen[bytes] = proc, target: int = target) -> bool:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"applier exited early: {err}")
+                return _applied(env) >= target
+
+            wait_for(
+                progressed, timeout=120, interval=0.01, what=f"applier reached {target} entries"
+            )
+            if cycle % 2 == 0:
+                # stop it inside a transaction: the gate is taken once the batch in flight
+                # commits; the next row update then waits on it with its batch still open
+                gate.execute("select pg_advisory_lock(%s)", (GATE_LOCK,))
+                wait_for(lambda: _applier_waits_on_gate(env), timeout=60, what="applier at gate")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if cycle % 2 == 0:
+                gate.execute("select pg_advisory_unlock(%s)", (GATE_LOCK,))
+            kills += 1
+            assert _applied(env) < total, f"kill {kills} came after every entry was applied"
+    finally:
+        gate.close()
     done_before = env.sql("select count(*) from fieldsync_applier.applied")[0][0]
     assert done_before < total, "the kills came too late to interrupt anything"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
