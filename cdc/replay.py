@@ -94,6 +94,7 @@ from cdc.errors import (
     DatabaseUnavailable,
     DecodeError,
     LogBehind,
+    LogIncomplete,
     LogUnavailable,
     NoEvents,
     ReplayError,
@@ -113,6 +114,7 @@ __all__ = [
     "KeySpec",
     "LogBehind",
     "LogCatalog",
+    "LogIncomplete",
     "LogReader",
     "LogSource",
     "LogState",
@@ -392,7 +394,8 @@ class LogSource:
             consumer.close()
 
     def read_all(self, topic: str) -> Iterator[Any]:
-        """Every committed record of a small topic, partition by partition (no merge)."""
+        """Every committed record of a small topic, partition by partition (no merge), each
+        partition read to its end offset (:class:`_Fetcher`)."""
         from kafka import TopicPartition
         from kafka.errors import KafkaError
 
@@ -402,16 +405,15 @@ class LogSource:
             if not parts:
                 return
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            ends = _end_offsets(consumer, tps, self)
+            fetcher = _Fetcher(self, consumer, tps, f"reading {topic}")
+            fetcher.start(_beginning_offsets(consumer, tps, self))
+            fetcher.refresh_ends()
             records: dict[Any, list[Any]] = {tp: [] for tp in tps}
-            stall = _Stall(self, f"reading {topic}")
-            while any(consumer.position(tp) < ends[tp] for tp in tps):
-                batch = consumer.poll(timeout_ms=_POLL_MS)
-                stall.check(bool(batch), consumer, tps)
-                for tp, recs in batch.items():
+            watch = _Watch(fetcher)
+            while due := {tp for tp in tps if fetcher.due(tp)}:
+                for tp, recs in fetcher.poll(due).items():
                     records[tp].extend(recs)
+                watch.check(due)
             for tp in tps:
                 yield from records[tp]
         except KafkaError as exc:
@@ -420,7 +422,13 @@ class LogSource:
             consumer.close()
 
 
+def _tp_text(tp: Any) -> str:
+    return f"{tp.topic}[{tp.partition}]"
+
+
 def _end_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[Any, int]:
+    """The end offsets the consumer's isolation level sees (read_committed: the last stable
+    offset)."""
     from kafka.errors import KafkaError
 
     try:
@@ -434,25 +442,190 @@ def _end_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[A
         ) from exc
 
 
-class _Stall:
-    """Turns "poll returns nothing while data is still due" into LogUnavailable."""
+def _beginning_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[Any, int]:
+    from kafka.errors import KafkaError
 
-    def __init__(self, source: LogSource, what: str) -> None:
+    try:
+        found: dict[Any, int] = consumer.beginning_offsets(
+            list(tps), timeout_ms=int(source.timeout_s * 1000)
+        )
+        return found
+    except KafkaError as exc:
+        raise LogUnavailable(
+            f"the Kafka broker at {source.where} does not answer ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_ends(
+    source: LogSource, consumer: Any, tps: Sequence[Any], floor: Mapping[Any, int]
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Where to read each partition to, and the partitions whose committed end the broker
+    did not report.
+
+    The end is the committed end (read_committed ListOffsets: the last stable offset; a
+    transaction still open beyond it is not part of the log yet).  A broker may answer 0
+    instead while a transaction is open in the partition (tansu does): when the answer is
+    below what was already read (``floor``) or 0 although the partition holds records, the
+    end is the partition's log end (read_uncommitted ListOffsets) and the partition is
+    returned in the second map; its records become readable once the transaction ends.
+    Positions, not record counts, measure the read, so transaction markers and aborted
+    transactions inside the range are no missing records.
+    """
+    ends = _end_offsets(consumer, tps, source)
+    unsure = [tp for tp in tps if ends[tp] <= 0 or ends[tp] < floor.get(tp, 0)]
+    if not unsure:
+        return dict(ends), {}
+    probe = source.consumer(isolation_level="read_uncommitted")
+    try:
+        logged = _end_offsets(probe, unsure, source)
+    finally:
+        probe.close()
+    out = dict(ends)
+    open_: dict[Any, int] = {}
+    for tp in unsure:
+        if logged[tp] <= 0 and floor.get(tp, 0) <= 0:
+            out[tp] = 0  # empty
+            continue
+        out[tp] = max(logged[tp], floor.get(tp, 0))
+        open_[tp] = out[tp]
+    return out, open_
+
+
+class _Fetcher:
+    """One consumer reading several partitions, each from its own offset up to its own end
+    offset (:func:`_read_ends`).
+
+    Progress is the consumer's position per partition, which moves past transaction
+    markers and records it does not return, never a count of records.  The caller says
+    which partitions to fetch on each :meth:`poll` (``want``): a partition it does not
+    want (its buffer is full) is *unassigned* and assigned again, at the offset it had
+    reached, when wanted again.  (kafka-python's ``pause()`` keeps the records it already
+    parsed for a paused partition and gives them back only while no other partition's
+    records are in hand; with several partitions a paused one could stay silent for
+    good, and a read waited for records that never came.)
+    """
+
+    def __init__(self, source: LogSource, consumer: Any, tps: Sequence[Any], what: str) -> None:
         self.source = source
+        self.consumer = consumer
+        self.tps = list(tps)
         self.what = what
+        self.next: dict[Any, int] = dict.fromkeys(self.tps, 0)  # next offset to read
+        self.ends: dict[Any, int] = dict.fromkeys(self.tps, 0)
+        self.open: dict[Any, int] = {}  # committed end not reported (open transaction)
+        self.moves = 0  # polls that moved a position or returned records
+        self._assigned: set[Any] = set()
+
+    def start(self, offsets: Mapping[Any, int]) -> None:
+        """Read each partition from ``offsets[tp]``."""
+        for tp, offset in offsets.items():
+            self.next[tp] = offset
+            if tp in self._assigned:
+                self.consumer.seek(tp, offset)
+
+    def refresh_ends(self, tps: Iterable[Any] | None = None) -> None:
+        """Take the partitions' current ends as the end of the read."""
+        chosen = self.tps if tps is None else list(tps)
+        if not chosen:
+            return
+        ends, open_ = _read_ends(self.source, self.consumer, chosen, self.next)
+        self.ends.update(ends)
+        for tp in chosen:
+            self.open.pop(tp, None)
+        self.open.update(open_)
+
+    def due(self, tp: Any) -> bool:
+        """Records before the partition's end offset are not read yet."""
+        return bool(self.next[tp] < self.ends[tp])
+
+    def poll(self, want: set[Any]) -> dict[Any, list[Any]]:
+        """One fetch from the partitions in ``want``; their positions are updated."""
+        from kafka.errors import KafkaError
+
+        self._assign(want)
+        if not want:
+            return {}
+        consumer = self.consumer
+        try:
+            batch: dict[Any, list[Any]] = consumer.poll(timeout_ms=_POLL_MS)
+            moved = bool(batch)
+            for tp in want:
+                position = consumer.position(tp)
+                if position != self.next[tp]:
+                    moved = True
+                    self.next[tp] = position
+        except KafkaError as exc:
+            raise LogUnavailable(
+                f"{self.what}: fetching from {self.source.where} failed: {exc}"
+            ) from exc
+        if moved:
+            self.moves += 1
+        return batch
+
+    def _assign(self, want: set[Any]) -> None:
+        if want == self._assigned:
+            return
+        consumer = self.consumer
+        if want:
+            consumer.assign(sorted(want))
+            for tp in want - self._assigned:
+                consumer.seek(tp, self.next[tp])
+        else:
+            consumer.unsubscribe()
+        self._assigned = set(want)
+
+    def unread(self, tps: Iterable[Any]) -> list[tuple[str, int, int, int]]:
+        """``(topic, partition, first, last)`` offsets not read of each partition."""
+        return [
+            (tp.topic, tp.partition, self.next[tp], self.ends[tp] - 1)
+            for tp in sorted(tps)
+            if self.due(tp)
+        ]
+
+
+class _Watch:
+    """Gives up on a read whose positions stop moving: when no poll has moved a position
+    for ``timeout_s``, the ends are asked again (the broker must answer: else
+    LogUnavailable) and, if records are still due, :class:`LogIncomplete` names the
+    offsets that could not be read.  A deadline for giving up, never a proof of the end:
+    a read is complete only when every partition's position reached its end offset."""
+
+    def __init__(self, fetcher: _Fetcher) -> None:
+        self.fetcher = fetcher
+        self.moves = fetcher.moves
         self.since = time.monotonic()
 
-    def check(self, progressed: bool, consumer: Any, tps: Sequence[Any]) -> None:
+    def check(self, due: Iterable[Any]) -> None:
+        fetcher = self.fetcher
         now = time.monotonic()
-        if progressed:
+        if fetcher.moves != self.moves:
+            self.moves = fetcher.moves
             self.since = now
             return
-        if now - self.since < self.source.timeout_s:
+        timeout = fetcher.source.timeout_s
+        if now - self.since < timeout:
             return
-        _end_offsets(consumer, tps, self.source)  # raises when the broker is gone
-        raise LogUnavailable(
-            f"{self.what}: no records from {self.source.where} for "
-            f"{self.source.timeout_s:.0f} s although the log holds more"
+        stuck = [tp for tp in due if fetcher.due(tp)]
+        before = {tp: fetcher.ends[tp] for tp in stuck}
+        fetcher.refresh_ends(stuck)  # raises LogUnavailable when the broker is gone
+        if any(fetcher.ends[tp] != end for tp, end in before.items()):
+            self.since = now  # a transaction ended meanwhile: the ends moved
+            return
+        unread = fetcher.unread(stuck)
+        if not unread:
+            return
+        ranges = ", ".join(f"{t}[{p}] offsets {a}-{b}" for t, p, a, b in unread)
+        why = (
+            " a Kafka transaction is still open there (a producer that neither committed nor "
+            "aborted, e.g. a cdc that was killed and not started again); read_committed "
+            "readers cannot read past its first record"
+            if any(tp in fetcher.open for tp in stuck)
+            else " the broker answers but returns none of them"
+        )
+        raise LogIncomplete(
+            f"{fetcher.what}: could not read {ranges} of {fetcher.source.where} "
+            f"(position unchanged for {timeout:.0f} s):{why}",
+            unread,
         )
 
 
@@ -523,7 +696,11 @@ class LogReader:
     """Events of some tables in position order, deduplicated (see the module docstring).
 
     :meth:`events` may be called again to continue after a stop bound (verify does);
-    the record beyond the bound stays buffered.
+    the record beyond the bound stays buffered.  A read ends when every partition's
+    position has reached its end offset (taken at the start, or by :meth:`refresh_ends`)
+    or, with a stop bound, when the partitions not read to their end hold an event past
+    it; a partition that cannot be read that far raises :class:`LogIncomplete` naming
+    the offsets.
     """
 
     def __init__(
@@ -558,16 +735,14 @@ class LogReader:
                 parts = self._consumer.partitions_for_topic(topic) or set()
                 tps.extend(TopicPartition(topic, p) for p in sorted(parts))
             self._tps = tps
+            self._fetcher = _Fetcher(source, self._consumer, tps, "reading the change log")
             self._bufs: dict[Any, deque[tuple[Pos, Any]]] = {tp: deque() for tp in tps}
             self._heap: list[tuple[Pos, int, Any]] = []
             self._tick = 0
-            self._paused: set[Any] = set()
-            self._ends: dict[Any, int] = {}
             self._waiting: set[Any] = set()
             self._on_idle: Callable[[], None] | None = None
             self._run: deque[tuple[Pos, Any]] = deque()  # taken from the buffers, not read yet
             if tps:
-                self._consumer.assign(tps)
                 self._seek_start(start)
                 self.refresh_ends()
         except BaseException:
@@ -578,10 +753,9 @@ class LogReader:
 
     def _seek_start(self, start: Bound | None) -> None:
         consumer = self._consumer
-        consumer.seek_to_beginning(*self._tps)
-        if start is None:
-            return
-        if start.time_us is not None:
+        begin = _beginning_offsets(consumer, self._tps, self.source)
+        offsets = dict(begin)
+        if start is not None and start.time_us is not None:
             from kafka.errors import KafkaError
 
             at_ms = max(0, int(start.time_us / 1000 - TIME_SLACK_S * 1000))
@@ -591,27 +765,28 @@ class LogReader:
                 raise LogUnavailable(
                     f"offsets_for_times on {self.source.where} failed: {exc}"
                 ) from exc
-            ends = _end_offsets(consumer, self._tps, self.source)
+            ends, _ = _read_ends(self.source, consumer, self._tps, begin)
             for tp in self._tps:
                 hit = found.get(tp)
-                consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-        elif start.position is not None:
+                offsets[tp] = hit.offset if hit is not None else ends[tp]
+        elif start is not None and start.position is not None:
             for tp in self._tps:
-                consumer.seek(tp, self._offset_of_position(tp, start.position))
+                offsets[tp] = self._offset_of_position(tp, start.position, begin[tp])
+        self._fetcher.start(offsets)
 
-    def _offset_of_position(self, tp: Any, position: Pos) -> int:
+    def _offset_of_position(self, tp: Any, position: Pos, begin: int) -> int:
         """The first offset whose record is at or after ``position`` (binary search on
         single-record probes; positions grow with offsets).  Conservative: a few
         thousand records before it, so a stray duplicate cannot make it skip events."""
-        begin = self._consumer.beginning_offsets([tp])[tp]
-        end = _end_offsets(self._consumer, [tp], self.source)[tp]
+        end = _read_ends(self.source, self._consumer, [tp], {tp: begin})[0][tp]
         probe = self.source.consumer(max_poll_records=1, max_partition_fetch_bytes=1 << 20)
         try:
-            probe.assign([tp])
+            fetcher = _Fetcher(self.source, probe, [tp], f"probing {_tp_text(tp)}")
+            fetcher.ends[tp] = end
             low, high = begin, end
             while high - low > 1000:
                 mid = (low + high) // 2
-                found = _probe(probe, tp, mid, end, self.source)
+                found = _probe(fetcher, tp, mid)
                 if found is None or found >= position:
                     high = mid
                 else:
@@ -622,13 +797,24 @@ class LogReader:
 
     def refresh_ends(self) -> None:
         """Take the partitions' current end offsets as the end of the read."""
-        self._ends = _end_offsets(self._consumer, self._tps, self.source)
-        consumer = self._consumer
-        self._waiting = {
-            tp for tp in self._tps if not self._bufs[tp] and consumer.position(tp) < self._ends[tp]
-        }
-        total = sum(max(0, self._ends[tp] - consumer.position(tp)) for tp in self._tps)
+        fetcher = self._fetcher
+        fetcher.refresh_ends()
+        self._waiting = {tp for tp in self._tps if not self._bufs[tp] and fetcher.due(tp)}
+        total = sum(max(0, fetcher.ends[tp] - fetcher.next[tp]) for tp in self._tps)
         self.stats.total = self.stats.records + total + sum(len(b) for b in self._bufs.values())
+
+    def read_to(self) -> list[dict[str, Any]]:
+        """Per partition: the offset the read reached and the end offset it reads to."""
+        fetcher = self._fetcher
+        return [
+            {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "read_to": fetcher.next[tp],
+                "end": fetcher.ends[tp],
+            }
+            for tp in self._tps
+        ]
 
     def close(self) -> None:
         if self._executor is not None:
@@ -644,17 +830,16 @@ class LogReader:
 
     # -- merge -------------------------------------------------------------------------
 
-    def _poll(self) -> int:
-        consumer = self._consumer
-        for tp, buf in self._bufs.items():
-            full = len(buf) >= _BUFFER_HIGH
-            if full and tp not in self._paused:
-                consumer.pause(tp)
-                self._paused.add(tp)
-            elif not full and tp in self._paused:
-                consumer.resume(tp)
-                self._paused.discard(tp)
-        batch = consumer.poll(timeout_ms=_POLL_MS)
+    def _poll(self, follow: bool = False) -> int:
+        """One fetch from every partition with room in its buffer and records due
+        (following: every partition with room); returns the records it brought."""
+        fetcher = self._fetcher
+        want = {
+            tp
+            for tp, buf in self._bufs.items()
+            if len(buf) < _BUFFER_HIGH and (follow or fetcher.due(tp))
+        }
+        batch = fetcher.poll(want)
         n = 0
         stats = self.stats
         for tp, recs in batch.items():
@@ -685,24 +870,24 @@ class LogReader:
         return int(event["source"]["commit_lsn"]), int(event["source"]["seq"])
 
     def _fill(self, follow: bool) -> None:
-        """Poll until every partition that still has records due has one buffered."""
-        consumer = self._consumer
-        stall = _Stall(self.source, "reading the change log")
+        """Poll until every partition that still has records due has one buffered (or its
+        position reached its end offset); :class:`LogIncomplete` if one cannot be read."""
+        fetcher = self._fetcher
+        watch = _Watch(fetcher)
         while self._waiting:
-            got = self._poll()
+            self._poll()
             for tp in list(self._waiting):
-                if self._bufs[tp] or consumer.position(tp) >= self._ends[tp]:
+                if self._bufs[tp] or not fetcher.due(tp):
                     self._waiting.discard(tp)
             if self._waiting:
-                stall.check(got > 0, consumer, self._tps)
+                watch.check(self._waiting)
         if follow and self._heap:
             # a partition that looked caught up may have records of the same Kafka
             # transaction as those buffered elsewhere (visible together): look again
             idle = [tp for tp in self._tps if not self._bufs[tp]]
             if idle:
-                ends = _end_offsets(consumer, idle, self.source)
-                self._ends.update(ends)
-                fresh = {tp for tp in idle if consumer.position(tp) < ends[tp]}
+                fetcher.refresh_ends(idle)
+                fresh = {tp for tp in idle if fetcher.due(tp)}
                 if fresh:
                     self._waiting |= fresh
                     self._fill(False)
@@ -742,27 +927,29 @@ class LogReader:
                 heapq.heapreplace(heap, (buf[0][0], self._tick, tp))
             else:
                 heapq.heappop(heap)
-                if self._consumer.position(tp) < self._ends[tp]:
+                if self._fetcher.due(tp):
                     self._waiting.add(tp)
             return run
 
     def _wait_for_more(self) -> None:
         """Follow mode with nothing buffered: wait for new records (checks the broker)."""
+        fetcher = self._fetcher
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            if self._poll():
+            if self._poll(follow=True):
                 break
         else:
-            self._ends = _end_offsets(self._consumer, self._tps, self.source)
-        self._waiting = {
-            tp
-            for tp in self._tps
-            if not self._bufs[tp] and self._consumer.position(tp) < self._ends.get(tp, 0)
-        }
+            fetcher.refresh_ends()
+        self._waiting = {tp for tp in self._tps if not self._bufs[tp] and fetcher.due(tp)}
 
     def at_end(self) -> bool:
         """Nothing buffered and every partition read to the end offsets of the read."""
-        return not self._run and not self._heap and not self._waiting
+        return (
+            not self._run
+            and not self._heap
+            and not self._waiting
+            and not any(self._fetcher.due(tp) for tp in self._tps)
+        )
 
     # -- events ------------------------------------------------------------------------
 
@@ -986,19 +1173,18 @@ def _decode_values(values: list[bytes]) -> list[dict[str, Any] | None]:
     return out
 
 
-def _probe(consumer: Any, tp: Any, offset: int, end: int, source: LogSource) -> Pos | None:
-    """The position of the first record at or after ``offset`` (None: none before end)."""
-    consumer.seek(tp, offset)
-    stall = _Stall(source, f"probing {tp.topic}[{tp.partition}]")
-    while consumer.position(tp) < end:
-        batch = consumer.poll(timeout_ms=_POLL_MS, max_records=1)
-        stall.check(bool(batch), consumer, [tp])
-        for recs in batch.values():
+def _probe(fetcher: _Fetcher, tp: Any, offset: int) -> Pos | None:
+    """The position of the first record at or after ``offset`` (None: none before the end)."""
+    fetcher.start({tp: offset})
+    watch = _Watch(fetcher)
+    while fetcher.due(tp):
+        for recs in fetcher.poll({tp}).values():
             for r in recs:
                 for name, value in r.headers:
                     if name == POSITION_HEADER:
                         hi, lo = _POS.unpack(value)
                         return hi, lo
+        watch.check([tp])
     return None
 
 
@@ -2065,6 +2251,7 @@ class VerifyReport:
     rechecked: int = 0
     unknown_values: int = 0  # values the log does not hold (unchanged TOAST without history)
     not_in_log: list[str] = dataclasses.field(default_factory=list)  # published, no schema yet
+    partitions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # read_to, end
 
     @property
     def ok(self) -> bool:
@@ -2080,6 +2267,7 @@ class VerifyReport:
             "unknown_values": self.unknown_values,
             "differences": [d.to_json() for d in self.diffs],
             "read": self.stats.to_json(),
+            "partitions": self.partitions,
         }
 
 
@@ -2409,6 +2597,7 @@ def verify(
                 todo = sorted({d.table for d in found})
                 log.info("verify: %d differences in %s; checking them again", len(found), todo)
             stats = reader.stats
+            partitions = reader.read_to()
         finally:
             reader.close()
         return VerifyReport(
@@ -2420,6 +2609,7 @@ def verify(
             attempt,
             counters["unknown"],
             [n for n in names if n not in catalog.tables],
+            partitions,
         )
     finally:
         if side is not None:
