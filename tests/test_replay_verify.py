@@ -16,7 +16,7 @@ import pytest
 
 from cdc.avro_envelope import POSITION_HEADER, parse_position_header
 from cdc.replay import LogIncomplete, LogReader, LogSource
-from tests.cdc_support import running_daemon, wait_for
+from tests.cdc_support import running_daemon
 from tests.fix_kafka import read_topic
 from tests.test_replay import Env
 
@@ -142,3 +142,66 @@ def test_verify_reads_every_partition_of_a_multi_table_log_to_its_end(
     assert stats["records"] == len(visible)
     assert stats["duplicates"] == len(visible) - len(distinct)
     assert stats["events"] == len(distinct) == 23 + 10_020 + 40_000 + 3 + 10  # + updates
+
+
+def test_a_transaction_left_open_is_named_with_its_offsets_until_it_ends(env: Env) -> None:
+    """A producer that neither commits nor aborts (a cdc killed and not started again)
+    leaves a transaction open.  Kafka reports the last stable offset as the end, so the
+    read ends before it; tansu reports no committed end at all, so the reader reads to
+    the partition's log end, and when it cannot get past the open transaction it names
+    the partition and the offsets it could not read instead of waiting or calling the
+    read complete.  Once the transaction commits, the same read gets every record."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+
+    from cdc.avro_envelope import Source, position_header
+    from tests.test_replay import _codec
+
+    codec = _codec(env.prefix)
+    topic = f"{env.prefix}.public.t"
+    admin = KafkaAdminClient(bootstrap_servers=env.bootstrap)
+    admin.create_topics([NewTopic(topic, 1, 1), NewTopic(f"{env.prefix}._schemas", 1, 1)])
+    admin.close()
+
+    def send(producer: Any, n: int) -> Any:
+        lsn = 0x2000 + n
+        source = Source("app", "public", "t", lsn, lsn, 1, 0, 1_700_000_000_000_000 + n)
+        key, value = codec.encode_change("c", None, [str(n), f"v{n}"], source, 0)
+        return producer.send(
+            topic, key=key, value=value, headers=[(POSITION_HEADER, position_header(lsn, 0))]
+        )
+
+    committed = KafkaProducer(bootstrap_servers=env.bootstrap, transactional_id=f"{env.prefix}-a")
+    committed.init_transactions()
+    committed.begin_transaction()
+    for schema in (codec.value_schema_json, codec.key_schema_json):
+        assert schema is not None
+        committed.send(f"{env.prefix}._schemas", value=schema.encode())
+    for n in range(30):
+        send(committed, n)
+    committed.commit_transaction()
+    committed.close()
+    hanging = KafkaProducer(bootstrap_servers=env.bootstrap, transactional_id=f"{env.prefix}-b")
+    hanging.init_transactions()
+    hanging.begin_transaction()
+    first_open = send(hanging, 30).get(timeout=30).offset
+    for n in range(31, 35):
+        send(hanging, n)
+    hanging.flush()
+    try:
+        source = LogSource({"bootstrap_servers": env.bootstrap}, env.prefix, timeout_s=2)
+        try:
+            with LogReader(source, ["t"]) as reader:
+                ids = [ev.after["id"] for ev in reader.events() if ev.after]
+        except LogIncomplete as exc:  # tansu: no committed end while the transaction is open
+            assert exc.unread and exc.unread[0][:3] == (topic, 0, first_open)
+            assert f"{topic}[0] offsets {first_open}-" in str(exc)
+            assert "still open" in str(exc)
+        else:  # Kafka: the last stable offset ends the read before the open transaction
+            assert ids == list(range(30))
+        hanging.commit_transaction()
+    finally:
+        hanging.close()
+    with LogReader(source, ["t"]) as reader:
+        assert [ev.after["id"] for ev in reader.events() if ev.after] == list(range(35))
+        assert all(p["read_to"] >= p["end"] > first_open for p in reader.read_to())
