@@ -2218,6 +2218,29 @@ def _check_range(start: Bound | None, stop: Bound | None) -> None:
 # --------------------------------------------------------------------------- verify
 
 
+@dataclasses.dataclass(frozen=True)
+class ColumnDiff:
+    """One column of a row on which the log and PostgreSQL disagree: both values as
+    PostgreSQL prints them (None: NULL).  ``in_log`` False: the log holds no value of the
+    column for the row at all (``reason`` says why); ``reason`` is also set when the log's
+    value cannot be read as the column's type of now."""
+
+    column: str
+    log: str | None
+    postgres: str | None
+    in_log: bool = True
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "log": self.log,
+            "postgres": self.postgres,
+            "in_log": self.in_log,
+            "reason": self.reason,
+        }
+
+
 @dataclasses.dataclass
 class RowDiff:
     """One row on which the log and PostgreSQL disagree."""
@@ -2225,7 +2248,7 @@ class RowDiff:
     table: str
     kind: Literal["missing", "extra", "differs"]  # missing: in PostgreSQL, not in the log
     key: dict[str, Any]
-    columns: list[tuple[str, str | None, str | None]]  # (column, log text, PostgreSQL text)
+    columns: list[ColumnDiff]
     log_position: str | None = None
     count: int = 1
     bare: frozenset[str] = frozenset()  # columns printed without quotes (numbers, booleans)
@@ -2235,7 +2258,7 @@ class RowDiff:
             "table": self.table,
             "kind": self.kind,
             "key": self.key,
-            "columns": [{"column": c, "log": a, "postgres": b} for c, a, b in self.columns],
+            "columns": [c.to_json() for c in self.columns],
             "log_position": self.log_position,
             "count": self.count,
         }
@@ -2249,7 +2272,7 @@ class VerifyReport:
     diffs: list[RowDiff]
     stats: ReadStats
     rechecked: int = 0
-    unknown_values: int = 0  # values the log does not hold (unchanged TOAST without history)
+    not_carried: int = 0  # values of compared rows the log holds no value for
     not_in_log: list[str] = dataclasses.field(default_factory=list)  # published, no schema yet
     partitions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # read_to, end
 
@@ -2264,7 +2287,7 @@ class VerifyReport:
             "rows_compared": self.rows_compared,
             "up_to_lsn": format_lsn(self.lsn),
             "rechecked": self.rechecked,
-            "unknown_values": self.unknown_values,
+            "values_not_in_log": self.not_carried,
             "differences": [d.to_json() for d in self.diffs],
             "read": self.stats.to_json(),
             "partitions": self.partitions,
@@ -2367,7 +2390,11 @@ def _wait_for_slot(conn: Any, pg: PgTarget, lsn: int, wait_s: float) -> None:
 
 
 class _PgSide:
-    """Rows of the published tables in one REPEATABLE READ snapshot, as cdc encodes them."""
+    """Rows of the published tables in one REPEATABLE READ snapshot, as cdc encodes them.
+
+    A second connection (autocommit, no snapshot) casts the log's values of columns whose
+    type changed since the log wrote them (:meth:`_PgTable.cast`); a cast that fails there
+    cannot end the snapshot's transaction."""
 
     def __init__(self, pg: PgTarget, prefix: str, tables: Sequence[Any]) -> None:
         self.pg = pg
@@ -2375,6 +2402,7 @@ class _PgSide:
         self.tables = {f"{t.schema}.{t.table}": t for t in tables}
         self.conn = _pg_connect(pg)
         self.db = self.conn.info.dbname
+        self._cast_conn: Any = None
 
     def snapshot(self) -> int:
         """Begin a snapshot; the WAL insert position after it (every visible commit is before)."""
@@ -2387,64 +2415,291 @@ class _PgSide:
         self.conn.rollback()
         self.conn.autocommit = True
 
-    def rows(self, name: str) -> tuple[Any, Iterator[tuple[tuple[Any, ...], dict[str, Any]]]]:
-        """(codec, iterator of (key id, {PostgreSQL column: datum})) of a table."""
-        from psycopg import sql
-
-        from cdc.avro_envelope import Source, TableCodec
+    def table(self, name: str) -> _PgTable:
+        from cdc.avro_envelope import TableCodec
         from cdc.pg_catalog import PgCatalog
-        from cdc.snapshot import output_function_text
 
         t = self.tables[name]
         catalog = PgCatalog(self.pg.dsn, self.pg.password)
-        codec = TableCodec(
-            db=self.db,
-            schema=t.schema,
-            table=t.table,
-            columns=t.columns,
-            catalog=catalog,
-            unchanged_sentinel=object(),
-            warn=lambda _m: None,
-            namespace_prefix=self.prefix,
-        )
-        catalog.close()
-        registry = SchemaRegistry([codec.value_schema_json])
-        key_fields = codec.key_field_names
-        names = dict(zip(codec.field_names, [c.name for c in t.columns], strict=True))
-        # no ::text casts: the output function's text is what pgoutput sends (bool::text
-        # is 'true' where the output function prints 't'; inet::text adds the mask)
-        query = sql.SQL("select {} from {}").format(
-            sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
-            if t.columns
-            else sql.SQL("null"),
-            sql.Identifier(t.schema, t.table),
-        )
-        src = Source(self.db, t.schema, t.table, 0, 0, 0, 0, 0, "true")
+        try:
+            codec = TableCodec(
+                db=self.db,
+                schema=t.schema,
+                table=t.table,
+                columns=t.columns,
+                catalog=catalog,
+                unchanged_sentinel=object(),
+                warn=lambda _m: None,
+                namespace_prefix=self.prefix,
+            )
+        finally:
+            catalog.close()
+        return _PgTable(self, t, codec)
 
-        def gen() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-            with self.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
-                output_function_text(cur)  # the text pgoutput sends
-                cur.itersize = 5000
-                cur.execute(query)
-                for raw in cur:
-                    _, value = codec.encode_change(
-                        "r", None, list(raw) if t.columns else [], src, 0
-                    )
-                    after = decode(value, registry)["after"]
-                    named = {names[f]: v for f, v in after.items()}
-                    yield _key_id(after, key_fields), named
-
-        return codec, gen()
+    def cast_conn(self) -> Any:
+        if self._cast_conn is None:
+            self._cast_conn = _pg_connect(self.pg)
+            self._cast_conn.autocommit = True
+        return self._cast_conn
 
     def close(self) -> None:
+        if self._cast_conn is not None:
+            self._cast_conn.close()
         self.conn.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _CastFailed:
+    """A log value PostgreSQL does not accept as the column's type of now."""
+
+    message: str
+
+
+class _PgTable:
+    """One published table: its rows in the snapshot, and the conversion of PostgreSQL
+    text into the datums cdc writes (the table's codec of now)."""
+
+    def __init__(self, side: _PgSide, table: Any, codec: Any) -> None:
+        from cdc.avro_envelope import Source
+        from relay.journal import column_types_from_value_schema
+
+        self.side = side
+        self.t = table
+        self.codec = codec
+        found = column_types_from_value_schema(json.loads(codec.value_schema_json))
+        self.types: dict[str, Any] = found[1] if found is not None else {}
+        self.columns: list[str] = [c.name for c in table.columns]
+        self.key_columns: list[str] = [c.name for c in table.columns if c.is_key]
+        self._registry = SchemaRegistry([codec.value_schema_json])
+        self._names = dict(zip(codec.field_names, self.columns, strict=True))
+        self._src = Source(side.db, table.schema, table.table, 0, 0, 0, 0, 0, "true")
+        self._type_sql: dict[str, str] = {}
+
+    def datums(self, texts: Sequence[str | None]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(key id, {column: datum}) of a row given as PostgreSQL's output texts."""
+        _, value = self.codec.encode_change("r", None, list(texts), self._src, 0)
+        after = decode(value, self._registry)["after"]
+        return _key_id(after, self.codec.key_field_names), {
+            self._names[f]: v for f, v in after.items()
+        }
+
+    def rows(self) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """(key id, {column: datum}) of every row in the snapshot."""
+        from psycopg import sql
+
+        from cdc.snapshot import output_function_text
+
+        t = self.t
+        # no ::text casts: the output function's text is what pgoutput sends (bool::text
+        # is 'true' where the output function prints 't'; inet::text adds the mask)
+        query = sql.SQL("select {} from {}").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
+            if self.columns
+            else sql.SQL("null"),
+            sql.Identifier(t.schema, t.table),
+        )
+        with self.side.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
+            output_function_text(cur)  # the text pgoutput sends
+            cur.itersize = 5000
+            cur.execute(query)
+            for raw in cur:
+                yield self.datums(list(raw) if self.columns else [])
+
+    def pg_text(self, column: str, value: Any) -> str | None:
+        """A datum as PostgreSQL prints it."""
+        from relay.journal import to_pg_text
+
+        if value is None:
+            return None
+        ct = self.types.get(column)
+        j = _json_value(value)
+        return to_pg_text(ct, j) if ct is not None else _dumps(j)
+
+    def cast(self, column: str, texts: Sequence[str]) -> dict[str, Any]:
+        """``text -> datum`` of ``texts`` read as the column's type of now: PostgreSQL
+        casts each (``text::type``, printed by the type's output function) and cdc's codec
+        turns the result into the datum it would write; a value PostgreSQL or the codec
+        does not accept maps to :class:`_CastFailed`."""
+        import psycopg
+
+        from cdc.errors import SchemaError
+        from cdc.snapshot import output_function_text
+
+        conn = self.side.cast_conn()
+        index = self.columns.index(column)
+        type_sql = self._type_sql.get(column)
+        if type_sql is None:
+            spec = self.t.columns[index]
+            row = conn.execute(
+                "select format_type(%s, %s)", (spec.type_oid, spec.type_modifier)
+            ).fetchone()
+            type_sql = self._type_sql[column] = str(row[0])
+        query = (
+            f"select (u.x)::{type_sql} from unnest(%s::text[]) with ordinality as u(x, n) "
+            "order by u.n"
+        )
+        out: dict[str, Any] = {}
+
+        def put(text: str, printed: str | None) -> None:
+            row: list[str | None] = [None] * len(self.columns)
+            row[index] = printed
+            try:
+                out[text] = self.datums(row)[1][column]
+            except SchemaError as exc:
+                out[text] = _CastFailed(str(exc))
+
+        with conn.cursor() as cur:
+            output_function_text(cur)
+            try:
+                printed = [r[0] for r in cur.execute(query, (list(texts),)).fetchall()]
+            except psycopg.Error:
+                printed = None
+            if printed is not None:
+                for text, p in zip(texts, printed, strict=True):
+                    put(text, p)
+                return out
+            for text in texts:  # one failed: find which, one by one
+                try:
+                    row = cur.execute(f"select (%s::text)::{type_sql}", (text,)).fetchone()
+                except psycopg.Error as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    out[text] = _CastFailed(first)
+                    continue
+                put(text, row[0] if row is not None else None)
+        return out
+
+
+_CAST_BATCH: Final = 2_000  # rows whose values need a cast, compared together
+
+
+class _TableCompare:
+    """Compares the rows the log holds for one table with PostgreSQL's, every column of
+    PostgreSQL's table of now.
+
+    Per log schema version a plan says, per column of now, the field of the version
+    that holds it (or none: the column did not exist when the row was last written) and
+    whether its type changed since.  A column the log holds no value for — the version
+    has no such column, or the row's last event left it unchanged (TOAST) and the log
+    holds no earlier value — is a difference, with the reason.  Values of the same type
+    are compared as datums (the PostgreSQL side went through the same codec, so the same
+    value is the same datum); numbers by value, NaN equal to NaN.  Values whose type
+    changed are cast to the type of now in PostgreSQL first (:meth:`_PgTable.cast`),
+    batched, so ``numeric(6,2)`` 1.50 equals ``numeric(8,3)`` 1.500 and an ``int`` 5
+    equals a ``text`` '5'."""
+
+    def __init__(self, catalog: LogCatalog, name: str, pg: _PgTable) -> None:
+        self.catalog = catalog
+        self.name = name
+        self.pg = pg
+        self.bare = frozenset(c for c, ct in pg.types.items() if ct.kind.value in _BARE_KINDS)
+        self.diffs: list[RowDiff] = []
+        self.not_carried = 0
+        self._plans: dict[bytes, list[tuple[str, str | None, Any]]] = {}
+        self._pending: list[tuple[dict[str, Any], RowVersion, dict[str, Any]]] = []
+
+    def plan(self, fp: bytes) -> list[tuple[str, str | None, Any]]:
+        """Per column of now: (column, the version's field or None, the version's type
+        when it differs from the column's type of now, else None)."""
+        plan = self._plans.get(fp)
+        if plan is None:
+            version = self.catalog.versions[fp]
+            field_of = {c: f for f, c in version.column_of().items()}
+            plan = []
+            for c in self.pg.columns:
+                f = field_of.get(c)
+                old = version.types.get(c) if f is not None else None
+                plan.append(
+                    (c, f, old if old is not None and old != self.pg.types.get(c) else None)
+                )
+            self._plans[fp] = plan
+        return plan
+
+    def row(self, key: dict[str, Any], have: RowVersion, pg_row: dict[str, Any]) -> None:
+        plan = self.plan(have.fingerprint)
+        if any(
+            t is not None and f is not None and have.values.get(f) is not None for _, f, t in plan
+        ):
+            self._pending.append((key, have, pg_row))
+            if len(self._pending) >= _CAST_BATCH:
+                self.flush()
+            return
+        self._finish(key, have, pg_row, plan, {})
+
+    def flush(self) -> None:
+        """Compare the rows waiting for casts: one cast query per column."""
+        from relay.journal import to_pg_text
+
+        pending, self._pending = self._pending, []
+        wanted: dict[str, dict[str, None]] = {}
+        for _, have, _ in pending:
+            for c, f, t in self.plan(have.fingerprint):
+                value = have.values.get(f) if f is not None else None
+                if t is not None and value is not None and not (have.unknown and f in have.unknown):
+                    text = to_pg_text(t, _json_value(value))
+                    if text is not None:
+                        wanted.setdefault(c, {})[text] = None
+        cast = {c: self.pg.cast(c, list(texts)) for c, texts in wanted.items()}
+        for key, have, pg_row in pending:
+            self._finish(key, have, pg_row, self.plan(have.fingerprint), cast)
+
+    def _finish(
+        self,
+        key: dict[str, Any],
+        have: RowVersion,
+        pg_row: dict[str, Any],
+        plan: list[tuple[str, str | None, Any]],
+        cast: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        from relay.journal import to_pg_text
+
+        pg = self.pg
+        at = format_position(have.position)
+        delta: list[ColumnDiff] = []
+        for c, f, old_type in plan:
+            pg_value = pg_row[c]
+            if f is None or (have.unknown and f in have.unknown):
+                self.not_carried += 1
+                why = (
+                    f"its last event, at {at}, used a schema without this column"
+                    if f is None
+                    else f"its last event, at {at}, left it unchanged (a TOASTed value) and "
+                    "the log holds no earlier value"
+                )
+                delta.append(ColumnDiff(c, None, pg.pg_text(c, pg_value), False, why))
+                continue
+            log_value = have.values.get(f)
+            log_text = _text(self.catalog, have.fingerprint, c, _json_value(log_value))
+            if old_type is not None and log_value is not None:
+                got = cast.get(c, {}).get(to_pg_text(old_type, _json_value(log_value)) or "")
+                if got is None or isinstance(got, _CastFailed):
+                    why = f"the log's value is no {pg.types[c].describe()}"
+                    if got is not None:
+                        why += f": {got.message}"
+                    delta.append(ColumnDiff(c, log_text, pg.pg_text(c, pg_value), True, why))
+                    continue
+                log_value = got
+            if not _same(log_value, pg_value):
+                delta.append(ColumnDiff(c, log_text, pg.pg_text(c, pg_value)))
+        if delta:
+            self.diffs.append(RowDiff(self.name, "differs", key, delta, at, 1, self.bare))
+
+
 def _same(a: Any, b: Any) -> bool:
-    if a == b:
+    """Two datums of the same type hold the same value: equal, numbers by value (a
+    ``Decimal`` or an unconstrained numeric's text), NaN equal to NaN (as PostgreSQL
+    has it), lists and records element by element."""
+    if a == b and isinstance(a, bool) == isinstance(b, bool):  # True == 1 is no match
         return True
     if isinstance(a, float) and isinstance(b, float):
         return math.isnan(a) and math.isnan(b)
+    if isinstance(a, Decimal | str) and isinstance(b, Decimal | str):
+        try:
+            x, y = Decimal(a), Decimal(b)
+        except ArithmeticError:
+            return False
+        if x.is_nan() or y.is_nan():
+            return x.is_nan() and y.is_nan()
+        return x == y
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -2456,32 +2711,17 @@ def _compare_table(
     catalog: LogCatalog,
     state: TableState | None,
     name: str,
-    pg_rows: Iterator[tuple[tuple[Any, ...], dict[str, Any]]],
-    codec: Any,
+    pg: _PgTable,
     counters: dict[str, int],
 ) -> list[RowDiff]:
-    from relay.journal import column_types_from_value_schema
-
-    found = column_types_from_value_schema(json.loads(codec.value_schema_json))
-    pg_types = found[1] if found is not None else {}
-    pg_names = [c.name for c in codec.columns]
-    bare = frozenset(c for c, ct in pg_types.items() if ct.kind.value in _BARE_KINDS)
-    key_names = [c.name for c in codec.columns if c.is_key]
+    """The differences between the log's rows of a table and PostgreSQL's."""
+    compare = _TableCompare(catalog, name, pg)
+    key_names = pg.key_columns
     log_rows = dict(state.rows) if state is not None else {}
     left = {k: r.count for k, r in log_rows.items()}  # rows of keyless tables not matched yet
-    keyed = bool(codec.key_field_names)
-    diffs: list[RowDiff] = []
-
-    def pg_text(column: str, value: Any) -> str | None:
-        from relay.journal import to_pg_text
-
-        if value is None:
-            return None
-        ct = pg_types.get(column)
-        j = _json_value(value)
-        return to_pg_text(ct, j) if ct is not None else _dumps(j)
-
-    for kid, pg_row in pg_rows:
+    keyed = bool(pg.codec.key_field_names)
+    missing: list[RowDiff] = []
+    for kid, pg_row in pg.rows():
         counters["rows"] += 1
         key = {c: _json_value(pg_row[c]) for c in key_names}
         have = log_rows.get(kid)
@@ -2491,51 +2731,38 @@ def _compare_table(
                 del log_rows[kid]
             continue
         if have is None:
-            diffs.append(
+            missing.append(
                 RowDiff(
                     name,
                     "missing",
                     key or _short(pg_row),
-                    [(c, None, pg_text(c, pg_row[c])) for c in pg_names],
+                    [ColumnDiff(c, None, pg.pg_text(c, pg_row[c]), False) for c in pg.columns],
                 )
             )
             continue
         del log_rows[kid]
-        version = catalog.versions[have.fingerprint]
-        log_named = {
-            col: have.values[f]
-            for f, col in version.column_of().items()
-            if not (have.unknown and f in have.unknown)
-        }
-        counters["unknown"] += len(have.unknown or ())
-        delta = [
-            (
-                c,
-                _text(catalog, have.fingerprint, c, _json_value(log_named[c])),
-                pg_text(c, pg_row[c]),
-            )
-            for c in pg_names
-            if c in log_named and not _same(log_named[c], pg_row[c])
-        ]
-        if delta:
-            diffs.append(
-                RowDiff(name, "differs", key, delta, format_position(have.position), 1, bare)
-            )
+        compare.row(key, have, pg_row)
+    compare.flush()
+    counters["not_carried"] += compare.not_carried
+    extra: list[RowDiff] = []
     for kid, row in log_rows.items():
         version = catalog.versions[row.fingerprint]
         cells = _named(catalog, row.fingerprint, row.values)
         key = _key_of(version, row.values) if version.key_fields else _short(cells)
-        diffs.append(
+        extra.append(
             RowDiff(
                 name,
                 "extra",
                 key,
-                [(c, _text(catalog, row.fingerprint, c, v), None) for c, v in cells.items()],
+                [
+                    ColumnDiff(c, _text(catalog, row.fingerprint, c, v), None)
+                    for c, v in cells.items()
+                ],
                 format_position(row.position),
                 left[kid],
             )
         )
-    return diffs
+    return missing + extra + compare.diffs
 
 
 def _short(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -2565,8 +2792,8 @@ def verify(
         reader = LogReader(source, in_log, progress=progress, workers=workers)
         todo = names
         diffs: list[RowDiff] = []
-        counters = {"rows": 0, "unknown": 0}
-        rows_compared = 0
+        counters = {"rows": 0, "not_carried": 0}
+        rows_compared = not_carried = 0
         attempt = 0
         lsn = 0
         try:
@@ -2579,17 +2806,17 @@ def verify(
                         state.apply(ev)
                     if reader.at_end():
                         state.finish()
-                    counters["rows"] = 0
+                    counters["rows"] = counters["not_carried"] = 0
                     found: list[RowDiff] = []
                     for name in todo:
-                        codec, rows = side.rows(name)
                         found += _compare_table(
-                            catalog, state.tables.get(name), name, rows, codec, counters
+                            catalog, state.tables.get(name), name, side.table(name), counters
                         )
                 finally:
                     side.end()
                 if attempt == 0:
                     rows_compared = counters["rows"]
+                    not_carried = counters["not_carried"]
                 diffs = [d for d in diffs if d.table not in todo] + found
                 if not found or attempt >= rechecks:
                     break
@@ -2607,7 +2834,7 @@ def verify(
             diffs,
             stats,
             attempt,
-            counters["unknown"],
+            not_carried,
             [n for n in names if n not in catalog.tables],
             partitions,
         )
@@ -2643,11 +2870,18 @@ def render_diff(report: VerifyReport, max_rows: int = 20) -> str:
                 )
             else:
                 out.write(f"  differs  {key} (log as of {d.log_position}):\n")
-                for column, a, b in d.columns:
-                    q = column not in d.bare
+                for cd in d.columns:
+                    q = cd.column not in d.bare
+                    pg_text = f"PostgreSQL {_short_text(cd.postgres, q)}"
+                    if not cd.in_log:
+                        out.write(
+                            f"             {cd.column}: not in the log for this row "
+                            f"({cd.reason}); {pg_text}\n"
+                        )
+                        continue
+                    why = f" ({cd.reason})" if cd.reason else ""
                     out.write(
-                        f"             {column}: log {_short_text(a, q)}, "
-                        f"PostgreSQL {_short_text(b, q)}\n"
+                        f"             {cd.column}: log {_short_text(cd.log, q)}{why}, {pg_text}\n"
                     )
         if len(diffs) > max_rows:
             out.write(f"  … {len(diffs) - max_rows} more\n")
