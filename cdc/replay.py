@@ -2662,7 +2662,7 @@ class _TableCompare:
                 why = (
                     f"its last event, at {at}, used a schema without this column"
                     if f is None
-                    else f"its last event, at {at}, left it unchanged (a TOASTed value) and "
+                    else f"its last event, at {at}, left it unchanged as a TOASTed value and "
                     "the log holds no earlier value"
                 )
                 delta.append(ColumnDiff(c, None, pg.pg_text(c, pg_value), False, why))
@@ -2871,7 +2871,7 @@ def render_diff(report: VerifyReport, max_rows: int = 20) -> str:
             else:
                 out.write(f"  differs  {key} (log as of {d.log_position}):\n")
                 for cd in d.columns:
-                    q = cd.column not in d.bare
+                    q = cd.column not in d.bare or cd.reason is not None
                     pg_text = f"PostgreSQL {_short_text(cd.postgres, q)}"
                     if not cd.in_log:
                         out.write(
