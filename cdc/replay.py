@@ -17,12 +17,29 @@ Order and duplicates
 Every event's position ``(commit_lsn, seq)`` is in its Kafka header ``fieldsync.pos``,
 so ordering and deduplication need no decoding.  :class:`LogReader` reads every
 partition of the topics it is given with one consumer (``read_committed``: aborted
-Kafka transactions of a crashed cdc are never seen) and merges the partitions by
-position (a k-way merge over per-partition buffers; partitions whose buffer is full are
-paused, so memory stays bounded).  cdc writes a partition in position order, and a
-re-delivered duplicate carries the position of its original, so a record whose position
-is not above the last one emitted is a duplicate: dropped and counted.  Records with a
-null value (tombstones; cdc writes none, compaction tools may) are skipped and counted.
+Kafka transactions of a crashed cdc are never seen, on brokers that hide them) and
+merges the partitions by position (a k-way merge over per-partition buffers).  cdc
+writes a partition in position order, and a re-delivered duplicate carries the
+position of its original, so a record whose position is not above the last one emitted
+is a duplicate: dropped and counted.  Records with a null value (tombstones; cdc writes
+none, compaction tools may) are skipped and counted.
+
+Reading to the end
+------------------
+A read's end is an offset per partition (:func:`_read_ends`): the committed end the
+broker reports (the last stable offset), or, when the broker reports none because a
+transaction is open there (tansu answers 0), the partition's log end.  Progress is the
+consumer's position per partition (:class:`_Fetcher`), which moves past transaction
+markers and past records it does not return, so markers and aborted or fenced
+transactions in the middle of a partition never look like missing records.  A read is
+complete when every position has reached its end (or, with a stop bound, the partitions
+not read to their end hold an event past it), never because nothing came for a while:
+when no position moves for ``timeout_s`` (:class:`_Watch`), the broker is asked again
+and :class:`LogIncomplete` names each partition and the offsets it could not read.
+Memory is bounded per partition: a partition whose buffer is full is unassigned, and
+assigned again at the offset it reached once its buffer drained (kafka-python's
+``pause()`` can leave a paused partition without records for good when several are
+read).
 
 Bounds
 ------
@@ -51,11 +68,16 @@ Verify
 ------
 :func:`verify` opens a REPEATABLE READ snapshot of PostgreSQL, notes the WAL insert
 position ``L``, waits until the cdc slot has confirmed ``L`` (so Kafka holds every
-transaction committed before it), rebuilds the captured tables from the log up to ``L``,
-and compares them with the snapshot's rows, converted exactly as cdc converts them (same
-codec).  Rows that differ are checked again against a newer snapshot (a transaction
-that committed at the very moment of the first snapshot can be on one side only); what
-still differs is reported.
+transaction committed before it), rebuilds the captured tables from the log up to ``L``
+(every partition read to its end or past ``L``), and compares them with the snapshot's
+rows, every column of the table of now for every row (:class:`_TableCompare`): the
+snapshot's values go through cdc's own codec, so the same value is the same datum; a
+value the log wrote under an older column type is cast to the type of now by
+PostgreSQL first; a column the log holds no value for (the row's last event used a
+schema without it, or left it unchanged as TOAST with no earlier value in the log) is a
+difference, with the reason.  Rows that differ are checked again against a newer
+snapshot (a transaction that committed at the very moment of the first snapshot can be
+on one side only); what still differs is reported.
 
 Concurrency: nothing here is shared between threads; one reader owns one consumer.
 A large read (``PARALLEL_MIN_RECORDS``) may decode in worker processes
