@@ -826,14 +826,20 @@ class LogReader:
         self.stats.total = self.stats.records + total + sum(len(b) for b in self._bufs.values())
 
     def read_to(self) -> list[dict[str, Any]]:
-        """Per partition: the offset the read reached and the end offset it reads to."""
+        """Per partition: the end offset of the read, the offset the read reached, and
+        whether it holds everything up to the read's bound (``complete``: read to the
+        end, or stopped at a bound with the next record beyond it in hand)."""
         fetcher = self._fetcher
+        held = {(r.topic, r.partition) for _, r in self._run}
         return [
             {
                 "topic": tp.topic,
                 "partition": tp.partition,
-                "read_to": fetcher.next[tp],
                 "end": fetcher.ends[tp],
+                "read_to": fetcher.next[tp],
+                "complete": not fetcher.due(tp)
+                or bool(self._bufs[tp])
+                or (tp.topic, tp.partition) in held,
             }
             for tp in self._tps
         ]

@@ -133,7 +133,7 @@ def test_verify_reads_every_partition_of_a_multi_table_log_to_its_end(
     assert set(read) == set(topic.values())
     for tp, end in ends.items():
         assert read[tp.topic]["end"] == end > 0
-        assert read[tp.topic]["read_to"] >= end, read[tp.topic]
+        assert read[tp.topic]["read_to"] >= end and read[tp.topic]["complete"], read[tp.topic]
 
     # what a plain read_committed consumer sees, the reader saw: every visible record,
     # the re-delivered ones dropped as duplicates (tansu shows aborted and fenced
@@ -207,6 +207,7 @@ def test_a_transaction_left_open_is_named_with_its_offsets_until_it_ends(env: En
     with LogReader(source, ["t"]) as reader:
         assert [ev.after["id"] for ev in reader.events() if ev.after] == list(range(35))
         assert all(p["read_to"] >= p["end"] > first_open for p in reader.read_to())
+        assert all(p["complete"] for p in reader.read_to())
 
 
 # --------------------------------------------------------------------------- every column
