@@ -130,6 +130,7 @@ __all__ = [
     "TIME_SLACK_S",
     "Bound",
     "ChangeEvent",
+    "ColumnDiff",
     "DatabaseUnavailable",
     "Format",
     "HistoryReport",
