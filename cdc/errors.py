@@ -20,6 +20,7 @@ the boundary with ``raise ... from exc``.
         ├── UnknownTable         the log holds no such table (lists those it holds)
         ├── NoEvents             empty range, or a key without history
         ├── LogUnavailable       broker unreachable, or it stopped answering mid-read
+        │   └── LogIncomplete    partitions not readable to their end (names topic, partition, offsets)
         ├── DatabaseUnavailable  PostgreSQL unreachable (verify)
         └── LogBehind            cdc has not reached PostgreSQL's position within the wait
 """
@@ -109,6 +110,16 @@ class NoEvents(ReplayError):
 
 class LogUnavailable(ReplayError):
     """The broker cannot be reached or stopped answering in the middle of a read."""
+
+
+class LogIncomplete(LogUnavailable):
+    """The broker answers, but some partitions cannot be read to their end offset (an open
+    Kafka transaction hides the rest): ``unread`` holds ``(topic, partition, first offset,
+    last offset)`` of each range not read."""
+
+    def __init__(self, message: str, unread: list[tuple[str, int, int, int]]) -> None:
+        super().__init__(message)
+        self.unread = unread
 
 
 class DatabaseUnavailable(ReplayError):

@@ -17,12 +17,29 @@ Order and duplicates
 Every event's position ``(commit_lsn, seq)`` is in its Kafka header ``fieldsync.pos``,
 so ordering and deduplication need no decoding.  :class:`LogReader` reads every
 partition of the topics it is given with one consumer (``read_committed``: aborted
-Kafka transactions of a crashed cdc are never seen) and merges the partitions by
-position (a k-way merge over per-partition buffers; partitions whose buffer is full are
-paused, so memory stays bounded).  cdc writes a partition in position order, and a
-re-delivered duplicate carries the position of its original, so a record whose position
-is not above the last one emitted is a duplicate: dropped and counted.  Records with a
-null value (tombstones; cdc writes none, compaction tools may) are skipped and counted.
+Kafka transactions of a crashed cdc are never seen, on brokers that hide them) and
+merges the partitions by position (a k-way merge over per-partition buffers).  cdc
+writes a partition in position order, and a re-delivered duplicate carries the
+position of its original, so a record whose position is not above the last one emitted
+is a duplicate: dropped and counted.  Records with a null value (tombstones; cdc writes
+none, compaction tools may) are skipped and counted.
+
+Reading to the end
+------------------
+A read's end is an offset per partition (:func:`_read_ends`): the committed end the
+broker reports (the last stable offset), or, when the broker reports none because a
+transaction is open there (tansu answers 0), the partition's log end.  Progress is the
+consumer's position per partition (:class:`_Fetcher`), which moves past transaction
+markers and past records it does not return, so markers and aborted or fenced
+transactions in the middle of a partition never look like missing records.  A read is
+complete when every position has reached its end (or, with a stop bound, the partitions
+not read to their end hold an event past it), never because nothing came for a while:
+when no position moves for ``timeout_s`` (:class:`_Watch`), the broker is asked again
+and :class:`LogIncomplete` names each partition and the offsets it could not read.
+Memory is bounded per partition: a partition whose buffer is full is unassigned, and
+assigned again at the offset it reached once its buffer drained (kafka-python's
+``pause()`` can leave a paused partition without records for good when several are
+read).
 
 Bounds
 ------
@@ -51,11 +68,16 @@ Verify
 ------
 :func:`verify` opens a REPEATABLE READ snapshot of PostgreSQL, notes the WAL insert
 position ``L``, waits until the cdc slot has confirmed ``L`` (so Kafka holds every
-transaction committed before it), rebuilds the captured tables from the log up to ``L``,
-and compares them with the snapshot's rows, converted exactly as cdc converts them (same
-codec).  Rows that differ are checked again against a newer snapshot (a transaction
-that committed at the very moment of the first snapshot can be on one side only); what
-still differs is reported.
+transaction committed before it), rebuilds the captured tables from the log up to ``L``
+(every partition read to its end or past ``L``), and compares them with the snapshot's
+rows, every column of the table of now for every row (:class:`_TableCompare`): the
+snapshot's values go through cdc's own codec, so the same value is the same datum; a
+value the log wrote under an older column type is cast to the type of now by
+PostgreSQL first; a column the log holds no value for (the row's last event used a
+schema without it, or left it unchanged as TOAST with no earlier value in the log) is a
+difference, with the reason.  Rows that differ are checked again against a newer
+snapshot (a transaction that committed at the very moment of the first snapshot can be
+on one side only); what still differs is reported.
 
 Concurrency: nothing here is shared between threads; one reader owns one consumer.
 A large read (``PARALLEL_MIN_RECORDS``) may decode in worker processes
@@ -94,6 +116,7 @@ from cdc.errors import (
     DatabaseUnavailable,
     DecodeError,
     LogBehind,
+    LogIncomplete,
     LogUnavailable,
     NoEvents,
     ReplayError,
@@ -107,12 +130,14 @@ __all__ = [
     "TIME_SLACK_S",
     "Bound",
     "ChangeEvent",
+    "ColumnDiff",
     "DatabaseUnavailable",
     "Format",
     "HistoryReport",
     "KeySpec",
     "LogBehind",
     "LogCatalog",
+    "LogIncomplete",
     "LogReader",
     "LogSource",
     "LogState",
@@ -392,7 +417,8 @@ class LogSource:
             consumer.close()
 
     def read_all(self, topic: str) -> Iterator[Any]:
-        """Every committed record of a small topic, partition by partition (no merge)."""
+        """Every committed record of a small topic, partition by partition (no merge), each
+        partition read to its end offset (:class:`_Fetcher`)."""
         from kafka import TopicPartition
         from kafka.errors import KafkaError
 
@@ -402,16 +428,15 @@ class LogSource:
             if not parts:
                 return
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            ends = _end_offsets(consumer, tps, self)
+            fetcher = _Fetcher(self, consumer, tps, f"reading {topic}")
+            fetcher.start(_beginning_offsets(consumer, tps, self))
+            fetcher.refresh_ends()
             records: dict[Any, list[Any]] = {tp: [] for tp in tps}
-            stall = _Stall(self, f"reading {topic}")
-            while any(consumer.position(tp) < ends[tp] for tp in tps):
-                batch = consumer.poll(timeout_ms=_POLL_MS)
-                stall.check(bool(batch), consumer, tps)
-                for tp, recs in batch.items():
+            watch = _Watch(fetcher)
+            while due := {tp for tp in tps if fetcher.due(tp)}:
+                for tp, recs in fetcher.poll(due).items():
                     records[tp].extend(recs)
+                watch.check(due)
             for tp in tps:
                 yield from records[tp]
         except KafkaError as exc:
@@ -420,7 +445,13 @@ class LogSource:
             consumer.close()
 
 
+def _tp_text(tp: Any) -> str:
+    return f"{tp.topic}[{tp.partition}]"
+
+
 def _end_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[Any, int]:
+    """The end offsets the consumer's isolation level sees (read_committed: the last stable
+    offset)."""
     from kafka.errors import KafkaError
 
     try:
@@ -434,25 +465,190 @@ def _end_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[A
         ) from exc
 
 
-class _Stall:
-    """Turns "poll returns nothing while data is still due" into LogUnavailable."""
+def _beginning_offsets(consumer: Any, tps: Sequence[Any], source: LogSource) -> dict[Any, int]:
+    from kafka.errors import KafkaError
 
-    def __init__(self, source: LogSource, what: str) -> None:
+    try:
+        found: dict[Any, int] = consumer.beginning_offsets(
+            list(tps), timeout_ms=int(source.timeout_s * 1000)
+        )
+        return found
+    except KafkaError as exc:
+        raise LogUnavailable(
+            f"the Kafka broker at {source.where} does not answer ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_ends(
+    source: LogSource, consumer: Any, tps: Sequence[Any], floor: Mapping[Any, int]
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Where to read each partition to, and the partitions whose committed end the broker
+    did not report.
+
+    The end is the committed end (read_committed ListOffsets: the last stable offset; a
+    transaction still open beyond it is not part of the log yet).  A broker may answer 0
+    instead while a transaction is open in the partition (tansu does): when the answer is
+    below what was already read (``floor``) or 0 although the partition holds records, the
+    end is the partition's log end (read_uncommitted ListOffsets) and the partition is
+    returned in the second map; its records become readable once the transaction ends.
+    Positions, not record counts, measure the read, so transaction markers and aborted
+    transactions inside the range are no missing records.
+    """
+    ends = _end_offsets(consumer, tps, source)
+    unsure = [tp for tp in tps if ends[tp] <= 0 or ends[tp] < floor.get(tp, 0)]
+    if not unsure:
+        return dict(ends), {}
+    probe = source.consumer(isolation_level="read_uncommitted")
+    try:
+        logged = _end_offsets(probe, unsure, source)
+    finally:
+        probe.close()
+    out = dict(ends)
+    open_: dict[Any, int] = {}
+    for tp in unsure:
+        if logged[tp] <= 0 and floor.get(tp, 0) <= 0:
+            out[tp] = 0  # empty
+            continue
+        out[tp] = max(logged[tp], floor.get(tp, 0))
+        open_[tp] = out[tp]
+    return out, open_
+
+
+class _Fetcher:
+    """One consumer reading several partitions, each from its own offset up to its own end
+    offset (:func:`_read_ends`).
+
+    Progress is the consumer's position per partition, which moves past transaction
+    markers and records it does not return, never a count of records.  The caller says
+    which partitions to fetch on each :meth:`poll` (``want``): a partition it does not
+    want (its buffer is full) is *unassigned* and assigned again, at the offset it had
+    reached, when wanted again.  (kafka-python's ``pause()`` keeps the records it already
+    parsed for a paused partition and gives them back only while no other partition's
+    records are in hand; with several partitions a paused one could stay silent for
+    good, and a read waited for records that never came.)
+    """
+
+    def __init__(self, source: LogSource, consumer: Any, tps: Sequence[Any], what: str) -> None:
         self.source = source
+        self.consumer = consumer
+        self.tps = list(tps)
         self.what = what
+        self.next: dict[Any, int] = dict.fromkeys(self.tps, 0)  # next offset to read
+        self.ends: dict[Any, int] = dict.fromkeys(self.tps, 0)
+        self.open: dict[Any, int] = {}  # committed end not reported (open transaction)
+        self.moves = 0  # polls that moved a position or returned records
+        self._assigned: set[Any] = set()
+
+    def start(self, offsets: Mapping[Any, int]) -> None:
+        """Read each partition from ``offsets[tp]``."""
+        for tp, offset in offsets.items():
+            self.next[tp] = offset
+            if tp in self._assigned:
+                self.consumer.seek(tp, offset)
+
+    def refresh_ends(self, tps: Iterable[Any] | None = None) -> None:
+        """Take the partitions' current ends as the end of the read."""
+        chosen = self.tps if tps is None else list(tps)
+        if not chosen:
+            return
+        ends, open_ = _read_ends(self.source, self.consumer, chosen, self.next)
+        self.ends.update(ends)
+        for tp in chosen:
+            self.open.pop(tp, None)
+        self.open.update(open_)
+
+    def due(self, tp: Any) -> bool:
+        """Records before the partition's end offset are not read yet."""
+        return bool(self.next[tp] < self.ends[tp])
+
+    def poll(self, want: set[Any]) -> dict[Any, list[Any]]:
+        """One fetch from the partitions in ``want``; their positions are updated."""
+        from kafka.errors import KafkaError
+
+        self._assign(want)
+        if not want:
+            return {}
+        consumer = self.consumer
+        try:
+            batch: dict[Any, list[Any]] = consumer.poll(timeout_ms=_POLL_MS)
+            moved = bool(batch)
+            for tp in want:
+                position = consumer.position(tp)
+                if position != self.next[tp]:
+                    moved = True
+                    self.next[tp] = position
+        except KafkaError as exc:
+            raise LogUnavailable(
+                f"{self.what}: fetching from {self.source.where} failed: {exc}"
+            ) from exc
+        if moved:
+            self.moves += 1
+        return batch
+
+    def _assign(self, want: set[Any]) -> None:
+        if want == self._assigned:
+            return
+        consumer = self.consumer
+        if want:
+            consumer.assign(sorted(want))
+            for tp in want - self._assigned:
+                consumer.seek(tp, self.next[tp])
+        else:
+            consumer.unsubscribe()
+        self._assigned = set(want)
+
+    def unread(self, tps: Iterable[Any]) -> list[tuple[str, int, int, int]]:
+        """``(topic, partition, first, last)`` offsets not read of each partition."""
+        return [
+            (tp.topic, tp.partition, self.next[tp], self.ends[tp] - 1)
+            for tp in sorted(tps)
+            if self.due(tp)
+        ]
+
+
+class _Watch:
+    """Gives up on a read whose positions stop moving: when no poll has moved a position
+    for ``timeout_s``, the ends are asked again (the broker must answer: else
+    LogUnavailable) and, if records are still due, :class:`LogIncomplete` names the
+    offsets that could not be read.  A deadline for giving up, never a proof of the end:
+    a read is complete only when every partition's position reached its end offset."""
+
+    def __init__(self, fetcher: _Fetcher) -> None:
+        self.fetcher = fetcher
+        self.moves = fetcher.moves
         self.since = time.monotonic()
 
-    def check(self, progressed: bool, consumer: Any, tps: Sequence[Any]) -> None:
+    def check(self, due: Iterable[Any]) -> None:
+        fetcher = self.fetcher
         now = time.monotonic()
-        if progressed:
+        if fetcher.moves != self.moves:
+            self.moves = fetcher.moves
             self.since = now
             return
-        if now - self.since < self.source.timeout_s:
+        timeout = fetcher.source.timeout_s
+        if now - self.since < timeout:
             return
-        _end_offsets(consumer, tps, self.source)  # raises when the broker is gone
-        raise LogUnavailable(
-            f"{self.what}: no records from {self.source.where} for "
-            f"{self.source.timeout_s:.0f} s although the log holds more"
+        stuck = [tp for tp in due if fetcher.due(tp)]
+        before = {tp: fetcher.ends[tp] for tp in stuck}
+        fetcher.refresh_ends(stuck)  # raises LogUnavailable when the broker is gone
+        if any(fetcher.ends[tp] != end for tp, end in before.items()):
+            self.since = now  # a transaction ended meanwhile: the ends moved
+            return
+        unread = fetcher.unread(stuck)
+        if not unread:
+            return
+        ranges = ", ".join(f"{t}[{p}] offsets {a}-{b}" for t, p, a, b in unread)
+        why = (
+            " a Kafka transaction is still open there (a producer that neither committed nor "
+            "aborted, e.g. a cdc that was killed and not started again); read_committed "
+            "readers cannot read past its first record"
+            if any(tp in fetcher.open for tp in stuck)
+            else " the broker answers but returns none of them"
+        )
+        raise LogIncomplete(
+            f"{fetcher.what}: could not read {ranges} of {fetcher.source.where} "
+            f"(position unchanged for {timeout:.0f} s):{why}",
+            unread,
         )
 
 
@@ -523,7 +719,11 @@ class LogReader:
     """Events of some tables in position order, deduplicated (see the module docstring).
 
     :meth:`events` may be called again to continue after a stop bound (verify does);
-    the record beyond the bound stays buffered.
+    the record beyond the bound stays buffered.  A read ends when every partition's
+    position has reached its end offset (taken at the start, or by :meth:`refresh_ends`)
+    or, with a stop bound, when the partitions not read to their end hold an event past
+    it; a partition that cannot be read that far raises :class:`LogIncomplete` naming
+    the offsets.
     """
 
     def __init__(
@@ -558,16 +758,14 @@ class LogReader:
                 parts = self._consumer.partitions_for_topic(topic) or set()
                 tps.extend(TopicPartition(topic, p) for p in sorted(parts))
             self._tps = tps
+            self._fetcher = _Fetcher(source, self._consumer, tps, "reading the change log")
             self._bufs: dict[Any, deque[tuple[Pos, Any]]] = {tp: deque() for tp in tps}
             self._heap: list[tuple[Pos, int, Any]] = []
             self._tick = 0
-            self._paused: set[Any] = set()
-            self._ends: dict[Any, int] = {}
             self._waiting: set[Any] = set()
             self._on_idle: Callable[[], None] | None = None
             self._run: deque[tuple[Pos, Any]] = deque()  # taken from the buffers, not read yet
             if tps:
-                self._consumer.assign(tps)
                 self._seek_start(start)
                 self.refresh_ends()
         except BaseException:
@@ -578,10 +776,9 @@ class LogReader:
 
     def _seek_start(self, start: Bound | None) -> None:
         consumer = self._consumer
-        consumer.seek_to_beginning(*self._tps)
-        if start is None:
-            return
-        if start.time_us is not None:
+        begin = _beginning_offsets(consumer, self._tps, self.source)
+        offsets = dict(begin)
+        if start is not None and start.time_us is not None:
             from kafka.errors import KafkaError
 
             at_ms = max(0, int(start.time_us / 1000 - TIME_SLACK_S * 1000))
@@ -591,27 +788,28 @@ class LogReader:
                 raise LogUnavailable(
                     f"offsets_for_times on {self.source.where} failed: {exc}"
                 ) from exc
-            ends = _end_offsets(consumer, self._tps, self.source)
+            ends, _ = _read_ends(self.source, consumer, self._tps, begin)
             for tp in self._tps:
                 hit = found.get(tp)
-                consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-        elif start.position is not None:
+                offsets[tp] = hit.offset if hit is not None else ends[tp]
+        elif start is not None and start.position is not None:
             for tp in self._tps:
-                consumer.seek(tp, self._offset_of_position(tp, start.position))
+                offsets[tp] = self._offset_of_position(tp, start.position, begin[tp])
+        self._fetcher.start(offsets)
 
-    def _offset_of_position(self, tp: Any, position: Pos) -> int:
+    def _offset_of_position(self, tp: Any, position: Pos, begin: int) -> int:
         """The first offset whose record is at or after ``position`` (binary search on
         single-record probes; positions grow with offsets).  Conservative: a few
         thousand records before it, so a stray duplicate cannot make it skip events."""
-        begin = self._consumer.beginning_offsets([tp])[tp]
-        end = _end_offsets(self._consumer, [tp], self.source)[tp]
+        end = _read_ends(self.source, self._consumer, [tp], {tp: begin})[0][tp]
         probe = self.source.consumer(max_poll_records=1, max_partition_fetch_bytes=1 << 20)
         try:
-            probe.assign([tp])
+            fetcher = _Fetcher(self.source, probe, [tp], f"probing {_tp_text(tp)}")
+            fetcher.ends[tp] = end
             low, high = begin, end
             while high - low > 1000:
                 mid = (low + high) // 2
-                found = _probe(probe, tp, mid, end, self.source)
+                found = _probe(fetcher, tp, mid)
                 if found is None or found >= position:
                     high = mid
                 else:
@@ -622,13 +820,30 @@ class LogReader:
 
     def refresh_ends(self) -> None:
         """Take the partitions' current end offsets as the end of the read."""
-        self._ends = _end_offsets(self._consumer, self._tps, self.source)
-        consumer = self._consumer
-        self._waiting = {
-            tp for tp in self._tps if not self._bufs[tp] and consumer.position(tp) < self._ends[tp]
-        }
-        total = sum(max(0, self._ends[tp] - consumer.position(tp)) for tp in self._tps)
+        fetcher = self._fetcher
+        fetcher.refresh_ends()
+        self._waiting = {tp for tp in self._tps if not self._bufs[tp] and fetcher.due(tp)}
+        total = sum(max(0, fetcher.ends[tp] - fetcher.next[tp]) for tp in self._tps)
         self.stats.total = self.stats.records + total + sum(len(b) for b in self._bufs.values())
+
+    def read_to(self) -> list[dict[str, Any]]:
+        """Per partition: the end offset of the read, the offset the read reached, and
+        whether it holds everything up to the read's bound (``complete``: read to the
+        end, or stopped at a bound with the next record beyond it in hand)."""
+        fetcher = self._fetcher
+        held = {(r.topic, r.partition) for _, r in self._run}
+        return [
+            {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "end": fetcher.ends[tp],
+                "read_to": fetcher.next[tp],
+                "complete": not fetcher.due(tp)
+                or bool(self._bufs[tp])
+                or (tp.topic, tp.partition) in held,
+            }
+            for tp in self._tps
+        ]
 
     def close(self) -> None:
         if self._executor is not None:
@@ -644,17 +859,16 @@ class LogReader:
 
     # -- merge -------------------------------------------------------------------------
 
-    def _poll(self) -> int:
-        consumer = self._consumer
-        for tp, buf in self._bufs.items():
-            full = len(buf) >= _BUFFER_HIGH
-            if full and tp not in self._paused:
-                consumer.pause(tp)
-                self._paused.add(tp)
-            elif not full and tp in self._paused:
-                consumer.resume(tp)
-                self._paused.discard(tp)
-        batch = consumer.poll(timeout_ms=_POLL_MS)
+    def _poll(self, follow: bool = False) -> int:
+        """One fetch from every partition with room in its buffer and records due
+        (following: every partition with room); returns the records it brought."""
+        fetcher = self._fetcher
+        want = {
+            tp
+            for tp, buf in self._bufs.items()
+            if len(buf) < _BUFFER_HIGH and (follow or fetcher.due(tp))
+        }
+        batch = fetcher.poll(want)
         n = 0
         stats = self.stats
         for tp, recs in batch.items():
@@ -685,24 +899,24 @@ class LogReader:
         return int(event["source"]["commit_lsn"]), int(event["source"]["seq"])
 
     def _fill(self, follow: bool) -> None:
-        """Poll until every partition that still has records due has one buffered."""
-        consumer = self._consumer
-        stall = _Stall(self.source, "reading the change log")
+        """Poll until every partition that still has records due has one buffered (or its
+        position reached its end offset); :class:`LogIncomplete` if one cannot be read."""
+        fetcher = self._fetcher
+        watch = _Watch(fetcher)
         while self._waiting:
-            got = self._poll()
+            self._poll()
             for tp in list(self._waiting):
-                if self._bufs[tp] or consumer.position(tp) >= self._ends[tp]:
+                if self._bufs[tp] or not fetcher.due(tp):
                     self._waiting.discard(tp)
             if self._waiting:
-                stall.check(got > 0, consumer, self._tps)
+                watch.check(self._waiting)
         if follow and self._heap:
             # a partition that looked caught up may have records of the same Kafka
             # transaction as those buffered elsewhere (visible together): look again
             idle = [tp for tp in self._tps if not self._bufs[tp]]
             if idle:
-                ends = _end_offsets(consumer, idle, self.source)
-                self._ends.update(ends)
-                fresh = {tp for tp in idle if consumer.position(tp) < ends[tp]}
+                fetcher.refresh_ends(idle)
+                fresh = {tp for tp in idle if fetcher.due(tp)}
                 if fresh:
                     self._waiting |= fresh
                     self._fill(False)
@@ -742,27 +956,29 @@ class LogReader:
                 heapq.heapreplace(heap, (buf[0][0], self._tick, tp))
             else:
                 heapq.heappop(heap)
-                if self._consumer.position(tp) < self._ends[tp]:
+                if self._fetcher.due(tp):
                     self._waiting.add(tp)
             return run
 
     def _wait_for_more(self) -> None:
         """Follow mode with nothing buffered: wait for new records (checks the broker)."""
+        fetcher = self._fetcher
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            if self._poll():
+            if self._poll(follow=True):
                 break
         else:
-            self._ends = _end_offsets(self._consumer, self._tps, self.source)
-        self._waiting = {
-            tp
-            for tp in self._tps
-            if not self._bufs[tp] and self._consumer.position(tp) < self._ends.get(tp, 0)
-        }
+            fetcher.refresh_ends()
+        self._waiting = {tp for tp in self._tps if not self._bufs[tp] and fetcher.due(tp)}
 
     def at_end(self) -> bool:
         """Nothing buffered and every partition read to the end offsets of the read."""
-        return not self._run and not self._heap and not self._waiting
+        return (
+            not self._run
+            and not self._heap
+            and not self._waiting
+            and not any(self._fetcher.due(tp) for tp in self._tps)
+        )
 
     # -- events ------------------------------------------------------------------------
 
@@ -986,19 +1202,18 @@ def _decode_values(values: list[bytes]) -> list[dict[str, Any] | None]:
     return out
 
 
-def _probe(consumer: Any, tp: Any, offset: int, end: int, source: LogSource) -> Pos | None:
-    """The position of the first record at or after ``offset`` (None: none before end)."""
-    consumer.seek(tp, offset)
-    stall = _Stall(source, f"probing {tp.topic}[{tp.partition}]")
-    while consumer.position(tp) < end:
-        batch = consumer.poll(timeout_ms=_POLL_MS, max_records=1)
-        stall.check(bool(batch), consumer, [tp])
-        for recs in batch.values():
+def _probe(fetcher: _Fetcher, tp: Any, offset: int) -> Pos | None:
+    """The position of the first record at or after ``offset`` (None: none before the end)."""
+    fetcher.start({tp: offset})
+    watch = _Watch(fetcher)
+    while fetcher.due(tp):
+        for recs in fetcher.poll({tp}).values():
             for r in recs:
                 for name, value in r.headers:
                     if name == POSITION_HEADER:
                         hi, lo = _POS.unpack(value)
                         return hi, lo
+        watch.check([tp])
     return None
 
 
@@ -2032,6 +2247,29 @@ def _check_range(start: Bound | None, stop: Bound | None) -> None:
 # --------------------------------------------------------------------------- verify
 
 
+@dataclasses.dataclass(frozen=True)
+class ColumnDiff:
+    """One column of a row on which the log and PostgreSQL disagree: both values as
+    PostgreSQL prints them (None: NULL).  ``in_log`` False: the log holds no value of the
+    column for the row at all (``reason`` says why); ``reason`` is also set when the log's
+    value cannot be read as the column's type of now."""
+
+    column: str
+    log: str | None
+    postgres: str | None
+    in_log: bool = True
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "log": self.log,
+            "postgres": self.postgres,
+            "in_log": self.in_log,
+            "reason": self.reason,
+        }
+
+
 @dataclasses.dataclass
 class RowDiff:
     """One row on which the log and PostgreSQL disagree."""
@@ -2039,7 +2277,7 @@ class RowDiff:
     table: str
     kind: Literal["missing", "extra", "differs"]  # missing: in PostgreSQL, not in the log
     key: dict[str, Any]
-    columns: list[tuple[str, str | None, str | None]]  # (column, log text, PostgreSQL text)
+    columns: list[ColumnDiff]
     log_position: str | None = None
     count: int = 1
     bare: frozenset[str] = frozenset()  # columns printed without quotes (numbers, booleans)
@@ -2049,7 +2287,7 @@ class RowDiff:
             "table": self.table,
             "kind": self.kind,
             "key": self.key,
-            "columns": [{"column": c, "log": a, "postgres": b} for c, a, b in self.columns],
+            "columns": [c.to_json() for c in self.columns],
             "log_position": self.log_position,
             "count": self.count,
         }
@@ -2063,8 +2301,9 @@ class VerifyReport:
     diffs: list[RowDiff]
     stats: ReadStats
     rechecked: int = 0
-    unknown_values: int = 0  # values the log does not hold (unchanged TOAST without history)
+    not_carried: int = 0  # values of compared rows the log holds no value for
     not_in_log: list[str] = dataclasses.field(default_factory=list)  # published, no schema yet
+    partitions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # read_to, end
 
     @property
     def ok(self) -> bool:
@@ -2077,9 +2316,10 @@ class VerifyReport:
             "rows_compared": self.rows_compared,
             "up_to_lsn": format_lsn(self.lsn),
             "rechecked": self.rechecked,
-            "unknown_values": self.unknown_values,
+            "values_not_in_log": self.not_carried,
             "differences": [d.to_json() for d in self.diffs],
             "read": self.stats.to_json(),
+            "partitions": self.partitions,
         }
 
 
@@ -2179,7 +2419,11 @@ def _wait_for_slot(conn: Any, pg: PgTarget, lsn: int, wait_s: float) -> None:
 
 
 class _PgSide:
-    """Rows of the published tables in one REPEATABLE READ snapshot, as cdc encodes them."""
+    """Rows of the published tables in one REPEATABLE READ snapshot, as cdc encodes them.
+
+    A second connection (autocommit, no snapshot) casts the log's values of columns whose
+    type changed since the log wrote them (:meth:`_PgTable.cast`); a cast that fails there
+    cannot end the snapshot's transaction."""
 
     def __init__(self, pg: PgTarget, prefix: str, tables: Sequence[Any]) -> None:
         self.pg = pg
@@ -2187,6 +2431,7 @@ class _PgSide:
         self.tables = {f"{t.schema}.{t.table}": t for t in tables}
         self.conn = _pg_connect(pg)
         self.db = self.conn.info.dbname
+        self._cast_conn: Any = None
 
     def snapshot(self) -> int:
         """Begin a snapshot; the WAL insert position after it (every visible commit is before)."""
@@ -2199,64 +2444,291 @@ class _PgSide:
         self.conn.rollback()
         self.conn.autocommit = True
 
-    def rows(self, name: str) -> tuple[Any, Iterator[tuple[tuple[Any, ...], dict[str, Any]]]]:
-        """(codec, iterator of (key id, {PostgreSQL column: datum})) of a table."""
-        from psycopg import sql
-
-        from cdc.avro_envelope import Source, TableCodec
+    def table(self, name: str) -> _PgTable:
+        from cdc.avro_envelope import TableCodec
         from cdc.pg_catalog import PgCatalog
-        from cdc.snapshot import output_function_text
 
         t = self.tables[name]
         catalog = PgCatalog(self.pg.dsn, self.pg.password)
-        codec = TableCodec(
-            db=self.db,
-            schema=t.schema,
-            table=t.table,
-            columns=t.columns,
-            catalog=catalog,
-            unchanged_sentinel=object(),
-            warn=lambda _m: None,
-            namespace_prefix=self.prefix,
-        )
-        catalog.close()
-        registry = SchemaRegistry([codec.value_schema_json])
-        key_fields = codec.key_field_names
-        names = dict(zip(codec.field_names, [c.name for c in t.columns], strict=True))
-        # no ::text casts: the output function's text is what pgoutput sends (bool::text
-        # is 'true' where the output function prints 't'; inet::text adds the mask)
-        query = sql.SQL("select {} from {}").format(
-            sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
-            if t.columns
-            else sql.SQL("null"),
-            sql.Identifier(t.schema, t.table),
-        )
-        src = Source(self.db, t.schema, t.table, 0, 0, 0, 0, 0, "true")
+        try:
+            codec = TableCodec(
+                db=self.db,
+                schema=t.schema,
+                table=t.table,
+                columns=t.columns,
+                catalog=catalog,
+                unchanged_sentinel=object(),
+                warn=lambda _m: None,
+                namespace_prefix=self.prefix,
+            )
+        finally:
+            catalog.close()
+        return _PgTable(self, t, codec)
 
-        def gen() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-            with self.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
-                output_function_text(cur)  # the text pgoutput sends
-                cur.itersize = 5000
-                cur.execute(query)
-                for raw in cur:
-                    _, value = codec.encode_change(
-                        "r", None, list(raw) if t.columns else [], src, 0
-                    )
-                    after = decode(value, registry)["after"]
-                    named = {names[f]: v for f, v in after.items()}
-                    yield _key_id(after, key_fields), named
-
-        return codec, gen()
+    def cast_conn(self) -> Any:
+        if self._cast_conn is None:
+            self._cast_conn = _pg_connect(self.pg)
+            self._cast_conn.autocommit = True
+        return self._cast_conn
 
     def close(self) -> None:
+        if self._cast_conn is not None:
+            self._cast_conn.close()
         self.conn.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _CastFailed:
+    """A log value PostgreSQL does not accept as the column's type of now."""
+
+    message: str
+
+
+class _PgTable:
+    """One published table: its rows in the snapshot, and the conversion of PostgreSQL
+    text into the datums cdc writes (the table's codec of now)."""
+
+    def __init__(self, side: _PgSide, table: Any, codec: Any) -> None:
+        from cdc.avro_envelope import Source
+        from relay.journal import column_types_from_value_schema
+
+        self.side = side
+        self.t = table
+        self.codec = codec
+        found = column_types_from_value_schema(json.loads(codec.value_schema_json))
+        self.types: dict[str, Any] = found[1] if found is not None else {}
+        self.columns: list[str] = [c.name for c in table.columns]
+        self.key_columns: list[str] = [c.name for c in table.columns if c.is_key]
+        self._registry = SchemaRegistry([codec.value_schema_json])
+        self._names = dict(zip(codec.field_names, self.columns, strict=True))
+        self._src = Source(side.db, table.schema, table.table, 0, 0, 0, 0, 0, "true")
+        self._type_sql: dict[str, str] = {}
+
+    def datums(self, texts: Sequence[str | None]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(key id, {column: datum}) of a row given as PostgreSQL's output texts."""
+        _, value = self.codec.encode_change("r", None, list(texts), self._src, 0)
+        after = decode(value, self._registry)["after"]
+        return _key_id(after, self.codec.key_field_names), {
+            self._names[f]: v for f, v in after.items()
+        }
+
+    def rows(self) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """(key id, {column: datum}) of every row in the snapshot."""
+        from psycopg import sql
+
+        from cdc.snapshot import output_function_text
+
+        t = self.t
+        # no ::text casts: the output function's text is what pgoutput sends (bool::text
+        # is 'true' where the output function prints 't'; inet::text adds the mask)
+        query = sql.SQL("select {} from {}").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
+            if self.columns
+            else sql.SQL("null"),
+            sql.Identifier(t.schema, t.table),
+        )
+        with self.side.conn.cursor(name=f"fieldsync_verify_{t.oid}") as cur:
+            output_function_text(cur)  # the text pgoutput sends
+            cur.itersize = 5000
+            cur.execute(query)
+            for raw in cur:
+                yield self.datums(list(raw) if self.columns else [])
+
+    def pg_text(self, column: str, value: Any) -> str | None:
+        """A datum as PostgreSQL prints it."""
+        from relay.journal import to_pg_text
+
+        if value is None:
+            return None
+        ct = self.types.get(column)
+        j = _json_value(value)
+        return to_pg_text(ct, j) if ct is not None else _dumps(j)
+
+    def cast(self, column: str, texts: Sequence[str]) -> dict[str, Any]:
+        """``text -> datum`` of ``texts`` read as the column's type of now: PostgreSQL
+        casts each (``text::type``, printed by the type's output function) and cdc's codec
+        turns the result into the datum it would write; a value PostgreSQL or the codec
+        does not accept maps to :class:`_CastFailed`."""
+        import psycopg
+
+        from cdc.errors import SchemaError
+        from cdc.snapshot import output_function_text
+
+        conn = self.side.cast_conn()
+        index = self.columns.index(column)
+        type_sql = self._type_sql.get(column)
+        if type_sql is None:
+            spec = self.t.columns[index]
+            row = conn.execute(
+                "select format_type(%s, %s)", (spec.type_oid, spec.type_modifier)
+            ).fetchone()
+            type_sql = self._type_sql[column] = str(row[0])
+        query = (
+            f"select (u.x)::{type_sql} from unnest(%s::text[]) with ordinality as u(x, n) "
+            "order by u.n"
+        )
+        out: dict[str, Any] = {}
+
+        def put(text: str, printed: str | None) -> None:
+            row: list[str | None] = [None] * len(self.columns)
+            row[index] = printed
+            try:
+                out[text] = self.datums(row)[1][column]
+            except SchemaError as exc:
+                out[text] = _CastFailed(str(exc))
+
+        with conn.cursor() as cur:
+            output_function_text(cur)
+            try:
+                printed = [r[0] for r in cur.execute(query, (list(texts),)).fetchall()]
+            except psycopg.Error:
+                printed = None
+            if printed is not None:
+                for text, p in zip(texts, printed, strict=True):
+                    put(text, p)
+                return out
+            for text in texts:  # one failed: find which, one by one
+                try:
+                    row = cur.execute(f"select (%s::text)::{type_sql}", (text,)).fetchone()
+                except psycopg.Error as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    out[text] = _CastFailed(first)
+                    continue
+                put(text, row[0] if row is not None else None)
+        return out
+
+
+_CAST_BATCH: Final = 2_000  # rows whose values need a cast, compared together
+
+
+class _TableCompare:
+    """Compares the rows the log holds for one table with PostgreSQL's, every column of
+    PostgreSQL's table of now.
+
+    Per log schema version a plan says, per column of now, the field of the version
+    that holds it (or none: the column did not exist when the row was last written) and
+    whether its type changed since.  A column the log holds no value for — the version
+    has no such column, or the row's last event left it unchanged (TOAST) and the log
+    holds no earlier value — is a difference, with the reason.  Values of the same type
+    are compared as datums (the PostgreSQL side went through the same codec, so the same
+    value is the same datum); numbers by value, NaN equal to NaN.  Values whose type
+    changed are cast to the type of now in PostgreSQL first (:meth:`_PgTable.cast`),
+    batched, so ``numeric(6,2)`` 1.50 equals ``numeric(8,3)`` 1.500 and an ``int`` 5
+    equals a ``text`` '5'."""
+
+    def __init__(self, catalog: LogCatalog, name: str, pg: _PgTable) -> None:
+        self.catalog = catalog
+        self.name = name
+        self.pg = pg
+        self.bare = frozenset(c for c, ct in pg.types.items() if ct.kind.value in _BARE_KINDS)
+        self.diffs: list[RowDiff] = []
+        self.not_carried = 0
+        self._plans: dict[bytes, list[tuple[str, str | None, Any]]] = {}
+        self._pending: list[tuple[dict[str, Any], RowVersion, dict[str, Any]]] = []
+
+    def plan(self, fp: bytes) -> list[tuple[str, str | None, Any]]:
+        """Per column of now: (column, the version's field or None, the version's type
+        when it differs from the column's type of now, else None)."""
+        plan = self._plans.get(fp)
+        if plan is None:
+            version = self.catalog.versions[fp]
+            field_of = {c: f for f, c in version.column_of().items()}
+            plan = []
+            for c in self.pg.columns:
+                f = field_of.get(c)
+                old = version.types.get(c) if f is not None else None
+                plan.append(
+                    (c, f, old if old is not None and old != self.pg.types.get(c) else None)
+                )
+            self._plans[fp] = plan
+        return plan
+
+    def row(self, key: dict[str, Any], have: RowVersion, pg_row: dict[str, Any]) -> None:
+        plan = self.plan(have.fingerprint)
+        if any(
+            t is not None and f is not None and have.values.get(f) is not None for _, f, t in plan
+        ):
+            self._pending.append((key, have, pg_row))
+            if len(self._pending) >= _CAST_BATCH:
+                self.flush()
+            return
+        self._finish(key, have, pg_row, plan, {})
+
+    def flush(self) -> None:
+        """Compare the rows waiting for casts: one cast query per column."""
+        from relay.journal import to_pg_text
+
+        pending, self._pending = self._pending, []
+        wanted: dict[str, dict[str, None]] = {}
+        for _, have, _ in pending:
+            for c, f, t in self.plan(have.fingerprint):
+                value = have.values.get(f) if f is not None else None
+                if t is not None and value is not None and not (have.unknown and f in have.unknown):
+                    text = to_pg_text(t, _json_value(value))
+                    if text is not None:
+                        wanted.setdefault(c, {})[text] = None
+        cast = {c: self.pg.cast(c, list(texts)) for c, texts in wanted.items()}
+        for key, have, pg_row in pending:
+            self._finish(key, have, pg_row, self.plan(have.fingerprint), cast)
+
+    def _finish(
+        self,
+        key: dict[str, Any],
+        have: RowVersion,
+        pg_row: dict[str, Any],
+        plan: list[tuple[str, str | None, Any]],
+        cast: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        from relay.journal import to_pg_text
+
+        pg = self.pg
+        at = format_position(have.position)
+        delta: list[ColumnDiff] = []
+        for c, f, old_type in plan:
+            pg_value = pg_row[c]
+            if f is None or (have.unknown and f in have.unknown):
+                self.not_carried += 1
+                why = (
+                    f"its last event, at {at}, used a schema without this column"
+                    if f is None
+                    else f"its last event, at {at}, left it unchanged as a TOASTed value and "
+                    "the log holds no earlier value"
+                )
+                delta.append(ColumnDiff(c, None, pg.pg_text(c, pg_value), False, why))
+                continue
+            log_value = have.values.get(f)
+            log_text = _text(self.catalog, have.fingerprint, c, _json_value(log_value))
+            if old_type is not None and log_value is not None:
+                got = cast.get(c, {}).get(to_pg_text(old_type, _json_value(log_value)) or "")
+                if got is None or isinstance(got, _CastFailed):
+                    why = f"the log's value is no {pg.types[c].describe()}"
+                    if got is not None:
+                        why += f": {got.message}"
+                    delta.append(ColumnDiff(c, log_text, pg.pg_text(c, pg_value), True, why))
+                    continue
+                log_value = got
+            if not _same(log_value, pg_value):
+                delta.append(ColumnDiff(c, log_text, pg.pg_text(c, pg_value)))
+        if delta:
+            self.diffs.append(RowDiff(self.name, "differs", key, delta, at, 1, self.bare))
+
+
 def _same(a: Any, b: Any) -> bool:
-    if a == b:
+    """Two datums of the same type hold the same value: equal, numbers by value (a
+    ``Decimal`` or an unconstrained numeric's text), NaN equal to NaN (as PostgreSQL
+    has it), lists and records element by element."""
+    if a == b and isinstance(a, bool) == isinstance(b, bool):  # True == 1 is no match
         return True
     if isinstance(a, float) and isinstance(b, float):
         return math.isnan(a) and math.isnan(b)
+    if isinstance(a, Decimal | str) and isinstance(b, Decimal | str):
+        try:
+            x, y = Decimal(a), Decimal(b)
+        except ArithmeticError:
+            return False
+        if x.is_nan() or y.is_nan():
+            return x.is_nan() and y.is_nan()
+        return x == y
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -2268,32 +2740,17 @@ def _compare_table(
     catalog: LogCatalog,
     state: TableState | None,
     name: str,
-    pg_rows: Iterator[tuple[tuple[Any, ...], dict[str, Any]]],
-    codec: Any,
+    pg: _PgTable,
     counters: dict[str, int],
 ) -> list[RowDiff]:
-    from relay.journal import column_types_from_value_schema
-
-    found = column_types_from_value_schema(json.loads(codec.value_schema_json))
-    pg_types = found[1] if found is not None else {}
-    pg_names = [c.name for c in codec.columns]
-    bare = frozenset(c for c, ct in pg_types.items() if ct.kind.value in _BARE_KINDS)
-    key_names = [c.name for c in codec.columns if c.is_key]
+    """The differences between the log's rows of a table and PostgreSQL's."""
+    compare = _TableCompare(catalog, name, pg)
+    key_names = pg.key_columns
     log_rows = dict(state.rows) if state is not None else {}
     left = {k: r.count for k, r in log_rows.items()}  # rows of keyless tables not matched yet
-    keyed = bool(codec.key_field_names)
-    diffs: list[RowDiff] = []
-
-    def pg_text(column: str, value: Any) -> str | None:
-        from relay.journal import to_pg_text
-
-        if value is None:
-            return None
-        ct = pg_types.get(column)
-        j = _json_value(value)
-        return to_pg_text(ct, j) if ct is not None else _dumps(j)
-
-    for kid, pg_row in pg_rows:
+    keyed = bool(pg.codec.key_field_names)
+    missing: list[RowDiff] = []
+    for kid, pg_row in pg.rows():
         counters["rows"] += 1
         key = {c: _json_value(pg_row[c]) for c in key_names}
         have = log_rows.get(kid)
@@ -2303,51 +2760,38 @@ def _compare_table(
                 del log_rows[kid]
             continue
         if have is None:
-            diffs.append(
+            missing.append(
                 RowDiff(
                     name,
                     "missing",
                     key or _short(pg_row),
-                    [(c, None, pg_text(c, pg_row[c])) for c in pg_names],
+                    [ColumnDiff(c, None, pg.pg_text(c, pg_row[c]), False) for c in pg.columns],
                 )
             )
             continue
         del log_rows[kid]
-        version = catalog.versions[have.fingerprint]
-        log_named = {
-            col: have.values[f]
-            for f, col in version.column_of().items()
-            if not (have.unknown and f in have.unknown)
-        }
-        counters["unknown"] += len(have.unknown or ())
-        delta = [
-            (
-                c,
-                _text(catalog, have.fingerprint, c, _json_value(log_named[c])),
-                pg_text(c, pg_row[c]),
-            )
-            for c in pg_names
-            if c in log_named and not _same(log_named[c], pg_row[c])
-        ]
-        if delta:
-            diffs.append(
-                RowDiff(name, "differs", key, delta, format_position(have.position), 1, bare)
-            )
+        compare.row(key, have, pg_row)
+    compare.flush()
+    counters["not_carried"] += compare.not_carried
+    extra: list[RowDiff] = []
     for kid, row in log_rows.items():
         version = catalog.versions[row.fingerprint]
         cells = _named(catalog, row.fingerprint, row.values)
         key = _key_of(version, row.values) if version.key_fields else _short(cells)
-        diffs.append(
+        extra.append(
             RowDiff(
                 name,
                 "extra",
                 key,
-                [(c, _text(catalog, row.fingerprint, c, v), None) for c, v in cells.items()],
+                [
+                    ColumnDiff(c, _text(catalog, row.fingerprint, c, v), None)
+                    for c, v in cells.items()
+                ],
                 format_position(row.position),
                 left[kid],
             )
         )
-    return diffs
+    return missing + extra + compare.diffs
 
 
 def _short(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -2377,8 +2821,8 @@ def verify(
         reader = LogReader(source, in_log, progress=progress, workers=workers)
         todo = names
         diffs: list[RowDiff] = []
-        counters = {"rows": 0, "unknown": 0}
-        rows_compared = 0
+        counters = {"rows": 0, "not_carried": 0}
+        rows_compared = not_carried = 0
         attempt = 0
         lsn = 0
         try:
@@ -2391,17 +2835,17 @@ def verify(
                         state.apply(ev)
                     if reader.at_end():
                         state.finish()
-                    counters["rows"] = 0
+                    counters["rows"] = counters["not_carried"] = 0
                     found: list[RowDiff] = []
                     for name in todo:
-                        codec, rows = side.rows(name)
                         found += _compare_table(
-                            catalog, state.tables.get(name), name, rows, codec, counters
+                            catalog, state.tables.get(name), name, side.table(name), counters
                         )
                 finally:
                     side.end()
                 if attempt == 0:
                     rows_compared = counters["rows"]
+                    not_carried = counters["not_carried"]
                 diffs = [d for d in diffs if d.table not in todo] + found
                 if not found or attempt >= rechecks:
                     break
@@ -2409,6 +2853,7 @@ def verify(
                 todo = sorted({d.table for d in found})
                 log.info("verify: %d differences in %s; checking them again", len(found), todo)
             stats = reader.stats
+            partitions = reader.read_to()
         finally:
             reader.close()
         return VerifyReport(
@@ -2418,8 +2863,9 @@ def verify(
             diffs,
             stats,
             attempt,
-            counters["unknown"],
+            not_carried,
             [n for n in names if n not in catalog.tables],
+            partitions,
         )
     finally:
         if side is not None:
@@ -2453,11 +2899,18 @@ def render_diff(report: VerifyReport, max_rows: int = 20) -> str:
                 )
             else:
                 out.write(f"  differs  {key} (log as of {d.log_position}):\n")
-                for column, a, b in d.columns:
-                    q = column not in d.bare
+                for cd in d.columns:
+                    q = cd.column not in d.bare or cd.reason is not None
+                    pg_text = f"PostgreSQL {_short_text(cd.postgres, q)}"
+                    if not cd.in_log:
+                        out.write(
+                            f"             {cd.column}: not in the log for this row "
+                            f"({cd.reason}); {pg_text}\n"
+                        )
+                        continue
+                    why = f" ({cd.reason})" if cd.reason else ""
                     out.write(
-                        f"             {column}: log {_short_text(a, q)}, "
-                        f"PostgreSQL {_short_text(b, q)}\n"
+                        f"             {cd.column}: log {_short_text(cd.log, q)}{why}, {pg_text}\n"
                     )
         if len(diffs) > max_rows:
             out.write(f"  … {len(diffs) - max_rows} more\n")

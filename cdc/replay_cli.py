@@ -465,8 +465,8 @@ def verify_cmd(
         )
         if report.not_in_log:
             summary += f"; no events yet for {', '.join(report.not_in_log)}"
-        if report.unknown_values:
-            summary += f"; {report.unknown_values} values not in the log (not compared)"
+        if report.not_carried:
+            summary += f"; {report.not_carried} values of compared rows not in the log"
         if report.diffs:
             typer.echo(f"{summary}: {len(report.diffs)} rows differ", err=True)
             raise typer.Exit(EXIT_DIFFERENCES)
