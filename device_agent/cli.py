@@ -372,6 +372,13 @@ def journal(
 @app.command()
 def verify(
     no_sync: Annotated[bool, typer.Option("--no-sync", help="do not sync first")] = False,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="no relay: compare with the checkpoints last received (implies --no-sync)",
+        ),
+    ] = False,
     db: DbOpt = "fieldsync.db",
     key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
@@ -381,9 +388,19 @@ def verify(
     with _errors(as_json):
         agent = _agent(db, key_file)
         try:
-            if not no_sync:
+            if not (no_sync or local):
                 agent.sync_once()
-            server = agent.client.checkpoint()["buckets"]
+            server = (
+                agent.client.checkpoint()["buckets"]
+                if not local
+                else {
+                    name: {"last_op_id": last, "count": count, "checksum": checksum}
+                    for name, last, count, checksum in agent.conn.execute(
+                        f"""select name, last_op_id, server_count, server_checksum
+                            from {PREFIX}buckets where server_count is not null"""
+                    )
+                }
+            )
             mine = local_checksums(agent.conn)
             last_ops = dict(agent.conn.execute(f"select name, last_op_id from {PREFIX}buckets"))
             rows_bad = [p.to_json() for p in check_tables(agent.conn)]

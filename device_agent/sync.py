@@ -10,7 +10,7 @@ One sync round (:meth:`Agent.sync_once`):
    checkpoint, then apply them in one transaction (device_agent/apply.py), together with
    the outcomes of sent entries read just before the download (so an outcome and the
    server version including its edit, when both are there, show at once; outcomes are
-   only read while an entry is ``sent`` or a kept conflict open).  Messages
+   only read while an entry is ``sent`` or waits for the resolution of its conflict).  Messages
    before the complete one are *staged* in ``_fieldsync_staging`` (each with the cursor
    it leads to, committed per message), so a connection cut at any byte resumes from the
    last whole message: nothing is downloaded twice more than one message, nothing is
@@ -266,11 +266,11 @@ class Agent:
                 return
 
     def awaiting_outcomes(self) -> bool:
-        """Whether an entry waits for its outcome (sent) or a kept conflict for its
-        resolution: only then are outcomes read."""
+        """Whether an entry waits for its outcome (``sent``) or for the resolution of its
+        kept conflict (``conflict``): only then are outcomes read."""
         row = self.conn.execute(
-            f"""select exists (select 1 from {PREFIX}journal where status = 'sent')
-                or exists (select 1 from {PREFIX}conflicts where status = 'open')"""
+            f"""select exists (select 1 from {PREFIX}journal
+                where status in ('sent', 'conflict'))"""
         ).fetchone()
         return bool(row[0])
 

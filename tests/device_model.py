@@ -144,7 +144,9 @@ class ServerModel:
         held = [op for op in ops.values() if op.data is not None]
         total = sum(row_checksum(o.table, row_key_text(list(o.key)), o.data) for o in held)
         return {
-            "last_op_id": max((o.op_id for o in self.log if o.bucket == bucket and o.op_id <= upto), default=0),
+            "last_op_id": max(
+                (o.op_id for o in self.log if o.bucket == bucket and o.op_id <= upto), default=0
+            ),
             "count": len(held),
             "checksum": str(total % CHECKSUM_MODULUS),
             "complete": True,
@@ -316,16 +318,12 @@ class ServerModel:
         cur = self.rows.get((c.table, c.key))
         if choice == "device" and cur is not None:
             self.write(c.table, c.key, {**cur, **c.device})
-        self.outcome(
-            c.seq, "resolved", conflict={"id": c.id, "choice": choice, "by": "dispatcher"}
-        )
+        self.outcome(c.seq, "resolved", conflict={"id": c.id, "choice": choice, "by": "dispatcher"})
         return c.id
 
     def publish_outcomes(self, n: int | None = None) -> None:
         total = len(self.outcomes)
-        self.outcomes_published = (
-            total if n is None else min(total, self.outcomes_published + n)
-        )
+        self.outcomes_published = total if n is None else min(total, self.outcomes_published + n)
 
 
 class Killed(RelayUnreachable):
@@ -365,12 +363,7 @@ class ModelClient(RelayClient):
         upto = m.ops_published
         since = int(cursor[1:]) if cursor else 0
         ops = sorted(
-            (
-                op
-                for b in m.device_buckets
-                for op in m.latest(b, upto).values()
-                if op.op_id > since
-            ),
+            (op for b in m.device_buckets for op in m.latest(b, upto).values() if op.op_id > since),
             key=lambda o: o.op_id,
         )
         page = ops[: limit or len(ops)]

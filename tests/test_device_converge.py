@@ -153,7 +153,11 @@ class DeviceConverges(RuleBasedStateMachine):
             (4, "a", "done", "n4", 2),
             (5, "a", "open", None, None),
         ]:
-            m.write(JOBS, (i,), {"id": i, "crew": crew, "state": state, "note": note, "qty": qty, "secret": "s"})
+            m.write(
+                JOBS,
+                (i,),
+                {"id": i, "crew": crew, "state": state, "note": note, "qty": qty, "secret": "s"},
+            )
         for region, part, qty in [("north", "p1", 10), ("north", "p2", 0), ("south", "p1", 7)]:
             m.write(STOCK, (region, part), {"region": region, "part": part, "qty": qty})
         m.publish_ops()
@@ -431,7 +435,5 @@ class DeviceConverges(RuleBasedStateMachine):
             assert self.table_rows(table) == expected, table
 
 
-DeviceConverges.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=50, deadline=None
-)
+DeviceConverges.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
 test_device_converges = DeviceConverges.TestCase

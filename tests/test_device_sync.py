@@ -693,8 +693,13 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
         timeout=30,
         what="the edit applied upstream",
     )
-    sync_until(agent, lambda: journal_rows(agent)[0][2] == "synced", "the edit synced")
-    assert rows(agent)[0][2] == "in_progress"
+    # synced by its outcome; the row shows the server's version that includes it once that
+    # arrived (the outcome may come first: the row then shows the version before, briefly)
+    sync_until(
+        agent,
+        lambda: journal_rows(agent)[0][2] == "synced" and rows(agent)[0][2] == "in_progress",
+        "the edit synced and back",
+    )
     # the applier's audit record keeps the base the device sent
     assert stack.pg.execute(
         "select base_lsn, base_seq from fieldsync_applier.applied where seq = 1"
