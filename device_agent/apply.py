@@ -1,34 +1,41 @@
-"""Applying downloaded changes messages to the device database, atomically per checkpoint.
+"""Applying downloaded changes messages to the device database, atomically per checkpoint,
+and settling journal entries (outcomes, rejections at upload).
+
+Every table row the agent writes is :func:`device_agent.visible.visible_row` of the row's
+*received version* and its *open* edits (journal ``pending``/``sent``): the app's tables
+never show anything else (docs/device-agent.md, "What the app sees").
 
 Input: the changes messages (relay/api.py, docs/relay.md "Device API") read since the last
-applied cursor, up to and including one whose ``checkpoint.complete`` is true.  Output: one
-SQLite transaction that
+applied cursor, up to and including one whose ``checkpoint.complete`` is true, and the
+outcomes read before them.  Output: one SQLite transaction that
 
-1. empties the buckets marked for re-download (a checksum mismatch found earlier, a
-   ``resync`` or ``dropped`` bucket of a message): their rows leave ``_fieldsync_rows``
-   and, unless another bucket still holds them, the synced table;
-2. applies every op in order: ``PUT`` writes the row into its table and records the
-   bucket's hold on it in ``_fieldsync_rows`` (with its checksum term); ``REMOVE`` drops
-   that hold and deletes the row when no bucket of the device holds it any more;
-3. keeps local edits on top: a row with journal entries still ``pending`` or ``sent`` (a
-   *held* row) keeps the columns those edits wrote; the server's version is kept in
-   ``_fieldsync_rows.data`` until the server state that includes the edits arrives (the
-   written columns have the edited values), and then the entries become ``synced`` and
-   the row shows the server's version — the user never sees an edit flicker away;
-4. checks each complete bucket's row count and checksum (the sum mod 2**64 of
+1. keeps the received version of every row with open edits whose holds came by the fast
+   path (:meth:`_Batch.capture_received`: from the earliest open edit's ``old``);
+2. empties the buckets marked for re-download (a checksum mismatch found earlier, a
+   ``resync`` or ``dropped`` bucket of a message): their holds leave ``_fieldsync_rows``
+   and their rows are derived again;
+3. applies every op in order: ``PUT`` records the bucket's hold on the row (checksum term,
+   position and, on the general path, the version) and writes the row; ``REMOVE`` drops
+   the hold and the row is derived again (gone when no bucket holds it and no open edit
+   keeps it);
+4. records the outcomes (final statuses, kept conflicts) and derives their rows again
+   from the received version, whether it arrived before or with them;
+5. checks each complete bucket's row count and checksum (the sum mod 2**64 of
    :func:`relay.bucket_store.row_checksum` over the rows it holds, computed from the
    bytes received) against the checkpoint; a bucket that differs is marked
    ``reset_pending`` and its cursor is set back to 0, so it is downloaded again and
    replaced atomically with the next checkpoint;
-5. stores the new cursor.
+6. stores the new cursor (and the outcomes' cursor).
 
 The agent's own writes are not journaled (:mod:`device_agent.triggers`: the flag row, or
 for large batches the triggers are dropped and recreated inside the transaction).
 
-Rows of tables served by one rule of the device take a fast path (batched
-``executemany``); rows of tables several rules serve (different column projections) and
-held rows take the general path, which merges the bucket versions (latest op last) and
-overlays the local edits.
+Rows of tables served by one rule take a fast path while they have no open edit: batched
+``executemany`` of the op's data (the identity case of ``visible_row``; the table row is
+then the received version and no copy is kept).  Rows of tables several rules serve
+(different column projections) and rows with open edits take the general path
+(:meth:`_Batch.refresh_row`): bucket versions kept and merged (latest op last), open edits
+on top.
 
 Everything happens on the caller's connection in the caller's thread; no network.
 """

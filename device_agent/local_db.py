@@ -6,7 +6,8 @@ Layout (docs/device-agent.md, "Local database"):
   app may read and write with plain sqlite3.  ``public.work_orders`` is named
   ``work_orders``; a table of another schema ``s.t`` is named ``s__t``.  Columns keep
   their names and carry no declared type (values keep the type they were stored with);
-  the primary key is the table's key; indexes the schema lists are created too.
+  the primary key is the table's key, its columns ``NOT NULL``; indexes the schema lists
+  are created too.
 - Agent metadata lives in tables whose names start with :data:`PREFIX`
   (``_fieldsync_``); apps must not write them.
 
