@@ -1,34 +1,41 @@
-"""Applying downloaded changes messages to the device database, atomically per checkpoint.
+"""Applying downloaded changes messages to the device database, atomically per checkpoint,
+and settling journal entries (outcomes, rejections at upload).
+
+Every table row the agent writes is :func:`device_agent.visible.visible_row` of the row's
+*received version* and its *open* edits (journal ``pending``/``sent``): the app's tables
+never show anything else (docs/device-agent.md, "What the app sees").
 
 Input: the changes messages (relay/api.py, docs/relay.md "Device API") read since the last
-applied cursor, up to and including one whose ``checkpoint.complete`` is true.  Output: one
-SQLite transaction that
+applied cursor, up to and including one whose ``checkpoint.complete`` is true, and the
+outcomes read before them.  Output: one SQLite transaction that
 
-1. empties the buckets marked for re-download (a checksum mismatch found earlier, a
-   ``resync`` or ``dropped`` bucket of a message): their rows leave ``_fieldsync_rows``
-   and, unless another bucket still holds them, the synced table;
-2. applies every op in order: ``PUT`` writes the row into its table and records the
-   bucket's hold on it in ``_fieldsync_rows`` (with its checksum term); ``REMOVE`` drops
-   that hold and deletes the row when no bucket of the device holds it any more;
-3. keeps local edits on top: a row with journal entries still ``pending`` or ``sent`` (a
-   *held* row) keeps the columns those edits wrote; the server's version is kept in
-   ``_fieldsync_rows.data`` until the server state that includes the edits arrives (the
-   written columns have the edited values), and then the entries become ``synced`` and
-   the row shows the server's version — the user never sees an edit flicker away;
-4. checks each complete bucket's row count and checksum (the sum mod 2**64 of
+1. keeps the received version of every row with open edits whose holds came by the fast
+   path (:meth:`_Batch.capture_received`: from the earliest open edit's ``old``);
+2. empties the buckets marked for re-download (a checksum mismatch found earlier, a
+   ``resync`` or ``dropped`` bucket of a message): their holds leave ``_fieldsync_rows``
+   and their rows are derived again;
+3. applies every op in order: ``PUT`` records the bucket's hold on the row (checksum term,
+   position and, on the general path, the version) and writes the row; ``REMOVE`` drops
+   the hold and the row is derived again (gone when no bucket holds it and no open edit
+   keeps it);
+4. records the outcomes (final statuses, kept conflicts) and derives their rows again
+   from the received version, whether it arrived before or with them;
+5. checks each complete bucket's row count and checksum (the sum mod 2**64 of
    :func:`relay.bucket_store.row_checksum` over the rows it holds, computed from the
    bytes received) against the checkpoint; a bucket that differs is marked
    ``reset_pending`` and its cursor is set back to 0, so it is downloaded again and
    replaced atomically with the next checkpoint;
-5. stores the new cursor.
+6. stores the new cursor (and the outcomes' cursor).
 
 The agent's own writes are not journaled (:mod:`device_agent.triggers`: the flag row, or
 for large batches the triggers are dropped and recreated inside the transaction).
 
-Rows of tables served by one rule of the device take a fast path (batched
-``executemany``); rows of tables several rules serve (different column projections) and
-held rows take the general path, which merges the bucket versions (latest op last) and
-overlays the local edits.
+Rows of tables served by one rule take a fast path while they have no open edit: batched
+``executemany`` of the op's data (the identity case of ``visible_row``; the table row is
+then the received version and no copy is kept).  Rows of tables several rules serve
+(different column projections) and rows with open edits take the general path
+(:meth:`_Batch.refresh_row`): bucket versions kept and merged (latest op last), open edits
+on top.
 
 Everything happens on the caller's connection in the caller's thread; no network.
 """
@@ -36,6 +43,7 @@ Everything happens on the caller's connection in the caller's thread; no network
 from __future__ import annotations
 
 import dataclasses
+import enum
 import gc
 import hashlib
 import sqlite3
@@ -63,6 +71,7 @@ from device_agent.local_db import (
     to_sql,
     transaction,
 )
+from device_agent.visible import Edit, visible_row
 from relay.bucket_store import CHECKSUM_MODULUS, row_key_text
 
 BULK_OPS: Final = 2000
@@ -139,22 +148,22 @@ class _Batch:
         self.table_json = {t.name: orjson.dumps(t.name) for t in tables.values()}
         self.buckets: dict[str, _Bucket] = {}
         self.terms: dict[tuple[int, int, Any], int | None] = {}
+        # rows with open edits (pending, sent) when the transaction began: the general path
         self.held: set[tuple[int, Any]] = {
             (tid, k)
             for tid, k in conn.execute(
-                f"""select tbl, k from {PREFIX}journal where status in ('pending', 'sent')
-                    union select tbl, k from {PREFIX}journal where expect is not null"""
+                f"select tbl, k from {PREFIX}journal where status in ('pending', 'sent')"
             )
         }
         self.dirty: set[tuple[int, Any]] = set()
-        # entries that just settled (rejected, conflict, ...) whose rows are rewritten: their
-        # ``old`` values tell the server's version of a row the agent kept no copy of
-        self.settled: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}
         self.kinds_changed: set[int] = set()
         self.result = ApplyResult()
         self.unknown_kinds = {
             t.id: [c for c in t.columns if c not in t.kinds] for t in tables.values()
         }
+        conn.execute(f"delete from {PREFIX}replaced")  # only ever needed inside one statement
+        if self.held:
+            self.capture_received()
 
     # ---- buckets
 
@@ -395,58 +404,81 @@ class _Batch:
             except (sqlite3.ProgrammingError, sqlite3.InterfaceError, TypeError):
                 self.conn.executemany(sql, [_convert(v) for v in values])
 
-    # ---- the general path
+    # ---- the general path: rows re-derived with visible_row
+
+    def capture_received(self) -> None:
+        """Keep the received version of every row with open edits whose holds came by the
+        fast path (``data`` NULL: the table row itself was the received version, until
+        the app edited it).  The earliest open edit's ``old`` is that version (made on the
+        row as received; an ``INSERT OR REPLACE`` records the row it replaced).  Runs
+        first in every transaction that applies ops or settles entries, so the version is
+        kept before any edit of the row settles."""
+        conn = self.conn
+        first: dict[tuple[int, Any], str | None] = {}
+        for tid, k, old in conn.execute(
+            f"""select j.tbl, j.k, j.old from {PREFIX}journal j
+                where j.status in ('pending', 'sent') and exists (select 1 from {PREFIX}rows r
+                    where r.tbl = j.tbl and r.k = j.k and r.data is null)
+                order by j.seq"""
+        ):
+            first.setdefault((tid, k), old)
+        for (tid, k), old in first.items():
+            table = self.by_id.get(tid)
+            if table is None or table.multi:
+                continue
+            if old is None:  # not known (a database of an earlier version): download again
+                conn.execute(
+                    f"""update {PREFIX}buckets set reset_pending = 1 where id in
+                        (select bucket from {PREFIX}rows where tbl = ? and k = ?)""",
+                    (tid, k),
+                )
+                continue
+            conn.execute(
+                f"update {PREFIX}rows set data = ? where tbl = ? and k = ? and data is null",
+                (_data_text(_wire(table, orjson.loads(old))), tid, k),
+            )
 
     def flush_dirty(self) -> None:
         for tid, k in sorted(self.dirty, key=lambda r: (r[0], str(r[1]))):
             self.refresh_row(self.by_id[tid], k)
         self.dirty.clear()
 
+    def open_edits(self, table: LocalTable, k: Any) -> list[Edit]:
+        if (table.id, k) not in self.held:  # the journal is only read for rows with edits
+            return []
+        return [
+            Edit.from_journal(*r)
+            for r in self.conn.execute(
+                f"""select seq, op, old, new from {PREFIX}journal
+                    where tbl = ? and k = ? and status in ('pending', 'sent') order by seq""",
+                (table.id, k),
+            )
+        ]
+
     def refresh_row(self, table: LocalTable, k: Any) -> None:
-        """Rewrite one row from the buckets' versions and the local edits on top."""
+        """Write one row as :func:`device_agent.visible.visible_row` derives it from the
+        received version and the open edits."""
         conn = self.conn
-        versions = conn.execute(
-            f"""select data from {PREFIX}rows where tbl = ? and k = ? order by op_id""",
+        holds = conn.execute(
+            f"select data from {PREFIX}rows where tbl = ? and k = ? order by op_id",
             (table.id, k),
         ).fetchall()
-        holds: list[tuple[Any, ...]] = []
-        if (table.id, k) in self.held:  # the journal is only read for rows with edits
-            holds = conn.execute(
-                f"""select seq, op, old, new, status, expect from {PREFIX}journal
-                    where tbl = ? and k = ?
-                        and (status in ('pending', 'sent') or expect is not null)
-                    order by seq""",
-                (table.id, k),
-            ).fetchall()
-        server: dict[str, Any] | None = None
-        if versions:
-            server = {}
-            known = False  # False: only fast-path versions (data kept in the table row)
-            for (data,) in versions:
-                if data is not None:
-                    server.update(orjson.loads(data))
-                    known = True
-            if not known:
-                earlier = self.settled.get((table.id, k), [])
-                server = self.reconstruct(
-                    table, k, sorted([*holds, *earlier], key=lambda e: int(e[0]))
-                )
-        if holds and _includes(table, server, holds):
-            self.settle(table, k, holds)
-            holds = []
-        if holds:
+        edits = self.open_edits(table, k)
+        received = received_version(table, [h[0] for h in holds], edits)
+        if received is TABLE_ROW:
+            return  # no open edit, received by the fast path: the table row is that version
+        if edits:
             self.result.held_rows += 1
-            if versions and server is not None and not any(v[0] for v in versions):
-                # keep the server's version for when the edits settle
-                conn.execute(
-                    f"""update {PREFIX}rows set data = ? where tbl = ? and k = ? and op_id =
-                        (select max(op_id) from {PREFIX}rows where tbl = ? and k = ?)""",
-                    (_data_text(server), table.id, k, table.id, k),
-                )
-        row = _overlay(table, server, holds)
-        where = _key_where(table)
+        row = visible_row(
+            None if received is None else {c: to_sql(v) for c, v in received.items()},
+            edits,
+            table.key,
+            table.counters,
+        )
         if row is None:
-            conn.execute(f"delete from {q(table.local)} where {where}", _key_values(table, k))
+            conn.execute(
+                f"delete from {q(table.local)} where {_key_where(table)}", _key_values(table, k)
+            )
             return
         cols = ", ".join(q(c) for c in table.columns)
         marks = ", ".join("?" * len(table.columns))
@@ -455,40 +487,65 @@ class _Batch:
             [row.get(c) for c in table.columns],
         )
 
-    def reconstruct(
-        self, table: LocalTable, k: Any, holds: Sequence[tuple[Any, ...]]
-    ) -> dict[str, Any] | None:
-        """The server version of a fast-path row now held: the table row with the held
-        columns put back to the first edit's ``old`` values (wire form)."""
-        cur = self.conn.execute(
-            f"select {', '.join(q(c) for c in table.columns)} from {q(table.local)} where "
-            + _key_where(table),
-            _key_values(table, k),
-        ).fetchone()
-        row: dict[str, Any] = {}
-        if cur is not None:
-            row = dict(zip(table.columns, cur, strict=True))
-        for _seq, op, old, _new, _status, _expect in holds:
-            if op != "insert" and old is not None:
-                for c, v in orjson.loads(old).items():
-                    row[c] = v
-                break
-        if not row:
-            return None
-        return {c: from_sql(v, table.kinds.get(c)) for c, v in row.items()}
+    # ---- settling entries
 
-    def settle(self, table: LocalTable, k: Any, holds: Sequence[tuple[Any, ...]]) -> None:
-        seqs = [h[0] for h in holds]
-        marks = ",".join("?" * len(seqs))
-        self.conn.execute(
-            f"""update {PREFIX}journal set
-                    status = case when status in ('pending', 'sent') then 'synced' else status end,
-                    expect = null, settled_at = julianday('now'),
-                    message = coalesce(message, 'the server state includes this edit')
-                where seq in ({marks})""",
-            seqs,
-        )
-        self.result.released += len(seqs)
+    def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]]) -> int:
+        """Record outcomes (relay/journal.py ``Outcome`` JSON; the latest per seq): final
+        statuses, kept conflicts; their rows are re-derived at :meth:`flush_dirty`.
+        Returns how many entries changed."""
+        conn = self.conn
+        changed = 0
+        for o in outcomes:
+            seq = int(o["seq"])
+            kind = str(o.get("outcome") or o.get("kind") or "")
+            status = OUTCOME_STATUS.get(kind)
+            found = conn.execute(
+                f"select tbl, k from {PREFIX}journal where seq = ?", (seq,)
+            ).fetchone()
+            if found is None or status is None:
+                continue
+            tid, k = found
+            conn.execute(
+                f"""update {PREFIX}journal set status = ?, outcome = ?, reason = ?, message = ?,
+                        settled_at = julianday('now') where seq = ?""",
+                (status, orjson.dumps(o).decode(), o.get("reason"), o.get("message"), seq),
+            )
+            known = conn.execute(
+                f"select id from {PREFIX}conflicts where seq = ?", (seq,)
+            ).fetchone()
+            if status == "conflict" and o.get("conflict") is not None and known is None:
+                conn.execute(
+                    f"insert into {PREFIX}conflicts (seq, tbl, k, detail) values (?, ?, ?, ?)",
+                    (seq, tid, k, orjson.dumps(o["conflict"]).decode()),
+                )
+            if kind == "resolved" and known is not None:
+                conn.execute(
+                    f"""update {PREFIX}conflicts set status = 'resolved',
+                            resolution = coalesce(resolution, 'on the server'),
+                            resolved_at = coalesce(resolved_at, julianday('now'))
+                        where seq = ?""",
+                    (seq,),
+                )
+            if tid in self.by_id:
+                self.dirty.add((tid, k))
+            self.result.released += 1
+            changed += 1
+        return changed
+
+    def record_rejections(self, rejected: Mapping[int, tuple[str | None, str | None]]) -> None:
+        """Entries the relay refused at upload: ``failed``; their rows are re-derived."""
+        for seq, (reason, message) in rejected.items():
+            found = self.conn.execute(
+                f"select tbl, k from {PREFIX}journal where seq = ?", (seq,)
+            ).fetchone()
+            self.conn.execute(
+                f"""update {PREFIX}journal set status = 'failed', reason = ?, message = ?,
+                        settled_at = julianday('now') where seq = ?""",
+                (reason, message, seq),
+            )
+            if found is not None and found[0] in self.by_id:
+                self.dirty.add((found[0], found[1]))
+                self.result.released += 1
 
     # ---- end
 
@@ -581,66 +638,55 @@ def _key_values(table: LocalTable, k: Any) -> list[Any]:
     return [to_sql(v) for v in orjson.loads(k)]
 
 
-def _written(
-    op: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    if new is None:
-        return {}
-    if op == "insert" or old is None:
-        return dict(new)
-    return {c: v for c, v in new.items() if c not in old or not _same(old[c], v)}
+class Received(enum.Enum):
+    TABLE_ROW = "the table row is the received version"
 
 
-def _same(a: Any, b: Any) -> bool:
-    if a == b and type(a) is type(b):
-        return True
-    if isinstance(a, bool | int | float) and isinstance(b, bool | int | float):
-        return bool(a == b)
-    if isinstance(a, str) and isinstance(b, str) and a[:1] in "[{" and b[:1] in "[{":
-        try:
-            return bool(orjson.loads(a) == orjson.loads(b))
-        except orjson.JSONDecodeError:
-            return False
-    return False
+TABLE_ROW: Final = Received.TABLE_ROW
+"""``received_version``'s answer when the table row itself is the received version."""
 
 
-def _includes(
-    table: LocalTable, server: Mapping[str, Any] | None, holds: Sequence[tuple[Any, ...]]
-) -> bool:
-    """Whether the server state includes the latest held edit (then it includes them all)."""
-    _seq, op, old, new, _status, expect = holds[-1]
-    if expect is not None:
-        wanted = orjson.loads(expect)
-        if wanted is None:
-            return server is None
-        return server is not None and all(
-            _same(to_sql(server.get(c)), to_sql(v)) for c, v in wanted.items() if c in server
-        )
-    if op == "delete":
-        return server is None
-    if server is None:
-        return False
-    written = _written(op, orjson.loads(old) if old else None, orjson.loads(new) if new else None)
-    if op == "insert":  # NULL columns of an insert may be the server's defaults
-        written = {c: v for c, v in written.items() if v is not None}
-    return all(_same(to_sql(server.get(c)), v) for c, v in written.items())
+def received_version(
+    table: LocalTable, datas: Sequence[str | None], edits: Sequence[Edit]
+) -> Mapping[str, Any] | Received | None:
+    """The latest server version the device received of a row (wire form), from its
+    holds' stored versions in op-id order (``datas``); None when no bucket holds it.
+
+    A table several rules serve merges the buckets' projections (latest op last).  Else
+    the latest hold's version counts; a hold that came by the fast path stores none
+    (``data`` NULL): the table row is that version while the row has no open edit
+    (:data:`TABLE_ROW`), and the earliest open edit's ``old`` once it has
+    (:meth:`_Batch.capture_received` keeps it)."""
+    if not datas:
+        return None
+    if table.multi:
+        merged: dict[str, Any] = {}
+        for data in datas:
+            if data is not None:
+                merged.update(orjson.loads(data))
+        return merged
+    latest = datas[-1]
+    if latest is not None:
+        version: dict[str, Any] = orjson.loads(latest)
+        return version
+    if not edits or edits[0].old is None:
+        return TABLE_ROW
+    return _wire(table, edits[0].old)
 
 
-def _overlay(
-    table: LocalTable, server: Mapping[str, Any] | None, holds: Sequence[tuple[Any, ...]]
-) -> dict[str, Any] | None:
-    """The row to show (SQLite values): the server's, with the held edits on top."""
-    row = {c: to_sql(v) for c, v in server.items()} if server is not None else None
-    for _seq, op, old, new, _status, _expect in holds:
-        if op == "delete":
-            row = None
-        elif op == "insert":
-            row = dict(orjson.loads(new))
-        else:
-            values = orjson.loads(new) if new else {}
-            written = _written(op, orjson.loads(old) if old else None, values)
-            row = {**(row or {}), **written}
-    return row
+def _wire(table: LocalTable, row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row in SQLite form (a table row, a journal entry's ``old``) in wire form."""
+    return {c: from_sql(row.get(c), table.kinds.get(c)) for c in table.columns}
+
+
+OUTCOME_STATUS: Final = {
+    "applied": "synced",
+    "merged": "synced",
+    "resolved": "synced",
+    "rejected": "failed",
+    "conflict": "conflict",
+}
+"""The journal status an outcome gives its entry (docs/journal.md, "Outcomes")."""
 
 
 # --------------------------------------------------------------------------- entry point
@@ -654,17 +700,20 @@ def apply_messages(
     bulk_ops: int = BULK_OPS,
     total_ops: int | None = None,
     finish: Callable[[sqlite3.Connection], None] | None = None,
+    outcomes: Sequence[Mapping[str, Any]] = (),
 ) -> ApplyResult:
     """Apply ``messages`` (ending with a complete checkpoint) in one transaction and store
     ``cursor``; buckets whose checksum differs get their cursor set back to 0 with
     ``reset_cursor(cursor, buckets)`` and are re-downloaded.  ``total_ops`` (when known)
-    decides between flagging and suspending the triggers (:data:`BULK_OPS`)."""
+    decides between flagging and suspending the triggers (:data:`BULK_OPS`).
+    ``outcomes`` (fetched before the download) are recorded in the same transaction, so
+    an edit's outcome and the server version including it show together."""
     started = time.perf_counter()
     collecting = gc.isenabled()
     gc.disable()  # the ops are short-lived and acyclic: no cyclic GC passes over them
     try:
         return _apply_messages(
-            conn, messages, cursor, reset_cursor, bulk_ops, total_ops, finish, started
+            conn, messages, cursor, reset_cursor, bulk_ops, total_ops, finish, outcomes, started
         )
     finally:
         if collecting:
@@ -679,6 +728,7 @@ def _apply_messages(
     bulk_ops: int,
     total_ops: int | None,
     finish: Callable[[sqlite3.Connection], None] | None,
+    outcomes: Sequence[Mapping[str, Any]],
     started: float,
 ) -> ApplyResult:
     with transaction(conn):
@@ -698,6 +748,7 @@ def _apply_messages(
                 batch.apply_message(msg)
                 dropped.update(msg.get("dropped") or ())
                 last = msg
+            batch.record_outcomes(outcomes)
             batch.flush_dirty()
         batch.recount_buckets()
         batch.save_buckets()
@@ -722,25 +773,54 @@ def _apply_messages(
     return batch.result
 
 
+def settle(
+    conn: sqlite3.Connection,
+    outcomes: Sequence[Mapping[str, Any]] = (),
+    rejected: Mapping[int, tuple[str | None, str | None]] | None = None,
+) -> int:
+    """Record outcomes and upload rejections in one transaction; the rows of the entries
+    that settled are re-derived (received version, open edits on top).  Returns how many
+    entries changed."""
+    with transaction(conn):
+        batch = _Batch(conn, load_tables(conn))
+        changed = batch.record_outcomes(outcomes)
+        batch.record_rejections(rejected or {})
+        with triggers.applying(conn):
+            batch.flush_dirty()
+    return changed + len(rejected or {})
+
+
 def refresh_rows(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
-    """Rewrite the rows of journal entries that settled (``seqs``: outcomes, rejections):
-    the server's version, with the edits still held on top.  Returns how many entries
-    were released."""
+    """Re-derive the rows of journal entries ``seqs`` (e.g. a conflict resolved locally).
+    Returns how many rows were rewritten."""
     with transaction(conn):
         batch = _Batch(conn, load_tables(conn))
         wanted = sorted(set(seqs))
         for i in range(0, len(wanted), _CHUNK):
             chunk = wanted[i : i + _CHUNK]
-            for tid, k, *entry in conn.execute(
-                f"""select tbl, k, seq, op, old, new, status, expect from {PREFIX}journal
+            for tid, k in conn.execute(
+                f"""select tbl, k from {PREFIX}journal
                     where seq in ({",".join("?" * len(chunk))})""",
                 chunk,
             ):
-                batch.settled.setdefault((tid, k), []).append(tuple(entry))
-                batch.dirty.add((tid, k))
+                if tid in batch.by_id:
+                    batch.dirty.add((tid, k))
+        n = len(batch.dirty)
         with triggers.applying(conn):
             batch.flush_dirty()
-    return batch.result.released
+    return n
+
+
+def refresh_open_rows(conn: sqlite3.Connection, tables: Iterable[str]) -> int:
+    """Re-derive the rows with open edits of ``tables`` (their counter columns changed)."""
+    with transaction(conn):
+        batch = _Batch(conn, load_tables(conn))
+        chosen = {batch.tables[name].id for name in tables if name in batch.tables}
+        batch.dirty = {(tid, k) for tid, k in batch.held if tid in chosen}
+        n = len(batch.dirty)
+        with triggers.applying(conn):
+            batch.flush_dirty()
+    return n
 
 
 def local_checksums(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:

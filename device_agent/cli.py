@@ -19,7 +19,8 @@ Exit codes (also in docs/device-agent.md):
 3     relay unreachable: the agent works offline; local data stays usable
 4     the token was refused (expired, revoked, invalid): get a new token
 5     the server's schema changed and the local tables cannot follow (says what blocks)
-6     verify found buckets that differ from the relay's checksums
+6     verify found buckets that differ from the relay's checksums, or rows that differ
+      from the received versions with the open edits on top
 7     encryption: key missing or wrong, SQLCipher not installed
 ====  ==============================================================================
 """
@@ -46,6 +47,7 @@ from rich.table import Table
 from device_agent import crypto, local_db
 from device_agent.apply import local_checksums, refresh_rows
 from device_agent.client import JournalUnsupported
+from device_agent.consistency import check_tables
 from device_agent.errors import (
     DeviceAgentError,
     EncryptionError,
@@ -370,20 +372,38 @@ def journal(
 @app.command()
 def verify(
     no_sync: Annotated[bool, typer.Option("--no-sync", help="do not sync first")] = False,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="no relay: compare with the checkpoints last received (implies --no-sync)",
+        ),
+    ] = False,
     db: DbOpt = "fieldsync.db",
     key_file: KeyFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare every bucket's rows and checksum with the relay's checkpoint."""
+    """Compare every bucket's rows and checksum with the relay's checkpoint, and every
+    table row with the received version and the open edits on top (exit 6 on a difference)."""
     with _errors(as_json):
         agent = _agent(db, key_file)
         try:
-            if not no_sync:
+            if not (no_sync or local):
                 agent.sync_once()
-            server = agent.client.checkpoint()["buckets"]
+            server = (
+                agent.client.checkpoint()["buckets"]
+                if not local
+                else {
+                    name: {"last_op_id": last, "count": count, "checksum": checksum}
+                    for name, last, count, checksum in agent.conn.execute(
+                        f"""select name, last_op_id, server_count, server_checksum
+                            from {PREFIX}buckets where server_count is not null"""
+                    )
+                }
+            )
             mine = local_checksums(agent.conn)
             last_ops = dict(agent.conn.execute(f"select name, last_op_id from {PREFIX}buckets"))
-            rows_bad = data_mismatches(agent.conn)
+            rows_bad = [p.to_json() for p in check_tables(agent.conn)]
         finally:
             agent.close()
         results = []
@@ -410,75 +430,29 @@ def verify(
                     "state": state,
                 }
             )
-        data = {"buckets": results, "rows_differing_from_received": rows_bad}
+        data = {"buckets": results, "rows": rows_bad}
         _emit(
             as_json,
             data,
             "\n".join(f"{r['bucket']}: {r['state']} ({r['rows']} rows)" for r in results)
-            + (
-                f"\n{len(rows_bad)} row(s) differ from what was received: "
-                + ", ".join(f"{r['table']} {r['key']}" for r in rows_bad[:10])
-                if rows_bad
-                else ""
+            + "".join(
+                f"\n{r['table']} {json.dumps(r['key'])}: {r['message']}"
+                + "".join(
+                    f"\n    {c}: expected {json.dumps(v['expected'], default=str)}, "
+                    f"found {json.dumps(v['found'], default=str)}"
+                    for c, v in r["columns"].items()
+                )
+                for r in rows_bad
             ),
         )
         if bad or rows_bad:
             raise_exit = VerifyFailed(
                 f"{bad} bucket(s) differ from the relay's checksums, {len(rows_bad)} row(s) "
-                "differ from what was received; device-agent reset re-downloads everything"
+                "differ from the received versions with the open edits on top; "
+                "device-agent reset re-downloads everything"
             )
             err.print(f"error: {raise_exit}", highlight=False, markup=False)
             raise typer.Exit(raise_exit.exit_code)
-
-
-def data_mismatches(conn: Any, limit: int = 100) -> list[dict[str, Any]]:
-    """Rows of the synced tables (without local edits) whose content no longer hashes to
-    the checksum term of the version received (changed behind the agent's back)."""
-    from device_agent.apply import term_of, unsigned
-    from relay.bucket_store import row_key_text
-
-    held = {
-        (r[0], r[1])
-        for r in conn.execute(
-            f"""select tbl, k from {PREFIX}journal
-                where status in ('pending', 'sent') or expect is not null"""
-        )
-    }
-    found: list[dict[str, Any]] = []
-    for t in local_db.load_tables(conn).values():
-        if t.multi:
-            continue
-        cols = ", ".join("u." + local_db.q(c) for c in t.columns)
-        key_expr = (
-            "u." + local_db.q(t.key[0])
-            if len(t.key) == 1
-            else "json_array(" + ", ".join("u." + local_db.q(c) for c in t.key) + ")"
-        )
-        tjson = orjson.dumps(t.name)
-        for row in conn.execute(
-            f"""select r.k, r.term, r.data, {cols} from {PREFIX}rows r
-                left join {local_db.q(t.local)} u on {key_expr} is r.k where r.tbl = ?""",
-            (t.id,),
-        ):
-            k, term, data = row[0], row[1], row[2]
-            if (t.id, k) in held:
-                continue
-            key = local_db.k_key(k, t.key_kinds())
-            values = row[3:]
-            if data is not None:
-                current = orjson.loads(data)
-            elif all(v is None for v in values):
-                current = None
-            else:
-                current = {
-                    c: local_db.from_sql(v, t.kinds.get(c))
-                    for c, v in zip(t.columns, values, strict=True)
-                }
-            if current is None or term_of(tjson, row_key_text(key), current) != unsigned(int(term)):
-                found.append({"table": t.name, "key": key})
-                if len(found) >= limit:
-                    return found
-    return found
 
 
 @app.command()

@@ -6,7 +6,8 @@ Layout (docs/device-agent.md, "Local database"):
   app may read and write with plain sqlite3.  ``public.work_orders`` is named
   ``work_orders``; a table of another schema ``s.t`` is named ``s__t``.  Columns keep
   their names and carry no declared type (values keep the type they were stored with);
-  the primary key is the table's key; indexes the schema lists are created too.
+  the primary key is the table's key, its columns ``NOT NULL``; indexes the schema lists
+  are created too.
 - Agent metadata lives in tables whose names start with :data:`PREFIX`
   (``_fieldsync_``); apps must not write them.
 
@@ -39,7 +40,9 @@ import orjson
 from device_agent.errors import SchemaBlocked, StateError
 
 PREFIX: Final = "_fieldsync_"
-DB_VERSION: Final = 1
+DB_VERSION: Final = 2
+"""1: the first layout.  2: key columns NOT NULL, ``tables.counters``, ``replaced``, the
+journal's index of open entries; rows are re-derived once (see :func:`upgrade_metadata`)."""
 BUSY_TIMEOUT_MS: Final = 30_000
 CACHE_KIB: Final = 262_144
 """Page cache of the agent's connection (KiB; SQLite allocates it as pages are used)."""
@@ -54,7 +57,8 @@ METADATA_DDL: Final = (
     f"""create table if not exists {PREFIX}tables (
         id integer primary key, name text not null unique, local text not null unique,
         columns text not null, key text not null, rules text not null default '[]',
-        indexes text not null default '[]', kinds text not null default '{{}}')""",
+        indexes text not null default '[]', kinds text not null default '{{}}',
+        counters text not null default '[]')""",
     f"""create table if not exists {PREFIX}buckets (
         id integer primary key, name text not null unique,
         count integer not null default 0, checksum text not null default '0',
@@ -78,6 +82,10 @@ METADATA_DDL: Final = (
     f"""create table if not exists {PREFIX}applying (flag integer)""",
     f"""create table if not exists {PREFIX}staging (
         seq integer primary key, message blob not null)""",
+    f"""create index if not exists {PREFIX}journal_open on {PREFIX}journal (tbl, k, seq)
+        where status in ('pending', 'sent')""",
+    f"""create table if not exists {PREFIX}replaced (
+        tbl integer not null, k not null, row text, primary key (tbl, k)) without rowid""",
     f"""create table if not exists {PREFIX}conflicts (
         id integer primary key, seq integer, tbl integer not null, k not null,
         detail text not null, status text not null default 'open', resolution text,
@@ -97,6 +105,7 @@ class TableSpec:
     key: tuple[str, ...]
     rules: tuple[str, ...] = ()
     indexes: tuple[tuple[str, ...], ...] = ()
+    counters: tuple[str, ...] = ()
 
     @property
     def local(self) -> str:
@@ -116,7 +125,8 @@ def parse_schema(body: Any) -> RelaySchema:
     """Read a ``/v1/schema`` body; :class:`StateError` names what is wrong.
 
     ``columns`` may be names or objects ``{"name": …}``; ``indexes`` (optional) lists
-    column lists or objects ``{"columns": [...]}``.
+    column lists or objects ``{"columns": [...]}``; ``counters`` (optional) names the
+    columns the server merges as counters (deltas add).
     """
     if not isinstance(body, dict) or not isinstance(body.get("tables"), list):
         raise StateError("the relay's schema is not an object with a 'tables' list")
@@ -138,7 +148,10 @@ def parse_schema(body: Any) -> RelaySchema:
             cols = ix.get("columns") if isinstance(ix, dict) else ix
             if isinstance(cols, list) and cols and all(c in columns for c in cols):
                 indexes.append(tuple(str(c) for c in cols))
-        tables.append(TableSpec(name, columns, key, tuple(raw.get("rules") or ()), tuple(indexes)))
+        counters = tuple(str(c) for c in raw.get("counters") or () if c in columns)
+        tables.append(
+            TableSpec(name, columns, key, tuple(raw.get("rules") or ()), tuple(indexes), counters)
+        )
     locals_ = [t.local for t in tables]
     if len(set(locals_)) != len(locals_):
         raise StateError(f"two synced tables map to the same local name: {sorted(locals_)}")
@@ -252,6 +265,30 @@ def ensure_metadata(conn: sqlite3.Connection) -> None:
         conn.execute(
             f"insert or ignore into {PREFIX}meta values ('db_version', ?)", (str(DB_VERSION),)
         )
+    upgrade_metadata(conn)
+
+
+def upgrade_metadata(conn: sqlite3.Connection) -> None:
+    """Bring the agent's metadata tables of an older database to :data:`DB_VERSION` (one
+    transaction).  From version 1: ``tables.counters``, ``replaced``, the index of open
+    journal entries; the ``expect`` holds of version 1 are dropped, and the next schema
+    migration (every sync) re-derives every row (:func:`rederive_all`).  The app's tables
+    are not touched here: their key columns become NOT NULL in :func:`apply_schema`."""
+    if int(get_meta(conn, "db_version") or DB_VERSION) >= DB_VERSION:
+        return
+    with transaction(conn):
+        if int(get_meta(conn, "db_version") or DB_VERSION) >= DB_VERSION:
+            return
+        for ddl in METADATA_DDL:
+            conn.execute(ddl)
+        have = {r[1] for r in conn.execute(f"pragma table_info({PREFIX}tables)")}
+        if "counters" not in have:
+            conn.execute(
+                f"alter table {PREFIX}tables add column counters text not null default '[]'"
+            )
+        conn.execute(f"update {PREFIX}journal set expect = null where expect is not null")
+        set_meta(conn, "rederive", "1")
+        set_meta(conn, "db_version", str(DB_VERSION))
 
 
 def is_initialized(conn: sqlite3.Connection) -> bool:
@@ -301,6 +338,7 @@ class LocalTable:
     key: tuple[str, ...]
     rules: tuple[str, ...]
     kinds: dict[str, str]
+    counters: frozenset[str] = frozenset()
 
     @property
     def multi(self) -> bool:
@@ -313,8 +351,9 @@ class LocalTable:
 
 def load_tables(conn: sqlite3.Connection) -> dict[str, LocalTable]:
     out: dict[str, LocalTable] = {}
-    for tid, name, local, cols, key, rules, kinds in conn.execute(
-        f"select id, name, local, columns, key, rules, kinds from {PREFIX}tables order by id"
+    for tid, name, local, cols, key, rules, kinds, counters in conn.execute(
+        f"""select id, name, local, columns, key, rules, kinds, counters
+            from {PREFIX}tables order by id"""
     ):
         out[name] = LocalTable(
             tid,
@@ -324,6 +363,7 @@ def load_tables(conn: sqlite3.Connection) -> dict[str, LocalTable]:
             tuple(orjson.loads(key)),
             tuple(orjson.loads(rules)),
             dict(orjson.loads(kinds)),
+            frozenset(orjson.loads(counters)),
         )
     return out
 
@@ -336,7 +376,8 @@ def save_kinds(conn: sqlite3.Connection, table: LocalTable) -> None:
 
 
 def create_table_sql(spec: TableSpec) -> list[str]:
-    cols = ", ".join(q(c) for c in spec.columns)
+    """``CREATE TABLE`` (key columns NOT NULL) and the schema's indexes."""
+    cols = ", ".join(q(c) + (" not null" if c in spec.key else "") for c in spec.columns)
     pk = ", ".join(q(c) for c in spec.key)
     stmts = [f"create table if not exists {q(spec.local)} ({cols}, primary key ({pk}))"]
     for ix in spec.indexes:
@@ -356,6 +397,7 @@ class Migration:
     changed_tables: list[TableSpec] = dataclasses.field(default_factory=list)
     rebuilt_tables: list[str] = dataclasses.field(default_factory=list)
     removed_tables: list[str] = dataclasses.field(default_factory=list)
+    counters_changed: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     blockers: list[str] = dataclasses.field(default_factory=list)
 
@@ -435,6 +477,8 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
                 plan.notes.append(f"{spec.name}: column {c} dropped (removed on the server)")
         if added or removed or spec.rules != old.rules:
             plan.changed_tables.append(spec)
+        if frozenset(spec.counters) != old.counters:
+            plan.counters_changed.append(spec.name)
         if spec.indexes:
             plan.statements += create_table_sql(spec)[1:]
     names = {t.name for t in schema.tables}
@@ -451,10 +495,11 @@ def record_tables(conn: sqlite3.Connection, specs: Iterable[TableSpec]) -> None:
     """Insert or update ``_fieldsync_tables`` rows (kinds are kept)."""
     for spec in specs:
         conn.execute(
-            f"""insert into {PREFIX}tables (name, local, columns, key, rules, indexes)
-                values (?, ?, ?, ?, ?, ?)
+            f"""insert into {PREFIX}tables (name, local, columns, key, rules, indexes, counters)
+                values (?, ?, ?, ?, ?, ?, ?)
                 on conflict (name) do update set columns = excluded.columns,
-                    key = excluded.key, rules = excluded.rules, indexes = excluded.indexes""",
+                    key = excluded.key, rules = excluded.rules, indexes = excluded.indexes,
+                    counters = excluded.counters""",
             (
                 spec.name,
                 spec.local,
@@ -462,6 +507,7 @@ def record_tables(conn: sqlite3.Connection, specs: Iterable[TableSpec]) -> None:
                 orjson.dumps(list(spec.key)).decode(),
                 orjson.dumps(list(spec.rules)).decode(),
                 orjson.dumps([list(i) for i in spec.indexes]).decode(),
+                orjson.dumps(sorted(spec.counters)).decode(),
             ),
         )
 
@@ -485,11 +531,107 @@ def bucket_ids(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, int]
 
 
 def require_initialized(conn: sqlite3.Connection, path: str) -> None:
+    """Raise :class:`StateError` unless ``path`` is an initialized device database; bring
+    its metadata to the current version (:func:`upgrade_metadata`)."""
     if not is_initialized(conn) or get_meta(conn, "relay_url") is None:
         raise StateError(
             f"{path} is not a device-agent database; run device-agent init --relay URL "
             "--token TOKEN --db PATH first"
         )
+    upgrade_metadata(conn)
+
+
+# --------------------------------------------------------------------------- key columns
+
+
+def key_expr(table: LocalTable, ref: str) -> str:
+    """SQL computing a row's ``k`` (:func:`key_k`) from ``ref`` (a table name or alias)."""
+    if len(table.key) == 1:
+        return f"{ref}.{q(table.key[0])}"
+    return "json_array(" + ", ".join(f"{ref}.{q(c)}" for c in table.key) + ")"
+
+
+def key_not_null(conn: sqlite3.Connection, local: str, key: Sequence[str]) -> bool:
+    """Whether every key column of the local table is declared NOT NULL."""
+    info = {r[1]: bool(r[3]) for r in conn.execute(f"pragma table_info({q(local)})")}
+    return all(info.get(c, False) for c in key)
+
+
+def rebuild_not_null(conn: sqlite3.Connection, local: str, key: Sequence[str]) -> int:
+    """Inside an open transaction: rebuild ``local`` with its key columns NOT NULL (SQLite
+    cannot add the constraint in place).  Columns, their order, declared types and
+    defaults are kept; the app's indexes and triggers on the table are created again;
+    views keep working (they name the table).  Rows with a NULL key column cannot be
+    addressed by any sync (and were never the server's) and are not copied.  Returns
+    how many rows were left out."""
+    info = list(conn.execute(f"pragma table_info({q(local)})"))
+    objects = [
+        sql
+        for (sql,) in conn.execute(
+            """select sql from sqlite_master where tbl_name = ? and type in ('index', 'trigger')
+                and sql is not null order by type, name""",
+            (local,),
+        )
+    ]
+    defs = []
+    for _cid, name, typ, notnull, default, _pk in info:
+        parts = [q(name)]
+        if typ:
+            parts.append(typ)
+        if notnull or name in key:
+            parts.append("not null")
+        if default is not None:
+            parts.append(f"default {default}")
+        defs.append(" ".join(parts))
+    temp = f"{PREFIX}rebuild_{local}"
+    names = ", ".join(q(r[1]) for r in info)
+    keyed = " and ".join(f"{q(c)} is not null" for c in key)
+    before = int(conn.execute(f"select count(*) from {q(local)}").fetchone()[0])
+    conn.execute(f"drop table if exists {q(temp)}")
+    conn.execute(
+        f"create table {q(temp)} ({', '.join(defs)}, primary key ({', '.join(q(c) for c in key)}))"
+    )
+    conn.execute(f"insert into {q(temp)} ({names}) select {names} from {q(local)} where {keyed}")
+    after = int(conn.execute(f"select count(*) from {q(temp)}").fetchone()[0])
+    conn.execute(f"drop table {q(local)}")
+    # legacy rename: views and triggers elsewhere that name the table are not re-parsed
+    # (they name it again once the rename is done)
+    conn.execute("pragma legacy_alter_table = on")
+    try:
+        conn.execute(f"alter table {q(temp)} rename to {q(local)}")
+    finally:
+        conn.execute("pragma legacy_alter_table = off")
+    for sql in objects:
+        conn.execute(sql)
+    return before - after
+
+
+def rederive_all(conn: sqlite3.Connection) -> list[str]:
+    """Inside an open transaction: the one-off repair after an upgrade from version 1,
+    whose agent could leave rows that no bucket holds and stale values: rows no bucket
+    holds and no open edit keeps leave the tables, and every bucket is downloaded again
+    (replaced atomically with the next complete checkpoint), so every row is re-derived
+    from a fresh received version.  Returns notes."""
+    notes = []
+    conn.execute(f"insert into {PREFIX}applying values (1)")
+    try:
+        for t in load_tables(conn).values():
+            k = key_expr(t, q(t.local))
+            gone = conn.execute(
+                f"""delete from {q(t.local)} where not exists
+                    (select 1 from {PREFIX}rows r where r.tbl = ? and r.k = {k})
+                    and not exists (select 1 from {PREFIX}journal j where j.tbl = ? and j.k = {k}
+                        and j.status in ('pending', 'sent'))""",
+                (t.id, t.id),
+            ).rowcount
+            if gone:
+                notes.append(f"{t.name}: {gone} row(s) no bucket holds removed")
+    finally:
+        conn.execute(f"delete from {PREFIX}applying")
+    conn.execute(f"update {PREFIX}buckets set reset_pending = 1")
+    set_meta(conn, "rederive", None)
+    notes.append("every bucket is downloaded again once (database upgraded)")
+    return notes
 
 
 def blocked(migration: Migration) -> SchemaBlocked:
@@ -535,7 +677,16 @@ def apply_schema(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
                 )
         for stmt in plan.statements:
             conn.execute(stmt)
+        for spec in schema.tables:
+            if not key_not_null(conn, spec.local, spec.key):
+                dropped = rebuild_not_null(conn, spec.local, spec.key)
+                plan.notes.append(
+                    f"{spec.name}: key columns declared NOT NULL (table rebuilt"
+                    + (f"; {dropped} row(s) with a NULL key left out)" if dropped else ")")
+                )
         record_tables(conn, schema.tables)
+        if get_meta(conn, "rederive"):
+            plan.notes += rederive_all(conn)
         for name in plan.rebuilt_tables:
             conn.execute(f"update {PREFIX}tables set kinds = '{{}}' where name = ?", (name,))
         for t in load_tables(conn).values():
@@ -553,6 +704,7 @@ def schema_json(schema: RelaySchema) -> dict[str, Any]:
                 "key": list(t.key),
                 "rules": list(t.rules),
                 "indexes": [list(i) for i in t.indexes],
+                "counters": list(t.counters),
             }
             for t in schema.tables
         ],

@@ -7,7 +7,10 @@ One sync round (:meth:`Agent.sync_once`):
    relay's reason); a relay without the journal endpoint leaves them pending;
 2. read ``/v1/schema`` and migrate the local tables (local_db.apply_schema);
 3. download changes messages from the stored cursor until one carries a complete
-   checkpoint, then apply them in one transaction (device_agent/apply.py).  Messages
+   checkpoint, then apply them in one transaction (device_agent/apply.py), together with
+   the outcomes of sent entries read just before the download (so an outcome and the
+   server version including its edit, when both are there, show at once; outcomes are
+   only read while an entry is ``sent`` or waits for the resolution of its conflict).  Messages
    before the complete one are *staged* in ``_fieldsync_staging`` (each with the cursor
    it leads to, committed per message), so a connection cut at any byte resumes from the
    last whole message: nothing is downloaded twice more than one message, nothing is
@@ -20,7 +23,8 @@ messages the same way; if the WebSocket cannot be opened it long-polls ``/v1/cha
 (``wait``) and tries the WebSocket again later.  When the relay is unreachable it keeps
 trying with exponential backoff and jitter while the app goes on reading and writing
 the local database (edits wait in the journal).  Local edits are uploaded as they
-appear (checked every second).
+appear (checked every second); while outcomes are awaited they are read every second
+and recorded with the next changes message, or on their own a second later.
 
 Threads: an :class:`Agent` belongs to one thread (its SQLite connection and HTTP
 client); :meth:`Agent.watch` stops when the given event is set.
@@ -38,7 +42,7 @@ from typing import Any, Final
 import orjson
 
 from device_agent import local_db, triggers
-from device_agent.apply import ApplyResult, apply_messages, refresh_rows
+from device_agent.apply import ApplyResult, apply_messages, refresh_open_rows, settle
 from device_agent.client import (
     JournalUnsupported,
     RelayClient,
@@ -137,8 +141,10 @@ def wire_entries(
                 for c, v in new_v.items()
                 if c not in old_v or old_v[c] != v or type(old_v[c]) is not type(v)
             }
-        if op == "insert" and new_v is not None:
-            new_v = {c: v for c, v in new_v.items() if v is not None or c in table.key}
+        if op == "insert":  # ``old`` of an insert is the row it replaced: kept locally only
+            old_v = None
+            if new_v is not None:
+                new_v = {c: v for c, v in new_v.items() if v is not None or c in table.key}
         out.append(
             {
                 "seq": seq,
@@ -161,57 +167,8 @@ def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any
 
 def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
     """Record outcomes (relay/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
-    whose edits settled are rewritten.  Returns how many entries changed."""
-    settled: list[int] = []
-    changed = 0
-    with transaction(conn):
-        for o in outcomes:
-            seq = int(o["seq"])
-            kind = str(o.get("outcome") or o.get("kind") or "")
-            row = conn.execute(
-                f"select tbl, k, status from {PREFIX}journal where seq = ?", (seq,)
-            ).fetchone()
-            if row is None:
-                continue
-            tid, k, _status = row
-            status = {
-                "applied": "synced",
-                "merged": "synced",
-                "resolved": "synced",
-                "rejected": "failed",
-                "conflict": "conflict",
-            }.get(kind)
-            if status is None:
-                continue
-            expect = None
-            if status == "synced" and "row" in o:
-                expect = orjson.dumps(o.get("row")).decode()
-            conn.execute(
-                f"""update {PREFIX}journal set status = ?, outcome = ?, reason = ?, message = ?,
-                        expect = ?, settled_at = julianday('now') where seq = ?""",
-                (status, orjson.dumps(o).decode(), o.get("reason"), o.get("message"), expect, seq),
-            )
-            known = conn.execute(
-                f"select id from {PREFIX}conflicts where seq = ?", (seq,)
-            ).fetchone()
-            if status == "conflict" and o.get("conflict") is not None and known is None:
-                conn.execute(
-                    f"""insert into {PREFIX}conflicts (seq, tbl, k, detail) values (?, ?, ?, ?)""",
-                    (seq, tid, k, orjson.dumps(o["conflict"]).decode()),
-                )
-            if kind == "resolved" and known is not None:
-                conn.execute(
-                    f"""update {PREFIX}conflicts set status = 'resolved',
-                            resolution = coalesce(resolution, 'on the server'),
-                            resolved_at = coalesce(resolved_at, julianday('now'))
-                        where seq = ?""",
-                    (seq,),
-                )
-            settled.append(seq)
-            changed += 1
-    if settled:
-        refresh_rows(conn, settled)
-    return changed
+    whose edits settled are re-derived.  Returns how many entries changed."""
+    return settle(conn, outcomes=outcomes)
 
 
 # --------------------------------------------------------------------------- the agent
@@ -241,6 +198,9 @@ class Agent:
         self._client_factory = client_factory
         self._client: RelayClient | None = None
         self._rng = random.Random()
+        # outcomes read before a download, recorded with its apply: (outcomes, cursor)
+        self._due: tuple[list[dict[str, Any]], str | None] | None = None
+        self._outcomes_read_at = 0.0
 
     def close(self) -> None:
         if self._client is not None:
@@ -298,35 +258,64 @@ class Agent:
                             where seq = ? and status = 'pending'""",
                         (seq,),
                     )
-                for seq, (reason, message) in result.rejected.items():
-                    self.conn.execute(
-                        f"""update {PREFIX}journal set status = 'failed', reason = ?, message = ?,
-                                settled_at = julianday('now') where seq = ?""",
-                        (reason, message, seq),
-                    )
+            if result.rejected:
+                settle(self.conn, rejected=result.rejected)
             report.uploaded += len(result.accepted)
             report.rejected += len(result.rejected)
-            if result.rejected:
-                refresh_rows(self.conn, result.rejected)
             if not result.accepted and not result.rejected:
                 return
 
-    def fetch_outcomes(self) -> int:
+    def awaiting_outcomes(self) -> bool:
+        """Whether an entry waits for its outcome (``sent``) or for the resolution of its
+        kept conflict (``conflict``): only then are outcomes read."""
+        row = self.conn.execute(
+            f"""select exists (select 1 from {PREFIX}journal
+                where status in ('sent', 'conflict'))"""
+        ).fetchone()
+        return bool(row[0])
+
+    def read_outcomes(self) -> tuple[list[dict[str, Any]], str | None] | None:
+        """New outcomes (the latest per seq) and the cursor after them; None when the
+        relay has no outcomes endpoint."""
+        self._outcomes_read_at = time.monotonic()
         try:
             items, cursor = self.client.outcomes(get_meta(self.conn, "outcomes_cursor"))
-            items = _latest_per_seq(items)
         except JournalUnsupported:
-            return 0
+            return None
+        return _latest_per_seq(items), cursor
+
+    def fetch_outcomes(self) -> int:
+        """Read and record outcomes now (their rows re-derived); returns how many entries
+        changed."""
+        due = self.read_outcomes()
+        return 0 if due is None else self._record(due)
+
+    def _record(self, due: tuple[list[dict[str, Any]], str | None]) -> int:
+        items, cursor = due
         n = apply_outcomes(self.conn, items) if items else 0
         if cursor is not None:
             with transaction(self.conn):
                 set_meta(self.conn, "outcomes_cursor", cursor)
         return n
 
+    def _tick(self) -> None:
+        """Between messages while watching: outcomes read a second ago that no changes
+        message took along are recorded now; new ones are read at most every second,
+        while some are awaited."""
+        if time.monotonic() - self._outcomes_read_at < 1.0:
+            return
+        if self._due is not None:
+            due, self._due = self._due, None
+            self._record(due)
+        elif self.awaiting_outcomes():
+            self._due = self.read_outcomes()
+
     def refresh_schema(self, report: SyncReport) -> None:
         schema = local_db.parse_schema(self.client.schema())
         plan = local_db.apply_schema(self.conn, schema)
         report.schema_notes += plan.notes
+        if plan.counters_changed:
+            refresh_open_rows(self.conn, plan.counters_changed)
 
     def cursor(self) -> str | None:
         return get_meta(self.conn, "staging_cursor") or get_meta(self.conn, "cursor")
@@ -364,14 +353,26 @@ class Agent:
                 yield orjson.loads(row[1])
             yield msg
 
+        due, self._due = self._due, None
+        if due is None and self.awaiting_outcomes():
+            due = self.read_outcomes()
+
         def finish(conn: Any) -> None:
             conn.execute(f"delete from {PREFIX}staging")
             set_meta(conn, "staging_cursor", None)
             set_meta(conn, "staging_ops", None)
             set_meta(conn, "last_sync_at", str(time.time()))
+            if due is not None and due[1] is not None:
+                set_meta(conn, "outcomes_cursor", due[1])
 
         result = apply_messages(
-            self.conn, messages(), str(msg["cursor"]), reset_cursor, total_ops=total, finish=finish
+            self.conn,
+            messages(),
+            str(msg["cursor"]),
+            reset_cursor,
+            total_ops=total,
+            finish=finish,
+            outcomes=due[0] if due is not None else (),
         )
         report.applied.append(result)
         if result.mismatched:
@@ -385,6 +386,10 @@ class Agent:
         last: ApplyResult | None = None
         expected: int | None = None
         received = 0
+        if self._due is None and self.awaiting_outcomes():
+            # read before the changes: an outcome and the server version that includes
+            # its edit (when already there) are then recorded in one transaction
+            self._due = self.read_outcomes()
         while True:
             msg = self.client.changes(self.cursor(), self.page_ops, wait_s)
             if expected is None:
@@ -416,7 +421,6 @@ class Agent:
                     "buckets still differ from the relay's checksums after "
                     f"{MAX_REPAIRS} downloads; run device-agent verify and report it"
                 )
-            self.fetch_outcomes()
             with transaction(self.conn):
                 set_meta(self.conn, "last_error", None)
         except DeviceAgentError as exc:
@@ -478,6 +482,7 @@ class Agent:
                     return
                 if msg is not None:
                     self.handle(msg, report)
+                self._tick()
                 now_head = self._journal_head()
                 if now_head != head:
                     head = now_head
@@ -490,8 +495,10 @@ class Agent:
             if until is not None and time.monotonic() >= until:
                 return
             self.upload(report)
-            msg = self.client.changes(self.cursor(), self.page_ops, poll_s)
+            wait = 1.0 if self.awaiting_outcomes() else poll_s
+            msg = self.client.changes(self.cursor(), self.page_ops, wait)
             self.handle(msg, report)
+            self._tick()
 
 
 def _latest_per_seq(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:

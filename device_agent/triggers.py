@@ -3,7 +3,12 @@
 For each synced table three kinds of ``AFTER`` triggers (names start with
 ``_fieldsync_``) append to ``_fieldsync_journal`` one entry per changed row:
 
-- insert: ``op='insert'``, ``new`` = the row (``json_object`` of every column);
+- insert: ``op='insert'``, ``new`` = the row (``json_object`` of every column).  An
+  ``INSERT OR REPLACE`` over an existing row (SQLite fires no delete trigger for the row
+  it replaces) also records that row as the entry's ``old``: a ``BEFORE INSERT`` trigger
+  keeps it in ``_fieldsync_replaced`` for the ``AFTER INSERT`` trigger, which takes it
+  (the agent needs it as the received version of the row, device_agent/visible.py; the
+  upload leaves ``old`` out of inserts);
 - update: ``op='update'``, ``old`` = the row before, ``new`` = the row after; an update
   that changes no column is not journaled; an update that changes the key becomes a
   ``delete`` of the old key and an ``insert`` of the new one (the relay refuses key
@@ -35,24 +40,26 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 
-from device_agent.local_db import PREFIX, LocalTable, q
+from device_agent.local_db import PREFIX, LocalTable, key_expr, q
 
 _NOT_APPLYING = f"not exists (select 1 from {PREFIX}applying)"
 
 
 def trigger_names(table: LocalTable) -> list[str]:
     base = f"{PREFIX}{table.id}"
-    return [f"{base}_ins", f"{base}_upd", f"{base}_updkey", f"{base}_del"]
+    return [f"{base}_ins", f"{base}_upd", f"{base}_updkey", f"{base}_del", f"{base}_insrep"]
 
 
 def _k(table: LocalTable, ref: str) -> str:
-    if len(table.key) == 1:
-        return f"{ref}.{q(table.key[0])}"
-    return "json_array(" + ", ".join(f"{ref}.{q(c)}" for c in table.key) + ")"
+    return key_expr(table, ref)
 
 
 def _row_json(table: LocalTable, ref: str) -> str:
     return "json_object(" + ", ".join(f"'{c}', {ref}.{q(c)}" for c in table.columns) + ")"
+
+
+def _same_key(table: LocalTable, ref: str) -> str:
+    return " and ".join(f"{ref}.{q(c)} = new.{q(c)}" for c in table.key)
 
 
 def _entry(table: LocalTable, op: str, ref: str, old: str, new: str) -> str:
@@ -66,13 +73,21 @@ def _entry(table: LocalTable, op: str, ref: str, old: str, new: str) -> str:
 def create_sql(table: LocalTable) -> list[str]:
     """The ``CREATE TRIGGER`` statements of one table."""
     t = q(table.local)
-    ins, upd, updkey, dele = (q(n) for n in trigger_names(table))
+    ins, upd, updkey, dele, insrep = (q(n) for n in trigger_names(table))
     changed = " or ".join(f"old.{q(c)} is not new.{q(c)}" for c in table.columns)
     same_key = " and ".join(f"old.{q(c)} is new.{q(c)}" for c in table.key)
     old_row, new_row = _row_json(table, "old"), _row_json(table, "new")
+    k_new = _k(table, "new")
+    replaced = f"(select row from {PREFIX}replaced where tbl = {table.id} and k = {k_new})"
     return [
+        f"""create trigger if not exists {insrep} before insert on {t}
+        when {_NOT_APPLYING} and exists (select 1 from {t} x where {_same_key(table, "x")})
+        begin insert or replace into {PREFIX}replaced (tbl, k, row)
+            select {table.id}, {k_new}, {_row_json(table, "x")} from {t} x
+            where {_same_key(table, "x")}; end""",
         f"""create trigger if not exists {ins} after insert on {t} when {_NOT_APPLYING}
-        begin {_entry(table, "insert", "new", "null", new_row)} end""",
+        begin {_entry(table, "insert", "new", replaced, new_row)}
+            delete from {PREFIX}replaced where tbl = {table.id} and k = {k_new}; end""",
         f"""create trigger if not exists {upd} after update on {t}
         when {_NOT_APPLYING} and ({same_key}) and ({changed})
         begin {_entry(table, "update", "new", old_row, new_row)} end""",
@@ -81,7 +96,8 @@ def create_sql(table: LocalTable) -> list[str]:
         begin {_entry(table, "delete", "old", old_row, "null")}
               {_entry(table, "insert", "new", "null", new_row)} end""",
         f"""create trigger if not exists {dele} after delete on {t} when {_NOT_APPLYING}
-        begin {_entry(table, "delete", "old", old_row, "null")} end""",
+        begin {_entry(table, "delete", "old", old_row, "null")}
+            delete from {PREFIX}replaced where tbl = {table.id} and k = {_k(table, "old")}; end""",
     ]
 
 

@@ -115,6 +115,10 @@ class ApiConfig:
     max_connections: int = 10000
     gzip_min_bytes: int = 1024
     gzip_level: int = 1
+    counters: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    """Per table, the columns the applier merges as counters (policy ``counter`` in the
+    conflicts file): ``/v1/schema`` names them, so devices show an open edit of such a
+    column as a delta on top of the server's value."""
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_page_ops", "default_page_ops", "rate_burst"):
@@ -237,12 +241,15 @@ class RateLimiter:
 # --------------------------------------------------------------------------- schema
 
 
-def visible_schema(rules: Rules, buckets: Sequence[str]) -> dict[str, Any]:
+def visible_schema(
+    rules: Rules, buckets: Sequence[str], counters: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
     """The tables and columns a device syncing ``buckets`` receives (schema endpoint body).
 
     Per table: its columns in table order (the union over the device's bucket
-    rules of each rule's projection; key columns always), its primary key, and
-    the rules through which the device gets rows of it.
+    rules of each rule's projection; key columns always), its primary key, the
+    rules through which the device gets rows of it, and which of its columns are
+    ``counters`` (merged by adding deltas).
     """
     rule_names = sorted({rules.rule_of_bucket(b).name for b in buckets})
     columns: dict[str, set[str]] = {}
@@ -256,12 +263,14 @@ def visible_schema(rules: Rules, buckets: Sequence[str]) -> dict[str, Any]:
     tables = []
     for table in sorted(columns):
         info = rules.table_info(table)
+        shown = [c for c in info.columns if c in columns[table]]
         tables.append(
             {
                 "name": table,
-                "columns": [c for c in info.columns if c in columns[table]],
+                "columns": shown,
                 "key": list(info.key),
                 "rules": via[table],
+                "counters": [c for c in shown if c in (counters or {}).get(table, ())],
             }
         )
     return {"tables": tables, "buckets": sorted(buckets)}
@@ -397,6 +406,11 @@ class TableModel(BaseModel):
     columns: list[str]
     key: list[str]
     rules: list[str]
+    counters: list[str] = Field(
+        default_factory=list,
+        description="columns merged by adding deltas (conflict policy counter): a device "
+        "shows an open edit of one as its delta on top of the server's value",
+    )
 
 
 class SchemaMessage(BaseModel):
@@ -715,7 +729,7 @@ def create_app(
     )
     async def schema(device: Device) -> Response:
         """Tables and columns this token may see, with primary keys, and the granted buckets."""
-        return OrjsonResponse(visible_schema(rules, _granted(state, device)))
+        return OrjsonResponse(visible_schema(rules, _granted(state, device), cfg.counters))
 
     @app.get(
         f"/{API_VERSION}/changes", response_model=ChangesMessage, responses=_ERRORS, tags=["device"]

@@ -56,6 +56,7 @@ from relay.bucket_engine import (
 )
 from relay.errors import ConfigError, RelayError
 from relay.journal_api import RELAY_FILE_REGISTRY, JournalApi, RelayFileSettings, load_relay_file
+from relay.merge import Policy, load_conflicts
 from relay.pg_bucket_store import PgBucketStore
 from relay.rules import Rules, TableInfo, check_rules_file, load_rules
 from relay.settings import RelaySettings
@@ -81,10 +82,12 @@ class TokenRedactingFilter(logging.Filter):
         return True
 
 
-def api_config(settings: RelaySettings) -> ApiConfig:
-    """The device API's limits from ``[http]``."""
+def api_config(settings: RelaySettings, conflicts: str | None = None) -> ApiConfig:
+    """The device API's limits from ``[http]``; the counter columns from the conflicts
+    file (``[journal] conflicts``), which ``/v1/schema`` tells devices."""
     h = settings.http
     return ApiConfig(
+        counters=counter_columns(conflicts),
         max_body_bytes=h.max_body_bytes,
         max_page_ops=h.max_page_ops,
         default_page_ops=min(1000, h.max_page_ops),
@@ -93,6 +96,18 @@ def api_config(settings: RelaySettings) -> ApiConfig:
         rate_burst=h.rate_burst,
         max_connections=h.max_connections,
     )
+
+
+def counter_columns(conflicts: str | None) -> dict[str, tuple[str, ...]]:
+    """Per table, the columns with policy ``counter`` in the conflicts file (none unset);
+    a bad file raises :class:`ConfigError` naming every problem."""
+    if conflicts is None:
+        return {}
+    policies = load_conflicts(conflicts)  # ConflictsError is a ConfigError
+    return {
+        t.table: tuple(c for c, p in t.columns.items() if p.policy is Policy.COUNTER)
+        for t in policies.tables.values()
+    }
 
 
 def load_settings(path: str | Path | None) -> RelayFileSettings:
@@ -224,7 +239,9 @@ class RelayServer:
             journal = JournalApi.from_settings(
                 RelayFileSettings(s.relay, s.http, s.auth, journal_settings), rules
             )
-            app = create_app(store, rules, authenticator, api_config(s), journal)
+            app = create_app(
+                store, rules, authenticator, api_config(s, journal_settings.conflicts), journal
+            )
             with (
                 self._engine(store, rules),
                 journal.feed.running() if journal.feed and self.run_engine else nullcontext(),

@@ -319,7 +319,11 @@ def test_resync_and_dropped_buckets_are_emptied(db: sqlite3.Connection) -> None:
     ).fetchone() == (0,)
 
 
-def test_local_edit_does_not_flicker_until_server_includes_it(db: sqlite3.Connection) -> None:
+def outcome(seq: int, kind: str = "applied") -> dict[str, Any]:
+    return {"device_id": "tab-7", "seq": seq, "outcome": kind}
+
+
+def test_local_edit_stays_on_top_until_its_outcome(db: sqlite3.Connection) -> None:
     server = FakeServer()
     server.put(T1, WO, [1], order(1))
     server.put(T1, WO, [2], order(2))
@@ -336,22 +340,53 @@ def test_local_edit_does_not_flicker_until_server_includes_it(db: sqlite3.Connec
         "call first",
     )
     assert journal(db)[0][5] == "pending"
-    # an unrelated server change: still held
-    mark = server.op_id
-    server.put(T1, WO, [2], order(2, notes="x"))
-    sync(db, server, since=mark)
-    assert app.execute("select status from work_orders where id = 1").fetchone() == ("done",)
-    # the server state that includes the edit arrives: released, entry synced
+    # the server's version that includes the edit, then a later one changing it again:
+    # the edit is still open (no outcome yet), so it stays on top
     mark = server.op_id
     server.put(T1, WO, [1], order(1, notes="call first", status="done"))
+    server.put(T1, WO, [1], order(1, notes="call first", status="closed"))
     r = sync(db, server, since=mark)
-    assert r.released == 1
+    assert r.released == 0 and journal(db)[0][5] == "pending"
+    assert app.execute("select status from work_orders where id = 1").fetchone() == ("done",)
+    # the outcome: the row is re-derived from the received version
+    assert apply_mod.settle(db, outcomes=[outcome(1, "merged")]) == 1
     assert journal(db)[0][5] == "synced"
+    assert app.execute("select status, notes from work_orders where id = 1").fetchone() == (
+        "closed",
+        "call first",
+    )
     # from now on server changes show at once
     mark = server.op_id
-    server.put(T1, WO, [1], order(1, notes="call first", status="closed"))
+    server.put(T1, WO, [1], order(1, notes="call first", status="open"))
     sync(db, server, since=mark)
-    assert app.execute("select status from work_orders where id = 1").fetchone() == ("closed",)
+    assert app.execute("select status from work_orders where id = 1").fetchone() == ("open",)
+
+
+def test_outcome_before_the_server_version_shows_the_received_one(db: sqlite3.Connection) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("update work_orders set notes = 'mine' where id = 1")
+    apply_mod.settle(db, outcomes=[outcome(1)])  # applied upstream, not received yet
+    assert app.execute("select notes from work_orders where id = 1").fetchone() == ("order 1",)
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="mine"))
+    sync(db, server, since=mark)
+    assert app.execute("select notes from work_orders where id = 1").fetchone() == ("mine",)
+
+
+def test_outcome_recorded_with_the_apply_of_its_server_version(db: sqlite3.Connection) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("update work_orders set notes = 'mine' where id = 1")
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="mine"))
+    r = sync(db, server, since=mark, outcomes=[outcome(1)])
+    assert r.released == 1 and journal(db)[0][5] == "synced"
+    assert app.execute("select notes from work_orders where id = 1").fetchone() == ("mine",)
 
 
 def test_pending_delete_and_insert_hold_their_rows(db: sqlite3.Connection) -> None:
@@ -367,10 +402,13 @@ def test_pending_delete_and_insert_hold_their_rows(db: sqlite3.Connection) -> No
     assert local_rows(db) == [(9, "new", None, 0)]  # deleted row stays deleted
     mark = server.op_id
     server.remove(T1, WO, [1])
-    server.put(T1, WO, [9], order(9, status="new", notes=None, done=False))
+    server.put(T1, WO, [9], order(9, status="new", notes="from the server", done=False))
     r = sync(db, server, since=mark)
-    assert r.released == 2 and [s[5] for s in journal(db)] == ["synced", "synced"]
-    assert local_rows(db) == [(9, "new", None, 0)]
+    assert r.released == 0 and [s[5] for s in journal(db)] == ["pending", "pending"]
+    assert local_rows(db) == [(9, "new", None, 0)]  # the open insert on top
+    apply_mod.settle(db, outcomes=[outcome(1), outcome(2)])
+    assert [s[5] for s in journal(db)] == ["synced", "synced"]
+    assert local_rows(db) == [(9, "new", "from the server", 0)]
 
 
 def test_rows_of_several_rules_merge_projections(db: sqlite3.Connection) -> None:

@@ -181,6 +181,7 @@ class MockRelay:
         self.uploads: list[list[dict[str, Any]]] = []
         self.reject: set[int] = set()
         self.outcomes: list[dict[str, Any]] = []
+        self.outcome_requests = 0
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -219,6 +220,7 @@ class MockRelay:
                 },
             )
         if path == "/v1/outcomes":
+            self.outcome_requests += 1
             return httpx.Response(
                 200, json={"outcomes": self.outcomes, "cursor": 1, "has_more": False}
             )
@@ -267,19 +269,21 @@ def test_agent_uploads_rejections_release_and_outcomes_settle(tmp_path: Path) ->
         (1, "done"),
         (2, "open"),
     ]
-    # an outcome: merged, with the row the server ended up with; held until it arrives
+    # an outcome (merged) and, in the same download, the server version it led to: the row
+    # is re-derived from that version at once
     relay.outcomes = [
         {"device_id": "tab-7", "seq": 1, "outcome": "merged", "row": order(1, status="closed")}
     ]
-    agent.sync_once()
-    assert app.execute("select status from work_orders where id = 1").fetchone() == ("done",)
-    assert agent.conn.execute(f"select status from {PREFIX}journal where seq = 1").fetchone() == (
-        "synced",
-    )
-    relay.outcomes = []
     server.put(T1, WO, [1], order(1, status="closed"))
     agent.sync_once()
     assert app.execute("select status from work_orders where id = 1").fetchone() == ("closed",)
+    assert agent.conn.execute(f"select status from {PREFIX}journal where seq = 1").fetchone() == (
+        "synced",
+    )
+    # nothing awaited any more: the outcomes endpoint is not asked again
+    asked = relay.outcome_requests
+    agent.sync_once()
+    assert relay.outcome_requests == asked
     agent.close()
 
 
