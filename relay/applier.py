@@ -1864,12 +1864,14 @@ class Applier:
             except ConfigError:
                 raise
             except (ApplierError, psycopg.Error) as exc:
+                self.db.stats.failures += 1
                 log.error("applier: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             except Exception as exc:
                 if not _is_kafka_error(exc):
                     raise
+                self.db.stats.failures += 1
                 log.error("applier: Kafka: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
