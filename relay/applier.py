@@ -162,7 +162,9 @@ _MIGRATE_LOCK: Final = (_LOCK_CLASS, 0)
 _EMIT: Final = "select pg_logical_emit_message(true, %s, %s)"
 _XID32: Final = "select pg_current_xact_id()::text::bigint % 4294967296"
 _RETRY_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-ENTRY_SQLSTATE_CLASSES: Final = frozenset({"09", "21", "22", "23", "27", "2F", "38", "39", "44", "54", "P0"})
+ENTRY_SQLSTATE_CLASSES: Final = frozenset(
+    {"09", "21", "22", "23", "27", "2F", "38", "39", "44", "54", "P0"}
+)
 """SQLSTATE classes of errors caused by what an entry writes, which no retry can cure:
 triggered action (09), cardinality (21), data (22: value out of range, invalid text,
 …), integrity constraints (23), triggered data change (27), routine exceptions raised
@@ -205,7 +207,9 @@ class _Failed:
     @classmethod
     def of(cls, exc: BaseException) -> _Failed:
         if isinstance(exc, psycopg.Error):
-            return cls(Reason.DB_ERROR, f"PostgreSQL refused the write: {_pg_message(exc)}", exc.sqlstate)
+            return cls(
+                Reason.DB_ERROR, f"PostgreSQL refused the write: {_pg_message(exc)}", exc.sqlstate
+            )
         return cls(
             Reason.INTERNAL_ERROR,
             f"the applier failed on this entry ({type(exc).__name__}); its log has details",
@@ -944,7 +948,7 @@ class ApplierDb:
                 failed.reason.value,
                 failed.sqlstate,
                 _clean(failed.message),
-                item.raw[:1 << 20],
+                item.raw[: 1 << 20],
             ),
         )
 

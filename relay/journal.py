@@ -846,11 +846,7 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
         unknown = ", ".join(sorted(set(raw) - _ENTRY_KEYS))
         raise _EntryProblem(Reason.MALFORMED, f"{where}: unknown field(s) {unknown}")
     table = raw.get("table")
-    if (
-        not isinstance(table, str)
-        or not 0 < len(table) <= MAX_TABLE_CHARS
-        or not _printable(table)
-    ):
+    if not isinstance(table, str) or not 0 < len(table) <= MAX_TABLE_CHARS or not _printable(table):
         raise _EntryProblem(
             Reason.MALFORMED,
             f'{where}: table must be "schema.table" (at most {MAX_TABLE_CHARS} printable '
