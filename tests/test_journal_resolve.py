@@ -7,18 +7,24 @@ and device API (tests/test_journal_api.py's environment with other rules)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 import tests.test_journal_api as japi
 from relay.auth import issue_token
-from tests.test_journal_api import BASE, Env, entry, make_env, outcomes_until, upload
+from tests.test_journal_api import (
+    BASE,
+    Env,
+    entry,
+    make_env,
+    outcomes_until,
+    store_database,
+    upload,
+)
 from tests.test_relay_errors import assert_error_shape
 
 RULES = """
@@ -61,15 +67,8 @@ policy = "ask"
 
 @pytest.fixture
 def store(pg_server: Any) -> Iterator[str]:
-    """A database of its own for the relay's store (as tests/test_journal_api.py's)."""
-    name = "jstore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
+    with store_database(pg_server) as dsn:
+        yield dsn
 
 
 @pytest.fixture
