@@ -33,9 +33,12 @@ Protocol (docs/relay.md, "Device API", is the reference for clients):
   checksums fail and it re-syncs); it never widens what it may read.
 
 Errors all have the shape of :mod:`relay.api_errors`.  Limits: request body size
-(413, also after gzip request decompression), concurrent connections (503),
-per-device request rate (429 + ``Retry-After``; a WebSocket connection counts
-as one request, and so does each message a client sends on it).
+(413, also after gzip request decompression) and time (408), concurrent connections
+(503; the server also caps and times out connections before they become requests,
+relay/server.py), per-device request rate (429 + ``Retry-After``; a WebSocket connection
+counts as one request, and so does each message a client sends on it), and the size of
+``dropped`` in one message (the rest follows).  A client that disconnects mid-request is
+logged as such.
 
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker
 threads (``read_ops_async``); long-polls and WebSocket streams wait on the

@@ -33,10 +33,15 @@ Choices (docs/journal.md is the reference):
   retried, then with ``SELECT … ORDER BY key FOR UPDATE``).  An entry touching a row an
   earlier entry of the run wrote re-reads it first.  Inserts run in a savepoint with ``RETURNING`` so the
   inserted row (defaults, triggers) is checked against the device's buckets before it is
-  kept.  If a statement of the run fails (constraint, bad value, trigger), the run is
-  rolled back and retried one entry per transaction; the entry that fails alone is
-  rejected as ``db_error`` with PostgreSQL's message.  Deadlocks and serialization
-  failures retry the run.
+  kept.  Deadlocks and serialization failures retry the run.
+- **No entry stops a partition.**  Failures are classified by SQLSTATE
+  (:func:`classify_failure`): one caused by what an entry writes (data exception,
+  constraint, trigger, program limit; or the applier's own code failing on an entry)
+  splits the run in halves until the entry is alone; that entry is rejected
+  (``db_error`` / ``internal_error``), kept in ``fieldsync_applier.dead_letters``, counted
+  and logged, and the others apply.  Any other failure (connection, shutdown, resources,
+  timeouts, privileges, schema) is the database's: the applier backs off and reads the
+  same records again, rejecting nothing.
 - **Server changes since the base** are found per column by comparing the server's row
   (read as text and converted exactly as cdc converts it, so it compares equal to what
   the device received) with the entry's ``old`` values.
@@ -57,7 +62,9 @@ Choices (docs/journal.md is the reference):
 - **ask** conflicts are kept in ``fieldsync_applier.conflicts`` with both versions until
   :meth:`ApplierDb.resolve` settles them: the resolution is a new edit (its transaction's
   origin is ``resolve:<conflict id>``) and a ``resolved`` outcome for the device;
-  resolving again returns the first resolution and changes nothing.
+  resolving again returns the first resolution and changes nothing.  A device's
+  resolution (``claims`` given) is judged by its write rules against the current row,
+  like its journal entries; an operator's is trusted.
 - **One applier per database, consumer name and shard**: a session advisory lock on the
   connection that writes; others stand by.  With ``shards`` = K, shard *i* consumes the
   partitions *p* with *p* mod K = *i* (devices are independent, so K processes apply in

@@ -35,10 +35,14 @@ decoded-Avro form the rules compare.
 
 Validation (:func:`parse_upload`, :func:`validate_entry`, :func:`check_write`) gives
 each refused entry a :class:`Rejection` with a stable ``reason`` (:class:`Reason`) and a
-message naming the table, column or value at fault.  Write permission: a device may
-write a row only if the row, before and after the write, is in one of the buckets its
-token grants, and only columns the projection of such a bucket's rule includes; a
-write that would move a row out of all its buckets is refused (``forbidden_move``).
+message naming the table, column or value at fault.  Every number is checked against the
+range of the column that keeps it (``seq`` and ``base`` against ``bigint``, values
+against their PostgreSQL type), so nothing accepted here fails later for its size.
+Write permission: a device may write a row only if the row, before and after the write,
+is in one of the buckets its token grants whose rule is ``writable`` for the table, and
+only columns such a bucket shows; a write that would move a row out of all of them is
+refused (``forbidden_move``), and so is one that would show the device columns of the
+row it cannot see now, unless a ``claim`` rule of the row's new buckets allows it.
 
 Ordering rule: a rejected entry does not block the device's other entries.  An entry
 whose ``prev_seq`` names an entry that was rejected (or itself blocked) is rejected as

@@ -44,7 +44,9 @@ Data path and choices:
   outcome is ``conflict``; rows already cut to what the device may see).  A resolution is
   :meth:`relay.applier.ApplierDb.resolve` on the captured database (a new edit, origin
   ``resolve:<id>``; resolving again returns the first resolution and writes nothing),
-  after checking there that the conflict is the device's own (403 otherwise).  The
+  after checking there that the conflict is the device's own (403 otherwise), judged by
+  the device's write rules (its token's claims) against the current row like its journal
+  entries (403 ``forbidden_row`` / ``forbidden_column`` / ``forbidden_move``).  The
   ``resolved`` outcome is put into the outcome store at once (and comes again through
   ``_outcomes``, which changes nothing).
 

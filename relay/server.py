@@ -23,6 +23,11 @@ SIGTERM stop uvicorn (open long-polls and streams are closed), then the engine
 is stopped and the store closed.  Under systemd (``Type=notify``) READY=1 is
 sent once the socket listens.
 
+Connections are guarded below the app by :class:`GuardedH11Protocol` (uvicorn's HTTP/1.1
+protocol): every open socket counts against ``http.max_connections``, request heads have
+a deadline (``http.header_timeout_s``) however slowly they trickle in, and malformed or
+oversized heads are answered in the error shape (:func:`uvicorn_config`).
+
 Access logs never contain tokens: a ``token=`` query parameter (WebSocket
 authentication) is masked by :class:`TokenRedactingFilter`.
 """
