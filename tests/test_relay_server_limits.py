@@ -238,9 +238,11 @@ def test_a_client_disconnecting_mid_request_is_logged_as_such(
     assert not any("internal error" in r.getMessage() for r in caplog.records)
 
 
-def test_the_dropped_list_is_capped_and_the_rest_follows(pg_dsn: str) -> None:
+@pytest.mark.parametrize("how", ["http", "websocket"])
+def test_the_dropped_list_is_capped_and_the_rest_follows(pg_dsn: str, how: str) -> None:
     """A cursor naming thousands of buckets the token does not grant (a 7 KB cursor used to
-    draw a megabyte of ``dropped``) is answered in parts of bounded size."""
+    draw a megabyte of ``dropped``) is answered in parts of bounded size, over HTTP and on
+    the WebSocket stream."""
     store = PgBucketStore(pg_dsn)
     store.migrate()
     try:
@@ -254,24 +256,32 @@ def test_the_dropped_list_is_capped_and_the_rest_follows(pg_dsn: str) -> None:
         cursor = encode_cursor({**dict.fromkeys(names, 5), "not a bucket": 3})
         assert len(cursor) < 20_000
         token = issue_token(keys, None, "tab-1", {"technician": "t1"}, 3600)
+        headers = {"Authorization": f"Bearer {token}"}
         reported: list[str] = []
         with TestClient(app) as client:
-            for _ in range(10):
-                r = client.get(
-                    "/v1/changes",
-                    params={"cursor": cursor},
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                assert r.status_code == 200, r.text
-                assert len(r.content) < MAX_DROPPED_CHARS + 10_000
-                msg = r.json()
-                assert len(msg["dropped"]) <= MAX_DROPPED
-                reported += msg["dropped"]
-                cursor = msg["cursor"]
-                if not msg["has_more"]:
-                    break
+            if how == "http":
+                for _ in range(10):
+                    r = client.get("/v1/changes", params={"cursor": cursor}, headers=headers)
+                    assert r.status_code == 200, r.text
+                    assert len(r.content) < MAX_DROPPED_CHARS + 10_000
+                    msg = r.json()
+                    assert len(msg["dropped"]) <= MAX_DROPPED
+                    reported += msg["dropped"]
+                    cursor = msg["cursor"]
+                    if not msg["has_more"]:
+                        break
+            else:
+                with client.websocket_connect(f"/v1/stream?cursor={cursor}", headers=headers) as ws:
+                    for _ in range(10):
+                        text = ws.receive_text()
+                        assert len(text) < MAX_DROPPED_CHARS + 10_000
+                        msg = json.loads(text)
+                        assert len(msg["dropped"]) <= MAX_DROPPED
+                        reported += msg["dropped"]
+                        if not msg["has_more"]:
+                            break
         assert sorted(reported) == sorted(names)  # each once, the non-bucket name never
         assert msg["checkpoint"]["complete"] and [o["key"] for o in msg["ops"]] == [[1]]
-        assert set(decode_cursor(cursor).ops) == {'tech["t1"]'}
+        assert set(decode_cursor(msg["cursor"]).ops) == {'tech["t1"]'}
     finally:
         store.close()
