@@ -886,6 +886,14 @@ class ApplierDb:
                 raise
             outcomes = self._dead_letter_txn(item, failed, marks)
         marks.done([item])
+        if outcomes:  # else it had been applied before (a duplicate): nothing was kept
+            self.stats.dead_letters += 1
+            log.error(
+                "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
+                _where(item),
+                failed.reason.value,
+                failed.message,
+            )
         return outcomes
 
     def _dead_letter_txn(self, item: _Item, failed: _Failed, marks: _Watermarks) -> list[Outcome]:
@@ -893,7 +901,8 @@ class ApplierDb:
         ``applied`` record, the outcome and the dead letter carry only the device, the seq
         and the reason (nothing of the entry's content), so they cannot fail for its sake."""
         record = item.record
-        assert record is not None
+        if record is None:  # an unreadable record whose keeping aside failed
+            raise ApplierError(f"{_where(item)} could not be kept aside in bad_records")
         outcome = Outcome(
             device_id=record.device_id,
             seq=record.seq,
@@ -935,13 +944,6 @@ class ApplierDb:
     def _write_dead_letter(self, cur: psycopg.Cursor[Any], item: _Item, failed: _Failed) -> None:
         record = item.record
         assert record is not None
-        log.error(
-            "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
-            _where(item),
-            failed.reason.value,
-            failed.message,
-        )
-        self.stats.dead_letters += 1
         cur.execute(
             f'insert into {SCHEMA}.dead_letters (topic, partition, "offset", device_id, seq, '
             "reason, sqlstate, message, record) values (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
