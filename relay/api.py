@@ -33,9 +33,12 @@ Protocol (docs/relay.md, "Device API", is the reference for clients):
   checksums fail and it re-syncs); it never widens what it may read.
 
 Errors all have the shape of :mod:`relay.api_errors`.  Limits: request body size
-(413, also after gzip request decompression), concurrent connections (503),
-per-device request rate (429 + ``Retry-After``; a WebSocket connection counts
-as one request, and so does each message a client sends on it).
+(413, also after gzip request decompression) and time (408), concurrent connections
+(503; the server also caps and times out connections before they become requests,
+relay/server.py), per-device request rate (429 + ``Retry-After``; a WebSocket connection
+counts as one request, and so does each message a client sends on it), and the size of
+``dropped`` in one message (the rest follows).  A client that disconnects mid-request is
+logged as such.
 
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker
 threads (``read_ops_async``); long-polls and WebSocket streams wait on the
@@ -67,6 +70,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.api_errors import (
@@ -82,7 +86,7 @@ from relay.api_errors import (
 from relay.auth import Authenticator, DeviceIdentity
 from relay.bucket_store import BucketCheckpoint, BucketStore, Op, OpsPage
 from relay.errors import AuthError, DeviceRevoked, RelayError, TokenExpired
-from relay.rules import Rules
+from relay.rules import Rules, parse_bucket_id
 
 if TYPE_CHECKING:
     from relay.journal_api import JournalApi
@@ -94,6 +98,13 @@ API_VERSION: Final = "v1"
 CURSOR_PREFIX: Final = "c1."
 MAX_CURSOR_CHARS: Final = 65536
 MAX_CURSOR_JSON_BYTES: Final = 1 << 20
+MAX_BUCKET_ID_CHARS: Final = 16384
+"""Longest bucket id a cursor may name (ids are built from token claims, at most 16 KiB)."""
+MAX_OP_ID: Final = (1 << 63) - 1
+MAX_DROPPED: Final = 1000
+MAX_DROPPED_CHARS: Final = 65536
+"""One changes message lists at most this many ``dropped`` buckets, of at most this many
+characters in all; the rest stay in its cursor for the next message (``has_more``)."""
 WS_AUTH_TIMEOUT_S: Final = 10.0
 WS_RECHECK_S: Final = 30.0
 """A WebSocket stream re-checks revocation at least this often while idle."""
@@ -119,11 +130,14 @@ class ApiConfig:
     """Per table, the columns the applier merges as counters (policy ``counter`` in the
     conflicts file): ``/v1/schema`` names them, so devices show an open edit of such a
     column as a delta on top of the server's value."""
+    body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_page_ops", "default_page_ops", "rate_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ApiConfig.{name} must be >= 1")
+        if not self.body_timeout_s > 0:
+            raise ValueError("ApiConfig.body_timeout_s must be > 0")
         if self.long_poll_s < 0 or self.rate_per_s < 0:
             raise ValueError("ApiConfig.long_poll_s and rate_per_s must be >= 0")
         if not 1 <= self.gzip_level <= 9:
@@ -187,11 +201,59 @@ def decode_cursor(text: str | None) -> Cursor:
             not isinstance(item, list)
             or len(item) != 3
             or not isinstance(item[0], str)
-            or not all(type(v) is int and v >= 0 for v in item[1:])
+            or not all(type(v) is int and 0 <= v <= MAX_OP_ID for v in item[1:])
         ):
             raise InvalidCursor("cursor is corrupt (bad entry)")
+        if len(item[0]) > MAX_BUCKET_ID_CHARS:
+            raise InvalidCursor(f"cursor is corrupt (a bucket name of {len(item[0])} characters)")
         ops[item[0]], epochs[item[0]] = item[1], item[2]
     return Cursor(ops, epochs)
+
+
+def _is_bucket_id(text: str) -> bool:
+    try:
+        parse_bucket_id(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_dropped(have: Cursor, granted: Sequence[str]) -> tuple[list[str], Cursor | None]:
+    """The buckets ``have`` names that are not ``granted`` (to report as ``dropped``), at
+    most :data:`MAX_DROPPED` of them and :data:`MAX_DROPPED_CHARS` characters; when more
+    remain, also the cursor without the ones returned (the next message reports the rest).
+    Names that are no bucket id at all were never sent by the relay: not reported."""
+    kept = set(granted)
+    gone = sorted(b for b in have.ops if b not in kept and _is_bucket_id(b))
+    now: list[str] = []
+    size = 0
+    for b in gone:
+        if len(now) >= MAX_DROPPED or (now and size + len(b) > MAX_DROPPED_CHARS):
+            break
+        now.append(b)
+        size += len(b)
+    if len(now) == len(gone):
+        return now, None
+    told = set(now)
+    rest = Cursor(
+        {b: n for b, n in have.ops.items() if b not in told},
+        {b: e for b, e in have.epochs.items() if b not in told},
+    )
+    return now, rest
+
+
+def dropped_message(dropped: Sequence[str], rest: Cursor) -> dict[str, Any]:
+    """A changes message that only reports ``dropped`` buckets (more follow: ``has_more``;
+    ``rest`` is what the cursor still names)."""
+    return {
+        "type": "changes",
+        "ops": [],
+        "cursor": encode_cursor(rest.ops, rest.epochs),
+        "checkpoint": {"complete": False, "buckets": {}},
+        "resync": [],
+        "dropped": list(dropped),
+        "has_more": True,
+    }
 
 
 # --------------------------------------------------------------------------- rate limiting
@@ -432,16 +494,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class LimitsMiddleware:
-    """Connection count (503) and request body size (413) limits; gzip request bodies.
+    """Connection count (503), request body size (413) and body time (408) limits; gzip
+    request bodies.
 
     A request with ``Content-Encoding: gzip`` is decompressed here, and the
-    limit applies to the decompressed size.  Errors use the one error shape.
+    limit applies to the decompressed size.  The body must arrive within
+    ``body_timeout_s`` of the request reaching the app (its headers complete).  Errors use
+    the one error shape.  (The server counts and times out connections before they become
+    requests: relay/server.py.)
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_connections: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        max_connections: int,
+        body_timeout_s: float = 60.0,
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_connections = max_connections
+        self.body_timeout_s = body_timeout_s
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -505,7 +578,9 @@ class LimitsMiddleware:
                 f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip)",
             )(scope, receive, send)
             return
-        body_reader = _BodyReader(receive, self.max_body, gzip=encoding == b"gzip")
+        body_reader = _BodyReader(
+            receive, self.max_body, gzip=encoding == b"gzip", timeout_s=self.body_timeout_s
+        )
         if encoding == b"gzip":
             scope = dict(scope)
             scope["headers"] = [
@@ -528,6 +603,11 @@ class LimitsMiddleware:
                 raise
             if exc.status == 413:
                 await self._too_large(scope, receive, send)
+            elif exc.status == 408:
+                log.info("request %s %s: %s", scope.get("method"), scope.get("path"), exc.message)
+                await error_response(408, "request_timeout", exc.message, {"Connection": "close"})(
+                    scope, receive, send
+                )
             else:
                 await error_response(400, "bad_request", exc.message)(scope, receive, send)
 
@@ -546,18 +626,34 @@ class _BodyLimitExceeded(Exception):
 
 
 class _BodyReader:
-    """Wraps ``receive``: counts (decompressed) body bytes, stops past the limit."""
+    """Wraps ``receive``: counts (decompressed) body bytes, stops past the limit, and
+    past the deadline for the whole body (``timeout_s`` from its creation)."""
 
-    def __init__(self, receive: Receive, limit: int, gzip: bool) -> None:
+    def __init__(self, receive: Receive, limit: int, gzip: bool, timeout_s: float = 60.0) -> None:
         self._receive = receive
         self._limit = limit
         self._seen = 0
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._complete = False
 
     async def receive(self) -> Message:
-        message = await self._receive()
+        if self._complete:  # the body is in; later calls wait for a disconnect: no deadline
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(
+                self._receive(), max(0.0, self._deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise _BodyLimitExceeded(
+                408,
+                f"the request body did not arrive within {self._timeout_s:g} s "
+                f"({self._seen} bytes came)",
+            ) from None
         if message["type"] != "http.request":
             return message
+        self._complete = not message.get("more_body", False)
         body: bytes = message.get("body", b"")
         if self._inflate is not None:
             try:
@@ -755,6 +851,9 @@ def create_app(
         """Ops of the device's buckets after ``cursor``, with the checkpoint they lead to."""
         have = decode_cursor(cursor)
         buckets = _granted(state, device)
+        dropped, rest = split_dropped(have, buckets)
+        if rest is not None:  # a cursor naming many buckets no longer granted: in parts
+            return Response(dumps(dropped_message(dropped, rest)), media_type="application/json")
         size = min(limit or cfg.page_default, cfg.max_page_ops)
         ahead = state.prefetch.take((device.device_id, tuple(buckets), cursor or "", size))
         if ahead is not None:
@@ -768,7 +867,7 @@ def create_app(
                 min(wait, cfg.long_poll_s),
                 wait_always=cursor is not None,
             )
-        message = changes_message(page, sorted(set(have.ops) - set(buckets)))
+        message = changes_message(page, dropped)
         if page.has_more:
             state.prefetch.start(
                 (device.device_id, tuple(buckets), message["cursor"], size),
@@ -805,9 +904,26 @@ def create_app(
         GZipMiddleware, minimum_size=cfg.gzip_min_bytes, compresslevel=cfg.gzip_level
     )
     app.add_middleware(
-        LimitsMiddleware, max_body_bytes=cfg.max_body_bytes, max_connections=cfg.max_connections
+        LimitsMiddleware,
+        max_body_bytes=cfg.max_body_bytes,
+        max_connections=cfg.max_connections,
+        body_timeout_s=cfg.body_timeout_s,
     )
+    app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     return app
+
+
+async def _on_client_disconnect(request: Request, exc: Exception) -> Response:
+    """A client that went away while sending its request is not a relay error: logged as
+    what it is (no traceback); the answer goes nowhere."""
+    client = request.client
+    log.info(
+        "client %s disconnected before its request %s %s was complete",
+        f"{client.host}:{client.port}" if client else "?",
+        request.method,
+        request.url.path,
+    )
+    return error_response(400, "bad_request", "the client disconnected during the request")
 
 
 def _document_stream(app: FastAPI) -> None:
@@ -949,7 +1065,11 @@ async def _ws_pump(
     """
     buckets = _granted(state, who)
     limit = state.config.max_page_ops
-    dropped = sorted(set(have.ops) - set(buckets))
+    dropped, rest = split_dropped(have, buckets)
+    while rest is not None:  # many buckets no longer granted: reported in parts first
+        await websocket.send_text(dumps(dropped_message(dropped, rest)).decode())
+        have = rest
+        dropped, rest = split_dropped(have, buckets)
     cursors, epochs = have.for_buckets(buckets)
     page = await _read_page(state, cursors, limit, epochs)
     ahead: asyncio.Task[OpsPage] | None = None

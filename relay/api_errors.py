@@ -10,7 +10,8 @@ errors are rendered with that method (and its ``WWW-Authenticate`` headers).
 
 Codes by status (see :data:`DEFAULT_CODES`): 400 ``bad_request`` /
 ``invalid_cursor``, 401 ``token_*`` (relay/errors.py), 403 ``forbidden`` /
-``token_revoked``, 404 ``not_found``, 405 ``method_not_allowed``, 413
+``token_revoked``, 404 ``not_found``, 405 ``method_not_allowed``, 408
+``request_timeout`` (a request head or body too slow to arrive), 413
 ``request_too_large``, 422 ``invalid_request``, 429 ``rate_limited`` (with
 ``Retry-After``), 500 ``internal_error`` (the message never carries internals;
 the traceback goes to the log), 503 ``unavailable``.
@@ -45,6 +46,7 @@ DEFAULT_CODES: Final[Mapping[int, str]] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     422: "invalid_request",
     429: "rate_limited",

@@ -33,10 +33,15 @@ Choices (docs/journal.md is the reference):
   retried, then with ``SELECT … ORDER BY key FOR UPDATE``).  An entry touching a row an
   earlier entry of the run wrote re-reads it first.  Inserts run in a savepoint with ``RETURNING`` so the
   inserted row (defaults, triggers) is checked against the device's buckets before it is
-  kept.  If a statement of the run fails (constraint, bad value, trigger), the run is
-  rolled back and retried one entry per transaction; the entry that fails alone is
-  rejected as ``db_error`` with PostgreSQL's message.  Deadlocks and serialization
-  failures retry the run.
+  kept.  Deadlocks and serialization failures retry the run.
+- **No entry stops a partition.**  Failures are classified by SQLSTATE
+  (:func:`classify_failure`): one caused by what an entry writes (data exception,
+  constraint, trigger, program limit; or the applier's own code failing on an entry)
+  splits the run in halves until the entry is alone; that entry is rejected
+  (``db_error`` / ``internal_error``), kept in ``fieldsync_applier.dead_letters``, counted
+  and logged, and the others apply.  Any other failure (connection, shutdown, resources,
+  timeouts, privileges, schema) is the database's: the applier backs off and reads the
+  same records again, rejecting nothing.
 - **Server changes since the base** are found per column by comparing the server's row
   (read as text and converted exactly as cdc converts it, so it compares equal to what
   the device received) with the entry's ``old`` values.
@@ -57,7 +62,9 @@ Choices (docs/journal.md is the reference):
 - **ask** conflicts are kept in ``fieldsync_applier.conflicts`` with both versions until
   :meth:`ApplierDb.resolve` settles them: the resolution is a new edit (its transaction's
   origin is ``resolve:<conflict id>``) and a ``resolved`` outcome for the device;
-  resolving again returns the first resolution and changes nothing.
+  resolving again returns the first resolution and changes nothing.  A device's
+  resolution (``claims`` given) is judged by its write rules against the current row,
+  like its journal entries; an operator's is trusted.
 - **One applier per database, consumer name and shard**: a session advisory lock on the
   connection that writes; others stand by.  With ``shards`` = K, shard *i* consumes the
   partitions *p* with *p* mod K = *i* (devices are independent, so K processes apply in
@@ -76,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import queue
@@ -98,7 +106,14 @@ from cdc.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCat
 from cdc.snapshot import output_function_text
 from relay.bucket_engine import FETCH_MAX_WAIT_MS, table_infos_from_conn
 from relay.bucket_store import json_value, row_key_text
-from relay.errors import ApplierError, ConfigError, ConflictNotFound, RelayError, ResolveError  # noqa: F401 (re-exported)
+from relay.errors import (  # noqa: F401 (re-exported)
+    ApplierError,
+    ConfigError,
+    ConflictNotFound,
+    RelayError,
+    ResolveError,
+    ResolveForbidden,
+)
 from relay.hlc import Hlc, HybridClock, wall_clock_ms
 from relay.journal import (
     ColumnType,
@@ -141,6 +156,7 @@ __all__ = [
     "ConflictNotFound",
     "Delivery",
     "ResolveError",
+    "ResolveForbidden",
     "TableMeta",
 ]
 
@@ -152,12 +168,60 @@ _LOCK_CLASS: Final = 0x66730002  # advisory lock namespace ("fs" + 2)
 _MIGRATE_LOCK: Final = (_LOCK_CLASS, 0)
 _EMIT: Final = "select pg_logical_emit_message(true, %s, %s)"
 _XID32: Final = "select pg_current_xact_id()::text::bigint % 4294967296"
-_ENTRY_ERRORS: Final = (
-    psycopg.errors.DataError,
-    psycopg.errors.IntegrityError,
-    psycopg.errors.RaiseException,
-)
 _RETRY_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+ENTRY_SQLSTATE_CLASSES: Final = frozenset(
+    {"09", "21", "22", "23", "27", "2F", "38", "39", "44", "54", "P0"}
+)
+"""SQLSTATE classes of errors caused by what an entry writes, which no retry can cure:
+triggered action (09), cardinality (21), data (22: value out of range, invalid text,
+…), integrity constraints (23), triggered data change (27), routine exceptions raised
+by triggers and functions (2F, 38, 39, P0: RAISE), view check option (44), program
+limits (54: index row too large, NUL in text).  Every other error (connection lost,
+serialization failure, deadlock, lock or statement timeout, shutdown, out of resources,
+missing privilege, changed schema, internal) is the database's, not the entry's: the
+work is retried."""
+
+
+class Failure(enum.Enum):
+    """What a failure while applying entries is caused by."""
+
+    TRANSIENT = "transient"  # the database (or the applier's view of it): retry
+    ENTRY = "entry"  # what one entry writes: reject that entry, go on with the others
+
+
+def classify_failure(exc: BaseException) -> Failure:
+    """:data:`Failure.ENTRY` for a PostgreSQL error of a class in
+    :data:`ENTRY_SQLSTATE_CLASSES` and for an unexpected exception of the applier's own
+    code while handling entries (it fails the same way every time for that entry);
+    :data:`Failure.TRANSIENT` for every other PostgreSQL error (no SQLSTATE: the
+    connection), concurrent changes and :class:`ApplierError`."""
+    if isinstance(exc, _Concurrent | ApplierError):
+        return Failure.TRANSIENT
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate or ""
+        return Failure.ENTRY if state[:2] in ENTRY_SQLSTATE_CLASSES else Failure.TRANSIENT
+    return Failure.ENTRY
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """Why an entry is being rejected after failing alone: the dead letter's content."""
+
+    reason: Reason
+    message: str
+    sqlstate: str | None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Failed:
+        if isinstance(exc, psycopg.Error):
+            return cls(
+                Reason.DB_ERROR, f"PostgreSQL refused the write: {_pg_message(exc)}", exc.sqlstate
+            )
+        return cls(
+            Reason.INTERNAL_ERROR,
+            f"the applier failed on this entry ({type(exc).__name__}); its log has details",
+            None,
+        )
 
 
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -227,6 +291,22 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         at timestamptz not null default now(),
         primary key (topic, partition, "offset")
     );
+    """,
+    f"""
+    create table {SCHEMA}.dead_letters (
+        topic text not null,
+        partition int not null,
+        "offset" bigint not null,
+        device_id text not null,
+        seq bigint not null,
+        reason text not null,
+        sqlstate text,
+        message text not null,
+        record bytea,
+        at timestamptz not null default now(),
+        primary key (topic, partition, "offset")
+    );
+    create index dead_letters_entry_idx on {SCHEMA}.dead_letters (device_id, seq);
     """,
 )
 
@@ -511,8 +591,10 @@ class ApplyStats:
     rejected: int = 0
     duplicates: int = 0
     bad_records: int = 0
+    dead_letters: int = 0
     runs: int = 0
     run_retries: int = 0
+    failures: int = 0
     apply_s: float = 0.0
     published: int = 0
 
@@ -743,7 +825,7 @@ class ApplierDb:
         for where, value in deliveries:
             self.stats.records += 1
             try:
-                items.append(_Item(where, JournalRecord.from_bytes(value or b"")))
+                items.append(_Item(where, JournalRecord.from_bytes(value or b""), value or b""))
             except JournalFormatError as exc:
                 items.append(_Item(where, None, value or b"", str(exc)))
         marks = _Watermarks(items)
@@ -755,32 +837,137 @@ class ApplierDb:
         return outcomes
 
     def _apply_run(self, run: list[_Item], marks: _Watermarks) -> list[Outcome]:
+        """Apply one run in one transaction.  A failure that a retry cures (deadlock,
+        serialization failure, a row changed meanwhile) retries the run; a failure caused
+        by an entry (:func:`classify_failure`) splits the run in halves until the entry is
+        alone, so the others still apply together, and the entry is rejected and kept as a
+        dead letter (:meth:`_apply_alone`).  Any other failure raises ApplierError: the
+        applier backs off and reads the same records again."""
         attempt = 0
         while True:
             try:
                 self.stats.runs += 1
                 # optimistic first (no row locks; writes check xmin), locking after a retry
-                outcomes = self._run_txn(run, None, marks, lock=attempt > 0)
+                outcomes = self._run_txn(run, marks, lock=attempt > 0)
                 marks.done(run)
                 return outcomes
-            except (*_RETRY_ERRORS, _Concurrent) as exc:
+            except Exception as exc:
+                if classify_failure(exc) is Failure.ENTRY:
+                    self.stats.run_retries += 1
+                    if len(run) > 1:
+                        half = len(run) // 2
+                        return self._apply_run(run[:half], marks) + self._apply_run(
+                            run[half:], marks
+                        )
+                    return self._apply_alone(run[0], exc, marks)
+                if not isinstance(exc, (*_RETRY_ERRORS, _Concurrent)):
+                    if isinstance(exc, psycopg.Error):
+                        raise ApplierError(f"applying journal entries failed: {exc}") from exc
+                    raise
                 attempt += 1
                 self.stats.run_retries += 1
                 if attempt > 5:
                     raise ApplierError(f"a run kept failing ({exc}); giving up for now") from exc
                 time.sleep(0.05 * attempt)
-            except _ENTRY_ERRORS as exc:
-                if len(run) > 1:
-                    self.stats.run_retries += 1
-                    return [o for item in run for o in self._apply_run([item], marks)]
-                outcomes = self._run_txn(run, _pg_message(exc), marks)
-                marks.done(run)
-                return outcomes
-            except psycopg.Error as exc:
-                raise ApplierError(f"applying journal entries failed: {exc}") from exc
+
+    def _apply_alone(self, item: _Item, exc: Exception, marks: _Watermarks) -> list[Outcome]:
+        """Reject an entry that failed on its own, keeping it as a dead letter: first with
+        the usual bookkeeping (the outcome shows the server's row), and if even that fails
+        for the entry's sake, with a minimal record of it."""
+        failed = _Failed.of(exc)
+        if failed.reason is Reason.INTERNAL_ERROR:
+            log.error("applier: unexpected failure on %s", _where(item), exc_info=exc)
+        try:
+            outcomes = self._run_txn([item], marks, failed=failed)
+        except Exception as again:
+            if classify_failure(again) is not Failure.ENTRY:
+                if isinstance(again, psycopg.Error):
+                    raise ApplierError(f"applying journal entries failed: {again}") from again
+                raise
+            outcomes = self._dead_letter_txn(item, failed, marks)
+        marks.done([item])
+        if outcomes:  # else it had been applied before (a duplicate): nothing was kept
+            self.stats.dead_letters += 1
+            log.error(
+                "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
+                _where(item),
+                failed.reason.value,
+                failed.message,
+            )
+        return outcomes
+
+    def _dead_letter_txn(self, item: _Item, failed: _Failed, marks: _Watermarks) -> list[Outcome]:
+        """The last resort for an entry whose rejection cannot be recorded in full: the
+        ``applied`` record, the outcome and the dead letter carry only the device, the seq
+        and the reason (nothing of the entry's content), so they cannot fail for its sake."""
+        record = item.record
+        if record is None:  # an unreadable record whose keeping aside failed
+            raise ApplierError(f"{_where(item)} could not be kept aside in bad_records")
+        outcome = Outcome(
+            device_id=record.device_id,
+            seq=record.seq,
+            kind=OutcomeKind.REJECTED,
+            reason=failed.reason.value,
+            message=_clean(f"entry {record.seq}: {failed.message}"),
+            at_us=self.wall_ms() * 1000,
+        )
+        conn = self._c()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                _save_offsets(cur, self.consumer, marks.after([item]))
+                cur.execute(
+                    f"insert into {SCHEMA}.applied (device_id, seq, outcome, reason, message, "
+                    "received_us) values (%s, %s, %s, %s, %s, %s) on conflict do nothing",
+                    (
+                        record.device_id,
+                        record.seq,
+                        outcome.kind.value,
+                        outcome.reason,
+                        outcome.message,
+                        record.received_at_us or None,
+                    ),
+                )
+                if cur.rowcount == 0:  # applied meanwhile (an overlapping shard): nothing to do
+                    return []
+                cur.execute(
+                    f"insert into {SCHEMA}.outbox (device_id, payload) values (%s, %s)",
+                    (record.device_id, encode_outcomes([outcome])),
+                )
+                self._write_dead_letter(cur, item, failed)
+        except psycopg.Error as exc:
+            raise ApplierError(
+                f"even the minimal rejection of {_where(item)} failed: {exc}"
+            ) from exc
+        self._count(outcome)
+        return [outcome]
+
+    def _write_dead_letter(self, cur: psycopg.Cursor[Any], item: _Item, failed: _Failed) -> None:
+        record = item.record
+        assert record is not None
+        cur.execute(
+            f'insert into {SCHEMA}.dead_letters (topic, partition, "offset", device_id, seq, '
+            "reason, sqlstate, message, record) values (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "on conflict do nothing",
+            (
+                item.where.topic,
+                item.where.partition,
+                item.where.offset,
+                record.device_id,
+                record.seq,
+                failed.reason.value,
+                failed.sqlstate,
+                _clean(failed.message),
+                item.raw[: 1 << 20],
+            ),
+        )
 
     def _run_txn(
-        self, run: list[_Item], db_error: str | None, marks: _Watermarks, *, lock: bool = False
+        self,
+        run: list[_Item],
+        marks: _Watermarks,
+        *,
+        lock: bool = False,
+        failed: _Failed | None = None,
     ) -> list[Outcome]:
         conn = self._c()
         outcomes: list[Outcome] = []
@@ -794,7 +981,7 @@ class ApplierDb:
             cur.execute(_EMIT, (ORIGIN_MESSAGE_PREFIX, f"device:{device}"))
             todo, known = self._fresh(cur, device, run)
             for item in todo:
-                self._prepare(item, db_error)
+                self._prepare(item, failed)
             state = _RunState(self, cur, known, lock_rows=lock)
             state.prefetch([i for i in todo if i.entry is not None])
             for item in todo:
@@ -804,6 +991,9 @@ class ApplierDb:
                 outcomes.append(outcome)
             state.flush()
             state.write_bookkeeping(outcomes, todo)
+            if failed is not None:
+                for item in todo:
+                    self._write_dead_letter(cur, item, failed)
         for o in outcomes:
             self._count(o)
         return outcomes
@@ -848,7 +1038,7 @@ class ApplierDb:
             todo.append(item)
         return todo, known
 
-    def _prepare(self, item: _Item, db_error: str | None) -> None:
+    def _prepare(self, item: _Item, failed: _Failed | None) -> None:
         record = item.record
         assert record is not None
         if record.rejection is not None or record.entry is None:
@@ -873,10 +1063,8 @@ class ApplierDb:
                     )
                 except ValueError:
                     pass
-        elif db_error is not None:
-            item.rejection = Rejection(
-                Reason.DB_ERROR, f"entry {record.seq}: PostgreSQL refused the write: {db_error}"
-            )
+        elif failed is not None:
+            item.rejection = Rejection(failed.reason, f"entry {record.seq}: {failed.message}")
 
     def _one(self, state: _RunState, item: _Item) -> Outcome:
         record = item.record
@@ -1045,11 +1233,19 @@ class ApplierDb:
         choice: str,
         values: Mapping[str, Any] | None = None,
         by: str = "",
+        *,
+        claims: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """Settle a kept conflict: ``server`` (keep the server's current values),
         ``device`` (write the device's values), or ``values`` (write ``values``, wire
         form).  The write is a new edit; resolving a resolved conflict returns its first
-        resolution and changes nothing."""
+        resolution and changes nothing.
+
+        ``claims``: the resolution comes from a device holding a token with these claims
+        (the device API), and is judged like a journal entry of it, against the row as it
+        is now (:func:`relay.journal.check_write`: the rows and columns it may write,
+        before and after, and no widening); a refusal raises :class:`ResolveForbidden`
+        and writes nothing.  None: an operator resolves, trusted (nothing is checked)."""
         if choice not in ("server", "device", "values"):
             raise ResolveError(f"choice must be server, device or values, not {choice!r}")
         if (choice == "values") != (values is not None):
@@ -1064,7 +1260,7 @@ class ApplierDb:
                 ).fetchone()
                 if found is None:
                     raise ConflictNotFound(f"no kept conflict has id {conflict_id!r}")
-                device, seq, table, key, kind, held, claims, status, resolution = found
+                device, seq, table, key, kind, held, stored_claims, status, resolution = found
                 if status == "resolved":
                     return Outcome.from_json(resolution["outcome"])
                 meta = self.tables.get(table)
@@ -1080,7 +1276,16 @@ class ApplierDb:
                 policy = self.policies.table(table)
                 hlc = self.clock.now()
                 after = state.apply_resolution(meta, key, current.row, writes, policy, hlc)
-                scope = self._scope(claims)
+                scope = self._scope(stored_claims if claims is None else claims)
+                if claims is not None and writes:
+                    written = list(writes.get("update") or writes.get("insert") or ())
+                    problem = check_write(scope, table, current.row, after, written)
+                    if problem is not None:
+                        raise ResolveForbidden(
+                            problem.reason.value,
+                            f"conflict {conflict_id}: the resolution is refused as the "
+                            f"device's own write would be: {problem.message}",
+                        )
                 outcome = Outcome(
                     device_id=device,
                     seq=int(seq),
@@ -1114,10 +1319,25 @@ class ApplierDb:
                     (device, encode_outcomes([outcome])),
                 )
                 return outcome
-        except _ENTRY_ERRORS as exc:
+        except psycopg.Error as exc:
+            if classify_failure(exc) is not Failure.ENTRY:
+                raise
             raise ResolveError(
                 f"conflict {conflict_id}: PostgreSQL refused the resolution: {_pg_message(exc)}"
             ) from exc
+
+
+def _where(item: _Item) -> str:
+    """``entry 17 of device 'tab-1' (fs._journal/2@451)`` for logs."""
+    at = f"{item.where.topic}/{item.where.partition}@{item.where.offset}"
+    if item.record is None:
+        return f"record {at}"
+    return f"entry {item.record.seq} of device {item.record.device_id!r} ({at})"
+
+
+def _clean(text: str, limit: int = 4000) -> str:
+    """Text PostgreSQL can store (no NUL), at most ``limit`` characters."""
+    return text.replace("\x00", "\\x00")[:limit]
 
 
 def _orjson_text(value: Any) -> str:
@@ -1208,6 +1428,19 @@ def _permission(
     return None
 
 
+def _coerced(meta: TableMeta, column: str, value: Any) -> Any:
+    """A resolution's value in normal wire form; ResolveError names what is wrong."""
+    ct = meta.types.get(column)
+    if ct is None:
+        raise ResolveError(f"{meta.name}: the resolution names no column {column!r:.80}")
+    try:
+        return coerce_value(ct, value)
+    except ValueError as exc:
+        raise ResolveError(
+            f"{meta.name}: invalid value in the resolution: {column} ({ct.describe()}): {exc}"
+        ) from exc
+
+
 def _resolution(
     meta: TableMeta,
     kind: str,
@@ -1236,12 +1469,21 @@ def _resolution(
         chosen_row = held.get("device") if choice == "device" else dict(values or {})
         if chosen_row is None:
             return ({"delete": True} if current is not None else {}), {}
-        chosen = {**dict(zip(meta.key, key, strict=True)), **chosen_row}
+        fixed = dict(zip(meta.key, key, strict=True))
+        moved = sorted(
+            c
+            for c in meta.key
+            if c in chosen_row
+            and not same_value(meta.types[c], _coerced(meta, c, chosen_row[c]), fixed[c])
+        )
+        if moved:
+            raise ResolveError(
+                f"{meta.name}: the values change key column(s) {', '.join(moved)}; a "
+                "resolution keeps the conflict's row"
+            )
+        chosen = {**fixed, **chosen_row, **fixed}
         decisions = {c: choice for c in chosen if c not in meta.key}
-    try:
-        normal = {c: coerce_value(meta.types[c], v) for c, v in chosen.items()}
-    except (KeyError, ValueError) as exc:
-        raise ResolveError(f"{meta.name}: invalid value in the resolution: {exc}") from exc
+    normal = {c: _coerced(meta, c, v) for c, v in chosen.items()}
     if current is None:
         return {"insert": normal}, decisions
     sets = {c: v for c, v in normal.items() if not same_value(meta.types[c], current.get(c), v)}
@@ -1635,12 +1877,14 @@ class Applier:
             except ConfigError:
                 raise
             except (ApplierError, psycopg.Error) as exc:
+                self.db.stats.failures += 1
                 log.error("applier: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             except Exception as exc:
                 if not _is_kafka_error(exc):
                     raise
+                self.db.stats.failures += 1
                 log.error("applier: Kafka: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -26,6 +26,7 @@ layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
     ├── ApplierError               the applier cannot go on (database, schema, Kafka)
     │   ├── ConflictNotFound       no kept conflict has this id
     │   └── ResolveError           a resolution is invalid (unknown choice, foreign columns)
+    │       └── ResolveForbidden (403) forbidden_row / _column / _move: beyond the device's rights
     └── AuthError        (401)     request not authenticated; .status, .code, to_dict()
         ├── TokenMissing           token_missing        no Authorization header
         ├── TokenMalformed         token_malformed      not "Bearer <jwt>", undecodable, claim missing
@@ -213,6 +214,18 @@ class ConflictNotFound(ApplierError):
 
 class ResolveError(ApplierError):
     """A resolution is invalid (unknown choice, values for columns not in conflict)."""
+
+
+class ResolveForbidden(ResolveError):
+    """A device's resolution would write what its rules do not let it write (HTTP 403);
+    ``code`` is the journal rejection reason: ``forbidden_row``, ``forbidden_column`` or
+    ``forbidden_move``."""
+
+    status = 403
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ConflictsError(ConfigError):

@@ -35,10 +35,14 @@ decoded-Avro form the rules compare.
 
 Validation (:func:`parse_upload`, :func:`validate_entry`, :func:`check_write`) gives
 each refused entry a :class:`Rejection` with a stable ``reason`` (:class:`Reason`) and a
-message naming the table, column or value at fault.  Write permission: a device may
-write a row only if the row, before and after the write, is in one of the buckets its
-token grants, and only columns the projection of such a bucket's rule includes; a
-write that would move a row out of all its buckets is refused (``forbidden_move``).
+message naming the table, column or value at fault.  Every number is checked against the
+range of the column that keeps it (``seq`` and ``base`` against ``bigint``, values
+against their PostgreSQL type), so nothing accepted here fails later for its size.
+Write permission: a device may write a row only if the row, before and after the write,
+is in one of the buckets its token grants whose rule is ``writable`` for the table, and
+only columns such a bucket shows; a write that would move a row out of all of them is
+refused (``forbidden_move``), and so is one that would show the device columns of the
+row it cannot see now, unless a ``claim`` rule of the row's new buckets allows it.
 
 Ordering rule: a rejected entry does not block the device's other entries.  An entry
 whose ``prev_seq`` names an entry that was rejected (or itself blocked) is rejected as
@@ -58,6 +62,7 @@ import enum
 import json
 import math
 import re
+import struct
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,9 +72,10 @@ from typing import Any, Final, TypeGuard
 
 import orjson
 
+from relay.auth import valid_device_id
 from relay.errors import BatchTooLarge, JournalFormatError, RelayError, RowError, UploadError  # noqa: F401 (re-exported)
 from relay.hlc import Hlc
-from relay.rules import Rules, TableInfo, canonical_text, parse_bucket_id
+from relay.rules import Rules, TableInfo, TableRule, canonical_text, parse_bucket_id
 
 __all__ = [
     "RECORD_VERSION",
@@ -104,6 +110,13 @@ __all__ = [
 ]
 
 RECORD_VERSION: Final = 1
+MAX_BIGINT: Final = (1 << 63) - 1
+"""The largest ``seq``, ``prev_seq``, ``base.commit_lsn`` and ``base.seq`` (PostgreSQL
+``bigint``, where they are stored)."""
+MAX_TABLE_CHARS: Final = 300
+"""Longest ``table`` of an entry (``schema.table``: two identifiers of at most 63 bytes)."""
+MAX_KEY_VALUES: Final = 32
+"""Most values of an entry's ``key`` (PostgreSQL's limit of index columns)."""
 
 _INT_BITS: Final = {"int2": 16, "int4": 32, "int8": 64, "oid": 32}
 _SPECIAL_INF: Final = ("INFINITY", "NEG_INFINITY")
@@ -120,6 +133,9 @@ _FLOAT_SPECIAL: Final = ("NaN", "Infinity", "-Infinity")
 _MICROS_PER_DAY: Final = 86_400_000_000
 _DATE_MIN_DAYS: Final = -2_440_588  # 4714-11-24 BC, PostgreSQL's first date
 _DATE_MAX_DAYS: Final = 2_145_031_948  # 5874897-12-31
+_NUMERIC_MAX_WEIGHT_DIGITS: Final = 131_072
+_NUMERIC_MAX_SCALE: Final = 16_383
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
 
 
@@ -335,19 +351,17 @@ def coerce_value(ct: ColumnType, value: Any) -> Any:
     if kind is Kind.FLOAT:
         if isinstance(value, str) and value in _FLOAT_SPECIAL:
             return value
-        if (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
-            return float(value)
-        raise ValueError('expected a number (or "NaN", "Infinity", "-Infinity")')
+        return _float_in_range(ct, value)
     if kind is Kind.DECIMAL:
         if isinstance(value, str) and value in _NUMERIC_SPECIAL:
             return _NUMERIC_SPECIAL[value]
-        return _quantized(ct, _decimal_of(value))
+        return _quantized(ct, _numeric_in_range(_decimal_of(value)))
     if kind is Kind.NUMERIC:
         if isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
             return value
         if isinstance(value, str) and value in _NUMERIC_SPECIAL:
             return _NUMERIC_PG_TEXT[_NUMERIC_SPECIAL[value]]
-        number = _decimal_of(value)
+        number = _numeric_in_range(_decimal_of(value))
         return value.strip() if isinstance(value, str) else format(number, "f")
     if kind is Kind.TEXT:
         if isinstance(value, str):
@@ -358,10 +372,14 @@ def coerce_value(ct: ColumnType, value: Any) -> Any:
     if kind is Kind.JSON:
         if not isinstance(value, str):
             raise ValueError("expected the JSON document as a string (its text)")
+        if "\x00" in value:
+            raise ValueError("JSON text cannot contain NUL characters")
         try:
             json.loads(value)
         except ValueError as exc:
             raise ValueError(f"expected JSON text ({exc})") from None
+        if _label_base(ct.pg_type) == "jsonb" and _NUL_ESCAPE.search(value):
+            raise ValueError("jsonb cannot hold the character \\u0000")
         return value
     if kind is Kind.UUID:
         if not isinstance(value, str):
@@ -402,6 +420,47 @@ def coerce_value(ct: ColumnType, value: Any) -> Any:
         assert ct.element is not None
         return _coerce_array(ct.element, value, 1)
     raise ValueError(f"unsupported column kind {kind}")  # pragma: no cover
+
+
+def _float_in_range(ct: ColumnType, value: Any) -> float:
+    """A finite JSON number that the column's ``real`` / ``double precision`` can hold
+    (PostgreSQL refuses values that overflow, and non-zero ones that round to zero)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ValueError('expected a number (or "NaN", "Infinity", "-Infinity")')
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"number out of range for {ct.describe()}")
+    if ct.bits == 32:
+        try:
+            narrow = struct.unpack("<f", struct.pack("<f", number))[0]
+        except OverflowError:
+            raise ValueError(f"number out of range for {ct.describe()}") from None
+        if narrow == 0.0 and number != 0.0:
+            raise ValueError(f"number too close to zero for {ct.describe()}")
+    return number
+
+
+def _numeric_in_range(number: Decimal) -> Decimal:
+    """A finite decimal PostgreSQL's ``numeric`` can hold: at most 131072 digits before
+    the decimal point and 16383 after it."""
+    if not number.is_finite():
+        raise ValueError("expected a finite decimal number")
+    if number != 0 and number.adjusted() >= _NUMERIC_MAX_WEIGHT_DIGITS:
+        raise ValueError(
+            f"number out of range for numeric (at most {_NUMERIC_MAX_WEIGHT_DIGITS} digits "
+            "before the decimal point)"
+        )
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if -exponent > _NUMERIC_MAX_SCALE:
+        raise ValueError(
+            f"number out of range for numeric (at most {_NUMERIC_MAX_SCALE} digits after the "
+            "decimal point)"
+        )
+    return number
 
 
 def _quantized(ct: ColumnType, number: Decimal) -> str:
@@ -656,6 +715,7 @@ class Reason(enum.StrEnum):
     FORBIDDEN_MOVE = "forbidden_move"
     BLOCKED = "blocked"
     DB_ERROR = "db_error"
+    INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(frozen=True)
@@ -695,6 +755,20 @@ def _reject(reason: Reason, message: str) -> Rejection:
     return Rejection(reason, message)
 
 
+def _is_seq(value: object) -> TypeGuard[int]:
+    """An integer 1..MAX_BIGINT (a journal sequence number)."""
+    return _is_int(value) and 1 <= value <= MAX_BIGINT
+
+
+def _is_position(value: object) -> TypeGuard[int]:
+    """An integer 0..MAX_BIGINT (a part of a change position)."""
+    return _is_int(value) and 0 <= value <= MAX_BIGINT
+
+
+def _printable(text: str) -> bool:
+    return text.isprintable()
+
+
 def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
@@ -722,8 +796,11 @@ def parse_upload(
     last = 0
     for i, raw in enumerate(raw_entries):
         seq = raw.get("seq") if isinstance(raw, dict) else None
-        if not _is_int(seq) or seq < 1:
-            raise UploadError(f"entries[{i}] has no seq (a positive integer)")
+        if not _is_seq(seq):
+            raise UploadError(
+                f"entries[{i}] has no seq (an integer from 1 to {MAX_BIGINT}): "
+                f"{'none' if seq is None else _type_name(seq)} {seq!r:.40}"
+            )
         assert isinstance(seq, int)
         if seq <= last:
             raise UploadError(
@@ -766,23 +843,30 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
     if not isinstance(raw, dict):
         raise _EntryProblem(Reason.MALFORMED, "an entry is a JSON object")
     seq = raw.get("seq")
-    if not _is_int(seq) or seq < 1:
-        raise _EntryProblem(Reason.MALFORMED, "seq must be a positive integer")
+    if not _is_seq(seq):
+        raise _EntryProblem(Reason.MALFORMED, f"seq must be an integer from 1 to {MAX_BIGINT}")
     where = f"entry {seq}"
     if not _ENTRY_KEYS.issuperset(raw):
         unknown = ", ".join(sorted(set(raw) - _ENTRY_KEYS))
         raise _EntryProblem(Reason.MALFORMED, f"{where}: unknown field(s) {unknown}")
     table = raw.get("table")
-    if not isinstance(table, str) or not table:
-        raise _EntryProblem(Reason.MALFORMED, f'{where}: table must be "schema.table"')
+    if not isinstance(table, str) or not 0 < len(table) <= MAX_TABLE_CHARS or not _printable(table):
+        raise _EntryProblem(
+            Reason.MALFORMED,
+            f'{where}: table must be "schema.table" (at most {MAX_TABLE_CHARS} printable '
+            f"characters), not {table!r:.80}",
+        )
     op = _OPS.get(raw.get("op"))  # type: ignore[arg-type]
     if op is None:
         raise _EntryProblem(
             Reason.MALFORMED, f"{where}: op must be insert, update or delete, not {raw.get('op')!r}"
         )
     key = raw.get("key")
-    if not isinstance(key, list) or not key:
-        raise _EntryProblem(Reason.MALFORMED, f"{where}: key must be a non-empty array")
+    if not isinstance(key, list) or not 0 < len(key) <= MAX_KEY_VALUES:
+        raise _EntryProblem(
+            Reason.MALFORMED,
+            f"{where}: key must be an array of 1 to {MAX_KEY_VALUES} values (the primary key's)",
+        )
     old, new = raw.get("old"), raw.get("new")
     for name, value, wanted in (
         ("old", old, op is not Op.INSERT),
@@ -795,14 +879,18 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
     base = raw.get("base")
     position = None
     if base is not None:
-        if (
-            not isinstance(base, dict)
-            or set(base) != {"commit_lsn", "seq"}
-            or not all(_is_int(v) and v >= 0 for v in base.values())
-        ):
+        if not isinstance(base, dict) or set(base) != {"commit_lsn", "seq"}:
             raise _EntryProblem(
-                Reason.MALFORMED, f"{where}: base must be null or {{commit_lsn, seq}} (integers)"
+                Reason.MALFORMED,
+                f"{where}: base must be null or {{commit_lsn, seq}} (integers 0 to {MAX_BIGINT})",
             )
+        for part in ("commit_lsn", "seq"):
+            if not _is_position(base[part]):
+                raise _EntryProblem(
+                    Reason.MALFORMED,
+                    f"{where}: base.{part} must be an integer from 0 to {MAX_BIGINT}, not "
+                    f"{_type_name(base[part])} {base[part]!r:.40}",
+                )
         position = BasePosition(base["commit_lsn"], base["seq"])
     prev = raw.get("prev_seq")
     if prev is not None and (not _is_int(prev) or not 1 <= prev < seq):
@@ -845,6 +933,7 @@ class WriteScope:
         self._placed: dict[tuple[str, tuple[tuple[bool, str | None], ...]], frozenset[str]] = {}
         self._seen: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
         self._rule_of: dict[str, str] = {}
+        self._writable: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
         # the last row placed (the same row object is often asked again at once)
         self._last: tuple[Mapping[str, Any], str, frozenset[str] | None] | None = None
         visible: dict[str, set[str]] = {}
@@ -926,18 +1015,44 @@ class WriteScope:
             self._placed[key] = found
         return found
 
+    def _rule_name(self, bucket: str) -> str:
+        rule = self._rule_of.get(bucket)
+        if rule is None:
+            rule = self._rule_of[bucket] = parse_bucket_id(bucket)[0]
+        return rule
+
     def columns_in(self, table: str, buckets: frozenset[str]) -> frozenset[str]:
         """The columns the device sees of a row that is in ``buckets`` (granted ones)."""
         found = self._seen.get((table, buckets))
         if found is None:
             cols: set[str] = set()
             for b in buckets:
-                rule = self._rule_of.get(b)
-                if rule is None:
-                    rule = self._rule_of[b] = parse_bucket_id(b)[0]
-                cols |= self._columns_of(rule, table)
+                cols |= self._columns_of(self._rule_name(b), table)
             found = self._seen[(table, buckets)] = frozenset(cols)
         return found
+
+    def _entry(self, bucket: str, table: str) -> TableRule | None:
+        rule = self.rules.buckets.get(self._rule_name(bucket))
+        return rule.tables.get(table) if rule is not None else None
+
+    def writable(self, table: str, buckets: frozenset[str]) -> frozenset[str]:
+        """Those of ``buckets`` through which the device may write rows of ``table``
+        (``writable`` in the rules, the default)."""
+        found = self._writable.get((table, buckets))
+        if found is None:
+            found = frozenset(
+                b for b in buckets if (e := self._entry(b, table)) is not None and e.writable
+            )
+            self._writable[(table, buckets)] = found
+        return found
+
+    def claim_columns(self, table: str, buckets: frozenset[str]) -> frozenset[str]:
+        """The columns shown through those of ``buckets`` whose rule may claim rows of
+        ``table`` (``claim = true``)."""
+        claimers = frozenset(
+            b for b in buckets if (e := self._entry(b, table)) is not None and e.claim
+        )
+        return self.columns_in(table, claimers) if claimers else frozenset()
 
     def project(self, table: str, row: Mapping[str, Any] | None, buckets: frozenset[str]) -> Any:
         """``row`` cut to the columns the device sees in ``buckets``."""
@@ -960,32 +1075,58 @@ def check_write(
 ) -> Rejection | None:
     """Whether the device may turn ``before`` into ``after`` (rows in wire form, None for
     absent), writing ``written`` columns.  Rows lacking a column the rules need are not
-    judged (only full rows are: the applier's)."""
-    before_buckets: frozenset[str] | None = frozenset()
+    judged (only full rows are: the applier's).
+
+    - ``before`` must be in a bucket of the device whose rule lets it write the table
+      (``writable``, the default), else ``forbidden_row``;
+    - ``after`` likewise, else ``forbidden_move`` (the write would put the row out of the
+      device's reach, e.g. reassigning it to another technician);
+    - ``written`` must be columns those writable buckets show, else ``forbidden_column``;
+    - the write must not *widen* what the device sees: if ``after`` shows it columns of
+      the row that ``before`` did not (claiming a colleague's row, say), each of them must
+      be shown by a bucket whose rule may claim rows (``claim = true``), else
+      ``forbidden_move``.
+    """
+    before_buckets: frozenset[str] | None = None
     if before is not None:
         before_buckets = scope.row_buckets(table, before)
-        if before_buckets is not None and not before_buckets:
-            return _reject(
-                Reason.FORBIDDEN_ROW,
-                f"{table}: the row is not in any bucket of this device, so it may not change it",
+        if before_buckets is not None and not scope.writable(table, before_buckets):
+            where = (
+                "only in buckets this device may read, not write (writable = false)"
+                if before_buckets
+                else "not in any bucket of this device"
             )
-    after_buckets: frozenset[str] | None = frozenset()
+            return _reject(
+                Reason.FORBIDDEN_ROW, f"{table}: the row is {where}, so it may not change it"
+            )
+    after_buckets: frozenset[str] | None = None
     if after is not None:
         after_buckets = scope.row_buckets(table, after)
-        if after_buckets is not None and not after_buckets:
+        if after_buckets is not None and not scope.writable(table, after_buckets):
             what = "moves the row out of" if before is not None else "puts the row into none of"
             return _reject(
                 Reason.FORBIDDEN_MOVE,
-                f"{table}: the write {what} this device's buckets",
+                f"{table}: the write {what} this device's buckets"
+                + (" it may write" if after_buckets else ""),
             )
     basis = before_buckets if before is not None else after_buckets
     if basis is not None:
-        allowed = scope.columns_in(table, basis)
+        allowed = scope.columns_in(table, scope.writable(table, basis))
         denied = sorted(c for c in written if c not in allowed)
         if denied:
             return _reject(
                 Reason.FORBIDDEN_COLUMN,
                 f"{table}: this device may not write column(s) {', '.join(denied)} of this row",
+            )
+    if before_buckets is not None and after_buckets is not None:
+        gained = scope.columns_in(table, after_buckets) - scope.columns_in(table, before_buckets)
+        hidden = sorted(gained - scope.claim_columns(table, after_buckets))
+        if hidden:
+            return _reject(
+                Reason.FORBIDDEN_MOVE,
+                f"{table}: the write would show this device column(s) {', '.join(hidden)} of "
+                "the row, which it cannot see now (taking rows over needs claim = true in "
+                "the rules)",
             )
     return None
 
@@ -1182,8 +1323,12 @@ class JournalRecord:
                 f"journal record has no version {RECORD_VERSION} ('v'): {str(data)[:120]}"
             )
         device_id, seq = obj.get("device_id"), obj.get("seq")
-        if not isinstance(device_id, str) or not _is_int(seq):
-            raise JournalFormatError("journal record lacks device_id or seq")
+        if not valid_device_id(device_id) or not _is_seq(seq):
+            raise JournalFormatError(
+                "journal record lacks a device_id (1-128 printable characters) or a seq "
+                f"(1 to {MAX_BIGINT}): device_id {device_id!r:.60}, seq {seq!r:.40}"
+            )
+        assert isinstance(device_id, str)
         rejection = Rejection.from_json(obj["rejection"]) if obj.get("rejection") else None
         entry = None
         if obj.get("entry") is not None:
@@ -1191,16 +1336,22 @@ class JournalRecord:
                 entry = entry_from_json(obj["entry"], device_id)
             except _EntryProblem as exc:
                 rejection = rejection or exc.rejection
+            if entry is not None and entry.seq != seq:
+                entry = None
+                rejection = rejection or _reject(
+                    Reason.MALFORMED, f"entry {seq}: the record's entry carries another seq"
+                )
         elif rejection is None:
             rejection = _reject(Reason.MALFORMED, f"entry {seq}: the record carries no entry")
         claims = obj.get("claims") or {}
+        received = obj.get("received_at_us")
         return cls(
             device_id,
             int(seq),
             entry,
             claims if isinstance(claims, dict) else {},
             rejection,
-            int(obj.get("received_at_us") or 0),
+            received if _is_position(received) else 0,  # audit only: nonsense counts as unknown
         )
 
 
@@ -1255,6 +1406,10 @@ class Outcome:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
+        if not valid_device_id(obj.get("device_id")) or not _is_seq(obj.get("seq")):
+            raise JournalFormatError(
+                f"outcome has no valid device_id and seq (1 to {MAX_BIGINT}): {str(obj)[:200]}"
+            )
         try:
             key = obj.get("key")
             return cls(

@@ -44,7 +44,9 @@ Data path and choices:
   outcome is ``conflict``; rows already cut to what the device may see).  A resolution is
   :meth:`relay.applier.ApplierDb.resolve` on the captured database (a new edit, origin
   ``resolve:<id>``; resolving again returns the first resolution and writes nothing),
-  after checking there that the conflict is the device's own (403 otherwise).  The
+  after checking there that the conflict is the device's own (403 otherwise), judged by
+  the device's write rules (its token's claims) against the current row like its journal
+  entries (403 ``forbidden_row`` / ``forbidden_column`` / ``forbidden_move``).  The
   ``resolved`` outcome is put into the outcome store at once (and comes again through
   ``_outcomes``, which changes nothing).
 
@@ -66,6 +68,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -86,6 +89,7 @@ from relay.applier import (
     ApplierError,
     ConflictNotFound,
     ResolveError,
+    ResolveForbidden,
     ensure_journal_topics,
 )
 from relay.applier_settings import JOURNAL, JournalSettings
@@ -93,6 +97,7 @@ from relay.auth import DeviceIdentity
 from relay.bucket_engine import FETCH_MAX_WAIT_MS
 from relay.errors import ConfigError, JournalStoreError, NotOwnDevice, RelayError
 from relay.journal import (
+    MAX_BIGINT,
     ColumnType,
     JournalEntry,
     JournalLimits,
@@ -1073,10 +1078,14 @@ class ConflictDesk:
         conflict_id: str,
         choice: str,
         values: Mapping[str, Any] | None,
+        claims: Mapping[str, Any],
     ) -> tuple[Outcome, bool]:
-        """Settle the device's conflict; returns the ``resolved`` outcome and whether it
-        had been resolved before (then nothing was written).  Raises ConflictNotFound,
-        NotOwnDevice, ResolveError, or Unavailable."""
+        """Settle the device's conflict as that device (its token's ``claims``: judged by
+        its write rules against the row as it is now); returns the ``resolved`` outcome and
+        whether it had been resolved before (then nothing was written).  Raises
+        ConflictNotFound, NotOwnDevice, ResolveForbidden, ResolveError, or Unavailable."""
+        if not _is_conflict_id(conflict_id):
+            raise ConflictNotFound(f"no kept conflict has id {conflict_id!r:.80}")
         with self._lock:
             try:
                 conn = self._ensure()
@@ -1095,7 +1104,9 @@ class ConflictDesk:
                         f"conflict {conflict_id} belongs to another device; device "
                         f"{device_id!r} may resolve only its own"
                     )
-                outcome = self.db.resolve(conflict_id, choice, values, by=f"device:{device_id}")
+                outcome = self.db.resolve(
+                    conflict_id, choice, values, by=f"device:{device_id}", claims=claims
+                )
                 return outcome, status == "resolved"
             except (ConflictNotFound, ResolveError, NotOwnDevice):
                 raise
@@ -1110,6 +1121,14 @@ class ConflictDesk:
     def close(self) -> None:
         with self._lock:
             self.db.close()
+
+
+def _is_conflict_id(text: str) -> bool:
+    """Conflict ids are UUIDs (the applier makes them); anything else names none."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- the endpoints
@@ -1361,9 +1380,12 @@ class JournalApi:
                 conflict_id,
                 _CHOICES[request.choice],
                 request.values,
+                dict(who.claims),
             )
         except ConflictNotFound as exc:
             raise ApiError(404, "conflict_not_found", str(exc)) from exc
+        except ResolveForbidden as exc:
+            raise ApiError(403, exc.code, str(exc)) from exc
         except ResolveError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from exc
         try:
@@ -1414,7 +1436,12 @@ class JournalApi:
         async def outcomes(
             device: Device,
             after: Annotated[
-                int, Query(ge=0, description="the cursor of the previous answer; 0: from the start")
+                int,
+                Query(
+                    ge=0,
+                    le=MAX_BIGINT,
+                    description="the cursor of the previous answer; 0: from the start",
+                ),
             ] = 0,
             limit: Annotated[
                 int | None,

@@ -55,7 +55,7 @@ DEVICE_CLAIM: Final = "sub"
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BUCKET_KEYS: Final = ("name", "description", "parameters", "claims", "table")
-_TABLE_KEYS: Final = ("table", "match", "filters", "columns", "exclude")
+_TABLE_KEYS: Final = ("table", "match", "filters", "columns", "exclude", "writable", "claim")
 _FILTER_KEYS: Final = ("column", "op", "value")
 _TOP_KEYS: Final = ("token_claims", "bucket")
 
@@ -197,7 +197,11 @@ class TableRule:
     ``match`` pairs a row column with the bucket parameter it must equal.
     ``columns`` is the allow-list a device receives (``None``: all) and
     ``exclude`` the deny-list; at most one of them is set.  Key columns are
-    always sent.
+    always sent.  ``writable``: a device may write the rows (and the columns) it
+    reaches through this entry; ``claim``: a write may bring a row into this bucket
+    even though that shows the device columns it could not see before (taking a row
+    over, e.g. assigning a colleague's work order to oneself).  See
+    :func:`relay.journal.check_write`.
     """
 
     table: str
@@ -205,6 +209,8 @@ class TableRule:
     filters: tuple[Filter, ...]
     columns: tuple[str, ...] | None
     exclude: frozenset[str]
+    writable: bool = True
+    claim: bool = False
 
 
 @dataclass(frozen=True)
@@ -609,9 +615,28 @@ class _Parser:
         match = self.match(scope, raw.get("match", {}), parameters, table, info)
         filters = self.filters(scope, raw.get("filters", []), table, info)
         columns, exclude = self.projection(scope, raw, table, info)
+        writable, claim = self.write_options(scope, raw)
         if len(self.problems) > before or not isinstance(name, str):
             return None
-        return TableRule(name, match, filters, columns, exclude)
+        return TableRule(name, match, filters, columns, exclude, writable, claim)
+
+    def write_options(self, scope: str, raw: Mapping[str, Any]) -> tuple[bool, bool]:
+        """``writable`` (default true) and ``claim`` (default false), both booleans;
+        ``claim`` needs ``writable``."""
+        found: dict[str, bool] = {}
+        for key, default in (("writable", True), ("claim", False)):
+            value = raw.get(key, default)
+            if not isinstance(value, bool):
+                self.problem(scope, key, f"must be true or false, not {value!r}")
+                value = default
+            found[key] = value
+        if found["claim"] and not found["writable"]:
+            self.problem(
+                scope,
+                "claim",
+                "is true but writable is false: only a writable entry can claim rows",
+            )
+        return found["writable"], found["claim"]
 
     def column(
         self, scope: str, key: str, column: object, table: str, info: TableInfo | None

@@ -23,12 +23,18 @@ SIGTERM stop uvicorn (open long-polls and streams are closed), then the engine
 is stopped and the store closed.  Under systemd (``Type=notify``) READY=1 is
 sent once the socket listens.
 
+Connections are guarded below the app by :class:`GuardedH11Protocol` (uvicorn's HTTP/1.1
+protocol): every open socket counts against ``http.max_connections``, request heads have
+a deadline (``http.header_timeout_s``) however slowly they trickle in, and malformed or
+oversized heads are answered in the error shape (:func:`uvicorn_config`).
+
 Access logs never contain tokens: a ``token=`` query parameter (WebSocket
 authentication) is masked by :class:`TokenRedactingFilter`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -38,14 +44,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cdc.errors import ConfigError as CdcConfigError
 from cdc.systemd_notify import Notifier
 from relay.api import ApiConfig, create_app
+from relay.api_errors import error_body
 from relay.applier_settings import JournalSettings
 from relay.auth import Authenticator, KeyStore, RevocationList
 from relay.bucket_engine import (
@@ -59,7 +69,7 @@ from relay.journal_api import RELAY_FILE_REGISTRY, JournalApi, RelayFileSettings
 from relay.merge import Policy, load_conflicts
 from relay.pg_bucket_store import PgBucketStore
 from relay.rules import Rules, TableInfo, check_rules_file, load_rules
-from relay.settings import RelaySettings
+from relay.settings import HttpSettings, RelaySettings
 
 log = logging.getLogger("relay.server")
 
@@ -95,6 +105,168 @@ def api_config(settings: RelaySettings, conflicts: str | None = None) -> ApiConf
         rate_per_s=h.rate_per_s,
         rate_burst=h.rate_burst,
         max_connections=h.max_connections,
+        body_timeout_s=h.body_timeout_s,
+    )
+
+
+def _raw_error(status: int, code: str, message: str, headers: dict[str, str]) -> bytes:
+    """A whole HTTP/1.1 error response in the one error shape, for the protocol level
+    (before a request exists, so before the ASGI app and its handlers)."""
+    body = orjson.dumps(error_body(status, code, message))
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json"]
+    head += [f"{k}: {v}" for k, v in {**headers, "connection": "close"}.items()]
+    head.append(f"content-length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the limits a request cannot enforce because it
+    does not exist yet:
+
+    - **connections**: at most :attr:`max_connections` open sockets per process, counting
+      every one uvicorn holds (requests in progress, idle kept-alive connections,
+      WebSockets, and connections that have not sent a whole request head).  Past it, a
+      new connection gets 503 ``unavailable`` and is closed before anything is read.
+    - **header time**: a request's line and headers must be complete within
+      :attr:`header_timeout_s` of connecting (or of the previous response), however
+      slowly they trickle in (uvicorn's keep-alive timer restarts on every byte); later:
+      408 ``request_timeout`` and the connection is closed (closed quietly if nothing at
+      all came).
+    - **invalid or oversized heads** (``h11_max_incomplete_event_size``): 400
+      ``bad_request`` in the error shape, not uvicorn's plain text.
+
+    The body's deadline is the app's (:class:`relay.api.LimitsMiddleware`).  Runs on the
+    event loop like every uvicorn protocol.  Configure with :meth:`configured`.
+    """
+
+    max_connections: int = 10_000
+    header_timeout_s: float = 10.0
+
+    @classmethod
+    def configured(cls, max_connections: int, header_timeout_s: float) -> type[GuardedH11Protocol]:
+        return type(
+            "GuardedH11Protocol",
+            (cls,),
+            {"max_connections": max_connections, "header_timeout_s": header_timeout_s},
+        )
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_scope: object = None
+        self._head_bytes = 0  # received since the deadline was armed
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refused = True
+            self.transport = transport
+            log.warning(
+                "refusing a connection: %d connections open (http.max_connections)",
+                len(self.connections),
+            )
+            transport.write(
+                _raw_error(
+                    503,
+                    "unavailable",
+                    f"the relay holds its maximum of {self.max_connections} connections; "
+                    "retry later",
+                    {"retry-after": "5"},
+                )
+            )
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        if self._refused:
+            return
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._head_bytes += len(data)
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.scope is not self._head_scope:  # a new request's head arrived
+            self._head_scope = self.scope
+            self._disarm_head_timer()
+
+    def on_response_complete(self) -> None:
+        answered = self.scope
+        super().on_response_complete()  # may start a pipelined request at once
+        if not self.transport.is_closing() and self.scope is answered:
+            self._arm_head_timer()  # the next request's head has its own deadline
+
+    def send_400_response(self, msg: str) -> None:
+        self._disarm_head_timer()
+        log.info("invalid HTTP request from %s: %s", self.client, msg)
+        if not self.transport.is_closing():
+            self.transport.write(
+                _raw_error(
+                    400,
+                    "bad_request",
+                    "invalid HTTP request (malformed, or a request line and headers larger "
+                    "than the relay accepts)",
+                    {},
+                )
+            )
+            self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._head_bytes:  # idle: closed quietly, as by the keep-alive timer
+            self.transport.close()
+            return
+        log.info(
+            "closing the connection of %s: no complete request head within %g s",
+            self.client,
+            self.header_timeout_s,
+        )
+        self.transport.write(
+            _raw_error(
+                408,
+                "request_timeout",
+                f"the request line and headers did not arrive within {self.header_timeout_s:g} s",
+                {},
+            )
+        )
+        self.transport.close()
+
+
+def uvicorn_config(app: Any, http: HttpSettings, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's configuration for the device API under ``[http]``'s limits."""
+    return uvicorn.Config(
+        app,
+        host=http.host,
+        port=http.port,
+        log_level=log_level,
+        http=GuardedH11Protocol.configured(http.max_connections, http.header_timeout_s),
+        timeout_keep_alive=http.keep_alive_s,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=http.max_header_bytes,
+        ws_ping_interval=http.ws_ping_s or None,
+        ws_ping_timeout=http.ws_ping_s or None,
+        ws_max_size=http.max_body_bytes,
+        backlog=min(4096, max(128, http.max_connections)),
+        timeout_graceful_shutdown=5,
+        server_header=False,
     )
 
 
@@ -287,19 +459,7 @@ class RelayServer:
             engine.close()
 
     def _serve(self, app: Any, on_ready: Callable[[str, int], None] | None) -> None:
-        h = self.settings.http
-        config = uvicorn.Config(
-            app,
-            host=h.host,
-            port=h.port,
-            log_level=self.settings.relay.log_level.lower(),
-            ws_ping_interval=h.ws_ping_s or None,
-            ws_ping_timeout=h.ws_ping_s or None,
-            ws_max_size=h.max_body_bytes,
-            backlog=min(4096, max(128, h.max_connections)),
-            timeout_graceful_shutdown=5,
-            server_header=False,
-        )
+        config = uvicorn_config(app, self.settings.http, self.settings.relay.log_level.lower())
         server = _Server(config, on_ready)
         logging.getLogger("uvicorn.access").addFilter(TokenRedactingFilter())
         server.run()

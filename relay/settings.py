@@ -93,6 +93,10 @@ class HttpSettings:
     rate_burst: int
     max_connections: int
     ws_ping_s: float
+    header_timeout_s: float
+    body_timeout_s: float
+    keep_alive_s: float
+    max_header_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +336,9 @@ HTTP = Section(
             "max_connections",
             int,
             10000,
-            "Most concurrent connections (HTTP and WebSocket) one relay process accepts.",
+            "Most concurrent connections one relay process holds, counting every open socket "
+            "(HTTP, WebSocket, and connections that have not sent a whole request yet); "
+            "past it a new connection gets 503 and is closed at once.",
             check=_positive,
         ),
         Setting(
@@ -341,6 +347,38 @@ HTTP = Section(
             20.0,
             "Seconds between WebSocket pings to idle clients; 0 disables.",
             check=_non_negative,
+        ),
+        Setting(
+            "header_timeout_s",
+            float,
+            10.0,
+            "Seconds a client has to send a request's line and headers, from connecting (or "
+            "from the end of the previous response on a kept-alive connection), however "
+            "slowly the bytes trickle in; later: 408 and the connection is closed.",
+            check=_positive,
+        ),
+        Setting(
+            "body_timeout_s",
+            float,
+            60.0,
+            "Seconds a client has to send a request's whole body once its headers are in; "
+            "later: 408 request_timeout and the connection is closed.",
+            check=_positive,
+        ),
+        Setting(
+            "keep_alive_s",
+            float,
+            5.0,
+            "Seconds an idle kept-alive HTTP connection stays open waiting for the next request.",
+            check=_positive,
+        ),
+        Setting(
+            "max_header_bytes",
+            int,
+            98_304,
+            "Largest request line plus headers, in bytes (a cursor of up to 64 KiB and a token "
+            "of up to 16 KiB must fit); larger: 400 and the connection is closed.",
+            check=_positive,
         ),
     ),
 )

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cdc.avro_envelope import TableCodec
 from cdc.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
+from relay.errors import RulesError
 from relay.hlc import Hlc
 from relay.journal import (
     BatchTooLarge,
@@ -526,3 +527,126 @@ def test_records_keep_integers_beyond_64_bits_exact() -> None:
     record = JournalRecord(DEVICE, e.seq, e, {"sub": DEVICE, "n": 2**70}, None, 1)
     assert JournalRecord.from_bytes(record.to_bytes()).claims["n"] == str(2**70)
     assert dump_json({"a": [1, -(2**80)]}) == b'{"a":[1,"-1208925819614629174706176"]}'
+
+
+# --------------------------------------------------------------------------- writable, claim, widening
+
+SITE_RULES_DATA: dict[str, Any] = {
+    "token_claims": ["technician", "sites"],
+    "bucket": [
+        {
+            "name": "mine",
+            "parameters": ["tech"],
+            "claims": {"tech": "technician"},
+            "table": [
+                {
+                    "table": "public.work_orders",
+                    "match": {"technician": "tech"},
+                    "exclude": ["cost"],
+                }
+            ],
+        },
+        {
+            "name": "site",
+            "parameters": ["site"],
+            "claims": {"site": "sites"},
+            "table": [
+                {
+                    "table": "public.work_orders",
+                    "match": {"site": "site"},
+                    "filters": [{"column": "status", "op": "=", "value": "open"}],
+                    "columns": ["site", "status", "technician"],
+                }
+            ],
+        },
+    ],
+}
+
+
+def site_scope(
+    mine: dict[str, Any] | None = None, site: dict[str, Any] | None = None
+) -> WriteScope:
+    """t42 at plant-1: its own orders (all but cost) and the open orders of the site
+    (site, status, technician); ``mine``/``site``: extra keys of each rule's table entry."""
+    data = json.loads(json.dumps(SITE_RULES_DATA))
+    if mine and "columns" in mine:
+        del data["bucket"][0]["table"][0]["exclude"]
+    data["bucket"][0]["table"][0].update(mine or {})
+    data["bucket"][1]["table"][0].update(site or {})
+    rules = rules_from_mapping(data, SCHEMA)
+    return WriteScope.for_claims(rules, {"technician": "t42", "sites": ["plant-1"]}, WO_TYPES)
+
+
+COLLEAGUE = {
+    "id": 9,
+    "site": "plant-1",
+    "technician": "t7",
+    "status": "open",
+    "cost": None,
+    "notes": "n",
+}
+OWN = {**COLLEAGUE, "id": 8, "technician": "t42"}
+WO = "public.work_orders"
+
+
+def test_claiming_a_colleagues_row_widens_and_is_a_forbidden_move() -> None:
+    scope = site_scope()
+    claimed = {**COLLEAGUE, "technician": "t42"}
+    problem = check_write(scope, WO, COLLEAGUE, claimed, ["technician"])
+    assert problem is not None and problem.reason is Reason.FORBIDDEN_MOVE
+    assert "notes" in problem.message and "claim = true" in problem.message
+    # the same write is fine where the rules let that bucket claim rows
+    assert (
+        check_write(site_scope(mine={"claim": True}), WO, COLLEAGUE, claimed, ["technician"])
+        is None
+    )
+
+
+def test_writes_that_show_nothing_new_are_not_widening() -> None:
+    scope = site_scope()
+    # a colleague's row moved to a third technician: still only the site's columns
+    assert (
+        check_write(scope, WO, COLLEAGUE, {**COLLEAGUE, "technician": "t9"}, ["technician"]) is None
+    )
+    # its own row handed to a colleague: it sees less afterwards, not more
+    assert check_write(scope, WO, OWN, {**OWN, "technician": "t7"}, ["technician"]) is None
+    # its own row edited
+    assert check_write(scope, WO, OWN, {**OWN, "notes": "x"}, ["notes"]) is None
+    # an insert has no "before": the device wrote the row itself
+    assert check_write(scope, WO, None, OWN, [c for c in OWN if c != "cost"]) is None
+
+
+def test_read_only_buckets_give_no_write_rights() -> None:
+    scope = site_scope(site={"writable": False})
+    other = check_write(scope, WO, COLLEAGUE, {**COLLEAGUE, "status": "done"}, ["status"])
+    assert other is not None and other.reason is Reason.FORBIDDEN_ROW
+    assert "writable = false" in other.message
+    handed = check_write(scope, WO, OWN, {**OWN, "technician": "t7"}, ["technician"])
+    assert handed is not None and handed.reason is Reason.FORBIDDEN_MOVE
+    assert "it may write" in handed.message
+    # its own row is still writable through its own bucket
+    assert check_write(scope, WO, OWN, {**OWN, "notes": "x"}, ["notes"]) is None
+
+
+def test_columns_are_writable_only_through_writable_buckets() -> None:
+    scope = site_scope(mine={"columns": ["notes"]})  # own bucket: id and notes only
+    # status is shown by the site bucket, which is writable: fine
+    assert check_write(scope, WO, OWN, {**OWN, "status": "open"}, ["status"]) is None
+    read_only_site = site_scope(mine={"columns": ["notes"]}, site={"writable": False})
+    problem = check_write(read_only_site, WO, OWN, {**OWN, "status": "open"}, ["status"])
+    assert problem is not None and problem.reason is Reason.FORBIDDEN_COLUMN
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"writable": "yes"}, "writable must be true or false"),
+        ({"claim": 1}, "claim must be true or false"),
+        ({"writable": False, "claim": True}, "claim is true but writable is false"),
+    ],
+)
+def test_write_options_are_validated(extra: dict[str, Any], message: str) -> None:
+    data = json.loads(json.dumps(SITE_RULES_DATA))
+    data["bucket"][1]["table"][0].update(extra)
+    with pytest.raises(RulesError, match=message):
+        rules_from_mapping(data, SCHEMA)

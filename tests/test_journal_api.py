@@ -212,8 +212,9 @@ class Env:
         self.conn.close()
 
 
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
+@contextlib.contextmanager
+def store_database(pg_server: Any) -> Iterator[str]:
+    """A database of its own for the relay's store, dropped afterwards."""
     name = "jstore_" + uuid.uuid4().hex[:10]
     with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
         conn.execute(f'create database "{name}"')
@@ -222,6 +223,12 @@ def store_dsn(pg_server: Any) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def store_dsn(pg_server: Any) -> Iterator[str]:
+    with store_database(pg_server) as dsn:
+        yield dsn
 
 
 def make_env(

@@ -598,3 +598,23 @@ def test_filters_on_date_columns_take_iso_text(tmp_path: Path) -> None:
         load_rules(path, schema)
     text = str(info.value)
     assert "filters[0].value[0]" in text and "'2024-13-01' is not a date" in text
+
+
+def test_example_rules_refuse_claiming_a_colleagues_order(example: Rules) -> None:
+    """With the example rules, a technician who sees a colleague's open order through its
+    site may not assign it to itself: that would show it the notes and times the site
+    view hides (forbidden_move); handing its own order to a colleague is fine."""
+    from relay.journal import Reason, WriteScope, check_write
+
+    scope = WriteScope.for_claims(example, {"technician": "t42", "sites": ["plant-1"]})
+    colleague = {k: v for k, v in order(technician="t7").items() if k != "cost"}
+    problem = check_write(
+        scope, "public.work_orders", colleague, {**colleague, "technician": "t42"}, ["technician"]
+    )
+    assert problem is not None and problem.reason is Reason.FORBIDDEN_MOVE
+    assert "notes" in problem.message and "updated_at" in problem.message
+    own = {**colleague, "technician": "t42"}
+    assert (
+        check_write(scope, "public.work_orders", own, {**own, "technician": "t7"}, ["technician"])
+        is None
+    )
