@@ -33,6 +33,8 @@ from tests.cdc_support import wait_for
 from tests.test_cdc_cli import cli_env, daemon_config
 
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+STOPPED = re.compile(r"(bucket engine|outcome feed) stopped with an error")
+"""What the relay logs when a thread of it stops for good while the process runs on."""
 
 
 class Process:
@@ -75,6 +77,19 @@ class Process:
             raise AssertionError(
                 f"{self.name} exited with {self.proc.returncode}:\n" + "".join(self.lines[-30:])
             )
+
+    def stopped_threads(self) -> list[str]:
+        """This incarnation's log lines saying that a thread stopped for good (with the
+        traceback's last line)."""
+        out = []
+        for i, line in enumerate(self.lines):
+            if STOPPED.search(line):
+                tail = next(
+                    (x for x in self.lines[i + 1 : i + 80] if not x.startswith((" ", "Trace"))),
+                    "",
+                )
+                out.append(f"{self.name}: {line.strip()}: {tail.strip()}")
+        return out
 
     def kill(self) -> int:
         """SIGKILL, as a crash: no shutdown code runs.  Returns the exit status (-9)."""
@@ -124,6 +139,10 @@ class Stack:
         with self.lock:
             for p in self.procs.values():
                 p.alive()
+
+    def stopped_threads(self) -> list[str]:
+        with self.lock:
+            return [x for p in self.procs.values() for x in p.stopped_threads()]
 
     def wait_listening(self, timeout: float = 90) -> str:
         relay = self.procs["relay"]
