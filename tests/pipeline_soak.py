@@ -191,11 +191,11 @@ class SoakPlan:
     @classmethod
     def short(cls, seed: int) -> SoakPlan:
         """Every fault kind at least once, 1,000 offline edits (CI)."""
-        return cls(seed, "short", 16, 1_000, 2, 2, 1, 1, 240.0)
+        return cls(seed, "short", 16, 1_000, 2, 2, 1, 1, 150.0)
 
     @classmethod
     def full(cls, seed: int) -> SoakPlan:
-        return cls(seed, "full", 40, 10_000, 4, 3, 4, 2, 900.0)
+        return cls(seed, "full", 60, 10_000, 6, 4, 4, 2, 600.0)
 
     @property
     def back_round(self) -> int:
@@ -212,9 +212,12 @@ class SoakPlan:
         later = range(1, self.rounds)
         for kind in KILLS:
             for i in range(self.kills_each):
-                # one applier kill while it works through the offline device's backlog
-                first = kind == KILLS[2] and i == 0
-                at(range(self.back_round, self.rounds) if first else later, kind)
+                if kind == KILLS[2] and i == 0:
+                    # while it works through the offline device's backlog: once it applied
+                    # a random share of it (the round the device comes back online)
+                    plans[self.back_round - 1].backlog_kill = rng.uniform(0.05, 0.6)
+                else:
+                    at(later, kind)
         for _ in range(self.pg_restarts):
             at(later, PG_RESTART)
         online = [d.name for d in DEVICES if not d.offline]
@@ -232,6 +235,7 @@ class SoakPlan:
 @dataclasses.dataclass
 class RoundPlan:
     timed: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    backlog_kill: float | None = None
     cuts: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     poison: list[str] = dataclasses.field(default_factory=list)
 
@@ -375,6 +379,18 @@ class SoakDevice:
             f"select count(*) from {PREFIX}journal where status in ('pending', 'sent', 'conflict')"
         ).fetchone()
         return int(row[0])
+
+    def stuck_conflicts(self) -> list[str]:
+        """Entries still ``conflict`` whose conflict the device has resolved."""
+        return [
+            f"{self.name}: entry {seq} is still 'conflict', though its conflict #{cid} was "
+            f"resolved ({how}) on the device; the server's conflict {detail} was not"
+            for seq, cid, how, detail in self.app.execute(
+                f"""select j.seq, c.id, c.resolution, json_extract(c.detail, '$.id')
+                    from {PREFIX}journal j join {PREFIX}conflicts c on c.seq = j.seq
+                    where j.status = 'conflict' and c.status = 'resolved'"""
+            ).fetchall()
+        ]
 
     # ---- syncing
 
@@ -811,7 +827,7 @@ class Soak:
                 self.fault("clock skew", f"{d.name} clock {d.spec.skew_s / 3600:+.0f} h")
         for self.round_no, rp in enumerate(plan.schedule()):
             self.note(f"round {self.round_no}")
-            chaos = Chaos(self, rp.timed)
+            chaos = Chaos(self, rp)
             chaos.start()
             self.conflicting_edits(office, rng)
             office.round(rng)
@@ -911,6 +927,7 @@ class Soak:
         for d in devices:
             if n := d.open_edits():
                 out.append(f"{d.name}: {n} journal entries without a final outcome")
+                out += d.stuck_conflicts()
             mine, theirs = d.tables(), d.expected(pg)
             for t in mine:
                 for key in sorted(set(mine[t]) | set(theirs[t]), key=repr):
@@ -1071,21 +1088,49 @@ class Soak:
 class Chaos(threading.Thread):
     """One round's timed faults at their seeded delays (module docstring)."""
 
-    def __init__(self, soak: Soak, timed: list[tuple[float, str]]) -> None:
+    def __init__(self, soak: Soak, plan: RoundPlan) -> None:
         super().__init__(daemon=True, name=f"chaos-{soak.round_no}")
-        self.soak, self.timed = soak, timed
+        self.soak, self.plan = soak, plan
         self.error: BaseException | None = None
 
     def run(self) -> None:
         start = time.monotonic()
         try:
-            for delay, kind in self.timed:
+            for delay, kind in self.plan.timed:
                 time.sleep(max(0.0, start + delay - time.monotonic()))  # a random moment
                 self.inject(kind)
+            if self.plan.backlog_kill is not None:
+                self.kill_in_backlog(self.plan.backlog_kill)
         except BaseException as exc:
             self.error = exc
 
-    def inject(self, kind: str) -> None:
+    def kill_in_backlog(self, share: float) -> None:
+        """Kill the applier once it applied ``share`` of the offline device's backlog."""
+        soak = self.soak
+        device = next(d for d in soak.devices if d.spec.offline)
+        want = max(1, int(share * soak.plan.offline_edits))
+
+        def applied() -> int:
+            try:
+                with psycopg.connect(soak.pg_dsn, connect_timeout=5) as conn:
+                    row = conn.execute(
+                        "select count(*) from fieldsync_applier.applied where device_id = %s",
+                        (device.name,),
+                    ).fetchone()
+                return int(row[0]) if row else 0
+            except psycopg.OperationalError:
+                return 0
+
+        deadline = time.monotonic() + 120
+        while (n := applied()) < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.inject(
+            KILLS[2],
+            f"after {n} of {device.name}'s {soak.plan.offline_edits} "
+            "offline entries were applied; ",
+        )
+
+    def inject(self, kind: str, when: str = "") -> None:
         soak, stack = self.soak, self.soak.stack
         t0 = time.monotonic()
         if kind == PG_RESTART:
@@ -1103,7 +1148,7 @@ class Chaos(threading.Thread):
         if name == "relay":
             for d in soak.devices:
                 d.proxy.target = _host_port(stack.url)
-        soak.fault(kind, f"pid {pid} exit {code}, restarted in {time.monotonic() - t0:.1f} s")
+        soak.fault(kind, f"{when}pid {pid} exit {code}, restarted in {time.monotonic() - t0:.1f} s")
 
     def join(self, timeout: float | None = None) -> None:
         super().join(timeout if timeout is not None else 300)
