@@ -24,7 +24,7 @@ Pieces:
   therefore before the slot can be confirmed past it) commits.
 - The request path of ``fieldsync cdc snapshot``: :func:`resolve_table`, :func:`check_where`,
   :func:`request_snapshot` (a row in the signal table, which the daemon reads from the
-  stream like any operator's).
+  stream like any operator's; the table is created on first use).
 
 Concurrency: everything runs on the daemon's one thread (the CLI functions in their own
 process); the driver keeps one ordinary PostgreSQL connection of its own.
@@ -340,52 +340,83 @@ create table if not exists {table} (
 
 
 def signal_table_ddl(name: str) -> str:
+    """The SQL that creates the signal table (for a DBA, and in error messages)."""
     schema, table = split_table(name)
-    return SIGNAL_TABLE_DDL.format(table=f'"{schema}"."{table}"').strip()
+    quoted = '"' + schema.replace('"', '""') + '"'
+    create = SIGNAL_TABLE_DDL.format(table=f'{quoted}."{table.replace(chr(34), chr(34) * 2)}"')
+    return f"create schema if not exists {quoted}; {create.strip()}"
 
 
-def ensure_signal_table(conn: psycopg.Connection[Any], name: str, publication: str) -> int | None:
-    """Create the signal table if missing and add it to the publication; its oid, or None
-    (with a warning naming the fix) when the role may not."""
+def _oid(conn: psycopg.Connection[Any], schema: str, table: str) -> int | None:
+    row = conn.execute(
+        "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+        "where n.nspname = %s and c.relname = %s",
+        (schema, table),
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
+def _publish(conn: psycopg.Connection[Any], schema: str, table: str, publication: str) -> None:
+    """Add the table to the publication unless it is there (or the publication is FOR ALL
+    TABLES, or does not exist yet: the daemon creates it)."""
+    row = conn.execute(
+        "select puballtables from pg_publication where pubname = %s", (publication,)
+    ).fetchone()
+    if row is None or row[0]:
+        return
+    have = conn.execute(
+        "select 1 from pg_publication_tables where pubname = %s and schemaname = %s "
+        "and tablename = %s",
+        (publication, schema, table),
+    ).fetchone()
+    if have is None:
+        conn.execute(
+            sql.SQL("alter publication {} add table {}").format(
+                sql.Identifier(publication), sql.Identifier(schema, table)
+            )
+        )
+
+
+def attach_signal_table(conn: psycopg.Connection[Any], name: str, publication: str) -> int | None:
+    """The signal table's oid, once it is in the publication; None when it does not exist
+    (``fieldsync cdc snapshot`` creates it on first use) or cannot be published (a warning
+    names the fix)."""
     schema, table = split_table(name)
-    try:
-        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL(SIGNAL_TABLE_DDL).format(table=sql.Identifier(schema, table)))
-        row = conn.execute(
-            "select puballtables from pg_publication where pubname = %s", (publication,)
-        ).fetchone()
-        if row is not None and not row[0]:
-            have = conn.execute(
-                "select 1 from pg_publication_tables where pubname = %s and schemaname = %s "
-                "and tablename = %s",
-                (publication, schema, table),
-            ).fetchone()
-            if have is None:
-                conn.execute(
-                    sql.SQL("alter publication {} add table {}").format(
-                        sql.Identifier(publication), sql.Identifier(schema, table)
-                    )
-                )
-        oid = conn.execute(
-            "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-            "where n.nspname = %s and c.relname = %s",
-            (schema, table),
-        ).fetchone()
-    except psycopg.errors.InsufficientPrivilege as exc:
-        log.warning(
-            "re-snapshot signals are off: cannot set up the signal table %s.%s (%s). Fix: as its "
-            "owner run `%s` and `ALTER PUBLICATION %s ADD TABLE %s.%s`, or set "
-            'postgres.signal_table = ""',
-            schema,
-            table,
-            str(exc).strip(),
-            signal_table_ddl(name).replace("\n", " "),
-            publication,
+    oid = _oid(conn, schema, table)
+    if oid is None:
+        log.info(
+            "no signal table %s.%s yet: `fieldsync cdc snapshot` creates it on first use",
             schema,
             table,
         )
         return None
-    return int(oid[0]) if oid else None
+    try:
+        _publish(conn, schema, table, publication)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.warning(
+            "re-snapshot signals are off: the signal table %s.%s cannot be added to publication "
+            "%s (%s). Fix: as its owner, ALTER PUBLICATION %s ADD TABLE %s.%s",
+            schema, table, publication, str(exc).strip(), publication, schema, table,
+        )  # fmt: skip
+        return None
+    return oid
+
+
+def create_signal_table(conn: psycopg.Connection[Any], name: str, publication: str) -> None:
+    """Create the signal table (and its schema) if missing and add it to the publication, in
+    one transaction; SnapshotRequestError with the DDL to run when the role may not."""
+    schema, table = split_table(name)
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL(SIGNAL_TABLE_DDL).format(table=sql.Identifier(schema, table)))
+            _publish(conn, schema, table, publication)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise SnapshotRequestError(
+            f"the signal table {schema}.{table} does not exist and this role may not create it "
+            f"({str(exc).strip()}); as an owner run: {signal_table_ddl(name)}; "
+            f"ALTER PUBLICATION {publication} ADD TABLE {schema}.{table}"
+        ) from exc
 
 
 def request_snapshot(
@@ -406,16 +437,10 @@ def request_snapshot(
     qualified = f"{schema}.{name}"
     clause = check_where(conn, oid, qualified, where) if where is not None else None
     sschema, stable = split_table(signal_table)
-    exists = conn.execute(
-        "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-        "where n.nspname = %s and c.relname = %s",
-        (sschema, stable),
-    ).fetchone()
-    if exists is None:
-        raise SnapshotRequestError(
-            f"the signal table {signal_table} does not exist: start `fieldsync cdc run` once "
-            f"(it creates it), or create it: {signal_table_ddl(signal_table)}"
-        )
+    if _oid(conn, sschema, stable) is None:
+        # first use: the daemon sees the table from the next transaction on (a running one
+        # adds it to the publication itself only at its next start, so do that here)
+        create_signal_table(conn, signal_table, publication)
     row = conn.execute(
         sql.SQL(
             "insert into {} (kind, table_name, where_clause) values ('snapshot', %s, %s) "
@@ -548,7 +573,7 @@ class IncrementalSnapshots:
             self._dirty_progress = True
         conn = self._connection()
         if self._signal_name is not None:
-            self.signal_oid = ensure_signal_table(conn, self.pg.signal_table, self.pg.publication)
+            self.signal_oid = attach_signal_table(conn, self.pg.signal_table, self.pg.publication)
         for job in self.progress.jobs:
             log.info(
                 "re-snapshot of %s (%s) %s",

@@ -334,9 +334,10 @@ POSTGRES = Section(
             "signal_table",
             str,
             "fieldsync.cdc_signals",
-            "Table ('schema.table') where operators insert re-snapshot requests; the daemon "
-            "creates it, adds it to the publication and reads the requests from the stream "
-            "(`fieldsync cdc snapshot` writes there too). Empty turns signals off.",
+            "Table ('schema.table') where operators insert re-snapshot requests; "
+            "`fieldsync cdc snapshot` writes there and creates it on first use (or a DBA does, "
+            "docs/cdc.md); the daemon adds it to the publication and reads the requests from "
+            "the stream. Empty turns signals off.",
             check=_signal_table,
         ),
     ),

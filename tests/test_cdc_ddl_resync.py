@@ -237,6 +237,7 @@ def test_cli_snapshot_with_where_and_errors(
             "--where", "id between 3 and 9 and m <> 'happy'", "--wait", "60",
         )  # fmt: skip
         assert res.returncode == 0, res.stdout + res.stderr
+        # the first request created the signal table and added it to the publication
         assert "re-snapshot of public.items requested: signal 1" in res.stdout
         assert "signal 1: done: 5 row(s)" in res.stdout
         events = table_events(kafka_bootstrap, topic_prefix, "items")
@@ -266,11 +267,13 @@ def test_cli_snapshot_with_where_and_errors(
 def test_signal_table_rows_from_operators(
     items: psycopg.Connection[Any], pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    """An operator without shell access inserts a row into fieldsync.cdc_signals; the daemon
-    takes it from the stream and records the outcome in the row's status."""
+    """An operator without shell access inserts a row into fieldsync.cdc_signals (created
+    once, here as a DBA would from the documented DDL); the daemon takes it from the stream
+    and records the outcome in the row's status."""
     settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
     with running_daemon(settings):
         wait_converged(kafka_bootstrap, topic_prefix, items, "items")
+        items.execute(incremental_snapshot_io.signal_table_ddl("fieldsync.cdc_signals"))
         bad, good = (
             items.execute(
                 "insert into fieldsync.cdc_signals (table_name, where_clause) values (%s, %s) "
