@@ -94,7 +94,8 @@ def cdc_status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show the slot, its confirmed position, lag in bytes and the last event time."""
+    """Show the slot, its confirmed position, lag in bytes, the last event time and the
+    re-snapshots queued or running."""
     from cdc.kafka_sink import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
@@ -135,6 +136,8 @@ def cdc_status(
                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(resume.commit_ts_us / 1e6))
                 + f".{resume.commit_ts_us % 1_000_000:06d}Z"
             )
+    if "kafka_error" not in out:
+        out.update(_resnapshot_status(settings))
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
     else:
@@ -147,6 +150,36 @@ def cdc_status(
             err=True,
         )
         raise typer.Exit(EXIT_RUNTIME)
+
+
+def _resnapshot_status(settings: Any) -> dict[str, Any]:
+    """Queued and running re-snapshots, from their progress record in Kafka."""
+    from cdc.incremental_snapshot import Progress
+    from cdc.incremental_snapshot_io import progress_key, read_state_records
+    from cdc.pipeline import kafka_options
+
+    key = progress_key(settings.postgres.slot)
+    try:
+        found = read_state_records(
+            kafka_options(settings), [key], timeout_s=min(10.0, settings.kafka.timeout_s)
+        )
+        progress = Progress.from_bytes(found[key]) if key in found else Progress()
+    except (CdcError, ValueError) as exc:
+        return {"resnapshot_error": str(exc)}
+    return {
+        "resnapshots": [
+            {
+                "table": j.table,
+                "where": j.where,
+                "reason": j.reason,
+                "after_key": list(j.after) if j.after else None,
+                "chunks": j.chunks,
+                "rows": j.rows,
+            }
+            for j in progress.jobs
+        ],
+        "resnapshot_requests": len(progress.requests),
+    }
 
 
 @cdc_app.command("snapshot")

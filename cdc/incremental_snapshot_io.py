@@ -83,6 +83,8 @@ from cdc.snapshot import COLUMNS_QUERY, output_function_text
 
 log = logging.getLogger("fieldsync.cdc")
 
+MAX_FAILURES: Final = 3
+"""Chunk reads of one job that may fail in a row before the job is given up (logged)."""
 RECENT_XIDS: Final = 1024
 """Transactions read from the stream that a new chunk's snapshot is checked against."""
 INCREMENTAL: Final = "incremental"
@@ -527,6 +529,7 @@ class IncrementalSnapshots:
         self._session = secrets.token_hex(4)
         self._chunks_made = 0
         self._generations: dict[int, int] = {}
+        self._failures = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -721,8 +724,7 @@ class IncrementalSnapshots:
         if self._signal_name == (rel.namespace, rel.name):
             self.signal_oid = rel.oid
         if previous is None:
-            self._check_oids.add(rel.oid)
-            return
+            return  # the first in this session (the check at start covered the table)
         diff = compare_relations(previous, rel)
         if not diff.changed:
             return
@@ -962,15 +964,27 @@ class IncrementalSnapshots:
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"re-snapshot of {job.table}: {exc}") from exc
         except psycopg.Error as exc:
-            # e.g. the last key no longer reads as its type (an enum label renamed): start over
+            # e.g. the last key no longer reads as its type (an enum label renamed): start
+            # over; an error that persists (no privilege on the table) ends the job
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._failures += 1
+            if self._failures >= MAX_FAILURES:
+                log.error(
+                    "re-snapshot of %s given up after %d failed reads: %s",
+                    job.table,
+                    self._failures,
+                    reason,
+                )
+                self._failures = 0
+                self._finish(job, f"failed: {reason}")
+                return
             log.warning(
-                "re-snapshot of %s: reading a chunk failed (%s); it starts over",
-                job.table,
-                str(exc).strip().splitlines()[0],
+                "re-snapshot of %s: reading a chunk failed (%s); it starts over", job.table, reason
             )
             job.after = None
             self._dirty_progress = True
             return
+        self._failures = 0
         assert snap is not None
         order = [next(i for i, c in enumerate(columns) if c[0] == k) for k in key_names]
         rows = [(tuple(str(r[i]) for i in order), r) for r in fetched]

@@ -10,6 +10,7 @@ re-snapshot at its last finished chunk; ``fieldsync cdc snapshot`` and the signa
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -350,6 +351,10 @@ def test_kill_9_during_a_resnapshot_resumes_at_the_last_finished_chunk(
     assert held.jobs and held.jobs[0].chunks >= 3, "never saw three chunks done"
     after = held.jobs[0].after
     assert after is not None
+    status = run_cli("cdc", "status", "--json", "--config", str(config))
+    shown = json.loads(status.stdout)["resnapshots"]
+    assert shown[0]["table"] == "public.big" and shown[0]["after_key"] == list(after), shown
+    assert shown[0]["reason"] == "column note added with a default"
     d.start()
     d.wait_log(f"resumes after key ['{after[0]}']", timeout=60)
     d.wait_log("re-snapshot of public.big done", timeout=120)
