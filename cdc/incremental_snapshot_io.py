@@ -655,8 +655,13 @@ class IncrementalSnapshots:
         conn = self._connection()
         try:
             now = read_signatures(conn, self.pg.publication)
+            row = conn.execute(
+                "select puballtables from pg_publication where pubname = %s",
+                (self.pg.publication,),
+            ).fetchone()
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"catalog check failed: {exc}") from exc
+        all_tables = bool(row and row[0])
         if self.signatures is None:
             self.signatures = now
             self._dirty_catalog = True
@@ -667,9 +672,12 @@ class IncrementalSnapshots:
                 continue
             old = self.signatures.get(oid)
             if old is None:
+                # a table added to a publication of listed tables (postgres.tables grew, or
+                # ALTER PUBLICATION … ADD TABLE): rows it had then were never sent.  In a
+                # FOR ALL TABLES publication a new table is published from its creation on.
                 reasons = (
                     ["added to the publication: its existing rows were never sent"]
-                    if self.pg.snapshot == "initial"
+                    if self.pg.snapshot == "initial" and not all_tables and self._has_rows(new)
                     else []
                 )
             else:
@@ -689,6 +697,23 @@ class IncrementalSnapshots:
         if now != self.signatures:
             self.signatures = now
             self._dirty_catalog = True
+
+    def _has_rows(self, sig: TableSignature) -> bool:
+        try:
+            row = (
+                self._connection()
+                .execute(
+                    sql.SQL("select exists (select 1 from {})").format(
+                        sql.Identifier(sig.schema, sig.table)
+                    )
+                )
+                .fetchone()
+            )
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"catalog check failed: {exc}") from exc
+        except psycopg.Error:
+            return True  # cannot tell (no privilege): the job says what is wrong
+        return bool(row and row[0])
 
     # ------------------------------------------------------------------ observer
 
