@@ -46,7 +46,13 @@ from psycopg import sql
 from cdc import pgoutput_decoder as m
 from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo, topic_for
-from cdc.errors import ReplicationLost, SinkUnavailable, SnapshotRequestError, format_lsn
+from cdc.errors import (
+    ReplicationLost,
+    SinkError,
+    SinkUnavailable,
+    SnapshotRequestError,
+    format_lsn,
+)
 from cdc.incremental_snapshot import (
     WATERMARK_PREFIX,
     ChunkWindow,
@@ -159,8 +165,11 @@ def read_state_records(
                 raise SinkUnavailable(f"timed out reading {topic} for the re-snapshot progress")
             for _tp, records in consumer.poll(timeout_ms=500).items():
                 for r in records:
-                    if r.key in keys and r.value:
-                        found[bytes(r.key)] = bytes(r.value)
+                    if r.key in keys:
+                        if r.value:
+                            found[bytes(r.key)] = bytes(r.value)
+                        else:  # a tombstone deletes the record
+                            found.pop(bytes(r.key), None)
         return found
     except _kafka_errors() as exc:
         raise SinkUnavailable(f"reading {topic} failed: {exc}") from exc
@@ -384,7 +393,10 @@ def attach_signal_table(conn: psycopg.Connection[Any], name: str, publication: s
     (``fieldsync cdc snapshot`` creates it on first use) or cannot be published (a warning
     names the fix)."""
     schema, table = split_table(name)
-    oid = _oid(conn, schema, table)
+    try:
+        oid = _oid(conn, schema, table)
+    except psycopg.OperationalError as exc:
+        raise ReplicationLost(f"looking up the signal table {name}: {exc}") from exc
     if oid is None:
         log.info(
             "no signal table %s.%s yet: `fieldsync cdc snapshot` creates it on first use",
@@ -394,7 +406,9 @@ def attach_signal_table(conn: psycopg.Connection[Any], name: str, publication: s
         return None
     try:
         _publish(conn, schema, table, publication)
-    except psycopg.errors.InsufficientPrivilege as exc:
+    except psycopg.OperationalError as exc:
+        raise ReplicationLost(f"adding the signal table {name} to the publication: {exc}") from exc
+    except psycopg.Error as exc:
         log.warning(
             "re-snapshot signals are off: the signal table %s.%s cannot be added to publication "
             "%s (%s). Fix: as its owner, ALTER PUBLICATION %s ADD TABLE %s.%s",
@@ -556,9 +570,10 @@ class IncrementalSnapshots:
             try:
                 self.progress = Progress.from_bytes(records[progress_key(slot)])
             except (ValueError, KeyError, TypeError) as exc:
-                raise ReplicationLost(
-                    f"the re-snapshot progress of slot {slot} in {resnapshot_topic(self.prefix)} "
-                    f"cannot be read ({exc}); it is rewritten from scratch only by deleting it"
+                raise SinkError(
+                    f"the re-snapshot progress of slot {slot} (key {slot}.resnapshot of "
+                    f"{resnapshot_topic(self.prefix)}) cannot be read: {exc}. Fix: write a "
+                    "tombstone (null value) for that key; queued re-snapshots are then forgotten"
                 ) from exc
         self._signal_seen = (self.progress.signal_lsn, self.progress.signal_id)
         if catalog_key(slot) in records and not initial_snapshot:
@@ -661,6 +676,9 @@ class IncrementalSnapshots:
             ).fetchone()
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"catalog check failed: {exc}") from exc
+        except psycopg.Error as exc:
+            log.warning("catalog check failed (tried again later): %s", str(exc).strip())
+            return
         all_tables = bool(row and row[0])
         if self.signatures is None:
             self.signatures = now
@@ -918,12 +936,13 @@ class IncrementalSnapshots:
                     raise SnapshotRequestError(f"unknown signal kind {request.kind!r}")
                 if oid == self.signal_oid:
                     raise SnapshotRequestError("the signal table itself is not re-read")
-            except SnapshotRequestError as exc:
-                log.warning("re-snapshot signal %d rejected: %s", request.signal_id, exc)
-                self._status(request.signal_id, f"rejected: {exc}")
-                continue
             except psycopg.OperationalError as exc:
                 raise ReplicationLost(f"checking re-snapshot signals failed: {exc}") from exc
+            except (SnapshotRequestError, psycopg.Error) as exc:
+                reason = str(exc).strip() or type(exc).__name__
+                log.warning("re-snapshot signal %d rejected: %s", request.signal_id, reason)
+                self._status(request.signal_id, f"rejected: {reason}")
+                continue
             self._queue(
                 Job(
                     oid,

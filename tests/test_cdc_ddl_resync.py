@@ -406,3 +406,30 @@ def test_new_tables_of_a_for_all_tables_publication_are_not_read_again(
         wait_for(recorded, timeout=60, interval=0.5, what="the catalog check to record 'made'")
         events = wait_converged(kafka_bootstrap, topic_prefix, items, "made")
     assert incremental(events) == [] and {e["op"] for e in events} == {"c"}
+
+
+def test_unreadable_progress_record_stops_the_daemon_with_the_fix(
+    pg_conn: psycopg.Connection[Any], pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A progress record that cannot be read is not guessed around: the daemon stops, naming
+    the record and the fix (a tombstone), and starts once the tombstone is written."""
+    from kafka import KafkaProducer
+
+    from cdc.errors import SinkError
+    from cdc.pipeline import CdcDaemon
+
+    settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
+    key = incremental_snapshot_io.progress_key(settings.postgres.slot)
+    topic = incremental_snapshot_io.resnapshot_topic(topic_prefix)
+    incremental_snapshot_io.read_state_records(kafka_options(settings), [key], 20)  # creates it
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        producer.send(topic, key=key, value=b'{"version": 1, "jobs": [{"oid": "x"}]}').get(20)
+        with pytest.raises(SinkError, match="write a tombstone") as info:
+            CdcDaemon(settings).run()  # fails at start: nothing to stop
+        assert f"{settings.postgres.slot}.resnapshot" in str(info.value)
+        producer.send(topic, key=key, value=None).get(20)
+    finally:
+        producer.close()
+    with running_daemon(settings):
+        pass
