@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from cdc import incremental_snapshot_io
-from cdc.errors import parse_lsn
+from cdc.errors import DecodeError, parse_lsn
 from cdc.incremental_snapshot import Progress, signatures_from_bytes
 from cdc.pipeline import kafka_options
 from cdc.settings import CdcSettings
@@ -76,7 +76,14 @@ def wait_converged(
         return {k: {c: v for c, v in row.items() if v is not None} for k, row in rows.items()}
 
     def same() -> bool:
-        events = table_events(bootstrap, prefix, table, timeout=5)
+        try:
+            events = table_events(bootstrap, prefix, table, timeout=5)
+        except DecodeError as exc:
+            # tansu shows records of a Kafka transaction a timed-out commit left behind
+            # before the retrying session has committed their schema (docs/cdc.md,
+            # "Delivery"): not converged yet; the wait fails with this if it persists
+            last["diff"] = {"decode": str(exc)}
+            return False
         built, want = non_null(rebuild(events)), non_null(pg_rows(conn, table))
         last["diff"] = {
             k: (built.get(k), want.get(k))
