@@ -37,9 +37,6 @@ Rows = dict[Any, dict[str, Any]]
 
 def settings_for(pg_dsn: str, bootstrap: str, prefix: str, **env: str) -> CdcSettings:
     options = {
-        # a first commit that times out on a loaded machine leaves tansu showing events whose
-        # schema never becomes readable (an issue of the test broker, not of re-snapshots)
-        "kafka_timeout_s": "30",
         "postgres_slot": "s_" + prefix[-10:],
         "cdc_ddl_check_interval_s": "0.3",
         "cdc_resnapshot_chunk_rows": "7",
@@ -330,7 +327,6 @@ def test_kill_9_during_a_resnapshot_resumes_at_the_last_finished_chunk(
         prefix=topic_prefix,
         slot=settings.postgres.slot,
         cdc={"resnapshot_chunk_rows": chunk, "ddl_check_interval_s": 0.3},
-        kafka={"timeout_s": 30.0},
     )
     pg_conn.execute("create table big (id int primary key, v text not null)")
     pg_conn.execute("insert into big select g, 'v' || g from generate_series(1, %s) g", (rows,))

@@ -161,7 +161,6 @@ def test_device_equals_postgresql_after_each_ddl(
             kafka_bootstrap,
             topic_prefix,
             cdc_ddl_check_interval_s="0.3",
-            kafka_timeout_s="30",  # see test_cdc_ddl_resync.settings_for
             cdc_resnapshot_chunk_rows="5",
         )
         columns = ["id", "site", "qty", "m"]
