@@ -79,9 +79,8 @@ def wait_converged(
         try:
             events = table_events(bootstrap, prefix, table, timeout=5)
         except DecodeError as exc:
-            # tansu shows records of a Kafka transaction a timed-out commit left behind
-            # before the retrying session has committed their schema (docs/cdc.md,
-            # "Delivery"): not converged yet; the wait fails with this if it persists
+            # an event whose schema is not readable (yet): not converged; the wait fails
+            # naming the fingerprint if it stays so
             last["diff"] = {"decode": str(exc)}
             return False
         built, want = non_null(rebuild(events)), non_null(pg_rows(conn, table))
