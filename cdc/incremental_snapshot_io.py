@@ -481,13 +481,16 @@ def signal_status(conn: psycopg.Connection[Any], signal_table: str, signal_id: i
 # --------------------------------------------------------------------------- the driver
 
 
-@dataclasses.dataclass
-class ResnapshotStats:
-    chunks: int = 0
-    rows: int = 0
-    dropped: int = 0
-    retried: int = 0
-    jobs_done: int = 0
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Read:
+    """One chunk as read: where from, its columns and key, rows, and its snapshot."""
+
+    schema: str
+    table: str
+    key_names: tuple[str, ...]
+    columns: tuple[tuple[str, int, int], ...]
+    rows: list[tuple[Key, Row]]
+    visibility: Visibility
 
 
 @dataclasses.dataclass
@@ -526,7 +529,6 @@ class IncrementalSnapshots:
         self.chunk_rows = settings.cdc.resnapshot_chunk_rows
         self.progress = Progress()
         self.signatures: dict[int, TableSignature] | None = None
-        self.stats = ResnapshotStats()
         self.signal_oid: int | None = None
         self._signal_name = split_table(self.pg.signal_table) if self.pg.signal_table else None
         self._signal_seen: tuple[int, int] = (0, 0)
@@ -849,7 +851,6 @@ class IncrementalSnapshots:
     def _emit_chunk(self, chunk: _Chunk, end: TxnEnd) -> Iterator[Out]:
         window, job = chunk.window, chunk.job
         if window.state is not WindowState.CLOSED:
-            self.stats.retried += 1
             log.info(
                 "re-snapshot of %s: chunk %s read again (%s)",
                 job.table,
@@ -892,9 +893,6 @@ class IncrementalSnapshots:
             seq += 1
         # every row is handed to the sink: the job moves on (the progress record goes out
         # with this Kafka transaction or a later one, never before the rows)
-        self.stats.chunks += 1
-        self.stats.rows += len(rows)
-        self.stats.dropped += window.dropped
         if self._generations.get(job.oid, 0) == chunk.generation and job in self.progress.jobs:
             job.after = chunk.last_key
             job.chunks += 1
@@ -909,15 +907,7 @@ class IncrementalSnapshots:
                 window.dropped,
             )
             if chunk.complete:
-                self.stats.jobs_done += 1
-                log.info(
-                    "re-snapshot of %s%s done: %d row(s) in %d chunk(s)",
-                    job.table,
-                    f" where {job.where}" if job.where else "",
-                    job.rows,
-                    job.chunks,
-                )
-                self._finish(job, f"done: {job.rows} row(s)")
+                self._done(job)
         yield dataclasses.replace(end, events=seq)
 
     # ------------------------------------------------------------------ between reads
@@ -968,85 +958,26 @@ class IncrementalSnapshots:
         self._dirty_progress = True
 
     def _next_chunk(self, job: Job) -> None:
-        conn = self._connection()
+        """Read the job's next chunk between two watermarks and register its window (or
+        end the job, or leave it for the next tick to try again)."""
         self._chunks_made += 1
         chunk_id = f"{self._session}-{self._chunks_made}"
         generation = self._generations.get(job.oid, 0)
-        where = parse_where(job.where) if job.where else None
-        emit = "select pg_logical_emit_message(true, %s, %s)"
         try:
-            conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "low", job.table).to_json()))
-            with conn.transaction():
-                conn.execute("set transaction isolation level repeatable read, read only")
-                snap = conn.execute("select pg_current_snapshot()::text").fetchone()
-                names = conn.execute(
-                    "select n.nspname, c.relname from pg_class c "
-                    "join pg_namespace n on n.oid = c.relnamespace where c.oid = %s",
-                    (job.oid,),
-                ).fetchone()
-                if names is None:
-                    log.warning("re-snapshot of %s dropped: the table no longer exists", job.table)
-                    self._finish(job, "done: the table no longer exists")
-                    return
-                schema, table = str(names[0]), str(names[1])
-                key_names = tuple(r[0] for r in conn.execute(PK_QUERY, (job.oid,)).fetchall())
-                if not key_names:
-                    log.warning(
-                        "re-snapshot of %s not possible: it has no primary key to read it in "
-                        "chunks by (add one, or re-create the slot for a full snapshot)",
-                        job.table,
-                    )
-                    self._finish(job, "rejected: the table has no primary key")
-                    return
-                columns = tuple(
-                    (str(n), int(t), int(mod))
-                    for n, t, mod in conn.execute(COLUMNS_QUERY, (job.oid,)).fetchall()
-                )
-                query, params = chunk_query(
-                    schema,
-                    table,
-                    [c[0] for c in columns],
-                    key_names,
-                    job.after,
-                    where,
-                    self.chunk_rows,
-                )
-                with conn.cursor() as cur:
-                    output_function_text(cur)
-                    cur.execute(query, params)
-                    fetched: list[Row] = [tuple(r) for r in cur.fetchall()]
-            conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "high", job.table).to_json()))
+            read = self._read_between_watermarks(job, chunk_id)
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"re-snapshot of {job.table}: {exc}") from exc
         except psycopg.Error as exc:
-            # e.g. the last key no longer reads as its type (an enum label renamed): start
-            # over; an error that persists (no privilege on the table) ends the job
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._failures += 1
-            if self._failures >= MAX_FAILURES:
-                log.error(
-                    "re-snapshot of %s given up after %d failed reads: %s",
-                    job.table,
-                    self._failures,
-                    reason,
-                )
-                self._failures = 0
-                self._finish(job, f"failed: {reason}")
-                return
-            log.warning(
-                "re-snapshot of %s: reading a chunk failed (%s); it starts over", job.table, reason
-            )
-            job.after = None
-            self._dirty_progress = True
+            self._read_failed(job, exc)
             return
         self._failures = 0
-        assert snap is not None
-        order = [next(i for i, c in enumerate(columns) if c[0] == k) for k in key_names]
-        rows = [(tuple(str(r[i]) for i in order), r) for r in fetched]
-        window = ChunkWindow(chunk_id, rows, Visibility.parse(str(snap[0])))
+        if isinstance(read, str):
+            log.warning("re-snapshot of %s ends: %s", job.table, read)
+            self._finish(job, read)
+            return
+        window = ChunkWindow(chunk_id, read.rows, read.visibility)
         unseen = window.registered_after(self._recent)
         if unseen is not None:
-            self.stats.retried += 1
             log.info(
                 "re-snapshot of %s: transaction %d, already read from the stream, is not "
                 "visible to chunk %s; reading it again",
@@ -1055,28 +986,101 @@ class IncrementalSnapshots:
                 chunk_id,
             )
             return
-        if not rows:
-            self.stats.jobs_done += 1
-            log.info(
-                "re-snapshot of %s%s done: %d row(s) in %d chunk(s)",
-                job.table,
-                f" where {job.where}" if job.where else "",
-                job.rows,
-                job.chunks,
-            )
-            self._finish(job, f"done: {job.rows} row(s)")
+        if not read.rows:
+            self._done(job)
             return
         self._chunk = _Chunk(
             chunk_id=chunk_id,
             job=job,
             generation=generation,
             window=window,
-            codec=self._codec(job.oid, schema, table, columns, key_names),
-            topic=topic_for(self.prefix, schema, table),
-            key_names=key_names,
-            last_key=rows[-1][0],
-            complete=len(rows) < self.chunk_rows,
+            codec=self._codec(job.oid, read.schema, read.table, read.columns, read.key_names),
+            topic=topic_for(self.prefix, read.schema, read.table),
+            key_names=read.key_names,
+            last_key=read.rows[-1][0],
+            complete=len(read.rows) < self.chunk_rows,
         )
+
+    def _read_between_watermarks(self, job: Job, chunk_id: str) -> _Read | str:
+        """Low watermark, the chunk in a REPEATABLE READ transaction, high watermark; a
+        string says why the job cannot go on (psycopg errors propagate)."""
+        conn = self._connection()
+        emit = "select pg_logical_emit_message(true, %s, %s)"
+        conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "low", job.table).to_json()))
+        with conn.transaction():
+            conn.execute("set transaction isolation level repeatable read, read only")
+            snap = conn.execute("select pg_current_snapshot()::text").fetchone()
+            names = conn.execute(
+                "select n.nspname, c.relname from pg_class c "
+                "join pg_namespace n on n.oid = c.relnamespace where c.oid = %s",
+                (job.oid,),
+            ).fetchone()
+            if names is None or snap is None:
+                return "done: the table no longer exists"
+            key_names = tuple(str(r[0]) for r in conn.execute(PK_QUERY, (job.oid,)).fetchall())
+            if not key_names:
+                return (
+                    "rejected: the table has no primary key to read it in chunks by (add one, "
+                    "or re-create the slot for a full snapshot)"
+                )
+            columns = tuple(
+                (str(n), int(t), int(mod))
+                for n, t, mod in conn.execute(COLUMNS_QUERY, (job.oid,)).fetchall()
+            )
+            query, params = chunk_query(
+                str(names[0]),
+                str(names[1]),
+                [c[0] for c in columns],
+                key_names,
+                job.after,
+                parse_where(job.where) if job.where else None,
+                self.chunk_rows,
+            )
+            with conn.cursor() as cur:
+                output_function_text(cur)
+                cur.execute(query, params)
+                fetched: list[Row] = [tuple(r) for r in cur.fetchall()]
+        conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "high", job.table).to_json()))
+        order = [next(i for i, c in enumerate(columns) if c[0] == k) for k in key_names]
+        return _Read(
+            schema=str(names[0]),
+            table=str(names[1]),
+            key_names=key_names,
+            columns=columns,
+            rows=[(tuple(str(r[i]) for i in order), r) for r in fetched],
+            visibility=Visibility.parse(str(snap[0])),
+        )
+
+    def _read_failed(self, job: Job, exc: psycopg.Error) -> None:
+        """A chunk read failed: start the job over (the last key may no longer read as its
+        type: an enum label renamed); give it up when that keeps happening (no privilege)."""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._failures += 1
+        if self._failures >= MAX_FAILURES:
+            log.error(
+                "re-snapshot of %s given up after %d failed reads: %s",
+                job.table,
+                self._failures,
+                reason,
+            )
+            self._failures = 0
+            self._finish(job, f"failed: {reason}")
+            return
+        log.warning(
+            "re-snapshot of %s: reading a chunk failed (%s); it starts over", job.table, reason
+        )
+        job.after = None
+        self._dirty_progress = True
+
+    def _done(self, job: Job) -> None:
+        log.info(
+            "re-snapshot of %s%s done: %d row(s) in %d chunk(s)",
+            job.table,
+            f" where {job.where}" if job.where else "",
+            job.rows,
+            job.chunks,
+        )
+        self._finish(job, f"done: {job.rows} row(s)")
 
     def _codec(
         self,
@@ -1100,8 +1104,3 @@ class IncrementalSnapshots:
                 namespace_prefix=self.prefix,
             )
         return codec
-
-    @property
-    def busy(self) -> bool:
-        """A chunk is waiting for its high watermark, or jobs or requests are queued."""
-        return self._chunk is not None or bool(self.progress.jobs or self.progress.requests)
