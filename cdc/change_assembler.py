@@ -29,6 +29,12 @@ new codec, hence a new schema and fingerprint, is made, so ALTER TABLE
 mid-stream changes the schema of the events that follow and old events stay
 readable.  The Kafka key is the primary key (looked up through the catalog, not
 the replica-identity flags, which under REPLICA IDENTITY FULL mark every column).
+
+Observer: an optional :class:`MessageObserver` sees every message inside a
+transaction, in commit order (streamed transactions when they are replayed), with
+the transaction it belongs to: the incremental re-snapshots
+(:mod:`cdc.incremental_snapshot_io`) follow watermarks, signals, Relation changes
+and the keys of changes through it.
 """
 
 from __future__ import annotations
@@ -82,6 +88,20 @@ class RelationCatalog(TypeCatalog, Protocol):
     def primary_key(self, relation_oid: int) -> tuple[str, ...] | None: ...
 
 
+class TxnInfo(Protocol):
+    """The transaction a message belongs to, as an observer sees it."""
+
+    xid: int
+    commit_lsn: int
+    commit_ts_us: int
+
+
+class MessageObserver(Protocol):
+    """Called for every message inside a transaction, before the assembler handles it."""
+
+    def message(self, msg: m.Message, txn: TxnInfo | None) -> None: ...
+
+
 class SpillStore(Protocol):
     """Disk store for the messages of streamed, not yet committed transactions."""
 
@@ -128,8 +148,10 @@ class ChangeAssembler:
         resume: ResumePosition | None = None,
         warn: Callable[[str], None] = lambda _msg: None,
         clock_us: Callable[[], int] = lambda: int(time.time() * 1_000_000),
+        observer: MessageObserver | None = None,
     ) -> None:
         self.db = db
+        self.observer = observer
         self.prefix = topic_prefix
         self.catalog = catalog
         self.spill = spill
@@ -256,6 +278,8 @@ class ChangeAssembler:
             self.spill.discard(sc.xid)
 
     def _in_txn(self, msg: m.Message, lsn: int) -> Iterable[Out]:
+        if self.observer is not None:
+            self.observer.message(msg, self.txn)
         match msg:
             case m.Relation():
                 self._define(msg)

@@ -45,6 +45,7 @@ import psycopg
 from cdc import pgoutput_decoder as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import CdcError, ReplicationLost, SinkUnavailable, format_lsn
+from cdc.incremental_snapshot_io import IncrementalSnapshots
 from cdc.kafka_sink import (
     KafkaOptions,
     KafkaTransactionalSink,
@@ -247,6 +248,7 @@ class CdcDaemon:
         rconn = None
         stream: ReplicationStream | None = None
         sink: Sink | None = None
+        resnap: IncrementalSnapshots | None = None
         try:
             info = preflight(conn, pg.tables)
             self.db = conn.info.dbname
@@ -262,6 +264,15 @@ class CdcDaemon:
             need_snapshot = pg.snapshot == "initial" and (
                 resume is None or not resume.snapshot_done
             )
+            # re-snapshots (cdc/incremental_snapshot_io.py): progress and recorded catalog
+            # back from Kafka, catalog compared; their records ride on this sink's commits
+            resnap = IncrementalSnapshots(self.s, db=self.db, catalog=catalog)
+            resnap.load(
+                kafka_options(self.s),
+                initial_snapshot=need_snapshot,
+                timeout_s=self.s.kafka.timeout_s,
+            )
+            sink = resnap.wrap(sink)
             if state is not None and need_snapshot:
                 log.warning(
                     "slot %s exists but no finished snapshot is recorded in Kafka: dropping it and starting over",
@@ -287,6 +298,7 @@ class CdcDaemon:
                 self.stats.flushed_lsn = max(
                     self.stats.flushed_lsn, _lsn(state["confirmed_flush_lsn"])
                 )
+            resnap.persist(sink, resume)
             proto = pg.proto_version or highest_proto_version(info["server_version"])
             stream = ReplicationStream(
                 rconn, pg.slot, pg.publication, start_lsn, proto, pg.streaming
@@ -298,6 +310,7 @@ class CdcDaemon:
                 spill=spill,
                 resume=resume,
                 warn=lambda msg: log.warning("%s", msg),
+                observer=resnap,
             )
             decoder = m.PgOutputDecoder(proto)
             self.ready.set()
@@ -309,7 +322,7 @@ class CdcDaemon:
                 ", streaming" if stream.streaming else "",
                 resume,
             )
-            self._stream(stream, decoder, assembler, sink, conn)
+            self._stream(stream, decoder, assembler, sink, conn, resnap)
         except BaseException:
             if sink is not None:
                 sink.abort()
@@ -321,6 +334,8 @@ class CdcDaemon:
                 stream.close()
             elif rconn is not None:
                 rconn.close()
+            if resnap is not None:
+                resnap.close()
             catalog.close()
             spill.close()
             conn.close()
@@ -389,6 +404,7 @@ class CdcDaemon:
         asm: ChangeAssembler,
         sink: Sink,
         conn: psycopg.Connection[Any],
+        resnap: IncrementalSnapshots | None = None,
     ) -> None:
         pg, k = self.s.postgres, self.s.kafka
         batch = _Batch()
@@ -481,6 +497,8 @@ class CdcDaemon:
                 if asm.idle or time.monotonic() >= stop_by:
                     break
             self._tick()
+            if resnap is not None and not self.stopping:
+                resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
             msg = stream.read(0.0 if not batch.empty else POLL_S)
             if msg is None:
                 if not batch.empty:
@@ -508,7 +526,8 @@ class CdcDaemon:
                 continue
             assert isinstance(msg, XLogData)
             decoded = decoder.decode(msg.payload, msg.wal_start)
-            handle(asm.feed(decoded, msg.wal_start))
+            outs = asm.feed(decoded, msg.wal_start)
+            handle(resnap.emit(outs) if resnap is not None else outs)
             if (
                 isinstance(decoded, m.LogicalMessage)
                 and not decoded.transactional
