@@ -693,8 +693,8 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
         timeout=30,
         what="the edit applied upstream",
     )
-    # synced by its outcome; the row shows the server's version that includes it once that
-    # arrived (the outcome may come first: the row then shows the version before, briefly)
+    # synced by its outcome; the row shows the edit until the server's version that
+    # includes it arrives, then that version
     sync_until(
         agent,
         lambda: journal_rows(agent)[0][2] == "synced" and rows(agent)[0][2] == "in_progress",
