@@ -568,7 +568,7 @@ class _Batch:
             tid, k, before, awaiting = found
             bound = visible_after(o)
             if not _same_outcome(before, kind, bound):  # a repeated one changes nothing
-                awaiting = bound if status != "failed" else None
+                awaiting = bound if status != "failed" and tid in self.by_id else None
             conn.execute(
                 f"""update {PREFIX}journal set status = ?, outcome = ?, reason = ?, message = ?,
                         await_lsn = ?, settled_at = julianday('now') where seq = ?""",
