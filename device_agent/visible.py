@@ -22,7 +22,7 @@ Rules, applied edit by edit on top of the received version (None: no bucket hold
   server will merge it;
 - an ``update`` of a row no bucket holds any more (it left the device's buckets while the
   edit was open) shows the edit's own row (``old`` with ``new`` on top), so the row stays
-  until its last open edit settles and then leaves.
+  until its last edit on top is gone and then leaves.
 
 A result without a value for every key column is no row (a key column is never NULL).
 
