@@ -71,6 +71,7 @@ class TxnEnd:
     end_lsn: int
     events: int
     commit_ts_us: int
+    streamed: bool = False  # replayed from the spill store (PostgreSQL streamed it)
 
 
 Out = OutEvent | OutSchema | TxnEnd
@@ -233,7 +234,9 @@ class ChangeAssembler:
                 txn.skip_through = r.seq
         return txn
 
-    def _end_txn(self, commit_lsn: int, end_lsn: int, lsn: int) -> Iterable[Out]:
+    def _end_txn(
+        self, commit_lsn: int, end_lsn: int, lsn: int, streamed: bool = False
+    ) -> Iterable[Out]:
         txn = self.txn
         if txn is None:
             raise DecodeError("Commit without Begin", lsn=lsn)
@@ -244,14 +247,14 @@ class ChangeAssembler:
         self.txn = None
         if txn.skip_through >= (1 << 62):
             self.skipped_txns += 1
-        return (TxnEnd(commit_lsn, end_lsn, txn.seq, txn.commit_ts_us),)
+        return (TxnEnd(commit_lsn, end_lsn, txn.seq, txn.commit_ts_us, streamed),)
 
     def _replay_stream(self, sc: m.StreamCommit) -> Iterator[Out]:
         self.txn = self._new_txn(sc.xid, sc.commit_lsn, sc.commit_ts_us)
         try:
             for msg in self.spill.replay(sc.xid):
                 yield from self._in_txn(msg, sc.commit_lsn)
-            yield from self._end_txn(sc.commit_lsn, sc.end_lsn, sc.commit_lsn)
+            yield from self._end_txn(sc.commit_lsn, sc.end_lsn, sc.commit_lsn, streamed=True)
         finally:
             self.spill.discard(sc.xid)
 

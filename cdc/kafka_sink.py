@@ -44,6 +44,7 @@ from kafka import TopicPartition
 from kafka.partitioner.default import murmur2
 
 from cdc.errors import SinkError, SinkUnavailable
+from cdc.fault_points import FAULTS
 from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
 
 log = logging.getLogger(__name__)
@@ -486,12 +487,17 @@ class KafkaTransactionalSink:
         deadline = time.monotonic() + self.opts.timeout_s
         try:
             self._hand_over_all()
+            if FAULTS.armed and FAULTS.due("after_events_sent"):
+                self.producer.flush(timeout=self.opts.timeout_s)  # the events reach the broker
+                FAULTS.crash("after_events_sent")
             self.producer.send(
                 state_topic(self.opts.topic_prefix),
                 key=self.slot.encode(),
                 value=position.to_json(),
             )
             self.producer.flush(timeout=self.opts.timeout_s)
+            if FAULTS.armed:
+                FAULTS.hit("before_kafka_commit")
             self._end_transaction(commit=True, timeout_s=_remaining(deadline))
         except _kafka_errors() as exc:
             raise self._unavailable(

@@ -45,6 +45,7 @@ import psycopg
 from cdc import pgoutput_decoder as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import CdcError, ReplicationLost, SinkUnavailable, format_lsn
+from cdc.fault_points import FAULTS
 from cdc.kafka_sink import (
     KafkaOptions,
     KafkaTransactionalSink,
@@ -361,6 +362,8 @@ class CdcDaemon:
                     collected.append(out)
                 if batch >= self.s.kafka.batch_max_events:
                     sink.commit(last)
+                    if FAULTS.armed:
+                        FAULTS.hit("snapshot_batch")
                     if self.on_commit is not None:
                         self.on_commit(collected)
                         collected = []
@@ -404,6 +407,8 @@ class CdcDaemon:
             assert position is not None
             t0 = time.monotonic()
             sink.commit(position)
+            if FAULTS.armed:
+                FAULTS.hit("after_kafka_commit")
             now = time.time()
             self.stats.kafka_commits += 1
             self.stats.last_commit_wall = now
@@ -452,6 +457,9 @@ class CdcDaemon:
                         batch.started = time.monotonic()
                     sink.publish_schema(out.fingerprint, out.schema_json)
                 else:
+                    if out.streamed and FAULTS.armed and FAULTS.due("streamed_txn_end"):
+                        flush()  # Kafka holds the transaction's last events, not its end
+                        FAULTS.crash("streamed_txn_end")
                     self.stats.transactions += 1
                     if batch.empty:
                         # nothing of this transaction is pending in Kafka: confirm it right away
