@@ -40,7 +40,7 @@ from typing import Protocol
 
 from cdc import pgoutput_decoder as m
 from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
-from cdc.errors import DecodeError
+from cdc.errors import DecodeError, format_lsn
 from cdc.kafka_sink import ResumePosition
 from cdc.pg_types import ColumnSpec, TypeCatalog
 
@@ -141,6 +141,7 @@ class ChangeAssembler:
         self.txn: _Txn | None = None
         self.stream_xid: int | None = None
         self.skipped_txns = 0
+        self.last_commit_lsn = 0  # of the last transaction begun (they come in commit order)
 
     # ------------------------------------------------------------------ relations
 
@@ -205,7 +206,7 @@ class ChangeAssembler:
             return ()
         match msg:
             case m.Begin():
-                self.txn = self._new_txn(msg.xid, msg.final_lsn, msg.commit_ts_us)
+                self.txn = self._new_txn(msg.xid, msg.final_lsn, msg.commit_ts_us, lsn)
                 return ()
             case m.Commit():
                 return self._end_txn(msg.commit_lsn, msg.end_lsn, lsn)
@@ -224,7 +225,15 @@ class ChangeAssembler:
             case _:
                 return self._in_txn(msg, lsn)
 
-    def _new_txn(self, xid: int, commit_lsn: int, ts: int) -> _Txn:
+    def _new_txn(self, xid: int, commit_lsn: int, ts: int, lsn: int) -> _Txn:
+        if commit_lsn <= self.last_commit_lsn:
+            # resume skipping relies on transactions arriving in commit order
+            raise DecodeError(
+                f"transaction {xid} commits at {format_lsn(commit_lsn)}, not after the "
+                f"previous one at {format_lsn(self.last_commit_lsn)}",
+                lsn=lsn,
+            )
+        self.last_commit_lsn = commit_lsn
         txn = _Txn(xid, commit_lsn, ts)
         r = self.resume
         if r is not None:
@@ -250,7 +259,7 @@ class ChangeAssembler:
         return (TxnEnd(commit_lsn, end_lsn, txn.seq, txn.commit_ts_us, streamed),)
 
     def _replay_stream(self, sc: m.StreamCommit) -> Iterator[Out]:
-        self.txn = self._new_txn(sc.xid, sc.commit_lsn, sc.commit_ts_us)
+        self.txn = self._new_txn(sc.xid, sc.commit_lsn, sc.commit_ts_us, sc.commit_lsn)
         try:
             for msg in self.spill.replay(sc.xid):
                 yield from self._in_txn(msg, sc.commit_lsn)

@@ -310,7 +310,7 @@ class CdcDaemon:
                 ", streaming" if stream.streaming else "",
                 resume,
             )
-            self._stream(stream, decoder, assembler, sink, conn)
+            self._stream(stream, decoder, assembler, sink, conn, resume)
         except BaseException:
             if sink is not None:
                 sink.abort()
@@ -392,21 +392,24 @@ class CdcDaemon:
         asm: ChangeAssembler,
         sink: Sink,
         conn: psycopg.Connection[Any],
+        resume: ResumePosition | None,
     ) -> None:
         pg, k = self.s.postgres, self.s.kafka
         batch = _Batch()
+        in_kafka = resume  # the resume position Kafka holds (committed)
         max_age = k.batch_max_ms / 1000.0
         last_heartbeat = time.monotonic()
         stream.send_status(self.stats.flushed_lsn)
 
         def flush() -> None:
-            nonlocal batch
+            nonlocal batch, in_kafka
             if batch.empty:
                 return
             position = batch.position
             assert position is not None
             t0 = time.monotonic()
             sink.commit(position)
+            in_kafka = position
             if FAULTS.armed:
                 FAULTS.hit("after_kafka_commit")
             now = time.time()
@@ -461,11 +464,19 @@ class CdcDaemon:
                         flush()  # Kafka holds the transaction's last events, not its end
                         FAULTS.crash("streamed_txn_end")
                     self.stats.transactions += 1
-                    if batch.empty:
-                        # nothing of this transaction is pending in Kafka: confirm it right away
+                    if batch.empty and (out.events == 0 or _holds_whole(in_kafka, out.commit_lsn)):
+                        # nothing of it is pending, and Kafka's resume position covers it
+                        # (or it has no events): confirm it right away
                         if out.end_lsn > self.stats.flushed_lsn:
                             self.stats.flushed_lsn = out.end_lsn
                     else:
+                        if batch.empty:
+                            # Kafka holds all its events (written before, or in batches
+                            # already committed) but its resume position does not say the
+                            # transaction is complete: write that (a Kafka transaction with
+                            # only the resume position) before the slot may pass it
+                            sink.begin()
+                            batch.started = time.monotonic()
                         batch.txn_ended(
                             ResumePosition(
                                 out.commit_lsn,
@@ -531,6 +542,13 @@ class CdcDaemon:
         with contextlib.suppress(CdcError):
             flush()
             stream.send_status(self.stats.flushed_lsn)
+
+
+def _holds_whole(position: ResumePosition | None, commit_lsn: int) -> bool:
+    """Whether a resume position says Kafka holds the whole transaction at ``commit_lsn``."""
+    return position is not None and (
+        position.commit_lsn > commit_lsn or (position.commit_lsn == commit_lsn and position.complete)
+    )
 
 
 def _lsn(text: str | None) -> int:
