@@ -547,7 +547,8 @@ class CdcDaemon:
 def _holds_whole(position: ResumePosition | None, commit_lsn: int) -> bool:
     """Whether a resume position says Kafka holds the whole transaction at ``commit_lsn``."""
     return position is not None and (
-        position.commit_lsn > commit_lsn or (position.commit_lsn == commit_lsn and position.complete)
+        position.commit_lsn > commit_lsn
+        or (position.commit_lsn == commit_lsn and position.complete)
     )
 
 

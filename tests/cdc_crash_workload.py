@@ -45,9 +45,7 @@ TABLES: dict[str, str] = {
     "attrs jsonb, tags text[])",
     "bulk": "create table bulk (id int primary key, pad text)",
 }
-BIG_FIRST_ID = 1_000_000
-import os
-DUMP = open(os.environ["CRASH_DUMP"], "w") if os.environ.get("CRASH_DUMP") else None  # ids of the large transaction's rows (other bulk rows stay below)
+BIG_FIRST_ID = 1_000_000  # ids of the large transaction's rows (other bulk rows stay below)
 
 
 # --------------------------------------------------------------------------- workload
@@ -112,7 +110,7 @@ class MixedWorkload:
         if table == "acct":
             return {
                 "owner": f"owner {i} {r.choice(['ä', 'ß', 'x', '🙂', ''])}",
-                "balance": None if r.random() < 0.1 else Decimal(r.randint(-10**9, 10**9)) / 100,
+                "balance": None if r.random() < 0.1 else Decimal(r.randint(-(10**9), 10**9)) / 100,
                 "opened": None
                 if r.random() < 0.1
                 else f"20{r.randint(10, 30)}-0{r.randint(1, 9)}-1{r.randint(0, 9)} "
@@ -135,8 +133,14 @@ class MixedWorkload:
     @staticmethod
     def _casts(table: str, cols: list[str]) -> list[str]:
         return [
-            "%s::jsonb" if (table, c) == ("item", "attrs") else "%s::timestamptz" if c == "opened"
-            else "%s::text[]" if c == "tags" else "%s" for c in cols
+            "%s::jsonb"
+            if (table, c) == ("item", "attrs")
+            else "%s::timestamptz"
+            if c == "opened"
+            else "%s::text[]"
+            if c == "tags"
+            else "%s"
+            for c in cols
         ]
 
     def _insert(self, conn: psycopg.Connection[Any], table: str, shadow: _Shadow) -> None:
@@ -258,9 +262,7 @@ class MixedWorkload:
         shadow = self.shadow.copy()
         shadow.ids["item"] |= kept.ids["item"]
         self.big_xid = xid
-        self._committed(
-            shadow, Counter({("bulk", "c"): self.big_rows - 1, ("item", "c"): 1}), xid
-        )
+        self._committed(shadow, Counter({("bulk", "c"): self.big_rows - 1, ("item", "c"): 1}), xid)
 
     def alter(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("alter table item add column note text")
@@ -450,8 +452,6 @@ def check_log_against_postgres(
                 pos = parse_position_header(dict(r.headers)[POSITION_HEADER])
                 event = decode(r.value, registry)
                 event.pop("ts_us")
-                if DUMP is not None:
-                    DUMP.write(f"{table} off={r.offset} pos={pos} op={event['op']} txid={event['source']['txid']} id={(event['after'] or event['before'] or {}).get('id')}\n")
                 seen = by_pos.get(pos)
                 if seen is None:
                     by_pos[pos] = event
@@ -554,7 +554,9 @@ def _compare_table(
     return problems
 
 
-def wait_caught_up(conn: psycopg.Connection[Any], slot: str, d: CrashDaemon, timeout: float) -> None:
+def wait_caught_up(
+    conn: psycopg.Connection[Any], slot: str, d: CrashDaemon, timeout: float
+) -> None:
     end = parse_lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0])  # type: ignore[index]
     deadline = time.monotonic() + timeout
     while confirmed_lsn(conn, slot) < end:

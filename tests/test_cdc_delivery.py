@@ -136,7 +136,9 @@ def test_open_transaction_on_the_state_topic_is_waited_for_not_guessed(
     try:
         other.init_transactions()
         other.begin_transaction()
-        other.send(state_topic(topic_prefix), key=b"slot", value=ResumePosition(2, 0, True).to_json())
+        other.send(
+            state_topic(topic_prefix), key=b"slot", value=ResumePosition(2, 0, True).to_json()
+        )
         other.flush()
         with pytest.raises(SinkUnavailable, match="transaction is still open"):
             read_resume_position(opts, "slot", timeout_s=2)
@@ -155,9 +157,7 @@ def test_transaction_ending_at_a_batch_boundary_is_recorded_complete(
     """A transaction of exactly ``batch_max_events`` changes: its last event fills a batch,
     which is committed before its end is read (resume position complete=false).  Its end
     is then recorded (complete=true) before the slot is confirmed past it."""
-    settings = make_settings(
-        pg_dsn, kafka_bootstrap, topic_prefix, kafka_batch_max_events="50"
-    )
+    settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix, kafka_batch_max_events="50")
     slot = settings.postgres.slot
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("create table t (id int primary key)")
