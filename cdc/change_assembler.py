@@ -22,7 +22,10 @@ million-row transaction never holds it in memory.
 Resuming: ``resume`` is the last position Kafka is known to hold.  Events at or
 before it are skipped (a transaction that Kafka holds completely is skipped as
 a whole; a partly written one resumes after its last written ``seq``), so a
-restart after a crash writes nothing twice.
+restart after a crash writes nothing twice.  This relies on transactions
+arriving in commit order (PostgreSQL sends a streamed transaction at Stream
+Commit, in that order too); one that does not commit after its predecessor is
+a :class:`DecodeError`, never silently skipped.
 
 Relations: a Relation message (re)defines a table; when its columns change a
 new codec, hence a new schema and fingerprint, is made, so ALTER TABLE

@@ -11,9 +11,14 @@ committed when it holds ``kafka.batch_max_events`` events, when it is
 right now (so an idle trickle sees low latency).  Each batch ends with the
 resume position (see :mod:`cdc.kafka_sink`).  Only after Kafka acknowledged the
 commit does the slot's flush position move, and only up to the end of the last
-*complete* transaction in it.  When the stream is idle (no open transaction,
-empty batch), keepalives and heartbeat messages move the flush position too,
-so an idle publication on a busy server does not pin WAL.
+*complete* transaction in it.  Invariant: the flush position passes a
+transaction with events only once a committed resume position in Kafka covers
+the whole of it.  A transaction whose events all reached Kafka before its end
+was read (its last event filled a batch; or it was written before a restart and
+is now skipped) therefore gets a Kafka transaction of its own holding just the
+resume position "complete" before it is confirmed.  When the stream is idle (no
+open transaction, empty batch), keepalives and heartbeat messages move the
+flush position too, so an idle publication on a busy server does not pin WAL.
 
 Stop: the daemon reads on to the end of the transaction it is in (at most
 ``STOP_GRACE_S``), commits the batch and confirms it, so the slot ends exactly
