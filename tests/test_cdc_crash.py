@@ -454,9 +454,13 @@ def crash_plan(seed: int, random_kills: int, fault_points: bool, big_rows: int) 
         randoms[0].step = "alter"
         randoms[min(1, len(randoms) - 1)].step = "truncate"
         randoms[rnd.randrange(len(randoms))].step = "big"
-    # random kills go before, between and after the fault points
+    # random kills go before, between and after the fault points, but not between the
+    # last two: a start in between could write the large transaction to its end
+    slots = [i for i in range(len(plan) + 1) if not (fault_points and i == len(plan) - 1)]
     for start in randoms:
-        plan.insert(rnd.randint(0, len(plan)), start)
+        at = rnd.choice(slots)
+        plan.insert(at, start)
+        slots = [i if i <= at else i + 1 for i in slots] + [at + 1]
     order = [s.step for s in plan if s.step]
     if order.index("big") < order.index("truncate"):  # truncate first, so the big rows stay
         for s in plan:
