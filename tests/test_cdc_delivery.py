@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from cdc import pgoutput_decoder as m
-from cdc.change_assembler import ChangeAssembler
+from cdc.change_assembler import ChangeAssembler, OutEvent, TxnEnd
 from cdc.errors import DecodeError, SinkUnavailable, parse_lsn
 from cdc.fault_points import ENV_VAR, FaultPoints
 from cdc.kafka_sink import (
@@ -192,6 +192,24 @@ def test_transactions_out_of_commit_order_are_refused() -> None:
         list(asm.feed(msg, 1000 + i))
     with pytest.raises(DecodeError, match="not after the previous one"):
         list(asm.feed(m.Begin(350, 5_000_000, 9), 2000))
+
+
+def test_a_transaction_skipped_whole_still_reports_its_events() -> None:
+    """Kafka holds every event of the transaction at 200 but not that it is complete (a
+    batch ended at its last event): nothing is written again, and its end still counts
+    its events, which is how the pipeline knows to record it complete before confirming."""
+    asm = ChangeAssembler(
+        db="db",
+        topic_prefix="fs",
+        catalog=FakeCatalog({16384: ("id",)}),
+        spill=MemorySpill(),
+        resume=ResumePosition(200, 2, False),
+    )
+    out: list[Any] = []
+    for i, msg in enumerate([REL, *txn(8, 200, ins(1), ins(2), ins(3)), *txn(9, 300, ins(4))]):
+        out.extend(asm.feed(msg, 1000 + i))
+    assert [(o.commit_lsn, o.seq) for o in out if isinstance(o, OutEvent)] == [(300, 0)]
+    assert [(o.commit_lsn, o.events) for o in out if isinstance(o, TxnEnd)] == [(200, 3), (300, 1)]
 
 
 def test_fault_points_parse_and_count() -> None:
