@@ -794,7 +794,6 @@ def _applier_waits_on_gate(env: Env) -> bool:
     return int(rows[0][0]) > 0
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_moments_applies_each_entry_exactly_once(
     env: Env, tmp_path: Path
 ) -> None:

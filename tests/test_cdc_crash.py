@@ -288,7 +288,6 @@ class Workload:
             self.error = exc
 
 
-@pytest.mark.slow
 def test_kill_9_under_load_loses_nothing(
     tmp_path: Path, pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, daemon_process: Any
 ) -> None:
