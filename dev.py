@@ -3,6 +3,7 @@
 
     python3 dev.py demo     # the whole pipeline on embedded PostgreSQL + broker (cdc, relay, applier, a device)
     python3 dev.py test     # the whole test suite (real PostgreSQL and broker, started by the harness)
+    python3 dev.py soak     # the long soaks (pytest -m slow: crash runs with many seeds); FIELDSYNC_SOAK_SEEDS=1-50
     python3 dev.py bench    # the benchmarks (figures go to docs/performance.md by hand)
     python3 dev.py run -- fieldsync --help   # any command inside the virtual environment
 
@@ -64,6 +65,9 @@ def main(argv: list[str]) -> int:
         args = [str(BIN / "fieldsync"), "demo", *rest]
     elif cmd == "test":
         args = [str(BIN / "python"), "-m", "pytest", *rest]
+    elif cmd == "soak":
+        # -m slow after pyproject's addopts (-m 'not slow') wins; -rP prints each run's summary
+        args = [str(BIN / "python"), "-m", "pytest", "-m", "slow", "-rP", *rest]
     elif cmd == "bench":
         args = [str(BIN / "python"), str(ROOT / "bench" / "run_all.py"), *rest]
     elif cmd == "run":

@@ -20,7 +20,7 @@ Value schema (record ``{prefix}.{schema}.{table}.Envelope``)::
     unchanged    array<string>       Row field names whose value PostgreSQL did not send
                                      (unchanged TOAST); they are null in ``after``
     source       {prefix}.Source     db, schema, table, lsn, commit_lsn, txid, seq,
-                                     commit_ts_us, snapshot ("true"|"last"|"false"), origin
+                                     commit_ts_us, snapshot ("true"|"last"|"false"|"incremental"), origin
     ts_us        long                time the event was encoded, µs since the Unix epoch
 
 Key schema: record ``{prefix}.{schema}.{table}.Key`` with the key columns (``is_key``);
@@ -97,6 +97,7 @@ _SNAPSHOT_VALUES: dict[object, str] = {
     "false": "false",
     "true": "true",
     "last": "last",
+    "incremental": "incremental",
 }
 
 # --------------------------------------------------------------------------------------
@@ -574,7 +575,8 @@ class Source:
     ``lsn`` is the change's own LSN, ``commit_lsn`` its transaction's commit LSN, ``seq`` the
     event's index in the transaction; ``(commit_lsn, seq)`` is the event's position.
     ``snapshot``: ``"false"`` (streamed change), ``"true"`` (snapshot read), ``"last"`` (last
-    event of a snapshot); ``True``/``False`` are accepted for ``"true"``/``"false"``.
+    event of a snapshot), ``"incremental"`` (a re-snapshot row read while streaming goes on,
+    docs/cdc.md "Re-snapshots"); ``True``/``False`` are accepted for ``"true"``/``"false"``.
     ``origin``: the replication origin or the applying device id, if any.
     """
 
@@ -795,7 +797,7 @@ class TableCodec:
         snapshot = _SNAPSHOT_BYTES.get(source.snapshot)
         if snapshot is None:
             raise ValueError(
-                f"Source.snapshot must be 'true', 'last', 'false' or a bool, "
+                f"Source.snapshot must be 'true', 'last', 'false', 'incremental' or a bool, "
                 f"got {source.snapshot!r}"
             )
         txid, ts, origin = source.txid, source.commit_ts_us, source.origin

@@ -22,13 +22,22 @@ million-row transaction never holds it in memory.
 Resuming: ``resume`` is the last position Kafka is known to hold.  Events at or
 before it are skipped (a transaction that Kafka holds completely is skipped as
 a whole; a partly written one resumes after its last written ``seq``), so a
-restart after a crash writes nothing twice.
+restart after a crash writes nothing twice.  This relies on transactions
+arriving in commit order (PostgreSQL sends a streamed transaction at Stream
+Commit, in that order too); one that does not commit after its predecessor is
+a :class:`DecodeError`, never silently skipped.
 
 Relations: a Relation message (re)defines a table; when its columns change a
 new codec, hence a new schema and fingerprint, is made, so ALTER TABLE
 mid-stream changes the schema of the events that follow and old events stay
 readable.  The Kafka key is the primary key (looked up through the catalog, not
 the replica-identity flags, which under REPLICA IDENTITY FULL mark every column).
+
+Observer: an optional :class:`MessageObserver` sees every message inside a
+transaction, in commit order (streamed transactions when they are replayed), with
+the transaction it belongs to: the incremental re-snapshots
+(:mod:`cdc.incremental_snapshot_io`) follow watermarks, signals, Relation changes
+and the keys of changes through it.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from typing import Protocol
 
 from cdc import pgoutput_decoder as m
 from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
-from cdc.errors import DecodeError
+from cdc.errors import DecodeError, format_lsn
 from cdc.kafka_sink import ResumePosition
 from cdc.pg_types import ColumnSpec, TypeCatalog
 
@@ -71,6 +80,7 @@ class TxnEnd:
     end_lsn: int
     events: int
     commit_ts_us: int
+    streamed: bool = False  # replayed from the spill store (PostgreSQL streamed it)
 
 
 Out = OutEvent | OutSchema | TxnEnd
@@ -80,6 +90,20 @@ class RelationCatalog(TypeCatalog, Protocol):
     """Type lookups plus the primary key of a relation (I/O lives in the implementation)."""
 
     def primary_key(self, relation_oid: int) -> tuple[str, ...] | None: ...
+
+
+class TxnInfo(Protocol):
+    """The transaction a message belongs to, as an observer sees it."""
+
+    xid: int
+    commit_lsn: int
+    commit_ts_us: int
+
+
+class MessageObserver(Protocol):
+    """Called for every message inside a transaction, before the assembler handles it."""
+
+    def message(self, msg: m.Message, txn: TxnInfo | None) -> None: ...
 
 
 class SpillStore(Protocol):
@@ -128,8 +152,10 @@ class ChangeAssembler:
         resume: ResumePosition | None = None,
         warn: Callable[[str], None] = lambda _msg: None,
         clock_us: Callable[[], int] = lambda: int(time.time() * 1_000_000),
+        observer: MessageObserver | None = None,
     ) -> None:
         self.db = db
+        self.observer = observer
         self.prefix = topic_prefix
         self.catalog = catalog
         self.spill = spill
@@ -140,6 +166,7 @@ class ChangeAssembler:
         self.txn: _Txn | None = None
         self.stream_xid: int | None = None
         self.skipped_txns = 0
+        self.last_commit_lsn = 0  # of the last transaction begun (they come in commit order)
 
     # ------------------------------------------------------------------ relations
 
@@ -204,7 +231,7 @@ class ChangeAssembler:
             return ()
         match msg:
             case m.Begin():
-                self.txn = self._new_txn(msg.xid, msg.final_lsn, msg.commit_ts_us)
+                self.txn = self._new_txn(msg.xid, msg.final_lsn, msg.commit_ts_us, lsn)
                 return ()
             case m.Commit():
                 return self._end_txn(msg.commit_lsn, msg.end_lsn, lsn)
@@ -223,7 +250,15 @@ class ChangeAssembler:
             case _:
                 return self._in_txn(msg, lsn)
 
-    def _new_txn(self, xid: int, commit_lsn: int, ts: int) -> _Txn:
+    def _new_txn(self, xid: int, commit_lsn: int, ts: int, lsn: int) -> _Txn:
+        if commit_lsn <= self.last_commit_lsn:
+            # resume skipping relies on transactions arriving in commit order
+            raise DecodeError(
+                f"transaction {xid} commits at {format_lsn(commit_lsn)}, not after the "
+                f"previous one at {format_lsn(self.last_commit_lsn)}",
+                lsn=lsn,
+            )
+        self.last_commit_lsn = commit_lsn
         txn = _Txn(xid, commit_lsn, ts)
         r = self.resume
         if r is not None:
@@ -233,7 +268,9 @@ class ChangeAssembler:
                 txn.skip_through = r.seq
         return txn
 
-    def _end_txn(self, commit_lsn: int, end_lsn: int, lsn: int) -> Iterable[Out]:
+    def _end_txn(
+        self, commit_lsn: int, end_lsn: int, lsn: int, streamed: bool = False
+    ) -> Iterable[Out]:
         txn = self.txn
         if txn is None:
             raise DecodeError("Commit without Begin", lsn=lsn)
@@ -244,18 +281,20 @@ class ChangeAssembler:
         self.txn = None
         if txn.skip_through >= (1 << 62):
             self.skipped_txns += 1
-        return (TxnEnd(commit_lsn, end_lsn, txn.seq, txn.commit_ts_us),)
+        return (TxnEnd(commit_lsn, end_lsn, txn.seq, txn.commit_ts_us, streamed),)
 
     def _replay_stream(self, sc: m.StreamCommit) -> Iterator[Out]:
-        self.txn = self._new_txn(sc.xid, sc.commit_lsn, sc.commit_ts_us)
+        self.txn = self._new_txn(sc.xid, sc.commit_lsn, sc.commit_ts_us, sc.commit_lsn)
         try:
             for msg in self.spill.replay(sc.xid):
                 yield from self._in_txn(msg, sc.commit_lsn)
-            yield from self._end_txn(sc.commit_lsn, sc.end_lsn, sc.commit_lsn)
+            yield from self._end_txn(sc.commit_lsn, sc.end_lsn, sc.commit_lsn, streamed=True)
         finally:
             self.spill.discard(sc.xid)
 
     def _in_txn(self, msg: m.Message, lsn: int) -> Iterable[Out]:
+        if self.observer is not None:
+            self.observer.message(msg, self.txn)
         match msg:
             case m.Relation():
                 self._define(msg)

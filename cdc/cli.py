@@ -94,7 +94,8 @@ def cdc_status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show the slot, its confirmed position, lag in bytes and the last event time."""
+    """Show the slot, its confirmed position, lag in bytes, the last event time and the
+    re-snapshots queued or running."""
     from cdc.kafka_sink import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
@@ -135,6 +136,8 @@ def cdc_status(
                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(resume.commit_ts_us / 1e6))
                 + f".{resume.commit_ts_us % 1_000_000:06d}Z"
             )
+    if "kafka_error" not in out:
+        out.update(_resnapshot_status(settings))
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
     else:
@@ -146,6 +149,115 @@ def cdc_status(
             "`fieldsync cdc run` creates it when it first starts (check postgres.slot and postgres.dsn)",
             err=True,
         )
+        raise typer.Exit(EXIT_RUNTIME)
+
+
+def _resnapshot_status(settings: Any) -> dict[str, Any]:
+    """Queued and running re-snapshots, from their progress record in Kafka."""
+    from cdc.incremental_snapshot import Progress
+    from cdc.incremental_snapshot_io import progress_key, read_state_records
+    from cdc.pipeline import kafka_options
+
+    key = progress_key(settings.postgres.slot)
+    try:
+        found = read_state_records(
+            kafka_options(settings), [key], timeout_s=min(10.0, settings.kafka.timeout_s)
+        )
+        progress = Progress.from_bytes(found[key]) if key in found else Progress()
+    except (CdcError, ValueError) as exc:
+        return {"resnapshot_error": str(exc)}
+    return {
+        "resnapshots": [
+            {
+                "table": j.table,
+                "where": j.where,
+                "reason": j.reason,
+                "after_key": list(j.after) if j.after else None,
+                "chunks": j.chunks,
+                "rows": j.rows,
+            }
+            for j in progress.jobs
+        ],
+        "resnapshot_requests": len(progress.requests),
+    }
+
+
+@cdc_app.command("snapshot")
+def cdc_snapshot(
+    table: Annotated[
+        str,
+        typer.Option(
+            "--table", "-t", help="the table to re-send: 'schema.table', or 'table' in public"
+        ),
+    ],
+    config: ConfigOpt = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            "--where",
+            help="only the rows this restricted WHERE clause selects: conditions joined by AND, "
+            "each `column op value` (=, <>, !=, <, <=, >, >=), `column IS [NOT] NULL`, "
+            "`column [NOT] IN (v, …)` or `column BETWEEN v AND v`; values are 'text', "
+            "numbers, true or false. Checked against the table; never pasted into SQL.",
+        ),
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(help="seconds to wait for the running daemon to finish it (0: do not wait)"),
+    ] = 0.0,
+) -> None:
+    """Re-send a table's rows to Kafka as op 'r' events while the daemon streams on.
+
+    Inserts a request into the signal table (postgres.signal_table); the running daemon
+    reads it from the stream and re-reads the table in chunks between watermarks, so no
+    newer change is overwritten (docs/cdc.md, "Re-snapshots"). No new slot is needed.
+    """
+    import psycopg
+
+    from cdc.errors import SnapshotRequestError
+    from cdc.incremental_snapshot_io import request_snapshot, signal_status
+    from cdc.pg_source import connect
+
+    try:
+        settings = _load(config)
+    except ConfigError as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    _setup_logging("WARNING")
+    pg = settings.postgres
+    try:
+        with connect(pg.dsn, pg.password) as conn:
+            signal_id, qualified = request_snapshot(
+                conn,
+                publication=pg.publication,
+                signal_table=pg.signal_table,
+                table=table,
+                where=where,
+            )
+            typer.echo(
+                f"re-snapshot of {qualified} requested: signal {signal_id} in "
+                f"{pg.signal_table}; the running daemon picks it up from the stream"
+            )
+            if wait <= 0:
+                return
+            deadline = time.monotonic() + wait
+            status = signal_status(conn, pg.signal_table, signal_id)
+            while not status.startswith(("done", "rejected")) and time.monotonic() < deadline:
+                time.sleep(0.3)
+                status = signal_status(conn, pg.signal_table, signal_id)
+    except SnapshotRequestError as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    except CdcError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+    except psycopg.Error as exc:
+        raise _fail(CdcError(f"PostgreSQL: {str(exc).strip()}"), EXIT_RUNTIME) from None
+    typer.echo(f"signal {signal_id}: {status}")
+    if not status.startswith("done"):
+        if not status.startswith("rejected"):
+            typer.echo(
+                f"error: signal {signal_id} is still {status!r} after {wait:g}s: is "
+                "`fieldsync cdc run` running?",
+                err=True,
+            )
         raise typer.Exit(EXIT_RUNTIME)
 
 

@@ -16,6 +16,8 @@ the boundary with ``raise ... from exc``.
     ├── SinkError                Kafka side
     │   └── SinkUnavailable      broker unreachable / timed out (retryable)
     ├── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
+    ├── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
+    │                            invalid WHERE clause (says which and where)
     └── ReplayError              replay (the CLI maps each to an exit code)
         ├── UnknownTable         the log holds no such table (lists those it holds)
         ├── NoEvents             empty range, or a key without history
@@ -94,6 +96,11 @@ class SinkUnavailable(SinkError):
 
 class ServiceError(CdcError):
     """A local service (embedded PostgreSQL, broker) failed to start."""
+
+
+class SnapshotRequestError(CdcError):
+    """A re-snapshot request (``fieldsync cdc snapshot``, the signal table) cannot be served:
+    unknown or unpublished table, unknown column, a WHERE clause outside the accepted form."""
 
 
 class ReplayError(CdcError):

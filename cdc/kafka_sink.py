@@ -12,6 +12,14 @@ exactly which events Kafka already holds, so nothing is written twice even when
 the replication slot (which is confirmed only after the Kafka commit) replays
 transactions Kafka already has.
 
+The state record is sent only once the broker has acknowledged every event
+(and schema) of its Kafka transaction.  So whatever a broker makes of a
+transaction its producer left open (Apache Kafka aborts it; tansu commits it,
+records and all), the resume position never claims an event the broker does not
+hold: the worst case is events without their resume position, which the next
+daemon writes again at the same positions (duplicates consumers drop), never a
+resume position past missing events.
+
 Schemas go to the compacted ``{prefix}._schemas`` topic keyed by fingerprint,
 inside the same transaction as the first event that uses them.
 
@@ -44,6 +52,7 @@ from kafka import TopicPartition
 from kafka.partitioner.default import murmur2
 
 from cdc.errors import SinkError, SinkUnavailable
+from cdc.fault_points import FAULTS
 from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
 
 log = logging.getLogger(__name__)
@@ -304,7 +313,9 @@ class KafkaTransactionalSink:
         self._broken = False  # a Kafka call failed: the broker is gone or the producer unusable
         self._fast = False
         self._buffers: dict[Any, RecordBuffer] = {}
+        self._futures: list[Any] = []  # of the open transaction's records, checked at commit
         self._partition_counts: dict[str, int] = {}
+        self._tracked: set[str] = set()
         self._tps: dict[tuple[str, int], Any] = {}
         self._max_record = MAX_REQUEST_SIZE
         self.producer: Any = None
@@ -324,6 +335,8 @@ class KafkaTransactionalSink:
             )
             self.producer.init_transactions()
             self._fast = opts.bulk_records and _bulk_path_available(self.producer)
+            for topic in (state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)):
+                self._track(topic)
         except _kafka_errors() as exc:
             self._broken = True
             self.close()
@@ -340,6 +353,7 @@ class KafkaTransactionalSink:
             raise self._unavailable(f"begin transaction failed: {exc}") from exc
         self._in_txn = True
         self._pending_schemas = set()
+        self._futures = []
 
     def _unavailable(self, message: str) -> SinkUnavailable:
         self._broken = True
@@ -361,8 +375,12 @@ class KafkaTransactionalSink:
         if self._fast:
             self._append(topic, key, value, headers)
             return
+        if topic not in self._tracked:
+            self._track(topic)
         try:
-            self.producer.send(topic, key=key, value=value, headers=list(headers))
+            self._futures.append(
+                self.producer.send(topic, key=key, value=value, headers=list(headers))
+            )
         except _kafka_errors() as exc:
             raise self._unavailable(f"send to {topic} failed: {exc}") from exc
 
@@ -409,6 +427,7 @@ class KafkaTransactionalSink:
                 raise self._unavailable(f"no metadata for topic {topic}: {exc}") from exc
             if count == 0:
                 raise self._unavailable(f"the broker reports no partitions for topic {topic}")
+            self._track(topic)
             self._partition_counts[topic] = count
         partition = 0 if key is None or count == 1 else (murmur2(key) & 0x7FFFFFFF) % count
         tp = self._tps.get((topic, partition))
@@ -421,12 +440,8 @@ class KafkaTransactionalSink:
         :mod:`cdc.kafka_records`); its sender fills the header (producer id, epoch,
         sequence, CRC), compresses and sends it within the open transaction.
 
-        A batch handed over mid-transaction (it filled up) is sent at once.  At commit
-        the batches wait (not "full", sender not woken) for the resume-position record,
-        so ``flush()`` sends the transaction's last events and its resume position in
-        one produce request: a daemon killed in between leaves either both or neither,
-        which matters with brokers that show aborted records to read_committed readers
-        (tansu; docs/cdc.md, "Delivery")."""
+        A batch handed over mid-transaction (it filled up) is sent at once; at commit
+        the last batches are handed over not "full" and ``flush()`` sends them."""
         from kafka.producer.producer_batch import ProducerBatch
         from kafka.record.memory_records import MemoryRecordsBuilder
 
@@ -455,6 +470,7 @@ class KafkaTransactionalSink:
         with acc._tp_lock(tp):
             acc._batches[tp].append(batch)
         acc._incomplete.add(batch)
+        self._futures.append(batch.produce_future)
         if not at_commit:
             producer._sender.wakeup()
 
@@ -469,16 +485,25 @@ class KafkaTransactionalSink:
         if not self._in_txn:
             self.begin()
         try:
-            self.producer.send(
-                schemas_topic(self.opts.topic_prefix),
-                key=fingerprint.hex().encode(),
-                value=schema_json.encode(),
+            self._futures.append(
+                self.producer.send(
+                    schemas_topic(self.opts.topic_prefix),
+                    key=fingerprint.hex().encode(),
+                    value=schema_json.encode(),
+                )
             )
         except _kafka_errors() as exc:
             raise self._unavailable(f"publishing schema {fingerprint.hex()} failed: {exc}") from exc
         self._pending_schemas.add(fingerprint)
 
     def commit(self, position: ResumePosition) -> None:
+        """Commit the Kafka transaction with ``position`` as its resume position.
+
+        Three steps, each acknowledged before the next starts: the events and schemas;
+        the resume-position record; the commit marker.  A broker that commits an
+        abandoned transaction (tansu) can then hold events without their resume
+        position (written again, same positions, by the next daemon), never the
+        reverse."""
         if not self._in_txn:
             self.begin()
         # one deadline for the whole commit (records, then the transaction marker), so a
@@ -486,12 +511,18 @@ class KafkaTransactionalSink:
         deadline = time.monotonic() + self.opts.timeout_s
         try:
             self._hand_over_all()
+            self.producer.flush(timeout=_remaining(deadline))
+            self._check_acknowledged(position)
+            if FAULTS.armed:
+                FAULTS.hit("after_events_sent")
             self.producer.send(
                 state_topic(self.opts.topic_prefix),
                 key=self.slot.encode(),
                 value=position.to_json(),
             )
-            self.producer.flush(timeout=self.opts.timeout_s)
+            self.producer.flush(timeout=_remaining(deadline))
+            if FAULTS.armed:
+                FAULTS.hit("before_kafka_commit")
             self._end_transaction(commit=True, timeout_s=_remaining(deadline))
         except _kafka_errors() as exc:
             raise self._unavailable(
@@ -500,6 +531,35 @@ class KafkaTransactionalSink:
         self._in_txn = False
         self._published |= self._pending_schemas
         self._pending_schemas = set()
+
+    def _check_acknowledged(self, position: ResumePosition) -> None:
+        """Every record of the open transaction is acknowledged, or SinkUnavailable."""
+        futures, self._futures = self._futures, []
+        for future in futures:
+            if not future.is_done:
+                raise self._unavailable(
+                    f"records of the Kafka transaction ending at {position} were not "
+                    f"acknowledged within {self.opts.timeout_s:g}s"
+                )
+            if future.failed():
+                raise self._unavailable(
+                    f"records of the Kafka transaction ending at {position} were "
+                    f"refused: {future.exception}"
+                )
+
+    def _track(self, topic: str) -> None:
+        """Make kafka-python keep ``topic`` in its metadata.
+
+        kafka-python refreshes metadata only for the topics it tracks, and it tracks a
+        topic only when it had no metadata for it at first use; a topic known from the
+        start-up metadata is left untracked, so the first refresh for another (new)
+        topic forgets its partition leaders and its batches wait for a leader forever:
+        the commit times out with part of the transaction on the broker.  Tracking
+        every topic this sink writes keeps them all in every refresh."""
+        self._tracked.add(topic)
+        sender = getattr(self.producer, "_sender", None)
+        if sender is not None and hasattr(sender, "add_topic"):
+            sender.add_topic(topic)
 
     def _end_transaction(self, commit: bool, timeout_s: float | None = None) -> None:
         """Commit or abort, waiting at most ``timeout_s`` (default kafka.timeout_s) for the broker.
@@ -527,6 +587,7 @@ class KafkaTransactionalSink:
 
     def abort(self) -> None:
         self._buffers = {}
+        self._futures = []
         if not self._in_txn:
             return
         self._in_txn = False
@@ -622,8 +683,11 @@ def _settled_end_offsets(
     the high watermark seen at the start.  A predecessor killed in the middle of committing
     is settled by our producer's init_transactions(); should the broker write its commit
     markers a moment later, reading before them would miss its last resume position and
-    replay events Kafka already holds.  Waits until ``deadline`` at most, then goes on
-    with what is stable (a warning says so)."""
+    replay events Kafka already holds.
+
+    Waits until ``deadline`` at most, then raises :class:`SinkUnavailable` (retried):
+    reading only what is stable could return an older position, or none at all, which
+    would make the daemon drop its slot and start over as if no snapshot had been taken."""
     from kafka import KafkaConsumer
 
     try:
@@ -640,14 +704,12 @@ def _settled_end_offsets(
         stable = consumer.end_offsets(tps)
         while any(stable[tp] < high[tp] for tp in tps):
             if time.monotonic() > deadline:
-                log.warning(
-                    "%s: a transaction is still open (stable offsets %s, written %s); "
-                    "reading what is stable",
-                    tps[0].topic,
-                    stable,
-                    high,
+                raise SinkUnavailable(
+                    f"{tps[0].topic}: a Kafka transaction is still open (last stable offsets "
+                    f"{ {tp.partition: stable[tp] for tp in tps} }, written "
+                    f"{ {tp.partition: high[tp] for tp in tps} }); the resume position "
+                    "cannot be read until the broker ends it"
                 )
-                break
             time.sleep(0.05)
             stable = consumer.end_offsets(tps)
         return dict(stable)

@@ -1,10 +1,17 @@
-"""Catalog lookups on a normal (non-replication) connection: types and primary keys.
+"""Catalog lookups on a normal (non-replication) connection: types, primary keys, and
+the table signatures the re-snapshots compare.
 
 The replication connection is busy in COPY_BOTH mode, so the cdc daemon keeps a
 second, ordinary connection for these.  Results are cached; the cache of a
 relation is dropped when a new Relation message redefines it.  Lookups reflect
 the catalog *now*, which matters only for user-defined types dropped after the
 change was made: those fall back to their text form (with a warning).
+
+:func:`read_signatures` (not cached) reads, for every table of a publication, what
+values depend on: file node (changes on a rewrite), columns with type, modifier,
+``atthasmissing`` and the xmin of their ``pg_attribute`` row (changes when an ALTER
+touches the column), and the labels of every enum type a column uses through
+domains, arrays, ranges and composite types (:mod:`cdc.incremental_snapshot`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from cdc.incremental_snapshot import ColumnFacts, EnumFacts, TableSignature
 from cdc.pg_types import BUILTIN_TYPES, CATALOG_QUERY, TypeInfo
 
 log = logging.getLogger(__name__)
@@ -25,6 +33,76 @@ join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
 where i.indrelid = %s and i.indisprimary
 order by array_position(i.indkey::int2[], a.attnum)
 """
+
+
+SIGNATURE_COLUMNS_QUERY = """
+select c.oid, n.nspname, c.relname, c.relfilenode,
+       a.attnum, a.attname, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod),
+       a.atthasmissing, a.xmin::text
+from pg_publication_tables p
+join pg_namespace n on n.nspname = p.schemaname
+join pg_class c on c.relnamespace = n.oid and c.relname = p.tablename
+left join pg_attribute a
+  on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+where p.pubname = %s
+order by c.oid, a.attnum
+"""
+
+SIGNATURE_ENUMS_QUERY = """
+with recursive walk(relid, typ, depth) as (
+  select a.attrelid, a.atttypid, 0 from pg_attribute a
+  where a.attrelid = any(%s) and a.attnum > 0 and not a.attisdropped
+  union all
+  select w.relid, x.next, w.depth + 1
+  from walk w join pg_type t on t.oid = w.typ
+  cross join lateral (
+    select t.typbasetype as next where t.typtype = 'd'
+    union all select t.typelem where t.typcategory = 'A' and t.typelem <> 0
+    union all select ca.atttypid from pg_attribute ca
+      where t.typtype = 'c' and ca.attrelid = t.typrelid and ca.attnum > 0
+        and not ca.attisdropped
+    union all select r.rngsubtype from pg_range r where t.typtype = 'r' and r.rngtypid = t.oid
+  ) x
+  where w.depth < 8
+)
+select w.relid, e.enumtypid, format_type(e.enumtypid, null),
+       array_agg(e.enumlabel::text order by e.enumsortorder)
+from (select distinct relid, typ from walk) w join pg_enum e on e.enumtypid = w.typ
+group by w.relid, e.enumtypid
+order by w.relid, e.enumtypid
+"""
+
+
+def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int, TableSignature]:
+    """The :class:`TableSignature` of every table in ``publication``, keyed by oid."""
+    tables: dict[int, tuple[str, str, int, list[ColumnFacts]]] = {}
+    for row in conn.execute(SIGNATURE_COLUMNS_QUERY, (publication,)).fetchall():
+        oid, schema, table, filenode, attnum, name, typ, typmod, type_name, missing, version = row
+        entry = tables.setdefault(int(oid), (str(schema), str(table), int(filenode), []))
+        if attnum is not None:
+            entry[3].append(
+                ColumnFacts(
+                    int(attnum),
+                    str(name),
+                    int(typ),
+                    int(typmod),
+                    str(type_name),
+                    bool(missing),
+                    str(version),
+                )
+            )
+    enums: dict[int, list[EnumFacts]] = {}
+    if tables:
+        for relid, enum_oid, name, labels in conn.execute(
+            SIGNATURE_ENUMS_QUERY, (list(tables),)
+        ).fetchall():
+            enums.setdefault(int(relid), []).append(
+                EnumFacts(int(enum_oid), str(name), tuple(str(x) for x in labels))
+            )
+    return {
+        oid: TableSignature(oid, schema, table, filenode, tuple(cols), tuple(enums.get(oid, ())))
+        for oid, (schema, table, filenode, cols) in tables.items()
+    }
 
 
 class PgCatalog:

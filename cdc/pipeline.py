@@ -11,9 +11,14 @@ committed when it holds ``kafka.batch_max_events`` events, when it is
 right now (so an idle trickle sees low latency).  Each batch ends with the
 resume position (see :mod:`cdc.kafka_sink`).  Only after Kafka acknowledged the
 commit does the slot's flush position move, and only up to the end of the last
-*complete* transaction in it.  When the stream is idle (no open transaction,
-empty batch), keepalives and heartbeat messages move the flush position too,
-so an idle publication on a busy server does not pin WAL.
+*complete* transaction in it.  Invariant: the flush position passes a
+transaction with events only once a committed resume position in Kafka covers
+the whole of it.  A transaction whose events all reached Kafka before its end
+was read (its last event filled a batch; or it was written before a restart and
+is now skipped) therefore gets a Kafka transaction of its own holding just the
+resume position "complete" before it is confirmed.  When the stream is idle (no
+open transaction, empty batch), keepalives and heartbeat messages move the
+flush position too, so an idle publication on a busy server does not pin WAL.
 
 Stop: the daemon reads on to the end of the transaction it is in (at most
 ``STOP_GRACE_S``), commits the batch and confirms it, so the slot ends exactly
@@ -45,6 +50,8 @@ import psycopg
 from cdc import pgoutput_decoder as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import CdcError, ReplicationLost, SinkUnavailable, format_lsn
+from cdc.fault_points import FAULTS
+from cdc.incremental_snapshot_io import IncrementalSnapshots
 from cdc.kafka_sink import (
     KafkaOptions,
     KafkaTransactionalSink,
@@ -247,6 +254,7 @@ class CdcDaemon:
         rconn = None
         stream: ReplicationStream | None = None
         sink: Sink | None = None
+        resnap: IncrementalSnapshots | None = None
         try:
             info = preflight(conn, pg.tables)
             self.db = conn.info.dbname
@@ -262,6 +270,15 @@ class CdcDaemon:
             need_snapshot = pg.snapshot == "initial" and (
                 resume is None or not resume.snapshot_done
             )
+            # re-snapshots (cdc/incremental_snapshot_io.py): progress and recorded catalog
+            # back from Kafka, catalog compared; their records ride on this sink's commits
+            resnap = IncrementalSnapshots(self.s, db=self.db, catalog=catalog)
+            resnap.load(
+                kafka_options(self.s),
+                initial_snapshot=need_snapshot,
+                timeout_s=self.s.kafka.timeout_s,
+            )
+            sink = resnap.wrap(sink)
             if state is not None and need_snapshot:
                 log.warning(
                     "slot %s exists but no finished snapshot is recorded in Kafka: dropping it and starting over",
@@ -287,6 +304,7 @@ class CdcDaemon:
                 self.stats.flushed_lsn = max(
                     self.stats.flushed_lsn, _lsn(state["confirmed_flush_lsn"])
                 )
+            resnap.persist(sink, resume)
             proto = pg.proto_version or highest_proto_version(info["server_version"])
             stream = ReplicationStream(
                 rconn, pg.slot, pg.publication, start_lsn, proto, pg.streaming
@@ -298,6 +316,7 @@ class CdcDaemon:
                 spill=spill,
                 resume=resume,
                 warn=lambda msg: log.warning("%s", msg),
+                observer=resnap,
             )
             decoder = m.PgOutputDecoder(proto)
             self.ready.set()
@@ -309,7 +328,7 @@ class CdcDaemon:
                 ", streaming" if stream.streaming else "",
                 resume,
             )
-            self._stream(stream, decoder, assembler, sink, conn)
+            self._stream(stream, decoder, assembler, sink, conn, resume, resnap)
         except BaseException:
             if sink is not None:
                 sink.abort()
@@ -321,6 +340,8 @@ class CdcDaemon:
                 stream.close()
             elif rconn is not None:
                 rconn.close()
+            if resnap is not None:
+                resnap.close()
             catalog.close()
             spill.close()
             conn.close()
@@ -361,6 +382,8 @@ class CdcDaemon:
                     collected.append(out)
                 if batch >= self.s.kafka.batch_max_events:
                     sink.commit(last)
+                    if FAULTS.armed:
+                        FAULTS.hit("snapshot_batch")
                     if self.on_commit is not None:
                         self.on_commit(collected)
                         collected = []
@@ -389,21 +412,27 @@ class CdcDaemon:
         asm: ChangeAssembler,
         sink: Sink,
         conn: psycopg.Connection[Any],
+        resume: ResumePosition | None,
+        resnap: IncrementalSnapshots | None = None,
     ) -> None:
         pg, k = self.s.postgres, self.s.kafka
         batch = _Batch()
+        in_kafka = resume  # the resume position Kafka holds (committed)
         max_age = k.batch_max_ms / 1000.0
         last_heartbeat = time.monotonic()
         stream.send_status(self.stats.flushed_lsn)
 
         def flush() -> None:
-            nonlocal batch
+            nonlocal batch, in_kafka
             if batch.empty:
                 return
             position = batch.position
             assert position is not None
             t0 = time.monotonic()
             sink.commit(position)
+            in_kafka = position
+            if FAULTS.armed:
+                FAULTS.hit("after_kafka_commit")
             now = time.time()
             self.stats.kafka_commits += 1
             self.stats.last_commit_wall = now
@@ -452,12 +481,23 @@ class CdcDaemon:
                         batch.started = time.monotonic()
                     sink.publish_schema(out.fingerprint, out.schema_json)
                 else:
+                    if out.streamed and FAULTS.armed and FAULTS.due("streamed_txn_end"):
+                        flush()  # Kafka holds the transaction's last events, not its end
+                        FAULTS.crash("streamed_txn_end")
                     self.stats.transactions += 1
-                    if batch.empty:
-                        # nothing of this transaction is pending in Kafka: confirm it right away
+                    if batch.empty and (out.events == 0 or _holds_whole(in_kafka, out.commit_lsn)):
+                        # nothing of it is pending, and Kafka's resume position covers it
+                        # (or it has no events): confirm it right away
                         if out.end_lsn > self.stats.flushed_lsn:
                             self.stats.flushed_lsn = out.end_lsn
                     else:
+                        if batch.empty:
+                            # Kafka holds all its events (written before, or in batches
+                            # already committed) but its resume position does not say the
+                            # transaction is complete: write that (a Kafka transaction with
+                            # only the resume position) before the slot may pass it
+                            sink.begin()
+                            batch.started = time.monotonic()
                         batch.txn_ended(
                             ResumePosition(
                                 out.commit_lsn,
@@ -481,6 +521,8 @@ class CdcDaemon:
                 if asm.idle or time.monotonic() >= stop_by:
                     break
             self._tick()
+            if resnap is not None and not self.stopping:
+                resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
             msg = stream.read(0.0 if not batch.empty else POLL_S)
             if msg is None:
                 if not batch.empty:
@@ -508,7 +550,8 @@ class CdcDaemon:
                 continue
             assert isinstance(msg, XLogData)
             decoded = decoder.decode(msg.payload, msg.wal_start)
-            handle(asm.feed(decoded, msg.wal_start))
+            outs = asm.feed(decoded, msg.wal_start)
+            handle(resnap.emit(outs) if resnap is not None else outs)
             if (
                 isinstance(decoded, m.LogicalMessage)
                 and not decoded.transactional
@@ -523,6 +566,14 @@ class CdcDaemon:
         with contextlib.suppress(CdcError):
             flush()
             stream.send_status(self.stats.flushed_lsn)
+
+
+def _holds_whole(position: ResumePosition | None, commit_lsn: int) -> bool:
+    """Whether a resume position says Kafka holds the whole transaction at ``commit_lsn``."""
+    return position is not None and (
+        position.commit_lsn > commit_lsn
+        or (position.commit_lsn == commit_lsn and position.complete)
+    )
 
 
 def _lsn(text: str | None) -> int:

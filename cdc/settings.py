@@ -104,6 +104,16 @@ def _tables(value: list[str]) -> None:
         seen.add(entry)
 
 
+def _signal_table(value: str) -> None:
+    if value == "":
+        return
+    parts = value.split(".")
+    if len(parts) != 2 or any(not p or p != p.strip() for p in parts):
+        raise ValueError("must be 'schema.table' (or empty to turn signals off)")
+    if any(len(p.encode()) > PG_NAME_MAX_BYTES for p in parts):
+        raise ValueError(f"has a name longer than {PG_NAME_MAX_BYTES} bytes")
+
+
 def _dsn(value: str) -> None:
     # Never echo the DSN here: it may hold a password (the registry shows it redacted).
     if not (_DSN_URI_RE.match(value) or _DSN_KV_RE.match(value)):
@@ -167,6 +177,7 @@ class PostgresSettings:
     streaming: bool
     status_interval_s: float
     heartbeat_interval_s: float
+    signal_table: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +203,9 @@ class DaemonSettings:
     retry_backoff_initial_s: float
     retry_backoff_max_s: float
     state_dir: str
+    resnapshot_on_ddl: bool
+    resnapshot_chunk_rows: int
+    ddl_check_interval_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +329,16 @@ POSTGRES = Section(
             30.0,
             "Seconds between heartbeats that move the slot forward on an idle database; 0 disables.",
             check=_non_negative,
+        ),
+        Setting(
+            "signal_table",
+            str,
+            "fieldsync.cdc_signals",
+            "Table ('schema.table') where operators insert re-snapshot requests; "
+            "`fieldsync cdc snapshot` writes there and creates it on first use (or a DBA does, "
+            "docs/cdc.md); the daemon adds it to the publication and reads the requests from "
+            "the stream. Empty turns signals off.",
+            check=_signal_table,
         ),
     ),
 )
@@ -454,6 +478,30 @@ DAEMON = Section(
             "",
             "Directory for state kept between runs (under systemd: /var/lib/fieldsync); "
             "empty means the daemon's default.",
+        ),
+        Setting(
+            "resnapshot_on_ddl",
+            bool,
+            True,
+            "Re-read a table (op 'r' events, while streaming goes on) after a change that gives "
+            "existing rows new values without row events: ADD COLUMN with a default, a table "
+            "rewrite by ALTER COLUMN TYPE or a volatile default, an enum RENAME VALUE.",
+        ),
+        Setting(
+            "resnapshot_chunk_rows",
+            int,
+            1024,
+            "Rows per chunk of a re-snapshot: at most this many rows are held in memory "
+            "between a chunk's watermarks.",
+            check=_positive,
+        ),
+        Setting(
+            "ddl_check_interval_s",
+            float,
+            10.0,
+            "Seconds between catalog checks for such changes (also checked at start and when "
+            "a Relation message changes); 0 checks only then.",
+            check=_non_negative,
         ),
     ),
 )

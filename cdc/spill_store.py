@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cdc import pgoutput_decoder as m
+from cdc.fault_points import FAULTS
 
 _LEN = struct.Struct("!I")
 SPILL_BUFFER = 4 * 1024 * 1024
@@ -86,11 +87,14 @@ class FileSpillStore:
             return
         f.flush()
         f.seek(0)
+        armed = FAULTS.armed
         while True:
             head = f.read(4)
             if not head:
                 break
             (n,) = _LEN.unpack(head)
+            if armed:
+                FAULTS.hit("spill_replay")
             yield pickle.loads(f.read(n))
 
     def discard(self, xid: int) -> None:

@@ -2,24 +2,31 @@
 and settling journal entries (outcomes, rejections at upload).
 
 Every table row the agent writes is :func:`device_agent.visible.visible_row` of the row's
-*received version* and its *open* edits (journal ``pending``/``sent``): the app's tables
+*received version* and its edits on top: *open* ones (journal ``pending``/``sent``) and
+*awaiting* ones (settled by an outcome that wrote the row upstream, ``await_lsn`` = its
+``visible_after``, until a version at or above that position arrives): the app's tables
 never show anything else (docs/device-agent.md, "What the app sees").
 
 Input: the changes messages (relay/api.py, docs/relay.md "Device API") read since the last
 applied cursor, up to and including one whose ``checkpoint.complete`` is true, and the
 outcomes read before them.  Output: one SQLite transaction that
 
-1. keeps the received version of every row with open edits whose holds came by the fast
-   path (:meth:`_Batch.capture_received`: from the earliest open edit's ``old``);
+1. keeps the received version of every row with edits on top whose holds came by the
+   fast path (:meth:`_Batch.capture_received`: from the earliest such edit's ``old``);
 2. empties the buckets marked for re-download (a checksum mismatch found earlier, a
    ``resync`` or ``dropped`` bucket of a message): their holds leave ``_fieldsync_rows``
    and their rows are derived again;
 3. applies every op in order: ``PUT`` records the bucket's hold on the row (checksum term,
    position and, on the general path, the version) and writes the row; ``REMOVE`` drops
-   the hold and the row is derived again (gone when no bucket holds it and no open edit
-   keeps it);
-4. records the outcomes (final statuses, kept conflicts) and derives their rows again
-   from the received version, whether it arrived before or with them;
+   the hold and the row is derived again (gone when no bucket holds it and no edit keeps
+   it); the highest ``commit_lsn`` of the ops of a row with edits on top is recorded on
+   those entries (``seen_lsn``);
+4. records the outcomes (final statuses, kept conflicts; ``await_lsn`` from the outcome's
+   ``visible_after``) and derives their rows again from the received version with the
+   edits still on top, whether the server version arrived before, with or after them;
+   an awaiting entry stops being kept (``await_lsn`` NULL) once a version of its row at
+   or above its bound was received, or when buckets were downloaded again and no bucket
+   holds the row (:func:`device_agent.visible.released`);
 5. checks each complete bucket's row count and checksum (the sum mod 2**64 of
    :func:`relay.bucket_store.row_checksum` over the rows it holds, computed from the
    bytes received) against the checkpoint; a bucket that differs is marked
@@ -30,12 +37,12 @@ outcomes read before them.  Output: one SQLite transaction that
 The agent's own writes are not journaled (:mod:`device_agent.triggers`: the flag row, or
 for large batches the triggers are dropped and recreated inside the transaction).
 
-Rows of tables served by one rule take a fast path while they have no open edit: batched
-``executemany`` of the op's data (the identity case of ``visible_row``; the table row is
-then the received version and no copy is kept).  Rows of tables several rules serve
-(different column projections) and rows with open edits take the general path
-(:meth:`_Batch.refresh_row`): bucket versions kept and merged (latest op last), open edits
-on top.
+Rows of tables served by one rule take a fast path while they have no edit on top:
+batched ``executemany`` of the op's data (the identity case of ``visible_row``; the table
+row is then the received version and no copy is kept).  Rows of tables several rules serve
+(different column projections) and rows with edits on top take the general path
+(:meth:`_Batch.refresh_row`): bucket versions kept and merged (latest op last), edits on
+top.
 
 Everything happens on the caller's connection in the caller's thread; no network.
 """
@@ -62,6 +69,7 @@ from device_agent.local_db import (
     LocalTable,
     bucket_ids,
     from_sql,
+    get_meta,
     key_k,
     kind_of,
     load_tables,
@@ -71,7 +79,7 @@ from device_agent.local_db import (
     to_sql,
     transaction,
 )
-from device_agent.visible import Edit, visible_row
+from device_agent.visible import UNKNOWN_POSITION, Edit, released, visible_row
 from relay.bucket_store import CHECKSUM_MODULUS, row_key_text
 
 BULK_OPS: Final = 2000
@@ -82,8 +90,12 @@ _WRAP: Final = 1 << 64
 _U64 = struct.Struct(">Q").unpack_from
 _SORT = orjson.OPT_SORT_KEYS
 _CHUNK: Final = 400
+MAX_LSN: Final = (1 << 63) - 1
 
 Message = Mapping[str, Any]
+
+OPEN: Final = "status in ('pending', 'sent')"
+"""SQL condition of open journal entries (matches the partial index ``journal_open``)."""
 
 
 # --------------------------------------------------------------------------- checksums
@@ -148,14 +160,20 @@ class _Batch:
         self.table_json = {t.name: orjson.dumps(t.name) for t in tables.values()}
         self.buckets: dict[str, _Bucket] = {}
         self.terms: dict[tuple[int, int, Any], int | None] = {}
-        # rows with open edits (pending, sent) when the transaction began: the general path
+        # rows with edits on top (open, or awaiting their server version) when the
+        # transaction began: the general path
         self.held: set[tuple[int, Any]] = {
-            (tid, k)
-            for tid, k in conn.execute(
-                f"select tbl, k from {PREFIX}journal where status in ('pending', 'sent')"
-            )
+            (tid, k) for tid, k in conn.execute(f"select tbl, k from {PREFIX}journal where {OPEN}")
         }
+        self.held.update(
+            conn.execute(f"select tbl, k from {PREFIX}journal where await_lsn is not null")
+        )
         self.dirty: set[tuple[int, Any]] = set()
+        # per held row: the highest commit_lsn of an op of it in this transaction
+        self.seen: dict[tuple[int, Any], int] = {}
+        # buckets were emptied for a new download (or this is a first download): an
+        # awaiting edit of a row no bucket holds afterwards stops being kept
+        self.buckets_reset = False
         self.kinds_changed: set[int] = set()
         self.result = ApplyResult()
         self.unknown_kinds = {
@@ -193,6 +211,7 @@ class _Batch:
             del self.terms[key]
         b.count, b.checksum, b.fresh, b.recount = 0, 0, True, self.bulk
         self.result.reset.append(name)
+        self.buckets_reset = True
 
     # ---- ops
 
@@ -257,6 +276,8 @@ class _Batch:
                         op.get("position"),
                     )
                     dirty.add((tid, k))
+                    if (tid, k) in held:
+                        self.saw(tid, k, op.get("position"))
                     fast_gone.get(tid, set()).discard(k)
                     fast_put.get(tid, {}).pop(k, None)
                 else:
@@ -292,6 +313,8 @@ class _Batch:
                 final[(tid, k, b.id)] = None
                 if slow:
                     dirty.add((tid, k))
+                    if (tid, k) in held:
+                        self.saw(tid, k, op.get("position"))
                 else:
                     fast_put.get(tid, {}).pop(k, None)
                     fast_gone.setdefault(tid, set()).add(k)
@@ -300,6 +323,12 @@ class _Batch:
         self.write_fast(fast_put, fast_gone)
         for b in buckets.values():  # fresh stays: rows put in this batch are in terms
             b.checksum %= CHECKSUM_MODULUS
+
+    def saw(self, tid: int, k: Any, position: Any) -> None:
+        """An op of a row with edits on top arrived (its position's commit_lsn counts)."""
+        lsn = pos_lsn(position)
+        ref = (tid, k)
+        self.seen[ref] = max(self.seen.get(ref, -1), UNKNOWN_POSITION if lsn is None else lsn)
 
     def learn_kinds(self, table: LocalTable, data: Mapping[str, Any]) -> None:
         unknown = self.unknown_kinds[table.id]
@@ -407,22 +436,24 @@ class _Batch:
     # ---- the general path: rows re-derived with visible_row
 
     def capture_received(self) -> None:
-        """Keep the received version of every row with open edits whose holds came by the
-        fast path (``data`` NULL: the table row itself was the received version, until
-        the app edited it).  The earliest open edit's ``old`` is that version (made on the
-        row as received; an ``INSERT OR REPLACE`` records the row it replaced).  Runs
-        first in every transaction that applies ops or settles entries, so the version is
-        kept before any edit of the row settles."""
+        """Keep the received version of every row with edits on top whose holds came by
+        the fast path (``data`` NULL: the table row itself was the received version, until
+        the app edited it).  The earliest edit's ``old`` is that version (made on the row
+        as received; an ``INSERT OR REPLACE`` records the row it replaced).  Runs first in
+        every transaction that applies ops or settles entries, so the version is kept
+        before any edit of the row settles."""
         conn = self.conn
-        first: dict[tuple[int, Any], str | None] = {}
-        for tid, k, old in conn.execute(
-            f"""select j.tbl, j.k, j.old from {PREFIX}journal j
-                where j.status in ('pending', 'sent') and exists (select 1 from {PREFIX}rows r
-                    where r.tbl = j.tbl and r.k = j.k and r.data is null)
-                order by j.seq"""
-        ):
-            first.setdefault((tid, k), old)
-        for (tid, k), old in first.items():
+        first: dict[tuple[int, Any], tuple[int, str | None]] = {}
+        for where in ("j.status in ('pending', 'sent')", "j.await_lsn is not null"):
+            for tid, k, seq, old in conn.execute(
+                f"""select j.tbl, j.k, j.seq, j.old from {PREFIX}journal j
+                    where {where} and exists (select 1 from {PREFIX}rows r
+                        where r.tbl = j.tbl and r.k = j.k and r.data is null)
+                    order by j.seq"""
+            ):
+                if (tid, k) not in first or first[(tid, k)][0] > seq:
+                    first[(tid, k)] = (seq, old)
+        for (tid, k), (_seq, old) in first.items():
             table = self.by_id.get(tid)
             if table is None or table.multi:
                 continue
@@ -439,34 +470,63 @@ class _Batch:
             )
 
     def flush_dirty(self) -> None:
+        if self.buckets_reset:  # awaiting edits of rows no bucket holds: re-derived too
+            for tid, k in self.conn.execute(
+                f"""select distinct j.tbl, j.k from {PREFIX}journal j
+                    where j.await_lsn is not null and not exists
+                        (select 1 from {PREFIX}rows r where r.tbl = j.tbl and r.k = j.k)"""
+            ):
+                if tid in self.by_id:
+                    self.dirty.add((tid, k))
         for tid, k in sorted(self.dirty, key=lambda r: (r[0], str(r[1]))):
             self.refresh_row(self.by_id[tid], k)
         self.dirty.clear()
 
-    def open_edits(self, table: LocalTable, k: Any) -> list[Edit]:
-        if (table.id, k) not in self.held:  # the journal is only read for rows with edits
+    def edits_on_top(self, table: LocalTable, k: Any) -> list[Edit]:
+        """The row's open and awaiting entries in seq order (ops of the row seen in this
+        transaction recorded on them first)."""
+        ref = (table.id, k)
+        if ref not in self.held:  # the journal is only read for rows with edits
             return []
-        return [
-            Edit.from_journal(*r)
+        seen = self.seen.pop(ref, None)
+        if seen is not None:
+            for where in (OPEN, "await_lsn is not null"):
+                self.conn.execute(
+                    f"""update {PREFIX}journal set seen_lsn = max(coalesce(seen_lsn, -1), ?)
+                        where tbl = ? and k = ? and {where}""",
+                    (seen, table.id, k),
+                )
+        rows = [
+            r
+            for where in (OPEN, "await_lsn is not null")
             for r in self.conn.execute(
-                f"""select seq, op, old, new from {PREFIX}journal
-                    where tbl = ? and k = ? and status in ('pending', 'sent') order by seq""",
+                f"""select seq, op, old, new, await_lsn, seen_lsn from {PREFIX}journal
+                    where tbl = ? and k = ? and {where}""",
                 (table.id, k),
             )
         ]
+        return [Edit.from_journal(*r) for r in sorted(rows, key=itemgetter(0))]
 
     def refresh_row(self, table: LocalTable, k: Any) -> None:
         """Write one row as :func:`device_agent.visible.visible_row` derives it from the
-        received version and the open edits."""
+        received version and the edits on top; awaiting edits whose server version
+        arrived (or that nothing may bring any more) stop being kept."""
         conn = self.conn
         holds = conn.execute(
-            f"select data from {PREFIX}rows where tbl = ? and k = ? order by op_id",
+            f"select data, pos from {PREFIX}rows where tbl = ? and k = ? order by op_id",
             (table.id, k),
         ).fetchall()
-        edits = self.open_edits(table, k)
+        received_lsn = max_lsn(h[1] for h in holds)
+        edits = self.edits_on_top(table, k)
+        done = [e.seq for e in edits if released(e, received_lsn, bool(holds), self.buckets_reset)]
+        if done:
+            conn.executemany(
+                f"update {PREFIX}journal set await_lsn = null where seq = ?", [(s,) for s in done]
+            )
+            edits = [e for e in edits if e.seq not in done]
         received = received_version(table, [h[0] for h in holds], edits)
         if received is TABLE_ROW:
-            return  # no open edit, received by the fast path: the table row is that version
+            return  # no edit on top, received by the fast path: the table row is that version
         if edits:
             self.result.held_rows += 1
         row = visible_row(
@@ -474,6 +534,7 @@ class _Batch:
             edits,
             table.key,
             table.counters,
+            received_lsn,
         )
         if row is None:
             conn.execute(
@@ -500,16 +561,28 @@ class _Batch:
             kind = str(o.get("outcome") or o.get("kind") or "")
             status = OUTCOME_STATUS.get(kind)
             found = conn.execute(
-                f"select tbl, k from {PREFIX}journal where seq = ?", (seq,)
+                f"select tbl, k, outcome, await_lsn from {PREFIX}journal where seq = ?", (seq,)
             ).fetchone()
             if found is None or status is None:
                 continue
-            tid, k = found
+            tid, k, before, awaiting = found
+            bound = visible_after(o)
+            if not _same_outcome(before, kind, bound):  # a repeated one changes nothing
+                awaiting = bound if status != "failed" and tid in self.by_id else None
             conn.execute(
                 f"""update {PREFIX}journal set status = ?, outcome = ?, reason = ?, message = ?,
-                        settled_at = julianday('now') where seq = ?""",
-                (status, orjson.dumps(o).decode(), o.get("reason"), o.get("message"), seq),
+                        await_lsn = ?, settled_at = julianday('now') where seq = ?""",
+                (
+                    status,
+                    orjson.dumps(o).decode(),
+                    o.get("reason"),
+                    o.get("message"),
+                    awaiting,
+                    seq,
+                ),
             )
+            if awaiting is not None:
+                self.held.add((tid, k))
             known = conn.execute(
                 f"select id from {PREFIX}conflicts where seq = ?", (seq,)
             ).fetchone()
@@ -613,6 +686,51 @@ class _Batch:
 
 def _data_text(data: Mapping[str, Any]) -> str:
     return orjson.dumps(data, option=_SORT).decode()
+
+
+def pos_lsn(pos: Any) -> int | None:
+    """The ``commit_lsn`` of a position: a wire ``[commit_lsn, seq]`` or its stored text
+    ``'[lsn,seq]'``; None when there is none (older relays sent no position)."""
+    if isinstance(pos, str):
+        try:
+            pos = orjson.loads(pos)
+        except orjson.JSONDecodeError:
+            return None
+    if isinstance(pos, list | tuple) and len(pos) == 2 and type(pos[0]) is int:
+        return int(pos[0])
+    return None
+
+
+def max_lsn(positions: Iterable[Any]) -> int | None:
+    """The highest ``commit_lsn`` of stored positions (None: none known)."""
+    found = [lsn for lsn in map(pos_lsn, positions) if lsn is not None]
+    return max(found) if found else None
+
+
+def visible_after(outcome: Mapping[str, Any]) -> int | None:
+    """An outcome's ``visible_after`` (docs/journal.md): an integer 0 … 2**63-1 or its
+    decimal text; None when absent.  A malformed one counts as absent: the entry then
+    settles at once, as with an outcome of a relay that sends none (nothing is lost)."""
+    value = outcome.get("visible_after")
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if type(value) is int and 0 <= value <= MAX_LSN:
+        return value
+    return None
+
+
+def _same_outcome(stored: str | None, kind: str, bound: int | None) -> bool:
+    """Whether the entry's recorded outcome is this one again (same kind and bound)."""
+    if not stored:
+        return False
+    try:
+        before = orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(before, dict):
+        return False
+    was = str(before.get("outcome") or before.get("kind") or "")
+    return was == kind and visible_after(before) == bound
 
 
 def _pos_text(pos: Any) -> str | None:
@@ -735,6 +853,8 @@ def _apply_messages(
         tables = load_tables(conn)
         bulk = total_ops is not None and total_ops >= bulk_ops
         batch = _Batch(conn, tables, bulk)
+        if get_meta(conn, "cursor") is None:  # a first download (after init or reset)
+            batch.buckets_reset = True
         pending = [
             r[0] for r in conn.execute(f"select name from {PREFIX}buckets where reset_pending = 1")
         ]

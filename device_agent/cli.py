@@ -484,6 +484,8 @@ def reset(
                 conn.execute(f"delete from {local_db.q(t.local)}")
             for name in ("rows", "buckets", "staging", "conflicts"):
                 conn.execute(f"delete from {PREFIX}{name}")
+            # settled edits awaiting their server version: everything comes down again
+            conn.execute(f"update {PREFIX}journal set await_lsn = null where await_lsn is not null")
             if discard_edits:  # kept (seqs must never be reused), marked failed
                 conn.execute(
                     f"""update {PREFIX}journal set status = 'failed', reason = 'discarded',

@@ -1,18 +1,23 @@
 """The local half of ``device-agent verify``: every synced table shows exactly what
 :func:`device_agent.visible.visible_row` derives, and nothing else.
 
+The edits on top of a row are its open entries and its *awaiting* ones (settled by an
+outcome that wrote the row upstream, kept until the server version that includes them
+arrives: ``await_lsn``), shown as long as nothing of the row at or above that bound was
+received (the holds' positions, the entry's ``seen_lsn``).
+
 For each table (reads only; one pass over the table's rows joined to their holds, one
-over the holds, one over the open edits):
+over the holds, one over the edits on top):
 
 - a row whose key column is NULL: ``null_key``;
-- a row no bucket holds and no open edit keeps: ``not_held``;
-- a row whose values differ from the received version with the open edits on top:
-  ``differs`` (with the columns, expected and found).  For a row with no open edit that
+- a row no bucket holds and no edit keeps: ``not_held``;
+- a row whose values differ from the received version with the edits on top:
+  ``differs`` (with the columns, expected and found).  For a row with no edit on top that
   came by the fast path (the table row *is* the received version) this is the row's
   checksum term not matching its values: the row was changed behind the agent's back;
 - a row the holds or open edits call for that the table lacks: ``missing``;
-- a received version kept in ``_fieldsync_rows`` (or recovered from the earliest open
-  edit's ``old``) that does not hash to its hold's checksum term: ``received_corrupt``;
+- a received version kept in ``_fieldsync_rows`` (or recovered from the earliest edit's
+  ``old``) that does not hash to its hold's checksum term: ``received_corrupt``;
   one that cannot be recovered at all: ``received_lost``.
 
 The bucket checksums (count and sum of terms against the relay's checkpoint) are
@@ -29,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from device_agent.apply import term_of, unsigned
+from device_agent.apply import max_lsn, term_of, unsigned
 from device_agent.local_db import (
     PREFIX,
     LocalTable,
@@ -55,9 +60,9 @@ class Problem(enum.StrEnum):
 
 MESSAGES: dict[Problem, str] = {
     Problem.NULL_KEY: "a key column is NULL",
-    Problem.NOT_HELD: "no bucket holds the row and no open edit keeps it",
-    Problem.DIFFERS: "differs from the received version with the open edits on top",
-    Problem.MISSING: "missing: the received version with the open edits on top is a row",
+    Problem.NOT_HELD: "no bucket holds the row and no open or awaiting edit keeps it",
+    Problem.DIFFERS: "differs from the received version with the edits on top",
+    Problem.MISSING: "missing: the received version with the edits on top is a row",
     Problem.RECEIVED_CORRUPT: "the received version kept does not match its checksum term",
     Problem.RECEIVED_LOST: "the received version of a row with open edits was not kept",
 }
@@ -78,6 +83,11 @@ class RowProblem:
             "message": MESSAGES[self.problem],
             "columns": {c: {"expected": e, "found": f} for c, (e, f) in self.columns.items()},
         }
+
+
+Hold = tuple[str | None, int, str | None]
+"""A bucket's hold on a row: its kept version (JSON text, or NULL), checksum term and
+position (``'[commit_lsn,seq]'``)."""
 
 
 class _Found(Exception):
@@ -110,7 +120,7 @@ class _Checker:
     def received(
         self,
         k: Any,
-        holds: Sequence[tuple[str | None, int]],
+        holds: Sequence[Hold],
         edits: Sequence[Edit],
         row: Mapping[str, Any] | None,
     ) -> Mapping[str, Any] | None:
@@ -120,14 +130,14 @@ class _Checker:
             return None
         if self.t.multi:
             merged: dict[str, Any] = {}
-            for data, term in holds:
+            for data, term, _pos in holds:
                 version = orjson.loads(data) if data is not None else None
                 if version is None or not self.term_ok(k, version, term):
                     self.add(k, Problem.RECEIVED_CORRUPT)
                     continue
                 merged.update(version)
             return _sql(merged)
-        data, term = holds[-1]
+        data, term, _pos = holds[-1]
         if data is not None:
             version = orjson.loads(data)
         elif edits and edits[0].old is not None:
@@ -151,7 +161,7 @@ class _Checker:
     def compare(
         self,
         k: Any,
-        holds: Sequence[tuple[str | None, int]],
+        holds: Sequence[Hold],
         edits: Sequence[Edit],
         row: Mapping[str, Any] | None,
     ) -> None:
@@ -159,7 +169,8 @@ class _Checker:
         received = self.received(k, holds, edits, row)
         if len(self.found) > before:
             return  # already reported
-        expected = visible_row(received, edits, self.t.key, self.t.counters)
+        received_lsn = max_lsn(h[2] for h in holds)
+        expected = visible_row(received, edits, self.t.key, self.t.counters, received_lsn)
         if expected is None and row is not None:
             problem = Problem.DIFFERS if holds or edits else Problem.NOT_HELD
             self.add(k, problem, differences(None, row, self.t.columns) if holds else {})
@@ -180,18 +191,22 @@ class _Checker:
             row = dict(zip(t.columns, values, strict=True))
             self.add([from_sql(row[c], t.kinds.get(c)) for c in t.key], Problem.NULL_KEY)
         edits: dict[Any, list[Edit]] = {}
-        for k, seq, op, old, new in conn.execute(
-            f"""select k, seq, op, old, new from {PREFIX}journal
-                where tbl = ? and status in ('pending', 'sent') order by seq""",
-            (t.id,),
+        for k, *entry in conn.execute(
+            f"""select k, seq, op, old, new, await_lsn, seen_lsn from {PREFIX}journal
+                where tbl = ? and status in ('pending', 'sent')
+                union all
+                select k, seq, op, old, new, await_lsn, seen_lsn from {PREFIX}journal
+                where tbl = ? and await_lsn is not null
+                order by 2""",
+            (t.id, t.id),
         ):
-            edits.setdefault(k, []).append(Edit.from_journal(seq, op, old, new))
+            edits.setdefault(k, []).append(Edit.from_journal(*entry))
         seen: set[Any] = set()
         current: tuple[int, Any, dict[str, Any]] | None = None
-        holds: list[tuple[str | None, int]] = []
+        holds: list[Hold] = []
         n = len(t.columns)
         for rid, k, *rest in conn.execute(
-            f"""select u.rowid, {key_expr(t, "u")}, {cols}, r.data, r.term
+            f"""select u.rowid, {key_expr(t, "u")}, {cols}, r.data, r.term, r.pos
                 from {q(t.local)} u left join {PREFIX}rows r on r.tbl = ? and r.k = {key_expr(t, "u")}
                 where {" and ".join(f"u.{q(c)} is not null" for c in t.key)}
                 order by u.rowid, r.op_id""",
@@ -204,15 +219,16 @@ class _Checker:
                 holds = []
                 seen.add(k)
             if rest[n + 1] is not None:
-                holds.append((rest[n], rest[n + 1]))
+                holds.append((rest[n], rest[n + 1], rest[n + 2]))
         if current is not None:
             self.compare(current[1], holds, edits.get(current[1], []), current[2])
-        missing: dict[Any, list[tuple[str | None, int]]] = {}
-        for k, data, term in conn.execute(
-            f"select k, data, term from {PREFIX}rows where tbl = ? order by k, op_id", (t.id,)
+        missing: dict[Any, list[Hold]] = {}
+        for k, data, term, pos in conn.execute(
+            f"select k, data, term, pos from {PREFIX}rows where tbl = ? order by k, op_id",
+            (t.id,),
         ):
             if k not in seen:
-                missing.setdefault(k, []).append((data, term))
+                missing.setdefault(k, []).append((data, term, pos))
         for k in edits:
             if k not in seen:
                 missing.setdefault(k, [])

@@ -40,9 +40,11 @@ import orjson
 from device_agent.errors import SchemaBlocked, StateError
 
 PREFIX: Final = "_fieldsync_"
-DB_VERSION: Final = 2
+DB_VERSION: Final = 3
 """1: the first layout.  2: key columns NOT NULL, ``tables.counters``, ``replaced``, the
-journal's index of open entries; rows are re-derived once (see :func:`upgrade_metadata`)."""
+journal's index of open entries; rows are re-derived once (see :func:`upgrade_metadata`).
+3: the journal's ``await_lsn`` and ``seen_lsn`` (settled edits kept on top until the
+server version that includes them arrives) and their index."""
 BUSY_TIMEOUT_MS: Final = 30_000
 CACHE_KIB: Final = 262_144
 """Page cache of the agent's connection (KiB; SQLite allocates it as pages are used)."""
@@ -75,7 +77,8 @@ METADATA_DDL: Final = (
         hlc_l integer, hlc_c integer, prev_seq integer,
         at_ms integer not null default (cast((julianday('now') - 2440587.5) * 86400000.0 as integer)),
         status text not null default 'pending', created_at real not null default (julianday('now')),
-        sent_at real, settled_at real, outcome text, reason text, message text, expect text)""",
+        sent_at real, settled_at real, outcome text, reason text, message text, expect text,
+        await_lsn integer, seen_lsn integer)""",
     f"""create table if not exists {PREFIX}clock (
         id integer primary key check (id = 1), l integer not null, c integer not null)""",
     f"insert or ignore into {PREFIX}clock values (1, 0, 0)",
@@ -91,6 +94,15 @@ METADATA_DDL: Final = (
         detail text not null, status text not null default 'open', resolution text,
         created_at real not null default (julianday('now')), resolved_at real)""",
 )
+
+JOURNAL_COLUMNS: Final = {"await_lsn": "integer", "seen_lsn": "integer"}
+"""Journal columns of later versions (added to an older database before its indexes)."""
+
+METADATA_INDEXES: Final = (
+    f"""create index if not exists {PREFIX}journal_awaiting on {PREFIX}journal (tbl, k, seq)
+        where await_lsn is not null""",
+)
+"""Indexes on columns of :data:`JOURNAL_COLUMNS` (created after they exist)."""
 
 
 # --------------------------------------------------------------------------- schema model
@@ -265,29 +277,45 @@ def ensure_metadata(conn: sqlite3.Connection) -> None:
         conn.execute(
             f"insert or ignore into {PREFIX}meta values ('db_version', ?)", (str(DB_VERSION),)
         )
+        _add_columns(conn)
     upgrade_metadata(conn)
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Inside a transaction: the journal columns and indexes of later versions."""
+    have = {r[1] for r in conn.execute(f"pragma table_info({PREFIX}journal)")}
+    for column, decl in JOURNAL_COLUMNS.items():
+        if column not in have:
+            conn.execute(f"alter table {PREFIX}journal add column {column} {decl}")
+    for ddl in METADATA_INDEXES:
+        conn.execute(ddl)
 
 
 def upgrade_metadata(conn: sqlite3.Connection) -> None:
     """Bring the agent's metadata tables of an older database to :data:`DB_VERSION` (one
     transaction).  From version 1: ``tables.counters``, ``replaced``, the index of open
     journal entries; the ``expect`` holds of version 1 are dropped, and the next schema
-    migration (every sync) re-derives every row (:func:`rederive_all`).  The app's tables
-    are not touched here: their key columns become NOT NULL in :func:`apply_schema`."""
+    migration (every sync) re-derives every row (:func:`rederive_all`).  From version 2:
+    the journal's ``await_lsn`` and ``seen_lsn`` (NULL: entries settled before keep
+    nothing on top).  The app's tables are not touched here: their key columns become NOT
+    NULL in :func:`apply_schema`."""
     if int(get_meta(conn, "db_version") or DB_VERSION) >= DB_VERSION:
         return
     with transaction(conn):
-        if int(get_meta(conn, "db_version") or DB_VERSION) >= DB_VERSION:
+        version = int(get_meta(conn, "db_version") or DB_VERSION)
+        if version >= DB_VERSION:
             return
         for ddl in METADATA_DDL:
             conn.execute(ddl)
-        have = {r[1] for r in conn.execute(f"pragma table_info({PREFIX}tables)")}
-        if "counters" not in have:
-            conn.execute(
-                f"alter table {PREFIX}tables add column counters text not null default '[]'"
-            )
-        conn.execute(f"update {PREFIX}journal set expect = null where expect is not null")
-        set_meta(conn, "rederive", "1")
+        _add_columns(conn)
+        if version < 2:
+            have = {r[1] for r in conn.execute(f"pragma table_info({PREFIX}tables)")}
+            if "counters" not in have:
+                conn.execute(
+                    f"alter table {PREFIX}tables add column counters text not null default '[]'"
+                )
+            conn.execute(f"update {PREFIX}journal set expect = null where expect is not null")
+            set_meta(conn, "rederive", "1")
         set_meta(conn, "db_version", str(DB_VERSION))
 
 

@@ -59,6 +59,16 @@ Choices (docs/journal.md is the reference):
   the outbox to ``{prefix}._outcomes`` (keyed by device; idempotent producer, in id
   order) and deletes what Kafka acknowledged.  A crash in between publishes those
   outcomes again: consumers keep the latest outcome per ``(device_id, seq)``.
+- **When a device sees its edit come back.**  After a transaction's last row write and
+  before its commit the applier reads ``pg_current_wal_insert_lsn()`` and puts it into
+  the outcome of every entry that wrote its row (``visible_after``;
+  :meth:`_RunState.bound_written`).  The commit record is inserted after that position,
+  so each change event of those writes has ``commit_lsn`` at or above it; the written
+  rows stay locked until the commit, so a later version of them (an office change)
+  commits after it as well; and a version committed before the writes has a lower
+  ``commit_lsn``.  A device therefore knows, from a received version's position alone,
+  whether it includes (or supersedes) its edit.  Outcomes that wrote nothing (rejected,
+  a kept conflict with every column held, nothing to change) carry no bound.
 - **ask** conflicts are kept in ``fieldsync_applier.conflicts`` with both versions until
   :meth:`ApplierDb.resolve` settles them: the resolution is a new edit (its transaction's
   origin is ``resolve:<conflict id>``) and a ``resolved`` outcome for the device;
@@ -990,6 +1000,7 @@ class ApplierDb:
                 known[item.record.seq] = (outcome.kind.value, outcome.reason)
                 outcomes.append(outcome)
             state.flush()
+            outcomes = state.bound_written(outcomes)
             state.write_bookkeeping(outcomes, todo)
             if failed is not None:
                 for item in todo:
@@ -1102,6 +1113,7 @@ class ApplierDb:
                     raise ApplierError(f"{meta.name}: a row appeared and vanished during an insert")
             else:
                 result = dataclasses.replace(result, row=inserted[0])
+                state.wrote.add(record.seq)
                 if policy.timed:
                     state.clock_written(meta, entry.key, entry.hlc, inserted[1], deleted=False)
         if result.action is not Action.INSERT:
@@ -1111,6 +1123,8 @@ class ApplierDb:
                     state, item, Rejection(problem.reason, f"entry {record.seq}: {problem.message}")
                 )
             state.write(meta, entry, result, policy)
+            if result.action is not Action.NONE:
+                state.wrote.add(record.seq)
         return self._outcome(state, item, meta, result)
 
     def _outcome(
@@ -1305,6 +1319,9 @@ class ApplierDb:
                     at_us=state.now_ms * 1000,
                 )
                 state.flush()
+                if writes:
+                    state.wrote.add(int(seq))
+                    outcome = state.bound_written([outcome])[0]
                 cur.execute(
                     f"update {SCHEMA}.conflicts set status = 'resolved', resolved_at = now(), "
                     "resolved_by = %s, resolution = %s where id = %s",
@@ -1325,6 +1342,14 @@ class ApplierDb:
             raise ResolveError(
                 f"conflict {conflict_id}: PostgreSQL refused the resolution: {_pg_message(exc)}"
             ) from exc
+
+
+def wal_insert_lsn(cur: psycopg.Cursor[Any]) -> int:
+    """``pg_current_wal_insert_lsn()`` as an integer (the 64-bit WAL position)."""
+    row = cur.execute("select pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    high, _, low = str(row[0]).partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
 
 
 def _where(item: _Item) -> str:
@@ -1514,6 +1539,7 @@ class _RunState:
         self.clock_writes: dict[tuple[str, str], tuple[str, str, str, int, bool]] = {}
         self.conflicts: list[tuple[Any, ...]] = []
         self._xid: int | None = None
+        self.wrote: set[int] = set()  # seqs whose entry wrote its row in this transaction
 
     def known_outcome(self, seq: int) -> tuple[str, str | None] | None:
         """Outcome of an earlier entry of the run's device (loaded for every prev_seq)."""
@@ -1591,6 +1617,21 @@ class _RunState:
         return None
 
     # ---- writing
+
+    def bound_written(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """After the transaction's last row write (queued writes flushed) and before its
+        commit: the outcomes of entries that wrote their row get ``visible_after``, the
+        WAL insert position now.  The commit record, and so the ``commit_lsn`` of every
+        change event of these writes, comes after it; the rows stay locked until the
+        commit, so any later version of them commits after it too; every version
+        committed before the writes has a lower ``commit_lsn`` (docs/journal.md)."""
+        if not self.wrote:
+            return list(outcomes)
+        lsn = wal_insert_lsn(self.cur)
+        return [
+            dataclasses.replace(o, visible_after=lsn) if o.seq in self.wrote else o
+            for o in outcomes
+        ]
 
     def xid(self) -> int:
         if self._xid is None:

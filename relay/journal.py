@@ -1372,7 +1372,14 @@ class Outcome:
     kept conflict (``id``, ``columns`` with ``base``/``server``/``device`` values, or
     ``row``: both versions), ``reason``/``message`` say why (rejections, row-level
     decisions).  Several outcomes may be published for one seq (``conflict`` then
-    ``resolved``); a consumer keeps the latest per ``(device_id, seq)``."""
+    ``resolved``); a consumer keeps the latest per ``(device_id, seq)``.
+
+    ``visible_after`` (set only when the applier wrote the entry's row in PostgreSQL): the
+    WAL insert position the applier read after writing the row and before committing.
+    Every change event of that write, and of any later version of the row, has a
+    ``commit_lsn`` at or above it; every earlier version's is below it.  A device keeps
+    the edit on top of its row until it has received a version at or above it
+    (docs/journal.md, "Outcomes")."""
 
     device_id: str
     seq: int
@@ -1386,9 +1393,10 @@ class Outcome:
     conflict: Mapping[str, Any] | None = None
     hlc: str | None = None
     at_us: int = 0
+    visible_after: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "v": RECORD_VERSION,
             "device_id": self.device_id,
             "seq": self.seq,
@@ -1403,6 +1411,9 @@ class Outcome:
             "hlc": self.hlc,
             "at_us": self.at_us,
         }
+        if self.visible_after is not None:
+            out["visible_after"] = self.visible_after
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
@@ -1425,9 +1436,26 @@ class Outcome:
                 conflict=obj.get("conflict"),
                 hlc=obj.get("hlc"),
                 at_us=int(obj.get("at_us") or 0),
+                visible_after=parse_visible_after(obj.get("visible_after"), obj.get("seq")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise JournalFormatError(f"not an outcome record: {str(obj)[:200]}") from exc
+
+
+def parse_visible_after(value: object, seq: object = None) -> int | None:
+    """An outcome's ``visible_after``: None when absent (null), else a WAL position 0 ..
+    :data:`MAX_BIGINT` given as a JSON integer or its decimal text; anything else raises
+    :class:`JournalFormatError` naming the outcome's seq and the value."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if _is_int(value) and 0 <= value <= MAX_BIGINT:
+        return value
+    raise JournalFormatError(
+        f"outcome of entry {seq}: visible_after must be a WAL position, an integer 0 to "
+        f"{MAX_BIGINT} (or its decimal text), not {str(value)[:40]!r}"
+    )
 
 
 def encode_outcomes(outcomes: Sequence[Outcome]) -> bytes:

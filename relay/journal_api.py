@@ -30,8 +30,9 @@ Data path and choices:
   record failing after Kafka acknowledged → 503 as well, same retry.
 - **Outcomes.**  The applier publishes outcomes to ``{prefix}._outcomes`` (keyed by
   device).  :class:`OutcomeFeed` (one leader per store database, a session advisory
-  lock; it runs beside the bucket engine) copies them into ``outcomes``: the latest per
-  ``(device, seq)``, except that a ``resolved`` outcome is final (a late or re-published
+  lock; it runs beside the bucket engine) copies them, every field included (the
+  applier's ``visible_after`` too: relay/journal.py's ``Outcome``), into ``outcomes``: the
+  latest per ``(device, seq)``, except that a ``resolved`` outcome is final (a late or re-published
   ``conflict`` never replaces it), each change under a new position ``pos`` (a store-wide
   sequence, allocated under a transaction-level advisory lock so positions become
   visible in order), Kafka offsets in the same transaction.  ``GET /v1/outcomes?after=P``

@@ -10,6 +10,14 @@ Publication lags are explicit: ops become visible to devices up to ``ops_publish
 (as the outbox and the feed lag behind the applier), so a test can deliver an outcome
 before or after the server version that includes its edit.
 
+Positions: the op with id ``n`` carries ``[lsn(n), 0]`` (commit LSNs increase with op
+ids).  Every committed change that alters a row is one change event: a PUT into every
+bucket the row is in afterwards (also when that bucket's projection did not change, as
+the relay does) and a REMOVE from every bucket it left; a write changing nothing is no
+event.  An outcome of an entry whose write changed the row carries ``visible_after``
+(the applier's bound, relay/applier.py): ``lsn`` of the first op of that write, so that
+every op of it and after it is at or above the bound, every op before it below.
+
 Schema (small, not the demo's):
 
 - ``public.jobs`` (id int key, crew, state, note text ``lww``, qty int ``counter``,
@@ -73,7 +81,7 @@ class Op:
             "table": self.table,
             "key": list(self.key),
             "data": self.data,
-            "position": [1000 + self.op_id, 0],
+            "position": [ServerModel.lsn(self.op_id), 0],
         }
 
 
@@ -108,19 +116,30 @@ class ServerModel:
 
     # ---- rows and ops
 
-    def write(self, table: str, key: Key, row: Row | None) -> None:
-        """A committed server change (office SQL or the applier)."""
-        before = placements(table, self.rows.get((table, key)))
+    @staticmethod
+    def lsn(op_id: int) -> int:
+        """The commit_lsn of the change event behind op ``op_id``."""
+        return 1000 + op_id
+
+    def write(self, table: str, key: Key, row: Row | None) -> int | None:
+        """A committed server change (office SQL or the applier); returns its bound (the
+        ``visible_after`` an applier outcome carries), None when it changed nothing."""
+        current = self.rows.get((table, key))
+        if row == current:
+            return None
+        bound = self.lsn(self.op_id + 1)
+        before = placements(table, current)
         if row is None:
             self.rows.pop((table, key), None)
         else:
             self.rows[(table, key)] = dict(row)
         after = placements(table, row)
         for bucket in sorted(set(before) | set(after)):
-            if bucket in after and before.get(bucket) != after[bucket]:
+            if bucket in after:
                 self.emit(bucket, table, key, dict(after[bucket]))
-            elif bucket not in after:
+            else:
                 self.emit(bucket, table, key, None)
+        return bound
 
     def emit(self, bucket: str, table: str, key: Key, data: Row | None) -> None:
         self.op_id += 1
@@ -212,8 +231,10 @@ class ServerModel:
         full = {b for b, d in placements(table, row).items() if set(d) >= set(COLUMNS[table])}
         return bool(full & set(self.device_buckets))
 
-    def outcome(self, seq: int, kind: str, **extra: Any) -> None:
+    def outcome(self, seq: int, kind: str, bound: int | None = None, **extra: Any) -> None:
         e = self.intake[seq]
+        if bound is not None:
+            extra["visible_after"] = bound
         self.outcomes.append(
             {
                 "v": 1,
@@ -249,8 +270,7 @@ class ServerModel:
             elif not self.allowed(table, cur):
                 self.outcome(seq, "rejected", reason="forbidden_row", message="not yours")
             else:
-                self.write(table, key, None)
-                self.outcome(seq, "applied")
+                self.outcome(seq, "applied", self.write(table, key, None))
         elif op == "insert":
             new = dict(e["new"])
             if cur is not None:
@@ -265,8 +285,8 @@ class ServerModel:
             if not self.allowed(table, row):
                 self.outcome(seq, "rejected", reason="forbidden_move", message="not yours")
             else:
-                self.write(table, key, row)
-                self.outcome(seq, "merged" if cur is not None else "applied", row=row)
+                bound = self.write(table, key, row)
+                self.outcome(seq, "merged" if cur is not None else "applied", bound, row=row)
         else:
             self.apply_update(seq, e, table, key, cur, decision)
         return seq
@@ -299,15 +319,15 @@ class ServerModel:
         if not self.allowed(table, row):
             self.outcome(seq, "rejected", reason="forbidden_move", message="leaves your buckets")
             return
-        self.write(table, key, row)
+        bound = self.write(table, key, row)  # a kept conflict may write the other columns
         if asked:
             cid = len(self.conflicts) + 1
             self.conflicts[cid] = Conflict(
                 cid, seq, table, key, {c: a["device"] for c, a in asked.items()}
             )
-            self.outcome(seq, "conflict", conflict={"id": cid, "columns": asked}, row=row)
+            self.outcome(seq, "conflict", bound, conflict={"id": cid, "columns": asked}, row=row)
         else:
-            self.outcome(seq, "merged" if columns else "applied", columns=columns, row=row)
+            self.outcome(seq, "merged" if columns else "applied", bound, columns=columns, row=row)
 
     def resolve(self, choice: str) -> int | None:
         """Resolve the oldest open kept conflict (``device`` or ``server`` values)."""
@@ -316,9 +336,12 @@ class ServerModel:
             return None
         c.open = False
         cur = self.rows.get((c.table, c.key))
+        bound = None
         if choice == "device" and cur is not None:
-            self.write(c.table, c.key, {**cur, **c.device})
-        self.outcome(c.seq, "resolved", conflict={"id": c.id, "choice": choice, "by": "dispatcher"})
+            bound = self.write(c.table, c.key, {**cur, **c.device})
+        self.outcome(
+            c.seq, "resolved", bound, conflict={"id": c.id, "choice": choice, "by": "dispatcher"}
+        )
         return c.id
 
     def publish_outcomes(self, n: int | None = None) -> None:

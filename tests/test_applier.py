@@ -266,6 +266,71 @@ def test_update_is_applied_with_the_device_as_origin_in_the_change_stream(env: E
     assert audit == [("applied", "public.work_orders", "[1]", "update", True)]
 
 
+def test_outcomes_that_wrote_their_row_bound_the_positions_of_its_versions(env: Env) -> None:
+    """``visible_after``: above the commit_lsn of every version of the row committed
+    before the applier wrote it, at or below that of the applier's change event and of
+    every later version; absent from outcomes that wrote nothing (nothing to change, a
+    kept conflict, a rejection).  A resolution that writes carries its own."""
+    b1, b2, b3 = insert_base(env), insert_base(env, id=2), insert_base(env, id=3)
+    with running_daemon(make_settings(env.dsn, env.bootstrap, env.prefix)):
+        # office versions before the device's edits are applied
+        env.sql("update work_orders set status = 'in_progress', updated_at = now() where id = 1")
+        env.sql("update work_orders set notes = 'same', updated_at = now() where id = 2")
+        env.sql("update work_orders set notes = 'office', updated_at = now() where id = 3")
+        env.produce(
+            env.record("d1", "update", [1], seen(b1), {"site": "s7"}),
+            env.record("d1", "update", [2], seen(b2), {"notes": "same"}),  # the server has it
+            env.record("d1", "update", [3], seen(b3), {"notes": "mine"}),  # ask: kept
+            env.record("d1", "insert", [4], None, {"id": 4, "site": "s4", "technician": "t42"}),
+            env.record("d1", "delete", [2], {**seen(b2), "notes": "same"}, None),
+            env.record("d2", "update", [1], seen(b1), {"notes": "x"}, technician="t9"),
+        )
+        applier = env.run()
+        outs = env.outcomes(expect=6)
+        kinds = {k: (o.kind.value, o.visible_after is not None) for k, o in outs.items()}
+        assert kinds == {
+            ("d1", 1): ("applied", True),
+            ("d1", 2): ("applied", False),
+            ("d1", 3): ("conflict", False),
+            ("d1", 4): ("applied", True),
+            ("d1", 5): ("applied", True),
+            ("d2", 1): ("rejected", False),
+        }
+        env.sql("update work_orders set qty = 9 where id = 1")  # an office version after
+        conflict = outs[("d1", 3)].conflict
+        assert conflict is not None
+        resolved = applier.db.resolve(conflict["id"], "device", by="dispatcher")
+        assert resolved.visible_after is not None
+        events = wait_for(
+            lambda: (
+                found
+                if len(found := table_events(env.bootstrap, env.prefix, "work_orders", timeout=5))
+                >= 11
+                else None
+            ),
+            timeout=60,
+            what="every version of the rows in the change stream",
+        )
+    history: dict[int, list[tuple[str, str, int]]] = {}  # per row: (op, who, commit_lsn)
+    for e in sorted(events, key=lambda e: tuple(e["_pos"])):
+        who = e["source"]["origin"] or "office"
+        history.setdefault(e["_key"]["id"], []).append((e["op"], who, e["_pos"][0]))
+    resolver = f"resolve:{conflict['id']}"
+    assert {k: [(op, who) for op, who, _ in h] for k, h in history.items()} == {
+        1: [("r", "office"), ("u", "office"), ("u", "device:d1"), ("u", "office")],
+        2: [("r", "office"), ("u", "office"), ("d", "device:d1")],
+        3: [("r", "office"), ("u", "office"), ("u", resolver)],
+        4: [("c", "device:d1")],
+    }
+    lsn = {k: [at for _, _, at in h] for k, h in history.items()}
+    b1, b4, b5 = (outs[("d1", seq)].visible_after or 0 for seq in (1, 4, 5))
+    # earlier versions below the bound; the applier's own and later ones at or above it
+    assert lsn[1][0] < lsn[1][1] < b1 <= lsn[1][2] < lsn[1][3]
+    assert lsn[2][0] < lsn[2][1] < b5 <= lsn[2][2]
+    assert b4 <= lsn[4][0]
+    assert lsn[3][1] < b1 <= (resolved.visible_after or 0) <= lsn[3][2]
+
+
 def test_insert_and_delete(env: Env) -> None:
     env.produce(
         env.record(
@@ -729,7 +794,6 @@ def _applier_waits_on_gate(env: Env) -> bool:
     return int(rows[0][0]) > 0
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_moments_applies_each_entry_exactly_once(
     env: Env, tmp_path: Path
 ) -> None:

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from device_agent import apply as apply_mod
 from device_agent import local_db, triggers
 from device_agent.apply import apply_messages, local_checksums, term_of
+from device_agent.consistency import check_tables
 from device_agent.errors import SchemaBlocked
 from device_agent.local_db import PREFIX, apply_schema, parse_schema
+from device_agent.sync import wire_entries
 from relay.bucket_store import CHECKSUM_MODULUS, row_checksum, row_key_text
 
 WO = "public.work_orders"
@@ -46,7 +48,16 @@ T1 = 'tech_orders["t1"]'
 
 
 class FakeServer:
-    """Bucket op logs with checkpoints, as the relay serves them (ops in op-id order)."""
+    """Bucket op logs with checkpoints, as the relay serves them (ops in op-id order).
+    Each op carries the position ``[lsn(op_id), 0]`` (``positions=False``: none, as older
+    relays sent)."""
+
+    positions = True
+
+    @staticmethod
+    def lsn(op_id: int) -> int:
+        """The commit_lsn of op ``op_id``'s change event (they increase with op ids)."""
+        return 1000 + op_id
 
     def __init__(self) -> None:
         self.op_id = 0
@@ -64,8 +75,12 @@ class FakeServer:
                 "table": table,
                 "key": key,
                 "data": data,
+                **self._position(),
             }
         )
+
+    def _position(self) -> dict[str, Any]:
+        return {"position": [self.lsn(self.op_id), 0]} if self.positions else {}
 
     def remove(self, bucket: str, table: str, key: list[Any]) -> None:
         self.op_id += 1
@@ -78,6 +93,7 @@ class FakeServer:
                 "table": table,
                 "key": key,
                 "data": None,
+                **self._position(),
             }
         )
 
@@ -319,8 +335,11 @@ def test_resync_and_dropped_buckets_are_emptied(db: sqlite3.Connection) -> None:
     ).fetchone() == (0,)
 
 
-def outcome(seq: int, kind: str = "applied") -> dict[str, Any]:
-    return {"device_id": "tab-7", "seq": seq, "outcome": kind}
+def outcome(seq: int, kind: str = "applied", visible_after: int | None = None) -> dict[str, Any]:
+    o: dict[str, Any] = {"device_id": "tab-7", "seq": seq, "outcome": kind}
+    if visible_after is not None:
+        o["visible_after"] = visible_after
+    return o
 
 
 def test_local_edit_stays_on_top_until_its_outcome(db: sqlite3.Connection) -> None:
@@ -362,13 +381,16 @@ def test_local_edit_stays_on_top_until_its_outcome(db: sqlite3.Connection) -> No
     assert app.execute("select status from work_orders where id = 1").fetchone() == ("open",)
 
 
-def test_outcome_before_the_server_version_shows_the_received_one(db: sqlite3.Connection) -> None:
+def test_an_outcome_without_visible_after_settles_at_once(db: sqlite3.Connection) -> None:
+    """An outcome of an applier that sends no bound: the row shows the received version
+    until the server version including the edit arrives."""
     server = FakeServer()
     server.put(T1, WO, [1], order(1))
     sync(db, server)
     app = app_conn(db)
     app.execute("update work_orders set notes = 'mine' where id = 1")
     apply_mod.settle(db, outcomes=[outcome(1)])  # applied upstream, not received yet
+    assert awaiting(db) == {1: None}
     assert app.execute("select notes from work_orders where id = 1").fetchone() == ("order 1",)
     mark = server.op_id
     server.put(T1, WO, [1], order(1, notes="mine"))
@@ -387,6 +409,222 @@ def test_outcome_recorded_with_the_apply_of_its_server_version(db: sqlite3.Conne
     r = sync(db, server, since=mark, outcomes=[outcome(1)])
     assert r.released == 1 and journal(db)[0][5] == "synced"
     assert app.execute("select notes from work_orders where id = 1").fetchone() == ("mine",)
+
+
+def awaiting(conn: sqlite3.Connection) -> dict[int, int | None]:
+    """Each entry's await_lsn (None: nothing kept on top for it once settled)."""
+    return dict(conn.execute(f"select seq, await_lsn from {PREFIX}journal order by seq"))
+
+
+def row_of(conn: sqlite3.Connection, oid: int) -> tuple[Any, ...] | None:
+    found = conn.execute("select status, notes from work_orders where id = ?", (oid,)).fetchone()
+    return None if found is None else tuple(found)
+
+
+def test_an_outcome_before_its_server_version_keeps_the_edit_on_top(
+    db: sqlite3.Connection,
+) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("update work_orders set notes = 'mine' where id = 1")
+    # the office changes the status, then the applier writes the edit: its bound lies
+    # above the office's version and at or below the applier's
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, status="in_progress"))
+    bound = server.lsn(server.op_id) + 1
+    # the outcome first: settled, but the edit stays on top (no flicker back to 'order 1')
+    assert apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)]) == 1
+    assert journal(db)[0][5] == "synced" and awaiting(db) == {1: bound}
+    assert row_of(db, 1) == ("open", "mine")
+    assert check_tables(db) == []
+    # the office's version (below the bound) arrives: the edit stays on top of it
+    r = sync(db, server, since=mark)
+    assert r.held_rows == 1 and r.verified == [T1]
+    assert row_of(db, 1) == ("in_progress", "mine") and awaiting(db) == {1: bound}
+    assert check_tables(db) == []
+    # the version including the edit: from now on the row is the server's
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, status="in_progress", notes="mine"))
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("in_progress", "mine") and awaiting(db) == {1: None}
+    assert check_tables(db) == []
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, status="in_progress", notes="office"))
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("in_progress", "office")
+    # the same outcome delivered again keeps nothing on top any more
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    assert awaiting(db) == {1: None} and row_of(db, 1) == ("in_progress", "office")
+
+
+def test_a_newer_version_releases_the_edit_though_the_office_changed_it_again(
+    db: sqlite3.Connection,
+) -> None:
+    """The relay serves only the latest version of a row: when the office changed the row
+    after the applier, the version equal to the outcome's row never arrives; the newer
+    one does, and replaces the edit."""
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app_conn(db).execute("update work_orders set notes = 'mine' where id = 1")
+    bound = server.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="mine"))  # the applier's version …
+    server.put(T1, WO, [1], order(1, notes="office", status="closed"))  # … and the office's
+    server.log = [o for o in server.log if o["op_id"] != mark + 1]  # compacted away
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("closed", "office") and awaiting(db) == {1: None}
+    assert check_tables(db) == []
+
+
+def test_a_version_received_before_the_outcome_settles_it_at_once(
+    db: sqlite3.Connection,
+) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    server.put(T1, WO, [2], order(2))
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("update work_orders set notes = 'mine' where id in (1, 2)")
+    bound = server.lsn(server.op_id) + 1
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="mine"))
+    server.put(T1, WO, [2], order(2, notes="mine"))
+    sync(db, server, since=mark)  # still open: the edits on top
+    assert awaiting(db) == {1: None, 2: None}
+    # one outcome on its own, the other in the apply of a newer version
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    mark = server.op_id
+    server.put(T1, WO, [2], order(2, notes="office"))
+    sync(db, server, since=mark, outcomes=[outcome(2, "merged", bound)])
+    assert awaiting(db) == {1: None, 2: None}
+    assert [row_of(db, 1), row_of(db, 2)] == [("open", "mine"), ("open", "office")]
+    assert check_tables(db) == []
+
+
+def test_a_remove_at_or_above_the_bound_before_the_outcome_keeps_nothing(
+    db: sqlite3.Connection,
+) -> None:
+    """The row left the device's buckets after the applier's write, and the REMOVE came
+    before the outcome: no version of the row will come any more, nothing is kept."""
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app_conn(db).execute("update work_orders set status = 'in_progress' where id = 1")
+    bound = server.lsn(server.op_id) + 1
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, status="in_progress"))  # the applier's version …
+    server.remove(T1, WO, [1])  # … then the office reassigns the order
+    server.log = [o for o in server.log if o["op_id"] != mark + 1]
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("in_progress", "order 1")  # open: the edit keeps its row
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    assert awaiting(db) == {1: None} and row_of(db, 1) is None
+    assert check_tables(db) == []
+
+
+def test_a_remove_below_the_bound_keeps_the_edit_until_its_version(
+    db: sqlite3.Connection,
+) -> None:
+    """A REMOVE older than the applier's write (the row was out of the buckets for a
+    while, and back when the applier wrote it): the version including the edit comes,
+    so the edit stays on top until it does."""
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app_conn(db).execute("update work_orders set notes = 'mine' where id = 1")
+    mark = server.op_id
+    server.remove(T1, WO, [1])
+    bound = server.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("open", "mine") and awaiting(db) == {1: bound}
+    assert check_tables(db) == []
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="mine", status="in_progress"))
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("in_progress", "mine") and awaiting(db) == {1: None}
+    assert check_tables(db) == []
+
+
+def test_an_inserted_row_stays_until_its_first_version_arrives(db: sqlite3.Connection) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("insert into work_orders (id, site, technician, notes) values (9, 'x', 't1', 'n')")
+    bound = server.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    assert row_of(db, 9) == (None, "n") and awaiting(db) == {1: bound}
+    assert check_tables(db) == []
+    mark = server.op_id
+    server.put(T1, WO, [9], order(9, site="x", notes="n"))  # with the server's defaults
+    sync(db, server, since=mark)
+    assert row_of(db, 9) == ("open", "n") and awaiting(db) == {1: None}
+
+
+def test_buckets_downloaded_again_release_edits_of_rows_no_bucket_holds(
+    db: sqlite3.Connection,
+) -> None:
+    """The token lost the bucket (``dropped``): neither the inserted row's version nor
+    the updated row's will come; nothing is kept for ever."""
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    server.put("catalog[]", PARTS, ["p1"], {"id": "p1", "name": "bolt", "unit": "pc"})
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("update work_orders set notes = 'mine' where id = 1")
+    app.execute("insert into work_orders (id, site, technician) values (9, 'x', 't1')")
+    app.execute("update parts set name = 'screw' where id = 'p1'")
+    bound = server.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[outcome(s, "applied", bound) for s in (1, 2, 3)])
+    assert awaiting(db) == {1: bound, 2: bound, 3: bound}
+    msg = server.messages(server.op_id)[0]
+    msg["dropped"] = [T1]
+    del server.rows[T1]
+    msg["checkpoint"] = server.checkpoint()
+    apply_messages(db, [msg], "c9")
+    assert awaiting(db) == {1: None, 2: None, 3: bound}  # the catalog row's stays
+    assert local_rows(db) == [] and check_tables(db) == []
+    assert db.execute("select name from parts").fetchall() == [("screw",)]
+
+
+def test_ops_without_a_position_release_awaiting_edits(db: sqlite3.Connection) -> None:
+    """An older relay sends no positions: any version of the row replaces the edit."""
+    server = FakeServer()
+    server.positions = False
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app_conn(db).execute("update work_orders set notes = 'mine' where id = 1")
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", 5000)])
+    assert row_of(db, 1) == ("open", "mine")
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, status="in_progress"))
+    sync(db, server, since=mark)
+    assert row_of(db, 1) == ("in_progress", "order 1") and awaiting(db) == {1: None}
+
+
+def test_an_open_edit_on_top_of_an_awaiting_one(db: sqlite3.Connection) -> None:
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app = app_conn(db)
+    app.execute("update work_orders set notes = 'first' where id = 1")
+    bound = server.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[outcome(1, "applied", bound)])
+    app.execute("update work_orders set status = 'in_progress' where id = 1")
+    # the new edit was made on the row as shown: its old values include the first edit,
+    # so the applier sees no conflict with its own write
+    second = [e for e in wire_entries(db, "tab-7") if e["seq"] == 2]
+    assert second[0]["old"]["notes"] == "first" and second[0]["prev_seq"] is None
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="first"))
+    sync(db, server, since=mark)
+    assert awaiting(db) == {1: None, 2: None}
+    assert row_of(db, 1) == ("in_progress", "first") and check_tables(db) == []
 
 
 def test_pending_delete_and_insert_hold_their_rows(db: sqlite3.Connection) -> None:

@@ -13,12 +13,16 @@ to each other, and syncs killed between any two of their steps (a lost upload an
 a failed schema read, a cut after the first page, the apply transaction aborted).
 
 Invariants, after every step: each table shows exactly the versions the device received
-(computed by the model at the device's applied cursor) with the device's open edits on
-top (recomputed here from the app's own edits, independently of the agent's code), and
-every entry's status is the one its recorded outcome gives; after every quiesce
-(everything processed, published and synced): nothing is open, the tables equal the
-server's rows filtered and projected for the device, and ``verify``'s local check
-(device_agent/consistency.py) finds nothing.
+(computed by the model at the device's applied cursor) with the device's edits on top
+(recomputed here from the app's own edits, independently of the agent's code): the open
+ones and the *awaiting* ones, whose outcome wrote the row (``visible_after``, the model's
+bound) while no op of the row at or above the bound has reached the device since the
+entry was made (followed here from the model's op log and the device's cursors); every
+entry's status is the one its recorded outcome gives; and no flicker: an edit whose
+outcome wrote the row still shows its values until an op of its row at or above the
+bound was received.  After every quiesce (everything processed, published and synced):
+nothing is open or awaiting, the tables equal the server's rows filtered and projected
+for the device, and ``verify``'s local check (device_agent/consistency.py) finds nothing.
 """
 
 from __future__ import annotations
@@ -169,6 +173,11 @@ class DeviceConverges(RuleBasedStateMachine):
         self.edits: dict[int, AppEdit] = {}
         self.next_job = 100
         self.next_office = 50
+        # the spec of awaiting edits, followed from the model: seq → bound, and per entry
+        # the highest lsn of an op of its row received while it was open or awaiting
+        self.awaits: dict[int, int] = {}
+        self.seen: dict[int, int] = {}
+        self.followed = (0, 0)  # the device's applied cursor and outcomes cursor
         self.sync_now(None)
 
     def new_agent(self) -> Agent:
@@ -237,6 +246,62 @@ class DeviceConverges(RuleBasedStateMachine):
         finally:
             self.client.kill = None
             _KILL["armed"] = False
+            self.follow_device()
+
+    def cursors(self) -> tuple[int, int]:
+        cursor = get_meta(self.agent.conn, "cursor")
+        return (
+            int(cursor[1:]) if cursor else 0,
+            int(get_meta(self.agent.conn, "outcomes_cursor") or 0),
+        )
+
+    def row_ops(self, table: str, key: Key, after: int, upto: int) -> list[Any]:
+        """The model's ops of a row in the device's buckets with ``after < op_id <= upto``."""
+        return [
+            op
+            for op in self.model.log
+            if after < op.op_id <= upto
+            and op.bucket in self.model.device_buckets
+            and op.table == table
+            and op.key == key
+        ]
+
+    def received_lsn(self, table: str, key: Key, applied: int) -> int:
+        """The highest lsn among the row's holds (the latest op per bucket, if a PUT)."""
+        lsns = [-1]
+        for bucket in self.model.device_buckets:
+            op = self.model.latest(bucket, applied).get((table, key))
+            if op is not None and op.data is not None:
+                lsns.append(ServerModel.lsn(op.op_id))
+        return max(lsns)
+
+    def follow_device(self) -> None:
+        """Advance the spec of awaiting edits over what the device applied since last
+        time (one apply transaction: its ops, then its outcomes, then each row derived)."""
+        (applied_before, outcomes_before), now = self.followed, self.cursors()
+        if now == self.followed:
+            return
+        self.followed = now
+        applied, upto = now
+        latest: dict[int, dict[str, Any]] = {}
+        for o in self.model.outcomes[outcomes_before:upto]:
+            latest[int(o["seq"])] = o
+        for seq, o in latest.items():
+            if o.get("visible_after") is not None and o["outcome"] != "rejected":
+                self.awaits[seq] = int(o["visible_after"])
+            else:
+                self.awaits.pop(seq, None)
+        on_top = set(self.open_seqs()) | set(self.awaits)
+        for seq in on_top:
+            e = self.edits[seq]
+            ops = self.row_ops(e.table, e.key, applied_before, applied)
+            if ops:
+                newest = max(ServerModel.lsn(op.op_id) for op in ops)
+                self.seen[seq] = max(self.seen.get(seq, -1), newest)
+        for seq, bound in list(self.awaits.items()):
+            e = self.edits[seq]
+            if max(self.received_lsn(e.table, e.key, applied), self.seen.get(seq, -1)) >= bound:
+                del self.awaits[seq]
 
     def server_key(self, table: str, i: int) -> Key | None:
         """A row the server has (None: the index names a row it does not have)."""
@@ -395,6 +460,14 @@ class DeviceConverges(RuleBasedStateMachine):
             if not self.open_seqs() and not self.model.queue:
                 break
         assert not self.open_seqs(), self.statuses()
+        # every awaited version arrived: nothing is kept on top any more
+        assert not self.awaits, self.awaits
+        assert (
+            self.app.execute(
+                f"select seq, await_lsn from {PREFIX}journal where await_lsn is not null"
+            ).fetchall()
+            == []
+        )
         for table in (JOBS, STOCK):
             assert self.table_rows(table) == self.model.projection(table), table
         assert [p.to_json() for p in check_tables(self.agent.conn)] == []
@@ -416,17 +489,58 @@ class DeviceConverges(RuleBasedStateMachine):
                 assert status in ("pending", "sent"), (seq, status)
 
     @invariant()
+    def awaiting_entries_are_the_specs(self) -> None:
+        found = dict(
+            self.app.execute(
+                f"select seq, await_lsn from {PREFIX}journal where await_lsn is not null"
+            ).fetchall()
+        )
+        assert found == self.awaits
+
+    @invariant()
+    def no_flicker(self) -> None:
+        """An edit whose recorded outcome wrote its row (the row's last edit) shows its
+        values until the device received an op of the row at or above the bound."""
+        applied, upto = self.cursors()
+        recorded: dict[int, dict[str, Any]] = {}
+        for o in self.model.outcomes[:upto]:
+            recorded[int(o["seq"])] = o
+        last: dict[tuple[str, Key], int] = {}
+        for seq, e in sorted(self.edits.items()):
+            last[(e.table, e.key)] = seq
+        for seq, o in recorded.items():
+            bound = o.get("visible_after")
+            e = self.edits[seq]
+            if bound is None or o["outcome"] == "rejected" or last[(e.table, e.key)] != seq:
+                continue
+            after_bound = [
+                op
+                for op in self.row_ops(e.table, e.key, 0, applied)
+                if ServerModel.lsn(op.op_id) >= bound
+            ]
+            if after_bound:
+                continue
+            shown = self.table_rows(e.table).get(e.key)
+            if e.op == "delete":
+                assert shown is None, (seq, shown)
+                continue
+            assert shown is not None, (seq, e)
+            for c, v in (e.new or {}).items():
+                if c not in COUNTERS[e.table] and (e.old or {}).get(c) != v:
+                    assert shown[c] == v, (seq, c, shown, e)
+
+    @invariant()
     def tables_show_received_versions_with_open_edits(self) -> None:
         cursor = get_meta(self.agent.conn, "cursor")
         applied = int(cursor[1:]) if cursor else 0
-        open_seqs = self.open_seqs()
+        on_top = sorted(set(self.open_seqs()) | set(self.awaits))
         for table in (JOBS, STOCK):
             keys = self.model.keys(table) | {e.key for e in self.edits.values() if e.table == table}
             expected = {}
             for key in keys:
                 edits = [
                     self.edits[s]
-                    for s in open_seqs
+                    for s in on_top
                     if self.edits[s].table == table and self.edits[s].key == key
                 ]
                 row = overlay(self.model.received(table, key, applied), edits, COUNTERS[table])

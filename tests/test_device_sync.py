@@ -693,8 +693,8 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
         timeout=30,
         what="the edit applied upstream",
     )
-    # synced by its outcome; the row shows the server's version that includes it once that
-    # arrived (the outcome may come first: the row then shows the version before, briefly)
+    # synced by its outcome; the row shows the edit until the server's version that
+    # includes it arrives, then that version
     sync_until(
         agent,
         lambda: journal_rows(agent)[0][2] == "synced" and rows(agent)[0][2] == "in_progress",
@@ -732,6 +732,70 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
         what="the resolution applied upstream",
     )
     sync_until(agent, lambda: rows(agent)[1][3] == "device notes", "the resolution back")
+    agent.close()
+
+
+def test_an_outcome_before_its_server_version_keeps_the_edit_on_top(
+    journal_stack: Stack, tmp_path: Path
+) -> None:
+    """The outcomes are read before the server versions that include the edits are
+    downloaded: the rows keep the edits (no flicker back to the version before) and each
+    is replaced by the first server version at or above its outcome's ``visible_after``,
+    also when the office changed the row again after the applier (the exact version the
+    applier wrote then never arrives)."""
+    from device_agent.consistency import check_tables
+    from device_agent.sync import SyncReport
+
+    stack = journal_stack
+    stack.order(1)
+    stack.order(2)
+    agent = new_agent(stack, tmp_path / "d.db")
+    sync_until(agent, lambda: len(rows(agent)) == 2, "two orders")
+    app = sqlite3.connect(str(tmp_path / "d.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'in_progress', notes = 'mine' where id = 1")
+    app.execute("update work_orders set notes = 'mine too' where id = 2")
+    agent.upload(SyncReport())
+    wait_for(
+        lambda: (
+            stack.pg.execute("select notes from work_orders order by id").fetchall()
+            == [("mine",), ("mine too",)]
+        ),
+        timeout=30,
+        what="both edits applied upstream",
+    )
+    stack.pg.execute("update work_orders set status = 'completed' where id = 2")  # the office
+    wait_for(lambda: len(agent.client.outcomes(None)[0]) == 2, timeout=30, what="two outcomes")
+    # the outcomes alone, before any download: settled, the edits stay on top
+    assert agent.fetch_outcomes() == 2
+    assert journal_rows(agent) == [(1, "update", "synced"), (2, "update", "synced")]
+    shown = [(1, "t1", "in_progress", "mine"), (2, "t1", "open", "mine too")]
+    assert rows(agent) == shown
+    assert check_tables(agent.conn) == []
+    bounds = agent.conn.execute(
+        f"select j.await_lsn, json_extract(r.pos, '$[0]') from {PREFIX}journal j "
+        f"join {PREFIX}rows r on r.k = j.k order by j.seq"
+    ).fetchall()
+    assert all(held < bound for bound, held in bounds), bounds  # the versions before
+    # downloads: every state seen shows the edits, until the newer versions replace them
+    seen = []
+
+    def replaced() -> bool:
+        agent.sync_once()
+        seen.append(rows(agent))
+        return not agent.conn.execute(
+            f"select count(*) from {PREFIX}journal where await_lsn is not null"
+        ).fetchone()[0]
+
+    wait_for(replaced, timeout=30, interval=0.2, what="the server versions replacing the edits")
+    assert all(r[0] == shown[0] and r[1][3] == "mine too" for r in seen), seen
+    assert rows(agent) == [(1, "t1", "in_progress", "mine"), (2, "t1", "completed", "mine too")]
+    assert rows(agent) == expected_orders(stack)
+    assert check_tables(agent.conn) == []
+    positions = agent.conn.execute(
+        f"select json_extract(r.pos, '$[0]') from {PREFIX}rows r order by r.k"
+    ).fetchall()
+    assert all(p >= b for (p,), (b, _) in zip(positions, bounds, strict=True))
+    app.close()
     agent.close()
 
 

@@ -14,6 +14,7 @@ of tests/test_device_apply.py, outcomes recorded directly):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from device_agent import cli, local_db
 from device_agent.consistency import check_tables
 from device_agent.local_db import PREFIX
 from device_agent.sync import wire_entries
-from device_agent.visible import Edit, EditOp, add_delta, visible_row
+from device_agent.visible import Edit, EditOp, add_delta, released, visible_row
 from tests.test_device_apply import SCHEMA, T1, WO, FakeServer, app_conn, journal, order, sync
 
 STOCK = "public.site_stock"
@@ -120,6 +121,31 @@ def test_visible_row_rules() -> None:
     assert visible_row({"id": None, "a": "x"}, [], ["id"]) is None
     assert add_delta(None, None, 3) == 3 and add_delta("x", 1, 2) == 2
     assert Decimal(add_delta(1.5, "0.5", "1")) == Decimal("2.0")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    received_lsn=st.integers(0, 30) | st.none(),
+    seen=st.integers(0, 30) | st.none(),
+    bound=st.integers(0, 30),
+    held=st.booleans(),
+    reset=st.booleans(),
+)
+def test_an_awaiting_edit_shows_until_something_at_or_above_its_bound(
+    received_lsn: int | None, seen: int | None, bound: int, held: bool, reset: bool
+) -> None:
+    """Settled with a bound: on top while neither the received version nor any op seen
+    since reaches the bound; the agent stops keeping it then, or when buckets were
+    downloaded again and no bucket holds the row.  Open edits always show."""
+    old = {"id": 1, "a": "server"}
+    edit = Edit(1, EditOp.UPDATE, old, {**old, "a": "mine"}, awaiting=bound, seen=seen)
+    newest = max(x for x in (received_lsn, seen, -1) if x is not None)
+    shown = visible_row(old, [edit], ["id"], received_lsn=received_lsn)
+    assert shown == ({"id": 1, "a": "mine"} if newest < bound else old)
+    assert released(edit, received_lsn, held, reset) == (newest >= bound or (reset and not held))
+    opened = dataclasses.replace(edit, awaiting=None)
+    assert visible_row(old, [opened], ["id"], received_lsn=received_lsn) == {"id": 1, "a": "mine"}
+    assert not released(opened, received_lsn, held, reset)
 
 
 # --------------------------------------------------------------------------- re-derivation
@@ -278,6 +304,31 @@ def test_verify_names_the_columns_that_differ(db: sqlite3.Connection) -> None:
     assert "qty: expected 4, found 40" in r.output
 
 
+def test_verify_counts_awaiting_edits(db: sqlite3.Connection) -> None:
+    """A settled edit awaiting its server version is part of what the row should show:
+    verify is clean while the row shows it, and reports the row if it does not."""
+    server = synced_db(db)
+    app = app_conn(db)
+    app.execute("update site_stock set qty = 9")
+    bound = FakeServer.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[outcome(1), {**outcome(2), "visible_after": bound}])
+    assert app.execute("select qty from site_stock").fetchall() == [(9,)]
+    assert problems(db) == []
+    code, out = verify_local(db)
+    assert code == 0, out
+    applying(db, "update site_stock set qty = 4")  # the edit dropped behind the agent's back
+    assert problems(db) == [(STOCK, ["plant-1", "p1"], "differs")]
+    applying(db, "update site_stock set qty = 9")
+    # its version arrives through one of the two rules: the row is the server's
+    mark = server.op_id
+    server.put(SITE, STOCK, ["plant-1", "p1"], {"site": "plant-1", "part_id": "p1", "qty": 9})
+    sync(db, server, since=mark)
+    assert db.execute(f"select await_lsn from {PREFIX}journal where seq = 2").fetchone() == (None,)
+    assert problems(db) == []
+    applying(db, "update site_stock set qty = 4")
+    assert problems(db) == [(STOCK, ["plant-1", "p1"], "differs")]
+
+
 def legacy_table(db: sqlite3.Connection) -> None:
     """Make ``work_orders`` what version 1 created: key columns without NOT NULL."""
     cols = ", ".join(f'"{c}"' for c in local_db.load_tables(db)[WO].columns)
@@ -351,6 +402,26 @@ def test_upgrade_from_version_1_rebuilds_keys_and_re_derives_everything(
     ]
     assert problems(db) == []
     assert local_db.get_meta(db, "rederive") is None
+
+
+def test_upgrade_from_version_2_adds_the_awaiting_columns(db: sqlite3.Connection) -> None:
+    server = synced_db(db)
+    db.execute(f"drop index {PREFIX}journal_awaiting")
+    db.execute(f"alter table {PREFIX}journal drop column await_lsn")
+    db.execute(f"alter table {PREFIX}journal drop column seen_lsn")
+    db.execute(f"update {PREFIX}meta set value = '2' where key = 'db_version'")
+    local_db.require_initialized(db, "device.db")  # metadata upgrade (any command)
+    assert local_db.get_meta(db, "db_version") == str(local_db.DB_VERSION)
+    assert local_db.get_meta(db, "rederive") is None  # nothing to re-derive from version 2
+    columns = {r[1] for r in db.execute(f"pragma table_info({PREFIX}journal)")}
+    assert {"await_lsn", "seen_lsn"} <= columns
+    indexes = {r[0] for r in db.execute("select name from sqlite_master where type = 'index'")}
+    assert f"{PREFIX}journal_awaiting" in indexes
+    # the open edit settles with a bound and stays on top until its version
+    bound = FakeServer.lsn(server.op_id) + 1
+    apply_mod.settle(db, outcomes=[{**outcome(1), "visible_after": bound}])
+    assert db.execute("select notes from work_orders where id = 3").fetchone() == ("open edit",)
+    assert problems(db) == []
 
 
 # --------------------------------------------------------------------------- counters

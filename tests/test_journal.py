@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cdc.avro_envelope import TableCodec
 from cdc.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
-from relay.errors import RulesError
+from relay.errors import JournalFormatError, RulesError
 from relay.hlc import Hlc
 from relay.journal import (
     BatchTooLarge,
@@ -520,6 +520,22 @@ def test_outcome_round_trip() -> None:
     assert decode_outcomes(encode_outcomes([o, other])) == [o, other]
     with pytest.raises(ValueError, match="one device"):
         encode_outcomes([o, Outcome("other", 1, OutcomeKind.APPLIED)])
+
+
+def test_outcomes_carry_visible_after_only_when_set() -> None:
+    """The applier's bound: written as an integer when set, absent otherwise (outcomes of
+    older appliers read as None); its decimal text is accepted; anything else is refused
+    naming the entry."""
+    wrote = Outcome(DEVICE, 5, OutcomeKind.APPLIED, "public.work_orders", (7,), visible_after=42)
+    none = Outcome(DEVICE, 6, OutcomeKind.REJECTED, reason="forbidden_row")
+    assert wrote.to_json()["visible_after"] == 42 and "visible_after" not in none.to_json()
+    assert decode_outcomes(encode_outcomes([wrote, none])) == [wrote, none]
+    big = (1 << 63) - 1
+    assert Outcome.from_json({**none.to_json(), "visible_after": str(big)}).visible_after == big
+    assert Outcome.from_json({**none.to_json(), "visible_after": None}).visible_after is None
+    for bad in (-1, 1 << 63, "0/16B3748", 1.5, True, [1]):
+        with pytest.raises(JournalFormatError, match="entry 6: visible_after"):
+            Outcome.from_json({**none.to_json(), "visible_after": bad})
 
 
 def test_records_keep_integers_beyond_64_bits_exact() -> None:

@@ -71,6 +71,7 @@ def test_defaults_match_the_contract() -> None:
         "streaming": True,
         "status_interval_s": 10.0,
         "heartbeat_interval_s": 30.0,
+        "signal_table": "fieldsync.cdc_signals",
     }
     assert dataclasses.asdict(s.kafka) == {
         "bootstrap_servers": "127.0.0.1:9092",
@@ -92,6 +93,9 @@ def test_defaults_match_the_contract() -> None:
         "retry_backoff_initial_s": 0.5,
         "retry_backoff_max_s": 30.0,
         "state_dir": "",
+        "resnapshot_on_ddl": True,
+        "resnapshot_chunk_rows": 1024,
+        "ddl_check_interval_s": 10.0,
     }
     assert s == CDC_REGISTRY.defaults()
 
