@@ -1,7 +1,8 @@
 """The whole-pipeline convergence run (tests/pipeline_soak.py): a short variant in every
-run, the full one (more rounds, 10,000 offline edits, three seeds) marked slow
-(``python3 dev.py soak``).  ``FIELDSYNC_SOAK_SEED`` runs the short variant with another
-seed.  Each prints the faults injected, the divergences found and the settle time."""
+run, the full one (more rounds and faults, 10,000 offline edits, three seeds, or those of
+``FIELDSYNC_SOAK_SEEDS``) marked slow (``python3 dev.py soak``).  ``FIELDSYNC_SOAK_SEED``
+runs the short variant with another seed.  Each prints the faults injected, the
+divergences found and the settle time."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 
 from tests.pipeline_soak import FAULT_KINDS, Soak, SoakPlan
 from tests.pipeline_stack import store_database
+from tests.test_cdc_crash import soak_seeds
 
 SHORT_SEED = int(os.environ.get("FIELDSYNC_SOAK_SEED", "1010"))
-FULL_SEEDS = (2024, 31337, 8086)
+FULL_SEEDS = soak_seeds() if "FIELDSYNC_SOAK_SEEDS" in os.environ else [2024, 31337, 8086]
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_pipeline_converges_under_faults(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("seed", FULL_SEEDS)
 def test_pipeline_converges_under_faults_full(
     seed: int,
