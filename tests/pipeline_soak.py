@@ -375,13 +375,18 @@ class SoakDevice:
         }
 
     def open_edits(self) -> int:
+        """Entries waiting for a final outcome: pending, sent, or kept as a conflict that
+        has not been resolved yet (see :meth:`stuck_conflicts` for the others)."""
         row = self.app.execute(
-            f"select count(*) from {PREFIX}journal where status in ('pending', 'sent', 'conflict')"
+            f"""select count(*) from {PREFIX}journal j where j.status in ('pending', 'sent')
+                or (j.status = 'conflict' and not exists (select 1 from {PREFIX}conflicts c
+                    where c.seq = j.seq and c.status = 'resolved'))"""
         ).fetchone()
         return int(row[0])
 
     def stuck_conflicts(self) -> list[str]:
-        """Entries still ``conflict`` whose conflict the device has resolved."""
+        """Entries still ``conflict`` whose conflict the device has resolved: no outcome
+        will come for them unless the server's conflict is resolved (a divergence)."""
         return [
             f"{self.name}: entry {seq} is still 'conflict', though its conflict #{cid} was "
             f"resolved ({how}) on the device; the server's conflict {detail} was not"
@@ -926,8 +931,7 @@ class Soak:
         out = []
         for d in devices:
             if n := d.open_edits():
-                out.append(f"{d.name}: {n} journal entries without a final outcome")
-                out += d.stuck_conflicts()
+                out.append(f"{d.name}: {n} journal entries waiting for a final outcome")
             mine, theirs = d.tables(), d.expected(pg)
             for t in mine:
                 for key in sorted(set(mine[t]) | set(theirs[t]), key=repr):
@@ -946,18 +950,24 @@ class Soak:
         deadline = last + self.plan.settle_timeout_s
         with psycopg.connect(self.pg_dsn, autocommit=True) as pg:
             while True:
-                self.stack.check()
+                try:
+                    self.stack.check()
+                except AssertionError as exc:  # a process exited that nobody killed
+                    res.divergences.append(str(exc))
+                    break
                 for d in self.devices:
                     d.sync(res.sync_errors)
                     d.resolve_conflicts(self.rng)
                 diff = self.differences(pg, self.devices)
                 if not diff:
                     res.settle_s = time.monotonic() - last
+                    res.divergences += [x for d in self.devices for x in d.stuck_conflicts()]
                     break
                 stopped = self.stack.stopped_threads()
                 if stopped or time.monotonic() > deadline:
                     # a relay thread that stopped for good leaves the devices behind for ever
-                    res.divergences += stopped + diff
+                    stuck = [x for d in self.devices for x in d.stuck_conflicts()]
+                    res.divergences += stopped + stuck + diff
                     break
                 time.sleep(0.1)  # a pause between sync rounds; the loop checks the state
             res.rows_held = sum(len(t) for d in self.devices for t in d.tables().values())
@@ -967,6 +977,7 @@ class Soak:
 
     def final_checks(self, office: Office) -> None:
         res = self.result
+        res.divergences += [x for x in self.stack.stopped_threads() if x not in res.divergences]
         for t in self._cut_watchers:
             t.join(1)
         for d in self.devices:
