@@ -1006,7 +1006,8 @@ class Soak:
             r2 = CliRunner().invoke(agent_cli.app, ["verify", "--db", d.db, "--json"])
             if r2.exit_code != 0:
                 res.divergences.append(
-                    f"device-agent verify {d.name}: exit {r2.exit_code} {r2.output[-1000:]}"
+                    f"device-agent verify {d.name}: exit {r2.exit_code} "
+                    f"{(r2.stdout + r2.stderr)[-1000:]} {r2.exception!r}"
                 )
 
     def fault_detail_skew(self, d: SoakDevice, offset_s: float) -> None:
