@@ -195,7 +195,7 @@ class SoakPlan:
 
     @classmethod
     def full(cls, seed: int) -> SoakPlan:
-        return cls(seed, "full", 60, 10_000, 6, 4, 4, 2, 600.0)
+        return cls(seed, "full", 60, 10_000, 6, 4, 4, 2, 300.0)
 
     @property
     def back_round(self) -> int:
