@@ -71,6 +71,7 @@ from device_agent.errors import DeviceAgentError, RelayUnreachable
 from device_agent.local_db import PREFIX
 from device_agent.sync import Agent, init_database
 from relay.auth import issue_token
+from relay.bucket_store import row_key_text
 from relay.hlc import Hlc
 from tests.fix_proxy import DOWNSTREAM, UPSTREAM, MidCut, TcpProxy
 from tests.pipeline_stack import Stack, services
@@ -968,10 +969,44 @@ class Soak:
                     # a relay thread that stopped for good leaves the devices behind for ever
                     stuck = [x for d in self.devices for x in d.stuck_conflicts()]
                     res.divergences += stopped + stuck + diff
+                    if not stopped:
+                        try:
+                            self.explain(pg, diff)
+                        except Exception as exc:  # diagnostics only: never hide the result
+                            self.note(f"explaining the differences failed: {exc!r}")
                     break
                 time.sleep(0.1)  # a pause between sync rounds; the loop checks the state
             res.rows_held = sum(len(t) for d in self.devices for t in d.tables().values())
         res.conflicts_resolved = sum(d.conflicts_resolved for d in self.devices)
+
+    def explain(self, pg: psycopg.Connection[Any], diff: list[str]) -> None:
+        """For the first rows that differ: PostgreSQL's whole row, the relay's bucket ops
+        for it and ``fieldsync replay history`` (printed, for whoever looks into it)."""
+        keys = sorted({int(x.split("[")[1].split("]")[0]) for x in diff if " jobs [" in x})[:3]
+        for k in keys:
+            lines = [
+                f"job {k}: PostgreSQL {pg.execute('select * from jobs where id = %s', (k,)).fetchall()}"
+            ]
+            with contextlib.suppress(psycopg.Error), psycopg.connect(self.store_dsn) as store:
+                for op in store.execute(
+                    "select bucket, op_id, kind, data, commit_lsn, seq from fieldsync_relay.ops "
+                    "where tbl = 'public.jobs' and row_key = %s order by op_id",
+                    (row_key_text([k]),),
+                ):
+                    lines.append(f"  relay op {op}")
+            r = run_cli(
+                "replay",
+                "history",
+                "--config",
+                str(self.stack.cdc_config),
+                "--table",
+                "public.jobs",
+                "--key",
+                str(k),
+                timeout=120,
+            )
+            lines.append(r.stdout[-3000:] + r.stderr[-500:])
+            self.note("\n".join(lines))
 
     # ---- final checks
 
