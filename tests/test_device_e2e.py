@@ -19,16 +19,10 @@ printed (not asserted: the machine is shared).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import re
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,8 +36,7 @@ from device_agent.client import RelayClient, RetryPolicy
 from device_agent.local_db import PREFIX
 from device_agent.sync import Agent, init_database
 from relay.auth import KeyStore, issue_token
-from tests.cdc_support import wait_for
-from tests.test_cdc_cli import cli_env, daemon_config
+from tests.pipeline_stack import Process, services, store_database
 
 DDL = """
 create table jobs (id integer primary key, crew text not null,
@@ -104,116 +97,10 @@ FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 SEED = 1616
 
 
-class Process:
-    """A server process (``python -m cdc.cli ...``); output kept in a log file."""
-
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
-        self.name, self.log = name, log
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cdc.cli", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=cli_env(),
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with open(self.log, "w") as out:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                out.write(line)
-                out.flush()
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(
-                f"{self.name} exited with {self.proc.returncode}:\n" + "".join(self.lines[-30:])
-            )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.reader.join(10)
-
-
 @pytest.fixture
 def store_dsn(pg_server: Any) -> Iterator[str]:
-    name = "estore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-
-
-@contextlib.contextmanager
-def services(
-    tmp_path: Path, pg_dsn: str, store_dsn: str, bootstrap: str, prefix: str
-) -> Iterator[tuple[str, KeyStore, list[Process]]]:
-    """cdc, the relay and the applier running on their settings files; yields the relay's
-    URL, the token keys and the processes."""
-    (tmp_path / "rules.toml").write_text(RULES)
-    (tmp_path / "conflicts.toml").write_text(CONFLICTS)
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"e" * 40}"\n')
-    keys.chmod(0o600)
-    cdc_config = daemon_config(
-        tmp_path / "cdc.toml",
-        dsn=pg_dsn,
-        bootstrap=bootstrap,
-        prefix=prefix,
-        slot="e2e_" + uuid.uuid4().hex[:10],
-        postgres={"tables": ["public.jobs", "public.stock"]},
-        kafka={"batch_max_ms": 10},
-        cdc={"state_dir": str(tmp_path / "cdc-state")},
-    )
-    relay_config = tmp_path / "relay.toml"
-    relay_config.write_text(
-        f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\n'
-        f'rules = "{tmp_path / "rules.toml"}"\ntopic_prefix = "{prefix}"\n'
-        f'kafka_bootstrap_servers = "{bootstrap}"\nbatch_max_ms = 10\n\n'
-        "[http]\nport = 0\nlong_poll_s = 5\nrate_per_s = 0\n\n"
-        f'[auth]\nkeys_file = "{keys}"\n\n'
-        f'[journal]\ndsn = "{pg_dsn}"\nconflicts = "{tmp_path / "conflicts.toml"}"\n'
-        "batch_max_ms = 10\n"
-    )
-    procs = [Process("cdc", ["cdc", "run", "--config", str(cdc_config)], tmp_path / "cdc.log")]
-    try:
-        procs.append(
-            Process("relay", ["relay", "run", "--config", str(relay_config)], tmp_path / "r.log")
-        )
-        procs.append(
-            Process(
-                "applier",
-                ["relay", "applier", "--config", str(relay_config)],
-                tmp_path / "applier.log",
-            )
-        )
-
-        def port() -> int:
-            for p in procs:
-                p.alive()
-            found = re.search(r"listening on http://[^:]+:(\d+)", "".join(procs[1].lines))
-            return int(found.group(1)) if found else 0
-
-        url = f"http://127.0.0.1:{wait_for(port, timeout=90, what='the relay listening')}"
-        yield url, KeyStore.from_file(keys), procs
-        for p in procs:
-            p.alive()
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    with store_database(pg_server) as dsn:
+        yield dsn
 
 
 class Device:
@@ -360,14 +247,19 @@ def test_devices_converge_with_postgresql(
         for region in REGIONS:
             for part in ("p1", "p2", "p3"):
                 pg.execute("insert into stock values (%s, %s, 10)", (region, part))
-        with services(tmp_path, pg_dsn, store_dsn, kafka_bootstrap, topic_prefix) as (
-            url,
-            keys,
-            procs,
-        ):
-            devices = [Device(name, url, keys, tmp_path) for name in DEVICES]
+        with services(
+            tmp_path,
+            pg_dsn,
+            store_dsn,
+            kafka_bootstrap,
+            topic_prefix,
+            rules=RULES,
+            conflicts=CONFLICTS,
+            tables=["public.jobs", "public.stock"],
+        ) as stack:
+            devices = [Device(name, stack.url, stack.keys, tmp_path) for name in DEVICES]
             try:
-                run(pg, devices, procs, rng, capsys)
+                run(pg, devices, list(stack.procs.values()), rng, capsys)
             finally:
                 for d in devices:
                     d.close()
