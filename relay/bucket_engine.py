@@ -411,11 +411,21 @@ class BucketEngine:
         self._stop.set()
 
     def run(self) -> None:
-        """Migrate the store, then lead (consume and apply) or stand by, until stopped."""
-        self.store.migrate()
+        """Migrate the store, then lead (consume and apply) or stand by, until stopped.
+
+        A lost store connection (PostgreSQL restarted or unreachable: psycopg's
+        ``OperationalError``, e.g. ``AdminShutdown``), a store or engine error and a Kafka
+        error end the current term; the engine retries with a backoff, migration included,
+        so a PostgreSQL restart never stops the relay's engine for good."""
+        import psycopg
+
         backoff = 0.5
+        migrated = False
         while not self._stop.is_set():
             try:
+                if not migrated:
+                    self.store.migrate()
+                    migrated = True
                 if not self.store.acquire_leadership():
                     self._stop.wait(self.standby_retry_s)
                     continue
@@ -423,7 +433,7 @@ class BucketEngine:
                 self.leading.set()
                 self._lead()
                 backoff = 0.5
-            except (StoreError, EngineError, LeadershipLost) as exc:
+            except (StoreError, EngineError, LeadershipLost, psycopg.OperationalError) as exc:
                 log.error("bucket engine: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -437,7 +447,8 @@ class BucketEngine:
                 self.leading.clear()
                 self._close_consumers()
                 if self._stop.is_set():
-                    self.store.release_leadership()
+                    with contextlib.suppress(StoreError, psycopg.OperationalError):
+                        self.store.release_leadership()
 
     def _lead(self) -> None:
         self._open()
