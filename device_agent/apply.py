@@ -95,6 +95,7 @@ MAX_LSN: Final = (1 << 63) - 1
 Message = Mapping[str, Any]
 
 OPEN: Final = "status in ('pending', 'sent')"
+KEPT: Final = "status = 'conflict'"  # kept for a person: not on top, but may settle later
 """SQL condition of open journal entries (matches the partial index ``journal_open``)."""
 
 
@@ -168,6 +169,9 @@ class _Batch:
         self.held.update(
             conn.execute(f"select tbl, k from {PREFIX}journal where await_lsn is not null")
         )
+        # rows of kept conflicts: their ops' positions are recorded (seen_lsn), so that a
+        # resolution whose server version (or the row's removal) came first is not awaited
+        self.held.update(conn.execute(f"select tbl, k from {PREFIX}journal where {KEPT}"))
         self.dirty: set[tuple[int, Any]] = set()
         # per held row: the highest commit_lsn of an op of it in this transaction
         self.seen: dict[tuple[int, Any], int] = {}
@@ -490,7 +494,7 @@ class _Batch:
             return []
         seen = self.seen.pop(ref, None)
         if seen is not None:
-            for where in (OPEN, "await_lsn is not null"):
+            for where in (OPEN, "await_lsn is not null", KEPT):
                 self.conn.execute(
                     f"""update {PREFIX}journal set seen_lsn = max(coalesce(seen_lsn, -1), ?)
                         where tbl = ? and k = ? and {where}""",

@@ -608,7 +608,7 @@ def conflicts_resolve(
         server_id = (c["detail"] or {}).get("id")
         on_server = False
         if server_id is not None:  # the relay settles it (a new edit made there)
-            with contextlib.suppress(JournalUnsupported, RelayUnreachable):
+            try:
                 agent = Agent(db, key=_key(db, key_file))
                 try:
                     agent.client.resolve_conflict(
@@ -617,6 +617,15 @@ def conflicts_resolve(
                     on_server = True
                 finally:
                     agent.close()
+            except JournalUnsupported:
+                pass  # a relay without the journal API: resolved here, uploaded as an edit
+            except RelayUnreachable as exc:
+                # resolving only here would leave the server's conflict (and the entry's
+                # final outcome) open for good: change nothing, the person tries again online
+                raise RelayUnreachable(
+                    f"conflict #{cid} is kept on the server and the relay cannot be reached "
+                    f"({exc}); nothing was changed: resolve it again once online"
+                ) from exc
         with transaction(conn):
             if chosen and not on_server:  # a new edit, journaled by the triggers
                 sets = ", ".join(f"{local_db.q(col)} = ?" for col in chosen)

@@ -319,6 +319,21 @@ def test_conflicts_listed_and_resolved_with_a_new_edit(tmp_path: Path) -> None:
     assert [(c["id"], c["table"], c["key"], c["status"]) for c in listed] == [(1, WO, [1], "open")]
     shown = runner.invoke(cli.app, ["conflicts", "show", "1", "--db", db, "--json"])
     assert json.loads(shown.stdout)["detail"]["columns"]["status"]["server"] == "cancelled"
+    # the conflict is kept on the server (id 7) and the relay cannot be reached: resolving
+    # only here would leave the server's conflict, and the entry's outcome, open for good
+    r = runner.invoke(cli.app, ["conflicts", "resolve", "1", "--mine", "--db", db, "--json"])
+    assert r.exit_code == 3, r.output
+    assert "nothing was changed" in r.output
+    conn = sqlite3.connect(db)
+    assert conn.execute(f"select status from {PREFIX}conflicts").fetchall() == [("open",)]
+    assert conn.execute(f"select op, status from {PREFIX}journal").fetchall() == [
+        ("update", "conflict")
+    ]
+    # a conflict the relay keeps no id for (a relay without the journal API) is resolved
+    # here, with a new edit the next sync uploads
+    conn.execute(f"update {PREFIX}conflicts set detail = json_remove(detail, '$.id')")
+    conn.commit()
+    conn.close()
     r = runner.invoke(cli.app, ["conflicts", "resolve", "1", "--mine", "--db", db, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["pending_entries"] == 1
