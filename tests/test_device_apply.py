@@ -526,6 +526,29 @@ def test_a_remove_at_or_above_the_bound_before_the_outcome_keeps_nothing(
     assert check_tables(db) == []
 
 
+def test_a_resolution_and_the_rows_removal_in_one_download_keep_nothing(
+    db: sqlite3.Connection,
+) -> None:
+    """A kept conflict, resolved on the server (which writes the row), then the office
+    moves the row away: one download brings the REMOVE and the ``resolved`` outcome. The
+    REMOVE is at or above the resolution's bound, so nothing is kept on top of a row no
+    bucket holds (the positions of a kept conflict's ops are recorded like an open edit's)."""
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    sync(db, server)
+    app_conn(db).execute("update work_orders set notes = 'mine' where id = 1")
+    apply_mod.settle(db, outcomes=[outcome(1, "conflict")])
+    assert db.execute(f"select status from {PREFIX}journal").fetchall() == [("conflict",)]
+    bound = server.lsn(server.op_id) + 1
+    mark = server.op_id
+    server.put(T1, WO, [1], order(1, notes="mine"))  # the resolution's write …
+    server.remove(T1, WO, [1])  # … then the office reassigns the order
+    server.log = [o for o in server.log if o["op_id"] != mark + 1]
+    sync(db, server, since=mark, outcomes=[outcome(1, "resolved", bound)])
+    assert row_of(db, 1) is None and awaiting(db) == {1: None}
+    assert check_tables(db) == []
+
+
 def test_a_remove_below_the_bound_keeps_the_edit_until_its_version(
     db: sqlite3.Connection,
 ) -> None:
