@@ -319,7 +319,13 @@ class ReplicationStream:
                 if res is not None
                 else "no result"
             )
-            raise SourceError(f"START_REPLICATION failed for slot {slot!r}: {msg}")
+            text = f"START_REPLICATION failed for slot {slot!r}: {msg}"
+            if _transient_start_failure(res, self.pgconn):
+                # the server is shutting down or restarting, the connection is gone, or the
+                # slot is still held by a walsender that has not noticed its client left:
+                # a new session will do
+                raise ReplicationLost(text)
+            raise SourceError(text)
         self.last_status_sent = 0.0
 
     def fileno(self) -> int:
@@ -385,3 +391,17 @@ class ReplicationStream:
             self.conn.close()
         except Exception:
             pass
+
+
+_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "55006"})
+
+
+def _transient_start_failure(res: Any, pgconn: Any) -> bool:
+    """A failed START_REPLICATION that a new session can cure: no result or a lost
+    connection, connection errors (class 08), server shutdown or start-up (57P01-57P03),
+    or the slot still active (55006)."""
+    if res is None or pgconn.status != psycopg.pq.ConnStatus.OK:
+        return True
+    raw = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+    state = raw.decode() if raw else ""
+    return state.startswith("08") or state in _TRANSIENT_SQLSTATES
