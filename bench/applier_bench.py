@@ -50,10 +50,10 @@ if str(ROOT) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from cdc.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from relay.applier import Applier, ApplierDb  # noqa: E402
-from relay.hlc import Hlc  # noqa: E402
-from relay.journal import JournalRecord, entry_from_json  # noqa: E402
+from core.hlc import Hlc  # noqa: E402
+from devtools.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from relay.upstream.applier import Applier, ApplierDb  # noqa: E402
+from relay.upstream.journal import JournalRecord, entry_from_json  # noqa: E402
 
 TABLE = """
 create table work_orders (
@@ -217,7 +217,7 @@ batch_max_entries = {batch}
                 [
                     sys.executable,
                     "-m",
-                    "relay.applier_cli",
+                    "relay.upstream.applier_cli",
                     "--config",
                     str(config),
                     "--shard",

@@ -66,7 +66,7 @@ if str(ROOT) not in sys.path:
 import psycopg  # noqa: E402
 
 from cdc.errors import format_lsn, parse_lsn  # noqa: E402
-from cdc.local_services import EmbeddedBroker, EmbeddedPostgres, find_pg_bindir  # noqa: E402
+from devtools.local_services import EmbeddedBroker, EmbeddedPostgres, find_pg_bindir  # noqa: E402
 
 TABLE_DDL = """
 create table t (
@@ -510,7 +510,7 @@ def case_txns(res: Results, svc: Services, args: argparse.Namespace) -> None:
 
 def _fieldsync_command() -> list[str]:
     exe = Path(sys.executable).parent / "fieldsync"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cdc.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fieldsync.cli"]
 
 
 def _toml_config(svc: Services, db: Db) -> str:

@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from core.row_wire import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
 from device_agent import local_db, triggers  # noqa: E402
 from device_agent.apply import apply_messages  # noqa: E402
-from relay.bucket_store import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
 
 TABLE = "public.work_orders"
 COLUMNS = ["id", "site", "technician", "status", "due", "notes", "updated_at"]
@@ -231,12 +231,12 @@ def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple
     import psycopg
     import uvicorn
 
-    from cdc.local_services import EmbeddedPostgres
-    from relay.api import ApiConfig, create_app
+    from devtools.local_services import EmbeddedPostgres
     from relay.auth import Authenticator, Key, KeyStore, issue_token
-    from relay.bucket_store import ChangeKind, RowChange
-    from relay.pg_bucket_store import PgBucketStore
-    from relay.rules import TableInfo, rules_from_mapping
+    from relay.downstream.api import ApiConfig, create_app
+    from relay.downstream.bucket_store import ChangeKind, RowChange
+    from relay.downstream.pg_bucket_store import PgBucketStore
+    from relay.downstream.rules import TableInfo, rules_from_mapping
 
     server = None
     if pg_dsn is None:

@@ -67,12 +67,12 @@ import orjson  # noqa: E402
 import psycopg  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
-from cdc.local_services import EmbeddedBroker, EmbeddedPostgres, free_port  # noqa: E402
+from devtools.local_services import EmbeddedBroker, EmbeddedPostgres, free_port  # noqa: E402
 from relay.auth import KeyStore, issue_token  # noqa: E402
-from relay.bucket_engine import table_infos_from_catalog  # noqa: E402
-from relay.bucket_store import ChangeKind, RowChange  # noqa: E402
-from relay.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.rules import Rules, load_rules  # noqa: E402
+from relay.downstream.bucket_engine import table_infos_from_catalog  # noqa: E402
+from relay.downstream.bucket_store import ChangeKind, RowChange  # noqa: E402
+from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
+from relay.downstream.rules import Rules, load_rules  # noqa: E402
 
 RULES = """
 token_claims = ["grp"]
@@ -280,7 +280,7 @@ def relay(
         f'kafka_bootstrap_servers = "{bootstrap}"\nlog_level = "WARNING"\n{extra}'
         f'[http]\nport = {port}\n{http_lines}[auth]\nkeys_file = "{env.keys_path}"\n'
     )
-    cmd = [sys.executable, "-m", "cdc.cli", "relay", "run", "--config", str(config)]
+    cmd = [sys.executable, "-m", "fieldsync.cli", "relay", "run", "--config", str(config)]
     if not engine:
         cmd.append("--no-engine")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -631,7 +631,7 @@ def start_cdc(env: Env, source: str, prefix: str) -> subprocess.Popen[str]:
         f'topic_prefix = "{prefix}"\n[cdc]\nlog_level = "WARNING"\n'
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cdc.cli", "cdc", "run", "--config", str(config)],
+        [sys.executable, "-m", "fieldsync.cli", "cdc", "run", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,

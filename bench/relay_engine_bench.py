@@ -8,7 +8,7 @@ Issue 3 §6, first bullet: engine changes/s when each change lands in 1 of 10,00
 (target ≥ 20,000/s) and when it lands in none (target ≥ 100,000/s).
 
 The events are produced into Kafka *before* the engine starts, encoded exactly as the cdc
-daemon encodes them (``cdc.avro_envelope.TableCodec``, schemas in ``{prefix}._schemas``,
+daemon encodes them (``core.avro_envelope.TableCodec``, schemas in ``{prefix}._schemas``,
 position header), so only the engine is measured: Kafka fetch, header dedup check, Avro
 decode, rules, planning, and the PostgreSQL transaction per batch (ops, row states,
 checkpoints, consumer progress, NOTIFY).  The store is in its own database on the same
@@ -46,12 +46,12 @@ if str(ROOT) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
-from cdc.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from cdc.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
-from relay.bucket_engine import BucketEngine  # noqa: E402
-from relay.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.rules import TableInfo, rules_from_mapping  # noqa: E402
+from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
+from core.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
+from devtools.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from relay.downstream.bucket_engine import BucketEngine  # noqa: E402
+from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
+from relay.downstream.rules import TableInfo, rules_from_mapping  # noqa: E402
 
 BUCKETS = 10_000
 TABLE = "public.work_orders"
@@ -109,7 +109,7 @@ class Producer:
         )
         for schema in (self.codec.value_schema_json, self.codec.key_schema_json):
             assert schema is not None
-            from cdc.avro_envelope import fingerprint
+            from core.avro_envelope import fingerprint
 
             self.producer.send(
                 f"{prefix}._schemas", key=fingerprint(schema).hex().encode(), value=schema.encode()

@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cdc import pgoutput_decoder as m
-from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from cdc.errors import DecodeError, format_lsn
 from cdc.kafka_sink import ResumePosition
-from cdc.pg_types import ColumnSpec, TypeCatalog
+from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.pg_types import ColumnSpec, TypeCatalog
 
 ORIGIN_MESSAGE_PREFIX = "fieldsync.origin"
 HEARTBEAT_MESSAGE_PREFIX = "fieldsync.heartbeat"

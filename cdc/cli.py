@@ -1,4 +1,4 @@
-"""The ``fieldsync`` command: thin typer CLI over the cdc library (and, mounted, the relay's).
+"""``fieldsync cdc``: thin typer CLI over the cdc library (mounted by :mod:`fieldsync.cli`).
 
 Commands parse arguments, call the library, and turn domain errors into exit
 codes and one-line messages:
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,17 +17,12 @@ from typing import Annotated, Any
 import typer
 
 from cdc.errors import CdcError, ConfigError, PreflightError
+from core.errors import FieldsyncError
+from core.logs import setup_logging
 
 app = typer.Typer(
-    name="fieldsync",
-    help="fieldsync server side: cdc, relay, replay, and a local demo.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-cdc_app = typer.Typer(
     help="PostgreSQL logical replication (pgoutput) into Kafka.", no_args_is_help=True
 )
-app.add_typer(cdc_app, name="cdc")
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -42,15 +35,6 @@ ConfigOpt = Annotated[
         help="TOML config file (see config/cdc.example.toml); FIELDSYNC_<SECTION>_<KEY> env vars override it.",
     ),
 ]
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
 def _fail(exc: Exception, code: int) -> typer.Exit:
@@ -66,17 +50,17 @@ def _load(config: Path | None) -> Any:
     return load_cdc_settings(config)
 
 
-@cdc_app.command("run")
+@app.command("run")
 def cdc_run(config: ConfigOpt = None) -> None:
     """Run the CDC daemon until SIGTERM (systemd Type=notify aware)."""
     from cdc.pipeline import CdcDaemon
-    from cdc.systemd_notify import Notifier
+    from core.systemd_notify import Notifier
 
     try:
         settings = _load(config)
     except ConfigError as exc:
         raise _fail(exc, EXIT_CONFIG) from None
-    _setup_logging(settings.cdc.log_level)
+    setup_logging(settings.cdc.log_level)
     logging.getLogger("fieldsync.cdc").info("settings: %s", json.dumps(settings.redacted()))
     daemon = CdcDaemon(settings, notifier=Notifier.from_env(unset_environment=True))
     daemon.install_signal_handlers()
@@ -84,12 +68,12 @@ def cdc_run(config: ConfigOpt = None) -> None:
         code = daemon.run()
     except (PreflightError, ConfigError) as exc:
         raise _fail(exc, EXIT_CONFIG) from None
-    except CdcError as exc:
+    except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     raise typer.Exit(code)
 
 
-@cdc_app.command("status")
+@app.command("status")
 def cdc_status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
@@ -105,12 +89,12 @@ def cdc_status(
         settings = _load(config)
     except ConfigError as exc:
         raise _fail(exc, EXIT_CONFIG) from None
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     pg = settings.postgres
     try:
         with connect(pg.dsn, pg.password) as conn:
             state = slot_state(conn, pg.slot)
-    except CdcError as exc:
+    except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     out: dict[str, Any] = {"slot": pg.slot, "exists": state is not None}
     if state:
@@ -119,7 +103,7 @@ def cdc_status(
         resume = read_resume_position(
             kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s)
         )
-    except CdcError as exc:
+    except FieldsyncError as exc:
         out["kafka_error"] = str(exc)
         resume = None
     if resume is not None:
@@ -164,7 +148,7 @@ def _resnapshot_status(settings: Any) -> dict[str, Any]:
             kafka_options(settings), [key], timeout_s=min(10.0, settings.kafka.timeout_s)
         )
         progress = Progress.from_bytes(found[key]) if key in found else Progress()
-    except (CdcError, ValueError) as exc:
+    except (FieldsyncError, ValueError) as exc:
         return {"resnapshot_error": str(exc)}
     return {
         "resnapshots": [
@@ -182,7 +166,7 @@ def _resnapshot_status(settings: Any) -> dict[str, Any]:
     }
 
 
-@cdc_app.command("snapshot")
+@app.command("snapshot")
 def cdc_snapshot(
     table: Annotated[
         str,
@@ -222,7 +206,7 @@ def cdc_snapshot(
         settings = _load(config)
     except ConfigError as exc:
         raise _fail(exc, EXIT_CONFIG) from None
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     pg = settings.postgres
     try:
         with connect(pg.dsn, pg.password) as conn:
@@ -246,7 +230,7 @@ def cdc_snapshot(
                 status = signal_status(conn, pg.signal_table, signal_id)
     except SnapshotRequestError as exc:
         raise _fail(exc, EXIT_CONFIG) from None
-    except CdcError as exc:
+    except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     except psycopg.Error as exc:
         raise _fail(CdcError(f"PostgreSQL: {str(exc).strip()}"), EXIT_RUNTIME) from None
@@ -259,97 +243,3 @@ def cdc_snapshot(
                 err=True,
             )
         raise typer.Exit(EXIT_RUNTIME)
-
-
-@app.command("up")
-def up(
-    seconds: Annotated[
-        float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")
-    ] = 0.0,
-) -> None:
-    """Start an embedded PostgreSQL (wal_level=logical) and broker for development; print how to reach them."""
-    import signal
-
-    from cdc.local_services import EmbeddedBroker, EmbeddedPostgres
-
-    _setup_logging("WARNING")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        with EmbeddedPostgres() as pg, EmbeddedBroker() as broker:
-            typer.echo(f"postgres  {pg.dsn}")
-            typer.echo(f"kafka     {broker.bootstrap}")
-            typer.echo(
-                "env       "
-                + f"FIELDSYNC_POSTGRES_DSN={pg.dsn} FIELDSYNC_KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}"
-            )
-            typer.echo("running; Ctrl-C to stop (data is thrown away)")
-            try:
-                stop.wait(seconds or None)
-            except KeyboardInterrupt:
-                pass
-    except CdcError as exc:
-        raise _fail(exc, EXIT_RUNTIME) from None
-
-
-@app.command("demo")
-def demo(
-    seconds: Annotated[
-        float, typer.Option(help="stop after this many seconds (0 = until Ctrl-C)")
-    ] = 0.0,
-    rate: Annotated[float, typer.Option(help="--cdc-only: demo writes per second")] = 2.0,
-    cdc_only: Annotated[
-        bool,
-        typer.Option("--cdc-only", help="only cdc, printing events as Kafka acknowledges them"),
-    ] = False,
-    check: Annotated[
-        bool, typer.Option("--check", help="stop once every step is checked (exit 0) or failed")
-    ] = False,
-) -> None:
-    """The whole pipeline on an embedded PostgreSQL and broker: cdc, relay and applier as
-    processes, a device synced with device-agent, each step checked (see relay/demo.py)."""
-    _setup_logging("WARNING")
-    if cdc_only:
-        from cdc.demo import run_demo
-
-        try:
-            run_demo(seconds=seconds, rate=rate)
-        except CdcError as exc:
-            raise _fail(exc, EXIT_RUNTIME) from None
-        return
-    from relay.demo import DemoError, run_full_demo
-
-    try:
-        run_full_demo(None if check else seconds)
-    except (CdcError, DemoError) as exc:
-        raise _fail(exc, EXIT_RUNTIME) from None
-
-
-def _mount_optional() -> None:
-    """Mount sub-commands of other packages when they exist."""
-    mounted: dict[str, typer.Typer] = {"": app}
-    for module, attr, parent, name in (
-        ("relay.cli", "app", "", "relay"),
-        ("relay.cli", "token_app", "", "token"),
-        ("relay.applier_cli", "app", "relay", "applier"),
-        ("cdc.replay_cli", "app", "", "replay"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ImportError:
-            continue
-        sub = getattr(mod, attr, None)
-        if sub is not None and parent in mounted:
-            mounted[parent].add_typer(sub, name=name)
-            mounted[name] = sub
-
-
-_mount_optional()
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -6,72 +6,44 @@ the boundary with ``raise ... from exc``.
 
 ::
 
-    CdcError
-    ├── ConfigError              bad or unknown setting, wrong type (names the key)
-    ├── DecodeError              malformed or unknown pgoutput message (names byte + LSN)
-    ├── SchemaError              a relation/type cannot be mapped to Avro
-    ├── SourceError              PostgreSQL side
-    │   ├── PreflightError       wal_level, privileges, missing tables (names the fix)
-    │   └── ReplicationLost      connection dropped mid-stream (retryable)
-    ├── SinkError                Kafka side
-    │   └── SinkUnavailable      broker unreachable / timed out (retryable)
-    ├── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
-    ├── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
-    │                            invalid WHERE clause (says which and where)
-    └── ReplayError              replay (the CLI maps each to an exit code)
-        ├── UnknownTable         the log holds no such table (lists those it holds)
-        ├── NoEvents             empty range, or a key without history
-        ├── LogUnavailable       broker unreachable, or it stopped answering mid-read
-        │   └── LogIncomplete    partitions not readable to their end (names topic, partition, offsets)
-        ├── DatabaseUnavailable  PostgreSQL unreachable (verify)
-        └── LogBehind            cdc has not reached PostgreSQL's position within the wait
+    core.errors.FieldsyncError
+    ├── core.errors.ConfigError  bad or unknown setting, wrong type (names the key)
+    ├── core.errors.DecodeError  malformed or unknown pgoutput message (names byte + LSN)
+    ├── core.errors.SchemaError  a relation/type cannot be mapped to Avro
+    └── CdcError
+        ├── SourceError              PostgreSQL side
+        │   ├── PreflightError       wal_level, privileges, missing tables (names the fix)
+        │   └── ReplicationLost      connection dropped mid-stream (retryable)
+        ├── SinkError                Kafka side
+        │   └── SinkUnavailable      broker unreachable / timed out (retryable)
+        ├── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
+        ├── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
+        │                            invalid WHERE clause (says which and where)
+        └── ReplayError              replay (the CLI maps each to an exit code)
+            ├── UnknownTable         the log holds no such table (lists those it holds)
+            ├── NoEvents             empty range, or a key without history
+            ├── LogUnavailable       broker unreachable, or it stopped answering mid-read
+            │   └── LogIncomplete    partitions not readable to their end (names topic, partition, offsets)
+            ├── DatabaseUnavailable  PostgreSQL unreachable (verify)
+            └── LogBehind            cdc has not reached PostgreSQL's position within the wait
 """
 
 from __future__ import annotations
 
+from core.errors import ConfigError, DecodeError, FieldsyncError, SchemaError
+from core.positions import format_lsn, parse_lsn
 
-def format_lsn(lsn: int) -> str:
-    """Format an LSN the way PostgreSQL prints it (``16/B374D848``)."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def parse_lsn(text: str) -> int:
-    """Parse ``16/B374D848`` into an integer LSN."""
-    try:
-        hi, lo = text.split("/")
-        return (int(hi, 16) << 32) | int(lo, 16)
-    except ValueError as exc:
-        raise ValueError(f"not an LSN: {text!r} (expected e.g. '16/B374D848')") from exc
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "SchemaError",
+    "format_lsn",
+    "parse_lsn",
+]
 
 
-class CdcError(Exception):
+class CdcError(FieldsyncError):
     """Base class of every error raised by the cdc package."""
-
-
-class ConfigError(CdcError):
-    """A configuration file or setting is invalid; the message names the key."""
-
-
-class DecodeError(CdcError):
-    """A pgoutput message could not be decoded."""
-
-    def __init__(self, message: str, *, lsn: int | None = None, byte: int | None = None) -> None:
-        self.lsn = lsn
-        self.byte = byte
-        parts = [message]
-        if byte is not None:
-            parts.append(
-                f"message byte {byte!r} ({chr(byte)!r})"
-                if 32 <= byte < 127
-                else f"message byte {byte!r}"
-            )
-        if lsn is not None:
-            parts.append(f"at LSN {format_lsn(lsn)}")
-        super().__init__(", ".join(parts))
-
-
-class SchemaError(CdcError):
-    """A relation or type could not be mapped to an Avro schema."""
 
 
 class SourceError(CdcError):

@@ -1,6 +1,6 @@
 """Named crash points in the delivery protocol, armed only by tests.
 
-The crash tests (``tests/test_cdc_crash.py``) prove that a daemon killed at any
+The crash tests (``tests/cdc/test_cdc_crash.py``) prove that a daemon killed at any
 moment loses nothing.  Random SIGKILLs rarely land in the narrow windows that
 matter, so the code names those windows, and a test can make the daemon kill
 itself exactly there::

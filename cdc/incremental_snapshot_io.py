@@ -44,7 +44,6 @@ import psycopg
 from psycopg import sql
 
 from cdc import pgoutput_decoder as m
-from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo, topic_for
 from cdc.errors import (
     ReplicationLost,
@@ -83,9 +82,10 @@ from cdc.kafka_sink import (
 )
 from cdc.pg_catalog import PK_QUERY, PgCatalog, read_signatures
 from cdc.pg_source import connect
-from cdc.pg_types import ColumnSpec
 from cdc.settings import CdcSettings
 from cdc.snapshot import COLUMNS_QUERY, output_function_text
+from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.pg_types import ColumnSpec
 
 log = logging.getLogger("fieldsync.cdc")
 

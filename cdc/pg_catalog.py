@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from cdc.incremental_snapshot import ColumnFacts, EnumFacts, TableSignature
-from cdc.pg_types import BUILTIN_TYPES, CATALOG_QUERY, TypeInfo
+from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, TypeInfo
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.errors import PreflightError, ReplicationLost, SourceError, format_lsn, parse_lsn
-from cdc.pg_types import SESSION_SETTINGS
+from core.pg_types import SESSION_SETTINGS
 
 log = logging.getLogger(__name__)
 

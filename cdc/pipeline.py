@@ -75,7 +75,7 @@ from cdc.pg_source import (
 from cdc.settings import CdcSettings
 from cdc.snapshot import read_snapshot
 from cdc.spill_store import FileSpillStore
-from cdc.systemd_notify import Notifier
+from core.systemd_notify import Notifier
 
 log = logging.getLogger("fieldsync.cdc")
 

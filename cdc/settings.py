@@ -1,6 +1,6 @@
 """Settings of the cdc daemon: ``[postgres]``, ``[kafka]`` and ``[cdc]``.
 
-Declared with :mod:`cdc.settings_registry`; load them with
+Declared with :mod:`core.settings_registry`; load them with
 :func:`load_cdc_settings`, which reads a TOML file and then the environment
 (``FIELDSYNC_<SECTION>_<KEY>``) into a frozen :class:`CdcSettings`::
 
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cdc.settings_registry import (
+from core.settings_registry import (
     Registry,
     Section,
     Setting,

@@ -28,9 +28,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from cdc.change_assembler import OutEvent, OutSchema, RelationCatalog, topic_for
-from cdc.pg_types import ColumnSpec
+from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.pg_types import ColumnSpec
 
 log = logging.getLogger(__name__)
 

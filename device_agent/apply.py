@@ -7,7 +7,7 @@ Every table row the agent writes is :func:`device_agent.visible.visible_row` of 
 ``visible_after``, until a version at or above that position arrives): the app's tables
 never show anything else (docs/device-agent.md, "What the app sees").
 
-Input: the changes messages (relay/api.py, docs/relay.md "Device API") read since the last
+Input: the changes messages (relay/downstream/api.py, docs/relay.md "Device API") read since the last
 applied cursor, up to and including one whose ``checkpoint.complete`` is true, and the
 outcomes read before them.  Output: one SQLite transaction that
 
@@ -28,7 +28,7 @@ outcomes read before them.  Output: one SQLite transaction that
    or above its bound was received, or when buckets were downloaded again and no bucket
    holds the row (:func:`device_agent.visible.released`);
 5. checks each complete bucket's row count and checksum (the sum mod 2**64 of
-   :func:`relay.bucket_store.row_checksum` over the rows it holds, computed from the
+   :func:`relay.downstream.bucket_store.row_checksum` over the rows it holds, computed from the
    bytes received) against the checkpoint; a bucket that differs is marked
    ``reset_pending`` and its cursor is set back to 0, so it is downloaded again and
    replaced atomically with the next checkpoint;
@@ -62,6 +62,7 @@ from typing import Any, Final
 
 import orjson
 
+from core.row_wire import CHECKSUM_MODULUS, row_key_text
 from device_agent import triggers
 from device_agent.errors import StateError
 from device_agent.local_db import (
@@ -80,7 +81,6 @@ from device_agent.local_db import (
     transaction,
 )
 from device_agent.visible import UNKNOWN_POSITION, Edit, released, visible_row
-from relay.bucket_store import CHECKSUM_MODULUS, row_key_text
 
 BULK_OPS: Final = 2000
 """From this many ops in one apply, triggers are dropped and recreated instead of flagged."""
@@ -555,7 +555,7 @@ class _Batch:
     # ---- settling entries
 
     def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]]) -> int:
-        """Record outcomes (relay/journal.py ``Outcome`` JSON; the latest per seq): final
+        """Record outcomes (relay/upstream/journal.py ``Outcome`` JSON; the latest per seq): final
         statuses, kept conflicts; their rows are re-derived at :meth:`flush_dirty`.
         Returns how many entries changed."""
         conn = self.conn

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from core.row_wire import row_key_text
 from device_agent.apply import max_lsn, term_of, unsigned
 from device_agent.local_db import (
     PREFIX,
@@ -46,7 +47,6 @@ from device_agent.local_db import (
     to_sql,
 )
 from device_agent.visible import Edit, differences, visible_row
-from relay.bucket_store import row_key_text
 
 
 class Problem(enum.StrEnum):

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 import orjson
 
+from core.hlc import Hlc
 from device_agent import local_db, triggers
 from device_agent.apply import ApplyResult, apply_messages, refresh_open_rows, settle
 from device_agent.client import (
@@ -58,7 +59,6 @@ from device_agent.errors import (
     StateError,
 )
 from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
-from relay.hlc import Hlc
 
 UPLOAD_BATCH: Final = 500
 MAX_REPAIRS: Final = 3
@@ -118,7 +118,7 @@ def base_position(stored: str | None) -> dict[str, int] | None:
 def wire_entries(
     conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
 ) -> list[dict[str, Any]]:
-    """Journal rows as upload entries (relay/journal.py's JSON form)."""
+    """Journal rows as upload entries (relay/upstream/journal.py's JSON form)."""
     triggers.assign_clocks(conn)
     tables = {t.id: t for t in local_db.load_tables(conn).values()}
     marks = ",".join("?" * len(statuses))
@@ -166,7 +166,7 @@ def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any
 
 
 def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
-    """Record outcomes (relay/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
+    """Record outcomes (relay/upstream/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
     whose edits settled are re-derived.  Returns how many entries changed."""
     return settle(conn, outcomes=outcomes)
 

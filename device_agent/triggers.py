@@ -19,7 +19,7 @@ Each entry records the time of the edit (``at_ms``, SQLite's clock) and ``base``
 position of the server version the row came from, when the relay sends positions).
 Work that need not slow the app's writes down is done later by the agent, in seq order,
 before entries are uploaded or listed (:func:`assign_clocks`): the hybrid logical clock
-(``hlc_l`` ms, ``hlc_c`` counter; the HLC send rule of relay/hlc.py with the edit's
+(``hlc_l`` ms, ``hlc_c`` counter; the HLC send rule of core/hlc.py with the edit's
 ``at_ms`` as wall clock and the persisted ``_fieldsync_clock``, so clocks strictly
 increase in seq order, also across restarts) and ``prev_seq`` (the latest earlier entry
 of the same row that had not settled when this edit was made).  Values are stored as the app wrote them; the agent converts them into wire

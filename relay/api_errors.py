@@ -32,11 +32,12 @@ from typing import Any, Final
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relay.errors import AuthError, RelayError
 
-log = logging.getLogger("relay.api")
+log = logging.getLogger("relay.downstream.api")
 
 ErrorBody = dict[str, dict[str, str | int]]
 
@@ -203,3 +204,16 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)
+
+
+# ---- OpenAPI models of the one error shape (documentation; responses are built by hand)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. token_expired")
+    message: str = Field(description="for people; never contains the token")
+    status: int = Field(description="the HTTP status")
+
+
+class ErrorMessage(BaseModel):
+    error: ErrorDetail

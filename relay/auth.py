@@ -55,6 +55,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
 
+from relay.claims import REGISTERED_CLAIMS
 from relay.errors import (
     ConfigError,
     DeviceRevoked,
@@ -70,7 +71,6 @@ from relay.errors import (
     TokenWrongAudience,
     TokenWrongIssuer,
 )
-from relay.rules import REGISTERED_CLAIMS
 
 ALGORITHMS: Final[tuple[str, ...]] = ("HS256", "RS256", "EdDSA")
 DEFAULT_AUDIENCE: Final = "fieldsync-relay"

@@ -1,6 +1,6 @@
 """Relay commands: ``fieldsync token …`` (``token_app``) and ``fieldsync relay …`` (``app``).
 
-Thin typer layer over relay.auth and relay.rules: parse arguments, call the
+Thin typer layer over relay.auth and relay.downstream.rules: parse arguments, call the
 library, turn domain errors into exit codes and one-line messages on stderr:
 
 - 0 success; 1 runtime failure (database unreachable); 2 invalid configuration
@@ -15,9 +15,10 @@ from typing import Annotated, Any
 
 import typer
 
+from core.errors import FieldsyncError
 from relay.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeyStore, issue_token
-from relay.errors import ConfigError, RelayError, RulesError
-from relay.rules import TableInfo, check_rules_file, load_rules
+from relay.downstream.rules import TableInfo, check_rules_file, load_rules
+from relay.errors import ConfigError, RulesError
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -123,7 +124,7 @@ def token_issue(
         claims = parse_claims(claim or [])
         store = KeyStore.from_file(keys)
         token = issue_token(store, kid, device, claims, ttl_s, audience=audience, issuer=issuer)
-    except RelayError as exc:
+    except FieldsyncError as exc:
         raise _fail(exc) from None
     typer.echo(token)
 
@@ -155,7 +156,7 @@ def relay_check_rules(
         for problem in exc.problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
-    except RelayError as exc:
+    except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     typer.echo(f"ok: {rules}: {len(buckets)} bucket rule(s){note}")
     for b in buckets:
@@ -184,13 +185,13 @@ def relay_run(
         server.run(config, run_engine=engine)
     except ConfigError as exc:
         raise _fail(exc) from None
-    except RelayError as exc:
+    except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
 
 
 def schema_from_catalog(dsn: str) -> dict[str, TableInfo]:
     """Columns, primary keys and date/time columns of every user table, keyed
     ``schema.table`` (as the relay reads them)."""
-    from relay.bucket_engine import table_infos_from_catalog
+    from relay.downstream.bucket_engine import table_infos_from_catalog
 
     return table_infos_from_catalog(dsn)

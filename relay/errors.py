@@ -10,36 +10,37 @@ layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
 
 ::
 
-    RelayError
-    ├── ConfigError                a relay configuration file or option is invalid
+    core.errors.FieldsyncError
+    ├── core.errors.ConfigError        a configuration file or option is invalid
     │   ├── RulesError             rules file invalid: every problem names file, rule, key path
     │   ├── KeyStoreError          keys/revocation file invalid, key unusable for what is asked
     │   └── ConflictsError         conflicts (merge policies) file invalid: file, table, key
-    ├── RowError                   a row lacks a column the rules need (caller must send full rows)
-    ├── StoreError                 bucket store failed (connection, schema newer than the code)
-    │   └── LeadershipLost         the writer connection, and with it the engine's lock, was lost
-    ├── EngineError                bucket engine cannot go on (undecodable event, missing schema)
-    ├── JournalFormatError         a _journal / _outcomes Kafka record cannot be read
-    ├── UploadError      (400)     bad_upload: a journal upload as a whole is unusable
-    │   └── BatchTooLarge (413)    batch_too_large: more entries or bytes than allowed
-    ├── JournalStoreError          the store database cannot hold the journal tables right now
-    ├── ApplierError               the applier cannot go on (database, schema, Kafka)
-    │   ├── ConflictNotFound       no kept conflict has this id
-    │   └── ResolveError           a resolution is invalid (unknown choice, foreign columns)
-    │       └── ResolveForbidden (403) forbidden_row / _column / _move: beyond the device's rights
-    └── AuthError        (401)     request not authenticated; .status, .code, to_dict()
-        ├── TokenMissing           token_missing        no Authorization header
-        ├── TokenMalformed         token_malformed      not "Bearer <jwt>", undecodable, claim missing
-        ├── TokenAlgorithmRefused  token_alg_refused    alg "none", or alg differs from the key's
-        ├── TokenUnknownKey        token_unknown_key    no kid, or kid not in the key store
-        ├── TokenBadSignature      token_bad_signature  signature does not verify
-        ├── TokenExpired           token_expired        exp passed (beyond the leeway)
-        ├── TokenNotYetValid       token_not_yet_valid  nbf / iat in the future
-        ├── TokenWrongAudience     token_wrong_audience aud does not name this relay
-        ├── TokenWrongIssuer       token_wrong_issuer   iss is not the expected issuer
-        └── ForbiddenError (403)   forbidden            authenticated, but not allowed
-            ├── DeviceRevoked      token_revoked        the device (or this token's age) is revoked
-            └── NotOwnDevice       forbidden_device     acting on another device's resources
+    └── RelayError
+        ├── RowError                   a row lacks a column the rules need (caller must send full rows)
+        ├── StoreError                 bucket store failed (connection, schema newer than the code)
+        │   └── LeadershipLost         the writer connection, and with it the engine's lock, was lost
+        ├── EngineError                bucket engine cannot go on (undecodable event, missing schema)
+        ├── JournalFormatError         a _journal / _outcomes Kafka record cannot be read
+        ├── UploadError      (400)     bad_upload: a journal upload as a whole is unusable
+        │   └── BatchTooLarge (413)    batch_too_large: more entries or bytes than allowed
+        ├── JournalStoreError          the store database cannot hold the journal tables right now
+        ├── ApplierError               the applier cannot go on (database, schema, Kafka)
+        │   ├── ConflictNotFound       no kept conflict has this id
+        │   └── ResolveError           a resolution is invalid (unknown choice, foreign columns)
+        │       └── ResolveForbidden (403) forbidden_row / _column / _move: beyond the device's rights
+        └── AuthError        (401)     request not authenticated; .status, .code, to_dict()
+            ├── TokenMissing           token_missing        no Authorization header
+            ├── TokenMalformed         token_malformed      not "Bearer <jwt>", undecodable, claim missing
+            ├── TokenAlgorithmRefused  token_alg_refused    alg "none", or alg differs from the key's
+            ├── TokenUnknownKey        token_unknown_key    no kid, or kid not in the key store
+            ├── TokenBadSignature      token_bad_signature  signature does not verify
+            ├── TokenExpired           token_expired        exp passed (beyond the leeway)
+            ├── TokenNotYetValid       token_not_yet_valid  nbf / iat in the future
+            ├── TokenWrongAudience     token_wrong_audience aud does not name this relay
+            ├── TokenWrongIssuer       token_wrong_issuer   iss is not the expected issuer
+            └── ForbiddenError (403)   forbidden            authenticated, but not allowed
+                ├── DeviceRevoked      token_revoked        the device (or this token's age) is revoked
+                └── NotOwnDevice       forbidden_device     acting on another device's resources
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from core.errors import ConfigError, FieldsyncError
 
-class RelayError(Exception):
+__all__ = ["ConfigError"]
+
+
+class RelayError(FieldsyncError):
     """Base class of every error raised by the relay package."""
-
-
-class ConfigError(RelayError):
-    """A relay configuration file or option is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Running the relay: ``fieldsync relay run --config FILE``.
 
-One process serves the device API (:mod:`relay.api`, under uvicorn, with the
-journal endpoints of :mod:`relay.journal_api`) and runs the bucket engine
-(:mod:`relay.bucket_engine`) and the outcome feed (``{prefix}._outcomes`` into the
+One process serves the device API (:mod:`relay.downstream.api`, under uvicorn, with the
+journal endpoints of :mod:`relay.upstream.journal_api`) and runs the bucket engine
+(:mod:`relay.downstream.bucket_engine`) and the outcome feed (``{prefix}._outcomes`` into the
 store) in threads; of several relay processes sharing a store, one engine and one
 feed lead and the others stand by, while all of them serve devices.
 ``--no-engine`` serves the API only.  The settings file may carry ``[journal]``
@@ -52,24 +52,29 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from cdc.errors import ConfigError as CdcConfigError
-from cdc.systemd_notify import Notifier
-from relay.api import ApiConfig, create_app
+from core.errors import FieldsyncError
+from core.systemd_notify import Notifier
 from relay.api_errors import error_body
-from relay.applier_settings import JournalSettings
 from relay.auth import Authenticator, KeyStore, RevocationList
-from relay.bucket_engine import (
+from relay.downstream.api import ApiConfig, create_app
+from relay.downstream.bucket_engine import (
     BucketEngine,
     SchemaLog,
     table_infos_from_catalog,
     table_infos_from_registry,
 )
-from relay.errors import ConfigError, RelayError
-from relay.journal_api import RELAY_FILE_REGISTRY, JournalApi, RelayFileSettings, load_relay_file
-from relay.merge import Policy, load_conflicts
-from relay.pg_bucket_store import PgBucketStore
-from relay.rules import Rules, TableInfo, check_rules_file, load_rules
+from relay.downstream.pg_bucket_store import PgBucketStore
+from relay.downstream.rules import Rules, TableInfo, check_rules_file, load_rules
+from relay.errors import ConfigError
 from relay.settings import HttpSettings, RelaySettings
+from relay.upstream.applier_settings import JournalSettings
+from relay.upstream.journal_api import (
+    RELAY_FILE_REGISTRY,
+    JournalApi,
+    RelayFileSettings,
+    load_relay_file,
+)
+from relay.upstream.merge import Policy, load_conflicts
 
 log = logging.getLogger("relay.server")
 
@@ -135,7 +140,7 @@ class GuardedH11Protocol(H11Protocol):
     - **invalid or oversized heads** (``h11_max_incomplete_event_size``): 400
       ``bad_request`` in the error shape, not uvicorn's plain text.
 
-    The body's deadline is the app's (:class:`relay.api.LimitsMiddleware`).  Runs on the
+    The body's deadline is the app's (:class:`relay.downstream.api.LimitsMiddleware`).  Runs on the
     event loop like every uvicorn protocol.  Configure with :meth:`configured`.
     """
 
@@ -284,10 +289,7 @@ def counter_columns(conflicts: str | None) -> dict[str, tuple[str, ...]]:
 
 def load_settings(path: str | Path | None) -> RelayFileSettings:
     """The relay's settings file: ``[relay]``, ``[http]``, ``[auth]`` and ``[journal]``."""
-    try:
-        return load_relay_file(path)
-    except CdcConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    return load_relay_file(path)
 
 
 def build_authenticator(settings: RelaySettings) -> Authenticator:
@@ -377,7 +379,7 @@ def revocation_watcher(
             try:
                 authenticator.revoked = RevocationList.from_file(path)
                 log.info("revocation list reloaded: %d device(s)", len(authenticator.revoked))
-            except RelayError as exc:
+            except FieldsyncError as exc:
                 log.error("revocation list not reloaded, keeping the old one: %s", exc)
 
     thread = threading.Thread(target=run, name="relay-revocations", daemon=True)

@@ -1,6 +1,6 @@
 """Settings of the relay: ``[relay]`` (bucket store, rules, Kafka), ``[http]`` and ``[auth]``.
 
-Declared with :mod:`cdc.settings_registry` (same TOML + ``FIELDSYNC_<SECTION>_<KEY>``
+Declared with :mod:`core.settings_registry` (same TOML + ``FIELDSYNC_<SECTION>_<KEY>``
 environment scheme as the cdc daemon); load them with :func:`load_relay_settings`::
 
     s = load_relay_settings("/etc/fieldsync/relay.toml")
@@ -31,7 +31,7 @@ from cdc.settings import (
     _topic_prefix,
     redact_dsn,
 )
-from cdc.settings_registry import (
+from core.settings_registry import (
     Registry,
     Section,
     Setting,
@@ -429,8 +429,8 @@ def load_relay_settings(
     if path is None:
         return RELAY_REGISTRY.load(None, environ)
     # One file serves `relay run` and `relay applier`: the applier's [journal] section is
-    # validated by relay.applier_settings, so it is set aside here (everything else is checked).
-    from cdc.settings_registry import _read_toml
+    # validated by relay.upstream.applier_settings, so it is set aside here (everything else is checked).
+    from core.settings_registry import _read_toml
 
     data = {k: v for k, v in _read_toml(Path(path)).items() if k != "journal"}
     return RELAY_REGISTRY.load_data(data, source=str(path), environ=environ)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cdc.local_services import EmbeddedBroker
+from devtools.local_services import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc.local_services import EmbeddedPostgres
+from devtools.local_services import EmbeddedPostgres
 
 
 class ExternalPostgres:

@@ -1,0 +1,1 @@
+"""The ``fieldsync`` command (:mod:`fieldsync.cli`), on top of every other package."""

@@ -1,0 +1,753 @@
+"""The bucket engine: change topics in Kafka → per-bucket op logs in the bucket store.
+
+Data path::
+
+    {prefix}.{schema}.{table} ──poll──▶ position header ──▶ Avro decode ──▶ RowChange
+        ──batch──▶ store.apply(rules, changes, progress)   (one PostgreSQL transaction)
+
+Choices:
+
+- **Offsets live in the store, not in Kafka.**  The engine assigns itself every partition of
+  the change topics of the tables the rules place (manual assignment, no consumer-group
+  coordination) and records, in the same transaction as the ops, each partition's next
+  offset and highest applied position (``consumer_progress``).  A crash anywhere therefore
+  neither loses nor doubles anything: at start-up the engine seeks to the offsets the store
+  committed.  (Kafka consumer groups would add rebalancing, and offsets committed to Kafka
+  could only be committed *after* the store's commit, leaving a window for re-delivery;
+  with tansu, groups also form slowly.)  Kafka's own committed offsets are not used.
+- **One engine per store and consumer group.**  Several relay processes may run the engine;
+  the first takes a PostgreSQL advisory lock (:meth:`PgBucketStore.acquire_leadership`)
+  and works, the others stand by and retry every few seconds; the lock is tied to the
+  connection the leader writes with, so a leader that lost it cannot write any more.
+- **Dedup.**  Events at or below their partition's applied position are skipped from the
+  Kafka header alone, without decoding (re-sent duplicates, see docs/cdc.md); the store
+  additionally ignores events at or below their row's or table's last applied position.
+- **Order.**  Records of one partition arrive in position order; a batch gathered from
+  several partitions is sorted by position before it is applied.  Across partitions the
+  store's per-row positions, tombstones and per-table truncate positions keep the result
+  right when one partition runs ahead of another (key changes, truncates).
+- **Schemas** come from ``{prefix}._schemas`` (read at start, re-read when an unknown
+  fingerprint shows up; the cdc daemon commits a schema in the same Kafka transaction as
+  the first event using it).  Avro field names are mapped back to column names
+  (``pg.name``), so rules always see PostgreSQL column names.
+
+Threading: :meth:`BucketEngine.run` runs in one thread and starts one reader thread, the
+only user of the Kafka consumers, which polls, dedups by header, decodes and hands batches
+over a queue of two; the calling thread applies them to the store.  So reading and
+decoding batch *n+1* overlaps with the store's transaction for batch *n* (the GIL is
+released while PostgreSQL works).  :meth:`BucketEngine.request_stop` may be called from
+any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from core.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
+from core.errors import DecodeError
+from relay.downstream.bucket_store import ChangeKind, PartitionProgress, Position, RowChange
+from relay.downstream.pg_bucket_store import LeadershipLost, PgBucketStore, StoreError
+from relay.downstream.rules import Rules, TableInfo
+from relay.errors import EngineError
+
+__all__ = [
+    "BucketEngine",
+    "EngineError",
+    "EngineStats",
+    "EventDecoder",
+    "SchemaLog",
+    "table_infos_from_catalog",
+    "table_infos_from_registry",
+    "table_infos_from_schemas",
+]
+
+log = logging.getLogger(__name__)
+
+_UNCHANGED = "unchanged"
+FETCH_MAX_WAIT_MS = 50
+"""How long the broker may hold an empty fetch (engine, applier, outcome feed)."""
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def _value_schema_tables(schema: Mapping[str, Any]) -> tuple[str, TableInfo] | None:
+    """``(schema.table, TableInfo)`` of a change-event value schema; None for other schemas."""
+    if schema.get("type") != "record" or "pg.table" not in schema:
+        return None
+    if not str(schema.get("name", "")).endswith("Envelope"):
+        return None
+    row = None
+    for f in schema.get("fields", ()):
+        if f.get("name") == "before":
+            for branch in f.get("type", ()):
+                if isinstance(branch, dict) and branch.get("type") == "record":
+                    row = branch
+    if row is None:
+        return None
+    columns = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"])
+    key = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"] if f.get("pg.key"))
+    temporal = tuple(
+        (str(f.get("pg.name", f["name"])), kind)
+        for f in row["fields"]
+        if (kind := _temporal_kind(f.get("type"))) is not None
+    )
+    return f"{schema['pg.schema']}.{schema['pg.table']}", TableInfo(columns, key, temporal)
+
+
+_LOGICAL_KINDS: Final = {
+    "date": "date",
+    "time-micros": "time",
+    "local-timestamp-micros": "timestamp",
+    "timestamp-micros": "timestamptz",
+}
+
+
+def _temporal_kind(avro_type: Any) -> str | None:
+    """``date``/``time``/``timestamp``/``timestamptz`` for a field whose (union) type has
+    that Avro logical type (domains over them included), else None."""
+    for branch in avro_type if isinstance(avro_type, list) else [avro_type]:
+        if isinstance(branch, Mapping):
+            kind = _LOGICAL_KINDS.get(str(branch.get("logicalType")))
+            if kind is not None:
+                return str(kind)
+    return None
+
+
+def table_infos_from_schemas(schemas: Iterable[str | Mapping[str, Any]]) -> dict[str, TableInfo]:
+    """Columns and primary keys of every table with a value schema among ``schemas``
+    (JSON texts or parsed), the later schema of a table winning (pass them in the order
+    of ``{prefix}._schemas``)."""
+    out: dict[str, TableInfo] = {}
+    for s in schemas:
+        parsed = json.loads(s) if isinstance(s, str) else s
+        if isinstance(parsed, Mapping):
+            found = _value_schema_tables(parsed)
+            if found is not None:
+                out[found[0]] = found[1]
+    return out
+
+
+def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
+    """:func:`table_infos_from_schemas` over every schema of ``registry``, in the order they
+    were added (SchemaRegistry keeps insertion order; it has no public iterator, so this
+    reads its JSON map)."""
+    texts: Mapping[bytes, str] = getattr(registry, "_json", {})
+    return table_infos_from_schemas(texts.values())
+
+
+_CATALOG_QUERY = """
+select n.nspname || '.' || c.relname,
+       array(select a.attname::text from pg_attribute a
+             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped order by a.attnum),
+       array(select a.attname::text from pg_index i
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+             where i.indrelid = c.oid and i.indisprimary
+             order by array_position(i.indkey::int2[], a.attnum)),
+       array(select a.attname::text || ':' || bt.typname from pg_attribute a
+             join pg_type t on t.oid = a.atttypid
+             join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype
+                                             else t.oid end
+             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+               and bt.typname in ('date', 'time', 'timestamp', 'timestamptz')
+             order by a.attnum)
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema')
+  and n.nspname not like 'pg_toast%%'
+"""
+
+
+def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str, TableInfo]:
+    """Columns and primary keys of every table of the captured database (catalog read only)."""
+    import psycopg
+
+    kw: dict[str, Any] = {"connect_timeout": 10}
+    if password:
+        kw["password"] = password
+    try:
+        with psycopg.connect(dsn, autocommit=True, **kw) as conn:
+            return table_infos_from_conn(conn)
+    except psycopg.Error as exc:
+        raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
+
+
+def table_infos_from_conn(conn: Any) -> dict[str, TableInfo]:
+    """:func:`table_infos_from_catalog` on an open connection (psycopg errors propagate)."""
+    rows = conn.execute(_CATALOG_QUERY).fetchall()
+    return {
+        str(name): TableInfo(
+            tuple(cols), tuple(key), tuple(tuple(t.split(":", 1)) for t in temporal)
+        )
+        for name, cols, key, temporal in rows
+    }
+
+
+class SchemaLog:
+    """The schemas of ``{prefix}._schemas``, read incrementally into a SchemaRegistry."""
+
+    def __init__(self, kafka: Mapping[str, Any], prefix: str) -> None:
+        from kafka import KafkaConsumer
+
+        self.topic = f"{prefix}._schemas"
+        self.registry = SchemaRegistry()
+        self.texts: list[str] = []
+        self._consumer = KafkaConsumer(
+            **kafka, enable_auto_commit=False, isolation_level="read_committed"
+        )
+        self._assigned = False
+
+    def refresh(self, timeout: float = 10.0) -> int:
+        """Read every schema committed so far; returns how many were new."""
+        from kafka import TopicPartition
+
+        deadline = time.monotonic() + timeout
+        if not self._assigned:
+            parts = self._consumer.partitions_for_topic(self.topic)
+            if not parts:
+                return 0
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            self._consumer.assign(tps)
+            self._consumer.seek_to_beginning(*tps)
+            self._assigned = True
+        tps = list(self._consumer.assignment())
+        ends = self._consumer.end_offsets(tps)
+        added = 0
+        while time.monotonic() < deadline and any(
+            self._consumer.position(tp) < ends[tp] for tp in tps
+        ):
+            for records in self._consumer.poll(timeout_ms=200).values():
+                for r in records:
+                    if r.value:
+                        text = r.value.decode("utf-8")
+                        fp = self.registry.add(text)
+                        self.texts.append(text)
+                        added += 1 if fp else 0
+        return added
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class EventDecoder:
+    """Change-event value bytes → :class:`RowChange` (column names, key tuples)."""
+
+    def __init__(self, registry: SchemaRegistry, rules: Rules) -> None:
+        self.registry = registry
+        self.rules = rules
+        self._renames: dict[bytes, dict[str, str] | None] = {}
+        self._tables: dict[tuple[str, str], str] = {}
+        self._keys: dict[str, tuple[str, ...] | None] = {}
+
+    def _table(self, source: Mapping[str, Any]) -> str:
+        names = (source["schema"], source["table"])
+        table = self._tables.get(names)
+        if table is None:
+            table = self._tables[names] = f"{names[0]}.{names[1]}"
+        return table
+
+    def _key_of(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        """``rules.key_of``, without its lookups for a one-column key present in the row."""
+        columns = self._keys.get(table, ())
+        if columns == ():
+            try:
+                columns = self._keys[table] = self.rules.table_info(table).key
+            except KeyError:
+                columns = self._keys[table] = None
+        if columns is not None and len(columns) == 1 and columns[0] in row:
+            return (row[columns[0]],)
+        return self.rules.key_of(table, row)
+
+    def _rename(self, fp: bytes) -> dict[str, str] | None:
+        if fp not in self._renames:
+            schema = json.loads(self.registry.schema_json(fp))
+            mapping: dict[str, str] = {}
+            for f in schema.get("fields", ()):
+                if f.get("name") != "before":
+                    continue
+                for branch in f.get("type", ()):
+                    if isinstance(branch, dict) and branch.get("type") == "record":
+                        for col in branch["fields"]:
+                            mapping[col["name"]] = str(col.get("pg.name", col["name"]))
+            same = all(k == v for k, v in mapping.items())
+            self._renames[fp] = None if same else mapping
+        return self._renames[fp]
+
+    def change(self, value: bytes, position: Position | None = None) -> RowChange:
+        """Decode one event; raises DecodeError (unknown fingerprint included).  Without
+        ``position`` (no header), the event's ``source`` gives it."""
+        event = decode(value, self.registry)
+        fp = bytes(value[2:10])
+        rename = self._renames[fp] if fp in self._renames else self._rename(fp)
+        source = event["source"]
+        if position is None:
+            position = (int(source["commit_lsn"]), int(source["seq"]))
+        table = self._table(source)
+        op = event["op"]
+        origin = source.get("origin")
+        if op == "t":
+            return RowChange(table, ChangeKind.TRUNCATE, position, origin=origin)
+        after = _renamed(event.get("after"), rename)
+        before = _renamed(event.get("before"), rename)
+        if op == "d":
+            if before is None:
+                raise DecodeError(f"{table}: delete at {position} carries no old key")
+            key = self._key_of(table, before)
+            return RowChange(table, ChangeKind.DELETE, position, key, origin=origin)
+        if after is None:
+            raise DecodeError(f"{table}: op {op!r} at {position} carries no row")
+        key = self._key_of(table, after)
+        listed = event.get(_UNCHANGED)
+        unchanged = tuple(rename.get(c, c) if rename else c for c in listed) if listed else ()
+        old_key = None
+        if before is not None:
+            previous = self._key_of(table, before)
+            old_key = previous if previous != key else None
+        full_before = before if event.get("before_kind") == "full" else None
+        return RowChange(
+            table,
+            ChangeKind.UPSERT,
+            position,
+            key,
+            after,
+            old_key=old_key,
+            unchanged=unchanged,
+            before=full_before,
+            insert=op == "c",
+            origin=origin,
+        )
+
+
+def _renamed(row: Any, rename: Mapping[str, str] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    if rename is None:
+        return row if type(row) is dict else dict(row)  # decoded afresh: no copy needed
+    return {rename.get(k, k): v for k, v in row.items()}
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started."""
+
+    records: int = 0
+    skipped_by_position: int = 0
+    changes: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    ops: int = 0
+    batches: int = 0
+    apply_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class BucketEngine:
+    """Consumes the change topics of the tables ``rules`` places into ``store``.
+
+    ``kafka``: kafka-python client arguments (bootstrap servers, security), e.g.
+    :meth:`relay.settings.RelaySettings.kafka_client_kwargs`.
+    """
+
+    def __init__(
+        self,
+        store: PgBucketStore,
+        rules: Rules,
+        *,
+        kafka: Mapping[str, Any],
+        prefix: str,
+        batch_max_events: int = 5000,
+        batch_max_ms: int = 50,
+        topic_refresh_s: float = 10.0,
+        compact_interval_s: float = 300.0,
+        standby_retry_s: float = 2.0,
+        schema_wait_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.kafka = dict(kafka)
+        self.prefix = prefix
+        self.batch_max_events = batch_max_events
+        self.batch_max_ms = batch_max_ms
+        self.topic_refresh_s = topic_refresh_s
+        self.compact_interval_s = compact_interval_s
+        self.standby_retry_s = standby_retry_s
+        self.schema_wait_s = schema_wait_s
+        self.stats = EngineStats()
+        self.leading = threading.Event()
+        self._stop = threading.Event()
+        self._consumer: Any = None
+        self._schemas: SchemaLog | None = None
+        self._decoder: EventDecoder | None = None
+        self._progress: dict[tuple[str, int], PartitionProgress] = {}
+        self._topics: dict[str, str] = {
+            f"{prefix}.{table}": table for table in sorted(rules.tables)
+        }
+        self._assigned_topics: set[str] = set()
+        self._last_topic_check = 0.0
+        self._caught_up: Position | None = None
+        self._max_position: Position = (0, 0)
+        self._seen: dict[tuple[str, int], PartitionProgress] = {}
+        self._batches: queue.Queue[_Batch | _Idle | BaseException] = queue.Queue(maxsize=2)
+        self._reader: threading.Thread | None = None
+        self._reader_stop = threading.Event()
+        self._idle_at_end = False
+
+    # ---- lifecycle
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Migrate the store, then lead (consume and apply) or stand by, until stopped.
+
+        A lost store connection (PostgreSQL restarted or unreachable: psycopg's
+        ``OperationalError``, e.g. ``AdminShutdown``), a store or engine error and a Kafka
+        error end the current term; the engine retries with a backoff, migration included,
+        so a PostgreSQL restart never stops the relay's engine for good."""
+        import psycopg
+
+        backoff = 0.5
+        migrated = False
+        while not self._stop.is_set():
+            try:
+                if not migrated:
+                    self.store.migrate()
+                    migrated = True
+                if not self.store.acquire_leadership():
+                    self._stop.wait(self.standby_retry_s)
+                    continue
+                log.info("bucket engine: leading (group %s)", self.store.group)
+                self.leading.set()
+                self._lead()
+                backoff = 0.5
+            except (StoreError, EngineError, LeadershipLost, psycopg.OperationalError) as exc:
+                log.error("bucket engine: %s; retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except Exception as exc:
+                if not _is_kafka_error(exc):
+                    raise
+                log.error("bucket engine: Kafka: %s; retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            finally:
+                self.leading.clear()
+                self._close_consumers()
+                if self._stop.is_set():
+                    with contextlib.suppress(StoreError, psycopg.OperationalError):
+                        self.store.release_leadership()
+
+    def _lead(self) -> None:
+        self._open()
+        last_compact = time.monotonic()
+        while not self._stop.is_set():
+            self.step()
+            if (
+                self.compact_interval_s
+                and time.monotonic() - last_compact > self.compact_interval_s
+            ):
+                self.maintain()
+                last_compact = time.monotonic()
+
+    def open(self) -> None:
+        """Connect to Kafka, load the offsets from the store and start the reader thread
+        (done by :meth:`step` when needed)."""
+        self._open()
+
+    def _open(self) -> None:
+        from kafka import KafkaConsumer
+
+        self._close_consumers()
+        self._progress = self.store.load_offsets()
+        self._schemas = SchemaLog(self.kafka, self.prefix)
+        self._schemas.refresh()
+        self._decoder = EventDecoder(self._schemas.registry, self.rules)
+        self._consumer = KafkaConsumer(
+            **self.kafka,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_poll_records=self.batch_max_events,
+            # the broker answers an empty fetch after this long: it bounds how late a change
+            # that arrives on an idle topic is seen (kafka-python's default is 500 ms)
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        )
+        self._assigned_topics = set()
+        self._last_topic_check = 0.0
+        self._seen = dict(self._progress)
+        self._assign()
+        self._batches = queue.Queue(maxsize=2)
+        self._reader_stop = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read_loop, name="bucket-engine-reader", daemon=True
+        )
+        self._reader.start()
+
+    def _close_consumers(self) -> None:
+        if self._reader is not None:
+            self._reader_stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._batches.get_nowait()
+            self._reader.join(30)
+            self._reader = None
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except Exception as exc:  # closing must not hide the original problem
+                log.debug("closing the Kafka consumer: %s", exc)
+            self._consumer = None
+        if self._schemas is not None:
+            try:
+                self._schemas.close()
+            except Exception as exc:
+                log.debug("closing the schema consumer: %s", exc)
+            self._schemas = None
+
+    def close(self) -> None:
+        self._close_consumers()
+
+    def _assign(self) -> None:
+        """Assign the partitions of every change topic that exists (new ones included)."""
+        from kafka import TopicPartition
+
+        self._last_topic_check = time.monotonic()
+        missing = [t for t in self._topics if t not in self._assigned_topics]
+        if not missing:
+            return
+        existing = self._consumer.topics()
+        new = [t for t in missing if t in existing]
+        if not new:
+            return
+        tps = list(self._consumer.assignment())
+        fresh: list[Any] = []
+        for topic in new:
+            parts = self._consumer.partitions_for_topic(topic) or set()
+            fresh.extend(TopicPartition(topic, p) for p in sorted(parts))
+        self._consumer.assign(tps + fresh)
+        for tp in fresh:
+            done = self._progress.get((tp.topic, tp.partition))
+            if done is None:
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, done.next_offset)
+        self._assigned_topics.update(new)
+        log.info("bucket engine: consuming %s", ", ".join(sorted(new)))
+
+    # ---- work
+
+    def step(self, timeout: float = 1.0) -> int:
+        """Apply the next batch the reader thread has prepared (waiting up to ``timeout``
+        seconds); returns the number of records it covered (0 when the reader found nothing
+        new).  Reading, decoding and the next batch's preparation overlap with the store's
+        transaction."""
+        if self._consumer is None:
+            self._open()
+        try:
+            item = self._batches.get(timeout=timeout)
+        except queue.Empty:
+            return 0
+        if isinstance(item, BaseException):
+            self._reader = None  # it has exited
+            raise item
+        if isinstance(item, _Idle):
+            self._idle_at_end = item.at_end
+            if item.at_end:
+                self._caught_up = item.position
+            return 0
+        self._idle_at_end = False
+        t0 = time.perf_counter()
+        result = self.store.apply(self.rules, item.changes, item.progress)
+        self.stats.apply_s += time.perf_counter() - t0
+        self._progress.update(item.progress)
+        self.stats.batches += 1
+        self.stats.changes += len(item.changes)
+        self.stats.duplicates += result.skipped_duplicates
+        self.stats.errors += result.skipped_errors
+        self.stats.ops += result.ops
+        return item.records
+
+    # ---- the reader thread: the only user of the Kafka consumers once started
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._reader_stop.is_set():
+                missing = len(self._assigned_topics) < len(self._topics)
+                since = time.monotonic() - self._last_topic_check
+                if since > (0.5 if missing else self.topic_refresh_s):
+                    self._assign()
+                records = self._poll_batch()
+                item: _Batch | _Idle
+                if records:
+                    changes, progress = self._changes(records)
+                    item = _Batch(changes, progress, len(records))
+                else:
+                    item = _Idle(self._at_end(), self._max_position)
+                while not self._reader_stop.is_set():
+                    try:
+                        self._batches.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the applying thread, which raises it
+            with contextlib.suppress(queue.Full):
+                self._batches.put(exc, timeout=5)
+
+    def _poll_batch(self) -> list[Any]:
+        out: list[Any] = []
+        deadline = time.monotonic() + self.batch_max_ms / 1000
+        timeout_ms = max(self.batch_max_ms, 100)
+        while len(out) < self.batch_max_events:
+            batch = self._consumer.poll(
+                timeout_ms=timeout_ms, max_records=self.batch_max_events - len(out)
+            )
+            got = [r for recs in batch.values() for r in recs]
+            out.extend(got)
+            if not got or time.monotonic() >= deadline:
+                break
+            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        return out
+
+    def _changes(
+        self, records: Sequence[Any]
+    ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress]]:
+        assert self._decoder is not None
+        t0 = time.perf_counter()
+        # per partition: [next offset, highest position]; PartitionProgress made at the end
+        reached: dict[tuple[str, int], list[Any]] = {}
+        changes: list[RowChange] = []
+        skipped = 0
+        for r in records:
+            tp = (r.topic, r.partition)
+            at = reached.get(tp)
+            if at is None:
+                seen = self._seen.get(tp) or PartitionProgress(0)
+                at = reached[tp] = [seen.next_offset, seen.position]
+            position = _header_position(r)
+            if r.value is not None and position is None:
+                position = self._decode(r.value, None).position
+            at[0] = r.offset + 1
+            if position is None or position <= at[1] or r.value is None:
+                skipped += 1
+                continue
+            at[1] = position
+            changes.append(self._decode(r.value, position))
+        self.stats.records += len(records)
+        self.stats.skipped_by_position += skipped
+        progress = {tp: PartitionProgress(o, p) for tp, (o, p) in reached.items()}
+        if changes:
+            changes.sort(key=_position_of)
+            if changes[-1].position > self._max_position:
+                self._max_position = changes[-1].position
+        self._seen.update(progress)
+        self.stats.decode_s += time.perf_counter() - t0
+        return changes, progress
+
+    def _decode(self, value: bytes, position: Position | None) -> RowChange:
+        assert self._decoder is not None and self._schemas is not None
+        try:
+            return self._decoder.change(value, position)
+        except DecodeError as exc:
+            if "unknown Avro schema fingerprint" not in str(exc):
+                raise EngineError(f"cannot decode the change event at {position}: {exc}") from exc
+        deadline = time.monotonic() + self.schema_wait_s
+        while time.monotonic() < deadline:
+            self._schemas.refresh(timeout=2.0)
+            try:
+                return self._decoder.change(value, position)
+            except DecodeError as exc:
+                if "unknown Avro schema fingerprint" not in str(exc):
+                    raise EngineError(
+                        f"cannot decode the change event at {position}: {exc}"
+                    ) from exc
+            time.sleep(0.2)
+        raise EngineError(
+            f"the schema of the change event at {position} did not appear in "
+            f"{self._schemas.topic} within {self.schema_wait_s}s"
+        )
+
+    def _at_end(self) -> bool:
+        """Every assigned partition is at its end offset (and every ruled topic that
+        exists is assigned)."""
+        tps = list(self._consumer.assignment())
+        if not tps:
+            return True
+        ends = self._consumer.end_offsets(tps)
+        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
+
+    def maintain(self) -> None:
+        """Compact the bucket logs and purge old tombstones (run by the leader)."""
+        t0 = time.monotonic()
+        result = self.store.compact()
+        purged = 0
+        if self._caught_up is not None and self._caught_up > (0, 0):
+            purged = self.store.purge_tombstones(self._caught_up)
+        log.info(
+            "bucket engine: compacted %d buckets (%d ops), purged %d tombstones in %.1fs",
+            result.buckets,
+            result.ops_deleted,
+            purged,
+            time.monotonic() - t0,
+        )
+
+    def run_until_idle(self, timeout: float = 60.0, idle_polls: int = 2) -> EngineStats:
+        """Lead (without waiting) and consume until every partition is at its end (seen
+        ``idle_polls`` times in a row) or ``timeout``; for tests, benchmarks and batch runs."""
+        self.store.migrate()
+        if not self.store.acquire_leadership():
+            raise EngineError(f"another engine of group {self.store.group!r} is running")
+        if self._consumer is None:
+            self._open()
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline and quiet < idle_polls:
+            if self.step(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+                quiet = 0
+            elif self._idle_at_end:
+                quiet += 1
+        return self.stats
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Batch:
+    changes: list[RowChange]
+    progress: dict[tuple[str, int], PartitionProgress]
+    records: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Idle:
+    at_end: bool
+    position: Position
+
+
+def _header_position(record: Any) -> Position | None:
+    for name, value in record.headers or ():
+        if name == POSITION_HEADER:
+            return parse_position_header(value)
+    return None
+
+
+def _position_of(change: RowChange) -> Position:
+    return change.position
+
+
+def _is_kafka_error(exc: BaseException) -> bool:
+    from kafka.errors import KafkaError
+
+    return isinstance(exc, KafkaError)

@@ -1,0 +1,101 @@
+"""``fieldsync relay applier --config FILE``: run the upstream applier (typer ``app``).
+
+Mount it with ``relay_app.add_typer(applier_cli.app, name="applier")``; it also runs on
+its own (``python -m relay.upstream.applier_cli --config FILE``).  Exit codes: 0 after SIGTERM /
+SIGINT (the current run finishes first), 1 runtime failure, 2 invalid configuration
+(the message names the file and key).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from relay.errors import ConfigError
+from relay.upstream.applier import Applier, ApplierDb, ApplierError
+from relay.upstream.applier_settings import load_applier_settings
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+app = typer.Typer(
+    help="Upstream applier: device journal entries into PostgreSQL.",
+    add_completion=False,
+)
+
+
+@app.callback(invoke_without_command=True)
+def applier(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="relay TOML config (sections relay and journal); FIELDSYNC_<SECTION>_<KEY> env vars override it.",
+        ),
+    ] = None,
+    shard: Annotated[
+        int,
+        typer.Option("--shard", help="which shard this process applies (0..journal.shards-1)."),
+    ] = 0,
+) -> None:
+    """Consume {prefix}._journal into the captured database; publish {prefix}._outcomes."""
+    try:
+        settings = load_applier_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    logging.basicConfig(
+        level=settings.relay.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    j = settings.journal
+    if not 0 <= shard < j.shards:
+        typer.echo(
+            f"error: --shard {shard} is not one of 0..{j.shards - 1} (journal.shards)", err=True
+        )
+        raise typer.Exit(EXIT_CONFIG)
+    db = ApplierDb(
+        settings.applier_dsn(),
+        settings.relay.rules,
+        j.conflicts,
+        password=settings.applier_password(),
+        consumer=j.consumer,
+        shard=shard,
+        shards=j.shards,
+        max_skew_ms=int(j.max_clock_skew_s * 1000),
+    )
+    runner = Applier(
+        db,
+        kafka=settings.kafka_client_kwargs(),
+        prefix=settings.relay.topic_prefix,
+        batch_max_entries=j.batch_max_entries,
+        batch_max_ms=j.batch_max_ms,
+        topic_partitions=j.topic_partitions,
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("applier: signal %d, stopping", signum)
+        runner.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        runner.run()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except ApplierError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_RUNTIME) from None
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,268 @@
+"""The pure change assembler: positions, resume-skipping, streams, relations (value literals)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdc import pgoutput_decoder as m
+from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
+from cdc.errors import DecodeError
+from cdc.kafka_sink import ResumePosition
+from cdc.spill_store import FileSpillStore
+from core.avro_envelope import SchemaRegistry, decode, parse_position_header
+from core.pg_types import BUILTIN_TYPES, TypeInfo
+
+INT4, TEXT = 23, 25
+
+
+class FakeCatalog:
+    def __init__(self, pks: dict[int, tuple[str, ...] | None]) -> None:
+        self.pks = pks
+
+    def lookup(self, oid: int) -> TypeInfo | None:
+        return BUILTIN_TYPES.get(oid)
+
+    def primary_key(self, relation_oid: int) -> tuple[str, ...] | None:
+        return self.pks.get(relation_oid)
+
+
+class MemorySpill:
+    """In-memory SpillStore for pure tests (truncation semantics as the file store)."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, list[m.Message]] = {}
+
+    def append(self, xid: int, message: m.Message) -> None:
+        self.data.setdefault(xid, []).append(message)
+
+    def abort(self, xid: int, subxid: int) -> None:
+        if xid == subxid:
+            self.data.pop(xid, None)
+            return
+        msgs = self.data.get(xid, [])
+        for i, msg in enumerate(msgs):
+            if getattr(msg, "xid", None) == subxid:
+                del msgs[i:]
+                return
+
+    def replay(self, xid: int) -> Iterator[m.Message]:
+        yield from self.data.get(xid, [])
+
+    def discard(self, xid: int) -> None:
+        self.data.pop(xid, None)
+
+    def open_xids(self) -> Sequence[int]:
+        return list(self.data)
+
+
+REL = m.Relation(
+    None,
+    16384,
+    "public",
+    "t",
+    m.ReplicaIdentity.DEFAULT,
+    (m.RelationColumn("id", INT4, -1, True), m.RelationColumn("v", TEXT, -1, False)),
+)
+
+
+def make(resume: ResumePosition | None = None, spill: Any = None) -> ChangeAssembler:
+    return ChangeAssembler(
+        db="db",
+        topic_prefix="fs",
+        catalog=FakeCatalog({16384: ("id",)}),
+        spill=spill or MemorySpill(),
+        resume=resume,
+        clock_us=lambda: 1,
+    )
+
+
+def run(asm: ChangeAssembler, msgs: list[m.Message]) -> list[Any]:
+    out: list[Any] = []
+    for i, msg in enumerate(msgs):
+        out.extend(asm.feed(msg, 1000 + i))
+    return out
+
+
+def txn(xid: int, lsn: int, *changes: m.Message) -> list[m.Message]:
+    return [m.Begin(lsn, 5_000_000, xid), *changes, m.Commit(0, lsn, lsn + 8, 5_000_000)]
+
+
+def ins(i: int, xid: int | None = None) -> m.Insert:
+    return m.Insert(xid, 16384, (str(i), f"v{i}"))
+
+
+def events(out: list[Any]) -> list[OutEvent]:
+    return [o for o in out if isinstance(o, OutEvent)]
+
+
+def decoded(out: list[Any]) -> list[dict[str, Any]]:
+    reg = SchemaRegistry()
+    for o in out:
+        if isinstance(o, OutSchema):
+            reg.add(o.schema_json)
+    return [decode(e.value, reg) for e in events(out)]
+
+
+def test_positions_topics_and_schemas_first() -> None:
+    out = run(
+        make(),
+        [
+            REL,
+            *txn(7, 100, ins(1), ins(2)),
+            *txn(8, 200, m.Delete(None, 16384, ("1", None), m.OldTupleKind.KEY)),
+        ],
+    )
+    assert isinstance(out[0], OutSchema) and isinstance(out[1], OutSchema)
+    ev = events(out)
+    assert [(e.topic, e.commit_lsn, e.seq) for e in ev] == [
+        ("fs.public.t", 100, 0),
+        ("fs.public.t", 100, 1),
+        ("fs.public.t", 200, 0),
+    ]
+    assert [parse_position_header(dict(e.headers)["fieldsync.pos"]) for e in ev] == [
+        (100, 0),
+        (100, 1),
+        (200, 0),
+    ]
+    ends = [o for o in out if isinstance(o, TxnEnd)]
+    assert [(t.commit_lsn, t.end_lsn, t.events) for t in ends] == [(100, 108, 2), (200, 208, 1)]
+    vals = decoded(out)
+    assert [v["op"] for v in vals] == ["c", "c", "d"]
+    assert (
+        vals[2]["before"]["id"] == 1
+        and vals[0]["source"]["txid"] == 7
+        and vals[0]["source"]["commit_ts_us"] == 5_000_000
+    )
+
+
+def test_resume_skips_complete_and_partial_transactions() -> None:
+    msgs = [
+        REL,
+        *txn(7, 100, ins(1), ins(2)),
+        *txn(8, 200, ins(3), ins(4), ins(5)),
+        *txn(9, 300, ins(6)),
+    ]
+    # Kafka holds all of txn 100 and seq 0..1 of txn 200
+    out = run(make(ResumePosition(200, 1, False)), msgs)
+    assert [(e.commit_lsn, e.seq) for e in events(out)] == [(200, 2), (300, 0)]
+    # every transaction still ends, so the slot can be confirmed past skipped ones
+    assert [t.commit_lsn for t in out if isinstance(t, TxnEnd)] == [100, 200, 300]
+    out = run(make(ResumePosition(200, 2, True)), msgs)
+    assert [(e.commit_lsn, e.seq) for e in events(out)] == [(300, 0)]
+
+
+def test_origin_from_message_and_replication_origin() -> None:
+    out = run(
+        make(),
+        [
+            REL,
+            *txn(
+                7, 100, m.LogicalMessage(None, True, 90, "fieldsync.origin", b"device:d9"), ins(1)
+            ),
+            *txn(8, 200, m.Origin(5, "node-b"), ins(2)),
+            *txn(9, 300, ins(3)),
+        ],
+    )
+    assert [v["source"]["origin"] for v in decoded(out)] == ["device:d9", "pg-origin:node-b", None]
+
+
+def test_streamed_transaction_with_subtransaction_abort() -> None:
+    spill = MemorySpill()
+    asm = make(spill=spill)
+    msgs: list[m.Message] = [
+        REL,
+        m.StreamStart(50, True),
+        ins(1, 50),
+        ins(2, 51),
+        m.StreamStop(),
+        *txn(60, 150, ins(100)),  # interleaved small transaction commits first
+        m.StreamStart(50, False),
+        ins(3, 52),
+        m.StreamStop(),
+        m.StreamAbort(
+            50, 51, None, None
+        ),  # savepoint 51 rolled back: drops 2 and everything after it
+        m.StreamStart(50, False),
+        ins(4, 50),
+        m.StreamStop(),
+        m.StreamCommit(50, 0, 400, 408, 9),
+        m.StreamStart(70, True),
+        ins(9, 70),
+        m.StreamStop(),
+        m.StreamAbort(70, 70, None, None),
+    ]
+    out = run(asm, msgs)
+    ev = events(out)
+    assert [(e.commit_lsn, e.seq) for e in ev] == [(150, 0), (400, 0), (400, 1)]
+    assert [v["after"]["id"] for v in decoded(out)] == [100, 1, 4]
+    assert spill.open_xids() == []
+
+
+def test_unknown_relation_and_orphan_commit_raise_with_lsn() -> None:
+    with pytest.raises(DecodeError, match="relation oid 99"):
+        run(make(), [m.Begin(10, 0, 1), m.Insert(None, 99, ("1",))])
+    with pytest.raises(DecodeError, match="Commit without Begin"):
+        run(make(), [m.Commit(0, 10, 18, 0)])
+
+
+def test_relation_change_makes_a_new_schema() -> None:
+    rel2 = m.Relation(
+        None,
+        16384,
+        "public",
+        "t",
+        m.ReplicaIdentity.DEFAULT,
+        (*REL.columns, m.RelationColumn("w", INT4, -1, False)),
+    )
+    out = run(
+        make(),
+        [REL, *txn(1, 100, ins(1)), rel2, *txn(2, 200, m.Insert(None, 16384, ("2", "x", "3")))],
+    )
+    schemas = [o for o in out if isinstance(o, OutSchema)]
+    assert len({s.fingerprint for s in schemas}) == 3  # key + two value versions (key unchanged)
+    assert decoded(out)[1]["after"] == {"id": 2, "v": "x", "w": 3}
+
+
+def test_file_spill_store_truncates_subtransactions(tmp_path: Path) -> None:
+    store = FileSpillStore(tmp_path)
+    for msg in (ins(1, 5), ins(2, 6), ins(3, 7), ins(4, 5)):
+        store.append(5, msg)
+    store.abort(5, 7)
+    assert [x.new[0] for x in store.replay(5) if isinstance(x, m.Insert)] == ["1", "2"]
+    store.append(5, ins(8, 5))
+    store.abort(5, 6)
+    assert [x.new[0] for x in store.replay(5) if isinstance(x, m.Insert)] == ["1"]
+    store.discard(5)
+    assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=8), st.data())
+def test_resume_never_duplicates_or_loses(sizes: list[int], data: st.DataObject) -> None:
+    """Property: for any resume point, skipped + emitted events == all events, no overlap."""
+    msgs: list[m.Message] = [REL]
+    all_pos = []
+    n = 0
+    for t, size in enumerate(sizes):
+        lsn = 100 * (t + 1)
+        changes = []
+        for s in range(size):
+            changes.append(ins(n))
+            all_pos.append((lsn, s))
+            n += 1
+        msgs += txn(t + 1, lsn, *changes)
+    cut = data.draw(st.integers(min_value=0, max_value=len(all_pos)))
+    if cut == 0:
+        resume = None
+    else:
+        lsn, seq = all_pos[cut - 1]
+        complete = cut == len(all_pos) or all_pos[cut][0] != lsn
+        resume = ResumePosition(lsn, seq, complete)
+    got = [(e.commit_lsn, e.seq) for e in events(run(make(resume), msgs))]
+    assert got == all_pos[cut:]
