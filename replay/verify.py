@@ -104,22 +104,7 @@ def verify(
         lsn = 0
         try:
             while True:
-                lsn = side.snapshot()
-                try:
-                    wait_for_slot(probe, pg, lsn, wait_s)
-                    reader.refresh_ends()
-                    for ev in reader.events(stop=Bound(position=(lsn - 1, MAX_SEQ))):
-                        state.apply(ev)
-                    if reader.at_end():
-                        state.finish()
-                    counters["rows"] = counters["not_carried"] = 0
-                    found: list[RowDiff] = []
-                    for name in todo:
-                        found += compare_table(
-                            catalog, state.tables.get(name), name, side.table(name), counters
-                        )
-                finally:
-                    side.end()
+                lsn, found = _round(probe, pg, side, reader, state, todo, wait_s, counters)
                 if attempt == 0:
                     rows_compared = counters["rows"]
                     not_carried = counters["not_carried"]
@@ -148,6 +133,38 @@ def verify(
         if side is not None:
             side.close()
         probe.close()
+
+
+def _round(
+    probe: Any,
+    pg: PgTarget,
+    side: PgSide,
+    reader: LogReader,
+    state: LogState,
+    todo: Sequence[str],
+    wait_s: float,
+    counters: dict[str, int],
+) -> tuple[int, list[RowDiff]]:
+    """One snapshot of PostgreSQL at WAL position ``L``: wait until cdc has confirmed
+    ``L``, apply the log's events before it, compare the tables in ``todo``; returns ``L``
+    and the differences."""
+    lsn = side.snapshot()
+    try:
+        wait_for_slot(probe, pg, lsn, wait_s)
+        reader.refresh_ends()
+        for ev in reader.events(stop=Bound(position=(lsn - 1, MAX_SEQ))):
+            state.apply(ev)
+        if reader.at_end():
+            state.finish()
+        counters["rows"] = counters["not_carried"] = 0
+        found: list[RowDiff] = []
+        for name in todo:
+            found += compare_table(
+                state.catalog, state.tables.get(name), name, side.table(name), counters
+            )
+        return lsn, found
+    finally:
+        side.end()
 
 
 def render_diff(report: VerifyReport, max_rows: int = 20) -> str:
