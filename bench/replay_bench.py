@@ -19,15 +19,15 @@ Cases, each reading the whole topic from the beginning with the same consumer se
 (``read_committed``, 10,000 records per poll, 16 MiB per partition fetch):
 
 1. ``raw read``: kafka-python records, touching each value's bytes (the limit);
-2. ``replay decode``: :class:`replay.audit.LogReader` (position header, dedup check,
+2. ``replay decode``: :class:`replay.log_reader.LogReader` (position header, dedup check,
    ``core.avro_envelope.decode`` of every value, one :class:`ChangeEvent` each), decoding
    in the reading process (the default below 4 CPUs); once more (one run, against a raw
    run just before it) with one decode worker process (the default from 4 CPUs);
-3. ``as-of, end of log``: :func:`replay.audit.state_as_of` (decode and apply every event:
+3. ``as-of, end of log``: :func:`replay.state.state_as_of` (decode and apply every event:
    the tables' rows at the end);
 4. ``as-of, middle``: the same, stopping at the position of the middle event;
-5. ``as-of → sqlite``: writing case 3's state with :func:`replay.audit.write_state`;
-6. ``history, one row``: :func:`replay.audit.row_history` of one key over the whole log
+5. ``as-of → sqlite``: writing case 3's state with :func:`replay.output.write_state`;
+6. ``history, one row``: :func:`replay.history.row_history` of one key over the whole log
    (only matching keys are decoded).
 
 Cases 1 and 2 alternate ``--repeat`` times (3).  Each replay run is compared with the
@@ -57,19 +57,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import replay.audit  # noqa: E402
+import replay.log_reader  # noqa: E402
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
 from core.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
 from devtools.local_services import EmbeddedBroker  # noqa: E402
-from replay.audit import (  # noqa: E402
-    Bound,
-    KeySpec,
-    LogReader,
-    LogSource,
-    row_history,
-    state_as_of,
-    write_state,
-)
+from replay.bounds import Bound  # noqa: E402
+from replay.history import row_history  # noqa: E402
+from replay.keys import KeySpec  # noqa: E402
+from replay.log_reader import LogReader  # noqa: E402
+from replay.log_source import LogSource  # noqa: E402
+from replay.output import write_state  # noqa: E402
+from replay.state import state_as_of  # noqa: E402
 
 TABLE = "public.work_orders"
 COLUMNS = [
@@ -233,7 +231,7 @@ def raw_read(source: LogSource, prefix: str) -> tuple[int, float]:
 
 
 def replay_read(source: LogSource, workers: int = 0) -> tuple[int, float]:
-    replay.audit.PARALLEL_MIN_RECORDS = 0  # the worker decodes whatever the size
+    replay.log_reader.PARALLEL_MIN_RECORDS = 0  # the worker decodes whatever the size
     started = time.perf_counter()
     n = 0
     with LogReader(source, [TABLE], workers=workers) as reader:

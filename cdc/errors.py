@@ -17,15 +17,10 @@ the boundary with ``raise ... from exc``.
         ├── SinkError                Kafka side
         │   └── SinkUnavailable      broker unreachable / timed out (retryable)
         ├── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
-        ├── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
-        │                            invalid WHERE clause (says which and where)
-        └── ReplayError              replay (the CLI maps each to an exit code)
-            ├── UnknownTable         the log holds no such table (lists those it holds)
-            ├── NoEvents             empty range, or a key without history
-            ├── LogUnavailable       broker unreachable, or it stopped answering mid-read
-            │   └── LogIncomplete    partitions not readable to their end (names topic, partition, offsets)
-            ├── DatabaseUnavailable  PostgreSQL unreachable (verify)
-            └── LogBehind            cdc has not reached PostgreSQL's position within the wait
+        └── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
+                                     invalid WHERE clause (says which and where)
+
+The audit tool's errors (``ReplayError`` and its subclasses) are in :mod:`replay.errors`.
 """
 
 from __future__ import annotations
@@ -73,37 +68,3 @@ class ServiceError(CdcError):
 class SnapshotRequestError(CdcError):
     """A re-snapshot request (``fieldsync cdc snapshot``, the signal table) cannot be served:
     unknown or unpublished table, unknown column, a WHERE clause outside the accepted form."""
-
-
-class ReplayError(CdcError):
-    """Base of replay errors (the CLI maps each to an exit code)."""
-
-
-class UnknownTable(ReplayError):
-    """A table that the log does not hold (names it and lists the tables it does hold)."""
-
-
-class NoEvents(ReplayError):
-    """An empty range: the bounds hold no event, or the key has no history."""
-
-
-class LogUnavailable(ReplayError):
-    """The broker cannot be reached or stopped answering in the middle of a read."""
-
-
-class LogIncomplete(LogUnavailable):
-    """The broker answers, but some partitions cannot be read to their end offset (an open
-    Kafka transaction hides the rest): ``unread`` holds ``(topic, partition, first offset,
-    last offset)`` of each range not read."""
-
-    def __init__(self, message: str, unread: list[tuple[str, int, int, int]]) -> None:
-        super().__init__(message)
-        self.unread = unread
-
-
-class DatabaseUnavailable(ReplayError):
-    """PostgreSQL cannot be reached (verify)."""
-
-
-class LogBehind(ReplayError):
-    """cdc has not written up to PostgreSQL's current position within the wait (verify)."""

@@ -1,4 +1,5 @@
-"""``fieldsync replay``: the audit tool over the Kafka change log (thin CLI over replay.audit).
+"""``fieldsync replay``: the audit tool over the Kafka change log (a thin CLI over the
+replay package: replay.history, replay.state, replay.export, replay.verify).
 
 Commands: ``history``, ``as-of``, ``export``, ``verify`` (docs/replay.md).  Settings come
 from the cdc settings file (``--config``; ``[kafka]`` for the log, ``[postgres]`` for
@@ -32,29 +33,23 @@ import typer
 
 from core.errors import ConfigError, FieldsyncError
 from core.positions import format_lsn
-from replay.audit import (
+from replay.bounds import (
     Bound,
-    DatabaseUnavailable,
-    Format,
-    KeySpec,
-    LogBehind,
-    LogSource,
-    LogUnavailable,
-    NoEvents,
-    PgTarget,
-    UnknownTable,
-    export_events,
     format_position,
     format_time,
     parse_bound,
     parse_position,
     parse_time,
-    render_diff,
-    row_history,
-    state_as_of,
-    verify,
-    write_state,
 )
+from replay.errors import DatabaseUnavailable, LogBehind, LogUnavailable, NoEvents, UnknownTable
+from replay.export import export_events
+from replay.history import row_history
+from replay.keys import KeySpec
+from replay.log_source import LogSource
+from replay.output import Format, write_state
+from replay.pg_side import PgTarget
+from replay.state import state_as_of
+from replay.verify import render_diff, verify
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1

@@ -33,22 +33,8 @@ from relay.upstream.journal import (
     encode_outcomes,
     entry_from_json,
 )
-from replay.audit import (
-    MAX_SEQ,
-    Bound,
-    KeySpec,
-    LogCatalog,
-    LogReader,
-    LogSource,
-    LogState,
-    NoEvents,
-    format_position,
-    parse_bound,
-    parse_position,
-    parse_time,
-    read_csv,
-    state_as_of,
-)
+from replay.bounds import MAX_SEQ, Bound, format_position, parse_bound, parse_position, parse_time
+from replay.catalog import LogCatalog
 from replay.cli import (
     EXIT_DIFFERENCES,
     EXIT_EMPTY,
@@ -56,6 +42,12 @@ from replay.cli import (
     EXIT_USAGE,
     app,
 )
+from replay.errors import NoEvents
+from replay.keys import KeySpec
+from replay.log_reader import LogReader
+from replay.log_source import LogSource
+from replay.output import read_csv
+from replay.state import LogState, state_as_of
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_kafka import read_topic
 
@@ -170,11 +162,11 @@ def test_key_spec_forms() -> None:
 def test_csv_keeps_null_apart_from_empty_text(
     tmp_path_factory: Any, rows: list[list[str | None]]
 ) -> None:
-    from replay.audit import _csv_line
+    from replay.output import csv_line
 
     path = tmp_path_factory.mktemp("csv") / "t.csv"
     path.write_text(
-        _csv_line(["a", "b", "c"]) + "".join(_csv_line(r) for r in rows),
+        csv_line(["a", "b", "c"]) + "".join(csv_line(r) for r in rows),
         encoding="utf-8",
         newline="",
     )
@@ -220,7 +212,7 @@ ops_strategy = st.lists(
 def test_state_follows_a_model_of_the_table(ops: list[tuple[str, int, int, str, bool]]) -> None:
     """Applying decoded events gives the rows a dict model of the table has."""
     from core.avro_envelope import decode
-    from replay.audit import ChangeEvent
+    from replay.events import ChangeEvent
 
     codec = _codec("p")
     catalog = LogCatalog("p")
@@ -775,7 +767,7 @@ def test_unknown_table_empty_range_and_broker_down(env: Env, tmp_path: Path) -> 
     result = env.cli("as-of", "--position", "nonsense", "--out", out, code=EXIT_USAGE)
     assert "not a position" in result.stderr
     with pytest.raises(NoEvents, match="empty range"):
-        from replay.audit import export_events
+        from replay.export import export_events
 
         export_events(
             env.source, None, parse_bound("0/20"), parse_bound("0/10"), tmp_path / "y", "jsonl"
@@ -974,7 +966,7 @@ def test_decode_worker_gives_the_same_events_and_resumes_after_a_time_bound(
     reader does; a read ended by a time bound continues where it stopped."""
     from kafka import KafkaProducer
 
-    import replay.audit
+    import replay.log_reader
 
     codec = _codec(env.prefix)
     producer = KafkaProducer(bootstrap_servers=env.bootstrap, acks="all")
@@ -994,7 +986,7 @@ def test_decode_worker_gives_the_same_events_and_resumes_after_a_time_bound(
         producer.flush()
     finally:
         producer.close()
-    monkeypatch.setattr(replay.audit, "PARALLEL_MIN_RECORDS", 0)
+    monkeypatch.setattr(replay.log_reader, "PARALLEL_MIN_RECORDS", 0)
 
     def read(workers: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         with LogReader(env.source, ["t"], workers=workers) as reader:

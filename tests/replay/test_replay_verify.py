@@ -16,8 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from core.avro_envelope import POSITION_HEADER, parse_position_header
-from replay.audit import LogIncomplete, LogReader, LogSource
 from replay.cli import EXIT_DIFFERENCES
+from replay.errors import LogIncomplete
+from replay.log_reader import LogReader
+from replay.log_source import LogSource
 from tests.cdc.cdc_support import running_daemon
 from tests.fix_kafka import read_topic
 from tests.replay.test_replay import Env
@@ -82,7 +84,7 @@ def test_verify_reads_every_partition_of_a_multi_table_log_to_its_end(
     path on which a paused partition stayed silent and the read gave up.)"""
     # a bound below one poll's worth of records (10,000), so every partition of the big
     # transaction reaches it while the consumer holds more of its records
-    monkeypatch.setattr("replay.audit._BUFFER_HIGH", 3_000)
+    monkeypatch.setattr("replay.merge._BUFFER_HIGH", 3_000)
     for t in "abc":
         env.sql(f"create table {t} (id int primary key, v text)")
     with running_daemon(env.settings):

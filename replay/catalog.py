@@ -1,0 +1,117 @@
+"""The log's schemas: what ``{prefix}._schemas`` says about the tables in the log.
+
+cdc publishes every Avro schema it writes with (key and value schemas, docs/events.md)
+to ``{prefix}._schemas`` before the first event that names it.  :class:`LogCatalog` holds
+them as read: the :class:`~core.avro_envelope.SchemaRegistry` that decodes events (each
+event names its schema by fingerprint), and per value schema a :class:`TableVersion`
+(Avro field names, PostgreSQL column names, key columns, column types).  A table's
+schema versions are its value schemas in the order they were published; every event is
+decoded with the schema it names, so topics that hold several versions (ALTER TABLE)
+read correctly.  Schemas published after a read started are picked up by reading the
+topic again (:meth:`replay.log_source.LogSource.catalog` with ``refresh``).
+
+No I/O here; a catalog belongs to the one reader (or report) that built it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from core.avro_envelope import SchemaRegistry
+from relay.upstream.journal import column_types_from_value_schema
+from replay.errors import UnknownTable
+
+__all__ = ["LogCatalog", "TableVersion"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableVersion:
+    """One value schema of a table: Avro field names and PostgreSQL names, row order."""
+
+    fingerprint: bytes
+    table: str  # schema.table
+    fields: tuple[str, ...]
+    columns: tuple[str, ...]
+    key_fields: tuple[str, ...]
+    types: Mapping[str, Any]  # PostgreSQL column name -> relay.upstream.journal.ColumnType
+
+    def column_of(self) -> dict[str, str]:
+        return dict(zip(self.fields, self.columns, strict=True))
+
+
+class LogCatalog:
+    """Schemas and tables of a log (from ``{prefix}._schemas``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.registry = SchemaRegistry()
+        self.versions: dict[bytes, TableVersion] = {}
+        self.tables: dict[str, list[TableVersion]] = {}
+        self._key_names: dict[bytes, dict[str, str]] = {}
+        self.schema_texts: list[str] = []  # as read, for decode workers
+
+    def add(self, schema_json: str) -> None:
+        known = len(self.registry)
+        fp = self.registry.add(schema_json)
+        if len(self.registry) > known:
+            self.schema_texts.append(schema_json)
+        if fp in self.versions:
+            return
+        parsed = json.loads(schema_json)
+        if not isinstance(parsed, dict) or "pg.table" not in parsed:
+            return
+        name = str(parsed.get("name", ""))
+        if name.endswith(".Key"):
+            self._key_names[fp] = {
+                f["name"]: str(f.get("pg.name", f["name"])) for f in parsed.get("fields", ())
+            }
+            return
+        found = column_types_from_value_schema(parsed)
+        row = _row_record(parsed)
+        if found is None or row is None:
+            return
+        fields = tuple(f["name"] for f in row["fields"])
+        version = TableVersion(
+            fingerprint=fp,
+            table=found[0],
+            fields=fields,
+            columns=tuple(str(f.get("pg.name", f["name"])) for f in row["fields"]),
+            key_fields=tuple(f["name"] for f in row["fields"] if f.get("pg.key")),
+            types=found[1],
+        )
+        self.versions[fp] = version
+        self.tables.setdefault(version.table, []).append(version)
+
+    def key_names(self, fp: bytes) -> dict[str, str]:
+        """Avro field name → PostgreSQL name of a key schema."""
+        return self._key_names.get(fp, {})
+
+    def topic(self, table: str) -> str:
+        schema, _, name = table.partition(".")
+        return f"{self.prefix}.{schema}.{name}"
+
+    def resolve(self, name: str) -> str:
+        """``schema.table`` of a table the log holds (``table`` alone: schema public)."""
+        table = name if "." in name else f"public.{name}"
+        if table not in self.tables:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise UnknownTable(
+                f"table {name!r} is not in the log with prefix {self.prefix!r} "
+                f"(tables in the log: {known})"
+            )
+        return table
+
+    def latest(self, table: str) -> TableVersion:
+        return self.tables[table][-1]
+
+
+def _row_record(schema: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for f in schema.get("fields", ()):
+        if f.get("name") == "before":
+            for branch in f.get("type", ()):
+                if isinstance(branch, dict) and branch.get("type") == "record":
+                    return branch
+    return None
