@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from device_agent.apply import max_lsn, term_of, unsigned
+from device_agent.bucket_ops import term_of, unsigned
 from device_agent.local_db import (
     PREFIX,
     LocalTable,
@@ -45,6 +45,7 @@ from device_agent.local_db import (
     q,
     to_sql,
 )
+from device_agent.positions import max_lsn
 from device_agent.visible import Edit, differences, visible_row
 from relay.bucket_store import row_key_text
 

@@ -5,7 +5,7 @@ One sync round (:meth:`Agent.sync_once`):
 1. upload the journal's ``pending`` entries (oldest first, at most
    :data:`UPLOAD_BATCH` per request; each becomes ``sent``, or ``failed`` with the
    relay's reason); a relay without the journal endpoint leaves them pending;
-2. read ``/v1/schema`` and migrate the local tables (local_db.apply_schema);
+2. read ``/v1/schema`` and migrate the local tables (schema_sync.apply_schema);
 3. download changes messages from the stored cursor until one carries a complete
    checkpoint, then apply them in one transaction (device_agent/apply.py), together with
    the outcomes of sent entries read just before the download (so an outcome and the
@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import orjson
 
-from device_agent import local_db, triggers
+from device_agent import local_db, relay_schema, schema_sync, triggers
 from device_agent.apply import ApplyResult, apply_messages, refresh_open_rows, settle
 from device_agent.client import (
     JournalUnsupported,
@@ -311,8 +311,8 @@ class Agent:
             self._due = self.read_outcomes()
 
     def refresh_schema(self, report: SyncReport) -> None:
-        schema = local_db.parse_schema(self.client.schema())
-        plan = local_db.apply_schema(self.conn, schema)
+        schema = relay_schema.parse_schema(self.client.schema())
+        plan = schema_sync.apply_schema(self.conn, schema)
         report.schema_notes += plan.notes
         if plan.counters_changed:
             refresh_open_rows(self.conn, plan.counters_changed)
@@ -544,7 +544,7 @@ def init_database(
         own = client is None
         api = client or RelayClient(relay_url, token)
         try:
-            schema = local_db.parse_schema(api.schema())
+            schema = relay_schema.parse_schema(api.schema())
         finally:
             if own:
                 api.close()
@@ -552,7 +552,7 @@ def init_database(
             set_meta(conn, "relay_url", relay_url.rstrip("/"))
             set_meta(conn, "token", token)
             set_meta(conn, "device_id", device_id)
-        plan = local_db.apply_schema(conn, schema)
+        plan = schema_sync.apply_schema(conn, schema)
         return {
             "db": db_path,
             "relay": relay_url,

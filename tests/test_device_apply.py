@@ -20,7 +20,9 @@ from device_agent import local_db, triggers
 from device_agent.apply import apply_messages, local_checksums, term_of
 from device_agent.consistency import check_tables
 from device_agent.errors import SchemaBlocked
-from device_agent.local_db import PREFIX, apply_schema, parse_schema
+from device_agent.local_db import PREFIX
+from device_agent.relay_schema import parse_schema
+from device_agent.schema_sync import apply_schema
 from device_agent.sync import wire_entries
 from relay.bucket_store import CHECKSUM_MODULUS, row_checksum, row_key_text
 
