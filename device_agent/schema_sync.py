@@ -12,18 +12,20 @@ Every sync reads the relay's schema (device_agent/relay_schema.py) and calls
    index, view or trigger uses, a key change or column removal while edits of that table
    are not synced yet.  Nothing changes when anything blocks.
 2. The journal triggers (device_agent/triggers.py) of removed and changed tables are
-   dropped, the statements run, and every table whose key columns are not declared
-   ``NOT NULL`` (a database of an earlier layout) is rebuilt (:func:`rebuild_not_null`);
-   the one-off repair after an upgrade from layout 1 runs (:func:`rederive_all`).
-3. ``_fieldsync_tables`` records the schema, the triggers of every synced table are
-   created again (their columns may have changed), the schema is stored; buckets holding
-   rows of a table whose key or rules changed are marked for re-download.
+   dropped and the buckets holding rows of a changed table (key, columns or rules) are
+   marked for re-download (their rows' stored projections no longer fit); the planned
+   statements run; every table whose key columns are not declared ``NOT NULL`` (a
+   database of an earlier layout) is rebuilt (:func:`rebuild_not_null`); the one-off
+   repair after an upgrade from layout 1 runs (:func:`rederive_all`).
+3. ``_fieldsync_tables`` records the schema (kinds are forgotten for rebuilt tables),
+   the triggers of every synced table are created again (their columns may have
+   changed) and the schema is stored in ``_fieldsync_meta``.
 
-A table no longer in the schema is kept but no longer journaled.  Rebuilds use SQLite's
-own ``ALTER TABLE`` and a copy into a new table written here, not ``sqlite-utils``'
-``table.transform()``: that declares typeless columns ``TEXT`` (so stored integers turn
-into text), does not create the table's triggers again and cannot leave out rows whose
-key is NULL (README, "Dependencies and why").
+A table no longer in the schema is kept but no longer journaled.  Rebuilds are plain
+SQL (a new table, a copy, a rename), not ``sqlite-utils``' ``table.transform()``: that
+would declare the typeless columns ``TEXT`` (stored integers would turn into text), drop
+the table's triggers for good and copy rows whose key is NULL (README, "Dependencies
+and why").
 
 Concurrency: one ``BEGIN IMMEDIATE`` transaction (DDL is transactional in SQLite), so
 apps see the old tables or the new ones, never a half-migrated database; a failure
