@@ -8,8 +8,8 @@ For each op of a message (:meth:`OpWriter.apply`), in order:
 - ``REMOVE`` drops the hold;
 - the bucket's row count and checksum (the sum mod 2**64 of the terms of the rows it
   holds) follow, from the terms of the rows it held before (:class:`BucketLedger`,
-  loaded per message with one query per bucket and table); a bucket filled from empty in
-  a bulk apply is summed once at the end instead (:meth:`BucketLedger.recount`).
+  loaded per message: one query per bucket, table and 400 keys); a bucket filled from
+  empty in a bulk apply is summed once at the end instead (:meth:`BucketLedger.recount`).
 
 Rows of tables one rule serves, with no edit on top, take the fast path: the table row
 is the op's data (batched ``executemany``; a REMOVE deletes the row when no other
