@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from core.row_wire import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
-from device_agent import local_db, triggers  # noqa: E402
+from device_agent import local_db, relay_schema, schema_sync, triggers  # noqa: E402
 from device_agent.apply import apply_messages  # noqa: E402
 
 TABLE = "public.work_orders"
@@ -72,7 +72,7 @@ def fresh_db(directory: Path) -> tuple[str, sqlite3.Connection]:
     conn = local_db.connect(path)
     local_db.ensure_metadata(conn)
     local_db.set_meta(conn, "relay_url", "http://bench.invalid")
-    local_db.apply_schema(conn, local_db.parse_schema(SCHEMA))
+    schema_sync.apply_schema(conn, relay_schema.parse_schema(SCHEMA))
     return path, conn
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from core.row_wire import row_key_text
-from device_agent.apply import max_lsn, term_of, unsigned
+from device_agent.bucket_ops import term_of, unsigned
 from device_agent.local_db import (
     PREFIX,
     LocalTable,
@@ -46,6 +46,7 @@ from device_agent.local_db import (
     q,
     to_sql,
 )
+from device_agent.positions import max_lsn
 from device_agent.visible import Edit, differences, visible_row
 
 

@@ -2,19 +2,21 @@
 
 One sync round (:meth:`Agent.sync_once`):
 
-1. upload the journal's ``pending`` entries (oldest first, at most
-   :data:`UPLOAD_BATCH` per request; each becomes ``sent``, or ``failed`` with the
-   relay's reason); a relay without the journal endpoint leaves them pending;
-2. read ``/v1/schema`` and migrate the local tables (local_db.apply_schema);
+1. upload the journal's ``pending`` entries (oldest first, in the relay's form:
+   device_agent/journal_wire.py; at most :data:`UPLOAD_BATCH` per request; each becomes
+   ``sent``, or ``failed`` with the relay's reason); a relay without the journal
+   endpoint leaves them pending;
+2. read ``/v1/schema`` and migrate the local tables (device_agent/schema_sync.py);
 3. download changes messages from the stored cursor until one carries a complete
    checkpoint, then apply them in one transaction (device_agent/apply.py), together with
    the outcomes of sent entries read just before the download (so an outcome and the
    server version including its edit, when both are there, show at once; outcomes are
-   only read while an entry is ``sent`` or waits for the resolution of its conflict).  Messages
-   before the complete one are *staged* in ``_fieldsync_staging`` (each with the cursor
-   it leads to, committed per message), so a connection cut at any byte resumes from the
-   last whole message: nothing is downloaded twice more than one message, nothing is
-   applied twice (apply and cursor commit together), nothing is lost;
+   only read while an entry is ``sent`` or waits for the resolution of its conflict).
+   Messages before the complete one are *staged* in ``_fieldsync_staging``
+   (device_agent/staging.py: each with the cursor it leads to, committed per message),
+   so a connection cut at any byte resumes from the last whole message: nothing is
+   downloaded twice more than one message, nothing is applied twice (apply and cursor
+   commit together), nothing is lost;
 4. if a bucket's checksum differed, its cursor went back to 0: download again (at most
    :data:`MAX_REPAIRS` times per round).
 
@@ -36,13 +38,10 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-import orjson
-
-from core.hlc import Hlc
-from device_agent import local_db, triggers
+from device_agent import local_db, relay_schema, schema_sync, staging
 from device_agent.apply import ApplyResult, apply_messages, refresh_open_rows, settle
 from device_agent.client import (
     JournalUnsupported,
@@ -58,9 +57,9 @@ from device_agent.errors import (
     RelayUnreachable,
     StateError,
 )
+from device_agent.journal_wire import UPLOAD_BATCH, wire_entries
 from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
 
-UPLOAD_BATCH: Final = 500
 MAX_REPAIRS: Final = 3
 PAGE_OPS: Final = 5000
 WATCH_POLL_S: Final = 25.0
@@ -98,75 +97,8 @@ class SyncReport:
         }
 
 
-# --------------------------------------------------------------------------- journal → wire
-
-
-def base_position(stored: str | None) -> dict[str, int] | None:
-    """A journal entry's stored ``base`` (the row version's ``[commit_lsn, seq]``, or the
-    object form) as the upload's ``{"commit_lsn", "seq"}``; None when the row never came
-    from the server (an insert) or the relay sent no position."""
-    if not stored:
-        return None
-    value = orjson.loads(stored)
-    if isinstance(value, list) and len(value) == 2:
-        return {"commit_lsn": int(value[0]), "seq": int(value[1])}
-    if isinstance(value, dict) and {"commit_lsn", "seq"} <= set(value):
-        return {"commit_lsn": int(value["commit_lsn"]), "seq": int(value["seq"])}
-    return None
-
-
-def wire_entries(
-    conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
-) -> list[dict[str, Any]]:
-    """Journal rows as upload entries (relay/upstream/journal.py's JSON form)."""
-    triggers.assign_clocks(conn)
-    tables = {t.id: t for t in local_db.load_tables(conn).values()}
-    marks = ",".join("?" * len(statuses))
-    rows = conn.execute(
-        f"""select seq, tbl, k, op, old, new, base, hlc_l, hlc_c, prev_seq
-            from {PREFIX}journal where status in ({marks}) order by seq limit ?""",
-        (*statuses, limit),
-    ).fetchall()
-    out = []
-    for seq, tid, k, op, old, new, base, hlc_l, hlc_c, prev in rows:
-        table = tables.get(tid)
-        if table is None:
-            continue
-        kinds = table.kinds
-        old_v = _wire_row(orjson.loads(old), kinds) if old else None
-        new_v = _wire_row(orjson.loads(new), kinds) if new else None
-        if op == "update" and old_v is not None and new_v is not None:
-            new_v = {
-                c: v
-                for c, v in new_v.items()
-                if c not in old_v or old_v[c] != v or type(old_v[c]) is not type(v)
-            }
-        if op == "insert":  # ``old`` of an insert is the row it replaced: kept locally only
-            old_v = None
-            if new_v is not None:
-                new_v = {c: v for c, v in new_v.items() if v is not None or c in table.key}
-        out.append(
-            {
-                "seq": seq,
-                "table": table.name,
-                "op": op,
-                "key": local_db.k_key(k, table.key_kinds()),
-                "old": old_v,
-                "new": new_v,
-                "base": base_position(base),
-                "hlc": Hlc(int(hlc_l), int(hlc_c), device_id).encode(),
-                "prev_seq": prev,
-            }
-        )
-    return out
-
-
-def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
-    return {c: local_db.from_sql(v, kinds.get(c)) for c, v in row.items()}
-
-
 def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
-    """Record outcomes (relay/upstream/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
+    """Record outcomes (relay/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
     whose edits settled are re-derived.  Returns how many entries changed."""
     return settle(conn, outcomes=outcomes)
 
@@ -311,63 +243,39 @@ class Agent:
             self._due = self.read_outcomes()
 
     def refresh_schema(self, report: SyncReport) -> None:
-        schema = local_db.parse_schema(self.client.schema())
-        plan = local_db.apply_schema(self.conn, schema)
+        schema = relay_schema.parse_schema(self.client.schema())
+        plan = schema_sync.apply_schema(self.conn, schema)
         report.schema_notes += plan.notes
         if plan.counters_changed:
             refresh_open_rows(self.conn, plan.counters_changed)
 
     def cursor(self) -> str | None:
-        return get_meta(self.conn, "staging_cursor") or get_meta(self.conn, "cursor")
+        return staging.download_cursor(self.conn)
 
     def handle(self, msg: Mapping[str, Any], report: SyncReport) -> ApplyResult | None:
-        """Stage or apply one changes message; the apply result when a checkpoint was applied."""
+        """Stage or apply one changes message (device_agent/staging.py); the apply result
+        when a checkpoint was applied."""
         report.messages += 1
         report.ops += len(msg.get("ops") or ())
         complete = bool((msg.get("checkpoint") or {}).get("complete"))
-        n_staged = int(self.conn.execute(f"select count(*) from {PREFIX}staging").fetchone()[0])
+        n_staged = staging.staged_count(self.conn)
         if not complete:
-            with transaction(self.conn):
-                self.conn.execute(
-                    f"insert into {PREFIX}staging (message) values (?)", (orjson.dumps(msg),)
-                )
-                set_meta(self.conn, "staging_cursor", str(msg["cursor"]))
-                set_meta(
-                    self.conn,
-                    "staging_ops",
-                    str(int(get_meta(self.conn, "staging_ops") or 0) + len(msg.get("ops") or ())),
-                )
+            staging.stage(self.conn, msg)
             return None
-        total = int(get_meta(self.conn, "staging_ops") or 0) + len(msg.get("ops") or ())
-
-        def messages() -> Iterator[Mapping[str, Any]]:
-            seq = 0
-            while n_staged:  # one staged message in memory at a time
-                row = self.conn.execute(
-                    f"select seq, message from {PREFIX}staging where seq > ? order by seq limit 1",
-                    (seq,),
-                ).fetchone()
-                if row is None:
-                    break
-                seq = int(row[0])
-                yield orjson.loads(row[1])
-            yield msg
-
+        total = staging.staged_ops(self.conn) + len(msg.get("ops") or ())
         due, self._due = self._due, None
         if due is None and self.awaiting_outcomes():
             due = self.read_outcomes()
 
         def finish(conn: Any) -> None:
-            conn.execute(f"delete from {PREFIX}staging")
-            set_meta(conn, "staging_cursor", None)
-            set_meta(conn, "staging_ops", None)
+            staging.clear(conn)
             set_meta(conn, "last_sync_at", str(time.time()))
             if due is not None and due[1] is not None:
                 set_meta(conn, "outcomes_cursor", due[1])
 
         result = apply_messages(
             self.conn,
-            messages(),
+            staging.staged_messages(self.conn, n_staged, msg),
             str(msg["cursor"]),
             reset_cursor,
             total_ops=total,
@@ -544,7 +452,7 @@ def init_database(
         own = client is None
         api = client or RelayClient(relay_url, token)
         try:
-            schema = local_db.parse_schema(api.schema())
+            schema = relay_schema.parse_schema(api.schema())
         finally:
             if own:
                 api.close()
@@ -552,7 +460,7 @@ def init_database(
             set_meta(conn, "relay_url", relay_url.rstrip("/"))
             set_meta(conn, "token", token)
             set_meta(conn, "device_id", device_id)
-        plan = local_db.apply_schema(conn, schema)
+        plan = schema_sync.apply_schema(conn, schema)
         return {
             "db": db_path,
             "relay": relay_url,

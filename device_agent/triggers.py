@@ -40,7 +40,7 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 
-from device_agent.local_db import PREFIX, LocalTable, key_expr, q
+from device_agent.local_tables import PREFIX, LocalTable, key_expr, q, transaction
 
 _NOT_APPLYING = f"not exists (select 1 from {PREFIX}applying)"
 
@@ -152,8 +152,6 @@ def suspended(conn: sqlite3.Connection, tables: Iterable[LocalTable]) -> Iterato
 def assign_clocks(conn: sqlite3.Connection) -> int:
     """Give new journal entries their HLC and ``prev_seq`` (see the module docstring);
     returns how many entries were completed.  Runs in its own transaction."""
-    from device_agent.local_db import transaction
-
     done = 0
     with transaction(conn):
         todo = conn.execute(

@@ -21,7 +21,9 @@ from device_agent import local_db, triggers
 from device_agent.apply import apply_messages, local_checksums, term_of
 from device_agent.consistency import check_tables
 from device_agent.errors import SchemaBlocked
-from device_agent.local_db import PREFIX, apply_schema, parse_schema
+from device_agent.local_db import PREFIX
+from device_agent.relay_schema import parse_schema
+from device_agent.schema_sync import apply_schema
 from device_agent.sync import wire_entries
 
 WO = "public.work_orders"

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent import local_db
+from device_agent import local_db, relay_schema, schema_sync
 from device_agent.client import (
     JournalUnsupported,
     RelayClient,
@@ -145,7 +145,7 @@ def test_journal_entries_are_what_the_relay_accepts(tmp_path: Path) -> None:
     conn = local_db.connect(str(tmp_path / "d.db"))
     local_db.ensure_metadata(conn)
     local_db.set_meta(conn, "relay_url", "http://x")
-    local_db.apply_schema(conn, local_db.parse_schema(SCHEMA))
+    schema_sync.apply_schema(conn, relay_schema.parse_schema(SCHEMA))
     server = FakeServer()
     server.put(T1, WO, [1], order(1))
     sync(conn, server)

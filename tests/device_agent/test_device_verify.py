@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from device_agent import apply as apply_mod
-from device_agent import cli, local_db
+from device_agent import cli, local_db, relay_schema, schema_sync
 from device_agent.consistency import check_tables
 from device_agent.local_db import PREFIX
 from device_agent.sync import wire_entries
@@ -54,7 +54,7 @@ def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     conn = local_db.connect(str(tmp_path / "device.db"))
     local_db.ensure_metadata(conn)
     local_db.set_meta(conn, "relay_url", "http://relay.invalid")
-    local_db.apply_schema(conn, local_db.parse_schema(SCHEMA))
+    schema_sync.apply_schema(conn, relay_schema.parse_schema(SCHEMA))
     yield conn
     conn.close()
 
@@ -383,7 +383,7 @@ def test_upgrade_from_version_1_rebuilds_keys_and_re_derives_everything(
     db.execute(f"update {PREFIX}meta set value = '1' where key = 'db_version'")
     local_db.require_initialized(db, "device.db")  # metadata upgrade (any command)
     assert local_db.get_meta(db, "db_version") == str(local_db.DB_VERSION)
-    plan = local_db.apply_schema(db, local_db.parse_schema(SCHEMA))  # the next sync
+    plan = schema_sync.apply_schema(db, relay_schema.parse_schema(SCHEMA))  # the next sync
     assert any("NOT NULL" in n and "1 row(s) with a NULL key" in n for n in plan.notes)
     assert any("1 row(s) no bucket holds removed" in n for n in plan.notes)
     notnull = {r[1]: r[3] for r in db.execute('pragma table_info("work_orders")')}
@@ -454,7 +454,7 @@ def test_schema_names_counter_columns_from_the_conflicts_file(tmp_path: Path) ->
     body = visible_schema(rules, ['site["plant-1"]'], counters)
     tables = {t["name"]: t for t in body["tables"]}
     assert tables[STOCK]["counters"] == ["qty"] and tables[WO]["counters"] == []
-    spec = local_db.parse_schema(body)
+    spec = relay_schema.parse_schema(body)
     table = spec.table(STOCK)
     assert table is not None and table.counters == ("qty",)
     bad = tmp_path / "conflicts.toml"

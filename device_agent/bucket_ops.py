@@ -1,0 +1,443 @@
+"""The ops of changes messages: bucket holds, checksums, and the fast path of rows.
+
+For each op of a message (:meth:`OpWriter.apply`), in order:
+
+- ``PUT`` computes the row's checksum term (:func:`core.row_wire.row_checksum`,
+  inlined: the hot path) and records the bucket's hold on the row in
+  ``_fieldsync_rows`` (term, position and, on the general path, the version);
+- ``REMOVE`` drops the hold;
+- the bucket's row count and checksum (the sum mod 2**64 of the terms of the rows it
+  holds) follow, from the terms of the rows it held before (:class:`BucketLedger`,
+  loaded per message: one query per bucket, table and 400 keys); a bucket filled from
+  empty in a bulk apply is summed once at the end instead (:meth:`BucketLedger.recount`).
+
+Rows of tables one rule serves, with no edit on top, take the fast path: the table row
+is the op's data (batched ``executemany``; a REMOVE deletes the row when no other
+bucket holds it) and no copy of the version is kept.  Every other row (held rows,
+tables several rules serve) is marked dirty and derived again by
+:class:`device_agent.derive.RowDeriver`.  Column kinds are learned from the first
+non-null value of each column (device_agent/local_db.py).
+
+At the end of an apply :meth:`BucketLedger.verify` compares each complete bucket's count
+and checksum with the checkpoint's; :func:`local_checksums` recomputes them from
+``_fieldsync_rows`` for ``device-agent verify``.  Terms are stored as signed 64-bit
+integers (:func:`signed`, :func:`unsigned`).
+
+Runs inside the caller's open transaction (device_agent/apply.py), on its connection and
+thread; no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Final
+
+import orjson
+
+from core.row_wire import CHECKSUM_MODULUS, row_key_text
+from device_agent.derive import (
+    CHUNK,
+    ApplyResult,
+    RowDeriver,
+    data_text,
+    key_values,
+    key_where,
+)
+from device_agent.errors import StateError
+from device_agent.local_db import (
+    PREFIX,
+    LocalTable,
+    bucket_ids,
+    key_k,
+    kind_of,
+    q,
+    to_sql,
+)
+from device_agent.positions import pos_text
+
+_SIGNED: Final = 1 << 63
+_WRAP: Final = 1 << 64
+_U64 = struct.Struct(">Q").unpack_from
+_SORT = orjson.OPT_SORT_KEYS
+
+Message = Mapping[str, Any]
+
+
+def term_of(table_json: bytes, row_key: str, data: Mapping[str, Any]) -> int:
+    """``row_checksum(table, row_key, data)`` with the table's JSON text precomputed."""
+    text = (
+        b"[" + table_json + b"," + orjson.dumps(row_key) + b"," + orjson.dumps(data, option=_SORT)
+    )
+    return int(_U64(hashlib.sha256(text + b"]").digest())[0])
+
+
+def signed(term: int) -> int:
+    return term - (1 << 64) if term >= _SIGNED else term
+
+
+def unsigned(term: int) -> int:
+    return term + (1 << 64) if term < 0 else term
+
+
+@dataclasses.dataclass
+class Bucket:
+    id: int
+    name: str
+    count: int
+    checksum: int
+    fresh: bool  # holds no row: no old term to look up
+    recount: bool = False  # fresh in a bulk apply: count and checksum summed at the end
+
+
+class BucketLedger:
+    """Count, checksum and the rows' terms of every bucket one apply transaction touches."""
+
+    def __init__(self, conn: sqlite3.Connection, result: ApplyResult, bulk: bool) -> None:
+        self.conn = conn
+        self.result = result
+        self.bulk = bulk
+        self.buckets: dict[str, Bucket] = {}
+        self.terms: dict[tuple[int, int, Any], int | None] = {}
+
+    def bucket(self, name: str) -> Bucket:
+        b = self.buckets.get(name)
+        if b is None:
+            bid = bucket_ids(self.conn, [name])[name]
+            row = self.conn.execute(
+                f"select count, checksum from {PREFIX}buckets where id = ?", (bid,)
+            ).fetchone()
+            # count 0: no row to look up (a wrong count shows as a checksum mismatch)
+            fresh = int(row[0]) == 0
+            b = Bucket(bid, name, int(row[0]), int(row[1]), fresh, fresh and self.bulk)
+            self.buckets[name] = b
+        return b
+
+    def reset(self, name: str) -> list[tuple[int, Any]]:
+        """Empty a bucket: its holds go.  Returns the rows they held (to derive again:
+        rows no other bucket holds leave their tables)."""
+        b = self.bucket(name)
+        rows: list[tuple[int, Any]] = self.conn.execute(
+            f"select tbl, k from {PREFIX}rows where bucket = ?", (b.id,)
+        ).fetchall()
+        self.conn.execute(f"delete from {PREFIX}rows where bucket = ?", (b.id,))
+        for key in [key for key in self.terms if key[0] == b.id]:
+            del self.terms[key]
+        b.count, b.checksum, b.fresh, b.recount = 0, 0, True, self.bulk
+        self.result.reset.append(name)
+        return rows
+
+    def prefetch(self, ops: Sequence[Mapping[str, Any]], tables: Mapping[str, LocalTable]) -> None:
+        """Load the current terms of rows of non-fresh buckets this message touches."""
+        wanted: dict[tuple[int, int], list[Any]] = {}
+        for op in ops:
+            b = self.buckets.get(op["bucket"]) or self.bucket(op["bucket"])
+            if b.fresh:
+                continue
+            table = tables.get(op["table"])
+            if table is None:
+                continue
+            key = op["key"]
+            k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
+            if (b.id, table.id, k) not in self.terms:
+                wanted.setdefault((b.id, table.id), []).append(k)
+        for (bid, tid), ks in wanted.items():
+            for ref_k in ks:
+                self.terms[(bid, tid, ref_k)] = None
+            for i in range(0, len(ks), CHUNK):
+                chunk = ks[i : i + CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for k, term in self.conn.execute(
+                    f"""select k, term from {PREFIX}rows
+                        where tbl = ? and bucket = ? and k in ({marks})""",
+                    (tid, bid, *chunk),
+                ):
+                    self.terms[(bid, tid, k)] = unsigned(int(term))
+
+    def verify(self, checkpoint: Mapping[str, Any]) -> None:
+        now = time.time()
+        for name, cp in (checkpoint.get("buckets") or {}).items():
+            b = self.bucket(name)
+            done = bool(cp.get("complete", True))
+            server_sum = int(cp.get("checksum", "0"))
+            server_count = int(cp.get("count", 0))
+            ok = (b.count, b.checksum) == (server_count, server_sum)
+            if done and not ok:
+                self.result.mismatched.append(name)
+            elif done:
+                self.result.verified.append(name)
+            self.conn.execute(
+                f"""update {PREFIX}buckets set count = ?, checksum = ?, last_op_id = ?,
+                        server_count = ?, server_checksum = ?,
+                        state = ?, reset_pending = ?, mismatches = mismatches + ?,
+                        verified_at = case when ? then ? else verified_at end
+                    where id = ?""",
+                (
+                    b.count,
+                    str(b.checksum),
+                    int(cp.get("last_op_id", 0)),
+                    server_count,
+                    str(server_sum),
+                    "ok" if ok or not done else "mismatch",
+                    1 if done and not ok else 0,
+                    1 if done and not ok else 0,
+                    1 if done and ok else 0,
+                    now,
+                    b.id,
+                ),
+            )
+
+    def recount(self) -> None:
+        """Count and checksum of the buckets filled from empty in this bulk apply, summed
+        from their terms in one scan (32-bit halves: SQLite's sums cannot overflow)."""
+        chosen = {b.id: b for b in self.buckets.values() if b.recount}
+        if not chosen:
+            return
+        for b in chosen.values():
+            b.count, b.checksum = 0, 0
+        marks = ",".join("?" * len(chosen))
+        for bid, count, high, low in self.conn.execute(
+            f"""select bucket, count(*), sum(term >> 32), sum(term & 4294967295)
+                from {PREFIX}rows where bucket in ({marks}) group by bucket""",
+            list(chosen),
+        ):
+            b = chosen[int(bid)]
+            b.count = int(count)
+            b.checksum = (int(high) * 4294967296 + int(low)) % CHECKSUM_MODULUS
+
+    def save(self) -> None:
+        for b in self.buckets.values():
+            self.conn.execute(
+                f"update {PREFIX}buckets set count = ?, checksum = ? where id = ?",
+                (b.count, str(b.checksum % CHECKSUM_MODULUS), b.id),
+            )
+
+
+class OpWriter:
+    """Applies the ops of changes messages (holds, bucket sums, fast-path rows)."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        tables: dict[str, LocalTable],
+        ledger: BucketLedger,
+        rows: RowDeriver,
+        result: ApplyResult,
+    ) -> None:
+        self.conn = conn
+        self.tables = tables
+        self.by_id = rows.by_id
+        self.ledger = ledger
+        self.rows = rows
+        self.result = result
+        self.table_json = {t.name: orjson.dumps(t.name) for t in tables.values()}
+        self.kinds_changed: set[int] = set()
+        self.unknown_kinds = {
+            t.id: [c for c in t.columns if c not in t.kinds] for t in tables.values()
+        }
+
+    def apply(self, msg: Message) -> None:
+        """Apply the ops of one changes message (its buckets' resets are done first)."""
+        ops: Sequence[Mapping[str, Any]] = msg.get("ops") or ()
+        self.result.messages += 1
+        if not ops:
+            return
+        ledger, rows = self.ledger, self.rows
+        ledger.prefetch(ops, self.tables)
+        fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {}
+        fast_gone: dict[int, set[Any]] = {}
+        final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
+        tables, buckets, terms = self.tables, ledger.buckets, ledger.terms
+        held, dirty = rows.held, rows.dirty
+        getters: dict[int, Callable[[Mapping[str, Any]], Any]] = {}
+        heads = {t.id: b"[" + self.table_json[t.name] + b"," for t in tables.values()}
+        dumps, sha256, u64 = orjson.dumps, hashlib.sha256, _U64
+        for op in ops:
+            table = tables.get(op["table"])
+            if table is None:
+                raise StateError(
+                    f"the relay sent rows of {op['table']}, which the local schema lacks; "
+                    "the schema is refreshed on the next sync"
+                )
+            b = buckets.get(op["bucket"]) or ledger.bucket(op["bucket"])
+            key = op["key"]
+            k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
+            tid = table.id
+            recount = b.recount
+            ref = (b.id, tid, k)
+            old = terms[ref] if not recount and ref in terms else None
+            slow = table.multi or (tid, k) in held
+            if op["op"] == "PUT":
+                data = op["data"]
+                # row_checksum(table, row_key, data), inlined (the hot path)
+                rk = f'"[{k}]",'.encode() if type(k) is int else dumps(row_key_text(key)) + b","
+                digest = sha256(heads[tid] + rk + dumps(data, option=_SORT) + b"]").digest()
+                term = u64(digest)[0]
+                if recount:  # summed from _fieldsync_rows at the end (no per-row state)
+                    pass
+                elif old is None:
+                    b.count += 1
+                    b.checksum += term
+                    terms[ref] = term
+                else:
+                    b.checksum += term - old
+                    terms[ref] = term
+                self.result.puts += 1
+                if self.unknown_kinds[tid]:
+                    self.learn_kinds(table, data)
+                if slow:
+                    final[(tid, k, b.id)] = (
+                        tid,
+                        k,
+                        b.id,
+                        op["op_id"],
+                        signed(term),
+                        data_text(data),
+                        op.get("position"),
+                    )
+                    dirty.add((tid, k))
+                    if (tid, k) in held:
+                        rows.saw(tid, k, op.get("position"))
+                    fast_gone.get(tid, set()).discard(k)
+                    fast_put.get(tid, {}).pop(k, None)
+                else:
+                    final[(tid, k, b.id)] = (
+                        tid,
+                        k,
+                        b.id,
+                        op["op_id"],
+                        term - _WRAP if term >= _SIGNED else term,
+                        None,
+                        op.get("position"),
+                    )
+                    getter = getters.get(tid)
+                    if getter is None:
+                        getter = getters[tid] = itemgetter(*table.columns)
+                    try:
+                        values = getter(data)
+                    except KeyError:
+                        values = tuple(data.get(c) for c in table.columns)
+                    if len(table.columns) == 1:
+                        values = (values,)
+                    fast_put.setdefault(tid, {})[k] = values
+                    gone = fast_gone.get(tid)
+                    if gone is not None:
+                        gone.discard(k)
+            else:
+                self.result.removes += 1
+                if old is not None:
+                    b.count -= 1
+                    b.checksum -= old
+                if not recount:
+                    terms[ref] = None
+                final[(tid, k, b.id)] = None
+                if slow:
+                    dirty.add((tid, k))
+                    if (tid, k) in held:
+                        rows.saw(tid, k, op.get("position"))
+                else:
+                    fast_put.get(tid, {}).pop(k, None)
+                    fast_gone.setdefault(tid, set()).add(k)
+        self.result.ops += len(ops)
+        self.write_rows(final)
+        self.write_fast(fast_put, fast_gone)
+        for b in buckets.values():  # fresh stays: rows put in this batch are in terms
+            b.checksum %= CHECKSUM_MODULUS
+
+    def learn_kinds(self, table: LocalTable, data: Mapping[str, Any]) -> None:
+        unknown = self.unknown_kinds[table.id]
+        for c in list(unknown):
+            kind = kind_of(data.get(c))
+            if kind is not None:
+                table.kinds[c] = kind
+                unknown.remove(c)
+                self.kinds_changed.add(table.id)
+
+    def write_rows(self, final: dict[tuple[int, Any, int], tuple[Any, ...] | None]) -> None:
+        """Write the holds' final states of one message (None: removed)."""
+        gone = [ref for ref, row in final.items() if row is None]
+        if gone:
+            self.conn.executemany(
+                f"delete from {PREFIX}rows where tbl = ? and k = ? and bucket = ?", gone
+            )
+        # row: (tbl, k, bucket, op_id, term, data text or None, position [lsn, seq] or None)
+        put = [row for row in final.values() if row is not None]
+        plain = [row for row in put if row[5] is None]
+        if len(plain) != len(put):
+            self.conn.executemany(
+                f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, data, pos) "
+                "values (?, ?, ?, ?, ?, ?, ?)",
+                [(*row[:6], pos_text(row[6])) for row in put if row[5] is not None],
+            )
+        if plain:
+            # one statement per message: SQLite reads the holds from one JSON array (C),
+            # cheaper than binding parameters per row; json_extract of the position array
+            # gives its compact JSON text ('[lsn,seq]'), the form pos is stored in
+            try:
+                packed = orjson.dumps(plain)
+            except TypeError:  # a key orjson cannot write (e.g. bytes): bind per row
+                self.conn.executemany(
+                    f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, pos) "
+                    "values (?, ?, ?, ?, ?, ?)",
+                    [(*row[:5], pos_text(row[6])) for row in plain],
+                )
+                return
+            self.conn.execute(
+                f"""insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, pos)
+                    select json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+                        json_extract(value, '$[2]'), json_extract(value, '$[3]'),
+                        json_extract(value, '$[4]'), json_extract(value, '$[6]')
+                    from json_each(?)""",
+                (packed,),
+            )
+
+    def write_fast(
+        self, fast_put: dict[int, dict[Any, tuple[Any, ...]]], fast_gone: dict[int, set[Any]]
+    ) -> None:
+        for tid, gone in fast_gone.items():
+            table = self.by_id[tid]
+            if not gone:
+                continue
+            where = key_where(table)
+            self.conn.executemany(
+                f"""delete from {q(table.local)} where {where} and not exists
+                    (select 1 from {PREFIX}rows where tbl = {tid} and k = ?)""",
+                [(*key_values(table, k), k) for k in gone],
+            )
+        for tid, rows in fast_put.items():
+            table = self.by_id[tid]
+            if not rows:
+                continue
+            cols = ", ".join(q(c) for c in table.columns)
+            marks = ", ".join("?" * len(table.columns))
+            sql = f"insert or replace into {q(table.local)} ({cols}) values ({marks})"
+            values = list(rows.values())
+            json_cols = [i for i, c in enumerate(table.columns) if table.kinds.get(c) == "json"]
+            if json_cols:
+                values = [_convert(v) for v in values]
+            try:
+                self.conn.executemany(sql, values)
+            except (sqlite3.ProgrammingError, sqlite3.InterfaceError, TypeError):
+                self.conn.executemany(sql, [_convert(v) for v in values])
+
+
+def _convert(values: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(to_sql(v) for v in values)
+
+
+def local_checksums(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """Per bucket ``(count, checksum)`` recomputed from the terms in ``_fieldsync_rows``
+    (summed as 32-bit halves so SQLite's 64-bit sums cannot overflow)."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, count, high, low in conn.execute(
+        f"""select b.name, count(r.term), coalesce(sum(r.term >> 32), 0),
+                coalesce(sum(r.term & 4294967295), 0)
+            from {PREFIX}buckets b left join {PREFIX}rows r on r.bucket = b.id group by b.id"""
+    ):
+        out[name] = (int(count), (int(high) * 4294967296 + int(low)) % CHECKSUM_MODULUS)
+    return out

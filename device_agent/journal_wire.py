@@ -1,0 +1,93 @@
+"""The journal as upload entries: local edits in the relay's journal form (docs/journal.md).
+
+:func:`wire_entries` reads journal entries in seq order (first completing new ones:
+their hybrid logical clock and ``prev_seq``, :func:`device_agent.triggers.assign_clocks`)
+and writes each as relay/journal.py's JSON form: the relay's table name, the key and the
+values in wire form (column kinds of device_agent/local_db.py), an update's ``new`` with
+only the columns it changed, an insert without ``old`` (the row an ``INSERT OR REPLACE``
+replaced is kept on the device only) and without NULL non-key columns, ``base`` the
+position of the server version the edit was made on (:func:`base_position`), ``hlc`` the
+encoded clock with the device id.  Entries of tables no longer synced are left out.
+
+Reads only, apart from completing the clocks in their own transaction; the caller's
+connection and thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+from core.hlc import Hlc
+from device_agent import local_db, triggers
+from device_agent.local_db import PREFIX
+
+UPLOAD_BATCH: Final = 500
+"""Entries per upload request (device_agent/sync.py halves a batch the relay refuses as
+too large)."""
+
+
+def base_position(stored: str | None) -> dict[str, int] | None:
+    """A journal entry's stored ``base`` (the row version's ``[commit_lsn, seq]``, or the
+    object form) as the upload's ``{"commit_lsn", "seq"}``; None when the row never came
+    from the server (an insert) or the relay sent no position."""
+    if not stored:
+        return None
+    value = orjson.loads(stored)
+    if isinstance(value, list) and len(value) == 2:
+        return {"commit_lsn": int(value[0]), "seq": int(value[1])}
+    if isinstance(value, dict) and {"commit_lsn", "seq"} <= set(value):
+        return {"commit_lsn": int(value["commit_lsn"]), "seq": int(value["seq"])}
+    return None
+
+
+def wire_entries(
+    conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
+) -> list[dict[str, Any]]:
+    """Journal rows as upload entries (relay/journal.py's JSON form)."""
+    triggers.assign_clocks(conn)
+    tables = {t.id: t for t in local_db.load_tables(conn).values()}
+    marks = ",".join("?" * len(statuses))
+    rows = conn.execute(
+        f"""select seq, tbl, k, op, old, new, base, hlc_l, hlc_c, prev_seq
+            from {PREFIX}journal where status in ({marks}) order by seq limit ?""",
+        (*statuses, limit),
+    ).fetchall()
+    out = []
+    for seq, tid, k, op, old, new, base, hlc_l, hlc_c, prev in rows:
+        table = tables.get(tid)
+        if table is None:
+            continue
+        kinds = table.kinds
+        old_v = _wire_row(orjson.loads(old), kinds) if old else None
+        new_v = _wire_row(orjson.loads(new), kinds) if new else None
+        if op == "update" and old_v is not None and new_v is not None:
+            new_v = {
+                c: v
+                for c, v in new_v.items()
+                if c not in old_v or old_v[c] != v or type(old_v[c]) is not type(v)
+            }
+        if op == "insert":  # ``old`` of an insert is the row it replaced: kept locally only
+            old_v = None
+            if new_v is not None:
+                new_v = {c: v for c, v in new_v.items() if v is not None or c in table.key}
+        out.append(
+            {
+                "seq": seq,
+                "table": table.name,
+                "op": op,
+                "key": local_db.k_key(k, table.key_kinds()),
+                "old": old_v,
+                "new": new_v,
+                "base": base_position(base),
+                "hlc": Hlc(int(hlc_l), int(hlc_c), device_id).encode(),
+                "prev_seq": prev,
+            }
+        )
+    return out
+
+
+def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
+    return {c: local_db.from_sql(v, kinds.get(c)) for c, v in row.items()}

@@ -1,0 +1,112 @@
+"""The relay's description of the synced tables (``/v1/schema``) and their local names.
+
+:func:`parse_schema` reads a ``/v1/schema`` body into a :class:`RelaySchema` (tables with
+their columns, key, rules, indexes and counter columns; the device's buckets) and refuses
+anything the device cannot hold, naming it (:class:`~device_agent.errors.StateError`):
+a table without a name, columns or a valid key, a column or table name SQLite cannot
+use, two tables with the same local name.  :func:`local_name` maps ``public.t`` to ``t``
+and ``s.t`` to ``s__t``.  :func:`schema_json` is the form the device stores (``schema``
+in ``_fieldsync_meta``).
+
+Pure: no I/O.  device_agent/schema_sync.py brings the local tables to a schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from device_agent.errors import StateError
+from device_agent.local_tables import PREFIX
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """One synced table as the relay describes it (``/v1/schema``)."""
+
+    name: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    rules: tuple[str, ...] = ()
+    indexes: tuple[tuple[str, ...], ...] = ()
+    counters: tuple[str, ...] = ()
+
+    @property
+    def local(self) -> str:
+        return local_name(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaySchema:
+    tables: tuple[TableSpec, ...]
+    buckets: tuple[str, ...]
+
+    def table(self, name: str) -> TableSpec | None:
+        return next((t for t in self.tables if t.name == name), None)
+
+
+def parse_schema(body: Any) -> RelaySchema:
+    """Read a ``/v1/schema`` body; :class:`StateError` names what is wrong.
+
+    ``columns`` may be names or objects ``{"name": …}``; ``indexes`` (optional) lists
+    column lists or objects ``{"columns": [...]}``; ``counters`` (optional) names the
+    columns the server merges as counters (deltas add).
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("tables"), list):
+        raise StateError("the relay's schema is not an object with a 'tables' list")
+    tables = []
+    for raw in body["tables"]:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise StateError(f"the relay's schema has a table without a name: {raw!r:.120}")
+        name = raw["name"]
+        columns = tuple(
+            c["name"] if isinstance(c, dict) else str(c) for c in raw.get("columns") or ()
+        )
+        key = tuple(str(c) for c in raw.get("key") or ())
+        if not columns or not key or not set(key) <= set(columns):
+            raise StateError(f"the relay's schema of {name} has no columns or an invalid key")
+        for col in columns:
+            check_identifier(col, f"column of {name}")
+        indexes = []
+        for ix in raw.get("indexes") or ():
+            cols = ix.get("columns") if isinstance(ix, dict) else ix
+            if isinstance(cols, list) and cols and all(c in columns for c in cols):
+                indexes.append(tuple(str(c) for c in cols))
+        counters = tuple(str(c) for c in raw.get("counters") or () if c in columns)
+        tables.append(
+            TableSpec(name, columns, key, tuple(raw.get("rules") or ()), tuple(indexes), counters)
+        )
+    locals_ = [t.local for t in tables]
+    if len(set(locals_)) != len(locals_):
+        raise StateError(f"two synced tables map to the same local name: {sorted(locals_)}")
+    return RelaySchema(tuple(tables), tuple(str(b) for b in body.get("buckets") or ()))
+
+
+def check_identifier(name: str, what: str) -> None:
+    if not name or '"' in name or "\x00" in name or name.lower().startswith(PREFIX):
+        raise StateError(f"{what} {name!r} cannot be used as a SQLite name")
+
+
+def local_name(table: str) -> str:
+    """``public.t`` → ``t``; ``s.t`` → ``s__t``."""
+    schema, _, name = table.rpartition(".")
+    local = name if schema in ("", "public") else f"{schema}__{name}"
+    check_identifier(local, "table")
+    return local
+
+
+def schema_json(schema: RelaySchema) -> dict[str, Any]:
+    return {
+        "tables": [
+            {
+                "name": t.name,
+                "columns": list(t.columns),
+                "key": list(t.key),
+                "rules": list(t.rules),
+                "indexes": [list(i) for i in t.indexes],
+                "counters": list(t.counters),
+            }
+            for t in schema.tables
+        ],
+        "buckets": list(schema.buckets),
+    }
