@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from core.row_wire import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
-from device_agent import local_db, relay_schema, schema_sync, triggers  # noqa: E402
+from device_agent import local_db, local_tables, relay_schema, schema_sync, triggers  # noqa: E402
 from device_agent.apply import apply_messages  # noqa: E402
 
 TABLE = "public.work_orders"
@@ -132,7 +132,7 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
     cols = ", ".join(f'"{c}"' for c in COLUMNS)
     for _ in range(repeat):
         path, conn = fresh_db(directory)
-        for t in local_db.load_tables(conn).values():  # the limit: a plain table
+        for t in local_tables.load_tables(conn).values():  # the limit: a plain table
             triggers.drop(conn, t)
         started = time.perf_counter()
         conn.execute("begin immediate")
@@ -177,7 +177,7 @@ def bench_triggers(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
     def run(with_triggers: bool, per_statement: bool = False) -> float:
         path, conn = fresh_db(directory)
         if not with_triggers:
-            for t in local_db.load_tables(conn).values():
+            for t in local_tables.load_tables(conn).values():
                 triggers.drop(conn, t)
         conn.close()
         app = sqlite3.connect(path, isolation_level=None)
@@ -197,7 +197,7 @@ def bench_triggers(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
             app.executemany(sql, args)
             app.execute("commit")
         elapsed = time.perf_counter() - started
-        journaled = app.execute(f"select count(*) from {local_db.PREFIX}journal").fetchone()[0]
+        journaled = app.execute(f"select count(*) from {local_tables.PREFIX}journal").fetchone()[0]
         n = small if per_statement else rows
         assert journaled == (3 * n if with_triggers else 0), journaled
         app.close()

@@ -63,22 +63,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from device_agent import triggers
-from device_agent.bucket_ops import BucketLedger, Message, OpWriter
-from device_agent.bucket_ops import local_checksums as local_checksums
-from device_agent.bucket_ops import signed as signed
-from device_agent.bucket_ops import term_of as term_of
-from device_agent.bucket_ops import unsigned as unsigned
-from device_agent.derive import CHUNK, RowDeriver
-from device_agent.derive import ApplyResult as ApplyResult
-from device_agent.local_db import (
-    PREFIX,
-    LocalTable,
-    get_meta,
-    load_tables,
-    save_kinds,
-    set_meta,
-    transaction,
+from device_agent.bucket_ops import (
+    BucketLedger,
+    Message,
+    OpWriter,
 )
+from device_agent.derive import CHUNK, ApplyResult, RowDeriver
+from device_agent.local_db import get_meta, set_meta
+from device_agent.local_tables import PREFIX, LocalTable, load_tables, save_kinds, transaction
 from device_agent.outcomes import record_outcomes, record_rejections
 
 BULK_OPS: Final = 2000

@@ -50,15 +50,8 @@ from device_agent.derive import (
     key_where,
 )
 from device_agent.errors import StateError
-from device_agent.local_db import (
-    PREFIX,
-    LocalTable,
-    bucket_ids,
-    key_k,
-    kind_of,
-    q,
-    to_sql,
-)
+from device_agent.local_db import bucket_ids, key_k, kind_of, to_sql
+from device_agent.local_tables import PREFIX, LocalTable, q
 from device_agent.positions import pos_text
 
 _SIGNED: Final = 1 << 63

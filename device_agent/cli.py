@@ -43,7 +43,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from device_agent import crypto, local_db, triggers
+from device_agent import crypto, local_db, local_tables, triggers
 from device_agent.cli_common import (
     EXIT_USAGE,
     DbOpt,
@@ -58,7 +58,8 @@ from device_agent.cli_common import (
 from device_agent.cli_conflicts import conflicts_app
 from device_agent.cli_inspect import journal, status, verify
 from device_agent.errors import StateError
-from device_agent.local_db import PREFIX, set_meta, transaction
+from device_agent.local_db import set_meta
+from device_agent.local_tables import PREFIX, transaction
 from device_agent.sync import init_database
 
 app = typer.Typer(
@@ -188,10 +189,10 @@ def reset(
                 f"{pending} local edit(s) are not synced yet; sync first, or reset with "
                 "--discard-edits to lose them"
             )
-        tables = local_db.load_tables(conn)
+        tables = local_tables.load_tables(conn)
         with transaction(conn), triggers.suspended(conn, tables.values()):
             for t in tables.values():
-                conn.execute(f"delete from {local_db.q(t.local)}")
+                conn.execute(f"delete from {local_tables.q(t.local)}")
             for name in ("rows", "buckets", "staging", "conflicts"):
                 conn.execute(f"delete from {PREFIX}{name}")
             # settled edits awaiting their server version: everything comes down again

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from device_agent import local_db
+from device_agent import local_db, local_tables
 from device_agent.apply import refresh_rows
 from device_agent.cli_common import (
     EXIT_USAGE,
@@ -34,14 +34,15 @@ from device_agent.cli_common import (
 from device_agent.client import JournalUnsupported
 from device_agent.errors import RelayUnreachable, StateError
 from device_agent.journal_wire import wire_entries
-from device_agent.local_db import PREFIX, get_meta, transaction
+from device_agent.local_db import get_meta
+from device_agent.local_tables import PREFIX, transaction
 from device_agent.sync import Agent
 
 conflicts_app = typer.Typer(help="Conflicts kept for a person to resolve.", no_args_is_help=True)
 
 
 def _conflict_rows(conn: Any, cid: int | None = None) -> list[dict[str, Any]]:
-    tables = {t.id: t for t in local_db.load_tables(conn).values()}
+    tables = {t.id: t for t in local_tables.load_tables(conn).values()}
     where, args = ("where id = ?", [cid]) if cid is not None else ("", [])
     out_rows = []
     for id_, seq, tid, k, detail, st, resolution in conn.execute(
@@ -118,7 +119,7 @@ def conflicts_resolve(
         if not rows:
             raise StateError(f"no conflict #{cid}")
         c = rows[0]
-        t = local_db.load_tables(conn)[c["table"]]
+        t = local_tables.load_tables(conn)[c["table"]]
         chosen: dict[str, Any] = {}
         columns = (c["detail"] or {}).get("columns") or {}
         if mine:
@@ -157,10 +158,10 @@ def conflicts_resolve(
                 ) from exc
         with transaction(conn):
             if chosen and not on_server:  # a new edit, journaled by the triggers
-                sets = ", ".join(f"{local_db.q(col)} = ?" for col in chosen)
-                where = " and ".join(f"{local_db.q(col)} is ?" for col in t.key)
+                sets = ", ".join(f"{local_tables.q(col)} = ?" for col in chosen)
+                where = " and ".join(f"{local_tables.q(col)} is ?" for col in t.key)
                 conn.execute(
-                    f"update {local_db.q(t.local)} set {sets} where {where}",
+                    f"update {local_tables.q(t.local)} set {sets} where {where}",
                     [local_db.to_sql(v) for v in chosen.values()]
                     + [local_db.to_sql(v) for v in c["key"]],
                 )

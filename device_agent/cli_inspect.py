@@ -18,8 +18,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from device_agent import crypto, local_db
-from device_agent.apply import local_checksums
+from device_agent import crypto, local_db, local_tables
+from device_agent.bucket_ops import local_checksums
 from device_agent.cli_common import (
     DbOpt,
     JsonOpt,
@@ -34,7 +34,8 @@ from device_agent.cli_common import (
 )
 from device_agent.consistency import check_tables
 from device_agent.errors import VerifyFailed
-from device_agent.local_db import PREFIX, get_meta
+from device_agent.local_db import get_meta
+from device_agent.local_tables import PREFIX
 
 
 def status(
@@ -117,7 +118,7 @@ def journal(
     with errors(as_json):
         conn = local_db.connect(db, db_key(db, key_file))
         local_db.require_initialized(conn, db)
-        tables = {t.id: t for t in local_db.load_tables(conn).values()}
+        tables = {t.id: t for t in local_tables.load_tables(conn).values()}
         where, args = ("where status = ?", [status_filter]) if status_filter else ("", [])
         rows = []
         for seq, tid, k, op, st, reason, message, at_ms in conn.execute(

@@ -36,16 +36,8 @@ import orjson
 
 from core.row_wire import row_key_text
 from device_agent.bucket_ops import term_of, unsigned
-from device_agent.local_db import (
-    PREFIX,
-    LocalTable,
-    from_sql,
-    k_key,
-    key_expr,
-    load_tables,
-    q,
-    to_sql,
-)
+from device_agent.local_db import from_sql, k_key, to_sql
+from device_agent.local_tables import PREFIX, LocalTable, key_expr, load_tables, q
 from device_agent.positions import max_lsn
 from device_agent.visible import Edit, differences, visible_row
 

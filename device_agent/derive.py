@@ -36,7 +36,8 @@ from typing import Any, Final
 
 import orjson
 
-from device_agent.local_db import PREFIX, LocalTable, from_sql, q, to_sql
+from device_agent.local_db import from_sql, to_sql
+from device_agent.local_tables import PREFIX, LocalTable, q
 from device_agent.positions import max_lsn, pos_lsn
 from device_agent.visible import UNKNOWN_POSITION, Edit, released, visible_row
 

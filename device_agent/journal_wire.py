@@ -21,8 +21,8 @@ from typing import Any, Final
 import orjson
 
 from core.hlc import Hlc
-from device_agent import local_db, triggers
-from device_agent.local_db import PREFIX
+from device_agent import local_db, local_tables, triggers
+from device_agent.local_tables import PREFIX
 
 UPLOAD_BATCH: Final = 500
 """Entries per upload request (device_agent/sync.py halves a batch the relay refuses as
@@ -48,7 +48,7 @@ def wire_entries(
 ) -> list[dict[str, Any]]:
     """Journal rows as upload entries (relay/journal.py's JSON form)."""
     triggers.assign_clocks(conn)
-    tables = {t.id: t for t in local_db.load_tables(conn).values()}
+    tables = {t.id: t for t in local_tables.load_tables(conn).values()}
     marks = ",".join("?" * len(statuses))
     rows = conn.execute(
         f"""select seq, tbl, k, op, old, new, base, hlc_l, hlc_c, prev_seq

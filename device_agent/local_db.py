@@ -27,8 +27,7 @@ single-column key, the canonical JSON array of the key values for a compound key
 
 The base every writer of the database shares (:data:`PREFIX`, :func:`q`,
 :class:`LocalTable`, :func:`load_tables`, :func:`key_expr`, :class:`transaction`) is
-defined in device_agent/local_tables.py, which device_agent/triggers.py imports too, and
-is importable from here with the rest of the database's API.
+defined in device_agent/local_tables.py, which device_agent/triggers.py imports too.
 
 Concurrency: one :class:`sqlite3.Connection` per thread; SQLite's WAL mode lets apps
 read while the agent writes, and writers take turns (``busy_timeout``).  Nothing here
@@ -44,13 +43,10 @@ from typing import Any, Final
 import orjson
 
 from device_agent.errors import StateError
-from device_agent.local_tables import PREFIX as PREFIX
-from device_agent.local_tables import LocalTable as LocalTable
-from device_agent.local_tables import key_expr as key_expr
-from device_agent.local_tables import load_tables as load_tables
-from device_agent.local_tables import q as q
-from device_agent.local_tables import save_kinds as save_kinds
-from device_agent.local_tables import transaction as transaction
+from device_agent.local_tables import (
+    PREFIX,
+    transaction,
+)
 
 DB_VERSION: Final = 3
 """1: the first layout.  2: key columns NOT NULL, ``tables.counters``, ``replaced``, the

@@ -23,7 +23,7 @@ from typing import Any, Final
 import orjson
 
 from device_agent.derive import RowDeriver
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 
 MAX_LSN: Final = (1 << 63) - 1
 

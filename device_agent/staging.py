@@ -21,7 +21,8 @@ from typing import Any
 
 import orjson
 
-from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
+from device_agent.local_db import get_meta, set_meta
+from device_agent.local_tables import PREFIX, transaction
 
 
 def staged_count(conn: Any) -> int:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from device_agent import local_db, relay_schema, schema_sync, staging
-from device_agent.apply import ApplyResult, apply_messages, refresh_open_rows, settle
+from device_agent.apply import apply_messages, refresh_open_rows, settle
 from device_agent.client import (
     JournalUnsupported,
     RelayClient,
@@ -50,6 +50,7 @@ from device_agent.client import (
     reset_cursor,
     token_subject,
 )
+from device_agent.derive import ApplyResult
 from device_agent.errors import (
     AuthFailed,
     DeviceAgentError,
@@ -58,7 +59,8 @@ from device_agent.errors import (
     StateError,
 )
 from device_agent.journal_wire import UPLOAD_BATCH, wire_entries
-from device_agent.local_db import PREFIX, get_meta, set_meta, transaction
+from device_agent.local_db import get_meta, set_meta
+from device_agent.local_tables import PREFIX, transaction
 
 MAX_REPAIRS: Final = 3
 PAGE_OPS: Final = 5000

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 from core.row_wire import CHECKSUM_MODULUS, row_checksum, row_key_text
 from device_agent import apply as apply_mod
-from device_agent import local_db, triggers
-from device_agent.apply import apply_messages, local_checksums, term_of
+from device_agent import local_db, local_tables, triggers
+from device_agent.apply import apply_messages
+from device_agent.bucket_ops import local_checksums, signed, term_of, unsigned
 from device_agent.consistency import check_tables
 from device_agent.errors import SchemaBlocked
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 from device_agent.relay_schema import parse_schema
 from device_agent.schema_sync import apply_schema
 from device_agent.sync import wire_entries
@@ -191,7 +192,7 @@ def test_schema_creates_tables_keys_metadata_and_triggers(db: sqlite3.Connection
     }
     pk = [r[1] for r in db.execute('pragma table_info("site_stock")') if r[5]]
     assert pk == ["site", "part_id"]
-    tables = local_db.load_tables(db)
+    tables = local_tables.load_tables(db)
     assert all(triggers.installed(db, t) for t in tables.values())
     assert tables["public.site_stock"].multi and not tables[WO].multi
 
@@ -258,7 +259,7 @@ def test_agent_writes_not_journaled_either_way(db: sqlite3.Connection, bulk: boo
     result = sync(db, server, bulk_ops=1 if bulk else 10**9, total_ops=len(server.log))
     assert journal(db) == []
     assert result.verified == [T1] and not result.mismatched
-    assert all(triggers.installed(db, t) for t in local_db.load_tables(db).values())
+    assert all(triggers.installed(db, t) for t in local_tables.load_tables(db).values())
     app_conn(db).execute("update work_orders set notes = 'x' where id = 1")
     assert len(journal(db)) == 1
 
@@ -286,7 +287,7 @@ def test_puts_removes_and_checksums_match_the_relays(db: sqlite3.Connection) -> 
     sums = local_checksums(db)
     cp = server.checkpoint()["buckets"]
     assert sums[T1] == (cp[T1]["count"], int(cp[T1]["checksum"]))
-    kinds = local_db.load_tables(db)[WO].kinds
+    kinds = local_tables.load_tables(db)[WO].kinds
     assert kinds["done"] == "bool" and kinds["due"] == "int"
 
 
@@ -704,7 +705,7 @@ def test_json_values_and_unicode_round_trip(db: sqlite3.Connection) -> None:
     r = sync(db, server)
     assert r.verified == [T1]
     assert db.execute("select notes from work_orders").fetchone() == ("żółw ✓",)
-    assert local_db.load_tables(db)[WO].kinds["due"] == "json"
+    assert local_tables.load_tables(db)[WO].kinds["due"] == "json"
 
 
 @settings(max_examples=60, deadline=None)
@@ -728,6 +729,4 @@ def test_json_values_and_unicode_round_trip(db: sqlite3.Connection) -> None:
 def test_term_equals_relay_row_checksum(table: str, key: list[Any], data: dict[str, Any]) -> None:
     rk = row_key_text(key)
     assert term_of(orjson.dumps(table), rk, data) == row_checksum(table, rk, data)
-    assert apply_mod.unsigned(apply_mod.signed(row_checksum(table, rk, data))) == row_checksum(
-        table, rk, data
-    )
+    assert unsigned(signed(row_checksum(table, rk, data))) == row_checksum(table, rk, data)

@@ -25,7 +25,7 @@ from device_agent.client import (
     reset_cursor,
 )
 from device_agent.errors import AuthFailed, RelayUnreachable, TokenExpired, TokenRevoked
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 from device_agent.sync import wire_entries
 from relay.downstream.api import decode_cursor, encode_cursor
 from relay.upstream.journal import JournalEntry, parse_upload

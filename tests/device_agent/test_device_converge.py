@@ -40,7 +40,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from device_agent import apply as apply_mod
 from device_agent.consistency import check_tables
-from device_agent.local_db import PREFIX, get_meta
+from device_agent.local_db import get_meta
+from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
 from tests.device_agent.device_model import (
     COLUMNS,

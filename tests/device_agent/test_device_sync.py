@@ -26,10 +26,10 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from device_agent import cli, crypto, local_db
+from device_agent import cli, crypto, local_tables
 from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database, wire_entries
 from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
 from relay.downstream.api import ApiConfig, create_app
@@ -310,8 +310,8 @@ def test_checksum_mismatch_downloads_the_bucket_again(stack: Stack, tmp_path: Pa
     # lose a row behind the agent's back, as if an op had been lost in transit
     from device_agent import triggers
 
-    tables = local_db.load_tables(agent.conn)
-    with local_db.transaction(agent.conn), triggers.suspended(agent.conn, tables.values()):
+    tables = local_tables.load_tables(agent.conn)
+    with local_tables.transaction(agent.conn), triggers.suspended(agent.conn, tables.values()):
         agent.conn.execute("delete from work_orders where id = 4")
         agent.conn.execute(f"delete from {PREFIX}rows where k = 4")
         agent.conn.execute(

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from device_agent import apply as apply_mod
-from device_agent import cli, local_db, relay_schema, schema_sync
+from device_agent import cli, local_db, local_tables, relay_schema, schema_sync
 from device_agent.consistency import check_tables
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 from device_agent.sync import wire_entries
 from device_agent.visible import Edit, EditOp, add_delta, released, visible_row
 from tests.device_agent.test_device_apply import (
@@ -340,7 +340,7 @@ def test_verify_counts_awaiting_edits(db: sqlite3.Connection) -> None:
 
 def legacy_table(db: sqlite3.Connection) -> None:
     """Make ``work_orders`` what version 1 created: key columns without NOT NULL."""
-    cols = ", ".join(f'"{c}"' for c in local_db.load_tables(db)[WO].columns)
+    cols = ", ".join(f'"{c}"' for c in local_tables.load_tables(db)[WO].columns)
     db.execute("begin")
     db.execute(f"create table wo_old ({cols}, primary key (id))")
     db.execute(f"insert into wo_old select {cols} from work_orders")

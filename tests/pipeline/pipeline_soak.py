@@ -70,7 +70,7 @@ from core.row_wire import row_key_text
 from device_agent import cli as agent_cli
 from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import DeviceAgentError, RelayUnreachable
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
 from relay.auth import issue_token
 from tests.cdc.test_cdc_cli import run_cli

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from device_agent import cli
 from device_agent.client import RelayClient, RetryPolicy
-from device_agent.local_db import PREFIX
+from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
 from relay.auth import KeyStore, issue_token
 from tests.pipeline.pipeline_stack import Process, services, store_database
