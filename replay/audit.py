@@ -376,7 +376,7 @@ class LogSource:
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
 
-        from cdc.kafka_sink import build_client
+        from core.kafka_options import build_client
 
         config: dict[str, Any] = {
             **self.kafka,
@@ -2335,7 +2335,7 @@ class PgTarget:
 
     @classmethod
     def from_settings(cls, settings: Any) -> PgTarget:
-        from cdc.settings import redact_dsn
+        from core.settings_checks import redact_dsn
 
         pg = settings.postgres
         return cls(pg.dsn, pg.password, pg.slot, pg.publication, redact_dsn(pg.dsn))

@@ -19,19 +19,14 @@ from cdc.settings import (
     DOCS_BLOCK,
     CdcSettings,
     load_cdc_settings,
-    redact_dsn,
     render_docs_block,
     render_example,
 )
 from core.errors import ConfigError
-from core.settings_registry import (
-    Registry,
-    Section,
-    Setting,
-    generated_markers,
-    replace_generated_block,
-    toml_literal,
-)
+from core.settings_checks import redact_dsn
+from core.settings_docs import generated_markers, replace_generated_block
+from core.settings_registry import Registry, Section, Setting
+from core.settings_types import toml_literal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -647,7 +642,7 @@ def _tiny_registry(help_text: str = "Where.") -> Registry[_TinySettings]:
 
 
 def registry_markdown(registry: Registry[Any]) -> str:
-    from core.settings_registry import render_markdown
+    from core.settings_docs import render_markdown
 
     return render_markdown(registry)
 
