@@ -660,6 +660,21 @@ def test_parser_types_and_env_aliases() -> None:
         registry.load_data({"agent": {"level": 4}}, source="t", environ={})
 
 
+def test_a_loader_check_runs_after_the_registry_and_names_the_source() -> None:
+    registry = _tiny_registry()
+
+    def needs_token(loaded: _TinySettings) -> None:
+        if loaded.agent.token is None:
+            raise ValueError("this process needs agent.token")
+
+    with pytest.raises(ConfigError) as info:
+        registry.load_data({"agent": {"level": 2}}, source="t.toml", environ={}, check=needs_token)
+    assert str(info.value) == "t.toml: this process needs agent.token"
+    loaded = registry.load_data({}, source="t", environ={"TINY_TOKEN": "x"}, check=needs_token)
+    assert loaded.agent.token == "x"
+    assert registry.load_data({}, source="t", environ={}).agent.token is None  # no check
+
+
 def test_model_must_match_settings() -> None:
     @dataclasses.dataclass(frozen=True)
     class Wrong:
