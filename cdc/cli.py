@@ -83,7 +83,7 @@ def cdc_status(
     from cdc.kafka_sink import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
-    from cdc.settings import redact_dsn
+    from core.settings_checks import redact_dsn
 
     try:
         settings = _load(config)

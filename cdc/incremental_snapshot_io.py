@@ -78,13 +78,13 @@ from cdc.kafka_sink import (
     ResumePosition,
     Sink,
     TopicManager,
-    build_client,
 )
 from cdc.pg_catalog import PK_QUERY, PgCatalog, read_signatures
 from cdc.pg_source import connect
 from cdc.settings import CdcSettings
 from cdc.snapshot import COLUMNS_QUERY, output_function_text
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.kafka_options import build_client
 from core.pg_types import ColumnSpec
 
 log = logging.getLogger("fieldsync.cdc")

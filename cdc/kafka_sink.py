@@ -54,6 +54,7 @@ from kafka.partitioner.default import murmur2
 from cdc.errors import SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
 from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
+from core.kafka_options import build_client, client_config
 
 log = logging.getLogger(__name__)
 
@@ -160,42 +161,6 @@ def _kafka_errors() -> tuple[type[BaseException], ...]:
     return (KafkaError,)
 
 
-def _has_bootstrap_timeout() -> bool:
-    """kafka-python >= 3 has ``bootstrap_timeout_ms``; 2.x rejects unknown settings."""
-    from kafka import KafkaProducer
-
-    return "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG
-
-
-def build_client(cls: Any, **config: Any) -> Any:
-    """``cls(**config)`` for a kafka-python client, without leaking its network thread.
-
-    kafka-python starts a network thread before it connects to the first broker
-    and, when that fails, raises from the constructor leaving the thread running
-    (seen with 3.0.x): one leaked thread and socket per failed attempt while the
-    broker is down.  Keep hold of the network client it makes and close it.
-    """
-    made: list[Any] = []
-    base = cls.DEFAULT_CONFIG.get("kafka_client")
-    if base is None or "kafka_client" in config:
-        return cls(**config)
-
-    def factory(**kw: Any) -> Any:
-        client = base(**kw)
-        made.append(client)
-        return client
-
-    try:
-        return cls(kafka_client=factory, **config)
-    except BaseException:
-        for client in made:
-            try:
-                client.close()
-            except Exception as exc:
-                log.debug("closing the network client of a failed %s: %s", cls.__name__, exc)
-        raise
-
-
 def _remaining(deadline: float, floor_s: float = 0.5) -> float:
     """Seconds left until ``deadline`` (monotonic), but at least ``floor_s``."""
     return max(floor_s, deadline - time.monotonic())
@@ -217,23 +182,15 @@ class KafkaOptions:
     bulk_records: bool = True  # build record batches ourselves (cdc.kafka_records)
 
     def client_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers.split(","),
-            "security_protocol": self.security_protocol,
-            "request_timeout_ms": int(self.timeout_s * 1000),
-        }
-        if _has_bootstrap_timeout():
-            # kafka-python 3 waits 30 s by default for a first broker connection, whatever request_timeout_ms says
-            kw["bootstrap_timeout_ms"] = int(self.timeout_s * 1000)
-        if self.security_protocol.startswith("SASL"):
-            kw.update(
-                sasl_mechanism=self.sasl_mechanism,
-                sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password,
-            )
-        if self.ssl_cafile:
-            kw["ssl_cafile"] = self.ssl_cafile
-        return kw
+        return client_config(
+            self.bootstrap_servers,
+            timeout_s=self.timeout_s,
+            security_protocol=self.security_protocol,
+            sasl_mechanism=self.sasl_mechanism,
+            sasl_username=self.sasl_username,
+            sasl_password=self.sasl_password,
+            ssl_cafile=self.ssl_cafile,
+        )
 
 
 class TopicManager:
@@ -728,7 +685,6 @@ __all__ = [
     "Sink",
     "SinkError",
     "TopicManager",
-    "build_client",
     "new_transactional_id",
     "read_resume_position",
     "schemas_topic",

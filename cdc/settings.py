@@ -25,14 +25,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.settings_registry import (
-    Registry,
-    Section,
-    Setting,
-    render_example_toml,
-    render_markdown,
-    replace_generated_block,
+from core.settings_checks import (
+    PG_NAME_MAX_BYTES,
+    check_bootstrap_servers,
+    check_dsn,
+    check_non_negative,
+    check_positive,
+    check_topic_prefix,
+    redact_dsn,
 )
+from core.settings_docs import render_example_toml, render_markdown, replace_generated_block
+from core.settings_registry import Registry, Section, Setting
 
 __all__ = [
     "CDC_REGISTRY",
@@ -41,33 +44,13 @@ __all__ = [
     "KafkaSettings",
     "PostgresSettings",
     "load_cdc_settings",
-    "redact_dsn",
 ]
 
-# PostgreSQL truncates identifiers to NAMEDATALEN-1 bytes.
-PG_NAME_MAX_BYTES = 63
-# Kafka topic names: at most 249 characters of [a-zA-Z0-9._-].  The prefix must
-# leave room for ".{schema}.{table}" with 63-byte PostgreSQL names.
-KAFKA_TOPIC_MAX = 249
-TOPIC_PREFIX_MAX = KAFKA_TOPIC_MAX - 2 * (PG_NAME_MAX_BYTES + 1)
-_TOPIC_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
 _SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
-_DSN_URI_RE = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
-_DSN_KV_RE = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
 
 # ---------------------------------------------------------------------------
 # Checks (raise ValueError with a short reason; the registry adds key and value)
 # ---------------------------------------------------------------------------
-
-
-def _positive(value: float) -> None:
-    if value <= 0:
-        raise ValueError("must be > 0")
-
-
-def _non_negative(value: float) -> None:
-    if value < 0:
-        raise ValueError("must be >= 0")
 
 
 def _proto_version(value: int) -> None:
@@ -112,52 +95,6 @@ def _signal_table(value: str) -> None:
         raise ValueError("must be 'schema.table' (or empty to turn signals off)")
     if any(len(p.encode()) > PG_NAME_MAX_BYTES for p in parts):
         raise ValueError(f"has a name longer than {PG_NAME_MAX_BYTES} bytes")
-
-
-def _dsn(value: str) -> None:
-    # Never echo the DSN here: it may hold a password (the registry shows it redacted).
-    if not (_DSN_URI_RE.match(value) or _DSN_KV_RE.match(value)):
-        raise ValueError(
-            "is not a libpq connection string (expected postgresql://… or key=value pairs)"
-        )
-
-
-def _bootstrap_servers(value: str) -> None:
-    servers = [s.strip() for s in value.split(",")]
-    if not value.strip() or any(not s or any(c.isspace() for c in s) for s in servers):
-        raise ValueError("must be a comma-separated list of host:port")
-
-
-def _topic_prefix(value: str) -> None:
-    if not _TOPIC_CHARS.fullmatch(value):
-        raise ValueError("must be 1 or more of the Kafka topic characters a-z A-Z 0-9 . _ -")
-    if value.startswith(".") or value.endswith(".") or ".." in value:
-        raise ValueError("must not start or end with '.' or contain '..'")
-    if value.startswith("__"):
-        raise ValueError("must not start with '__' (reserved for Kafka's internal topics)")
-    if len(value) > TOPIC_PREFIX_MAX:
-        raise ValueError(
-            f"is longer than {TOPIC_PREFIX_MAX} characters (topics '{{prefix}}.{{schema}}.{{table}}' "
-            f"must fit Kafka's {KAFKA_TOPIC_MAX})"
-        )
-
-
-_URI_PASSWORD = re.compile(r"^(\s*postgres(?:ql)?://[^:@/?#]*):[^@/]*@", re.IGNORECASE)
-_PARAM_PASSWORD = re.compile(
-    r"(?i)((?:^|[\s?&])password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)",
-)
-
-
-def redact_dsn(dsn: str) -> str:
-    """*dsn* with any password (URI user info, ``password=`` parameter) replaced by ``***``.
-
-    A string that is not a libpq connection string is replaced whole by ``***``:
-    where its password is cannot be known.
-    """
-    if not (_DSN_URI_RE.match(dsn) or _DSN_KV_RE.match(dsn)):
-        return "***"
-    dsn = _URI_PASSWORD.sub(r"\1:***@", dsn)
-    return _PARAM_PASSWORD.sub(r"\1***", dsn)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +198,7 @@ POSTGRES = Section(
             "postgresql://postgres@127.0.0.1:5432/postgres",
             "libpq connection string of the source database, as a URI (postgresql://user@host:port/db) "
             "or key=value pairs. Keep the password out of it: use `password`.",
-            check=_dsn,
+            check=check_dsn,
             redact=redact_dsn,
         ),
         Setting(
@@ -321,14 +258,14 @@ POSTGRES = Section(
             float,
             10.0,
             "Seconds between standby status updates (flushed position) sent to the server.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "heartbeat_interval_s",
             float,
             30.0,
             "Seconds between heartbeats that move the slot forward on an idle database; 0 disables.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "signal_table",
@@ -354,14 +291,14 @@ KAFKA = Section(
             str,
             "127.0.0.1:9092",
             "Comma-separated host:port list of brokers to bootstrap from.",
-            check=_bootstrap_servers,
+            check=check_bootstrap_servers,
         ),
         Setting(
             "topic_prefix",
             str,
             "fieldsync",
             "Prefix of every topic: '{prefix}.{schema}.{table}', '{prefix}._schemas', '{prefix}._journal'.",
-            check=_topic_prefix,
+            check=check_topic_prefix,
         ),
         Setting(
             "transactional_id",
@@ -382,21 +319,21 @@ KAFKA = Section(
             int,
             5000,
             "At most this many events are buffered before a flush to Kafka.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "batch_max_ms",
             int,
             50,
             "At most this many milliseconds pass between the first buffered event and a flush.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "timeout_s",
             float,
             30.0,
             "Seconds to wait for the brokers (connecting, acknowledging a batch) before giving up.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "security_protocol",
@@ -463,14 +400,14 @@ DAEMON = Section(
             0.5,
             "Seconds to wait before the first reconnect after a lost connection; later waits "
             "grow up to retry_backoff_max_s.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "retry_backoff_max_s",
             float,
             30.0,
             "Upper bound of the reconnect wait, in seconds.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "state_dir",
@@ -493,7 +430,7 @@ DAEMON = Section(
             1024,
             "Rows per chunk of a re-snapshot: at most this many rows are held in memory "
             "between a chunk's watermarks.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "ddl_check_interval_s",
@@ -501,7 +438,7 @@ DAEMON = Section(
             10.0,
             "Seconds between catalog checks for such changes (also checked at start and when "
             "a Relation message changes); 0 checks only then.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
     ),
 )
@@ -517,7 +454,7 @@ def load_cdc_settings(
 ) -> CdcSettings:
     """Load the cdc settings: defaults, the TOML file at *path* (if given), then *environ*.
 
-    *environ* defaults to ``os.environ``.  Raises :class:`cdc.errors.ConfigError`.
+    *environ* defaults to ``os.environ``.  Raises :class:`core.errors.ConfigError`.
     """
     return CDC_REGISTRY.load(path, environ)
 

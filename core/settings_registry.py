@@ -3,12 +3,12 @@
 A component (cdc daemon, relay, device agent) declares its settings once, as
 :class:`Setting` objects grouped into :class:`Section` objects, each section
 bound to a frozen dataclass that gives typed attribute access
-(``settings.postgres.dsn``).  The :class:`Registry` then
-
-* loads a TOML file (``tomllib``) and the environment into an instance of the
-  component's top-level frozen dataclass;
-* renders the settings as Markdown tables (for the docs) and as a commented
-  example TOML file with every setting and its default.
+(``settings.postgres.dsn``).  The :class:`Registry` then loads a TOML file
+(``tomllib``) and the environment into an instance of the component's top-level
+frozen dataclass.  How values are read and written lives in
+:mod:`core.settings_types`; the Markdown tables and the commented example TOML
+are rendered by :mod:`core.settings_docs`; value checks shared by several
+components (DSNs, Kafka names, numbers) are in :mod:`core.settings_checks`.
 
 Precedence, lowest first: the setting's default, the TOML file, the environment.
 
@@ -21,7 +21,7 @@ default is ``None`` an empty value means "not set".  The environment is shared
 by several components, so a ``FIELDSYNC_<SECTION>_*`` variable that names no
 setting of a known section only logs a warning; other variables are ignored.
 
-Errors: every problem raises :class:`cdc.errors.ConfigError` whose message
+Errors: every problem raises :class:`core.errors.ConfigError` whose message
 names where the value came from (file path or environment variable), the key
 (``section.key``), what was expected and what was given.  Unknown sections and
 keys get a "did you mean" hint (``difflib``).  The value of a secret setting
@@ -34,22 +34,18 @@ do not match the settings) are programming errors and raise ``TypeError`` or
 ``ValueError`` when the registry is built, i.e. at import time.
 
 Concurrency: registries and loaded settings are immutable and may be shared
-between threads.  Loading does file I/O only in :meth:`Registry.load`; the
-rendering functions are pure.
+between threads.  Loading does file I/O only in :meth:`Registry.load`.
 """
 
 from __future__ import annotations
 
-import abc
 import copy
 import dataclasses
 import difflib
 import logging
-import math
 import os
 import re
 import stat
-import textwrap
 import tomllib
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -57,245 +53,21 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from core.errors import ConfigError
+from core.settings_types import (
+    ValueType,
+    shorten,
+    toml_literal_or_repr,
+    toml_type_name,
+    value_type,
+)
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FIELDSYNC"
 MASK = "***"
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
-_SHOWN_CHARS = 80
 
 M = TypeVar("M")
-
-# ---------------------------------------------------------------------------
-# Value types
-# ---------------------------------------------------------------------------
-
-
-class ValueType(abc.ABC):
-    """How a setting's value is read from TOML and from the environment, and written back.
-
-    ``from_toml`` and ``from_env`` raise ``ValueError`` (optionally with a detail
-    such as "must be finite") when the value does not fit; the registry turns
-    that into a :class:`ConfigError` naming the key and the given value.
-    """
-
-    #: Human name used in messages and docs ("integer", "list of strings").
-    name: str = "value"
-    #: The Python annotation the model dataclass must declare for this type.
-    annotation: Any = object
-    #: Example literal for commented-out lines of the example TOML.
-    placeholder: Any = ""
-
-    @abc.abstractmethod
-    def from_toml(self, value: object) -> Any:
-        """Convert a value as parsed by tomllib."""
-
-    @abc.abstractmethod
-    def from_env(self, text: str) -> Any:
-        """Convert the text of an environment variable."""
-
-    def to_toml(self, value: Any) -> str:
-        """Render *value* as a TOML literal that :meth:`from_toml` reads back unchanged."""
-        return toml_literal(value)
-
-
-class StrType(ValueType):
-    name = "string"
-    annotation = str
-
-    def from_toml(self, value: object) -> str:
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-
-    def from_env(self, text: str) -> str:
-        return text
-
-
-class IntType(ValueType):
-    name = "integer"
-    annotation = int
-    placeholder = 0
-
-    def from_toml(self, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError
-        return value
-
-    def from_env(self, text: str) -> int:
-        return int(text.strip(), 10)
-
-
-class FloatType(ValueType):
-    name = "number"
-    annotation = float
-    placeholder = 0.0
-
-    def from_toml(self, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError
-        return self._finite(float(value))
-
-    def from_env(self, text: str) -> float:
-        return self._finite(float(text.strip()))
-
-    @staticmethod
-    def _finite(value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-
-class BoolType(ValueType):
-    name = "boolean"
-    annotation = bool
-    placeholder = False
-    TRUE = frozenset({"true", "1", "yes"})
-    FALSE = frozenset({"false", "0", "no"})
-
-    def from_toml(self, value: object) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError
-        return value
-
-    def from_env(self, text: str) -> bool:
-        word = text.strip().lower()
-        if word in self.TRUE:
-            return True
-        if word in self.FALSE:
-            return False
-        raise ValueError("use true/false, 1/0 or yes/no")
-
-
-class StrListType(ValueType):
-    name = "list of strings"
-    annotation = list[str]
-    placeholder: Any = []
-
-    def from_toml(self, value: object) -> list[str]:
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ValueError
-        return list(value)
-
-    def from_env(self, text: str) -> list[str]:
-        return [item.strip() for item in text.split(",") if item.strip()]
-
-
-class ParsedType(ValueType):
-    """A string in TOML and in the environment, converted by a parser (``Path``, ``ip_address``)."""
-
-    def __init__(self, parser: Callable[[str], Any], name: str | None = None) -> None:
-        self.parser = parser
-        self.name = name if name is not None else str(getattr(parser, "__name__", "value"))
-        if isinstance(parser, type):
-            self.annotation = parser
-        else:
-            self.annotation = typing.get_type_hints(parser).get("return", object)
-
-    def from_toml(self, value: object) -> Any:
-        if not isinstance(value, str):
-            raise ValueError
-        return self.parser(value)
-
-    def from_env(self, text: str) -> Any:
-        return self.parser(text)
-
-    def to_toml(self, value: Any) -> str:
-        return toml_literal(str(value))
-
-
-STRING = StrType()
-INTEGER = IntType()
-FLOAT = FloatType()
-BOOLEAN = BoolType()
-STRING_LIST = StrListType()
-
-_BUILTIN_TYPES: dict[Any, ValueType] = {
-    str: STRING,
-    int: INTEGER,
-    float: FLOAT,
-    bool: BOOLEAN,
-    list: STRING_LIST,
-    list[str]: STRING_LIST,
-}
-
-
-def value_type(spec: Any) -> ValueType:
-    """Resolve a ``Setting.type``: a builtin (str, int, float, bool, list[str]), a ValueType or a parser."""
-    if isinstance(spec, ValueType):
-        return spec
-    try:
-        return _BUILTIN_TYPES[spec]
-    except (KeyError, TypeError):
-        pass
-    if callable(spec):
-        return ParsedType(spec)
-    raise TypeError(f"unsupported setting type {spec!r}")
-
-
-# ---------------------------------------------------------------------------
-# TOML literals
-# ---------------------------------------------------------------------------
-
-_TOML_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for char in text:
-        if char in _TOML_ESCAPES:
-            out.append(_TOML_ESCAPES[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04X}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
-def toml_literal(value: Any) -> str:
-    """Render a str, int, float, bool or list of those as a TOML literal."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"cannot render non-finite float {value!r}")
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_literal(item) for item in value) + "]"
-    raise TypeError(f"cannot render {type(value).__name__} as TOML")
-
-
-def _toml_type_name(value: object) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "table"
-    return type(value).__name__  # dates and times
-
-
-def _shorten(text: str) -> str:
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
 
 
 # ---------------------------------------------------------------------------
@@ -374,7 +146,7 @@ class Setting:
             return "(value hidden)"
         if self.redact is not None:
             value = self.redact(value)
-        return _shorten(repr(value))
+        return shorten(repr(value))
 
     def redacted(self, value: Any) -> Any:
         """The value with secrets masked, for logging (None stays None)."""
@@ -522,21 +294,37 @@ class Registry(Generic[M]):
 
     # -- loading -------------------------------------------------------------
 
-    def load(self, path: str | Path | None, environ: Mapping[str, str] | None = None) -> M:
-        """Defaults, then the TOML file at *path* (if not None), then *environ* (default os.environ)."""
+    def load(
+        self,
+        path: str | Path | None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        check: Callable[[M], None] | None = None,
+    ) -> M:
+        """Defaults, then the TOML file at *path* (if not None), then *environ* (default os.environ).
+
+        *check* is run after the registry's own checks, for a rule one user of the
+        settings needs (a process that must have some optional setting); like them it
+        raises ``ValueError``, which becomes a :class:`ConfigError` naming the source.
+        """
         if path is None:
-            return self.load_data({}, source="(no file)", environ=environ)
+            return self.load_data({}, source="(no file)", environ=environ, check=check)
         path = Path(path)
-        data = _read_toml(path)
+        data = _read_settings_file(path)
         self._warn_readable_secrets(path, data)
-        return self.load_data(data, source=str(path), environ=environ)
+        return self.load_data(data, source=str(path), environ=environ, check=check)
 
     def defaults(self) -> M:
         """The settings with every default (no file, empty environment)."""
         return self.load_data({}, source="(defaults)", environ={})
 
     def load_data(
-        self, data: Mapping[str, Any], *, source: str, environ: Mapping[str, str] | None = None
+        self,
+        data: Mapping[str, Any],
+        *,
+        source: str,
+        environ: Mapping[str, str] | None = None,
+        check: Callable[[M], None] | None = None,
     ) -> M:
         """Like :meth:`load`, from already parsed TOML *data*; *source* names it in messages."""
         environ = os.environ if environ is None else environ
@@ -561,11 +349,12 @@ class Registry(Generic[M]):
                 except ValueError as exc:
                     raise ConfigError(f"{where}: {exc}") from exc
         result = self.model(**built)
-        if self.check is not None:
-            try:
-                self.check(result)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from exc
+        for whole in (self.check, check):
+            if whole is not None:
+                try:
+                    whole(result)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: {exc}") from exc
         return result
 
     def _section_of(self, name: str, table: object, source: str) -> Section:
@@ -576,7 +365,7 @@ class Registry(Generic[M]):
         if section is not None:
             raise ConfigError(
                 f"{source}: [{name}] must be a table (a section of settings), "
-                f"got {_toml_type_name(table)}"
+                f"got {toml_type_name(table)}"
             )
         if not isinstance(table, dict):
             owners = [s.name for s in self.sections.values() if s.get(name) is not None]
@@ -607,11 +396,11 @@ class Registry(Generic[M]):
         try:
             value = setting.value_type.from_toml(raw)
         except ValueError as exc:
-            shown = "(value hidden)" if setting.secret else _shorten(toml_literal_or_repr(raw))
+            shown = "(value hidden)" if setting.secret else shorten(toml_literal_or_repr(raw))
             detail = f" ({exc})" if str(exc) and not setting.secret else ""
             raise ConfigError(
                 f"{source}: {key}: expected {setting.value_type.name}, "
-                f"got {_toml_type_name(raw)} {shown}{detail}"
+                f"got {toml_type_name(raw)} {shown}{detail}"
             ) from None
         problem = setting.problem(value)
         if problem is not None:
@@ -641,7 +430,7 @@ class Registry(Generic[M]):
         try:
             value = setting.value_type.from_env(text)
         except ValueError as exc:
-            shown = "(value hidden)" if setting.secret else _shorten(repr(text))
+            shown = "(value hidden)" if setting.secret else shorten(repr(text))
             detail = f" ({exc})" if str(exc) and not setting.secret else ""
             raise ConfigError(
                 f"{where}: expected {setting.value_type.name}, got {shown}{detail}"
@@ -706,14 +495,7 @@ class Registry(Generic[M]):
         }
 
 
-def toml_literal_or_repr(value: object) -> str:
-    try:
-        return toml_literal(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_settings_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -729,115 +511,3 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror or exc}") from exc
-
-
-# ---------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _default_text(setting: Setting) -> str:
-    if setting.default is None:
-        return "unset"
-    return f"`{setting.value_type.to_toml(setting.default)}`"
-
-
-def _describe(setting: Setting) -> str:
-    parts = [setting.help.strip()]
-    if setting.choices is not None:
-        parts.append(
-            "One of "
-            + ", ".join(f"`{setting.value_type.to_toml(c)}`" for c in setting.choices)
-            + "."
-        )
-    if setting.secret:
-        parts.append("**Secret**: never logged; prefer the environment variable.")
-    return " ".join(parts)
-
-
-def render_markdown(registry: Registry[Any], *, heading_level: int = 3) -> str:
-    """Every section of *registry* as a heading, its help and a Markdown table of its settings."""
-    hashes = "#" * heading_level
-    out: list[str] = []
-    for section in registry.sections.values():
-        out.append(f"{hashes} `[{section.name}]`")
-        out.append("")
-        if section.help:
-            out.append(" ".join(section.help.split()))
-            out.append("")
-        out.append("| Key | Type | Default | Environment variable | Description |")
-        out.append("| --- | --- | --- | --- | --- |")
-        for s in section.settings:
-            env = ", ".join(f"`{v}`" for v in registry.env_vars(section.name, s.name))
-            type_name = s.value_type.name + (" (optional)" if s.optional else "")
-            row = [f"`{s.name}`", type_name, _default_text(s), env, _describe(s)]
-            out.append("| " + " | ".join(_md_cell(cell) for cell in row) + " |")
-        out.append("")
-    return "\n".join(out).rstrip("\n") + "\n"
-
-
-def _comment(text: str, width: int = 78) -> list[str]:
-    lines: list[str] = []
-    for paragraph in text.strip().split("\n\n"):
-        if lines:
-            lines.append("#")
-        wrapped = textwrap.wrap(" ".join(paragraph.split()), width=width - 2) or [""]
-        lines.extend(f"# {line}".rstrip() for line in wrapped)
-    return lines
-
-
-def render_example_toml(registry: Registry[Any], *, title: str | None = None) -> str:
-    """A TOML file with every setting: its help as a comment, then ``key = default``.
-
-    Optional settings (default unset) and secrets are written commented out,
-    since TOML has no null and secrets belong in the environment.
-    """
-    out: list[str] = []
-    head = title or f"fieldsync {registry.component} configuration"
-    out += _comment(
-        f"{head}.\n\n"
-        "Every setting is shown with its default. Precedence: default < this file < environment. "
-        f"Each setting can also be set as {registry.env_prefix}_<SECTION>_<KEY> "
-        "(upper case), which is where secrets belong."
-    )
-    for section in registry.sections.values():
-        out.append("")
-        out.append(f"[{section.name}]")
-        if section.help:
-            out += _comment(section.help)
-        for s in section.settings:
-            out.append("")
-            out += _comment(_describe(s).replace("**", "").replace("`", ""))
-            envs = " or ".join(registry.env_vars(section.name, s.name))
-            out.append(f"# Type: {s.value_type.name}. Environment: {envs}.")
-            if s.optional or s.secret:
-                example = s.example if s.example is not None else s.value_type.placeholder
-                note = (
-                    "not set by default"
-                    if s.optional
-                    else f"default {s.value_type.to_toml(s.default)}"
-                )
-                out.append(f"# ({note})")
-                out.append(f"# {s.name} = {s.value_type.to_toml(example)}")
-            else:
-                out.append(f"{s.name} = {s.value_type.to_toml(s.default)}")
-    return "\n".join(out) + "\n"
-
-
-def generated_markers(name: str) -> tuple[str, str]:
-    """The begin and end comment lines around a generated block in a Markdown document."""
-    return f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
-
-
-def replace_generated_block(document: str, name: str, content: str) -> str:
-    """Replace the text between the *name* markers of *document* with *content*."""
-    begin, end = generated_markers(name)
-    start = document.find(begin)
-    stop = document.find(end)
-    if start < 0 or stop < start:
-        raise ValueError(f"document has no generated block {name!r} ({begin} … {end})")
-    return document[: start + len(begin)] + "\n\n" + content.strip("\n") + "\n\n" + document[stop:]

@@ -39,7 +39,6 @@ swap) to reload revocations; they can be shared between threads.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import os
 import re
 import time
@@ -55,6 +54,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
 
+from core.settings_checks import close_match_hint as _hint
 from relay.claims import REGISTERED_CLAIMS
 from relay.errors import (
     ConfigError,
@@ -244,7 +244,7 @@ class KeyStore:
     def from_file(cls, path: str | Path, env: Mapping[str, str] | None = None) -> KeyStore:
         """Load a keys file; PEM paths are relative to it, ``secret_env`` reads ``env`` (os.environ)."""
         path = Path(path)
-        data = _read_toml(path, "keys file")
+        data = _read_auth_file(path, "keys file")
         env = os.environ if env is None else env
         where = str(path)
         for key in data:
@@ -328,7 +328,7 @@ def _read_pem(kid: str, base: Path, value: object) -> bytes | None:
         raise KeyStoreError(f"key {kid!r}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
+def _read_auth_file(path: Path, what: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -336,11 +336,6 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
         raise KeyStoreError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise KeyStoreError(f"{path}: {what} is not valid TOML: {exc}") from exc
-
-
-def _hint(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --------------------------------------------------------------------------- revocation
@@ -381,7 +376,7 @@ class RevocationList:
     @classmethod
     def from_file(cls, path: str | Path) -> RevocationList:
         path = Path(path)
-        data = _read_toml(path, "revocation list")
+        data = _read_auth_file(path, "revocation list")
         unknown = [k for k in data if k != "revoked"]
         if unknown:
             raise KeyStoreError(f"{path}: {unknown[0]} is not a known key (known: revoked)")

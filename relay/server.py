@@ -66,14 +66,8 @@ from relay.downstream.bucket_engine import (
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo, check_rules_file, load_rules
 from relay.errors import ConfigError
-from relay.settings import HttpSettings, RelaySettings
-from relay.upstream.applier_settings import JournalSettings
-from relay.upstream.journal_api import (
-    RELAY_FILE_REGISTRY,
-    JournalApi,
-    RelayFileSettings,
-    load_relay_file,
-)
+from relay.settings import HttpSettings, RelaySettings, load_relay_settings
+from relay.upstream.journal_api import JournalApi
 from relay.upstream.merge import Policy, load_conflicts
 
 log = logging.getLogger("relay.server")
@@ -287,9 +281,9 @@ def counter_columns(conflicts: str | None) -> dict[str, tuple[str, ...]]:
     }
 
 
-def load_settings(path: str | Path | None) -> RelayFileSettings:
+def load_settings(path: str | Path | None) -> RelaySettings:
     """The relay's settings file: ``[relay]``, ``[http]``, ``[auth]`` and ``[journal]``."""
-    return load_relay_file(path)
+    return load_relay_settings(path)
 
 
 def build_authenticator(settings: RelaySettings) -> Authenticator:
@@ -397,11 +391,9 @@ class RelayServer:
 
     settings: RelaySettings
     run_engine: bool = True
-    journal: JournalSettings | None = None
 
     def run(self, on_ready: Callable[[str, int], None] | None = None) -> None:
         s = self.settings
-        journal_settings = self.journal or RELAY_FILE_REGISTRY.defaults().journal
         authenticator = build_authenticator(s)
         store = PgBucketStore(
             s.relay.store_dsn, group=s.relay.consumer_group, password=s.relay.store_password
@@ -410,11 +402,9 @@ class RelayServer:
         try:
             store.migrate()
             rules = load_bound_rules(s)
-            journal = JournalApi.from_settings(
-                RelayFileSettings(s.relay, s.http, s.auth, journal_settings), rules
-            )
+            journal = JournalApi.from_settings(s, rules)
             app = create_app(
-                store, rules, authenticator, api_config(s, journal_settings.conflicts), journal
+                store, rules, authenticator, api_config(s, s.journal.conflicts), journal
             )
             with (
                 self._engine(store, rules),
@@ -501,11 +491,10 @@ class _Server(uvicorn.Server):
 
 def run(config_path: str | Path | None, run_engine: bool = True) -> None:
     """Load settings and run the relay until SIGINT/SIGTERM."""
-    loaded = load_settings(config_path)
-    settings = loaded.relay_settings()
+    settings = load_settings(config_path)
     logging.basicConfig(
         level=settings.relay.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    log.info("relay settings: %s", RELAY_FILE_REGISTRY.redact(loaded))
-    RelayServer(settings, run_engine, loaded.journal).run()
+    log.info("relay settings: %s", settings.redacted())
+    RelayServer(settings, run_engine).run()

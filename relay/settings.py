@@ -1,18 +1,25 @@
-"""Settings of the relay: ``[relay]`` (bucket store, rules, Kafka), ``[http]`` and ``[auth]``.
+"""Settings of the relay (``relay.toml``): ``[relay]``, ``[http]``, ``[auth]`` and ``[journal]``.
 
-Declared with :mod:`core.settings_registry` (same TOML + ``FIELDSYNC_<SECTION>_<KEY>``
-environment scheme as the cdc daemon); load them with :func:`load_relay_settings`::
+One registry, :data:`RELAY_REGISTRY`, declared with :mod:`core.settings_registry` (same
+TOML + ``FIELDSYNC_<SECTION>_<KEY>`` environment scheme as the cdc daemon), is loaded by
+every relay process: ``fieldsync relay run`` with :func:`load_relay_settings`, the
+upstream applier with :func:`load_applier_settings` (the same, plus its need for the
+captured database)::
 
     s = load_relay_settings("/etc/fieldsync/relay.toml")
-    s.relay.store_dsn, s.relay.rules, s.http.port, s.auth.keys_file
+    s.relay.store_dsn, s.relay.rules, s.http.port, s.auth.keys_file, s.journal.conflicts
 
-Generated artefacts (the tables in docs/relay.md, an example TOML)::
+``[relay]`` (bucket store, rules, Kafka), ``[http]`` and ``[auth]`` are declared here;
+``[journal]`` (journal intake and the applier) in :mod:`relay.journal_settings`.
 
-    python -m relay.settings markdown   # Markdown tables
+Generated artefacts (the tables in docs/relay.md and docs/journal.md, an example TOML)::
+
+    python -m relay.settings markdown   # Markdown tables ([relay], [http], [auth])
     python -m relay.settings example    # example TOML with every setting
-    python -m relay.settings write      # rewrite the generated block in docs/relay.md
+    python -m relay.settings write      # rewrite the generated blocks in docs/
 
-The module does no I/O except in :func:`load_relay_settings` and ``__main__``.
+The module does no I/O except in the ``load_*`` functions and ``__main__``.
+Concurrency: the registry and loaded settings are immutable.
 """
 
 from __future__ import annotations
@@ -23,22 +30,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cdc.settings import (
-    _bootstrap_servers,
-    _dsn,
-    _non_negative,
-    _positive,
-    _topic_prefix,
+from core.kafka_options import client_config
+from core.settings_checks import (
+    check_bootstrap_servers,
+    check_consumer_name,
+    check_dsn,
+    check_non_negative,
+    check_positive,
+    check_topic_prefix,
     redact_dsn,
 )
-from core.settings_registry import (
-    Registry,
-    Section,
-    Setting,
-    render_example_toml,
-    render_markdown,
-    replace_generated_block,
-)
+from core.settings_docs import render_example_toml, render_markdown, replace_generated_block
+from core.settings_registry import Registry, Section, Setting
+from relay.journal_settings import JOURNAL, JournalSettings
 
 __all__ = [
     "RELAY_REGISTRY",
@@ -46,6 +50,7 @@ __all__ = [
     "HttpSettings",
     "RelayCoreSettings",
     "RelaySettings",
+    "load_applier_settings",
     "load_relay_settings",
 ]
 
@@ -53,11 +58,6 @@ __all__ = [
 def _port(value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError("must be a TCP port, 0 to 65535 (0: any free port)")
-
-
-def _group(value: str) -> None:
-    if not value or len(value) > 200 or any(c.isspace() for c in value):
-        raise ValueError("must be 1 to 200 characters without spaces")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +113,7 @@ class RelaySettings:
     relay: RelayCoreSettings
     http: HttpSettings
     auth: AuthSettings
+    journal: JournalSettings
 
     def redacted(self) -> dict[str, dict[str, Any]]:
         """Every setting as plain data for logging; secrets are ``***``, DSN passwords masked."""
@@ -123,22 +124,26 @@ class RelaySettings:
         return {"password": self.relay.store_password} if self.relay.store_password else {}
 
     def kafka_client_kwargs(self) -> dict[str, Any]:
-        """kafka-python client arguments (bootstrap servers, security) from ``[relay]``."""
+        """kafka-python client arguments (bootstrap servers, security, timeouts) from ``[relay]``."""
         r = self.relay
-        kw: dict[str, Any] = {
-            "bootstrap_servers": [s.strip() for s in r.kafka_bootstrap_servers.split(",")],
-            "security_protocol": r.kafka_security_protocol,
-            "request_timeout_ms": int(r.kafka_timeout_s * 1000),
-        }
-        if r.kafka_security_protocol.startswith("SASL_"):
-            kw.update(
-                sasl_mechanism=r.kafka_sasl_mechanism,
-                sasl_plain_username=r.kafka_sasl_username,
-                sasl_plain_password=r.kafka_sasl_password,
-            )
-        if r.kafka_ssl_cafile:
-            kw["ssl_cafile"] = r.kafka_ssl_cafile
-        return kw
+        return client_config(
+            r.kafka_bootstrap_servers,
+            timeout_s=r.kafka_timeout_s,
+            security_protocol=r.kafka_security_protocol,
+            sasl_mechanism=r.kafka_sasl_mechanism,
+            sasl_username=r.kafka_sasl_username,
+            sasl_password=r.kafka_sasl_password,
+            ssl_cafile=r.kafka_ssl_cafile,
+        )
+
+    def captured_dsn(self) -> tuple[str, str | None] | None:
+        """The captured database (``journal.dsn``, else ``relay.source_dsn``) and its
+        password, or None when neither is set."""
+        if self.journal.dsn:
+            return self.journal.dsn, self.journal.password
+        if self.relay.source_dsn:
+            return self.relay.source_dsn, self.journal.password or self.relay.source_password
+        return None
 
 
 def _check_relay(r: RelayCoreSettings) -> None:
@@ -168,7 +173,7 @@ RELAY = Section(
             "libpq connection string of the relay's own database (the bucket store, schema "
             "`fieldsync_relay`, created and migrated at start-up). Must NOT be the captured "
             "database. Keep the password out of it: use `store_password`.",
-            check=_dsn,
+            check=check_dsn,
             redact=redact_dsn,
         ),
         Setting("store_password", str, None, "Password for `store_dsn`.", secret=True, example=""),
@@ -185,7 +190,7 @@ RELAY = Section(
             "Optional libpq connection string of the captured database, read (catalog only) for "
             "the columns and primary keys the rules are validated against. Unset: taken from the "
             "schemas in `{topic_prefix}._schemas` (tables appear there with their first event).",
-            check=_dsn,
+            check=check_dsn,
             redact=redact_dsn,
             example="postgresql://fieldsync@127.0.0.1:5432/app",
         ),
@@ -197,14 +202,14 @@ RELAY = Section(
             str,
             "fieldsync",
             "Prefix of the change topics ('{prefix}.{schema}.{table}'), as configured for cdc.",
-            check=_topic_prefix,
+            check=check_topic_prefix,
         ),
         Setting(
             "kafka_bootstrap_servers",
             str,
             "127.0.0.1:9092",
             "Comma-separated host:port list of Kafka brokers.",
-            check=_bootstrap_servers,
+            check=check_bootstrap_servers,
         ),
         Setting(
             "kafka_security_protocol",
@@ -247,7 +252,7 @@ RELAY = Section(
             float,
             30.0,
             "Seconds to wait for the brokers before giving up a request.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "consumer_group",
@@ -256,14 +261,14 @@ RELAY = Section(
             "Name of the bucket engine: its consumer offsets are kept under this name in the "
             "bucket store, and of all relay processes sharing a store and this name exactly one "
             "runs the engine at a time (the others stand by).",
-            check=_group,
+            check=check_consumer_name,
         ),
         Setting(
             "batch_max_events",
             int,
             5000,
             "The engine applies at most this many change events per store transaction.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "batch_max_ms",
@@ -271,14 +276,14 @@ RELAY = Section(
             50,
             "At most this many milliseconds pass between reading an event and applying it "
             "(when fewer than batch_max_events are waiting).",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "compact_interval_s",
             float,
             300.0,
             "Seconds between compactions of the bucket logs (latest op per row); 0 disables.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "log_level",
@@ -302,35 +307,35 @@ HTTP = Section(
             int,
             1_048_576,
             "Largest accepted request body, in bytes (after gzip decompression); larger: 413.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "max_page_ops",
             int,
             5000,
             "Most ops returned by one changes request (a client may ask for fewer).",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "long_poll_s",
             float,
             30.0,
             "Longest time a changes request waits for new ops before answering empty.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "rate_per_s",
             float,
             20.0,
             "Requests per second allowed per device (token bucket refill rate); 0 disables.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "rate_burst",
             int,
             40,
             "Requests a device may make in a burst (token bucket size).",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "max_connections",
@@ -339,14 +344,14 @@ HTTP = Section(
             "Most concurrent connections one relay process holds, counting every open socket "
             "(HTTP, WebSocket, and connections that have not sent a whole request yet); "
             "past it a new connection gets 503 and is closed at once.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "ws_ping_s",
             float,
             20.0,
             "Seconds between WebSocket pings to idle clients; 0 disables.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
         Setting(
             "header_timeout_s",
@@ -355,7 +360,7 @@ HTTP = Section(
             "Seconds a client has to send a request's line and headers, from connecting (or "
             "from the end of the previous response on a kept-alive connection), however "
             "slowly the bytes trickle in; later: 408 and the connection is closed.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "body_timeout_s",
@@ -363,14 +368,14 @@ HTTP = Section(
             60.0,
             "Seconds a client has to send a request's whole body once its headers are in; "
             "later: 408 request_timeout and the connection is closed.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "keep_alive_s",
             float,
             5.0,
             "Seconds an idle kept-alive HTTP connection stays open waiting for the next request.",
-            check=_positive,
+            check=check_positive,
         ),
         Setting(
             "max_header_bytes",
@@ -378,7 +383,7 @@ HTTP = Section(
             98_304,
             "Largest request line plus headers, in bytes (a cursor of up to 64 KiB and a token "
             "of up to 16 KiB must fit); larger: 400 and the connection is closed.",
-            check=_positive,
+            check=check_positive,
         ),
     ),
 )
@@ -408,14 +413,18 @@ AUTH = Section(
             float,
             30.0,
             "Clock skew allowed when checking exp, nbf and iat, in seconds.",
-            check=_non_negative,
+            check=check_non_negative,
         ),
     ),
 )
 
-RELAY_REGISTRY: Registry[RelaySettings] = Registry("relay", RelaySettings, [RELAY, HTTP, AUTH])
+RELAY_REGISTRY: Registry[RelaySettings] = Registry(
+    "relay", RelaySettings, [RELAY, HTTP, AUTH, JOURNAL]
+)
 
 DOCS_BLOCK = "relay settings"
+DOCS_SECTIONS = ("relay", "http", "auth")
+JOURNAL_DOCS_BLOCK = "journal settings"
 EXAMPLE_TITLE = "fieldsync relay configuration (generated by `python -m relay.settings example`)"
 
 
@@ -424,26 +433,51 @@ def load_relay_settings(
 ) -> RelaySettings:
     """Load the relay settings: defaults, the TOML file at *path* (if given), then *environ*.
 
-    *environ* defaults to ``os.environ``.  Raises :class:`cdc.errors.ConfigError`.
+    *environ* defaults to ``os.environ``.  Raises :class:`core.errors.ConfigError`.
     """
-    if path is None:
-        return RELAY_REGISTRY.load(None, environ)
-    # One file serves `relay run` and `relay applier`: the applier's [journal] section is
-    # validated by relay.upstream.applier_settings, so it is set aside here (everything else is checked).
-    from core.settings_registry import _read_toml
+    return RELAY_REGISTRY.load(path, environ)
 
-    data = {k: v for k, v in _read_toml(Path(path)).items() if k != "journal"}
-    return RELAY_REGISTRY.load_data(data, source=str(path), environ=environ)
+
+def _needs_captured_database(settings: RelaySettings) -> None:
+    if settings.captured_dsn() is None:
+        raise ValueError(
+            "the applier needs the captured database: set journal.dsn (or relay.source_dsn)"
+        )
+
+
+def load_applier_settings(
+    path: str | Path | None, environ: Mapping[str, str] | None = None
+) -> RelaySettings:
+    """:func:`load_relay_settings` for the upstream applier, which also needs the captured
+    database (``journal.dsn`` or ``relay.source_dsn``).  Raises
+    :class:`core.errors.ConfigError` naming the key at fault."""
+    return RELAY_REGISTRY.load(path, environ, check=_needs_captured_database)
 
 
 def render_docs_block() -> str:
-    """The Markdown tables of the relay settings (generated block in docs/relay.md)."""
-    return render_markdown(RELAY_REGISTRY, heading_level=4)
+    """The Markdown tables of ``[relay]``, ``[http]`` and ``[auth]`` (docs/relay.md)."""
+    return render_markdown(RELAY_REGISTRY, heading_level=4, sections=DOCS_SECTIONS)
+
+
+def render_journal_docs_block() -> str:
+    """The Markdown table of ``[journal]`` (docs/journal.md)."""
+    return render_markdown(RELAY_REGISTRY, heading_level=4, sections=("journal",))
 
 
 def render_example() -> str:
     """An example TOML file with every relay setting and its default."""
     return render_example_toml(RELAY_REGISTRY, title=EXAMPLE_TITLE)
+
+
+def _write_docs(root: Path) -> None:
+    blocks = (
+        ("relay.md", DOCS_BLOCK, render_docs_block()),
+        ("journal.md", JOURNAL_DOCS_BLOCK, render_journal_docs_block()),
+    )
+    for name, block, content in blocks:
+        doc = root / "docs" / name
+        doc.write_text(replace_generated_block(doc.read_text(), block, content))
+        print(f"wrote {doc}")
 
 
 def _main(argv: list[str]) -> int:
@@ -456,10 +490,7 @@ def _main(argv: list[str]) -> int:
     elif argv[0] == "example":
         sys.stdout.write(render_example())
     else:
-        root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent
-        doc = root / "docs" / "relay.md"
-        doc.write_text(replace_generated_block(doc.read_text(), DOCS_BLOCK, render_docs_block()))
-        print(f"wrote {doc}")
+        _write_docs(Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent)
     return 0
 
 

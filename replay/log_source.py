@@ -42,9 +42,9 @@ from typing import Any, Final
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from cdc.kafka_sink import build_client
 from cdc.pipeline import kafka_options
 from core.avro_envelope import POSITION_HEADER
+from core.kafka_options import build_client
 from replay.bounds import Pos
 from replay.catalog import LogCatalog
 from replay.errors import LogIncomplete, LogUnavailable

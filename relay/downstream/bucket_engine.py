@@ -53,6 +53,7 @@ from typing import Any, Final
 
 from core.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
 from core.errors import DecodeError
+from core.kafka_options import build_client, is_kafka_error
 from relay.downstream.bucket_store import ChangeKind, PartitionProgress, Position, RowChange
 from relay.downstream.pg_bucket_store import LeadershipLost, PgBucketStore, StoreError
 from relay.downstream.rules import Rules, TableInfo
@@ -199,8 +200,8 @@ class SchemaLog:
         self.topic = f"{prefix}._schemas"
         self.registry = SchemaRegistry()
         self.texts: list[str] = []
-        self._consumer = KafkaConsumer(
-            **kafka, enable_auto_commit=False, isolation_level="read_committed"
+        self._consumer = build_client(
+            KafkaConsumer, **kafka, enable_auto_commit=False, isolation_level="read_committed"
         )
         self._assigned = False
 
@@ -438,7 +439,7 @@ class BucketEngine:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             except Exception as exc:
-                if not _is_kafka_error(exc):
+                if not is_kafka_error(exc):
                     raise
                 log.error("bucket engine: Kafka: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
@@ -475,7 +476,8 @@ class BucketEngine:
         self._schemas = SchemaLog(self.kafka, self.prefix)
         self._schemas.refresh()
         self._decoder = EventDecoder(self._schemas.registry, self.rules)
-        self._consumer = KafkaConsumer(
+        self._consumer = build_client(
+            KafkaConsumer,
             **self.kafka,
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -745,9 +747,3 @@ def _header_position(record: Any) -> Position | None:
 
 def _position_of(change: RowChange) -> Position:
     return change.position
-
-
-def _is_kafka_error(exc: BaseException) -> bool:
-    from kafka.errors import KafkaError
-
-    return isinstance(exc, KafkaError)

@@ -30,7 +30,6 @@ threads and coroutines without locking.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import itertools
 import json
 import math
@@ -44,6 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from core.settings_checks import close_match_hint as _hint
 from relay.claims import DEVICE_CLAIM, REGISTERED_CLAIMS
 from relay.errors import RowError, RulesError, RulesProblem
 
@@ -356,12 +356,12 @@ def _place(rule: BucketRule, entry: TableRule, row: Mapping[str, Any]) -> tuple[
 def load_rules(path: str | Path, schema: Mapping[str, TableInfo]) -> Rules:
     """Read, validate and bind a rules file.  Raises :class:`RulesError` listing every problem."""
     source = str(path)
-    return Rules(_parse(_read_toml(path), source, schema), schema, source)
+    return Rules(_parse(_read_rules_file(path), source, schema), schema, source)
 
 
 def check_rules_file(path: str | Path) -> tuple[BucketRule, ...]:
     """Validate a rules file's structure only (no schema: tables and columns are not checked)."""
-    return tuple(_parse(_read_toml(path), str(path), None))
+    return tuple(_parse(_read_rules_file(path), str(path), None))
 
 
 def rules_from_mapping(
@@ -371,7 +371,7 @@ def rules_from_mapping(
     return Rules(_parse(data, source, schema), schema, source)
 
 
-def _read_toml(path: str | Path) -> dict[str, Any]:
+def _read_rules_file(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -391,11 +391,6 @@ def _parse(
     if parser.problems:
         raise RulesError(parser.problems)
     return rules
-
-
-def _hint(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _kind(value: object) -> str:

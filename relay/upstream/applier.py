@@ -110,10 +110,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb, set_json_dumps
 
 from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
-from cdc.kafka_sink import build_client
 from cdc.snapshot import output_function_text
 from core.avro_envelope import TableCodec
 from core.hlc import Hlc, HybridClock, wall_clock_ms
+from core.kafka_options import build_client, is_kafka_error
 from core.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
 from core.row_wire import json_value, row_key_text
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS, table_infos_from_conn
@@ -1923,7 +1923,7 @@ class Applier:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             except Exception as exc:
-                if not _is_kafka_error(exc):
+                if not is_kafka_error(exc):
                     raise
                 self.db.stats.failures += 1
                 log.error("applier: Kafka: %s; retrying in %.1fs", exc, backoff)
@@ -2169,9 +2169,3 @@ class _Reader(threading.Thread):
             return True
         ends = consumer.end_offsets(tps)
         return all(consumer.position(tp) >= ends[tp] for tp in tps)
-
-
-def _is_kafka_error(exc: BaseException) -> bool:
-    from kafka.errors import KafkaError
-
-    return isinstance(exc, KafkaError)

@@ -18,8 +18,8 @@ from typing import Annotated
 import typer
 
 from relay.errors import ConfigError
+from relay.settings import load_applier_settings
 from relay.upstream.applier import Applier, ApplierDb, ApplierError
-from relay.upstream.applier_settings import load_applier_settings
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -62,11 +62,13 @@ def applier(
             f"error: --shard {shard} is not one of 0..{j.shards - 1} (journal.shards)", err=True
         )
         raise typer.Exit(EXIT_CONFIG)
+    captured = settings.captured_dsn()
+    assert captured is not None  # load_applier_settings checks it
     db = ApplierDb(
-        settings.applier_dsn(),
+        captured[0],
         settings.relay.rules,
         j.conflicts,
-        password=settings.applier_password(),
+        password=captured[1],
         consumer=j.consumer,
         shard=shard,
         shards=j.shards,

@@ -71,7 +71,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import orjson
@@ -81,8 +80,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from cdc.kafka_sink import build_client
-from core.settings_registry import Registry
+from core.kafka_options import build_client, is_kafka_error
 from relay.api_errors import ApiError, Unavailable
 from relay.auth import DeviceIdentity
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS
@@ -90,15 +88,7 @@ from relay.downstream.pg_bucket_store import ConnectionPool
 from relay.downstream.rules import Rules
 from relay.errors import ConfigError, JournalStoreError, NotOwnDevice, RelayError
 from relay.pg_migrations import run_migrations
-from relay.settings import (
-    AUTH,
-    HTTP,
-    RELAY,
-    AuthSettings,
-    HttpSettings,
-    RelayCoreSettings,
-    RelaySettings,
-)
+from relay.settings import RelaySettings
 from relay.upstream.applier import SCHEMA as APPLIER_SCHEMA
 from relay.upstream.applier import (
     ApplierDb,
@@ -108,7 +98,6 @@ from relay.upstream.applier import (
     ResolveForbidden,
     ensure_journal_topics,
 )
-from relay.upstream.applier_settings import JOURNAL, JournalSettings
 from relay.upstream.journal import (
     MAX_BIGINT,
     ColumnType,
@@ -139,11 +128,9 @@ __all__ = [
     "JournalStoreError",
     "OutcomeFeed",
     "OutcomePage",
-    "RelayFileSettings",
     "SchemaTypes",
     "judge_upload",
     "latest_per_entry",
-    "load_relay_file",
 ]
 
 log = logging.getLogger("relay.upstream.journal_api")
@@ -193,44 +180,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
 TypesSource = Callable[[], Mapping[str, Mapping[str, ColumnType]]]
 """Column types per table for intake validation (may block; called in a worker thread)."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclasses.dataclass(frozen=True)
-class RelayFileSettings:
-    """The relay's configuration file: ``[relay]``, ``[http]``, ``[auth]`` and ``[journal]``."""
-
-    relay: RelayCoreSettings
-    http: HttpSettings
-    auth: AuthSettings
-    journal: JournalSettings
-
-    def relay_settings(self) -> RelaySettings:
-        return RelaySettings(self.relay, self.http, self.auth)
-
-    def captured_dsn(self) -> tuple[str, str | None] | None:
-        """The captured database (``journal.dsn``, else ``relay.source_dsn``) and its
-        password, or None when neither is set."""
-        if self.journal.dsn:
-            return self.journal.dsn, self.journal.password
-        if self.relay.source_dsn:
-            return self.relay.source_dsn, self.journal.password or self.relay.source_password
-        return None
-
-
-RELAY_FILE_REGISTRY: Final[Registry[RelayFileSettings]] = Registry(
-    "relay", RelayFileSettings, [RELAY, HTTP, AUTH, JOURNAL]
-)
-
-
-def load_relay_file(
-    path: str | Path | None, environ: Mapping[str, str] | None = None
-) -> RelayFileSettings:
-    """The relay's settings with ``[journal]`` (the applier's section: the relay reads the
-    upload limits and the captured database from it).  Raises cdc's ConfigError."""
-    return RELAY_FILE_REGISTRY.load(path, environ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -873,7 +822,8 @@ class OutcomeFeed:
                     self._maybe_prune()
                 backoff = 0.5
             except Exception as exc:
-                if not isinstance(exc, psycopg.Error | RelayError) and not _is_kafka_error(exc):
+                expected = psycopg.Error | RelayError | OSError
+                if not isinstance(exc, expected) and not is_kafka_error(exc):
                     raise
                 log.error("outcome feed: %s; retrying in %.1fs", exc, backoff)
                 self.close()
@@ -988,12 +938,6 @@ class OutcomeFeed:
             log.exception("outcome feed stopped with an error")
 
 
-def _is_kafka_error(exc: BaseException) -> bool:
-    from kafka.errors import KafkaError
-
-    return isinstance(exc, KafkaError | OSError)
-
-
 # --------------------------------------------------------------------------- column types
 
 
@@ -1023,7 +967,7 @@ class SchemaTypes:
                 if self._log.refresh(timeout=5.0):
                     self._types = column_types_from_schemas(self._log.texts)
             except Exception as exc:
-                if not _is_kafka_error(exc):
+                if not isinstance(exc, OSError) and not is_kafka_error(exc):
                     raise
                 log.warning("journal intake: schemas not read (%s); types unchecked here", exc)
             return self._types
@@ -1225,14 +1169,14 @@ class JournalApi:
         self._scopes: dict[tuple[frozenset[str], int], WriteScope] = {}
 
     @classmethod
-    def from_settings(cls, settings: RelayFileSettings, rules: Rules) -> "JournalApi":
+    def from_settings(cls, settings: RelaySettings, rules: Rules) -> "JournalApi":
         """The parts for ``fieldsync relay run``: the store database, Kafka, and the
         captured database (if configured) for conflicts and column types."""
         r, j = settings.relay, settings.journal
-        kafka = settings.relay_settings().kafka_client_kwargs()
+        kafka = settings.kafka_client_kwargs()
         config = JournalApiConfig(
             prefix=r.topic_prefix,
-            limits=j.limits(),
+            limits=JournalLimits(j.max_upload_entries, j.max_entry_bytes),
             long_poll_s=settings.http.long_poll_s,
             kafka_timeout_s=r.kafka_timeout_s,
             topic_partitions=j.topic_partitions,
@@ -1254,8 +1198,7 @@ class JournalApi:
                 )
             )
         else:
-            bootstrap = {"bootstrap_timeout_ms": int(r.kafka_timeout_s * 1000)}
-            types = SchemaTypes({**kafka, **bootstrap}, r.topic_prefix)
+            types = SchemaTypes(kafka, r.topic_prefix)
         feed = OutcomeFeed(store, kafka, r.topic_prefix, retention_days=j.retention_days)
         return cls(
             rules,

@@ -54,7 +54,6 @@ Everything here is pure and immutable.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import functools
 import math
@@ -67,6 +66,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from core.hlc import Hlc
+from core.settings_checks import close_match_hint as _hint
 from relay.downstream.rules import canonical_text
 from relay.errors import ConflictsError, RulesProblem
 from relay.upstream.journal import ColumnType, Kind, Op, OutcomeKind, coerce_value, same_value
@@ -219,11 +219,6 @@ class ConflictPolicies:
                     )
         if problems:
             raise ConflictsError(problems)
-
-
-def _hint(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 _TOP_KEYS: Final = ("default", "table")

@@ -1,6 +1,6 @@
 """kafka-python clients made while the broker is down leak no network thread (kafka-python
 3.0 starts one before connecting and leaves it running when the constructor raises; the
-relay and cdc build their clients through cdc.kafka_sink.build_client, which closes it)."""
+relay and cdc build their clients through core.kafka_options.build_client, which closes it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-from cdc.kafka_sink import build_client
+from core.kafka_options import build_client
 from devtools.local_services import free_port
 
 

@@ -19,19 +19,14 @@ from cdc.settings import (
     DOCS_BLOCK,
     CdcSettings,
     load_cdc_settings,
-    redact_dsn,
     render_docs_block,
     render_example,
 )
 from core.errors import ConfigError
-from core.settings_registry import (
-    Registry,
-    Section,
-    Setting,
-    generated_markers,
-    replace_generated_block,
-    toml_literal,
-)
+from core.settings_checks import redact_dsn
+from core.settings_docs import generated_markers, replace_generated_block
+from core.settings_registry import Registry, Section, Setting
+from core.settings_types import toml_literal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -647,7 +642,7 @@ def _tiny_registry(help_text: str = "Where.") -> Registry[_TinySettings]:
 
 
 def registry_markdown(registry: Registry[Any]) -> str:
-    from core.settings_registry import render_markdown
+    from core.settings_docs import render_markdown
 
     return render_markdown(registry)
 
@@ -663,6 +658,21 @@ def test_parser_types_and_env_aliases() -> None:
     assert registry.load_data({}, source="t", environ=both).agent.token == "canonical"
     with pytest.raises(ConfigError, match=r"agent\.level: 4 is not one of: 1, 2, 3"):
         registry.load_data({"agent": {"level": 4}}, source="t", environ={})
+
+
+def test_a_loader_check_runs_after_the_registry_and_names_the_source() -> None:
+    registry = _tiny_registry()
+
+    def needs_token(loaded: _TinySettings) -> None:
+        if loaded.agent.token is None:
+            raise ValueError("this process needs agent.token")
+
+    with pytest.raises(ConfigError) as info:
+        registry.load_data({"agent": {"level": 2}}, source="t.toml", environ={}, check=needs_token)
+    assert str(info.value) == "t.toml: this process needs agent.token"
+    loaded = registry.load_data({}, source="t", environ={"TINY_TOKEN": "x"}, check=needs_token)
+    assert loaded.agent.token == "x"
+    assert registry.load_data({}, source="t", environ={}).agent.token is None  # no check
 
 
 def test_model_must_match_settings() -> None:

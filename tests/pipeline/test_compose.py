@@ -19,9 +19,8 @@ import yaml
 
 from cdc.settings import load_cdc_settings
 from relay.auth import KeyStore
-from relay.settings import load_relay_settings
+from relay.settings import load_applier_settings, load_relay_settings
 from relay.upstream.applier import ApplierDb
-from relay.upstream.applier_settings import load_applier_settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 SPEC: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())

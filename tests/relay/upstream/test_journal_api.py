@@ -26,6 +26,7 @@ from relay.downstream.api import ApiConfig, create_app
 from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import load_rules
+from relay.settings import load_relay_settings
 from relay.upstream.applier import Applier, ApplierDb
 from relay.upstream.journal import JournalRecord, Outcome, OutcomeKind
 from relay.upstream.journal_api import (
@@ -37,7 +38,6 @@ from relay.upstream.journal_api import (
     JournalStore,
     OutcomeFeed,
     latest_per_entry,
-    load_relay_file,
 )
 from tests.cdc.test_cdc_faults import ProxiedBroker
 from tests.fix_kafka import read_topic
@@ -760,7 +760,7 @@ def test_relay_file_accepts_the_journal_section(tmp_path: Path) -> None:
         '[relay]\nstore_dsn = "postgresql://x@127.0.0.1/s"\n'
         '[journal]\nmax_upload_entries = 7\ndsn = "postgresql://a@127.0.0.1/app"\n'
     )
-    loaded = load_relay_file(path, environ={})
-    assert loaded.journal.limits().max_entries == 7
+    loaded = load_relay_settings(path, environ={})
+    assert loaded.journal.max_upload_entries == 7
     assert loaded.captured_dsn() == ("postgresql://a@127.0.0.1/app", None)
-    assert loaded.relay_settings().relay.store_dsn == "postgresql://x@127.0.0.1/s"
+    assert loaded.relay.store_dsn == "postgresql://x@127.0.0.1/s"
