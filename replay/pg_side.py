@@ -33,12 +33,12 @@ from psycopg import sql
 
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect
-from cdc.settings import redact_dsn
 from cdc.snapshot import output_function_text, published_tables
 from core.avro_envelope import SchemaRegistry, Source, TableCodec, decode
 from core.errors import ConfigError, FieldsyncError, SchemaError
 from core.positions import format_lsn, parse_lsn
 from core.row_wire import json_value
+from core.settings_checks import redact_dsn
 from relay.upstream.journal import column_types_from_value_schema, to_pg_text
 from replay.errors import DatabaseUnavailable, LogBehind, UnknownTable
 from replay.render import dumps
