@@ -68,13 +68,13 @@ from relay.downstream.rules import Rules, TableInfo, check_rules_file, load_rule
 from relay.errors import ConfigError
 from relay.settings import HttpSettings, RelaySettings
 from relay.upstream.applier_settings import JournalSettings
+from relay.upstream.conflict_policies import Policy, load_conflicts
 from relay.upstream.journal_api import (
     RELAY_FILE_REGISTRY,
     JournalApi,
     RelayFileSettings,
     load_relay_file,
 )
-from relay.upstream.merge import Policy, load_conflicts
 
 log = logging.getLogger("relay.server")
 

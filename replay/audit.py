@@ -10,7 +10,7 @@ What it reads
   hold several versions (ALTER TABLE) read correctly.
 - ``{prefix}.{schema}.{table}``: the change events (docs/events.md).
 - ``{prefix}._journal`` and ``{prefix}._outcomes``: device edits and what became of
-  them (relay.upstream.journal), for row histories.
+  them (core.journal_format), for row histories.
 
 Order and duplicates
 --------------------
@@ -263,7 +263,7 @@ class TableVersion:
     fields: tuple[str, ...]
     columns: tuple[str, ...]
     key_fields: tuple[str, ...]
-    types: Mapping[str, Any]  # PostgreSQL column name -> relay.upstream.journal.ColumnType
+    types: Mapping[str, Any]  # PostgreSQL column name -> core.values.ColumnType
 
     def column_of(self) -> dict[str, str]:
         return dict(zip(self.fields, self.columns, strict=True))
@@ -281,7 +281,7 @@ class LogCatalog:
         self.schema_texts: list[str] = []  # as read, for decode workers
 
     def add(self, schema_json: str) -> None:
-        from relay.upstream.journal import column_types_from_value_schema
+        from core.value_schemas import column_types_from_value_schema
 
         known = len(self.registry)
         fp = self.registry.add(schema_json)
@@ -1411,7 +1411,7 @@ def _named(catalog: LogCatalog, fp: bytes, values: Mapping[str, Any]) -> dict[st
 
 def _text(catalog: LogCatalog, fp: bytes, column: str, value: Any) -> str | None:
     """A JSON-form value as PostgreSQL prints it (``2024-05-01``, ``12.50``)."""
-    from relay.upstream.journal import to_pg_text
+    from core.values import to_pg_text
 
     if value is None:
         return None
@@ -1505,7 +1505,7 @@ def _same_key_value(want: Any, have: Any, ct: Any) -> bool:
         except ArithmeticError:
             return False
     if ct is not None:
-        from relay.upstream.journal import to_pg_text
+        from core.values import to_pg_text
 
         try:
             return to_pg_text(ct, have) == str(want)
@@ -1732,7 +1732,8 @@ def _attach_journal(
     for.  Entries left over (rejected, kept as conflicts, merged without a change) are
     returned, so an auditor also sees edits that did not change the row.
     """
-    from relay.upstream.journal import JournalFormatError, JournalRecord, decode_outcomes
+    from core.errors import JournalFormatError
+    from core.journal_format import JournalRecord, decode_outcomes
 
     needle = _dumps({"table": table})[1:-1].encode()  # "table":"public.x"
     entries: dict[tuple[str, int], Any] = {}
@@ -2490,7 +2491,7 @@ class _PgTable:
 
     def __init__(self, side: _PgSide, table: Any, codec: Any) -> None:
         from core.avro_envelope import Source
-        from relay.upstream.journal import column_types_from_value_schema
+        from core.value_schemas import column_types_from_value_schema
 
         self.side = side
         self.t = table
@@ -2536,7 +2537,7 @@ class _PgTable:
 
     def pg_text(self, column: str, value: Any) -> str | None:
         """A datum as PostgreSQL prints it."""
-        from relay.upstream.journal import to_pg_text
+        from core.values import to_pg_text
 
         if value is None:
             return None
@@ -2656,7 +2657,7 @@ class _TableCompare:
 
     def flush(self) -> None:
         """Compare the rows waiting for casts: one cast query per column."""
-        from relay.upstream.journal import to_pg_text
+        from core.values import to_pg_text
 
         pending, self._pending = self._pending, []
         wanted: dict[str, dict[str, None]] = {}
@@ -2679,7 +2680,7 @@ class _TableCompare:
         plan: list[tuple[str, str | None, Any]],
         cast: Mapping[str, Mapping[str, Any]],
     ) -> None:
-        from relay.upstream.journal import to_pg_text
+        from core.values import to_pg_text
 
         pg = self.pg
         at = format_position(have.position)

@@ -17,8 +17,9 @@ from typing import Annotated
 
 import typer
 
-from relay.errors import ConfigError
-from relay.upstream.applier import Applier, ApplierDb, ApplierError
+from relay.errors import ApplierError, ConfigError
+from relay.upstream.applier import Applier
+from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_settings import load_applier_settings
 
 EXIT_RUNTIME = 1

@@ -40,7 +40,7 @@ from relay.settings import (
     RelayCoreSettings,
     RelaySettings,
 )
-from relay.upstream.journal import JournalLimits
+from relay.upstream.validation import JournalLimits
 
 __all__ = [
     "APPLIER_REGISTRY",

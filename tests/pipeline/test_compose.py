@@ -20,7 +20,7 @@ import yaml
 from cdc.settings import load_cdc_settings
 from relay.auth import KeyStore
 from relay.settings import load_relay_settings
-from relay.upstream.applier import ApplierDb
+from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_settings import load_applier_settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"

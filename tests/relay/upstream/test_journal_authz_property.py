@@ -28,10 +28,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
+from core.journal_format import JournalRecord, Outcome, entry_from_json
 from relay.downstream.rules import canonical_text
 from relay.errors import ResolveError
-from relay.upstream.applier import ApplierDb, Delivery
-from relay.upstream.journal import JournalRecord, Outcome, entry_from_json
+from relay.upstream.applier_db import ApplierDb
+from relay.upstream.applier_store import Delivery
 
 TABLE = "public.t"
 COLUMNS = ("id", "x", "y", "z", "w")
