@@ -34,6 +34,7 @@ import math
 import re
 import struct
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Final, TypeGuard
@@ -157,92 +158,116 @@ def coerce_value(ct: ColumnType, value: Any) -> Any:
     """
     if value is None:
         return None
-    kind = ct.kind
-    if kind is Kind.BOOL:
-        if isinstance(value, bool):
-            return value
-        raise ValueError("expected true or false")
-    if kind is Kind.INT:
-        if not is_int(value):
-            raise ValueError("expected an integer")
-        low, high = -(1 << (ct.bits - 1)), (1 << (ct.bits - 1)) - 1
-        if ct.pg_type == "oid":
-            low, high = 0, (1 << 32) - 1
-        if not low <= value <= high:
-            raise ValueError(f"integer out of range {low}..{high}")
+    coerce = _COERCE.get(ct.kind)
+    if coerce is None:  # pragma: no cover
+        raise ValueError(f"unsupported column kind {ct.kind}")
+    return coerce(ct, value)
+
+
+def _coerce_bool(ct: ColumnType, value: Any) -> Any:
+    if isinstance(value, bool):
         return value
-    if kind is Kind.FLOAT:
-        if isinstance(value, str) and value in _FLOAT_SPECIAL:
-            return value
-        return _float_in_range(ct, value)
-    if kind is Kind.DECIMAL:
-        if isinstance(value, str) and value in _NUMERIC_SPECIAL:
-            return _NUMERIC_SPECIAL[value]
-        return _quantized(ct, _numeric_in_range(_decimal_of(value)))
-    if kind is Kind.NUMERIC:
-        if isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
-            return value
-        if isinstance(value, str) and value in _NUMERIC_SPECIAL:
-            return _NUMERIC_PG_TEXT[_NUMERIC_SPECIAL[value]]
-        number = _numeric_in_range(_decimal_of(value))
-        return value.strip() if isinstance(value, str) else format(number, "f")
-    if kind is Kind.TEXT:
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise ValueError("text cannot contain NUL characters")
-            return value
-        raise ValueError("expected a string")
-    if kind is Kind.JSON:
-        if not isinstance(value, str):
-            raise ValueError("expected the JSON document as a string (its text)")
+    raise ValueError("expected true or false")
+
+
+def _coerce_int(ct: ColumnType, value: Any) -> Any:
+    if not is_int(value):
+        raise ValueError("expected an integer")
+    low, high = -(1 << (ct.bits - 1)), (1 << (ct.bits - 1)) - 1
+    if ct.pg_type == "oid":
+        low, high = 0, (1 << 32) - 1
+    if not low <= value <= high:
+        raise ValueError(f"integer out of range {low}..{high}")
+    return value
+
+
+def _coerce_float(ct: ColumnType, value: Any) -> Any:
+    if isinstance(value, str) and value in _FLOAT_SPECIAL:
+        return value
+    return _float_in_range(ct, value)
+
+
+def _coerce_decimal(ct: ColumnType, value: Any) -> Any:
+    if isinstance(value, str) and value in _NUMERIC_SPECIAL:
+        return _NUMERIC_SPECIAL[value]
+    return _quantized(ct, _numeric_in_range(_decimal_of(value)))
+
+
+def _coerce_numeric(ct: ColumnType, value: Any) -> Any:
+    if isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
+        return value
+    if isinstance(value, str) and value in _NUMERIC_SPECIAL:
+        return _NUMERIC_PG_TEXT[_NUMERIC_SPECIAL[value]]
+    number = _numeric_in_range(_decimal_of(value))
+    return value.strip() if isinstance(value, str) else format(number, "f")
+
+
+def _coerce_text(ct: ColumnType, value: Any) -> Any:
+    if isinstance(value, str):
         if "\x00" in value:
-            raise ValueError("JSON text cannot contain NUL characters")
-        try:
-            json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"expected JSON text ({exc})") from None
-        if label_base(ct.pg_type) == "jsonb" and _NUL_ESCAPE.search(value):
-            raise ValueError("jsonb cannot hold the character \\u0000")
+            raise ValueError("text cannot contain NUL characters")
         return value
-    if kind is Kind.UUID:
-        if not isinstance(value, str):
-            raise ValueError("expected a UUID string")
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            raise ValueError("expected a UUID string") from None
-    if kind is Kind.BYTES:
-        if not isinstance(value, str):
-            raise ValueError("expected base64 text")
-        try:
-            return base64.b64encode(base64.b64decode(value, validate=True)).decode("ascii")
-        except (binascii.Error, ValueError):
-            raise ValueError("expected base64 text") from None
-    if kind is Kind.DATE:
-        return _coerce_special_or_int(
-            value, "days since 1970-01-01", _DATE_MIN_DAYS, _DATE_MAX_DAYS
-        )
-    if kind is Kind.TIME:
-        if is_int(value) and 0 <= value <= _MICROS_PER_DAY:
-            return value
-        raise ValueError(f"expected microseconds after midnight (0..{_MICROS_PER_DAY})")
-    if kind in (Kind.TIMESTAMP, Kind.TIMESTAMPTZ):
-        return _coerce_special_or_int(
-            value,
-            "microseconds since 1970-01-01",
-            _DATE_MIN_DAYS * _MICROS_PER_DAY,
-            (1 << 63) - 1,
-        )
-    if kind is Kind.INTERVAL:
-        return _coerce_interval(value)
-    if kind is Kind.ARRAY:
-        if isinstance(value, str):
-            return value  # the PostgreSQL array literal form (lower bounds other than 1)
-        if not isinstance(value, list):
-            raise ValueError("expected an array")
-        assert ct.element is not None
-        return _coerce_array(ct.element, value, 1)
-    raise ValueError(f"unsupported column kind {kind}")  # pragma: no cover
+    raise ValueError("expected a string")
+
+
+def _coerce_json(ct: ColumnType, value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected the JSON document as a string (its text)")
+    if "\x00" in value:
+        raise ValueError("JSON text cannot contain NUL characters")
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"expected JSON text ({exc})") from None
+    if label_base(ct.pg_type) == "jsonb" and _NUL_ESCAPE.search(value):
+        raise ValueError("jsonb cannot hold the character \\u0000")
+    return value
+
+
+def _coerce_uuid(ct: ColumnType, value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected a UUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("expected a UUID string") from None
+
+
+def _coerce_bytes(ct: ColumnType, value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected base64 text")
+    try:
+        return base64.b64encode(base64.b64decode(value, validate=True)).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise ValueError("expected base64 text") from None
+
+
+def _coerce_date(ct: ColumnType, value: Any) -> Any:
+    return _coerce_special_or_int(value, "days since 1970-01-01", _DATE_MIN_DAYS, _DATE_MAX_DAYS)
+
+
+def _coerce_time(ct: ColumnType, value: Any) -> Any:
+    if is_int(value) and 0 <= value <= _MICROS_PER_DAY:
+        return value
+    raise ValueError(f"expected microseconds after midnight (0..{_MICROS_PER_DAY})")
+
+
+def _coerce_timestamp(ct: ColumnType, value: Any) -> Any:
+    return _coerce_special_or_int(
+        value,
+        "microseconds since 1970-01-01",
+        _DATE_MIN_DAYS * _MICROS_PER_DAY,
+        (1 << 63) - 1,
+    )
+
+
+def _coerce_array_value(ct: ColumnType, value: Any) -> Any:
+    if isinstance(value, str):
+        return value  # the PostgreSQL array literal form (lower bounds other than 1)
+    if not isinstance(value, list):
+        raise ValueError("expected an array")
+    assert ct.element is not None
+    return _coerce_array(ct.element, value, 1)
 
 
 def _float_in_range(ct: ColumnType, value: Any) -> float:
@@ -332,6 +357,26 @@ def _coerce_array(element: ColumnType, value: list[Any], depth: int) -> list[Any
             except ValueError as exc:
                 raise ValueError(f"array element {item!r:.60}: {exc}") from None
     return out
+
+
+_COERCE: Final[Mapping[Kind, Callable[[ColumnType, Any], Any]]] = {
+    Kind.BOOL: _coerce_bool,
+    Kind.INT: _coerce_int,
+    Kind.FLOAT: _coerce_float,
+    Kind.DECIMAL: _coerce_decimal,
+    Kind.NUMERIC: _coerce_numeric,
+    Kind.TEXT: _coerce_text,
+    Kind.JSON: _coerce_json,
+    Kind.UUID: _coerce_uuid,
+    Kind.BYTES: _coerce_bytes,
+    Kind.DATE: _coerce_date,
+    Kind.TIME: _coerce_time,
+    Kind.TIMESTAMP: _coerce_timestamp,
+    Kind.TIMESTAMPTZ: _coerce_timestamp,
+    Kind.INTERVAL: lambda ct, value: _coerce_interval(value),
+    Kind.ARRAY: _coerce_array_value,
+}
+"""How each kind's wire values are checked and normalized (:func:`coerce_value`)."""
 
 
 def same_value(ct: ColumnType | None, a: Any, b: Any) -> bool:

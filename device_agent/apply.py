@@ -555,7 +555,7 @@ class _Batch:
     # ---- settling entries
 
     def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]]) -> int:
-        """Record outcomes (relay/upstream/journal.py ``Outcome`` JSON; the latest per seq): final
+        """Record outcomes (core/journal_format.py ``Outcome`` JSON; the latest per seq): final
         statuses, kept conflicts; their rows are re-derived at :meth:`flush_dirty`.
         Returns how many entries changed."""
         conn = self.conn

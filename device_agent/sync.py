@@ -118,7 +118,7 @@ def base_position(stored: str | None) -> dict[str, int] | None:
 def wire_entries(
     conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
 ) -> list[dict[str, Any]]:
-    """Journal rows as upload entries (relay/upstream/journal.py's JSON form)."""
+    """Journal rows as upload entries (core/journal_format.py's JSON form)."""
     triggers.assign_clocks(conn)
     tables = {t.id: t for t in local_db.load_tables(conn).values()}
     marks = ",".join("?" * len(statuses))
@@ -166,7 +166,7 @@ def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any
 
 
 def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
-    """Record outcomes (relay/upstream/journal.py ``Outcome`` JSON): statuses, kept conflicts; rows
+    """Record outcomes (core/journal_format.py ``Outcome`` JSON): statuses, kept conflicts; rows
     whose edits settled are re-derived.  Returns how many entries changed."""
     return settle(conn, outcomes=outcomes)
 

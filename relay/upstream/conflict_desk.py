@@ -15,6 +15,8 @@ Thread-safe: one captured-database connection, serialized by a lock and (re)conn
 on demand; the API calls it from worker threads.
 """
 
+from __future__ import annotations
+
 import logging
 import math
 import threading

@@ -50,7 +50,6 @@ __all__ = [
     "TIMED",
     "ColumnPolicy",
     "ConflictPolicies",
-    "ConflictsError",
     "Policy",
     "TablePolicy",
     "conflicts_from_mapping",

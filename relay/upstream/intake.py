@@ -16,6 +16,8 @@ the endpoints (:mod:`relay.upstream.journal_api`).
 Pure: no I/O; safe from any thread.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -60,7 +62,7 @@ class IntakeDecision:
     message: str = ""
 
     @classmethod
-    def of(cls, rejection: Rejection | None) -> "IntakeDecision":
+    def of(cls, rejection: Rejection | None) -> IntakeDecision:
         if rejection is None:
             return cls("accepted")
         return cls("rejected", rejection.reason.value, rejection.message)

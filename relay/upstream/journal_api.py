@@ -14,49 +14,37 @@ docs/journal.md describes entries, validation, the ordering rule and outcomes.
 
 Data path and choices:
 
-- **Upload.**  The body is read with :func:`relay.upstream.journal.parse_upload` (400
+- **Upload.**  The body is read with :func:`relay.upstream.validation.parse_upload` (400
   ``bad_upload`` / 413 ``batch_too_large`` for the upload as a whole).  Entries whose
-  ``(device, seq)`` has an *intake record* (table ``fieldsync_relay_journal.intake`` in
-  the relay's store database) are answered from it, ``duplicate: true``, and not sent
-  again.  The others are validated (:func:`relay.upstream.journal.validate_entry` against the
-  token's write scope; an entry whose ``prev_seq`` names an entry rejected at intake is
-  ``blocked``: the ordering rule), then *every* one of them, rejected ones included, is
-  produced to ``{prefix}._journal`` (key: the device id; idempotent producer, acks=all)
-  and the relay waits for Kafka's acknowledgements.  Only then are the intake records
-  written (``insert … on conflict do nothing``; two concurrent uploads of a seq both get
-  the record that won) and the answer given.  Kafka failing → 503 and no intake record:
-  nothing was acknowledged, the device uploads again (what Kafka may have got anyway is
-  skipped by the applier, which is idempotent by ``(device, seq)`` too).  The intake
-  record failing after Kafka acknowledged → 503 as well, same retry.
-- **Outcomes.**  The applier publishes outcomes to ``{prefix}._outcomes`` (keyed by
-  device).  :class:`OutcomeFeed` (one leader per store database, a session advisory
-  lock; it runs beside the bucket engine) copies them, every field included (the
-  applier's ``visible_after`` too: relay/upstream/journal.py's ``Outcome``), into ``outcomes``: the
-  latest per ``(device, seq)``, except that a ``resolved`` outcome is final (a late or re-published
-  ``conflict`` never replaces it), each change under a new position ``pos`` (a store-wide
-  sequence, allocated under a transaction-level advisory lock so positions become
-  visible in order), Kafka offsets in the same transaction.  ``GET /v1/outcomes?after=P``
-  returns the device's outcomes with ``pos > P``; a later outcome of an old seq
-  (``conflict`` → ``resolved``) gets a new position, so a device never misses it.
-  Long-poll: a LISTEN connection per process (channel ``fieldsync_relay_outcomes``,
-  payload the device ids) wakes waiting requests; the waiter is registered before the
-  read, so no wake-up is lost, and re-reads at least every 5 s anyway.
+  ``(device, seq)`` has an *intake record* (:mod:`relay.upstream.journal_store`) are
+  answered from it, ``duplicate: true``, and not sent again.  The others are judged
+  (:func:`relay.upstream.intake.judge_upload`: the ordering rule, then
+  :func:`relay.upstream.validation.validate_entry` against the token's write scope), then
+  *every* one of them, rejected ones included, is produced to ``{prefix}._journal``
+  (:class:`relay.upstream.journal_kafka.JournalProducer`) and the relay waits for Kafka's
+  acknowledgements.  Only then are the intake records written and the answer given.
+  Kafka failing → 503 and no intake record: nothing was acknowledged, the device uploads
+  again.  The intake record failing after Kafka acknowledged → 503 as well, same retry.
+- **Outcomes.**  :class:`relay.upstream.outcome_feed.OutcomeFeed` copies
+  ``{prefix}._outcomes`` into the outcome store; ``GET /v1/outcomes?after=P`` returns
+  the device's outcomes with a position above ``P`` (a later outcome of an old seq,
+  ``conflict`` → ``resolved``, gets a new position, so a device never misses it),
+  long-polling on the store's wake-ups.
 - **Conflicts.**  Listed from the outcome store (the open ones are those whose latest
-  outcome is ``conflict``; rows already cut to what the device may see).  A resolution is
-  :meth:`relay.upstream.applier.ApplierDb.resolve` on the captured database (a new edit, origin
-  ``resolve:<id>``; resolving again returns the first resolution and writes nothing),
-  after checking there that the conflict is the device's own (403 otherwise), judged by
-  the device's write rules (its token's claims) against the current row like its journal
-  entries (403 ``forbidden_row`` / ``forbidden_column`` / ``forbidden_move``).  The
-  ``resolved`` outcome is put into the outcome store at once (and comes again through
-  ``_outcomes``, which changes nothing).
+  outcome is ``conflict``; rows already cut to what the device may see); resolved through
+  :class:`relay.upstream.conflict_desk.ConflictDesk` (the device's own conflicts only,
+  judged by its write rules).  The ``resolved`` outcome is put into the outcome store at
+  once (and comes again through ``_outcomes``, which changes nothing).
+
+This module also holds the relay's settings file with ``[journal]``
+(:class:`RelayFileSettings`, :func:`load_relay_file`).
 
 Concurrency model: the endpoints run on the API's event loop; every database call runs in
 a worker thread (``asyncio.to_thread``), Kafka sends in a small executor of their own and
 their acknowledgements are awaited without holding a thread, so a Kafka outage cannot
-starve the store reads of ``/v1/changes``.  :class:`JournalStore` is thread-safe (a pool of
-connections); :class:`ConflictDesk` serializes its one captured-database connection with
-a lock; :class:`OutcomeFeed` runs in one thread.  (No ``from __future__ import
+starve the store reads of ``/v1/changes``.  The journal store is thread-safe (a pool of
+connections); the conflict desk serializes its one captured-database connection with a
+lock; the outcome feed runs in a thread of its own.  (No ``from __future__ import
 annotations``: FastAPI reads the endpoint annotations at runtime.)
 """
 

@@ -18,6 +18,8 @@ the event loop without holding a thread, so a Kafka outage cannot starve the API
 other work.  :class:`SchemaTypes` is thread-safe (a lock).
 """
 
+from __future__ import annotations
+
 import asyncio
 import concurrent.futures
 import contextlib

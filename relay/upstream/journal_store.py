@@ -23,6 +23,8 @@ daemon thread and resolves waiters on their event loops.  Errors are
 :class:`~relay.errors.JournalStoreError` naming what failed.
 """
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import dataclasses

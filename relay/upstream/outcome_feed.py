@@ -15,6 +15,8 @@ to 30 s).  :meth:`OutcomeFeed.run` runs in one thread (:meth:`OutcomeFeed.runnin
 starts a daemon thread for a block); :meth:`OutcomeFeed.request_stop` from any.
 """
 
+from __future__ import annotations
+
 import contextlib
 import logging
 import math

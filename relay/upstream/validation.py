@@ -29,7 +29,7 @@ Pure: no I/O; safe to call from any thread.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -148,30 +148,68 @@ def validate_entry(
     check uses the device's ``old`` values as the row before the write (the intake); the
     applier passes False and checks with the server's row instead.
     """
+    try:
+        normalized, written = _normalized(entry, scope, check_rows)
+    except EntryProblem as exc:
+        return entry, exc.rejection
+    if not check_rows:
+        return normalized, None
+    old, new = normalized.old, normalized.new
+    before = dict(old) if old is not None else None
+    after = None if entry.op is Op.DELETE else {**(old or {}), **(new or {})}
+    problem = check_write(scope, entry.table, before, after, written)
+    if problem is not None:
+        return entry, Rejection(problem.reason, f"entry {entry.seq}: {problem.message}")
+    return normalized, None
+
+
+def _normalized(
+    entry: JournalEntry, scope: WriteScope, check_rows: bool
+) -> tuple[JournalEntry, list[str]]:
+    """The entry with normal values and the columns it writes; :class:`EntryProblem`
+    when the table, a column, a value or the key is wrong, or a column is hidden."""
     table = entry.table
     if table not in scope.visible_tables:
-        return entry, Rejection(
+        raise EntryProblem(
             Reason.UNKNOWN_TABLE, f"entry {entry.seq}: {table!r} is not a table this device syncs"
         )
     info = scope.table_info(table)
     types = scope.types.get(table)
     where = f"entry {entry.seq} ({table})"
     if len(entry.key) != len(info.key):
-        return entry, Rejection(
+        raise EntryProblem(
             Reason.BAD_KEY,
             f"{where}: key has {len(entry.key)} value(s); the primary key is ({', '.join(info.key)})",
         )
-    try:
-        key = [
-            _coerce(types, c, v, where + " key") for c, v in zip(info.key, entry.key, strict=True)
-        ]
-        new = _coerce_row(types, info, entry.new, where + " new")
-        # the applier needs the old values of the written columns only (and all of them
-        # for a delete: a server change to any of them is a delete-vs-update conflict)
-        needed = None if check_rows or new is None else set(new) | set(info.key)
-        old = _coerce_row(types, info, entry.old, where + " old", needed)
-    except EntryProblem as exc:
-        return entry, exc.rejection
+    key = [_coerce(types, c, v, where + " key") for c, v in zip(info.key, entry.key, strict=True)]
+    new = _coerce_row(types, info, entry.new, where + " new")
+    # the applier needs the old values of the written columns only (and all of them
+    # for a delete: a server change to any of them is a delete-vs-update conflict)
+    needed = None if check_rows or new is None else set(new) | set(info.key)
+    old = _coerce_row(types, info, entry.old, where + " old", needed)
+    _check_key_columns(types, info, key, old, new, where)
+    _check_shape(entry.op, info, old, new, where)
+    normalized = entry.with_values(key, old, new)
+    visible = scope.visible_tables[table]
+    written = normalized.written_columns(types)
+    hidden = sorted(c for c in written if c not in visible)
+    if hidden:
+        raise EntryProblem(
+            Reason.FORBIDDEN_COLUMN,
+            f"{where}: this device may not write column(s) {', '.join(hidden)}",
+        )
+    return normalized, written
+
+
+def _check_key_columns(
+    types: Mapping[str, ColumnType] | None,
+    info: TableInfo,
+    key: Sequence[Any],
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    where: str,
+) -> None:
+    """Key columns given in ``old`` or ``new`` must equal the key (they cannot change)."""
     for name, values in (("old", old), ("new", new)):
         for column, wanted in zip(info.key, key, strict=True):
             if values is None or column not in values:
@@ -179,48 +217,39 @@ def validate_entry(
             if same_value(types.get(column) if types else None, values[column], wanted):
                 continue
             if name == "old":
-                return entry, Rejection(
-                    Reason.BAD_KEY, f"{where}: old.{column} differs from the key"
-                )
-            return entry, Rejection(
+                raise EntryProblem(Reason.BAD_KEY, f"{where}: old.{column} differs from the key")
+            raise EntryProblem(
                 Reason.KEY_CHANGE,
                 f"{where}: new.{column} differs from the key; key columns cannot change "
                 "(delete the row and insert a new one)",
             )
-    if entry.op is Op.INSERT:
+
+
+def _check_shape(
+    op: Op,
+    info: TableInfo,
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    where: str,
+) -> None:
+    """An insert sets every key column; an update sends the old value of each column it sets."""
+    if op is Op.INSERT:
         assert new is not None
         missing = [c for c in info.key if c not in new]
         if missing:
-            return entry, Rejection(
+            raise EntryProblem(
                 Reason.BAD_KEY,
                 f"{where}: an insert must set the key column(s) {', '.join(missing)}",
             )
-    if entry.op is Op.UPDATE:
+    if op is Op.UPDATE:
         assert old is not None and new is not None
         lacking = sorted(c for c in new if c not in old)
         if lacking:
-            return entry, Rejection(
+            raise EntryProblem(
                 Reason.MISSING_OLD,
                 f"{where}: old lacks {', '.join(lacking)}: send the value each written column "
                 "had before the edit",
             )
-    normalized = entry.with_values(key, old, new)
-    visible = scope.visible_tables[table]
-    written = normalized.written_columns(types)
-    hidden = sorted(c for c in written if c not in visible)
-    if hidden:
-        return entry, Rejection(
-            Reason.FORBIDDEN_COLUMN,
-            f"{where}: this device may not write column(s) {', '.join(hidden)}",
-        )
-    if not check_rows:
-        return normalized, None
-    before = dict(old) if old is not None else None
-    after = None if entry.op is Op.DELETE else {**(old or {}), **(new or {})}
-    problem = check_write(scope, table, before, after, written)
-    if problem is not None:
-        return entry, Rejection(problem.reason, f"entry {entry.seq}: {problem.message}")
-    return normalized, None
 
 
 def _coerce(types: Mapping[str, ColumnType] | None, column: str, value: Any, where: str) -> Any:

@@ -1,6 +1,6 @@
 """Device agent client and journal upload, without a relay: cursor reset against the relay's
 codec, retries with backoff (httpx MockTransport), error mapping, upload answers, and
-journal entries as relay/upstream/journal.py parses them."""
+journal entries as relay/upstream/validation.py parses them."""
 
 from __future__ import annotations
 
