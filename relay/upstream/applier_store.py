@@ -38,6 +38,7 @@ from core.values import dump_json
 from relay.upstream.applier_failures import Failed
 
 __all__ = [
+    "LOCK_CLASS",
     "MIGRATE_LOCK",
     "MIGRATIONS",
     "SCHEMA",
