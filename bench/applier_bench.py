@@ -51,9 +51,10 @@ if str(ROOT) not in sys.path:
 import psycopg  # noqa: E402
 
 from core.hlc import Hlc  # noqa: E402
+from core.journal_format import JournalRecord, entry_from_json  # noqa: E402
 from devtools.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from relay.upstream.applier import Applier, ApplierDb  # noqa: E402
-from relay.upstream.journal import JournalRecord, entry_from_json  # noqa: E402
+from relay.upstream.applier import Applier  # noqa: E402
+from relay.upstream.applier_db import ApplierDb  # noqa: E402
 
 TABLE = """
 create table work_orders (

@@ -10,6 +10,7 @@ The errors here are raised by the base itself and shared by every package:
     FieldsyncError
     ├── ConfigError      a configuration file or setting is invalid (names the file and key)
     ├── DecodeError      a pgoutput message or change event cannot be decoded (names byte + LSN)
+    │   └── JournalFormatError  a _journal / _outcomes Kafka record cannot be read
     └── SchemaError      a relation or type cannot be mapped to the change-event schema
 
 Errors carry the context needed to act on them; library exceptions are converted at the
@@ -45,6 +46,10 @@ class DecodeError(FieldsyncError):
         if lsn is not None:
             parts.append(f"at LSN {format_lsn(lsn)}")
         super().__init__(", ".join(parts))
+
+
+class JournalFormatError(DecodeError):
+    """A journal or outcome record (Kafka value) cannot be read; names what is wrong."""
 
 
 class SchemaError(FieldsyncError):

@@ -17,7 +17,7 @@
   None for any other format (the caller then downloads everything again).
 
 Journal upload (``POST /v1/journal``, body ``{"entries": [...]}``, answer ``{"results":
-[{"seq", "status": "accepted"|"rejected", "reason", "message"}]}``, relay/upstream/journal.py and
+[{"seq", "status": "accepted"|"rejected", "reason", "message"}]}``, core/journal_format.py and
 relay/upstream/journal_api.py), outcomes (``GET /v1/outcomes?after=``) and conflict resolution
 (``POST /v1/conflicts/{id}/resolve``); a relay without those endpoints answers 404, which
 is reported as :class:`JournalUnsupported`, so the entries simply stay pending.

@@ -54,6 +54,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
 
+from core.journal_format import valid_device_id
 from core.settings_checks import close_match_hint as _hint
 from relay.claims import REGISTERED_CLAIMS
 from relay.errors import (
@@ -82,15 +83,6 @@ MIN_RSA_BITS: Final = 2048
 _REQUIRED_CLAIMS: Final = ["exp", "iat", "sub", "aud", "iss"]
 _KEY_KEYS: Final = ("kid", "alg", "secret", "secret_env", "public_key_pem", "private_key_pem")
 _CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def valid_device_id(device_id: object) -> bool:
-    """A device id is 1-128 printable characters without whitespace."""
-    return (
-        isinstance(device_id, str)
-        and 0 < len(device_id) <= 128
-        and all(ch.isprintable() and not ch.isspace() for ch in device_id)
-    )
 
 
 # --------------------------------------------------------------------------- keys

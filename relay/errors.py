@@ -20,7 +20,6 @@ layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
         ├── StoreError                 bucket store failed (connection, schema newer than the code)
         │   └── LeadershipLost         the writer connection, and with it the engine's lock, was lost
         ├── EngineError                bucket engine cannot go on (undecodable event, missing schema)
-        ├── JournalFormatError         a _journal / _outcomes Kafka record cannot be read
         ├── UploadError      (400)     bad_upload: a journal upload as a whole is unusable
         │   └── BatchTooLarge (413)    batch_too_large: more entries or bytes than allowed
         ├── JournalStoreError          the store database cannot hold the journal tables right now
@@ -180,10 +179,6 @@ class LeadershipLost(StoreError):
 
 class EngineError(RelayError):
     """The bucket engine cannot go on (an event it cannot decode, a schema that never came)."""
-
-
-class JournalFormatError(RelayError):
-    """A journal or outcome record (Kafka value) cannot be read; names what is wrong."""
 
 
 class UploadError(RelayError):

@@ -67,8 +67,8 @@ from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo, check_rules_file, load_rules
 from relay.errors import ConfigError
 from relay.settings import HttpSettings, RelaySettings, load_relay_settings
+from relay.upstream.conflict_policies import Policy, load_conflicts
 from relay.upstream.journal_api import JournalApi
-from relay.upstream.merge import Policy, load_conflicts
 
 log = logging.getLogger("relay.server")
 

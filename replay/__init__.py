@@ -9,7 +9,7 @@ What it reads
   partition read to its end offset, never "until nothing came for a while"
   (replay.log_source).
 - ``{prefix}._journal`` and ``{prefix}._outcomes``: device edits and what became of
-  them (relay.upstream.journal), for row histories (replay.history).
+  them (core.journal_format), for row histories (replay.history).
 
 It never writes to Kafka or PostgreSQL (verify emits one non-transactional
 logical-decoding message, replay.pg_side).

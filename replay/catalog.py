@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.avro_envelope import SchemaRegistry
-from relay.upstream.journal import column_types_from_value_schema
+from core.value_schemas import column_types_from_value_schema
 from replay.errors import UnknownTable
 
 __all__ = ["LogCatalog", "TableVersion"]
@@ -36,7 +36,7 @@ class TableVersion:
     fields: tuple[str, ...]
     columns: tuple[str, ...]
     key_fields: tuple[str, ...]
-    types: Mapping[str, Any]  # PostgreSQL column name -> relay.upstream.journal.ColumnType
+    types: Mapping[str, Any]  # PostgreSQL column name -> core.values.ColumnType
 
     def column_of(self) -> dict[str, str]:
         return dict(zip(self.fields, self.columns, strict=True))

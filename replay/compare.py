@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any, Final, Literal
 
 from core.row_wire import json_value
-from relay.upstream.journal import to_pg_text
+from core.values import to_pg_text
 from replay.bounds import format_position
 from replay.catalog import LogCatalog
 from replay.keys import key_of

@@ -9,7 +9,7 @@ commit time, op, origin (replay.render), the row after it, the columns changed f
 version before, and the columns the log does not hold (unchanged TOAST values).
 
 Device edits: ``{prefix}._journal`` holds every edit the relay accepted and
-``{prefix}._outcomes`` what became of it (relay.upstream.journal).  A version made by a
+``{prefix}._outcomes`` what became of it (core.journal_format).  A version made by a
 device (origin ``device:<id>``) or by resolving a conflict (``resolve:<conflict>``) is
 matched to its journal entry and latest outcome; entries of the row that produced no
 version (rejected, kept as conflicts, merged without a change) are reported apart, so an
@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core.avro_envelope import decode
-from core.errors import DecodeError
+from core.errors import DecodeError, JournalFormatError
+from core.journal_format import JournalRecord, decode_outcomes
 from core.row_wire import json_value
-from relay.upstream.journal import JournalFormatError, JournalRecord, decode_outcomes
 from replay.bounds import Bound, format_position, format_time
 from replay.catalog import LogCatalog, TableVersion
 from replay.errors import NoEvents, ReplayError

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from core.row_wire import json_value
-from relay.upstream.journal import to_pg_text
+from core.values import to_pg_text
 from replay.catalog import TableVersion
 
 __all__ = ["KeySpec", "key_of", "same_key_value"]

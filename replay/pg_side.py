@@ -39,7 +39,8 @@ from core.errors import ConfigError, FieldsyncError, SchemaError
 from core.positions import format_lsn, parse_lsn
 from core.row_wire import json_value
 from core.settings_checks import redact_dsn
-from relay.upstream.journal import column_types_from_value_schema, to_pg_text
+from core.value_schemas import column_types_from_value_schema
+from core.values import to_pg_text
 from replay.errors import DatabaseUnavailable, LogBehind, UnknownTable
 from replay.render import dumps
 from replay.state import key_id

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from core.row_wire import json_value
-from relay.upstream.journal import to_pg_text
+from core.values import to_pg_text
 from replay.catalog import LogCatalog
 
 __all__ = ["describe_origin", "dumps", "named_row", "text_of"]

@@ -48,7 +48,7 @@ def test_import_contracts_are_kept() -> None:
         ("core", "import cdc.errors", "packages form layers"),
         (
             "relay.downstream",
-            "import relay.upstream.journal",
+            "import relay.upstream.write_rules",
             "relay: the server over the upstream",
         ),
     ],

@@ -199,7 +199,7 @@ class TableRule:
     reaches through this entry; ``claim``: a write may bring a row into this bucket
     even though that shows the device columns it could not see before (taking a row
     over, e.g. assigning a colleague's work order to oneself).  See
-    :func:`relay.upstream.journal.check_write`.
+    :func:`relay.upstream.write_rules.check_write`.
     """
 
     table: str

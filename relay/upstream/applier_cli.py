@@ -17,9 +17,10 @@ from typing import Annotated
 
 import typer
 
-from relay.errors import ConfigError
+from relay.errors import ApplierError, ConfigError
 from relay.settings import load_applier_settings
-from relay.upstream.applier import Applier, ApplierDb, ApplierError
+from relay.upstream.applier import Applier
+from relay.upstream.applier_db import ApplierDb
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2

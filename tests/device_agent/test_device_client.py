@@ -1,6 +1,6 @@
 """Device agent client and journal upload, without a relay: cursor reset against the relay's
 codec, retries with backoff (httpx MockTransport), error mapping, upload answers, and
-journal entries as relay/upstream/journal.py parses them."""
+journal entries as relay/upstream/validation.py parses them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.journal_format import JournalEntry
 from device_agent import local_db, relay_schema, schema_sync
 from device_agent.client import (
     JournalUnsupported,
@@ -28,7 +29,7 @@ from device_agent.errors import AuthFailed, RelayUnreachable, TokenExpired, Toke
 from device_agent.local_tables import PREFIX
 from device_agent.sync import wire_entries
 from relay.downstream.api import decode_cursor, encode_cursor
-from relay.upstream.journal import JournalEntry, parse_upload
+from relay.upstream.validation import parse_upload
 from tests.device_agent.test_device_apply import SCHEMA, T1, WO, FakeServer, order, sync
 
 

@@ -594,15 +594,14 @@ def journal_stack(
     tmp_path: Path,
 ) -> Iterator[Stack]:
     """The stack plus journal intake, the upstream applier and the outcome feed."""
-    from relay.upstream.applier import Applier, ApplierDb
-    from relay.upstream.journal_api import (
-        ConflictDesk,
-        JournalApi,
-        JournalApiConfig,
-        JournalProducer,
-        JournalStore,
-        OutcomeFeed,
-    )
+    from relay.upstream.applier import Applier
+    from relay.upstream.applier_db import ApplierDb
+    from relay.upstream.conflict_desk import ConflictDesk
+    from relay.upstream.intake import JournalApiConfig
+    from relay.upstream.journal_api import JournalApi
+    from relay.upstream.journal_kafka import JournalProducer
+    from relay.upstream.journal_store import JournalStore
+    from relay.upstream.outcome_feed import OutcomeFeed
 
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
         for ddl in DDL:

@@ -24,8 +24,7 @@ from typer.testing import CliRunner
 
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from core.hlc import Hlc
-from core.pg_types import ColumnSpec, MappingCatalog
-from relay.upstream.journal import (
+from core.journal_format import (
     JournalRecord,
     Outcome,
     OutcomeKind,
@@ -33,6 +32,7 @@ from relay.upstream.journal import (
     encode_outcomes,
     entry_from_json,
 )
+from core.pg_types import ColumnSpec, MappingCatalog
 from replay.bounds import MAX_SEQ, Bound, format_position, parse_bound, parse_position, parse_time
 from replay.catalog import LogCatalog
 from replay.cli import (
@@ -864,7 +864,8 @@ policy = "server_wins"
 def test_history_of_edits_applied_by_the_real_applier(env: Env) -> None:
     """Device edits go through relay.upstream.applier (origin message, _outcomes): history shows
     the device, the journal entry and the applier's outcome, and a refused edit."""
-    from relay.upstream.applier import Applier, ApplierDb
+    from relay.upstream.applier import Applier
+    from relay.upstream.applier_db import ApplierDb
 
     env.sql(
         "create table jobs (id bigint primary key, technician text not null, status text not null, notes text)"

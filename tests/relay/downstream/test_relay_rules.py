@@ -604,7 +604,8 @@ def test_example_rules_refuse_claiming_a_colleagues_order(example: Rules) -> Non
     """With the example rules, a technician who sees a colleague's open order through its
     site may not assign it to itself: that would show it the notes and times the site
     view hides (forbidden_move); handing its own order to a colleague is fine."""
-    from relay.upstream.journal import Reason, WriteScope, check_write
+    from core.journal_format import Reason
+    from relay.upstream.write_rules import WriteScope, check_write
 
     scope = WriteScope.for_claims(example, {"technician": "t42", "sites": ["plant-1"]})
     colleague = {k: v for k, v in order(technician="t7").items() if k != "cost"}

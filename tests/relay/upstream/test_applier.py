@@ -19,9 +19,7 @@ import psycopg
 import pytest
 
 from core.hlc import Hlc
-from relay.errors import ConfigError
-from relay.upstream.applier import Applier, ApplierDb
-from relay.upstream.journal import (
+from core.journal_format import (
     JournalRecord,
     Outcome,
     Reason,
@@ -29,6 +27,9 @@ from relay.upstream.journal import (
     decode_outcomes,
     entry_from_json,
 )
+from relay.errors import ConfigError
+from relay.upstream.applier import Applier
+from relay.upstream.applier_db import ApplierDb
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_kafka import read_topic
 
@@ -498,7 +499,7 @@ def test_resolve_with_values_and_unknown_conflicts(env: Env) -> None:
     env.produce(env.record("d1", "update", [1], seen(base), {"notes": "device notes"}))
     applier = env.run()
     conflict_id = applier.db.open_conflicts()[0]["id"]
-    from relay.upstream.applier import ConflictNotFound, ResolveError
+    from relay.errors import ConflictNotFound, ResolveError
 
     with pytest.raises(ResolveError, match="not in conflict"):
         applier.db.resolve(conflict_id, "values", {"site": "x"})
@@ -698,10 +699,10 @@ def test_a_row_changed_between_read_and_write_is_merged_again(
 ) -> None:
     """Rows are read without locks and written only if unchanged (xmin); a concurrent
     change makes the run roll back and merge again, so no server change is lost."""
-    from relay import applier as applier_module
+    from relay.upstream import applier_run as applier_module
 
     base = insert_base(env)
-    original = applier_module._RunState.flush
+    original = applier_module.RunState.flush
     fired: list[bool] = []
 
     def flush_after_a_concurrent_update(self: Any) -> None:
@@ -711,7 +712,7 @@ def test_a_row_changed_between_read_and_write_is_merged_again(
                 other.execute("update work_orders set qty = 10 where id = 1")
         original(self)
 
-    monkeypatch.setattr(applier_module._RunState, "flush", flush_after_a_concurrent_update)
+    monkeypatch.setattr(applier_module.RunState, "flush", flush_after_a_concurrent_update)
     env.produce(env.record("d1", "update", [1], seen(base), {"qty": 6}))
     applier = env.run()
     assert fired and applier.stats.run_retries >= 1
@@ -919,7 +920,7 @@ insert into kinds values (
 
 def test_every_value_kind_round_trips_through_the_applier(pg_dsn: str, tmp_path: Path) -> None:
     """A row read as the device receives it and inserted back by the applier is identical."""
-    from relay.upstream.applier import Delivery
+    from relay.upstream.applier_store import Delivery
 
     rules = tmp_path / "rules.toml"
     rules.write_text('[[bucket]]\nname = "all"\n\n[[bucket.table]]\ntable = "public.kinds"\n')

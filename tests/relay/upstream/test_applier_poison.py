@@ -15,9 +15,10 @@ import psycopg
 import pytest
 
 from core.hlc import Hlc
+from core.journal_format import MAX_BIGINT
+from core.values import dump_json
 from relay.errors import ApplierError
-from relay.upstream.applier import Failure, classify_failure
-from relay.upstream.journal import MAX_BIGINT, dump_json
+from relay.upstream.applier_failures import Failure, classify_failure
 from tests.cdc.cdc_support import wait_for
 from tests.relay.upstream.test_applier import RULES, Env, insert_base, now_ms, seen
 
@@ -234,18 +235,18 @@ def test_the_database_going_away_is_retried_not_dead_lettered(env: Env) -> None:
     insert_base(env)
     applier = env.appliers[0]
     killed: list[bool] = []
-    original = applier.db._run_txn
+    original = applier.db.runs._run_txn
 
     def run_txn_losing_the_connection(*args: Any, **kw: Any) -> Any:
         if not killed:
             killed.append(True)
             with psycopg.connect(env.dsn, autocommit=True) as admin:
                 admin.execute(
-                    "select pg_terminate_backend(%s)", (applier.db._c().info.backend_pid,)
+                    "select pg_terminate_backend(%s)", (applier.db.connection().info.backend_pid,)
                 )
         return original(*args, **kw)
 
-    applier.db._run_txn = run_txn_losing_the_connection  # type: ignore[method-assign]
+    applier.db.runs._run_txn = run_txn_losing_the_connection  # type: ignore[method-assign]
     env.produce(env.record("dev-a", "update", [1], seen(insert_row(1)), {"notes": "after"}))
     thread = threading.Thread(target=applier.run, daemon=True)
     thread.start()

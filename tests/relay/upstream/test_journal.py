@@ -11,39 +11,41 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.avro_envelope import TableCodec
+from core.errors import JournalFormatError
 from core.hlc import Hlc
-from core.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
-from relay.downstream.rules import TableInfo, rules_from_mapping
-from relay.errors import JournalFormatError, RulesError
-from relay.upstream.journal import (
-    BatchTooLarge,
-    ColumnType,
+from core.journal_format import (
     JournalEntry,
-    JournalLimits,
     JournalRecord,
-    Kind,
     Op,
     Outcome,
     OutcomeKind,
     Reason,
-    RejectedUpload,
     Rejection,
-    UploadError,
-    WriteScope,
-    blocked_by,
-    check_write,
+    decode_outcomes,
+    encode_outcomes,
+)
+from core.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
+from core.value_schemas import column_types_from_schemas
+from core.values import (
+    ColumnType,
+    Kind,
     civil_from_days,
     coerce_value,
-    column_types_from_schemas,
-    decode_outcomes,
     dump_json,
-    encode_outcomes,
-    parse_upload,
     same_value,
     to_datum,
     to_pg_text,
+)
+from relay.downstream.rules import TableInfo, rules_from_mapping
+from relay.errors import BatchTooLarge, RulesError, UploadError
+from relay.upstream.validation import (
+    JournalLimits,
+    RejectedUpload,
+    blocked_by,
+    parse_upload,
     validate_entry,
 )
+from relay.upstream.write_rules import WriteScope, check_write
 
 NUMERIC_10_2 = ((10 << 16) | 2) + 4
 

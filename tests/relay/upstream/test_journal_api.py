@@ -21,24 +21,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
+from core.journal_format import JournalRecord, Outcome, OutcomeKind
 from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
 from relay.downstream.api import ApiConfig, create_app
 from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import load_rules
 from relay.settings import load_relay_settings
-from relay.upstream.applier import Applier, ApplierDb
-from relay.upstream.journal import JournalRecord, Outcome, OutcomeKind
-from relay.upstream.journal_api import (
-    ConflictDesk,
-    IntakeDecision,
-    JournalApi,
-    JournalApiConfig,
-    JournalProducer,
-    JournalStore,
-    OutcomeFeed,
-    latest_per_entry,
-)
+from relay.upstream.applier import Applier
+from relay.upstream.applier_db import ApplierDb
+from relay.upstream.conflict_desk import ConflictDesk
+from relay.upstream.intake import IntakeDecision, JournalApiConfig, latest_per_entry
+from relay.upstream.journal_api import JournalApi
+from relay.upstream.journal_kafka import JournalProducer
+from relay.upstream.journal_store import JournalStore
+from relay.upstream.outcome_feed import OutcomeFeed
 from tests.cdc.test_cdc_faults import ProxiedBroker
 from tests.fix_kafka import read_topic
 from tests.relay.test_relay_errors import assert_error_shape
@@ -514,7 +511,7 @@ def test_ask_conflict_is_listed_resolved_and_resolving_twice_is_harmless(
 
 
 def outcomes_in_kafka(env: Env) -> list[Outcome]:
-    from relay.upstream.journal import decode_outcomes
+    from core.journal_format import decode_outcomes
 
     records = read_topic(env.bootstrap, f"{env.prefix}._outcomes", timeout=5)
     return [o for r in records for o in decode_outcomes(r.value)]
@@ -572,7 +569,7 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
 ) -> None:
     from kafka import KafkaProducer
 
-    from relay.upstream.journal import encode_outcomes
+    from core.journal_format import encode_outcomes
 
     store = JournalStore(store_dsn)
     store.migrate()

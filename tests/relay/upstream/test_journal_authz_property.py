@@ -8,7 +8,7 @@ rows it cannot see, moves, claims) and conflict resolutions, applied to the real
 PostgreSQL by the applier (``ApplierDb``) one at a time.  After each device action the
 table is compared with its state before, and an oracle evaluated directly from the rules'
 data (placement, projections and rights worked out here, not by relay.downstream.rules or
-relay.upstream.journal) checks that every row the device changed was within its write rights
+relay.upstream.write_rules) checks that every row the device changed was within its write rights
 before and after, that it changed only columns it may write, that no change showed it
 columns it could not see unless a ``claim`` rule allows it, and that every row shown in
 an outcome is the current row cut to what the device may see.  A "widen" step is a
@@ -28,10 +28,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
+from core.journal_format import JournalRecord, Outcome, entry_from_json
 from relay.downstream.rules import canonical_text
 from relay.errors import ResolveError
-from relay.upstream.applier import ApplierDb, Delivery
-from relay.upstream.journal import JournalRecord, Outcome, entry_from_json
+from relay.upstream.applier_db import ApplierDb
+from relay.upstream.applier_store import Delivery
 
 TABLE = "public.t"
 COLUMNS = ("id", "x", "y", "z", "w")

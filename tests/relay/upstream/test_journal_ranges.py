@@ -11,24 +11,19 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.errors import JournalFormatError
 from core.hlc import Hlc
-from relay.upstream.journal import (
+from core.journal_format import (
     MAX_BIGINT,
     MAX_KEY_VALUES,
     MAX_TABLE_CHARS,
-    ColumnType,
     JournalEntry,
-    JournalFormatError,
     JournalRecord,
-    Kind,
     Reason,
-    RejectedUpload,
-    UploadError,
-    coerce_value,
-    dump_json,
-    parse_upload,
-    to_pg_text,
 )
+from core.values import ColumnType, Kind, coerce_value, dump_json, to_pg_text
+from relay.errors import UploadError
+from relay.upstream.validation import RejectedUpload, parse_upload
 
 DEVICE = "tab-1"
 

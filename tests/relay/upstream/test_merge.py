@@ -12,19 +12,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
-from relay.upstream.journal import ColumnType, Kind, Op, OutcomeKind
-from relay.upstream.merge import (
-    Action,
+from core.journal_format import Op, OutcomeKind
+from core.values import ColumnType, Kind
+from relay.errors import ConflictsError
+from relay.upstream.conflict_policies import (
     ColumnPolicy,
-    ConflictsError,
-    EditTimes,
     Policy,
     TablePolicy,
     conflicts_from_mapping,
-    counter_value,
     load_conflicts,
-    merge,
 )
+from relay.upstream.merge import Action, EditTimes, counter_value, merge
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "conflicts.example.toml"
 

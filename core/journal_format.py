@@ -1,0 +1,526 @@
+"""The journal's formats: device entries, rejections, ``_journal`` records, outcomes.
+
+This is the device protocol's contract for edits (docs/journal.md is the reference).  A
+device records each local edit as a *journal entry*::
+
+    {"seq": 17, "table": "public.work_orders", "op": "update", "key": [42],
+     "old": {"status": "open", "notes": "…"}, "new": {"status": "done"},
+     "base": {"commit_lsn": 23456789, "seq": 0},
+     "hlc": "0189f3c2a1b0.0003.tablet-7", "prev_seq": null}
+
+- ``seq``: the device's journal sequence number (1, 2, …; strictly increasing per
+  device).  ``(device_id, seq)`` identifies an entry; the device id is the token's
+  ``sub``, never part of the body.
+- ``op``: ``insert`` (``new`` holds the row, key columns included; no ``old``),
+  ``update`` (``old`` = the values the device last had, ``new`` = the columns it set;
+  every column of ``new`` must be in ``old``), ``delete`` (``old`` only).
+- ``key``: the primary-key values in the table's key order (the ``key`` of the ops the
+  device received).  Key columns cannot change (delete and insert instead).
+- ``base``: the position ``(commit_lsn, seq)`` of the row version ``old`` came from,
+  or null (a row the device created itself and has not seen back yet).
+- ``hlc``: the device's hybrid logical clock at the edit (:mod:`core.hlc`); its node
+  must be the device id.
+- ``prev_seq``: the seq of the device's latest *earlier* entry for the same row that
+  had no final outcome yet when this edit was made (so ``old`` came from that entry's
+  ``new``), else null.  It drives the ordering rule (``blocked``).
+
+Values are in wire form (:mod:`core.values`).  :func:`entry_from_json` reads one entry's
+structure (every number against the ``bigint`` it is stored in); a problem becomes an
+:class:`EntryProblem` carrying a :class:`Rejection` with a stable :class:`Reason` and a
+message naming the field.  Checking values against column types and the device's write
+rights is the relay's (``relay.upstream.validation``).
+
+Kafka records: :class:`JournalRecord` is the value of a ``{prefix}._journal`` record
+(the relay writes it, the applier and the replay audit read it); :class:`Outcome` is what
+became of one entry, several of one device per ``{prefix}._outcomes`` record
+(:func:`encode_outcomes` / :func:`decode_outcomes`).  A record that cannot be read
+raises :class:`core.errors.JournalFormatError` naming what is wrong.
+
+Pure: no I/O; values are immutable and can be shared between threads.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeGuard
+
+import orjson
+
+from core.errors import JournalFormatError
+from core.hlc import Hlc
+from core.values import ColumnType, dump_json, is_int, same_value, type_name
+
+__all__ = [
+    "MAX_BIGINT",
+    "MAX_KEY_VALUES",
+    "MAX_TABLE_CHARS",
+    "RECORD_VERSION",
+    "BasePosition",
+    "EntryProblem",
+    "JournalEntry",
+    "JournalRecord",
+    "Op",
+    "Outcome",
+    "OutcomeKind",
+    "Reason",
+    "Rejection",
+    "decode_outcomes",
+    "encode_outcomes",
+    "entry_from_json",
+    "is_position",
+    "is_seq",
+    "parse_visible_after",
+    "valid_device_id",
+]
+
+RECORD_VERSION: Final = 1
+MAX_BIGINT: Final = (1 << 63) - 1
+"""The largest ``seq``, ``prev_seq``, ``base.commit_lsn`` and ``base.seq`` (PostgreSQL
+``bigint``, where they are stored)."""
+MAX_TABLE_CHARS: Final = 300
+"""Longest ``table`` of an entry (``schema.table``: two identifiers of at most 63 bytes)."""
+MAX_KEY_VALUES: Final = 32
+"""Most values of an entry's ``key`` (PostgreSQL's limit of index columns)."""
+
+
+def valid_device_id(device_id: object) -> bool:
+    """A device id is 1-128 printable characters without whitespace."""
+    return (
+        isinstance(device_id, str)
+        and 0 < len(device_id) <= 128
+        and all(ch.isprintable() and not ch.isspace() for ch in device_id)
+    )
+
+
+# --------------------------------------------------------------------------- entries
+
+
+class Op(enum.StrEnum):
+    """What an entry does to its row."""
+
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, order=True)
+class BasePosition:
+    """Position ``(commit_lsn, seq)`` of the row version an edit was based on."""
+
+    commit_lsn: int
+    seq: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"commit_lsn": self.commit_lsn, "seq": self.seq}
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One device edit (see the module docstring for the fields)."""
+
+    seq: int
+    table: str
+    op: Op
+    key: tuple[Any, ...]
+    old: Mapping[str, Any] | None
+    new: Mapping[str, Any] | None
+    hlc: Hlc
+    base: BasePosition | None = None
+    prev_seq: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as the device sends it (``device_id`` is not part of it)."""
+        return {
+            "seq": self.seq,
+            "table": self.table,
+            "op": self.op.value,
+            "key": list(self.key),
+            "old": dict(self.old) if self.old is not None else None,
+            "new": dict(self.new) if self.new is not None else None,
+            "base": self.base.to_json() if self.base is not None else None,
+            "hlc": self.hlc.encode(),
+            "prev_seq": self.prev_seq,
+        }
+
+    def written_columns(self, types: Mapping[str, ColumnType] | None = None) -> list[str]:
+        """Columns the edit sets: for an update those whose new value differs from the
+        old one; for an insert every column of ``new``; none for a delete."""
+        if self.new is None:
+            return []
+        if self.op is Op.INSERT or self.old is None:
+            return list(self.new)
+        types = types or {}
+        return [
+            c
+            for c, v in self.new.items()
+            if c not in self.old or not same_value(types.get(c), self.old[c], v)
+        ]
+
+    def with_values(
+        self, key: Sequence[Any], old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
+    ) -> JournalEntry:
+        return JournalEntry(
+            self.seq, self.table, self.op, tuple(key), old, new, self.hlc, self.base, self.prev_seq
+        )
+
+
+class Reason(enum.StrEnum):
+    """Stable codes of rejected entries."""
+
+    MALFORMED = "malformed"
+    ENTRY_TOO_LARGE = "entry_too_large"
+    UNKNOWN_TABLE = "unknown_table"
+    UNKNOWN_COLUMN = "unknown_column"
+    WRONG_TYPE = "wrong_type"
+    BAD_KEY = "bad_key"
+    KEY_CHANGE = "key_change"
+    MISSING_OLD = "missing_old"
+    BAD_HLC = "bad_hlc"
+    FORBIDDEN_ROW = "forbidden_row"
+    FORBIDDEN_COLUMN = "forbidden_column"
+    FORBIDDEN_MOVE = "forbidden_move"
+    BLOCKED = "blocked"
+    DB_ERROR = "db_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an entry was refused: a stable :class:`Reason` and a message naming the fault."""
+
+    reason: Reason
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"reason": self.reason.value, "message": self.message}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rejection:
+        try:
+            return cls(Reason(data["reason"]), str(data["message"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise JournalFormatError(f"not a rejection: {data!r:.200}") from exc
+
+
+def is_seq(value: object) -> TypeGuard[int]:
+    """An integer 1..MAX_BIGINT (a journal sequence number)."""
+    return is_int(value) and 1 <= value <= MAX_BIGINT
+
+
+def is_position(value: object) -> TypeGuard[int]:
+    """An integer 0..MAX_BIGINT (a part of a change position)."""
+    return is_int(value) and 0 <= value <= MAX_BIGINT
+
+
+def _printable(text: str) -> bool:
+    return text.isprintable()
+
+
+class EntryProblem(Exception):
+    """An entry that cannot be read as a :class:`JournalEntry`; ``rejection`` says why.
+    Not a failure of the reader: the caller rejects that entry and goes on."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.rejection = Rejection(reason, message)
+
+
+_OPS: Final = {op.value: op for op in Op}
+_ENTRY_KEYS: Final = frozenset(
+    {"seq", "table", "op", "key", "old", "new", "base", "hlc", "prev_seq"}
+)
+
+
+def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
+    """Read one entry; raises ``EntryProblem`` (malformed / bad_hlc) naming the field."""
+    if not isinstance(raw, dict):
+        raise EntryProblem(Reason.MALFORMED, "an entry is a JSON object")
+    seq = raw.get("seq")
+    if not is_seq(seq):
+        raise EntryProblem(Reason.MALFORMED, f"seq must be an integer from 1 to {MAX_BIGINT}")
+    where = f"entry {seq}"
+    if not _ENTRY_KEYS.issuperset(raw):
+        unknown = ", ".join(sorted(set(raw) - _ENTRY_KEYS))
+        raise EntryProblem(Reason.MALFORMED, f"{where}: unknown field(s) {unknown}")
+    table = raw.get("table")
+    if not isinstance(table, str) or not 0 < len(table) <= MAX_TABLE_CHARS or not _printable(table):
+        raise EntryProblem(
+            Reason.MALFORMED,
+            f'{where}: table must be "schema.table" (at most {MAX_TABLE_CHARS} printable '
+            f"characters), not {table!r:.80}",
+        )
+    op = _OPS.get(raw.get("op"))  # type: ignore[arg-type]
+    if op is None:
+        raise EntryProblem(
+            Reason.MALFORMED, f"{where}: op must be insert, update or delete, not {raw.get('op')!r}"
+        )
+    key = raw.get("key")
+    if not isinstance(key, list) or not 0 < len(key) <= MAX_KEY_VALUES:
+        raise EntryProblem(
+            Reason.MALFORMED,
+            f"{where}: key must be an array of 1 to {MAX_KEY_VALUES} values (the primary key's)",
+        )
+    old, new = raw.get("old"), raw.get("new")
+    for name, value, wanted in (
+        ("old", old, op is not Op.INSERT),
+        ("new", new, op is not Op.DELETE),
+    ):
+        if wanted and not isinstance(value, dict):
+            raise EntryProblem(Reason.MALFORMED, f"{where}: {op.value} needs {name} (an object)")
+        if not wanted and value is not None:
+            raise EntryProblem(Reason.MALFORMED, f"{where}: {op.value} must not carry {name}")
+    base = raw.get("base")
+    position = None
+    if base is not None:
+        if not isinstance(base, dict) or set(base) != {"commit_lsn", "seq"}:
+            raise EntryProblem(
+                Reason.MALFORMED,
+                f"{where}: base must be null or {{commit_lsn, seq}} (integers 0 to {MAX_BIGINT})",
+            )
+        for part in ("commit_lsn", "seq"):
+            if not is_position(base[part]):
+                raise EntryProblem(
+                    Reason.MALFORMED,
+                    f"{where}: base.{part} must be an integer from 0 to {MAX_BIGINT}, not "
+                    f"{type_name(base[part])} {base[part]!r:.40}",
+                )
+        position = BasePosition(base["commit_lsn"], base["seq"])
+    prev = raw.get("prev_seq")
+    if prev is not None and (not is_int(prev) or not 1 <= prev < seq):
+        raise EntryProblem(
+            Reason.MALFORMED, f"{where}: prev_seq must be null or an earlier seq of this device"
+        )
+    try:
+        hlc = Hlc.decode(raw.get("hlc"))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise EntryProblem(Reason.BAD_HLC, f"{where}: {exc}") from None
+    if hlc.node != device_id:
+        raise EntryProblem(
+            Reason.BAD_HLC,
+            f"{where}: the HLC node {hlc.node!r} must be the device id {device_id!r}",
+        )
+    return JournalEntry(seq, table, op, tuple(key), old, new, hlc, position, prev)
+
+
+# --------------------------------------------------------------------------- Kafka records
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """The value of a ``{prefix}._journal`` record (Kafka key: the device id, UTF-8).
+
+    ``entry`` is None when the upload could not be read as an entry (``rejection`` then
+    says why); ``claims`` are the token's claims at upload (the applier recomputes the
+    granted buckets from them with its rules).  JSON::
+
+        {"v": 1, "device_id": …, "seq": …, "received_at_us": …, "claims": {…},
+         "entry": {…} | null, "rejection": {"reason", "message"} | null}
+    """
+
+    device_id: str
+    seq: int
+    entry: JournalEntry | None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    rejection: Rejection | None = None
+    received_at_us: int = 0
+
+    @property
+    def kafka_key(self) -> bytes:
+        return self.device_id.encode("utf-8")
+
+    def to_bytes(self) -> bytes:
+        return dump_json(
+            {
+                "v": RECORD_VERSION,
+                "device_id": self.device_id,
+                "seq": self.seq,
+                "received_at_us": self.received_at_us,
+                "claims": dict(self.claims),
+                "entry": self.entry.to_json() if self.entry is not None else None,
+                "rejection": self.rejection.to_json() if self.rejection is not None else None,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> JournalRecord:
+        """Parse a record; :class:`JournalFormatError` names what is wrong.  An entry
+        that no longer parses becomes ``entry=None`` with a ``malformed`` rejection."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise JournalFormatError(f"journal record is not JSON: {exc}") from exc
+        if not isinstance(obj, dict) or obj.get("v") != RECORD_VERSION:
+            raise JournalFormatError(
+                f"journal record has no version {RECORD_VERSION} ('v'): {str(data)[:120]}"
+            )
+        device_id, seq = obj.get("device_id"), obj.get("seq")
+        if not valid_device_id(device_id) or not is_seq(seq):
+            raise JournalFormatError(
+                "journal record lacks a device_id (1-128 printable characters) or a seq "
+                f"(1 to {MAX_BIGINT}): device_id {device_id!r:.60}, seq {seq!r:.40}"
+            )
+        assert isinstance(device_id, str)
+        rejection = Rejection.from_json(obj["rejection"]) if obj.get("rejection") else None
+        entry = None
+        if obj.get("entry") is not None:
+            try:
+                entry = entry_from_json(obj["entry"], device_id)
+            except EntryProblem as exc:
+                rejection = rejection or exc.rejection
+            if entry is not None and entry.seq != seq:
+                entry = None
+                rejection = rejection or Rejection(
+                    Reason.MALFORMED, f"entry {seq}: the record's entry carries another seq"
+                )
+        elif rejection is None:
+            rejection = Rejection(Reason.MALFORMED, f"entry {seq}: the record carries no entry")
+        claims = obj.get("claims") or {}
+        received = obj.get("received_at_us")
+        return cls(
+            device_id,
+            int(seq),
+            entry,
+            claims if isinstance(claims, dict) else {},
+            rejection,
+            received if is_position(received) else 0,  # audit only: nonsense counts as unknown
+        )
+
+
+class OutcomeKind(enum.StrEnum):
+    """What became of an entry (docs/journal.md, "Outcomes")."""
+
+    APPLIED = "applied"
+    MERGED = "merged"
+    CONFLICT = "conflict"
+    REJECTED = "rejected"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one entry.  ``{prefix}._outcomes`` records (Kafka key: the device
+    id) carry the outcomes of one device, several at a time (:func:`encode_outcomes`).  ``row`` is the row afterwards as the device sees it (its columns
+    only; None when the row does not exist), ``columns`` the per-column decisions of a
+    merge (``device``, ``server``, ``equal``, ``combined``, ``held``), ``conflict`` the
+    kept conflict (``id``, ``columns`` with ``base``/``server``/``device`` values, or
+    ``row``: both versions), ``reason``/``message`` say why (rejections, row-level
+    decisions).  Several outcomes may be published for one seq (``conflict`` then
+    ``resolved``); a consumer keeps the latest per ``(device_id, seq)``.
+
+    ``visible_after`` (set only when the applier wrote the entry's row in PostgreSQL): the
+    WAL insert position the applier read after writing the row and before committing.
+    Every change event of that write, and of any later version of the row, has a
+    ``commit_lsn`` at or above it; every earlier version's is below it.  A device keeps
+    the edit on top of its row until it has received a version at or above it
+    (docs/journal.md, "Outcomes")."""
+
+    device_id: str
+    seq: int
+    kind: OutcomeKind
+    table: str | None = None
+    key: tuple[Any, ...] | None = None
+    reason: str | None = None
+    message: str = ""
+    row: Mapping[str, Any] | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
+    conflict: Mapping[str, Any] | None = None
+    hlc: str | None = None
+    at_us: int = 0
+    visible_after: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": RECORD_VERSION,
+            "device_id": self.device_id,
+            "seq": self.seq,
+            "outcome": self.kind.value,
+            "table": self.table,
+            "key": list(self.key) if self.key is not None else None,
+            "reason": self.reason,
+            "message": self.message,
+            "row": dict(self.row) if self.row is not None else None,
+            "columns": dict(self.columns),
+            "conflict": dict(self.conflict) if self.conflict is not None else None,
+            "hlc": self.hlc,
+            "at_us": self.at_us,
+        }
+        if self.visible_after is not None:
+            out["visible_after"] = self.visible_after
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
+        if not valid_device_id(obj.get("device_id")) or not is_seq(obj.get("seq")):
+            raise JournalFormatError(
+                f"outcome has no valid device_id and seq (1 to {MAX_BIGINT}): {str(obj)[:200]}"
+            )
+        try:
+            key = obj.get("key")
+            return cls(
+                device_id=str(obj["device_id"]),
+                seq=int(obj["seq"]),
+                kind=OutcomeKind(obj["outcome"]),
+                table=obj.get("table"),
+                key=tuple(key) if isinstance(key, list) else None,
+                reason=obj.get("reason"),
+                message=str(obj.get("message") or ""),
+                row=obj.get("row"),
+                columns=dict(obj.get("columns") or {}),
+                conflict=obj.get("conflict"),
+                hlc=obj.get("hlc"),
+                at_us=int(obj.get("at_us") or 0),
+                visible_after=parse_visible_after(obj.get("visible_after"), obj.get("seq")),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise JournalFormatError(f"not an outcome record: {str(obj)[:200]}") from exc
+
+
+def parse_visible_after(value: object, seq: object = None) -> int | None:
+    """An outcome's ``visible_after``: None when absent (null), else a WAL position 0 ..
+    :data:`MAX_BIGINT` given as a JSON integer or its decimal text; anything else raises
+    :class:`JournalFormatError` naming the outcome's seq and the value."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if is_int(value) and 0 <= value <= MAX_BIGINT:
+        return value
+    raise JournalFormatError(
+        f"outcome of entry {seq}: visible_after must be a WAL position, an integer 0 to "
+        f"{MAX_BIGINT} (or its decimal text), not {str(value)[:40]!r}"
+    )
+
+
+def encode_outcomes(outcomes: Sequence[Outcome]) -> bytes:
+    """The value of one ``{prefix}._outcomes`` record: outcomes of one device, in order::
+
+    {"v": 1, "device_id": …, "outcomes": [outcome, …]}
+    """
+    if not outcomes or len({o.device_id for o in outcomes}) != 1:
+        raise ValueError("an outcomes record holds the outcomes of exactly one device")
+    return dump_json(
+        {
+            "v": RECORD_VERSION,
+            "device_id": outcomes[0].device_id,
+            "outcomes": [o.to_json() for o in outcomes],
+        }
+    )
+
+
+def decode_outcomes(data: bytes) -> list[Outcome]:
+    """The outcomes of one ``{prefix}._outcomes`` record."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise JournalFormatError(f"outcomes record is not JSON: {exc}") from exc
+    if (
+        not isinstance(obj, dict)
+        or obj.get("v") != RECORD_VERSION
+        or not isinstance(obj.get("outcomes"), list)
+    ):
+        raise JournalFormatError(
+            f"not an outcomes record (version {RECORD_VERSION}): {str(data)[:120]}"
+        )
+    return [Outcome.from_json(o) for o in obj["outcomes"]]

@@ -1,0 +1,334 @@
+"""Applying a poll of journal records: runs, transactions, retries, dead letters.
+
+The records of one poll are grouped into *runs* (:func:`group_runs`): each device's in
+offset order (edits of different devices are independent), at most ``run_max`` per run;
+an unreadable record is a run of its own.  Each run is ONE PostgreSQL transaction
+(:meth:`RunApplier._run_txn`):
+
+    offsets (watermark) ── origin message ``device:<id>`` ── idempotency check
+    (``applied``) ── validate ── read rows ── merge ── write rows ── ``applied``
+    records, kept conflicts, row clocks, outbox ── commit
+
+- **Exactly once.**  An entry's data write, its ``applied`` record and the consumer
+  offsets commit together.  Each transaction stores, per partition, the lowest offset of
+  the poll not applied yet (:class:`Watermarks`), so after a crash the rest is read
+  again and what was applied is found in ``applied`` and skipped (a duplicate).
+- **No entry stops a partition.**  A failure caused by an entry
+  (:func:`~relay.upstream.applier_failures.classify_failure`) splits the run in halves
+  until the entry is alone; that entry is rejected (``db_error`` / ``internal_error``),
+  kept in ``dead_letters``, counted and logged, and the others apply.  If even its
+  rejection cannot be recorded in full, a minimal one is (device, seq, reason only).
+  Deadlocks, serialization failures and rows changed meanwhile retry the run (then with
+  row locks); any other failure raises :class:`~relay.errors.ApplierError` and the
+  applier reads the same records again after a back-off, rejecting nothing.
+
+Runs in the applier's one thread, on the connection of its
+:class:`~relay.upstream.applier_run.ApplyContext`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from core.errors import JournalFormatError
+from core.journal_format import JournalRecord, Outcome, OutcomeKind, Reason
+from relay.errors import ApplierError
+from relay.upstream.applier_entries import apply_entry, prepare
+from relay.upstream.applier_failures import (
+    RETRY_ERRORS,
+    Concurrent,
+    Failed,
+    Failure,
+    classify_failure,
+)
+from relay.upstream.applier_run import ApplyContext, ApplyStats, Item, RunState
+from relay.upstream.applier_store import (
+    SCHEMA,
+    Delivery,
+    clean,
+    emit_origin,
+    save_offsets,
+    write_bad_record,
+    write_dead_letter,
+    write_minimal_rejection,
+)
+
+__all__ = ["RunApplier", "Watermarks", "group_runs"]
+
+log = logging.getLogger("relay.upstream.applier")
+
+
+class RunApplier:
+    """Applies polls of journal records through ``db`` (see the module docstring)."""
+
+    def __init__(self, db: ApplyContext) -> None:
+        self.db = db
+
+    @property
+    def stats(self) -> ApplyStats:
+        return self.db.stats
+
+    def apply(
+        self, deliveries: Sequence[tuple[Delivery, bytes | None]], run_max: int = 500
+    ) -> list[Outcome]:
+        """Apply journal records (each partition's in offset order); returns their outcomes
+        (duplicates produce none).
+
+        The records are grouped by device (each device's in order; devices are
+        independent), at most ``run_max`` per transaction.  Each transaction stores, per
+        partition, the lowest offset of this batch not applied yet (a watermark): after a
+        crash the records from there on are read again, and those already applied are
+        found in ``applied`` and skipped."""
+        items: list[Item] = []
+        for where, value in deliveries:
+            self.stats.records += 1
+            try:
+                items.append(Item(where, JournalRecord.from_bytes(value or b""), value or b""))
+            except JournalFormatError as exc:
+                items.append(Item(where, None, value or b"", str(exc)))
+        marks = Watermarks(items)
+        outcomes: list[Outcome] = []
+        t0 = time.perf_counter()
+        for run in group_runs(items, run_max):
+            outcomes.extend(self._apply_run(run, marks))
+        self.stats.apply_s += time.perf_counter() - t0
+        return outcomes
+
+    def _apply_run(self, run: list[Item], marks: Watermarks) -> list[Outcome]:
+        """Apply one run in one transaction.  A failure that a retry cures (deadlock,
+        serialization failure, a row changed meanwhile) retries the run; a failure caused
+        by an entry (:func:`classify_failure`) splits the run in halves until the entry is
+        alone, so the others still apply together, and the entry is rejected and kept as a
+        dead letter (:meth:`_apply_alone`).  Any other failure raises ApplierError: the
+        applier backs off and reads the same records again."""
+        attempt = 0
+        while True:
+            try:
+                self.stats.runs += 1
+                # optimistic first (no row locks; writes check xmin), locking after a retry
+                outcomes = self._run_txn(run, marks, lock=attempt > 0)
+                marks.done(run)
+                return outcomes
+            except Exception as exc:
+                if classify_failure(exc) is Failure.ENTRY:
+                    self.stats.run_retries += 1
+                    if len(run) > 1:
+                        half = len(run) // 2
+                        return self._apply_run(run[:half], marks) + self._apply_run(
+                            run[half:], marks
+                        )
+                    return self._apply_alone(run[0], exc, marks)
+                if not isinstance(exc, (*RETRY_ERRORS, Concurrent)):
+                    if isinstance(exc, psycopg.Error):
+                        raise ApplierError(f"applying journal entries failed: {exc}") from exc
+                    raise
+                attempt += 1
+                self.stats.run_retries += 1
+                if attempt > 5:
+                    raise ApplierError(f"a run kept failing ({exc}); giving up for now") from exc
+                time.sleep(0.05 * attempt)
+
+    def _apply_alone(self, item: Item, exc: Exception, marks: Watermarks) -> list[Outcome]:
+        """Reject an entry that failed on its own, keeping it as a dead letter: first with
+        the usual bookkeeping (the outcome shows the server's row), and if even that fails
+        for the entry's sake, with a minimal record of it."""
+        failed = Failed.of(exc)
+        if failed.reason is Reason.INTERNAL_ERROR:
+            log.error("applier: unexpected failure on %s", _where(item), exc_info=exc)
+        try:
+            outcomes = self._run_txn([item], marks, failed=failed)
+        except Exception as again:
+            if classify_failure(again) is not Failure.ENTRY:
+                if isinstance(again, psycopg.Error):
+                    raise ApplierError(f"applying journal entries failed: {again}") from again
+                raise
+            outcomes = self._dead_letter_txn(item, failed, marks)
+        marks.done([item])
+        if outcomes:  # else it had been applied before (a duplicate): nothing was kept
+            self.stats.dead_letters += 1
+            log.error(
+                "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
+                _where(item),
+                failed.reason.value,
+                failed.message,
+            )
+        return outcomes
+
+    def _dead_letter_txn(self, item: Item, failed: Failed, marks: Watermarks) -> list[Outcome]:
+        """The last resort for an entry whose rejection cannot be recorded in full: the
+        ``applied`` record, the outcome and the dead letter carry only the device, the seq
+        and the reason (nothing of the entry's content), so they cannot fail for its sake."""
+        record = item.record
+        if record is None:  # an unreadable record whose keeping aside failed
+            raise ApplierError(f"{_where(item)} could not be kept aside in bad_records")
+        outcome = Outcome(
+            device_id=record.device_id,
+            seq=record.seq,
+            kind=OutcomeKind.REJECTED,
+            reason=failed.reason.value,
+            message=clean(f"entry {record.seq}: {failed.message}"),
+            at_us=self.db.wall_ms() * 1000,
+        )
+        conn = self.db.connection()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                save_offsets(cur, self.db.consumer, marks.after([item]))
+                if not write_minimal_rejection(cur, record, outcome):
+                    return []  # applied meanwhile (an overlapping shard): nothing to do
+                self._write_dead_letter(cur, item, failed)
+        except psycopg.Error as exc:
+            raise ApplierError(
+                f"even the minimal rejection of {_where(item)} failed: {exc}"
+            ) from exc
+        self._count(outcome)
+        return [outcome]
+
+    def _write_dead_letter(self, cur: psycopg.Cursor[Any], item: Item, failed: Failed) -> None:
+        assert item.record is not None
+        write_dead_letter(cur, item.where, item.record, item.raw, failed)
+
+    def _run_txn(
+        self,
+        run: list[Item],
+        marks: Watermarks,
+        *,
+        lock: bool = False,
+        failed: Failed | None = None,
+    ) -> list[Outcome]:
+        conn = self.db.connection()
+        outcomes: list[Outcome] = []
+        with conn.transaction(), conn.cursor() as cur:
+            save_offsets(cur, self.db.consumer, marks.after(run))
+            first = run[0]
+            if first.record is None:
+                self._record_bad(cur, run)
+                return []
+            device = first.record.device_id
+            emit_origin(cur, f"device:{device}")
+            todo, known = self._fresh(cur, device, run)
+            for item in todo:
+                prepare(self.db, item, failed)
+            state = RunState(self.db, cur, known, lock_rows=lock)
+            state.prefetch([i for i in todo if i.entry is not None])
+            for item in todo:
+                outcome = apply_entry(self.db, state, item)
+                assert item.record is not None
+                known[item.record.seq] = (outcome.kind.value, outcome.reason)
+                outcomes.append(outcome)
+            state.flush()
+            outcomes = state.bound_written(outcomes)
+            state.write_bookkeeping(outcomes, todo)
+            if failed is not None:
+                for item in todo:
+                    self._write_dead_letter(cur, item, failed)
+        for o in outcomes:
+            self._count(o)
+        return outcomes
+
+    def _count(self, o: Outcome) -> None:
+        if o.kind is OutcomeKind.APPLIED:
+            self.stats.applied += 1
+        elif o.kind is OutcomeKind.MERGED:
+            self.stats.merged += 1
+        elif o.kind is OutcomeKind.CONFLICT:
+            self.stats.conflicts += 1
+        else:
+            self.stats.rejected += 1
+
+    def _fresh(
+        self, cur: psycopg.Cursor[Any], device: str, run: list[Item]
+    ) -> tuple[list[Item], dict[int, tuple[str, str | None]]]:
+        """The items not applied before (idempotency), and the known outcomes of the
+        run's seqs and of the entries they depend on (prev_seq)."""
+        seqs: set[int] = set()
+        for item in run:
+            assert item.record is not None
+            seqs.add(item.record.seq)
+            if item.record.entry is not None and item.record.entry.prev_seq is not None:
+                seqs.add(item.record.entry.prev_seq)
+        rows = cur.execute(
+            # a join, not "seq = any(...)": that filters every applied row of the device
+            f"select a.seq, a.outcome, a.reason from unnest(%s::bigint[]) as u(seq) "
+            f"join {SCHEMA}.applied as a on a.device_id = %s and a.seq = u.seq",
+            (sorted(seqs), device),
+        ).fetchall()
+        known: dict[int, tuple[str, str | None]] = {int(s): (o, r) for s, o, r in rows}
+        todo: list[Item] = []
+        taken: set[int] = set()
+        for item in run:
+            assert item.record is not None
+            seq = item.record.seq
+            if seq in known or seq in taken:
+                self.stats.duplicates += 1
+                continue
+            taken.add(seq)
+            todo.append(item)
+        return todo, known
+
+    def _record_bad(self, cur: psycopg.Cursor[Any], run: list[Item]) -> None:
+        for item in run:
+            log.error(
+                "journal record %s/%d@%d cannot be read: %s",
+                item.where.topic,
+                item.where.partition,
+                item.where.offset,
+                item.error,
+            )
+            self.stats.bad_records += 1
+            write_bad_record(cur, item.where, item.error, item.raw)
+
+
+def _where(item: Item) -> str:
+    """``entry 17 of device 'tab-1' (fs._journal/2@451)`` for logs."""
+    at = f"{item.where.topic}/{item.where.partition}@{item.where.offset}"
+    if item.record is None:
+        return f"record {at}"
+    return f"entry {item.record.seq} of device {item.record.device_id!r} ({at})"
+
+
+def group_runs(items: Sequence[Item], limit: int) -> list[list[Item]]:
+    """The items grouped by device, each device's in their order, groups in the order of
+    their first item, at most ``limit`` per group; unreadable records alone."""
+    groups: dict[str, list[list[Item]]] = {}
+    order: list[list[Item]] = []
+    for item in items:
+        if item.record is None:
+            order.append([item])
+            continue
+        runs = groups.setdefault(item.record.device_id, [])
+        if not runs or len(runs[-1]) >= limit:
+            runs.append([])
+            order.append(runs[-1])
+        runs[-1].append(item)
+    return order
+
+
+class Watermarks:
+    """Per partition, the offsets of a batch not applied yet."""
+
+    def __init__(self, items: Sequence[Item]) -> None:
+        self.pending: dict[tuple[str, int], set[int]] = {}
+        self.end: dict[tuple[str, int], int] = {}
+        for item in items:
+            tp = (item.where.topic, item.where.partition)
+            self.pending.setdefault(tp, set()).add(item.where.offset)
+            self.end[tp] = max(self.end.get(tp, 0), item.where.offset + 1)
+
+    def after(self, run: Sequence[Item]) -> dict[tuple[str, int], int]:
+        """The next offset to store per partition of ``run`` once ``run`` is applied."""
+        out: dict[tuple[str, int], int] = {}
+        for tp in {(i.where.topic, i.where.partition) for i in run}:
+            left = self.pending[tp] - {
+                i.where.offset for i in run if (i.where.topic, i.where.partition) == tp
+            }
+            out[tp] = min(left) if left else self.end[tp]
+        return out
+
+    def done(self, run: Sequence[Item]) -> None:
+        for item in run:
+            self.pending[(item.where.topic, item.where.partition)].discard(item.where.offset)
