@@ -92,6 +92,7 @@ from relay.downstream.bucket_store import (
 )
 from relay.downstream.rules import Rules
 from relay.errors import LeadershipLost, RelayError, StoreError  # noqa: F401 (re-exported)
+from relay.pg_listen import PgListener, wake_future
 
 __all__ = [
     "MIGRATIONS",
@@ -250,24 +251,16 @@ class _Waiter:
         if self.event is not None:
             self.event.set()
         elif self.loop is not None and self.future is not None:
-            with contextlib.suppress(RuntimeError):  # loop closed
-                self.loop.call_soon_threadsafe(_resolve, self.future)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+            wake_future(self.loop, self.future)
 
 
 class _Listener:
-    """A LISTEN connection in a daemon thread, waking waiters by bucket."""
+    """Waiters by bucket, woken by the ops channel's LISTEN connection
+    (:class:`relay.pg_listen.PgListener`); remembers the last notifications for waiters
+    that register late."""
 
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
-        self._connect = connect
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.head = 0
         self._floor = 0  # waiters with since < floor cannot be checked against the history
         self._history: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
@@ -275,20 +268,26 @@ class _Listener:
         )
         self._by_bucket: dict[str, set[_Waiter]] = {}
         self._any: set[_Waiter] = set()
+        self._pg = PgListener(
+            NOTIFY_CHANNEL,
+            connect,
+            lambda payload: self._deliver(*_parse_payload(payload)),
+            self._connected,
+            thread_name="bucket-store-listener",
+            what="bucket store listener",
+            log=log,
+        )
+
+    @property
+    def ready(self) -> bool:
+        """The LISTEN connection was established (at least once)."""
+        return self._pg.connected.is_set()
 
     def start(self, timeout: float = 10.0) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="bucket-store-listener", daemon=True
-                )
-                self._thread.start()
-        self._ready.wait(timeout)
+        self._pg.start(timeout)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._pg.stop()
 
     def register(self, waiter: _Waiter, since: int) -> None:
         with self._lock:
@@ -334,6 +333,11 @@ class _Listener:
         for w in woken:
             w.wake()
 
+    def _connected(self, conn: psycopg.Connection[Any]) -> None:
+        """After each (re)connection: anything may have been missed, wake everyone."""
+        row = conn.execute(f"select head_op_id from {SCHEMA}.meta").fetchone()
+        self._wake_all(int(row[0]) if row else 0)
+
     def _wake_all(self, head: int) -> None:
         with self._lock:
             self.head = max(self.head, head)
@@ -342,25 +346,6 @@ class _Listener:
             woken = set(self._any).union(*self._by_bucket.values())
         for w in woken:
             w.wake()
-
-    def _run(self) -> None:
-        backoff = 0.2
-        while not self._stop.is_set():
-            try:
-                with self._connect() as conn:
-                    conn.autocommit = True
-                    conn.execute(f"listen {NOTIFY_CHANNEL}")
-                    row = conn.execute(f"select head_op_id from {SCHEMA}.meta").fetchone()
-                    self._wake_all(int(row[0]) if row else 0)  # anything may have been missed
-                    self._ready.set()
-                    backoff = 0.2
-                    while not self._stop.is_set():
-                        for n in conn.notifies(timeout=0.5):
-                            self._deliver(*_parse_payload(n.payload))
-            except (psycopg.Error, StoreError) as exc:
-                log.warning("bucket store listener: %s; reconnecting in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
 
 
 def _payload(head: int, buckets: Sequence[str]) -> str:
@@ -964,7 +949,7 @@ class PgBucketStore:
     async def wait_for_change_async(
         self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
     ) -> int:
-        if not self._listener._ready.is_set():
+        if not self._listener.ready:
             await asyncio.to_thread(self._listener.start)
         waiter = _Waiter(
             frozenset(buckets) if buckets is not None else None, asyncio.get_running_loop()
