@@ -236,7 +236,8 @@ def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple
     from relay.downstream.api import ApiConfig, create_app
     from relay.downstream.bucket_store import ChangeKind, RowChange
     from relay.downstream.pg_bucket_store import PgBucketStore
-    from relay.downstream.rules import TableInfo, rules_from_mapping
+    from relay.downstream.rules import TableInfo
+    from relay.downstream.rules_parser import rules_from_mapping
 
     server = None
     if pg_dsn is None:

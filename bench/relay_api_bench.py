@@ -72,7 +72,8 @@ from relay.auth import KeyStore, issue_token  # noqa: E402
 from relay.downstream.bucket_engine import table_infos_from_catalog  # noqa: E402
 from relay.downstream.bucket_store import ChangeKind, RowChange  # noqa: E402
 from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.downstream.rules import Rules, load_rules  # noqa: E402
+from relay.downstream.rules import Rules  # noqa: E402
+from relay.downstream.rules_parser import load_rules  # noqa: E402
 
 RULES = """
 token_claims = ["grp"]

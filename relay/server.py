@@ -64,7 +64,8 @@ from relay.downstream.bucket_engine import (
     table_infos_from_registry,
 )
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, TableInfo, check_rules_file, load_rules
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import check_rules_file, load_rules
 from relay.errors import ConfigError
 from relay.settings import HttpSettings, RelaySettings
 from relay.upstream.applier_settings import JournalSettings

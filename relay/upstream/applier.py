@@ -117,7 +117,8 @@ from core.hlc import Hlc, HybridClock, wall_clock_ms
 from core.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
 from core.row_wire import json_value, row_key_text
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS, table_infos_from_conn
-from relay.downstream.rules import Rules, TableInfo, canonical_text, load_rules
+from relay.downstream.rules import Rules, TableInfo, canonical_text
+from relay.downstream.rules_parser import load_rules
 from relay.errors import (  # noqa: F401 (re-exported)
     ApplierError,
     ConfigError,

@@ -35,7 +35,7 @@ from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList,
 from relay.downstream.api import ApiConfig, create_app
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import load_rules
+from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 
 EXAMPLE_RULES = Path(__file__).resolve().parents[2] / "config" / "rules.example.toml"

@@ -440,7 +440,7 @@ def test_schema_names_counter_columns_from_the_conflicts_file(tmp_path: Path) ->
     """``/v1/schema`` lists a table's counter columns (the relay reads the conflicts file);
     the agent keeps them per table."""
     from relay.downstream.api import visible_schema
-    from relay.downstream.rules import load_rules
+    from relay.downstream.rules_parser import load_rules
     from relay.errors import ConfigError
     from relay.server import counter_columns
     from tests.relay.downstream.test_relay_api import EXAMPLE_RULES

@@ -27,7 +27,8 @@ from relay.auth import Authenticator, Key, KeyStore, issue_token
 from relay.downstream.api import ApiConfig, create_app
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, load_rules
+from relay.downstream.rules import Rules
+from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon
 from tests.device_agent.test_device_sync import FAST, SECRET, serve, store_dsn, sync_until
 

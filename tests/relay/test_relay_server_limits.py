@@ -33,7 +33,7 @@ from relay.downstream.api import (
 )
 from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import rules_from_mapping
+from relay.downstream.rules_parser import rules_from_mapping
 from relay.server import uvicorn_config
 from relay.settings import HttpSettings
 from tests.relay.downstream.test_relay_api import SCHEMA

@@ -35,7 +35,8 @@ from relay.downstream.bucket_store import (
     row_key_text,
 )
 from relay.downstream.pg_bucket_store import SCHEMA, PgBucketStore
-from relay.downstream.rules import Rules, load_rules, parse_bucket_id
+from relay.downstream.rules import Rules, parse_bucket_id
+from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 
 RULES_TOML = """
@@ -317,7 +318,7 @@ def test_schema_helpers_and_decoder(
                 from tests.fix_kafka import read_topic
 
                 records = read_topic(kafka_bootstrap, f"{topic_prefix}.public.odd", expect=1)
-                from relay.downstream.rules import rules_from_mapping
+                from relay.downstream.rules_parser import rules_from_mapping
 
                 odd_rules = rules_from_mapping(
                     {"bucket": [{"name": "g", "table": [{"table": "public.odd"}]}]}, catalog

@@ -44,7 +44,8 @@ from relay.downstream.pg_bucket_store import (
     PgBucketStore,
     StoreError,
 )
-from relay.downstream.rules import TableInfo, parse_bucket_id, rules_from_mapping
+from relay.downstream.rules import TableInfo, parse_bucket_id
+from relay.downstream.rules_parser import rules_from_mapping
 from tests.relay.bucket_oracle import bucket_ops
 
 T = "public.orders"

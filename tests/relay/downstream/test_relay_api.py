@@ -30,7 +30,8 @@ from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList,
 from relay.downstream.api import ApiConfig, create_app, decode_cursor
 from relay.downstream.bucket_store import ChangeKind, RowChange, checksum_add, row_checksum
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, TableInfo, load_rules
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import load_rules
 
 EXAMPLE_RULES = Path(__file__).resolve().parents[3] / "config" / "rules.example.toml"
 SCHEMA = {

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from core.avro_envelope import TableCodec
 from core.hlc import Hlc
 from core.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
-from relay.downstream.rules import TableInfo, rules_from_mapping
+from relay.downstream.rules import TableInfo
+from relay.downstream.rules_parser import rules_from_mapping
 from relay.errors import JournalFormatError, RulesError
 from relay.upstream.journal import (
     BatchTooLarge,

@@ -25,7 +25,7 @@ from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList,
 from relay.downstream.api import ApiConfig, create_app
 from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import load_rules
+from relay.downstream.rules_parser import load_rules
 from relay.upstream.applier import Applier, ApplierDb
 from relay.upstream.journal import JournalRecord, Outcome, OutcomeKind
 from relay.upstream.journal_api import (
