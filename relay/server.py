@@ -56,7 +56,8 @@ from core.errors import FieldsyncError
 from core.systemd_notify import Notifier
 from relay.api_errors import error_body
 from relay.auth import Authenticator, KeyStore, RevocationList
-from relay.downstream.api import ApiConfig, create_app
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import (
     BucketEngine,
     SchemaLog,

@@ -32,7 +32,8 @@ from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
 from device_agent.local_db import PREFIX
 from device_agent.sync import Agent, init_database, wire_entries
 from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
-from relay.downstream.api import ApiConfig, create_app
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules

@@ -24,7 +24,8 @@ import pytest
 from device_agent.client import RelayClient
 from device_agent.sync import Agent, init_database
 from relay.auth import Authenticator, Key, KeyStore, issue_token
-from relay.downstream.api import ApiConfig, create_app
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules

@@ -23,14 +23,9 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 
 from relay.auth import Authenticator, Key, KeyStore, issue_token
-from relay.downstream.api import (
-    MAX_DROPPED,
-    MAX_DROPPED_CHARS,
-    ApiConfig,
-    create_app,
-    decode_cursor,
-    encode_cursor,
-)
+from relay.downstream.api import create_app
+from relay.downstream.api_cursor import MAX_DROPPED, MAX_DROPPED_CHARS, decode_cursor, encode_cursor
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import rules_from_mapping

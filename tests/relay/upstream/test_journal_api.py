@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from core.hlc import Hlc
 from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
-from relay.downstream.api import ApiConfig, create_app
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules

@@ -22,7 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.hlc import Hlc
-from relay.downstream.api import encode_cursor
+from relay.downstream.api_cursor import encode_cursor
 from relay.upstream.journal import MAX_BIGINT
 from tests.relay.test_relay_errors import assert_error_shape
 from tests.relay.upstream.test_journal_api import (
