@@ -69,26 +69,27 @@ from typing import Any, Final
 import orjson
 import psycopg
 
+from core.row_wire import CHECKSUM_MODULUS, row_key_text
 from relay.downstream.bucket_store import (
-    CHECKSUM_MODULUS,
     ApplyResult,
     BucketCheckpoint,
-    BucketDelta,
-    BucketEntry,
     ChangeKind,
     CompactResult,
     Op,
     OpKind,
     OpsPage,
     PartitionProgress,
-    Plan,
     Position,
     RowChange,
+)
+from relay.downstream.planner import (
+    BucketDelta,
+    BucketEntry,
+    Plan,
     RowRef,
     RowState,
     lookup_refs,
     plan_changes,
-    row_key_text,
 )
 from relay.downstream.rules import Rules
 from relay.errors import LeadershipLost, RelayError, StoreError  # noqa: F401 (re-exported)

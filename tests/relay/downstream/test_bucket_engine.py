@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
 from relay.downstream.bucket_engine import (
     BucketEngine,
     EventDecoder,
@@ -25,15 +26,7 @@ from relay.downstream.bucket_engine import (
     table_infos_from_catalog,
     table_infos_from_registry,
 )
-from relay.downstream.bucket_store import (
-    CHECKSUM_MODULUS,
-    ChangeKind,
-    OpKind,
-    canonical_json,
-    json_value,
-    row_checksum,
-    row_key_text,
-)
+from relay.downstream.bucket_store import ChangeKind, OpKind
 from relay.downstream.pg_bucket_store import SCHEMA, PgBucketStore
 from relay.downstream.rules import Rules, parse_bucket_id
 from relay.downstream.rules_parser import load_rules

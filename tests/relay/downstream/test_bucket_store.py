@@ -22,21 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.downstream.bucket_store import (
-    CHECKSUM_MODULUS,
-    ChangeKind,
-    OpKind,
-    PartitionProgress,
-    RowChange,
-    RowRef,
-    RowState,
-    canonical_json,
-    json_value,
-    lookup_refs,
-    plan_changes,
-    row_checksum,
-    row_key_text,
-)
+from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
+from relay.downstream.bucket_store import ChangeKind, OpKind, PartitionProgress, RowChange
 from relay.downstream.pg_bucket_store import (
     _WRAP_SUM,
     MIGRATIONS,
@@ -44,6 +31,7 @@ from relay.downstream.pg_bucket_store import (
     PgBucketStore,
     StoreError,
 )
+from relay.downstream.planner import RowRef, RowState, lookup_refs, plan_changes
 from relay.downstream.rules import TableInfo, parse_bucket_id
 from relay.downstream.rules_parser import rules_from_mapping
 from tests.relay.bucket_oracle import bucket_ops
@@ -174,7 +162,7 @@ STATUS = st.sampled_from(["open", "done", "cancelled"])
 def test_planner_emits_what_relay_buckets_emits(
     old: frozenset[str], new: dict[str, Any] | None
 ) -> None:
-    from relay.downstream.bucket_store import BucketEntry
+    from relay.downstream.planner import BucketEntry
 
     state = RowState(tuple(BucketEntry(b, i + 1, 7) for i, b in enumerate(sorted(old))), (1, 0))
     kind = ChangeKind.UPSERT if new is not None else ChangeKind.DELETE
