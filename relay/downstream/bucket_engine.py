@@ -54,9 +54,9 @@ from typing import Any, Final
 from core.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
 from core.errors import DecodeError
 from relay.downstream.bucket_store import ChangeKind, PartitionProgress, Position, RowChange
-from relay.downstream.pg_bucket_store import LeadershipLost, PgBucketStore, StoreError
+from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
-from relay.errors import EngineError
+from relay.errors import EngineError, LeadershipLost, StoreError
 
 __all__ = [
     "BucketEngine",

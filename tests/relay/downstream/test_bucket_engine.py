@@ -27,7 +27,8 @@ from relay.downstream.bucket_engine import (
     table_infos_from_registry,
 )
 from relay.downstream.bucket_store import ChangeKind, OpKind
-from relay.downstream.pg_bucket_store import SCHEMA, PgBucketStore
+from relay.downstream.pg_bucket_store import PgBucketStore
+from relay.downstream.pg_store_schema import SCHEMA
 from relay.downstream.rules import Rules, parse_bucket_id
 from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
