@@ -21,12 +21,12 @@ import pytest
 from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
 from relay.downstream.bucket_engine import (
     BucketEngine,
-    EventDecoder,
     SchemaLog,
     table_infos_from_catalog,
     table_infos_from_registry,
 )
 from relay.downstream.bucket_store import ChangeKind, OpKind
+from relay.downstream.event_decoder import EventDecoder
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.pg_store_schema import SCHEMA
 from relay.downstream.rules import Rules, parse_bucket_id
