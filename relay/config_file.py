@@ -1,15 +1,18 @@
-"""Reading the relay's validated TOML files: the rules file (relay/downstream/rules_parser.py)
-and the conflicts file (relay/upstream/merge.py).
+"""Reading the relay's validated TOML files: the rules file (relay/downstream/rules_parser.py),
+the conflicts file (relay/upstream/merge.py), the token key store (relay/auth_keys.py) and
+the revocation list (relay/auth.py).
 
-Both files are checked the same way: :func:`read_toml` turns a missing, unreadable or
+The rules and conflicts files are checked the same way: :func:`read_toml` turns a missing, unreadable or
 malformed file into the file's own error (one :class:`relay.errors.RulesProblem`); a
 parser built on :class:`ProblemCollector` then walks the parsed document and records
 *every* problem it finds (file, scope, key path, message) instead of stopping at the
-first, and :meth:`ProblemCollector.raise_problems` raises them all at once.  Messages
-suggest the closest known name for a misspelt one (:func:`did_you_mean`).
+first, and :meth:`ProblemCollector.raise_problems` raises them all at once.  The key
+store and revocation list stop at their first problem, one message naming file and
+entry: :func:`read_toml_file` reads them.  Messages suggest the closest known name for a
+misspelt one (:func:`did_you_mean`).
 
-Pure apart from :func:`read_toml` (one file read); a collector belongs to one parse, in
-one thread.
+Pure apart from :func:`read_toml` and :func:`read_toml_file` (one file read each); a
+collector belongs to one parse, in one thread.
 """
 
 from __future__ import annotations
@@ -86,3 +89,16 @@ def listing(names: Iterable[str]) -> str:
     """``a, b, c``, or ``none``."""
     names = list(names)
     return ", ".join(names) if names else "none"
+
+
+def read_toml_file(path: Path, what: str, error: Callable[[str], ConfigError]) -> dict[str, Any]:
+    """The parsed TOML document at ``path`` for files whose errors are one message (the
+    token key store and revocation list): ``error("<path>: cannot read <what>: <reason>")``
+    or ``error("<path>: <what> is not valid TOML: <reason>")``."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: {what} is not valid TOML: {exc}") from exc

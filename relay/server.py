@@ -55,7 +55,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from core.errors import FieldsyncError
 from core.systemd_notify import Notifier
 from relay.api_errors import error_body
-from relay.auth import Authenticator, KeyStore, RevocationList
+from relay.auth import Authenticator, RevocationList
+from relay.auth_keys import KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import (

@@ -31,7 +31,8 @@ from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
 from device_agent.local_db import PREFIX
 from device_agent.sync import Agent, init_database, wire_entries
-from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
+from relay.auth import Authenticator, Revocation, RevocationList, issue_token
+from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog

@@ -23,7 +23,8 @@ import pytest
 
 from device_agent.client import RelayClient
 from device_agent.sync import Agent, init_database
-from relay.auth import Authenticator, Key, KeyStore, issue_token
+from relay.auth import Authenticator, issue_token
+from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog

@@ -22,7 +22,8 @@ import uvicorn
 from fastapi import Request
 from fastapi.testclient import TestClient
 
-from relay.auth import Authenticator, Key, KeyStore, issue_token
+from relay.auth import Authenticator, issue_token
+from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_cursor import MAX_DROPPED, MAX_DROPPED_CHARS, decode_cursor, encode_cursor
 from relay.downstream.api_sync import ApiConfig

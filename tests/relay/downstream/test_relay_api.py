@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from core.row_wire import checksum_add, row_checksum
-from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
+from relay.auth import Authenticator, Revocation, RevocationList, issue_token
+from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_cursor import decode_cursor
 from relay.downstream.api_sync import ApiConfig

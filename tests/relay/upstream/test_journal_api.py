@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
-from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
+from relay.auth import Authenticator, Revocation, RevocationList, issue_token
+from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import table_infos_from_catalog
