@@ -2,9 +2,9 @@
 the conflicts file (relay/upstream/merge.py), the token key store (relay/auth_keys.py) and
 the revocation list (relay/auth.py).
 
-The rules and conflicts files are checked the same way: :func:`read_toml` turns a missing, unreadable or
-malformed file into the file's own error (one :class:`relay.errors.RulesProblem`); a
-parser built on :class:`ProblemCollector` then walks the parsed document and records
+The rules and conflicts files are checked the same way: :func:`read_toml` turns a
+missing, unreadable or malformed file into the file's own error (one
+:class:`relay.errors.RulesProblem`); a parser built on :class:`ProblemCollector` then walks the parsed document and records
 *every* problem it finds (file, scope, key path, message) instead of stopping at the
 first, and :meth:`ProblemCollector.raise_problems` raises them all at once.  The key
 store and revocation list stop at their first problem, one message naming file and

@@ -120,10 +120,12 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
 
 
 def i64(u: int) -> int:
+    """A u64 checksum as the two's-complement bigint the tables store."""
     return u - CHECKSUM_MODULUS if u >= 1 << 63 else u
 
 
 def u64(i: int) -> int:
+    """A stored bigint checksum back as the u64 it stands for."""
     return i % CHECKSUM_MODULUS
 
 
@@ -144,8 +146,10 @@ def ints(values: Sequence[int]) -> str:
     return ",".join(map(str, values))
 
 
-TEXTS = "string_to_array(%s, E'\\x1f')"
-INTS = "string_to_array(%s, ',')::bigint[]"
+TEXTS: Final = "string_to_array(%s, E'\\x1f')"
+"""SQL of a text array parameter made with :func:`texts`."""
+INTS: Final = "string_to_array(%s, ',')::bigint[]"
+"""SQL of a bigint array parameter made with :func:`ints`."""
 
 
 WRAP_SUM: Final = (
@@ -157,16 +161,19 @@ on the bigint representation)."""
 
 
 def group_lock(group: str) -> tuple[int, int]:
+    """The session advisory lock an engine of consumer ``group`` leads under."""
     digest = hashlib.sha256(group.encode("utf-8")).digest()
     return (LOCK_CLASS + 1, int.from_bytes(digest[:4], "big", signed=True))
 
 
 def notify_payload(head: int, buckets: Sequence[str]) -> str:
+    """``<head>\\n<bucket>…``, or ``<head>\\n*`` (every bucket) when that does not fit."""
     text = "\n".join([str(head), *buckets])
     return text if len(text.encode("utf-8")) <= NOTIFY_MAX else f"{head}\n*"
 
 
 def parse_notify_payload(payload: str) -> tuple[int, frozenset[str] | None]:
+    """The head op id and buckets of a payload (``None``: any bucket)."""
     head, _, rest = payload.partition("\n")
     if rest == "*":
         return int(head), None
