@@ -26,9 +26,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from relay.api_errors import (
-    InvalidCursor,
-)
+from relay.api_errors import InvalidCursor
 from relay.downstream.rules import parse_bucket_id
 
 CURSOR_PREFIX: Final = "c1."

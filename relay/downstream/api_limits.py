@@ -24,10 +24,7 @@ from collections.abc import Callable
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay.api_errors import (
-    RequestTooLarge,
-    error_response,
-)
+from relay.api_errors import RequestTooLarge, error_response
 
 log = logging.getLogger("relay.downstream.api")
 

@@ -22,9 +22,7 @@ import orjson
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from relay.api_errors import (
-    ErrorMessage,
-)
+from relay.api_errors import ErrorMessage
 from relay.downstream.api_cursor import encode_cursor
 from relay.downstream.bucket_store import BucketCheckpoint, Op, OpsPage
 from relay.downstream.rules import Rules

@@ -27,12 +27,7 @@ from typing import Final, TypeVar
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from relay.api_errors import (
-    ApiError,
-    InvalidCursor,
-    RateLimited,
-    ws_close_code,
-)
+from relay.api_errors import ApiError, InvalidCursor, RateLimited, ws_close_code
 from relay.auth import DeviceIdentity
 from relay.downstream.api_cursor import Cursor, decode_cursor, dropped_message, split_dropped
 from relay.downstream.api_messages import changes_message, dumps

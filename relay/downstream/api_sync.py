@@ -22,9 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 
-from relay.api_errors import (
-    Unavailable,
-)
+from relay.api_errors import Unavailable
 from relay.auth import Authenticator, DeviceIdentity
 from relay.downstream.api_cursor import Cursor
 from relay.downstream.api_limits import RateLimiter

@@ -32,13 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
-from core.row_wire import (
-    CHECKSUM_MODULUS,
-    PLAIN_TYPES,
-    canonical_json,
-    json_value,
-    row_key_text,
-)
+from core.row_wire import CHECKSUM_MODULUS, PLAIN_TYPES, canonical_json, json_value, row_key_text
 from relay.downstream.bucket_store import ChangeKind, OpKind, Position, RowChange
 from relay.downstream.rules import Rules, parse_bucket_id
 from relay.errors import RowError

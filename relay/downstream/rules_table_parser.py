@@ -19,13 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from relay.config_file import ProblemCollector, did_you_mean, listing, toml_kind
-from relay.downstream.rules import (
-    Filter,
-    TableInfo,
-    TableRule,
-    canonical_text,
-    temporal_value,
-)
+from relay.downstream.rules import Filter, TableInfo, TableRule, canonical_text, temporal_value
 
 OPERATORS: Final[tuple[str, ...]] = ("=", "!=", "in", "not in", "is null", "is not null")
 _NULL_OPS: Final = frozenset({"is null", "is not null"})
