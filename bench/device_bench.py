@@ -232,11 +232,14 @@ def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple
     import uvicorn
 
     from devtools.local_services import EmbeddedPostgres
-    from relay.auth import Authenticator, Key, KeyStore, issue_token
-    from relay.downstream.api import ApiConfig, create_app
+    from relay.auth import Authenticator, issue_token
+    from relay.auth_keys import Key, KeyStore
+    from relay.downstream.api import create_app
+    from relay.downstream.api_sync import ApiConfig
     from relay.downstream.bucket_store import ChangeKind, RowChange
     from relay.downstream.pg_bucket_store import PgBucketStore
-    from relay.downstream.rules import TableInfo, rules_from_mapping
+    from relay.downstream.rules import TableInfo
+    from relay.downstream.rules_parser import rules_from_mapping
 
     server = None
     if pg_dsn is None:

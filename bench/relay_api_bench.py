@@ -68,11 +68,13 @@ import psycopg  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 from devtools.local_services import EmbeddedBroker, EmbeddedPostgres, free_port  # noqa: E402
-from relay.auth import KeyStore, issue_token  # noqa: E402
+from relay.auth import issue_token  # noqa: E402
+from relay.auth_keys import KeyStore  # noqa: E402
 from relay.downstream.bucket_engine import table_infos_from_catalog  # noqa: E402
 from relay.downstream.bucket_store import ChangeKind, RowChange  # noqa: E402
 from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.downstream.rules import Rules, load_rules  # noqa: E402
+from relay.downstream.rules import Rules  # noqa: E402
+from relay.downstream.rules_parser import load_rules  # noqa: E402
 
 RULES = """
 token_claims = ["grp"]

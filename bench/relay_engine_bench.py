@@ -51,7 +51,8 @@ from core.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
 from devtools.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
 from relay.downstream.bucket_engine import BucketEngine  # noqa: E402
 from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.downstream.rules import TableInfo, rules_from_mapping  # noqa: E402
+from relay.downstream.rules import TableInfo  # noqa: E402
+from relay.downstream.rules_parser import rules_from_mapping  # noqa: E402
 
 BUCKETS = 10_000
 TABLE = "public.work_orders"

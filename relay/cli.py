@@ -16,8 +16,10 @@ from typing import Annotated, Any
 import typer
 
 from core.errors import FieldsyncError
-from relay.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeyStore, issue_token
-from relay.downstream.rules import TableInfo, check_rules_file, load_rules
+from relay.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, issue_token
+from relay.auth_keys import KeyStore
+from relay.downstream.rules import TableInfo
+from relay.downstream.rules_parser import check_rules_file, load_rules
 from relay.errors import ConfigError, RulesError
 
 EXIT_RUNTIME = 1

@@ -55,8 +55,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from core.errors import FieldsyncError
 from core.systemd_notify import Notifier
 from relay.api_errors import error_body
-from relay.auth import Authenticator, KeyStore, RevocationList
-from relay.downstream.api import ApiConfig, create_app
+from relay.auth import Authenticator, RevocationList
+from relay.auth_keys import KeyStore
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import (
     BucketEngine,
     SchemaLog,
@@ -64,7 +66,8 @@ from relay.downstream.bucket_engine import (
     table_infos_from_registry,
 )
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, TableInfo, check_rules_file, load_rules
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import check_rules_file, load_rules
 from relay.errors import ConfigError
 from relay.settings import HttpSettings, RelaySettings, load_relay_settings
 from relay.upstream.conflict_policies import Policy, load_conflicts

@@ -31,9 +31,10 @@ Choices:
   the first event using it).  Avro field names are mapped back to column names
   (``pg.name``), so rules always see PostgreSQL column names.
 
-Threading: :meth:`BucketEngine.run` runs in one thread and starts one reader thread, the
-only user of the Kafka consumers, which polls, dedups by header, decodes and hands batches
-over a queue of two; the calling thread applies them to the store.  So reading and
+Threading: :meth:`BucketEngine.run` runs in one thread and starts one reader thread
+(relay/downstream/engine_reader.py), the only user of the Kafka consumers, which polls,
+dedups by header, decodes (relay/downstream/event_decoder.py) and hands batches over a
+queue of two; the calling thread applies them to the store.  So reading and
 decoding batch *n+1* overlaps with the store's transaction for batch *n* (the GIL is
 released while PostgreSQL works).  :meth:`BucketEngine.request_stop` may be called from
 any thread.
@@ -42,28 +43,24 @@ any thread.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from core.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
-from core.errors import DecodeError
+from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
-from relay.downstream.bucket_store import ChangeKind, PartitionProgress, Position, RowChange
-from relay.downstream.pg_bucket_store import LeadershipLost, PgBucketStore, StoreError
+from relay.downstream.bucket_store import PartitionProgress, Position
+from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
+from relay.downstream.event_decoder import EventDecoder
+from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
-from relay.errors import EngineError
+from relay.errors import EngineError, LeadershipLost, StoreError
 
 __all__ = [
     "BucketEngine",
-    "EngineError",
-    "EngineStats",
-    "EventDecoder",
     "SchemaLog",
     "table_infos_from_catalog",
     "table_infos_from_registry",
@@ -72,9 +69,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_UNCHANGED = "unchanged"
 FETCH_MAX_WAIT_MS = 50
 """How long the broker may hold an empty fetch (engine, applier, outcome feed)."""
+
+
+# --------------------------------------------------------------------------- schemas
 
 
 # --------------------------------------------------------------------------- schemas
@@ -237,122 +236,7 @@ class SchemaLog:
         self._consumer.close()
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-class EventDecoder:
-    """Change-event value bytes → :class:`RowChange` (column names, key tuples)."""
-
-    def __init__(self, registry: SchemaRegistry, rules: Rules) -> None:
-        self.registry = registry
-        self.rules = rules
-        self._renames: dict[bytes, dict[str, str] | None] = {}
-        self._tables: dict[tuple[str, str], str] = {}
-        self._keys: dict[str, tuple[str, ...] | None] = {}
-
-    def _table(self, source: Mapping[str, Any]) -> str:
-        names = (source["schema"], source["table"])
-        table = self._tables.get(names)
-        if table is None:
-            table = self._tables[names] = f"{names[0]}.{names[1]}"
-        return table
-
-    def _key_of(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
-        """``rules.key_of``, without its lookups for a one-column key present in the row."""
-        columns = self._keys.get(table, ())
-        if columns == ():
-            try:
-                columns = self._keys[table] = self.rules.table_info(table).key
-            except KeyError:
-                columns = self._keys[table] = None
-        if columns is not None and len(columns) == 1 and columns[0] in row:
-            return (row[columns[0]],)
-        return self.rules.key_of(table, row)
-
-    def _rename(self, fp: bytes) -> dict[str, str] | None:
-        if fp not in self._renames:
-            schema = json.loads(self.registry.schema_json(fp))
-            mapping: dict[str, str] = {}
-            for f in schema.get("fields", ()):
-                if f.get("name") != "before":
-                    continue
-                for branch in f.get("type", ()):
-                    if isinstance(branch, dict) and branch.get("type") == "record":
-                        for col in branch["fields"]:
-                            mapping[col["name"]] = str(col.get("pg.name", col["name"]))
-            same = all(k == v for k, v in mapping.items())
-            self._renames[fp] = None if same else mapping
-        return self._renames[fp]
-
-    def change(self, value: bytes, position: Position | None = None) -> RowChange:
-        """Decode one event; raises DecodeError (unknown fingerprint included).  Without
-        ``position`` (no header), the event's ``source`` gives it."""
-        event = decode(value, self.registry)
-        fp = bytes(value[2:10])
-        rename = self._renames[fp] if fp in self._renames else self._rename(fp)
-        source = event["source"]
-        if position is None:
-            position = (int(source["commit_lsn"]), int(source["seq"]))
-        table = self._table(source)
-        op = event["op"]
-        origin = source.get("origin")
-        if op == "t":
-            return RowChange(table, ChangeKind.TRUNCATE, position, origin=origin)
-        after = _renamed(event.get("after"), rename)
-        before = _renamed(event.get("before"), rename)
-        if op == "d":
-            if before is None:
-                raise DecodeError(f"{table}: delete at {position} carries no old key")
-            key = self._key_of(table, before)
-            return RowChange(table, ChangeKind.DELETE, position, key, origin=origin)
-        if after is None:
-            raise DecodeError(f"{table}: op {op!r} at {position} carries no row")
-        key = self._key_of(table, after)
-        listed = event.get(_UNCHANGED)
-        unchanged = tuple(rename.get(c, c) if rename else c for c in listed) if listed else ()
-        old_key = None
-        if before is not None:
-            previous = self._key_of(table, before)
-            old_key = previous if previous != key else None
-        full_before = before if event.get("before_kind") == "full" else None
-        return RowChange(
-            table,
-            ChangeKind.UPSERT,
-            position,
-            key,
-            after,
-            old_key=old_key,
-            unchanged=unchanged,
-            before=full_before,
-            insert=op == "c",
-            origin=origin,
-        )
-
-
-def _renamed(row: Any, rename: Mapping[str, str] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    if rename is None:
-        return row if type(row) is dict else dict(row)  # decoded afresh: no copy needed
-    return {rename.get(k, k): v for k, v in row.items()}
-
-
 # --------------------------------------------------------------------------- the engine
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """Counters since the engine started."""
-
-    records: int = 0
-    skipped_by_position: int = 0
-    changes: int = 0
-    duplicates: int = 0
-    errors: int = 0
-    ops: int = 0
-    batches: int = 0
-    apply_s: float = 0.0
-    decode_s: float = 0.0
 
 
 class BucketEngine:
@@ -391,19 +275,12 @@ class BucketEngine:
         self._stop = threading.Event()
         self._consumer: Any = None
         self._schemas: SchemaLog | None = None
-        self._decoder: EventDecoder | None = None
+        self._reader: ChangeReader | None = None
         self._progress: dict[tuple[str, int], PartitionProgress] = {}
         self._topics: dict[str, str] = {
             f"{prefix}.{table}": table for table in sorted(rules.tables)
         }
-        self._assigned_topics: set[str] = set()
-        self._last_topic_check = 0.0
         self._caught_up: Position | None = None
-        self._max_position: Position = (0, 0)
-        self._seen: dict[tuple[str, int], PartitionProgress] = {}
-        self._batches: queue.Queue[_Batch | _Idle | BaseException] = queue.Queue(maxsize=2)
-        self._reader: threading.Thread | None = None
-        self._reader_stop = threading.Event()
         self._idle_at_end = False
 
     # ---- lifecycle
@@ -475,7 +352,6 @@ class BucketEngine:
         self._progress = self.store.load_offsets()
         self._schemas = SchemaLog(self.kafka, self.prefix)
         self._schemas.refresh()
-        self._decoder = EventDecoder(self._schemas.registry, self.rules)
         self._consumer = build_client(
             KafkaConsumer,
             **self.kafka,
@@ -489,24 +365,23 @@ class BucketEngine:
             # that arrives on an idle topic is seen (kafka-python's default is 500 ms)
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
-        self._assigned_topics = set()
-        self._last_topic_check = 0.0
-        self._seen = dict(self._progress)
-        self._assign()
-        self._batches = queue.Queue(maxsize=2)
-        self._reader_stop = threading.Event()
-        self._reader = threading.Thread(
-            target=self._read_loop, name="bucket-engine-reader", daemon=True
+        self._reader = ChangeReader(
+            self._consumer,
+            self._schemas,
+            EventDecoder(self._schemas.registry, self.rules),
+            topics=self._topics,
+            committed=self._progress,
+            stats=self.stats,
+            batch_max_events=self.batch_max_events,
+            batch_max_ms=self.batch_max_ms,
+            topic_refresh_s=self.topic_refresh_s,
+            schema_wait_s=self.schema_wait_s,
         )
         self._reader.start()
 
     def _close_consumers(self) -> None:
         if self._reader is not None:
-            self._reader_stop.set()
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    self._batches.get_nowait()
-            self._reader.join(30)
+            self._reader.stop()
             self._reader = None
         if self._consumer is not None:
             try:
@@ -524,33 +399,6 @@ class BucketEngine:
     def close(self) -> None:
         self._close_consumers()
 
-    def _assign(self) -> None:
-        """Assign the partitions of every change topic that exists (new ones included)."""
-        from kafka import TopicPartition
-
-        self._last_topic_check = time.monotonic()
-        missing = [t for t in self._topics if t not in self._assigned_topics]
-        if not missing:
-            return
-        existing = self._consumer.topics()
-        new = [t for t in missing if t in existing]
-        if not new:
-            return
-        tps = list(self._consumer.assignment())
-        fresh: list[Any] = []
-        for topic in new:
-            parts = self._consumer.partitions_for_topic(topic) or set()
-            fresh.extend(TopicPartition(topic, p) for p in sorted(parts))
-        self._consumer.assign(tps + fresh)
-        for tp in fresh:
-            done = self._progress.get((tp.topic, tp.partition))
-            if done is None:
-                self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, done.next_offset)
-        self._assigned_topics.update(new)
-        log.info("bucket engine: consuming %s", ", ".join(sorted(new)))
-
     # ---- work
 
     def step(self, timeout: float = 1.0) -> int:
@@ -558,16 +406,13 @@ class BucketEngine:
         seconds); returns the number of records it covered (0 when the reader found nothing
         new).  Reading, decoding and the next batch's preparation overlap with the store's
         transaction."""
-        if self._consumer is None:
+        if self._reader is None:
             self._open()
-        try:
-            item = self._batches.get(timeout=timeout)
-        except queue.Empty:
+        assert self._reader is not None
+        item = self._reader.next(timeout)
+        if item is None:
             return 0
-        if isinstance(item, BaseException):
-            self._reader = None  # it has exited
-            raise item
-        if isinstance(item, _Idle):
+        if isinstance(item, Idle):
             self._idle_at_end = item.at_end
             if item.at_end:
                 self._caught_up = item.position
@@ -583,114 +428,6 @@ class BucketEngine:
         self.stats.errors += result.skipped_errors
         self.stats.ops += result.ops
         return item.records
-
-    # ---- the reader thread: the only user of the Kafka consumers once started
-
-    def _read_loop(self) -> None:
-        try:
-            while not self._reader_stop.is_set():
-                missing = len(self._assigned_topics) < len(self._topics)
-                since = time.monotonic() - self._last_topic_check
-                if since > (0.5 if missing else self.topic_refresh_s):
-                    self._assign()
-                records = self._poll_batch()
-                item: _Batch | _Idle
-                if records:
-                    changes, progress = self._changes(records)
-                    item = _Batch(changes, progress, len(records))
-                else:
-                    item = _Idle(self._at_end(), self._max_position)
-                while not self._reader_stop.is_set():
-                    try:
-                        self._batches.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # handed to the applying thread, which raises it
-            with contextlib.suppress(queue.Full):
-                self._batches.put(exc, timeout=5)
-
-    def _poll_batch(self) -> list[Any]:
-        out: list[Any] = []
-        deadline = time.monotonic() + self.batch_max_ms / 1000
-        timeout_ms = max(self.batch_max_ms, 100)
-        while len(out) < self.batch_max_events:
-            batch = self._consumer.poll(
-                timeout_ms=timeout_ms, max_records=self.batch_max_events - len(out)
-            )
-            got = [r for recs in batch.values() for r in recs]
-            out.extend(got)
-            if not got or time.monotonic() >= deadline:
-                break
-            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
-        return out
-
-    def _changes(
-        self, records: Sequence[Any]
-    ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress]]:
-        assert self._decoder is not None
-        t0 = time.perf_counter()
-        # per partition: [next offset, highest position]; PartitionProgress made at the end
-        reached: dict[tuple[str, int], list[Any]] = {}
-        changes: list[RowChange] = []
-        skipped = 0
-        for r in records:
-            tp = (r.topic, r.partition)
-            at = reached.get(tp)
-            if at is None:
-                seen = self._seen.get(tp) or PartitionProgress(0)
-                at = reached[tp] = [seen.next_offset, seen.position]
-            position = _header_position(r)
-            if r.value is not None and position is None:
-                position = self._decode(r.value, None).position
-            at[0] = r.offset + 1
-            if position is None or position <= at[1] or r.value is None:
-                skipped += 1
-                continue
-            at[1] = position
-            changes.append(self._decode(r.value, position))
-        self.stats.records += len(records)
-        self.stats.skipped_by_position += skipped
-        progress = {tp: PartitionProgress(o, p) for tp, (o, p) in reached.items()}
-        if changes:
-            changes.sort(key=_position_of)
-            if changes[-1].position > self._max_position:
-                self._max_position = changes[-1].position
-        self._seen.update(progress)
-        self.stats.decode_s += time.perf_counter() - t0
-        return changes, progress
-
-    def _decode(self, value: bytes, position: Position | None) -> RowChange:
-        assert self._decoder is not None and self._schemas is not None
-        try:
-            return self._decoder.change(value, position)
-        except DecodeError as exc:
-            if "unknown Avro schema fingerprint" not in str(exc):
-                raise EngineError(f"cannot decode the change event at {position}: {exc}") from exc
-        deadline = time.monotonic() + self.schema_wait_s
-        while time.monotonic() < deadline:
-            self._schemas.refresh(timeout=2.0)
-            try:
-                return self._decoder.change(value, position)
-            except DecodeError as exc:
-                if "unknown Avro schema fingerprint" not in str(exc):
-                    raise EngineError(
-                        f"cannot decode the change event at {position}: {exc}"
-                    ) from exc
-            time.sleep(0.2)
-        raise EngineError(
-            f"the schema of the change event at {position} did not appear in "
-            f"{self._schemas.topic} within {self.schema_wait_s}s"
-        )
-
-    def _at_end(self) -> bool:
-        """Every assigned partition is at its end offset (and every ruled topic that
-        exists is assigned)."""
-        tps = list(self._consumer.assignment())
-        if not tps:
-            return True
-        ends = self._consumer.end_offsets(tps)
-        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
 
     def maintain(self) -> None:
         """Compact the bucket logs and purge old tombstones (run by the leader)."""
@@ -713,7 +450,7 @@ class BucketEngine:
         self.store.migrate()
         if not self.store.acquire_leadership():
             raise EngineError(f"another engine of group {self.store.group!r} is running")
-        if self._consumer is None:
+        if self._reader is None:
             self._open()
         deadline = time.monotonic() + timeout
         quiet = 0
@@ -723,27 +460,3 @@ class BucketEngine:
             elif self._idle_at_end:
                 quiet += 1
         return self.stats
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Batch:
-    changes: list[RowChange]
-    progress: dict[tuple[str, int], PartitionProgress]
-    records: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Idle:
-    at_end: bool
-    position: Position
-
-
-def _header_position(record: Any) -> Position | None:
-    for name, value in record.headers or ():
-        if name == POSITION_HEADER:
-            return parse_position_header(value)
-    return None
-
-
-def _position_of(change: RowChange) -> Position:
-    return change.position

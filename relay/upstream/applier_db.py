@@ -56,7 +56,8 @@ from core.journal_format import Outcome
 from core.pg_types import SESSION_SETTINGS
 from core.values import dump_json
 from relay.downstream.bucket_engine import table_infos_from_conn
-from relay.downstream.rules import Rules, load_rules
+from relay.downstream.rules import Rules
+from relay.downstream.rules_parser import load_rules
 from relay.errors import ApplierError, ConfigError
 from relay.pg_migrations import run_migrations
 from relay.upstream.applier_resolve import resolve_conflict

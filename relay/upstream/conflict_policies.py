@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import enum
 import functools
-import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from core.settings_checks import close_match_hint as _hint
+from core.settings_checks import close_match_hint
 from core.values import ColumnType, Kind
+from relay.config_file import ProblemCollector, read_toml
 from relay.errors import ConflictsError, RulesProblem
 
 __all__ = [
@@ -150,7 +150,7 @@ class ConflictPolicies:
                         self.source,
                         scope,
                         "table",
-                        f"{t.table!r} is not a known table{_hint(t.table, types)}",
+                        f"{t.table!r} is not a known table{close_match_hint(t.table, types)}",
                     )
                 )
                 continue
@@ -162,7 +162,7 @@ class ConflictPolicies:
                             self.source,
                             scope,
                             f"columns.{name}",
-                            f"{name!r} is not a column of {t.table}{_hint(name, cols)}",
+                            f"{name!r} is not a column of {t.table}{close_match_hint(name, cols)}",
                         )
                     )
                 elif cp.policy is Policy.COUNTER and ct.kind not in NUMERIC_KINDS:
@@ -200,17 +200,7 @@ def load_conflicts(
     path: str | Path, types: Mapping[str, Mapping[str, ColumnType]] | None = None
 ) -> ConflictPolicies:
     """Read and validate a conflicts file (checked against ``types`` when given)."""
-    source = str(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConflictsError([RulesProblem(source, "", "", "does not exist")]) from exc
-    except OSError as exc:
-        raise ConflictsError([RulesProblem(source, "", "", f"cannot be read: {exc}")]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConflictsError([RulesProblem(source, "", "", f"is not valid TOML: {exc}")]) from exc
-    return conflicts_from_mapping(data, source, types)
+    return conflicts_from_mapping(read_toml(path, ConflictsError), str(path), types)
 
 
 def conflicts_from_mapping(
@@ -221,37 +211,20 @@ def conflicts_from_mapping(
     """Validate conflict policies given as the mapping a TOML file parses to."""
     parser = _Parser(source)
     policies = parser.document(data)
-    if parser.problems:
-        raise ConflictsError(parser.problems)
+    parser.raise_problems(ConflictsError)
     if types is not None:
         policies.check_schema(types)
     return policies
 
 
-class _Parser:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[RulesProblem] = []
-
-    def problem(self, scope: str, key: str, message: str) -> None:
-        self.problems.append(RulesProblem(self.source, scope, key, message))
-
-    def unknown(
-        self, scope: str, prefix: str, raw: Mapping[str, Any], known: Sequence[str]
-    ) -> None:
-        for key in raw:
-            if key not in known:
-                self.problem(
-                    scope,
-                    prefix + key,
-                    f"is not a known key{_hint(key, known)} (known: {', '.join(known)})",
-                )
+class _Parser(ProblemCollector):
+    """Walks a parsed conflicts file, collecting every problem (relay/config_file.py)."""
 
     def policy(self, scope: str, key: str, raw: object, allowed: Iterable[Policy]) -> Policy | None:
         names = [p.value for p in allowed]
         if not isinstance(raw, str) or raw not in names:
             shown = repr(raw) if isinstance(raw, str) else f"a {type(raw).__name__}"
-            hint = _hint(raw, names) if isinstance(raw, str) else ""
+            hint = close_match_hint(raw, names) if isinstance(raw, str) else ""
             self.problem(
                 scope, key, f"{shown} is not a policy here{hint} (use one of {', '.join(names)})"
             )
@@ -259,13 +232,13 @@ class _Parser:
         return Policy(raw)
 
     def document(self, data: Mapping[str, Any]) -> ConflictPolicies:
-        self.unknown("", "", data, _TOP_KEYS)
+        self.unknown_keys("", "", data, _TOP_KEYS)
         default = DEFAULT_POLICY
         raw_default = data.get("default", {})
         if not isinstance(raw_default, dict):
             self.problem("", "default", "must be a table ([default])")
         else:
-            self.unknown("[default]", "", raw_default, _DEFAULT_KEYS)
+            self.unknown_keys("[default]", "", raw_default, _DEFAULT_KEYS)
             if "policy" in raw_default:
                 default = (
                     self.policy("[default]", "policy", raw_default["policy"], ROW_POLICIES)
@@ -296,7 +269,7 @@ class _Parser:
             self.problem(scope, "table", 'is missing or not "schema.table"')
         else:
             scope = f"table {name!r}"
-        self.unknown(scope, "", raw, _TABLE_KEYS)
+        self.unknown_keys(scope, "", raw, _TABLE_KEYS)
         policy = default
         if "policy" in raw:
             policy = self.policy(scope, "policy", raw["policy"], ROW_POLICIES) or default
@@ -327,7 +300,7 @@ class _Parser:
         if not isinstance(spec, dict):
             self.problem(scope, key, 'must be a policy name or a table { policy = "…" }')
             return None
-        self.unknown(scope, key + ".", spec, _COLUMN_KEYS)
+        self.unknown_keys(scope, key + ".", spec, _COLUMN_KEYS)
         policy = self.policy(scope, key + ".policy", spec.get("policy"), Policy)
         if policy is None:
             return None

@@ -41,6 +41,7 @@ from core.journal_format import Outcome
 from core.values import dump_json
 from relay.downstream.pg_bucket_store import ConnectionPool
 from relay.errors import JournalStoreError
+from relay.pg_listen import PgListener, wake_future
 from relay.pg_migrations import run_migrations
 from relay.upstream.intake import IntakeDecision, latest_per_entry
 
@@ -114,27 +115,27 @@ class OutcomePage:
 
 
 class _Listener:
-    """A LISTEN connection in a daemon thread, waking waiting requests by device."""
+    """Waiting requests by device, woken by the outcome channel's LISTEN connection
+    (:class:`relay.pg_listen.PgListener`)."""
 
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
-        self._connect = connect
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._pg = PgListener(
+            NOTIFY_CHANNEL,
+            connect,
+            lambda payload: self.deliver(_parse_notify(payload)),
+            lambda conn: self.deliver(None),  # anything may have been missed meanwhile
+            thread_name="journal-outcome-listener",
+            what="outcome listener",
+            log=log,
+        )
 
     def start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="journal-outcome-listener", daemon=True
-                )
-                self._thread.start()
+        self._pg.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._pg.stop()
 
     def register(self, device_id: str) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -160,30 +161,7 @@ class _Listener:
             else:
                 woken = [w for d in devices for w in self._waiters.get(d, ())]
         for loop, future in woken:
-            with contextlib.suppress(RuntimeError):  # loop closed
-                loop.call_soon_threadsafe(_resolve, future)
-
-    def _run(self) -> None:
-        backoff = 0.2
-        while not self._stop.is_set():
-            try:
-                with self._connect() as conn:
-                    conn.autocommit = True
-                    conn.execute(f"listen {NOTIFY_CHANNEL}")
-                    self.deliver(None)  # anything may have been missed meanwhile
-                    backoff = 0.2
-                    while not self._stop.is_set():
-                        for n in conn.notifies(timeout=0.5):
-                            self.deliver(_parse_notify(n.payload))
-            except (psycopg.Error, JournalStoreError) as exc:
-                log.warning("outcome listener: %s; reconnecting in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+            wake_future(loop, future)
 
 
 class JournalStore:

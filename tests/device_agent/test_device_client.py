@@ -28,7 +28,7 @@ from device_agent.client import (
 from device_agent.errors import AuthFailed, RelayUnreachable, TokenExpired, TokenRevoked
 from device_agent.local_tables import PREFIX
 from device_agent.sync import wire_entries
-from relay.downstream.api import decode_cursor, encode_cursor
+from relay.downstream.api_cursor import decode_cursor, encode_cursor
 from relay.upstream.validation import parse_upload
 from tests.device_agent.test_device_apply import SCHEMA, T1, WO, FakeServer, order, sync
 

@@ -31,11 +31,13 @@ from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
 from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database, wire_entries
-from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
-from relay.downstream.api import ApiConfig, create_app
+from relay.auth import Authenticator, Revocation, RevocationList, issue_token
+from relay.auth_keys import Key, KeyStore
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import load_rules
+from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 
 EXAMPLE_RULES = Path(__file__).resolve().parents[2] / "config" / "rules.example.toml"

@@ -439,8 +439,8 @@ def test_upgrade_from_version_2_adds_the_awaiting_columns(db: sqlite3.Connection
 def test_schema_names_counter_columns_from_the_conflicts_file(tmp_path: Path) -> None:
     """``/v1/schema`` lists a table's counter columns (the relay reads the conflicts file);
     the agent keeps them per table."""
-    from relay.downstream.api import visible_schema
-    from relay.downstream.rules import load_rules
+    from relay.downstream.api_messages import visible_schema
+    from relay.downstream.rules_parser import load_rules
     from relay.errors import ConfigError
     from relay.server import counter_columns
     from tests.relay.downstream.test_relay_api import EXAMPLE_RULES

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from relay.auth import KeyStore
+from relay.auth_keys import KeyStore
 from tests.cdc.cdc_support import wait_for
 from tests.cdc.test_cdc_cli import cli_env, daemon_config
 

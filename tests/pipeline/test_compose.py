@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cdc.settings import load_cdc_settings
-from relay.auth import KeyStore
+from relay.auth_keys import KeyStore
 from relay.settings import load_applier_settings, load_relay_settings
 from relay.upstream.applier import ApplierDb
 

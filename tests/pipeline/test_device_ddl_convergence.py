@@ -23,11 +23,14 @@ import pytest
 
 from device_agent.client import RelayClient
 from device_agent.sync import Agent, init_database
-from relay.auth import Authenticator, Key, KeyStore, issue_token
-from relay.downstream.api import ApiConfig, create_app
+from relay.auth import Authenticator, issue_token
+from relay.auth_keys import Key, KeyStore
+from relay.downstream.api import create_app
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, load_rules
+from relay.downstream.rules import Rules
+from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon
 from tests.device_agent.test_device_sync import FAST, SECRET, serve, store_dsn, sync_until
 

@@ -35,7 +35,8 @@ from device_agent import cli
 from device_agent.client import RelayClient, RetryPolicy
 from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
-from relay.auth import KeyStore, issue_token
+from relay.auth import issue_token
+from relay.auth_keys import KeyStore
 from tests.pipeline.pipeline_stack import Process, services, store_database
 
 DDL = """

@@ -21,13 +21,12 @@ from hypothesis import strategies as st
 from relay.auth import (
     Authenticator,
     DeviceIdentity,
-    Key,
-    KeyStore,
     Revocation,
     RevocationList,
     issue_token,
     require_device,
 )
+from relay.auth_keys import Key, KeyStore
 from relay.errors import (
     AuthError,
     ConfigError,

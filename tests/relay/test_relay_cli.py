@@ -10,7 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from relay.auth import Authenticator, KeyStore
+from relay.auth import Authenticator
+from relay.auth_keys import KeyStore
 from relay.cli import app, parse_claims, parse_duration, token_app
 from relay.errors import ConfigError
 

@@ -26,15 +26,10 @@ from relay.api_errors import (
     ws_close_code,
 )
 from relay.auth import Revocation, RevocationList
-from relay.downstream.api import (
-    ApiConfig,
-    Cursor,
-    LimitsMiddleware,
-    RateLimiter,
-    create_app,
-    decode_cursor,
-    encode_cursor,
-)
+from relay.downstream.api import create_app
+from relay.downstream.api_cursor import Cursor, decode_cursor, encode_cursor
+from relay.downstream.api_limits import LimitsMiddleware, RateLimiter
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_store import OpsPage
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.errors import TokenMissing

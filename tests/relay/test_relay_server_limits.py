@@ -22,18 +22,14 @@ import uvicorn
 from fastapi import Request
 from fastapi.testclient import TestClient
 
-from relay.auth import Authenticator, Key, KeyStore, issue_token
-from relay.downstream.api import (
-    MAX_DROPPED,
-    MAX_DROPPED_CHARS,
-    ApiConfig,
-    create_app,
-    decode_cursor,
-    encode_cursor,
-)
+from relay.auth import Authenticator, issue_token
+from relay.auth_keys import Key, KeyStore
+from relay.downstream.api import create_app
+from relay.downstream.api_cursor import MAX_DROPPED, MAX_DROPPED_CHARS, decode_cursor, encode_cursor
+from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import rules_from_mapping
+from relay.downstream.rules_parser import rules_from_mapping
 from relay.server import uvicorn_config
 from relay.settings import HttpSettings
 from tests.relay.downstream.test_relay_api import SCHEMA

@@ -18,24 +18,19 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
 from relay.downstream.bucket_engine import (
     BucketEngine,
-    EventDecoder,
     SchemaLog,
     table_infos_from_catalog,
     table_infos_from_registry,
 )
-from relay.downstream.bucket_store import (
-    CHECKSUM_MODULUS,
-    ChangeKind,
-    OpKind,
-    canonical_json,
-    json_value,
-    row_checksum,
-    row_key_text,
-)
-from relay.downstream.pg_bucket_store import SCHEMA, PgBucketStore
-from relay.downstream.rules import Rules, load_rules, parse_bucket_id
+from relay.downstream.bucket_store import ChangeKind, OpKind
+from relay.downstream.event_decoder import EventDecoder
+from relay.downstream.pg_bucket_store import PgBucketStore
+from relay.downstream.pg_store_schema import SCHEMA
+from relay.downstream.rules import Rules, parse_bucket_id
+from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 
 RULES_TOML = """
@@ -317,7 +312,7 @@ def test_schema_helpers_and_decoder(
                 from tests.fix_kafka import read_topic
 
                 records = read_topic(kafka_bootstrap, f"{topic_prefix}.public.odd", expect=1)
-                from relay.downstream.rules import rules_from_mapping
+                from relay.downstream.rules_parser import rules_from_mapping
 
                 odd_rules = rules_from_mapping(
                     {"bucket": [{"name": "g", "table": [{"table": "public.odd"}]}]}, catalog

@@ -22,29 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.downstream.bucket_store import (
-    CHECKSUM_MODULUS,
-    ChangeKind,
-    OpKind,
-    PartitionProgress,
-    RowChange,
-    RowRef,
-    RowState,
-    canonical_json,
-    json_value,
-    lookup_refs,
-    plan_changes,
-    row_checksum,
-    row_key_text,
-)
-from relay.downstream.pg_bucket_store import (
-    _WRAP_SUM,
-    MIGRATIONS,
-    SCHEMA,
-    PgBucketStore,
-    StoreError,
-)
-from relay.downstream.rules import TableInfo, parse_bucket_id, rules_from_mapping
+from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
+from relay.downstream.bucket_store import ChangeKind, OpKind, PartitionProgress, RowChange
+from relay.downstream.pg_bucket_store import PgBucketStore
+from relay.downstream.pg_store_schema import MIGRATIONS, SCHEMA, WRAP_SUM
+from relay.downstream.planner import RowRef, RowState, lookup_refs, plan_changes
+from relay.downstream.rules import TableInfo, parse_bucket_id
+from relay.downstream.rules_parser import rules_from_mapping
+from relay.errors import StoreError
 from tests.relay.bucket_oracle import bucket_ops
 
 T = "public.orders"
@@ -173,7 +158,7 @@ STATUS = st.sampled_from(["open", "done", "cancelled"])
 def test_planner_emits_what_relay_buckets_emits(
     old: frozenset[str], new: dict[str, Any] | None
 ) -> None:
-    from relay.downstream.bucket_store import BucketEntry
+    from relay.downstream.planner import BucketEntry
 
     state = RowState(tuple(BucketEntry(b, i + 1, 7) for i, b in enumerate(sorted(old))), (1, 0))
     kind = ChangeKind.UPSERT if new is not None else ChangeKind.DELETE
@@ -588,7 +573,7 @@ def test_checkpoint_checksums_wrap_in_sql_as_u64_sums(pg_dsn: str) -> None:
 
     with psycopg.connect(pg_dsn) as conn:
         got = conn.execute(
-            "select " + _WRAP_SUM.format("a", "b") + " from unnest("
+            "select " + WRAP_SUM.format("a", "b") + " from unnest("
             "%s::bigint[], %s::bigint[]) as t(a, b)",
             ([i64(a) for a, _ in pairs], [i64(b) for _, b in pairs]),
         ).fetchall()

@@ -26,11 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
-from relay.auth import Authenticator, Key, KeyStore, Revocation, RevocationList, issue_token
-from relay.downstream.api import ApiConfig, create_app, decode_cursor
-from relay.downstream.bucket_store import ChangeKind, RowChange, checksum_add, row_checksum
+from core.row_wire import checksum_add, row_checksum
+from relay.auth import Authenticator, Revocation, RevocationList, issue_token
+from relay.auth_keys import Key, KeyStore
+from relay.downstream.api import create_app
+from relay.downstream.api_cursor import decode_cursor
+from relay.downstream.api_sync import ApiConfig
+from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, TableInfo, load_rules
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import load_rules
 
 EXAMPLE_RULES = Path(__file__).resolve().parents[3] / "config" / "rules.example.toml"
 SCHEMA = {

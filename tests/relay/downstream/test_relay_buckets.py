@@ -9,13 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.downstream.rules import (
-    Rules,
-    TableInfo,
-    canonical_text,
-    parse_bucket_id,
-    rules_from_mapping,
-)
+from relay.downstream.rules import Rules, TableInfo, canonical_text, parse_bucket_id
+from relay.downstream.rules_parser import rules_from_mapping
 from tests.relay.bucket_oracle import (
     BucketOp,
     OpKind,

@@ -17,12 +17,10 @@ from relay.downstream.rules import (
     TableInfo,
     bucket_id,
     canonical_text,
-    check_rules_file,
     claim_values,
-    load_rules,
     parse_bucket_id,
-    rules_from_mapping,
 )
+from relay.downstream.rules_parser import check_rules_file, load_rules, rules_from_mapping
 from relay.errors import RowError, RulesError
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "rules.example.toml"

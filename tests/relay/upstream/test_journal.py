@@ -36,7 +36,8 @@ from core.values import (
     to_datum,
     to_pg_text,
 )
-from relay.downstream.rules import TableInfo, rules_from_mapping
+from relay.downstream.rules import TableInfo
+from relay.downstream.rules_parser import rules_from_mapping
 from relay.errors import BatchTooLarge, RulesError, UploadError
 from relay.upstream.validation import (
     JournalLimits,

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from core.hlc import Hlc
 from core.journal_format import MAX_BIGINT
-from relay.downstream.api import encode_cursor
+from relay.downstream.api_cursor import encode_cursor
 from tests.relay.test_relay_errors import assert_error_shape
 from tests.relay.upstream.test_journal_api import (
     BASE,

@@ -1,0 +1,125 @@
+"""Decoding change events for the bucket engine: Avro value bytes → :class:`RowChange`.
+
+:class:`EventDecoder` decodes a change event (core/avro_envelope.py: the schema
+fingerprint in the value's header, the writer schema from the registry that
+``{prefix}._schemas`` filled) and turns it into what the bucket store plans with: the
+table as ``schema.table``, PostgreSQL column names (Avro field names are mapped back
+through ``pg.name``), primary-key tuples in the rules' key order, the old key when an
+update changed it, the unchanged TOAST columns, the full old row when the event carries
+it (REPLICA IDENTITY FULL), and the event's position (from the Kafka header when given,
+else from ``source``).  A delete without its old key, an upsert without its row, or an
+unknown fingerprint raise :class:`core.errors.DecodeError`.
+
+Pure apart from its caches (per fingerprint renames, per table key columns); a decoder is
+used by one thread (the engine's reader).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from core.avro_envelope import SchemaRegistry, decode
+from core.errors import DecodeError
+from relay.downstream.bucket_store import ChangeKind, Position, RowChange
+from relay.downstream.rules import Rules
+
+_UNCHANGED: Final = "unchanged"
+
+
+class EventDecoder:
+    """Change-event value bytes → :class:`RowChange` (column names, key tuples)."""
+
+    def __init__(self, registry: SchemaRegistry, rules: Rules) -> None:
+        self.registry = registry
+        self.rules = rules
+        self._renames: dict[bytes, dict[str, str] | None] = {}
+        self._tables: dict[tuple[str, str], str] = {}
+        self._keys: dict[str, tuple[str, ...] | None] = {}
+
+    def _table(self, source: Mapping[str, Any]) -> str:
+        names = (source["schema"], source["table"])
+        table = self._tables.get(names)
+        if table is None:
+            table = self._tables[names] = f"{names[0]}.{names[1]}"
+        return table
+
+    def _key_of(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        """``rules.key_of``, without its lookups for a one-column key present in the row."""
+        columns = self._keys.get(table, ())
+        if columns == ():
+            try:
+                columns = self._keys[table] = self.rules.table_info(table).key
+            except KeyError:
+                columns = self._keys[table] = None
+        if columns is not None and len(columns) == 1 and columns[0] in row:
+            return (row[columns[0]],)
+        return self.rules.key_of(table, row)
+
+    def _rename(self, fp: bytes) -> dict[str, str] | None:
+        if fp not in self._renames:
+            schema = json.loads(self.registry.schema_json(fp))
+            mapping: dict[str, str] = {}
+            for f in schema.get("fields", ()):
+                if f.get("name") != "before":
+                    continue
+                for branch in f.get("type", ()):
+                    if isinstance(branch, dict) and branch.get("type") == "record":
+                        for col in branch["fields"]:
+                            mapping[col["name"]] = str(col.get("pg.name", col["name"]))
+            same = all(k == v for k, v in mapping.items())
+            self._renames[fp] = None if same else mapping
+        return self._renames[fp]
+
+    def change(self, value: bytes, position: Position | None = None) -> RowChange:
+        """Decode one event; raises DecodeError (unknown fingerprint included).  Without
+        ``position`` (no header), the event's ``source`` gives it."""
+        event = decode(value, self.registry)
+        fp = bytes(value[2:10])
+        rename = self._renames[fp] if fp in self._renames else self._rename(fp)
+        source = event["source"]
+        if position is None:
+            position = (int(source["commit_lsn"]), int(source["seq"]))
+        table = self._table(source)
+        op = event["op"]
+        origin = source.get("origin")
+        if op == "t":
+            return RowChange(table, ChangeKind.TRUNCATE, position, origin=origin)
+        after = _renamed(event.get("after"), rename)
+        before = _renamed(event.get("before"), rename)
+        if op == "d":
+            if before is None:
+                raise DecodeError(f"{table}: delete at {position} carries no old key")
+            key = self._key_of(table, before)
+            return RowChange(table, ChangeKind.DELETE, position, key, origin=origin)
+        if after is None:
+            raise DecodeError(f"{table}: op {op!r} at {position} carries no row")
+        key = self._key_of(table, after)
+        listed = event.get(_UNCHANGED)
+        unchanged = tuple(rename.get(c, c) if rename else c for c in listed) if listed else ()
+        old_key = None
+        if before is not None:
+            previous = self._key_of(table, before)
+            old_key = previous if previous != key else None
+        full_before = before if event.get("before_kind") == "full" else None
+        return RowChange(
+            table,
+            ChangeKind.UPSERT,
+            position,
+            key,
+            after,
+            old_key=old_key,
+            unchanged=unchanged,
+            before=full_before,
+            insert=op == "c",
+            origin=origin,
+        )
+
+
+def _renamed(row: Any, rename: Mapping[str, str] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    if rename is None:
+        return row if type(row) is dict else dict(row)  # decoded afresh: no copy needed
+    return {rename.get(k, k): v for k, v in row.items()}

@@ -1,0 +1,373 @@
+"""Planning bucket ops (pure): which ops a batch of row changes makes, and what follows.
+
+:func:`plan_changes` turns changes into the ops to write, in order, with the row states
+and bucket checkpoint deltas they lead to; the store (relay/downstream/pg_store_writes.py)
+loads what it needs first (:func:`lookup_refs` names the rows whose remembered state it
+must read), allocates the op ids and writes the plan in one transaction.
+
+- A row's remembered state (:class:`RowState`) lists the buckets it is in, with the op id
+  of its latest PUT there and its checksum term (:class:`BucketEntry`), and the position of
+  the last change applied to it.  A change at or below that position, or at or below its
+  table's last truncate, is a duplicate and changes nothing.
+- A change REMOVEs the row from each remembered bucket it left, then PUTs the projected row
+  into each bucket it is in (each in bucket order); a key change first empties the old
+  key's state (a tombstone, which keeps older events of that key from coming back).  These
+  are the operations of tests/relay/bucket_oracle.py, computed directly for speed; a test
+  pins the equality.
+- Checksum terms are :func:`core.row_wire.row_checksum` of ``[table, key, data]``; a
+  bucket's checksum is their sum modulo 2**64 (:class:`BucketDelta` is a plan's net effect
+  on one bucket).
+
+Pure: no I/O.  The memo of row placements per rule set (:func:`buckets_for_row`) is a
+cache with no visible state; plans are built by one thread each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Final, NamedTuple
+
+from core.row_wire import CHECKSUM_MODULUS, PLAIN_TYPES, canonical_json, json_value, row_key_text
+from relay.downstream.bucket_store import ChangeKind, OpKind, Position, RowChange
+from relay.downstream.rules import Rules, parse_bucket_id
+from relay.errors import RowError
+
+RowRef = tuple[str, str]
+"""A row's identity in the store: ``(table, row_key)`` with :func:`row_key_text`."""
+
+
+class BucketEntry(NamedTuple):
+    """A row's membership of one bucket: the id of its latest PUT and its checksum term.
+
+    (This and :class:`RowState` and :class:`PlannedOp` are named tuples, not frozen
+    dataclasses: the store builds one per row and op, and tuples are several times cheaper
+    to make.)"""
+
+    bucket: str
+    op_id: int
+    checksum: int
+
+
+class RowState(NamedTuple):
+    """What the store remembers of a row: the buckets it is in and the last applied position.
+
+    A state with no entries is a *tombstone*: the row was deleted, moved to another key or
+    left every bucket at ``position``; it keeps older events of that key from coming back.
+    """
+
+    entries: tuple[BucketEntry, ...]
+    position: Position
+
+    @property
+    def buckets(self) -> frozenset[str]:
+        return frozenset(e.bucket for e in self.entries)
+
+
+class PlannedOp(NamedTuple):
+    """An op to write.  ``op_id`` is ``first_op_id + index`` once ids are allocated."""
+
+    bucket: str
+    table: str
+    row_key: str
+    kind: OpKind
+    data_json: str | None
+    checksum: int  # the row's checksum term for PUT; for REMOVE the term removed
+    position: Position
+
+
+@dataclasses.dataclass
+class BucketDelta:
+    """The net effect of a plan on one bucket."""
+
+    count: int = 0
+    checksum: int = 0  # to add, modulo 2**64
+    last_index: int = -1  # index of the bucket's last op in the plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """The outcome of :func:`plan_changes`: ops in order, new row states, bucket deltas.
+
+    Row states refer to ops by plan index (``BucketEntry.op_id`` is ``-1 - index`` for ops of
+    this plan) until the store knows the first op id: :meth:`resolve` fixes them.
+    """
+
+    ops: list[PlannedOp] = dataclasses.field(default_factory=list)
+    states: dict[RowRef, RowState] = dataclasses.field(default_factory=dict)
+    deltas: dict[str, BucketDelta] = dataclasses.field(default_factory=dict)
+    duplicates: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def resolve(self, first_op_id: int) -> dict[RowRef, RowState]:
+        """The row states with real op ids, given the id of the plan's first op."""
+        out: dict[RowRef, RowState] = {}
+        for ref, state in self.states.items():
+            entries = tuple(
+                BucketEntry(e.bucket, first_op_id - 1 - e.op_id, e.checksum) if e.op_id < 0 else e
+                for e in state.entries
+            )
+            out[ref] = RowState(entries, state.position)
+        return out
+
+
+class _Placer:
+    """``rules.buckets_for_row`` memoized on the columns the rules read (match and filter
+    columns): a row's buckets depend on nothing else.  Bounded; rows with unhashable values
+    in those columns are not cached."""
+
+    _MISSING: Final = object()
+    _LIMIT: Final = 1 << 17
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        columns: dict[str, set[str]] = {}
+        for rule in rules.buckets.values():
+            for table, entry in rule.tables.items():
+                wanted = columns.setdefault(table, set())
+                wanted.update(column for column, _ in entry.match)
+                wanted.update(f.column for f in entry.filters)
+        self.columns = {t: tuple(sorted(c)) for t, c in columns.items()}
+        self.cache: dict[tuple[Any, ...], frozenset[str]] = {}
+        self.projectors: dict[tuple[str, str], Callable[[Mapping[str, Any]], dict[str, Any]]] = {}
+
+    def buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str]:
+        missing = self._MISSING
+        get = row.get
+        key = (table, *[get(c, missing) for c in self.columns.get(table, ())])
+        try:
+            found = self.cache.get(key)
+        except TypeError:  # an unhashable value
+            return self.rules.buckets_for_row(table, row)
+        if found is None:
+            found = self.rules.buckets_for_row(table, row)
+            if len(self.cache) >= self._LIMIT:
+                self.cache.clear()
+            self.cache[key] = found
+        return found
+
+    def data_json(self, table: str, rule: str, row: Mapping[str, Any]) -> str:
+        """``canonical_json(json_value(rules.project(table, rule, row)))``."""
+        project = self.projectors.get((table, rule))
+        if project is None:
+            project = self.projectors[table, rule] = self.rules.projector(table, rule)
+        return canonical_json(_json_row(project(row)))
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """:func:`json_value` of a projected row (a fresh dict, converted in place)."""
+    for column, value in row.items():
+        kind = type(value)
+        if kind in PLAIN_TYPES:
+            continue
+        row[column] = str(value) if kind is Decimal else json_value(value)
+    return row
+
+
+_PLACERS: weakref.WeakKeyDictionary[Rules, _Placer] = weakref.WeakKeyDictionary()
+
+
+def _placer(rules: Rules) -> _Placer:
+    placer = _PLACERS.get(rules)
+    if placer is None:
+        placer = _PLACERS[rules] = _Placer(rules)
+    return placer
+
+
+def buckets_for_row(rules: Rules, table: str, row: Mapping[str, Any]) -> frozenset[str]:
+    """``rules.buckets_for_row(table, row)``, memoized per rule set (see :class:`_Placer`)."""
+    return _placer(rules).buckets(table, row)
+
+
+def lookup_refs(rules: Rules, changes: Sequence[RowChange]) -> set[RowRef]:
+    """The rows whose remembered state :func:`plan_changes` needs for ``changes``.
+
+    Every row touched, except inserted rows that land in no bucket (see
+    :attr:`RowChange.insert`) and changes of tables no rule places.
+    """
+    refs: set[RowRef] = set()
+    ruled = rules.tables
+    placer = _placer(rules)
+    for c in changes:
+        if c.table not in ruled or c.key is None:
+            continue
+        if c.insert and c.row is not None and not c.unchanged and c.old_key is None:
+            try:
+                if not placer.buckets(c.table, c.row):
+                    continue
+            except RowError:
+                pass
+        refs.add((c.table, row_key_text(c.key)))
+        if c.old_key is not None:
+            refs.add((c.table, row_key_text(c.old_key)))
+    return refs
+
+
+def plan_changes(
+    rules: Rules,
+    changes: Sequence[RowChange],
+    states: Mapping[RowRef, RowState],
+    truncated: Mapping[str, Position],
+    stored_data: Mapping[RowRef, Mapping[str, Any]] | None = None,
+) -> Plan:
+    """Turn changes (no truncates among them) into bucket ops, in order.  Pure.
+
+    ``states``: the remembered state of (at least) the rows :func:`lookup_refs` names;
+    ``truncated``: per table, the position of its last truncate (events at or below it are
+    stale); ``stored_data``: the last known data of rows whose change carries unchanged
+    (TOAST) columns, to fill those in.  A change at or below the row's remembered position
+    is a duplicate and changes nothing.  A change whose row cannot be placed (a column a
+    rule needs is missing) is skipped and described in :attr:`Plan.errors`.
+    """
+    plan = Plan()
+    current: dict[RowRef, RowState] = dict(states)
+    known = dict(stored_data or {})
+    ruled = rules.tables
+    placer = _placer(rules)
+    place = placer.buckets
+    truncated_at = truncated.get
+    upsert = ChangeKind.UPSERT
+    for c in changes:
+        kind = c.kind
+        if kind is ChangeKind.TRUNCATE:
+            raise ValueError("plan_changes: truncates are applied by the store, not planned")
+        table = c.table
+        if table not in ruled or c.key is None:
+            continue
+        position = c.position
+        cut = truncated_at(table)
+        if cut is not None and position <= cut:
+            plan.duplicates += 1
+            continue
+        ref = (table, row_key_text(c.key))
+        state = current.get(ref)
+        if state is not None and position <= state.position:
+            plan.duplicates += 1
+            continue
+        old_ref = ref
+        if c.old_key is not None:
+            old_ref = (table, row_key_text(c.old_key))
+            old = current.get(old_ref)
+            if old is not None and position <= old.position:
+                plan.duplicates += 1
+                continue
+        row = c.row
+        if row is not None and c.unchanged:
+            row = _filled_row(c, known.get(old_ref), known.get(ref))
+        try:
+            new_buckets = place(table, row) if row is not None else _NONE
+        except RowError as exc:
+            plan.errors.append(f"{table} key {ref[1]} at position {position}: {exc}")
+            continue
+        if old_ref is not ref and old_ref != ref:
+            old = current.get(old_ref)
+            if old is not None:
+                _place(plan, placer, c, old_ref, old, None, _NONE)
+                current[old_ref] = plan.states[old_ref] = RowState((), position)
+            known.pop(old_ref, None)
+        if state is None and not new_buckets:
+            continue  # never in a bucket and still in none: nothing to remember
+        entries = _place(plan, placer, c, ref, state, row, new_buckets)
+        current[ref] = plan.states[ref] = RowState(entries, position)
+        if row is not None and entries and kind is upsert:
+            known[ref] = row
+        else:
+            known.pop(ref, None)
+    return plan
+
+
+_NONE: Final[frozenset[str]] = frozenset()
+
+
+def _filled_row(
+    c: RowChange, old_data: Mapping[str, Any] | None, data: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    row = dict(c.row or {})
+    for column in c.unchanged:
+        row.pop(column, None)
+        for source in (c.before, old_data, data):
+            if source is not None and column in source:
+                row[column] = source[column]
+                break
+    return row
+
+
+def _add_op(plan: Plan, op: PlannedOp) -> int:
+    index = len(plan.ops)
+    plan.ops.append(op)
+    delta = plan.deltas.get(op.bucket)
+    if delta is None:
+        delta = plan.deltas[op.bucket] = BucketDelta()
+    delta.last_index = index
+    if op.kind is OpKind.PUT:
+        delta.count += 1
+        delta.checksum = (delta.checksum + op.checksum) % CHECKSUM_MODULUS
+    else:
+        delta.count -= 1
+        delta.checksum = (delta.checksum - op.checksum) % CHECKSUM_MODULUS
+    return index
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _rule_name(bucket: str) -> str:
+    return parse_bucket_id(bucket)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _table_json(table: str) -> str:
+    return canonical_json(table)
+
+
+def _place(
+    plan: Plan,
+    placer: _Placer,
+    c: RowChange,
+    ref: RowRef,
+    state: RowState | None,
+    row: Mapping[str, Any] | None,
+    new_buckets: frozenset[str],
+) -> tuple[BucketEntry, ...]:
+    """Add the row's ops to the plan; its entries afterwards.
+
+    The same operations as :func:`tests.relay.bucket_oracle.bucket_ops` (REMOVE from each remembered
+    bucket the row left, then PUT of the projected row into each bucket it is in, each in
+    bucket order), computed directly for speed; a test pins the equality.
+    """
+    table, key = ref
+    position = c.position
+    old: dict[str, BucketEntry] = {}
+    if state is not None and state.entries:
+        old = {e.bucket: e for e in state.entries}
+        gone = old.keys() - new_buckets
+        for bucket in sorted(gone) if len(gone) > 1 else gone:
+            e = old[bucket]
+            _add_op(plan, PlannedOp(bucket, table, key, OpKind.REMOVE, None, e.checksum, position))
+    if not new_buckets:
+        return ()
+    assert row is not None
+    prefix = "[" + _table_json(table) + "," + canonical_json(key) + ","
+    entries: list[BucketEntry] = []
+    projected: dict[str, str] = {}  # per rule
+    put = OpKind.PUT
+    deltas = plan.deltas
+    for bucket in sorted(new_buckets) if len(new_buckets) > 1 else new_buckets:
+        rule = _rule_name(bucket)
+        data_json = projected.get(rule)
+        if data_json is None:
+            data_json = projected[rule] = placer.data_json(table, rule, row)
+        digest = hashlib.sha256((prefix + data_json + "]").encode("utf-8")).digest()
+        term = int.from_bytes(digest[:8], "big")
+        previous = old.get(bucket)
+        if previous is not None:  # replace: the old term leaves, the row count stays
+            delta = deltas.get(bucket)
+            if delta is None:
+                delta = deltas[bucket] = BucketDelta()
+            delta.count -= 1
+            delta.checksum = (delta.checksum - previous.checksum) % CHECKSUM_MODULUS
+        index = _add_op(plan, PlannedOp(bucket, table, key, put, data_json, term, position))
+        entries.append(BucketEntry(bucket, -1 - index, term))
+    return tuple(entries)
