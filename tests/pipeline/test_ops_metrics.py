@@ -127,7 +127,7 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
             body = msg.json()
             rows.update({o["key"][0]: o["data"] for o in body["ops"] if o["op"] == "PUT"})
             cursor = body["cursor"]
-        status, body = wait_for(
+        _, body = wait_for(
             lambda: (r := ready(stack))[0] == 200 and r, timeout=120, what="/readyz 200"
         )
         assert set(body) == READY_KEYS, body
@@ -135,11 +135,13 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
         assert (body["store"], body["broker"], body["engine"]) == ("ok", "ok", "caught_up")
         assert body["engine_lag_s"] == 0 and body["max_lag_s"] == 30
         samples = wait_for(
-            lambda: (s := scrape(relay_metrics))
-            and value(s, "fieldsync_relay_engine_lag_seconds") == 0
-            and labelled(s, "fieldsync_relay_engine_lag_records")
-            and total(s, "fieldsync_relay_engine_lag_records") == 0
-            and s,
+            lambda: (
+                (s := scrape(relay_metrics))
+                and value(s, "fieldsync_relay_engine_lag_seconds") == 0
+                and labelled(s, "fieldsync_relay_engine_lag_records")
+                and total(s, "fieldsync_relay_engine_lag_records") == 0
+                and s
+            ),
             timeout=60,
             what="the engine's lag at 0",
         )
@@ -178,9 +180,9 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
         poller.join(90)
         assert not poller.is_alive() and [o["key"] for o in answer["ops"]] == [[4]]
         samples = wait_for(
-            lambda: (s := scrape(relay_metrics))
-            and value(s, "fieldsync_relay_long_polls") == 0
-            and s,
+            lambda: (
+                (s := scrape(relay_metrics)) and value(s, "fieldsync_relay_long_polls") == 0 and s
+            ),
             timeout=30,
             what="no long-poll waiting",
         )
@@ -252,10 +254,12 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
 
         entries_total = "fieldsync_applier_entries_total"
         samples = wait_for(
-            lambda: (s := scrape(applier_metrics))
-            and value(s, entries_total, outcome="applied") == 1
-            and value(s, entries_total, outcome="rejected") == 1
-            and s,
+            lambda: (
+                (s := scrape(applier_metrics))
+                and value(s, entries_total, outcome="applied") == 1
+                and value(s, entries_total, outcome="rejected") == 1
+                and s
+            ),
             timeout=120,
             what="the applier's outcomes counted",
         )
@@ -265,10 +269,12 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
             row = conn.execute("select note from jobs where id = 1").fetchone()
         assert row == ("edited on tab-1",)
         samples = wait_for(
-            lambda: (s := scrape(applier_metrics))
-            and value(s, "fieldsync_applier_lag_seconds") == 0
-            and total(s, "fieldsync_applier_lag_records") == 0
-            and s,
+            lambda: (
+                (s := scrape(applier_metrics))
+                and value(s, "fieldsync_applier_lag_seconds") == 0
+                and total(s, "fieldsync_applier_lag_records") == 0
+                and s
+            ),
             timeout=60,
             what="the applier's lag at 0",
         )
@@ -283,7 +289,7 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
         healthy = httpx.get(f"{stack.url}/healthz", timeout=30)
         assert healthy.status_code == 200 and healthy.json() == {"status": "ok", "store": "ok"}
         proxy.refuse()
-        status, body = wait_for(
+        _, body = wait_for(
             lambda: (r := ready(stack))[0] == 503 and r, timeout=60, what="/readyz 503"
         )
         assert set(body) == READY_KEYS and body["ready"] is False, body
