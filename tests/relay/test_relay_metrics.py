@@ -20,13 +20,7 @@ from core.errors import ConfigError
 from core.kafka_options import client_config
 from relay.downstream.api_limits import RateLimiter
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.metrics import (
-    RATE_LIMITED,
-    REGISTRY,
-    ConsumerLag,
-    LagCollector,
-    serve,
-)
+from relay.metrics import REGISTRY, ConsumerLag, LagCollector, serve
 from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.upstream.applier_metrics import shard_listen
 
@@ -157,12 +151,17 @@ def test_a_taken_port_is_an_error_naming_the_setting_and_the_process_goes_on(
 def test_a_refused_request_counts_as_rate_limited() -> None:
     clock = [0.0]
     limiter = RateLimiter(1.0, 2, clock=lambda: clock[0])
-    before = RATE_LIMITED._value.get()
+
+    def refused() -> float | None:
+        return REGISTRY.get_sample_value("fieldsync_relay_rate_limited_total")
+
+    before = refused()
+    assert before is not None
     assert limiter.check("tab-1") == 0.0 and limiter.check("tab-1") == 0.0
-    assert RATE_LIMITED._value.get() == before
+    assert refused() == before
     assert limiter.check("tab-1") > 0
     assert limiter.check("tab-2") == 0.0
-    assert RATE_LIMITED._value.get() == before + 1
+    assert refused() == before + 1
 
 
 # --------------------------------------------------------------------------- readiness
