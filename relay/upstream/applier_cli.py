@@ -67,6 +67,11 @@ def applier(
             f"error: --shard {shard} is not one of 0..{j.shards - 1} (journal.shards)", err=True
         )
         raise typer.Exit(EXIT_CONFIG)
+    try:
+        listen = applier_metrics.shard_listen(j.applier_metrics_listen, shard)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     captured = settings.captured_dsn()
     assert captured is not None  # load_applier_settings checks it
     db = ApplierDb(
@@ -94,11 +99,6 @@ def applier(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    try:
-        listen = applier_metrics.shard_listen(j.applier_metrics_listen, shard)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from None
     metrics = serve(listen, registry=applier_metrics.REGISTRY, setting=applier_metrics.SETTING)
     applier_metrics.APPLIER_LAG.source = runner.lag
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
+from typer.testing import CliRunner
 
 from core.errors import ConfigError
 from core.kafka_options import client_config
@@ -239,3 +241,18 @@ def test_readyz_names_each_reason_to_refuse_traffic(
         bad.close()
         nobody.close()
         probe.close()
+
+
+def test_an_applier_shard_past_the_last_port_is_a_configuration_error(tmp_path: Path) -> None:
+    from relay.upstream.applier_cli import app
+
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[relay]\nsource_dsn = "postgresql://fieldsync@127.0.0.1:1/app"\n'
+        '[journal]\nshards = 2\napplier_metrics_listen = "127.0.0.1:65535"\n'
+    )
+    result = CliRunner().invoke(app, ["--config", str(config), "--shard", "1"])
+    assert result.exit_code == 2, result.output
+    assert "journal.applier_metrics_listen: '127.0.0.1:65535' gives shard 1 port 65536" in (
+        result.output
+    )
