@@ -6,7 +6,8 @@ raised it (routing, validation, authentication, limits, a bug)::
     {"error": {"code": "<stable machine code>", "message": "<for people>", "status": <HTTP status>}}
 
 It is the shape of :meth:`relay.errors.AuthError.to_dict`; authentication
-errors are rendered with that method (and its ``WWW-Authenticate`` headers).
+errors are rendered with that method (and its ``WWW-Authenticate`` headers), and
+counted in ``fieldsync_relay_auth_failures_total{reason}`` by their code.
 
 Codes by status (see :data:`DEFAULT_CODES`): 400 ``bad_request`` /
 ``invalid_cursor``, 401 ``token_*`` (relay/errors.py), 403 ``forbidden`` /
@@ -36,6 +37,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relay.errors import AuthError, RelayError
+from relay.metrics import AUTH_FAILURES
 
 log = logging.getLogger("relay.downstream.api")
 
@@ -173,6 +175,8 @@ def validation_message(errors: Sequence[Any]) -> str:
 
 
 async def _on_relay_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, AuthError):
+        AUTH_FAILURES.labels(exc.code).inc()
     if isinstance(exc, AuthError | ApiError):
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers())
     return await _on_unexpected(request, exc)

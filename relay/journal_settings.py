@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from core.metrics import check_listen
 from core.settings_checks import (
     check_consumer_name,
     check_dsn,
@@ -41,6 +42,7 @@ class JournalSettings:
     max_entry_bytes: int
     topic_partitions: int
     retention_days: float
+    applier_metrics_listen: str
 
 
 JOURNAL = Section(
@@ -143,6 +145,16 @@ JOURNAL = Section(
             "applier's audit table in the captured database is never pruned. 0 keeps "
             "everything.",
             check=check_non_negative,
+        ),
+        Setting(
+            "applier_metrics_listen",
+            str,
+            "127.0.0.1:9189",
+            "host:port of the applier's Prometheus endpoint (`/metrics`; "
+            "docs/operations.md): shard N listens on port + N (port 0: any free port for "
+            'every shard); `""` turns it off. A port that cannot be bound is logged as an '
+            "error and the applier runs on without metrics.",
+            check=check_listen,
         ),
     ),
 )

@@ -9,16 +9,19 @@ feed lead and the others stand by, while all of them serve devices.
 (upload limits, the captured database for conflict resolutions).
 
 Start-up, in order: settings (relay/settings.py), the key store and revocation
-list, the bucket store (migrated), the tables the rules are checked against
-(the captured database's catalog when ``relay.source_dsn`` is set, else the
-schemas published in ``{prefix}._schemas``, waited for up to
-``schema_wait_s``), the rules, then the engine thread and the HTTP server.
+list, the metrics endpoint (``relay.metrics_listen``, relay/metrics.py; a port that
+cannot be bound is logged and the relay runs on without it), the bucket store
+(migrated), the tables the rules are checked against (the captured database's catalog
+when ``relay.source_dsn`` is set, else the schemas published in ``{prefix}._schemas``,
+waited for up to ``schema_wait_s``), the rules, then the engine thread and the HTTP
+server, which also serves ``GET /readyz`` (relay/readiness.py).
 Every configuration problem raises :class:`relay.errors.ConfigError` naming
 the file or setting at fault.
 
 Threads: the main thread runs uvicorn's event loop; the engine runs in one
 thread; a small watcher thread re-reads ``auth.revoked_file`` when it changes
-and swaps the authenticator's list (an atomic reference assignment).  SIGINT /
+and swaps the authenticator's list (an atomic reference assignment); the metrics
+endpoint answers in a thread of its own (core/metrics.py).  SIGINT /
 SIGTERM stop uvicorn (open long-polls and streams are closed), then the engine
 is stopped and the store closed.  Under systemd (``Type=notify``) READY=1 is
 sent once the socket listens.
@@ -69,6 +72,8 @@ from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import check_rules_file, load_rules
 from relay.errors import ConfigError
+from relay.metrics import ENGINE_LAG, REGISTRY, serve
+from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.settings import HttpSettings, RelaySettings, load_relay_settings
 from relay.upstream.conflict_policies import Policy, load_conflicts
 from relay.upstream.journal_api import JournalApi
@@ -398,10 +403,12 @@ class RelayServer:
     def run(self, on_ready: Callable[[str, int], None] | None = None) -> None:
         s = self.settings
         authenticator = build_authenticator(s)
+        metrics = serve(s.relay.metrics_listen, registry=REGISTRY, setting="relay.metrics_listen")
         store = PgBucketStore(
             s.relay.store_dsn, group=s.relay.consumer_group, password=s.relay.store_password
         )
         journal: JournalApi | None = None
+        probe = BrokerProbe(s.kafka_client_kwargs())
         try:
             store.migrate()
             rules = load_bound_rules(s)
@@ -410,20 +417,29 @@ class RelayServer:
                 store, rules, authenticator, api_config(s, s.journal.conflicts), journal
             )
             with (
-                self._engine(store, rules),
+                self._engine(store, rules) as engine,
                 journal.feed.running() if journal.feed and self.run_engine else nullcontext(),
                 revocation_watcher(authenticator, s.auth.revoked_file),
             ):
+                ready = Readiness(
+                    store, probe, lambda: engine_status(engine), s.relay.ready_max_lag_s
+                )
+                app.include_router(ready.router())
                 self._serve(app, on_ready)
         finally:
             if journal is not None:
                 journal.close()
+            probe.close()
             store.close()
+            if metrics is not None:
+                metrics.close()
 
     @contextlib.contextmanager
-    def _engine(self, store: PgBucketStore, rules: Rules) -> Iterator[None]:
+    def _engine(self, store: PgBucketStore, rules: Rules) -> Iterator[BucketEngine | None]:
+        """The engine running in a thread (None with ``--no-engine``); its lag is what
+        ``fieldsync_relay_engine_lag_*`` report."""
         if not self.run_engine:
-            yield
+            yield None
             return
         r = self.settings.relay
         engine = BucketEngine(
@@ -444,9 +460,11 @@ class RelayServer:
 
         thread = threading.Thread(target=target, name="relay-engine", daemon=True)
         thread.start()
+        ENGINE_LAG.source = engine.lag
         try:
-            yield
+            yield engine
         finally:
+            ENGINE_LAG.source = None
             engine.request_stop()
             thread.join(30)
             if thread.is_alive():
@@ -458,6 +476,16 @@ class RelayServer:
         server = _Server(config, on_ready)
         logging.getLogger("uvicorn.access").addFilter(TokenRedactingFilter())
         server.run()
+
+
+def engine_status(engine: BucketEngine | None) -> EngineStatus:
+    """What ``/readyz`` says of this process's engine: off, standing by, or leading and
+    how far behind."""
+    if engine is None:
+        return ("off", None)
+    if not engine.leading.is_set():
+        return ("standby", None)
+    return ("leading", engine.lag.seconds())
 
 
 class _Server(uvicorn.Server):

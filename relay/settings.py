@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from core.kafka_options import client_config
+from core.metrics import check_listen
 from core.settings_checks import (
     check_bootstrap_servers,
     check_consumer_name,
@@ -80,6 +81,8 @@ class RelayCoreSettings:
     batch_max_ms: int
     compact_interval_s: float
     log_level: str
+    metrics_listen: str
+    ready_max_lag_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +294,23 @@ RELAY = Section(
             "INFO",
             "Log level.",
             choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        ),
+        Setting(
+            "metrics_listen",
+            str,
+            "127.0.0.1:9188",
+            'host:port of the Prometheus endpoint (`/metrics`; docs/operations.md); `""` '
+            "turns it off. A port that cannot be bound is logged as an error and the relay "
+            "runs on without metrics.",
+            check=check_listen,
+        ),
+        Setting(
+            "ready_max_lag_s",
+            float,
+            30.0,
+            "`GET /readyz` answers 503 while this process's bucket engine leads and is more "
+            "than this many seconds behind the change topics (docs/relay.md).",
+            check=check_positive,
         ),
     ),
 )

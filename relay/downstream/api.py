@@ -80,6 +80,7 @@ from relay.downstream.api_sync import ApiConfig, ApiState, granted, next_changes
 from relay.downstream.bucket_store import BucketStore
 from relay.downstream.rules import Rules
 from relay.errors import RelayError
+from relay.metrics import OPS_SERVED
 
 log = logging.getLogger("relay.downstream.api")
 
@@ -262,6 +263,7 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
                 wait_always=cursor is not None,
             )
         message = changes_message(page, dropped)
+        OPS_SERVED.inc(len(page.ops))
         if page.has_more:
             state.prefetch.start(
                 (device.device_id, tuple(buckets), message["cursor"], size),

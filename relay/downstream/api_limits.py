@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.api_errors import RequestTooLarge, error_response
+from relay.metrics import RATE_LIMITED
 
 log = logging.getLogger("relay.downstream.api")
 
@@ -34,7 +35,8 @@ class RateLimiter:
 
     ``rate == 0`` disables limiting.  Entries of devices idle long enough to be
     full again are dropped when the table grows, so memory stays bounded by the
-    number of recently active devices.  Not thread-safe: call from one event loop.
+    number of recently active devices.  A refusal counts in
+    ``fieldsync_relay_rate_limited_total``.  Not thread-safe: call from one event loop.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class RateLimiter:
                 self._sweep(now)
             return 0.0
         self._state[device_id] = (tokens, now)
+        RATE_LIMITED.inc()
         return (1.0 - tokens) / self.rate
 
     def _sweep(self, now: float) -> None:

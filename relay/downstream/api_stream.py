@@ -8,6 +8,8 @@ message (the ``/v1/changes`` body) whenever the device's buckets change; while c
 the one error shape and the socket is closed with 4000+status (4401, 4403, 4429, ...).
 The token's expiry and the revocation list are re-checked at least every
 :data:`WS_RECHECK_S` seconds; each client message counts against the device's rate.
+Open streams are the gauge ``fieldsync_relay_streams``; ops sent count in
+``fieldsync_relay_ops_served_total`` (relay/metrics.py).
 
 Concurrency model: one asyncio event loop.  Per connection, the pump (this module's
 :func:`serve_stream`) and a reader task that drains client messages; while up to date the
@@ -34,6 +36,7 @@ from relay.downstream.api_messages import changes_message, dumps
 from relay.downstream.api_sync import ApiState, granted, read_page
 from relay.downstream.bucket_store import OpsPage
 from relay.errors import AuthError, DeviceRevoked, RelayError, TokenExpired
+from relay.metrics import AUTH_FAILURES, OPS_SERVED, STREAMS
 
 log = logging.getLogger("relay.downstream.api")
 _T = TypeVar("_T")
@@ -44,6 +47,8 @@ WS_RECHECK_S: Final = 30.0
 
 
 async def _ws_error(websocket: WebSocket, exc: AuthError | ApiError) -> None:
+    if isinstance(exc, AuthError):
+        AUTH_FAILURES.labels(exc.code).inc()
     with contextlib.suppress(Exception):
         await websocket.send_text(dumps(exc.to_dict()).decode())
     with contextlib.suppress(Exception):
@@ -94,6 +99,7 @@ async def serve_stream(state: ApiState, websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         return
     reader = asyncio.create_task(_ws_reader(state, websocket, who))
+    STREAMS.inc()
     try:
         await _ws_pump(state, websocket, who, have, reader)
     except (AuthError, ApiError) as exc:
@@ -104,6 +110,7 @@ async def serve_stream(state: ApiState, websocket: WebSocket) -> None:
         log.exception("WebSocket stream of device %r failed", who.device_id)
         await _ws_error(websocket, ApiError(500, "internal_error", "internal error"))
     finally:
+        STREAMS.dec()
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
@@ -153,6 +160,7 @@ async def _ws_pump(
                 )
             if first or page.ops or page.resync or dict(page.cursors) != cursors:
                 await websocket.send_text(dumps(changes_message(page, dropped)).decode())
+                OPS_SERVED.inc(len(page.ops))
                 dropped = []
             first = False
             cursors = dict(page.cursors)

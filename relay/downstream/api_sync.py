@@ -5,7 +5,8 @@ endpoints share (store, rules, authenticator, limiter, read-ahead pages).  A dev
 the buckets its token's claims grant (:func:`granted`); :func:`read_page` reads the next
 page of their ops from the bucket store (503 when it cannot), and :func:`next_changes`
 long-polls: when nothing is new, it waits on the store's change listener up to the
-request's ``wait`` and reads again.  A device catching up (``has_more``) gets its next page
+request's ``wait`` and reads again (counted while waiting in the gauge
+``fieldsync_relay_long_polls``).  A device catching up (``has_more``) gets its next page
 read ahead while it processes the current one (:class:`Prefetcher`).
 
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker threads
@@ -29,6 +30,7 @@ from relay.downstream.api_limits import RateLimiter
 from relay.downstream.bucket_store import BucketStore, OpsPage
 from relay.downstream.rules import Rules
 from relay.errors import RelayError
+from relay.metrics import LONG_POLLS
 
 log = logging.getLogger("relay.downstream.api")
 
@@ -170,7 +172,8 @@ async def next_changes(
         if remaining <= 0 or not buckets:
             return page
         try:
-            await state.store.wait_for_change_async(list(buckets), page.head_op_id, remaining)
+            with LONG_POLLS.track_inprogress():
+                await state.store.wait_for_change_async(list(buckets), page.head_op_id, remaining)
         except RelayError as exc:
             log.warning("bucket store change wait failed: %s", exc)
             return page

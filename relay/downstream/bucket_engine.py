@@ -52,12 +52,13 @@ from typing import Any, Final
 
 from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
-from relay.downstream.bucket_store import PartitionProgress, Position
+from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
 from relay.downstream.event_decoder import EventDecoder
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.errors import EngineError, LeadershipLost, StoreError
+from relay.metrics import OPS_WRITTEN, ConsumerLag
 
 __all__ = [
     "BucketEngine",
@@ -271,6 +272,7 @@ class BucketEngine:
         self.standby_retry_s = standby_retry_s
         self.schema_wait_s = schema_wait_s
         self.stats = EngineStats()
+        self.lag = ConsumerLag()
         self.leading = threading.Event()
         self._stop = threading.Event()
         self._consumer: Any = None
@@ -350,6 +352,7 @@ class BucketEngine:
 
         self._close_consumers()
         self._progress = self.store.load_offsets()
+        self.lag.start({tp: p.next_offset for tp, p in self._progress.items()})
         self._schemas = SchemaLog(self.kafka, self.prefix)
         self._schemas.refresh()
         self._consumer = build_client(
@@ -380,6 +383,7 @@ class BucketEngine:
         self._reader.start()
 
     def _close_consumers(self) -> None:
+        self.lag.stop()
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
@@ -416,12 +420,21 @@ class BucketEngine:
             self._idle_at_end = item.at_end
             if item.at_end:
                 self._caught_up = item.position
+                self.lag.at_end(item.ends)
             return 0
         self._idle_at_end = False
+        changes = item.changes
+        self.lag.received(_commit_s(changes[0]) if changes else None)
         t0 = time.perf_counter()
-        result = self.store.apply(self.rules, item.changes, item.progress)
+        result = self.store.apply(self.rules, changes, item.progress)
         self.stats.apply_s += time.perf_counter() - t0
         self._progress.update(item.progress)
+        OPS_WRITTEN.inc(result.ops)
+        self.lag.saw_ends(self._reader.ends)
+        self.lag.applied(
+            {tp: p.next_offset for tp, p in item.progress.items()},
+            _commit_s(changes[-1]) if changes else None,
+        )
         self.stats.batches += 1
         self.stats.changes += len(item.changes)
         self.stats.duplicates += result.skipped_duplicates
@@ -460,3 +473,8 @@ class BucketEngine:
             elif self._idle_at_end:
                 quiet += 1
         return self.stats
+
+
+def _commit_s(change: RowChange) -> float | None:
+    """The commit time of a change in seconds since the epoch (None when not sent)."""
+    return change.commit_ts_us / 1e6 if change.commit_ts_us is not None else None

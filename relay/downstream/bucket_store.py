@@ -100,7 +100,8 @@ class RowChange:
     ``insert`` is true for an insert (op ``c``): a store need not look up the remembered
     state of an inserted row that lands in no bucket (a live row with that key cannot be
     remembered, and a re-delivered insert changes nothing either way).  ``origin`` is the
-    envelope's ``source.origin`` (not interpreted).
+    envelope's ``source.origin`` (not interpreted), ``commit_ts_us`` its
+    ``source.commit_ts_us`` (the commit time, µs since the epoch; None when not sent).
     """
 
     table: str
@@ -113,6 +114,7 @@ class RowChange:
     before: Mapping[str, Any] | None = None
     insert: bool = False
     origin: str | None = None
+    commit_ts_us: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ position from the position header alone (no decoding), decodes the rest
 schema log, :class:`relay.downstream.bucket_engine.SchemaLog`, for up to
 ``schema_wait_s``), sorts each batch by position, and hands it over with the partitions'
 progress (next offset, highest position) as a :class:`Batch`, or an :class:`Idle` when
-nothing came (``at_end``: every assigned partition is at its end).
+nothing came (``at_end``: every assigned partition is at its end).  :attr:`ChangeReader.ends`
+holds the end offsets last fetched (when idle, and every :data:`ENDS_REFRESH_S` while
+busy), for the engine's lag (relay/metrics.py).
 
 The engine creates and closes the consumers.  Partitions are assigned manually: every
 partition of each change topic that exists, new topics picked up every
@@ -40,6 +42,9 @@ from relay.errors import EngineError
 
 log = logging.getLogger("relay.downstream.bucket_engine")
 
+ENDS_REFRESH_S = 5.0
+"""While busy, the reader fetches the partitions' end offsets this often (for the lag)."""
+
 
 @dataclasses.dataclass
 class EngineStats:
@@ -67,10 +72,12 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Idle:
-    """Nothing new; ``at_end``: every partition was at its end, up to ``position``."""
+    """Nothing new; ``at_end``: every partition was at its end, up to ``position``, and
+    ``ends`` (the partitions' end offsets then)."""
 
     at_end: bool
     position: Position
+    ends: Mapping[tuple[str, int], int] = dataclasses.field(default_factory=dict)
 
 
 class SchemaSource(Protocol):
@@ -123,6 +130,8 @@ class ChangeReader:
         self._batches: queue.Queue[Batch | Idle | BaseException] = queue.Queue(maxsize=2)
         self._reader: threading.Thread | None = None
         self._reader_stop = threading.Event()
+        self.ends: Mapping[tuple[str, int], int] = {}
+        self._ends_at = 0.0
 
     def start(self) -> None:
         """Assign the partitions that exist and start the reader thread."""
@@ -195,8 +204,11 @@ class ChangeReader:
                 if records:
                     changes, progress = self._changes(records)
                     item = Batch(changes, progress, len(records))
+                    if time.monotonic() - self._ends_at > ENDS_REFRESH_S:
+                        self._end_offsets()
                 else:
-                    item = Idle(self._at_end(), self._max_position)
+                    at_end = self._at_end()
+                    item = Idle(at_end, self._max_position, self.ends if at_end else {})
                 while not self._reader_stop.is_set():
                     try:
                         self._batches.put(item, timeout=0.2)
@@ -284,8 +296,16 @@ class ChangeReader:
         tps = list(self._consumer.assignment())
         if not tps:
             return True
-        ends = self._consumer.end_offsets(tps)
-        return all(self._consumer.position(tp) >= ends[tp] for tp in tps)
+        ends = self._end_offsets()
+        return all(self._consumer.position(tp) >= ends[(tp.topic, tp.partition)] for tp in tps)
+
+    def _end_offsets(self) -> Mapping[tuple[str, int], int]:
+        """Fetch the assigned partitions' end offsets into :attr:`ends` (a new dict, so
+        other threads read a whole one)."""
+        ends = self._consumer.end_offsets(list(self._consumer.assignment()))
+        self.ends = {(tp.topic, tp.partition): end for tp, end in ends.items()}
+        self._ends_at = time.monotonic()
+        return self.ends
 
 
 def _header_position(record: Any) -> Position | None:

@@ -6,9 +6,9 @@ fingerprint in the value's header, the writer schema from the registry that
 table as ``schema.table``, PostgreSQL column names (Avro field names are mapped back
 through ``pg.name``), primary-key tuples in the rules' key order, the old key when an
 update changed it, the unchanged TOAST columns, the full old row when the event carries
-it (REPLICA IDENTITY FULL), and the event's position (from the Kafka header when given,
-else from ``source``).  A delete without its old key, an upsert without its row, or an
-unknown fingerprint raise :class:`core.errors.DecodeError`.
+it (REPLICA IDENTITY FULL), its commit time, and the event's position (from the Kafka
+header when given, else from ``source``).  A delete without its old key, an upsert
+without its row, or an unknown fingerprint raise :class:`core.errors.DecodeError`.
 
 Pure apart from its caches (per fingerprint renames, per table key columns); a decoder is
 used by one thread (the engine's reader).
@@ -84,15 +84,20 @@ class EventDecoder:
         table = self._table(source)
         op = event["op"]
         origin = source.get("origin")
+        committed = source.get("commit_ts_us")
         if op == "t":
-            return RowChange(table, ChangeKind.TRUNCATE, position, origin=origin)
+            return RowChange(
+                table, ChangeKind.TRUNCATE, position, origin=origin, commit_ts_us=committed
+            )
         after = _renamed(event.get("after"), rename)
         before = _renamed(event.get("before"), rename)
         if op == "d":
             if before is None:
                 raise DecodeError(f"{table}: delete at {position} carries no old key")
             key = self._key_of(table, before)
-            return RowChange(table, ChangeKind.DELETE, position, key, origin=origin)
+            return RowChange(
+                table, ChangeKind.DELETE, position, key, origin=origin, commit_ts_us=committed
+            )
         if after is None:
             raise DecodeError(f"{table}: op {op!r} at {position} carries no row")
         key = self._key_of(table, after)
@@ -114,6 +119,7 @@ class EventDecoder:
             before=full_before,
             insert=op == "c",
             origin=origin,
+            commit_ts_us=committed,
         )
 
 

@@ -3,6 +3,7 @@
 :class:`PgBucketStore` owns the connections, the engine's leadership and the wake-ups; its
 tables, migrations and locks are relay/downstream/pg_store_schema.py, its write path
 relay/downstream/pg_store_writes.py and its read path relay/downstream/pg_store_reads.py.
+Its calls are timed into ``fieldsync_relay_store_seconds{operation}`` (relay/metrics.py).
 
 Why the store must be its own database: logical decoding is per database, and the relay's
 writes must never feed back into the change stream.
@@ -77,6 +78,7 @@ from relay.downstream.pg_store_schema import (
 )
 from relay.downstream.rules import Rules
 from relay.errors import LeadershipLost, StoreError
+from relay.metrics import STORE_SECONDS
 from relay.pg_listen import PgListener, wake_future
 
 __all__ = ["ConnectionPool", "PgBucketStore"]
@@ -369,7 +371,7 @@ class PgBucketStore:
         changes: Sequence[RowChange],
         offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
     ) -> ApplyResult:
-        with self._write_txn() as conn:
+        with STORE_SECONDS.labels("apply").time(), self._write_txn() as conn:
             result, errors = pg_store_writes.apply_changes(
                 conn, self.group, rules, changes, offsets
             )
@@ -378,13 +380,17 @@ class PgBucketStore:
         return result
 
     def load_offsets(self) -> dict[tuple[str, int], PartitionProgress]:
-        with self._pool.connection() as conn, conn.transaction():
+        with (
+            STORE_SECONDS.labels("load_offsets").time(),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
             return pg_store_reads.load_offsets(conn, self.group)
 
     # ---- reading
 
     def bucket_state(self, buckets: Sequence[str]) -> dict[str, BucketCheckpoint]:
-        with self._read_txn() as conn:
+        with STORE_SECONDS.labels("bucket_state").time(), self._read_txn() as conn:
             return pg_store_reads.checkpoints(conn, buckets)
 
     async def bucket_state_async(self, buckets: Sequence[str]) -> dict[str, BucketCheckpoint]:
@@ -408,7 +414,7 @@ class PgBucketStore:
     ) -> OpsPage:
         if limit < 1:
             raise ValueError(f"read_ops: limit must be >= 1, got {limit}")
-        with self._read_txn() as conn:
+        with STORE_SECONDS.labels("read_ops").time(), self._read_txn() as conn:
             return pg_store_reads.read_ops(conn, bucket_cursors, limit, epochs)
 
     async def read_ops_async(
@@ -467,7 +473,7 @@ class PgBucketStore:
         deleted = dropped = touched = 0
         below = drop_removes_below if drop_removes_below is not None else 0
         for name in names:
-            with self._write_txn() as conn:
+            with STORE_SECONDS.labels("compact").time(), self._write_txn() as conn:
                 d, r = pg_store_writes.compact_bucket(conn, name, below)
             deleted += d
             dropped += r
@@ -477,7 +483,7 @@ class PgBucketStore:
     def purge_tombstones(self, below: Position) -> int:
         """Forget tombstone row states older than ``below`` (the engine passes a position
         no event still to come can precede); returns how many were dropped."""
-        with self._write_txn() as conn:
+        with STORE_SECONDS.labels("purge_tombstones").time(), self._write_txn() as conn:
             return pg_store_writes.purge_tombstones(conn, below)
 
     def stats(self) -> dict[str, int]:

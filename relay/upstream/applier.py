@@ -21,6 +21,10 @@ Failures: the database's or Kafka's make the applier back off (0.5 s doubling to
 and start over from the stored offsets, rejecting nothing; an invalid configuration
 (:class:`~relay.errors.ConfigError`) ends :meth:`Applier.run`.
 
+Lag: while leading, :attr:`Applier.lag` (:class:`relay.metrics.ConsumerLag`) follows the
+offsets applied, the partitions' end offsets the reader fetched and the Kafka timestamp
+(intake time) of the last applied record; ``fieldsync_applier_lag_*`` read it when scraped.
+
 Threading: :meth:`Applier.run` in one thread; :meth:`Applier.request_stop` from any.
 The reader thread hands records and its error to the applier thread through a queue.
 """
@@ -40,6 +44,7 @@ import psycopg
 from core.kafka_options import build_client, is_kafka_error
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS
 from relay.errors import ApplierError, ConfigError
+from relay.metrics import ConsumerLag, Partition
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_store import Delivery
@@ -47,6 +52,23 @@ from relay.upstream.applier_store import Delivery
 __all__ = ["Applier", "ensure_journal_topics"]
 
 log = logging.getLogger(__name__)
+
+ENDS_REFRESH_S = 5.0
+"""While busy, the reader fetches the partitions' end offsets this often (for the lag)."""
+
+
+def _event_s(where: Delivery) -> float | None:
+    """A journal record's Kafka timestamp (the intake's send time) in epoch seconds."""
+    return where.timestamp_ms / 1000 if where.timestamp_ms is not None else None
+
+
+def _next_offsets(deliveries: Sequence[tuple[Delivery, bytes | None]]) -> dict[Partition, int]:
+    """Per partition, the offset after the last of ``deliveries``."""
+    out: dict[Partition, int] = {}
+    for where, _ in deliveries:
+        tp = (where.topic, where.partition)
+        out[tp] = max(out.get(tp, 0), where.offset + 1)
+    return out
 
 
 def ensure_journal_topics(kafka: Mapping[str, Any], topics: Sequence[str], partitions: int) -> None:
@@ -94,6 +116,7 @@ class Applier:
         self.standby_retry_s = standby_retry_s
         self.topic_refresh_s = topic_refresh_s
         self.leading = threading.Event()
+        self.lag = ConsumerLag()
         self._stop = threading.Event()
         self._reader: _Reader | None = None
         self._producer: Any = None
@@ -158,12 +181,14 @@ class Applier:
         self._close_clients()
         self.ensure_topics()
         self._producer = build_client(KafkaProducer, **self.kafka, acks="all", linger_ms=5)
+        offsets = self.db.load_offsets(self.journal_topic)
+        self.lag.start({(self.journal_topic, p): o for p, o in offsets.items()})
         self._reader = _Reader(
             self.kafka,
             self.journal_topic,
             self.db.shard,
             self.db.shards,
-            self.db.load_offsets(self.journal_topic),
+            offsets,
             self.poll_max,
             self.topic_refresh_s,
         )
@@ -177,6 +202,7 @@ class Applier:
         return frozenset(self._reader.partitions) if self._reader is not None else frozenset()
 
     def _close_clients(self) -> None:
+        self.lag.stop()
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
@@ -195,7 +221,12 @@ class Applier:
         deliveries = self._reader.take(max(self.batch_max_ms, 1) / 1000)
         if deliveries:
             self._last_take = time.monotonic()
+            self.lag.received(_event_s(deliveries[0][0]))
             self.db.apply(deliveries, self.batch_max_entries)
+            self.lag.saw_ends(self._reader.ends)
+            self.lag.applied(_next_offsets(deliveries), _event_s(deliveries[-1][0]))
+        elif self._at_end():
+            self.lag.at_end(self._reader.idle_ends)
         self.publish_outbox()
         return len(deliveries)
 
@@ -251,7 +282,9 @@ class _Reader(threading.Thread):
     Partitions of the shard are assigned as they appear (checked every ``refresh_s``)
     and start at ``offsets`` (the stored ones; else at the beginning).  An error ends
     the thread and is raised by the next :meth:`take`.  ``idle_since`` is the time of
-    the latest poll that found nothing and every partition at its end.
+    the latest poll that found nothing and every partition at its end, ``idle_ends``
+    the end offsets then; ``ends`` the end offsets last fetched (when idle, and every
+    :data:`ENDS_REFRESH_S` while busy).
     """
 
     def __init__(
@@ -273,6 +306,9 @@ class _Reader(threading.Thread):
         self.refresh_s = refresh_s
         self.partitions: set[int] = set()
         self.idle_since = 0.0
+        self.ends: Mapping[Partition, int] = {}
+        self.idle_ends: Mapping[Partition, int] = {}
+        self._ends_at = 0.0
         self.error: BaseException | None = None
         self._queue: queue.Queue[list[tuple[Delivery, bytes | None]]] = queue.Queue(maxsize=4)
         self._stopping = threading.Event()
@@ -331,13 +367,16 @@ class _Reader(threading.Thread):
                     refreshed = time.monotonic()
                 polled = consumer.poll(timeout_ms=100, max_records=self.poll_max)
                 batch = [
-                    (Delivery(r.topic, r.partition, r.offset), r.value)
+                    (Delivery(r.topic, r.partition, r.offset, r.timestamp), r.value)
                     for tp in sorted(polled, key=lambda t: t.partition)
                     for r in polled[tp]
                 ]
                 if batch:
                     self._put(batch)
+                    if time.monotonic() - self._ends_at > ENDS_REFRESH_S:
+                        self._end_offsets(consumer)
                 elif self._at_end(consumer):
+                    self.idle_ends = self.ends
                     self.idle_since = time.monotonic()
         finally:
             consumer.close()
@@ -374,5 +413,12 @@ class _Reader(threading.Thread):
         tps = list(consumer.assignment())
         if not tps:
             return True
-        ends = consumer.end_offsets(tps)
-        return all(consumer.position(tp) >= ends[tp] for tp in tps)
+        ends = self._end_offsets(consumer)
+        return all(consumer.position(tp) >= ends[(tp.topic, tp.partition)] for tp in tps)
+
+    def _end_offsets(self, consumer: Any) -> Mapping[Partition, int]:
+        """Fetch the assigned partitions' end offsets into :attr:`ends` (a new dict)."""
+        ends = consumer.end_offsets(list(consumer.assignment()))
+        self.ends = {(tp.topic, tp.partition): end for tp, end in ends.items()}
+        self._ends_at = time.monotonic()
+        return self.ends

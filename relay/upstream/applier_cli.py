@@ -3,7 +3,9 @@
 Mount it with ``relay_app.add_typer(applier_cli.app, name="applier")``; it also runs on
 its own (``python -m relay.upstream.applier_cli --config FILE``).  Exit codes: 0 after SIGTERM /
 SIGINT (the current run finishes first), 1 runtime failure, 2 invalid configuration
-(the message names the file and key).
+(the message names the file and key).  Metrics are served on
+``journal.applier_metrics_listen`` (port + shard; relay/upstream/applier_metrics.py);
+a port that cannot be bound is logged and the applier runs on without them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Annotated
 import typer
 
 from relay.errors import ApplierError, ConfigError
+from relay.metrics import serve
 from relay.settings import load_applier_settings
+from relay.upstream import applier_metrics
 from relay.upstream.applier import Applier
 from relay.upstream.applier_db import ApplierDb
 
@@ -63,6 +67,11 @@ def applier(
             f"error: --shard {shard} is not one of 0..{j.shards - 1} (journal.shards)", err=True
         )
         raise typer.Exit(EXIT_CONFIG)
+    try:
+        listen = applier_metrics.shard_listen(j.applier_metrics_listen, shard)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     captured = settings.captured_dsn()
     assert captured is not None  # load_applier_settings checks it
     db = ApplierDb(
@@ -90,6 +99,8 @@ def applier(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    metrics = serve(listen, registry=applier_metrics.REGISTRY, setting=applier_metrics.SETTING)
+    applier_metrics.APPLIER_LAG.source = runner.lag
     try:
         runner.run()
     except ConfigError as exc:
@@ -98,6 +109,10 @@ def applier(
     except ApplierError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_RUNTIME) from None
+    finally:
+        applier_metrics.APPLIER_LAG.source = None
+        if metrics is not None:
+            metrics.close()
 
 
 if __name__ == "__main__":

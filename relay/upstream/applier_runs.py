@@ -21,6 +21,9 @@ an unreadable record is a run of its own.  Each run is ONE PostgreSQL transactio
   Deadlocks, serialization failures and rows changed meanwhile retry the run (then with
   row locks); any other failure raises :class:`~relay.errors.ApplierError` and the
   applier reads the same records again after a back-off, rejecting nothing.
+- **Counted** once committed: outcomes, dead letters and unreadable records in
+  ``fieldsync_applier_entries_total{outcome}`` (relay/upstream/applier_metrics.py), as
+  in :class:`~relay.upstream.applier_run.ApplyStats`.
 
 Runs in the applier's one thread, on the connection of its
 :class:`~relay.upstream.applier_run.ApplyContext`.
@@ -46,6 +49,7 @@ from relay.upstream.applier_failures import (
     Failure,
     classify_failure,
 )
+from relay.upstream.applier_metrics import ENTRIES, OUTCOMES
 from relay.upstream.applier_run import ApplyContext, ApplyStats, Item, RunState
 from relay.upstream.applier_store import (
     SCHEMA,
@@ -113,6 +117,8 @@ class RunApplier:
                 # optimistic first (no row locks; writes check xmin), locking after a retry
                 outcomes = self._run_txn(run, marks, lock=attempt > 0)
                 marks.done(run)
+                if run[0].record is None:  # unreadable, kept in bad_records
+                    ENTRIES.labels("dead_letter").inc(len(run))
                 return outcomes
             except Exception as exc:
                 if classify_failure(exc) is Failure.ENTRY:
@@ -151,6 +157,7 @@ class RunApplier:
         marks.done([item])
         if outcomes:  # else it had been applied before (a duplicate): nothing was kept
             self.stats.dead_letters += 1
+            ENTRIES.labels("dead_letter").inc()
             log.error(
                 "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
                 _where(item),
@@ -231,6 +238,7 @@ class RunApplier:
         return outcomes
 
     def _count(self, o: Outcome) -> None:
+        """Count a committed outcome (stats and ``fieldsync_applier_entries_total``)."""
         if o.kind is OutcomeKind.APPLIED:
             self.stats.applied += 1
         elif o.kind is OutcomeKind.MERGED:
@@ -239,6 +247,7 @@ class RunApplier:
             self.stats.conflicts += 1
         else:
             self.stats.rejected += 1
+        ENTRIES.labels(o.kind.value if o.kind.value in OUTCOMES else "rejected").inc()
 
     def _fresh(
         self, cur: psycopg.Cursor[Any], device: str, run: list[Item]

@@ -152,11 +152,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """Where a journal record came from (the key of its bad record or dead letter)."""
+    """Where a journal record came from (the key of its bad record or dead letter), and
+    its Kafka timestamp (ms; the intake's send time), which is not part of its identity."""
 
     topic: str
     partition: int
     offset: int
+    timestamp_ms: int | None = dataclasses.field(default=None, compare=False)
 
 
 def clean(text: str, limit: int = 4000) -> str:

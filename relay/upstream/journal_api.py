@@ -25,6 +25,7 @@ Data path and choices:
   acknowledgements.  Only then are the intake records written and the answer given.
   Kafka failing → 503 and no intake record: nothing was acknowledged, the device uploads
   again.  The intake record failing after Kafka acknowledged → 503 as well, same retry.
+  Each entry recorded counts in ``fieldsync_relay_journal_entries_total{status}``.
 - **Outcomes.**  :class:`relay.upstream.outcome_feed.OutcomeFeed` copies
   ``{prefix}._outcomes`` into the outcome store; ``GET /v1/outcomes?after=P`` returns
   the device's outcomes with a position above ``P`` (a later outcome of an old seq,
@@ -69,6 +70,7 @@ from relay.errors import (
     ResolveForbidden,
     UploadError,
 )
+from relay.metrics import JOURNAL_ENTRIES
 from relay.settings import RelaySettings
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.conflict_desk import ConflictDesk
@@ -281,6 +283,8 @@ class JournalApi:
             if item.seq in recorded:
                 decision, mine = recorded[item.seq]
                 results.append(decision.to_json(item.seq, not mine))
+                if mine:
+                    JOURNAL_ENTRIES.labels(decision.status).inc()
             else:
                 results.append(known[item.seq].to_json(item.seq, True))
         return {"results": results}

@@ -6,6 +6,8 @@ token-key files written for the test, against the test PostgreSQL and broker.  E
 :class:`Process` keeps its output in a log file and can be killed with SIGKILL and
 started again on the same arguments (a new incarnation, appending to the same log).
 The relay listens on a free port chosen at each start; :attr:`Stack.url` follows it.
+The relay's and the applier's metrics endpoints listen on free ports too
+(:meth:`Stack.metrics_url` reads them from the logs).
 
 Threads: one reader thread per running process copies its output; :class:`Stack`'s
 lock serialises kill/restart against :meth:`Stack.check`, so a process that a test
@@ -33,6 +35,7 @@ from tests.cdc.cdc_support import wait_for
 from tests.cdc.test_cdc_cli import cli_env, daemon_config
 
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+_METRICS = re.compile(r"metrics on (http://[^/\s\"]+)/metrics")
 STOPPED = re.compile(r"(bucket engine|outcome feed) stopped with an error")
 """What the relay logs when a thread of it stops for good while the process runs on."""
 
@@ -156,6 +159,19 @@ class Stack:
         self.url = f"http://127.0.0.1:{wait_for(port, timeout=timeout, what='the relay listening')}"
         return self.url
 
+    def metrics_url(self, name: str, timeout: float = 90) -> str:
+        """The base URL of the metrics endpoint of process ``name`` (its log says where:
+        the stack's settings ask for any free port)."""
+        proc = self.procs[name]
+
+        def found() -> str:
+            proc.alive()
+            m = _METRICS.search("".join(proc.lines))
+            return m.group(1) if m else ""
+
+        url: str = wait_for(found, timeout=timeout, what=f"the metrics endpoint of {name}")
+        return url
+
     def kill_and_restart(self, name: str) -> int:
         """SIGKILL one process and start it again (for the relay: until it listens, on a
         new port, :attr:`url`).  Returns the killed process's exit status."""
@@ -205,11 +221,12 @@ def services(
     relay_config.write_text(
         f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\n'
         f'rules = "{tmp_path / "rules.toml"}"\ntopic_prefix = "{prefix}"\n'
-        f'kafka_bootstrap_servers = "{bootstrap}"\nbatch_max_ms = 10\n\n'
+        f'kafka_bootstrap_servers = "{bootstrap}"\nbatch_max_ms = 10\n'
+        'metrics_listen = "127.0.0.1:0"\n\n'
         "[http]\nport = 0\nlong_poll_s = 5\nrate_per_s = 0\n\n"
         f'[auth]\nkeys_file = "{keys}"\n\n'
         f'[journal]\ndsn = "{pg_dsn}"\nconflicts = "{tmp_path / "conflicts.toml"}"\n'
-        "batch_max_ms = 10\n"
+        'batch_max_ms = 10\napplier_metrics_listen = "127.0.0.1:0"\n'
     )
     stack = Stack(KeyStore.from_file(keys), cdc_config, relay_config, {})
     try:

@@ -3,7 +3,9 @@
 Every fieldsync service's command exists with the options it passes; every settings file
 loads with the environment compose gives it; the tables initdb creates on a real
 PostgreSQL satisfy the mounted rules and conflict policies (checked the way the applier
-checks them at start-up); the mounts point at files that exist."""
+checks them at start-up); the mounts point at files that exist; Prometheus scrapes each
+fieldsync service where its settings make it listen, and loads the example alerts
+(their contents: tests/pipeline/test_alerts.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import pytest
 import yaml
 
 from cdc.settings import load_cdc_settings
+from core.metrics import parse_listen
 from relay.auth_keys import KeyStore
 from relay.settings import load_applier_settings, load_relay_settings
 from relay.upstream.applier import ApplierDb
+from relay.upstream.applier_metrics import shard_listen
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 SPEC: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
@@ -63,7 +67,7 @@ def config_arg(service: str) -> Path:
 
 
 def test_services_and_postgres_is_logical() -> None:
-    assert set(SPEC["services"]) == {"postgres", "kafka", *FIELDSYNC}
+    assert set(SPEC["services"]) == {"postgres", "kafka", "prometheus", *FIELDSYNC}
     assert "wal_level=logical" in SPEC["services"]["postgres"]["command"]
     for name in FIELDSYNC:
         assert SPEC["services"][name]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -114,3 +118,45 @@ def test_initdb_schema_satisfies_the_mounted_rules_and_policies(pg_dsn: str) -> 
         assert db.rules is not None and "public.work_orders" in db.rules.tables
     finally:
         db.close()
+
+
+CDC_METRICS_PORT = 9187
+"""``[cdc] metrics_listen``'s port (docs/operations.md); compose sets it by environment."""
+
+
+def metrics_address(service: str) -> tuple[str, int]:
+    """Where ``service`` serves its metrics, by its settings and compose's environment."""
+    if service == "cdc":
+        listen = environment("cdc")["FIELDSYNC_CDC_METRICS_LISTEN"]
+        address = parse_listen(listen)
+        assert address is not None and address[1] == CDC_METRICS_PORT, listen
+        return address
+    if service == "relay":
+        listen = load_relay_settings(config_arg("relay"), environment("relay")).relay.metrics_listen
+    else:
+        command = SPEC["services"]["applier"]["command"]
+        shard = int(command[command.index("--shard") + 1])
+        settings = load_applier_settings(config_arg("applier"), environment("applier"))
+        listen = shard_listen(settings.journal.applier_metrics_listen, shard)
+    address = parse_listen(listen)
+    assert address is not None, f"{service}: metrics are off"
+    return address
+
+
+def test_prometheus_scrapes_every_service_where_it_listens_and_loads_the_alerts() -> None:
+    prometheus = SPEC["services"]["prometheus"]
+    config_path = local("prometheus", "/etc/prometheus/prometheus.yml")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load(config_path.read_text())
+    targets = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+    for service in FIELDSYNC:
+        host, port = metrics_address(service)
+        assert host == "0.0.0.0", f"{service}: metrics must listen beyond the container"
+        assert targets[f"fieldsync-{service}"] == [f"{service}:{port}"], targets
+    for rules in config["rule_files"]:
+        alerts = local("prometheus", rules)
+        assert alerts.resolve() == (COMPOSE.parent / "config" / "prometheus" / "alerts.yml")
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
