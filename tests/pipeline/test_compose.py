@@ -23,7 +23,7 @@ from cdc.settings import load_cdc_settings
 from core.metrics import parse_listen
 from relay.auth_keys import KeyStore
 from relay.settings import load_applier_settings, load_relay_settings
-from relay.upstream.applier import ApplierDb
+from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_metrics import shard_listen
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
@@ -160,3 +160,15 @@ def test_prometheus_scrapes_every_service_where_it_listens_and_loads_the_alerts(
         alerts = local("prometheus", rules)
         assert alerts.resolve() == (COMPOSE.parent / "config" / "prometheus" / "alerts.yml")
     assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
+
+
+def test_the_image_holds_every_package_the_distribution_installs() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((COMPOSE.parent / "pyproject.toml").read_text())
+    packages = [
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    ]
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    missing = [p for p in packages if f"COPY {p} ./{p}\n" not in dockerfile]
+    assert packages and not missing, f"compose/Dockerfile copies none of {missing}"
