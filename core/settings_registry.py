@@ -494,6 +494,17 @@ class Registry(Generic[M]):
             for section in self.sections.values()
         }
 
+    def secrets(self, settings: M) -> list[str]:
+        """The set values of the secret settings (passwords), for
+        :func:`core.redaction.hide_secrets`: logs never show them."""
+        found = []
+        for section in self.sections.values():
+            for s in section.settings:
+                value = getattr(getattr(settings, section.name), s.name)
+                if s.secret and isinstance(value, str) and value:
+                    found.append(value)
+        return found
+
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from core.kafka_options import client_config
+from core.logs import LOG_FORMATS
 from core.settings_checks import (
     check_bootstrap_servers,
     check_consumer_name,
@@ -80,6 +81,7 @@ class RelayCoreSettings:
     batch_max_ms: int
     compact_interval_s: float
     log_level: str
+    log_format: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,10 @@ class RelaySettings:
     def redacted(self) -> dict[str, dict[str, Any]]:
         """Every setting as plain data for logging; secrets are ``***``, DSN passwords masked."""
         return RELAY_REGISTRY.redact(self)
+
+    def secrets(self) -> list[str]:
+        """The values of the secret settings (passwords), masked in every log line."""
+        return RELAY_REGISTRY.secrets(self)
 
     def store_connect_kwargs(self) -> dict[str, Any]:
         """Extra psycopg connect arguments for the bucket store (the password, if set)."""
@@ -291,6 +297,15 @@ RELAY = Section(
             "INFO",
             "Log level.",
             choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        ),
+        Setting(
+            "log_format",
+            str,
+            "text",
+            "Log line format on standard error: `text` (time level logger: message) or `json` "
+            "(one object per line with time, level, logger, message, component and context "
+            "fields; docs/operations.md, Logs).",
+            choices=LOG_FORMATS,
         ),
     ),
 )

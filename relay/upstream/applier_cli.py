@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
 import typer
 
+from core.logs import setup_logging
+from core.redaction import hide_secrets
 from relay.errors import ApplierError, ConfigError
 from relay.settings import load_applier_settings
 from relay.upstream.applier import Applier
@@ -52,11 +53,8 @@ def applier(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
-    logging.basicConfig(
-        level=settings.relay.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    hide_secrets(settings.secrets())
+    setup_logging(settings.relay.log_level, settings.relay.log_format, "applier")
     j = settings.journal
     if not 0 <= shard < j.shards:
         typer.echo(

@@ -37,6 +37,7 @@ import psycopg
 
 from core.errors import JournalFormatError
 from core.journal_format import JournalRecord, Outcome, OutcomeKind, Reason
+from core.log_context import log_context
 from relay.errors import ApplierError
 from relay.upstream.applier_entries import apply_entry, prepare
 from relay.upstream.applier_failures import (
@@ -137,27 +138,28 @@ class RunApplier:
         """Reject an entry that failed on its own, keeping it as a dead letter: first with
         the usual bookkeeping (the outcome shows the server's row), and if even that fails
         for the entry's sake, with a minimal record of it."""
-        failed = Failed.of(exc)
-        if failed.reason is Reason.INTERNAL_ERROR:
-            log.error("applier: unexpected failure on %s", _where(item), exc_info=exc)
-        try:
-            outcomes = self._run_txn([item], marks, failed=failed)
-        except Exception as again:
-            if classify_failure(again) is not Failure.ENTRY:
-                if isinstance(again, psycopg.Error):
-                    raise ApplierError(f"applying journal entries failed: {again}") from again
-                raise
-            outcomes = self._dead_letter_txn(item, failed, marks)
-        marks.done([item])
-        if outcomes:  # else it had been applied before (a duplicate): nothing was kept
-            self.stats.dead_letters += 1
-            log.error(
-                "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
-                _where(item),
-                failed.reason.value,
-                failed.message,
-            )
-        return outcomes
+        with log_context(**_context_of(item)):
+            failed = Failed.of(exc)
+            if failed.reason is Reason.INTERNAL_ERROR:
+                log.error("applier: unexpected failure on %s", _where(item), exc_info=exc)
+            try:
+                outcomes = self._run_txn([item], marks, failed=failed)
+            except Exception as again:
+                if classify_failure(again) is not Failure.ENTRY:
+                    if isinstance(again, psycopg.Error):
+                        raise ApplierError(f"applying journal entries failed: {again}") from again
+                    raise
+                outcomes = self._dead_letter_txn(item, failed, marks)
+            marks.done([item])
+            if outcomes:  # else it had been applied before (a duplicate): nothing was kept
+                self.stats.dead_letters += 1
+                log.error(
+                    "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
+                    _where(item),
+                    failed.reason.value,
+                    failed.message,
+                )
+            return outcomes
 
     def _dead_letter_txn(self, item: Item, failed: Failed, marks: Watermarks) -> list[Outcome]:
         """The last resort for an entry whose rejection cannot be recorded in full: the
@@ -209,23 +211,25 @@ class RunApplier:
                 self._record_bad(cur, run)
                 return []
             device = first.record.device_id
-            emit_origin(cur, f"device:{device}")
-            todo, known = self._fresh(cur, device, run)
-            for item in todo:
-                prepare(self.db, item, failed)
-            state = RunState(self.db, cur, known, lock_rows=lock)
-            state.prefetch([i for i in todo if i.entry is not None])
-            for item in todo:
-                outcome = apply_entry(self.db, state, item)
-                assert item.record is not None
-                known[item.record.seq] = (outcome.kind.value, outcome.reason)
-                outcomes.append(outcome)
-            state.flush()
-            outcomes = state.bound_written(outcomes)
-            state.write_bookkeeping(outcomes, todo)
-            if failed is not None:
+            with log_context(device=device):
+                emit_origin(cur, f"device:{device}")
+                todo, known = self._fresh(cur, device, run)
                 for item in todo:
-                    self._write_dead_letter(cur, item, failed)
+                    prepare(self.db, item, failed)
+                state = RunState(self.db, cur, known, lock_rows=lock)
+                state.prefetch([i for i in todo if i.entry is not None])
+                for item in todo:
+                    with log_context(**_context_of(item)):
+                        outcome = apply_entry(self.db, state, item)
+                    assert item.record is not None
+                    known[item.record.seq] = (outcome.kind.value, outcome.reason)
+                    outcomes.append(outcome)
+                state.flush()
+                outcomes = state.bound_written(outcomes)
+                state.write_bookkeeping(outcomes, todo)
+                if failed is not None:
+                    for item in todo:
+                        self._write_dead_letter(cur, item, failed)
         for o in outcomes:
             self._count(o)
         return outcomes
@@ -281,6 +285,15 @@ class RunApplier:
             )
             self.stats.bad_records += 1
             write_bad_record(cur, item.where, item.error, item.raw)
+
+
+def _context_of(item: Item) -> dict[str, str | None]:
+    """The log context of an entry: its device and table (those it has)."""
+    record = item.record
+    if record is None:
+        return {}
+    entry = record.entry
+    return {"device": record.device_id, "table": entry.table if entry is not None else None}
 
 
 def _where(item: Item) -> str:
