@@ -18,7 +18,7 @@ import typer
 
 from cdc.errors import CdcError, ConfigError, PreflightError
 from core.errors import FieldsyncError
-from core.logs import setup_logging
+from core.logs import hold_early_records, setup_logging
 from core.redaction import hide_secrets
 
 app = typer.Typer(
@@ -60,7 +60,8 @@ def cdc_run(config: ConfigOpt = None) -> None:
     from core.systemd_notify import Notifier
 
     try:
-        settings = _load(config)
+        with hold_early_records() as early:  # settings-file warnings, in the chosen format
+            settings = _load(config)
     except ConfigError as exc:
         raise _fail(exc, EXIT_CONFIG) from None
     setup_logging(
@@ -68,6 +69,7 @@ def cdc_run(config: ConfigOpt = None) -> None:
         settings.cdc.log_format,
         "cdc",
         context={"slot": settings.postgres.slot},
+        early=early,
     )
     logging.getLogger("fieldsync.cdc").info("settings: %s", json.dumps(settings.redacted()))
     daemon = CdcDaemon(settings, notifier=Notifier.from_env(unset_environment=True))

@@ -30,9 +30,10 @@ the standard library's (one lock per handler).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -47,6 +48,7 @@ __all__ = [
     "LOG_FORMATS",
     "TEXT_FORMAT",
     "JsonLineFormatter",
+    "hold_early_records",
     "make_handler",
     "setup_logging",
 ]
@@ -103,9 +105,11 @@ def setup_logging(
     fmt: str = "text",
     component: str | None = None,
     context: Mapping[str, object] | None = None,
+    early: Iterable[logging.LogRecord] = (),
 ) -> None:
     """Configure the root logger at ``level`` (a name such as ``"INFO"``) in format *fmt*
-    (``"text"`` or ``"json"``) for *component*; *context* holds process-wide context fields.
+    (``"text"`` or ``"json"``) for *component*; *context* holds process-wide context fields;
+    *early* records (:func:`hold_early_records`) are then written in that format.
 
     Like :func:`logging.basicConfig`, it leaves a root logger that already has handlers
     alone (a host that configured logging itself)."""
@@ -113,3 +117,35 @@ def setup_logging(
     logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     set_process_log_context(**(context or {}))
+    for record in early:
+        logging.getLogger(record.name).handle(record)
+
+
+class _Hold(logging.Handler):
+    def __init__(self, held: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.held = held
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append(record)
+
+
+@contextlib.contextmanager
+def hold_early_records() -> Iterator[list[logging.LogRecord]]:
+    """Keep what is logged while the settings that choose the format are read (warnings
+    about the settings file), for :func:`setup_logging`'s ``early``: a JSON log then has no
+    line in another format.  If the block fails, they are written at once, as text."""
+    held: list[logging.LogRecord] = []
+    hold = _Hold(held)
+    root = logging.getLogger()
+    root.addHandler(hold)
+    try:
+        yield held
+    except BaseException:
+        root.removeHandler(hold)
+        fallback = make_handler("text")
+        for record in held:
+            fallback.handle(record)
+        raise
+    finally:
+        root.removeHandler(hold)

@@ -51,8 +51,13 @@ PASSWORD_PARAM = re.compile(
     r"(?i)((?:^|[\s?&])password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)",
 )
 """``password=value`` (quoted or not) at the start, after a space, ``?`` or ``&``; group 1
-is kept.  Also used by :func:`core.settings_checks.redact_dsn`."""
+is kept.  Used by :func:`core.settings_checks.redact_dsn` on a whole DSN; in log text the
+value ends at a quote, comma or semicolon too (a DSN inside a JSON message), and the
+passwords of the settings' DSNs are masked literally anyway (:func:`hide_secrets`)."""
 
+_PASSWORD_IN_TEXT = re.compile(
+    r"(?i)((?:^|[\s?&;,(])password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&\"',;)]*)",
+)
 _URI_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:@/?#\s\"']*):[^@/\s\"']*@")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 _BASIC = re.compile(r"\b(Basic\s+)[A-Za-z0-9+/]{8,}={0,2}")
@@ -99,7 +104,7 @@ def redact_text(text: str) -> str:
         text = _URI_USERINFO.sub(rf"\1:{MASK}@", text)
     lowered = text.lower()
     if "password" in lowered:
-        text = PASSWORD_PARAM.sub(rf"\1{MASK}", text)
+        text = _PASSWORD_IN_TEXT.sub(rf"\1{MASK}", text)
     if "bearer" in lowered:
         text = _BEARER.sub(rf"\1{MASK}", text)
     if "Basic" in text:

@@ -57,7 +57,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.errors import FieldsyncError
-from core.logs import setup_logging
+from core.logs import hold_early_records, setup_logging
 from core.redaction import RedactingFilter, hide_secrets
 from core.systemd_notify import Notifier
 from relay.api_errors import error_body
@@ -488,8 +488,9 @@ class _Server(uvicorn.Server):
 
 def run(config_path: str | Path | None, run_engine: bool = True) -> None:
     """Load settings and run the relay until SIGINT/SIGTERM."""
-    settings = load_settings(config_path)
+    with hold_early_records() as early:  # settings-file warnings, in the chosen format
+        settings = load_settings(config_path)
     hide_secrets(settings.secrets())
-    setup_logging(settings.relay.log_level, settings.relay.log_format, "relay")
+    setup_logging(settings.relay.log_level, settings.relay.log_format, "relay", early=early)
     log.info("relay settings: %s", settings.redacted())
     RelayServer(settings, run_engine).run()

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from core.logs import setup_logging
+from core.logs import hold_early_records, setup_logging
 from core.redaction import hide_secrets
 from relay.errors import ApplierError, ConfigError
 from relay.settings import load_applier_settings
@@ -49,12 +49,13 @@ def applier(
 ) -> None:
     """Consume {prefix}._journal into the captured database; publish {prefix}._outcomes."""
     try:
-        settings = load_applier_settings(config)
+        with hold_early_records() as early:  # settings-file warnings, in the chosen format
+            settings = load_applier_settings(config)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
     hide_secrets(settings.secrets())
-    setup_logging(settings.relay.log_level, settings.relay.log_format, "applier")
+    setup_logging(settings.relay.log_level, settings.relay.log_format, "applier", early=early)
     j = settings.journal
     if not 0 <= shard < j.shards:
         typer.echo(
