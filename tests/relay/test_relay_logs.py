@@ -30,6 +30,7 @@ from core.hlc import Hlc
 from core.values import dump_json
 from relay.auth import issue_token
 from relay.auth_keys import KeyStore
+from relay.downstream.api_context import request_id_of
 from tests.cdc.test_cdc_logs import uri_with_password
 from tests.core.log_support import assert_no_secrets, json_lines
 
@@ -149,6 +150,28 @@ def _requests(base: str, ws_base: str, token: str, forged: str) -> dict[str, str
         ids["stream"] = ws.response.headers["x-request-id"]
         assert json.loads(ws.recv(timeout=30))["checkpoint"]["complete"]
     return ids
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("client-req-1", True),
+        ("0f8fa5c2-7a1b-4c55-9e3d-2b6f1d7c9a10", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("-starts-with-a-dash", False),
+        ("has space", False),
+        ("new\nline", False),
+        ("", False),
+    ],
+)
+def test_a_request_id_is_the_clients_only_when_sane(given: str, kept: bool) -> None:
+    scope = {"type": "http", "headers": [(b"x-request-id", given.encode())]}
+    made = request_id_of(scope)
+    assert (made == given) is kept
+    if not kept:
+        assert re.fullmatch(r"[0-9a-f]{32}", made) and made != request_id_of(scope)
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id_of({"type": "http", "headers": []}))
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
