@@ -450,7 +450,9 @@ class RelayServer:
         config = uvicorn_config(app, self.settings.http, self.settings.relay.log_level.lower())
         server = _Server(config, on_ready)
         for name in ("uvicorn.access", "uvicorn.error"):  # also when embedded, not via run()
-            logging.getLogger(name).addFilter(RedactingFilter())
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+                logger.addFilter(RedactingFilter())
         server.run()
 
 
