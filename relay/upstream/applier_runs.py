@@ -138,28 +138,33 @@ class RunApplier:
         """Reject an entry that failed on its own, keeping it as a dead letter: first with
         the usual bookkeeping (the outcome shows the server's row), and if even that fails
         for the entry's sake, with a minimal record of it."""
-        with log_context(**_context_of(item)):
-            failed = Failed.of(exc)
-            if failed.reason is Reason.INTERNAL_ERROR:
-                log.error("applier: unexpected failure on %s", _where(item), exc_info=exc)
-            try:
-                outcomes = self._run_txn([item], marks, failed=failed)
-            except Exception as again:
-                if classify_failure(again) is not Failure.ENTRY:
-                    if isinstance(again, psycopg.Error):
-                        raise ApplierError(f"applying journal entries failed: {again}") from again
-                    raise
-                outcomes = self._dead_letter_txn(item, failed, marks)
-            marks.done([item])
-            if outcomes:  # else it had been applied before (a duplicate): nothing was kept
-                self.stats.dead_letters += 1
-                log.error(
-                    "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
-                    _where(item),
-                    failed.reason.value,
-                    failed.message,
-                )
-            return outcomes
+        failed = Failed.of(exc)
+        if failed.reason is Reason.INTERNAL_ERROR:
+            log.error(
+                "applier: unexpected failure on %s",
+                _where(item),
+                exc_info=exc,
+                extra=_context_of(item),
+            )
+        try:
+            outcomes = self._run_txn([item], marks, failed=failed)
+        except Exception as again:
+            if classify_failure(again) is not Failure.ENTRY:
+                if isinstance(again, psycopg.Error):
+                    raise ApplierError(f"applying journal entries failed: {again}") from again
+                raise
+            outcomes = self._dead_letter_txn(item, failed, marks)
+        marks.done([item])
+        if outcomes:  # else it had been applied before (a duplicate): nothing was kept
+            self.stats.dead_letters += 1
+            log.error(
+                "applier: %s rejected (%s), kept as a dead letter, not retried: %s",
+                _where(item),
+                failed.reason.value,
+                failed.message,
+                extra=_context_of(item),
+            )
+        return outcomes
 
     def _dead_letter_txn(self, item: Item, failed: Failed, marks: Watermarks) -> list[Outcome]:
         """The last resort for an entry whose rejection cannot be recorded in full: the
@@ -211,25 +216,24 @@ class RunApplier:
                 self._record_bad(cur, run)
                 return []
             device = first.record.device_id
-            with log_context(device=device):
-                emit_origin(cur, f"device:{device}")
-                todo, known = self._fresh(cur, device, run)
+            emit_origin(cur, f"device:{device}")
+            todo, known = self._fresh(cur, device, run)
+            for item in todo:
+                prepare(self.db, item, failed)
+            state = RunState(self.db, cur, known, lock_rows=lock)
+            state.prefetch([i for i in todo if i.entry is not None])
+            for item in todo:
+                with log_context(**_context_of(item)):
+                    outcome = apply_entry(self.db, state, item)
+                assert item.record is not None
+                known[item.record.seq] = (outcome.kind.value, outcome.reason)
+                outcomes.append(outcome)
+            state.flush()
+            outcomes = state.bound_written(outcomes)
+            state.write_bookkeeping(outcomes, todo)
+            if failed is not None:
                 for item in todo:
-                    prepare(self.db, item, failed)
-                state = RunState(self.db, cur, known, lock_rows=lock)
-                state.prefetch([i for i in todo if i.entry is not None])
-                for item in todo:
-                    with log_context(**_context_of(item)):
-                        outcome = apply_entry(self.db, state, item)
-                    assert item.record is not None
-                    known[item.record.seq] = (outcome.kind.value, outcome.reason)
-                    outcomes.append(outcome)
-                state.flush()
-                outcomes = state.bound_written(outcomes)
-                state.write_bookkeeping(outcomes, todo)
-                if failed is not None:
-                    for item in todo:
-                        self._write_dead_letter(cur, item, failed)
+                    self._write_dead_letter(cur, item, failed)
         for o in outcomes:
             self._count(o)
         return outcomes
@@ -287,13 +291,14 @@ class RunApplier:
             write_bad_record(cur, item.where, item.error, item.raw)
 
 
-def _context_of(item: Item) -> dict[str, str | None]:
+def _context_of(item: Item) -> dict[str, str]:
     """The log context of an entry: its device and table (those it has)."""
     record = item.record
     if record is None:
         return {}
-    entry = record.entry
-    return {"device": record.device_id, "table": entry.table if entry is not None else None}
+    if record.entry is None:
+        return {"device": record.device_id}
+    return {"device": record.device_id, "table": record.entry.table}
 
 
 def _where(item: Item) -> str:
