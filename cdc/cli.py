@@ -18,7 +18,8 @@ import typer
 
 from cdc.errors import CdcError, ConfigError, PreflightError
 from core.errors import FieldsyncError
-from core.logs import setup_logging
+from core.logs import hold_early_records, setup_logging
+from core.redaction import hide_secrets
 
 app = typer.Typer(
     help="PostgreSQL logical replication (pgoutput) into Kafka.", no_args_is_help=True
@@ -47,7 +48,9 @@ def _load(config: Path | None) -> Any:
 
     if config is not None and not config.exists():
         raise ConfigError(f"config file {config} does not exist")
-    return load_cdc_settings(config)
+    settings = load_cdc_settings(config)
+    hide_secrets(settings.secrets())  # never in a log line, whatever logs it
+    return settings
 
 
 @app.command("run")
@@ -57,10 +60,17 @@ def cdc_run(config: ConfigOpt = None) -> None:
     from core.systemd_notify import Notifier
 
     try:
-        settings = _load(config)
+        with hold_early_records() as early:  # settings-file warnings, in the chosen format
+            settings = _load(config)
     except ConfigError as exc:
         raise _fail(exc, EXIT_CONFIG) from None
-    setup_logging(settings.cdc.log_level)
+    setup_logging(
+        settings.cdc.log_level,
+        settings.cdc.log_format,
+        "cdc",
+        context={"slot": settings.postgres.slot},
+        early=early,
+    )
     logging.getLogger("fieldsync.cdc").info("settings: %s", json.dumps(settings.redacted()))
     daemon = CdcDaemon(settings, notifier=Notifier.from_env(unset_environment=True))
     daemon.install_signal_handlers()

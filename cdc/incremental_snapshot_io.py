@@ -972,7 +972,7 @@ class IncrementalSnapshots:
             return
         self._failures = 0
         if isinstance(read, str):
-            log.warning("re-snapshot of %s ends: %s", job.table, read)
+            log.warning("re-snapshot of %s ends: %s", job.table, read, extra={"table": job.table})
             self._finish(job, read)
             return
         window = ChunkWindow(chunk_id, read.rows, read.visibility)
@@ -1062,6 +1062,7 @@ class IncrementalSnapshots:
                 job.table,
                 self._failures,
                 reason,
+                extra={"table": job.table},
             )
             self._failures = 0
             self._finish(job, f"failed: {reason}")
@@ -1079,6 +1080,7 @@ class IncrementalSnapshots:
             f" where {job.where}" if job.where else "",
             job.rows,
             job.chunks,
+            extra={"table": job.table},
         )
         self._finish(job, f"done: {job.rows} row(s)")
 

@@ -231,6 +231,7 @@ class CdcDaemon:
             "stopped; slot %s confirmed at %s",
             self.s.postgres.slot,
             format_lsn(self.stats.flushed_lsn),
+            extra={"position": format_lsn(self.stats.flushed_lsn)},
         )
         return 0
 
@@ -293,7 +294,12 @@ class CdcDaemon:
             rconn = connect(pg.dsn, pg.password, replication=True)
             if state is None:
                 slot = create_slot(rconn, pg.slot, export_snapshot=need_snapshot)
-                log.info("created slot %s at %s", pg.slot, format_lsn(slot.consistent_point))
+                log.info(
+                    "created slot %s at %s",
+                    pg.slot,
+                    format_lsn(slot.consistent_point),
+                    extra={"position": format_lsn(slot.consistent_point)},
+                )
                 if need_snapshot and slot.snapshot_name:
                     resume = self._snapshot(
                         slot.snapshot_name, slot.consistent_point, catalog, sink
@@ -452,6 +458,7 @@ class CdcDaemon:
                 batch.events,
                 (time.monotonic() - t0) * 1000,
                 format_lsn(self.stats.flushed_lsn),
+                extra={"position": format_lsn(position.commit_lsn)},
             )
             batch = _Batch()
 

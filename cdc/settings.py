@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from core.logs import LOG_FORMATS
 from core.settings_checks import (
     PG_NAME_MAX_BYTES,
     check_bootstrap_servers,
@@ -137,6 +138,7 @@ class KafkaSettings:
 class DaemonSettings:
     spill_dir: str
     log_level: str
+    log_format: str
     retry_backoff_initial_s: float
     retry_backoff_max_s: float
     state_dir: str
@@ -154,6 +156,10 @@ class CdcSettings:
     def redacted(self) -> dict[str, dict[str, Any]]:
         """Every setting as plain data for logging; secrets are ``***``, DSN passwords masked."""
         return CDC_REGISTRY.redact(self)
+
+    def secrets(self) -> list[str]:
+        """The values of the secret settings (passwords), masked in every log line."""
+        return CDC_REGISTRY.secrets(self)
 
     @property
     def effective_transactional_id(self) -> str:
@@ -393,6 +399,15 @@ DAEMON = Section(
             "INFO",
             "Log level.",
             choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        ),
+        Setting(
+            "log_format",
+            str,
+            "text",
+            "Log line format on standard error: `text` (time level logger: message) or `json` "
+            "(one object per line with time, level, logger, message, component and context "
+            "fields; docs/operations.md, Logs).",
+            choices=LOG_FORMATS,
         ),
         Setting(
             "retry_backoff_initial_s",

@@ -160,5 +160,11 @@ def read_snapshot(
                     )
                     seq += 1
                     n += 1
-            log.info("snapshot of %s.%s: %d rows", t.schema, t.table, n)
+            log.info(
+                "snapshot of %s.%s: %d rows",
+                t.schema,
+                t.table,
+                n,
+                extra={"table": f"{t.schema}.{t.table}"},
+            )
     conn.autocommit = True

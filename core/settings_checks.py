@@ -21,6 +21,8 @@ import difflib
 import re
 from collections.abc import Iterable
 
+from core.redaction import PASSWORD_PARAM
+
 __all__ = [
     "KAFKA_TOPIC_MAX",
     "PG_NAME_MAX_BYTES",
@@ -46,9 +48,6 @@ _TOPIC_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
 _DSN_URI_RE = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
 _DSN_KV_RE = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
 _URI_PASSWORD = re.compile(r"^(\s*postgres(?:ql)?://[^:@/?#]*):[^@/]*@", re.IGNORECASE)
-_PARAM_PASSWORD = re.compile(
-    r"(?i)((?:^|[\s?&])password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)",
-)
 
 
 def check_positive(value: float) -> None:
@@ -113,7 +112,7 @@ def redact_dsn(dsn: str) -> str:
     if not _is_dsn(dsn):
         return "***"
     dsn = _URI_PASSWORD.sub(r"\1:***@", dsn)
-    return _PARAM_PASSWORD.sub(r"\1***", dsn)
+    return PASSWORD_PARAM.sub(r"\1***", dsn)
 
 
 def close_match_hint(name: str, candidates: Iterable[str]) -> str:

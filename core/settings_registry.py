@@ -494,6 +494,32 @@ class Registry(Generic[M]):
             for section in self.sections.values()
         }
 
+    def secrets(self, settings: M) -> list[str]:
+        """What :meth:`redact` hides, for :func:`core.redaction.hide_secrets` (logs never
+        show it): the values of the secret settings, and the parts a setting's ``redact``
+        masks (the password inside a DSN)."""
+        found = []
+        for section in self.sections.values():
+            for s in section.settings:
+                value = getattr(getattr(settings, section.name), s.name)
+                if not isinstance(value, str) or not value:
+                    continue
+                if s.secret:
+                    found.append(value)
+                elif s.redact is not None:
+                    found += _masked_parts(value, str(s.redact(value)))
+        return found
+
+
+def _masked_parts(value: str, redacted: str) -> list[str]:
+    """The parts of *value* that *redacted* shows as ``***`` (all of it if they cannot be
+    told apart)."""
+    pattern = "(.+?)".join(re.escape(part) for part in redacted.split(MASK))
+    match = re.fullmatch(pattern, value, re.DOTALL)
+    if match is None:
+        return [value]
+    return [part for part in match.groups() if part]
+
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
     try:

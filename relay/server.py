@@ -31,8 +31,13 @@ protocol): every open socket counts against ``http.max_connections``, request he
 a deadline (``http.header_timeout_s``) however slowly they trickle in, and malformed or
 oversized heads are answered in the error shape (:func:`uvicorn_config`).
 
-Access logs never contain tokens: a ``token=`` query parameter (WebSocket
-authentication) is masked by :class:`TokenRedactingFilter`.
+Logs: :func:`core.logs.setup_logging` in ``relay.log_format`` (component ``relay``);
+uvicorn's own loggers (access lines, WebSocket handshakes) go through the same handler
+(:func:`uvicorn_config` installs no logging configuration of its own), so they have the
+same format and never contain tokens or passwords (:mod:`core.redaction`; the values of
+the secret settings and the HS256 key secrets are masked literally as well).  Each
+request has an id and, once authenticated, a device in its log context
+(relay/downstream/api_context.py).
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +60,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.errors import FieldsyncError
+from core.logs import hold_early_records, setup_logging
+from core.redaction import RedactingFilter, hide_secrets
 from core.systemd_notify import Notifier
 from relay.api_errors import error_body
 from relay.auth import Authenticator, RevocationList
@@ -82,21 +88,6 @@ log = logging.getLogger("relay.server")
 
 REVOKED_POLL_S = 5.0
 SCHEMA_WAIT_S = 60.0
-
-_TOKEN_QUERY = re.compile(r"(?i)(\btoken=)[^&\s\"]*")
-
-
-class TokenRedactingFilter(logging.Filter):
-    """Masks ``token=...`` in log records (uvicorn's access log prints query strings)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args and isinstance(record.args, tuple):
-            record.args = tuple(
-                _TOKEN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
-            record.msg = _TOKEN_QUERY.sub(r"\1***", record.msg)
-        return True
 
 
 def api_config(settings: RelaySettings, conflicts: str | None = None) -> ApiConfig:
@@ -265,6 +256,7 @@ def uvicorn_config(app: Any, http: HttpSettings, log_level: str = "info") -> uvi
         host=http.host,
         port=http.port,
         log_level=log_level,
+        log_config=None,  # uvicorn's loggers propagate to the process's one handler
         http=GuardedH11Protocol.configured(http.max_connections, http.header_timeout_s),
         timeout_keep_alive=http.keep_alive_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=http.max_header_bytes,
@@ -297,6 +289,7 @@ def load_settings(path: str | Path | None) -> RelaySettings:
 def build_authenticator(settings: RelaySettings) -> Authenticator:
     a = settings.auth
     keys = KeyStore.from_file(a.keys_file)
+    hide_secrets(k.verify_key for k in map(keys.get, keys.kids) if k and k.alg == "HS256")
     revoked = RevocationList.from_file(a.revoked_file) if a.revoked_file else None
     return Authenticator(
         keys, audience=a.audience, issuer=a.issuer, leeway_s=a.leeway_s, revoked=revoked
@@ -474,7 +467,10 @@ class RelayServer:
     def _serve(self, app: Any, on_ready: Callable[[str, int], None] | None) -> None:
         config = uvicorn_config(app, self.settings.http, self.settings.relay.log_level.lower())
         server = _Server(config, on_ready)
-        logging.getLogger("uvicorn.access").addFilter(TokenRedactingFilter())
+        for name in ("uvicorn.access", "uvicorn.error"):  # also when embedded, not via run()
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+                logger.addFilter(RedactingFilter())
         server.run()
 
 
@@ -522,10 +518,9 @@ class _Server(uvicorn.Server):
 
 def run(config_path: str | Path | None, run_engine: bool = True) -> None:
     """Load settings and run the relay until SIGINT/SIGTERM."""
-    settings = load_settings(config_path)
-    logging.basicConfig(
-        level=settings.relay.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    with hold_early_records() as early:  # settings-file warnings, in the chosen format
+        settings = load_settings(config_path)
+    hide_secrets(settings.secrets())
+    setup_logging(settings.relay.log_level, settings.relay.log_format, "relay", early=early)
     log.info("relay settings: %s", settings.redacted())
     RelayServer(settings, run_engine).run()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from core.kafka_options import client_config
+from core.logs import LOG_FORMATS
 from core.metrics import check_listen
 from core.settings_checks import (
     check_bootstrap_servers,
@@ -83,6 +84,7 @@ class RelayCoreSettings:
     log_level: str
     metrics_listen: str
     ready_max_lag_s: float
+    log_format: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,10 @@ class RelaySettings:
     def redacted(self) -> dict[str, dict[str, Any]]:
         """Every setting as plain data for logging; secrets are ``***``, DSN passwords masked."""
         return RELAY_REGISTRY.redact(self)
+
+    def secrets(self) -> list[str]:
+        """The values of the secret settings (passwords), masked in every log line."""
+        return RELAY_REGISTRY.secrets(self)
 
     def store_connect_kwargs(self) -> dict[str, Any]:
         """Extra psycopg connect arguments for the bucket store (the password, if set)."""
@@ -311,6 +317,15 @@ RELAY = Section(
             "`GET /readyz` answers 503 while this process's bucket engine leads and is more "
             "than this many seconds behind the change topics (docs/relay.md).",
             check=check_positive,
+        ),
+        Setting(
+            "log_format",
+            str,
+            "text",
+            "Log line format on standard error: `text` (time level logger: message) or `json` "
+            "(one object per line with time, level, logger, message, component and context "
+            "fields; docs/operations.md, Logs).",
+            choices=LOG_FORMATS,
         ),
     ),
 )

@@ -33,7 +33,9 @@ long-poll, read-ahead), api_stream.py the WebSocket, api_cursor.py the cursor,
 api_messages.py the bodies and their OpenAPI models, api_limits.py rate, size, time and
 connection limits (413 also after gzip request decompression, 408, 503, 429 with
 ``Retry-After``).  Errors all have the shape of :mod:`relay.api_errors`.  A client that
-disconnects mid-request is logged as such.
+disconnects mid-request is logged as such.  Every request and WebSocket has an id
+(``X-Request-ID``, relay/downstream/api_context.py) and, once authenticated, its device in
+the log context.
 
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker threads;
 long-polls and WebSocket streams wait on the store's shared change listener, so an idle
@@ -54,8 +56,10 @@ from fastapi.security import HTTPBearer
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import ClientDisconnect
 
+from core.log_context import bind_log_context
 from relay.api_errors import RateLimited, Unavailable, error_response, install_error_handlers
 from relay.auth import Authenticator, DeviceIdentity
+from relay.downstream.api_context import RequestIdMiddleware
 from relay.downstream.api_cursor import (
     MAX_CURSOR_CHARS,
     decode_cursor,
@@ -126,6 +130,7 @@ def create_app(
         request: Request, _: Annotated[Any, Security(bearer)] = None
     ) -> DeviceIdentity:
         who = authenticator.authenticate(request.headers.get("authorization"))
+        bind_log_context(device=who.device_id)
         wait = state.limiter.check(who.device_id)
         if wait > 0:
             raise RateLimited(who.device_id, wait)
@@ -290,7 +295,8 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
 
 
 def _add_limits(app: FastAPI, cfg: ApiConfig) -> None:
-    """Response compression, then (outermost) the connection, body size and time limits."""
+    """Response compression, then the connection, body size and time limits, then
+    (outermost) the request id (relay/downstream/api_context.py)."""
     app.add_middleware(
         GZipMiddleware, minimum_size=cfg.gzip_min_bytes, compresslevel=cfg.gzip_level
     )
@@ -301,3 +307,4 @@ def _add_limits(app: FastAPI, cfg: ApiConfig) -> None:
         body_timeout_s=cfg.body_timeout_s,
     )
     app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id

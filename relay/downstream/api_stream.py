@@ -29,6 +29,7 @@ from typing import Final, TypeVar
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from core.log_context import bind_log_context
 from relay.api_errors import ApiError, InvalidCursor, RateLimited, ws_close_code
 from relay.auth import DeviceIdentity
 from relay.downstream.api_cursor import Cursor, decode_cursor, dropped_message, split_dropped
@@ -89,6 +90,7 @@ async def serve_stream(state: ApiState, websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         who, cursor_text = await _ws_hello(state, websocket)
+        bind_log_context(device=who.device_id)
         wait = state.limiter.check(who.device_id)
         if wait > 0:
             raise RateLimited(who.device_id, wait)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
 import typer
 
+from core.logs import hold_early_records, setup_logging
+from core.redaction import hide_secrets
 from relay.errors import ApplierError, ConfigError
 from relay.metrics import serve
 from relay.settings import load_applier_settings
@@ -52,15 +53,13 @@ def applier(
 ) -> None:
     """Consume {prefix}._journal into the captured database; publish {prefix}._outcomes."""
     try:
-        settings = load_applier_settings(config)
+        with hold_early_records() as early:  # settings-file warnings, in the chosen format
+            settings = load_applier_settings(config)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
-    logging.basicConfig(
-        level=settings.relay.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    hide_secrets(settings.secrets())
+    setup_logging(settings.relay.log_level, settings.relay.log_format, "applier", early=early)
     j = settings.journal
     if not 0 <= shard < j.shards:
         typer.echo(

@@ -40,6 +40,7 @@ import psycopg
 
 from core.errors import JournalFormatError
 from core.journal_format import JournalRecord, Outcome, OutcomeKind, Reason
+from core.log_context import log_context
 from relay.errors import ApplierError
 from relay.upstream.applier_entries import apply_entry, prepare
 from relay.upstream.applier_failures import (
@@ -145,7 +146,12 @@ class RunApplier:
         for the entry's sake, with a minimal record of it."""
         failed = Failed.of(exc)
         if failed.reason is Reason.INTERNAL_ERROR:
-            log.error("applier: unexpected failure on %s", _where(item), exc_info=exc)
+            log.error(
+                "applier: unexpected failure on %s",
+                _where(item),
+                exc_info=exc,
+                extra=_context_of(item),
+            )
         try:
             outcomes = self._run_txn([item], marks, failed=failed)
         except Exception as again:
@@ -163,6 +169,7 @@ class RunApplier:
                 _where(item),
                 failed.reason.value,
                 failed.message,
+                extra=_context_of(item),
             )
         return outcomes
 
@@ -223,7 +230,8 @@ class RunApplier:
             state = RunState(self.db, cur, known, lock_rows=lock)
             state.prefetch([i for i in todo if i.entry is not None])
             for item in todo:
-                outcome = apply_entry(self.db, state, item)
+                with log_context(**_context_of(item)):
+                    outcome = apply_entry(self.db, state, item)
                 assert item.record is not None
                 known[item.record.seq] = (outcome.kind.value, outcome.reason)
                 outcomes.append(outcome)
@@ -290,6 +298,16 @@ class RunApplier:
             )
             self.stats.bad_records += 1
             write_bad_record(cur, item.where, item.error, item.raw)
+
+
+def _context_of(item: Item) -> dict[str, str]:
+    """The log context of an entry: its device and table (those it has)."""
+    record = item.record
+    if record is None:
+        return {}
+    if record.entry is None:
+        return {"device": record.device_id}
+    return {"device": record.device_id, "table": record.entry.table}
 
 
 def _where(item: Item) -> str:

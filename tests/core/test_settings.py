@@ -85,6 +85,7 @@ def test_defaults_match_the_contract() -> None:
     assert dataclasses.asdict(s.cdc) == {
         "spill_dir": "",
         "log_level": "INFO",
+        "log_format": "text",
         "retry_backoff_initial_s": 0.5,
         "retry_backoff_max_s": 30.0,
         "state_dir": "",
