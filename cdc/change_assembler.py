@@ -50,10 +50,15 @@ from typing import Protocol
 from cdc import pgoutput_decoder as m
 from cdc.errors import DecodeError, format_lsn
 from cdc.kafka_sink import ResumePosition
-from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.avro_envelope import (
+    ORIGIN_MESSAGE_PREFIX,
+    POSITION_HEADER,
+    Source,
+    TableCodec,
+    position_header,
+)
 from core.pg_types import ColumnSpec, TypeCatalog
 
-ORIGIN_MESSAGE_PREFIX = "fieldsync.origin"
 HEARTBEAT_MESSAGE_PREFIX = "fieldsync.heartbeat"
 
 

@@ -83,9 +83,9 @@ from cdc.kafka_sink import (
 from cdc.pg_catalog import PK_QUERY, PgCatalog, read_signatures
 from cdc.pg_source import connect
 from cdc.settings import CdcSettings
-from cdc.snapshot import COLUMNS_QUERY, output_function_text
+from cdc.snapshot import COLUMNS_QUERY
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
-from core.pg_types import ColumnSpec
+from core.pg_types import ColumnSpec, output_function_text
 
 log = logging.getLogger("fieldsync.cdc")
 

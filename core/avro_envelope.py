@@ -2,7 +2,7 @@
 
 Pure code: no I/O.  One :class:`TableCodec` exists per relation version (pgoutput Relation
 message); it builds the table's key and value schemas once, precomputes a converter per
-column (:mod:`core.pg_types`) and then turns raw pgoutput column values into Kafka key and
+column (:mod:`core.pg_type_mapping`) and then turns raw pgoutput column values into Kafka key and
 value bytes.
 
 Wire format (Avro *single-object encoding*, see the Avro specification)::
@@ -58,17 +58,13 @@ from typing import Any
 import fastavro
 
 from core.errors import DecodeError, SchemaError
-from core.pg_types import (
-    ColumnCodec,
-    ColumnSpec,
-    TypeCatalog,
-    column_codec,
-    dedupe_named,
-    returns_text_unchanged,
-)
+from core.pg_type_mapping import ColumnCodec, column_codec, dedupe_named
+from core.pg_types import ColumnSpec, TypeCatalog
+from core.pg_values import returns_text_unchanged
 
 __all__ = [
     "MAGIC",
+    "ORIGIN_MESSAGE_PREFIX",
     "POSITION_HEADER",
     "SMALL_VARINTS",
     "SchemaRegistry",
@@ -89,6 +85,10 @@ __all__ = [
 MAGIC = b"\xc3\x01"
 #: Kafka header carrying the event's position, see :func:`position_header`.
 POSITION_HEADER = "fieldsync.pos"
+#: Prefix of a transactional logical decoding message (``pg_logical_emit_message(true,
+#: 'fieldsync.origin', 'device:d42')``) whose content becomes ``source.origin`` of every event
+#: of its transaction: who made the change (the upstream applier names the device).
+ORIGIN_MESSAGE_PREFIX = "fieldsync.origin"
 
 _HEADER_LEN = len(MAGIC) + 8
 _SNAPSHOT_VALUES: dict[object, str] = {

@@ -2516,7 +2516,7 @@ class _PgTable:
         """(key id, {column: datum}) of every row in the snapshot."""
         from psycopg import sql
 
-        from cdc.snapshot import output_function_text
+        from core.pg_types import output_function_text
 
         t = self.t
         # no ::text casts: the output function's text is what pgoutput sends (bool::text
@@ -2552,7 +2552,7 @@ class _PgTable:
         import psycopg
 
         from cdc.errors import SchemaError
-        from cdc.snapshot import output_function_text
+        from core.pg_types import output_function_text
 
         conn = self.side.cast_conn()
         index = self.columns.index(column)

@@ -109,12 +109,17 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb, set_json_dumps
 
-from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
 from cdc.kafka_sink import build_client
-from cdc.snapshot import output_function_text
-from core.avro_envelope import TableCodec
+from core.avro_envelope import ORIGIN_MESSAGE_PREFIX, TableCodec
 from core.hlc import Hlc, HybridClock, wall_clock_ms
-from core.pg_types import CATALOG_QUERY, SESSION_SETTINGS, ColumnSpec, MappingCatalog, TypeInfo
+from core.pg_types import (
+    CATALOG_QUERY,
+    SESSION_SETTINGS,
+    ColumnSpec,
+    MappingCatalog,
+    TypeInfo,
+    output_function_text,
+)
 from core.row_wire import json_value, row_key_text
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS, table_infos_from_conn
 from relay.downstream.rules import Rules, TableInfo, canonical_text, load_rules

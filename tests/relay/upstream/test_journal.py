@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 
 from core.avro_envelope import TableCodec
 from core.hlc import Hlc
-from core.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
+from core.pg_types import ColumnSpec, MappingCatalog
+from core.pg_values import parse_date as _parse_date
+from core.pg_values import parse_time as _parse_time
+from core.pg_values import timestamp_parser as _timestamp_parser
 from relay.downstream.rules import TableInfo, rules_from_mapping
 from relay.errors import JournalFormatError, RulesError
 from relay.upstream.journal import (
