@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.avro_schema import dedupe_named
 from core.errors import SchemaError
 from core.pg_types import BUILTIN_TYPES, ColumnSpec, TypeCatalog, TypeKind
 from core.pg_values import (
@@ -50,7 +51,7 @@ from core.pg_values import (
     timestamp_parser,
 )
 
-__all__ = ["PG_NAMESPACE", "ColumnCodec", "column_codec", "dedupe_named"]
+__all__ = ["PG_NAMESPACE", "ColumnCodec", "column_codec"]
 
 #: Avro namespace of the shared helper types (special-value enums, decimals, interval).
 PG_NAMESPACE = "fieldsync.pg"
@@ -279,41 +280,6 @@ def _nested_items(elem_branches: list[Any], levels_below: int) -> list[Any]:
     if levels_below > 0:
         items.append({"type": "array", "items": _nested_items(elem_branches, levels_below - 1)})
     return items
-
-
-_NAMED_TYPES = frozenset({"record", "enum", "fixed", "error"})
-
-
-def dedupe_named(schema: Any, seen: dict[str, Any] | None = None) -> Any:
-    """Copy of a JSON-form schema where each named type is defined once (at its first use)
-    and referenced by its full name afterwards.  ``seen`` carries definitions across calls.
-
-    Names must be full names (this module never uses ``namespace``).  Two different
-    definitions under one name raise SchemaError.
-    """
-    if seen is None:
-        seen = {}
-    if isinstance(schema, list):
-        return [dedupe_named(s, seen) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    kind = schema.get("type")
-    if kind in _NAMED_TYPES:
-        name = schema["name"]
-        if name in seen:
-            if seen[name] != schema:
-                raise SchemaError(f"two different Avro types are both named {name!r}")
-            return name
-        seen[name] = schema
-        out = dict(schema)
-        if "fields" in schema:
-            out["fields"] = [{**f, "type": dedupe_named(f["type"], seen)} for f in schema["fields"]]
-        return out
-    if kind == "array":
-        return {**schema, "items": dedupe_named(schema["items"], seen)}
-    if kind == "map":
-        return {**schema, "values": dedupe_named(schema["values"], seen)}
-    return schema
 
 
 def column_codec(
