@@ -44,6 +44,7 @@ Concurrency: encoding and decoding change no shared state except a small cache o
 source names (a dict insert, safe under the GIL), so a TableCodec and a SchemaRegistry may be
 shared between threads; SchemaRegistry.add is not synchronized.
 """
+
 from __future__ import annotations
 
 import io
