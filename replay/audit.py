@@ -123,6 +123,11 @@ from cdc.errors import (
     parse_lsn,
 )
 from core.avro_envelope import POSITION_HEADER, SchemaRegistry, decode
+from core.envelope_schema import (
+    column_types_from_value_schema,
+    key_schema_columns,
+    read_value_schema,
+)
 from core.errors import FieldsyncError
 
 __all__ = [
@@ -263,7 +268,7 @@ class TableVersion:
     fields: tuple[str, ...]
     columns: tuple[str, ...]
     key_fields: tuple[str, ...]
-    types: Mapping[str, Any]  # PostgreSQL column name -> relay.upstream.journal.ColumnType
+    types: Mapping[str, Any]  # PostgreSQL column name -> core.envelope_schema.ColumnType
 
     def column_of(self) -> dict[str, str]:
         return dict(zip(self.fields, self.columns, strict=True))
@@ -281,8 +286,6 @@ class LogCatalog:
         self.schema_texts: list[str] = []  # as read, for decode workers
 
     def add(self, schema_json: str) -> None:
-        from relay.upstream.journal import column_types_from_value_schema
-
         known = len(self.registry)
         fp = self.registry.add(schema_json)
         if len(self.registry) > known:
@@ -292,24 +295,20 @@ class LogCatalog:
         parsed = json.loads(schema_json)
         if not isinstance(parsed, dict) or "pg.table" not in parsed:
             return
-        name = str(parsed.get("name", ""))
-        if name.endswith(".Key"):
-            self._key_names[fp] = {
-                f["name"]: str(f.get("pg.name", f["name"])) for f in parsed.get("fields", ())
-            }
+        key_names = key_schema_columns(parsed)
+        if key_names is not None:
+            self._key_names[fp] = key_names
             return
-        found = column_types_from_value_schema(parsed)
-        row = _row_record(parsed)
-        if found is None or row is None:
+        found = read_value_schema(parsed)
+        if found is None:
             return
-        fields = tuple(f["name"] for f in row["fields"])
         version = TableVersion(
             fingerprint=fp,
-            table=found[0],
-            fields=fields,
-            columns=tuple(str(f.get("pg.name", f["name"])) for f in row["fields"]),
-            key_fields=tuple(f["name"] for f in row["fields"] if f.get("pg.key")),
-            types=found[1],
+            table=found.qualified,
+            fields=found.fields,
+            columns=found.names,
+            key_fields=found.key_fields,
+            types=found.types(),
         )
         self.versions[fp] = version
         self.tables.setdefault(version.table, []).append(version)
@@ -335,15 +334,6 @@ class LogCatalog:
 
     def latest(self, table: str) -> TableVersion:
         return self.tables[table][-1]
-
-
-def _row_record(schema: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    for f in schema.get("fields", ()):
-        if f.get("name") == "before":
-            for branch in f.get("type", ()):
-                if isinstance(branch, dict) and branch.get("type") == "record":
-                    return branch
-    return None
 
 
 # --------------------------------------------------------------------------- Kafka access
@@ -2490,7 +2480,6 @@ class _PgTable:
 
     def __init__(self, side: _PgSide, table: Any, codec: Any) -> None:
         from core.avro_envelope import Source
-        from relay.upstream.journal import column_types_from_value_schema
 
         self.side = side
         self.t = table

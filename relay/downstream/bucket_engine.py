@@ -49,9 +49,10 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 from core.avro_envelope import POSITION_HEADER, SchemaRegistry, decode, parse_position_header
+from core.envelope_schema import read_value_schema, read_value_schemas
 from core.errors import DecodeError
 from relay.downstream.bucket_store import ChangeKind, PartitionProgress, Position, RowChange
 from relay.downstream.pg_bucket_store import LeadershipLost, PgBucketStore, StoreError
@@ -79,69 +80,20 @@ FETCH_MAX_WAIT_MS = 50
 # --------------------------------------------------------------------------- schemas
 
 
-def _value_schema_tables(schema: Mapping[str, Any]) -> tuple[str, TableInfo] | None:
-    """``(schema.table, TableInfo)`` of a change-event value schema; None for other schemas."""
-    if schema.get("type") != "record" or "pg.table" not in schema:
-        return None
-    if not str(schema.get("name", "")).endswith("Envelope"):
-        return None
-    row = None
-    for f in schema.get("fields", ()):
-        if f.get("name") == "before":
-            for branch in f.get("type", ()):
-                if isinstance(branch, dict) and branch.get("type") == "record":
-                    row = branch
-    if row is None:
-        return None
-    columns = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"])
-    key = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"] if f.get("pg.key"))
-    temporal = tuple(
-        (str(f.get("pg.name", f["name"])), kind)
-        for f in row["fields"]
-        if (kind := _temporal_kind(f.get("type"))) is not None
-    )
-    return f"{schema['pg.schema']}.{schema['pg.table']}", TableInfo(columns, key, temporal)
-
-
-_LOGICAL_KINDS: Final = {
-    "date": "date",
-    "time-micros": "time",
-    "local-timestamp-micros": "timestamp",
-    "timestamp-micros": "timestamptz",
-}
-
-
-def _temporal_kind(avro_type: Any) -> str | None:
-    """``date``/``time``/``timestamp``/``timestamptz`` for a field whose (union) type has
-    that Avro logical type (domains over them included), else None."""
-    for branch in avro_type if isinstance(avro_type, list) else [avro_type]:
-        if isinstance(branch, Mapping):
-            kind = _LOGICAL_KINDS.get(str(branch.get("logicalType")))
-            if kind is not None:
-                return str(kind)
-    return None
-
-
 def table_infos_from_schemas(schemas: Iterable[str | Mapping[str, Any]]) -> dict[str, TableInfo]:
     """Columns and primary keys of every table with a value schema among ``schemas``
     (JSON texts or parsed), the later schema of a table winning (pass them in the order
-    of ``{prefix}._schemas``)."""
-    out: dict[str, TableInfo] = {}
-    for s in schemas:
-        parsed = json.loads(s) if isinstance(s, str) else s
-        if isinstance(parsed, Mapping):
-            found = _value_schema_tables(parsed)
-            if found is not None:
-                out[found[0]] = found[1]
-    return out
+    of ``{prefix}._schemas``; read by :func:`core.envelope_schema.read_value_schemas`)."""
+    return {
+        table: TableInfo(found.names, found.key, found.temporal)
+        for table, found in read_value_schemas(schemas).items()
+    }
 
 
 def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
     """:func:`table_infos_from_schemas` over every schema of ``registry``, in the order they
-    were added (SchemaRegistry keeps insertion order; it has no public iterator, so this
-    reads its JSON map)."""
-    texts: Mapping[bytes, str] = getattr(registry, "_json", {})
-    return table_infos_from_schemas(texts.values())
+    were added."""
+    return table_infos_from_schemas(registry.schema_texts())
 
 
 _CATALOG_QUERY = """
@@ -270,15 +222,8 @@ class EventDecoder:
 
     def _rename(self, fp: bytes) -> dict[str, str] | None:
         if fp not in self._renames:
-            schema = json.loads(self.registry.schema_json(fp))
-            mapping: dict[str, str] = {}
-            for f in schema.get("fields", ()):
-                if f.get("name") != "before":
-                    continue
-                for branch in f.get("type", ()):
-                    if isinstance(branch, dict) and branch.get("type") == "record":
-                        for col in branch["fields"]:
-                            mapping[col["name"]] = str(col.get("pg.name", col["name"]))
+            found = read_value_schema(json.loads(self.registry.schema_json(fp)))
+            mapping = found.renames() if found is not None else {}
             same = all(k == v for k, v in mapping.items())
             self._renames[fp] = None if same else mapping
         return self._renames[fp]

@@ -111,6 +111,7 @@ from psycopg.types.json import Jsonb, set_json_dumps
 
 from cdc.kafka_sink import build_client
 from core.avro_envelope import ORIGIN_MESSAGE_PREFIX, TableCodec
+from core.envelope_schema import ColumnType, Kind, column_types_from_value_schema
 from core.hlc import Hlc, HybridClock, wall_clock_ms
 from core.pg_types import (
     CATALOG_QUERY,
@@ -133,11 +134,9 @@ from relay.errors import (  # noqa: F401 (re-exported)
 )
 from relay.pg_migrations import run_migrations
 from relay.upstream.journal import (
-    ColumnType,
     JournalEntry,
     JournalFormatError,
     JournalRecord,
-    Kind,
     Outcome,
     OutcomeKind,
     Reason,
@@ -146,7 +145,6 @@ from relay.upstream.journal import (
     blocked_by,
     check_write,
     coerce_value,
-    column_types_from_value_schema,
     dump_json,
     encode_outcomes,
     same_value,

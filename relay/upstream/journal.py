@@ -28,8 +28,8 @@ Values are in the JSON form the device received them in (docs/events.md type tab
 ``relay.downstream.bucket_store.json_value``): dates as days, times and timestamps as µs,
 decimals as exact text, bytes as base64, json as its text, intervals as
 ``{"months", "days", "micros"}``, infinities as ``"INFINITY"``/``"NEG_INFINITY"``.
-:class:`ColumnType` describes a column (derived from the Avro schemas cdc publishes,
-:func:`column_types_from_schemas`); :func:`coerce_value` checks and normalizes a value,
+:class:`~core.envelope_schema.ColumnType` describes a column (derived from the Avro schemas
+cdc publishes, :func:`core.envelope_schema.column_types_from_schemas`); :func:`coerce_value` checks and normalizes a value,
 :func:`to_pg_text` turns it into PostgreSQL's input text, :func:`to_datum` into the
 decoded-Avro form the rules compare.
 
@@ -72,6 +72,8 @@ from typing import Any, Final, TypeGuard
 
 import orjson
 
+from core.envelope_schema import ColumnType, Kind
+from core.envelope_schema import label_base as _label_base
 from core.hlc import Hlc
 from relay.auth import valid_device_id
 from relay.downstream.rules import Rules, TableInfo, TableRule, canonical_text, parse_bucket_id
@@ -81,12 +83,10 @@ __all__ = [
     "RECORD_VERSION",
     "BasePosition",
     "BatchTooLarge",
-    "ColumnType",
     "JournalEntry",
     "JournalFormatError",
     "JournalLimits",
     "JournalRecord",
-    "Kind",
     "Op",
     "Outcome",
     "OutcomeKind",
@@ -97,8 +97,6 @@ __all__ = [
     "blocked_by",
     "check_write",
     "coerce_value",
-    "column_types_from_schemas",
-    "column_types_from_value_schema",
     "decode_outcomes",
     "dump_json",
     "encode_outcomes",
@@ -118,7 +116,6 @@ MAX_TABLE_CHARS: Final = 300
 MAX_KEY_VALUES: Final = 32
 """Most values of an entry's ``key`` (PostgreSQL's limit of index columns)."""
 
-_INT_BITS: Final = {"int2": 16, "int4": 32, "int8": 64, "oid": 32}
 _SPECIAL_INF: Final = ("INFINITY", "NEG_INFINITY")
 _NUMERIC_SPECIAL: Final = {
     "NAN": "NAN",
@@ -137,164 +134,6 @@ _NUMERIC_MAX_WEIGHT_DIGITS: Final = 131_072
 _NUMERIC_MAX_SCALE: Final = 16_383
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
-
-
-# --------------------------------------------------------------------------- column types
-
-
-class Kind(enum.StrEnum):
-    """How a column's values look on the wire (the device's JSON)."""
-
-    BOOL = "bool"
-    INT = "int"
-    FLOAT = "float"
-    DECIMAL = "decimal"  # numeric(p,s): exact text, or NAN/INFINITY/NEG_INFINITY
-    NUMERIC = "numeric"  # unconstrained numeric: PostgreSQL's exact text
-    TEXT = "text"
-    JSON = "json"
-    UUID = "uuid"
-    BYTES = "bytes"
-    DATE = "date"
-    TIME = "time"
-    TIMESTAMP = "timestamp"
-    TIMESTAMPTZ = "timestamptz"
-    INTERVAL = "interval"
-    ARRAY = "array"
-
-
-@dataclass(frozen=True)
-class ColumnType:
-    """A column's wire kind; ``pg_type`` is cdc's ``pg.type`` label (``numeric(10,2)``)."""
-
-    kind: Kind
-    pg_type: str = ""
-    bits: int = 64
-    precision: int | None = None
-    scale: int | None = None
-    element: ColumnType | None = None
-
-    def describe(self) -> str:
-        return self.pg_type or self.kind.value
-
-
-_LOGICAL_KINDS: Final = {
-    ("int", "date"): Kind.DATE,
-    ("long", "time-micros"): Kind.TIME,
-    ("long", "local-timestamp-micros"): Kind.TIMESTAMP,
-    ("long", "timestamp-micros"): Kind.TIMESTAMPTZ,
-    ("string", "uuid"): Kind.UUID,
-}
-
-
-def _label_base(label: str) -> str:
-    """``numeric(10,2)[]`` → ``numeric``; ``int4`` → ``int4``."""
-    return label.split("(", 1)[0].split("[", 1)[0]
-
-
-def _classify(branches: Sequence[Any], names: Mapping[str, Any], label: str) -> ColumnType:
-    """The :class:`ColumnType` of an Avro union's non-null branches (``label``: pg type)."""
-    resolved = [names.get(b, b) if isinstance(b, str) else b for b in branches]
-    main = resolved[0] if resolved else "string"
-    base = _label_base(label)
-    if isinstance(main, str):
-        if main == "boolean":
-            return ColumnType(Kind.BOOL, label)
-        if main in ("int", "long"):
-            return ColumnType(Kind.INT, label, _INT_BITS.get(base, 32 if main == "int" else 64))
-        if main in ("float", "double"):
-            return ColumnType(Kind.FLOAT, label, 32 if main == "float" else 64)
-        if main == "bytes":
-            return ColumnType(Kind.BYTES, label)
-        if base == "numeric":
-            return ColumnType(Kind.NUMERIC, label)
-        return ColumnType(Kind.TEXT, label)
-    kind = main.get("type")
-    if kind == "fixed" and main.get("logicalType") == "decimal":
-        return ColumnType(
-            Kind.DECIMAL, label, precision=int(main["precision"]), scale=int(main["scale"])
-        )
-    if kind == "record":
-        return ColumnType(Kind.INTERVAL, label)
-    if kind == "array":
-        items = main["items"]
-        inner = [
-            b
-            for b in (items if isinstance(items, list) else [items])
-            if b != "null" and not (isinstance(b, dict) and b.get("type") == "array")
-        ]
-        element_label = label[:-2] if label.endswith("[]") else label
-        return ColumnType(Kind.ARRAY, label, element=_classify(inner, names, element_label))
-    logical = _LOGICAL_KINDS.get((str(kind), str(main.get("logicalType"))))
-    if logical is not None:
-        return ColumnType(logical, label)
-    if kind == "string" and main.get("pg.json"):
-        return ColumnType(Kind.JSON, label)
-    return _classify([kind], names, label)
-
-
-def _collect_names(schema: Any, names: dict[str, Any]) -> None:
-    if isinstance(schema, list):
-        for s in schema:
-            _collect_names(s, names)
-    elif isinstance(schema, dict):
-        if schema.get("type") in ("record", "enum", "fixed") and "name" in schema:
-            names.setdefault(str(schema["name"]), schema)
-        for f in schema.get("fields", ()):
-            _collect_names(f.get("type"), names)
-        if "items" in schema:
-            _collect_names(schema["items"], names)
-
-
-def column_type_of_field(avro_field: Mapping[str, Any], names: Mapping[str, Any]) -> ColumnType:
-    """The type of one Row field of a cdc value schema (``names``: named types seen)."""
-    union = avro_field.get("type")
-    branches = [b for b in (union if isinstance(union, list) else [union]) if b != "null"]
-    if avro_field.get("pg.element_base_type"):
-        label = f"{avro_field['pg.element_base_type']}[]"
-    else:
-        label = str(avro_field.get("pg.base_type") or avro_field.get("pg.type") or "")
-    return _classify(branches, names, label)
-
-
-def column_types_from_value_schema(
-    schema: Mapping[str, Any],
-) -> tuple[str, dict[str, ColumnType]] | None:
-    """``("schema.table", {column: ColumnType})`` of a cdc change-event value schema,
-    or None for any other schema (columns by their PostgreSQL names, ``pg.name``)."""
-    if schema.get("type") != "record" or "pg.table" not in schema:
-        return None
-    if not str(schema.get("name", "")).endswith("Envelope"):
-        return None
-    names: dict[str, Any] = {}
-    _collect_names(schema, names)
-    row = None
-    for f in schema.get("fields", ()):
-        if f.get("name") in ("before", "after"):
-            for branch in f.get("type", ()):
-                resolved = names.get(branch, branch) if isinstance(branch, str) else branch
-                if isinstance(resolved, dict) and resolved.get("type") == "record":
-                    row = resolved
-    if row is None:
-        return None
-    types = {
-        str(f.get("pg.name", f["name"])): column_type_of_field(f, names) for f in row["fields"]
-    }
-    return f"{schema['pg.schema']}.{schema['pg.table']}", types
-
-
-def column_types_from_schemas(
-    schemas: Iterable[str | Mapping[str, Any]],
-) -> dict[str, dict[str, ColumnType]]:
-    """Column types of every table among cdc's value schemas (JSON texts or parsed, in the
-    order of ``{prefix}._schemas``: a later schema of a table wins)."""
-    out: dict[str, dict[str, ColumnType]] = {}
-    for s in schemas:
-        parsed = json.loads(s) if isinstance(s, str) else s
-        if isinstance(parsed, Mapping):
-            found = column_types_from_value_schema(parsed)
-            if found is not None:
-                out[found[0]] = found[1]
-    return out
 
 
 # --------------------------------------------------------------------------- values

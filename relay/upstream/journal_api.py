@@ -82,6 +82,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from cdc.kafka_sink import build_client
+from core.envelope_schema import ColumnType, column_types_from_schemas
 from core.settings_registry import Registry
 from relay.api_errors import ApiError, Unavailable
 from relay.auth import DeviceIdentity
@@ -111,7 +112,6 @@ from relay.upstream.applier import (
 from relay.upstream.applier_settings import JOURNAL, JournalSettings
 from relay.upstream.journal import (
     MAX_BIGINT,
-    ColumnType,
     JournalEntry,
     JournalLimits,
     JournalRecord,
@@ -122,7 +122,6 @@ from relay.upstream.journal import (
     UploadError,
     WriteScope,
     blocked_by,
-    column_types_from_schemas,
     decode_outcomes,
     dump_json,
     parse_upload,

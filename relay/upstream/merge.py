@@ -66,10 +66,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from core.envelope_schema import ColumnType, Kind
 from core.hlc import Hlc
 from relay.downstream.rules import canonical_text
 from relay.errors import ConflictsError, RulesProblem
-from relay.upstream.journal import ColumnType, Kind, Op, OutcomeKind, coerce_value, same_value
+from relay.upstream.journal import Op, OutcomeKind, coerce_value, same_value
 
 __all__ = [
     "Action",
