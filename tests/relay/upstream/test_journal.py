@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.avro_envelope import TableCodec
+from core.envelope_schema import ColumnType, Kind, column_types_from_schemas
 from core.hlc import Hlc
 from core.pg_types import ColumnSpec, MappingCatalog
 from core.pg_values import parse_date as _parse_date
@@ -20,11 +21,9 @@ from relay.downstream.rules import TableInfo, rules_from_mapping
 from relay.errors import JournalFormatError, RulesError
 from relay.upstream.journal import (
     BatchTooLarge,
-    ColumnType,
     JournalEntry,
     JournalLimits,
     JournalRecord,
-    Kind,
     Op,
     Outcome,
     OutcomeKind,
@@ -37,7 +36,6 @@ from relay.upstream.journal import (
     check_write,
     civil_from_days,
     coerce_value,
-    column_types_from_schemas,
     decode_outcomes,
     dump_json,
     encode_outcomes,
