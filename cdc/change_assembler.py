@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.errors import DecodeError, format_lsn
 from cdc.kafka_sink import ResumePosition
 from core.avro_envelope import (

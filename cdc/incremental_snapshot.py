@@ -65,7 +65,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.errors import SnapshotRequestError
 
 __all__ = [

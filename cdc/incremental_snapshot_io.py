@@ -43,7 +43,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo, topic_for
 from cdc.errors import (
     ReplicationLost,

@@ -47,7 +47,7 @@ from typing import Any
 
 import psycopg
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import CdcError, ReplicationLost, SinkUnavailable, format_lsn
 from cdc.fault_points import FAULTS
@@ -72,6 +72,7 @@ from cdc.pg_source import (
     preflight,
     slot_state,
 )
+from cdc.pgoutput_decoder import PgOutputDecoder
 from cdc.settings import CdcSettings
 from cdc.snapshot import read_snapshot
 from cdc.spill_store import FileSpillStore
@@ -318,7 +319,7 @@ class CdcDaemon:
                 warn=lambda msg: log.warning("%s", msg),
                 observer=resnap,
             )
-            decoder = m.PgOutputDecoder(proto)
+            decoder = PgOutputDecoder(proto)
             self.ready.set()
             self.notifier.ready(f"streaming slot {pg.slot} from {format_lsn(start_lsn)}")
             log.info(
@@ -408,7 +409,7 @@ class CdcDaemon:
     def _stream(
         self,
         stream: ReplicationStream,
-        decoder: m.PgOutputDecoder,
+        decoder: PgOutputDecoder,
         asm: ChangeAssembler,
         sink: Sink,
         conn: psycopg.Connection[Any],

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, TxnEnd
 from cdc.errors import DecodeError, SinkUnavailable, parse_lsn
 from cdc.fault_points import ENV_VAR, FaultPoints

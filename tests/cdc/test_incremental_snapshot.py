@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.errors import SnapshotRequestError
 from cdc.incremental_snapshot import (
     ChunkWindow,
