@@ -45,6 +45,13 @@ from psycopg import sql
 
 from cdc import pgoutput_messages as m
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo, topic_for
+from cdc.ddl_detection import (
+    TableSignature,
+    compare_relations,
+    resnapshot_reasons,
+    signatures_from_bytes,
+    signatures_to_bytes,
+)
 from cdc.errors import (
     ReplicationLost,
     SinkError,
@@ -60,17 +67,10 @@ from cdc.incremental_snapshot import (
     Progress,
     Row,
     SignalRequest,
-    TableSignature,
     Visibility,
     Watermark,
-    WhereClause,
     WindowState,
-    compare_relations,
     message_keys,
-    parse_where,
-    resnapshot_reasons,
-    signatures_from_bytes,
-    signatures_to_bytes,
 )
 from cdc.kafka_sink import (
     Headers,
@@ -84,6 +84,7 @@ from cdc.pg_catalog import PK_QUERY, PgCatalog, read_signatures
 from cdc.pg_source import connect
 from cdc.settings import CdcSettings
 from cdc.snapshot import COLUMNS_QUERY
+from cdc.where_clause import WhereClause, parse_where
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from core.pg_types import ColumnSpec, output_function_text
 

@@ -22,8 +22,9 @@ import psycopg
 import pytest
 
 from cdc import incremental_snapshot_io
+from cdc.ddl_detection import signatures_from_bytes
 from cdc.errors import DecodeError, SinkUnavailable, parse_lsn
-from cdc.incremental_snapshot import Progress, signatures_from_bytes
+from cdc.incremental_snapshot import Progress
 from cdc.pipeline import kafka_options
 from cdc.settings import CdcSettings
 from tests.cdc import test_cdc_cli
