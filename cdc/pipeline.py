@@ -52,13 +52,8 @@ from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import CdcError, ReplicationLost, SinkUnavailable, format_lsn
 from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot_io import IncrementalSnapshots
-from cdc.kafka_sink import (
-    KafkaOptions,
-    KafkaTransactionalSink,
-    ResumePosition,
-    Sink,
-    read_resume_position,
-)
+from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition, Sink
+from cdc.kafka_state import read_resume_position
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import (
     Keepalive,
@@ -317,7 +312,7 @@ class CdcDaemon:
                 spill=spill,
                 resume=resume,
                 warn=lambda msg: log.warning("%s", msg),
-                observer=resnap,
+                observer=resnap.stream,
             )
             decoder = PgOutputDecoder(proto)
             self.ready.set()
@@ -552,7 +547,7 @@ class CdcDaemon:
             assert isinstance(msg, XLogData)
             decoded = decoder.decode(msg.payload, msg.wal_start)
             outs = asm.feed(decoded, msg.wal_start)
-            handle(resnap.emit(outs) if resnap is not None else outs)
+            handle(resnap.stream.emit(outs) if resnap is not None else outs)
             if (
                 isinstance(decoded, m.LogicalMessage)
                 and not decoded.transactional

@@ -22,7 +22,8 @@ import pytest
 
 from cdc import pgoutput_messages as m
 from cdc.errors import parse_lsn
-from cdc.kafka_sink import KafkaOptions, read_resume_position
+from cdc.kafka_sink import KafkaOptions
+from cdc.kafka_state import read_resume_position
 from cdc.pgoutput_decoder import PgOutputDecoder
 from devtools.local_services import free_port
 from tests.cdc import test_cdc_cli

@@ -32,7 +32,8 @@ from cdc.incremental_snapshot import (
     WindowState,
     message_keys,
 )
-from cdc.incremental_snapshot_io import chunk_query, where_sql
+from cdc.resnapshot_chunks import chunk_query
+from cdc.resnapshot_requests import where_sql
 from cdc.where_clause import Condition, WhereClause, parse_where
 
 # --------------------------------------------------------------------------- visibility
