@@ -36,8 +36,8 @@ the replica-identity flags, which under REPLICA IDENTITY FULL mark every column)
 Observer: an optional :class:`MessageObserver` sees every message inside a
 transaction, in commit order (streamed transactions when they are replayed), with
 the transaction it belongs to: the incremental re-snapshots
-(:mod:`cdc.incremental_snapshot_io`) follow watermarks, signals, Relation changes
-and the keys of changes through it.
+(:class:`cdc.resnapshot_stream.ChunkTracker`) follow watermarks, signals, Relation
+changes and the keys of changes through it.
 """
 
 from __future__ import annotations

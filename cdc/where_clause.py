@@ -71,7 +71,7 @@ class Condition:
 class WhereClause:
     """A restricted WHERE clause: conditions joined by AND (no OR, no functions, no
     sub-queries).  Never pasted into SQL: columns become quoted identifiers and values
-    bound parameters (``cdc.incremental_snapshot_io``)."""
+    bound parameters (``cdc.resnapshot_requests.where_sql``)."""
 
     conditions: tuple[Condition, ...]
 
