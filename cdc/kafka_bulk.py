@@ -113,6 +113,8 @@ class BulkRecords:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
     ) -> None:
+        """Append one record to its partition's batch; a full batch is handed over (a record
+        larger than the producer's max_request_size is a SinkError naming it)."""
         tp = self._partition(topic, key)
         buffer = self._buffers.get(tp)
         if buffer is None:
