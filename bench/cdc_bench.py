@@ -532,7 +532,8 @@ def _proc_status_kb(pid: int, key: str) -> int:
 
 
 def case_rss(res: Results, svc: Services, args: argparse.Namespace) -> None:
-    from cdc.kafka_sink import KafkaOptions, read_resume_position
+    from cdc.kafka_sink import KafkaOptions
+    from cdc.kafka_state import read_resume_position
 
     case = f"rss {args.rss_rows:,} rows / 1 txn"
     with (

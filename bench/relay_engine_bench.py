@@ -110,7 +110,7 @@ class Producer:
         )
         for schema in (self.codec.value_schema_json, self.codec.key_schema_json):
             assert schema is not None
-            from core.avro_envelope import fingerprint
+            from core.avro_schema import fingerprint
 
             self.producer.send(
                 f"{prefix}._schemas", key=fingerprint(schema).hex().encode(), value=schema.encode()

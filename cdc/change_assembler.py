@@ -36,8 +36,8 @@ the replica-identity flags, which under REPLICA IDENTITY FULL mark every column)
 Observer: an optional :class:`MessageObserver` sees every message inside a
 transaction, in commit order (streamed transactions when they are replayed), with
 the transaction it belongs to: the incremental re-snapshots
-(:mod:`cdc.incremental_snapshot_io`) follow watermarks, signals, Relation changes
-and the keys of changes through it.
+(:class:`cdc.resnapshot_stream.ChunkTracker`) follow watermarks, signals, Relation
+changes and the keys of changes through it.
 """
 
 from __future__ import annotations
@@ -47,13 +47,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.errors import DecodeError, format_lsn
 from cdc.kafka_sink import ResumePosition
-from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.avro_envelope import (
+    ORIGIN_MESSAGE_PREFIX,
+    POSITION_HEADER,
+    Source,
+    TableCodec,
+    position_header,
+)
 from core.pg_types import ColumnSpec, TypeCatalog
 
-ORIGIN_MESSAGE_PREFIX = "fieldsync.origin"
 HEARTBEAT_MESSAGE_PREFIX = "fieldsync.heartbeat"
 
 

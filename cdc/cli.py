@@ -90,7 +90,7 @@ def cdc_status(
 ) -> None:
     """Show the slot, its confirmed position, lag in bytes, the last event time and the
     re-snapshots queued or running."""
-    from cdc.kafka_sink import read_resume_position
+    from cdc.kafka_state import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
     from core.settings_checks import redact_dsn
@@ -149,8 +149,8 @@ def cdc_status(
 def _resnapshot_status(settings: Any) -> dict[str, Any]:
     """Queued and running re-snapshots, from their progress record in Kafka."""
     from cdc.incremental_snapshot import Progress
-    from cdc.incremental_snapshot_io import progress_key, read_state_records
     from cdc.pipeline import kafka_options
+    from cdc.resnapshot_state import progress_key, read_state_records
 
     key = progress_key(settings.postgres.slot)
     try:
@@ -209,8 +209,8 @@ def cdc_snapshot(
     import psycopg
 
     from cdc.errors import SnapshotRequestError
-    from cdc.incremental_snapshot_io import request_snapshot, signal_status
     from cdc.pg_source import connect
+    from cdc.resnapshot_requests import request_snapshot, signal_status
 
     try:
         settings = _load(config)

@@ -16,7 +16,6 @@ the boundary with ``raise ... from exc``.
         │   └── ReplicationLost      connection dropped mid-stream (retryable)
         ├── SinkError                Kafka side
         │   └── SinkUnavailable      broker unreachable / timed out (retryable)
-        ├── ServiceError             embedded PostgreSQL / broker failed to start (shows its log)
         └── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
                                      invalid WHERE clause (says which and where)
 
@@ -59,10 +58,6 @@ class SinkError(CdcError):
 
 class SinkUnavailable(SinkError):
     """The broker is unreachable or did not acknowledge in time; retryable."""
-
-
-class ServiceError(CdcError):
-    """A local service (embedded PostgreSQL, broker) failed to start."""
 
 
 class SnapshotRequestError(CdcError):

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from core.avro_envelope import SMALL_VARINTS, encode_long
+from core.avro_binary import SMALL_VARINTS, encode_long
 
 HEADER_SIZE: Final = 61
 """Size of a RecordBatch v2 header (baseOffset … recordCount)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from cdc.incremental_snapshot import ColumnFacts, EnumFacts, TableSignature
+from cdc.ddl_detection import ColumnFacts, EnumFacts, TableSignature
 from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, TypeInfo
 
 log = logging.getLogger(__name__)

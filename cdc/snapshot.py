@@ -30,7 +30,7 @@ from psycopg import sql
 
 from cdc.change_assembler import OutEvent, OutSchema, RelationCatalog, topic_for
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
-from core.pg_types import ColumnSpec
+from core.pg_types import ColumnSpec, output_function_text
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ class SnapshotTable:
     schema: str
     table: str
     columns: tuple[ColumnSpec, ...]
-
-
-def output_function_text(cur: Any) -> None:
-    """Make ``cur`` return every column as its type's output-function text, unparsed.
-
-    That is exactly what pgoutput sends; ``::text`` casts are not (``bool::text`` is
-    ``true`` where the output function prints ``t``; ``inet::text`` adds the mask).
-    Types psycopg does not know (enums, domains' own oids) come back as text already.
-    """
-    from psycopg.types.string import TextLoader
-
-    for t in psycopg.postgres.types:
-        for oid in (t.oid, t.array_oid):
-            if oid:
-                cur.adapters.register_loader(oid, TextLoader)
 
 
 def published_tables(

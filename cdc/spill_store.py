@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.fault_points import FAULTS
 
 _LEN = struct.Struct("!I")

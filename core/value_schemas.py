@@ -1,30 +1,52 @@
-"""Column types of the captured tables, read from cdc's change-event value schemas.
+"""The one reader of cdc's change-event value schemas (pure, no I/O).
 
-cdc publishes one Avro value schema per table version (``{prefix}._schemas``, and in
-each change event's registry entry; docs/events.md).  Each column of its ``Row`` record
-carries the Avro type of its values and ``pg.*`` properties (``pg.type``,
-``pg.base_type``, ``pg.element_base_type``, ``pg.json``); from them this module derives
-the :class:`core.values.ColumnType` that the value model checks, compares and converts
-values with.  The applier derives the types of its tables the same way (from the schema
-cdc's own codec builds for them), so the relay's intake, the applier and the replay
-audit agree on every column.
+:func:`read_value_schema` turns a value schema (as found in ``{prefix}._schemas``)
+into a :class:`ValueSchema`: the table, and per column its Avro field name, PostgreSQL name,
+key flag and :class:`core.values.ColumnType` (how its values look on the wire).  The relay's bucket
+engine (columns, key, temporal columns), the journal and applier (column types) and replay
+(fields, columns, key fields, types) all read schemas through it, with these rules:
 
-Pure: no I/O, no state.
+- a value schema is a record with ``pg.table`` whose name ends in ``Envelope``; any other
+  schema (a key schema, another producer's) reads as None;
+- the ``Row`` record is the record type of ``before`` or ``after``, named references
+  resolved: cdc defines it inline in ``before``, but a schema that defines it in ``after``
+  (or anywhere else) and references it reads the same;
+- a column's name is ``pg.name``, else its Avro field name; it is a key column when
+  ``pg.key`` is set;
+- a column's type is decided by the first non-null branch of its union (the column's own
+  Avro type; the branches after it hold special values: ``INFINITY``, ``NAN``, or the
+  array literal of an array with explicit bounds), with ``pg.base_type`` (domains) or
+  ``pg.element_base_type`` (arrays of domains) before ``pg.type`` as its label; a column is
+  temporal (date, time, timestamp, timestamptz) exactly when that branch carries the
+  logical type.
+
+Concurrency: plain functions; the results are immutable.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
-from core.values import ColumnType, Kind, label_base
+from core.errors import SchemaError
+from core.values import TEMPORAL_KINDS, ColumnType, Kind, label_base
 
 __all__ = [
+    "EnvelopeColumn",
+    "ValueSchema",
     "column_type_of_field",
     "column_types_from_schemas",
     "column_types_from_value_schema",
+    "key_schema_columns",
+    "read_value_schema",
+    "read_value_schemas",
 ]
+
+
+# --------------------------------------------------------------------------- column types
+
 
 _INT_BITS: Final = {"int2": 16, "int4": 32, "int8": 64, "oid": 32}
 _LOGICAL_KINDS: Final = {
@@ -101,30 +123,145 @@ def column_type_of_field(avro_field: Mapping[str, Any], names: Mapping[str, Any]
     return _classify(branches, names, label)
 
 
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeColumn:
+    """One column of a value schema's ``Row``."""
+
+    field: str  # the Avro field name
+    name: str  # the PostgreSQL column name
+    is_key: bool
+    type: ColumnType
+
+
+@dataclass(frozen=True, slots=True)
+class ValueSchema:
+    """What a change-event value schema says about its table (see the module docstring)."""
+
+    schema: str
+    table: str
+    columns: tuple[EnvelopeColumn, ...]
+
+    @property
+    def qualified(self) -> str:
+        """``schema.table``."""
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Avro field names, in row order."""
+        return tuple(c.field for c in self.columns)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """PostgreSQL column names, in row order."""
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """PostgreSQL names of the key columns, in row order."""
+        return tuple(c.name for c in self.columns if c.is_key)
+
+    @property
+    def key_fields(self) -> tuple[str, ...]:
+        """Avro field names of the key columns, in row order."""
+        return tuple(c.field for c in self.columns if c.is_key)
+
+    @property
+    def temporal(self) -> tuple[tuple[str, str], ...]:
+        """``(column, "date"|"time"|"timestamp"|"timestamptz")`` of each temporal column."""
+        return tuple(
+            (c.name, c.type.kind.value) for c in self.columns if c.type.kind in TEMPORAL_KINDS
+        )
+
+    def types(self) -> dict[str, ColumnType]:
+        """PostgreSQL column name → :class:`ColumnType`."""
+        return {c.name: c.type for c in self.columns}
+
+    def renames(self) -> dict[str, str]:
+        """Avro field name → PostgreSQL column name."""
+        return {c.field: c.name for c in self.columns}
+
+
+def _is_value_schema(schema: Mapping[str, Any]) -> bool:
+    return (
+        schema.get("type") == "record"
+        and "pg.table" in schema
+        and str(schema.get("name", "")).endswith("Envelope")
+    )
+
+
+def _row_record(schema: Mapping[str, Any], names: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The record type of ``before``/``after`` (named references resolved)."""
+    row = None
+    for f in schema.get("fields", ()):
+        if f.get("name") in ("before", "after"):
+            union = f.get("type", ())
+            for branch in union if isinstance(union, list) else [union]:
+                resolved = names.get(branch, branch) if isinstance(branch, str) else branch
+                if isinstance(resolved, dict) and resolved.get("type") == "record":
+                    row = resolved
+    return row
+
+
+def read_value_schema(schema: Mapping[str, Any]) -> ValueSchema | None:
+    """The table and columns of a cdc change-event value schema (JSON-like), or None for any
+    other schema; SchemaError naming the schema when its ``Row`` is malformed."""
+    if not _is_value_schema(schema):
+        return None
+    names: dict[str, Any] = {}
+    _collect_names(schema, names)
+    row = _row_record(schema, names)
+    if row is None:
+        return None
+    try:
+        columns = tuple(
+            EnvelopeColumn(
+                field=str(f["name"]),
+                name=str(f.get("pg.name", f["name"])),
+                is_key=bool(f.get("pg.key")),
+                type=column_type_of_field(f, names),
+            )
+            for f in row["fields"]
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SchemaError(
+            f"value schema {schema.get('name')!r}: its Row record cannot be read ({exc!r})"
+        ) from exc
+    return ValueSchema(str(schema["pg.schema"]), str(schema["pg.table"]), columns)
+
+
+def read_value_schemas(schemas: Iterable[str | Mapping[str, Any]]) -> dict[str, ValueSchema]:
+    """``schema.table`` → :class:`ValueSchema` of every table with a value schema among
+    ``schemas`` (JSON texts or parsed), the later schema of a table winning (pass them in
+    the order of ``{prefix}._schemas``)."""
+    out: dict[str, ValueSchema] = {}
+    for s in schemas:
+        parsed = json.loads(s) if isinstance(s, str) else s
+        if isinstance(parsed, Mapping):
+            found = read_value_schema(parsed)
+            if found is not None:
+                out[found.qualified] = found
+    return out
+
+
+def key_schema_columns(schema: Mapping[str, Any]) -> dict[str, str] | None:
+    """Avro field name → PostgreSQL column name of a cdc key schema (record ``….Key`` with
+    ``pg.table``), or None for any other schema."""
+    if "pg.table" not in schema or not str(schema.get("name", "")).endswith(".Key"):
+        return None
+    return {f["name"]: str(f.get("pg.name", f["name"])) for f in schema.get("fields", ())}
+
+
 def column_types_from_value_schema(
     schema: Mapping[str, Any],
 ) -> tuple[str, dict[str, ColumnType]] | None:
     """``("schema.table", {column: ColumnType})`` of a cdc change-event value schema,
     or None for any other schema (columns by their PostgreSQL names, ``pg.name``)."""
-    if schema.get("type") != "record" or "pg.table" not in schema:
-        return None
-    if not str(schema.get("name", "")).endswith("Envelope"):
-        return None
-    names: dict[str, Any] = {}
-    _collect_names(schema, names)
-    row = None
-    for f in schema.get("fields", ()):
-        if f.get("name") in ("before", "after"):
-            for branch in f.get("type", ()):
-                resolved = names.get(branch, branch) if isinstance(branch, str) else branch
-                if isinstance(resolved, dict) and resolved.get("type") == "record":
-                    row = resolved
-    if row is None:
-        return None
-    types = {
-        str(f.get("pg.name", f["name"])): column_type_of_field(f, names) for f in row["fields"]
-    }
-    return f"{schema['pg.schema']}.{schema['pg.table']}", types
+    found = read_value_schema(schema)
+    return None if found is None else (found.qualified, found.types())
 
 
 def column_types_from_schemas(
@@ -132,11 +269,4 @@ def column_types_from_schemas(
 ) -> dict[str, dict[str, ColumnType]]:
     """Column types of every table among cdc's value schemas (JSON texts or parsed, in the
     order of ``{prefix}._schemas``: a later schema of a table wins)."""
-    out: dict[str, dict[str, ColumnType]] = {}
-    for s in schemas:
-        parsed = json.loads(s) if isinstance(s, str) else s
-        if isinstance(parsed, Mapping):
-            found = column_types_from_value_schema(parsed)
-            if found is not None:
-                out[found[0]] = found[1]
-    return out
+    return {table: found.types() for table, found in read_value_schemas(schemas).items()}

@@ -42,6 +42,7 @@ from typing import Any, Final, TypeGuard
 import orjson
 
 __all__ = [
+    "TEMPORAL_KINDS",
     "ColumnType",
     "Kind",
     "civil_from_days",
@@ -97,6 +98,10 @@ class Kind(enum.StrEnum):
     TIMESTAMPTZ = "timestamptz"
     INTERVAL = "interval"
     ARRAY = "array"
+
+
+TEMPORAL_KINDS: Final = frozenset({Kind.DATE, Kind.TIME, Kind.TIMESTAMP, Kind.TIMESTAMPTZ})
+"""Kinds whose values are days or µs (the relay shows them to rules as such)."""
 
 
 @dataclass(frozen=True)

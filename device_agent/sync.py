@@ -186,12 +186,11 @@ class Agent:
                     continue
                 raise
             with transaction(self.conn):
-                for seq in result.accepted:
-                    self.conn.execute(
-                        f"""update {PREFIX}journal set status = 'sent', sent_at = julianday('now')
-                            where seq = ? and status = 'pending'""",
-                        (seq,),
-                    )
+                self.conn.executemany(
+                    f"""update {PREFIX}journal set status = 'sent', sent_at = julianday('now')
+                        where seq = ? and status = 'pending'""",
+                    [(seq,) for seq in result.accepted],
+                )
             if result.rejected:
                 settle(self.conn, rejected=result.rejected)
             report.uploaded += len(result.accepted)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cdc.errors import ServiceError
+from devtools.errors import ServiceError
 
 LOG_TAIL_LINES = 40
 

@@ -33,9 +33,10 @@ from psycopg import sql
 
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect
-from cdc.snapshot import output_function_text, published_tables
+from cdc.snapshot import published_tables
 from core.avro_envelope import SchemaRegistry, Source, TableCodec, decode
 from core.errors import ConfigError, FieldsyncError, SchemaError
+from core.pg_types import output_function_text
 from core.positions import format_lsn, parse_lsn
 from core.row_wire import json_value
 from core.settings_checks import redact_dsn

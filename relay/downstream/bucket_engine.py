@@ -43,15 +43,15 @@ any thread.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any
 
 from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
+from core.value_schemas import read_value_schemas
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
 from relay.downstream.event_decoder import EventDecoder
@@ -77,72 +77,20 @@ FETCH_MAX_WAIT_MS = 50
 # --------------------------------------------------------------------------- schemas
 
 
-# --------------------------------------------------------------------------- schemas
-
-
-def _value_schema_tables(schema: Mapping[str, Any]) -> tuple[str, TableInfo] | None:
-    """``(schema.table, TableInfo)`` of a change-event value schema; None for other schemas."""
-    if schema.get("type") != "record" or "pg.table" not in schema:
-        return None
-    if not str(schema.get("name", "")).endswith("Envelope"):
-        return None
-    row = None
-    for f in schema.get("fields", ()):
-        if f.get("name") == "before":
-            for branch in f.get("type", ()):
-                if isinstance(branch, dict) and branch.get("type") == "record":
-                    row = branch
-    if row is None:
-        return None
-    columns = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"])
-    key = tuple(str(f.get("pg.name", f["name"])) for f in row["fields"] if f.get("pg.key"))
-    temporal = tuple(
-        (str(f.get("pg.name", f["name"])), kind)
-        for f in row["fields"]
-        if (kind := _temporal_kind(f.get("type"))) is not None
-    )
-    return f"{schema['pg.schema']}.{schema['pg.table']}", TableInfo(columns, key, temporal)
-
-
-_LOGICAL_KINDS: Final = {
-    "date": "date",
-    "time-micros": "time",
-    "local-timestamp-micros": "timestamp",
-    "timestamp-micros": "timestamptz",
-}
-
-
-def _temporal_kind(avro_type: Any) -> str | None:
-    """``date``/``time``/``timestamp``/``timestamptz`` for a field whose (union) type has
-    that Avro logical type (domains over them included), else None."""
-    for branch in avro_type if isinstance(avro_type, list) else [avro_type]:
-        if isinstance(branch, Mapping):
-            kind = _LOGICAL_KINDS.get(str(branch.get("logicalType")))
-            if kind is not None:
-                return str(kind)
-    return None
-
-
 def table_infos_from_schemas(schemas: Iterable[str | Mapping[str, Any]]) -> dict[str, TableInfo]:
     """Columns and primary keys of every table with a value schema among ``schemas``
     (JSON texts or parsed), the later schema of a table winning (pass them in the order
-    of ``{prefix}._schemas``)."""
-    out: dict[str, TableInfo] = {}
-    for s in schemas:
-        parsed = json.loads(s) if isinstance(s, str) else s
-        if isinstance(parsed, Mapping):
-            found = _value_schema_tables(parsed)
-            if found is not None:
-                out[found[0]] = found[1]
-    return out
+    of ``{prefix}._schemas``; read by :func:`core.value_schemas.read_value_schemas`)."""
+    return {
+        table: TableInfo(found.names, found.key, found.temporal)
+        for table, found in read_value_schemas(schemas).items()
+    }
 
 
 def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
     """:func:`table_infos_from_schemas` over every schema of ``registry``, in the order they
-    were added (SchemaRegistry keeps insertion order; it has no public iterator, so this
-    reads its JSON map)."""
-    texts: Mapping[bytes, str] = getattr(registry, "_json", {})
-    return table_infos_from_schemas(texts.values())
+    were added."""
+    return table_infos_from_schemas(registry.schema_texts())
 
 
 _CATALOG_QUERY = """

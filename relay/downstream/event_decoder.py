@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from core.avro_envelope import SchemaRegistry, decode
 from core.errors import DecodeError
+from core.value_schemas import read_value_schema
 from relay.downstream.bucket_store import ChangeKind, Position, RowChange
 from relay.downstream.rules import Rules
 
@@ -59,15 +60,8 @@ class EventDecoder:
 
     def _rename(self, fp: bytes) -> dict[str, str] | None:
         if fp not in self._renames:
-            schema = json.loads(self.registry.schema_json(fp))
-            mapping: dict[str, str] = {}
-            for f in schema.get("fields", ()):
-                if f.get("name") != "before":
-                    continue
-                for branch in f.get("type", ()):
-                    if isinstance(branch, dict) and branch.get("type") == "record":
-                        for col in branch["fields"]:
-                            mapping[col["name"]] = str(col.get("pg.name", col["name"]))
+            found = read_value_schema(json.loads(self.registry.schema_json(fp)))
+            mapping = found.renames() if found is not None else {}
             same = all(k == v for k, v in mapping.items())
             self._renames[fp] = None if same else mapping
         return self._renames[fp]

@@ -50,10 +50,9 @@ from typing import Any, Final
 import psycopg
 from psycopg.types.json import set_json_dumps
 
-from cdc.snapshot import output_function_text
 from core.hlc import HybridClock, wall_clock_ms
 from core.journal_format import Outcome
-from core.pg_types import SESSION_SETTINGS
+from core.pg_types import SESSION_SETTINGS, output_function_text
 from core.values import dump_json
 from relay.downstream.bucket_engine import table_infos_from_conn
 from relay.downstream.rules import Rules

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import psycopg
 
-from cdc.change_assembler import ORIGIN_MESSAGE_PREFIX
+from core.avro_envelope import ORIGIN_MESSAGE_PREFIX
 from core.journal_format import JournalRecord, Outcome, encode_outcomes
 from core.row_wire import row_key_text
 from core.values import dump_json

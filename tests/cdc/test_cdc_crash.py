@@ -20,9 +20,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.errors import parse_lsn
-from cdc.kafka_sink import KafkaOptions, read_resume_position
+from cdc.kafka_sink import KafkaOptions
+from cdc.kafka_state import read_resume_position
+from cdc.pgoutput_decoder import PgOutputDecoder
 from devtools.local_services import free_port
 from tests.cdc import test_cdc_cli
 from tests.cdc.cdc_crash_workload import (
@@ -48,7 +50,7 @@ def confirmed_lsn(conn: psycopg.Connection[Any], slot: str) -> int:
 
 def pending_in_slot(conn: psycopg.Connection[Any], slot: str) -> list[tuple[int, str]]:
     """(relation oid, first column) of every insert the slot would still send: what it has not confirmed."""
-    decoder = m.PgOutputDecoder(1)
+    decoder = PgOutputDecoder(1)
     out = []
     for lsn, data in conn.execute(
         "select lsn::text, data from pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', 'publication_names', %s)",

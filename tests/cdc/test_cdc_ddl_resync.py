@@ -21,9 +21,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc import incremental_snapshot_io
+from cdc import resnapshot_chunks, resnapshot_requests, resnapshot_state
+from cdc.ddl_detection import signatures_from_bytes
 from cdc.errors import DecodeError, SinkUnavailable, parse_lsn
-from cdc.incremental_snapshot import Progress, signatures_from_bytes
+from cdc.incremental_snapshot import Progress
 from cdc.pipeline import kafka_options
 from cdc.settings import CdcSettings
 from tests.cdc import test_cdc_cli
@@ -107,7 +108,7 @@ def incremental(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def state_record(settings: CdcSettings, suffix: str, timeout_s: float = 20) -> bytes | None:
     key = f"{settings.postgres.slot}.{suffix}".encode()
-    found = incremental_snapshot_io.read_state_records(kafka_options(settings), [key], timeout_s)
+    found = resnapshot_state.read_state_records(kafka_options(settings), [key], timeout_s)
     return found.get(key)
 
 
@@ -190,7 +191,7 @@ def test_changes_inside_a_chunk_window_win(
     session updates, deletes and re-inserts rows of that chunk: those changes are newer than
     the chunk, so the chunk must drop them, and Kafka ends equal to PostgreSQL."""
     touched: list[int] = []
-    original = incremental_snapshot_io.chunk_query
+    original = resnapshot_chunks.chunk_query
 
     def chunk_query_and_write(*args: Any, **kw: Any) -> Any:
         after = args[4]
@@ -207,7 +208,7 @@ def test_changes_inside_a_chunk_window_win(
             touched.extend([first, first + 1, first + 2])
         return original(*args, **kw)
 
-    monkeypatch.setattr(incremental_snapshot_io, "chunk_query", chunk_query_and_write)
+    monkeypatch.setattr(resnapshot_chunks, "chunk_query", chunk_query_and_write)
     settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
     with running_daemon(settings):
         wait_converged(kafka_bootstrap, topic_prefix, items, "items")
@@ -280,7 +281,7 @@ def test_signal_table_rows_from_operators(
     settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
     with running_daemon(settings):
         wait_converged(kafka_bootstrap, topic_prefix, items, "items")
-        items.execute(incremental_snapshot_io.signal_table_ddl("fieldsync.cdc_signals"))
+        items.execute(resnapshot_requests.signal_table_ddl("fieldsync.cdc_signals"))
         bad, good = (
             items.execute(
                 "insert into fieldsync.cdc_signals (table_name, where_clause) values (%s, %s) "
@@ -432,9 +433,9 @@ def test_unreadable_progress_record_stops_the_daemon_with_the_fix(
     from cdc.pipeline import CdcDaemon
 
     settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
-    key = incremental_snapshot_io.progress_key(settings.postgres.slot)
-    topic = incremental_snapshot_io.resnapshot_topic(topic_prefix)
-    incremental_snapshot_io.read_state_records(kafka_options(settings), [key], 20)  # creates it
+    key = resnapshot_state.progress_key(settings.postgres.slot)
+    topic = resnapshot_state.resnapshot_topic(topic_prefix)
+    resnapshot_state.read_state_records(kafka_options(settings), [key], 20)  # creates it
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     try:
         producer.send(topic, key=key, value=b'{"version": 1, "jobs": [{"oid": "x"}]}').get(20)
@@ -462,7 +463,7 @@ def test_re_sent_rows_equal_streamed_rows_for_every_type(
         pg_conn.execute(ROW)
         pg_conn.execute("update typed set ip = '10.1.2.3', flag = false")
         streamed = table_events(kafka_bootstrap, topic_prefix, "typed", expect=4)
-        incremental_snapshot_io.request_snapshot(
+        resnapshot_requests.request_snapshot(
             pg_conn,
             publication=settings.postgres.publication,
             signal_table=settings.postgres.signal_table,

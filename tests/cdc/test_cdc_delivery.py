@@ -20,18 +20,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, TxnEnd
 from cdc.errors import DecodeError, SinkUnavailable, parse_lsn
 from cdc.fault_points import ENV_VAR, FaultPoints
-from cdc.kafka_sink import (
-    KafkaOptions,
-    KafkaTransactionalSink,
-    ResumePosition,
-    read_resume_position,
-    state_topic,
-)
+from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition, state_topic
+from cdc.kafka_state import read_compacted, read_resume_position
 from cdc.pipeline import kafka_options
+from cdc.resnapshot_state import read_state_records, resnapshot_topic
 from tests.cdc.cdc_crash_workload import read_all
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 from tests.cdc.test_cdc_cli import REPO
@@ -175,6 +171,42 @@ def test_transaction_ending_at_a_batch_boundary_is_recorded_complete(
             wait_for(lambda: confirmed() >= end, what="the slot to pass the transaction")
             resume = read_resume_position(kafka_options(settings), slot, timeout_s=10)
     assert resume is not None and resume.seq == 49 and resume.complete, resume
+
+
+def test_a_tombstone_deletes_a_state_record_for_every_reader(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Both compacted state topics are read by one reader with one rule: the last record of
+    a key is its value, and a tombstone deletes it, whether or not the broker compacted the
+    topic yet.  (The resume position used to skip tombstones and return the value before
+    one, until compaction removed that value too.)"""
+    from kafka import KafkaProducer
+
+    opts = options(kafka_bootstrap, topic_prefix)
+    state, resnapshot = state_topic(topic_prefix), resnapshot_topic(topic_prefix)
+    assert read_compacted(opts, state, [b"slot"], timeout_s=10) == {}  # creates the topic
+    assert read_state_records(opts, [b"a"], timeout_s=10) == {}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    try:
+        producer.send(state, key=b"slot", value=ResumePosition(5, 1, True).to_json())
+        producer.send(state, key=b"other", value=ResumePosition(9, 0, True).to_json())
+        producer.send(resnapshot, key=b"a", value=b"first")
+        producer.send(resnapshot, key=b"b", value=b"kept")
+        producer.flush()
+        assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(5, 1, True)
+        producer.send(state, key=b"slot", value=None)
+        producer.send(resnapshot, key=b"a", value=None)
+        producer.flush()
+        assert read_resume_position(opts, "slot", timeout_s=10) is None
+        assert read_resume_position(opts, "other", timeout_s=10) == ResumePosition(9, 0, True)
+        assert read_state_records(opts, [b"a", b"b"], timeout_s=10) == {b"b": b"kept"}
+        producer.send(state, key=b"slot", value=ResumePosition(7, 0, True).to_json())
+        producer.send(resnapshot, key=b"a", value=b"again")
+        producer.flush()
+    finally:
+        producer.close()
+    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(7, 0, True)
+    assert read_state_records(opts, [b"a", b"b"], timeout_s=10) == {b"a": b"again", b"b": b"kept"}
 
 
 # --------------------------------------------------------------------------- assembler

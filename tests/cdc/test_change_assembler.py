@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import DecodeError
 from cdc.kafka_sink import ResumePosition

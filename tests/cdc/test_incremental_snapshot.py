@@ -11,29 +11,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc import pgoutput_decoder as m
-from cdc.errors import SnapshotRequestError
-from cdc.incremental_snapshot import (
-    ChunkWindow,
+from cdc import pgoutput_messages as m
+from cdc.ddl_detection import (
     ColumnFacts,
-    Condition,
     EnumFacts,
-    Job,
-    Progress,
-    SignalRequest,
     TableSignature,
-    Visibility,
-    Watermark,
-    WhereClause,
-    WindowState,
     compare_relations,
-    message_keys,
-    parse_where,
     resnapshot_reasons,
     signatures_from_bytes,
     signatures_to_bytes,
 )
-from cdc.incremental_snapshot_io import chunk_query, where_sql
+from cdc.errors import SnapshotRequestError
+from cdc.incremental_snapshot import (
+    ChunkWindow,
+    Job,
+    Progress,
+    SignalRequest,
+    Visibility,
+    Watermark,
+    WindowState,
+    message_keys,
+)
+from cdc.resnapshot_chunks import chunk_query
+from cdc.resnapshot_requests import where_sql
+from cdc.where_clause import Condition, WhereClause, parse_where
 
 # --------------------------------------------------------------------------- visibility
 

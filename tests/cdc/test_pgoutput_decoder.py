@@ -1,4 +1,4 @@
-"""Tests for cdc.pgoutput_decoder.
+"""Tests for cdc.pgoutput_decoder (and the messages of cdc.pgoutput_messages).
 
 The hand-written byte literals follow PostgreSQL's "Logical Replication Message
 Formats" field by field.  The round-trip property uses a small test-only
@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdc.errors import DecodeError
-from cdc.pgoutput_decoder import (
+from cdc.pgoutput_decoder import PgOutputDecoder
+from cdc.pgoutput_messages import (
     PG_EPOCH_OFFSET_US,
     UNCHANGED_TOAST,
     Begin,
@@ -31,7 +32,6 @@ from cdc.pgoutput_decoder import (
     MessageType,
     OldTupleKind,
     Origin,
-    PgOutputDecoder,
     Prepare,
     Relation,
     RelationColumn,

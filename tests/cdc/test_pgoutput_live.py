@@ -7,12 +7,13 @@ from typing import Any
 
 import psycopg
 
-from cdc import pgoutput_decoder as m
+from cdc import pgoutput_messages as m
 from cdc.pg_source import Keepalive, ReplicationStream, connect, highest_proto_version
+from cdc.pgoutput_decoder import PgOutputDecoder
 
 
 def _drain(
-    stream: ReplicationStream, decoder: m.PgOutputDecoder, until: Any, timeout: float = 15.0
+    stream: ReplicationStream, decoder: PgOutputDecoder, until: Any, timeout: float = 15.0
 ) -> list[m.Message]:
     out: list[m.Message] = []
     deadline = time.monotonic() + timeout
@@ -36,7 +37,7 @@ def test_live_messages(pg_dsn: str) -> None:
         rconn = connect(pg_dsn, replication=True)
         rconn.execute("CREATE_REPLICATION_SLOT s_live LOGICAL pgoutput (SNAPSHOT 'nothing')")
         stream = ReplicationStream(rconn, "s_live", "p_live", 0, proto, streaming=False)
-        decoder = m.PgOutputDecoder(proto)
+        decoder = PgOutputDecoder(proto)
         try:
             conn.execute("select pg_replication_origin_create('edge-7')")
             with conn.transaction():
@@ -126,7 +127,7 @@ def test_live_stream_messages(pg_dsn: str) -> None:
         rconn = connect(dsn, replication=True)
         rconn.execute("CREATE_REPLICATION_SLOT s_s LOGICAL pgoutput (SNAPSHOT 'nothing')")
         stream = ReplicationStream(rconn, "s_s", "p_s", 0, proto, streaming=True)
-        decoder = m.PgOutputDecoder(proto)
+        decoder = PgOutputDecoder(proto)
         try:
             with conn.transaction():
                 conn.execute(

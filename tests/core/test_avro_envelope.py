@@ -15,20 +15,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdc.errors import DecodeError, SchemaError
+from core.avro_binary import encode_long
 from core.avro_envelope import (
     MAGIC,
     POSITION_HEADER,
     SchemaRegistry,
     Source,
     TableCodec,
+    decode,
+    parse_position_header,
+    position_header,
+)
+from core.avro_schema import (
     avro_field_names,
     avro_name,
-    decode,
-    encode_long,
     fingerprint,
-    parse_position_header,
     parsing_canonical_form,
-    position_header,
     table_namespace,
 )
 from core.pg_types import ColumnSpec, MappingCatalog, TypeInfo, TypeKind

@@ -13,25 +13,25 @@ from decimal import Decimal
 from typing import Any
 
 import fastavro
+import psycopg
 import psycopg.postgres
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cdc.errors import SchemaError
+from core.pg_type_mapping import ColumnCodec, column_codec
 from core.pg_types import (
     BUILTIN_TYPES,
     CATALOG_QUERY,
     SESSION_SETTINGS,
-    ColumnCodec,
     ColumnSpec,
     MappingCatalog,
     TypeInfo,
     TypeKind,
-    column_codec,
-    parse_array,
-    returns_text_unchanged,
+    output_function_text,
 )
+from core.pg_values import parse_array, returns_text_unchanged
 
 EMPTY = MappingCatalog()
 INT64_MAX = (1 << 63) - 1
@@ -738,3 +738,23 @@ def test_returns_text_unchanged_only_for_text_like_types() -> None:
         assert returns_text_unchanged(codec.convert) is unchanged, oid
         if unchanged:
             assert codec.convert("x y") == "x y"
+
+
+def test_output_function_text_reads_what_pgoutput_sends(
+    pg_conn: psycopg.Connection[Any],
+) -> None:
+    """Every column comes back as its type's output-function text (``t``, not ``true``;
+    an inet without its /32), arrays and domains included, NULL as None; a cursor without
+    it parses the values."""
+    query = (
+        "select true, '10.0.0.1/32'::inet, 1.50::numeric(5,2), array[1, null, 3]::int4[], "
+        "'2024-01-02 03:04:05+02'::timestamptz, '\\x01ff'::bytea, null::int8"
+    )
+    pg_conn.execute("set timezone = 'UTC'")
+    with pg_conn.cursor() as cur:
+        output_function_text(cur)
+        row = cur.execute(query).fetchone()
+    assert row == ("t", "10.0.0.1", "1.50", "{1,NULL,3}", "2024-01-02 01:04:05+00", "\\x01ff", None)
+    with pg_conn.cursor() as plain:
+        parsed = plain.execute(query).fetchone()
+    assert parsed is not None and parsed[0] is True

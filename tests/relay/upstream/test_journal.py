@@ -24,7 +24,10 @@ from core.journal_format import (
     decode_outcomes,
     encode_outcomes,
 )
-from core.pg_types import ColumnSpec, MappingCatalog, _parse_date, _parse_time, _timestamp_parser
+from core.pg_types import ColumnSpec, MappingCatalog
+from core.pg_values import parse_date as _parse_date
+from core.pg_values import parse_time as _parse_time
+from core.pg_values import timestamp_parser as _timestamp_parser
 from core.value_schemas import column_types_from_schemas
 from core.values import (
     ColumnType,

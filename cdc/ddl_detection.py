@@ -1,0 +1,211 @@
+"""Which schema changes need a re-snapshot (pure, no I/O).
+
+Some DDL gives existing rows new values without writing a row change to WAL (a column added
+with a default, a table rewrite, an enum label renamed; :mod:`cdc.incremental_snapshot`
+says why that matters).  The daemon sees them two ways:
+
+- in the stream: two Relation messages of one table differ (:func:`compare_relations`): a
+  column added, dropped or retyped, or the table renamed;
+- in the catalog: the :class:`TableSignature` of a published table (its columns'
+  ``pg_attribute`` facts, its file node, the labels of the enums it uses), read by
+  ``cdc.pg_catalog.read_signatures``, differs from the one recorded in Kafka
+  (:func:`resnapshot_reasons` says why rows may hold values no event reported).
+
+Signatures are recorded as JSON (:func:`signatures_to_bytes`) in the compacted
+``{prefix}._cdc_resnapshot`` topic (``cdc.resnapshot_state``).
+
+Concurrency: plain data and functions, used from the daemon's one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cdc import pgoutput_messages as m
+
+__all__ = [
+    "ColumnFacts",
+    "EnumFacts",
+    "RelationDiff",
+    "TableSignature",
+    "compare_relations",
+    "resnapshot_reasons",
+    "signatures_from_bytes",
+    "signatures_to_bytes",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelationDiff:
+    """What changed between two Relation messages of one table (by column name)."""
+
+    added: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    retyped: tuple[str, ...] = ()
+    renamed_table: tuple[str, str] | None = None  # (old, new) qualified names
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.dropped or self.retyped or self.renamed_table)
+
+    def describe(self) -> str:
+        parts = []
+        if self.renamed_table:
+            parts.append(f"renamed {self.renamed_table[0]} → {self.renamed_table[1]}")
+        if self.added:
+            parts.append("added " + ", ".join(self.added))
+        if self.dropped:
+            parts.append("dropped " + ", ".join(self.dropped))
+        if self.retyped:
+            parts.append("retyped " + ", ".join(self.retyped))
+        return "; ".join(parts) or "no column change"
+
+
+def compare_relations(old: m.Relation, new: m.Relation) -> RelationDiff:
+    """Columns added, dropped or retyped (type or modifier) between two Relation messages."""
+    before = {c.name: (c.type_oid, c.type_modifier) for c in old.columns}
+    after = {c.name: (c.type_oid, c.type_modifier) for c in new.columns}
+    renamed = None
+    if (old.namespace, old.name) != (new.namespace, new.name):
+        renamed = (f"{old.namespace}.{old.name}", f"{new.namespace}.{new.name}")
+    return RelationDiff(
+        added=tuple(c.name for c in new.columns if c.name not in before),
+        dropped=tuple(c.name for c in old.columns if c.name not in after),
+        retyped=tuple(
+            c.name for c in new.columns if c.name in before and before[c.name] != after[c.name]
+        ),
+        renamed_table=renamed,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ColumnFacts:
+    """One column in ``pg_attribute``: ``version`` is the xmin of its catalog row, which
+    changes whenever an ALTER touches the column."""
+
+    attnum: int
+    name: str
+    type_oid: int
+    typmod: int
+    type_name: str
+    has_missing: bool
+    version: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EnumFacts:
+    """An enum type some column of the table uses (directly, or through a domain, array,
+    range or composite type), with its labels in sort order."""
+
+    oid: int
+    name: str
+    labels: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TableSignature:
+    """What the catalog says about a published table, as far as values depend on it."""
+
+    oid: int
+    schema: str
+    table: str
+    filenode: int
+    columns: tuple[ColumnFacts, ...]
+    enums: tuple[EnumFacts, ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "oid": self.oid,
+            "schema": self.schema,
+            "table": self.table,
+            "filenode": self.filenode,
+            "columns": [dataclasses.astuple(c) for c in self.columns],
+            "enums": [[e.oid, e.name, list(e.labels)] for e in self.enums],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TableSignature:
+        return cls(
+            oid=int(d["oid"]),
+            schema=str(d["schema"]),
+            table=str(d["table"]),
+            filenode=int(d["filenode"]),
+            columns=tuple(
+                ColumnFacts(int(a), str(n), int(t), int(tm), str(tn), bool(h), str(v))
+                for a, n, t, tm, tn, h, v in d["columns"]
+            ),
+            enums=tuple(
+                EnumFacts(int(o), str(n), tuple(str(x) for x in labels))
+                for o, n, labels in d.get("enums", ())
+            ),
+        )
+
+
+def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
+    """Why existing rows of the table may hold values no row event reported (empty: none).
+
+    - a column added with a default: ``atthasmissing`` (every old row reads the default),
+      or with a table rewrite (a volatile default);
+    - a column whose type changed (a type modifier change only when the table was
+      rewritten: ``varchar(20)`` → ``varchar(40)`` keeps every value);
+    - a column an ALTER touched while the table was rewritten
+      (``ALTER COLUMN … TYPE <same type> USING …``);
+    - a renamed column (rows arrive under the new name only with a re-read);
+    - an enum label that is gone (``RENAME VALUE``; labels cannot be dropped);
+    - a renamed table (its rows go to a new topic).
+
+    A rewrite that touches no column (VACUUM FULL, CLUSTER, TRUNCATE, SET TABLESPACE)
+    and a column added without a default (old rows hold NULL, what consumers assume)
+    need nothing.
+    """
+    reasons: list[str] = []
+    if (old.schema, old.table) != (new.schema, new.table):
+        reasons.append(f"table renamed from {old.qualified} (its rows go to a new topic)")
+    rewritten = old.filenode != new.filenode
+    before = {c.attnum: c for c in old.columns}
+    for col in new.columns:
+        was = before.get(col.attnum)
+        if was is None:
+            if col.has_missing:
+                reasons.append(f"column {col.name} added with a default")
+            elif rewritten:
+                reasons.append(f"column {col.name} added, table rewritten (volatile default)")
+            continue
+        if was.type_oid != col.type_oid or (was.typmod != col.typmod and rewritten):
+            reasons.append(
+                f"column {col.name} changed type from {was.type_name} to {col.type_name}"
+            )
+        elif rewritten and was.version != col.version:
+            reasons.append(f"column {col.name} altered with a table rewrite")
+        if was.name != col.name:
+            reasons.append(f"column {was.name} renamed to {col.name}")
+    old_enums = {e.oid: e for e in old.enums}
+    for e in new.enums:
+        was_enum = old_enums.get(e.oid)
+        if was_enum is None:
+            continue
+        gone = [label for label in was_enum.labels if label not in e.labels]
+        if gone:
+            reasons.append(f"enum {e.name}: label(s) {', '.join(repr(g) for g in gone)} renamed")
+    return reasons
+
+
+def signatures_to_bytes(signatures: Mapping[int, TableSignature]) -> bytes:
+    return json.dumps(
+        {"version": 1, "tables": [s.to_json() for _, s in sorted(signatures.items())]},
+        sort_keys=True,
+    ).encode()
+
+
+def signatures_from_bytes(data: bytes) -> dict[int, TableSignature]:
+    d = json.loads(data)
+    if d.get("version") != 1:
+        raise ValueError(f"catalog signatures of version {d.get('version')!r}, expected 1")
+    return {s.oid: s for s in (TableSignature.from_json(t) for t in d.get("tables", ()))}

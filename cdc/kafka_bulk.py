@@ -1,0 +1,209 @@
+"""The Kafka sink's bulk path: change events appended to record batches of our own and
+handed to kafka-python whole.
+
+``KafkaProducer.send`` costs tens of microseconds per record.  :class:`BulkRecords` appends
+each event to one :class:`cdc.kafka_records.RecordBuffer` per partition (kafka's default
+partitioner: murmur2 of the key) and hands each buffer to kafka-python's accumulator as one
+finished batch when it reaches :data:`BATCH_BYTES` and at commit.  kafka-python's sender
+still stamps producer id, epoch and sequence, compresses, checksums, adds the partition to
+the transaction and retries.  This uses kafka-python internals, checked once at start-up
+(:func:`bulk_path_available`); where they differ, the sink sends every record through
+``send()``.  Handed-over batches bypass kafka-python's ``buffer_memory`` limit, so at most
+:data:`MAX_IN_FLIGHT_BATCHES` wait for the broker at a time.
+
+Concurrency: called from the sink's one thread; kafka-python's sender thread takes the
+batches from the accumulator (under its per-partition lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from kafka import TopicPartition
+from kafka.partitioner.default import murmur2
+
+from cdc.errors import SinkError, SinkUnavailable
+from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
+
+log = logging.getLogger(__name__)
+
+
+MAX_REQUEST_SIZE: Final = 8 * 1024 * 1024
+BATCH_BYTES: Final = 256 * 1024
+"""Size at which a partition's records are handed to kafka-python as one batch."""
+MAX_IN_FLIGHT_BATCHES: Final = 64
+"""At most this many handed-over batches (~16 MB) wait for the broker at a time."""
+
+
+def bulk_path_available(producer: Any) -> bool:
+    """Whether this kafka-python has the internals :class:`BulkRecords`
+    uses (checked once; without them every record goes through ``KafkaProducer.send``)."""
+    try:
+        from kafka.producer.producer_batch import ProducerBatch  # noqa: F401
+        from kafka.record.memory_records import MemoryRecordsBuilder
+
+        acc = producer._accumulator
+        probe = MemoryRecordsBuilder(
+            acc.config["message_version"], acc.config["compression_attrs"], 1024
+        )
+        needed = ("_buffer", "_num_records", "_last_offset", "_first_timestamp", "_max_timestamp")
+        ok = (
+            acc.config["message_version"] == 2
+            and all(hasattr(probe._builder, a) for a in needed)
+            and hasattr(probe, "_next_offset")
+            and hasattr(acc, "_tp_lock")
+            and hasattr(acc, "_batches")
+            and hasattr(getattr(acc, "_incomplete", None), "all")
+            and hasattr(producer._transaction_manager, "maybe_add_partition_to_transaction")
+            and hasattr(producer._sender, "wakeup")
+            and len(probe._builder._buffer) == HEADER_SIZE
+        )
+    except (ImportError, AttributeError, KeyError, TypeError) as exc:
+        log.warning("kafka-python internals differ (%s): records go through send()", exc)
+        return False
+    if not ok:
+        log.warning("kafka-python internals differ: records go through KafkaProducer.send()")
+    return ok
+
+
+def kafka_errors() -> tuple[type[BaseException], ...]:
+    """kafka-python's exception base, imported when first needed."""
+    from kafka.errors import KafkaError
+
+    return (KafkaError,)
+
+
+class BulkRecords:
+    """The open Kafka transaction's change events, in one record batch per partition.
+
+    ``track`` makes kafka-python keep a topic in its metadata; ``unavailable`` turns a
+    message into the sink's :class:`SinkUnavailable` (marking the sink broken);
+    ``futures`` gives the open transaction's list of futures, checked at commit."""
+
+    def __init__(
+        self,
+        producer: Any,
+        timeout_s: float,
+        *,
+        track: Callable[[str], None],
+        unavailable: Callable[[str], SinkUnavailable],
+        futures: Callable[[], list[Any]],
+    ) -> None:
+        self.producer = producer
+        self.timeout_s = timeout_s
+        self._track = track
+        self._unavailable = unavailable
+        self._futures = futures
+        self._buffers: dict[Any, RecordBuffer] = {}
+        self._partition_counts: dict[str, int] = {}
+        self._tps: dict[tuple[str, int], Any] = {}
+        self._max_record = MAX_REQUEST_SIZE
+
+    def discard(self) -> None:
+        """Forget the records not handed over yet (the transaction is aborted)."""
+        self._buffers = {}
+
+    def append(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Append one record to its partition's batch; a full batch is handed over (a record
+        larger than the producer's max_request_size is a SinkError naming it)."""
+        tp = self._partition(topic, key)
+        buffer = self._buffers.get(tp)
+        if buffer is None:
+            buffer = self._buffers[tp] = RecordBuffer()
+        size = buffer.append(int(time.time() * 1000), key, value, encode_headers(headers))
+        if size > self._max_record:
+            del self._buffers[tp]  # the transaction is aborted by the caller: nothing is lost
+            raise SinkError(
+                f"a record for {topic} (key {key!r:.80}) is {size} bytes, more than the "
+                f"producer's max_request_size ({self._max_record}); raise the broker's "
+                "message.max.bytes and the topic's max.message.bytes, or leave the column out "
+                "of the publication"
+            )
+        if len(buffer.buf) >= BATCH_BYTES:
+            del self._buffers[tp]
+            self._hand_over(tp, buffer)
+            self._bound_in_flight()
+
+    def _bound_in_flight(self) -> None:
+        """Handed-over batches bypass kafka-python's buffer_memory limit: when more than
+        ``MAX_IN_FLIGHT_BATCHES`` wait for the broker, wait for them (memory stays bounded
+        in a huge transaction against a slow broker)."""
+        if len(self.producer._accumulator._incomplete.all()) <= MAX_IN_FLIGHT_BATCHES:
+            return
+        try:
+            self.producer.flush(timeout=self.timeout_s)
+        except kafka_errors() as exc:
+            raise self._unavailable(f"the broker did not take the records in time: {exc}") from exc
+
+    def _partition(self, topic: str, key: bytes | None) -> Any:
+        """The record's TopicPartition: kafka's default partitioner (murmur2 of the key),
+        partition 0 for records without a key (tables without a primary key)."""
+        count = self._partition_counts.get(topic)
+        if count is None:
+            try:
+                count = len(self.producer.partitions_for(topic) or ())
+            except kafka_errors() as exc:
+                raise self._unavailable(f"no metadata for topic {topic}: {exc}") from exc
+            if count == 0:
+                raise self._unavailable(f"the broker reports no partitions for topic {topic}")
+            self._track(topic)
+            self._partition_counts[topic] = count
+        partition = 0 if key is None or count == 1 else (murmur2(key) & 0x7FFFFFFF) % count
+        tp = self._tps.get((topic, partition))
+        if tp is None:
+            tp = self._tps[(topic, partition)] = TopicPartition(topic, partition)
+        return tp
+
+    def _hand_over(self, tp: Any, buffer: RecordBuffer, at_commit: bool = False) -> None:
+        """Give kafka-python's accumulator one finished batch for ``tp`` (see
+        :mod:`cdc.kafka_records`); its sender fills the header (producer id, epoch,
+        sequence, CRC), compresses and sends it within the open transaction.
+
+        A batch handed over mid-transaction (it filled up) is sent at once; at commit
+        the last batches are handed over not "full" and ``flush()`` sends them."""
+        from kafka.producer.producer_batch import ProducerBatch
+        from kafka.record.memory_records import MemoryRecordsBuilder
+
+        producer = self.producer
+        acc = producer._accumulator
+        try:
+            producer._transaction_manager.maybe_add_partition_to_transaction(tp)
+        except kafka_errors() as exc:
+            raise self._unavailable(
+                f"adding {tp.topic} to the Kafka transaction failed: {exc}"
+            ) from exc
+        records = MemoryRecordsBuilder(
+            acc.config["message_version"],
+            acc.config["compression_attrs"],
+            len(buffer.buf) + 1 if at_commit else len(buffer.buf),  # full: ready to send
+        )
+        inner = records._builder
+        inner._buffer = buffer.buf
+        inner._num_records = buffer.count
+        inner._last_offset = buffer.count - 1
+        inner._first_timestamp = buffer.first_ts
+        inner._max_timestamp = buffer.max_ts
+        records._next_offset = buffer.count
+        batch = ProducerBatch(tp, records)
+        batch.max_record_size = buffer.max_record
+        with acc._tp_lock(tp):
+            acc._batches[tp].append(batch)
+        acc._incomplete.add(batch)
+        self._futures().append(batch.produce_future)
+        if not at_commit:
+            producer._sender.wakeup()
+
+    def hand_over_all(self) -> None:
+        """Hand every partition's last batch over (at commit; ``flush()`` sends them)."""
+        buffers, self._buffers = self._buffers, {}
+        for tp, buffer in buffers.items():
+            self._hand_over(tp, buffer, at_commit=True)

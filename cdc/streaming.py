@@ -1,0 +1,334 @@
+"""One session's streaming: replication messages → decoder → assembler → Kafka batches, and
+the slot confirmed behind Kafka.
+
+Batches: events are written in Kafka transactions.  A batch is committed when it holds
+``kafka.batch_max_events`` events, when it is ``kafka.batch_max_ms`` old, or as soon as the
+stream has nothing more to read right now (so an idle trickle sees low latency).  Each batch
+ends with the resume position (see :mod:`cdc.kafka_sink`).  Only after Kafka acknowledged
+the commit does the slot's flush position move, and only up to the end of the last
+*complete* transaction in it.  Invariant: the flush position passes a transaction with
+events only once a committed resume position in Kafka covers the whole of it.  A
+transaction whose events all reached Kafka before its end was read (its last event filled a
+batch; or it was written before a restart and is now skipped) therefore gets a Kafka
+transaction of its own holding just the resume position "complete" before it is confirmed.
+When the stream is idle (no open transaction, empty batch), keepalives and heartbeat
+messages move the flush position too, so an idle publication on a busy server does not pin
+WAL.
+
+Stop: the loop reads on to the end of the transaction it is in (at most
+:data:`STOP_GRACE_S`), commits the batch and confirms it, so the slot ends exactly where
+Kafka does.
+
+Concurrency: :meth:`SessionStream.run` runs on the daemon's one thread; a stop request is
+a flag of the daemon, checked at least every :data:`POLL_S` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+
+from cdc import pgoutput_messages as m
+from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
+from cdc.errors import CdcError, format_lsn
+from cdc.fault_points import FAULTS
+from cdc.incremental_snapshot_io import IncrementalSnapshots
+from cdc.kafka_sink import ResumePosition, Sink
+from cdc.pg_source import Keepalive, ReplicationStream, XLogData
+from cdc.pgoutput_decoder import PgOutputDecoder
+from cdc.settings import CdcSettings
+
+__all__ = ["POLL_S", "STOP_GRACE_S", "Daemon", "SessionStream", "Stats"]
+
+log = logging.getLogger("fieldsync.cdc")
+
+POLL_S = 0.25
+STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    transactions: int = 0
+    kafka_commits: int = 0
+    sessions: int = 0
+    flushed_lsn: int = 0
+    last_event_commit_ts_us: int = 0
+    last_commit_wall: float = 0.0
+    snapshot_rows: int = 0
+    commit_latencies_ms: list[float] = field(default_factory=list)
+
+
+class Daemon(Protocol):
+    """What the streaming loop needs of the daemon that runs it."""
+
+    s: CdcSettings
+    stats: Stats
+    on_commit: Callable[[list[OutEvent]], None] | None
+    record_latency: bool
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def tick(self) -> None:
+        """Notify the service manager's watchdog when due."""
+        ...
+
+
+class _Batch:
+    """The open Kafka transaction and what it will confirm."""
+
+    __slots__ = (
+        "_last_event",
+        "_position",
+        "collected",
+        "confirm_lsn",
+        "events",
+        "started",
+        "txn_commit_ts",
+    )
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.started = 0.0
+        # The resume position is that of the last event sent, or of the last transaction
+        # ended; an event's ResumePosition is only built when the batch is committed.
+        self._last_event: OutEvent | None = None
+        self._position: ResumePosition | None = None
+        self.confirm_lsn: int | None = None
+        self.txn_commit_ts: list[int] = []
+        self.collected: list[OutEvent] = []
+
+    @property
+    def empty(self) -> bool:
+        return self._last_event is None and self._position is None
+
+    def event_sent(self, out: OutEvent) -> None:
+        self._last_event = out
+        self._position = None
+
+    def txn_ended(self, position: ResumePosition) -> None:
+        self._last_event = None
+        self._position = position
+
+    @property
+    def position(self) -> ResumePosition | None:
+        out = self._last_event
+        if out is not None:
+            return ResumePosition(out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us)
+        return self._position
+
+
+class SessionStream:
+    """The streaming part of one session (see the module docstring)."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        stream: ReplicationStream,
+        decoder: PgOutputDecoder,
+        asm: ChangeAssembler,
+        sink: Sink,
+        conn: psycopg.Connection[Any],
+        resume: ResumePosition | None,
+        resnap: IncrementalSnapshots | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.pg, self.k = daemon.s.postgres, daemon.s.kafka
+        self.stats = daemon.stats
+        self.stream = stream
+        self.decoder = decoder
+        self.asm = asm
+        self.sink = sink
+        self.conn = conn
+        self.resnap = resnap
+        self.batch = _Batch()
+        self.in_kafka = resume  # the resume position Kafka holds (committed)
+        self.max_age = self.k.batch_max_ms / 1000.0
+        self.last_heartbeat = time.monotonic()
+
+    def run(self) -> None:
+        """Stream until the daemon stops (errors propagate: the session is torn down)."""
+        daemon, stream, asm, resnap = self.daemon, self.stream, self.asm, self.resnap
+        emit = resnap.stream.emit if resnap is not None else None
+        stream.send_status(self.stats.flushed_lsn)
+        stop_by: float | None = None
+        while True:
+            if daemon.stopping:
+                # finish the transaction being read (its rest is on the wire), so the slot
+                # can be confirmed exactly up to what Kafka holds; give up after a grace period
+                if stop_by is None:
+                    stop_by = time.monotonic() + STOP_GRACE_S
+                if asm.idle or time.monotonic() >= stop_by:
+                    break
+            daemon.tick()
+            if resnap is not None and not daemon.stopping:
+                resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
+            msg = stream.read(0.0 if not self.batch.empty else POLL_S)
+            if msg is None:
+                self._nothing_to_read()
+                continue
+            if isinstance(msg, Keepalive):
+                self._keepalive(msg)
+                continue
+            assert isinstance(msg, XLogData)
+            decoded = self.decoder.decode(msg.payload, msg.wal_start)
+            outs = asm.feed(decoded, msg.wal_start)
+            self.handle(emit(outs) if emit is not None else outs)
+            if (
+                isinstance(decoded, m.LogicalMessage)
+                and not decoded.transactional
+                and asm.idle
+                and self.batch.empty
+            ):
+                self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
+            batch = self.batch
+            if asm.idle and not batch.empty and time.monotonic() - batch.started >= self.max_age:
+                self.flush()
+        # stopping: write what we have (a partly read transaction only if the grace period
+        # ran out: the resume position covers it), confirm, leave
+        with contextlib.suppress(CdcError):
+            self.flush()
+            stream.send_status(self.stats.flushed_lsn)
+
+    def _nothing_to_read(self) -> None:
+        """Commit the open batch, or (idle) keep the walsender and the slot moving."""
+        if not self.batch.empty:
+            self.flush()
+            return
+        pg, stream = self.pg, self.stream
+        now = time.monotonic()
+        if now - stream.last_status_sent >= pg.status_interval_s:
+            stream.send_status(self.stats.flushed_lsn)
+        if (
+            pg.heartbeat_interval_s
+            and now - self.last_heartbeat >= pg.heartbeat_interval_s
+            and self.asm.idle
+        ):
+            self.last_heartbeat = now
+            self.conn.execute("select pg_logical_emit_message(false, 'fieldsync.heartbeat', '')")
+
+    def _keepalive(self, msg: Keepalive) -> None:
+        stats, stream = self.stats, self.stream
+        if self.asm.idle and self.batch.empty and msg.wal_end > stats.flushed_lsn:
+            stats.flushed_lsn = msg.wal_end
+        if (
+            msg.reply_requested
+            or time.monotonic() - stream.last_status_sent >= self.pg.status_interval_s
+        ):
+            stream.send_status(stats.flushed_lsn)
+
+    def flush(self) -> None:
+        """Commit the open batch with its resume position, then confirm what it covers."""
+        batch = self.batch
+        if batch.empty:
+            return
+        position = batch.position
+        assert position is not None
+        stats, stream, daemon = self.stats, self.stream, self.daemon
+        t0 = time.monotonic()
+        self.sink.commit(position)
+        self.in_kafka = position
+        if FAULTS.armed:
+            FAULTS.hit("after_kafka_commit")
+        now = time.time()
+        stats.kafka_commits += 1
+        stats.last_commit_wall = now
+        if daemon.record_latency:
+            stats.commit_latencies_ms.extend(
+                (now * 1e6 - ts) / 1000.0 for ts in batch.txn_commit_ts
+            )
+        if batch.confirm_lsn is not None and batch.confirm_lsn > stats.flushed_lsn:
+            stats.flushed_lsn = batch.confirm_lsn
+            stream.send_status(stats.flushed_lsn)
+        elif time.monotonic() - stream.last_status_sent >= self.pg.status_interval_s:
+            stream.send_status(stats.flushed_lsn)
+        if daemon.on_commit is not None and batch.collected:
+            daemon.on_commit(batch.collected)
+        log.debug(
+            "kafka commit: %d events in %.1f ms, confirmed %s",
+            batch.events,
+            (time.monotonic() - t0) * 1000,
+            format_lsn(stats.flushed_lsn),
+            extra={"position": format_lsn(position.commit_lsn)},
+        )
+        self.batch = _Batch()
+
+    def _begin(self) -> None:
+        self.sink.begin()
+        self.batch.started = time.monotonic()
+
+    def handle(self, outs: Iterable[OutEvent | OutSchema | TxnEnd]) -> None:
+        """Send the assembler's output: events and schemas into the batch, transaction ends
+        into what the batch will confirm."""
+        stats, sink, daemon = self.stats, self.sink, self.daemon
+        for out in outs:
+            if isinstance(out, OutEvent):
+                batch = self.batch
+                if batch.empty:
+                    self._begin()
+                sink.send(out.topic, out.key, out.value, out.headers)
+                batch.events += 1
+                batch.event_sent(out)
+                stats.events += 1
+                stats.last_event_commit_ts_us = out.commit_ts_us
+                if daemon.on_commit is not None:
+                    batch.collected.append(out)
+                if batch.events >= self.k.batch_max_events:
+                    self.flush()
+                elif stats.events & 1023 == 0:
+                    # a long replay must not starve the walsender (wal_sender_timeout) nor the watchdog
+                    daemon.tick()
+                    if time.monotonic() - self.stream.last_status_sent >= self.pg.status_interval_s:
+                        self.stream.send_status(stats.flushed_lsn)
+            elif isinstance(out, OutSchema):
+                if self.batch.empty:
+                    self._begin()
+                sink.publish_schema(out.fingerprint, out.schema_json)
+            else:
+                self._txn_end(out)
+
+    def _txn_end(self, out: TxnEnd) -> None:
+        if out.streamed and FAULTS.armed and FAULTS.due("streamed_txn_end"):
+            self.flush()  # Kafka holds the transaction's last events, not its end
+            FAULTS.crash("streamed_txn_end")
+        stats = self.stats
+        stats.transactions += 1
+        batch = self.batch
+        if batch.empty and (out.events == 0 or _holds_whole(self.in_kafka, out.commit_lsn)):
+            # nothing of it is pending, and Kafka's resume position covers it
+            # (or it has no events): confirm it right away
+            if out.end_lsn > stats.flushed_lsn:
+                stats.flushed_lsn = out.end_lsn
+            return
+        if batch.empty:
+            # Kafka holds all its events (written before, or in batches already committed)
+            # but its resume position does not say the transaction is complete: write that
+            # (a Kafka transaction with only the resume position) before the slot may pass it
+            self._begin()
+        batch.txn_ended(
+            ResumePosition(
+                out.commit_lsn,
+                max(out.events - 1, 0),
+                True,
+                commit_ts_us=out.commit_ts_us,
+            )
+        )
+        batch.confirm_lsn = out.end_lsn
+        batch.txn_commit_ts.append(out.commit_ts_us)
+        if time.monotonic() - batch.started >= self.max_age:
+            self.flush()
+
+
+def _holds_whole(position: ResumePosition | None, commit_lsn: int) -> bool:
+    """Whether a resume position says Kafka holds the whole transaction at ``commit_lsn``."""
+    return position is not None and (
+        position.commit_lsn > commit_lsn
+        or (position.commit_lsn == commit_lsn and position.complete)
+    )
