@@ -16,8 +16,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench" / "cdc_bench.py"
+from tests.schemas import REPO
+
+BENCH = REPO / "bench" / "cdc_bench.py"
 
 EXPECTED_MEASURES = {
     "pg_recvlogical (pgoutput v1, /dev/null)",
@@ -61,7 +62,7 @@ def test_quick_run_prints_numeric_result_table(
         "--rows", "300", "--txns", "100", "--rss-rows", "500", "--rate", "100", "--seconds", "1",
         "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap, "--json", str(result_json),
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "## cdc benchmark results" in out.stdout
     rows = _table_rows(out.stdout)

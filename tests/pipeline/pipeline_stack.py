@@ -24,9 +24,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psycopg
 
 from relay.auth_keys import KeyStore
 from tests.cdc.cdc_support import wait_for
@@ -108,19 +105,6 @@ class Process:
                 self.proc.kill()
                 self.proc.wait(10)
         self.reader.join(10)
-
-
-@contextlib.contextmanager
-def store_database(pg_server: Any) -> Iterator[str]:
-    """A fresh database on the test server for the relay's store; dropped afterwards."""
-    name = "estore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 @dataclass

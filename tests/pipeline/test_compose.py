@@ -21,8 +21,8 @@ from cdc.settings import load_cdc_settings
 from relay.auth_keys import KeyStore
 from relay.settings import load_applier_settings, load_relay_settings
 from relay.upstream.applier import ApplierDb
+from tests.schemas import COMPOSE
 
-COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 SPEC: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
 FIELDSYNC = ("cdc", "relay", "applier")
 

@@ -50,8 +50,7 @@ from replay.output import read_csv
 from replay.state import LogState, state_as_of
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_kafka import read_topic
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.schemas import REPO
 
 
 class Env:
@@ -817,7 +816,7 @@ def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
                 "--config",
                 str(env.config),
             ],
-            cwd=ROOT,
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -938,10 +937,10 @@ def test_history_of_edits_applied_by_the_real_applier(env: Env) -> None:
 def test_benchmark_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
     """bench/replay_bench.py end to end with tiny sizes (speed is never asserted)."""
     cmd = [
-        sys.executable, str(ROOT / "bench" / "replay_bench.py"), "--quick",
+        sys.executable, str(REPO / "bench" / "replay_bench.py"), "--quick",
         "--events", "3000", "--rows", "300", "--kafka-bootstrap", kafka_bootstrap,
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert "## replay benchmark results" in out.stdout
     rows = [

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
 from relay.downstream.bucket_engine import (
@@ -60,19 +57,6 @@ DDL = (
     "create table work_orders (id int primary key, technician text, "
     "status text not null default 'open', notes text, cost numeric(10,2))"
 )
-
-
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    """A second, fresh database for the bucket store."""
-    name = "store_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def make_rules(tmp_path: Path, pg_dsn: str) -> Rules:

@@ -32,8 +32,7 @@ from relay.upstream.applier import Applier
 from relay.upstream.applier_db import ApplierDb
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_kafka import read_topic
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.schemas import REPO
 
 TABLES = """
 create table work_orders (
@@ -842,7 +841,7 @@ batch_max_ms = 5
             start = _applied(env)
             target = start + rng.randint(1, 150)
             proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
 
             def progressed(proc: subprocess.Popen[bytes] = proc, target: int = target) -> bool:
@@ -869,7 +868,7 @@ batch_max_ms = 5
         gate.close()
     done_before = env.sql("select count(*) from fieldsync_applier.applied")[0][0]
     assert done_before < total, "the kills came too late to interrupt anything"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(
             lambda: env.sql("select count(*) from fieldsync_applier.applied")[0][0] == total,
@@ -977,7 +976,7 @@ def test_benchmark_smoke(pg_server: Any, kafka_bootstrap: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "bench" / "applier_bench.py"),
+            str(REPO / "bench" / "applier_bench.py"),
             "--quick",
             "--entries",
             "200",
@@ -988,7 +987,7 @@ def test_benchmark_smoke(pg_server: Any, kafka_bootstrap: str) -> None:
             "--kafka-bootstrap",
             kafka_bootstrap,
         ],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
