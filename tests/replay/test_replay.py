@@ -934,31 +934,6 @@ def test_history_of_edits_applied_by_the_real_applier(env: Env) -> None:
     )
 
 
-def test_benchmark_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
-    """bench/replay_bench.py end to end with tiny sizes (speed is never asserted)."""
-    cmd = [
-        sys.executable, str(REPO / "bench" / "replay_bench.py"), "--quick",
-        "--events", "3000", "--rows", "300", "--kafka-bootstrap", kafka_bootstrap,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    assert "## replay benchmark results" in out.stdout
-    rows = [
-        [c.strip() for c in line.strip().strip("|").split("|")]
-        for line in out.stdout.splitlines()
-        if line.startswith("| ") and not line.startswith(("| case", "| ---"))
-    ]
-    cases = [r[0].split(" (")[0] for r in rows]
-    assert cases == [
-        "raw read", "replay decode", "replay decode, 1 worker process", "as-of, end of log", "as-of, middle position",
-        "as-of state → sqlite file", "history of one row",
-    ]  # fmt: skip
-    for r in rows:
-        assert float(r[2]) >= 0, r  # seconds
-    assert float(rows[1][4]) > 0  # the ratio to the raw read
-    assert "target: replay decode >= 0.3" in out.stdout
-
-
 def test_decode_worker_gives_the_same_events_and_resumes_after_a_time_bound(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

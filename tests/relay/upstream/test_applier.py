@@ -971,39 +971,6 @@ def test_every_value_kind_round_trips_through_the_applier(pg_dsn: str, tmp_path:
             db.close()
 
 
-def test_benchmark_smoke(pg_server: Any, kafka_bootstrap: str) -> None:
-    """bench/applier_bench.py runs end to end (tiny sizes) and prints its table."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "applier_bench.py"),
-            "--quick",
-            "--entries",
-            "200",
-            "--devices",
-            "4",
-            "--pg-dsn",
-            pg_server.dsn,
-            "--kafka-bootstrap",
-            kafka_bootstrap,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [
-        line
-        for line in result.stdout.splitlines()
-        if line.startswith("| applier") or line.startswith("| executemany")
-    ]
-    assert len(rows) == 5, result.stdout
-    for line in rows:
-        rate = line.split("|")[4].strip().replace(",", "")
-        assert float(rate) > 0, line
-
-
 def test_cli_refuses_bad_configuration(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
