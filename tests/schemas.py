@@ -1,4 +1,4 @@
-"""The schemas, rules and conflict policies the tests share, and the repository's paths.
+"""The schemas, rules, conflict policies and key files the tests share; the repository's paths.
 
 - The demo's tables (:mod:`devtools.demo_schema`: ``work_orders``, ``parts``,
   ``site_stock``), for which ``config/rules.example.toml`` and
@@ -12,6 +12,8 @@
   ``priority`` ask; ``secret`` and ``updated_at`` not sent; a CHECK constraint and a
   trigger that refuse poison values) and ``stock`` (two-column text key, ``qty`` a
   counter, one bucket per element of the list claim ``regions``).
+- :func:`write_keys`: a relay key file with one HS256 key, for tests that start the relay
+  as a process.
 
 A test whose point is a different table (other columns, other rules) keeps its own
 statement next to it.  Plain module, no fixtures (those are tests/fix_*.py).
@@ -31,6 +33,15 @@ COMPOSE = REPO / "compose"
 BENCH = REPO / "bench"
 EXAMPLE_RULES = CONFIG / "rules.example.toml"
 EXAMPLE_CONFLICTS = CONFIG / "conflicts.example.toml"
+
+
+def write_keys(path: Path, secret: str) -> Path:
+    """A relay key file at ``path`` (mode 0600, as the relay requires) with one HS256 key
+    ``k1``, the current one."""
+    path.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{secret}"\n')
+    path.chmod(0o600)
+    return path
+
 
 # --------------------------------------------------------------------------- the demo's tables
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from relay.auth_keys import KeyStore
 from tests.cdc.cdc_support import wait_for
 from tests.cdc.test_cdc_cli import cli_env, daemon_config
+from tests.schemas import write_keys
 
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 STOPPED = re.compile(r"(bucket engine|outcome feed) stopped with an error")
@@ -172,9 +173,7 @@ def services(
     that none had died."""
     (tmp_path / "rules.toml").write_text(rules)
     (tmp_path / "conflicts.toml").write_text(conflicts)
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"e" * 40}"\n')
-    keys.chmod(0o600)
+    keys = write_keys(tmp_path / "keys.toml", "e" * 40)
     cdc_config = daemon_config(
         tmp_path / "cdc.toml",
         dsn=pg_dsn,

@@ -36,7 +36,7 @@ from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import load_rules
-from tests.schemas import DEMO_CATALOG, EXAMPLE_RULES
+from tests.schemas import DEMO_CATALOG, EXAMPLE_RULES, write_keys
 
 SECRET = b"k" * 40
 WO = "public.work_orders"
@@ -560,9 +560,7 @@ def test_relay_run_serves_and_stops_cleanly(pg_dsn: str, tmp_path: Path) -> None
         conn.execute(
             "create table site_stock (site text, part_id text, qty int, primary key (site, part_id))"
         )
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"s" * 40}"\n')
-    keys.chmod(0o600)
+    keys = write_keys(tmp_path / "keys.toml", "s" * 40)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[relay]\nstore_dsn = "{pg_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{EXAMPLE_RULES}"\n'
@@ -665,9 +663,7 @@ def test_relay_run_full_path_cdc_kafka_engine_api(
         'claims = { t = "technician" }\n[[bucket.table]]\ntable = "public.work_orders"\n'
         'match = { technician = "t" }\nexclude = ["cost"]\n'
     )
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"s" * 40}"\n')
-    keys.chmod(0o600)
+    keys = write_keys(tmp_path / "keys.toml", "s" * 40)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{rules}"\n'
