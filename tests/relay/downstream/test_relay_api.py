@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from core.row_wire import checksum_add, row_checksum
+from devtools import demo_schema
 from relay.auth import Authenticator, Revocation, RevocationList, issue_token
 from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
@@ -550,16 +551,7 @@ def test_relay_run_serves_and_stops_cleanly(pg_dsn: str, tmp_path: Path) -> None
     """`fieldsync relay run --no-engine`: serves the API, masks tokens in logs, exits 0 on SIGTERM."""
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            "create table work_orders (id bigint primary key, site text, technician text, "
-            "status text, due date, cost numeric, notes text, updated_at timestamptz)"
-        )
-        conn.execute(
-            "create table parts (id text primary key, name text, unit text, discontinued bool)"
-        )
-        conn.execute(
-            "create table site_stock (site text, part_id text, qty int, primary key (site, part_id))"
-        )
+        conn.execute(demo_schema.DDL)  # the tables the example rules are written for
     keys = write_keys(tmp_path / "keys.toml", "s" * 40)
     config = tmp_path / "relay.toml"
     config.write_text(
