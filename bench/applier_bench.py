@@ -32,29 +32,19 @@ started by the script (embedded, like the tests) unless ``--pg-dsn`` /
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench_support
+import psycopg
+from bench_support import ROOT, MarkdownTable, Services, machine, ratio
 
-import psycopg  # noqa: E402
-
-from core.hlc import Hlc  # noqa: E402
-from core.journal_format import JournalRecord, entry_from_json  # noqa: E402
-from devtools.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from relay.upstream.applier import Applier  # noqa: E402
-from relay.upstream.applier_db import ApplierDb  # noqa: E402
+from core.hlc import Hlc
+from core.journal_format import JournalRecord, entry_from_json
+from relay.upstream.applier import Applier
+from relay.upstream.applier_db import ApplierDb
 
 TABLE = """
 create table work_orders (
@@ -82,22 +72,6 @@ CONFLICTS = {
     "server_wins": "[default]\npolicy = 'server_wins'\n",
     "lww": "[[table]]\ntable = 'public.work_orders'\npolicy = 'lww'\ntime_column = 'updated_at'\n",
 }
-
-
-@contextlib.contextmanager
-def services(pg_dsn: str | None, bootstrap: str | None) -> Iterator[tuple[str, str]]:
-    with contextlib.ExitStack() as stack:
-        if pg_dsn is None:
-            pg = EmbeddedPostgres(base_dir=Path(tempfile.mkdtemp(prefix="applier-bench-pg-")))
-            pg.start()
-            stack.callback(pg.stop)
-            pg_dsn = pg.dsn
-        if bootstrap is None:
-            broker = EmbeddedBroker(base_dir=Path(tempfile.mkdtemp(prefix="applier-bench-kafka-")))
-            broker.start()
-            stack.callback(broker.stop)
-            bootstrap = broker.bootstrap
-        yield pg_dsn, bootstrap
 
 
 def produce(bootstrap: str, topic: str, records: list[JournalRecord]) -> float:
@@ -143,9 +117,10 @@ def journal(n: int, devices: int, tag: str, old: str, new: str) -> list[JournalR
 
 
 def run_applier(
-    dsn: str, bootstrap: str, workdir: Path, policy: str, records: list[JournalRecord], batch: int
+    svc: Services, dsn: str, policy: str, records: list[JournalRecord], batch: int
 ) -> dict[str, Any]:
-    prefix = "bench" + uuid.uuid4().hex[:8]
+    bootstrap, workdir = svc.kafka, svc.work
+    prefix = svc.new_topic_prefix("bench")
     rules = workdir / "rules.toml"
     rules.write_text(RULES)
     conflicts = workdir / f"conflicts-{policy}.toml"
@@ -181,12 +156,13 @@ def run_applier(
 
 
 def run_sharded(
-    dsn: str, bootstrap: str, workdir: Path, records: list[JournalRecord], batch: int, shards: int
+    svc: Services, dsn: str, records: list[JournalRecord], batch: int, shards: int
 ) -> dict[str, Any]:
     """``shards`` applier processes (``fieldsync relay applier --shard N``); the time is the
     span of the audit rows' ``applied_at`` (clock time of each decision), so process
     start-up is not counted."""
-    prefix = "bench" + uuid.uuid4().hex[:8]
+    bootstrap, workdir = svc.kafka, svc.work
+    prefix = svc.new_topic_prefix("bench")
     config = workdir / f"relay-{prefix}.toml"
     config.write_text(
         f"""
@@ -280,21 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=20, help="devices the entries come from")
     ap.add_argument("--batch", type=int, default=500, help="applier batch_max_entries")
     ap.add_argument("--shards", type=int, default=2, help="applier processes of the sharded phase")
-    ap.add_argument("--pg-dsn", help="superuser DSN of an existing PostgreSQL (else embedded)")
-    ap.add_argument("--kafka-bootstrap", help="existing broker (else embedded tansu)")
+    bench_support.add_service_flags(ap)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = ap.parse_args(argv)
     n = min(args.entries, 1000) if args.quick else args.entries
 
-    with services(args.pg_dsn, args.kafka_bootstrap) as (admin_dsn, bootstrap):
-        name = "applier_bench_" + uuid.uuid4().hex[:8]
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'create database "{name}"')
-            version = conn.execute("show server_version").fetchone()
-        dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
-        workdir = Path(tempfile.mkdtemp(prefix="applier-bench-"))
-        results: list[tuple[str, float, str]] = []
-        try:
+    results: list[tuple[str, float, str]] = []
+    with bench_support.services(args.pg_dsn, args.kafka_bootstrap) as svc:
+        version = svc.server_version()
+        with svc.database("applier_bench") as dsn:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(TABLE)
                 conn.execute(
@@ -306,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             details = {}
             for policy, old, new, tag in (("server_wins", "a", "b", "d"), ("lww", "b", "c", "e")):
                 records = journal(n, args.devices, tag, old, new)
-                got = run_applier(dsn, bootstrap, workdir, policy, records, args.batch)
+                got = run_applier(svc, dsn, policy, records, args.batch)
                 details[policy] = got
                 label = (
                     "applier, server_wins"
@@ -315,14 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results.append((label, got["seconds"], f"{got['runs']} transactions"))
                 print(f"{label}: {n / got['seconds']:,.0f} entries/s", file=sys.stderr)
-            sharded = run_sharded(
-                dsn,
-                bootstrap,
-                workdir,
-                journal(n, args.devices, "f", "c", "d"),
-                args.batch,
-                args.shards,
-            )
+            records = journal(n, args.devices, "f", "c", "d")
+            sharded = run_sharded(svc, dsn, records, args.batch, args.shards)
             results.append(
                 (
                     f"applier, server_wins, {args.shards} processes (shards)",
@@ -341,23 +305,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{-(-n // args.batch)} transactions",
                 )
             )
-        finally:
-            with psycopg.connect(admin_dsn, autocommit=True) as conn:
-                conn.execute(f'drop database if exists "{name}" with (force)')
 
-    limit = n / one
     print(
         f"\nupstream applier, {n:,} non-conflicting updates from {args.devices} devices, "
-        f"batch {args.batch}; PostgreSQL {version[0] if version else '?'}, Python "
-        f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}\n"
+        f"batch {args.batch}; PostgreSQL {version}, {machine()}\n"
     )
-    print("| phase | entries | seconds | entries/s | ratio to the limit | |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    table = MarkdownTable(
+        ["phase", "entries", "seconds", "entries/s", "ratio to the limit", "note"],
+        right=["entries", "seconds", "entries/s", "ratio to the limit"],
+    )
     for label, seconds, note in results:
-        print(
-            f"| {label} | {n:,} | {seconds:.2f} | {n / seconds:,.0f} | {n / seconds / limit:.2f} | {note} |"
-        )
+        table.add(label, n, f"{seconds:.2f}", f"{n / seconds:,.0f}", ratio(one, seconds), note)
+    print(table.render())
     for policy, got in details.items():
         print(
             f"\n{policy}: applier transactions {got['apply_s']:.2f} s of {got['seconds']:.2f} s "

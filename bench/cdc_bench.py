@@ -46,27 +46,22 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench_support
+import psycopg
+from bench_support import Results, Services, log, percentile
 
-import psycopg  # noqa: E402
-
-from cdc.errors import format_lsn, parse_lsn  # noqa: E402
-from devtools.local_services import EmbeddedBroker, EmbeddedPostgres, find_pg_bindir  # noqa: E402
+from cdc.errors import format_lsn, parse_lsn
 
 TABLE_DDL = """
 create table t (
@@ -113,122 +108,20 @@ print(f"tps = {n / elapsed:.3f}")
 """
 
 
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class Row:
-    case: str
-    measure: str
-    value: float | None
-    unit: str
-    target: str = ""
-    met: str = ""
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(
-        self,
-        case: str,
-        measure: str,
-        value: float | None,
-        unit: str,
-        target: str = "",
-        met: bool | None = None,
-    ) -> None:
-        verdict = "" if met is None else ("yes" if met else "NO")
-        self.rows.append(Row(case, measure, value, unit, target, verdict))
-
-    def table(self) -> str:
-        lines = [
-            "| case | measure | value | unit | target | met |",
-            "| --- | --- | ---: | --- | --- | --- |",
-        ]
-        for r in self.rows:
-            lines.append(
-                f"| {r.case} | {r.measure} | {_fmt(r.value)} | {r.unit} | {r.target} | {r.met} |"
-            )
-        return "\n".join(lines)
-
-
-def _fmt(v: float | int | None) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
-    return ordered[rank - 1]
-
-
 # --------------------------------------------------------------------------- services
 
 
-@dataclass
-class Services:
-    admin_dsn: str
-    bootstrap: str
-    bindir: Path
-    description: str
-    pg_log: Path | None = None  # the embedded server's log (None for an external one)
-
-    def walsender_timeouts(self) -> int | None:
-        """How often PostgreSQL has ended a walsender because its client stopped replying."""
-        if self.pg_log is None:
-            return None
-        return self.pg_log.read_text(errors="replace").count(WALSENDER_TIMEOUT)
-
-
-@contextlib.contextmanager
-def services(args: argparse.Namespace) -> Iterator[Services]:
-    """PostgreSQL and broker: external when given, else embedded ones started here."""
-    with contextlib.ExitStack() as stack:
-        pg_log = None
-        if args.pg_dsn:
-            admin_dsn, pg_desc = args.pg_dsn, "external PostgreSQL"
-        else:
-            log("starting embedded PostgreSQL")
-            pg = EmbeddedPostgres(base_dir=Path(tempfile.mkdtemp(prefix="fieldsync-bench-pg-")))
-            stack.callback(shutil.rmtree, pg.base_dir, True)
-            pg.start()
-            stack.callback(pg.stop)
-            admin_dsn, pg_desc, pg_log = pg.dsn, "embedded PostgreSQL (fsync=off)", pg.log_path
-        if args.kafka_bootstrap:
-            bootstrap, k_desc = args.kafka_bootstrap, "external broker"
-        else:
-            log("starting embedded broker (tansu, memory storage)")
-            broker = EmbeddedBroker()
-            broker.start()
-            stack.callback(broker.cleanup)
-            bootstrap, k_desc = broker.bootstrap, "embedded tansu broker (memory storage)"
-        bindir = Path(args.pg_bindir) if args.pg_bindir else find_pg_bindir()
-        with psycopg.connect(admin_dsn) as conn:
-            version = conn.execute("show server_version").fetchone()
-        desc = f"PostgreSQL {version[0] if version else '?'}, {pg_desc}; {k_desc}"
-        yield Services(admin_dsn, bootstrap, bindir, desc, pg_log)
+def walsender_timeouts(svc: Services) -> int | None:
+    """How often PostgreSQL has ended a walsender because its client stopped replying
+    (None for an external server: its log is not ours to read)."""
+    if svc.pg_log is None:
+        return None
+    return svc.pg_log.read_text(errors="replace").count(WALSENDER_TIMEOUT)
 
 
 @dataclass
 class Db:
     dsn: str
-    name: str
     prefix: str
     publication: str = "bench_pub"
     ref_slot: str = "bench_ref"
@@ -237,37 +130,13 @@ class Db:
 
 @contextlib.contextmanager
 def bench_database(svc: Services, case: str) -> Iterator[Db]:
-    """A fresh database with table ``t`` and a publication for it; dropped afterwards."""
-    tag = uuid.uuid4().hex[:8]
-    name = f"fsbench_{case}_{tag}"
-    with psycopg.connect(svc.admin_dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    dsn = psycopg.conninfo.make_conninfo(svc.admin_dsn, dbname=name)
-    try:
+    """A fresh database with table ``t`` and a publication for it, and a topic prefix;
+    dropped afterwards (with the slots), the topics deleted."""
+    with svc.database(f"fsbench_{case}") as dsn, svc.topic_prefix(f"fsbench{case}") as prefix:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(TABLE_DDL)
             conn.execute("create publication bench_pub for table t")
-        yield Db(dsn, name, f"fsbench{case}{tag}")
-    finally:
-        _drop_database(svc.admin_dsn, name)
-
-
-def _drop_database(admin_dsn: str, name: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        for _ in range(50):
-            slots = conn.execute(
-                "select slot_name, active_pid from pg_replication_slots where database = %s",
-                (name,),
-            ).fetchall()
-            if not slots:
-                break
-            for slot, pid in slots:
-                if pid is not None:
-                    conn.execute("select pg_terminate_backend(%s)", (pid,))
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("select pg_drop_replication_slot(%s)", (slot,))
-            time.sleep(0.1)
-        conn.execute(f'drop database if exists "{name}" with (force)')
+        yield Db(dsn, prefix)
 
 
 def create_slots(db: Db, *names: str) -> None:
@@ -333,7 +202,7 @@ def daemon_settings(svc: Services, db: Db, **extra: str) -> Any:
         "FIELDSYNC_POSTGRES_TABLES": "public.t",
         "FIELDSYNC_POSTGRES_SNAPSHOT": "never",
         "FIELDSYNC_POSTGRES_STATUS_INTERVAL_S": "1",
-        "FIELDSYNC_KAFKA_BOOTSTRAP_SERVERS": svc.bootstrap,
+        "FIELDSYNC_KAFKA_BOOTSTRAP_SERVERS": svc.kafka,
         "FIELDSYNC_KAFKA_TOPIC_PREFIX": db.prefix,
         **{f"FIELDSYNC_{k.upper()}": v for k, v in extra.items()},
     }
@@ -518,7 +387,7 @@ def _toml_config(svc: Services, db: Db) -> str:
     return (
         f"[postgres]\ndsn = {q(db.dsn)}\nslot = {q(db.cdc_slot)}\npublication = {q(db.publication)}\n"
         f'tables = ["public.t"]\nsnapshot = "never"\nstatus_interval_s = 1.0\n\n'
-        f"[kafka]\nbootstrap_servers = {q(svc.bootstrap)}\ntopic_prefix = {q(db.prefix)}\n\n"
+        f"[kafka]\nbootstrap_servers = {q(svc.kafka)}\ntopic_prefix = {q(db.prefix)}\n\n"
         f'[cdc]\nlog_level = "WARNING"\n'
     )
 
@@ -551,7 +420,7 @@ def case_rss(res: Results, svc: Services, args: argparse.Namespace) -> None:
         )
         logf.close()
         opts = KafkaOptions(
-            bootstrap_servers=svc.bootstrap, topic_prefix=db.prefix, transactional_id=""
+            bootstrap_servers=svc.kafka, topic_prefix=db.prefix, transactional_id=""
         )
         try:
             deadline = time.monotonic() + 60
@@ -757,16 +626,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}"
     )
-    p.add_argument(
-        "--pg-dsn",
-        help="superuser DSN of an external PostgreSQL (wal_level=logical) instead of an embedded one",
-    )
+    bench_support.add_service_flags(p)
     p.add_argument(
         "--pg-bindir",
         help="directory of pg_recvlogical and pgbench (default: where the embedded PostgreSQL comes from)",
-    )
-    p.add_argument(
-        "--kafka-bootstrap", help="host:port of an external broker instead of the embedded tansu"
     )
     p.add_argument(
         "--profile", metavar="DIR", help="write a cProfile of the daemon thread per case to DIR"
@@ -801,14 +664,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     res = Results()
     started = time.perf_counter()
-    with services(args) as svc:
+    with bench_support.services(args.pg_dsn, args.kafka_bootstrap, pg_bindir=args.pg_bindir) as svc:
         machine = machine_description(svc)
         log(machine)
         for name in args.cases.split(","):
             load_before = os.getloadavg()[0]
-            timeouts_before = svc.walsender_timeouts()
+            timeouts_before = walsender_timeouts(svc)
             CASES[name](res, svc, args)
-            timeouts_after = svc.walsender_timeouts()
+            timeouts_after = walsender_timeouts(svc)
             if timeouts_before is not None and timeouts_after is not None:
                 res.add(
                     res.rows[-1].case if res.rows else name,

@@ -29,7 +29,6 @@ import os
 import platform
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -38,13 +37,12 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench_support
+from bench_support import MarkdownTable, Services
 
-from core.row_wire import CHECKSUM_MODULUS, row_checksum, row_key_text  # noqa: E402
-from device_agent import local_db, local_tables, relay_schema, schema_sync, triggers  # noqa: E402
-from device_agent.apply import apply_messages  # noqa: E402
+from core.row_wire import CHECKSUM_MODULUS, row_checksum, row_key_text
+from device_agent import local_db, local_tables, relay_schema, schema_sync, triggers
+from device_agent.apply import apply_messages
 
 TABLE = "public.work_orders"
 COLUMNS = ["id", "site", "technician", "status", "due", "notes", "updated_at"]
@@ -158,7 +156,6 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
         "apply_s": apply_best,
         "raw_rows_s": rows / raw_best,
         "apply_rows_s": rows / apply_best,
-        "ratio": raw_best / apply_best,
     }
 
 
@@ -225,13 +222,11 @@ def bench_triggers(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple[str, str]]:
+def relay_with_rows(rows: int, svc: Services) -> Iterator[tuple[str, str]]:
     """A relay (uvicorn thread) whose store holds one bucket of ``rows`` rows; yields
     (url, token)."""
-    import psycopg
     import uvicorn
 
-    from devtools.local_services import EmbeddedPostgres
     from relay.auth import Authenticator, issue_token
     from relay.auth_keys import Key, KeyStore
     from relay.downstream.api import create_app
@@ -241,15 +236,7 @@ def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple
     from relay.downstream.rules import TableInfo
     from relay.downstream.rules_parser import rules_from_mapping
 
-    server = None
-    if pg_dsn is None:
-        server = EmbeddedPostgres(base_dir=base / "pg")
-        server.start()
-        pg_dsn = server.dsn
-    name = "devbench_" + uuid.uuid4().hex[:8]
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    store_dsn = psycopg.conninfo.make_conninfo(pg_dsn, dbname=name)
+    store_dsn = svc.new_database("devbench")
     rules = rules_from_mapping(
         {
             "token_claims": ["technician"],
@@ -296,16 +283,12 @@ def relay_with_rows(rows: int, base: Path, pg_dsn: str | None) -> Iterator[tuple
             thread.join(10)
     finally:
         store.close()
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-        if server is not None:
-            server.stop()
 
 
-def bench_initial(rows: int, base: Path, pg_dsn: str | None) -> dict[str, Any]:
+def bench_initial(rows: int, base: Path, svc: Services) -> dict[str, Any]:
     from device_agent.sync import Agent, init_database
 
-    with relay_with_rows(rows, base, pg_dsn) as (url, token):
+    with relay_with_rows(rows, svc) as (url, token):
         path = str(base / "initial.db")
         init_database(path, url, token)
         agent = Agent(path)
@@ -336,7 +319,7 @@ def main() -> None:
     parser.add_argument("--initial-rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="apply,triggers,initial")
-    parser.add_argument("--pg-dsn", default=None, help="PostgreSQL for the relay's store")
+    bench_support.add_service_flags(parser, kafka=False)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -346,44 +329,61 @@ def main() -> None:
         f"# device agent benchmark ({platform.node()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version})"
     )
-    with tempfile.TemporaryDirectory(prefix="device-bench-") as tmp:
-        base = Path(tmp)
+    with bench_support.services(args.pg_dsn, pg="initial" in wanted, kafka=False) as svc:
+        base = svc.work
         if "apply" in wanted:
             r = bench_apply(args.rows, args.repeat, base)
-            print(
-                "\n| apply | rows | raw executemany s | apply s | raw rows/s | apply rows/s | ratio (target ≥ 0.5) |"
+            table = MarkdownTable(
+                ["apply", "rows", "raw executemany s", "apply s", "raw rows/s", "apply rows/s",
+                 "ratio (target ≥ 0.5)"]
+            )  # fmt: skip
+            table.add(
+                "PUT new rows",
+                r["rows"],
+                f"{r['raw_s']:.2f}",
+                f"{r['apply_s']:.2f}",
+                f"{r['raw_rows_s']:,.0f}",
+                f"{r['apply_rows_s']:,.0f}",
+                bench_support.ratio(r["raw_s"], r["apply_s"]),
             )
-            print("| --- | --- | --- | --- | --- | --- | --- |")
-            print(
-                f"| PUT new rows | {r['rows']:,} | {r['raw_s']:.2f} | {r['apply_s']:.2f} | "
-                f"{r['raw_rows_s']:,.0f} | {r['apply_rows_s']:,.0f} | {r['ratio']:.2f} |"
-            )
+            print("\n" + table.render())
         if "triggers" in wanted:
             r = bench_triggers(args.rows, args.repeat, base)
-            print(
-                "\n| app writes (insert, update, delete of each row) | writes "
-                "| without triggers s | with triggers s | overhead (target ≤ 2x) |"
+            table = MarkdownTable(
+                ["app writes (insert, update, delete of each row)", "writes",
+                 "without triggers s", "with triggers s", "overhead (target ≤ 2x)"]
+            )  # fmt: skip
+            table.add(
+                "one statement per transaction (autocommit)",
+                r["single_writes"],
+                f"{r['single_plain_s']:.2f}",
+                f"{r['single_triggers_s']:.2f}",
+                f"{r['single_overhead']:.2f}x",
             )
-            print("| --- | --- | --- | --- | --- |")
-            print(
-                f"| one statement per transaction (autocommit) | {r['single_writes']:,} | "
-                f"{r['single_plain_s']:.2f} | {r['single_triggers_s']:.2f} | "
-                f"{r['single_overhead']:.2f}x |"
+            table.add(
+                "bulk: executemany, one transaction per kind",
+                r["writes"],
+                f"{r['plain_s']:.2f}",
+                f"{r['triggers_s']:.2f}",
+                f"{r['overhead']:.2f}x",
             )
-            print(
-                f"| bulk: executemany, one transaction per kind | {r['writes']:,} | "
-                f"{r['plain_s']:.2f} | {r['triggers_s']:.2f} | {r['overhead']:.2f}x |"
-            )
+            print("\n" + table.render())
         if "initial" in wanted:
-            r = bench_initial(args.initial_rows, base, args.pg_dsn)
-            print(
-                "\n| initial sync | rows | seconds (target ≤ 120) | rows/s | of which apply s | JSON bytes (inflated) | messages |"
+            r = bench_initial(args.initial_rows, base, svc)
+            table = MarkdownTable(
+                ["initial sync", "rows", "seconds (target ≤ 120)", "rows/s", "of which apply s",
+                 "JSON bytes (inflated)", "messages"]
+            )  # fmt: skip
+            table.add(
+                "relay → device",
+                r["rows"],
+                f"{r['seconds']:.1f}",
+                f"{r['rows_s']:,.0f}",
+                f"{r['apply_s']:.1f}",
+                r["bytes"],
+                r["messages"],
             )
-            print("| --- | --- | --- | --- | --- | --- | --- |")
-            print(
-                f"| relay → device | {r['rows']:,} | {r['seconds']:.1f} | {r['rows_s']:,.0f} | "
-                f"{r['apply_s']:.1f} | {r['bytes']:,} | {r['messages']} |"
-            )
+            print("\n" + table.render())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Everything runs on this machine: an embedded PostgreSQL (source database and
 bucket store in one cluster), for the full path also a Kafka-protocol broker
 (tansu) and ``fieldsync cdc run``, and the relay as ``fieldsync relay run``
 in a subprocess (uvicorn, one process, default ``[http]`` settings unless
-noted).  Clients run in this process.
+noted).  Clients run in this process.  ``--pg-dsn`` / ``--kafka-bootstrap`` use
+external services instead (bench/bench_support.py).
 
 1. **pull**: one device pulls a ``--rows`` (1M) row bucket from scratch over
    HTTP (``GET /v1/changes`` pages of ``max_page_ops``, gzip, each page parsed)
@@ -45,11 +46,9 @@ import json
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -58,23 +57,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench_support
+import httpx
+import orjson
+import psycopg
+from bench_support import Results, Services, log, percentile
+from websockets.asyncio.client import connect as ws_connect
 
-import httpx  # noqa: E402
-import orjson  # noqa: E402
-import psycopg  # noqa: E402
-from websockets.asyncio.client import connect as ws_connect  # noqa: E402
-
-from devtools.local_services import EmbeddedBroker, EmbeddedPostgres, free_port  # noqa: E402
-from relay.auth import issue_token  # noqa: E402
-from relay.auth_keys import KeyStore  # noqa: E402
-from relay.downstream.bucket_engine import table_infos_from_catalog  # noqa: E402
-from relay.downstream.bucket_store import ChangeKind, RowChange  # noqa: E402
-from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.downstream.rules import Rules  # noqa: E402
-from relay.downstream.rules_parser import load_rules  # noqa: E402
+from devtools.local_services import free_port
+from relay.auth import issue_token
+from relay.auth_keys import KeyStore
+from relay.downstream.bucket_engine import table_infos_from_catalog
+from relay.downstream.bucket_store import ChangeKind, RowChange
+from relay.downstream.pg_bucket_store import PgBucketStore
+from relay.downstream.rules import Rules
+from relay.downstream.rules_parser import load_rules
 
 RULES = """
 token_claims = ["grp"]
@@ -102,68 +99,7 @@ create table items (
 """
 
 
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class Row:
-    case: str
-    measure: str
-    value: float | None
-    unit: str
-    target: str = ""
-    met: str = ""
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(
-        self,
-        case: str,
-        measure: str,
-        value: float | None,
-        unit: str,
-        target: str = "",
-        met: bool | None = None,
-    ) -> None:
-        verdict = "" if met is None else ("yes" if met else "NO")
-        self.rows.append(Row(case, measure, value, unit, target, verdict))
-        log(f"{case}: {measure} = {_fmt(value)} {unit}")
-
-    def table(self) -> str:
-        lines = [
-            "| case | measure | value | unit | target | met |",
-            "| --- | --- | ---: | --- | --- | --- |",
-        ]
-        for r in self.rows:
-            lines.append(
-                f"| {r.case} | {r.measure} | {_fmt(r.value)} | {r.unit} | {r.target} | {r.met} |"
-            )
-        return "\n".join(lines)
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
-    return ordered[rank - 1]
+# --------------------------------------------------------------------------- process figures
 
 
 def raise_fd_limit(want: int) -> int:
@@ -199,9 +135,9 @@ def cpu_s(pid: int) -> float:
 
 @dataclass
 class Env:
-    pg: EmbeddedPostgres
-    work: Path
-    broker: EmbeddedBroker | None = None
+    """The services (bench_support), a signing key for device tokens."""
+
+    svc: Services
     keys_path: Path = field(init=False)
     keys: KeyStore = field(init=False)
 
@@ -213,35 +149,15 @@ class Env:
         self.keys_path.chmod(0o600)
         self.keys = KeyStore.from_file(self.keys_path)
 
+    @property
+    def work(self) -> Path:
+        return self.svc.work
+
     def new_db(self, prefix: str) -> str:
-        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(self.pg.dsn, autocommit=True) as conn:
-            conn.execute(f'create database "{name}"')
-        return self.pg.dsn_for(name)
+        return self.svc.new_database(prefix)
 
     def token(self, device: str, **claims: Any) -> str:
         return issue_token(self.keys, None, device, claims, 6 * 3600)
-
-
-@contextlib.contextmanager
-def services(need_broker: bool) -> Iterator[Env]:
-    work = Path(tempfile.mkdtemp(prefix="fieldsync-relay-bench-"))
-    pg = EmbeddedPostgres(
-        base_dir=work / "pg",
-        extra_conf={"max_connections": "200", "shared_buffers": "512MB"},
-    )
-    pg.start()
-    broker = None
-    try:
-        if need_broker:
-            broker = EmbeddedBroker(base_dir=work / "kafka")
-            broker.start()
-        yield Env(pg, work, broker)
-    finally:
-        if broker is not None:
-            broker.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass
@@ -275,7 +191,7 @@ def relay(
     port = free_port()
     http_lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (http or {}).items())
     config = env.work / f"relay-{uuid.uuid4().hex[:6]}.toml"
-    bootstrap = env.broker.bootstrap if env.broker else "127.0.0.1:9"
+    bootstrap = env.svc.bootstrap or "127.0.0.1:9"
     config.write_text(
         f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{source_dsn}"\n'
         f'rules = "{rules_path}"\ntopic_prefix = "{prefix}"\n'
@@ -556,7 +472,7 @@ async def open_streams(ws_base: str, tokens: Sequence[str], concurrency: int = 1
 def case_latency(env: Env, args: argparse.Namespace, results: Results) -> None:
     devices = args.devices
     full = args.path == "full"
-    if full and env.broker is None:
+    if full and env.svc.bootstrap is None:
         raise RuntimeError("--path full needs the broker")
     source = env.new_db("src")
     store_dsn = env.new_db("store")
@@ -570,7 +486,7 @@ def case_latency(env: Env, args: argparse.Namespace, results: Results) -> None:
         )
     rules_path = write_rules(env, WO_RULES)
     rules = load_rules(rules_path, table_infos_from_catalog(source))
-    prefix = "lat" + uuid.uuid4().hex[:6]
+    prefix = env.svc.new_topic_prefix("lat")
     cdc_proc = None
     if full:
         cdc_proc = start_cdc(env, source, prefix)
@@ -626,10 +542,9 @@ def case_latency(env: Env, args: argparse.Namespace, results: Results) -> None:
 
 
 def start_cdc(env: Env, source: str, prefix: str) -> subprocess.Popen[str]:
-    assert env.broker is not None
     config = env.work / f"cdc-{prefix}.toml"
     config.write_text(
-        f'[postgres]\ndsn = "{source}"\n[kafka]\nbootstrap_servers = "{env.broker.bootstrap}"\n'
+        f'[postgres]\ndsn = "{source}"\n[kafka]\nbootstrap_servers = "{env.svc.kafka}"\n'
         f'topic_prefix = "{prefix}"\n[cdc]\nlog_level = "WARNING"\n'
     )
     proc = subprocess.Popen(
@@ -971,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=5000)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--no-deflate", action="store_true", help="streams without permessage-deflate")
+    bench_support.add_service_flags(p)
     args = p.parse_intermixed_args(argv)
     cases = args.cases or ["pull", "latency", "idle"]
     global DEFLATE
@@ -978,8 +894,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.rows, args.devices, args.seconds, args.connections = 20000, 50, 3, 200
     raise_fd_limit(2 * args.connections + 1000)
-    results = Results()
-    with services(need_broker="latency" in cases and args.path == "full") as env:
+    results = Results(echo=True)
+    with bench_support.services(
+        args.pg_dsn,
+        args.kafka_bootstrap,
+        kafka="latency" in cases and args.path == "full",
+        pg_conf={"shared_buffers": "512MB"},
+    ) as svc:
+        env = Env(svc)
         for case in cases:
             log(f"--- {case}")
             {

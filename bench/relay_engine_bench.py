@@ -29,30 +29,19 @@ docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench_support
+from bench_support import MarkdownTable, machine
 
-import psycopg  # noqa: E402
-
-from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
-from core.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
-from devtools.local_services import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from relay.downstream.bucket_engine import BucketEngine  # noqa: E402
-from relay.downstream.pg_bucket_store import PgBucketStore  # noqa: E402
-from relay.downstream.rules import TableInfo  # noqa: E402
-from relay.downstream.rules_parser import rules_from_mapping  # noqa: E402
+from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.pg_types import ColumnSpec, MappingCatalog
+from relay.downstream.bucket_engine import BucketEngine
+from relay.downstream.pg_bucket_store import PgBucketStore
+from relay.downstream.rules import TableInfo
+from relay.downstream.rules_parser import rules_from_mapping
 
 BUCKETS = 10_000
 TABLE = "public.work_orders"
@@ -135,6 +124,9 @@ class Producer:
         self.producer.flush()
         return n
 
+    def close(self) -> None:
+        self.producer.close()
+
 
 def rows(
     n: int, start: int, status: str, tech_shift: int = 0, note: str = "n"
@@ -155,39 +147,19 @@ def run_phase(engine: BucketEngine, records: int) -> tuple[float, int]:
     return time.perf_counter() - t0, engine.stats.ops - ops0
 
 
-@contextlib.contextmanager
-def services(pg_dsn: str | None, bootstrap: str | None) -> Iterator[tuple[str, Any, str]]:
-    with contextlib.ExitStack() as stack:
-        if pg_dsn is None:
-            pg = EmbeddedPostgres(base_dir=Path(tempfile.mkdtemp(prefix="relay-bench-pg-")))
-            pg.start()
-            stack.callback(pg.stop)
-            pg_dsn = pg.dsn
-        if bootstrap is None:
-            broker = EmbeddedBroker(base_dir=Path(tempfile.mkdtemp(prefix="relay-bench-kafka-")))
-            broker.start()
-            stack.callback(broker.stop)
-            bootstrap = broker.bootstrap
-        yield pg_dsn, psycopg.conninfo, bootstrap
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=200_000, help="rows per phase")
     ap.add_argument("--batch", type=int, default=5000, help="engine batch_max_events")
-    ap.add_argument("--pg-dsn", help="superuser DSN of an existing PostgreSQL (else embedded)")
-    ap.add_argument("--kafka-bootstrap", help="existing broker (else embedded tansu)")
+    bench_support.add_service_flags(ap)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = ap.parse_args(argv)
     n = min(args.rows, 3000) if args.quick else args.rows
 
-    with services(args.pg_dsn, args.kafka_bootstrap) as (admin_dsn, conninfo, bootstrap):
-        db = "relay_bench_" + uuid.uuid4().hex[:8]
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'create database "{db}"')
-            version = conn.execute("show server_version").fetchone()
-        store_dsn = conninfo.make_conninfo(admin_dsn, dbname=db)
-        prefix = "bench" + uuid.uuid4().hex[:8]
+    with bench_support.services(args.pg_dsn, args.kafka_bootstrap) as svc:
+        version = svc.server_version()
+        store_dsn = svc.new_database("relay_bench")
+        prefix = svc.new_topic_prefix("bench")
         schema = {TABLE: TableInfo(tuple(c.name for c in COLUMNS), ("id",))}
         rules = rules_from_mapping(RULES, schema)
         store = PgBucketStore(store_dsn, group="bench")
@@ -196,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         engine = BucketEngine(
             store,
             rules,
-            kafka={"bootstrap_servers": bootstrap},
+            kafka={"bootstrap_servers": svc.kafka},
             prefix=prefix,
             batch_max_events=args.batch,
             topic_refresh_s=0.5,
         )
-        producer = Producer(bootstrap, prefix)
+        producer = Producer(svc.kafka, prefix)
         phases = [
             ("insert -> 1 of 10,000 buckets", "c", rows(n, 0, "open"), 1),
             ("update -> same bucket (PUT replaces)", "u", rows(n, 0, "open", note="m"), 1),
@@ -237,21 +209,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.close()
             store.close()
-            with psycopg.connect(admin_dsn, autocommit=True) as conn:
-                conn.execute(f'drop database if exists "{db}" with (force)')
+            producer.close()
 
     print(
         f"\nrelay bucket engine, {n:,} changes per phase, batch {args.batch}; "
-        f"PostgreSQL {version[0] if version else '?'}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs\n"
+        f"PostgreSQL {version}, {machine()}\n"
     )
-    print("| phase | changes | seconds | changes/s | ops | decode+rules s | store s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    columns = ["phase", "changes", "seconds", "changes/s", "ops", "decode+rules s", "store s"]
+    table = MarkdownTable(columns, right=columns[1:])
     for name, count, seconds, ops, dec, app, _prod in results:
-        print(
-            f"| {name} | {count:,} | {seconds:.2f} | {count / seconds:,.0f} | {ops:,} "
-            f"| {dec:.2f} | {app:.2f} |"
+        table.add(
+            name,
+            count,
+            f"{seconds:.2f}",
+            f"{count / seconds:,.0f}",
+            ops,
+            f"{dec:.2f}",
+            f"{app:.2f}",
         )
+    print(table.render())
     print(f"\nstore afterwards: {stats}")
     return 0
 

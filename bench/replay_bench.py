@@ -41,33 +41,26 @@ docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import random
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench_support
+from bench_support import MarkdownTable, machine, ratio
 
-import replay.log_reader  # noqa: E402
-from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header  # noqa: E402
-from core.pg_types import ColumnSpec, MappingCatalog  # noqa: E402
-from devtools.local_services import EmbeddedBroker  # noqa: E402
-from replay.bounds import Bound  # noqa: E402
-from replay.history import row_history  # noqa: E402
-from replay.keys import KeySpec  # noqa: E402
-from replay.log_reader import LogReader  # noqa: E402
-from replay.log_source import LogSource  # noqa: E402
-from replay.output import write_state  # noqa: E402
-from replay.state import state_as_of  # noqa: E402
+import replay.log_reader
+from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
+from core.pg_types import ColumnSpec, MappingCatalog
+from replay.bounds import Bound
+from replay.history import row_history
+from replay.keys import KeySpec
+from replay.log_reader import LogReader
+from replay.log_source import LogSource
+from replay.output import write_state
+from replay.state import state_as_of
 
 TABLE = "public.work_orders"
 COLUMNS = [
@@ -80,19 +73,6 @@ COLUMNS = [
     ColumnSpec("notes", 25, -1, False),
 ]
 STATUSES = ("open", "in_progress", "completed", "cancelled")
-
-
-@contextlib.contextmanager
-def broker(bootstrap: str | None) -> Iterator[str]:
-    if bootstrap:
-        yield bootstrap
-        return
-    embedded = EmbeddedBroker(base_dir=tempfile.mkdtemp(prefix="replay-bench-kafka-"))
-    embedded.start()
-    try:
-        yield embedded.bootstrap
-    finally:
-        embedded.stop()
 
 
 def produce(bootstrap: str, prefix: str, events: int, rows: int, seed: int = 7) -> dict[str, Any]:
@@ -241,9 +221,12 @@ def replay_read(source: LogSource, workers: int = 0) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    prefix = "rb" + uuid.uuid4().hex[:8]
     results: dict[str, Any] = {"events": args.events, "rows": args.rows}
-    with broker(args.kafka_bootstrap) as bootstrap:
+    with (
+        bench_support.services(kafka_bootstrap=args.kafka_bootstrap, pg=False) as svc,
+        svc.topic_prefix("rb") as prefix,
+    ):
+        bootstrap = svc.kafka
         started = time.perf_counter()
         made = produce(bootstrap, prefix, args.events, args.rows)
         results["produce_s"] = time.perf_counter() - started
@@ -303,36 +286,61 @@ def table(r: dict[str, Any]) -> str:
     raw_rate = n / r["raw_s"]
     rep_rate = n / r["replay_s"]
     ratios = r["ratios"]
-    ratio = ratios[len(ratios) // 2]  # median of the paired runs
+    median = ratios[len(ratios) // 2]  # median of the paired runs
+    columns = ["case", "events", "seconds", "events/s", "ratio to raw read"]
+    table = MarkdownTable(columns, right=columns[1:])
+    table.add(
+        "raw read (kafka-python, the limit)", n, f"{r['raw_s']:.1f}", f"{raw_rate:,.0f}", "1.00"
+    )
+    table.add(
+        "replay decode (LogReader)", n, f"{r['replay_s']:.1f}", f"{rep_rate:,.0f}", f"{median:.2f}"
+    )
+    table.add(
+        "replay decode, 1 worker process",
+        n,
+        f"{r['worker_s']:.1f}",
+        f"{n / r['worker_s']:,.0f}",
+        f"{r['worker_ratio']:.2f}",
+    )
+    table.add(
+        f"as-of, end of log ({r['asof_rows']:,} rows)",
+        n,
+        f"{r['asof_end_s']:.1f}",
+        f"{n / r['asof_end_s']:,.0f}",
+        ratio(r["raw_s"], r["asof_end_s"]),
+    )
+    table.add(
+        f"as-of, middle position ({r['asof_mid_rows']:,} rows)",
+        r["asof_mid_events"],
+        f"{r['asof_mid_s']:.1f}",
+        f"{r['asof_mid_events'] / r['asof_mid_s']:,.0f}",
+        "",
+    )
+    table.add(
+        "as-of state → sqlite file", f"{r['asof_rows']:,} rows", f"{r['sqlite_s']:.1f}", "", ""
+    )
+    table.add(
+        f"history of one row ({r['history_versions']} versions)",
+        n,
+        f"{r['history_s']:.1f}",
+        f"{n / r['history_s']:,.0f}",
+        "",
+    )
     lines = [
         "## replay benchmark results",
         "",
         f"{n:,} events over {r['rows']:,} keys, {r['log_bytes'] / 1e6:,.0f} MB of keys and "
         f"values (produced in {r['produce_s']:.0f} s, not timed)",
         "",
-        "| case | events | seconds | events/s | ratio to raw read |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| raw read (kafka-python, the limit) | {n:,} | {r['raw_s']:.1f} | {raw_rate:,.0f} | 1.00 |",
-        f"| replay decode (LogReader) | {n:,} | {r['replay_s']:.1f} | {rep_rate:,.0f} | "
-        f"{ratio:.2f} |",
-        f"| replay decode, 1 worker process | {n:,} | {r['worker_s']:.1f} | "
-        f"{n / r['worker_s']:,.0f} | {r['worker_ratio']:.2f} |",
-        f"| as-of, end of log ({r['asof_rows']:,} rows) | {n:,} | {r['asof_end_s']:.1f} | "
-        f"{n / r['asof_end_s']:,.0f} | {n / r['asof_end_s'] / raw_rate:.2f} |",
-        f"| as-of, middle position ({r['asof_mid_rows']:,} rows) | {r['asof_mid_events']:,} | "
-        f"{r['asof_mid_s']:.1f} | {r['asof_mid_events'] / r['asof_mid_s']:,.0f} | |",
-        f"| as-of state → sqlite file | {r['asof_rows']:,} rows | {r['sqlite_s']:.1f} | | |",
-        f"| history of one row ({r['history_versions']} versions) | {n:,} | "
-        f"{r['history_s']:.1f} | {n / r['history_s']:,.0f} | |",
+        table.render(),
         "",
         "seconds and events/s: the best of the runs; ratios: replay against the raw read "
         "run just before it, median of "
         f"{len(ratios)} pairs ({', '.join(f'{x:.2f}' for x in ratios)}); as-of and history "
         "against the best raw read",
-        f"target: replay decode >= 0.3 of raw read: {'met' if ratio >= 0.3 else 'NOT met'} "
-        f"({ratio:.2f})",
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}",
+        f"target: replay decode >= 0.3 of raw read: {'met' if median >= 0.3 else 'NOT met'} "
+        f"({median:.2f})",
+        f"machine: {machine()}",
     ]
     return "\n".join(lines)
 
@@ -342,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=1_000_000, help="events in the log")
     ap.add_argument("--rows", type=int, default=100_000, help="distinct keys")
     ap.add_argument("--repeat", type=int, default=3, help="paired runs of the raw/replay reads")
-    ap.add_argument("--kafka-bootstrap", help="existing broker (else embedded tansu)")
+    bench_support.add_service_flags(ap, pg=False)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = ap.parse_args(argv)
     if args.quick:

@@ -6,8 +6,8 @@
     python3 dev.py bench --only cdc           # just bench/cdc_bench.py
 
 ``--quick``, ``--pg-dsn`` and ``--kafka-bootstrap`` are passed on to each
-script that has the flag (see bench/README.md); the scripts' own size flags
-are not (run a script directly for those).  The
+script whose ``--help`` lists the flag (see bench/README.md); the scripts' own
+size flags are not (run a script directly for those).  The
 benchmarks run sequentially, never in parallel, so they do not compete for the
 machine.  Each prints its own Markdown result table; a summary of exit codes
 and durations follows.  The exit code is non-zero when any benchmark failed.
@@ -16,6 +16,7 @@ and durations follows.  The exit code is non-zero when any benchmark failed.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -29,11 +30,18 @@ def discover() -> list[Path]:
 
 
 def flags_for(script: Path, common: list[tuple[str, str | None]]) -> list[str]:
-    """The common flags *script* knows (a benchmark without a broker has no --kafka-bootstrap)."""
-    source = script.read_text(errors="replace")
+    """The common flags *script* takes, as its ``--help`` lists them (a benchmark without a
+    broker has no --kafka-bootstrap)."""
+    usage = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCH_DIR.parent,
+    ).stdout
     out: list[str] = []
     for flag, value in common:
-        if f'"{flag}"' in source:
+        if re.search(rf"^\s+{re.escape(flag)}\b", usage, re.MULTILINE):
             out += [flag] if value is None else [flag, value]
     return out
 

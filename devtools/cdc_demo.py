@@ -1,10 +1,11 @@
-"""``fieldsync demo``: the whole cdc path on embedded services, in one process.
+"""``fieldsync demo --cdc-only``: the whole cdc path on embedded services, in one process.
 
-Starts a throw-away PostgreSQL (wal_level=logical) and a tansu broker, creates a
-small ``work_orders`` table, runs the cdc daemon in a thread, writes demo rows
-(insert, update, delete) at a steady rate from another thread, and prints every
-event once Kafka has acknowledged it, decoded from its Avro bytes with the
-schemas read back from the ``_schemas`` topic.
+Starts a throw-away PostgreSQL (wal_level=logical) and a tansu broker, creates the
+demo's tables with their starting rows (:mod:`devtools.demo_schema`; they are the
+snapshot), runs the cdc daemon in a thread, writes ``work_orders`` rows (insert,
+update, delete) at a steady rate from this thread, and prints every event once Kafka
+has acknowledged it, decoded from its Avro bytes with the schemas read back from the
+``_schemas`` topic.
 """
 
 from __future__ import annotations
@@ -18,20 +19,8 @@ from typing import Any
 import psycopg
 
 from cdc.change_assembler import OutEvent
+from devtools import demo_schema
 from devtools.local_services import EmbeddedBroker, EmbeddedPostgres
-
-DEMO_SCHEMA = """
-create table work_orders (
-    id bigserial primary key,
-    site text not null,
-    technician text,
-    status text not null default 'open',
-    due date,
-    cost numeric(10,2),
-    notes text,
-    updated_at timestamptz not null default now()
-);
-"""
 
 
 def read_schemas(bootstrap: str, prefix: str) -> Any:
@@ -73,10 +62,8 @@ def run_demo(seconds: float = 0.0, rate: float = 2.0) -> None:
     print("starting embedded PostgreSQL and broker ...", flush=True)
     with EmbeddedPostgres() as pg, EmbeddedBroker() as broker:
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
-            conn.execute(DEMO_SCHEMA)
-            conn.execute(
-                "insert into work_orders (site, technician, due, cost, notes) values ('plant-3', 't42', current_date, 120.50, 'initial row (snapshot)')"
-            )
+            conn.execute(demo_schema.DDL)
+            conn.execute(demo_schema.SEED)
         prefix = "fieldsync"
         settings = load_cdc_settings(
             None,

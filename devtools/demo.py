@@ -40,27 +40,11 @@ from typing import Any, TextIO
 
 import psycopg
 
+from devtools import demo_schema
 from devtools.local_services import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port
 from relay.errors import RelayError
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
-SCHEMA = """
-create table work_orders (id bigserial primary key, site text not null, technician text,
-    status text not null default 'open', due date, cost numeric(10,2), notes text,
-    updated_at timestamptz not null default now());
-create table parts (id text primary key, name text not null, unit text not null,
-    discontinued boolean not null default false);
-create table site_stock (site text, part_id text, qty integer not null,
-    primary key (site, part_id));
-insert into work_orders (id, site, technician, status, notes) values
-    (1, 'plant-1', 't42', 'open', 'replace the filter'),
-    (2, 'plant-1', 't42', 'open', 'check the pump'),
-    (3, 'plant-3', 't42', 'in_progress', 'calibrate the sensor'),
-    (4, 'plant-3', 't42', 'closed', 'done last week'),
-    (5, 'plant-1', 't7', 'open', 'someone else''s job');
-select setval('work_orders_id_seq', 100);
-insert into parts values ('p1', 'filter', 'pc', false), ('p2', 'gasket', 'pc', true);
-"""
 SECRET = "demo-secret-" + "x" * 32
 STEP_TIMEOUT_S = 60.0
 
@@ -99,12 +83,12 @@ class Demo:
         (w / "conflicts.toml").write_text((CONFIG / "conflicts.example.toml").read_text())
         kafka = self.broker.bootstrap
         (w / "cdc.toml").write_text(
-            f'[postgres]\ndsn = "{self.pg.dsn}"\ntables = ["public.work_orders", '
-            f'"public.parts", "public.site_stock"]\n\n[kafka]\nbootstrap_servers = "{kafka}"\n'
+            f'[postgres]\ndsn = "{self.pg.dsn}"\ntables = {json.dumps(list(demo_schema.TABLES))}'
+            f'\n\n[kafka]\nbootstrap_servers = "{kafka}"\n'
             f'batch_max_ms = 20\n\n[cdc]\nstate_dir = "{w / "cdc-state"}"\nlog_level = "WARNING"\n'
         )
         (w / "relay.toml").write_text(
-            f'[relay]\nstore_dsn = "{self.pg.dsn_for("fieldsync_relay")}"\n'
+            f'[relay]\nstore_dsn = "{self.pg.dsn_for(demo_schema.STORE_DATABASE)}"\n'
             f'rules = "{w / "rules.toml"}"\nsource_dsn = "{self.pg.dsn}"\n'
             f'kafka_bootstrap_servers = "{kafka}"\nbatch_max_ms = 20\nlog_level = "WARNING"\n\n'
             f"[http]\nport = {self.port}\nlong_poll_s = 5\n\n"
@@ -115,8 +99,9 @@ class Demo:
 
     def create_schema(self) -> None:
         with psycopg.connect(self.pg.dsn, autocommit=True) as conn:
-            conn.execute(SCHEMA)
-            conn.execute("create database fieldsync_relay")
+            conn.execute(demo_schema.DDL)
+            conn.execute(demo_schema.SEED)
+            conn.execute(f"create database {demo_schema.STORE_DATABASE}")
 
     def start(self, name: str, *args: str) -> None:
         log = open(self.work / f"{name}.log", "wb")

@@ -8,10 +8,15 @@ fails the run with its log; it is never a skip.
 Fixtures:
 - ``pg_server``: object with ``dsn``, ``dsn_for(db)``, ``restart()`` (embedded only)
 - ``pg_dsn``: a fresh, empty database per test (dropped afterwards, with its slots)
+- ``store_dsn``: a second one, for the relay's store (logical decoding is per database, so
+  the store's writes stay out of the change stream of ``pg_dsn``)
+
+:func:`fresh_database` makes one more where a test needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -69,16 +74,31 @@ def _drop_database(admin_dsn: str, name: str) -> None:
         conn.execute(f'drop database if exists "{name}" with (force)')
 
 
-@pytest.fixture
-def pg_dsn(pg_server: Any) -> Iterator[str]:
-    """DSN of a fresh database for this test."""
-    name = "t_" + uuid.uuid4().hex[:12]
+@contextlib.contextmanager
+def fresh_database(pg_server: Any, prefix: str = "t_") -> Iterator[str]:
+    """DSN of a new, empty database on ``pg_server`` (its name starts with ``prefix``);
+    dropped afterwards, with its replication slots."""
+    name = prefix + uuid.uuid4().hex[:12]
     with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
         conn.execute(f'create database "{name}"')
     try:
         yield pg_server.dsn_for(name)
     finally:
         _drop_database(pg_server.dsn, name)
+
+
+@pytest.fixture
+def pg_dsn(pg_server: Any) -> Iterator[str]:
+    """DSN of a fresh database for this test."""
+    with fresh_database(pg_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def store_dsn(pg_server: Any) -> Iterator[str]:
+    """DSN of another fresh database for this test: the relay's store."""
+    with fresh_database(pg_server, "store_") as dsn:
+        yield dsn
 
 
 @pytest.fixture

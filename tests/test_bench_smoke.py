@@ -1,8 +1,10 @@
-"""Smoke test of bench/cdc_bench.py: it runs end to end and prints its result table.
+"""Smoke tests of the benchmarks in bench/: each ``*_bench.py`` runs end to end with
+``--quick`` and prints its result table.
 
-Tiny sizes, against the session's PostgreSQL and broker, so the benchmark code
-cannot rot unnoticed.  Speed is never asserted here; only that every case ran
-and reported a number where a number belongs.
+Tiny sizes, against the session's PostgreSQL and broker (``--pg-dsn``,
+``--kafka-bootstrap``), so the benchmark code cannot rot unnoticed.  Speed is never
+asserted here; only that every case ran and reported a number where a number belongs.
+The shared part, bench/bench_support.py, is also tested as a unit.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench" / "cdc_bench.py"
+import pytest
+
+from tests.schemas import BENCH, REPO
 
 EXPECTED_MEASURES = {
     "pg_recvlogical (pgoutput v1, /dev/null)",
@@ -31,40 +34,81 @@ EXPECTED_MEASURES = {
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
 
 
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cdc_bench", BENCH)
+def _load_support() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_support", BENCH / "bench_support.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["cdc_bench"] = module  # dataclasses look their module up there
+    sys.modules["bench_support"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def _table_rows(stdout: str) -> list[list[str]]:
-    rows = []
-    for line in stdout.splitlines():
-        if (
-            line.startswith("| ")
-            and not line.startswith("| case ")
-            and not line.startswith("| ---")
-        ):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
-    return rows
+def run_bench(name: str, *args: str, timeout: float = 300) -> str:
+    """Run ``bench/{name}_bench.py --quick *args``; its stdout (exit 0 asserted)."""
+    cmd = [sys.executable, str(BENCH / f"{name}_bench.py"), "--quick", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
 
 
-def test_quick_run_prints_numeric_result_table(
+def table_rows(stdout: str, *headers: str) -> list[list[str]]:
+    """The cells of every Markdown table row, without header rows (starting with one of
+    ``headers``) and alignment rows."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| ---", *headers))
+    ]
+
+
+# --------------------------------------------------------------------------- bench_support
+
+
+def test_percentile_is_nearest_rank() -> None:
+    bench = _load_support()
+    values = [float(v) for v in range(1, 101)]
+    assert bench.percentile(values, 50) == 50.0
+    assert bench.percentile(values, 99) == 99.0
+    assert bench.percentile(values, 100) == 100.0
+    assert bench.percentile([7.0], 99) == 7.0
+    assert bench.percentile([3.0, 1.0, 2.0], 0) == 1.0
+
+
+def test_markdown_table_aligns_numbers_right_and_formats_figures() -> None:
+    bench = _load_support()
+    table = bench.MarkdownTable(["phase", "rows", "rate", "ratio"], right=["rows", "rate"])
+    table.add("a", 1234567, 12.345, bench.ratio(1.0, 4.0))
+    table.add("b", "n/a", None, "")
+    assert table.render().splitlines() == [
+        "| phase | rows | rate | ratio |",
+        "| --- | ---: | ---: | --- |",
+        "| a | 1,234,567 | 12.3 | 0.25 |",
+        "| b | n/a |  |  |",
+    ]
+    with pytest.raises(ValueError, match="2 cells for 4 columns"):
+        table.add("c", 1)
+    with pytest.raises(ValueError, match="not columns"):
+        bench.MarkdownTable(["a"], right=["b"])
+    assert [bench.fmt_number(v) for v in (None, 3, 3.14159, 31.4159, 31415.9)] == [
+        "n/a", "3", "3.14", "31.4", "31,416",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- each benchmark
+
+
+def test_cdc_quick_run_prints_numeric_result_table(
     pg_server: Any, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     result_json = tmp_path / "results.json"
-    cmd = [
-        sys.executable, str(BENCH), "--quick",
+    stdout = run_bench(
+        "cdc",
         "--rows", "300", "--txns", "100", "--rss-rows", "500", "--rate", "100", "--seconds", "1",
         "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap, "--json", str(result_json),
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    assert "## cdc benchmark results" in out.stdout
-    rows = _table_rows(out.stdout)
+        timeout=240,
+    )  # fmt: skip
+    assert "## cdc benchmark results" in stdout
+    rows = table_rows(stdout, "| case ")
     cases = {r[0].split()[0] for r in rows}
     assert cases == {"bulk", "txns", "rss", "latency"}, rows
     by_measure: dict[str, list[str]] = {}
@@ -79,11 +123,77 @@ def test_quick_run_prints_numeric_result_table(
     assert all(row["value"] is None or row["value"] >= 0 for row in data["rows"])
 
 
-def test_percentile_is_nearest_rank() -> None:
-    bench = _load_bench()
-    values = [float(v) for v in range(1, 101)]
-    assert bench.percentile(values, 50) == 50.0
-    assert bench.percentile(values, 99) == 99.0
-    assert bench.percentile(values, 100) == 100.0
-    assert bench.percentile([7.0], 99) == 7.0
-    assert bench.percentile([3.0, 1.0, 2.0], 0) == 1.0
+def test_applier_quick_run_prints_its_table(pg_server: Any, kafka_bootstrap: str) -> None:
+    stdout = run_bench(
+        "applier",
+        "--entries", "200", "--devices", "4",
+        "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap,
+    )  # fmt: skip
+    rows = [
+        line
+        for line in stdout.splitlines()
+        if line.startswith("| applier") or line.startswith("| executemany")
+    ]
+    assert len(rows) == 5, stdout
+    for line in rows:
+        rate = line.split("|")[4].strip().replace(",", "")
+        assert float(rate) > 0, line
+
+
+def test_relay_engine_quick_run_prints_its_table(pg_server: Any, kafka_bootstrap: str) -> None:
+    stdout = run_bench(
+        "relay_engine",
+        "--rows", "500", "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap,
+        timeout=240,
+    )  # fmt: skip
+    rows = table_rows(stdout, "| phase")
+    assert len(rows) == 5, stdout
+    for name, changes, _seconds, rate, *_ in rows:
+        assert re.fullmatch(r"[\d,]+", rate) and int(changes.replace(",", "")) > 0, name
+
+
+def test_replay_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
+    stdout = run_bench(
+        "replay", "--events", "3000", "--rows", "300", "--kafka-bootstrap", kafka_bootstrap
+    )
+    assert "## replay benchmark results" in stdout
+    rows = table_rows(stdout, "| case")
+    cases = [r[0].split(" (")[0] for r in rows]
+    assert cases == [
+        "raw read", "replay decode", "replay decode, 1 worker process", "as-of, end of log", "as-of, middle position",
+        "as-of state → sqlite file", "history of one row",
+    ]  # fmt: skip
+    for r in rows:
+        assert float(r[2]) >= 0, r  # seconds
+    assert float(rows[1][4]) > 0  # the ratio to the raw read
+    assert "target: replay decode >= 0.3" in stdout
+
+
+def test_relay_api_quick_run_prints_its_table(pg_server: Any, kafka_bootstrap: str) -> None:
+    # --quick sets this benchmark's sizes (20,000 rows, 50 devices, 3 s)
+    stdout = run_bench(
+        "relay_api", "pull", "latency",
+        "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap,
+    )  # fmt: skip
+    rows = table_rows(stdout, "| case ")
+    assert {r[0] for r in rows} == {"pull", "latency"}, stdout
+    measures = {r[1]: r[2] for r in rows}
+    assert any(m.startswith("COPY 20,000 rows") for m in measures), measures
+    for measure in ("ratio to COPY, gzip", "ratio to COPY, WebSocket"):
+        assert float(measures[measure]) > 0, measure
+    p99 = [v for m, v in measures.items() if m.endswith(": p99")]
+    assert len(p99) == 1 and NUMBER.match(p99[0]), measures
+
+
+def test_device_quick_run_prints_its_tables(pg_server: Any) -> None:
+    stdout = run_bench("device", "--pg-dsn", pg_server.dsn)  # --quick: 5,000 rows each
+    rows = table_rows(stdout, "| apply |", "| app writes", "| initial sync |")
+    assert [r[0] for r in rows] == [
+        "PUT new rows",
+        "one statement per transaction (autocommit)",
+        "bulk: executemany, one transaction per kind",
+        "relay → device",
+    ], stdout
+    assert float(rows[0][-1]) > 0  # the ratio to the raw executemany
+    assert all(r[-1].endswith("x") and float(r[-1][:-1]) > 0 for r in rows[1:3])
+    assert rows[3][1] == "5,000" and float(rows[3][2]) > 0

@@ -27,8 +27,7 @@ from core.settings_checks import redact_dsn
 from core.settings_docs import generated_markers, replace_generated_block
 from core.settings_registry import Registry, Section, Setting
 from core.settings_types import toml_literal
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.schemas import CONFIG, REPO
 
 
 def write(tmp_path: Path, text: str, name: str = "cdc.toml") -> Path:
@@ -568,7 +567,7 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_docs_are_up_to_date() -> None:
-    doc = (ROOT / "docs" / "configuration.md").read_text()
+    doc = (REPO / "docs" / "configuration.md").read_text()
     expected = replace_generated_block(doc, DOCS_BLOCK, render_docs_block())
     assert doc == expected, "docs/configuration.md is stale: run `python -m cdc.settings write`"
     begin, end = generated_markers(DOCS_BLOCK)
@@ -580,7 +579,7 @@ def test_docs_are_up_to_date() -> None:
 
 
 def test_example_toml_is_up_to_date_and_loads_to_the_defaults() -> None:
-    path = ROOT / "config" / "cdc.example.toml"
+    path = CONFIG / "cdc.example.toml"
     assert path.read_text() == render_example(), "run `python -m cdc.settings write`"
     assert load_cdc_settings(path, {}) == load_cdc_settings(None, {})
     data = tomllib.loads(path.read_text())

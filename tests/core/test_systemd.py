@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.systemd_notify import Notifier, notify_address, watchdog_interval
+from tests.schemas import CONFIG
 
-ROOT = Path(__file__).resolve().parents[2]
-UNIT = ROOT / "config" / "systemd" / "fieldsync-cdc.service"
+UNIT = CONFIG / "systemd" / "fieldsync-cdc.service"
 UNIT_EXEC = "/opt/fieldsync/.venv/bin/fieldsync"
 
 # ---------------------------------------------------------------------------

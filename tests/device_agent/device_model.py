@@ -1,6 +1,6 @@
 """An in-memory model of the server side for device-agent tests (pure, no I/O): the
 system of record's rows, the bucket engine's per-bucket op logs (op ids, positions,
-compaction, checkpoints with relay.downstream.bucket_store.row_checksum), the journal intake and
+compaction, checkpoints with core.row_wire.row_checksum), the journal intake and
 the upstream applier (counter and lww merges, rejections, kept conflicts and their
 resolution), and the outcome feed; plus :class:`ModelClient`, a RelayClient answering
 from it in process, which can be told to fail at a chosen step of a sync.

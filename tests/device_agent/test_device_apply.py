@@ -1,7 +1,7 @@
 """Device agent, local side: schema → SQLite tables, journal triggers, applying changes
 messages (checkpoints, checksums, REMOVE, re-download on mismatch, no flicker of local
 edits).  No network: messages come from :class:`FakeServer`, a model of the relay's
-bucket logs that computes checkpoints with relay.downstream.bucket_store.row_checksum."""
+bucket logs that computes checkpoints with core.row_wire.row_checksum."""
 
 from __future__ import annotations
 

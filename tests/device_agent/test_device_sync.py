@@ -31,6 +31,7 @@ from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import RelayUnreachable, TokenExpired, TokenRevoked
 from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database, wire_entries
+from devtools import demo_schema
 from relay.auth import Authenticator, Revocation, RevocationList, issue_token
 from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
@@ -39,17 +40,8 @@ from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalo
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
+from tests.schemas import EXAMPLE_RULES
 
-EXAMPLE_RULES = Path(__file__).resolve().parents[2] / "config" / "rules.example.toml"
-DDL = [
-    """create table work_orders (id bigserial primary key, site text not null, technician text,
-        status text not null default 'open', due date, cost numeric(10,2), notes text,
-        updated_at timestamptz not null default now())""",
-    """create table parts (id text primary key, name text not null, unit text not null,
-        discontinued boolean not null default false)""",
-    """create table site_stock (site text, part_id text, qty integer not null,
-        primary key (site, part_id))""",
-]
 SECRET = b"d" * 40
 FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 
@@ -115,18 +107,6 @@ class Stack:
         )
 
 
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    name = "dstore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-
-
 @contextlib.contextmanager
 def serve(app: Any) -> Iterator[int]:
     config = uvicorn.Config(
@@ -154,8 +134,7 @@ def stack(
     pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str, tcp_proxy: Any
 ) -> Iterator[Stack]:
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
-        for ddl in DDL:
-            pg.execute(ddl)
+        pg.execute(demo_schema.DDL)
         rules = load_rules(EXAMPLE_RULES, table_infos_from_catalog(pg_dsn))
         store = PgBucketStore(store_dsn)
         store.migrate()
@@ -606,8 +585,7 @@ def journal_stack(
     from relay.upstream.outcome_feed import OutcomeFeed
 
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
-        for ddl in DDL:
-            pg.execute(ddl)
+        pg.execute(demo_schema.DDL)
         rules_path = tmp_path / "rules.toml"
         rules_path.write_text(EXAMPLE_RULES.read_text())
         conflicts_path = tmp_path / "conflicts.toml"

@@ -443,14 +443,12 @@ def test_schema_names_counter_columns_from_the_conflicts_file(tmp_path: Path) ->
     from relay.downstream.rules_parser import load_rules
     from relay.errors import ConfigError
     from relay.server import counter_columns
-    from tests.relay.downstream.test_relay_api import EXAMPLE_RULES
-    from tests.relay.downstream.test_relay_api import SCHEMA as CATALOG
+    from tests.schemas import DEMO_CATALOG, EXAMPLE_CONFLICTS, EXAMPLE_RULES
 
-    config = Path(__file__).resolve().parents[2] / "config"
-    counters = counter_columns(str(config / "conflicts.example.toml"))
+    counters = counter_columns(str(EXAMPLE_CONFLICTS))
     assert counters["public.site_stock"] == ("qty",) and counters[WO] == ()
     assert counter_columns(None) == {}
-    rules = load_rules(EXAMPLE_RULES, CATALOG)
+    rules = load_rules(EXAMPLE_RULES, DEMO_CATALOG)
     body = visible_schema(rules, ['site["plant-1"]'], counters)
     tables = {t["name"]: t for t in body["tables"]}
     assert tables[STOCK]["counters"] == ["qty"] and tables[WO]["counters"] == []

@@ -34,9 +34,9 @@ time the devices took to settle.
 
 Device clocks.  The agent has no clock parameter: the HLC of a journal entry takes as
 its wall clock the entry's ``at_ms``, which SQLite's ``julianday('now')`` gives when the
-app's write fires the journal trigger (device_agent/local_db.py), and the agent's
-bookkeeping times (``created_at``, ``sent_at``, ``settled_at``) come from the same
-function on its own connection.  A device clock is skewed by overriding SQLite's
+app's write fires the journal trigger (device_agent/triggers.py; the column's default is
+in device_agent/local_db.py), and the agent's bookkeeping times (``created_at``,
+``sent_at``, ``settled_at``) come from the same function on its own connection.  A device clock is skewed by overriding SQLite's
 ``julianday`` on both of that device's connections (:func:`skew_clock`), so every time
 the device reads is off by the same amount, as on a device whose system clock is wrong.
 
@@ -76,65 +76,8 @@ from relay.auth import issue_token
 from tests.cdc.test_cdc_cli import run_cli
 from tests.fix_proxy import DOWNSTREAM, UPSTREAM, MidCut, TcpProxy
 from tests.pipeline.pipeline_stack import Stack, services
+from tests.schemas import JOBS_CONFLICTS, JOBS_DDL, JOBS_RULES, JOBS_TABLES, POISON_MARK
 
-POISON_MARK = "<poison>"
-DDL = f"""
-create table jobs (id integer primary key, crew text not null,
-    state text not null default 'open', note text, hours integer not null default 0,
-    priority integer not null default 3, secret text default 'internal',
-    updated_at timestamptz not null default now(),
-    constraint jobs_note_clean check (note is null or position('{POISON_MARK}' in note) = 0));
-create function jobs_guard() returns trigger language plpgsql as $$
-begin
-    if new.hours > 1000000 then
-        raise exception 'job %: % hours is beyond any plausible value', new.id, new.hours;
-    end if;
-    return new;
-end $$;
-create trigger jobs_guard before insert or update on jobs
-    for each row execute function jobs_guard();
-create table stock (region text, part text, qty integer not null default 0,
-    primary key (region, part));
-"""
-TABLES = ["public.jobs", "public.stock"]
-RULES = """
-token_claims = ["crew", "regions"]
-
-[[bucket]]
-name = "crew_jobs"
-parameters = ["crew"]
-claims = { crew = "crew" }
-
-[[bucket.table]]
-table = "public.jobs"
-match = { crew = "crew" }
-filters = [ { column = "state", op = "!=", value = "done" } ]
-exclude = ["secret", "updated_at"]
-
-[[bucket]]
-name = "region_stock"
-parameters = ["region"]
-claims = { region = "regions" }
-
-[[bucket.table]]
-table = "public.stock"
-match = { region = "region" }
-"""
-CONFLICTS = """
-[default]
-policy = "server_wins"
-
-[[table]]
-table = "public.jobs"
-policy = "lww"
-time_column = "updated_at"
-columns = { hours = "counter", priority = "ask" }
-
-[[table]]
-table = "public.stock"
-policy = "server_wins"
-columns = { qty = "counter" }
-"""
 CREWS = ("a", "b", "c")
 REGIONS = ("north", "south", "east")
 JOB_COLUMNS = ("id", "crew", "state", "note", "hours", "priority")
@@ -755,7 +698,7 @@ class Soak:
 
     def seed_data(self) -> None:
         with psycopg.connect(self.pg_dsn, autocommit=True) as pg:
-            pg.execute(DDL)
+            pg.execute(JOBS_DDL)
             for i in range(1, 25):
                 pg.execute(
                     "insert into jobs (id, crew, note, hours) values (%s, %s, %s, %s)",
@@ -773,9 +716,9 @@ class Soak:
             self.store_dsn,
             self.bootstrap,
             self.prefix,
-            rules=RULES,
-            conflicts=CONFLICTS,
-            tables=TABLES,
+            rules=JOBS_RULES,
+            conflicts=JOBS_CONFLICTS,
+            tables=JOBS_TABLES,
         ) as stack:
             yield stack
 

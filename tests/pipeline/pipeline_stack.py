@@ -26,13 +26,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psycopg
 
 from relay.auth_keys import KeyStore
 from tests.cdc.cdc_support import wait_for
 from tests.cdc.test_cdc_cli import cli_env, daemon_config
+from tests.schemas import write_keys
 
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 _METRICS = re.compile(r"metrics on (http://[^/\s\"]+)/metrics")
@@ -113,19 +111,6 @@ class Process:
         self.reader.join(10)
 
 
-@contextlib.contextmanager
-def store_database(pg_server: Any) -> Iterator[str]:
-    """A fresh database on the test server for the relay's store; dropped afterwards."""
-    name = "estore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-
-
 @dataclass
 class Stack:
     """cdc, the relay and the applier, running; see the module docstring."""
@@ -204,9 +189,7 @@ def services(
     that none had died."""
     (tmp_path / "rules.toml").write_text(rules)
     (tmp_path / "conflicts.toml").write_text(conflicts)
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"e" * 40}"\n')
-    keys.chmod(0o600)
+    keys = write_keys(tmp_path / "keys.toml", "e" * 40)
     cdc_config = daemon_config(
         tmp_path / "cdc.toml",
         dsn=pg_dsn,

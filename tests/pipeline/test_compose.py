@@ -25,8 +25,8 @@ from relay.auth_keys import KeyStore
 from relay.settings import load_applier_settings, load_relay_settings
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_metrics import shard_listen
+from tests.schemas import COMPOSE
 
-COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 SPEC: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
 FIELDSYNC = ("cdc", "relay", "applier")
 

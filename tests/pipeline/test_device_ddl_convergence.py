@@ -32,9 +32,7 @@ from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon
-from tests.device_agent.test_device_sync import FAST, SECRET, serve, store_dsn, sync_until
-
-__all__ = ["store_dsn"]  # the fixture, shared with the device sync tests
+from tests.device_agent.test_device_sync import FAST, SECRET, serve, sync_until
 
 RULES = """
 [[bucket]]

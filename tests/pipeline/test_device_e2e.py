@@ -3,10 +3,12 @@
 applier`` as subprocesses with their own settings, rules and conflicts files (not the
 demo's), and five devices (in-process agents, apps writing with plain sqlite3).
 
-Schema: ``jobs`` (integer key; ``crew`` picks the bucket; ``state`` = done takes a job out;
-``note`` lww; ``hours`` a counter; ``secret`` and ``updated_at`` excluded) and ``stock``
-(two-column text key; ``qty`` a counter; buckets per region from a list claim).  Two
-devices share crew a (the same jobs), two share region north.
+Schema, rules and policies: the crews schema of tests/schemas.py, shared with the soak
+(tests/pipeline/pipeline_soak.py): ``jobs`` (integer key; ``crew`` picks the bucket;
+``state`` = done takes a job out; ``note`` lww; ``hours`` a counter; ``priority``, not
+edited here; ``secret`` and ``updated_at`` excluded) and ``stock`` (two-column text key;
+``qty`` a counter; buckets per region from a list claim).  Two devices share crew a (the
+same jobs), two share region north.
 
 For a number of rounds the office (plain SQL) adds to counters, overwrites notes, moves
 jobs out of a crew's bucket and back (state, crew), inserts and deletes jobs and stock;
@@ -23,7 +25,6 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,53 +38,9 @@ from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
 from relay.auth import issue_token
 from relay.auth_keys import KeyStore
-from tests.pipeline.pipeline_stack import Process, services, store_database
+from tests.pipeline.pipeline_stack import Process, services
+from tests.schemas import JOBS_CONFLICTS, JOBS_DDL, JOBS_RULES, JOBS_TABLES
 
-DDL = """
-create table jobs (id integer primary key, crew text not null,
-    state text not null default 'open', note text, hours integer not null default 0,
-    secret text default 'internal', updated_at timestamptz not null default now());
-create table stock (region text, part text, qty integer not null default 0,
-    primary key (region, part));
-"""
-RULES = """
-token_claims = ["crew", "regions"]
-
-[[bucket]]
-name = "crew_jobs"
-parameters = ["crew"]
-claims = { crew = "crew" }
-
-[[bucket.table]]
-table = "public.jobs"
-match = { crew = "crew" }
-filters = [ { column = "state", op = "!=", value = "done" } ]
-exclude = ["secret", "updated_at"]
-
-[[bucket]]
-name = "region_stock"
-parameters = ["region"]
-claims = { region = "regions" }
-
-[[bucket.table]]
-table = "public.stock"
-match = { region = "region" }
-"""
-CONFLICTS = """
-[default]
-policy = "server_wins"
-
-[[table]]
-table = "public.jobs"
-policy = "lww"
-time_column = "updated_at"
-columns = { hours = "counter" }
-
-[[table]]
-table = "public.stock"
-policy = "server_wins"
-columns = { qty = "counter" }
-"""
 DEVICES = {
     "tab-1": ("a", ["north"]),
     "tab-2": ("a", ["north", "south"]),
@@ -96,12 +53,6 @@ REGIONS = ("north", "south", "east")
 ROUNDS = 12
 FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 SEED = 1616
-
-
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    with store_database(pg_server) as dsn:
-        yield dsn
 
 
 class Device:
@@ -239,7 +190,7 @@ def test_devices_converge_with_postgresql(
 ) -> None:
     rng = random.Random(SEED)
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
-        pg.execute(DDL)
+        pg.execute(JOBS_DDL)
         for i in range(1, 13):
             pg.execute(
                 "insert into jobs (id, crew, note, hours) values (%s, %s, %s, %s)",
@@ -254,9 +205,9 @@ def test_devices_converge_with_postgresql(
             store_dsn,
             kafka_bootstrap,
             topic_prefix,
-            rules=RULES,
-            conflicts=CONFLICTS,
-            tables=["public.jobs", "public.stock"],
+            rules=JOBS_RULES,
+            conflicts=JOBS_CONFLICTS,
+            tables=JOBS_TABLES,
         ) as stack:
             devices = [Device(name, stack.url, stack.keys, tmp_path) for name in DEVICES]
             try:

@@ -7,7 +7,6 @@ divergences found and the settle time."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,9 @@ import pytest
 
 from tests.cdc.test_cdc_crash import soak_seeds
 from tests.pipeline.pipeline_soak import FAULT_KINDS, Soak, SoakPlan
-from tests.pipeline.pipeline_stack import store_database
 
 SHORT_SEED = int(os.environ.get("FIELDSYNC_SOAK_SEED", "1010"))
 FULL_SEEDS = soak_seeds() if "FIELDSYNC_SOAK_SEEDS" in os.environ else [2024, 31337, 8086]
-
-
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    with store_database(pg_server) as dsn:
-        yield dsn
 
 
 def soak(

@@ -44,8 +44,8 @@ from relay.errors import (
     TokenWrongAudience,
     TokenWrongIssuer,
 )
+from tests.schemas import CONFIG
 
-CONFIG = Path(__file__).resolve().parents[2] / "config"
 SECRET = b"s" * 40
 
 

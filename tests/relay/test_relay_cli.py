@@ -10,12 +10,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from devtools import demo_schema
 from relay.auth import Authenticator
 from relay.auth_keys import KeyStore
 from relay.cli import app, parse_claims, parse_duration, token_app
 from relay.errors import ConfigError
+from tests.schemas import EXAMPLE_RULES
 
-CONFIG = Path(__file__).resolve().parents[2] / "config"
 SECRET = "k" * 40
 runner = CliRunner()
 
@@ -148,7 +149,7 @@ def test_parse_claims() -> None:
 
 
 def test_check_rules_structure_only() -> None:
-    result = runner.invoke(app, ["check-rules", "--rules", str(CONFIG / "rules.example.toml")])
+    result = runner.invoke(app, ["check-rules", "--rules", str(EXAMPLE_RULES)])
     assert result.exit_code == 0, result.output
     assert "3 bucket rule(s) (structure only" in result.stdout
     assert "site [site <- sites]: public.work_orders, public.site_stock" in result.stdout
@@ -167,21 +168,11 @@ def test_check_rules_lists_every_problem(tmp_path: Path) -> None:
     assert all(line.startswith(f"error: {path}: bucket 'a'") for line in lines)
 
 
-EXAMPLE_SCHEMA = """
-create table work_orders (id bigserial primary key, site text not null, technician text,
-    status text not null default 'open', due date, cost numeric(10,2), notes text,
-    updated_at timestamptz not null default now());
-create table parts (id text primary key, name text not null, unit text not null,
-    discontinued boolean not null default false);
-create table site_stock (site text, part_id text, qty integer not null, primary key (site, part_id));
-"""
-
-
 def test_check_rules_against_a_database(pg_dsn: str, tmp_path: Path) -> None:
     from relay.cli import schema_from_catalog
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(EXAMPLE_SCHEMA)
+        conn.execute(demo_schema.DDL)
         conn.execute(
             "create table site_stock_x (qty int, site text, part_id text, primary key (part_id, site))"
         )
@@ -191,7 +182,7 @@ def test_check_rules_against_a_database(pg_dsn: str, tmp_path: Path) -> None:
 
     result = runner.invoke(
         app,
-        ["check-rules", "--rules", str(CONFIG / "rules.example.toml"), "--schema-from-dsn", pg_dsn],
+        ["check-rules", "--rules", str(EXAMPLE_RULES), "--schema-from-dsn", pg_dsn],
     )
     assert result.exit_code == 0, result.output
     assert "structure only" not in result.stdout
@@ -213,7 +204,7 @@ def test_check_rules_with_an_unreachable_database() -> None:
         [
             "check-rules",
             "--rules",
-            str(CONFIG / "rules.example.toml"),
+            str(EXAMPLE_RULES),
             "--schema-from-dsn",
             "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2",
         ],

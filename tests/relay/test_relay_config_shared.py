@@ -23,8 +23,7 @@ from relay.settings import (
     render_example,
     render_journal_docs_block,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.schemas import REPO
 
 
 def test_journal_section_is_accepted_by_relay_run_and_read_by_the_applier(tmp_path: Path) -> None:
@@ -93,7 +92,7 @@ def test_relay_and_cdc_reach_kafka_with_the_same_client_options(
 
 def _generated(doc: str, block: str) -> str:
     begin, end = generated_markers(block)
-    return (ROOT / "docs" / doc).read_text().split(begin)[1].split(end)[0].strip("\n") + "\n"
+    return (REPO / "docs" / doc).read_text().split(begin)[1].split(end)[0].strip("\n") + "\n"
 
 
 def test_generated_docs_are_up_to_date() -> None:

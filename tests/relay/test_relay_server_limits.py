@@ -32,8 +32,8 @@ from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import rules_from_mapping
 from relay.server import uvicorn_config
 from relay.settings import HttpSettings
-from tests.relay.downstream.test_relay_api import SCHEMA
 from tests.relay.test_relay_errors import assert_error_shape
+from tests.schemas import DEMO_CATALOG
 
 RULES = {
     "token_claims": ["technician"],
@@ -69,7 +69,7 @@ class Served:
     def __init__(self, dsn: str) -> None:
         self.store = PgBucketStore(dsn)
         self.store.migrate()
-        rules = rules_from_mapping(RULES, SCHEMA)
+        rules = rules_from_mapping(RULES, DEMO_CATALOG)
         self.keys = KeyStore([Key.hmac("k1", b"s" * 40)], current="k1")
         app = create_app(
             self.store,
@@ -242,7 +242,7 @@ def test_the_dropped_list_is_capped_and_the_rest_follows(pg_dsn: str, how: str) 
     store = PgBucketStore(pg_dsn)
     store.migrate()
     try:
-        rules = rules_from_mapping(RULES, SCHEMA)
+        rules = rules_from_mapping(RULES, DEMO_CATALOG)
         keys = KeyStore([Key.hmac("k1", b"s" * 40)], current="k1")
         app = create_app(store, rules, Authenticator(keys), ApiConfig(rate_per_s=0))
         row = {"id": 1, "site": "p", "technician": "t1", "status": "open", "due": None,

@@ -50,8 +50,7 @@ from replay.output import read_csv
 from replay.state import LogState, state_as_of
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_kafka import read_topic
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.schemas import REPO
 
 
 class Env:
@@ -817,7 +816,7 @@ def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
                 "--config",
                 str(env.config),
             ],
-            cwd=ROOT,
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -933,31 +932,6 @@ def test_history_of_edits_applied_by_the_real_applier(env: Env) -> None:
     assert (
         refused["journal"]["device_id"] == "tab-2" and refused["outcome"]["outcome"] == "rejected"
     )
-
-
-def test_benchmark_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
-    """bench/replay_bench.py end to end with tiny sizes (speed is never asserted)."""
-    cmd = [
-        sys.executable, str(ROOT / "bench" / "replay_bench.py"), "--quick",
-        "--events", "3000", "--rows", "300", "--kafka-bootstrap", kafka_bootstrap,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    assert "## replay benchmark results" in out.stdout
-    rows = [
-        [c.strip() for c in line.strip().strip("|").split("|")]
-        for line in out.stdout.splitlines()
-        if line.startswith("| ") and not line.startswith(("| case", "| ---"))
-    ]
-    cases = [r[0].split(" (")[0] for r in rows]
-    assert cases == [
-        "raw read", "replay decode", "replay decode, 1 worker process", "as-of, end of log", "as-of, middle position",
-        "as-of state → sqlite file", "history of one row",
-    ]  # fmt: skip
-    for r in rows:
-        assert float(r[2]) >= 0, r  # seconds
-    assert float(rows[1][4]) > 0  # the ratio to the raw read
-    assert "target: replay decode >= 0.3" in out.stdout
 
 
 def test_decode_worker_gives_the_same_events_and_resumes_after_a_time_bound(

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
 from relay.downstream.bucket_engine import (
@@ -60,19 +57,6 @@ DDL = (
     "create table work_orders (id int primary key, technician text, "
     "status text not null default 'open', notes text, cost numeric(10,2))"
 )
-
-
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    """A second, fresh database for the bucket store."""
-    name = "store_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def make_rules(tmp_path: Path, pg_dsn: str) -> Rules:
@@ -396,26 +380,3 @@ def test_standby_takes_over_and_long_poll_wakes(
                 t.join(20)
             for s in stores:
                 s.close()
-
-
-def test_engine_benchmark_smoke(pg_server: Any, kafka_bootstrap: str) -> None:
-    """bench/relay_engine_bench.py runs end to end at smoke size (speed is not asserted)."""
-    import re
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[3]
-    cmd = [
-        sys.executable, str(root / "bench" / "relay_engine_bench.py"), "--quick",
-        "--rows", "500", "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    rows = [
-        [c.strip() for c in line.strip("|").split("|")]
-        for line in out.stdout.splitlines()
-        if line.startswith("| ") and not line.startswith("| phase") and "---" not in line
-    ]
-    assert len(rows) == 5, out.stdout
-    for name, changes, _seconds, rate, *_ in rows:
-        assert re.fullmatch(r"[\d,]+", rate) and int(changes.replace(",", "")) > 0, name

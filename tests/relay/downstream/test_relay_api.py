@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from core.row_wire import checksum_add, row_checksum
+from devtools import demo_schema
 from relay.auth import Authenticator, Revocation, RevocationList, issue_token
 from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
@@ -34,17 +35,10 @@ from relay.downstream.api_cursor import decode_cursor
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import load_rules
+from tests.schemas import DEMO_CATALOG, EXAMPLE_RULES, write_keys
 
-EXAMPLE_RULES = Path(__file__).resolve().parents[3] / "config" / "rules.example.toml"
-SCHEMA = {
-    "public.work_orders": TableInfo(
-        ("id", "site", "technician", "status", "due", "cost", "notes", "updated_at"), ("id",)
-    ),
-    "public.parts": TableInfo(("id", "name", "unit", "discontinued"), ("id",)),
-    "public.site_stock": TableInfo(("site", "part_id", "qty"), ("site", "part_id")),
-}
 SECRET = b"k" * 40
 WO = "public.work_orders"
 
@@ -55,7 +49,7 @@ class Env:
     def __init__(self, dsn: str, config: ApiConfig | None = None) -> None:
         self.store = PgBucketStore(dsn)
         self.store.migrate()
-        self.rules: Rules = load_rules(EXAMPLE_RULES, SCHEMA)
+        self.rules: Rules = load_rules(EXAMPLE_RULES, DEMO_CATALOG)
         self.keys = KeyStore([Key.hmac("k1", SECRET)], current="k1")
         self.auth = Authenticator(self.keys)
         self.config = config or ApiConfig(rate_per_s=0)
@@ -557,19 +551,8 @@ def test_relay_run_serves_and_stops_cleanly(pg_dsn: str, tmp_path: Path) -> None
     """`fieldsync relay run --no-engine`: serves the API, masks tokens in logs, exits 0 on SIGTERM."""
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            "create table work_orders (id bigint primary key, site text, technician text, "
-            "status text, due date, cost numeric, notes text, updated_at timestamptz)"
-        )
-        conn.execute(
-            "create table parts (id text primary key, name text, unit text, discontinued bool)"
-        )
-        conn.execute(
-            "create table site_stock (site text, part_id text, qty int, primary key (site, part_id))"
-        )
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"s" * 40}"\n')
-    keys.chmod(0o600)
+        conn.execute(demo_schema.DDL)  # the tables the example rules are written for
+    keys = write_keys(tmp_path / "keys.toml", "s" * 40)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[relay]\nstore_dsn = "{pg_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{EXAMPLE_RULES}"\n'
@@ -660,25 +643,19 @@ def test_ws_initial_sync_in_pages(pg_dsn: str) -> None:
 
 
 def test_relay_run_full_path_cdc_kafka_engine_api(
-    pg_dsn: str, pg_server: Any, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     """`fieldsync relay run` with its engine: a row committed in PostgreSQL reaches a device
     through cdc, Kafka, the bucket engine, the store and a long-poll."""
     from tests.cdc.cdc_support import make_settings, running_daemon
 
-    store_db = "store_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{store_db}"')
-    store_dsn = pg_server.dsn_for(store_db)
     rules = tmp_path / "rules.toml"
     rules.write_text(
         'token_claims = ["technician"]\n[[bucket]]\nname = "tech"\nparameters = ["t"]\n'
         'claims = { t = "technician" }\n[[bucket.table]]\ntable = "public.work_orders"\n'
         'match = { technician = "t" }\nexclude = ["cost"]\n'
     )
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{"s" * 40}"\n')
-    keys.chmod(0o600)
+    keys = write_keys(tmp_path / "keys.toml", "s" * 40)
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{rules}"\n'
@@ -744,8 +721,6 @@ def test_relay_run_full_path_cdc_kafka_engine_api(
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{store_db}" with (force)')
     assert proc.returncode == 0
 
 

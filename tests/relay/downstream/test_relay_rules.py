@@ -22,17 +22,9 @@ from relay.downstream.rules import (
 )
 from relay.downstream.rules_parser import check_rules_file, load_rules, rules_from_mapping
 from relay.errors import RowError, RulesError
+from tests.schemas import DEMO_CATALOG, EXAMPLE_RULES
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "rules.example.toml"
-
-SCHEMA = {
-    "public.work_orders": TableInfo(
-        ("id", "site", "technician", "status", "due", "cost", "notes", "updated_at"), ("id",)
-    ),
-    "public.parts": TableInfo(("id", "name", "unit", "discontinued"), ("id",)),
-    "public.site_stock": TableInfo(("site", "part_id", "qty"), ("site", "part_id")),
-    "public.audit": TableInfo(("at", "what"), ()),
-}
+SCHEMA = {**DEMO_CATALOG, "public.audit": TableInfo(("at", "what"), ())}
 
 
 def order(**changes: Any) -> dict[str, Any]:
@@ -79,7 +71,7 @@ match = { technician = "technician" }
 
 @pytest.fixture(scope="module")
 def example() -> Rules:
-    return load_rules(EXAMPLE, SCHEMA)
+    return load_rules(EXAMPLE_RULES, SCHEMA)
 
 
 def test_example_places_rows_in_buckets(example: Rules) -> None:
@@ -142,7 +134,7 @@ def test_example_projection(example: Rules) -> None:
 
 
 def test_example_structure_check_without_schema() -> None:
-    buckets = check_rules_file(EXAMPLE)
+    buckets = check_rules_file(EXAMPLE_RULES)
     assert [b.name for b in buckets] == ["tech_orders", "site", "catalog"]
     assert buckets[1].claims == ("sites",)
 

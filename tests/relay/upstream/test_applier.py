@@ -32,8 +32,7 @@ from relay.upstream.applier import Applier
 from relay.upstream.applier_db import ApplierDb
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.fix_kafka import read_topic
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.schemas import REPO
 
 TABLES = """
 create table work_orders (
@@ -842,7 +841,7 @@ batch_max_ms = 5
             start = _applied(env)
             target = start + rng.randint(1, 150)
             proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
 
             def progressed(proc: subprocess.Popen[bytes] = proc, target: int = target) -> bool:
@@ -869,7 +868,7 @@ batch_max_ms = 5
         gate.close()
     done_before = env.sql("select count(*) from fieldsync_applier.applied")[0][0]
     assert done_before < total, "the kills came too late to interrupt anything"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(
             lambda: env.sql("select count(*) from fieldsync_applier.applied")[0][0] == total,
@@ -970,39 +969,6 @@ def test_every_value_kind_round_trips_through_the_applier(pg_dsn: str, tmp_path:
             assert first[1:] == second[1:]
         finally:
             db.close()
-
-
-def test_benchmark_smoke(pg_server: Any, kafka_bootstrap: str) -> None:
-    """bench/applier_bench.py runs end to end (tiny sizes) and prints its table."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "applier_bench.py"),
-            "--quick",
-            "--entries",
-            "200",
-            "--devices",
-            "4",
-            "--pg-dsn",
-            pg_server.dsn,
-            "--kafka-bootstrap",
-            kafka_bootstrap,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [
-        line
-        for line in result.stdout.splitlines()
-        if line.startswith("| applier") or line.startswith("| executemany")
-    ]
-    assert len(rows) == 5, result.stdout
-    for line in rows:
-        rate = line.split("|")[4].strip().replace(",", "")
-        assert float(rate) > 0, line
 
 
 def test_cli_refuses_bad_configuration(tmp_path: Path) -> None:

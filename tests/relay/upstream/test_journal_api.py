@@ -211,25 +211,6 @@ class Env:
         self.conn.close()
 
 
-@contextlib.contextmanager
-def store_database(pg_server: Any) -> Iterator[str]:
-    """A database of its own for the relay's store, dropped afterwards."""
-    name = "jstore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield pg_server.dsn_for(name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-
-
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    with store_database(pg_server) as dsn:
-        yield dsn
-
-
 def make_env(
     pg_dsn: str, store_dsn: str, bootstrap: str, tmp: Path, timeout_s: float = 10.0
 ) -> Env:

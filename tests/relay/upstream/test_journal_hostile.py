@@ -32,7 +32,6 @@ from tests.relay.upstream.test_journal_api import (
     entry,
     make_env,
     outcomes_until,
-    store_database,
 )
 
 DEVICE = "tab-1"
@@ -44,14 +43,13 @@ def now_ms() -> int:
 
 
 @pytest.fixture
-def env(pg_server: Any, pg_dsn: str, kafka_bootstrap: str, tmp_path: Path) -> Iterator[Env]:
-    with store_database(pg_server) as store:
-        e = make_env(pg_dsn, store, kafka_bootstrap, tmp_path)
-        e.start()
-        try:
-            yield e
-        finally:
-            e.close()
+def env(pg_dsn: str, store_dsn: str, kafka_bootstrap: str, tmp_path: Path) -> Iterator[Env]:
+    e = make_env(pg_dsn, store_dsn, kafka_bootstrap, tmp_path)
+    e.start()
+    try:
+        yield e
+    finally:
+        e.close()
 
 
 @pytest.fixture

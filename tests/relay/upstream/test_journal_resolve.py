@@ -23,7 +23,6 @@ from tests.relay.upstream.test_journal_api import (
     entry,
     make_env,
     outcomes_until,
-    store_database,
     upload,
 )
 
@@ -66,22 +65,16 @@ policy = "ask"
 
 
 @pytest.fixture
-def store(pg_server: Any) -> Iterator[str]:
-    with store_database(pg_server) as dsn:
-        yield dsn
-
-
-@pytest.fixture
 def env(
     pg_dsn: str,
-    store: str,
+    store_dsn: str,
     kafka_bootstrap: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Env]:
     monkeypatch.setattr(japi, "RULES", RULES)
     monkeypatch.setattr(japi, "CONFLICTS", CONFLICTS)
-    e = make_env(pg_dsn, store, kafka_bootstrap, tmp_path)
+    e = make_env(pg_dsn, store_dsn, kafka_bootstrap, tmp_path)
     e.start()
     try:
         yield e

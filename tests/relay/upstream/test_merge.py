@@ -23,8 +23,7 @@ from relay.upstream.conflict_policies import (
     load_conflicts,
 )
 from relay.upstream.merge import Action, EditTimes, counter_value, merge
-
-EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "conflicts.example.toml"
+from tests.schemas import EXAMPLE_CONFLICTS
 
 TEXT = ColumnType(Kind.TEXT, "text")
 INT = ColumnType(Kind.INT, "int4", 32)
@@ -49,7 +48,7 @@ WO = TYPES["public.work_orders"]
 
 
 def test_example_file_loads_and_matches_the_example_schema() -> None:
-    policies = load_conflicts(EXAMPLE, TYPES)
+    policies = load_conflicts(EXAMPLE_CONFLICTS, TYPES)
     wo = policies.table("public.work_orders")
     assert wo.policy is Policy.LWW and wo.time_column == "updated_at" and wo.timed
     status = wo.column("status")
