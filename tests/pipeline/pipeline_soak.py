@@ -876,6 +876,9 @@ class Soak:
         for d in devices:
             if n := d.open_edits():
                 out.append(f"{d.name}: {n} journal entries waiting for a final outcome")
+            # a conflict resolved in this very round has its outcome on the way: converged
+            # only once it arrived (still missing at the deadline, it is a divergence)
+            out += d.stuck_conflicts()
             mine, theirs = d.tables(), d.expected(pg)
             for t in mine:
                 for key in sorted(set(mine[t]) | set(theirs[t]), key=repr):
@@ -905,13 +908,11 @@ class Soak:
                 diff = self.differences(pg, self.devices)
                 if not diff:
                     res.settle_s = time.monotonic() - last
-                    res.divergences += [x for d in self.devices for x in d.stuck_conflicts()]
                     break
                 stopped = self.stack.stopped_threads()
                 if stopped or time.monotonic() > deadline:
                     # a relay thread that stopped for good leaves the devices behind for ever
-                    stuck = [x for d in self.devices for x in d.stuck_conflicts()]
-                    res.divergences += stopped + stuck + diff
+                    res.divergences += stopped + diff
                     if not stopped:
                         try:
                             self.explain(pg, diff)
