@@ -27,6 +27,7 @@ from kafka.partitioner.default import murmur2
 
 from cdc.errors import SinkError, SinkUnavailable
 from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
+from core.kafka_options import kafka_errors
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ def bulk_path_available(producer: Any) -> bool:
     if not ok:
         log.warning("kafka-python internals differ: records go through KafkaProducer.send()")
     return ok
-
-
-def kafka_errors() -> tuple[type[BaseException], ...]:
-    """kafka-python's exception base, imported when first needed."""
-    from kafka.errors import KafkaError
-
-    return (KafkaError,)
 
 
 class BulkRecords:

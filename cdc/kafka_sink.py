@@ -45,8 +45,8 @@ from typing import Any, Protocol
 
 from cdc.errors import SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
-from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available, kafka_errors
-from core.kafka_options import build_client, client_config
+from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available
+from core.kafka_options import build_client, client_config, kafka_errors
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ from collections.abc import Collection
 from typing import Any
 
 from cdc.errors import SinkUnavailable
-from cdc.kafka_bulk import kafka_errors
 from cdc.kafka_sink import KafkaOptions, ResumePosition, TopicManager, state_topic
-from core.kafka_options import build_client
+from core.kafka_options import build_client, kafka_errors
 
 __all__ = ["read_compacted", "read_resume_position"]
 

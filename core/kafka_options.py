@@ -20,7 +20,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["build_client", "client_config", "has_bootstrap_timeout", "is_kafka_error"]
+__all__ = [
+    "build_client",
+    "client_config",
+    "has_bootstrap_timeout",
+    "is_kafka_error",
+    "kafka_errors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +104,13 @@ def build_client(cls: Any, **config: Any) -> Any:
         raise
 
 
-def is_kafka_error(exc: BaseException) -> bool:
-    """Whether *exc* is one of kafka-python's errors (a broker or client failure)."""
+def kafka_errors() -> tuple[type[BaseException], ...]:
+    """kafka-python's exception base, imported when first needed (``except kafka_errors()``)."""
     from kafka.errors import KafkaError
 
-    return isinstance(exc, KafkaError)
+    return (KafkaError,)
+
+
+def is_kafka_error(exc: BaseException) -> bool:
+    """Whether *exc* is one of kafka-python's errors (a broker or client failure)."""
+    return isinstance(exc, kafka_errors())
