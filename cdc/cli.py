@@ -3,7 +3,9 @@
 Commands parse arguments, call the library, and turn domain errors into exit
 codes and one-line messages:
 
-- 0 success; 1 runtime failure; 2 configuration or preflight error (names the fix).
+- 0 success; 1 runtime failure; 2 configuration or preflight error (names the fix);
+  3 the replication slot is lost (or gone while Kafka holds a resume position, or a
+  recovery did not finish): ``fieldsync cdc recover`` is the way on (docs/cdc.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cdc.errors import CdcError, ConfigError, PreflightError
+from cdc.errors import CdcError, ConfigError, PreflightError, SlotLost
 from core.errors import FieldsyncError
 from core.logs import hold_early_records, setup_logging
 from core.redaction import hide_secrets
@@ -27,6 +29,7 @@ app = typer.Typer(
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+EXIT_SLOT_LOST = 3
 
 ConfigOpt = Annotated[
     Path | None,
@@ -55,7 +58,11 @@ def _load(config: Path | None) -> Any:
 
 @app.command("run")
 def cdc_run(config: ConfigOpt = None) -> None:
-    """Run the CDC daemon until SIGTERM (systemd Type=notify aware)."""
+    """Run the CDC daemon until SIGTERM (systemd Type=notify aware).
+
+    Serves Prometheus metrics on cdc.metrics_listen. Exits 3 when the replication slot is
+    lost: `fieldsync cdc recover` then makes a new one and sends every table again."""
+    from cdc import metrics
     from cdc.pipeline import CdcDaemon
     from core.systemd_notify import Notifier
 
@@ -74,12 +81,18 @@ def cdc_run(config: ConfigOpt = None) -> None:
     logging.getLogger("fieldsync.cdc").info("settings: %s", json.dumps(settings.redacted()))
     daemon = CdcDaemon(settings, notifier=Notifier.from_env(unset_environment=True))
     daemon.install_signal_handlers()
+    server = metrics.serve(settings.cdc.metrics_listen)
     try:
         code = daemon.run()
     except (PreflightError, ConfigError) as exc:
         raise _fail(exc, EXIT_CONFIG) from None
+    except SlotLost as exc:
+        raise _fail(exc, EXIT_SLOT_LOST) from None
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
+    finally:
+        if server is not None:
+            server.close()
     raise typer.Exit(code)
 
 
