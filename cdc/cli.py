@@ -96,6 +96,79 @@ def cdc_run(config: ConfigOpt = None) -> None:
     raise typer.Exit(code)
 
 
+@app.command("recover")
+def cdc_recover(
+    config: ConfigOpt = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="do not ask before changing anything")
+    ] = False,
+) -> None:
+    """Recover from a lost replication slot: drop it, create a new one and send every
+    published table again, so Kafka and its consumers miss nothing.
+
+    Run it with `fieldsync cdc run` stopped, when the daemon exited with code 3. It marks
+    the recovery in Kafka, makes the new slot, asks for a re-snapshot of every table with a
+    primary key (signal table), writes delete events for rows deleted meanwhile, and says
+    what to check. Safe to run again if it was interrupted (docs/cdc.md, "Lost slot")."""
+    import psycopg
+
+    from cdc.slot_recovery import assess, recover
+
+    try:
+        settings = _load(config)
+    except ConfigError as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    setup_logging("WARNING")
+    try:
+        found = assess(settings)
+        if not found.needed:
+            typer.echo(found.reason)
+            return
+        typer.echo(found.reason, err=True)
+        pg = settings.postgres
+        if not yes:
+            typer.confirm(
+                f"Drop and re-create slot {pg.slot!r} and send every table of publication "
+                f"{pg.publication!r} again?",
+                abort=True,
+            )
+        done = recover(settings, found, echo=typer.echo)
+    except (PreflightError, ConfigError) as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    except FieldsyncError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+    except psycopg.Error as exc:
+        raise _fail(CdcError(f"PostgreSQL: {str(exc).strip()}"), EXIT_RUNTIME) from None
+    _report_recovery(settings, done, config)
+
+
+def _report_recovery(settings: Any, done: Any, config: Path | None) -> None:
+    from cdc.errors import format_lsn
+
+    pg = settings.postgres
+    verb = "dropped and re-created" if done.dropped else "created"
+    typer.echo(f"slot {pg.slot} {verb} at {format_lsn(done.consistent_point)}")
+    deleted = sum(done.deletes.values())
+    typer.echo(f"{deleted} delete event(s) written for rows that are gone from PostgreSQL")
+    for table in done.keyless:
+        typer.echo(
+            f"warning: {table} has no primary key and is NOT sent again: consumers may miss "
+            "its changes while the slot was lost (give it a primary key, then "
+            f"`fieldsync cdc snapshot --table {table}`)",
+            err=True,
+        )
+    ids = ", ".join(str(i) for _, i in done.signals) or "none"
+    where = f" --config {config}" if config is not None else ""
+    typer.echo(
+        "next:\n"
+        f"  1. start the daemon: `fieldsync cdc run{where}` (or systemctl start fieldsync-cdc)\n"
+        f"  2. watch the re-snapshots finish: `fieldsync cdc status{where}` lists them until "
+        f"none is left, and `select id, table_name, status from {pg.signal_table} where id in "
+        f"({ids})` shows 'done: N row(s)' for each\n"
+        f"  3. check the log against PostgreSQL: `fieldsync replay verify{where}`"
+    )
+
+
 @app.command("status")
 def cdc_status(
     config: ConfigOpt = None,
