@@ -143,11 +143,7 @@ def cdc_recover(
 
 
 def _report_recovery(settings: Any, done: Any, config: Path | None) -> None:
-    from cdc.errors import format_lsn
-
     pg = settings.postgres
-    verb = "dropped and re-created" if done.dropped else "created"
-    typer.echo(f"slot {pg.slot} {verb} at {format_lsn(done.consistent_point)}")
     deleted = sum(done.deletes.values())
     typer.echo(f"{deleted} delete event(s) written for rows that are gone from PostgreSQL")
     for table in done.keyless:

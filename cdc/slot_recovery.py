@@ -138,6 +138,8 @@ def recover(
         preflight(conn, pg.tables)
         ensure_publication(conn, pg.publication, pg.tables)
         done.dropped = _new_slot(settings, conn, done)
+        verb = "dropped and re-created" if done.dropped else "created"
+        echo(f"slot {pg.slot} {verb} at {format_lsn(done.consistent_point)}")
         tables = _tables(conn, settings, catalog)
         _request_snapshots(conn, settings, tables, done, echo)
         _write_deletes(settings, conn, catalog, tables, sink, previous, done, echo)
