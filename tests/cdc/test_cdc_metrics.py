@@ -145,3 +145,18 @@ def test_metrics_move_with_the_workload(
             conn.execute("insert into b values (2, 'still streaming')")
             got = table_events(kafka_bootstrap, topic_prefix + "x", "b", expect=2)
             assert [e["op"] for e in got] == ["r", "c"], got
+
+
+def test_docs_list_every_cdc_metric_with_its_type() -> None:
+    """docs/operations.md's cdc table names exactly the metrics cdc/metrics.py defines."""
+    from cdc.metrics import REGISTRY
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = doc.split("### cdc\n", 1)[1].split("\n### ", 1)[0]
+    documented = dict(re.findall(r"^\| `(fieldsync_cdc_\w+)` \| (\w+) \|", section, re.M))
+    defined = {
+        (f"{f.name}_total" if f.type == "counter" else f.name): f.type
+        for f in REGISTRY.collect()
+        if f.name.startswith("fieldsync_cdc_")
+    }
+    assert documented == defined
