@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from cdc import pgoutput_messages as m
 from cdc.change_assembler import topic_for
 from cdc.errors import CdcError, SlotLost, SourceError, format_lsn
+from cdc.fault_points import FAULTS
 from cdc.kafka_sink import KafkaTransactionalSink, ResumePosition, schemas_topic
 from cdc.kafka_state import read_compacted, read_resume_position
 from cdc.pg_catalog import PgCatalog
@@ -142,6 +144,8 @@ def recover(
         echo(f"slot {pg.slot} {verb} at {format_lsn(done.consistent_point)}")
         tables = _tables(conn, settings, catalog)
         _request_snapshots(conn, settings, tables, done, echo)
+        if FAULTS.armed:
+            FAULTS.hit("recover_new_slot")
         _write_deletes(settings, conn, catalog, tables, sink, previous, done, echo)
     finally:
         sink.close()
@@ -181,6 +185,11 @@ def _request_snapshots(
     echo: Callable[[str], None],
 ) -> None:
     pg = settings.postgres
+    covered = _cover_pending(conn, pg.signal_table)
+    if covered:
+        echo(
+            f"{covered} pending request(s) in {pg.signal_table} marked done: every table is sent again"
+        )
     for t in tables:
         name = f"{t.schema}.{t.table}"
         if not any(c.is_key for c in t.columns):
@@ -191,6 +200,24 @@ def _request_snapshots(
         )
         done.signals.append((name, signal_id))
         echo(f"re-snapshot of {name} requested: signal {signal_id} in {pg.signal_table}")
+
+
+def _cover_pending(conn: psycopg.Connection[Any], signal_table: str) -> int:
+    """Requests nobody will read (inserted before the new slot) are covered by the
+    recovery's own: mark them done."""
+    schema, table = split_table(signal_table)
+    found = conn.execute(
+        "select to_regclass(format('%%I.%%I', %s::text, %s::text))", (schema, table)
+    )
+    if found.fetchone() == (None,):
+        return 0
+    cur = conn.execute(
+        sql.SQL(
+            "update {} set status = 'done: covered by the recovery of the slot', "
+            "status_at = now() where status = 'pending'"
+        ).format(sql.Identifier(schema, table))
+    )
+    return cur.rowcount
 
 
 def _write_deletes(

@@ -156,6 +156,8 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
         conn.execute("insert into items values (31, 'after loss', 31)")
         conn.execute("delete from items where id = 9")
         conn.execute("update items set n = -1 where id = 10")
+        request = run_cli("cdc", "snapshot", "--table", "notes", "--config", str(config))
+        assert request.returncode == 0, request.stderr  # pending: no daemon reads it
 
         proc = run_daemon(config, log)
         assert proc.wait(60) == 3, log.read_text()[-3000:]
@@ -169,6 +171,22 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
         assert refused.returncode != 0 and "Aborted" in refused.stderr, refused.stderr
         assert wal_status(conn) == "lost"
 
+        # killed after the new slot and the requests, before the deletes: the mark stays
+        killed = subprocess.run(
+            [str(FIELDSYNC), "cdc", "recover", "--config", str(config), "--yes"],
+            capture_output=True,
+            text=True,
+            env={**cli_env(), "FIELDSYNC_FAULT_POINTS": "recover_new_slot:1"},
+            cwd=REPO,
+            timeout=120,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        assert "fault point recover_new_slot reached" in killed.stderr
+        assert wal_status(conn) == "reserved"  # a new slot, which must not be streamed from
+        proc = run_daemon(config, log)
+        assert proc.wait(60) == 3, log.read_text()[-3000:]
+        assert f"a recovery of slot '{SLOT}' did not finish" in log.read_text()
+
         done = run_cli("cdc", "recover", "--config", str(config), "--yes", timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         out = done.stdout
@@ -177,6 +195,8 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
         assert "re-snapshot of public.notes requested" in out
         assert "public.items: 4 row(s) deleted while the slot was lost" in out, out
         assert "public.notes: 1 row(s) deleted while the slot was lost" in out, out
+        # the killed attempt's requests (it had covered the operator's already)
+        assert "2 pending request(s) in fieldsync.cdc_signals marked done" in out, out
         assert "fieldsync replay verify" in out and "next:" in out
         assert wal_status(conn) == "reserved"
         again = run_cli("cdc", "recover", "--config", str(config), "--yes")
