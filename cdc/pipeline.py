@@ -17,8 +17,8 @@ position, or an unfinished ``fieldsync cdc recover`` stop the daemon with
 :class:`cdc.errors.SlotLost` (never retried: streaming from a new slot would skip
 changes); the message names ``fieldsync cdc recover`` (:mod:`cdc.slot_recovery`).
 
-Metrics (:mod:`cdc.metrics`): the daemon is the source of the gauges read at scrape
-(:class:`cdc.metrics.LiveSource`); it counts failed sessions by side.
+Metrics (:mod:`cdc.metrics`): :class:`Live` is the source of the gauges read at scrape
+(:class:`cdc.metrics.LiveSource`); the daemon counts failed sessions by side.
 
 Faults: a lost PostgreSQL connection or an unreachable broker tears the session
 down (the open Kafka transaction is aborted, the slot is not advanced) and a new
@@ -99,6 +99,45 @@ def kafka_options(s: CdcSettings) -> KafkaOptions:
     )
 
 
+class Live:
+    """What the gauges read from the daemon at scrape (:class:`cdc.metrics.LiveSource`):
+    its stats and the parts of the running session, set by the daemon's thread."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.slot: tuple[SlotHealth, bool] | None = None
+        self.spill: FileSpillStore | None = None
+        self.resnap: IncrementalSnapshots | None = None
+        self.snapshot_pending = 0  # tables of the initial snapshot not read yet
+
+    def lag_bytes(self) -> int | None:
+        end, flushed = self.stats.server_wal_end, self.stats.flushed_lsn
+        return max(0, end - flushed) if end else None
+
+    def lag_seconds(self, now: float) -> float | None:
+        stats = self.stats
+        if stats.caught_up:
+            return 0.0
+        since = stats.lag_since_us
+        return max(0.0, now - since / 1e6) if since else None
+
+    def spill_bytes(self) -> int | None:
+        spill = self.spill
+        return spill.pending_bytes if spill is not None else None
+
+    def tables_pending(self) -> int | None:
+        resnap = self.resnap
+        return self.snapshot_pending + (len(resnap.progress.jobs) if resnap is not None else 0)
+
+    def slot_reading(self) -> tuple[SlotHealth, bool] | None:
+        return self.slot
+
+    def slot_read(self, health: SlotHealth, level: Level) -> None:
+        """A slot check's reading (:class:`cdc.slot_health.SlotWatch`)."""
+        self.slot = (health, level is Level.WARN)
+        self.stats.server_wal_end = max(self.stats.server_wal_end, health.current_wal_lsn)
+
+
 class CdcDaemon:
     def __init__(
         self,
@@ -120,12 +159,8 @@ class CdcDaemon:
         self.ready = threading.Event()
         self.db = ""
         self.counts = metrics.EventCounts(settings.kafka.topic_prefix)
-        # what the metrics read at scrape (cdc.metrics.LiveSource), set by the daemon's thread
-        self._slot: tuple[SlotHealth, bool] | None = None
+        self.live = Live(self.stats)
         self._slot_watch: SlotWatch | None = None
-        self._spill: FileSpillStore | None = None
-        self._resnap: IncrementalSnapshots | None = None
-        self._snapshot_pending = 0
 
     # ------------------------------------------------------------------ control
 
@@ -155,40 +190,12 @@ class CdcDaemon:
         if watch is not None and now >= watch.next_at:
             watch.check()
 
-    # ------------------------------------------------------------------ metrics
-
-    def lag_bytes(self) -> int | None:
-        end, flushed = self.stats.server_wal_end, self.stats.flushed_lsn
-        return max(0, end - flushed) if end else None
-
-    def lag_seconds(self, now: float) -> float | None:
-        stats = self.stats
-        if stats.caught_up:
-            return 0.0
-        since = stats.lag_since_us
-        return max(0.0, now - since / 1e6) if since else None
-
-    def spill_bytes(self) -> int | None:
-        spill = self._spill
-        return spill.pending_bytes if spill is not None else None
-
-    def tables_pending(self) -> int | None:
-        resnap = self._resnap
-        return self._snapshot_pending + (len(resnap.progress.jobs) if resnap is not None else 0)
-
-    def slot_reading(self) -> tuple[SlotHealth, bool] | None:
-        return self._slot
-
-    def _slot_read(self, health: SlotHealth, level: Level) -> None:
-        self._slot = (health, level is Level.WARN)
-        self.stats.server_wal_end = max(self.stats.server_wal_end, health.current_wal_lsn)
-
     # ------------------------------------------------------------------ run loop
 
     def run(self) -> int:
         """Run sessions until stopped; return the process exit code."""
         backoff = self.s.cdc.retry_backoff_initial_s
-        metrics.LIVE.source = self
+        metrics.LIVE.source = self.live
         while not self.stopping:
             self.stats.sessions += 1
             started = time.monotonic()
@@ -232,7 +239,7 @@ class CdcDaemon:
         pg = self.s.postgres
         conn = connect(pg.dsn, pg.password)
         catalog = PgCatalog(pg.dsn, pg.password)
-        spill = self._spill = FileSpillStore(self.s.cdc.spill_dir or None)
+        spill = self.live.spill = FileSpillStore(self.s.cdc.spill_dir or None)
         spill.clear()
         rconn = None
         stream: ReplicationStream | None = None
@@ -259,7 +266,7 @@ class CdcDaemon:
             )
             # re-snapshots (cdc/incremental_snapshot_io.py): progress and recorded catalog
             # back from Kafka, catalog compared; their records ride on this sink's commits
-            resnap = self._resnap = IncrementalSnapshots(self.s, db=self.db, catalog=catalog)
+            resnap = self.live.resnap = IncrementalSnapshots(self.s, db=self.db, catalog=catalog)
             resnap.load(
                 kafka_options(self.s),
                 initial_snapshot=need_snapshot,
@@ -285,7 +292,7 @@ class CdcDaemon:
                     format_lsn(slot.consistent_point),
                     extra={"position": format_lsn(slot.consistent_point)},
                 )
-                self._watch_slot(conn)
+                self._slot_watch = _slot_watch(self.s, conn, self.live)
                 if need_snapshot and slot.snapshot_name:
                     resume = self._snapshot(
                         slot.snapshot_name, slot.consistent_point, catalog, sink
@@ -293,7 +300,7 @@ class CdcDaemon:
                 start_lsn = slot.consistent_point
             else:
                 assert health is not None
-                self._watch_slot(conn)
+                self._slot_watch = _slot_watch(self.s, conn, self.live)
                 start_lsn = 0  # the slot's confirmed_flush_lsn
                 self.stats.flushed_lsn = max(
                     self.stats.flushed_lsn, health.confirmed_flush_lsn or 0
@@ -332,7 +339,7 @@ class CdcDaemon:
             raise
         finally:
             self._slot_watch = None
-            self._snapshot_pending = 0
+            self.live.snapshot_pending = 0
             if sink is not None:
                 sink.close()
             if stream is not None:
@@ -344,16 +351,6 @@ class CdcDaemon:
             catalog.close()
             spill.close()
             conn.close()
-
-    def _watch_slot(self, conn: psycopg.Connection[Any]) -> None:
-        """Check the slot every cdc.slot_check_interval_s from now on (from :meth:`tick`)."""
-        self._slot_watch = SlotWatch(
-            conn,
-            self.s.postgres.slot,
-            interval_s=self.s.cdc.slot_check_interval_s,
-            warn_share=self.s.cdc.slot_wal_warn_share,
-            on_reading=self._slot_read,
-        )
 
     # ------------------------------------------------------------------ snapshot
 
@@ -370,7 +367,7 @@ class CdcDaemon:
         row = sconn.execute(
             "select count(*) from (" + PUBLISHED_TABLES + ") t", (pg.publication,)
         ).fetchone()
-        self._snapshot_pending = int(row[0]) if row else 0
+        self.live.snapshot_pending = int(row[0]) if row else 0
         table = ""
         try:
             sink.begin()
@@ -394,7 +391,7 @@ class CdcDaemon:
                 batch += 1
                 self.stats.snapshot_rows += 1
                 if out.topic != table:  # the previous table is done
-                    self._snapshot_pending -= 1 if table else 0
+                    self.live.snapshot_pending -= 1 if table else 0
                     table = out.topic
                 counted = (out.topic, _R)
                 tally[counted] = tally.get(counted, 0) + 1
@@ -419,7 +416,7 @@ class CdcDaemon:
             done = ResumePosition(consistent_point, last.seq, True, snapshot_done=True)
             sink.commit(done)
             self.counts.committed(tally)
-            self._snapshot_pending = 0
+            self.live.snapshot_pending = 0
             if self.on_commit is not None and collected:
                 self.on_commit(collected)
             log.info("initial snapshot done: %d rows", self.stats.snapshot_rows)
@@ -432,3 +429,14 @@ class CdcDaemon:
 
 
 _R = ord("r")
+
+
+def _slot_watch(s: CdcSettings, conn: psycopg.Connection[Any], live: Live) -> SlotWatch:
+    """Checks of the slot every cdc.slot_check_interval_s (from :meth:`CdcDaemon.tick`)."""
+    return SlotWatch(
+        conn,
+        s.postgres.slot,
+        interval_s=s.cdc.slot_check_interval_s,
+        warn_share=s.cdc.slot_wal_warn_share,
+        on_reading=live.slot_read,
+    )
