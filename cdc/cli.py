@@ -170,11 +170,12 @@ def cdc_status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show the slot, its confirmed position, lag in bytes, the last event time and the
-    re-snapshots queued or running."""
+    """Show the slot, its confirmed position, lag in bytes, its WAL status, the last event
+    time and the re-snapshots queued or running."""
     from cdc.kafka_state import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
+    from cdc.slot_health import lost_message, read_slot_health
     from core.settings_checks import redact_dsn
 
     try:
@@ -186,11 +187,16 @@ def cdc_status(
     try:
         with connect(pg.dsn, pg.password) as conn:
             state = slot_state(conn, pg.slot)
+            health = read_slot_health(conn, pg.slot)
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     out: dict[str, Any] = {"slot": pg.slot, "exists": state is not None}
     if state:
         out.update(state)
+    if health is not None:
+        out["wal_status"] = health.wal_status
+        out["retained_wal_bytes"] = health.retained_bytes
+        out["safe_wal_size"] = health.safe_wal_size
     try:
         resume = read_resume_position(
             kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s)
@@ -222,10 +228,19 @@ def cdc_status(
     if state is None:
         typer.echo(
             f"error: replication slot {pg.slot!r} does not exist in {redact_dsn(pg.dsn)}; "
-            "`fieldsync cdc run` creates it when it first starts (check postgres.slot and postgres.dsn)",
+            + (
+                "Kafka holds a resume position for it, so it was lost: run `fieldsync cdc "
+                "recover` (docs/cdc.md, Lost slot)"
+                if resume is not None
+                else "`fieldsync cdc run` creates it when it first starts (check "
+                "postgres.slot and postgres.dsn)"
+            ),
             err=True,
         )
         raise typer.Exit(EXIT_RUNTIME)
+    if health is not None and health.lost:
+        typer.echo(f"error: {lost_message(health)}", err=True)
+        raise typer.Exit(EXIT_SLOT_LOST)
 
 
 def _resnapshot_status(settings: Any) -> dict[str, Any]:

@@ -52,6 +52,7 @@ __all__ = [
     "SlotWatch",
     "StartAction",
     "assess",
+    "lost_message",
     "read_slot_health",
     "start_action",
 ]

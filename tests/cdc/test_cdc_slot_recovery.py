@@ -166,6 +166,10 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
         assert "fieldsync cdc recover --config FILE" in text
         assert wal_status(conn) == "lost", "the daemon must not touch the lost slot"
 
+        status = run_cli("cdc", "status", "--json", "--config", str(config))
+        assert status.returncode == 3 and "fieldsync cdc recover" in status.stderr, status.stderr
+        assert '"wal_status": "lost"' in status.stdout, status.stdout
+
         # without --yes (and nobody to answer) nothing is changed
         refused = run_cli("cdc", "recover", "--config", str(config))
         assert refused.returncode != 0 and "Aborted" in refused.stderr, refused.stderr
