@@ -237,7 +237,7 @@ def cdc_status(
             ),
             err=True,
         )
-        raise typer.Exit(EXIT_RUNTIME)
+        raise typer.Exit(EXIT_RUNTIME if resume is None else EXIT_SLOT_LOST)
     if health is not None and health.lost:
         typer.echo(f"error: {lost_message(health)}", err=True)
         raise typer.Exit(EXIT_SLOT_LOST)
