@@ -168,13 +168,8 @@ def _new_slot(settings: CdcSettings, conn: psycopg.Connection[Any], done: Recove
 def _tables(
     conn: psycopg.Connection[Any], settings: CdcSettings, catalog: PgCatalog
 ) -> list[SnapshotTable]:
-    """The published tables, without the signal table."""
-    signal = split_table(settings.postgres.signal_table)
-    return [
-        t
-        for t in published_tables(conn, settings.postgres.publication, catalog)
-        if (t.schema, t.table) != signal
-    ]
+    """The published tables (the signal table among them once it exists)."""
+    return published_tables(conn, settings.postgres.publication, catalog)
 
 
 def _request_snapshots(
@@ -185,13 +180,16 @@ def _request_snapshots(
     echo: Callable[[str], None],
 ) -> None:
     pg = settings.postgres
-    covered = _cover_pending(conn, pg.signal_table)
+    covered = _refresh_signals(conn, pg.signal_table)
     if covered:
         echo(
             f"{covered} pending request(s) in {pg.signal_table} marked done: every table is sent again"
         )
+    signal = split_table(pg.signal_table)
     for t in tables:
         name = f"{t.schema}.{t.table}"
+        if (t.schema, t.table) == signal:
+            continue  # not re-read (the daemon refuses): _refresh_signals sent its rows
         if not any(c.is_key for c in t.columns):
             done.keyless.append(name)
             continue
@@ -202,22 +200,28 @@ def _request_snapshots(
         echo(f"re-snapshot of {name} requested: signal {signal_id} in {pg.signal_table}")
 
 
-def _cover_pending(conn: psycopg.Connection[Any], signal_table: str) -> int:
-    """Requests nobody will read (inserted before the new slot) are covered by the
-    recovery's own: mark them done."""
+def _refresh_signals(conn: psycopg.Connection[Any], signal_table: str) -> int:
+    """Write every row of the signal table again (an update of each, so the new slot sends
+    them all: rows inserted while the slot was lost reach Kafka too), marking the requests
+    nobody will read (still pending: inserted before the new slot) done, as the recovery's
+    own requests cover them; how many were pending."""
     schema, table = split_table(signal_table)
     found = conn.execute(
         "select to_regclass(format('%%I.%%I', %s::text, %s::text))", (schema, table)
     )
     if found.fetchone() == (None,):
         return 0
-    cur = conn.execute(
+    rows = conn.execute(
         sql.SQL(
-            "update {} set status = 'done: covered by the recovery of the slot', "
-            "status_at = now() where status = 'pending'"
-        ).format(sql.Identifier(schema, table))
-    )
-    return cur.rowcount
+            "with old as (select id, status = 'pending' as pending from {t}) "
+            "update {t} s set "
+            "status = case when old.pending then %s else s.status end, "
+            "status_at = case when old.pending then now() else s.status_at end "
+            "from old where old.id = s.id returning old.pending"
+        ).format(t=sql.Identifier(schema, table)),
+        ("done: covered by the recovery of the slot",),
+    ).fetchall()
+    return sum(1 for (pending,) in rows if pending)
 
 
 def _write_deletes(

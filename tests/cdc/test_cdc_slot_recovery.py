@@ -1,6 +1,7 @@
 """A lost replication slot, for real: the daemon stops naming ``fieldsync cdc recover``
 instead of skipping changes, and after recovery Kafka holds every row of PostgreSQL with its
-latest values, including rows inserted, updated and deleted while the slot was lost.
+latest values, including rows inserted, updated and deleted while the slot was lost
+(rebuilt from the topics here, and by ``fieldsync replay verify``).
 
 A PostgreSQL of this test's own (``max_slot_wal_keep_size = 1MB``) loses the slot of a
 stopped daemon once WAL is switched and checkpointed past it; the daemon, ``recover`` and
@@ -226,6 +227,8 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
             lambda: all(s.startswith("done") for s in statuses()),
             what=f"the re-snapshots done (statuses {statuses()})",
         )
+        verify = run_cli("replay", "verify", "--config", str(config), "--wait", "60", timeout=180)
+        assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
         stop(proc, log)
         for table in TABLES:
             assert kafka_rows(kafka_bootstrap, prefix, table) == pg_rows(conn, table), table
