@@ -3,7 +3,9 @@
 Commands parse arguments, call the library, and turn domain errors into exit
 codes and one-line messages:
 
-- 0 success; 1 runtime failure; 2 configuration or preflight error (names the fix).
+- 0 success; 1 runtime failure; 2 configuration or preflight error (names the fix);
+  3 the replication slot is lost (or gone while Kafka holds a resume position, or a
+  recovery did not finish): ``fieldsync cdc recover`` is the way on (docs/cdc.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cdc.errors import CdcError, ConfigError, PreflightError
+from cdc.errors import CdcError, ConfigError, PreflightError, SlotLost
 from core.errors import FieldsyncError
 from core.logs import hold_early_records, setup_logging
 from core.redaction import hide_secrets
@@ -27,6 +29,7 @@ app = typer.Typer(
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+EXIT_SLOT_LOST = 3
 
 ConfigOpt = Annotated[
     Path | None,
@@ -55,7 +58,11 @@ def _load(config: Path | None) -> Any:
 
 @app.command("run")
 def cdc_run(config: ConfigOpt = None) -> None:
-    """Run the CDC daemon until SIGTERM (systemd Type=notify aware)."""
+    """Run the CDC daemon until SIGTERM (systemd Type=notify aware).
+
+    Serves Prometheus metrics on cdc.metrics_listen. Exits 3 when the replication slot is
+    lost: `fieldsync cdc recover` then makes a new one and sends every table again."""
+    from cdc import metrics
     from cdc.pipeline import CdcDaemon
     from core.systemd_notify import Notifier
 
@@ -74,13 +81,88 @@ def cdc_run(config: ConfigOpt = None) -> None:
     logging.getLogger("fieldsync.cdc").info("settings: %s", json.dumps(settings.redacted()))
     daemon = CdcDaemon(settings, notifier=Notifier.from_env(unset_environment=True))
     daemon.install_signal_handlers()
+    server = metrics.serve(settings.cdc.metrics_listen)
     try:
         code = daemon.run()
     except (PreflightError, ConfigError) as exc:
         raise _fail(exc, EXIT_CONFIG) from None
+    except SlotLost as exc:
+        raise _fail(exc, EXIT_SLOT_LOST) from None
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
+    finally:
+        if server is not None:
+            server.close()
     raise typer.Exit(code)
+
+
+@app.command("recover")
+def cdc_recover(
+    config: ConfigOpt = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="do not ask before changing anything")
+    ] = False,
+) -> None:
+    """Recover from a lost replication slot: drop it, create a new one and send every
+    published table again, so Kafka and its consumers miss nothing.
+
+    Run it with `fieldsync cdc run` stopped, when the daemon exited with code 3. It marks
+    the recovery in Kafka, makes the new slot, asks for a re-snapshot of every table with a
+    primary key (signal table), writes delete events for rows deleted meanwhile, and says
+    what to check. Safe to run again if it was interrupted (docs/cdc.md, "Lost slot")."""
+    import psycopg
+
+    from cdc.slot_recovery import assess, recover
+
+    try:
+        settings = _load(config)
+    except ConfigError as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    setup_logging("WARNING")
+    try:
+        found = assess(settings)
+        if not found.needed:
+            typer.echo(found.reason)
+            return
+        typer.echo(found.reason, err=True)
+        pg = settings.postgres
+        if not yes:
+            typer.confirm(
+                f"Drop and re-create slot {pg.slot!r} and send every table of publication "
+                f"{pg.publication!r} again?",
+                abort=True,
+            )
+        done = recover(settings, found, echo=typer.echo)
+    except (PreflightError, ConfigError) as exc:
+        raise _fail(exc, EXIT_CONFIG) from None
+    except FieldsyncError as exc:
+        raise _fail(exc, EXIT_RUNTIME) from None
+    except psycopg.Error as exc:
+        raise _fail(CdcError(f"PostgreSQL: {str(exc).strip()}"), EXIT_RUNTIME) from None
+    _report_recovery(settings, done, config)
+
+
+def _report_recovery(settings: Any, done: Any, config: Path | None) -> None:
+    pg = settings.postgres
+    deleted = sum(done.deletes.values())
+    typer.echo(f"{deleted} delete event(s) written for rows that are gone from PostgreSQL")
+    for table in done.keyless:
+        typer.echo(
+            f"warning: {table} has no primary key and is NOT sent again: consumers may miss "
+            "its changes while the slot was lost (give it a primary key, then "
+            f"`fieldsync cdc snapshot --table {table}`)",
+            err=True,
+        )
+    ids = ", ".join(str(i) for _, i in done.signals) or "none"
+    where = f" --config {config}" if config is not None else ""
+    typer.echo(
+        "next:\n"
+        f"  1. start the daemon: `fieldsync cdc run{where}` (or systemctl start fieldsync-cdc)\n"
+        f"  2. watch the re-snapshots finish: `fieldsync cdc status{where}` lists them until "
+        f"none is left, and `select id, table_name, status from {pg.signal_table} where id in "
+        f"({ids})` shows 'done: N row(s)' for each\n"
+        f"  3. check the log against PostgreSQL: `fieldsync replay verify{where}`"
+    )
 
 
 @app.command("status")
@@ -88,11 +170,12 @@ def cdc_status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show the slot, its confirmed position, lag in bytes, the last event time and the
-    re-snapshots queued or running."""
+    """Show the slot, its confirmed position, lag in bytes, its WAL status, the last event
+    time and the re-snapshots queued or running."""
     from cdc.kafka_state import read_resume_position
     from cdc.pg_source import connect, slot_state
     from cdc.pipeline import kafka_options
+    from cdc.slot_health import lost_message, read_slot_health
     from core.settings_checks import redact_dsn
 
     try:
@@ -104,11 +187,16 @@ def cdc_status(
     try:
         with connect(pg.dsn, pg.password) as conn:
             state = slot_state(conn, pg.slot)
+            health = read_slot_health(conn, pg.slot)
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     out: dict[str, Any] = {"slot": pg.slot, "exists": state is not None}
     if state:
         out.update(state)
+    if health is not None:
+        out["wal_status"] = health.wal_status
+        out["retained_wal_bytes"] = health.retained_bytes
+        out["safe_wal_size"] = health.safe_wal_size
     try:
         resume = read_resume_position(
             kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s)
@@ -140,10 +228,19 @@ def cdc_status(
     if state is None:
         typer.echo(
             f"error: replication slot {pg.slot!r} does not exist in {redact_dsn(pg.dsn)}; "
-            "`fieldsync cdc run` creates it when it first starts (check postgres.slot and postgres.dsn)",
+            + (
+                "Kafka holds a resume position for it, so it was lost: run `fieldsync cdc "
+                "recover` (docs/cdc.md, Lost slot)"
+                if resume is not None
+                else "`fieldsync cdc run` creates it when it first starts (check "
+                "postgres.slot and postgres.dsn)"
+            ),
             err=True,
         )
-        raise typer.Exit(EXIT_RUNTIME)
+        raise typer.Exit(EXIT_RUNTIME if resume is None else EXIT_SLOT_LOST)
+    if health is not None and health.lost:
+        typer.echo(f"error: {lost_message(health)}", err=True)
+        raise typer.Exit(EXIT_SLOT_LOST)
 
 
 def _resnapshot_status(settings: Any) -> dict[str, Any]:

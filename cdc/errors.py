@@ -13,7 +13,10 @@ the boundary with ``raise ... from exc``.
     └── CdcError
         ├── SourceError              PostgreSQL side
         │   ├── PreflightError       wal_level, privileges, missing tables (names the fix)
-        │   └── ReplicationLost      connection dropped mid-stream (retryable)
+        │   ├── ReplicationLost      connection dropped mid-stream (retryable)
+        │   └── SlotLost             the slot lost WAL it needed, or is gone while Kafka holds a
+        │                            resume position, or a recovery did not finish (names
+        │                            ``fieldsync cdc recover``; never retried)
         ├── SinkError                Kafka side
         │   └── SinkUnavailable      broker unreachable / timed out (retryable)
         └── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
@@ -50,6 +53,13 @@ class PreflightError(SourceError):
 
 class ReplicationLost(SourceError):
     """The replication connection was lost; the caller may reconnect."""
+
+
+class SlotLost(SourceError):
+    """The replication slot can no longer deliver every change since the position Kafka
+    holds: PostgreSQL reports it lost (``wal_status = 'lost'``) or invalidated, it is gone
+    while Kafka holds a resume position, or ``fieldsync cdc recover`` did not finish.  Not
+    retried: the message names the recovery command."""
 
 
 class SinkError(CdcError):

@@ -31,6 +31,9 @@ Points (the site's docstring or comment says what has happened at that moment):
                              snapshot is not finished
 ``spill_replay``             a streamed transaction is being replayed from the spill
                              store (counted per replayed message)
+``recover_new_slot``         ``fieldsync cdc recover``: the new slot exists and the
+                             re-snapshots are requested; the deletes and the resume
+                             position are not written (the recovery mark stays)
 ==========================  ===========================================================
 
 Concurrency: one thread (the pipeline's) passes the points.
@@ -54,6 +57,7 @@ POINTS: Final = frozenset(
         "streamed_txn_end",
         "snapshot_batch",
         "spill_replay",
+        "recover_new_slot",
     }
 )
 

@@ -95,10 +95,17 @@ class BulkRecords:
         self._partition_counts: dict[str, int] = {}
         self._tps: dict[tuple[str, int], Any] = {}
         self._max_record = MAX_REQUEST_SIZE
+        self.handed_bytes = 0  # of the batches handed over since take_bytes()
 
     def discard(self) -> None:
         """Forget the records not handed over yet (the transaction is aborted)."""
         self._buffers = {}
+        self.handed_bytes = 0
+
+    def take_bytes(self) -> int:
+        """The bytes of the batches handed over since the last call (then 0)."""
+        n, self.handed_bytes = self.handed_bytes, 0
+        return n
 
     def append(
         self,
@@ -188,6 +195,7 @@ class BulkRecords:
         inner._max_timestamp = buffer.max_ts
         records._next_offset = buffer.count
         batch = ProducerBatch(tp, records)
+        self.handed_bytes += len(buffer.buf)
         batch.max_record_size = buffer.max_record
         with acc._tp_lock(tp):
             acc._batches[tp].append(batch)

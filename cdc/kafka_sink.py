@@ -46,6 +46,7 @@ from typing import Any, Protocol
 from cdc.errors import SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
 from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available
+from cdc.metrics import BYTES
 from core.kafka_options import build_client, client_config, kafka_errors
 
 log = logging.getLogger(__name__)
@@ -62,19 +63,21 @@ class ResumePosition:
     complete: bool  # the whole transaction at commit_lsn is in Kafka
     snapshot_done: bool = True
     commit_ts_us: int = 0  # commit time of the transaction at commit_lsn (0 = snapshot)
+    # `fieldsync cdc recover` is under way (cdc/slot_recovery.py): the daemon does not start
+    recovering: bool = False
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "commit_lsn": self.commit_lsn,
-                "seq": self.seq,
-                "complete": self.complete,
-                "snapshot_done": self.snapshot_done,
-                "commit_ts_us": self.commit_ts_us,
-                "written_at_us": int(time.time() * 1_000_000),
-            },
-            sort_keys=True,
-        ).encode()
+        record: dict[str, object] = {
+            "commit_lsn": self.commit_lsn,
+            "seq": self.seq,
+            "complete": self.complete,
+            "snapshot_done": self.snapshot_done,
+            "commit_ts_us": self.commit_ts_us,
+            "written_at_us": int(time.time() * 1_000_000),
+        }
+        if self.recovering:
+            record["recovering"] = True
+        return json.dumps(record, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> ResumePosition:
@@ -85,6 +88,7 @@ class ResumePosition:
             bool(d["complete"]),
             bool(d.get("snapshot_done", True)),
             int(d.get("commit_ts_us", 0)),
+            bool(d.get("recovering", False)),
         )
 
 
@@ -218,6 +222,7 @@ class KafkaTransactionalSink:
         self._broken = False  # a Kafka call failed: the broker is gone or the producer unusable
         self._bulk: BulkRecords | None = None  # None: every record through send()
         self._futures: list[Any] = []  # of the open transaction's records, checked at commit
+        self._txn_bytes = 0  # record bytes of the open transaction sent through send()
         self._tracked: set[str] = set()
         self.producer: Any = None
         try:
@@ -262,6 +267,7 @@ class KafkaTransactionalSink:
         self._in_txn = True
         self._pending_schemas = set()
         self._futures = []
+        self._txn_bytes = 0
 
     def _unavailable(self, message: str) -> SinkUnavailable:
         self._broken = True
@@ -292,6 +298,7 @@ class KafkaTransactionalSink:
             )
         except kafka_errors() as exc:
             raise self._unavailable(f"send to {topic} failed: {exc}") from exc
+        self._txn_bytes += len(key or b"") + len(value or b"")
 
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
         if fingerprint in self._published or fingerprint in self._pending_schemas:
@@ -309,6 +316,7 @@ class KafkaTransactionalSink:
         except kafka_errors() as exc:
             raise self._unavailable(f"publishing schema {fingerprint.hex()} failed: {exc}") from exc
         self._pending_schemas.add(fingerprint)
+        self._txn_bytes += len(schema_json)
 
     def commit(self, position: ResumePosition) -> None:
         """Commit the Kafka transaction with ``position`` as its resume position.
@@ -330,10 +338,9 @@ class KafkaTransactionalSink:
             self._check_acknowledged(position)
             if FAULTS.armed:
                 FAULTS.hit("after_events_sent")
+            state = position.to_json()
             self.producer.send(
-                state_topic(self.opts.topic_prefix),
-                key=self.slot.encode(),
-                value=position.to_json(),
+                state_topic(self.opts.topic_prefix), key=self.slot.encode(), value=state
             )
             self.producer.flush(timeout=_remaining(deadline))
             if FAULTS.armed:
@@ -346,6 +353,8 @@ class KafkaTransactionalSink:
         self._in_txn = False
         self._published |= self._pending_schemas
         self._pending_schemas = set()
+        written = self._txn_bytes + len(state) + (self._bulk.take_bytes() if self._bulk else 0)
+        BYTES.inc(written)
 
     def _check_acknowledged(self, position: ResumePosition) -> None:
         """Every record of the open transaction is acknowledged, or SinkUnavailable."""

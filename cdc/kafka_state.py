@@ -13,6 +13,8 @@ Reads are ``read_committed`` and go to the end the topic had when the read began
 Kafka transaction that was open then is open any more (:func:`_settled_end_offsets`): a
 predecessor killed while committing is settled by our producer's ``init_transactions()``,
 and reading before its commit markers land would miss its last record.
+:func:`scan_topic` is that read for any topic, every record handed to a callback
+(``fieldsync cdc recover`` reads the table topics with it, :mod:`cdc.recovery_deletes`).
 
 Concurrency: each call opens its own consumers (no shared state) and closes them; it blocks
 for at most ``timeout_s``.
@@ -21,14 +23,14 @@ for at most ``timeout_s``.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from cdc.errors import SinkUnavailable
 from cdc.kafka_sink import KafkaOptions, ResumePosition, TopicManager, state_topic
 from core.kafka_options import build_client, kafka_errors
 
-__all__ = ["read_compacted", "read_resume_position"]
+__all__ = ["read_compacted", "read_resume_position", "scan_topic"]
 
 
 def read_compacted(
@@ -37,13 +39,39 @@ def read_compacted(
     """The last committed value of each of ``keys`` in the compacted ``topic`` (created,
     compacted, if missing); a key whose last record is a tombstone is absent.
     SinkUnavailable (retryable) when the broker cannot be read within ``timeout_s``."""
-    from kafka import KafkaConsumer, TopicPartition
-
     topics = TopicManager(opts)
     try:
         topics.ensure([topic], compacted=True)
     finally:
         topics.close()
+    found: dict[bytes, bytes] = {}
+
+    def keep(record: Any) -> None:
+        if record.key in keys:
+            if record.value:
+                found[bytes(record.key)] = bytes(record.value)
+            else:  # a tombstone deletes the key
+                found.pop(bytes(record.key), None)
+
+    scan_topic(opts, topic, keep, timeout_s)
+    return found
+
+
+def scan_topic(
+    opts: KafkaOptions,
+    topic: str,
+    visit: Callable[[Any], None],
+    timeout_s: float = 30.0,
+    *,
+    must_exist: bool = True,
+) -> bool:
+    """Hand every committed record of ``topic``, partition by partition in offset order,
+    to ``visit`` (a kafka-python ``ConsumerRecord``), up to the settled end offsets.  The
+    read fails (SinkUnavailable) only when no record arrives for ``timeout_s``.  A topic
+    the broker does not know is waited for until ``timeout_s`` (``must_exist``), or read as
+    empty (returns False)."""
+    from kafka import KafkaConsumer, TopicPartition
+
     try:
         consumer = build_client(
             KafkaConsumer,
@@ -59,6 +87,8 @@ def read_compacted(
         raise SinkUnavailable(f"cannot read {topic} from {opts.bootstrap_servers}: {exc}") from exc
     try:
         deadline = time.monotonic() + timeout_s
+        if not must_exist and topic not in consumer.topics():
+            return False
         parts = consumer.partitions_for_topic(topic)
         while not parts and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -69,7 +99,8 @@ def read_compacted(
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         ends = _settled_end_offsets(consumer, opts, tps, deadline)
-        return _read_to(consumer, tps, ends, keys, deadline)
+        _read_to(consumer, tps, ends, visit, timeout_s)
+        return True
     except kafka_errors() as exc:
         raise SinkUnavailable(f"reading {topic} failed: {exc}") from exc
     finally:
@@ -80,11 +111,12 @@ def _read_to(
     consumer: Any,
     tps: list[Any],
     ends: dict[Any, int],
-    keys: Collection[bytes],
-    deadline: float,
-) -> dict[bytes, bytes]:
-    """Poll until every partition reached its end offset; the last value of each key."""
-    found: dict[bytes, bytes] = {}
+    visit: Callable[[Any], None],
+    timeout_s: float,
+) -> None:
+    """Poll until every partition reached its end offset, handing each record to ``visit``;
+    SinkUnavailable when nothing moves for ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while any(consumer.position(tp) < ends[tp] for tp in tps):
         if time.monotonic() > deadline:
             raise SinkUnavailable(
@@ -93,12 +125,8 @@ def _read_to(
             )
         for records in consumer.poll(timeout_ms=500).values():
             for r in records:
-                if r.key in keys:
-                    if r.value:
-                        found[bytes(r.key)] = bytes(r.value)
-                    else:  # a tombstone deletes the key
-                        found.pop(bytes(r.key), None)
-    return found
+                visit(r)
+            deadline = time.monotonic() + timeout_s
 
 
 def read_resume_position(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.logs import LOG_FORMATS
+from core.metrics import check_listen
 from core.settings_checks import (
     PG_NAME_MAX_BYTES,
     check_bootstrap_servers,
@@ -88,6 +89,11 @@ def _tables(value: list[str]) -> None:
         seen.add(entry)
 
 
+def _share(value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be a share above 0 and at most 1 (e.g. 0.8)")
+
+
 def _signal_table(value: str) -> None:
     if value == "":
         return
@@ -145,6 +151,9 @@ class DaemonSettings:
     resnapshot_on_ddl: bool
     resnapshot_chunk_rows: int
     ddl_check_interval_s: float
+    metrics_listen: str
+    slot_check_interval_s: float
+    slot_wal_warn_share: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,6 +463,32 @@ DAEMON = Section(
             "Seconds between catalog checks for such changes (also checked at start and when "
             "a Relation message changes); 0 checks only then.",
             check=check_non_negative,
+        ),
+        Setting(
+            "metrics_listen",
+            str,
+            "127.0.0.1:9187",
+            'host:port of the Prometheus endpoint (`/metrics`; docs/operations.md); `""` '
+            "turns it off. A port that cannot be bound is logged as an error and the daemon "
+            "runs on without metrics.",
+            check=check_listen,
+        ),
+        Setting(
+            "slot_check_interval_s",
+            float,
+            10.0,
+            "Seconds between checks of the replication slot (pg_replication_slots: wal_status, "
+            "retained WAL, safe_wal_size; the slot and lag metrics). A slot PostgreSQL reports "
+            "lost stops the daemon (docs/cdc.md, Slot health).",
+            check=check_positive,
+        ),
+        Setting(
+            "slot_wal_warn_share",
+            float,
+            0.8,
+            "Warn (log and fieldsync_cdc_slot_wal_warning) when the WAL the slot retains passes "
+            "this share of max_slot_wal_keep_size (when that is set).",
+            check=_share,
         ),
     ),
 )

@@ -12,7 +12,9 @@ PostgreSQL sends a subtransaction's abort before any later sibling starts).
 Records are length-prefixed pickles of the decoder's message dataclasses.
 Memory use is bounded by one message.  The files are scratch space: after a
 crash, PostgreSQL re-sends every unconfirmed transaction, so :meth:`clear`
-deletes whatever an earlier process left behind.  One thread uses a store.
+deletes whatever an earlier process left behind.  One thread uses a store;
+:attr:`FileSpillStore.pending_bytes` (the bytes in its files now, for the
+``fieldsync_cdc_spill_bytes`` gauge) may be read from another.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ class FileSpillStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[int, BinaryIO] = {}
         self._sub_offsets: dict[int, dict[int, int]] = {}
+        self._sizes: dict[int, int] = {}
         self.bytes_written = 0
+        self.pending_bytes = 0  # in the open files now
 
     def _path(self, xid: int) -> Path:
         return self.dir / f"xid-{xid}.spill"
@@ -66,6 +70,8 @@ class FileSpillStore:
         f.write(_LEN.pack(len(data)))
         f.write(data)
         self.bytes_written += len(data) + 4
+        self.pending_bytes += len(data) + 4
+        self._sizes[xid] = self._sizes.get(xid, 0) + len(data) + 4
 
     def abort(self, xid: int, subxid: int) -> None:
         if subxid == xid:
@@ -78,6 +84,8 @@ class FileSpillStore:
         cut = offsets[subxid]
         f.truncate(cut)
         f.seek(cut)
+        self.pending_bytes -= self._sizes.get(xid, 0) - cut
+        self._sizes[xid] = cut
         for s in [s for s, off in offsets.items() if off >= cut]:
             del offsets[s]
 
@@ -100,6 +108,7 @@ class FileSpillStore:
     def discard(self, xid: int) -> None:
         f = self._files.pop(xid, None)
         self._sub_offsets.pop(xid, None)
+        self.pending_bytes -= self._sizes.pop(xid, 0)
         if f is not None:
             f.close()
         try:

@@ -15,6 +15,12 @@ When the stream is idle (no open transaction, empty batch), keepalives and heart
 messages move the flush position too, so an idle publication on a busy server does not pin
 WAL.
 
+Metrics (cdc/metrics.py): per event, one increment of the batch's count of its (topic, op);
+the counters, the commit-to-ack histogram and the lag are updated once per Kafka commit.
+The lag in seconds counts from the commit time of the last transaction Kafka acknowledged,
+or, when events arrive after the stream was idle, of the first of them; it is 0 while the
+stream is idle with nothing pending (:attr:`Stats.caught_up`).
+
 Stop: the loop reads on to the end of the transaction it is in (at most
 :data:`STOP_GRACE_S`), commits the batch and confirms it, so the slot ends exactly where
 Kafka does.
@@ -40,6 +46,7 @@ from cdc.errors import CdcError, format_lsn
 from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot_io import IncrementalSnapshots
 from cdc.kafka_sink import ResumePosition, Sink
+from cdc.metrics import OP_OFFSET, EventCounts
 from cdc.pg_source import Keepalive, ReplicationStream, XLogData
 from cdc.pgoutput_decoder import PgOutputDecoder
 from cdc.settings import CdcSettings
@@ -63,6 +70,9 @@ class Stats:
     last_commit_wall: float = 0.0
     snapshot_rows: int = 0
     commit_latencies_ms: list[float] = field(default_factory=list)
+    server_wal_end: int = 0  # the server's WAL end as last seen (keepalives, slot checks)
+    caught_up: bool = False  # the stream is idle and nothing waits for Kafka
+    lag_since_us: int = 0  # commit time the lag in seconds counts from (0: unknown)
 
 
 class Daemon(Protocol):
@@ -70,6 +80,7 @@ class Daemon(Protocol):
 
     s: CdcSettings
     stats: Stats
+    counts: EventCounts
     on_commit: Callable[[list[OutEvent]], None] | None
     record_latency: bool
 
@@ -91,11 +102,15 @@ class _Batch:
         "confirm_lsn",
         "events",
         "started",
+        "tally",
         "txn_commit_ts",
+        "txns",
     )
 
     def __init__(self) -> None:
         self.events = 0
+        self.tally: dict[tuple[str, int], int] = {}  # events per (topic, op byte)
+        self.txns = 0  # transactions with events that end in this batch
         self.started = 0.0
         # The resume position is that of the last event sent, or of the last transaction
         # ended; an event's ResumePosition is only built when the batch is committed.
@@ -203,6 +218,8 @@ class SessionStream:
             self.flush()
             return
         pg, stream = self.pg, self.stream
+        if self.asm.idle:
+            self.stats.caught_up = True
         now = time.monotonic()
         if now - stream.last_status_sent >= pg.status_interval_s:
             stream.send_status(self.stats.flushed_lsn)
@@ -216,6 +233,8 @@ class SessionStream:
 
     def _keepalive(self, msg: Keepalive) -> None:
         stats, stream = self.stats, self.stream
+        if msg.wal_end > stats.server_wal_end:
+            stats.server_wal_end = msg.wal_end
         if self.asm.idle and self.batch.empty and msg.wal_end > stats.flushed_lsn:
             stats.flushed_lsn = msg.wal_end
         if (
@@ -240,6 +259,9 @@ class SessionStream:
         now = time.time()
         stats.kafka_commits += 1
         stats.last_commit_wall = now
+        daemon.counts.committed(batch.tally, batch.txns, batch.txn_commit_ts, now)
+        if position.commit_ts_us:
+            stats.lag_since_us = position.commit_ts_us
         if daemon.record_latency:
             stats.commit_latencies_ms.extend(
                 (now * 1e6 - ts) / 1000.0 for ts in batch.txn_commit_ts
@@ -273,7 +295,13 @@ class SessionStream:
                 batch = self.batch
                 if batch.empty:
                     self._begin()
+                if stats.caught_up:  # the first event after an idle stream: lag counts from it
+                    stats.caught_up = False
+                    stats.lag_since_us = out.commit_ts_us or stats.lag_since_us
                 sink.send(out.topic, out.key, out.value, out.headers)
+                tally = batch.tally
+                counted = (out.topic, out.value[OP_OFFSET])
+                tally[counted] = tally.get(counted, 0) + 1
                 batch.events += 1
                 batch.event_sent(out)
                 stats.events += 1
@@ -312,6 +340,8 @@ class SessionStream:
             # but its resume position does not say the transaction is complete: write that
             # (a Kafka transaction with only the resume position) before the slot may pass it
             self._begin()
+        if out.events:
+            batch.txns += 1
         batch.txn_ended(
             ResumePosition(
                 out.commit_lsn,

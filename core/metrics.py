@@ -17,7 +17,9 @@ The endpoint is a small threaded HTTP server in a daemon thread:
   ``{"ready": true, ...}`` or 503 with the reasons, as JSON.
 
 A port that cannot be bound is a :class:`core.errors.ConfigError` naming the setting; the
-caller decides whether to go on without metrics (the data path never depends on them).
+caller decides whether to go on without metrics (the data path never depends on them):
+:func:`serve_or_log` logs it as an ERROR and goes on, as every server process does.
+:func:`new_registry` makes a process's registry with the standard collectors.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from core.errors import ConfigError
 
@@ -106,6 +116,32 @@ def serve_metrics(
     server = MetricsServer(*address, registry=registry, ready=ready, setting=setting)
     log.info("metrics on %s/metrics", server.url)
     return server
+
+
+def serve_or_log(
+    listen: str,
+    *,
+    registry: CollectorRegistry,
+    setting: str,
+    ready: ReadyCheck | None = None,
+) -> MetricsServer | None:
+    """:func:`serve_metrics`, except that an address that cannot be bound (or is not
+    ``host:port``) is logged as an ERROR naming ``setting`` and the process goes on without
+    metrics (None)."""
+    try:
+        return serve_metrics(listen, registry=registry, ready=ready, setting=setting)
+    except ConfigError as exc:
+        log.error("%s; going on without metrics", exc)
+        return None
+
+
+def new_registry() -> CollectorRegistry:
+    """A process's registry with the standard process, platform and GC collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 def _handler(registry: CollectorRegistry, ready: ReadyCheck | None) -> type[BaseHTTPRequestHandler]:

@@ -2,8 +2,8 @@
 the relay's engine and the upstream applier share.
 
 Every metric lives in :data:`REGISTRY` (the relay process's own registry, with the
-standard ``process_*`` and ``python_*`` collectors), served on ``[relay] metrics_listen``
-by :func:`serve` (:func:`core.metrics.serve_metrics`).  docs/operations.md lists them:
+standard ``process_*`` and ``python_*`` collectors: :func:`core.metrics.new_registry`),
+served on ``[relay] metrics_listen`` by :func:`core.metrics.serve_or_log`.  docs/operations.md lists them:
 
 - ``fieldsync_relay_streams`` / ``fieldsync_relay_long_polls`` (gauges): open WebSocket
   streams, long-polls waiting for a change (relay/downstream/api_stream.py, api_sync.py);
@@ -35,26 +35,16 @@ call touches only the partitions it names).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Final
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.errors import ConfigError
-from core.metrics import MetricsServer, ReadyCheck, serve_metrics
+from core.metrics import new_registry
 
 __all__ = [
     "AUTH_FAILURES",
@@ -71,39 +61,10 @@ __all__ = [
     "ConsumerLag",
     "LagCollector",
     "Partition",
-    "new_registry",
-    "serve",
 ]
-
-log = logging.getLogger("relay.metrics")
 
 Partition = tuple[str, int]
 """A Kafka partition: (topic, partition number)."""
-
-
-def new_registry() -> CollectorRegistry:
-    """A process's registry with the standard process, platform and GC collectors."""
-    registry = CollectorRegistry(auto_describe=True)
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry
-
-
-def serve(
-    listen: str,
-    *,
-    registry: CollectorRegistry,
-    setting: str,
-    ready: ReadyCheck | None = None,
-) -> MetricsServer | None:
-    """:func:`core.metrics.serve_metrics`, except that an address that cannot be bound is
-    logged as an ERROR naming ``setting`` and the process goes on without metrics (None)."""
-    try:
-        return serve_metrics(listen, registry=registry, ready=ready, setting=setting)
-    except ConfigError as exc:
-        log.error("%s; going on without metrics", exc)
-        return None
 
 
 # --------------------------------------------------------------------------- consumer lag

@@ -61,6 +61,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.errors import FieldsyncError
 from core.logs import hold_early_records, setup_logging
+from core.metrics import serve_or_log
 from core.redaction import RedactingFilter, hide_secrets
 from core.systemd_notify import Notifier
 from relay.api_errors import error_body
@@ -78,7 +79,7 @@ from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import check_rules_file, load_rules
 from relay.errors import ConfigError
-from relay.metrics import ENGINE_LAG, REGISTRY, serve
+from relay.metrics import ENGINE_LAG, REGISTRY
 from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.settings import HttpSettings, RelaySettings, load_relay_settings
 from relay.upstream.conflict_policies import Policy, load_conflicts
@@ -396,7 +397,9 @@ class RelayServer:
     def run(self, on_ready: Callable[[str, int], None] | None = None) -> None:
         s = self.settings
         authenticator = build_authenticator(s)
-        metrics = serve(s.relay.metrics_listen, registry=REGISTRY, setting="relay.metrics_listen")
+        metrics = serve_or_log(
+            s.relay.metrics_listen, registry=REGISTRY, setting="relay.metrics_listen"
+        )
         store = PgBucketStore(
             s.relay.store_dsn, group=s.relay.consumer_group, password=s.relay.store_password
         )

@@ -5,9 +5,11 @@
 changed; columns PostgreSQL did not send, ``unchanged``, are taken from the previous
 version, or marked unknown when the log does not hold it), ``d`` removes, ``t`` empties
 the table.  Tables without key columns are multisets of whole rows (a row and its count).
-A restarted initial snapshot (a second generation of ``r`` events at a later consistent
-point) removes rows the new snapshot did not read once that snapshot is over (a later
-event, or the end of the log: :meth:`LogState.finish`).
+A restarted initial snapshot (a second generation of ``r`` events of an initial snapshot,
+``source.snapshot`` ``true`` or ``last``, at a later consistent point) removes rows the new
+snapshot did not read once that snapshot is over (a later event, or the end of the log:
+:meth:`LogState.finish`).  Rows a re-snapshot sends again (``snapshot = "incremental"``,
+chunk by chunk, between streamed changes) are plain upserts.
 
 :func:`state_as_of` reads the log up to a bound into a state (``fieldsync replay
 as-of``); verify builds one up to PostgreSQL's position (replay.verify).  Rows keep
@@ -97,7 +99,8 @@ class TableState:
         self.events += 1
         op = ev.op
         pos = ev.position
-        if self._prune_below is not None and pos[0] > self._prune_below and op != "r":
+        initial = op == "r" and ev.source.get("snapshot") != "incremental"
+        if self._prune_below is not None and pos[0] > self._prune_below and not initial:
             self.prune()
         if op == "t":
             self.rows.clear()
@@ -111,7 +114,7 @@ class TableState:
         after = ev.after
         if after is None:
             return
-        if op == "r":
+        if initial:
             point = pos[0]
             if self._snapshot_point is not None and point > self._snapshot_point:
                 self._prune_below = point

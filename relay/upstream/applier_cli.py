@@ -19,9 +19,9 @@ from typing import Annotated
 import typer
 
 from core.logs import hold_early_records, setup_logging
+from core.metrics import serve_or_log
 from core.redaction import hide_secrets
 from relay.errors import ApplierError, ConfigError
-from relay.metrics import serve
 from relay.settings import load_applier_settings
 from relay.upstream import applier_metrics
 from relay.upstream.applier import Applier
@@ -98,7 +98,9 @@ def applier(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    metrics = serve(listen, registry=applier_metrics.REGISTRY, setting=applier_metrics.SETTING)
+    metrics = serve_or_log(
+        listen, registry=applier_metrics.REGISTRY, setting=applier_metrics.SETTING
+    )
     applier_metrics.APPLIER_LAG.source = runner.lag
     try:
         runner.run()

@@ -22,8 +22,8 @@ from typing import Final
 from prometheus_client import Counter
 
 from core.errors import ConfigError
-from core.metrics import parse_listen
-from relay.metrics import LagCollector, new_registry
+from core.metrics import new_registry, parse_listen
+from relay.metrics import LagCollector
 
 __all__ = ["APPLIER_LAG", "ENTRIES", "OUTCOMES", "REGISTRY", "SETTING", "shard_listen"]
 

@@ -61,7 +61,12 @@ def daemon_config(
     sections: dict[str, dict[str, object]] = {
         "postgres": {"dsn": dsn, "slot": slot, "status_interval_s": 1.0},
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix, "timeout_s": 10.0},
-        "cdc": {"retry_backoff_initial_s": 0.2, "retry_backoff_max_s": 2.0, "log_level": "INFO"},
+        "cdc": {
+            "retry_backoff_initial_s": 0.2,
+            "retry_backoff_max_s": 2.0,
+            "log_level": "INFO",
+            "metrics_listen": "127.0.0.1:0",
+        },
     }
     for name, table in overrides.items():
         sections.setdefault(name, {}).update(table)

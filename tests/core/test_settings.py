@@ -91,6 +91,9 @@ def test_defaults_match_the_contract() -> None:
         "resnapshot_on_ddl": True,
         "resnapshot_chunk_rows": 1024,
         "ddl_check_interval_s": 10.0,
+        "metrics_listen": "127.0.0.1:9187",
+        "slot_check_interval_s": 10.0,
+        "slot_wal_warn_share": 0.8,
     }
     assert s == CDC_REGISTRY.defaults()
 
@@ -286,6 +289,10 @@ def test_choice_in_wrong_case_gets_a_hint(tmp_path: Path) -> None:
         ("[kafka]\nsasl_mechanism = 'GSSAPI'", "kafka.sasl_mechanism", '"SCRAM-SHA-256"'),
         ("[cdc]\nretry_backoff_initial_s = 0", "cdc.retry_backoff_initial_s", "must be > 0"),
         ("[cdc]\nretry_backoff_initial_s = 60", "cdc.retry_backoff_max_s", "must not exceed"),
+        ("[cdc]\nmetrics_listen = '9187'", "cdc.metrics_listen", "not host:port"),
+        ("[cdc]\nslot_check_interval_s = 0", "cdc.slot_check_interval_s", "must be > 0"),
+        ("[cdc]\nslot_wal_warn_share = 0", "cdc.slot_wal_warn_share", "above 0 and at most 1"),
+        ("[cdc]\nslot_wal_warn_share = 1.5", "cdc.slot_wal_warn_share", "above 0 and at most 1"),
     ],
 )
 def test_invalid_values_are_rejected(tmp_path: Path, text: str, key: str, reason: str) -> None:

@@ -222,6 +222,7 @@ def test_unit_has_the_required_directives() -> None:
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
         "StateDirectory": "fieldsync",
+        "RestartPreventExitStatus": "2 3",  # configuration error, lost slot
     }
     assert {k: service.get(k) for k in expected} == expected
     assert unit["Unit"]["After"] == ["network-online.target postgresql.service"]

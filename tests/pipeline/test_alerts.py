@@ -1,10 +1,9 @@
 """config/prometheus/alerts.yml: every example alert is complete and uses only metrics the
 code defines.
 
-The relay's and the applier's names come from their registries (relay/metrics.py,
-relay/upstream/applier_metrics.py); the cdc daemon's are listed here as docs/operations.md
-names them (served by ``fieldsync cdc run``).  Where ``promtool`` is installed, it checks
-the rules and the compose Prometheus configuration as well."""
+The names come from the processes' registries (cdc/metrics.py, relay/metrics.py,
+relay/upstream/applier_metrics.py).  Where ``promtool`` is installed, it checks the rules
+and the compose Prometheus configuration as well."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from cdc.metrics import REGISTRY as CDC_REGISTRY
 from relay.metrics import REGISTRY as RELAY_REGISTRY
 from relay.upstream.applier_metrics import REGISTRY as APPLIER_REGISTRY
 
@@ -25,24 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
 PROMETHEUS = ROOT / "compose" / "prometheus" / "prometheus.yml"
 SEVERITIES = {"info", "warning", "critical"}
-
-CDC_METRICS = {
-    "fieldsync_cdc_events_total": "counter",
-    "fieldsync_cdc_transactions_total": "counter",
-    "fieldsync_cdc_bytes_total": "counter",
-    "fieldsync_cdc_commit_to_ack_seconds": "histogram",
-    "fieldsync_cdc_replication_lag_bytes": "gauge",
-    "fieldsync_cdc_replication_lag_seconds": "gauge",
-    "fieldsync_cdc_slot_retained_wal_bytes": "gauge",
-    "fieldsync_cdc_slot_safe_wal_size_bytes": "gauge",
-    "fieldsync_cdc_slot_wal_status": "gauge",
-    "fieldsync_cdc_spill_bytes": "gauge",
-    "fieldsync_cdc_kafka_errors_total": "counter",
-    "fieldsync_cdc_session_restarts_total": "counter",
-    "fieldsync_cdc_snapshot_rows_total": "counter",
-    "fieldsync_cdc_snapshot_tables_pending": "gauge",
-}
-"""The cdc daemon's metrics as docs/operations.md names them."""
 
 
 def series_names(kind: str, name: str) -> set[str]:
@@ -59,10 +41,8 @@ def registry_series(registry: CollectorRegistry) -> set[str]:
 
 
 def defined_series() -> set[str]:
-    names = registry_series(RELAY_REGISTRY) | registry_series(APPLIER_REGISTRY)
-    for name, kind in CDC_METRICS.items():
-        names |= series_names(kind, name)
-    return names
+    registries = (CDC_REGISTRY, RELAY_REGISTRY, APPLIER_REGISTRY)
+    return {name for registry in registries for name in registry_series(registry)}
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -114,6 +94,8 @@ def test_the_check_finds_an_unknown_metric() -> None:
     assert "fieldsync_relay_ops_written_total" in defined_series()
     assert "fieldsync_relay_store_seconds_bucket" in defined_series()
     assert "fieldsync_applier_lag_seconds" in defined_series()
+    assert "fieldsync_cdc_commit_to_ack_seconds_bucket" in defined_series()
+    assert "fieldsync_cdc_slot_wal_status" in defined_series()
     assert "fieldsync_relay_ops_writen_total" not in defined_series()
 
 

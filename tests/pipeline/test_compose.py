@@ -120,18 +120,11 @@ def test_initdb_schema_satisfies_the_mounted_rules_and_policies(pg_dsn: str) -> 
         db.close()
 
 
-CDC_METRICS_PORT = 9187
-"""``[cdc] metrics_listen``'s port (docs/operations.md); compose sets it by environment."""
-
-
 def metrics_address(service: str) -> tuple[str, int]:
     """Where ``service`` serves its metrics, by its settings and compose's environment."""
     if service == "cdc":
-        listen = environment("cdc")["FIELDSYNC_CDC_METRICS_LISTEN"]
-        address = parse_listen(listen)
-        assert address is not None and address[1] == CDC_METRICS_PORT, listen
-        return address
-    if service == "relay":
+        listen = load_cdc_settings(config_arg("cdc"), environment("cdc")).cdc.metrics_listen
+    elif service == "relay":
         listen = load_relay_settings(config_arg("relay"), environment("relay")).relay.metrics_listen
     else:
         command = SPEC["services"]["applier"]["command"]

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 
 from core.errors import ConfigError
 from core.kafka_options import client_config
+from core.metrics import serve_or_log
 from relay.downstream.api_limits import RateLimiter
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.metrics import REGISTRY, ConsumerLag, LagCollector, serve
+from relay.metrics import REGISTRY, ConsumerLag, LagCollector
 from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.upstream.applier_metrics import shard_listen
 
@@ -135,19 +136,23 @@ def test_each_applier_shard_listens_on_its_own_port() -> None:
 def test_a_taken_port_is_an_error_naming_the_setting_and_the_process_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    first = serve("127.0.0.1:0", registry=CollectorRegistry(), setting="relay.metrics_listen")
+    first = serve_or_log(
+        "127.0.0.1:0", registry=CollectorRegistry(), setting="relay.metrics_listen"
+    )
     assert first is not None
     try:
         taken = f"127.0.0.1:{first.address[1]}"
-        with caplog.at_level(logging.ERROR, logger="relay.metrics"):
-            again = serve(taken, registry=CollectorRegistry(), setting="relay.metrics_listen")
+        with caplog.at_level(logging.ERROR, logger="fieldsync.metrics"):
+            again = serve_or_log(
+                taken, registry=CollectorRegistry(), setting="relay.metrics_listen"
+            )
         assert again is None
         (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert "relay.metrics_listen: cannot listen on" in record.getMessage()
         assert "going on without metrics" in record.getMessage()
     finally:
         first.close()
-    assert serve("", registry=CollectorRegistry(), setting="relay.metrics_listen") is None
+    assert serve_or_log("", registry=CollectorRegistry(), setting="relay.metrics_listen") is None
 
 
 def test_a_refused_request_counts_as_rate_limited() -> None:

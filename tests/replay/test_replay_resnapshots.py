@@ -1,0 +1,80 @@
+"""replay's table state with re-snapshots: rows a re-snapshot chunk sends again (op ``r``,
+``source.snapshot = "incremental"``) are upserts; only a restarted *initial* snapshot (a
+later generation of ``snapshot = "true"`` reads) removes the rows it did not read."""
+
+from __future__ import annotations
+
+from core.avro_envelope import Source, TableCodec, decode
+from core.pg_types import ColumnSpec, MappingCatalog
+from replay.catalog import LogCatalog
+from replay.events import ChangeEvent
+from replay.state import LogState
+
+UNCHANGED = object()
+CODEC = TableCodec(
+    db="app",
+    schema="public",
+    table="t",
+    columns=[ColumnSpec("id", 20, -1, True), ColumnSpec("v", 25, -1, False)],
+    catalog=MappingCatalog(),
+    unchanged_sentinel=UNCHANGED,
+    warn=lambda _m: None,
+    namespace_prefix="p",
+)
+
+
+def apply(
+    state: LogState, catalog: LogCatalog, op: str, lsn: int, seq: int, row: list[str], snapshot: str
+) -> None:
+    source = Source("app", "public", "t", lsn, lsn, 1, seq, lsn, snapshot, None)
+    _, value = CODEC.encode_change(op, None, row, source, 0)
+    d = decode(value, catalog.registry)
+    state.apply(
+        ChangeEvent(
+            "public.t",
+            (lsn, seq),
+            d["op"],
+            d["before"],
+            d["after"],
+            d["before_kind"],
+            d["unchanged"],
+            d["source"],
+            value[2:10],
+            "p.public.t",
+            0,
+            lsn,
+        )
+    )
+
+
+def new_state() -> tuple[LogState, LogCatalog]:
+    catalog = LogCatalog("p")
+    catalog.add(CODEC.value_schema_json)
+    assert CODEC.key_schema_json is not None
+    catalog.add(CODEC.key_schema_json)
+    return LogState(catalog, ["public.t"]), catalog
+
+
+def rows(state: LogState) -> dict[int, str]:
+    return {r.values["id"]: r.values["v"] for r in state.tables["public.t"].rows.values()}
+
+
+def test_a_resnapshot_chunk_keeps_the_rows_it_did_not_send() -> None:
+    state, catalog = new_state()
+    for seq, k in enumerate((1, 2, 3)):  # the initial snapshot
+        apply(state, catalog, "r", 100, seq, [str(k), "a"], "true")
+    apply(state, catalog, "r", 200, 0, ["1", "b"], "incremental")  # first chunk: key 1
+    apply(state, catalog, "u", 300, 0, ["2", "c"], "false")  # a change after the chunk
+    apply(state, catalog, "r", 400, 0, ["3", "d"], "incremental")  # next chunk: key 3
+    state.finish()
+    assert rows(state) == {1: "b", 2: "c", 3: "d"}
+
+
+def test_a_restarted_initial_snapshot_removes_rows_it_did_not_read() -> None:
+    state, catalog = new_state()
+    for seq, k in enumerate((1, 2, 3)):
+        apply(state, catalog, "r", 100, seq, [str(k), "a"], "true")
+    for seq, k in enumerate((1, 3)):  # key 2 was deleted before the new snapshot
+        apply(state, catalog, "r", 200, seq, [str(k), "a"], "true")
+    apply(state, catalog, "c", 300, 0, ["4", "x"], "false")
+    assert rows(state) == {1: "a", 3: "a", 4: "x"}
