@@ -43,6 +43,7 @@ and checkpoints; writers serialize their transactions (see the implementation).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import json
@@ -60,6 +61,7 @@ __all__ = [
     "Op",
     "OpKind",
     "OpsPage",
+    "PageRequest",
     "PartitionProgress",
     "Position",
     "RowChange",
@@ -211,6 +213,17 @@ class OpsPage:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PageRequest:
+    """One page to read (:meth:`BucketStore.read_pages`): the ops of the buckets in
+    ``cursors`` above their cursors, at most ``limit``; ``epochs`` as for
+    :meth:`BucketStore.read_ops`."""
+
+    cursors: Mapping[str, int]
+    limit: int
+    epochs: Mapping[str, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ApplyResult:
     """What one :meth:`BucketStore.apply` did.
 
@@ -278,6 +291,16 @@ class BucketStore(Protocol):
         """:meth:`read_ops` without blocking the event loop."""
         ...
 
+    def read_pages(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
+        """One :meth:`read_ops` per request, all from one snapshot (in request order);
+        each page is exactly what :meth:`read_ops` answers for it alone in that snapshot.
+        Requests for the same bucket at the same cursor share one read."""
+        ...
+
+    async def read_pages_async(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
+        """:meth:`read_pages` without blocking the event loop."""
+        ...
+
     def bucket_state(self, buckets: Sequence[str]) -> dict[str, BucketCheckpoint]:
         """The checkpoint of each bucket (a bucket never written: zeros)."""
         ...
@@ -296,9 +319,15 @@ class BucketStore(Protocol):
         ...
 
     async def wait_for_change_async(
-        self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
+        self,
+        buckets: Sequence[str] | None,
+        since_op_id: int,
+        timeout: float,
+        until: asyncio.Future[Any] | None = None,
     ) -> int:
-        """:meth:`wait_for_change` for asyncio; many waiters share one listening connection."""
+        """:meth:`wait_for_change` for asyncio; many waiters share one listening connection.
+        Also returns as soon as ``until`` (e.g. the task reading a client's messages) is
+        done."""
         ...
 
     # ---- writing
