@@ -58,10 +58,11 @@ class PageReads:
         self, cursors: Mapping[str, int], limit: int, epochs: Mapping[str, int] | None = None
     ) -> OpsPage:
         """The page :meth:`BucketStore.read_ops` answers for these arguments, read in the
-        next batch."""
+        next batch, its ops rendered for the wire (:attr:`OpsPage.wire`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[OpsPage] = loop.create_future()
-        self._queue.append((PageRequest(dict(cursors), limit, dict(epochs or {})), future))
+        request = PageRequest(dict(cursors), limit, dict(epochs or {}), wire=True)
+        self._queue.append((request, future))
         self._schedule(loop)
         return await future
 

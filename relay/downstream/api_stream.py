@@ -151,7 +151,7 @@ async def _ws_pump(
                 ahead = asyncio.ensure_future(
                     read_page(state, dict(page.cursors), limit, dict(page.epochs))
                 )
-            if first or page.ops or page.resync or dict(page.cursors) != cursors:
+            if first or page.op_count or page.resync or dict(page.cursors) != cursors:
                 await websocket.send_text(dumps(changes_message(page, dropped)).decode())
                 dropped = []
             first = False

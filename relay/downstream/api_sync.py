@@ -172,7 +172,7 @@ async def next_changes(
     deadline = time.monotonic() + wait_s
     while True:
         page = await read_page(state, wanted, limit, epochs)
-        nothing_new = not page.ops and not page.resync and dict(page.cursors) == wanted
+        nothing_new = not page.op_count and not page.resync and dict(page.cursors) == wanted
         if not nothing_new or (not have.ops and not wait_always):
             return page
         remaining = deadline - time.monotonic()

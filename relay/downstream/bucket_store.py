@@ -65,6 +65,7 @@ __all__ = [
     "PartitionProgress",
     "Position",
     "RowChange",
+    "WireOps",
 ]
 
 Position = tuple[int, int]
@@ -210,6 +211,24 @@ class OpsPage:
     has_more: bool
     head_op_id: int
     epochs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    wire: WireOps | None = None
+    """For a :attr:`PageRequest.wire` request, the ops as the device API sends them
+    (``ops`` is then empty)."""
+
+    @property
+    def op_count(self) -> int:
+        """How many ops the page holds (in ``ops`` or ``wire``)."""
+        return len(self.ops) if self.wire is None else self.wire.count
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WireOps:
+    """A page's ops as one JSON array text, each op the object the device API sends
+    (``op_id``, ``bucket``, ``op``, ``table``, ``key``, ``data``, ``position``; the stored
+    ``row_key`` and ``data`` texts embedded verbatim), rendered by the store."""
+
+    json: str
+    count: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,6 +240,9 @@ class PageRequest:
     cursors: Mapping[str, int]
     limit: int
     epochs: Mapping[str, int] | None = None
+    wire: bool = False
+    """Answer with the ops rendered as the device API's JSON (:attr:`OpsPage.wire`)
+    instead of :class:`Op` objects."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

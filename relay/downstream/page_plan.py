@@ -33,8 +33,11 @@ from relay.downstream.bucket_store import BucketCheckpoint, PageRequest
 
 _T = TypeVar("_T")
 
-SliceKey = tuple[tuple[str, int], ...]
+Pairs = tuple[tuple[str, int], ...]
 """The ``(bucket, cursor)`` pairs a slice covers, in bucket order (one pair for most)."""
+SliceKey = tuple[bool, Pairs]
+"""A slice: whether its ops are rendered for the wire (:attr:`PageRequest.wire`), and
+its pairs."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,14 +56,14 @@ class ReadPlan:
     limits: Mapping[SliceKey, int]
 
     @property
-    def single(self) -> dict[tuple[str, int], int]:
-        """The one-pair slices: ``(bucket, cursor)`` → limit."""
-        return {key[0]: n for key, n in self.limits.items() if len(key) == 1}
+    def single(self) -> dict[tuple[bool, str, int], int]:
+        """The one-pair slices: ``(wire, bucket, cursor)`` → limit."""
+        return {(w, *pairs[0]): n for (w, pairs), n in self.limits.items() if len(pairs) == 1}
 
     @property
     def merged(self) -> dict[SliceKey, int]:
         """The slices over several buckets: key → limit."""
-        return {key: n for key, n in self.limits.items() if len(key) > 1}
+        return {key: n for key, n in self.limits.items() if len(key[1]) > 1}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,7 +96,7 @@ def plan_reads(
                 if b not in resync and c < checkpoints[b].last_op_id
             )
         )
-        key = pending or None
+        key = (req.wire, pending) if pending else None
         if key is not None:
             limits[key] = max(limits.get(key, 0), req.limit)
         plans.append(RequestPlan(resync, key))

@@ -52,7 +52,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
@@ -118,6 +118,15 @@ class ConnectionPool:
                 self.idle.get_nowait().close()
             except queue.Empty:
                 return
+
+
+_READ_TXN: Final = (
+    "set transaction isolation level repeatable read, read only; "
+    "set local enable_seqscan = off; set local enable_bitmapscan = off"
+)
+"""Every read: one snapshot, and ops read in op-id order by the primary key's index scan
+whatever the statistics say (a bucket holding most of the table must not turn a page of
+5,000 ops into a scan and a sort)."""
 
 
 class PgBucketStore:
@@ -270,7 +279,7 @@ class PgBucketStore:
         try:
             with self._pool.connection() as conn:
                 with conn.transaction():
-                    conn.execute("set transaction isolation level repeatable read, read only")
+                    conn.execute(_READ_TXN)
                     yield conn
         except psycopg.Error as exc:
             raise StoreError(f"reading the bucket store failed: {exc}") from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import psycopg
 
 from relay.downstream.bucket_store import (
@@ -26,6 +27,7 @@ from relay.downstream.bucket_store import (
     OpsPage,
     PageRequest,
     PartitionProgress,
+    WireOps,
 )
 from relay.downstream.page_plan import SliceKey, compose, plan_reads
 from relay.downstream.pg_store_schema import SCHEMA, u64
@@ -52,56 +54,99 @@ def checkpoints(
 def read_pages(conn: psycopg.Connection[Any], requests: Sequence[PageRequest]) -> list[OpsPage]:
     """:meth:`relay.downstream.bucket_store.BucketStore.read_pages` in the caller's
     snapshot: one checkpoint read for every requested bucket, one lateral read of every
-    single-bucket slice (relay/downstream/page_plan.py), one read per merged slice."""
+    single-bucket slice (relay/downstream/page_plan.py), one read per merged slice.
+    Wire requests get their ops rendered as JSON by PostgreSQL from the stored texts."""
     cps = checkpoints(conn, [b for req in requests for b in req.cursors])
     row = conn.execute(f"select head_op_id from {SCHEMA}.meta").fetchone()
     head = int(row[0]) if row else 0
     plan = plan_reads(requests, cps)
-    slices: dict[SliceKey, list[tuple[int, Op]]] = {}
+    slices: dict[SliceKey, list[tuple[int, Any]]] = {}
     single = plan.single
     if single:
-        pairs = list(single)
+        _read_single(conn, single, slices)
+    for (wire, pairs), limit in plan.merged.items():
         rows = conn.execute(
-            f"select c.i, {_OP_COLUMNS} "
-            "from unnest(%s::text[], %s::bigint[], %s::int[]) with ordinality "
-            "as c(bucket, cursor, lim, i) "
-            f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
-            "and o.op_id > c.cursor order by o.op_id limit c.lim) o "
-            "order by c.i, o.op_id",
-            ([b for b, _ in pairs], [c for _, c in pairs], [single[p] for p in pairs]),
-        ).fetchall()
-        for i, *op_row in rows:
-            op = _op(op_row)
-            slices.setdefault((pairs[i - 1],), []).append((op.op_id, op))
-    for key, limit in plan.merged.items():
-        rows = conn.execute(
-            f"select {_OP_COLUMNS} "
-            "from unnest(%s::text[], %s::bigint[]) as c(bucket, cursor) "
+            f"select o.op_id, {_WIRE if wire else _OP_COLUMNS} "
+            "from unnest(%s::text[], %s::bigint[], %s::text[]) as c(bucket, cursor, bj) "
             f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
             "and o.op_id > c.cursor order by o.op_id limit %s) o "
             "order by o.op_id limit %s",
-            ([b for b, _ in key], [c for _, c in key], limit, limit),
+            (*_pair_arrays(pairs), limit, limit),
         ).fetchall()
-        slices[key] = [(op.op_id, op) for op in map(_op, rows)]
+        slices[(wire, pairs)] = _items(rows, wire)
     pages = []
     for req, req_plan in zip(requests, plan.requests, strict=True):
         frame = compose(req, req_plan, cps, slices)
         page_cps = {b: cps[b] for b in req.cursors}
+        items = frame.items
+        wire_ops = None
+        if req.wire:
+            wire_ops = WireOps("[" + ",".join(items) + "]", len(items))
+            items = ()
         pages.append(
             OpsPage(
-                frame.items,
+                items,
                 page_cps,
                 frame.cursors,
                 frame.resync,
                 frame.has_more,
                 head,
                 frame.epochs,
+                wire_ops,
             )
         )
     return pages
 
 
+def _read_single(
+    conn: psycopg.Connection[Any],
+    single: dict[tuple[bool, str, int], int],
+    slices: dict[SliceKey, list[tuple[int, Any]]],
+) -> None:
+    """Every one-pair slice, in one lateral query per form (wire or not)."""
+    for wire in (False, True):
+        keys = [k for k in single if k[0] is wire]
+        if not keys:
+            continue
+        pairs = tuple((b, c) for _, b, c in keys)
+        rows = conn.execute(
+            f"select c.i, o.op_id, {_WIRE if wire else _OP_COLUMNS} "
+            "from unnest(%s::text[], %s::bigint[], %s::text[], %s::int[]) with ordinality "
+            "as c(bucket, cursor, bj, lim, i) "
+            f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
+            "and o.op_id > c.cursor order by o.op_id limit c.lim) o "
+            "order by c.i, o.op_id",
+            (*_pair_arrays(pairs), [single[k] for k in keys]),
+        ).fetchall()
+        grouped: dict[int, list[Any]] = {}
+        for r in rows:
+            grouped.setdefault(r[0], []).append(r[1:])
+        for i, group in grouped.items():
+            slices[(wire, (pairs[i - 1],))] = _items(group, wire)
+
+
+def _pair_arrays(pairs: Sequence[tuple[str, int]]) -> tuple[list[str], list[int], list[str]]:
+    """Buckets, cursors and the buckets' JSON texts (for the wire rendering)."""
+    buckets = [b for b, _ in pairs]
+    return buckets, [c for _, c in pairs], [orjson.dumps(b).decode() for b in buckets]
+
+
+def _items(rows: Sequence[Sequence[Any]], wire: bool) -> list[tuple[int, Any]]:
+    if wire:
+        return [(int(r[0]), r[1]) for r in rows]
+    return [(int(r[0]), _op(r[1:])) for r in rows]
+
+
 _OP_COLUMNS = "o.bucket, o.op_id, o.tbl, o.row_key, o.kind, o.data, o.commit_lsn, o.seq"
+
+_WIRE = (
+    """'{"op_id":' || o.op_id || ',"bucket":' || c.bj || ',"op":"' || o.kind """
+    """|| '","table":' || to_json(o.tbl)::text || ',"key":' || o.row_key """
+    """|| ',"data":' || coalesce(o.data, 'null') """
+    """|| ',"position":[' || o.commit_lsn || ',' || o.seq || ']}'"""
+)
+"""One op as the device API's JSON (relay/downstream/api_messages.py ``ops_json``): the
+stored key and data texts verbatim; ``to_json`` of a text escapes exactly as orjson does."""
 
 
 def _op(row: Sequence[Any]) -> Op:

@@ -4,6 +4,8 @@ the page it would have got alone (store level, API level, and streams woken by o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -13,15 +15,19 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.downstream.api_messages import changes_message, dumps
+from relay.downstream.api_messages import changes_message, dumps, ops_json
 from relay.downstream.api_reads import PageReads
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_store import OpsPage, PageRequest
 from relay.downstream.pg_bucket_store import PgBucketStore
 from tests.relay.downstream.test_relay_api import Env, ws_next
 
+ODD = 't"\u0001\\é/\u2028'
+"""A technician claim whose bucket id needs every kind of JSON escape."""
+
 BUCKETS = (
     'tech_orders["t1"]',
+    f"tech_orders[{json.dumps(ODD)}]",
     'tech_orders["t2"]',
     'site["plant-1"]',
     'site["plant-2"]',
@@ -46,6 +52,7 @@ def filled(pg_dsn: str) -> Iterator[Env]:
         e.store.compact(bucket='tech_orders["t2"]', drop_removes_below=10**12)
         e.order(13, "t2")
         e.part("p2", "part two")
+        e.order(14, ODD, notes='\u0000 is not here, but \t " \\ and é are')
         yield e
     finally:
         e.store.close()
@@ -71,7 +78,9 @@ def _requests(draw: Any, ids: Mapping[str, Sequence[int]]) -> list[PageRequest]:
             epoch = draw(st.sampled_from([None, 0, 1]))
             if epoch is not None:
                 epochs[b] = epoch
-        out.append(PageRequest(cursors, draw(st.integers(1, 8)), epochs or None))
+        out.append(
+            PageRequest(cursors, draw(st.integers(1, 8)), epochs or None, wire=draw(st.booleans()))
+        )
     return out
 
 
@@ -88,8 +97,8 @@ def test_read_pages_is_read_ops_of_each_request_alone(filled: Env) -> None:
     def check(requests: list[PageRequest]) -> None:
         pages = store.read_pages(requests)
         alone = [store.read_ops(r.cursors, r.limit, r.epochs) for r in requests]
-        assert pages == alone
-        for request, page in zip(requests, pages, strict=True):  # and the obvious way
+        assert [_as_ops(p, a) for p, a in zip(pages, alone, strict=True)] == alone
+        for request, page in zip(requests, alone, strict=True):  # and the obvious way
             epochs = request.epochs or {}
             resync = {
                 b for b, c in request.cursors.items()
@@ -106,6 +115,17 @@ def test_read_pages_is_read_ops_of_each_request_alone(filled: Env) -> None:
                 assert page.has_more == (len(wanted) > request.limit)
 
     check()
+
+
+def _as_ops(page: OpsPage, alone: OpsPage) -> OpsPage:
+    """A wire page checked against the page of Op objects read alone (its JSON is what
+    ops_json makes of those), then given those ops to compare the rest."""
+    if page.wire is None:
+        return page
+    assert page.ops == () and page.wire.count == len(alone.ops)
+    assert page.wire.json == ops_json(alone.ops)
+    assert json.loads(page.wire.json) == json.loads(ops_json(alone.ops))
+    return dataclasses.replace(page, ops=alone.ops, wire=None)
 
 
 def test_concurrent_api_reads_share_one_batch_and_get_their_own_pages(filled: Env) -> None:
@@ -129,7 +149,9 @@ def test_concurrent_api_reads_share_one_batch_and_get_their_own_pages(filled: En
 
     pages = asyncio.run(all_at_once())
     assert reads.batches == 1
-    assert pages == [store.read_ops(r.cursors, r.limit, r.epochs) for r in requests]
+    alone = [store.read_ops(r.cursors, r.limit, r.epochs) for r in requests]
+    assert all(p.wire is not None for p in pages)
+    assert [_as_ops(p, a) for p, a in zip(pages, alone, strict=True)] == alone
 
 
 def test_streams_woken_by_one_change_are_read_in_one_batch(pg_dsn: str) -> None:
