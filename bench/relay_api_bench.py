@@ -915,7 +915,8 @@ def case_idle(env: Env, args: argparse.Namespace, results: Results) -> None:
             for i in range(1, n + 1)
         ],
     )
-    with relay(env, store_dsn=store_dsn, source_dsn=source, rules_path=rules_path) as r:
+    http = {"max_connections": n + 1000}
+    with relay(env, store_dsn=store_dsn, source_dsn=source, rules_path=rules_path, http=http) as r:
         out = asyncio.run(idle_run(env, r, store, rules, n))
     store.close()
     base_kib, after_kib, opened, idle_cpu, alive, sample = out
@@ -929,7 +930,14 @@ def case_idle(env: Env, args: argparse.Namespace, results: Results) -> None:
         opened >= 5000,
     )
     results.add("idle", "relay RSS before / after (MiB)", after_kib / 1024, "MiB")
-    results.add("idle", "memory per idle connection (relay)", per_conn / 1024, "KiB")
+    results.add(
+        "idle",
+        "memory per idle connection (relay)",
+        per_conn / 1024,
+        "KiB",
+        "<= 40",
+        per_conn / 1024 <= 40,
+    )
     results.add("idle", "relay CPU while all are idle (10 s)", idle_cpu * 100, "% of a core")
     results.add(
         "idle", f"streams alive after idling (push to {sample} of them)", alive, f"of {sample}"
