@@ -33,7 +33,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -117,10 +117,17 @@ class PgListener:
 def wake_future(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
     """Resolve ``future`` on its ``loop`` from any thread (nothing if the loop is closed or
     the future already done)."""
+    wake_futures(loop, [future])
+
+
+def wake_futures(loop: asyncio.AbstractEventLoop, futures: Sequence[asyncio.Future[None]]) -> None:
+    """Resolve all ``futures`` (of one ``loop``) from any thread, in one callback of the
+    loop: every waiter woken by one notification resumes in the same round of the loop."""
     with contextlib.suppress(RuntimeError):  # loop closed
-        loop.call_soon_threadsafe(_resolve, future)
+        loop.call_soon_threadsafe(_resolve, futures)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolve(futures: Sequence[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)

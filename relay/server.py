@@ -84,6 +84,7 @@ from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.settings import HttpSettings, RelaySettings, load_relay_settings
 from relay.upstream.conflict_policies import Policy, load_conflicts
 from relay.upstream.journal_api import JournalApi
+from relay.ws_protocol import CompactWebSocketProtocol
 
 log = logging.getLogger("relay.server")
 
@@ -264,6 +265,7 @@ def uvicorn_config(app: Any, http: HttpSettings, log_level: str = "info") -> uvi
         ws_ping_interval=http.ws_ping_s or None,
         ws_ping_timeout=http.ws_ping_s or None,
         ws_max_size=http.max_body_bytes,
+        ws=CompactWebSocketProtocol,
         backlog=min(4096, max(128, http.max_connections)),
         timeout_graceful_shutdown=5,
         server_header=False,

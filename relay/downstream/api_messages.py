@@ -6,8 +6,9 @@ A *changes message* (:func:`changes_message`) carries ``ops`` (each ``op_id``,
 ``[commit_lsn, seq]``), the next ``cursor``, a ``checkpoint`` (per bucket ``last_op_id``,
 ``count``, ``checksum`` as a decimal string, ``complete``; and ``complete`` overall),
 ``resync``, ``dropped`` and ``has_more``.  The store's canonical ``row_key`` and
-``data_json`` texts are embedded verbatim (:func:`ops_json`): the bytes a device receives
-are the bytes the checksum was computed from.  :func:`visible_schema` tells a device the
+``data_json`` texts are embedded verbatim (:func:`ops_json`, or the same text rendered by
+the store: :attr:`relay.downstream.bucket_store.OpsPage.wire`): the bytes a device
+receives are the bytes the checksum was computed from.  :func:`visible_schema` tells a device the
 tables and columns its buckets' rules show it.
 
 The pydantic models only document these shapes in OpenAPI; responses are built by hand
@@ -98,7 +99,7 @@ def ops_json(ops: Sequence[Op]) -> str:
 
 def changes_message(page: OpsPage, dropped: Sequence[str]) -> dict[str, Any]:
     """The changes message for a page read from the store (serialize with :func:`dumps`)."""
-    ops = orjson.Fragment(ops_json(page.ops))
+    ops = orjson.Fragment(page.wire.json if page.wire is not None else ops_json(page.ops))
     buckets: dict[str, Any] = {}
     complete = True
     for b, cp in sorted(page.checkpoints.items()):

@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Final, TypeVar
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -160,7 +160,7 @@ async def _ws_pump(
                 ahead = asyncio.ensure_future(
                     read_page(state, dict(page.cursors), limit, dict(page.epochs))
                 )
-            if first or page.ops or page.resync or dict(page.cursors) != cursors:
+            if first or page.op_count or page.resync or dict(page.cursors) != cursors:
                 await websocket.send_text(dumps(changes_message(page, dropped)).decode())
                 OPS_SERVED.inc(len(page.ops))
                 dropped = []
@@ -193,10 +193,8 @@ async def _page_after_change(
     reader task ended first."""
     while True:
         left = _check_token(state, who)
-        woke = await _await_or_reader(
-            _woken(state, buckets, last.head_op_id, min(left, WS_RECHECK_S)), reader
-        )
-        if woke is None:
+        woke = await _woken(state, buckets, last.head_op_id, min(left, WS_RECHECK_S), reader)
+        if reader.done():
             return None
         if woke:
             return await read_page(
@@ -218,25 +216,20 @@ def _check_token(state: ApiState, who: DeviceIdentity) -> float:
     return left
 
 
-async def _woken(state: ApiState, buckets: Sequence[str], since: int, timeout: float) -> bool:
-    """Wait for a change of ``buckets`` after op ``since``; False when ``timeout`` passed."""
+async def _woken(
+    state: ApiState,
+    buckets: Sequence[str],
+    since: int,
+    timeout: float,
+    reader: asyncio.Task[None],
+) -> bool:
+    """Wait for a change of ``buckets`` after op ``since`` (or the end of ``reader``: a
+    disconnect, a rate limit); False when ``timeout`` passed."""
     start = time.monotonic()
     try:
-        await state.store.wait_for_change_async(list(buckets), since, timeout)
+        await state.store.wait_for_change_async(buckets, since, timeout, until=reader)
     except RelayError as exc:
         log.warning("bucket store change wait failed: %s", exc)
         await asyncio.sleep(min(timeout, 1.0))
         return True
     return time.monotonic() - start < timeout
-
-
-async def _await_or_reader(work: Awaitable[_T], reader: asyncio.Task[None]) -> _T | None:
-    """``work``'s result, or ``None`` if the reader task ended first (disconnect, rate limit)."""
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    return None

@@ -1,7 +1,8 @@
 """The device API's read path, shared by ``GET /v1/changes`` and the WebSocket stream.
 
 :class:`ApiConfig` holds the API's limits and tuning; :class:`ApiState` what the
-endpoints share (store, rules, authenticator, limiter, read-ahead pages).  A device syncs
+endpoints share (store, rules, authenticator, limiter, read-ahead pages, the coalesced
+page reads).  A device syncs
 the buckets its token's claims grant (:func:`granted`); :func:`read_page` reads the next
 page of their ops from the bucket store (503 when it cannot), and :func:`next_changes`
 long-polls: when nothing is new, it waits on the store's change listener up to the
@@ -9,8 +10,9 @@ request's ``wait`` and reads again (counted while waiting in the gauge
 ``fieldsync_relay_long_polls``).  A device catching up (``has_more``) gets its next page
 read ahead while it processes the current one (:class:`Prefetcher`).
 
-Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker threads
-(``read_ops_async``); waits share the store's one LISTEN connection
+Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker threads,
+coalesced across devices (:class:`relay.downstream.api_reads.PageReads`: requests made at the
+same moment are answered from one snapshot); waits share the store's one LISTEN connection
 (``wait_for_change_async``), so an idle long-poll holds no thread and no database
 connection.  :class:`Prefetcher` is only touched from the event loop.
 """
@@ -27,6 +29,7 @@ from relay.api_errors import Unavailable
 from relay.auth import Authenticator, DeviceIdentity
 from relay.downstream.api_cursor import Cursor
 from relay.downstream.api_limits import RateLimiter
+from relay.downstream.api_reads import PageReads
 from relay.downstream.bucket_store import BucketStore, OpsPage
 from relay.downstream.rules import Rules
 from relay.errors import RelayError
@@ -132,6 +135,12 @@ class ApiState:
     config: ApiConfig
     limiter: RateLimiter
     prefetch: Prefetcher = dataclasses.field(default_factory=Prefetcher)
+    reads: PageReads = dataclasses.field(init=False)
+    """Every page read goes through it: reads made at the same moment share one store
+    read (relay/downstream/api_reads.py)."""
+
+    def __post_init__(self) -> None:
+        self.reads = PageReads(self.store)
 
 
 def granted(state: ApiState, identity: DeviceIdentity) -> list[str]:
@@ -142,7 +151,7 @@ async def read_page(
     state: ApiState, cursors: Mapping[str, int], limit: int, epochs: Mapping[str, int]
 ) -> OpsPage:
     try:
-        return await state.store.read_ops_async(cursors, limit, epochs)
+        return await state.reads.read(cursors, limit, epochs)
     except RelayError as exc:
         log.warning("bucket store read failed: %s", exc)
         raise Unavailable("the bucket store cannot be read right now; retry shortly") from exc
@@ -165,7 +174,7 @@ async def next_changes(
     deadline = time.monotonic() + wait_s
     while True:
         page = await read_page(state, wanted, limit, epochs)
-        nothing_new = not page.ops and not page.resync and dict(page.cursors) == wanted
+        nothing_new = not page.op_count and not page.resync and dict(page.cursors) == wanted
         if not nothing_new or (not have.ops and not wait_always):
             return page
         remaining = deadline - time.monotonic()

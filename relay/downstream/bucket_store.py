@@ -43,6 +43,7 @@ and checkpoints; writers serialize their transactions (see the implementation).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import json
@@ -60,9 +61,11 @@ __all__ = [
     "Op",
     "OpKind",
     "OpsPage",
+    "PageRequest",
     "PartitionProgress",
     "Position",
     "RowChange",
+    "WireOps",
 ]
 
 Position = tuple[int, int]
@@ -210,6 +213,38 @@ class OpsPage:
     has_more: bool
     head_op_id: int
     epochs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    wire: WireOps | None = None
+    """For a :attr:`PageRequest.wire` request, the ops as the device API sends them
+    (``ops`` is then empty)."""
+
+    @property
+    def op_count(self) -> int:
+        """How many ops the page holds (in ``ops`` or ``wire``)."""
+        return len(self.ops) if self.wire is None else self.wire.count
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WireOps:
+    """A page's ops as one JSON array text, each op the object the device API sends
+    (``op_id``, ``bucket``, ``op``, ``table``, ``key``, ``data``, ``position``; the stored
+    ``row_key`` and ``data`` texts embedded verbatim), rendered by the store."""
+
+    json: str
+    count: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageRequest:
+    """One page to read (:meth:`BucketStore.read_pages`): the ops of the buckets in
+    ``cursors`` above their cursors, at most ``limit``; ``epochs`` as for
+    :meth:`BucketStore.read_ops`."""
+
+    cursors: Mapping[str, int]
+    limit: int
+    epochs: Mapping[str, int] | None = None
+    wire: bool = False
+    """Answer with the ops rendered as the device API's JSON (:attr:`OpsPage.wire`)
+    instead of :class:`Op` objects."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -280,6 +315,16 @@ class BucketStore(Protocol):
         """:meth:`read_ops` without blocking the event loop."""
         ...
 
+    def read_pages(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
+        """One :meth:`read_ops` per request, all from one snapshot (in request order);
+        each page is exactly what :meth:`read_ops` answers for it alone in that snapshot.
+        Requests for the same bucket at the same cursor share one read."""
+        ...
+
+    async def read_pages_async(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
+        """:meth:`read_pages` without blocking the event loop."""
+        ...
+
     def bucket_state(self, buckets: Sequence[str]) -> dict[str, BucketCheckpoint]:
         """The checkpoint of each bucket (a bucket never written: zeros)."""
         ...
@@ -298,9 +343,15 @@ class BucketStore(Protocol):
         ...
 
     async def wait_for_change_async(
-        self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
+        self,
+        buckets: Sequence[str] | None,
+        since_op_id: int,
+        timeout: float,
+        until: asyncio.Future[Any] | None = None,
     ) -> int:
-        """:meth:`wait_for_change` for asyncio; many waiters share one listening connection."""
+        """:meth:`wait_for_change` for asyncio; many waiters share one listening connection.
+        Also returns as soon as ``until`` (e.g. the task reading a client's messages) is
+        done."""
         ...
 
     # ---- writing

@@ -25,7 +25,7 @@ Concurrency model
 - **Wake-ups.**  Each writing transaction ends with ``pg_notify('fieldsync_relay_ops',
   '<head op id>\\n<bucket>\\n<bucket>…')`` (only ``<head>\\n*`` when the bucket list does not
   fit), delivered at commit to every relay process LISTENing.  One listener thread per
-  store object (:class:`relay.pg_listen.PgListener`) serves all sync and asyncio waiters;
+  store object (relay/downstream/store_wakeups.py) serves all sync and asyncio waiters;
   a waiter is woken only for its buckets.
   Spurious wake-ups happen (after a reconnect of the listener, or when the bucket list was
   too long) and are harmless: the caller re-reads.
@@ -47,7 +47,6 @@ older than a position the engine knows no event can precede any more.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -64,148 +63,24 @@ from relay.downstream.bucket_store import (
     BucketCheckpoint,
     CompactResult,
     OpsPage,
+    PageRequest,
     PartitionProgress,
     Position,
     RowChange,
 )
 from relay.downstream.pg_store_schema import (
     MIGRATE_LOCK,
-    NOTIFY_CHANNEL,
-    SCHEMA,
     group_lock,
     migrate,
-    parse_notify_payload,
 )
 from relay.downstream.rules import Rules
+from relay.downstream.store_wakeups import OpsListener, Waiter, settle
 from relay.errors import LeadershipLost, StoreError
 from relay.metrics import STORE_SECONDS
-from relay.pg_listen import PgListener, wake_future
 
 __all__ = ["ConnectionPool", "PgBucketStore"]
 
 log = logging.getLogger(__name__)
-
-_HISTORY: Final = 2048  # notifications remembered for waiters that register late
-
-
-# --------------------------------------------------------------------------- notifications
-
-
-class _Waiter:
-    """One waiter: a thread (``event``) or a coroutine (``future`` on ``loop``)."""
-
-    __slots__ = ("buckets", "event", "future", "loop")
-
-    def __init__(
-        self,
-        buckets: frozenset[str] | None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.buckets = buckets
-        self.loop = loop
-        self.event = threading.Event() if loop is None else None
-        self.future: asyncio.Future[None] | None = loop.create_future() if loop else None
-
-    def wake(self) -> None:
-        if self.event is not None:
-            self.event.set()
-        elif self.loop is not None and self.future is not None:
-            wake_future(self.loop, self.future)
-
-
-class _Listener:
-    """Waiters by bucket, woken by the ops channel's LISTEN connection
-    (:class:`relay.pg_listen.PgListener`); remembers the last notifications for waiters
-    that register late."""
-
-    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
-        self._lock = threading.Lock()
-        self.head = 0
-        self._floor = 0  # waiters with since < floor cannot be checked against the history
-        self._history: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
-            maxlen=_HISTORY
-        )
-        self._by_bucket: dict[str, set[_Waiter]] = {}
-        self._any: set[_Waiter] = set()
-        self._pg = PgListener(
-            NOTIFY_CHANNEL,
-            connect,
-            lambda payload: self._deliver(*parse_notify_payload(payload)),
-            self._connected,
-            thread_name="bucket-store-listener",
-            what="bucket store listener",
-            log=log,
-        )
-
-    @property
-    def ready(self) -> bool:
-        """The LISTEN connection was established (at least once)."""
-        return self._pg.connected.is_set()
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._pg.start(timeout)
-
-    def stop(self) -> None:
-        self._pg.stop()
-
-    def register(self, waiter: _Waiter, since: int) -> None:
-        with self._lock:
-            if since < self._floor or self._missed(waiter, since):
-                waiter.wake()
-                return
-            if waiter.buckets is None:
-                self._any.add(waiter)
-            else:
-                for b in waiter.buckets:
-                    self._by_bucket.setdefault(b, set()).add(waiter)
-
-    def unregister(self, waiter: _Waiter) -> None:
-        with self._lock:
-            self._any.discard(waiter)
-            for b in waiter.buckets or ():
-                group = self._by_bucket.get(b)
-                if group is not None:
-                    group.discard(waiter)
-                    if not group:
-                        del self._by_bucket[b]
-
-    def _missed(self, waiter: _Waiter, since: int) -> bool:
-        for head, buckets in reversed(self._history):
-            if head <= since:
-                return False
-            if buckets is None or waiter.buckets is None or buckets & waiter.buckets:
-                return True
-        # every remembered notification is newer than ``since``: if the history is full,
-        # older ones were dropped and may have named the waiter's buckets, so wake it
-        return len(self._history) == self._history.maxlen
-
-    def _deliver(self, head: int, buckets: frozenset[str] | None) -> None:
-        with self._lock:
-            self.head = max(self.head, head)
-            self._history.append((head, buckets))
-            if buckets is None:
-                woken = set(self._any).union(*self._by_bucket.values())
-            else:
-                woken = set(self._any)
-                for b in buckets:
-                    woken |= self._by_bucket.get(b, set())
-        for w in woken:
-            w.wake()
-
-    def _connected(self, conn: psycopg.Connection[Any]) -> None:
-        """After each (re)connection: anything may have been missed, wake everyone."""
-        row = conn.execute(f"select head_op_id from {SCHEMA}.meta").fetchone()
-        self._wake_all(int(row[0]) if row else 0)
-
-    def _wake_all(self, head: int) -> None:
-        with self._lock:
-            self.head = max(self.head, head)
-            self._floor = self.head
-            self._history.clear()
-            woken = set(self._any).union(*self._by_bucket.values())
-        for w in woken:
-            w.wake()
-
 
 # --------------------------------------------------------------------------- the store
 
@@ -247,6 +122,15 @@ class ConnectionPool:
                 return
 
 
+_READ_TXN: Final = (
+    "set transaction isolation level repeatable read, read only; "
+    "set local enable_seqscan = off; set local enable_bitmapscan = off"
+)
+"""Every read: one snapshot, and ops read in op-id order by the primary key's index scan
+whatever the statistics say (a bucket holding most of the table must not turn a page of
+5,000 ops into a scan and a sort)."""
+
+
 class PgBucketStore:
     """:class:`relay.downstream.bucket_store.BucketStore` in PostgreSQL.  See the module docstring.
 
@@ -275,7 +159,7 @@ class PgBucketStore:
         self._writer: psycopg.Connection[Any] | None = None
         self._leader = False
         self._pool = ConnectionPool(lambda: self._connect(autocommit=False), read_pool_size)
-        self._listener = _Listener(lambda: self._connect(autocommit=True))
+        self._listener = OpsListener(lambda: self._connect(autocommit=True))
 
     # ---- connections
 
@@ -401,7 +285,7 @@ class PgBucketStore:
         try:
             with self._pool.connection() as conn:
                 with conn.transaction():
-                    conn.execute("set transaction isolation level repeatable read, read only")
+                    conn.execute(_READ_TXN)
                     yield conn
         except psycopg.Error as exc:
             raise StoreError(f"reading the bucket store failed: {exc}") from exc
@@ -412,10 +296,7 @@ class PgBucketStore:
         limit: int,
         epochs: Mapping[str, int] | None = None,
     ) -> OpsPage:
-        if limit < 1:
-            raise ValueError(f"read_ops: limit must be >= 1, got {limit}")
-        with STORE_SECONDS.labels("read_ops").time(), self._read_txn() as conn:
-            return pg_store_reads.read_ops(conn, bucket_cursors, limit, epochs)
+        return self.read_pages([PageRequest(bucket_cursors, limit, epochs)])[0]
 
     async def read_ops_async(
         self,
@@ -425,13 +306,25 @@ class PgBucketStore:
     ) -> OpsPage:
         return await asyncio.to_thread(self.read_ops, bucket_cursors, limit, epochs)
 
+    def read_pages(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
+        for req in requests:
+            if req.limit < 1:
+                raise ValueError(f"read_ops: limit must be >= 1, got {req.limit}")
+        if not requests:
+            return []
+        with STORE_SECONDS.labels("read_ops").time(), self._read_txn() as conn:
+            return pg_store_reads.read_pages(conn, requests)
+
+    async def read_pages_async(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
+        return await asyncio.to_thread(self.read_pages, requests)
+
     # ---- waiting
 
     def wait_for_change(
         self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
     ) -> int:
         self._listener.start()
-        waiter = _Waiter(frozenset(buckets) if buckets is not None else None)
+        waiter = Waiter(frozenset(buckets) if buckets is not None else None)
         self._listener.register(waiter, since_op_id)
         try:
             assert waiter.event is not None
@@ -441,21 +334,41 @@ class PgBucketStore:
         return self._listener.head
 
     async def wait_for_change_async(
-        self, buckets: Sequence[str] | None, since_op_id: int, timeout: float
+        self,
+        buckets: Sequence[str] | None,
+        since_op_id: int,
+        timeout: float,
+        until: asyncio.Future[Any] | None = None,
     ) -> int:
         if not self._listener.ready:
             await asyncio.to_thread(self._listener.start)
-        waiter = _Waiter(
-            frozenset(buckets) if buckets is not None else None, asyncio.get_running_loop()
-        )
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(frozenset(buckets) if buckets is not None else None, loop)
+        future = waiter.future
+        assert future is not None
+        # a timer and a done-callback instead of wait_for/shield/wait: one stream waiting
+        # costs a future, a timer handle and its registration, nothing more
+        timer = loop.call_later(max(0.0, timeout), settle, future)
+
+        def on_until(_: object) -> None:
+            settle(future)
+
+        if until is not None:
+            until.add_done_callback(on_until)
         self._listener.register(waiter, since_op_id)
         try:
-            assert waiter.future is not None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, timeout))
+            await future
         finally:
+            timer.cancel()
+            if until is not None:
+                until.remove_done_callback(on_until)
             self._listener.unregister(waiter)
         return self._listener.head
+
+    def waiting(self, bucket: str) -> int:
+        """How many threads and coroutines of this process wait for a change of ``bucket``
+        (for monitoring and tests)."""
+        return self._listener.waiting(bucket)
 
     # ---- maintenance
 

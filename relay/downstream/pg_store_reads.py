@@ -4,21 +4,32 @@ consumer's progress, totals.
 Every function runs on a connection the caller holds in one ``REPEATABLE READ, READ ONLY``
 transaction (relay/downstream/pg_bucket_store.py), so a page's ops, checkpoints (checksum,
 count, last op id) and head op id come from one snapshot; readers never block writers.
-:func:`read_ops` reads, per requested bucket, at most ``limit`` ops above its cursor (one
-lateral query over all buckets), flags buckets that must re-sync (a cursor from before a
-drop of REMOVEs, or from another store: :meth:`BucketCheckpoint.needs_resync`), and moves
-each cursor as far as the page reaches.  psycopg errors propagate to the caller, which
+:func:`read_pages` answers many page requests from one snapshot: it reads each
+``(bucket, cursor)`` slice once however many requests need it (the plan and each page's
+composition are relay/downstream/page_plan.py), flags buckets that must re-sync (a cursor
+from before a drop of REMOVEs, or from another store:
+:meth:`BucketCheckpoint.needs_resync`), and moves each cursor as far as its page reaches.  psycopg errors propagate to the caller, which
 converts them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import psycopg
 
-from relay.downstream.bucket_store import BucketCheckpoint, Op, OpKind, OpsPage, PartitionProgress
+from relay.downstream.bucket_store import (
+    BucketCheckpoint,
+    Op,
+    OpKind,
+    OpsPage,
+    PageRequest,
+    PartitionProgress,
+    WireOps,
+)
+from relay.downstream.page_plan import SliceKey, compose, plan_reads
 from relay.downstream.pg_store_schema import SCHEMA, u64
 
 
@@ -40,64 +51,107 @@ def checkpoints(
     return {b: found.get(b) or BucketCheckpoint(b, 0, 0, 0, 0) for b in names}
 
 
-def read_ops(
-    conn: psycopg.Connection[Any],
-    bucket_cursors: Mapping[str, int],
-    limit: int,
-    epochs: Mapping[str, int] | None,
-) -> OpsPage:
-    """:meth:`relay.downstream.bucket_store.BucketStore.read_ops` in the caller's snapshot."""
-    cps = checkpoints(conn, list(bucket_cursors))
+def read_pages(conn: psycopg.Connection[Any], requests: Sequence[PageRequest]) -> list[OpsPage]:
+    """:meth:`relay.downstream.bucket_store.BucketStore.read_pages` in the caller's
+    snapshot: one checkpoint read for every requested bucket, one lateral read of every
+    single-bucket slice (relay/downstream/page_plan.py), one read per merged slice.
+    Wire requests get their ops rendered as JSON by PostgreSQL from the stored texts."""
+    cps = checkpoints(conn, [b for req in requests for b in req.cursors])
     row = conn.execute(f"select head_op_id from {SCHEMA}.meta").fetchone()
     head = int(row[0]) if row else 0
-    resync = frozenset(
-        b for b, cp in cps.items() if cp.needs_resync(bucket_cursors[b], (epochs or {}).get(b))
-    )
-    todo = [
-        (b, bucket_cursors[b])
-        for b, cp in cps.items()
-        if b not in resync and bucket_cursors[b] < cp.last_op_id
-    ]
-    rows = []
-    if todo:
+    plan = plan_reads(requests, cps)
+    slices: dict[SliceKey, list[tuple[int, Any]]] = {}
+    single = plan.single
+    if single:
+        _read_single(conn, single, slices)
+    for (wire, pairs), limit in plan.merged.items():
         rows = conn.execute(
-            "select o.bucket, o.op_id, o.tbl, o.row_key, o.kind, o.data, o.commit_lsn, o.seq "
-            "from unnest(%s::text[], %s::bigint[]) as c(bucket, cursor) "
+            f"select o.op_id, {_WIRE if wire else _OP_COLUMNS} "
+            "from unnest(%s::text[], %s::bigint[], %s::text[]) as c(bucket, cursor, bj) "
             f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
             "and o.op_id > c.cursor order by o.op_id limit %s) o "
             "order by o.op_id limit %s",
-            ([b for b, _ in todo], [c for _, c in todo], limit, limit),
+            (*_pair_arrays(pairs), limit, limit),
         ).fetchall()
-    ops = tuple(
-        Op(int(i), str(b), str(t), str(k), OpKind(kind), d, (int(lsn), int(seq)))
-        for b, i, t, k, kind, d, lsn, seq in rows
-    )
-    return _page(ops, cps, bucket_cursors, limit, resync, head)
+        slices[(wire, pairs)] = _items(rows, wire)
+    pages = []
+    for req, req_plan in zip(requests, plan.requests, strict=True):
+        frame = compose(req, req_plan, cps, slices)
+        page_cps = {b: cps[b] for b in req.cursors}
+        items = frame.items
+        wire_ops = None
+        if req.wire:
+            wire_ops = WireOps("[" + ",".join(items) + "]", len(items))
+            items = ()
+        pages.append(
+            OpsPage(
+                items,
+                page_cps,
+                frame.cursors,
+                frame.resync,
+                frame.has_more,
+                head,
+                frame.epochs,
+                wire_ops,
+            )
+        )
+    return pages
 
 
-def _page(
-    ops: tuple[Op, ...],
-    cps: Mapping[str, BucketCheckpoint],
-    bucket_cursors: Mapping[str, int],
-    limit: int,
-    resync: frozenset[str],
-    head: int,
-) -> OpsPage:
-    """The page ``ops`` make: each cursor moved as far as the page reaches (to the bucket's
-    last op when the page is not full; 0 for a bucket to re-sync)."""
-    full = len(ops) < limit
-    upto = ops[-1].op_id if ops else 0
-    cursors: dict[str, int] = {}
-    for b, cp in cps.items():
-        if b in resync:
-            cursors[b] = 0
-        elif full:
-            cursors[b] = max(bucket_cursors[b], cp.last_op_id)
-        else:
-            cursors[b] = max(bucket_cursors[b], min(upto, cp.last_op_id))
-    has_more = any(cursors[b] < cp.last_op_id for b, cp in cps.items() if b not in resync)
-    page_epochs = {b: cp.epoch for b, cp in cps.items()}
-    return OpsPage(ops, cps, cursors, resync, has_more, head, page_epochs)
+def _read_single(
+    conn: psycopg.Connection[Any],
+    single: dict[tuple[bool, str, int], int],
+    slices: dict[SliceKey, list[tuple[int, Any]]],
+) -> None:
+    """Every one-pair slice, in one lateral query per form (wire or not)."""
+    for wire in (False, True):
+        keys = [k for k in single if k[0] is wire]
+        if not keys:
+            continue
+        pairs = tuple((b, c) for _, b, c in keys)
+        rows = conn.execute(
+            f"select c.i, o.op_id, {_WIRE if wire else _OP_COLUMNS} "
+            "from unnest(%s::text[], %s::bigint[], %s::text[], %s::int[]) with ordinality "
+            "as c(bucket, cursor, bj, lim, i) "
+            f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
+            "and o.op_id > c.cursor order by o.op_id limit c.lim) o "
+            "order by c.i, o.op_id",
+            (*_pair_arrays(pairs), [single[k] for k in keys]),
+        ).fetchall()
+        grouped: dict[int, list[Any]] = {}
+        for r in rows:
+            grouped.setdefault(r[0], []).append(r[1:])
+        for i, group in grouped.items():
+            slices[(wire, (pairs[i - 1],))] = _items(group, wire)
+
+
+def _pair_arrays(pairs: Sequence[tuple[str, int]]) -> tuple[list[str], list[int], list[str]]:
+    """Buckets, cursors and the buckets' JSON texts (for the wire rendering)."""
+    buckets = [b for b, _ in pairs]
+    return buckets, [c for _, c in pairs], [orjson.dumps(b).decode() for b in buckets]
+
+
+def _items(rows: Sequence[Sequence[Any]], wire: bool) -> list[tuple[int, Any]]:
+    if wire:
+        return [(int(r[0]), r[1]) for r in rows]
+    return [(int(r[0]), _op(r[1:])) for r in rows]
+
+
+_OP_COLUMNS = "o.bucket, o.op_id, o.tbl, o.row_key, o.kind, o.data, o.commit_lsn, o.seq"
+
+_WIRE = (
+    """'{"op_id":' || o.op_id || ',"bucket":' || c.bj || ',"op":"' || o.kind """
+    """|| '","table":' || to_json(o.tbl)::text || ',"key":' || o.row_key """
+    """|| ',"data":' || coalesce(o.data, 'null') """
+    """|| ',"position":[' || o.commit_lsn || ',' || o.seq || ']}'"""
+)
+"""One op as the device API's JSON (relay/downstream/api_messages.py ``ops_json``): the
+stored key and data texts verbatim; ``to_json`` of a text escapes exactly as orjson does."""
+
+
+def _op(row: Sequence[Any]) -> Op:
+    b, i, t, k, kind, d, lsn, seq = row
+    return Op(int(i), str(b), str(t), str(k), OpKind(kind), d, (int(lsn), int(seq)))
 
 
 def load_offsets(

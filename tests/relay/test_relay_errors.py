@@ -7,7 +7,7 @@ import gzip
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ from relay.downstream.api import create_app
 from relay.downstream.api_cursor import Cursor, decode_cursor, encode_cursor
 from relay.downstream.api_limits import LimitsMiddleware, RateLimiter
 from relay.downstream.api_sync import ApiConfig
-from relay.downstream.bucket_store import OpsPage
+from relay.downstream.bucket_store import OpsPage, PageRequest
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.errors import TokenMissing
 from tests.relay.downstream.test_relay_api import Env
@@ -53,12 +53,7 @@ def assert_error_shape(status: int, body: Any, code: str | None = None) -> None:
 class BrokenStore(PgBucketStore):
     """The real store, except that reading ops fails with a bug (for the 500 path)."""
 
-    async def read_ops_async(
-        self,
-        bucket_cursors: Mapping[str, int],
-        limit: int,
-        epochs: Mapping[str, int] | None = None,
-    ) -> OpsPage:
+    async def read_pages_async(self, requests: Sequence[PageRequest]) -> list[OpsPage]:
         raise RuntimeError("secret internals: boom")
 
 

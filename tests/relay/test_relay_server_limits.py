@@ -281,3 +281,45 @@ def test_the_dropped_list_is_capped_and_the_rest_follows(pg_dsn: str, how: str) 
         assert set(decode_cursor(msg["cursor"]).ops) == {'tech["t1"]'}
     finally:
         store.close()
+
+
+def test_streams_deflate_each_message_on_its_own(served: Served) -> None:
+    """permessage-deflate is negotiated without context takeover on either side (an idle
+    stream keeps no zlib state), and compressed messages arrive whole, one after another."""
+    import asyncio
+
+    from websockets.asyncio.client import connect as ws_connect
+
+    rules = rules_from_mapping(RULES, DEMO_CATALOG)
+
+    def order(oid: int, notes: str) -> None:
+        row = {"id": oid, "site": "plant-1", "technician": "t1", "status": "open", "due": None}
+        row.update({"cost": "1.00", "notes": notes, "updated_at": 0})
+        served.store.apply(
+            rules, [RowChange("public.work_orders", ChangeKind.UPSERT, (10 + oid, 0), (oid,), row)]
+        )
+
+    order(1, "x" * 3000)
+    token = issue_token(served.keys, None, "tab-1", {"technician": "t1"}, 600)
+
+    async def stream() -> tuple[str, list[dict[str, Any]]]:
+        async with ws_connect(
+            f"ws://127.0.0.1:{served.port}/v1/stream",
+            additional_headers={"Authorization": f"Bearer {token}"},
+            compression="deflate",
+        ) as ws:
+            assert ws.response is not None
+            negotiated = ws.response.headers["Sec-WebSocket-Extensions"]
+            got = [json.loads(await asyncio.wait_for(ws.recv(), 30))]
+            for oid in (2, 3):
+                await asyncio.to_thread(order, oid, "y" * 2000)
+                got.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            return str(negotiated), got
+
+    negotiated, messages = asyncio.run(stream())
+    assert "permessage-deflate" in negotiated
+    assert "server_no_context_takeover" in negotiated
+    assert "client_no_context_takeover" in negotiated
+    assert [[op["key"] for op in m["ops"]] for m in messages] == [[[1]], [[2]], [[3]]]
+    assert messages[0]["ops"][0]["data"]["notes"] == "x" * 3000
+    assert all(m["checkpoint"]["complete"] for m in messages)

@@ -584,12 +584,12 @@ def test_checkpoint_checksums_wrap_in_sql_as_u64_sums(pg_dsn: str) -> None:
 def test_listener_wakes_late_waiters_from_its_history() -> None:
     """A waiter that registers after a notification it should have seen is woken at once;
     when the history has overflowed past its position, it is woken too (conservatively)."""
-    from relay.downstream.pg_bucket_store import _HISTORY, _Listener, _Waiter
+    from relay.downstream.store_wakeups import _HISTORY, OpsListener, Waiter
 
-    listener = _Listener(lambda: None)  # type: ignore[arg-type,return-value]
+    listener = OpsListener(lambda: None)  # type: ignore[arg-type,return-value]
 
     def woken(buckets: set[str], since: int) -> bool:
-        waiter = _Waiter(frozenset(buckets))
+        waiter = Waiter(frozenset(buckets))
         listener.register(waiter, since)
         listener.unregister(waiter)
         assert waiter.event is not None

@@ -1,0 +1,132 @@
+"""Reading many pages in one snapshot: which op slices to read, and each page made of them.
+
+A *page request* (:class:`relay.downstream.bucket_store.PageRequest`) asks for the ops of
+some buckets above their cursors, at most ``limit``, in op-id order.  When many requests
+are answered from one store snapshot (a wake-up of every stream syncing one bucket, see
+relay/downstream/api_reads.py), most of them need the same thing: the ops of the same
+bucket above the same cursor.  :func:`plan_reads` groups them:
+
+- per request, the buckets to re-sync (:meth:`BucketCheckpoint.needs_resync`) and the
+  *pending* ones (cursor below the bucket's ``last_op_id``);
+- a request with one pending bucket needs one *slice*: that bucket's ops above the cursor,
+  read once per ``(bucket, cursor)`` with the largest limit any request asks of it;
+- a request with several pending buckets needs their merged ops; identical sets of
+  ``(bucket, cursor)`` pairs are read once (with the largest limit asked).
+
+:func:`compose` then makes each page from the slices: its first ``limit`` ops, each
+cursor moved as far as the page reaches, exactly the page :meth:`BucketStore.read_ops`
+would have answered for that request alone in the same snapshot (the first ``limit`` ops
+of a read with a larger limit are the ops of the read with the smaller one).  Slices hold
+``(op_id, item)`` pairs, the item being an :class:`Op` or anything the reader made of the
+row (the rendered JSON of an op), so one composition serves every form of page.
+
+Pure: values in, values out; safe from any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Generic, TypeVar
+
+from relay.downstream.bucket_store import BucketCheckpoint, PageRequest
+
+_T = TypeVar("_T")
+
+Pairs = tuple[tuple[str, int], ...]
+"""The ``(bucket, cursor)`` pairs a slice covers, in bucket order (one pair for most)."""
+SliceKey = tuple[bool, Pairs]
+"""A slice: whether its ops are rendered for the wire (:attr:`PageRequest.wire`), and
+its pairs."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """What one request needs: buckets to re-sync, and the slice (``None``: no ops)."""
+
+    resync: frozenset[str]
+    key: SliceKey | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """Per request its :class:`RequestPlan`; per slice key the largest limit asked of it."""
+
+    requests: tuple[RequestPlan, ...]
+    limits: Mapping[SliceKey, int]
+
+    @property
+    def single(self) -> dict[tuple[bool, str, int], int]:
+        """The one-pair slices: ``(wire, bucket, cursor)`` → limit."""
+        return {(w, *pairs[0]): n for (w, pairs), n in self.limits.items() if len(pairs) == 1}
+
+    @property
+    def merged(self) -> dict[SliceKey, int]:
+        """The slices over several buckets: key → limit."""
+        return {key: n for key, n in self.limits.items() if len(key[1]) > 1}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageFrame(Generic[_T]):
+    """A composed page: its items (``limit`` at most, op-id order), the cursors after
+    them, the buckets to re-sync, ``has_more`` and the buckets' epochs."""
+
+    items: tuple[_T, ...]
+    cursors: Mapping[str, int]
+    resync: frozenset[str]
+    has_more: bool
+    epochs: Mapping[str, int]
+
+
+def plan_reads(
+    requests: Sequence[PageRequest], checkpoints: Mapping[str, BucketCheckpoint]
+) -> ReadPlan:
+    """The slices ``requests`` need, given every requested bucket's checkpoint."""
+    plans: list[RequestPlan] = []
+    limits: dict[SliceKey, int] = {}
+    for req in requests:
+        epochs = req.epochs or {}
+        resync = frozenset(
+            b for b, c in req.cursors.items() if checkpoints[b].needs_resync(c, epochs.get(b))
+        )
+        pending = tuple(
+            sorted(
+                (b, c)
+                for b, c in req.cursors.items()
+                if b not in resync and c < checkpoints[b].last_op_id
+            )
+        )
+        key = (req.wire, pending) if pending else None
+        if key is not None:
+            limits[key] = max(limits.get(key, 0), req.limit)
+        plans.append(RequestPlan(resync, key))
+    return ReadPlan(tuple(plans), limits)
+
+
+def compose(
+    request: PageRequest,
+    plan: RequestPlan,
+    checkpoints: Mapping[str, BucketCheckpoint],
+    slices: Mapping[SliceKey, Sequence[tuple[int, _T]]],
+) -> PageFrame[_T]:
+    """The page of ``request``: the first ``limit`` items of its slice, each cursor moved
+    as far as the page reaches (to the bucket's last op when the page is not full; 0 for a
+    bucket to re-sync)."""
+    rows = slices.get(plan.key, ()) if plan.key is not None else ()
+    taken = rows[: request.limit]
+    full = len(taken) < request.limit
+    upto = taken[-1][0] if taken else 0
+    cursors: dict[str, int] = {}
+    for b, have in request.cursors.items():
+        cp = checkpoints[b]
+        if b in plan.resync:
+            cursors[b] = 0
+        elif full:
+            cursors[b] = max(have, cp.last_op_id)
+        else:
+            cursors[b] = max(have, min(upto, cp.last_op_id))
+    has_more = any(
+        cursors[b] < checkpoints[b].last_op_id for b in request.cursors if b not in plan.resync
+    )
+    epochs = {b: checkpoints[b].epoch for b in request.cursors}
+    return PageFrame(tuple(item for _, item in taken), cursors, plan.resync, has_more, epochs)
