@@ -268,7 +268,7 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
                 wait_always=cursor is not None,
             )
         message = changes_message(page, dropped)
-        OPS_SERVED.inc(len(page.ops))
+        OPS_SERVED.inc(page.op_count)
         if page.has_more:
             state.prefetch.start(
                 (device.device_id, tuple(buckets), message["cursor"], size),

@@ -162,7 +162,7 @@ async def _ws_pump(
                 )
             if first or page.op_count or page.resync or dict(page.cursors) != cursors:
                 await websocket.send_text(dumps(changes_message(page, dropped)).decode())
-                OPS_SERVED.inc(len(page.ops))
+                OPS_SERVED.inc(page.op_count)
                 dropped = []
             first = False
             cursors = dict(page.cursors)

@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
@@ -29,7 +27,7 @@ from core.hlc import Hlc
 from relay.auth import issue_token
 from tests.cdc.cdc_support import wait_for
 from tests.fix_proxy import TcpProxy
-from tests.pipeline.pipeline_stack import Stack, services, store_database
+from tests.pipeline.pipeline_stack import Stack, services
 
 RULES = """
 token_claims = ["crew"]
@@ -77,12 +75,6 @@ def ready(stack: Stack) -> tuple[int, dict[str, Any]]:
     r = httpx.get(f"{stack.url}/readyz", timeout=30)
     body: dict[str, Any] = r.json()
     return r.status_code, body
-
-
-@pytest.fixture
-def store_dsn(pg_server: Any) -> Iterator[str]:
-    with store_database(pg_server) as dsn:
-        yield dsn
 
 
 def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_store(
