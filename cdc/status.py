@@ -18,16 +18,18 @@ does not hide the slot's facts: its error is put under ``kafka_error`` (or
 ``resnapshot_error`` for the re-snapshot record alone).
 
 Concurrency: each call opens its own connection and consumers and closes them; it blocks
-for about ``timeout_s`` at most per service.
+about ``timeout_s`` at most per request (every Kafka request is bounded by it too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from cdc.errors import format_lsn
 from cdc.incremental_snapshot import Progress
+from cdc.kafka_sink import KafkaOptions
 from cdc.kafka_state import read_resume_position
 from cdc.pg_source import connect, slot_state
 from cdc.pipeline import kafka_options
@@ -55,8 +57,9 @@ def read_status(settings: CdcSettings, timeout_s: float = 10.0) -> dict[str, Any
     if state:
         out.update(state)
     timeout = min(timeout_s, settings.kafka.timeout_s)
+    opts = dataclasses.replace(kafka_options(settings), timeout_s=timeout)  # every request
     try:
-        resume = read_resume_position(kafka_options(settings), pg.slot, timeout_s=timeout)
+        resume = read_resume_position(opts, pg.slot, timeout_s=timeout)
     except FieldsyncError as exc:
         out["kafka_error"] = str(exc)
         return out
@@ -69,15 +72,15 @@ def read_status(settings: CdcSettings, timeout_s: float = 10.0) -> dict[str, Any
         }
         if resume.commit_ts_us:
             out["last_event_time"] = iso_time_us(resume.commit_ts_us)
-    out.update(_resnapshots(settings, timeout))
+    out.update(_resnapshots(opts, pg.slot))
     return out
 
 
-def _resnapshots(settings: CdcSettings, timeout_s: float) -> dict[str, Any]:
+def _resnapshots(opts: KafkaOptions, slot: str) -> dict[str, Any]:
     """Queued and running re-snapshots, from their progress record in Kafka."""
-    key = progress_key(settings.postgres.slot)
+    key = progress_key(slot)
     try:
-        found = read_state_records(kafka_options(settings), [key], timeout_s=timeout_s)
+        found = read_state_records(opts, [key], timeout_s=opts.timeout_s)
         progress = Progress.from_bytes(found[key]) if key in found else Progress()
     except (FieldsyncError, ValueError) as exc:
         return {"resnapshot_error": str(exc)}

@@ -131,11 +131,11 @@ class Part:
         self.facts = {**dict.fromkeys(FACTS[self.name]), **self.facts}
 
     def flag(self, state: State, problem: str) -> None:
-        """Record a problem; the part's state becomes the worse of the two."""
+        """Record a problem (on one line); the part's state becomes the worse of the two."""
         order = list(State)
         if order.index(state) > order.index(self.state):
             self.state = state
-        self.problems.append(problem)
+        self.problems.append(" ".join(problem.split()))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -421,14 +421,15 @@ def devices_part(connections: list[Any] | str, journal: JournalStatus | Fieldsyn
         part.state, part.note = State.SKIPPED, connections
         return part
     read = [c for c in connections if not isinstance(c, FieldsyncError)]
-    streams = sum(c.streams for c in read)
-    polls = sum(c.long_polls for c in read)
-    part.facts.update(
-        connected=streams + polls,
-        streams=streams,
-        long_polls=polls,
-        endpoints=[c.url for c in read],
-    )
+    if read:
+        streams = sum(c.streams for c in read)
+        polls = sum(c.long_polls for c in read)
+        part.facts.update(
+            connected=streams + polls,
+            streams=streams,
+            long_polls=polls,
+            endpoints=[c.url for c in read],
+        )
     for c in connections:
         if isinstance(c, FieldsyncError):
             part.flag(State.UNREACHABLE, str(c))

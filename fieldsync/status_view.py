@@ -112,6 +112,8 @@ _SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
 
 def summary(part: Part) -> str:
     """One line about ``part``: its facts, or why it was skipped."""
+    if part.state is State.SKIPPED and part.name != "devices":
+        return part.note or ""
     text = _SUMMARIES[part.name](part.facts)
     if part.note:
         text = f"{text}; {part.note}" if text else part.note

@@ -74,10 +74,14 @@ def partition_lag(
     from kafka import KafkaConsumer
 
     servers = ",".join(kafka.get("bootstrap_servers") or ())
+    bounded = dict(kafka)
+    for name in ("request_timeout_ms", "bootstrap_timeout_ms"):  # each request within timeout_s
+        if name in bounded:
+            bounded[name] = max(1000, min(int(bounded[name]), int(timeout_s * 1000)))
     try:
         consumer = build_client(
             KafkaConsumer,
-            **kafka,
+            **bounded,
             isolation_level="read_committed",
             enable_auto_commit=False,
             group_id=None,
