@@ -148,7 +148,8 @@ def read_connections(url: str, timeout_s: float = 10.0) -> Connections:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    base = url.rstrip("/")
+    target = base if base.endswith("/metrics") else base + "/metrics"
     try:
         with urllib.request.urlopen(target, timeout=timeout_s) as answer:
             text = answer.read().decode("utf-8")

@@ -28,8 +28,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.hlc import Hlc
+from fieldsync.status import FACTS, Part, Report, State
+from fieldsync.status_view import summary
 from relay.auth import issue_token
 from tests.cdc.cdc_support import wait_for
 from tests.cdc.test_cdc_cli import daemon_config, run_cli
@@ -372,3 +376,42 @@ def test_status_needs_settings() -> None:
     assert res.returncode == 2 and "give --cdc FILE, --relay FILE or both" in res.stderr
     res = status("--cdc", "/nonexistent/cdc.toml")
     assert res.returncode == 2 and "/nonexistent/cdc.toml does not exist" in res.stderr
+
+
+# --------------------------------------------------------------------------- the report on its own
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(list(State)), max_size=4), min_size=5, max_size=5))
+def test_each_part_keeps_its_worst_state_and_the_exit_code_the_worst_part(
+    flagged: list[list[State]],
+) -> None:
+    order = list(State)
+    parts = []
+    for name, states in zip(PARTS, flagged, strict=True):
+        part = Part(name)
+        for i, state in enumerate(states):
+            part.flag(state, f"problem {i}\n  on two lines")
+        assert part.state == max([State.OK, *states], key=order.index)
+        assert all("\n" not in p for p in part.problems)
+        parts.append(part)
+    report = Report(tuple(parts))
+    worst = {p.state for p in parts}
+    expected = (
+        3
+        if State.UNREACHABLE in worst
+        else 1
+        if worst & {State.DOWN, State.BEHIND, State.ATTENTION}
+        else 0
+    )
+    out = report.to_json()
+    assert report.exit_code == out["exit_code"] == expected and out["ok"] == (expected == 0)
+    assert len(out["problems"]) == sum(len(s) for s in flagged)
+    for name in PARTS:
+        assert list(out[name]) == ["state", *FACTS[name], "note", "problems"]
+
+
+def test_a_skipped_part_says_why() -> None:
+    part = Part("engine", State.SKIPPED, note="no --relay settings given")
+    assert summary(part) == "no --relay settings given"
+    assert Part("conflicts").to_json()["open"] is None
