@@ -23,6 +23,7 @@ from core.logs import setup_logging
 from core.redaction import hide_secrets
 from fieldsync.status import Bounds, read_pipeline_status
 from fieldsync.status_view import render
+from relay.downstream.engine_status import ruled_topics
 from relay.settings import RelaySettings, load_relay_settings
 
 __all__ = ["EXIT_USAGE", "status"]
@@ -39,6 +40,8 @@ def _settings(
             raise ConfigError(f"{flag}: settings file {path} does not exist")
     cdc_settings = load_cdc_settings(cdc) if cdc is not None else None
     relay_settings = load_relay_settings(relay) if relay is not None else None
+    if relay_settings is not None:  # the engine's topics come from it: a broken file is ours
+        ruled_topics(relay_settings.relay.rules, relay_settings.relay.topic_prefix)
     for s in (cdc_settings, relay_settings):
         if s is not None:
             hide_secrets(s.secrets())

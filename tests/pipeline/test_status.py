@@ -371,11 +371,15 @@ def test_status_names_what_cannot_be_reached(
             conn.execute("select pg_drop_replication_slot('s2')")
 
 
-def test_status_needs_settings() -> None:
+def test_status_needs_settings(tmp_path: Path) -> None:
     res = status()
     assert res.returncode == 2 and "give --cdc FILE, --relay FILE or both" in res.stderr
     res = status("--cdc", "/nonexistent/cdc.toml")
     assert res.returncode == 2 and "/nonexistent/cdc.toml does not exist" in res.stderr
+    relay = tmp_path / "relay.toml"
+    relay.write_text('[relay]\nstore_dsn = "host=db"\nrules = "/nonexistent/rules.toml"\n')
+    res = status("--relay", str(relay))
+    assert res.returncode == 2 and "/nonexistent/rules.toml" in res.stderr, res.stderr
 
 
 # --------------------------------------------------------------------------- the report on its own
