@@ -27,7 +27,9 @@ import dataclasses
 import time
 from typing import Any
 
-from cdc.errors import format_lsn
+import psycopg
+
+from cdc.errors import SourceError, format_lsn
 from cdc.incremental_snapshot import Progress
 from cdc.kafka_sink import KafkaOptions
 from cdc.kafka_state import read_resume_position
@@ -52,7 +54,10 @@ def read_status(settings: CdcSettings, timeout_s: float = 10.0) -> dict[str, Any
     Raises :class:`core.errors.FieldsyncError` when PostgreSQL cannot be read."""
     pg = settings.postgres
     with connect(pg.dsn, pg.password, connect_timeout=max(1, int(timeout_s))) as conn:
-        state = slot_state(conn, pg.slot)
+        try:
+            state = slot_state(conn, pg.slot)
+        except psycopg.Error as exc:
+            raise SourceError(f"reading pg_replication_slots: {str(exc).strip()}") from exc
     out: dict[str, Any] = {"slot": pg.slot, "exists": state is not None}
     if state:
         out.update(state)
