@@ -144,7 +144,8 @@ def test_status_follows_a_workload_in_both_formats(
             return [*conf, "--relay-metrics", stack.metrics_url("relay")]
 
         # ---- caught up: everything reachable and within bounds
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        wait_status(args, lambda r: r["exit_code"] == 0, "status exit 0 (cdc streaming)")
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # streamed, not in the snapshot
             conn.execute("insert into jobs values (4, 'b', 'streamed')")
         written_at = datetime.now(UTC)
         _, report = wait_status(
@@ -203,6 +204,12 @@ def test_status_follows_a_workload_in_both_formats(
         assert report["problems"] == [
             "applier: applier shard(s) 0 of 1 not running (`fieldsync relay applier --shard N`)"
         ]
+        code, bounded = status_json(*args(), "--max-applier-lag", "2")
+        assert code == 1
+        assert (
+            "applier: 3 journal records not applied (bound 2, --max-applier-lag)"
+            in (bounded["problems"])
+        )
         human = status(*args())
         assert human.returncode == 1
         assert rows_of(human.stdout)["applier"].startswith("down"), human.stdout
