@@ -148,6 +148,8 @@ class Part:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
+    """Every part, in :data:`PARTS` order; the verdict is derived from their states."""
+
     parts: tuple[Part, ...]
 
     @property
