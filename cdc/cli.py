@@ -172,10 +172,7 @@ def cdc_status(
 ) -> None:
     """Show the slot, its confirmed position, lag in bytes, its WAL status, the last event
     time and the re-snapshots queued or running."""
-    from cdc.kafka_state import read_resume_position
-    from cdc.pg_source import connect, slot_state
-    from cdc.pipeline import kafka_options
-    from cdc.slot_health import lost_message, read_slot_health
+    from cdc.status import read_status
     from core.settings_checks import redact_dsn
 
     try:
@@ -185,47 +182,16 @@ def cdc_status(
     setup_logging("WARNING")
     pg = settings.postgres
     try:
-        with connect(pg.dsn, pg.password) as conn:
-            state = slot_state(conn, pg.slot)
-            health = read_slot_health(conn, pg.slot)
+        out = read_status(settings)
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
-    out: dict[str, Any] = {"slot": pg.slot, "exists": state is not None}
-    if state:
-        out.update(state)
-    if health is not None:
-        out["wal_status"] = health.wal_status
-        out["retained_wal_bytes"] = health.retained_bytes
-        out["safe_wal_size"] = health.safe_wal_size
-    try:
-        resume = read_resume_position(
-            kafka_options(settings), pg.slot, timeout_s=min(10.0, settings.kafka.timeout_s)
-        )
-    except FieldsyncError as exc:
-        out["kafka_error"] = str(exc)
-        resume = None
-    if resume is not None:
-        from cdc.errors import format_lsn
-
-        out["kafka_position"] = {
-            "commit_lsn": format_lsn(resume.commit_lsn),
-            "seq": resume.seq,
-            "complete": resume.complete,
-            "snapshot_done": resume.snapshot_done,
-        }
-        if resume.commit_ts_us:
-            out["last_event_time"] = (
-                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(resume.commit_ts_us / 1e6))
-                + f".{resume.commit_ts_us % 1_000_000:06d}Z"
-            )
-    if "kafka_error" not in out:
-        out.update(_resnapshot_status(settings))
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
     else:
         for k, v in out.items():
             typer.echo(f"{k:22} {v}")
-    if state is None:
+    resume = out.get("kafka_position")
+    if not out["exists"]:
         typer.echo(
             f"error: replication slot {pg.slot!r} does not exist in {redact_dsn(pg.dsn)}; "
             + (
@@ -238,39 +204,9 @@ def cdc_status(
             err=True,
         )
         raise typer.Exit(EXIT_RUNTIME if resume is None else EXIT_SLOT_LOST)
-    if health is not None and health.lost:
-        typer.echo(f"error: {lost_message(health)}", err=True)
+    if out.get("slot_lost"):
+        typer.echo(f"error: {out['slot_lost']}", err=True)
         raise typer.Exit(EXIT_SLOT_LOST)
-
-
-def _resnapshot_status(settings: Any) -> dict[str, Any]:
-    """Queued and running re-snapshots, from their progress record in Kafka."""
-    from cdc.incremental_snapshot import Progress
-    from cdc.pipeline import kafka_options
-    from cdc.resnapshot_state import progress_key, read_state_records
-
-    key = progress_key(settings.postgres.slot)
-    try:
-        found = read_state_records(
-            kafka_options(settings), [key], timeout_s=min(10.0, settings.kafka.timeout_s)
-        )
-        progress = Progress.from_bytes(found[key]) if key in found else Progress()
-    except (FieldsyncError, ValueError) as exc:
-        return {"resnapshot_error": str(exc)}
-    return {
-        "resnapshots": [
-            {
-                "table": j.table,
-                "where": j.where,
-                "reason": j.reason,
-                "after_key": list(j.after) if j.after else None,
-                "chunks": j.chunks,
-                "rows": j.rows,
-            }
-            for j in progress.jobs
-        ],
-        "resnapshot_requests": len(progress.requests),
-    }
 
 
 @app.command("snapshot")

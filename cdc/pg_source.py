@@ -222,10 +222,16 @@ def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequenc
 
 
 def slot_state(conn: psycopg.Connection[Any], slot: str) -> dict[str, Any] | None:
+    """The slot as ``pg_replication_slots`` shows it (None when there is no such slot):
+    ``lag_bytes`` is the server's WAL end minus the confirmed flush position;
+    ``wal_status`` (reserved, extended, unreserved, lost) and ``safe_wal_size`` (bytes
+    that can still be written before the slot is in danger; None without
+    ``max_slot_wal_keep_size``) say whether the WAL it needs is kept."""
     row = conn.execute(
         """select plugin, database, confirmed_flush_lsn::text, restart_lsn::text, active, active_pid,
                   pg_current_wal_lsn()::text,
-                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+                  wal_status, safe_wal_size
            from pg_replication_slots where slot_name = %s""",
         (slot,),
     ).fetchone()
@@ -240,6 +246,8 @@ def slot_state(conn: psycopg.Connection[Any], slot: str) -> dict[str, Any] | Non
         "active_pid": row[5],
         "current_wal_lsn": row[6],
         "lag_bytes": row[7],
+        "wal_status": row[8],
+        "safe_wal_size": row[9],
     }
 
 

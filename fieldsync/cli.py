@@ -7,6 +7,7 @@ Sub-commands are registered here explicitly, each from the package that owns it:
   ``fieldsync relay applier …``  :mod:`relay.upstream.applier_cli` (journal → PostgreSQL)
 - ``fieldsync token …``          :mod:`relay.cli` (device tokens)
 - ``fieldsync replay …``         :mod:`replay.cli` (audit reads of the Kafka log)
+- ``fieldsync status``           :mod:`fieldsync.status_cli` (the whole pipeline at a glance)
 - ``fieldsync up`` / ``demo``    :mod:`devtools.cli` (embedded services; development only)
 
 Each role is an install extra (``fieldsync[cdc]``, ``[relay]``, ``[replay]``, ``[dev]``).
@@ -94,6 +95,11 @@ def _register() -> None:
     app.add_typer(
         _sub("replay.cli", "app", "replay", "Audit reads of the Kafka log."), name="replay"
     )
+    status = _load("fieldsync.status_cli", "server")
+    if isinstance(status, _MissingExtra):
+        app.add_typer(status.typer_app("The whole pipeline at a glance."), name="status")
+    else:
+        app.command("status")(status.status)
     dev = _load("devtools.cli", "dev")
     if isinstance(dev, _MissingExtra):
         app.add_typer(dev.typer_app("Embedded services for development."), name="up")

@@ -23,6 +23,8 @@ layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
         ├── UploadError      (400)     bad_upload: a journal upload as a whole is unusable
         │   └── BatchTooLarge (413)    batch_too_large: more entries or bytes than allowed
         ├── JournalStoreError          the store database cannot hold the journal tables right now
+        ├── BrokerUnavailable          the Kafka brokers cannot be read (names them)
+        ├── MetricsUnavailable         a relay's metrics endpoint cannot be read (names its URL)
         ├── ApplierError               the applier cannot go on (database, schema, Kafka)
         │   ├── ConflictNotFound       no kept conflict has this id
         │   └── ResolveError           a resolution is invalid (unknown choice, foreign columns)
@@ -198,6 +200,14 @@ class BatchTooLarge(UploadError):
 
 class JournalStoreError(RelayError):
     """The relay's store database cannot be used for the journal tables right now."""
+
+
+class BrokerUnavailable(RelayError):
+    """The Kafka brokers cannot be read (unreachable, or a request failed); names them."""
+
+
+class MetricsUnavailable(RelayError):
+    """A relay's metrics endpoint (``GET /metrics``) cannot be read; names its URL."""
 
 
 class ApplierError(RelayError):

@@ -28,6 +28,10 @@ time of a change, intake time of a journal entry) of the last applied record, or
 first waiting one right after the consumer was at the end; 0 at the end of every
 partition.
 
+:func:`read_connections` is the other side, for ``fieldsync status``: it scrapes a relay's
+endpoint for its open streams and waiting long-polls (the relay knows its devices'
+connections in memory only).
+
 Concurrency: prometheus-client's metrics are thread-safe; a :class:`ConsumerLag` is
 updated by its consumer's threads and read by the scrape thread under one lock (every
 call touches only the partitions it names).
@@ -35,6 +39,7 @@ call touches only the partitions it names).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -44,7 +49,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.metrics import new_registry
+from core.metrics import new_registry, parse_listen
+from relay.errors import MetricsUnavailable
 
 __all__ = [
     "AUTH_FAILURES",
@@ -58,13 +64,76 @@ __all__ = [
     "STORE_OPERATIONS",
     "STORE_SECONDS",
     "STREAMS",
+    "Connections",
     "ConsumerLag",
     "LagCollector",
     "Partition",
+    "local_metrics_url",
+    "read_connections",
 ]
 
 Partition = tuple[str, int]
 """A Kafka partition: (topic, partition number)."""
+
+
+# --------------------------------------------------------------------------- reading an endpoint
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Connections:
+    """What one relay process serves now: open WebSocket streams, waiting long-polls."""
+
+    url: str
+    streams: int
+    long_polls: int
+
+
+def local_metrics_url(listen: str) -> str | None:
+    """The URL to scrape, from this machine, a process that listens on ``listen``
+    (``metrics_listen``); None when metrics are off or the port is chosen at start (0).
+    An any-address (``0.0.0.0``, ``::``) is reached on the loopback address."""
+    address = parse_listen(listen)
+    if address is None or address[1] == 0:
+        return None
+    host, port = address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def read_connections(url: str, timeout_s: float = 10.0) -> Connections:
+    """Scrape ``url`` (a relay's metrics endpoint: ``http://host:port`` or its
+    ``/metrics``) for ``fieldsync_relay_streams`` and ``fieldsync_relay_long_polls``.
+    Raises :class:`MetricsUnavailable` naming the URL."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = url.rstrip("/")
+    target = base if base.endswith("/metrics") else base + "/metrics"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout_s) as answer:
+            text = answer.read().decode("utf-8")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise MetricsUnavailable(f"cannot read the relay's metrics at {target}: {exc}") from exc
+    found: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in ("fieldsync_relay_streams", "fieldsync_relay_long_polls"):
+                    found[sample.name] = sample.value
+    except ValueError as exc:
+        raise MetricsUnavailable(f"{target} is not a Prometheus exposition: {exc}") from exc
+    if len(found) < 2:
+        raise MetricsUnavailable(
+            f"{target} has no fieldsync_relay_streams / fieldsync_relay_long_polls: "
+            "is it a relay's metrics endpoint ([relay] metrics_listen)?"
+        )
+    return Connections(
+        target,
+        int(found["fieldsync_relay_streams"]),
+        int(found["fieldsync_relay_long_polls"]),
+    )
 
 
 # --------------------------------------------------------------------------- consumer lag

@@ -38,7 +38,7 @@ EXAMPLE_CONFLICTS = CONFIG / "conflicts.example.toml"
 def write_keys(path: Path, secret: str) -> Path:
     """A relay key file at ``path`` (mode 0600, as the relay requires) with one HS256 key
     ``k1``, the current one."""
-    path.write_text(f'current = "k1"\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{secret}"\n')
+    path.write_text(f'current = "k1"\n\n[[key]]\nkid = "k1"\nalg = "HS256"\nsecret = "{secret}"\n')
     path.chmod(0o600)
     return path
 

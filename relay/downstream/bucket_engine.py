@@ -188,6 +188,12 @@ class SchemaLog:
 # --------------------------------------------------------------------------- the engine
 
 
+def change_topics(prefix: str, tables: Iterable[str]) -> dict[str, str]:
+    """The change topic of each of ``tables`` (``schema.table``) → the table: what the
+    engine consumes for the tables the rules place."""
+    return {f"{prefix}.{table}": table for table in sorted(tables)}
+
+
 class BucketEngine:
     """Consumes the change topics of the tables ``rules`` places into ``store``.
 
@@ -227,9 +233,7 @@ class BucketEngine:
         self._schemas: SchemaLog | None = None
         self._reader: ChangeReader | None = None
         self._progress: dict[tuple[str, int], PartitionProgress] = {}
-        self._topics: dict[str, str] = {
-            f"{prefix}.{table}": table for table in sorted(rules.tables)
-        }
+        self._topics = change_topics(prefix, rules.tables)
         self._caught_up: Position | None = None
         self._idle_at_end = False
 

@@ -48,6 +48,7 @@ from relay.metrics import ConsumerLag, Partition
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_store import Delivery
+from relay.upstream.intake import journal_topic, outcomes_topic
 
 __all__ = ["Applier", "ensure_journal_topics"]
 
@@ -107,8 +108,8 @@ class Applier:
     ) -> None:
         self.db = db
         self.kafka = dict(kafka)
-        self.journal_topic = f"{prefix}._journal"
-        self.outcomes_topic = f"{prefix}._outcomes"
+        self.journal_topic = journal_topic(prefix)
+        self.outcomes_topic = outcomes_topic(prefix)
         self.batch_max_entries = batch_max_entries
         self.poll_max = 4 * batch_max_entries  # several devices' runs per poll
         self.batch_max_ms = batch_max_ms

@@ -62,7 +62,15 @@ from relay.pg_migrations import run_migrations
 from relay.upstream.applier_resolve import resolve_conflict
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_runs import RunApplier
-from relay.upstream.applier_store import LOCK_CLASS, MIGRATE_LOCK, MIGRATIONS, SCHEMA, Delivery
+from relay.upstream.applier_store import (
+    LOCK_CLASS,
+    MIGRATE_LOCK,
+    MIGRATIONS,
+    SCHEMA,
+    Delivery,
+    lock_name,
+    read_offsets,
+)
 from relay.upstream.applier_tables import TableMeta, read_tables
 from relay.upstream.conflict_policies import ConflictPolicies, load_conflicts
 from relay.upstream.write_rules import WriteScope
@@ -149,7 +157,7 @@ class ApplierDb:
             self._check_times(rules, policies)
             self._lock_id = int(
                 conn.execute(  # type: ignore[index]
-                    "select hashtext(%s)", (f"{self.consumer}/{self.shard}of{self.shards}",)
+                    "select hashtext(%s)", (lock_name(self.consumer, self.shard, self.shards),)
                 ).fetchone()[0]
             )
         except BaseException:
@@ -222,15 +230,7 @@ class ApplierDb:
 
     def load_offsets(self, topic: str) -> dict[int, int]:
         """Next offset per partition of ``topic`` recorded by this consumer."""
-        rows = (
-            self.connection()
-            .execute(
-                f"select partition, next_offset from {SCHEMA}.offsets where consumer = %s and topic = %s",
-                (self.consumer, topic),
-            )
-            .fetchall()
-        )
-        return {int(p): int(o) for p, o in rows}
+        return read_offsets(self.connection(), self.consumer, topic)
 
     def scope(self, claims: Mapping[str, Any]) -> WriteScope:
         assert self.rules is not None

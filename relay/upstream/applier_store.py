@@ -18,7 +18,8 @@ under the advisory lock :data:`MIGRATE_LOCK`):
 Every write here happens inside the caller's transaction (the run's, or a
 resolution's), so the data writes, their bookkeeping and the offsets commit together.
 Also here: the origin message that names the writer of a transaction's changes
-(:func:`emit_origin`), and the WAL and transaction positions the applier reads.
+(:func:`emit_origin`), the WAL and transaction positions the applier reads, and the reads
+of its bookkeeping from outside (offsets, what was kept aside, the shards' lock names).
 
 Thin I/O: each function runs its statements on the given cursor; no state.
 """
@@ -44,9 +45,12 @@ __all__ = [
     "SCHEMA",
     "Delivery",
     "clean",
+    "count_kept_aside",
     "current_xid",
     "emit_origin",
+    "lock_name",
     "put_outbox",
+    "read_offsets",
     "save_offsets",
     "wal_insert_lsn",
     "write_applied",
@@ -188,6 +192,34 @@ def current_xid(cur: psycopg.Cursor[Any]) -> int:
     row = cur.execute(_XID32).fetchone()
     assert row is not None
     return int(row[0])
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def lock_name(consumer: str, shard: int, shards: int) -> str:
+    """What the leadership lock of one applier shard is keyed by (``hashtext`` of it)."""
+    return f"{consumer}/{shard}of{shards}"
+
+
+def read_offsets(conn: psycopg.Connection[Any], consumer: str, topic: str) -> dict[int, int]:
+    """Next offset per partition of ``topic`` recorded by ``consumer``."""
+    rows = conn.execute(
+        f"select partition, next_offset from {SCHEMA}.offsets where consumer = %s and topic = %s",
+        (consumer, topic),
+    ).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+def count_kept_aside(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """``(dead letters, bad records)``: entries kept aside because writing them failed,
+    and records that could not be read; both wait for an operator."""
+    row = conn.execute(
+        f"select (select count(*) from {SCHEMA}.dead_letters), "
+        f"(select count(*) from {SCHEMA}.bad_records)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 # --------------------------------------------------------------------------- writes

@@ -26,7 +26,24 @@ from core.journal_format import JournalEntry, JournalRecord, Outcome, OutcomeKin
 from relay.upstream.validation import JournalLimits, RejectedUpload, blocked_by, validate_entry
 from relay.upstream.write_rules import WriteScope
 
-__all__ = ["IntakeDecision", "JournalApiConfig", "judge_upload", "latest_per_entry"]
+__all__ = [
+    "IntakeDecision",
+    "JournalApiConfig",
+    "journal_topic",
+    "judge_upload",
+    "latest_per_entry",
+    "outcomes_topic",
+]
+
+
+def journal_topic(prefix: str) -> str:
+    """The topic of device journal records (intake → applier)."""
+    return f"{prefix}._journal"
+
+
+def outcomes_topic(prefix: str) -> str:
+    """The topic of entry outcomes (applier → outcome store)."""
+    return f"{prefix}._outcomes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +63,11 @@ class JournalApiConfig:
 
     @property
     def journal_topic(self) -> str:
-        return f"{self.prefix}._journal"
+        return journal_topic(self.prefix)
 
     @property
     def outcomes_topic(self) -> str:
-        return f"{self.prefix}._outcomes"
+        return outcomes_topic(self.prefix)
 
 
 @dataclasses.dataclass(frozen=True)

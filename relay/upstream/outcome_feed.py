@@ -32,6 +32,7 @@ from core.journal_format import Outcome, decode_outcomes
 from core.kafka_options import build_client, is_kafka_error
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS
 from relay.errors import JournalStoreError, RelayError
+from relay.upstream.intake import outcomes_topic
 from relay.upstream.journal_store import JournalStore
 
 __all__ = ["OutcomeFeed"]
@@ -61,7 +62,7 @@ class OutcomeFeed:
         self.prune_interval_s = prune_interval_s
         self._pruned = -math.inf
         self.kafka = dict(kafka)
-        self.topic = f"{prefix}._outcomes"
+        self.topic = outcomes_topic(prefix)
         self.refresh_s = refresh_s
         self.standby_s = standby_s
         self.poll_max = poll_max

@@ -1,6 +1,7 @@
 """The relay's metrics pieces on their own: consumer lag bookkeeping and its collector, the
 applier's per-shard address, serving that goes on when the port is taken, the rate-limit
-and auth-failure counters, and ``/readyz``'s answers (real store and broker)."""
+and auth-failure counters, ``/readyz``'s answers (real store and broker), and reading a
+relay's endpoint from outside (``fieldsync status``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from typer.testing import CliRunner
 
 from core.errors import ConfigError
@@ -23,7 +24,14 @@ from core.kafka_options import client_config
 from core.metrics import serve_or_log
 from relay.downstream.api_limits import RateLimiter
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.metrics import REGISTRY, ConsumerLag, LagCollector
+from relay.errors import MetricsUnavailable
+from relay.metrics import (
+    REGISTRY,
+    ConsumerLag,
+    LagCollector,
+    local_metrics_url,
+    read_connections,
+)
 from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.upstream.applier_metrics import shard_listen
 
@@ -261,3 +269,48 @@ def test_an_applier_shard_past_the_last_port_is_a_configuration_error(tmp_path: 
     assert "journal.applier_metrics_listen: '127.0.0.1:65535' gives shard 1 port 65536" in (
         result.output
     )
+
+
+# --------------------------------------------------------------------------- reading a relay's endpoint
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("127.0.0.1:9188", "http://127.0.0.1:9188"),
+        ("0.0.0.0:9188", "http://127.0.0.1:9188"),
+        (":9188", "http://127.0.0.1:9188"),
+        ("[::]:9188", "http://[::1]:9188"),
+        ("relay-1.internal:9300", "http://relay-1.internal:9300"),
+        ("", None),
+        ("127.0.0.1:0", None),
+    ],
+)
+def test_the_url_to_scrape_follows_metrics_listen(listen: str, url: str | None) -> None:
+    assert local_metrics_url(listen) == url
+
+
+def test_connections_are_read_from_a_relay_endpoint_and_a_wrong_one_is_named() -> None:
+    registry = CollectorRegistry()
+    streams = Gauge("fieldsync_relay_streams", "s", registry=registry)
+    polls = Gauge("fieldsync_relay_long_polls", "p", registry=registry)
+    streams.set(3)
+    polls.set(2)
+    server = serve_or_log("127.0.0.1:0", registry=registry, setting="relay.metrics_listen")
+    assert server is not None
+    try:
+        found = read_connections(server.url)
+        assert (found.streams, found.long_polls) == (3, 2)
+        assert found.url == f"{server.url}/metrics"
+        assert read_connections(f"{server.url}/metrics/").streams == 3
+    finally:
+        server.close()
+    other = serve_or_log("127.0.0.1:0", registry=CollectorRegistry(), setting="x")
+    assert other is not None
+    try:
+        with pytest.raises(MetricsUnavailable, match="is it a relay's metrics endpoint"):
+            read_connections(other.url)
+    finally:
+        other.close()
+    with pytest.raises(MetricsUnavailable, match=f"{other.url}/metrics"):
+        read_connections(other.url, timeout_s=2)
