@@ -261,6 +261,9 @@ def test_status_follows_a_workload_in_both_formats(
         assert not poller.is_alive()
 
         # ---- the relay stopped: rows wait for the engine, its metrics cannot be read
+        wait_status(  # the row that released the long-poll applied: the lag counts from 0
+            args, lambda r: r["engine"]["lag_records"] == 0, "the engine caught up"
+        )
         metrics = stack.metrics_url("relay")
         stack.procs["relay"].stop()
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
