@@ -71,6 +71,14 @@ def table_events(
             break
         time.sleep(0.3)
     registry = read_schemas(bootstrap, prefix)
+    # read_schemas gives up after its own deadline: on a busy machine it may return before
+    # the schemas the records name; read it again until it holds them (or fail decoding)
+    fingerprints = {bytes(r.value[2:10]) for r in records}
+    fingerprints |= {bytes(r.key[2:10]) for r in records if r.key}
+    schemas_deadline = time.monotonic() + max(30.0, timeout)
+    while any(fp not in registry for fp in fingerprints) and time.monotonic() < schemas_deadline:
+        time.sleep(0.3)
+        registry = read_schemas(bootstrap, prefix)
     out = []
     for r in records:
         value = decode(r.value, registry)

@@ -84,10 +84,15 @@ def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
     assert proc.wait(30) == 0, log.read_text()[-3000:]
 
 
-def kafka_rows(bootstrap: str, prefix: str, table: str) -> dict[int, tuple[Any, ...]]:
-    """The table as its topic says it is: every event applied in position order."""
+def kafka_rows(
+    bootstrap: str, prefix: str, table: str, timeout: float = 5
+) -> dict[int, tuple[Any, ...]]:
+    """The table as its topic says it is: every event applied in position order (read up to
+    the topic's end, or what ``timeout`` allowed: a loop that waits for equality calls it
+    again; a final check gives it time)."""
     rows: dict[int, tuple[Any, ...]] = {}
-    for ev in sorted(table_events(bootstrap, prefix, table, timeout=5), key=lambda e: e["_pos"]):
+    events = table_events(bootstrap, prefix, table, timeout=timeout)
+    for ev in sorted(events, key=lambda e: e["_pos"]):
         if ev["op"] == "t":
             rows.clear()
         elif ev["op"] == "d":
@@ -231,8 +236,10 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
         assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
         stop(proc, log)
         for table in TABLES:
-            assert kafka_rows(kafka_bootstrap, prefix, table) == pg_rows(conn, table), table
-        deletes = [e for e in table_events(kafka_bootstrap, prefix, "items") if e["op"] == "d"]
+            found = kafka_rows(kafka_bootstrap, prefix, table, timeout=120)
+            assert found == pg_rows(conn, table), table
+        events = table_events(kafka_bootstrap, prefix, "items", timeout=120)
+        deletes = [e for e in events if e["op"] == "d"]
         recovered = sorted(
             e["_key"]["id"] for e in deletes if e["source"]["origin"] == "fieldsync.recover"
         )
@@ -240,7 +247,7 @@ def test_lost_slot_stops_cdc_and_recover_sends_everything_again(
         assert all(e["before_kind"] == "key" for e in deletes)
         resent = {
             e["after"]["id"]
-            for e in table_events(kafka_bootstrap, prefix, "items")
+            for e in events
             if e["op"] == "r" and e["source"]["snapshot"] == "incremental"
         }
         assert set(range(1, 32)) - {6, 7, 8, 9, 12} <= resent | {11}, sorted(resent)
