@@ -1,8 +1,8 @@
 """The compiled hot path: mypyc builds of the modules every change event passes through.
 
-Which modules: :data:`HOT_MODULES`, the pure (no I/O) per-event code of cdc: the pgoutput
-wire reader and decoder, the change assembler, the Avro envelope and binary encoders, the
-PostgreSQL value parsers and type mapping, and the Kafka record framing.  They are ordinary
+Which modules: :data:`HOT_MODULES`, the per-event code of cdc: the pgoutput wire reader
+and decoder, the change assembler, the Avro envelope and binary encoders, the PostgreSQL
+value parsers and type mapping, the Kafka record framing and batching.  They are ordinary
 typed Python (``mypy --strict`` clean); mypyc compiles them into C extension modules placed
 next to their sources (``cdc/pgoutput_decoder.cpython-311-x86_64-linux-gnu.so`` beside
 ``cdc/pgoutput_decoder.py``), which Python's import system prefers to the ``.py``, plus one
@@ -62,6 +62,7 @@ HOT_MODULES: tuple[str, ...] = (
     "cdc/pgoutput_decoder.py",
     "cdc/change_assembler.py",
     "cdc/kafka_records.py",
+    "cdc/kafka_bulk.py",
     "core/avro_binary.py",
     "core/avro_envelope.py",
     "core/pg_values.py",
