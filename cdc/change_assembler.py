@@ -55,6 +55,7 @@ from core.avro_envelope import (
     POSITION_HEADER,
     Source,
     TableCodec,
+    new_source,
     position_header,
 )
 from core.pg_types import ColumnSpec, TypeCatalog
@@ -369,7 +370,7 @@ class ChangeAssembler:
         # positional (keywords cost about twice as much): db, schema, table, lsn,
         # commit_lsn, txid, seq, commit_ts_us, snapshot, origin
         rel = st.relation
-        return Source(
+        return new_source(
             self.db,
             rel.namespace,
             rel.name,

@@ -9,10 +9,10 @@ A reader here raises :class:`Malformed` (or ``struct.error``/``IndexError`` on s
 :class:`~cdc.errors.DecodeError` naming the message byte and the LSN.  Each ``read_*``
 message reader returns the message and the position after it, which must be the buffer's end.
 
-Speed: precompiled :class:`struct.Struct` unpackers on the whole buffer; the change messages
-that dominate a stream are built through their slot descriptors (:func:`make_insert` and
-friends), which skips the frozen-dataclass ``__setattr__`` detour but yields ordinary
-instances.
+Speed: precompiled :class:`struct.Struct` unpackers on the whole buffer; the messages that
+dominate a stream (Begin, Commit and the row changes) are built through their slot
+descriptors (:func:`make_insert` and friends), which skips the frozen-dataclass
+``__setattr__`` detour but yields ordinary instances.
 
 Concurrency: plain functions over immutable input.
 """
@@ -177,6 +177,32 @@ _delete_old: Final = _slot_setter(Delete, "old")
 _delete_old_kind: Final = _slot_setter(Delete, "old_kind")
 
 
+_begin_final_lsn: Final = _slot_setter(Begin, "final_lsn")
+_begin_ts: Final = _slot_setter(Begin, "commit_ts_us")
+_begin_xid: Final = _slot_setter(Begin, "xid")
+_commit_flags: Final = _slot_setter(Commit, "flags")
+_commit_lsn: Final = _slot_setter(Commit, "commit_lsn")
+_commit_end_lsn: Final = _slot_setter(Commit, "end_lsn")
+_commit_ts: Final = _slot_setter(Commit, "commit_ts_us")
+
+
+def make_begin(final_lsn: int, commit_ts_us: int, xid: int) -> Begin:
+    msg: Begin = _new(Begin)
+    _begin_final_lsn(msg, final_lsn)
+    _begin_ts(msg, commit_ts_us)
+    _begin_xid(msg, xid)
+    return msg
+
+
+def make_commit(flags: int, commit_lsn: int, end_lsn: int, commit_ts_us: int) -> Commit:
+    msg: Commit = _new(Commit)
+    _commit_flags(msg, flags)
+    _commit_lsn(msg, commit_lsn)
+    _commit_end_lsn(msg, end_lsn)
+    _commit_ts(msg, commit_ts_us)
+    return msg
+
+
 def make_insert(xid: int | None, relation_oid: int, new: TupleData) -> Insert:
     msg: Insert = _new(Insert)
     _insert_xid(msg, xid)
@@ -217,12 +243,12 @@ def make_delete(
 
 def read_begin(buf: bytes) -> tuple[Message, int]:
     final_lsn, ts, xid = _U64_Q_I32(buf, 1)
-    return Begin(final_lsn, ts + PG_EPOCH_OFFSET_US, xid), 21
+    return make_begin(final_lsn, ts + PG_EPOCH_OFFSET_US, xid), 21
 
 
 def read_commit(buf: bytes) -> tuple[Message, int]:
     flags, commit_lsn, end_lsn, ts = _U8_Q_Q_q(buf, 1)
-    return Commit(flags, commit_lsn, end_lsn, ts + PG_EPOCH_OFFSET_US), 26
+    return make_commit(flags, commit_lsn, end_lsn, ts + PG_EPOCH_OFFSET_US), 26
 
 
 def read_origin(buf: bytes) -> tuple[Message, int]:
