@@ -146,6 +146,8 @@ def why_not_buildable() -> str | None:
         return f"{sys.implementation.name} is not CPython"
     if importlib.util.find_spec("mypyc") is None:
         return "mypyc is not installed (it comes with mypy, in the test extra)"
+    if importlib.util.find_spec("setuptools") is None:
+        return "setuptools is not installed (in the test extra)"
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc} not found)"
