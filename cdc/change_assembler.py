@@ -358,7 +358,7 @@ class ChangeAssembler:
     def _source(self, st: TableState, txn: _Txn, seq: int, lsn: int) -> Source:
         """The Source of the table's events in this transaction.  Made once per transaction
         and table (and again when the origin changes); its lsn and seq are those of the
-        event it was made for: the codec takes each event's own (``encode_change_at``)."""
+        event it was made for: the codec is given each event's own."""
         src = st.source
         if src is not None and st.source_txn is txn and src.origin == txn.origin:
             return src
@@ -398,15 +398,15 @@ class ChangeAssembler:
         txn, seq, skip = self._next_seq(lsn)
         if skip:
             return []
-        key, value = st.codec.encode_change_at(
+        key, value = st.codec.encode_change(
             op,
             before,
             after,
             self._source(st, txn, seq, lsn),
-            lsn,
-            seq,
             self.clock_us(),
-            "full" if old_kind == _FULL else "key",
+            before_kind="full" if old_kind == _FULL else "key",
+            lsn=lsn,
+            seq=seq,
         )
         out: list[Out] = []
         self._emit(out, st, txn, seq, key, value)

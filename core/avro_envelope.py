@@ -47,6 +47,7 @@ shared between threads; SchemaRegistry.add is not synchronized.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -159,19 +160,7 @@ class Source:
 
 # Source's member descriptors, in field order: new_source fills an instance through them
 _SOURCE_SETTERS: Final[tuple[Callable[[object, object], None], ...]] = tuple(
-    vars(Source)[name].__set__
-    for name in (
-        "db",
-        "schema",
-        "table",
-        "lsn",
-        "commit_lsn",
-        "txid",
-        "seq",
-        "commit_ts_us",
-        "snapshot",
-        "origin",
-    )
+    vars(Source)[f.name].__set__ for f in dataclasses.fields(Source)
 )
 
 
@@ -409,6 +398,8 @@ class TableCodec:
         ts_us: int,
         *,
         before_kind: str = "key",
+        lsn: int | None = None,
+        seq: int | None = None,
     ) -> tuple[bytes | None, bytes]:
         """Encode one row change; returns (Kafka key bytes or None, value bytes).
 
@@ -417,24 +408,9 @@ class TableCodec:
         for pgoutput's 'K' old tuple (REPLICA IDENTITY DEFAULT/INDEX: only the identity
         columns are set), ``"full"`` for its 'O' tuple (REPLICA IDENTITY FULL); the markers
         ``"K"``/``"O"`` themselves (e.g. the decoder's OldTupleKind) are accepted as well.
+        ``lsn``/``seq``, when given, are the event's instead of those of ``source``: one
+        Source then serves every event of a transaction in this table.
         """
-        return self.encode_change_at(
-            op, before, after, source, source.lsn, source.seq, ts_us, before_kind
-        )
-
-    def encode_change_at(
-        self,
-        op: str,
-        before: Sequence[object] | None,
-        after: Sequence[object] | None,
-        source: Source,
-        lsn: int,
-        seq: int,
-        ts_us: int,
-        before_kind: str = "key",
-    ) -> tuple[bytes | None, bytes]:
-        """:meth:`encode_change` of the event at ``lsn`` and ``seq`` (those of ``source``
-        are not used): one Source serves every event of a transaction in this table."""
         op_bytes = _OP_BYTES.get(op)
         if op_bytes is None:
             raise ValueError(f"{self._where}: unknown op {op!r} (expected c, u, d or r)")
@@ -475,7 +451,9 @@ class TableCodec:
                 kind_part,
                 after_part,
                 encode_string_array(unchanged) if unchanged else b"\x00",
-                self._source_bytes(source, lsn, seq),
+                self._source_bytes(
+                    source, source.lsn if lsn is None else lsn, source.seq if seq is None else seq
+                ),
                 encode_long(ts_us),
             ]
         )
