@@ -145,15 +145,15 @@ def why_not_buildable() -> str | None:
     if sys.implementation.name != "cpython":
         return f"{sys.implementation.name} is not CPython"
     if importlib.util.find_spec("mypyc") is None:
-        return "mypyc is not installed (it comes with mypy, in the test extra)"
+        return "mypyc is not installed: it comes with mypy, in the test extra"
     if importlib.util.find_spec("setuptools") is None:
-        return "setuptools is not installed (in the test extra)"
+        return "setuptools is not installed: it is in the test extra"
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
-        return f"no C compiler ({cc} not found)"
+        return f"no C compiler: {cc} not found"
     include = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not include.exists():
-        return f"no Python headers ({include} missing)"
+        return f"no Python headers: {include} missing"
     return None
 
 
