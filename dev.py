@@ -5,10 +5,15 @@
     python3 dev.py test     # the whole test suite (real PostgreSQL and broker, started by the harness)
     python3 dev.py soak     # the long soaks (pytest -m slow: crash runs with many seeds); FIELDSYNC_SOAK_SEEDS=1-50
     python3 dev.py bench    # the benchmarks (figures go to docs/performance.md by hand)
+    python3 dev.py build    # compile the cdc hot path with mypyc again (--pure: remove it, run pure Python)
     python3 dev.py run -- fieldsync --help   # any command inside the virtual environment
 
 It creates ``.venv`` next to this file and installs the project with its test
-extras (only when pyproject.toml changed since the last install).
+extras (only when pyproject.toml changed since the last install), then compiles the hot
+modules of the cdc path with mypyc when a C compiler and the Python headers are present
+(only when their sources changed; see devtools/compiled.py) and says which build runs:
+"[dev] compiled: N modules" or "[dev] pure Python (why)".  Without a compiler the
+pure-Python modules run: same behaviour, same output bytes.
 """
 
 from __future__ import annotations
@@ -54,12 +59,22 @@ def ensure_venv() -> None:
     STAMP.write_text(want)
 
 
+def ensure_compiled() -> None:
+    """Build the compiled hot modules when missing or stale; a failed or impossible build
+    leaves the pure-Python modules running (devtools/compiled.py says why)."""
+    subprocess.call([str(BIN / "python"), "-m", "devtools.compiled", "ensure"], cwd=ROOT)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0
     ensure_venv()
     cmd, rest = argv[0], argv[1:]
+    if cmd == "build":
+        action = "clean" if rest[:1] == ["--pure"] else "build"
+        return subprocess.call([str(BIN / "python"), "-m", "devtools.compiled", action], cwd=ROOT)
+    ensure_compiled()
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if cmd == "demo":
         args = [str(BIN / "fieldsync"), "demo", *rest]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from cdc import pgoutput_messages as m
 from cdc.errors import DecodeError, format_lsn
@@ -55,6 +55,7 @@ from core.avro_envelope import (
     POSITION_HEADER,
     Source,
     TableCodec,
+    new_source,
     position_header,
 )
 from core.pg_types import ColumnSpec, TypeCatalog
@@ -127,9 +128,13 @@ class TableState:
     codec: TableCodec
     topic: str
     pending_schemas: list[OutSchema] = field(default_factory=list)
+    # the Source of this table's events in the transaction ``source_txn`` (see _source)
+    source: Source | None = None
+    source_txn: _Txn | None = None
 
 
-_FULL = m.OldTupleKind.FULL  # (an enum member looked up once, not per change)
+_FULL: Final = m.OldTupleKind.FULL  # (an enum member looked up once, not per change)
+_ROW_CHANGES: Final = (m.Insert, m.Update, m.Delete)
 
 
 def topic_for(prefix: str, schema: str, table: str) -> str:
@@ -234,6 +239,8 @@ class ChangeAssembler:
         ):
             self.spill.append(self.stream_xid, msg)
             return ()
+        if isinstance(msg, _ROW_CHANGES):  # most messages: straight on
+            return self._in_txn(msg, lsn)
         match msg:
             case m.Begin():
                 self.txn = self._new_txn(msg.xid, msg.final_lsn, msg.commit_ts_us, lsn)
@@ -301,6 +308,12 @@ class ChangeAssembler:
         if self.observer is not None:
             self.observer.message(msg, self.txn)
         match msg:
+            case m.Insert():
+                return self._change("c", msg.relation_oid, None, msg.new, lsn)
+            case m.Update():
+                return self._change("u", msg.relation_oid, msg.old, msg.new, lsn, msg.old_kind)
+            case m.Delete():
+                return self._change("d", msg.relation_oid, msg.old, None, lsn, msg.old_kind)
             case m.Relation():
                 self._define(msg)
                 return ()
@@ -318,12 +331,6 @@ class ChangeAssembler:
                 ):
                     self.txn.origin = msg.content.decode("utf-8", errors="replace")
                 return ()
-            case m.Insert():
-                return self._change("c", msg.relation_oid, None, msg.new, lsn)
-            case m.Update():
-                return self._change("u", msg.relation_oid, msg.old, msg.new, lsn, msg.old_kind)
-            case m.Delete():
-                return self._change("d", msg.relation_oid, msg.old, None, lsn, msg.old_kind)
             case m.Truncate():
                 return self._truncate(msg, lsn)
             case (
@@ -349,10 +356,21 @@ class ChangeAssembler:
         return txn, seq, seq <= txn.skip_through
 
     def _source(self, st: TableState, txn: _Txn, seq: int, lsn: int) -> Source:
-        # positional (once per change; keywords cost about twice as much): db, schema,
-        # table, lsn, commit_lsn, txid, seq, commit_ts_us, snapshot, origin
+        """The Source of the table's events in this transaction.  Made once per transaction
+        and table (and again when the origin changes); its lsn and seq are those of the
+        event it was made for: the codec is given each event's own."""
+        src = st.source
+        if src is not None and st.source_txn is txn and src.origin == txn.origin:
+            return src
+        src = self._new_source(st, txn, seq, lsn)
+        st.source, st.source_txn = src, txn
+        return src
+
+    def _new_source(self, st: TableState, txn: _Txn, seq: int, lsn: int) -> Source:
+        # positional (keywords cost about twice as much): db, schema, table, lsn,
+        # commit_lsn, txid, seq, commit_ts_us, snapshot, origin
         rel = st.relation
-        return Source(
+        return new_source(
             self.db,
             rel.namespace,
             rel.name,
@@ -387,6 +405,8 @@ class ChangeAssembler:
             self._source(st, txn, seq, lsn),
             self.clock_us(),
             before_kind="full" if old_kind == _FULL else "key",
+            lsn=lsn,
+            seq=seq,
         )
         out: list[Out] = []
         self._emit(out, st, txn, seq, key, value)
@@ -410,7 +430,7 @@ class ChangeAssembler:
             txn, seq, skip = self._next_seq(lsn)
             if skip:
                 continue
-            value = st.codec.encode_truncate(self._source(st, txn, seq, lsn), self.clock_us())
+            value = st.codec.encode_truncate(self._new_source(st, txn, seq, lsn), self.clock_us())
             self._emit(out, st, txn, seq, None, value)
         return out
 

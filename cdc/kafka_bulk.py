@@ -6,7 +6,9 @@ each event to one :class:`cdc.kafka_records.RecordBuffer` per partition (kafka's
 partitioner: murmur2 of the key) and hands each buffer to kafka-python's accumulator as one
 finished batch when it reaches :data:`BATCH_BYTES` and at commit.  kafka-python's sender
 still stamps producer id, epoch and sequence, compresses, checksums, adds the partition to
-the transaction and retries.  This uses kafka-python internals, checked once at start-up
+the transaction and retries.  Compression of these batches: gzip at level
+:data:`GZIP_LEVEL` (kafka-python always uses level 9, about six times the CPU for the same
+ratio on change events; any gzip level decodes the same).  This uses kafka-python internals, checked once at start-up
 (:func:`bulk_path_available`); where they differ, the sink sends every record through
 ``send()``.  Handed-over batches bypass kafka-python's ``buffer_memory`` limit, so at most
 :data:`MAX_IN_FLIGHT_BATCHES` wait for the broker at a time.
@@ -17,6 +19,8 @@ batches from the accumulator (under its per-partition lock).
 
 from __future__ import annotations
 
+import functools
+import gzip
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +41,8 @@ BATCH_BYTES: Final = 256 * 1024
 """Size at which a partition's records are handed to kafka-python as one batch."""
 MAX_IN_FLIGHT_BATCHES: Final = 64
 """At most this many handed-over batches (~16 MB) wait for the broker at a time."""
+GZIP_LEVEL: Final = 1
+"""zlib level of the gzip-compressed batches (level 1: ~6x faster than 9, ratio within 3 %)."""
 
 
 def bulk_path_available(producer: Any) -> bool:
@@ -51,6 +57,7 @@ def bulk_path_available(producer: Any) -> bool:
             acc.config["message_version"], acc.config["compression_attrs"], 1024
         )
         needed = ("_buffer", "_num_records", "_last_offset", "_first_timestamp", "_max_timestamp")
+        builder_class = type(probe._builder)
         ok = (
             acc.config["message_version"] == 2
             and all(hasattr(probe._builder, a) for a in needed)
@@ -61,6 +68,10 @@ def bulk_path_available(producer: Any) -> bool:
             and hasattr(producer._transaction_manager, "maybe_add_partition_to_transaction")
             and hasattr(producer._sender, "wakeup")
             and len(probe._builder._buffer) == HEADER_SIZE
+            and callable(getattr(builder_class, "_maybe_compress", None))
+            and getattr(builder_class, "CODEC_GZIP", None) == 1
+            and hasattr(builder_class, "CODEC_NONE")
+            and "_compression_type" in getattr(builder_class, "__slots__", ())
         )
     except (ImportError, AttributeError, KeyError, TypeError) as exc:
         log.warning("kafka-python internals differ (%s): records go through send()", exc)
@@ -68,6 +79,45 @@ def bulk_path_available(producer: Any) -> bool:
     if not ok:
         log.warning("kafka-python internals differ: records go through KafkaProducer.send()")
     return ok
+
+
+def _fast_gzip_builder_class() -> Any:
+    """kafka-python's record batch builder, gzip-compressing at :data:`GZIP_LEVEL` (made once,
+    when first needed; a subclass overriding only ``_maybe_compress``)."""
+    global _FAST_GZIP_BUILDER
+    if _FAST_GZIP_BUILDER is None:
+        from kafka.record.default_records import DefaultRecordBatchBuilder
+
+        # partialmethod binds the builder whether this module is compiled or not
+        _FAST_GZIP_BUILDER = type(
+            "FastGzipRecordBatchBuilder",
+            (DefaultRecordBatchBuilder,),
+            {"__slots__": (), "_maybe_compress": functools.partialmethod(_maybe_compress_fast)},
+        )
+    return _FAST_GZIP_BUILDER
+
+
+_FAST_GZIP_BUILDER: Any = None
+
+
+def _maybe_compress_fast(builder: Any) -> bool:
+    """``DefaultRecordBatchBuilder._maybe_compress`` with gzip at :data:`GZIP_LEVEL`: the
+    records after the header are replaced by their compressed form when that is smaller."""
+    if builder._compression_type != builder.CODEC_GZIP:
+        from kafka.record.default_records import DefaultRecordBatchBuilder
+
+        return bool(DefaultRecordBatchBuilder._maybe_compress(builder))
+    buf: bytearray = builder._buffer
+    data = memoryview(buf)[HEADER_SIZE:]
+    compressed = gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
+    size = len(data)
+    data.release()
+    if size <= len(compressed):
+        return False  # no gain: sent uncompressed, as kafka-python does
+    needed = HEADER_SIZE + len(compressed)
+    del buf[needed:]
+    buf[HEADER_SIZE:needed] = compressed
+    return True
 
 
 class BulkRecords:
@@ -94,6 +144,8 @@ class BulkRecords:
         self._buffers: dict[Any, RecordBuffer] = {}
         self._partition_counts: dict[str, int] = {}
         self._tps: dict[tuple[str, int], Any] = {}
+        # topics of one partition (the default): their TopicPartition, without a key hash
+        self._single_partition: dict[str, Any] = {}
         self._max_record = MAX_REQUEST_SIZE
         self.handed_bytes = 0  # of the batches handed over since take_bytes()
 
@@ -116,7 +168,9 @@ class BulkRecords:
     ) -> None:
         """Append one record to its partition's batch; a full batch is handed over (a record
         larger than the producer's max_request_size is a SinkError naming it)."""
-        tp = self._partition(topic, key)
+        tp = self._single_partition.get(topic)
+        if tp is None:
+            tp = self._partition(topic, key)
         buffer = self._buffers.get(tp)
         if buffer is None:
             buffer = self._buffers[tp] = RecordBuffer()
@@ -158,6 +212,10 @@ class BulkRecords:
                 raise self._unavailable(f"the broker reports no partitions for topic {topic}")
             self._track(topic)
             self._partition_counts[topic] = count
+            if count == 1:
+                self._single_partition[topic] = self._tps.setdefault(
+                    (topic, 0), TopicPartition(topic, 0)
+                )
         partition = 0 if key is None or count == 1 else (murmur2(key) & 0x7FFFFFFF) % count
         tp = self._tps.get((topic, partition))
         if tp is None:
@@ -188,6 +246,16 @@ class BulkRecords:
             len(buffer.buf) + 1 if at_commit else len(buffer.buf),  # full: ready to send
         )
         inner = records._builder
+        if inner._compression_type == inner.CODEC_GZIP:
+            inner = records._builder = _fast_gzip_builder_class()(
+                magic=acc.config["message_version"],
+                compression_type=acc.config["compression_attrs"],
+                is_transactional=False,
+                producer_id=-1,
+                producer_epoch=-1,
+                base_sequence=-1,
+                batch_size=inner._batch_size,
+            )
         inner._buffer = buffer.buf
         inner._num_records = buffer.count
         inner._last_offset = buffer.count - 1

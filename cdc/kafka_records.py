@@ -43,8 +43,8 @@ _NULL: Final = encode_long(-1)
 
 # Change events carry one header (the position), always under the same name: the count
 # and the name's length and bytes are encoded once per name.
-_ONE_HEADER_HEADS: dict[str, bytes] = {}
-_MAX_HEADS = 64
+_ONE_HEADER_HEADS: Final[dict[str, bytes]] = {}
+_MAX_HEADS: Final = 64
 
 
 def _one_header_head(name: str) -> bytes:

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 from cdc.errors import DecodeError
 from cdc.pgoutput_messages import (
@@ -129,10 +129,10 @@ from cdc.pgoutput_wire import (
 __all__ = ["PgOutputDecoder"]
 
 #: Lowest protocol version with streaming, two-phase, and parallel stream abort info.
-_STREAM_VERSION = 2
-_TWO_PHASE_VERSION = 3
-_PARALLEL_VERSION = 4
-_MAX_VERSION = 4
+_STREAM_VERSION: Final = 2
+_TWO_PHASE_VERSION: Final = 3
+_PARALLEL_VERSION: Final = 4
+_MAX_VERSION: Final = 4
 
 
 # --------------------------------------------------------------------------- decoder

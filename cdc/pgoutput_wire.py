@@ -9,10 +9,10 @@ A reader here raises :class:`Malformed` (or ``struct.error``/``IndexError`` on s
 :class:`~cdc.errors.DecodeError` naming the message byte and the LSN.  Each ``read_*``
 message reader returns the message and the position after it, which must be the buffer's end.
 
-Speed: precompiled :class:`struct.Struct` unpackers on the whole buffer; the change messages
-that dominate a stream are built through their slot descriptors (:func:`make_insert` and
-friends), which skips the frozen-dataclass ``__setattr__`` detour but yields ordinary
-instances.
+Speed: precompiled :class:`struct.Struct` unpackers on the whole buffer; the messages that
+dominate a stream (Begin, Commit and the row changes) are built through their slot
+descriptors (:func:`make_insert` and friends), which skips the frozen-dataclass
+``__setattr__`` detour but yields ordinary instances.
 
 Concurrency: plain functions over immutable input.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from cdc.pgoutput_messages import (
     PG_EPOCH_OFFSET_US,
@@ -45,36 +45,39 @@ from cdc.pgoutput_messages import (
     Update,
 )
 
-U16 = struct.Struct(">H").unpack_from
-U32 = struct.Struct(">I").unpack_from
-U32_U32 = struct.Struct(">II").unpack_from
-U32_I32 = struct.Struct(">Ii").unpack_from
-U32_U8 = struct.Struct(">IB").unpack_from
-U32_U32_U8 = struct.Struct(">IIB").unpack_from
-U64 = struct.Struct(">Q").unpack_from
-_U64_Q_I32 = struct.Struct(">QqI").unpack_from  # Begin
-_U8_Q_Q_q = struct.Struct(">BQQq").unpack_from  # Commit
-_U32_U8_Q_Q_q = struct.Struct(">IBQQq").unpack_from  # Stream Commit
-Q_q = struct.Struct(">Qq").unpack_from
-_Q_Q_q_I = struct.Struct(">QQqI").unpack_from  # Begin Prepare
-_U8_Q_Q_q_I = struct.Struct(">BQQqI").unpack_from  # Prepare, Commit Prepared, Stream Prepare
-_U8_Q_Q_q_q_I = struct.Struct(">BQQqqI").unpack_from  # Rollback Prepared
+U16: Final = struct.Struct(">H").unpack_from
+U32: Final = struct.Struct(">I").unpack_from
+U32_U32: Final = struct.Struct(">II").unpack_from
+U32_I32: Final = struct.Struct(">Ii").unpack_from
+U32_U8: Final = struct.Struct(">IB").unpack_from
+U32_U32_U8: Final = struct.Struct(">IIB").unpack_from
+U64: Final = struct.Struct(">Q").unpack_from
+_U64_Q_I32: Final = struct.Struct(">QqI").unpack_from  # Begin
+_U8_Q_Q_q: Final = struct.Struct(">BQQq").unpack_from  # Commit
+_U32_U8_Q_Q_q: Final = struct.Struct(">IBQQq").unpack_from  # Stream Commit
+Q_q: Final = struct.Struct(">Qq").unpack_from
+_Q_Q_q_I: Final = struct.Struct(">QQqI").unpack_from  # Begin Prepare
+_U8_Q_Q_q_I: Final = struct.Struct(">BQQqI").unpack_from  # Prepare, Commit Prepared, Stream Prepare
+_U8_Q_Q_q_q_I: Final = struct.Struct(">BQQqqI").unpack_from  # Rollback Prepared
 
-_KIND_TEXT = ord("t")
-_KIND_NULL = ord("n")
-_KIND_UNCHANGED = ord("u")
-_KIND_BINARY = ord("b")
-NEW_TUPLE = ord("N")
-_OLD_KEY = ord("K")
-_OLD_FULL = ord("O")
+_KIND_TEXT: Final = ord("t")
+_KIND_NULL: Final = ord("n")
+_KIND_UNCHANGED: Final = ord("u")
+_KIND_BINARY: Final = ord("b")
+NEW_TUPLE: Final = ord("N")
+_OLD_KEY: Final = ord("K")
+_OLD_FULL: Final = ord("O")
 
-REPLICA_IDENTITIES: dict[int, ReplicaIdentity] = {ord(r.value): r for r in ReplicaIdentity}
-RELATION_COLUMN_KEY_FLAG = 1
-MESSAGE_TRANSACTIONAL_FLAG = 1
-TRUNCATE_CASCADE_FLAG = 1
-TRUNCATE_RESTART_IDENTITY_FLAG = 2
+REPLICA_IDENTITIES: Final[dict[int, ReplicaIdentity]] = {ord(r.value): r for r in ReplicaIdentity}
+RELATION_COLUMN_KEY_FLAG: Final = 1
+MESSAGE_TRANSACTIONAL_FLAG: Final = 1
+TRUNCATE_CASCADE_FLAG: Final = 1
+TRUNCATE_RESTART_IDENTITY_FLAG: Final = 2
 
-OLD_KINDS: dict[int, OldTupleKind] = {_OLD_KEY: OldTupleKind.KEY, _OLD_FULL: OldTupleKind.FULL}
+OLD_KINDS: Final[dict[int, OldTupleKind]] = {
+    _OLD_KEY: OldTupleKind.KEY,
+    _OLD_FULL: OldTupleKind.FULL,
+}
 
 
 class Malformed(Exception):
@@ -149,7 +152,7 @@ def read_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
 # Building frozen slotted dataclasses through their member descriptors skips the
 # per-field object.__setattr__ call of the generated __init__ (about 2x faster for
 # the messages that dominate a change stream).  The result is an ordinary instance.
-_new = object.__new__
+_new: Final = object.__new__
 
 
 def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
@@ -158,20 +161,46 @@ def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
     return setter
 
 
-_insert_xid = _slot_setter(Insert, "xid")
-_insert_rel = _slot_setter(Insert, "relation_oid")
-_insert_new = _slot_setter(Insert, "new")
+_insert_xid: Final = _slot_setter(Insert, "xid")
+_insert_rel: Final = _slot_setter(Insert, "relation_oid")
+_insert_new: Final = _slot_setter(Insert, "new")
 
 
-_update_xid = _slot_setter(Update, "xid")
-_update_rel = _slot_setter(Update, "relation_oid")
-_update_old = _slot_setter(Update, "old")
-_update_old_kind = _slot_setter(Update, "old_kind")
-_update_new = _slot_setter(Update, "new")
-_delete_xid = _slot_setter(Delete, "xid")
-_delete_rel = _slot_setter(Delete, "relation_oid")
-_delete_old = _slot_setter(Delete, "old")
-_delete_old_kind = _slot_setter(Delete, "old_kind")
+_update_xid: Final = _slot_setter(Update, "xid")
+_update_rel: Final = _slot_setter(Update, "relation_oid")
+_update_old: Final = _slot_setter(Update, "old")
+_update_old_kind: Final = _slot_setter(Update, "old_kind")
+_update_new: Final = _slot_setter(Update, "new")
+_delete_xid: Final = _slot_setter(Delete, "xid")
+_delete_rel: Final = _slot_setter(Delete, "relation_oid")
+_delete_old: Final = _slot_setter(Delete, "old")
+_delete_old_kind: Final = _slot_setter(Delete, "old_kind")
+
+
+_begin_final_lsn: Final = _slot_setter(Begin, "final_lsn")
+_begin_ts: Final = _slot_setter(Begin, "commit_ts_us")
+_begin_xid: Final = _slot_setter(Begin, "xid")
+_commit_flags: Final = _slot_setter(Commit, "flags")
+_commit_lsn: Final = _slot_setter(Commit, "commit_lsn")
+_commit_end_lsn: Final = _slot_setter(Commit, "end_lsn")
+_commit_ts: Final = _slot_setter(Commit, "commit_ts_us")
+
+
+def make_begin(final_lsn: int, commit_ts_us: int, xid: int) -> Begin:
+    msg: Begin = _new(Begin)
+    _begin_final_lsn(msg, final_lsn)
+    _begin_ts(msg, commit_ts_us)
+    _begin_xid(msg, xid)
+    return msg
+
+
+def make_commit(flags: int, commit_lsn: int, end_lsn: int, commit_ts_us: int) -> Commit:
+    msg: Commit = _new(Commit)
+    _commit_flags(msg, flags)
+    _commit_lsn(msg, commit_lsn)
+    _commit_end_lsn(msg, end_lsn)
+    _commit_ts(msg, commit_ts_us)
+    return msg
 
 
 def make_insert(xid: int | None, relation_oid: int, new: TupleData) -> Insert:
@@ -214,12 +243,12 @@ def make_delete(
 
 def read_begin(buf: bytes) -> tuple[Message, int]:
     final_lsn, ts, xid = _U64_Q_I32(buf, 1)
-    return Begin(final_lsn, ts + PG_EPOCH_OFFSET_US, xid), 21
+    return make_begin(final_lsn, ts + PG_EPOCH_OFFSET_US, xid), 21
 
 
 def read_commit(buf: bytes) -> tuple[Message, int]:
     flags, commit_lsn, end_lsn, ts = _U8_Q_Q_q(buf, 1)
-    return Commit(flags, commit_lsn, end_lsn, ts + PG_EPOCH_OFFSET_US), 26
+    return make_commit(flags, commit_lsn, end_lsn, ts + PG_EPOCH_OFFSET_US), 26
 
 
 def read_origin(buf: bytes) -> tuple[Message, int]:

@@ -326,7 +326,7 @@ KAFKA = Section(
             "compression",
             str,
             "gzip",
-            "Compression of produced batches.",
+            "Compression of produced batches (change events: gzip at zlib level 1, see cdc/kafka_bulk.py).",
             choices=("none", "gzip"),
         ),
         Setting(

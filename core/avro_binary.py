@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from core.errors import SchemaError
 
@@ -33,9 +33,14 @@ __all__ = [
 
 Encoder = Callable[[Any], bytes]
 
-_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_SMALL_VARINTS: list[bytes] = []
+# Final: a compiled build (devtools/compiled.py) keeps these in C statics, no dict lookups
+_INT32_MIN: Final = -(1 << 31)
+_INT32_MAX: Final = (1 << 31) - 1
+_INT64_MIN: Final = -(1 << 63)
+_INT64_MAX: Final = (1 << 63) - 1
+# |n| below this is a "short" int of a compiled build (no boxed big-int arithmetic)
+_SHORT: Final = 1 << 61
+_SMALL_VARINTS: Final[list[bytes]] = []
 
 
 def _varint_bytewise(z: int) -> bytes:
@@ -49,7 +54,7 @@ def _varint_bytewise(z: int) -> bytes:
 
 # Varints of 0..2**14-1, and the two continuation bytes of every 14-bit group.
 _SMALL_VARINTS.extend(_varint_bytewise(z) for z in range(1 << 14))
-_GROUPS_14 = [bytes(((g & 0x7F) | 0x80, ((g >> 7) & 0x7F) | 0x80)) for g in range(1 << 14)]
+_GROUPS_14: Final = [bytes(((g & 0x7F) | 0x80, ((g >> 7) & 0x7F) | 0x80)) for g in range(1 << 14)]
 
 
 def _varint_slow(z: int) -> bytes:
@@ -81,6 +86,15 @@ def _varint(z: int) -> bytes:
 
 def encode_long(n: int) -> bytes:
     """Zigzag varint of a 64-bit signed int (an Avro long; also Kafka's record varints)."""
+    if -_SHORT < n < _SHORT:
+        z = (n << 1) ^ (n >> 63)
+        if z < 16384:
+            return _SMALL_VARINTS[z]
+        return _varint_slow(z)
+    return _encode_wide_long(n)
+
+
+def _encode_wide_long(n: int) -> bytes:
     if not _INT64_MIN <= n <= _INT64_MAX:
         raise ValueError(f"{n} is outside the range of an Avro long")
     z = (n << 1) ^ (n >> 63)
@@ -119,10 +133,10 @@ def _encode_null(_v: None) -> bytes:
     return b""
 
 
-_PACK_FLOAT = struct.Struct("<f").pack
-_PACK_DOUBLE = struct.Struct("<d").pack
+_PACK_FLOAT: Final = struct.Struct("<f").pack
+_PACK_DOUBLE: Final = struct.Struct("<d").pack
 
-_PRIMITIVE_ENCODERS: dict[str, tuple[Encoder, tuple[type, ...]]] = {
+_PRIMITIVE_ENCODERS: Final[dict[str, tuple[Encoder, tuple[type, ...]]]] = {
     "null": (_encode_null, (type(None),)),
     "boolean": (_encode_boolean, (bool,)),
     "int": (_encode_int, (int,)),

@@ -47,11 +47,12 @@ shared between threads; SchemaRegistry.add is not synchronized.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import fastavro
 
@@ -78,14 +79,15 @@ __all__ = [
     "Source",
     "TableCodec",
     "decode",
+    "new_source",
     "parse_position_header",
     "position_header",
 ]
 
 #: Marker of Avro single-object encoding.
-MAGIC = b"\xc3\x01"
+MAGIC: Final = b"\xc3\x01"
 #: Kafka header carrying the event's position, see :func:`position_header`.
-POSITION_HEADER = "fieldsync.pos"
+POSITION_HEADER: Final = "fieldsync.pos"
 #: Prefix of a transactional logical decoding message (``pg_logical_emit_message(true,
 #: 'fieldsync.origin', 'device:d42')``) whose content becomes ``source.origin`` of every event
 #: of its transaction: who made the change (the upstream applier names the device).
@@ -106,7 +108,7 @@ _SNAPSHOT_VALUES: dict[object, str] = {
 # Position header
 # --------------------------------------------------------------------------------------
 
-_POSITION = struct.Struct(">QQ")
+_POSITION: Final = struct.Struct(">QQ")
 
 
 def position_header(commit_lsn: int, seq: int) -> bytes:
@@ -154,6 +156,36 @@ class Source:
     commit_ts_us: int | None
     snapshot: str | bool = "false"
     origin: str | None = None
+
+
+# Source's member descriptors, in field order: new_source fills an instance through them
+_SOURCE_SETTERS: Final[tuple[Callable[[object, object], None], ...]] = tuple(
+    vars(Source)[f.name].__set__ for f in dataclasses.fields(Source)
+)
+
+
+def new_source(
+    db: str,
+    schema: str,
+    table: str,
+    lsn: int,
+    commit_lsn: int,
+    txid: int | None,
+    seq: int,
+    commit_ts_us: int | None,
+    snapshot: str | bool,
+    origin: str | None,
+) -> Source:
+    """``Source(...)`` of these fields without the frozen dataclass ``__init__`` (one
+    ``object.__setattr__`` per field, about twice the cost); an ordinary instance."""
+    src: Source = Source.__new__(Source)
+    for setter, value in zip(
+        _SOURCE_SETTERS,
+        (db, schema, table, lsn, commit_lsn, txid, seq, commit_ts_us, snapshot, origin),
+        strict=True,
+    ):
+        setter(src, value)
+    return src
 
 
 class TableCodec:
@@ -221,9 +253,11 @@ class TableCodec:
             self._key_header = MAGIC + self.key_fingerprint
         self._source_prefixes: dict[tuple[str, str, str], bytes] = {}
         # The source fields that stay the same for a whole transaction, encoded once: the
-        # fields (commit_lsn, txid) and (commit_ts_us, snapshot, origin); see _source_bytes.
+        # fields (db, schema, table), (commit_lsn, txid) and (commit_ts_us, snapshot,
+        # origin), for the last Source seen and its field values; see _source_bytes.
+        self._last_source: Source | None = None
         self._txn_fields: tuple[object, ...] = ()
-        self._txn_parts: tuple[bytes, bytes] = (b"", b"")
+        self._txn_parts: tuple[bytes, bytes, bytes] = (b"", b"", b"")
 
     # -- rows -------------------------------------------------------------------------
 
@@ -303,32 +337,39 @@ class TableCodec:
 
     # -- events -----------------------------------------------------------------------
 
-    def _source_bytes(self, source: Source) -> bytes:
+    def _source_bytes(self, source: Source, lsn: int, seq: int) -> bytes:
+        """The encoded source record of an event at ``lsn`` and ``seq`` (those of ``source``
+        itself are not used): only lsn and seq change from one event of a transaction to
+        the next, the rest is encoded once per Source (and per change of its fields)."""
+        if source is not self._last_source:
+            fields = (
+                source.db,
+                source.schema,
+                source.table,
+                source.commit_lsn,
+                source.txid,
+                source.commit_ts_us,
+                source.snapshot,
+                source.origin,
+            )
+            if fields != self._txn_fields:
+                self._txn_parts = self._txn_source_parts(source)
+                self._txn_fields = fields
+            self._last_source = source
+        prefix, after_lsn, after_seq = self._txn_parts
+        return b"".join([prefix, encode_long(lsn), after_lsn, encode_long(seq), after_seq])
+
+    def _names_prefix(self, source: Source) -> bytes:
         names = (source.db, source.schema, source.table)
         prefix = self._source_prefixes.get(names)
         if prefix is None:
             prefix = b"".join(encode_string(n) for n in names)
             if len(self._source_prefixes) < 16:
                 self._source_prefixes[names] = prefix
-        # Only lsn and seq change from one event of a transaction to the next.
-        fields = (
-            source.commit_lsn,
-            source.txid,
-            source.commit_ts_us,
-            source.snapshot,
-            source.origin,
-        )
-        if fields != self._txn_fields:
-            self._txn_parts = self._txn_source_parts(source)
-            self._txn_fields = fields
-        after_lsn, after_seq = self._txn_parts
-        return b"".join(
-            [prefix, encode_long(source.lsn), after_lsn, encode_long(source.seq), after_seq]
-        )
+        return prefix
 
-    @staticmethod
-    def _txn_source_parts(source: Source) -> tuple[bytes, bytes]:
-        """The encoded source fields between lsn and seq, and those after seq."""
+    def _txn_source_parts(self, source: Source) -> tuple[bytes, bytes, bytes]:
+        """The encoded source fields before lsn, between lsn and seq, and after seq."""
         snapshot = _SNAPSHOT_BYTES.get(source.snapshot)
         if snapshot is None:
             raise ValueError(
@@ -346,7 +387,7 @@ class TableCodec:
                 b"\x00" if origin is None else b"\x02" + encode_string(origin),
             ]
         )
-        return after_lsn, after_seq
+        return self._names_prefix(source), after_lsn, after_seq
 
     def encode_change(
         self,
@@ -357,6 +398,8 @@ class TableCodec:
         ts_us: int,
         *,
         before_kind: str = "key",
+        lsn: int | None = None,
+        seq: int | None = None,
     ) -> tuple[bytes | None, bytes]:
         """Encode one row change; returns (Kafka key bytes or None, value bytes).
 
@@ -365,6 +408,8 @@ class TableCodec:
         for pgoutput's 'K' old tuple (REPLICA IDENTITY DEFAULT/INDEX: only the identity
         columns are set), ``"full"`` for its 'O' tuple (REPLICA IDENTITY FULL); the markers
         ``"K"``/``"O"`` themselves (e.g. the decoder's OldTupleKind) are accepted as well.
+        ``lsn``/``seq``, when given, are the event's instead of those of ``source``: one
+        Source then serves every event of a transaction in this table.
         """
         op_bytes = _OP_BYTES.get(op)
         if op_bytes is None:
@@ -406,7 +451,9 @@ class TableCodec:
                 kind_part,
                 after_part,
                 encode_string_array(unchanged) if unchanged else b"\x00",
-                self._source_bytes(source),
+                self._source_bytes(
+                    source, source.lsn if lsn is None else lsn, source.seq if seq is None else seq
+                ),
                 encode_long(ts_us),
             ]
         )
@@ -422,21 +469,23 @@ class TableCodec:
                 _OP_BYTES["t"],
                 b"\x00\x00\x00",  # before, before_kind, after: null
                 b"\x00",  # unchanged: empty array
-                self._source_bytes(source),
+                self._source_bytes(source, source.lsn, source.seq),
                 encode_long(ts_us),
             ]
         )
 
 
-_OP_BYTES = {op: encode_string(op) for op in ("c", "u", "d", "r", "t")}
+_OP_BYTES: Final = {op: encode_string(op) for op in ("c", "u", "d", "r", "t")}
 # The envelope's before_kind union is ["null", "string"]; pgoutput's 'K'/'O' are accepted.
-_BEFORE_KIND_BYTES = {
+_BEFORE_KIND_BYTES: Final = {
     "key": b"\x02" + encode_string("key"),
     "full": b"\x02" + encode_string("full"),
     "K": b"\x02" + encode_string("key"),
     "O": b"\x02" + encode_string("full"),
 }
-_SNAPSHOT_BYTES: dict[object, bytes] = {k: encode_string(v) for k, v in _SNAPSHOT_VALUES.items()}
+_SNAPSHOT_BYTES: Final[dict[object, bytes]] = {
+    k: encode_string(v) for k, v in _SNAPSHOT_VALUES.items()
+}
 
 
 # --------------------------------------------------------------------------------------

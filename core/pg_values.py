@@ -25,7 +25,7 @@ from datetime import date as _date
 from datetime import datetime as _datetime
 from datetime import time as _time
 from datetime import timedelta as _timedelta
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "array_converter",
@@ -43,10 +43,10 @@ __all__ = [
     "timestamp_parser",
 ]
 
-_INT64_MIN = -(1 << 63)
-_INT64_MAX = (1 << 63) - 1
-_UNIX_EPOCH_ORDINAL = 719163  # date(1970, 1, 1).toordinal()
-_MICROS_PER_DAY = 86_400_000_000
+_INT64_MIN: Final = -(1 << 63)
+_INT64_MAX: Final = (1 << 63) - 1
+_UNIX_EPOCH_ORDINAL: Final = 719163  # date(1970, 1, 1).toordinal()
+_MICROS_PER_DAY: Final = 86_400_000_000
 
 
 # --------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
     return era * 146097 + doe - 719468
 
 
-_DATE_RE = re.compile(r"(\d{4,})-(\d\d)-(\d\d)( BC)?")
+_DATE_RE: Final = re.compile(r"(\d{4,})-(\d\d)-(\d\d)( BC)?")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -136,7 +136,7 @@ def _parse_date_days(text: str) -> int:
     return _days_from_civil(year, month, day)
 
 
-_TIME_RE = re.compile(
+_TIME_RE: Final = re.compile(
     r"(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?"
     r"(?:([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?)?"
 )
@@ -171,9 +171,9 @@ def parse_time(text: str) -> int:
     return micros
 
 
-_EPOCH_NAIVE = _datetime(1970, 1, 1)
-_EPOCH_UTC = _datetime(1970, 1, 1, tzinfo=_UTC)
-_ONE_MICRO = _timedelta(microseconds=1)
+_EPOCH_NAIVE: Final = _datetime(1970, 1, 1)
+_EPOCH_UTC: Final = _datetime(1970, 1, 1, tzinfo=_UTC)
+_ONE_MICRO: Final = _timedelta(microseconds=1)
 
 
 def timestamp_parser(*, with_tz: bool) -> Callable[[str], int | str]:
@@ -235,7 +235,7 @@ def parse_date(text: str) -> int | str:
     return _parse_date_days(text)
 
 
-_INTERVAL_RE = re.compile(
+_INTERVAL_RE: Final = re.compile(
     r"(?:([+-]?\d+) years? ?)?"
     r"(?:([+-]?\d+) mons? ?)?"
     r"(?:([+-]?\d+) days? ?)?"
@@ -267,7 +267,7 @@ def parse_interval(text: str) -> dict[str, int] | str:
     return {"months": months, "days": int(days or 0), "micros": micros}
 
 
-_NUMERIC_SPECIAL = {"NaN": "NAN", "Infinity": "INFINITY", "-Infinity": "NEG_INFINITY"}
+_NUMERIC_SPECIAL: Final = {"NaN": "NAN", "Infinity": "INFINITY", "-Infinity": "NEG_INFINITY"}
 
 
 def decimal_size(precision: int) -> int:

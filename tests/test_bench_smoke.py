@@ -30,6 +30,7 @@ EXPECTED_MEASURES = {
     "achieved write rate",
     "commit to Kafka ack p50",
     "commit to Kafka ack p99",
+    "ratio pure / as built",
 }
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
 
@@ -110,7 +111,7 @@ def test_cdc_quick_run_prints_numeric_result_table(
     assert "## cdc benchmark results" in stdout
     rows = table_rows(stdout, "| case ")
     cases = {r[0].split()[0] for r in rows}
-    assert cases == {"bulk", "txns", "rss", "latency"}, rows
+    assert cases == {"bulk", "txns", "rss", "latency", "hotpath"}, rows
     by_measure: dict[str, list[str]] = {}
     for case, measure, value, *_rest in rows:
         by_measure.setdefault(measure, []).append(value)

@@ -1,0 +1,104 @@
+"""The compiled hot path (devtools/compiled.py) and the pure-Python one give the same bytes.
+
+The same fixed pgoutput byte stream (tests/cdc/compiled_parity_driver.py) goes through the
+decoder, the assembler, the Avro envelope and the Kafka record framing twice, in two
+subprocesses: once with the checkout as built (the mypyc extension modules, where
+``python3 dev.py`` could compile them) and once on a copy of the ``.py`` sources alone.
+Every decoded message, event, schema, transaction end, error text and the record batch
+must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devtools import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = "tests.cdc.compiled_parity_driver"
+HOT = sorted(p[: -len(".py")].replace("/", ".") for p in compiled.HOT_MODULES)
+
+
+def _run(cwd: Path, seed: int, pythonpath: Path | None = None) -> list[str]:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    proc = subprocess.run(
+        [sys.executable, "-m", DRIVER, str(seed)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _pure_copy(dest: Path) -> Path:
+    """The sources of core/ and cdc/ (and the driver) without any compiled module."""
+    for package in ("core", "cdc"):
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("*.so"))
+    (dest / "tests" / "cdc").mkdir(parents=True)
+    for name in (
+        "tests/__init__.py",
+        "tests/cdc/__init__.py",
+        "tests/cdc/compiled_parity_driver.py",
+    ):
+        shutil.copy(ROOT / name, dest / name)
+    return dest
+
+
+def test_compiled_and_pure_builds_give_the_same_bytes(tmp_path: Path) -> None:
+    st = compiled.status()
+    if st.state != "compiled":
+        reason = compiled.why_not_buildable()
+        if reason is None and os.environ.get("CI"):
+            pytest.fail(f"a compiler is here but the hot modules are not built: {st}")
+        pytest.skip(f"no compiled build to compare ({compiled.describe(st)}; python3 dev.py build)")
+    for seed in (1, 2):
+        built = _run(ROOT, seed)
+        pure = _run(_pure_copy(tmp_path / f"pure{seed}"), seed, pythonpath=tmp_path / f"pure{seed}")
+        assert json.loads(built[0]) == {"compiled": HOT}
+        assert json.loads(pure[0]) == {"compiled": []}
+        assert len(built) > 300  # the stream really ran: messages, events, errors, records
+        assert sum('"event"' in line for line in built) > 200
+        assert any(line.startswith('{"bad_value_error"') for line in built)
+        for index, (a, b) in enumerate(zip(built[1:], pure[1:], strict=True), start=1):
+            assert a == b, f"line {index} differs:\ncompiled: {a[:400]}\npure:     {b[:400]}"
+
+
+def test_a_build_is_stale_once_a_module_it_depends_on_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for package in ("core", "cdc"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("*.so"))
+    monkeypatch.setattr(compiled, "MANIFEST", tmp_path / "manifest.json")
+    inputs = {p.relative_to(tmp_path).as_posix() for p in compiled.input_files(tmp_path)}
+    assert set(compiled.HOT_MODULES) <= inputs
+    assert "core/pg_types.py" in inputs  # imported by the hot modules, not compiled itself
+    assert compiled.status(tmp_path).state == "pure"
+
+    suffix = compiled.extension_suffix()
+    for module in compiled.HOT_MODULES:
+        (tmp_path / (module[: -len(".py")] + suffix)).write_bytes(b"")
+    (tmp_path / f"{compiled.GROUP}__mypyc{suffix}").write_bytes(b"")
+    assert compiled.status(tmp_path).state == "stale"  # no manifest
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"digest": compiled.source_digest(tmp_path)})
+    )
+    assert compiled.status(tmp_path).state == "compiled"
+
+    types = tmp_path / "core" / "pg_types.py"
+    types.write_text(types.read_text() + "\n# changed\n")
+    assert compiled.status(tmp_path) == compiled.Status(
+        "stale", len(compiled.HOT_MODULES) + 1, "sources changed since the build"
+    )
