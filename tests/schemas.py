@@ -58,6 +58,20 @@ the kinds of the date and time columns, which only rules that filter on them nee
 
 # --------------------------------------------------------------------------- crews: jobs, stock
 
+CREW_JOBS_RULES = """
+token_claims = ["crew"]
+
+[[bucket]]
+name = "crew_jobs"
+parameters = ["crew"]
+claims = { crew = "crew" }
+
+[[bucket.table]]
+table = "public.jobs"
+match = { crew = "crew" }
+"""
+"""One bucket per crew over ``public.jobs`` alone (the pipeline status and runbook tests)."""
+
 POISON_MARK = "<poison>"
 """A note holding this is refused by ``jobs``' CHECK constraint."""
 JOBS_TABLES = ["public.jobs", "public.stock"]

@@ -49,19 +49,9 @@ from tests.cdc.test_cdc_cli import cli_env
 from tests.fix_kafka import read_topic
 from tests.pipeline.pipeline_stack import Stack, services
 from tests.pipeline.runbook_steps import Runbooks, runbooks, steps
+from tests.schemas import CREW_JOBS_RULES
 
-RULES = """
-token_claims = ["crew"]
-
-[[bucket]]
-name = "crew_jobs"
-parameters = ["crew"]
-claims = { crew = "crew" }
-
-[[bucket.table]]
-table = "public.jobs"
-match = { crew = "crew" }
-"""
+RULES = CREW_JOBS_RULES
 CONFLICTS = '[default]\npolicy = "server_wins"\n'
 DDL = "create table jobs (id integer primary key, crew text not null, note text)"
 SITES = 20

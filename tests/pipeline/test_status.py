@@ -36,19 +36,9 @@ from relay.auth import issue_token
 from tests.cdc.cdc_support import wait_for
 from tests.cdc.test_cdc_cli import daemon_config, run_cli
 from tests.pipeline.pipeline_stack import services
+from tests.schemas import CREW_JOBS_RULES
 
-RULES = """
-token_claims = ["crew"]
-
-[[bucket]]
-name = "crew_jobs"
-parameters = ["crew"]
-claims = { crew = "crew" }
-
-[[bucket.table]]
-table = "public.jobs"
-match = { crew = "crew" }
-"""
+RULES = CREW_JOBS_RULES
 CONFLICTS = (
     '[default]\npolicy = "server_wins"\n\n[[table]]\ntable = "public.jobs"\npolicy = "ask"\n'
 )
