@@ -26,6 +26,7 @@ __all__ = [
     "has_bootstrap_timeout",
     "is_kafka_error",
     "kafka_errors",
+    "within_timeout",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,23 @@ def client_config(
     if ssl_cafile:
         kw["ssl_cafile"] = ssl_cafile
     return kw
+
+
+def within_timeout(kafka: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """A copy of the client arguments *kafka* whose request and first-connection waits
+    are at most *timeout_s* (and at least one second).
+
+    ``bootstrap_timeout_ms`` is set only where kafka-python has it (2.x rejects it).
+    """
+    timeout_ms = max(1000, int(timeout_s * 1000))
+    bounded = dict(kafka)
+    bounded["request_timeout_ms"] = min(
+        int(bounded.get("request_timeout_ms", timeout_ms)), timeout_ms
+    )
+    if has_bootstrap_timeout():
+        current = int(bounded.get("bootstrap_timeout_ms", timeout_ms))
+        bounded["bootstrap_timeout_ms"] = min(current, timeout_ms)
+    return bounded
 
 
 def build_client(cls: Any, **config: Any) -> Any:

@@ -34,6 +34,7 @@ __all__ = [
     "check_positive",
     "check_topic_prefix",
     "close_match_hint",
+    "closest_match",
     "redact_dsn",
 ]
 
@@ -115,7 +116,18 @@ def redact_dsn(dsn: str) -> str:
     return PASSWORD_PARAM.sub(r"\1***", dsn)
 
 
+def closest_match(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate a misspelt *word* most likely meant: the closest by
+    :func:`difflib.get_close_matches`, else one equal to it but for case, else None."""
+    names = list(candidates)
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    lowered = {c.lower(): c for c in names}
+    return lowered.get(word.lower())
+
+
 def close_match_hint(name: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the candidate closest to a misspelt *name*, else ``""``."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest_match(name, candidates)
+    return f" (did you mean {close!r}?)" if close is not None else ""

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import logging
 import os
 import re
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from core.errors import ConfigError
+from core.settings_checks import closest_match
 from core.settings_types import (
     ValueType,
     shorten,
@@ -225,12 +225,8 @@ def _check_model(model: type[Any], expected: Mapping[str, Any], what: str) -> No
 
 
 def _did_you_mean(word: str, candidates: Iterable[str], fmt: str = "{}") -> str:
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    if not match:
-        lowered = {c.lower(): c for c in candidates}
-        if word.lower() in lowered:
-            match = [lowered[word.lower()]]
-    return f"; did you mean {fmt.format(match[0])}?" if match else ""
+    match = closest_match(word, candidates)
+    return f"; did you mean {fmt.format(match)}?" if match is not None else ""
 
 
 class Registry(Generic[M]):

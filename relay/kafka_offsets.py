@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
-from core.kafka_options import build_client, is_kafka_error
+from core.kafka_options import build_client, is_kafka_error, within_timeout
 from relay.errors import BrokerUnavailable
 
 __all__ = ["PROBE_FETCH_BYTES", "PartitionLag", "TopicsLag", "partition_lag"]
@@ -74,10 +74,7 @@ def partition_lag(
     from kafka import KafkaConsumer
 
     servers = ",".join(kafka.get("bootstrap_servers") or ())
-    bounded = dict(kafka)
-    for name in ("request_timeout_ms", "bootstrap_timeout_ms"):  # each request within timeout_s
-        if name in bounded:
-            bounded[name] = max(1000, min(int(bounded[name]), int(timeout_s * 1000)))
+    bounded = within_timeout(dict(kafka), timeout_s)  # each request within timeout_s
     try:
         consumer = build_client(
             KafkaConsumer,

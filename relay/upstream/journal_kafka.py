@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from core.journal_format import JournalRecord
-from core.kafka_options import build_client, is_kafka_error
+from core.kafka_options import build_client, is_kafka_error, within_timeout
 from core.value_schemas import column_types_from_schemas
 from core.values import ColumnType
 from relay.api_errors import Unavailable
@@ -76,13 +76,11 @@ class JournalProducer:
 
         t_ms = int(self.config.kafka_timeout_s * 1000)
         kw = {
-            **self.kafka,
-            "request_timeout_ms": min(int(self.kafka.get("request_timeout_ms", t_ms)), t_ms),
+            **within_timeout(self.kafka, self.config.kafka_timeout_s),
             "acks": "all",
             "enable_idempotence": True,
             "linger_ms": 2,
             "max_block_ms": t_ms,
-            "bootstrap_timeout_ms": t_ms,
             "delivery_timeout_ms": t_ms + 1000,
         }
         if self._factory is not None:
@@ -93,9 +91,8 @@ class JournalProducer:
         """Create ``_journal`` and ``_outcomes`` if missing (as the applier does), once."""
         if self._topics_ok or self._factory is not None:
             return
-        t_ms = int(self.config.kafka_timeout_s * 1000)
         ensure_journal_topics(
-            {**self.kafka, "bootstrap_timeout_ms": t_ms},
+            within_timeout(self.kafka, self.config.kafka_timeout_s),
             (self.config.journal_topic, self.config.outcomes_topic),
             self.config.topic_partitions,
         )

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from core.kafka_options import client_config, has_bootstrap_timeout, is_kafka_error
+from core.kafka_options import client_config, has_bootstrap_timeout, is_kafka_error, within_timeout
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 hosts = st.from_regex(r"[a-z][a-z0-9.-]{0,20}:[1-9][0-9]{0,4}", fullmatch=True)
@@ -72,3 +72,23 @@ def test_kafka_errors_are_told_from_others() -> None:
     assert is_kafka_error(KafkaTimeoutError())
     assert not is_kafka_error(OSError("connection refused"))
     assert not is_kafka_error(ValueError("x"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    configured_s=st.floats(min_value=0.5, max_value=600),
+    bound_s=st.floats(min_value=0.001, max_value=600),
+)
+def test_within_timeout_never_waits_longer_than_its_bound(
+    configured_s: float, bound_s: float
+) -> None:
+    kw = client_config("k:9092", timeout_s=configured_s)
+    bounded = within_timeout(kw, bound_s)
+    limit = max(1000, int(bound_s * 1000))
+    assert bounded["request_timeout_ms"] == min(int(configured_s * 1000), limit)
+    assert bounded["bootstrap_servers"] == ["k:9092"]
+    assert kw["request_timeout_ms"] == int(configured_s * 1000)  # the caller's dict is not changed
+    if has_bootstrap_timeout():
+        assert bounded["bootstrap_timeout_ms"] == min(int(configured_s * 1000), limit)
+    else:
+        assert "bootstrap_timeout_ms" not in bounded

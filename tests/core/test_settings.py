@@ -733,3 +733,13 @@ def test_toml_literal_round_trips(value: Any) -> None:
     parsed = tomllib.loads(f"x = {toml_literal(value)}\n")["x"]
     assert parsed == value
     assert type(parsed) is type(value)
+
+
+def test_closest_match_prefers_a_close_spelling_then_a_case_variant() -> None:
+    from core.settings_checks import close_match_hint, closest_match
+
+    assert closest_match("metrcs_listen", ["metrics_listen", "log_level"]) == "metrics_listen"
+    assert closest_match("LOG", ["log", "dsn"]) == "log"
+    assert closest_match("zzz", ["log", "dsn"]) is None
+    assert close_match_hint("LOG", ["log", "dsn"]) == " (did you mean 'log'?)"
+    assert close_match_hint("zzz", ["log"]) == ""
