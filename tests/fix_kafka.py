@@ -47,12 +47,19 @@ def topic_prefix() -> str:
     return "fs" + uuid.uuid4().hex[:10]
 
 
+class TopicReadTimeout(AssertionError):
+    """A topic's records could not be read to the end (or to ``expect``) in time."""
+
+
 def read_topic(
-    bootstrap: str, topic: str, timeout: float = 10.0, expect: int | None = None
+    bootstrap: str, topic: str, timeout: float = 30.0, expect: int | None = None
 ) -> list[Any]:
     """Every committed record of ``topic`` (all partitions), in partition/offset order.
 
-    Polls until the end offsets are reached (or ``expect`` records are seen) or timeout.
+    Polls until the end offsets are reached (or ``expect`` records are seen).  A topic
+    that does not exist within ``timeout`` reads as empty; records that cannot be read
+    to the end (or to ``expect``) within ``timeout`` raise :class:`TopicReadTimeout`
+    naming the topic and the count read, never a silent part of the topic.
     """
     import time
 
@@ -79,7 +86,12 @@ def read_topic(
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         records: list[Any] = []
-        while time.monotonic() < deadline:
+        while True:
+            if time.monotonic() >= deadline:
+                wanted = f"{expect} records" if expect is not None else "its end offsets"
+                raise TopicReadTimeout(
+                    f"read {len(records)} records of {topic} in {timeout:g} s, not {wanted}"
+                )
             batch = consumer.poll(timeout_ms=300, max_records=10000)
             for _tp, msgs in batch.items():
                 records.extend(msgs)
@@ -97,7 +109,7 @@ def read_topic(
 
 @pytest.fixture
 def kafka_reader(kafka_bootstrap: str) -> Any:
-    def _read(topic: str, timeout: float = 10.0, expect: int | None = None) -> list[Any]:
+    def _read(topic: str, timeout: float = 30.0, expect: int | None = None) -> list[Any]:
         return read_topic(kafka_bootstrap, topic, timeout=timeout, expect=expect)
 
     return _read

@@ -191,7 +191,7 @@ class Env:
         """The latest outcome per (device, seq) in ``_outcomes`` (waiting for ``expect``)."""
         deadline = time.monotonic() + 20
         while True:
-            records = read_topic(self.bootstrap, f"{self.prefix}._outcomes", timeout=5)
+            records = read_topic(self.bootstrap, f"{self.prefix}._outcomes", timeout=30)
             latest: dict[tuple[str, int], Outcome] = {}
             for r in records:
                 for o in decode_outcomes(r.value):

@@ -199,7 +199,7 @@ class Env:
         return [
             JournalRecord.from_bytes(r.value)
             for r in read_topic(
-                self.bootstrap, f"{self.prefix}._journal", timeout=10, expect=expect
+                self.bootstrap, f"{self.prefix}._journal", timeout=30, expect=expect
             )
         ]
 
@@ -496,7 +496,7 @@ def test_ask_conflict_is_listed_resolved_and_resolving_twice_is_harmless(
 def outcomes_in_kafka(env: Env) -> list[Outcome]:
     from core.journal_format import decode_outcomes
 
-    records = read_topic(env.bootstrap, f"{env.prefix}._outcomes", timeout=5)
+    records = read_topic(env.bootstrap, f"{env.prefix}._outcomes", timeout=30)
     return [o for r in records for o in decode_outcomes(r.value)]
 
 
