@@ -9,7 +9,11 @@ lock):
 - ``outcomes``: the latest outcome per ``(device_id, seq)`` (:func:`relay.upstream.intake.latest_per_entry`:
   a ``resolved`` outcome is final), each change under a new position ``pos`` from a
   store-wide sequence, allocated under a transaction-level advisory lock so positions
-  become visible in order; a device reads its outcomes after a position;
+  become visible in order; a device reads its outcomes after a position.  The sequence
+  starts at the store's creation time in microseconds: a store rebuilt from Kafka hands
+  out positions above every position of the store it replaced (unless that one gave out
+  more than one position per microsecond of its life), so a device's outcome cursor
+  from the old store misses none of the new one's outcomes;
 - ``feed_offsets``: the outcome feed's Kafka offsets, written in the same transaction as
   the outcomes they carried.
 
@@ -88,6 +92,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         next_offset bigint not null,
         primary key (topic, partition)
     );
+    """,
+    # positions start at the store's creation time in microseconds, so the positions of a
+    # rebuilt store are above every position a device holds from the store it replaces
+    f"""
+    select setval('{SCHEMA}.outcome_pos', greatest(
+        (select last_value from {SCHEMA}.outcome_pos),
+        (extract(epoch from clock_timestamp()) * 1000000)::bigint
+    ));
     """,
 )
 

@@ -606,6 +606,34 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
         store.close()
 
 
+def test_a_rebuilt_outcome_store_misses_no_outcome_behind_an_old_cursor(
+    store_dsn: str, pg_server: Any
+) -> None:
+    """A device's outcome cursor from a store that was then rebuilt (a new, empty store
+    database fed from ``_outcomes`` again) still sees every outcome of the new store."""
+    from tests.fix_pg import fresh_database
+
+    old = JournalStore(store_dsn)
+    old.migrate()
+    try:
+        old.put_outcomes([_outcome(seq, "applied", seq) for seq in range(1, 51)])
+        cursor = old.read_outcomes("d", 0, 100).cursor
+    finally:
+        old.close()
+    with fresh_database(pg_server, "store_") as rebuilt_dsn:
+        new = JournalStore(rebuilt_dsn)
+        new.migrate()
+        try:
+            # the feed copies the same records again, then a new outcome arrives
+            new.put_outcomes([_outcome(seq, "applied", seq) for seq in range(1, 51)])
+            new.put_outcomes([_outcome(51, "rejected", 51)])
+            page = new.read_outcomes("d", cursor, 100)
+            assert sorted(orjson_loads(p)["seq"] for p in page.payloads) == list(range(1, 52))
+            assert page.cursor > cursor
+        finally:
+            new.close()
+
+
 def orjson_loads(text: str) -> Any:
     import orjson
 
