@@ -8,7 +8,8 @@ for a person (a ``_fieldsync_conflicts`` row, settled later by a ``resolved`` ou
 ``visible_after`` (:func:`visible_after`): the entry then keeps its edit on top
 (``await_lsn``) until a server version at or above that position arrives
 (device_agent/visible.py).  The same outcome read again changes nothing (the relay may
-send it again); a rejection at upload makes its entry ``failed``.  Every entry that
+send it again), and a ``resolved`` entry stays resolved whatever older outcome comes
+again (as in the relay's outcome store); a rejection at upload makes its entry ``failed``.  Every entry that
 settles has its row derived again (:class:`device_agent.derive.RowDeriver`).
 
 Runs inside the caller's open transaction (device_agent/apply.py), on its connection and
@@ -49,6 +50,19 @@ def visible_after(outcome: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _stored_kind(stored: str | None) -> str:
+    """The kind of an entry's recorded outcome JSON, "" when none or unreadable."""
+    if not stored:
+        return ""
+    try:
+        before = orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        return ""
+    return (
+        str(before.get("outcome") or before.get("kind") or "") if isinstance(before, dict) else ""
+    )
+
+
 def _same_outcome(stored: str | None, kind: str, bound: int | None) -> bool:
     """Whether the entry's recorded outcome is this one again (same kind and bound)."""
     if not stored:
@@ -80,6 +94,8 @@ def record_outcomes(rows: RowDeriver, outcomes: Iterable[Mapping[str, Any]]) -> 
         if found is None or status is None:
             continue
         tid, k, before, awaiting = found
+        if kind != "resolved" and _stored_kind(before) == "resolved":
+            continue  # resolved is final: an older outcome sent again must not reopen it
         bound = visible_after(o)
         if not _same_outcome(before, kind, bound):  # a repeated one changes nothing
             awaiting = bound if status != "failed" and tid in rows.by_id else None

@@ -351,6 +351,39 @@ def test_conflicts_listed_and_resolved_with_a_new_edit(tmp_path: Path) -> None:
     assert r.exit_code == 2
 
 
+def test_a_resolved_entry_is_not_reopened_by_an_older_outcome_sent_again(tmp_path: Path) -> None:
+    """A relay may send an entry's outcomes again (a rebuilt outcome store): a ``conflict``
+    received after the entry's ``resolved`` changes nothing."""
+    server = FakeServer()
+    server.put(T1, WO, [1], order(1))
+    server.put(T1, WO, [2], order(2))
+    relay = MockRelay(server)
+    agent = mocked_agent(tmp_path, relay)
+    agent.sync_once()
+    app = sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None)
+    app.execute("update work_orders set status = 'done' where id = 1")
+    agent.sync_once()
+    conflict = {
+        "device_id": "tab-7",
+        "seq": 1,
+        "outcome": "conflict",
+        "conflict": {"columns": {"status": {"base": "open", "server": "x", "device": "done"}}},
+    }
+    relay.outcomes = [conflict]
+    agent.sync_once()
+    relay.outcomes = [{"device_id": "tab-7", "seq": 1, "outcome": "resolved"}]
+    agent.sync_once()
+    journal = f"select seq, status, json_extract(outcome, '$.outcome') from {PREFIX}journal"
+    assert agent.conn.execute(journal).fetchall() == [(1, "synced", "resolved")]
+    app.execute("update work_orders set status = 'done' where id = 2")  # keeps outcomes asked
+    agent.sync_once()
+    relay.outcomes = [conflict]
+    agent.sync_once()
+    assert agent.conn.execute(journal + " where seq = 1").fetchall() == [(1, "synced", "resolved")]
+    assert agent.conn.execute(f"select status from {PREFIX}conflicts").fetchall() == [("resolved",)]
+    agent.close()
+
+
 def test_reset_discards_edits_only_when_asked(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
