@@ -29,7 +29,8 @@ Protocol (docs/relay.md, "Device API", is the reference for clients):
   authentication and per-device rate limit; this path knows nothing of what they do.
 
 Modules: this one builds the app; relay/downstream/api_sync.py is the read path (pages,
-long-poll, read-ahead), api_stream.py the WebSocket, api_cursor.py the cursor,
+long-poll, read-ahead), api_bodies.py the changes responses prepared whole (rendered and
+gzip-compressed ahead of the request), api_stream.py the WebSocket, api_cursor.py the cursor,
 api_messages.py the bodies and their OpenAPI models, api_limits.py rate, size, time and
 connection limits (413 also after gzip request decompression, 408, 503, 429 with
 ``Retry-After``).  Errors all have the shape of :mod:`relay.api_errors`.  A client that
