@@ -279,11 +279,11 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
                 wait_always=cursor is not None,
             )
             prepared = await prepare(state, page, dropped, gzip)
-        OPS_SERVED.inc(prepared.page.op_count)
-        if prepared.page.has_more:
+        OPS_SERVED.inc(prepared.op_count)
+        if prepared.has_more:
             state.prefetch.start(
                 (device.device_id, tuple(buckets), prepared.cursor, size, gzip),
-                read_ahead(state, prepared.page, size, gzip),
+                read_ahead(state, prepared, size, gzip),
             )
         return prepared.response()
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from fastapi.responses import Response
@@ -43,10 +43,15 @@ _GZIP_WBITS: Final = 16 + isal_zlib.MAX_WBITS
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PreparedChanges:
-    """A changes response ready to send: the page it renders, the message's ``cursor``,
-    and the body (``gzipped``: gzip-compressed)."""
+    """A changes response ready to send: what the handler needs of its page (how many
+    ops, whether more wait, the cursors and epochs the next page is read from), the
+    message's ``cursor``, and the body (``gzipped``: gzip-compressed).  The page's ops
+    are not kept: a prepared page read ahead holds only its body."""
 
-    page: OpsPage
+    op_count: int
+    has_more: bool
+    cursors: Mapping[str, int]
+    epochs: Mapping[str, int]
     cursor: str
     body: bytes
     gzipped: bool
@@ -81,11 +86,17 @@ async def prepare_changes(
     body has at least ``min_bytes``, at zlib-style ``level``."""
     message = changes_message(page, dropped)
     body = dumps(message)
-    cursor = str(message["cursor"])
-    if not gzip or len(body) < min_bytes:
-        return PreparedChanges(page, cursor, body, False)
-    if len(body) >= THREAD_MIN_BYTES:
-        packed = await asyncio.to_thread(gzip_bytes, body, level)
-    else:
-        packed = gzip_bytes(body, level)
-    return PreparedChanges(page, cursor, packed, True)
+    zipped = gzip and len(body) >= min_bytes
+    if zipped and len(body) >= THREAD_MIN_BYTES:
+        body = await asyncio.to_thread(gzip_bytes, body, level)
+    elif zipped:
+        body = gzip_bytes(body, level)
+    return PreparedChanges(
+        page.op_count,
+        page.has_more,
+        dict(page.cursors),
+        dict(page.epochs),
+        str(message["cursor"]),
+        body,
+        zipped,
+    )

@@ -171,9 +171,11 @@ async def prepare(
     return await prepare_changes(page, dropped, gzip, cfg.gzip_min_bytes, cfg.gzip_level)
 
 
-async def read_ahead(state: ApiState, page: OpsPage, limit: int, gzip: bool) -> PreparedChanges:
-    """The response of the page after ``page`` (same buckets and limit), prepared."""
-    after = await read_page(state, dict(page.cursors), limit, dict(page.epochs))
+async def read_ahead(
+    state: ApiState, before: PreparedChanges, limit: int, gzip: bool
+) -> PreparedChanges:
+    """The response of the page after ``before`` (same buckets and limit), prepared."""
+    after = await read_page(state, before.cursors, limit, before.epochs)
     return await prepare(state, after, (), gzip)
 
 
