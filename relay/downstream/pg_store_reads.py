@@ -8,8 +8,11 @@ count, last op id) and head op id come from one snapshot; readers never block wr
 ``(bucket, cursor)`` slice once however many requests need it (the plan and each page's
 composition are relay/downstream/page_plan.py), flags buckets that must re-sync (a cursor
 from before a drop of REMOVEs, or from another store:
-:meth:`BucketCheckpoint.needs_resync`), and moves each cursor as far as its page reaches.  psycopg errors propagate to the caller, which
-converts them.
+:meth:`BucketCheckpoint.needs_resync`), and moves each cursor as far as its page reaches.
+A page for the wire (:attr:`PageRequest.wire`) is rendered by PostgreSQL: each op as the
+device API's JSON from the stored texts, a slice's ops joined into one text in op-id
+order, so the relay gets one string per slice, not one row per op.  psycopg errors
+propagate to the caller, which converts them.
 """
 
 from __future__ import annotations
