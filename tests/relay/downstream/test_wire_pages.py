@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from relay.downstream.api_bodies import gzip_bytes, prepare_changes
 from relay.downstream.api_messages import changes_message, dumps, ops_json
 from relay.downstream.api_sync import ApiConfig
-from relay.downstream.bucket_store import ChangeKind, OpsPage, PageRequest, RowChange
+from relay.downstream.bucket_store import ChangeKind, OpKind, OpsPage, PageRequest, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import TableInfo, bucket_id
 from relay.downstream.rules_parser import rules_from_mapping
@@ -99,18 +99,19 @@ def test_wire_pages_are_the_op_pages_rendered(store: PgBucketStore) -> None:
     )
     def check(rows: list[tuple[str, dict[str, Any], bool]], limit: int, several: bool) -> None:
         head = store.stats()["head_op_id"]
-        changes = []
+        puts, deletes = [], []
         for n, (tech, values, delete) in enumerate(rows):
             i = next(next_id)
             row = {"id": i, "tech": tech, **values}
-            changes.append(RowChange(T, ChangeKind.UPSERT, (head + 1, n), (i,), row))
-            if delete:
-                changes.append(RowChange(T, ChangeKind.DELETE, (head + 1, n), (i,), None))
-        store.apply(RULES, changes)
+            puts.append(RowChange(T, ChangeKind.UPSERT, (head + 1, n), (i,), row))
+            if delete:  # a later change: the row leaves its buckets (REMOVE ops)
+                deletes.append(RowChange(T, ChangeKind.DELETE, (head + 1, 100 + n), (i,)))
+        store.apply(RULES, puts)
+        store.apply(RULES, deletes)
         first = bucket_id("tech", [rows[0][0]])
         buckets = sorted({bucket_id("tech", [t]) for t, _, _ in rows})
         wanted = {b: head for b in ([*buckets, "all[]"] if several else [first])}
-        seen = 0
+        seen = removes = 0
         for wire, plain in _page_pairs(store, wanted, limit):
             assert wire.wire is not None and wire.ops == ()
             assert wire.wire.count == len(plain.ops) and wire.op_count == plain.op_count
@@ -123,7 +124,9 @@ def test_wire_pages_are_the_op_pages_rendered(store: PgBucketStore) -> None:
             )
             assert dumps(changes_message(wire, [])) == dumps(changes_message(plain, []))
             seen += len(plain.ops)
+            removes += sum(op.kind is OpKind.REMOVE for op in plain.ops)
         assert seen >= (len(rows) if several else 1)
+        assert removes >= (len(deletes) if several else 0)
 
     check()
 
