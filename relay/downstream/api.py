@@ -29,7 +29,8 @@ Protocol (docs/relay.md, "Device API", is the reference for clients):
   authentication and per-device rate limit; this path knows nothing of what they do.
 
 Modules: this one builds the app; relay/downstream/api_sync.py is the read path (pages,
-long-poll, read-ahead), api_stream.py the WebSocket, api_cursor.py the cursor,
+long-poll, read-ahead), api_bodies.py the changes responses prepared whole (rendered and
+gzip-compressed ahead of the request), api_stream.py the WebSocket, api_cursor.py the cursor,
 api_messages.py the bodies and their OpenAPI models, api_limits.py rate, size, time and
 connection limits (413 also after gzip request decompression, 408, 503, 429 with
 ``Retry-After``).  Errors all have the shape of :mod:`relay.api_errors`.  A client that
@@ -59,6 +60,7 @@ from starlette.requests import ClientDisconnect
 from core.log_context import bind_log_context
 from relay.api_errors import RateLimited, Unavailable, error_response, install_error_handlers
 from relay.auth import Authenticator, DeviceIdentity
+from relay.downstream.api_bodies import accepts_gzip
 from relay.downstream.api_context import RequestIdMiddleware
 from relay.downstream.api_cursor import (
     MAX_CURSOR_CHARS,
@@ -74,13 +76,19 @@ from relay.downstream.api_messages import (
     HealthMessage,
     OrjsonResponse,
     SchemaMessage,
-    changes_message,
     checkpoint_json,
     dumps,
     visible_schema,
 )
 from relay.downstream.api_stream import serve_stream
-from relay.downstream.api_sync import ApiConfig, ApiState, granted, next_changes, read_page
+from relay.downstream.api_sync import (
+    ApiConfig,
+    ApiState,
+    granted,
+    next_changes,
+    prepare,
+    read_ahead,
+)
 from relay.downstream.bucket_store import BucketStore
 from relay.downstream.rules import Rules
 from relay.errors import RelayError
@@ -231,6 +239,7 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
         f"/{API_VERSION}/changes", response_model=ChangesMessage, responses=ERRORS, tags=["device"]
     )
     async def changes(
+        request: Request,
         device: Device,
         cursor: Annotated[
             str | None,
@@ -255,9 +264,11 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
         if rest is not None:  # a cursor naming many buckets no longer granted: in parts
             return Response(dumps(dropped_message(dropped, rest)), media_type="application/json")
         size = min(limit or cfg.page_default, cfg.max_page_ops)
-        ahead = state.prefetch.take((device.device_id, tuple(buckets), cursor or "", size))
+        gzip = accepts_gzip(request.headers.get("accept-encoding", ""))
+        key = (device.device_id, tuple(buckets), cursor or "", size, gzip)
+        ahead = state.prefetch.take(key) if not dropped else None
         if ahead is not None:
-            page = await ahead
+            prepared = await ahead
         else:
             page = await next_changes(
                 state,
@@ -267,14 +278,14 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
                 min(wait, cfg.long_poll_s),
                 wait_always=cursor is not None,
             )
-        message = changes_message(page, dropped)
-        OPS_SERVED.inc(page.op_count)
-        if page.has_more:
+            prepared = await prepare(state, page, dropped, gzip)
+        OPS_SERVED.inc(prepared.op_count)
+        if prepared.has_more:
             state.prefetch.start(
-                (device.device_id, tuple(buckets), message["cursor"], size),
-                read_page(state, dict(page.cursors), size, dict(page.epochs)),
+                (device.device_id, tuple(buckets), prepared.cursor, size, gzip),
+                read_ahead(state, prepared, size, gzip),
             )
-        return Response(dumps(message), media_type="application/json")
+        return prepared.response()
 
     @app.get(
         f"/{API_VERSION}/checkpoint",

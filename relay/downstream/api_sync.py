@@ -24,9 +24,11 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from typing import Generic, TypeVar
 
 from relay.api_errors import Unavailable
 from relay.auth import Authenticator, DeviceIdentity
+from relay.downstream.api_bodies import PreparedChanges, prepare_changes
 from relay.downstream.api_cursor import Cursor
 from relay.downstream.api_limits import RateLimiter
 from relay.downstream.api_reads import PageReads
@@ -79,15 +81,18 @@ class ApiConfig:
 # --------------------------------------------------------------------------- state and reads
 
 
-PrefetchKey = tuple[str, tuple[str, ...], str, int]
-"""(device id, its buckets, cursor text, limit) of a page read ahead."""
+PrefetchKey = tuple[str, tuple[str, ...], str, int, bool]
+"""(device id, its buckets, cursor text, limit, gzip accepted) of a page read ahead."""
+
+_T = TypeVar("_T")
 
 
-class Prefetcher:
+class Prefetcher(Generic[_T]):
     """Pages read ahead for devices that are catching up (``has_more``).
 
     While a device parses page N, the relay already reads page N+1 from the
-    store; the device's next request (same device, buckets, cursor and limit)
+    store and prepares its response (relay/downstream/api_bodies.py); the
+    device's next request (same device, buckets, cursor, limit and gzip or not)
     takes it.  At most ``size`` pages are held, each for at most ``ttl_s``
     seconds; older ones are dropped.  A page read ahead comes from a slightly
     earlier store snapshot, which is exactly what the device would have got by
@@ -97,12 +102,12 @@ class Prefetcher:
     def __init__(self, size: int = 16, ttl_s: float = 30.0) -> None:
         self.size = size
         self.ttl_s = ttl_s
-        self._pages: dict[PrefetchKey, tuple[float, asyncio.Task[OpsPage]]] = {}
+        self._pages: dict[PrefetchKey, tuple[float, asyncio.Task[_T]]] = {}
 
     def __len__(self) -> int:
         return len(self._pages)
 
-    def start(self, key: PrefetchKey, read: Awaitable[OpsPage]) -> None:
+    def start(self, key: PrefetchKey, read: Awaitable[_T]) -> None:
         now = time.monotonic()
         for k, (at, task) in list(self._pages.items()):
             if now - at > self.ttl_s or len(self._pages) >= self.size:
@@ -112,14 +117,14 @@ class Prefetcher:
         task.add_done_callback(_retrieve)
         self._pages[key] = (now, task)
 
-    def take(self, key: PrefetchKey) -> asyncio.Task[OpsPage] | None:
+    def take(self, key: PrefetchKey) -> asyncio.Task[_T] | None:
         entry = self._pages.pop(key, None)
         if entry is None or time.monotonic() - entry[0] > self.ttl_s:
             return None
         return entry[1]
 
 
-def _retrieve(task: asyncio.Task[OpsPage]) -> None:
+def _retrieve(task: asyncio.Task[_T]) -> None:
     """Mark a read-ahead's exception as seen (it resurfaces when the page is taken)."""
     if not task.cancelled():
         task.exception()
@@ -134,7 +139,7 @@ class ApiState:
     authenticator: Authenticator
     config: ApiConfig
     limiter: RateLimiter
-    prefetch: Prefetcher = dataclasses.field(default_factory=Prefetcher)
+    prefetch: Prefetcher[PreparedChanges] = dataclasses.field(default_factory=Prefetcher)
     reads: PageReads = dataclasses.field(init=False)
     """Every page read goes through it: reads made at the same moment share one store
     read (relay/downstream/api_reads.py)."""
@@ -155,6 +160,23 @@ async def read_page(
     except RelayError as exc:
         log.warning("bucket store read failed: %s", exc)
         raise Unavailable("the bucket store cannot be read right now; retry shortly") from exc
+
+
+async def prepare(
+    state: ApiState, page: OpsPage, dropped: Sequence[str], gzip: bool
+) -> PreparedChanges:
+    """The response of ``page`` (relay/downstream/api_bodies.py), gzipped when ``gzip``
+    and the body reaches ``gzip_min_bytes``."""
+    cfg = state.config
+    return await prepare_changes(page, dropped, gzip, cfg.gzip_min_bytes, cfg.gzip_level)
+
+
+async def read_ahead(
+    state: ApiState, before: PreparedChanges, limit: int, gzip: bool
+) -> PreparedChanges:
+    """The response of the page after ``before`` (same buckets and limit), prepared."""
+    after = await read_page(state, before.cursors, limit, before.epochs)
+    return await prepare(state, after, (), gzip)
 
 
 async def next_changes(

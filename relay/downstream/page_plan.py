@@ -13,12 +13,18 @@ bucket above the same cursor.  :func:`plan_reads` groups them:
 - a request with several pending buckets needs their merged ops; identical sets of
   ``(bucket, cursor)`` pairs are read once (with the largest limit asked).
 
+A request for the wire form (:attr:`PageRequest.wire`: the ops as the device API's JSON)
+is answered by the store with each slice rendered whole, as one text; its slice is keyed
+by its own limit as well (devices at the same position asking the same page size still
+share one read).
+
 :func:`compose` then makes each page from the slices: its first ``limit`` ops, each
 cursor moved as far as the page reaches, exactly the page :meth:`BucketStore.read_ops`
 would have answered for that request alone in the same snapshot (the first ``limit`` ops
-of a read with a larger limit are the ops of the read with the smaller one).  Slices hold
-``(op_id, item)`` pairs, the item being an :class:`Op` or anything the reader made of the
-row (the rendered JSON of an op), so one composition serves every form of page.
+of a read with a larger limit are the ops of the read with the smaller one).  A slice is
+anything that gives its first ops (:class:`Slice`): :class:`OpRows` holds ``(op_id,
+Op)`` pairs and cuts them at any limit; a wire slice (:class:`WireRun`) holds its ops'
+count, last op id and text, read for exactly its request's limit.
 
 Pure: values in, values out; safe from any thread.
 """
@@ -27,17 +33,52 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from relay.downstream.bucket_store import BucketCheckpoint, PageRequest
+from relay.downstream.bucket_store import BucketCheckpoint, Op, PageRequest
 
 _T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
 
 Pairs = tuple[tuple[str, int], ...]
 """The ``(bucket, cursor)`` pairs a slice covers, in bucket order (one pair for most)."""
-SliceKey = tuple[bool, Pairs]
-"""A slice: whether its ops are rendered for the wire (:attr:`PageRequest.wire`), and
-its pairs."""
+SliceKey = tuple[bool, Pairs, int]
+"""A slice: whether its ops are rendered for the wire (:attr:`PageRequest.wire`), its
+pairs, and for the wire its requests' limit (0 otherwise: the largest limit asked)."""
+
+
+class Slice(Protocol[_T_co]):
+    """The ops a slice read gives, as the reader made them."""
+
+    def head(self, limit: int) -> tuple[int, int, _T_co]:
+        """The first ``limit`` ops: ``(how many, the last one's op id or 0, the items)``."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpRows:
+    """A slice of :class:`Op` objects, ``(op_id, op)`` in op-id order."""
+
+    rows: Sequence[tuple[int, Op]]
+
+    def head(self, limit: int) -> tuple[int, int, tuple[Op, ...]]:
+        taken = self.rows[:limit]
+        return len(taken), taken[-1][0] if taken else 0, tuple(op for _, op in taken)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WireRun:
+    """A slice rendered for the wire by the store, whole: its ops' count, the last op
+    id, and the ops' JSON texts joined by commas (read for its requests' limit)."""
+
+    count: int
+    last_op_id: int
+    text: str
+
+    def head(self, limit: int) -> tuple[int, int, str]:
+        if limit < self.count:
+            raise ValueError(f"a wire slice of {self.count} ops cannot be cut at {limit}")
+        return self.count, self.last_op_id, self.text
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,9 +97,9 @@ class ReadPlan:
     limits: Mapping[SliceKey, int]
 
     @property
-    def single(self) -> dict[tuple[bool, str, int], int]:
-        """The one-pair slices: ``(wire, bucket, cursor)`` → limit."""
-        return {(w, *pairs[0]): n for (w, pairs), n in self.limits.items() if len(pairs) == 1}
+    def single(self) -> dict[SliceKey, int]:
+        """The one-pair slices: key → limit."""
+        return {key: n for key, n in self.limits.items() if len(key[1]) == 1}
 
     @property
     def merged(self) -> dict[SliceKey, int]:
@@ -68,10 +109,12 @@ class ReadPlan:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PageFrame(Generic[_T]):
-    """A composed page: its items (``limit`` at most, op-id order), the cursors after
-    them, the buckets to re-sync, ``has_more`` and the buckets' epochs."""
+    """A composed page: its ops (``count``, ``limit`` at most, op-id order, as the
+    slice's :meth:`Slice.head` gives them), the cursors after them, the buckets to
+    re-sync, ``has_more`` and the buckets' epochs."""
 
-    items: tuple[_T, ...]
+    count: int
+    items: _T
     cursors: Mapping[str, int]
     resync: frozenset[str]
     has_more: bool
@@ -96,7 +139,7 @@ def plan_reads(
                 if b not in resync and c < checkpoints[b].last_op_id
             )
         )
-        key = (req.wire, pending) if pending else None
+        key = (req.wire, pending, req.limit if req.wire else 0) if pending else None
         if key is not None:
             limits[key] = max(limits.get(key, 0), req.limit)
         plans.append(RequestPlan(resync, key))
@@ -107,15 +150,15 @@ def compose(
     request: PageRequest,
     plan: RequestPlan,
     checkpoints: Mapping[str, BucketCheckpoint],
-    slices: Mapping[SliceKey, Sequence[tuple[int, _T]]],
+    slices: Mapping[SliceKey, Slice[_T]],
+    empty: _T,
 ) -> PageFrame[_T]:
-    """The page of ``request``: the first ``limit`` items of its slice, each cursor moved
-    as far as the page reaches (to the bucket's last op when the page is not full; 0 for a
-    bucket to re-sync)."""
-    rows = slices.get(plan.key, ()) if plan.key is not None else ()
-    taken = rows[: request.limit]
-    full = len(taken) < request.limit
-    upto = taken[-1][0] if taken else 0
+    """The page of ``request``: the first ``limit`` ops of its slice (``empty``: the
+    items of no ops), each cursor moved as far as the page reaches (to the bucket's last
+    op when the page is not full; 0 for a bucket to re-sync)."""
+    found = slices.get(plan.key) if plan.key is not None else None
+    count, upto, items = found.head(request.limit) if found is not None else (0, 0, empty)
+    full = count < request.limit
     cursors: dict[str, int] = {}
     for b, have in request.cursors.items():
         cp = checkpoints[b]
@@ -129,4 +172,4 @@ def compose(
         cursors[b] < checkpoints[b].last_op_id for b in request.cursors if b not in plan.resync
     )
     epochs = {b: checkpoints[b].epoch for b in request.cursors}
-    return PageFrame(tuple(item for _, item in taken), cursors, plan.resync, has_more, epochs)
+    return PageFrame(count, items, cursors, plan.resync, has_more, epochs)

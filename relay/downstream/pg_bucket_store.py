@@ -124,11 +124,13 @@ class ConnectionPool:
 
 _READ_TXN: Final = (
     "set transaction isolation level repeatable read, read only; "
-    "set local enable_seqscan = off; set local enable_bitmapscan = off"
+    "set local enable_seqscan = off; set local enable_bitmapscan = off; set local jit = off"
 )
 """Every read: one snapshot, and ops read in op-id order by the primary key's index scan
 whatever the statistics say (a bucket holding most of the table must not turn a page of
-5,000 ops into a scan and a sort)."""
+5,000 ops into a scan and a sort).  No JIT: with sequential scans priced out, the one-row
+``meta`` read looks costly enough for PostgreSQL to JIT-compile it (tens of milliseconds,
+more than 100 with inlining, on every read)."""
 
 
 class PgBucketStore:

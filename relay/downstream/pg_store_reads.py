@@ -8,13 +8,16 @@ count, last op id) and head op id come from one snapshot; readers never block wr
 ``(bucket, cursor)`` slice once however many requests need it (the plan and each page's
 composition are relay/downstream/page_plan.py), flags buckets that must re-sync (a cursor
 from before a drop of REMOVEs, or from another store:
-:meth:`BucketCheckpoint.needs_resync`), and moves each cursor as far as its page reaches.  psycopg errors propagate to the caller, which
-converts them.
+:meth:`BucketCheckpoint.needs_resync`), and moves each cursor as far as its page reaches.
+A page for the wire (:attr:`PageRequest.wire`) is rendered by PostgreSQL: each op as the
+device API's JSON from the stored texts, a slice's ops joined into one text in op-id
+order, so the relay gets one string per slice, not one row per op.  psycopg errors
+propagate to the caller, which converts them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -29,7 +32,15 @@ from relay.downstream.bucket_store import (
     PartitionProgress,
     WireOps,
 )
-from relay.downstream.page_plan import SliceKey, compose, plan_reads
+from relay.downstream.page_plan import (
+    OpRows,
+    PageFrame,
+    Slice,
+    SliceKey,
+    WireRun,
+    compose,
+    plan_reads,
+)
 from relay.downstream.pg_store_schema import SCHEMA, u64
 
 
@@ -54,38 +65,31 @@ def checkpoints(
 def read_pages(conn: psycopg.Connection[Any], requests: Sequence[PageRequest]) -> list[OpsPage]:
     """:meth:`relay.downstream.bucket_store.BucketStore.read_pages` in the caller's
     snapshot: one checkpoint read for every requested bucket, one lateral read of every
-    single-bucket slice (relay/downstream/page_plan.py), one read per merged slice.
-    Wire requests get their ops rendered as JSON by PostgreSQL from the stored texts."""
+    single-bucket slice per form (relay/downstream/page_plan.py), one read per merged
+    slice.  Wire requests get each slice's ops rendered as the device API's JSON and
+    joined into one text by PostgreSQL from the stored texts (:data:`_WIRE`)."""
     cps = checkpoints(conn, [b for req in requests for b in req.cursors])
     row = conn.execute(f"select head_op_id from {SCHEMA}.meta").fetchone()
     head = int(row[0]) if row else 0
     plan = plan_reads(requests, cps)
-    slices: dict[SliceKey, list[tuple[int, Any]]] = {}
-    single = plan.single
-    if single:
-        _read_single(conn, single, slices)
-    for (wire, pairs), limit in plan.merged.items():
-        rows = conn.execute(
-            f"select o.op_id, {_WIRE if wire else _OP_COLUMNS} "
-            "from unnest(%s::text[], %s::bigint[], %s::text[]) as c(bucket, cursor, bj) "
-            f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
-            "and o.op_id > c.cursor order by o.op_id limit %s) o "
-            "order by o.op_id limit %s",
-            (*_pair_arrays(pairs), limit, limit),
-        ).fetchall()
-        slices[(wire, pairs)] = _items(rows, wire)
+    slices: dict[SliceKey, Slice[Any]] = {}
+    _read_single(conn, plan.single, slices)
+    for key, limit in plan.merged.items():
+        slices[key] = _read_merged(conn, key, limit)
     pages = []
     for req, req_plan in zip(requests, plan.requests, strict=True):
-        frame = compose(req, req_plan, cps, slices)
         page_cps = {b: cps[b] for b in req.cursors}
-        items = frame.items
-        wire_ops = None
         if req.wire:
-            wire_ops = WireOps("[" + ",".join(items) + "]", len(items))
-            items = ()
+            wire = compose(req, req_plan, cps, slices, "")
+            ops: tuple[Op, ...] = ()
+            wire_ops = WireOps("[" + wire.items + "]", wire.count)
+            frame: PageFrame[Any] = wire
+        else:
+            frame = compose(req, req_plan, cps, slices, ())
+            ops, wire_ops = frame.items, None
         pages.append(
             OpsPage(
-                items,
+                ops,
                 page_cps,
                 frame.cursors,
                 frame.resync,
@@ -98,43 +102,74 @@ def read_pages(conn: psycopg.Connection[Any], requests: Sequence[PageRequest]) -
     return pages
 
 
+_LATERAL = (
+    f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
+    "and o.op_id > c.cursor order by o.op_id limit {limit}) o"
+)
+"""Each pair's ops above its cursor, by the primary key's index scan (``c``: the pairs)."""
+
+
 def _read_single(
     conn: psycopg.Connection[Any],
-    single: dict[tuple[bool, str, int], int],
-    slices: dict[SliceKey, list[tuple[int, Any]]],
+    single: Mapping[SliceKey, int],
+    slices: dict[SliceKey, Slice[Any]],
 ) -> None:
-    """Every one-pair slice, in one lateral query per form (wire or not)."""
+    """Every one-pair slice, in one lateral query per form (wire or not); a wire slice
+    comes aggregated, one row per pair."""
     for wire in (False, True):
         keys = [k for k in single if k[0] is wire]
         if not keys:
             continue
-        pairs = tuple((b, c) for _, b, c in keys)
-        rows = conn.execute(
-            f"select c.i, o.op_id, {_WIRE if wire else _OP_COLUMNS} "
+        pairs = [k[1][0] for k in keys]
+        params = (*_pair_arrays(pairs), [single[k] for k in keys])
+        source = (
             "from unnest(%s::text[], %s::bigint[], %s::text[], %s::int[]) with ordinality "
-            "as c(bucket, cursor, bj, lim, i) "
-            f"cross join lateral (select * from {SCHEMA}.ops o where o.bucket = c.bucket "
-            "and o.op_id > c.cursor order by o.op_id limit c.lim) o "
-            "order by c.i, o.op_id",
-            (*_pair_arrays(pairs), [single[k] for k in keys]),
-        ).fetchall()
-        grouped: dict[int, list[Any]] = {}
-        for r in rows:
-            grouped.setdefault(r[0], []).append(r[1:])
+            "as c(bucket, cursor, bj, lim, i) " + _LATERAL.format(limit="c.lim")
+        )
+        if wire:
+            for i, n, last, text in conn.execute(
+                f"select c.i, count(*), max(o.op_id), string_agg({_WIRE}, ',' order by o.op_id) "
+                f"{source} group by c.i",
+                params,
+            ).fetchall():
+                slices[keys[i - 1]] = WireRun(int(n), int(last), str(text))
+            continue
+        grouped: dict[int, list[tuple[int, Op]]] = {}
+        for r in conn.execute(
+            f"select c.i, {_OP_COLUMNS} {source} order by c.i, o.op_id", params
+        ).fetchall():
+            grouped.setdefault(r[0], []).append((int(r[2]), _op(r[1:])))
         for i, group in grouped.items():
-            slices[(wire, (pairs[i - 1],))] = _items(group, wire)
+            slices[keys[i - 1]] = OpRows(group)
+
+
+def _read_merged(conn: psycopg.Connection[Any], key: SliceKey, limit: int) -> Slice[Any]:
+    """A slice over several buckets: their ops merged in op-id order, ``limit`` at most."""
+    wire, pairs, _ = key
+    source = (
+        "from unnest(%s::text[], %s::bigint[], %s::text[]) as c(bucket, cursor, bj) "
+        + _LATERAL.format(limit="%s")
+    )
+    if wire:
+        row = conn.execute(
+            "select count(*), max(w.op_id), string_agg(w.op, ',' order by w.op_id) from "
+            f"(select o.op_id, {_WIRE} as op {source} order by o.op_id limit %s) w",
+            (*_pair_arrays(pairs), limit, limit),
+        ).fetchone()
+        assert row is not None  # an aggregate without grouping gives one row
+        n, last, text = row
+        return WireRun(int(n), int(last or 0), str(text or ""))
+    rows = conn.execute(
+        f"select {_OP_COLUMNS} {source} order by o.op_id limit %s",
+        (*_pair_arrays(pairs), limit, limit),
+    ).fetchall()
+    return OpRows([(int(r[1]), _op(r)) for r in rows])
 
 
 def _pair_arrays(pairs: Sequence[tuple[str, int]]) -> tuple[list[str], list[int], list[str]]:
     """Buckets, cursors and the buckets' JSON texts (for the wire rendering)."""
     buckets = [b for b, _ in pairs]
     return buckets, [c for _, c in pairs], [orjson.dumps(b).decode() for b in buckets]
-
-
-def _items(rows: Sequence[Sequence[Any]], wire: bool) -> list[tuple[int, Any]]:
-    if wire:
-        return [(int(r[0]), r[1]) for r in rows]
-    return [(int(r[0]), _op(r[1:])) for r in rows]
 
 
 _OP_COLUMNS = "o.bucket, o.op_id, o.tbl, o.row_key, o.kind, o.data, o.commit_lsn, o.seq"
