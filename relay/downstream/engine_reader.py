@@ -12,7 +12,7 @@ holds the end offsets last fetched (when idle, and every :data:`ENDS_REFRESH_S` 
 busy), for the engine's lag (relay/metrics.py).
 
 The engine creates and closes the consumers.  Partitions are assigned manually: every
-partition of each change topic that exists, new topics picked up every
+partition of each change topic that exists and the engine's share owns (``owns``), new topics picked up every
 ``topic_refresh_s`` (every 0.5 s while some are missing); each is sought to the offset the
 store committed (``committed``, the engine's dict, kept up to date by the applying thread)
 or to its beginning.
@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from core.avro_envelope import POSITION_HEADER, parse_position_header
@@ -112,6 +112,7 @@ class ChangeReader:
         batch_max_ms: int,
         topic_refresh_s: float,
         schema_wait_s: float,
+        owns: Callable[[int], bool] = lambda _partition: True,
     ) -> None:
         self.stats = stats
         self.batch_max_events = batch_max_events
@@ -123,6 +124,9 @@ class ChangeReader:
         self._decoder = decoder
         self._topics = topics
         self._progress = committed
+        self._owns = owns
+        self.partitions: dict[str, int] = {}
+        """Every topic assigned → its number of partitions (those of other shares too)."""
         self._assigned_topics: set[str] = set()
         self._last_topic_check = 0.0
         self._max_position: Position = (0, 0)
@@ -179,8 +183,10 @@ class ChangeReader:
         fresh: list[Any] = []
         for topic in new:
             parts = self._consumer.partitions_for_topic(topic) or set()
-            fresh.extend(TopicPartition(topic, p) for p in sorted(parts))
-        self._consumer.assign(tps + fresh)
+            fresh.extend(TopicPartition(topic, p) for p in sorted(parts) if self._owns(p))
+            self.partitions[topic] = len(parts)
+        if fresh:
+            self._consumer.assign(tps + fresh)
         for tp in fresh:
             done = self._progress.get((tp.topic, tp.partition))
             if done is None:
@@ -221,6 +227,9 @@ class ChangeReader:
 
     def _poll_batch(self) -> list[Any]:
         out: list[Any] = []
+        if not self._consumer.assignment():  # no partition of this share (yet)
+            self._reader_stop.wait(self.batch_max_ms / 1000)
+            return out
         deadline = time.monotonic() + self.batch_max_ms / 1000
         timeout_ms = max(self.batch_max_ms, 100)
         while len(out) < self.batch_max_events:

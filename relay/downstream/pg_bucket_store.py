@@ -29,10 +29,13 @@ Concurrency model
   a waiter is woken only for its buckets.
   Spurious wake-ups happen (after a reconnect of the listener, or when the bucket list was
   too long) and are harmless: the caller re-reads.
-- **One engine at a time.**  :meth:`~PgBucketStore.acquire_leadership` takes a session-level
-  advisory lock keyed by the consumer group on the writer connection; the engine applies only
-  while it holds it, on that same connection, so a process that lost its connection (and
-  with it the lock) cannot write: it must acquire leadership again (and reload its offsets).
+- **One engine per share at a time.**  :meth:`~PgBucketStore.acquire_leadership` takes a
+  session-level advisory lock keyed by the consumer group and the share (the engine's slice
+  of the partitions, relay/downstream/bucket_engine.py) on the writer connection; the
+  engine applies only while it holds it, on that same connection, so a process that lost
+  its connection (and with it the lock) cannot write: it must acquire leadership again (and
+  reload its offsets).  The engines of different shares write through WRITE_LOCK like any
+  writers; the store tolerates their partitions being applied out of step (see Dedup).
 - **Compaction** runs per bucket in its own transaction and deletes only ops that are not
   the latest of their row (and, when asked, old REMOVEs); it never changes counts or
   checksums and needs no global lock.
@@ -158,6 +161,7 @@ class PgBucketStore:
         self._wlock = threading.RLock()
         self._writer: psycopg.Connection[Any] | None = None
         self._leader = False
+        self._share = 0
         self._pool = ConnectionPool(lambda: self._connect(autocommit=False), read_pool_size)
         self._listener = OpsListener(lambda: self._connect(autocommit=True))
 
@@ -218,20 +222,23 @@ class PgBucketStore:
 
     # ---- leadership
 
-    def acquire_leadership(self) -> bool:
-        """Try to become the one engine of ``group`` (non-blocking); True when held."""
+    def acquire_leadership(self, share: int = 0) -> bool:
+        """Try to become the one engine of ``group``'s ``share`` (non-blocking); True when
+        held.  A store leads at most one share: while it leads one, asking for another
+        is False."""
         with self._wlock:
             if self._leader and self._writer is not None and not self._writer.closed:
-                return True
+                return self._share == share
             conn = self._writer_conn()
             try:
                 row = conn.execute(
-                    "select pg_try_advisory_lock(%s, %s)", group_lock(self.group)
+                    "select pg_try_advisory_lock(%s, %s)", group_lock(self.group, share)
                 ).fetchone()
             except psycopg.Error as exc:
                 self._writer = None if conn.closed else self._writer
-                raise StoreError(f"cannot take the engine lock: {exc}") from exc
+                raise StoreError(f"cannot take the engine lock of share {share}: {exc}") from exc
             self._leader = bool(row and row[0])
+            self._share = share
             return self._leader
 
     def release_leadership(self) -> None:
@@ -239,7 +246,7 @@ class PgBucketStore:
             if self._leader and self._writer is not None and not self._writer.closed:
                 with contextlib.suppress(psycopg.Error):
                     self._writer.execute(
-                        "select pg_advisory_unlock(%s, %s)", group_lock(self.group)
+                        "select pg_advisory_unlock(%s, %s)", group_lock(self.group, self._share)
                     )
             self._leader = False
 
