@@ -274,7 +274,7 @@ class BucketEngine:
                 if not migrated:
                     self.store.migrate()
                     migrated = True
-                if not self._acquire():
+                if not self.acquire():
                     self._stop.wait(self.standby_retry_s)
                     continue
                 log.info(
@@ -303,8 +303,9 @@ class BucketEngine:
                     with contextlib.suppress(StoreError, psycopg.OperationalError):
                         self.store.release_leadership()
 
-    def _acquire(self) -> bool:
-        """Take the lock of this engine's share, or of the first free share (``share`` None)."""
+    def acquire(self) -> bool:
+        """Take the lock of this engine's share, or of the first free share (``share`` None);
+        True when this engine leads one (:attr:`led_share`)."""
         candidates = range(self.shares) if self.share is None else (self.share,)
         if self.led_share is not None and self.store.is_leader:
             candidates = (self.led_share,)  # still held: keep it
@@ -463,7 +464,7 @@ class BucketEngine:
         """Lead (without waiting) and consume until every partition is at its end (seen
         ``idle_polls`` times in a row) or ``timeout``; for tests, benchmarks and batch runs."""
         self.store.migrate()
-        if not self._acquire():
+        if not self.acquire():
             raise EngineError(
                 f"another engine of group {self.store.group!r} leads "
                 + ("every share" if self.share is None else f"share {self.share}")
