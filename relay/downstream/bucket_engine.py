@@ -427,7 +427,7 @@ class BucketEngine:
             _commit_s(changes[-1]) if changes else None,
         )
         self.stats.batches += 1
-        self.stats.changes += len(item.changes)
+        self.stats.changes += len(item.changes) + item.nowhere
         self.stats.duplicates += result.skipped_duplicates
         self.stats.errors += result.skipped_errors
         self.stats.ops += result.ops

@@ -2,7 +2,9 @@
 
 :class:`ChangeReader` runs one thread that polls the engine's consumer of the change
 topics (the tables the rules place), skips events at or below their partition's applied
-position from the position header alone (no decoding), decodes the rest
+position from the position header alone (no decoding), drops inserts whose rows no rule
+places, read from their placement columns alone
+(:meth:`relay.downstream.event_decoder.EventDecoder.places_nowhere`), decodes the rest
 (relay/downstream/event_decoder.py; an unknown schema fingerprint makes it re-read the
 schema log, :class:`relay.downstream.bucket_engine.SchemaLog`, for up to
 ``schema_wait_s``), sorts each batch by position, and hands it over with the partitions'
@@ -52,6 +54,8 @@ class EngineStats:
 
     records: int = 0
     skipped_by_position: int = 0
+    placed_nowhere: int = 0
+    """Inserts the reader dropped undecoded: their rows land in no bucket."""
     changes: int = 0
     duplicates: int = 0
     errors: int = 0
@@ -63,11 +67,14 @@ class EngineStats:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Batch:
-    """Decoded changes in position order, the progress they bring, records they covered."""
+    """Decoded changes in position order, the progress they bring, records they covered,
+    and how many inserts among them were dropped undecoded (``nowhere``: no rule places
+    their rows)."""
 
     changes: list[RowChange]
     progress: dict[tuple[str, int], PartitionProgress]
     records: int
+    nowhere: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -208,8 +215,8 @@ class ChangeReader:
                 records = self._poll_batch()
                 item: Batch | Idle
                 if records:
-                    changes, progress = self._changes(records)
-                    item = Batch(changes, progress, len(records))
+                    changes, progress, nowhere = self._changes(records)
+                    item = Batch(changes, progress, len(records), nowhere)
                     if time.monotonic() - self._ends_at > ENDS_REFRESH_S:
                         self._end_offsets()
                 else:
@@ -245,8 +252,11 @@ class ChangeReader:
 
     def _changes(
         self, records: Sequence[Any]
-    ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress]]:
+    ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress], int]:
         t0 = time.perf_counter()
+        nowhere = 0
+        places_nowhere = self._decoder.places_nowhere
+        top = self._max_position
         # per partition: [next offset, highest position]; PartitionProgress made at the end
         reached: dict[tuple[str, int], list[Any]] = {}
         changes: list[RowChange] = []
@@ -265,17 +275,22 @@ class ChangeReader:
                 skipped += 1
                 continue
             at[1] = position
+            if places_nowhere(r.value, self._topics[r.topic]):
+                nowhere += 1
+                top = max(top, position)
+                continue
             changes.append(self._decode(r.value, position))
         self.stats.records += len(records)
         self.stats.skipped_by_position += skipped
+        self.stats.placed_nowhere += nowhere
         progress = {tp: PartitionProgress(o, p) for tp, (o, p) in reached.items()}
         if changes:
             changes.sort(key=_position_of)
-            if changes[-1].position > self._max_position:
-                self._max_position = changes[-1].position
+            top = max(top, changes[-1].position)
+        self._max_position = top
         self._seen.update(progress)
         self.stats.decode_s += time.perf_counter() - t0
-        return changes, progress
+        return changes, progress, nowhere
 
     def _decode(self, value: bytes, position: Position | None) -> RowChange:
         try:

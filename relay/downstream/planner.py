@@ -181,6 +181,11 @@ def _placer(rules: Rules) -> _Placer:
     return placer
 
 
+def placement_columns(rules: Rules, table: str) -> tuple[str, ...]:
+    """The columns of ``table`` a row's buckets depend on (match and filter columns)."""
+    return _placer(rules).columns.get(table, ())
+
+
 def buckets_for_row(rules: Rules, table: str, row: Mapping[str, Any]) -> frozenset[str]:
     """``rules.buckets_for_row(table, row)``, memoized per rule set (see :class:`_Placer`)."""
     return _placer(rules).buckets(table, row)
