@@ -286,7 +286,7 @@ RELAY = Section(
             "fieldsync-relay",
             "Name of the bucket engine: its consumer offsets are kept under this name in the "
             "bucket store, and of all relay processes sharing a store and this name exactly one "
-            "runs the engine at a time (the others stand by).",
+            "runs the engine of each share (engine_shares) at a time (the others stand by).",
             check=check_consumer_name,
         ),
         Setting(
