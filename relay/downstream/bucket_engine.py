@@ -419,6 +419,7 @@ class BucketEngine:
         t0 = time.perf_counter()
         result = self.store.apply(self.rules, changes, item.progress)
         self.stats.apply_s += time.perf_counter() - t0
+        self.stats.locked_s += result.locked_s
         self._progress.update(item.progress)
         OPS_WRITTEN.inc(result.ops)
         self.lag.saw_ends(self._reader.ends)

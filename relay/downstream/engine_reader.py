@@ -62,6 +62,8 @@ class EngineStats:
     ops: int = 0
     batches: int = 0
     apply_s: float = 0.0
+    locked_s: float = 0.0
+    """Time the store's write lock was held (all engines' writes serialize on it)."""
     decode_s: float = 0.0
 
 

@@ -11,9 +11,10 @@ writes must never feed back into the change stream.
 Concurrency model
 -----------------
 - **Op ids become visible in order.**  Every writing transaction (:meth:`PgBucketStore.apply`)
-  first takes the transaction-level advisory lock
-  :data:`relay.downstream.pg_store_schema.WRITE_LOCK`, allocates its op ids
-  from the sequence while holding it, and holds it until after its commit is visible
+  takes the transaction-level advisory lock
+  :data:`relay.downstream.pg_store_schema.WRITE_LOCK` before it writes (planning may come
+  first, checked again under the lock: relay/downstream/pg_store_writes.py), allocates its
+  op ids from the sequence while holding it, and holds it until after its commit is visible
   (PostgreSQL releases transaction locks after the commit record is written and the
   transaction has left the proc array).  So a writer that gets the lock next allocates
   higher ids and commits later: once a reader sees op ``n``, every op ``< n`` is already
@@ -55,6 +56,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -263,9 +265,10 @@ class PgBucketStore:
         offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
     ) -> ApplyResult:
         with STORE_SECONDS.labels("apply").time(), self._write_txn() as conn:
-            result, errors = pg_store_writes.apply_changes(
+            result, errors, locked = pg_store_writes.apply_changes(
                 conn, self.group, rules, changes, offsets
             )
+        result = dataclasses.replace(result, locked_s=time.perf_counter() - locked)
         for message in errors:
             log.error("bucket engine: change skipped: %s", message)
         return result

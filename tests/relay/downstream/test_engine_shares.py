@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.errors import ConfigError
+from relay.downstream import pg_store_writes
 from relay.downstream.bucket_engine import BucketEngine, purge_bound
 from relay.downstream.bucket_store import ChangeKind, PartitionProgress, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
@@ -50,6 +51,7 @@ from tests.relay.downstream.test_bucket_engine import (
 
 REPO = Path(__file__).resolve().parents[3]
 PARTITIONS = 4
+DELETE = ChangeKind.DELETE
 EMPTY_RULES = rules_from_mapping({"bucket": []}, {})
 
 
@@ -279,6 +281,48 @@ def test_tombstones_are_purged_only_below_every_partition(
     assert bound <= caught_up and all(bound <= pos for pos in applied)
     assert bound in [caught_up, *applied]
     assert purge_bound(caught_up, progress, {"t": len(applied) + 1}) is None
+
+
+def test_a_batch_planned_before_the_lock_is_planned_again_when_a_row_moved(
+    store_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer plans a key change (1 → 2) before taking WRITE_LOCK; just before it takes
+    the lock another writer (as another share would) deletes key 1 at a later position and
+    commits.  Under the lock the writer sees key 1's state moved and plans again: it does
+    not REMOVE key 1 a second time, and counts and checksums stay right."""
+    store, other = PgBucketStore(store_dsn), PgBucketStore(store_dsn)
+    store.migrate()
+    real_lock = pg_store_writes._lock
+    interleaved: list[Any] = []
+
+    def lock_after_the_other_writer(conn: Any) -> float:
+        if not interleaved:  # once, and not for the other writer's own lock
+            interleaved.append(None)
+            interleaved[0] = other.apply(bs.RULES, [RowChange(bs.T, DELETE, (9, 0), (1,))])
+        return real_lock(conn)
+
+    try:
+        store.apply(bs.RULES, [bs.up(1, (1, 0), "t1", insert=True)])
+        monkeypatch.setattr(pg_store_writes, "_lock", lock_after_the_other_writer)
+        rekey = RowChange(bs.T, ChangeKind.UPSERT, (5, 0), (2,), bs.row(2, "t1"), old_key=(1,))
+        result = store.apply(bs.RULES, [rekey])
+        assert interleaved[0].ops == 2, "the other writer removed key 1 from its 2 buckets"
+        assert result.ops == 2, "only the PUTs of key 2"
+        buckets = all_buckets(store)
+        page = store.read_ops(dict.fromkeys(buckets, 0), limit=100)
+        held: dict[str, dict[str, str]] = {}
+        for op in page.ops:
+            rows = held.setdefault(op.bucket, {})
+            if op.data_json is not None:
+                rows[op.row_key] = op.data_json
+            else:
+                rows.pop(op.row_key, None)
+        for b, cp in page.checkpoints.items():
+            assert (cp.count, cp.checksum) == (len(held[b]), bs.checksum_of(held[b])), b
+        assert {b: r for b, r in held.items() if r} == bs.expected({2: bs.row(2, "t1")})
+    finally:
+        store.close()
+        other.close()
 
 
 STREAM = st.lists(
