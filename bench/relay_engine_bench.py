@@ -26,7 +26,9 @@ The change topic has ``--partitions`` partitions (default 2, keys spread by Kafk
 partitioner) and the engine runs as ``--shares`` processes (default 1), each leading its share
 of the partitions (partition p to share p mod shares), as several relay processes with
 ``relay.engine_shares`` do; a phase lasts until the slowest share has applied its records.
-Each figure comes with the engine processes' CPU time per change and the load average.
+Each figure comes with the engine processes' CPU time per change, the time the store's
+write lock was held per change (it serializes every engine's writes: what bounds the shares'
+scaling) and the load average.
 
 PostgreSQL and the broker are started by the script (embedded, like the tests) unless
 ``--pg-dsn`` / ``--kafka-bootstrap`` are given.  The result table is Markdown, ready for
@@ -180,7 +182,8 @@ def share_worker(
     pipe: Connection, store_dsn: str, kafka: str, prefix: str, batch: int, shares: int, share: int
 ) -> None:
     """One engine process leading ``share``: for each phase it is sent the number of records
-    of its partitions, applies them and answers (seconds, ops, CPU s, decode s, store s)."""
+    of its partitions, applies them and answers (seconds, ops, CPU s, decode s, store s,
+    write-lock s)."""
     schema = {TABLE: TableInfo(tuple(c.name for c in COLUMNS), ("id",))}
     store = PgBucketStore(store_dsn, group="bench")
     store.migrate()
@@ -200,10 +203,20 @@ def share_worker(
         while (records := pipe.recv()) is not None:
             engine.open()  # reader thread starts only now: nothing is read while producing
             d0, a0, cpu0 = engine.stats.decode_s, engine.stats.apply_s, time.process_time()
+            l0 = engine.stats.locked_s
             seconds, ops = run_phase(engine, records) if records else (0.0, 0)
             cpu = time.process_time() - cpu0
             engine.close()
-            pipe.send((seconds, ops, cpu, engine.stats.decode_s - d0, engine.stats.apply_s - a0))
+            pipe.send(
+                (
+                    seconds,
+                    ops,
+                    cpu,
+                    engine.stats.decode_s - d0,
+                    engine.stats.apply_s - a0,
+                    engine.stats.locked_s - l0,
+                )
+            )
     finally:
         engine.close()
         store.close()
@@ -230,7 +243,7 @@ class Shares:
         for pipe in self.pipes:
             assert pipe.recv() == "ready"
 
-    def phase(self, per_partition: dict[int, int]) -> list[tuple[float, int, float, float, float]]:
+    def phase(self, per_partition: dict[int, int]) -> list[tuple[float, ...]]:
         for share, pipe in enumerate(self.pipes):
             pipe.send(sum(n for p, n in per_partition.items() if p % self.shares == share))
         return [pipe.recv() for pipe in self.pipes]
@@ -276,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = max(d[0] for d in done)
                 ops = sum(d[1] for d in done)
                 assert ops == n * ops_per, f"{name}: {ops} ops, expected {n * ops_per}"
-                cpu, dec, app = (sum(d[k] for d in done) for k in (2, 3, 4))
-                results.append((name, n, seconds, ops, dec, app, cpu, load))
+                cpu, dec, app, locked = (sum(d[k] for d in done) for k in (2, 3, 4, 5))
+                results.append((name, n, seconds, int(ops), dec, app, locked, cpu, load))
                 print(f"{name}: {n / seconds:,.0f} changes/s (load {load:.1f})", file=sys.stderr)
         finally:
             shares.close()
@@ -298,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         "ops",
         "decode+rules s",
         "store s",
+        "write lock µs/change",
         "engine CPU µs/change",
         "load",
     ]
     table = MarkdownTable(columns, right=columns[1:])
-    for name, count, seconds, ops, dec, app, cpu, load in results:
+    for name, count, seconds, ops, dec, app, locked, cpu, load in results:
         table.add(
             name,
             count,
@@ -311,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             ops,
             f"{dec:.2f}",
             f"{app:.2f}",
+            f"{locked / count * 1e6:.1f}",
             f"{cpu / count * 1e6:.1f}",
             f"{load:.1f}",
         )
