@@ -32,6 +32,7 @@ from core.errors import ConfigError
 from relay.downstream import pg_store_writes
 from relay.downstream.bucket_engine import BucketEngine, purge_bound
 from relay.downstream.bucket_store import ChangeKind, PartitionProgress, RowChange
+from relay.downstream.engine_status import read_engine_progress
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.pg_store_schema import SCHEMA, WRITE_LOCK
 from relay.downstream.rules import Rules
@@ -403,6 +404,25 @@ def test_a_key_change_applied_before_the_old_keys_insert() -> None:
     model.apply([later])
     model.apply([rekey])
     assert {b: r for b, r in model.rows.items() if r} == bs.expected({2: bs.row(2, "t2")})
+
+
+def test_status_names_the_shares_no_process_leads(store_dsn: str) -> None:
+    stores = [PgBucketStore(store_dsn) for _ in range(3)]
+    try:
+        stores[0].migrate()
+        assert stores[0].acquire_leadership(1)
+        assert not stores[1].acquire_leadership(1), "one leader per share"
+        progress = read_engine_progress(store_dsn, group="fieldsync-relay", shares=3)
+        assert (progress.leading, progress.unled) == (False, (0, 2))
+        assert stores[1].acquire_leadership(0) and stores[2].acquire_leadership(2)
+        progress = read_engine_progress(store_dsn, group="fieldsync-relay", shares=3)
+        assert (progress.leading, progress.unled) == (True, ())
+        stores[0].release_leadership()
+        progress = read_engine_progress(store_dsn, group="fieldsync-relay", shares=3)
+        assert progress.unled == (1,)
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_share_settings_are_checked(tmp_path: Path) -> None:
