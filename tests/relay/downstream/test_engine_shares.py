@@ -329,10 +329,10 @@ def test_a_batch_planned_before_the_lock_is_planned_again_when_a_row_moved(
 STREAM = st.lists(
     st.tuples(
         st.sampled_from(["insert", "update", "delete", "rekey"]),
-        st.integers(0, 7),
+        st.integers(0, 1000),
         st.sampled_from(["t1", "t2", None]),
         st.sampled_from(["open", "done", "cancelled"]),
-        st.integers(0, 7),
+        st.booleans(),
     ),
     max_size=40,
 )
@@ -341,7 +341,7 @@ STREAM = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(STREAM, st.randoms(use_true_random=False), st.lists(st.integers(1, 6), min_size=1))
 def test_partitions_applied_out_of_step_converge(
-    actions: list[tuple[str, int, str | None, str, int]], rng: random.Random, cuts: list[int]
+    actions: list[tuple[str, int, str | None, str, bool]], rng: random.Random, cuts: list[int]
 ) -> None:
     """Changes of a table whose keys are spread over 3 partitions (a change goes to its new
     key's partition, as the cdc daemon sends it); each partition's changes in order but the
@@ -351,24 +351,29 @@ def test_partitions_applied_out_of_step_converge(
     of the final table, with matching counts and checksums."""
     source: dict[int, dict[str, Any]] = {}
     partitions: list[list[RowChange]] = [[], [], []]
-    for n, (action, i, tech, status, other) in enumerate(actions):
+    used: set[int] = set()
+    for n, (action, pick, tech, status, reuse) in enumerate(actions):
         pos = (100 + n, 0)
-        if action == "insert" and i not in source:
-            source[i] = bs.row(i, tech, status, f"n{n}")
-            change = RowChange(bs.T, ChangeKind.UPSERT, pos, (i,), dict(source[i]), insert=True)
-        elif action == "update" and i in source:
-            source[i] = bs.row(i, tech, status, f"n{n}")
-            change = RowChange(bs.T, ChangeKind.UPSERT, pos, (i,), dict(source[i]))
-        elif action == "delete" and i in source:
-            del source[i]
-            change = RowChange(bs.T, ChangeKind.DELETE, pos, (i,))
-        elif action == "rekey" and i in source and other not in source:
-            source[other] = {**source.pop(i), "id": other}
-            change = RowChange(
-                bs.T, ChangeKind.UPSERT, pos, (other,), dict(source[other]), old_key=(i,)
-            )
+        gone = sorted(used - source.keys())
+        fresh = gone[pick % len(gone)] if reuse and gone else 1000 + n
+        existing = sorted(source)[pick % len(source)] if source else None
+        if action == "insert" or existing is None:
+            used.add(fresh)
+            source[fresh] = bs.row(fresh, tech, status, f"n{n}")
+            row = dict(source[fresh])
+            change = RowChange(bs.T, ChangeKind.UPSERT, pos, (fresh,), row, insert=True)
+        elif action == "update":
+            source[existing] = bs.row(existing, tech, status, f"n{n}")
+            change = RowChange(bs.T, ChangeKind.UPSERT, pos, (existing,), dict(source[existing]))
+        elif action == "delete":
+            del source[existing]
+            change = RowChange(bs.T, ChangeKind.DELETE, pos, (existing,))
         else:
-            continue
+            used.add(fresh)
+            source[fresh] = {**source.pop(existing), "id": fresh}
+            change = RowChange(
+                bs.T, ChangeKind.UPSERT, pos, (fresh,), dict(source[fresh]), old_key=(existing,)
+            )
         assert change.key is not None
         partitions[change.key[0] % 3].append(change)
     merged: list[RowChange] = []
