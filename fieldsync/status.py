@@ -283,7 +283,11 @@ def engine_part(settings: RelaySettings, bounds: Bounds, timeout_s: float) -> Pa
     try:
         topics = ruled_topics(r.rules, r.topic_prefix)
         progress = read_engine_progress(
-            r.store_dsn, group=r.consumer_group, password=r.store_password, timeout_s=timeout_s
+            r.store_dsn,
+            group=r.consumer_group,
+            password=r.store_password,
+            timeout_s=timeout_s,
+            shares=r.engine_shares,
         )
     except FieldsyncError as exc:
         part.flag(State.UNREACHABLE, str(exc))
@@ -306,6 +310,13 @@ def engine_part(settings: RelaySettings, bounds: Bounds, timeout_s: float) -> Pa
             )
     if not progress.migrated:
         part.flag(State.DOWN, "the bucket store has no engine tables: no relay ever ran on it")
+    elif not progress.leading and r.engine_shares > 1:
+        unled = ", ".join(str(s) for s in progress.unled)
+        part.flag(
+            State.DOWN,
+            f"no relay runs the bucket engine of share(s) {unled} of {r.engine_shares} of group "
+            f"{r.consumer_group!r} (is a `fieldsync relay run` running for each share?)",
+        )
     elif not progress.leading:
         part.flag(
             State.DOWN,

@@ -448,6 +448,8 @@ class RelayServer:
             batch_max_events=r.batch_max_events,
             batch_max_ms=r.batch_max_ms,
             compact_interval_s=r.compact_interval_s,
+            shares=r.engine_shares,
+            share=self.settings.engine_share(),
         )
 
         def target() -> None:

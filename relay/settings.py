@@ -62,6 +62,11 @@ def _port(value: int) -> None:
         raise ValueError("must be a TCP port, 0 to 65535 (0: any free port)")
 
 
+def _share_choice(value: str) -> None:
+    if value != "any" and not (value.isdigit() and value.isascii()):
+        raise ValueError(f"must be `any` or a share number (0, 1, ...), not {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RelayCoreSettings:
     store_dsn: str
@@ -78,6 +83,8 @@ class RelayCoreSettings:
     kafka_ssl_cafile: str | None
     kafka_timeout_s: float
     consumer_group: str
+    engine_shares: int
+    engine_share: str
     batch_max_events: int
     batch_max_ms: int
     compact_interval_s: float
@@ -145,6 +152,11 @@ class RelaySettings:
             ssl_cafile=r.kafka_ssl_cafile,
         )
 
+    def engine_share(self) -> int | None:
+        """The share this process's engine leads (``relay.engine_share``), None for any."""
+        share = self.relay.engine_share
+        return None if share == "any" else int(share)
+
     def captured_dsn(self) -> tuple[str, str | None] | None:
         """The captured database (``journal.dsn``, else ``relay.source_dsn``) and its
         password, or None when neither is set."""
@@ -156,6 +168,11 @@ class RelaySettings:
 
 
 def _check_relay(r: RelayCoreSettings) -> None:
+    if r.engine_share != "any" and int(r.engine_share) >= r.engine_shares:
+        raise ValueError(
+            f"relay.engine_share = {r.engine_share!r} is not one of 0..{r.engine_shares - 1} "
+            f"(relay.engine_shares = {r.engine_shares})"
+        )
     if r.kafka_security_protocol.startswith("SASL_"):
         missing = [
             f"relay.{name}"
@@ -269,8 +286,29 @@ RELAY = Section(
             "fieldsync-relay",
             "Name of the bucket engine: its consumer offsets are kept under this name in the "
             "bucket store, and of all relay processes sharing a store and this name exactly one "
-            "runs the engine at a time (the others stand by).",
+            "runs the engine of each share (engine_shares) at a time (the others stand by).",
             check=check_consumer_name,
+        ),
+        Setting(
+            "engine_shares",
+            int,
+            1,
+            "Number of shares the bucket engine's work is divided into: share s applies "
+            "partition p of every change topic when p mod engine_shares = s, and each share is "
+            "led by one relay process at a time (a process leads at most one share; the others "
+            "stand by). Run at least this many relay processes with the engine, on as many "
+            "cores; every process of one consumer_group must use the same value. Useful up to "
+            "the change topics' partition count.",
+            check=check_positive,
+        ),
+        Setting(
+            "engine_share",
+            str,
+            "any",
+            "Which share this process's engine leads: `any` (the first share no other process "
+            "leads; standing by while every share is led) or a share number, 0 to "
+            "engine_shares - 1 (standing by while another process leads it).",
+            check=_share_choice,
         ),
         Setting(
             "batch_max_events",

@@ -15,10 +15,19 @@ Choices:
   committed.  (Kafka consumer groups would add rebalancing, and offsets committed to Kafka
   could only be committed *after* the store's commit, leaving a window for re-delivery;
   with tansu, groups also form slowly.)  Kafka's own committed offsets are not used.
-- **One engine per store and consumer group.**  Several relay processes may run the engine;
-  the first takes a PostgreSQL advisory lock (:meth:`PgBucketStore.acquire_leadership`)
-  and works, the others stand by and retry every few seconds; the lock is tied to the
-  connection the leader writes with, so a leader that lost it cannot write any more.
+- **Shares: one engine per share of the partitions.**  With ``shares`` = N, share ``s``
+  consumes partition ``p`` of every change topic when ``p mod N = s`` (N = 1: one share,
+  every partition).  Several relay processes may run the engine; for each share the first
+  to take its PostgreSQL advisory lock (:meth:`PgBucketStore.acquire_leadership`, keyed by
+  group and share) leads it, the others stand by and retry every few seconds; a process
+  leads one share at a time, a fixed one (``share``) or the first free one (``share`` None).
+  The lock is tied to the connection the leader writes with, so a leader that lost it
+  cannot write any more.  All the events of one row key are in one partition, so one share
+  applies them in order; a key change or a truncate involves rows of other partitions, which
+  the store's per-row positions, tombstones and truncate positions keep right whatever the
+  shares' relative progress (see relay/downstream/pg_bucket_store.py).  Only the leader of
+  share 0 runs the maintenance (compaction; tombstones are purged only below every
+  partition's applied position).
 - **Dedup.**  Events at or below their partition's applied position are skipped from the
   Kafka header alone, without decoding (re-sent duplicates, see docs/cdc.md); the store
   additionally ignores events at or below their row's or table's last applied position.
@@ -214,7 +223,11 @@ class BucketEngine:
         compact_interval_s: float = 300.0,
         standby_retry_s: float = 2.0,
         schema_wait_s: float = 30.0,
+        shares: int = 1,
+        share: int | None = None,
     ) -> None:
+        if shares < 1 or (share is not None and not 0 <= share < shares):
+            raise EngineError(f"engine share {share} is not one of 0..{shares - 1}")
         self.store = store
         self.rules = rules
         self.kafka = dict(kafka)
@@ -225,6 +238,9 @@ class BucketEngine:
         self.compact_interval_s = compact_interval_s
         self.standby_retry_s = standby_retry_s
         self.schema_wait_s = schema_wait_s
+        self.shares = shares
+        self.share = share
+        self.led_share: int | None = None
         self.stats = EngineStats()
         self.lag = ConsumerLag()
         self.leading = threading.Event()
@@ -258,10 +274,15 @@ class BucketEngine:
                 if not migrated:
                     self.store.migrate()
                     migrated = True
-                if not self.store.acquire_leadership():
+                if not self.acquire():
                     self._stop.wait(self.standby_retry_s)
                     continue
-                log.info("bucket engine: leading (group %s)", self.store.group)
+                log.info(
+                    "bucket engine: leading (group %s, share %s of %d)",
+                    self.store.group,
+                    self.led_share,
+                    self.shares,
+                )
                 self.leading.set()
                 self._lead()
                 backoff = 0.5
@@ -282,6 +303,22 @@ class BucketEngine:
                     with contextlib.suppress(StoreError, psycopg.OperationalError):
                         self.store.release_leadership()
 
+    def acquire(self) -> bool:
+        """Take the lock of this engine's share, or of the first free share (``share`` None);
+        True when this engine leads one (:attr:`led_share`)."""
+        candidates = range(self.shares) if self.share is None else (self.share,)
+        if self.led_share is not None and self.store.is_leader:
+            candidates = (self.led_share,)  # still held: keep it
+        for share in candidates:
+            if self.store.acquire_leadership(share):
+                self.led_share = share
+                return True
+        self.led_share = None
+        return False
+
+    def _owns(self, partition: int) -> bool:
+        return partition % self.shares == (self.led_share or 0)
+
     def _lead(self) -> None:
         self._open()
         last_compact = time.monotonic()
@@ -289,6 +326,7 @@ class BucketEngine:
             self.step()
             if (
                 self.compact_interval_s
+                and not self.led_share
                 and time.monotonic() - last_compact > self.compact_interval_s
             ):
                 self.maintain()
@@ -303,7 +341,7 @@ class BucketEngine:
         from kafka import KafkaConsumer
 
         self._close_consumers()
-        self._progress = self.store.load_offsets()
+        self._progress = {tp: p for tp, p in self.store.load_offsets().items() if self._owns(tp[1])}
         self.lag.start({tp: p.next_offset for tp, p in self._progress.items()})
         self._schemas = SchemaLog(self.kafka, self.prefix)
         self._schemas.refresh()
@@ -331,6 +369,7 @@ class BucketEngine:
             batch_max_ms=self.batch_max_ms,
             topic_refresh_s=self.topic_refresh_s,
             schema_wait_s=self.schema_wait_s,
+            owns=self._owns,
         )
         self._reader.start()
 
@@ -380,6 +419,7 @@ class BucketEngine:
         t0 = time.perf_counter()
         result = self.store.apply(self.rules, changes, item.progress)
         self.stats.apply_s += time.perf_counter() - t0
+        self.stats.locked_s += result.locked_s
         self._progress.update(item.progress)
         OPS_WRITTEN.inc(result.ops)
         self.lag.saw_ends(self._reader.ends)
@@ -388,7 +428,7 @@ class BucketEngine:
             _commit_s(changes[-1]) if changes else None,
         )
         self.stats.batches += 1
-        self.stats.changes += len(item.changes)
+        self.stats.changes += len(item.changes) + item.nowhere
         self.stats.duplicates += result.skipped_duplicates
         self.stats.errors += result.skipped_errors
         self.stats.ops += result.ops
@@ -399,8 +439,9 @@ class BucketEngine:
         t0 = time.monotonic()
         result = self.store.compact()
         purged = 0
-        if self._caught_up is not None and self._caught_up > (0, 0):
-            purged = self.store.purge_tombstones(self._caught_up)
+        below = self._purge_bound()
+        if below is not None and below > (0, 0):
+            purged = self.store.purge_tombstones(below)
         log.info(
             "bucket engine: compacted %d buckets (%d ops), purged %d tombstones in %.1fs",
             result.buckets,
@@ -409,12 +450,26 @@ class BucketEngine:
             time.monotonic() - t0,
         )
 
+    def _purge_bound(self) -> Position | None:
+        """Below which position no event can still arrive for a tombstoned row: with one
+        share, where every partition was last seen at its end; with several, also no
+        higher than any other share's partition was applied (every partition of every
+        consumed topic must have applied something)."""
+        if self._caught_up is None or self.shares == 1:
+            return self._caught_up
+        if self._reader is None:
+            return None
+        return purge_bound(self._caught_up, self.store.load_offsets(), self._reader.partitions)
+
     def run_until_idle(self, timeout: float = 60.0, idle_polls: int = 2) -> EngineStats:
         """Lead (without waiting) and consume until every partition is at its end (seen
         ``idle_polls`` times in a row) or ``timeout``; for tests, benchmarks and batch runs."""
         self.store.migrate()
-        if not self.store.acquire_leadership():
-            raise EngineError(f"another engine of group {self.store.group!r} is running")
+        if not self.acquire():
+            raise EngineError(
+                f"another engine of group {self.store.group!r} leads "
+                + ("every share" if self.share is None else f"share {self.share}")
+            )
         if self._reader is None:
             self._open()
         deadline = time.monotonic() + timeout
@@ -425,6 +480,24 @@ class BucketEngine:
             elif self._idle_at_end:
                 quiet += 1
         return self.stats
+
+
+def purge_bound(
+    caught_up: Position,
+    applied: Mapping[tuple[str, int], PartitionProgress],
+    partitions: Mapping[str, int],
+) -> Position | None:
+    """The tombstone purge bound of a share caught up to ``caught_up`` when the other
+    shares have ``applied`` (per partition) of the topics' ``partitions`` (topic → count):
+    the lowest of them, None while some partition has applied nothing yet."""
+    bound = caught_up
+    for topic, count in partitions.items():
+        for part in range(count):
+            done = applied.get((topic, part))
+            if done is None or done.position <= (0, 0):
+                return None
+            bound = min(bound, done.position)
+    return bound
 
 
 def _commit_s(change: RowChange) -> float | None:

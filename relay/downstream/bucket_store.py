@@ -254,7 +254,8 @@ class ApplyResult:
     ``changes``: changes handed in; ``skipped_duplicates``: changes at or below the row's
     (or table's) last applied position, which changed nothing; ``skipped_errors``: changes
     that could not be placed (logged with table, key and position); ``ops``: ops written;
-    ``first_op_id``/``last_op_id``: their ids (0 when none); ``buckets``: buckets touched.
+    ``first_op_id``/``last_op_id``: their ids (0 when none); ``buckets``: buckets touched;
+    ``locked_s``: seconds the write lock was held, to the commit (0 where there is none).
     """
 
     changes: int
@@ -264,6 +265,7 @@ class ApplyResult:
     first_op_id: int
     last_op_id: int
     buckets: frozenset[str]
+    locked_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,7 +2,9 @@
 
 :class:`ChangeReader` runs one thread that polls the engine's consumer of the change
 topics (the tables the rules place), skips events at or below their partition's applied
-position from the position header alone (no decoding), decodes the rest
+position from the position header alone (no decoding), drops inserts whose rows no rule
+places, read from their placement columns alone
+(:meth:`relay.downstream.event_decoder.EventDecoder.places_nowhere`), decodes the rest
 (relay/downstream/event_decoder.py; an unknown schema fingerprint makes it re-read the
 schema log, :class:`relay.downstream.bucket_engine.SchemaLog`, for up to
 ``schema_wait_s``), sorts each batch by position, and hands it over with the partitions'
@@ -12,7 +14,7 @@ holds the end offsets last fetched (when idle, and every :data:`ENDS_REFRESH_S` 
 busy), for the engine's lag (relay/metrics.py).
 
 The engine creates and closes the consumers.  Partitions are assigned manually: every
-partition of each change topic that exists, new topics picked up every
+partition of each change topic that exists and the engine's share owns (``owns``), new topics picked up every
 ``topic_refresh_s`` (every 0.5 s while some are missing); each is sought to the offset the
 store committed (``committed``, the engine's dict, kept up to date by the applying thread)
 or to its beginning.
@@ -31,7 +33,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from core.avro_envelope import POSITION_HEADER, parse_position_header
@@ -52,22 +54,29 @@ class EngineStats:
 
     records: int = 0
     skipped_by_position: int = 0
+    placed_nowhere: int = 0
+    """Inserts the reader dropped undecoded: their rows land in no bucket."""
     changes: int = 0
     duplicates: int = 0
     errors: int = 0
     ops: int = 0
     batches: int = 0
     apply_s: float = 0.0
+    locked_s: float = 0.0
+    """Time the store's write lock was held (all engines' writes serialize on it)."""
     decode_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Batch:
-    """Decoded changes in position order, the progress they bring, records they covered."""
+    """Decoded changes in position order, the progress they bring, records they covered,
+    and how many inserts among them were dropped undecoded (``nowhere``: no rule places
+    their rows)."""
 
     changes: list[RowChange]
     progress: dict[tuple[str, int], PartitionProgress]
     records: int
+    nowhere: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,6 +121,7 @@ class ChangeReader:
         batch_max_ms: int,
         topic_refresh_s: float,
         schema_wait_s: float,
+        owns: Callable[[int], bool] = lambda _partition: True,
     ) -> None:
         self.stats = stats
         self.batch_max_events = batch_max_events
@@ -123,6 +133,9 @@ class ChangeReader:
         self._decoder = decoder
         self._topics = topics
         self._progress = committed
+        self._owns = owns
+        self.partitions: dict[str, int] = {}
+        """Every topic assigned → its number of partitions (those of other shares too)."""
         self._assigned_topics: set[str] = set()
         self._last_topic_check = 0.0
         self._max_position: Position = (0, 0)
@@ -179,8 +192,10 @@ class ChangeReader:
         fresh: list[Any] = []
         for topic in new:
             parts = self._consumer.partitions_for_topic(topic) or set()
-            fresh.extend(TopicPartition(topic, p) for p in sorted(parts))
-        self._consumer.assign(tps + fresh)
+            fresh.extend(TopicPartition(topic, p) for p in sorted(parts) if self._owns(p))
+            self.partitions[topic] = len(parts)
+        if fresh:
+            self._consumer.assign(tps + fresh)
         for tp in fresh:
             done = self._progress.get((tp.topic, tp.partition))
             if done is None:
@@ -202,8 +217,8 @@ class ChangeReader:
                 records = self._poll_batch()
                 item: Batch | Idle
                 if records:
-                    changes, progress = self._changes(records)
-                    item = Batch(changes, progress, len(records))
+                    changes, progress, nowhere = self._changes(records)
+                    item = Batch(changes, progress, len(records), nowhere)
                     if time.monotonic() - self._ends_at > ENDS_REFRESH_S:
                         self._end_offsets()
                 else:
@@ -221,6 +236,9 @@ class ChangeReader:
 
     def _poll_batch(self) -> list[Any]:
         out: list[Any] = []
+        if not self._consumer.assignment():  # no partition of this share (yet)
+            self._reader_stop.wait(self.batch_max_ms / 1000)
+            return out
         deadline = time.monotonic() + self.batch_max_ms / 1000
         timeout_ms = max(self.batch_max_ms, 100)
         while len(out) < self.batch_max_events:
@@ -236,8 +254,11 @@ class ChangeReader:
 
     def _changes(
         self, records: Sequence[Any]
-    ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress]]:
+    ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress], int]:
         t0 = time.perf_counter()
+        nowhere = 0
+        places_nowhere = self._decoder.places_nowhere
+        top = self._max_position
         # per partition: [next offset, highest position]; PartitionProgress made at the end
         reached: dict[tuple[str, int], list[Any]] = {}
         changes: list[RowChange] = []
@@ -256,17 +277,22 @@ class ChangeReader:
                 skipped += 1
                 continue
             at[1] = position
+            if places_nowhere(r.value, self._topics[r.topic]):
+                nowhere += 1
+                top = max(top, position)
+                continue
             changes.append(self._decode(r.value, position))
         self.stats.records += len(records)
         self.stats.skipped_by_position += skipped
+        self.stats.placed_nowhere += nowhere
         progress = {tp: PartitionProgress(o, p) for tp, (o, p) in reached.items()}
         if changes:
             changes.sort(key=_position_of)
-            if changes[-1].position > self._max_position:
-                self._max_position = changes[-1].position
+            top = max(top, changes[-1].position)
+        self._max_position = top
         self._seen.update(progress)
         self.stats.decode_s += time.perf_counter() - t0
-        return changes, progress
+        return changes, progress, nowhere
 
     def _decode(self, value: bytes, position: Position | None) -> RowChange:
         try:

@@ -3,8 +3,9 @@
 
 The engine commits, in the same transaction as the ops, the next offset of every change
 topic partition it applied (``fieldsync_relay.consumer_progress``, per consumer group:
-:func:`relay.downstream.pg_store_reads.load_offsets`), and leads while it holds the
-group's session advisory lock (:func:`relay.downstream.pg_store_schema.group_lock`).
+:func:`relay.downstream.pg_store_reads.load_offsets`), and the engine of each share leads
+while it holds the session advisory lock of the group and share
+(:func:`relay.downstream.pg_store_schema.group_lock`).
 :func:`read_engine_progress` reads both on one short connection: the offsets to compare
 with the topics' end offsets (relay/kafka_offsets.py), and whether an engine runs.
 :func:`ruled_topics` names the change topics the engine consumes for a rules file.
@@ -35,12 +36,14 @@ __all__ = ["EngineProgress", "read_engine_progress", "ruled_topics"]
 @dataclasses.dataclass(frozen=True)
 class EngineProgress:
     """``migrated``: the store's schema exists (an engine started once); ``leading``: an
-    engine of ``group`` holds its lock now; ``applied``: (topic, partition) → next offset."""
+    engine of ``group`` holds the lock of every share now (``unled``: the shares none
+    leads); ``applied``: (topic, partition) → next offset."""
 
     group: str
     migrated: bool
     leading: bool
     applied: Mapping[tuple[str, int], int]
+    unled: tuple[int, ...] = ()
 
 
 def ruled_topics(rules_path: str | Path, prefix: str) -> dict[str, str]:
@@ -50,7 +53,12 @@ def ruled_topics(rules_path: str | Path, prefix: str) -> dict[str, str]:
 
 
 def read_engine_progress(
-    dsn: str, *, group: str, password: str | None = None, timeout_s: float = 10.0
+    dsn: str,
+    *,
+    group: str,
+    password: str | None = None,
+    timeout_s: float = 10.0,
+    shares: int = 1,
 ) -> EngineProgress:
     """The engine's committed offsets and whether it leads; :class:`StoreError` naming the
     store when it cannot be read."""
@@ -68,9 +76,11 @@ def read_engine_progress(
                 if migrated
                 else {}
             )
-            leading = bool(held_advisory_locks(conn, [group_lock(group)]))
+            locks = [group_lock(group, share) for share in range(shares)]
+            held = set(held_advisory_locks(conn, locks))
+            unled = tuple(s for s, lock in enumerate(locks) if lock not in held)
     except psycopg.Error as exc:
         raise StoreError(
             f"cannot read the bucket store ({redact_dsn(dsn)}): {str(exc).strip()}"
         ) from exc
-    return EngineProgress(group, migrated, leading, applied)
+    return EngineProgress(group, migrated, not unled, applied, unled)

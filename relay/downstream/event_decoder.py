@@ -10,13 +10,19 @@ it (REPLICA IDENTITY FULL), its commit time, and the event's position (from the 
 header when given, else from ``source``).  A delete without its old key, an upsert
 without its row, or an unknown fingerprint raise :class:`core.errors.DecodeError`.
 
-Pure apart from its caches (per fingerprint renames, per table key columns); a decoder is
-used by one thread (the engine's reader).
+:meth:`EventDecoder.places_nowhere` answers, for an insert, whether the rules place its
+row in no bucket, from the placement columns alone (relay/downstream/event_prefilter.py),
+without decoding the event: such a change changes nothing in the store, so the reader drops
+it.
+
+Pure apart from its caches (per fingerprint renames and prefix readers, per table key
+columns); a decoder is used by one thread (the engine's reader).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -24,9 +30,13 @@ from core.avro_envelope import SchemaRegistry, decode
 from core.errors import DecodeError
 from core.value_schemas import read_value_schema
 from relay.downstream.bucket_store import ChangeKind, Position, RowChange
+from relay.downstream.event_prefilter import PrefixReader, compile_prefix_reader
+from relay.downstream.planner import buckets_for_row, placement_columns
 from relay.downstream.rules import Rules
+from relay.errors import RowError
 
 _UNCHANGED: Final = "unchanged"
+_UNKNOWN: Final[Any] = object()
 
 
 class EventDecoder:
@@ -38,6 +48,35 @@ class EventDecoder:
         self._renames: dict[bytes, dict[str, str] | None] = {}
         self._tables: dict[tuple[str, str], str] = {}
         self._keys: dict[str, tuple[str, ...] | None] = {}
+        self._prefix: dict[tuple[bytes, str], PrefixReader | None] = {}
+
+    def places_nowhere(self, value: bytes, table: str) -> bool:
+        """The event is an insert into ``table`` whose row no rule places (read from its
+        placement columns only); False when that cannot be told without decoding it."""
+        cache = (bytes(value[2:10]), table)
+        reader = self._prefix.get(cache, _UNKNOWN)
+        if reader is _UNKNOWN:
+            reader = self._prefix_reader(*cache)
+        if reader is None:
+            return False
+        try:
+            columns = reader(value)
+        except (IndexError, UnicodeDecodeError, struct.error):  # the full decode names it
+            return False
+        if columns is None:
+            return False
+        try:
+            return not buckets_for_row(self.rules, table, columns)
+        except RowError:
+            return False
+
+    def _prefix_reader(self, fp: bytes, table: str) -> PrefixReader | None:
+        if fp not in self.registry:
+            return None  # not cached: the schema may be read later
+        wanted = placement_columns(self.rules, table)
+        reader = compile_prefix_reader(json.loads(self.registry.schema_json(fp)), wanted)
+        self._prefix[fp, table] = reader
+        return reader
 
     def _table(self, source: Mapping[str, Any]) -> str:
         names = (source["schema"], source["table"])

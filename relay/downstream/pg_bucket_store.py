@@ -11,9 +11,10 @@ writes must never feed back into the change stream.
 Concurrency model
 -----------------
 - **Op ids become visible in order.**  Every writing transaction (:meth:`PgBucketStore.apply`)
-  first takes the transaction-level advisory lock
-  :data:`relay.downstream.pg_store_schema.WRITE_LOCK`, allocates its op ids
-  from the sequence while holding it, and holds it until after its commit is visible
+  takes the transaction-level advisory lock
+  :data:`relay.downstream.pg_store_schema.WRITE_LOCK` before it writes (planning may come
+  first, checked again under the lock: relay/downstream/pg_store_writes.py), allocates its
+  op ids from the sequence while holding it, and holds it until after its commit is visible
   (PostgreSQL releases transaction locks after the commit record is written and the
   transaction has left the proc array).  So a writer that gets the lock next allocates
   higher ids and commits later: once a reader sees op ``n``, every op ``< n`` is already
@@ -29,10 +30,13 @@ Concurrency model
   a waiter is woken only for its buckets.
   Spurious wake-ups happen (after a reconnect of the listener, or when the bucket list was
   too long) and are harmless: the caller re-reads.
-- **One engine at a time.**  :meth:`~PgBucketStore.acquire_leadership` takes a session-level
-  advisory lock keyed by the consumer group on the writer connection; the engine applies only
-  while it holds it, on that same connection, so a process that lost its connection (and
-  with it the lock) cannot write: it must acquire leadership again (and reload its offsets).
+- **One engine per share at a time.**  :meth:`~PgBucketStore.acquire_leadership` takes a
+  session-level advisory lock keyed by the consumer group and the share (the engine's slice
+  of the partitions, relay/downstream/bucket_engine.py) on the writer connection; the
+  engine applies only while it holds it, on that same connection, so a process that lost
+  its connection (and with it the lock) cannot write: it must acquire leadership again (and
+  reload its offsets).  The engines of different shares write through WRITE_LOCK like any
+  writers; the store tolerates their partitions being applied out of step (see Dedup).
 - **Compaction** runs per bucket in its own transaction and deletes only ops that are not
   the latest of their row (and, when asked, old REMOVEs); it never changes counts or
   checksums and needs no global lock.
@@ -52,6 +56,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -160,6 +165,7 @@ class PgBucketStore:
         self._wlock = threading.RLock()
         self._writer: psycopg.Connection[Any] | None = None
         self._leader = False
+        self._share = 0
         self._pool = ConnectionPool(lambda: self._connect(autocommit=False), read_pool_size)
         self._listener = OpsListener(lambda: self._connect(autocommit=True))
 
@@ -220,20 +226,23 @@ class PgBucketStore:
 
     # ---- leadership
 
-    def acquire_leadership(self) -> bool:
-        """Try to become the one engine of ``group`` (non-blocking); True when held."""
+    def acquire_leadership(self, share: int = 0) -> bool:
+        """Try to become the one engine of ``group``'s ``share`` (non-blocking); True when
+        held.  A store leads at most one share: while it leads one, asking for another
+        is False."""
         with self._wlock:
             if self._leader and self._writer is not None and not self._writer.closed:
-                return True
+                return self._share == share
             conn = self._writer_conn()
             try:
                 row = conn.execute(
-                    "select pg_try_advisory_lock(%s, %s)", group_lock(self.group)
+                    "select pg_try_advisory_lock(%s, %s)", group_lock(self.group, share)
                 ).fetchone()
             except psycopg.Error as exc:
                 self._writer = None if conn.closed else self._writer
-                raise StoreError(f"cannot take the engine lock: {exc}") from exc
+                raise StoreError(f"cannot take the engine lock of share {share}: {exc}") from exc
             self._leader = bool(row and row[0])
+            self._share = share
             return self._leader
 
     def release_leadership(self) -> None:
@@ -241,7 +250,7 @@ class PgBucketStore:
             if self._leader and self._writer is not None and not self._writer.closed:
                 with contextlib.suppress(psycopg.Error):
                     self._writer.execute(
-                        "select pg_advisory_unlock(%s, %s)", group_lock(self.group)
+                        "select pg_advisory_unlock(%s, %s)", group_lock(self.group, self._share)
                     )
             self._leader = False
 
@@ -258,9 +267,10 @@ class PgBucketStore:
         offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
     ) -> ApplyResult:
         with STORE_SECONDS.labels("apply").time(), self._write_txn() as conn:
-            result, errors = pg_store_writes.apply_changes(
+            result, errors, locked = pg_store_writes.apply_changes(
                 conn, self.group, rules, changes, offsets
             )
+        result = dataclasses.replace(result, locked_s=time.perf_counter() - locked)
         for message in errors:
             log.error("bucket engine: change skipped: %s", message)
         return result

@@ -160,9 +160,11 @@ WRAP_SUM: Final = (
 on the bigint representation)."""
 
 
-def group_lock(group: str) -> tuple[int, int]:
-    """The session advisory lock an engine of consumer ``group`` leads under."""
-    digest = hashlib.sha256(group.encode("utf-8")).digest()
+def group_lock(group: str, share: int = 0) -> tuple[int, int]:
+    """The session advisory lock the engine of consumer ``group`` leads ``share`` under
+    (share 0 is the whole group's lock when there is one share)."""
+    name = group if share == 0 else f"{group}\x00share {share}"
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
     return (LOCK_CLASS + 1, int.from_bytes(digest[:4], "big", signed=True))
 
 

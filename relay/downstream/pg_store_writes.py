@@ -3,8 +3,11 @@ states out, in the caller's transaction.
 
 :func:`apply_changes` is one :meth:`relay.downstream.bucket_store.BucketStore.apply`: it
 takes the transaction-level advisory lock :data:`relay.downstream.pg_store_schema.WRITE_LOCK`
-first and holds it to the commit, so op ids become visible in order (see
-relay/downstream/pg_bucket_store.py, "Concurrency model").  Changes between truncates form
+before it writes and holds it to the commit, so op ids become visible in order (see
+relay/downstream/pg_bucket_store.py, "Concurrency model").  A batch without truncates is
+planned before the lock (so the engines of several shares plan at the same time) and its
+row states' positions are checked again under it: a state another writer moved meanwhile
+makes the batch be planned again under the lock.  Changes between truncates form
 segments; for each, the remembered row states (and, for changes lacking unchanged TOAST
 values, the rows' last data) are loaded, :func:`relay.downstream.planner.plan_changes`
 plans the ops, op ids are allocated from the sequence and the plan is written: ops by
@@ -25,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,31 +81,40 @@ def apply_changes(
     rules: Rules,
     changes: Sequence[RowChange],
     offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
-) -> tuple[ApplyResult, list[str]]:
+) -> tuple[ApplyResult, list[str], float]:
     """:meth:`relay.downstream.bucket_store.BucketStore.apply` inside the caller's write
     transaction on ``conn`` (``group``'s consumer progress is saved with the ops): what it
-    did, and a message per change that could not be placed (for the caller to log once the
-    transaction is committed)."""
-    conn.execute("select pg_advisory_xact_lock(%s, %s)", WRITE_LOCK)
-    truncated = {
-        t: (int(lsn), int(seq))
-        for t, lsn, seq in conn.execute(
-            f"select tbl, truncated_lsn, truncated_seq from {SCHEMA}.table_state"
-        ).fetchall()
-    }
+    did, a message per change that could not be placed (for the caller to log once the
+    transaction is committed), and when (``time.perf_counter()``) it got WRITE_LOCK.
+
+    A batch without truncates is planned before WRITE_LOCK is taken (row states read,
+    ops planned); under the lock the positions of those row states and the tables'
+    truncate positions are read again, and only if another writer moved one of them (a
+    row crossing partitions, applied by another share) is the batch planned again, now
+    under the lock.  So the lock covers the writes, not the planning."""
     acc = _Accumulator()
-    segment: list[RowChange] = []
-    for change in changes:
-        if change.kind is ChangeKind.TRUNCATE:
-            if segment:
-                _apply_segment(conn, rules, segment, truncated, acc)
-                segment = []
-            if change.table in rules.tables:
-                _truncate(conn, change.table, change.position, truncated, acc)
-        else:
-            segment.append(change)
-    if segment:
-        _apply_segment(conn, rules, segment, truncated, acc)
+    if any(c.kind is ChangeKind.TRUNCATE for c in changes):
+        locked = _lock(conn)
+        truncated = _truncates(conn)
+        segment: list[RowChange] = []
+        for change in changes:
+            if change.kind is ChangeKind.TRUNCATE:
+                if segment:
+                    _write_plan(conn, _plan_segment(conn, rules, segment, truncated), acc)
+                    segment = []
+                if change.table in rules.tables:
+                    _truncate(conn, change.table, change.position, truncated, acc)
+            else:
+                segment.append(change)
+        if segment:
+            _write_plan(conn, _plan_segment(conn, rules, segment, truncated), acc)
+    else:
+        truncated = _truncates(conn)
+        planned = _plan_segment(conn, rules, changes, truncated)
+        locked = _lock(conn)
+        if _truncates(conn) != truncated or _moved(conn, planned):
+            planned = _plan_segment(conn, rules, changes, _truncates(conn))
+        _write_plan(conn, planned, acc)
     if offsets:
         _save_progress(conn, group, offsets)
     if acc.ops:
@@ -119,7 +132,59 @@ def apply_changes(
         last_op_id=acc.last_op_id,
         buckets=frozenset(acc.buckets),
     )
-    return result, acc.errors
+    return result, acc.errors, locked
+
+
+def _lock(conn: psycopg.Connection[Any]) -> float:
+    conn.execute("select pg_advisory_xact_lock(%s, %s)", WRITE_LOCK)
+    return time.perf_counter()
+
+
+def _truncates(conn: psycopg.Connection[Any]) -> dict[str, Position]:
+    """Each table's last truncate position."""
+    return {
+        t: (int(lsn), int(seq))
+        for t, lsn, seq in conn.execute(
+            f"select tbl, truncated_lsn, truncated_seq from {SCHEMA}.table_state"
+        ).fetchall()
+    }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Planned:
+    """A segment's plan and the row states it was made from (``refs``: the rows looked up)."""
+
+    plan: Plan
+    refs: set[RowRef]
+    states: Mapping[RowRef, RowState]
+
+
+def _plan_segment(
+    conn: psycopg.Connection[Any],
+    rules: Rules,
+    changes: Sequence[RowChange],
+    truncated: Mapping[str, Position],
+) -> _Planned:
+    refs = lookup_refs(rules, changes)
+    states = _load_states(conn, refs)
+    data = _load_data(conn, rules, changes, states)
+    return _Planned(plan_changes(rules, changes, states, truncated, data), refs, states)
+
+
+def _moved(conn: psycopg.Connection[Any], planned: _Planned) -> bool:
+    """Some row state ``planned`` was made from changed since (written, or deleted by a
+    truncate): a state's position changes with every write of it."""
+    if not planned.refs:
+        return False
+    tables, keys = zip(*planned.refs, strict=True)
+    rows = conn.execute(
+        f"select s.tbl, s.row_key, s.commit_lsn, s.seq "
+        f"from unnest({TEXTS}, {TEXTS}) as r(tbl, row_key) "
+        f"join {SCHEMA}.row_state s on s.tbl = r.tbl and s.row_key = r.row_key",
+        (texts(tables), texts(keys)),
+    ).fetchall()
+    now = {(t, k): (int(lsn), int(seq)) for t, k, lsn, seq in rows}
+    return now != {ref: s.position for ref, s in planned.states.items()}
 
 
 def _allocate(conn: psycopg.Connection[Any], n: int) -> int:
@@ -186,16 +251,9 @@ def _load_data(
     return out
 
 
-def _apply_segment(
-    conn: psycopg.Connection[Any],
-    rules: Rules,
-    changes: Sequence[RowChange],
-    truncated: Mapping[str, Position],
-    acc: _Accumulator,
-) -> None:
-    states = _load_states(conn, lookup_refs(rules, changes))
-    data = _load_data(conn, rules, changes, states)
-    plan = plan_changes(rules, changes, states, truncated, data)
+def _write_plan(conn: psycopg.Connection[Any], planned: _Planned, acc: _Accumulator) -> None:
+    """Write a segment's plan (caller holds WRITE_LOCK)."""
+    plan = planned.plan
     acc.duplicates += plan.duplicates
     acc.errors.extend(plan.errors)
     first = _allocate(conn, len(plan.ops)) if plan.ops else 0

@@ -11,7 +11,10 @@ must read), allocates the op ids and writes the plan in one transaction.
   table's last truncate, is a duplicate and changes nothing.
 - A change REMOVEs the row from each remembered bucket it left, then PUTs the projected row
   into each bucket it is in (each in bucket order); a key change first empties the old
-  key's state (a tombstone, which keeps older events of that key from coming back).  These
+  key's state (a tombstone, which keeps older events of that key from coming back, also
+  when the old key was never seen: its events are in another Kafka partition, which may be
+  applied later).  The two halves of a key change are applied independently, each unless
+  its key already saw a later change.  These
   are the operations of tests/relay/bucket_oracle.py, computed directly for speed; a test
   pins the equality.
 - Checksum terms are :func:`core.row_wire.row_checksum` of ``[table, key, data]``; a
@@ -178,6 +181,11 @@ def _placer(rules: Rules) -> _Placer:
     return placer
 
 
+def placement_columns(rules: Rules, table: str) -> tuple[str, ...]:
+    """The columns of ``table`` a row's buckets depend on (match and filter columns)."""
+    return _placer(rules).columns.get(table, ())
+
+
 def buckets_for_row(rules: Rules, table: str, row: Mapping[str, Any]) -> frozenset[str]:
     """``rules.buckets_for_row(table, row)``, memoized per rule set (see :class:`_Placer`)."""
     return _placer(rules).buckets(table, row)
@@ -245,30 +253,30 @@ def plan_changes(
             continue
         ref = (table, row_key_text(c.key))
         state = current.get(ref)
-        if state is not None and position <= state.position:
-            plan.duplicates += 1
-            continue
-        old_ref = ref
+        # a key change has two halves, each applied unless its key has seen a later change
+        # (partitions applied out of step: the old key's events are in another partition)
+        retire: RowRef | None = None
         if c.old_key is not None:
             old_ref = (table, row_key_text(c.old_key))
             old = current.get(old_ref)
-            if old is not None and position <= old.position:
+            if old_ref != ref and (old is None or position > old.position):
+                retire = old_ref
+        if state is not None and position <= state.position:
+            if retire is not None:
+                _retire(plan, placer, c, retire, current, known)
+            else:
                 plan.duplicates += 1
-                continue
+            continue
         row = c.row
         if row is not None and c.unchanged:
-            row = _filled_row(c, known.get(old_ref), known.get(ref))
+            row = _filled_row(c, known.get(retire or ref), known.get(ref))
         try:
             new_buckets = place(table, row) if row is not None else _NONE
         except RowError as exc:
             plan.errors.append(f"{table} key {ref[1]} at position {position}: {exc}")
             continue
-        if old_ref is not ref and old_ref != ref:
-            old = current.get(old_ref)
-            if old is not None:
-                _place(plan, placer, c, old_ref, old, None, _NONE)
-                current[old_ref] = plan.states[old_ref] = RowState((), position)
-            known.pop(old_ref, None)
+        if retire is not None:
+            _retire(plan, placer, c, retire, current, known)
         if state is None and not new_buckets:
             continue  # never in a bucket and still in none: nothing to remember
         entries = _place(plan, placer, c, ref, state, row, new_buckets)
@@ -281,6 +289,24 @@ def plan_changes(
 
 
 _NONE: Final[frozenset[str]] = frozenset()
+
+
+def _retire(
+    plan: Plan,
+    placer: _Placer,
+    c: RowChange,
+    old_ref: RowRef,
+    current: dict[RowRef, RowState],
+    known: dict[RowRef, Mapping[str, Any]],
+) -> None:
+    """The old key of a key change: REMOVEd from its buckets, and a tombstone at the
+    change's position, even when it was never seen (its older events, in another partition,
+    may still come and must stay out)."""
+    old = current.get(old_ref)
+    if old is not None:
+        _place(plan, placer, c, old_ref, old, None, _NONE)
+    current[old_ref] = plan.states[old_ref] = RowState((), c.position)
+    known.pop(old_ref, None)
 
 
 def _filled_row(

@@ -56,3 +56,22 @@ def test_relay_engine_bench_quick(pg_server: Any, kafka_bootstrap: str) -> None:
     assert len(rows) == 5, rows
     for phase, changes, seconds, rate, *_ in rows:
         assert all(NUMBER.match(v) for v in (changes, seconds, rate)), phase
+
+
+def test_relay_engine_bench_two_shares_quick(pg_server: Any, kafka_bootstrap: str) -> None:
+    """Two engine processes, each leading one of the topic's two partitions."""
+    stdout = _run(
+        "bench/relay_engine_bench.py",
+        "--quick",
+        "--shares",
+        "2",
+        "--pg-dsn",
+        pg_server.dsn,
+        "--kafka-bootstrap",
+        kafka_bootstrap,
+    )
+    assert "2 engine process(es)" in stdout
+    rows = _rows(stdout, "| phase ")
+    assert len(rows) == 5, rows
+    for phase, changes, seconds, rate, ops, *_rest, cpu, _load in rows:
+        assert all(NUMBER.match(v) for v in (changes, seconds, rate, ops, cpu)), phase
