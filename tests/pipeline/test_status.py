@@ -232,14 +232,24 @@ def test_status_follows_a_workload_in_both_formats(
 
         # ---- a long-poll is a connected device
         changes = httpx.get(f"{stack.url}/v1/changes", headers=headers, timeout=30).json()
-        poller = threading.Thread(
-            target=lambda: httpx.get(
-                f"{stack.url}/v1/changes",
-                params={"cursor": changes["cursor"], "wait": 60},
-                headers=headers,
-                timeout=90,
-            )
-        )
+        released = threading.Event()
+
+        def poll_until_released() -> None:
+            # as a device does: each answer's cursor is the next long-poll's, so a page that
+            # arrives before the check (the engine still applying the workload) does not end it
+            cursor = changes["cursor"]
+            while not released.is_set():
+                answer = httpx.get(
+                    f"{stack.url}/v1/changes",
+                    params={"cursor": cursor, "wait": 60},
+                    headers=headers,
+                    timeout=90,
+                ).json()
+                cursor = answer["cursor"]
+                if any(op["key"] == [10] for op in answer["ops"]):
+                    return
+
+        poller = threading.Thread(target=poll_until_released)
         poller.start()
         _, report = wait_status(
             args, lambda r: r["devices"]["connected"] == 1, "one device connected"
@@ -247,7 +257,8 @@ def test_status_follows_a_workload_in_both_formats(
         assert (report["devices"]["long_polls"], report["devices"]["streams"]) == (1, 0)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("insert into jobs values (10, 'a', 'releases the long-poll')")
-        poller.join(90)
+        poller.join(180)
+        released.set()
         assert not poller.is_alive()
 
         # ---- the relay stopped: rows wait for the engine, its metrics cannot be read
