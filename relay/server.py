@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -508,6 +509,10 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.should_exit:
             return
+        # everything built so far (modules, app, rules) lives as long as the process: keep
+        # it out of the collector's full passes, which then walk only the connections'
+        # objects (a fan-out to many streams allocates enough to trigger them)
+        gc.freeze()
         host, port = self.config.host, self.config.port
         for srv in getattr(self, "servers", []):
             for sock in srv.sockets:
