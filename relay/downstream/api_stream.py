@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Final, TypeVar
 
 from fastapi import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope, Send
 
 from core.log_context import bind_log_context
 from relay.api_errors import ApiError, InvalidCursor, RateLimited, ws_close_code
@@ -84,6 +85,19 @@ async def _ws_hello(state: ApiState, websocket: WebSocket) -> tuple[DeviceIdenti
     if given is not None and not isinstance(given, str):
         raise InvalidCursor("cursor must be a string")
     return state.authenticator.verify(hello["token"]), given
+
+
+class StreamEndpoint:
+    """The stream as a bare ASGI app (what :class:`relay.downstream.api.DeviceApi` calls
+    for ``/v1/stream``, inside the request id and connection limit layers)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: ApiState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_stream(self.state, WebSocket(scope, receive, send))
 
 
 async def serve_stream(state: ApiState, websocket: WebSocket) -> None:
