@@ -37,6 +37,11 @@ disconnects mid-request is logged as such.  Every request and WebSocket has an i
 (``X-Request-ID``, relay/downstream/api_context.py) and, once authenticated, its device in
 the log context.
 
+The app is a :class:`DeviceApi`: a WebSocket to ``/v1/stream`` skips the routing and
+middleware stack (nothing in it acts on a WebSocket but the request id and the connection
+limit, which the stream's direct path applies itself), so each open stream keeps few
+frames alive.
+
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker threads;
 long-polls and WebSocket streams wait on the store's shared change listener, so an idle
 connection holds no thread and no database connection.  The limiter, the read-ahead pages

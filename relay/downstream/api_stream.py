@@ -11,10 +11,16 @@ The token's expiry and the revocation list are re-checked at least every
 Open streams are the gauge ``fieldsync_relay_streams``; ops sent count in
 ``fieldsync_relay_ops_served_total`` (relay/metrics.py).
 
+The app calls :class:`StreamEndpoint` for ``/v1/stream`` directly, inside only the
+request id and connection limit layers (:class:`relay.downstream.api.DeviceApi`), so the
+frames an idle stream keeps alive are few.
+
 Concurrency model: one asyncio event loop.  Per connection, the pump (this module's
 :func:`serve_stream`) and a reader task that drains client messages; while up to date the
 pump only waits on the store's change listener, so an idle connection costs no database
-work and holds no thread.
+work and holds no thread.  A slow device only slows its own pump: a send waits while
+the socket's buffer is above uvicorn's high-water mark, so at most one message is
+queued per stream beyond it.
 """
 
 from __future__ import annotations
