@@ -38,6 +38,11 @@ disconnects mid-request is logged as such.  Every request and WebSocket has an i
 (``X-Request-ID``, relay/downstream/api_context.py) and, once authenticated, its device in
 the log context.
 
+The app is a :class:`DeviceApi`: a WebSocket to ``/v1/stream`` skips the routing and
+middleware stack (nothing in it acts on a WebSocket but the request id and the connection
+limit, which the stream's direct path applies itself), so each open stream keeps few
+frames alive.
+
 Concurrency model: one asyncio event loop (uvicorn).  Store reads run in worker threads;
 long-polls and WebSocket streams wait on the store's shared change listener, so an idle
 connection holds no thread and no database connection.  The limiter, the read-ahead pages
@@ -56,6 +61,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.log_context import bind_log_context
 from relay.api_errors import RateLimited, Unavailable, error_response, install_error_handlers
@@ -68,7 +74,7 @@ from relay.downstream.api_cursor import (
     dropped_message,
     split_dropped,
 )
-from relay.downstream.api_limits import LimitsMiddleware, RateLimiter
+from relay.downstream.api_limits import ConnectionSlots, LimitsMiddleware, RateLimiter
 from relay.downstream.api_messages import (
     ERRORS,
     ChangesMessage,
@@ -80,7 +86,7 @@ from relay.downstream.api_messages import (
     dumps,
     visible_schema,
 )
-from relay.downstream.api_stream import serve_stream
+from relay.downstream.api_stream import StreamEndpoint, serve_stream
 from relay.downstream.api_sync import (
     ApiConfig,
     ApiState,
@@ -97,6 +103,35 @@ from relay.metrics import OPS_SERVED
 log = logging.getLogger("relay.downstream.api")
 
 API_VERSION: Final = "v1"
+STREAM_PATH: Final = f"/{API_VERSION}/stream"
+
+
+class DeviceApi(FastAPI):
+    """The device API app: FastAPI, except that a WebSocket to :data:`STREAM_PATH` goes
+    straight to :attr:`stream_app` (the request id, the connection limit and the stream:
+    the same handling as through the app's stack, whose other layers do nothing for a
+    WebSocket), so the many long-lived streams keep a short chain of frames alive, not
+    the whole middleware and routing stack."""
+
+    stream_app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.stream_app is not None
+            and scope["type"] == "websocket"
+            and _route_path(scope) == STREAM_PATH
+        ):
+            scope["app"] = self
+            await self.stream_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path a route matches against (``root_path`` stripped, as starlette does)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class DeviceRoutes(Protocol):
@@ -115,12 +150,12 @@ def create_app(
     authenticator: Authenticator,
     config: ApiConfig | None = None,
     *mounted: DeviceRoutes,
-) -> FastAPI:
+) -> DeviceApi:
     """The device API app.  ``store`` is read-only here; the caller owns and closes it (and
     each of ``mounted``, whose routers are served beside the sync endpoints)."""
     cfg = config or ApiConfig()
     state = ApiState(store, rules, authenticator, cfg, RateLimiter(cfg.rate_per_s, cfg.rate_burst))
-    app = FastAPI(
+    app = DeviceApi(
         title="fieldsync relay: device API",
         version=API_VERSION,
         description=(
@@ -150,12 +185,21 @@ def create_app(
     for routes in mounted:
         app.include_router(routes.router(identity))
 
-    @app.websocket(f"/{API_VERSION}/stream")
+    @app.websocket(STREAM_PATH)
     async def stream(websocket: WebSocket) -> None:
         await serve_stream(state, websocket)
 
     _document_stream(app)
-    _add_limits(app, cfg)
+    slots = _add_limits(app, cfg)
+    app.stream_app = RequestIdMiddleware(
+        LimitsMiddleware(
+            StreamEndpoint(state),
+            max_body_bytes=cfg.max_body_bytes,
+            max_connections=cfg.max_connections,
+            body_timeout_s=cfg.body_timeout_s,
+            slots=slots,
+        )
+    )
     return app
 
 
@@ -180,7 +224,7 @@ def _document_stream(app: FastAPI) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         spec = original()
-        spec.setdefault("paths", {})[f"/{API_VERSION}/stream"] = {
+        spec.setdefault("paths", {})[STREAM_PATH] = {
             "get": {
                 "tags": ["device"],
                 "summary": "WebSocket push of changes messages",
@@ -305,9 +349,11 @@ def _add_sync_routes(app: FastAPI, state: ApiState, Device: Any) -> None:
         return OrjsonResponse(body)
 
 
-def _add_limits(app: FastAPI, cfg: ApiConfig) -> None:
+def _add_limits(app: FastAPI, cfg: ApiConfig) -> ConnectionSlots:
     """Response compression, then the connection, body size and time limits, then
-    (outermost) the request id (relay/downstream/api_context.py)."""
+    (outermost) the request id (relay/downstream/api_context.py); the connection count,
+    to share with the stream's direct path (:class:`DeviceApi`)."""
+    slots = ConnectionSlots(cfg.max_connections)
     app.add_middleware(
         GZipMiddleware, minimum_size=cfg.gzip_min_bytes, compresslevel=cfg.gzip_level
     )
@@ -316,6 +362,8 @@ def _add_limits(app: FastAPI, cfg: ApiConfig) -> None:
         max_body_bytes=cfg.max_body_bytes,
         max_connections=cfg.max_connections,
         body_timeout_s=cfg.body_timeout_s,
+        slots=slots,
     )
     app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
+    return slots

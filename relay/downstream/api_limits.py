@@ -76,6 +76,18 @@ class RateLimiter:
 # --------------------------------------------------------------------------- limits middleware
 
 
+class ConnectionSlots:
+    """The open connections counted against ``limit`` (``http.max_connections``): one
+    count shared by the app's middleware stack and the stream's direct path
+    (:class:`relay.downstream.api.DeviceApi`)."""
+
+    __slots__ = ("active", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+
 class LimitsMiddleware:
     """Connection count (503), request body size (413) and body time (408) limits; gzip
     request bodies.
@@ -93,28 +105,30 @@ class LimitsMiddleware:
         max_body_bytes: int,
         max_connections: int,
         body_timeout_s: float = 60.0,
+        slots: ConnectionSlots | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_connections = max_connections
         self.body_timeout_s = body_timeout_s
-        self.active = 0
+        self.slots = slots if slots is not None else ConnectionSlots(max_connections)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if self.active >= self.max_connections:
+        slots = self.slots
+        if slots.active >= self.max_connections:
             await self._refuse(scope, receive, send)
             return
-        self.active += 1
+        slots.active += 1
         try:
             if scope["type"] == "http":
                 await self._http(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            slots.active -= 1
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(

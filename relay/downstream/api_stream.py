@@ -11,10 +11,16 @@ The token's expiry and the revocation list are re-checked at least every
 Open streams are the gauge ``fieldsync_relay_streams``; ops sent count in
 ``fieldsync_relay_ops_served_total`` (relay/metrics.py).
 
+The app calls :class:`StreamEndpoint` for ``/v1/stream`` directly, inside only the
+request id and connection limit layers (:class:`relay.downstream.api.DeviceApi`), so the
+frames an idle stream keeps alive are few.
+
 Concurrency model: one asyncio event loop.  Per connection, the pump (this module's
 :func:`serve_stream`) and a reader task that drains client messages; while up to date the
 pump only waits on the store's change listener, so an idle connection costs no database
-work and holds no thread.
+work and holds no thread.  A slow device only slows its own pump: a send waits while
+the socket's buffer is above uvicorn's high-water mark, so at most one message is
+queued per stream beyond it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Sequence
 from typing import Final, TypeVar
 
 from fastapi import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope, Send
 
 from core.log_context import bind_log_context
 from relay.api_errors import ApiError, InvalidCursor, RateLimited, ws_close_code
@@ -84,6 +91,19 @@ async def _ws_hello(state: ApiState, websocket: WebSocket) -> tuple[DeviceIdenti
     if given is not None and not isinstance(given, str):
         raise InvalidCursor("cursor must be a string")
     return state.authenticator.verify(hello["token"]), given
+
+
+class StreamEndpoint:
+    """The stream as a bare ASGI app (what :class:`relay.downstream.api.DeviceApi` calls
+    for ``/v1/stream``, inside the request id and connection limit layers)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: ApiState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_stream(self.state, WebSocket(scope, receive, send))
 
 
 async def serve_stream(state: ApiState, websocket: WebSocket) -> None:
