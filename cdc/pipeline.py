@@ -89,6 +89,7 @@ def kafka_options(s: CdcSettings) -> KafkaOptions:
         bootstrap_servers=k.bootstrap_servers,
         topic_prefix=k.topic_prefix,
         transactional_id=s.effective_transactional_id,
+        topic_partitions=k.topic_partitions,
         compression=k.compression,
         timeout_s=k.timeout_s,
         security_protocol=k.security_protocol,

@@ -129,6 +129,7 @@ class KafkaSettings:
     bootstrap_servers: str
     topic_prefix: str
     transactional_id: str
+    topic_partitions: int
     compression: str
     batch_max_events: int
     batch_max_ms: int
@@ -321,6 +322,16 @@ KAFKA = Section(
             "",
             "Kafka transactional id of the producer; empty means derived from the topic prefix "
             "and the slot. Must be stable across restarts and unique per source database.",
+        ),
+        Setting(
+            "topic_partitions",
+            int,
+            1,
+            "Partitions of each change topic the daemon creates; events are spread by primary "
+            "key, so a row's events stay in order in one partition. More partitions let several "
+            "relay engine processes share a table ([relay] engine_shares). Topics that exist "
+            "keep their partitions.",
+            check=check_positive,
         ),
         Setting(
             "compression",

@@ -71,6 +71,7 @@ def test_defaults_match_the_contract() -> None:
         "bootstrap_servers": "127.0.0.1:9092",
         "topic_prefix": "fieldsync",
         "transactional_id": "",
+        "topic_partitions": 1,
         "compression": "gzip",
         "batch_max_events": 5000,
         "batch_max_ms": 50,
