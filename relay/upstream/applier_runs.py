@@ -224,7 +224,7 @@ class RunApplier:
                 return []
             device = first.record.device_id
             emit_origin(cur, f"device:{device}")
-            todo, known = self._fresh(cur, device, run)
+            todo, known, duplicates = self._fresh(cur, device, run)
             for item in todo:
                 prepare(self.db, item, failed)
             state = RunState(self.db, cur, known, lock_rows=lock)
@@ -241,6 +241,7 @@ class RunApplier:
             if failed is not None:
                 for item in todo:
                     self._write_dead_letter(cur, item, failed)
+        self.stats.duplicates += duplicates
         for o in outcomes:
             self._count(o)
         return outcomes
@@ -259,9 +260,10 @@ class RunApplier:
 
     def _fresh(
         self, cur: psycopg.Cursor[Any], device: str, run: list[Item]
-    ) -> tuple[list[Item], dict[int, tuple[str, str | None]]]:
-        """The items not applied before (idempotency), and the known outcomes of the
-        run's seqs and of the entries they depend on (prev_seq)."""
+    ) -> tuple[list[Item], dict[int, tuple[str, str | None]], int]:
+        """The items not applied before (idempotency), the known outcomes of the run's
+        seqs and of the entries they depend on (prev_seq), and how many items are
+        duplicates (counted once the transaction commits)."""
         seqs: set[int] = set()
         for item in run:
             assert item.record is not None
@@ -281,11 +283,10 @@ class RunApplier:
             assert item.record is not None
             seq = item.record.seq
             if seq in known or seq in taken:
-                self.stats.duplicates += 1
                 continue
             taken.add(seq)
             todo.append(item)
-        return todo, known
+        return todo, known, len(run) - len(todo)
 
     def _record_bad(self, cur: psycopg.Cursor[Any], run: list[Item]) -> None:
         for item in run:
