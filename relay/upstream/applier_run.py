@@ -45,6 +45,7 @@ from relay.upstream.applier_store import (
     SCHEMA,
     Delivery,
     current_xid,
+    put_outbox,
     wal_insert_lsn,
     write_applied,
     write_conflicts,
@@ -382,6 +383,9 @@ class RunState:
     def write_bookkeeping(self, outcomes: Sequence[Outcome], items: Sequence[Item]) -> None:
         """The run's ``applied`` records and outbox row, its kept conflicts and row clocks."""
         records = {i.record.seq: i.record for i in items if i.record is not None}
-        write_applied(self.cur, outcomes, records)
-        write_conflicts(self.cur, self.conflicts)
-        write_row_clocks(self.cur, list(self.clock_writes.values()))
+        write_applied(self.cur, outcomes, records)  # COPY: not in a pipeline
+        with self.cur.connection.pipeline():  # the rest in one round trip
+            if outcomes:
+                put_outbox(self.cur, outcomes[0].device_id, outcomes)
+            write_conflicts(self.cur, self.conflicts)
+            write_row_clocks(self.cur, list(self.clock_writes.values()))

@@ -31,6 +31,7 @@ Runs in the applier's one thread, on the connection of its
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -217,24 +218,28 @@ class RunApplier:
         conn = self.db.connection()
         outcomes: list[Outcome] = []
         with conn.transaction(), conn.cursor() as cur:
-            save_offsets(cur, self.db.consumer, marks.after(run))
             first = run[0]
             if first.record is None:
+                save_offsets(cur, self.db.consumer, marks.after(run))
                 self._record_bad(cur, run)
                 return []
             device = first.record.device_id
-            emit_origin(cur, f"device:{device}")
-            todo, known, duplicates = self._fresh(cur, device, run)
+            with conn.pipeline():  # the three statements in one round trip
+                save_offsets(cur, self.db.consumer, marks.after(run))
+                emit_origin(cur, f"device:{device}")
+                todo, known, duplicates = self._fresh(cur, device, run)
             for item in todo:
                 prepare(self.db, item, failed)
             state = RunState(self.db, cur, known, lock_rows=lock)
             state.prefetch([i for i in todo if i.entry is not None])
-            for item in todo:
-                with log_context(**_context_of(item)):
-                    outcome = apply_entry(self.db, state, item)
-                assert item.record is not None
-                known[item.record.seq] = (outcome.kind.value, outcome.reason)
-                outcomes.append(outcome)
+            with log_context(device=device):  # and the table of each group of entries
+                for table, group in itertools.groupby(todo, key=_table_of):
+                    with log_context(table=table):
+                        for item in group:
+                            outcome = apply_entry(self.db, state, item)
+                            assert item.record is not None
+                            known[item.record.seq] = (outcome.kind.value, outcome.reason)
+                            outcomes.append(outcome)
             state.flush()
             outcomes = state.bound_written(outcomes)
             state.write_bookkeeping(outcomes, todo)
@@ -309,6 +314,12 @@ def _context_of(item: Item) -> dict[str, str]:
     if record.entry is None:
         return {"device": record.device_id}
     return {"device": record.device_id, "table": record.entry.table}
+
+
+def _table_of(item: Item) -> str | None:
+    """The table of an item's entry, for the log context (None: no entry)."""
+    record = item.record
+    return record.entry.table if record is not None and record.entry is not None else None
 
 
 def _where(item: Item) -> str:

@@ -247,8 +247,8 @@ def put_outbox(cur: psycopg.Cursor[Any], device_id: str, outcomes: Sequence[Outc
 def write_applied(
     cur: psycopg.Cursor[Any], outcomes: Sequence[Outcome], records: Mapping[int, JournalRecord]
 ) -> None:
-    """The ``applied`` record of each outcome (``records``: the run's, by seq), and the
-    outcomes into the outbox."""
+    """The ``applied`` record of each outcome (``records``: the run's, by seq); the
+    caller puts the outcomes into the outbox (:func:`put_outbox`)."""
     applied = []
     for o in outcomes:
         record = records[o.seq]
@@ -282,7 +282,6 @@ def write_applied(
         ) as copy:
             for row in applied:
                 copy.write_row(row)
-        put_outbox(cur, outcomes[0].device_id, outcomes)
 
 
 def write_conflicts(cur: psycopg.Cursor[Any], rows: Sequence[tuple[Any, ...]]) -> None:

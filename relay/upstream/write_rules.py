@@ -53,6 +53,7 @@ class WriteScope:
         self._seen: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
         self._rule_of: dict[str, str] = {}
         self._writable: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
+        self._claimable: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
         # the last row placed (the same row object is often asked again at once)
         self._last: tuple[Mapping[str, Any], str, frozenset[str] | None] | None = None
         visible: dict[str, set[str]] = {}
@@ -168,10 +169,14 @@ class WriteScope:
     def claim_columns(self, table: str, buckets: frozenset[str]) -> frozenset[str]:
         """The columns shown through those of ``buckets`` whose rule may claim rows of
         ``table`` (``claim = true``)."""
-        claimers = frozenset(
-            b for b in buckets if (e := self._entry(b, table)) is not None and e.claim
-        )
-        return self.columns_in(table, claimers) if claimers else frozenset()
+        found = self._claimable.get((table, buckets))
+        if found is None:
+            claimers = frozenset(
+                b for b in buckets if (e := self._entry(b, table)) is not None and e.claim
+            )
+            found = self.columns_in(table, claimers) if claimers else frozenset()
+            self._claimable[(table, buckets)] = found
+        return found
 
     def project(self, table: str, row: Mapping[str, Any] | None, buckets: frozenset[str]) -> Any:
         """``row`` cut to the columns the device sees in ``buckets``."""
