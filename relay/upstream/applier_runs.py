@@ -31,6 +31,7 @@ Runs in the applier's one thread, on the connection of its
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -200,7 +201,7 @@ class RunApplier:
             raise ApplierError(
                 f"even the minimal rejection of {_where(item)} failed: {exc}"
             ) from exc
-        self._count(outcome)
+        self._count([outcome])
         return [outcome]
 
     def _write_dead_letter(self, cur: psycopg.Cursor[Any], item: Item, failed: Failed) -> None:
@@ -247,21 +248,21 @@ class RunApplier:
                 for item in todo:
                     self._write_dead_letter(cur, item, failed)
         self.stats.duplicates += duplicates
-        for o in outcomes:
-            self._count(o)
+        self._count(outcomes)
         return outcomes
 
-    def _count(self, o: Outcome) -> None:
-        """Count a committed outcome (stats and ``fieldsync_applier_entries_total``)."""
-        if o.kind is OutcomeKind.APPLIED:
-            self.stats.applied += 1
-        elif o.kind is OutcomeKind.MERGED:
-            self.stats.merged += 1
-        elif o.kind is OutcomeKind.CONFLICT:
-            self.stats.conflicts += 1
-        else:
-            self.stats.rejected += 1
-        ENTRIES.labels(o.kind.value if o.kind.value in OUTCOMES else "rejected").inc()
+    def _count(self, outcomes: Sequence[Outcome]) -> None:
+        """Count committed outcomes (stats and ``fieldsync_applier_entries_total``)."""
+        for kind, n in collections.Counter(o.kind for o in outcomes).items():
+            if kind is OutcomeKind.APPLIED:
+                self.stats.applied += n
+            elif kind is OutcomeKind.MERGED:
+                self.stats.merged += n
+            elif kind is OutcomeKind.CONFLICT:
+                self.stats.conflicts += n
+            else:
+                self.stats.rejected += n
+            ENTRIES.labels(kind.value if kind.value in OUTCOMES else "rejected").inc(n)
 
     def _fresh(
         self, cur: psycopg.Cursor[Any], device: str, run: list[Item]
