@@ -43,11 +43,9 @@ from core.row_wire import row_key_text
 from relay.upstream.applier_failures import Concurrent, Undo
 from relay.upstream.applier_store import (
     SCHEMA,
-    WAL_INSERT_LSN,
     Delivery,
     current_xid,
-    lsn_of,
-    put_outbox,
+    wal_insert_lsn,
     write_applied,
     write_conflicts,
     write_row_clocks,
@@ -258,16 +256,15 @@ class RunState:
     # ---- writing
 
     def bound_written(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
-        """Send the queued writes, then (in the same round trip), after the transaction's
-        last row write and before its commit: the outcomes of entries that wrote their
-        row get ``visible_after``, the WAL insert position now.  The commit record, and
-        so the ``commit_lsn`` of every change event of these writes, comes after it; the
-        rows stay locked until the commit, so any later version of them commits after it
-        too; every version committed before the writes has a lower ``commit_lsn``
-        (docs/journal.md)."""
-        lsn = self.flush(read_lsn=bool(self.wrote))
-        if lsn is None:
+        """After the transaction's last row write (queued writes flushed) and before its
+        commit: the outcomes of entries that wrote their row get ``visible_after``, the
+        WAL insert position now.  The commit record, and so the ``commit_lsn`` of every
+        change event of these writes, comes after it; the rows stay locked until the
+        commit, so any later version of them commits after it too; every version
+        committed before the writes has a lower ``commit_lsn`` (docs/journal.md)."""
+        if not self.wrote:
             return list(outcomes)
+        lsn = wal_insert_lsn(self.cur)
         return [
             dataclasses.replace(o, visible_after=lsn) if o.seq in self.wrote else o
             for o in outcomes
@@ -340,40 +337,21 @@ class RunState:
         else:
             found[1].append(params)
 
-    def flush(self, *, read_lsn: bool = False) -> int | None:
+    def flush(self) -> None:
         """Send the queued writes: one statement per table and shape (a row is queued at
-        most once between flushes: touching it again flushes and re-reads it first), all
-        in one round trip (a pipeline), and with ``read_lsn`` the WAL insert position
-        after them, which is returned."""
+        most once between flushes: touching it again flushes and re-reads it first)."""
         queued, self.queue = self.queue, {}
-        if not queued and not read_lsn:
-            return None
-        conn = self.cur.connection
-        sent: list[tuple[psycopg.Cursor[Any], TableMeta, int]] = []
-        position = conn.cursor()
-        try:
-            with conn.pipeline():
-                for key, (meta, rows) in queued.items():
-                    columns = [list(c) for c in zip(*rows, strict=True)]
-                    cur = conn.cursor()
-                    sent.append((cur, meta, len(rows)))
-                    if key[0] == "u":
-                        cur.execute(meta.update_many_sql(key[2]), columns)
-                    else:
-                        cur.execute(meta.delete_many_sql(), columns)
-                if read_lsn:
-                    position.execute(WAL_INSERT_LSN)
-            for cur, meta, count in sent:
-                if cur.rowcount != count:
-                    raise Concurrent(
-                        f"{meta.name}: {count - cur.rowcount} row(s) changed by another "
-                        "transaction after they were read"
-                    )
-            return lsn_of(position) if read_lsn else None
-        finally:
-            for cur, _, _ in sent:
-                cur.close()
-            position.close()
+        for key, (meta, rows) in queued.items():
+            columns = [list(c) for c in zip(*rows, strict=True)]
+            if key[0] == "u":
+                self.cur.execute(meta.update_many_sql(key[2]), columns)
+            else:
+                self.cur.execute(meta.delete_many_sql(), columns)
+            if self.cur.rowcount != len(rows):
+                raise Concurrent(
+                    f"{meta.name}: {len(rows) - self.cur.rowcount} row(s) changed by another "
+                    "transaction after they were read"
+                )
 
     def conflict(
         self,
@@ -404,9 +382,6 @@ class RunState:
     def write_bookkeeping(self, outcomes: Sequence[Outcome], items: Sequence[Item]) -> None:
         """The run's ``applied`` records and outbox row, its kept conflicts and row clocks."""
         records = {i.record.seq: i.record for i in items if i.record is not None}
-        with self.cur.connection.pipeline():  # in one round trip
-            write_applied(self.cur, outcomes, records)
-            if outcomes:
-                put_outbox(self.cur, outcomes[0].device_id, outcomes)
-            write_conflicts(self.cur, self.conflicts)
-            write_row_clocks(self.cur, list(self.clock_writes.values()))
+        write_applied(self.cur, outcomes, records)
+        write_conflicts(self.cur, self.conflicts)
+        write_row_clocks(self.cur, list(self.clock_writes.values()))

@@ -219,16 +219,14 @@ class RunApplier:
         conn = self.db.connection()
         outcomes: list[Outcome] = []
         with conn.transaction(), conn.cursor() as cur:
+            save_offsets(cur, self.db.consumer, marks.after(run))
             first = run[0]
             if first.record is None:
-                save_offsets(cur, self.db.consumer, marks.after(run))
                 self._record_bad(cur, run)
                 return []
             device = first.record.device_id
-            with conn.pipeline():  # the three statements in one round trip
-                save_offsets(cur, self.db.consumer, marks.after(run))
-                emit_origin(cur, f"device:{device}")
-                todo, known, duplicates = self._fresh(cur, device, run)
+            emit_origin(cur, f"device:{device}")
+            todo, known, duplicates = self._fresh(cur, device, run)
             for item in todo:
                 prepare(self.db, item, failed)
             state = RunState(self.db, cur, known, lock_rows=lock)

@@ -43,17 +43,16 @@ __all__ = [
     "MIGRATE_LOCK",
     "MIGRATIONS",
     "SCHEMA",
-    "WAL_INSERT_LSN",
     "Delivery",
     "clean",
     "count_kept_aside",
     "current_xid",
     "emit_origin",
     "lock_name",
-    "lsn_of",
     "put_outbox",
     "read_offsets",
     "save_offsets",
+    "wal_insert_lsn",
     "write_applied",
     "write_bad_record",
     "write_conflicts",
@@ -66,8 +65,6 @@ SCHEMA: Final = "fieldsync_applier"
 LOCK_CLASS: Final = 0x66730002  # advisory lock namespace ("fs" + 2)
 MIGRATE_LOCK: Final = (LOCK_CLASS, 0)
 _EMIT: Final = "select pg_logical_emit_message(true, %s, %s)"
-WAL_INSERT_LSN: Final = "select pg_current_wal_insert_lsn()::text"
-"""The WAL insert position now (:func:`lsn_of` reads its result)."""
 _XID32: Final = "select pg_current_xact_id()::text::bigint % 4294967296"
 
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -182,10 +179,9 @@ def emit_origin(cur: psycopg.Cursor[Any], origin: str) -> None:
     cur.execute(_EMIT, (ORIGIN_MESSAGE_PREFIX, origin))
 
 
-def lsn_of(cur: psycopg.Cursor[Any]) -> int:
-    """The WAL position :data:`WAL_INSERT_LSN` executed on ``cur`` read, as an integer
-    (the 64-bit WAL position)."""
-    row = cur.fetchone()
+def wal_insert_lsn(cur: psycopg.Cursor[Any]) -> int:
+    """``pg_current_wal_insert_lsn()`` as an integer (the 64-bit WAL position)."""
+    row = cur.execute("select pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     high, _, low = str(row[0]).partition("/")
     return (int(high, 16) << 32) | int(low, 16)
@@ -251,8 +247,8 @@ def put_outbox(cur: psycopg.Cursor[Any], device_id: str, outcomes: Sequence[Outc
 def write_applied(
     cur: psycopg.Cursor[Any], outcomes: Sequence[Outcome], records: Mapping[int, JournalRecord]
 ) -> None:
-    """The ``applied`` record of each outcome (``records``: the run's, by seq); the
-    caller puts the outcomes into the outbox (:func:`put_outbox`)."""
+    """The ``applied`` record of each outcome (``records``: the run's, by seq), and the
+    outcomes into the outbox."""
     applied = []
     for o in outcomes:
         record = records[o.seq]
@@ -279,15 +275,14 @@ def write_applied(
                 record.received_at_us or None,
             )
         )
-    if applied:  # one statement (it can go in a pipeline, unlike COPY)
-        cur.execute(
-            f"insert into {SCHEMA}.applied (device_id, seq, outcome, reason, message, tbl, "
-            "row_key, op, hlc, base_lsn, base_seq, detail, received_us) "
-            "select * from unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], "
-            "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
-            "%s::bigint[], %s::jsonb[], %s::bigint[])",
-            [list(c) for c in zip(*applied, strict=True)],
-        )
+    if applied:
+        with cur.copy(
+            f"copy {SCHEMA}.applied (device_id, seq, outcome, reason, message, tbl, row_key, "
+            "op, hlc, base_lsn, base_seq, detail, received_us) from stdin"
+        ) as copy:
+            for row in applied:
+                copy.write_row(row)
+        put_outbox(cur, outcomes[0].device_id, outcomes)
 
 
 def write_conflicts(cur: psycopg.Cursor[Any], rows: Sequence[tuple[Any, ...]]) -> None:

@@ -704,12 +704,12 @@ def test_a_row_changed_between_read_and_write_is_merged_again(
     original = applier_module.RunState.flush
     fired: list[bool] = []
 
-    def flush_after_a_concurrent_update(self: Any, **kw: Any) -> int | None:
+    def flush_after_a_concurrent_update(self: Any) -> None:
         if self.queue and not fired:
             fired.append(True)
             with psycopg.connect(env.dsn, autocommit=True) as other:
                 other.execute("update work_orders set qty = 10 where id = 1")
-        return original(self, **kw)
+        original(self)
 
     monkeypatch.setattr(applier_module.RunState, "flush", flush_after_a_concurrent_update)
     env.produce(env.record("d1", "update", [1], seen(base), {"qty": 6}))
