@@ -24,7 +24,10 @@ values, so nothing conflicts):
 3. ``executemany, 1 transaction``: ``update work_orders set notes = %s where id = %s``,
 4. ``executemany, per 500`` (one transaction per 500 updates, like the applier's runs).
 
-The ratio is applied entries/s over phase 3 (the limit).  PostgreSQL and the broker are
+The ratio is applied entries/s over phase 3 (the limit).  Also printed, per entry: the
+CPU time of this process (the applier's threads) and of its PostgreSQL backend (read from
+``/proc`` when the server runs on this machine), against the same for ``executemany``: on
+a shared machine these say more than the wall times.  PostgreSQL and the broker are
 started by the script (embedded, like the tests) unless ``--pg-dsn`` /
 ``--kafka-bootstrap`` are given.  The result table is Markdown, for docs/performance.md.
 """
@@ -32,9 +35,11 @@ started by the script (embedded, like the tests) unless ``--pg-dsn`` /
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import bench_support
@@ -116,6 +121,22 @@ def journal(n: int, devices: int, tag: str, old: str, new: str) -> list[JournalR
     return out
 
 
+def backend_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of a local PostgreSQL backend; None when the server
+    is not on this machine (``--pg-dsn`` elsewhere) or /proc cannot say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_split(cpu_s: float, pg_s: float | None, n: int) -> str:
+    """``"py 123 µs, PostgreSQL 17 µs"`` per entry."""
+    pg = f"{pg_s / n * 1e6:,.0f} µs" if pg_s is not None else "?"
+    return f"{cpu_s / n * 1e6:,.0f} µs here, {pg} in PostgreSQL"
+
+
 def run_applier(
     svc: Services, dsn: str, policy: str, records: list[JournalRecord], batch: int
 ) -> dict[str, Any]:
@@ -136,12 +157,18 @@ def run_applier(
     assert db.acquire_leadership()
     applier._open()
     n = len(records)
+    backend = db.connection().info.backend_pid
+    pg0 = backend_cpu_s(backend)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     deadline = time.monotonic() + 600
     while db.stats.records < n and time.monotonic() < deadline:
         applier.step()
     applier.publish_outbox()
     seconds = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0
+    pg1 = backend_cpu_s(backend)
+    pg_s = pg1 - pg0 if pg0 is not None and pg1 is not None else None
     stats = db.stats
     applier.close()
     done = stats.applied + stats.merged
@@ -152,6 +179,7 @@ def run_applier(
         "runs": stats.runs,
         "published": stats.published,
         "produced_s": produced_s,
+        "cpu": cpu_split(cpu_s, pg_s, n),
     }
 
 
@@ -229,9 +257,12 @@ batch_max_entries = {batch}
     return {"seconds": span, "produced_s": produced_s}
 
 
-def run_executemany(dsn: str, n: int, old: str, new: str, per_txn: int | None) -> float:
+def run_executemany(dsn: str, n: int, old: str, new: str, per_txn: int | None) -> tuple[float, str]:
     params = [(f"{new}{i}", i) for i in range(1, n + 1)]
     with psycopg.connect(dsn) as conn:
+        backend = conn.info.backend_pid
+        pg0 = backend_cpu_s(backend)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         step = per_txn or n
         for start in range(0, n, step):
@@ -241,11 +272,14 @@ def run_executemany(dsn: str, n: int, old: str, new: str, per_txn: int | None) -
                 )
             conn.commit()
         seconds = time.perf_counter() - t0
+        cpu_s = time.process_time() - cpu0
+        pg1 = backend_cpu_s(backend)
         wrong = conn.execute(
             "select count(*) from work_orders where notes <> %s || id", (new,)
         ).fetchone()
     assert wrong == (0,), f"executemany left {wrong} rows unchanged"
-    return seconds
+    pg_s = pg1 - pg0 if pg0 is not None and pg1 is not None else None
+    return seconds, cpu_split(cpu_s, pg_s, n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(f"sharded: {n / sharded['seconds']:,.0f} entries/s", file=sys.stderr)
-            one = run_executemany(dsn, n, "d", "e", None)
+            one, one_cpu = run_executemany(dsn, n, "d", "e", None)
             results.append(("executemany, 1 transaction (the limit)", one, "1 transaction"))
-            per = run_executemany(dsn, n, "e", "f", args.batch)
+            per, _ = run_executemany(dsn, n, "e", "f", args.batch)
             results.append(
                 (
                     f"executemany, {args.batch} per transaction",
@@ -321,8 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n{policy}: applier transactions {got['apply_s']:.2f} s of {got['seconds']:.2f} s "
             f"(rest: Kafka fetch, parsing, publishing {got['published']:,} outcomes); "
-            f"producing the journal took {got['produced_s']:.2f} s (not timed)"
+            f"producing the journal took {got['produced_s']:.2f} s (not timed); "
+            f"CPU per entry: {got['cpu']}"
         )
+    print(f"\nexecutemany, 1 transaction: CPU per update: {one_cpu}")
+    print(f"load average after the run: {os.getloadavg()[0]:.1f}")
     return 0
 
 

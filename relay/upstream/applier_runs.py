@@ -31,6 +31,8 @@ Runs in the applier's one thread, on the connection of its
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -199,7 +201,7 @@ class RunApplier:
             raise ApplierError(
                 f"even the minimal rejection of {_where(item)} failed: {exc}"
             ) from exc
-        self._count(outcome)
+        self._count([outcome])
         return [outcome]
 
     def _write_dead_letter(self, cur: psycopg.Cursor[Any], item: Item, failed: Failed) -> None:
@@ -224,44 +226,48 @@ class RunApplier:
                 return []
             device = first.record.device_id
             emit_origin(cur, f"device:{device}")
-            todo, known = self._fresh(cur, device, run)
+            todo, known, duplicates = self._fresh(cur, device, run)
             for item in todo:
                 prepare(self.db, item, failed)
             state = RunState(self.db, cur, known, lock_rows=lock)
             state.prefetch([i for i in todo if i.entry is not None])
-            for item in todo:
-                with log_context(**_context_of(item)):
-                    outcome = apply_entry(self.db, state, item)
-                assert item.record is not None
-                known[item.record.seq] = (outcome.kind.value, outcome.reason)
-                outcomes.append(outcome)
+            with log_context(device=device):  # and the table of each group of entries
+                for table, group in itertools.groupby(todo, key=_table_of):
+                    with log_context(table=table):
+                        for item in group:
+                            outcome = apply_entry(self.db, state, item)
+                            assert item.record is not None
+                            known[item.record.seq] = (outcome.kind.value, outcome.reason)
+                            outcomes.append(outcome)
             state.flush()
             outcomes = state.bound_written(outcomes)
             state.write_bookkeeping(outcomes, todo)
             if failed is not None:
                 for item in todo:
                     self._write_dead_letter(cur, item, failed)
-        for o in outcomes:
-            self._count(o)
+        self.stats.duplicates += duplicates
+        self._count(outcomes)
         return outcomes
 
-    def _count(self, o: Outcome) -> None:
-        """Count a committed outcome (stats and ``fieldsync_applier_entries_total``)."""
-        if o.kind is OutcomeKind.APPLIED:
-            self.stats.applied += 1
-        elif o.kind is OutcomeKind.MERGED:
-            self.stats.merged += 1
-        elif o.kind is OutcomeKind.CONFLICT:
-            self.stats.conflicts += 1
-        else:
-            self.stats.rejected += 1
-        ENTRIES.labels(o.kind.value if o.kind.value in OUTCOMES else "rejected").inc()
+    def _count(self, outcomes: Sequence[Outcome]) -> None:
+        """Count committed outcomes (stats and ``fieldsync_applier_entries_total``)."""
+        for kind, n in collections.Counter(o.kind for o in outcomes).items():
+            if kind is OutcomeKind.APPLIED:
+                self.stats.applied += n
+            elif kind is OutcomeKind.MERGED:
+                self.stats.merged += n
+            elif kind is OutcomeKind.CONFLICT:
+                self.stats.conflicts += n
+            else:
+                self.stats.rejected += n
+            ENTRIES.labels(kind.value if kind.value in OUTCOMES else "rejected").inc(n)
 
     def _fresh(
         self, cur: psycopg.Cursor[Any], device: str, run: list[Item]
-    ) -> tuple[list[Item], dict[int, tuple[str, str | None]]]:
-        """The items not applied before (idempotency), and the known outcomes of the
-        run's seqs and of the entries they depend on (prev_seq)."""
+    ) -> tuple[list[Item], dict[int, tuple[str, str | None]], int]:
+        """The items not applied before (idempotency), the known outcomes of the run's
+        seqs and of the entries they depend on (prev_seq), and how many items are
+        duplicates (counted once the transaction commits)."""
         seqs: set[int] = set()
         for item in run:
             assert item.record is not None
@@ -281,11 +287,10 @@ class RunApplier:
             assert item.record is not None
             seq = item.record.seq
             if seq in known or seq in taken:
-                self.stats.duplicates += 1
                 continue
             taken.add(seq)
             todo.append(item)
-        return todo, known
+        return todo, known, len(run) - len(todo)
 
     def _record_bad(self, cur: psycopg.Cursor[Any], run: list[Item]) -> None:
         for item in run:
@@ -308,6 +313,12 @@ def _context_of(item: Item) -> dict[str, str]:
     if record.entry is None:
         return {"device": record.device_id}
     return {"device": record.device_id, "table": record.entry.table}
+
+
+def _table_of(item: Item) -> str | None:
+    """The table of an item's entry, for the log context (None: no entry)."""
+    record = item.record
+    return record.entry.table if record is not None and record.entry is not None else None
 
 
 def _where(item: Item) -> str:

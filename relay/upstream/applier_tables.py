@@ -32,7 +32,7 @@ from psycopg import sql
 
 from core.avro_envelope import TableCodec
 from core.pg_types import CATALOG_QUERY, ColumnSpec, MappingCatalog, TypeInfo
-from core.row_wire import json_value
+from core.row_wire import PLAIN_TYPES, json_value
 from core.value_schemas import column_types_from_value_schema
 from core.values import ColumnType, Kind, decoded_datum, to_pg_text
 from relay.downstream.rules import TableInfo, canonical_text
@@ -87,6 +87,11 @@ class TableMeta:
         self._convert = {
             spec.name: c.convert for spec, c in zip(codec.columns, codec.column_codecs, strict=True)
         }
+        # per column in table order: its name, its converter, and its type when the
+        # converter's output needs decoding (fixed decimals, arrays), else None
+        self._readers: tuple[tuple[str, Any, ColumnType | None], ...] = tuple(
+            (c, self._convert[c], _decoded_type(self.types.get(c))) for c in self.columns
+        )
         self.ident = sql.Identifier(self.schema, self.table)
         self._plain_key = all(
             self.types[k].kind not in (Kind.DECIMAL, Kind.NUMERIC, Kind.ARRAY, Kind.INTERVAL)
@@ -97,12 +102,14 @@ class TableMeta:
     def read(self, texts: Sequence[str | None]) -> dict[str, Any]:
         """A row from its columns' text forms (table order) → wire form."""
         out: dict[str, Any] = {}
-        for column, text in zip(self.columns, texts, strict=True):
+        for (column, convert, ct), text in zip(self._readers, texts, strict=True):
             if text is None:
                 out[column] = None
-            else:
-                ct = self.types.get(column)
-                out[column] = json_value(decoded_datum(ct, self._convert[column](text)))
+                continue
+            value = convert(text)
+            if ct is not None:
+                value = decoded_datum(ct, value)
+            out[column] = value if type(value) in PLAIN_TYPES else json_value(value)
         return out
 
     def pg_text(self, column: str, value: Any) -> str | None:
@@ -258,6 +265,11 @@ class TableMeta:
 
     def key_params(self, key: Sequence[Any]) -> list[str | None]:
         return [self.pg_text(c, v) for c, v in zip(self.key, key, strict=True)]
+
+
+def _decoded_type(ct: ColumnType | None) -> ColumnType | None:
+    """``ct`` when :func:`decoded_datum` changes its converted values, else None."""
+    return ct if ct is not None and ct.kind in (Kind.DECIMAL, Kind.ARRAY) else None
 
 
 def read_tables(

@@ -28,6 +28,7 @@ Pure: no I/O; safe to call from any thread.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,11 @@ def _coerce(types: Mapping[str, ColumnType] | None, column: str, value: Any, whe
         ) from None
 
 
+@functools.lru_cache(maxsize=1024)
+def _column_set(columns: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(columns)
+
+
 def _coerce_row(
     types: Mapping[str, ColumnType] | None,
     info: TableInfo,
@@ -277,7 +283,7 @@ def _coerce_row(
     if row is None:
         return None
     columns = info.columns
-    if not all(c in columns for c in row):
+    if not _column_set(columns).issuperset(row):
         unknown = ", ".join(repr(c) for c in sorted(c for c in row if c not in columns))
         raise EntryProblem(Reason.UNKNOWN_COLUMN, f"{where}: no column(s) {unknown}")
     if only is None:

@@ -21,14 +21,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from core.journal_format import Reason, Rejection
+from core.row_wire import PLAIN_TYPES
 from core.values import ColumnType, to_datum
 from relay.downstream.rules import Rules, TableInfo, TableRule, canonical_text, parse_bucket_id
 from relay.errors import RowError
 
 __all__ = ["WriteScope", "check_write"]
+
+
+_ABSENT: Final = object()
+"""A column the row lacks."""
 
 
 class WriteScope:
@@ -53,6 +58,8 @@ class WriteScope:
         self._seen: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
         self._rule_of: dict[str, str] = {}
         self._writable: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
+        self._claimable: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
+        self._placed_plain: dict[tuple[Any, ...], frozenset[str] | None] = {}
         # the last row placed (the same row object is often asked again at once)
         self._last: tuple[Mapping[str, Any], str, frozenset[str] | None] | None = None
         visible: dict[str, set[str]] = {}
@@ -110,9 +117,31 @@ class WriteScope:
         last = self._last
         if last is not None and last[0] is row and last[1] == table:
             return last[2]
-        found = self._row_buckets(table, row)
+        plain = self._plain_placement(table, row)
+        if plain is not None and plain in self._placed_plain:
+            found = self._placed_plain[plain]
+        else:
+            found = self._row_buckets(table, row)
+            if plain is not None:
+                if len(self._placed_plain) > 100_000:
+                    self._placed_plain.clear()
+                self._placed_plain[plain] = found
         self._last = (row, table, found)
         return found
+
+    def _plain_placement(self, table: str, row: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """A cache key of the row's placing values as they are (each with its type),
+        when all are text, integers, booleans or NULL: equal keys place rows alike.
+        None otherwise (other kinds are compared through their canonical text)."""
+        out: list[Any] = [table]
+        for c in self._placement_columns(table):
+            value = row.get(c, _ABSENT)
+            kind = type(value)
+            if kind not in PLAIN_TYPES:
+                return None
+            out.append(kind)
+            out.append(value)
+        return tuple(out)
 
     def _row_buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str] | None:
         columns = self._placement_columns(table)
@@ -168,10 +197,14 @@ class WriteScope:
     def claim_columns(self, table: str, buckets: frozenset[str]) -> frozenset[str]:
         """The columns shown through those of ``buckets`` whose rule may claim rows of
         ``table`` (``claim = true``)."""
-        claimers = frozenset(
-            b for b in buckets if (e := self._entry(b, table)) is not None and e.claim
-        )
-        return self.columns_in(table, claimers) if claimers else frozenset()
+        found = self._claimable.get((table, buckets))
+        if found is None:
+            claimers = frozenset(
+                b for b in buckets if (e := self._entry(b, table)) is not None and e.claim
+            )
+            found = self.columns_in(table, claimers) if claimers else frozenset()
+            self._claimable[(table, buckets)] = found
+        return found
 
     def project(self, table: str, row: Mapping[str, Any] | None, buckets: frozenset[str]) -> Any:
         """``row`` cut to the columns the device sees in ``buckets``."""
@@ -237,7 +270,7 @@ def check_write(
                 Reason.FORBIDDEN_COLUMN,
                 f"{table}: this device may not write column(s) {', '.join(denied)} of this row",
             )
-    if before_buckets is not None and after_buckets is not None:
+    if before_buckets is not None and after_buckets is not None and after_buckets != before_buckets:
         gained = scope.columns_in(table, after_buckets) - scope.columns_in(table, before_buckets)
         hidden = sorted(gained - scope.claim_columns(table, after_buckets))
         if hidden:
