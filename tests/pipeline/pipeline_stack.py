@@ -184,11 +184,14 @@ def services(
     conflicts: str,
     tables: list[str],
     http_port: int = 0,
+    engine_shares: int = 1,
 ) -> Iterator[Stack]:
     """cdc, the relay and the applier running on their settings files (rules and conflicts
     given as TOML text, ``tables`` published by cdc); stopped at the end, after a check
     that none had died.  ``http_port``: the relay's API port (0: a free one at each start;
-    a fixed one keeps :attr:`Stack.url` across restarts, for devices)."""
+    a fixed one keeps :attr:`Stack.url` across restarts, for devices).  ``engine_shares``
+    above 1: cdc creates change topics of that many partitions, and as many relay
+    processes run (``relay``, ``relay-2``, ...), each leading one share of the engine."""
     (tmp_path / "rules.toml").write_text(rules)
     (tmp_path / "conflicts.toml").write_text(conflicts)
     keys = write_keys(tmp_path / "keys.toml", "e" * 40)
@@ -199,7 +202,7 @@ def services(
         prefix=prefix,
         slot="e2e_" + uuid.uuid4().hex[:10],
         postgres={"tables": tables},
-        kafka={"batch_max_ms": 10},
+        kafka={"batch_max_ms": 10, "topic_partitions": engine_shares},
         cdc={"state_dir": str(tmp_path / "cdc-state")},
     )
     relay_config = tmp_path / "relay.toml"
@@ -207,7 +210,7 @@ def services(
         f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\n'
         f'rules = "{tmp_path / "rules.toml"}"\ntopic_prefix = "{prefix}"\n'
         f'kafka_bootstrap_servers = "{bootstrap}"\nbatch_max_ms = 10\n'
-        'metrics_listen = "127.0.0.1:0"\n\n'
+        f'metrics_listen = "127.0.0.1:0"\nengine_shares = {engine_shares}\n\n'
         f"[http]\nport = {http_port}\nlong_poll_s = 5\nrate_per_s = 0\n\n"
         f'[auth]\nkeys_file = "{keys}"\n\n'
         f'[journal]\ndsn = "{pg_dsn}"\nconflicts = "{tmp_path / "conflicts.toml"}"\n'
@@ -221,6 +224,12 @@ def services(
         stack.procs["relay"] = Process(
             "relay", ["relay", "run", "--config", str(relay_config)], tmp_path / "r.log"
         )
+        for n in range(2, engine_shares + 1):
+            stack.procs[f"relay-{n}"] = Process(
+                f"relay-{n}",
+                ["relay", "run", "--config", str(relay_config)],
+                tmp_path / f"r{n}.log",
+            )
         stack.procs["applier"] = Process(
             "applier",
             ["relay", "applier", "--config", str(relay_config)],

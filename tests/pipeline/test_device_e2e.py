@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +182,9 @@ def office(pg: psycopg.Connection[Any], rng: random.Random, round_no: int) -> No
             )
 
 
+@pytest.mark.parametrize("engine_shares", [1, 2], ids=["one-engine", "two-engine-shares"])
 def test_devices_converge_with_postgresql(
+    engine_shares: int,
     pg_dsn: str,
     store_dsn: str,
     kafka_bootstrap: str,
@@ -208,10 +212,27 @@ def test_devices_converge_with_postgresql(
             rules=JOBS_RULES,
             conflicts=JOBS_CONFLICTS,
             tables=JOBS_TABLES,
+            engine_shares=engine_shares,
         ) as stack:
             devices = [Device(name, stack.url, stack.keys, tmp_path) for name in DEVICES]
+
+            def midway() -> None:
+                # the second share's leader crashes mid-run: its restart (or the first
+                # free share) takes over with nothing lost or doubled
+                if "relay-2" in stack.procs:
+                    stack.kill_and_restart("relay-2")
+
             try:
-                run(pg, devices, list(stack.procs.values()), rng, capsys)
+                run(pg, devices, list(stack.procs.values()), rng, capsys, midway)
+                led = {
+                    share
+                    for name, proc in stack.procs.items()
+                    if name.startswith("relay")
+                    for share in re.findall(
+                        r"leading \(group \S+, share (\d+) of", "".join(proc.lines)
+                    )
+                }
+                assert led == {str(s) for s in range(engine_shares)}, led
             finally:
                 for d in devices:
                     d.close()
@@ -257,12 +278,15 @@ def run(
     procs: list[Process],
     rng: random.Random,
     capsys: pytest.CaptureFixture[str],
+    midway: Callable[[], None],
 ) -> None:
     settle(pg, devices, procs, 90, "the initial sync of every device")
     assert devices[0].tables()["jobs"] == devices[1].tables()["jobs"] != []  # crew a, shared
     edits = 0
     last_edit = time.monotonic()
     for round_no in range(ROUNDS):
+        if round_no == ROUNDS // 2:
+            midway()
         office(pg, rng, round_no)
         for d in devices:
             n = rng.randint(1, 3)
