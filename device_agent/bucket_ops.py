@@ -127,6 +127,9 @@ class BucketLedger:
 
     def prefetch(self, ops: Sequence[Mapping[str, Any]], tables: Mapping[str, LocalTable]) -> None:
         """Load the current terms of rows of non-fresh buckets this message touches."""
+        names = {op["bucket"] for op in ops}
+        if all((self.buckets.get(n) or self.bucket(n)).fresh for n in names):
+            return
         wanted: dict[tuple[int, int], list[Any]] = {}
         for op in ops:
             b = self.buckets.get(op["bucket"]) or self.bucket(op["bucket"])
@@ -264,8 +267,8 @@ class OpWriter:
             return
         ledger, rows = self.ledger, self.rows
         ledger.prefetch(ops, self.tables)
-        fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {}
-        fast_gone: dict[int, set[Any]] = {}
+        fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {t.id: {} for t in self.info.values()}
+        fast_gone: dict[int, set[Any]] = {t.id: set() for t in self.info.values()}
         final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
         info, buckets, terms = self.info, ledger.buckets, ledger.terms
         held, dirty = rows.held, rows.dirty
@@ -316,8 +319,8 @@ class OpWriter:
                     dirty.add(ref)
                     if ref in held:
                         rows.saw(tid, k, position)
-                    fast_gone.get(tid, set()).discard(k)
-                    fast_put.get(tid, {}).pop(k, None)
+                    fast_gone[tid].discard(k)
+                    fast_put[tid].pop(k, None)
                     continue
                 final[(tid, k, bid)] = (tid, k, bid, op["op_id"], term, None, pos)
                 try:
@@ -326,12 +329,9 @@ class OpWriter:
                     values = tuple(data.get(c) for c in t.table.columns)
                 if t.single:
                     values = (values,)
-                put = fast_put.get(tid)
-                if put is None:
-                    put = fast_put[tid] = {}
-                put[k] = values
-                gone = fast_gone.get(tid)
-                if gone is not None:
+                fast_put[tid][k] = values
+                gone = fast_gone[tid]
+                if gone:
                     gone.discard(k)
                 continue
             if not b.recount:
@@ -346,8 +346,8 @@ class OpWriter:
                 if ref in held:
                     rows.saw(tid, k, position)
             else:
-                fast_put.get(tid, {}).pop(k, None)
-                fast_gone.setdefault(tid, set()).add(k)
+                fast_put[tid].pop(k, None)
+                fast_gone[tid].add(k)
         self.result.ops += len(ops)
         self.result.puts += puts
         self.result.removes += len(ops) - puts
