@@ -300,7 +300,8 @@ class OpWriter:
                 puts += 1
                 data = op["data"]
                 # row_checksum(table, row_key, data), inlined (the hot path)
-                rk = f"[{k}]" if type(k) is int else row_key_text(key)
+                # (an int k of a boolean key: the relay writes it as true/false)
+                rk = f"[{k}]" if type(k) is int and type(key[0]) is int else row_key_text(key)
                 term = u64(sha256(dumps((t.name, rk, data), option=_SORT)).digest())[0]
                 if not b.recount:  # recount: summed from _fieldsync_rows at the end
                     old = terms.get((bid, tid, k))

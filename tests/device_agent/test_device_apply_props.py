@@ -219,3 +219,16 @@ def test_an_unreadable_staged_message_is_named(tmp_path: Path) -> None:
             list(staging.staged_messages(conn, 1, {}))
     finally:
         conn.close()
+
+
+def test_a_boolean_key_has_the_relays_checksum_term(tmp_path: Path) -> None:
+    conn = fresh_db(str(tmp_path))
+    try:
+        server = FakeServer()
+        server.put("catalog[]", PARTS, [True], {"id": True, "name": "yes", "unit": 1.5})
+        r = apply_messages(conn, server.messages(), f"c{server.op_id}")
+        assert (r.verified, r.mismatched) == (["catalog[]"], [])
+        cp = server.checkpoint()["buckets"]["catalog[]"]
+        assert local_checksums(conn)["catalog[]"] == (1, int(cp["checksum"]))
+    finally:
+        conn.close()
