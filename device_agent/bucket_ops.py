@@ -269,6 +269,7 @@ class OpWriter:
         ledger.prefetch(ops, self.tables)
         fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {t.id: {} for t in self.info.values()}
         fast_gone: dict[int, set[Any]] = {t.id: set() for t in self.info.values()}
+        put_by: dict[tuple[int, Any], int] = {}  # the bucket whose PUT a fast row is
         final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
         info, buckets, terms = self.info, ledger.buckets, ledger.terms
         held, dirty = rows.held, rows.dirty
@@ -331,6 +332,7 @@ class OpWriter:
                 if t.single:
                     values = (values,)
                 fast_put[tid][k] = values
+                put_by[ref] = bid
                 gone = fast_gone[tid]
                 if gone:
                     gone.discard(k)
@@ -347,8 +349,9 @@ class OpWriter:
                 if ref in held:
                     rows.saw(tid, k, position)
             else:
-                fast_put[tid].pop(k, None)
-                fast_gone[tid].add(k)
+                if put_by.get(ref) == bid:  # a PUT of another bucket, which holds it, stays
+                    fast_put[tid].pop(k, None)
+                fast_gone[tid].add(k)  # deleted at the end unless a bucket holds it
         self.result.ops += len(ops)
         self.result.puts += puts
         self.result.removes += len(ops) - puts

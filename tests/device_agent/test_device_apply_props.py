@@ -7,7 +7,8 @@ text keys), applied in random pages and downloads, in bulk or flagged mode:
   of the terms in ``_fieldsync_rows`` (:func:`device_agent.bucket_ops.local_checksums`);
 - every hold carries the position of the last op of its row in its bucket (the base a
   journal entry copies), and the term of that op's data;
-- the tables show the latest version of each row some bucket holds, and nothing else.
+- the tables show the current version of each row some bucket holds, and nothing else,
+  whichever order a row's PUT in a new bucket and its REMOVE from the old one come in.
 
 And the staging area gives back exactly the messages staged, in either stored form.
 """
@@ -75,19 +76,44 @@ op_strategy = st.tuples(
 )
 
 
-def play(server: FakeServer, op: tuple[str, str, int, int, int, int]) -> None:
+def holders(server: FakeServer, table: str, rk: str) -> set[str]:
+    return {b for b, rows in server.rows.items() if (table, rk) in rows}
+
+
+def play(
+    server: FakeServer,
+    current: dict[tuple[str, str], dict[str, Any]],
+    op: tuple[str, str, int, int, int, int],
+) -> None:
+    """One change as the relay serves it: a row's new version goes to every bucket that
+    holds it (one rule: the buckets hold the same version), a move puts the new version in
+    the new bucket and removes the row from the old one, in either order."""
     kind, table, n, b, other, v = op
     key = key_of(table, n)
+    rk = row_key_text(key)
+    if kind == "remove":  # also from a bucket that does not hold it
+        server.remove(BUCKETS[b], table, key)
+        return
+    data = current[(table, rk)] = data_of(table, key, v)
+    source, target = BUCKETS[b], BUCKETS[other]
     if kind == "put":
-        server.put(BUCKETS[b], table, key, data_of(table, key, v))
-    elif kind == "remove":
-        server.remove(BUCKETS[b], table, key)
-    else:  # the row leaves one bucket and is put in another
-        server.remove(BUCKETS[b], table, key)
-        server.put(BUCKETS[other], table, key, data_of(table, key, v))
+        for bucket in sorted(holders(server, table, rk) | {source}):
+            server.put(bucket, table, key, data)
+        return
+    targets = sorted((holders(server, table, rk) - {source}) | {target})
+    if other > b:  # the new bucket's PUT first
+        for bucket in targets:
+            server.put(bucket, table, key, data)
+        server.remove(source, table, key)
+    else:
+        server.remove(source, table, key)
+        for bucket in targets:
+            server.put(bucket, table, key, data)
 
 
-def check(conn: sqlite3.Connection, server: FakeServer) -> None:
+def check(
+    conn: sqlite3.Connection, server: FakeServer, current: dict[tuple[str, str], dict[str, Any]]
+) -> None:
     expected = server.checkpoint()["buckets"]
     kept = {
         name: (int(count), int(checksum))
@@ -120,18 +146,16 @@ def check(conn: sqlite3.Connection, server: FakeServer) -> None:
             term = signed(row_checksum(table, rk, o["data"]))
             want_holds[(b, table, rk)] = (term, pos_text(o.get("position")))
     assert holds == want_holds
-    # the tables: the latest version of every held row (no edits here)
+    # the tables: the current version of every row some bucket holds (no edits here)
     for table in (WO, PARTS):
-        latest: dict[str, dict[str, Any]] = {}
-        for o in server.log:
-            rk = row_key_text(o["key"])
-            if (o["bucket"], o["table"], rk) in want_holds and o["table"] == table:
-                latest[rk] = o["data"]
-        cols = list(latest[next(iter(latest))]) if latest else []
+        latest = [
+            data for (t, rk), data in current.items() if t == table and holders(server, table, rk)
+        ]
         local = TABLES[table]
         count = conn.execute(f'select count(*) from "{local}"').fetchone()[0]
         assert count == len(latest), table
-        for data in latest.values():
+        for data in latest:
+            cols = list(data)
             row = conn.execute(
                 f'select {", ".join(cols)} from "{local}" where id = ?', (data["id"],)
             ).fetchone()
@@ -151,10 +175,11 @@ def test_bucket_sums_holds_and_rows_follow_random_ops(
         conn = fresh_db(directory)
         try:
             server = FakeServer()
+            current: dict[tuple[str, str], dict[str, Any]] = {}
             since = 0
             for ops in rounds:
                 for op in ops:
-                    play(server, op)
+                    play(server, current, op)
                 msgs = server.messages(since, page)
                 total = sum(len(m["ops"]) for m in msgs)
                 r = apply_messages(
@@ -162,7 +187,7 @@ def test_bucket_sums_holds_and_rows_follow_random_ops(
                 )
                 assert r.mismatched == []
                 since = server.op_id
-                check(conn, server)
+                check(conn, server, current)
         finally:
             conn.close()
 
