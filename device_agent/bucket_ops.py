@@ -127,6 +127,9 @@ class BucketLedger:
 
     def prefetch(self, ops: Sequence[Mapping[str, Any]], tables: Mapping[str, LocalTable]) -> None:
         """Load the current terms of rows of non-fresh buckets this message touches."""
+        names = {op["bucket"] for op in ops}
+        if all((self.buckets.get(n) or self.bucket(n)).fresh for n in names):
+            return
         wanted: dict[tuple[int, int], list[Any]] = {}
         for op in ops:
             b = self.buckets.get(op["bucket"]) or self.bucket(op["bucket"])
@@ -211,6 +214,31 @@ class BucketLedger:
             )
 
 
+@dataclasses.dataclass(slots=True)
+class _TableOps:
+    """What the op loop needs of one table, looked up once per apply."""
+
+    table: LocalTable
+    id: int
+    name: str
+    multi: bool  # several rules serve it: every row takes the general path
+    getter: Callable[[Mapping[str, Any]], Any]  # the data's values in column order
+    single: bool  # one column: the getter returns a value, not a tuple
+    unknown: list[str]  # columns whose kind is not known yet
+
+    @classmethod
+    def of(cls, t: LocalTable) -> _TableOps:
+        return cls(
+            t,
+            t.id,
+            t.name,
+            t.multi,
+            itemgetter(*t.columns),
+            len(t.columns) == 1,
+            [c for c in t.columns if c not in t.kinds],
+        )
+
+
 class OpWriter:
     """Applies the ops of changes messages (holds, bucket sums, fast-path rows)."""
 
@@ -228,11 +256,8 @@ class OpWriter:
         self.ledger = ledger
         self.rows = rows
         self.result = result
-        self.table_json = {t.name: orjson.dumps(t.name) for t in tables.values()}
         self.kinds_changed: set[int] = set()
-        self.unknown_kinds = {
-            t.id: [c for c in t.columns if c not in t.kinds] for t in tables.values()
-        }
+        self.info = {name: _TableOps.of(t) for name, t in tables.items()}
 
     def apply(self, msg: Message) -> None:
         """Apply the ops of one changes message (its buckets' resets are done first)."""
@@ -242,17 +267,17 @@ class OpWriter:
             return
         ledger, rows = self.ledger, self.rows
         ledger.prefetch(ops, self.tables)
-        fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {}
-        fast_gone: dict[int, set[Any]] = {}
+        fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {t.id: {} for t in self.info.values()}
+        fast_gone: dict[int, set[Any]] = {t.id: set() for t in self.info.values()}
+        put_by: dict[tuple[int, Any], int] = {}  # the bucket whose PUT a fast row is
         final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
-        tables, buckets, terms = self.tables, ledger.buckets, ledger.terms
+        info, buckets, terms = self.info, ledger.buckets, ledger.terms
         held, dirty = rows.held, rows.dirty
-        getters: dict[int, Callable[[Mapping[str, Any]], Any]] = {}
-        heads = {t.id: b"[" + self.table_json[t.name] + b"," for t in tables.values()}
         dumps, sha256, u64 = orjson.dumps, hashlib.sha256, _U64
+        puts = 0
         for op in ops:
-            table = tables.get(op["table"])
-            if table is None:
+            t = info.get(op["table"])
+            if t is None:
                 raise StateError(
                     f"the relay sent rows of {op['table']}, which the local schema lacks; "
                     "the schema is refreshed on the next sync"
@@ -260,90 +285,83 @@ class OpWriter:
             b = buckets.get(op["bucket"]) or ledger.bucket(op["bucket"])
             key = op["key"]
             k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
-            tid = table.id
-            recount = b.recount
-            ref = (b.id, tid, k)
-            old = terms[ref] if not recount and ref in terms else None
-            slow = table.multi or (tid, k) in held
+            tid, bid = t.id, b.id
+            ref = (tid, k)
+            slow = t.multi or (held and ref in held)
+            position = op.get("position")
+            pos = (
+                f"[{position[0]},{position[1]}]"
+                if type(position) is list
+                and len(position) == 2
+                and type(position[0]) is int
+                and type(position[1]) is int
+                else pos_text(position)
+            )
             if op["op"] == "PUT":
+                puts += 1
                 data = op["data"]
                 # row_checksum(table, row_key, data), inlined (the hot path)
-                rk = f'"[{k}]",'.encode() if type(k) is int else dumps(row_key_text(key)) + b","
-                digest = sha256(heads[tid] + rk + dumps(data, option=_SORT) + b"]").digest()
-                term = u64(digest)[0]
-                if recount:  # summed from _fieldsync_rows at the end (no per-row state)
-                    pass
-                elif old is None:
-                    b.count += 1
-                    b.checksum += term
-                    terms[ref] = term
-                else:
-                    b.checksum += term - old
-                    terms[ref] = term
-                self.result.puts += 1
-                if self.unknown_kinds[tid]:
-                    self.learn_kinds(table, data)
+                # (an int k of a boolean key: the relay writes it as true/false)
+                rk = f"[{k}]" if type(k) is int and type(key[0]) is int else row_key_text(key)
+                term = u64(sha256(dumps((t.name, rk, data), option=_SORT)).digest())[0]
+                if not b.recount:  # recount: summed from _fieldsync_rows at the end
+                    old = terms.get((bid, tid, k))
+                    if old is None:
+                        b.count += 1
+                        b.checksum += term
+                    else:
+                        b.checksum += term - old
+                    terms[(bid, tid, k)] = term
+                if t.unknown:
+                    self.learn_kinds(t.table, data)
+                if term >= _SIGNED:
+                    term -= _WRAP
                 if slow:
-                    final[(tid, k, b.id)] = (
-                        tid,
-                        k,
-                        b.id,
-                        op["op_id"],
-                        signed(term),
-                        data_text(data),
-                        op.get("position"),
-                    )
-                    dirty.add((tid, k))
-                    if (tid, k) in held:
-                        rows.saw(tid, k, op.get("position"))
-                    fast_gone.get(tid, set()).discard(k)
-                    fast_put.get(tid, {}).pop(k, None)
-                else:
-                    final[(tid, k, b.id)] = (
-                        tid,
-                        k,
-                        b.id,
-                        op["op_id"],
-                        term - _WRAP if term >= _SIGNED else term,
-                        None,
-                        op.get("position"),
-                    )
-                    getter = getters.get(tid)
-                    if getter is None:
-                        getter = getters[tid] = itemgetter(*table.columns)
-                    try:
-                        values = getter(data)
-                    except KeyError:
-                        values = tuple(data.get(c) for c in table.columns)
-                    if len(table.columns) == 1:
-                        values = (values,)
-                    fast_put.setdefault(tid, {})[k] = values
-                    gone = fast_gone.get(tid)
-                    if gone is not None:
-                        gone.discard(k)
-            else:
-                self.result.removes += 1
+                    final[(tid, k, bid)] = (tid, k, bid, op["op_id"], term, data_text(data), pos)
+                    dirty.add(ref)
+                    if ref in held:
+                        rows.saw(tid, k, position)
+                    fast_gone[tid].discard(k)
+                    fast_put[tid].pop(k, None)
+                    continue
+                final[(tid, k, bid)] = (tid, k, bid, op["op_id"], term, None, pos)
+                try:
+                    values = t.getter(data)
+                except KeyError:
+                    values = tuple(data.get(c) for c in t.table.columns)
+                if t.single:
+                    values = (values,)
+                fast_put[tid][k] = values
+                put_by[ref] = bid
+                gone = fast_gone[tid]
+                if gone:
+                    gone.discard(k)
+                continue
+            if not b.recount:
+                old = terms.get((bid, tid, k))
                 if old is not None:
                     b.count -= 1
                     b.checksum -= old
-                if not recount:
-                    terms[ref] = None
-                final[(tid, k, b.id)] = None
-                if slow:
-                    dirty.add((tid, k))
-                    if (tid, k) in held:
-                        rows.saw(tid, k, op.get("position"))
-                else:
-                    fast_put.get(tid, {}).pop(k, None)
-                    fast_gone.setdefault(tid, set()).add(k)
+                terms[(bid, tid, k)] = None
+            final[(tid, k, bid)] = None
+            if slow:
+                dirty.add(ref)
+                if ref in held:
+                    rows.saw(tid, k, position)
+            else:
+                if put_by.get(ref) == bid:  # a PUT of another bucket, which holds it, stays
+                    fast_put[tid].pop(k, None)
+                fast_gone[tid].add(k)  # deleted at the end unless a bucket holds it
         self.result.ops += len(ops)
+        self.result.puts += puts
+        self.result.removes += len(ops) - puts
         self.write_rows(final)
         self.write_fast(fast_put, fast_gone)
         for b in buckets.values():  # fresh stays: rows put in this batch are in terms
             b.checksum %= CHECKSUM_MODULUS
 
     def learn_kinds(self, table: LocalTable, data: Mapping[str, Any]) -> None:
-        unknown = self.unknown_kinds[table.id]
+        unknown = self.info[table.name].unknown
         for c in list(unknown):
             kind = kind_of(data.get(c))
             if kind is not None:
@@ -358,35 +376,13 @@ class OpWriter:
             self.conn.executemany(
                 f"delete from {PREFIX}rows where tbl = ? and k = ? and bucket = ?", gone
             )
-        # row: (tbl, k, bucket, op_id, term, data text or None, position [lsn, seq] or None)
+        # row: (tbl, k, bucket, op_id, signed term, data text or None, position text)
         put = [row for row in final.values() if row is not None]
-        plain = [row for row in put if row[5] is None]
-        if len(plain) != len(put):
+        if put:
             self.conn.executemany(
                 f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, data, pos) "
                 "values (?, ?, ?, ?, ?, ?, ?)",
-                [(*row[:6], pos_text(row[6])) for row in put if row[5] is not None],
-            )
-        if plain:
-            # one statement per message: SQLite reads the holds from one JSON array (C),
-            # cheaper than binding parameters per row; json_extract of the position array
-            # gives its compact JSON text ('[lsn,seq]'), the form pos is stored in
-            try:
-                packed = orjson.dumps(plain)
-            except TypeError:  # a key orjson cannot write (e.g. bytes): bind per row
-                self.conn.executemany(
-                    f"insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, pos) "
-                    "values (?, ?, ?, ?, ?, ?)",
-                    [(*row[:5], pos_text(row[6])) for row in plain],
-                )
-                return
-            self.conn.execute(
-                f"""insert or replace into {PREFIX}rows (tbl, k, bucket, op_id, term, pos)
-                    select json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                        json_extract(value, '$[2]'), json_extract(value, '$[3]'),
-                        json_extract(value, '$[4]'), json_extract(value, '$[6]')
-                    from json_each(?)""",
-                (packed,),
+                put,
             )
 
     def write_fast(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import gc
 import gzip
 import json
 import random
@@ -128,6 +129,23 @@ def token_expiry(token: str) -> float | None:
         return None
 
 
+LARGE_ANSWER: Final = 1 << 16
+"""Answers from this size are parsed with the cyclic GC paused."""
+
+
+def parse_answer(body: bytes) -> Any:
+    """The JSON of an answer.  A large one (a page of ops) creates tens of thousands of
+    containers at once, each of which would count towards a cyclic collection pass over
+    the whole heap; they form no cycles, so the GC is paused while it is parsed."""
+    if len(body) < LARGE_ANSWER or not gc.isenabled():
+        return orjson.loads(body)
+    gc.disable()
+    try:
+        return orjson.loads(body)
+    finally:
+        gc.enable()
+
+
 def error_from_body(status: int, body: bytes, relay: str) -> DeviceAgentError:
     code, message = "", ""
     try:
@@ -221,7 +239,7 @@ class RelayClient:
                 )
                 self.bytes_received += len(response.content)
                 if response.status_code < 400:
-                    return orjson.loads(response.content)
+                    return parse_answer(response.content)
                 if response.status_code not in RETRY_STATUS:
                     raise error_from_body(response.status_code, response.content, self.base_url)
                 last = f"HTTP {response.status_code}"

@@ -29,7 +29,11 @@ appear (checked every second); while outcomes are awaited they are read every se
 and recorded with the next changes message, or on their own a second later.
 
 Threads: an :class:`Agent` belongs to one thread (its SQLite connection and HTTP
-client); :meth:`Agent.watch` stops when the given event is set.
+client); :meth:`Agent.watch` stops when the given event is set.  While a download stages
+a message, a helper thread reads the next one (:meth:`Agent.download`): the HTTP client
+passes to it for that one request and back, the database stays with the agent's thread,
+and messages are handled in order, each after the one before it is staged, so what a
+cut or a crash leaves behind is the same as without it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any, Final
 
 from device_agent import local_db, relay_schema, schema_sync, staging
@@ -291,27 +297,13 @@ class Agent:
         return result
 
     def download(self, report: SyncReport, wait_s: float = 0.0) -> ApplyResult | None:
-        """Download until a complete checkpoint is applied (and nothing more is waiting)."""
-        last: ApplyResult | None = None
-        expected: int | None = None
-        received = 0
+        """Download until a complete checkpoint is applied (and nothing more is waiting);
+        the next message is read ahead while one is staged (:func:`_download`)."""
         if self._due is None and self.awaiting_outcomes():
             # read before the changes: an outcome and the server version that includes
             # its edit (when already there) are then recorded in one transaction
             self._due = self.read_outcomes()
-        while True:
-            msg = self.client.changes(self.cursor(), self.page_ops, wait_s)
-            if expected is None:
-                expected = _expected_ops(msg)
-            received += len(msg.get("ops") or ())
-            if self.progress is not None:
-                self.progress(received, expected)
-            result = self.handle(msg, report)
-            if result is not None:
-                last = result
-                if not msg.get("has_more"):
-                    return last
-            wait_s = 0.0
+        return _download(self, report, wait_s)
 
     def sync_once(self, wait_s: float = 0.0) -> SyncReport:
         """One round: upload, schema, download and apply (repairing mismatched buckets)."""
@@ -408,6 +400,44 @@ class Agent:
             msg = self.client.changes(self.cursor(), self.page_ops, wait)
             self.handle(msg, report)
             self._tick()
+
+
+def _download(agent: Agent, report: SyncReport, wait_s: float) -> ApplyResult | None:
+    """:meth:`Agent.download`.  While a message is staged, the next one is read by a
+    helper thread (its cursor is the staged message's), so the relay's work and the
+    network overlap the staging; the client is used by one thread at a time, and a
+    message is only handled after the one before it is staged (module docstring)."""
+    last: ApplyResult | None = None
+    expected: int | None = None
+    received = 0
+    client = agent.client
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="fieldsync-read-ahead")
+    try:
+        msg = client.changes(agent.cursor(), agent.page_ops, wait_s)
+        while True:
+            if expected is None:
+                expected = _expected_ops(msg)
+            received += len(msg.get("ops") or ())
+            if agent.progress is not None:
+                agent.progress(received, expected)
+            following: Future[dict[str, Any]] | None = None
+            if not (msg.get("checkpoint") or {}).get("complete"):  # staged: read on
+                following = ahead.submit(client.changes, str(msg["cursor"]), agent.page_ops, 0.0)
+            try:
+                result = agent.handle(msg, report)
+            finally:
+                if following is not None and not following.done():
+                    wait_futures([following])  # the client is free again when this ends
+            if result is not None:
+                last = result
+                if not msg.get("has_more"):
+                    return last
+            if following is not None:
+                msg = following.result()
+            else:
+                msg = client.changes(agent.cursor(), agent.page_ops, 0.0)
+    finally:
+        ahead.shutdown(wait=True)
 
 
 def _latest_per_seq(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -469,3 +469,68 @@ def test_upload_halves_its_batch_on_413_and_loses_nothing(tmp_path: Path) -> Non
     assert all(len(batch) <= SmallBatchRelay.max_entries for batch in relay.uploads)
     assert sorted(e["seq"] for batch in relay.uploads for e in batch) == list(range(1, 11))
     agent.close()
+
+
+class PagedRelay(MockRelay):
+    """A MockRelay whose changes come in pages of ``page`` ops, each with its own cursor;
+    it records the cursor of every changes request (None: from the beginning)."""
+
+    def __init__(self, server: FakeServer, page: int) -> None:
+        super().__init__(server)
+        self.page = page
+        self.requests: list[str | None] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/changes":
+            return super().handler(request)
+        cursor = request.url.params.get("cursor")
+        self.requests.append(cursor)
+        since = int(cursor[1:]) if cursor else 0
+        ops = [o for o in self.server.log if o["op_id"] > since]
+        chunk, last = ops[: self.page], len(ops) <= self.page
+        msg = {
+            "type": "changes",
+            "ops": chunk,
+            "cursor": f"c{chunk[-1]['op_id'] if chunk else since}",
+            "checkpoint": self.server.checkpoint() if last else {"complete": False},
+            "resync": [],
+            "dropped": [],
+            "has_more": not last,
+        }
+        return httpx.Response(200, content=orjson.dumps(msg))
+
+
+def test_a_download_reads_ahead_while_staging_and_a_failed_stage_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from device_agent import staging
+
+    server = FakeServer()
+    for i in range(1, 8):
+        server.put(T1, WO, [i], order(i))
+    relay = PagedRelay(server, page=2)
+    agent = mocked_agent(tmp_path, relay)
+    real_stage = staging.stage
+    staged: list[str] = []
+
+    def failing_stage(conn: sqlite3.Connection, msg: dict[str, Any]) -> None:
+        staged.append(msg["cursor"])
+        if len(staged) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_stage(conn, msg)
+
+    monkeypatch.setattr(staging, "stage", failing_stage)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        agent.sync_once()
+    # the page after the one that failed to stage was read ahead, and that read is over
+    # (the client is free again) before the error reached the caller
+    assert relay.requests == [None, "c2", "c4"]
+    assert staging.download_cursor(agent.conn) == "c2"
+    assert agent.conn.execute("select count(*) from work_orders").fetchone() == (0,)
+    monkeypatch.setattr(staging, "stage", real_stage)
+    report = agent.sync_once()
+    assert relay.requests[3:] == ["c2", "c4", "c6"]
+    assert report.to_json()["verified"] == [T1]
+    assert agent.conn.execute("select count(*) from work_orders").fetchone() == (7,)
+    assert staging.staged_count(agent.conn) == 0
+    agent.close()
