@@ -25,6 +25,12 @@ Stop: the loop reads on to the end of the transaction it is in (at most
 :data:`STOP_GRACE_S`), commits the batch and confirms it, so the slot ends exactly where
 Kafka does.
 
+Reads: the loop takes the messages already received in runs of up to :data:`READ_MANY`
+(:meth:`cdc.pg_source.ReplicationStream.read_many`) and handles a run in a tight loop; the
+stop flag, the watchdog, the re-snapshot ticks (catalog checks, signals, chunks) and the
+batch age are looked at once per run, and the re-snapshot tick also right after a Relation
+message, so a changed table is checked before the messages that follow it.
+
 Concurrency: :meth:`SessionStream.run` runs on the daemon's one thread; a stop request is
 a flag of the daemon, checked at least every :data:`POLL_S` seconds.
 """
@@ -56,6 +62,7 @@ __all__ = ["POLL_S", "STOP_GRACE_S", "Daemon", "SessionStream", "Stats"]
 log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
+READ_MANY = 256  # messages read and handled in one run of the loop, at most
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 
 
@@ -171,7 +178,6 @@ class SessionStream:
     def run(self) -> None:
         """Stream until the daemon stops (errors propagate: the session is torn down)."""
         daemon, stream, asm, resnap = self.daemon, self.stream, self.asm, self.resnap
-        emit = resnap.stream.emit if resnap is not None else None
         stream.send_status(self.stats.flushed_lsn)
         stop_by: float | None = None
         while True:
@@ -185,24 +191,11 @@ class SessionStream:
             daemon.tick()
             if resnap is not None and not daemon.stopping:
                 resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
-            msg = stream.read(0.0 if not self.batch.empty else POLL_S)
-            if msg is None:
+            msgs = stream.read_many(0.0 if not self.batch.empty else POLL_S, READ_MANY)
+            if not msgs:
                 self._nothing_to_read()
                 continue
-            if isinstance(msg, Keepalive):
-                self._keepalive(msg)
-                continue
-            assert isinstance(msg, XLogData)
-            decoded = self.decoder.decode(msg.payload, msg.wal_start)
-            outs = asm.feed(decoded, msg.wal_start)
-            self.handle(emit(outs) if emit is not None else outs)
-            if (
-                isinstance(decoded, m.LogicalMessage)
-                and not decoded.transactional
-                and asm.idle
-                and self.batch.empty
-            ):
-                self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
+            self._messages(msgs)
             batch = self.batch
             if asm.idle and not batch.empty and time.monotonic() - batch.started >= self.max_age:
                 self.flush()
@@ -211,6 +204,27 @@ class SessionStream:
         with contextlib.suppress(CdcError):
             self.flush()
             stream.send_status(self.stats.flushed_lsn)
+
+    def _messages(self, msgs: list[XLogData | Keepalive]) -> None:
+        """Decode, assemble and send one run of messages (the hot loop)."""
+        asm, resnap = self.asm, self.resnap
+        decode, feed, handle = self.decoder.decode, asm.feed, self.handle
+        emit = resnap.stream.emit if resnap is not None else None
+        for msg in msgs:
+            if type(msg) is Keepalive:
+                self._keepalive(msg)
+                continue
+            assert isinstance(msg, XLogData)
+            decoded = decode(msg.payload, msg.wal_start)
+            outs = feed(decoded, msg.wal_start)
+            if outs:
+                handle(emit(outs) if emit is not None else outs)
+            if isinstance(decoded, m.LogicalMessage):
+                if not decoded.transactional and asm.idle and self.batch.empty:
+                    self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
+            elif resnap is not None and isinstance(decoded, m.Relation):
+                if not self.daemon.stopping:
+                    resnap.tick()  # a changed table is checked before the messages after it
 
     def _nothing_to_read(self) -> None:
         """Commit the open batch, or (idle) keep the walsender and the slot moving."""
