@@ -63,6 +63,7 @@ log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
 READ_MANY = 256  # messages read and handled in one run of the loop, at most
+INFLIGHT_POLL_S = 0.002  # idle stream, commit in flight: how long to wait before reading again
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 
 
@@ -171,7 +172,9 @@ class SessionStream:
         self.conn = conn
         self.resnap = resnap
         self.batch = _Batch()
-        self.in_kafka = resume  # the resume position Kafka holds (committed)
+        # the batch whose Kafka commit is in flight, its position, and when it started
+        self.inflight: tuple[_Batch, ResumePosition, float] | None = None
+        self.in_kafka = resume  # the resume position Kafka holds (committed or in flight)
         self.max_age = self.k.batch_max_ms / 1000.0
         self.last_heartbeat = time.monotonic()
 
@@ -191,11 +194,14 @@ class SessionStream:
             daemon.tick()
             if resnap is not None and not daemon.stopping:
                 resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
-            msgs = stream.read_many(0.0 if not self.batch.empty else POLL_S, READ_MANY)
+            busy = not self.batch.empty or self.inflight is not None
+            msgs = stream.read_many(0.0 if busy else POLL_S, READ_MANY)
             if not msgs:
                 self._nothing_to_read()
                 continue
             self._messages(msgs)
+            if self.inflight is not None and self.sink.commit_done():
+                self.settle(None)
             batch = self.batch
             if asm.idle and not batch.empty and time.monotonic() - batch.started >= self.max_age:
                 self.flush()
@@ -203,6 +209,7 @@ class SessionStream:
         # ran out: the resume position covers it), confirm, leave
         with contextlib.suppress(CdcError):
             self.flush()
+            self.settle(None)
             stream.send_status(self.stats.flushed_lsn)
 
     def _messages(self, msgs: list[XLogData | Keepalive]) -> None:
@@ -220,14 +227,22 @@ class SessionStream:
             if outs:
                 handle(emit(outs) if emit is not None else outs)
             if isinstance(decoded, m.LogicalMessage):
-                if not decoded.transactional and asm.idle and self.batch.empty:
+                if not decoded.transactional and asm.idle and self.settled:
                     self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
             elif resnap is not None and isinstance(decoded, m.Relation):
                 if not self.daemon.stopping:
                     resnap.tick()  # a changed table is checked before the messages after it
 
+    @property
+    def settled(self) -> bool:
+        """Nothing waits for Kafka: the batch is empty and no commit is in flight."""
+        return self.inflight is None and self.batch.empty
+
     def _nothing_to_read(self) -> None:
-        """Commit the open batch, or (idle) keep the walsender and the slot moving."""
+        """Settle the commit in flight (waiting a little: the stream is read again meanwhile),
+        then commit the open batch, or (idle) keep the walsender and the slot moving."""
+        if self.inflight is not None and not self.settle(INFLIGHT_POLL_S):
+            return
         if not self.batch.empty:
             self.flush()
             return
@@ -249,7 +264,7 @@ class SessionStream:
         stats, stream = self.stats, self.stream
         if msg.wal_end > stats.server_wal_end:
             stats.server_wal_end = msg.wal_end
-        if self.asm.idle and self.batch.empty and msg.wal_end > stats.flushed_lsn:
+        if self.asm.idle and self.settled and msg.wal_end > stats.flushed_lsn:
             stats.flushed_lsn = msg.wal_end
         if (
             msg.reply_requested
@@ -258,19 +273,46 @@ class SessionStream:
             stream.send_status(stats.flushed_lsn)
 
     def flush(self) -> None:
-        """Commit the open batch with its resume position, then confirm what it covers."""
+        """Start the Kafka commit of the open batch with its resume position (after the
+        commit in flight, if any, is settled); :meth:`settle` confirms what it covers."""
         batch = self.batch
         if batch.empty:
             return
+        self.settle(None)
         position = batch.position
         assert position is not None
-        stats, stream, daemon = self.stats, self.stream, self.daemon
-        t0 = time.monotonic()
-        self.sink.commit(position)
+        self.sink.start_commit(position)
         self.in_kafka = position
+        self.inflight = (batch, position, time.monotonic())
+        self.batch = _Batch()
+
+    def settle(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` (None: until it is done) for the commit in flight; once
+        Kafka acknowledged it, confirm what its batch covers.  False: still in flight.
+        Raises the commit's error (the session ends, the slot stays where it was)."""
+        inflight = self.inflight
+        if inflight is None:
+            return True
+        done_at = self.sink.wait_commit(timeout_s)
+        if done_at is None:
+            return False
+        self.inflight = None
+        batch, position, t0 = inflight
         if FAULTS.armed:
             FAULTS.hit("after_kafka_commit")
-        now = time.time()
+        self._committed(batch, position, done_at)
+        log.debug(
+            "kafka commit: %d events in %.1f ms, confirmed %s",
+            batch.events,
+            (time.monotonic() - t0) * 1000,
+            format_lsn(self.stats.flushed_lsn),
+            extra={"position": format_lsn(position.commit_lsn)},
+        )
+        return True
+
+    def _committed(self, batch: _Batch, position: ResumePosition, now: float) -> None:
+        """Kafka acknowledged ``batch`` at wall-clock time ``now``: count it, confirm it."""
+        stats, stream, daemon = self.stats, self.stream, self.daemon
         stats.kafka_commits += 1
         stats.last_commit_wall = now
         daemon.counts.committed(batch.tally, batch.txns, batch.txn_commit_ts, now)
@@ -287,14 +329,6 @@ class SessionStream:
             stream.send_status(stats.flushed_lsn)
         if daemon.on_commit is not None and batch.collected:
             daemon.on_commit(batch.collected)
-        log.debug(
-            "kafka commit: %d events in %.1f ms, confirmed %s",
-            batch.events,
-            (time.monotonic() - t0) * 1000,
-            format_lsn(stats.flushed_lsn),
-            extra={"position": format_lsn(position.commit_lsn)},
-        )
-        self.batch = _Batch()
 
     def _begin(self) -> None:
         self.sink.begin()
@@ -339,14 +373,21 @@ class SessionStream:
     def _txn_end(self, out: TxnEnd) -> None:
         if out.streamed and FAULTS.armed and FAULTS.due("streamed_txn_end"):
             self.flush()  # Kafka holds the transaction's last events, not its end
+            self.settle(None)
             FAULTS.crash("streamed_txn_end")
         stats = self.stats
         stats.transactions += 1
         batch = self.batch
         if batch.empty and (out.events == 0 or _holds_whole(self.in_kafka, out.commit_lsn)):
             # nothing of it is pending, and Kafka's resume position covers it
-            # (or it has no events): confirm it right away
-            if out.end_lsn > stats.flushed_lsn:
+            # (or it has no events): confirm it right away, or once the commit in flight
+            # (which that position may be) is acknowledged
+            inflight = self.inflight
+            if inflight is not None:
+                confirm = inflight[0].confirm_lsn
+                if confirm is None or out.end_lsn > confirm:
+                    inflight[0].confirm_lsn = out.end_lsn
+            elif out.end_lsn > stats.flushed_lsn:
                 stats.flushed_lsn = out.end_lsn
             return
         if batch.empty:
