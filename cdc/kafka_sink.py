@@ -30,8 +30,14 @@ position always use ``send()``.  The resume position is read back by
 :func:`cdc.kafka_state.read_resume_position`.
 
 Concurrency: one thread (the pipeline's) calls the sink; kafka-python's sender
-thread does the network I/O.  ``commit()`` blocks until the broker has
-acknowledged every record and the transaction marker.
+thread does the network I/O.  ``start_commit()`` hands the commit's steps (wait for
+every record's acknowledgement, the resume position, the commit marker) to the sink's
+committer thread and returns; ``wait_commit()`` waits for it and takes its outcome,
+``commit()`` does both.  While a commit is in flight, ``send()`` only appends to the
+record buffers (:mod:`cdc.kafka_bulk`); every call that needs the producer (a full
+buffer, a schema, the next commit, abort, close) first waits for the commit in flight,
+so the producer is used by one of the two threads at a time and the next Kafka
+transaction begins only after the previous one was acknowledged.
 """
 
 from __future__ import annotations
@@ -420,7 +426,7 @@ class KafkaTransactionalSink:
             self.producer.flush(timeout=_remaining(deadline))
             if FAULTS.armed:
                 FAULTS.hit("before_kafka_commit")
-            self._end_transaction(commit=True, timeout_s=_remaining(deadline))
+            _end_transaction(self.producer, True, _remaining(deadline))
         except kafka_errors() as exc:
             raise self._unavailable(
                 f"commit of the Kafka transaction failed (position {position}): {exc}"
@@ -458,30 +464,6 @@ class KafkaTransactionalSink:
         if sender is not None and hasattr(sender, "add_topic"):
             sender.add_topic(topic)
 
-    def _end_transaction(self, commit: bool, timeout_s: float | None = None) -> None:
-        """Commit or abort, waiting at most ``timeout_s`` (default kafka.timeout_s) for the broker.
-
-        kafka-python's ``commit_transaction()``/``abort_transaction()`` wait
-        without a timeout: with the broker gone they block forever (seen with
-        3.0.x).  Its transaction manager returns a result that can be waited on
-        with a timeout, so use that when it is there.
-        """
-        from kafka.errors import KafkaTimeoutError
-
-        manager = getattr(self.producer, "_transaction_manager", None)
-        sender = getattr(self.producer, "_sender", None)
-        if manager is None or sender is None or not hasattr(manager, "begin_commit"):
-            (self.producer.commit_transaction if commit else self.producer.abort_transaction)()
-            return
-        result = manager.begin_commit() if commit else manager.begin_abort()
-        sender.wakeup()
-        timeout_s = self.opts.timeout_s if timeout_s is None else timeout_s
-        if not result.wait(timeout_ms=int(timeout_s * 1000)):
-            what = "commit" if commit else "abort"
-            raise KafkaTimeoutError(
-                f"the broker did not complete the transaction {what} within {timeout_s:g}s"
-            )
-
     def _settle_quietly(self) -> None:
         """Wait for the commit in flight, if any, ignoring its error (abort, close)."""
         try:
@@ -503,7 +485,7 @@ class KafkaTransactionalSink:
             log.info("Kafka transaction left open (broker unavailable); the next start aborts it")
             return
         try:
-            self._end_transaction(commit=False)
+            _end_transaction(self.producer, False, self.opts.timeout_s)
         except Exception as exc:
             log.warning(
                 "abort of the Kafka transaction failed (it will be aborted at the next start): %s",
@@ -528,6 +510,30 @@ class KafkaTransactionalSink:
             except Exception as exc:
                 log.debug("producer close: %s", exc)
         self.topics.close()
+
+
+def _end_transaction(producer: Any, commit: bool, timeout_s: float) -> None:
+    """Commit or abort ``producer``'s transaction, waiting at most ``timeout_s`` for the broker.
+
+    kafka-python's ``commit_transaction()``/``abort_transaction()`` wait
+    without a timeout: with the broker gone they block forever (seen with
+    3.0.x).  Its transaction manager returns a result that can be waited on
+    with a timeout, so use that when it is there.
+    """
+    from kafka.errors import KafkaTimeoutError
+
+    manager = getattr(producer, "_transaction_manager", None)
+    sender = getattr(producer, "_sender", None)
+    if manager is None or sender is None or not hasattr(manager, "begin_commit"):
+        (producer.commit_transaction if commit else producer.abort_transaction)()
+        return
+    result = manager.begin_commit() if commit else manager.begin_abort()
+    sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        what = "commit" if commit else "abort"
+        raise KafkaTimeoutError(
+            f"the broker did not complete the transaction {what} within {timeout_s:g}s"
+        )
 
 
 def new_transactional_id(slot: str) -> str:

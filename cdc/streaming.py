@@ -11,9 +11,17 @@ events only once a committed resume position in Kafka covers the whole of it.  A
 transaction whose events all reached Kafka before its end was read (its last event filled a
 batch; or it was written before a restart and is now skipped) therefore gets a Kafka
 transaction of its own holding just the resume position "complete" before it is confirmed.
-When the stream is idle (no open transaction, empty batch), keepalives and heartbeat
-messages move the flush position too, so an idle publication on a busy server does not pin
-WAL.
+When the stream is idle (no open transaction, empty batch, no commit in flight),
+keepalives and heartbeat messages move the flush position too, so an idle publication on a
+busy server does not pin WAL.
+
+Overlap: :meth:`SessionStream.flush` starts a batch's Kafka commit
+(:meth:`cdc.kafka_sink.Sink.start_commit`) and returns; the loop decodes the next batch
+meanwhile, and :meth:`SessionStream.settle` takes the commit's outcome (when it is done,
+before the next commit starts, or waiting up to :data:`INFLIGHT_POLL_S` at a time when there
+is nothing to read).  Only settle confirms the slot, so the flush position still covers only
+what Kafka acknowledged; a transaction that would be confirmed at once while a commit is in
+flight is confirmed with that commit.
 
 Metrics (cdc/metrics.py): per event, one increment of the batch's count of its (topic, op);
 the counters, the commit-to-ack histogram and the lag are updated once per Kafka commit.
