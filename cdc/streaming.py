@@ -129,9 +129,9 @@ class _Batch:
         self.txns = 0  # transactions with events that end in this batch
         self.started = 0.0
         # The resume position is that of the last event sent, or of the last transaction
-        # ended; an event's ResumePosition is only built when the batch is committed.
+        # ended (commit lsn, seq, commit time); it is only built when the batch is committed.
         self._last_event: OutEvent | None = None
-        self._position: ResumePosition | None = None
+        self._position: tuple[int, int, int] | None = None
         self.confirm_lsn: int | None = None
         self.txn_commit_ts: list[int] = []
         self.collected: list[OutEvent] = []
@@ -144,16 +144,20 @@ class _Batch:
         self._last_event = out
         self._position = None
 
-    def txn_ended(self, position: ResumePosition) -> None:
+    def txn_ended(self, commit_lsn: int, seq: int, commit_ts_us: int) -> None:
+        """A transaction ended, its last event at ``seq``: the position says it is complete."""
         self._last_event = None
-        self._position = position
+        self._position = (commit_lsn, seq, commit_ts_us)
 
     @property
     def position(self) -> ResumePosition | None:
         out = self._last_event
         if out is not None:
             return ResumePosition(out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us)
-        return self._position
+        if self._position is None:
+            return None
+        commit_lsn, seq, commit_ts_us = self._position
+        return ResumePosition(commit_lsn, seq, True, commit_ts_us=commit_ts_us)
 
 
 class SessionStream:
@@ -405,14 +409,7 @@ class SessionStream:
             self._begin()
         if out.events:
             batch.txns += 1
-        batch.txn_ended(
-            ResumePosition(
-                out.commit_lsn,
-                max(out.events - 1, 0),
-                True,
-                commit_ts_us=out.commit_ts_us,
-            )
-        )
+        batch.txn_ended(out.commit_lsn, max(out.events - 1, 0), out.commit_ts_us)
         batch.confirm_lsn = out.end_lsn
         batch.txn_commit_ts.append(out.commit_ts_us)
         if time.monotonic() - batch.started >= self.max_age:
