@@ -39,7 +39,8 @@ stop flag, the watchdog, the re-snapshot ticks (catalog checks, signals, chunks)
 batch age are looked at once per run, and the re-snapshot tick also right after a Relation
 message, so a changed table is checked before the messages that follow it.
 
-Concurrency: :meth:`SessionStream.run` runs on the daemon's one thread; a stop request is
+Concurrency: :meth:`SessionStream.run` runs on the daemon's one thread (the Kafka commit in
+flight runs on the sink's committer thread, see :mod:`cdc.kafka_sink`); a stop request is
 a flag of the daemon, checked at least every :data:`POLL_S` seconds.
 """
 
