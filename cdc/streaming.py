@@ -18,8 +18,8 @@ busy server does not pin WAL.
 Overlap: :meth:`SessionStream.flush` starts a batch's Kafka commit
 (:meth:`cdc.kafka_sink.Sink.start_commit`) and returns; the loop decodes the next batch
 meanwhile, and :meth:`SessionStream.settle` takes the commit's outcome (when it is done,
-before the next commit starts, or waiting up to :data:`INFLIGHT_POLL_S` at a time when there
-is nothing to read).  Only settle confirms the slot, so the flush position still covers only
+before the next commit starts, or when there is nothing to read: then it waits for it, as
+polling the stream meanwhile would cost CPU the commit itself needs on a busy machine).  Only settle confirms the slot, so the flush position still covers only
 what Kafka acknowledged; a transaction that would be confirmed at once while a commit is in
 flight is confirmed with that commit.
 
@@ -72,7 +72,6 @@ log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
 READ_MANY = 256  # messages read and handled in one run of the loop, at most
-INFLIGHT_POLL_S = 0.002  # idle stream, commit in flight: how long to wait before reading again
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 
 
@@ -252,10 +251,9 @@ class SessionStream:
         return self.inflight is None and self.batch.empty
 
     def _nothing_to_read(self) -> None:
-        """Settle the commit in flight (waiting a little: the stream is read again meanwhile),
-        then commit the open batch, or (idle) keep the walsender and the slot moving."""
-        if self.inflight is not None and not self.settle(INFLIGHT_POLL_S):
-            return
+        """Settle the commit in flight, then commit the open batch, or (idle) keep the
+        walsender and the slot moving."""
+        self.settle(None)
         if not self.batch.empty:
             self.flush()
             return
