@@ -290,7 +290,7 @@ class DaemonThread:
 
 def run_daemon_drain(
     svc: Services, db: Db, events: int, confirm_at: int, timeout: float, profile: Path | None
-) -> tuple[float, float, int, float]:
+) -> tuple[float, float, int, float, int]:
     """Run the daemon from the slot's position until Kafka holds all *events* events and
     the daemon may confirm the slot past *confirm_at* (an LSN inside the last transaction,
     before its commit record).
@@ -298,7 +298,7 @@ def run_daemon_drain(
     Returns (seconds from start until then, seconds until it was streaming, sessions it
     needed: more than 1 means it lost a connection or a Kafka commit and started over, CPU
     seconds of this process meanwhile: the daemon's thread and kafka-python's sender thread,
-    compression included; the main thread only waits).
+    compression included; the main thread only waits, Kafka transactions committed).
     """
     d = DaemonThread(daemon_settings(svc, db), profile=profile)
     cpu0 = time.process_time()
@@ -307,7 +307,8 @@ def run_daemon_drain(
         d.wait_ready(timeout)
         ready = time.perf_counter() - t0
         done = d.wait_written(events, confirm_at, timeout)
-        return done - t0, ready, d.daemon.stats.sessions, time.process_time() - cpu0
+        stats = d.daemon.stats
+        return done - t0, ready, stats.sessions, time.process_time() - cpu0, stats.kafka_commits
     finally:
         d.stop()
 
@@ -327,7 +328,7 @@ def compare(
     ref_s = run_recvlogical(svc, db, endpos, timeout)
     log(f"{case}: pg_recvlogical {ref_s:.2f}s; now fieldsync cdc")
     profile = Path(args.profile) / f"cdc_{case.split()[0]}.prof" if args.profile else None
-    cdc_s, ready_s, sessions, cpu_s = run_daemon_drain(
+    cdc_s, ready_s, sessions, cpu_s, commits = run_daemon_drain(
         svc, db, events, confirm_at, timeout, profile
     )
     confirmed, deadline = confirmed_lsn(db.dsn, db.cdc_slot), time.monotonic() + 5
@@ -351,6 +352,7 @@ def compare(
     res.add(case, "  of which daemon start-up", ready_s, "s")
     res.add(case, "cdc CPU per event (its process, all threads)", cpu_s / events * 1e6, "µs")
     res.add(case, "cdc sessions restarted (lost connection)", sessions - 1, "")
+    res.add(case, "cdc Kafka transactions committed", commits, "")
     res.add(
         case,
         "ratio cdc / pg_recvlogical",

@@ -125,7 +125,10 @@ class BulkRecords:
 
     ``track`` makes kafka-python keep a topic in its metadata; ``unavailable`` turns a
     message into the sink's :class:`SinkUnavailable` (marking the sink broken);
-    ``futures`` gives the open transaction's list of futures, checked at commit."""
+    ``futures`` gives the open transaction's list of futures, checked at commit; ``ready``
+    is called before a full batch is handed over mid-transaction: the sink settles the
+    commit in flight, if any, and opens its transaction (records are only buffered here
+    until then)."""
 
     def __init__(
         self,
@@ -135,8 +138,10 @@ class BulkRecords:
         track: Callable[[str], None],
         unavailable: Callable[[str], SinkUnavailable],
         futures: Callable[[], list[Any]],
+        ready: Callable[[], None] = lambda: None,
     ) -> None:
         self.producer = producer
+        self._ready = ready
         self.timeout_s = timeout_s
         self._track = track
         self._unavailable = unavailable
@@ -185,6 +190,7 @@ class BulkRecords:
             )
         if len(buffer.buf) >= BATCH_BYTES:
             del self._buffers[tp]
+            self._ready()
             self._hand_over(tp, buffer)
             self._bound_in_flight()
 

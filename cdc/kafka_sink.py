@@ -30,8 +30,14 @@ position always use ``send()``.  The resume position is read back by
 :func:`cdc.kafka_state.read_resume_position`.
 
 Concurrency: one thread (the pipeline's) calls the sink; kafka-python's sender
-thread does the network I/O.  ``commit()`` blocks until the broker has
-acknowledged every record and the transaction marker.
+thread does the network I/O.  ``start_commit()`` hands the commit's steps (wait for
+every record's acknowledgement, the resume position, the commit marker) to the sink's
+committer thread and returns; ``wait_commit()`` waits for it and takes its outcome,
+``commit()`` does both.  While a commit is in flight, ``send()`` only appends to the
+record buffers (:mod:`cdc.kafka_bulk`); every call that needs the producer (a full
+buffer, a schema, the next commit, abort, close) first waits for the commit in flight,
+so the producer is used by one of the two threads at a time and the next Kafka
+transaction begins only after the previous one was acknowledged.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,6 +109,9 @@ class Sink(Protocol):
     ) -> None: ...
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None: ...
     def commit(self, position: ResumePosition) -> None: ...
+    def start_commit(self, position: ResumePosition) -> None: ...
+    def commit_done(self) -> bool: ...
+    def wait_commit(self, timeout_s: float | None) -> float | None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
 
@@ -224,6 +235,11 @@ class KafkaTransactionalSink:
         self._futures: list[Any] = []  # of the open transaction's records, checked at commit
         self._txn_bytes = 0  # record bytes of the open transaction sent through send()
         self._tracked: set[str] = set()
+        self._committing: Future[float] | None = None  # the commit in flight
+        self._committing_schemas: set[bytes] = set()  # published in the commit in flight
+        self._committing_bytes = 0
+        self._committed_at = 0.0  # wall-clock time the last settled commit completed
+        self._committer: ThreadPoolExecutor | None = None
         self.producer: Any = None
         try:
             self.producer = build_client(
@@ -247,6 +263,7 @@ class KafkaTransactionalSink:
                     track=self._track,
                     unavailable=self._unavailable,
                     futures=lambda: self._futures,
+                    ready=self._producer_ready,
                 )
             for topic in (state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)):
                 self._track(topic)
@@ -258,8 +275,18 @@ class KafkaTransactionalSink:
             ) from exc
 
     def begin(self) -> None:
-        if self._in_txn:
-            return
+        if self._in_txn or self._committing is not None:
+            return  # (while a commit is in flight, begun when the producer is next needed)
+        self._begin_transaction()
+
+    def _producer_ready(self) -> None:
+        """Settle the commit in flight (raising its error), then have a transaction open."""
+        if self._committing is not None:
+            self._settle()
+        if not self._in_txn:
+            self._begin_transaction()
+
+    def _begin_transaction(self) -> None:
         try:
             self.producer.begin_transaction()
         except kafka_errors() as exc:
@@ -283,13 +310,15 @@ class KafkaTransactionalSink:
             raise
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
-        if not self._in_txn:
-            self.begin()
-        self.ensure_topic(topic)
+        if topic not in self.topics.known:
+            self.ensure_topic(topic)
         bulk = self._bulk
         if bulk is not None:
+            # buffered (also while a commit is in flight); a full batch is handed over
+            # after _producer_ready()
             bulk.append(topic, key, value, headers)
             return
+        self._producer_ready()
         if topic not in self._tracked:
             self._track(topic)
         try:
@@ -301,10 +330,13 @@ class KafkaTransactionalSink:
         self._txn_bytes += len(key or b"") + len(value or b"")
 
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
-        if fingerprint in self._published or fingerprint in self._pending_schemas:
+        if (
+            fingerprint in self._published
+            or fingerprint in self._pending_schemas
+            or fingerprint in self._committing_schemas
+        ):
             return
-        if not self._in_txn:
-            self.begin()
+        self._producer_ready()
         try:
             self._futures.append(
                 self.producer.send(
@@ -319,21 +351,70 @@ class KafkaTransactionalSink:
         self._txn_bytes += len(schema_json)
 
     def commit(self, position: ResumePosition) -> None:
-        """Commit the Kafka transaction with ``position`` as its resume position.
+        """Commit the Kafka transaction with ``position`` as its resume position, and wait."""
+        self.start_commit(position)
+        self.wait_commit(None)
 
-        Three steps, each acknowledged before the next starts: the events and schemas;
-        the resume-position record; the commit marker.  A broker that commits an
-        abandoned transaction (tansu) can then hold events without their resume
-        position (written again, same positions, by the next daemon), never the
-        reverse."""
-        if not self._in_txn:
-            self.begin()
+    def start_commit(self, position: ResumePosition) -> None:
+        """Start committing the open transaction with ``position`` as its resume position
+        (after the commit in flight, if any, is settled); the steps run on the sink's
+        committer thread (:meth:`_finish_commit`).  Until :meth:`wait_commit` has
+        returned it, :meth:`send` only buffers records; any call that needs the producer
+        waits for the commit first."""
+        self._producer_ready()
+        try:
+            if self._bulk is not None:
+                self._bulk.hand_over_all()
+        except kafka_errors() as exc:
+            raise self._unavailable(
+                f"commit of the Kafka transaction failed (position {position}): {exc}"
+            ) from exc
+        self._committing_schemas, self._pending_schemas = self._pending_schemas, set()
+        bulk_bytes = self._bulk.take_bytes() if self._bulk is not None else 0
+        self._committing_bytes = self._txn_bytes + bulk_bytes
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="fieldsync-cdc-commit")
+        self._committing = self._committer.submit(self._finish_commit, position)
+
+    def commit_done(self) -> bool:
+        """Whether the commit in flight finished (or none is in flight)."""
+        committing = self._committing
+        return committing is None or committing.done()
+
+    def wait_commit(self, timeout_s: float | None) -> float | None:
+        """Wait up to ``timeout_s`` (None: as long as it takes) for the commit in flight and
+        settle it: the wall-clock time it completed, None while it is still in flight.
+        Raises its error (SinkUnavailable).  Without a commit in flight, the time of the
+        last one."""
+        committing = self._committing
+        if committing is not None:
+            try:
+                committing.exception(timeout_s)
+            except FutureTimeout:
+                return None
+            self._settle()
+        return self._committed_at
+
+    def _settle(self) -> None:
+        """Wait for the commit in flight and take its outcome (raising its error)."""
+        committing, self._committing = self._committing, None
+        if committing is None:
+            return
+        schemas, self._committing_schemas = self._committing_schemas, set()
+        self._committed_at = committing.result()  # raises the commit's error
+        self._published |= schemas
+        BYTES.inc(self._committing_bytes)
+
+    def _finish_commit(self, position: ResumePosition) -> float:
+        """The commit's steps, on the committer thread, each acknowledged before the next
+        starts: the events and schemas; the resume-position record; the commit marker.  A
+        broker that commits an abandoned transaction (tansu) can then hold events without
+        their resume position (written again, same positions, by the next daemon), never
+        the reverse.  Returns the wall-clock time the broker acknowledged the commit."""
         # one deadline for the whole commit (records, then the transaction marker), so a
         # dead broker is given up after timeout_s, not after one timeout per step
         deadline = time.monotonic() + self.opts.timeout_s
         try:
-            if self._bulk is not None:
-                self._bulk.hand_over_all()
             self.producer.flush(timeout=_remaining(deadline))
             self._check_acknowledged(position)
             if FAULTS.armed:
@@ -345,16 +426,14 @@ class KafkaTransactionalSink:
             self.producer.flush(timeout=_remaining(deadline))
             if FAULTS.armed:
                 FAULTS.hit("before_kafka_commit")
-            self._end_transaction(commit=True, timeout_s=_remaining(deadline))
+            _end_transaction(self.producer, True, _remaining(deadline))
         except kafka_errors() as exc:
             raise self._unavailable(
                 f"commit of the Kafka transaction failed (position {position}): {exc}"
             ) from exc
         self._in_txn = False
-        self._published |= self._pending_schemas
-        self._pending_schemas = set()
-        written = self._txn_bytes + len(state) + (self._bulk.take_bytes() if self._bulk else 0)
-        BYTES.inc(written)
+        self._committing_bytes += len(state)
+        return time.time()
 
     def _check_acknowledged(self, position: ResumePosition) -> None:
         """Every record of the open transaction is acknowledged, or SinkUnavailable."""
@@ -385,31 +464,15 @@ class KafkaTransactionalSink:
         if sender is not None and hasattr(sender, "add_topic"):
             sender.add_topic(topic)
 
-    def _end_transaction(self, commit: bool, timeout_s: float | None = None) -> None:
-        """Commit or abort, waiting at most ``timeout_s`` (default kafka.timeout_s) for the broker.
-
-        kafka-python's ``commit_transaction()``/``abort_transaction()`` wait
-        without a timeout: with the broker gone they block forever (seen with
-        3.0.x).  Its transaction manager returns a result that can be waited on
-        with a timeout, so use that when it is there.
-        """
-        from kafka.errors import KafkaTimeoutError
-
-        manager = getattr(self.producer, "_transaction_manager", None)
-        sender = getattr(self.producer, "_sender", None)
-        if manager is None or sender is None or not hasattr(manager, "begin_commit"):
-            (self.producer.commit_transaction if commit else self.producer.abort_transaction)()
-            return
-        result = manager.begin_commit() if commit else manager.begin_abort()
-        sender.wakeup()
-        timeout_s = self.opts.timeout_s if timeout_s is None else timeout_s
-        if not result.wait(timeout_ms=int(timeout_s * 1000)):
-            what = "commit" if commit else "abort"
-            raise KafkaTimeoutError(
-                f"the broker did not complete the transaction {what} within {timeout_s:g}s"
-            )
+    def _settle_quietly(self) -> None:
+        """Wait for the commit in flight, if any, ignoring its error (abort, close)."""
+        try:
+            self._settle()
+        except SinkUnavailable as exc:
+            log.debug("the commit in flight failed: %s", exc)
 
     def abort(self) -> None:
+        self._settle_quietly()
         if self._bulk is not None:
             self._bulk.discard()
         self._futures = []
@@ -422,7 +485,7 @@ class KafkaTransactionalSink:
             log.info("Kafka transaction left open (broker unavailable); the next start aborts it")
             return
         try:
-            self._end_transaction(commit=False)
+            _end_transaction(self.producer, False, self.opts.timeout_s)
         except Exception as exc:
             log.warning(
                 "abort of the Kafka transaction failed (it will be aborted at the next start): %s",
@@ -430,6 +493,10 @@ class KafkaTransactionalSink:
             )
 
     def close(self) -> None:
+        self._settle_quietly()
+        if self._committer is not None:
+            self._committer.shutdown(wait=False)
+            self._committer = None
         if self.producer is not None:
             if self._broken:
                 # kafka-python's close() first flushes and, when that times out, raises
@@ -443,6 +510,30 @@ class KafkaTransactionalSink:
             except Exception as exc:
                 log.debug("producer close: %s", exc)
         self.topics.close()
+
+
+def _end_transaction(producer: Any, commit: bool, timeout_s: float) -> None:
+    """Commit or abort ``producer``'s transaction, waiting at most ``timeout_s`` for the broker.
+
+    kafka-python's ``commit_transaction()``/``abort_transaction()`` wait
+    without a timeout: with the broker gone they block forever (seen with
+    3.0.x).  Its transaction manager returns a result that can be waited on
+    with a timeout, so use that when it is there.
+    """
+    from kafka.errors import KafkaTimeoutError
+
+    manager = getattr(producer, "_transaction_manager", None)
+    sender = getattr(producer, "_sender", None)
+    if manager is None or sender is None or not hasattr(manager, "begin_commit"):
+        (producer.commit_transaction if commit else producer.abort_transaction)()
+        return
+    result = manager.begin_commit() if commit else manager.begin_abort()
+    sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        what = "commit" if commit else "abort"
+        raise KafkaTimeoutError(
+            f"the broker did not complete the transaction {what} within {timeout_s:g}s"
+        )
 
 
 def new_transactional_id(slot: str) -> str:

@@ -341,10 +341,21 @@ class ReplicationStream:
 
     def read(self, timeout: float) -> XLogData | Keepalive | None:
         """Return the next message, or None when nothing arrived within ``timeout`` seconds."""
+        msgs = self.read_many(timeout, 1)
+        return msgs[0] if msgs else None
+
+    def read_many(self, timeout: float, limit: int) -> list[XLogData | Keepalive]:
+        """The messages already received, at most ``limit`` of them, in order; when none is,
+        wait up to ``timeout`` seconds for one (an empty list: nothing arrived).
+
+        One call hands the streaming loop a run of messages, so its per-read work (stop
+        flag, watchdog, re-snapshot checks) is done once per run, not once per message."""
+        out: list[XLogData | Keepalive] = []
+        pgconn = self.pgconn
         deadline = None
         while True:
             try:
-                n, data = self.pgconn.get_copy_data(1)
+                n, data = pgconn.get_copy_data(1)
             except psycopg.Error as exc:
                 raise ReplicationLost(f"replication stream failed: {exc}") from exc
             if n > 0:
@@ -353,20 +364,26 @@ class ReplicationStream:
                 kind = mv[0]
                 if kind == 0x77:  # 'w'
                     start, end, _ts = _XLOGDATA.unpack_from(mv, 1)
-                    return XLogData(start, end, mv[25:])
-                if kind == 0x6B:  # 'k'
+                    out.append(XLogData(start, end, mv[25:]))
+                elif kind == 0x6B:  # 'k'
                     end, _ts, reply = _KEEPALIVE.unpack_from(mv, 1)
-                    return Keepalive(end, reply)
-                raise ReplicationLost(f"unexpected replication message type {bytes(mv[:1])!r}")
+                    out.append(Keepalive(end, reply))
+                else:
+                    raise ReplicationLost(f"unexpected replication message type {bytes(mv[:1])!r}")
+                if len(out) >= limit:
+                    return out
+                continue
             if n == -1:
-                res = self.pgconn.get_result()
+                res = pgconn.get_result()
                 msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
                 raise ReplicationLost(f"replication stream ended by the server {msg}".strip())
             if n < -1:
                 raise ReplicationLost(
-                    f"replication stream error: {self.pgconn.error_message.decode(errors='replace').strip()}"
+                    f"replication stream error: {pgconn.error_message.decode(errors='replace').strip()}"
                 )
-            # n == 0: nothing buffered
+            # n == 0: nothing (more) buffered
+            if out:
+                return out
             if deadline is None:
                 deadline = time.monotonic() + timeout
             # even with no time left, look at the socket once: data may be waiting in the kernel
@@ -376,9 +393,9 @@ class ReplicationStream:
             except (OSError, ValueError) as exc:
                 raise ReplicationLost(f"replication socket failed: {exc}") from exc
             if not r:
-                return None
+                return out
             try:
-                self.pgconn.consume_input()
+                pgconn.consume_input()
             except psycopg.Error as exc:
                 raise ReplicationLost(f"replication connection lost: {str(exc).strip()}") from exc
 

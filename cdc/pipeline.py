@@ -1,7 +1,9 @@
 """The cdc daemon: PostgreSQL replication stream → decoder → assembler → Kafka.
 
-Concurrency model: one thread runs everything (:meth:`CdcDaemon.run`);
-kafka-python's own sender thread does the Kafka network I/O.  A stop request
+Concurrency model: one thread runs everything (:meth:`CdcDaemon.run`) but the
+Kafka commits, which the sink's committer thread runs while the daemon's thread decodes
+the next batch (:mod:`cdc.kafka_sink`); kafka-python's own sender thread does the Kafka
+network I/O.  A stop request
 (SIGTERM/SIGINT, or :meth:`CdcDaemon.request_stop` from another thread) is a
 flag checked at least every ``cdc.streaming.POLL_S`` seconds.
 

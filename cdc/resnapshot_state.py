@@ -81,11 +81,23 @@ class ProgressSink:
         self.inner.publish_schema(fingerprint, schema_json)
 
     def commit(self, position: ResumePosition) -> None:
+        self.start_commit(position)
+        self.inner.wait_commit(None)
+
+    def start_commit(self, position: ResumePosition) -> None:
+        # the records are taken now: a commit that fails ends the session, and the next
+        # one reads the state back from Kafka
         records = self.owner.dirty_records()
         for key, value in records.items():
             self.inner.send(self.topic, key, value, ())
-        self.inner.commit(position)
+        self.inner.start_commit(position)
         self.owner.records_written()
+
+    def commit_done(self) -> bool:
+        return self.inner.commit_done()
+
+    def wait_commit(self, timeout_s: float | None) -> float | None:
+        return self.inner.wait_commit(timeout_s)
 
     def abort(self) -> None:
         self.inner.abort()

@@ -11,9 +11,17 @@ events only once a committed resume position in Kafka covers the whole of it.  A
 transaction whose events all reached Kafka before its end was read (its last event filled a
 batch; or it was written before a restart and is now skipped) therefore gets a Kafka
 transaction of its own holding just the resume position "complete" before it is confirmed.
-When the stream is idle (no open transaction, empty batch), keepalives and heartbeat
-messages move the flush position too, so an idle publication on a busy server does not pin
-WAL.
+When the stream is idle (no open transaction, empty batch, no commit in flight),
+keepalives and heartbeat messages move the flush position too, so an idle publication on a
+busy server does not pin WAL.
+
+Overlap: :meth:`SessionStream.flush` starts a batch's Kafka commit
+(:meth:`cdc.kafka_sink.Sink.start_commit`) and returns; the loop decodes the next batch
+meanwhile, and :meth:`SessionStream.settle` takes the commit's outcome (when it is done,
+before the next commit starts, or when there is nothing to read: then it waits for it, as
+polling the stream meanwhile would cost CPU the commit itself needs on a busy machine).  Only settle confirms the slot, so the flush position still covers only
+what Kafka acknowledged; a transaction that would be confirmed at once while a commit is in
+flight is confirmed with that commit.
 
 Metrics (cdc/metrics.py): per event, one increment of the batch's count of its (topic, op);
 the counters, the commit-to-ack histogram and the lag are updated once per Kafka commit.
@@ -25,7 +33,14 @@ Stop: the loop reads on to the end of the transaction it is in (at most
 :data:`STOP_GRACE_S`), commits the batch and confirms it, so the slot ends exactly where
 Kafka does.
 
-Concurrency: :meth:`SessionStream.run` runs on the daemon's one thread; a stop request is
+Reads: the loop takes the messages already received in runs of up to :data:`READ_MANY`
+(:meth:`cdc.pg_source.ReplicationStream.read_many`) and handles a run in a tight loop; the
+stop flag, the watchdog, the re-snapshot ticks (catalog checks, signals, chunks) and the
+batch age are looked at once per run, and the re-snapshot tick also right after a Relation
+message, so a changed table is checked before the messages that follow it.
+
+Concurrency: :meth:`SessionStream.run` runs on the daemon's one thread (the Kafka commit in
+flight runs on the sink's committer thread, see :mod:`cdc.kafka_sink`); a stop request is
 a flag of the daemon, checked at least every :data:`POLL_S` seconds.
 """
 
@@ -56,6 +71,7 @@ __all__ = ["POLL_S", "STOP_GRACE_S", "Daemon", "SessionStream", "Stats"]
 log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
+READ_MANY = 256  # messages read and handled in one run of the loop, at most
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 
 
@@ -113,9 +129,9 @@ class _Batch:
         self.txns = 0  # transactions with events that end in this batch
         self.started = 0.0
         # The resume position is that of the last event sent, or of the last transaction
-        # ended; an event's ResumePosition is only built when the batch is committed.
+        # ended (commit lsn, seq, commit time); it is only built when the batch is committed.
         self._last_event: OutEvent | None = None
-        self._position: ResumePosition | None = None
+        self._position: tuple[int, int, int] | None = None
         self.confirm_lsn: int | None = None
         self.txn_commit_ts: list[int] = []
         self.collected: list[OutEvent] = []
@@ -128,16 +144,20 @@ class _Batch:
         self._last_event = out
         self._position = None
 
-    def txn_ended(self, position: ResumePosition) -> None:
+    def txn_ended(self, commit_lsn: int, seq: int, commit_ts_us: int) -> None:
+        """A transaction ended, its last event at ``seq``: the position says it is complete."""
         self._last_event = None
-        self._position = position
+        self._position = (commit_lsn, seq, commit_ts_us)
 
     @property
     def position(self) -> ResumePosition | None:
         out = self._last_event
         if out is not None:
             return ResumePosition(out.commit_lsn, out.seq, False, commit_ts_us=out.commit_ts_us)
-        return self._position
+        if self._position is None:
+            return None
+        commit_lsn, seq, commit_ts_us = self._position
+        return ResumePosition(commit_lsn, seq, True, commit_ts_us=commit_ts_us)
 
 
 class SessionStream:
@@ -164,14 +184,15 @@ class SessionStream:
         self.conn = conn
         self.resnap = resnap
         self.batch = _Batch()
-        self.in_kafka = resume  # the resume position Kafka holds (committed)
+        # the batch whose Kafka commit is in flight, its position, and when it started
+        self.inflight: tuple[_Batch, ResumePosition, float] | None = None
+        self.in_kafka = resume  # the resume position Kafka holds (committed or in flight)
         self.max_age = self.k.batch_max_ms / 1000.0
         self.last_heartbeat = time.monotonic()
 
     def run(self) -> None:
         """Stream until the daemon stops (errors propagate: the session is torn down)."""
         daemon, stream, asm, resnap = self.daemon, self.stream, self.asm, self.resnap
-        emit = resnap.stream.emit if resnap is not None else None
         stream.send_status(self.stats.flushed_lsn)
         stop_by: float | None = None
         while True:
@@ -185,24 +206,14 @@ class SessionStream:
             daemon.tick()
             if resnap is not None and not daemon.stopping:
                 resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
-            msg = stream.read(0.0 if not self.batch.empty else POLL_S)
-            if msg is None:
+            busy = not self.batch.empty or self.inflight is not None
+            msgs = stream.read_many(0.0 if busy else POLL_S, READ_MANY)
+            if not msgs:
                 self._nothing_to_read()
                 continue
-            if isinstance(msg, Keepalive):
-                self._keepalive(msg)
-                continue
-            assert isinstance(msg, XLogData)
-            decoded = self.decoder.decode(msg.payload, msg.wal_start)
-            outs = asm.feed(decoded, msg.wal_start)
-            self.handle(emit(outs) if emit is not None else outs)
-            if (
-                isinstance(decoded, m.LogicalMessage)
-                and not decoded.transactional
-                and asm.idle
-                and self.batch.empty
-            ):
-                self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
+            self._messages(msgs)
+            if self.inflight is not None and self.sink.commit_done():
+                self.settle(None)
             batch = self.batch
             if asm.idle and not batch.empty and time.monotonic() - batch.started >= self.max_age:
                 self.flush()
@@ -210,10 +221,39 @@ class SessionStream:
         # ran out: the resume position covers it), confirm, leave
         with contextlib.suppress(CdcError):
             self.flush()
+            self.settle(None)
             stream.send_status(self.stats.flushed_lsn)
 
+    def _messages(self, msgs: list[XLogData | Keepalive]) -> None:
+        """Decode, assemble and send one run of messages (the hot loop)."""
+        asm, resnap = self.asm, self.resnap
+        decode, feed, handle = self.decoder.decode, asm.feed, self.handle
+        emit = resnap.stream.emit if resnap is not None else None
+        for msg in msgs:
+            if type(msg) is Keepalive:
+                self._keepalive(msg)
+                continue
+            assert isinstance(msg, XLogData)
+            decoded = decode(msg.payload, msg.wal_start)
+            outs = feed(decoded, msg.wal_start)
+            if outs:
+                handle(emit(outs) if emit is not None else outs)
+            if isinstance(decoded, m.LogicalMessage):
+                if not decoded.transactional and asm.idle and self.settled:
+                    self.stats.flushed_lsn = max(self.stats.flushed_lsn, msg.wal_start)
+            elif resnap is not None and isinstance(decoded, m.Relation):
+                if not self.daemon.stopping:
+                    resnap.tick()  # a changed table is checked before the messages after it
+
+    @property
+    def settled(self) -> bool:
+        """Nothing waits for Kafka: the batch is empty and no commit is in flight."""
+        return self.inflight is None and self.batch.empty
+
     def _nothing_to_read(self) -> None:
-        """Commit the open batch, or (idle) keep the walsender and the slot moving."""
+        """Settle the commit in flight, then commit the open batch, or (idle) keep the
+        walsender and the slot moving."""
+        self.settle(None)
         if not self.batch.empty:
             self.flush()
             return
@@ -235,7 +275,7 @@ class SessionStream:
         stats, stream = self.stats, self.stream
         if msg.wal_end > stats.server_wal_end:
             stats.server_wal_end = msg.wal_end
-        if self.asm.idle and self.batch.empty and msg.wal_end > stats.flushed_lsn:
+        if self.asm.idle and self.settled and msg.wal_end > stats.flushed_lsn:
             stats.flushed_lsn = msg.wal_end
         if (
             msg.reply_requested
@@ -244,19 +284,46 @@ class SessionStream:
             stream.send_status(stats.flushed_lsn)
 
     def flush(self) -> None:
-        """Commit the open batch with its resume position, then confirm what it covers."""
+        """Start the Kafka commit of the open batch with its resume position (after the
+        commit in flight, if any, is settled); :meth:`settle` confirms what it covers."""
         batch = self.batch
         if batch.empty:
             return
+        self.settle(None)
         position = batch.position
         assert position is not None
-        stats, stream, daemon = self.stats, self.stream, self.daemon
-        t0 = time.monotonic()
-        self.sink.commit(position)
+        self.sink.start_commit(position)
         self.in_kafka = position
+        self.inflight = (batch, position, time.monotonic())
+        self.batch = _Batch()
+
+    def settle(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` (None: until it is done) for the commit in flight; once
+        Kafka acknowledged it, confirm what its batch covers.  False: still in flight.
+        Raises the commit's error (the session ends, the slot stays where it was)."""
+        inflight = self.inflight
+        if inflight is None:
+            return True
+        done_at = self.sink.wait_commit(timeout_s)
+        if done_at is None:
+            return False
+        self.inflight = None
+        batch, position, t0 = inflight
         if FAULTS.armed:
             FAULTS.hit("after_kafka_commit")
-        now = time.time()
+        self._committed(batch, position, done_at)
+        log.debug(
+            "kafka commit: %d events in %.1f ms, confirmed %s",
+            batch.events,
+            (time.monotonic() - t0) * 1000,
+            format_lsn(self.stats.flushed_lsn),
+            extra={"position": format_lsn(position.commit_lsn)},
+        )
+        return True
+
+    def _committed(self, batch: _Batch, position: ResumePosition, now: float) -> None:
+        """Kafka acknowledged ``batch`` at wall-clock time ``now``: count it, confirm it."""
+        stats, stream, daemon = self.stats, self.stream, self.daemon
         stats.kafka_commits += 1
         stats.last_commit_wall = now
         daemon.counts.committed(batch.tally, batch.txns, batch.txn_commit_ts, now)
@@ -273,14 +340,6 @@ class SessionStream:
             stream.send_status(stats.flushed_lsn)
         if daemon.on_commit is not None and batch.collected:
             daemon.on_commit(batch.collected)
-        log.debug(
-            "kafka commit: %d events in %.1f ms, confirmed %s",
-            batch.events,
-            (time.monotonic() - t0) * 1000,
-            format_lsn(stats.flushed_lsn),
-            extra={"position": format_lsn(position.commit_lsn)},
-        )
-        self.batch = _Batch()
 
     def _begin(self) -> None:
         self.sink.begin()
@@ -325,14 +384,21 @@ class SessionStream:
     def _txn_end(self, out: TxnEnd) -> None:
         if out.streamed and FAULTS.armed and FAULTS.due("streamed_txn_end"):
             self.flush()  # Kafka holds the transaction's last events, not its end
+            self.settle(None)
             FAULTS.crash("streamed_txn_end")
         stats = self.stats
         stats.transactions += 1
         batch = self.batch
         if batch.empty and (out.events == 0 or _holds_whole(self.in_kafka, out.commit_lsn)):
             # nothing of it is pending, and Kafka's resume position covers it
-            # (or it has no events): confirm it right away
-            if out.end_lsn > stats.flushed_lsn:
+            # (or it has no events): confirm it right away, or once the commit in flight
+            # (which that position may be) is acknowledged
+            inflight = self.inflight
+            if inflight is not None:
+                confirm = inflight[0].confirm_lsn
+                if confirm is None or out.end_lsn > confirm:
+                    inflight[0].confirm_lsn = out.end_lsn
+            elif out.end_lsn > stats.flushed_lsn:
                 stats.flushed_lsn = out.end_lsn
             return
         if batch.empty:
@@ -342,14 +408,7 @@ class SessionStream:
             self._begin()
         if out.events:
             batch.txns += 1
-        batch.txn_ended(
-            ResumePosition(
-                out.commit_lsn,
-                max(out.events - 1, 0),
-                True,
-                commit_ts_us=out.commit_ts_us,
-            )
-        )
+        batch.txn_ended(out.commit_lsn, max(out.events - 1, 0), out.commit_ts_us)
         batch.confirm_lsn = out.end_lsn
         batch.txn_commit_ts.append(out.commit_ts_us)
         if time.monotonic() - batch.started >= self.max_age:

@@ -72,6 +72,43 @@ def test_a_new_topic_in_the_first_transaction_commits_every_record(
     assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(2, 3, True)
 
 
+def test_records_sent_while_a_commit_is_in_flight_go_into_the_next_transaction(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Records sent while a commit is in flight (``start_commit``) are buffered, not put
+    into the committing transaction: each committed resume position covers exactly the
+    records sent before it, every record is there once and in order, and a commit that
+    needs a full buffer or a schema handed over waits for the commit in flight first."""
+    opts = options(kafka_bootstrap, topic_prefix)
+    topic = f"{topic_prefix}.public.t"
+    sink = KafkaTransactionalSink(opts, "slot")
+    sent: list[bytes] = []
+    try:
+        for t in range(1, 4):
+            for i in range(3):
+                sent.append(b"%d:%d" % (t, i))
+                sink.send(topic, b"k%d" % i, sent[-1], [])
+            if t == 2:
+                # batch 2 is buffered while commit 1 is in flight: commit 1 holds batch 1 only
+                assert sink.wait_commit(None) is not None
+                assert values(kafka_bootstrap, topic) == sent[:3]
+                assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(
+                    1, 2, True
+                )
+                sink.publish_schema(b"\x01" * 8, '{"type": "string"}')
+            sink.start_commit(ResumePosition(t, 2, True))
+        big = b"x" * 100_000  # three fill a record batch: handed over after commit 3 settles
+        for i in range(4):
+            sent.append(big + b"%d" % i)
+            sink.send(topic, None, sent[-1], [])
+        assert sink.wait_commit(None) is not None
+        sink.commit(ResumePosition(4, 3, True))
+    finally:
+        sink.close()
+    assert values(kafka_bootstrap, topic) == sent
+    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(4, 3, True)
+
+
 CHILD = """
 import sys
 from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition
