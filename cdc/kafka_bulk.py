@@ -51,7 +51,8 @@ KEY_HEADER_BYTES: Final = 10
 
 def partition_of(key: bytes | None, count: int) -> int:
     """The partition, of ``count``, of a change event with Kafka key ``key``: murmur2 (Kafka's
-    hash) of the key's Avro datum, the key without its single-object header; 0 without a
+    hash) of the key's Avro datum, the key without its single-object header (a key that is
+    no single-object datum, as those of the state topics, is hashed whole); 0 without a
     key.  Not of the whole key: its header holds the key schema's fingerprint, which a
     change of the key columns' schema (``int`` → ``bigint``, a renamed key column) changes
     while the datum stays the same, and a row's later events must stay in the partition of
@@ -59,7 +60,8 @@ def partition_of(key: bytes | None, count: int) -> int:
     engine shares)."""
     if key is None or count <= 1:
         return 0
-    return (int(murmur2(key[KEY_HEADER_BYTES:])) & 0x7FFFFFFF) % count
+    datum = key[KEY_HEADER_BYTES:] if key[:2] == b"\xc3\x01" else key  # else: not Avro
+    return (int(murmur2(datum)) & 0x7FFFFFFF) % count
 
 
 def bulk_path_available(producer: Any) -> bool:

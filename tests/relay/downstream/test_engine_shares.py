@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdc.kafka_bulk import partition_of
+from core.avro_envelope import MAGIC
 from core.errors import ConfigError
 from relay.downstream import pg_store_writes
 from relay.downstream.bucket_engine import BucketEngine, purge_bound
@@ -463,7 +464,7 @@ def _ids_in(partition: int, count: int) -> list[int]:
             datum.append((n & 0x7F) | 0x80)
             n >>= 7
         datum.append(n)
-        if partition_of(bytes(10) + bytes(datum), PARTITIONS) == partition:
+        if partition_of(MAGIC + bytes(8) + bytes(datum), PARTITIONS) == partition:
             found.append(i)
             if len(found) == count:
                 return found
