@@ -2,8 +2,8 @@
 handed to kafka-python whole.
 
 ``KafkaProducer.send`` costs tens of microseconds per record.  :class:`BulkRecords` appends
-each event to one :class:`cdc.kafka_records.RecordBuffer` per partition (kafka's default
-partitioner: murmur2 of the key) and hands each buffer to kafka-python's accumulator as one
+each event to one :class:`cdc.kafka_records.RecordBuffer` per partition (:func:`partition_of`:
+murmur2 of the key's Avro datum) and hands each buffer to kafka-python's accumulator as one
 finished batch when it reaches :data:`BATCH_BYTES` and at commit.  kafka-python's sender
 still stamps producer id, epoch and sequence, compresses, checksums, adds the partition to
 the transaction and retries.  Compression of these batches: gzip at level
@@ -43,6 +43,25 @@ MAX_IN_FLIGHT_BATCHES: Final = 64
 """At most this many handed-over batches (~16 MB) wait for the broker at a time."""
 GZIP_LEVEL: Final = 1
 """zlib level of the gzip-compressed batches (level 1: ~6x faster than 9, ratio within 3 %)."""
+
+
+KEY_HEADER_BYTES: Final = 10
+"""The single-object header of a Kafka key (``C3 01`` and the key schema's fingerprint)."""
+
+
+def partition_of(key: bytes | None, count: int) -> int:
+    """The partition, of ``count``, of a change event with Kafka key ``key``: murmur2 (Kafka's
+    hash) of the key's Avro datum, the key without its single-object header (a key that is
+    no single-object datum, as those of the state topics, is hashed whole); 0 without a
+    key.  Not of the whole key: its header holds the key schema's fingerprint, which a
+    change of the key columns' schema (``int`` → ``bigint``, a renamed key column) changes
+    while the datum stays the same, and a row's later events must stay in the partition of
+    its earlier ones (each partition is applied in order; partitions are not, by the relay's
+    engine shares)."""
+    if key is None or count <= 1:
+        return 0
+    datum = key[KEY_HEADER_BYTES:] if key[:2] == b"\xc3\x01" else key  # else: not Avro
+    return (int(murmur2(datum)) & 0x7FFFFFFF) % count
 
 
 def bulk_path_available(producer: Any) -> bool:
@@ -206,8 +225,8 @@ class BulkRecords:
             raise self._unavailable(f"the broker did not take the records in time: {exc}") from exc
 
     def _partition(self, topic: str, key: bytes | None) -> Any:
-        """The record's TopicPartition: kafka's default partitioner (murmur2 of the key),
-        partition 0 for records without a key (tables without a primary key)."""
+        """The record's TopicPartition (:func:`partition_of`; partition 0 for records without
+        a key: tables without a primary key, truncates)."""
         count = self._partition_counts.get(topic)
         if count is None:
             try:
@@ -222,7 +241,7 @@ class BulkRecords:
                 self._single_partition[topic] = self._tps.setdefault(
                     (topic, 0), TopicPartition(topic, 0)
                 )
-        partition = 0 if key is None or count == 1 else (murmur2(key) & 0x7FFFFFFF) % count
+        partition = partition_of(key, count)
         tp = self._tps.get((topic, partition))
         if tp is None:
             tp = self._tps[(topic, partition)] = TopicPartition(topic, partition)

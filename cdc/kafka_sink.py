@@ -26,7 +26,8 @@ inside the same transaction as the first event that uses them.
 Records: change events are not given to ``KafkaProducer.send`` one by one; the sink
 appends them to record batches of its own and hands those to kafka-python whole
 (:mod:`cdc.kafka_bulk`), where kafka-python's internals allow it.  Schemas and the resume
-position always use ``send()``.  The resume position is read back by
+position always use ``send()``.  Both paths put a record in the partition
+:func:`cdc.kafka_bulk.partition_of` names (:class:`ChangePartitioner` for ``send()``).  The resume position is read back by
 :func:`cdc.kafka_state.read_resume_position`.
 
 Concurrency: one thread (the pipeline's) calls the sink; kafka-python's sender
@@ -53,7 +54,7 @@ from typing import Any, Protocol
 
 from cdc.errors import SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
-from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available
+from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available, partition_of
 from cdc.metrics import BYTES
 from core.kafka_options import build_client, client_config, kafka_errors
 
@@ -122,6 +123,33 @@ def state_topic(prefix: str) -> str:
 
 def schemas_topic(prefix: str) -> str:
     return f"{prefix}._schemas"
+
+
+class ChangePartitioner:
+    """kafka-python's ``partitioner`` of the sink's producer: the partition
+    :func:`cdc.kafka_bulk.partition_of` names, as the bulk path chooses it (Kafka's default
+    would hash the whole key, fingerprint included, and put keyless records anywhere)."""
+
+    def partition(
+        self,
+        topic: str,
+        key: Any,
+        serialized_key: bytes | None,
+        value: Any,
+        serialized_value: bytes | None,
+        cluster: Any,
+    ) -> int:
+        parts = sorted(cluster.partitions_for_topic(topic) or (0,))
+        return int(parts[partition_of(serialized_key, len(parts))])
+
+
+def _partitioner() -> Any:
+    """A :class:`ChangePartitioner`, registered as kafka-python's ``Partitioner`` (which
+    kafka-python checks to call it with the key and value)."""
+    from kafka.partitioner import Partitioner
+
+    Partitioner.register(ChangePartitioner)
+    return ChangePartitioner()
 
 
 def _remaining(deadline: float, floor_s: float = 0.5) -> float:
@@ -246,6 +274,7 @@ class KafkaTransactionalSink:
                 KafkaProducer,
                 **opts.client_kwargs(),
                 transactional_id=opts.transactional_id,
+                partitioner=_partitioner(),
                 enable_idempotence=True,
                 acks="all",
                 compression_type=None if opts.compression == "none" else opts.compression,

@@ -26,8 +26,8 @@ Choices:
   applies them in order; a key change or a truncate involves rows of other partitions, which
   the store's per-row positions, tombstones and truncate positions keep right whatever the
   shares' relative progress (see relay/downstream/pg_bucket_store.py).  Only the leader of
-  share 0 runs the maintenance (compaction; tombstones are purged only below every
-  partition's applied position).
+  share 0 runs the maintenance (compaction; tombstones are purged only below the applied
+  position of every partition that still holds events to apply).
 - **Dedup.**  Events at or below their partition's applied position are skipped from the
   Kafka header alone, without decoding (re-sent duplicates, see docs/cdc.md); the store
   additionally ignores events at or below their row's or table's last applied position.
@@ -56,6 +56,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from core.avro_envelope import SchemaRegistry
@@ -66,7 +67,8 @@ from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
 from relay.downstream.event_decoder import EventDecoder
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
-from relay.errors import EngineError, LeadershipLost, StoreError
+from relay.errors import BrokerUnavailable, EngineError, LeadershipLost, StoreError
+from relay.kafka_offsets import partition_lag
 from relay.metrics import OPS_WRITTEN, ConsumerLag
 
 __all__ = [
@@ -459,7 +461,28 @@ class BucketEngine:
             return self._caught_up
         if self._reader is None:
             return None
-        return purge_bound(self._caught_up, self.store.load_offsets(), self._reader.partitions)
+        applied = self.store.load_offsets()
+        partitions = dict(self._reader.partitions)
+        return purge_bound(self._caught_up, applied, partitions, self._settled(applied, partitions))
+
+    def _settled(
+        self, applied: Mapping[tuple[str, int], PartitionProgress], partitions: Mapping[str, int]
+    ) -> frozenset[tuple[str, int]]:
+        """The partitions holding no committed event beyond what was applied of them (the
+        empty ones included), by a probe of the broker (relay/kafka_offsets.py); none when
+        the broker cannot be read.  Such a partition's next events come in Kafka
+        transactions not committed yet, at positions above every one read so far."""
+        try:
+            lag = partition_lag(
+                self.kafka,
+                sorted(partitions),
+                {tp: p.next_offset for tp, p in applied.items()},
+                timeout_s=10.0,
+            )
+        except BrokerUnavailable as exc:
+            log.warning("bucket engine: no tombstone purge past idle partitions: %s", exc)
+            return frozenset()
+        return frozenset((p.topic, p.partition) for p in lag.partitions if p.records == 0)
 
     def run_until_idle(self, timeout: float = 60.0, idle_polls: int = 2) -> EngineStats:
         """Lead (without waiting) and consume until every partition is at its end (seen
@@ -486,13 +509,18 @@ def purge_bound(
     caught_up: Position,
     applied: Mapping[tuple[str, int], PartitionProgress],
     partitions: Mapping[str, int],
+    settled: AbstractSet[tuple[str, int]] = frozenset(),
 ) -> Position | None:
     """The tombstone purge bound of a share caught up to ``caught_up`` when the other
     shares have ``applied`` (per partition) of the topics' ``partitions`` (topic → count):
-    the lowest of them, None while some partition has applied nothing yet."""
+    the lowest of them, None while some partition has applied nothing yet.  A ``settled``
+    partition (nothing committed in it waits to be applied: empty, or applied to its end)
+    does not count: its next events are committed later, above every position read."""
     bound = caught_up
     for topic, count in partitions.items():
         for part in range(count):
+            if (topic, part) in settled:
+                continue
             done = applied.get((topic, part))
             if done is None or done.position <= (0, 0):
                 return None

@@ -28,6 +28,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cdc.kafka_bulk import partition_of
+from core.avro_envelope import MAGIC
 from core.errors import ConfigError
 from relay.downstream import pg_store_writes
 from relay.downstream.bucket_engine import BucketEngine, purge_bound
@@ -40,6 +42,7 @@ from relay.downstream.rules_parser import rules_from_mapping
 from relay.errors import EngineError
 from relay.settings import load_relay_settings
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
+from tests.fix_kafka import read_topic as bs_read_topic
 from tests.relay.downstream import test_bucket_store as bs
 from tests.relay.downstream.test_bucket_engine import (
     DDL,
@@ -282,6 +285,8 @@ def test_tombstones_are_purged_only_below_every_partition(
     assert bound <= caught_up and all(bound <= pos for pos in applied)
     assert bound in [caught_up, *applied]
     assert purge_bound(caught_up, progress, {"t": len(applied) + 1}) is None
+    everything = {("t", p) for p in range(len(applied) + 1)}
+    assert purge_bound(caught_up, {}, {"t": len(applied) + 1}, everything) == caught_up
 
 
 def test_a_batch_planned_before_the_lock_is_planned_again_when_a_row_moved(
@@ -445,3 +450,66 @@ def test_share_settings_are_checked(tmp_path: Path) -> None:
         BucketEngine(
             PgBucketStore("dbname=unused"), EMPTY_RULES, kafka={}, prefix="p", shares=2, share=2
         )
+
+
+def _ids_in(partition: int, count: int) -> list[int]:
+    """Ids of work_orders whose events the cdc daemon sends to ``partition`` (of
+    :data:`PARTITIONS`): the key's Avro datum is the id, union branch 1 of ``["null",
+    "int"]`` and a zigzag varint."""
+    found = []
+    for i in range(1, 10_000):
+        n = (i << 1) ^ (i >> 63)
+        datum = bytearray(b"\x02")
+        while n > 0x7F:
+            datum.append((n & 0x7F) | 0x80)
+            n >>= 7
+        datum.append(n)
+        if partition_of(MAGIC + bytes(8) + bytes(datum), PARTITIONS) == partition:
+            found.append(i)
+            if len(found) == count:
+                return found
+    raise AssertionError(f"no ids in partition {partition}")
+
+
+def test_tombstones_are_purged_while_some_partition_has_never_held_an_event(
+    tmp_path: Path, pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A table of a few rows leaves partitions of its change topic empty; a partition
+    holding no event that is not applied (empty, or applied to its end) cannot bring an
+    event older than the share's caught-up position any more, so it must not keep every
+    tombstone of the store from being purged for good."""
+    create_change_topic(kafka_bootstrap, topic_prefix)
+    (a, c), (b,) = _ids_in(0, 2), _ids_in(1, 1)  # partitions 2 and 3 stay empty
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(DDL)
+        rules = make_rules(tmp_path, pg_dsn)
+        with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
+            for i in (a, b):
+                conn.execute("insert into work_orders values (%s, 't1', 'open', 'n', 1)", (i,))
+            for i in (a, b):
+                conn.execute("delete from work_orders where id = %s", (i,))
+            conn.execute("insert into work_orders values (%s, 't1', 'open', 'n', 1)", (c,))
+            topic = f"{topic_prefix}.public.work_orders"
+            records = bs_read_topic(kafka_bootstrap, topic, timeout=60, expect=5)
+    assert {r.partition for r in records} == {0, 1}
+    first, second = (
+        engine(PgBucketStore(store_dsn), rules, kafka_bootstrap, topic_prefix, shares=2, share=s)
+        for s in (0, 1)
+    )
+    counts = []
+    tombstones = f"select count(*) from {SCHEMA}.row_state where entries = '[]'"
+    try:
+        with psycopg.connect(store_dsn, autocommit=True) as store_conn:
+            first.run_until_idle(timeout=60)
+            counts.append(store_conn.execute(tombstones).fetchone())
+            first.maintain()  # b's events still wait in partition 1, below c's position
+            counts.append(store_conn.execute(tombstones).fetchone())
+            second.run_until_idle(timeout=60)
+            counts.append(store_conn.execute(tombstones).fetchone())
+            first.maintain()  # partitions 1 (applied to its end), 2 and 3 (empty) settled
+            counts.append(store_conn.execute(tombstones).fetchone())
+        assert counts == [(1,), (1,), (2,), (0,)]
+    finally:
+        for e in (first, second):
+            e.close()
+            e.store.close()
