@@ -67,8 +67,14 @@ HOT_MODULES: tuple[str, ...] = (
     "core/avro_envelope.py",
     "core/pg_values.py",
     "core/pg_type_mapping.py",
+    "core/values.py",
+    "core/journal_format.py",
+    "relay/upstream/write_rules.py",
+    "relay/upstream/validation.py",
+    "relay/upstream/conflict_policies.py",
+    "relay/upstream/merge.py",
 )
-_PROJECT_PACKAGES = ("core", "cdc")
+_PROJECT_PACKAGES = ("core", "cdc", "relay")
 
 
 @dataclass(frozen=True)
