@@ -251,7 +251,8 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
             f'{where}: table must be "schema.table" (at most {MAX_TABLE_CHARS} printable '
             f"characters), not {table!r:.80}",
         )
-    op = _OPS.get(raw.get("op"))  # type: ignore[arg-type]
+    raw_op = raw.get("op")
+    op = _OPS.get(raw_op) if isinstance(raw_op, str) else None  # an array is unhashable
     if op is None:
         raise EntryProblem(
             Reason.MALFORMED, f"{where}: op must be insert, update or delete, not {raw.get('op')!r}"

@@ -210,6 +210,7 @@ def entry_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("a table it does not sync", {"table": "public.nothing"}, "unknown_table"),
         ("op unknown", {"op": "upsert"}, "malformed"),
         ("op a number", {"op": 1}, "malformed"),
+        ("op an array", {"op": ["update"]}, "malformed"),
         ("key empty", {"key": []}, "malformed"),
         ("key an object", {"key": {"id": 1}}, "malformed"),
         ("key of 33 values", {"key": [1] * 33}, "malformed"),
