@@ -451,6 +451,25 @@ class Outcome:
             out["visible_after"] = self.visible_after
         return out
 
+    def with_visible_after(self, position: int) -> Outcome:
+        """This outcome with ``visible_after`` set: ``dataclasses.replace`` without its
+        per-call walk over the fields (the applier calls it for every written entry)."""
+        return Outcome(
+            self.device_id,
+            self.seq,
+            self.kind,
+            self.table,
+            self.key,
+            self.reason,
+            self.message,
+            self.row,
+            self.columns,
+            self.conflict,
+            self.hlc,
+            self.at_us,
+            position,
+        )
+
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
         if not valid_device_id(obj.get("device_id")) or not is_seq(obj.get("seq")):

@@ -15,6 +15,7 @@ text).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -193,10 +194,15 @@ def _merge(rng: random.Random, policies: Any, entry: Any) -> Any:
         result.outcome,
         entry.table,
         entry.key,
+        reason="because",
+        message=result.message,
         row=result.row,
         columns=dict(result.columns),
+        conflict={"id": "c1"} if result.held else None,
         hlc=str(entry.hlc),
+        at_us=rng.randint(1, 10**15),
     )
+    later = outcome.with_visible_after(rng.randint(1, 2**63))
     return _jsonable(
         {
             "action": str(result.action),
@@ -205,6 +211,8 @@ def _merge(rng: random.Random, policies: Any, entry: Any) -> Any:
             "held_row": result.held_row,
             "message": result.message,
             "outcome": outcome.to_json(),
+            "visible_after_kept_all": later
+            == dataclasses.replace(outcome, visible_after=later.visible_after),
             "delete": entry.op is Op.DELETE,
             "decimal": isinstance(result.values.get("cost"), Decimal),
         }

@@ -84,6 +84,9 @@ def test_compiled_and_pure_applier_modules_give_the_same_results(tmp_path: Path)
         assert sum('"merge": {' in line for line in built) > 50
         assert sum('"reason": "wrong_type"' in line for line in built) > 20
         assert any(line.startswith('{"record_error"') for line in built)
+        # Outcome.with_visible_after copies every other field
+        assert '"visible_after_kept_all": false' not in "".join(built)
+        assert '"visible_after_kept_all": true' in "".join(built)
         assert len(built) == len(pure)
         for index, (a, b) in enumerate(zip(built[1:], pure[1:], strict=True), start=1):
             assert a == b, f"line {index} differs:\ncompiled: {a[:400]}\npure:     {b[:400]}"
