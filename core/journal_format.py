@@ -251,7 +251,8 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
             f'{where}: table must be "schema.table" (at most {MAX_TABLE_CHARS} printable '
             f"characters), not {table!r:.80}",
         )
-    op = _OPS.get(raw.get("op"))  # type: ignore[arg-type]
+    raw_op = raw.get("op")
+    op = _OPS.get(raw_op) if isinstance(raw_op, str) else None  # an array is unhashable
     if op is None:
         raise EntryProblem(
             Reason.MALFORMED, f"{where}: op must be insert, update or delete, not {raw.get('op')!r}"
@@ -449,6 +450,25 @@ class Outcome:
         if self.visible_after is not None:
             out["visible_after"] = self.visible_after
         return out
+
+    def with_visible_after(self, position: int) -> Outcome:
+        """This outcome with ``visible_after`` set: ``dataclasses.replace`` without its
+        per-call walk over the fields (the applier calls it for every written entry)."""
+        return Outcome(
+            self.device_id,
+            self.seq,
+            self.kind,
+            self.table,
+            self.key,
+            self.reason,
+            self.message,
+            self.row,
+            self.columns,
+            self.conflict,
+            self.hlc,
+            self.at_us,
+            position,
+        )
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Outcome:

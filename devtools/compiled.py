@@ -1,17 +1,25 @@
-"""The compiled hot path: mypyc builds of the modules every change event passes through.
+"""The compiled hot paths: mypyc builds of the modules every change event and every
+journal entry passes through.
 
-Which modules: :data:`HOT_MODULES`, the per-event code of cdc: the pgoutput wire reader
+Which modules: :data:`HOT_MODULES`.  The per-event code of cdc: the pgoutput wire reader
 and decoder, the change assembler, the Avro envelope and binary encoders, the PostgreSQL
-value parsers and type mapping, the Kafka record framing and batching.  They are ordinary
-typed Python (``mypy --strict`` clean); mypyc compiles them into C extension modules placed
-next to their sources (``cdc/pgoutput_decoder.cpython-311-x86_64-linux-gnu.so`` beside
-``cdc/pgoutput_decoder.py``), which Python's import system prefers to the ``.py``, plus one
-shared library of the group at the top of the checkout (``fieldsync_hot__mypyc.*.so``).
-Nothing else changes: the pure-Python modules are the same code, and produce the same bytes
-(``tests/cdc/test_compiled_parity.py`` runs both on one input and compares).
+value parsers and type mapping, the Kafka record framing and batching.  The per-entry code
+of the upstream applier: the journal record and outcome format (``core/journal_format.py``),
+the column values and their checks (``core/values.py``), and in ``relay/upstream/`` the
+write rules, the validation of entries, the conflict policies and the three-way merge (the
+applier's I/O modules around them stay Python; the device agent imports none of them).
+They are ordinary typed Python (``mypy --strict`` clean); mypyc compiles them into C
+extension modules placed next to their sources
+(``cdc/pgoutput_decoder.cpython-311-x86_64-linux-gnu.so`` beside ``cdc/pgoutput_decoder.py``),
+which Python's import system prefers to the ``.py``, plus one shared library of the group
+at the top of the checkout (``fieldsync_hot__mypyc.*.so``).  Nothing else changes: the
+pure-Python modules are the same code, and produce the same bytes and results
+(``tests/cdc/test_compiled_parity.py`` and
+``tests/relay/upstream/test_applier_compiled_parity.py`` run both on one input and compare).
 
-Freshness: a build records a digest of its inputs (the hot modules, the project modules
-they import, this file, the Python and mypy versions) in ``build/compiled/manifest.json``.
+Freshness: a build records a digest of its inputs (the hot modules, the core, cdc and relay
+modules they import, this file, the Python and mypy versions) in
+``build/compiled/manifest.json``.
 When the digest no longer matches (a source was edited) the compiled modules are removed
 before anything else, so the sources always win: ``python3 dev.py`` rebuilds them, and the
 test suite's first plugin (``tests/fix_compiled.py``) removes stale ones.  Without a C
@@ -67,8 +75,14 @@ HOT_MODULES: tuple[str, ...] = (
     "core/avro_envelope.py",
     "core/pg_values.py",
     "core/pg_type_mapping.py",
+    "core/values.py",
+    "core/journal_format.py",
+    "relay/upstream/write_rules.py",
+    "relay/upstream/validation.py",
+    "relay/upstream/conflict_policies.py",
+    "relay/upstream/merge.py",
 )
-_PROJECT_PACKAGES = ("core", "cdc")
+_PROJECT_PACKAGES = ("core", "cdc", "relay")
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,7 @@ def extension_files(root: Path = ROOT) -> list[Path]:
 
 
 def _imported_modules(path: Path) -> set[str]:
-    """Project modules (core.*, cdc.*) a source file imports."""
+    """Project modules (core.*, cdc.*, relay.*) a source file imports."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

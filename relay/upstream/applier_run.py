@@ -265,10 +265,7 @@ class RunState:
         if not self.wrote:
             return list(outcomes)
         lsn = wal_insert_lsn(self.cur)
-        return [
-            dataclasses.replace(o, visible_after=lsn) if o.seq in self.wrote else o
-            for o in outcomes
-        ]
+        return [o.with_visible_after(lsn) if o.seq in self.wrote else o for o in outcomes]
 
     def xid(self) -> int:
         """The transaction's id (the ``xmin`` of the rows it writes), read once."""

@@ -44,8 +44,8 @@ def _run(cwd: Path, seed: int, pythonpath: Path | None = None) -> list[str]:
 
 
 def _pure_copy(dest: Path) -> Path:
-    """The sources of core/ and cdc/ (and the driver) without any compiled module."""
-    for package in ("core", "cdc"):
+    """The sources of core/, cdc/ and relay/ (and the driver) without any compiled module."""
+    for package in ("core", "cdc", "relay"):
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("*.so"))
     (dest / "tests" / "cdc").mkdir(parents=True)
     for name in (
@@ -79,7 +79,7 @@ def test_compiled_and_pure_builds_give_the_same_bytes(tmp_path: Path) -> None:
 def test_a_build_is_stale_once_a_module_it_depends_on_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for package in ("core", "cdc"):
+    for package in ("core", "cdc", "relay"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("*.so"))
     monkeypatch.setattr(compiled, "MANIFEST", tmp_path / "manifest.json")
     inputs = {p.relative_to(tmp_path).as_posix() for p in compiled.input_files(tmp_path)}

@@ -210,6 +210,7 @@ def entry_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("a table it does not sync", {"table": "public.nothing"}, "unknown_table"),
         ("op unknown", {"op": "upsert"}, "malformed"),
         ("op a number", {"op": 1}, "malformed"),
+        ("op an array", {"op": ["update"]}, "malformed"),
         ("key empty", {"key": []}, "malformed"),
         ("key an object", {"key": {"id": 1}}, "malformed"),
         ("key of 33 values", {"key": [1] * 33}, "malformed"),
@@ -315,10 +316,11 @@ def test_resolutions_refused_write_nothing(env: Env, client: TestClient) -> None
     latest, _ = outcomes_until(client, h, lambda got: 1 in got)
     conflict_id = latest[1]["conflict"]["id"]
     path = f"/v1/conflicts/{conflict_id}/resolve"
+    no_conflict = conflict_id[:-1] + ("1" if conflict_id.endswith("0") else "0")
     other = env.headers("tab-2")
     cases: list[tuple[str, str, dict[str, Any], dict[str, str], int, str]] = [
         ("an unknown id", "/v1/conflicts/nope/resolve", {"json": {"choice": "mine"}}, h, 404, "conflict_not_found"),
-        ("an id of no conflict", f"/v1/conflicts/{conflict_id[:-1]}0/resolve", {"json": {"choice": "mine"}}, h, 404, "conflict_not_found"),
+        ("an id of no conflict", f"/v1/conflicts/{no_conflict}/resolve", {"json": {"choice": "mine"}}, h, 404, "conflict_not_found"),
         ("an id with NUL", "/v1/conflicts/a%00b/resolve", {"json": {"choice": "mine"}}, h, 404, "conflict_not_found"),
         ("an id of 201 characters", f"/v1/conflicts/{'a' * 201}/resolve", {"json": {"choice": "mine"}}, h, 422, "invalid_request"),
         ("another device's conflict", path, {"json": {"choice": "mine"}}, other, 403, "forbidden_device"),
