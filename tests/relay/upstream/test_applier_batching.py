@@ -420,8 +420,12 @@ def test_runs_give_the_same_state_outcomes_and_audit_as_one_entry_per_transactio
     t0_ms = time.time_ns() // 1_000_000
     seen_kinds: set[str] = set()
 
+    # derandomized: the same 30 journals every run, so the check below that they reach
+    # every case is not left to chance
     @settings(
         max_examples=30,
+        derandomize=True,
+        database=None,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
