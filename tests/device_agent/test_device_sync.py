@@ -766,6 +766,15 @@ def test_an_outcome_before_its_server_version_keeps_the_edit_on_top(
         ).fetchone()[0]
 
     wait_for(replaced, timeout=30, interval=0.2, what="the server versions replacing the edits")
+
+    def converged() -> bool:
+        # the version the applier wrote may arrive before the office's (the engine may
+        # apply them in different batches): it releases the edit too; the office's follows
+        agent.sync_once()
+        seen.append(rows(agent))
+        return seen[-1] == expected_orders(stack)
+
+    wait_for(converged, timeout=30, interval=0.2, what="the office's version of order 2")
     assert all(r[0] == shown[0] and r[1][3] == "mine too" for r in seen), seen
     assert rows(agent) == [(1, "t1", "in_progress", "mine"), (2, "t1", "completed", "mine too")]
     assert rows(agent) == expected_orders(stack)
