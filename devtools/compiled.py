@@ -54,6 +54,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / "build" / "compiled"
@@ -99,11 +100,27 @@ def extension_suffix() -> str:
     return str(suffix) if suffix else ".so"
 
 
+_SOURCE_PACKAGES: Final = (
+    "core",
+    "cdc",
+    "relay",
+    "device_agent",
+    "replay",
+    "devtools",
+    "fieldsync",
+)
+"""Every package of the project: none has a C extension of its own, so an extension
+module inside one is a compiled hot module, or one left over from an earlier list."""
+
+
 def extension_files(root: Path = ROOT) -> list[Path]:
-    """The compiled files present for the hot modules and the group's shared library."""
+    """The compiled files present: every extension module inside the project's packages
+    (the hot modules, and any left over by a build of an earlier :data:`HOT_MODULES`, which
+    makes the build stale) and the group's shared library."""
     suffix = extension_suffix()
-    found = [root / (m[: -len(".py")] + suffix) for m in HOT_MODULES]
-    found = [p for p in found if p.exists()]
+    found: list[Path] = []
+    for package in _SOURCE_PACKAGES:
+        found += sorted((root / package).rglob(f"*{suffix}"))
     found += sorted(root.glob(f"{GROUP}__mypyc*{suffix}"))
     return found
 

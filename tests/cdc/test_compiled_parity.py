@@ -102,3 +102,24 @@ def test_a_build_is_stale_once_a_module_it_depends_on_changes(
     assert compiled.status(tmp_path) == compiled.Status(
         "stale", len(compiled.HOT_MODULES) + 1, "sources changed since the build"
     )
+
+
+def test_an_extension_module_left_over_from_an_earlier_hot_list_counts_as_compiled_output(
+    tmp_path: Path,
+) -> None:
+    """A module dropped from HOT_MODULES leaves its extension beside its source: it is found
+    (so the build is stale and removed), wherever it is in the project's packages, while
+    extension modules outside them (a virtualenv's) are not."""
+    from devtools.compiled import GROUP, extension_files, extension_suffix
+
+    suffix = extension_suffix()
+    ours = [
+        tmp_path / "core" / f"hlc{suffix}",
+        tmp_path / "relay" / "upstream" / f"merge{suffix}",
+        tmp_path / f"{GROUP}__mypyc{suffix}",
+    ]
+    theirs = [tmp_path / ".venv" / "lib" / f"zlib{suffix}", tmp_path / "build" / f"x{suffix}"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    assert sorted(extension_files(tmp_path)) == sorted(ours)
