@@ -11,69 +11,33 @@ must be identical.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from devtools import compiled
+from tests.compiled_parity import assert_same_lines, built_and_pure, require_compiled_build
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = "tests.cdc.compiled_parity_driver"
 HOT = sorted(p[: -len(".py")].replace("/", ".") for p in compiled.HOT_MODULES)
 
 
-def _run(cwd: Path, seed: int, pythonpath: Path | None = None) -> list[str]:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    proc = subprocess.run(
-        [sys.executable, "-m", DRIVER, str(seed)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
-
-
-def _pure_copy(dest: Path) -> Path:
-    """The sources of core/, cdc/ and relay/ (and the driver) without any compiled module."""
-    for package in ("core", "cdc", "relay"):
-        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("*.so"))
-    (dest / "tests" / "cdc").mkdir(parents=True)
-    for name in (
-        "tests/__init__.py",
-        "tests/cdc/__init__.py",
-        "tests/cdc/compiled_parity_driver.py",
-    ):
-        shutil.copy(ROOT / name, dest / name)
-    return dest
+PACKAGES = ("core", "cdc", "relay")
+FILES = ("tests/__init__.py", "tests/cdc/__init__.py", "tests/cdc/compiled_parity_driver.py")
 
 
 def test_compiled_and_pure_builds_give_the_same_bytes(tmp_path: Path) -> None:
-    st = compiled.status()
-    if st.state != "compiled":
-        reason = compiled.why_not_buildable()
-        if reason is None and os.environ.get("CI"):
-            pytest.fail(f"a compiler is here but the hot modules are not built: {st}")
-        pytest.skip(f"no compiled build to compare ({compiled.describe(st)}; python3 dev.py build)")
+    require_compiled_build()
     for seed in (1, 2):
-        built = _run(ROOT, seed)
-        pure = _run(_pure_copy(tmp_path / f"pure{seed}"), seed, pythonpath=tmp_path / f"pure{seed}")
+        built, pure = built_and_pure(DRIVER, tmp_path, seed, PACKAGES, FILES)
         assert json.loads(built[0]) == {"compiled": HOT}
         assert json.loads(pure[0]) == {"compiled": []}
         assert len(built) > 300  # the stream really ran: messages, events, errors, records
         assert sum('"event"' in line for line in built) > 200
         assert any(line.startswith('{"bad_value_error"') for line in built)
-        for index, (a, b) in enumerate(zip(built[1:], pure[1:], strict=True), start=1):
-            assert a == b, f"line {index} differs:\ncompiled: {a[:400]}\npure:     {b[:400]}"
+        assert_same_lines(built, pure)
 
 
 def test_a_build_is_stale_once_a_module_it_depends_on_changes(

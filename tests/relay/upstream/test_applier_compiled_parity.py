@@ -12,17 +12,10 @@ result, outcome and error text must be identical.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from tests.compiled_parity import assert_same_lines, built_and_pure, require_compiled_build
 
-from devtools import compiled
-
-ROOT = Path(__file__).resolve().parents[3]
 DRIVER = "tests.relay.upstream.applier_parity_driver"
 APPLIER_HOT = {
     "core.journal_format",
@@ -34,50 +27,20 @@ APPLIER_HOT = {
 }
 
 
-def _run(cwd: Path, seed: int, pythonpath: Path | None = None) -> list[str]:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    proc = subprocess.run(
-        [sys.executable, "-m", DRIVER, str(seed)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
-
-
-def _pure_copy(dest: Path) -> Path:
-    """The sources of core/, cdc/, relay/, the example config and the driver, without any
-    compiled module."""
-    for package in ("core", "cdc", "relay", "config"):
-        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("*.so"))
-    (dest / "tests" / "relay" / "upstream").mkdir(parents=True)
-    for name in (
-        "tests/__init__.py",
-        "tests/schemas.py",
-        "tests/relay/__init__.py",
-        "tests/relay/upstream/__init__.py",
-        "tests/relay/upstream/applier_parity_driver.py",
-    ):
-        shutil.copy(ROOT / name, dest / name)
-    return dest
+PACKAGES = ("core", "cdc", "relay", "config")
+FILES = (
+    "tests/__init__.py",
+    "tests/schemas.py",
+    "tests/relay/__init__.py",
+    "tests/relay/upstream/__init__.py",
+    "tests/relay/upstream/applier_parity_driver.py",
+)
 
 
 def test_compiled_and_pure_applier_modules_give_the_same_results(tmp_path: Path) -> None:
-    st = compiled.status()
-    if st.state != "compiled":
-        reason = compiled.why_not_buildable()
-        if reason is None and os.environ.get("CI"):
-            pytest.fail(f"a compiler is here but the hot modules are not built: {st}")
-        pytest.skip(f"no compiled build to compare ({compiled.describe(st)}; python3 dev.py build)")
+    require_compiled_build()
     for seed in (1, 2):
-        built = _run(ROOT, seed)
-        pure = _run(_pure_copy(tmp_path / f"pure{seed}"), seed, pythonpath=tmp_path / f"pure{seed}")
+        built, pure = built_and_pure(DRIVER, tmp_path, seed, PACKAGES, FILES)
         assert APPLIER_HOT <= set(json.loads(built[0])["compiled"])
         assert json.loads(pure[0]) == {"compiled": []}
         # the journal really ran: merges, rejections, broken records
@@ -87,6 +50,4 @@ def test_compiled_and_pure_applier_modules_give_the_same_results(tmp_path: Path)
         # Outcome.with_visible_after copies every other field
         assert '"visible_after_kept_all": false' not in "".join(built)
         assert '"visible_after_kept_all": true' in "".join(built)
-        assert len(built) == len(pure)
-        for index, (a, b) in enumerate(zip(built[1:], pure[1:], strict=True), start=1):
-            assert a == b, f"line {index} differs:\ncompiled: {a[:400]}\npure:     {b[:400]}"
+        assert_same_lines(built, pure)
