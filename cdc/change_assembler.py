@@ -49,7 +49,7 @@ from typing import Final, Protocol
 
 from cdc import pgoutput_messages as m
 from cdc.errors import DecodeError, format_lsn
-from cdc.kafka_sink import ResumePosition
+from cdc.resume_position import ResumePosition
 from core.avro_envelope import (
     ORIGIN_MESSAGE_PREFIX,
     POSITION_HEADER,

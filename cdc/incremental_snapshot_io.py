@@ -42,7 +42,7 @@ from cdc.change_assembler import topic_for
 from cdc.ddl_detection import signatures_from_bytes, signatures_to_bytes
 from cdc.errors import ReplicationLost, SinkError, SnapshotRequestError
 from cdc.incremental_snapshot import ChunkWindow, Job, Progress
-from cdc.kafka_sink import KafkaOptions, ResumePosition, Sink
+from cdc.kafka_sink import KafkaOptions, Sink
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect
 from cdc.resnapshot_catalog import CatalogChecks
@@ -56,6 +56,7 @@ from cdc.resnapshot_state import (
     resnapshot_topic,
 )
 from cdc.resnapshot_stream import ChunkTracker, InFlightChunk, Jobs
+from cdc.resume_position import ResumePosition
 from cdc.settings import CdcSettings
 from core.avro_envelope import TableCodec
 from core.pg_types import ColumnSpec

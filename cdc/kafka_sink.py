@@ -43,7 +43,6 @@ transaction begins only after the previous one was acknowledged.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -56,49 +55,12 @@ from cdc.errors import SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
 from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available, partition_of
 from cdc.metrics import BYTES
+from cdc.resume_position import ResumePosition
 from core.kafka_options import build_client, client_config, kafka_errors
 
 log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class ResumePosition:
-    """The last event position Kafka holds for a slot."""
-
-    commit_lsn: int
-    seq: int
-    complete: bool  # the whole transaction at commit_lsn is in Kafka
-    snapshot_done: bool = True
-    commit_ts_us: int = 0  # commit time of the transaction at commit_lsn (0 = snapshot)
-    # `fieldsync cdc recover` is under way (cdc/slot_recovery.py): the daemon does not start
-    recovering: bool = False
-
-    def to_json(self) -> bytes:
-        record: dict[str, object] = {
-            "commit_lsn": self.commit_lsn,
-            "seq": self.seq,
-            "complete": self.complete,
-            "snapshot_done": self.snapshot_done,
-            "commit_ts_us": self.commit_ts_us,
-            "written_at_us": int(time.time() * 1_000_000),
-        }
-        if self.recovering:
-            record["recovering"] = True
-        return json.dumps(record, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ResumePosition:
-        d = json.loads(data)
-        return cls(
-            int(d["commit_lsn"]),
-            int(d["seq"]),
-            bool(d["complete"]),
-            bool(d.get("snapshot_done", True)),
-            int(d.get("commit_ts_us", 0)),
-            bool(d.get("recovering", False)),
-        )
 
 
 class Sink(Protocol):
@@ -572,7 +534,6 @@ def new_transactional_id(slot: str) -> str:
 __all__ = [
     "KafkaOptions",
     "KafkaTransactionalSink",
-    "ResumePosition",
     "Sink",
     "SinkError",
     "TopicManager",

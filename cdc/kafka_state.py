@@ -27,7 +27,8 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from cdc.errors import SinkUnavailable
-from cdc.kafka_sink import KafkaOptions, ResumePosition, TopicManager, state_topic
+from cdc.kafka_sink import KafkaOptions, TopicManager, state_topic
+from cdc.resume_position import ResumePosition
 from core.kafka_options import build_client, kafka_errors
 
 __all__ = ["read_compacted", "read_resume_position", "scan_topic"]

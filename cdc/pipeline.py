@@ -49,7 +49,7 @@ from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema
 from cdc.errors import ReplicationLost, SinkUnavailable, SlotLost, format_lsn
 from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot_io import IncrementalSnapshots
-from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition, Sink
+from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, Sink
 from cdc.kafka_state import read_resume_position
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import (
@@ -62,6 +62,7 @@ from cdc.pg_source import (
     preflight,
 )
 from cdc.pgoutput_decoder import PgOutputDecoder
+from cdc.resume_position import ResumePosition
 from cdc.settings import CdcSettings
 from cdc.slot_health import (
     Level,

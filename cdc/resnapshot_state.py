@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Protocol
 
-from cdc.kafka_sink import Headers, KafkaOptions, ResumePosition, Sink
+from cdc.kafka_sink import Headers, KafkaOptions, Sink
 from cdc.kafka_state import read_compacted
+from cdc.resume_position import ResumePosition
 
 __all__ = [
     "ProgressSink",

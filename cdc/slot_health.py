@@ -35,14 +35,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import psycopg
 
 from cdc.errors import ReplicationLost, SlotLost, format_lsn, parse_lsn
-
-if TYPE_CHECKING:
-    from cdc.kafka_sink import ResumePosition
+from cdc.resume_position import ResumePosition
 
 __all__ = [
     "RECOVER_HINT",

@@ -47,13 +47,14 @@ from cdc import pgoutput_messages as m
 from cdc.change_assembler import topic_for
 from cdc.errors import CdcError, SlotLost, SourceError, format_lsn
 from cdc.fault_points import FAULTS
-from cdc.kafka_sink import KafkaTransactionalSink, ResumePosition, schemas_topic
+from cdc.kafka_sink import KafkaTransactionalSink, schemas_topic
 from cdc.kafka_state import read_compacted, read_resume_position
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect, create_slot, drop_slot, ensure_publication, preflight
 from cdc.pipeline import kafka_options
 from cdc.recovery_deletes import DeleteAt, delete_value, fingerprints, live_keys, pg_keys
 from cdc.resnapshot_requests import request_snapshot, split_table
+from cdc.resume_position import ResumePosition
 from cdc.settings import CdcSettings
 from cdc.slot_health import SlotHealth, StartAction, read_slot_health, start_action
 from cdc.snapshot import SnapshotTable, published_tables

@@ -60,10 +60,11 @@ from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import CdcError, format_lsn
 from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot_io import IncrementalSnapshots
-from cdc.kafka_sink import ResumePosition, Sink
+from cdc.kafka_sink import Sink
 from cdc.metrics import OP_OFFSET, EventCounts
 from cdc.pg_source import Keepalive, ReplicationStream, XLogData
 from cdc.pgoutput_decoder import PgOutputDecoder
+from cdc.resume_position import ResumePosition
 from cdc.settings import CdcSettings
 
 __all__ = ["POLL_S", "STOP_GRACE_S", "Daemon", "SessionStream", "Stats"]

@@ -24,10 +24,11 @@ from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, TxnEnd
 from cdc.errors import DecodeError, SinkUnavailable, parse_lsn
 from cdc.fault_points import ENV_VAR, FaultPoints
-from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition, state_topic
+from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, state_topic
 from cdc.kafka_state import read_compacted, read_resume_position
 from cdc.pipeline import kafka_options
 from cdc.resnapshot_state import read_state_records, resnapshot_topic
+from cdc.resume_position import ResumePosition
 from tests.cdc.cdc_crash_workload import read_all
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 from tests.cdc.test_cdc_cli import REPO
@@ -111,7 +112,8 @@ def test_records_sent_while_a_commit_is_in_flight_go_into_the_next_transaction(
 
 CHILD = """
 import sys
-from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition
+from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink
+from cdc.resume_position import ResumePosition
 bootstrap, prefix = sys.argv[1:3]
 sink = KafkaTransactionalSink(KafkaOptions(bootstrap, prefix, "tx-" + prefix, timeout_s=10), "slot")
 for t in (1, 2):

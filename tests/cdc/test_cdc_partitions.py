@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cdc.kafka_bulk import partition_of
-from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink, ResumePosition
+from cdc.kafka_sink import KafkaOptions, KafkaTransactionalSink
+from cdc.resume_position import ResumePosition
 from core.avro_envelope import MAGIC, POSITION_HEADER, parse_position_header
 from tests.cdc.cdc_support import make_settings, running_daemon
 from tests.fix_kafka import read_topic

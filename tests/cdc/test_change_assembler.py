@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import DecodeError
-from cdc.kafka_sink import ResumePosition
+from cdc.resume_position import ResumePosition
 from cdc.spill_store import FileSpillStore
 from core.avro_envelope import SchemaRegistry, decode, parse_position_header
 from core.pg_types import BUILTIN_TYPES, TypeInfo

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdc.errors import SlotLost
-from cdc.kafka_sink import ResumePosition
 from cdc.metrics import OP_OFFSET
 from cdc.recovery_deletes import LiveKeys
+from cdc.resume_position import ResumePosition
 from cdc.slot_health import Level, SlotHealth, StartAction, assess, start_action
 
 MB = 1024 * 1024
