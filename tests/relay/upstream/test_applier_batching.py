@@ -39,6 +39,8 @@ from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_store import Delivery
 from tests.fix_pg import fresh_database
+from tests.relay.upstream.test_applier import CONFLICTS as APPLIER_CONFLICTS
+from tests.relay.upstream.test_applier import RULES as APPLIER_RULES
 
 TABLES = """
 create table work_orders (
@@ -64,50 +66,23 @@ create trigger no_bad before insert or update on work_orders for each row
     execute function no_bad_notes();
 """
 
-RULES = """
-token_claims = ["technician"]
-
-[[bucket]]
-name = "tech"
-parameters = ["technician"]
-claims = { technician = "technician" }
-
-[[bucket.table]]
-table = "public.work_orders"
-match = { technician = "technician" }
-filters = [{ column = "status", op = "!=", value = "archived" }]
-exclude = ["cost"]
-
-[[bucket]]
-name = "catalog"
-
-[[bucket.table]]
-table = "public.parts"
-
+RULES = (
+    APPLIER_RULES
+    + """
 [[bucket.table]]
 table = "public.tools"
 """
+)
 
-CONFLICTS = """
-[[table]]
-table = "public.work_orders"
-policy = "lww"
-time_column = "updated_at"
-
-[table.columns]
-status = { policy = "precedence", order = ["cancelled", "completed", "in_progress", "open"], fallback = "lww" }
-notes = "ask"
-qty = "counter"
-
-[[table]]
-table = "public.parts"
-policy = "ask"
-
+CONFLICTS = (
+    APPLIER_CONFLICTS
+    + """
 [[table]]
 table = "public.tools"
 policy = "fww"
 time_column = "updated_at"
 """
+)
 
 DEVICES = {"d0": "t1", "d1": "t1", "d2": "t2"}
 WORK_ORDERS = {1: "t1", 2: "t1", 3: "t1", 4: "t2"}
