@@ -50,31 +50,20 @@ def visible_after(outcome: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _stored_kind(stored: str | None) -> str:
-    """The kind of an entry's recorded outcome JSON, "" when none or unreadable."""
+def _kind(outcome: Mapping[str, Any]) -> str:
+    """An outcome's kind (``outcome``, or ``kind`` in older records), "" when absent."""
+    return str(outcome.get("outcome") or outcome.get("kind") or "")
+
+
+def _recorded(stored: str | None) -> Mapping[str, Any] | None:
+    """An entry's recorded outcome JSON, parsed; None when none or unreadable."""
     if not stored:
-        return ""
+        return None
     try:
         before = orjson.loads(stored)
     except orjson.JSONDecodeError:
-        return ""
-    return (
-        str(before.get("outcome") or before.get("kind") or "") if isinstance(before, dict) else ""
-    )
-
-
-def _same_outcome(stored: str | None, kind: str, bound: int | None) -> bool:
-    """Whether the entry's recorded outcome is this one again (same kind and bound)."""
-    if not stored:
-        return False
-    try:
-        before = orjson.loads(stored)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(before, dict):
-        return False
-    was = str(before.get("outcome") or before.get("kind") or "")
-    return was == kind and visible_after(before) == bound
+        return None
+    return before if isinstance(before, dict) else None
 
 
 def record_outcomes(rows: RowDeriver, outcomes: Iterable[Mapping[str, Any]]) -> int:
@@ -86,7 +75,7 @@ def record_outcomes(rows: RowDeriver, outcomes: Iterable[Mapping[str, Any]]) -> 
     changed = 0
     for o in outcomes:
         seq = int(o["seq"])
-        kind = str(o.get("outcome") or o.get("kind") or "")
+        kind = _kind(o)
         status = OUTCOME_STATUS.get(kind)
         found = conn.execute(
             f"select tbl, k, outcome, await_lsn from {PREFIX}journal where seq = ?", (seq,)
@@ -94,10 +83,12 @@ def record_outcomes(rows: RowDeriver, outcomes: Iterable[Mapping[str, Any]]) -> 
         if found is None or status is None:
             continue
         tid, k, before, awaiting = found
-        if kind != "resolved" and _stored_kind(before) == "resolved":
+        was = _recorded(before)
+        if kind != "resolved" and was is not None and _kind(was) == "resolved":
             continue  # resolved is final: an older outcome sent again must not reopen it
         bound = visible_after(o)
-        if not _same_outcome(before, kind, bound):  # a repeated one changes nothing
+        repeated = was is not None and _kind(was) == kind and visible_after(was) == bound
+        if not repeated:  # a repeated one changes nothing
             awaiting = bound if status != "failed" and tid in rows.by_id else None
         conn.execute(
             f"""update {PREFIX}journal set status = ?, outcome = ?, reason = ?, message = ?,
