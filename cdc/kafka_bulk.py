@@ -31,6 +31,7 @@ from kafka.partitioner.default import murmur2
 
 from cdc.errors import SinkError, SinkUnavailable
 from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
+from core.avro_envelope import MAGIC
 from core.kafka_options import kafka_errors
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ GZIP_LEVEL: Final = 1
 """zlib level of the gzip-compressed batches (level 1: ~6x faster than 9, ratio within 3 %)."""
 
 
-KEY_HEADER_BYTES: Final = 10
+KEY_HEADER_BYTES: Final = len(MAGIC) + 8
 """The single-object header of a Kafka key (``C3 01`` and the key schema's fingerprint)."""
 
 
@@ -60,7 +61,7 @@ def partition_of(key: bytes | None, count: int) -> int:
     engine shares)."""
     if key is None or count <= 1:
         return 0
-    datum = key[KEY_HEADER_BYTES:] if key[:2] == b"\xc3\x01" else key  # else: not Avro
+    datum = key[KEY_HEADER_BYTES:] if key[:2] == MAGIC else key  # else: not Avro
     return (int(murmur2(datum)) & 0x7FFFFFFF) % count
 
 

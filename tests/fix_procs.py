@@ -79,7 +79,7 @@ def _stop(pids: dict[int, str], grace_s: float = 10.0) -> None:
     deadline = time.monotonic() + grace_s
     alive = set(pids)
     while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if (PROC / str(pid)).exists() and pid in _children()}
+        alive &= _children().keys()  # a zombie (exited, not yet reaped) counts as gone
         if alive:
             time.sleep(0.1)
     for pid in alive:
