@@ -72,6 +72,7 @@ from core.pg_types import ColumnSpec, TypeCatalog
 from core.pg_values import returns_text_unchanged
 
 __all__ = [
+    "HEADER_LEN",
     "MAGIC",
     "ORIGIN_MESSAGE_PREFIX",
     "POSITION_HEADER",
@@ -93,7 +94,8 @@ POSITION_HEADER: Final = "fieldsync.pos"
 #: of its transaction: who made the change (the upstream applier names the device).
 ORIGIN_MESSAGE_PREFIX = "fieldsync.origin"
 
-_HEADER_LEN = len(MAGIC) + 8
+#: Length of the single-object header: :data:`MAGIC` and the schema's 8-byte fingerprint.
+HEADER_LEN: Final = len(MAGIC) + 8
 _SNAPSHOT_VALUES: dict[object, str] = {
     False: "false",
     True: "true",
@@ -551,19 +553,19 @@ def decode(data: bytes, registry: SchemaRegistry) -> dict[str, Any]:
     Raises DecodeError on a bad marker, a truncated or over-long datum, or an unknown
     fingerprint (named in hex).
     """
-    if len(data) < _HEADER_LEN:
+    if len(data) < HEADER_LEN:
         raise DecodeError(f"Avro single-object datum too short ({len(data)} bytes)")
     if data[:2] != MAGIC:
         raise DecodeError(
             f"not Avro single-object encoding: starts with {bytes(data[:2]).hex()}, "
             f"expected {MAGIC.hex()}"
         )
-    fp = bytes(data[2:_HEADER_LEN])
+    fp = bytes(data[2:HEADER_LEN])
     if fp not in registry:
         raise DecodeError(f"unknown Avro schema fingerprint {fp.hex()}")
     schema = registry.reader_schema(fp)
     buf = io.BytesIO(data)
-    buf.seek(_HEADER_LEN)
+    buf.seek(HEADER_LEN)
     try:
         datum = fastavro.schemaless_reader(buf, schema, None)
     except Exception as exc:

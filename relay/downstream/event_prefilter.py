@@ -26,10 +26,11 @@ from typing import Any, Final
 
 import fastavro
 
+from core.avro_envelope import HEADER_LEN
+
 PrefixReader = Callable[[bytes], dict[str, Any] | None]
 """Event value bytes → the wanted columns of an insert's row (PostgreSQL names), or None."""
 
-_HEADER: Final = 10  # C3 01 + 8-byte fingerprint
 _READABLE: Final = frozenset({"null", "boolean", "int", "long", "float", "double", "string"})
 _ENVELOPE_PREFIX: Final = ("op", "before", "before_kind", "after")
 
@@ -147,7 +148,7 @@ def compile_prefix_reader(schema: Mapping[str, Any], wanted: Sequence[str]) -> P
 
 def _make_reader(before_kind: Step, steps: list[tuple[str | None, Step]]) -> PrefixReader:
     def read(value: bytes) -> dict[str, Any] | None:
-        size, pos = _varint(value, _HEADER)
+        size, pos = _varint(value, HEADER_LEN)
         if size != 1 or value[pos] != 0x63:  # op is not "c"
             return None
         pos += 1
