@@ -26,7 +26,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
-from core.avro_envelope import SchemaRegistry, decode
+from core.avro_envelope import HEADER_LEN, SchemaRegistry, decode
 from core.errors import DecodeError
 from core.value_schemas import read_value_schema
 from relay.downstream.bucket_store import ChangeKind, Position, RowChange
@@ -53,7 +53,7 @@ class EventDecoder:
     def places_nowhere(self, value: bytes, table: str) -> bool:
         """The event is an insert into ``table`` whose row no rule places (read from its
         placement columns only); False when that cannot be told without decoding it."""
-        cache = (bytes(value[2:10]), table)
+        cache = (bytes(value[2:HEADER_LEN]), table)
         reader = self._prefix.get(cache, _UNKNOWN)
         if reader is _UNKNOWN:
             reader = self._prefix_reader(*cache)
@@ -109,7 +109,7 @@ class EventDecoder:
         """Decode one event; raises DecodeError (unknown fingerprint included).  Without
         ``position`` (no header), the event's ``source`` gives it."""
         event = decode(value, self.registry)
-        fp = bytes(value[2:10])
+        fp = bytes(value[2:HEADER_LEN])
         rename = self._renames[fp] if fp in self._renames else self._rename(fp)
         source = event["source"]
         if position is None:

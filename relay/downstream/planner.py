@@ -229,7 +229,8 @@ def plan_changes(
     stale); ``stored_data``: the last known data of rows whose change carries unchanged
     (TOAST) columns, to fill those in.  A change at or below the row's remembered position
     is a duplicate and changes nothing.  A change whose row cannot be placed (a column a
-    rule needs is missing) is skipped and described in :attr:`Plan.errors`.
+    rule needs is missing) is skipped and described in :attr:`Plan.errors`; the old key of
+    such a key change is still retired (PostgreSQL no longer has it).
     """
     plan = Plan()
     current: dict[RowRef, RowState] = dict(states)
@@ -274,6 +275,8 @@ def plan_changes(
             new_buckets = place(table, row) if row is not None else _NONE
         except RowError as exc:
             plan.errors.append(f"{table} key {ref[1]} at position {position}: {exc}")
+            if retire is not None:  # the old key is gone whether or not its new row is placed
+                _retire(plan, placer, c, retire, current, known)
             continue
         if retire is not None:
             _retire(plan, placer, c, retire, current, known)

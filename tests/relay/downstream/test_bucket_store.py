@@ -286,6 +286,24 @@ def test_a_row_the_rules_cannot_place_is_skipped_with_a_message() -> None:
     assert {o.row_key for o in plan.ops} == {"[2]"}
 
 
+def test_a_key_change_whose_new_row_cannot_be_placed_still_retires_the_old_key() -> None:
+    first = up(1, (1, 0), "t1", insert=True)
+    # the new row lacks `tech`, a column the rules place by: it cannot be placed
+    moved = RowChange(T, ChangeKind.UPSERT, (2, 0), (9,), {"id": 9, "status": "open"}, old_key=(1,))
+    plan = plan_changes(RULES, [first, moved], {}, {})
+    assert len(plan.errors) == 1 and "public.orders key [9]" in plan.errors[0]
+    removes = {(o.bucket, o.row_key) for o in plan.ops if o.kind is OpKind.REMOVE}
+    assert removes == {('tech["t1"]', "[1]"), ("open[]", "[1]")}
+    assert plan.states[(T, "[1]")] == RowState((), (2, 0))
+    # the same when the old key's state is in the store, not in the batch
+    stored = plan_changes(RULES, [first], {}, {}).states
+    plan = plan_changes(RULES, [moved], stored, {})
+    assert {(o.bucket, o.row_key, o.kind) for o in plan.ops} == {
+        ('tech["t1"]', "[1]", OpKind.REMOVE),
+        ("open[]", "[1]", OpKind.REMOVE),
+    }
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 
