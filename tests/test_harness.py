@@ -33,3 +33,62 @@ def test_reading_fewer_records_than_expected_fails_naming_the_topic(
     assert [r.value for r in read_topic(kafka_bootstrap, topic)] == [b"only one"]
     with pytest.raises(TopicReadTimeout, match=f"read 1 records of {topic} in 2 s, not 2 records"):
         read_topic(kafka_bootstrap, topic, timeout=2, expect=2)
+
+
+_OWNER = """
+import sys
+from devtools.local_services import EmbeddedBroker, EmbeddedPostgres
+
+pg = EmbeddedPostgres()
+pg.start()
+broker = EmbeddedBroker()
+broker.start()
+print(pg.proc.pid, broker.proc.pid, flush=True)
+print(pg.base_dir, flush=True)
+print(broker.base_dir, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_servers_stop_when_their_owner_is_killed() -> None:
+    """A run killed with SIGKILL (no clean-up runs) leaves no PostgreSQL or broker behind."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    dirs: list[str] = []
+    try:
+        assert owner.stdout is not None
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 2, "the owner did not report its servers"
+        dirs = [owner.stdout.readline().strip() for _ in range(2)]
+        for pid in pids:
+            os.kill(pid, 0)  # both run
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        alive = list(pids)
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _running(pid)]
+            time.sleep(0.1)
+        assert not alive, f"still running after their owner was killed: {alive}"
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """A process that exists and is not a zombie (an orphan's zombie is reaped by init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
