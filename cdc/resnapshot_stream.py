@@ -41,6 +41,8 @@ from cdc.incremental_snapshot import (
     WindowState,
     message_keys,
 )
+from cdc.key_retirement import RETIRE_ORIGIN, RetireSet
+from cdc.recovery_deletes import DeleteAt, delete_value
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 
 __all__ = ["INCREMENTAL", "RECENT_XIDS", "ChunkTracker", "InFlightChunk", "Jobs"]
@@ -70,6 +72,7 @@ class InFlightChunk:
     high_lsn: int | None = None  # LSN of the high watermark message
     high_commit: int | None = None  # commit LSN of its transaction
     high_xid: int = 0
+    retire: RetireSet | None = None  # the old keys to delete (no rows to send)
 
 
 class Jobs:
@@ -100,16 +103,35 @@ class Jobs:
         self.dirty = True
         self.status(job.signal_id, status)
 
+    def rows_sent(self, job: Job) -> None:
+        """Every row of the job was sent: done, or (its table's key schema changed) on to
+        retiring the old keys (:mod:`cdc.key_retirement`)."""
+        if job.retire_keys and not job.retiring:
+            job.retiring = True
+            self.dirty = True
+            log.info(
+                "re-snapshot of %s: %d row(s) in %d chunk(s) sent; retiring the keys of the "
+                "old key schema",
+                job.table,
+                job.rows,
+                job.chunks,
+                extra={"table": job.table},
+            )
+            return
+        self.done(job)
+
     def done(self, job: Job) -> None:
+        retired = f", {job.retired} old key(s) deleted" if job.retire_keys else ""
         log.info(
-            "re-snapshot of %s%s done: %d row(s) in %d chunk(s)",
+            "re-snapshot of %s%s done: %d row(s) in %d chunk(s)%s",
             job.table,
             f" where {job.where}" if job.where else "",
             job.rows,
             job.chunks,
+            retired,
             extra={"table": job.table},
         )
-        self.finish(job, f"done: {job.rows} row(s)")
+        self.finish(job, f"done: {job.rows} row(s){retired}")
 
     def status(self, signal_id: int | None, status: str) -> None:
         if signal_id is not None and self._signals:
@@ -159,7 +181,10 @@ class ChunkTracker:
                 self._signal(change, txn)  # type: ignore[arg-type]
             chunk = self.chunk
             if chunk is not None and oid == chunk.job.oid and txn is not None:
-                chunk.window.change(txn.xid, self._keys(change, chunk))
+                keys = self._keys(change, chunk)
+                if chunk.retire is not None:
+                    keys = chunk.retire.window_keys(keys)
+                chunk.window.change(txn.xid, keys)
         elif kind is m.LogicalMessage:
             self._watermark(msg, txn)  # type: ignore[arg-type]
         elif kind is m.Relation:
@@ -266,6 +291,9 @@ class ChunkTracker:
             )
             yield end
             return
+        if chunk.retire is not None:
+            yield from self._emit_retirement(chunk, chunk.retire, end)
+            return
         rows = window.remaining()
         codec = chunk.codec
         if rows:
@@ -315,5 +343,41 @@ class ChunkTracker:
                 window.dropped,
             )
             if chunk.complete:
-                jobs.done(job)
+                jobs.rows_sent(job)
+        yield dataclasses.replace(end, events=seq)
+
+    def _emit_retirement(
+        self, chunk: InFlightChunk, retire: RetireSet, end: TxnEnd
+    ) -> Iterator[Out]:
+        """The deletes of the old keys no row has (their key texts left in the window), at
+        ``(H, seq)``; then the job is done."""
+        job, seq = chunk.job, end.events
+        deleted = 0
+        for (text,), _row in chunk.window.remaining():
+            for key, fp in retire.by_text[text]:
+                at = DeleteAt(self.db, end.commit_lsn, seq, end.commit_ts_us, RETIRE_ORIGIN)
+                yield OutEvent(
+                    chunk.topic,
+                    key,
+                    delete_value(key, fp, retire.registry, at),
+                    end.commit_lsn,
+                    seq,
+                    [(POSITION_HEADER, position_header(end.commit_lsn, seq))],
+                    end.commit_ts_us,
+                )
+                seq += 1
+                deleted += 1
+        jobs = self.jobs
+        if jobs.generations.get(job.oid, 0) == chunk.generation and job in jobs.progress.jobs:
+            job.retired += deleted
+            log.info(
+                "re-snapshot of %s: %d key(s) of the old key schema deleted at %s "
+                "(%d kept: a row has their key text, or changed while they were read)",
+                job.table,
+                deleted,
+                format_lsn(end.commit_lsn),
+                sum(len(v) for v in retire.by_text.values()) - deleted,
+                extra={"table": job.table},
+            )
+            jobs.done(job)
         yield dataclasses.replace(end, events=seq)

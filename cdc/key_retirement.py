@@ -1,0 +1,137 @@
+"""Retiring the keys of an old key schema after a table's key changed (pure, no I/O).
+
+Why
+---
+A table's Kafka key is its primary-key columns in the key schema of now.  When that
+schema changes (``ALTER COLUMN id TYPE text``: ``5`` becomes ``'5'``; the primary key
+redefined: ``(id)`` becomes ``(a, b)``), the re-snapshot (:mod:`cdc.incremental_snapshot`)
+sends every row again under its new key, but the rows last written under the old keys stay
+in the compacted topic, and a consumer that identifies rows by their key values (the relay:
+``row_key_text``, ``[5]`` and ``["5"]``) holds both.  So a job whose table's key schema
+changed (:func:`cdc.ddl_detection.key_changed`) goes on, once every row was sent, to
+delete the old keys.
+
+Which keys
+----------
+A *candidate* is a key the topic leaves present (:class:`cdc.recovery_deletes.LiveKeys`)
+whose key schema is not the table's key schema of now (:func:`candidates`).  No event after
+the DDL uses the old key schema, so no candidate can be written again.  A candidate is
+deleted unless a row PostgreSQL has now has the same key text (:func:`key_text`, the
+relay's row identity): ``int`` → ``bigint`` keeps every key's text (``[5]``), so nothing
+is deleted; ``int`` → ``text`` deletes every old key.
+
+When and where
+--------------
+The deletes are placed like a re-snapshot chunk (:class:`RetireSet` rides on an
+:class:`~cdc.resnapshot_stream.InFlightChunk`): the keys of PostgreSQL's rows are read in a
+snapshot *S* between a low and a high watermark, the key texts streamed changes touch
+between the watermarks (or before, invisible to *S*) drop their candidates, and the rest
+are written as delete events (:func:`cdc.recovery_deletes.delete_value`, ``source.origin``
+:data:`RETIRE_ORIGIN`) at ``(H, seq)``, ``H`` the commit LSN of the high watermark's
+transaction.  So a delete never follows a change of a row with the same key text: a row
+inserted under the new key with an old key's text after *S* keeps it (its insert comes
+after the delete), and every consumer, whether it identifies rows by Kafka key bytes
+(compaction) or by key text (the relay), ends with PostgreSQL's rows.
+
+The candidates are read from the topic only after the daemon's Kafka-acknowledged position
+passed a marker written after the DDL (every event under the old key schema is then in the
+topic).  The deletes and the job's end go out in one Kafka transaction or the deletes first;
+a daemon killed before reads the topic again and deletes what is still there.
+
+Concurrency: plain data and functions, used from the daemon's one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from core.avro_envelope import HEADER_LEN, SchemaRegistry, Source, TableCodec, decode
+from core.errors import DecodeError, SchemaError
+from core.row_wire import row_key_text
+
+__all__ = [
+    "RETIRE_ORIGIN",
+    "KeyTexts",
+    "RetireSet",
+    "candidates",
+    "key_text",
+]
+
+RETIRE_ORIGIN: Final = "fieldsync.retire"
+"""``source.origin`` of the delete events of old keys."""
+
+
+def key_text(key: bytes, registry: SchemaRegistry) -> str:
+    """The key values of a Kafka key as the relay names a row (``row_key_text``)."""
+    return row_key_text(list(decode(key, registry).values()))
+
+
+def candidates(live: Mapping[bytes, bytes], key_fingerprint: bytes) -> dict[bytes, bytes]:
+    """The keys of ``live`` (Kafka key → value fingerprint) under another key schema than
+    ``key_fingerprint``."""
+    return {k: fp for k, fp in live.items() if bytes(k[2:HEADER_LEN]) != key_fingerprint}
+
+
+class KeyTexts:
+    """The key text of a row of the table of now, from its key columns' output text."""
+
+    def __init__(self, codec: TableCodec) -> None:
+        if codec.key_schema_json is None:
+            raise ValueError(f"{codec.schema}.{codec.table} has no key columns")
+        self.codec = codec
+        self.registry = SchemaRegistry([codec.key_schema_json])
+        self._positions = [i for i, c in enumerate(codec.columns) if c.is_key]
+        self._width = len(codec.columns)
+        self._source = Source(
+            codec.db, codec.schema, codec.table, 0, 0, None, 0, None, "false", None
+        )
+
+    def of(self, values: Sequence[str | None]) -> str:
+        """``values``: the key columns' text in the codec's key order."""
+        before: list[object] = [None] * self._width
+        for i, v in zip(self._positions, values, strict=True):
+            before[i] = v
+        key, _ = self.codec.encode_change("d", before, None, self._source, 0)
+        assert key is not None
+        return key_text(key, self.registry)
+
+
+@dataclasses.dataclass
+class RetireSet:
+    """The candidates of one retirement, by key text: each text's Kafka keys with the value
+    fingerprint of their last event, the schemas to write their deletes in, and the key
+    texts of the rows of now (in the key order the stream's changes are seen in)."""
+
+    by_text: dict[str, list[tuple[bytes, bytes]]]
+    registry: SchemaRegistry
+    texts: KeyTexts
+    key_names: tuple[str, ...]
+
+    @classmethod
+    def build(
+        cls,
+        old: Mapping[bytes, bytes],
+        registry: SchemaRegistry,
+        texts: KeyTexts,
+        key_names: tuple[str, ...],
+    ) -> RetireSet:
+        by_text: dict[str, list[tuple[bytes, bytes]]] = {}
+        for key, fp in sorted(old.items()):
+            by_text.setdefault(key_text(key, registry), []).append((key, fp))
+        return cls(by_text, registry, texts, key_names)
+
+    def gone(self, present: set[str]) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Window rows (key text, no row) of the candidates whose text no row has now."""
+        return [((t,), ()) for t in sorted(self.by_text) if t not in present]
+
+    def window_keys(self, keys: Sequence[tuple[str, ...]] | None) -> list[tuple[str, ...]] | None:
+        """A streamed change's keys (key columns' text) as window keys (key texts); None
+        when one cannot be told."""
+        if keys is None:
+            return None
+        try:
+            return [(self.texts.of(k),) for k in keys]
+        except (SchemaError, DecodeError):  # a key the codec cannot encode: cannot tell
+            return None
