@@ -30,6 +30,7 @@ from cdc import pgoutput_messages as m
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo
 from cdc.ddl_detection import compare_relations
 from cdc.errors import format_lsn
+from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot import (
     WATERMARK_PREFIX,
     ChunkWindow,
@@ -326,6 +327,8 @@ class ChunkTracker:
                 end.commit_ts_us,
             )
             seq += 1
+        if FAULTS.armed:
+            FAULTS.hit("resnapshot_chunk")
         # every row is handed to the sink: the job moves on (the progress record goes out
         # with this Kafka transaction or a later one, never before the rows)
         jobs = self.jobs
@@ -367,6 +370,8 @@ class ChunkTracker:
                 )
                 seq += 1
                 deleted += 1
+        if FAULTS.armed and deleted:
+            FAULTS.hit("retire_deletes")
         jobs = self.jobs
         if jobs.generations.get(job.oid, 0) == chunk.generation and job in jobs.progress.jobs:
             job.retired += deleted
