@@ -38,36 +38,41 @@ ROWS = 60
 
 
 def topic_table(
-    bootstrap: str, prefix: str, table: str, key: tuple[str, ...]
+    bootstrap: str, prefix: str, table: str, key: tuple[str, ...], *, by_text: bool = False
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """The topic as a compacted-topic consumer holds it: the latest record of each Kafka key
     (bytes), keys whose latest record is a delete dropped; keyed by the key columns' text.
     Also every event decoded (with ``_keybytes`` and ``_pos``).  Two live Kafka keys with the
-    same key columns (a row under its old and its new key) fail."""
+    same key columns (a row under its old and its new key) fail.  ``by_text``: a consumer
+    that identifies rows by their key values instead (the relay): the latest record of each
+    key text, by position."""
     records = read_topic(bootstrap, f"{prefix}.public.{table}", timeout=20)
-    registry = read_schemas(bootstrap, prefix)
     wanted = {bytes(r.value[2:10]) for r in records} | {bytes(r.key[2:10]) for r in records}
-    wait_for(
-        lambda: all(fp in read_schemas(bootstrap, prefix) for fp in wanted),
+    registry = wait_for(
+        lambda: (lambda reg: reg if all(fp in reg for fp in wanted) else None)(
+            read_schemas(bootstrap, prefix)
+        ),
         timeout=30,
         what="the schemas of the events",
     )
-    registry = read_schemas(bootstrap, prefix)
-    latest: dict[bytes, dict[str, Any]] = {}
     events = []
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         event = decode(r.value, registry)
         event["_keybytes"] = bytes(r.key)
         event["_pos"] = parse_position_header(dict(r.headers)[POSITION_HEADER])
         events.append(event)
-        latest[bytes(r.key)] = event
+    latest: dict[Any, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda e: e["_pos"]) if by_text else events:
+        row = event["after"] if event["op"] != "d" else event["before"]
+        ident = row_key_text([row.get(c) for c in key]) if by_text else event["_keybytes"]
+        latest[ident] = event
     live: dict[str, dict[str, Any]] = {}
-    for k, event in latest.items():
+    for ident, event in latest.items():
         if event["op"] == "d":
             continue
         row = {c: v for c, v in event["after"].items() if v is not None}
         text = row_key_text([row.get(c) for c in key])
-        assert text not in live, f"two live Kafka keys for the row {text}: {k.hex()}"
+        assert text not in live, f"two live Kafka keys for the row {text}: {ident!r}"
         live[text] = row
     return live, events
 
@@ -89,11 +94,13 @@ def wait_topic_equals_pg(
     table: str,
     key: tuple[str, ...],
     timeout: float = 120,
+    *,
+    by_text: bool = False,
 ) -> list[dict[str, Any]]:
     last: dict[str, Any] = {}
 
     def same() -> bool:
-        live, events = topic_table(bootstrap, prefix, table, key)
+        live, events = topic_table(bootstrap, prefix, table, key, by_text=by_text)
         want = pg_table(conn, table, key)
         last["diff"] = {
             k: (live.get(k), want.get(k))
@@ -139,7 +146,9 @@ class Writer(threading.Thread):
                         (f"u{n}", str(1 + n % ROWS)),
                     )
                     if n % 3 == 0:
-                        conn.execute(f"delete from {self.table} where id::text = %s", (str(n % ROWS),))
+                        conn.execute(
+                            f"delete from {self.table} where id::text = %s", (str(n % ROWS),)
+                        )
                     if n % 5 == 0:
                         conn.execute(f"delete from {self.table} where id::text = %s", (str(n - 2),))
                     self.ops += 1
@@ -231,7 +240,7 @@ def test_int_to_bigint_deletes_nothing(
         t_int.execute("alter table t alter column id type bigint")
 
         def resent() -> bool:
-            _, events = topic_table(kafka_bootstrap, topic_prefix, "t", ("id",))
+            _, events = topic_table(kafka_bootstrap, topic_prefix, "t", ("id",), by_text=True)
             return sum(e["source"]["snapshot"] == "incremental" for e in events) >= ROWS
 
         wait_for(resent, timeout=90, interval=1.0, what="every row sent again")
@@ -241,7 +250,9 @@ def test_int_to_bigint_deletes_nothing(
             interval=0.5,
             what="the re-snapshot job to finish",
         )
-        events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",))
+        events = wait_topic_equals_pg(
+            kafka_bootstrap, topic_prefix, t_int, "t", ("id",), by_text=True
+        )
     assert retire_deletes(events) == []
     assert not [e for e in events if e["op"] == "d"]
 
