@@ -214,22 +214,23 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
 
 
 def key_changed(old: TableSignature, new: TableSignature) -> bool:
-    """Whether the Kafka keys of the table's rows may be encoded differently now: the
-    primary-key columns changed, or one of them changed type, modifier or name.  (Whether
-    a key's bytes or its text really changed is for the data to tell: ``int`` → ``bigint``
-    keeps every key's text, :mod:`cdc.key_retirement`.)"""
+    """Whether the Kafka keys of the table's rows may differ now: the primary-key columns
+    changed, or one of them changed type, modifier or name, or was altered with a table
+    rewrite (``TYPE int USING id * 10``).  (Whether a key's text really changed is for the
+    data to tell: ``int`` → ``bigint`` keeps every key's text, :mod:`cdc.key_retirement`.)"""
     if old.key is not None and new.key is not None and old.key != new.key:
         return True
+    rewritten = old.filenode != new.filenode
     before = {c.attnum: c for c in old.columns}
     for col in new.columns:
         if new.key is None or col.name not in new.key:
             continue
         was = before.get(col.attnum)
-        if was is not None and (was.type_oid, was.typmod, was.name) != (
-            col.type_oid,
-            col.typmod,
-            col.name,
-        ):
+        if was is None:
+            continue
+        if (was.type_oid, was.typmod, was.name) != (col.type_oid, col.typmod, col.name):
+            return True
+        if rewritten and was.version != col.version:
             return True
     return False
 

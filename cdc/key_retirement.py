@@ -14,11 +14,14 @@ delete the old keys.
 Which keys
 ----------
 A *candidate* is a key the topic leaves present (:class:`cdc.recovery_deletes.LiveKeys`)
-whose key schema is not the table's key schema of now (:func:`candidates`).  No event after
-the DDL uses the old key schema, so no candidate can be written again.  A candidate is
-deleted unless a row PostgreSQL has now has the same key text (:func:`key_text`, the
-relay's row identity): ``int`` → ``bigint`` keeps every key's text (``[5]``), so nothing
-is deleted; ``int`` → ``text`` deletes every old key.
+whose last event precedes a marker written after the job sent every row: every key of the
+old key schema (no event after the DDL uses it, so none is written again), and every key
+whose value the DDL changed without a row event (``ALTER COLUMN id TYPE int USING id * 10``
+keeps the key schema).  A candidate is deleted unless a row PostgreSQL has now has the
+same key text (:func:`key_text`, the relay's row identity): ``int`` → ``bigint`` keeps
+every key's text (``[5]``), so nothing is deleted (the compacted topic then holds a row's
+records under both key fingerprints, with the same datum, in the same partition);
+``int`` → ``text`` deletes every old key.
 
 When and where
 --------------
@@ -55,8 +58,8 @@ __all__ = [
     "RETIRE_ORIGIN",
     "KeyTexts",
     "RetireSet",
-    "candidates",
     "key_text",
+    "old_schema",
 ]
 
 RETIRE_ORIGIN: Final = "fieldsync.retire"
@@ -68,10 +71,10 @@ def key_text(key: bytes, registry: SchemaRegistry) -> str:
     return row_key_text(list(decode(key, registry).values()))
 
 
-def candidates(live: Mapping[bytes, bytes], key_fingerprint: bytes) -> dict[bytes, bytes]:
-    """The keys of ``live`` (Kafka key → value fingerprint) under another key schema than
-    ``key_fingerprint``."""
-    return {k: fp for k, fp in live.items() if bytes(k[2:HEADER_LEN]) != key_fingerprint}
+def old_schema(keys: Mapping[bytes, bytes], key_fingerprint: bytes) -> int:
+    """How many of ``keys`` (Kafka key → value fingerprint) are under another key schema
+    than ``key_fingerprint``."""
+    return sum(1 for k in keys if bytes(k[2:HEADER_LEN]) != key_fingerprint)
 
 
 class KeyTexts:

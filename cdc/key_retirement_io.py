@@ -9,9 +9,9 @@ Kafka reads).  The protocol is :mod:`cdc.key_retirement`.
    passed the marker, with the stream's open batch committed (:class:`StreamState`), so
    every event under the old key schema is in the topic and no Kafka transaction of ours
    is open while the topic is read;
-3. the candidates: the topic's live keys under another key schema
-   (:func:`cdc.recovery_deletes.live_keys`, :func:`cdc.key_retirement.candidates`), and
-   the schemas of their last events (``{prefix}._schemas``);
+3. the candidates: the topic's live keys whose last event precedes the marker
+   (:func:`cdc.recovery_deletes.scan_live_keys`), and the schemas of their last events
+   (``{prefix}._schemas``);
 4. the key columns of every row, in a REPEATABLE READ snapshot between two watermarks;
    the candidates whose key text no row has become the rows of a chunk window
    (:class:`~cdc.resnapshot_stream.InFlightChunk` with a :class:`~cdc.key_retirement.RetireSet`),
@@ -36,9 +36,9 @@ from cdc.change_assembler import topic_for
 from cdc.errors import format_lsn, parse_lsn
 from cdc.incremental_snapshot import WATERMARK_PREFIX, ChunkWindow, Job, Visibility, Watermark
 from cdc.kafka_sink import KafkaOptions
-from cdc.key_retirement import KeyTexts, RetireSet, candidates
+from cdc.key_retirement import KeyTexts, RetireSet, old_schema
 from cdc.pg_catalog import PK_QUERY
-from cdc.recovery_deletes import live_keys, schema_registry
+from cdc.recovery_deletes import scan_live_keys, schema_registry
 from cdc.resnapshot_stream import InFlightChunk
 from cdc.snapshot import COLUMNS_QUERY
 from core.avro_envelope import TableCodec
@@ -97,13 +97,14 @@ class Retirement:
                 job.table,
                 format_lsn(self._marker[1]),
             )
-        if stream.flushed_lsn() < self._marker[1] or not stream.drain():
+        marker = self._marker[1]
+        if stream.flushed_lsn() < marker or not stream.drain():
             return None
         self._marker = None
-        return self._read(conn, job, chunk_id, generation)
+        return self._read(conn, job, chunk_id, generation, marker)
 
     def _read(
-        self, conn: psycopg.Connection[Any], job: Job, chunk_id: str, generation: int
+        self, conn: psycopg.Connection[Any], job: Job, chunk_id: str, generation: int, marker: int
     ) -> InFlightChunk | str | None:
         with conn.transaction():
             names = conn.execute(
@@ -124,9 +125,8 @@ class Retirement:
         codec = self.codec_for(job.oid, schema, table, columns, key_names)
         assert codec.key_fingerprint is not None
         topic = topic_for(self.opts.topic_prefix, schema, table)
-        old = candidates(live_keys(self.opts, topic, self.timeout_s), codec.key_fingerprint)
+        old = scan_live_keys(self.opts, topic, self.timeout_s).live(before=(marker, 0))
         if not old:
-            log.info("re-snapshot of %s: no key of an old key schema in %s", job.table, topic)
             return f"done: {job.rows} row(s), 0 old key(s) deleted"
         registry = schema_registry(self.opts, old, self.timeout_s)
         texts = KeyTexts(codec)
@@ -135,10 +135,13 @@ class Retirement:
         present, visibility = self._present(conn, job, schema, table, ordered, texts, chunk_id)
         gone = retire.gone(present)
         log.info(
-            "re-snapshot of %s: %d key(s) of an old key schema in %s, %d with no row of now",
+            "re-snapshot of %s: %d key(s) in %s last written before %s (%d of an old key "
+            "schema), %d with no row of now",
             job.table,
             len(old),
             topic,
+            format_lsn(marker),
+            old_schema(old, codec.key_fingerprint),
             sum(len(retire.by_text[t]) for (t,), _ in gone),
         )
         if not gone:

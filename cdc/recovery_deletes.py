@@ -67,6 +67,7 @@ __all__ = [
     "delete_value",
     "live_keys",
     "pg_keys",
+    "scan_live_keys",
     "schema_registry",
 ]
 
@@ -104,14 +105,25 @@ class LiveKeys:
         elif op == _DELETE:
             self.keys.pop(key, None)
 
-    def live(self) -> dict[bytes, bytes]:
-        """Kafka key → value-schema fingerprint of every key present (after a truncate)."""
+    def live(self, before: Position | None = None) -> dict[bytes, bytes]:
+        """Kafka key → value-schema fingerprint of every key present (after a truncate);
+        with ``before``, only those whose last event is at a lower position."""
         cut = self.truncated_at
-        return {k: fp for k, (pos, fp) in self.keys.items() if cut is None or pos > cut}
+        return {
+            k: fp
+            for k, (pos, fp) in self.keys.items()
+            if (cut is None or pos > cut) and (before is None or pos < before)
+        }
 
 
 def live_keys(opts: KafkaOptions, topic: str, timeout_s: float) -> dict[bytes, bytes]:
     """:meth:`LiveKeys.live` of ``topic`` read to its end ({} when it does not exist)."""
+    return scan_live_keys(opts, topic, timeout_s).live()
+
+
+def scan_live_keys(opts: KafkaOptions, topic: str, timeout_s: float) -> LiveKeys:
+    """``topic`` read to its end, folded into :class:`LiveKeys` (empty when it does not
+    exist)."""
     folded = LiveKeys()
 
     def visit(record: Any) -> None:
@@ -126,7 +138,7 @@ def live_keys(opts: KafkaOptions, topic: str, timeout_s: float) -> dict[bytes, b
         folded.add(key, value, parse_position_header(raw))
 
     scan_topic(opts, topic, visit, timeout_s, must_exist=False)
-    return folded.live()
+    return folded
 
 
 def pg_keys(conn: psycopg.Connection[Any], codec: TableCodec, chunk: int = 10_000) -> set[bytes]:

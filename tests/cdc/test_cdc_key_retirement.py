@@ -183,28 +183,50 @@ def job_finished(settings: Any, conn: psycopg.Connection[Any], marker: Iterator[
     return data is not None and not Progress.from_bytes(data).jobs
 
 
-def test_key_type_int_to_text_retires_every_old_key(
-    t_int: psycopg.Connection[Any], pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+KEY_DDLS = {
+    # what: (statement, topic partitions, the key schema changes)
+    "int to text": ("alter table t alter column id type text", 1, True),
+    "int to text, 3 partitions": ("alter table t alter column id type text", 3, True),
+    "int to numeric": ("alter table t alter column id type numeric(12,2)", 1, True),
+    "int using id * 10": ("alter table t alter column id type int using id * 10 + 5000", 1, False),
+}
+
+
+@pytest.mark.parametrize("what", list(KEY_DDLS), ids=list(KEY_DDLS))
+def test_key_values_changed_retire_every_old_key(
+    what: str,
+    t_int: psycopg.Connection[Any],
+    pg_dsn: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
 ) -> None:
-    settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
+    statement, partitions, new_schema = KEY_DDLS[what]
+    settings = settings_for(
+        pg_dsn, kafka_bootstrap, topic_prefix, kafka_topic_partitions=str(partitions)
+    )
     key = ("id",)
     with running_daemon(settings):
-        wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", key)
+        first = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", key)
         writer = Writer(pg_dsn, "t", INSERT_T)
         writer.start()
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
-        t_int.execute("alter table t alter column id type text")
+        t_int.execute(statement)
         wait_for(lambda: writer.ops >= 60, timeout=60, what="the writer to write on")
         writer.finish()
         events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", key)
+        now = pg_table(t_int, "t", key)
+    assert {r.partition for r in read_topic(kafka_bootstrap, f"{topic_prefix}.public.t")} == set(
+        range(partitions)
+    ), "the events are spread over every partition"
     deletes = retire_deletes(events)
     assert deletes, "old keys are deleted"
+    assert not {row_key_text([e["before"]["id"]]) for e in deletes} & set(now), (
+        "no row of now is deleted"
+    )
     assert all(isinstance(e["before"]["id"], int) for e in deletes), "deletes carry the old key"
-    old_fps = {e["_keybytes"][2:10] for e in deletes}
-    new_fps = {
-        e["_keybytes"][2:10] for e in events if isinstance((e["after"] or {}).get("id"), str)
-    }
-    assert old_fps.isdisjoint(new_fps), "only keys of the old key schema are deleted"
+    if new_schema:
+        old_fp = {e["_keybytes"][2:10] for e in first}
+        assert {e["_keybytes"][2:10] for e in deletes} == old_fp, "old key schema only"
     ddl_rows = [e for e in events if e["op"] == "r" and e["source"]["snapshot"] == "incremental"]
     assert ddl_rows and max(e["_pos"] for e in ddl_rows) < min(e["_pos"] for e in deletes), (
         "the deletes follow the re-sent rows"
@@ -241,7 +263,7 @@ def test_int_to_bigint_deletes_nothing(
 
         def resent() -> bool:
             _, events = topic_table(kafka_bootstrap, topic_prefix, "t", ("id",), by_text=True)
-            return sum(e["source"]["snapshot"] == "incremental" for e in events) >= ROWS
+            return sum(1 for e in events if e["source"]["snapshot"] == "incremental") >= ROWS
 
         wait_for(resent, timeout=90, interval=1.0, what="every row sent again")
         wait_for(
