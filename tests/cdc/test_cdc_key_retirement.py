@@ -28,7 +28,14 @@ from core.row_wire import row_key_text
 from devtools.cdc_demo import read_schemas
 from tests.cdc import test_cdc_cli
 from tests.cdc.cdc_support import running_daemon, wait_for
-from tests.cdc.test_cdc_cli import FIELDSYNC, REPO, DaemonProcess, cli_env, daemon_config
+from tests.cdc.test_cdc_cli import (
+    FIELDSYNC,
+    REPO,
+    DaemonProcess,
+    cli_env,
+    daemon_config,
+    run_cli,
+)
 from tests.cdc.test_cdc_ddl_resync import settings_for, state_record
 from tests.fix_kafka import read_topic
 
@@ -342,6 +349,8 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         d.start()
         d.wait_log("old key(s) deleted", timeout=120)
         events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",))
+        verify = run_cli("replay", "verify", "--config", str(config), "--wait", "60", timeout=180)
+        assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
         d.signal(15)
         assert d.wait(30) == 0, d.log()[-3000:]
     finally:
