@@ -295,8 +295,8 @@ class Job:
     chunks: int = 0
     rows: int = 0
     signal_id: int | None = None
-    retire_keys: bool = False  # the key schema changed: retire the old keys after the rows
-    retiring: bool = False  # every row was sent; the old keys are being retired
+    retire_keys: bool = False  # the key schema changed: the old keys are deleted first
+    retiring: bool = False  # the old keys are being deleted (no row sent yet)
     retired: int = 0  # old keys deleted
 
     def to_json(self) -> dict[str, Any]:
@@ -344,8 +344,8 @@ class Progress:
             if queued.oid == job.oid and queued.where == job.where:
                 queued.after = None
                 queued.table = job.table
-                queued.retire_keys = queued.retire_keys or job.retire_keys
-                queued.retiring = False
+                if job.retire_keys:
+                    queued.retire_keys = queued.retiring = True
                 if job.reason not in queued.reason:
                     queued.reason = f"{queued.reason}; {job.reason}"
                 return queued

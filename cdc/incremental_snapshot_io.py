@@ -232,8 +232,11 @@ class IncrementalSnapshots:
         if step is None:
             return
         if isinstance(step, str):
-            log.info("re-snapshot of %s: %s", job.table, step, extra={"table": job.table})
+            log.warning("re-snapshot of %s ends: %s", job.table, step, extra={"table": job.table})
             self.jobs.finish(job, step)
+            return
+        if isinstance(step, int):
+            self.jobs.retired(job, step)  # nothing to delete
             return
         unseen = step.window.registered_after(self.stream.recent)
         if unseen is not None:
@@ -311,7 +314,7 @@ class IncrementalSnapshots:
             )
             return
         if not read.rows:
-            self.jobs.rows_sent(job)
+            self.jobs.done(job)
             return
         self.stream.chunk = InFlightChunk(
             chunk_id=chunk_id,

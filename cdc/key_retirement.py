@@ -5,22 +5,22 @@ Why
 A table's Kafka key is its primary-key columns in the key schema of now.  When that
 schema changes (``ALTER COLUMN id TYPE text``: ``5`` becomes ``'5'``; the primary key
 redefined: ``(id)`` becomes ``(a, b)``), the re-snapshot (:mod:`cdc.incremental_snapshot`)
-sends every row again under its new key, but the rows last written under the old keys stay
-in the compacted topic, and a consumer that identifies rows by their key values (the relay:
-``row_key_text``, ``[5]`` and ``["5"]``) holds both.  So a job whose table's key schema
-changed (:func:`cdc.ddl_detection.key_changed`) goes on, once every row was sent, to
-delete the old keys.
+sends every row again under its new key, but the rows last written under the old keys would
+stay in the compacted topic, and a consumer that identifies rows by their key values (the
+relay: ``row_key_text``, ``[5]`` and ``["5"]``) would hold both.  So a job whose table's
+key schema changed (:func:`cdc.ddl_detection.key_changed`) first deletes the old keys,
+then sends every row.
 
 Which keys
 ----------
 A *candidate* is a key the topic leaves present (:class:`cdc.recovery_deletes.LiveKeys`)
-whose last event precedes a marker written after the job sent every row: every key of the
-old key schema (no event after the DDL uses it, so none is written again), and every key
-whose value the DDL changed without a row event (``ALTER COLUMN id TYPE int USING id * 10``
-keeps the key schema).  A candidate is deleted unless a row PostgreSQL has now has the
-same key text (:func:`key_text`, the relay's row identity): ``int`` → ``bigint`` keeps
-every key's text (``[5]``), so nothing is deleted (the compacted topic then holds a row's
-records under both key fingerprints, with the same datum, in the same partition);
+whose last event precedes a marker written when the job starts (after the DDL): every key
+of the old key schema (no event after the DDL uses it, so none is written again), and every
+key whose value the DDL changed without a row event (``ALTER COLUMN id TYPE int USING
+id * 10`` keeps the key schema).  A candidate is deleted unless a row PostgreSQL has now
+has the same key text (:func:`key_text`, the relay's row identity): ``int`` → ``bigint``
+keeps every key's text (``[5]``), so nothing is deleted (the compacted topic then holds a
+row's records under both key fingerprints, with the same datum, in the same partition);
 ``int`` → ``text`` deletes every old key.
 
 When and where
@@ -30,16 +30,20 @@ The deletes are placed like a re-snapshot chunk (:class:`RetireSet` rides on an
 snapshot *S* between a low and a high watermark, the key texts streamed changes touch
 between the watermarks (or before, invisible to *S*) drop their candidates, and the rest
 are written as delete events (:func:`cdc.recovery_deletes.delete_value`, ``source.origin``
-:data:`RETIRE_ORIGIN`) at ``(H, seq)``, ``H`` the commit LSN of the high watermark's
-transaction.  So a delete never follows a change of a row with the same key text: a row
-inserted under the new key with an old key's text after *S* keeps it (its insert comes
-after the delete), and every consumer, whether it identifies rows by Kafka key bytes
-(compaction) or by key text (the relay), ends with PostgreSQL's rows.
+:data:`RETIRE_ORIGIN`, the old key columns in ``before``, the old value schema) at
+``(H, seq)``, ``H`` the commit LSN of the high watermark's transaction.  So a delete never
+follows a change of a row with the same key text (a row inserted after *S* under the new
+key with an old key's text keeps it: its insert comes after the delete).  Every row of now
+is then sent again, chunk by chunk, after the deletes: a consumer that names rows by other
+columns than the new key (a relay still using the old key columns: ``[5]`` under both) may
+see a row removed and then put back, never removed for good.  Every consumer, whether it
+identifies rows by Kafka key bytes (compaction), by key text (the relay) or by the key
+fields of each event's schema (replay), ends with PostgreSQL's rows.
 
 The candidates are read from the topic only after the daemon's Kafka-acknowledged position
-passed a marker written after the DDL (every event under the old key schema is then in the
-topic).  The deletes and the job's end go out in one Kafka transaction or the deletes first;
-a daemon killed before reads the topic again and deletes what is still there.
+passed the marker (every event under the old key schema is then in the topic).  The deletes
+and the job's progress (retirement over) go out in one Kafka transaction or the deletes
+first; a daemon killed before reads the topic again and deletes what is still there.
 
 Concurrency: plain data and functions, used from the daemon's one thread.
 """

@@ -1,7 +1,8 @@
 """Retiring the old keys of a table whose key schema changed: the daemon's side (SQL and
 Kafka reads).  The protocol is :mod:`cdc.key_retirement`.
 
-:class:`Retirement` takes a job whose rows were all sent (``job.retiring``) through:
+:class:`Retirement` takes a job whose table's key schema changed (``job.retiring``), before
+it sends any row, through:
 
 1. a marker: a non-transactional logical decoding message (``fieldsync.heartbeat``),
    written after the DDL (the catalog check that queued the job saw it committed);
@@ -83,9 +84,10 @@ class Retirement:
         stream: StreamState,
         chunk_id: str,
         generation: int,
-    ) -> InFlightChunk | str | None:
-        """The next step of ``job``'s retirement: a chunk window of deletes to register, a
-        status that ends the job (``done: …``), or None (waiting for the stream)."""
+    ) -> InFlightChunk | int | str | None:
+        """The next step of ``job``'s retirement: a chunk window of deletes to register, 0
+        (nothing to delete: the retirement is over), a status that ends the job (the table
+        is gone), or None (waiting for the stream)."""
         if self._marker is None or self._marker[0] is not job:
             row = conn.execute(
                 "select pg_logical_emit_message(false, %s, '')::text", (MARKER_PREFIX,)
@@ -105,7 +107,7 @@ class Retirement:
 
     def _read(
         self, conn: psycopg.Connection[Any], job: Job, chunk_id: str, generation: int, marker: int
-    ) -> InFlightChunk | str | None:
+    ) -> InFlightChunk | int | str | None:
         with conn.transaction():
             names = conn.execute(
                 "select n.nspname, c.relname from pg_class c "
@@ -121,13 +123,13 @@ class Retirement:
             )
         schema, table = str(names[0]), str(names[1])
         if not key_names:
-            return f"done: {job.rows} row(s); no primary key, old keys not deleted"
+            return "rejected: the table has no primary key (its old keys are not deleted)"
         codec = self.codec_for(job.oid, schema, table, columns, key_names)
         assert codec.key_fingerprint is not None
         topic = topic_for(self.opts.topic_prefix, schema, table)
         old = scan_live_keys(self.opts, topic, self.timeout_s).live(before=(marker, 0))
         if not old:
-            return f"done: {job.rows} row(s), 0 old key(s) deleted"
+            return 0
         registry = schema_registry(self.opts, old, self.timeout_s)
         texts = KeyTexts(codec)
         ordered = tuple(c.name for c in codec.columns if c.is_key)  # the key schema's order
@@ -145,7 +147,7 @@ class Retirement:
             sum(len(retire.by_text[t]) for (t,), _ in gone),
         )
         if not gone:
-            return f"done: {job.rows} row(s), 0 old key(s) deleted"
+            return 0
         return InFlightChunk(
             chunk_id=chunk_id,
             job=job,

@@ -88,7 +88,9 @@ class CatalogChecks:
             old = self.signatures.get(oid)
             rekeyed = old is not None and key_changed(old, new)
             if self.s.cdc.resnapshot_on_ddl:
-                self.jobs.queue(Job(oid, new.qualified, "; ".join(reasons), retire_keys=rekeyed))
+                job = Job(oid, new.qualified, "; ".join(reasons))
+                job.retire_keys = job.retiring = rekeyed
+                self.jobs.queue(job)
             else:
                 log.warning(
                     "%s: %s; existing rows keep their old values in Kafka (cdc.resnapshot_on_ddl "

@@ -104,22 +104,17 @@ class Jobs:
         self.dirty = True
         self.status(job.signal_id, status)
 
-    def rows_sent(self, job: Job) -> None:
-        """Every row of the job was sent: done, or (its table's key schema changed) on to
-        retiring the old keys (:mod:`cdc.key_retirement`)."""
-        if job.retire_keys and not job.retiring:
-            job.retiring = True
-            self.dirty = True
-            log.info(
-                "re-snapshot of %s: %d row(s) in %d chunk(s) sent; retiring the keys of the "
-                "old key schema",
-                job.table,
-                job.rows,
-                job.chunks,
-                extra={"table": job.table},
-            )
-            return
-        self.done(job)
+    def retired(self, job: Job, deleted: int) -> None:
+        """The old keys of ``job``'s table are deleted: its rows are sent next."""
+        job.retiring = False
+        job.retired += deleted
+        self.dirty = True
+        log.info(
+            "re-snapshot of %s: %d key(s) of the old key schema deleted; the rows follow",
+            job.table,
+            deleted,
+            extra={"table": job.table},
+        )
 
     def done(self, job: Job) -> None:
         retired = f", {job.retired} old key(s) deleted" if job.retire_keys else ""
@@ -346,14 +341,14 @@ class ChunkTracker:
                 window.dropped,
             )
             if chunk.complete:
-                jobs.rows_sent(job)
+                jobs.done(job)
         yield dataclasses.replace(end, events=seq)
 
     def _emit_retirement(
         self, chunk: InFlightChunk, retire: RetireSet, end: TxnEnd
     ) -> Iterator[Out]:
         """The deletes of the old keys no row has (their key texts left in the window), at
-        ``(H, seq)``; then the job is done."""
+        ``(H, seq)``; then the job sends its rows."""
         job, seq = chunk.job, end.events
         deleted = 0
         for (text,), _row in chunk.window.remaining():
@@ -374,15 +369,13 @@ class ChunkTracker:
             FAULTS.hit("retire_deletes")
         jobs = self.jobs
         if jobs.generations.get(job.oid, 0) == chunk.generation and job in jobs.progress.jobs:
-            job.retired += deleted
             log.info(
-                "re-snapshot of %s: %d key(s) of the old key schema deleted at %s "
-                "(%d kept: a row has their key text, or changed while they were read)",
+                "re-snapshot of %s: deletes at %s (%d candidate(s) kept: a row has their key "
+                "text, or changed while they were read)",
                 job.table,
-                deleted,
                 format_lsn(end.commit_lsn),
                 sum(len(v) for v in retire.by_text.values()) - deleted,
                 extra={"table": job.table},
             )
-            jobs.done(job)
+            jobs.retired(job, deleted)
         yield dataclasses.replace(end, events=seq)

@@ -235,8 +235,8 @@ def test_key_values_changed_retire_every_old_key(
         old_fp = {e["_keybytes"][2:10] for e in first}
         assert {e["_keybytes"][2:10] for e in deletes} == old_fp, "old key schema only"
     ddl_rows = [e for e in events if e["op"] == "r" and e["source"]["snapshot"] == "incremental"]
-    assert ddl_rows and max(e["_pos"] for e in ddl_rows) < min(e["_pos"] for e in deletes), (
-        "the deletes follow the re-sent rows"
+    assert ddl_rows and max(e["_pos"] for e in deletes) < min(e["_pos"] for e in ddl_rows), (
+        "the deletes precede the re-sent rows"
     )
 
 
@@ -314,8 +314,8 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
     kafka_bootstrap: str,
     topic_prefix: str,
 ) -> None:
-    """SIGKILL once after a chunk of the re-snapshot is handed to the sink, once after the
-    deletes of the old keys are; the third start finishes, and the topic equals PostgreSQL
+    """SIGKILL once after the deletes of the old keys are handed to the sink, once after a
+    chunk of the re-snapshot is; the third start finishes, and the topic equals PostgreSQL
     (no old key left, no row of now deleted)."""
     config = daemon_config(
         tmp_path / "cdc.toml",
@@ -337,8 +337,8 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
         t_int.execute("alter table t alter column id type text")
         for faults, point in (
-            ("resnapshot_chunk:3", "resnapshot_chunk"),
             ("retire_deletes:1", "retire_deletes"),
+            ("resnapshot_chunk:3", "resnapshot_chunk"),
         ):
             d.faults = faults
             d.start()

@@ -96,16 +96,17 @@ def test_retiring_jobs_round_trip_and_restart_when_queued_again() -> None:
     job.retiring, job.retired, job.after = True, 3, ("9",)
     again = Progress.from_bytes(progress.to_bytes())
     assert again.jobs == [job]
+    again.jobs[0].retiring = False  # the old keys were deleted, rows are being sent
     merged = again.add(Job(1, "public.t", "column v renamed to w"))
-    assert merged.retire_keys and not merged.retiring and merged.after is None
+    assert merged.retire_keys and not merged.retiring and merged.after is None, (
+        "no new key change: the rows are sent again from the start, no new retirement"
+    )
+    merged = again.add(Job(1, "public.t", "key", retire_keys=True))
+    assert merged.retiring, "a new key change retires again"
     jobs = Jobs(signals=False)
     jobs.progress = again
-    jobs.rows_sent(merged)
-    assert merged.retiring and jobs.progress.jobs == [merged], "retiring, not done"
-    jobs.rows_sent(dataclasses.replace(merged))  # (a copy: not the queued job)
-    plain = jobs.progress.add(Job(2, "public.u", "enum"))
-    jobs.rows_sent(plain)
-    assert plain not in jobs.progress.jobs, "a job without a key change is done at once"
+    jobs.retired(merged, 4)
+    assert not merged.retiring and merged.retired == 7 and jobs.progress.jobs == [merged]
 
 
 def codec(key_type: int, table: str = "t") -> TableCodec:
@@ -237,7 +238,8 @@ def run_retirement(old: list[int], touched: list[int], before_low: bool) -> list
     mark("high", 102, 300)
     outs = list(tracker.emit([TxnEnd(300, 301, 0, 0)]))
     deletes = [decode(o.value, registry) for o in outs if isinstance(o, OutEvent)]
-    assert job not in jobs.progress.jobs and job.retired == len(deletes), "the job is done"
+    assert jobs.progress.jobs == [job] and not job.retiring, "the rows are sent next"
+    assert job.retired == len(deletes)
     end = outs[-1]
     assert isinstance(end, TxnEnd) and end.events == len(deletes)
     return deletes
