@@ -43,7 +43,7 @@ from cdc.ddl_detection import signatures_from_bytes, signatures_to_bytes
 from cdc.errors import ReplicationLost, SinkError, SnapshotRequestError
 from cdc.incremental_snapshot import ChunkWindow, Job, Progress
 from cdc.kafka_sink import KafkaOptions, Sink
-from cdc.key_retirement_io import Retirement, StreamState
+from cdc.key_retirement_io import Retirement, StreamState, take_step
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect
 from cdc.resnapshot_catalog import CatalogChecks
@@ -229,25 +229,8 @@ class IncrementalSnapshots:
         except psycopg.Error as exc:
             self._read_failed(job, exc)
             return
-        if step is None:
-            return
-        if isinstance(step, str):
-            log.warning("re-snapshot of %s ends: %s", job.table, step, extra={"table": job.table})
-            self.jobs.finish(job, step)
-            return
-        if isinstance(step, int):
-            self.jobs.retired(job, step)  # nothing to delete
-            return
-        unseen = step.window.registered_after(self.stream.recent)
-        if unseen is not None:
-            log.info(
-                "re-snapshot of %s: transaction %d, already read from the stream, is not "
-                "visible to the read of the keys; reading them again",
-                job.table,
-                unseen,
-            )
-            return
-        self.stream.chunk = step
+        if step is not None:
+            take_step(step, job, self.jobs, self.stream)
 
     def _take_requests(self) -> None:
         conn = self._connection()

@@ -40,12 +40,12 @@ from cdc.kafka_sink import KafkaOptions
 from cdc.key_retirement import KeyTexts, RetireSet, old_schema
 from cdc.pg_catalog import PK_QUERY
 from cdc.recovery_deletes import scan_live_keys, schema_registry
-from cdc.resnapshot_stream import InFlightChunk
+from cdc.resnapshot_stream import ChunkTracker, InFlightChunk, Jobs
 from cdc.snapshot import COLUMNS_QUERY
 from core.avro_envelope import TableCodec
 from core.pg_types import output_function_text
 
-__all__ = ["MARKER_PREFIX", "Retirement", "StreamState"]
+__all__ = ["MARKER_PREFIX", "Retirement", "StreamState", "take_step"]
 
 log = logging.getLogger("fieldsync.cdc")
 
@@ -191,3 +191,27 @@ class Retirement:
                     present.add(texts.of(row))
         conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "high", job.table).to_json()))
         return present, Visibility.parse(str(snap[0]))
+
+
+def take_step(step: InFlightChunk | int | str, job: Job, jobs: Jobs, tracker: ChunkTracker) -> None:
+    """Act on a :meth:`Retirement.step` that did not wait: end the job (a status), end the
+    retirement (nothing to delete), or register the window of deletes with the stream
+    side (unless a transaction the stream already read is invisible to its snapshot: then
+    the keys are read again at a later tick)."""
+    if isinstance(step, str):
+        log.warning("re-snapshot of %s ends: %s", job.table, step, extra={"table": job.table})
+        jobs.finish(job, step)
+        return
+    if isinstance(step, int):
+        jobs.retired(job, step)
+        return
+    unseen = step.window.registered_after(tracker.recent)
+    if unseen is not None:
+        log.info(
+            "re-snapshot of %s: transaction %d, already read from the stream, is not visible "
+            "to the read of the keys; reading them again",
+            job.table,
+            unseen,
+        )
+        return
+    tracker.chunk = step
