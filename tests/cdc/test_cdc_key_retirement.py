@@ -272,11 +272,22 @@ def test_primary_key_redefined_retires_the_old_keys(
         t_int.execute("alter table t drop constraint t_pkey, add primary key (a, id)")
         wait_for(lambda: writer.ops >= 60, timeout=60, what="the writer to write on")
         writer.finish()
+        # (the rows' values are the same under both keys: wait for the job to end first)
+        marker = iter(range(10_000, 20_000))
+        wait_for(
+            lambda: job_finished(settings, t_int, marker),
+            timeout=120,
+            interval=0.5,
+            what="the re-snapshot job to finish",
+        )
         events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id", "a"))
     deletes = retire_deletes(events)
     assert deletes, "old keys are deleted"
     old_fps = {e["_keybytes"][2:10] for e in first}
     assert assert_only_old_or_gone_keys(events, old_fps) > 0, "(id) keys are deleted"
+    resent = {e["_keybytes"] for e in events if e["source"]["snapshot"] == "incremental"}
+    assert len(resent) >= ROWS // 2, "the rows are sent again"
+    assert not {k[2:10] for k in resent} & old_fps, "under their new keys"
 
 
 def test_int_to_bigint_deletes_nothing(
