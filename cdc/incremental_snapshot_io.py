@@ -7,14 +7,16 @@
 - :mod:`cdc.resnapshot_catalog`: catalog checks (DDL that needs a re-snapshot);
 - :mod:`cdc.resnapshot_chunks`: reading a chunk between its low and high watermark;
 - :mod:`cdc.resnapshot_requests`: the signal table and ``fieldsync cdc snapshot``;
-- :mod:`cdc.resnapshot_state`: the progress record and recorded catalog in Kafka.
+- :mod:`cdc.resnapshot_state`: the progress record and recorded catalog in Kafka;
+- :mod:`cdc.key_retirement_io`: a job whose table's key changed deletes the old keys first.
 
 :class:`IncrementalSnapshots`, one per daemon session, ties them together.
 :meth:`~IncrementalSnapshots.load` at start reads the progress and the last recorded catalog
 back from Kafka and compares the catalog now with it; :meth:`~IncrementalSnapshots.tick`
 (between stream reads) writes signal statuses, checks the catalog every
 ``cdc.ddl_check_interval_s`` and when a Relation message changed, turns signal rows into
-jobs and, with no chunk in flight, reads the next chunk; its :attr:`~IncrementalSnapshots.stream`
+jobs and, with no chunk in flight, reads the next chunk (or takes the next step of deleting
+old keys, when given the stream's state); its :attr:`~IncrementalSnapshots.stream`
 is the change assembler's observer and wraps the assembler's output
 (:meth:`cdc.resnapshot_stream.ChunkTracker.emit`); :meth:`~IncrementalSnapshots.wrap` makes
 every Kafka transaction that commits while the progress or the recorded catalog changed

@@ -4,10 +4,13 @@ rows into it (pure, no I/O).
 :class:`ChunkTracker` is the change assembler's observer (every message inside a
 transaction, in commit order): it follows the watermarks of the chunk in flight, the keys
 of the changes to its table (:class:`cdc.incremental_snapshot.ChunkWindow`), the rows of the
-signal table (operators' requests) and Relation messages (a table whose columns changed is
-checked against the catalog at the next tick).  :meth:`ChunkTracker.emit` wraps the
-assembler's output and puts a chunk's remaining rows, as op ``r`` events, before the end of
-its high watermark's transaction; then the job moves on.
+signal table (operators' requests) and Relation messages (a table whose columns or key
+columns changed is checked against the catalog at the next tick).  :meth:`ChunkTracker.emit`
+wraps the assembler's output and puts a chunk's remaining rows, as op ``r`` events, before
+the end of its high watermark's transaction; then the job moves on.  A chunk that carries a
+:class:`~cdc.key_retirement.RetireSet` holds key texts instead of rows (the changes' keys
+are mapped to key texts) and puts delete events of old keys there instead
+(:mod:`cdc.key_retirement`).
 
 :class:`Jobs` is the bookkeeping both sides share: the :class:`~cdc.incremental_snapshot.Progress`
 (persisted in Kafka when it changed, :mod:`cdc.resnapshot_state`), a generation per table
