@@ -42,8 +42,9 @@ fields of each event's schema (replay), ends with PostgreSQL's rows.
 
 The candidates are read from the topic only after the daemon's Kafka-acknowledged position
 passed the marker (every event under the old key schema is then in the topic).  The deletes
-and the job's progress (retirement over) go out in one Kafka transaction or the deletes
-first; a daemon killed before reads the topic again and deletes what is still there.
+go out before the job's progress (retirement over), in its Kafka transaction or earlier
+ones; a daemon killed before it commits reads the topic again and deletes what is still
+there (a key already deleted is not live any more: no key is deleted twice that way).
 
 Concurrency: plain data and functions, used from the daemon's one thread.
 """
