@@ -153,11 +153,13 @@ def assert_only_old_or_gone_keys(events: list[dict[str, Any]], old_fps: set[byte
 
 class Writer(threading.Thread):
     """Another session: inserts, updates and deletes rows of ``t`` (by ``id``, passed as
-    text so the statements work before and after the key's type changed) until stopped."""
+    text so the statements work before and after the key's type changed) until stopped
+    (or ``max_ops`` rounds are done)."""
 
-    def __init__(self, dsn: str, table: str, insert: str) -> None:
+    def __init__(self, dsn: str, table: str, insert: str, max_ops: int = 10**9) -> None:
         super().__init__(daemon=True)
         self.dsn, self.table, self.insert = dsn, table, insert
+        self.max_ops = max_ops
         self.stop = threading.Event()
         self.ops = 0
         self.error: BaseException | None = None
@@ -166,7 +168,7 @@ class Writer(threading.Thread):
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 n = 1000
-                while not self.stop.is_set():
+                while not self.stop.is_set() and self.ops < self.max_ops:
                     n += 1
                     conn.execute(self.insert, (str(n), str(n), f"w{n}"))
                     conn.execute(
@@ -345,8 +347,9 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
     kafka_bootstrap: str,
     topic_prefix: str,
 ) -> None:
-    """SIGKILL once after the deletes of the old keys are handed to the sink, once after a
-    chunk of the re-snapshot is; the third start finishes, and the topic equals PostgreSQL
+    """SIGKILL once after the deletes of the old keys are handed to the sink (some of them
+    committed, in batches of 40 events), once after a chunk of the re-snapshot is; the third
+    start finishes, and the topic equals PostgreSQL
     (no old key left, no row of now deleted)."""
     config = daemon_config(
         tmp_path / "cdc.toml",
@@ -355,6 +358,9 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         prefix=topic_prefix,
         slot="s_" + topic_prefix[-10:],
         cdc={"resnapshot_chunk_rows": 7, "ddl_check_interval_s": 0.3},
+        # small batches: the deletes of old keys span several Kafka transactions, so the
+        # kill may land after some of them committed
+        kafka={"batch_max_events": 40},
     )
     d = FaultyDaemon(config, tmp_path / "daemon.log")
     try:
@@ -363,7 +369,7 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",))
         d.signal(15)
         assert d.wait(30) == 0, d.log()[-3000:]
-        writer = Writer(pg_dsn, "t", INSERT_T)
+        writer = Writer(pg_dsn, "t", INSERT_T, max_ops=200)  # (bounded: the daemon restarts)
         writer.start()
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
         t_int.execute("alter table t alter column id type text")
