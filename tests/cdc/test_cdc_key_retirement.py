@@ -26,7 +26,6 @@ from cdc.key_retirement import RETIRE_ORIGIN
 from core.avro_envelope import POSITION_HEADER, decode, parse_position_header
 from core.row_wire import row_key_text
 from devtools.cdc_demo import read_schemas
-from tests.cdc import test_cdc_cli
 from tests.cdc.cdc_support import running_daemon, wait_for
 from tests.cdc.test_cdc_cli import (
     FIELDSYNC,
@@ -38,8 +37,6 @@ from tests.cdc.test_cdc_cli import (
 )
 from tests.cdc.test_cdc_ddl_resync import settings_for, state_record
 from tests.fix_kafka import read_topic
-
-daemon_process = test_cdc_cli.daemon_process  # the fixture, shared with the CLI tests
 
 ROWS = 60
 
