@@ -193,16 +193,22 @@ class ChangeAssembler:
         forget = getattr(self.catalog, "forget_relation", None)
         if forget is not None:
             forget(rel.oid)
-        pk = self.catalog.primary_key(rel.oid)
-        if pk is None:
-            # no primary key: fall back to the replica identity index, never to FULL's every-column flags
-            keys = (
-                {c.name for c in rel.columns if c.is_key}
-                if rel.replica_identity == m.ReplicaIdentity.INDEX
-                else set()
-            )
+        if rel.replica_identity == m.ReplicaIdentity.DEFAULT:
+            # the primary key as of this WAL position (pgoutput flags it from the historic
+            # catalog): the catalog of now may already hold a redefined one
+            keys = {c.name for c in rel.columns if c.is_key}
         else:
-            keys = set(pk)
+            pk = self.catalog.primary_key(rel.oid)
+            if pk is None:
+                # no primary key: fall back to the replica identity index, never to FULL's
+                # every-column flags
+                keys = (
+                    {c.name for c in rel.columns if c.is_key}
+                    if rel.replica_identity == m.ReplicaIdentity.INDEX
+                    else set()
+                )
+            else:
+                keys = set(pk)
         specs = [
             ColumnSpec(c.name, c.type_oid, c.type_modifier, c.name in keys) for c in rel.columns
         ]

@@ -32,6 +32,7 @@ __all__ = [
     "RelationDiff",
     "TableSignature",
     "compare_relations",
+    "key_changed",
     "resnapshot_reasons",
     "signatures_from_bytes",
     "signatures_to_bytes",
@@ -46,10 +47,13 @@ class RelationDiff:
     dropped: tuple[str, ...] = ()
     retyped: tuple[str, ...] = ()
     renamed_table: tuple[str, str] | None = None  # (old, new) qualified names
+    rekeyed: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (old, new) key columns
 
     @property
     def changed(self) -> bool:
-        return bool(self.added or self.dropped or self.retyped or self.renamed_table)
+        return bool(
+            self.added or self.dropped or self.retyped or self.renamed_table or self.rekeyed
+        )
 
     def describe(self) -> str:
         parts = []
@@ -61,16 +65,21 @@ class RelationDiff:
             parts.append("dropped " + ", ".join(self.dropped))
         if self.retyped:
             parts.append("retyped " + ", ".join(self.retyped))
+        if self.rekeyed:
+            parts.append(f"key ({', '.join(self.rekeyed[0])}) → ({', '.join(self.rekeyed[1])})")
         return "; ".join(parts) or "no column change"
 
 
 def compare_relations(old: m.Relation, new: m.Relation) -> RelationDiff:
-    """Columns added, dropped or retyped (type or modifier) between two Relation messages."""
+    """Columns added, dropped or retyped (type or modifier), and the key columns (the
+    replica identity) changed, between two Relation messages."""
     before = {c.name: (c.type_oid, c.type_modifier) for c in old.columns}
     after = {c.name: (c.type_oid, c.type_modifier) for c in new.columns}
     renamed = None
     if (old.namespace, old.name) != (new.namespace, new.name):
         renamed = (f"{old.namespace}.{old.name}", f"{new.namespace}.{new.name}")
+    old_key = tuple(c.name for c in old.columns if c.is_key)
+    new_key = tuple(c.name for c in new.columns if c.is_key)
     return RelationDiff(
         added=tuple(c.name for c in new.columns if c.name not in before),
         dropped=tuple(c.name for c in old.columns if c.name not in after),
@@ -78,6 +87,7 @@ def compare_relations(old: m.Relation, new: m.Relation) -> RelationDiff:
             c.name for c in new.columns if c.name in before and before[c.name] != after[c.name]
         ),
         renamed_table=renamed,
+        rekeyed=(old_key, new_key) if old_key != new_key else None,
     )
 
 
@@ -115,6 +125,7 @@ class TableSignature:
     filenode: int
     columns: tuple[ColumnFacts, ...]
     enums: tuple[EnumFacts, ...] = ()
+    key: tuple[str, ...] | None = None  # primary-key columns in key order; None: not recorded
 
     @property
     def qualified(self) -> str:
@@ -128,6 +139,7 @@ class TableSignature:
             "filenode": self.filenode,
             "columns": [dataclasses.astuple(c) for c in self.columns],
             "enums": [[e.oid, e.name, list(e.labels)] for e in self.enums],
+            "key": None if self.key is None else list(self.key),
         }
 
     @classmethod
@@ -145,6 +157,7 @@ class TableSignature:
                 EnumFacts(int(o), str(n), tuple(str(x) for x in labels))
                 for o, n, labels in d.get("enums", ())
             ),
+            key=None if d.get("key") is None else tuple(str(k) for k in d["key"]),
         )
 
 
@@ -159,7 +172,8 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
       (``ALTER COLUMN … TYPE <same type> USING …``);
     - a renamed column (rows arrive under the new name only with a re-read);
     - an enum label that is gone (``RENAME VALUE``; labels cannot be dropped);
-    - a renamed table (its rows go to a new topic).
+    - a renamed table (its rows go to a new topic);
+    - a primary key redefined (every row has a new Kafka key).
 
     A rewrite that touches no column (VACUUM FULL, CLUSTER, TRUNCATE, SET TABLESPACE)
     and a column added without a default (old rows hold NULL, what consumers assume)
@@ -168,6 +182,8 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
     reasons: list[str] = []
     if (old.schema, old.table) != (new.schema, new.table):
         reasons.append(f"table renamed from {old.qualified} (its rows go to a new topic)")
+    if old.key is not None and new.key is not None and old.key != new.key:
+        reasons.append(f"primary key changed from ({', '.join(old.key)}) to ({', '.join(new.key)})")
     rewritten = old.filenode != new.filenode
     before = {c.attnum: c for c in old.columns}
     for col in new.columns:
@@ -195,6 +211,28 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
         if gone:
             reasons.append(f"enum {e.name}: label(s) {', '.join(repr(g) for g in gone)} renamed")
     return reasons
+
+
+def key_changed(old: TableSignature, new: TableSignature) -> bool:
+    """Whether the Kafka keys of the table's rows may differ now: the primary-key columns
+    changed, or one of them changed type, modifier or name, or was altered with a table
+    rewrite (``TYPE int USING id * 10``).  (Whether a key's text really changed is for the
+    data to tell: ``int`` → ``bigint`` keeps every key's text, :mod:`cdc.key_retirement`.)"""
+    if old.key is not None and new.key is not None and old.key != new.key:
+        return True
+    rewritten = old.filenode != new.filenode
+    before = {c.attnum: c for c in old.columns}
+    for col in new.columns:
+        if new.key is None or col.name not in new.key:
+            continue
+        was = before.get(col.attnum)
+        if was is None:
+            continue
+        if (was.type_oid, was.typmod, was.name) != (col.type_oid, col.typmod, col.name):
+            return True
+        if rewritten and was.version != col.version:
+            return True
+    return False
 
 
 def signatures_to_bytes(signatures: Mapping[int, TableSignature]) -> bytes:

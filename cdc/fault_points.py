@@ -31,6 +31,10 @@ Points (the site's docstring or comment says what has happened at that moment):
                              snapshot is not finished
 ``spill_replay``             a streamed transaction is being replayed from the spill
                              store (counted per replayed message)
+``resnapshot_chunk``         a re-snapshot chunk's rows are handed to the sink, the
+                             Kafka transaction holding them is not committed
+``retire_deletes``           the deletes of a table's old keys (its key schema
+                             changed) are handed to the sink, not committed
 ``recover_new_slot``         ``fieldsync cdc recover``: the new slot exists and the
                              re-snapshots are requested; the deletes and the resume
                              position are not written (the recovery mark stays)
@@ -58,6 +62,8 @@ POINTS: Final = frozenset(
         "snapshot_batch",
         "spill_replay",
         "recover_new_slot",
+        "resnapshot_chunk",
+        "retire_deletes",
     }
 )
 

@@ -295,6 +295,9 @@ class Job:
     chunks: int = 0
     rows: int = 0
     signal_id: int | None = None
+    retire_keys: bool = False  # the key schema changed: the old keys are deleted first
+    retiring: bool = False  # the old keys are being deleted (no row sent yet)
+    retired: int = 0  # old keys deleted
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -315,6 +318,9 @@ class Job:
             chunks=int(d.get("chunks", 0)),
             rows=int(d.get("rows", 0)),
             signal_id=None if signal is None else int(signal),
+            retire_keys=bool(d.get("retire_keys", False)),
+            retiring=bool(d.get("retiring", False)),
+            retired=int(d.get("retired", 0)),
         )
 
 
@@ -338,6 +344,8 @@ class Progress:
             if queued.oid == job.oid and queued.where == job.where:
                 queued.after = None
                 queued.table = job.table
+                if job.retire_keys:
+                    queued.retire_keys = queued.retiring = True
                 if job.reason not in queued.reason:
                     queued.reason = f"{queued.reason}; {job.reason}"
                 return queued

@@ -7,14 +7,16 @@
 - :mod:`cdc.resnapshot_catalog`: catalog checks (DDL that needs a re-snapshot);
 - :mod:`cdc.resnapshot_chunks`: reading a chunk between its low and high watermark;
 - :mod:`cdc.resnapshot_requests`: the signal table and ``fieldsync cdc snapshot``;
-- :mod:`cdc.resnapshot_state`: the progress record and recorded catalog in Kafka.
+- :mod:`cdc.resnapshot_state`: the progress record and recorded catalog in Kafka;
+- :mod:`cdc.key_retirement_io`: a job whose table's key changed deletes the old keys first.
 
 :class:`IncrementalSnapshots`, one per daemon session, ties them together.
 :meth:`~IncrementalSnapshots.load` at start reads the progress and the last recorded catalog
 back from Kafka and compares the catalog now with it; :meth:`~IncrementalSnapshots.tick`
 (between stream reads) writes signal statuses, checks the catalog every
 ``cdc.ddl_check_interval_s`` and when a Relation message changed, turns signal rows into
-jobs and, with no chunk in flight, reads the next chunk; its :attr:`~IncrementalSnapshots.stream`
+jobs and, with no chunk in flight, reads the next chunk (or takes the next step of deleting
+old keys, when given the stream's state); its :attr:`~IncrementalSnapshots.stream`
 is the change assembler's observer and wraps the assembler's output
 (:meth:`cdc.resnapshot_stream.ChunkTracker.emit`); :meth:`~IncrementalSnapshots.wrap` makes
 every Kafka transaction that commits while the progress or the recorded catalog changed
@@ -43,6 +45,7 @@ from cdc.ddl_detection import signatures_from_bytes, signatures_to_bytes
 from cdc.errors import ReplicationLost, SinkError, SnapshotRequestError
 from cdc.incremental_snapshot import ChunkWindow, Job, Progress
 from cdc.kafka_sink import KafkaOptions, Sink
+from cdc.key_retirement_io import Retirement, StreamState, take_step
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect
 from cdc.resnapshot_catalog import CatalogChecks
@@ -92,6 +95,7 @@ class IncrementalSnapshots:
         self.checks = CatalogChecks(settings, self.jobs, self.stream, self._connection)
         self._conn: psycopg.Connection[Any] | None = None
         self._codecs: dict[tuple[Any, ...], TableCodec] = {}
+        self.retirement: Retirement | None = None  # set up by load()
         self._session = secrets.token_hex(4)
         self._chunks_made = 0
         self._failures = 0
@@ -120,6 +124,7 @@ class IncrementalSnapshots:
         the catalog with what was recorded (a first start, or one that takes an initial
         snapshot, records it: the snapshot covers every change before)."""
         slot = self.pg.slot
+        self.retirement = Retirement(opts, self.db, self._codec, timeout_s)
         records = read_state_records(opts, [progress_key(slot), catalog_key(slot)], timeout_s)
         if progress_key(slot) in records:
             try:
@@ -198,15 +203,36 @@ class IncrementalSnapshots:
 
     # ------------------------------------------------------------------ between reads
 
-    def tick(self) -> None:
-        """Catalog checks, signal requests and the next chunk; call between stream reads."""
+    def tick(self, stream: StreamState | None = None) -> None:
+        """Catalog checks, signal requests and the next chunk; call between stream reads
+        (with the stream's state when no transaction is half read: a job retiring old keys
+        goes on only then)."""
         self._write_statuses()
         if self.checks.due():
             self.checks.check()
         if self.progress.requests:
             self._take_requests()
         if self.stream.chunk is None and self.progress.jobs:
-            self._next_chunk(self.progress.jobs[0])
+            job = self.progress.jobs[0]
+            if not job.retiring:
+                self._next_chunk(job)
+            elif stream is not None and self.retirement is not None:
+                self._retire(job, self.retirement, stream)
+
+    def _retire(self, job: Job, retirement: Retirement, stream: StreamState) -> None:
+        """The next step of retiring the old keys of ``job``'s table (cdc/key_retirement_io.py)."""
+        self._chunks_made += 1
+        chunk_id = f"{self._session}-{self._chunks_made}"
+        generation = self.jobs.generations.get(job.oid, 0)
+        try:
+            step = retirement.step(self._connection(), job, stream, chunk_id, generation)
+        except psycopg.OperationalError as exc:
+            raise ReplicationLost(f"re-snapshot of {job.table}: {exc}") from exc
+        except psycopg.Error as exc:
+            self._read_failed(job, exc)
+            return
+        if step is not None:
+            take_step(step, job, self.jobs, self.stream)
 
     def _take_requests(self) -> None:
         conn = self._connection()

@@ -73,6 +73,15 @@ order by w.relid, e.enumtypid
 """
 
 
+SIGNATURE_KEYS_QUERY = """
+select i.indrelid, array_agg(a.attname::text order by array_position(i.indkey::int2[], a.attnum))
+from pg_index i
+join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+where i.indrelid = any(%s) and i.indisprimary
+group by i.indrelid
+"""
+
+
 def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int, TableSignature]:
     """The :class:`TableSignature` of every table in ``publication``, keyed by oid."""
     tables: dict[int, tuple[str, str, int, list[ColumnFacts]]] = {}
@@ -99,8 +108,20 @@ def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int
             enums.setdefault(int(relid), []).append(
                 EnumFacts(int(enum_oid), str(name), tuple(str(x) for x in labels))
             )
+    keys: dict[int, tuple[str, ...]] = {}
+    if tables:
+        for relid, names in conn.execute(SIGNATURE_KEYS_QUERY, (list(tables),)).fetchall():
+            keys[int(relid)] = tuple(str(n) for n in names)
     return {
-        oid: TableSignature(oid, schema, table, filenode, tuple(cols), tuple(enums.get(oid, ())))
+        oid: TableSignature(
+            oid,
+            schema,
+            table,
+            filenode,
+            tuple(cols),
+            tuple(enums.get(oid, ())),
+            key=keys.get(oid, ()),
+        )
         for oid, (schema, table, filenode, cols) in tables.items()
     }
 

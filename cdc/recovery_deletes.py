@@ -44,8 +44,9 @@ import fastavro
 import psycopg
 from psycopg import sql
 
-from cdc.kafka_sink import KafkaOptions
-from cdc.kafka_state import scan_topic
+from cdc.errors import CdcError
+from cdc.kafka_sink import KafkaOptions, schemas_topic
+from cdc.kafka_state import read_compacted, scan_topic
 from cdc.metrics import OP_OFFSET
 from core.avro_envelope import (
     MAGIC,
@@ -66,6 +67,8 @@ __all__ = [
     "delete_value",
     "live_keys",
     "pg_keys",
+    "scan_live_keys",
+    "schema_registry",
 ]
 
 RECOVER_ORIGIN: Final = "fieldsync.recover"
@@ -102,14 +105,25 @@ class LiveKeys:
         elif op == _DELETE:
             self.keys.pop(key, None)
 
-    def live(self) -> dict[bytes, bytes]:
-        """Kafka key → value-schema fingerprint of every key present (after a truncate)."""
+    def live(self, before: Position | None = None) -> dict[bytes, bytes]:
+        """Kafka key → value-schema fingerprint of every key present (after a truncate);
+        with ``before``, only those whose last event is at a lower position."""
         cut = self.truncated_at
-        return {k: fp for k, (pos, fp) in self.keys.items() if cut is None or pos > cut}
+        return {
+            k: fp
+            for k, (pos, fp) in self.keys.items()
+            if (cut is None or pos > cut) and (before is None or pos < before)
+        }
 
 
 def live_keys(opts: KafkaOptions, topic: str, timeout_s: float) -> dict[bytes, bytes]:
     """:meth:`LiveKeys.live` of ``topic`` read to its end ({} when it does not exist)."""
+    return scan_live_keys(opts, topic, timeout_s).live()
+
+
+def scan_live_keys(opts: KafkaOptions, topic: str, timeout_s: float) -> LiveKeys:
+    """``topic`` read to its end, folded into :class:`LiveKeys` (empty when it does not
+    exist)."""
     folded = LiveKeys()
 
     def visit(record: Any) -> None:
@@ -124,7 +138,7 @@ def live_keys(opts: KafkaOptions, topic: str, timeout_s: float) -> dict[bytes, b
         folded.add(key, value, parse_position_header(raw))
 
     scan_topic(opts, topic, visit, timeout_s, must_exist=False)
-    return folded.live()
+    return folded
 
 
 def pg_keys(conn: psycopg.Connection[Any], codec: TableCodec, chunk: int = 10_000) -> set[bytes]:
@@ -158,9 +172,10 @@ class DeleteAt:
     """Where and when a recovery delete is written."""
 
     db: str
-    lsn: int  # the new slot's consistent point minus one
+    lsn: int  # recovery: the new slot's consistent point minus one
     seq: int
     ts_us: int
+    origin: str = RECOVER_ORIGIN
 
 
 def delete_value(key: bytes, fp: bytes, registry: SchemaRegistry, at: DeleteAt) -> bytes:
@@ -187,7 +202,7 @@ def delete_value(key: bytes, fp: bytes, registry: SchemaRegistry, at: DeleteAt) 
             "seq": at.seq,
             "commit_ts_us": at.ts_us,
             "snapshot": "false",
-            "origin": RECOVER_ORIGIN,
+            "origin": at.origin,
         },
         "ts_us": at.ts_us,
     }
@@ -202,3 +217,20 @@ def fingerprints(keys: Mapping[bytes, bytes]) -> Iterator[bytes]:
     for key, fp in keys.items():
         yield fp
         yield bytes(key[_FP])
+
+
+def schema_registry(
+    opts: KafkaOptions, keys: Mapping[bytes, bytes], timeout_s: float
+) -> SchemaRegistry:
+    """The value and key schemas the deletes of ``keys`` (Kafka key → value fingerprint)
+    are written in, read from ``{prefix}._schemas``; CdcError naming the missing ones."""
+    topic = schemas_topic(opts.topic_prefix)
+    wanted = {fp.hex().encode() for fp in fingerprints(keys)}
+    found = read_compacted(opts, topic, wanted, timeout_s)
+    missing = wanted - set(found)
+    if missing:
+        raise CdcError(
+            f"schemas {sorted(fp.decode() for fp in missing)} are not in {topic}: "
+            "the deletes cannot be encoded"
+        )
+    return SchemaRegistry(v.decode() for v in found.values())

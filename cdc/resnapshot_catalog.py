@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.ddl_detection import TableSignature, resnapshot_reasons
+from cdc.ddl_detection import TableSignature, key_changed, resnapshot_reasons
 from cdc.errors import ReplicationLost
 from cdc.incremental_snapshot import Job
 from cdc.pg_catalog import read_signatures
@@ -85,15 +85,22 @@ class CatalogChecks:
             reasons = self._reasons(self.signatures.get(oid), new, all_tables)
             if not reasons:
                 continue
+            old = self.signatures.get(oid)
+            rekeyed = old is not None and key_changed(old, new)
             if self.s.cdc.resnapshot_on_ddl:
-                self.jobs.queue(Job(oid, new.qualified, "; ".join(reasons)))
+                job = Job(oid, new.qualified, "; ".join(reasons))
+                job.retire_keys = job.retiring = rekeyed
+                self.jobs.queue(job)
             else:
                 log.warning(
                     "%s: %s; existing rows keep their old values in Kafka (cdc.resnapshot_on_ddl "
-                    "is off; `fieldsync cdc snapshot --table %s` sends them)",
+                    "is off; `fieldsync cdc snapshot --table %s` sends them)%s",
                     new.qualified,
                     "; ".join(reasons),
                     new.qualified,
+                    "; its key schema changed: the rows under the old keys stay in Kafka"
+                    if rekeyed
+                    else "",
                 )
         if now != self.signatures:
             self.signatures = now

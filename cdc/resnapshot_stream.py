@@ -4,10 +4,13 @@ rows into it (pure, no I/O).
 :class:`ChunkTracker` is the change assembler's observer (every message inside a
 transaction, in commit order): it follows the watermarks of the chunk in flight, the keys
 of the changes to its table (:class:`cdc.incremental_snapshot.ChunkWindow`), the rows of the
-signal table (operators' requests) and Relation messages (a table whose columns changed is
-checked against the catalog at the next tick).  :meth:`ChunkTracker.emit` wraps the
-assembler's output and puts a chunk's remaining rows, as op ``r`` events, before the end of
-its high watermark's transaction; then the job moves on.
+signal table (operators' requests) and Relation messages (a table whose columns or key
+columns changed is checked against the catalog at the next tick).  :meth:`ChunkTracker.emit`
+wraps the assembler's output and puts a chunk's remaining rows, as op ``r`` events, before
+the end of its high watermark's transaction; then the job moves on.  A chunk that carries a
+:class:`~cdc.key_retirement.RetireSet` holds key texts instead of rows (the changes' keys
+are mapped to key texts) and puts delete events of old keys there instead
+(:mod:`cdc.key_retirement`).
 
 :class:`Jobs` is the bookkeeping both sides share: the :class:`~cdc.incremental_snapshot.Progress`
 (persisted in Kafka when it changed, :mod:`cdc.resnapshot_state`), a generation per table
@@ -30,6 +33,7 @@ from cdc import pgoutput_messages as m
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo
 from cdc.ddl_detection import compare_relations
 from cdc.errors import format_lsn
+from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot import (
     WATERMARK_PREFIX,
     ChunkWindow,
@@ -41,6 +45,8 @@ from cdc.incremental_snapshot import (
     WindowState,
     message_keys,
 )
+from cdc.key_retirement import RETIRE_ORIGIN, RetireSet
+from cdc.recovery_deletes import DeleteAt, delete_value
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 
 __all__ = ["INCREMENTAL", "RECENT_XIDS", "ChunkTracker", "InFlightChunk", "Jobs"]
@@ -70,6 +76,7 @@ class InFlightChunk:
     high_lsn: int | None = None  # LSN of the high watermark message
     high_commit: int | None = None  # commit LSN of its transaction
     high_xid: int = 0
+    retire: RetireSet | None = None  # the old keys to delete (no rows to send)
 
 
 class Jobs:
@@ -100,16 +107,30 @@ class Jobs:
         self.dirty = True
         self.status(job.signal_id, status)
 
-    def done(self, job: Job) -> None:
+    def retired(self, job: Job, deleted: int) -> None:
+        """The old keys of ``job``'s table are deleted: its rows are sent next."""
+        job.retiring = False
+        job.retired += deleted
+        self.dirty = True
         log.info(
-            "re-snapshot of %s%s done: %d row(s) in %d chunk(s)",
+            "re-snapshot of %s: %d key(s) of the old key schema deleted; the rows follow",
+            job.table,
+            deleted,
+            extra={"table": job.table},
+        )
+
+    def done(self, job: Job) -> None:
+        retired = f", {job.retired} old key(s) deleted" if job.retire_keys else ""
+        log.info(
+            "re-snapshot of %s%s done: %d row(s) in %d chunk(s)%s",
             job.table,
             f" where {job.where}" if job.where else "",
             job.rows,
             job.chunks,
+            retired,
             extra={"table": job.table},
         )
-        self.finish(job, f"done: {job.rows} row(s)")
+        self.finish(job, f"done: {job.rows} row(s){retired}")
 
     def status(self, signal_id: int | None, status: str) -> None:
         if signal_id is not None and self._signals:
@@ -159,7 +180,10 @@ class ChunkTracker:
                 self._signal(change, txn)  # type: ignore[arg-type]
             chunk = self.chunk
             if chunk is not None and oid == chunk.job.oid and txn is not None:
-                chunk.window.change(txn.xid, self._keys(change, chunk))
+                keys = self._keys(change, chunk)
+                if chunk.retire is not None:
+                    keys = chunk.retire.window_keys(keys)
+                chunk.window.change(txn.xid, keys)
         elif kind is m.LogicalMessage:
             self._watermark(msg, txn)  # type: ignore[arg-type]
         elif kind is m.Relation:
@@ -266,6 +290,9 @@ class ChunkTracker:
             )
             yield end
             return
+        if chunk.retire is not None:
+            yield from self._emit_retirement(chunk, chunk.retire, end)
+            return
         rows = window.remaining()
         codec = chunk.codec
         if rows:
@@ -298,6 +325,8 @@ class ChunkTracker:
                 end.commit_ts_us,
             )
             seq += 1
+        if FAULTS.armed:
+            FAULTS.hit("resnapshot_chunk")
         # every row is handed to the sink: the job moves on (the progress record goes out
         # with this Kafka transaction or a later one, never before the rows)
         jobs = self.jobs
@@ -316,4 +345,40 @@ class ChunkTracker:
             )
             if chunk.complete:
                 jobs.done(job)
+        yield dataclasses.replace(end, events=seq)
+
+    def _emit_retirement(
+        self, chunk: InFlightChunk, retire: RetireSet, end: TxnEnd
+    ) -> Iterator[Out]:
+        """The deletes of the old keys no row has (their key texts left in the window), at
+        ``(H, seq)``; then the job sends its rows."""
+        job, seq = chunk.job, end.events
+        deleted = 0
+        for (text,), _row in chunk.window.remaining():
+            for key, fp in retire.by_text[text]:
+                at = DeleteAt(self.db, end.commit_lsn, seq, end.commit_ts_us, RETIRE_ORIGIN)
+                yield OutEvent(
+                    chunk.topic,
+                    key,
+                    delete_value(key, fp, retire.registry, at),
+                    end.commit_lsn,
+                    seq,
+                    [(POSITION_HEADER, position_header(end.commit_lsn, seq))],
+                    end.commit_ts_us,
+                )
+                seq += 1
+                deleted += 1
+        if FAULTS.armed and deleted:
+            FAULTS.hit("retire_deletes")
+        jobs = self.jobs
+        if jobs.generations.get(job.oid, 0) == chunk.generation and job in jobs.progress.jobs:
+            log.info(
+                "re-snapshot of %s: deletes at %s (%d candidate(s) kept: a row has their key "
+                "text, or changed while they were read)",
+                job.table,
+                format_lsn(end.commit_lsn),
+                sum(len(v) for v in retire.by_text.values()) - deleted,
+                extra={"table": job.table},
+            )
+            jobs.retired(job, deleted)
         yield dataclasses.replace(end, events=seq)

@@ -47,18 +47,18 @@ from cdc import pgoutput_messages as m
 from cdc.change_assembler import topic_for
 from cdc.errors import CdcError, SlotLost, SourceError, format_lsn
 from cdc.fault_points import FAULTS
-from cdc.kafka_sink import KafkaTransactionalSink, schemas_topic
-from cdc.kafka_state import read_compacted, read_resume_position
+from cdc.kafka_sink import KafkaTransactionalSink
+from cdc.kafka_state import read_resume_position
 from cdc.pg_catalog import PgCatalog
 from cdc.pg_source import connect, create_slot, drop_slot, ensure_publication, preflight
 from cdc.pipeline import kafka_options
-from cdc.recovery_deletes import DeleteAt, delete_value, fingerprints, live_keys, pg_keys
+from cdc.recovery_deletes import DeleteAt, delete_value, live_keys, pg_keys, schema_registry
 from cdc.resnapshot_requests import request_snapshot, split_table
 from cdc.resume_position import ResumePosition
 from cdc.settings import CdcSettings
 from cdc.slot_health import SlotHealth, StartAction, read_slot_health, start_action
 from cdc.snapshot import SnapshotTable, published_tables
-from core.avro_envelope import POSITION_HEADER, SchemaRegistry, TableCodec, position_header
+from core.avro_envelope import POSITION_HEADER, TableCodec, position_header
 
 __all__ = ["Assessment", "Recovery", "assess", "recover"]
 
@@ -252,7 +252,7 @@ def _write_deletes(
         gone = {k: fp for k, fp in live.items() if k not in present}
         if not gone:
             continue
-        registry = _registry(settings, gone)
+        registry = schema_registry(opts, gone, settings.kafka.timeout_s)
         for key, fp in sorted(gone.items()):
             at = dataclasses.replace(at, seq=len(records))
             records.append((topic, key, delete_value(key, fp, registry, at)))
@@ -281,21 +281,3 @@ def _codec(
         warn=lambda msg: log.warning("%s", msg),
         namespace_prefix=prefix,
     )
-
-
-def _registry(settings: CdcSettings, keys: dict[bytes, bytes]) -> SchemaRegistry:
-    """The value and key schemas the deletes of ``keys`` are written in."""
-    wanted = {fp.hex().encode() for fp in fingerprints(keys)}
-    found = read_compacted(
-        kafka_options(settings),
-        schemas_topic(settings.kafka.topic_prefix),
-        wanted,
-        settings.kafka.timeout_s,
-    )
-    missing = wanted - set(found)
-    if missing:
-        raise CdcError(
-            f"schemas {sorted(fp.decode() for fp in missing)} are not in "
-            f"{schemas_topic(settings.kafka.topic_prefix)}: the deletes cannot be encoded"
-        )
-    return SchemaRegistry(v.decode() for v in found.values())

@@ -105,6 +105,7 @@ def _resnapshots(opts: KafkaOptions, slot: str) -> dict[str, Any]:
                 "after_key": list(j.after) if j.after else None,
                 "chunks": j.chunks,
                 "rows": j.rows,
+                "retiring_old_keys": j.retiring,
             }
             for j in progress.jobs
         ],

@@ -206,7 +206,7 @@ class SessionStream:
                     break
             daemon.tick()
             if resnap is not None and not daemon.stopping:
-                resnap.tick()  # catalog checks, signals, the next re-snapshot chunk
+                resnap.tick(self)  # catalog checks, signals, the next re-snapshot chunk
             busy = not self.batch.empty or self.inflight is not None
             msgs = stream.read_many(0.0 if busy else POLL_S, READ_MANY)
             if not msgs:
@@ -245,6 +245,19 @@ class SessionStream:
             elif resnap is not None and isinstance(decoded, m.Relation):
                 if not self.daemon.stopping:
                     resnap.tick()  # a changed table is checked before the messages after it
+
+    def flushed_lsn(self) -> int:
+        """The slot's flush position: Kafka acknowledged everything the stream read before
+        it (:class:`cdc.key_retirement_io.StreamState`)."""
+        return self.stats.flushed_lsn
+
+    def drain(self) -> bool:
+        """Commit the open batch (between transactions only) and wait for the commit; True
+        when nothing waits for Kafka (:class:`cdc.key_retirement_io.StreamState`)."""
+        if self.asm.idle:
+            self.flush()
+        self.settle(None)
+        return self.settled
 
     @property
     def settled(self) -> bool:

@@ -229,6 +229,36 @@ def test_relation_change_makes_a_new_schema() -> None:
     assert decoded(out)[1]["after"] == {"id": 2, "v": "x", "w": 3}
 
 
+def test_the_key_is_the_primary_key_as_of_the_relation_message() -> None:
+    """Under REPLICA IDENTITY DEFAULT the Relation message flags the primary key as of its
+    WAL position; the catalog of now may hold a redefined one (the daemon decodes changes
+    made before ``ADD PRIMARY KEY (v, id)`` after it): the changes before it keep the old
+    key, those after it get the new one."""
+    asm = ChangeAssembler(
+        db="db",
+        topic_prefix="fs",
+        catalog=FakeCatalog({16384: ("v", "id")}),  # the catalog of now
+        spill=MemorySpill(),
+        resume=None,
+        clock_us=lambda: 1,
+    )
+    rekeyed = m.Relation(
+        None,
+        16384,
+        "public",
+        "t",
+        m.ReplicaIdentity.DEFAULT,
+        (m.RelationColumn("id", INT4, -1, True), m.RelationColumn("v", TEXT, -1, True)),
+    )
+    out = run(asm, [REL, *txn(1, 100, ins(1)), rekeyed, *txn(2, 200, ins(2))])
+    reg = SchemaRegistry()
+    for o in out:
+        if isinstance(o, OutSchema):
+            reg.add(o.schema_json)
+    keys = [decode(e.key, reg) for e in events(out) if e.key is not None]
+    assert keys == [{"id": 1}, {"id": 2, "v": "v2"}]
+
+
 def test_file_spill_store_truncates_subtransactions(tmp_path: Path) -> None:
     store = FileSpillStore(tmp_path)
     for msg in (ins(1, 5), ins(2, 6), ins(3, 7), ins(4, 5)):
