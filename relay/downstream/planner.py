@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -90,6 +91,7 @@ class BucketDelta:
     count: int = 0
     checksum: int = 0  # to add, modulo 2**64
     last_index: int = -1  # index of the bucket's last op in the plan
+    ops: int = 0  # ops of the plan in the bucket (its log grows by as many)
 
 
 @dataclasses.dataclass
@@ -97,7 +99,9 @@ class Plan:
     """The outcome of :func:`plan_changes`: ops in order, new row states, bucket deltas.
 
     Row states refer to ops by plan index (``BucketEntry.op_id`` is ``-1 - index`` for ops of
-    this plan) until the store knows the first op id: :meth:`resolve` fixes them.
+    this plan) until the store knows the first op id ``first``: such an entry's op id is
+    then ``first - 1 - op_id`` (``first + index``; :meth:`resolve`, which the store's write
+    of the states does inline); entries of earlier ops keep theirs.
     """
 
     ops: list[PlannedOp] = dataclasses.field(default_factory=list)
@@ -120,10 +124,10 @@ class Plan:
 
 class _Placer:
     """``rules.buckets_for_row`` memoized on the columns the rules read (match and filter
-    columns): a row's buckets depend on nothing else.  Bounded; rows with unhashable values
-    in those columns are not cached."""
+    columns): a row's buckets depend on nothing else.  Bounded; rows lacking one of those
+    columns (``rules.buckets_for_row`` says why) or with unhashable values in them are not
+    cached."""
 
-    _MISSING: Final = object()
     _LIMIT: Final = 1 << 17
 
     def __init__(self, rules: Rules) -> None:
@@ -135,16 +139,19 @@ class _Placer:
                 wanted.update(column for column, _ in entry.match)
                 wanted.update(f.column for f in entry.filters)
         self.columns = {t: tuple(sorted(c)) for t, c in columns.items()}
-        self.cache: dict[tuple[Any, ...], frozenset[str]] = {}
+        # the placement values of a row, one getter per table (KeyError: a column missing)
+        self.getters: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+            t: operator.itemgetter(*c) for t, c in self.columns.items() if c
+        }
+        self.cache: dict[tuple[str, Any], frozenset[str]] = {}
         self.projectors: dict[tuple[str, str], Callable[[Mapping[str, Any]], dict[str, Any]]] = {}
 
     def buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str]:
-        missing = self._MISSING
-        get = row.get
-        key = (table, *[get(c, missing) for c in self.columns.get(table, ())])
+        getter = self.getters.get(table)
         try:
+            key = (table, getter(row) if getter is not None else None)
             found = self.cache.get(key)
-        except TypeError:  # an unhashable value
+        except (KeyError, TypeError):  # a placement column missing, or an unhashable value
             return self.rules.buckets_for_row(table, row)
         if found is None:
             found = self.rules.buckets_for_row(table, row)
@@ -329,6 +336,7 @@ def _add_op(plan: Plan, op: PlannedOp) -> int:
     if delta is None:
         delta = plan.deltas[op.bucket] = BucketDelta()
     delta.last_index = index
+    delta.ops += 1
     if op.kind is OpKind.PUT:
         delta.count += 1
         delta.checksum = (delta.checksum + op.checksum) % CHECKSUM_MODULUS
