@@ -223,7 +223,7 @@ def _load_states(conn: psycopg.Connection[Any], refs: set[RowRef]) -> dict[RowRe
     loads = orjson.loads
     new = tuple.__new__
     return {
-        (t, k): RowState(tuple([new(BucketEntry, e) for e in loads(entries)]), (lsn, seq))
+        (t, k): new(RowState, (tuple([new(BucketEntry, e) for e in loads(entries)]), (lsn, seq)))
         for t, k, entries, lsn, seq in rows
     }
 
