@@ -15,9 +15,10 @@ row in no bucket, from the placement columns alone (relay/downstream/event_prefi
 without decoding the event: such a change changes nothing in the store, so the reader drops
 it.
 
-An event is read by the program compiled from its writer schema
-(core/avro_reader.py, compiled with mypyc: a fraction of fastavro's CPU), the same values
-fastavro gives; a schema with a type that module does not read is decoded by fastavro
+Where core/avro_reader.py runs compiled (mypyc), an event is read by the program compiled
+from its writer schema (a fraction of fastavro's CPU; the same values fastavro gives); a
+schema with a type that module does not read, and every event where it runs as Python
+(about as costly as fastavro there), is decoded by fastavro
 (:func:`core.avro_envelope.decode`).
 
 Pure apart from its caches (per fingerprint renames, read programs and prefix readers, per
@@ -31,6 +32,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
+from core import avro_reader
 from core.avro_envelope import HEADER_LEN, MAGIC, SchemaRegistry, decode
 from core.avro_reader import Program, compile_reader, read
 from core.avro_schema import strip_logical
@@ -50,9 +52,14 @@ _KEEP_LOGICAL: Final = frozenset({"decimal"})
 class EventDecoder:
     """Change-event value bytes → :class:`RowChange` (column names, key tuples)."""
 
-    def __init__(self, registry: SchemaRegistry, rules: Rules) -> None:
+    def __init__(
+        self, registry: SchemaRegistry, rules: Rules, by_program: bool | None = None
+    ) -> None:
+        """``by_program``: read events by the programs of core/avro_reader.py (None: where
+        that module is compiled); else every event is decoded by fastavro."""
         self.registry = registry
         self.rules = rules
+        self.by_program = avro_reader.compiled() if by_program is None else by_program
         self._renames: dict[bytes, dict[str, str] | None] = {}
         self._tables: dict[tuple[str, str], str] = {}
         self._keys: dict[str, tuple[str, ...] | None] = {}
@@ -112,7 +119,7 @@ class EventDecoder:
         the errors of a bad header or an unknown fingerprint)."""
         program = self._programs.get(fp, _UNKNOWN)
         if program is _UNKNOWN:
-            if fp not in self.registry:
+            if fp not in self.registry or not self.by_program:
                 return decode(value, self.registry)  # raises; not cached: it may come later
             schema = strip_logical(json.loads(self.registry.schema_json(fp)), _KEEP_LOGICAL)
             program = self._programs[fp] = compile_reader(schema)
