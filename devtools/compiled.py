@@ -83,6 +83,7 @@ HOT_MODULES: tuple[str, ...] = (
     "relay/upstream/validation.py",
     "relay/upstream/conflict_policies.py",
     "relay/upstream/merge.py",
+    "relay/downstream/event_prefilter.py",
 )
 _PROJECT_PACKAGES = ("core", "cdc", "relay")
 

@@ -183,7 +183,7 @@ def _moved(conn: psycopg.Connection[Any], planned: _Planned) -> bool:
         tables.append(ref[0])
         keys.append(ref[1])
         state = states.get(ref)
-        if state is None:
+        if state is None:  # NULL (a lone "" makes an empty array, which unnest pads: NULL)
             lsns.append("")
             seqs.append("")
         else:

@@ -363,6 +363,12 @@ def test_the_recheck_under_the_lock_sees_every_moved_state(store_dsn: str) -> No
         with psycopg.connect(store_dsn, autocommit=True) as conn:
             conn.execute(f"delete from {SCHEMA}.row_state where row_key = '[1]'")
         assert moved(plan), "key 1's state is gone"
+        batch = [bs.up(5, (30, 0), "t2")]  # one row, never seen: a single NULL position
+        plan = planned()
+        assert plan.refs == {(bs.T, "[5]")} and not plan.states
+        assert not moved(plan)
+        other.apply(bs.RULES, [bs.up(5, (4, 0), "t1", insert=True)])
+        assert moved(plan), "key 5 has a state now"
     finally:
         store.close()
         other.close()
