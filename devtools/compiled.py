@@ -74,6 +74,7 @@ HOT_MODULES: tuple[str, ...] = (
     "cdc/kafka_bulk.py",
     "core/avro_binary.py",
     "core/avro_envelope.py",
+    "core/avro_reader.py",
     "core/pg_values.py",
     "core/pg_type_mapping.py",
     "core/values.py",
@@ -82,6 +83,7 @@ HOT_MODULES: tuple[str, ...] = (
     "relay/upstream/validation.py",
     "relay/upstream/conflict_policies.py",
     "relay/upstream/merge.py",
+    "relay/downstream/event_prefilter.py",
 )
 _PROJECT_PACKAGES = ("core", "cdc", "relay")
 

@@ -150,6 +150,9 @@ TEXTS: Final = "string_to_array(%s, E'\\x1f')"
 """SQL of a text array parameter made with :func:`texts`."""
 INTS: Final = "string_to_array(%s, ',')::bigint[]"
 """SQL of a bigint array parameter made with :func:`ints`."""
+NULLABLE_INTS: Final = "string_to_array(%s, ',', '')::bigint[]"
+"""SQL of a bigint array parameter with NULLs: the numbers' texts joined by ``,``, an empty
+text for NULL."""
 
 
 WRAP_SUM: Final = (

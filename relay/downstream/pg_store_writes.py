@@ -25,7 +25,6 @@ converts them.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import time
@@ -46,6 +45,7 @@ from relay.downstream.bucket_store import (
 from relay.downstream.pg_store_schema import (
     INTS,
     NOTIFY_CHANNEL,
+    NULLABLE_INTS,
     SCHEMA,
     TEXTS,
     WRAP_SUM,
@@ -172,19 +172,31 @@ def _plan_segment(
 
 
 def _moved(conn: psycopg.Connection[Any], planned: _Planned) -> bool:
-    """Some row state ``planned`` was made from changed since (written, or deleted by a
-    truncate): a state's position changes with every write of it."""
+    """Some row state ``planned`` was made from changed since (written, deleted by a
+    truncate or a purge, or made where there was none): a state's position changes with
+    every write of it.  Compared in PostgreSQL, which answers one boolean."""
     if not planned.refs:
         return False
-    tables, keys = zip(*planned.refs, strict=True)
-    rows = conn.execute(
-        f"select s.tbl, s.row_key, s.commit_lsn, s.seq "
-        f"from unnest({TEXTS}, {TEXTS}) as r(tbl, row_key) "
-        f"join {SCHEMA}.row_state s on s.tbl = r.tbl and s.row_key = r.row_key",
-        (texts(tables), texts(keys)),
-    ).fetchall()
-    now = {(t, k): (int(lsn), int(seq)) for t, k, lsn, seq in rows}
-    return now != {ref: s.position for ref, s in planned.states.items()}
+    tables, keys, lsns, seqs = [], [], [], []
+    states = planned.states
+    for ref in planned.refs:
+        tables.append(ref[0])
+        keys.append(ref[1])
+        state = states.get(ref)
+        if state is None:  # NULL (a lone "" makes an empty array, which unnest pads: NULL)
+            lsns.append("")
+            seqs.append("")
+        else:
+            lsns.append(str(state.position[0]))
+            seqs.append(str(state.position[1]))
+    row = conn.execute(
+        f"select exists (select from unnest({TEXTS}, {TEXTS}, {NULLABLE_INTS}, {NULLABLE_INTS}) "
+        "as r(tbl, row_key, lsn, seq) "
+        f"left join {SCHEMA}.row_state s on s.tbl = r.tbl and s.row_key = r.row_key "
+        "where (s.commit_lsn, s.seq) is distinct from (r.lsn, r.seq))",
+        (texts(tables), texts(keys), ",".join(lsns), ",".join(seqs)),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _allocate(conn: psycopg.Connection[Any], n: int) -> int:
@@ -211,7 +223,7 @@ def _load_states(conn: psycopg.Connection[Any], refs: set[RowRef]) -> dict[RowRe
     loads = orjson.loads
     new = tuple.__new__
     return {
-        (t, k): RowState(tuple([new(BucketEntry, e) for e in loads(entries)]), (lsn, seq))
+        (t, k): new(RowState, (tuple([new(BucketEntry, e) for e in loads(entries)]), (lsn, seq)))
         for t, k, entries, lsn, seq in rows
     }
 
@@ -259,11 +271,10 @@ def _write_plan(conn: psycopg.Connection[Any], planned: _Planned, acc: _Accumula
     first = _allocate(conn, len(plan.ops)) if plan.ops else 0
     if plan.ops:
         _write_ops(conn, plan, first)
-        counts = collections.Counter(op.bucket for op in plan.ops)
-        _write_buckets(conn, plan.deltas, counts, first)
+        _write_buckets(conn, plan.deltas, first)
         acc.add(first, first + len(plan.ops) - 1, plan.deltas)
     if plan.states:
-        _write_states(conn, plan.resolve(first))
+        _write_states(conn, plan.states, first)
 
 
 def _write_ops(conn: psycopg.Connection[Any], plan: Plan, first: int) -> None:
@@ -286,10 +297,7 @@ def _write_ops(conn: psycopg.Connection[Any], plan: Plan, first: int) -> None:
 
 
 def _write_buckets(
-    conn: psycopg.Connection[Any],
-    deltas: Mapping[str, BucketDelta],
-    op_counts: Mapping[str, int],
-    first: int,
+    conn: psycopg.Connection[Any], deltas: Mapping[str, BucketDelta], first: int
 ) -> None:
     """Add a plan's net effect to its buckets' checkpoints (caller holds WRITE_LOCK).
 
@@ -302,7 +310,7 @@ def _write_buckets(
         last.append(first + d.last_index)
         counts.append(d.count)
         sums.append(i64(d.checksum))
-        logs.append(op_counts.get(b, 0))
+        logs.append(d.ops)
     conn.execute(
         f"insert into {SCHEMA}.buckets as b "
         "(bucket, last_op_id, row_count, checksum, log_count) "
@@ -315,13 +323,24 @@ def _write_buckets(
     )
 
 
-def _write_states(conn: psycopg.Connection[Any], states: Mapping[RowRef, RowState]) -> None:
+def _write_states(
+    conn: psycopg.Connection[Any], states: Mapping[RowRef, RowState], first: int
+) -> None:
+    """Upsert a plan's row states, the entries of the plan's own ops given their real op
+    ids (``first``: the plan's first op id; see :class:`relay.downstream.planner.Plan`)."""
     tables, keys, entries, lsns, seqs = [], [], [], [], []
     dumps = orjson.dumps
     for (t, k), s in states.items():
         tables.append(t)
         keys.append(k)
-        entries.append(dumps([[e.bucket, e.op_id, e.checksum] for e in s.entries]).decode())
+        entries.append(
+            dumps(
+                [
+                    [e.bucket, first - 1 - e.op_id if e.op_id < 0 else e.op_id, e.checksum]
+                    for e in s.entries
+                ]
+            ).decode()
+        )
         lsns.append(s.position[0])
         seqs.append(s.position[1])
     conn.execute(
@@ -369,9 +388,12 @@ def _truncate(
         for bucket, n, term_sum in per_bucket:
             index += int(n)
             deltas[str(bucket)] = BucketDelta(
-                count=-int(n), checksum=(-int(term_sum)) % CHECKSUM_MODULUS, last_index=index
+                count=-int(n),
+                checksum=(-int(term_sum)) % CHECKSUM_MODULUS,
+                last_index=index,
+                ops=int(n),
             )
-        _write_buckets(conn, deltas, {b: -d.count for b, d in deltas.items()}, first)
+        _write_buckets(conn, deltas, first)
         acc.add(first, first + total - 1, deltas)
     conn.execute(
         f"insert into {SCHEMA}.table_state (tbl, truncated_lsn, truncated_seq) "

@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import operator
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
@@ -90,6 +91,7 @@ class BucketDelta:
     count: int = 0
     checksum: int = 0  # to add, modulo 2**64
     last_index: int = -1  # index of the bucket's last op in the plan
+    ops: int = 0  # ops of the plan in the bucket (its log grows by as many)
 
 
 @dataclasses.dataclass
@@ -97,7 +99,9 @@ class Plan:
     """The outcome of :func:`plan_changes`: ops in order, new row states, bucket deltas.
 
     Row states refer to ops by plan index (``BucketEntry.op_id`` is ``-1 - index`` for ops of
-    this plan) until the store knows the first op id: :meth:`resolve` fixes them.
+    this plan) until the store knows the first op id ``first``: such an entry's op id is
+    then ``first - 1 - op_id`` (``first + index``; :meth:`resolve`, which the store's write
+    of the states does inline); entries of earlier ops keep theirs.
     """
 
     ops: list[PlannedOp] = dataclasses.field(default_factory=list)
@@ -120,10 +124,10 @@ class Plan:
 
 class _Placer:
     """``rules.buckets_for_row`` memoized on the columns the rules read (match and filter
-    columns): a row's buckets depend on nothing else.  Bounded; rows with unhashable values
-    in those columns are not cached."""
+    columns): a row's buckets depend on nothing else.  Bounded; rows lacking one of those
+    columns (``rules.buckets_for_row`` says why) or with unhashable values in them are not
+    cached."""
 
-    _MISSING: Final = object()
     _LIMIT: Final = 1 << 17
 
     def __init__(self, rules: Rules) -> None:
@@ -135,16 +139,19 @@ class _Placer:
                 wanted.update(column for column, _ in entry.match)
                 wanted.update(f.column for f in entry.filters)
         self.columns = {t: tuple(sorted(c)) for t, c in columns.items()}
-        self.cache: dict[tuple[Any, ...], frozenset[str]] = {}
+        # the placement values of a row, one getter per table (KeyError: a column missing)
+        self.getters: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+            t: operator.itemgetter(*c) for t, c in self.columns.items() if c
+        }
+        self.cache: dict[tuple[str, Any], frozenset[str]] = {}
         self.projectors: dict[tuple[str, str], Callable[[Mapping[str, Any]], dict[str, Any]]] = {}
 
     def buckets(self, table: str, row: Mapping[str, Any]) -> frozenset[str]:
-        missing = self._MISSING
-        get = row.get
-        key = (table, *[get(c, missing) for c in self.columns.get(table, ())])
+        getter = self.getters.get(table)
         try:
+            key = (table, getter(row) if getter is not None else None)
             found = self.cache.get(key)
-        except TypeError:  # an unhashable value
+        except (KeyError, TypeError):  # a placement column missing, or an unhashable value
             return self.rules.buckets_for_row(table, row)
         if found is None:
             found = self.rules.buckets_for_row(table, row)
@@ -283,7 +290,7 @@ def plan_changes(
         if state is None and not new_buckets:
             continue  # never in a bucket and still in none: nothing to remember
         entries = _place(plan, placer, c, ref, state, row, new_buckets)
-        current[ref] = plan.states[ref] = RowState(entries, position)
+        current[ref] = plan.states[ref] = _new(RowState, (entries, position))
         if row is not None and entries and kind is upsert:
             known[ref] = row
         else:
@@ -292,6 +299,9 @@ def plan_changes(
 
 
 _NONE: Final[frozenset[str]] = frozenset()
+_new: Final = tuple.__new__
+"""Builds a named tuple from a tuple of its fields: several times cheaper than calling the
+class (whose ``__new__`` is a Python function)."""
 
 
 def _retire(
@@ -308,7 +318,7 @@ def _retire(
     old = current.get(old_ref)
     if old is not None:
         _place(plan, placer, c, old_ref, old, None, _NONE)
-    current[old_ref] = plan.states[old_ref] = RowState((), c.position)
+    current[old_ref] = plan.states[old_ref] = _new(RowState, ((), c.position))
     known.pop(old_ref, None)
 
 
@@ -332,6 +342,7 @@ def _add_op(plan: Plan, op: PlannedOp) -> int:
     if delta is None:
         delta = plan.deltas[op.bucket] = BucketDelta()
     delta.last_index = index
+    delta.ops += 1
     if op.kind is OpKind.PUT:
         delta.count += 1
         delta.checksum = (delta.checksum + op.checksum) % CHECKSUM_MODULUS
@@ -370,11 +381,18 @@ def _place(
     position = c.position
     old: dict[str, BucketEntry] = {}
     if state is not None and state.entries:
-        old = {e.bucket: e for e in state.entries}
-        gone = old.keys() - new_buckets
-        for bucket in sorted(gone) if len(gone) > 1 else gone:
+        remembered = state.entries
+        if len(remembered) == 1:  # the common case: one bucket, no sets to build
+            e = remembered[0]
+            old = {e.bucket: e}
+            gone: Iterable[str] = () if e.bucket in new_buckets else (e.bucket,)
+        else:
+            old = {e.bucket: e for e in remembered}
+            gone = sorted(old.keys() - new_buckets)
+        for bucket in gone:
             e = old[bucket]
-            _add_op(plan, PlannedOp(bucket, table, key, OpKind.REMOVE, None, e.checksum, position))
+            op = (bucket, table, key, OpKind.REMOVE, None, e.checksum, position)
+            _add_op(plan, _new(PlannedOp, op))
     if not new_buckets:
         return ()
     assert row is not None
@@ -397,6 +415,6 @@ def _place(
                 delta = deltas[bucket] = BucketDelta()
             delta.count -= 1
             delta.checksum = (delta.checksum - previous.checksum) % CHECKSUM_MODULUS
-        index = _add_op(plan, PlannedOp(bucket, table, key, put, data_json, term, position))
-        entries.append(BucketEntry(bucket, -1 - index, term))
+        index = _add_op(plan, _new(PlannedOp, (bucket, table, key, put, data_json, term, position)))
+        entries.append(_new(BucketEntry, (bucket, -1 - index, term)))
     return tuple(entries)

@@ -331,6 +331,49 @@ def test_a_batch_planned_before_the_lock_is_planned_again_when_a_row_moved(
         other.close()
 
 
+def test_the_recheck_under_the_lock_sees_every_moved_state(store_dsn: str) -> None:
+    """The check made under WRITE_LOCK (``_moved``, compared in PostgreSQL) says nothing
+    moved while no writer touched the planned rows, and that something moved when a
+    planned row's state was written, deleted (as a truncate or a purge deletes it) or
+    made where the plan found none."""
+    store, other = PgBucketStore(store_dsn), PgBucketStore(store_dsn)
+    store.migrate()
+    batch = [bs.up(1, (20, 0), "t2"), bs.up(3, (20, 1), "t2")]  # key 1 remembered, key 3 not
+
+    def planned() -> Any:
+        with psycopg.connect(store_dsn, autocommit=True) as conn:
+            return pg_store_writes._plan_segment(conn, bs.RULES, batch, {})
+
+    def moved(plan: Any) -> bool:
+        with psycopg.connect(store_dsn, autocommit=True) as conn:
+            return pg_store_writes._moved(conn, plan)
+
+    try:
+        store.apply(bs.RULES, [bs.up(1, (1, 0), "t1", insert=True)])
+        plan = planned()
+        assert set(plan.states) == {(bs.T, "[1]")}
+        assert not moved(plan), "nothing written since the plan"
+        other.apply(bs.RULES, [bs.up(1, (2, 0), "t3")])
+        assert moved(plan), "key 1's state was written"
+        plan = planned()
+        other.apply(bs.RULES, [bs.up(3, (3, 0), "t1", insert=True)])
+        assert moved(plan), "key 3 has a state now, the plan found none"
+        plan = planned()
+        assert not moved(plan)
+        with psycopg.connect(store_dsn, autocommit=True) as conn:
+            conn.execute(f"delete from {SCHEMA}.row_state where row_key = '[1]'")
+        assert moved(plan), "key 1's state is gone"
+        batch = [bs.up(5, (30, 0), "t2")]  # one row, never seen: a single NULL position
+        plan = planned()
+        assert plan.refs == {(bs.T, "[5]")} and not plan.states
+        assert not moved(plan)
+        other.apply(bs.RULES, [bs.up(5, (4, 0), "t1", insert=True)])
+        assert moved(plan), "key 5 has a state now"
+    finally:
+        store.close()
+        other.close()
+
+
 STREAM = st.lists(
     st.tuples(
         st.sampled_from(["insert", "update", "delete", "rekey"]),

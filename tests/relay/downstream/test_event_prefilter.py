@@ -1,16 +1,20 @@
 """The prefix reader of change events (relay/downstream/event_prefilter.py): the columns it
 reads equal what the full decode gives, and an insert the decoder drops undecoded
-(``EventDecoder.places_nowhere``) is exactly one the rules place nowhere."""
+(``EventDecoder.places_nowhere``) is exactly one the rules place nowhere.  The decoder's
+full read (by the compiled program of the schema, core/avro_reader.py) gives the same
+changes as fastavro's."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.avro_envelope import SchemaRegistry, Source, TableCodec, decode
+from core.avro_envelope import HEADER_LEN, MAGIC, SchemaRegistry, Source, TableCodec, decode
+from core.errors import DecodeError
 from core.pg_types import ColumnSpec, MappingCatalog
 from relay.downstream.event_decoder import EventDecoder
 from relay.downstream.event_prefilter import compile_prefix_reader
@@ -132,3 +136,46 @@ def test_dropped_inserts_are_exactly_those_placed_nowhere(
     assert change.row is not None
     nowhere = not RULES.buckets_for_row(TABLE, change.row)
     assert decoder.places_nowhere(value, TABLE) == (nowhere and op == "c")
+
+
+@settings(max_examples=100, deadline=None)
+@given(ROWS, st.sampled_from(["c", "u", "r"]), st.booleans())
+def test_the_decoder_reads_by_program_as_fastavro_does(
+    row: tuple[str | None, ...], op: str, full_before: bool
+) -> None:
+    """EventDecoder reads an event by its schema's program (core/avro_reader.py) or by
+    fastavro: the same RowChange either way (renamed columns, decimals, old keys)."""
+    registry = _registry()
+    before = [str(int(row[0] or 1) + 1), *row[1:]] if full_before else None
+    kind = "full" if full_before else "key"
+    _, value = CODEC.encode_change(op, before, list(row), SOURCE, 0, before_kind=kind)
+    by_program = EventDecoder(registry, RULES, by_program=True)
+    by_fastavro = EventDecoder(registry, RULES, by_program=False)
+    got = by_program.change(value, (7, 1))
+    assert repr(got) == repr(by_fastavro.change(value, (7, 1)))
+    assert by_program._programs[bytes(value[2:HEADER_LEN])] is not None
+    assert got.row is not None and "Crew Name" in got.row
+
+
+def test_decoder_errors_name_the_schema_or_the_fingerprint() -> None:
+    registry = _registry()
+    row = ["5", "1.50", None, "t1", "t", "1", None, None, "n"]
+    _, value = CODEC.encode_change("c", None, row, SOURCE, 0)
+    decoder = EventDecoder(registry, RULES, by_program=True)
+    with pytest.raises(DecodeError, match=f"schema {CODEC.value_fingerprint.hex()}"):
+        decoder.change(value[:-3], (5, 2))
+    with pytest.raises(DecodeError, match="unknown Avro schema fingerprint"):
+        decoder.change(MAGIC + b"\x00" * 8 + value[HEADER_LEN:], (5, 3))
+    with pytest.raises(DecodeError, match="not Avro single-object"):
+        decoder.change(b"\x00\x00" + value[2:], (5, 4))
+
+
+def test_the_decoder_reads_by_program_where_the_reader_is_compiled() -> None:
+    """By default the programs are used only where core/avro_reader.py is compiled (as
+    Python they cost about what fastavro does)."""
+    from core import avro_reader
+    from devtools import compiled
+
+    built = compiled.status().state == "compiled"
+    assert avro_reader.compiled() is built
+    assert EventDecoder(_registry(), RULES).by_program is built
