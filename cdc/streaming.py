@@ -253,8 +253,15 @@ class SessionStream:
 
     def _nothing_to_read(self) -> None:
         """Settle the commit in flight, then commit the open batch, or (idle) keep the
-        walsender and the slot moving."""
-        self.settle(None)
+        walsender and the slot moving.
+
+        After waiting for a commit in flight, an open batch is not committed yet: the
+        transactions that arrived during the wait are read first (the loop reads again at
+        once), so they go out in this next commit instead of waiting for one more."""
+        if self.inflight is not None:
+            self.settle(None)
+            if not self.batch.empty:
+                return
         if not self.batch.empty:
             self.flush()
             return
