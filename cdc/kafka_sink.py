@@ -355,7 +355,9 @@ class KafkaTransactionalSink:
         self._producer_ready()
         try:
             if self._bulk is not None:
-                self._bulk.hand_over_all()
+                self._bulk.hand_over_all(
+                    then=(state_topic(self.opts.topic_prefix), self.slot.encode())
+                )
         except kafka_errors() as exc:
             raise self._unavailable(
                 f"commit of the Kafka transaction failed (position {position}): {exc}"
