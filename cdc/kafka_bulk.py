@@ -294,8 +294,22 @@ class BulkRecords:
         if not at_commit:
             producer._sender.wakeup()
 
-    def hand_over_all(self) -> None:
-        """Hand every partition's last batch over (at commit; ``flush()`` sends them)."""
+    def hand_over_all(self, then: tuple[str, bytes] | None = None) -> None:
+        """Hand every partition's last batch over (at commit; ``flush()`` sends them).
+
+        ``then``: the topic and key of the record the commit sends once these are
+        acknowledged (the resume position).  Its partition joins the Kafka transaction now,
+        so one AddPartitionsToTxn request adds it with theirs, instead of one more round trip
+        to the broker between their acknowledgement and its send (the record itself still
+        waits for the acknowledgement)."""
+        if then is not None:
+            tp = self._partition(*then)
+            try:
+                self.producer._transaction_manager.maybe_add_partition_to_transaction(tp)
+            except kafka_errors() as exc:
+                raise self._unavailable(
+                    f"adding {tp.topic} to the Kafka transaction failed: {exc}"
+                ) from exc
         buffers, self._buffers = self._buffers, {}
         for tp, buffer in buffers.items():
             self._hand_over(tp, buffer, at_commit=True)

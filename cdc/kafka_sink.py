@@ -18,7 +18,10 @@ transaction its producer left open (Apache Kafka aborts it; tansu commits it,
 records and all), the resume position never claims an event the broker does not
 hold: the worst case is events without their resume position, which the next
 daemon writes again at the same positions (duplicates consumers drop), never a
-resume position past missing events.
+resume position past missing events.  (The state topic's partition joins the Kafka
+transaction together with the events' partitions, in one AddPartitionsToTxn request, so
+the state record costs one round trip to the broker after their acknowledgement, not two;
+a partition added to a transaction holds nothing of it until a record is written there.)
 
 Schemas go to the compacted ``{prefix}._schemas`` topic keyed by fingerprint,
 inside the same transaction as the first event that uses them.
@@ -355,7 +358,9 @@ class KafkaTransactionalSink:
         self._producer_ready()
         try:
             if self._bulk is not None:
-                self._bulk.hand_over_all()
+                self._bulk.hand_over_all(
+                    then=(state_topic(self.opts.topic_prefix), self.slot.encode())
+                )
         except kafka_errors() as exc:
             raise self._unavailable(
                 f"commit of the Kafka transaction failed (position {position}): {exc}"

@@ -19,9 +19,14 @@ Overlap: :meth:`SessionStream.flush` starts a batch's Kafka commit
 (:meth:`cdc.kafka_sink.Sink.start_commit`) and returns; the loop decodes the next batch
 meanwhile, and :meth:`SessionStream.settle` takes the commit's outcome (when it is done,
 before the next commit starts, or when there is nothing to read: then it waits for it, as
-polling the stream meanwhile would cost CPU the commit itself needs on a busy machine).  Only settle confirms the slot, so the flush position still covers only
-what Kafka acknowledged; a transaction that would be confirmed at once while a commit is in
-flight is confirmed with that commit.
+polling the stream meanwhile would cost CPU the commit itself needs on a busy machine).
+After such a wait the loop reads again before it commits the open batch: what arrived
+during the wait joins that batch, so a commit starts only once a read found nothing more
+received (committing what was read before the wait at once would leave the transactions
+that arrived during it for one more commit, a whole commit's time later).  Only settle
+confirms the slot, so the flush position still covers only what Kafka acknowledged; a
+transaction that would be confirmed at once while a commit is in flight is confirmed with
+that commit.
 
 Metrics (cdc/metrics.py): per event, one increment of the batch's count of its (topic, op);
 the counters, the commit-to-ack histogram and the lag are updated once per Kafka commit.
@@ -266,8 +271,15 @@ class SessionStream:
 
     def _nothing_to_read(self) -> None:
         """Settle the commit in flight, then commit the open batch, or (idle) keep the
-        walsender and the slot moving."""
-        self.settle(None)
+        walsender and the slot moving.
+
+        After waiting for a commit in flight, an open batch is not committed yet: the
+        transactions that arrived during the wait are read first (the loop reads again at
+        once), so they go out in this next commit instead of waiting for one more."""
+        if self.inflight is not None:
+            self.settle(None)
+            if not self.batch.empty:
+                return
         if not self.batch.empty:
             self.flush()
             return

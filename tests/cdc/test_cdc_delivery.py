@@ -5,6 +5,7 @@
 - a Kafka transaction that brings a new topic commits every record (kafka-python's
   metadata refresh must not forget the other topics' partition leaders);
 - the resume position is read only when no transaction on the state topic is open;
+- at commit the resume position's partition joins the Kafka transaction with the events';
 - a transaction whose events all reached Kafka before its end did is recorded complete
   before the slot passes it;
 - the assembler refuses transactions out of commit order (its skipping relies on it).
@@ -108,6 +109,37 @@ def test_records_sent_while_a_commit_is_in_flight_go_into_the_next_transaction(
         sink.close()
     assert values(kafka_bootstrap, topic) == sent
     assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(4, 3, True)
+
+
+def test_the_resume_positions_partition_joins_the_transaction_with_the_events(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """At commit the state topic's partition joins the Kafka transaction with the events'
+    partitions (one AddPartitionsToTxn request), before the resume position is sent; the
+    commit holds the events and the resume position as ever."""
+    from kafka.structs import TopicPartition
+
+    opts = options(kafka_bootstrap, topic_prefix)
+    topic = f"{topic_prefix}.public.t"
+    sink = KafkaTransactionalSink(opts, "slot")
+    try:
+        assert sink._bulk is not None, "this kafka-python lacks the bulk path's internals"
+        manager = sink.producer._transaction_manager
+
+        def joined(tp: TopicPartition) -> bool:
+            return bool(manager.is_partition_added(tp) or manager.is_partition_pending_add(tp))
+
+        sink.begin()
+        sink.send(topic, b"k", b"v", [])
+        state = TopicPartition(state_topic(topic_prefix), 0)
+        assert not joined(state)
+        sink._bulk.hand_over_all(then=(state.topic, b"slot"))
+        assert joined(TopicPartition(topic, 0)) and joined(state)
+        sink.commit(ResumePosition(1, 0, True))
+    finally:
+        sink.close()
+    assert values(kafka_bootstrap, topic) == [b"v"]
+    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(1, 0, True)
 
 
 CHILD = """
