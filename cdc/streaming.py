@@ -225,6 +225,15 @@ class SessionStream:
                 self.flush()
         # stopping: write what we have (a partly read transaction only if the grace period
         # ran out: the resume position covers it), confirm, leave
+        if not asm.idle:
+            txn = asm.txn
+            log.warning(
+                "stopping %.0f s into transaction %s, whose rest did not arrive: its events so far"
+                " go to Kafka with a resume position that covers them; the slot stays before it,"
+                " and the next start resumes after those events",
+                STOP_GRACE_S,
+                txn.xid if txn is not None else asm.stream_xid,
+            )
         with contextlib.suppress(CdcError):
             self.flush()
             self.settle(None)
