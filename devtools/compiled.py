@@ -8,14 +8,19 @@ of the upstream applier: the journal record and outcome format (``core/journal_f
 the column values and their checks (``core/values.py``), and in ``relay/upstream/`` the
 write rules, the validation of entries, the conflict policies and the three-way merge (the
 applier's I/O modules around them stay Python; the device agent imports none of them).
-They are ordinary typed Python (``mypy --strict`` clean); mypyc compiles them into C
-extension modules placed next to their sources
+The per-change code of the relay's bucket engine: the Avro reader that runs a program
+compiled from each writer schema (``core/avro_reader.py``) and the insert prefilter
+(``relay/downstream/event_prefilter.py``).
+
+They are ordinary typed Python (``mypy --strict`` clean); mypyc compiles them into C extension
+modules placed next to their sources
 (``cdc/pgoutput_decoder.cpython-311-x86_64-linux-gnu.so`` beside ``cdc/pgoutput_decoder.py``),
 which Python's import system prefers to the ``.py``, plus one shared library of the group
 at the top of the checkout (``fieldsync_hot__mypyc.*.so``).  Nothing else changes: the
 pure-Python modules are the same code, and produce the same bytes and results
-(``tests/cdc/test_compiled_parity.py`` and
-``tests/relay/upstream/test_applier_compiled_parity.py`` run both on one input and compare).
+(``tests/cdc/test_compiled_parity.py``,
+``tests/relay/upstream/test_applier_compiled_parity.py`` and ``tests/core/test_avro_reader.py``
+run both on one input and compare).
 
 Freshness: a build records a digest of its inputs (the hot modules, the core, cdc and relay
 modules they import, this file, the Python and mypy versions) in
