@@ -187,7 +187,7 @@ def read(program: Program, data: bytes, start: int) -> Any:
     return value
 
 
-def _long(data: bytes, pos: int) -> tuple[int, int]:
+def read_long(data: bytes, pos: int) -> tuple[int, int]:
     """A zigzag varint (Avro int/long) at ``pos``: (value, next position)."""
     b = data[pos]
     pos += 1
@@ -204,7 +204,7 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _length(data: bytes, pos: int) -> tuple[int, int]:
-    size, pos = _long(data, pos)
+    size, pos = read_long(data, pos)
     if size < 0 or pos + size > len(data):
         raise ValueError(f"length {size} past the end of the datum")
     return size, pos
@@ -222,12 +222,12 @@ def _read(p: Program, data: bytes, pos: int) -> tuple[Any, int]:
             i += 1
         return out, pos
     if kind == _UNION:
-        index, pos = _long(data, pos)
+        index, pos = read_long(data, pos)
         if not 0 <= index < len(p.children):
             raise ValueError(f"union branch {index} of {len(p.children)}")
         return _read(p.children[index], data, pos)
     if kind == _LONG:
-        return _long(data, pos)
+        return read_long(data, pos)
     if kind == _STRING:
         size, pos = _length(data, pos)
         return data[pos : pos + size].decode("utf-8"), pos + size
@@ -246,7 +246,7 @@ def _read(p: Program, data: bytes, pos: int) -> tuple[Any, int]:
         size, pos = _length(data, pos)
         return data[pos : pos + size], pos + size
     if kind == _ENUM:
-        index, pos = _long(data, pos)
+        index, pos = read_long(data, pos)
         if not 0 <= index < len(p.names):
             raise ValueError(f"enum symbol {index} of {len(p.names)}")
         return p.names[index], pos
@@ -268,12 +268,12 @@ def _read_blocks(p: Program, data: bytes, pos: int, into: dict[str, Any] | None)
     items: list[Any] = []
     child = p.children[0]
     while True:
-        count, pos = _long(data, pos)
+        count, pos = read_long(data, pos)
         if count == 0:
             break
         if count < 0:
             count = -count
-            _, pos = _long(data, pos)  # the block's size in bytes
+            _, pos = read_long(data, pos)  # the block's size in bytes
         for _ in range(count):
             if into is not None:
                 size, pos = _length(data, pos)

@@ -69,7 +69,7 @@ class EventDecoder:
     def places_nowhere(self, value: bytes, table: str) -> bool:
         """The event is an insert into ``table`` whose row no rule places (read from its
         placement columns only); False when that cannot be told without decoding it."""
-        cache = (bytes(value[2:10]), table)
+        cache = (bytes(value[2:HEADER_LEN]), table)
         reader = self._prefix.get(cache, _UNKNOWN)
         if reader is _UNKNOWN:
             reader = self._prefix_reader(*cache)
@@ -77,7 +77,7 @@ class EventDecoder:
             return False
         try:
             columns = reader(value)
-        except (IndexError, UnicodeDecodeError, struct.error):  # the full decode names it
+        except (IndexError, ValueError, struct.error):  # the full decode names it
             return False
         if columns is None:
             return False

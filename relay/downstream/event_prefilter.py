@@ -27,6 +27,7 @@ from typing import Any, Final
 import fastavro
 
 from core.avro_envelope import HEADER_LEN
+from core.avro_reader import read_long
 
 PrefixReader = Callable[[bytes], dict[str, Any] | None]
 """Event value bytes → the wanted columns of an insert's row (PostgreSQL names), or None."""
@@ -51,20 +52,6 @@ _SIMPLE: Final = {
 
 class _Unsupported(Exception):
     """A type the prefix reader does not handle (the caller decodes in full)."""
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """A zigzag varint (Avro int/long) at ``pos``: (value, next position)."""
-    b = data[pos]
-    pos += 1
-    n = b & 0x7F
-    shift = 7
-    while b & 0x80:
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-    return (n >> 1) ^ -(n & 1), pos
 
 
 def _step(schema: Any, readable: bool) -> Step:
@@ -95,12 +82,12 @@ def _step(schema: Any, readable: bool) -> Step:
 def _read(step: Step, data: bytes, pos: int) -> tuple[Any, int]:
     kind, arg = step
     if kind == _UNION:
-        index, pos = _varint(data, pos)
+        index, pos = read_long(data, pos)
         return _read(arg[index], data, pos)
     if kind == _LONG:
-        return _varint(data, pos)
+        return read_long(data, pos)
     if kind == _STRING or kind == _BYTES:
-        size, pos = _varint(data, pos)
+        size, pos = read_long(data, pos)
         raw = data[pos : pos + size]
         return (raw.decode("utf-8") if kind == _STRING else bytes(raw)), pos + size
     if kind == _NULL:
@@ -108,7 +95,7 @@ def _read(step: Step, data: bytes, pos: int) -> tuple[Any, int]:
     if kind == _BOOL:
         return data[pos] == 1, pos + 1
     if kind == _ENUM:
-        index, pos = _varint(data, pos)
+        index, pos = read_long(data, pos)
         return arg[index], pos
     if kind == _FLOAT:
         return struct.unpack_from("<f", data, pos)[0], pos + 4
@@ -148,7 +135,7 @@ def compile_prefix_reader(schema: Mapping[str, Any], wanted: Sequence[str]) -> P
 
 def _make_reader(before_kind: Step, steps: list[tuple[str | None, Step]]) -> PrefixReader:
     def read(value: bytes) -> dict[str, Any] | None:
-        size, pos = _varint(value, HEADER_LEN)
+        size, pos = read_long(value, HEADER_LEN)
         if size != 1 or value[pos] != 0x63:  # op is not "c"
             return None
         pos += 1
