@@ -72,6 +72,28 @@ def _die_with_parent(sig: int) -> dict[str, object]:
     return {"preexec_fn": preexec}
 
 
+def _spawn(
+    cmd: list[str],
+    log_path: Path,
+    cwd: Path,
+    dies_with_parent: int,
+    extra: dict[str, object] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server in its own session, its output appended to ``log_path``; it receives
+    ``dies_with_parent`` when we die (:func:`_die_with_parent`)."""
+    with open(log_path, "ab") as log:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+            **(extra or {}),
+            **_die_with_parent(dies_with_parent),
+        )  # type: ignore[call-overload]
+    return proc
+
+
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -251,18 +273,9 @@ class EmbeddedPostgres:
         cmd = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
         for k, v in conf.items():
             cmd += ["-c", f"{k}={v}"]
-        log = open(self.log_path, "ab")
+        self.log_path.touch()
         self._chown(self.log_path)
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.base_dir,
-            start_new_session=True,
-            **self._run_kwargs(),
-            **_die_with_parent(signal.SIGINT),
-        )  # type: ignore[call-overload]
-        log.close()
+        self.proc = _spawn(cmd, self.log_path, self.base_dir, signal.SIGINT, self._run_kwargs())
         if not self._wait_ready(timeout):
             self.stop()
             raise ServiceError(
@@ -356,16 +369,7 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.base_dir,
-            start_new_session=True,
-            **_die_with_parent(signal.SIGKILL),
-        )  # type: ignore[call-overload]
-        log.close()
+        self.proc = _spawn(cmd, self.log_path, self.base_dir, signal.SIGKILL)
         if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(
             timeout
         ):
