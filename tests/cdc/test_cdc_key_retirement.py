@@ -12,7 +12,6 @@ key's text: no delete is written.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +25,9 @@ from cdc.key_retirement import RETIRE_ORIGIN
 from core.avro_envelope import POSITION_HEADER, decode, parse_position_header
 from core.row_wire import row_key_text
 from devtools.cdc_demo import read_schemas
+from tests.cdc.cdc_crash_workload import CrashDaemon
 from tests.cdc.cdc_support import running_daemon, wait_for
 from tests.cdc.test_cdc_cli import (
-    FIELDSYNC,
-    REPO,
-    DaemonProcess,
-    cli_env,
     daemon_config,
     run_cli,
 )
@@ -316,27 +312,6 @@ def test_int_to_bigint_deletes_nothing(
     assert not [e for e in events if e["op"] == "d"]
 
 
-class FaultyDaemon(DaemonProcess):
-    """A daemon process started with fault points armed (``FIELDSYNC_FAULT_POINTS``)."""
-
-    faults = ""
-
-    def start(self) -> DaemonProcess:
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        env = cli_env()
-        if self.faults:
-            env["FIELDSYNC_FAULT_POINTS"] = self.faults
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(FIELDSYNC), "cdc", "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
-        return self
-
-
 def test_kill_9_mid_resnapshot_and_mid_retirement(
     tmp_path: Path,
     t_int: psycopg.Connection[Any],
@@ -359,7 +334,7 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         # kill may land after some of them committed
         kafka={"batch_max_events": 40},
     )
-    d = FaultyDaemon(config, tmp_path / "daemon.log")
+    d = CrashDaemon(config, tmp_path / "daemon.log")
     try:
         d.start()
         d.wait_streaming()
@@ -374,12 +349,10 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
             ("retire_deletes:1", "retire_deletes"),
             ("resnapshot_chunk:3", "resnapshot_chunk"),
         ):
-            d.faults = faults
-            d.start()
+            d.start(faults)
             d.wait_log(f"fault point {point} reached: SIGKILL", timeout=120)
             assert d.wait(30) == -9, d.log()[-3000:]
         writer.finish()
-        d.faults = ""
         d.start()
         d.wait_log("old key(s) deleted", timeout=120)
         events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",))
