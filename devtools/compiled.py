@@ -298,6 +298,17 @@ def build(log: Path | None = None) -> Status:
     return status()
 
 
+def loaded_compiled() -> list[str]:
+    """The hot modules this process imports from their compiled build (importing each)."""
+    names = []
+    for path in HOT_MODULES:
+        name = path[: -len(".py")].replace("/", ".")
+        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
+        if not str(module.__file__).endswith(".py"):
+            names.append(name)
+    return names
+
+
 def describe(st: Status) -> str:
     if st.state == "compiled":
         return f"compiled: {st.modules} modules (mypyc; python3 dev.py build --pure for none)"

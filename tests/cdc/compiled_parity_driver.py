@@ -27,7 +27,7 @@ from cdc.errors import DecodeError
 from cdc.kafka_records import RecordBuffer, encode_headers
 from core.errors import FieldsyncError
 from core.pg_types import BUILTIN_TYPES, TypeInfo
-from devtools.compiled import HOT_MODULES
+from devtools.compiled import loaded_compiled
 
 # (name, type oid, typmod, text-value maker); the first column is the key
 REL_OID = 16384
@@ -306,7 +306,7 @@ def _out(o: object) -> dict[str, Any]:
 def run(seed: int) -> Iterator[str]:
     from cdc.pgoutput_decoder import PgOutputDecoder
 
-    yield json.dumps({"compiled": sorted(n for n in _compiled())})
+    yield json.dumps({"compiled": sorted(loaded_compiled())})
     rng = random.Random(seed)
     buf = RecordBuffer()
     for proto, raw_msgs in ((1, stream(rng)), (2, streamed(rng, 0x9_0000_0000))):
@@ -351,14 +351,6 @@ def _bad_inputs() -> Iterator[str]:
             yield json.dumps({"bad_value": column})
         except FieldsyncError as exc:
             yield json.dumps({"bad_value_error": [type(exc).__name__, str(exc)]})
-
-
-def _compiled() -> Iterator[str]:
-    for path in HOT_MODULES:
-        name = path[: -len(".py")].replace("/", ".")
-        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
-        if not str(module.__file__).endswith(".py"):
-            yield name
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from core.errors import FieldsyncError
 from core.hlc import Hlc
 from core.journal_format import EntryProblem, JournalRecord, Op, Outcome, entry_from_json
 from core.values import ColumnType, Kind
-from devtools.compiled import HOT_MODULES
+from devtools.compiled import loaded_compiled
 from relay.downstream.rules_parser import load_rules
 from relay.upstream.conflict_policies import load_conflicts
 from relay.upstream.merge import EditTimes, merge
@@ -138,7 +138,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def run(seed: int) -> Iterator[str]:
-    yield json.dumps({"compiled": sorted(_compiled())})
+    yield json.dumps({"compiled": sorted(loaded_compiled())})
     rng = random.Random(seed)
     rules = load_rules(EXAMPLE_RULES, DEMO_CATALOG)
     policies = load_conflicts(EXAMPLE_CONFLICTS, TYPES)
@@ -226,14 +226,6 @@ def _entry_error(rng: random.Random) -> str:
         return json.dumps(entry_from_json(raw, "dev-2").to_json(), default=repr)
     except EntryProblem as exc:
         return json.dumps(exc.rejection.to_json())
-
-
-def _compiled() -> Iterator[str]:
-    for path in HOT_MODULES:
-        name = path[: -len(".py")].replace("/", ".")
-        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
-        if not str(module.__file__).endswith(".py"):
-            yield name
 
 
 if __name__ == "__main__":
