@@ -277,8 +277,11 @@ def test_status_follows_a_workload_in_both_formats(
         assert code == 3
         engine = report["engine"]
         assert engine["state"] == "down" and engine["leading"] is False
-        # 5 rows, their transaction's marker and the marker after the last applied row
-        assert engine["lag_records"] <= 7, engine
+        # the 5 rows and one commit marker for each Kafka transaction they went out in (cdc
+        # commits a batch whenever a read finds nothing more received, so on a busy machine
+        # one PostgreSQL transaction's rows can go out in several, at most one a row), and
+        # at most the marker after the last applied row
+        assert 5 + 1 <= engine["lag_records"] <= 5 + 5 + 1, engine
         assert report["devices"]["state"] == "unreachable"
         assert any(
             p.startswith("devices: cannot read the relay's metrics at") for p in report["problems"]
