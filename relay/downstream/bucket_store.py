@@ -93,7 +93,8 @@ class RowChange:
     """One decoded change event, as the engine hands it to the store.
 
     - UPSERT: ``key`` is the row's (new) key, ``row`` the full new row (decoded Avro
-      values), ``old_key`` the key before the change when an update changed it (else
+      values), or ``None`` when the engine found from the row's placement columns alone
+      that it lands in no bucket (the event was not decoded in full), ``old_key`` the key before the change when an update changed it (else
       ``None``), ``unchanged`` the columns PostgreSQL did not send (unchanged TOAST; their
       value in ``row`` is meaningless), ``before`` the old row when the event carried all of
       it (REPLICA IDENTITY FULL), used to fill ``unchanged`` columns.

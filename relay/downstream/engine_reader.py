@@ -1,17 +1,17 @@
 """The bucket engine's reader: Kafka change topics → batches of decoded changes.
 
-:class:`ChangeReader` runs one thread that polls the engine's consumer of the change
-topics (the tables the rules place), skips events at or below their partition's applied
-position from the position header alone (no decoding), drops inserts whose rows no rule
-places, read from their placement columns alone
-(:meth:`relay.downstream.event_decoder.EventDecoder.places_nowhere`), decodes the rest
-(relay/downstream/event_decoder.py; an unknown schema fingerprint makes it re-read the
-schema log, :class:`relay.downstream.bucket_engine.SchemaLog`, for up to
+:class:`ChangeReader` runs one thread that polls the engine's consumer of the change topics
+(the tables the rules place), skips events at or below their partition's applied position
+from the position header alone (no decoding), drops inserts whose rows no rule places and
+makes the changes of updates whose rows land in no bucket and of deletes, read from their
+placement and key columns alone (:meth:`relay.downstream.event_decoder.EventDecoder.skim`),
+decodes the rest (relay/downstream/event_decoder.py; an unknown schema fingerprint makes it
+re-read the schema log, :class:`relay.downstream.bucket_engine.SchemaLog`, for up to
 ``schema_wait_s``), sorts each batch by position, and hands it over with the partitions'
 progress (next offset, highest position) as a :class:`Batch`, or an :class:`Idle` when
 nothing came (``at_end``: every assigned partition is at its end).  :attr:`ChangeReader.ends`
-holds the end offsets last fetched (when idle, and every :data:`ENDS_REFRESH_S` while
-busy), for the engine's lag (relay/metrics.py).
+holds the end offsets last fetched (when idle, and every :data:`ENDS_REFRESH_S` while busy),
+for the engine's lag (relay/metrics.py).
 
 The engine creates and closes the consumers.  Partitions are assigned manually: every
 partition of each change topic that exists and the engine's share owns (``owns``), new topics picked up every
@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from core.avro_envelope import POSITION_HEADER, parse_position_header
 from core.errors import DecodeError
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
-from relay.downstream.event_decoder import EventDecoder
+from relay.downstream.event_decoder import EventDecoder, Skimmed
 from relay.errors import EngineError
 
 log = logging.getLogger("relay.downstream.bucket_engine")
@@ -56,6 +56,8 @@ class EngineStats:
     skipped_by_position: int = 0
     placed_nowhere: int = 0
     """Inserts the reader dropped undecoded: their rows land in no bucket."""
+    skimmed: int = 0
+    """Updates whose rows land in no bucket and deletes, made from their key alone."""
     changes: int = 0
     duplicates: int = 0
     errors: int = 0
@@ -257,7 +259,9 @@ class ChangeReader:
     ) -> tuple[list[RowChange], dict[tuple[str, int], PartitionProgress], int]:
         t0 = time.perf_counter()
         nowhere = 0
-        places_nowhere = self._decoder.places_nowhere
+        skimmed = 0
+        skim = self._decoder.skim
+        decode = Skimmed.DECODE
         top = self._max_position
         # per partition: [next offset, highest position]; PartitionProgress made at the end
         reached: dict[tuple[str, int], list[Any]] = {}
@@ -277,14 +281,19 @@ class ChangeReader:
                 skipped += 1
                 continue
             at[1] = position
-            if places_nowhere(r.value, self._topics[r.topic]):
+            found = skim(r.value, self._topics[r.topic], position)
+            if found is decode:
+                changes.append(self._decode(r.value, position))
+            elif isinstance(found, RowChange):
+                skimmed += 1
+                changes.append(found)
+            else:  # an insert that lands in no bucket
                 nowhere += 1
                 top = max(top, position)
-                continue
-            changes.append(self._decode(r.value, position))
         self.stats.records += len(records)
         self.stats.skipped_by_position += skipped
         self.stats.placed_nowhere += nowhere
+        self.stats.skimmed += skimmed
         progress = {tp: PartitionProgress(o, p) for tp, (o, p) in reached.items()}
         if changes:
             changes.sort(key=_position_of)

@@ -10,10 +10,13 @@ it (REPLICA IDENTITY FULL), its commit time, and the event's position (from the 
 header when given, else from ``source``).  A delete without its old key, an upsert
 without its row, or an unknown fingerprint raise :class:`core.errors.DecodeError`.
 
-:meth:`EventDecoder.places_nowhere` answers, for an insert, whether the rules place its
-row in no bucket, from the placement columns alone (relay/downstream/event_prefilter.py),
-without decoding the event: such a change changes nothing in the store, so the reader drops
-it.
+:meth:`EventDecoder.skim` reads an event's placement and key columns alone
+(relay/downstream/event_prefilter.py), without decoding the event, and answers for the
+changes that need nothing more: an insert whose row the rules place in no bucket changes
+nothing in the store (:attr:`Skimmed.NOWHERE`: the reader drops it); an update whose new
+row lands in no bucket and a delete are made into a :class:`RowChange` with the row's key
+and no row (the store takes the row out of the buckets it remembers it in, if any);
+anything else is decoded in full (:attr:`Skimmed.DECODE`).
 
 Where core/avro_reader.py runs compiled (mypyc), an event is read by the program compiled
 from its writer schema (a fraction of fastavro's CPU; the same values fastavro gives); a
@@ -27,6 +30,7 @@ table key columns); a decoder is used by one thread (the engine's reader).
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 from collections.abc import Mapping
@@ -49,6 +53,21 @@ _UNKNOWN: Final[Any] = object()
 _KEEP_LOGICAL: Final = frozenset({"decimal"})
 
 
+class Skimmed(enum.Enum):
+    """What :meth:`EventDecoder.skim` says of an event it made no change of."""
+
+    NOWHERE = "nowhere"
+    """An insert whose row no rule places: it changes nothing in the store."""
+    DECODE = "decode"
+    """The event must be decoded in full (:meth:`EventDecoder.change`)."""
+
+
+_DECODE: Final = Skimmed.DECODE
+_NOWHERE: Final = Skimmed.NOWHERE
+_DELETE: Final = ChangeKind.DELETE
+_UPSERT: Final = ChangeKind.UPSERT
+
+
 class EventDecoder:
     """Change-event value bytes → :class:`RowChange` (column names, key tuples)."""
 
@@ -66,31 +85,48 @@ class EventDecoder:
         self._prefix: dict[tuple[bytes, str], PrefixReader | None] = {}
         self._programs: dict[bytes, Program | None] = {}
 
-    def places_nowhere(self, value: bytes, table: str) -> bool:
-        """The event is an insert into ``table`` whose row no rule places (read from its
-        placement columns only); False when that cannot be told without decoding it."""
+    def skim(self, value: bytes, table: str, position: Position) -> RowChange | Skimmed:
+        """The change of the event at ``position`` in ``table`` from its placement and key
+        columns alone, where those tell all the store needs: for an update (or snapshot read)
+        whose new row no rule places, the change with its key and no row (the row lands in
+        no bucket); for a delete, the change with its key.  :attr:`Skimmed.NOWHERE` for an
+        insert whose row no rule places; :attr:`Skimmed.DECODE` for anything else (and
+        where that cannot be told without decoding the event).  No ``origin`` or commit
+        time is read."""
         cache = (bytes(value[2:HEADER_LEN]), table)
         reader = self._prefix.get(cache, _UNKNOWN)
         if reader is _UNKNOWN:
             reader = self._prefix_reader(*cache)
         if reader is None:
-            return False
+            return _DECODE
         try:
-            columns = reader(value)
+            found = reader(value)
         except (IndexError, ValueError, struct.error):  # the full decode names it
-            return False
-        if columns is None:
-            return False
+            return _DECODE
+        if found is None:
+            return _DECODE
+        op, columns = found
         try:
-            return not buckets_for_row(self.rules, table, columns)
+            if op == "d":
+                return RowChange(table, _DELETE, position, self._key_of(table, columns))
+            if buckets_for_row(self.rules, table, columns):
+                return _DECODE
+            if op == "c":
+                return _NOWHERE
+            return RowChange(table, _UPSERT, position, self._key_of(table, columns))
         except RowError:
-            return False
+            return _DECODE
 
     def _prefix_reader(self, fp: bytes, table: str) -> PrefixReader | None:
         if fp not in self.registry:
             return None  # not cached: the schema may be read later
         wanted = placement_columns(self.rules, table)
-        reader = compile_prefix_reader(json.loads(self.registry.schema_json(fp)), wanted)
+        try:
+            key: tuple[str, ...] = self.rules.table_info(table).key
+        except KeyError:
+            key = ()
+        schema = json.loads(self.registry.schema_json(fp))
+        reader = compile_prefix_reader(schema, wanted, key)
         self._prefix[fp, table] = reader
         return reader
 

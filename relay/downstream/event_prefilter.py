@@ -1,19 +1,31 @@
-"""Reading the placement columns of an insert event without decoding the whole event.
+"""Reading the placement and key columns of a change event without decoding the whole event.
 
-An insert that no rule places (its row lands in no bucket) changes nothing in the bucket
-store: the planner neither looks its key up nor writes a state for it
-(relay/downstream/planner.py, ``lookup_refs``).  The engine's reader therefore only needs the
-columns the rules place rows by (match and filter columns) to drop it, and those sit near
-the front of the event: the value (core/avro_envelope.py) is ``op``, ``before``,
-``before_kind``, ``after``, ... and ``after`` is the row's fields in column order.
+A change whose row no rule places (it lands in no bucket) needs little of its event: an
+insert changes nothing in the bucket store (the planner neither looks its key up nor
+writes a state for it: relay/downstream/planner.py, ``lookup_refs``), and an update or a
+delete only has to take the row out of the buckets the store remembers it in, for which
+the planner needs its key alone.  Those columns sit near the front of the event: the
+value (core/avro_envelope.py) is ``op``, ``before``, ``before_kind``, ``after``,
+``unchanged``, ... and a row is its fields in column order.
 
-:func:`compile_prefix_reader` turns a writer schema into a reader of that prefix: for an
-insert (``op`` ``c``) without an old row, the wanted columns of ``after`` as fastavro would
-decode them (``long``/``int`` → int, ``string`` → str, ``boolean``, ``float``/``double``,
-``enum`` → its symbol, ``null``; dates and times are plain ints as the engine decodes
-them), reading and skipping only up to the last wanted column; ``None`` for any other
-event (the caller decodes it in full).  A schema whose wanted columns have another type
-(decimals, bytes, arrays...) or whose envelope is laid out otherwise gets no reader.
+:func:`compile_prefix_reader` turns a writer schema into a reader of that prefix.  It gives
+the wanted columns (the placement columns and, given ``key``, the primary key) as fastavro
+would decode them (``long``/``int`` → int, ``string`` → str, ``boolean``,
+``float``/``double``, ``enum`` → its symbol, ``null``; dates and times are plain ints as the
+engine decodes them), reading and skipping only up to the last wanted column, with the
+event's op:
+
+- ``c`` (an insert without an old row): the columns of ``after``;
+- ``u`` (an update, or a snapshot read ``r``, without an old row: the key did not change,
+  and REPLICA IDENTITY FULL did not send the old row): the columns of ``after``, only when
+  no column is unchanged TOAST (the rest of ``after`` is skipped to read ``unchanged``);
+- ``d`` (a delete): the columns of ``before`` (its key columns are real ones);
+
+and ``None`` for any other event (the caller decodes it in full).  Updates and deletes are
+read only when ``key`` names the table's key columns and those are of the types above.  A
+schema whose placement columns have another type (decimals, bytes, arrays...) or whose
+envelope is laid out otherwise gets no reader; one where a column after the wanted ones
+cannot be skipped (records, arrays, maps) gets a reader of inserts and deletes only.
 
 Pure: no I/O; a reader keeps no state, so it may be shared between threads.
 """
@@ -29,11 +41,13 @@ import fastavro
 from core.avro_envelope import HEADER_LEN
 from core.avro_reader import read_long
 
-PrefixReader = Callable[[bytes], dict[str, Any] | None]
-"""Event value bytes → the wanted columns of an insert's row (PostgreSQL names), or None."""
+Prefix = tuple[str, dict[str, Any]]
+"""An event's op (``c``, ``u`` or ``d``) and its wanted columns (PostgreSQL names)."""
+PrefixReader = Callable[[bytes], Prefix | None]
+"""Event value bytes → its :data:`Prefix`, or None (decode it in full)."""
 
 _READABLE: Final = frozenset({"null", "boolean", "int", "long", "float", "double", "string"})
-_ENVELOPE_PREFIX: Final = ("op", "before", "before_kind", "after")
+_ENVELOPE_PREFIX: Final = ("op", "before", "before_kind", "after", "unchanged")
 
 # A field program step: (kind, argument); kinds below.
 _NULL, _BOOL, _LONG, _FLOAT, _DOUBLE, _STRING, _BYTES, _FIXED, _ENUM, _UNION = range(10)
@@ -104,52 +118,98 @@ def _read(step: Step, data: bytes, pos: int) -> tuple[Any, int]:
     return None, pos + int(arg)  # _FIXED, skipped
 
 
-def compile_prefix_reader(schema: Mapping[str, Any], wanted: Sequence[str]) -> PrefixReader | None:
+def compile_prefix_reader(
+    schema: Mapping[str, Any], wanted: Sequence[str], key: Sequence[str] = ()
+) -> PrefixReader | None:
     """The prefix reader of change events written with ``schema`` (the value schema's
-    JSON, parsed) for the PostgreSQL columns ``wanted``; None when the schema does not allow
-    one (see the module docstring)."""
+    JSON, parsed) for the placement columns ``wanted`` and the key columns ``key`` (empty:
+    inserts only); None when the schema does not allow one (see the module docstring)."""
+    if not wanted:
+        return None
+    found = _compile(schema, wanted, key) if key else None
+    return found if found is not None else _compile(schema, wanted, ())
+
+
+def _compile(
+    schema: Mapping[str, Any], wanted: Sequence[str], key: Sequence[str]
+) -> PrefixReader | None:
     try:
         expanded: Any = fastavro.parse_schema(dict(schema), expand=True)
         fields = expanded["fields"]
-        if tuple(f["name"] for f in fields[:4]) != _ENVELOPE_PREFIX:
+        if tuple(f["name"] for f in fields[:5]) != _ENVELOPE_PREFIX:
             return None
         before, after = fields[1]["type"], fields[3]["type"]
-        if not (isinstance(before, list) and before[0] == "null"):
+        if not (isinstance(before, list) and len(before) == 2 and before[0] == "null"):
             return None
         if not (isinstance(after, list) and len(after) == 2 and after[0] == "null"):
             return None
+        if before[1] != after[1]:  # both are the table's row record
+            return None
         columns = after[1]["fields"]
         by_name = {str(c.get("pg.name", c["name"])): i for i, c in enumerate(columns)}
-        if not wanted or any(w not in by_name for w in wanted):
+        read_columns = [*wanted, *(k for k in key if k not in wanted)]
+        if any(w not in by_name for w in read_columns):
             return None
-        names = {by_name[w]: w for w in wanted}
+        names = {by_name[w]: w for w in read_columns}
+        last = max(names) + 1
         steps = [
             (names.get(i), _step(c["type"], readable=i in names))
-            for i, c in enumerate(columns[: max(names) + 1])
+            for i, c in enumerate(columns[:last])
         ]
         before_kind = _step(fields[2]["type"], readable=False)
     except (_Unsupported, KeyError, TypeError, ValueError, IndexError):
         return None
-    return _make_reader(before_kind, steps)
+    tail: list[Step] | None = None
+    if key:
+        try:
+            tail = [_step(c["type"], readable=False) for c in columns[last:]]
+        except (_Unsupported, KeyError, TypeError, ValueError):
+            tail = None
+    return _make_reader(before_kind, steps, bool(key), tail)
 
 
-def _make_reader(before_kind: Step, steps: list[tuple[str | None, Step]]) -> PrefixReader:
-    def read(value: bytes) -> dict[str, Any] | None:
-        size, pos = read_long(value, HEADER_LEN)
-        if size != 1 or value[pos] != 0x63:  # op is not "c"
-            return None
-        pos += 1
-        if value[pos] != 0:  # an old row: not a plain insert
-            return None
-        _, pos = _read(before_kind, value, pos + 1)
-        if value[pos] != 2:  # after: union branch 1 (zigzag 2), the row
-            return None
-        pos += 1
+_C: Final = 0x63
+_U: Final = 0x75
+_R: Final = 0x72
+_D: Final = 0x64
+
+
+def _make_reader(
+    before_kind: Step, steps: list[tuple[str | None, Step]], keyed: bool, tail: list[Step] | None
+) -> PrefixReader:
+    def columns(value: bytes, pos: int) -> tuple[dict[str, Any], int]:
         out: dict[str, Any] = {}
         for name, step in steps:
             found, pos = _read(step, value, pos)
             if name is not None:
                 out[name] = found
-        return out
+        return out, pos
+
+    def read(value: bytes) -> Prefix | None:
+        size, pos = read_long(value, HEADER_LEN)
+        if size != 1:
+            return None
+        op = value[pos]
+        pos += 1
+        if op == _D:
+            if not keyed or value[pos] != 2:  # before: union branch 1 (zigzag 2), the row
+                return None
+            return "d", columns(value, pos + 1)[0]
+        if op != _C and (tail is None or (op != _U and op != _R)):
+            return None
+        if value[pos] != 0:  # an old row: a key change, or REPLICA IDENTITY FULL
+            return None
+        _, pos = _read(before_kind, value, pos + 1)
+        if value[pos] != 2:  # after: union branch 1 (zigzag 2), the row
+            return None
+        out, pos = columns(value, pos + 1)
+        if op == _C:
+            return "c", out
+        assert tail is not None
+        for step in tail:
+            _, pos = _read(step, value, pos)
+        if value[pos] != 0:  # unchanged: a non-empty array (some TOAST columns not sent)
+            return None
+        return "u", out
 
     return read

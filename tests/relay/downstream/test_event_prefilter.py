@@ -1,12 +1,17 @@
 """The prefix reader of change events (relay/downstream/event_prefilter.py): the columns it
-reads equal what the full decode gives, and an insert the decoder drops undecoded
-(``EventDecoder.places_nowhere``) is exactly one the rules place nowhere.  The decoder's
-full read (by the compiled program of the schema, core/avro_reader.py) gives the same
-changes as fastavro's."""
+reads equal what the full decode gives, in the build the checkout runs and from the
+module's source alike; an insert the decoder drops undecoded (``EventDecoder.skim``) is
+exactly one the rules place nowhere, and the change it makes of an update or a delete from
+the key alone plans exactly what the fully decoded change plans.  The decoder's full read
+(by the compiled program of the schema, core/avro_reader.py) gives the same changes as
+fastavro's."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,10 +21,13 @@ from hypothesis import strategies as st
 from core.avro_envelope import HEADER_LEN, MAGIC, SchemaRegistry, Source, TableCodec, decode
 from core.errors import DecodeError
 from core.pg_types import ColumnSpec, MappingCatalog
-from relay.downstream.event_decoder import EventDecoder
-from relay.downstream.event_prefilter import compile_prefix_reader
+from relay.downstream import event_prefilter
+from relay.downstream.bucket_store import ChangeKind, RowChange
+from relay.downstream.event_decoder import EventDecoder, Skimmed
+from relay.downstream.planner import BucketEntry, RowState, plan_changes
 from relay.downstream.rules import TableInfo
 from relay.downstream.rules_parser import rules_from_mapping
+from tests.schemas import REPO
 
 TABLE = "public.jobs"
 COLUMNS = [
@@ -63,13 +71,14 @@ RULES = rules_from_mapping(
     },
     {TABLE: TableInfo(tuple(NAMES), ("id",))},
 )
+UNCHANGED = object()
 CODEC = TableCodec(
     db="app",
     schema="public",
     table="jobs",
     columns=COLUMNS,
     catalog=MappingCatalog(),
-    unchanged_sentinel=object(),
+    unchanged_sentinel=UNCHANGED,
     warn=lambda _m: None,
     namespace_prefix="p",
 )
@@ -95,47 +104,174 @@ def _registry() -> SchemaRegistry:
     return registry
 
 
-@settings(max_examples=200, deadline=None)
-@given(ROWS, st.sets(st.sampled_from(NAMES[2:8]), min_size=1))
-def test_the_prefix_equals_the_full_decode(row: tuple[str | None, ...], wanted: set[str]) -> None:
-    registry = _registry()
-    _, value = CODEC.encode_change("c", None, list(row), SOURCE, 0)
-    reader = compile_prefix_reader(json.loads(CODEC.value_schema_json or ""), sorted(wanted))
-    assert reader is not None
-    decoded = decode(value, registry)["after"]
-    field = {c["pg.name"]: c["name"] for c in _row_fields()}
-    assert reader(value) == {w: decoded[field[w]] for w in wanted}
-    _, update = CODEC.encode_change("u", None, list(row), SOURCE, 0)
-    assert reader(update) is None, "only inserts are read"
-    _, with_old = CODEC.encode_change("c", list(row), list(row), SOURCE, 0, before_kind="full")
-    assert reader(with_old) is None, "an event with an old row is decoded in full"
+def _pure_prefilter() -> ModuleType:
+    """relay/downstream/event_prefilter.py loaded from its source, whichever build runs."""
+    path = REPO / "relay/downstream/event_prefilter.py"
+    spec = importlib.util.spec_from_file_location("event_prefilter_pure", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILDS = (event_prefilter, _pure_prefilter())
+"""The module as the checkout runs it (compiled where built) and from its source."""
+SCHEMA = json.loads(CODEC.value_schema_json or "")
 
 
 def _row_fields() -> list[dict[str, Any]]:
-    schema = json.loads(CODEC.value_schema_json or "")
-    fields: list[dict[str, Any]] = schema["fields"][1]["type"][1]["fields"]
+    fields: list[dict[str, Any]] = SCHEMA["fields"][1]["type"][1]["fields"]
     return fields
 
 
-def test_no_reader_for_decimals_or_unknown_columns() -> None:
-    schema = json.loads(CODEC.value_schema_json or "")
-    assert compile_prefix_reader(schema, ["cost"]) is None
-    assert compile_prefix_reader(schema, ["nope"]) is None
-    assert compile_prefix_reader(schema, []) is None
-    assert compile_prefix_reader({"type": "record", "name": "x", "fields": []}, ["id"]) is None
+FIELD = {c["pg.name"]: c["name"] for c in _row_fields()}
 
 
 @settings(max_examples=200, deadline=None)
-@given(ROWS, st.sampled_from(["c", "u", "r"]))
-def test_dropped_inserts_are_exactly_those_placed_nowhere(
-    row: tuple[str | None, ...], op: str
+@given(ROWS, st.sets(st.sampled_from(NAMES[2:8]), min_size=1), st.sampled_from("curd"))
+def test_the_prefix_equals_the_full_decode(
+    row: tuple[str | None, ...], wanted: set[str], op: str
 ) -> None:
+    before, after = (list(row), None) if op == "d" else (None, list(row))
+    _, value = CODEC.encode_change(op, before, after, SOURCE, 0)
+    decoded = decode(value, _registry())["before" if op == "d" else "after"]
+    placement = sorted(wanted)
+    for module in BUILDS:
+        reader = module.compile_prefix_reader(SCHEMA, placement, ["id"])
+        assert reader is not None
+        read = {w: decoded[FIELD[w]] for w in [*placement, "id"]}
+        assert reader(value) == ("u" if op == "r" else op, read), module.__name__
+        inserts = module.compile_prefix_reader(SCHEMA, placement)
+        assert inserts is not None
+        read = {w: decoded[FIELD[w]] for w in placement}
+        assert inserts(value) == (("c", read) if op == "c" else None), "no key: inserts only"
+
+
+OLD_KEY = ["5", *[None] * (len(COLUMNS) - 1)]
+"""pgoutput's old tuple of key 5 (REPLICA IDENTITY DEFAULT): the key columns only."""
+
+
+def test_the_prefix_of_literal_events() -> None:
+    row = ["5", "1.50", "2024-01-02", "t1", "t", "2", "2.5", "crew a", "n"]
+    events = {
+        op: CODEC.encode_change(op, before, after, SOURCE, 0)[1]
+        for op, before, after in (("c", None, row), ("u", None, row), ("d", OLD_KEY, None))
+    }
+    wanted = ["Crew Name", "due", "level", "urgent"]
+    after = {"Crew Name": "crew a", "due": 19724, "level": 2, "urgent": True, "id": 5}
+    for module in BUILDS:
+        reader = module.compile_prefix_reader(SCHEMA, wanted, ["id"])
+        assert reader is not None
+        assert reader(events["c"]) == ("c", after)
+        assert reader(events["u"]) == ("u", after)
+        assert reader(events["d"]) == (
+            "d",
+            {"Crew Name": None, "due": None, "level": None, "urgent": None, "id": 5},
+        )
+
+
+def test_events_the_prefix_does_not_tell_are_decoded_in_full() -> None:
+    row = ["5", "1.50", "2024-01-02", "t1", "t", "2", "2.5", "crew a", "n"]
+    toast = [*row[:-1], UNCHANGED]
+    moved = ["6", *row[1:]]
+    events = [
+        CODEC.encode_change("u", None, toast, SOURCE, 0)[1],  # unchanged TOAST: filled in
+        CODEC.encode_change("u", moved, row, SOURCE, 0)[1],  # a key change
+        CODEC.encode_change("u", row, row, SOURCE, 0, before_kind="full")[1],  # old row
+        CODEC.encode_change("c", row, row, SOURCE, 0, before_kind="full")[1],
+        CODEC.encode_truncate(SOURCE, 0),
+    ]
+    for module in BUILDS:
+        reader = module.compile_prefix_reader(SCHEMA, ["tech"], ["id"])
+        assert reader is not None
+        assert [reader(value) for value in events] == [None] * len(events)
+
+
+def test_no_reader_for_decimals_or_unknown_columns() -> None:
+    for module in BUILDS:
+        assert module.compile_prefix_reader(SCHEMA, ["cost"]) is None
+        assert module.compile_prefix_reader(SCHEMA, ["nope"]) is None
+        assert module.compile_prefix_reader(SCHEMA, []) is None
+        assert module.compile_prefix_reader(SCHEMA, [], ["id"]) is None
+        empty = {"type": "record", "name": "x", "fields": []}
+        assert module.compile_prefix_reader(empty, ["id"]) is None
+
+
+def test_inserts_only_where_the_key_or_the_rest_of_the_row_cannot_be_read() -> None:
+    """A decimal key cannot be read; a column after the wanted ones that the reader cannot
+    skip (an array) leaves updates to the full decode (deletes stop at the key)."""
+    row = ["5", "1.50", "2024-01-02", "t1", "t", "2", "2.5", "crew a", "n"]
+    insert, update, delete = (
+        CODEC.encode_change(op, before, after, SOURCE, 0)[1]
+        for op, before, after in (("c", None, row), ("u", None, row), ("d", OLD_KEY, None))
+    )
+    with_array = json.loads(CODEC.value_schema_json or "")
+    with_array["fields"][1]["type"][1]["fields"].append(
+        {"name": "tags", "type": ["null", {"type": "array", "items": "long"}]}
+    )
+    for module in BUILDS:
+        decimal_key = module.compile_prefix_reader(SCHEMA, ["tech"], ["cost"])
+        assert decimal_key is not None
+        assert decimal_key(insert) == ("c", {"tech": "t1"})
+        assert decimal_key(update) is None and decimal_key(delete) is None
+        arrays = module.compile_prefix_reader(with_array, ["tech"], ["id"])
+        assert arrays is not None
+        assert arrays(insert) == ("c", {"tech": "t1", "id": 5})
+        assert arrays(update) is None
+        assert arrays(delete) == ("d", {"tech": None, "id": 5})
+
+
+STATES = (
+    None,
+    RowState((), (3, 0)),  # a tombstone, older
+    RowState((), (9, 0)),  # a tombstone, newer: the change is a duplicate
+    RowState((BucketEntry('tech["t1"]', 11, 1234),), (3, 0)),  # in a bucket
+    RowState((BucketEntry('crew["crew a"]', 12, 5), BucketEntry('tech["t1"]', 13, 6)), (3, 0)),
+    RowState((BucketEntry('tech["t1"]', 11, 1234),), (9, 0)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ROWS,
+    st.sampled_from("curd"),
+    st.sampled_from(["none", "same key", "other key", "full"]),
+    st.booleans(),
+)
+def test_skim_changes_plan_what_the_decoded_changes_plan(
+    row: tuple[str | None, ...], op: str, old: str, toast: bool
+) -> None:
+    """``skim`` drops exactly the inserts placed nowhere, and makes a change only of
+    updates placed nowhere (no old row, no unchanged column) and of deletes: for every
+    remembered state of the row, that change plans what the decoded change plans."""
+    after = None if op == "d" else list(row)
+    if op in "ur" and toast:  # PostgreSQL sends every column of an insert
+        assert after is not None
+        after[-1] = UNCHANGED
+    other = [str(int(row[0] or 0) + 1), *row[1:]]
+    before = {"none": None, "same key": list(row), "other key": other, "full": list(row)}[old]
+    if op == "d" and before is None:
+        before = list(row)
+    kind = "full" if old == "full" else "key"
+    _, value = CODEC.encode_change(op, before, after, SOURCE, 0, before_kind=kind)
     decoder = EventDecoder(_registry(), RULES)
-    _, value = CODEC.encode_change(op, None, list(row), SOURCE, 0)
-    change = decoder.change(value)
-    assert change.row is not None
-    nowhere = not RULES.buckets_for_row(TABLE, change.row)
-    assert decoder.places_nowhere(value, TABLE) == (nowhere and op == "c")
+    full = decoder.change(value, (7, 1))
+    got = decoder.skim(value, TABLE, (7, 1))
+    simple = old == "none" and not (toast and op in "ur")
+    nowhere = full.row is None or not RULES.buckets_for_row(TABLE, full.row)
+    if op == "c":
+        assert got is (Skimmed.NOWHERE if simple and nowhere else Skimmed.DECODE)
+        return
+    if op == "d" or (simple and nowhere):
+        kind_of = ChangeKind.DELETE if op == "d" else ChangeKind.UPSERT
+        assert got == RowChange(TABLE, kind_of, (7, 1), full.key)
+        assert isinstance(got, RowChange)
+        for state in STATES:
+            states = {} if state is None else {(TABLE, f"[{row[0]}]"): state}
+            assert plan_changes(RULES, [got], states, {}) == plan_changes(RULES, [full], states, {})
+    else:
+        assert got is Skimmed.DECODE
 
 
 @settings(max_examples=100, deadline=None)
