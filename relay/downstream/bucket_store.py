@@ -48,7 +48,7 @@ import dataclasses
 import enum
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from relay.downstream.rules import Rules
 
@@ -88,16 +88,16 @@ class ChangeKind(enum.StrEnum):
     TRUNCATE = "truncate"  # t: every row of the table is gone
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RowChange:
+class RowChange(NamedTuple):
     """One decoded change event, as the engine hands it to the store.
 
     - UPSERT: ``key`` is the row's (new) key, ``row`` the full new row (decoded Avro
       values), or ``None`` when the engine found from the row's placement columns alone
-      that it lands in no bucket (the event was not decoded in full), ``old_key`` the key before the change when an update changed it (else
-      ``None``), ``unchanged`` the columns PostgreSQL did not send (unchanged TOAST; their
-      value in ``row`` is meaningless), ``before`` the old row when the event carried all of
-      it (REPLICA IDENTITY FULL), used to fill ``unchanged`` columns.
+      that it lands in no bucket (the event was not decoded in full), ``old_key`` the key
+      before the change when an update changed it (else ``None``), ``unchanged`` the
+      columns PostgreSQL did not send (unchanged TOAST; their value in ``row`` is
+      meaningless), ``before`` the old row when the event carried all of it (REPLICA
+      IDENTITY FULL), used to fill ``unchanged`` columns.
     - DELETE: ``key`` is the deleted row's key; ``row`` is ``None``.
     - TRUNCATE: ``key`` and ``row`` are ``None``.
 
@@ -106,6 +106,9 @@ class RowChange:
     remembered, and a re-delivered insert changes nothing either way).  ``origin`` is the
     envelope's ``source.origin`` (not interpreted), ``commit_ts_us`` its
     ``source.commit_ts_us`` (the commit time, µs since the epoch; None when not sent).
+
+    A named tuple, not a frozen dataclass: the engine's reader makes one per change, and
+    a tuple is several times cheaper to make (~0.3 µs against 1.1 to 1.7 µs).
     """
 
     table: str
