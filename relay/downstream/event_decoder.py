@@ -44,7 +44,7 @@ from core.errors import DecodeError
 from core.value_schemas import read_value_schema
 from relay.downstream.bucket_store import ChangeKind, Position, RowChange
 from relay.downstream.event_prefilter import PrefixReader, compile_prefix_reader
-from relay.downstream.planner import buckets_for_row, placement_columns
+from relay.downstream.planner import placement_columns, row_placer
 from relay.downstream.rules import Rules
 from relay.errors import RowError
 
@@ -78,6 +78,7 @@ class EventDecoder:
         that module is compiled); else every event is decoded by fastavro."""
         self.registry = registry
         self.rules = rules
+        self._buckets = row_placer(rules)
         self.by_program = avro_reader.compiled() if by_program is None else by_program
         self._renames: dict[bytes, dict[str, str] | None] = {}
         self._tables: dict[tuple[str, str], str] = {}
@@ -109,7 +110,7 @@ class EventDecoder:
         try:
             if op == "d":
                 return RowChange(table, _DELETE, position, self._key_of(table, columns))
-            if buckets_for_row(self.rules, table, columns):
+            if self._buckets(table, columns):
                 return _DECODE
             if op == "c":
                 return _NOWHERE

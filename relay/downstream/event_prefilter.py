@@ -97,6 +97,8 @@ def _read(step: Step, data: bytes, pos: int) -> tuple[Any, int]:
     kind, arg = step
     if kind == _UNION:
         index, pos = read_long(data, pos)
+        if index < 0:
+            raise ValueError(f"union branch {index}")
         return _read(arg[index], data, pos)
     if kind == _LONG:
         return read_long(data, pos)
@@ -115,7 +117,33 @@ def _read(step: Step, data: bytes, pos: int) -> tuple[Any, int]:
         return struct.unpack_from("<f", data, pos)[0], pos + 4
     if kind == _DOUBLE:
         return struct.unpack_from("<d", data, pos)[0], pos + 8
-    return None, pos + int(arg)  # _FIXED, skipped
+    return None, pos + int(arg)  # _FIXED: never wanted, so never read
+
+
+def _skip(step: Step, data: bytes, pos: int) -> int:
+    """The position after the value of ``step`` at ``pos`` (read past, nothing made of it)."""
+    kind, arg = step
+    if kind == _UNION:
+        index, pos = read_long(data, pos)
+        if index < 0:
+            raise ValueError(f"union branch {index}")
+        return _skip(arg[index], data, pos)
+    if kind == _LONG or kind == _ENUM:
+        return read_long(data, pos)[1]
+    if kind == _STRING or kind == _BYTES:
+        size, pos = read_long(data, pos)
+        if size < 0:
+            raise ValueError(f"length {size}")
+        return pos + size
+    if kind == _NULL:
+        return pos
+    if kind == _BOOL:
+        return pos + 1
+    if kind == _FLOAT:
+        return pos + 4
+    if kind == _DOUBLE:
+        return pos + 8
+    return pos + int(arg)  # _FIXED
 
 
 def compile_prefix_reader(
@@ -180,9 +208,10 @@ def _make_reader(
     def columns(value: bytes, pos: int) -> tuple[dict[str, Any], int]:
         out: dict[str, Any] = {}
         for name, step in steps:
-            found, pos = _read(step, value, pos)
-            if name is not None:
-                out[name] = found
+            if name is None:
+                pos = _skip(step, value, pos)
+            else:
+                out[name], pos = _read(step, value, pos)
         return out, pos
 
     def read(value: bytes) -> Prefix | None:
@@ -207,7 +236,7 @@ def _make_reader(
             return "c", out
         assert tail is not None
         for step in tail:
-            _, pos = _read(step, value, pos)
+            pos = _skip(step, value, pos)
         if value[pos] != 0:  # unchanged: a non-empty array (some TOAST columns not sent)
             return None
         return "u", out

@@ -198,6 +198,12 @@ def buckets_for_row(rules: Rules, table: str, row: Mapping[str, Any]) -> frozens
     return _placer(rules).buckets(table, row)
 
 
+def row_placer(rules: Rules) -> Callable[[str, Mapping[str, Any]], frozenset[str]]:
+    """:func:`buckets_for_row` of ``rules`` as one function (table, row → bucket ids),
+    without looking the rule set's memo up at each call."""
+    return _placer(rules).buckets
+
+
 def lookup_refs(rules: Rules, changes: Sequence[RowChange]) -> set[RowRef]:
     """The rows whose remembered state :func:`plan_changes` needs for ``changes``.
 
