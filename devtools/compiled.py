@@ -9,7 +9,7 @@ the column values and their checks (``core/values.py``), and in ``relay/upstream
 write rules, the validation of entries, the conflict policies and the three-way merge (the
 applier's I/O modules around them stay Python; the device agent imports none of them).
 The per-change code of the relay's bucket engine: the Avro reader that runs a program
-compiled from each writer schema (``core/avro_reader.py``) and the insert prefilter
+compiled from each writer schema (``core/avro_reader.py``) and the event prefilter
 (``relay/downstream/event_prefilter.py``).
 
 They are ordinary typed Python (``mypy --strict`` clean); mypyc compiles them into C extension
