@@ -93,13 +93,19 @@ def _step(schema: Any, readable: bool) -> Step:
     raise _Unsupported(kind)  # records, arrays and maps are never skipped here
 
 
+def _branch(branches: tuple[Step, ...], data: bytes, pos: int) -> tuple[Step, int]:
+    """The step of the union branch whose index is at ``pos``, and the position after it."""
+    index, pos = read_long(data, pos)
+    if index < 0:
+        raise ValueError(f"union branch {index}")
+    return branches[index], pos
+
+
 def _read(step: Step, data: bytes, pos: int) -> tuple[Any, int]:
     kind, arg = step
     if kind == _UNION:
-        index, pos = read_long(data, pos)
-        if index < 0:
-            raise ValueError(f"union branch {index}")
-        return _read(arg[index], data, pos)
+        branch, pos = _branch(arg, data, pos)
+        return _read(branch, data, pos)
     if kind == _LONG:
         return read_long(data, pos)
     if kind == _STRING or kind == _BYTES:
@@ -124,10 +130,8 @@ def _skip(step: Step, data: bytes, pos: int) -> int:
     """The position after the value of ``step`` at ``pos`` (read past, nothing made of it)."""
     kind, arg = step
     if kind == _UNION:
-        index, pos = read_long(data, pos)
-        if index < 0:
-            raise ValueError(f"union branch {index}")
-        return _skip(arg[index], data, pos)
+        branch, pos = _branch(arg, data, pos)
+        return _skip(branch, data, pos)
     if kind == _LONG or kind == _ENUM:
         return read_long(data, pos)[1]
     if kind == _STRING or kind == _BYTES:
