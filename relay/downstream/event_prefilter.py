@@ -21,11 +21,12 @@ event's op:
   no column is unchanged TOAST (the rest of ``after`` is skipped to read ``unchanged``);
 - ``d`` (a delete): the columns of ``before`` (its key columns are real ones);
 
-and ``None`` for any other event (the caller decodes it in full).  Updates and deletes are
-read only when ``key`` names the table's key columns and those are of the types above.  A
-schema whose placement columns have another type (decimals, bytes, arrays...) or whose
-envelope is laid out otherwise gets no reader; one where a column after the wanted ones
-cannot be skipped (records, arrays, maps) gets a reader of inserts and deletes only.
+and ``None`` for any other event, or bytes without the single-object marker (the caller
+decodes it in full). Updates and deletes are read only when ``key`` names the table's key
+columns and those are of the types above. A schema whose placement columns have another type
+(decimals, bytes, arrays...) or whose envelope is laid out otherwise gets no reader; one
+where a column after the wanted ones cannot be skipped (records, arrays, maps) gets a reader
+of inserts and deletes only.
 
 Pure: no I/O; a reader keeps no state, so it may be shared between threads.
 """
@@ -38,7 +39,7 @@ from typing import Any, Final
 
 import fastavro
 
-from core.avro_envelope import HEADER_LEN
+from core.avro_envelope import HEADER_LEN, MAGIC
 from core.avro_reader import read_long
 
 Prefix = tuple[str, dict[str, Any]]
@@ -219,6 +220,8 @@ def _make_reader(
         return out, pos
 
     def read(value: bytes) -> Prefix | None:
+        if value[:2] != MAGIC:  # not single-object encoded: the full decode says so
+            return None
         size, pos = read_long(value, HEADER_LEN)
         if size != 1:
             return None

@@ -181,6 +181,7 @@ def test_events_the_prefix_does_not_tell_are_decoded_in_full() -> None:
         CODEC.encode_change("u", row, row, SOURCE, 0, before_kind="full")[1],  # old row
         CODEC.encode_change("c", row, row, SOURCE, 0, before_kind="full")[1],
         CODEC.encode_truncate(SOURCE, 0),
+        b"\x00\x00" + CODEC.encode_change("u", None, row, SOURCE, 0)[1][2:],  # no marker
     ]
     for module in BUILDS:
         reader = module.compile_prefix_reader(SCHEMA, ["tech"], ["id"])
