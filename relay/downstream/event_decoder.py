@@ -92,8 +92,8 @@ class EventDecoder:
         whose new row no rule places, the change with its key and no row (the row lands in
         no bucket); for a delete, the change with its key.  :attr:`Skimmed.NOWHERE` for an
         insert whose row no rule places; :attr:`Skimmed.DECODE` for anything else (and
-        where that cannot be told without decoding the event).  No ``origin`` or commit
-        time is read."""
+        where that cannot be told without decoding the event).  The change is the decoded
+        one without its row: same key, origin and commit time."""
         cache = (bytes(value[2:HEADER_LEN]), table)
         reader = self._prefix.get(cache, _UNKNOWN)
         if reader is _UNKNOWN:
@@ -102,19 +102,25 @@ class EventDecoder:
             return _DECODE
         try:
             found = reader(value)
-        except (IndexError, ValueError, struct.error):  # the full decode names it
+        except (IndexError, ValueError, TypeError, struct.error):  # the full decode names it
             return _DECODE
         if found is None:
             return _DECODE
-        op, columns = found
+        op, columns, committed, origin = found
         try:
             if op == "d":
-                return RowChange(table, _DELETE, position, self._key_of(table, columns))
+                key = self._key_of(table, columns)
+                return RowChange(
+                    table, _DELETE, position, key, None, None, (), None, False, origin, committed
+                )
             if self._buckets(table, columns):
                 return _DECODE
             if op == "c":
                 return _NOWHERE
-            return RowChange(table, _UPSERT, position, self._key_of(table, columns))
+            key = self._key_of(table, columns)
+            return RowChange(
+                table, _UPSERT, position, key, None, None, (), None, False, origin, committed
+            )
         except RowError:
             return _DECODE
 

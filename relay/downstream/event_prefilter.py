@@ -42,13 +42,14 @@ import fastavro
 from core.avro_envelope import HEADER_LEN, MAGIC
 from core.avro_reader import read_long
 
-Prefix = tuple[str, dict[str, Any]]
-"""An event's op (``c``, ``u`` or ``d``) and its wanted columns (PostgreSQL names)."""
+Prefix = tuple[str, dict[str, Any], int | None, str | None]
+"""An event's op (``c``, ``u`` or ``d``), its wanted columns (PostgreSQL names), and for an
+update or a delete its ``source.commit_ts_us`` and ``source.origin`` (None for an insert)."""
 PrefixReader = Callable[[bytes], Prefix | None]
 """Event value bytes → its :data:`Prefix`, or None (decode it in full)."""
 
 _READABLE: Final = frozenset({"null", "boolean", "int", "long", "float", "double", "string"})
-_ENVELOPE_PREFIX: Final = ("op", "before", "before_kind", "after", "unchanged")
+_ENVELOPE_PREFIX: Final = ("op", "before", "before_kind", "after", "unchanged", "source")
 
 # A field program step: (kind, argument); kinds below.
 _NULL, _BOOL, _LONG, _FLOAT, _DOUBLE, _STRING, _BYTES, _FIXED, _ENUM, _UNION = range(10)
@@ -169,7 +170,7 @@ def _compile(
     try:
         expanded: Any = fastavro.parse_schema(dict(schema), expand=True)
         fields = expanded["fields"]
-        if tuple(f["name"] for f in fields[:5]) != _ENVELOPE_PREFIX:
+        if tuple(f["name"] for f in fields[:6]) != _ENVELOPE_PREFIX:
             return None
         before, after = fields[1]["type"], fields[3]["type"]
         if not (isinstance(before, list) and len(before) == 2 and before[0] == "null"):
@@ -192,13 +193,42 @@ def _compile(
         before_kind = _step(fields[2]["type"], readable=False)
     except (_Unsupported, KeyError, TypeError, ValueError, IndexError):
         return None
-    tail: list[Step] | None = None
+    rest: _Rest | None = None
     if key:
         try:
-            tail = [_step(c["type"], readable=False) for c in columns[last:]]
-        except (_Unsupported, KeyError, TypeError, ValueError):
-            tail = None
-    return _make_reader(before_kind, steps, bool(key), tail)
+            rest = _Rest(
+                [_step(c["type"], readable=False) for c in columns[last:]],
+                _source_steps(fields[5]["type"]),
+            )
+        except (_Unsupported, KeyError, TypeError, ValueError, IndexError):
+            rest = None
+    return _make_reader(before_kind, steps, rest)
+
+
+_SOURCE_WANTED: Final = ("commit_ts_us", "origin")
+
+
+def _source_steps(source: Any) -> list[tuple[int, Step]]:
+    """The steps reading ``source`` up to its ``commit_ts_us`` and ``origin``: (1, step)
+    reads ``commit_ts_us``, (2, step) ``origin``, (0, step) skips a field."""
+    names = [f["name"] for f in source["fields"]]
+    last = max(names.index(n) for n in _SOURCE_WANTED) + 1
+    return [
+        (
+            _SOURCE_WANTED.index(n) + 1 if n in _SOURCE_WANTED else 0,
+            _step(f["type"], n in _SOURCE_WANTED),
+        )
+        for n, f in zip(names[:last], source["fields"][:last], strict=True)
+    ]
+
+
+class _Rest:
+    """What an update's or a delete's read goes on with after the wanted columns: the
+    steps skipping the rest of the row, and those reading ``source``."""
+
+    def __init__(self, tail: list[Step], source: list[tuple[int, Step]]) -> None:
+        self.tail = tail
+        self.source = source
 
 
 _C: Final = 0x63
@@ -208,7 +238,7 @@ _D: Final = 0x64
 
 
 def _make_reader(
-    before_kind: Step, steps: list[tuple[str | None, Step]], keyed: bool, tail: list[Step] | None
+    before_kind: Step, steps: list[tuple[str | None, Step]], rest: _Rest | None
 ) -> PrefixReader:
     def columns(value: bytes, pos: int) -> tuple[dict[str, Any], int]:
         out: dict[str, Any] = {}
@@ -219,6 +249,31 @@ def _make_reader(
                 out[name], pos = _read(step, value, pos)
         return out, pos
 
+    def finish(op: str, row: dict[str, Any], value: bytes, pos: int) -> Prefix | None:
+        """The rest of an update or a delete past the wanted columns at ``pos``: ``None``
+        when some column is unchanged TOAST."""
+        assert rest is not None
+        for step in rest.tail:
+            pos = _skip(step, value, pos)
+        if op == "d":
+            pos = _skip(before_kind, value, pos)
+            if value[pos] != 0:  # after: a row
+                return None
+            pos += 1
+        if value[pos] != 0:  # unchanged: a non-empty array (some TOAST columns not sent)
+            return None
+        pos += 1
+        committed: Any = None
+        origin: Any = None
+        for which, step in rest.source:
+            if which == 0:
+                pos = _skip(step, value, pos)
+            elif which == 1:
+                committed, pos = _read(step, value, pos)
+            else:
+                origin, pos = _read(step, value, pos)
+        return op, row, committed, origin
+
     def read(value: bytes) -> Prefix | None:
         if value[:2] != MAGIC:  # not single-object encoded: the full decode says so
             return None
@@ -228,24 +283,20 @@ def _make_reader(
         op = value[pos]
         pos += 1
         if op == _D:
-            if not keyed or value[pos] != 2:  # before: union branch 1 (zigzag 2), the row
+            if rest is None or value[pos] != 2:  # before: union branch 1 (zigzag 2), the row
                 return None
-            return "d", columns(value, pos + 1)[0]
-        if op != _C and (tail is None or (op != _U and op != _R)):
+            row, pos = columns(value, pos + 1)
+            return finish("d", row, value, pos)
+        if op != _C and (rest is None or (op != _U and op != _R)):
             return None
         if value[pos] != 0:  # an old row: a key change, or REPLICA IDENTITY FULL
             return None
-        _, pos = _read(before_kind, value, pos + 1)
+        pos = _skip(before_kind, value, pos + 1)
         if value[pos] != 2:  # after: union branch 1 (zigzag 2), the row
             return None
-        out, pos = columns(value, pos + 1)
+        row, pos = columns(value, pos + 1)
         if op == _C:
-            return "c", out
-        assert tail is not None
-        for step in tail:
-            pos = _skip(step, value, pos)
-        if value[pos] != 0:  # unchanged: a non-empty array (some TOAST columns not sent)
-            return None
-        return "u", out
+            return "c", row, None, None
+        return finish("u", row, value, pos)
 
     return read
