@@ -12,21 +12,23 @@ value (core/avro_envelope.py) is ``op``, ``before``, ``before_kind``, ``after``,
 the wanted columns (the placement columns and, given ``key``, the primary key) as fastavro
 would decode them (``long``/``int`` → int, ``string`` → str, ``boolean``,
 ``float``/``double``, ``enum`` → its symbol, ``null``; dates and times are plain ints as the
-engine decodes them), reading and skipping only up to the last wanted column, with the
-event's op:
+engine decodes them), with the event's op:
 
-- ``c`` (an insert without an old row): the columns of ``after``;
+- ``c`` (an insert without an old row): the columns of ``after``, read and skipped only up
+  to the last wanted column;
 - ``u`` (an update, or a snapshot read ``r``, without an old row: the key did not change,
   and REPLICA IDENTITY FULL did not send the old row): the columns of ``after``, only when
-  no column is unchanged TOAST (the rest of ``after`` is skipped to read ``unchanged``);
+  no column is unchanged TOAST;
 - ``d`` (a delete): the columns of ``before`` (its key columns are real ones);
 
-and ``None`` for any other event, or bytes without the single-object marker (the caller
-decodes it in full). Updates and deletes are read only when ``key`` names the table's key
-columns and those are of the types above. A schema whose placement columns have another type
+and for ``u`` and ``d`` also ``source.commit_ts_us`` and ``source.origin`` (the rest of the
+row, ``unchanged`` and the start of ``source`` are skipped without making values of them);
+``None`` for any other event, or bytes without the single-object marker (the caller
+decodes it in full).  Updates and deletes are read only when ``key`` names the table's key
+columns and those are of the types above.  A schema whose wanted columns have another type
 (decimals, bytes, arrays...) or whose envelope is laid out otherwise gets no reader; one
-where a column after the wanted ones cannot be skipped (records, arrays, maps) gets a reader
-of inserts and deletes only.
+where a column after the wanted ones cannot be skipped (records, arrays, maps) gets a
+reader of inserts only.
 
 Pure: no I/O; a reader keeps no state, so it may be shared between threads.
 """
