@@ -60,6 +60,7 @@ from device_agent.derive import ApplyResult
 from device_agent.errors import (
     AuthFailed,
     DeviceAgentError,
+    KeyMismatch,
     RelayRefused,
     RelayUnreachable,
     StateError,
@@ -280,15 +281,22 @@ class Agent:
             if due is not None and due[1] is not None:
                 set_meta(conn, "outcomes_cursor", due[1])
 
-        result = apply_messages(
-            self.conn,
-            staging.staged_messages(self.conn, n_staged, msg),
-            str(msg["cursor"]),
-            reset_cursor,
-            total_ops=total,
-            finish=finish,
-            outcomes=due[0] if due is not None else (),
-        )
+        try:
+            result = apply_messages(
+                self.conn,
+                staging.staged_messages(self.conn, n_staged, msg),
+                str(msg["cursor"]),
+                reset_cursor,
+                total_ops=total,
+                finish=finish,
+                outcomes=due[0] if due is not None else (),
+            )
+        except KeyMismatch:
+            # the staged messages hold rows the local table cannot take: the next sync
+            # reads the schema again and downloads from the last applied cursor
+            with transaction(self.conn):
+                staging.clear(self.conn)
+            raise
         report.applied.append(result)
         if result.mismatched:
             self.on_event(
@@ -365,10 +373,11 @@ class Agent:
                 self._watch_poll(stop, report, poll_s, ws_broken_until if use_ws else None)
             except AuthFailed:
                 raise
-            except RelayUnreachable as exc:
+            except (RelayUnreachable, KeyMismatch) as exc:
                 failures += 1
                 delay = self._rng.uniform(0, min(max_backoff_s, 0.5 * 2**failures))
-                self.on_event(f"offline ({exc}); retrying in {delay:.1f} s")
+                why = "offline" if isinstance(exc, RelayUnreachable) else "waiting for the relay"
+                self.on_event(f"{why} ({exc}); retrying in {delay:.1f} s")
                 stop.wait(delay)
 
     def _journal_head(self) -> int:
