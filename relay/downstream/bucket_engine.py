@@ -111,7 +111,7 @@ select n.nspname || '.' || c.relname,
        array(select a.attname::text from pg_index i
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
              where i.indrelid = c.oid and i.indisprimary
-             order by array_position(i.indkey::int2[], a.attnum)),
+             order by a.attnum),
        array(select a.attname::text || ':' || bt.typname from pg_attribute a
              join pg_type t on t.oid = a.atttypid
              join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype
@@ -126,7 +126,13 @@ where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_s
 
 
 def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str, TableInfo]:
-    """Columns and primary keys of every table of the captured database (catalog read only)."""
+    """Columns and primary keys of every table of the captured database (catalog read only).
+
+    Key columns are listed in the table's column order, as the Kafka key of every change
+    event lists them (docs/events.md), not in the order of the primary key's definition:
+    rows are named by their events' keys (relay/downstream/event_decoder.py), so a primary
+    key redefined in another order, ``(site, id)`` → ``(id, site)``, names every row as
+    before."""
     import psycopg
 
     kw: dict[str, Any] = {"connect_timeout": 10}
