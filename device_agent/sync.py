@@ -2,11 +2,14 @@
 
 One sync round (:meth:`Agent.sync_once`):
 
-1. upload the journal's ``pending`` entries (oldest first, in the relay's form:
+1. read ``/v1/schema`` and migrate the local tables (device_agent/schema_sync.py): a
+   table whose key changed names its journal entries by the new key before they go up;
+2. upload the journal's ``pending`` entries (oldest first, in the relay's form:
    device_agent/journal_wire.py; at most :data:`UPLOAD_BATCH` per request; each becomes
    ``sent``, or ``failed`` with the relay's reason); a relay without the journal
-   endpoint leaves them pending;
-2. read ``/v1/schema`` and migrate the local tables (device_agent/schema_sync.py);
+   endpoint leaves them pending.  They are uploaded also when the migration is blocked
+   (:class:`~device_agent.errors.SchemaBlocked`), which unsent edits may cause: once
+   they are synced, it goes on;
 3. download changes messages from the stored cursor until one carries a complete
    checkpoint, then apply them in one transaction (device_agent/apply.py), together with
    the outcomes of sent entries read just before the download (so an outcome and the
@@ -63,6 +66,7 @@ from device_agent.errors import (
     KeyMismatch,
     RelayRefused,
     RelayUnreachable,
+    SchemaBlocked,
     StateError,
 )
 from device_agent.journal_wire import UPLOAD_BATCH, wire_entries
@@ -314,13 +318,17 @@ class Agent:
         return _download(self, report, wait_s)
 
     def sync_once(self, wait_s: float = 0.0) -> SyncReport:
-        """One round: upload, schema, download and apply (repairing mismatched buckets)."""
+        """One round: schema, upload, download and apply (repairing mismatched buckets)."""
         started = time.perf_counter()
         report = SyncReport()
         set_meta(self.conn, "last_attempt_at", str(time.time()))
         try:
+            try:
+                self.refresh_schema(report)
+            except SchemaBlocked:
+                self.upload(report)  # the edits that block it may go up and settle
+                raise
             self.upload(report)
-            self.refresh_schema(report)
             for _ in range(MAX_REPAIRS + 1):
                 result = self.download(report, wait_s)
                 if result is None or not result.mismatched:

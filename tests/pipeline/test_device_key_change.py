@@ -15,12 +15,16 @@ key whenever the relay restarted; the device re-keys its table (its unsent edit 
 stays on top, named by the new key) and ends equal to PostgreSQL.  With the relay not
 restarted yet, its rows are named by the new key while its schema still says ``(id)``: the
 device refuses the download with ``KeyMismatch`` and applies nothing, until the relay
-restarts.
+restarts.  With the journal intake and the applier (restarted with the relay): an edit made
+offline across the change is named by the new key before it goes up, applied to PostgreSQL
+and settled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +38,10 @@ from device_agent.client import RelayClient
 from device_agent.errors import KeyMismatch
 from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
+from relay.downstream.rules import Rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 from tests.device_agent.test_device_sync import FAST, sync_until
-from tests.pipeline.test_device_ddl_convergence import RULES, relay
+from tests.pipeline.test_device_ddl_convergence import RULES, Relay, relay
 
 
 def converge(
@@ -202,3 +207,97 @@ def test_device_equals_postgresql_after_the_key_changes(
         assert (count, checksum) == (int(server[name]["count"]), int(server[name]["checksum"])), (
             name
         )
+
+
+class JournalRelay(Relay):
+    """The relay with journal intake, the outcome feed and the upstream applier, restarted
+    with it (each reads the tables' keys at start)."""
+
+    def mounted(self, rules: Rules) -> list[Any]:
+        from relay.upstream.applier import Applier
+        from relay.upstream.applier_db import ApplierDb
+        from relay.upstream.intake import JournalApiConfig
+        from relay.upstream.journal_api import JournalApi
+        from relay.upstream.journal_kafka import JournalProducer
+        from relay.upstream.journal_store import JournalStore
+        from relay.upstream.outcome_feed import OutcomeFeed
+
+        self.parts = contextlib.ExitStack()
+        jstore = JournalStore(self.store.dsn)
+        jstore.migrate()
+        self.parts.callback(jstore.close)
+        kafka = {"bootstrap_servers": self.kafka}
+        config = JournalApiConfig(prefix=self.prefix, long_poll_s=1, kafka_timeout_s=10)
+        feed = OutcomeFeed(jstore, kafka, self.prefix, refresh_s=0.5)
+        journal = JournalApi(rules, jstore, JournalProducer(kafka, config), config, feed=feed)
+        self.parts.callback(journal.close)
+        applier = Applier(
+            ApplierDb(self.pg_dsn, self.rules_path, None),
+            kafka=kafka,
+            prefix=self.prefix,
+            batch_max_ms=20,
+            topic_refresh_s=0.5,
+        )
+        thread = threading.Thread(target=applier.run, daemon=True)
+        thread.start()
+        self.parts.callback(applier.close)
+        self.parts.callback(thread.join, 30)
+        self.parts.callback(applier.request_stop)
+        self.parts.enter_context(feed.running())
+        return [journal]
+
+    def stop(self) -> None:
+        super().stop()
+        self.parts.close()
+
+
+def test_an_edit_made_offline_across_a_key_change_goes_up_under_the_new_key(
+    tmp_path: Path, pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The device edits row 5 while the primary key is redefined and the relay restarts:
+    its next sync names the edit by the new key before uploading it, and the applier writes
+    it to PostgreSQL; it comes back through cdc and settles."""
+    rules_path = tmp_path / "rules.toml"
+    rules_path.write_text(RULES)
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        pg.execute(ID_KEY)
+        pg.execute(
+            "insert into gauges select g, 'plant-' || (g % 3), g * 10 from generate_series(1, 23) g"
+        )
+        settings = make_settings(
+            pg_dsn, kafka_bootstrap, topic_prefix, cdc_ddl_check_interval_s="0.3"
+        )
+        with (
+            running_daemon(settings),
+            relay(pg_dsn, store_dsn, rules_path, kafka_bootstrap, topic_prefix, JournalRelay) as (
+                r,
+                url,
+            ),
+        ):
+            token = r.token()
+            path = tmp_path / "device.db"
+            init_database(str(path), url, token, client=RelayClient(url, token, retry=FAST))
+            agent = Agent(str(path), retry=FAST)
+            try:
+                sync_until(agent, lambda: device_rows(agent) == pg_rows(pg), "every row")
+                with sqlite3.connect(path) as app:  # offline: not uploaded yet
+                    app.execute("update gauges set qty = 777 where id = 5")
+                pg.execute(TO_SITE_ID)
+                r.restart()
+                mismatches: list[str] = []
+                converge(
+                    agent,
+                    lambda: (
+                        agent.conn.execute(f"select status from {PREFIX}journal").fetchall()
+                        == [("synced",)]
+                        and device_rows(agent) == pg_rows(pg)
+                    ),
+                    "the edit to reach PostgreSQL under the new key and settle",
+                    mismatches,
+                )
+                journal = agent.conn.execute(f"select k, status from {PREFIX}journal").fetchall()
+                qty = pg.execute("select qty from gauges where id = 5").fetchone()
+            finally:
+                agent.close()
+    assert journal == [('[5,"plant-2"]', "synced")]
+    assert qty == (777,)
