@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,45 @@ def pg_rows(conn: psycopg.Connection[Any], edited: bool = False) -> list[tuple[s
     """PostgreSQL's rows (``edited``: with the device's unsent edit of row 5 on top)."""
     rows = conn.execute("select id, site, qty from gauges").fetchall()
     return sorted((str(i), s, 777 if edited and i == 5 else q) for i, s, q in rows)
+
+
+@contextlib.contextmanager
+def synced_gauges(
+    tmp_path: Path,
+    pg_dsn: str,
+    store_dsn: str,
+    kafka: str,
+    prefix: str,
+    create: str,
+    kind: type[Relay] = Relay,
+) -> Iterator[tuple[psycopg.Connection[Any], Relay, Agent]]:
+    """Table ``gauges`` (``create``, 23 rows) captured by cdc, a relay (``kind``) and a
+    device (``tmp_path / "device.db"``) holding every row."""
+    rules_path = tmp_path / "rules.toml"
+    rules_path.write_text(RULES)
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        pg.execute(create)
+        pg.execute(
+            "insert into gauges select g, 'plant-' || (g % 3), g * 10 from generate_series(1, 23) g"
+        )
+        settings = make_settings(
+            pg_dsn, kafka, prefix, cdc_ddl_check_interval_s="0.3", cdc_resnapshot_chunk_rows="5"
+        )
+        with (
+            running_daemon(settings),
+            relay(pg_dsn, store_dsn, rules_path, kafka, prefix, kind) as (r, url),
+        ):
+            token = r.token()
+            path = str(tmp_path / "device.db")
+            init_database(path, url, token, client=RelayClient(url, token, retry=FAST))
+            agent = Agent(path, retry=FAST)
+            try:
+                sync_until(
+                    agent, lambda: device_rows(agent) == pg_rows(pg), "every row", timeout=60
+                )
+                yield pg, r, agent
+            finally:
+                agent.close()
 
 
 ID_KEY = "create table gauges (id int primary key, site text not null, qty int not null)"
@@ -132,70 +171,42 @@ def test_device_equals_postgresql_after_the_key_changes(
     kafka_bootstrap: str,
     topic_prefix: str,
 ) -> None:
-    rules_path = tmp_path / "rules.toml"
-    rules_path.write_text(RULES)
-    with psycopg.connect(pg_dsn, autocommit=True) as pg:
-        pg.execute(create)
-        pg.execute(
-            "insert into gauges select g, 'plant-' || (g % 3), g * 10 from generate_series(1, 23) g"
+    with synced_gauges(tmp_path, pg_dsn, store_dsn, kafka_bootstrap, topic_prefix, create) as (
+        pg,
+        r,
+        agent,
+    ):
+        if edit:  # the relay has no journal intake: the edit stays pending
+            with sqlite3.connect(tmp_path / "device.db") as app:
+                app.execute("update gauges set qty = 777 where id = 5")
+        pg.execute(statement)
+        pg.execute("insert into gauges values ('99', 'plant-9', 1)")
+        pg.execute("update gauges set qty = qty + 1 where id::text = '7'")
+        pg.execute("delete from gauges where id::text = '8'")
+        if restart:
+            r.restart()
+        mismatches: list[str] = []
+        if not restart:
+            # rows named by (id, site) while the relay's schema still says (id): the
+            # device refuses the download, precisely, and applies nothing of it
+            before = device_rows(agent)
+            converge(agent, lambda: False, "a key mismatch", mismatches, until_mismatch=True)
+            assert "public.gauges: the relay's buckets hold the row [" in mismatches[0]
+            assert "other key columns than the table's key (id)" in mismatches[0]
+            assert device_rows(agent) == before
+            r.restart()
+        converge(
+            agent,
+            lambda: device_rows(agent) == pg_rows(pg, edited=edit),
+            "the device to equal PostgreSQL after the key changed",
+            mismatches,
         )
-        settings = make_settings(
-            pg_dsn,
-            kafka_bootstrap,
-            topic_prefix,
-            cdc_ddl_check_interval_s="0.3",
-            cdc_resnapshot_chunk_rows="5",
-        )
-        with (
-            running_daemon(settings),
-            relay(pg_dsn, store_dsn, rules_path, kafka_bootstrap, topic_prefix) as (r, url),
-        ):
-            token = r.token()
-            path = tmp_path / "device.db"
-            init_database(str(path), url, token, client=RelayClient(url, token, retry=FAST))
-            agent = Agent(str(path), retry=FAST)
-            try:
-                sync_until(
-                    agent,
-                    lambda: device_rows(agent) == pg_rows(pg),
-                    "the device to hold every row",
-                    timeout=60,
-                )
-                if edit:  # the relay has no journal intake: the edit stays pending
-                    with sqlite3.connect(path) as app:
-                        app.execute("update gauges set qty = 777 where id = 5")
-                pg.execute(statement)
-                pg.execute("insert into gauges values ('99', 'plant-9', 1)")
-                pg.execute("update gauges set qty = qty + 1 where id::text = '7'")
-                pg.execute("delete from gauges where id::text = '8'")
-                if restart:
-                    r.restart()
-                mismatches: list[str] = []
-                if not restart:
-                    # rows named by (id, site) while the relay's schema still says (id): the
-                    # device refuses the download, precisely, and applies nothing of it
-                    before = device_rows(agent)
-                    converge(
-                        agent, lambda: False, "a key mismatch", mismatches, until_mismatch=True
-                    )
-                    assert "public.gauges: the relay's buckets hold the row [" in mismatches[0]
-                    assert "other key columns than the table's key (id)" in mismatches[0]
-                    assert device_rows(agent) == before
-                    r.restart()
-                converge(
-                    agent,
-                    lambda: device_rows(agent) == pg_rows(pg, edited=edit),
-                    "the device to equal PostgreSQL after the key changed",
-                    mismatches,
-                )
-                agent.sync_once()
-                server = agent.client.checkpoint()["buckets"]
-                mine = local_checksums(agent.conn)
-                final = device_rows(agent)
-                (local_key,) = agent.conn.execute("select key from _fieldsync_tables").fetchone()
-                journal = agent.conn.execute(f"select k, status from {PREFIX}journal").fetchall()
-            finally:
-                agent.close()
+        agent.sync_once()
+        server = agent.client.checkpoint()["buckets"]
+        mine = local_checksums(agent.conn)
+        final = device_rows(agent)
+        (local_key,) = agent.conn.execute("select key from _fieldsync_tables").fetchone()
+        journal = agent.conn.execute(f"select k, status from {PREFIX}journal").fetchall()
     assert orjson.loads(local_key) == key
     named = {"id": 5, "site": "plant-2"}
     k = named["id"] if key == ["id"] else orjson.dumps([named[c] for c in key]).decode()
@@ -257,47 +268,25 @@ def test_an_edit_made_offline_across_a_key_change_goes_up_under_the_new_key(
     """The device edits row 5 while the primary key is redefined and the relay restarts:
     its next sync names the edit by the new key before uploading it, and the applier writes
     it to PostgreSQL; it comes back through cdc and settles."""
-    rules_path = tmp_path / "rules.toml"
-    rules_path.write_text(RULES)
-    with psycopg.connect(pg_dsn, autocommit=True) as pg:
-        pg.execute(ID_KEY)
-        pg.execute(
-            "insert into gauges select g, 'plant-' || (g % 3), g * 10 from generate_series(1, 23) g"
-        )
-        settings = make_settings(
-            pg_dsn, kafka_bootstrap, topic_prefix, cdc_ddl_check_interval_s="0.3"
-        )
-        with (
-            running_daemon(settings),
-            relay(pg_dsn, store_dsn, rules_path, kafka_bootstrap, topic_prefix, JournalRelay) as (
-                r,
-                url,
+    with synced_gauges(
+        tmp_path, pg_dsn, store_dsn, kafka_bootstrap, topic_prefix, ID_KEY, JournalRelay
+    ) as (pg, r, agent):
+        with sqlite3.connect(tmp_path / "device.db") as app:  # offline: not uploaded yet
+            app.execute("update gauges set qty = 777 where id = 5")
+        pg.execute(TO_SITE_ID)
+        r.restart()
+        mismatches: list[str] = []
+        converge(
+            agent,
+            lambda: (
+                agent.conn.execute(f"select status from {PREFIX}journal").fetchall()
+                == [("synced",)]
+                and device_rows(agent) == pg_rows(pg)
             ),
-        ):
-            token = r.token()
-            path = tmp_path / "device.db"
-            init_database(str(path), url, token, client=RelayClient(url, token, retry=FAST))
-            agent = Agent(str(path), retry=FAST)
-            try:
-                sync_until(agent, lambda: device_rows(agent) == pg_rows(pg), "every row")
-                with sqlite3.connect(path) as app:  # offline: not uploaded yet
-                    app.execute("update gauges set qty = 777 where id = 5")
-                pg.execute(TO_SITE_ID)
-                r.restart()
-                mismatches: list[str] = []
-                converge(
-                    agent,
-                    lambda: (
-                        agent.conn.execute(f"select status from {PREFIX}journal").fetchall()
-                        == [("synced",)]
-                        and device_rows(agent) == pg_rows(pg)
-                    ),
-                    "the edit to reach PostgreSQL under the new key and settle",
-                    mismatches,
-                )
-                journal = agent.conn.execute(f"select k, status from {PREFIX}journal").fetchall()
-                qty = pg.execute("select qty from gauges where id = 5").fetchone()
-            finally:
-                agent.close()
+            "the edit to reach PostgreSQL under the new key and settle",
+            mismatches,
+        )
+        journal = agent.conn.execute(f"select k, status from {PREFIX}journal").fetchall()
+        qty = pg.execute("select qty from gauges where id = 5").fetchone()
     assert journal == [('[5,"plant-2"]', "synced")]
     assert qty == (777,)
