@@ -3,7 +3,10 @@
 primary key of ``public.gauges`` is redefined from ``(id)`` to ``(site, id)``, the events
 written under the old key (inserts, cdc's deletes of the old keys) name ``[5]`` and those
 under the new key ``[5, "plant-2"]`` (key columns in the table's column order), for a relay
-started before the change and for one started after it."""
+started before the change and for one started after it; applied by the planner, the rows
+held in the end are those of the new key wherever the relay restarted (before the change,
+between cdc's deletes of the old keys and the rows sent again, never, or a store rebuilt
+from the topic)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from core.errors import DecodeError
 from core.pg_types import ColumnSpec, MappingCatalog
 from relay.downstream.bucket_store import ChangeKind
 from relay.downstream.event_decoder import EventDecoder
+from relay.downstream.planner import RowRef, RowState, plan_changes
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping
 from relay.errors import RowError
@@ -107,3 +111,29 @@ def test_a_row_lacking_a_column_of_its_key_schema_is_a_row_error() -> None:
     key, _ = NEW.encode_change("c", None, ["5", "plant-2", "50"], SOURCE, 0)
     with pytest.raises(RowError, match=r"no column 'site' of its event's key schema \(id, site\)"):
         decoder._key_of(TABLE, {"id": 5}, decoder.key_columns(key))
+
+
+@pytest.mark.parametrize("restart_at", range(7))
+def test_the_store_ends_with_the_rows_of_the_new_key_wherever_the_relay_restarted(
+    restart_at: int,
+) -> None:
+    """Events of ``gauges`` before and after its key changed, applied by the planner with the
+    rules of a relay started before the change (``(id)``) up to event ``restart_at`` and
+    after it (``(id, site)``) from there on: 0 is a store rebuilt from the topic, 4 a
+    restart between cdc's deletes of the old keys and the rows sent again, 6 no restart."""
+    events = [
+        OLD.encode_change("c", None, ["5", "plant-2", "50"], SOURCE, 0),
+        OLD.encode_change("c", None, ["6", "plant-0", "60"], SOURCE, 0),
+        OLD.encode_change("d", ["6", None, None], None, SOURCE, 0),  # before the key change
+        OLD.encode_change("d", ["5", None, None], None, RETIRE, 0),  # cdc's delete of [5]
+        NEW.encode_change("r", None, ["5", "plant-2", "50"], SOURCE, 0),
+        NEW.encode_change("c", None, ["7", "plant-1", "70"], SOURCE, 0),
+    ]
+    states: dict[RowRef, RowState] = {}
+    for i, (key, value) in enumerate(events):
+        loaded = rules(("id",) if i < restart_at else ("id", "site"))
+        change = EventDecoder(registry(), loaded).change(value, (i + 1, 0), key)
+        plan = plan_changes(loaded, [change], states, {})
+        states.update(plan.resolve(100 * (i + 1)))
+    held = sorted(ref[1] for ref, state in states.items() if state.entries)
+    assert held == ['[5,"plant-2"]', '[7,"plant-1"]']
