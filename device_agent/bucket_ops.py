@@ -18,6 +18,12 @@ tables several rules serve) is marked dirty and derived again by
 :class:`device_agent.derive.RowDeriver`.  Column kinds are learned from the first
 non-null value of each column (device_agent/local_db.py).
 
+An op whose ``key`` is not the table's key columns of its row (another number of values,
+or not the values its data has there: the table's key changed, docs/device-agent.md
+"Schema changes") only counts for its bucket: its hold is recorded and dropped again by
+its REMOVE, the table is not touched; one still held at the end of the apply refuses it
+(:meth:`OpWriter.check_keys`, :class:`~device_agent.errors.KeyMismatch`).
+
 At the end of an apply :meth:`BucketLedger.verify` compares each complete bucket's count
 and checksum with the checkpoint's; :func:`local_checksums` recomputes them from
 ``_fieldsync_rows`` for ``device-agent verify``.  Terms are stored as signed 64-bit
