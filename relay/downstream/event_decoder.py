@@ -231,6 +231,28 @@ class EventDecoder:
         )
 
 
+def schema_key(schema: Mapping[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """``("schema.table", key columns)`` of a cdc key schema; None for any other schema."""
+    found = key_schema_columns(schema)
+    if found is None:
+        return None
+    return f"{schema['pg.schema']}.{schema['pg.table']}", tuple(found.values())
+
+
+def stale_keys(
+    latest: Mapping[str, tuple[str, ...]], rules: Rules
+) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Tables the rules place whose latest key schema (``latest``: table → key columns, in
+    the order of ``{prefix}._schemas``) lists other columns than the key the rules were
+    loaded with: table → (loaded key, latest key).  Rows of such a table are named by the
+    new key while ``/v1/schema`` lists the loaded one, until the relay restarts."""
+    out = {}
+    for table in sorted(rules.tables):
+        if table in latest and latest[table] != rules.table_info(table).key:
+            out[table] = (rules.table_info(table).key, latest[table])
+    return out
+
+
 def _renamed(row: Any, rename: Mapping[str, str] | None) -> dict[str, Any] | None:
     if row is None:
         return None

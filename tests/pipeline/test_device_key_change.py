@@ -165,6 +165,7 @@ def test_device_equals_postgresql_after_the_key_changes(
     restart: bool,
     key: list[str],
     edit: bool,
+    caplog: pytest.LogCaptureFixture,
     tmp_path: Path,
     pg_dsn: str,
     store_dsn: str,
@@ -194,6 +195,11 @@ def test_device_equals_postgresql_after_the_key_changes(
             assert "public.gauges: the relay's buckets hold the row [" in mismatches[0]
             assert "other key columns than the table's key (id)" in mismatches[0]
             assert device_rows(agent) == before
+            assert any(
+                "public.gauges's primary key is now (id, site), this relay loaded (id)"
+                in rec.getMessage()
+                for rec in caplog.records
+            ), "the engine warns that the relay needs a restart"
             r.restart()
         converge(
             agent,

@@ -10,13 +10,15 @@ from the topic)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from core.avro_envelope import HEADER_LEN, MAGIC, SchemaRegistry, Source, TableCodec
 from core.errors import DecodeError
 from core.pg_types import ColumnSpec, MappingCatalog
 from relay.downstream.bucket_store import ChangeKind
-from relay.downstream.event_decoder import EventDecoder
+from relay.downstream.event_decoder import EventDecoder, schema_key, stale_keys
 from relay.downstream.planner import RowRef, RowState, plan_changes
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping
@@ -137,3 +139,12 @@ def test_the_store_ends_with_the_rows_of_the_new_key_wherever_the_relay_restarte
         states.update(plan.resolve(100 * (i + 1)))
     held = sorted(ref[1] for ref, state in states.items() if state.entries)
     assert held == ['[5,"plant-2"]', '[7,"plant-1"]']
+
+
+def test_tables_whose_latest_key_is_not_the_loaded_one_are_stale() -> None:
+    assert OLD.key_schema_json is not None and NEW.key_schema_json is not None
+    assert schema_key(json.loads(NEW.key_schema_json)) == (TABLE, ("id", "site"))
+    assert schema_key(json.loads(NEW.value_schema_json)) is None
+    assert stale_keys({TABLE: ("id", "site")}, rules(("id",))) == {TABLE: (("id",), ("id", "site"))}
+    assert stale_keys({TABLE: ("id", "site")}, rules(("id", "site"))) == {}
+    assert stale_keys({"public.other": ("x",)}, rules(("id",))) == {}, "not ruled"
