@@ -35,7 +35,7 @@ are written as delete events (:func:`cdc.recovery_deletes.delete_value`, ``sourc
 follows a change of a row with the same key text (a row inserted after *S* under the new
 key with an old key's text keeps it: its insert comes after the delete).  Every row of now
 is then sent again, chunk by chunk, after the deletes: a consumer that names rows by other
-columns than the new key (a relay still using the old key columns: ``[5]`` under both) may
+columns than the new key (one still using the old key columns: ``[5]`` under both) may
 see a row removed and then put back, never removed for good.  Every consumer, whether it
 identifies rows by Kafka key bytes (compaction), by key text (the relay) or by the key
 fields of each event's schema (replay), ends with PostgreSQL's rows.

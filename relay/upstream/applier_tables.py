@@ -67,9 +67,10 @@ class TableMeta:
     ) -> None:
         self.name = name
         self.schema, _, self.table = name.partition(".")
-        ordered = sorted((c for c in columns if c[4] > 0), key=lambda c: c[4])
         self.columns: tuple[str, ...] = tuple(c[0] for c in columns)
-        self.key: tuple[str, ...] = tuple(c[0] for c in ordered)
+        # key columns in column order, as the change events' keys, the relay's rows and the
+        # devices' entries list them (relay/downstream/bucket_engine.py)
+        self.key: tuple[str, ...] = tuple(c[0] for c in columns if c[4] > 0)
         self.info = TableInfo(self.columns, self.key)
         self.casts: dict[str, sql.Composable] = {c[0]: sql.SQL(c[3]) for c in columns}
         codec = TableCodec(
