@@ -2,9 +2,11 @@
 
 Why
 ---
-A table's Kafka key is its primary-key columns in the key schema of now.  When that
-schema changes (``ALTER COLUMN id TYPE text``: ``5`` becomes ``'5'``; the primary key
-redefined: ``(id)`` becomes ``(a, b)``), the re-snapshot (:mod:`cdc.incremental_snapshot`)
+A table's Kafka key is its key columns (the replica identity index, else the primary key:
+:mod:`cdc.ddl_detection`) in the key schema of now.  When that schema changes (``ALTER
+COLUMN id TYPE text``: ``5`` becomes ``'5'``; the primary key redefined: ``(id)`` becomes
+``(a, b)``; the identity index replaced, the identity switched to or from USING INDEX),
+the re-snapshot (:mod:`cdc.incremental_snapshot`)
 sends every row again under its new key, but the rows last written under the old keys would
 stay in the compacted topic, and a consumer that identifies rows by their key values (the
 relay: ``row_key_text``, ``[5]`` and ``["5"]``) would hold both.  So a job whose table's
@@ -21,7 +23,11 @@ id * 10`` keeps the key schema).  A candidate is deleted unless a row PostgreSQL
 has the same key text (:func:`key_text`, the relay's row identity): ``int`` → ``bigint``
 keeps every key's text (``[5]``), so nothing is deleted (the compacted topic then holds a
 row's records under both key fingerprints, with the same datum, in the same partition);
-``int`` → ``text`` deletes every old key.
+``int`` → ``text`` deletes every old key.  A table left without key columns (``REPLICA
+IDENTITY FULL``, ``DEFAULT`` or ``NOTHING`` without a primary key: its events have no Kafka
+key from then on) has no row with a key text: every candidate is deleted, and no row is
+sent again (a keyless table cannot be read in chunks, and consumers that fold the topic by
+key hold none of its rows).
 
 When and where
 --------------
@@ -60,6 +66,7 @@ from core.errors import DecodeError, SchemaError
 from core.row_wire import row_key_text
 
 __all__ = [
+    "KEYLESS_DONE",
     "RETIRE_ORIGIN",
     "KeyTexts",
     "RetireSet",
@@ -70,13 +77,19 @@ __all__ = [
 RETIRE_ORIGIN: Final = "fieldsync.retire"
 """``source.origin`` of the delete events of old keys."""
 
+KEYLESS_DONE: Final = (
+    "done: {} old key(s) deleted; the table has no key columns now (its events have no Kafka "
+    "key): its rows are not sent again"
+)
+"""The status of a job whose table lost its key columns, once its old keys are deleted."""
+
 
 def key_text(key: bytes, registry: SchemaRegistry) -> str:
     """The key values of a Kafka key as the relay names a row (``row_key_text``)."""
     return row_key_text(list(decode(key, registry).values()))
 
 
-def old_schema(keys: Mapping[bytes, bytes], key_fingerprint: bytes) -> int:
+def old_schema(keys: Mapping[bytes, bytes], key_fingerprint: bytes | None) -> int:
     """How many of ``keys`` (Kafka key → value fingerprint) are under another key schema
     than ``key_fingerprint``."""
     return sum(1 for k in keys if bytes(k[2:HEADER_LEN]) != key_fingerprint)
@@ -110,11 +123,13 @@ class KeyTexts:
 class RetireSet:
     """The candidates of one retirement, by key text: each text's Kafka keys with the value
     fingerprint of their last event, the schemas to write their deletes in, and the key
-    texts of the rows of now (in the key order the stream's changes are seen in)."""
+    texts of the rows of now (in the key order the stream's changes are seen in); ``texts``
+    None when the table has no key columns now (its events have no Kafka key: no row of now
+    has a key text, every candidate goes)."""
 
     by_text: dict[str, list[tuple[bytes, bytes]]]
     registry: SchemaRegistry
-    texts: KeyTexts
+    texts: KeyTexts | None
     key_names: tuple[str, ...]
 
     @classmethod
@@ -122,7 +137,7 @@ class RetireSet:
         cls,
         old: Mapping[bytes, bytes],
         registry: SchemaRegistry,
-        texts: KeyTexts,
+        texts: KeyTexts | None,
         key_names: tuple[str, ...],
     ) -> RetireSet:
         by_text: dict[str, list[tuple[bytes, bytes]]] = {}
@@ -136,7 +151,10 @@ class RetireSet:
 
     def window_keys(self, keys: Sequence[tuple[str, ...]] | None) -> list[tuple[str, ...]] | None:
         """A streamed change's keys (key columns' text) as window keys (key texts); None
-        when one cannot be told."""
+        when one cannot be told.  Without key columns now a change has no key, so it writes
+        no key text again: nothing to drop."""
+        if self.texts is None:
+            return []
         if keys is None:
             return None
         try:
