@@ -106,7 +106,7 @@ class TableState:
             self.rows.clear()
             self.truncated_at = pos
             return
-        key_fields = version.key_fields
+        key_fields = self.catalog.key_fields(version, ev.key_fingerprint)
         if op == "d":
             if ev.before is not None:
                 self._remove(key_id(ev.before, key_fields), bool(key_fields))

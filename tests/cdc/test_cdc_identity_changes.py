@@ -23,6 +23,8 @@ import psycopg
 import pytest
 
 from cdc.resnapshot_stream import INCREMENTAL
+from core.avro_envelope import decode
+from devtools.cdc_demo import read_schemas
 from tests.cdc.cdc_crash_workload import CrashDaemon
 from tests.cdc.cdc_support import running_daemon, wait_for
 from tests.cdc.test_cdc_cli import daemon_config, run_cli
@@ -159,7 +161,9 @@ def wait_converged(
         except psycopg.errors.ObjectNotInPrerequisiteState:
             assert change.refused, statement
     if change.after:
-        return wait_topic_equals_pg(bootstrap, prefix, conn, "u", change.after)
+        events = wait_topic_equals_pg(bootstrap, prefix, conn, "u", change.after)
+        assert_live_keys_of(bootstrap, prefix, events, change.after)
+        return events
     last: dict[str, Any] = {}
 
     def no_keyed_row() -> bool:
@@ -173,6 +177,25 @@ def wait_converged(
         raise AssertionError(f"{exc}; left: {list(last.get('live', {}).items())[:6]}") from None
     events: list[dict[str, Any]] = last["events"]
     return events
+
+
+def assert_live_keys_of(
+    bootstrap: str, prefix: str, events: list[dict[str, Any]], key: tuple[str, ...]
+) -> None:
+    """Every Kafka key the topic leaves present (its latest record not a delete) is made of
+    the key columns of now: no row is left under a key of the old identity (which the
+    table's rows, named by their values, would not show)."""
+    latest = {e["_keybytes"]: e for e in events if e["_keybytes"] is not None}
+    live = [k for k, e in latest.items() if e["op"] != "d"]
+    registry = wait_for(
+        lambda: (lambda reg: reg if all(k[2:10] in reg for k in live) else None)(
+            read_schemas(bootstrap, prefix)
+        ),
+        timeout=30,
+        what="the key schemas",
+    )
+    stale = [decode(k, registry) for k in live if tuple(decode(k, registry)) != key]
+    assert not stale, f"{len(stale)} row(s) left under a key of the old identity: {stale[:5]}"
 
 
 @pytest.mark.parametrize("what", list(CHANGES), ids=list(CHANGES))
