@@ -13,7 +13,7 @@ key's text: no delete is written.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,51 @@ def test_int_to_bigint_deletes_nothing(
     assert not [e for e in events if e["op"] == "d"]
 
 
+def crash_daemon(tmp_path: Path, dsn: str, bootstrap: str, prefix: str) -> tuple[Path, CrashDaemon]:
+    """The settings file and the daemon of the kill tests: chunks of 7 rows, and small
+    batches, so the deletes of old keys span several Kafka transactions and a kill may land
+    after some of them committed."""
+    config = daemon_config(
+        tmp_path / "cdc.toml",
+        dsn=dsn,
+        bootstrap=bootstrap,
+        prefix=prefix,
+        slot="s_" + prefix[-10:],
+        cdc={"resnapshot_chunk_rows": 7, "ddl_check_interval_s": 0.3},
+        kafka={"batch_max_events": 40},
+    )
+    return config, CrashDaemon(config, tmp_path / "daemon.log")
+
+
+def killed_at(d: CrashDaemon, faults: list[str]) -> None:
+    """Start the daemon once per fault (``point:hit``) and wait for it to kill itself there."""
+    for fault in faults:
+        d.start(fault)
+        d.wait_log(f"fault point {fault.split(':')[0]} reached: SIGKILL", timeout=120)
+        assert d.wait(30) == -9, d.log()[-3000:]
+
+
+def finished(
+    d: CrashDaemon,
+    config: Path,
+    converged: Callable[[], list[dict[str, Any]]],
+    *,
+    verify: bool = True,
+) -> list[dict[str, Any]]:
+    """Start the daemon once more: it deletes the old keys left and sends the rows;
+    ``converged`` waits for the topic to match PostgreSQL (its events are returned);
+    `fieldsync replay verify` agrees; the daemon stops cleanly."""
+    d.start()
+    d.wait_log("old key(s) deleted", timeout=120)
+    events = converged()
+    if verify:
+        result = run_cli("replay", "verify", "--config", str(config), "--wait", "60", timeout=180)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    d.signal(15)
+    assert d.wait(30) == 0, d.log()[-3000:]
+    return events
+
+
 def test_kill_9_mid_resnapshot_and_mid_retirement(
     tmp_path: Path,
     t_int: psycopg.Connection[Any],
@@ -346,18 +391,7 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
     committed, in batches of 40 events), once after a chunk of the re-snapshot is; the third
     start finishes, and the topic equals PostgreSQL
     (no old key left, no row of now deleted)."""
-    config = daemon_config(
-        tmp_path / "cdc.toml",
-        dsn=pg_dsn,
-        bootstrap=kafka_bootstrap,
-        prefix=topic_prefix,
-        slot="s_" + topic_prefix[-10:],
-        cdc={"resnapshot_chunk_rows": 7, "ddl_check_interval_s": 0.3},
-        # small batches: the deletes of old keys span several Kafka transactions, so the
-        # kill may land after some of them committed
-        kafka={"batch_max_events": 40},
-    )
-    d = CrashDaemon(config, tmp_path / "daemon.log")
+    config, d = crash_daemon(tmp_path, pg_dsn, kafka_bootstrap, topic_prefix)
     try:
         d.start()
         d.wait_streaming()
@@ -368,21 +402,13 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         writer.start()
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
         t_int.execute("alter table t alter column id type text")
-        for faults, point in (
-            ("retire_deletes:1", "retire_deletes"),
-            ("resnapshot_chunk:3", "resnapshot_chunk"),
-        ):
-            d.start(faults)
-            d.wait_log(f"fault point {point} reached: SIGKILL", timeout=120)
-            assert d.wait(30) == -9, d.log()[-3000:]
+        killed_at(d, ["retire_deletes:1", "resnapshot_chunk:3"])
         writer.finish()
-        d.start()
-        d.wait_log("old key(s) deleted", timeout=120)
-        events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",))
-        verify = run_cli("replay", "verify", "--config", str(config), "--wait", "60", timeout=180)
-        assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
-        d.signal(15)
-        assert d.wait(30) == 0, d.log()[-3000:]
+        events = finished(
+            d,
+            config,
+            lambda: wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",)),
+        )
     finally:
         d.kill()
     assert retire_deletes(events), "old keys are deleted"

@@ -11,16 +11,23 @@ from replay.events import ChangeEvent
 from replay.state import LogState
 
 UNCHANGED = object()
-CODEC = TableCodec(
-    db="app",
-    schema="public",
-    table="t",
-    columns=[ColumnSpec("id", 20, -1, True), ColumnSpec("v", 25, -1, False)],
-    catalog=MappingCatalog(),
-    unchanged_sentinel=UNCHANGED,
-    warn=lambda _m: None,
-    namespace_prefix="p",
-)
+
+
+def codec(key: str) -> TableCodec:
+    """The table ``(id, v)`` keyed by ``key``."""
+    return TableCodec(
+        db="app",
+        schema="public",
+        table="t",
+        columns=[ColumnSpec("id", 20, -1, key == "id"), ColumnSpec("v", 25, -1, key == "v")],
+        catalog=MappingCatalog(),
+        unchanged_sentinel=UNCHANGED,
+        warn=lambda _m: None,
+        namespace_prefix="p",
+    )
+
+
+CODEC = codec("id")
 
 
 def apply(
@@ -94,16 +101,7 @@ def test_rows_are_named_by_their_kafka_key_when_only_the_key_columns_changed() -
     fingerprint (``pg.key`` is a property, outside it), so ``_schemas`` holds one of the two
     versions: rows are named by the schema of their Kafka key.  The old key's delete (cdc's
     retirement) and the row sent again under the new key leave one row."""
-    by_v = TableCodec(
-        db="app",
-        schema="public",
-        table="t",
-        columns=[ColumnSpec("id", 20, -1, False), ColumnSpec("v", 25, -1, True)],
-        catalog=MappingCatalog(),
-        unchanged_sentinel=UNCHANGED,
-        warn=lambda _m: None,
-        namespace_prefix="p",
-    )
+    by_v = codec("v")
     assert by_v.value_fingerprint == CODEC.value_fingerprint
     state, catalog = new_state()  # the value schema of the (id) key is the one recorded
     assert by_v.key_schema_json is not None
