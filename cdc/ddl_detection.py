@@ -242,7 +242,10 @@ def describe_key(sig: TableSignature) -> str:
         return f"({', '.join(sig.key)})" + (" (replica identity index)" if index else "")
     if sig.identity is None:
         return "none (events have no Kafka key)"
-    return f"none (REPLICA IDENTITY {sig.identity.name} without a primary key: events have no Kafka key)"
+    return (
+        f"none (REPLICA IDENTITY {sig.identity.name} without a primary key: events have no "
+        "Kafka key)"
+    )
 
 
 def identity_warnings(old: TableSignature, new: TableSignature) -> list[str]:

@@ -62,8 +62,8 @@ class SnapshotTable:
 
 def published_tables(conn: psycopg.Connection[Any], publication: str) -> list[SnapshotTable]:
     """The tables of ``publication`` with their columns, the Kafka key columns flagged (the
-    replica identity index under USING INDEX, else the primary key: ``cdc.pg_catalog.KEY_QUERY``, the key
-    the stream's events of the table get)."""
+    replica identity index under USING INDEX, else the primary key:
+    ``cdc.pg_catalog.KEY_QUERY``, the key the stream's events of the table get)."""
     out = []
     for oid, schema, table in conn.execute(PUBLISHED_TABLES, (publication,)).fetchall():
         key = {str(r[0]) for r in conn.execute(KEY_QUERY, (oid,)).fetchall()}
