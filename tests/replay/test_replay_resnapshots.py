@@ -114,3 +114,22 @@ def test_rows_are_named_by_their_kafka_key_when_only_the_key_columns_changed() -
     table = state.tables["public.t"]
     assert sorted(table.rows) == [("a",), ("b",)]
     assert rows(state) == {1: "a", 2: "b"}
+
+
+def test_a_table_given_key_columns_drops_its_keyless_rows() -> None:
+    """A table without key columns (a multiset of rows) given some (``ADD PRIMARY KEY``,
+    ``REPLICA IDENTITY USING INDEX``): from its first keyed event on, its rows are those sent
+    under a key (cdc sends every row again), not the keyless ones as well."""
+    keyless = codec("")
+    state, catalog = new_state()
+    catalog.add(keyless.value_schema_json)
+    apply(state, catalog, "c", 10, 0, ["1", "a"], "false", keyless)
+    apply(state, catalog, "c", 11, 0, ["2", "b"], "false", keyless)
+    apply(state, catalog, "c", 12, 0, ["4", "d"], "false", keyless)
+    apply(state, catalog, "c", 20, 0, ["3", "c"], "false")  # keyed by id from here on
+    apply(state, catalog, "d", 21, 0, ["2", None], "false")  # 2 deleted after the change
+    apply(state, catalog, "r", 22, 0, ["1", "a"], "incremental")
+    apply(state, catalog, "r", 22, 1, ["3", "c"], "incremental")
+    apply(state, catalog, "r", 22, 2, ["4", "d"], "incremental")
+    assert rows(state) == {1: "a", 3: "c", 4: "d"}
+    assert sorted(state.tables["public.t"].rows) == [(1,), (3,), (4,)]
