@@ -1,7 +1,8 @@
-"""A table's row identity changes shape without a primary-key column changing: its replica
-identity index replaced, the identity switched between DEFAULT, FULL, USING INDEX and
-NOTHING, a primary key added to or dropped from a table keyed by its identity index, the
-identity index's column retyped (docs/cdc.md "A changed key", docs/events.md "Key").
+"""A table's row identity in Kafka changes shape: its replica identity index replaced or
+its column retyped, the identity switched between DEFAULT, FULL, USING INDEX and NOTHING,
+a primary key added or dropped (docs/cdc.md "A changed key", docs/events.md "Key").  The
+Kafka key is the identity index under USING INDEX, else the primary key, else none; adding
+or dropping a primary key under USING INDEX keeps it (checked too).
 
 Against the real PostgreSQL and broker, each while another session inserts, updates and
 deletes rows: the table topic read as a compacted table (the latest record of each Kafka
