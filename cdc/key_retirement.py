@@ -20,7 +20,9 @@ whose last event precedes a marker written when the job starts (after the DDL): 
 of the old key schema (no event after the DDL uses it, so none is written again), and every
 key whose value the DDL changed without a row event (``ALTER COLUMN id TYPE int USING
 id * 10`` keeps the key schema).  A candidate is deleted unless a row PostgreSQL has now
-has the same key text (:func:`key_text`, the relay's row identity): ``int`` → ``bigint``
+has the same key text (:func:`key_text`, the relay's row identity) in the same key columns
+(a key of other columns, ``{id: 5}`` where the key is ``(code)`` now, is always deleted:
+the row it names is sent again under its new key): ``int`` → ``bigint``
 keeps every key's text (``[5]``), so nothing is deleted (the compacted topic then holds a
 row's records under both key fingerprints, with the same datum, in the same partition);
 ``int`` → ``text`` deletes every old key.  A table left without key columns (``REPLICA
@@ -58,6 +60,7 @@ Concurrency: plain data and functions, used from the daemon's one thread.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -67,9 +70,11 @@ from core.row_wire import row_key_text
 
 __all__ = [
     "KEYLESS_DONE",
+    "OTHER_COLUMNS",
     "RETIRE_ORIGIN",
     "KeyTexts",
     "RetireSet",
+    "key_columns",
     "key_text",
     "old_schema",
 ]
@@ -82,6 +87,17 @@ KEYLESS_DONE: Final = (
     "key): its rows are not sent again"
 )
 """The status of a job whose table lost its key columns, once its old keys are deleted."""
+
+
+OTHER_COLUMNS: Final = "\x00other columns:"
+"""Prefix of the window text of an old key made of other columns than the key of now (key
+texts are JSON arrays: none starts with it)."""
+
+
+def key_columns(key_schema_json: str) -> tuple[str, ...]:
+    """The PostgreSQL columns of a key schema, in key order (``pg.name`` of its fields)."""
+    fields = json.loads(key_schema_json).get("fields", ())
+    return tuple(str(f.get("pg.name", f["name"])) for f in fields)
 
 
 def key_text(key: bytes, registry: SchemaRegistry) -> str:
@@ -140,9 +156,21 @@ class RetireSet:
         texts: KeyTexts | None,
         key_names: tuple[str, ...],
     ) -> RetireSet:
+        """``key_names``: the key columns of now.  A key of other columns (the identity
+        index replaced: ``{id: 5}`` where the key is ``(code)`` now) names no row of now,
+        whatever its text: it goes under a text of its own (:data:`OTHER_COLUMNS` and the
+        key's bytes), which no row and no streamed change has."""
         by_text: dict[str, list[tuple[bytes, bytes]]] = {}
+        columns: dict[bytes, tuple[str, ...]] = {}
         for key, fp in sorted(old.items()):
-            by_text.setdefault(key_text(key, registry), []).append((key, fp))
+            key_fp = bytes(key[2:HEADER_LEN])
+            if key_fp not in columns:
+                columns[key_fp] = key_columns(registry.schema_json(key_fp))
+            if texts is not None and columns[key_fp] != key_names:
+                text = OTHER_COLUMNS + key.hex()
+            else:
+                text = key_text(key, registry)
+            by_text.setdefault(text, []).append((key, fp))
         return cls(by_text, registry, texts, key_names)
 
     def gone(self, present: set[str]) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:

@@ -45,6 +45,8 @@ from tests.cdc.test_cdc_key_retirement import (
 INSERT_U = "insert into u (id, a, v) values (%s, %s::int + 500000, %s)"
 """The writer's rows: ``a`` never equals an ``id`` (a key text of one identity is never a
 key text of the other by chance)."""
+INSERT_SAME = "insert into u (id, a, v) values (%s, %s, %s)"
+"""Rows whose ``a`` equals their ``id``: each key text is one of both identities."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,11 @@ class Change:
     before: tuple[str, ...]  # the Kafka key columns before the DDL (() none)
     after: tuple[str, ...]
     refused: bool = False  # updates and deletes are refused before or after the DDL
+    same_values: bool = False  # a = id in every row (else a = id + 500000)
+
+    @property
+    def insert(self) -> str:
+        return INSERT_SAME if self.same_values else INSERT_U
 
     @property
     def rekeyed(self) -> bool:
@@ -67,6 +74,13 @@ ADD_PK = "alter table u add constraint u_pkey primary key (id)"
 CHANGES = {
     "index to another index": Change(
         (f"{IDENTITY} using index u_id",), f"{IDENTITY} using index u_a", ("id",), ("a",)
+    ),
+    "index to another index, same values": Change(
+        (f"{IDENTITY} using index u_id",),
+        f"{IDENTITY} using index u_a",
+        ("id",),
+        ("a",),
+        same_values=True,
     ),
     "index column retyped": Change(
         (f"{IDENTITY} using index u_id",),
@@ -112,7 +126,8 @@ def create_u(conn: psycopg.Connection[Any], change: Change) -> None:
     for statement in change.setup:
         conn.execute(statement)
     conn.execute(
-        "insert into u select g, g + 500000, 'v' || g from generate_series(1, %s) g", (ROWS,)
+        "insert into u select g, g + %s, 'v' || g from generate_series(1, %s) g",
+        (0 if change.same_values else 500000, ROWS),
     )
 
 
@@ -148,7 +163,7 @@ def wait_converged(
         wait_for(started, timeout=120, interval=1.0, what="the old keys deleted or the rows sent")
         marker = iter(range(10_000, 20_000))
         wait_for(
-            lambda: job_finished(settings, conn, marker, INSERT_U),
+            lambda: job_finished(settings, conn, marker, change.insert),
             timeout=120,
             interval=0.5,
             what="the re-snapshot job to finish",
@@ -213,7 +228,7 @@ def test_identity_change_leaves_no_row_under_an_old_key(
     settings = settings_for(pg_dsn, kafka_bootstrap, topic_prefix)
     with running_daemon(settings):
         first = wait_sent(kafka_bootstrap, topic_prefix, pg_conn, change.before)
-        writer = Writer(pg_dsn, "u", INSERT_U, refusable=change.refused)
+        writer = Writer(pg_dsn, "u", change.insert, refusable=change.refused)
         writer.start()
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
         pg_conn.execute(change.ddl)
@@ -301,7 +316,7 @@ def test_kill_9_mid_retirement_and_mid_resnapshot(
         wait_sent(kafka_bootstrap, topic_prefix, pg_conn, change.before)
         d.signal(15)
         assert d.wait(30) == 0, d.log()[-3000:]
-        writer = Writer(pg_dsn, "u", INSERT_U, max_ops=200, refusable=change.refused)
+        writer = Writer(pg_dsn, "u", change.insert, max_ops=200, refusable=change.refused)
         writer.start()
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
         pg_conn.execute(change.ddl)

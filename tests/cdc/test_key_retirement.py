@@ -26,9 +26,11 @@ from cdc.ddl_detection import (
 from cdc.incremental_snapshot import ChunkWindow, Job, Progress, Visibility, Watermark
 from cdc.key_retirement import (
     KEYLESS_DONE,
+    OTHER_COLUMNS,
     RETIRE_ORIGIN,
     KeyTexts,
     RetireSet,
+    key_columns,
     key_text,
     old_schema,
 )
@@ -227,6 +229,35 @@ def test_key_texts_of_old_and_new_keys() -> None:
     assert new.key_fingerprint is not None
     assert old_schema(keys, new.key_fingerprint) == 1
     assert old_schema(keys, codec(INT4).key_fingerprint or b"") == 0
+
+
+def test_keys_of_other_columns_go_whatever_their_text() -> None:
+    """(id) → (a), both int (the identity index replaced): an old key ``{id: 5}`` names no
+    row of now even when a row has the key ``{a: 5}`` (text ``[5]``), and a streamed change
+    of ``[5]`` while the keys are read does not keep it."""
+    keys, registry = old_events([5, 6])
+    by_a = TableCodec(
+        db="app",
+        schema="public",
+        table="t",
+        columns=[ColumnSpec("id", INT4, -1, False), ColumnSpec("a", INT4, -1, True)],
+        catalog=MappingCatalog(),
+        unchanged_sentinel=object(),
+        warn=lambda _m: None,
+        namespace_prefix="p",
+    )
+    texts = KeyTexts(by_a)
+    retire = RetireSet.build(keys, registry, texts, ("a",))
+    gone = retire.gone({texts.of(("5",)), texts.of(("6",))})
+    assert [t.startswith(OTHER_COLUMNS) for (t,), _ in gone] == [True, True]
+    window = ChunkWindow("c1", gone, Visibility(90, 100))
+    window.watermark("low")
+    window.change(100, retire.window_keys([("5",), ("6",)]))
+    window.watermark("high")
+    assert len(window.remaining()) == 2, "both old keys are deleted"
+    assert key_columns(registry.schema_json(next(iter(keys))[2:10])) == ("id",)
+    same = RetireSet.build(keys, registry, KeyTexts(codec(INT8)), ("id",))
+    assert same.gone({"[5]"}) == [(("[6]",), ())], "the same column: by key text"
 
 
 @settings(max_examples=60, deadline=None)
