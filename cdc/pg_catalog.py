@@ -12,7 +12,7 @@ values depend on: file node (changes on a rewrite), columns with type, modifier,
 ``atthasmissing`` and the xmin of their ``pg_attribute`` row (changes when an ALTER
 touches the column), and the labels of every enum type a column uses through
 domains, arrays, ranges and composite types (:mod:`cdc.incremental_snapshot`), the
-table's replica identity and its Kafka key columns (:data:`KEY_INDEX`).
+table's replica identity and its Kafka key columns (:data:`core.pg_types.KEY_INDEX`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import psycopg
 
 from cdc.ddl_detection import ColumnFacts, EnumFacts, TableSignature
 from cdc.pgoutput_messages import ReplicaIdentity
-from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, TypeInfo
+from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, KEY_INDEX, TypeInfo
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
 where i.indrelid = %s and i.indisprimary
 order by array_position(i.indkey::int2[], a.attnum)
 """
-
-KEY_INDEX = """((c.relreplident = 'i' and i.indisreplident)
-  or (c.relreplident <> 'i' and i.indisprimary))"""
-"""The index whose columns are a table's Kafka key (``i``, of the table ``c``): the replica
-identity index under REPLICA IDENTITY USING INDEX, else the primary key; the same key the
-change events of the table's Relation message get (:mod:`cdc.change_assembler`)."""
 
 KEY_QUERY = f"""
 select a.attname

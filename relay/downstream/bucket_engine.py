@@ -62,6 +62,7 @@ from typing import Any
 
 from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
+from core.pg_types import KEY_INDEX
 from core.value_schemas import read_value_schemas
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
@@ -105,13 +106,13 @@ def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
     return table_infos_from_schemas(registry.schema_texts())
 
 
-_CATALOG_QUERY = """
+_CATALOG_QUERY = f"""
 select n.nspname || '.' || c.relname,
        array(select a.attname::text from pg_attribute a
              where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped order by a.attnum),
        array(select a.attname::text from pg_index i
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-             where i.indrelid = c.oid and i.indisprimary
+             where i.indrelid = c.oid and {KEY_INDEX}
              order by a.attnum),
        array(select a.attname::text || ':' || bt.typname from pg_attribute a
              join pg_type t on t.oid = a.atttypid
@@ -127,9 +128,11 @@ where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_s
 
 
 def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str, TableInfo]:
-    """Columns and primary keys of every table of the captured database (catalog read only).
+    """Columns and key columns of every table of the captured database (catalog read only).
 
-    Key columns are listed in the table's column order, as the Kafka key of every change
+    The key columns are the table's row identity, the columns cdc keys its events by
+    (:data:`core.pg_types.KEY_INDEX`: the replica identity index under USING INDEX, else
+    the primary key).  They are listed in the table's column order, as the Kafka key of every change
     event lists them (docs/events.md), not in the order of the primary key's definition:
     rows are named by their events' keys (relay/downstream/event_decoder.py), so a primary
     key redefined in another order, ``(site, id)`` → ``(id, site)``, names every row as
