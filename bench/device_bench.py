@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks of the device agent (issue 5 §4); figures go to docs/performance.md.
+"""Benchmarks of the device agent; figures go to docs/performance.md.
 
     .venv/bin/python bench/device_bench.py                 # all three, full sizes
     .venv/bin/python bench/device_bench.py --quick         # smoke run (seconds)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks of the relay's device API (issue 3, section 6, bullets 2-4).
+"""Benchmarks of the relay's device API; figures go to docs/performance.md.
 
     .venv/bin/python bench/relay_api_bench.py                 # all cases, full sizes
     .venv/bin/python bench/relay_api_bench.py pull latency    # some cases

@@ -30,8 +30,9 @@ a :class:`DecodeError`, never silently skipped.
 Relations: a Relation message (re)defines a table; when its columns change a
 new codec, hence a new schema and fingerprint, is made, so ALTER TABLE
 mid-stream changes the schema of the events that follow and old events stay
-readable.  The Kafka key is the primary key (looked up through the catalog, not
-the replica-identity flags, which under REPLICA IDENTITY FULL mark every column).
+readable.  The Kafka key is the replica identity: the primary key (DEFAULT) or the identity
+index (USING INDEX) as the Relation message flags them; under FULL and NOTHING the primary
+key, looked up through the catalog (FULL flags every column), else none.
 
 Observer: an optional :class:`MessageObserver` sees every message inside a
 transaction, in commit order (streamed transactions when they are replayed), with
@@ -182,33 +183,22 @@ class ChangeAssembler:
 
     def _define(self, rel: m.Relation) -> None:
         old = self.tables.get(rel.oid)
+        forget = getattr(self.catalog, "forget_relation", None)
+        if forget is not None:
+            # a Relation message follows every change of the table's definition, also one
+            # that leaves its columns as they were but gives it another key (ADD PRIMARY
+            # KEY or DROP CONSTRAINT t_pkey under REPLICA IDENTITY FULL)
+            forget(rel.oid)
+        keys = self._key_columns(rel)
         if (
             old is not None
             and old.relation.columns == rel.columns
             and old.relation.namespace == rel.namespace
             and old.relation.name == rel.name
+            and {c.name for c in old.codec.columns if c.is_key} == keys
         ):
             self.tables[rel.oid] = TableState(rel, old.codec, old.topic, old.pending_schemas)
             return
-        forget = getattr(self.catalog, "forget_relation", None)
-        if forget is not None:
-            forget(rel.oid)
-        if rel.replica_identity == m.ReplicaIdentity.DEFAULT:
-            # the primary key as of this WAL position (pgoutput flags it from the historic
-            # catalog): the catalog of now may already hold a redefined one
-            keys = {c.name for c in rel.columns if c.is_key}
-        else:
-            pk = self.catalog.primary_key(rel.oid)
-            if pk is None:
-                # no primary key: fall back to the replica identity index, never to FULL's
-                # every-column flags
-                keys = (
-                    {c.name for c in rel.columns if c.is_key}
-                    if rel.replica_identity == m.ReplicaIdentity.INDEX
-                    else set()
-                )
-            else:
-                keys = set(pk)
         specs = [
             ColumnSpec(c.name, c.type_oid, c.type_modifier, c.name in keys) for c in rel.columns
         ]
@@ -228,6 +218,16 @@ class ChangeAssembler:
         self.tables[rel.oid] = TableState(
             rel, codec, topic_for(self.prefix, rel.namespace, rel.name), pending
         )
+
+    def _key_columns(self, rel: m.Relation) -> set[str]:
+        """The Kafka key columns of the table's events: the replica identity's columns, the
+        only ones a delete carries (the primary key under DEFAULT, the index under USING
+        INDEX, as pgoutput flags them from the catalog as of this WAL position); under FULL
+        and NOTHING the primary key of now, else none (never FULL's every-column flags).
+        ``cdc.pg_catalog.KEY_QUERY`` reads the same in the catalog of now."""
+        if rel.replica_identity in (m.ReplicaIdentity.DEFAULT, m.ReplicaIdentity.INDEX):
+            return {c.name for c in rel.columns if c.is_key}
+        return set(self.catalog.primary_key(rel.oid) or ())
 
     def table(self, oid: int, lsn: int) -> TableState:
         try:

@@ -7,9 +7,18 @@ says why that matters).  The daemon sees them two ways:
 - in the stream: two Relation messages of one table differ (:func:`compare_relations`): a
   column added, dropped or retyped, or the table renamed;
 - in the catalog: the :class:`TableSignature` of a published table (its columns'
-  ``pg_attribute`` facts, its file node, the labels of the enums it uses), read by
+  ``pg_attribute`` facts, its file node, the labels of the enums it uses, its replica
+  identity and Kafka key columns), read by
   ``cdc.pg_catalog.read_signatures``, differs from the one recorded in Kafka
-  (:func:`resnapshot_reasons` says why rows may hold values no event reported).
+  (:func:`resnapshot_reasons` says why rows may hold values no event reported,
+  :func:`key_changed` whether the rows' Kafka keys may have changed).
+
+A table's Kafka key (its *row identity* in Kafka) is its replica identity index under
+REPLICA IDENTITY USING INDEX, else its primary key, else nothing (its events have no Kafka
+key: DEFAULT, FULL or NOTHING without a primary key).  So the key changes shape when the
+identity index is replaced, when the identity is switched to or from USING INDEX, when the
+primary key is added, dropped or redefined (under DEFAULT, FULL, NOTHING), and when a key
+column is retyped or rewritten.
 
 Signatures are recorded as JSON (:func:`signatures_to_bytes`) in the compacted
 ``{prefix}._cdc_resnapshot`` topic (``cdc.resnapshot_state``).
@@ -32,6 +41,8 @@ __all__ = [
     "RelationDiff",
     "TableSignature",
     "compare_relations",
+    "describe_key",
+    "identity_warnings",
     "key_changed",
     "resnapshot_reasons",
     "signatures_from_bytes",
@@ -125,7 +136,8 @@ class TableSignature:
     filenode: int
     columns: tuple[ColumnFacts, ...]
     enums: tuple[EnumFacts, ...] = ()
-    key: tuple[str, ...] | None = None  # primary-key columns in key order; None: not recorded
+    key: tuple[str, ...] | None = None  # Kafka key columns in key order; None: not recorded
+    identity: m.ReplicaIdentity | None = None  # None: not recorded
 
     @property
     def qualified(self) -> str:
@@ -140,10 +152,15 @@ class TableSignature:
             "columns": [dataclasses.astuple(c) for c in self.columns],
             "enums": [[e.oid, e.name, list(e.labels)] for e in self.enums],
             "key": None if self.key is None else list(self.key),
+            "identity": None if self.identity is None else self.identity.value,
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TableSignature:
+        key = None if d.get("key") is None else tuple(str(k) for k in d["key"])
+        identity = d.get("identity")
+        if identity is None and key == ():
+            key = None  # recorded with primary keys only: an identity index key is unknown
         return cls(
             oid=int(d["oid"]),
             schema=str(d["schema"]),
@@ -157,7 +174,8 @@ class TableSignature:
                 EnumFacts(int(o), str(n), tuple(str(x) for x in labels))
                 for o, n, labels in d.get("enums", ())
             ),
-            key=None if d.get("key") is None else tuple(str(k) for k in d["key"]),
+            key=key,
+            identity=None if identity is None else m.ReplicaIdentity(identity),
         )
 
 
@@ -173,7 +191,9 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
     - a renamed column (rows arrive under the new name only with a re-read);
     - an enum label that is gone (``RENAME VALUE``; labels cannot be dropped);
     - a renamed table (its rows go to a new topic);
-    - a primary key redefined (every row has a new Kafka key).
+    - the Kafka key columns changed (:func:`describe_key`: the primary key added, dropped or
+      redefined, the replica identity index replaced, the identity switched to or from
+      USING INDEX): every row has a new Kafka key, or none.
 
     A rewrite that touches no column (VACUUM FULL, CLUSTER, TRUNCATE, SET TABLESPACE)
     and a column added without a default (old rows hold NULL, what consumers assume)
@@ -183,7 +203,7 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
     if (old.schema, old.table) != (new.schema, new.table):
         reasons.append(f"table renamed from {old.qualified} (its rows go to a new topic)")
     if old.key is not None and new.key is not None and old.key != new.key:
-        reasons.append(f"primary key changed from ({', '.join(old.key)}) to ({', '.join(new.key)})")
+        reasons.append(f"key changed from {describe_key(old)} to {describe_key(new)}")
     rewritten = old.filenode != new.filenode
     before = {c.attnum: c for c in old.columns}
     for col in new.columns:
@@ -213,11 +233,50 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
     return reasons
 
 
+def describe_key(sig: TableSignature) -> str:
+    """The table's Kafka key as a reason names it: ``(id)``, ``(code) (replica identity
+    index)``, ``none (REPLICA IDENTITY FULL without a primary key: events have no Kafka
+    key)``."""
+    if sig.key:
+        index = sig.identity is m.ReplicaIdentity.INDEX
+        return f"({', '.join(sig.key)})" + (" (replica identity index)" if index else "")
+    if sig.identity is None:
+        return "none (events have no Kafka key)"
+    return (
+        f"none (REPLICA IDENTITY {sig.identity.name} without a primary key: events have no "
+        "Kafka key)"
+    )
+
+
+def identity_warnings(old: TableSignature, new: TableSignature) -> list[str]:
+    """What an operator should know when the table's replica identity or key changed for the
+    worse: it has no replica identity now (NOTHING, or DEFAULT without a primary key), or no
+    key columns (empty otherwise; the daemon's start-up checks cover the state at start)."""
+    if old.identity == new.identity and bool(old.key) == bool(new.key):
+        return []
+    out = []
+    ident = new.identity
+    if ident is m.ReplicaIdentity.NOTHING or (ident is m.ReplicaIdentity.DEFAULT and not new.key):
+        without = "" if new.key else " without a primary key"
+        out.append(
+            f"{new.qualified} has no replica identity (REPLICA IDENTITY {ident.name}{without}): "
+            "PostgreSQL refuses its updates and deletes while the publication publishes them"
+        )
+    if not new.key and (old.key is None or old.key):
+        out.append(
+            f"{new.qualified} has no key columns: its events have no Kafka key, consumers that "
+            "name rows by key (the relay) do not sync it, and re-snapshots cannot read it. Fix: "
+            f"ALTER TABLE {new.qualified} ADD PRIMARY KEY (…) or REPLICA IDENTITY USING INDEX …"
+        )
+    return out
+
+
 def key_changed(old: TableSignature, new: TableSignature) -> bool:
-    """Whether the Kafka keys of the table's rows may differ now: the primary-key columns
-    changed, or one of them changed type, modifier or name, or was altered with a table
-    rewrite (``TYPE int USING id * 10``).  (Whether a key's text really changed is for the
-    data to tell: ``int`` → ``bigint`` keeps every key's text, :mod:`cdc.key_retirement`.)"""
+    """Whether the Kafka keys of the table's rows may differ now: the key columns changed
+    (:func:`describe_key`), or one of them changed type, modifier or name, or was altered
+    with a table rewrite (``TYPE int USING id * 10``).  (Whether a key's text really
+    changed is for the data to tell: ``int`` → ``bigint`` keeps every key's text,
+    :mod:`cdc.key_retirement`.)"""
     if old.key is not None and new.key is not None and old.key != new.key:
         return True
     rewritten = old.filenode != new.filenode

@@ -13,8 +13,9 @@ it sends any row, through:
 3. the candidates: the topic's live keys whose last event precedes the marker
    (:func:`cdc.recovery_deletes.scan_live_keys`), and the schemas of their last events
    (``{prefix}._schemas``);
-4. the key columns of every row, in a REPEATABLE READ snapshot between two watermarks;
-   the candidates whose key text no row has become the rows of a chunk window
+4. the key columns of every row (the table's Kafka key columns now, ``KEY_QUERY``; none
+   when it has none: then no row has a key text), in a REPEATABLE READ snapshot between two
+   watermarks; the candidates whose key text no row has become the rows of a chunk window
    (:class:`~cdc.resnapshot_stream.InFlightChunk` with a :class:`~cdc.key_retirement.RetireSet`),
    which the stream side writes as deletes at the high watermark's commit.
 
@@ -37,8 +38,8 @@ from cdc.change_assembler import topic_for
 from cdc.errors import format_lsn, parse_lsn
 from cdc.incremental_snapshot import WATERMARK_PREFIX, ChunkWindow, Job, Visibility, Watermark
 from cdc.kafka_sink import KafkaOptions
-from cdc.key_retirement import KeyTexts, RetireSet, old_schema
-from cdc.pg_catalog import PK_QUERY
+from cdc.key_retirement import KEYLESS_DONE, KeyTexts, RetireSet, old_schema
+from cdc.pg_catalog import KEY_QUERY
 from cdc.recovery_deletes import scan_live_keys, schema_registry
 from cdc.resnapshot_stream import ChunkTracker, InFlightChunk, Jobs
 from cdc.snapshot import COLUMNS_QUERY
@@ -116,22 +117,19 @@ class Retirement:
             ).fetchone()
             if names is None:
                 return "done: the table no longer exists"
-            key_names = tuple(str(r[0]) for r in conn.execute(PK_QUERY, (job.oid,)).fetchall())
+            key_names = tuple(str(r[0]) for r in conn.execute(KEY_QUERY, (job.oid,)).fetchall())
             columns = tuple(
                 (str(n), int(t), int(mod))
                 for n, t, mod in conn.execute(COLUMNS_QUERY, (job.oid,)).fetchall()
             )
         schema, table = str(names[0]), str(names[1])
-        if not key_names:
-            return "rejected: the table has no primary key (its old keys are not deleted)"
         codec = self.codec_for(job.oid, schema, table, columns, key_names)
-        assert codec.key_fingerprint is not None
         topic = topic_for(self.opts.topic_prefix, schema, table)
         old = scan_live_keys(self.opts, topic, self.timeout_s).live(before=(marker, 0))
         if not old:
-            return 0
+            return 0 if key_names else KEYLESS_DONE.format(0)
         registry = schema_registry(self.opts, old, self.timeout_s)
-        texts = KeyTexts(codec)
+        texts = KeyTexts(codec) if key_names else None
         ordered = tuple(c.name for c in codec.columns if c.is_key)  # the key schema's order
         retire = RetireSet.build(old, registry, texts, ordered)
         present, visibility = self._present(conn, job, schema, table, ordered, texts, chunk_id)
@@ -147,7 +145,7 @@ class Retirement:
             sum(len(retire.by_text[t]) for (t,), _ in gone),
         )
         if not gone:
-            return 0
+            return 0 if key_names else KEYLESS_DONE.format(0)
         return InFlightChunk(
             chunk_id=chunk_id,
             job=job,
@@ -168,11 +166,11 @@ class Retirement:
         schema: str,
         table: str,
         key: tuple[str, ...],
-        texts: KeyTexts,
+        texts: KeyTexts | None,
         chunk_id: str,
     ) -> tuple[set[str], Visibility]:
-        """Low watermark; the key text of every row in a REPEATABLE READ snapshot; high
-        watermark."""
+        """Low watermark; the key text of every row in a REPEATABLE READ snapshot (none
+        without key columns); high watermark."""
         emit = "select pg_logical_emit_message(true, %s, %s)"
         conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "low", job.table).to_json()))
         present: set[str] = set()
@@ -180,15 +178,17 @@ class Retirement:
             conn.execute("set transaction isolation level repeatable read, read only")
             snap = conn.execute("select pg_current_snapshot()::text").fetchone()
             assert snap is not None
-            query = sql.SQL("select {} from {}").format(
-                sql.SQL(", ").join(sql.Identifier(k) for k in key), sql.Identifier(schema, table)
-            )
-            with conn.cursor(name=f"fieldsync_retire_{chunk_id}") as cur:
-                output_function_text(cur)
-                cur.itersize = 10_000
-                cur.execute(query)
-                for row in cur:
-                    present.add(texts.of(row))
+            if texts is not None:
+                query = sql.SQL("select {} from {}").format(
+                    sql.SQL(", ").join(sql.Identifier(k) for k in key),
+                    sql.Identifier(schema, table),
+                )
+                with conn.cursor(name=f"fieldsync_retire_{chunk_id}") as cur:
+                    output_function_text(cur)
+                    cur.itersize = 10_000
+                    cur.execute(query)
+                    for row in cur:
+                        present.add(texts.of(row))
         conn.execute(emit, (WATERMARK_PREFIX, Watermark(chunk_id, "high", job.table).to_json()))
         return present, Visibility.parse(str(snap[0]))
 

@@ -1,5 +1,5 @@
-"""Catalog lookups on a normal (non-replication) connection: types, primary keys, and
-the table signatures the re-snapshots compare.
+"""Catalog lookups on a normal (non-replication) connection: types, primary keys, a
+table's Kafka key columns, and the table signatures the re-snapshots compare.
 
 The replication connection is busy in COPY_BOTH mode, so the cdc daemon keeps a
 second, ordinary connection for these.  Results are cached; the cache of a
@@ -11,7 +11,8 @@ change was made: those fall back to their text form (with a warning).
 values depend on: file node (changes on a rewrite), columns with type, modifier,
 ``atthasmissing`` and the xmin of their ``pg_attribute`` row (changes when an ALTER
 touches the column), and the labels of every enum type a column uses through
-domains, arrays, ranges and composite types (:mod:`cdc.incremental_snapshot`).
+domains, arrays, ranges and composite types (:mod:`cdc.incremental_snapshot`), the
+table's replica identity and its Kafka key columns (:data:`core.pg_types.KEY_INDEX`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 import psycopg
 
 from cdc.ddl_detection import ColumnFacts, EnumFacts, TableSignature
-from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, TypeInfo
+from cdc.pgoutput_messages import ReplicaIdentity
+from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, KEY_INDEX, TypeInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,19 @@ where i.indrelid = %s and i.indisprimary
 order by array_position(i.indkey::int2[], a.attnum)
 """
 
+KEY_QUERY = f"""
+select a.attname
+from pg_index i
+join pg_class c on c.oid = i.indrelid
+join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+where i.indrelid = %s and {KEY_INDEX}
+order by array_position(i.indkey::int2[], a.attnum)
+"""
+"""The Kafka key columns of a table now, in index order (none: its events have no key)."""
+
 
 SIGNATURE_COLUMNS_QUERY = """
-select c.oid, n.nspname, c.relname, c.relfilenode,
+select c.oid, n.nspname, c.relname, c.relfilenode, c.relreplident::text,
        a.attnum, a.attname, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod),
        a.atthasmissing, a.xmin::text
 from pg_publication_tables p
@@ -73,23 +85,27 @@ order by w.relid, e.enumtypid
 """
 
 
-SIGNATURE_KEYS_QUERY = """
+SIGNATURE_KEYS_QUERY = f"""
 select i.indrelid, array_agg(a.attname::text order by array_position(i.indkey::int2[], a.attnum))
 from pg_index i
+join pg_class c on c.oid = i.indrelid
 join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-where i.indrelid = any(%s) and i.indisprimary
+where i.indrelid = any(%s) and {KEY_INDEX}
 group by i.indrelid
 """
 
 
 def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int, TableSignature]:
     """The :class:`TableSignature` of every table in ``publication``, keyed by oid."""
-    tables: dict[int, tuple[str, str, int, list[ColumnFacts]]] = {}
+    tables: dict[int, tuple[str, str, int, str, list[ColumnFacts]]] = {}
     for row in conn.execute(SIGNATURE_COLUMNS_QUERY, (publication,)).fetchall():
-        oid, schema, table, filenode, attnum, name, typ, typmod, type_name, missing, version = row
-        entry = tables.setdefault(int(oid), (str(schema), str(table), int(filenode), []))
+        oid, schema, table, filenode, ident, attnum, name, typ, typmod, type_name = row[:10]
+        missing, version = row[10:]
+        entry = tables.setdefault(
+            int(oid), (str(schema), str(table), int(filenode), str(ident), [])
+        )
         if attnum is not None:
-            entry[3].append(
+            entry[4].append(
                 ColumnFacts(
                     int(attnum),
                     str(name),
@@ -121,8 +137,9 @@ def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int
             tuple(cols),
             tuple(enums.get(oid, ())),
             key=keys.get(oid, ()),
+            identity=ReplicaIdentity(ident),
         )
-        for oid, (schema, table, filenode, cols) in tables.items()
+        for oid, (schema, table, filenode, ident, cols) in tables.items()
     }
 
 

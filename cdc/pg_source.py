@@ -147,35 +147,7 @@ def preflight(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str,
                 table,
                 "REPLICA IDENTITY NOTHING" if ident == "n" else "no primary key",
             )
-    _warn_identity_without_key(conn, tables)
     return info
-
-
-def _warn_identity_without_key(conn: psycopg.Connection[Any], tables: Sequence[str]) -> None:
-    """REPLICA IDENTITY USING INDEX on an index that lacks a primary-key column: deletes
-    (and key changes) carry only the index's columns, so their events have no primary key
-    and consumers keyed by it (the relay) cannot place them."""
-    listed = {".".join(_split_table(t)) for t in tables}
-    for schema, table, index in conn.execute(
-        """select n.nspname, c.relname, ic.relname from pg_class c
-           join pg_namespace n on n.oid = c.relnamespace
-           join pg_index ri on ri.indrelid = c.oid and ri.indisreplident
-           join pg_class ic on ic.oid = ri.indexrelid
-           join pg_index pk on pk.indrelid = c.oid and pk.indisprimary
-           where c.relreplident = 'i' and c.relkind in ('r', 'p')
-             and not (pk.indkey::int2[] <@ ri.indkey::int2[])"""
-    ).fetchall():
-        if not tables or f"{schema}.{table}" in listed:
-            log.warning(
-                "table %s.%s has REPLICA IDENTITY USING INDEX %s, which lacks primary-key "
-                "columns: its deletes carry no primary key (null Kafka key; the relay cannot "
-                "place them). Fix: ALTER TABLE %s.%s REPLICA IDENTITY DEFAULT (or FULL)",
-                schema,
-                table,
-                index,
-                schema,
-                table,
-            )
 
 
 def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequence[str]) -> None:

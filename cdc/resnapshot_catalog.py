@@ -22,7 +22,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.ddl_detection import TableSignature, key_changed, resnapshot_reasons
+from cdc.ddl_detection import (
+    TableSignature,
+    identity_warnings,
+    key_changed,
+    resnapshot_reasons,
+)
 from cdc.errors import ReplicationLost
 from cdc.incremental_snapshot import Job
 from cdc.pg_catalog import read_signatures
@@ -82,10 +87,12 @@ class CatalogChecks:
         for oid, new in now.items():
             if oid == self.stream.signal_oid or (new.schema, new.table) == self.stream.signal_name:
                 continue
-            reasons = self._reasons(self.signatures.get(oid), new, all_tables)
+            old = self.signatures.get(oid)
+            for warning in identity_warnings(old, new) if old is not None else ():
+                log.warning("%s", warning, extra={"table": new.qualified})
+            reasons = self._reasons(old, new, all_tables)
             if not reasons:
                 continue
-            old = self.signatures.get(oid)
             rekeyed = old is not None and key_changed(old, new)
             if self.s.cdc.resnapshot_on_ddl:
                 job = Job(oid, new.qualified, "; ".join(reasons))

@@ -4,7 +4,8 @@
 commit a low watermark (a transactional logical decoding message), read the chunk in a
 REPEATABLE READ, READ ONLY transaction together with ``pg_current_snapshot()``, commit a high
 watermark.  The chunk is ``select … where (key) > (last key) [and (where)] order by key limit
-n`` (:func:`chunk_query`), every column as its type's output-function text (what pgoutput
+n`` (:func:`chunk_query`), the key being the table's Kafka key columns (its replica identity
+index under USING INDEX, else its primary key: ``cdc.pg_catalog.KEY_QUERY``), every column as its type's output-function text (what pgoutput
 sends), so chunk rows and streamed rows go through the same codec.
 
 Concurrency: runs on the daemon's thread, on the re-snapshot driver's own connection.
@@ -20,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.incremental_snapshot import WATERMARK_PREFIX, Job, Key, Row, Visibility, Watermark
-from cdc.pg_catalog import PK_QUERY
+from cdc.pg_catalog import KEY_QUERY
 from cdc.resnapshot_requests import where_sql
 from cdc.snapshot import COLUMNS_QUERY
 from cdc.where_clause import WhereClause, parse_where
@@ -94,11 +95,12 @@ def read_between_watermarks(
         ).fetchone()
         if names is None or snap is None:
             return "done: the table no longer exists"
-        key_names = tuple(str(r[0]) for r in conn.execute(PK_QUERY, (job.oid,)).fetchall())
+        key_names = tuple(str(r[0]) for r in conn.execute(KEY_QUERY, (job.oid,)).fetchall())
         if not key_names:
             return (
-                "rejected: the table has no primary key to read it in chunks by (add one, "
-                "or re-create the slot for a full snapshot)"
+                "rejected: the table has no key columns to read it in chunks by (no primary "
+                "key, and REPLICA IDENTITY is not USING INDEX; add either, or re-create the "
+                "slot for a full snapshot)"
             )
         columns = tuple(
             (str(n), int(t), int(mod))

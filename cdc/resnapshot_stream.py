@@ -45,7 +45,7 @@ from cdc.incremental_snapshot import (
     WindowState,
     message_keys,
 )
-from cdc.key_retirement import RETIRE_ORIGIN, RetireSet
+from cdc.key_retirement import KEYLESS_DONE, RETIRE_ORIGIN, RetireSet
 from cdc.recovery_deletes import DeleteAt, delete_value
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 
@@ -107,8 +107,19 @@ class Jobs:
         self.dirty = True
         self.status(job.signal_id, status)
 
-    def retired(self, job: Job, deleted: int) -> None:
-        """The old keys of ``job``'s table are deleted: its rows are sent next."""
+    def retired(self, job: Job, deleted: int, *, keyless: bool = False) -> None:
+        """The old keys of ``job``'s table are deleted: its rows are sent next (``keyless``:
+        the table has no key columns now, so none are, and the job is over)."""
+        if keyless:
+            log.info(
+                "re-snapshot of %s: %d old key(s) deleted; the table has no key columns now: "
+                "its rows are not sent again",
+                job.table,
+                deleted,
+                extra={"table": job.table},
+            )
+            self.finish(job, KEYLESS_DONE.format(deleted))
+            return
         job.retiring = False
         job.retired += deleted
         self.dirty = True
@@ -380,5 +391,5 @@ class ChunkTracker:
                 sum(len(v) for v in retire.by_text.values()) - deleted,
                 extra={"table": job.table},
             )
-            jobs.retired(job, deleted)
+            jobs.retired(job, deleted, keyless=retire.texts is None)
         yield dataclasses.replace(end, events=seq)

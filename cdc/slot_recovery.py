@@ -143,7 +143,7 @@ def recover(
         done.dropped = _new_slot(settings, conn, done)
         verb = "dropped and re-created" if done.dropped else "created"
         echo(f"slot {pg.slot} {verb} at {format_lsn(done.consistent_point)}")
-        tables = _tables(conn, settings, catalog)
+        tables = _tables(conn, settings)
         _request_snapshots(conn, settings, tables, done, echo)
         if FAULTS.armed:
             FAULTS.hit("recover_new_slot")
@@ -166,11 +166,9 @@ def _new_slot(settings: CdcSettings, conn: psycopg.Connection[Any], done: Recove
     return health is not None
 
 
-def _tables(
-    conn: psycopg.Connection[Any], settings: CdcSettings, catalog: PgCatalog
-) -> list[SnapshotTable]:
+def _tables(conn: psycopg.Connection[Any], settings: CdcSettings) -> list[SnapshotTable]:
     """The published tables (the signal table among them once it exists)."""
-    return published_tables(conn, settings.postgres.publication, catalog)
+    return published_tables(conn, settings.postgres.publication)
 
 
 def _request_snapshots(

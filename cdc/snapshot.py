@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.change_assembler import OutEvent, OutSchema, RelationCatalog, topic_for
+from cdc.pg_catalog import KEY_QUERY
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from core.pg_types import ColumnSpec, output_function_text
 
@@ -59,14 +60,15 @@ class SnapshotTable:
     columns: tuple[ColumnSpec, ...]
 
 
-def published_tables(
-    conn: psycopg.Connection[Any], publication: str, catalog: RelationCatalog
-) -> list[SnapshotTable]:
+def published_tables(conn: psycopg.Connection[Any], publication: str) -> list[SnapshotTable]:
+    """The tables of ``publication`` with their columns, the Kafka key columns flagged (the
+    replica identity index under USING INDEX, else the primary key:
+    ``cdc.pg_catalog.KEY_QUERY``, the key the stream's events of the table get)."""
     out = []
     for oid, schema, table in conn.execute(PUBLISHED_TABLES, (publication,)).fetchall():
-        pk = set(catalog.primary_key(oid) or ())
+        key = {str(r[0]) for r in conn.execute(KEY_QUERY, (oid,)).fetchall()}
         cols = tuple(
-            ColumnSpec(name, typ, mod, name in pk)
+            ColumnSpec(name, typ, mod, name in key)
             for name, typ, mod in conn.execute(COLUMNS_QUERY, (oid,)).fetchall()
         )
         out.append(SnapshotTable(oid, schema, table, cols))
@@ -92,7 +94,7 @@ def read_snapshot(
     with conn.transaction():
         conn.execute("set transaction isolation level repeatable read, read only")
         conn.execute(sql.SQL("set transaction snapshot {}").format(sql.Literal(snapshot_name)))
-        tables = published_tables(conn, publication, catalog)
+        tables = published_tables(conn, publication)
         seq = 0
         for t in tables:
             codec = TableCodec(

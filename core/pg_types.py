@@ -159,6 +159,15 @@ class MappingCatalog:
 
 _CATALOG_COLUMNS = ("oid", "name", "namespace", "kind", "base_oid", "elem_oid", "base_typmod")
 
+
+#: The index whose columns are a table's row identity, its Kafka key (``i`` an index of the
+#: table ``c``, both aliases of the query it goes into): the replica identity index under
+#: ``REPLICA IDENTITY USING INDEX``, else the primary key (docs/events.md "Key").  cdc keys
+#: events by it; the relay names a table's rows, and the applier finds them, by the same
+#: columns (in the table's column order).
+KEY_INDEX = """((c.relreplident = 'i' and i.indisreplident)
+  or (c.relreplident <> 'i' and i.indisprimary))"""
+
 #: Fetches the given type oids *and*, recursively, the base types of domains and the element
 #: types of arrays they need.  One parameter ``%(oids)s``: a list of ints (psycopg adapts it
 #: to an array).  Columns: oid, name, namespace, kind (``b e d a c r p``, ``m`` for

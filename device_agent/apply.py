@@ -169,6 +169,7 @@ def _apply_messages(
                 batch.apply_message(msg)
                 dropped.update(msg.get("dropped") or ())
                 last = msg
+            batch.ops.check_keys()
             record_outcomes(batch.rows, outcomes)
             batch.flush_dirty()
         batch.ledger.recount()

@@ -18,6 +18,12 @@ tables several rules serve) is marked dirty and derived again by
 :class:`device_agent.derive.RowDeriver`.  Column kinds are learned from the first
 non-null value of each column (device_agent/local_db.py).
 
+An op whose ``key`` is not the table's key columns of its row (another number of values,
+or not the values its data has there: the table's key changed, docs/device-agent.md
+"Schema changes") only counts for its bucket: its hold is recorded and dropped again by
+its REMOVE, the table is not touched; one still held at the end of the apply refuses it
+(:meth:`OpWriter.check_keys`, :class:`~device_agent.errors.KeyMismatch`).
+
 At the end of an apply :meth:`BucketLedger.verify` compares each complete bucket's count
 and checksum with the checkpoint's; :func:`local_checksums` recomputes them from
 ``_fieldsync_rows`` for ``device-agent verify``.  Terms are stored as signed 64-bit
@@ -49,7 +55,7 @@ from device_agent.derive import (
     key_values,
     key_where,
 )
-from device_agent.errors import StateError
+from device_agent.errors import KeyMismatch, StateError
 from device_agent.local_db import bucket_ids, key_k, kind_of, to_sql
 from device_agent.local_tables import PREFIX, LocalTable, q
 from device_agent.positions import pos_text
@@ -225,6 +231,8 @@ class _TableOps:
     getter: Callable[[Mapping[str, Any]], Any]  # the data's values in column order
     single: bool  # one column: the getter returns a value, not a tuple
     unknown: list[str]  # columns whose kind is not known yet
+    arity: int  # key columns
+    key_getter: Callable[[Mapping[str, Any]], Any]  # the data's key values (one: a value)
 
     @classmethod
     def of(cls, t: LocalTable) -> _TableOps:
@@ -236,6 +244,26 @@ class _TableOps:
             itemgetter(*t.columns),
             len(t.columns) == 1,
             [c for c in t.columns if c not in t.kinds],
+            len(t.key),
+            itemgetter(*t.key),
+        )
+
+    def names_row(self, key: Sequence[Any], data: Mapping[str, Any]) -> bool:
+        """Whether a PUT's key is the table's key columns of its data."""
+        try:
+            found = self.key_getter(data)
+        except KeyError:
+            return False
+        return found == key[0] if self.arity == 1 else list(found) == key
+
+    def mismatch(self, key: Sequence[Any]) -> KeyMismatch:
+        return KeyMismatch(
+            f"{self.name}: the relay's buckets hold the row {row_key_text(list(key))}, named "
+            f"by other key columns than the table's key ({', '.join(self.table.key)}) in the "
+            "relay's schema: the table's primary key changed on the server and the relay has "
+            "not caught up (its schema follows a new key when it restarts; rows under the old "
+            "key are removed as cdc sends the table again); nothing was applied, sync again",
+            self.name,
         )
 
 
@@ -258,6 +286,18 @@ class OpWriter:
         self.result = result
         self.kinds_changed: set[int] = set()
         self.info = {name: _TableOps.of(t) for name, t in tables.items()}
+        self.foreign: dict[tuple[int, Any, int], Sequence[Any]] = {}
+        """Holds of rows named by other key columns than their table's, (table id, k,
+        bucket id) → the op's key: PUT in this apply and not REMOVEd since."""
+
+    def check_keys(self) -> None:
+        """At the end of an apply: raise :class:`KeyMismatch` when a bucket still holds a
+        row named by other key columns than its table's key.  A download may PUT such rows
+        and REMOVE them later (a bucket's log holds the rows of a key before a change of
+        the table's key, then their removal); one that stays means the relay's rows and its
+        schema disagree (the relay has not caught up with a key change yet)."""
+        for (tid, _k, _bid), key in self.foreign.items():
+            raise self.info[self.by_id[tid].name].mismatch(key)
 
     def apply(self, msg: Message) -> None:
         """Apply the ops of one changes message (its buckets' resets are done first)."""
@@ -273,6 +313,7 @@ class OpWriter:
         final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
         info, buckets, terms = self.info, ledger.buckets, ledger.terms
         held, dirty = rows.held, rows.dirty
+        foreign = self.foreign
         dumps, sha256, u64 = orjson.dumps, hashlib.sha256, _U64
         puts = 0
         for op in ops:
@@ -287,6 +328,8 @@ class OpWriter:
             k = key[0] if len(key) == 1 and type(key[0]) in (int, str) else key_k(key)
             tid, bid = t.id, b.id
             ref = (tid, k)
+            # named by another key than the table's (its key changed): bucket bookkeeping only
+            other = len(key) != t.arity or (foreign and (tid, k, bid) in foreign)
             slow = t.multi or (held and ref in held)
             position = op.get("position")
             pos = (
@@ -300,6 +343,7 @@ class OpWriter:
             if op["op"] == "PUT":
                 puts += 1
                 data = op["data"]
+                other = other or not t.names_row(key, data)
                 # row_checksum(table, row_key, data), inlined (the hot path)
                 # (an int k of a boolean key: the relay writes it as true/false)
                 rk = f"[{k}]" if type(k) is int and type(key[0]) is int else row_key_text(key)
@@ -312,10 +356,14 @@ class OpWriter:
                     else:
                         b.checksum += term - old
                     terms[(bid, tid, k)] = term
-                if t.unknown:
-                    self.learn_kinds(t.table, data)
                 if term >= _SIGNED:
                     term -= _WRAP
+                if other:
+                    final[(tid, k, bid)] = (tid, k, bid, op["op_id"], term, data_text(data), pos)
+                    foreign[(tid, k, bid)] = key
+                    continue
+                if t.unknown:
+                    self.learn_kinds(t.table, data)
                 if slow:
                     final[(tid, k, bid)] = (tid, k, bid, op["op_id"], term, data_text(data), pos)
                     dirty.add(ref)
@@ -344,6 +392,9 @@ class OpWriter:
                     b.checksum -= old
                 terms[(bid, tid, k)] = None
             final[(tid, k, bid)] = None
+            if other:
+                foreign.pop((tid, k, bid), None)
+                continue
             if slow:
                 dirty.add(ref)
                 if ref in held:

@@ -11,6 +11,8 @@
     │   ├── TokenExpired (4)      get a new token
     │   └── TokenRevoked (4)      this device was revoked: get a new token
     ├── SchemaBlocked (5)         the server's schema changed and cannot be followed
+    │   └── KeyMismatch (5)       the relay sent a row named by another key than the
+    │                             table's (its key changed; the relay has not caught up)
     ├── VerifyFailed (6)          checksums differ from the relay's
     ├── EncryptionError (7)       key missing or wrong, SQLCipher not available
     └── RelayRefused (1)          any other error answer of the relay (code, message)
@@ -50,6 +52,16 @@ class TokenRevoked(AuthFailed):
 
 class SchemaBlocked(DeviceAgentError):
     exit_code = 5
+
+
+class KeyMismatch(SchemaBlocked):
+    """The relay sent a row of a table named by other key columns than the table's key in
+    the relay's schema: the table's key changed on the server and the relay's schema or its
+    rows do not follow yet (``table``: the relay's table name)."""
+
+    def __init__(self, message: str, table: str) -> None:
+        super().__init__(message)
+        self.table = table
 
 
 class VerifyFailed(DeviceAgentError):

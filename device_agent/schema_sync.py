@@ -6,11 +6,14 @@ Every sync reads the relay's schema (device_agent/relay_schema.py) and calls
 1. :func:`plan_migration` compares the schema with the tables the device holds
    (``_fieldsync_tables``) and plans: new tables created (key columns ``NOT NULL``, the
    schema's indexes); new columns added and removed ones dropped (``ALTER TABLE``); a
-   table whose key changed dropped, created again and downloaded again.  What cannot be
-   done without losing data or breaking the app is a *blocker*, named exactly
+   table whose key changed dropped, created again and downloaded again, its holds
+   forgotten (they name rows by the old key), the rows journal entries act on kept and the
+   entries named by the new key (device_agent/rekey.py).  What cannot be done without
+   losing data or breaking the app is a *blocker*, named exactly
    (:class:`~device_agent.errors.SchemaBlocked`, exit 5): a removed column an app's
-   index, view or trigger uses, a key change or column removal while edits of that table
-   are not synced yet.  Nothing changes when anything blocks.
+   index, view or trigger uses, a column removal while edits of that table are not synced
+   yet, a key change while an entry acting on the table cannot be named by the new key
+   (a new key column NULL in its row).  Nothing changes when anything blocks.
 2. The journal triggers (device_agent/triggers.py) of removed and changed tables are
    dropped and the buckets holding rows of a changed table (key, columns or rules) are
    marked for re-download (their rows' stored projections no longer fit); the planned
@@ -37,13 +40,22 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import orjson
 
 from device_agent import triggers
 from device_agent.errors import SchemaBlocked
 from device_agent.local_db import get_meta, set_meta
-from device_agent.local_tables import PREFIX, key_expr, load_tables, q, transaction
+from device_agent.local_tables import (
+    PREFIX,
+    LocalTable,
+    key_expr,
+    load_tables,
+    q,
+    transaction,
+)
+from device_agent.rekey import JournalRow, rekey_entries
 from device_agent.relay_schema import RelaySchema, TableSpec, schema_json
 
 
@@ -70,6 +82,8 @@ class Migration:
     rebuilt_tables: list[str] = dataclasses.field(default_factory=list)
     removed_tables: list[str] = dataclasses.field(default_factory=list)
     counters_changed: list[str] = dataclasses.field(default_factory=list)
+    rekeyed: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
+    """Tables whose key changed → the new ``k`` of each journal entry acting on their rows."""
     notes: list[str] = dataclasses.field(default_factory=list)
     blockers: list[str] = dataclasses.field(default_factory=list)
 
@@ -84,6 +98,25 @@ def _pending_count(conn: sqlite3.Connection, tid: int) -> int:
         (tid,),
     ).fetchone()
     return int(row[0])
+
+
+ACTING: Final = "(status in ('pending', 'sent', 'conflict') or await_lsn is not null)"
+"""SQL condition of the journal entries that still act on their rows: open, awaiting their
+server version, or kept conflicts."""
+
+
+def _acting_entries(conn: sqlite3.Connection, tid: int) -> list[JournalRow]:
+    return [
+        JournalRow(
+            seq,
+            op,
+            None if old is None else orjson.loads(old),
+            None if new is None else orjson.loads(new),
+        )
+        for seq, op, old, new in conn.execute(
+            f"select seq, op, old, new from {PREFIX}journal where tbl = ? and {ACTING}", (tid,)
+        )
+    ]
 
 
 def _app_objects_on(conn: sqlite3.Connection, local: str, column: str) -> list[str]:
@@ -113,12 +146,15 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
             continue
         pending = _pending_count(conn, old.id)
         if old.key != spec.key:
-            if pending:
+            rekeyed = rekey_entries(_acting_entries(conn, old.id), spec.key)
+            if rekeyed.unnamed:
                 plan.blockers.append(
                     f"{spec.name}: the primary key changed from ({', '.join(old.key)}) to "
-                    f"({', '.join(spec.key)}) and {pending} local edit(s) of it are not synced "
-                    "yet; sync them first (device-agent sync --once), or discard them with "
-                    "device-agent reset"
+                    f"({', '.join(spec.key)}) and {len(rekeyed.unnamed)} local edit(s) of it "
+                    "cannot be named by the new key (journal "
+                    + ", ".join(f"#{seq} lacks {c}" for seq, c in sorted(rekeyed.unnamed.items()))
+                    + "); sync them first (device-agent sync --once), or discard them with "
+                    "device-agent reset --discard-edits"
                 )
                 continue
             plan.statements.append(f"drop table if exists {q(old.local)}")
@@ -126,6 +162,12 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
             plan.rebuilt_tables.append(spec.name)
             plan.changed_tables.append(spec)
             plan.notes.append(f"{spec.name}: primary key changed; table rebuilt and re-downloaded")
+            if rekeyed.keys:
+                plan.rekeyed[spec.name] = rekeyed.keys
+                plan.notes.append(
+                    f"{spec.name}: {len(rekeyed.keys)} local edit(s) kept on top, named by the "
+                    "new key"
+                )
             continue
         added = [c for c in spec.columns if c not in old.columns]
         removed = [c for c in old.columns if c not in spec.columns]
@@ -275,6 +317,42 @@ def rederive_all(conn: sqlite3.Connection) -> list[str]:
     return notes
 
 
+def _keep_rows(conn: sqlite3.Connection, table: LocalTable) -> str:
+    """Inside an open transaction, before a table whose key changed is dropped: copy the
+    rows journal entries act on (their edits show in them) to a temporary table; returns
+    its name."""
+    stash = f"{PREFIX}rekey_{table.id}"
+    conn.execute(f"drop table if exists temp.{q(stash)}")
+    conn.execute(
+        f"""create temp table {q(stash)} as select * from {q(table.local)} t
+            where {key_expr(table, "t")} in
+                (select k from {PREFIX}journal where tbl = ? and {ACTING})""",
+        (table.id,),
+    )
+    return stash
+
+
+def _restore_rows(
+    conn: sqlite3.Connection, stash: str, spec: TableSpec, keys: dict[int, Any]
+) -> None:
+    """Put the kept rows into the table created under the new key (the columns both
+    have), and name the journal entries (and their conflicts) by the new key.  The rows
+    are derived again when their versions arrive: the table's buckets are downloaded
+    again."""
+    have = [r[1] for r in conn.execute(f"pragma temp.table_info({q(stash)})")]
+    cols = ", ".join(q(c) for c in spec.columns if c in have)
+    conn.execute(
+        f"insert or replace into {q(spec.local)} ({cols}) select {cols} from temp.{q(stash)}"
+    )
+    conn.execute(f"drop table temp.{q(stash)}")
+    conn.executemany(
+        f"update {PREFIX}journal set k = ? where seq = ?", [(k, seq) for seq, k in keys.items()]
+    )
+    conn.executemany(
+        f"update {PREFIX}conflicts set k = ? where seq = ?", [(k, seq) for seq, k in keys.items()]
+    )
+
+
 def blocked(migration: Migration) -> SchemaBlocked:
     return SchemaBlocked(
         "the server's schema changed and the local tables cannot follow:\n  - "
@@ -305,8 +383,15 @@ def apply_schema(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
                         (select distinct bucket from {PREFIX}rows where tbl = ?)""",
                     (t.id,),
                 )
+            if t.name in plan.rebuilt_tables:
+                # its holds name rows by the old key (and the rows go with the table)
+                conn.execute(f"delete from {PREFIX}rows where tbl = ?", (t.id,))
+        kept = {name: _keep_rows(conn, before[name]) for name in plan.rekeyed}
         for stmt in plan.statements:
             conn.execute(stmt)
+        for spec in schema.tables:
+            if spec.name in plan.rekeyed:
+                _restore_rows(conn, kept[spec.name], spec, plan.rekeyed[spec.name])
         for spec in schema.tables:
             if not key_not_null(conn, spec.local, spec.key):
                 dropped = rebuild_not_null(conn, spec.local, spec.key)

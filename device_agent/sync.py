@@ -2,11 +2,14 @@
 
 One sync round (:meth:`Agent.sync_once`):
 
-1. upload the journal's ``pending`` entries (oldest first, in the relay's form:
+1. read ``/v1/schema`` and migrate the local tables (device_agent/schema_sync.py): a
+   table whose key changed names its journal entries by the new key before they go up;
+2. upload the journal's ``pending`` entries (oldest first, in the relay's form:
    device_agent/journal_wire.py; at most :data:`UPLOAD_BATCH` per request; each becomes
    ``sent``, or ``failed`` with the relay's reason); a relay without the journal
-   endpoint leaves them pending;
-2. read ``/v1/schema`` and migrate the local tables (device_agent/schema_sync.py);
+   endpoint leaves them pending.  They are uploaded also when the migration is blocked
+   (:class:`~device_agent.errors.SchemaBlocked`), which unsent edits may cause: once
+   they are synced, it goes on;
 3. download changes messages from the stored cursor until one carries a complete
    checkpoint, then apply them in one transaction (device_agent/apply.py), together with
    the outcomes of sent entries read just before the download (so an outcome and the
@@ -60,8 +63,10 @@ from device_agent.derive import ApplyResult
 from device_agent.errors import (
     AuthFailed,
     DeviceAgentError,
+    KeyMismatch,
     RelayRefused,
     RelayUnreachable,
+    SchemaBlocked,
     StateError,
 )
 from device_agent.journal_wire import UPLOAD_BATCH, wire_entries
@@ -280,15 +285,22 @@ class Agent:
             if due is not None and due[1] is not None:
                 set_meta(conn, "outcomes_cursor", due[1])
 
-        result = apply_messages(
-            self.conn,
-            staging.staged_messages(self.conn, n_staged, msg),
-            str(msg["cursor"]),
-            reset_cursor,
-            total_ops=total,
-            finish=finish,
-            outcomes=due[0] if due is not None else (),
-        )
+        try:
+            result = apply_messages(
+                self.conn,
+                staging.staged_messages(self.conn, n_staged, msg),
+                str(msg["cursor"]),
+                reset_cursor,
+                total_ops=total,
+                finish=finish,
+                outcomes=due[0] if due is not None else (),
+            )
+        except KeyMismatch:
+            # the staged messages hold rows the local table cannot take: the next sync
+            # reads the schema again and downloads from the last applied cursor
+            with transaction(self.conn):
+                staging.clear(self.conn)
+            raise
         report.applied.append(result)
         if result.mismatched:
             self.on_event(
@@ -306,13 +318,17 @@ class Agent:
         return _download(self, report, wait_s)
 
     def sync_once(self, wait_s: float = 0.0) -> SyncReport:
-        """One round: upload, schema, download and apply (repairing mismatched buckets)."""
+        """One round: schema, upload, download and apply (repairing mismatched buckets)."""
         started = time.perf_counter()
         report = SyncReport()
         set_meta(self.conn, "last_attempt_at", str(time.time()))
         try:
+            try:
+                self.refresh_schema(report)
+            except SchemaBlocked:
+                self.upload(report)  # the edits that block it may go up and settle
+                raise
             self.upload(report)
-            self.refresh_schema(report)
             for _ in range(MAX_REPAIRS + 1):
                 result = self.download(report, wait_s)
                 if result is None or not result.mismatched:
@@ -365,10 +381,11 @@ class Agent:
                 self._watch_poll(stop, report, poll_s, ws_broken_until if use_ws else None)
             except AuthFailed:
                 raise
-            except RelayUnreachable as exc:
+            except (RelayUnreachable, KeyMismatch) as exc:
                 failures += 1
                 delay = self._rng.uniform(0, min(max_backoff_s, 0.5 * 2**failures))
-                self.on_event(f"offline ({exc}); retrying in {delay:.1f} s")
+                why = "offline" if isinstance(exc, RelayUnreachable) else "waiting for the relay"
+                self.on_event(f"{why} ({exc}); retrying in {delay:.1f} s")
                 stop.wait(delay)
 
     def _journal_head(self) -> int:

@@ -89,6 +89,17 @@ class LogCatalog:
         """Avro field name → PostgreSQL name of a key schema."""
         return self._key_names.get(fp, {})
 
+    def key_fields(self, version: TableVersion, key_fingerprint: bytes | None) -> tuple[str, ...]:
+        """The Avro fields that name an event's row: those of its Kafka key's schema (none
+        without a Kafka key).  A value schema's ``pg.key`` flags are no help there: a change
+        of the key columns alone (the replica identity index replaced) keeps the value
+        schema's fingerprint, so ``_schemas`` holds one of its versions only.  The value
+        schema's flags serve when the key schema is unknown."""
+        if key_fingerprint is None:
+            return ()
+        names = self._key_names.get(key_fingerprint)
+        return tuple(names) if names else version.key_fields
+
     def topic(self, table: str) -> str:
         schema, _, name = table.partition(".")
         return f"{self.prefix}.{schema}.{name}"

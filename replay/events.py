@@ -36,6 +36,7 @@ class ChangeEvent:
     partition: int
     offset: int
     ts_us: int = 0  # when cdc encoded it
+    key_fingerprint: bytes | None = None  # of the Kafka key's schema; None: no Kafka key
 
     @property
     def commit_ts_us(self) -> int:

@@ -270,6 +270,7 @@ class LogReader:
                     record.partition,
                     record.offset,
                     d["ts_us"],
+                    None if record.key is None else bytes(record.key[2:10]),
                 )
         finally:
             decoded.close()  # what it holds goes back to the run

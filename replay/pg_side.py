@@ -93,11 +93,7 @@ def pg_tables(conn: Any, pg: PgTarget, names: Sequence[str] | None) -> list[Any]
             f"publication {pg.publication!r} does not exist in {pg.db_label}: "
             "is this the database cdc captures (postgres.dsn, postgres.publication)?"
         )
-    catalog = PgCatalog(pg.dsn, pg.password)
-    try:
-        found = published_tables(conn, pg.publication, catalog)
-    finally:
-        catalog.close()
+    found = published_tables(conn, pg.publication)
     by_name = {f"{t.schema}.{t.table}": t for t in found}
     if not names:
         return [by_name[n] for n in sorted(by_name)]

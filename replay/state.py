@@ -4,7 +4,9 @@
 ``c``/``r`` put the row, ``u`` puts the new row (removing the old key when the key
 changed; columns PostgreSQL did not send, ``unchanged``, are taken from the previous
 version, or marked unknown when the log does not hold it), ``d`` removes, ``t`` empties
-the table.  Tables without key columns are multisets of whole rows (a row and its count).
+the table.  Tables without key columns are multisets of whole rows (a row and its count);
+when such a table is given key columns, its keyless rows are dropped at its first keyed
+event (every row arrives again under its key: cdc re-sends the table).
 A restarted initial snapshot (a second generation of ``r`` events of an initial snapshot,
 ``source.snapshot`` ``true`` or ``last``, at a later consistent point) removes rows the new
 snapshot did not read once that snapshot is over (a later event, or the end of the log:
@@ -89,6 +91,7 @@ class TableState:
         self.rows: dict[tuple[Any, ...], RowVersion] = {}
         self.events = 0
         self.truncated_at: Pos | None = None
+        self._keyless = False  # rows were put without a Kafka key (a multiset)
         self._snapshot_point: int | None = None
         self._prune_below: int | None = None
 
@@ -106,7 +109,9 @@ class TableState:
             self.rows.clear()
             self.truncated_at = pos
             return
-        key_fields = version.key_fields
+        key_fields = self.catalog.key_fields(version, ev.key_fingerprint)
+        if key_fields and self._keyless:
+            self._keyed_from(pos)
         if op == "d":
             if ev.before is not None:
                 self._remove(key_id(ev.before, key_fields), bool(key_fields))
@@ -161,6 +166,7 @@ class TableState:
         if key_fields:
             self.rows[kid] = row
         else:
+            self._keyless = True
             have = self.rows.get(kid)
             row.count = (have.count if have is not None else 0) + 1
             self.rows[kid] = row
@@ -174,6 +180,21 @@ class TableState:
             if have.count <= 0:
                 del self.rows[kid]
         return have
+
+    def _keyed_from(self, pos: Pos) -> None:
+        """The table's events have a Kafka key from here on (it was given key columns): the
+        rows its keyless events put are dropped, as every row it has arrives again under its
+        key (the re-snapshot cdc runs after the change, or a later change of the row)."""
+        keyless = [k for k in self.rows if k[:1] == ("\x00row",)]
+        for k in keyless:
+            del self.rows[k]
+        self._keyless = False
+        log.info(
+            "%s: keyed from %s on; %d row(s) put without a key dropped",
+            self.table,
+            format_lsn(pos[0]),
+            len(keyless),
+        )
 
     def prune(self) -> None:
         """End of a restarted snapshot: drop rows it did not read (deleted before it)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +68,16 @@ def _drop_database(admin_dsn: str, name: str) -> None:
                 "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = %s and active_pid is not null",
                 (slot,),
             )
+            # the terminated walsender holds the slot until it has exited
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+                and conn.execute(
+                    "select 1 from pg_replication_slots where slot_name = %s and active_pid is not null",
+                    (slot,),
+                ).fetchone()
+            ):
+                time.sleep(0.1)
             try:
                 conn.execute("select pg_drop_replication_slot(%s)", (slot,))
             except psycopg.Error:

@@ -171,19 +171,26 @@ def test_replay_quick_run_prints_its_table(kafka_bootstrap: str) -> None:
 
 
 def test_relay_api_quick_run_prints_its_table(pg_server: Any, kafka_bootstrap: str) -> None:
-    # --quick sets this benchmark's sizes (20,000 rows, 50 devices, 3 s)
+    # --quick sets this benchmark's sizes (20,000 rows, 50 devices, 3 s, 200 idle streams)
     stdout = run_bench(
-        "relay_api", "pull", "latency",
+        "relay_api", "pull", "latency", "fanout", "idle",
         "--pg-dsn", pg_server.dsn, "--kafka-bootstrap", kafka_bootstrap,
+        timeout=600,
     )  # fmt: skip
     rows = table_rows(stdout, "| case ")
-    assert {r[0] for r in rows} == {"pull", "latency"}, stdout
+    assert {r[0] for r in rows} == {"pull", "latency", "fanout", "idle"}, stdout
     measures = {r[1]: r[2] for r in rows}
     assert any(m.startswith("COPY 20,000 rows") for m in measures), measures
     for measure in ("ratio to COPY, gzip", "ratio to COPY, WebSocket"):
         assert float(measures[measure]) > 0, measure
     p99 = [v for m, v in measures.items() if m.endswith(": p99")]
     assert len(p99) == 1 and NUMBER.match(p99[0]), measures
+    fanout = {m.split(": ", 1)[1]: v for m, v in measures.items() if "global bucket" in m}
+    assert fanout["commits"] != "0" and NUMBER.match(fanout["p99 of deliveries"]), fanout
+    assert NUMBER.match(fanout["last device, median over commits"]), fanout
+    assert measures["idle WebSocket streams held by one relay process"] == "200", measures
+    assert float(measures["memory per idle connection (relay)"]) > 0, measures
+    assert measures["streams alive after idling (push to 200 of them)"] == "200", measures
 
 
 def test_device_quick_run_prints_its_tables(pg_server: Any) -> None:

@@ -52,6 +52,7 @@ any thread.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -61,10 +62,11 @@ from typing import Any
 
 from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
+from core.pg_types import KEY_INDEX
 from core.value_schemas import read_value_schemas
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
-from relay.downstream.event_decoder import EventDecoder
+from relay.downstream.event_decoder import EventDecoder, schema_key, stale_keys
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.errors import BrokerUnavailable, EngineError, LeadershipLost, StoreError
@@ -104,14 +106,14 @@ def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
     return table_infos_from_schemas(registry.schema_texts())
 
 
-_CATALOG_QUERY = """
+_CATALOG_QUERY = f"""
 select n.nspname || '.' || c.relname,
        array(select a.attname::text from pg_attribute a
              where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped order by a.attnum),
        array(select a.attname::text from pg_index i
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-             where i.indrelid = c.oid and i.indisprimary
-             order by array_position(i.indkey::int2[], a.attnum)),
+             where i.indrelid = c.oid and {KEY_INDEX}
+             order by a.attnum),
        array(select a.attname::text || ':' || bt.typname from pg_attribute a
              join pg_type t on t.oid = a.atttypid
              join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype
@@ -126,7 +128,15 @@ where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_s
 
 
 def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str, TableInfo]:
-    """Columns and primary keys of every table of the captured database (catalog read only)."""
+    """Columns and key columns of every table of the captured database (catalog read only).
+
+    The key columns are the table's row identity, the columns cdc keys its events by
+    (:data:`core.pg_types.KEY_INDEX`: the replica identity index under USING INDEX, else
+    the primary key).  They are listed in the table's column order, as the Kafka key of every change
+    event lists them (docs/events.md), not in the order of the primary key's definition:
+    rows are named by their events' keys (relay/downstream/event_decoder.py), so a primary
+    key redefined in another order, ``(site, id)`` → ``(id, site)``, names every row as
+    before."""
     import psycopg
 
     kw: dict[str, Any] = {"connect_timeout": 10}
@@ -151,14 +161,21 @@ def table_infos_from_conn(conn: Any) -> dict[str, TableInfo]:
 
 
 class SchemaLog:
-    """The schemas of ``{prefix}._schemas``, read incrementally into a SchemaRegistry."""
+    """The schemas of ``{prefix}._schemas``, read incrementally into a SchemaRegistry.
 
-    def __init__(self, kafka: Mapping[str, Any], prefix: str) -> None:
+    ``keys``: each table's latest key columns (its last key schema in the log).  With
+    ``rules``, a table whose latest key differs from the key the rules were loaded with (its
+    primary key changed while this relay runs) is logged as a warning, once per key."""
+
+    def __init__(self, kafka: Mapping[str, Any], prefix: str, rules: Rules | None = None) -> None:
         from kafka import KafkaConsumer
 
         self.topic = f"{prefix}._schemas"
         self.registry = SchemaRegistry()
         self.texts: list[str] = []
+        self.keys: dict[str, tuple[str, ...]] = {}
+        self._rules = rules
+        self._warned: set[tuple[str, tuple[str, ...]]] = set()
         self._consumer = build_client(
             KafkaConsumer, **kafka, enable_auto_commit=False, isolation_level="read_committed"
         )
@@ -189,8 +206,27 @@ class SchemaLog:
                         text = r.value.decode("utf-8")
                         fp = self.registry.add(text)
                         self.texts.append(text)
+                        found = schema_key(json.loads(text))
+                        if found is not None:
+                            self.keys[found[0]] = found[1]
                         added += 1 if fp else 0
+        if added and self._rules is not None:
+            self._warn_stale_keys(self._rules)
         return added
+
+    def _warn_stale_keys(self, rules: Rules) -> None:
+        for table, (loaded, latest) in stale_keys(self.keys, rules).items():
+            if (table, latest) not in self._warned:
+                self._warned.add((table, latest))
+                log.warning(
+                    "bucket engine: %s's primary key is now (%s), this relay loaded (%s): "
+                    "its rows are named by the new key while /v1/schema lists the old one, "
+                    "and devices refuse them (KeyMismatch) until the relay restarts; restart "
+                    "the relays and the appliers",
+                    table,
+                    ", ".join(latest),
+                    ", ".join(loaded),
+                )
 
     def close(self) -> None:
         self._consumer.close()
@@ -345,7 +381,7 @@ class BucketEngine:
         self._close_consumers()
         self._progress = {tp: p for tp, p in self.store.load_offsets().items() if self._owns(tp[1])}
         self.lag.start({tp: p.next_offset for tp, p in self._progress.items()})
-        self._schemas = SchemaLog(self.kafka, self.prefix)
+        self._schemas = SchemaLog(self.kafka, self.prefix, self.rules)
         self._schemas.refresh()
         self._consumer = build_client(
             KafkaConsumer,

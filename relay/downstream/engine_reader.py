@@ -275,15 +275,15 @@ class ChangeReader:
                 at = reached[tp] = [seen.next_offset, seen.position]
             position = _header_position(r)
             if r.value is not None and position is None:
-                position = self._decode(r.value, None).position
+                position = self._decode(r.value, None, r.key).position
             at[0] = r.offset + 1
             if position is None or position <= at[1] or r.value is None:
                 skipped += 1
                 continue
             at[1] = position
-            found = skim(r.value, self._topics[r.topic], position)
+            found = skim(r.value, self._topics[r.topic], position, r.key)
             if found is decode:
-                changes.append(self._decode(r.value, position))
+                changes.append(self._decode(r.value, position, r.key))
             elif isinstance(found, RowChange):
                 skimmed += 1
                 changes.append(found)
@@ -303,9 +303,9 @@ class ChangeReader:
         self.stats.decode_s += time.perf_counter() - t0
         return changes, progress, nowhere
 
-    def _decode(self, value: bytes, position: Position | None) -> RowChange:
+    def _decode(self, value: bytes, position: Position | None, key: bytes | None) -> RowChange:
         try:
-            return self._decoder.change(value, position)
+            return self._decoder.change(value, position, key)
         except DecodeError as exc:
             if "unknown Avro schema fingerprint" not in str(exc):
                 raise EngineError(f"cannot decode the change event at {position}: {exc}") from exc
@@ -313,7 +313,7 @@ class ChangeReader:
         while time.monotonic() < deadline:
             self._schemas.refresh(timeout=2.0)
             try:
-                return self._decoder.change(value, position)
+                return self._decoder.change(value, position, key)
             except DecodeError as exc:
                 if "unknown Avro schema fingerprint" not in str(exc):
                     raise EngineError(

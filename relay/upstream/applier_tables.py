@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from core.avro_envelope import TableCodec
-from core.pg_types import CATALOG_QUERY, ColumnSpec, MappingCatalog, TypeInfo
+from core.pg_types import CATALOG_QUERY, KEY_INDEX, ColumnSpec, MappingCatalog, TypeInfo
 from core.row_wire import PLAIN_TYPES, json_value
 from core.value_schemas import column_types_from_value_schema
 from core.values import ColumnType, Kind, decoded_datum, to_pg_text
@@ -41,14 +41,14 @@ __all__ = ["TableMeta", "read_tables"]
 
 log = logging.getLogger("relay.upstream.applier")
 
-_TABLES_QUERY = """
+_TABLES_QUERY = f"""
 select n.nspname::text, c.relname::text, a.attname::text, a.atttypid::int8, a.atttypmod,
        format_type(a.atttypid, a.atttypmod),
        coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0)
 from pg_class c
 join pg_namespace n on n.oid = c.relnamespace
 join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
-left join pg_index i on i.indrelid = c.oid and i.indisprimary
+left join pg_index i on i.indrelid = c.oid and {KEY_INDEX}
 where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema')
   and n.nspname not like 'pg_toast%%' and n.nspname <> 'fieldsync_applier'
 order by n.nspname, c.relname, a.attnum
@@ -67,9 +67,10 @@ class TableMeta:
     ) -> None:
         self.name = name
         self.schema, _, self.table = name.partition(".")
-        ordered = sorted((c for c in columns if c[4] > 0), key=lambda c: c[4])
         self.columns: tuple[str, ...] = tuple(c[0] for c in columns)
-        self.key: tuple[str, ...] = tuple(c[0] for c in ordered)
+        # key columns in column order, as the change events' keys, the relay's rows and the
+        # devices' entries list them (relay/downstream/bucket_engine.py)
+        self.key: tuple[str, ...] = tuple(c[0] for c in columns if c[4] > 0)
         self.info = TableInfo(self.columns, self.key)
         self.casts: dict[str, sql.Composable] = {c[0]: sql.SQL(c[3]) for c in columns}
         codec = TableCodec(

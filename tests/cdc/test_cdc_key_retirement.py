@@ -13,7 +13,7 @@ key's text: no delete is written.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,16 @@ def topic_table(
     bootstrap: str, prefix: str, table: str, key: tuple[str, ...], *, by_text: bool = False
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """The topic as a compacted-topic consumer holds it: the latest record of each Kafka key
-    (bytes), keys whose latest record is a delete dropped; keyed by the key columns' text.
+    (bytes), keys whose latest record is a delete dropped, records without a key skipped;
+    keyed by the key columns' text.
     Also every event decoded (with ``_keybytes`` and ``_pos``).  A row under two live Kafka
     keys (its old and its new key) reads as ``{"_twice": [keys]}``, equal to no row of
     PostgreSQL.  ``by_text``: a consumer
     that identifies rows by their key values instead (the relay): the latest record of each
     key text, by position."""
     records = read_topic(bootstrap, f"{prefix}.public.{table}", timeout=20)
-    wanted = {bytes(r.value[2:10]) for r in records} | {bytes(r.key[2:10]) for r in records}
+    wanted = {bytes(r.value[2:10]) for r in records}
+    wanted |= {bytes(r.key[2:10]) for r in records if r.key is not None}
     registry = wait_for(
         lambda: (lambda reg: reg if all(fp in reg for fp in wanted) else None)(
             read_schemas(bootstrap, prefix)
@@ -59,11 +61,13 @@ def topic_table(
     events = []
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         event = decode(r.value, registry)
-        event["_keybytes"] = bytes(r.key)
+        event["_keybytes"] = None if r.key is None else bytes(r.key)
         event["_pos"] = parse_position_header(dict(r.headers)[POSITION_HEADER])
         events.append(event)
     latest: dict[Any, dict[str, Any]] = {}
     for event in sorted(events, key=lambda e: e["_pos"]) if by_text else events:
+        if event["_keybytes"] is None:
+            continue  # no Kafka key (the table had no key columns): no row to fold by key
         row = event["after"] if event["op"] != "d" else event["before"]
         ident = row_key_text([row.get(c) for c in key]) if by_text else event["_keybytes"]
         latest[ident] = event
@@ -149,31 +153,48 @@ class Writer(threading.Thread):
     text so the statements work before and after the key's type changed) until stopped
     (or ``max_ops`` rounds are done)."""
 
-    def __init__(self, dsn: str, table: str, insert: str, max_ops: int = 10**9) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        table: str,
+        insert: str,
+        max_ops: int = 10**9,
+        *,
+        refusable: bool = False,
+    ) -> None:
         super().__init__(daemon=True)
         self.dsn, self.table, self.insert = dsn, table, insert
         self.max_ops = max_ops
+        self.refusable = refusable
         self.stop = threading.Event()
         self.ops = 0
+        self.refused = 0
         self.error: BaseException | None = None
+
+    def _change(self, conn: psycopg.Connection[Any], statement: str, *params: str) -> None:
+        """An update or delete; with ``refusable``, PostgreSQL's refusal of it (the table
+        has no replica identity: SQLSTATE 55000) is counted instead of raised."""
+        try:
+            conn.execute(statement, params)
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            if not self.refusable:
+                raise
+            self.refused += 1
 
     def run(self) -> None:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 n = 1000
+                update = f"update {self.table} set v = %s where id::text = %s"
+                delete = f"delete from {self.table} where id::text = %s"
                 while not self.stop.is_set() and self.ops < self.max_ops:
                     n += 1
                     conn.execute(self.insert, (str(n), str(n), f"w{n}"))
-                    conn.execute(
-                        f"update {self.table} set v = %s where id::text = %s",
-                        (f"u{n}", str(1 + n % ROWS)),
-                    )
+                    self._change(conn, update, f"u{n}", str(1 + n % ROWS))
                     if n % 3 == 0:
-                        conn.execute(
-                            f"delete from {self.table} where id::text = %s", (str(n % ROWS),)
-                        )
+                        self._change(conn, delete, str(n % ROWS))
                     if n % 5 == 0:
-                        conn.execute(f"delete from {self.table} where id::text = %s", (str(n - 2),))
+                        self._change(conn, delete, str(n - 2))
                     self.ops += 1
         except BaseException as exc:  # surfaced by finish()
             self.error = exc
@@ -197,11 +218,13 @@ def t_int(pg_conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]
 INSERT_T = "insert into t (id, a, v) values (%s, %s, %s)"
 
 
-def job_finished(settings: Any, conn: psycopg.Connection[Any], marker: Iterator[int]) -> bool:
+def job_finished(
+    settings: Any, conn: psycopg.Connection[Any], marker: Iterator[int], insert: str = INSERT_T
+) -> bool:
     """The re-snapshot job left the progress record (its end goes out with the next Kafka
-    transaction: make one)."""
+    transaction: make one, a row inserted with ``insert``)."""
     n = next(marker)
-    conn.execute(INSERT_T, (str(n), str(n), "marker"))
+    conn.execute(insert, (str(n), str(n), "marker"))
     data = state_record(settings, "resnapshot", timeout_s=5)
     return data is not None and not Progress.from_bytes(data).jobs
 
@@ -312,6 +335,51 @@ def test_int_to_bigint_deletes_nothing(
     assert not [e for e in events if e["op"] == "d"]
 
 
+def crash_daemon(tmp_path: Path, dsn: str, bootstrap: str, prefix: str) -> tuple[Path, CrashDaemon]:
+    """The settings file and the daemon of the kill tests: chunks of 7 rows, and small
+    batches, so the deletes of old keys span several Kafka transactions and a kill may land
+    after some of them committed."""
+    config = daemon_config(
+        tmp_path / "cdc.toml",
+        dsn=dsn,
+        bootstrap=bootstrap,
+        prefix=prefix,
+        slot="s_" + prefix[-10:],
+        cdc={"resnapshot_chunk_rows": 7, "ddl_check_interval_s": 0.3},
+        kafka={"batch_max_events": 40},
+    )
+    return config, CrashDaemon(config, tmp_path / "daemon.log")
+
+
+def killed_at(d: CrashDaemon, faults: list[str]) -> None:
+    """Start the daemon once per fault (``point:hit``) and wait for it to kill itself there."""
+    for fault in faults:
+        d.start(fault)
+        d.wait_log(f"fault point {fault.split(':')[0]} reached: SIGKILL", timeout=120)
+        assert d.wait(30) == -9, d.log()[-3000:]
+
+
+def finished(
+    d: CrashDaemon,
+    config: Path,
+    converged: Callable[[], list[dict[str, Any]]],
+    *,
+    verify: bool = True,
+) -> list[dict[str, Any]]:
+    """Start the daemon once more: it deletes the old keys left and sends the rows;
+    ``converged`` waits for the topic to match PostgreSQL (its events are returned);
+    `fieldsync replay verify` agrees; the daemon stops cleanly."""
+    d.start()
+    d.wait_log("old key(s) deleted", timeout=120)
+    events = converged()
+    if verify:
+        result = run_cli("replay", "verify", "--config", str(config), "--wait", "60", timeout=180)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    d.signal(15)
+    assert d.wait(30) == 0, d.log()[-3000:]
+    return events
+
+
 def test_kill_9_mid_resnapshot_and_mid_retirement(
     tmp_path: Path,
     t_int: psycopg.Connection[Any],
@@ -323,18 +391,7 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
     committed, in batches of 40 events), once after a chunk of the re-snapshot is; the third
     start finishes, and the topic equals PostgreSQL
     (no old key left, no row of now deleted)."""
-    config = daemon_config(
-        tmp_path / "cdc.toml",
-        dsn=pg_dsn,
-        bootstrap=kafka_bootstrap,
-        prefix=topic_prefix,
-        slot="s_" + topic_prefix[-10:],
-        cdc={"resnapshot_chunk_rows": 7, "ddl_check_interval_s": 0.3},
-        # small batches: the deletes of old keys span several Kafka transactions, so the
-        # kill may land after some of them committed
-        kafka={"batch_max_events": 40},
-    )
-    d = CrashDaemon(config, tmp_path / "daemon.log")
+    config, d = crash_daemon(tmp_path, pg_dsn, kafka_bootstrap, topic_prefix)
     try:
         d.start()
         d.wait_streaming()
@@ -345,21 +402,13 @@ def test_kill_9_mid_resnapshot_and_mid_retirement(
         writer.start()
         wait_for(lambda: writer.ops >= 5, timeout=30, what="the writer to run")
         t_int.execute("alter table t alter column id type text")
-        for faults, point in (
-            ("retire_deletes:1", "retire_deletes"),
-            ("resnapshot_chunk:3", "resnapshot_chunk"),
-        ):
-            d.start(faults)
-            d.wait_log(f"fault point {point} reached: SIGKILL", timeout=120)
-            assert d.wait(30) == -9, d.log()[-3000:]
+        killed_at(d, ["retire_deletes:1", "resnapshot_chunk:3"])
         writer.finish()
-        d.start()
-        d.wait_log("old key(s) deleted", timeout=120)
-        events = wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",))
-        verify = run_cli("replay", "verify", "--config", str(config), "--wait", "60", timeout=180)
-        assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-2000:]
-        d.signal(15)
-        assert d.wait(30) == 0, d.log()[-3000:]
+        events = finished(
+            d,
+            config,
+            lambda: wait_topic_equals_pg(kafka_bootstrap, topic_prefix, t_int, "t", ("id",)),
+        )
     finally:
         d.kill()
     assert retire_deletes(events), "old keys are deleted"

@@ -16,6 +16,8 @@ def test_replica_identities(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
         conn.execute("create table rid_index (id int not null, code text not null, v text)")
         conn.execute("create unique index rid_index_code on rid_index (code)")
         conn.execute("alter table rid_index replica identity using index rid_index_code")
+        conn.execute("create table rid_pk_index (id int primary key, code text not null unique)")
+        conn.execute("alter table rid_pk_index replica identity using index rid_pk_index_code_key")
         conn.execute("create table nopk (a int, b text)")
         conn.execute("alter table nopk replica identity full")
         conn.execute("create table rid_nothing (id int primary key, v text)")
@@ -30,6 +32,8 @@ def test_replica_identities(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
             conn.execute("insert into rid_index values (1, 'c1', 'x')")
             conn.execute("update rid_index set v = 'y' where code = 'c1'")
             conn.execute("delete from rid_index where code = 'c1'")
+            conn.execute("insert into rid_pk_index values (1, 'c1')")
+            conn.execute("delete from rid_pk_index where id = 1")
             conn.execute("insert into nopk values (1, 'x')")
             conn.execute("update nopk set b = 'y'")
             conn.execute("delete from nopk")
@@ -37,6 +41,7 @@ def test_replica_identities(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
             d = table_events(kafka_bootstrap, topic_prefix, "rid_default", expect=4)
             f = table_events(kafka_bootstrap, topic_prefix, "rid_full", expect=4)
             i = table_events(kafka_bootstrap, topic_prefix, "rid_index", expect=3)
+            pi = table_events(kafka_bootstrap, topic_prefix, "rid_pk_index", expect=2)
             n = table_events(kafka_bootstrap, topic_prefix, "nopk", expect=3)
             z = table_events(kafka_bootstrap, topic_prefix, "rid_nothing", expect=1)
     # DEFAULT: no before image for a plain update; the old key when the key changes; key-only before on delete
@@ -52,6 +57,10 @@ def test_replica_identities(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
     # USING INDEX: key = the identity index columns (no primary key)
     assert [e["_key"] for e in i] == [{"code": "c1"}] * 3
     assert i[2]["before"]["code"] == "c1"
+    # USING INDEX with a primary key on other columns: the key is the index, what a delete
+    # carries (a key of the primary key would be null there)
+    assert [e["_key"] for e in pi] == [{"code": "c1"}] * 2
+    assert pi[1]["before"] == {"id": None, "code": "c1"}
     # no primary key, FULL: no Kafka key, full before image
     assert [e["_key"] for e in n] == [None, None, None]
     assert n[1]["before"] == {"a": 1, "b": "x"} and n[2]["before"] == {"a": 1, "b": "y"}

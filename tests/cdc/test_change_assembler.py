@@ -259,6 +259,44 @@ def test_the_key_is_the_primary_key_as_of_the_relation_message() -> None:
     assert keys == [{"id": 1}, {"id": 2, "v": "v2"}]
 
 
+def test_the_key_is_the_replica_identity() -> None:
+    """The key is what a delete carries: the identity index under USING INDEX (also with a
+    primary key on other columns), the primary key under FULL and NOTHING (looked up in the
+    catalog: FULL flags every column), none without one.  A Relation message with the same
+    columns and flags gives the table a new key when the catalog's primary key changed
+    (ADD PRIMARY KEY under FULL)."""
+    pks: dict[int, tuple[str, ...] | None] = {16384: ("id",)}
+    asm = ChangeAssembler(
+        db="db",
+        topic_prefix="fs",
+        catalog=FakeCatalog(pks),
+        spill=MemorySpill(),
+        resume=None,
+        clock_us=lambda: 1,
+    )
+
+    def rel(identity: m.ReplicaIdentity, *flagged: str) -> m.Relation:
+        columns = tuple(
+            m.RelationColumn(n, t, -1, n in flagged) for n, t in (("id", INT4), ("v", TEXT))
+        )
+        return m.Relation(None, 16384, "public", "t", identity, columns)
+
+    index_v = rel(m.ReplicaIdentity.INDEX, "v")
+    full = rel(m.ReplicaIdentity.FULL, "id", "v")
+    delete = m.Delete(None, 16384, (None, "v9"), m.OldTupleKind.KEY)
+    out = run(asm, [index_v, *txn(1, 100, ins(1), delete)])
+    pks[16384] = None  # the primary key dropped, REPLICA IDENTITY FULL
+    out += run(asm, [full, *txn(2, 200, ins(2))])
+    pks[16384] = ("id",)  # ADD PRIMARY KEY (id): the same Relation message again
+    out += run(asm, [full, *txn(3, 300, ins(3))])
+    reg = SchemaRegistry()
+    for o in out:
+        if isinstance(o, OutSchema):
+            reg.add(o.schema_json)
+    keys = [None if e.key is None else decode(e.key, reg) for e in events(out)]
+    assert keys == [{"v": "v1"}, {"v": "v9"}, None, {"id": 3}]
+
+
 def test_file_spill_store_truncates_subtransactions(tmp_path: Path) -> None:
     store = FileSpillStore(tmp_path)
     for msg in (ins(1, 5), ins(2, 6), ins(3, 7), ins(4, 5)):

@@ -17,13 +17,23 @@ from cdc.ddl_detection import (
     ColumnFacts,
     TableSignature,
     compare_relations,
+    identity_warnings,
     key_changed,
     resnapshot_reasons,
     signatures_from_bytes,
     signatures_to_bytes,
 )
 from cdc.incremental_snapshot import ChunkWindow, Job, Progress, Visibility, Watermark
-from cdc.key_retirement import RETIRE_ORIGIN, KeyTexts, RetireSet, key_text, old_schema
+from cdc.key_retirement import (
+    KEYLESS_DONE,
+    OTHER_COLUMNS,
+    RETIRE_ORIGIN,
+    KeyTexts,
+    RetireSet,
+    key_columns,
+    key_text,
+    old_schema,
+)
 from cdc.recovery_deletes import LiveKeys
 from cdc.resnapshot_stream import ChunkTracker, InFlightChunk, Jobs
 from core.avro_envelope import SchemaRegistry, Source, TableCodec, decode
@@ -58,19 +68,92 @@ def test_key_changes_are_told_apart_from_other_ddl() -> None:
     assert not key_changed(BASE, other), "a column outside the key"
     assert not key_changed(BASE, BASE)
     assert not key_changed(BASE, with_columns(*BASE.columns, filenode=5001)), "VACUUM FULL"
-    assert resnapshot_reasons(BASE, rekeyed) == ["primary key changed from (id) to (a, id)"]
+    assert resnapshot_reasons(BASE, rekeyed) == ["key changed from (id) to (a, id)"]
     unknown = dataclasses.replace(BASE, key=None)  # recorded before keys were recorded
     assert resnapshot_reasons(unknown, rekeyed) == [] and not key_changed(unknown, rekeyed)
 
 
+INDEX, FULL, DEFAULT, NOTHING = (
+    m.ReplicaIdentity.INDEX,
+    m.ReplicaIdentity.FULL,
+    m.ReplicaIdentity.DEFAULT,
+    m.ReplicaIdentity.NOTHING,
+)
+
+
+def test_row_identity_changes_are_key_changes() -> None:
+    """Without a primary key the Kafka key is the replica identity index, or nothing: a
+    replaced index, a switch to or from USING INDEX, a primary key added or dropped, and a
+    retyped identity-index column all change the rows' keys."""
+    by_id = dataclasses.replace(BASE, key=("id",), identity=INDEX)
+    by_a = dataclasses.replace(BASE, key=("a",), identity=INDEX)
+    full = dataclasses.replace(BASE, key=(), identity=FULL)
+    default = dataclasses.replace(BASE, key=(), identity=DEFAULT)
+    nothing = dataclasses.replace(BASE, key=(), identity=NOTHING)
+    pk = dataclasses.replace(BASE, key=("id",), identity=INDEX)  # ADD PRIMARY KEY (id) on by_a
+    retyped = dataclasses.replace(
+        by_id, columns=(col(1, "id", TEXT, "801"), *BASE.columns[1:]), filenode=5001
+    )
+    for old, new in (
+        (by_id, by_a),
+        (by_id, full),
+        (full, by_id),
+        (default, by_a),
+        (by_a, pk),
+        (BASE, by_a),  # DROP CONSTRAINT t_pkey, the identity index (a) left
+        (BASE, default),  # … and no identity index
+        (by_id, nothing),
+        (by_id, retyped),
+    ):
+        assert key_changed(old, new), (old.key, old.identity, new.key, new.identity)
+    for old, new in ((full, default), (default, nothing), (BASE, pk), (by_id, by_id)):
+        assert not key_changed(old, new), "no key before or after, or the same key columns"
+    assert resnapshot_reasons(by_id, by_a) == [
+        "key changed from (id) (replica identity index) to (a) (replica identity index)"
+    ]
+    assert resnapshot_reasons(by_id, full) == [
+        "key changed from (id) (replica identity index) to none (REPLICA IDENTITY FULL "
+        "without a primary key: events have no Kafka key)"
+    ]
+
+
+def test_identity_warnings_name_what_postgresql_refuses_and_what_is_not_keyed() -> None:
+    by_id = dataclasses.replace(BASE, key=("id",), identity=INDEX)
+    nothing = dataclasses.replace(BASE, key=(), identity=NOTHING)
+    pk_nothing = dataclasses.replace(BASE, identity=NOTHING)
+    full = dataclasses.replace(BASE, key=(), identity=FULL)
+    refused = (
+        "public.t has no replica identity (REPLICA IDENTITY NOTHING{}): PostgreSQL refuses its "
+        "updates and deletes while the publication publishes them"
+    )
+    keyless = (
+        "public.t has no key columns: its events have no Kafka key, consumers that name rows by "
+        "key (the relay) do not sync it, and re-snapshots cannot read it. Fix: ALTER TABLE "
+        "public.t ADD PRIMARY KEY (…) or REPLICA IDENTITY USING INDEX …"
+    )
+    assert identity_warnings(by_id, nothing) == [refused.format(" without a primary key"), keyless]
+    assert identity_warnings(BASE, pk_nothing) == [refused.format("")]
+    assert identity_warnings(by_id, full) == [keyless]
+    assert identity_warnings(full, nothing) == [refused.format(" without a primary key")]
+    assert identity_warnings(by_id, by_id) == [] and identity_warnings(nothing, full) == []
+
+
 def test_signature_keys_round_trip_and_old_records_read() -> None:
-    sigs = {1: BASE, 2: dataclasses.replace(BASE, oid=2, key=())}
+    sigs = {1: BASE, 2: dataclasses.replace(BASE, oid=2, key=("a",), identity=INDEX)}
     assert signatures_from_bytes(signatures_to_bytes(sigs)) == sigs
     old = signatures_to_bytes({1: dataclasses.replace(BASE, key=None)}).replace(
         b', "key": null', b""
     )
     assert b'"key"' not in old
     assert signatures_from_bytes(old)[1].key is None
+    by_pk = signatures_to_bytes({2: dataclasses.replace(BASE, oid=2, key=())})
+    assert b'"identity": null' in by_pk
+    assert signatures_from_bytes(by_pk)[2].key is None, (
+        "recorded with primary keys only: a table without one may have been keyed by its "
+        "identity index"
+    )
+    full = {3: dataclasses.replace(BASE, oid=3, key=(), identity=FULL)}
+    assert signatures_from_bytes(signatures_to_bytes(full)) == full
 
 
 def test_relation_messages_tell_a_new_key() -> None:
@@ -109,12 +192,12 @@ def test_retiring_jobs_round_trip_and_restart_when_queued_again() -> None:
     assert not merged.retiring and merged.retired == 7 and jobs.progress.jobs == [merged]
 
 
-def codec(key_type: int, table: str = "t") -> TableCodec:
+def codec(key_type: int, table: str = "t", *, key: bool = True) -> TableCodec:
     return TableCodec(
         db="app",
         schema="public",
         table=table,
-        columns=[ColumnSpec("id", key_type, -1, True), ColumnSpec("v", TEXT, -1, False)],
+        columns=[ColumnSpec("id", key_type, -1, key), ColumnSpec("v", TEXT, -1, False)],
         catalog=MappingCatalog(),
         unchanged_sentinel=object(),
         warn=lambda _m: None,
@@ -146,6 +229,35 @@ def test_key_texts_of_old_and_new_keys() -> None:
     assert new.key_fingerprint is not None
     assert old_schema(keys, new.key_fingerprint) == 1
     assert old_schema(keys, codec(INT4).key_fingerprint or b"") == 0
+
+
+def test_keys_of_other_columns_go_whatever_their_text() -> None:
+    """(id) → (a), both int (the identity index replaced): an old key ``{id: 5}`` names no
+    row of now even when a row has the key ``{a: 5}`` (text ``[5]``), and a streamed change
+    of ``[5]`` while the keys are read does not keep it."""
+    keys, registry = old_events([5, 6])
+    by_a = TableCodec(
+        db="app",
+        schema="public",
+        table="t",
+        columns=[ColumnSpec("id", INT4, -1, False), ColumnSpec("a", INT4, -1, True)],
+        catalog=MappingCatalog(),
+        unchanged_sentinel=object(),
+        warn=lambda _m: None,
+        namespace_prefix="p",
+    )
+    texts = KeyTexts(by_a)
+    retire = RetireSet.build(keys, registry, texts, ("a",))
+    gone = retire.gone({texts.of(("5",)), texts.of(("6",))})
+    assert [t.startswith(OTHER_COLUMNS) for (t,), _ in gone] == [True, True]
+    window = ChunkWindow("c1", gone, Visibility(90, 100))
+    window.watermark("low")
+    window.change(100, retire.window_keys([("5",), ("6",)]))
+    window.watermark("high")
+    assert len(window.remaining()) == 2, "both old keys are deleted"
+    assert key_columns(registry.schema_json(next(iter(keys))[2:10])) == ("id",)
+    same = RetireSet.build(keys, registry, KeyTexts(codec(INT8)), ("id",))
+    assert same.gone({"[5]"}) == [(("[6]",), ())], "the same column: by key text"
 
 
 @settings(max_examples=60, deadline=None)
@@ -189,22 +301,27 @@ class Txn:
     commit_ts_us: int = 0
 
 
-def run_retirement(old: list[int], touched: list[int], before_low: bool) -> list[dict[str, Any]]:
+def run_retirement(
+    old: list[int], touched: list[int], before_low: bool, *, keyless: bool = False
+) -> list[dict[str, Any]]:
     """A retirement chunk for the int keys ``old`` after ``int`` → ``bigint`` (no row has
     any of them now) while a streamed transaction inserts the keys ``touched`` (between
     the watermarks, or before the low one but invisible to the chunk's snapshot): the
-    deletes it writes."""
+    deletes it writes.  ``keyless``: after the table lost its key columns instead (REPLICA
+    IDENTITY FULL without a primary key)."""
     keys, registry = old_events(old)
-    new = codec(INT8)
-    texts = KeyTexts(new)
-    retire = RetireSet.build(keys, registry, texts, ("id",))
+    new = codec(INT8, key=not keyless)
+    texts = None if keyless else KeyTexts(new)
+    key_names = () if keyless else ("id",)
+    retire = RetireSet.build(keys, registry, texts, key_names)
     jobs = Jobs(signals=False)
     jobs.queue(Job(7, "public.t", "column id changed type", retire_keys=True))
     job = jobs.progress.jobs[0]
     job.retiring = True
     tracker = ChunkTracker(jobs, db="app", signal_name=None, clock_us=lambda: 0)
-    columns = (m.RelationColumn("id", INT8, -1, True), m.RelationColumn("v", TEXT, -1, False))
-    tracker.message(m.Relation(None, 7, "public", "t", m.ReplicaIdentity.DEFAULT, columns), None)
+    columns = (m.RelationColumn("id", INT8, -1, True), m.RelationColumn("v", TEXT, -1, keyless))
+    identity = FULL if keyless else DEFAULT
+    tracker.message(m.Relation(None, 7, "public", "t", identity, columns), None)
     # the writer's xid 95 is running in the chunk's snapshot (before_low), or later (110)
     visibility = Visibility(90, 100, frozenset({95}))
     tracker.chunk = InFlightChunk(
@@ -214,7 +331,7 @@ def run_retirement(old: list[int], touched: list[int], before_low: bool) -> list
         window=ChunkWindow("c1", retire.gone(set()), visibility),
         codec=new,
         topic="p.public.t",
-        key_names=("id",),
+        key_names=key_names,
         last_key=None,
         complete=True,
         retire=retire,
@@ -238,8 +355,12 @@ def run_retirement(old: list[int], touched: list[int], before_low: bool) -> list
     mark("high", 102, 300)
     outs = list(tracker.emit([TxnEnd(300, 301, 0, 0)]))
     deletes = [decode(o.value, registry) for o in outs if isinstance(o, OutEvent)]
-    assert jobs.progress.jobs == [job] and not job.retiring, "the rows are sent next"
-    assert job.retired == len(deletes)
+    if keyless:
+        assert jobs.progress.jobs == [], "no row is sent again: the job is over"
+        assert KEYLESS_DONE.format(len(deletes)).startswith(f"done: {len(old)} old key(s)")
+    else:
+        assert jobs.progress.jobs == [job] and not job.retiring, "the rows are sent next"
+        assert job.retired == len(deletes)
     end = outs[-1]
     assert isinstance(end, TxnEnd) and end.events == len(deletes)
     return deletes
@@ -258,12 +379,17 @@ def test_retirement_deletes_are_placed_at_the_high_watermark() -> None:
     old=st.sets(st.integers(1, 30), min_size=1, max_size=15),
     touched=st.sets(st.integers(1, 40), max_size=10),
     before_low=st.booleans(),
+    keyless=st.booleans(),
 )
 def test_a_delete_never_follows_a_change_of_its_key_text(
-    old: set[int], touched: set[int], before_low: bool
+    old: set[int], touched: set[int], before_low: bool, keyless: bool
 ) -> None:
     """A key text a streamed change touched while the keys were read (between the
     watermarks, or before them and invisible to the snapshot) is not deleted: its row may
-    exist after the change, which precedes the deletes in the stream."""
-    deletes = run_retirement(sorted(old), sorted(touched), before_low)
-    assert sorted(d["before"]["id"] for d in deletes) == sorted(old - touched)
+    exist after the change, which precedes the deletes in the stream.  A table left without
+    key columns (REPLICA IDENTITY FULL, DEFAULT or NOTHING without a primary key) has no
+    key text now, so no streamed change writes an old key again: every old key is deleted,
+    and the job ends (no row is sent again)."""
+    deletes = run_retirement(sorted(old), sorted(touched), before_low, keyless=keyless)
+    gone = old if keyless else old - touched
+    assert sorted(d["before"]["id"] for d in deletes) == sorted(gone)

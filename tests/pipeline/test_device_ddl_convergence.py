@@ -103,7 +103,12 @@ class Relay:
             rules,
             Authenticator(self.keys),
             ApiConfig(rate_per_s=0, long_poll_s=1, max_page_ops=5000),
+            *self.mounted(rules),
         )
+
+    def mounted(self, rules: Rules) -> list[Any]:
+        """Routes served beside the sync endpoints (none here; a subclass adds the journal)."""
+        return []
 
     def stop(self) -> None:
         if self.engine is not None and self.thread is not None:
@@ -122,11 +127,16 @@ class Relay:
 
 @contextlib.contextmanager
 def relay(
-    pg_dsn: str, store_dsn: str, rules_path: Path, kafka: str, prefix: str
+    pg_dsn: str,
+    store_dsn: str,
+    rules_path: Path,
+    kafka: str,
+    prefix: str,
+    kind: type[Relay] = Relay,
 ) -> Iterator[tuple[Relay, str]]:
     store = PgBucketStore(store_dsn)
     store.migrate()
-    r = Relay(pg_dsn, store, rules_path, kafka, prefix)
+    r = kind(pg_dsn, store, rules_path, kafka, prefix)
     try:
         with serve(r.asgi) as port:
             yield r, f"http://127.0.0.1:{port}"

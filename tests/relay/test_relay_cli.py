@@ -178,7 +178,13 @@ def test_check_rules_against_a_database(pg_dsn: str, tmp_path: Path) -> None:
         )
     schema = schema_from_catalog(pg_dsn)
     assert schema["public.site_stock_x"].columns == ("qty", "site", "part_id")
-    assert schema["public.site_stock_x"].key == ("part_id", "site")
+    # in column order, as the change events' keys list them; the applier reads the same key
+    assert schema["public.site_stock_x"].key == ("site", "part_id")
+    from relay.upstream.applier_tables import read_tables
+
+    with psycopg.connect(pg_dsn) as conn:
+        applier = read_tables(conn, ["public.site_stock_x"])["public.site_stock_x"]
+    assert applier.key == ("site", "part_id")
 
     result = runner.invoke(
         app,

@@ -225,30 +225,30 @@ def test_state_follows_a_model_of_the_table(ops: list[tuple[str, int, int, str, 
         lsn += 1
         source = Source("app", "public", "t", lsn, lsn, 1, 0, lsn)
         if op == "t":
-            value = codec.encode_truncate(source, 0)
+            key, value = None, codec.encode_truncate(source, 0)
             model.clear()
         elif op == "c":
             if k in model:
                 continue
-            _, value = codec.encode_change("c", None, [str(k), v], source, 0)
+            key, value = codec.encode_change("c", None, [str(k), v], source, 0)
             model[k] = v
         elif op == "u":
             if k not in model:
                 continue
-            _, value = codec.encode_change(
+            key, value = codec.encode_change(
                 "u", None, [str(k), UNCHANGED if toast else v], source, 0
             )
             model[k] = model[k] if toast else v
         elif op == "k":
             if k not in model or k2 in model or k == k2:
                 continue
-            _, value = codec.encode_change("u", [str(k), None], [str(k2), v], source, 0)
+            key, value = codec.encode_change("u", [str(k), None], [str(k2), v], source, 0)
             del model[k]
             model[k2] = v
         else:
             if k not in model:
                 continue
-            _, value = codec.encode_change("d", [str(k), None], None, source, 0)
+            key, value = codec.encode_change("d", [str(k), None], None, source, 0)
             del model[k]
         d = decode(value, catalog.registry)
         state.apply(
@@ -265,6 +265,7 @@ def test_state_follows_a_model_of_the_table(ops: list[tuple[str, int, int, str, 
                 "p.public.t",
                 0,
                 lsn,
+                key_fingerprint=None if key is None else key[2:10],
             )
         )
     rows = {r.values["id"]: r.values["v"] for r in state.tables["public.t"].rows.values()}

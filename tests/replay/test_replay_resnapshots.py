@@ -11,23 +11,38 @@ from replay.events import ChangeEvent
 from replay.state import LogState
 
 UNCHANGED = object()
-CODEC = TableCodec(
-    db="app",
-    schema="public",
-    table="t",
-    columns=[ColumnSpec("id", 20, -1, True), ColumnSpec("v", 25, -1, False)],
-    catalog=MappingCatalog(),
-    unchanged_sentinel=UNCHANGED,
-    warn=lambda _m: None,
-    namespace_prefix="p",
-)
+
+
+def codec(key: str) -> TableCodec:
+    """The table ``(id, v)`` keyed by ``key``."""
+    return TableCodec(
+        db="app",
+        schema="public",
+        table="t",
+        columns=[ColumnSpec("id", 20, -1, key == "id"), ColumnSpec("v", 25, -1, key == "v")],
+        catalog=MappingCatalog(),
+        unchanged_sentinel=UNCHANGED,
+        warn=lambda _m: None,
+        namespace_prefix="p",
+    )
+
+
+CODEC = codec("id")
 
 
 def apply(
-    state: LogState, catalog: LogCatalog, op: str, lsn: int, seq: int, row: list[str], snapshot: str
+    state: LogState,
+    catalog: LogCatalog,
+    op: str,
+    lsn: int,
+    seq: int,
+    row: list[str],
+    snapshot: str,
+    codec: TableCodec = CODEC,
 ) -> None:
     source = Source("app", "public", "t", lsn, lsn, 1, seq, lsn, snapshot, None)
-    _, value = CODEC.encode_change(op, None, row, source, 0)
+    before, after = (row, None) if op == "d" else (None, row)
+    key, value = codec.encode_change(op, before, after, source, 0)
     d = decode(value, catalog.registry)
     state.apply(
         ChangeEvent(
@@ -43,6 +58,7 @@ def apply(
             "p.public.t",
             0,
             lsn,
+            key_fingerprint=None if key is None else key[2:10],
         )
     )
 
@@ -78,3 +94,42 @@ def test_a_restarted_initial_snapshot_removes_rows_it_did_not_read() -> None:
         apply(state, catalog, "r", 200, seq, [str(k), "a"], "true")
     apply(state, catalog, "c", 300, 0, ["4", "x"], "false")
     assert rows(state) == {1: "a", 3: "a", 4: "x"}
+
+
+def test_rows_are_named_by_their_kafka_key_when_only_the_key_columns_changed() -> None:
+    """``REPLICA IDENTITY USING INDEX`` on another column keeps the value schema's
+    fingerprint (``pg.key`` is a property, outside it), so ``_schemas`` holds one of the two
+    versions: rows are named by the schema of their Kafka key.  The old key's delete (cdc's
+    retirement) and the row sent again under the new key leave one row."""
+    by_v = codec("v")
+    assert by_v.value_fingerprint == CODEC.value_fingerprint
+    state, catalog = new_state()  # the value schema of the (id) key is the one recorded
+    assert by_v.key_schema_json is not None
+    catalog.add(by_v.key_schema_json)
+    apply(state, catalog, "c", 10, 0, ["1", "a"], "false")
+    apply(state, catalog, "c", 11, 0, ["2", "b"], "false", by_v)  # after the DDL
+    apply(state, catalog, "d", 20, 0, ["1", None], "false")  # the retirement
+    apply(state, catalog, "r", 20, 1, ["1", "a"], "incremental", by_v)
+    apply(state, catalog, "u", 21, 0, ["1", "a"], "false", by_v)
+    table = state.tables["public.t"]
+    assert sorted(table.rows) == [("a",), ("b",)]
+    assert rows(state) == {1: "a", 2: "b"}
+
+
+def test_a_table_given_key_columns_drops_its_keyless_rows() -> None:
+    """A table without key columns (a multiset of rows) given some (``ADD PRIMARY KEY``,
+    ``REPLICA IDENTITY USING INDEX``): from its first keyed event on, its rows are those sent
+    under a key (cdc sends every row again), not the keyless ones as well."""
+    keyless = codec("")
+    state, catalog = new_state()
+    catalog.add(keyless.value_schema_json)
+    apply(state, catalog, "c", 10, 0, ["1", "a"], "false", keyless)
+    apply(state, catalog, "c", 11, 0, ["2", "b"], "false", keyless)
+    apply(state, catalog, "c", 12, 0, ["4", "d"], "false", keyless)
+    apply(state, catalog, "c", 20, 0, ["3", "c"], "false")  # keyed by id from here on
+    apply(state, catalog, "d", 21, 0, ["2", None], "false")  # 2 deleted after the change
+    apply(state, catalog, "r", 22, 0, ["1", "a"], "incremental")
+    apply(state, catalog, "r", 22, 1, ["3", "c"], "incremental")
+    apply(state, catalog, "r", 22, 2, ["4", "d"], "incremental")
+    assert rows(state) == {1: "a", 3: "c", 4: "d"}
+    assert sorted(state.tables["public.t"].rows) == [(1,), (3,), (4,)]

@@ -259,10 +259,22 @@ def test_skim_changes_plan_what_the_decoded_changes_plan(
     if op == "d" and before is None:
         before = list(row)
     kind = "full" if old == "full" else "key"
-    _, value = CODEC.encode_change(op, before, after, SOURCE, 0, before_kind=kind)
-    decoder = EventDecoder(_registry(), RULES)
-    full = decoder.change(value, (7, 1))
-    got = decoder.skim(value, TABLE, (7, 1))
+    kafka_key, value = CODEC.encode_change(op, before, after, SOURCE, 0, before_kind=kind)
+    registry = _registry()
+    assert CODEC.key_schema_json is not None
+    registry.add(CODEC.key_schema_json)
+    decoder = EventDecoder(registry, RULES)
+    for named_by in (None, kafka_key):  # the rules' key columns, the event's key schema's
+        full = decoder.change(value, (7, 1), named_by)
+        got = decoder.skim(value, TABLE, (7, 1), named_by)
+        _check_skim(row, op, old, toast, full, got)
+    unknown = (kafka_key or b"")[:2] + b"\x00" * 8 + (kafka_key or b"")[10:]
+    assert decoder.skim(value, TABLE, (7, 1), unknown) is Skimmed.DECODE, "key schema not read"
+
+
+def _check_skim(
+    row: tuple[str | None, ...], op: str, old: str, toast: bool, full: RowChange, got: Any
+) -> None:
     simple = old == "none" and not (toast and op in "ur")
     nowhere = full.row is None or not RULES.buckets_for_row(TABLE, full.row)
     if op == "c":
