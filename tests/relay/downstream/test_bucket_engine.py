@@ -347,13 +347,13 @@ def test_standby_takes_over_and_long_poll_wakes(
                 def long_poll() -> None:
                     t0 = time.monotonic()
                     reader.wait_for_change(
-                        ['tech["t9"]'], reader.read_ops({'tech["t9"]': 0}, 1).head_op_id, 30
+                        ['tech["t9"]'], reader.read_ops({'tech["t9"]': 0}, 1).head_op_id, 120
                     )
                     woke.append(time.monotonic() - t0)
 
                 poller = threading.Thread(target=long_poll, daemon=True)
                 poller.start()
-                time.sleep(0.5)
+                wait_for(lambda: reader.waiting('tech["t9"]') >= 1, what="the long-poll waiting")
                 conn.execute("insert into work_orders values (1, 't1', 'open', 'a', 1)")
                 wait_for(
                     lambda: reader.bucket_state(['tech["t1"]'])['tech["t1"]'].count == 1, what="t1"
@@ -361,8 +361,8 @@ def test_standby_takes_over_and_long_poll_wakes(
                 time.sleep(0.5)
                 assert not woke, "a change in another bucket must not wake the long-poll"
                 conn.execute("insert into work_orders values (2, 't9', 'open', 'b', 1)")
-                poller.join(20)
-                assert woke and woke[0] < 20
+                poller.join(90)
+                assert woke and woke[0] < 90  # woken by the change, not the end of its 120 s
 
                 engines[0].request_stop()
                 threads[0].join(20)
