@@ -272,5 +272,5 @@ def test_run_stops_on_sigint(
     d = daemon_process(config).start()
     d.wait_streaming()
     d.signal(signal.SIGINT)
-    assert d.wait(5) == 0, d.log()[-3000:]
+    assert d.wait(60) == 0, d.log()[-3000:]
     assert "Traceback" not in d.log()

@@ -374,7 +374,7 @@ def test_kill_9_during_a_resnapshot_resumes_at_the_last_finished_chunk(
     d.wait_log("re-snapshot of public.big done", timeout=120)
     events = wait_converged(kafka_bootstrap, topic_prefix, pg_conn, "big")
     d.signal(signal.SIGTERM)
-    assert d.wait(10) == 0, d.log()[-3000:]
+    assert d.wait(60) == 0, d.log()[-3000:]
     sent = Counter(e["after"]["id"] for e in incremental(events))
     assert set(sent) == set(range(1, rows + 1))
     twice = sum(n - 1 for n in sent.values())
