@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import socket
+from pathlib import Path
+
 import psycopg
+import pytest
 from kafka import KafkaProducer
+
+from devtools import local_services
+from devtools.local_services import EmbeddedBroker, EmbeddedPostgres
 
 
 def test_postgres_has_logical_wal(pg_conn: psycopg.Connection) -> None:  # type: ignore[type-arg]
@@ -22,8 +30,6 @@ def test_broker_round_trip(kafka_bootstrap: str, topic_prefix: str, kafka_reader
 def test_reading_fewer_records_than_expected_fails_naming_the_topic(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    import pytest
-
     from tests.fix_kafka import TopicReadTimeout, read_topic
 
     topic = f"{topic_prefix}.harness_short"
@@ -92,3 +98,31 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_services_start_on_another_port_when_theirs_was_taken(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another process may bind the port free_port() found before the service does (test
+    sessions running side by side): the service starts again on another free port."""
+    real_free_port = local_services.free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for service in (EmbeddedPostgres, EmbeddedBroker):
+            # the service is handed the taken port first, then free ones
+            ports = itertools.chain([port], iter(real_free_port, None))
+            monkeypatch.setattr(local_services, "free_port", lambda ports=ports: next(ports))
+            with service() as server:
+                assert server.port != port
+                assert server.proc is not None and server.proc.poll() is None
+                log = server.log_path.read_text(errors="replace")
+                assert "in use" in log, log[-2000:]
+    # a port the caller chose is not replaced: its failure is reported
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        broker = EmbeddedBroker(base_dir=tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(local_services.ServiceError, match="did not start"):
+            broker.start(timeout=60)

@@ -29,9 +29,6 @@ from cdc.errors import parse_lsn
 from devtools.local_services import (
     EmbeddedBroker,
     EmbeddedPostgres,
-    _log_tail,
-    free_port,
-    wait_for_port,
 )
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.cdc.test_cdc_cli import daemon_config, run_cli
@@ -78,37 +75,19 @@ class ProxiedBroker(EmbeddedBroker):
     """
 
     def __init__(self, base_dir: Path) -> None:
-        super().__init__(base_dir=base_dir, port=free_port())
+        super().__init__(base_dir=base_dir)
         self.proxy = TcpProxy(self.host, self.port)
 
     @property
     def bootstrap(self) -> str:
         return self.proxy.address
 
-    def start(self, timeout: float = 30.0) -> None:
-        listen = f"tcp://{self.host}:{self.port}"
-        advertised = f"tcp://{self.proxy.address}"
-        cmd = [
-            str(self.binary),
-            "broker",
-            "--listener-url",
-            listen,
-            "--advertised-listener-url",
-            advertised,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True
-            )
-        if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(
-            timeout
-        ):
-            self.stop()
-            pytest.fail(
-                f"tansu behind a proxy did not start; log {self.log_path}:\n{_log_tail(self.log_path)}"
-            )
+    def advertised_url(self) -> str:
+        return f"tcp://{self.proxy.address}"
+
+    def _start_once(self, timeout: float) -> bool:
+        self.proxy.target = (self.host, self.port)  # a new port when the last one was taken
+        return super()._start_once(timeout)
 
     def stop(self) -> None:
         super().stop()
