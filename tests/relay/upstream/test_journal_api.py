@@ -567,7 +567,7 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
         producer.flush()
 
     def feed_until(feed: OutcomeFeed, stored: int) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while feed.stored < stored:
             assert time.monotonic() < deadline, f"feed stored {feed.stored}, wanted {stored}"
             feed.step()
@@ -590,7 +590,7 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
         second._conn = store.lead(second.topic)
         assert second._conn is not None
         read = 0
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while read < 2:
             assert time.monotonic() < deadline
             read += second.step()
