@@ -207,7 +207,41 @@ def _service_user() -> pwd.struct_passwd | None:
     )
 
 
-class EmbeddedPostgres:
+class _OwnPort:
+    """A server process on a port; :meth:`_start_on_a_port` starts it again on a new free
+    port while the one it chose itself was taken (at most :data:`PORT_ATTEMPTS` starts)."""
+
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None
+    _own_port: bool  # the port came from free_port(), not from the caller
+
+    def _start_once(self, timeout: float) -> bool:
+        """Spawn the server on :attr:`port`; whether it became ready within ``timeout``."""
+        raise NotImplementedError
+
+    def _stop_server(self) -> None:
+        raise NotImplementedError
+
+    def _failure(self, timeout: float) -> str:
+        """What did not start, and where."""
+        raise NotImplementedError
+
+    def _start_on_a_port(self, timeout: float) -> None:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            since = _log_size(self.log_path)
+            if self._start_once(timeout):
+                return
+            lost = _lost_its_port(self.proc, self.log_path, since)
+            self._stop_server()
+            if not (lost and self._own_port and attempt < PORT_ATTEMPTS):
+                raise ServiceError(
+                    f"{self._failure(timeout)}; log {self.log_path}:\n{_log_tail(self.log_path)}"
+                )
+            self.port = free_port()
+
+
+class EmbeddedPostgres(_OwnPort):
     """A throw-away PostgreSQL cluster with ``wal_level=logical``."""
 
     def __init__(
@@ -283,17 +317,13 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 60.0) -> None:
         self.init()
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            since = _log_size(self.log_path)
-            if self._start_once(timeout):
-                return
-            lost = _lost_its_port(self.proc, self.log_path, since)
-            self.stop()
-            if not (lost and self._own_port and attempt < PORT_ATTEMPTS):
-                raise ServiceError(
-                    f"PostgreSQL did not start on {self.host}:{self.port} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
-                )
-            self.port = free_port()
+        self._start_on_a_port(timeout)
+
+    def _stop_server(self) -> None:
+        self.stop()
+
+    def _failure(self, timeout: float) -> str:
+        return f"PostgreSQL did not start on {self.host}:{self.port} within {timeout:.0f}s"
 
     def _start_once(self, timeout: float) -> bool:
         conf = {
@@ -374,7 +404,7 @@ def find_tansu() -> Path:
     return path
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(_OwnPort):
     """A tansu Kafka-protocol broker (memory storage) on a free loopback port."""
 
     def __init__(self, base_dir: str | Path | None = None, port: int | None = None) -> None:
@@ -395,17 +425,10 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            since = _log_size(self.log_path)
-            if self._start_once(timeout):
-                return
-            lost = _lost_its_port(self.proc, self.log_path, since)
-            self._stop_broker()
-            if not (lost and self._own_port and attempt < PORT_ATTEMPTS):
-                raise ServiceError(
-                    f"broker (tansu) did not start on {self.bootstrap} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
-                )
-            self.port = free_port()
+        self._start_on_a_port(timeout)
+
+    def _failure(self, timeout: float) -> str:
+        return f"broker (tansu) did not start on {self.bootstrap} within {timeout:.0f}s"
 
     def advertised_url(self) -> str:
         """The address the broker gives clients for every later connection."""
@@ -449,9 +472,9 @@ class EmbeddedBroker:
         return False
 
     def stop(self) -> None:
-        self._stop_broker()
+        self._stop_server()
 
-    def _stop_broker(self) -> None:
+    def _stop_server(self) -> None:
         _stop_process(self.proc)
         self.proc = None
 

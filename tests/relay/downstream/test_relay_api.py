@@ -3,6 +3,7 @@ cursors, checkpoints, isolation between devices, 401/403."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
@@ -310,36 +311,43 @@ def wait_for_waiters(store: PgBucketStore, bucket: str, count: int = 1) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def served(pg_dsn: str, config: ApiConfig) -> Iterator[tuple[Env, TestClient]]:
+    """An :class:`Env` with ``config`` and a client of its app; the store closed after."""
+    e = Env(pg_dsn, config)
+    try:
+        with TestClient(e.app) as client:
+            yield e, client
+    finally:
+        e.store.close()
+
+
 def test_long_poll_wakes_on_store_change(pg_dsn: str) -> None:
     # the long-poll may wait 120 s: answering well before that is the wake-up, whatever
     # the machine's speed (a missed notification would answer at the end of the wait)
-    e = Env(pg_dsn, ApiConfig(rate_per_s=0, long_poll_s=120))
-    try:
-        with TestClient(e.app) as client:
-            headers = e.headers("tab-1", technician="t1")
-            _, msg = sync_all(client, headers)
-            result: dict[str, Any] = {}
+    with served(pg_dsn, ApiConfig(rate_per_s=0, long_poll_s=120)) as (e, client):
+        headers = e.headers("tab-1", technician="t1")
+        _, msg = sync_all(client, headers)
+        result: dict[str, Any] = {}
 
-            def poll() -> None:
-                r = client.get(
-                    "/v1/changes", params={"cursor": msg["cursor"], "wait": 120}, headers=headers
-                )
-                result["body"] = r.json()
+        def poll() -> None:
+            r = client.get(
+                "/v1/changes", params={"cursor": msg["cursor"], "wait": 120}, headers=headers
+            )
+            result["body"] = r.json()
 
-            t = threading.Thread(target=poll)
-            t.start()
-            wait_for_waiters(e.store, 'tech_orders["t1"]')
-            assert t.is_alive(), "the long-poll answered before anything changed"
-            e.order(2, "t2")  # another device's bucket: must not wake this one with data
-            time.sleep(0.3)
-            assert t.is_alive()
-            e.order(1, "t1")
-            t.join(90)
-            assert not t.is_alive(), "the change did not wake the long-poll"
-            assert [o["key"] for o in result["body"]["ops"]] == [[1]]
-            assert result["body"]["checkpoint"]["complete"]
-    finally:
-        e.store.close()
+        t = threading.Thread(target=poll)
+        t.start()
+        wait_for_waiters(e.store, 'tech_orders["t1"]')
+        assert t.is_alive(), "the long-poll answered before anything changed"
+        e.order(2, "t2")  # another device's bucket: must not wake this one with data
+        time.sleep(0.3)
+        assert t.is_alive()
+        e.order(1, "t1")
+        t.join(90)
+        assert not t.is_alive(), "the change did not wake the long-poll"
+        assert [o["key"] for o in result["body"]["ops"]] == [[1]]
+        assert result["body"]["checkpoint"]["complete"]
 
 
 def test_long_poll_times_out_empty(env: Env, client: TestClient) -> None:
@@ -353,17 +361,13 @@ def test_long_poll_times_out_empty(env: Env, client: TestClient) -> None:
 
 
 def test_wait_is_capped_by_config(pg_dsn: str) -> None:
-    e = Env(pg_dsn, ApiConfig(rate_per_s=0, long_poll_s=0.3))
-    try:
-        with TestClient(e.app) as c:
-            headers = e.headers("tab-1", technician="t1")
-            _, msg = sync_all(c, headers)
-            t0 = time.monotonic()
-            r = c.get("/v1/changes", params={"cursor": msg["cursor"], "wait": 60}, headers=headers)
-            # capped at 0.3 s, not the 60 s asked for (the bound leaves the machine 30 s)
-            assert r.status_code == 200 and time.monotonic() - t0 < 30
-    finally:
-        e.store.close()
+    with served(pg_dsn, ApiConfig(rate_per_s=0, long_poll_s=0.3)) as (e, c):
+        headers = e.headers("tab-1", technician="t1")
+        _, msg = sync_all(c, headers)
+        t0 = time.monotonic()
+        r = c.get("/v1/changes", params={"cursor": msg["cursor"], "wait": 60}, headers=headers)
+        # capped at 0.3 s, not the 60 s asked for (the bound leaves the machine 30 s)
+        assert r.status_code == 200 and time.monotonic() - t0 < 30
 
 
 def test_checkpoint_endpoint_matches_changes(env: Env, client: TestClient) -> None:
