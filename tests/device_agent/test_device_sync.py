@@ -120,7 +120,7 @@ def serve(app: Any) -> Iterator[int]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for(lambda: server.started, timeout=20, what="uvicorn started")
+    wait_for(lambda: server.started, timeout=60, what="uvicorn started")
     port = int(server.servers[0].sockets[0].getsockname()[1])
     try:
         yield port

@@ -335,7 +335,7 @@ def test_standby_takes_over_and_long_poll_wakes(
         try:
             with running_daemon(settings):
                 threads[0].start()
-                assert engines[0].leading.wait(20)
+                assert engines[0].leading.wait(60)
                 threads[1].start()
                 time.sleep(1.0)
                 assert not engines[1].leading.is_set()
@@ -366,7 +366,7 @@ def test_standby_takes_over_and_long_poll_wakes(
 
                 engines[0].request_stop()
                 threads[0].join(20)
-                assert engines[1].leading.wait(20), "the standby engine took over"
+                assert engines[1].leading.wait(60), "the standby engine took over"
                 conn.execute("insert into work_orders values (3, 't9', 'open', 'c', 1)")
                 wait_for(
                     lambda: reader.bucket_state(['tech["t9"]'])['tech["t9"]'].count == 2,
