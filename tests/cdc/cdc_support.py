@@ -91,7 +91,7 @@ def table_events(
 
 
 def wait_for(
-    predicate: Any, timeout: float = 20.0, interval: float = 0.2, what: str = "condition"
+    predicate: Any, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"
 ) -> Any:
     deadline = time.monotonic() + timeout
     last = None

@@ -126,7 +126,7 @@ class DaemonProcess:
             f.seek(self._log_offset)
             return f.read().decode(errors="replace")
 
-    def wait_log(self, needle: str, timeout: float = 30) -> None:
+    def wait_log(self, needle: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if needle in self.log_since_start():
@@ -138,7 +138,7 @@ class DaemonProcess:
             f"daemon did not log {needle!r} within {timeout}s (exit {self.proc and self.proc.poll()}); log:\n{self.log()[-4000:]}"
         )
 
-    def wait_streaming(self, timeout: float = 60) -> None:
+    def wait_streaming(self, timeout: float = 90) -> None:
         self.wait_log("streaming slot", timeout)
 
     def signal(self, sig: int) -> None:
@@ -272,5 +272,5 @@ def test_run_stops_on_sigint(
     d = daemon_process(config).start()
     d.wait_streaming()
     d.signal(signal.SIGINT)
-    assert d.wait(5) == 0, d.log()[-3000:]
+    assert d.wait(60) == 0, d.log()[-3000:]
     assert "Traceback" not in d.log()

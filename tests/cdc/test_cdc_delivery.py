@@ -71,7 +71,7 @@ def test_a_new_topic_in_the_first_transaction_commits_every_record(
         sink.close()
     assert values(kafka_bootstrap, a) == [b"a0", b"a1", b"a2", b"a3"]
     assert values(kafka_bootstrap, b) == [b"b0"]
-    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(2, 3, True)
+    assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(2, 3, True)
 
 
 def test_records_sent_while_a_commit_is_in_flight_go_into_the_next_transaction(
@@ -94,7 +94,7 @@ def test_records_sent_while_a_commit_is_in_flight_go_into_the_next_transaction(
                 # batch 2 is buffered while commit 1 is in flight: commit 1 holds batch 1 only
                 assert sink.wait_commit(None) is not None
                 assert values(kafka_bootstrap, topic) == sent[:3]
-                assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(
+                assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(
                     1, 2, True
                 )
                 sink.publish_schema(b"\x01" * 8, '{"type": "string"}')
@@ -108,7 +108,7 @@ def test_records_sent_while_a_commit_is_in_flight_go_into_the_next_transaction(
     finally:
         sink.close()
     assert values(kafka_bootstrap, topic) == sent
-    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(4, 3, True)
+    assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(4, 3, True)
 
 
 def test_the_resume_positions_partition_joins_the_transaction_with_the_events(
@@ -139,7 +139,7 @@ def test_the_resume_positions_partition_joins_the_transaction_with_the_events(
     finally:
         sink.close()
     assert values(kafka_bootstrap, topic) == [b"v"]
-    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(1, 0, True)
+    assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(1, 0, True)
 
 
 CHILD = """
@@ -192,7 +192,7 @@ def test_open_transaction_on_the_state_topic_is_waited_for_not_guessed(
     transaction; once it ends, the position it wrote is read."""
     from kafka import KafkaProducer
 
-    opts = options(kafka_bootstrap, topic_prefix, timeout_s=2)
+    opts = options(kafka_bootstrap, topic_prefix, timeout_s=30)
     sink = KafkaTransactionalSink(opts, "slot")
     sink.send(f"{topic_prefix}.public.t", b"k", b"v", [])
     sink.commit(ResumePosition(1, 0, True))
@@ -207,12 +207,14 @@ def test_open_transaction_on_the_state_topic_is_waited_for_not_guessed(
             state_topic(topic_prefix), key=b"slot", value=ResumePosition(2, 0, True).to_json()
         )
         other.flush()
+        # the deadline must cover finding the topic on a busy machine before the wait for
+        # the open transaction, whose end it would otherwise report instead
         with pytest.raises(SinkUnavailable, match="transaction is still open"):
-            read_resume_position(opts, "slot", timeout_s=2)
+            read_resume_position(opts, "slot", timeout_s=10)
         other.commit_transaction()
     finally:
         other.close()
-    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(2, 0, True)
+    assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(2, 0, True)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -264,20 +266,20 @@ def test_a_tombstone_deletes_a_state_record_for_every_reader(
         producer.send(resnapshot, key=b"a", value=b"first")
         producer.send(resnapshot, key=b"b", value=b"kept")
         producer.flush()
-        assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(5, 1, True)
+        assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(5, 1, True)
         producer.send(state, key=b"slot", value=None)
         producer.send(resnapshot, key=b"a", value=None)
         producer.flush()
-        assert read_resume_position(opts, "slot", timeout_s=10) is None
-        assert read_resume_position(opts, "other", timeout_s=10) == ResumePosition(9, 0, True)
-        assert read_state_records(opts, [b"a", b"b"], timeout_s=10) == {b"b": b"kept"}
+        assert read_resume_position(opts, "slot", timeout_s=60) is None
+        assert read_resume_position(opts, "other", timeout_s=60) == ResumePosition(9, 0, True)
+        assert read_state_records(opts, [b"a", b"b"], timeout_s=60) == {b"b": b"kept"}
         producer.send(state, key=b"slot", value=ResumePosition(7, 0, True).to_json())
         producer.send(resnapshot, key=b"a", value=b"again")
         producer.flush()
     finally:
         producer.close()
-    assert read_resume_position(opts, "slot", timeout_s=10) == ResumePosition(7, 0, True)
-    assert read_state_records(opts, [b"a", b"b"], timeout_s=10) == {b"a": b"again", b"b": b"kept"}
+    assert read_resume_position(opts, "slot", timeout_s=60) == ResumePosition(7, 0, True)
+    assert read_state_records(opts, [b"a", b"b"], timeout_s=60) == {b"a": b"again", b"b": b"kept"}
 
 
 # --------------------------------------------------------------------------- assembler

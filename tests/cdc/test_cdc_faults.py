@@ -13,6 +13,7 @@ here can be told to do.  The PostgreSQL restart test needs the embedded server
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import threading
 import time
@@ -28,9 +29,6 @@ from cdc.errors import parse_lsn
 from devtools.local_services import (
     EmbeddedBroker,
     EmbeddedPostgres,
-    _log_tail,
-    free_port,
-    wait_for_port,
 )
 from tests.cdc.cdc_support import make_settings, running_daemon, table_events, wait_for
 from tests.cdc.test_cdc_cli import daemon_config, run_cli
@@ -77,37 +75,19 @@ class ProxiedBroker(EmbeddedBroker):
     """
 
     def __init__(self, base_dir: Path) -> None:
-        super().__init__(base_dir=base_dir, port=free_port())
+        super().__init__(base_dir=base_dir)
         self.proxy = TcpProxy(self.host, self.port)
 
     @property
     def bootstrap(self) -> str:
         return self.proxy.address
 
-    def start(self, timeout: float = 30.0) -> None:
-        listen = f"tcp://{self.host}:{self.port}"
-        advertised = f"tcp://{self.proxy.address}"
-        cmd = [
-            str(self.binary),
-            "broker",
-            "--listener-url",
-            listen,
-            "--advertised-listener-url",
-            advertised,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir, start_new_session=True
-            )
-        if not wait_for_port(self.host, self.port, timeout, self.proc) or not self._metadata_ok(
-            timeout
-        ):
-            self.stop()
-            pytest.fail(
-                f"tansu behind a proxy did not start; log {self.log_path}:\n{_log_tail(self.log_path)}"
-            )
+    def advertised_url(self) -> str:
+        return f"tcp://{self.proxy.address}"
+
+    def _start_once(self, timeout: float) -> bool:
+        self.proxy.target = (self.host, self.port)  # a new port when the last one was taken
+        return super()._start_once(timeout)
 
     def stop(self) -> None:
         super().stop()
@@ -169,20 +149,22 @@ def test_kafka_outage_holds_slot_then_delivers_exactly_once(
             down_at = time.monotonic()
             write_rows(conn, range(20, 60))
             # while down: the slot must not move past the rows Kafka does not have,
-            # the broken session is given up within ~kafka.timeout_s, and retried
+            # the broken session is given up after ~kafka.timeout_s, and retried.  The
+            # bound on giving up tells kafka.timeout_s (3 s) from kafka-python's own
+            # timeouts (30 s and more) with room for a busy machine
             gave_up_after = None
-            while time.monotonic() - down_at < 12:
+            while daemon.stats.sessions < 3 or time.monotonic() - down_at < 12:
                 assert confirmed_lsn(conn, slot) <= before_outage, (
                     "slot confirmed past rows Kafka does not hold"
                 )
                 if gave_up_after is None and daemon.stats.sessions >= 2:
                     gave_up_after = time.monotonic() - down_at
+                assert time.monotonic() - down_at < 120, (
+                    f"only {daemon.stats.sessions} sessions in a 120 s outage: not retrying"
+                )
                 time.sleep(0.2)
-            assert gave_up_after is not None and gave_up_after < 3 * 2 + 2, (
+            assert gave_up_after is not None and gave_up_after < 25, (
                 f"daemon gave up the dead broker after {gave_up_after}s (kafka.timeout_s = 3)"
-            )
-            assert daemon.stats.sessions >= 3, (
-                f"only {daemon.stats.sessions} sessions during a 12 s outage: not retrying"
             )
             last_txn = insert_lsn(conn)
             write_rows(conn, range(60, 61))
@@ -190,7 +172,7 @@ def test_kafka_outage_holds_slot_then_delivers_exactly_once(
             events = table_events(bootstrap, topic_prefix, "t", expect=61, timeout=60)
             wait_for(
                 lambda: confirmed_lsn(conn, slot) > last_txn,
-                timeout=20,
+                timeout=60,
                 what="slot to advance after the outage",
             )
             # clients of the failed sessions are closed, not left retrying in the background
@@ -320,9 +302,11 @@ def test_busy_unpublished_tables_do_not_pin_wal(
                 )
                 after = insert_lsn(conn)
                 assert after - before > 1_000_000, "the write to b made less WAL than intended"
+                # a pinned slot never moves: the deadline only bounds the wait (the
+                # walsender decodes megabytes first, slow on a busy machine)
                 wait_for(
                     lambda b=before: confirmed_lsn(conn, slot) > b,
-                    timeout=6,
+                    timeout=60,
                     interval=0.1,
                     what=f"slot to pass {after - before} bytes of unpublished WAL",
                 )
@@ -449,17 +433,21 @@ def test_kafka_connections_cut_repeatedly(
 
 
 def test_small_kafka_timeout_is_usable(
-    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+    pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """kafka.timeout_s = 0.5 is valid (> 0) and must not turn into a Kafka client
     configuration error retried forever."""
     settings = make_settings(
         pg_dsn, kafka_bootstrap, topic_prefix, postgres_slot=slot_name(), kafka_timeout_s="0.5"
     )
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("create table t (id int primary key, v text)")
-        with running_daemon(settings) as daemon:
-            write_rows(conn, range(3))
-            events = table_events(kafka_bootstrap, topic_prefix, "t", expect=3)
-    assert daemon.stats.sessions == 1
+    with caplog.at_level(logging.WARNING, logger="fieldsync.cdc"):
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("create table t (id int primary key, v text)")
+            with running_daemon(settings):
+                write_rows(conn, range(3))
+                events = table_events(kafka_bootstrap, topic_prefix, "t", expect=3)
     assert_exactly_once(events, {0, 1, 2})
+    # a busy machine may let a 0.5 s Kafka request time out and the session start again;
+    # what must never happen is a session failing on the clients' configuration
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert not [m for m in retries if "KafkaConfigurationError" in m], retries

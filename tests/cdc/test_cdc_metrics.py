@@ -105,9 +105,17 @@ def test_metrics_move_with_the_workload(
             ("public.a", "d"): 1.0,
             ("public.b", "c"): 1.0,
         }
+        # a transaction is counted with the batch it ends in, which may be committed after
+        # the batch of its last event: wait for both counters, then check them exactly
         after = wait_for(
-            lambda: (s := scrape(url)) and events(s) == want and s,
-            what=f"events_total = {want}",
+            lambda: (
+                (s := scrape(url))
+                and events(s) == want
+                and value(s, "fieldsync_cdc_transactions_total") - transactions >= 3
+                and value(s, "fieldsync_cdc_commit_to_ack_seconds_count") - acks >= 3
+                and s
+            ),
+            what=f"events_total = {want} and three transactions",
         )
         assert value(after, "fieldsync_cdc_transactions_total") - transactions == 3
         assert value(after, "fieldsync_cdc_commit_to_ack_seconds_count") - acks == 3

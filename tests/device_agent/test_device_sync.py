@@ -120,7 +120,7 @@ def serve(app: Any) -> Iterator[int]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for(lambda: server.started, timeout=20, what="uvicorn started")
+    wait_for(lambda: server.started, timeout=60, what="uvicorn started")
     port = int(server.servers[0].sockets[0].getsockname()[1])
     try:
         yield port
@@ -189,7 +189,7 @@ def rows(
     return agent.conn.execute(f"select {cols} from {table} order by 1").fetchall()
 
 
-def sync_until(agent: Agent, predicate: Any, what: str, timeout: float = 30.0) -> None:
+def sync_until(agent: Agent, predicate: Any, what: str, timeout: float = 90.0) -> None:
     def done() -> bool:
         agent.sync_once()
         return bool(predicate())
@@ -416,14 +416,14 @@ def test_watch_over_websocket_follows_changes_and_survives_cuts(
     stack.order(1)
     agent = new_agent(stack, tmp_path / "d.db")
     with watching(stack, agent, tmp_path / "d.db") as (ids, _):
-        wait_for(lambda: ids() == {1}, timeout=30, what="initial sync by watch")
+        wait_for(lambda: ids() == {1}, timeout=90, what="initial sync by watch")
         stack.order(2)
-        wait_for(lambda: ids() == {1, 2}, timeout=30, what="pushed change")
+        wait_for(lambda: ids() == {1, 2}, timeout=90, what="pushed change")
         stack.proxy.cut()
         stack.order(3)
-        wait_for(lambda: ids() == {1, 2, 3}, timeout=30, what="change after a cut")
+        wait_for(lambda: ids() == {1, 2, 3}, timeout=90, what="change after a cut")
         stack.order(2, technician="t9")
-        wait_for(lambda: ids() == {1, 3}, timeout=30, what="REMOVE pushed")
+        wait_for(lambda: ids() == {1, 3}, timeout=90, what="REMOVE pushed")
     agent.close()
 
 
@@ -435,12 +435,12 @@ def test_watch_long_polls_when_websockets_are_refused(stack: Stack, tmp_path: Pa
     stack.order(1)
     agent = new_agent(stack, tmp_path / "d.db")
     with watching(stack, agent, tmp_path / "d.db", poll_s=2.0) as (ids, events):
-        wait_for(lambda: ids() == {1}, timeout=30, what="initial sync")
-        wait_for(lambda: any("long-polling" in e for e in events), timeout=30, what="fallback")
+        wait_for(lambda: ids() == {1}, timeout=90, what="initial sync")
+        wait_for(lambda: any("long-polling" in e for e in events), timeout=90, what="fallback")
         stack.order(2)
-        wait_for(lambda: ids() == {1, 2}, timeout=30, what="a change by long-poll")
+        wait_for(lambda: ids() == {1, 2}, timeout=90, what="a change by long-poll")
         stack.order(1, technician="t9")
-        wait_for(lambda: ids() == {2}, timeout=30, what="REMOVE by long-poll")
+        wait_for(lambda: ids() == {2}, timeout=90, what="REMOVE by long-poll")
     assert any("answered 403" in e for e in events), events
     agent.close()
 
@@ -475,7 +475,7 @@ def test_cli_json_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
         with sqlite3.connect(db) as conn:
             return conn.execute("select count(*) from work_orders").fetchone() == (1,)
 
-    wait_for(synced, timeout=30, what="cli sync")
+    wait_for(synced, timeout=90, what="cli sync")
     r = runner.invoke(cli.app, ["status", "--db", db, "--json"])
     status = json.loads(r.stdout)
     assert status["device_id"] == "tab-1" and status["pending_edits"] == 0
@@ -530,7 +530,7 @@ def test_encrypted_database_keeps_no_plaintext_on_disk(
         seen += json.loads(r.stdout)["ops"]
         return seen >= 2
 
-    wait_for(synced, timeout=30, what="encrypted sync")
+    wait_for(synced, timeout=90, what="encrypted sync")
     # an app opens it with SQLCipher and the key: reads and journaled writes work
     import sqlcipher3  # type: ignore[import-untyped]
 
@@ -669,7 +669,7 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
             stack.pg.execute("select status from work_orders where id = 1").fetchone()
             == ("in_progress",)
         ),
-        timeout=30,
+        timeout=90,
         what="the edit applied upstream",
     )
     # synced by its outcome; the row shows the edit until the server's version that
@@ -707,7 +707,7 @@ def test_edits_go_upstream_and_come_back_with_outcomes(
             stack.pg.execute("select notes from work_orders where id = 2").fetchone()
             == ("device notes",)
         ),
-        timeout=30,
+        timeout=90,
         what="the resolution applied upstream",
     )
     sync_until(agent, lambda: rows(agent)[1][3] == "device notes", "the resolution back")
@@ -739,11 +739,11 @@ def test_an_outcome_before_its_server_version_keeps_the_edit_on_top(
             stack.pg.execute("select notes from work_orders order by id").fetchall()
             == [("mine",), ("mine too",)]
         ),
-        timeout=30,
+        timeout=90,
         what="both edits applied upstream",
     )
     stack.pg.execute("update work_orders set status = 'completed' where id = 2")  # the office
-    wait_for(lambda: len(agent.client.outcomes(None)[0]) == 2, timeout=30, what="two outcomes")
+    wait_for(lambda: len(agent.client.outcomes(None)[0]) == 2, timeout=90, what="two outcomes")
     # the outcomes alone, before any download: settled, the edits stay on top
     assert agent.fetch_outcomes() == 2
     assert journal_rows(agent) == [(1, "update", "synced"), (2, "update", "synced")]
@@ -765,7 +765,7 @@ def test_an_outcome_before_its_server_version_keeps_the_edit_on_top(
             f"select count(*) from {PREFIX}journal where await_lsn is not null"
         ).fetchone()[0]
 
-    wait_for(replaced, timeout=30, interval=0.2, what="the server versions replacing the edits")
+    wait_for(replaced, timeout=90, interval=0.2, what="the server versions replacing the edits")
 
     def converged() -> bool:
         # the version the applier wrote may arrive before the office's (the engine may
@@ -774,7 +774,7 @@ def test_an_outcome_before_its_server_version_keeps_the_edit_on_top(
         seen.append(rows(agent))
         return seen[-1] == expected_orders(stack)
 
-    wait_for(converged, timeout=30, interval=0.2, what="the office's version of order 2")
+    wait_for(converged, timeout=90, interval=0.2, what="the office's version of order 2")
     assert all(r[0] == shown[0] and r[1][3] == "mine too" for r in seen), seen
     assert rows(agent) == [(1, "t1", "in_progress", "mine"), (2, "t1", "completed", "mine too")]
     assert rows(agent) == expected_orders(stack)

@@ -185,13 +185,15 @@ def services(
     tables: list[str],
     http_port: int = 0,
     engine_shares: int = 1,
+    long_poll_s: float = 5,
 ) -> Iterator[Stack]:
     """cdc, the relay and the applier running on their settings files (rules and conflicts
     given as TOML text, ``tables`` published by cdc); stopped at the end, after a check
     that none had died.  ``http_port``: the relay's API port (0: a free one at each start;
     a fixed one keeps :attr:`Stack.url` across restarts, for devices).  ``engine_shares``
     above 1: cdc creates change topics of that many partitions, and as many relay
-    processes run (``relay``, ``relay-2``, ...), each leading one share of the engine."""
+    processes run (``relay``, ``relay-2``, ...), each leading one share of the engine.
+    ``long_poll_s``: the relay's cap on a long-poll's wait."""
     (tmp_path / "rules.toml").write_text(rules)
     (tmp_path / "conflicts.toml").write_text(conflicts)
     keys = write_keys(tmp_path / "keys.toml", "e" * 40)
@@ -211,7 +213,7 @@ def services(
         f'rules = "{tmp_path / "rules.toml"}"\ntopic_prefix = "{prefix}"\n'
         f'kafka_bootstrap_servers = "{bootstrap}"\nbatch_max_ms = 10\n'
         f'metrics_listen = "127.0.0.1:0"\nengine_shares = {engine_shares}\n\n'
-        f"[http]\nport = {http_port}\nlong_poll_s = 5\nrate_per_s = 0\n\n"
+        f"[http]\nport = {http_port}\nlong_poll_s = {long_poll_s}\nrate_per_s = 0\n\n"
         f'[auth]\nkeys_file = "{keys}"\n\n'
         f'[journal]\ndsn = "{pg_dsn}"\nconflicts = "{tmp_path / "conflicts.toml"}"\n'
         'batch_max_ms = 10\napplier_metrics_listen = "127.0.0.1:0"\n'

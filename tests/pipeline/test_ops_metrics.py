@@ -100,6 +100,9 @@ def test_relay_and_applier_metrics_follow_a_workload_and_readiness_follows_the_s
         rules=RULES,
         conflicts=CONFLICTS,
         tables=["public.jobs"],
+        # the long-poll below must outlast a change's way through cdc, Kafka and the
+        # engine on a busy machine (the stack's default cap, 5 s, need not)
+        long_poll_s=120,
     ) as stack:
         relay_metrics = stack.metrics_url("relay")
         applier_metrics = stack.metrics_url("applier")

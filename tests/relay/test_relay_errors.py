@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import gzip
 import threading
-import time
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_store import OpsPage, PageRequest
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.errors import TokenMissing
-from tests.relay.downstream.test_relay_api import Env
+from tests.relay.downstream.test_relay_api import Env, wait_for_waiters
 
 ERROR_KEYS = {"code", "message", "status"}
 
@@ -129,13 +128,16 @@ def test_connection_limit_is_503_in_shape(pg_dsn: str) -> None:
             cursor = c.get("/v1/changes", headers=headers).json()["cursor"]
             t = threading.Thread(
                 target=lambda: c.get(
-                    "/v1/changes", params={"cursor": cursor, "wait": 2}, headers=headers
+                    "/v1/changes", params={"cursor": cursor, "wait": 30}, headers=headers
                 )
             )
             t.start()
-            time.sleep(0.5)
+            # the long-poll holds the one connection once it waits on its bucket
+            wait_for_waiters(e.store, 'tech_orders["t1"]')
             r = c.get("/healthz")
-            t.join()
+            e.order(1, "t1")  # wakes the long-poll, which frees the connection
+            t.join(90)
+            assert not t.is_alive()
             assert r.status_code == 503 and r.headers["retry-after"] == "5"
             assert_error_shape(503, r.json(), "unavailable")
             assert c.get("/healthz").status_code == 200  # freed again

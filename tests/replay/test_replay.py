@@ -839,7 +839,15 @@ def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             # it exits once its current read returns: a generous bound on a busy machine
-            _, err = proc.communicate(timeout=120)
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate(timeout=30)
+                raise AssertionError(
+                    "replay export --follow still ran 120 s after SIGINT; its stderr:\n"
+                    + err.decode(errors="replace")[-4000:]
+                ) from None
     assert proc.returncode == 0, err.decode()
 
 

@@ -141,7 +141,7 @@ class Env:
         self.store.migrate()
         kafka = {"bootstrap_servers": bootstrap}
         self.config = JournalApiConfig(
-            prefix=prefix, long_poll_s=15, kafka_timeout_s=timeout_s, max_page_outcomes=50
+            prefix=prefix, long_poll_s=120, kafka_timeout_s=timeout_s, max_page_outcomes=50
         )
         self.feed = OutcomeFeed(self.store, kafka, prefix, refresh_s=0.5)
         self.journal = JournalApi(
@@ -243,7 +243,7 @@ def outcomes_until(
     client: TestClient,
     headers: dict[str, str],
     done: Callable[[dict[int, dict[str, Any]]], bool],
-    timeout: float = 30.0,
+    timeout: float = 90.0,
 ) -> tuple[dict[int, dict[str, Any]], int]:
     """Follow GET /v1/outcomes (long-poll) until ``done(latest outcome per seq)``."""
     latest: dict[int, dict[str, Any]] = {}
@@ -294,17 +294,19 @@ def test_long_poll_wakes_when_the_outcome_arrives(env: Env, client: TestClient) 
 
     def poll() -> None:
         started = time.monotonic()
-        r = client.get("/v1/outcomes", params={"after": 0, "wait": 15}, headers=h)
+        r = client.get("/v1/outcomes", params={"after": 0, "wait": 120}, headers=h)
         got.append((time.monotonic() - started, r.json()))
 
     t = threading.Thread(target=poll)
     t.start()
     time.sleep(0.5)
     upload(client, h, entry("tab-1", 1, new={"notes": "x"}))
-    t.join(30)
+    t.join(150)
     waited, body = got[0]
     assert [o["seq"] for o in body["outcomes"]] == [1]
-    assert waited < 12  # woken by the notification, not by the end of the wait
+    # answered when the outcome came (the applier goes through Kafka: seconds on a busy
+    # machine), not at the end of the 120 s wait
+    assert waited < 90
 
 
 def test_reupload_is_idempotent(env: Env, client: TestClient) -> None:
@@ -500,7 +502,7 @@ def outcomes_in_kafka(env: Env) -> list[Outcome]:
     return [o for r in records for o in decode_outcomes(r.value)]
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -565,7 +567,7 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
         producer.flush()
 
     def feed_until(feed: OutcomeFeed, stored: int) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while feed.stored < stored:
             assert time.monotonic() < deadline, f"feed stored {feed.stored}, wanted {stored}"
             feed.step()
@@ -588,7 +590,7 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
         second._conn = store.lead(second.topic)
         assert second._conn is not None
         read = 0
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while read < 2:
             assert time.monotonic() < deadline
             read += second.step()
@@ -682,7 +684,7 @@ def test_kafka_down_is_503_and_nothing_is_acknowledged(
                 },
                 headers=h,
             )
-            assert time.monotonic() - started < 20
+            assert time.monotonic() - started < 60  # kafka_timeout_s 3 s: only catches a hang
             assert r.status_code == 503, r.text
             assert_error_shape(503, r.json(), "unavailable")
             assert r.headers["retry-after"]
