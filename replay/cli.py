@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -399,8 +401,12 @@ def export(
         if target is sys.stdout and form == "sqlite":
             raise ValueError("--format sqlite needs a file for --out")
         source = _source(config)
+        interrupted = threading.Event()
         try:
-            with _progress(quiet or follow, "exporting") as progress:
+            with (
+                _progress(quiet or follow, "exporting") as progress,
+                _stop_on_signals(interrupted, follow),
+            ):
                 stats = export_events(
                     source,
                     tables,
@@ -411,11 +417,33 @@ def export(
                     follow=follow,
                     progress=progress,
                     workers=workers,
+                    stopped=interrupted.is_set,
                 )
         except KeyboardInterrupt:
             typer.echo("stopped", err=True)
             return
+        if interrupted.is_set():
+            typer.echo("stopped", err=True)
         typer.echo(f"{_read_summary(stats)} → {out}", err=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: threading.Event, follow: bool) -> Iterator[None]:
+    """While following, SIGINT (Ctrl-C) and SIGTERM set ``flag`` instead of raising: the
+    export ends at its next event or wait with its output flushed (a KeyboardInterrupt
+    raised inside kafka-python's wait is caught and logged there, so the follow would go
+    on).  Only in the main thread, where Python runs signal handlers."""
+    if not follow or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        sig: signal.signal(sig, lambda *_: flag.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- verify

@@ -18,9 +18,10 @@ Concurrency: none; the reader and the file belong to the caller's thread.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -37,6 +38,10 @@ from replay.render import dumps, named_row
 from replay.state import all_tables
 
 __all__ = ["event_json", "export_events"]
+
+
+class _Stopped(Exception):
+    """Raised from the reader's idle callback to end a follow once ``stopped()`` is true."""
 
 
 _EVENT_COLUMNS: Final = (
@@ -162,18 +167,32 @@ def export_events(
     follow: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    stopped: Callable[[], bool] | None = None,
 ) -> ReadStats:
     """Write every event of ``tables`` between ``start`` and ``stop`` (both inclusive) in
     position order; ``follow``: then keep writing new events until interrupted (or until
-    ``stop``).  Raises :class:`NoEvents` when a bounded range holds nothing."""
+    ``stop``).  ``stopped``: asked after each event and before each wait for new ones; when
+    it answers true the export ends there, as at ``stop`` (how a follower is interrupted:
+    a signal handler sets a flag, as an exception raised inside the Kafka client's wait
+    would not reliably reach this loop).  Raises :class:`NoEvents` when a bounded range
+    holds nothing."""
     catalog = source.catalog()
     names = all_tables(catalog, tables)
     _check_range(start, stop)
     sink = _EventSink(out, fmt)
+
+    def idle() -> None:
+        sink.flush()
+        if stopped is not None and stopped():
+            raise _Stopped
+
     try:
         with LogReader(source, names, start=start, progress=progress, workers=workers) as reader:
-            for ev in reader.events(stop=stop, follow=follow, on_idle=sink.flush):
-                sink.write(event_json(catalog, ev))
+            with contextlib.suppress(_Stopped):
+                for ev in reader.events(stop=stop, follow=follow, on_idle=idle):
+                    sink.write(event_json(catalog, ev))
+                    if stopped is not None and stopped():
+                        break
             stats = reader.stats
     finally:
         sink.close()

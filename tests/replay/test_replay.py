@@ -849,6 +849,7 @@ def test_export_follow_writes_new_events_until_interrupted(env: Env) -> None:
                     + err.decode(errors="replace")[-4000:]
                 ) from None
     assert proc.returncode == 0, err.decode()
+    assert "stopped" in err.decode() and len(jsonl(out)) == 3, err.decode()
 
 
 APPLIER_RULES = """
