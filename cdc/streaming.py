@@ -51,7 +51,6 @@ a flag of the daemon, checked at least every :data:`POLL_S` seconds.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -234,10 +233,20 @@ class SessionStream:
                 STOP_GRACE_S,
                 txn.xid if txn is not None else asm.stream_xid,
             )
-        with contextlib.suppress(CdcError):
+        try:
             self.flush()
             self.settle(None)
             stream.send_status(self.stats.flushed_lsn)
+        except CdcError as exc:
+            # the last commit's outcome is unknown (Kafka may hold its events): the slot stays
+            # where Kafka's acknowledgements put it, and the next start skips what the resume
+            # position in Kafka covers
+            log.warning(
+                "stopping: the last Kafka commit or the slot's confirmation failed (%s); the slot"
+                " stays at %s, and the next start skips the events Kafka already holds",
+                exc,
+                format_lsn(self.stats.flushed_lsn),
+            )
 
     def _messages(self, msgs: list[XLogData | Keepalive]) -> None:
         """Decode, assemble and send one run of messages (the hot loop)."""

@@ -142,13 +142,19 @@ def test_sigterm_flushes_and_confirms_exactly_what_kafka_holds(
         pending = [int(v) for rel, v in pending_in_slot(conn, slot) if rel == oid]
     assert len(in_kafka) == len(set(in_kafka)), "duplicates in Kafka"
     both = set(in_kafka) & set(pending)
-    if "whose rest did not arrive" in d.log():
+    if "the last Kafka commit or the slot's confirmation failed" in d.log():
+        pass  # the last commit's outcome unknown: Kafka may hold what the slot still has
+    elif "whose rest did not arrive" in d.log():
         # the grace period ran out inside a transaction: only its rows read so far are both
         assert len({i // rows_per_txn for i in both}) <= 1, (
-            f"rows of several transactions both in Kafka and unconfirmed: {sorted(both)[:10]}"
+            f"rows of several transactions both in Kafka and unconfirmed: {sorted(both)[:10]}; "
+            f"log:\n{d.log()[-3000:]}"
         )
     else:
-        assert not both, f"rows both in Kafka and unconfirmed in the slot: {sorted(both)[:10]}"
+        assert not both, (
+            f"rows both in Kafka and unconfirmed in the slot: {sorted(both)[:10]}; "
+            f"log:\n{d.log()[-3000:]}"
+        )
     assert set(in_kafka) | set(pending) == set(writer.acked), (
         "rows neither in Kafka nor pending in the slot"
     )

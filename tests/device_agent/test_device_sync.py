@@ -331,12 +331,14 @@ def test_connection_cuts_during_downloads_lose_nothing_and_apply_nothing_twice(
 
     thread = threading.Thread(target=cutter, daemon=True)
     thread.start()
+    given_up = 0  # syncs that ended unreachable (the client's retries ran out)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 agent.sync_once()
             except RelayUnreachable:
+                given_up += 1
                 continue
             if rows(agent) == expected:
                 break
@@ -345,7 +347,9 @@ def test_connection_cuts_during_downloads_lose_nothing_and_apply_nothing_twice(
         thread.join()
     assert cuts > 3
     assert rows(agent) == expected
-    assert agent.client.retries > 0
+    # the cuts interrupted downloads: requests retried, or syncs given up and started again
+    # (which of the two depends on where the cuts landed)
+    assert agent.client.retries + given_up > 0, (agent.client.retries, given_up, cuts)
     assert journal_rows(agent) == []  # nothing applied was journaled (nor applied twice)
     assert agent.conn.execute(f"select count(*) from {PREFIX}staging").fetchone() == (0,)
     counts = dict(agent.conn.execute(f"select name, count from {PREFIX}buckets"))
