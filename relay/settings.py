@@ -214,8 +214,10 @@ RELAY = Section(
             str,
             None,
             "Optional libpq connection string of the captured database, read (catalog only) for "
-            "the columns and primary keys the rules are validated against. Unset: taken from the "
-            "schemas in `{topic_prefix}._schemas` (tables appear there with their first event).",
+            "the columns and key columns (row identity) the rules are validated against. Unset: "
+            "taken from the schemas in `{topic_prefix}._schemas` (tables appear there with their "
+            "first event; after a change of a table's key columns alone they may list the other "
+            "key, so set it where keys change).",
             check=check_dsn,
             redact=redact_dsn,
             example="postgresql://fieldsync@127.0.0.1:5432/app",
