@@ -152,7 +152,7 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
                     f"{spec.name}: the primary key changed from ({', '.join(old.key)}) to "
                     f"({', '.join(spec.key)}) and {len(rekeyed.unnamed)} local edit(s) of it "
                     "cannot be named by the new key (journal "
-                    + ", ".join(f"#{seq} lacks {c}" for seq, c in sorted(rekeyed.unnamed.items()))
+                    + ", ".join(f"#{seq} {why}" for seq, why in sorted(rekeyed.unnamed.items()))
                     + "); sync them first (device-agent sync --once), or discard them with "
                     "device-agent reset --discard-edits"
                 )

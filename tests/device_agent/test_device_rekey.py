@@ -150,6 +150,22 @@ def test_an_edit_that_cannot_be_named_by_the_new_key_blocks_it_and_stays(
     assert orjson.loads(key) == ["id"]  # nothing changed
 
 
+def test_an_edit_of_a_column_the_new_key_adds_blocks_it_and_stays(
+    db: sqlite3.Connection,
+) -> None:
+    synced_device(db)
+    app = app_conn(db)
+    app.execute("update work_orders set site = 'plant-9' where id = 2")
+    # named by its new site, the edit would act on (2, plant-9), a row the server lacks
+    with pytest.raises(SchemaBlocked, match=r"\(journal #\d+ changes site\)"):
+        apply_schema(db, parse_schema(rekeyed()))
+    assert db.execute(f"select k, op, status from {PREFIX}journal").fetchall() == [
+        (2, "update", "pending")
+    ]
+    key = db.execute(f"select key from {PREFIX}tables where name = ?", (WO,)).fetchone()[0]
+    assert orjson.loads(key) == ["id"]  # nothing changed
+
+
 def test_entries_are_named_by_the_new_key_from_the_rows_they_hold() -> None:
     entries = [
         JournalRow(1, "insert", None, {"id": 9, "site": "plant-4", "notes": "n"}),
@@ -157,10 +173,19 @@ def test_entries_are_named_by_the_new_key_from_the_rows_they_hold() -> None:
         JournalRow(3, "delete", {"id": 3, "site": "plant-2", "notes": "c"}, None),
         JournalRow(4, "insert", None, {"id": 5, "notes": "no site"}),
         JournalRow(5, "update", {"id": 6, "site": None}, {"notes": "x"}),
+        # an edit of a column the new key adds: the server's row is still (7, plant-1)
+        JournalRow(6, "update", {"id": 7, "site": "plant-1"}, {"site": "plant-2"}),
+        JournalRow(7, "update", {"id": 8, "site": "plant-1"}, {"site": "plant-1", "notes": "y"}),
     ]
     found = rekey_entries(entries, ["id", "site"])
-    assert found.keys == {1: '[9,"plant-4"]', 2: '[2,"plant-1"]', 3: '[3,"plant-2"]'}
-    assert found.unnamed == {4: "site", 5: "site"}
+    assert found.keys == {
+        1: '[9,"plant-4"]',
+        2: '[2,"plant-1"]',
+        3: '[3,"plant-2"]',
+        7: '[8,"plant-1"]',
+    }
+    assert found.unnamed == {4: "lacks site", 5: "lacks site", 6: "changes site"}
+    assert rekey_entries(entries[5:6], ["id"]).keys == {6: 7}  # site not in the key: named
     shrunk = rekey_entries(entries[:3], ["id"])
     assert shrunk.keys == {1: 9, 2: 2, 3: 3} and not shrunk.unnamed
     assert rekey_entries(entries[:1], ["site", "id"]).keys == {1: '["plant-4",9]'}
