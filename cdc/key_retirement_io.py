@@ -39,7 +39,7 @@ from cdc.errors import format_lsn, parse_lsn
 from cdc.incremental_snapshot import WATERMARK_PREFIX, ChunkWindow, Job, Visibility, Watermark
 from cdc.kafka_sink import KafkaOptions
 from cdc.key_retirement import KEYLESS_DONE, KeyTexts, RetireSet, old_schema
-from cdc.pg_catalog import KEY_QUERY
+from cdc.pg_catalog import table_key_columns
 from cdc.recovery_deletes import scan_live_keys, schema_registry
 from cdc.resnapshot_stream import ChunkTracker, InFlightChunk, Jobs
 from cdc.snapshot import COLUMNS_QUERY
@@ -117,7 +117,7 @@ class Retirement:
             ).fetchone()
             if names is None:
                 return "done: the table no longer exists"
-            key_names = tuple(str(r[0]) for r in conn.execute(KEY_QUERY, (job.oid,)).fetchall())
+            key_names = table_key_columns(conn, job.oid)
             columns = tuple(
                 (str(n), int(t), int(mod))
                 for n, t, mod in conn.execute(COLUMNS_QUERY, (job.oid,)).fetchall()

@@ -47,6 +47,12 @@ order by array_position(i.indkey::int2[], a.attnum)
 """The Kafka key columns of a table now, in index order (none: its events have no key)."""
 
 
+def table_key_columns(conn: psycopg.Connection[Any], relation_oid: int) -> tuple[str, ...]:
+    """:data:`KEY_QUERY` of the table ``relation_oid`` on ``conn``: its Kafka key columns
+    now, in index order (empty: its events have no key)."""
+    return tuple(str(r[0]) for r in conn.execute(KEY_QUERY, (relation_oid,)).fetchall())
+
+
 SIGNATURE_COLUMNS_QUERY = """
 select c.oid, n.nspname, c.relname, c.relfilenode, c.relreplident::text,
        a.attnum, a.attname, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod),

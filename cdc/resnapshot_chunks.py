@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.incremental_snapshot import WATERMARK_PREFIX, Job, Key, Row, Visibility, Watermark
-from cdc.pg_catalog import KEY_QUERY
+from cdc.pg_catalog import table_key_columns
 from cdc.resnapshot_requests import where_sql
 from cdc.snapshot import COLUMNS_QUERY
 from cdc.where_clause import WhereClause, parse_where
@@ -95,7 +95,7 @@ def read_between_watermarks(
         ).fetchone()
         if names is None or snap is None:
             return "done: the table no longer exists"
-        key_names = tuple(str(r[0]) for r in conn.execute(KEY_QUERY, (job.oid,)).fetchall())
+        key_names = table_key_columns(conn, job.oid)
         if not key_names:
             return (
                 "rejected: the table has no key columns to read it in chunks by (no primary "

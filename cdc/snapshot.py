@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.change_assembler import OutEvent, OutSchema, RelationCatalog, topic_for
-from cdc.pg_catalog import KEY_QUERY
+from cdc.pg_catalog import table_key_columns
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from core.pg_types import ColumnSpec, output_function_text
 
@@ -66,7 +66,7 @@ def published_tables(conn: psycopg.Connection[Any], publication: str) -> list[Sn
     ``cdc.pg_catalog.KEY_QUERY``, the key the stream's events of the table get)."""
     out = []
     for oid, schema, table in conn.execute(PUBLISHED_TABLES, (publication,)).fetchall():
-        key = {str(r[0]) for r in conn.execute(KEY_QUERY, (oid,)).fetchall()}
+        key = set(table_key_columns(conn, oid))
         cols = tuple(
             ColumnSpec(name, typ, mod, name in key)
             for name, typ, mod in conn.execute(COLUMNS_QUERY, (oid,)).fetchall()

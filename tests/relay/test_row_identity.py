@@ -14,7 +14,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from cdc.pg_catalog import KEY_QUERY
+from cdc.pg_catalog import table_key_columns
 from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.upstream.applier_tables import read_tables
 
@@ -63,7 +63,7 @@ def cdc_key(conn: psycopg.Connection[tuple[object, ...]], table: str) -> tuple[s
     """cdc's key columns of ``table``, in column order (as its Kafka key lists them)."""
     oid = conn.execute("select %s::regclass::oid", (table,)).fetchone()
     assert oid is not None
-    names = {str(r[0]) for r in conn.execute(KEY_QUERY, (oid[0],)).fetchall()}
+    names = set(table_key_columns(conn, oid[0]))
     columns = conn.execute(
         "select attname from pg_attribute where attrelid = %s and attnum > 0 "
         "and not attisdropped order by attnum",
