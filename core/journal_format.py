@@ -16,6 +16,10 @@ device records each local edit as a *journal entry*::
   every column of ``new`` must be in ``old``), ``delete`` (``old`` only).
 - ``key``: the primary-key values in the table's key order (the ``key`` of the ops the
   device received).  Key columns cannot change (delete and insert instead).
+- ``key_columns`` (optional): the names of the key columns ``key`` holds values of, as
+  the device's schema lists them.  The relay and the applier refuse an entry whose key
+  columns are not the table's (``bad_key``): after a change of the table's key, values of
+  the old key would otherwise be taken as values of the new one (same arity, another row).
 - ``base``: the position ``(commit_lsn, seq)`` of the row version ``old`` came from,
   or null (a row the device created itself and has not seen back yet).
 - ``hlc``: the device's hybrid logical clock at the edit (:mod:`core.hlc`); its node
@@ -54,6 +58,7 @@ from core.values import ColumnType, dump_json, is_int, same_value, type_name
 
 __all__ = [
     "MAX_BIGINT",
+    "MAX_COLUMN_CHARS",
     "MAX_KEY_VALUES",
     "MAX_TABLE_CHARS",
     "RECORD_VERSION",
@@ -83,6 +88,8 @@ MAX_TABLE_CHARS: Final = 300
 """Longest ``table`` of an entry (``schema.table``: two identifiers of at most 63 bytes)."""
 MAX_KEY_VALUES: Final = 32
 """Most values of an entry's ``key`` (PostgreSQL's limit of index columns)."""
+MAX_COLUMN_CHARS: Final = 128
+"""Longest name in an entry's ``key_columns`` (an identifier is at most 63 bytes)."""
 
 
 def valid_device_id(device_id: object) -> bool:
@@ -129,10 +136,11 @@ class JournalEntry:
     hlc: Hlc
     base: BasePosition | None = None
     prev_seq: int | None = None
+    key_columns: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The entry as the device sends it (``device_id`` is not part of it)."""
-        return {
+        out: dict[str, Any] = {
             "seq": self.seq,
             "table": self.table,
             "op": self.op.value,
@@ -143,6 +151,9 @@ class JournalEntry:
             "hlc": self.hlc.encode(),
             "prev_seq": self.prev_seq,
         }
+        if self.key_columns is not None:
+            out["key_columns"] = list(self.key_columns)
+        return out
 
     def written_columns(self, types: Mapping[str, ColumnType] | None = None) -> list[str]:
         """Columns the edit sets: for an update those whose new value differs from the
@@ -162,7 +173,16 @@ class JournalEntry:
         self, key: Sequence[Any], old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
     ) -> JournalEntry:
         return JournalEntry(
-            self.seq, self.table, self.op, tuple(key), old, new, self.hlc, self.base, self.prev_seq
+            self.seq,
+            self.table,
+            self.op,
+            tuple(key),
+            old,
+            new,
+            self.hlc,
+            self.base,
+            self.prev_seq,
+            self.key_columns,
         )
 
 
@@ -229,7 +249,7 @@ class EntryProblem(Exception):
 
 _OPS: Final = {op.value: op for op in Op}
 _ENTRY_KEYS: Final = frozenset(
-    {"seq", "table", "op", "key", "old", "new", "base", "hlc", "prev_seq"}
+    {"seq", "table", "op", "key", "old", "new", "base", "hlc", "prev_seq", "key_columns"}
 )
 
 
@@ -263,6 +283,7 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
             Reason.MALFORMED,
             f"{where}: key must be an array of 1 to {MAX_KEY_VALUES} values (the primary key's)",
         )
+    key_columns = _key_columns(raw.get("key_columns"), len(key), where)
     old, new = raw.get("old"), raw.get("new")
     for name, value, wanted in (
         ("old", old, op is not Op.INSERT),
@@ -302,7 +323,25 @@ def entry_from_json(raw: Any, device_id: str) -> JournalEntry:
             Reason.BAD_HLC,
             f"{where}: the HLC node {hlc.node!r} must be the device id {device_id!r}",
         )
-    return JournalEntry(seq, table, op, tuple(key), old, new, hlc, position, prev)
+    return JournalEntry(seq, table, op, tuple(key), old, new, hlc, position, prev, key_columns)
+
+
+def _key_columns(raw: Any, arity: int, where: str) -> tuple[str, ...] | None:
+    """An entry's optional ``key_columns``: as many distinct column names as ``key`` values."""
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != arity
+        or not all(isinstance(c, str) and 0 < len(c) <= MAX_COLUMN_CHARS for c in raw)
+        or len(set(raw)) != len(raw)
+    ):
+        raise EntryProblem(
+            Reason.MALFORMED,
+            f"{where}: key_columns must be null or an array of {arity} distinct column "
+            f"name(s), one for each value of key, not {raw!r:.80}",
+        )
+    return tuple(raw)
 
 
 # --------------------------------------------------------------------------- Kafka records

@@ -2,8 +2,9 @@
 
 :func:`wire_entries` reads journal entries in seq order (first completing new ones:
 their hybrid logical clock and ``prev_seq``, :func:`device_agent.triggers.assign_clocks`)
-and writes each as relay/journal.py's JSON form: the relay's table name, the key and the
-values in wire form (column kinds of device_agent/local_db.py), an update's ``new`` with
+and writes each as the journal entry form of core/journal_format.py: the relay's table name, the key, the
+names of its key columns (``key_columns``: the relay and the applier refuse an entry named
+by another key than the table's) and the values in wire form (column kinds of device_agent/local_db.py), an update's ``new`` with
 only the columns it changed, an insert without ``old`` (the row an ``INSERT OR REPLACE``
 replaced is kept on the device only) and without NULL non-key columns, ``base`` the
 position of the server version the edit was made on (:func:`base_position`), ``hlc`` the
@@ -46,7 +47,7 @@ def base_position(stored: str | None) -> dict[str, int] | None:
 def wire_entries(
     conn: Any, device_id: str, statuses: tuple[str, ...] = ("pending",), limit: int = UPLOAD_BATCH
 ) -> list[dict[str, Any]]:
-    """Journal rows as upload entries (relay/journal.py's JSON form)."""
+    """Journal rows as upload entries (the journal entry form of core/journal_format.py)."""
     triggers.assign_clocks(conn)
     tables = {t.id: t for t in local_tables.load_tables(conn).values()}
     marks = ",".join("?" * len(statuses))
@@ -79,6 +80,7 @@ def wire_entries(
                 "table": table.name,
                 "op": op,
                 "key": local_db.k_key(k, table.key_kinds()),
+                "key_columns": list(table.key),
                 "old": old_v,
                 "new": new_v,
                 "base": base_position(base),

@@ -222,7 +222,7 @@ class SchemaLog:
                     "bucket engine: %s's primary key is now (%s), this relay loaded (%s): "
                     "its rows are named by the new key while /v1/schema lists the old one, "
                     "and devices refuse them (KeyMismatch) until the relay restarts; restart "
-                    "the relays and the appliers",
+                    "the relays (appliers follow the new key by themselves)",
                     table,
                     ", ".join(latest),
                     ", ".join(loaded),

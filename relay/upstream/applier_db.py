@@ -43,7 +43,8 @@ serializes, like the relay's conflict desk).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,7 +52,7 @@ import psycopg
 from psycopg.types.json import set_json_dumps
 
 from core.hlc import HybridClock, wall_clock_ms
-from core.journal_format import Outcome
+from core.journal_format import JournalEntry, Outcome
 from core.pg_types import SESSION_SETTINGS, output_function_text
 from core.values import dump_json
 from relay.downstream.bucket_engine import table_infos_from_conn
@@ -76,6 +77,8 @@ from relay.upstream.conflict_policies import ConflictPolicies, load_conflicts
 from relay.upstream.write_rules import WriteScope
 
 __all__ = ["SERVER_NODE", "ApplierDb"]
+
+log = logging.getLogger("relay.upstream.applier")
 
 SERVER_NODE: Final = "fieldsync-applier"
 """The HLC node of the applier's own edits (conflict resolutions)."""
@@ -121,6 +124,8 @@ class ApplierDb:
         self.commit_timestamps = False
         self._scopes: dict[str, WriteScope] = {}
         self._lock_id = 0
+        self._mark: str | None = None  # catalog_mark when the catalog was read
+        self._failed_mark: str | None = None  # one a re-read failed for (logged once)
         self._raw: psycopg.Cursor[Any] | None = None
         self._last_scope: tuple[dict[str, Any], WriteScope] | None = None
         self.runs = RunApplier(self)
@@ -145,16 +150,8 @@ class ApplierDb:
             self.commit_timestamps = conn.execute(
                 "select current_setting('track_commit_timestamp')"
             ).fetchone() == ("on",)
-            infos = table_infos_from_conn(conn)  # as the engine reads them
-            rules = load_rules(self.rules_path, infos)
-            tables = read_tables(conn, rules.tables)
-            types = {t: m.types for t, m in tables.items()}
-            policies = (
-                load_conflicts(self.conflicts_path, types)
-                if self.conflicts_path is not None
-                else ConflictPolicies()
-            )
-            self._check_times(rules, policies)
+            rules, tables, policies = self._read_catalog(conn)
+            mark = catalog_mark(conn, rules.tables)
             self._lock_id = int(
                 conn.execute(  # type: ignore[index]
                     "select hashtext(%s)", (lock_name(self.consumer, self.shard, self.shards),)
@@ -164,8 +161,69 @@ class ApplierDb:
             conn.close()
             raise
         self.conn, self.rules, self.tables, self.policies = conn, rules, tables, policies
+        self._mark = mark
         self._scopes.clear()
         self._last_scope = None
+
+    def _read_catalog(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[Rules, dict[str, TableMeta], ConflictPolicies]:
+        """The rules bound to the catalog's tables, their metadata and the conflict policies."""
+        infos = table_infos_from_conn(conn)  # as the engine reads them
+        rules = load_rules(self.rules_path, infos)
+        tables = read_tables(conn, rules.tables)
+        types = {t: m.types for t, m in tables.items()}
+        policies = (
+            load_conflicts(self.conflicts_path, types)
+            if self.conflicts_path is not None
+            else ConflictPolicies()
+        )
+        self._check_times(rules, policies)
+        return rules, tables, policies
+
+    def follow_catalog(self, entries: Iterable[JournalEntry]) -> bool:
+        """Re-read the catalog when an entry names what it lacks (key columns other than a
+        table's key, another number of key values, a column it does not have) and the
+        captured tables' definitions changed since it was read (:func:`catalog_mark`);
+        True when it was re-read.  So a column added or a key changed while the applier
+        runs is known before the entries that use it are judged, without a restart.  A
+        catalog the rules or conflict policies no longer fit is logged and not taken (the
+        applier keeps the one it has).  Outside a run's transaction."""
+        if not any(_names_unknown(self.tables.get(e.table), e) for e in entries):
+            return False
+        conn = self.connection()
+        assert self.rules is not None
+        try:
+            mark = catalog_mark(conn, self.rules.tables)
+            if mark == self._mark:
+                return False
+            rules, tables, policies = self._read_catalog(conn)
+        except psycopg.Error as exc:
+            raise ApplierError(f"re-reading the captured tables failed: {exc}") from exc
+        except ConfigError as exc:
+            if mark != self._failed_mark:
+                log.error(
+                    "the captured tables changed, but the applier keeps their "
+                    "earlier definitions: %s",
+                    exc,
+                )
+                self._failed_mark = mark
+            return False
+        changed = sorted(
+            t
+            for t in set(tables) | set(self.tables)
+            if t not in tables
+            or t not in self.tables
+            or (tables[t].columns, tables[t].key) != (self.tables[t].columns, self.tables[t].key)
+        )
+        log.warning(
+            "the captured tables changed; the applier re-read them: %s",
+            ", ".join(changed) or "(types only)",
+        )
+        self.rules, self.tables, self.policies, self._mark = rules, tables, policies, mark
+        self._scopes.clear()
+        self._last_scope = None
+        return True
 
     def _check_times(self, rules: Rules, policies: ConflictPolicies) -> None:
         if self.commit_timestamps:
@@ -310,3 +368,37 @@ class ApplierDb:
 
 def _orjson_text(value: Any) -> str:
     return dump_json(value).decode("utf-8")
+
+
+_MARK_QUERY: Final = """
+    select coalesce(string_agg(concat_ws(':', t.name, c.oid, c.xmin,
+        (select string_agg(concat(a.attnum, '.', a.xmin), ',' order by a.attnum)
+           from pg_attribute a where a.attrelid = c.oid and a.attnum > 0),
+        (select string_agg(concat(i.indexrelid, '.', i.xmin), ',' order by i.indexrelid)
+           from pg_index i where i.indrelid = c.oid)), ';' order by t.name), '')
+    from unnest(%s::text[]) t(name) left join pg_class c on c.oid = to_regclass(t.name)
+"""
+
+
+def catalog_mark(conn: psycopg.Connection[Any], tables: Iterable[str]) -> str:
+    """A text that changes whenever a definition of one of ``tables`` changes: the
+    transaction ids that wrote their ``pg_class``, ``pg_attribute`` and ``pg_index`` rows
+    (every ``ALTER TABLE``, index, key or replica identity change writes one of them).  One
+    catalog read of a few index lookups per table."""
+    names = sorted(tables)
+    quoted = [".".join(f'"{p}"' for p in n.split(".", 1)) for n in names]
+    row = conn.execute(_MARK_QUERY, (quoted,)).fetchone()
+    return str(row[0]) if row else ""
+
+
+def _names_unknown(meta: TableMeta | None, entry: JournalEntry) -> bool:
+    """Whether ``entry`` names key columns, a number of key values or columns that
+    ``meta`` (the applier's view of its table) lacks."""
+    if meta is None:
+        return False
+    if entry.key_columns is not None and entry.key_columns != meta.key:
+        return True
+    if len(entry.key) != len(meta.key):
+        return True
+    known = meta.types.keys()
+    return not all(known >= row.keys() for row in (entry.old, entry.new) if row)

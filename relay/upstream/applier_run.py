@@ -31,7 +31,7 @@ Not thread-safe: a run belongs to the one thread that applies it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -113,6 +113,8 @@ class Clock:
 
 class ApplyContext(Protocol):
     """What applying entries needs of the applier's database side."""
+
+    def follow_catalog(self, entries: Iterable[JournalEntry]) -> bool: ...
 
     @property
     def tables(self) -> Mapping[str, TableMeta]: ...

@@ -98,6 +98,10 @@ class RunApplier:
                 items.append(Item(where, JournalRecord.from_bytes(value or b""), value or b""))
             except JournalFormatError as exc:
                 items.append(Item(where, None, value or b"", str(exc)))
+        # a column added or a key changed while the applier runs: known before it judges
+        self.db.follow_catalog(
+            i.record.entry for i in items if i.record is not None and i.record.entry is not None
+        )
         marks = Watermarks(items)
         outcomes: list[Outcome] = []
         t0 = time.perf_counter()

@@ -177,6 +177,13 @@ def _normalized(
     info = scope.table_info(table)
     types = scope.types.get(table)
     where = f"entry {entry.seq} ({table})"
+    if entry.key_columns is not None and entry.key_columns != info.key:
+        raise EntryProblem(
+            Reason.BAD_KEY,
+            f"{where}: the key names the row by ({', '.join(entry.key_columns)}); the "
+            f"table's key is ({', '.join(info.key)}) (the table's key changed: the device "
+            "renames its rows when it syncs the new schema)",
+        )
     if len(entry.key) != len(info.key):
         raise EntryProblem(
             Reason.BAD_KEY,

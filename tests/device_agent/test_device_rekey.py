@@ -124,9 +124,9 @@ def test_an_unsent_edit_is_named_by_the_new_key_and_stays_on_top(db: sqlite3.Con
     ]
     assert check_tables(db) == []
     entries = wire_entries(db, "tab-1")
-    assert [(e["key"], e["op"]) for e in entries] == [
-        ([2, "plant-1"], "update"),
-        ([9, "plant-4"], "insert"),
+    assert [(e["key"], e["key_columns"], e["op"]) for e in entries] == [
+        ([2, "plant-1"], ["id", "site"], "update"),
+        ([9, "plant-4"], ["id", "site"], "insert"),
     ]
 
 

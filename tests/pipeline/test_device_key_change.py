@@ -15,9 +15,9 @@ key whenever the relay restarted; the device re-keys its table (its unsent edit 
 stays on top, named by the new key) and ends equal to PostgreSQL.  With the relay not
 restarted yet, its rows are named by the new key while its schema still says ``(id)``: the
 device refuses the download with ``KeyMismatch`` and applies nothing, until the relay
-restarts.  With the journal intake and the applier (restarted with the relay): an edit made
-offline across the change is named by the new key before it goes up, applied to PostgreSQL
-and settled.
+restarts.  With the journal intake and the applier (restarted with the relay, or running on
+without a restart): an edit made offline across the change is named by the new key before it
+goes up, applied to PostgreSQL and settled.
 """
 
 from __future__ import annotations
@@ -231,8 +231,6 @@ class JournalRelay(Relay):
     with it (each reads the tables' keys at start)."""
 
     def mounted(self, rules: Rules) -> list[Any]:
-        from relay.upstream.applier import Applier
-        from relay.upstream.applier_db import ApplierDb
         from relay.upstream.intake import JournalApiConfig
         from relay.upstream.journal_api import JournalApi
         from relay.upstream.journal_kafka import JournalProducer
@@ -248,34 +246,77 @@ class JournalRelay(Relay):
         feed = OutcomeFeed(jstore, kafka, self.prefix, refresh_s=0.5)
         journal = JournalApi(rules, jstore, JournalProducer(kafka, config), config, feed=feed)
         self.parts.callback(journal.close)
+        self.start_applier(self.parts)
+        self.parts.enter_context(feed.running())
+        return [journal]
+
+    def start_applier(self, parts: contextlib.ExitStack) -> None:
+        from relay.upstream.applier import Applier
+        from relay.upstream.applier_db import ApplierDb
+
         applier = Applier(
             ApplierDb(self.pg_dsn, self.rules_path, None),
-            kafka=kafka,
+            kafka={"bootstrap_servers": self.kafka},
             prefix=self.prefix,
             batch_max_ms=20,
             topic_refresh_s=0.5,
         )
         thread = threading.Thread(target=applier.run, daemon=True)
         thread.start()
-        self.parts.callback(applier.close)
-        self.parts.callback(thread.join, 30)
-        self.parts.callback(applier.request_stop)
-        self.parts.enter_context(feed.running())
-        return [journal]
+        parts.callback(applier.close)
+        parts.callback(thread.join, 30)
+        parts.callback(applier.request_stop)
 
     def stop(self) -> None:
         super().stop()
         self.parts.close()
 
 
+class JournalRelayApplierRunsOn(JournalRelay):
+    """:class:`JournalRelay` whose applier is started once and runs on while the relay
+    restarts: it follows the key change by itself (docs/journal.md, "The applier")."""
+
+    kept: contextlib.ExitStack | None = None
+    restarting = False
+
+    def start_applier(self, parts: contextlib.ExitStack) -> None:
+        if self.kept is None:
+            self.kept = contextlib.ExitStack()
+            super().start_applier(self.kept)
+
+    def restart(self) -> None:
+        self.restarting = True
+        try:
+            super().restart()
+        finally:
+            self.restarting = False
+
+    def stop(self) -> None:
+        super().stop()
+        if not self.restarting and self.kept is not None:
+            self.kept.close()
+            self.kept = None
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [JournalRelay, JournalRelayApplierRunsOn],
+    ids=["applier restarted with the relay", "applier not restarted"],
+)
 def test_an_edit_made_offline_across_a_key_change_goes_up_under_the_new_key(
-    tmp_path: Path, pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str
+    tmp_path: Path,
+    pg_dsn: str,
+    store_dsn: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    kind: type[JournalRelay],
 ) -> None:
     """The device edits row 5 while the primary key is redefined and the relay restarts:
-    its next sync names the edit by the new key before uploading it, and the applier writes
-    it to PostgreSQL; it comes back through cdc and settles."""
+    its next sync names the edit by the new key before uploading it, and the applier
+    (restarted with the relay, or running on and re-reading the table's key) writes it to
+    PostgreSQL; it comes back through cdc and settles."""
     with synced_gauges(
-        tmp_path, pg_dsn, store_dsn, kafka_bootstrap, topic_prefix, ID_KEY, JournalRelay
+        tmp_path, pg_dsn, store_dsn, kafka_bootstrap, topic_prefix, ID_KEY, kind
     ) as (pg, r, agent):
         with sqlite3.connect(tmp_path / "device.db") as app:  # offline: not uploaded yet
             app.execute("update gauges set qty = 777 where id = 5")

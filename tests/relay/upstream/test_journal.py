@@ -312,6 +312,11 @@ def test_parse_upload_refuses_unusable_uploads(body: Any, error: type[Exception]
         ({"base": {"commit_lsn": -1, "seq": 0}}, Reason.MALFORMED, "base"),
         ({"prev_seq": 5}, Reason.MALFORMED, "prev_seq"),
         ({"extra": 1}, Reason.MALFORMED, "unknown field"),
+        ({"key_columns": "id"}, Reason.MALFORMED, "key_columns"),
+        ({"key_columns": ["id", "site"]}, Reason.MALFORMED, "key_columns must be"),
+        ({"key_columns": [""]}, Reason.MALFORMED, "key_columns"),
+        ({"key_columns": [7]}, Reason.MALFORMED, "key_columns"),
+        ({"key": [1, 2], "key_columns": ["id", "id"]}, Reason.MALFORMED, "distinct"),
         ({"hlc": "yesterday"}, Reason.BAD_HLC, "HLC"),
         ({"hlc": Hlc(1, 0, "other").encode()}, Reason.BAD_HLC, "device id"),
         ({"new": {"notes": "x" * 500}}, Reason.ENTRY_TOO_LARGE, "bytes"),
@@ -407,6 +412,8 @@ def test_valid_entries_pass_and_are_normalized() -> None:
         (entry(new={"notes": 5}), Reason.WRONG_TYPE, "notes (text)"),
         (entry(key=["7"]), Reason.WRONG_TYPE, "key"),
         (entry(key=[7, 8]), Reason.BAD_KEY, "primary key"),
+        (entry(key_columns=["site"]), Reason.BAD_KEY, "names the row by (site)"),
+        (entry("delete", key_columns=["code"]), Reason.BAD_KEY, "table's key is (id)"),
         (entry(new={"id": 8}), Reason.KEY_CHANGE, "cannot change"),
         (
             entry("insert", new={"site": "s1", "technician": "t42", "status": "open"}),
@@ -496,6 +503,17 @@ def test_journal_record_round_trip() -> None:
     assert record.kafka_key == DEVICE.encode()
     rejected = JournalRecord(DEVICE, 4, None, {}, Rejection(Reason.ENTRY_TOO_LARGE, "too big"), 5)
     assert JournalRecord.from_bytes(rejected.to_bytes()) == rejected
+
+
+def test_key_columns_are_optional_and_kept_through_validation_and_records() -> None:
+    plain = entry()
+    assert plain.key_columns is None and "key_columns" not in plain.to_json()
+    named = entry(key_columns=["id"])
+    assert named.key_columns == ("id",) and named.to_json()["key_columns"] == ["id"]
+    normalized, rejection = validate_entry(named, SCOPE)
+    assert rejection is None and normalized.key_columns == ("id",)
+    record = JournalRecord(DEVICE, named.seq, normalized, {"sub": DEVICE}, None, 1)
+    assert JournalRecord.from_bytes(record.to_bytes()).entry == normalized
 
 
 def test_journal_record_with_a_broken_entry_becomes_a_malformed_rejection() -> None:

@@ -1,0 +1,125 @@
+"""The applier follows changes of the captured tables' definitions while it runs, against
+real PostgreSQL and the broker: a column added, a key redefined over other columns of the
+same arity (entries name their key columns, so values of one key are never taken as
+values of the other), and a change the rules no longer fit (logged, the earlier
+definitions kept)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import pytest
+
+from core.journal_format import JournalRecord
+from tests.relay.upstream.test_applier import Env, insert_base, seen
+from tests.relay.upstream.test_applier import env as env  # the fixture: the tables, rules, topics
+
+
+def named(record: JournalRecord, *columns: str) -> JournalRecord:
+    """``record`` with its entry naming its key columns, as devices send them."""
+    assert record.entry is not None
+    return dataclasses.replace(
+        record, entry=dataclasses.replace(record.entry, key_columns=tuple(columns))
+    )
+
+
+def kinds(env: Env, device: str, seqs: range) -> dict[int, tuple[str, Any]]:
+    outs = env.outcomes(expect=len(seqs))
+    return {s: (outs[(device, s)].kind.value, outs[(device, s)].reason) for s in seqs}
+
+
+def test_a_column_added_while_the_applier_runs_is_written_without_a_restart(env: Env) -> None:
+    base = insert_base(env)
+    env.produce(named(env.record("d1", "update", [1], seen(base), {"notes": "n1"}), "id"))
+    applier = env.run()  # the applier has read the catalog
+    env.sql("alter table work_orders add column priority int")
+    env.produce(
+        named(env.record("d1", "update", [1], {"priority": None}, {"priority": 2}), "id"),
+        # a column the table does not have stays unknown
+        named(env.record("d1", "update", [1], {"colour": None}, {"colour": "red"}), "id"),
+    )
+    env.run(applier)
+    assert kinds(env, "d1", range(1, 4)) == {
+        1: ("applied", None),
+        2: ("applied", None),
+        3: ("rejected", "unknown_column"),
+    }
+    row = env.row("work_orders", 1)
+    assert row is not None and (row["notes"], row["priority"]) == ("n1", 2)
+
+
+def test_a_key_redefined_while_the_applier_runs_names_the_right_row(env: Env) -> None:
+    env.sql("insert into parts (id, name, stock) values ('p1', 'valve', 1), ('valve', 'gasket', 2)")
+    env.produce(
+        named(
+            env.record("d1", "update", ["p1"], {"stock": 1}, {"stock": 10}, table="public.parts"),
+            "id",
+        )
+    )
+    applier = env.run()
+    assert env.sql("select stock from parts where id = 'p1'") == [(10,)]
+    # the same arity, the same type: 'valve' is an id of one row and a name of another
+    env.sql("alter table parts drop constraint parts_pkey, add primary key (name)")
+    env.produce(
+        # a device that synced the new schema names its rows by name
+        named(
+            env.record(
+                "d1", "update", ["valve"], {"stock": 10}, {"stock": 11}, table="public.parts"
+            ),
+            "name",
+        ),
+        # an entry still named by the old key is refused, whatever row its values match
+        named(
+            env.record(
+                "d2", "update", ["valve"], {"stock": 2}, {"stock": 99}, table="public.parts"
+            ),
+            "id",
+        ),
+    )
+    env.run(applier)
+    outs = env.outcomes(expect=3)
+    assert (outs[("d1", 2)].kind.value, outs[("d1", 2)].reason) == ("applied", None)
+    rejected = outs[("d2", 1)]
+    assert (rejected.kind.value, rejected.reason) == ("rejected", "bad_key")
+    assert "names the row by (id)" in rejected.message and "key is (name)" in rejected.message
+    assert env.sql("select id, name, stock from parts order by id") == [
+        ("p1", "valve", 11),
+        ("valve", "gasket", 2),
+    ]
+
+
+def test_entries_naming_unknown_columns_do_not_reread_an_unchanged_catalog(env: Env) -> None:
+    base = insert_base(env)
+    applier = env.run()
+    db = applier.db
+    bogus = env.record("d1", "update", [1], {**seen(base), "colour": None}, {"colour": "red"})
+    assert bogus.entry is not None
+    tables = db.tables
+    assert db.follow_catalog([bogus.entry]) is False
+    assert db.tables is tables
+    env.sql("alter table work_orders add column colour text")
+    assert db.follow_catalog([bogus.entry]) is True
+    assert "colour" in db.tables["public.work_orders"].columns
+    # known now: nothing to re-read
+    assert db.follow_catalog([bogus.entry]) is False
+
+
+def test_a_change_the_rules_no_longer_fit_keeps_the_earlier_definitions(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = insert_base(env)
+    applier = env.run()
+    db = applier.db
+    # the rules match work orders on technician: without it they cannot be bound
+    env.sql("alter table work_orders drop column technician, add column colour text")
+    entry = env.record("d1", "update", [1], {**seen(base), "colour": None}, {"colour": "red"}).entry
+    assert entry is not None
+    with caplog.at_level(logging.ERROR, logger="relay.upstream.applier"):
+        assert db.follow_catalog([entry]) is False
+        assert db.follow_catalog([entry]) is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors  # once per change
+    assert "keeps their earlier definitions" in errors[0] and "technician" in errors[0]
+    assert "technician" in db.tables["public.work_orders"].columns
