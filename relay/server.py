@@ -68,6 +68,7 @@ from core.systemd_notify import Notifier
 from relay.api_errors import error_body
 from relay.auth import Authenticator, RevocationList
 from relay.auth_keys import KeyStore
+from relay.config_file import read_toml
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
 from relay.downstream.bucket_engine import (
@@ -78,8 +79,9 @@ from relay.downstream.bucket_engine import (
 )
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
-from relay.downstream.rules_parser import check_rules_file, load_rules
-from relay.errors import ConfigError
+from relay.downstream.rules_parser import check_rules_file, rules_from_mapping
+from relay.downstream.table_follower import table_follower
+from relay.errors import ConfigError, RulesError
 from relay.metrics import ENGINE_LAG, REGISTRY
 from relay.readiness import BrokerProbe, EngineStatus, Readiness
 from relay.settings import HttpSettings, RelaySettings, load_relay_settings
@@ -333,9 +335,14 @@ def load_table_infos(
         schemas.close()
 
 
-def load_bound_rules(settings: RelaySettings) -> Rules:
-    infos = load_table_infos(settings, rule_tables(settings.relay.rules))
-    return load_rules(settings.relay.rules, infos)
+def load_bound_rules(settings: RelaySettings) -> tuple[Rules, dict[str, Any]]:
+    """The rules bound to the tables' definitions, and the rules file's content (bound
+    again by :func:`~relay.downstream.table_follower.table_follower` when a definition
+    changes)."""
+    path = settings.relay.rules
+    document = read_toml(path, RulesError)
+    infos = load_table_infos(settings, rule_tables(path))
+    return rules_from_mapping(document, infos, str(path)), document
 
 
 @contextlib.contextmanager
@@ -410,13 +417,22 @@ class RelayServer:
         probe = BrokerProbe(s.kafka_client_kwargs())
         try:
             store.migrate()
-            rules = load_bound_rules(s)
+            rules, document = load_bound_rules(s)
             journal = JournalApi.from_settings(s, rules)
             app = create_app(
                 store, rules, authenticator, api_config(s, s.journal.conflicts), journal
             )
+            api, intake = app.state.api, journal
+
+            def rebind(new: Rules) -> None:  # called once the block below has begun
+                api.rules = new
+                intake.rules = new
+                if engine is not None:  # its next batch projects rows by the new rules
+                    engine.rules = new
+
             with (
                 self._engine(store, rules) as engine,
+                table_follower(s, rules, document, rebind),
                 journal.feed.running() if journal.feed and self.run_engine else nullcontext(),
                 revocation_watcher(authenticator, s.auth.revoked_file),
             ):

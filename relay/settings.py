@@ -88,6 +88,7 @@ class RelayCoreSettings:
     batch_max_events: int
     batch_max_ms: int
     compact_interval_s: float
+    schema_check_interval_s: float
     log_level: str
     metrics_listen: str
     ready_max_lag_s: float
@@ -332,6 +333,16 @@ RELAY = Section(
             float,
             300.0,
             "Seconds between compactions of the bucket logs (latest op per row); 0 disables.",
+            check=check_non_negative,
+        ),
+        Setting(
+            "schema_check_interval_s",
+            float,
+            10.0,
+            "Seconds between reads of the captured tables' definitions (from source_dsn's "
+            "catalog, else from the schemas in {topic_prefix}._schemas): a column added or a "
+            "key redefined reaches /v1/schema and the journal intake within this time, "
+            "without a restart; 0 disables (a restart then takes changed definitions).",
             check=check_non_negative,
         ),
         Setting(

@@ -221,8 +221,8 @@ class SchemaLog:
                 log.warning(
                     "bucket engine: %s's primary key is now (%s), this relay loaded (%s): "
                     "its rows are named by the new key while /v1/schema lists the old one, "
-                    "and devices refuse them (KeyMismatch) until the relay restarts; restart "
-                    "the relays (appliers follow the new key by themselves)",
+                    "and devices refuse them (KeyMismatch) until /v1/schema follows (within "
+                    "relay.schema_check_interval_s; with 0, when the relay restarts)",
                     table,
                     ", ".join(latest),
                     ", ".join(loaded),

@@ -181,7 +181,7 @@ class JournalApi:
         self.desk = desk
         self.feed = feed
         self.types: TypesSource = types or (desk.types if desk is not None else _no_types)
-        self._scopes: dict[tuple[frozenset[str], int], WriteScope] = {}
+        self._scopes: dict[tuple[frozenset[str], int, int], WriteScope] = {}
 
     @classmethod
     def from_settings(cls, settings: RelaySettings, rules: Rules) -> "JournalApi":
@@ -239,15 +239,16 @@ class JournalApi:
 
     def _scope(self, claims: Mapping[str, Any]) -> WriteScope:
         """The write scope of the buckets ``claims`` grant (shared by devices granted the
-        same buckets, remade when the column types change)."""
-        types = self.types()
-        granted = frozenset(self.rules.buckets_for_claims(claims))
-        key = (granted, id(types))
+        same buckets, remade when the column types or the rules change: the relay's
+        table follower swaps ``rules`` when a table's definition changes)."""
+        types, rules = self.types(), self.rules
+        granted = frozenset(rules.buckets_for_claims(claims))
+        key = (granted, id(types), id(rules))
         found = self._scopes.get(key)
         if found is None:
             if len(self._scopes) > 10_000:
                 self._scopes.clear()
-            found = self._scopes[key] = WriteScope(self.rules, granted, types)
+            found = self._scopes[key] = WriteScope(rules, granted, types)
         return found
 
     def _judge(

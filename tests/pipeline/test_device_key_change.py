@@ -41,7 +41,7 @@ from device_agent.sync import Agent, init_database
 from relay.downstream.rules import Rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 from tests.device_agent.test_device_sync import FAST, sync_until
-from tests.pipeline.test_device_ddl_convergence import RULES, Relay, relay
+from tests.pipeline.test_device_ddl_convergence import RULES, FollowingRelay, Relay, relay
 
 
 def converge(
@@ -224,6 +224,45 @@ def test_device_equals_postgresql_after_the_key_changes(
         assert (count, checksum) == (int(server[name]["count"]), int(server[name]["checksum"])), (
             name
         )
+
+
+def test_the_relay_follows_a_key_change_without_a_restart(
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    pg_dsn: str,
+    store_dsn: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """The primary key redefined, the relay not restarted: its table follower binds the
+    rules to the new key, ``/v1/schema`` lists it, and the device re-keys its table and
+    ends equal to PostgreSQL (a download refused meanwhile is retried)."""
+    with synced_gauges(
+        tmp_path, pg_dsn, store_dsn, kafka_bootstrap, topic_prefix, ID_KEY, FollowingRelay
+    ) as (pg, _, agent):
+        pg.execute(TO_SITE_ID)
+        pg.execute("insert into gauges values (99, 'plant-9', 1)")
+        pg.execute("update gauges set qty = qty + 1 where id = 7")
+        mismatches: list[str] = []
+        converge(
+            agent,
+            lambda: device_rows(agent) == pg_rows(pg),
+            "the device to equal PostgreSQL after the key changed, the relay running on",
+            mismatches,
+        )
+        agent.sync_once()
+        server = agent.client.checkpoint()["buckets"]
+        mine = local_checksums(agent.conn)
+        (local_key,) = agent.conn.execute("select key from _fieldsync_tables").fetchone()
+        final = device_rows(agent)
+    assert orjson.loads(local_key) == ["id", "site"]
+    assert len(final) == 24 and ("99", "plant-9", 1) in final
+    assert mine == {n: (int(b["count"]), int(b["checksum"])) for n, b in server.items()}
+    assert any(
+        "the captured tables changed; /v1/schema and the journal follow: public.gauges: "
+        "key (id) → (id, site)" in rec.getMessage()
+        for rec in caplog.records
+    )
 
 
 class JournalRelay(Relay):

@@ -568,7 +568,8 @@ def test_ws_closes_when_token_expires(env: Env, client: TestClient) -> None:
 
 
 def test_relay_run_serves_and_stops_cleanly(pg_dsn: str, tmp_path: Path) -> None:
-    """`fieldsync relay run --no-engine`: serves the API, masks tokens in logs, exits 0 on SIGTERM."""
+    """`fieldsync relay run --no-engine`: serves the API, masks tokens in logs, exits 0 on
+    SIGTERM; /v1/schema follows a column added and a key redefined while it runs."""
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(demo_schema.DDL)  # the tables the example rules are written for
@@ -576,50 +577,46 @@ def test_relay_run_serves_and_stops_cleanly(pg_dsn: str, tmp_path: Path) -> None
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[relay]\nstore_dsn = "{pg_dsn}"\nsource_dsn = "{pg_dsn}"\nrules = "{EXAMPLE_RULES}"\n'
+        "schema_check_interval_s = 0.2\n"
         f'[http]\nport = 0\n[auth]\nkeys_file = "{keys}"\n'
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fieldsync.cli",
-            "relay",
-            "run",
-            "--config",
-            str(config),
-            "--no-engine",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
+    proc, base, lines, reader = start_relay_run(config, "--no-engine")
     try:
-        assert proc.stdout is not None
-        port = 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not port:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"device API listening on http://[^:]+:(\d+)", line)
-            port = int(m.group(1)) if m else 0
-        assert port, "".join(lines)
-        base = f"http://127.0.0.1:{port}"
         token = issue_token(KeyStore.from_file(keys), None, "tab-1", {"technician": "t1"}, 600)
         assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
         r = httpx.get(f"{base}/v1/changes", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and r.json()["checkpoint"]["complete"]
         r = httpx.get(f"{base}/v1/changes", params={"token": token})
         assert r.status_code == 401
+
+        def work_orders() -> dict[str, Any]:
+            schema = httpx.get(f"{base}/v1/schema", headers={"Authorization": f"Bearer {token}"})
+            found = [t for t in schema.json()["tables"] if t["name"] == "public.work_orders"]
+            assert len(found) == 1, schema.text
+            return dict(found[0])
+
+        before = work_orders()
+        assert before["key"] == ["id"] and "priority" not in before["columns"]
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                "alter table work_orders add column priority int, drop constraint "
+                "work_orders_pkey, add primary key (id, site)"
+            )
+        deadline = time.monotonic() + 60
+        while (after := work_orders())["key"] != ["id", "site"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert after["key"] == ["id", "site"] and "priority" in after["columns"], after
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        lines.append(out)
+        proc.wait(30)
+        reader.join(30)
     log_text = "".join(lines)
     assert proc.returncode == 0, log_text
     assert token not in log_text and "token=***" in log_text
+    assert (
+        "the captured tables changed; /v1/schema and the journal follow: public.work_orders: "
+        "key (id) → (id, site), columns +priority" in log_text
+    ), log_text
 
 
 def test_relay_run_config_error_exit_code(tmp_path: Path) -> None:
@@ -692,24 +689,7 @@ def test_relay_run_full_path_cdc_kafka_engine_api(
     proc = None
     try:
         with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fieldsync.cli", "relay", "run", "--config", str(config)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            assert proc.stdout is not None
-            port = 0
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not port:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                m = re.search(r"device API listening on http://[^:]+:(\d+)", line)
-                port = int(m.group(1)) if m else 0
-            assert port, "relay did not start"
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            base = f"http://127.0.0.1:{port}"
+            proc, base, _, _ = start_relay_run(config)
             cursor = None
             rows: dict[int, dict[str, Any]] = {}
             deadline = time.monotonic() + 60
@@ -742,6 +722,96 @@ def test_relay_run_full_path_cdc_kafka_engine_api(
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     assert proc.returncode == 0
+
+
+def start_relay_run(
+    config: Path, *options: str
+) -> tuple[subprocess.Popen[str], str, list[str], threading.Thread]:
+    """``fieldsync relay run --config config [options]``: the process, its base URL, its
+    output lines and the thread that collects them until the process exits."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fieldsync.cli", "relay", "run", "--config", str(config), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    port = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not port:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"device API listening on http://[^:]+:(\d+)", line)
+        port = int(m.group(1)) if m else 0
+    assert port, "relay did not start: " + "".join(lines)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    return proc, f"http://127.0.0.1:{port}", lines, reader
+
+
+def test_relay_run_without_source_dsn_follows_a_column_added_from_the_schema_log(
+    pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """`fieldsync relay run` taking the tables' definitions from ``{prefix}._schemas``: a
+    column added while it runs reaches /v1/schema once cdc published the table's new
+    schema (with its first event), and the rows carry it; no restart."""
+    from tests.cdc.cdc_support import make_settings, running_daemon
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[bucket]]\nname = "all"\n[[bucket.table]]\ntable = "public.gauges"\n')
+    keys = write_keys(tmp_path / "keys.toml", "s" * 40)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[relay]\nstore_dsn = "{store_dsn}"\nrules = "{rules}"\n'
+        f'topic_prefix = "{topic_prefix}"\nkafka_bootstrap_servers = "{kafka_bootstrap}"\n'
+        "batch_max_ms = 10\nschema_check_interval_s = 0.2\n"
+        f'[http]\nport = 0\n[auth]\nkeys_file = "{keys}"\n'
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table gauges (id int primary key, qty int not null)")
+        conn.execute("insert into gauges values (1, 10)")
+    headers = {
+        "Authorization": "Bearer " + issue_token(KeyStore.from_file(keys), None, "tab-1", {}, 600)
+    }
+    proc = None
+    try:
+        with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
+            proc, base, lines, reader = start_relay_run(config)
+
+            def columns() -> list[str]:
+                tables = httpx.get(f"{base}/v1/schema", headers=headers).json()["tables"]
+                return [c for t in tables if t["name"] == "public.gauges" for c in t["columns"]]
+
+            assert columns() == ["id", "qty"]
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                conn.execute("alter table gauges add column note text")
+                conn.execute("update gauges set note = 'new' where id = 1")
+            deadline = time.monotonic() + 60
+            while columns() != ["id", "qty", "note"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert columns() == ["id", "qty", "note"], "".join(lines)
+            data: dict[str, Any] = {}
+            cursor = None
+            deadline = time.monotonic() + 60
+            while data.get("note") != "new" and time.monotonic() < deadline:
+                params = {"wait": 5, **({"cursor": cursor} if cursor else {})}
+                msg = httpx.get(
+                    f"{base}/v1/changes", params=params, headers=headers, timeout=30
+                ).json()
+                for op in msg["ops"]:
+                    data = op["data"] if op["op"] == "PUT" else {}
+                cursor = msg["cursor"]
+            assert data == {"id": 1, "qty": 10, "note": "new"}
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            reader.join(30)
+    assert proc.returncode == 0
+    assert any("public.gauges: columns +note" in line for line in lines), "".join(lines)
 
 
 def test_revocation_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:

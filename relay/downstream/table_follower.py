@@ -1,0 +1,202 @@
+"""Following the captured tables' definitions while the relay runs.
+
+The rules are bound to the tables' columns and key columns (:class:`TableInfo`) at start.
+A column added, a key redefined or a replica identity changed later would leave
+``/v1/schema`` and the journal intake on the old definitions until a restart: devices
+would refuse the rows cdc re-sends under the new key (``KeyMismatch``), and never get a
+new column.  :class:`TableFollower` re-reads the definitions every
+``relay.schema_check_interval_s`` (from ``relay.source_dsn``'s catalog, else from
+``{prefix}._schemas``), and when one of the rules' tables changed it binds the rules file's
+content, as read at start, to the new definitions and hands the new :class:`Rules` to the
+parts that serve devices (``on_change``).  The rules file is not read again: a changed
+rules file still needs a restart and, when it places rows differently, a store rebuild
+(docs/relay.md, "Rules changes").  A definition the rules no longer fit (a column they
+name was dropped) is logged as an error, once per definition, and the rules in use stay.
+
+The bucket engine names rows by their events' keys whatever the rules say; it takes the
+new rules for its next batch too, so that rows are projected by them (a rule's column
+list always includes the table's key columns, and those may have changed).
+
+:func:`table_follower` builds one for ``fieldsync relay run`` (relay/server.py), reading
+where start-up read (``source_dsn``'s catalog on a new connection each time, else the
+schema log, read on from where it was).
+
+Concurrency model: one daemon thread runs :meth:`TableFollower.check` every interval;
+``on_change`` is called from that thread and must only swap references (the readers of a
+:class:`Rules` keep the object they took).  :meth:`check` may also be called directly (in
+tests, or by a caller that knows the definitions changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from relay.downstream.bucket_engine import (
+    SchemaLog,
+    table_infos_from_catalog,
+    table_infos_from_registry,
+)
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import rules_from_mapping
+from relay.errors import RelayError, RulesError
+from relay.settings import RelaySettings
+
+__all__ = [
+    "TableFollower",
+    "TableReader",
+    "changed_tables",
+    "describe_change",
+    "table_follower",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TableReader(Protocol):
+    """Reads the captured tables' current definitions (may raise; the follower retries)."""
+
+    def __call__(self) -> Mapping[str, TableInfo]: ...
+
+
+def changed_tables(
+    rules: Rules, infos: Mapping[str, TableInfo]
+) -> dict[str, tuple[TableInfo, TableInfo]]:
+    """The rules' tables whose definition in ``infos`` is not the one ``rules`` were bound
+    to: table → (bound, now).  A table missing from ``infos`` is not a change (a reader
+    that sees no schema of it yet knows nothing new)."""
+    out: dict[str, tuple[TableInfo, TableInfo]] = {}
+    for table in sorted(rules.tables):
+        now = infos.get(table)
+        if now is None:
+            continue
+        bound = rules.table_info(table)
+        if (now.columns, now.key, now.temporal) != (bound.columns, bound.key, bound.temporal):
+            out[table] = (bound, now)
+    return out
+
+
+def describe_change(table: str, bound: TableInfo, now: TableInfo) -> str:
+    """``public.gauges: key (id) → (id, site), columns +priority -notes``."""
+    parts = []
+    if now.key != bound.key:
+        parts.append(f"key ({', '.join(bound.key)}) → ({', '.join(now.key)})")
+    added = [c for c in now.columns if c not in bound.columns]
+    dropped = [c for c in bound.columns if c not in now.columns]
+    if added or dropped:
+        parts.append("columns " + " ".join([f"+{c}" for c in added] + [f"-{c}" for c in dropped]))
+    if not parts:
+        parts.append("column order or types")
+    return f"{table}: {', '.join(parts)}"
+
+
+class TableFollower:
+    """Re-binds the rules when a table they name changes (see the module docstring)."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        document: Mapping[str, Any],
+        read: TableReader,
+        on_change: Callable[[Rules], None],
+        interval_s: float,
+    ) -> None:
+        self.rules = rules
+        self.document = document
+        self.read = read
+        self.on_change = on_change
+        self.interval_s = interval_s
+        self.changes = 0  # rules rebound so far
+        self._failed: set[tuple[tuple[str, TableInfo], ...]] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def check(self) -> bool:
+        """Read the definitions once; True when the rules were rebound to new ones."""
+        with self._lock:
+            infos = self.read()
+            changed = changed_tables(self.rules, infos)
+            if not changed:
+                return False
+            what = "; ".join(describe_change(t, b, n) for t, (b, n) in changed.items())
+            try:
+                rules = rules_from_mapping(self.document, infos, self.rules.source)
+            except RulesError as exc:
+                seen = tuple(sorted((t, n) for t, (_, n) in changed.items()))
+                if seen not in self._failed:
+                    self._failed.add(seen)
+                    log.error(
+                        "the captured tables changed (%s), but the rules no longer fit them; "
+                        "devices keep the earlier definitions until the rules are fixed and "
+                        "the relay restarts: %s",
+                        what,
+                        exc,
+                    )
+                return False
+            self.rules = rules
+            self.changes += 1
+            self.on_change(rules)
+        log.warning("the captured tables changed; /v1/schema and the journal follow: %s", what)
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except (RelayError, OSError) as exc:
+                log.warning("reading the captured tables' definitions failed, retrying: %s", exc)
+            except Exception:
+                log.exception("reading the captured tables' definitions failed, retrying")
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[TableFollower]:
+        """The follower's thread while the block runs (none when the interval is 0)."""
+        if self.interval_s <= 0:
+            yield self
+            return
+        thread = threading.Thread(target=self._loop, name="relay-table-follower", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join(10)
+
+
+@contextlib.contextmanager
+def table_follower(
+    settings: RelaySettings,
+    rules: Rules,
+    document: dict[str, Any],
+    on_change: Callable[[Rules], None],
+) -> Iterator[TableFollower]:
+    """A :class:`TableFollower` reading the definitions where start-up read them
+    (``source_dsn``'s catalog, else ``{prefix}._schemas``), running while the block runs."""
+    r = settings.relay
+    schemas: SchemaLog | None = None
+    read: Callable[[], dict[str, TableInfo]]
+    if r.source_dsn:
+        dsn, password = r.source_dsn, r.source_password
+
+        def read() -> dict[str, TableInfo]:
+            return table_infos_from_catalog(dsn, password)
+
+    elif r.schema_check_interval_s > 0:
+        schema_log = schemas = SchemaLog(settings.kafka_client_kwargs(), r.topic_prefix)
+
+        def read() -> dict[str, TableInfo]:
+            schema_log.refresh()
+            return table_infos_from_registry(schema_log.registry)
+
+    else:
+        read = dict
+    follower = TableFollower(rules, document, read, on_change, r.schema_check_interval_s)
+    try:
+        with follower.running():
+            yield follower
+    finally:
+        if schemas is not None:
+            schemas.close()

@@ -1,0 +1,151 @@
+"""The relay's table follower (relay/downstream/table_follower.py): which definitions count
+as changed, the rules bound again from the rules file's content as read at start, and a
+change the rules no longer fit (logged once, the rules in use kept).  Pure: the reader is
+a list of definitions."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import rules_from_mapping
+from relay.downstream.table_follower import TableFollower, changed_tables, describe_change
+
+DOCUMENT: dict[str, Any] = {
+    "token_claims": ["crew"],
+    "bucket": [
+        {
+            "name": "crew",
+            "parameters": ["crew"],
+            "claims": {"crew": "crew"},
+            "table": [{"table": "public.jobs", "match": {"crew": "crew"}, "columns": ["state"]}],
+        },
+        {"name": "all", "table": [{"table": "public.sites"}]},
+    ],
+}
+JOBS = TableInfo(("id", "crew", "state", "notes"), ("id",))
+SITES = TableInfo(("code", "name"), ("code",))
+START = {"public.jobs": JOBS, "public.sites": SITES, "public.other": TableInfo(("x",), ("x",))}
+
+
+def bound(infos: Mapping[str, TableInfo]) -> Rules:
+    return rules_from_mapping(DOCUMENT, infos, "rules.toml")
+
+
+class Reads:
+    """A reader returning each of ``results`` in turn (the last one again and again)."""
+
+    def __init__(self, *results: Mapping[str, TableInfo]) -> None:
+        self.results = list(results)
+        self.calls = 0
+
+    def __call__(self) -> Mapping[str, TableInfo]:
+        self.calls += 1
+        return self.results.pop(0) if len(self.results) > 1 else self.results[0]
+
+
+def follower(reads: Reads, seen: list[Rules], interval_s: float = 0) -> TableFollower:
+    return TableFollower(bound(START), DOCUMENT, reads, seen.append, interval_s)
+
+
+def test_changed_tables_are_the_rules_tables_with_other_columns_or_keys() -> None:
+    rules = bound(START)
+    assert changed_tables(rules, START) == {}
+    assert changed_tables(rules, {}) == {}, "a table not read yet is no change"
+    rekeyed = TableInfo(JOBS.columns, ("id", "crew"))
+    other = {**START, "public.jobs": rekeyed, "public.other": TableInfo(("y",), ("y",))}
+    assert changed_tables(rules, other) == {"public.jobs": (JOBS, rekeyed)}
+    dated = TableInfo(SITES.columns, SITES.key, (("name", "date"),))
+    assert list(changed_tables(rules, {**START, "public.sites": dated})) == ["public.sites"]
+
+
+def test_describe_change_names_key_and_columns() -> None:
+    now = TableInfo(("id", "crew", "state", "priority"), ("crew", "id"))
+    assert describe_change("public.jobs", JOBS, now) == (
+        "public.jobs: key (id) → (crew, id), columns +priority -notes"
+    )
+    assert describe_change("public.jobs", JOBS, TableInfo(JOBS.columns[::-1], JOBS.key)) == (
+        "public.jobs: column order or types"
+    )
+
+
+def test_a_changed_key_rebinds_the_rules_and_a_column_list_follows_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rekeyed = {**START, "public.jobs": TableInfo((*JOBS.columns, "site"), ("id", "site"))}
+    seen: list[Rules] = []
+    f = follower(Reads(START, rekeyed), seen)
+    with caplog.at_level(logging.WARNING, logger="relay.downstream.table_follower"):
+        assert f.check() is False
+        assert f.check() is True
+        assert f.check() is False, "bound to the definitions read: nothing new"
+    assert len(seen) == 1 and f.rules is seen[0] and f.changes == 1
+    new = seen[0]
+    assert new.table_info("public.jobs").key == ("id", "site")
+    # the rule's column list (state) always carries the key columns: now site as well
+    row = {"id": 1, "crew": "c1", "state": "open", "notes": "n", "site": "s2"}
+    assert new.project("public.jobs", "crew", row) == {"id": 1, "state": "open", "site": "s2"}
+    assert bound(START).project("public.jobs", "crew", row) == {"id": 1, "state": "open"}
+    assert new.buckets_for_row("public.jobs", row) == bound(START).buckets_for_row(
+        "public.jobs", row
+    )
+    assert [r.getMessage() for r in caplog.records] == [
+        "the captured tables changed; /v1/schema and the journal follow: "
+        "public.jobs: key (id) → (id, site), columns +site"
+    ]
+
+
+def test_definitions_the_rules_no_longer_fit_are_logged_once_and_the_rules_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    no_crew = {**START, "public.jobs": TableInfo(("id", "state", "notes"), ("id",))}
+    seen: list[Rules] = []
+    f = follower(Reads(no_crew), seen)
+    rules = f.rules
+    with caplog.at_level(logging.WARNING, logger="relay.downstream.table_follower"):
+        assert f.check() is False
+        assert f.check() is False
+    assert seen == [] and f.rules is rules
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "public.jobs: columns -crew" in errors[0] and "crew" in errors[0].split("rules")[-1]
+
+
+def test_the_thread_checks_every_interval_and_survives_a_failed_read() -> None:
+    rekeyed = {**START, "public.sites": TableInfo(SITES.columns, ("code", "name"))}
+    failed = threading.Event()
+    results: list[Mapping[str, TableInfo] | None] = [None, rekeyed]
+
+    def read() -> Mapping[str, TableInfo]:
+        found = results.pop(0) if len(results) > 1 else results[0]
+        if found is None:
+            failed.set()
+            raise OSError("catalog unreachable")
+        return found
+
+    changed = threading.Event()
+    seen: list[Rules] = []
+
+    def on_change(rules: Rules) -> None:
+        seen.append(rules)
+        changed.set()
+
+    f = TableFollower(bound(START), DOCUMENT, read, on_change, interval_s=0.01)
+    with f.running():
+        assert changed.wait(60), "the follower did not rebind after a failed read"
+    assert failed.is_set()
+    assert seen[0].table_info("public.sites").key == ("code", "name")
+
+
+def test_an_interval_of_zero_starts_no_thread() -> None:
+    reads = Reads(START)
+    f = TableFollower(bound(START), DOCUMENT, reads, lambda _: None, interval_s=0)
+    before = threading.active_count()
+    with f.running():
+        assert threading.active_count() == before
+    assert reads.calls == 0
