@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -79,6 +80,9 @@ from relay.upstream.write_rules import WriteScope
 __all__ = ["SERVER_NODE", "ApplierDb"]
 
 log = logging.getLogger("relay.upstream.applier")
+
+CATALOG_CHECK_S: Final = 1.0
+"""Seconds between comparisons of the catalog mark while no entry names anything unknown."""
 
 SERVER_NODE: Final = "fieldsync-applier"
 """The HLC node of the applier's own edits (conflict resolutions)."""
@@ -125,6 +129,7 @@ class ApplierDb:
         self._scopes: dict[str, WriteScope] = {}
         self._lock_id = 0
         self._mark: str | None = None  # catalog_mark when the catalog was read
+        self._marked_at = time.monotonic()  # when it was last compared
         self._failed_mark: str | None = None  # one a re-read failed for (logged once)
         self._raw: psycopg.Cursor[Any] | None = None
         self._last_scope: tuple[dict[str, Any], WriteScope] | None = None
@@ -161,7 +166,7 @@ class ApplierDb:
             conn.close()
             raise
         self.conn, self.rules, self.tables, self.policies = conn, rules, tables, policies
-        self._mark = mark
+        self._mark, self._marked_at = mark, time.monotonic()
         self._scopes.clear()
         self._last_scope = None
 
@@ -182,19 +187,24 @@ class ApplierDb:
         return rules, tables, policies
 
     def follow_catalog(self, entries: Iterable[JournalEntry]) -> bool:
-        """Re-read the catalog when an entry names what it lacks (key columns other than a
-        table's key, another number of key values, a column it does not have) and the
-        captured tables' definitions changed since it was read (:func:`catalog_mark`);
-        True when it was re-read.  So a column added or a key changed while the applier
-        runs is known before the entries that use it are judged, without a restart.  A
-        catalog the rules or conflict policies no longer fit is logged and not taken (the
-        applier keeps the one it has).  Outside a run's transaction."""
-        if not any(_names_unknown(self.tables.get(e.table), e) for e in entries):
+        """Re-read the catalog when the captured tables' definitions changed since it was
+        read (:func:`catalog_mark`); True when it was re-read.  The mark is compared when
+        an entry names what the applier's view lacks (key columns other than a table's
+        key, another number of key values, a column it does not have), and otherwise at
+        most every :data:`CATALOG_CHECK_S`.  So a column added or a key changed while the
+        applier runs is known before the entries that use it are judged, without a
+        restart, and within a second for the others.  A catalog the rules or conflict
+        policies no longer fit is logged and not taken (the applier keeps the one it
+        has).  Outside a run's transaction."""
+        unknown = any(_names_unknown(self.tables.get(e.table), e) for e in entries)
+        now = time.monotonic()
+        if not unknown and now - self._marked_at < CATALOG_CHECK_S:
             return False
         conn = self.connection()
         assert self.rules is not None
         try:
             mark = catalog_mark(conn, self.rules.tables)
+            self._marked_at = now
             if mark == self._mark:
                 return False
             rules, tables, policies = self._read_catalog(conn)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -62,21 +63,25 @@ def test_a_key_redefined_while_the_applier_runs_names_the_right_row(env: Env) ->
     assert env.sql("select stock from parts where id = 'p1'") == [(10,)]
     # the same arity, the same type: 'valve' is an id of one row and a name of another
     env.sql("alter table parts drop constraint parts_pkey, add primary key (name)")
+    # a device that synced the new schema names its rows by name
     env.produce(
-        # a device that synced the new schema names its rows by name
         named(
             env.record(
                 "d1", "update", ["valve"], {"stock": 10}, {"stock": 11}, table="public.parts"
             ),
             "name",
-        ),
-        # an entry still named by the old key is refused, whatever row its values match
+        )
+    )
+    env.run(applier)  # it re-read the table's key to judge that entry
+    # an entry still named by the old key is refused, whatever row its values match (before
+    # the applier knew the new key it would have named the row by id, as the device meant)
+    env.produce(
         named(
             env.record(
                 "d2", "update", ["valve"], {"stock": 2}, {"stock": 99}, table="public.parts"
             ),
             "id",
-        ),
+        )
     )
     env.run(applier)
     outs = env.outcomes(expect=3)
@@ -123,3 +128,17 @@ def test_a_change_the_rules_no_longer_fit_keeps_the_earlier_definitions(
     assert len(errors) == 1, errors  # once per change
     assert "keeps their earlier definitions" in errors[0] and "technician" in errors[0]
     assert "technician" in db.tables["public.work_orders"].columns
+
+
+def test_a_changed_catalog_is_noticed_without_an_entry_naming_the_change(env: Env) -> None:
+    """Entries that name nothing new still let the applier compare the catalog mark, at
+    most every CATALOG_CHECK_S: an entry under the old key that arrives after that is
+    judged by the new key."""
+    applier = env.run()
+    db = applier.db
+    env.sql("alter table parts drop constraint parts_pkey, add primary key (name)")
+    deadline = time.monotonic() + 60
+    while not db.follow_catalog([]):
+        assert time.monotonic() < deadline, "the changed key was never noticed"
+        time.sleep(0.05)
+    assert db.tables["public.parts"].key == ("name",)
