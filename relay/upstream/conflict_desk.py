@@ -58,11 +58,15 @@ class ConflictDesk:
         self._failed_at = -math.inf
 
     def _ensure(self) -> psycopg.Connection[Any]:
+        """The connection, (re)connected; the tables' definitions re-read when they
+        changed (compared at most once a second: :meth:`ApplierDb.follow_catalog`)."""
         conn = self.db.conn
         if conn is None or conn.closed:
             self.db.connect()
             self._types = {t: m.types for t, m in self.db.tables.items()}
             conn = self.db.conn
+        elif self.db.follow_catalog(()):
+            self._types = {t: m.types for t, m in self.db.tables.items()}
         assert conn is not None
         return conn
 

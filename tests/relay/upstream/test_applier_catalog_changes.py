@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 
 from core.journal_format import JournalRecord
+from core.values import Kind
+from relay.upstream.applier_db import ApplierDb
+from relay.upstream.conflict_desk import ConflictDesk
 from tests.relay.upstream.test_applier import Env, insert_base, seen
 from tests.relay.upstream.test_applier import env as env  # the fixture: the tables, rules, topics
 
@@ -142,3 +145,19 @@ def test_a_changed_catalog_is_noticed_without_an_entry_naming_the_change(env: En
         assert time.monotonic() < deadline, "the changed key was never noticed"
         time.sleep(0.05)
     assert db.tables["public.parts"].key == ("name",)
+
+
+def test_the_conflict_desk_and_the_intake_types_follow_a_column_added(env: Env) -> None:
+    """The relay's conflict desk (resolutions, and the column types the journal intake
+    checks uploads against) re-reads the tables too: a new column's type is known."""
+    desk = ConflictDesk(ApplierDb(env.dsn, env.rules, env.conflicts))
+    try:
+        assert "priority" not in desk.types()["public.work_orders"]
+        env.sql("alter table work_orders add column priority int")
+        deadline = time.monotonic() + 60
+        while "priority" not in desk.types()["public.work_orders"]:
+            assert time.monotonic() < deadline, "the desk never read the new column"
+            time.sleep(0.05)
+        assert desk.types()["public.work_orders"]["priority"].kind is Kind.INT
+    finally:
+        desk.close()
