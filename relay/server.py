@@ -426,7 +426,7 @@ class RelayServer:
 
             def rebind(new: Rules) -> None:  # called once the block below has begun
                 api.rules = new
-                intake.rules = new
+                intake.use_rules(new)
                 if engine is not None:  # its next batch projects rows by the new rules
                     engine.rules = new
 

@@ -340,7 +340,8 @@ RELAY = Section(
             float,
             10.0,
             "Seconds between reads of the captured tables' definitions (from source_dsn's "
-            "catalog, else from the schemas in {topic_prefix}._schemas): a column added or a "
+            "catalog, else from the schemas in {topic_prefix}._schemas, where cdc publishes a "
+            "table's new schema with its first event after the change): a column added or a "
             "key redefined reaches /v1/schema and the journal intake within this time, "
             "without a restart; 0 disables (a restart then takes changed definitions).",
             check=check_non_negative,

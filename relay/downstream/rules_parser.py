@@ -38,7 +38,12 @@ def load_rules(path: str | Path, schema: Mapping[str, TableInfo]) -> Rules:
 
 def check_rules_file(path: str | Path) -> tuple[BucketRule, ...]:
     """Validate a rules file's structure only (no schema: tables and columns are not checked)."""
-    return tuple(_parse(read_toml(path, RulesError), str(path), None))
+    return check_rules_mapping(read_toml(path, RulesError), str(path))
+
+
+def check_rules_mapping(data: Mapping[str, Any], source: str = "<rules>") -> tuple[BucketRule, ...]:
+    """:func:`check_rules_file` of the mapping a rules file parses to."""
+    return tuple(_parse(data, source, None))
 
 
 def rules_from_mapping(

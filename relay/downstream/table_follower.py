@@ -15,7 +15,10 @@ name was dropped) is logged as an error, once per definition, and the rules in u
 
 The bucket engine names rows by their events' keys whatever the rules say; it takes the
 new rules for its next batch too, so that rows are projected by them (a rule's column
-list always includes the table's key columns, and those may have changed).
+list always includes the table's key columns, and those may have changed).  Its reader's
+event decoder keeps the rules it started with: it only reads which rows a rule places,
+which a table's new definition changes only when a column a rule filters on is retyped
+between a date or time type and another (a restart then).
 
 :func:`table_follower` builds one for ``fieldsync relay run`` (relay/server.py), reading
 where start-up read (``source_dsn``'s catalog on a new connection each time, else the
@@ -113,6 +116,7 @@ class TableFollower:
         self._failed: set[tuple[tuple[str, TableInfo], ...]] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def check(self) -> bool:
         """Read the definitions once; True when the rules were rebound to new ones."""
@@ -157,13 +161,20 @@ class TableFollower:
         if self.interval_s <= 0:
             yield self
             return
-        thread = threading.Thread(target=self._loop, name="relay-table-follower", daemon=True)
+        thread = self._thread = threading.Thread(
+            target=self._loop, name="relay-table-follower", daemon=True
+        )
         thread.start()
         try:
             yield self
         finally:
             self._stop.set()
-            thread.join(10)
+            thread.join(30)
+
+    @property
+    def idle(self) -> bool:
+        """Whether no thread of this follower runs (never started, or ended)."""
+        return self._thread is None or not self._thread.is_alive()
 
 
 @contextlib.contextmanager
@@ -198,5 +209,5 @@ def table_follower(
         with follower.running():
             yield follower
     finally:
-        if schemas is not None:
+        if schemas is not None and follower.idle:  # not under a read still running
             schemas.close()

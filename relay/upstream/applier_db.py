@@ -56,11 +56,19 @@ from core.hlc import HybridClock, wall_clock_ms
 from core.journal_format import JournalEntry, Outcome
 from core.pg_types import SESSION_SETTINGS, output_function_text
 from core.values import dump_json
-from relay.downstream.bucket_engine import table_infos_from_conn
 from relay.downstream.rules import Rules
-from relay.downstream.rules_parser import load_rules
 from relay.errors import ApplierError, ConfigError
 from relay.pg_migrations import run_migrations
+from relay.upstream.applier_catalog import (
+    CATALOG_CHECK_S,
+    Documents,
+    bind_catalog,
+    catalog_mark,
+    changed_tables,
+    names_unknown,
+    read_documents,
+    rules_tables,
+)
 from relay.upstream.applier_resolve import resolve_conflict
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_runs import RunApplier
@@ -73,16 +81,13 @@ from relay.upstream.applier_store import (
     lock_name,
     read_offsets,
 )
-from relay.upstream.applier_tables import TableMeta, read_tables
-from relay.upstream.conflict_policies import ConflictPolicies, load_conflicts
+from relay.upstream.applier_tables import TableMeta
+from relay.upstream.conflict_policies import ConflictPolicies
 from relay.upstream.write_rules import WriteScope
 
 __all__ = ["SERVER_NODE", "ApplierDb"]
 
 log = logging.getLogger("relay.upstream.applier")
-
-CATALOG_CHECK_S: Final = 1.0
-"""Seconds between comparisons of the catalog mark while no entry names anything unknown."""
 
 SERVER_NODE: Final = "fieldsync-applier"
 """The HLC node of the applier's own edits (conflict resolutions)."""
@@ -131,6 +136,7 @@ class ApplierDb:
         self._mark: str | None = None  # catalog_mark when the catalog was read
         self._marked_at = time.monotonic()  # when it was last compared
         self._failed_mark: str | None = None  # one a re-read failed for (logged once)
+        self._documents = Documents({}, None)
         self._raw: psycopg.Cursor[Any] | None = None
         self._last_scope: tuple[dict[str, Any], WriteScope] | None = None
         self.runs = RunApplier(self)
@@ -155,8 +161,10 @@ class ApplierDb:
             self.commit_timestamps = conn.execute(
                 "select current_setting('track_commit_timestamp')"
             ).fetchone() == ("on",)
-            rules, tables, policies = self._read_catalog(conn)
-            mark = catalog_mark(conn, rules.tables)
+            documents = read_documents(self.rules_path, self.conflicts_path)
+            # the mark first: a change committed during the read shows at the next compare
+            mark = catalog_mark(conn, rules_tables(documents[0], self.rules_path))
+            rules, tables, policies = self._read_catalog(conn, documents)
             self._lock_id = int(
                 conn.execute(  # type: ignore[index]
                     "select hashtext(%s)", (lock_name(self.consumer, self.shard, self.shards),)
@@ -166,22 +174,17 @@ class ApplierDb:
             conn.close()
             raise
         self.conn, self.rules, self.tables, self.policies = conn, rules, tables, policies
+        self._documents = documents
         self._mark, self._marked_at = mark, time.monotonic()
         self._scopes.clear()
         self._last_scope = None
 
     def _read_catalog(
-        self, conn: psycopg.Connection[Any]
+        self, conn: psycopg.Connection[Any], documents: Documents
     ) -> tuple[Rules, dict[str, TableMeta], ConflictPolicies]:
         """The rules bound to the catalog's tables, their metadata and the conflict policies."""
-        infos = table_infos_from_conn(conn)  # as the engine reads them
-        rules = load_rules(self.rules_path, infos)
-        tables = read_tables(conn, rules.tables)
-        types = {t: m.types for t, m in tables.items()}
-        policies = (
-            load_conflicts(self.conflicts_path, types)
-            if self.conflicts_path is not None
-            else ConflictPolicies()
+        rules, tables, policies = bind_catalog(
+            conn, documents, self.rules_path, self.conflicts_path
         )
         self._check_times(rules, policies)
         return rules, tables, policies
@@ -196,7 +199,7 @@ class ApplierDb:
         restart, and within a second for the others.  A catalog the rules or conflict
         policies no longer fit is logged and not taken (the applier keeps the one it
         has).  Outside a run's transaction."""
-        unknown = any(_names_unknown(self.tables.get(e.table), e) for e in entries)
+        unknown = any(names_unknown(self.tables.get(e.table), e) for e in entries)
         now = time.monotonic()
         if not unknown and now - self._marked_at < CATALOG_CHECK_S:
             return False
@@ -205,9 +208,9 @@ class ApplierDb:
         try:
             mark = catalog_mark(conn, self.rules.tables)
             self._marked_at = now
-            if mark == self._mark:
+            if mark in (self._mark, self._failed_mark):  # nothing new, or known not to fit
                 return False
-            rules, tables, policies = self._read_catalog(conn)
+            rules, tables, policies = self._read_catalog(conn, self._documents)
         except psycopg.Error as exc:
             raise ApplierError(f"re-reading the captured tables failed: {exc}") from exc
         except ConfigError as exc:
@@ -219,17 +222,13 @@ class ApplierDb:
                 )
                 self._failed_mark = mark
             return False
-        changed = sorted(
-            t
-            for t in set(tables) | set(self.tables)
-            if t not in tables
-            or t not in self.tables
-            or (tables[t].columns, tables[t].key) != (self.tables[t].columns, self.tables[t].key)
-        )
-        log.warning(
-            "the captured tables changed; the applier re-read them: %s",
-            ", ".join(changed) or "(types only)",
-        )
+        changed = changed_tables(self.tables, tables)
+        if changed:
+            log.warning(
+                "the captured tables changed; the applier re-read them: %s", ", ".join(changed)
+            )
+        else:  # types, indexes, grants: nothing an entry is named or judged by changed
+            log.info("the captured tables' definitions were re-read (columns and keys unchanged)")
         self.rules, self.tables, self.policies, self._mark = rules, tables, policies, mark
         self._scopes.clear()
         self._last_scope = None
@@ -378,37 +377,3 @@ class ApplierDb:
 
 def _orjson_text(value: Any) -> str:
     return dump_json(value).decode("utf-8")
-
-
-_MARK_QUERY: Final = """
-    select coalesce(string_agg(concat_ws(':', t.name, c.oid, c.xmin,
-        (select string_agg(concat(a.attnum, '.', a.xmin), ',' order by a.attnum)
-           from pg_attribute a where a.attrelid = c.oid and a.attnum > 0),
-        (select string_agg(concat(i.indexrelid, '.', i.xmin), ',' order by i.indexrelid)
-           from pg_index i where i.indrelid = c.oid)), ';' order by t.name), '')
-    from unnest(%s::text[]) t(name) left join pg_class c on c.oid = to_regclass(t.name)
-"""
-
-
-def catalog_mark(conn: psycopg.Connection[Any], tables: Iterable[str]) -> str:
-    """A text that changes whenever a definition of one of ``tables`` changes: the
-    transaction ids that wrote their ``pg_class``, ``pg_attribute`` and ``pg_index`` rows
-    (every ``ALTER TABLE``, index, key or replica identity change writes one of them).  One
-    catalog read of a few index lookups per table."""
-    names = sorted(tables)
-    quoted = [".".join(f'"{p}"' for p in n.split(".", 1)) for n in names]
-    row = conn.execute(_MARK_QUERY, (quoted,)).fetchone()
-    return str(row[0]) if row else ""
-
-
-def _names_unknown(meta: TableMeta | None, entry: JournalEntry) -> bool:
-    """Whether ``entry`` names key columns, a number of key values or columns that
-    ``meta`` (the applier's view of its table) lacks."""
-    if meta is None:
-        return False
-    if entry.key_columns is not None and entry.key_columns != meta.key:
-        return True
-    if len(entry.key) != len(meta.key):
-        return True
-    known = meta.types.keys()
-    return not all(known >= row.keys() for row in (entry.old, entry.new) if row)

@@ -78,7 +78,12 @@ from relay.upstream.intake import IntakeDecision, JournalApiConfig, judge_upload
 from relay.upstream.journal_kafka import JournalProducer, SchemaTypes, TypesSource
 from relay.upstream.journal_store import JournalStore, OutcomePage
 from relay.upstream.outcome_feed import OutcomeFeed
-from relay.upstream.validation import JournalLimits, RejectedUpload, parse_upload
+from relay.upstream.validation import (
+    JournalLimits,
+    RejectedUpload,
+    key_columns_behind,
+    parse_upload,
+)
 from relay.upstream.write_rules import WriteScope
 
 __all__ = [
@@ -225,6 +230,12 @@ class JournalApi:
             feed=feed,
         )
 
+    def use_rules(self, rules: Rules) -> None:
+        """Judge uploads by ``rules`` from now on (the relay's table follower calls it when
+        a table's definition changed); scopes of the rules before are dropped."""
+        self.rules = rules
+        self._scopes.clear()
+
     def close(self) -> None:
         if self.feed is not None:
             self.feed.request_stop()
@@ -274,6 +285,9 @@ class JournalApi:
         wanted |= {i.prev_seq for i in items if isinstance(i, JournalEntry) and i.prev_seq}
         known = await self._in_store(self.store.intake_lookup, who.device_id, sorted(wanted))
         fresh = [i for i in items if i.seq not in known]
+        behind = key_columns_behind(fresh, self.rules)
+        if behind is not None:
+            raise Unavailable(behind, retry_after_s=5)
         judged = await asyncio.to_thread(self._judge, who, fresh, known) if fresh else []
         await self.producer.send([record for record, _ in judged])
         recorded = await self._in_store(

@@ -45,7 +45,7 @@ from core.journal_format import (
     is_seq,
 )
 from core.values import ColumnType, coerce_value, same_value, type_name
-from relay.downstream.rules import TableInfo
+from relay.downstream.rules import Rules, TableInfo
 from relay.errors import BatchTooLarge, UploadError
 from relay.upstream.write_rules import WriteScope, check_write
 
@@ -54,6 +54,7 @@ __all__ = [
     "JournalLimits",
     "RejectedUpload",
     "blocked_by",
+    "key_columns_behind",
     "parse_upload",
     "validate_entry",
 ]
@@ -162,6 +163,27 @@ def validate_entry(
     if problem is not None:
         return entry, Rejection(problem.reason, f"entry {entry.seq}: {problem.message}")
     return normalized, None
+
+
+def key_columns_behind(items: Sequence[JournalEntry | RejectedUpload], rules: Rules) -> str | None:
+    """A message when an entry names its row by other key columns than ``rules`` give
+    its table, else None.  At intake this is not the entry's fault: this relay or the
+    device has not yet read the table's new definition (each reads it again shortly), so
+    the upload is refused for now rather than the entry rejected for good."""
+    for item in items:
+        if not isinstance(item, JournalEntry) or item.key_columns is None:
+            continue
+        if item.table not in rules.tables:
+            continue
+        ours = rules.table_info(item.table).key
+        if item.key_columns != ours:
+            return (
+                f"entry {item.seq} ({item.table}) names its row by "
+                f"({', '.join(item.key_columns)}); this relay's schema has the key "
+                f"({', '.join(ours)}): one of the two has not read the table's new definition "
+                "yet; sync again (the schema first), the entries are kept"
+            )
+    return None
 
 
 def _normalized(

@@ -11,10 +11,12 @@ import logging
 import time
 from typing import Any
 
+import psycopg
 import pytest
 
 from core.journal_format import JournalRecord
 from core.values import Kind
+from relay.upstream.applier_catalog import catalog_mark
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.conflict_desk import ConflictDesk
 from tests.relay.upstream.test_applier import Env, insert_base, seen
@@ -161,3 +163,16 @@ def test_the_conflict_desk_and_the_intake_types_follow_a_column_added(env: Env) 
         assert desk.types()["public.work_orders"]["priority"].kind is Kind.INT
     finally:
         desk.close()
+
+
+def test_the_catalog_mark_names_tables_as_the_catalog_does(env: Env) -> None:
+    """Names are matched by schema and table name, not parsed as SQL: upper case and
+    quotes work, a table that does not exist marks as absent, and a change shows."""
+    env.sql('create table "Odd ""Name""" (id int primary key)')
+    odd = 'public.Odd "Name"'
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        first = catalog_mark(conn, [odd, "public.missing"])
+        assert first.startswith(odd + ":") and first.endswith(";public.missing"), first
+        assert catalog_mark(conn, [odd, "public.missing"]) == first
+        env.sql('alter table "Odd ""Name""" add column x int')
+        assert catalog_mark(conn, [odd, "public.missing"]) != first

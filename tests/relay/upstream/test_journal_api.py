@@ -287,6 +287,34 @@ def test_upload_is_applied_and_its_outcome_comes_back(env: Env, client: TestClie
     assert time.monotonic() - started >= 0.9
 
 
+def test_an_entry_named_by_other_key_columns_waits_until_the_relay_follows_the_key(
+    env: Env, client: TestClient
+) -> None:
+    """Entries name their key columns.  One named by a key this relay's schema does not
+    give refuses the upload for now (503, nothing recorded: the relay or the device has
+    not read the table's new definition yet); once the relay's rules follow the new key
+    (the table follower's swap) the same entry is accepted and the applier, which
+    re-reads the table itself, writes the right row."""
+    env.insert()
+    h = env.headers("tab-1")
+    named_by_site = entry("tab-1", 1, new={"notes": "by id and site"})
+    named_by_site.update(key=[1, "s1"], key_columns=["id", "site"])
+    r = client.post("/v1/journal", json={"entries": [named_by_site]}, headers=h)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "5"
+    error = r.json()["error"]
+    assert error["code"] == "unavailable"
+    assert "names its row by (id, site); this relay's schema has the key (id)" in error["message"]
+    env.sql("alter table work_orders drop constraint work_orders_pkey, add primary key (id, site)")
+    env.journal.use_rules(load_rules(env.rules_path, table_infos_from_catalog(env.dsn)))
+    assert upload(client, h, named_by_site) == [
+        {"seq": 1, "status": "accepted", "reason": None, "message": "", "duplicate": False}
+    ]
+    latest, _ = outcomes_until(client, h, lambda got: 1 in got)
+    assert latest[1]["outcome"] == "applied", latest[1]
+    assert env.sql("select id, site, notes from work_orders") == [(1, "s1", "by id and site")]
+
+
 def test_long_poll_wakes_when_the_outcome_arrives(env: Env, client: TestClient) -> None:
     env.insert()
     h = env.headers("tab-1")

@@ -1,0 +1,134 @@
+"""The applier's view of the captured tables: reading it, and noticing when it changed.
+
+The applier binds the rules and conflicts files to the captured database's tables at
+start (:func:`bind_catalog`), from their contents as read then (:func:`read_documents`:
+an edited file takes effect at a restart).  While it runs, a table's definition may
+change (a column added, a key redefined).  :func:`catalog_mark` is a text that changes
+whenever one does: the transaction ids that wrote the tables' ``pg_class``,
+``pg_attribute`` and ``pg_index`` rows, which every ``ALTER TABLE``, index, key or replica
+identity change writes (so do a few changes that alter nothing an entry is judged by,
+such as ``TRUNCATE`` or ``GRANT``: they cost one re-read).  The applier compares it when an
+entry names what its view lacks (:func:`names_unknown`) and otherwise at most every
+:data:`CATALOG_CHECK_S` (relay/upstream/applier_db.py, ``ApplierDb.follow_catalog``).
+
+I/O: the functions taking a connection read the catalog on it (callers' thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import psycopg
+
+from core.journal_format import JournalEntry
+from relay.config_file import read_toml
+from relay.downstream.bucket_engine import table_infos_from_conn
+from relay.downstream.rules import Rules
+from relay.downstream.rules_parser import check_rules_mapping, rules_from_mapping
+from relay.errors import ConflictsError, RulesError
+from relay.upstream.applier_tables import TableMeta, read_tables
+from relay.upstream.conflict_policies import ConflictPolicies, conflicts_from_mapping
+
+__all__ = [
+    "CATALOG_CHECK_S",
+    "Documents",
+    "bind_catalog",
+    "catalog_mark",
+    "changed_tables",
+    "names_unknown",
+    "read_documents",
+    "rules_tables",
+]
+
+CATALOG_CHECK_S: Final = 1.0
+"""Seconds between comparisons of the catalog mark while no entry names anything unknown."""
+
+
+class Documents(NamedTuple):
+    """The rules file's and the conflicts file's contents (None: no conflicts file)."""
+
+    rules: dict[str, Any]
+    conflicts: dict[str, Any] | None
+
+
+def read_documents(rules_path: str | Path, conflicts_path: str | Path | None) -> Documents:
+    """Both files read and parsed (their problems raised as RulesError / ConflictsError)."""
+    conflicts = read_toml(conflicts_path, ConflictsError) if conflicts_path is not None else None
+    return Documents(read_toml(rules_path, RulesError), conflicts)
+
+
+def bind_catalog(
+    conn: psycopg.Connection[Any],
+    documents: Documents,
+    rules_path: str | Path,
+    conflicts_path: str | Path | None,
+) -> tuple[Rules, dict[str, TableMeta], ConflictPolicies]:
+    """The rules bound to the catalog's tables (as the engine reads them), the tables'
+    metadata and the conflict policies checked against their types."""
+    rules = rules_from_mapping(documents.rules, table_infos_from_conn(conn), str(rules_path))
+    tables = read_tables(conn, rules.tables)
+    types = {t: m.types for t, m in tables.items()}
+    policies = (
+        conflicts_from_mapping(documents.conflicts, str(conflicts_path), types)
+        if documents.conflicts is not None
+        else ConflictPolicies()
+    )
+    return rules, tables, policies
+
+
+def changed_tables(before: dict[str, TableMeta], after: dict[str, TableMeta]) -> list[str]:
+    """Tables added, gone, or with other columns or key columns."""
+    return sorted(
+        t
+        for t in set(before) | set(after)
+        if t not in before
+        or t not in after
+        or (before[t].columns, before[t].key) != (after[t].columns, after[t].key)
+    )
+
+
+_MARK_QUERY: Final = """
+    select coalesce(string_agg(concat_ws(':', t.name, c.oid, c.xmin,
+        (select string_agg(concat(a.attnum, '.', a.xmin), ',' order by a.attnum)
+           from pg_attribute a where a.attrelid = c.oid and a.attnum > 0),
+        (select string_agg(concat(i.indexrelid, '.', i.xmin), ',' order by i.indexrelid)
+           from pg_index i where i.indrelid = c.oid)), ';' order by t.name), '')
+    from unnest(%s::text[], %s::text[], %s::text[]) t(name, nsp, rel)
+    left join (pg_class c join pg_namespace n on n.oid = c.relnamespace)
+      on n.nspname = t.nsp and c.relname = t.rel
+"""
+
+
+def catalog_mark(conn: psycopg.Connection[Any], tables: Iterable[str]) -> str:
+    """A text that changes whenever a definition of one of ``tables`` (``schema.table``,
+    as :func:`read_tables` names them) changes: the transaction ids that wrote their
+    ``pg_class``, ``pg_attribute`` and ``pg_index`` rows (every ``ALTER TABLE``, index,
+    key or replica identity change writes one of them; so do a few changes that alter
+    nothing an entry is judged by, such as ``TRUNCATE`` or ``GRANT``, which cost one
+    re-read).  One catalog read of a few index lookups per table."""
+    names = sorted(tables)
+    parts = [n.partition(".") for n in names]
+    row = conn.execute(
+        _MARK_QUERY, (names, [p[0] for p in parts], [p[2] for p in parts])
+    ).fetchone()
+    return str(row[0]) if row else ""
+
+
+def rules_tables(document: dict[str, Any], source: str | Path) -> set[str]:
+    """The tables a rules document names (its structure checked, not its columns)."""
+    return {t for b in check_rules_mapping(document, str(source)) for t in b.tables}
+
+
+def names_unknown(meta: TableMeta | None, entry: JournalEntry) -> bool:
+    """Whether ``entry`` names key columns, a number of key values or columns that
+    ``meta`` (the applier's view of its table) lacks."""
+    if meta is None:
+        return False
+    if entry.key_columns is not None and entry.key_columns != meta.key:
+        return True
+    if len(entry.key) != len(meta.key):
+        return True
+    known = meta.types.keys()
+    return not all(known >= row.keys() for row in (entry.old, entry.new) if row)
