@@ -21,8 +21,9 @@ which a table's new definition changes only when a column a rule filters on is r
 between a date or time type and another (a restart then).
 
 :func:`table_follower` builds one for ``fieldsync relay run`` (relay/server.py), reading
-where start-up read (``source_dsn``'s catalog on a new connection each time, else the
-schema log, read on from where it was).
+where start-up read: ``source_dsn``'s catalog (:class:`CatalogReader`, one connection kept
+open, the full read only when :func:`catalog_mark` of the rules' tables changed), else the
+schema log, read on from where it was.
 
 Concurrency model: one daemon thread runs :meth:`TableFollower.check` every interval;
 ``on_change`` is called from that thread and must only swap references (the readers of a
@@ -35,22 +36,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final, Protocol
+
+import psycopg
 
 from relay.downstream.bucket_engine import (
     SchemaLog,
-    table_infos_from_catalog,
+    table_infos_from_conn,
     table_infos_from_registry,
 )
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping
-from relay.errors import RelayError, RulesError
+from relay.errors import EngineError, RelayError, RulesError
 from relay.settings import RelaySettings
 
 __all__ = [
+    "CatalogReader",
     "TableFollower",
     "TableReader",
+    "catalog_mark",
     "changed_tables",
     "describe_change",
     "table_follower",
@@ -94,6 +99,69 @@ def describe_change(table: str, bound: TableInfo, now: TableInfo) -> str:
     if not parts:
         parts.append("column order or types")
     return f"{table}: {', '.join(parts)}"
+
+
+_MARK_QUERY: Final = """
+    select coalesce(string_agg(concat_ws(':', t.name, c.oid, c.xmin,
+        (select string_agg(concat(a.attnum, '.', a.xmin), ',' order by a.attnum)
+           from pg_attribute a where a.attrelid = c.oid and a.attnum > 0),
+        (select string_agg(concat(i.indexrelid, '.', i.xmin), ',' order by i.indexrelid)
+           from pg_index i where i.indrelid = c.oid)), ';' order by t.name), '')
+    from unnest(%s::text[], %s::text[], %s::text[]) t(name, nsp, rel)
+    left join (pg_class c join pg_namespace n on n.oid = c.relnamespace)
+      on n.nspname = t.nsp and c.relname = t.rel
+"""
+
+
+def catalog_mark(conn: psycopg.Connection[Any], tables: Iterable[str]) -> str:
+    """A text that changes whenever a definition of one of ``tables`` (``schema.table``,
+    as the relay and the applier name them) changes: the transaction ids that wrote their
+    ``pg_class``, ``pg_attribute`` and ``pg_index`` rows (every ``ALTER TABLE``, index,
+    key or replica identity change writes one of them; so do a few changes that alter
+    nothing an entry is judged by, such as ``TRUNCATE`` or ``GRANT``, which cost one
+    re-read).  One catalog read of a few index lookups per table."""
+    names = sorted(tables)
+    parts = [n.partition(".") for n in names]
+    row = conn.execute(
+        _MARK_QUERY, (names, [p[0] for p in parts], [p[2] for p in parts])
+    ).fetchone()
+    return str(row[0]) if row else ""
+
+
+class CatalogReader:
+    """A :class:`TableReader` of ``source_dsn``'s catalog on one connection kept open
+    (opened again after an error): the full read only when :func:`catalog_mark` of the
+    rules' tables changed since the last one."""
+
+    def __init__(self, dsn: str, password: str | None, tables: Iterable[str]) -> None:
+        self.dsn, self.password = dsn, password
+        self.tables = sorted(tables)
+        self.reads = 0  # full reads so far
+        self._conn: psycopg.Connection[Any] | None = None
+        self._mark: str | None = None
+        self._infos: dict[str, TableInfo] = {}
+
+    def __call__(self) -> dict[str, TableInfo]:
+        try:
+            if self._conn is None or self._conn.closed:
+                kw: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
+                if self.password:
+                    kw["password"] = self.password
+                self._conn = psycopg.connect(self.dsn, **kw)
+            mark = catalog_mark(self._conn, self.tables)
+            if mark != self._mark:
+                self._infos = table_infos_from_conn(self._conn)
+                self._mark = mark
+                self.reads += 1
+            return self._infos
+        except psycopg.Error as exc:
+            self.close()
+            raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class TableFollower:
@@ -189,12 +257,9 @@ def table_follower(
     r = settings.relay
     schemas: SchemaLog | None = None
     read: Callable[[], dict[str, TableInfo]]
+    catalog: CatalogReader | None = None
     if r.source_dsn:
-        dsn, password = r.source_dsn, r.source_password
-
-        def read() -> dict[str, TableInfo]:
-            return table_infos_from_catalog(dsn, password)
-
+        read = catalog = CatalogReader(r.source_dsn, r.source_password, rules.tables)
     elif r.schema_check_interval_s > 0:
         schema_log = schemas = SchemaLog(settings.kafka_client_kwargs(), r.topic_prefix)
 
@@ -209,5 +274,8 @@ def table_follower(
         with follower.running():
             yield follower
     finally:
-        if schemas is not None and follower.idle:  # not under a read still running
-            schemas.close()
+        if follower.idle:  # not under a read still running
+            if schemas is not None:
+                schemas.close()
+            if catalog is not None:
+                catalog.close()

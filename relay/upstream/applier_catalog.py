@@ -3,7 +3,7 @@
 The applier binds the rules and conflicts files to the captured database's tables at
 start (:func:`bind_catalog`), from their contents as read then (:func:`read_documents`:
 an edited file takes effect at a restart).  While it runs, a table's definition may
-change (a column added, a key redefined).  :func:`catalog_mark` is a text that changes
+change (a column added, a key redefined).  :func:`~relay.downstream.table_follower.catalog_mark` is a text that changes
 whenever one does: the transaction ids that wrote the tables' ``pg_class``,
 ``pg_attribute`` and ``pg_index`` rows, which every ``ALTER TABLE``, index, key or replica
 identity change writes (so do a few changes that alter nothing an entry is judged by,
@@ -16,7 +16,6 @@ I/O: the functions taking a connection read the catalog on it (callers' thread).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -27,6 +26,7 @@ from relay.config_file import read_toml
 from relay.downstream.bucket_engine import table_infos_from_conn
 from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import check_rules_mapping, rules_from_mapping
+from relay.downstream.table_follower import catalog_mark
 from relay.errors import ConflictsError, RulesError
 from relay.upstream.applier_tables import TableMeta, read_tables
 from relay.upstream.conflict_policies import ConflictPolicies, conflicts_from_mapping
@@ -87,33 +87,6 @@ def changed_tables(before: dict[str, TableMeta], after: dict[str, TableMeta]) ->
         or t not in after
         or (before[t].columns, before[t].key) != (after[t].columns, after[t].key)
     )
-
-
-_MARK_QUERY: Final = """
-    select coalesce(string_agg(concat_ws(':', t.name, c.oid, c.xmin,
-        (select string_agg(concat(a.attnum, '.', a.xmin), ',' order by a.attnum)
-           from pg_attribute a where a.attrelid = c.oid and a.attnum > 0),
-        (select string_agg(concat(i.indexrelid, '.', i.xmin), ',' order by i.indexrelid)
-           from pg_index i where i.indrelid = c.oid)), ';' order by t.name), '')
-    from unnest(%s::text[], %s::text[], %s::text[]) t(name, nsp, rel)
-    left join (pg_class c join pg_namespace n on n.oid = c.relnamespace)
-      on n.nspname = t.nsp and c.relname = t.rel
-"""
-
-
-def catalog_mark(conn: psycopg.Connection[Any], tables: Iterable[str]) -> str:
-    """A text that changes whenever a definition of one of ``tables`` (``schema.table``,
-    as :func:`read_tables` names them) changes: the transaction ids that wrote their
-    ``pg_class``, ``pg_attribute`` and ``pg_index`` rows (every ``ALTER TABLE``, index,
-    key or replica identity change writes one of them; so do a few changes that alter
-    nothing an entry is judged by, such as ``TRUNCATE`` or ``GRANT``, which cost one
-    re-read).  One catalog read of a few index lookups per table."""
-    names = sorted(tables)
-    parts = [n.partition(".") for n in names]
-    row = conn.execute(
-        _MARK_QUERY, (names, [p[0] for p in parts], [p[2] for p in parts])
-    ).fetchone()
-    return str(row[0]) if row else ""
 
 
 def rules_tables(document: dict[str, Any], source: str | Path) -> set[str]:

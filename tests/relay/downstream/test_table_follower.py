@@ -1,7 +1,7 @@
 """The relay's table follower (relay/downstream/table_follower.py): which definitions count
 as changed, the rules bound again from the rules file's content as read at start, and a
-change the rules no longer fit (logged once, the rules in use kept).  Pure: the reader is
-a list of definitions."""
+change the rules no longer fit (logged once, the rules in use kept), with a list of
+definitions as the reader; and the catalog reader against PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import psycopg
 import pytest
 
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping
-from relay.downstream.table_follower import TableFollower, changed_tables, describe_change
+from relay.downstream.table_follower import (
+    CatalogReader,
+    TableFollower,
+    changed_tables,
+    describe_change,
+)
+from relay.errors import EngineError
 
 DOCUMENT: dict[str, Any] = {
     "token_claims": ["crew"],
@@ -149,3 +156,32 @@ def test_an_interval_of_zero_starts_no_thread() -> None:
     with f.running():
         assert f.idle
     assert reads.calls == 0
+
+
+def test_the_catalog_reader_reads_the_catalog_again_only_when_the_mark_changed(
+    pg_dsn: str,
+) -> None:
+    """Against PostgreSQL: one connection; the full read at the start and after a change
+    of the rules' tables, not on every interval; an unreachable database is an error
+    naming it, and the reader connects again afterwards."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("create table jobs (id int primary key, crew text, state text)")
+        reader = CatalogReader(pg_dsn, None, ["public.jobs"])
+        try:
+            assert reader()["public.jobs"] == TableInfo(("id", "crew", "state"), ("id",))
+            assert reader()["public.jobs"].key == ("id",)
+            assert reader.reads == 1
+            conn.execute("alter table jobs drop constraint jobs_pkey, add primary key (id, crew)")
+            assert reader()["public.jobs"].key == ("id", "crew")
+            assert reader.reads == 2
+            conn.execute("create table unrelated (x int)")  # not a rules table
+            reader()
+            assert reader.reads == 2
+            reader.dsn = pg_dsn + " port=1"  # what a database gone away looks like
+            reader.close()
+            with pytest.raises(EngineError, match="cannot read the captured database's catalog"):
+                reader()
+            reader.dsn = pg_dsn
+            assert reader()["public.jobs"].key == ("id", "crew")
+        finally:
+            reader.close()

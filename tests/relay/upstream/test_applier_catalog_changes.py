@@ -16,7 +16,7 @@ import pytest
 
 from core.journal_format import JournalRecord
 from core.values import Kind
-from relay.upstream.applier_catalog import catalog_mark
+from relay.downstream.table_follower import catalog_mark
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.conflict_desk import ConflictDesk
 from tests.relay.upstream.test_applier import Env, insert_base, seen
