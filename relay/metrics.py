@@ -14,7 +14,9 @@ served on ``[relay] metrics_listen`` by :func:`core.metrics.serve_or_log`.  docs
   :class:`ConsumerLag` when scraped (:class:`LagCollector`);
 - ``fieldsync_relay_store_seconds{operation}``: bucket store calls (:data:`STORE_OPERATIONS`);
 - ``fieldsync_relay_auth_failures_total{reason}`` (the AuthError code),
-  ``fieldsync_relay_rate_limited_total``, ``fieldsync_relay_journal_entries_total{status}``.
+  ``fieldsync_relay_rate_limited_total``, ``fieldsync_relay_journal_entries_total{status}``;
+- ``fieldsync_relay_table_definitions_total{result}``: changed table definitions the table
+  follower read (relay/downstream/table_follower.py).
 
 Instrumentation stays thin: a counter increment or a timer context where the thing
 happens; nothing is measured per change except by the batch.
@@ -299,6 +301,14 @@ JOURNAL_ENTRIES: Final = Counter(
     "Journal entries taken in by POST /v1/journal (duplicates not counted again), by the "
     "intake's answer.",
     ["status"],
+    registry=REGISTRY,
+)
+TABLE_DEFINITION_RESULTS: Final = ("rebound", "unfit")
+TABLE_DEFINITIONS: Final = Counter(
+    "fieldsync_relay_table_definitions_total",
+    "Changed definitions of the rules' tables the table follower read: rebound (the rules "
+    "follow them), unfit (the rules no longer fit them; the earlier ones stay in use).",
+    ["result"],
     registry=REGISTRY,
 )
 ENGINE_LAG: Final = LagCollector("fieldsync_relay_engine", "the bucket engine", with_topic=True)

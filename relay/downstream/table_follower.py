@@ -49,6 +49,7 @@ from relay.downstream.bucket_engine import (
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping
 from relay.errors import EngineError, RelayError, RulesError
+from relay.metrics import TABLE_DEFINITIONS
 from relay.settings import RelaySettings
 
 __all__ = [
@@ -200,6 +201,7 @@ class TableFollower:
                 seen = tuple(sorted((t, n) for t, (_, n) in changed.items()))
                 if seen not in self._failed:
                     self._failed.add(seen)
+                    TABLE_DEFINITIONS.labels("unfit").inc()
                     log.error(
                         "the captured tables changed (%s), but the rules no longer fit them; "
                         "devices keep the earlier definitions until the rules are fixed and "
@@ -211,6 +213,7 @@ class TableFollower:
             self.rules = rules
             self.changes += 1
             self.on_change(rules)
+            TABLE_DEFINITIONS.labels("rebound").inc()
         log.warning("the captured tables changed; /v1/schema and the journal follow: %s", what)
         return True
 

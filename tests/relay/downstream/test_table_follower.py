@@ -22,6 +22,7 @@ from relay.downstream.table_follower import (
     describe_change,
 )
 from relay.errors import EngineError
+from relay.metrics import REGISTRY
 
 DOCUMENT: dict[str, Any] = {
     "token_claims": ["crew"],
@@ -60,6 +61,12 @@ def follower(reads: Reads, seen: list[Rules], interval_s: float = 0) -> TableFol
     return TableFollower(bound(START), DOCUMENT, reads, seen.append, interval_s)
 
 
+def counted(result: str) -> float:
+    """``fieldsync_relay_table_definitions_total{result}`` now."""
+    found = REGISTRY.get_sample_value("fieldsync_relay_table_definitions_total", {"result": result})
+    return found or 0.0
+
+
 def test_changed_tables_are_the_rules_tables_with_other_columns_or_keys() -> None:
     rules = bound(START)
     assert changed_tables(rules, START) == {}
@@ -87,11 +94,13 @@ def test_a_changed_key_rebinds_the_rules_and_a_column_list_follows_it(
     rekeyed = {**START, "public.jobs": TableInfo((*JOBS.columns, "site"), ("id", "site"))}
     seen: list[Rules] = []
     f = follower(Reads(START, rekeyed), seen)
+    before = counted("rebound")
     with caplog.at_level(logging.WARNING, logger="relay.downstream.table_follower"):
         assert f.check() is False
         assert f.check() is True
         assert f.check() is False, "bound to the definitions read: nothing new"
     assert len(seen) == 1 and f.rules is seen[0] and f.changes == 1
+    assert counted("rebound") == before + 1
     new = seen[0]
     assert new.table_info("public.jobs").key == ("id", "site")
     # the rule's column list (state) always carries the key columns: now site as well
@@ -114,10 +123,12 @@ def test_definitions_the_rules_no_longer_fit_are_logged_once_and_the_rules_kept(
     seen: list[Rules] = []
     f = follower(Reads(no_crew), seen)
     rules = f.rules
+    before = counted("unfit")
     with caplog.at_level(logging.WARNING, logger="relay.downstream.table_follower"):
         assert f.check() is False
         assert f.check() is False
     assert seen == [] and f.rules is rules
+    assert counted("unfit") == before + 1, "counted once per definition, as logged"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1, errors
     assert "public.jobs: columns -crew" in errors[0] and "crew" in errors[0].split("rules")[-1]
