@@ -79,7 +79,7 @@ from relay.downstream.bucket_engine import (
 )
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
-from relay.downstream.rules_parser import check_rules_file, rules_from_mapping
+from relay.downstream.rules_parser import rules_from_mapping, rules_tables
 from relay.downstream.table_follower import table_follower
 from relay.errors import ConfigError, RulesError
 from relay.metrics import ENGINE_LAG, REGISTRY
@@ -302,11 +302,6 @@ def build_authenticator(settings: RelaySettings) -> Authenticator:
     )
 
 
-def rule_tables(rules_path: str) -> set[str]:
-    """The tables a rules file names (structure check only)."""
-    return {t for b in check_rules_file(rules_path) for t in b.tables}
-
-
 def load_table_infos(
     settings: RelaySettings, wanted: set[str], wait_s: float = SCHEMA_WAIT_S
 ) -> dict[str, TableInfo]:
@@ -341,7 +336,7 @@ def load_bound_rules(settings: RelaySettings) -> tuple[Rules, dict[str, Any]]:
     changes)."""
     path = settings.relay.rules
     document = read_toml(path, RulesError)
-    infos = load_table_infos(settings, rule_tables(path))
+    infos = load_table_infos(settings, rules_tables(document, str(path)))
     return rules_from_mapping(document, infos, str(path)), document
 
 

@@ -76,6 +76,7 @@ from relay.metrics import OPS_WRITTEN, ConsumerLag
 __all__ = [
     "BucketEngine",
     "SchemaLog",
+    "catalog_connection",
     "table_infos_from_catalog",
     "table_infos_from_registry",
     "table_infos_from_schemas",
@@ -139,12 +140,23 @@ def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str,
     before."""
     import psycopg
 
-    kw: dict[str, Any] = {"connect_timeout": 10}
+    with catalog_connection(dsn, password) as conn:
+        try:
+            return table_infos_from_conn(conn)
+        except psycopg.Error as exc:
+            raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
+
+
+def catalog_connection(dsn: str, password: str | None = None) -> Any:
+    """An autocommit connection to the captured database, for catalog reads;
+    :class:`EngineError` naming the failure when it cannot be opened."""
+    import psycopg
+
+    kw: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
     if password:
         kw["password"] = password
     try:
-        with psycopg.connect(dsn, autocommit=True, **kw) as conn:
-            return table_infos_from_conn(conn)
+        return psycopg.connect(dsn, **kw)
     except psycopg.Error as exc:
         raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
 

@@ -46,6 +46,11 @@ def check_rules_mapping(data: Mapping[str, Any], source: str = "<rules>") -> tup
     return tuple(_parse(data, source, None))
 
 
+def rules_tables(data: Mapping[str, Any], source: str = "<rules>") -> set[str]:
+    """The tables a rules document names (its structure checked, not its columns)."""
+    return {t for b in check_rules_mapping(data, source) for t in b.tables}
+
+
 def rules_from_mapping(
     data: Mapping[str, Any], schema: Mapping[str, TableInfo], source: str = "<rules>"
 ) -> Rules:

@@ -43,6 +43,7 @@ import psycopg
 
 from relay.downstream.bucket_engine import (
     SchemaLog,
+    catalog_connection,
     table_infos_from_conn,
     table_infos_from_registry,
 )
@@ -145,10 +146,7 @@ class CatalogReader:
     def __call__(self) -> dict[str, TableInfo]:
         try:
             if self._conn is None or self._conn.closed:
-                kw: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
-                if self.password:
-                    kw["password"] = self.password
-                self._conn = psycopg.connect(self.dsn, **kw)
+                self._conn = catalog_connection(self.dsn, self.password)
             mark = catalog_mark(self._conn, self.tables)
             if mark != self._mark:
                 self._infos = table_infos_from_conn(self._conn)

@@ -25,7 +25,7 @@ from core.journal_format import JournalEntry
 from relay.config_file import read_toml
 from relay.downstream.bucket_engine import table_infos_from_conn
 from relay.downstream.rules import Rules
-from relay.downstream.rules_parser import check_rules_mapping, rules_from_mapping
+from relay.downstream.rules_parser import rules_from_mapping
 from relay.downstream.table_follower import catalog_mark
 from relay.errors import ConflictsError, RulesError
 from relay.upstream.applier_tables import TableMeta, read_tables
@@ -36,10 +36,8 @@ __all__ = [
     "Documents",
     "bind_catalog",
     "catalog_mark",
-    "changed_tables",
     "names_unknown",
     "read_documents",
-    "rules_tables",
 ]
 
 CATALOG_CHECK_S: Final = 1.0
@@ -76,22 +74,6 @@ def bind_catalog(
         else ConflictPolicies()
     )
     return rules, tables, policies
-
-
-def changed_tables(before: dict[str, TableMeta], after: dict[str, TableMeta]) -> list[str]:
-    """Tables added, gone, or with other columns or key columns."""
-    return sorted(
-        t
-        for t in set(before) | set(after)
-        if t not in before
-        or t not in after
-        or (before[t].columns, before[t].key) != (after[t].columns, after[t].key)
-    )
-
-
-def rules_tables(document: dict[str, Any], source: str | Path) -> set[str]:
-    """The tables a rules document names (its structure checked, not its columns)."""
-    return {t for b in check_rules_mapping(document, str(source)) for t in b.tables}
 
 
 def names_unknown(meta: TableMeta | None, entry: JournalEntry) -> bool:

@@ -57,6 +57,8 @@ from core.journal_format import JournalEntry, Outcome
 from core.pg_types import SESSION_SETTINGS, output_function_text
 from core.values import dump_json
 from relay.downstream.rules import Rules
+from relay.downstream.rules_parser import rules_tables
+from relay.downstream.table_follower import changed_tables, describe_change
 from relay.errors import ApplierError, ConfigError
 from relay.pg_migrations import run_migrations
 from relay.upstream.applier_catalog import (
@@ -64,10 +66,8 @@ from relay.upstream.applier_catalog import (
     Documents,
     bind_catalog,
     catalog_mark,
-    changed_tables,
     names_unknown,
     read_documents,
-    rules_tables,
 )
 from relay.upstream.applier_resolve import resolve_conflict
 from relay.upstream.applier_run import ApplyStats
@@ -163,7 +163,7 @@ class ApplierDb:
             ).fetchone() == ("on",)
             documents = read_documents(self.rules_path, self.conflicts_path)
             # the mark first: a change committed during the read shows at the next compare
-            mark = catalog_mark(conn, rules_tables(documents[0], self.rules_path))
+            mark = catalog_mark(conn, rules_tables(documents.rules, str(self.rules_path)))
             rules, tables, policies = self._read_catalog(conn, documents)
             self._lock_id = int(
                 conn.execute(  # type: ignore[index]
@@ -222,10 +222,11 @@ class ApplierDb:
                 )
                 self._failed_mark = mark
             return False
-        changed = changed_tables(self.tables, tables)
+        changed = changed_tables(self.rules, {t: rules.table_info(t) for t in rules.tables})
         if changed:
             log.warning(
-                "the captured tables changed; the applier re-read them: %s", ", ".join(changed)
+                "the captured tables changed; the applier re-read them: %s",
+                "; ".join(describe_change(t, b, n) for t, (b, n) in changed.items()),
             )
         else:  # types, indexes, grants: nothing an entry is named or judged by changed
             log.info("the captured tables' definitions were re-read (columns and keys unchanged)")

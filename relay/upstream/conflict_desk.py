@@ -63,12 +63,12 @@ class ConflictDesk:
         conn = self.db.conn
         if conn is None or conn.closed:
             self.db.connect()
+            read = True
+        else:
+            read = self.db.follow_catalog(())
+        if read:
             self._types = {t: m.types for t, m in self.db.tables.items()}
-            conn = self.db.conn
-        elif self.db.follow_catalog(()):
-            self._types = {t: m.types for t, m in self.db.tables.items()}
-        assert conn is not None
-        return conn
+        return self.db.connection()
 
     def types(self) -> Mapping[str, Mapping[str, ColumnType]]:
         """Column types of the captured tables, as last read (after a failure to connect,
