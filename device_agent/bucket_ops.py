@@ -261,8 +261,9 @@ class _TableOps:
             f"{self.name}: the relay's buckets hold the row {row_key_text(list(key))}, named "
             f"by other key columns than the table's key ({', '.join(self.table.key)}) in the "
             "relay's schema: the table's primary key changed on the server and the relay has "
-            "not caught up (its schema follows a new key when it restarts; rows under the old "
-            "key are removed as cdc sends the table again); nothing was applied, sync again",
+            "not caught up (its schema follows a new key within its schema check interval, "
+            "or when it restarts; rows under the old key are removed as cdc sends the table "
+            "again); nothing was applied, sync again",
             self.name,
         )
 

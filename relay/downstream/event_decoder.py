@@ -301,7 +301,8 @@ def stale_keys(
     """Tables the rules place whose latest key schema (``latest``: table → key columns, in
     the order of ``{prefix}._schemas``) lists other columns than the key the rules were
     loaded with: table → (loaded key, latest key).  Rows of such a table are named by the
-    new key while ``/v1/schema`` lists the loaded one, until the relay restarts."""
+    new key while ``/v1/schema`` lists the loaded one, until the relay's table follower
+    binds the rules to the new key (relay/downstream/table_follower.py) or it restarts."""
     out = {}
     for table in sorted(rules.tables):
         if table in latest and latest[table] != rules.table_info(table).key:
