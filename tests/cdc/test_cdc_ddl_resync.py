@@ -371,8 +371,15 @@ def test_kill_9_during_a_resnapshot_resumes_at_the_last_finished_chunk(
     assert held.jobs and held.jobs[0].chunks >= 3, "never saw three chunks done"
     after = held.jobs[0].after
     assert after is not None
-    status = run_cli("cdc", "status", "--json", "--config", str(config))
-    shown = json.loads(status.stdout)["resnapshots"]
+    # the killed daemon may have left a Kafka transaction open on the progress topic, which
+    # holds back committed reads until the broker aborts it: wait for a status that has them
+    deadline = time.monotonic() + 180
+    while "resnapshots" not in (
+        report := json.loads(run_cli("cdc", "status", "--json", "--config", str(config)).stdout)
+    ):
+        assert time.monotonic() < deadline, f"cdc status never read the progress: {report}"
+        time.sleep(0.5)
+    shown = report["resnapshots"]
     assert shown[0]["table"] == "public.big" and shown[0]["after_key"] == list(after), shown
     assert shown[0]["reason"] == "column note added with a default"
     d.start()
