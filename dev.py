@@ -5,7 +5,7 @@
     python3 dev.py test     # the whole test suite (real PostgreSQL and broker, started by the harness)
     python3 dev.py soak     # the long soaks (pytest -m slow: crash runs with many seeds); FIELDSYNC_SOAK_SEEDS=1-50
     python3 dev.py bench    # the benchmarks (figures go to docs/performance.md by hand)
-    python3 dev.py build    # compile the hot modules of cdc and the applier with mypyc again (--pure: remove it, run pure Python)
+    python3 dev.py build    # compile the hot modules (cdc, engine readers, applier, device apply) with mypyc again (--pure: remove it, run pure Python)
     python3 dev.py run -- fieldsync --help   # any command inside the virtual environment
 
 It creates ``.venv`` next to this file and installs the project with its test

@@ -4,6 +4,7 @@
     .venv/bin/python bench/device_bench.py                 # all three, full sizes
     .venv/bin/python bench/device_bench.py --quick         # smoke run (seconds)
     .venv/bin/python bench/device_bench.py --only apply,triggers --rows 200000
+    .venv/bin/python bench/device_bench.py --only instructions   # needs valgrind
 
 1. ``apply``: applying downloaded ops (PUTs of new rows, as parsed from the relay's
    changes messages) into SQLite with :func:`device_agent.apply.apply_messages` — checksum
@@ -17,7 +18,15 @@
    bucket store, ``Agent.sync_once`` from an empty database (HTTP pages of 5,000 ops,
    gzip, staging, one apply).  The store is filled beforehand with ``store.apply`` (not
    timed).  Target: ≤ 30 s.
-3. ``triggers``: an app's writes (inserts, then updates, then deletes of ``--rows`` rows,
+3. ``instructions`` (not in the default set; needs valgrind): the ``apply`` case's two
+   sides counted in CPU instructions with callgrind, which does not depend on the
+   machine's load (``--instr-rows`` rows, 20,000): the script runs itself three times
+   under ``valgrind --tool=callgrind`` (messages built and nothing applied, then the raw
+   ``executemany``, then the apply) and the differences to the first run are the
+   instructions of each side.  The ratio compares builds (compiled against pure) and
+   changes on a noisy machine; callgrind's CPU model may take another SHA-256 code path
+   than the real CPU.
+4. ``triggers``: an app's writes (inserts, then updates, then deletes of ``--rows`` rows,
    each kind in one transaction with ``executemany``) with the journal triggers against
    the same writes without triggers.  Target: ≤ 2x.
 """
@@ -28,8 +37,12 @@ import argparse
 import contextlib
 import os
 import platform
+import re
+import shutil
 import sqlite3
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -84,7 +97,8 @@ def drop(path: str) -> None:
 # --------------------------------------------------------------------------- 1. apply
 
 
-def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
+def apply_case(rows: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows and the changes messages that PUT them into an empty bucket."""
     data = [make_row(i) for i in range(1, rows + 1)]
     total = sum(row_checksum(TABLE, row_key_text([r["id"]]), r) for r in data) % CHECKSUM_MODULUS
     page = 5000
@@ -125,21 +139,31 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
                 "has_more": not last,
             }
         )
+    return data, messages
+
+
+def raw_write(conn: sqlite3.Connection, tuples: list[tuple[Any, ...]]) -> None:
+    """The limit: the rows into the same table, triggers dropped, one transaction."""
+    for t in local_tables.load_tables(conn).values():
+        triggers.drop(conn, t)
+    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    conn.execute("begin immediate")
+    conn.executemany(
+        f"insert or replace into work_orders ({cols}) values ({', '.join('?' * len(COLUMNS))})",
+        tuples,
+    )
+    conn.execute("commit")
+
+
+def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
+    data, messages = apply_case(rows)
     raw_best = apply_best = raw_cpu = apply_cpu = float("inf")
     getter = itemgetter(*COLUMNS)
     tuples = [getter(r) for r in data]
-    cols = ", ".join(f'"{c}"' for c in COLUMNS)
     for _ in range(repeat):
         path, conn = fresh_db(directory)
-        for t in local_tables.load_tables(conn).values():  # the limit: a plain table
-            triggers.drop(conn, t)
         started, cpu = time.perf_counter(), time.process_time()
-        conn.execute("begin immediate")
-        conn.executemany(
-            f"insert or replace into work_orders ({cols}) values ({', '.join('?' * len(COLUMNS))})",
-            tuples,
-        )
-        conn.execute("commit")
+        raw_write(conn, tuples)
         raw_best = min(raw_best, time.perf_counter() - started)
         raw_cpu = min(raw_cpu, time.process_time() - cpu)
         conn.close()
@@ -164,7 +188,45 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- 3. triggers
+# --------------------------------------------------------------------------- 3. instructions
+
+
+def callgrind_side(mode: str, rows: int, directory: Path) -> None:
+    """One side of the instructions case, run under callgrind: ``none``, ``raw``, ``apply``."""
+    data, messages = apply_case(rows)
+    tuples = [itemgetter(*COLUMNS)(r) for r in data]
+    path, conn = fresh_db(directory)
+    if mode == "raw":
+        raw_write(conn, tuples)
+    elif mode == "apply":
+        result = apply_messages(conn, messages, "c", total_ops=rows)
+        assert result.verified == [BUCKET], result
+    conn.close()
+    drop(path)
+
+
+def bench_instructions(rows: int, directory: Path) -> dict[str, Any] | None:
+    """Instructions per row of the raw write and of the apply (None: no valgrind)."""
+    if shutil.which("valgrind") is None:
+        return None
+    counts = {}
+    for mode in ("none", "raw", "apply"):
+        proc = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/cg.{mode}",
+             sys.executable, __file__, "--callgrind-side", mode, "--instr-rows", str(rows)],
+            capture_output=True, text=True, check=True, timeout=3600,
+        )  # fmt: skip
+        found = re.search(r"Collected : (\d+)", proc.stderr)
+        assert found, proc.stderr[-2000:]
+        counts[mode] = int(found.group(1))
+    return {
+        "rows": rows,
+        "raw": (counts["raw"] - counts["none"]) / rows,
+        "apply": (counts["apply"] - counts["none"]) / rows,
+    }
+
+
+# --------------------------------------------------------------------------- 4. triggers
 
 
 def bench_triggers(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
@@ -323,12 +385,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="rows for apply/triggers")
     parser.add_argument("--initial-rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="apply,triggers,initial")
+    parser.add_argument("--only", default="apply,triggers,initial", help="also: instructions")
+    parser.add_argument("--instr-rows", type=int, default=20_000, help="rows for instructions")
+    parser.add_argument("--callgrind-side", help=argparse.SUPPRESS)
     bench_support.add_service_flags(parser, kafka=False)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.initial_rows, args.repeat = 5_000, 5_000, 1
+        args.rows, args.initial_rows, args.repeat, args.instr_rows = 5_000, 5_000, 1, 1_000
+    if args.callgrind_side:
+        with tempfile.TemporaryDirectory() as where:
+            callgrind_side(args.callgrind_side, args.instr_rows, Path(where))
+        return
     wanted = set(args.only.split(","))
     print(
         f"# device agent benchmark ({platform.node()}, {os.cpu_count()} cores, "
@@ -355,6 +423,23 @@ def main() -> None:
                 bench_support.ratio(r["raw_s"], r["apply_s"]),
             )
             print("\n" + table.render())
+        if "instructions" in wanted:
+            found = bench_instructions(args.instr_rows, base)
+            if found is None:
+                print("\ninstructions: valgrind not found (apt install valgrind)")
+            else:
+                table = MarkdownTable(
+                    ["apply, in instructions (callgrind)", "rows", "raw executemany a row",
+                     "apply a row", "ratio (target ≥ 0.5)"]
+                )  # fmt: skip
+                table.add(
+                    "PUT new rows",
+                    found["rows"],
+                    f"{found['raw']:,.0f}",
+                    f"{found['apply']:,.0f}",
+                    bench_support.ratio(found["raw"], found["apply"]),
+                )
+                print("\n" + table.render())
         if "triggers" in wanted:
             r = bench_triggers(args.rows, args.repeat, base)
             table = MarkdownTable(

@@ -7,10 +7,11 @@ value parsers and type mapping, the Kafka record framing and batching.  The per-
 of the upstream applier: the journal record and outcome format (``core/journal_format.py``),
 the column values and their checks (``core/values.py``), and in ``relay/upstream/`` the
 write rules, the validation of entries, the conflict policies and the three-way merge (the
-applier's I/O modules around them stay Python; the device agent imports none of them).
+applier's I/O modules around them stay Python).
 The per-change code of the relay's bucket engine: the Avro reader that runs a program
 compiled from each writer schema (``core/avro_reader.py``) and the event prefilter
-(``relay/downstream/event_prefilter.py``).
+(``relay/downstream/event_prefilter.py``).  The per-op code of the device agent's apply
+(``device_agent/bucket_ops.py``: checksum terms, holds, bucket sums, fast-path rows).
 
 They are ordinary typed Python (``mypy --strict`` clean); mypyc compiles them into C extension
 modules placed next to their sources
@@ -19,11 +20,12 @@ which Python's import system prefers to the ``.py``, plus one shared library of 
 at the top of the checkout (``fieldsync_hot__mypyc.*.so``).  Nothing else changes: the
 pure-Python modules are the same code, and produce the same bytes and results
 (``tests/cdc/test_compiled_parity.py``,
-``tests/relay/upstream/test_applier_compiled_parity.py`` and ``tests/core/test_avro_reader.py``
-run both on one input and compare).
+``tests/relay/upstream/test_applier_compiled_parity.py``, ``tests/core/test_avro_reader.py``
+and ``tests/device_agent/test_device_apply_compiled_parity.py`` run both on one input and
+compare).
 
-Freshness: a build records a digest of its inputs (the hot modules, the core, cdc and relay
-modules they import, this file, the Python and mypy versions) in
+Freshness: a build records a digest of its inputs (the hot modules, the core, cdc, relay
+and device_agent modules they import, this file, the Python and mypy versions) in
 ``build/compiled/manifest.json``.
 When the digest no longer matches (a source was edited) the compiled modules are removed
 before anything else, so the sources always win: ``python3 dev.py`` rebuilds them, and the
@@ -89,8 +91,9 @@ HOT_MODULES: tuple[str, ...] = (
     "relay/upstream/conflict_policies.py",
     "relay/upstream/merge.py",
     "relay/downstream/event_prefilter.py",
+    "device_agent/bucket_ops.py",
 )
-_PROJECT_PACKAGES = ("core", "cdc", "relay")
+_PROJECT_PACKAGES = ("core", "cdc", "relay", "device_agent")
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def extension_files(root: Path = ROOT) -> list[Path]:
 
 
 def _imported_modules(path: Path) -> set[str]:
-    """Project modules (core.*, cdc.*, relay.*) a source file imports."""
+    """Project modules (core.*, cdc.*, relay.*, device_agent.*) a source file imports."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -1,8 +1,8 @@
 """First plugin of every test run: the sources run, never a stale compiled build.
 
-``python3 dev.py`` compiles the hot modules of cdc and the applier with mypyc
-(devtools/compiled.py) and rebuilds them when a source changes; a test run started some
-other way (``.venv/bin/python -m pytest``) after an edit would otherwise import the old
+``python3 dev.py`` compiles the hot modules (cdc, the engine's readers, the applier, the
+device's apply) with mypyc (devtools/compiled.py) and rebuilds them when a source changes;
+a test run started some other way (``.venv/bin/python -m pytest``) after an edit would otherwise import the old
 extension modules.  This plugin is loaded before any other (first ``-p`` in pyproject's
 addopts), removes a stale build before anything imports it, and names the build under test
 in the report header.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,15 @@ def test_device_quick_run_prints_its_tables(pg_server: Any) -> None:
     assert float(rows[0][-1]) > 0  # the ratio to the raw executemany
     assert all(r[-1].endswith("x") and float(r[-1][:-1]) > 0 for r in rows[1:3])
     assert rows[3][1] == "5,000" and float(rows[3][2]) > 0
+
+
+def test_device_instructions_case_counts_both_sides() -> None:
+    stdout = run_bench("device", "--only", "instructions")  # --quick: 1,000 rows
+    if shutil.which("valgrind") is None:
+        assert "instructions: valgrind not found" in stdout, stdout
+        return
+    rows = table_rows(stdout, "| apply, in instructions")
+    assert [r[:2] for r in rows] == [["PUT new rows", "1,000"]], stdout
+    raw, apply = (int(cell.replace(",", "")) for cell in rows[0][2:4])
+    assert 0 < raw < apply  # the apply writes the holds besides the rows
+    assert float(rows[0][4]) == pytest.approx(raw / apply, abs=0.01)

@@ -24,7 +24,7 @@ DRIVER = "tests.cdc.compiled_parity_driver"
 HOT = sorted(p[: -len(".py")].replace("/", ".") for p in compiled.HOT_MODULES)
 
 
-PACKAGES = ("core", "cdc", "relay")
+PACKAGES = ("core", "cdc", "relay", "device_agent")
 FILES = ("tests/__init__.py", "tests/cdc/__init__.py", "tests/cdc/compiled_parity_driver.py")
 
 
@@ -43,7 +43,7 @@ def test_compiled_and_pure_builds_give_the_same_bytes(tmp_path: Path) -> None:
 def test_a_build_is_stale_once_a_module_it_depends_on_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for package in ("core", "cdc", "relay"):
+    for package in ("core", "cdc", "relay", "device_agent"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("*.so"))
     monkeypatch.setattr(compiled, "MANIFEST", tmp_path / "manifest.json")
     inputs = {p.relative_to(tmp_path).as_posix() for p in compiled.input_files(tmp_path)}

@@ -27,7 +27,7 @@ APPLIER_HOT = {
 }
 
 
-PACKAGES = ("core", "cdc", "relay", "config")
+PACKAGES = ("core", "cdc", "relay", "device_agent", "config")
 FILES = (
     "tests/__init__.py",
     "tests/schemas.py",
