@@ -86,10 +86,7 @@ class Hlc:
         if not isinstance(self.logical, int) or not 0 <= self.logical <= MAX_LOGICAL:
             raise ValueError(f"HLC logical counter {self.logical!r} is not 0..{MAX_LOGICAL}")
         if not valid_node(self.node):
-            raise ValueError(
-                f"HLC node {self.node!r} must be 1-{MAX_NODE_CHARS} printable characters "
-                "without whitespace"
-            )
+            raise ValueError(_node_error(self.node))
 
     def encode(self) -> str:
         """The sortable text form ``pppppppppppp.llll.node`` (hex, fixed width)."""
@@ -106,7 +103,19 @@ class Hlc:
                 f"not an HLC timestamp: {text[:80]!r} (expected 12 hex digits, '.', 4 hex "
                 "digits, '.', node id)"
             )
-        return cls(int(m.group(1), 16), int(m.group(2), 16), m.group(3))
+        node = m.group(3)
+        if node not in _VALID_NODES:
+            if not valid_node(node):
+                raise ValueError(_node_error(node))
+            if len(_VALID_NODES) >= _VALID_NODES_MAX:
+                _VALID_NODES.clear()
+            _VALID_NODES.add(node)
+        # the pattern bounds both numbers (12 and 4 hex digits): no range check to repeat
+        hlc = object.__new__(cls)
+        _SET_PHYSICAL(hlc, int(m.group(1), 16))
+        _SET_LOGICAL(hlc, int(m.group(2), 16))
+        _SET_NODE(hlc, node)
+        return hlc
 
     def to_int(self) -> int:
         """``physical_ms << 16 | logical``: sortable, without the node."""
@@ -121,6 +130,22 @@ class Hlc:
 
     def __str__(self) -> str:
         return self.encode()
+
+
+# decode fills an instance through the slots' descriptors: the frozen dataclass's
+# ``__init__`` (an ``object.__setattr__`` a field) and ``__post_init__`` cost more than the
+# parse, and the applier decodes a few timestamps per entry
+_SET_PHYSICAL: Final[Callable[[Hlc, int], None]] = vars(Hlc)["physical_ms"].__set__
+_SET_LOGICAL: Final[Callable[[Hlc, int], None]] = vars(Hlc)["logical"].__set__
+_SET_NODE: Final[Callable[[Hlc, str], None]] = vars(Hlc)["node"].__set__
+_VALID_NODES: set[str] = set()
+"""Node ids :meth:`Hlc.decode` found valid (a few per device; cleared when it reaches
+``_VALID_NODES_MAX``)."""
+_VALID_NODES_MAX: Final = 4096
+
+
+def _node_error(node: object) -> str:
+    return f"HLC node {node!r} must be 1-{MAX_NODE_CHARS} printable characters without whitespace"
 
 
 def wall_clock_ms() -> int:

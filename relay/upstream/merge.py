@@ -65,7 +65,7 @@ __all__ = [
 # --------------------------------------------------------------------------- deciding
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class EditTimes:
     """The times ``lww``/``fww`` compare (see the module docstring)."""
 
@@ -73,6 +73,15 @@ class EditTimes:
     server: Hlc | int | None
     now_ms: int
     max_skew_ms: int
+
+    def __init__(
+        self, device: Hlc, server: Hlc | int | None, now_ms: int, max_skew_ms: int
+    ) -> None:
+        # written out: compiled, each object.__setattr__ is a plain store (one a entry)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "server", server)
+        object.__setattr__(self, "now_ms", now_ms)
+        object.__setattr__(self, "max_skew_ms", max_skew_ms)
 
     def device_is_later(self) -> bool:
         """Whether the device's (clamped) edit is later than the server version; ties: no."""
@@ -168,7 +177,7 @@ class Action(enum.StrEnum):
     DELETE = "delete"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class MergeResult:
     """What to do and what became of the entry.
 
@@ -187,6 +196,27 @@ class MergeResult:
     held: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     held_row: Mapping[str, Any] | None = None
     message: str = ""
+
+    def __init__(
+        self,
+        outcome: OutcomeKind,
+        action: Action,
+        values: Mapping[str, Any],
+        row: Mapping[str, Any] | None,
+        columns: Mapping[str, str] | None = None,
+        held: Mapping[str, Mapping[str, Any]] | None = None,
+        held_row: Mapping[str, Any] | None = None,
+        message: str = "",
+    ) -> None:
+        # written out: compiled, each object.__setattr__ is a plain store (one a entry)
+        object.__setattr__(self, "outcome", outcome)
+        object.__setattr__(self, "action", action)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "row", row)
+        object.__setattr__(self, "columns", {} if columns is None else columns)
+        object.__setattr__(self, "held", {} if held is None else held)
+        object.__setattr__(self, "held_row", held_row)
+        object.__setattr__(self, "message", message)
 
 
 def merge(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import threading
 
 import pytest
@@ -51,6 +53,26 @@ def test_encoding_is_fixed_width_hex() -> None:
 def test_decode_rejects_malformed(text: str) -> None:
     with pytest.raises(ValueError, match="HLC"):
         Hlc.decode(text)
+
+
+def test_decode_checks_every_node_and_gives_an_ordinary_frozen_timestamp() -> None:
+    """decode skips the dataclass __init__: its result must still equal, hash and refuse
+    changes like a constructed one, and a node it has not seen is checked every time."""
+    from core import hlc as hlc_module
+
+    decoded = Hlc.decode("0189f3c2a1b0.ffff.tablet-7")
+    assert decoded == Hlc(0x189F3C2A1B0, 0xFFFF, "tablet-7")
+    assert hash(decoded) == hash(Hlc(0x189F3C2A1B0, 0xFFFF, "tablet-7"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.node = "other"  # type: ignore[misc]
+    for _ in range(2):  # the second time after a valid node filled the cache
+        with pytest.raises(ValueError, match=re.escape(r"node 'a\x00b'")):
+            Hlc.decode("0189f3c2a1b0.0003.a\x00b")
+        with pytest.raises(ValueError, match="node"):
+            Hlc.decode("0189f3c2a1b0.0003." + "n" * 129)
+    for i in range(hlc_module._VALID_NODES_MAX + 10):  # the cache stays bounded
+        assert Hlc.decode(f"0189f3c2a1b0.0003.dev-{i}").node == f"dev-{i}"
+    assert 0 < len(hlc_module._VALID_NODES) <= hlc_module._VALID_NODES_MAX
 
 
 def test_invalid_fields_are_refused() -> None:
