@@ -47,7 +47,6 @@ shared between threads; SchemaRegistry.add is not synchronized.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -80,7 +79,6 @@ __all__ = [
     "Source",
     "TableCodec",
     "decode",
-    "new_source",
     "parse_position_header",
     "position_header",
 ]
@@ -136,7 +134,7 @@ def parse_position_header(value: bytes) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Source:
     """Where an event comes from; becomes the envelope's ``source`` record.
 
@@ -159,35 +157,31 @@ class Source:
     snapshot: str | bool = "false"
     origin: str | None = None
 
-
-# Source's member descriptors, in field order: new_source fills an instance through them
-_SOURCE_SETTERS: Final[tuple[Callable[[object, object], None], ...]] = tuple(
-    vars(Source)[f.name].__set__ for f in dataclasses.fields(Source)
-)
-
-
-def new_source(
-    db: str,
-    schema: str,
-    table: str,
-    lsn: int,
-    commit_lsn: int,
-    txid: int | None,
-    seq: int,
-    commit_ts_us: int | None,
-    snapshot: str | bool,
-    origin: str | None,
-) -> Source:
-    """``Source(...)`` of these fields without the frozen dataclass ``__init__`` (one
-    ``object.__setattr__`` per field, about twice the cost); an ordinary instance."""
-    src: Source = Source.__new__(Source)
-    for setter, value in zip(
-        _SOURCE_SETTERS,
-        (db, schema, table, lsn, commit_lsn, txid, seq, commit_ts_us, snapshot, origin),
-        strict=True,
-    ):
-        setter(src, value)
-    return src
+    def __init__(
+        self,
+        db: str,
+        schema: str,
+        table: str,
+        lsn: int,
+        commit_lsn: int,
+        txid: int | None,
+        seq: int,
+        commit_ts_us: int | None,
+        snapshot: str | bool = "false",
+        origin: str | None = None,
+    ) -> None:
+        # written out: compiled, each object.__setattr__ is a plain store (the generated
+        # __init__ runs as interpreted code)
+        object.__setattr__(self, "db", db)
+        object.__setattr__(self, "schema", schema)
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "lsn", lsn)
+        object.__setattr__(self, "commit_lsn", commit_lsn)
+        object.__setattr__(self, "txid", txid)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "commit_ts_us", commit_ts_us)
+        object.__setattr__(self, "snapshot", snapshot)
+        object.__setattr__(self, "origin", origin)
 
 
 class TableCodec:
