@@ -1,6 +1,6 @@
 """Settling journal entries: outcomes from the relay, rejections at upload.
 
-An outcome (``Outcome`` JSON of core/journal_format.py, docs/journal.md "Outcomes") gives its
+An outcome (``Outcome`` JSON of core/journal_outcomes.py, docs/journal.md "Outcomes") gives its
 entry a final status (:data:`OUTCOME_STATUS`): ``synced`` for applied, merged and
 resolved edits, ``failed`` for rejected ones, ``conflict`` for an edit the server kept
 for a person (a ``_fieldsync_conflicts`` row, settled later by a ``resolved`` outcome or
@@ -67,7 +67,7 @@ def _recorded(stored: str | None) -> Mapping[str, Any] | None:
 
 
 def record_outcomes(rows: RowDeriver, outcomes: Iterable[Mapping[str, Any]]) -> int:
-    """Record outcomes (``Outcome`` JSON of core/journal_format.py; the latest per seq): final
+    """Record outcomes (``Outcome`` JSON of core/journal_outcomes.py; the latest per seq): final
     statuses, kept conflicts; their rows are re-derived at
     :meth:`~device_agent.derive.RowDeriver.flush_dirty`.  Returns how many entries
     changed."""

@@ -111,7 +111,7 @@ class SyncReport:
 
 
 def apply_outcomes(conn: Any, outcomes: list[dict[str, Any]]) -> int:
-    """Record outcomes (``Outcome`` JSON of core/journal_format.py): statuses, kept conflicts; rows
+    """Record outcomes (``Outcome`` JSON of core/journal_outcomes.py): statuses, kept conflicts; rows
     whose edits settled are re-derived.  Returns how many entries changed."""
     return settle(conn, outcomes=outcomes)
 

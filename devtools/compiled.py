@@ -4,9 +4,9 @@ journal entry passes through.
 Which modules: :data:`HOT_MODULES`.  The per-event code of cdc: the pgoutput wire reader
 and decoder, the change assembler, the Avro envelope and binary encoders, the PostgreSQL
 value parsers and type mapping, the Kafka record framing and batching.  The per-entry code
-of the upstream applier: the journal record and outcome format (``core/journal_format.py``),
-the column values and their checks (``core/values.py``), and in ``relay/upstream/`` the
-write rules, the validation of entries, the conflict policies and the three-way merge (the
+of the upstream applier: the journal record and outcome formats (``core/journal_format.py``,
+``core/journal_outcomes.py``), the column values and their checks (``core/values.py``),
+and in ``relay/upstream/`` the write rules, the validation of entries, the conflict policies and the three-way merge (the
 applier's I/O modules around them stay Python).
 The per-change code of the relay's bucket engine: the Avro reader that runs a program
 compiled from each writer schema (``core/avro_reader.py``) and the event prefilter
@@ -86,6 +86,7 @@ HOT_MODULES: tuple[str, ...] = (
     "core/pg_type_mapping.py",
     "core/values.py",
     "core/journal_format.py",
+    "core/journal_outcomes.py",
     "relay/upstream/write_rules.py",
     "relay/upstream/validation.py",
     "relay/upstream/conflict_policies.py",

@@ -26,7 +26,8 @@ from typing import Any
 
 from core.avro_envelope import decode
 from core.errors import DecodeError, JournalFormatError
-from core.journal_format import JournalRecord, decode_outcomes
+from core.journal_format import JournalRecord
+from core.journal_outcomes import decode_outcomes
 from core.row_wire import json_value
 from replay.bounds import Bound, format_position, format_time
 from replay.catalog import LogCatalog, TableVersion

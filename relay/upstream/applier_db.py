@@ -53,7 +53,8 @@ import psycopg
 from psycopg.types.json import set_json_dumps
 
 from core.hlc import HybridClock, wall_clock_ms
-from core.journal_format import JournalEntry, Outcome
+from core.journal_format import JournalEntry
+from core.journal_outcomes import Outcome
 from core.pg_types import SESSION_SETTINGS, output_function_text
 from core.values import dump_json
 from relay.downstream.rules import Rules

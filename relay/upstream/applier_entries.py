@@ -12,7 +12,7 @@ For each record of a run (:class:`~relay.upstream.applier_run.Item`):
    the stored row is out of the device's reach); an update or delete is judged by
    :func:`relay.upstream.write_rules.check_write` with the server's row as the row
    before, then queued;
-3. the :class:`~core.journal_format.Outcome`: the row afterwards cut to what the device
+3. the :class:`~core.journal_outcomes.Outcome`: the row afterwards cut to what the device
    may see (:func:`visible`), per-column decisions, and a kept conflict (``ask``) with
    both versions.  A rejected entry's outcome shows the server's row too, so the device
    can put its copy right.
@@ -27,7 +27,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from core.journal_format import Outcome, OutcomeKind, Reason, Rejection
+from core.journal_format import Reason, Rejection
+from core.journal_outcomes import Outcome, OutcomeKind
 from core.values import coerce_value
 from relay.errors import ApplierError
 from relay.upstream.applier_failures import Failed, Undo

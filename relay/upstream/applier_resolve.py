@@ -29,7 +29,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from core.hlc import Hlc
-from core.journal_format import Outcome, OutcomeKind
+from core.journal_outcomes import Outcome, OutcomeKind
 from core.row_wire import row_key_text
 from core.values import coerce_value, same_value
 from relay.errors import ConflictNotFound, ResolveError, ResolveForbidden

@@ -38,7 +38,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from core.hlc import Hlc, HybridClock
-from core.journal_format import JournalEntry, JournalRecord, Outcome, Rejection
+from core.journal_format import JournalEntry, JournalRecord, Rejection
+from core.journal_outcomes import Outcome
 from core.row_wire import row_key_text
 from relay.upstream.applier_failures import Concurrent, Undo
 from relay.upstream.applier_store import (

@@ -41,7 +41,8 @@ from typing import Any
 import psycopg
 
 from core.errors import JournalFormatError
-from core.journal_format import JournalRecord, Outcome, OutcomeKind, Reason
+from core.journal_format import JournalRecord, Reason
+from core.journal_outcomes import Outcome, OutcomeKind
 from core.log_context import log_context
 from relay.errors import ApplierError
 from relay.upstream.applier_entries import apply_entry, prepare

@@ -33,7 +33,8 @@ from typing import Any, Final
 import psycopg
 
 from core.avro_envelope import ORIGIN_MESSAGE_PREFIX
-from core.journal_format import JournalRecord, Outcome, encode_outcomes
+from core.journal_format import JournalRecord
+from core.journal_outcomes import Outcome, encode_outcomes
 from core.row_wire import row_key_text
 from core.values import dump_json
 from relay.upstream.applier_failures import Failed

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from core.journal_format import Outcome
+from core.journal_outcomes import Outcome
 from core.values import ColumnType
 from relay.api_errors import Unavailable
 from relay.errors import (

@@ -22,7 +22,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from core.journal_format import JournalEntry, JournalRecord, Outcome, OutcomeKind, Rejection
+from core.journal_format import JournalEntry, JournalRecord, Rejection
+from core.journal_outcomes import Outcome, OutcomeKind
 from relay.upstream.validation import JournalLimits, RejectedUpload, blocked_by, validate_entry
 from relay.upstream.write_rules import WriteScope
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import psycopg
 
-from core.journal_format import Outcome
+from core.journal_outcomes import Outcome
 from core.values import dump_json
 from relay.downstream.pg_bucket_store import ConnectionPool
 from relay.errors import JournalStoreError

@@ -46,7 +46,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from core.hlc import Hlc
-from core.journal_format import Op, OutcomeKind
+from core.journal_format import Op
+from core.journal_outcomes import OutcomeKind
 from core.values import ColumnType, Kind, coerce_value, same_value
 from relay.downstream.rules import canonical_text
 from relay.upstream.conflict_policies import ColumnPolicy, Policy, TablePolicy

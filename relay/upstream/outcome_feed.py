@@ -3,7 +3,7 @@
 The applier publishes each entry's outcome to ``{prefix}._outcomes`` (keyed by device).
 :class:`OutcomeFeed` (one leader per store database: a session advisory lock held on its
 connection; it runs beside the bucket engine) copies them, every field included (the
-applier's ``visible_after`` too: :class:`core.journal_format.Outcome`), into the outcome
+applier's ``visible_after`` too: :class:`core.journal_outcomes.Outcome`), into the outcome
 store (:meth:`relay.upstream.journal_store.JournalStore.put_outcomes`), with its Kafka
 offsets in the same transaction, so a restart neither loses nor repeats a change.
 Partitions are assigned as they appear and start at the stored offsets (else at the
@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 
 from core.errors import JournalFormatError
-from core.journal_format import Outcome, decode_outcomes
+from core.journal_outcomes import Outcome, decode_outcomes
 from core.kafka_options import build_client, is_kafka_error
 from relay.downstream.bucket_engine import FETCH_MAX_WAIT_MS
 from relay.errors import JournalStoreError, RelayError

@@ -1,6 +1,7 @@
 """Dataclasses whose ``__init__`` is written out (``init=False``; each field set with
 ``object.__setattr__`` when frozen, else ``self.field = …``: plain stores once mypyc
-compiles them, core/journal_format.py, core/avro_envelope.py, cdc/change_assembler.py).
+compiles them: core/journal_format.py, core/journal_outcomes.py, core/avro_envelope.py,
+cdc/change_assembler.py).
 
 A field added to such a class but not to its ``__init__`` would be left unset and fail
 far from the cause, so every one of them in the project's sources is checked here: its
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from core.hlc import Hlc
-from core.journal_format import BasePosition, JournalEntry, JournalRecord, Op, Outcome, OutcomeKind
+from core.journal_format import BasePosition, JournalEntry, JournalRecord, Op
+from core.journal_outcomes import Outcome, OutcomeKind
 from relay.upstream.merge import Action, EditTimes, MergeResult
 from tests.schemas import REPO
 

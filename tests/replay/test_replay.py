@@ -24,14 +24,8 @@ from typer.testing import CliRunner
 
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 from core.hlc import Hlc
-from core.journal_format import (
-    JournalRecord,
-    Outcome,
-    OutcomeKind,
-    Reason,
-    encode_outcomes,
-    entry_from_json,
-)
+from core.journal_format import JournalRecord, Reason, entry_from_json
+from core.journal_outcomes import Outcome, OutcomeKind, encode_outcomes
 from core.pg_types import ColumnSpec, MappingCatalog
 from replay.bounds import MAX_SEQ, Bound, format_position, parse_bound, parse_position, parse_time
 from replay.catalog import LogCatalog

@@ -25,7 +25,8 @@ from typing import Any
 
 from core.errors import FieldsyncError
 from core.hlc import Hlc
-from core.journal_format import EntryProblem, JournalRecord, Op, Outcome, entry_from_json
+from core.journal_format import EntryProblem, JournalRecord, Op, entry_from_json
+from core.journal_outcomes import Outcome
 from core.values import ColumnType, Kind
 from devtools.compiled import loaded_compiled
 from relay.downstream.rules_parser import load_rules

@@ -19,14 +19,8 @@ import psycopg
 import pytest
 
 from core.hlc import Hlc
-from core.journal_format import (
-    JournalRecord,
-    Outcome,
-    Reason,
-    Rejection,
-    decode_outcomes,
-    entry_from_json,
-)
+from core.journal_format import JournalRecord, Reason, Rejection, entry_from_json
+from core.journal_outcomes import Outcome, decode_outcomes
 from relay.errors import ConfigError
 from relay.upstream.applier import Applier
 from relay.upstream.applier_db import ApplierDb

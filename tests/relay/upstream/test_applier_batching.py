@@ -34,7 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
-from core.journal_format import JournalRecord, Outcome, decode_outcomes, entry_from_json
+from core.journal_format import JournalRecord, entry_from_json
+from core.journal_outcomes import Outcome, decode_outcomes
 from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_store import Delivery

@@ -19,6 +19,7 @@ from tests.compiled_parity import assert_same_lines, built_and_pure, require_com
 DRIVER = "tests.relay.upstream.applier_parity_driver"
 APPLIER_HOT = {
     "core.journal_format",
+    "core.journal_outcomes",
     "core.values",
     "relay.upstream.conflict_policies",
     "relay.upstream.merge",

@@ -13,17 +13,8 @@ from hypothesis import strategies as st
 from core.avro_envelope import TableCodec
 from core.errors import JournalFormatError
 from core.hlc import Hlc
-from core.journal_format import (
-    JournalEntry,
-    JournalRecord,
-    Op,
-    Outcome,
-    OutcomeKind,
-    Reason,
-    Rejection,
-    decode_outcomes,
-    encode_outcomes,
-)
+from core.journal_format import JournalEntry, JournalRecord, Op, Reason, Rejection
+from core.journal_outcomes import Outcome, OutcomeKind, decode_outcomes, encode_outcomes
 from core.pg_types import ColumnSpec, MappingCatalog
 from core.pg_values import parse_date as _parse_date
 from core.pg_values import parse_time as _parse_time

@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
-from core.journal_format import JournalRecord, Outcome, OutcomeKind
+from core.journal_format import JournalRecord
+from core.journal_outcomes import Outcome, OutcomeKind
 from relay.auth import Authenticator, Revocation, RevocationList, issue_token
 from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
@@ -524,7 +525,7 @@ def test_ask_conflict_is_listed_resolved_and_resolving_twice_is_harmless(
 
 
 def outcomes_in_kafka(env: Env) -> list[Outcome]:
-    from core.journal_format import decode_outcomes
+    from core.journal_outcomes import decode_outcomes
 
     records = read_topic(env.bootstrap, f"{env.prefix}._outcomes", timeout=30)
     return [o for r in records for o in decode_outcomes(r.value)]
@@ -582,7 +583,7 @@ def test_outcome_feed_has_one_leader_and_resumes_from_its_offsets(
 ) -> None:
     from kafka import KafkaProducer
 
-    from core.journal_format import encode_outcomes
+    from core.journal_outcomes import encode_outcomes
 
     store = JournalStore(store_dsn)
     store.migrate()

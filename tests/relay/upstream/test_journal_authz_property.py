@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
-from core.journal_format import JournalRecord, Outcome, entry_from_json
+from core.journal_format import JournalRecord, entry_from_json
+from core.journal_outcomes import Outcome
 from relay.downstream.rules import canonical_text
 from relay.errors import ResolveError
 from relay.upstream.applier_db import ApplierDb

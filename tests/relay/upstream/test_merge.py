@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.hlc import Hlc
-from core.journal_format import Op, OutcomeKind
+from core.journal_format import Op
+from core.journal_outcomes import OutcomeKind
 from core.values import ColumnType, Kind
 from relay.errors import ConflictsError
 from relay.upstream.conflict_policies import (
