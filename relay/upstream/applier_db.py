@@ -163,9 +163,9 @@ class ApplierDb:
                 "select current_setting('track_commit_timestamp')"
             ).fetchone() == ("on",)
             documents = read_documents(self.rules_path, self.conflicts_path)
-            # the mark first: a change committed during the read shows at the next compare
-            mark = catalog_mark(conn, rules_tables(documents.rules, str(self.rules_path)))
-            rules, tables, policies = self._read_catalog(conn, documents)
+            mark, rules, tables, policies = self._read_catalog(
+                conn, documents, rules_tables(documents.rules, str(self.rules_path))
+            )
             self._lock_id = int(
                 conn.execute(  # type: ignore[index]
                     "select hashtext(%s)", (lock_name(self.consumer, self.shard, self.shards),)
@@ -181,14 +181,22 @@ class ApplierDb:
         self._last_scope = None
 
     def _read_catalog(
-        self, conn: psycopg.Connection[Any], documents: Documents
-    ) -> tuple[Rules, dict[str, TableMeta], ConflictPolicies]:
-        """The rules bound to the catalog's tables, their metadata and the conflict policies."""
-        rules, tables, policies = bind_catalog(
-            conn, documents, self.rules_path, self.conflicts_path
-        )
+        self, conn: psycopg.Connection[Any], documents: Documents, marked: Iterable[str]
+    ) -> tuple[str, Rules, dict[str, TableMeta], ConflictPolicies]:
+        """The catalog mark of the ``marked`` tables, the rules bound to the catalog's
+        tables, their metadata and the conflict policies, all read in one snapshot (a
+        read-only REPEATABLE READ transaction): the rules' view of a table and its metadata
+        come from several queries, and a definition committed between two of them would
+        leave the rules naming one key and the metadata another, with a mark that no
+        longer changes.  ``conn`` is in autocommit mode, outside any transaction."""
+        with conn.transaction():
+            conn.execute("set transaction isolation level repeatable read, read only")
+            mark = catalog_mark(conn, marked)
+            rules, tables, policies = bind_catalog(
+                conn, documents, self.rules_path, self.conflicts_path
+            )
         self._check_times(rules, policies)
-        return rules, tables, policies
+        return mark, rules, tables, policies
 
     def follow_catalog(self, entries: Iterable[JournalEntry]) -> bool:
         """Re-read the catalog when the captured tables' definitions changed since it was
@@ -211,7 +219,10 @@ class ApplierDb:
             self._marked_at = now
             if mark in (self._mark, self._failed_mark):  # nothing new, or known not to fit
                 return False
-            rules, tables, policies = self._read_catalog(conn, self._documents)
+            # the mark again, in the read's snapshot: what the definitions read belong to
+            mark, rules, tables, policies = self._read_catalog(
+                conn, self._documents, self.rules.tables
+            )
         except psycopg.Error as exc:
             raise ApplierError(f"re-reading the captured tables failed: {exc}") from exc
         except ConfigError as exc:

@@ -176,3 +176,38 @@ def test_the_catalog_mark_names_tables_as_the_catalog_does(env: Env) -> None:
         assert catalog_mark(conn, [odd, "public.missing"]) == first
         env.sql('alter table "Odd ""Name""" add column x int')
         assert catalog_mark(conn, [odd, "public.missing"]) != first
+
+
+def test_a_key_changed_while_the_catalog_is_read_leaves_a_consistent_view(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules' view of a table and its metadata come from several catalog queries.  A
+    key redefined between two of them (here: just before the metadata's query) must not
+    leave the rules naming one key and the metadata another, which no mark compare would
+    notice: both come from one snapshot, with the mark, and the change is taken at the
+    next compare."""
+    from relay.upstream import applier_catalog
+
+    read_tables = applier_catalog.read_tables
+    altered = []
+
+    def alter_first(conn: psycopg.Connection[Any], tables: Any) -> Any:
+        if not altered:
+            altered.append(True)
+            env.sql("alter table parts drop constraint parts_pkey, add primary key (name)")
+        return read_tables(conn, tables)
+
+    monkeypatch.setattr(applier_catalog, "read_tables", alter_first)
+    db = ApplierDb(env.dsn, env.rules, env.conflicts)
+    db.connect()
+    try:
+        assert altered
+        assert db.rules is not None
+        assert db.rules.table_info("public.parts").key == db.tables["public.parts"].key == ("id",)
+        assert db.follow_catalog([]) is False  # compared at most once a second
+        db._marked_at -= 60
+        assert db.follow_catalog([]) is True  # the mark of the read's snapshot is behind
+        assert db.rules.table_info("public.parts").key == ("name",)
+        assert db.tables["public.parts"].key == ("name",)
+    finally:
+        db.close()

@@ -312,7 +312,7 @@ def test_an_entry_named_by_other_key_columns_waits_until_the_relay_follows_the_k
         {"seq": 1, "status": "accepted", "reason": None, "message": "", "duplicate": False}
     ]
     latest, _ = outcomes_until(client, h, lambda got: 1 in got)
-    assert latest[1]["outcome"] == "applied", latest[1]
+    assert latest[1]["outcome"] == "applied", str(latest[1])
     assert env.sql("select id, site, notes from work_orders") == [(1, "s1", "by id and site")]
 
 
