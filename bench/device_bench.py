@@ -194,7 +194,8 @@ def bench_apply(rows: int, repeat: int, directory: Path) -> dict[str, Any]:
 def callgrind_side(mode: str, rows: int, directory: Path) -> None:
     """One side of the instructions case, run under callgrind: ``none``, ``raw``, ``apply``."""
     data, messages = apply_case(rows)
-    tuples = [itemgetter(*COLUMNS)(r) for r in data]
+    getter = itemgetter(*COLUMNS)
+    tuples = [getter(r) for r in data]
     path, conn = fresh_db(directory)
     if mode == "raw":
         raw_write(conn, tuples)

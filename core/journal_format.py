@@ -35,18 +35,18 @@ message naming the field.  Checking values against column types and the device's
 rights is the relay's (``relay.upstream.validation``).
 
 Kafka records: :class:`JournalRecord` is the value of a ``{prefix}._journal`` record
-(the relay writes it, the applier and the replay audit read it); :class:`Outcome` is what
-became of one entry, several of one device per ``{prefix}._outcomes`` record
-(:func:`encode_outcomes` / :func:`decode_outcomes`).  A record that cannot be read
-raises :class:`core.errors.JournalFormatError` naming what is wrong.
+(the relay writes it, the applier and the replay audit read it); what became of an entry,
+the ``{prefix}._outcomes`` records, is :mod:`core.journal_outcomes`.  A record that cannot
+be read raises :class:`core.errors.JournalFormatError` naming what is wrong.
 
 Pure: no I/O; values are immutable and can be shared between threads.
 
 The classes the applier makes per entry (:class:`BasePosition`, :class:`JournalEntry`,
-:class:`JournalRecord`, and :class:`core.journal_outcomes.Outcome`) are frozen dataclasses with their ``__init__``
-written out (``init=False``): each field is set with ``object.__setattr__``, which mypyc
-compiles into a plain store (devtools/compiled.py), where the ``__init__`` the dataclass
-would generate runs as interpreted code, ~1.5 µs a construction.
+:class:`JournalRecord`, and :class:`core.journal_outcomes.Outcome`) are frozen
+dataclasses with their ``__init__`` written out (``init=False``): each field is set with
+``object.__setattr__``, which mypyc compiles into a plain store (devtools/compiled.py),
+where the ``__init__`` the dataclass would generate runs as interpreted code, ~1.5 µs a
+construction.
 """
 
 from __future__ import annotations

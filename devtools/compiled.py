@@ -6,8 +6,8 @@ and decoder, the change assembler, the Avro envelope and binary encoders, the Po
 value parsers and type mapping, the Kafka record framing and batching.  The per-entry code
 of the upstream applier: the journal record and outcome formats (``core/journal_format.py``,
 ``core/journal_outcomes.py``), the column values and their checks (``core/values.py``),
-and in ``relay/upstream/`` the write rules, the validation of entries, the conflict policies and the three-way merge (the
-applier's I/O modules around them stay Python).
+and in ``relay/upstream/`` the write rules, the validation of entries, the conflict
+policies and the three-way merge (the applier's I/O modules around them stay Python).
 The per-change code of the relay's bucket engine: the Avro reader that runs a program
 compiled from each writer schema (``core/avro_reader.py``) and the event prefilter
 (``relay/downstream/event_prefilter.py``).  The per-op code of the device agent's apply

@@ -78,7 +78,7 @@ class EditTimes:
     def __init__(
         self, device: Hlc, server: Hlc | int | None, now_ms: int, max_skew_ms: int
     ) -> None:
-        # written out: compiled, each object.__setattr__ is a plain store (one a entry)
+        # written out: compiled, each object.__setattr__ is a plain store (one per entry)
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "server", server)
         object.__setattr__(self, "now_ms", now_ms)
@@ -209,7 +209,7 @@ class MergeResult:
         held_row: Mapping[str, Any] | None = None,
         message: str = "",
     ) -> None:
-        # written out: compiled, each object.__setattr__ is a plain store (one a entry)
+        # written out: compiled, each object.__setattr__ is a plain store (one per entry)
         object.__setattr__(self, "outcome", outcome)
         object.__setattr__(self, "action", action)
         object.__setattr__(self, "values", values)
