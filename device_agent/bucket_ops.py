@@ -310,7 +310,6 @@ class OpWriter:
         ledger.prefetch(ops, self.tables)
         fast_put: dict[int, dict[Any, tuple[Any, ...]]] = {t.id: {} for t in self.info.values()}
         fast_gone: dict[int, set[Any]] = {t.id: set() for t in self.info.values()}
-        put_by: dict[tuple[int, Any], int] = {}  # the bucket whose PUT a fast row is
         final: dict[tuple[int, Any, int], tuple[Any, ...] | None] = {}
         info, buckets, terms = self.info, ledger.buckets, ledger.terms
         held, dirty = rows.held, rows.dirty
@@ -381,7 +380,6 @@ class OpWriter:
                 if t.single:
                     values = (values,)
                 fast_put[tid][k] = values
-                put_by[ref] = bid
                 gone = fast_gone[tid]
                 if gone:
                     gone.discard(k)
@@ -401,9 +399,10 @@ class OpWriter:
                 if ref in held:
                     rows.saw(tid, k, position)
             else:
-                if put_by.get(ref) == bid:  # a PUT of another bucket, which holds it, stays
-                    fast_put[tid].pop(k, None)
-                fast_gone[tid].add(k)  # deleted at the end unless a bucket holds it
+                # deleted at the end unless a bucket holds it; a PUT of this message stays:
+                # the bucket still holding the row has that version (one rule serves the
+                # table: the relay puts a row's new version in every bucket holding it)
+                fast_gone[tid].add(k)
         self.result.ops += len(ops)
         self.result.puts += puts
         self.result.removes += len(ops) - puts
@@ -440,6 +439,9 @@ class OpWriter:
     def write_fast(
         self, fast_put: dict[int, dict[Any, tuple[Any, ...]]], fast_gone: dict[int, set[Any]]
     ) -> None:
+        """Write the fast rows of one message, after its holds (:meth:`write_rows`): rows a
+        REMOVE named leave their table unless a bucket still holds them; rows PUT are
+        written, but one also REMOVEd later only while a bucket holds it."""
         for tid, gone in fast_gone.items():
             table = self.by_id[tid]
             if not gone:
@@ -450,6 +452,12 @@ class OpWriter:
                     (select 1 from {PREFIX}rows where tbl = {tid} and k = ?)""",
                 [(*key_values(table, k), k) for k in gone],
             )
+            both = [k for k in gone if k in fast_put[tid]]
+            if both:
+                held = self.held_keys(tid, both)
+                for k in both:
+                    if k not in held:
+                        del fast_put[tid][k]
         for tid, rows in fast_put.items():
             table = self.by_id[tid]
             if not rows:
@@ -465,6 +473,19 @@ class OpWriter:
                 self.conn.executemany(sql, values)
             except (sqlite3.ProgrammingError, sqlite3.InterfaceError, TypeError):
                 self.conn.executemany(sql, [_convert(v) for v in values])
+
+    def held_keys(self, tid: int, ks: Sequence[Any]) -> set[Any]:
+        """Which of the rows ``ks`` of table ``tid`` some bucket holds."""
+        found: set[Any] = set()
+        for i in range(0, len(ks), CHUNK):
+            chunk = ks[i : i + CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for (k,) in self.conn.execute(
+                f"select distinct k from {PREFIX}rows where tbl = ? and k in ({marks})",
+                (tid, *chunk),
+            ):
+                found.add(k)
+        return found
 
 
 def _convert(values: Sequence[Any]) -> tuple[Any, ...]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from core.row_wire import row_checksum, row_key_text
@@ -162,6 +162,26 @@ def check(
             assert row == tuple(local_db.to_sql(data[c]) for c in cols), (table, data)
 
 
+# a row PUT in a second bucket and again in its first, then REMOVEd from the first, in one
+# page: the table shows the version of that PUT, which the second bucket still holds
+@example(
+    rounds=[
+        [
+            *[("put", PARTS, 0, 0, 0, 0)] * 10,
+            ("put", PARTS, 2, 0, 0, 1),
+            ("remove", PARTS, 0, 0, 0, 0),
+            *[("put", PARTS, 0, 2, 0, 0)] * 2,
+            *[("put", PARTS, 1, 0, 0, 0)] * 2,
+            *[("put", PARTS, 0, 1, 0, 0)] * 2,
+            ("put", PARTS, 2, 2, 0, 0),
+            *[("put", PARTS, 0, 0, 0, 0)] * 2,
+            ("put", PARTS, 1, 0, 0, 0),
+            ("remove", PARTS, 2, 0, 0, 0),
+        ]
+    ],
+    page=10,
+    bulk_ops=1,
+).via("discovered failure")
 @settings(max_examples=25, deadline=None)
 @given(
     rounds=st.lists(st.lists(op_strategy, max_size=25), min_size=1, max_size=4),
