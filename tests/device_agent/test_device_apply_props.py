@@ -182,7 +182,7 @@ def check(
     page=10,
     bulk_ops=1,
 ).via("discovered failure")
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     rounds=st.lists(st.lists(op_strategy, max_size=25), min_size=1, max_size=4),
     page=st.integers(1, 12),
