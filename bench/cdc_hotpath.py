@@ -81,6 +81,9 @@ class _NoSpill:
     def append(self, xid: int, message: object) -> None:
         raise AssertionError("nothing is streamed here")
 
+    def append_raw(self, xid: int, sub: int, payload: object, lsn: int) -> None:
+        raise AssertionError("nothing is streamed here")
+
     def abort(self, xid: int, subxid: int) -> None: ...
 
     def replay(self, xid: int) -> Iterator[Any]:

@@ -152,6 +152,7 @@ class SpillStore(Protocol):
     """Disk store for the messages of streamed, not yet committed transactions."""
 
     def append(self, xid: int, message: m.Message) -> None: ...
+    def append_raw(self, xid: int, sub: int, payload: bytes | memoryview, lsn: int) -> None: ...
     def abort(self, xid: int, subxid: int) -> None: ...
     def replay(self, xid: int) -> Iterator[m.Message]: ...
     def discard(self, xid: int) -> None: ...
@@ -302,6 +303,22 @@ class ChangeAssembler:
                 return self._replay_stream(msg)
             case _:
                 return self._in_txn(msg, lsn)
+
+    def spill_change(self, payload: bytes | memoryview, lsn: int) -> None:
+        """Keep an undecoded row change received inside the stream block now open (the
+        Insert, Update or Delete message as pgoutput sends it there: the type byte, then
+        its subtransaction's xid); it is decoded when its transaction is replayed at Stream
+        Commit.  The caller checks :attr:`streaming` and the type byte."""
+        xid = self.stream_xid
+        if xid is None:
+            raise DecodeError("a streamed row change outside a stream block", lsn=lsn)
+        sub = (payload[1] << 24) | (payload[2] << 16) | (payload[3] << 8) | payload[4]
+        self.spill.append_raw(xid, sub, payload, lsn)
+
+    @property
+    def streaming(self) -> bool:
+        """Inside a stream block: its messages go to the spill store."""
+        return self.stream_xid is not None
 
     def _new_txn(self, xid: int, commit_lsn: int, ts: int, lsn: int) -> _Txn:
         if commit_lsn <= self.last_commit_lsn:

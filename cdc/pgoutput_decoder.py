@@ -205,6 +205,18 @@ class PgOutputDecoder:
             raise self._length_error(buf, pos, lsn)
         return msg
 
+    def decode_streamed(self, data: bytes | memoryview, lsn: int) -> Message:
+        """Decode a row change received inside a stream block, once the block has ended: a
+        change cdc spilled undecoded (:meth:`cdc.spill_store.FileSpillStore.append_raw`) is
+        decoded when its transaction's Stream Commit replays it.  The decoder's stream
+        state is as before afterwards."""
+        was = self._in_stream
+        self._set_stream(True)
+        try:
+            return self.decode(data, lsn)
+        finally:
+            self._set_stream(was)
+
     # ----------------------------------------------------------------- dispatch tables
 
     def _build_table(self, *, in_stream: bool) -> tuple[_Handler, ...]:

@@ -317,6 +317,8 @@ class CdcDaemon:
             stream = ReplicationStream(
                 rconn, pg.slot, pg.publication, start_lsn, proto, pg.streaming
             )
+            decoder = PgOutputDecoder(proto)
+            spill.use_decoder(decoder.decode_streamed)
             assembler = ChangeAssembler(
                 db=self.db,
                 topic_prefix=self.s.kafka.topic_prefix,
@@ -326,7 +328,6 @@ class CdcDaemon:
                 warn=lambda msg: log.warning("%s", msg),
                 observer=resnap.stream,
             )
-            decoder = PgOutputDecoder(proto)
             self.ready.set()
             self.notifier.ready(f"streaming slot {pg.slot} from {format_lsn(start_lsn)}")
             log.info(

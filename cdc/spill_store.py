@@ -9,11 +9,17 @@ subtransaction truncates the file back to where that subtransaction's first
 change was written (later changes in the file belong to it or its children;
 PostgreSQL sends a subtransaction's abort before any later sibling starts).
 
-Records are length-prefixed pickles.  Row changes (Insert, Update, Delete: nearly every
-record of a big transaction) are pickled as plain tuples of their fields (tagged by their
-length and first item) and rebuilt with the decoder's own constructors
-(:mod:`cdc.pgoutput_wire`); a plain tuple pickles several times faster than a dataclass,
-whose pickling goes through ``dataclasses.fields``.  Any other message is pickled as it is.
+Records are length-prefixed.  The row changes the replication stream brings inside a
+stream block (nearly every record of a big transaction) are kept as PostgreSQL sent them,
+undecoded (:meth:`FileSpillStore.append_raw`: ``R``, the LSN they were received at, the
+pgoutput message), and decoded when they are replayed
+(:meth:`cdc.pgoutput_decoder.PgOutputDecoder.decode_streamed`, given to the store with
+:meth:`FileSpillStore.use_decoder`): a streamed transaction is decoded once, in the replay,
+and the reading of the stream (while PostgreSQL is still sending it) does no more than
+write bytes.  Any other message (and a row change handed over decoded) is a pickle: row
+changes as plain tuples of their fields (tagged by their length and first item), rebuilt
+with the decoder's own constructors (:mod:`cdc.pgoutput_wire`); a plain tuple pickles
+several times faster than a dataclass, whose pickling goes through ``dataclasses.fields``.
 Memory use is bounded by one message.  The files are scratch space: after a
 crash, PostgreSQL re-sends every unconfirmed transaction, so :meth:`clear`
 deletes whatever an earlier process left behind.  One thread uses a store;
@@ -27,15 +33,20 @@ import os
 import pickle
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from cdc import pgoutput_messages as m
+from cdc.errors import CdcError
 from cdc.fault_points import FAULTS
 from cdc.pgoutput_wire import make_delete, make_insert, make_update
 
 _LEN = struct.Struct("!I")
+_RAW_HEAD = struct.Struct("!IcQ")  # record length, b"R", the LSN the message came at
+_RAW = ord("R")  # a pickle (protocol 2 or later) starts with 0x80
+_RAW_LSN = struct.Struct("!Q")
+StreamedDecoder = Callable[[bytes, int], m.Message]
 SPILL_BUFFER = 4 * 1024 * 1024
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -83,6 +94,13 @@ class FileSpillStore:
         self._sizes: dict[int, int] = {}
         self.bytes_written = 0
         self.pending_bytes = 0  # in the open files now
+        self._decode: StreamedDecoder | None = None
+
+    def use_decoder(self, decode: StreamedDecoder) -> None:
+        """Decode the records of :meth:`append_raw` with ``decode`` when they are replayed
+        (:meth:`cdc.pgoutput_decoder.PgOutputDecoder.decode_streamed` of the stream's
+        decoder)."""
+        self._decode = decode
 
     def _path(self, xid: int) -> Path:
         return self.dir / f"xid-{xid}.spill"
@@ -93,7 +111,9 @@ class FileSpillStore:
         for p in self.dir.glob("xid-*.spill"):
             p.unlink(missing_ok=True)
 
-    def append(self, xid: int, message: m.Message) -> None:
+    def _file(self, xid: int, sub: int | None) -> BinaryIO:
+        """The file of top-level transaction ``xid``, noting where subtransaction ``sub``'s
+        first record goes."""
         f = self._files.get(xid)
         if f is None:
             # a large buffer: every refill of a small one releases the GIL for a read() and may
@@ -101,15 +121,32 @@ class FileSpillStore:
             f = open(self._path(xid), "w+b", buffering=SPILL_BUFFER)
             self._files[xid] = f
             self._sub_offsets[xid] = {}
-        sub = getattr(message, "xid", None)
         if sub is not None and sub != xid:
             self._sub_offsets[xid].setdefault(sub, f.tell())
+        return f
+
+    def _wrote(self, xid: int, size: int) -> None:
+        self.bytes_written += size
+        self.pending_bytes += size
+        self._sizes[xid] = self._sizes.get(xid, 0) + size
+
+    def append(self, xid: int, message: m.Message) -> None:
+        """Keep a decoded message of top-level transaction ``xid``."""
+        f = self._file(xid, getattr(message, "xid", None))
         data = _dumps(message)
         f.write(_LEN.pack(len(data)))
         f.write(data)
-        self.bytes_written += len(data) + 4
-        self.pending_bytes += len(data) + 4
-        self._sizes[xid] = self._sizes.get(xid, 0) + len(data) + 4
+        self._wrote(xid, len(data) + 4)
+
+    def append_raw(self, xid: int, sub: int, payload: bytes | memoryview, lsn: int) -> None:
+        """Keep an undecoded row change (Insert, Update or Delete as pgoutput sends it inside
+        a stream block) of subtransaction ``sub`` of top-level transaction ``xid``, received
+        at ``lsn``; it is decoded when replayed."""
+        f = self._file(xid, sub)
+        n = len(payload)
+        f.write(_RAW_HEAD.pack(n + 9, b"R", lsn))
+        f.write(payload)
+        self._wrote(xid, n + 13)
 
     def abort(self, xid: int, subxid: int) -> None:
         if subxid == xid:
@@ -141,7 +178,20 @@ class FileSpillStore:
             (n,) = _LEN.unpack(head)
             if armed:
                 FAULTS.hit("spill_replay")
-            yield _loads(f.read(n))
+            data = f.read(n)
+            if data[0] == _RAW:
+                yield self._decoded(data)
+            else:
+                yield _loads(data)
+
+    def _decoded(self, record: bytes) -> m.Message:
+        decode = self._decode
+        if decode is None:
+            raise CdcError(
+                "the spill store holds undecoded row changes but was given no decoder "
+                "(FileSpillStore.use_decoder)"
+            )
+        return decode(record[9:], _RAW_LSN.unpack_from(record, 1)[0])
 
     def discard(self, xid: int) -> None:
         f = self._files.pop(xid, None)

@@ -38,6 +38,11 @@ Stop: the loop reads on to the end of the transaction it is in (at most
 :data:`STOP_GRACE_S`), commits the batch and confirms it, so the slot ends exactly where
 Kafka does.
 
+Streamed transactions: inside a stream block the loop hands row changes (Insert, Update,
+Delete) to the assembler's spill undecoded (:meth:`cdc.change_assembler.ChangeAssembler.spill_change`);
+they are decoded when the transaction is replayed at its Stream Commit.  Every other message
+is decoded as it comes.
+
 Reads: the loop takes the messages already received in runs of up to :data:`READ_MANY`
 (:meth:`cdc.pg_source.ReplicationStream.read_many`) and handles a run in a tight loop; the
 stop flag, the watchdog, the re-snapshot ticks (catalog checks, signals, chunks) and the
@@ -77,6 +82,8 @@ log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
 READ_MANY = 256  # messages read and handled in one run of the loop, at most
+_STREAMED_ROW_CHANGES = frozenset(b"IUD")
+"""Type bytes of the messages a stream block's row changes come in: spilled undecoded."""
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 
 
@@ -252,13 +259,18 @@ class SessionStream:
         """Decode, assemble and send one run of messages (the hot loop)."""
         asm, resnap = self.asm, self.resnap
         decode, feed, handle = self.decoder.decode, asm.feed, self.handle
+        spill_change = asm.spill_change
         emit = resnap.stream.emit if resnap is not None else None
         for msg in msgs:
             if type(msg) is Keepalive:
                 self._keepalive(msg)
                 continue
             assert isinstance(msg, XLogData)
-            decoded = decode(msg.payload, msg.wal_start)
+            payload = msg.payload
+            if asm.stream_xid is not None and payload[0] in _STREAMED_ROW_CHANGES:
+                spill_change(payload, msg.wal_start)  # decoded when it is replayed
+                continue
+            decoded = decode(payload, msg.wal_start)
             outs = feed(decoded, msg.wal_start)
             if outs:
                 handle(emit(outs) if emit is not None else outs)

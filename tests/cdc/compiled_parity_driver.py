@@ -48,6 +48,9 @@ class MemorySpill:
     def append(self, xid: int, message: m.Message) -> None:
         self.data.setdefault(xid, []).append(message)
 
+    def append_raw(self, xid: int, sub: int, payload: bytes | memoryview, lsn: int) -> None:
+        raise AssertionError("row changes are fed decoded here")
+
     def abort(self, xid: int, subxid: int) -> None:
         if xid == subxid:
             self.data.pop(xid, None)

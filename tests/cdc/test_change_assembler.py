@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 
 from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
-from cdc.errors import DecodeError
+from cdc.errors import CdcError, DecodeError
+from cdc.pgoutput_decoder import PgOutputDecoder
 from cdc.resume_position import ResumePosition
 from cdc.spill_store import FileSpillStore
 from core.avro_envelope import SchemaRegistry, decode, parse_position_header
@@ -40,6 +42,9 @@ class MemorySpill:
 
     def append(self, xid: int, message: m.Message) -> None:
         self.data.setdefault(xid, []).append(message)
+
+    def append_raw(self, xid: int, sub: int, payload: bytes | memoryview, lsn: int) -> None:
+        raise AssertionError("row changes are fed decoded here")
 
     def abort(self, xid: int, subxid: int) -> None:
         if xid == subxid:
@@ -308,6 +313,129 @@ def test_file_spill_store_truncates_subtransactions(tmp_path: Path) -> None:
     assert [x.new[0] for x in store.replay(5) if isinstance(x, m.Insert)] == ["1"]
     store.discard(5)
     assert list(tmp_path.iterdir()) == []
+
+
+# pgoutput bytes of a streamed transaction (protocol 2): in-stream messages carry their
+# (sub)transaction's xid after the type byte
+def _text_tuple(*values: str | None) -> bytes:
+    out = struct.pack(">H", len(values))
+    for v in values:
+        out += b"n" if v is None else b"t" + struct.pack(">I", len(v.encode())) + v.encode()
+    return out
+
+
+def _stream_rel(xid: int) -> bytes:
+    cols = (
+        b"\x01id\x00" + struct.pack(">Ii", INT4, -1) + b"\x00v\x00" + struct.pack(">Ii", TEXT, -1)
+    )
+    return b"R" + struct.pack(">II", xid, 16384) + b"public\x00t\x00d" + struct.pack(">H", 2) + cols
+
+
+def _s_ins(xid: int, i: int) -> bytes:
+    return b"I" + struct.pack(">II", xid, 16384) + b"N" + _text_tuple(str(i), f"v{i}")
+
+
+def _s_upd(xid: int, i: int) -> bytes:
+    old = b"K" + _text_tuple(str(i), None)
+    return b"U" + struct.pack(">II", xid, 16384) + old + b"N" + _text_tuple(str(i), f"w{i}")
+
+
+def _s_del(xid: int, i: int) -> bytes:
+    return b"D" + struct.pack(">II", xid, 16384) + b"K" + _text_tuple(str(i), None)
+
+
+def _streamed_txn(lsn: int) -> list[bytes]:
+    """Top-level xid 900 in three stream blocks; subtransaction 901 aborts, 902 commits."""
+    return [
+        b"S" + struct.pack(">IB", 900, 1),
+        _stream_rel(900),
+        _s_ins(900, 1),
+        _s_ins(901, 2),
+        _s_upd(901, 1),
+        b"E",
+        b"A" + struct.pack(">II", 900, 901),
+        b"S" + struct.pack(">IB", 900, 0),
+        _s_ins(902, 3),
+        _s_upd(902, 3),
+        b"E",
+        b"S" + struct.pack(">IB", 900, 0),
+        _s_del(900, 1),
+        _s_ins(900, 4),
+        b"E",
+        b"c" + struct.pack(">IBQQq", 900, 0, lsn, lsn + 40, 817_000_000_000_002),
+    ]
+
+
+def _feed_bytes(
+    asm: ChangeAssembler, dec: PgOutputDecoder, msgs: list[bytes], raw: bool
+) -> list[Any]:
+    """Feed pgoutput bytes as cdc's streaming loop does (``raw``: row changes inside a
+    stream block spilled undecoded) or with every message decoded first."""
+    out: list[Any] = []
+    for i, data in enumerate(msgs):
+        lsn = 0x7000 + i
+        if raw and asm.streaming and data[0] in b"IUD":
+            asm.spill_change(memoryview(data), lsn)
+            continue
+        out.extend(asm.feed(dec.decode(data, lsn), lsn))
+    return out
+
+
+def test_undecoded_streamed_row_changes_replay_as_the_decoded_ones(tmp_path: Path) -> None:
+    """Spilling a stream block's row changes undecoded and decoding them at Stream Commit
+    gives the same events, byte for byte, as decoding every message as it comes; an
+    aborted subtransaction's raw records are cut like pickled ones."""
+    results = []
+    for raw in (False, True):
+        dec = PgOutputDecoder(2)
+        store = FileSpillStore(tmp_path / str(raw))
+        store.use_decoder(dec.decode_streamed)
+        asm = make(spill=store)
+        out = _feed_bytes(asm, dec, _streamed_txn(0x9_0000), raw)
+        assert not dec.in_stream and store.pending_bytes == 0
+        assert list((tmp_path / str(raw)).iterdir()) == []
+        results.append(
+            [(e.topic, e.key, e.value, e.commit_lsn, e.seq, e.headers) for e in events(out)]
+        )
+    assert results[0] == results[1]
+    ends = [o for o in out if isinstance(o, TxnEnd)]
+    assert [(e.commit_lsn, e.events, e.streamed) for e in ends] == [(0x9_0000, 5, True)]
+    assert [(d["op"], d["after"]) for d in decoded(out)] == [
+        ("c", {"id": 1, "v": "v1"}),
+        ("c", {"id": 3, "v": "v3"}),
+        ("u", {"id": 3, "v": "w3"}),
+        ("d", None),
+        ("c", {"id": 4, "v": "v4"}),
+    ]
+
+
+def test_a_malformed_undecoded_row_change_is_named_with_its_own_lsn(tmp_path: Path) -> None:
+    dec = PgOutputDecoder(2)
+    store = FileSpillStore(tmp_path)
+    store.use_decoder(dec.decode_streamed)
+    asm = make(spill=store)
+    msgs = _streamed_txn(0x9_0000)
+    msgs[2] = msgs[2][:-3]  # the first insert, truncated (received at 0x7002)
+    with pytest.raises(DecodeError, match="truncated Insert") as info:
+        _feed_bytes(asm, dec, msgs, raw=True)
+    assert info.value.lsn == 0x7002
+    assert not dec.in_stream
+
+
+def test_undecoded_records_need_a_decoder(tmp_path: Path) -> None:
+    store = FileSpillStore(tmp_path)
+    store.append_raw(5, 5, _s_ins(5, 1), 0x10)
+    assert store.pending_bytes == len(_s_ins(5, 1)) + 13
+    with pytest.raises(CdcError, match="no decoder"):
+        list(store.replay(5))
+    store.discard(5)
+    assert store.pending_bytes == 0
+
+
+def test_a_row_change_outside_a_stream_block_is_not_spilled() -> None:
+    asm = make()
+    with pytest.raises(DecodeError, match="outside a stream block"):
+        asm.spill_change(_s_ins(5, 1), 0x10)
 
 
 _VALUES = st.one_of(
