@@ -172,6 +172,7 @@ class TableState:
 
 _FULL: Final = m.OldTupleKind.FULL  # (an enum member looked up once, not per change)
 _ROW_CHANGES: Final = (m.Insert, m.Update, m.Delete)
+_UNDECODED_KINDS: Final = frozenset(b"IUD")  # type bytes of the row changes spilled undecoded
 
 
 def topic_for(prefix: str, schema: str, table: str) -> str:
@@ -304,21 +305,17 @@ class ChangeAssembler:
             case _:
                 return self._in_txn(msg, lsn)
 
-    def spill_change(self, payload: bytes | memoryview, lsn: int) -> None:
-        """Keep an undecoded row change received inside the stream block now open (the
-        Insert, Update or Delete message as pgoutput sends it there: the type byte, then
-        its subtransaction's xid); it is decoded when its transaction is replayed at Stream
-        Commit.  The caller checks :attr:`streaming` and the type byte."""
+    def spill_change(self, payload: bytes | memoryview, lsn: int) -> bool:
+        """Inside a stream block, keep a row change undecoded: an Insert, Update or Delete
+        message as pgoutput sends it there (the type byte, then its subtransaction's xid),
+        decoded when its transaction is replayed at Stream Commit.  False, doing nothing,
+        for any other message and outside a stream block: the caller decodes it."""
         xid = self.stream_xid
-        if xid is None:
-            raise DecodeError("a streamed row change outside a stream block", lsn=lsn)
+        if xid is None or len(payload) < 5 or payload[0] not in _UNDECODED_KINDS:
+            return False
         sub = (payload[1] << 24) | (payload[2] << 16) | (payload[3] << 8) | payload[4]
         self.spill.append_raw(xid, sub, payload, lsn)
-
-    @property
-    def streaming(self) -> bool:
-        """Inside a stream block: its messages go to the spill store."""
-        return self.stream_xid is not None
+        return True
 
     def _new_txn(self, xid: int, commit_lsn: int, ts: int, lsn: int) -> _Txn:
         if commit_lsn <= self.last_commit_lsn:

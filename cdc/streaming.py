@@ -82,8 +82,6 @@ log = logging.getLogger("fieldsync.cdc")
 
 POLL_S = 0.25
 READ_MANY = 256  # messages read and handled in one run of the loop, at most
-_STREAMED_ROW_CHANGES = frozenset(b"IUD")
-"""Type bytes of the messages a stream block's row changes come in: spilled undecoded."""
 STOP_GRACE_S = 2.0  # on stop, how long to keep reading to reach the end of the open transaction
 
 
@@ -267,9 +265,8 @@ class SessionStream:
                 continue
             assert isinstance(msg, XLogData)
             payload = msg.payload
-            if asm.stream_xid is not None and payload[0] in _STREAMED_ROW_CHANGES:
-                spill_change(payload, msg.wal_start)  # decoded when it is replayed
-                continue
+            if asm.stream_xid is not None and spill_change(payload, msg.wal_start):
+                continue  # a row change in a stream block: decoded when it is replayed
             decoded = decode(payload, msg.wal_start)
             outs = feed(decoded, msg.wal_start)
             if outs:

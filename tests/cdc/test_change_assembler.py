@@ -374,8 +374,7 @@ def _feed_bytes(
     out: list[Any] = []
     for i, data in enumerate(msgs):
         lsn = 0x7000 + i
-        if raw and asm.streaming and data[0] in b"IUD":
-            asm.spill_change(memoryview(data), lsn)
+        if raw and asm.spill_change(memoryview(data), lsn):
             continue
         out.extend(asm.feed(dec.decode(data, lsn), lsn))
     return out
@@ -432,10 +431,20 @@ def test_undecoded_records_need_a_decoder(tmp_path: Path) -> None:
     assert store.pending_bytes == 0
 
 
-def test_a_row_change_outside_a_stream_block_is_not_spilled() -> None:
-    asm = make()
-    with pytest.raises(DecodeError, match="outside a stream block"):
-        asm.spill_change(_s_ins(5, 1), 0x10)
+def test_only_row_changes_inside_a_stream_block_are_spilled_undecoded(tmp_path: Path) -> None:
+    store = FileSpillStore(tmp_path)
+    asm = make(spill=store)
+    assert not asm.spill_change(_s_ins(5, 1), 0x10)  # no stream block open
+    list(asm.feed(m.StreamStart(5, True), 0x11))
+    assert not asm.spill_change(_stream_rel(5), 0x12)  # decoded by the caller
+    assert not asm.spill_change(b"I\x00\x00", 0x13)  # too short: the decoder names it
+    assert not asm.spill_change(b"", 0x14)
+    assert store.open_xids() == []
+    assert asm.spill_change(_s_ins(6, 1), 0x15)
+    assert store.open_xids() == [5]
+    store.abort(5, 6)  # its subtransaction's record is cut
+    assert store.pending_bytes == 0
+    store.close()
 
 
 _VALUES = st.one_of(
