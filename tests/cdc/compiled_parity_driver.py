@@ -25,6 +25,7 @@ from cdc import pgoutput_messages as m
 from cdc.change_assembler import ChangeAssembler, OutEvent, OutSchema, TxnEnd
 from cdc.errors import DecodeError
 from cdc.kafka_records import RecordBuffer, encode_headers
+from cdc.spill_store import FileSpillStore
 from core.errors import FieldsyncError
 from core.pg_types import BUILTIN_TYPES, TypeInfo
 from devtools.compiled import loaded_compiled
@@ -312,14 +313,26 @@ def run(seed: int) -> Iterator[str]:
     yield json.dumps({"compiled": sorted(loaded_compiled())})
     rng = random.Random(seed)
     buf = RecordBuffer()
-    for proto, raw_msgs in ((1, stream(rng)), (2, streamed(rng, 0x9_0000_0000))):
+    cases = (
+        (1, stream(rng), False),
+        (2, streamed(rng, 0x9_0000_0000), False),
+        (2, streamed(rng, 0xA_0000_0000), True),  # row changes spilled undecoded, as cdc does
+    )
+    for proto, raw_msgs, undecoded in cases:
         dec = PgOutputDecoder(proto)
+        spill: Any = MemorySpill()
+        if undecoded:
+            spill = FileSpillStore()
+            spill.use_decoder(dec.decode_streamed)
         asm = ChangeAssembler(
-            db="db", topic_prefix="fs", catalog=Catalog(), spill=MemorySpill(), clock_us=lambda: 7
+            db="db", topic_prefix="fs", catalog=Catalog(), spill=spill, clock_us=lambda: 7
         )
         for i, raw in enumerate(raw_msgs):
             lsn = 0x5000 + i
             try:
+                if undecoded and asm.spill_change(raw, lsn):
+                    yield json.dumps({"spilled": lsn})
+                    continue
                 msg = dec.decode(raw, lsn)
                 line: dict[str, Any] = {"msg": repr(msg), "out": []}
                 for o in asm.feed(msg, lsn):
@@ -329,6 +342,9 @@ def run(seed: int) -> Iterator[str]:
             except (DecodeError, FieldsyncError) as exc:
                 line = {"error": [type(exc).__name__, str(exc)]}
             yield json.dumps(line)
+        if undecoded:
+            spill.close()
+            spill.dir.rmdir()
     yield from _bad_inputs()
     yield json.dumps({"records": bytes(buf.buf).hex(), "count": buf.count})
 
