@@ -189,6 +189,24 @@ class _Txn:
     skip_through: int = -1  # skip events with seq <= this (resume inside a partly written txn)
 
 
+def new_source(db: str, rel: m.Relation, txn: _Txn, seq: int, lsn: int) -> Source:
+    """The Source of an event of ``rel`` at ``lsn``, ``seq`` in transaction ``txn``."""
+    # positional (keywords cost about twice as much): db, schema, table, lsn,
+    # commit_lsn, txid, seq, commit_ts_us, snapshot, origin
+    return Source(
+        db,
+        rel.namespace,
+        rel.name,
+        lsn,
+        txn.commit_lsn,
+        txn.xid,
+        seq,
+        txn.commit_ts_us,
+        "false",
+        txn.origin,
+    )
+
+
 class ChangeAssembler:
     def __init__(
         self,
@@ -306,15 +324,12 @@ class ChangeAssembler:
                 return self._in_txn(msg, lsn)
 
     def spill_change(self, payload: bytes | memoryview, lsn: int) -> bool:
-        """Inside a stream block, keep a row change undecoded: an Insert, Update or Delete
-        message as pgoutput sends it there (the type byte, then its subtransaction's xid),
-        decoded when its transaction is replayed at Stream Commit.  False, doing nothing,
-        for any other message and outside a stream block: the caller decodes it."""
+        """Inside a stream block, spill a row change (I, U, D, then its subtransaction's xid)
+        undecoded, to decode at Stream Commit; False for anything else (the caller decodes)."""
         xid = self.stream_xid
         if xid is None or len(payload) < 5 or payload[0] not in _UNDECODED_KINDS:
             return False
-        sub = (payload[1] << 24) | (payload[2] << 16) | (payload[3] << 8) | payload[4]
-        self.spill.append_raw(xid, sub, payload, lsn)
+        self.spill.append_raw(xid, int.from_bytes(payload[1:5], "big"), payload, lsn)
         return True
 
     def _new_txn(self, xid: int, commit_lsn: int, ts: int, lsn: int) -> _Txn:
@@ -417,26 +432,9 @@ class ChangeAssembler:
         src = st.source
         if src is not None and st.source_txn is txn and src.origin == txn.origin:
             return src
-        src = self._new_source(st, txn, seq, lsn)
+        src = new_source(self.db, st.relation, txn, seq, lsn)
         st.source, st.source_txn = src, txn
         return src
-
-    def _new_source(self, st: TableState, txn: _Txn, seq: int, lsn: int) -> Source:
-        # positional (keywords cost about twice as much): db, schema, table, lsn,
-        # commit_lsn, txid, seq, commit_ts_us, snapshot, origin
-        rel = st.relation
-        return Source(
-            self.db,
-            rel.namespace,
-            rel.name,
-            lsn,
-            txn.commit_lsn,
-            txn.xid,
-            seq,
-            txn.commit_ts_us,
-            "false",
-            txn.origin,
-        )
 
     def _change(
         self,
@@ -485,7 +483,9 @@ class ChangeAssembler:
             txn, seq, skip = self._next_seq(lsn)
             if skip:
                 continue
-            value = st.codec.encode_truncate(self._new_source(st, txn, seq, lsn), self.clock_us())
+            value = st.codec.encode_truncate(
+                new_source(self.db, st.relation, txn, seq, lsn), self.clock_us()
+            )
             self._emit(out, st, txn, seq, None, value)
         return out
 

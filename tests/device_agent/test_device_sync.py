@@ -40,6 +40,7 @@ from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalo
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
+from tests.fix_proxy import DOWNSTREAM
 from tests.schemas import EXAMPLE_RULES
 
 SECRET = b"d" * 40
@@ -329,6 +330,8 @@ def test_connection_cuts_during_downloads_lose_nothing_and_apply_nothing_twice(
             stack.proxy.cut()
             cuts += 1
 
+    # one cut certainly inside a download (the timed cuts may all land between requests)
+    mid = stack.proxy.cut_mid(DOWNSTREAM, b"GET /v1/changes", min_chunk=512)
     thread = threading.Thread(target=cutter, daemon=True)
     thread.start()
     given_up = 0  # syncs that ended unreachable (the client's retries ran out)
@@ -345,7 +348,7 @@ def test_connection_cuts_during_downloads_lose_nothing_and_apply_nothing_twice(
     finally:
         stop.set()
         thread.join()
-    assert cuts > 3
+    assert cuts > 3 and mid.fired.is_set(), (cuts, mid.describe())
     assert rows(agent) == expected
     # the cuts interrupted downloads: requests retried, or syncs given up and started again
     # (which of the two depends on where the cuts landed)
