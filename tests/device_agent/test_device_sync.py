@@ -40,7 +40,7 @@ from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalo
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
-from tests.fix_proxy import DOWNSTREAM
+from tests.fix_proxy import DOWNSTREAM, UPSTREAM
 from tests.schemas import EXAMPLE_RULES
 
 SECRET = b"d" * 40
@@ -836,6 +836,8 @@ def test_connection_cuts_during_uploads_lose_nothing_and_apply_nothing_twice(
     def settled() -> bool:
         return all(r[2] == "synced" for r in journal_rows(agent))
 
+    # one cut certainly inside an upload (the timed cuts may all land between requests)
+    mid = stack.proxy.cut_mid(UPSTREAM, b"POST /v1/journal", min_chunk=64)
     thread = threading.Thread(target=cutter, daemon=True)
     thread.start()
     try:
@@ -847,7 +849,7 @@ def test_connection_cuts_during_uploads_lose_nothing_and_apply_nothing_twice(
         stop.set()
         thread.join()
     sync_until(agent, settled, "every edit synced", timeout=60)  # without cuts, if needed
-    assert cuts > 3 and agent.client.retries > 0
+    assert cuts > 3 and mid.fired.is_set() and agent.client.retries > 0, (cuts, mid.describe())
     assert stack.pg.execute("select id, notes from work_orders order by id").fetchall() == [
         (i, f"n{i}-10") for i in range(1, 21)
     ]
