@@ -265,6 +265,7 @@ class SessionStream:
                 continue
             assert isinstance(msg, XLogData)
             payload = msg.payload
+            # (stream_xid tested here too: outside a stream block no call per message)
             if asm.stream_xid is not None and spill_change(payload, msg.wal_start):
                 continue  # a row change in a stream block: decoded when it is replayed
             decoded = decode(payload, msg.wal_start)

@@ -47,7 +47,8 @@ class OutcomeKind(enum.StrEnum):
 @dataclass(frozen=True, init=False)
 class Outcome:
     """What became of one entry.  ``{prefix}._outcomes`` records (Kafka key: the device
-    id) carry the outcomes of one device, several at a time (:func:`encode_outcomes`).  ``row`` is the row afterwards as the device sees it (its columns
+    id) carry the outcomes of one device, several at a time (:func:`encode_outcomes`).
+    ``row`` is the row afterwards as the device sees it (its columns
     only; None when the row does not exist), ``columns`` the per-column decisions of a
     merge (``device``, ``server``, ``equal``, ``combined``, ``held``), ``conflict`` the
     kept conflict (``id``, ``columns`` with ``base``/``server``/``device`` values, or
