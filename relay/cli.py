@@ -18,7 +18,7 @@ import typer
 from core.errors import FieldsyncError
 from relay.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, issue_token
 from relay.auth_keys import KeyStore
-from relay.downstream.rules import TableInfo
+from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import check_rules_file, load_rules
 from relay.errors import ConfigError, RulesError
 
@@ -143,24 +143,47 @@ def relay_check_rules(
             help="PostgreSQL DSN whose catalog the tables and columns are checked against",
         ),
     ] = None,
+    store_dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--store-dsn",
+            help="bucket store DSN: also check that the store was built under the same "
+            "placement of rows (else it must be rebuilt; needs --schema-from-dsn)",
+        ),
+    ] = None,
+    topic_prefix: Annotated[
+        str,
+        typer.Option(
+            "--topic-prefix", help="the relay's topic_prefix (with --store-dsn: its offsets)"
+        ),
+    ] = "fieldsync",
 ) -> None:
-    """Validate a rules file: structure only, or against a database's tables and columns."""
+    """Validate a rules file: structure only, or against a database's tables and columns,
+    and whether a bucket store can serve it without a rebuild."""
+    if store_dsn is not None and schema_from_dsn is None:
+        raise _fail("--store-dsn needs --schema-from-dsn (date filters are compared as typed)")
+    verdict = ""
     try:
         if schema_from_dsn is None:
             buckets = check_rules_file(rules)
             note = " (structure only; pass --schema-from-dsn to check tables and columns)"
         else:
-            buckets = tuple(
-                load_rules(rules, schema_from_catalog(schema_from_dsn)).buckets.values()
-            )
+            loaded = load_rules(rules, schema_from_catalog(schema_from_dsn))
+            buckets = tuple(loaded.buckets.values())
             note = ""
+            if store_dsn is not None:
+                verdict = store_verdict(store_dsn, loaded, topic_prefix)
     except RulesError as exc:
         for problem in exc.problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
+    except ConfigError as exc:  # StoreRulesMismatch
+        raise _fail(exc) from None
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
     typer.echo(f"ok: {rules}: {len(buckets)} bucket rule(s){note}")
+    if verdict:
+        typer.echo(f"  bucket store: {verdict}")
     for b in buckets:
         params = (
             ", ".join(f"{p} <- {c}" for p, c in zip(b.parameters, b.claims, strict=True))
@@ -189,6 +212,15 @@ def relay_run(
         raise _fail(exc) from None
     except FieldsyncError as exc:
         raise _fail(exc, EXIT_RUNTIME) from None
+
+
+def store_verdict(dsn: str, rules: Rules, topic_prefix: str) -> str:
+    """Whether the bucket store at ``dsn`` can serve ``rules`` as it is (what a relay's
+    start would decide, nothing written); StoreRulesMismatch when it must be rebuilt."""
+    from relay.downstream.pg_store_schema import check_placement
+    from relay.downstream.rules_placement import placement_text
+
+    return check_placement(dsn, placement_text(rules), rules.source, topic_prefix)
 
 
 def schema_from_catalog(dsn: str) -> dict[str, TableInfo]:

@@ -14,7 +14,8 @@ layer renders them with :meth:`AuthError.to_dict` as the one JSON error shape
     ├── core.errors.ConfigError        a configuration file or option is invalid
     │   ├── RulesError             rules file invalid: every problem names file, rule, key path
     │   ├── KeyStoreError          keys/revocation file invalid, key unusable for what is asked
-    │   └── ConflictsError         conflicts (merge policies) file invalid: file, table, key
+    │   ├── ConflictsError         conflicts (merge policies) file invalid: file, table, key
+    │   └── StoreRulesMismatch     the rules place rows unlike those the bucket store was built with
     └── RelayError
         ├── RowError                   a row lacks a column the rules need (caller must send full rows)
         ├── StoreError                 bucket store failed (connection, schema newer than the code)
@@ -87,6 +88,16 @@ class RulesError(ConfigError):
             raise ValueError("RulesError needs at least one problem")
         self.problems: tuple[RulesProblem, ...] = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class StoreRulesMismatch(ConfigError):
+    """The rules file places rows differently from the rules the bucket store was built
+    with (relay/downstream/rules_placement.py).  ``changes`` lists each difference, one
+    line each, naming the bucket rule, the table and the key."""
+
+    def __init__(self, message: str, changes: Sequence[str]) -> None:
+        self.changes: tuple[str, ...] = tuple(changes)
+        super().__init__(message)
 
 
 class KeyStoreError(ConfigError):

@@ -80,6 +80,7 @@ from relay.downstream.bucket_engine import (
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping, rules_tables
+from relay.downstream.rules_placement import placement_text
 from relay.downstream.table_follower import table_follower
 from relay.errors import ConfigError, RulesError
 from relay.metrics import ENGINE_LAG, REGISTRY
@@ -340,6 +341,20 @@ def load_bound_rules(settings: RelaySettings) -> tuple[Rules, dict[str, Any]]:
     return rules_from_mapping(document, infos, str(path)), document
 
 
+def bind_store_rules(store: PgBucketStore, rules: Rules, topic_prefix: str) -> None:
+    """Refuse a store built under rules that place the rows it holds differently
+    (StoreRulesMismatch, a ConfigError); else record the rules' placement."""
+    verdict = store.bind_rules(placement_text(rules), rules.source, topic_prefix)
+    if verdict == "recorded":
+        log.info("bucket store: built under the placement of %s from now on", rules.source)
+    elif verdict == "adopted":
+        log.warning(
+            "bucket store: it recorded no rules yet; taking those of %s as the ones it was "
+            "built with (rebuild it if they changed since: docs/operations.md)",
+            rules.source,
+        )
+
+
 @contextlib.contextmanager
 def revocation_watcher(
     authenticator: Authenticator, path: str | None, poll_s: float = REVOKED_POLL_S
@@ -413,6 +428,7 @@ class RelayServer:
         try:
             store.migrate()
             rules, document = load_bound_rules(s)
+            bind_store_rules(store, rules, s.relay.topic_prefix)
             journal = JournalApi.from_settings(s, rules)
             app = create_app(
                 store, rules, authenticator, api_config(s, s.journal.conflicts), journal

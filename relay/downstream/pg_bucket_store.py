@@ -75,6 +75,7 @@ from relay.downstream.bucket_store import (
 )
 from relay.downstream.pg_store_schema import (
     MIGRATE_LOCK,
+    bind_placement,
     group_lock,
     migrate,
 )
@@ -223,6 +224,11 @@ class PgBucketStore:
                     conn.execute("select pg_advisory_unlock(%s, %s)", MIGRATE_LOCK)
             except psycopg.Error as exc:
                 raise StoreError(f"migrating the bucket store failed: {exc}") from exc
+
+    def bind_rules(self, placement: str, source: str, topic_prefix: str) -> str:
+        """Record or check the rules' placement: :func:`pg_store_schema.bind_placement`."""
+        with self._write_txn() as conn:
+            return bind_placement(conn, placement, source, topic_prefix)
 
     # ---- leadership
 

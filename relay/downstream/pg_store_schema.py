@@ -2,14 +2,17 @@
 the wake-up channel, and the SQL parameter helpers its statements share.
 
 Tables (migration 1; :data:`MIGRATIONS` is the versioned, append-only list; migration 2
-leaves free space in ``buckets`` and ``row_state`` pages for in-place updates)::
+leaves free space in ``buckets`` and ``row_state`` pages for in-place updates, migration 3
+records the rules' placement and makes compaction epochs unique to the store)::
 
     schema_migrations  version, description, applied_at
-    meta               one row: head_op_id (highest committed op id), store_id (uuid)
+    meta               one row: head_op_id (highest committed op id), store_id (uuid),
+                       rules_placement (migration 3: the rules' placement it is built with)
     ops                (bucket, op_id) PK, tbl, row_key, kind PUT|REMOVE, data (canonical
                        JSON text of the projected row, NULL for REMOVE), commit_lsn, seq
     buckets            bucket PK, last_op_id, row_count, checksum (u64 as two's-complement
-                       bigint), compacted_below, log_count (ops currently in the log)
+                       bigint), compacted_below, epoch (from migration 3 a bucket's first
+                       epoch is the store's creation time in µs), log_count (ops in the log)
     row_state          (tbl, row_key) PK, entries (JSON text [[bucket, op_id, term], ...]:
                        the buckets the row is in, its latest PUT there and its checksum
                        term; ``[]`` is a tombstone), commit_lsn, seq (last applied position)
@@ -22,13 +25,14 @@ leadership.  Wake-ups: each writing transaction ends with ``pg_notify(NOTIFY_CHA
 notify_payload(head, buckets))``, ``<head op id>\n<bucket>\n<bucket>…`` (only
 ``<head>\n*`` when the bucket list does not fit in a NOTIFY payload).
 
-:func:`migrate` runs on a connection the caller holds (under :data:`MIGRATE_LOCK`);
-everything else here is pure.
+:func:`migrate` runs on a connection the caller holds (under :data:`MIGRATE_LOCK`),
+:func:`bind_placement` in the caller's transaction; everything else here is pure.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Final
@@ -36,7 +40,8 @@ from typing import Any, Final
 import psycopg
 
 from core.row_wire import CHECKSUM_MODULUS
-from relay.errors import StoreError
+from relay.downstream.rules_placement import changed_tables, placement_changes
+from relay.errors import StoreError, StoreRulesMismatch
 
 log = logging.getLogger("relay.downstream.pg_bucket_store")
 
@@ -114,6 +119,25 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         f"""
         alter table {SCHEMA}.buckets set (fillfactor = 50);
         alter table {SCHEMA}.row_state set (fillfactor = 80);
+        """,
+    ),
+    (
+        3,
+        "the placement of the rules the store is built with; compaction epochs per store",
+        # meta.rules_placement: relay/downstream/rules_placement.py (a relay refuses to serve
+        # the store under rules that place rows differently).  A bucket's first epoch is the
+        # store's creation time in µs, so a cursor from another store (one rebuilt from the
+        # topics, whose op ids may have passed the cursor's) names an epoch this store never
+        # had, and the device re-syncs that bucket at once instead of at its checksum check.
+        f"""
+        alter table {SCHEMA}.meta add column rules_placement text;
+        alter table {SCHEMA}.meta add column rules_bound_at timestamptz;
+        do $$ begin
+            execute format(
+                'alter table {SCHEMA}.buckets alter column epoch set default %s',
+                (extract(epoch from clock_timestamp()) * 1000000)::bigint
+            );
+        end $$;
         """,
     ),
 )
@@ -217,3 +241,118 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         log.info("bucket store: applied migration %d (%s)", version, description)
         current = version
     return current
+
+
+def bind_placement(
+    conn: psycopg.Connection[Any], placement: str, source: str, topic_prefix: str
+) -> str:
+    """Record the placement of the rules in ``source`` (canonical JSON,
+    relay/downstream/rules_placement.py) in ``meta``, or check it against the recorded one,
+    inside the caller's transaction.  Returns ``"same"``, ``"recorded"`` (the placement
+    changed only for tables the store holds nothing of: no row state, no offset of the
+    table's topic ``{topic_prefix}.{table}``) or ``"adopted"`` (a store from before
+    migration 3 that holds rows: its rules are taken to be these).  Raises
+    :class:`relay.errors.StoreRulesMismatch` naming each difference when the placement of
+    a table the store holds changed."""
+    row = conn.execute(
+        f"select rules_placement, rules_bound_at from {SCHEMA}.meta for update"
+    ).fetchone()
+    if row is None:
+        raise StoreError(f"bucket store {SCHEMA}.meta has no row")
+    stored, bound_at = row
+    if stored == placement:
+        return "same"
+    new = json.loads(placement)
+    if stored is None:
+        verdict = "adopted" if _held_tables(conn, None, topic_prefix) else "recorded"
+    else:
+        old = _stored_placement(stored)
+        changes = placement_changes(old, new)
+        held = _held_tables(conn, changed_tables(old, new), topic_prefix) if changes else []
+        if held:
+            raise StoreRulesMismatch(
+                f"{source}: these rules place rows differently from the rules the bucket "
+                f"store (schema {SCHEMA} of relay.store_dsn) was built with{_since(bound_at)}, "
+                f"in tables it already holds rows or offsets of ({', '.join(held)}):\n  "
+                + "\n  ".join(changes)
+                + "\nServed under these rules the store would keep rows where the old rules "
+                "put them, with the columns they chose, and devices would hold them. Restore "
+                "the rules file, or rebuild the store for the new rules (docs/operations.md, "
+                '"Rebuild the bucket store"): stop every relay and point relay.store_dsn at an '
+                f"empty database, or drop schema {SCHEMA} there.",
+                changes,
+            )
+        verdict = "recorded" if changes else "same"
+    conn.execute(
+        f"update {SCHEMA}.meta set rules_placement = %s, rules_bound_at = now()", (placement,)
+    )
+    return verdict
+
+
+def _held_tables(
+    conn: psycopg.Connection[Any], tables: set[str] | None, topic_prefix: str
+) -> list[str]:
+    """Of ``tables`` (None: any table), those the store holds a row state or a read offset
+    of, sorted."""
+    if tables is not None and not tables:
+        return []
+    rows = conn.execute(
+        f"select distinct tbl from {SCHEMA}.row_state "
+        "where %(all)s or tbl = any(%(tables)s) "
+        f"union select distinct topic from {SCHEMA}.consumer_progress "
+        "where %(all)s or topic = any(%(topics)s)",
+        {
+            "all": tables is None,
+            "tables": sorted(tables or ()),
+            "topics": [f"{topic_prefix}.{t}" for t in sorted(tables or ())],
+        },
+    ).fetchall()
+    found = {str(r[0]) for r in rows}
+    if tables is None:
+        return sorted(found)
+    return sorted(t for t in tables if t in found or f"{topic_prefix}.{t}" in found)
+
+
+def _since(when: Any) -> str:
+    return f" on {when:%Y-%m-%d %H:%M:%S %Z}" if when is not None else ""
+
+
+def _stored_placement(stored: str) -> dict[str, Any]:
+    try:
+        old = json.loads(stored)
+    except ValueError as exc:
+        raise StoreError(f"bucket store {SCHEMA}.meta.rules_placement is not JSON: {exc}") from exc
+    if not isinstance(old, dict):
+        raise StoreError(f"bucket store {SCHEMA}.meta.rules_placement is not a JSON object")
+    return old
+
+
+_VERDICTS: Final = {
+    "same": "built under the same placement of rows: it serves these rules as it is",
+    "recorded": "serves these rules: the tables they place differently, if any, hold nothing "
+    "there yet (a relay reads them from the beginning of their topics)",
+    "adopted": "records no placement (made by an older relay): a relay starting with these "
+    "rules takes them as the ones it was built with; rebuild it if they changed since",
+}
+
+
+def check_placement(dsn: str, placement: str, source: str, topic_prefix: str) -> str:
+    """What :func:`bind_placement` would decide for the store at ``dsn``, as a sentence,
+    with nothing written (``fieldsync relay check-rules --store-dsn``); raises
+    StoreRulesMismatch as it would."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            row = conn.execute(
+                "select to_regclass(%s)", (f"{SCHEMA}.schema_migrations",)
+            ).fetchone()
+            if not row or row[0] is None:
+                return f"no bucket store there yet (schema {SCHEMA}): a relay creates it"
+            version = conn.execute(
+                f"select coalesce(max(version), 0) from {SCHEMA}.schema_migrations"
+            ).fetchone()
+            if not version or version[0] < 3:
+                return _VERDICTS["adopted"]
+            with conn.transaction(force_rollback=True):
+                return _VERDICTS[bind_placement(conn, placement, source, topic_prefix)]
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the bucket store: {exc}") from exc
