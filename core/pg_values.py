@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+import struct
 from collections.abc import Callable
 from datetime import UTC as _UTC
 from datetime import date as _date
@@ -37,6 +38,7 @@ __all__ = [
     "parse_bytea",
     "parse_date",
     "parse_float",
+    "parse_float4",
     "parse_interval",
     "parse_time",
     "returns_text_unchanged",
@@ -74,6 +76,17 @@ def parse_bool(text: str) -> bool:
 def parse_float(text: str) -> float:
     # float() accepts PostgreSQL's NaN / Infinity / -Infinity and exponent forms.
     return float(text)
+
+
+_FLOAT4: Final = struct.Struct("<f")
+
+
+def parse_float4(text: str) -> float:
+    """A ``real`` (float4) as the double it is exactly: PostgreSQL prints the shortest text
+    that reads back as the same float4 (``0.1``), which as a double is another number; the
+    change events' Avro ``float`` carries the float4 (0.10000000149011612), and whoever
+    compares a device's value with the server's must see that same number."""
+    return float(_FLOAT4.unpack(_FLOAT4.pack(float(text)))[0])
 
 
 def parse_bytea(text: str) -> bytes:

@@ -36,7 +36,7 @@ import struct
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, Final, TypeGuard
 
 import orjson
@@ -70,7 +70,7 @@ _NUMERIC_PG_TEXT: Final = {"NAN": "NaN", "INFINITY": "Infinity", "NEG_INFINITY":
 _FLOAT_SPECIAL: Final = ("NaN", "Infinity", "-Infinity")
 _MICROS_PER_DAY: Final = 86_400_000_000
 _DATE_MIN_DAYS: Final = -2_440_588  # 4714-11-24 BC, PostgreSQL's first date
-_DATE_MAX_DAYS: Final = 2_145_031_948  # 5874897-12-31
+_DATE_MAX_DAYS: Final = 2_145_042_905  # 5874897-12-31, PostgreSQL's last date
 _NUMERIC_MAX_WEIGHT_DIGITS: Final = 131_072
 _NUMERIC_MAX_SCALE: Final = 16_383
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -318,8 +318,12 @@ def _numeric_in_range(number: Decimal) -> Decimal:
 
 def _quantized(ct: ColumnType, number: Decimal) -> str:
     scale = ct.scale or 0
+    # the default context's 28 digits would refuse numeric(38,0) and wider values
+    digits = max(number.adjusted() + 1, 1) + max(scale, 0) + 1
     try:
-        q = number.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+        q = number.quantize(
+            Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP, context=Context(prec=max(28, digits))
+        )
     except InvalidOperation:
         raise ValueError(f"number out of range for {ct.describe()}") from None
     if ct.precision is not None and q.adjusted() >= ct.precision - scale and q != 0:

@@ -3,7 +3,8 @@
 For each synced table three kinds of ``AFTER`` triggers (names start with
 ``_fieldsync_``) append to ``_fieldsync_journal`` one entry per changed row:
 
-- insert: ``op='insert'``, ``new`` = the row (``json_object`` of every column).  An
+- insert: ``op='insert'``, ``new`` = the row (``json_object`` of every column; a REAL
+  with 17 significant digits, :func:`_value`).  An
   ``INSERT OR REPLACE`` over an existing row (SQLite fires no delete trigger for the row
   it replaces) also records that row as the entry's ``old``: a ``BEFORE INSERT`` trigger
   keeps it in ``_fieldsync_replaced`` for the ``AFTER INSERT`` trigger, which takes it
@@ -55,7 +56,17 @@ def _k(table: LocalTable, ref: str) -> str:
 
 
 def _row_json(table: LocalTable, ref: str) -> str:
-    return "json_object(" + ", ".join(f"'{c}', {ref}.{q(c)}" for c in table.columns) + ")"
+    return "json_object(" + ", ".join(f"'{c}', {_value(ref, c)}" for c in table.columns) + ")"
+
+
+def _value(ref: str, column: str) -> str:
+    """A column's value for ``json_object``.  SQLite writes a REAL there with 15 significant
+    digits (0.30000000000000004 became 0.3, 1.7976931348623157e308 overflowed to a text no
+    JSON parser reads); 17 digits read back as the same double.  SQLite's own formatting is
+    exact to 17 digits except for magnitudes above ~1e220 (within one unit in the last
+    place there).  ``!`` keeps the decimal point, so the number stays a float."""
+    v = f"{ref}.{q(column)}"
+    return f"case when typeof({v}) = 'real' and {v} - {v} = 0 then json(printf('%!.17g', {v})) else {v} end"
 
 
 def _same_key(table: LocalTable, ref: str) -> str:

@@ -1,0 +1,161 @@
+"""Device edits of rows holding values at the edges of their types come back into
+PostgreSQL exactly, against the real processes (cdc, relay, applier; a device agent whose
+app writes with plain sqlite3):
+
+- ``real`` (float4): the device holds the float4 as the change event carried it
+  (0.10000000149011612 for 0.1); the applier reads the server's row the same way, so an
+  edit or a delete of such a row is not taken for a conflict with a server change;
+- ``double precision``: the journal triggers keep 17 significant digits (SQLite's
+  ``json_object`` writes 15: 0.30000000000000004 became 0.3, 1/3 differed from the server's
+  1/3, and 1.7976931348623157e308 became a text no JSON parser reads, which stopped the
+  device's every sync);
+- ``numeric(38,0)`` with 29 digits and the last ``date`` PostgreSQL has (5874897-12-31):
+  accepted by the intake's checks, so other columns of such rows can be edited.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from device_agent.client import RelayClient, RetryPolicy
+from device_agent.local_tables import PREFIX
+from device_agent.sync import Agent, init_database
+from relay.auth import issue_token
+from relay.auth_keys import KeyStore
+from tests.pipeline.pipeline_stack import services
+
+FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
+DDL = """
+create table f4t (id int primary key, f4 real, note text);
+insert into f4t values (1, 0.1, 'a'), (2, 0.1, 'b'), (3, 16777217, 'c');
+create table f8t (id int primary key, f8 float8, note text);
+insert into f8t values (1, 2.5, 'a'), (2, 0.3333333333333333, 'b'), (3, 0.1, 'c');
+create table wide (id int primary key, n numeric(38,0), d date, f8 float8, note text);
+insert into wide values
+    (1, 12345678901234567890123456789, '5874897-12-31', 1.7976931348623157e308, 'a');
+"""
+TABLES = ["public.f4t", "public.f8t", "public.wide"]
+RULES = '[[bucket]]\nname = "all"\n' + "".join(f'[[bucket.table]]\ntable = "{t}"\n' for t in TABLES)
+
+
+class Device:
+    def __init__(self, url: str, keys: KeyStore, tmp_path: Path) -> None:
+        self.db = str(tmp_path / "dev.db")
+        token = issue_token(keys, None, "dev-1", {}, 3600)
+        init_database(self.db, url, token, client=RelayClient(url, token, retry=FAST))
+        self.agent = Agent(self.db, retry=FAST)
+        self.app = sqlite3.connect(self.db, isolation_level=None, timeout=30)
+
+    def close(self) -> None:
+        self.app.close()
+        self.agent.close()
+
+    def sync_until(self, done: Callable[[], bool], what: str, rounds: int = 300) -> None:
+        for _ in range(rounds):
+            self.agent.sync_once(wait_s=1)
+            if done():
+                return
+        raise AssertionError(f"dev-1: no {what} after {rounds} syncs")
+
+    def settled(self) -> dict[str, Any]:
+        """Sync until every edit has its outcome; the last entry's outcome."""
+        self.sync_until(
+            lambda: (
+                not self.app.execute(
+                    f"select count(*) from {PREFIX}journal where status in ('pending', 'sent')"
+                ).fetchone()[0]
+            ),
+            "outcome of every edit",
+        )
+        status, outcome = self.app.execute(
+            f"select status, outcome from {PREFIX}journal order by seq desc limit 1"
+        ).fetchone()
+        return {"status": status, **json.loads(outcome or "{}")}
+
+
+def text_of(pg: psycopg.Connection[Any], query: str) -> str | None:
+    """A value as PostgreSQL prints it (its text output, no Python conversion)."""
+    cur = pg.execute(query)
+    res = cur.pgresult
+    assert res is not None and res.ntuples == 1
+    raw = res.get_value(0, 0)
+    return None if raw is None else raw.decode()
+
+
+def test_edits_of_values_at_the_edges_of_their_types_come_back_exactly(
+    pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        pg.execute(DDL)
+        with services(
+            tmp_path,
+            pg_dsn,
+            store_dsn,
+            kafka_bootstrap,
+            topic_prefix,
+            rules=RULES,
+            conflicts='[default]\npolicy = "server_wins"\n',
+            tables=TABLES,
+        ) as stack:
+            dev = Device(stack.url, stack.keys, tmp_path)
+            try:
+                dev.sync_until(
+                    lambda: dev.app.execute("select count(*) from wide").fetchone()[0] == 1,
+                    "initial rows",
+                )
+                # the device holds the float4 the change event carried
+                assert dev.app.execute("select f4 from f4t where id = 1").fetchone()[0] == (
+                    0.10000000149011612
+                )
+
+                # real: an edit and a delete are applied, not taken for server changes
+                dev.app.execute("update f4t set f4 = 0.5 where id = 1")
+                out = dev.settled()
+                assert out["outcome"] == "applied", out
+                assert text_of(pg, "select f4 from f4t where id = 1") == "0.5"
+                dev.app.execute("delete from f4t where id = 2")
+                assert dev.settled()["outcome"] == "applied"
+                assert text_of(pg, "select count(*) from f4t where id = 2") == "0"
+                dev.app.execute("update f4t set note = 'c2' where id = 3")
+                assert dev.settled()["outcome"] == "applied"
+                assert (
+                    text_of(pg, "select (f4 = 16777217::real)::text || note from f4t where id = 3")
+                    == "truec2"
+                )
+
+                # double precision: 17 digits, both ways
+                dev.app.execute("update f8t set f8 = 0.30000000000000004 where id = 1")
+                assert dev.settled()["outcome"] == "applied"
+                assert text_of(pg, "select f8 from f8t where id = 1") == "0.30000000000000004"
+                dev.app.execute("update f8t set f8 = 0.5 where id = 2")  # was 1/3
+                out = dev.settled()
+                assert out["outcome"] == "applied", out
+                assert text_of(pg, "select f8 from f8t where id = 2") == "0.5"
+                dev.app.execute("update f8t set note = 'c2' where id = 3")  # 0.1 untouched
+                assert dev.settled()["outcome"] == "applied"
+                assert text_of(pg, "select f8::text || note from f8t where id = 3") == "0.1c2"
+
+                # numeric(38,0) of 29 digits, the last date, the largest double
+                dev.app.execute("update wide set note = 'edited' where id = 1")
+                out = dev.settled()
+                assert out["outcome"] == "applied", out
+                assert text_of(pg, "select n::text || d::text || f8::text || note from wide") == (
+                    "123456789012345678901234567895874897-12-311.7976931348623157e+308edited"
+                )
+                # and the device goes on syncing: an office row arrives
+                pg.execute("insert into f8t values (100, 1.5, 'office')")
+                dev.sync_until(
+                    lambda: (
+                        dev.app.execute("select count(*) from f8t where id = 100").fetchone()[0]
+                        == 1
+                    ),
+                    "office row",
+                )
+            finally:
+                dev.close()
