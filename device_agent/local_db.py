@@ -21,8 +21,8 @@ from the first non-null value the relay sends for that column (the schema endpoi
 no column types) and kept in ``_fieldsync_tables.kinds``.
 
 A row's identity inside the metadata tables is ``k``: the key value itself for a
-single-column key, the canonical JSON array of the key values for a compound key
-(:func:`key_k`).  Triggers (device_agent/triggers.py) compute the same ``k`` in SQL
+single-column key, the JSON array SQLite's ``json_array`` makes of the stored key values
+for a compound key (:func:`key_k`; floats with 17 digits).  Triggers (device_agent/triggers.py) compute the same ``k`` in SQL
 (:func:`device_agent.local_tables.key_expr`).
 
 The base every writer of the database shares (:data:`PREFIX`, :func:`q`,
@@ -37,6 +37,7 @@ keeps state outside the database file.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -45,6 +46,7 @@ import orjson
 from device_agent.errors import StateError
 from device_agent.local_tables import (
     PREFIX,
+    json_value_sql,
     transaction,
 )
 
@@ -157,10 +159,32 @@ def kind_of(value: Any) -> str | None:
 
 
 def key_k(key: Sequence[Any]) -> Any:
-    """The metadata identity ``k`` of a row with wire key values ``key``."""
+    """The metadata identity ``k`` of a row with wire key values ``key``: the value of a
+    one-column key as stored; else the JSON array the triggers' :func:`key_expr` makes of
+    the stored values (for keys of only integers and texts the same text as orjson's;
+    others, with floats, booleans or JSON, are rendered by SQLite itself, whose float
+    digits no Python formatting reproduces)."""
     if len(key) == 1:
         return to_sql(key[0]) if not isinstance(key[0], bool) else int(key[0])
-    return orjson.dumps(list(key)).decode()
+    if all(type(v) in (int, str) for v in key):
+        return orjson.dumps(list(key)).decode()
+    return _sqlite_key_text([to_sql(v) for v in key])
+
+
+_KEY_SQL: dict[int, str] = {}
+_key_conn = threading.local()
+
+
+def _sqlite_key_text(values: Sequence[Any]) -> str:
+    conn = getattr(_key_conn, "conn", None)
+    if conn is None:
+        conn = _key_conn.conn = sqlite3.connect(":memory:")
+    n = len(values)
+    sql = _KEY_SQL.get(n)
+    if sql is None:
+        parts = ", ".join(json_value_sql(f"?{i + 1}") for i in range(n))
+        sql = _KEY_SQL[n] = f"select json_array({parts})"
+    return str(conn.execute(sql, tuple(values)).fetchone()[0])
 
 
 def k_key(k: Any, kinds: Sequence[str | None]) -> list[Any]:
@@ -168,6 +192,8 @@ def k_key(k: Any, kinds: Sequence[str | None]) -> list[Any]:
     if len(kinds) == 1:
         return [from_sql(k, kinds[0])]
     values: list[Any] = orjson.loads(k)
+    if len(values) == len(kinds):
+        return [from_sql(v, kind) for v, kind in zip(values, kinds, strict=True)]
     return values
 
 

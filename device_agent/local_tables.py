@@ -102,9 +102,19 @@ def save_kinds(conn: sqlite3.Connection, table: LocalTable) -> None:
     )
 
 
+def json_value_sql(v: str) -> str:
+    """SQL of the value ``v`` (a column or a parameter) as ``json_object`` / ``json_array``
+    should take it.  SQLite writes a REAL there with 15 significant digits
+    (0.30000000000000004 became 0.3, and 1.7976931348623157e308 a text no JSON parser
+    reads); 17 digits read back as the same double (SQLite's own formatting is exact to
+    that except above ~1e220, where it is within one unit in the last place).  ``!``
+    keeps the decimal point, so the number stays a float."""
+    return f"case when typeof({v}) = 'real' and {v} - {v} = 0 then json(printf('%!.17g', {v})) else {v} end"
+
+
 def key_expr(table: LocalTable, ref: str) -> str:
     """SQL computing a row's ``k`` (:func:`device_agent.local_db.key_k`) from ``ref`` (a
     table name or alias)."""
     if len(table.key) == 1:
         return f"{ref}.{q(table.key[0])}"
-    return "json_array(" + ", ".join(f"{ref}.{q(c)}" for c in table.key) + ")"
+    return "json_array(" + ", ".join(json_value_sql(f"{ref}.{q(c)}") for c in table.key) + ")"

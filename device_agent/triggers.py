@@ -4,7 +4,7 @@ For each synced table three kinds of ``AFTER`` triggers (names start with
 ``_fieldsync_``) append to ``_fieldsync_journal`` one entry per changed row:
 
 - insert: ``op='insert'``, ``new`` = the row (``json_object`` of every column; a REAL
-  with 17 significant digits, :func:`_value`).  An
+  with 17 significant digits: local_tables.json_value_sql).  An
   ``INSERT OR REPLACE`` over an existing row (SQLite fires no delete trigger for the row
   it replaces) also records that row as the entry's ``old``: a ``BEFORE INSERT`` trigger
   keeps it in ``_fieldsync_replaced`` for the ``AFTER INSERT`` trigger, which takes it
@@ -41,7 +41,14 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 
-from device_agent.local_tables import PREFIX, LocalTable, key_expr, q, transaction
+from device_agent.local_tables import (
+    PREFIX,
+    LocalTable,
+    json_value_sql,
+    key_expr,
+    q,
+    transaction,
+)
 
 _NOT_APPLYING = f"not exists (select 1 from {PREFIX}applying)"
 
@@ -56,17 +63,11 @@ def _k(table: LocalTable, ref: str) -> str:
 
 
 def _row_json(table: LocalTable, ref: str) -> str:
-    return "json_object(" + ", ".join(f"'{c}', {_value(ref, c)}" for c in table.columns) + ")"
-
-
-def _value(ref: str, column: str) -> str:
-    """A column's value for ``json_object``.  SQLite writes a REAL there with 15 significant
-    digits (0.30000000000000004 became 0.3, 1.7976931348623157e308 overflowed to a text no
-    JSON parser reads); 17 digits read back as the same double.  SQLite's own formatting is
-    exact to 17 digits except for magnitudes above ~1e220 (within one unit in the last
-    place there).  ``!`` keeps the decimal point, so the number stays a float."""
-    v = f"{ref}.{q(column)}"
-    return f"case when typeof({v}) = 'real' and {v} - {v} = 0 then json(printf('%!.17g', {v})) else {v} end"
+    return (
+        "json_object("
+        + ", ".join(f"'{c}', {json_value_sql(f'{ref}.{q(c)}')}" for c in table.columns)
+        + ")"
+    )
 
 
 def _same_key(table: LocalTable, ref: str) -> str:

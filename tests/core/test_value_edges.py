@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.pg_type_mapping import column_codec
 from core.pg_types import ColumnSpec, MappingCatalog
 from core.pg_values import parse_float4
 from core.values import ColumnType, Kind, coerce_value
-from device_agent.local_tables import LocalTable
+from device_agent.local_db import k_key, key_k, kind_of, to_sql
+from device_agent.local_tables import LocalTable, key_expr
 from device_agent.triggers import _row_json
 
 
@@ -93,3 +97,24 @@ def test_journal_triggers_write_the_largest_double_as_a_finite_number() -> None:
     row = orjson.loads(conn.execute(f"select {_row_json(table, 't')} from t").fetchone()[0])
     # SQLite formats doubles above ~1e220 within one unit in the last place
     assert row["f"] == pytest.approx(1.7976931348623157e308, rel=1e-15)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64).filter(lambda f: abs(f) < 1e200)
+key_parts = st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=6), st.booleans(), finite)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(key_parts, min_size=2, max_size=4))
+def test_a_composite_key_is_named_alike_by_the_triggers_and_the_agent(key: list[Any]) -> None:
+    """The triggers compute ``k`` in SQL from the stored row, the agent from the wire key:
+    they must agree, and ``k`` must give the wire key back, with floats and booleans too."""
+    columns = tuple(f"c{i}" for i in range(len(key)))
+    table = LocalTable(1, "public.t", "t", columns, columns, ("all",), {})
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"create table t ({', '.join(columns)})")
+    conn.execute(f"insert into t values ({', '.join('?' * len(key))})", [to_sql(v) for v in key])
+    in_sql = conn.execute(f"select {key_expr(table, 't')} from t").fetchone()[0]
+    assert in_sql == key_k(key)
+    kinds = [kind_of(v) for v in key]
+    back = k_key(key_k(key), kinds)
+    assert back == key and [type(v) for v in back] == [type(v) for v in key]

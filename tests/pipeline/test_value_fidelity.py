@@ -10,7 +10,9 @@ app writes with plain sqlite3):
   1/3, and 1.7976931348623157e308 became a text no JSON parser reads, which stopped the
   device's every sync);
 - ``numeric(38,0)`` with 29 digits and the last ``date`` PostgreSQL has (5874897-12-31):
-  accepted by the intake's checks, so other columns of such rows can be edited.
+  accepted by the intake's checks, so other columns of such rows can be edited;
+- a composite key with a ``double precision`` and a ``boolean``: the triggers and the agent
+  name the row alike (``device-agent verify`` is clean), and its edits reach the row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from typer.testing import CliRunner
 
+from device_agent import cli as device_cli
 from device_agent.client import RelayClient, RetryPolicy
 from device_agent.local_tables import PREFIX
 from device_agent.sync import Agent, init_database
@@ -39,8 +43,10 @@ insert into f8t values (1, 2.5, 'a'), (2, 0.3333333333333333, 'b'), (3, 0.1, 'c'
 create table wide (id int primary key, n numeric(38,0), d date, f8 float8, note text);
 insert into wide values
     (1, 12345678901234567890123456789, '5874897-12-31', 1.7976931348623157e308, 'a');
+create table fk (a int, f float8, b bool, val text, primary key (a, f, b));
+insert into fk values (1, 0.30000000000000004, true, 'x'), (2, 1e16, false, 'y'), (3, 0.1, true, 'z');
 """
-TABLES = ["public.f4t", "public.f8t", "public.wide"]
+TABLES = ["public.f4t", "public.f8t", "public.wide", "public.fk"]
 RULES = '[[bucket]]\nname = "all"\n' + "".join(f'[[bucket.table]]\ntable = "{t}"\n' for t in TABLES)
 
 
@@ -79,6 +85,12 @@ class Device:
         return {"status": status, **json.loads(outcome or "{}")}
 
 
+def verify(db: str) -> tuple[int, str]:
+    """``device-agent verify`` of the device: its exit code and output."""
+    result = CliRunner().invoke(device_cli.app, ["verify", "--db", db, "--json"])
+    return result.exit_code, result.output[-3000:]
+
+
 def text_of(pg: psycopg.Connection[Any], query: str) -> str | None:
     """A value as PostgreSQL prints it (its text output, no Python conversion)."""
     cur = pg.execute(query)
@@ -109,6 +121,8 @@ def test_edits_of_values_at_the_edges_of_their_types_come_back_exactly(
                     lambda: dev.app.execute("select count(*) from wide").fetchone()[0] == 1,
                     "initial rows",
                 )
+                code, report = verify(dev.db)
+                assert code == 0, report
                 # the device holds the float4 the change event carried
                 assert dev.app.execute("select f4 from f4t where id = 1").fetchone()[0] == (
                     0.10000000149011612
@@ -148,6 +162,13 @@ def test_edits_of_values_at_the_edges_of_their_types_come_back_exactly(
                 assert text_of(pg, "select n::text || d::text || f8::text || note from wide") == (
                     "123456789012345678901234567895874897-12-311.7976931348623157e+308edited"
                 )
+                # a composite key of an int, a double and a boolean
+                dev.app.execute("update fk set val = 'x2' where a = 1")
+                assert dev.settled()["outcome"] == "applied"
+                assert text_of(pg, "select val from fk where a = 1") == "x2"
+                dev.app.execute("delete from fk where a = 2")
+                assert dev.settled()["outcome"] == "applied"
+                assert text_of(pg, "select count(*) from fk where a = 2") == "0"
                 # and the device goes on syncing: an office row arrives
                 pg.execute("insert into f8t values (100, 1.5, 'office')")
                 dev.sync_until(
@@ -157,5 +178,16 @@ def test_edits_of_values_at_the_edges_of_their_types_come_back_exactly(
                     ),
                     "office row",
                 )
+                pg.execute("update fk set val = 'z2' where a = 3")
+                dev.sync_until(
+                    lambda: dev.app.execute("select val from fk where a = 3").fetchone()[0] == "z2",
+                    "office edit of a row with a composite key",
+                )
+                code, report = verify(dev.db)
+                assert code == 0, report
+                assert dev.app.execute("select a, val from fk order by a").fetchall() == [
+                    (1, "x2"),
+                    (3, "z2"),
+                ]
             finally:
                 dev.close()
