@@ -36,6 +36,7 @@ keeps state outside the database file.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -143,9 +144,17 @@ def from_sql(value: Any, kind: str | None) -> Any:
     return value
 
 
+_BOUNDED_ARRAY: Final = re.compile(r"(\[-?\d+:-?\d+\])+=\{")
+
+
 def kind_of(value: Any) -> str | None:
-    """The kind of a non-null wire value (None for null)."""
+    """The kind of a non-null wire value; None for null, and for a text that is an array
+    literal with explicit bounds (``[0:1]={7,8}``), which is how an array column's value
+    comes when its lower bound is not 1: the column's other values are lists (``json``),
+    so such a text decides nothing."""
     if value is None:
+        return None
+    if type(value) is str and value[:1] == "[" and _BOUNDED_ARRAY.match(value):
         return None
     if isinstance(value, bool):
         return "bool"

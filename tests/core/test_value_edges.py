@@ -118,3 +118,22 @@ def test_a_composite_key_is_named_alike_by_the_triggers_and_the_agent(key: list[
     kinds = [kind_of(v) for v in key]
     back = k_key(key_k(key), kinds)
     assert back == key and [type(v) for v in back] == [type(v) for v in key]
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("[0:1]={7,8}", None),  # an array literal with bounds decides nothing
+        ("[1:1][0:1]={{1,2}}", None),
+        ("[0:1]", "text"),
+        ("[not an array", "text"),
+        ([1, 2], "json"),
+        ({"a": 1}, "json"),
+        (True, "bool"),
+        (1, "int"),
+        (1.5, "float"),
+        ("x", "text"),
+    ],
+)
+def test_kind_of(value: Any, kind: str | None) -> None:
+    assert kind_of(value) == kind

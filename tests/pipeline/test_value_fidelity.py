@@ -12,7 +12,9 @@ app writes with plain sqlite3):
 - ``numeric(38,0)`` with 29 digits and the last ``date`` PostgreSQL has (5874897-12-31):
   accepted by the intake's checks, so other columns of such rows can be edited;
 - a composite key with a ``double precision`` and a ``boolean``: the triggers and the agent
-  name the row alike (``device-agent verify`` is clean), and its edits reach the row.
+  name the row alike (``device-agent verify`` is clean), and its edits reach the row;
+- an array column whose first value comes as a literal with bounds (``[0:1]={7,8}``, a
+  text): the column's other values are still read back as lists.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ insert into wide values
     (1, 12345678901234567890123456789, '5874897-12-31', 1.7976931348623157e308, 'a');
 create table fk (a int, f float8, b bool, val text, primary key (a, f, b));
 insert into fk values (1, 0.30000000000000004, true, 'x'), (2, 1e16, false, 'y'), (3, 0.1, true, 'z');
+create table arr (id int primary key, a int[], note text);
+insert into arr values (1, '[0:1]={7,8}', 'a'), (2, '{1,2}', 'b'), (3, '{3}', 'c');
 """
-TABLES = ["public.f4t", "public.f8t", "public.wide", "public.fk"]
+TABLES = ["public.f4t", "public.f8t", "public.wide", "public.fk", "public.arr"]
 RULES = '[[bucket]]\nname = "all"\n' + "".join(f'[[bucket.table]]\ntable = "{t}"\n' for t in TABLES)
 
 
@@ -169,6 +173,17 @@ def test_edits_of_values_at_the_edges_of_their_types_come_back_exactly(
                 dev.app.execute("delete from fk where a = 2")
                 assert dev.settled()["outcome"] == "applied"
                 assert text_of(pg, "select count(*) from fk where a = 2") == "0"
+                # an array column whose values come as literals and as lists
+                assert dev.app.execute("select a from arr where id = 1").fetchone()[0] == (
+                    "[0:1]={7,8}"
+                )
+                dev.app.execute("delete from arr where id = 2")
+                assert dev.settled()["outcome"] == "applied"
+                dev.app.execute("update arr set note = 'c2' where id = 3")
+                assert dev.settled()["outcome"] == "applied"
+                assert text_of(
+                    pg, "select string_agg(a::text || note, ' ' order by id) from arr"
+                ) == ("[0:1]={7,8}a {3}c2")
                 # and the device goes on syncing: an office row arrives
                 pg.execute("insert into f8t values (100, 1.5, 'office')")
                 dev.sync_until(
