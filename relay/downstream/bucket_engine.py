@@ -110,7 +110,8 @@ def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
 _CATALOG_QUERY = f"""
 select n.nspname || '.' || c.relname,
        array(select a.attname::text from pg_attribute a
-             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped order by a.attnum),
+             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+               and a.attgenerated = '' order by a.attnum),
        array(select a.attname::text from pg_index i
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
              where i.indrelid = c.oid and {KEY_INDEX}

@@ -5,7 +5,7 @@ A failure while applying a run of entries is either the database's or one entry'
 
 - **the entry's** (:data:`Failure.ENTRY`): a PostgreSQL error of a class in
   :data:`ENTRY_SQLSTATE_CLASSES` (what the entry writes: data, constraints, triggers,
-  program limits), or the applier's own code failing on the entry (it fails the same way
+  program limits) or in :data:`ENTRY_SQLSTATES` (a value for a generated column), or the applier's own code failing on the entry (it fails the same way
   every time for it).  The run is split until the entry is alone; the entry is rejected
   (``db_error`` / ``internal_error``, :class:`Failed`) and kept as a dead letter.
 - **the database's** (:data:`Failure.TRANSIENT`): every other PostgreSQL error (no
@@ -29,6 +29,7 @@ from core.journal_format import Reason, Rejection
 from relay.errors import ApplierError
 
 __all__ = [
+    "ENTRY_SQLSTATES",
     "ENTRY_SQLSTATE_CLASSES",
     "RETRY_ERRORS",
     "Concurrent",
@@ -51,7 +52,10 @@ by triggers and functions (2F, 38, 39, P0: RAISE), view check option (44), progr
 limits (54: index row too large, NUL in text).  Every other error (connection lost,
 serialization failure, deadlock, lock or statement timeout, shutdown, out of resources,
 missing privilege, changed schema, internal) is the database's, not the entry's: the
-work is retried."""
+work is retried, except for :data:`ENTRY_SQLSTATES`."""
+ENTRY_SQLSTATES: Final = frozenset({"428C9"})
+"""Single SQLSTATEs of other classes that are the entry's: a value written to a column
+PostgreSQL generates (``GENERATED ALWAYS AS IDENTITY``, or a generated column), 428C9."""
 
 
 class Concurrent(Exception):
@@ -84,7 +88,8 @@ def classify_failure(exc: BaseException) -> Failure:
         return Failure.TRANSIENT
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate or ""
-        return Failure.ENTRY if state[:2] in ENTRY_SQLSTATE_CLASSES else Failure.TRANSIENT
+        entry = state[:2] in ENTRY_SQLSTATE_CLASSES or state in ENTRY_SQLSTATES
+        return Failure.ENTRY if entry else Failure.TRANSIENT
     return Failure.ENTRY
 
 

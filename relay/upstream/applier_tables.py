@@ -41,13 +41,22 @@ __all__ = ["TableMeta", "read_tables"]
 
 log = logging.getLogger("relay.upstream.applier")
 
+# The cast of each column's values is its type without the modifier: an explicit cast to
+# varchar(5), char(2) or bit(3) cuts a longer value to length, where the assignment into
+# the column (which applies the modifier) refuses it (22001, 22026).  ``character`` and
+# ``bit`` without a modifier mean char(1) and bit(1), hence ``bpchar`` and ``bit varying``.
+# Generated columns are PostgreSQL's to write: they are not the applier's columns (cdc
+# does not publish them either).
 _TABLES_QUERY = f"""
 select n.nspname::text, c.relname::text, a.attname::text, a.atttypid::int8, a.atttypmod,
-       format_type(a.atttypid, a.atttypmod),
+       case a.atttypid when 1560 then 'bit varying' when 1561 then 'bit varying[]'
+            when 1042 then 'bpchar' when 1014 then 'bpchar[]'
+            else format_type(a.atttypid, null) end,
        coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0)
 from pg_class c
 join pg_namespace n on n.oid = c.relnamespace
 join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+    and a.attgenerated = ''
 left join pg_index i on i.indrelid = c.oid and {KEY_INDEX}
 where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema')
   and n.nspname not like 'pg_toast%%' and n.nspname <> 'fieldsync_applier'

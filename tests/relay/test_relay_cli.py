@@ -217,3 +217,16 @@ def test_check_rules_with_an_unreachable_database() -> None:
     )
     assert result.exit_code == 1
     assert result.stderr.startswith("error: cannot read the captured database's catalog")
+
+
+def test_generated_columns_are_not_columns_devices_sync(pg_dsn: str) -> None:
+    """cdc does not publish generated columns: the relay's tables leave them out too
+    (listed, devices would hold NULL for them)."""
+    from relay.cli import schema_from_catalog
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "create table gen_x (id int primary key, a int, "
+            "twice int generated always as (a * 2) stored)"
+        )
+    assert schema_from_catalog(pg_dsn)["public.gen_x"].columns == ("id", "a")

@@ -262,3 +262,101 @@ def test_the_database_going_away_is_retried_not_dead_lettered(env: Env) -> None:
     assert killed and applier.stats.failures >= 1
     assert applier.stats.dead_letters == 0
     assert env.sql("select outcome from fieldsync_applier.applied") == [("applied",)]
+
+
+CODES_RULES = (
+    RULES
+    + """
+[[bucket]]
+name = "codes"
+
+[[bucket.table]]
+table = "public.codes"
+"""
+)
+
+
+def test_values_too_long_for_their_column_are_refused_not_cut(env: Env) -> None:
+    """An explicit cast cuts a ``varchar(n)``, ``char(n)`` or ``bit(n)`` value to length;
+    the applier writes with PostgreSQL's assignment rules, which refuse it (22001, 22026):
+    the entry is rejected with PostgreSQL's message and nothing is written."""
+    env.sql(
+        "create table codes (id int primary key, code varchar(5), tag char(2), "
+        "flags bit(3), note text)"
+    )
+    env.sql("insert into codes values (1, 'abc', 'ab', '101', 'n'), (2, 'abc', 'ab', '101', 'n')")
+    env.rules.write_text(CODES_RULES)
+    old = {"id": 1, "code": "abc", "tag": "ab", "flags": "101", "note": "n"}
+    env.produce(
+        env.record("dev-c", "update", [1], old, {"code": "abcdefgh"}, table="public.codes"),
+        env.record("dev-c", "update", [1], old, {"tag": "abc"}, table="public.codes"),
+        env.record("dev-c", "update", [1], old, {"flags": "1011"}, table="public.codes"),
+        env.record(
+            "dev-c",
+            "insert",
+            [3],
+            None,
+            {"id": 3, "code": "toolong", "tag": "ab", "flags": "101", "note": "n"},
+            table="public.codes",
+        ),
+        env.record(
+            "dev-c",
+            "update",
+            [2],
+            {**old, "id": 2},
+            {"code": "abcde", "flags": "011"},
+            table="public.codes",
+        ),
+    )
+    applier = env.run(env.applier())
+    outs = env.outcomes(expect=5)
+    got = {seq: (o.kind.value, o.reason) for (dev, seq), o in outs.items() if dev == "dev-c"}
+    assert got == {
+        1: ("rejected", "db_error"),
+        2: ("rejected", "db_error"),
+        3: ("rejected", "db_error"),
+        4: ("rejected", "db_error"),
+        5: ("applied", None),
+    }
+    assert "22001" in outs[("dev-c", 1)].message and "too long" in outs[("dev-c", 1)].message
+    assert "22026" in outs[("dev-c", 3)].message
+    assert env.sql("select id, code, tag, flags::text from codes order by id") == [
+        (1, "abc", "ab", "101"),
+        (2, "abcde", "ab", "011"),
+    ]
+    assert applier.stats.failures == 0
+
+
+def test_a_generated_column_is_not_the_devices_to_write(env: Env) -> None:
+    """Generated columns are PostgreSQL's: the applier does not know them as writable
+    columns (a device writing one is rejected, naming it), and PostgreSQL refusing a value
+    for a column it generates (428C9, e.g. an identity column GENERATED ALWAYS) rejects
+    that entry instead of stopping the partition."""
+    env.sql(
+        "create table codes (id int generated always as identity primary key, "
+        "code varchar(5), note text, "
+        "doubled text generated always as (note || note) stored)"
+    )
+    env.sql("insert into codes (code, note) values ('abc', 'n')")
+    env.rules.write_text(CODES_RULES)
+    old = {"id": 1, "code": "abc", "note": "n"}
+    env.produce(
+        env.record("dev-g", "update", [1], old, {"doubled": "xx"}, table="public.codes"),
+        env.record(
+            "dev-g",
+            "insert",
+            [7],
+            None,
+            {"id": 7, "code": "new", "note": "m"},
+            table="public.codes",
+        ),
+        env.record("dev-g", "update", [1], old, {"note": "q"}, table="public.codes"),
+    )
+    applier = env.run(env.applier())
+    outs = env.outcomes(expect=3)
+    got = {seq: (o.kind.value, o.reason) for (dev, seq), o in outs.items() if dev == "dev-g"}
+    assert got[1][0] == "rejected" and "doubled" in outs[("dev-g", 1)].message
+    assert got[2] == ("rejected", "db_error") and "428C9" in outs[("dev-g", 2)].message
+    assert got[3] == ("applied", None)
+    assert env.sql("select id, note, doubled from codes") == [(1, "q", "qq")]
+    assert applier.stats.failures == 0
