@@ -77,11 +77,12 @@ from relay.downstream.bucket_engine import (
     table_infos_from_catalog,
     table_infos_from_registry,
 )
+from relay.downstream.columns_guard import ColumnsGuard
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping, rules_tables
 from relay.downstream.rules_placement import placement_text
-from relay.downstream.table_follower import table_follower
+from relay.downstream.table_follower import TableFollower, table_follower
 from relay.errors import ConfigError, RulesError
 from relay.metrics import ENGINE_LAG, REGISTRY
 from relay.readiness import BrokerProbe, EngineStatus, Readiness
@@ -441,12 +442,21 @@ class RelayServer:
                 if engine is not None:  # its next batch projects rows by the new rules
                     engine.rules = new
 
+            followers: list[TableFollower] = []
+
+            def guard(table: str, columns: tuple[str, ...]) -> str | None:
+                if not followers:
+                    return "the tables' definitions have not been read yet"
+                followers[0].check()
+                return followers[0].unfit
+
             with (
-                self._engine(store, rules) as engine,
-                table_follower(s, rules, document, rebind),
+                self._engine(store, rules, guard) as engine,
+                table_follower(s, rules, document, rebind) as follower,
                 journal.feed.running() if journal.feed and self.run_engine else nullcontext(),
                 revocation_watcher(authenticator, s.auth.revoked_file),
             ):
+                followers.append(follower)
                 ready = Readiness(
                     store, probe, lambda: engine_status(engine), s.relay.ready_max_lag_s
                 )
@@ -461,7 +471,12 @@ class RelayServer:
                 metrics.close()
 
     @contextlib.contextmanager
-    def _engine(self, store: PgBucketStore, rules: Rules) -> Iterator[BucketEngine | None]:
+    def _engine(
+        self,
+        store: PgBucketStore,
+        rules: Rules,
+        guard: Callable[[str, tuple[str, ...]], str | None],
+    ) -> Iterator[BucketEngine | None]:
         """The engine running in a thread (None with ``--no-engine``); its lag is what
         ``fieldsync_relay_engine_lag_*`` report."""
         if not self.run_engine:
@@ -479,6 +494,7 @@ class RelayServer:
             shares=r.engine_shares,
             share=self.settings.engine_share(),
         )
+        engine.columns_guard = ColumnsGuard(guard)
 
         def target() -> None:
             try:

@@ -65,6 +65,7 @@ from core.kafka_options import build_client, is_kafka_error
 from core.pg_types import KEY_INDEX
 from core.value_schemas import read_value_schemas
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
+from relay.downstream.columns_guard import ColumnsGuard
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
 from relay.downstream.event_decoder import EventDecoder, schema_key, stale_keys
 from relay.downstream.pg_bucket_store import PgBucketStore
@@ -303,6 +304,7 @@ class BucketEngine:
         self._topics = change_topics(prefix, rules.tables)
         self._caught_up: Position | None = None
         self._idle_at_end = False
+        self.columns_guard = ColumnsGuard(None)  # relay/server.py gives it its question
 
     # ---- lifecycle
 
@@ -466,6 +468,7 @@ class BucketEngine:
             return 0
         self._idle_at_end = False
         changes = item.changes
+        self.columns_guard.check(changes)
         self.lag.received(_commit_s(changes[0]) if changes else None)
         t0 = time.perf_counter()
         result = self.store.apply(self.rules, changes, item.progress)

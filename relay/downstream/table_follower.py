@@ -11,7 +11,12 @@ content, as read at start, to the new definitions and hands the new :class:`Rule
 parts that serve devices (``on_change``).  The rules file is not read again: a changed
 rules file still needs a restart and, when it places rows differently, a store rebuild
 (docs/relay.md, "Rules changes").  A definition the rules no longer fit (a column they
-name was dropped) is logged as an error, once per definition, and the rules in use stay.
+name was dropped) is logged as an error, once per definition, and the rules in use stay
+(:attr:`TableFollower.unfit` says why).  The bucket engine asks the follower (its
+``columns_guard``, relay/downstream/columns_guard.py) before it places a change of a table whose columns it
+has not seen fit the rules, and places nothing more while the rules do not fit: with the
+earlier rules it would send a renamed column a rule excludes, or NULL for a renamed one
+a rule lists.
 
 The bucket engine names rows by their events' keys whatever the rules say; it takes the
 new rules for its next batch too, so that rows are projected by them (a rule's column
@@ -180,6 +185,8 @@ class TableFollower:
         self.on_change = on_change
         self.interval_s = interval_s
         self.changes = 0  # rules rebound so far
+        self.unfit: str | None = None
+        """Why the rules do not fit the tables' current definitions (None: they do)."""
         self._failed: set[tuple[tuple[str, TableInfo], ...]] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -191,24 +198,28 @@ class TableFollower:
             infos = self.read()
             changed = changed_tables(self.rules, infos)
             if not changed:
+                self.unfit = None
                 return False
             what = "; ".join(describe_change(t, b, n) for t, (b, n) in changed.items())
             try:
                 rules = rules_from_mapping(self.document, infos, self.rules.source)
             except RulesError as exc:
+                self.unfit = f"the rules no longer fit the tables ({what}): {exc}"
                 seen = tuple(sorted((t, n) for t, (_, n) in changed.items()))
                 if seen not in self._failed:
                     self._failed.add(seen)
                     TABLE_DEFINITIONS.labels("unfit").inc()
                     log.error(
                         "the captured tables changed (%s), but the rules no longer fit them; "
-                        "devices keep the earlier definitions until the rules are fixed and "
-                        "the relay restarts: %s",
+                        "/v1/schema and the journal keep the earlier definitions, and the "
+                        "bucket engine places no change with other columns, until the rules "
+                        "are fixed and the relay restarts: %s",
                         what,
                         exc,
                     )
                 return False
             self.rules = rules
+            self.unfit = None
             self.changes += 1
             self.on_change(rules)
             TABLE_DEFINITIONS.labels("rebound").inc()
