@@ -51,6 +51,8 @@ class LogCatalog:
         self.versions: dict[bytes, TableVersion] = {}
         self.tables: dict[str, list[TableVersion]] = {}
         self._key_names: dict[bytes, dict[str, str]] = {}
+        self._key_columns: dict[str, list[tuple[str, ...]]] = {}  # of key schemas
+        self._flagged_keys: dict[str, list[tuple[str, ...]]] = {}  # value schemas' pg.key
         self.schema_texts: list[str] = []  # as read, for decode workers
 
     def add(self, schema_json: str) -> None:
@@ -68,6 +70,8 @@ class LogCatalog:
             self._key_names[fp] = {
                 f["name"]: str(f.get("pg.name", f["name"])) for f in parsed.get("fields", ())
             }
+            table = f"{parsed.get('pg.schema', 'public')}.{parsed['pg.table']}"
+            _add_last(self._key_columns, table, tuple(self._key_names[fp].values()))
             return
         found = column_types_from_value_schema(parsed)
         row = _row_record(parsed)
@@ -84,6 +88,14 @@ class LogCatalog:
         )
         self.versions[fp] = version
         self.tables.setdefault(version.table, []).append(version)
+        names = version.column_of()
+        _add_last(self._flagged_keys, version.table, tuple(names[f] for f in version.key_fields))
+
+    def key_columns(self, table: str) -> list[tuple[str, ...]]:
+        """The lists of key columns (PostgreSQL names, in key order) the table has had in
+        the log, the most recently published last: those of its key schemas (what names
+        its rows), or without any, its value schemas' ``pg.key`` flags."""
+        return list(self._key_columns.get(table) or self._flagged_keys.get(table) or [])
 
     def key_names(self, fp: bytes) -> dict[str, str]:
         """Avro field name → PostgreSQL name of a key schema."""
@@ -117,6 +129,16 @@ class LogCatalog:
 
     def latest(self, table: str) -> TableVersion:
         return self.tables[table][-1]
+
+
+def _add_last(lists: dict[str, list[tuple[str, ...]]], table: str, cols: tuple[str, ...]) -> None:
+    """Note ``cols`` as the table's most recent key columns (none: nothing to note)."""
+    if not cols:
+        return
+    known = lists.setdefault(table, [])
+    if cols in known:
+        known.remove(cols)
+    known.append(cols)
 
 
 def _row_record(schema: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -11,7 +11,7 @@ Exit codes:
 - 0 success (verify: the log and PostgreSQL agree)
 - 1 runtime failure (an event that cannot be decoded, an unexpected error)
 - 2 usage or configuration error (bad option or bound, bad config file, unknown table,
-  missing publication)
+  a key that does not fit the table's key columns, missing publication)
 - 3 verify found differences (printed as a readable diff)
 - 4 nothing in range: empty range, no event up to the bound, no history for the key
 - 5 a service is unavailable: Kafka broker down, PostgreSQL unreachable, or cdc has not
@@ -43,9 +43,16 @@ from replay.bounds import (
     parse_position,
     parse_time,
 )
-from replay.errors import DatabaseUnavailable, LogBehind, LogUnavailable, NoEvents, UnknownTable
+from replay.errors import (
+    BadKey,
+    DatabaseUnavailable,
+    LogBehind,
+    LogUnavailable,
+    NoEvents,
+    UnknownTable,
+)
 from replay.export import export_events
-from replay.history import row_history
+from replay.history import row_history, threads_of
 from replay.keys import KeySpec
 from replay.log_source import LogSource
 from replay.output import Format, write_state
@@ -110,7 +117,7 @@ def _errors() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except (ConfigError, UnknownTable, ValueError) as exc:
+    except (ConfigError, UnknownTable, BadKey, ValueError) as exc:
         _fail(exc, EXIT_USAGE)
     except NoEvents as exc:
         _fail(exc, EXIT_EMPTY)
@@ -236,47 +243,65 @@ def history(
 
 
 def _history_text(report: Any) -> str:
+    threads = threads_of(report.versions)
+    several = len(threads) > 1
+    rows = f" of {len(threads)} rows that held the key" if several else ""
     lines = [
-        f"{report.table} key {report.key.text}: {len(report.versions)} versions "
+        f"{report.table} key {report.key.text}: {len(report.versions)} versions{rows} "
         f"({_read_summary(report.stats)} read)",
-        "",
     ]
-    for n, v in enumerate(report.versions, 1):
-        origin = v["origin"]
-        who = origin["text"] + (
-            f" (txid {origin['txid']})"
-            if origin.get("txid") and origin["kind"] != "session"
-            else ""
-        )
-        lines.append(
-            f"#{n:<3} {v['position']:<22} {v['commit_time'] or '(snapshot)':<28} {v['change']:<14} {who}"
-        )
-        if v.get("key_changed_from"):
-            lines.append(f"      key changed from {_cells(v['key_changed_from'])}")
-        if v["row"] is None:
-            lines.append("      row: (gone)")
-        elif v["previous"] is None:
-            lines.append(f"      row: {_cells(v['row'])}")
-        else:
-            for c in v["changed"]:
-                lines.append(
-                    f"      {c}: {_value(v['previous'].get(c))} → {_value(v['row'].get(c))}"
-                )
-            if not v["changed"]:
-                lines.append("      (no column changed)")
-        if v["unknown_columns"]:
-            lines.append(
-                f"      not in the log (unchanged TOAST): {', '.join(v['unknown_columns'])}"
+    numbered = list(enumerate(report.versions, 1))
+    for t in threads:
+        lines.append("")
+        if several:
+            keys = " → ".join(_cells(k) for k in t["keys"])
+            end = {"delete": "deleted", "truncate": "truncated"}.get(
+                t["ended"] or "", "present at the end of the read"
             )
-        if v.get("journal"):
-            lines.append("      " + _journal_line(v["journal"]))
-            lines.append("      " + _outcome_line(v.get("outcome")))
+            lines.append(
+                f"row {t['thread']} of {len(threads)}: key {keys}; {t['versions']} versions; {end}"
+            )
+        for n, v in numbered:
+            if v["thread"] == t["thread"]:
+                lines += _version_lines(n, v)
     if report.unmatched_edits:
-        lines += ["", "device edits of this row that did not produce a version:"]
+        lines += ["", "device edits of this key that did not produce a version:"]
         for e in report.unmatched_edits:
             lines.append("  " + _journal_line(e["journal"]))
             lines.append("    " + _outcome_line(e.get("outcome")))
     return "\n".join(lines)
+
+
+def _version_lines(n: int, v: dict[str, Any]) -> list[str]:
+    origin = v["origin"]
+    who = origin["text"] + (
+        f" (txid {origin['txid']})"
+        if origin.get("txid") and origin["kind"] not in ("session", "snapshot")
+        else ""
+    )
+    lines = [
+        f"#{n:<3} {v['position']:<22} {v['commit_time'] or '(snapshot)':<28} {v['change']:<14} {who}"
+    ]
+    if v.get("key_changed_from"):
+        lines.append(
+            f"      key changed from {_cells(v['key_changed_from'])} to {_cells(v['key'])}"
+        )
+    if v["row"] is None:
+        lines.append("      row: (gone)")
+    elif v["previous"] is None:
+        lines.append(f"      row: {_cells(v['row'])}")
+    else:
+        for c in v["changed"]:
+            old = "(not in the log)" if c in v["not_in_previous"] else _value(v["previous"].get(c))
+            lines.append(f"      {c}: {old} → {_value(v['row'].get(c))}")
+        if not v["changed"]:
+            lines.append("      (no column changed)")
+    if v["unknown_columns"]:
+        lines.append(f"      not in the log (unchanged TOAST): {', '.join(v['unknown_columns'])}")
+    if v.get("journal"):
+        lines.append("      " + _journal_line(v["journal"]))
+        lines.append("      " + _outcome_line(v.get("outcome")))
+    return lines
 
 
 def _value(value: Any) -> str:

@@ -12,6 +12,7 @@ psycopg, fastavro) are converted at the boundary with ``raise ... from exc``.
     ├── core.errors.DecodeError  an event that cannot be decoded (exit 1)
     └── ReplayError              replay (the CLI maps each to an exit code; itself: exit 1)
         ├── UnknownTable         the log holds no such table (lists those it holds; exit 2)
+        ├── BadKey               a --key that cannot name a row of the table (exit 2)
         ├── NoEvents             empty range, or a key without history (exit 4)
         ├── LogUnavailable       broker unreachable, or it stopped answering mid-read (exit 5)
         │   └── LogIncomplete    partitions not readable to their end (names topic, partition, offsets)
@@ -24,6 +25,7 @@ from __future__ import annotations
 from core.errors import FieldsyncError
 
 __all__ = [
+    "BadKey",
     "DatabaseUnavailable",
     "LogBehind",
     "LogIncomplete",
@@ -40,6 +42,11 @@ class ReplayError(FieldsyncError):
 
 class UnknownTable(ReplayError):
     """A table that the log does not hold (names it and lists the tables it does hold)."""
+
+
+class BadKey(ReplayError):
+    """A row key that cannot name a row of the table: not valid JSON, or not the table's key
+    columns (names the table and its key columns)."""
 
 
 class NoEvents(ReplayError):

@@ -1,19 +1,28 @@
-"""Row history: every version of one row, who made it, and what became of device edits.
+"""Row history: every version of the rows that held one key, who made each, and what
+became of device edits.
 
-:func:`row_history` reads one table's topic and keeps the events of one row, followed
-through key changes (an update that moves the row to another key, or another row onto
-its key).  Only events whose Kafka key matches are decoded (the key is decoded once per
+:func:`row_history` checks the key against the table's key columns
+(:meth:`~replay.keys.KeySpec.check`), reads the table's topic and hands its events to a
+:class:`RowFollower`, which follows each row that held the key as a thread of its own
+through its key changes (an update that moves it to another key), so that each version
+is compared with the same row's previous version only; a row that takes the key later
+(moved onto it, inserted after a delete) is another thread.  Only events whose Kafka key
+matches the key or a key a followed row had are decoded (the key is decoded once per
 distinct key bytes), besides updates that carry a ``before`` row and truncates; the
 others are skipped by a prefilter on the raw record.  Each version says its position,
-commit time, op, origin (replay.render), the row after it, the columns changed from the
-version before, and the columns the log does not hold (unchanged TOAST values).
+commit time, op, origin (replay.render; snapshot reads are cdc's, not a session's), its
+thread and key, the row after it, the columns changed from the same row's version before
+(``not_in_previous``: those that version had no value for in the log: a column its schema
+lacked, or an unknown TOAST value), and the columns the log does not hold (unchanged
+TOAST values).
 
 Device edits: ``{prefix}._journal`` holds every edit the relay accepted and
 ``{prefix}._outcomes`` what became of it (core.journal_format).  A version made by a
 device (origin ``device:<id>``) or by resolving a conflict (``resolve:<conflict>``) is
-matched to its journal entry and latest outcome; entries of the row that produced no
-version (rejected, kept as conflicts, merged without a change) are reported apart, so an
-auditor also sees edits that did not change the row.
+matched to an entry of that device for the key the version changed (entry keys compared
+column by column in key order, :func:`entry_key_matches`) and its latest outcome; entries
+for the key that produced no version (rejected, kept as conflicts, merged without a
+change) are reported apart, so an auditor also sees edits that did not change the row.
 
 Concurrency: none; one reader, then two whole-topic reads, in the caller's thread.
 """
@@ -39,7 +48,7 @@ from replay.log_source import LogSource
 from replay.render import describe_origin, dumps, named_row
 from replay.state import RowVersion, hashable, key_id
 
-__all__ = ["HistoryReport", "row_history"]
+__all__ = ["HistoryReport", "RowFollower", "entry_key_matches", "row_history", "threads_of"]
 
 
 @dataclasses.dataclass
@@ -56,10 +65,37 @@ class HistoryReport:
         return {
             "table": self.table,
             "key": self.key.text,
+            "threads": threads_of(self.versions),
             "versions": self.versions,
             "edits_without_version": self.unmatched_edits,
             "read": self.stats.to_json(),
         }
+
+
+def threads_of(versions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per followed row (``thread``, :class:`RowFollower`): the keys it held in order, its
+    number of versions, first and last position, and how it ended (``delete``,
+    ``truncate``, or None: present at the end of the read)."""
+    out: dict[int, dict[str, Any]] = {}
+    for v in versions:
+        t = out.get(v["thread"])
+        if t is None:
+            first = v["key_changed_from"] or v["key"]
+            t = out[v["thread"]] = {
+                "thread": v["thread"],
+                "keys": [first] if first is not None else [],
+                "versions": 0,
+                "first_position": v["position"],
+                "last_position": v["position"],
+                "ended": None,
+            }
+        if v["key"] is not None and (not t["keys"] or t["keys"][-1] != v["key"]):
+            t["keys"].append(v["key"])
+        t["versions"] += 1
+        t["last_position"] = v["position"]
+        if v["row"] is None:
+            t["ended"] = v["change"]
+    return [out[n] for n in sorted(out)]
 
 
 def row_history(
@@ -73,12 +109,14 @@ def row_history(
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> HistoryReport:
-    """Every version of the row with ``key`` in ``table`` (position order).
+    """Every version of each row that held ``key`` in ``table`` (position order).
 
-    Each version: position, commit time, op, origin (:func:`describe_origin`), the row
-    after it (None when deleted), the columns changed from the previous version, and for
-    device edits the journal entry and its latest outcome (``journal``).  Only events whose
-    Kafka key matches (or updates that carry a ``before`` row, and truncates) are decoded.
+    The key is checked against the table's key columns first (:class:`BadKey`).  Each
+    version: position, commit time, op, origin (:func:`describe_origin`), the row after
+    it (None when deleted), the columns changed from the same row's previous version, the
+    row it belongs to (``thread``, :class:`RowFollower`), and for device edits the journal
+    entry and its latest outcome (``journal``).  Only events whose Kafka key matches (or
+    updates that carry a ``before`` row, and truncates) are decoded.
     """
     catalog = source.catalog()
     table = catalog.resolve(table)
@@ -87,8 +125,9 @@ def row_history(
             f"{table} has no key columns: its rows cannot be told apart, so they have no "
             "history of their own (use export)"
         )
+    key.check(table, catalog.key_columns(table))
     key_cache: dict[bytes, tuple[bool, tuple[Any, ...]]] = {}
-    tracked: set[tuple[Any, ...]] = set()
+    follower = RowFollower(catalog, key)
     registry = catalog.registry
     types = catalog.latest(table).types
 
@@ -109,24 +148,16 @@ def row_history(
             named = {names.get(f, f): json_value(v) for f, v in decoded.items()}
             found = (key.matches(named, types), tuple(hashable(v) for v in decoded.values()))
             key_cache[raw] = found
-        return found[0] or found[1] in tracked
+        return found[0] or found[1] in follower.keys_held
 
-    versions: list[dict[str, Any]] = []
-    current: RowVersion | None = None
     with LogReader(source, [table], start=start, progress=progress, workers=workers) as reader:
         for ev in reader.events(stop=stop, prefilter=prefilter):
-            version = catalog.versions.get(ev.fingerprint)
-            if version is None:
-                continue
-            step = _history_step(catalog, version, ev, key, tracked, current)
-            if step is None:
-                continue
-            current, item = step
-            versions.append(item)
+            follower.apply(ev)
         stats = reader.stats
+    versions = follower.versions
     unmatched: list[dict[str, Any]] = []
     if journal and versions:
-        unmatched = _attach_journal(source, table, key, versions)
+        unmatched = _attach_journal(source, catalog, table, key, versions)
     if not versions:
         raise NoEvents(
             f"no version of {table} key {key.text} in the log"
@@ -136,74 +167,129 @@ def row_history(
     return HistoryReport(table, key, versions, unmatched, stats)
 
 
-def _history_step(
-    catalog: LogCatalog,
-    version: TableVersion,
-    ev: ChangeEvent,
-    key: KeySpec,
-    tracked: set[tuple[Any, ...]],
-    current: RowVersion | None,
-) -> tuple[RowVersion | None, dict[str, Any]] | None:
-    """If ``ev`` concerns the row followed: the row after it and its history item.
+@dataclasses.dataclass
+class _Row:
+    """One row followed: its number among the rows that held the key, its last version."""
 
-    The row is followed through key changes: an update that moves it to another key
-    adds that key to ``tracked``; an update that moves another row *onto* the key
-    continues the history with that row (the item names the key it came from).
+    thread: int
+    current: RowVersion | None
+
+
+class RowFollower:
+    """The rows that held one key, each followed on its own through its key changes.
+
+    Feed it a table's events in position order (:meth:`apply`); ``versions`` collects the
+    history items.  A row is followed from the first event that shows it under the key
+    (an insert or snapshot read of the key, an update that moves it onto the key or away
+    from it, a delete of it) through every later key change until it is deleted or the
+    table truncated.  Each followed row is a ``thread`` (numbered 1, 2, … in the order
+    they are first seen), and each version is compared with the previous version of the
+    same thread only.  A row that takes the key after the first one left it (moved away,
+    deleted) is another thread; an insert always starts a new one.  ``keys_held`` holds
+    every key a followed row has had (for the prefilter: events under them are decoded).
+
+    Pure (no I/O); belongs to the one reader that feeds it.
     """
-    kf = version.key_fields
-    op = ev.op
-    if op == "t":
-        if current is None:
-            return None
-        return None, _item(catalog, ev, None, current, "truncate")
-    before_id = key_id(ev.before, kf) if ev.before is not None else None
-    after_id = key_id(ev.after, kf) if ev.after is not None else None
 
-    def is_target(row: Mapping[str, Any] | None, kid: tuple[Any, ...] | None) -> bool:
-        if row is None or kid is None:
-            return False
-        return kid in tracked or key.matches(key_of(version, row), version.types)
+    def __init__(self, catalog: LogCatalog, key: KeySpec) -> None:
+        self.catalog = catalog
+        self.key = key
+        self.versions: list[dict[str, Any]] = []
+        self.keys_held: set[tuple[Any, ...]] = set()
+        self._live: dict[tuple[Any, ...], _Row] = {}  # by the key the row has now
+        self._threads = 0
 
-    moved_from: dict[str, Any] | None = None
-    if op == "d":
-        if not is_target(ev.before, before_id):
-            return None
-        return None, _item(catalog, ev, None, current, "delete")
-    if op == "u" and before_id is not None and before_id != after_id:
-        if is_target(ev.before, before_id) or is_target(ev.after, after_id):
+    def apply(self, ev: ChangeEvent) -> None:
+        """Add the versions ``ev`` makes of followed rows (none when it concerns none)."""
+        version = self.catalog.versions.get(ev.fingerprint)
+        if version is None:
+            return
+        if ev.op == "t":
+            for gone in sorted(self._live.values(), key=lambda r: r.thread):
+                item = _item(self.catalog, ev, None, gone.current, "truncate")
+                item.update(thread=gone.thread, key=self._key(gone.current))
+                self.versions.append(item)
+            self._live.clear()
+            return
+        kf = version.key_fields
+        before_id = key_id(ev.before, kf) if ev.before is not None else None
+        after_id = key_id(ev.after, kf) if ev.after is not None else None
+        moved = ev.op == "u" and before_id is not None and before_id != after_id
+        src = before_id if ev.op == "d" or moved else after_id
+        if src is None:
+            return
+        row: _Row | None = self._live.pop(src, None)
+        if ev.op == "c":
+            row = None  # an insert is a new row (whatever held the key is gone)
+        prev = row.current if row is not None else None
+        if row is None:
+            if not self._starts(version, ev, moved):
+                return
+            self._threads += 1
+            row = _Row(self._threads, None)
+            if ev.before_kind == "full" and ev.before is not None:
+                prev = _row_version(ev, ev.before, None)  # the whole old row is known
+        moved_from = key_of(version, ev.before) if moved and ev.before is not None else None
+        if ev.op == "d":
             assert ev.before is not None
-            moved_from = key_of(version, ev.before)
-        else:
+            item = _item(self.catalog, ev, None, prev, "delete")
+            item.update(thread=row.thread, key=key_of(version, ev.before))
+            self.versions.append(item)
+            return
+        assert ev.after is not None and after_id is not None
+        new = _row_version(ev, *_fill_unchanged(ev, ev.after, prev))
+        kind = {"c": "insert", "u": "update", "r": "snapshot read"}.get(ev.op, ev.op)
+        item = _item(self.catalog, ev, new, prev, kind)
+        item.update(thread=row.thread, key=key_of(version, ev.after), key_changed_from=moved_from)
+        self.versions.append(item)
+        row.current = new
+        self._live[after_id] = row
+        self.keys_held.add(after_id)
+
+    def _starts(self, version: TableVersion, ev: ChangeEvent, moved: bool) -> bool:
+        """Whether ``ev`` shows a row not followed yet under the key."""
+        rows = [ev.before] if ev.op == "d" else [ev.before, ev.after] if moved else [ev.after]
+        return any(
+            r is not None and self.key.matches(key_of(version, r), version.types) for r in rows
+        )
+
+    def _key(self, row: RowVersion | None) -> dict[str, Any] | None:
+        if row is None:
             return None
-    elif not is_target(ev.after, after_id):
-        return None
-    assert after_id is not None
-    tracked.add(after_id)
-    values = ev.after or {}
-    unknown: frozenset[str] | None = None
-    if ev.unchanged:
-        values = dict(values)
-        missing = []
-        for f in ev.unchanged:
-            if current is not None and f in current.values:
-                values[f] = current.values[f]
-            else:
-                missing.append(f)
-        unknown = frozenset(missing) or None
-    row = RowVersion(
+        version = self.catalog.versions.get(row.fingerprint)
+        return key_of(version, row.values) if version is not None else None
+
+
+def _fill_unchanged(
+    ev: ChangeEvent, after: dict[str, Any], prev: RowVersion | None
+) -> tuple[dict[str, Any], frozenset[str] | None]:
+    """The row after ``ev``: unchanged TOAST values taken from the same row's previous
+    version; those it does not hold (or did not know either) are unknown."""
+    if not ev.unchanged:
+        return after, None
+    values = dict(after)
+    missing = []
+    for f in ev.unchanged:
+        if prev is not None and f in prev.values and not (prev.unknown and f in prev.unknown):
+            values[f] = prev.values[f]
+        else:
+            missing.append(f)
+    return values, frozenset(missing) or None
+
+
+def _row_version(
+    ev: ChangeEvent, values: dict[str, Any], unknown: frozenset[str] | None
+) -> RowVersion:
+    return RowVersion(
         values,
         ev.fingerprint,
         ev.position,
         ev.commit_ts_us,
         ev.origin,
         ev.source.get("txid"),
-        op,
+        ev.op,
         unknown,
     )
-    kind = {"c": "insert", "u": "update", "r": "snapshot read"}.get(op, op)
-    item = _item(catalog, ev, row, current, kind)
-    item["key_changed_from"] = moved_from
-    return row, item
 
 
 def _item(
@@ -215,45 +301,78 @@ def _item(
 ) -> dict[str, Any]:
     after = named_row(catalog, row.fingerprint, row.values) if row is not None else None
     before = named_row(catalog, prev.fingerprint, prev.values) if prev is not None else None
+    unknown = _unknown_names(catalog, row)
     changed: list[str] = []
+    not_in_previous: list[str] = []
     if after is not None:
-        changed = [c for c, v in after.items() if before is None or before.get(c) != v]
+        before_unknown = set(_unknown_names(catalog, prev))
+        for c, v in after.items():
+            if before is None:
+                changed.append(c)
+            elif c in unknown:
+                continue  # unchanged (TOAST), and the log does not hold the value
+            elif c not in before or c in before_unknown:
+                changed.append(c)  # the previous version has no value for it in the log
+                not_in_previous.append(c)
+            elif before[c] != v:
+                changed.append(c)
     elif before is not None:
         changed = list(before)
     txid = ev.source.get("txid")
-    unknown = []
-    if row is not None and row.unknown:
-        names = catalog.versions[row.fingerprint].column_of()
-        unknown = sorted(names.get(f, f) for f in row.unknown)
+    snapshot = str(ev.source.get("snapshot") or "true") if ev.op == "r" else None
     return {
         "position": format_position(ev.position),
         "commit_time": format_time(ev.commit_ts_us),
         "op": ev.op,
         "change": kind,
-        "origin": describe_origin(ev.origin, txid),
+        "origin": describe_origin(ev.origin, txid, snapshot=snapshot),
+        "thread": 0,
+        "key": None,
         "row": after,
         "previous": before,
         "changed": changed,
+        "not_in_previous": not_in_previous,
         "unknown_columns": unknown,
         "key_changed_from": None,
     }
 
 
+def _unknown_names(catalog: LogCatalog, row: RowVersion | None) -> list[str]:
+    """The row's columns whose value the log does not hold (unchanged TOAST)."""
+    if row is None or not row.unknown:
+        return []
+    names = catalog.versions[row.fingerprint].column_of()
+    return sorted(names.get(f, f) for f in row.unknown)
+
+
 def _attach_journal(
-    source: LogSource, table: str, key: KeySpec, versions: list[dict[str, Any]]
+    source: LogSource,
+    catalog: LogCatalog,
+    table: str,
+    key: KeySpec,
+    versions: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Match device versions to journal entries; returns the entries without a version.
 
-    Candidates are the ``_journal`` entries for this table and key; each has its latest
+    Candidates are the ``_journal`` entries for this table whose key is ``key`` or a key a
+    version addressed (a followed row moved to another key); each has its latest
     ``_outcomes`` record.  A version whose origin is ``device:<id>`` gets the earliest
-    unmatched entry of that device whose outcome wrote the row (``applied``/``merged``)
-    with a compatible op, preferring one whose outcome row equals the version's row; a
-    version whose origin is ``resolve:<conflict>`` gets the entry that conflict was kept
-    for.  Entries left over (rejected, kept as conflicts, merged without a change) are
-    returned, so an auditor also sees edits that did not change the row.
+    unmatched entry of that device for the key the version changed (its key before the
+    change) whose outcome wrote the row (``applied``/``merged``) with a compatible op,
+    preferring one whose outcome row equals the version's row; a version whose origin is
+    ``resolve:<conflict>`` gets the entry that conflict was kept for.  Entries for ``key``
+    left over (rejected, kept as conflicts, merged without a change) are returned, so an
+    auditor also sees edits that did not change the row.
     """
+    latest = catalog.latest(table)
+    names = latest.column_of()
+    columns = tuple(names[f] for f in latest.key_fields)
+    types = latest.types
+    addressed = [_addressed_key(item) for item in versions]
+    specs = {dumps(k): KeySpec(by_name=k, text=dumps(k)) for k in addressed if k is not None}
     needle = dumps({"table": table})[1:-1].encode()  # "table":"public.x"
     entries: dict[tuple[str, int], Any] = {}
+    of_key: set[tuple[str, int]] = set()  # entries for ``key`` itself
     for record in source.read_all(f"{source.prefix}._journal"):
         if not record.value or needle not in record.value:
             continue
@@ -261,9 +380,17 @@ def _attach_journal(
             jr = JournalRecord.from_bytes(record.value)
         except JournalFormatError:
             continue
-        if jr.entry is None or jr.entry.table != table or not _entry_key_matches(jr.entry, key):
+        if jr.entry is None or jr.entry.table != table:
             continue
-        entries[(jr.device_id, jr.seq)] = jr
+        ident = (jr.device_id, jr.seq)
+        if entry_key_matches(jr.entry.key, jr.entry.key_columns, key, columns, types):
+            of_key.add(ident)
+        elif not any(
+            entry_key_matches(jr.entry.key, jr.entry.key_columns, s, columns, types)
+            for s in specs.values()
+        ):
+            continue
+        entries[ident] = jr
     outcomes: dict[tuple[str, int], Any] = {}
     by_conflict: dict[str, tuple[str, int]] = {}
     for record in source.read_all(f"{source.prefix}._outcomes"):
@@ -281,11 +408,20 @@ def _attach_journal(
                     by_conflict[str(o.conflict["id"])] = ident
     used: set[tuple[str, int]] = set()
     ordered = sorted(entries)
-    for item in versions:
+    for item, target in zip(versions, addressed, strict=True):
         origin = item["origin"]
         match: tuple[str, int] | None = None
         if origin["kind"] == "device":
-            match = _pick_entry(origin["device_id"], item, ordered, entries, outcomes, used)
+            spec = specs[dumps(target)] if target is not None else None
+            candidates = [
+                i
+                for i in ordered
+                if spec is None
+                or entry_key_matches(
+                    entries[i].entry.key, entries[i].entry.key_columns, spec, columns, types
+                )
+            ]
+            match = _pick_entry(origin["device_id"], item, candidates, entries, outcomes, used)
         elif origin["kind"] == "resolve":
             match = by_conflict.get(origin["conflict_id"])
         if match is None:
@@ -299,8 +435,15 @@ def _attach_journal(
             "outcome": outcomes[i].to_json() if i in outcomes else None,
         }
         for i in ordered
-        if i not in used
+        if i not in used and i in of_key
     ]
+
+
+def _addressed_key(item: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The key of the row a version changed, as a device's journal entry names it: before
+    a key change, the old key."""
+    found = item.get("key_changed_from") or item.get("key")
+    return dict(found) if found is not None else None
 
 
 _OP_OF_ENTRY = {"insert": ("c", "u"), "update": ("u",), "delete": ("d",)}
@@ -337,18 +480,27 @@ def _outcome_row_matches(seen: Mapping[str, Any] | None, row: Mapping[str, Any] 
     return all(c in row and same_key_value(v, row[c], None) for c, v in seen.items())
 
 
-def _entry_key_matches(entry: Any, key: KeySpec) -> bool:
-    if key.by_name is not None:
-        values = {**(entry.old or {}), **(entry.new or {})}
-        if all(c in values for c in key.by_name):
-            return all(same_key_value(w, values[c], None) for c, w in key.by_name.items())
-        return sorted(map(str, key.by_name.values())) == sorted(map(str, entry.key))
-    assert key.values is not None
-    if len(key.values) != len(entry.key):
+def entry_key_matches(
+    entry_key: Sequence[Any],
+    entry_columns: Sequence[str] | None,
+    key: KeySpec,
+    columns: Sequence[str],
+    types: Mapping[str, Any],
+) -> bool:
+    """Whether a journal entry's key (``key`` values in the table's key order, named by
+    ``key_columns`` when the device sent them) names the row ``key``; ``columns``: the
+    table's key columns in key order, ``types``: their types.  Values are compared column
+    by column, in key order, each as its column's type (:meth:`KeySpec.matches`)."""
+    if len(entry_key) != len(columns):
         return False
-    if len(key.values) == 1:
-        return same_key_value(key.values[0], entry.key[0], None)
-    return sorted(map(str, key.values)) == sorted(map(str, entry.key))
+    if entry_columns is not None:
+        if sorted(entry_columns) != sorted(columns):
+            return False
+        by_name = dict(zip(entry_columns, entry_key, strict=True))
+        named = {c: by_name[c] for c in columns}
+    else:
+        named = dict(zip(columns, entry_key, strict=True))
+    return key.matches(named, types)
 
 
 def _journal_json(record: Any) -> dict[str, Any]:

@@ -7,6 +7,11 @@ same number, or when the log's value printed as PostgreSQL prints its type equal
 the user wrote (``2024-05-01`` for a date).  :func:`same_key_value` is also how device
 journal entries (JSON) are matched to rows (replay.history).
 
+A key is checked against the table's key columns before the log is read
+(:meth:`KeySpec.check`): text that opens a JSON array or object must be valid JSON, a
+list needs one value per key column, an object exactly the key columns' names; anything
+else is a :class:`~replay.errors.BadKey` naming the table's key columns.
+
 Pure functions and frozen values: no I/O, nothing shared.
 """
 
@@ -14,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from core.row_wire import json_value
 from core.values import to_pg_text
 from replay.catalog import TableVersion
+from replay.errors import BadKey
 
 __all__ = ["KeySpec", "key_of", "same_key_value"]
 
@@ -35,16 +41,59 @@ class KeySpec:
 
     @classmethod
     def parse(cls, text: str) -> KeySpec:
-        """``42``, ``abc``, ``[1, "x"]`` (key columns in table order) or ``{"id": 42}``."""
+        """``42``, ``abc``, ``[1, "x"]`` (key columns in table order) or ``{"id": 42}``.
+
+        Text that is no JSON is one text value (``abc``), except text that opens a JSON
+        array or object (``[``, ``{``): that must be valid JSON (:class:`BadKey`); a text
+        key that starts so is written as a JSON string (``"[a"``)."""
         try:
             parsed = json.loads(text)
-        except ValueError:
+        except ValueError as exc:
+            if text.lstrip()[:1] in ("[", "{"):
+                raise BadKey(f"--key {text!r} is not valid JSON: {exc}") from None
             parsed = text
         if isinstance(parsed, dict):
             return cls(by_name=parsed, text=text)
         if isinstance(parsed, list):
             return cls(values=tuple(parsed), text=text)
         return cls(values=(parsed,), text=text)
+
+    def check(self, table: str, key_columns: Sequence[tuple[str, ...]]) -> None:
+        """Raise :class:`BadKey` unless this key names a row of ``table`` under one of its
+        key column lists (``key_columns``, newest last; a table whose key changed has had
+        several): a list needs one value per key column, an object exactly their names."""
+        if not key_columns:
+            return
+        if any(self._fits(cols) for cols in key_columns):
+            return
+        newest = key_columns[-1]
+        known = f"its key columns: {', '.join(newest)}"
+        older = [cols for cols in key_columns[:-1] if cols != newest]
+        if older:
+            known += "; earlier: " + "; ".join(", ".join(cols) for cols in older)
+        if self.by_name is not None:
+            names = set(self.by_name)
+            unknown = sorted(names - set(newest))
+            missing = [c for c in newest if c not in names]
+            what = []
+            if unknown:
+                what.append("no key column " + ", ".join(unknown))
+            if missing:
+                what.append("no value for " + ", ".join(missing))
+            reason = " and ".join(what)
+        else:
+            assert self.values is not None
+            n = len(self.values)
+            reason = f"{n} value{'s' if n != 1 else ''} for {len(newest)} key column" + (
+                "s" if len(newest) != 1 else ""
+            )
+        raise BadKey(f"--key {self.text}: {reason} ({table}, {known})")
+
+    def _fits(self, cols: tuple[str, ...]) -> bool:
+        if self.by_name is not None:
+            return set(self.by_name) == set(cols)
+        assert self.values is not None
+        return len(self.values) == len(cols)
 
     def matches(self, key: Mapping[str, Any], types: Mapping[str, Any] | None = None) -> bool:
         """``key``: PostgreSQL column name -> JSON-form value, key columns in table order."""

@@ -50,8 +50,31 @@ def dumps(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def describe_origin(origin: str | None, txid: int | None = None) -> dict[str, Any]:
-    """Who made a change: ``{"kind": device|resolve|replication_origin|session|other, …}``."""
+def describe_origin(
+    origin: str | None, txid: int | None = None, *, snapshot: str | None = None
+) -> dict[str, Any]:
+    """Who made a change: ``{"kind": snapshot|device|resolve|replication_origin|session|
+    other, …}``.
+
+    ``snapshot``: ``source.snapshot`` of a snapshot read (op ``r``), None for a change.  A
+    snapshot read is no change: cdc read the row (``"incremental"``: sent again by a
+    re-snapshot, whose ``txid`` is cdc's own high-watermark transaction; otherwise by the
+    initial snapshot), so it is never credited to a database session."""
+    if snapshot is not None:
+        if snapshot == "incremental":
+            return {
+                "kind": "snapshot",
+                "snapshot": "re-snapshot",
+                "txid": txid,
+                "text": "read again by a cdc re-snapshot"
+                + (f" (cdc's watermark txid {txid})" if txid is not None else ""),
+            }
+        return {
+            "kind": "snapshot",
+            "snapshot": "initial",
+            "txid": txid,
+            "text": "read by cdc's initial snapshot",
+        }
     if origin is None:
         return {"kind": "session", "txid": txid, "text": f"database session (txid {txid})"}
     kind, _, name = origin.partition(":")
