@@ -55,6 +55,7 @@ __all__ = [
     "RejectedUpload",
     "blocked_by",
     "key_columns_behind",
+    "known_columns",
     "parse_upload",
     "validate_entry",
 ]
@@ -212,11 +213,12 @@ def _normalized(
             f"{where}: key has {len(entry.key)} value(s); the primary key is ({', '.join(info.key)})",
         )
     key = [_coerce(types, c, v, where + " key") for c, v in zip(info.key, entry.key, strict=True)]
-    new = _coerce_row(types, info, entry.new, where + " new")
+    known_old, known_new = known_columns(entry.op, info.columns, entry.old, entry.new, where)
+    new = _coerce_row(types, info, known_new, where + " new")
     # the applier needs the old values of the written columns only (and all of them
     # for a delete: a server change to any of them is a delete-vs-update conflict)
     needed = None if check_rows or new is None else set(new) | set(info.key)
-    old = _coerce_row(types, info, entry.old, where + " old", needed)
+    old = _coerce_row(types, info, known_old, where + " old", needed)
     _check_key_columns(types, info, key, old, new, where)
     _check_shape(entry.op, info, old, new, where)
     normalized = entry.with_values(key, old, new)
@@ -295,6 +297,57 @@ def _coerce(types: Mapping[str, ColumnType] | None, column: str, value: Any, whe
         ) from None
 
 
+def known_columns(
+    op: Op,
+    columns: Sequence[str],
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    where: str,
+) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """``old`` and ``new`` without the columns the table does not have (any more: a
+    column dropped or renamed on the server after the edit was made), as long as the
+    entry does not change them: in ``old`` they are ignored; in ``new`` when an update
+    gives the value ``old`` has (the same JSON value) or an insert gives null.  An entry
+    that changes such a column is refused as ``unknown_column``, naming it (its edit
+    cannot be applied)."""
+    have = _column_set(tuple(columns))
+    if (old is None or have.issuperset(old)) and (new is None or have.issuperset(new)):
+        return old, new
+    changed: list[str] = []
+    if new is not None:
+        for c, v in new.items():
+            if c in have:
+                continue
+            if op is Op.UPDATE and old is not None and c in old and _same_json(old[c], v):
+                continue
+            if op is Op.INSERT and v is None:
+                continue
+            changed.append(c)
+    if changed:
+        named = ", ".join(repr(c) for c in sorted(changed))
+        raise EntryProblem(
+            Reason.UNKNOWN_COLUMN,
+            f"{where}: new changes {named}, which the table does not have (dropped or "
+            "renamed on the server): the edit cannot be applied",
+        )
+    return (
+        None if old is None else {c: v for c, v in old.items() if c in have},
+        None if new is None else {c: v for c, v in new.items() if c in have},
+    )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same value (``true`` is not ``1``, ``1`` is not
+    ``1.0``: the column's type is unknown)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 @functools.lru_cache(maxsize=1024)
 def _column_set(columns: tuple[str, ...]) -> frozenset[str]:
     return frozenset(columns)
@@ -308,7 +361,8 @@ def _coerce_row(
     only: set[str] | None = None,
 ) -> dict[str, Any] | None:
     """The row with its values normalized (``only``: just those columns, the others as
-    they are); unknown columns are refused."""
+    they are); unknown columns are refused (:func:`known_columns` has left out those an
+    entry may name)."""
     if row is None:
         return None
     columns = info.columns

@@ -56,6 +56,43 @@ def test_a_column_added_while_the_applier_runs_is_written_without_a_restart(env:
     assert row is not None and (row["notes"], row["priority"]) == ("n1", 2)
 
 
+def test_a_column_dropped_while_the_applier_runs_is_ignored_unless_an_entry_changes_it(
+    env: Env,
+) -> None:
+    base = insert_base(env)
+    applier = env.run()  # the applier has read the catalog
+    env.sql("alter table work_orders drop column site")
+    # it compares the catalog within a second, at once for an entry naming an unknown column
+    probe = env.record("d2", "update", [1], {"colour": None}, {"colour": "red"}).entry
+    assert probe is not None and applier.db.follow_catalog([probe]) is True
+    env.produce(
+        # made before the drop: old (and an insert's null) still name the column
+        named(env.record("d1", "update", [1], seen(base), {"notes": "n1"}), "id"),
+        named(
+            env.record("d1", "insert", [2], None, {"id": 2, "technician": "t42", "site": None}),
+            "id",
+        ),
+        named(env.record("d1", "update", [1], {**seen(base), "notes": "n1"}, {"site": "s2"}), "id"),
+        named(
+            env.record("d1", "delete", [2], {"id": 2, "technician": "t42", "site": None}, None),
+            "id",
+        ),
+    )
+    env.run(applier)
+    assert kinds(env, "d1", range(1, 5)) == {
+        1: ("applied", None),
+        2: ("applied", None),
+        3: ("rejected", "unknown_column"),
+        4: ("applied", None),
+    }
+    message = env.outcomes(expect=4)[("d1", 3)].message
+    assert message == (
+        "entry 3 (public.work_orders): new changes 'site', which the table does not have "
+        "(dropped or renamed on the server): the edit cannot be applied"
+    )
+    assert env.sql("select id, notes from work_orders order by id") == [(1, "n1")]
+
+
 def test_a_key_redefined_while_the_applier_runs_names_the_right_row(env: Env) -> None:
     env.sql("insert into parts (id, name, stock) values ('p1', 'valve', 1), ('valve', 'gasket', 2)")
     env.produce(

@@ -221,7 +221,12 @@ def entry_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("key a float", {"key": [1.5]}, "wrong_type"),
         ("update without old", {"old": None}, "malformed"),
         ("old a string", {"old": "row"}, "malformed"),
-        ("old names no column", {"old": {**row, "nope": 1}}, "unknown_column"),
+        # old may name a column the table lacks (dropped since the edit); new may not change it
+        (
+            "new changes a column old has, the table not",
+            {"old": {**row, "nope": 1}, "new": {"nope": 2}},
+            "unknown_column",
+        ),
         ("new names no column", {"new": {"nope": 1}}, "unknown_column"),
         ("int4 2^31", {"new": {"qty": 1 << 31}}, "wrong_type"),
         ("int4 -2^31-1", {"new": {"qty": -(1 << 31) - 1}}, "wrong_type"),
