@@ -11,6 +11,8 @@
     │   ├── TokenExpired (4)      get a new token
     │   └── TokenRevoked (4)      this device was revoked: get a new token
     ├── SchemaBlocked (5)         the server's schema changed and cannot be followed
+    │   ├── MigrationWaits (5)    only for local edits to be synced (their outcomes):
+    │   │                         each sync goes on with them; ``sync --watch`` waits
     │   └── KeyMismatch (5)       the relay sent a row named by another key than the
     │                             table's (its key changed; the relay has not caught up)
     ├── VerifyFailed (6)          checksums differ from the relay's
@@ -52,6 +54,12 @@ class TokenRevoked(AuthFailed):
 
 class SchemaBlocked(DeviceAgentError):
     exit_code = 5
+
+
+class MigrationWaits(SchemaBlocked):
+    """The migration waits only for local edits of a table to be synced (a column removed
+    while edits of the table are open): each sync uploads them and reads their outcomes,
+    and the migration goes on once every one has its outcome, without anyone's action."""
 
 
 class KeyMismatch(SchemaBlocked):

@@ -11,9 +11,11 @@ Every sync reads the relay's schema (device_agent/relay_schema.py) and calls
    entries named by the new key (device_agent/rekey.py).  What cannot be done without
    losing data or breaking the app is a *blocker*, named exactly
    (:class:`~device_agent.errors.SchemaBlocked`, exit 5): a removed column an app's
-   index, view or trigger uses, a column removal while edits of that table are not synced
-   yet, a key change while an entry acting on the table cannot be named by the new key
-   (a new key column NULL in its row).  Nothing changes when anything blocks.
+   index, view or trigger uses, a key change while an entry acting on the table cannot be
+   named by the new key (a new key column NULL in its row); and a column removal while
+   edits of that table are not synced yet (``pending`` or ``sent``), which only waits for
+   them (:class:`~device_agent.errors.MigrationWaits`: the sync uploads them and reads
+   their outcomes, device_agent/sync.py).  Nothing changes when anything blocks.
 2. The journal triggers (device_agent/triggers.py) of removed and changed tables are
    dropped and the buckets holding rows of a changed table (key, columns or rules) are
    marked for re-download (their rows' stored projections no longer fit); the planned
@@ -45,7 +47,7 @@ from typing import Any, Final
 import orjson
 
 from device_agent import triggers
-from device_agent.errors import SchemaBlocked
+from device_agent.errors import MigrationWaits, SchemaBlocked
 from device_agent.local_db import get_meta, set_meta
 from device_agent.local_tables import (
     PREFIX,
@@ -86,18 +88,31 @@ class Migration:
     """Tables whose key changed → the new ``k`` of each journal entry acting on their rows."""
     notes: list[str] = dataclasses.field(default_factory=list)
     blockers: list[str] = dataclasses.field(default_factory=list)
+    """What blocks the migration until someone acts (named exactly)."""
+    waits_for: list[str] = dataclasses.field(default_factory=list)
+    """What blocks it only until local edits are synced (their outcomes received)."""
 
     @property
     def empty(self) -> bool:
         return not (self.statements or self.removed_tables or self.changed_tables)
 
 
-def _pending_count(conn: sqlite3.Connection, tid: int) -> int:
+def _open_edits(conn: sqlite3.Connection, tid: int) -> tuple[int, int]:
+    """How many journal entries of the table are ``pending`` and how many ``sent``."""
     row = conn.execute(
-        f"select count(*) from {PREFIX}journal where tbl = ? and status in ('pending', 'sent')",
+        f"""select coalesce(sum(status = 'pending'), 0), coalesce(sum(status = 'sent'), 0)
+            from {PREFIX}journal where tbl = ? and status in ('pending', 'sent')""",
         (tid,),
     ).fetchone()
-    return int(row[0])
+    return int(row[0]), int(row[1])
+
+
+def _unsynced(pending: int, sent: int) -> str:
+    """The open edits of a table, for a message: how many, and what each waits for."""
+    parts = ([f"{pending} to upload"] if pending else []) + (
+        [f"{sent} awaiting their outcome"] if sent else []
+    )
+    return f"{pending + sent} local edit(s) of the table are not synced yet ({', '.join(parts)})"
 
 
 ACTING: Final = "(status in ('pending', 'sent', 'conflict') or await_lsn is not null)"
@@ -144,7 +159,7 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
             plan.added_tables.append(spec)
             plan.notes.append(f"new table {spec.name} (local {spec.local})")
             continue
-        pending = _pending_count(conn, old.id)
+        pending, sent = _open_edits(conn, old.id)
         if old.key != spec.key:
             rekeyed = rekey_entries(_acting_entries(conn, old.id), spec.key)
             if rekeyed.unnamed:
@@ -181,10 +196,11 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
                     f"{spec.name}: column {c} was removed on the server but the app's "
                     f"{', '.join(objects)} use it; drop them, then sync again"
                 )
-            elif pending:
-                plan.blockers.append(
-                    f"{spec.name}: column {c} was removed on the server and {pending} local "
-                    "edit(s) of the table are not synced yet; sync them first"
+            elif pending or sent:
+                plan.waits_for.append(
+                    f"{spec.name}: column {c} was removed on the server and "
+                    f"{_unsynced(pending, sent)}; the migration goes on once each has its "
+                    "outcome (every sync uploads them and reads their outcomes)"
                 )
             else:
                 plan.statements.append(f"alter table {q(old.local)} drop column {q(c)}")
@@ -354,22 +370,30 @@ def _restore_rows(
 
 
 def blocked(migration: Migration) -> SchemaBlocked:
+    """The error naming what blocks ``migration``: :class:`MigrationWaits` when it only
+    waits for local edits to be synced."""
+    if not migration.blockers:
+        return MigrationWaits(
+            "the server's schema changed and the local tables follow once local edits are "
+            "synced:\n  - " + "\n  - ".join(migration.waits_for)
+        )
     return SchemaBlocked(
         "the server's schema changed and the local tables cannot follow:\n  - "
-        + "\n  - ".join(migration.blockers)
+        + "\n  - ".join(migration.blockers + migration.waits_for)
     )
 
 
 def apply_schema(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
     """Bring the local tables to ``schema`` in one transaction (tables, columns, indexes,
-    triggers, ``_fieldsync_tables``); raises :class:`SchemaBlocked` naming what blocks it.
+    triggers, ``_fieldsync_tables``); raises :class:`SchemaBlocked` naming what blocks it
+    (:class:`MigrationWaits` when only unsynced local edits do).
 
     Buckets holding rows of a table whose key or rules changed are marked for
     re-download (their rows' stored projections no longer fit)."""
 
     with transaction(conn):
         plan = plan_migration(conn, schema)
-        if plan.blockers:
+        if plan.blockers or plan.waits_for:
             raise blocked(plan)
         before = load_tables(conn)
         for name in plan.removed_tables:

@@ -3,13 +3,17 @@
 One sync round (:meth:`Agent.sync_once`):
 
 1. read ``/v1/schema`` and migrate the local tables (device_agent/schema_sync.py): a
-   table whose key changed names its journal entries by the new key before they go up;
+   table whose key changed names its journal entries by the new key before they go up.
+   When the migration is blocked (:class:`~device_agent.errors.SchemaBlocked`), which
+   open edits may cause (a column removed while edits of its table are ``pending`` or
+   ``sent``: :class:`~device_agent.errors.MigrationWaits`), the journal is uploaded and
+   the outcomes of sent entries are read and recorded at once, and the migration is
+   tried again: once every edit it waits for has its outcome it goes on, in this round
+   or a later one (nothing else is downloaded while it is blocked);
 2. upload the journal's ``pending`` entries (oldest first, in the relay's form:
    device_agent/journal_wire.py; at most :data:`UPLOAD_BATCH` per request; each becomes
    ``sent``, or ``failed`` with the relay's reason); a relay without the journal
-   endpoint leaves them pending.  They are uploaded also when the migration is blocked
-   (:class:`~device_agent.errors.SchemaBlocked`), which unsent edits may cause: once
-   they are synced, it goes on;
+   endpoint leaves them pending;
 3. download changes messages from the stored cursor until one carries a complete
    checkpoint, then apply them in one transaction (device_agent/apply.py), together with
    the outcomes of sent entries read just before the download (so an outcome and the
@@ -27,9 +31,11 @@ One sync round (:meth:`Agent.sync_once`):
 messages the same way; if the WebSocket cannot be opened it long-polls ``/v1/changes``
 (``wait``) and tries the WebSocket again later.  When the relay is unreachable it keeps
 trying with exponential backoff and jitter while the app goes on reading and writing
-the local database (edits wait in the journal).  Local edits are uploaded as they
-appear (checked every second); while outcomes are awaited they are read every second
-and recorded with the next changes message, or on their own a second later.
+the local database (edits wait in the journal); so it does while a migration waits for
+local edits to be synced (:class:`~device_agent.errors.MigrationWaits`), each try
+reading their outcomes.  Local edits are uploaded as they appear (checked every
+second); while outcomes are awaited they are read every second and recorded with the
+next changes message, or on their own a second later.
 
 Threads: an :class:`Agent` belongs to one thread (its SQLite connection and HTTP
 client); :meth:`Agent.watch` stops when the given event is set.  While a download stages
@@ -64,6 +70,7 @@ from device_agent.errors import (
     AuthFailed,
     DeviceAgentError,
     KeyMismatch,
+    MigrationWaits,
     RelayRefused,
     RelayUnreachable,
     SchemaBlocked,
@@ -255,11 +262,17 @@ class Agent:
             self._due = self.read_outcomes()
 
     def refresh_schema(self, report: SyncReport) -> None:
+        """Read the relay's schema and migrate to it; when blocked, upload the journal,
+        record the outcomes awaited (its edits may settle) and try again, else raise."""
         schema = relay_schema.parse_schema(self.client.schema())
-        plan = schema_sync.apply_schema(self.conn, schema)
-        report.schema_notes += plan.notes
-        if plan.counters_changed:
-            refresh_open_rows(self.conn, plan.counters_changed)
+        try:
+            _migrate(self.conn, schema, report)
+        except SchemaBlocked:
+            self.upload(report)
+            if self.awaiting_outcomes():
+                self._due = None  # read again, from the recorded cursor, and recorded now
+                self.fetch_outcomes()
+            _migrate(self.conn, schema, report)
 
     def cursor(self) -> str | None:
         return staging.download_cursor(self.conn)
@@ -323,11 +336,7 @@ class Agent:
         report = SyncReport()
         set_meta(self.conn, "last_attempt_at", str(time.time()))
         try:
-            try:
-                self.refresh_schema(report)
-            except SchemaBlocked:
-                self.upload(report)  # the edits that block it may go up and settle
-                raise
+            self.refresh_schema(report)
             self.upload(report)
             for _ in range(MAX_REPAIRS + 1):
                 result = self.download(report, wait_s)
@@ -381,11 +390,10 @@ class Agent:
                 self._watch_poll(stop, report, poll_s, ws_broken_until if use_ws else None)
             except AuthFailed:
                 raise
-            except (RelayUnreachable, KeyMismatch) as exc:
+            except (RelayUnreachable, KeyMismatch, MigrationWaits) as exc:
                 failures += 1
                 delay = self._rng.uniform(0, min(max_backoff_s, 0.5 * 2**failures))
-                why = "offline" if isinstance(exc, RelayUnreachable) else "waiting for the relay"
-                self.on_event(f"{why} ({exc}); retrying in {delay:.1f} s")
+                self.on_event(f"{_waiting_for(exc)} ({exc}); retrying in {delay:.1f} s")
                 stop.wait(delay)
 
     def _journal_head(self) -> int:
@@ -417,6 +425,24 @@ class Agent:
             msg = self.client.changes(self.cursor(), self.page_ops, wait)
             self.handle(msg, report)
             self._tick()
+
+
+def _migrate(conn: Any, schema: relay_schema.RelaySchema, report: SyncReport) -> None:
+    """Bring the local tables to ``schema`` (device_agent/schema_sync.py); raises
+    :class:`SchemaBlocked` when something blocks it."""
+    plan = schema_sync.apply_schema(conn, schema)
+    report.schema_notes += plan.notes
+    if plan.counters_changed:
+        refresh_open_rows(conn, plan.counters_changed)
+
+
+def _waiting_for(exc: DeviceAgentError) -> str:
+    """What a watch retrying after ``exc`` waits for (the words of its event)."""
+    if isinstance(exc, RelayUnreachable):
+        return "offline"
+    if isinstance(exc, MigrationWaits):
+        return "waiting for local edits to be synced"
+    return "waiting for the relay"
 
 
 def _download(agent: Agent, report: SyncReport, wait_s: float) -> ApplyResult | None:

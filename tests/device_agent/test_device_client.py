@@ -183,11 +183,12 @@ class MockRelay:
         self.reject: set[int] = set()
         self.outcomes: list[dict[str, Any]] = []
         self.outcome_requests = 0
+        self.schema: dict[str, Any] = SCHEMA
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path == "/v1/schema":
-            return httpx.Response(200, json=SCHEMA)
+            return httpx.Response(200, json=self.schema)
         if path == "/v1/changes":
             cursor = request.url.params.get("cursor")
             since = int(cursor[1:]) if cursor else 0
