@@ -77,7 +77,7 @@ from relay.downstream.bucket_engine import (
     table_infos_from_catalog,
     table_infos_from_registry,
 )
-from relay.downstream.columns_guard import ColumnsGuard
+from relay.downstream.columns_guard import ColumnsGuard, ask_follower
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping, rules_tables
@@ -443,12 +443,7 @@ class RelayServer:
                     engine.rules = new
 
             followers: list[TableFollower] = []
-
-            def guard(table: str, columns: tuple[str, ...]) -> str | None:
-                if not followers:
-                    return "the tables' definitions have not been read yet"
-                followers[0].check()
-                return followers[0].unfit
+            guard = ask_follower(followers)
 
             with (
                 self._engine(store, rules, guard) as engine,

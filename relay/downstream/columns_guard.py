@@ -22,11 +22,39 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Protocol
 
 from relay.downstream.bucket_store import RowChange
 from relay.errors import EngineError
 
-__all__ = ["ColumnsGuard"]
+__all__ = ["ColumnsGuard", "Follower", "ask_follower"]
+
+
+class Follower(Protocol):
+    """What :func:`ask_follower` needs of relay.downstream.table_follower.TableFollower."""
+
+    unfit: str | None
+
+    def check(self) -> bool: ...
+
+
+def ask_follower(followers: Sequence[Follower]) -> Callable[[str, tuple[str, ...]], str | None]:
+    """The question for :class:`ColumnsGuard` in ``fieldsync relay run``: have the table
+    follower (``followers[0]``, there once the follower runs) read the definitions now,
+    rebinding the rules when they fit; its :attr:`unfit` is the answer.  No follower yet,
+    or definitions that cannot be read now: a reason, so that nothing is placed until
+    they can be (the engine retries)."""
+
+    def ask(table: str, columns: tuple[str, ...]) -> str | None:
+        if not followers:
+            return "the tables' definitions have not been read yet"
+        try:
+            followers[0].check()
+        except Exception as exc:  # unreadable now: retried, placing nothing meanwhile
+            return f"the tables' definitions cannot be read ({exc})"
+        return followers[0].unfit
+
+    return ask
 
 
 class ColumnsGuard:

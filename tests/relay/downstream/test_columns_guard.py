@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from relay.downstream.bucket_store import ChangeKind, RowChange
-from relay.downstream.columns_guard import ColumnsGuard
+from relay.downstream.columns_guard import ColumnsGuard, ask_follower
 from relay.errors import EngineError
 
 T = "public.orders"
@@ -50,3 +50,30 @@ def test_asks_once_per_column_set_and_refuses_naming_the_change() -> None:
     with pytest.raises(EngineError):
         guard.check([up(11, id=1, note="y", secret_cost=99)])
     assert asked[-2:] == [(T, ("id", "note", "secret_cost"))] * 2
+
+
+class FakeFollower:
+    def __init__(self, fails: bool = False, unfit: str | None = None) -> None:
+        self.fails, self.unfit, self.checks = fails, unfit, 0
+
+    def check(self) -> bool:
+        self.checks += 1
+        if self.fails:
+            raise OSError("connection refused")
+        return False
+
+
+def test_ask_follower_answers_from_a_fresh_check_and_fails_closed() -> None:
+    followers: list[FakeFollower] = []
+    ask = ask_follower(followers)
+    assert ask(T, ("id",)) == "the tables' definitions have not been read yet"
+    followers.append(FakeFollower())
+    assert ask(T, ("id",)) is None and followers[0].checks == 1
+    followers[0].unfit = "the rules no longer fit the tables (public.orders: cost dropped)"
+    assert ask(T, ("id",)) == followers[0].unfit
+    followers[0] = FakeFollower(fails=True)
+    why = ask(T, ("id",))
+    assert why == "the tables' definitions cannot be read (connection refused)"
+    # the engine then refuses the batch (EngineError), which its run loop retries
+    with pytest.raises(EngineError, match="cannot be read"):
+        ColumnsGuard(ask).check([up(1, id=1)])
