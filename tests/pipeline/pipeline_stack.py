@@ -187,6 +187,7 @@ def services(
     engine_shares: int = 1,
     long_poll_s: float = 5,
     ddl_check_s: float | None = None,
+    max_page_ops: int | None = None,
 ) -> Iterator[Stack]:
     """cdc, the relay and the applier running on their settings files (rules and conflicts
     given as TOML text, ``tables`` published by cdc); stopped at the end, after a check
@@ -196,7 +197,9 @@ def services(
     processes run (``relay``, ``relay-2``, ...), each leading one share of the engine.
     ``long_poll_s``: the relay's cap on a long-poll's wait.  ``ddl_check_s``: seconds
     between cdc's and the relay's reads of the tables' definitions (``cdc.ddl_check_interval_s``,
-    ``relay.schema_check_interval_s``; None: their defaults), for tests of DDL."""
+    ``relay.schema_check_interval_s``; None: their defaults), for tests of DDL.
+    ``max_page_ops``: the relay's cap on the ops of one changes message
+    (``http.max_page_ops``; None: its default), small for downloads of many messages."""
     (tmp_path / "rules.toml").write_text(rules)
     (tmp_path / "conflicts.toml").write_text(conflicts)
     keys = write_keys(tmp_path / "keys.toml", "e" * 40)
@@ -214,13 +217,14 @@ def services(
         },
     )
     schema_check = "" if ddl_check_s is None else f"schema_check_interval_s = {ddl_check_s}\n"
+    page_cap = "" if max_page_ops is None else f"max_page_ops = {max_page_ops}\n"
     relay_config = tmp_path / "relay.toml"
     relay_config.write_text(
         f'[relay]\nstore_dsn = "{store_dsn}"\nsource_dsn = "{pg_dsn}"\n'
         f'rules = "{tmp_path / "rules.toml"}"\ntopic_prefix = "{prefix}"\n'
         f'kafka_bootstrap_servers = "{bootstrap}"\nbatch_max_ms = 10\n'
         f'metrics_listen = "127.0.0.1:0"\nengine_shares = {engine_shares}\n{schema_check}\n'
-        f"[http]\nport = {http_port}\nlong_poll_s = {long_poll_s}\nrate_per_s = 0\n\n"
+        f"[http]\nport = {http_port}\nlong_poll_s = {long_poll_s}\nrate_per_s = 0\n{page_cap}\n"
         f'[auth]\nkeys_file = "{keys}"\n\n'
         f'[journal]\ndsn = "{pg_dsn}"\nconflicts = "{tmp_path / "conflicts.toml"}"\n'
         'batch_max_ms = 10\napplier_metrics_listen = "127.0.0.1:0"\n'
