@@ -17,22 +17,17 @@ The device ends with the tables, columns and values PostgreSQL has.
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from device_agent.client import RelayClient, RetryPolicy
 from device_agent.errors import MigrationWaits
 from device_agent.local_tables import PREFIX
-from device_agent.sync import Agent, init_database
-from relay.auth import issue_token
 from relay.auth_keys import KeyStore
+from tests.pipeline.local_device import LocalDevice, all_rows_rules
 from tests.pipeline.pipeline_stack import services
 
-FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 DDL = """
 create table t1 (id int primary key, note text, extra text);
 insert into t1 select g, 'n' || g, 'x' || g from generate_series(1, 3) g;
@@ -40,33 +35,23 @@ create table t3 (id int primary key, note text, other text);
 insert into t3 select g, 'n' || g, 'o' || g from generate_series(1, 2) g;
 """
 TABLES = ["public.t1", "public.t3"]
-RULES = '[[bucket]]\nname = "all"\n' + "".join(f'[[bucket.table]]\ntable = "{t}"\n' for t in TABLES)
+RULES = all_rows_rules(TABLES)
 
 
-class Device:
+class Device(LocalDevice):
+    wait_s = 0.5
+
     def __init__(self, url: str, keys: KeyStore, tmp_path: Path) -> None:
-        self.db = str(tmp_path / "dev.db")
-        token = issue_token(keys, None, "dev-1", {}, 3600)
-        init_database(self.db, url, token, client=RelayClient(url, token, retry=FAST))
-        self.agent = Agent(self.db, retry=FAST)
-        self.app = sqlite3.connect(self.db, isolation_level=None, timeout=30)
+        super().__init__(url, keys, tmp_path)
         self.waited = 0
 
-    def close(self) -> None:
-        self.app.close()
-        self.agent.close()
-
-    def sync_until(self, done: Callable[[], bool], what: str, rounds: int = 300) -> None:
-        """Sync until ``done``; a migration waiting for edits to be synced is the one
-        error taken (counted in :attr:`waited`): the next sync goes on with it."""
-        for _ in range(rounds):
-            try:
-                self.agent.sync_once(wait_s=0.5)
-            except MigrationWaits:
-                self.waited += 1
-            if done():
-                return
-        raise AssertionError(f"dev-1: no {what} after {rounds} syncs")
+    def sync(self) -> None:
+        """A migration waiting for edits to be synced is the one error taken (counted in
+        :attr:`waited`): the next sync goes on with it."""
+        try:
+            super().sync()
+        except MigrationWaits:
+            self.waited += 1
 
     def columns(self, table: str) -> list[str]:
         return [r[1] for r in self.app.execute(f'pragma table_info("{table}")')]

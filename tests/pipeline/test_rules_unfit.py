@@ -5,21 +5,16 @@ the engine before anything of the renamed column is stored or sent, and says why
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from device_agent.client import RelayClient, RetryPolicy
-from device_agent.sync import Agent, init_database
-from relay.auth import issue_token
 from relay.downstream.pg_store_schema import SCHEMA
 from tests.cdc.cdc_support import wait_for
+from tests.pipeline.local_device import LocalDevice
 from tests.pipeline.pipeline_stack import services
 
-FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 DDL = """
 create table orders (id int primary key, tech text, note text, cost numeric);
 insert into orders values (1, 't1', 'a', 10), (2, 't1', 'b', 20);
@@ -32,14 +27,6 @@ name = "all"
 table = "public.orders"
 exclude = ["cost"]
 """
-
-
-def sync_until(agent: Agent, done: Callable[[], bool], what: str) -> None:
-    for _ in range(300):
-        agent.sync_once(wait_s=1)
-        if done():
-            return
-    raise AssertionError(f"no {what} after 300 syncs")
 
 
 def test_a_renamed_excluded_column_is_never_placed(
@@ -57,11 +44,8 @@ def test_a_renamed_excluded_column_is_never_placed(
             conflicts='[default]\npolicy = "server_wins"\n',
             tables=["public.orders"],
         ) as stack:
-            db = str(tmp_path / "dev.db")
-            token = issue_token(stack.keys, None, "dev-1", {}, 3600)
-            init_database(db, stack.url, token, client=RelayClient(stack.url, token, retry=FAST))
-            agent = Agent(db, retry=FAST)
-            app = sqlite3.connect(db, isolation_level=None, timeout=30)
+            dev = LocalDevice(stack.url, stack.keys, tmp_path)
+            app = dev.app
 
             def rows() -> list[tuple[Any, ...]]:
                 return app.execute("select * from orders order by id").fetchall()
@@ -70,12 +54,12 @@ def test_a_renamed_excluded_column_is_never_placed(
                 return [r[1] for r in app.execute("pragma table_info(orders)")]
 
             try:
-                sync_until(agent, lambda: len(rows()) == 2, "initial rows")
+                dev.sync_until(lambda: len(rows()) == 2, "initial rows")
                 assert columns() == ["id", "tech", "note"]
                 # a column added: the rules fit, its values come at once
                 pg.execute("alter table orders add column extra text")
                 pg.execute("update orders set extra = 'e', note = 'b2' where id = 2")
-                sync_until(agent, lambda: (2, "t1", "b2", "e") in rows(), "the added column")
+                dev.sync_until(lambda: (2, "t1", "b2", "e") in rows(), "the added column")
                 assert columns() == ["id", "tech", "note", "extra"]
 
                 # the excluded column renamed: the rules no longer fit
@@ -96,9 +80,8 @@ def test_a_renamed_excluded_column_is_never_placed(
                         f"select count(*) from {SCHEMA}.ops where data like '%%secret_cost%%'"
                     ).fetchone()
                 assert leaked == (0,)
-                agent.sync_once()
+                dev.agent.sync_once()
                 assert "secret_cost" not in columns()
                 assert rows() == [(1, "t1", "a", None), (2, "t1", "b2", "e")]
             finally:
-                app.close()
-                agent.close()
+                dev.close()

@@ -20,8 +20,6 @@ app writes with plain sqlite3):
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,10 @@ import psycopg
 from typer.testing import CliRunner
 
 from device_agent import cli as device_cli
-from device_agent.client import RelayClient, RetryPolicy
 from device_agent.local_tables import PREFIX
-from device_agent.sync import Agent, init_database
-from relay.auth import issue_token
-from relay.auth_keys import KeyStore
+from tests.pipeline.local_device import LocalDevice, all_rows_rules
 from tests.pipeline.pipeline_stack import services
 
-FAST = RetryPolicy(attempts=8, initial_s=0.05, max_s=0.5)
 DDL = """
 create table f4t (id int primary key, f4 real, note text);
 insert into f4t values (1, 0.1, 'a'), (2, 0.1, 'b'), (3, 16777217, 'c');
@@ -51,28 +45,10 @@ create table arr (id int primary key, a int[], note text);
 insert into arr values (1, '[0:1]={7,8}', 'a'), (2, '{1,2}', 'b'), (3, '{3}', 'c');
 """
 TABLES = ["public.f4t", "public.f8t", "public.wide", "public.fk", "public.arr"]
-RULES = '[[bucket]]\nname = "all"\n' + "".join(f'[[bucket.table]]\ntable = "{t}"\n' for t in TABLES)
+RULES = all_rows_rules(TABLES)
 
 
-class Device:
-    def __init__(self, url: str, keys: KeyStore, tmp_path: Path) -> None:
-        self.db = str(tmp_path / "dev.db")
-        token = issue_token(keys, None, "dev-1", {}, 3600)
-        init_database(self.db, url, token, client=RelayClient(url, token, retry=FAST))
-        self.agent = Agent(self.db, retry=FAST)
-        self.app = sqlite3.connect(self.db, isolation_level=None, timeout=30)
-
-    def close(self) -> None:
-        self.app.close()
-        self.agent.close()
-
-    def sync_until(self, done: Callable[[], bool], what: str, rounds: int = 300) -> None:
-        for _ in range(rounds):
-            self.agent.sync_once(wait_s=1)
-            if done():
-                return
-        raise AssertionError(f"dev-1: no {what} after {rounds} syncs")
-
+class Device(LocalDevice):
     def settled(self) -> dict[str, Any]:
         """Sync until every edit has its outcome; the last entry's outcome."""
         self.sync_until(
