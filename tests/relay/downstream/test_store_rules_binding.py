@@ -323,6 +323,25 @@ match = { tech = "t" }
 """
 
 
+def hold_one_order(store: PgBucketStore, built: Rules, rules_file: Path) -> None:
+    """Bind ``store`` to the rules of ``rules_file`` and place one order by them; closes it."""
+    store.bind_rules(placement_text(built), str(rules_file), "fieldsync")
+    store.apply(
+        built,
+        [
+            RowChange(
+                "public.orders",
+                ChangeKind.UPSERT,
+                (5, 0),
+                (1,),
+                {"id": 1, "tech": "t1", "status": "open"},
+                insert=True,
+            )
+        ],
+    )
+    store.close()
+
+
 def test_relay_run_refuses_a_store_built_under_other_rules(
     pg_dsn: str, store_dsn: str, tmp_path: Path
 ) -> None:
@@ -345,21 +364,7 @@ def test_relay_run_refuses_a_store_built_under_other_rules(
     built = load_rules(rules_file, ORDERS)
     store = PgBucketStore(store_dsn)
     store.migrate()
-    store.bind_rules(placement_text(built), str(rules_file), "fieldsync")
-    store.apply(
-        built,
-        [
-            RowChange(
-                "public.orders",
-                ChangeKind.UPSERT,
-                (5, 0),
-                (1,),
-                {"id": 1, "tech": "t1", "status": "open"},
-                insert=True,
-            )
-        ],
-    )
-    store.close()
+    hold_one_order(store, built, rules_file)
     # the rules file now leaves closed orders out: the store holds rows by the old rules
     rules_file.write_text(
         RULES_TOML + 'filters = [ { column = "status", op = "!=", value = "closed" } ]\n'
@@ -401,21 +406,7 @@ def test_check_rules_tells_whether_a_store_needs_a_rebuild(
     store = PgBucketStore(store_dsn)
     store.migrate()
     assert "hold nothing there yet" in check().stdout
-    store.bind_rules(placement_text(built), str(rules_file), "fieldsync")
-    store.apply(
-        built,
-        [
-            RowChange(
-                "public.orders",
-                ChangeKind.UPSERT,
-                (5, 0),
-                (1,),
-                {"id": 1, "tech": "t1", "status": "open"},
-                insert=True,
-            )
-        ],
-    )
-    store.close()
+    hold_one_order(store, built, rules_file)
     result = check()
     assert result.exit_code == 0 and "same placement of rows" in result.stdout, result.output
     rules_file.write_text(RULES_TOML.replace('match = { tech = "t" }', 'match = { status = "t" }'))
