@@ -37,6 +37,7 @@ class JournalSettings:
     shards: int
     batch_max_entries: int
     batch_max_ms: int
+    lock_timeout_ms: int
     max_clock_skew_s: float
     max_upload_entries: int
     max_entry_bytes: int
@@ -102,6 +103,17 @@ JOURNAL = Section(
             int,
             50,
             "At most this many milliseconds pass between reading an entry and applying it.",
+            check=check_non_negative,
+        ),
+        Setting(
+            "lock_timeout_ms",
+            int,
+            2000,
+            "How long the applier waits for a row or table lock another PostgreSQL session "
+            "holds (a transaction left open after updating the row, DDL) before it sets that "
+            "device's entries aside: they wait in order and are tried again every 0.5 s, while "
+            "the other devices' entries go on; a warning names the sessions holding locks. 0: "
+            "wait as long as the lock is held (every device of the shard waits behind it).",
             check=check_non_negative,
         ),
         Setting(

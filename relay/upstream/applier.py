@@ -183,6 +183,7 @@ class Applier:
         self.ensure_topics()
         self._producer = build_client(KafkaProducer, **self.kafka, acks="all", linger_ms=5)
         offsets = self.db.load_offsets(self.journal_topic)
+        self.db.runs.waits.forget()  # read again from the stored offsets, below them
         self.lag.start({(self.journal_topic, p): o for p, o in offsets.items()})
         self._reader = _Reader(
             self.kafka,
@@ -226,6 +227,8 @@ class Applier:
             self.db.apply(deliveries, self.batch_max_entries)
             self.lag.saw_ends(self._reader.ends)
             self.lag.applied(_next_offsets(deliveries), _event_s(deliveries[-1][0]))
+        elif self.db.runs.waiting_due():  # entries set aside for a lock, nothing new
+            self.db.apply([], self.batch_max_entries)
         elif self._at_end():
             self.lag.at_end(self._reader.idle_ends)
         self.publish_outbox()

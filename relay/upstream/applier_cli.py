@@ -82,6 +82,7 @@ def applier(
         shard=shard,
         shards=j.shards,
         max_skew_ms=int(j.max_clock_skew_s * 1000),
+        lock_timeout_ms=j.lock_timeout_ms,
     )
     runner = Applier(
         db,

@@ -114,6 +114,7 @@ class ApplierDb:
         shards: int = 1,
         max_skew_ms: int = 60_000,
         wall_ms: Callable[[], int] = wall_clock_ms,
+        lock_timeout_ms: int = 2000,
     ) -> None:
         self.dsn = dsn
         self.password = password
@@ -124,6 +125,7 @@ class ApplierDb:
             raise ValueError(f"shard {shard} is not one of 0..{shards - 1}")
         self.shard, self.shards = shard, shards
         self.max_skew_ms = max_skew_ms
+        self.lock_timeout_ms = lock_timeout_ms
         self.wall_ms = wall_ms
         self.clock = HybridClock(SERVER_NODE, wall_ms=wall_ms)
         self.stats = ApplyStats()
@@ -156,7 +158,9 @@ class ApplierDb:
         except psycopg.Error as exc:
             raise ApplierError(f"cannot connect to the captured database: {exc}") from exc
         try:
-            for name, value in {**SESSION_SETTINGS, "client_encoding": "UTF8"}.items():
+            lock_timeout = str(self.lock_timeout_ms)  # relay/upstream/applier_lock_waits.py
+            session = {**SESSION_SETTINGS, "client_encoding": "UTF8", "lock_timeout": lock_timeout}
+            for name, value in session.items():
                 conn.execute("select set_config(%s, %s, false)", (name, value))
             set_json_dumps(_orjson_text, conn)
             self.commit_timestamps = conn.execute(

@@ -8,6 +8,9 @@ from :data:`REGISTRY`, the applier process's own registry (docs/operations.md):
   ``applied``, ``merged``, ``conflict``, ``rejected``; ``dead_letter`` counts the records
   kept aside for an operator and not retried: an entry that failed on its own (its
   ``rejected`` outcome is counted too) or an unreadable record (no outcome);
+- ``fieldsync_applier_entries_waiting``: entries set aside because a lock another session
+  holds kept their run waiting past ``journal.lock_timeout_ms``
+  (relay/upstream/applier_lock_waits.py); they are tried again until they apply;
 - ``fieldsync_applier_lag_records{partition}`` and ``fieldsync_applier_lag_seconds``
   (now minus the intake time of the last applied entry; 0 at the end): read from the
   leading applier's :class:`relay.metrics.ConsumerLag` at each scrape.
@@ -19,13 +22,21 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from core.errors import ConfigError
 from core.metrics import new_registry, parse_listen
 from relay.metrics import LagCollector
 
-__all__ = ["APPLIER_LAG", "ENTRIES", "OUTCOMES", "REGISTRY", "SETTING", "shard_listen"]
+__all__ = [
+    "APPLIER_LAG",
+    "ENTRIES",
+    "OUTCOMES",
+    "REGISTRY",
+    "SETTING",
+    "WAITING",
+    "shard_listen",
+]
 
 SETTING: Final = "journal.applier_metrics_listen"
 
@@ -41,6 +52,14 @@ ENTRIES: Final = Counter(
 )
 for _outcome in OUTCOMES:
     ENTRIES.labels(_outcome)
+
+WAITING: Final = Gauge(
+    "fieldsync_applier_entries_waiting",
+    "Journal entries set aside because a lock another PostgreSQL session holds made their "
+    "run wait past journal.lock_timeout_ms; tried again until they apply (the device's "
+    "later entries wait behind them, other devices go on).",
+    registry=REGISTRY,
+)
 
 APPLIER_LAG: Final = LagCollector(
     "fieldsync_applier", "the applier (its shard's journal partitions)", with_topic=False

@@ -21,6 +21,9 @@ an unreadable record is a run of its own.  Each run is ONE PostgreSQL transactio
   Deadlocks, serialization failures and rows changed meanwhile retry the run (then with
   row locks); any other failure raises :class:`~relay.errors.ApplierError` and the
   applier reads the same records again after a back-off, rejecting nothing.
+- **No lock stops the others.**  A run that waits for a lock another session holds past
+  ``journal.lock_timeout_ms`` sets its device aside (:mod:`relay.upstream.applier_lock_waits`):
+  that device's entries wait, in order, and are tried again; the other devices go on.
 - **Counted** once committed: outcomes, dead letters and unreadable records in
   ``fieldsync_applier_entries_total{outcome}`` (relay/upstream/applier_metrics.py), as
   in :class:`~relay.upstream.applier_run.ApplyStats`.
@@ -52,6 +55,14 @@ from relay.upstream.applier_failures import (
     Failed,
     Failure,
     classify_failure,
+    pg_message,
+)
+from relay.upstream.applier_lock_waits import (
+    RETRY_LOCK_TIMEOUT_MS,
+    LockWait,
+    LockWaits,
+    is_lock_wait,
+    lock_holders,
 )
 from relay.upstream.applier_metrics import ENTRIES, OUTCOMES
 from relay.upstream.applier_run import ApplyContext, ApplyStats, Item, RunState
@@ -76,6 +87,7 @@ class RunApplier:
 
     def __init__(self, db: ApplyContext) -> None:
         self.db = db
+        self.waits = LockWaits()
 
     @property
     def stats(self) -> ApplyStats:
@@ -99,44 +111,94 @@ class RunApplier:
                 items.append(Item(where, JournalRecord.from_bytes(value or b""), value or b""))
             except JournalFormatError as exc:
                 items.append(Item(where, None, value or b"", str(exc)))
+        retried = self.waits.devices() if self.waits.due() else frozenset()
+        items, _kept = self.waits.split(items)
         # a column added or a key changed while the applier runs: known before it judges
         self.db.follow_catalog(
             i.record.entry for i in items if i.record is not None and i.record.entry is not None
         )
-        marks = Watermarks(items)
+        marks = Watermarks([*items, *self.waits.items()])
         outcomes: list[Outcome] = []
+        blocked: set[str] = set()
         t0 = time.perf_counter()
         for run in group_runs(items, run_max):
-            outcomes.extend(self._apply_run(run, marks))
+            device = run[0].record.device_id if run[0].record is not None else None
+            if device is not None and device in blocked:
+                self.waits.set_aside(device, run, None)
+                continue
+            try:
+                outcomes.extend(self._apply_run(run, marks, quick=device in retried))
+            except LockWait as wait:
+                outcomes.extend(wait.outcomes)
+                blocked.add(wait.device)
+                self._set_aside(wait, [i for i in run if marks.pending_item(i)])
+        for device, waited in self.waits.settled(retried):
+            log.info(
+                "applier: the entries of device %r waiting for a lock applied after %.1fs",
+                device,
+                waited,
+                extra={"device": device},
+            )
         self.stats.apply_s += time.perf_counter() - t0
         return outcomes
 
-    def _apply_run(self, run: list[Item], marks: Watermarks) -> list[Outcome]:
+    def waiting_due(self) -> bool:
+        """Whether entries set aside for a lock are due to be tried again."""
+        return self.waits.due()
+
+    def _set_aside(self, wait: LockWait, left: list[Item]) -> None:
+        first = not self.waits.waiting_since(wait.device)
+        self.waits.set_aside(wait.device, left, wait)
+        if not first or not left:
+            return
+        tables = sorted({i.entry.table for i in left if i.entry is not None})
+        holders = lock_holders(self.db.connection(), tables)
+        log.warning(
+            "applier: %s waits for a lock another session holds (%s%s); the device's entries "
+            "wait and are tried again every %.1fs, other devices go on. Sessions holding "
+            "locks on %s: %s",
+            _where(left[0]),
+            pg_message(wait.cause),
+            f"; {wait.cause.diag.context.strip()}" if wait.cause.diag.context else "",
+            self.waits.retry_s,
+            ", ".join(tables) or "its tables",
+            holders or "none seen",
+            extra=_context_of(left[0]),
+        )
+
+    def _apply_run(self, run: list[Item], marks: Watermarks, quick: bool = False) -> list[Outcome]:
         """Apply one run in one transaction.  A failure that a retry cures (deadlock,
         serialization failure, a row changed meanwhile) retries the run; a failure caused
         by an entry (:func:`classify_failure`) splits the run in halves until the entry is
         alone, so the others still apply together, and the entry is rejected and kept as a
         dead letter (:meth:`_apply_alone`).  Any other failure raises ApplierError: the
-        applier backs off and reads the same records again."""
+        applier backs off and reads the same records again.  A lock not taken in time
+        raises :class:`LockWait` (``quick``: a retry of entries set aside for a lock, with
+        a short lock timeout)."""
         attempt = 0
         while True:
             try:
                 self.stats.runs += 1
                 # optimistic first (no row locks; writes check xmin), locking after a retry
-                outcomes = self._run_txn(run, marks, lock=attempt > 0)
+                outcomes = self._run_txn(run, marks, lock=attempt > 0, quick=quick)
                 marks.done(run)
                 if run[0].record is None:  # unreadable, kept in bad_records
                     ENTRIES.labels("dead_letter").inc(len(run))
                 return outcomes
             except Exception as exc:
+                if is_lock_wait(exc):
+                    raise _lock_wait(run[0], exc) from exc
                 if classify_failure(exc) is Failure.ENTRY:
                     self.stats.run_retries += 1
                     if len(run) > 1:
                         half = len(run) // 2
-                        return self._apply_run(run[:half], marks) + self._apply_run(
-                            run[half:], marks
-                        )
-                    return self._apply_alone(run[0], exc, marks)
+                        first = self._apply_run(run[:half], marks, quick)
+                        try:
+                            return first + self._apply_run(run[half:], marks, quick)
+                        except LockWait as wait:
+                            wait.outcomes[:0] = first
+                            raise
+                    return self._apply_alone(run[0], exc, marks, quick)
                 if not isinstance(exc, (*RETRY_ERRORS, Concurrent)):
                     if isinstance(exc, psycopg.Error):
                         raise ApplierError(f"applying journal entries failed: {exc}") from exc
@@ -147,7 +209,9 @@ class RunApplier:
                     raise ApplierError(f"a run kept failing ({exc}); giving up for now") from exc
                 time.sleep(0.05 * attempt)
 
-    def _apply_alone(self, item: Item, exc: Exception, marks: Watermarks) -> list[Outcome]:
+    def _apply_alone(
+        self, item: Item, exc: Exception, marks: Watermarks, quick: bool = False
+    ) -> list[Outcome]:
         """Reject an entry that failed on its own, keeping it as a dead letter: first with
         the usual bookkeeping (the outcome shows the server's row), and if even that fails
         for the entry's sake, with a minimal record of it."""
@@ -160,8 +224,10 @@ class RunApplier:
                 extra=_context_of(item),
             )
         try:
-            outcomes = self._run_txn([item], marks, failed=failed)
+            outcomes = self._run_txn([item], marks, failed=failed, quick=quick)
         except Exception as again:
+            if is_lock_wait(again):
+                raise _lock_wait(item, again) from again
             if classify_failure(again) is not Failure.ENTRY:
                 if isinstance(again, psycopg.Error):
                     raise ApplierError(f"applying journal entries failed: {again}") from again
@@ -220,10 +286,13 @@ class RunApplier:
         *,
         lock: bool = False,
         failed: Failed | None = None,
+        quick: bool = False,
     ) -> list[Outcome]:
         conn = self.db.connection()
         outcomes: list[Outcome] = []
         with conn.transaction(), conn.cursor() as cur:
+            if quick:
+                cur.execute(f"set local lock_timeout = {RETRY_LOCK_TIMEOUT_MS}")
             save_offsets(cur, self.db.consumer, marks.after(run))
             first = run[0]
             if first.record is None:
@@ -320,6 +389,11 @@ def _context_of(item: Item) -> dict[str, str]:
     return {"device": record.device_id, "table": record.entry.table}
 
 
+def _lock_wait(item: Item, exc: BaseException) -> LockWait:
+    assert isinstance(exc, psycopg.Error)
+    return LockWait(item.record.device_id if item.record is not None else "", exc)
+
+
 def _table_of(item: Item) -> str | None:
     """The table of an item's entry, for the log context (None: no entry)."""
     record = item.record
@@ -371,6 +445,10 @@ class Watermarks:
             }
             out[tp] = min(left) if left else self.end[tp]
         return out
+
+    def pending_item(self, item: Item) -> bool:
+        """Whether ``item`` is not applied yet."""
+        return item.where.offset in self.pending[(item.where.topic, item.where.partition)]
 
     def done(self, run: Sequence[Item]) -> None:
         for item in run:

@@ -215,6 +215,7 @@ class JournalApi:
                     password=captured[1],
                     consumer=j.consumer,
                     max_skew_ms=int(j.max_clock_skew_s * 1000),
+                    lock_timeout_ms=j.lock_timeout_ms,
                 )
             )
         else:

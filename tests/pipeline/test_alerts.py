@@ -85,6 +85,7 @@ def test_every_metric_an_alert_uses_is_defined() -> None:
         "fieldsync_relay_auth_failures_total",
         "fieldsync_applier_lag_records",
         "fieldsync_applier_entries_total",
+        "fieldsync_applier_entries_waiting",
     } <= set(used)
     lost = [r for r in alert_rules() if 'fieldsync_cdc_slot_wal_status{status="lost"}' in r["expr"]]
     assert lost and lost[0]["labels"]["severity"] == "critical"
