@@ -15,7 +15,9 @@ session has a ``lock_timeout`` (``journal.lock_timeout_ms``); a run that hits it
   meanwhile is found in ``applied`` and skipped;
 - every ``RETRY_S`` the waiting entries are tried again first, with a short lock timeout
   (``RETRY_LOCK_TIMEOUT_MS``: a lock still held sets them aside again at once instead of
-  stalling the others for the full timeout);
+  stalling the others for the full timeout); while any device waits, every run has that
+  short timeout (many devices editing the same locked row cost the others one full
+  timeout, not one each), so a run that meets a lock then is set aside and retried;
 - a warning names the device, the first waiting entry, PostgreSQL's message (which names
   the relation) and the sessions holding locks on the run's tables (pid, state, since
   when, query), once per wait; ``fieldsync_applier_entries_waiting`` counts the waiting

@@ -127,7 +127,9 @@ class RunApplier:
                 self.waits.set_aside(device, run, None)
                 continue
             try:
-                outcomes.extend(self._apply_run(run, marks, quick=device in retried))
+                # while some device waits for a lock, no run waits long for one
+                quick = bool(retried or blocked or self.waits.devices())
+                outcomes.extend(self._apply_run(run, marks, quick=quick))
             except LockWait as wait:
                 outcomes.extend(wait.outcomes)
                 blocked.add(wait.device)

@@ -57,8 +57,8 @@ def office(env: Env) -> Iterator[psycopg.Connection[Any]]:
 class Running:
     """An applier leading in a thread of this process."""
 
-    def __init__(self, env: Env) -> None:
-        self.applier: Applier = env.applier(lock_timeout_ms=300)
+    def __init__(self, env: Env, lock_timeout_ms: int = 300) -> None:
+        self.applier: Applier = env.applier(lock_timeout_ms=lock_timeout_ms)
         self.thread = threading.Thread(target=self.applier.run, daemon=True)
         self.thread.start()
 
@@ -71,6 +71,17 @@ class Running:
 def applied_seqs(env: Env) -> set[tuple[str, int]]:
     rows = env.sql("select device_id, seq from fieldsync_applier.applied")
     return {(str(d), int(s)) for d, s in rows}
+
+
+def same_partition(a: str, b: str, partitions: int = 4) -> bool:
+    """Whether kafka-python's default partitioner puts keys ``a`` and ``b`` in one of the
+    ``_journal`` topic's partitions (the applier creates 4)."""
+    from kafka.partitioner.default import murmur2
+
+    def part(key: str) -> int:
+        return int((murmur2(key.encode()) & 0x7FFFFFFF) % partitions)
+
+    return part(a) == part(b)
 
 
 def produce_edits(env: Env) -> None:
@@ -140,6 +151,37 @@ def test_entries_waiting_for_a_lock_survive_a_restart(
     assert env.sql("select site, qty from work_orders where id = 1") == [("office", 6)]
     assert env.sql("select qty from work_orders where id = 3") == [(10,)]
     assert env.sql("select count(*) from fieldsync_applier.applied") == [(3,)]
+
+
+def test_many_devices_meeting_one_lock_cost_the_others_one_timeout(
+    env: Env, office: psycopg.Connection[Any]
+) -> None:
+    """Eight devices edit the locked row, then one device edits another row: it applies
+    after one lock timeout of 10 s (the first device's), not eight (80 s, past the wait's
+    deadline); every edit applies once the lock is released."""
+    base1, base3 = BASE_ROW, {**BASE_ROW, "id": 3}
+    # all in the free device's partition, so their runs come before its run
+    blocked = [d for d in (f"w{n}" for n in range(200)) if same_partition(d, "free")][:8]
+    env.produce(*(env.record(d, "update", [1], seen(base1), {"qty": 6}) for d in blocked))
+    env.produce(env.record("free", "update", [3], seen(base3), {"qty": 7}))
+    running = Running(env, lock_timeout_ms=10_000)
+    try:
+        wait_until(
+            "the free device's entry applied",
+            lambda: ("free", 1) in applied_seqs(env),
+            timeout=60,
+        )
+        stats = running.applier.stats
+        assert stats.applied == 1
+        wait_until("every locked device waiting", lambda: waiting() == len(blocked))
+        office.commit()
+        wait_until(
+            "every entry applied",
+            lambda: applied_seqs(env) == {(d, 1) for d in [*blocked, "free"]},
+        )
+    finally:
+        running.stop()
+    assert env.sql("select qty from work_orders where id = 1") == [(5 + len(blocked),)]
 
 
 # --------------------------------------------------------------------------- pure
