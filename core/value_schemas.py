@@ -37,6 +37,7 @@ __all__ = [
     "EnvelopeColumn",
     "ValueSchema",
     "column_type_of_field",
+    "column_type_of_own_field",
     "column_types_from_schemas",
     "column_types_from_value_schema",
     "key_schema_columns",
@@ -121,6 +122,14 @@ def column_type_of_field(avro_field: Mapping[str, Any], names: Mapping[str, Any]
     else:
         label = str(avro_field.get("pg.base_type") or avro_field.get("pg.type") or "")
     return _classify(branches, names, label)
+
+
+def column_type_of_own_field(avro_field: Mapping[str, Any]) -> ColumnType:
+    """The type of a Row field that defines the named types it uses itself (one column's
+    field as :meth:`core.pg_type_mapping.ColumnCodec.avro_field` makes it)."""
+    names: dict[str, Any] = {}
+    _collect_names(avro_field.get("type"), names)
+    return column_type_of_field(avro_field, names)
 
 
 # --------------------------------------------------------------------------- reading
