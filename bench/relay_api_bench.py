@@ -75,11 +75,11 @@ from websockets.asyncio.client import connect as ws_connect
 from devtools.local_services import free_port
 from relay.auth import issue_token
 from relay.auth_keys import KeyStore
-from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.bucket_store import ChangeKind, RowChange
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import load_rules
+from relay.downstream.table_infos import table_infos_from_catalog
 
 RULES = """
 token_claims = ["grp"]

@@ -226,6 +226,6 @@ def store_verdict(dsn: str, rules: Rules, topic_prefix: str) -> str:
 def schema_from_catalog(dsn: str) -> dict[str, TableInfo]:
     """Columns, primary keys and date/time columns of every user table, keyed
     ``schema.table`` (as the relay reads them)."""
-    from relay.downstream.bucket_engine import table_infos_from_catalog
+    from relay.downstream.table_infos import table_infos_from_catalog
 
     return table_infos_from_catalog(dsn)

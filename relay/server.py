@@ -71,18 +71,14 @@ from relay.auth_keys import KeyStore
 from relay.config_file import read_toml
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
-from relay.downstream.bucket_engine import (
-    BucketEngine,
-    SchemaLog,
-    table_infos_from_catalog,
-    table_infos_from_registry,
-)
+from relay.downstream.bucket_engine import BucketEngine, SchemaLog
 from relay.downstream.columns_guard import ColumnsGuard, ask_follower
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping, rules_tables
 from relay.downstream.rules_placement import placement_text
 from relay.downstream.table_follower import TableFollower, table_follower
+from relay.downstream.table_infos import table_infos_from_catalog, table_infos_from_registry
 from relay.errors import ConfigError, RulesError
 from relay.metrics import ENGINE_LAG, REGISTRY
 from relay.readiness import BrokerProbe, EngineStatus, Readiness

@@ -8,8 +8,8 @@ from __future__ import annotations
 import psycopg
 
 from devtools import demo_schema
-from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.rules_parser import load_rules
+from relay.downstream.table_infos import table_infos_from_catalog
 from tests.schemas import COMPOSE, DEMO_CATALOG, EXAMPLE_RULES
 
 

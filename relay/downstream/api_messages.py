@@ -35,9 +35,11 @@ def visible_schema(
     """The tables and columns a device syncing ``buckets`` receives (schema endpoint body).
 
     Per table: its columns in table order (the union over the device's bucket
-    rules of each rule's projection; key columns always), its primary key, the
-    rules through which the device gets rows of it, and which of its columns are
-    ``counters`` (merged by adding deltas).
+    rules of each rule's projection; key columns always), each column's ``kinds``
+    (how its values look on the wire, :mod:`core.column_kinds`; left out when the
+    rules were bound to definitions without kinds), its primary key, the rules through
+    which the device gets rows of it, and which of its columns are ``counters`` (merged
+    by adding deltas).
     """
     rule_names = sorted({rules.rule_of_bucket(b).name for b in buckets})
     columns: dict[str, set[str]] = {}
@@ -52,15 +54,17 @@ def visible_schema(
     for table in sorted(columns):
         info = rules.table_info(table)
         shown = [c for c in info.columns if c in columns[table]]
-        tables.append(
-            {
-                "name": table,
-                "columns": shown,
-                "key": list(info.key),
-                "rules": via[table],
-                "counters": [c for c in shown if c in (counters or {}).get(table, ())],
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": table,
+            "columns": shown,
+            "key": list(info.key),
+            "rules": via[table],
+            "counters": [c for c in shown if c in (counters or {}).get(table, ())],
+        }
+        if info.kinds:
+            kinds = dict(info.kinds)
+            entry["kinds"] = {c: kinds[c] for c in shown if c in kinds}
+        tables.append(entry)
     return {"tables": tables, "buckets": sorted(buckets)}
 
 
@@ -182,6 +186,13 @@ class ChangesMessage(BaseModel):
 class TableModel(BaseModel):
     name: str
     columns: list[str]
+    kinds: dict[str, Literal["bool", "int", "float", "text", "json"]] | None = Field(
+        default=None,
+        description="column → how its values look as JSON: bool (true/false), int "
+        "(integers; dates, times and timestamps as days and µs), float, text (strings: "
+        "text, numeric, uuid, bytea as base64, json as its text, ...), json (arrays and "
+        "objects: arrays, intervals); absent when the relay does not know them",
+    )
     key: list[str]
     rules: list[str]
     counters: list[str] = Field(

@@ -62,26 +62,17 @@ from typing import Any
 
 from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
-from core.pg_types import KEY_INDEX
-from core.value_schemas import read_value_schemas
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
 from relay.downstream.columns_guard import ColumnsGuard
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
 from relay.downstream.event_decoder import EventDecoder, schema_key, stale_keys
 from relay.downstream.pg_bucket_store import PgBucketStore
-from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules import Rules
 from relay.errors import BrokerUnavailable, EngineError, LeadershipLost, StoreError
 from relay.kafka_offsets import partition_lag
 from relay.metrics import OPS_WRITTEN, ConsumerLag
 
-__all__ = [
-    "BucketEngine",
-    "SchemaLog",
-    "catalog_connection",
-    "table_infos_from_catalog",
-    "table_infos_from_registry",
-    "table_infos_from_schemas",
-]
+__all__ = ["BucketEngine", "SchemaLog"]
 
 log = logging.getLogger(__name__)
 
@@ -90,88 +81,6 @@ FETCH_MAX_WAIT_MS = 50
 
 
 # --------------------------------------------------------------------------- schemas
-
-
-def table_infos_from_schemas(schemas: Iterable[str | Mapping[str, Any]]) -> dict[str, TableInfo]:
-    """Columns and primary keys of every table with a value schema among ``schemas``
-    (JSON texts or parsed), the later schema of a table winning (pass them in the order
-    of ``{prefix}._schemas``; read by :func:`core.value_schemas.read_value_schemas`)."""
-    return {
-        table: TableInfo(found.names, found.key, found.temporal)
-        for table, found in read_value_schemas(schemas).items()
-    }
-
-
-def table_infos_from_registry(registry: SchemaRegistry) -> dict[str, TableInfo]:
-    """:func:`table_infos_from_schemas` over every schema of ``registry``, in the order they
-    were added."""
-    return table_infos_from_schemas(registry.schema_texts())
-
-
-_CATALOG_QUERY = f"""
-select n.nspname || '.' || c.relname,
-       array(select a.attname::text from pg_attribute a
-             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
-               and a.attgenerated = '' order by a.attnum),
-       array(select a.attname::text from pg_index i
-             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-             where i.indrelid = c.oid and {KEY_INDEX}
-             order by a.attnum),
-       array(select a.attname::text || ':' || bt.typname from pg_attribute a
-             join pg_type t on t.oid = a.atttypid
-             join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype
-                                             else t.oid end
-             where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
-               and bt.typname in ('date', 'time', 'timestamp', 'timestamptz')
-             order by a.attnum)
-from pg_class c join pg_namespace n on n.oid = c.relnamespace
-where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema')
-  and n.nspname not like 'pg_toast%%'
-"""
-
-
-def table_infos_from_catalog(dsn: str, password: str | None = None) -> dict[str, TableInfo]:
-    """Columns and key columns of every table of the captured database (catalog read only).
-
-    The key columns are the table's row identity, the columns cdc keys its events by
-    (:data:`core.pg_types.KEY_INDEX`: the replica identity index under USING INDEX, else
-    the primary key).  They are listed in the table's column order, as the Kafka key of every change
-    event lists them (docs/events.md), not in the order of the primary key's definition:
-    rows are named by their events' keys (relay/downstream/event_decoder.py), so a primary
-    key redefined in another order, ``(site, id)`` → ``(id, site)``, names every row as
-    before."""
-    import psycopg
-
-    with catalog_connection(dsn, password) as conn:
-        try:
-            return table_infos_from_conn(conn)
-        except psycopg.Error as exc:
-            raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
-
-
-def catalog_connection(dsn: str, password: str | None = None) -> Any:
-    """An autocommit connection to the captured database, for catalog reads;
-    :class:`EngineError` naming the failure when it cannot be opened."""
-    import psycopg
-
-    kw: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
-    if password:
-        kw["password"] = password
-    try:
-        return psycopg.connect(dsn, **kw)
-    except psycopg.Error as exc:
-        raise EngineError(f"cannot read the captured database's catalog: {exc}") from exc
-
-
-def table_infos_from_conn(conn: Any) -> dict[str, TableInfo]:
-    """:func:`table_infos_from_catalog` on an open connection (psycopg errors propagate)."""
-    rows = conn.execute(_CATALOG_QUERY).fetchall()
-    return {
-        str(name): TableInfo(
-            tuple(cols), tuple(key), tuple(tuple(t.split(":", 1)) for t in temporal)
-        )
-        for name, cols, key, temporal in rows
-    }
 
 
 class SchemaLog:

@@ -55,13 +55,16 @@ RowKey = tuple[Any, ...]
 @dataclass(frozen=True)
 class TableInfo:
     """What the rules need to know about a table: its columns and primary-key columns,
-    and which columns hold dates or times (``temporal``: column → ``date``, ``time``,
+    which columns hold dates or times (``temporal``: column → ``date``, ``time``,
     ``timestamp`` or ``timestamptz``), whose filter values are written as ISO text but
-    compared as the change events' integers."""
+    compared as the change events' integers, and each column's kind on the device wire
+    (``kinds``: column → one of :data:`core.column_kinds.COLUMN_KINDS`, in column order;
+    empty when not known), which ``/v1/schema`` gives devices."""
 
     columns: tuple[str, ...]
     key: tuple[str, ...]
     temporal: tuple[tuple[str, str], ...] = ()
+    kinds: tuple[tuple[str, str], ...] = ()
 
 
 TEMPORAL_KINDS: Final = ("date", "time", "timestamp", "timestamptz")

@@ -1,10 +1,11 @@
 """Following the captured tables' definitions while the relay runs.
 
 The rules are bound to the tables' columns and key columns (:class:`TableInfo`) at start.
-A column added, a key redefined or a replica identity changed later would leave
-``/v1/schema`` and the journal intake on the old definitions until a restart: devices
-would refuse the rows cdc re-sends under the new key (``KeyMismatch``), and never get a
-new column.  :class:`TableFollower` re-reads the definitions every
+A column added, a key redefined, a replica identity changed or a column retyped to
+another kind later would leave ``/v1/schema`` and the journal intake on the old
+definitions until a restart: devices would refuse the rows cdc re-sends under the new key
+(``KeyMismatch``), never get a new column, and read a retyped column's values by its old
+kind.  :class:`TableFollower` re-reads the definitions every
 ``relay.schema_check_interval_s`` (from ``relay.source_dsn``'s catalog, else from
 ``{prefix}._schemas``), and when one of the rules' tables changed it binds the rules file's
 content, as read at start, to the new definitions and hands the new :class:`Rules` to the
@@ -46,14 +47,14 @@ from typing import Any, Final, Protocol
 
 import psycopg
 
-from relay.downstream.bucket_engine import (
-    SchemaLog,
+from relay.downstream.bucket_engine import SchemaLog
+from relay.downstream.rules import Rules, TableInfo
+from relay.downstream.rules_parser import rules_from_mapping
+from relay.downstream.table_infos import (
     catalog_connection,
     table_infos_from_conn,
     table_infos_from_registry,
 )
-from relay.downstream.rules import Rules, TableInfo
-from relay.downstream.rules_parser import rules_from_mapping
 from relay.errors import EngineError, RelayError, RulesError
 from relay.metrics import TABLE_DEFINITIONS
 from relay.settings import RelaySettings
@@ -89,13 +90,14 @@ def changed_tables(
         if now is None:
             continue
         bound = rules.table_info(table)
-        if (now.columns, now.key, now.temporal) != (bound.columns, bound.key, bound.temporal):
+        if now != bound:  # columns, key, date and time columns, kinds
             out[table] = (bound, now)
     return out
 
 
 def describe_change(table: str, bound: TableInfo, now: TableInfo) -> str:
-    """``public.gauges: key (id) → (id, site), columns +priority -notes``."""
+    """``public.gauges: key (id) → (id, site), columns +priority -notes, kinds done int →
+    bool``."""
     parts = []
     if now.key != bound.key:
         parts.append(f"key ({', '.join(bound.key)}) → ({', '.join(now.key)})")
@@ -103,6 +105,10 @@ def describe_change(table: str, bound: TableInfo, now: TableInfo) -> str:
     dropped = [c for c in bound.columns if c not in now.columns]
     if added or dropped:
         parts.append("columns " + " ".join([f"+{c}" for c in added] + [f"-{c}" for c in dropped]))
+    was = dict(bound.kinds)
+    retyped = [f"{c} {was[c]} → {k}" for c, k in now.kinds if c in was and was[c] != k]
+    if retyped:
+        parts.append("kinds " + ", ".join(retyped))
     if not parts:
         parts.append("column order or types")
     return f"{table}: {', '.join(parts)}"

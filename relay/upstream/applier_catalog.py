@@ -23,10 +23,10 @@ import psycopg
 
 from core.journal_format import JournalEntry
 from relay.config_file import read_toml
-from relay.downstream.bucket_engine import table_infos_from_conn
 from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import rules_from_mapping
 from relay.downstream.table_follower import catalog_mark
+from relay.downstream.table_infos import table_infos_from_conn
 from relay.errors import ConflictsError, RulesError
 from relay.upstream.applier_tables import TableMeta, read_tables
 from relay.upstream.conflict_policies import ConflictPolicies, conflicts_from_mapping

@@ -36,9 +36,10 @@ from relay.auth import Authenticator, Revocation, RevocationList, issue_token
 from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
-from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
+from relay.downstream.bucket_engine import BucketEngine
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules
+from relay.downstream.table_infos import table_infos_from_catalog
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
 from tests.fix_proxy import DOWNSTREAM, UPSTREAM
 from tests.schemas import EXAMPLE_RULES

@@ -31,11 +31,12 @@ from relay.auth_keys import Key, KeyStore
 from relay.config_file import read_toml
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
-from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
+from relay.downstream.bucket_engine import BucketEngine
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules
 from relay.downstream.rules_parser import load_rules
 from relay.downstream.table_follower import TableFollower
+from relay.downstream.table_infos import table_infos_from_catalog
 from relay.errors import RulesError
 from tests.cdc.cdc_support import make_settings, running_daemon
 from tests.device_agent.test_device_sync import FAST, SECRET, serve, sync_until

@@ -3,7 +3,7 @@
 key; listed in the table's column order), against a real PostgreSQL catalog.
 
 A device's table is keyed by what the relay says (``/v1/schema`` from
-:func:`relay.downstream.bucket_engine.table_infos_from_catalog`), the relay names rows by
+:func:`relay.downstream.table_infos.table_infos_from_catalog`), the relay names rows by
 the Kafka key cdc writes, and the applier finds a device's edited row by
 :class:`relay.upstream.applier_tables.TableMeta`'s key: if one of them read the primary key
 where cdc keys by an identity index, a device's edits of such a table would miss their rows
@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from cdc.pg_catalog import table_key_columns
-from relay.downstream.bucket_engine import table_infos_from_catalog
+from relay.downstream.table_infos import table_infos_from_catalog
 from relay.upstream.applier_tables import read_tables
 
 TABLES = {

@@ -13,9 +13,10 @@ import signal
 import sys
 from typing import Any
 
-from relay.downstream.bucket_engine import BucketEngine, table_infos_from_catalog
+from relay.downstream.bucket_engine import BucketEngine
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules
+from relay.downstream.table_infos import table_infos_from_catalog
 
 
 def main(argv: list[str]) -> int:

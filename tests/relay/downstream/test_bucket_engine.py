@@ -16,19 +16,16 @@ from typing import Any
 import psycopg
 
 from core.row_wire import CHECKSUM_MODULUS, canonical_json, json_value, row_checksum, row_key_text
-from relay.downstream.bucket_engine import (
-    BucketEngine,
-    SchemaLog,
-    table_infos_from_catalog,
-    table_infos_from_registry,
-)
+from relay.downstream.bucket_engine import BucketEngine, SchemaLog
 from relay.downstream.bucket_store import ChangeKind, OpKind
 from relay.downstream.event_decoder import EventDecoder
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.pg_store_schema import SCHEMA
 from relay.downstream.rules import Rules, parse_bucket_id
 from relay.downstream.rules_parser import load_rules
+from relay.downstream.table_infos import table_infos_from_catalog, table_infos_from_registry
 from tests.cdc.cdc_support import make_settings, running_daemon, wait_for
+from tests.relay.downstream.test_schema_kinds import TYPES, USER_TYPES
 
 RULES_TOML = """
 token_claims = ["technician"]
@@ -269,6 +266,10 @@ def test_schema_helpers_and_decoder(
             "t time, dd day, n text)"
         )
         conn.execute("insert into dated (id) values (1)")
+        conn.execute(USER_TYPES)  # a column of each type, and their kinds (test_schema_kinds)
+        typed = ", ".join(f"c{i} {typ}" for i, (typ, _) in enumerate(TYPES))
+        conn.execute(f"create table kinds_all (id int primary key, {typed})")
+        conn.execute("insert into kinds_all (id) values (1)")
         settings = make_settings(pg_dsn, kafka_bootstrap, topic_prefix)
         with running_daemon(settings):
             log = SchemaLog({"bootstrap_servers": kafka_bootstrap}, topic_prefix)
@@ -294,6 +295,16 @@ def test_schema_helpers_and_decoder(
                     ("t", "time"),
                     ("dd", "date"),
                 )
+                wait_for(
+                    lambda: (
+                        log.refresh() >= 0
+                        and "public.kinds_all" in table_infos_from_registry(log.registry)
+                    ),
+                    what="the kinds_all table's schema",
+                )
+                kinds = table_infos_from_registry(log.registry)["public.kinds_all"].kinds
+                assert kinds == catalog["public.kinds_all"].kinds
+                assert kinds == (("id", "int"), *((f"c{i}", k) for i, (_, k) in enumerate(TYPES)))
                 rules = make_rules(tmp_path, pg_dsn)
                 from tests.cdc.cdc_support import table_events  # noqa: F401  (schema sanity)
                 from tests.fix_kafka import read_topic

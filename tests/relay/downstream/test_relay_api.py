@@ -781,11 +781,15 @@ def test_relay_run_without_source_dsn_follows_a_column_added_from_the_schema_log
         with running_daemon(make_settings(pg_dsn, kafka_bootstrap, topic_prefix)):
             proc, base, lines, reader = start_relay_run(config)
 
-            def columns() -> list[str]:
+            def gauges() -> dict[str, Any]:
                 tables = httpx.get(f"{base}/v1/schema", headers=headers).json()["tables"]
-                return [c for t in tables if t["name"] == "public.gauges" for c in t["columns"]]
+                return next((t for t in tables if t["name"] == "public.gauges"), {})
+
+            def columns() -> list[str]:
+                return list(gauges().get("columns", []))
 
             assert columns() == ["id", "qty"]
+            assert gauges()["kinds"] == {"id": "int", "qty": "int"}, "kinds from the schema log"
             with psycopg.connect(pg_dsn, autocommit=True) as conn:
                 conn.execute("alter table gauges add column note text")
                 conn.execute("update gauges set note = 'new' where id = 1")

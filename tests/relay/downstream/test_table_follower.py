@@ -179,15 +179,19 @@ def test_the_catalog_reader_reads_the_catalog_again_only_when_the_mark_changed(
         conn.execute("create table jobs (id int primary key, crew text, state text)")
         reader = CatalogReader(pg_dsn, None, ["public.jobs"])
         try:
-            assert reader()["public.jobs"] == TableInfo(("id", "crew", "state"), ("id",))
+            kinds = (("id", "int"), ("crew", "text"), ("state", "text"))
+            assert reader()["public.jobs"] == TableInfo(("id", "crew", "state"), ("id",), (), kinds)
             assert reader()["public.jobs"].key == ("id",)
             assert reader.reads == 1
             conn.execute("alter table jobs drop constraint jobs_pkey, add primary key (id, crew)")
             assert reader()["public.jobs"].key == ("id", "crew")
             assert reader.reads == 2
+            conn.execute("alter table jobs alter column state type boolean using state = 'done'")
+            assert reader()["public.jobs"].kinds == (*kinds[:2], ("state", "bool"))
+            assert reader.reads == 3
             conn.execute("create table unrelated (x int)")  # not a rules table
             reader()
-            assert reader.reads == 2
+            assert reader.reads == 3
             reader.dsn = pg_dsn + " port=1"  # what a database gone away looks like
             reader.close()
             with pytest.raises(EngineError, match="cannot read the captured database's catalog"):

@@ -27,9 +27,9 @@ from relay.auth import Authenticator, Revocation, RevocationList, issue_token
 from relay.auth_keys import Key, KeyStore
 from relay.downstream.api import create_app
 from relay.downstream.api_sync import ApiConfig
-from relay.downstream.bucket_engine import table_infos_from_catalog
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules_parser import load_rules
+from relay.downstream.table_infos import table_infos_from_catalog
 from relay.settings import load_relay_settings
 from relay.upstream.applier import Applier
 from relay.upstream.applier_db import ApplierDb
