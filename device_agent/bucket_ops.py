@@ -15,8 +15,8 @@ Rows of tables one rule serves, with no edit on top, take the fast path: the tab
 is the op's data (batched ``executemany``; a REMOVE deletes the row when no other
 bucket holds it) and no copy of the version is kept.  Every other row (held rows,
 tables several rules serve) is marked dirty and derived again by
-:class:`device_agent.derive.RowDeriver`.  Column kinds are learned from the first
-non-null value of each column (device_agent/local_db.py).
+:class:`device_agent.derive.RowDeriver`.  A column whose kind the relay's schema does not
+give (an older relay) learns it from its first non-null value (device_agent/local_db.py).
 
 An op whose ``key`` is not the table's key columns of its row (another number of values,
 or not the values its data has there: the table's key changed, docs/device-agent.md

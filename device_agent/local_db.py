@@ -15,10 +15,13 @@ Layout (docs/device-agent.md, "Local database"):
 
 Values: the relay sends JSON (docs/events.md).  A value is stored as
 :func:`to_sql` makes it (``true``/``false`` as 1/0, objects and arrays as canonical JSON
-text, everything else as is) and read back into its wire form with :func:`from_sql`,
-given the column's *kind* (``bool``, ``int``, ``float``, ``text``, ``json``), learned
-from the first non-null value the relay sends for that column (the schema endpoint has
-no column types) and kept in ``_fieldsync_tables.kinds``.
+text, everything else as is: the stored form does not depend on the column) and read
+back into its wire form with :func:`from_sql`, given the column's *kind* (``bool``,
+``int``, ``float``, ``text``, ``json``: :mod:`core.column_kinds`), kept in
+``_fieldsync_tables.kinds``.  The relay's ``/v1/schema`` gives each column's kind
+(device_agent/schema_sync.py records it, and records it again when the column is
+retyped); from a relay that gives none, a column's kind is learned from the first
+non-null value received (:func:`kind_of`, device_agent/bucket_ops.py).
 
 A row's identity inside the metadata tables is ``k``: the key value itself for a
 single-column key, the JSON array SQLite's ``json_array`` makes of the stored key values
@@ -59,8 +62,6 @@ server version that includes them arrives) and their index."""
 BUSY_TIMEOUT_MS: Final = 30_000
 CACHE_KIB: Final = 262_144
 """Page cache of the agent's connection (KiB; SQLite allocates it as pages are used)."""
-
-KINDS: Final = ("bool", "int", "float", "text", "json")
 
 METADATA_DDL: Final = (
     f"""create table if not exists {PREFIX}meta (
@@ -142,6 +143,18 @@ def from_sql(value: Any, kind: str | None) -> Any:
 
         return base64.b64encode(value).decode("ascii")
     return value
+
+
+_READ_AS_STORED: Final = frozenset({None, "int", "text"})
+
+
+def reads_alike(kind: str | None, other: str | None) -> bool:
+    """Whether :func:`from_sql` reads every stored value alike under both kinds (``int``,
+    ``text`` and no kind return values as stored; ``bool``, ``float`` and ``json``
+    convert some)."""
+    if kind in _READ_AS_STORED and other in _READ_AS_STORED:
+        return True
+    return kind == other
 
 
 _BOUNDED_ARRAY: Final = re.compile(r"(\[-?\d+:-?\d+\])+=\{")

@@ -1,12 +1,15 @@
 """The relay's description of the synced tables (``/v1/schema``) and their local names.
 
 :func:`parse_schema` reads a ``/v1/schema`` body into a :class:`RelaySchema` (tables with
-their columns, key, rules, indexes and counter columns; the device's buckets) and refuses
-anything the device cannot hold, naming it (:class:`~device_agent.errors.StateError`):
-a table without a name, columns or a valid key, a column or table name SQLite cannot
-use, two tables with the same local name.  :func:`local_name` maps ``public.t`` to ``t``
-and ``s.t`` to ``s__t``.  :func:`schema_json` is the form the device stores (``schema``
-in ``_fieldsync_meta``).
+their columns, the columns' kinds, key, rules, indexes and counter columns; the device's
+buckets) and refuses anything the device cannot hold, naming it
+(:class:`~device_agent.errors.StateError`): a table without a name, columns or a valid
+key, a column or table name SQLite cannot use, two tables with the same local name,
+``kinds`` that are not an object of the table's columns and texts.  A kind the device does
+not know (not in :data:`core.column_kinds.COLUMN_KINDS`: a newer relay's) is left out,
+so that column's kind is learned from its values, as from a relay that sends no kinds.
+:func:`local_name` maps ``public.t`` to ``t`` and ``s.t`` to ``s__t``.
+:func:`schema_json` is the form the device stores (``schema`` in ``_fieldsync_meta``).
 
 Pure: no I/O.  device_agent/schema_sync.py brings the local tables to a schema.
 """
@@ -14,8 +17,10 @@ Pure: no I/O.  device_agent/schema_sync.py brings the local tables to a schema.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
+from core.column_kinds import COLUMN_KINDS
 from device_agent.errors import StateError
 from device_agent.local_tables import PREFIX
 
@@ -30,6 +35,8 @@ class TableSpec:
     rules: tuple[str, ...] = ()
     indexes: tuple[tuple[str, ...], ...] = ()
     counters: tuple[str, ...] = ()
+    kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Column → kind, for the columns the relay gives one (none from an older relay)."""
 
     @property
     def local(self) -> str:
@@ -48,9 +55,10 @@ class RelaySchema:
 def parse_schema(body: Any) -> RelaySchema:
     """Read a ``/v1/schema`` body; :class:`StateError` names what is wrong.
 
-    ``columns`` may be names or objects ``{"name": …}``; ``indexes`` (optional) lists
-    column lists or objects ``{"columns": [...]}``; ``counters`` (optional) names the
-    columns the server merges as counters (deltas add).
+    ``columns`` may be names or objects ``{"name": …}``; ``kinds`` (optional) maps
+    columns to their kinds; ``indexes`` (optional) lists column lists or objects
+    ``{"columns": [...]}``; ``counters`` (optional) names the columns the server merges as
+    counters (deltas add).
     """
     if not isinstance(body, dict) or not isinstance(body.get("tables"), list):
         raise StateError("the relay's schema is not an object with a 'tables' list")
@@ -74,12 +82,43 @@ def parse_schema(body: Any) -> RelaySchema:
                 indexes.append(tuple(str(c) for c in cols))
         counters = tuple(str(c) for c in raw.get("counters") or () if c in columns)
         tables.append(
-            TableSpec(name, columns, key, tuple(raw.get("rules") or ()), tuple(indexes), counters)
+            TableSpec(
+                name,
+                columns,
+                key,
+                tuple(raw.get("rules") or ()),
+                tuple(indexes),
+                counters,
+                parse_kinds(name, columns, raw.get("kinds")),
+            )
         )
     locals_ = [t.local for t in tables]
     if len(set(locals_)) != len(locals_):
         raise StateError(f"two synced tables map to the same local name: {sorted(locals_)}")
     return RelaySchema(tuple(tables), tuple(str(b) for b in body.get("buckets") or ()))
+
+
+def parse_kinds(table: str, columns: tuple[str, ...], raw: Any) -> dict[str, str]:
+    """A table's ``kinds`` (absent or null: none); :class:`StateError` names what is wrong."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise StateError(
+            f"the relay's schema of {table} has kinds that are not an object: {raw!r:.120}"
+        )
+    out = {}
+    for column, kind in raw.items():
+        if column not in columns:
+            raise StateError(
+                f"the relay's schema of {table} gives a kind of {column!r}, not one of its columns"
+            )
+        if not isinstance(kind, str):
+            raise StateError(
+                f"the relay's schema of {table} gives column {column!r} the kind {kind!r:.60}, not a text"
+            )
+        if kind in COLUMN_KINDS:
+            out[column] = kind
+    return out
 
 
 def check_identifier(name: str, what: str) -> None:
@@ -105,6 +144,7 @@ def schema_json(schema: RelaySchema) -> dict[str, Any]:
                 "rules": list(t.rules),
                 "indexes": [list(i) for i in t.indexes],
                 "counters": list(t.counters),
+                "kinds": dict(t.kinds),
             }
             for t in schema.tables
         ],

@@ -8,23 +8,27 @@ Every sync reads the relay's schema (device_agent/relay_schema.py) and calls
    schema's indexes); new columns added and removed ones dropped (``ALTER TABLE``); a
    table whose key changed dropped, created again and downloaded again, its holds
    forgotten (they name rows by the old key), the rows journal entries act on kept and the
-   entries named by the new key (device_agent/rekey.py).  What cannot be done without
-   losing data or breaking the app is a *blocker*, named exactly
+   entries named by the new key (device_agent/rekey.py); a column whose kind the schema
+   changes (retyped on the server) takes the new kind (:func:`_plan_kinds`).  What
+   cannot be done without losing data or breaking the app is a *blocker*, named exactly
    (:class:`~device_agent.errors.SchemaBlocked`, exit 5): a removed column an app's
    index, view or trigger uses, a key change while an entry acting on the table cannot be
-   named by the new key (a new key column NULL in its row); and a column removal while
-   edits of that table are not synced yet (``pending`` or ``sent``), which only waits for
-   them (:class:`~device_agent.errors.MigrationWaits`: the sync uploads them and reads
-   their outcomes, device_agent/sync.py).  Nothing changes when anything blocks.
+   named by the new key (a new key column NULL in its row).  Two only wait for local
+   edits (:class:`~device_agent.errors.MigrationWaits`: the sync uploads them and reads
+   their outcomes, device_agent/sync.py): a column removal while edits of that table are
+   not synced yet (``pending`` or ``sent``), and a change of a column's kind that reads
+   stored values otherwise while edits of its table are ``pending`` (they go up with
+   their values as made).  Nothing changes when anything blocks.
 2. The journal triggers (device_agent/triggers.py) of removed and changed tables are
    dropped and the buckets holding rows of a changed table (key, columns or rules) are
    marked for re-download (their rows' stored projections no longer fit); the planned
    statements run; every table whose key columns are not declared ``NOT NULL`` (a
    database of an earlier layout) is rebuilt (:func:`rebuild_not_null`); the one-off
    repair after an upgrade from layout 1 runs (:func:`rederive_all`).
-3. ``_fieldsync_tables`` records the schema (kinds are forgotten for rebuilt tables),
-   the triggers of every synced table are created again (their columns may have
-   changed) and the schema is stored in ``_fieldsync_meta``.
+3. ``_fieldsync_tables`` records the schema, with the column kinds the schema gives
+   (:func:`record_kinds`: a column it gives none keeps the kind learned from its values,
+   forgotten for rebuilt tables), the triggers of every synced table are created again
+   (their columns may have changed) and the schema is stored in ``_fieldsync_meta``.
 
 A table no longer in the schema is kept but no longer journaled.  Rebuilds are plain
 SQL (a new table, a copy, a rename), not ``sqlite-utils``' ``table.transform()``: that
@@ -48,13 +52,14 @@ import orjson
 
 from device_agent import triggers
 from device_agent.errors import MigrationWaits, SchemaBlocked
-from device_agent.local_db import get_meta, set_meta
+from device_agent.local_db import get_meta, reads_alike, set_meta
 from device_agent.local_tables import (
     PREFIX,
     LocalTable,
     key_expr,
     load_tables,
     q,
+    save_kinds,
     transaction,
 )
 from device_agent.rekey import JournalRow, rekey_entries
@@ -205,6 +210,7 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
             else:
                 plan.statements.append(f"alter table {q(old.local)} drop column {q(c)}")
                 plan.notes.append(f"{spec.name}: column {c} dropped (removed on the server)")
+        _plan_kinds(plan, spec, old, pending)
         if added or removed or spec.rules != old.rules:
             plan.changed_tables.append(spec)
         if frozenset(spec.counters) != old.counters:
@@ -219,6 +225,42 @@ def plan_migration(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
                 f"{name} is no longer synced; the local table is kept but not journaled"
             )
     return plan
+
+
+def _plan_kinds(plan: Migration, spec: TableSpec, old: LocalTable, pending: int) -> None:
+    """The columns of a table whose kind the relay's schema changes (a column retyped on
+    the server).  Stored values are kept (their form does not depend on the kind); a
+    pending edit's values are turned into wire values when it is uploaded, so while the
+    table has pending edits, a change that reads stored values otherwise (to or from
+    ``bool``, ``float`` or ``json``) waits for them to be uploaded as they were made.  A
+    column whose kind was not known yet (no value received) takes the schema's at once."""
+    for column, kind in spec.kinds.items():
+        was = old.kinds.get(column)
+        if was is None or was == kind or column not in old.columns:
+            continue
+        if pending and not reads_alike(was, kind):
+            plan.waits_for.append(
+                f"{spec.name}: column {column} is now of kind {kind} on the server (was "
+                f"{was}) and {pending} local edit(s) of the table made before are not "
+                "uploaded yet; the migration goes on once they are, with their values as "
+                "they were made (every sync uploads them)"
+            )
+        else:
+            plan.notes.append(f"{spec.name}: column {column} is now of kind {kind} (was {was})")
+
+
+def record_kinds(conn: sqlite3.Connection, specs: Iterable[TableSpec]) -> None:
+    """Each table's column kinds as the relay's schema gives them; a column it gives none
+    keeps the kind learned from its values, and kinds of columns the table no longer has
+    are forgotten (a column added again later may be of another type)."""
+    tables = load_tables(conn)
+    for spec in specs:
+        t = tables[spec.name]
+        kinds = {c: k for c, k in t.kinds.items() if c in spec.columns}
+        kinds.update(spec.kinds)
+        if kinds != t.kinds:
+            t.kinds = kinds
+            save_kinds(conn, t)
 
 
 def record_tables(conn: sqlite3.Connection, specs: Iterable[TableSpec]) -> None:
@@ -428,6 +470,7 @@ def apply_schema(conn: sqlite3.Connection, schema: RelaySchema) -> Migration:
             plan.notes += rederive_all(conn)
         for name in plan.rebuilt_tables:
             conn.execute(f"update {PREFIX}tables set kinds = '{{}}' where name = ?", (name,))
+        record_kinds(conn, schema.tables)
         for t in load_tables(conn).values():
             triggers.install(conn, t)
         set_meta(conn, "schema", orjson.dumps(schema_json(schema)).decode())
