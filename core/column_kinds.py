@@ -16,7 +16,8 @@ wire values by the column's kind (device_agent/local_db.py ``from_sql``); the re
            (base64), ``json``/``jsonb`` (the JSON text), enums, ``timetz``, and every type
            cdc carries as its text form
 ``json``   JSON arrays and objects: arrays (an array whose lower bound is not 1 comes as
-           its literal text, ``[0:1]={7,8}``), intervals (``{"months", "days", "micros"}``)
+           its literal text, ``[0:1]={7,8}``), intervals (``{"months", "days", "micros"}``;
+           their infinities as texts)
 =========  ===========================================================================
 
 :func:`column_kind` maps a :class:`core.values.Kind` (what cdc's value schema says of the
