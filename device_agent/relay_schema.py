@@ -4,12 +4,15 @@
 their columns, the columns' kinds, key, rules, indexes and counter columns; the device's
 buckets) and refuses anything the device cannot hold, naming it
 (:class:`~device_agent.errors.StateError`): a table without a name, columns or a valid
-key, a column or table name SQLite cannot use, two tables with the same local name,
-``kinds`` that are not an object of the table's columns and texts.  A kind the device does
-not know (not in :data:`core.column_kinds.COLUMN_KINDS`: a newer relay's) is left out,
-so that column's kind is learned from its values, as from a relay that sends no kinds.
-:func:`local_name` maps ``public.t`` to ``t`` and ``s.t`` to ``s__t``.
-:func:`schema_json` is the form the device stores (``schema`` in ``_fieldsync_meta``).
+key, a column or table name SQLite cannot use, two tables with the same local name or two
+columns of a table with the same name as SQLite compares names (ASCII letters
+case-insensitively: PostgreSQL's ``"Items"`` and ``items`` are one SQLite table, whose rows
+and triggers both would share), ``kinds`` that are not an object of the table's columns
+and texts.  A kind the device does not know (not in :data:`core.column_kinds.COLUMN_KINDS`:
+a newer relay's) is left out, so that column's kind is learned from its values, as from a
+relay that sends no kinds.  :func:`local_name` maps ``public.t`` to ``t`` and ``s.t`` to
+``s__t``.  :func:`schema_json` is the form the device stores (``schema`` in
+``_fieldsync_meta``).
 
 Pure: no I/O.  device_agent/schema_sync.py brings the local tables to a schema.
 """
@@ -17,7 +20,7 @@ Pure: no I/O.  device_agent/schema_sync.py brings the local tables to a schema.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from core.column_kinds import COLUMN_KINDS
@@ -75,6 +78,7 @@ def parse_schema(body: Any) -> RelaySchema:
             raise StateError(f"the relay's schema of {name} has no columns or an invalid key")
         for col in columns:
             check_identifier(col, f"column of {name}")
+        _refuse_same_names(columns, f"columns of {name}")
         indexes = []
         for ix in raw.get("indexes") or ():
             cols = ix.get("columns") if isinstance(ix, dict) else ix
@@ -92,9 +96,7 @@ def parse_schema(body: Any) -> RelaySchema:
                 parse_kinds(name, columns, raw.get("kinds")),
             )
         )
-    locals_ = [t.local for t in tables]
-    if len(set(locals_)) != len(locals_):
-        raise StateError(f"two synced tables map to the same local name: {sorted(locals_)}")
+    _refuse_same_names([t.name for t in tables], "synced tables", local_name)
     return RelaySchema(tuple(tables), tuple(str(b) for b in body.get("buckets") or ()))
 
 
@@ -119,6 +121,28 @@ def parse_kinds(table: str, columns: tuple[str, ...], raw: Any) -> dict[str, str
         if kind in COLUMN_KINDS:
             out[column] = kind
     return out
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def sqlite_name_key(name: str) -> str:
+    """``name`` as SQLite compares identifiers: ASCII letters fold to lower case, nothing
+    else does (``"Items"`` and ``"items"`` are one table, ``"Ä"`` and ``"ä"`` are two)."""
+    return name.translate(_ASCII_LOWER)
+
+
+def _refuse_same_names(names: Sequence[str], what: str, local: Callable[[str], str] = str) -> None:
+    """StateError naming two of ``names`` whose local forms SQLite takes for one name."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(sqlite_name_key(local(name)), name)
+        if other is not name:
+            raise StateError(
+                f"two {what}, {other!r} and {name!r}, map to the same SQLite name "
+                f"{local(name)!r} (SQLite does not tell upper from lower case in names); "
+                "rename one on the server or leave one out of the device's rules"
+            )
 
 
 def check_identifier(name: str, what: str) -> None:
