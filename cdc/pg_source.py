@@ -150,25 +150,40 @@ def preflight(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str,
     return info
 
 
+VIA_ROOT = "publish_via_partition_root"
+"""The publication option that makes PostgreSQL publish a partitioned table's changes
+(and its initial rows) as the table's own, not as its partitions': the relay's rules and
+the applier name the partitioned table, and a row moved between partitions by an UPDATE
+then arrives as a delete and an insert of that one table."""
+
+
 def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequence[str]) -> None:
-    """Create the publication if missing; add listed tables it lacks."""
+    """Create the publication if missing (publishing partitioned tables through their
+    root, :data:`VIA_ROOT`); add listed tables it lacks.  An existing publication that
+    publishes a listed partitioned table through its partitions is refused (its changes
+    would go to the partitions' topics, which nothing that follows the table reads)."""
     row = conn.execute(
-        "select puballtables from pg_publication where pubname = %s", (name,)
+        "select puballtables, pubviaroot from pg_publication where pubname = %s", (name,)
     ).fetchone()
     idents = [sql.Identifier(*_split_table(t)) for t in tables]
     if row is None:
+        options = sql.SQL(" with ({} = true)").format(sql.SQL(VIA_ROOT))
         if tables:
             conn.execute(
-                sql.SQL("create publication {} for table {}").format(
-                    sql.Identifier(name), sql.SQL(", ").join(idents)
+                sql.SQL("create publication {} for table {}{}").format(
+                    sql.Identifier(name), sql.SQL(", ").join(idents), options
                 )
             )
         else:
             conn.execute(
-                sql.SQL("create publication {} for all tables").format(sql.Identifier(name))
+                sql.SQL("create publication {} for all tables{}").format(
+                    sql.Identifier(name), options
+                )
             )
         log.info("created publication %s (%s)", name, ", ".join(tables) or "all tables")
         return
+    if not row[1]:
+        _refuse_partitioned_tables(conn, name, tables)
     if row[0] or not tables:
         if not row[0] and not tables:
             log.warning(
@@ -191,6 +206,29 @@ def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequenc
             )
         )
         log.info("added %d table(s) to publication %s", len(add), name)
+
+
+def _refuse_partitioned_tables(
+    conn: psycopg.Connection[Any], name: str, tables: Sequence[str]
+) -> None:
+    """PreflightError when a listed table is partitioned and publication ``name`` lacks
+    :data:`VIA_ROOT` (it would publish the table's changes as its partitions')."""
+    partitioned = [
+        f"{schema}.{table}"
+        for schema, table in map(_split_table, tables)
+        if conn.execute(
+            "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+            " where n.nspname = %s and c.relname = %s and c.relkind = 'p'",
+            (schema, table),
+        ).fetchone()
+    ]
+    if partitioned:
+        raise PreflightError(
+            f"publication {name} publishes the partitioned table(s) {', '.join(partitioned)} "
+            f"through their partitions, so their changes would never reach the table's "
+            f"topic. Fix: ALTER PUBLICATION {name} SET ({VIA_ROOT} = true); then "
+            f"`fieldsync cdc snapshot --table` each of them"
+        )
 
 
 def slot_state(conn: psycopg.Connection[Any], slot: str) -> dict[str, Any] | None:
