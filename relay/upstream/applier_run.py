@@ -291,14 +291,21 @@ class RunState:
                 got = self.raw.execute(meta.insert_sql(columns), params).fetchone()
                 assert got is not None
                 row = meta.read(got[1:])
+                xmin = got[0]
+                if xmin is None:  # a partitioned table's insert returns none
+                    found = self.raw.execute(
+                        meta.xmin_sql(), meta.key_params([row[k] for k in meta.key])
+                    ).fetchone()
+                    assert found is not None
+                    xmin = found[0]
                 problem = check_write(scope, meta.name, None, row, written)
                 if problem is not None:
                     raise Undo(Rejection(problem.reason, f"entry {entry.seq}: {problem.message}"))
         except psycopg.errors.UniqueViolation:
             return None
         ident = (meta.name, meta.key_id([row[k] for k in meta.key]))
-        self.rows[ident] = Row(row, int(got[0]), None)
-        return row, int(got[0])
+        self.rows[ident] = Row(row, int(xmin), None)
+        return row, int(xmin)
 
     def write(
         self, meta: TableMeta, entry: JournalEntry, result: MergeResult, policy: TablePolicy

@@ -52,7 +52,8 @@ select n.nspname::text, c.relname::text, a.attname::text, a.atttypid::int8, a.at
        case a.atttypid when 1560 then 'bit varying' when 1561 then 'bit varying[]'
             when 1042 then 'bpchar' when 1014 then 'bpchar[]'
             else format_type(a.atttypid, null) end,
-       coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0)
+       coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0),
+       c.relkind = 'p'
 from pg_class c
 join pg_namespace n on n.oid = c.relnamespace
 join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
@@ -73,8 +74,13 @@ class TableMeta:
         columns: Sequence[tuple[str, int, int, str, int]],
         catalog: MappingCatalog,
         db: str,
+        partitioned: bool = False,
     ) -> None:
         self.name = name
+        self.partitioned = partitioned
+        """A partitioned table: PostgreSQL refuses ``RETURNING xmin`` of an insert into it
+        ("cannot retrieve a system column in this context"), so :meth:`insert_sql`
+        returns a null xmin, read afterwards with :meth:`xmin_sql`."""
         self.schema, _, self.table = name.partition(".")
         self.columns: tuple[str, ...] = tuple(c[0] for c in columns)
         # key columns in column order, as the change events' keys, the relay's rows and the
@@ -263,14 +269,25 @@ class TableMeta:
         found = self._sql.get(cache_key)
         if found is None:
             query = sql.SQL(
-                "insert into {t} ({cols}) values ({vals}) returning xmin::text, {texts}"
+                "insert into {t} ({cols}) values ({vals}) returning {xmin}, {texts}"
             ).format(
                 t=self.ident,
+                xmin=sql.SQL("null::text" if self.partitioned else "xmin::text"),
                 cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
                 vals=sql.SQL(", ").join(self._placeholder(c) for c in columns),
                 texts=self._columns(),
             )
             found = self._cache(cache_key, query)
+        return found
+
+    def xmin_sql(self) -> bytes:
+        """The ``xmin`` of the row of a key (after :meth:`insert_sql` of a partitioned table)."""
+        found = self._sql.get("xmin")
+        if found is None:
+            query = sql.SQL("select xmin::text from {t} where {match}").format(
+                t=self.ident, match=self._key_match()
+            )
+            found = self._cache("xmin", query)
         return found
 
     def key_params(self, key: Sequence[Any]) -> list[str | None]:
@@ -289,8 +306,11 @@ def read_tables(
     wanted = set(names) if names is not None else None
     rows = conn.execute(_TABLES_QUERY).fetchall()
     by_table: dict[str, list[tuple[str, int, int, str, int]]] = {}
-    for nsp, rel, col, oid, typmod, fmt, keypos in rows:
+    partitioned: set[str] = set()
+    for nsp, rel, col, oid, typmod, fmt, keypos, is_partitioned in rows:
         name = f"{nsp}.{rel}"
+        if is_partitioned:
+            partitioned.add(name)
         if wanted is None or name in wanted:
             by_table.setdefault(name, []).append(
                 (col, int(oid), int(typmod), str(fmt), int(keypos))
@@ -303,4 +323,7 @@ def read_tables(
         ]
     )
     db = str(conn.info.dbname)
-    return {name: TableMeta(name, cols, catalog, db) for name, cols in by_table.items()}
+    return {
+        name: TableMeta(name, cols, catalog, db, partitioned=name in partitioned)
+        for name, cols in by_table.items()
+    }
