@@ -43,10 +43,11 @@ __all__ = [
 RETRY_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 """Errors that a retry of the same run, at once, cures."""
 ENTRY_SQLSTATE_CLASSES: Final = frozenset(
-    {"09", "21", "22", "23", "27", "2F", "38", "39", "44", "54", "P0"}
+    {"09", "0A", "21", "22", "23", "27", "2F", "38", "39", "44", "54", "P0"}
 )
 """SQLSTATE classes of errors caused by what an entry writes, which no retry can cure:
-triggered action (09), cardinality (21), data (22: value out of range, invalid text,
+triggered action (09), a feature PostgreSQL does not support for what the entry writes
+(0A: a trigger's statement, a table's kind; no retry makes it supported), cardinality (21), data (22: value out of range, invalid text,
 …), integrity constraints (23), triggered data change (27), routine exceptions raised
 by triggers and functions (2F, 38, 39, P0: RAISE), view check option (44), program
 limits (54: index row too large, NUL in text).  Every other error (connection lost,
