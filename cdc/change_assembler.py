@@ -59,6 +59,7 @@ from core.avro_envelope import (
     position_header,
 )
 from core.pg_types import ColumnSpec, TypeCatalog
+from core.topic_names import change_topic
 
 HEARTBEAT_MESSAGE_PREFIX = "fieldsync.heartbeat"
 
@@ -176,7 +177,7 @@ _UNDECODED_KINDS: Final = frozenset(b"IUD")  # type bytes of the row changes spi
 
 
 def topic_for(prefix: str, schema: str, table: str) -> str:
-    return f"{prefix}.{schema}.{table}"
+    return change_topic(prefix, schema, table)
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.avro_envelope import SchemaRegistry
+from core.topic_names import change_topic_of
 from core.value_schemas import column_types_from_value_schema
 from replay.errors import UnknownTable
 
@@ -113,8 +114,7 @@ class LogCatalog:
         return tuple(names) if names else version.key_fields
 
     def topic(self, table: str) -> str:
-        schema, _, name = table.partition(".")
-        return f"{self.prefix}.{schema}.{name}"
+        return change_topic_of(self.prefix, table)
 
     def resolve(self, name: str) -> str:
         """``schema.table`` of a table the log holds (``table`` alone: schema public)."""

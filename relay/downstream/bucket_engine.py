@@ -62,6 +62,7 @@ from typing import Any
 
 from core.avro_envelope import SchemaRegistry
 from core.kafka_options import build_client, is_kafka_error
+from core.topic_names import change_topic_of
 from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
 from relay.downstream.columns_guard import ColumnsGuard
 from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
@@ -161,7 +162,7 @@ class SchemaLog:
 def change_topics(prefix: str, tables: Iterable[str]) -> dict[str, str]:
     """The change topic of each of ``tables`` (``schema.table``) → the table: what the
     engine consumes for the tables the rules place."""
-    return {f"{prefix}.{table}": table for table in sorted(tables)}
+    return {change_topic_of(prefix, table): table for table in sorted(tables)}
 
 
 class BucketEngine:

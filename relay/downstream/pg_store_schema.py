@@ -40,6 +40,7 @@ from typing import Any, Final
 import psycopg
 
 from core.row_wire import CHECKSUM_MODULUS
+from core.topic_names import change_topic_of
 from relay.downstream.rules_placement import changed_tables, placement_changes
 from relay.errors import StoreError, StoreRulesMismatch
 
@@ -304,13 +305,13 @@ def _held_tables(
         {
             "all": tables is None,
             "tables": sorted(tables or ()),
-            "topics": [f"{topic_prefix}.{t}" for t in sorted(tables or ())],
+            "topics": [change_topic_of(topic_prefix, t) for t in sorted(tables or ())],
         },
     ).fetchall()
     found = {str(r[0]) for r in rows}
     if tables is None:
         return sorted(found)
-    return sorted(t for t in tables if t in found or f"{topic_prefix}.{t}" in found)
+    return sorted(t for t in tables if t in found or change_topic_of(topic_prefix, t) in found)
 
 
 def _since(when: Any) -> str:
