@@ -20,8 +20,21 @@ identity index is replaced, when the identity is switched to or from USING INDEX
 primary key is added, dropped or redefined (under DEFAULT, FULL, NOTHING), and when a key
 column is retyped or rewritten.
 
-Signatures are recorded as JSON (:func:`signatures_to_bytes`) in the compacted
-``{prefix}._cdc_resnapshot`` topic (``cdc.resnapshot_state``).
+Tables are keyed by oid, but a topic is named by the table's qualified name, so the name
+matters too (:func:`compare_catalogs`).  A table dropped and created again (``DROP TABLE t;
+CREATE TABLE t …``, or ``ALTER TABLE t RENAME TO t_old; CREATE TABLE t …``) writes no row
+event for the rows that disappeared: its name comes back under a new oid while the topic
+still holds the old table's rows.  A table published again after it was not (``ALTER
+PUBLICATION … DROP TABLE`` then ``ADD TABLE``) missed the changes in between.  Both are
+*replaced* tables: their re-snapshot first deletes every key no row has now
+(:mod:`cdc.key_retirement`), then sends every row.  A recorded table whose name no published
+table has now (dropped, renamed, left the publication) is *unpublished*: its rows stay in
+Kafka; the catalog remembers its last signature by name, so that a table published under
+that name later is recognised as a replaced one.
+
+Signatures are recorded as JSON (:func:`signatures_to_bytes`: the published tables and the
+unpublished ones) in the compacted ``{prefix}._cdc_resnapshot`` topic
+(``cdc.resnapshot_state``).  A record written before unpublished tables were kept has none.
 
 Concurrency: plain data and functions, used from the daemon's one thread.
 """
@@ -30,23 +43,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from cdc import pgoutput_messages as m
 
 __all__ = [
+    "CatalogComparison",
     "ColumnFacts",
     "EnumFacts",
     "RelationDiff",
+    "TableCheck",
     "TableSignature",
+    "compare_catalogs",
     "compare_relations",
     "describe_key",
     "identity_warnings",
     "key_changed",
+    "recorded_catalog_from_bytes",
+    "replaced_reason",
     "resnapshot_reasons",
     "signatures_from_bytes",
     "signatures_to_bytes",
+    "unpublished_warning",
 ]
 
 
@@ -294,15 +313,154 @@ def key_changed(old: TableSignature, new: TableSignature) -> bool:
     return False
 
 
-def signatures_to_bytes(signatures: Mapping[int, TableSignature]) -> bytes:
+def replaced_reason(old: TableSignature, new: TableSignature, old_now: str | None) -> str:
+    """Why a replaced table (:func:`compare_catalogs`) is read again: ``old`` is the table
+    last recorded under ``new``'s name, ``old_now`` the name ``old``'s oid is published under
+    now (renamed away), if it is."""
+    then = "its old rows are deleted and its rows sent again"
+    if old.oid == new.oid:
+        return (
+            "published under this name again (changes made while it was not did not reach "
+            f"its topic): {then}"
+        )
+    if old_now is not None:
+        return (
+            f"replaced by another table of the same name (oid {old.oid} → {new.oid}; oid "
+            f"{old.oid} is {old_now} now): {then}"
+        )
+    return f"dropped and created again (oid {old.oid} → {new.oid}): {then}"
+
+
+def unpublished_warning(sig: TableSignature, publication: str, topic: str) -> str:
+    """What an operator should know when a recorded table is no longer published under its
+    name."""
+    return (
+        f"{sig.qualified} (oid {sig.oid}) is no longer published (dropped, renamed, or taken "
+        f"out of publication {publication}): its rows stay in Kafka ({topic}) and on the "
+        f"devices. A table published as {sig.qualified} later has them deleted then. To "
+        f"remove them now: create {sig.qualified} again, empty (with a publication of listed "
+        "tables the daemon adds it back), and drop it once its re-snapshot is done; TRUNCATE "
+        "a table before dropping it to remove its rows everywhere"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TableCheck:
+    """A published table of now against the recorded catalog: ``old`` is its signature
+    recorded under its oid (None: not recorded); ``replaced`` the table last recorded under
+    its name when the topic may hold rows no row event removed (another table's, or its own
+    from before it left the publication), with ``replaced_now`` the name that table's oid is
+    published under now (renamed away), if it is."""
+
+    new: TableSignature
+    old: TableSignature | None = None
+    replaced: TableSignature | None = None
+    replaced_now: str | None = None
+
+    def reasons(self) -> list[str]:
+        """Why existing rows or keys in Kafka may be stale (empty: none known; a table new
+        to the recorded catalog is judged by the caller)."""
+        out = []
+        if self.replaced is not None:
+            out.append(replaced_reason(self.replaced, self.new, self.replaced_now))
+        if self.old is not None:
+            out.extend(resnapshot_reasons(self.old, self.new))
+        return out
+
+    @property
+    def retire_keys(self) -> bool:
+        """Whether the re-snapshot deletes the keys no row has now first: the table was
+        replaced, or its key changed (:func:`key_changed`)."""
+        return self.replaced is not None or (
+            self.old is not None and key_changed(self.old, self.new)
+        )
+
+    @property
+    def before(self) -> TableSignature | None:
+        """The signature the table's events were last written under (for
+        :func:`identity_warnings`)."""
+        return self.old if self.old is not None else self.replaced
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CatalogComparison:
+    """:func:`compare_catalogs`: every published table of now, the recorded tables that are
+    no longer published under their name (newly: to warn about), and the unpublished tables
+    to record (by name)."""
+
+    tables: tuple[TableCheck, ...]
+    unpublished: tuple[TableSignature, ...]
+    remembered: dict[str, TableSignature]
+
+
+def compare_catalogs(
+    recorded: Mapping[int, TableSignature],
+    unpublished: Mapping[str, TableSignature],
+    now: Mapping[int, TableSignature],
+    republished: Collection[str] = (),
+) -> CatalogComparison:
+    """The published tables of ``now`` against the ``recorded`` ones (by oid) and the
+    ``unpublished`` ones (by qualified name).  A table of now is *replaced* when
+
+    - its name was last recorded under another oid (dropped and created again; or another
+      table renamed away and this one created or renamed into its place), or
+    - its name is among the unpublished ones (published again: created again, re-added to
+      the publication, or renamed back), or
+    - its name is in ``republished`` (the daemon just added it back to a publication of
+      listed tables: it was out of it, whatever the recorded catalog says) and some table
+      was recorded under it.
+
+    A recorded table whose name no table of now has is newly unpublished; it is remembered
+    (with the unpublished ones whose name is still not published) until a table is
+    published under its name."""
+    names_now = {s.qualified for s in now.values()}
+    by_name = {s.qualified: s for s in recorded.values()}
+    checks = []
+    for oid, new in sorted(now.items()):
+        name = new.qualified
+        holder = by_name.get(name) or unpublished.get(name)
+        replaced = None
+        if holder is not None and (holder.oid != oid or name in unpublished or name in republished):
+            replaced = holder
+        renamed_to = None
+        if replaced is not None and replaced.oid != oid and replaced.oid in now:
+            renamed_to = now[replaced.oid].qualified
+        checks.append(TableCheck(new, recorded.get(oid), replaced, renamed_to))
+    gone = tuple(s for _, s in sorted(recorded.items()) if s.qualified not in names_now)
+    remembered = {n: s for n, s in unpublished.items() if n not in names_now}
+    remembered.update((s.qualified, s) for s in gone)
+    return CatalogComparison(tuple(checks), gone, remembered)
+
+
+def signatures_to_bytes(
+    signatures: Mapping[int, TableSignature],
+    unpublished: Mapping[str, TableSignature] | None = None,
+) -> bytes:
+    """The recorded catalog: the published tables (by oid) and the unpublished ones (by
+    name, :func:`compare_catalogs`)."""
     return json.dumps(
-        {"version": 1, "tables": [s.to_json() for _, s in sorted(signatures.items())]},
+        {
+            "version": 1,
+            "tables": [s.to_json() for _, s in sorted(signatures.items())],
+            "unpublished": [s.to_json() for _, s in sorted((unpublished or {}).items())],
+        },
         sort_keys=True,
     ).encode()
 
 
-def signatures_from_bytes(data: bytes) -> dict[int, TableSignature]:
+def recorded_catalog_from_bytes(
+    data: bytes,
+) -> tuple[dict[int, TableSignature], dict[str, TableSignature]]:
+    """The published tables (by oid) and the unpublished ones (by qualified name) of a
+    recorded catalog; a record written before unpublished tables were kept has none."""
     d = json.loads(data)
     if d.get("version") != 1:
         raise ValueError(f"catalog signatures of version {d.get('version')!r}, expected 1")
-    return {s.oid: s for s in (TableSignature.from_json(t) for t in d.get("tables", ()))}
+    tables = {s.oid: s for s in (TableSignature.from_json(t) for t in d.get("tables", ()))}
+    gone = (TableSignature.from_json(t) for t in d.get("unpublished", ()))
+    return tables, {s.qualified: s for s in gone}
+
+
+def signatures_from_bytes(data: bytes) -> dict[int, TableSignature]:
+    """The published tables of a recorded catalog, by oid."""
+    return recorded_catalog_from_bytes(data)[0]

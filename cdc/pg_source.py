@@ -157,11 +157,14 @@ the applier name the partitioned table, and a row moved between partitions by an
 then arrives as a delete and an insert of that one table."""
 
 
-def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequence[str]) -> None:
+def ensure_publication(
+    conn: psycopg.Connection[Any], name: str, tables: Sequence[str]
+) -> list[str]:
     """Create the publication if missing (publishing partitioned tables through their
-    root, :data:`VIA_ROOT`); add listed tables it lacks.  An existing publication that
-    publishes a listed partitioned table through its partitions is refused (its changes
-    would go to the partitions' topics, which nothing that follows the table reads)."""
+    root, :data:`VIA_ROOT`); add listed tables it lacks.  Returns the tables added to an
+    existing publication (``schema.table``).  An existing publication that publishes a
+    listed partitioned table through its partitions is refused (its changes would go to
+    the partitions' topics, which nothing that follows the table reads)."""
     row = conn.execute(
         "select puballtables, pubviaroot from pg_publication where pubname = %s", (name,)
     ).fetchone()
@@ -181,7 +184,7 @@ def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequenc
                 )
             )
         log.info("created publication %s (%s)", name, ", ".join(tables) or "all tables")
-        return
+        return []
     if not row[1]:
         _refuse_partitioned_tables(conn, name, tables)
     if row[0] or not tables:
@@ -189,23 +192,45 @@ def ensure_publication(conn: psycopg.Connection[Any], name: str, tables: Sequenc
             log.warning(
                 "publication %s exists and does not cover all tables; using it as it is", name
             )
-        return
-    have = {
-        f"{s}.{t}"
-        for s, t in conn.execute(
-            "select schemaname, tablename from pg_publication_tables where pubname = %s", (name,)
-        ).fetchall()
-    }
-    add = [
-        sql.Identifier(*_split_table(t)) for t in tables if ".".join(_split_table(t)) not in have
-    ]
+        return []
+    added, _ = add_listed_tables(conn, name, tables)
+    if added:
+        log.info("added %d table(s) to publication %s: %s", len(added), name, ", ".join(added))
+    return added
+
+
+LISTED_TABLES_QUERY = """
+select t.schema, t.name, c.oid is not null, p.tablename is not null
+from unnest(%s::text[], %s::text[]) with ordinality as t(schema, name, n)
+left join pg_namespace ns on ns.nspname = t.schema
+left join pg_class c on c.relnamespace = ns.oid and c.relname = t.name and c.relkind in ('r', 'p')
+left join pg_publication_tables p
+  on p.pubname = %s and p.schemaname = t.schema and p.tablename = t.name
+order by t.n
+"""
+"""Each listed table (schema, name): whether it exists, whether the publication has it."""
+
+
+def add_listed_tables(
+    conn: psycopg.Connection[Any], name: str, tables: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Add to the publication ``name`` every table of ``tables`` that exists and is not in
+    it (a listed table dropped and created again, or taken out with ALTER PUBLICATION …
+    DROP TABLE).  Returns the tables added and the tables that do not exist (each
+    ``schema.table``)."""
+    parts = list(dict.fromkeys(_split_table(t) for t in tables))
+    rows = conn.execute(
+        LISTED_TABLES_QUERY, ([s for s, _ in parts], [t for _, t in parts], name)
+    ).fetchall()
+    add = [(str(s), str(t)) for s, t, exists, published in rows if exists and not published]
     if add:
         conn.execute(
             sql.SQL("alter publication {} add table {}").format(
-                sql.Identifier(name), sql.SQL(", ").join(add)
+                sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(*a) for a in add)
             )
         )
-        log.info("added %d table(s) to publication %s", len(add), name)
+    missing = [f"{s}.{t}" for s, t, exists, _ in rows if not exists]
+    return [f"{s}.{t}" for s, t in add], missing
 
 
 def _refuse_partitioned_tables(
