@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import psycopg
@@ -41,7 +41,7 @@ from psycopg import sql
 
 from cdc import pgoutput_messages as m
 from cdc.change_assembler import topic_for
-from cdc.ddl_detection import signatures_from_bytes, signatures_to_bytes
+from cdc.ddl_detection import recorded_catalog_from_bytes, signatures_to_bytes
 from cdc.errors import ReplicationLost, SinkError, SnapshotRequestError
 from cdc.incremental_snapshot import ChunkWindow, Job, Progress
 from cdc.kafka_sink import KafkaOptions, Sink
@@ -119,10 +119,18 @@ class IncrementalSnapshots:
             self._conn.close()
             self._conn = None
 
-    def load(self, opts: KafkaOptions, *, initial_snapshot: bool, timeout_s: float = 30.0) -> None:
+    def load(
+        self,
+        opts: KafkaOptions,
+        *,
+        initial_snapshot: bool,
+        timeout_s: float = 30.0,
+        republished: Collection[str] = (),
+    ) -> None:
         """Read the progress and the recorded catalog back; set up the signal table; compare
         the catalog with what was recorded (a first start, or one that takes an initial
-        snapshot, records it: the snapshot covers every change before)."""
+        snapshot, records it: the snapshot covers every change before).  ``republished``:
+        listed tables the start just added back to the publication."""
         slot = self.pg.slot
         self.retirement = Retirement(opts, self.db, self._codec, timeout_s)
         records = read_state_records(opts, [progress_key(slot), catalog_key(slot)], timeout_s)
@@ -138,7 +146,8 @@ class IncrementalSnapshots:
         self.stream.signal_seen = (self.progress.signal_lsn, self.progress.signal_id)
         if catalog_key(slot) in records and not initial_snapshot:
             try:
-                self.checks.signatures = signatures_from_bytes(records[catalog_key(slot)])
+                recorded = recorded_catalog_from_bytes(records[catalog_key(slot)])
+                self.checks.signatures, self.checks.unpublished = recorded
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("the recorded catalog cannot be read (%s): recording it again", exc)
         if initial_snapshot and self.progress.jobs:
@@ -161,7 +170,7 @@ class IncrementalSnapshots:
                 job.reason,
                 f"resumes after key {list(job.after)}" if job.after else "starts",
             )
-        self.checks.check()
+        self.checks.check(republished)
 
     def persist(self, sink: Sink, resume: ResumePosition | None) -> None:
         """Commit changed state records now (in a Kafka transaction of their own, repeating
@@ -178,7 +187,9 @@ class IncrementalSnapshots:
             self.progress.signal_lsn, self.progress.signal_id = self.stream.signal_seen
             out[progress_key(self.pg.slot)] = self.progress.to_bytes()
         if self.checks.dirty and self.checks.signatures is not None:
-            out[catalog_key(self.pg.slot)] = signatures_to_bytes(self.checks.signatures)
+            out[catalog_key(self.pg.slot)] = signatures_to_bytes(
+                self.checks.signatures, self.checks.unpublished
+            )
         return out
 
     def records_written(self) -> None:

@@ -252,7 +252,7 @@ class CdcDaemon:
         try:
             info = preflight(conn, pg.tables)
             self.db = conn.info.dbname
-            ensure_publication(conn, pg.publication, pg.tables)
+            republished = ensure_publication(conn, pg.publication, pg.tables)
             # The producer first: its init_transactions() fences a predecessor with the same
             # transactional id and settles that one's open transaction (aborted, or committed
             # if its commit had begun), so the resume position read next is final.
@@ -275,6 +275,7 @@ class CdcDaemon:
                 kafka_options(self.s),
                 initial_snapshot=need_snapshot,
                 timeout_s=self.s.kafka.timeout_s,
+                republished=republished,
             )
             sink = resnap.wrap(sink)
             if action is StartAction.RECREATE_WITH_SNAPSHOT:

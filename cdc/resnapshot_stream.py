@@ -172,6 +172,7 @@ class ChunkTracker:
         self.chunk: InFlightChunk | None = None
         self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_XIDS)
         self.check_oids: set[int] = set()  # tables whose Relation changed
+        self.first_oids: set[int] = set()  # tables whose first Relation of the session came
         self._last_xid: int | None = None
         self._relations: dict[int, m.Relation] = {}
 
@@ -222,7 +223,10 @@ class ChunkTracker:
         if self.signal_name == (rel.namespace, rel.name):
             self.signal_oid = rel.oid
         if previous is None:
-            return  # the first in this session (the check at start covered the table)
+            # the first in this session: the check at start covered the table, unless it is
+            # new since (the catalog checks look at the ones they have not recorded)
+            self.first_oids.add(rel.oid)
+            return
         diff = compare_relations(previous, rel)
         if not diff.changed:
             return
