@@ -79,6 +79,7 @@ class CatalogChecks:
         self._next_check = 0.0
         self._republished: set[str] = set()  # listed tables added back, not compared yet
         self._missing: set[str] = set()  # listed tables found missing (warned once)
+        self._add_failure: str | None = None  # why adding listed tables back failed (warned)
 
     def due(self) -> bool:
         """Whether a Relation message changed, the stream showed a table the recorded
@@ -100,8 +101,7 @@ class CatalogChecks:
         conn = self._connection()
         try:
             if self.pg.tables:
-                added, missing = add_listed_tables(conn, self.pg.publication, self.pg.tables)
-                self._listed(added, missing)
+                self._add_listed(conn)
             now = read_signatures(conn, self.pg.publication)
             row = conn.execute(
                 "select puballtables from pg_publication where pubname = %s",
@@ -144,6 +144,28 @@ class CatalogChecks:
         return sig.oid == self.stream.signal_oid or (sig.schema, sig.table) == (
             self.stream.signal_name
         )
+
+    def _add_listed(self, conn: psycopg.Connection[Any]) -> None:
+        """Add listed tables missing from the publication back (a failure other than a lost
+        connection is warned about when it first occurs, and the check goes on)."""
+        try:
+            added, missing = add_listed_tables(conn, self.pg.publication, self.pg.tables)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            text = str(exc).strip()
+            if text != self._add_failure:
+                log.warning(
+                    "cannot add the tables of postgres.tables that are not in publication %s "
+                    "back (tried again at each catalog check; the checks go on without them): "
+                    "%s",
+                    self.pg.publication,
+                    text,
+                )
+            self._add_failure = text
+            return
+        self._add_failure = None
+        self._listed(added, missing)
 
     def _listed(self, added: list[str], missing: list[str]) -> None:
         """Warn about listed tables added back to the publication, and (once) about listed

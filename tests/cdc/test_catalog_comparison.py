@@ -10,6 +10,7 @@ import json
 import logging
 from typing import Any
 
+import psycopg
 import pytest
 
 from cdc import pgoutput_messages as m
@@ -171,12 +172,15 @@ class Catalog:
         self.added: list[str] = []
         self.missing: list[str] = []
         self.listed_calls = 0
+        self.refused = False
 
     def read_signatures(self, conn: Any, publication: str) -> dict[int, TableSignature]:
         return dict(self.now)
 
     def add_listed_tables(self, conn: Any, name: str, tables: Any) -> tuple[list[str], list[str]]:
         self.listed_calls += 1
+        if self.refused:
+            raise psycopg.errors.InsufficientPrivilege("must be owner of table t")
         added, self.added = self.added, []
         return added, list(self.missing)
 
@@ -249,6 +253,17 @@ def test_checks_of_a_listed_table_added_back_or_missing(
     missing = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
     assert len(missing) == 1 and missing[0].startswith("public.t is listed in postgres.tables")
     assert catalog.listed_calls == 3
+    # adding back refused (the daemon's role does not own the new table): warned once, the
+    # other tables are still checked
+    caplog.clear()
+    catalog.refused = True
+    catalog.now = {3: dataclasses.replace(U3, columns=(*U3.columns, col(3, "c", TEXT)), filenode=1)}
+    with caplog.at_level(logging.WARNING, logger="fieldsync.cdc"):
+        checks.check()
+        checks.check()
+    refused = [r.getMessage() for r in caplog.records if "cannot add" in r.getMessage()]
+    assert len(refused) == 1 and "must be owner of table t" in refused[0]
+    assert [j.oid for j in jobs.progress.jobs] == [1, 3]
 
 
 def test_checks_with_resnapshots_off_say_the_old_rows_stay(
