@@ -457,7 +457,9 @@ DAEMON = Section(
             True,
             "Re-read a table (op 'r' events, while streaming goes on) after a change that gives "
             "existing rows new values without row events: ADD COLUMN with a default, a table "
-            "rewrite by ALTER COLUMN TYPE or a volatile default, an enum RENAME VALUE.",
+            "rewrite by ALTER COLUMN TYPE or a volatile default, an enum RENAME VALUE; and a "
+            "table dropped and created again under its name, after deleting the keys in Kafka "
+            "no row of the new table has.",
         ),
         Setting(
             "resnapshot_chunk_rows",
@@ -471,8 +473,9 @@ DAEMON = Section(
             "ddl_check_interval_s",
             float,
             10.0,
-            "Seconds between catalog checks for such changes (also checked at start and when "
-            "a Relation message changes); 0 checks only then.",
+            "Seconds between catalog checks for such changes (also checked at start, when "
+            "a Relation message changes and when the stream shows a table not checked yet); "
+            "0 checks only then.",
             check=check_non_negative,
         ),
         Setting(
