@@ -37,6 +37,11 @@ def q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def lit(text: str) -> str:
+    """A SQLite string literal (a column name as a JSON key in the triggers)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 class transaction:
     """``with transaction(conn):`` a ``BEGIN IMMEDIATE`` … ``COMMIT`` (rollback on error)."""
 

@@ -46,6 +46,7 @@ from device_agent.local_tables import (
     LocalTable,
     json_value_sql,
     key_expr,
+    lit,
     q,
     transaction,
 )
@@ -65,7 +66,7 @@ def _k(table: LocalTable, ref: str) -> str:
 def _row_json(table: LocalTable, ref: str) -> str:
     return (
         "json_object("
-        + ", ".join(f"'{c}', {json_value_sql(f'{ref}.{q(c)}')}" for c in table.columns)
+        + ", ".join(f"{lit(c)}, {json_value_sql(f'{ref}.{q(c)}')}" for c in table.columns)
         + ")"
     )
 

@@ -1,5 +1,6 @@
 """Schema and table names Kafka cannot use as they are (spaces, letters outside ASCII),
-and one that differs from another table's only in such a character, sync both ways against
+one that differs from another table's only in such a character, and a column whose name
+holds a single quote (a string literal in the device's journal triggers), sync both ways against
 the real processes: cdc writes each table to its own valid topic (core/topic_names.py), the
 relay reads it from there, the device holds every row under the original names, and a
 device edit reaches PostgreSQL."""
@@ -22,8 +23,8 @@ DDL = """
 create schema "Bau Stellen";
 create table "Bau Stellen"."Aufträge Ü" (id int primary key, "Notiz Text" text);
 insert into "Bau Stellen"."Aufträge Ü" values (1, 'eins'), (2, 'zwei');
-create table "work orders" (id int primary key, note text);
-insert into "work orders" values (1, 'with a space');
+create table "work orders" (id int primary key, note text, "it's" text);
+insert into "work orders" values (1, 'with a space', 'quote');
 create table work_orders (id int primary key, note text);
 insert into work_orders values (1, 'with an underscore'), (2, 'second');
 """
@@ -61,7 +62,7 @@ def test_tables_with_names_kafka_cannot_use_sync_both_ways(
                     "every table's rows",
                 )
                 assert rows(local) == [(1, "eins"), (2, "zwei")]
-                assert rows('"work orders"') == [(1, "with a space")]
+                assert rows('"work orders"') == [(1, "with a space", "quote")]
                 assert rows("work_orders") == [(1, "with an underscore"), (2, "second")]
                 code, report = verify(dev.db)
                 assert code == 0, report
@@ -71,9 +72,15 @@ def test_tables_with_names_kafka_cannot_use_sync_both_ways(
                 assert out["outcome"] == "applied", out
                 got = pg.execute('select "Notiz Text" from "Bau Stellen"."Aufträge Ü" where id = 2')
                 assert got.fetchone() == ("geändert",)
+                dev.app.execute('update "work orders" set "it\'s" = \'device\' where id = 1')
+                out = dev.settled()
+                assert out["outcome"] == "applied", out
+                got = pg.execute('select "it\'s" from "work orders" where id = 1').fetchone()
+                assert got == ("device",)
                 pg.execute("update \"work orders\" set note = 'server' where id = 1")
                 dev.sync_until(
-                    lambda: rows('"work orders"') == [(1, "server")], "the server's edit"
+                    lambda: rows('"work orders"') == [(1, "server", "device")],
+                    "the server's edit",
                 )
                 assert rows("work_orders")[0] == (1, "with an underscore")
             finally:
