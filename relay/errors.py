@@ -194,6 +194,12 @@ class EngineError(RelayError):
     """The bucket engine cannot go on (an event it cannot decode, a schema that never came)."""
 
 
+class SourceUnreadable(RelayError):
+    """The captured database cannot give the rows of a table the bucket engine asked it
+    for (the table or a column is not there now, a value does not convert); the message
+    names the table."""
+
+
 class UploadError(RelayError):
     """A journal upload as a whole is unusable (HTTP 400): not a list of entries, a
     seq missing or out of order.  ``code`` is stable."""

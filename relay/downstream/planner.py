@@ -39,6 +39,7 @@ from typing import Any, Final, NamedTuple
 from core.row_wire import CHECKSUM_MODULUS, PLAIN_TYPES, canonical_json, json_value, row_key_text
 from relay.downstream.bucket_store import ChangeKind, OpKind, Position, RowChange
 from relay.downstream.rules import Rules, parse_bucket_id
+from relay.downstream.unchanged_fill import Fills, Wanted
 from relay.errors import RowError
 
 RowRef = tuple[str, str]
@@ -109,6 +110,13 @@ class Plan:
     deltas: dict[str, BucketDelta] = dataclasses.field(default_factory=dict)
     duplicates: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
+    wanted: list[Wanted] = dataclasses.field(default_factory=list)
+    """Rows whose missing unchanged TOAST values are to be read from the source (see
+    relay/downstream/unchanged_fill.py); their changes are among :attr:`errors` until
+    the batch is planned again with what the source gave."""
+    source_filled: int = 0  # changes completed with values the source gave
+    source_gone: int = 0  # changes whose row the source no longer has: placed nowhere
+    unfilled: int = 0  # changes skipped for a value that could not be had
 
     def resolve(self, first_op_id: int) -> dict[RowRef, RowState]:
         """The row states with real op ids, given the id of the plan's first op."""
@@ -162,10 +170,17 @@ class _Placer:
 
     def data_json(self, table: str, rule: str, row: Mapping[str, Any]) -> str:
         """``canonical_json(json_value(rules.project(table, rule, row)))``."""
+        return canonical_json(_json_row(self._projector(table, rule)(row)))
+
+    def keeps(self, table: str, rule: str, columns: Sequence[str]) -> bool:
+        """Whether ``rule``'s projection of ``table`` keeps one of ``columns``."""
+        return bool(self._projector(table, rule)(dict.fromkeys(columns)))
+
+    def _projector(self, table: str, rule: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
         project = self.projectors.get((table, rule))
         if project is None:
             project = self.projectors[table, rule] = self.rules.projector(table, rule)
-        return canonical_json(_json_row(project(row)))
+        return project
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -234,16 +249,24 @@ def plan_changes(
     states: Mapping[RowRef, RowState],
     truncated: Mapping[str, Position],
     stored_data: Mapping[RowRef, Mapping[str, Any]] | None = None,
+    *,
+    fills: Fills | None = None,
 ) -> Plan:
     """Turn changes (no truncates among them) into bucket ops, in order.  Pure.
 
     ``states``: the remembered state of (at least) the rows :func:`lookup_refs` names;
     ``truncated``: per table, the position of its last truncate (events at or below it are
     stale); ``stored_data``: the last known data of rows whose change carries unchanged
-    (TOAST) columns, to fill those in.  A change at or below the row's remembered position
-    is a duplicate and changes nothing.  A change whose row cannot be placed (a column a
-    rule needs is missing) is skipped and described in :attr:`Plan.errors`; the old key of
-    such a key change is still retired (PostgreSQL no longer has it).
+    (TOAST) columns, to fill those in; ``fills``: what the captured database gave of the
+    values still missing (None: it cannot be asked).  A change at or below the row's
+    remembered position is a duplicate and changes nothing.  A change whose row cannot be
+    placed (a column a rule needs is missing) is skipped and described in
+    :attr:`Plan.errors`, and so is one whose row lacks an unchanged TOAST value a rule
+    reads or a bucket it goes to keeps, which neither ``stored_data`` nor ``fills`` hold
+    (such a row is never sent without it; :attr:`Plan.wanted` names what to read, see
+    relay/downstream/unchanged_fill.py); the old key of such a key change is still retired
+    (PostgreSQL no longer has it).  A row ``fills`` says the database has no more under
+    its key is placed in no bucket.
     """
     plan = Plan()
     current: dict[RowRef, RowState] = dict(states)
@@ -284,6 +307,14 @@ def plan_changes(
         row = c.row
         if row is not None and c.unchanged:
             row = _filled_row(c, known.get(retire or ref), known.get(ref))
+            lacking = _lacking(placer, c, row)
+            if lacking:
+                got = _from_source(plan, placer, c, ref, row, lacking, fills)
+                if got is _UNFILLED:
+                    if retire is not None:  # the old key is gone all the same
+                        _retire(plan, placer, c, retire, current, known)
+                    continue
+                row = None if got is None else {**row, **got}  # None: gone from the source
         try:
             new_buckets = place(table, row) if row is not None else _NONE
         except RowError as exc:
@@ -305,6 +336,7 @@ def plan_changes(
 
 
 _NONE: Final[frozenset[str]] = frozenset()
+_UNFILLED: Final[Mapping[str, Any]] = {}
 _new: Final = tuple.__new__
 """Builds a named tuple from a tuple of its fields: several times cheaper than calling the
 class (whose ``__new__`` is a Python function)."""
@@ -339,6 +371,64 @@ def _filled_row(
                 row[column] = source[column]
                 break
     return row
+
+
+def _lacking(placer: _Placer, c: RowChange, row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The unchanged columns ``row`` lacks, when one of them is read to place it or kept
+    by a bucket it goes to (else none: the row is placed and stored without them)."""
+    missing = tuple(column for column in c.unchanged if column not in row)
+    if not missing:
+        return ()
+    table = c.table
+    if any(column in missing for column in placer.columns.get(table, ())):
+        return missing
+    try:
+        buckets = placer.buckets(table, row)
+    except RowError:
+        return ()  # the placement reports it
+    rules = {_rule_name(bucket) for bucket in buckets}
+    return missing if any(placer.keeps(table, rule, missing) for rule in rules) else ()
+
+
+def _from_source(
+    plan: Plan,
+    placer: _Placer,
+    c: RowChange,
+    ref: RowRef,
+    row: Mapping[str, Any],
+    lacking: tuple[str, ...],
+    fills: Fills | None,
+) -> Mapping[str, Any] | None:
+    """The values of ``lacking`` the source gave; None when it has no such row now;
+    :data:`_UNFILLED` (the change described in :attr:`Plan.errors`, or its row added to
+    :attr:`Plan.wanted`) when they are not known."""
+    if fills is None:
+        why = "relay.source_dsn is not set, so they cannot be read from the captured database"
+    elif ref in fills.failed:
+        why = f"reading them from the captured database failed: {fills.failed[ref]}"
+    elif ref in fills.rows:
+        found = fills.rows[ref]
+        if found is None:
+            plan.source_gone += 1
+            return None
+        if all(column in found for column in lacking):
+            plan.source_filled += 1
+            return {column: found[column] for column in lacking}
+        why = "the captured database did not give them"
+    else:
+        key_columns = placer.rules.table_info(c.table).key
+        if key_columns and all(k in row and k not in c.unchanged for k in key_columns):
+            plan.wanted.append(Wanted(ref, tuple((k, row[k]) for k in key_columns), lacking))
+            why = "not read from the captured database yet"
+        else:
+            why = "the event's row lacks the key columns to read them by"
+    plan.unfilled += 1
+    plan.errors.append(
+        f"{c.table} key {ref[1]} at position {c.position}: the value of column(s) "
+        f"{', '.join(lacking)} is unknown (unchanged TOAST, not in the event, no copy in the "
+        f"relay): {why}; the row is not sent without it"
+    )
+    return _UNFILLED
 
 
 def _add_op(plan: Plan, op: PlannedOp) -> int:

@@ -279,6 +279,28 @@ def test_unchanged_toast_columns_are_filled_in() -> None:
     assert json.loads(plan.ops[-1].data_json or "")["notes"] == "stored"
 
 
+def test_a_row_is_never_sent_without_an_unchanged_value_it_cannot_fill() -> None:
+    # the row left every bucket (a tombstone, no stored data) and comes back with its
+    # TOASTed notes unchanged: no copy of them anywhere, and no source to read them from
+    left = {(T, "[1]"): RowState((), (1, 0))}
+    back = RowChange(
+        T,
+        ChangeKind.UPSERT,
+        (2, 0),
+        (1,),
+        {**row(1, "t1", status="done"), "notes": None},
+        unchanged=("notes",),
+    )
+    plan = plan_changes(RULES, [back], left, {})
+    assert [o for o in plan.ops if o.kind is OpKind.PUT] == []
+    assert len(plan.errors) == 1 and "public.orders key [1]" in plan.errors[0]
+    assert "notes" in plan.errors[0]
+    # a bucket whose rule keeps no notes takes the row all the same
+    back = back._replace(row={**row(1, None), "notes": None})
+    plan = plan_changes(RULES, [back], left, {})
+    assert [(o.bucket, o.kind) for o in plan.ops] == [("open[]", OpKind.PUT)] and not plan.errors
+
+
 def test_a_row_the_rules_cannot_place_is_skipped_with_a_message() -> None:
     broken = RowChange(T, ChangeKind.UPSERT, (1, 0), (1,), {"id": 1, "status": "open"})
     plan = plan_changes(RULES, [broken, up(2, (1, 1), "t1")], {}, {})
