@@ -16,7 +16,9 @@ served on ``[relay] metrics_listen`` by :func:`core.metrics.serve_or_log`.  docs
 - ``fieldsync_relay_auth_failures_total{reason}`` (the AuthError code),
   ``fieldsync_relay_rate_limited_total``, ``fieldsync_relay_journal_entries_total{status}``;
 - ``fieldsync_relay_table_definitions_total{result}``: changed table definitions the table
-  follower read (relay/downstream/table_follower.py).
+  follower read (relay/downstream/table_follower.py);
+- ``fieldsync_relay_toast_fills_total{result}``: changes lacking unchanged TOAST values
+  the store held no copy of, by how they were filled (relay/downstream/unchanged_fill.py).
 
 Instrumentation stays thin: a counter increment or a timer context where the thing
 happens; nothing is measured per change except by the batch.
@@ -66,6 +68,8 @@ __all__ = [
     "STORE_OPERATIONS",
     "STORE_SECONDS",
     "STREAMS",
+    "TOAST_FILLS",
+    "TOAST_FILL_RESULTS",
     "Connections",
     "ConsumerLag",
     "LagCollector",
@@ -311,6 +315,15 @@ TABLE_DEFINITIONS: Final = Counter(
     ["result"],
     registry=REGISTRY,
 )
+TOAST_FILL_RESULTS: Final = ("source", "gone", "unfilled")
+TOAST_FILLS: Final = Counter(
+    "fieldsync_relay_toast_fills_total",
+    "Changes lacking unchanged TOAST values the bucket store held no copy of: source (read "
+    "from the captured database), gone (the database has no such row now: placed nowhere), "
+    "unfilled (the value could not be had: the change was skipped, the row not sent).",
+    ["result"],
+    registry=REGISTRY,
+)
 ENGINE_LAG: Final = LagCollector("fieldsync_relay_engine", "the bucket engine", with_topic=True)
 REGISTRY.register(ENGINE_LAG)
 
@@ -318,3 +331,5 @@ for _operation in STORE_OPERATIONS:
     STORE_SECONDS.labels(_operation)
 for _status in JOURNAL_STATUSES:
     JOURNAL_ENTRIES.labels(_status)
+for _result in TOAST_FILL_RESULTS:
+    TOAST_FILLS.labels(_result)

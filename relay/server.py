@@ -77,6 +77,7 @@ from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules, TableInfo
 from relay.downstream.rules_parser import rules_from_mapping, rules_tables
 from relay.downstream.rules_placement import placement_text
+from relay.downstream.source_rows import PgSourceRows
 from relay.downstream.table_follower import TableFollower, table_follower
 from relay.downstream.table_infos import table_infos_from_catalog, table_infos_from_registry
 from relay.errors import ConfigError, RulesError
@@ -474,6 +475,13 @@ class RelayServer:
             yield None
             return
         r = self.settings.relay
+        source = PgSourceRows(r.source_dsn, r.source_password) if r.source_dsn else None
+        if source is None:
+            log.warning(
+                "relay.source_dsn is not set: a change lacking an unchanged TOAST value the "
+                "bucket store holds no copy of (a row entering a bucket) cannot be placed "
+                'and is skipped with an error (docs/relay.md, "Placing a change")'
+            )
         engine = BucketEngine(
             store,
             rules,
@@ -484,6 +492,7 @@ class RelayServer:
             compact_interval_s=r.compact_interval_s,
             shares=r.engine_shares,
             share=self.settings.engine_share(),
+            source_rows=source,
         )
         engine.columns_guard = ColumnsGuard(guard)
 
@@ -505,6 +514,8 @@ class RelayServer:
             if thread.is_alive():
                 log.warning("bucket engine did not stop within 30 s")
             engine.close()
+            if source is not None:
+                source.close()
 
     def _serve(self, app: Any, on_ready: Callable[[str, int], None] | None) -> None:
         config = uvicorn_config(app, self.settings.http, self.settings.relay.log_level.lower())

@@ -39,6 +39,9 @@ Choices:
   fingerprint shows up; the cdc daemon commits a schema in the same Kafka transaction as
   the first event using it).  Avro field names are mapped back to column names
   (``pg.name``), so rules always see PostgreSQL column names.
+- **Unchanged TOAST values** the store holds no copy of (a row entering a bucket) are read
+  by key from the captured database, ``source_rows`` (relay/downstream/unchanged_fill.py),
+  in one read per table and batch; without it such changes are skipped with an error.
 
 Threading: :meth:`BucketEngine.run` runs in one thread and starts one reader thread
 (relay/downstream/engine_reader.py), the only user of the Kafka consumers, which polls,
@@ -69,6 +72,7 @@ from relay.downstream.engine_reader import ChangeReader, EngineStats, Idle
 from relay.downstream.event_decoder import EventDecoder, schema_key, stale_keys
 from relay.downstream.pg_bucket_store import PgBucketStore
 from relay.downstream.rules import Rules
+from relay.downstream.unchanged_fill import SourceRows
 from relay.errors import BrokerUnavailable, EngineError, LeadershipLost, StoreError
 from relay.kafka_offsets import partition_lag
 from relay.metrics import OPS_WRITTEN, ConsumerLag
@@ -187,6 +191,7 @@ class BucketEngine:
         schema_wait_s: float = 30.0,
         shares: int = 1,
         share: int | None = None,
+        source_rows: SourceRows | None = None,
     ) -> None:
         if shares < 1 or (share is not None and not 0 <= share < shares):
             raise EngineError(f"engine share {share} is not one of 0..{shares - 1}")
@@ -202,6 +207,7 @@ class BucketEngine:
         self.schema_wait_s = schema_wait_s
         self.shares = shares
         self.share = share
+        self.source_rows = source_rows  # unchanged TOAST values the store has no copy of
         self.led_share: int | None = None
         self.stats = EngineStats()
         self.lag = ConsumerLag()
@@ -381,9 +387,8 @@ class BucketEngine:
         self.columns_guard.check(changes)
         self.lag.received(_commit_s(changes[0]) if changes else None)
         t0 = time.perf_counter()
-        result = self.store.apply(self.rules, changes, item.progress)
-        self.stats.apply_s += time.perf_counter() - t0
-        self.stats.locked_s += result.locked_s
+        result = self.store.apply(self.rules, changes, item.progress, self.source_rows)
+        self.stats.applied(item, result, time.perf_counter() - t0)
         self._progress.update(item.progress)
         OPS_WRITTEN.inc(result.ops)
         self.lag.saw_ends(self._reader.ends)
@@ -391,11 +396,6 @@ class BucketEngine:
             {tp: p.next_offset for tp, p in item.progress.items()},
             _commit_s(changes[-1]) if changes else None,
         )
-        self.stats.batches += 1
-        self.stats.changes += len(item.changes) + item.nowhere
-        self.stats.duplicates += result.skipped_duplicates
-        self.stats.errors += result.skipped_errors
-        self.stats.ops += result.ops
         return item.records
 
     def maintain(self) -> None:

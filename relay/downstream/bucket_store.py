@@ -51,6 +51,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from relay.downstream.rules import Rules
+from relay.downstream.unchanged_fill import SourceRows
 
 __all__ = [
     "ApplyResult",
@@ -260,6 +261,10 @@ class ApplyResult:
     that could not be placed (logged with table, key and position); ``ops``: ops written;
     ``first_op_id``/``last_op_id``: their ids (0 when none); ``buckets``: buckets touched;
     ``locked_s``: seconds the write lock was held, to the commit (0 where there is none).
+    Of the changes lacking unchanged TOAST values the store holds no copy of
+    (relay/downstream/unchanged_fill.py): ``source_filled`` were completed with values
+    read from the captured database, ``source_gone`` placed nowhere (the database has no
+    such row now), ``unfilled`` skipped (among ``skipped_errors``).
     """
 
     changes: int
@@ -270,6 +275,9 @@ class ApplyResult:
     last_op_id: int
     buckets: frozenset[str]
     locked_s: float = 0.0
+    source_filled: int = 0
+    source_gone: int = 0
+    unfilled: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -367,9 +375,12 @@ class BucketStore(Protocol):
         rules: Rules,
         changes: Sequence[RowChange],
         offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
+        source: SourceRows | None = None,
     ) -> ApplyResult:
         """Place ``changes`` into buckets with ``rules`` and write the ops, in order, in one
-        transaction, together with the consumer ``offsets`` ((topic, partition) → progress).  Changes at or below a row's last applied position change nothing."""
+        transaction, together with the consumer ``offsets`` ((topic, partition) → progress).  Changes at or below a row's last applied position change nothing.
+        ``source``: where unchanged TOAST values the store holds no copy of are read
+        (relay/downstream/unchanged_fill.py; None: such changes are skipped)."""
         ...
 
     def load_offsets(self) -> dict[tuple[str, int], PartitionProgress]:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from core.avro_envelope import POSITION_HEADER, parse_position_header
 from core.errors import DecodeError
-from relay.downstream.bucket_store import PartitionProgress, Position, RowChange
+from relay.downstream.bucket_store import ApplyResult, PartitionProgress, Position, RowChange
 from relay.downstream.event_decoder import EventDecoder, Skimmed
 from relay.errors import EngineError
 
@@ -67,6 +67,16 @@ class EngineStats:
     locked_s: float = 0.0
     """Time the store's write lock was held (all engines' writes serialize on it)."""
     decode_s: float = 0.0
+
+    def applied(self, batch: Batch, result: ApplyResult, seconds: float) -> None:
+        """Count a batch the store applied in ``seconds``."""
+        self.apply_s += seconds
+        self.locked_s += result.locked_s
+        self.batches += 1
+        self.changes += len(batch.changes) + batch.nowhere
+        self.duplicates += result.skipped_duplicates
+        self.errors += result.skipped_errors
+        self.ops += result.ops
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

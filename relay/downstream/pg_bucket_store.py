@@ -81,8 +81,9 @@ from relay.downstream.pg_store_schema import (
 )
 from relay.downstream.rules import Rules
 from relay.downstream.store_wakeups import OpsListener, Waiter, settle
+from relay.downstream.unchanged_fill import SourceRows
 from relay.errors import LeadershipLost, StoreError
-from relay.metrics import STORE_SECONDS
+from relay.metrics import STORE_SECONDS, TOAST_FILLS
 
 __all__ = ["ConnectionPool", "PgBucketStore"]
 
@@ -271,14 +272,14 @@ class PgBucketStore:
         rules: Rules,
         changes: Sequence[RowChange],
         offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
+        source: SourceRows | None = None,
     ) -> ApplyResult:
         with STORE_SECONDS.labels("apply").time(), self._write_txn() as conn:
             result, errors, locked = pg_store_writes.apply_changes(
-                conn, self.group, rules, changes, offsets
+                conn, self.group, rules, changes, offsets, source
             )
         result = dataclasses.replace(result, locked_s=time.perf_counter() - locked)
-        for message in errors:
-            log.error("bucket engine: change skipped: %s", message)
+        _report(result, errors)
         return result
 
     def load_offsets(self) -> dict[tuple[str, int], PartitionProgress]:
@@ -437,3 +438,16 @@ class PgBucketStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _report(result: ApplyResult, errors: Sequence[str]) -> None:
+    """Log the changes an apply skipped, and count how it filled unchanged TOAST values."""
+    for message in errors:
+        log.error("bucket engine: change skipped: %s", message)
+    for outcome, n in (
+        ("source", result.source_filled),
+        ("gone", result.source_gone),
+        ("unfilled", result.unfilled),
+    ):
+        if n:
+            TOAST_FILLS.labels(outcome).inc(n)

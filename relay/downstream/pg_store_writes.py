@@ -10,7 +10,10 @@ row states' positions are checked again under it: a state another writer moved m
 makes the batch be planned again under the lock.  Changes between truncates form
 segments; for each, the remembered row states (and, for changes lacking unchanged TOAST
 values, the rows' last data) are loaded, :func:`relay.downstream.planner.plan_changes`
-plans the ops, op ids are allocated from the sequence and the plan is written: ops by
+plans the ops (when the plan wants unchanged TOAST values the store holds no copy of, they
+are read from the captured database and the segment is planned again with them:
+relay/downstream/unchanged_fill.py), op ids are allocated from the sequence and the plan
+is written: ops by
 ``COPY``, bucket checkpoints and row states each in one statement (the checksum added as a
 wrapping 64-bit sum in SQL).  A truncate REMOVEs every row of the table from its buckets
 (staged in the writer connection's temp table ``trunc_stage``) and records the table's
@@ -65,6 +68,7 @@ from relay.downstream.planner import (
     plan_changes,
 )
 from relay.downstream.rules import Rules
+from relay.downstream.unchanged_fill import Fills, SourceRows, fetch_wanted, pending
 
 
 def prepare_writer(conn: psycopg.Connection[Any]) -> None:
@@ -81,11 +85,14 @@ def apply_changes(
     rules: Rules,
     changes: Sequence[RowChange],
     offsets: Mapping[tuple[str, int], PartitionProgress] | None = None,
+    source: SourceRows | None = None,
 ) -> tuple[ApplyResult, list[str], float]:
     """:meth:`relay.downstream.bucket_store.BucketStore.apply` inside the caller's write
     transaction on ``conn`` (``group``'s consumer progress is saved with the ops): what it
     did, a message per change that could not be placed (for the caller to log once the
     transaction is committed), and when (``time.perf_counter()``) it got WRITE_LOCK.
+    ``source``: where unchanged TOAST values the store holds no copy of are read (None:
+    such changes are skipped with a message).
 
     A batch without truncates is planned before WRITE_LOCK is taken (row states read,
     ops planned); under the lock the positions of those row states and the tables'
@@ -93,6 +100,7 @@ def apply_changes(
     row crossing partitions, applied by another share) is the batch planned again, now
     under the lock.  So the lock covers the writes, not the planning."""
     acc = _Accumulator()
+    fills = Fills() if source is not None else None
     if any(c.kind is ChangeKind.TRUNCATE for c in changes):
         locked = _lock(conn)
         truncated = _truncates(conn)
@@ -100,20 +108,21 @@ def apply_changes(
         for change in changes:
             if change.kind is ChangeKind.TRUNCATE:
                 if segment:
-                    _write_plan(conn, _plan_segment(conn, rules, segment, truncated), acc)
+                    planned = _plan_segment(conn, rules, segment, truncated, source, fills)
+                    _write_plan(conn, planned, acc)
                     segment = []
                 if change.table in rules.tables:
                     _truncate(conn, change.table, change.position, truncated, acc)
             else:
                 segment.append(change)
         if segment:
-            _write_plan(conn, _plan_segment(conn, rules, segment, truncated), acc)
+            _write_plan(conn, _plan_segment(conn, rules, segment, truncated, source, fills), acc)
     else:
         truncated = _truncates(conn)
-        planned = _plan_segment(conn, rules, changes, truncated)
+        planned = _plan_segment(conn, rules, changes, truncated, source, fills)
         locked = _lock(conn)
         if _truncates(conn) != truncated or _moved(conn, planned):
-            planned = _plan_segment(conn, rules, changes, _truncates(conn))
+            planned = _plan_segment(conn, rules, changes, _truncates(conn), source, fills)
         _write_plan(conn, planned, acc)
     if offsets:
         _save_progress(conn, group, offsets)
@@ -131,6 +140,9 @@ def apply_changes(
         first_op_id=acc.first_op_id,
         last_op_id=acc.last_op_id,
         buckets=frozenset(acc.buckets),
+        source_filled=acc.source_filled,
+        source_gone=acc.source_gone,
+        unfilled=acc.unfilled,
     )
     return result, acc.errors, locked
 
@@ -164,11 +176,19 @@ def _plan_segment(
     rules: Rules,
     changes: Sequence[RowChange],
     truncated: Mapping[str, Position],
+    source: SourceRows | None = None,
+    fills: Fills | None = None,
 ) -> _Planned:
+    """Plan a segment; while the plan wants values of ``source`` not asked yet, read them
+    into ``fills`` (kept for the segment's planning again under the lock) and plan again."""
     refs = lookup_refs(rules, changes)
     states = _load_states(conn, refs)
     data = _load_data(conn, rules, changes, states)
-    return _Planned(plan_changes(rules, changes, states, truncated, data), refs, states)
+    plan = plan_changes(rules, changes, states, truncated, data, fills=fills)
+    while source is not None and fills is not None and pending(plan.wanted, fills):
+        fetch_wanted(source, plan.wanted, fills)
+        plan = plan_changes(rules, changes, states, truncated, data, fills=fills)
+    return _Planned(plan, refs, states)
 
 
 def _moved(conn: psycopg.Connection[Any], planned: _Planned) -> bool:
@@ -268,6 +288,9 @@ def _write_plan(conn: psycopg.Connection[Any], planned: _Planned, acc: _Accumula
     plan = planned.plan
     acc.duplicates += plan.duplicates
     acc.errors.extend(plan.errors)
+    acc.source_filled += plan.source_filled
+    acc.source_gone += plan.source_gone
+    acc.unfilled += plan.unfilled
     first = _allocate(conn, len(plan.ops)) if plan.ops else 0
     if plan.ops:
         _write_ops(conn, plan, first)
@@ -472,6 +495,9 @@ class _Accumulator:
     duplicates: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
     buckets: set[str] = dataclasses.field(default_factory=set)
+    source_filled: int = 0
+    source_gone: int = 0
+    unfilled: int = 0
 
     def add(self, first: int, last: int, deltas: Mapping[str, BucketDelta]) -> None:
         self.ops += last - first + 1
