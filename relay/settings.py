@@ -214,11 +214,13 @@ RELAY = Section(
             "source_dsn",
             str,
             None,
-            "Optional libpq connection string of the captured database, read (catalog only) for "
-            "the columns and key columns (row identity) the rules are validated against. Unset: "
-            "taken from the schemas in `{topic_prefix}._schemas` (tables appear there with their "
-            "first event; after a change of a table's key columns alone they may list the other "
-            "key, so set it where keys change).",
+            "Optional libpq connection string of the captured database, read for the columns and "
+            "key columns (row identity) the rules are validated against, and by the bucket engine "
+            "for unchanged TOAST values it holds no copy of (rows read by key: the role needs "
+            "SELECT on the captured tables). Unset: definitions taken from the schemas in "
+            "`{topic_prefix}._schemas` (tables appear there with their first event; after a change "
+            "of a table's key columns alone they may list the other key, so set it where keys "
+            "change), and a change lacking such a TOAST value is skipped with an error.",
             check=check_dsn,
             redact=redact_dsn,
             example="postgresql://fieldsync@127.0.0.1:5432/app",
