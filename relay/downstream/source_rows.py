@@ -91,7 +91,7 @@ class PgSourceRows:
 
     def _connection(self, table: str) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            options = " ".join(f"-c {k}={v.replace(' ', '')}" for k, v in SESSION_SETTINGS.items())
+            options = _session_options(self.dsn)
             kw: dict[str, Any] = {"autocommit": True, "connect_timeout": 10, "options": options}
             if self.password:
                 kw["password"] = self.password
@@ -181,6 +181,16 @@ def _codec(
         unchanged_sentinel=object(),
         warn=lambda _message: None,
     )
+
+
+def _session_options(dsn: str) -> str:
+    """libpq ``options``: the DSN's own, then cdc's text formats (as cdc's sessions)."""
+    try:
+        existing = psycopg.conninfo.conninfo_to_dict(dsn).get("options") or ""
+    except psycopg.ProgrammingError:
+        existing = ""
+    ours = " ".join(f"-c {k}={v.replace(' ', '')}" for k, v in SESSION_SETTINGS.items())
+    return f"{existing} {ours}".strip()
 
 
 def _column_types(codec: TableCodec) -> dict[str, Any]:

@@ -340,3 +340,11 @@ def test_pg_source_rows_reads_values_as_events_carry_them(pg_dsn: str) -> None:
     unreachable = PgSourceRows("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(EngineError, match=r"cannot read public\.src from the captured database"):
         unreachable.read("public.src", ["t"], [{"site": "s1", "at": 0}])
+
+
+def test_pg_source_rows_keeps_the_dsns_own_session_options() -> None:
+    from relay.downstream.source_rows import _session_options
+
+    options = _session_options("postgresql://x@h/db?options=-c%20search_path%3Dapp")
+    assert options.startswith("-c search_path=app -c DateStyle=ISO,MDY")
+    assert "-c bytea_output=hex" in options
