@@ -258,7 +258,9 @@ def plan_changes(
     ``truncated``: per table, the position of its last truncate (events at or below it are
     stale); ``stored_data``: the last known data of rows whose change carries unchanged
     (TOAST) columns, to fill those in; ``fills``: what the captured database gave of the
-    values still missing (None: it cannot be asked).  A change at or below the row's
+    values still missing (None: it cannot be asked; else a key change is never filled from
+    the old key's data, which may be a read made after another row took that key).  A
+    change at or below the row's
     remembered position is a duplicate and changes nothing.  A change whose row cannot be
     placed (a column a rule needs is missing) is skipped and described in
     :attr:`Plan.errors`, and so is one whose row lacks an unchanged TOAST value a rule
@@ -306,7 +308,12 @@ def plan_changes(
             continue
         row = c.row
         if row is not None and c.unchanged:
-            row = _filled_row(c, known.get(retire or ref), known.get(ref))
+            if fills is not None and c.old_key is not None and c.old_key != c.key:
+                # a key change: the old key's data may hold values read from the source
+                # after the key was taken by another row, so the new key is read instead
+                row = _filled_row(c, None, None)
+            else:
+                row = _filled_row(c, known.get(retire or ref), known.get(ref))
             lacking = _lacking(placer, c, row)
             if lacking:
                 got = _from_source(plan, placer, c, ref, row, lacking, fills)

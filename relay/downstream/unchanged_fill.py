@@ -20,7 +20,10 @@ still converges to PostgreSQL's: a later update that changes the column carries 
 value, and one that leaves it unchanged fills it from the value placed; so once the
 engine has applied the events up to the time of the read, the row holds the value
 PostgreSQL had then, and every later change of it follows.  Until then a device may see
-the newer value next to the event's other columns.
+the newer value next to the event's other columns.  A value read belongs to the key, not
+to the row that had it at the event (the key may have passed to another row since: a key
+change, then an insert of the old key), so with a source the planner never fills a key
+change from the old key's data (which may be such a read): it reads the new key.
 
 A row the captured database has no more under that key (deleted, or its key changed,
 since the event) is placed in no bucket (removed from those it is in): its delete or key

@@ -189,11 +189,64 @@ def test_a_failed_read_skips_the_change_and_says_why() -> None:
     moved = update((2, 0), key=2, old_key=(1,))
     states = plan_changes(RULES, [first], {}, {}).resolve(1)
     old_data = {REF: {"id": 1, "state": "open", "doc": "X", "note": "n"}}
+    plan = plan_changes(RULES, [moved], states, {}, old_data)
+    assert puts(plan)["open[]"]["doc"] == "X"  # no source: the old key's data
     plan = plan_changes(RULES, [moved], states, {}, old_data, fills=Fills())
-    assert plan.wanted == [] and puts(plan)["open[]"]["doc"] == "X"  # the old key's data
+    assert plan.wanted == [Wanted((T, "[2]"), (("id", 2),), ("doc",))]  # else the new key's
     plan = plan_changes(RULES, [moved], states, {}, {}, fills=Fills(failed={(T, "[2]"): "gone"}))
     assert [(o.bucket, o.row_key, o.kind) for o in plan.ops] == [("open[]", "[1]", OpKind.REMOVE)]
     assert plan.unfilled == 1 and "public.big key [2]" in plan.errors[0]
+
+
+def plan_reading(changes: Sequence[RowChange], now: Mapping[int, dict[str, Any]]) -> Plan:
+    """Plan ``changes`` of a row that left every bucket as the store does: read what the
+    plan wants from a source holding the rows ``now`` (by id), plan again, until nothing
+    more is wanted."""
+    fills = Fills()
+    source = FakeSource({T: now})
+    plan = plan_changes(RULES, changes, LEFT, {}, fills=fills)
+    while pending(plan.wanted, fills):
+        fetch_wanted(source, plan.wanted, fills)
+        plan = plan_changes(RULES, changes, LEFT, {}, fills=fills)
+    return plan
+
+
+def bucket_rows(plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
+    """The buckets' rows once the plan's ops are applied in order."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for op in plan.ops:
+        if op.kind is OpKind.PUT:
+            out[op.bucket, op.row_key] = json.loads(op.data_json or "")
+        else:
+            out.pop((op.bucket, op.row_key), None)
+    return out
+
+
+def test_a_key_change_never_carries_a_value_read_for_the_key_it_leaves() -> None:
+    # Row A (id 1, doc "A") enters a bucket with doc unchanged, then moves to id 2, doc
+    # still unchanged; another row is inserted as id 1 (doc "B") before the engine reads
+    # the missing doc: the read of id 1 gives B's doc, which is not A's.
+    enters = update((6, 0))
+    moves = update((7, 0), key=2, old_key=(1,))
+    other = RowChange(
+        T, ChangeKind.UPSERT, (8, 0), (1,), {"id": 1, "state": "done", "doc": "B", "note": "b"}
+    )
+    now = {1: {"doc": "B"}, 2: {"doc": "A"}}  # PostgreSQL after the three changes
+    plan = plan_reading([enters, moves, other], now)
+    assert bucket_rows(plan) == {
+        ("open[]", "[2]"): {"id": 2, "state": "open", "doc": "A", "note": "n"}
+    }
+    # the same with the move in the next batch (the old key's data then comes from the store)
+    first = plan_reading([enters], now)
+    assert bucket_rows(first) == {
+        ("open[]", "[1]"): {"id": 1, "state": "open", "doc": "B", "note": "n"}
+    }
+    stored = {REF: {"id": 1, "state": "open", "doc": "B", "note": "n"}}
+    fills = Fills()
+    plan = plan_changes(RULES, [moves], first.resolve(1), {}, stored, fills=fills)
+    fetch_wanted(FakeSource({T: now}), plan.wanted, fills)
+    plan = plan_changes(RULES, [moves], first.resolve(1), {}, stored, fills=fills)
+    assert puts(plan) == {"open[]": {"id": 2, "state": "open", "doc": "A", "note": "n"}}
 
 
 def test_a_full_old_row_fills_without_the_source() -> None:
