@@ -188,6 +188,17 @@ class ConsumerLag:
             if last_event_s is not None:
                 self._since = last_event_s
 
+    def held_back(self, first: Mapping[Partition, int], oldest_event_s: float | None) -> None:
+        """Records from these offsets on are not all applied (some wait, the first at
+        ``first``; ``oldest_event_s``: the event time of the oldest waiting, None: unknown):
+        the lag counts from them whatever was applied after them."""
+        with self._lock:
+            for p, offset in first.items():
+                self._applied[p] = min(self._applied.get(p, offset), offset)
+            if oldest_event_s is not None:
+                since = self._since
+                self._since = oldest_event_s if since is None else min(since, oldest_event_s)
+
     def at_end(self, ends: Mapping[Partition, int]) -> None:
         """Everything up to ``ends`` (fetched when the reader was at the end) is applied."""
         with self._lock:

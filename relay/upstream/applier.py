@@ -23,7 +23,9 @@ and start over from the stored offsets, rejecting nothing; an invalid configurat
 
 Lag: while leading, :attr:`Applier.lag` (:class:`relay.metrics.ConsumerLag`) follows the
 offsets applied, the partitions' end offsets the reader fetched and the Kafka timestamp
-(intake time) of the last applied record; ``fieldsync_applier_lag_*`` read it when scraped.
+(intake time) of the last applied record; entries set aside for a lock are not applied (the
+lag counts from the first of each partition and the intake time of the oldest);
+``fieldsync_applier_lag_*`` read it when scraped.
 
 Threading: :meth:`Applier.run` in one thread; :meth:`Applier.request_stop` from any.
 The reader thread hands records and its error to the applier thread through a queue.
@@ -231,8 +233,25 @@ class Applier:
             self.db.apply([], self.batch_max_entries)
         elif self._at_end():
             self.lag.at_end(self._reader.idle_ends)
+        self._lag_of_waiting()
         self.publish_outbox()
         return len(deliveries)
+
+    def _lag_of_waiting(self) -> None:
+        """Entries set aside for a lock are not applied: the lag counts from the first of
+        each partition, and from the intake time of the oldest."""
+        waiting = self.db.runs.waits.items()
+        if not waiting:
+            return
+        first: dict[Partition, int] = {}
+        oldest: float | None = None
+        for item in waiting:
+            tp = (item.where.topic, item.where.partition)
+            first[tp] = min(first.get(tp, item.where.offset), item.where.offset)
+            at = _event_s(item.where)
+            if at is not None and (oldest is None or at < oldest):
+                oldest = at
+        self.lag.held_back(first, oldest)
 
     def publish_outbox(self) -> int:
         """Send the outbox to ``_outcomes`` in id order; delete what Kafka acknowledged."""

@@ -126,6 +126,40 @@ def test_a_locked_row_stops_only_its_device_and_applies_once_released(
     }
 
 
+def test_the_lag_counts_the_entries_waiting_for_a_lock(
+    env: Env, office: psycopg.Connection[Any]
+) -> None:
+    """fieldsync_applier_lag_records / _seconds: an entry waiting is not applied, even once
+    the reader is at the end of every partition."""
+    produce_edits(env)
+    running = Running(env)
+    applier = running.applier
+    try:
+        wait_until("device d2's entry applied", lambda: ("d2", 1) in applied_seqs(env))
+        wait_until("d1's two entries waiting", lambda: waiting() == 2)
+        wait_until(
+            "the lag counting d1's entries with the reader at the end",
+            lambda: (
+                applier._at_end()
+                and sum(applier.lag.records().values()) >= 1
+                and applier.lag.seconds() > 0
+            ),
+            timeout=30,
+        )
+        office.commit()
+        wait_until(
+            "no lag once every entry applied",
+            lambda: (
+                applied_seqs(env) == {("d1", 1), ("d1", 2), ("d2", 1)}
+                and applier._at_end()
+                and sum(applier.lag.records().values()) == 0
+                and applier.lag.seconds() == 0
+            ),
+        )
+    finally:
+        running.stop()
+
+
 def test_entries_waiting_for_a_lock_survive_a_restart(
     env: Env, office: psycopg.Connection[Any]
 ) -> None:
