@@ -88,26 +88,24 @@ class LockWaits:
         """Every waiting entry (for the watermarks: their offsets stay pending)."""
         return [i for items in self._waiting.values() for i in items]
 
-    def split(self, items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
-        """``(to apply now, to keep waiting)``.  When a retry is due every waiting entry is
-        released, before the new ones (the devices' order); otherwise the new entries of
-        a waiting device join its queue and are not tried."""
+    def split(self, items: Sequence[Item]) -> tuple[list[Item], frozenset[str]]:
+        """``(to apply now, the devices released for a retry)``.  When a retry is due every
+        waiting entry is released, before the new ones (the devices' order); otherwise
+        the new entries of a waiting device join its queue and are not tried."""
         if self.due():
             self._next_retry = time.monotonic() + self.retry_s
-            released = self.items()
+            released, devices = self.items(), self.devices()
             self._waiting.clear()
-            return released + list(items), []
+            return released + list(items), devices
         now: list[Item] = []
-        kept: list[Item] = []
         for item in items:
             device = item.record.device_id if item.record is not None else None
             if device is not None and device in self._waiting:
                 self._waiting[device].append(item)
-                kept.append(item)
             else:
                 now.append(item)
         self._publish()
-        return now, kept
+        return now, frozenset()
 
     def set_aside(self, device: str, items: Iterable[Item], exc: LockWait | None) -> None:
         """Keep ``items`` of ``device`` waiting (after those already waiting); ``exc``:

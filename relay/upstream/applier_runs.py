@@ -111,8 +111,7 @@ class RunApplier:
                 items.append(Item(where, JournalRecord.from_bytes(value or b""), value or b""))
             except JournalFormatError as exc:
                 items.append(Item(where, None, value or b"", str(exc)))
-        retried = self.waits.devices() if self.waits.due() else frozenset()
-        items, _kept = self.waits.split(items)
+        items, retried = self.waits.split(items)
         # a column added or a key changed while the applier runs: known before it judges
         self.db.follow_catalog(
             i.record.entry for i in items if i.record is not None and i.record.entry is not None

@@ -233,14 +233,14 @@ def test_waiting_entries_keep_their_device_order_and_hold_back_its_new_ones() ->
     waits.set_aside("a", [a1, a2], wait)
     assert not waits.due() and len(waits) == 2
     a3, b2 = _item("a", 4), _item("b", 5)
-    now, kept = waits.split([b1, a3, b2])
-    assert (now, kept) == ([b1, b2], [a3])  # a's new entry waits behind a1, a2
+    now, released = waits.split([b1, a3, b2])
+    assert (now, released) == ([b1, b2], frozenset())  # a's new entry waits behind a1, a2
     assert waits.items() == [a1, a2, a3]
     waits.retry_s = 0.0
     waits._next_retry = 0.0
     assert waits.due()
-    now, kept = waits.split([_item("a", 6)])
-    assert [i.where.offset for i in now] == [1, 2, 4, 6] and kept == []
+    now, released = waits.split([_item("a", 6)])
+    assert [i.where.offset for i in now] == [1, 2, 4, 6] and released == {"a"}
     assert len(waits) == 0
     assert [d for d, _ in waits.settled(["a", "b"])] == ["a"]  # a waited, b never did
     waits.set_aside("b", [b1], None)
