@@ -157,6 +157,9 @@ class TableSignature:
     enums: tuple[EnumFacts, ...] = ()
     key: tuple[str, ...] | None = None  # Kafka key columns in key order; None: not recorded
     identity: m.ReplicaIdentity | None = None  # None: not recorded
+    membership: int | None = None
+    """The oid of the table's ``pg_publication_rel`` row: a new one each time the table is
+    added to a publication of listed tables (None: FOR ALL TABLES, or not recorded)."""
 
     @property
     def qualified(self) -> str:
@@ -172,6 +175,7 @@ class TableSignature:
             "enums": [[e.oid, e.name, list(e.labels)] for e in self.enums],
             "key": None if self.key is None else list(self.key),
             "identity": None if self.identity is None else self.identity.value,
+            "membership": self.membership,
         }
 
     @classmethod
@@ -195,6 +199,7 @@ class TableSignature:
             ),
             key=key,
             identity=None if identity is None else m.ReplicaIdentity(identity),
+            membership=None if d.get("membership") is None else int(d["membership"]),
         )
 
 
@@ -365,14 +370,34 @@ class TableCheck:
             out.append(replaced_reason(self.replaced, self.new, self.replaced_now))
         if self.old is not None:
             out.extend(resnapshot_reasons(self.old, self.new))
+            if self.republished:
+                out.append(
+                    "taken out of the publication and added back: changes made meanwhile were "
+                    "not published (its rows are sent again, keys no row has deleted)"
+                )
         return out
+
+    @property
+    def republished(self) -> bool:
+        """Whether the table (same oid) left the publication and came back since it was
+        recorded: its ``pg_publication_rel`` row is another one.  Known from the catalog
+        alone, so also after a restart in between."""
+        old, new = self.old, self.new
+        return (
+            old is not None
+            and old.membership is not None
+            and new.membership is not None
+            and old.membership != new.membership
+        )
 
     @property
     def retire_keys(self) -> bool:
         """Whether the re-snapshot deletes the keys no row has now first: the table was
         replaced, or its key changed (:func:`key_changed`)."""
-        return self.replaced is not None or (
-            self.old is not None and key_changed(self.old, self.new)
+        return (
+            self.replaced is not None
+            or self.republished
+            or (self.old is not None and key_changed(self.old, self.new))
         )
 
     @property

@@ -56,7 +56,9 @@ def table_key_columns(conn: psycopg.Connection[Any], relation_oid: int) -> tuple
 SIGNATURE_COLUMNS_QUERY = """
 select c.oid, n.nspname, c.relname, c.relfilenode, c.relreplident::text,
        a.attnum, a.attname, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod),
-       a.atthasmissing, a.xmin::text
+       a.atthasmissing, a.xmin::text,
+       (select pr.oid from pg_publication_rel pr join pg_publication pb on pb.oid = pr.prpubid
+        where pb.pubname = p.pubname and pr.prrelid = c.oid)
 from pg_publication_tables p
 join pg_namespace n on n.nspname = p.schemaname
 join pg_class c on c.relnamespace = n.oid and c.relname = p.tablename
@@ -104,12 +106,15 @@ group by i.indrelid
 def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int, TableSignature]:
     """The :class:`TableSignature` of every table in ``publication``, keyed by oid."""
     tables: dict[int, tuple[str, str, int, str, list[ColumnFacts]]] = {}
+    memberships: dict[int, int] = {}
     for row in conn.execute(SIGNATURE_COLUMNS_QUERY, (publication,)).fetchall():
         oid, schema, table, filenode, ident, attnum, name, typ, typmod, type_name = row[:10]
-        missing, version = row[10:]
+        missing, version, membership = row[10:]
         entry = tables.setdefault(
             int(oid), (str(schema), str(table), int(filenode), str(ident), [])
         )
+        if membership is not None:
+            memberships[int(oid)] = int(membership)
         if attnum is not None:
             entry[4].append(
                 ColumnFacts(
@@ -144,6 +149,7 @@ def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int
             tuple(enums.get(oid, ())),
             key=keys.get(oid, ()),
             identity=ReplicaIdentity(ident),
+            membership=memberships.get(oid),
         )
         for oid, (schema, table, filenode, ident, cols) in tables.items()
     }

@@ -213,3 +213,33 @@ def test_a_listed_table_dropped_for_good_is_warned_about_and_remembered(
         events = wait_replaced(settings, old_t, kafka_bootstrap, topic_prefix, ("id",))
     assert len(retire_deletes(events)) == ROWS, "every old row is deleted"
     assert any("added it back" in r.getMessage() for r in caplog.records)
+
+
+def test_a_listed_table_taken_out_and_added_back_while_the_daemon_was_stopped(
+    old_t: psycopg.Connection[Any], pg_dsn: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """``ALTER PUBLICATION … DROP TABLE`` and ``ADD TABLE`` again (by hand, or by a daemon
+    killed after adding it back and before its next Kafka commit): the table keeps its oid,
+    and changes made while it was out were never published.  Its ``pg_publication_rel``
+    row is a new one, which the recorded catalog tells at the next start: the table is
+    re-snapshotted with key retirement."""
+    settings = settings_of("listed", pg_dsn, kafka_bootstrap, topic_prefix)
+    publication = settings.postgres.publication
+    with running_daemon(settings):
+        wait_topic_equals_pg(kafka_bootstrap, topic_prefix, old_t, "t", ("id",))
+        beat(old_t)
+        wait_for(
+            lambda: state_record(settings, "catalog", timeout_s=5),
+            timeout=60,
+            what="the recorded catalog",
+        )
+    old_t.execute(f"alter publication {publication} drop table t")
+    old_t.execute("delete from t where id <= 5")
+    old_t.execute("update t set v = 'while out' where id = 10")
+    old_t.execute("insert into t values (300, 300, 'while out')")
+    old_t.execute(f"alter publication {publication} add table t")
+    with running_daemon(settings):
+        events = wait_topic_equals_pg(
+            kafka_bootstrap, topic_prefix, old_t, "t", ("id",), timeout=120
+        )
+    assert len(retire_deletes(events)) >= 5, "the rows deleted while out are deleted"
