@@ -4,8 +4,9 @@ Some DDL gives existing rows new values without writing a row change to WAL (a c
 with a default, a table rewrite, an enum label renamed; :mod:`cdc.incremental_snapshot`
 says why that matters).  The daemon sees them two ways:
 
-- in the stream: two Relation messages of one table differ (:func:`compare_relations`): a
-  column added, dropped or retyped, or the table renamed;
+- in the stream: two Relation messages of one table differ
+  (:func:`cdc.relation_diff.compare_relations`): a column added, dropped or retyped, or the
+  table renamed;
 - in the catalog: the :class:`TableSignature` of a published table (its columns'
   ``pg_attribute`` facts, its file node, the labels of the enums it uses, its replica
   identity and Kafka key columns), read by
@@ -52,11 +53,9 @@ __all__ = [
     "CatalogComparison",
     "ColumnFacts",
     "EnumFacts",
-    "RelationDiff",
     "TableCheck",
     "TableSignature",
     "compare_catalogs",
-    "compare_relations",
     "describe_key",
     "identity_warnings",
     "key_changed",
@@ -67,58 +66,6 @@ __all__ = [
     "signatures_to_bytes",
     "unpublished_warning",
 ]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RelationDiff:
-    """What changed between two Relation messages of one table (by column name)."""
-
-    added: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = ()
-    retyped: tuple[str, ...] = ()
-    renamed_table: tuple[str, str] | None = None  # (old, new) qualified names
-    rekeyed: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (old, new) key columns
-
-    @property
-    def changed(self) -> bool:
-        return bool(
-            self.added or self.dropped or self.retyped or self.renamed_table or self.rekeyed
-        )
-
-    def describe(self) -> str:
-        parts = []
-        if self.renamed_table:
-            parts.append(f"renamed {self.renamed_table[0]} → {self.renamed_table[1]}")
-        if self.added:
-            parts.append("added " + ", ".join(self.added))
-        if self.dropped:
-            parts.append("dropped " + ", ".join(self.dropped))
-        if self.retyped:
-            parts.append("retyped " + ", ".join(self.retyped))
-        if self.rekeyed:
-            parts.append(f"key ({', '.join(self.rekeyed[0])}) → ({', '.join(self.rekeyed[1])})")
-        return "; ".join(parts) or "no column change"
-
-
-def compare_relations(old: m.Relation, new: m.Relation) -> RelationDiff:
-    """Columns added, dropped or retyped (type or modifier), and the key columns (the
-    replica identity) changed, between two Relation messages."""
-    before = {c.name: (c.type_oid, c.type_modifier) for c in old.columns}
-    after = {c.name: (c.type_oid, c.type_modifier) for c in new.columns}
-    renamed = None
-    if (old.namespace, old.name) != (new.namespace, new.name):
-        renamed = (f"{old.namespace}.{old.name}", f"{new.namespace}.{new.name}")
-    old_key = tuple(c.name for c in old.columns if c.is_key)
-    new_key = tuple(c.name for c in new.columns if c.is_key)
-    return RelationDiff(
-        added=tuple(c.name for c in new.columns if c.name not in before),
-        dropped=tuple(c.name for c in old.columns if c.name not in after),
-        retyped=tuple(
-            c.name for c in new.columns if c.name in before and before[c.name] != after[c.name]
-        ),
-        renamed_table=renamed,
-        rekeyed=(old_key, new_key) if old_key != new_key else None,
-    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

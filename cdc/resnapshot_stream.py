@@ -31,7 +31,6 @@ from typing import Final
 
 from cdc import pgoutput_messages as m
 from cdc.change_assembler import Out, OutEvent, OutSchema, TxnEnd, TxnInfo
-from cdc.ddl_detection import compare_relations
 from cdc.errors import format_lsn
 from cdc.fault_points import FAULTS
 from cdc.incremental_snapshot import (
@@ -47,6 +46,7 @@ from cdc.incremental_snapshot import (
 )
 from cdc.key_retirement import KEYLESS_DONE, RETIRE_ORIGIN, RetireSet
 from cdc.recovery_deletes import DeleteAt, delete_value
+from cdc.relation_diff import compare_relations
 from core.avro_envelope import POSITION_HEADER, Source, TableCodec, position_header
 
 __all__ = ["INCREMENTAL", "RECENT_XIDS", "ChunkTracker", "InFlightChunk", "Jobs"]

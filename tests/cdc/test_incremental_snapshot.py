@@ -16,7 +16,6 @@ from cdc.ddl_detection import (
     ColumnFacts,
     EnumFacts,
     TableSignature,
-    compare_relations,
     resnapshot_reasons,
     signatures_from_bytes,
     signatures_to_bytes,
@@ -32,6 +31,7 @@ from cdc.incremental_snapshot import (
     WindowState,
     message_keys,
 )
+from cdc.relation_diff import compare_relations
 from cdc.resnapshot_chunks import chunk_query
 from cdc.resnapshot_requests import where_sql
 from cdc.where_clause import Condition, WhereClause, parse_where

@@ -16,7 +16,6 @@ from cdc.change_assembler import OutEvent, TxnEnd
 from cdc.ddl_detection import (
     ColumnFacts,
     TableSignature,
-    compare_relations,
     identity_warnings,
     key_changed,
     resnapshot_reasons,
@@ -35,6 +34,7 @@ from cdc.key_retirement import (
     old_schema,
 )
 from cdc.recovery_deletes import LiveKeys
+from cdc.relation_diff import compare_relations
 from cdc.resnapshot_stream import ChunkTracker, InFlightChunk, Jobs
 from core.avro_envelope import SchemaRegistry, Source, TableCodec, decode
 from core.pg_types import ColumnSpec, MappingCatalog
