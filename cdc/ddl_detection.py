@@ -8,8 +8,9 @@ says why that matters).  The daemon sees them two ways:
   (:func:`cdc.relation_diff.compare_relations`): a column added, dropped or retyped, or the
   table renamed;
 - in the catalog: the :class:`TableSignature` of a published table (its columns'
-  ``pg_attribute`` facts, its file node, the labels of the enums it uses, its replica
-  identity and Kafka key columns), read by
+  ``pg_attribute`` facts, its file node, the labels of the enums it uses, the attributes of
+  the composite types it uses, the partitions of a partitioned table with their file nodes,
+  its replica identity and Kafka key columns), read by
   ``cdc.pg_catalog.read_signatures``, differs from the one recorded in Kafka
   (:func:`resnapshot_reasons` says why rows may hold values no event reported,
   :func:`key_changed` whether the rows' Kafka keys may have changed).
@@ -52,16 +53,22 @@ from cdc import pgoutput_messages as m
 __all__ = [
     "CatalogComparison",
     "ColumnFacts",
+    "CompositeFacts",
     "EnumFacts",
+    "PartitionFacts",
     "TableCheck",
     "TableSignature",
+    "attached_partitions",
+    "attached_reason",
     "compare_catalogs",
+    "composite_changes",
     "describe_key",
     "identity_warnings",
     "key_changed",
     "recorded_catalog_from_bytes",
     "replaced_reason",
     "resnapshot_reasons",
+    "rows_lost",
     "signatures_from_bytes",
     "signatures_to_bytes",
     "unpublished_warning",
@@ -93,6 +100,30 @@ class EnumFacts:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class CompositeFacts:
+    """A composite type some column of the table uses (directly, or through a domain, array,
+    range or another composite type): its attributes as ``(attnum, type oid, typmod)`` (an
+    attribute added or dropped changes the text of every value: ``(1,2)`` → ``(1,2,)``; a
+    rename changes none), and the table's columns whose values hold it."""
+
+    oid: int
+    name: str
+    attributes: tuple[tuple[int, int, int], ...]
+    columns: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PartitionFacts:
+    """A partition of a partitioned table (at any depth) with its file node (0 for one that is
+    partitioned itself): TRUNCATE, VACUUM FULL, CLUSTER and SET TABLESPACE of the partition
+    give it a new one."""
+
+    oid: int
+    name: str  # schema.table
+    filenode: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TableSignature:
     """What the catalog says about a published table, as far as values depend on it."""
 
@@ -107,6 +138,9 @@ class TableSignature:
     membership: int | None = None
     """The oid of the table's ``pg_publication_rel`` row: a new one each time the table is
     added to a publication of listed tables (None: FOR ALL TABLES, or not recorded)."""
+    # its partitions (() when it is not partitioned); None: not recorded (an older record)
+    partitions: tuple[PartitionFacts, ...] | None = None
+    composites: tuple[CompositeFacts, ...] | None = None  # None: not recorded
 
     @property
     def qualified(self) -> str:
@@ -123,6 +157,15 @@ class TableSignature:
             "key": None if self.key is None else list(self.key),
             "identity": None if self.identity is None else self.identity.value,
             "membership": self.membership,
+            "partitions": None
+            if self.partitions is None
+            else [[p.oid, p.name, p.filenode] for p in self.partitions],
+            "composites": None
+            if self.composites is None
+            else [
+                [c.oid, c.name, [list(a) for a in c.attributes], list(c.columns)]
+                for c in self.composites
+            ],
         }
 
     @classmethod
@@ -131,6 +174,7 @@ class TableSignature:
         identity = d.get("identity")
         if identity is None and key == ():
             key = None  # recorded with primary keys only: an identity index key is unknown
+        parts, comps = d.get("partitions"), d.get("composites")
         return cls(
             oid=int(d["oid"]),
             schema=str(d["schema"]),
@@ -147,6 +191,20 @@ class TableSignature:
             key=key,
             identity=None if identity is None else m.ReplicaIdentity(identity),
             membership=None if d.get("membership") is None else int(d["membership"]),
+            partitions=None
+            if parts is None
+            else tuple(PartitionFacts(int(o), str(n), int(f)) for o, n, f in parts),
+            composites=None
+            if comps is None
+            else tuple(
+                CompositeFacts(
+                    int(o),
+                    str(n),
+                    tuple((int(a), int(t), int(tm)) for a, t, tm in attrs),
+                    tuple(str(c) for c in cols),
+                )
+                for o, n, attrs, cols in comps
+            ),
         )
 
 
@@ -166,16 +224,25 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
       redefined, the replica identity index replaced, the identity switched to or from
       USING INDEX): every row has a new Kafka key, or none.
 
-    A rewrite that touches no column (VACUUM FULL, CLUSTER, TRUNCATE, SET TABLESPACE)
-    and a column added without a default (old rows hold NULL, what consumers assume)
-    need nothing.
+    - an attribute added to or dropped from a composite type a column uses (every value's
+      text changed; :func:`composite_changes`);
+    - a partition detached or dropped (its rows left the table), or given a new file node
+      (TRUNCATE of the partition, which a publication through the root does not publish;
+      also VACUUM FULL, CLUSTER, SET TABLESPACE, which keep the rows: the rows are read
+      again all the same, :func:`rows_lost`).  A partition attached is judged by the
+      caller (:func:`attached_partitions`: only one with rows needs a re-read).
+
+    A rewrite of an unpartitioned table that touches no column (VACUUM FULL, CLUSTER,
+    TRUNCATE, SET TABLESPACE) and a column added without a default (old rows hold NULL, what
+    consumers assume) need nothing.  A field an older record lacks (``None``) compares as
+    unchanged.
     """
     reasons: list[str] = []
     if (old.schema, old.table) != (new.schema, new.table):
         reasons.append(f"table renamed from {old.qualified} (its rows go to a new topic)")
     if old.key is not None and new.key is not None and old.key != new.key:
         reasons.append(f"key changed from {describe_key(old)} to {describe_key(new)}")
-    rewritten = old.filenode != new.filenode
+    rewritten = _rewritten(old, new)
     before = {c.attnum: c for c in old.columns}
     for col in new.columns:
         was = before.get(col.attnum)
@@ -201,7 +268,78 @@ def resnapshot_reasons(old: TableSignature, new: TableSignature) -> list[str]:
         gone = [label for label in was_enum.labels if label not in e.labels]
         if gone:
             reasons.append(f"enum {e.name}: label(s) {', '.join(repr(g) for g in gone)} renamed")
+    for c in composite_changes(old, new):
+        reasons.append(
+            f"composite type {c.name} (column(s) {', '.join(c.columns)}): attribute added or "
+            "dropped, every value's text changed"
+        )
+    detached, renewed = _partitions_gone(old, new)
+    for p in detached:
+        reasons.append(f"partition {p.name} detached or dropped: its rows left the table")
+    for p in renewed:
+        reasons.append(
+            f"partition {p.name} has a new file node (TRUNCATE of the partition, which is "
+            "not published through the root, or VACUUM FULL, CLUSTER, SET TABLESPACE)"
+        )
     return reasons
+
+
+def composite_changes(old: TableSignature, new: TableSignature) -> list[CompositeFacts]:
+    """The composite types the table used before and uses now whose attributes were added or
+    dropped (``ALTER TYPE … ADD ATTRIBUTE``/``DROP ATTRIBUTE``, or ``ALTER TABLE … ADD
+    COLUMN``/``DROP COLUMN`` of a table whose row type a column uses; ``ALTER ATTRIBUTE …
+    TYPE`` is refused while a column uses the type)."""
+    if old.composites is None or new.composites is None:
+        return []
+    before = {c.oid: c for c in old.composites}
+    return [
+        c for c in new.composites if c.oid in before and before[c.oid].attributes != c.attributes
+    ]
+
+
+def _partitions_gone(
+    old: TableSignature, new: TableSignature
+) -> tuple[list[PartitionFacts], list[PartitionFacts]]:
+    """The partitions recorded in ``old`` that ``new`` lacks (detached, dropped), and those
+    it has under another file node."""
+    if old.partitions is None or new.partitions is None:
+        return [], []
+    now = {p.oid: p for p in new.partitions}
+    gone = [p for p in old.partitions if p.oid not in now]
+    renewed = [
+        now[p.oid] for p in old.partitions if p.oid in now and now[p.oid].filenode != p.filenode
+    ]
+    return gone, renewed
+
+
+def _rewritten(old: TableSignature, new: TableSignature) -> bool:
+    """Whether the table was rewritten: its file node changed, or (a partitioned table, whose
+    own is 0) one of its partitions'."""
+    return old.filenode != new.filenode or bool(_partitions_gone(old, new)[1])
+
+
+def rows_lost(old: TableSignature, new: TableSignature) -> bool:
+    """Whether rows may have left the table without a row event: a partition detached or
+    dropped, or given a new file node (TRUNCATE of the partition; VACUUM FULL and CLUSTER
+    cannot be told from it)."""
+    detached, renewed = _partitions_gone(old, new)
+    return bool(detached or renewed)
+
+
+def attached_partitions(old: TableSignature, new: TableSignature) -> list[PartitionFacts]:
+    """The partitions ``new`` has that ``old`` lacks: attached (``ATTACH PARTITION`` of a
+    table with rows gives the table rows no event reported) or created (``CREATE TABLE …
+    PARTITION OF``: empty, nothing to read); the caller reads whether each holds rows."""
+    if old.partitions is None or new.partitions is None:
+        return []
+    before = {p.oid for p in old.partitions}
+    return [p for p in new.partitions if p.oid not in before]
+
+
+def attached_reason(partition: PartitionFacts) -> str:
+    """Why a table is read again after :func:`attached_partitions` found ``partition`` with
+    rows."""
+    return f"partition {partition.name} attached with rows (no row event reported them)"
 
 
 def describe_key(sig: TableSignature) -> str:
@@ -245,12 +383,15 @@ def identity_warnings(old: TableSignature, new: TableSignature) -> list[str]:
 def key_changed(old: TableSignature, new: TableSignature) -> bool:
     """Whether the Kafka keys of the table's rows may differ now: the key columns changed
     (:func:`describe_key`), or one of them changed type, modifier or name, or was altered
-    with a table rewrite (``TYPE int USING id * 10``).  (Whether a key's text really
+    with a table rewrite (``TYPE int USING id * 10``), or holds a composite type whose
+    attributes changed (:func:`composite_changes`).  (Whether a key's text really
     changed is for the data to tell: ``int`` → ``bigint`` keeps every key's text,
     :mod:`cdc.key_retirement`.)"""
     if old.key is not None and new.key is not None and old.key != new.key:
         return True
-    rewritten = old.filenode != new.filenode
+    if new.key and any(set(c.columns) & set(new.key) for c in composite_changes(old, new)):
+        return True
+    rewritten = _rewritten(old, new)
     before = {c.attnum: c for c in old.columns}
     for col in new.columns:
         if new.key is None or col.name not in new.key:
@@ -302,12 +443,15 @@ class TableCheck:
     recorded under its oid (None: not recorded); ``replaced`` the table last recorded under
     its name when the topic may hold rows no row event removed (another table's, or its own
     from before it left the publication), with ``replaced_now`` the name that table's oid is
-    published under now (renamed away), if it is."""
+    published under now (renamed away), if it is; ``detached_from`` the recorded table it
+    was a partition of (a partition detached in a FOR ALL TABLES publication is published
+    as itself from then on: its rows went to that table's topic, never to its own)."""
 
     new: TableSignature
     old: TableSignature | None = None
     replaced: TableSignature | None = None
     replaced_now: str | None = None
+    detached_from: str | None = None
 
     def reasons(self) -> list[str]:
         """Why existing rows or keys in Kafka may be stale (empty: none known; a table new
@@ -315,6 +459,11 @@ class TableCheck:
         out = []
         if self.replaced is not None:
             out.append(replaced_reason(self.replaced, self.new, self.replaced_now))
+        elif self.old is None and self.detached_from is not None:
+            out.append(
+                f"detached from {self.detached_from}: its rows were published as that "
+                "table's, never on its own topic"
+            )
         if self.old is not None:
             out.extend(resnapshot_reasons(self.old, self.new))
             if self.republished:
@@ -340,11 +489,15 @@ class TableCheck:
     @property
     def retire_keys(self) -> bool:
         """Whether the re-snapshot deletes the keys no row has now first: the table was
-        replaced, or its key changed (:func:`key_changed`)."""
+        replaced, taken out of the publication and added back (:attr:`republished`), its
+        key changed (:func:`key_changed`), or rows may have left it (:func:`rows_lost`)."""
         return (
             self.replaced is not None
             or self.republished
-            or (self.old is not None and key_changed(self.old, self.new))
+            or (
+                self.old is not None
+                and (key_changed(self.old, self.new) or rows_lost(self.old, self.new))
+            )
         )
 
     @property
@@ -384,9 +537,11 @@ def compare_catalogs(
 
     A recorded table whose name no table of now has is newly unpublished; it is remembered
     (with the unpublished ones whose name is still not published) until a table is
-    published under its name."""
+    published under its name.  A table of now recorded as a partition of a recorded table
+    was detached (``TableCheck.detached_from``)."""
     names_now = {s.qualified for s in now.values()}
     by_name = {s.qualified: s for s in recorded.values()}
+    parent_of = {p.oid: s.qualified for s in recorded.values() for p in s.partitions or ()}
     checks = []
     for oid, new in sorted(now.items()):
         name = new.qualified
@@ -397,7 +552,7 @@ def compare_catalogs(
         renamed_to = None
         if replaced is not None and replaced.oid != oid and replaced.oid in now:
             renamed_to = now[replaced.oid].qualified
-        checks.append(TableCheck(new, recorded.get(oid), replaced, renamed_to))
+        checks.append(TableCheck(new, recorded.get(oid), replaced, renamed_to, parent_of.get(oid)))
     gone = tuple(s for _, s in sorted(recorded.items()) if s.qualified not in names_now)
     remembered = {n: s for n, s in unpublished.items() if n not in names_now}
     remembered.update((s.qualified, s) for s in gone)

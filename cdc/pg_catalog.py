@@ -12,7 +12,9 @@ values depend on: file node (changes on a rewrite), columns with type, modifier,
 ``atthasmissing`` and the xmin of their ``pg_attribute`` row (changes when an ALTER
 touches the column), and the labels of every enum type a column uses through
 domains, arrays, ranges and composite types (:mod:`cdc.incremental_snapshot`), the
-table's replica identity and its Kafka key columns (:data:`core.pg_types.KEY_INDEX`).
+attributes of every composite type they use that way, the partitions of a partitioned
+table (at any depth) with their file nodes, the table's replica identity and its Kafka key
+columns (:data:`core.pg_types.KEY_INDEX`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Any
 
 import psycopg
 
-from cdc.ddl_detection import ColumnFacts, EnumFacts, TableSignature
+from cdc.ddl_detection import (
+    ColumnFacts,
+    CompositeFacts,
+    EnumFacts,
+    PartitionFacts,
+    TableSignature,
+)
 from cdc.pgoutput_messages import ReplicaIdentity
 from core.pg_types import BUILTIN_TYPES, CATALOG_QUERY, KEY_INDEX, TypeInfo
 
@@ -68,12 +76,12 @@ where p.pubname = %s
 order by c.oid, a.attnum
 """
 
-SIGNATURE_ENUMS_QUERY = """
-with recursive walk(relid, typ, depth) as (
-  select a.attrelid, a.atttypid, 0 from pg_attribute a
+_TYPE_WALK = """
+with recursive walk(relid, col, typ, depth) as (
+  select a.attrelid, a.attname::text, a.atttypid, 0 from pg_attribute a
   where a.attrelid = any(%s) and a.attnum > 0 and not a.attisdropped
   union all
-  select w.relid, x.next, w.depth + 1
+  select w.relid, w.col, x.next, w.depth + 1
   from walk w join pg_type t on t.oid = w.typ
   cross join lateral (
     select t.typbasetype as next where t.typtype = 'd'
@@ -84,13 +92,59 @@ with recursive walk(relid, typ, depth) as (
     union all select r.rngsubtype from pg_range r where t.typtype = 'r' and r.rngtypid = t.oid
   ) x
   where w.depth < 8
-)
+)"""
+"""Every type each column of the tables ``%s`` uses, through domains, arrays, composite types
+and ranges: (table oid, column, type oid)."""
+
+SIGNATURE_ENUMS_QUERY = (
+    _TYPE_WALK
+    + """
 select w.relid, e.enumtypid, format_type(e.enumtypid, null),
        array_agg(e.enumlabel::text order by e.enumsortorder)
 from (select distinct relid, typ from walk) w join pg_enum e on e.enumtypid = w.typ
 group by w.relid, e.enumtypid
 order by w.relid, e.enumtypid
 """
+)
+
+SIGNATURE_COMPOSITES_QUERY = (
+    _TYPE_WALK
+    + """
+select w.relid, t.oid, format_type(t.oid, null), array_agg(distinct w.col),
+       (select array_agg(array[ca.attnum::bigint, ca.atttypid::bigint, ca.atttypmod::bigint]
+                         order by ca.attnum)
+        from pg_attribute ca
+        where ca.attrelid = t.typrelid and ca.attnum > 0 and not ca.attisdropped)
+from walk w join pg_type t on t.oid = w.typ and t.typtype = 'c'
+group by w.relid, t.oid
+order by w.relid, t.oid
+"""
+)
+
+SIGNATURE_PARTITIONS_QUERY = """
+with recursive tree(root, relid, depth) as (
+  select c.oid, c.oid, 0 from pg_class c where c.oid = any(%s) and c.relkind = 'p'
+  union all
+  select t.root, i.inhrelid, t.depth + 1
+  from tree t join pg_inherits i on i.inhparent = t.relid
+  where {attached} and t.depth < 64
+)
+select t.root, c.oid, n.nspname || '.' || c.relname, c.relfilenode
+from tree t join pg_class c on c.oid = t.relid join pg_namespace n on n.oid = c.relnamespace
+where t.depth > 0
+order by t.root, c.oid
+"""
+"""The partitions (at any depth) of the partitioned tables among ``%s``, with their file
+nodes; one being detached concurrently counts as gone (queries of the table no longer see
+its rows)."""
+
+
+def _partitions_query(conn: psycopg.Connection[Any]) -> str:
+    # pg_inherits.inhdetachpending (DETACH … CONCURRENTLY) exists from PostgreSQL 14 on
+    pending = conn.info.server_version >= 140000
+    return SIGNATURE_PARTITIONS_QUERY.format(
+        attached="not i.inhdetachpending" if pending else "true"
+    )
 
 
 SIGNATURE_KEYS_QUERY = f"""
@@ -136,9 +190,27 @@ def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int
                 EnumFacts(int(enum_oid), str(name), tuple(str(x) for x in labels))
             )
     keys: dict[int, tuple[str, ...]] = {}
+    composites: dict[int, list[CompositeFacts]] = {}
+    partitions: dict[int, list[PartitionFacts]] = {}
     if tables:
-        for relid, names in conn.execute(SIGNATURE_KEYS_QUERY, (list(tables),)).fetchall():
+        oids = (list(tables),)
+        for relid, names in conn.execute(SIGNATURE_KEYS_QUERY, oids).fetchall():
             keys[int(relid)] = tuple(str(n) for n in names)
+        for relid, typ, name, cols, attrs in conn.execute(
+            SIGNATURE_COMPOSITES_QUERY, oids
+        ).fetchall():
+            composites.setdefault(int(relid), []).append(
+                CompositeFacts(
+                    int(typ),
+                    str(name),
+                    tuple((int(a), int(t), int(tm)) for a, t, tm in attrs or ()),
+                    tuple(sorted(str(c) for c in cols)),
+                )
+            )
+        for root, oid, name, filenode in conn.execute(_partitions_query(conn), oids).fetchall():
+            partitions.setdefault(int(root), []).append(
+                PartitionFacts(int(oid), str(name), int(filenode))
+            )
     return {
         oid: TableSignature(
             oid,
@@ -150,6 +222,8 @@ def read_signatures(conn: psycopg.Connection[Any], publication: str) -> dict[int
             key=keys.get(oid, ()),
             identity=ReplicaIdentity(ident),
             membership=memberships.get(oid),
+            partitions=tuple(partitions.get(oid, ())),
+            composites=tuple(composites.get(oid, ())),
         )
         for oid, (schema, table, filenode, ident, cols) in tables.items()
     }

@@ -9,7 +9,12 @@ recorded in Kafka (:func:`cdc.ddl_detection.compare_catalogs`), and queues a re-
 each table that needs one (or, with ``cdc.resnapshot_on_ddl`` off, logs what stays stale):
 
 - a table whose signature changed (:func:`~cdc.ddl_detection.resnapshot_reasons`; the old
-  keys are deleted first when its key changed);
+  keys are deleted first when its key changed, or when a partition was detached, dropped or
+  given a new file node: rows may have left it);
+- a partitioned table that gained a partition holding rows (``ATTACH PARTITION``; a
+  partition created empty needs nothing);
+- a partition detached in a FOR ALL TABLES publication, published as itself from then on
+  (its rows were on its parent's topic only);
 - a *replaced* table: published under a name recorded for another oid (dropped and created
   again), or published again under its name; the keys no row has now are deleted first
   (:mod:`cdc.key_retirement`), then every row is sent;
@@ -41,6 +46,8 @@ from cdc.change_assembler import topic_for
 from cdc.ddl_detection import (
     TableCheck,
     TableSignature,
+    attached_partitions,
+    attached_reason,
     compare_catalogs,
     identity_warnings,
     unpublished_warning,
@@ -196,8 +203,14 @@ class CatalogChecks:
         for warning in identity_warnings(before, new) if before is not None else ():
             log.warning("%s", warning, extra={"table": new.qualified})
         reasons = table.reasons()
-        if table.old is None and table.replaced is None:
+        if table.old is None and table.replaced is None and table.detached_from is None:
             reasons = self._added_reasons(new, all_tables)
+        if table.old is not None:
+            reasons += [
+                attached_reason(p)
+                for p in attached_partitions(table.old, new)
+                if self._has_rows(p.oid)
+            ]
         if not reasons:
             return
         retire = table.retire_keys
@@ -224,21 +237,27 @@ class CatalogChecks:
         # a table added to a publication of listed tables (postgres.tables grew, or
         # ALTER PUBLICATION … ADD TABLE): rows it had then were never sent.  In a
         # FOR ALL TABLES publication a new table is published from its creation on.
-        if self.pg.snapshot == "initial" and not all_tables and self._has_rows(new):
+        if self.pg.snapshot == "initial" and not all_tables and self._has_rows(new.oid):
             return ["added to the publication: its existing rows were never sent"]
         return []
 
-    def _has_rows(self, sig: TableSignature) -> bool:
+    def _has_rows(self, oid: int) -> bool:
+        """Whether the table ``oid`` (a published table, or a partition of one) holds a row
+        (False when it is gone since the catalog was read)."""
         try:
-            row = (
-                self._connection()
-                .execute(
-                    sql.SQL("select exists (select 1 from {})").format(
-                        sql.Identifier(sig.schema, sig.table)
-                    )
+            conn = self._connection()
+            names = conn.execute(
+                "select n.nspname, c.relname from pg_class c "
+                "join pg_namespace n on n.oid = c.relnamespace where c.oid = %s",
+                (oid,),
+            ).fetchone()
+            if names is None:
+                return False
+            row = conn.execute(
+                sql.SQL("select exists (select 1 from {})").format(
+                    sql.Identifier(str(names[0]), str(names[1]))
                 )
-                .fetchone()
-            )
+            ).fetchone()
         except psycopg.OperationalError as exc:
             raise ReplicationLost(f"catalog check failed: {exc}") from exc
         except psycopg.Error:
