@@ -457,9 +457,11 @@ DAEMON = Section(
             True,
             "Re-read a table (op 'r' events, while streaming goes on) after a change that gives "
             "existing rows new values without row events: ADD COLUMN with a default, a table "
-            "rewrite by ALTER COLUMN TYPE or a volatile default, an enum RENAME VALUE; and a "
-            "table dropped and created again under its name, after deleting the keys in Kafka "
-            "no row of the new table has.",
+            "rewrite by ALTER COLUMN TYPE or a volatile default, an enum RENAME VALUE, an "
+            "attribute added to or dropped from a composite type, a partition with rows "
+            "attached; and a table dropped and created again under its name, or one that lost "
+            "a partition's rows (detached, dropped, truncated), after deleting the keys in "
+            "Kafka no row of it has now.",
         ),
         Setting(
             "resnapshot_chunk_rows",
