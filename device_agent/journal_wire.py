@@ -91,5 +91,18 @@ def wire_entries(
     return out
 
 
+def oversized_rejection(entry: Mapping[str, Any], refusal: str) -> tuple[str, str]:
+    """The local rejection (reason, message) of an upload entry the relay refused as too
+    large even alone (HTTP 413: its JSON is over the relay's ``http.max_body_bytes``): it
+    is kept in the journal as ``failed`` with reason ``entry_too_large``, as the relay
+    rejects an entry over ``journal.max_entry_bytes``, so the entries after it go up."""
+    size = len(orjson.dumps(entry))
+    return (
+        "entry_too_large",
+        f"entry {entry['seq']} ({entry['op']} of {entry['table']}, key {entry['key']!r:.200}) "
+        f"is {size} bytes of JSON, more than the relay takes in one upload: {refusal}",
+    )
+
+
 def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
     return {c: local_db.from_sql(v, kinds.get(c)) for c, v in row.items()}

@@ -76,7 +76,7 @@ from device_agent.errors import (
     SchemaBlocked,
     StateError,
 )
-from device_agent.journal_wire import UPLOAD_BATCH, wire_entries
+from device_agent.journal_wire import UPLOAD_BATCH, oversized_rejection, wire_entries
 from device_agent.local_db import get_meta, set_meta
 from device_agent.local_tables import PREFIX, transaction
 
@@ -198,11 +198,19 @@ class Agent:
                 return
             except RelayRefused as exc:
                 # 413: the batch (entries or bytes) is over the relay's limit: halve and retry;
-                # a single entry that is still too large is a real error
-                if exc.status == 413 and limit > 1:
-                    limit = max(1, limit // 2)
+                # a single entry that is still too large is rejected locally (kept in the
+                # journal), else it would stop every later edit from going up
+                if exc.status != 413:
+                    raise
+                if len(entries) > 1:
+                    limit = max(1, min(limit, len(entries)) // 2)
                     continue
-                raise
+                if exc.code != "request_too_large":
+                    raise
+                seq = int(entries[0]["seq"])
+                settle(self.conn, rejected={seq: oversized_rejection(entries[0], str(exc))})
+                report.rejected += 1
+                continue
             with transaction(self.conn):
                 self.conn.executemany(
                     f"""update {PREFIX}journal set status = 'sent', sent_at = julianday('now')

@@ -1,0 +1,95 @@
+"""Values at and past the size limits of the parts, against the real processes:
+
+- a device edit whose journal entry is larger than the relay takes in one upload
+  (``http.max_body_bytes``) even alone: the relay answers 413 to it however the device
+  splits its uploads; it is kept in the device's journal as ``failed`` (reason
+  ``entry_too_large``, a message naming the entry, its table and key), and the edits
+  after it go up (before, every upload stopped at it: no later edit reached PostgreSQL);
+- an entry over ``journal.max_entry_bytes`` but under the body limit is rejected by the
+  relay with the same reason, and an entry under both is applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+
+from device_agent.local_tables import PREFIX
+from tests.pipeline.local_device import LocalDevice, all_rows_rules
+from tests.pipeline.pipeline_stack import services
+
+TABLES = ["public.notes"]
+
+
+def test_an_entry_too_large_for_any_upload_fails_alone_and_later_edits_go_up(
+    pg_dsn: str, store_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        pg.execute(
+            "create table notes (id int primary key, t text);"
+            "insert into notes select g, 'x' from generate_series(1, 4) g"
+        )
+        with services(
+            tmp_path,
+            pg_dsn,
+            store_dsn,
+            kafka_bootstrap,
+            topic_prefix,
+            rules=all_rows_rules(TABLES),
+            conflicts='[default]\npolicy = "server_wins"\n',
+            tables=TABLES,
+        ) as stack:
+            dev = LocalDevice(stack.url, stack.keys, tmp_path)
+            try:
+                dev.sync_until(
+                    lambda: dev.app.execute("select count(*) from notes").fetchone()[0] == 4,
+                    "the rows",
+                )
+                dev.app.execute("update notes set t = ? where id = 1", ("a" * 200_000,))
+                dev.app.execute("update notes set t = ? where id = 2", ("b" * 300_000,))
+                dev.app.execute("update notes set t = ? where id = 3", ("c" * 2_000_000,))
+                dev.app.execute("update notes set t = 'small' where id = 4")
+                dev.sync_until(
+                    lambda: (
+                        dev.app.execute(
+                            f"select count(*) from {PREFIX}journal where status in "
+                            "('pending', 'sent')"
+                        ).fetchone()[0]
+                        == 0
+                    ),
+                    "every entry settled",
+                    rounds=60,
+                )
+                journal = dev.app.execute(
+                    f"select seq, status, reason, message from {PREFIX}journal order by seq"
+                ).fetchall()
+                assert [(s, st, r) for s, st, r, _ in journal] == [
+                    (1, "synced", None),
+                    (2, "failed", "entry_too_large"),
+                    (3, "failed", "entry_too_large"),
+                    (4, "synced", None),
+                ], journal
+                message = journal[2][3]
+                assert "entry 3 (update of public.notes, key" in message, message
+                assert "request_too_large" in message, message
+                # the refused edit stays in the journal; the row shows the server's version
+                kept = dev.app.execute(
+                    f"select length(new) from {PREFIX}journal where seq = 3"
+                ).fetchone()[0]
+                assert kept > 2_000_000
+                assert pg.execute("select id, length(t) from notes order by id").fetchall() == [
+                    (1, 200_000),
+                    (2, 1),
+                    (3, 1),
+                    (4, 5),
+                ]
+                dev.sync_until(
+                    lambda: (
+                        dev.app.execute("select length(t) from notes where id = 3").fetchone()[0]
+                        == 1
+                    ),
+                    "the server's version of the refused row",
+                )
+            finally:
+                dev.close()
