@@ -18,7 +18,10 @@ the boundary with ``raise ... from exc``.
         │                            resume position, or a recovery did not finish (names
         │                            ``fieldsync cdc recover``; never retried)
         ├── SinkError                Kafka side
-        │   └── SinkUnavailable      broker unreachable / timed out (retryable)
+        │   ├── SinkUnavailable      broker unreachable / timed out (retryable)
+        │   └── RecordTooLarge       an event larger than kafka.max_message_bytes, or refused
+        │                            by the broker as too large (names table, key, LSN;
+        │                            never skipped, not retried)
         └── SnapshotRequestError     a re-snapshot request names an unknown table or column, or an
                                      invalid WHERE clause (says which and where)
 
@@ -68,6 +71,18 @@ class SinkError(CdcError):
 
 class SinkUnavailable(SinkError):
     """The broker is unreachable or did not acknowledge in time; retryable."""
+
+
+class RecordTooLarge(SinkError):
+    """A change event too large for Kafka (:mod:`cdc.record_size` names it): over
+    ``kafka.max_message_bytes``, or refused by the broker as too large.  The transaction is
+    aborted; not retried (the same event would come again), never skipped."""
+
+    def __init__(self, message: str, topic: str = "", size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.size = size
+        self.limit = limit
 
 
 class SnapshotRequestError(CdcError):

@@ -29,7 +29,7 @@ from typing import Any, Final
 from kafka import TopicPartition
 from kafka.partitioner.default import murmur2
 
-from cdc.errors import SinkError, SinkUnavailable
+from cdc.errors import RecordTooLarge, SinkUnavailable
 from cdc.kafka_records import HEADER_SIZE, RecordBuffer, encode_headers
 from core.avro_envelope import HEADER_LEN, MAGIC
 from core.kafka_options import kafka_errors
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_REQUEST_SIZE: Final = 8 * 1024 * 1024
+"""The default of ``kafka.max_message_bytes``: the largest record the producer sends."""
 BATCH_BYTES: Final = 256 * 1024
 """Size at which a partition's records are handed to kafka-python as one batch."""
 MAX_IN_FLIGHT_BATCHES: Final = 64
@@ -155,6 +156,7 @@ class BulkRecords:
         unavailable: Callable[[str], SinkUnavailable],
         futures: Callable[[], list[Any]],
         ready: Callable[[], None] = lambda: None,
+        max_record: int = MAX_REQUEST_SIZE,
     ) -> None:
         self.producer = producer
         self._ready = ready
@@ -167,7 +169,7 @@ class BulkRecords:
         self._tps: dict[tuple[str, int], Any] = {}
         # topics of one partition (the default): their TopicPartition, without a key hash
         self._single_partition: dict[str, Any] = {}
-        self._max_record = MAX_REQUEST_SIZE
+        self._max_record = max_record
         self.handed_bytes = 0  # of the batches handed over since take_bytes()
 
     def discard(self) -> None:
@@ -188,21 +190,30 @@ class BulkRecords:
         headers: Sequence[tuple[str, bytes]],
     ) -> None:
         """Append one record to its partition's batch; a full batch is handed over (a record
-        larger than the producer's max_request_size is a SinkError naming it)."""
+        larger than ``max_record`` is a :class:`RecordTooLarge`; the sink names its row)."""
         tp = self._single_partition.get(topic)
         if tp is None:
             tp = self._partition(topic, key)
         buffer = self._buffers.get(tp)
         if buffer is None:
             buffer = self._buffers[tp] = RecordBuffer()
+        elif len(buffer.buf) + len(key or b"") + len(value or b"") > self._max_record:
+            # the batch would pass the record limit (the topic's max.message.bytes): the
+            # records so far go as one batch, this one starts the next
+            del self._buffers[tp]
+            self._ready()
+            self._hand_over(tp, buffer)
+            self._bound_in_flight()
+            buffer = self._buffers[tp] = RecordBuffer()
         size = buffer.append(int(time.time() * 1000), key, value, encode_headers(headers))
         if size > self._max_record:
             del self._buffers[tp]  # the transaction is aborted by the caller: nothing is lost
-            raise SinkError(
-                f"a record for {topic} (key {key!r:.80}) is {size} bytes, more than the "
-                f"producer's max_request_size ({self._max_record}); raise the broker's "
-                "message.max.bytes and the topic's max.message.bytes, or leave the column out "
-                "of the publication"
+            raise RecordTooLarge(
+                f"a record for {topic} is {size} bytes, more than kafka.max_message_bytes "
+                f"({self._max_record})",
+                topic,
+                size,
+                self._max_record,
             )
         if len(buffer.buf) >= BATCH_BYTES:
             del self._buffers[tp]

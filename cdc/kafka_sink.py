@@ -52,12 +52,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
-from cdc.errors import SinkError, SinkUnavailable
+from cdc.errors import RecordTooLarge, SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
 from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available, partition_of
 from cdc.metrics import BYTES
+from cdc.record_size import too_large_message
 from cdc.resume_position import ResumePosition
 from core.kafka_options import build_client, client_config, kafka_errors
 
@@ -108,6 +109,11 @@ class ChangePartitioner:
         return int(parts[partition_of(serialized_key, len(parts))])
 
 
+TOPIC_SLACK: Final = 1024
+"""Bytes of a change topic's ``max.message.bytes`` above ``kafka.max_message_bytes``: the
+record batch's header and the record's framing."""
+
+
 def _partitioner() -> Any:
     """A :class:`ChangePartitioner`, registered as kafka-python's ``Partitioner`` (which
     kafka-python checks to call it with the key and value)."""
@@ -115,6 +121,14 @@ def _partitioner() -> Any:
 
     Partitioner.register(ChangePartitioner)
     return ChangePartitioner()
+
+
+def _too_large_refusal(exc: BaseException | None) -> bool:
+    """Whether the broker refused a batch as too large (MESSAGE_TOO_LARGE,
+    RECORD_LIST_TOO_LARGE): the same batch would be refused again, so it is not retried."""
+    from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+
+    return isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
 def _remaining(deadline: float, floor_s: float = 0.5) -> float:
@@ -135,6 +149,7 @@ class KafkaOptions:
     sasl_password: str | None = None
     ssl_cafile: str | None = None
     topic_partitions: int = 1
+    max_message_bytes: int = MAX_REQUEST_SIZE  # the largest record sent (kafka.max_message_bytes)
     bulk_records: bool = True  # build record batches ourselves (cdc.kafka_records)
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -177,7 +192,13 @@ class TopicManager:
             existing = set(admin.list_topics())
             to_create = [t for t in missing if t not in existing]
             if to_create:
-                configs = {"cleanup.policy": "compact"} if compacted else {}
+                # change topics take the records the producer sends (kafka.max_message_bytes;
+                # a broker's default message.max.bytes is 1 MiB), a batch header above it
+                configs = (
+                    {"cleanup.policy": "compact"}
+                    if compacted
+                    else {"max.message.bytes": str(self.opts.max_message_bytes + TOPIC_SLACK)}
+                )
                 try:
                     admin.create_topics(
                         [
@@ -221,6 +242,7 @@ class KafkaTransactionalSink:
             [state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)], compacted=True
         )
         self._published: set[bytes] = set()
+        self._schema_json: dict[bytes, str] = {}  # every schema seen: names a record too large
         self._pending_schemas: set[bytes] = set()
         self._in_txn = False
         self._broken = False  # a Kafka call failed: the broker is gone or the producer unusable
@@ -245,7 +267,7 @@ class KafkaTransactionalSink:
                 compression_type=None if opts.compression == "none" else opts.compression,
                 linger_ms=5,
                 batch_size=256 * 1024,
-                max_request_size=MAX_REQUEST_SIZE,
+                max_request_size=opts.max_message_bytes,
                 max_block_ms=int(opts.timeout_s * 1000),
                 transaction_timeout_ms=max(60000, int(opts.timeout_s * 2000)),
             )
@@ -258,6 +280,7 @@ class KafkaTransactionalSink:
                     unavailable=self._unavailable,
                     futures=lambda: self._futures,
                     ready=self._producer_ready,
+                    max_record=opts.max_message_bytes,
                 )
             for topic in (state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)):
                 self._track(topic)
@@ -310,20 +333,37 @@ class KafkaTransactionalSink:
         if bulk is not None:
             # buffered (also while a commit is in flight); a full batch is handed over
             # after _producer_ready()
-            bulk.append(topic, key, value, headers)
+            try:
+                bulk.append(topic, key, value, headers)
+            except RecordTooLarge as exc:
+                raise self._too_large(topic, key, value, headers, exc.size) from exc
             return
         self._producer_ready()
         if topic not in self._tracked:
             self._track(topic)
+        from kafka.errors import MessageSizeTooLargeError
+
         try:
             self._futures.append(
                 self.producer.send(topic, key=key, value=value, headers=list(headers))
             )
+        except MessageSizeTooLargeError as exc:
+            size = len(key or b"") + len(value or b"") + sum(len(h) + len(v) for h, v in headers)
+            raise self._too_large(topic, key, value, headers, size) from exc
         except kafka_errors() as exc:
             raise self._unavailable(f"send to {topic} failed: {exc}") from exc
         self._txn_bytes += len(key or b"") + len(value or b"")
 
+    def _too_large(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, size: int
+    ) -> RecordTooLarge:
+        """The error of a record over ``kafka.max_message_bytes``, naming its row."""
+        limit = self.opts.max_message_bytes
+        message = too_large_message(topic, key, value, headers, size, limit, self._schema_json)
+        return RecordTooLarge(message, topic, size, limit)
+
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
+        self._schema_json.setdefault(fingerprint, schema_json)
         if (
             fingerprint in self._published
             or fingerprint in self._pending_schemas
@@ -439,6 +479,14 @@ class KafkaTransactionalSink:
                 raise self._unavailable(
                     f"records of the Kafka transaction ending at {position} were not "
                     f"acknowledged within {self.opts.timeout_s:g}s"
+                )
+            if future.failed() and _too_large_refusal(future.exception):
+                self._broken = True
+                raise RecordTooLarge(
+                    f"the broker refused records of the Kafka transaction ending at "
+                    f"{position} as too large ({future.exception}): raise the broker's "
+                    "message.max.bytes or the topics' max.message.bytes to "
+                    f"kafka.max_message_bytes ({self.opts.max_message_bytes}), or lower that"
                 )
             if future.failed():
                 raise self._unavailable(

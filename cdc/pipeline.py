@@ -93,6 +93,7 @@ def kafka_options(s: CdcSettings) -> KafkaOptions:
         topic_prefix=k.topic_prefix,
         transactional_id=s.effective_transactional_id,
         topic_partitions=k.topic_partitions,
+        max_message_bytes=k.max_message_bytes,
         compression=k.compression,
         timeout_s=k.timeout_s,
         security_protocol=k.security_protocol,

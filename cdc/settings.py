@@ -130,6 +130,7 @@ class KafkaSettings:
     topic_prefix: str
     transactional_id: str
     topic_partitions: int
+    max_message_bytes: int
     compression: str
     batch_max_events: int
     batch_max_ms: int
@@ -331,6 +332,17 @@ KAFKA = Section(
             "key, so a row's events stay in order in one partition. More partitions let several "
             "relay engine processes share a table ([relay] engine_shares). Topics that exist "
             "keep their partitions.",
+            check=check_positive,
+        ),
+        Setting(
+            "max_message_bytes",
+            int,
+            8388608,
+            "Largest Kafka record (one change event) the daemon sends, in bytes; the change "
+            "topics it creates get max.message.bytes 1 KiB above it. A larger event (a row "
+            "with a large value) stops the daemon with an error naming its table, key and "
+            "commit LSN; it is never skipped. The broker (message.max.bytes, or an existing "
+            "topic's max.message.bytes) and the relay must take records this large.",
             check=check_positive,
         ),
         Setting(
