@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final
 
 from device_agent.local_tables import (
     PREFIX,
@@ -63,11 +64,39 @@ def _k(table: LocalTable, ref: str) -> str:
     return key_expr(table, ref)
 
 
+JSON_OBJECT_PAIRS: Final = 50
+"""Columns per ``json_object`` call: SQLite limits the arguments of a function
+(SQLITE_MAX_FUNCTION_ARG, 127 before 3.48), so a row of more columns is one object text
+joined from several calls' members."""
+
+OR_TERMS: Final = 50
+"""Terms per parenthesised group of the update trigger's column comparisons: SQLite limits
+the depth of an expression tree (SQLITE_MAX_EXPR_DEPTH, 1000), and a chain of ``or`` is as
+deep as it is long."""
+
+
+def _chunks(columns: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [columns[i : i + size] for i in range(0, len(columns), size)]
+
+
 def _row_json(table: LocalTable, ref: str) -> str:
-    return (
+    parts = [
         "json_object("
-        + ", ".join(f"{lit(c)}, {json_value_sql(f'{ref}.{q(c)}')}" for c in table.columns)
+        + ", ".join(f"{lit(c)}, {json_value_sql(f'{ref}.{q(c)}')}" for c in chunk)
         + ")"
+        for chunk in _chunks(table.columns, JSON_OBJECT_PAIRS)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    # each object's members, without its braces, in one object
+    members = " || ',' || ".join(f"substr({p}, 2, length({p}) - 2)" for p in parts)
+    return f"('{{' || {members} || '}}')"
+
+
+def _changed(table: LocalTable) -> str:
+    return " or ".join(
+        "(" + " or ".join(f"old.{q(c)} is not new.{q(c)}" for c in chunk) + ")"
+        for chunk in _chunks(table.columns, OR_TERMS)
     )
 
 
@@ -87,7 +116,7 @@ def create_sql(table: LocalTable) -> list[str]:
     """The ``CREATE TRIGGER`` statements of one table."""
     t = q(table.local)
     ins, upd, updkey, dele, insrep = (q(n) for n in trigger_names(table))
-    changed = " or ".join(f"old.{q(c)} is not new.{q(c)}" for c in table.columns)
+    changed = _changed(table)
     same_key = " and ".join(f"old.{q(c)} is new.{q(c)}" for c in table.key)
     old_row, new_row = _row_json(table, "old"), _row_json(table, "new")
     k_new = _k(table, "new")
