@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from device_agent import local_db
+from device_agent.journal_wire import wire_entries
 from device_agent.local_tables import PREFIX
 from device_agent.relay_schema import parse_schema
 from device_agent.schema_sync import apply_schema
-from device_agent.sync import wire_entries
 from tests.device_agent.test_device_apply import FakeServer, app_conn, sync
 
 WIDE = "public.wide"
