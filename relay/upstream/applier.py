@@ -51,6 +51,7 @@ from relay.upstream.applier_db import ApplierDb
 from relay.upstream.applier_run import ApplyStats
 from relay.upstream.applier_store import Delivery
 from relay.upstream.intake import journal_topic, outcomes_topic
+from relay.upstream.outcome_records import fit_outcome_records
 
 __all__ = ["Applier", "ensure_journal_topics"]
 
@@ -261,7 +262,11 @@ class Applier:
             if not rows:
                 return total
             for _id, device, payload in rows:
-                self._producer.send(self.outcomes_topic, key=device.encode("utf-8"), value=payload)
+                # a record too large for Kafka would be refused at every try: split, in order
+                for record in fit_outcome_records(payload):
+                    self._producer.send(
+                        self.outcomes_topic, key=device.encode("utf-8"), value=record
+                    )
             self._producer.flush(timeout=60)
             self.db.delete_outbox([i for i, _, _ in rows])
             total += len(rows)
