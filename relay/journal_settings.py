@@ -25,7 +25,22 @@ from core.settings_checks import (
 )
 from core.settings_registry import Section, Setting
 
-__all__ = ["JOURNAL", "JournalSettings"]
+__all__ = ["JOURNAL", "MAX_ENTRY_BYTES_CAP", "JournalSettings"]
+
+MAX_ENTRY_BYTES_CAP = 1_000_000
+"""Most ``max_entry_bytes`` may be: an accepted entry goes to ``_journal`` as one Kafka
+record (with the device's claims), and the relay's producer (kafka-python) and a broker
+take at most 1 MiB by default; a larger one was answered 503 at every upload, so the
+device uploaded it again for ever."""
+
+
+def _check_entry_bytes(value: int) -> None:
+    check_positive(value)
+    if value > MAX_ENTRY_BYTES_CAP:
+        raise ValueError(
+            f"must be at most {MAX_ENTRY_BYTES_CAP}: an entry goes to Kafka as one record, "
+            "and the relay's producer and a broker's default take at most 1 MiB"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +151,8 @@ JOURNAL = Section(
             int,
             262_144,
             "Largest JSON size of one journal entry; larger entries are rejected "
-            "(`entry_too_large`).",
-            check=check_positive,
+            "(`entry_too_large`). At most 1000000: an entry goes to Kafka as one record.",
+            check=_check_entry_bytes,
         ),
         Setting(
             "topic_partitions",

@@ -63,6 +63,18 @@ def test_both_processes_check_journal_keys_with_the_same_message(tmp_path: Path)
     assert messages == {f"{cfg}: journal.shards: 0 must be > 0"}
 
 
+def test_an_entry_limit_kafka_cannot_take_is_refused(tmp_path: Path) -> None:
+    """An entry goes to ``_journal`` as one Kafka record: a ``max_entry_bytes`` over 1 MiB let
+    the relay accept entries its producer refused, answered 503 at every upload (the device
+    uploaded the entry again for ever)."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text("[journal]\nmax_entry_bytes = 2000000\n")
+    with pytest.raises(ConfigError, match=r"journal\.max_entry_bytes: .*at most 1000000"):
+        load_relay_settings(cfg, {})
+    cfg.write_text("[journal]\nmax_entry_bytes = 1000000\n")
+    assert load_relay_settings(cfg, {}).journal.max_entry_bytes == 1_000_000
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     servers=st.lists(st.sampled_from(["a:1", "b.example:9092", "10.0.0.1:19092"]), min_size=1),
