@@ -102,6 +102,7 @@ def api_config(settings: RelaySettings, conflicts: str | None = None) -> ApiConf
         counters=counter_columns(conflicts),
         max_body_bytes=h.max_body_bytes,
         max_page_ops=h.max_page_ops,
+        max_page_bytes=h.max_page_bytes,
         default_page_ops=min(1000, h.max_page_ops),
         long_poll_s=h.long_poll_s,
         rate_per_s=h.rate_per_s,

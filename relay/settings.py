@@ -101,6 +101,7 @@ class HttpSettings:
     port: int
     max_body_bytes: int
     max_page_ops: int
+    max_page_bytes: int
     long_poll_s: float
     rate_per_s: float
     rate_burst: int
@@ -403,6 +404,14 @@ HTTP = Section(
             int,
             5000,
             "Most ops returned by one changes request (a client may ask for fewer).",
+            check=check_positive,
+        ),
+        Setting(
+            "max_page_bytes",
+            int,
+            16_777_216,
+            "A changes message ends with the op whose row data and keys reach this many "
+            "bytes (at least one op per message).",
             check=check_positive,
         ),
         Setting(

@@ -55,13 +55,18 @@ class PageReads:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def read(
-        self, cursors: Mapping[str, int], limit: int, epochs: Mapping[str, int] | None = None
+        self,
+        cursors: Mapping[str, int],
+        limit: int,
+        epochs: Mapping[str, int] | None = None,
+        max_bytes: int = 0,
     ) -> OpsPage:
         """The page :meth:`BucketStore.read_ops` answers for these arguments, read in the
-        next batch, its ops rendered for the wire (:attr:`OpsPage.wire`)."""
+        next batch, its ops rendered for the wire (:attr:`OpsPage.wire`), ending at
+        ``max_bytes`` of row data (:attr:`PageRequest.max_bytes`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[OpsPage] = loop.create_future()
-        request = PageRequest(dict(cursors), limit, dict(epochs or {}), wire=True)
+        request = PageRequest(dict(cursors), limit, dict(epochs or {}), True, max_bytes)
         self._queue.append((request, future))
         self._schedule(loop)
         return await future

@@ -49,6 +49,10 @@ class ApiConfig:
 
     max_body_bytes: int = 1_048_576
     max_page_ops: int = 5000
+    max_page_bytes: int = 16_777_216
+    """A changes message ends with the op whose row data reach this many bytes (at least
+    one op): a page of large rows stays far below a device's WebSocket message limit
+    (64 MiB) and the relay's memory bounded."""
     default_page_ops: int = 1000
     long_poll_s: float = 30.0
     rate_per_s: float = 20.0
@@ -63,7 +67,13 @@ class ApiConfig:
     body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_page_ops", "default_page_ops", "rate_burst"):
+        for name in (
+            "max_body_bytes",
+            "max_page_ops",
+            "max_page_bytes",
+            "default_page_ops",
+            "rate_burst",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ApiConfig.{name} must be >= 1")
         if not self.body_timeout_s > 0:
@@ -156,7 +166,7 @@ async def read_page(
     state: ApiState, cursors: Mapping[str, int], limit: int, epochs: Mapping[str, int]
 ) -> OpsPage:
     try:
-        return await state.reads.read(cursors, limit, epochs)
+        return await state.reads.read(cursors, limit, epochs, state.config.max_page_bytes)
     except RelayError as exc:
         log.warning("bucket store read failed: %s", exc)
         raise Unavailable("the bucket store cannot be read right now; retry shortly") from exc

@@ -250,6 +250,9 @@ class PageRequest:
     wire: bool = False
     """Answer with the ops rendered as the device API's JSON (:attr:`OpsPage.wire`)
     instead of :class:`Op` objects."""
+    max_bytes: int = 0
+    """For the wire: the page ends with the op whose row data (and key) reach this many
+    bytes counted from the page's first op (at least one op; 0: no bound)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

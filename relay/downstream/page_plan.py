@@ -42,9 +42,10 @@ _T_co = TypeVar("_T_co", covariant=True)
 
 Pairs = tuple[tuple[str, int], ...]
 """The ``(bucket, cursor)`` pairs a slice covers, in bucket order (one pair for most)."""
-SliceKey = tuple[bool, Pairs, int]
+SliceKey = tuple[bool, Pairs, int, int]
 """A slice: whether its ops are rendered for the wire (:attr:`PageRequest.wire`), its
-pairs, and for the wire its requests' limit (0 otherwise: the largest limit asked)."""
+pairs, and for the wire its requests' limit and byte bound (0, 0 otherwise: the largest
+limit asked, no bound)."""
 
 
 class Slice(Protocol[_T_co]):
@@ -54,12 +55,19 @@ class Slice(Protocol[_T_co]):
         """The first ``limit`` ops: ``(how many, the last one's op id or 0, the items)``."""
         ...
 
+    @property
+    def cut(self) -> bool:
+        """Whether the read ended at its byte bound with ops above it left out (then a
+        page of fewer ops than its limit has not reached the buckets' ends)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OpRows:
     """A slice of :class:`Op` objects, ``(op_id, op)`` in op-id order."""
 
     rows: Sequence[tuple[int, Op]]
+    cut: bool = False
 
     def head(self, limit: int) -> tuple[int, int, tuple[Op, ...]]:
         taken = self.rows[:limit]
@@ -74,6 +82,8 @@ class WireRun:
     count: int
     last_op_id: int
     text: str
+    cut: bool = False
+    """Ops above ``last_op_id`` were left out: the read reached its byte bound."""
 
     def head(self, limit: int) -> tuple[int, int, str]:
         if limit < self.count:
@@ -139,7 +149,11 @@ def plan_reads(
                 if b not in resync and c < checkpoints[b].last_op_id
             )
         )
-        key = (req.wire, pending, req.limit if req.wire else 0) if pending else None
+        key = (
+            (req.wire, pending, req.limit if req.wire else 0, req.max_bytes if req.wire else 0)
+            if pending
+            else None
+        )
         if key is not None:
             limits[key] = max(limits.get(key, 0), req.limit)
         plans.append(RequestPlan(resync, key))
@@ -155,10 +169,11 @@ def compose(
 ) -> PageFrame[_T]:
     """The page of ``request``: the first ``limit`` ops of its slice (``empty``: the
     items of no ops), each cursor moved as far as the page reaches (to the bucket's last
-    op when the page is not full; 0 for a bucket to re-sync)."""
+    op when the page holds every op above the cursors; 0 for a bucket to re-sync)."""
     found = slices.get(plan.key) if plan.key is not None else None
     count, upto, items = found.head(request.limit) if found is not None else (0, 0, empty)
-    full = count < request.limit
+    # every op above the cursors is in the page (not when the read stopped at its bytes)
+    full = count < request.limit and not (found is not None and found.cut)
     cursors: dict[str, int] = {}
     for b, have in request.cursors.items():
         cp = checkpoints[b]

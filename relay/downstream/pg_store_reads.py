@@ -11,7 +11,9 @@ from before a drop of REMOVEs, or from another store:
 :meth:`BucketCheckpoint.needs_resync`), and moves each cursor as far as its page reaches.
 A page for the wire (:attr:`PageRequest.wire`) is rendered by PostgreSQL: each op as the
 device API's JSON from the stored texts, a slice's ops joined into one text in op-id
-order, so the relay gets one string per slice, not one row per op.  psycopg errors
+order, so the relay gets one string per slice, not one row per op; it ends with the op
+whose row data and key reach the request's byte bound (:attr:`PageRequest.max_bytes`,
+counted from the stored texts' sizes, the ops above left unread).  psycopg errors
 propagate to the caller, which converts them.
 """
 
@@ -108,6 +110,23 @@ _LATERAL = (
 )
 """Each pair's ops above its cursor, by the primary key's index scan (``c``: the pairs)."""
 
+_BEFORE = (
+    "coalesce(sum(octet_length(coalesce({o}.data, '')) + octet_length({o}.row_key)) "
+    "over (order by {o}.op_id rows between unbounded preceding and 1 preceding), 0)"
+)
+"""The bytes of the row data and keys of the ops before each (stored texts' sizes: the
+values are not read for it)."""
+
+_BOUNDED = (
+    f"cross join lateral (select o.*, c.mb, {_BEFORE.format(o='o')} as before "
+    f"from {SCHEMA}.ops o where o.bucket = c.bucket "
+    "and o.op_id > c.cursor order by o.op_id limit {limit}) o"
+)
+""":data:`_LATERAL` with each op's ``before`` bytes and the pair's byte bound ``mb``."""
+
+_IN = "o.mb = 0 or o.before < o.mb"
+"""An op within its page's byte bound (the first op always is)."""
+
 
 def _read_single(
     conn: psycopg.Connection[Any],
@@ -122,18 +141,23 @@ def _read_single(
             continue
         pairs = [k[1][0] for k in keys]
         params = (*_pair_arrays(pairs), [single[k] for k in keys])
-        source = (
-            "from unnest(%s::text[], %s::bigint[], %s::text[], %s::int[]) with ordinality "
-            "as c(bucket, cursor, bj, lim, i) " + _LATERAL.format(limit="c.lim")
-        )
+        unnest = "from unnest(%s::text[], %s::bigint[], %s::text[], %s::int[]"
         if wire:
-            for i, n, last, text in conn.execute(
-                f"select c.i, count(*), max(o.op_id), string_agg({_WIRE}, ',' order by o.op_id) "
-                f"{source} group by c.i",
-                params,
+            source = (
+                f"{unnest}, %s::bigint[]) with ordinality as c(bucket, cursor, bj, lim, mb, i) "
+                + _BOUNDED.format(limit="c.lim")
+            )
+            for i, n, last, text, cut in conn.execute(
+                f"select c.i, count(*) filter (where {_IN}), max(o.op_id) filter (where {_IN}), "
+                f"string_agg({_WIRE}, ',' order by o.op_id) filter (where {_IN}), "
+                f"coalesce(bool_or(not ({_IN})), false) {source} group by c.i",
+                (*params, [k[3] for k in keys]),
             ).fetchall():
-                slices[keys[i - 1]] = WireRun(int(n), int(last), str(text))
+                slices[keys[i - 1]] = WireRun(int(n), int(last), str(text), bool(cut))
             continue
+        source = f"{unnest}) with ordinality as c(bucket, cursor, bj, lim, i) " + _LATERAL.format(
+            limit="c.lim"
+        )
         grouped: dict[int, list[tuple[int, Op]]] = {}
         for r in conn.execute(
             f"select c.i, {_OP_COLUMNS} {source} order by c.i, o.op_id", params
@@ -145,20 +169,25 @@ def _read_single(
 
 def _read_merged(conn: psycopg.Connection[Any], key: SliceKey, limit: int) -> Slice[Any]:
     """A slice over several buckets: their ops merged in op-id order, ``limit`` at most."""
-    wire, pairs, _ = key
+    wire, pairs, _, max_bytes = key
     source = (
         "from unnest(%s::text[], %s::bigint[], %s::text[]) as c(bucket, cursor, bj) "
         + _LATERAL.format(limit="%s")
     )
     if wire:
+        # the merged first ``limit`` ops (their texts not rendered yet), each with the
+        # bytes of the ops before it; rendered and joined up to the byte bound
         row = conn.execute(
-            "select count(*), max(w.op_id), string_agg(w.op, ',' order by w.op_id) from "
-            f"(select o.op_id, {_WIRE} as op {source} order by o.op_id limit %s) w",
-            (*_pair_arrays(pairs), limit, limit),
+            f"select count(*) filter (where {_IN}), max(o.op_id) filter (where {_IN}), "
+            f"string_agg({_WIRE.replace('c.bj', 'o.bj')}, ',' order by o.op_id) "
+            f"filter (where {_IN}), coalesce(bool_or(not ({_IN})), false) from "
+            f"(select w.*, %s::bigint as mb, {_BEFORE.format(o='w')} as before from "
+            f"(select o.*, c.bj {source} order by o.op_id limit %s) w) o",
+            (max_bytes, *_pair_arrays(pairs), limit, limit),
         ).fetchone()
         assert row is not None  # an aggregate without grouping gives one row
-        n, last, text = row
-        return WireRun(int(n), int(last or 0), str(text or ""))
+        n, last, text, cut = row
+        return WireRun(int(n), int(last or 0), str(text or ""), bool(cut))
     rows = conn.execute(
         f"select {_OP_COLUMNS} {source} order by o.op_id limit %s",
         (*_pair_arrays(pairs), limit, limit),
