@@ -514,6 +514,8 @@ class KafkaTransactionalSink:
             self._settle()
         except SinkUnavailable as exc:
             log.debug("the commit in flight failed: %s", exc)
+        except SinkError as exc:  # RecordTooLarge: the next start meets it again
+            log.warning("the commit in flight failed: %s", exc)
 
     def abort(self) -> None:
         self._settle_quietly()

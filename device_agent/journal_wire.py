@@ -104,5 +104,20 @@ def oversized_rejection(entry: Mapping[str, Any], refusal: str) -> tuple[str, st
     )
 
 
+def pending_dependents(conn: Any, seq: int) -> list[int]:
+    """The pending entries made on top of entry ``seq``: their ``prev_seq`` chain leads to
+    it (the relay rejects them as ``blocked`` when it rejected ``seq``)."""
+    rows = conn.execute(
+        f"""with recursive d(seq) as (
+                select seq from {PREFIX}journal where prev_seq = ? and status = 'pending'
+                union
+                select j.seq from {PREFIX}journal j join d on j.prev_seq = d.seq
+                    where j.status = 'pending')
+            select seq from d order by seq""",
+        (seq,),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
 def _wire_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
     return {c: local_db.from_sql(v, kinds.get(c)) for c, v in row.items()}

@@ -76,7 +76,12 @@ from device_agent.errors import (
     SchemaBlocked,
     StateError,
 )
-from device_agent.journal_wire import UPLOAD_BATCH, oversized_rejection, wire_entries
+from device_agent.journal_wire import (
+    UPLOAD_BATCH,
+    oversized_rejection,
+    pending_dependents,
+    wire_entries,
+)
 from device_agent.local_db import get_meta, set_meta
 from device_agent.local_tables import PREFIX, transaction
 
@@ -205,11 +210,12 @@ class Agent:
                 if len(entries) > 1:
                     limit = max(1, min(limit, len(entries)) // 2)
                     continue
-                if exc.code != "request_too_large":
-                    raise
                 seq = int(entries[0]["seq"])
-                settle(self.conn, rejected={seq: oversized_rejection(entries[0], str(exc))})
-                report.rejected += 1
+                rejected = {seq: oversized_rejection(entries[0], str(exc))}
+                for later in pending_dependents(self.conn, seq):  # as the relay would
+                    rejected[later] = ("blocked", f"made on top of entry {seq}: entry_too_large")
+                settle(self.conn, rejected=rejected)
+                report.rejected += len(rejected)
                 continue
             with transaction(self.conn):
                 self.conn.executemany(

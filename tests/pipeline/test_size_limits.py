@@ -3,8 +3,9 @@
 - a device edit whose journal entry is larger than the relay takes in one upload
   (``http.max_body_bytes``) even alone: the relay answers 413 to it however the device
   splits its uploads; it is kept in the device's journal as ``failed`` (reason
-  ``entry_too_large``, a message naming the entry, its table and key), and the edits
-  after it go up (before, every upload stopped at it: no later edit reached PostgreSQL);
+  ``entry_too_large``, a message naming the entry, its table and key; the edits made on
+  top of it ``blocked``, as the relay does), and the edits after it go up (before, every
+  upload stopped at it: no later edit reached PostgreSQL);
 - an entry over ``journal.max_entry_bytes`` but under the body limit is rejected by the
   relay with the same reason, and an entry under both is applied;
 - a small device edit of a row the office made large meanwhile (a 2 MB bytea): its
@@ -55,6 +56,7 @@ def test_an_entry_too_large_for_any_upload_fails_alone_and_later_edits_go_up(
                 dev.app.execute("update notes set t = ? where id = 1", ("a" * 200_000,))
                 dev.app.execute("update notes set t = ? where id = 2", ("b" * 300_000,))
                 dev.app.execute("update notes set t = ? where id = 3", ("c" * 2_000_000,))
+                dev.app.execute("update notes set t = 'c2' where id = 3")  # on top of it
                 dev.app.execute("update notes set t = 'small' where id = 4")
                 dev.sync_until(
                     lambda: (
@@ -74,7 +76,8 @@ def test_an_entry_too_large_for_any_upload_fails_alone_and_later_edits_go_up(
                     (1, "synced", None),
                     (2, "failed", "entry_too_large"),
                     (3, "failed", "entry_too_large"),
-                    (4, "synced", None),
+                    (4, "failed", "blocked"),
+                    (5, "synced", None),
                 ], journal
                 message = journal[2][3]
                 assert "entry 3 (update of public.notes, key" in message, message

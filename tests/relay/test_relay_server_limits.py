@@ -52,6 +52,7 @@ LIMITS = HttpSettings(
     port=0,
     max_body_bytes=100_000,
     max_page_ops=100,
+    max_page_bytes=16_777_216,
     long_poll_s=5.0,
     rate_per_s=0.0,
     rate_burst=10,
