@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_SIZE: Final = 8 * 1024 * 1024
 """The default of ``kafka.max_message_bytes``: the largest record the producer sends."""
+TooLarge = Callable[
+    [str, bytes | None, bytes | None, Sequence[tuple[str, bytes]], int], RecordTooLarge
+]
+"""Makes the error of a record too large: ``(topic, key, value, headers, size)``."""
 BATCH_BYTES: Final = 256 * 1024
 """Size at which a partition's records are handed to kafka-python as one batch."""
 MAX_IN_FLIGHT_BATCHES: Final = 64
@@ -157,6 +161,7 @@ class BulkRecords:
         futures: Callable[[], list[Any]],
         ready: Callable[[], None] = lambda: None,
         max_record: int = MAX_REQUEST_SIZE,
+        too_large: TooLarge | None = None,
     ) -> None:
         self.producer = producer
         self._ready = ready
@@ -170,6 +175,7 @@ class BulkRecords:
         # topics of one partition (the default): their TopicPartition, without a key hash
         self._single_partition: dict[str, Any] = {}
         self._max_record = max_record
+        self._too_large = too_large
         self.handed_bytes = 0  # of the batches handed over since take_bytes()
 
     def discard(self) -> None:
@@ -190,7 +196,8 @@ class BulkRecords:
         headers: Sequence[tuple[str, bytes]],
     ) -> None:
         """Append one record to its partition's batch; a full batch is handed over (a record
-        larger than ``max_record`` is a :class:`RecordTooLarge`; the sink names its row)."""
+        larger than ``max_record`` is a :class:`RecordTooLarge`, made by ``too_large``
+        when given: the sink's names its row)."""
         tp = self._single_partition.get(topic)
         if tp is None:
             tp = self._partition(topic, key)
@@ -208,6 +215,8 @@ class BulkRecords:
         size = buffer.append(int(time.time() * 1000), key, value, encode_headers(headers))
         if size > self._max_record:
             del self._buffers[tp]  # the transaction is aborted by the caller: nothing is lost
+            if self._too_large is not None:
+                raise self._too_large(topic, key, value, headers, size)
             raise RecordTooLarge(
                 f"a record for {topic} is {size} bytes, more than kafka.max_message_bytes "
                 f"({self._max_record})",

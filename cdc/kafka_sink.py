@@ -46,6 +46,7 @@ transaction begins only after the previous one was acknowledged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -54,11 +55,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from cdc.errors import RecordTooLarge, SinkError, SinkUnavailable
+from cdc.errors import SinkError, SinkUnavailable
 from cdc.fault_points import FAULTS
+from cdc.kafka_acks import acknowledgement_error, send_one
 from cdc.kafka_bulk import MAX_REQUEST_SIZE, BulkRecords, bulk_path_available, partition_of
 from cdc.metrics import BYTES
-from cdc.record_size import too_large_message
+from cdc.record_size import too_large
 from cdc.resume_position import ResumePosition
 from core.kafka_options import build_client, client_config, kafka_errors
 
@@ -121,14 +123,6 @@ def _partitioner() -> Any:
 
     Partitioner.register(ChangePartitioner)
     return ChangePartitioner()
-
-
-def _too_large_refusal(exc: BaseException | None) -> bool:
-    """Whether the broker refused a batch as too large (MESSAGE_TOO_LARGE,
-    RECORD_LIST_TOO_LARGE): the same batch would be refused again, so it is not retried."""
-    from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
-
-    return isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
 def _remaining(deadline: float, floor_s: float = 0.5) -> float:
@@ -243,6 +237,7 @@ class KafkaTransactionalSink:
         )
         self._published: set[bytes] = set()
         self._schema_json: dict[bytes, str] = {}  # every schema seen: names a record too large
+        self._too_large = functools.partial(too_large, opts.max_message_bytes, self._schema_json)
         self._pending_schemas: set[bytes] = set()
         self._in_txn = False
         self._broken = False  # a Kafka call failed: the broker is gone or the producer unusable
@@ -281,6 +276,7 @@ class KafkaTransactionalSink:
                     futures=lambda: self._futures,
                     ready=self._producer_ready,
                     max_record=opts.max_message_bytes,
+                    too_large=self._too_large,
                 )
             for topic in (state_topic(opts.topic_prefix), schemas_topic(opts.topic_prefix)):
                 self._track(topic)
@@ -333,34 +329,18 @@ class KafkaTransactionalSink:
         if bulk is not None:
             # buffered (also while a commit is in flight); a full batch is handed over
             # after _producer_ready()
-            try:
-                bulk.append(topic, key, value, headers)
-            except RecordTooLarge as exc:
-                raise self._too_large(topic, key, value, headers, exc.size) from exc
+            bulk.append(topic, key, value, headers)  # RecordTooLarge from self._too_large
             return
         self._producer_ready()
         if topic not in self._tracked:
             self._track(topic)
-        from kafka.errors import MessageSizeTooLargeError
-
         try:
             self._futures.append(
-                self.producer.send(topic, key=key, value=value, headers=list(headers))
+                send_one(self.producer, topic, key, value, headers, self._too_large)
             )
-        except MessageSizeTooLargeError as exc:
-            size = len(key or b"") + len(value or b"") + sum(len(h) + len(v) for h, v in headers)
-            raise self._too_large(topic, key, value, headers, size) from exc
         except kafka_errors() as exc:
             raise self._unavailable(f"send to {topic} failed: {exc}") from exc
         self._txn_bytes += len(key or b"") + len(value or b"")
-
-    def _too_large(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, size: int
-    ) -> RecordTooLarge:
-        """The error of a record over ``kafka.max_message_bytes``, naming its row."""
-        limit = self.opts.max_message_bytes
-        message = too_large_message(topic, key, value, headers, size, limit, self._schema_json)
-        return RecordTooLarge(message, topic, size, limit)
 
     def publish_schema(self, fingerprint: bytes, schema_json: str) -> None:
         self._schema_json.setdefault(fingerprint, schema_json)
@@ -472,27 +452,15 @@ class KafkaTransactionalSink:
         return time.time()
 
     def _check_acknowledged(self, position: ResumePosition) -> None:
-        """Every record of the open transaction is acknowledged, or SinkUnavailable."""
+        """Every record of the open transaction is acknowledged, or SinkUnavailable
+        (RecordTooLarge: the broker refused them as too large)."""
         futures, self._futures = self._futures, []
-        for future in futures:
-            if not future.is_done:
-                raise self._unavailable(
-                    f"records of the Kafka transaction ending at {position} were not "
-                    f"acknowledged within {self.opts.timeout_s:g}s"
-                )
-            if future.failed() and _too_large_refusal(future.exception):
-                self._broken = True
-                raise RecordTooLarge(
-                    f"the broker refused records of the Kafka transaction ending at "
-                    f"{position} as too large ({future.exception}): raise the broker's "
-                    "message.max.bytes or the topics' max.message.bytes to "
-                    f"kafka.max_message_bytes ({self.opts.max_message_bytes}), or lower that"
-                )
-            if future.failed():
-                raise self._unavailable(
-                    f"records of the Kafka transaction ending at {position} were "
-                    f"refused: {future.exception}"
-                )
+        error = acknowledgement_error(
+            futures, position, self.opts.timeout_s, self.opts.max_message_bytes
+        )
+        if error is not None:
+            self._broken = True
+            raise error
 
     def _track(self, topic: str) -> None:
         """Make kafka-python keep ``topic`` in its metadata.
@@ -512,10 +480,9 @@ class KafkaTransactionalSink:
         """Wait for the commit in flight, if any, ignoring its error (abort, close)."""
         try:
             self._settle()
-        except SinkUnavailable as exc:
-            log.debug("the commit in flight failed: %s", exc)
-        except SinkError as exc:  # RecordTooLarge: the next start meets it again
-            log.warning("the commit in flight failed: %s", exc)
+        except SinkError as exc:  # a RecordTooLarge is met again at the next start
+            level = logging.DEBUG if isinstance(exc, SinkUnavailable) else logging.WARNING
+            log.log(level, "the commit in flight failed: %s", exc)
 
     def abort(self) -> None:
         self._settle_quietly()

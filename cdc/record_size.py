@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from cdc.errors import RecordTooLarge
 from core.avro_envelope import HEADER_LEN, MAGIC, POSITION_HEADER, SchemaRegistry, decode
 from core.errors import DecodeError
 from core.positions import format_lsn
 from core.row_wire import row_key_text
 
-__all__ = ["LARGEST_SHOWN", "too_large_message", "value_size"]
+__all__ = ["LARGEST_SHOWN", "too_large", "too_large_message", "value_size"]
 
 LARGEST_SHOWN: Final = 3
 """How many of the event's largest columns the message names."""
@@ -71,6 +72,20 @@ def too_large_message(
         f"{about} is a Kafka record of {size} bytes, more than kafka.max_message_bytes "
         f"({limit}){largest}: {REMEDY}"
     )
+
+
+def too_large(
+    limit: int,
+    schemas: Mapping[bytes, str],
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    size: int,
+) -> RecordTooLarge:
+    """The :class:`RecordTooLarge` of a record of ``size`` bytes (:func:`too_large_message`)."""
+    message = too_large_message(topic, key, value, headers, size, limit, schemas)
+    return RecordTooLarge(message, topic, size, limit)
 
 
 _OPS: Final = {"c": "insert", "u": "update", "d": "delete", "r": "snapshot row"}

@@ -201,21 +201,13 @@ class Agent:
             except JournalUnsupported as exc:
                 report.journal_note = str(exc)
                 return
-            except RelayRefused as exc:
-                # 413: the batch (entries or bytes) is over the relay's limit: halve and retry;
-                # a single entry that is still too large is rejected locally (kept in the
-                # journal), else it would stop every later edit from going up
+            except RelayRefused as exc:  # 413: the batch is over a relay limit: halve it
                 if exc.status != 413:
                     raise
                 if len(entries) > 1:
                     limit = max(1, min(limit, len(entries)) // 2)
-                    continue
-                seq = int(entries[0]["seq"])
-                rejected = {seq: oversized_rejection(entries[0], str(exc))}
-                for later in pending_dependents(self.conn, seq):  # as the relay would
-                    rejected[later] = ("blocked", f"made on top of entry {seq}: entry_too_large")
-                settle(self.conn, rejected=rejected)
-                report.rejected += len(rejected)
+                else:
+                    report.rejected += _reject_alone(self.conn, entries[0], str(exc))
                 continue
             with transaction(self.conn):
                 self.conn.executemany(
@@ -439,6 +431,18 @@ class Agent:
             msg = self.client.changes(self.cursor(), self.page_ops, wait)
             self.handle(msg, report)
             self._tick()
+
+
+def _reject_alone(conn: Any, entry: Mapping[str, Any], refusal: str) -> int:
+    """Entry ``entry``, refused as too large alone, and the pending entries made on top of
+    it (as the relay would: ``blocked``) become ``failed``, kept in the journal; else it
+    would stop every later edit from going up.  Returns how many."""
+    seq = int(entry["seq"])
+    rejected = {seq: oversized_rejection(entry, refusal)}
+    for later in pending_dependents(conn, seq):
+        rejected[later] = ("blocked", f"made on top of entry {seq}: entry_too_large")
+    settle(conn, rejected=rejected)
+    return len(rejected)
 
 
 def _migrate(conn: Any, schema: relay_schema.RelaySchema, report: SyncReport) -> None:

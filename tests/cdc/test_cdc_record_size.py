@@ -113,3 +113,34 @@ def test_both_send_paths_refuse_a_record_over_the_limit_precisely(
         sink.close()
     records = read_topic(kafka_bootstrap, topic, timeout=60, expect=301)
     assert len(records) == 301
+
+
+class _Refused:
+    """A kafka-python future the broker answered with ``exception``."""
+
+    is_done = True
+
+    def __init__(self, exception: BaseException | None) -> None:
+        self.exception = exception
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
+
+def test_a_batch_the_broker_refuses_as_too_large_is_not_retried() -> None:
+    """A broker whose ``message.max.bytes`` is below the records refuses them at every try:
+    that was a SinkUnavailable, retried for ever; now a RecordTooLarge saying which limits
+    to align.  Other refusals stay retryable."""
+    from kafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
+
+    from cdc.errors import SinkUnavailable
+    from cdc.kafka_acks import acknowledgement_error
+
+    at = ResumePosition(7, 3, True)
+    ok = _Refused(None)
+    error = acknowledgement_error([ok, _Refused(MessageSizeTooLargeError())], at, 10, LIMIT)
+    assert isinstance(error, RecordTooLarge)
+    assert f"kafka.max_message_bytes ({LIMIT})" in str(error) and str(at) in str(error)
+    other = acknowledgement_error([_Refused(NotLeaderForPartitionError())], at, 10, LIMIT)
+    assert isinstance(other, SinkUnavailable)
+    assert acknowledgement_error([ok, ok], at, 10, LIMIT) is None

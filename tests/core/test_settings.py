@@ -72,6 +72,7 @@ def test_defaults_match_the_contract() -> None:
         "topic_prefix": "fieldsync",
         "transactional_id": "",
         "topic_partitions": 1,
+        "max_message_bytes": 8388608,
         "compression": "gzip",
         "batch_max_events": 5000,
         "batch_max_ms": 50,
